@@ -1,0 +1,22 @@
+"""Errors raised on bad user input."""
+
+from __future__ import annotations
+
+import os
+
+
+class DataFormatError(ValueError):
+    """A data file does not follow its format.
+
+    The message names the file, the 1-based line (or record) when there is one, and the problem.
+
+    >>> str(DataFormatError("train.txt", "label id 9 out of range [0, 5)", line=3))
+    'train.txt:3: label id 9 out of range [0, 5)'
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str, *, line: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {problem}")

@@ -1,0 +1,48 @@
+"""Where a head's classifier rows live, and how their updates are applied.
+
+A row store holds a ``(C, D)`` matrix and its optimizer state, on the GPU, in pinned host memory, or in a
+parameter server. A row-sparse head pulls the rows a step needs to the compute device, and after the backward
+pushes those rows' gradients back; the store applies its own (row-sparse) optimizer to them, so only the
+touched rows get momentum and weight decay.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor
+
+
+class RowStore(abc.ABC):
+    """A ``(num_rows, dim)`` float matrix with a row-sparse optimizer attached."""
+
+    num_rows: int
+    dim: int
+    device: torch.device  # where pulled rows are delivered (the compute device)
+
+    @abc.abstractmethod
+    def pull(self, ids: Tensor) -> Tensor:
+        """Current values of rows ``ids (S,)`` (unique) as a ``(S, D)`` tensor on :attr:`device`."""
+
+    @abc.abstractmethod
+    def push(self, ids: Tensor, grads: Tensor, *, step: int, lr: float) -> None:
+        """Apply one optimizer step with learning rate ``lr`` to rows ``ids (S,)`` given ``grads (S, D)``."""
+
+    @abc.abstractmethod
+    def read(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` as a ``(stop - start, D)`` tensor on :attr:`device` (index builds, eval)."""
+
+    def prefetch(self, ids: Tensor) -> None:
+        """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""
+
+    def flush(self) -> None:
+        """Wait until every pushed update has been applied (before a checkpoint or an evaluation)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        """Rows and optimizer state, as CPU tensors, for a checkpoint."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""

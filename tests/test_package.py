@@ -1,0 +1,16 @@
+import subprocess
+import sys
+
+
+def test_import_is_lean():
+    """`import megaclass` initialises no CUDA and loads no optional backend."""
+    code = (
+        "import sys, megaclass, megaclass.heads, megaclass.schema;"
+        "heavy = [m for m in ('triton', 'annoy', 'transformers', 'grpc', 'tensorboard', 'matplotlib', 'sklearn')"
+        " if m in sys.modules];"
+        "import torch;"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised at import';"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout.strip()}"
