@@ -1,0 +1,34 @@
+"""Kernels: one file per op, each with Triton kernels, launchers, an autograd Function, a plain-PyTorch
+reference and a public functional taking ``impl="auto"``.
+
+Triton is imported only inside the files that launch kernels, when a kernel is launched.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import torch
+
+
+class Impl(str, enum.Enum):
+    """Which implementation an op runs: ``auto`` picks Triton for CUDA tensors, the reference otherwise."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    REFERENCE = "reference"
+
+
+def resolve_impl(impl: Impl | str, *tensors: torch.Tensor) -> Impl:
+    """The concrete implementation for ``impl`` given the tensors an op runs on (chosen at call time)."""
+    impl = Impl(impl)
+    if impl is not Impl.AUTO:
+        return impl
+    on_cuda = all(t.is_cuda for t in tensors)
+    return Impl.TRITON if on_cuda else Impl.REFERENCE
+
+
+def autotune_enabled() -> bool:
+    """Whether kernels autotune their launch configs (``MEGACLASS_AUTOTUNE=1``); off by default and in tests."""
+    return os.environ.get("MEGACLASS_AUTOTUNE", "0") == "1"
