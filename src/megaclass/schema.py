@@ -87,6 +87,8 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
+        if not isinstance(value, Mapping):  # a scalar sets the first field: margin=arcface
+            value = {dataclasses.fields(hint)[0].name: value}
         return from_dict(hint, value, where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:

@@ -32,6 +32,10 @@ class MarginConfig:
     margin: float = 0.5  # m: ArcFace's additive angle (radians), CosFace's additive cosine (use ~0.35)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kind", MarginKind(self.kind))
+        except ValueError:
+            raise ConfigError(f"margin.kind must be one of {[k.value for k in MarginKind]}, got {self.kind!r}") from None
         if self.scale <= 0:
             raise ConfigError(f"margin.scale must be > 0, got {self.scale}")
         if not 0 <= self.margin < math.pi / 2:

@@ -33,6 +33,13 @@ class RowStore(abc.ABC):
     def read(self, start: int, stop: int) -> Tensor:
         """Rows ``[start, stop)`` as a ``(stop - start, D)`` tensor on :attr:`device` (index builds, eval)."""
 
+    def rows(self) -> Tensor:
+        """All ``(num_rows, D)`` rows wherever they live, without a copy where the store can (index builds).
+
+        The default reads them all to :attr:`device`; stores holding a local tensor return it as is.
+        """
+        return self.read(0, self.num_rows)
+
     def prefetch(self, ids: Tensor) -> None:
         """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""
 

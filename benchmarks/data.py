@@ -1,0 +1,111 @@
+"""Data pipeline throughput on the CPU: XMC readers (uncached and cached), the text featuriser, the generator.
+
+``python benchmarks/data.py --data data/deb-tags/train_bow.txt.gz data/deb-tags/train.txt.gz``
+``python benchmarks/data.py --quick`` (synthetic data in a temporary folder)
+
+Prints a markdown table (wall and CPU seconds, rows a second) and appends CSV rows to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from megaclass.data.synthetic import synthesize, write_label_names
+from megaclass.data.xmc import load_xmc
+from megaclass.models.featurizer import FeaturizerConfig, TextFeaturizer
+
+
+def _timed(step: str, name: str, rows: int, call: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = call()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    row = {"step": step, "file": name, "rows": rows, "wall_s": wall, "cpu_s": cpu, "rows_per_s": rows / wall}
+    return row, value
+
+
+def _file_rows(path: str, featurize_rows: int | None) -> list[dict[str, Any]]:
+    """Time one file: a parse without cache, a cached load, and for text data the featuriser."""
+    name = os.path.basename(path)
+    cache_dir = tempfile.mkdtemp(prefix="megaclass-bench-cache-")
+    os.environ["MEGACLASS_CACHE"] = cache_dir
+    first, data = _timed("read (parse)", name, 0, lambda: load_xmc(path, cache=False))
+    first["rows"] = len(data)
+    first["rows_per_s"] = len(data) / first["wall_s"]
+    load_xmc(path)  # writes the cache
+    cached, _ = _timed("read (cached)", name, len(data), lambda: load_xmc(path))
+    rows = [first, cached]
+    if data.texts is not None:
+        texts = data.texts[:featurize_rows] if featurize_rows else data.texts
+        config = FeaturizerConfig(word_ngrams=None, char_ngrams=(3, 4), min_df=3, max_features=300_000)
+        featurizer = TextFeaturizer(config)
+        fit, _ = _timed("featurizer fit (char 3-4)", name, len(texts), lambda: featurizer.fit(texts))
+        transform, _ = _timed("featurizer transform", name, len(texts), lambda: featurizer.transform(texts))
+        rows += [fit, transform]
+    return rows
+
+
+def _synth_rows(folder: str, num_docs: int, num_labels: int) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, paths = [], []
+    for fmt, file_name in (("bow", "synth_bow.txt"), ("text", "synth.txt")):
+        path = os.path.join(folder, file_name)
+        step = f"synthesize {fmt} (C={num_labels:,})"
+        row, _ = _timed(
+            step,
+            file_name,
+            num_docs,
+            lambda path=path, fmt=fmt: synthesize(path, num_docs=num_docs, num_labels=num_labels, format=fmt),
+        )
+        rows.append(row)
+        paths.append(path)
+    write_label_names(os.path.join(folder, "labels.txt"), num_labels)
+    return rows, paths
+
+
+def _print_and_save(rows: list[dict[str, Any]], results: str) -> None:
+    print("| step | file | rows | wall_s | cpu_s | rows_per_s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['step']} | {row['file']} | {row['rows']:,} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} "
+            f"| {row['rows_per_s']:,.0f} |"
+        )
+    stamp = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node()}
+    new_file = not os.path.exists(results)
+    os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
+    with open(results, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*stamp, *rows[0]])
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**stamp, **row})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="*", default=[], help="XMC files (BoW or text) to read and featurise")
+    parser.add_argument("--quick", action="store_true", help="small synthetic data only")
+    parser.add_argument("--synth-docs", type=int, default=200_000, help="documents for the generator timing")
+    parser.add_argument(
+        "--synth-labels", type=int, default=10_000_000, help="labels for the generator timing"
+    )
+    parser.add_argument("--featurize-rows", type=int, default=None, help="featurise only the first N texts")
+    parser.add_argument("--results", default="benchmarks/data_results.csv", help="CSV file to append rows to")
+    args = parser.parse_args()
+    docs, labels = (20_000, 100_000) if args.quick else (args.synth_docs, args.synth_labels)
+    with tempfile.TemporaryDirectory(prefix="megaclass-bench-") as folder:
+        rows, paths = _synth_rows(folder, docs, labels)
+        for path in paths + list(args.data):
+            rows += _file_rows(path, args.featurize_rows)
+    _print_and_save(rows, args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Class-sharded heads over the GPUs of one host: samples/s and peak memory per GPU, one command.
+
+    torchrun --nproc-per-node 2 benchmarks/distributed.py            # face, XMC and largest-C runs
+    torchrun --nproc-per-node 1 benchmarks/distributed.py --runs single   # world size 1 vs the plain head
+    python benchmarks/distributed.py --quick                          # CPU smoke run (also under torchrun)
+
+Runs (``--runs``, comma separated):
+
+- ``face``: D 512, B 512 per GPU, IResNet-50 on synthetic 112x112 images, bf16 autocast; the class-sharded dense
+  head and the sharded selected head (sample_num 10% of C) at C = 10^6 and 10^7, beside DDP with a replicated
+  ``nn.Linear`` + cross-entropy (``OOM`` where it does not fit);
+- ``xmc``: D 768, B 128 per GPU of random features (the encoder is left out: the head is measured), the dense
+  head at C = 2,812,281;
+- ``largest``: the selected head with host-memory rows at ``--largest-classes`` classes (D 512);
+- ``single``: the sharded dense head with world size 1 against the plain dense head, same shapes (their step
+  times should be within 3%).
+
+Rank 0 prints a markdown table and appends CSV rows (``--csv``). Times: median and 20/80% quantiles of the
+step over ``--steps`` steps after warm-up; memory: ``torch.cuda.max_memory_allocated`` on each rank, max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
+from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
+from megaclass.heads.base import HeadContext
+from megaclass.heads.dense import DenseHead, DenseHeadConfig
+from megaclass.heads.selected import SelectedHeadConfig
+
+
+@dataclass
+class Row:
+    run: str
+    head: str
+    classes: int
+    world: int
+    batch_per_rank: int
+    step_ms: float = float("nan")
+    p20_ms: float = float("nan")
+    p80_ms: float = float("nan")
+    samples_per_s: float = float("nan")
+    peak_mem_gib: float = float("nan")
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        torch.distributed.barrier()
+
+
+def _max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    if not info.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor)
+
+
+def _time_steps(step: Callable[[], None], *, steps: int, warmup: int, info: DistInfo, device: torch.device) -> list:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _barrier(info)
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(_max_over_ranks(time.perf_counter() - started, info, device))  # the slowest rank's step
+    return times
+
+
+def _encoder(kind: str, dim: int, device: torch.device, info: DistInfo) -> tuple[nn.Module, Callable]:
+    """The encoder (DDP-wrapped on several ranks) and a function making one per-rank input batch."""
+    if kind == "iresnet50":
+        from megaclass.models.iresnet import IResNet, IResNetConfig
+
+        module = IResNet(IResNetConfig(embedding_size=dim, flip=False)).to(device)
+        make = lambda batch: torch.randn(batch, 3, 112, 112, device=device)  # noqa: E731
+    elif kind == "tiny":
+        module = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, dim)).to(device)
+        make = lambda batch: torch.randn(batch, 3, 8, 8, device=device)  # noqa: E731
+    else:  # features straight into the head
+        module = nn.Identity()
+        make = lambda batch: torch.randn(batch, dim, device=device, requires_grad=True)  # noqa: E731
+    if info.distributed and any(True for _ in module.parameters()):
+        device_ids = [device.index] if device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return module, make
+
+
+class _ReplicatedLinear(nn.Module):
+    """The baseline a user writes: a replicated ``nn.Linear`` and cross-entropy, under DDP."""
+
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.fc(features).float(), targets)
+
+
+def _head(name: str, dim: int, classes: int, device: torch.device, info: DistInfo) -> nn.Module:
+    context = HeadContext(in_features=dim, num_classes=classes, multilabel=False)
+    if name == "sharded-dense":
+        return ShardedDenseHead(DenseHeadConfig(bias=False), context).to(device)
+    if name == "plain-dense":
+        return DenseHead(DenseHeadConfig(bias=False), context).to(device)
+    if name.startswith("sharded-selected"):
+        store = "host" if name.endswith("host") else "gpu"
+        index = "gpu" if device.type == "cuda" else "exact"
+        config = SelectedHeadConfig(sample_num=max(classes // 10, 1), index=index, store=store, coverage_every=0)
+        return ShardedSelectedHead(config, context).to(device)
+    head = _ReplicatedLinear(dim, classes).to(device)
+    if info.distributed:
+        head = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+    return head
+
+
+def measure(row: Row, *, encoder_kind: str, dim: int, args: Any, info: DistInfo, device: torch.device) -> Row:
+    """Fill ``row`` with the step time and memory of one (encoder, head) training step."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        encoder, make_input = _encoder(encoder_kind, dim, device, info)
+        head = _head(row.head, dim, row.classes, device, info)
+        params = [p for p in (*encoder.parameters(), *head.parameters()) if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9) if params else None
+        inputs = make_input(row.batch_per_rank)
+        targets = torch.randint(0, row.classes, (row.batch_per_rank,), device=device)
+        after_step = getattr(head, "after_step", None)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step() -> None:
+            with autocast:
+                loss = head(encoder(inputs), targets)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if after_step is not None and isinstance(head, (ShardedSelectedHead,)):
+                after_step(1, 0.0, lr=0.01)
+
+        times = _time_steps(step, steps=args.steps, warmup=args.warmup, info=info, device=device)
+    except torch.OutOfMemoryError:
+        row.note = "OOM"
+        return row
+    times.sort()
+    row.step_ms = statistics.median(times) * 1e3
+    row.p20_ms = times[int(0.2 * (len(times) - 1))] * 1e3
+    row.p80_ms = times[int(0.8 * (len(times) - 1))] * 1e3
+    row.samples_per_s = row.batch_per_rank * info.world_size / statistics.median(times)
+    if device.type == "cuda":
+        row.peak_mem_gib = _max_over_ranks(torch.cuda.max_memory_allocated(device) / 2**30, info, device)
+    return row
+
+
+def plan(args: Any, info: DistInfo) -> list[tuple[Row, str, int]]:
+    """``(row, encoder kind, D)`` of every measurement the chosen runs make."""
+    quick, world = args.quick, info.world_size
+    face_encoder = "tiny" if quick else "iresnet50"
+    face_batch = 8 if quick else 512
+    face_classes = [1000, 4000] if quick else [10**6, 10**7]
+    out = []
+    for name in args.runs.split(","):
+        if name == "face":
+            for classes in face_classes:
+                for head in ("sharded-dense", "sharded-selected", "ddp-linear"):
+                    out.append((Row("face", head, classes, world, face_batch), face_encoder, 64 if quick else 512))
+        elif name == "xmc":
+            classes, batch = (3001, 8) if quick else (2_812_281, 128)
+            out.append((Row("xmc", "sharded-dense", classes, world, batch), "features", 96 if quick else 768))
+        elif name == "largest":
+            classes = 5000 if quick else args.largest_classes
+            row = Row("largest", "sharded-selected-host", classes, world, 8 if quick else 512)
+            out.append((row, face_encoder, 64 if quick else 512))
+        elif name == "single":
+            classes, batch = (2000, 16) if quick else (10**6, 512)
+            for head in ("plain-dense", "sharded-dense"):
+                out.append((Row("single", head, classes, world, batch), "features", 64 if quick else 512))
+        else:
+            raise SystemExit(f"--runs: unknown run {name!r}; known: face, xmc, largest, single")
+    return out
+
+
+def report(rows: list[Row], args: Any) -> None:
+    columns = list(Row.__dataclass_fields__)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        values = [getattr(row, name) for name in columns]
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + " |")
+    single = {row.head: row.step_ms for row in rows if row.run == "single"}
+    if len(single) == 2:
+        print(f"sharded / plain step time at world size {rows[0].world}: {single['sharded-dense'] / single['plain-dense']:.3f}")
+    if args.csv:
+        fresh = not os.path.exists(args.csv)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        with open(args.csv, "a", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            if fresh:
+                writer.writerow([*columns, "device", "torch", "time", "command"])
+            stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            for row in rows:
+                values = [getattr(row, name) for name in columns]
+                writer.writerow([*values, device, torch.__version__, stamp, " ".join(sys.argv)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    parser.add_argument("--runs", default="face,xmc,largest,single", help="comma-separated runs")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--largest-classes", type=int, default=50_000_000, help="C of the largest run")
+    parser.add_argument("--csv", default="", help="append CSV rows here (rank 0)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = min(args.steps, 3), 1
+    info = DistInfo.from_env()
+    device = init_distributed(
+        info, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), timeout_s=300
+    )
+    rows = []
+    for row, encoder_kind, dim in plan(args, info):
+        rows.append(measure(row, encoder_kind=encoder_kind, dim=dim, args=args, info=info, device=device))
+        if info.is_main:
+            print(f"{row.run} {row.head} C={row.classes}: {row.step_ms:.1f} ms {row.note}", flush=True)
+    if info.is_main:
+        report(rows, args)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Parameter-server benchmark: rows moved per second over loopback, and a SelectedHead step per row store.
+
+    python benchmarks/paramserver.py            # 1/2/4 shards, D 256/512, 1k-20k rows; step at C = 10^6
+    python benchmarks/paramserver.py --quick    # small sizes, runs on CPU as a smoke test
+
+Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD with momentum) on this machine
+and times one client pulling ``R`` rows (``pull``), pushing their gradients (``push``: the shards apply SGD
+with momentum before answering) and both in turn (``step``). ``bandwidth_gbs`` counts row bytes moved:
+``R * D * 4`` for a pull or a push, twice that for a step.
+
+Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
+update; GPU index, built once before timing) with its rows in each store: ``gpu``, ``host`` (pinned host
+memory) and ``ps`` (4 shard processes on this machine; rows pulled and gradients pushed over loopback).
+All three start from the same matrix (the shards draw the in-process stores' initial rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import Case, Result, add_common_arguments, markdown_table, run_cases  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--shards", type=int, nargs="+", help="shard counts (default 1 2 4)")
+    parser.add_argument("--dims", type=int, nargs="+", help="row widths D (default 256 512)")
+    parser.add_argument("--rows", type=int, nargs="+", help="rows per request (default 1000 5000 20000)")
+    parser.add_argument("--classes", type=int, help="C of the throughput servers (default 10^6)")
+    parser.add_argument("--step-classes", type=int, help="C of the SelectedHead step (default 10^6)")
+    parser.add_argument("--batch", type=int, help="B of the SelectedHead step (default 512)")
+    parser.add_argument("--step-dim", type=int, help="D of the SelectedHead step (default 512)")
+    parser.add_argument(
+        "--parts", default="throughput,step", help="comma-separated subset of throughput,step"
+    )
+    parser.add_argument("--data-dir", help="where shards keep their files (default: a temporary folder)")
+    args = parser.parse_args()
+    quick = args.quick
+    args.shards = args.shards or ([1, 2] if quick else [1, 2, 4])
+    args.dims = args.dims or ([64] if quick else [256, 512])
+    args.rows = args.rows or ([500, 2000] if quick else [1000, 5000, 20000])
+    args.classes = args.classes or (20_000 if quick else 1_000_000)
+    args.step_classes = args.step_classes or (20_000 if quick else 1_000_000)
+    args.batch = args.batch or (64 if quick else 512)
+    args.step_dim = args.step_dim or (64 if quick else 512)
+    if quick:
+        args.reps = min(args.reps, 5)
+    return args
+
+
+@contextlib.contextmanager
+def shard_processes(count: int, *, classes: int, dim: int, root: str) -> Iterator[list[str]]:
+    """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
+    processes: list[subprocess.Popen] = []
+    addresses = []
+    folder = tempfile.mkdtemp(prefix=f"ps-{count}x{dim}-", dir=root)
+    try:
+        for shard in range(count):
+            command = [
+                sys.executable, "-m", "megaclass", "paramserver", "serve", "--rows", str(classes),
+                "--dim", str(dim), "--shard", f"{shard}/{count}", "--data-dir", f"{folder}/shard{shard}",
+                "--port", "0", "--momentum", "0.9",
+            ]  # fmt: skip
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            processes.append(process)
+        for process in processes:
+            for line in process.stdout:
+                if "listening on" in line:
+                    addresses.append(line.strip().rsplit(" ", 1)[1])
+                    break
+            else:
+                raise RuntimeError(f"a shard process exited with {process.wait()}")
+        yield addresses
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def transfer_cases(client, count: int, dim: int, rows: int, counter: list[int]) -> list[Case]:
+    """``pull``, ``push`` and ``step`` of ``rows`` random rows (sorted ids, as a selection gives them)."""
+    params = {"shards": count, "D": dim, "rows": rows}
+    ids = torch.randperm(client.num_rows)[:rows].sort().values
+    grads = torch.randn(rows, dim) * 1e-3
+    row_bytes = rows * dim * 4
+
+    def push() -> None:
+        counter[0] += 1
+        client.push(ids, grads, step=counter[0], lr=0.01)
+
+    def step() -> None:
+        client.pull(ids)
+        push()
+
+    return [
+        Case("ps", "pull", params, lambda: lambda: client.pull(ids), bytes_moved=row_bytes),
+        Case("ps", "push", params, lambda: push, bytes_moved=row_bytes),
+        Case("ps", "step", params, lambda: step, bytes_moved=2 * row_bytes),
+    ]
+
+
+def throughput(args: argparse.Namespace, root: str) -> list[Result]:
+    from megaclass.paramserver import ParamServerClient
+
+    results = []
+    for dim in args.dims:
+        for count in args.shards:
+            with shard_processes(count, classes=args.classes, dim=dim, root=root) as addresses:
+                client = ParamServerClient(addresses, timeout_s=120)
+                counter = [0]
+                cases = [
+                    case for rows in args.rows for case in transfer_cases(client, count, dim, rows, counter)
+                ]
+                results += run_cases(
+                    cases,
+                    benchmark="paramserver",
+                    results_path=args.results,
+                    reps=args.reps,
+                    warmup=args.warmup,
+                )
+                client.close()
+    return results
+
+
+def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argparse.Namespace) -> Case:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": store.split(":")[0]}
+
+    def setup() -> Callable[[], None]:
+        head = make_head().to(device)
+        head.materialize()
+        features = torch.randn(args.batch, args.step_dim, device=device, requires_grad=True)
+        targets = torch.randint(args.step_classes, (args.batch,), device=device)
+        head.selector.build(head.store.rows())  # once, before timing
+        counter = [0]
+
+        def step() -> None:
+            counter[0] += 1
+            loss = head(features, targets)
+            loss.backward()
+            features.grad = None
+            head.after_step(counter[0], 0.0, lr=0.01)
+
+        return step
+
+    return Case("selected", "step", params, setup)
+
+
+def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
+    from megaclass.heads import HeadContext, build_head, head_config
+
+    context = HeadContext(in_features=args.step_dim, num_classes=args.step_classes, multilabel=False)
+    results = []
+    with shard_processes(4, classes=args.step_classes, dim=args.step_dim, root=root) as addresses:
+        for store in ("gpu", "host", "ps://" + ",".join(addresses)):
+            options = {
+                "type": "selected",
+                "index": "gpu",
+                "store": store,
+                "interval": 10**9,
+                "coverage_every": 0,
+            }
+
+            def make(options=options) -> torch.nn.Module:
+                return build_head(head_config(options), context)
+
+            results += run_cases(
+                [step_case(make, store, args)],
+                benchmark="paramserver",
+                results_path=args.results,
+                reps=args.reps,
+                warmup=args.warmup,
+            )
+    return results
+
+
+def summary(results: list[Result]) -> str:
+    """Rows per second and GB/s of the transfer cases, one line per (shards, D, rows)."""
+    lines = [
+        "| shards | D | rows/request | pull rows/s | push rows/s | step GB/s (pulled + pushed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    keyed = {
+        (r.mode, tuple(r.params.values())): r for r in results if r.provider == "ps" and r.status == "ok"
+    }
+    for (mode, key), result in keyed.items():
+        if mode != "step":
+            continue
+        pull, push = keyed.get(("pull", key)), keyed.get(("push", key))
+        rows = key[2]
+
+        def rate(r: Result | None, rows: int = rows) -> str:
+            return f"{rows / (r.time_ms * 1e-3):,.0f}" if r else "-"
+
+        lines.append(
+            f"| {key[0]} | {key[1]} | {rows} | {rate(pull)} | {rate(push)} | {result.bandwidth_gbs:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    parts = set(args.parts.split(","))
+    root = tempfile.mkdtemp(prefix="megaclass-ps-bench-", dir=args.data_dir)
+    started = time.perf_counter()
+    try:
+        transfer = throughput(args, root) if "throughput" in parts else []
+        steps = head_steps(args, root) if "step" in parts else []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if transfer:
+        print("\n" + markdown_table(transfer, columns=["time_ms", "q20_ms", "q80_ms", "bandwidth_gbs"]))
+        print("\n" + summary(transfer))
+    if steps:
+        print("\n" + markdown_table(steps, columns=["time_ms", "q20_ms", "q80_ms", "peak_mem_gib"]))
+        by_store = {r.params["store"]: r.time_ms for r in steps if r.status == "ok"}
+        if "ps" in by_store and "host" in by_store:
+            print(f"\nps step / host step: {by_store['ps'] / by_store['host']:.2f}x (target <= 2x)")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

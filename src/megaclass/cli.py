@@ -1,0 +1,391 @@
+"""The ``megaclass`` command: ``train``, ``eval``, ``predict`` (and more, added one entry at a time).
+
+``megaclass train --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo``
+
+Each command is a pair ``_add_<command>_arguments(parser)`` / ``_run_<command>(args) -> exit code`` and one
+line in :data:`COMMANDS`. The CLI only builds configs and calls :mod:`megaclass.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from megaclass import __version__
+from megaclass.errors import DataFormatError
+from megaclass.schema import ConfigError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+def _format_bytes(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, metavar="PATH", help="training data (format detected)")
+    parser.add_argument("--test", required=True, metavar="PATH", help="test data, evaluated each epoch")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
+    parser.add_argument("--config", metavar="FILE.yaml", help="run config (sections data, model, head, optim, ...)")
+    parser.add_argument("--preset", metavar="NAME", help="start from a shipped recipe (before --config)")
+    parser.add_argument("--head", metavar="NAME", help="head type, e.g. dense (replaces the config's head)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="number of epochs (train.epochs)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, applied last, e.g. --set optim.head.lr=0.01 model.hidden=[512]",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="train on N processes of this host through torchrun (multi-node: run torchrun -m megaclass train)",
+    )
+
+
+def _forward_to_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``torchrun --nproc-per-node nproc -m megaclass train <argv>`` and return its exit code."""
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node: expected >= 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*command, "-m", "megaclass", "train", *argv])
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            out.append(item)
+    return out
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from megaclass.distributed.info import DistInfo
+    from megaclass.train.config import load_config
+    from megaclass.train.loop import train
+
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        return _forward_to_torchrun(args.nproc_per_node, _without_nproc(args.argv))
+
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.insert(0, f"train.epochs={args.epochs}")
+    config = load_config(args.config, overrides, preset=args.preset, head=args.head)
+    metrics = train(config, train_path=args.train, test_path=args.test, out_dir=args.out, resume=args.resume)
+    if not DistInfo.from_env().is_main:
+        return 0
+    if not metrics:
+        print(f"run stopped early; continue with --resume --out {args.out}")
+        return 0
+    ks = config.eval.ks
+    print("  ".join(f"P@{k} {metrics[f'P@{k}']:.4f}" for k in ks if f"P@{k}" in metrics))
+    print(
+        f"train time {metrics['train_seconds']:.1f} s  peak memory {_format_bytes(metrics['peak_memory_bytes'])}"
+        f"  run folder {args.out}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="DIR", help="a folder written by `megaclass train`")
+    parser.add_argument("--test", required=True, metavar="PATH", help="data to evaluate on")
+    parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
+    parser.add_argument("--out", metavar="FILE.json", help="also write the metrics here")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from megaclass.train.inference import evaluate_run
+
+    metrics = evaluate_run(args.run, args.test, device=args.device)
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- predict
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run", dest="run_dir", required=True, metavar="DIR", help="a folder written by `megaclass train`"
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="PATH",
+        help="rows to score, in the training format; for text runs also bare documents, one a line, or - (stdin)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="one line per row: id:score ..., best first (- for stdout)"
+    )
+    parser.add_argument("--k", type=int, default=10, help="labels per row (default 10)")
+    parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from megaclass.train.inference import predict_run
+
+    rows = predict_run(args.run_dir, args.input, args.out, k=args.k, device=args.device)
+    stream = sys.stderr if args.out == "-" else sys.stdout  # stdout may carry the predictions themselves
+    print(f"wrote top-{args.k} labels of {rows} rows to {args.out}", file=stream)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- extract, verify
+
+
+class _ProgressBar:
+    """A tqdm bar fed by ``progress(count, total)`` callbacks (the total is known only once work starts)."""
+
+    def __init__(self, unit: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit=unit, dynamic_ncols=True, leave=False)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def __call__(self, count: int, total: int) -> None:
+        if self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
+        self.bar.update(count)
+
+
+def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run", dest="run_dir", required=True, metavar="DIR", help="a folder written by `megaclass train`"
+    )
+    parser.add_argument("--data", required=True, metavar="PATH", help=".bin set, .rec, image folder or list")
+    parser.add_argument("--out", required=True, metavar="FILE.npy", help="(N, D) float32, in file order")
+    parser.add_argument("--flip", action="store_true", help="flip fusion: add the mirrored image's embedding")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
+    parser.add_argument("--device", default="auto", metavar="NAME", help="auto, cpu, cuda or cuda:N")
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from megaclass.train.extract import extract
+
+    with _ProgressBar("img") as bar:
+        embeddings = extract(
+            args.run_dir, args.data, args.out, flip=args.flip, batch_size=args.batch_size, device=args.device,
+            progress=bar,
+        )
+    print(f"wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {args.out}")
+    return 0
+
+
+def _add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="FILE.bin", help="pair set (lfw.bin, ...)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", metavar="FILE.npy", help="embeddings written by `megaclass extract`")
+    source.add_argument("--run", dest="run_dir", metavar="DIR", help="embed the images with this run's model")
+    parser.add_argument("--flip", action="store_true", help="with --run: flip fusion")
+    parser.add_argument("--folds", type=int, default=10, metavar="K", help="k-fold protocol (default 10)")
+    parser.add_argument("--far", type=float, default=1e-3, metavar="RATE", help="TAR@FAR's FAR (1e-3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON here (- for stdout)")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="--run: images per pass")
+    parser.add_argument("--device", default="auto", metavar="NAME", help="--run: auto, cpu, cuda or cuda:N")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import os
+
+    from megaclass.train.extract import verify
+
+    result = verify(
+        args.data, features=args.features, run_dir=args.run_dir, flip=args.flip, folds=args.folds,
+        far_target=args.far, batch_size=args.batch_size, device=args.device,
+    )
+    name = os.path.splitext(os.path.basename(args.data))[0]
+    if args.json == "-":
+        print(result.to_json())
+        return 0
+    print(result.format(name))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            file.write(result.to_json() + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    tools = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    decode = tools.add_parser(
+        "decode-rec", help="unpack IN_DIR/train.rec into OUT_DIR/<label>/<key>.jpg + train/val lists"
+    )
+    decode.add_argument("in_dir", metavar="IN_DIR", help="folder holding train.rec and train.idx")
+    decode.add_argument("out_dir", metavar="OUT_DIR", help="folder to write images and lists into")
+    decode.add_argument("--val-fraction", type=float, default=0.1, help="per-identity share for val_list.txt")
+    decode.add_argument("--seed", type=int, default=0, help="seeds the validation split")
+    decode.set_defaults(data_run=_run_decode_rec)
+    make = tools.add_parser("make-rec", help="pack an image folder or list file as OUT_DIR/train.rec")
+    make.add_argument("source", metavar="SOURCE", help="image folder (<class>/<image>) or list file")
+    make.add_argument("out_dir", metavar="OUT_DIR", help="folder for train.rec, train.idx and property")
+    make.set_defaults(data_run=_run_make_rec)
+    synth = tools.add_parser("synth", help="write a synthetic XMC task (power-law labels, planted clusters)")
+    synth.add_argument("out_dir", metavar="OUT_DIR", help="folder for train and test files (train_bow.txt, ...)")
+    synth.add_argument("--num-labels", type=int, required=True, help="label space size (10^3 to 10^7 and more)")
+    synth.add_argument("--num-docs", type=int, required=True, help="training documents")
+    synth.add_argument("--num-test-docs", type=int, default=None, help="test documents (default num-docs / 5)")
+    synth.add_argument("--num-features", type=int, default=100_000, help="vocabulary / BoW feature dimension")
+    synth.add_argument("--format", choices=("bow", "text"), default="bow", help="BoW or labels<TAB>text")
+    synth.add_argument("--labels-per-doc", type=float, default=3.0, help="mean labels a document; 1: multi-class")
+    synth.add_argument("--seed", type=int, default=0, help="fixes the task; train and test share it")
+    synth.add_argument("--gzip", action="store_true", help="write .gz files")
+    synth.set_defaults(data_run=_run_synth)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    return args.data_run(args)
+
+
+def _run_decode_rec(args: argparse.Namespace) -> int:
+    from megaclass.data.images import decode_rec
+
+    with _ProgressBar("img") as bar:
+        summary = decode_rec(args.in_dir, args.out_dir, val_fraction=args.val_fraction, seed=args.seed,
+                             progress=bar)
+    print(
+        f"wrote {summary.images} images of {summary.classes} identities to {args.out_dir} "
+        f"({summary.train} in train_list.txt, {summary.val} in val_list.txt)"
+    )
+    return 0
+
+
+def _run_make_rec(args: argparse.Namespace) -> int:
+    from megaclass.data.images import make_rec
+
+    with _ProgressBar("img") as bar:
+        count = make_rec(args.source, args.out_dir, progress=bar)
+    print(f"packed {count} images into {args.out_dir}/train.rec (+ train.idx, property)")
+    return 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from megaclass.data.synthetic import SynthConfig, synthesize, write_label_names
+
+    config = SynthConfig(labels_per_doc=args.labels_per_doc)
+    os.makedirs(args.out_dir, exist_ok=True)
+    suffix = ("_bow.txt" if args.format == "bow" else ".txt") + (".gz" if args.gzip else "")
+    test_docs = args.num_test_docs if args.num_test_docs is not None else max(args.num_docs // 5, 1)
+    for stream, (split, docs) in enumerate((("train", args.num_docs), ("test", test_docs))):
+        path = os.path.join(args.out_dir, split + suffix)
+        start = time.perf_counter()
+        synthesize(path, num_docs=docs, num_labels=args.num_labels, num_features=args.num_features,
+                   format=args.format, seed=args.seed, stream=stream, config=config)
+        print(f"wrote {docs} documents to {path} in {time.perf_counter() - start:.1f} s")
+    if args.format == "text":  # text files take their label space from labels.txt beside them
+        write_label_names(os.path.join(args.out_dir, "labels.txt" + (".gz" if args.gzip else "")), args.num_labels)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ paramserver
+
+
+def _add_paramserver_arguments(parser: argparse.ArgumentParser) -> None:
+    from megaclass.paramserver.config import add_serve_arguments
+
+    tools = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    serve = tools.add_parser("serve", help="run one shard: rows [i*C/N, (i+1)*C/N) of a (C, D) classifier")
+    add_serve_arguments(serve)
+
+
+def _run_paramserver(args: argparse.Namespace) -> int:
+    from megaclass.paramserver.server import run_serve
+
+    return run_serve(args)
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="DIR", help="a run folder (sharded or not)")
+    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the inference file to write")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from megaclass.distributed.export import export_run
+
+    path = export_run(args.run, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+COMMANDS: dict[str, Command] = {
+    "train": ("train a model, evaluate it, write a run folder", _add_train_arguments, _run_train),
+    "eval": ("evaluate a run folder's model on a data file", _add_eval_arguments, _run_eval),
+    "predict": ("write a run folder's top-k labels for each row of a file", _add_predict_arguments, _run_predict),
+    "extract": ("face embeddings of a .bin set or image data by a run", _add_extract_arguments, _run_extract),
+    "verify": ("face verification accuracy, TAR@FAR on a .bin set", _add_verify_arguments, _run_verify),
+    "export": ("write a run's model (sharded or not) as one inference file", _add_export_arguments, _run_export),
+    "data": ("data tools: decode-rec, make-rec, synth", _add_data_arguments, _run_data),
+    "paramserver": ("parameter-server tools: serve", _add_paramserver_arguments, _run_paramserver),
+}
+"""Command name -> (help, add its arguments, run it). Add a command with one entry."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="megaclass", description="Train classifiers over huge output spaces.")
+    parser.add_argument("--version", action="version", version=f"megaclass {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(handler=run)  # not `run`: eval and predict take a --run DIR
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    User errors (bad config, bad data, missing files) print one line and return 2.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
+    try:
+        return args.handler(args)
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as error:
+        print(f"megaclass {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megaclass {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,382 @@
+"""Data sources for training: open a file by format into a dataset, and iterate it in seeded, resumable batches.
+
+A dataset knows its number of classes, whether it is multi-label, its label counts and its
+:class:`InputSpec`; ``dataset.batch(rows)`` gives a :class:`Batch` whose targets are a ``LongTensor[B]``
+(one label per sample) or :class:`~megaclass.targets.RaggedLabels`. A :class:`BatchLoader` orders the rows
+of each epoch by a permutation seeded from ``(seed, epoch)`` alone, so a run resumed at ``(epoch, step)``
+sees exactly the batches an uninterrupted run would; ``rank`` / ``world_size`` shard each epoch the way
+``torch.utils.data.DistributedSampler`` does.
+
+New formats register an opener in :func:`dataset_formats` and a sniffing rule in :func:`detect_format`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megaclass.errors import DataFormatError
+from megaclass.targets import RaggedLabels, Targets
+
+__all__ = [
+    "Batch",
+    "BatchLoader",
+    "InputSpec",
+    "SparseDataset",
+    "SparseInputs",
+    "dataset_formats",
+    "detect_format",
+    "open_dataset",
+]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an encoder receives: ``sparse`` rows over ``num_features`` columns (later: tokens, images)."""
+
+    kind: Literal["sparse", "tokens", "image"]
+    num_features: int = 0  # F: columns of sparse rows, or vocabulary size of token ids
+
+
+@dataclass(frozen=True)
+class SparseInputs:
+    """``B`` sparse rows in CSR form: row ``b`` is ``weights[indptr[b]:indptr[b+1]]`` at ``indices[...]``.
+
+    Args:
+        indices: ``(N,)`` int64 column ids.
+        indptr: ``(B + 1,)`` int64 offsets.
+        weights: ``(N,)`` float32 values.
+    """
+
+    indices: Tensor
+    indptr: Tensor
+    weights: Tensor
+
+    @classmethod
+    def from_lists(cls, indices: Sequence[Sequence[int]], weights: Sequence[Sequence[float]]) -> SparseInputs:
+        """Build from one list of column ids and one of values per row."""
+        lengths = torch.tensor([len(row) for row in indices], dtype=torch.int64)
+        indptr = torch.zeros(len(indices) + 1, dtype=torch.int64)
+        indptr[1:] = torch.cumsum(lengths, 0)
+        flat_indices = torch.tensor([int(i) for row in indices for i in row], dtype=torch.int64)
+        flat_weights = torch.tensor([float(v) for row in weights for v in row], dtype=torch.float32)
+        return cls(flat_indices, indptr, flat_weights)
+
+    @property
+    def batch_size(self) -> int:
+        return self.indptr.numel() - 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseInputs:
+        return SparseInputs(
+            self.indices.to(device, non_blocking=non_blocking),
+            self.indptr.to(device, non_blocking=non_blocking),
+            self.weights.to(device, non_blocking=non_blocking),
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Encoder inputs and the targets of the same ``B`` samples."""
+
+    inputs: Any
+    targets: Targets
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.inputs.to(device, non_blocking=non_blocking), self.targets.to(device, non_blocking=non_blocking)
+        )
+
+
+class SparseDataset:
+    """Sparse feature rows with their labels, in memory (XMC BoW, or text after a featuriser).
+
+    Args:
+        features: :class:`~megaclass.data.xmc.CSR` of feature values, ``F = num_columns``.
+        labels: :class:`~megaclass.data.xmc.CSR` of label ids per row (``data`` unused).
+        num_classes: ``C``.
+        multilabel: whether targets are ragged label sets rather than one class per row.
+        path: the file it came from, for messages.
+        featurizer: the fitted text featuriser that made ``features``, or None for BoW data.
+    """
+
+    def __init__(
+        self,
+        features: Any,
+        labels: Any,
+        *,
+        num_classes: int,
+        multilabel: bool,
+        path: str = "",
+        featurizer: Any = None,
+    ) -> None:
+        self.features = features
+        self.labels = labels
+        self.num_classes = num_classes
+        self.multilabel = multilabel
+        self.path = path
+        self.featurizer = featurizer
+        self.input_spec = InputSpec(kind="sparse", num_features=int(features.num_columns))
+        label_lengths = labels.row_lengths()
+        if not multilabel and len(label_lengths) and not np.all(label_lengths == 1):
+            bad = int(np.flatnonzero(label_lengths != 1)[0])
+            raise DataFormatError(path, f"one-label data set has {label_lengths[bad]} labels on a row", line=bad + 1)
+
+    def __len__(self) -> int:
+        return len(self.labels.indptr) - 1
+
+    def label_counts(self) -> np.ndarray:
+        """``(C,)`` int64 number of rows carrying each label."""
+        return np.bincount(self.labels.indices, minlength=self.num_classes).astype(np.int64)
+
+    def label_features(self, *, dim: int = 256, seed: int = 0) -> np.ndarray:
+        """``(C, E)`` float32 PIFA vectors: each label's normalised sum of its rows' features."""
+        from megaclass.data.xmc import label_features
+
+        return label_features(self.features, self.labels, dim=dim, seed=seed)
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The :class:`Batch` of rows ``rows`` ``(B,)``, on the CPU."""
+        rows = np.asarray(rows, dtype=np.int64)
+        features = self.features.take(rows)
+        inputs = SparseInputs(
+            torch.from_numpy(features.indices.astype(np.int64)),
+            torch.from_numpy(features.indptr),
+            torch.from_numpy(np.ascontiguousarray(features.data, dtype=np.float32)),
+        )
+        labels = self.labels.take(rows)
+        label_ids = torch.from_numpy(labels.indices.astype(np.int64))
+        targets: Targets = RaggedLabels(torch.from_numpy(labels.indptr), label_ids) if self.multilabel else label_ids
+        return Batch(inputs, targets)
+
+
+_BOW_HEADER = re.compile(rb"^\s*\d+\s+\d+\s+\d+\s*$")
+
+
+def _first_line(path: str) -> bytes:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            return handle.readline(1 << 20)
+    except OSError as error:
+        raise DataFormatError(path, f"cannot read: {error}") from None
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of the data file ``path``.
+
+    ``xmc-bow`` (header ``N F L``), ``xmc-text`` (``labels<TAB>text``) or ``face-images`` (a ``.rec``, an
+    image folder, or a list of ``relpath label`` lines).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataFormatError(path, "no such file")
+    if os.path.isdir(path) or path.endswith(".rec"):
+        return "face-images"  # an InsightFace .rec, a folder holding train.rec, or an image folder
+    line = _first_line(path)
+    if not line.strip():
+        raise DataFormatError(path, "empty file: cannot tell its format", line=1)
+    from megaclass.data.images import is_image_list
+
+    if is_image_list(path):
+        return "face-images"  # 'relpath label' lines
+    if _BOW_HEADER.match(line):
+        return "xmc-bow"
+    if b"\t" in line:
+        return "xmc-text"
+    raise DataFormatError(
+        path,
+        f"unknown format: first line {line[:80]!r} is neither a BoW header 'num_docs num_features num_labels' "
+        "nor 'labels<TAB>text'",
+        line=1,
+    )
+
+
+def _open_xmc(path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any) -> SparseDataset:
+    """Open an XMC BoW file as is, or an XMC text file through a (fitted, or fitted here) featuriser."""
+    from megaclass.data.xmc import load_xmc
+
+    data = load_xmc(path, num_labels=num_classes)
+    if data.features is not None:
+        features = data.features
+        featurizer = None
+    else:
+        from megaclass.models.featurizer import FeaturizerConfig, TextFeaturizer
+
+        if featurizer is None:
+            featurizer = TextFeaturizer(featurizer_config or FeaturizerConfig())
+            featurizer.fit(data.texts)
+        features = featurizer.transform(data.texts)
+    return SparseDataset(
+        features,
+        data.labels,
+        num_classes=int(data.num_labels),
+        multilabel=bool(data.multilabel),
+        path=path,
+        featurizer=featurizer,
+    )
+
+
+def dataset_formats() -> dict[str, Callable[..., SparseDataset]]:
+    """Registered formats and their openers ``(path, *, num_classes, featurizer, featurizer_config)``."""
+    return {"xmc-bow": _open_xmc, "xmc-text": _open_xmc, "face-images": _open_face_images}
+
+
+def _open_face_images(path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any) -> Any:
+    """Open a face ``.rec``, image folder or ``relpath label`` list (see :mod:`megaclass.data.images`)."""
+    from megaclass.data.images import open_face_dataset
+
+    return open_face_dataset(path, num_classes=num_classes)
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    *,
+    data_format: str = "auto",
+    num_classes: int | None = None,
+    featurizer: Any = None,
+    featurizer_config: Any = None,
+    tokenizer: Any = None,
+    max_length: int = 128,
+) -> SparseDataset:
+    """Open the data file ``path`` as a dataset.
+
+    Args:
+        path: the file (``.gz`` accepted).
+        data_format: ``auto`` (sniffed by :func:`detect_format`) or a name from :func:`dataset_formats`.
+        num_classes: ``C`` when known (the training set's, when opening a test set).
+        featurizer: a fitted text featuriser (test sets of text data); None fits one from ``featurizer_config``.
+        featurizer_config: the featuriser's config when one is fitted here; None for its defaults.
+        tokenizer: a Hugging Face fast tokenizer: read text data as token ids (cached, see
+            :mod:`megaclass.data.tokenized`) for a transformer encoder instead of featurising it.
+        max_length: tokens per document when ``tokenizer`` is given.
+
+    >>> train = open_dataset("data/deb-tags/train_bow.txt.gz")  # doctest: +SKIP
+    >>> train.num_classes, train.multilabel
+    (595, True)
+    """
+    path = os.fspath(path)
+    formats = dataset_formats()
+    if data_format == "auto":
+        data_format = detect_format(path)
+    if data_format not in formats:
+        raise ValueError(f"data format {data_format!r} of {path}: expected auto or one of {sorted(formats)}")
+    if tokenizer is not None:
+        from megaclass.data.tokenized import open_token_dataset
+
+        return open_token_dataset(path, tokenizer, max_length=max_length, num_classes=num_classes)
+    return formats[data_format](
+        path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config
+    )
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class _RowBatches(torch.utils.data.Dataset):
+    """Batches of an epoch as a map-style dataset, for worker processes."""
+
+    def __init__(self, dataset: SparseDataset, row_batches: list[np.ndarray]) -> None:
+        self.dataset = dataset
+        self.row_batches = row_batches
+
+    def __len__(self) -> int:
+        return len(self.row_batches)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.dataset.batch(self.row_batches[index])
+
+
+class BatchLoader:
+    """Seeded, resumable, shardable batches of a dataset.
+
+    Args:
+        dataset: anything with ``__len__`` and ``batch(rows) -> Batch``.
+        batch_size: rows per batch (per rank).
+        shuffle: order rows by a permutation seeded from ``(seed, epoch)``; else file order.
+        seed: the shuffling seed.
+        drop_last: drop the last, smaller batch of each epoch.
+        rank: this process's shard; ``world_size`` shards. Step ``s``'s batches of all ranks, in rank order,
+            are the batch of ``world_size * batch_size`` rows one process would get, so a run resumes on
+            another number of ranks with the same global batch. Each epoch is padded by repeating its first
+            rows to a multiple of ``world_size`` (at most ``world_size - 1`` repeats), as
+            ``DistributedSampler`` does.
+        num_workers: worker processes that build batches (0: in this process).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: expected > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+        if len(dataset) == 0:
+            raise ValueError(f"data set {getattr(dataset, 'path', '')!r} has no rows")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+
+    def _shard_size(self) -> int:
+        return -(-len(self.dataset) // self.world_size)
+
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on each rank."""
+        rows = self._shard_size()
+        steps = rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+        return max(steps, 1)
+
+    def epoch_rows(self, epoch: int) -> list[np.ndarray]:
+        """The row ids of each batch of ``epoch`` on this rank, a pure function of ``(seed, epoch)``."""
+        count = len(self.dataset)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(count)
+        else:
+            order = np.arange(count)
+        order = np.resize(order, self._shard_size() * self.world_size)  # padded to a multiple of the ranks
+        global_batch = self.batch_size * self.world_size
+        if self.shuffle and hasattr(self.dataset, "arrange"):  # token data: batches of similar lengths
+            order = self.dataset.arrange(order, global_batch, seed=(self.seed, epoch))
+        # step s's global batch is order[s * N * B : (s + 1) * N * B] for any world size N; rank r takes the
+        # r-th of its N equal parts, so the ranks' batches in rank order are one process's batch of N * B rows
+        steps = range(self.steps_per_epoch())
+        batches = [order[step * global_batch : (step + 1) * global_batch] for step in steps]
+        return [rows.reshape(self.world_size, -1)[self.rank] for rows in batches]  # (B,) each
+
+    def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start_step`` on (a resumed run skips the steps already done)."""
+        row_batches = self.epoch_rows(epoch)[start_step:]
+        if self.num_workers == 0:
+            for rows in row_batches:
+                yield self.dataset.batch(rows)
+            return
+        loader = torch.utils.data.DataLoader(
+            _RowBatches(self.dataset, row_batches),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+        )
+        yield from loader

@@ -1,0 +1,13 @@
+"""Training over several processes: rank facts, autograd-aware collectives, class-sharded heads, checkpoints
+that a different number of ranks can resume, and the export of a sharded run to one inference file.
+
+    torchrun --nproc-per-node 2 -m megaclass train --train train.txt --test test.txt --out runs/two
+    megaclass train --nproc-per-node 2 --train train.txt --test test.txt --out runs/two
+    megaclass export --run runs/two --out model.safetensors
+
+Nothing here opens a process group at import; a single process never opens one.
+"""
+
+from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
+
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed"]

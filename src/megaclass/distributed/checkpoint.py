@@ -1,0 +1,254 @@
+"""Checkpoints of class-sharded runs that any number of ranks can resume, and their export to one file.
+
+A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
+
+- ``layout.json``: the world size that wrote it, ``C`` and each rank's global class range ``[start, stop)``;
+- ``rows_<r>.safetensors``: rank ``r``'s class rows (head weights, row optimizer state, store rows) under
+  their state-dict names, ``optim.<param>.<state>`` for the head optimizer's per-row state;
+- ``rank_<r>/``: what is private to rank ``r`` (its RNG states, its index over its rows);
+- ``common/``: the rest, written by rank 0: encoder and its optimizer, the head's replicated entries, loop
+  state, the config.
+
+Ranks write into ``step_<N>.tmp``; after a barrier rank 0 renames it and moves ``latest.json``, so a kill never
+leaves half a checkpoint. A run on ``M`` ranks reads, for its own class range, the slices of every file that
+overlaps it (safetensors reads slices without loading whole files); rank-private state is kept when the
+world size is unchanged and rebuilt otherwise (an index is rebuilt from the rows).
+
+    megaclass export --run runs/two --out model.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megaclass.train import checkpoint as run_checkpoint
+
+__all__ = [
+    "export_head_state",
+    "is_sharded_checkpoint",
+    "load_sharded",
+    "read_sharded_head_state",
+    "save_sharded",
+    "write_export",
+]
+
+_LAYOUT = "layout.json"
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether the checkpoint folder ``path`` was written by :func:`save_sharded`."""
+    return os.path.exists(os.path.join(path, _LAYOUT))
+
+
+def _param_names(head: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
+    """The head parameter names in the optimizer's state-dict order (its parameter indices)."""
+    if optimizer is None:
+        return []
+    names = {id(param): name for name, param in head.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _split_head(
+    head: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """``(rows, rank_private, replicated)`` of the head's state and its optimizer's, by ``head.state_layout()``."""
+    layout = head.state_layout()
+    rows: dict[str, Tensor] = {}
+    private: dict[str, Any] = {}
+    replicated: dict[str, Any] = {"head": {}, "optimizer": None}
+    for key, value in head.state_dict().items():
+        kind = layout.get(key)
+        if kind == "rows":
+            rows[key] = value.detach().cpu().contiguous()
+        elif kind == "rank":
+            private[key] = value
+        else:
+            replicated["head"][key] = value
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        names = _param_names(head, optimizer)
+        kept: dict[int, dict[str, Any]] = {}
+        for index, entries in state["state"].items():
+            name = names[index]
+            param = dict(head.named_parameters())[name]
+            kept[index] = {}
+            for entry, value in entries.items():
+                per_row = isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == param.shape[0]
+                if layout.get(name) == "rows" and per_row:
+                    rows[f"optim.{name}.{entry}"] = value.detach().cpu().contiguous()
+                else:
+                    kept[index][entry] = value
+        replicated["optimizer"] = {"state": kept, "param_groups": state["param_groups"]}
+    return rows, private, replicated
+
+
+def save_sharded(
+    folder: str,
+    step: int,
+    *,
+    head: nn.Module,
+    head_optimizer: torch.optim.Optimizer | None,
+    common: dict[str, Any],
+    private: dict[str, Any],
+    rank: int,
+    world_size: int,
+    keep: int = 2,
+) -> str:
+    """Write this rank's part of checkpoint ``folder/step_<step>``; collective over all ranks.
+
+    Args:
+        head: a class-sharded head (``start``, ``stop``, ``context.num_classes``, ``state_layout()``).
+        head_optimizer: the optimizer of the head's parameters, or None.
+        common: replicated state (encoder, its optimizer, loop state, config); written by rank 0 only.
+        private: this rank's own state (RNG states).
+
+    Returns:
+        The checkpoint's folder.
+    """
+    from safetensors.torch import save_file
+
+    name = f"step_{step:09d}"
+    final = os.path.join(folder, name)
+    temporary = os.path.join(folder, f".{name}.tmp")
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    _barrier(world_size)
+    rows, head_private, replicated = _split_head(head, head_optimizer)
+    metadata = {"start": str(head.start), "stop": str(head.stop)}
+    save_file(rows, os.path.join(temporary, f"rows_{rank:05d}.safetensors"), metadata=metadata)
+    run_checkpoint.write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
+    if rank == 0:
+        run_checkpoint.write_state(os.path.join(temporary, "common"), {**common, "head_replicated": replicated})
+    _barrier(world_size)  # every rank's files are in place
+    if rank == 0:
+        ranges = [[int(x) for x in _range_of(temporary, r)] for r in range(world_size)]
+        layout = {"world_size": world_size, "num_classes": head.context.num_classes, "ranges": ranges}
+        run_checkpoint.write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        run_checkpoint.write_json_atomic(os.path.join(folder, "latest.json"), {"checkpoint": name, "step": step})
+        steps = sorted(entry for entry in os.listdir(folder) if entry.startswith("step_"))
+        for old in steps[:-keep]:
+            if old != name:
+                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    _barrier(world_size)  # the checkpoint is complete for everyone
+    return final
+
+
+def _range_of(folder: str, rank: int) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, f"rows_{rank:05d}.safetensors"), framework="pt") as file:
+        metadata = file.metadata()
+    return int(metadata["start"]), int(metadata["stop"])
+
+
+def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, Tensor]:
+    """Every row entry of checkpoint ``path`` for the global classes ``[start, stop)``, read slice by slice."""
+    from safetensors import safe_open
+
+    parts: dict[str, list[Tensor]] = {}
+    for rank, (first, last) in enumerate(layout["ranges"]):
+        low, high = max(start, first), min(stop, last)
+        if low >= high:
+            continue
+        with safe_open(os.path.join(path, f"rows_{rank:05d}.safetensors"), framework="pt") as file:
+            for key in file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                parts.setdefault(key, []).append(file.get_slice(key)[low - first : high - first])
+    return {key: torch.cat(values, 0) for key, values in parts.items()}
+
+
+def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(rows, common)``: the row entries for classes ``[start, stop)`` and the common state of ``path``."""
+    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
+        layout = json.load(file)
+    if not 0 <= start < stop <= layout["num_classes"]:
+        raise ValueError(f"{path}: class range [{start}, {stop}) outside the checkpoint's C={layout['num_classes']}")
+    return _read_rows(path, layout, start, stop), run_checkpoint.read_state(os.path.join(path, "common"))
+
+
+def load_sharded(
+    path: str, *, head: nn.Module, head_optimizer: torch.optim.Optimizer | None, rank: int, world_size: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore this rank's head (and its optimizer) from checkpoint ``path``, whatever world size wrote it.
+
+    Returns:
+        ``(common, private)``: the replicated state, and this rank's private state (None when the world size
+        changed: RNG states and indexes then start afresh).
+    """
+    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
+        layout = json.load(file)
+    if layout["num_classes"] != head.context.num_classes:
+        raise ValueError(
+            f"--resume: checkpoint {path} has C={layout['num_classes']} classes, the run has {head.context.num_classes}"
+        )
+    rows = _read_rows(path, layout, head.start, head.stop)
+    common = run_checkpoint.read_state(os.path.join(path, "common"))
+    same_world = layout["world_size"] == world_size
+    private = run_checkpoint.read_state(os.path.join(path, f"rank_{rank:05d}")) if same_world else None
+    replicated = common.pop("head_replicated")
+    fresh = head.state_dict()
+    state = {**replicated["head"], **{k: v for k, v in rows.items() if not k.startswith("optim.")}}
+    for key, kind in head.state_layout().items():
+        if kind == "rank":
+            if private is not None and key in private["head"]:
+                state[key] = private["head"][key]
+            elif key in fresh:
+                state[key] = fresh[key]
+    head.load_state_dict(state)
+    if head_optimizer is not None and replicated["optimizer"] is not None:
+        names = _param_names(head, head_optimizer)
+        saved = replicated["optimizer"]
+        optim_state = {int(index): dict(entries) for index, entries in saved["state"].items()}
+        for key, value in rows.items():
+            if key.startswith("optim."):
+                name, entry = key[len("optim.") :].rsplit(".", 1)
+                optim_state.setdefault(names.index(name), {})[entry] = value
+        head_optimizer.load_state_dict({"state": optim_state, "param_groups": saved["param_groups"]})
+    return common, private
+
+
+def export_head_state(path: str, *, prefix: str = "") -> dict[str, Tensor]:
+    """The whole head's state from sharded checkpoint ``path``, as the plain (unsharded) head stores it.
+
+    Row entries are stacked over all classes; optimizer and rank-private entries (index, RNG) are left out,
+    except the first rank's, which the plain head needs to load; ``prefix`` is removed from the names
+    (``local.`` for the selected head).
+    """
+    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
+        layout = json.load(file)
+    rows = _read_rows(path, layout, 0, layout["num_classes"])
+    replicated = run_checkpoint.read_state(os.path.join(path, "common"))["head_replicated"]["head"]
+    first = run_checkpoint.read_state(os.path.join(path, "rank_00000"))["head"]
+    state = {**replicated, **{key: value for key, value in first.items() if ".index." not in f".{key}"}}
+    state.update({key: value for key, value in rows.items() if not key.startswith("optim.")})
+    return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
+
+
+def write_export(out_path: str, state: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """Write ``state`` (flat name -> tensor) as one safetensors file with string ``metadata``, atomically."""
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(out_path)}.tmp")
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    save_file(tensors, temporary, metadata=metadata)
+    os.replace(temporary, out_path)
+    return out_path

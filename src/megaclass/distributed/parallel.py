@@ -1,0 +1,171 @@
+"""The encoder data-parallel (DDP, or FSDP2 for large encoders), the head class-sharded or replicated.
+
+:func:`data_parallel` wraps the trainer's modules for a world of ``N`` ranks; with one rank it wraps nothing.
+A class-sharded head needs no wrapper: its rows' gradients are complete on their owner. A replicated head
+(one without a sharded form, or ``distributed.shard_head: never``) is wrapped in DDP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megaclass.distributed.info import DistInfo
+
+__all__ = ["DataParallel", "data_parallel", "encoder_state", "load_encoder_state", "shards_head"]
+
+
+def shards_head(config: Any, dist: DistInfo) -> bool:
+    """Whether the run's head is split by class over the ranks (``distributed.shard_head`` of ``config``)."""
+    from megaclass.distributed.sharded import sharded_head_types
+
+    mode = config.distributed.shard_head
+    if mode == "never":
+        return False
+    if mode == "always":
+        return True
+    return dist.distributed and config.head.type in sharded_head_types()
+
+
+@dataclass
+class DataParallel:
+    """What the training step calls, and the gradient clipping that knows which gradients are sharded.
+
+    Attributes:
+        encoder: the module the step runs the inputs through (DDP / FSDP2 wrapper, or the encoder itself).
+        head: the module the step computes the loss with (DDP wrapper of a replicated head, or the head).
+        encoder_module: the unwrapped encoder. head_module: the unwrapped head.
+        sharded_head: the head holds a different class range on each rank.
+        dist: the rank facts.
+    """
+
+    encoder: nn.Module
+    head: nn.Module
+    encoder_module: nn.Module
+    head_module: nn.Module
+    sharded_head: bool
+    dist: DistInfo
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale every gradient so the global norm (over all ranks' shards) is at most ``max_norm``.
+
+        Returns:
+            The global norm before clipping (a 0-dim device tensor; no host sync).
+        """
+        grads = [p.grad for p in (*self.encoder_module.parameters(), *self.head_module.parameters())]
+        head_grads = {id(p.grad) for p in self.head_module.parameters() if p.grad is not None}
+        present = [grad for grad in grads if grad is not None]
+        if not present:
+            return torch.zeros(())
+        device = present[0].device
+        sharded = torch.zeros((), dtype=torch.float32, device=device)  # squares of disjoint pieces per rank
+        replicated = torch.zeros((), dtype=torch.float32, device=device)  # squares every rank holds alike
+        for grad in grads:
+            if grad is None:
+                continue
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2 shards are DTensors
+            square = local.float().square().sum()
+            if hasattr(grad, "to_local") or (self.sharded_head and id(grad) in head_grads):
+                sharded += square
+            else:
+                replicated += square
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(sharded)
+        total = torch.sqrt(sharded + replicated)
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(scale)
+        return total
+
+
+def _fully_shard(encoder: nn.Module) -> nn.Module:
+    """FSDP2: each direct child with parameters is its own unit (all-gathered just in time), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in encoder.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(encoder)
+    return encoder
+
+
+def data_parallel(
+    encoder: nn.Module, head: nn.Module, *, config: Any, dist: DistInfo, device: torch.device
+) -> DataParallel:
+    """Wrap ``encoder`` (``distributed.encoder``: ddp or fsdp2) and, unless it is class-sharded, ``head``.
+
+    Build the optimizers after this call: FSDP2 replaces the encoder's parameters with sharded ones.
+    """
+    sharded = hasattr(head, "state_layout")
+    if not dist.distributed:
+        return DataParallel(encoder, head, encoder, head, sharded, dist)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    trainable = any(p.requires_grad for p in encoder.parameters())
+    if not trainable:
+        wrapped_encoder = encoder
+    elif config.distributed.encoder == "fsdp2":
+        wrapped_encoder = _fully_shard(encoder)
+    else:
+        wrapped_encoder = DistributedDataParallel(encoder, device_ids=device_ids)
+    wrapped_head = head
+    if not sharded and any(p.requires_grad for p in head.parameters()):
+        wrapped_head = DistributedDataParallel(head, device_ids=device_ids, find_unused_parameters=True)
+    return DataParallel(wrapped_encoder, wrapped_head, encoder, head, sharded, dist)
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def encoder_state(
+    parallel: DataParallel, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The whole encoder's ``(state_dict, optimizer state_dict)`` on the CPU; collective under FSDP2."""
+    module = parallel.encoder_module
+    if not _is_fsdp(module):
+        return module.state_dict(), None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(module, options=options)
+    optim_state = None if optimizer is None else get_optimizer_state_dict(module, optimizer, options=options)
+    return model_state, optim_state
+
+
+def load_encoder_state(
+    parallel: DataParallel,
+    optimizer: torch.optim.Optimizer | None,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any] | None,
+) -> None:
+    """Load what :func:`encoder_state` returned (on any world size) into the encoder and its optimizer."""
+    module = parallel.encoder_module
+    if not _is_fsdp(module):
+        module.load_state_dict(model_state)
+        if optimizer is not None and optim_state is not None:
+            optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, model_state, options=options)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(module, optimizer, optim_state, options=options)

@@ -1,0 +1,456 @@
+"""Class-sharded heads: rank ``r`` of ``N`` holds the contiguous classes ``shard_range(C, r, N)``.
+
+    torchrun --nproc-per-node 2 -m megaclass train ... --head dense --set distributed.shard_head=true
+
+Each rank's encoder runs on its own samples (data parallel); the head gathers every rank's features and
+targets (:func:`~megaclass.distributed.collectives.gather_rows`, whose backward hands each rank the gradient
+of its own rows) and scores the whole global batch against its own classes. The loss is the single-process
+head's loss on the global batch, held by every rank:
+
+- dense softmax: the normaliser from an all-reduce of the per-row maximum and of the sums of exponentials
+  (arXiv 1805.02867's online softmax, across ranks); the positives' logits from their owners;
+- dense BCE / squared hinge: each rank's classes' terms, summed by one all-reduce;
+- selected (HF-Softmax): each rank selects ``sample_num / N`` of its own classes (the batch's true classes at
+  their owners) with its own index over its own rows; one softmax normaliser over the union.
+
+Top-``k``: each rank's own top-``k``, merged. A rank's head memory is ``~1/N`` of the whole. With a world size
+of 1 no collective runs and the sharded head computes exactly what the plain head does.
+
+The gradient reaching each rank's features is scaled by ``N``: the data-parallel wrapper of the encoder (DDP,
+FSDP2) averages gradients over ranks, and the average of ``N`` times each rank's share is their sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from megaclass.distributed.collectives import (
+    all_reduce_logsumexp,
+    all_reduce_replicated,
+    gather_rows,
+    gather_targets,
+    merge_topk,
+    world_of,
+)
+from megaclass.heads.base import Head, HeadContext
+from megaclass.heads.dense import DenseHeadConfig
+from megaclass.heads.losses import margin_logits
+from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.ops import Impl, resolve_impl
+from megaclass.ops.chunked_topk import chunked_topk
+from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind
+from megaclass.ops.linear_cross_entropy.common import (
+    NORM_EPS,
+    DenseBackend,
+    add_positive_grads,
+    check_inputs,
+    positive_grad,
+    positive_logits,
+    prepare_targets,
+    row_coefficients,
+    segment_sum,
+)
+from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend
+from megaclass.targets import RaggedLabels, Targets, as_ragged
+
+__all__ = [
+    "ShardedDenseHead",
+    "ShardedSelectedHead",
+    "StateKind",
+    "build_sharded_head",
+    "local_targets",
+    "shard_range",
+    "sharded_head_types",
+    "sharded_linear_loss",
+]
+
+StateKind = Literal["rows", "rank"]
+"""How a head state entry splits across ranks: ``rows`` (leading dimension: the rank's classes), ``rank``
+(private to the rank: rebuilt when the world size changes). Entries not named are replicated."""
+
+_INIT_BLOCK = 1 << 16  # rows initialised per seeded generator: the same matrix for any world size
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s classes: contiguous, the first ``C mod N`` ranks one class more.
+
+    >>> [shard_range(10, r, 3) for r in range(3)]
+    [(0, 4), (4, 7), (7, 10)]
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    if num_classes < world_size:
+        raise ValueError(f"a class-sharded head needs C >= world size, got C={num_classes} on {world_size} ranks")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def local_targets(targets: RaggedLabels, start: int, stop: int) -> RaggedLabels:
+    """The labels in ``[start, stop)`` of each sample, as ids relative to ``start`` (other samples' rows empty)."""
+    owned = (targets.indices >= start) & (targets.indices < stop)  # (L,)
+    counts = torch.zeros(targets.batch_size, dtype=torch.int64, device=owned.device)
+    counts.index_add_(0, targets.sample_ids(), owned.to(torch.int64))
+    indptr = torch.zeros(targets.batch_size + 1, dtype=torch.int64, device=owned.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return RaggedLabels(indptr, targets.indices[owned] - start)
+
+
+def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> None:
+    """Fill the rows of global classes ``[start, start + len(weight))`` with ``N(0, std^2)``, drawn in blocks of
+    ``_INIT_BLOCK`` global rows seeded ``(seed, block)``: every world size starts from the same matrix."""
+    stop = start + weight.shape[0]
+    for block in range(start // _INIT_BLOCK, -(-stop // _INIT_BLOCK)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        first = block * _INIT_BLOCK
+        rows = torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator) * std  # (block, D)
+        lo, hi = max(start, first), min(stop, first + _INIT_BLOCK)
+        weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.device, weight.dtype)
+
+
+# --------------------------------------------------------------------------------------- dense, the op
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardFacts:
+    """Non-tensor arguments of :class:`ShardedLinearLossFunction`."""
+
+    start: int  # the rank's first global class
+    options: LinearLossOptions
+    backend: DenseBackend
+    group: Any
+
+
+def _owned_exclude(targets: RaggedLabels, local: RaggedLabels, start: int, options: LinearLossOptions) -> Any:
+    """``(B,)`` local column of each row's target where this rank owns it, else -1 (cosine margin only)."""
+    if not options.cosine:
+        return None
+    exclude = torch.full((targets.batch_size,), -1, dtype=torch.int64, device=targets.indices.device)
+    return exclude.index_put((local.sample_ids(),), local.indices)
+
+
+class ShardedLinearLossFunction(torch.autograd.Function):
+    """:class:`~megaclass.ops.linear_cross_entropy.LinearLossFunction` over one rank's classes, with the
+    per-row statistics reduced over ranks; the loss is the whole head's, held by every rank.
+
+    Backward needs no communication: the weight rows' gradients are complete on their owner, and the partial
+    feature gradients are summed by the gather's backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor, facts: _ShardFacts
+    ) -> Tensor:
+        import torch.distributed as dist
+
+        options, start = facts.options, facts.start
+        targets = RaggedLabels(indptr, indices)
+        local = local_targets(targets, start, start + weight.shape[0])
+        coef = row_coefficients(targets, options)  # (B,) from the global label counts
+        z_pos = positive_logits(x, weight, bias, local, options)  # (L_local,)
+        exclude = _owned_exclude(targets, local, start, options)
+        with torch.autocast(x.device.type, enabled=False):
+            reduced = facts.backend.reduce(x, weight, bias, exclude, options)  # (B,) over this rank's classes
+        if options.loss is LossKind.SOFTMAX:
+            positive_sum = all_reduce_replicated(segment_sum(z_pos, local), group=facts.group)  # (B,)
+            lse = all_reduce_logsumexp(reduced, group=facts.group)  # (B,) over all classes
+            if options.cosine:
+                lse = torch.logaddexp(lse, positive_sum)  # the target's margin logit, from its owner
+                per_row = lse - positive_sum
+            else:
+                per_row = lse - positive_sum / targets.lengths().clamp_min(1).to(torch.float32)
+            per_row = torch.where(coef > 0, per_row, torch.zeros_like(per_row))  # rows without labels: 0
+            loss, stat = (coef * per_row).sum(), lse
+        else:
+            if options.loss is LossKind.BCE:
+                per_row = reduced - segment_sum(z_pos, local)
+            else:
+                correction = torch.relu(1 - z_pos).square() - torch.relu(1 + z_pos).square()
+                per_row = reduced + segment_sum(correction, local)
+            loss, stat = (coef * per_row).sum(), reduced
+            if world_of(facts.group)[1] > 1:
+                dist.all_reduce(loss, group=facts.group)
+        ctx.save_for_backward(x, weight, bias, indptr, indices, coef, stat, z_pos)
+        ctx.facts = facts
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, bias, indptr, indices, coef, stat, z_pos = ctx.saved_tensors
+        facts: _ShardFacts = ctx.facts
+        options, start = facts.options, facts.start
+        targets = RaggedLabels(indptr, indices)
+        local = local_targets(targets, start, start + weight.shape[0])
+        coef = coef * grad_loss.float()  # device-side scale: no host sync
+        exclude = _owned_exclude(targets, local, start, options)
+        with torch.autocast(x.device.type, enabled=False):
+            grads = facts.backend.grads(x, weight, bias, exclude, stat, coef, options)
+        if options.loss is LossKind.SOFTMAX and not options.cosine:
+            rows = local.sample_ids()
+            lengths = targets.lengths().clamp_min(1).to(torch.float32)  # the global label counts
+            dz_pos = -coef.index_select(0, rows) / lengths.index_select(0, rows)
+        else:
+            dz_pos = positive_grad(z_pos, stat, local, coef, options)
+        add_positive_grads(grads, x, weight, bias, local, dz_pos, options)
+        grad_x, grad_weight, grad_bias = grads
+        return (
+            grad_x.to(x.dtype),
+            grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _dense_backend(impl: Impl | str, *tensors: Tensor) -> DenseBackend:
+    if resolve_impl(impl, *tensors) is Impl.TRITON:
+        from megaclass.ops.linear_cross_entropy.function import TritonBackend
+
+        return TritonBackend()
+    return ReferenceBackend()
+
+
+def sharded_linear_loss(
+    x: Tensor,
+    weight: Tensor,
+    targets: Targets,
+    *,
+    start: int,
+    num_classes: int,
+    bias: Tensor | None = None,
+    options: LinearLossOptions | None = None,
+    impl: Impl | str = Impl.AUTO,
+    group: Any = None,
+) -> Tensor:
+    """The fused linear + loss of :func:`~megaclass.ops.linear_cross_entropy.linear_loss` where this rank holds
+    the classes ``[start, start + len(weight))`` of ``num_classes``; every rank passes the same ``x``.
+
+    Args:
+        x: ``(B, D)`` the global batch's features (the same on every rank).
+        weight: ``(C_r, D)`` this rank's class rows. bias: ``(C_r,)`` or None.
+        targets: global class ids of the ``B`` samples (``LongTensor (B,)`` or ragged).
+        start: this rank's first class. num_classes: ``C`` over all ranks.
+
+    Returns:
+        The 0-dim float32 loss of the whole head, equal on every rank.
+    """
+    options = options or LinearLossOptions()
+    check_inputs(x, weight, bias, options)
+    ragged = prepare_targets(targets, x.shape[0], num_classes, options)
+    if options.cosine:
+        x = torch.nn.functional.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
+    facts = _ShardFacts(start, options, _dense_backend(impl, x, weight), group)
+    return ShardedLinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, facts)
+
+
+# --------------------------------------------------------------------------------------- dense, the head
+
+
+class ShardedDenseHead(Head):
+    """The rows ``shard_range(C, rank, N)`` of a :class:`~megaclass.heads.dense.DenseHead`.
+
+    Its state dict has the dense head's keys (``weight``, ``bias``) over the rank's rows, so the rows of all
+    ranks stacked in rank order are a plain dense head's state.
+
+    Args:
+        config: the dense head's options.
+        context: the whole task (``num_classes`` is ``C`` over all ranks).
+        seed: seeds the rows, drawn per global row block (the same matrix for any world size).
+        group: the process group sharing the classes (the default group).
+
+    >>> head = ShardedDenseHead(DenseHeadConfig(), HeadContext(in_features=8, num_classes=10, multilabel=False))
+    >>> head.start, head.stop, float(head(torch.randn(4, 8), torch.tensor([0, 1, 2, 9]))) > 0
+    (0, 10, True)
+    """
+
+    def __init__(self, config: DenseHeadConfig, context: HeadContext, *, seed: int = 0, group: Any = None):
+        super().__init__()
+        loss = config.loss if config.loss != "auto" else ("bce" if context.multilabel else "softmax")
+        self.config, self.context, self.group = config, context, group
+        self.rank, self.world_size = world_of(group)
+        self.start, self.stop = shard_range(context.num_classes, self.rank, self.world_size)
+        self.options = LinearLossOptions(
+            loss=LossKind(loss), reduction=config.reduction, margin=config.margin, chunk_size=config.chunk_size
+        )
+        rows = self.stop - self.start
+        self.weight = nn.Parameter(torch.empty(rows, context.in_features))
+        self.bias = nn.Parameter(torch.zeros(rows)) if config.bias else None
+        with torch.no_grad():
+            std = config.init_scale / math.sqrt(context.in_features)
+            _init_normal_rows_(self.weight, self.start, std=std, seed=seed)
+
+    def state_layout(self) -> dict[str, StateKind]:
+        """How each state entry splits across ranks (see :data:`StateKind`)."""
+        return {"weight": "rows", "bias": "rows"}
+
+    def _compute_input(self, features: Tensor) -> Tensor:
+        if features.dim() != 2 or features.shape[1] != self.context.in_features:
+            raise ValueError(
+                f"features must be (B, D={self.context.in_features}), got shape {tuple(features.shape)}"
+            )
+        device_type = features.device.type
+        if torch.is_autocast_enabled(device_type):
+            return features.to(torch.get_autocast_dtype(device_type))
+        return features
+
+    def forward(self, features: Tensor, targets: Targets) -> Tensor:
+        """The whole head's loss on the global batch (every rank's ``features (B, D)`` and ``targets``)."""
+        x = gather_rows(self._compute_input(features), group=self.group, grad_scale=float(self.world_size))
+        return sharded_linear_loss(
+            x,  # (N * B, D)
+            self.weight,
+            gather_targets(targets, group=self.group),
+            start=self.start,
+            num_classes=self.context.num_classes,
+            bias=self.bias,
+            options=self.options,
+            impl=self.config.impl,
+            group=self.group,
+        )
+
+    @torch.no_grad()
+    def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` over all classes of ``features (B, D)``, the same on every rank; each ``(B, k)``."""
+        if not 1 <= k <= self.context.num_classes:
+            raise ValueError(f"k must be in [1, C={self.context.num_classes}], got {k}")
+        margin = self.config.margin
+        scores, ids = chunked_topk(
+            self._compute_input(features),
+            self.weight,
+            min(k, self.weight.shape[0]),
+            bias=self.bias,
+            cosine=margin.enabled,
+            scale=margin.scale,
+            chunk_size=self.config.chunk_size,
+        )
+        return merge_topk(scores, ids + self.start, k, group=self.group)
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes=[{self.start}, {self.stop}) of {self.context.num_classes}, rank {self.rank}/{self.world_size}, "
+            f"loss={self.options.loss.value}"
+        )
+
+
+# --------------------------------------------------------------------------------------- selected
+
+
+class ShardedSelectedHead(Head):
+    """HF-Softmax over ``N`` ranks: each rank's :class:`~megaclass.heads.selected.SelectedHead` holds its own
+    classes (its own store and index) and selects ``ceil(sample_num / N)`` of them for the global batch.
+
+    The normaliser is one log-sum-exp over the union of the ranks' active sets; a sample's true classes are
+    always active at their owners. ``local.*`` state entries are the rank's selected head's.
+
+    Args:
+        config: the selected head's options (``sample_num`` over all ranks).
+        context: the whole task.
+        group: the process group sharing the classes.
+    """
+
+    def __init__(self, config: SelectedHeadConfig, context: HeadContext, *, seed: int = 0, group: Any = None):
+        super().__init__()
+        self.config, self.context, self.group = config, context, group
+        self.rank, self.world_size = world_of(group)
+        self.start, self.stop = shard_range(context.num_classes, self.rank, self.world_size)
+        counts = None if context.label_counts is None else context.label_counts[self.start : self.stop]
+        features = None if context.label_features is None else context.label_features[self.start : self.stop]
+        local_config = dataclasses.replace(
+            config,
+            sample_num=-(-config.sample_num // self.world_size),
+            seed=config.seed + 7919 * self.rank,  # the rank's own rows, index and random fill
+        )
+        local_context = dataclasses.replace(
+            context, num_classes=self.stop - self.start, label_counts=counts, label_features=features
+        )
+        self.local = SelectedHead(local_config, local_context)
+
+    def state_layout(self) -> dict[str, StateKind]:
+        """How each state entry splits across ranks: the store's rows and row state, the rank's index and RNG."""
+        layout: dict[str, StateKind] = {"local.selection.dirty": "rows", "local.selection.rng": "rank"}
+        for name in self.local.materialize().state_dict():
+            layout[f"local.store.{name}"] = "rows"
+        if self.local.selector is not None:
+            layout.update({f"local.index.{name}": "rank" for name in self.local.selector.state_dict()})
+            layout["local.index.built"] = "rank"
+        return layout
+
+    def _logits(self, features: Tensor, rows: Tensor, target_position: Tensor | None) -> Tensor:
+        """``(B, S)`` logits against the rank's active rows; with a margin, ``target_position (B,)``'s entries
+        (``-1``: the target is another rank's) get it."""
+        if not self.config.margin.enabled:
+            return features.float() @ rows.float().T
+        normalise = torch.nn.functional.normalize
+        cosine = normalise(features.float(), dim=1) @ normalise(rows.float(), dim=1).T  # (B, S)
+        return margin_logits(cosine, target_position, self.config.margin)
+
+    def forward(self, features: Tensor, targets: Targets) -> Tensor:
+        """Mean softmax cross-entropy of the global batch over the union of the ranks' active sets."""
+        if features.dim() != 2 or features.shape[1] != self.context.in_features:
+            raise ValueError(f"features must be (B, D={self.context.in_features}), got {tuple(features.shape)}")
+        if not self.context.multilabel and not isinstance(targets, Tensor):
+            raise ValueError("targets: multi-class data expects a LongTensor (B,) of class ids")
+        x = gather_rows(features, group=self.group, grad_scale=float(self.world_size))  # (N * B, D)
+        every = as_ragged(gather_targets(targets, group=self.group)).to(x.device)
+        local = local_targets(every, self.start, self.stop)
+        selection = self.local.select(x, local)
+        rows = self.local.pull_active(selection.ids)  # (S_r, D)
+        columns = torch.searchsorted(selection.ids[: selection.num_positive], local.indices)  # (L_r,)
+        sample = local.sample_ids()  # (L_r,)
+        position = None
+        if self.config.margin.enabled:
+            position = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device).index_put((sample,), columns)
+        logits = self._logits(x, rows, position)  # (N * B, S_r)
+        if self.config.logq_correction:
+            logits = logits + selection.logit_adjust
+        lse = all_reduce_logsumexp(torch.logsumexp(logits, dim=1), group=self.group)  # (N * B,) over the union
+        lengths = every.lengths().clamp_min(1).to(torch.float32)  # (N * B,) global label counts
+        owned = logits[sample, columns] / lengths[sample]  # (L_r,) each label's share of its sample's loss
+        positive = torch.zeros_like(lse).index_add(0, sample, owned)
+        positive = all_reduce_replicated(positive, group=self.group)  # (N * B,)
+        labelled = (every.lengths() > 0).to(torch.float32)
+        return ((lse - positive) * labelled).sum() / labelled.sum().clamp_min(1.0)
+
+    def after_step(self, step: int, epoch: float, *, lr: float) -> None:
+        """The rank's pending row gradients go to its store; its index is rebuilt on schedule."""
+        self.local.after_step(step, epoch, lr=lr)
+
+    def metrics(self) -> dict[str, float]:
+        return self.local.metrics()
+
+    @torch.no_grad()
+    def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` over all classes of ``features (B, D)``, the same on every rank; each ``(B, k)``."""
+        if not 1 <= k <= self.context.num_classes:
+            raise ValueError(f"k must be in [1, C={self.context.num_classes}], got {k}")
+        scores, ids = self.local.topk(features, min(k, self.stop - self.start))
+        return merge_topk(scores, ids + self.start, k, group=self.group)
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+def sharded_head_types() -> dict[str, type[Head]]:
+    """Head names that have a class-sharded form, and that form."""
+    return {"dense": ShardedDenseHead, "selected": ShardedSelectedHead}
+
+
+def build_sharded_head(config: Any, context: HeadContext, *, seed: int = 0, group: Any = None) -> Head:
+    """The class-sharded form of the head ``config`` describes, over the ranks of ``group``.
+
+    Raises:
+        ValueError: the head type has no sharded form.
+    """
+    types = sharded_head_types()
+    if config.type not in types:
+        raise ValueError(
+            f"distributed.shard_head: head.type {config.type!r} has no class-sharded form; "
+            f"sharded heads: {', '.join(sorted(types))} (or set distributed.shard_head=false to replicate it)"
+        )
+    return types[config.type](config, context, seed=seed, group=group)

@@ -1,0 +1,359 @@
+"""HF-Softmax: each mini-batch's softmax over a small set of active classes chosen by a nearest-class index.
+
+    megaclass train ... --head selected --set head.sample_num=1000 --set head.index=gpu \\
+        --set head.interval=100 --set head.store=host
+
+Each step the active set is the batch's true classes, each sample's nearest classes by an index over the
+weight rows (pooled), and random classes up to exactly ``sample_num`` (Zhang et al., "Accelerated Training
+for Massive Classification via Dynamic Class Selection", AAAI 2018). Only those rows are pulled from the row
+store, get a gradient, and are updated (row-sparse SGD with momentum, or lazy Adam) in :meth:`after_step`
+with the scheduled learning rate. The index is rebuilt every ``interval`` steps from the current rows.
+
+Beyond the original, switchable: a GPU index that rebuilds in milliseconds (``index=gpu``); rows in pinned
+host memory (``store=host``); a sampling correction ``log(1/q)`` on the randomly filled logits
+(``logq_correction``); random classes only for the first ``warmup_random_steps`` steps (neighbours of immature
+rows are noise); cosine margins (ArcFace, CosFace); coverage (the share of the full softmax mass the active
+set holds) measured exactly every ``coverage_every`` steps and reported by :meth:`metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from megaclass.heads.base import Head, HeadContext
+from megaclass.heads.losses import MarginConfig, margin_logits
+from megaclass.index import ClassSelector, Selection, build_selector, select_active
+from megaclass.schema import ConfigError
+from megaclass.store import RowOptimizerConfig, RowStore, build_store
+from megaclass.targets import RaggedLabels, Targets, as_ragged
+
+__all__ = ["SelectedHead", "SelectedHeadConfig"]
+
+_READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
+
+
+@dataclass(frozen=True)
+class SelectedHeadConfig:
+    """Options of :class:`SelectedHead` (defaults: the original's)."""
+
+    type: Literal["selected"] = "selected"
+    sample_num: int = 1000  # active classes per step (all of a batch's true classes are kept even beyond it)
+    index: Literal["gpu", "annoy", "exact", "none"] = "gpu"  # none: random classes only (Partial FC's rule)
+    interval: int = 100  # steps between index rebuilds
+    neighbours: int = 0  # nearest classes asked per sample; 0: the original's sample_num // B + 1
+    metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
+    ntrees: int = 50  # annoy: trees in the forest
+    search_k: int = -1  # annoy: nodes inspected per query (-1: n * ntrees)
+    leaf_size: int = 64  # gpu index: most rows per cluster
+    probes: int = 8  # gpu index: clusters searched per query
+    index_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # gpu index row snapshot
+    store: str = "gpu"  # where rows live: gpu (the compute device) or host (pinned host memory)
+    optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
+    margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace over the active set
+    warmup_random_steps: int = 0  # steps with random classes only, before the first index build
+    logq_correction: bool = False  # add log(1/q) to randomly filled logits (sampled-softmax correction)
+    coverage_every: int = 1000  # steps between exact coverage measurements (0: never); one full pass each
+    chunk_size: int = 8192  # classes scored at once in topk and coverage
+    init_bound: float | None = None  # rows start U(-b, b); None: 1 / sqrt(D)
+    seed: int = 0  # seeds the rows, the index and the random fill
+
+    def __post_init__(self) -> None:
+        positive = {
+            "sample_num": self.sample_num,
+            "interval": self.interval,
+            "ntrees": self.ntrees,
+            "leaf_size": self.leaf_size,
+            "probes": self.probes,
+            "chunk_size": self.chunk_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"head.{name} must be >= 1, got {value}")
+        for name in ("neighbours", "warmup_random_steps", "coverage_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"head.{name} must be >= 0, got {getattr(self, name)}")
+        if self.init_bound is not None and self.init_bound < 0:
+            raise ConfigError(f"head.init_bound must be >= 0, got {self.init_bound}")
+
+
+class SelectedHead(Head):
+    """Softmax over a per-step active set of classes whose rows live in a :class:`~megaclass.store.RowStore`.
+
+    The store and the index are created on the head's device at first use (after ``head.to(device)``).
+    One :meth:`forward` per optimizer step: its rows' gradients are applied in the next :meth:`after_step`.
+
+    Args:
+        config: selection, index, store and loss options.
+        context: ``in_features`` (D), ``num_classes`` (C), ``multilabel``.
+
+    >>> head = SelectedHead(SelectedHeadConfig(sample_num=8, index="exact"),
+    ...                     HeadContext(in_features=4, num_classes=50, multilabel=False))
+    >>> loss = head(torch.randn(3, 4), torch.tensor([1, 2, 49]))
+    >>> loss.backward(); head.after_step(1, 0.0, lr=0.1)
+    >>> head.topk(torch.randn(3, 4), 5)[1].shape
+    torch.Size([3, 5])
+    """
+
+    def __init__(self, config: SelectedHeadConfig, context: HeadContext) -> None:
+        super().__init__()
+        if context.in_features < 1 or context.num_classes < 1:
+            raise ValueError(f"SelectedHead needs in_features and num_classes >= 1, got {context}")
+        if config.margin.enabled and context.multilabel:
+            raise ConfigError(
+                "head.margin needs multi-class data (one label per sample), the data is multi-label"
+            )
+        self.config, self.context = config, context
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)  # follows .to(device)
+        self.store: RowStore | None = None
+        self.selector: ClassSelector | None = None
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._step = 0
+        self._pending: tuple[Tensor, Tensor] | None = None  # (ids (S,), rows (S, D) leaf with .grad)
+        self._dirty = torch.zeros(
+            0, dtype=torch.bool
+        )  # (C,) once materialised: rows pushed since the last build
+        self._metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ parts, built on the head's device
+    def materialize(self) -> RowStore:
+        """Create the store and the index on the head's device now (else done at first use); the store."""
+        if self.store is None:
+            config, device = self.config, self._anchor.device
+            self.store = build_store(
+                config.store,
+                num_rows=self.context.num_classes,
+                dim=self.context.in_features,
+                device=device,
+                optimizer=config.optimizer,
+                seed=config.seed,
+                init_bound=config.init_bound,
+            )
+            self.selector = self._build_selector(device)
+            # rows updated since the last index build: a snapshot index refreshes only those
+            self._dirty = torch.zeros(self.context.num_classes, dtype=torch.bool, device=device)
+        return self.store
+
+    def rebuild_index(self) -> None:
+        """Rebuild the index from the current rows now (refreshing the rows updated since the last build)."""
+        store = self.materialize()
+        if self.selector is None:
+            return
+        changed = None
+        if self.selector.is_built:
+            changed = torch.nonzero(self._dirty).squeeze(1)  # (n,) ids
+        self._dirty.zero_()
+        self.selector.build(store.rows(), changed=changed)
+
+    def _build_selector(self, device: torch.device) -> ClassSelector | None:
+        config = self.config
+        metric = "cosine" if config.margin.enabled else config.metric
+        if config.index == "none":
+            return None
+        if config.index == "annoy":
+            return build_selector("annoy", ntrees=config.ntrees, search_k=config.search_k, seed=config.seed)
+        if config.index == "exact":
+            return build_selector("exact", metric=metric, chunk_size=config.chunk_size)
+        row_dtype = None if config.index_dtype == "auto" else config.index_dtype
+        return build_selector(
+            "gpu",
+            metric=metric,
+            leaf_size=config.leaf_size,
+            probes=config.probes,
+            row_dtype=row_dtype,
+            device=device,
+            seed=config.seed,
+        )
+
+    def _uses_index(self) -> bool:
+        return self.selector is not None and self._step >= self.config.warmup_random_steps
+
+    # ------------------------------------------------------------------ selection
+    def select(self, features: Tensor, targets: Targets) -> Selection:
+        """The active classes for ``features (B, D)`` and their ``targets`` (true classes first)."""
+        self.materialize()
+        positives = torch.unique(as_ragged(targets).indices.to(features.device))  # (P,) sorted
+        neighbours = None
+        if self._uses_index():
+            if not self.selector.is_built:
+                self.rebuild_index()
+            batch = features.shape[0]
+            count = self.config.neighbours or self.config.sample_num // max(1, batch) + 1
+            neighbours = self.selector.query(features.detach(), min(count, self.context.num_classes))
+        return select_active(
+            positives,
+            neighbours,
+            sample_num=self.config.sample_num,
+            num_classes=self.context.num_classes,
+            generator=self._generator,
+        )
+
+    def pull_active(self, ids: Tensor) -> Tensor:
+        """``(S, D)`` rows of ``ids``: a leaf whose gradient the next :meth:`after_step` pushes."""
+        rows = self.materialize().pull(ids).detach().requires_grad_(torch.is_grad_enabled())  # (S, D)
+        self._pending = (ids, rows)
+        return rows
+
+    # ------------------------------------------------------------------ loss
+    def _check_inputs(self, features: Tensor, targets: Targets) -> RaggedLabels:
+        if features.dim() != 2 or features.shape[1] != self.context.in_features:
+            raise ValueError(
+                f"features must be (B, D={self.context.in_features}), got {tuple(features.shape)}"
+            )
+        if not self.context.multilabel and not isinstance(targets, Tensor):
+            raise ValueError("targets: multi-class data expects a LongTensor (B,) of class ids")
+        ragged = as_ragged(targets)
+        if ragged.batch_size != features.shape[0]:
+            raise ValueError(f"targets: {ragged.batch_size} samples for {features.shape[0]} feature rows")
+        return ragged
+
+    def _logits(self, features: Tensor, rows: Tensor, target_position: Tensor | None) -> Tensor:
+        """``(B, S)`` logits of ``features (B, D)`` against ``rows (S, D)`` (scaled cosines with a margin)."""
+        if not self.config.margin.enabled:
+            return features.float() @ rows.float().T
+        normalise = torch.nn.functional.normalize
+        cosine = normalise(features.float(), dim=1) @ normalise(rows.float(), dim=1).T  # (B, S)
+        if target_position is None:
+            return cosine * self.config.margin.scale
+        return margin_logits(cosine, target_position, self.config.margin)
+
+    def forward(self, features: Tensor, targets: Targets) -> Tensor:
+        """Mean softmax cross-entropy over the active set (multi-label: mean over each sample's labels)."""
+        ragged = self._check_inputs(features, targets)
+        selection = self.select(features, targets)
+        rows = self.pull_active(selection.ids)  # (S, D)
+        positives = selection.ids[: selection.num_positive]
+        labels = ragged.indices.to(features.device)
+        columns = torch.searchsorted(positives, labels)  # (L,) column of each label (positives are sorted)
+        single = None if self.context.multilabel else columns
+        logits = self._logits(features, rows, single)  # (B, S)
+        if self.config.logq_correction:
+            logits = logits + selection.logit_adjust
+        log_probs = torch.log_softmax(logits, dim=1)
+        if self.config.coverage_every and (self._step + 1) % self.config.coverage_every == 0:
+            self._metrics["coverage"] = self._coverage(features.detach(), rows.detach())
+        self._metrics.update(
+            active_classes=float(selection.ids.numel()), neighbour_classes=float(selection.num_neighbour)
+        )
+        if single is not None:
+            return -log_probs.gather(1, single[:, None]).mean()
+        sample = ragged.sample_ids().to(features.device)  # (L,)
+        lengths = ragged.lengths().to(features.device)
+        weight = 1.0 / lengths[sample].clamp_min(1)  # each sample's labels share one unit of loss
+        labelled = int((lengths > 0).sum())  # host sync: the mean's denominator
+        return -(log_probs[sample, columns] * weight).sum() / max(1, labelled)
+
+    # ------------------------------------------------------------------ between steps
+    def after_step(self, step: int, epoch: float, *, lr: float) -> None:
+        """Apply the pending row gradients with ``lr``; rebuild the index every ``interval`` steps."""
+        if self._pending is not None:
+            ids, rows = self._pending
+            self._pending = None
+            if rows.grad is not None:
+                self.store.push(ids, rows.grad, step=step, lr=lr)
+                self._dirty[ids] = True
+        self._step = step
+        if self.selector is not None and self._uses_index() and step % self.config.interval == 0:
+            self.rebuild_index()
+        if self.selector is not None:
+            self._metrics.update(self.selector.metrics())
+
+    def metrics(self) -> dict[str, float]:
+        """Coverage (last measured), active and neighbour class counts, index build time (ms)."""
+        return dict(self._metrics)
+
+    # ------------------------------------------------------------------ all classes, chunked
+    def _blocks(self) -> Any:
+        store = self.materialize()
+        for start in range(0, self.context.num_classes, _READ_BLOCK):
+            yield start, store.read(start, min(start + _READ_BLOCK, self.context.num_classes))
+
+    @torch.no_grad()
+    def _coverage(self, features: Tensor, active_rows: Tensor) -> float:
+        """Mean over the batch of ``sum_active exp(z) / sum_all exp(z)`` with the exact logits (no margin)."""
+        active = torch.logsumexp(self._logits(features, active_rows, None), dim=1)  # (B,)
+        total = torch.full_like(active, -math.inf)
+        for _, block in self._blocks():
+            for begin in range(0, block.shape[0], self.config.chunk_size):
+                chunk = self._logits(features, block[begin : begin + self.config.chunk_size], None)  # (B, c)
+                total = torch.logaddexp(total, torch.logsumexp(chunk, dim=1))
+        return float(torch.exp(active - total).mean())  # host sync: a logged number
+
+    @torch.no_grad()
+    def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` ``(scores, ids)`` each ``(B, k)``: logits (scaled cosines with a margin)."""
+        from megaclass.ops.chunked_topk import chunked_topk
+
+        if not 1 <= k <= self.context.num_classes:
+            raise ValueError(f"k must be in [1, C={self.context.num_classes}], got {k}")
+        margin = self.config.margin
+        best_scores = features.new_empty(features.shape[0], 0, dtype=torch.float32)
+        best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64, device=features.device)
+        for start, block in self._blocks():
+            scores, ids = chunked_topk(
+                features.float(),
+                block,
+                min(k, block.shape[0]),
+                cosine=margin.enabled,
+                scale=margin.scale,
+                chunk_size=self.config.chunk_size,
+            )
+            scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids + start], 1)
+            best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+            best_ids = ids.gather(1, order)
+        return best_scores, best_ids
+
+    # ------------------------------------------------------------------ checkpoint
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        store = self.materialize()
+        for name, tensor in store.state_dict().items():
+            destination[f"{prefix}store.{name}"] = tensor
+        if self.selector is not None and self.selector.is_built:
+            destination[f"{prefix}index.built"] = torch.tensor(1)
+            for name, tensor in self.selector.state_dict().items():
+                destination[f"{prefix}index.{name}"] = tensor
+        destination[f"{prefix}selection.rng"] = self._generator.get_state()
+        destination[f"{prefix}selection.step"] = torch.tensor(self._step)
+        destination[f"{prefix}selection.dirty"] = self._dirty.cpu()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        store = self.materialize()
+        ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        for key in ("selection.rng", "selection.step", "selection.dirty"):
+            if key not in ours:
+                missing_keys.append(prefix + key)
+                return
+        store.load_state_dict({k[len("store.") :]: v for k, v in ours.items() if k.startswith("store.")})
+        index_state = {k[len("index.") :]: v for k, v in ours.items() if k.startswith("index.")}
+        if self.selector is not None and index_state.pop("built", None) is not None:
+            if index_state:
+                self.selector.load_state_dict(index_state)
+            else:  # an index that keeps no state (exact) serves straight from the rows
+                self.selector.build(store.rows())
+        elif index_state:
+            unexpected_keys.extend(prefix + "index." + key for key in index_state)
+        self._generator.set_state(ours["selection.rng"])
+        self._step = int(ours["selection.step"])
+        self._dirty.copy_(ours["selection.dirty"])
+        self._pending = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in_features={self.context.in_features}, num_classes={self.context.num_classes}, "
+            f"sample_num={c.sample_num}, index={c.index}, store={c.store}, interval={c.interval}"
+        )

@@ -1,0 +1,360 @@
+"""SparseHead: a fixed fan-in output layer trained sparse from the first step to the last (SPARTEX, NeurIPS
+2024, "Navigating Extremes: Dynamic Sparsity in Large Output Spaces"), with HASTE's grouped indices and dense
+head for frequent labels.
+
+Every label keeps exactly ``K`` weights into the ``H``-wide hidden features: ``weight (C, K)`` and
+``index (ceil(C / G), K)`` shared by groups of ``G`` labels. The loss is fused into the layer (no ``B x C``
+logits kept), the topology is rewired by magnitude pruning and random regrowth, an optional intermediate layer
+widens the features, and an auxiliary BCE loss over label clusters feeds the encoder early in training.
+
+Training loop wiring: the trainer calls ``head.bind_optimizer(optimizer, total_steps=...)`` once after
+building the optimizer (so rewiring can reset the optimizer state of new connections and anneal to the
+stop point), and ``head.after_step(step, epoch, lr=...)`` after every optimizer step. The command line:
+``megaclass train ... --head sparse --set head.fan_in=32 --set head.group=16 --set head.intermediate=4096``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megaclass.dst import (
+    DSTConfig,
+    RewireMode,
+    expand_to_labels,
+    prune_regrow,
+    random_fanin_index,
+    rewire_fraction,
+)
+from megaclass.heads.base import Head, HeadContext
+from megaclass.ops.fixed_fanin import (
+    combine_loss,
+    fixed_fanin_rows,
+    fixed_fanin_topk,
+    positive_logits,
+    reference_row_values,
+)
+from megaclass.schema import ConfigError, from_dict
+from megaclass.targets import RaggedLabels, Targets, as_ragged
+
+__all__ = ["SparseHead", "SparseHeadConfig"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
+
+
+@dataclass(frozen=True)
+class SparseHeadConfig:
+    """A fixed fan-in sparse output layer with dynamic sparse training."""
+
+    type: Literal["sparse"] = "sparse"
+    fan_in: int = 32  # K inputs per label: memory and time scale with C * K instead of C * D
+    group: int = 1  # G labels share one index row; powers of two >= 16 run on tensor cores (HASTE)
+    intermediate: int = 0  # width H of a dense layer before the sparse one (0: off); recovers accuracy
+    activation: Literal["relu", "gelu", "none"] = "relu"  # after the intermediate layer
+    loss: Literal["auto", "bce", "hinge", "softmax"] = "auto"  # auto: bce for multi-label, softmax otherwise
+    bias: bool = True  # one bias per label
+    dst: DSTConfig = field(default_factory=DSTConfig)
+    aux_clusters: int | str = (
+        "auto"  # clusters of the auxiliary loss: auto (leaves of <= aux_leaf labels), n, 0 off
+    )
+    aux_leaf: int = 100  # auto: most labels per cluster of the balanced 2-means tree
+    aux_alpha0: float = 0.5  # auxiliary weight at epoch 0, cosine-decayed to 0 at the cut-off
+    aux_cutoff_epoch: float = 2.0  # epoch from which the auxiliary loss is off
+    dense_frequent: int = 0  # most frequent labels given a dense head beside the sparse tail (0: none)
+    index_dtype: Literal["int32", "int64"] = "int32"  # index values are input columns (< H): int32 suffices
+    topk_chunk: int = 1 << 16  # labels scored at once by topk
+    impl: Literal["auto", "triton", "reference"] = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dst, Mapping):  # plain data, as in Python callers' dicts
+            object.__setattr__(self, "dst", from_dict(DSTConfig, self.dst, where="head.dst"))
+        if self.fan_in < 1 or self.group < 1 or self.intermediate < 0 or self.dense_frequent < 0:
+            raise ConfigError(
+                "head.fan_in and head.group: expected >= 1, head.intermediate and head.dense_frequent >= 0; "
+                "got "
+                f"{self.fan_in}, {self.group}, {self.intermediate}, {self.dense_frequent}"
+            )
+        if isinstance(self.aux_clusters, str) and self.aux_clusters != "auto":
+            raise ConfigError(
+                f"head.aux_clusters: expected 'auto' or an integer >= 0, got {self.aux_clusters!r}"
+            )
+        if isinstance(self.aux_clusters, int) and self.aux_clusters < 0:
+            raise ConfigError(
+                f"head.aux_clusters: expected 'auto' or an integer >= 0, got {self.aux_clusters}"
+            )
+        if not 0.0 <= self.aux_alpha0 < 1.0 or self.aux_cutoff_epoch < 0 or self.aux_leaf < 1:
+            raise ConfigError(
+                "head.aux_alpha0 in [0, 1), head.aux_cutoff_epoch >= 0 and head.aux_leaf >= 1 expected; got "
+                f"{self.aux_alpha0}, {self.aux_cutoff_epoch}, {self.aux_leaf}"
+            )
+
+
+def _label_clusters(config: SparseHeadConfig, context: HeadContext) -> Tensor | None:
+    """``(C,)`` cluster id per label from the PIFA label features, or None when the auxiliary loss is off."""
+    if config.aux_clusters == 0 or config.aux_alpha0 == 0.0:
+        return None
+    if context.label_features is None:
+        if config.aux_clusters == "auto":
+            return None
+        raise ConfigError(
+            "head.aux_clusters: a number of clusters needs label features, and the data gives none"
+        )
+    from megaclass.index.clustering import balanced_kmeans, hierarchical_balanced_2means
+
+    features = torch.as_tensor(context.label_features, dtype=torch.float32)
+    if config.aux_clusters == "auto":
+        return hierarchical_balanced_2means(features, max_leaf=config.aux_leaf, seed=config.dst.seed)
+    return balanced_kmeans(features, min(int(config.aux_clusters), context.num_classes), seed=config.dst.seed)
+
+
+def _label_order(config: SparseHeadConfig, context: HeadContext, clusters: Tensor | None) -> Tensor:
+    """``(C,)`` original label at each position: the ``dense_frequent`` most frequent first, the sparse tail
+    next, ordered by label cluster (when label features exist) so that the labels of a group are similar."""
+    classes = context.num_classes
+    order = torch.arange(classes)
+    if config.group > 1 and clusters is None and context.label_features is not None:
+        from megaclass.index.clustering import hierarchical_balanced_2means
+
+        features = torch.as_tensor(context.label_features, dtype=torch.float32)
+        clusters = hierarchical_balanced_2means(features, max_leaf=config.aux_leaf, seed=config.dst.seed)
+    if clusters is not None and config.group > 1:
+        order = torch.argsort(clusters, stable=True)
+    if config.dense_frequent:
+        if context.label_counts is None:
+            raise ConfigError("head.dense_frequent: needs label counts, and the data gives none")
+        counts = torch.as_tensor(context.label_counts, dtype=torch.float64)
+        frequent = torch.argsort(counts, descending=True, stable=True)[: config.dense_frequent]
+        is_frequent = torch.zeros(classes, dtype=torch.bool)
+        is_frequent[frequent] = True
+        order = torch.cat([frequent, order[~is_frequent[order]]])
+    return order
+
+
+class SparseHead(Head):
+    """Fixed fan-in sparse head (see the module docstring).
+
+    Args:
+        config: the head's options.
+        context: ``in_features`` D, ``num_classes`` C, ``label_counts`` (for ``dense_frequent``) and
+            ``label_features`` (for the auxiliary clusters).
+
+    >>> context = HeadContext(in_features=8, num_classes=50, multilabel=True)
+    >>> head = SparseHead(SparseHeadConfig(fan_in=4), context)
+    >>> loss = head(torch.randn(3, 8), RaggedLabels.from_lists([[1, 7], [], [49]]))
+    >>> head.topk(torch.randn(3, 8), 5)[1].shape
+    torch.Size([3, 5])
+    """
+
+    def __init__(self, config: SparseHeadConfig, context: HeadContext) -> None:
+        super().__init__()
+        if config.dense_frequent >= context.num_classes:
+            raise ConfigError(
+                f"head.dense_frequent: expected < C = {context.num_classes}, got {config.dense_frequent}"
+            )
+        self.config, self.context = config, context
+        self.loss_kind = (
+            config.loss if config.loss != "auto" else ("bce" if context.multilabel else "softmax")
+        )
+        self.hidden_dim = config.intermediate or context.in_features
+        self.intermediate = (
+            nn.Sequential(
+                nn.Linear(context.in_features, config.intermediate), _ACTIVATIONS[config.activation]()
+            )
+            if config.intermediate
+            else nn.Identity()
+        )
+        clusters = _label_clusters(config, context)
+        order = _label_order(config, context, clusters)
+        self.register_buffer("label_order", order)  # position -> original label
+        self.register_buffer("label_position", torch.argsort(order))  # original label -> position
+        self.num_dense = config.dense_frequent
+        self.dense = nn.Linear(self.hidden_dim, self.num_dense) if self.num_dense else None
+        self._build_sparse(context.num_classes - self.num_dense)
+        self.aux = None
+        if clusters is not None:
+            self.register_buffer("label_cluster", clusters.long())
+            self.aux = nn.Linear(self.hidden_dim, int(clusters.max()) + 1)
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("dst_rewirings", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("dst_last_fraction", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("dst_rng_state", torch.zeros(0, dtype=torch.uint8))
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._total_steps: int | None = None
+
+    def _build_sparse(self, classes: int) -> None:
+        config, fan_in = self.config, self.config.fan_in
+        if fan_in > self.hidden_dim:
+            raise ConfigError(
+                f"head.fan_in: expected <= the sparse layer's input width {self.hidden_dim}, got {fan_in}"
+            )
+        generator = torch.Generator().manual_seed(config.dst.seed)
+        index_dtype = torch.int32 if config.index_dtype == "int32" else torch.int64
+        groups = -(-classes // config.group)
+        index = random_fanin_index(groups, self.hidden_dim, fan_in, generator=generator, dtype=index_dtype)
+        self.register_buffer("index", index)  # (ceil(C_sparse / G), K)
+        bound = 1.0 / math.sqrt(fan_in)
+        weight = torch.empty(classes, fan_in).uniform_(-bound, bound, generator=generator)
+        self.weight = nn.Parameter(weight)  # (C_sparse, K)
+        self.bias = nn.Parameter(torch.zeros(classes)) if config.bias else None
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None) -> None:
+        """Give rewiring the optimizer (to reset the state of new connections) and the run's length."""
+        self._optimizer = optimizer
+        self._total_steps = total_steps
+
+    def aux_alpha(self) -> float:
+        """Auxiliary weight now: ``alpha0 * (1 + cos(pi * epoch / cutoff)) / 2``, 0 from the cut-off."""
+        cutoff, epoch = self.config.aux_cutoff_epoch, float(self.epoch)
+        if self.aux is None or epoch >= cutoff:
+            return 0.0
+        return self.config.aux_alpha0 * 0.5 * (1.0 + math.cos(math.pi * epoch / cutoff))
+
+    def _hidden(self, features: Tensor) -> Tensor:
+        if features.dim() != 2 or features.shape[1] != self.context.in_features:
+            raise ValueError(
+                f"features: expected (B, {self.context.in_features}), got {tuple(features.shape)}"
+            )
+        return self.intermediate(features)
+
+    def forward(self, features: Tensor, targets: Targets) -> Tensor:
+        """Scalar loss ``(1 - alpha) * main + alpha * auxiliary`` of ``features (B, D)``; no ``B x C``."""
+        hidden = self._hidden(features)  # (B, H)
+        ragged = as_ragged(targets)
+        if ragged.batch_size != hidden.shape[0]:
+            raise ValueError(f"targets: expected {hidden.shape[0]} samples, got {ragged.batch_size}")
+        samples, position = ragged.sample_ids(), self.label_position[ragged.indices.long()]
+        rows = fixed_fanin_rows(
+            hidden,
+            self.weight,
+            self.index,
+            self.bias,
+            group=self.config.group,
+            loss=self.loss_kind,
+            impl=self.config.impl,
+        )
+        positive = torch.empty(position.shape[0], dtype=torch.float32, device=hidden.device)
+        in_dense = position < self.num_dense
+        tail = ~in_dense
+        positive = positive.index_put(
+            (tail.nonzero().squeeze(1),),
+            positive_logits(
+                hidden, self.weight, self.index, self.bias, samples[tail], position[tail] - self.num_dense,
+                group=self.config.group,
+            ),
+        )  # fmt: skip
+        if self.dense is not None:
+            dense_logits = self.dense(hidden).float()  # (B, F)
+            dense_rows = reference_row_values(dense_logits, self.loss_kind)
+            rows = torch.logaddexp(rows, dense_rows) if self.loss_kind == "softmax" else rows + dense_rows
+            head_positive = dense_logits[samples[in_dense], position[in_dense]]
+            positive = positive.index_put((in_dense.nonzero().squeeze(1),), head_positive)
+        loss = combine_loss(rows, positive, ragged, self.loss_kind)
+        alpha = self.aux_alpha()
+        if alpha == 0.0:
+            return loss
+        return (1.0 - alpha) * loss + alpha * self._aux_loss(hidden, ragged)
+
+    def _aux_loss(self, hidden: Tensor, targets: RaggedLabels) -> Tensor:
+        """BCE of the cluster classifier against the clusters of each sample's labels (summed, batch mean)."""
+        assert self.aux is not None
+        logits = self.aux(hidden).float()  # (B, clusters): a few thousand columns at most
+        target = torch.zeros_like(logits)
+        target[targets.sample_ids(), self.label_cluster[targets.indices.long()]] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / hidden.shape[0]
+
+    @torch.no_grad()
+    def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` ``(scores, ids)`` over all labels, scored in chunks; ids are the original label ids."""
+        if not 1 <= k <= self.context.num_classes:
+            raise ValueError(f"k: expected 1 <= k <= C = {self.context.num_classes}, got {k}")
+        hidden = self._hidden(features)
+        sparse_k = min(k, self.weight.shape[0])
+        scores, ids = fixed_fanin_topk(
+            hidden, self.weight, self.index, sparse_k, self.bias,
+            group=self.config.group, chunk_size=self.config.topk_chunk, impl=self.config.impl,
+        )  # fmt: skip
+        ids = ids + self.num_dense
+        if self.dense is not None:
+            dense_scores = self.dense(hidden).float()  # (B, F)
+            top = dense_scores.topk(min(k, self.num_dense), dim=1)
+            scores, ids = torch.cat([scores, top.values], 1), torch.cat([ids, top.indices], 1)
+            best = scores.topk(k, dim=1)
+            scores, ids = best.values, ids.gather(1, best.indices)
+        return scores, self.label_order[ids]
+
+    def after_step(self, step: int, epoch: float, *, lr: float) -> None:
+        """Record the epoch (auxiliary weight) and rewire when the schedule says so."""
+        self.epoch.fill_(epoch)
+        fraction = rewire_fraction(self.config.dst, step, self._total_steps)
+        count = round(fraction * self.config.fan_in)
+        if count > 0:
+            self.rewire(count)
+
+    def _generator(self) -> torch.Generator:
+        generator = torch.Generator(device=self.index.device)
+        state = self.dst_rng_state.cpu()
+        if state.numel() == generator.get_state().numel():
+            generator.set_state(state)
+        else:  # first rewiring, or a state saved on another device type
+            generator.manual_seed(self.config.dst.seed + 1 + int(self.dst_rewirings))
+        return generator
+
+    @torch.no_grad()
+    def rewire(self, count: int) -> None:
+        """Prune up to ``count`` connections per index row and regrow as many; reset their optimizer state."""
+        dst = self.config.dst
+        generator = self._generator()
+        threshold = dst.threshold if dst.mode is RewireMode.THRESHOLD else None
+        rewired = prune_regrow(
+            self.weight.data, self.index, dim=self.hidden_dim, group=self.config.group, count=count,
+            threshold=threshold, generator=generator,
+        )  # fmt: skip
+        self.dst_rng_state = generator.get_state().to(self.dst_rng_state.device)
+        self.dst_rewirings += 1
+        self.dst_last_fraction.fill_(rewired.float().mean())
+        if dst.reset_optimizer_state and self._optimizer is not None:
+            mask = expand_to_labels(rewired, self.config.group, self.weight.shape[0])
+            for value in self._optimizer.state.get(self.weight, {}).values():
+                if isinstance(value, Tensor) and value.shape == self.weight.shape:
+                    value.masked_fill_(mask, 0.0)
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
+        unexpected: list, errors: list,
+    ) -> None:  # fmt: skip
+        key = prefix + "dst_rng_state"
+        if key in state_dict:  # its size depends on the device type that saved it
+            self.dst_rng_state = state_dict[key].clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def metrics(self) -> dict[str, float]:
+        """Sparsity, share of connections rewired last time, rewirings so far, auxiliary weight."""
+        return {
+            "sparsity": 1.0 - self.config.fan_in / self.hidden_dim,
+            "rewired_fraction": float(self.dst_last_fraction),
+            "rewirings": float(self.dst_rewirings),
+            "aux_alpha": self.aux_alpha(),
+        }
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held: weights, structure (index, buffers), optimizer state (measured once bound, else AdamW's
+        two fp32 moments), and what a dense ``C x D`` head with AdamW would need."""
+        held = super().state_bytes()
+        params = list(self.parameters())
+        if self._optimizer is not None and any(p in self._optimizer.state for p in params):
+            optimizer = sum(
+                v.numel() * v.element_size()
+                for p in params
+                for v in self._optimizer.state.get(p, {}).values()
+                if isinstance(v, Tensor)
+            )
+        else:
+            optimizer = sum(2 * 4 * p.numel() for p in params)
+        dense = self.context.num_classes * (self.context.in_features + 1) * 4
+        return {**held, "optimizer": optimizer, "dense_weights": dense, "dense_optimizer": 2 * dense}

@@ -1,0 +1,410 @@
+"""Triton kernels and their launchers for the fused linear + loss ops (imported only when a kernel runs).
+
+Forward (``_linear_loss_fwd_kernel``): program ``(b, s)`` owns ``BLOCK_B`` rows and a contiguous split of
+class blocks. Per class block it builds the logit tile ``z = x @ W_tile^T`` over ``BLOCK_D`` slices (fp32
+weight tiles are loaded and cast to the input dtype in registers, fp32 accumulation: no low-precision copy of
+``W`` exists) and folds it into a per-row statistic: the online logsumexp
+``m' = max(m, max z); s' = s e^(m - m') + sum e^(z - m')`` (Milakov & Gimelshein, arXiv 1805.02867), or a
+plain sum of ``softplus(z)`` / ``relu(1 + z)^2``. Each program writes ``(m, s)`` for its split; the
+``B x splits`` partials are combined in PyTorch.
+
+Backward (``_linear_loss_bwd_kernel``): program ``(c, b)`` rebuilds its logit tile once, forms
+``G = coef_b g'(z)`` (``g'`` = ``exp(z - lse_b)``, ``sigmoid(z)`` or ``2 relu(1 + z)``), then walks ``D``
+once more: ``dW_tile = G^T x`` is written straight into the fp32 gradient (atomically only when several row
+blocks share a class block) and ``dx += G W_tile`` is accumulated with fp32 atomics. Offsets are int64:
+``C x D`` may pass 2^31 elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from megaclass.ops import autotune_enabled
+
+LOSS_IDS = {"softmax": 0, "bce": 1, "squared_hinge": 2}
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation. UPCAST_DOT (the CPU interpreter, whose bf16 dot is wrong)
+    multiplies the already-rounded operands in fp32: the same exact products, the same sums."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _logit_tile(
+    X_ptr,
+    W_ptr,
+    BIAS_ptr,
+    offs_b,
+    offs_c,
+    mask_b,
+    mask_c,
+    stride_xb,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    D,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    COSINE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """fp32 logits ``(BLOCK_B, BLOCK_C)`` and, with COSINE, the class rows' norms ``(BLOCK_C,)``."""
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    square_norms = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    x_rows = X_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
+    w_rows = W_ptr + offs_c.to(tl.int64)[:, None] * stride_wc
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        if COSINE:
+            w32 = w.to(tl.float32)
+            square_norms += tl.sum(w32 * w32, axis=1)
+        acc = _dot(x, tl.trans(w.to(x.dtype)), acc, UPCAST_DOT, INPUT_PRECISION)
+    norms = tl.maximum(tl.sqrt(square_norms), 1e-12)
+    if HAS_BIAS:
+        acc += tl.load(BIAS_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if COSINE:
+        acc = acc * (scale / norms)[None, :]  # z = s * cos = s * (x_n . w) / |w|
+    return acc, norms
+
+
+@triton.jit
+def _linear_loss_fwd_kernel(
+    X_ptr,
+    W_ptr,
+    BIAS_ptr,
+    EXCLUDE_ptr,
+    MAX_ptr,
+    SUM_ptr,
+    stride_xb,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    stride_pb,
+    B,
+    C,
+    D,
+    num_splits,
+    scale,
+    LOSS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COSINE: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    exclude = tl.full((BLOCK_B,), -1, dtype=tl.int64)
+    if HAS_EXCLUDE:
+        exclude = tl.load(EXCLUDE_ptr + offs_b, mask=mask_b, other=-1).to(tl.int64)
+    running_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    per_split = tl.cdiv(
+        tl.cdiv(C, BLOCK_C), num_splits
+    )  # class blocks per split; the last splits may be empty
+    first = pid_s * per_split
+    last = tl.minimum(first + per_split, tl.cdiv(C, BLOCK_C))
+    for block in range(first, last):
+        offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        z, norms = _logit_tile(
+            X_ptr, W_ptr, BIAS_ptr, offs_b, offs_c, mask_b, mask_c,
+            stride_xb, stride_xd, stride_wc, stride_wd, D, scale,
+            HAS_BIAS, COSINE, BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+        valid = mask_b[:, None] & mask_c[None, :] & (offs_c.to(tl.int64)[None, :] != exclude[:, None])
+        if LOSS == 0:
+            # online logsumexp: rescale the running sum to the new running max (arXiv 1805.02867)
+            z = tl.where(valid, z, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(z, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
+                tl.exp(z - safe_max[:, None]), axis=1
+            )
+            running_max = new_max
+        elif LOSS == 1:
+            softplus = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+            running_sum += tl.sum(tl.where(valid, softplus, 0.0), axis=1)
+        else:
+            hinge = tl.maximum(1.0 + z, 0.0)
+            running_sum += tl.sum(tl.where(valid, hinge * hinge, 0.0), axis=1)
+    partial = offs_b.to(tl.int64) * stride_pb + pid_s
+    tl.store(MAX_ptr + partial, running_max, mask=mask_b)
+    tl.store(SUM_ptr + partial, running_sum, mask=mask_b)
+
+
+@triton.jit
+def _linear_loss_bwd_kernel(
+    X_ptr,
+    W_ptr,
+    BIAS_ptr,
+    EXCLUDE_ptr,
+    LSE_ptr,
+    COEF_ptr,
+    DX_ptr,
+    DW_ptr,
+    DBIAS_ptr,
+    stride_xb,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    stride_dxb,
+    stride_dwc,
+    B,
+    C,
+    D,
+    scale,
+    LOSS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COSINE: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    ATOMIC_DW: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_b = offs_b < B
+    mask_c = offs_c < C
+    z, norms = _logit_tile(
+        X_ptr, W_ptr, BIAS_ptr, offs_b, offs_c, mask_b, mask_c,
+        stride_xb, stride_xd, stride_wc, stride_wd, D, scale,
+        HAS_BIAS, COSINE, BLOCK_B, BLOCK_C, BLOCK_D, INPUT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+    valid = mask_b[:, None] & mask_c[None, :]
+    if HAS_EXCLUDE:
+        exclude = tl.load(EXCLUDE_ptr + offs_b, mask=mask_b, other=-1).to(tl.int64)
+        valid = valid & (offs_c.to(tl.int64)[None, :] != exclude[:, None])
+    coef = tl.load(COEF_ptr + offs_b, mask=mask_b, other=0.0)
+    if LOSS == 0:
+        lse = tl.load(LSE_ptr + offs_b, mask=mask_b, other=0.0)
+        slope = tl.exp(z - lse[:, None])
+    elif LOSS == 1:
+        slope = tl.sigmoid(z)
+    else:
+        slope = 2.0 * tl.maximum(1.0 + z, 0.0)
+    g = tl.where(valid, slope * coef[:, None], 0.0)  # (BLOCK_B, BLOCK_C) d loss / d z
+    if HAS_BIAS:
+        if ATOMIC_DW:
+            tl.atomic_add(DBIAS_ptr + offs_c, tl.sum(g, axis=0), mask=mask_c)
+        else:
+            tl.store(DBIAS_ptr + offs_c, tl.sum(g, axis=0), mask=mask_c)
+    radial = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if COSINE:
+        # z = s u / n, u = x_n . w: dz/du = s / n and dz/dw = (s / n)(x_n - (cos / n) w)
+        g = g * (scale / norms)[None, :]
+        radial = tl.sum(g * (z / scale), axis=0) / norms
+    g_low = g.to(X_ptr.dtype.element_ty)
+    x_rows = X_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
+    w_rows = W_ptr + offs_c.to(tl.int64)[:, None] * stride_wc
+    dx_rows = DX_ptr + offs_b.to(tl.int64)[:, None] * stride_dxb
+    dw_rows = DW_ptr + offs_c.to(tl.int64)[:, None] * stride_dwc
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x_mask = mask_b[:, None] & mask_d[None, :]
+        w_mask = mask_c[:, None] & mask_d[None, :]
+        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=x_mask, other=0.0)
+        w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=w_mask, other=0.0)
+        grad_w = _dot(
+            tl.trans(g_low), x, tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
+        )
+        if COSINE:
+            grad_w -= radial[:, None] * w.to(tl.float32)
+        if ATOMIC_DW:
+            tl.atomic_add(dw_rows + offs_d[None, :], grad_w, mask=w_mask)
+        else:
+            tl.store(dw_rows + offs_d[None, :], grad_w, mask=w_mask)
+        grad_x = _dot(
+            g_low, w.to(x.dtype), tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
+        )
+        tl.atomic_add(dx_rows + offs_d[None, :], grad_x, mask=x_mask)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch options of one kernel launch (``BLOCK_B`` follows the batch size)."""
+
+    block_c: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# The first candidate is the default; MEGACLASS_AUTOTUNE=1 times them all once per shape on the real args.
+FWD_CANDIDATES = (
+    LaunchConfig(block_c=128, block_d=64, num_warps=8, num_stages=3),
+    LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=3),
+    LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
+    LaunchConfig(block_c=256, block_d=64, num_warps=8, num_stages=2),
+)
+BWD_CANDIDATES = (
+    LaunchConfig(block_c=128, block_d=64, num_warps=8, num_stages=2),
+    LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=3),
+    LaunchConfig(block_c=64, block_d=128, num_warps=8, num_stages=2),
+    LaunchConfig(block_c=128, block_d=32, num_warps=8, num_stages=3),
+    LaunchConfig(block_c=256, block_d=32, num_warps=8, num_stages=2),
+)
+INTERPRETER_CONFIG = LaunchConfig(block_c=16, block_d=16, num_warps=1, num_stages=1)  # CPU: small and quick
+_TUNED: dict[tuple, LaunchConfig] = {}
+
+
+def _block_b(x: Tensor) -> int:
+    return min(128, max(16, triton.next_power_of_2(x.shape[0]))) if x.is_cuda else 16
+
+
+def _input_precision(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # the default; only fp32 operands are affected
+
+
+def _choose(
+    key: tuple,
+    x: Tensor,
+    candidates: tuple[LaunchConfig, ...],
+    launch: Callable[[LaunchConfig], None],
+    reset: Callable[[], None],
+) -> LaunchConfig:
+    """The launch config: the interpreter's on CPU, the default, or (autotune on) the fastest candidate."""
+    if not x.is_cuda:
+        return INTERPRETER_CONFIG
+    if not autotune_enabled():
+        return candidates[0]
+    if key not in _TUNED:
+        timings = {}
+        for config in candidates:
+            try:
+                reset()
+                launch(config)  # compile and warm up
+            except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
+                continue  # a candidate this card or compiler cannot run is skipped, not fatal
+            samples = []
+            for _ in range(3):
+                reset()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                launch(config)
+                end.record()
+                end.synchronize()  # deliberate sync: tuning runs once per shape
+                samples.append(start.elapsed_time(end))
+            timings[config] = sorted(samples)[1]
+        _TUNED[key] = min(timings, key=timings.get)
+        reset()
+    return _TUNED[key]
+
+
+def linear_loss_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, exclude: Tensor | None, *, loss: str, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Per-split partials ``(max, sum)``, each ``(B, splits)`` float32 (``max`` is -inf unless softmax).
+
+    Args:
+        x: ``(B, D)`` inputs in the compute dtype (fp32, bf16 or fp16).
+        weight: ``(C, D)`` any float dtype; tiles are cast to ``x.dtype`` in registers.
+        bias: ``(C,)`` or None. exclude: ``(B,)`` int64 class left out per row, or None.
+        scale: with ``scale > 0`` logits are ``scale * cos``: ``x`` must be L2-normalised rows.
+    """
+    batch, dim = x.shape
+    classes = weight.shape[0]
+    block_b = _block_b(x)
+    row_blocks = triton.cdiv(batch, block_b)
+    programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    splits = max(1, min(programs // row_blocks, triton.cdiv(classes, 16)))
+    maxima = torch.full((batch, splits), -torch.inf, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(batch, splits, dtype=torch.float32, device=x.device)
+    if batch == 0:
+        return maxima, sums
+
+    def launch(config: LaunchConfig) -> None:
+        _linear_loss_fwd_kernel[(row_blocks, splits)](
+            x, weight, bias, exclude, maxima, sums,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), sums.stride(0),
+            batch, classes, dim, splits, scale,
+            LOSS=LOSS_IDS[loss], HAS_BIAS=bias is not None, COSINE=scale > 0, HAS_EXCLUDE=exclude is not None,
+            BLOCK_B=block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d,
+            INPUT_PRECISION=_input_precision(x), UPCAST_DOT=not x.is_cuda,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+
+    key = ("fwd", batch, classes, dim, x.dtype, weight.dtype, loss, scale > 0, bias is not None)
+    launch(_choose(key, x, FWD_CANDIDATES, launch, reset=lambda: None))  # every split rewrites its partials
+    return maxima, sums
+
+
+def linear_loss_bwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    exclude: Tensor | None,
+    lse: Tensor,
+    coef: Tensor,
+    *,
+    loss: str,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """fp32 ``(dx (B, D), dW (C, D), dbias (C,) or None)`` of the dense part (see the module docstring).
+
+    Args:
+        lse: ``(B,)`` float32 logsumexp per row (read for softmax only). coef: ``(B,)`` float32 row weights,
+            already multiplied by the incoming gradient.
+    """
+    batch, dim = x.shape
+    classes = weight.shape[0]
+    block_b = _block_b(x)
+    row_blocks = triton.cdiv(batch, block_b)
+    atomic_dw = row_blocks > 1  # several row blocks add into one class block's gradient
+    make = torch.zeros if atomic_dw or batch == 0 else torch.empty
+    grad_weight = make(classes, dim, dtype=torch.float32, device=x.device)
+    grad_bias = None if bias is None else make(classes, dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=x.device)
+    if batch == 0:
+        return grad_x, grad_weight, grad_bias
+
+    def launch(config: LaunchConfig) -> None:
+        _linear_loss_bwd_kernel[(triton.cdiv(classes, config.block_c), row_blocks)](
+            x, weight, bias, exclude, lse, coef, grad_x, grad_weight, grad_bias,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            grad_x.stride(0), grad_weight.stride(0),
+            batch, classes, dim, scale,
+            LOSS=LOSS_IDS[loss], HAS_BIAS=bias is not None, COSINE=scale > 0, HAS_EXCLUDE=exclude is not None,
+            ATOMIC_DW=atomic_dw, BLOCK_B=block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d,
+            INPUT_PRECISION=_input_precision(x), UPCAST_DOT=not x.is_cuda,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+
+    def reset() -> None:
+        grad_x.zero_()
+        if atomic_dw:
+            grad_weight.zero_()
+            if grad_bias is not None:
+                grad_bias.zero_()
+
+    key = ("bwd", batch, classes, dim, x.dtype, weight.dtype, loss, scale > 0, bias is not None)
+    launch(_choose(key, x, BWD_CANDIDATES, launch, reset))
+    return grad_x, grad_weight, grad_bias

@@ -1,0 +1,521 @@
+"""A Python client of the sharded parameter server: fans each request out to the shards in parallel.
+
+>>> client = ParamServerClient(["127.0.0.1:50051", "127.0.0.1:50052"], trainer=0)  # doctest: +SKIP
+>>> rows = client.pull(torch.tensor([3, 17, 900_000]))  # (3, D) float32
+>>> client.push(torch.tensor([3, 17, 900_000]), grads, step=1, lr=0.1)
+
+Every call runs under a deadline (``timeout_s``). A shard that does not answer is retried until the deadline
+and then reported as a :class:`ParamServerError` naming its address. Pushes are idempotent per
+``(trainer, step)``: the client keeps each push until the shard reports it applied, and when a shard restarts
+(its incarnation changes) it pushes again whatever the restarted shard had not applied, so a killed shard
+loses no update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megaclass.paramserver import wire
+
+
+class ParamServerError(RuntimeError):
+    """A shard could not be reached, refused a call, or did not answer within the deadline."""
+
+    def __init__(self, address: str, message: str, *, code: str = "") -> None:
+        super().__init__(f"parameter server {address}: {message}")
+        self.address = address
+        self.code = code
+
+
+@dataclass
+class _Shard:
+    address: str
+    stubs: dict[str, Any]
+    row_start: int = 0
+    row_stop: int = 0
+    incarnation: int = 0
+    unapplied: list[tuple[int, Any]] = field(
+        default_factory=list
+    )  # (step, PushGradientsRequest) not yet applied
+
+
+@dataclass
+class PendingPull:
+    """Rows being pulled; :meth:`result` waits for them."""
+
+    client: ParamServerClient
+    ids: np.ndarray
+    parts: list[tuple[int, np.ndarray | slice, Any, Any]]  # (shard, positions, request, future)
+    versions: dict[int, int] = field(default_factory=dict)
+
+    def result(self) -> Tensor:
+        """The ``(S, D)`` float32 rows, in the order of the ids."""
+        out = torch.empty(len(self.ids), self.client.dim)
+        for shard, positions, request, future in self.parts:
+            response = self.client._wait(shard, "PullRows", request, future)
+            _copy_rows(out, positions, response.rows, count=_count(positions))
+            self.versions[shard] = response.version
+        return out
+
+
+def _copy_rows(out: Tensor, positions: np.ndarray | slice, rows: wire.ArrayView, *, count: int) -> None:
+    """``out[positions] = rows``, straight from the received bytes (one copy)."""
+    view = rows.numpy(what="rows")
+    if view.shape != (count, out.shape[1]):
+        raise ValueError(
+            f"rows: the server sent shape {list(view.shape)}, expected [{count}, {out.shape[1]}]"
+        )
+    if rows.dtype == "bfloat16":
+        out[_index(positions)] = torch.from_numpy(view.copy()).view(torch.bfloat16).float()
+    else:
+        out.numpy()[positions] = view
+
+
+def _rows_of(array: Any, what: str) -> Tensor:
+    return wire.decode_array(array, what=what, ndim=2).to(torch.float32)
+
+
+class ParamServerClient:
+    """One trainer's connection to every shard of a parameter server.
+
+    Args:
+        addresses: ``host:port`` of each shard, any order; their row ranges must tile ``[0, C)``.
+        trainer: this trainer's rank (sync barrier member, push de-duplication key).
+        token: the servers' shared secret, sent as ``authorization: Bearer <token>``.
+        tls_ca: PEM root certificate(s) (bytes or a file path) to speak TLS; None: plaintext.
+        timeout_s: deadline of every call, retries included; keep it above the servers' barrier timeout.
+        wire_dtype: ``"float32"`` or ``"bfloat16"`` rows and gradients on the wire (rows are kept float32).
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        trainer: int = 0,
+        token: str | None = None,
+        tls_ca: bytes | str | None = None,
+        timeout_s: float = 120.0,
+        wire_dtype: str = "float32",
+    ) -> None:
+        import grpc
+
+        if not addresses:
+            raise ValueError("addresses: expected at least one host:port")
+        if wire_dtype not in wire.DTYPES:
+            raise ValueError(f"wire_dtype {wire_dtype!r} is not one of {sorted(wire.DTYPES)}")
+        self._grpc = grpc
+        self.trainer = trainer
+        self.timeout_s = timeout_s
+        self.wire_dtype = wire_dtype
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        if isinstance(tls_ca, str):
+            with open(tls_ca, "rb") as f:
+                tls_ca = f.read()
+        options = [
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+        ]
+        self._channels = []
+        shards = []
+        for address in addresses:
+            if tls_ca is None:
+                channel = grpc.insecure_channel(address, options=options)
+            else:
+                channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options)
+            self._channels.append(channel)
+            stubs = {
+                m.name: channel.unary_unary(
+                    wire.method_path(m.name),
+                    request_serializer=wire.serialize,
+                    response_deserializer=(
+                        wire.parse_pull_response
+                        if m.name == "PullRows"
+                        else wire.MESSAGES[m.response].FromString
+                    ),
+                )
+                for m in wire.METHODS
+            }
+            shards.append(_Shard(address, stubs))
+        self.last_pushed_step = 0
+        self._inflight: list[
+            tuple[int, Any, Any]
+        ] = []  # pushes sent with wait=False: (shard, request, future)
+        self._shards = shards
+        self._describe()
+
+    # -- discovery -------------------------------------------------------------------------------------
+    def _describe(self) -> None:
+        """Ask every shard its range; check they tile ``[0, C)`` with one ``D``, one mode."""
+        healths = self.health()
+        order = sorted(range(len(self._shards)), key=lambda i: healths[i].row_start)
+        self._shards = [self._shards[i] for i in order]
+        healths = [healths[i] for i in order]
+        first = healths[0]
+        self.num_rows, self.dim, self.mode = int(first.num_rows), int(first.dim), first.mode
+        expected_start = 0
+        for shard, health in zip(self._shards, healths, strict=True):
+            if (health.num_rows, health.dim, health.mode) != (first.num_rows, first.dim, first.mode):
+                raise ValueError(
+                    f"{shard.address} serves {health.num_rows} x {health.dim} ({health.mode}) but "
+                    f"{self._shards[0].address} serves {first.num_rows} x {first.dim} ({first.mode})"
+                )
+            if health.row_start != expected_start:
+                raise ValueError(
+                    f"{shard.address} holds rows [{health.row_start}, {health.row_stop}) but rows from "
+                    f"{expected_start} are missing or doubled; shard ranges must tile [0, {first.num_rows})"
+                )
+            expected_start = health.row_stop
+            shard.row_start, shard.row_stop = int(health.row_start), int(health.row_stop)
+            shard.incarnation = int(health.incarnation)
+        if expected_start != first.num_rows:
+            raise ValueError(f"rows [{expected_start}, {first.num_rows}) are held by no shard")
+        if not 0 <= self.trainer < first.trainers:
+            raise ValueError(f"trainer {self.trainer}: the servers accept ranks 0..{first.trainers - 1}")
+        self._starts = np.asarray([shard.row_start for shard in self._shards], dtype=np.int64)
+
+    def health(self) -> list[Any]:
+        """Each shard's ``HealthResponse`` (range, step, version, trainers, ...), in shard order."""
+        futures = [
+            self._issue(i, "HealthRequest", wire.message("HealthRequest")) for i in range(len(self._shards))
+        ]
+        return [self._wait(i, "Health", request, future) for i, (request, future) in enumerate(futures)]
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def _issue(self, shard: int, kind: str, request: Any) -> tuple[Any, Any]:
+        method = kind.removesuffix("Request")
+        future = (
+            self._shards[shard]
+            .stubs[method]
+            .future(request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=False)
+        )
+        return request, future
+
+    def _wait(self, shard: int, method: str, request: Any, future: Any) -> Any:
+        """The response of ``future``; on a lost or restarted shard, recover and retry until the deadline."""
+        grpc = self._grpc
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return self._noted(shard, future.result())
+            except grpc.RpcError as error:
+                code, details = error.code(), error.details()
+            restarted = code == grpc.StatusCode.FAILED_PRECONDITION and "restarted" in (details or "")
+            address = self._shards[shard].address
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(f"parameter server {address}: {details}")
+            if code not in (grpc.StatusCode.UNAVAILABLE,) and not restarted:
+                raise ParamServerError(address, f"{method} failed: {code.name}: {details}", code=code.name)
+            if time.monotonic() + delay > deadline:
+                raise ParamServerError(
+                    address, f"unreachable for {self.timeout_s:g} s ({method}: {details})", code=code.name
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            if method != "Health" and not self._recover(shard, deadline):
+                continue
+            if hasattr(request, "incarnation"):
+                request.incarnation = self._shards[shard].incarnation
+            future = (
+                self._shards[shard]
+                .stubs[method]
+                .future(request, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._metadata)
+            )
+
+    def _noted(self, shard: int, response: Any) -> Any:
+        """Record what a response tells about the shard (pushes it has applied)."""
+        if hasattr(response, "applied_step") and hasattr(response, "incarnation"):
+            state = self._shards[shard]
+            state.unapplied = [(step, req) for step, req in state.unapplied if step > response.applied_step]
+        return response
+
+    def _recover(self, shard: int, deadline: float) -> bool:
+        """After an error: ask the shard's health; if it restarted, re-push what it had not applied."""
+        state = self._shards[shard]
+        try:
+            health = state.stubs["Health"](
+                wire.message("HealthRequest"),
+                timeout=max(deadline - time.monotonic(), 0.01),
+                metadata=self._metadata,
+            )
+        except self._grpc.RpcError:
+            return False
+        if health.incarnation != state.incarnation:
+            applied = health.trainer_steps[self.trainer] if health.mode == "async" else health.applied_step
+            state.incarnation = int(health.incarnation)
+            for step, request in state.unapplied:
+                if step > applied:
+                    request.incarnation = state.incarnation
+                    state.stubs["PushGradients"](
+                        request, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._metadata
+                    )
+            state.unapplied = [(step, req) for step, req in state.unapplied if step > applied]
+        return True
+
+    def _split(self, ids: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
+        """``(shard, positions)`` of the ids each shard holds; slices when the ids are sorted by shard."""
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_rows):
+            bad = int(np.flatnonzero((ids < 0) | (ids >= self.num_rows))[0])
+            raise ValueError(f"ids[{bad}] = {int(ids[bad])} is outside [0, {self.num_rows})")
+        owner = np.searchsorted(self._starts, ids, side="right") - 1
+        if len(owner) < 2 or bool((owner[1:] >= owner[:-1]).all()):
+            bounds = np.searchsorted(owner, np.arange(len(self._shards) + 1))
+            return [(s, slice(int(bounds[s]), int(bounds[s + 1]))) for s in range(len(self._shards))]
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(len(self._shards) + 1))
+        return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(len(self._shards))]
+
+    # -- rows ------------------------------------------------------------------------------------------
+    def pull_async(self, ids: Tensor | np.ndarray, *, min_step: int | None = None) -> PendingPull:
+        """Start pulling rows ``ids (S,)``; sync mode waits for step ``min_step`` (default: last pushed)."""
+        ids = _as_ids(ids)
+        min_step = self.last_pushed_step if min_step is None and self.mode == "sync" else (min_step or 0)
+        parts = []
+        for shard, positions in self._split(ids):
+            if _count(positions) == 0:
+                continue
+            request = wire.message(
+                "PullRowsRequest",
+                ids=wire.encode_ids(ids[positions]),
+                dtype=self.wire_dtype,
+                min_step=min_step,
+                incarnation=self._shards[shard].incarnation,
+            )
+            parts.append((shard, positions, *self._issue(shard, "PullRowsRequest", request)))
+        self.drain()  # after issuing: the pull travels while the last push is acknowledged
+        return PendingPull(self, ids, parts)
+
+    def pull(self, ids: Tensor | np.ndarray, *, min_step: int | None = None) -> Tensor:
+        """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor."""
+        return self.pull_async(ids, min_step=min_step).result()
+
+    def refresh(self, pending: PendingPull, rows: Tensor, *, min_step: int | None = None) -> Tensor:
+        """Bring rows pulled early (``pending.result()``) up to date: re-pull only rows changed since."""
+        min_step = self.last_pushed_step if min_step is None and self.mode == "sync" else (min_step or 0)
+        parts = []
+        for shard, positions, _, _ in pending.parts:
+            request = wire.message(
+                "PullRowsRequest",
+                ids=wire.encode_ids(pending.ids[positions]),
+                dtype=self.wire_dtype,
+                min_step=min_step,
+                changed_after=pending.versions[shard],
+                only_changed=True,
+                incarnation=self._shards[shard].incarnation,
+            )
+            parts.append((shard, positions, *self._issue(shard, "PullRowsRequest", request)))
+        self.drain()
+        for shard, positions, request, future in parts:
+            response = self._wait(shard, "PullRows", request, future)
+            changed = wire.decode_ids(response.ids, what="ids")
+            if len(changed):
+                shard_ids = pending.ids[positions]
+                where = (
+                    np.searchsorted(shard_ids, changed)
+                    if _is_sorted(shard_ids)
+                    else _positions(shard_ids, changed)
+                )
+                target = np.arange(len(pending.ids))[positions][where]
+                _copy_rows(rows, target, response.rows, count=len(target))
+        return rows
+
+    def push(
+        self,
+        ids: Tensor | np.ndarray,
+        grads: Tensor,
+        *,
+        step: int,
+        lr: float | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Send gradients ``grads (S, D)`` of rows ``ids (S,)`` (unique) for optimizer step ``step``.
+
+        Sync mode sends to every shard (an empty push still counts for the barrier); async only to shards
+        holding some of the ids. With ``wait`` returns once every shard acknowledged (sync: received; async:
+        applied); without, the acknowledgements are awaited by the next call (the transfer and the shards'
+        update overlap the caller's next compute; a pull still sees the update, through ``min_step``).
+        """
+        self.drain()
+        ids = _as_ids(ids)
+        if grads.shape != (len(ids), self.dim):
+            raise ValueError(f"grads: shape {list(grads.shape)} but expected [{len(ids)}, {self.dim}]")
+        if step <= 0:
+            raise ValueError(f"step {step}: expected >= 1")
+        grads = grads.detach().to("cpu", torch.float32)
+        issued = []
+        for shard, positions in self._split(ids):
+            if _count(positions) == 0 and self.mode == "async":
+                continue
+            message = wire.message(
+                "PushGradientsRequest", ids=wire.encode_ids(ids[positions]), step=step, trainer=self.trainer
+            )
+            if lr is not None:
+                message.lr.value = lr
+            data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
+            request = wire.Encoded(
+                data, 6, self._shards[shard].incarnation
+            )  # kept until applied: owns its bytes
+            self._shards[shard].unapplied.append((step, request))
+            issued.append((shard, *self._issue(shard, "PushGradientsRequest", request)))
+        self.last_pushed_step = max(self.last_pushed_step, step)
+        self._inflight += issued
+        if wait:
+            self.drain()
+
+    def drain(self) -> None:
+        """Wait for the acknowledgements of pushes sent with ``wait=False`` (raising their errors)."""
+        inflight, self._inflight = self._inflight, []
+        for shard, request, future in inflight:
+            self._wait(shard, "PushGradients", request, future)
+
+    def set_rows(self, ids: Tensor | np.ndarray, values: Tensor, *, field: str = "rows") -> None:
+        """Overwrite rows ``ids (S,)`` (unique) of ``field`` (``"rows"`` or an optimizer slot)."""
+        self.drain()
+        ids = _as_ids(ids)
+        values = values.detach().to("cpu", torch.float32)
+        if values.shape[:1] != (len(ids),):
+            raise ValueError(f"values: shape {list(values.shape)} but expected [{len(ids)}, ...]")
+        issued = []
+        for shard, positions in self._split(ids):
+            if _count(positions) == 0:
+                continue
+            block = values[_index(positions)]
+            request = wire.message(
+                "SetRowsRequest",
+                ids=wire.encode_ids(ids[positions]),
+                values=wire.encode_array(block),
+                field=field,
+            )
+            issued.append((shard, *self._issue(shard, "SetRowsRequest", request)))
+        for shard, request, future in issued:
+            self._wait(shard, "SetRows", request, future)
+
+    def get_rows(self, start: int, stop: int, *, field: str = "rows", block_bytes: int = 1 << 28) -> Tensor:
+        """Rows ``[start, stop)`` of ``field``, fetched in blocks of at most ``block_bytes``.
+
+        Returns a ``(stop - start, D)`` float32 tensor (``(stop - start,)`` for a per-row scalar slot).
+        """
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(f"range [{start}, {stop}) is not inside [0, {self.num_rows})")
+        self.drain()
+        out: Tensor | None = None
+        step = max(1, block_bytes // (4 * self.dim))
+        issued = []
+        for shard, state in enumerate(self._shards):
+            lo, hi = max(start, state.row_start), min(stop, state.row_stop)
+            for a in range(lo, hi, step):
+                b = min(a + step, hi)
+                request = wire.message("GetRowsRequest", start=a, stop=b, dtype="float32", field=field)
+                issued.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
+        for shard, a, request, future in issued:
+            values = wire.decode_array(self._wait(shard, "GetRows", request, future).values, what="values")
+            if out is None:
+                out = torch.empty(stop - start, *values.shape[1:])
+            out[a - start : a - start + len(values)] = values
+        return torch.empty(0, self.dim) if out is None else out
+
+    def query_nearest(self, features: Tensor, n: int, *, metric: str = "dot") -> tuple[Tensor, Tensor]:
+        """Top-``n`` ``(scores, ids)``, each ``(B, n)``, of all rows; each shard answers for its own rows."""
+        request = wire.message(
+            "QueryNearestRequest", features=wire.encode_array(features.float(), "float32"), n=n, metric=metric
+        )
+        issued = [
+            (shard, *self._issue(shard, "QueryNearestRequest", request)) for shard in range(len(self._shards))
+        ]
+        scores, ids = [], []
+        for shard, req, future in issued:
+            response = self._wait(shard, "QueryNearest", req, future)
+            part = _rows_of(response.scores, "scores")
+            scores.append(part)
+            ids.append(torch.from_numpy(wire.decode_ids(response.ids, what="ids").copy()).view(part.shape))
+        merged, merged_ids = torch.cat(scores, dim=1), torch.cat(ids, dim=1)  # (B, shards * n)
+        top, where = merged.topk(min(n, merged.shape[1]), dim=1)
+        return top, merged_ids.gather(1, where)
+
+    def set_hyper_params(self, **changes: float) -> dict[str, float]:
+        """Change hyper-parameters (``lr``, ``momentum``, ...) on every shard; returns the new values."""
+        params = wire.message("HyperParams")
+        for name, value in changes.items():
+            if name not in params.DESCRIPTOR.fields_by_name:
+                raise ValueError(
+                    f"hyper-parameter {name!r} is not one of {sorted(params.DESCRIPTOR.fields_by_name)}"
+                )
+            getattr(params, name).value = float(value)
+        request = wire.message("SetHyperParamsRequest", params=params)
+        issued = [
+            (shard, *self._issue(shard, "SetHyperParamsRequest", request))
+            for shard in range(len(self._shards))
+        ]
+        responses = [self._wait(shard, "SetHyperParams", req, future) for shard, req, future in issued]
+        params = responses[0].params
+        return {
+            f.name: getattr(params, f.name).value for f in params.DESCRIPTOR.fields if params.HasField(f.name)
+        }
+
+    def snapshot(self) -> list[tuple[str, int]]:
+        """Snapshot every shard; ``(path on the server, step)`` per shard."""
+        request = wire.message("SnapshotRequest")
+        issued = [
+            (shard, *self._issue(shard, "SnapshotRequest", request)) for shard in range(len(self._shards))
+        ]
+        responses = [self._wait(shard, "Snapshot", req, future) for shard, req, future in issued]
+        return [(response.path, int(response.step)) for response in responses]
+
+    def flush(self, *, step: int | None = None) -> None:
+        """Sync mode: wait until step ``step`` (default: the last pushed) is applied on every shard."""
+        self.drain()
+        step = self.last_pushed_step if step is None else step
+        if self.mode != "sync" or step <= 0:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while min(int(h.applied_step) for h in self.health()) < step:
+            if time.monotonic() > deadline:
+                raise ParamServerError(
+                    self._shards[0].address, f"step {step} not applied within {self.timeout_s:g} s"
+                )
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.drain()
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> ParamServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_ids(ids: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+    if isinstance(ids, Tensor):
+        ids = ids.detach().cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids: expected a 1-d integer array, got shape {ids.shape} of {ids.dtype}")
+    return ids.astype(np.int64, copy=False)
+
+
+def _index(positions: np.ndarray | slice) -> slice | Tensor:
+    return positions if isinstance(positions, slice) else torch.from_numpy(positions)
+
+
+def _count(positions: np.ndarray | slice) -> int:
+    return positions.stop - positions.start if isinstance(positions, slice) else len(positions)
+
+
+def _is_sorted(values: np.ndarray) -> bool:
+    return len(values) < 2 or bool((values[1:] > values[:-1]).all())
+
+
+def _positions(values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Index in ``values`` of each of ``wanted`` (all present, ``values`` unique)."""
+    order = np.argsort(values)
+    return order[np.searchsorted(values[order], wanted)]

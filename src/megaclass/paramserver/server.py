@@ -1,0 +1,563 @@
+"""The parameter-server process: one shard of the classifier behind the gRPC service of ``megaclass.proto``.
+
+    megaclass paramserver serve --rows 1000000 --dim 512 --shard 0/4 --data-dir ps0 --port 50051
+
+Requests are served by a thread pool. Reads (pull, get, query) share a read-write lock; updates (a step, set
+rows, a snapshot) hold it alone, so a reader never sees half a step. In sync mode a step is applied once every
+trainer in the barrier has pushed for it; the applied gradient is the mean over the trainers that pushed (the
+same average DistributedDataParallel takes over the backbone's gradients, so one learning rate serves both).
+A trainer missing for ``barrier_timeout_s`` after the first push of a step is dropped from the barrier with a
+warning and rejoins when it pushes again. In async mode each push is applied as it arrives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megaclass.paramserver import wire
+from megaclass.paramserver.config import ServerConfig, add_serve_arguments, config_from_arguments, shard_range
+from megaclass.paramserver.state import ShardSpec, ShardState
+
+logger = logging.getLogger("megaclass.paramserver")
+
+_QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores
+
+
+class _Refusal(Exception):
+    """A request refused with a specific gRPC status (name of ``grpc.StatusCode``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Garbage:
+    """Stands for a request whose bytes are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    def read(self) -> _Guard:
+        return _Guard(self._acquire_read, self._release_read)
+
+    def write(self) -> _Guard:
+        return _Guard(self._acquire_write, self._release_write)
+
+    def _acquire_read(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+
+    def _release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    def _acquire_write(self) -> None:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writer and not self._readers)
+            self._writers_waiting -= 1
+            self._writer = True
+
+    def _release_write(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class _Guard:
+    def __init__(self, acquire: Callable[[], None], release: Callable[[], None]) -> None:
+        self._acquire, self._release = acquire, release
+
+    def __enter__(self) -> None:
+        self._acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+
+@dataclass
+class _Pending:
+    """Pushes received for one sync step."""
+
+    first_push: float
+    lr: float
+    parts: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # trainer -> (local ids, grads)
+
+
+class ShardService:
+    """The request handlers of one shard (transport-independent; :func:`serve` wires them to gRPC)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        start, stop = shard_range(config.num_rows, config.shard, config.shards)
+        spec = ShardSpec(config.num_rows, config.dim, start, stop, config.optimizer, config.trainers)
+        self.state = ShardState(
+            config.data_dir,
+            spec,
+            config.hyper,
+            init_bound=config.init_bound,
+            seed=config.seed,
+            durable=config.durable,
+        )
+        self.incarnation = secrets.randbits(63) + 1
+        self.lock = ReadWriteLock()
+        self._applied = threading.Condition()  # notified after every committed step
+        self._barrier = threading.Lock()  # guards _pending and _dropped
+        self._apply_order = threading.Lock()  # sync steps are popped and applied one at a time, in order
+        self._pending: dict[int, _Pending] = {}
+        self._dropped: set[int] = set()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _local(self, data: bytes, what: str, *, unique: bool = False) -> Tensor:
+        ids = wire.decode_ids(data, what=what)
+        spec = self.state.spec
+        bad = (ids < spec.row_start) | (ids >= spec.row_stop)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{what}[{first}] = {int(ids[first])} is outside this shard's rows "
+                f"[{spec.row_start}, {spec.row_stop})"
+            )
+        if unique and len(np.unique(ids)) != len(ids):
+            raise ValueError(f"{what}: ids must be unique within one request")
+        return torch.from_numpy(ids - spec.row_start)
+
+    def _check_incarnation(self, incarnation: int) -> None:
+        if incarnation and incarnation != self.incarnation:
+            raise _Refusal(
+                "FAILED_PRECONDITION",
+                f"server restarted: incarnation {self.incarnation}, request expected {incarnation}",
+            )
+
+    def _dtype(self, dtype: str) -> str:
+        if dtype not in ("", *wire.DTYPES):
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(wire.DTYPES)}")
+        return dtype or "float32"
+
+    def _decode_block(self, array: Any, what: str, shape: tuple[int, ...]) -> Tensor:
+        values = wire.decode_array(array, what=what)
+        if tuple(values.shape) != shape:
+            raise ValueError(f"{what}: shape {list(values.shape)} but expected {list(shape)}")
+        values = values.to(torch.float32)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{what}: contains NaN or infinity")
+        return values
+
+    # -- handlers --------------------------------------------------------------------------------------
+    def pull_rows(self, request: Any, time_left: float | None) -> Any:
+        self._check_incarnation(request.incarnation)
+        local = self._local(request.ids, "ids")
+        if request.min_step > 0:
+            self._wait_applied(request.min_step, time_left)
+        with self.lock.read():
+            version = self.state.version
+            if request.only_changed and len(local):
+                local = local[self.state.versions.index_select(0, local) > request.changed_after]
+            rows = self.state.rows.index_select(0, local)  # (S, D)
+        response = wire.message(
+            "PullRowsResponse",
+            ids=wire.encode_ids(local.numpy() + self.state.spec.row_start) if request.only_changed else b"",
+            version=version,
+            incarnation=self.incarnation,
+        )
+        return wire.Prepared(response, 1, rows, self._dtype(request.dtype))  # rows appended at serialization
+
+    def push_gradients(self, request: Any, time_left: float | None) -> Any:
+        self._check_incarnation(request.incarnation)
+        if not 0 <= request.trainer < self.config.trainers:
+            raise ValueError(f"trainer {request.trainer}: expected 0 <= trainer < {self.config.trainers}")
+        if request.step < 1:
+            raise ValueError(f"step {request.step}: expected >= 1")
+        local = self._local(request.ids, "ids", unique=True)
+        grads = self._decode_block(request.grads, "grads", (len(local), self.state.spec.dim))
+        lr = request.lr.value if request.HasField("lr") else self.state.hyper.lr
+        if not (lr >= 0 and np.isfinite(lr)):
+            raise ValueError(f"lr {lr}: expected a finite number >= 0")
+        if self.config.mode == "async":
+            with self.lock.write():
+                if self.state.trainer_steps()[request.trainer] < request.step:
+                    self.state.apply(local, grads, lr=lr, step=request.step, trainers=[request.trainer])
+                applied = self.state.trainer_steps()[request.trainer]
+            self._notify()
+        else:
+            self._add_to_barrier(request.trainer, request.step, local, grads, lr)
+            self.apply_ready_steps()
+            applied = self.state.applied_step
+        return wire.message(
+            "PushGradientsResponse",
+            applied_step=applied,
+            version=self.state.version,
+            incarnation=self.incarnation,
+        )
+
+    def set_rows(self, request: Any, time_left: float | None) -> Any:
+        local = self._local(request.ids, "ids", unique=True)
+        target = self.state.field(request.field)
+        values = self._decode_block(request.values, "values", (len(local), *target.shape[1:]))
+        with self.lock.write():
+            version = self.state.set_field(request.field, local, values)
+        self._notify()
+        return wire.message("SetRowsResponse", version=version)
+
+    def get_rows(self, request: Any, time_left: float | None) -> Any:
+        spec = self.state.spec
+        if not spec.row_start <= request.start <= request.stop <= spec.row_stop:
+            raise ValueError(
+                f"range [{request.start}, {request.stop}) is not inside this shard's rows "
+                f"[{spec.row_start}, {spec.row_stop})"
+            )
+        itemsize = 2 if request.dtype == "bfloat16" else 4
+        if (request.stop - request.start) * spec.dim * itemsize >= wire.MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"range [{request.start}, {request.stop}) is over 2 GiB in one message; ask for less"
+            )
+        dtype = self._dtype(request.dtype)
+        with self.lock.read():
+            values = self.state.field(request.field)[
+                request.start - spec.row_start : request.stop - spec.row_start
+            ]
+            values = values.to(wire.DTYPES[dtype], copy=True)  # a copy: the rows may change after the lock
+            version = self.state.version
+        return wire.Prepared(wire.message("GetRowsResponse", version=version), 1, values, dtype)
+
+    def query_nearest(self, request: Any, time_left: float | None) -> Any:
+        features = wire.decode_array(request.features, what="features", ndim=2).to(torch.float32)
+        if features.shape[1] != self.state.spec.dim:
+            raise ValueError(
+                f"features: shape {list(features.shape)} but expected [B, {self.state.spec.dim}]"
+            )
+        if request.n < 1:
+            raise ValueError(f"n {request.n}: expected >= 1")
+        if request.metric not in ("", "dot", "cosine"):
+            raise ValueError(f"metric {request.metric!r}: expected 'dot' or 'cosine'")
+        cosine = request.metric == "cosine"
+        if cosine:
+            features = torch.nn.functional.normalize(features, dim=1)
+        with self.lock.read():
+            scores, ids = _top_rows(features, self.state.rows, request.n, cosine=cosine)
+        return wire.message(
+            "QueryNearestResponse",
+            scores=wire.encode_array(scores),
+            ids=wire.encode_ids(ids.numpy() + self.state.spec.row_start),
+        )
+
+    def set_hyper_params(self, request: Any, time_left: float | None) -> Any:
+        changes = {}
+        for name in request.params.DESCRIPTOR.fields_by_name:
+            if request.params.HasField(name):
+                changes[name] = getattr(request.params, name).value
+        with self.lock.write():
+            self.state.set_hyper(dataclasses.replace(self.state.hyper, **changes))
+            hyper = self.state.hyper
+        logger.info("hyper-parameters now %s", hyper)
+        params = wire.message("HyperParams")
+        for name in params.DESCRIPTOR.fields_by_name:
+            getattr(params, name).value = getattr(hyper, name)
+        return wire.message("SetHyperParamsResponse", params=params)
+
+    def snapshot(self, request: Any, time_left: float | None) -> Any:
+        with self.lock.write():
+            path = self.state.snapshot()
+            step, version = self.state.applied_step, self.state.version
+        logger.info("snapshot of step %d (version %d) in %s", step, version, path)
+        return wire.message("SnapshotResponse", path=path, step=step, version=version)
+
+    def health(self, request: Any, time_left: float | None) -> Any:
+        spec = self.state.spec
+        with self._barrier:
+            dropped = sorted(self._dropped)
+        return wire.message(
+            "HealthResponse",
+            num_rows=spec.num_rows,
+            dim=spec.dim,
+            row_start=spec.row_start,
+            row_stop=spec.row_stop,
+            optimizer=spec.optimizer,
+            mode=self.config.mode,
+            trainers=self.config.trainers,
+            applied_step=self.state.applied_step,
+            version=self.state.version,
+            incarnation=self.incarnation,
+            trainer_steps=self.state.trainer_steps(),
+            dropped_trainers=dropped,
+            slots=list(self.state.slots),
+        )
+
+    # -- sync barrier ----------------------------------------------------------------------------------
+    def _add_to_barrier(self, trainer: int, step: int, local: Tensor, grads: Tensor, lr: float) -> None:
+        with self._barrier:
+            if step <= self.state.applied_step:
+                if step <= self.state.trainer_steps()[trainer]:
+                    return  # a retried push of a step applied with this trainer's gradients
+                raise _Refusal(
+                    "FAILED_PRECONDITION",
+                    f"step {step} of trainer {trainer}: the shard applied step {self.state.applied_step} "
+                    f"without it (its last step here: {self.state.trainer_steps()[trainer]}); a trainer "
+                    "dropped from the barrier rejoins at a later step, a new run needs a new --data-dir",
+                )
+            if trainer in self._dropped:
+                self._dropped.discard(trainer)
+                logger.warning("trainer %d rejoins the barrier at step %d", trainer, step)
+            pending = self._pending.setdefault(step, _Pending(time.monotonic(), lr))
+            if trainer in pending.parts:
+                return  # a retried push
+            if not np.isclose(pending.lr, lr, rtol=1e-6, atol=0.0):
+                raise ValueError(
+                    f"lr {lr} for step {step} differs from the lr {pending.lr} another trainer sent"
+                )
+            pending.parts[trainer] = (local, grads)
+
+    def apply_ready_steps(self) -> None:
+        """Apply, in step order, every pending sync step all trainers pushed (or whose wait timed out)."""
+        with self._apply_order:
+            while (ready := self._pop_ready()) is not None:
+                step, pending = ready
+                ids = torch.cat([part[0] for part in pending.parts.values()])
+                unique, inverse = torch.unique(ids, return_inverse=True)
+                total = torch.zeros(len(unique), self.state.spec.dim)
+                total.index_add_(0, inverse, torch.cat([part[1] for part in pending.parts.values()]))
+                total /= len(pending.parts)  # mean over trainers, as DDP averages the backbone's gradients
+                with self.lock.write():
+                    self.state.apply(unique, total, lr=pending.lr, step=step, trainers=list(pending.parts))
+                self._notify()
+
+    def _pop_ready(self) -> tuple[int, _Pending] | None:
+        with self._barrier:
+            if not self._pending:
+                return None
+            step = min(self._pending)
+            pending = self._pending[step]
+            missing = set(range(self.config.trainers)) - self._dropped - set(pending.parts)
+            if missing:
+                waited = time.monotonic() - pending.first_push
+                if waited < self.state.hyper.barrier_timeout_s:
+                    return None
+                logger.warning(
+                    "step %d: trainer(s) %s sent nothing for %.1f s; dropping them from the barrier",
+                    step,
+                    sorted(missing),
+                    waited,
+                )
+                self._dropped |= missing
+            return step, self._pending.pop(step)
+
+    def _notify(self) -> None:
+        with self._applied:
+            self._applied.notify_all()
+
+    def _wait_applied(self, step: int, time_left: float | None) -> None:
+        deadline = time.monotonic() + (3600.0 if time_left is None else time_left)
+        with self._applied:
+            while self.state.applied_step < step:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    with self._barrier:
+                        pending = self._pending.get(step)
+                        have = sorted(pending.parts) if pending else []
+                    raise _Refusal(
+                        "DEADLINE_EXCEEDED",
+                        f"step {step} not applied in time (applied: {self.state.applied_step}; "
+                        f"trainers that pushed it: {have} of {self.config.trainers})",
+                    )
+                self._applied.wait(min(remaining, 0.5))
+
+
+def _top_rows(features: Tensor, rows: Tensor, n: int, *, cosine: bool) -> tuple[Tensor, Tensor]:
+    """Top-``n`` rows of ``rows (R, D)`` for each of ``features (B, D)`` by dot product, in row blocks."""
+    best_scores = torch.empty(features.shape[0], 0)
+    best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64)
+    for start in range(0, rows.shape[0], _QUERY_BLOCK_ROWS):
+        block = rows[start : start + _QUERY_BLOCK_ROWS]
+        if cosine:
+            block = torch.nn.functional.normalize(block, dim=1)
+        scores = features @ block.T  # (B, block)
+        k = min(n, scores.shape[1])
+        top, where = scores.topk(k, dim=1)
+        merged = torch.cat([best_scores, top], dim=1)  # (B, n + k)
+        merged_ids = torch.cat([best_ids, where + start], dim=1)
+        keep = merged.topk(min(n, merged.shape[1]), dim=1).indices
+        best_scores, best_ids = merged.gather(1, keep), merged_ids.gather(1, keep)
+    return best_scores, best_ids
+
+
+def _authorised(context: Any, token: str | None) -> bool:
+    if token is None:
+        return True
+    expected = f"Bearer {token}".encode()
+    for key, value in context.invocation_metadata():
+        if key == "authorization":
+            given = value.encode() if isinstance(value, str) else value
+            return hmac.compare_digest(given, expected)
+    return False
+
+
+def _handler(service: ShardService, method: wire.Method) -> Any:
+    """A gRPC unary handler running ``method`` with auth, input validation and error mapping."""
+    import grpc
+
+    name = "".join("_" + c.lower() if c.isupper() else c for c in method.name).lstrip("_")
+    run = getattr(service, name)
+
+    def handle(request: Any, context: Any) -> Any:
+        if not _authorised(context, service.config.token):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)"
+            )
+        if isinstance(request, _Garbage):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{method.request}: not a valid message: {request.error}"
+            )
+        try:
+            return run(request, context.time_remaining())
+        except ValueError as error:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, f"{method.name}: {error}"
+        except _Refusal as refusal:
+            code, message = getattr(grpc.StatusCode, refusal.code), f"{method.name}: {refusal}"
+        except Exception as error:  # a bug must not take the shard down: log it, answer INTERNAL
+            logger.exception("%s failed", method.name)
+            code, message = grpc.StatusCode.INTERNAL, f"{method.name}: {type(error).__name__}: {error}"
+        context.abort(code, message)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return wire.MESSAGES[method.request].FromString(data)
+        except (
+            Exception
+        ) as error:  # protobuf raises DecodeError (or RuntimeWarning-derived errors) on garbage
+            return _Garbage(error)
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=parse, response_serializer=wire.serialize
+    )
+
+
+class RunningServer:
+    """A started shard: its bound port, and :meth:`stop`."""
+
+    def __init__(self, server: Any, service: ShardService, port: int) -> None:
+        self.server, self.service, self.port = server, service, port
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="barrier-timeout", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        """Apply sync steps whose missing trainers timed out (nobody else would trigger it)."""
+        while not self._stop.wait(0.25):
+            if self.service.config.mode == "sync":
+                self.service.apply_ready_steps()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
+        self.server.stop(grace).wait()
+        with self.service.lock.write():
+            self.service.state.close()
+
+
+def serve(config: ServerConfig) -> RunningServer:
+    """Start one shard (non-blocking); state is opened or created under ``config.data_dir``."""
+    from concurrent import futures
+
+    import grpc
+
+    service = ShardService(config)
+    threads = config.threads or 8 + 4 * config.trainers
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ps"),
+        options=[
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    handlers = {method.name: _handler(service, method) for method in wire.METHODS}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(f"{wire.PACKAGE}.{wire.SERVICE}", handlers),)
+    )
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    spec = service.state.spec
+    logger.info(
+        "shard %d/%d rows [%d, %d) of %d x %d, %s %s, step %d, listening on %s:%d",
+        config.shard,
+        config.shards,
+        spec.row_start,
+        spec.row_stop,
+        spec.num_rows,
+        spec.dim,
+        config.mode,
+        config.optimizer,
+        service.state.applied_step,
+        config.host,
+        port,
+    )
+    return RunningServer(server, service, port)
+
+
+def run_serve(args: Any) -> int:
+    """Run ``megaclass paramserver serve`` until SIGINT/SIGTERM; prints ``listening on HOST:PORT``."""
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = config_from_arguments(args)
+    # shards often share a machine: split its cores between them rather than each taking all of them
+    torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) // config.shards))
+    running = serve(config)
+    print(f"megaclass paramserver: listening on {config.host}:{running.port}", flush=True)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+    running.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megaclass.paramserver serve ...``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="megaclass paramserver")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(commands.add_parser("serve", help="run one shard"))
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return 2

@@ -1,0 +1,314 @@
+"""One shard's rows and optimizer state in memory-mapped files, updated crash-consistently.
+
+Files under the data folder::
+
+    meta.json          shape, range, optimizer, slots (checked on restart)
+    hyper.json         current hyper-parameters (written to a temporary file, then renamed)
+    rows.f32           (n, D) float32 rows, n = row_stop - row_start
+    <slot>.f32         (n, D) or (n,) float32 optimizer state per slot (momentum_buffer, exp_avg, step, ...)
+    versions.i64       (n,) state version of each row's last update (clients revalidate prefetched rows)
+    header.i64         committed version, last applied step, journal marker, per-trainer steps
+    journal.bin        undo record of the update in progress
+
+Every update is applied as: (1) write the touched rows' old values (rows, slots, versions, the header) to
+``journal.bin``; (2) set the header's journal marker to the new version; (3) update the memory maps in
+place; (4) write the header's applied step and trainer steps, then its committed version last. A process
+killed at any point leaves the page cache holding either a committed state or a marker newer than
+the committed version; on restart the latter is undone from the journal, so no half-applied step survives.
+With ``durable=True`` the journal is fsync'd before (2) and the maps flushed after (4), which extends the
+guarantee to power loss. :meth:`ShardState.snapshot` copies a committed state to its own fsync'd folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
+from megaclass.store.device import _INIT_CHUNK  # every store draws the same initial matrix
+
+FORMAT = 1
+MAGIC = 0x4D43505331  # "MCPS1"
+# header.i64 layout
+_MAGIC, _COMMITTED, _STEP, _JOURNAL, _TRAINERS0 = 0, 1, 2, 3, 8
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a shard holds: rows ``[row_start, row_stop)`` of a ``(num_rows, dim)`` matrix."""
+
+    num_rows: int
+    dim: int
+    row_start: int
+    row_stop: int
+    optimizer: str
+    trainers: int
+
+    @property
+    def size(self) -> int:
+        return self.row_stop - self.row_start
+
+
+class ShardState:
+    """The persistent state of one shard; callers serialise writes (the server's write lock)."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        spec: ShardSpec,
+        hyper: HyperParams,
+        *,
+        init_bound: float | None = None,
+        seed: int = 0,
+        durable: bool = False,
+    ) -> None:
+        self.dir = os.fspath(data_dir)
+        self.spec = spec
+        self.durable = durable
+        self._arrays: dict[str, np.memmap] = {}
+        os.makedirs(self.dir, exist_ok=True)
+        meta_path = os.path.join(self.dir, "meta.json")
+        fresh = not os.path.exists(meta_path)
+        if fresh:
+            self.slots = state_shapes(spec.optimizer, hyper, spec.dim)
+            self.hyper = hyper
+        else:
+            self.slots = self._check_meta(meta_path)
+            self.hyper = self._load_hyper(hyper)
+        self.rows = self._map("rows.f32", (spec.size, spec.dim), np.float32, fresh)
+        self.state = {
+            slot: self._map(f"{slot}.f32", (spec.size, *shape), np.float32, fresh)
+            for slot, shape in self.slots.items()
+        }
+        self.versions = self._map("versions.i64", (spec.size,), np.int64, fresh)
+        self.header = self._map("header.i64", (_TRAINERS0 + spec.trainers,), np.int64, fresh)
+        if fresh:
+            self._initialise(init_bound, seed)
+            self._write_json("hyper.json", asdict(self.hyper))
+            self._write_json("meta.json", {"format": FORMAT, **asdict(spec), "slots": self.slots})
+        elif self.header[_JOURNAL] > self.header[_COMMITTED]:
+            self._undo()
+
+    # -- reading ---------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return int(self.header[_COMMITTED])
+
+    @property
+    def applied_step(self) -> int:
+        return int(self.header[_STEP])
+
+    def trainer_steps(self) -> list[int]:
+        return [int(s) for s in self.header[_TRAINERS0:]]
+
+    def field(self, name: str) -> Tensor:
+        """The ``(n, D)`` (or ``(n,)``) tensor view of ``"rows"`` or an optimizer slot."""
+        if name in ("", "rows"):
+            return self.rows
+        if name not in self.state:
+            raise ValueError(f"field {name!r} is not one of {['rows', *self.slots]}")
+        return self.state[name]
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def apply(
+        self, local: Tensor, grads: Tensor, *, lr: float, step: int, trainers: Sequence[int] = ()
+    ) -> int:
+        """Apply one optimizer step to local rows ``local (S,)`` (unique) given ``grads (S, D)`` float32.
+
+        Records ``step`` as the applied step and as the last step of each of ``trainers`` (who pushed it);
+        returns the new version.
+        """
+        new_version = self.version + 1
+        rows = self.rows.index_select(0, local)  # (S, D)
+        state = {slot: tensor.index_select(0, local) for slot, tensor in self.state.items()}
+        self._journal(local, new_version, rows, state)  # the gathered rows are the old values
+        apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
+        self.rows.index_copy_(0, local, rows)
+        for slot, tensor in self.state.items():
+            tensor.index_copy_(0, local, state[slot])
+        self.versions.index_fill_(0, local, new_version)
+        self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
+        return new_version
+
+    def set_field(self, name: str, local: Tensor, values: Tensor) -> int:
+        """Overwrite rows ``local`` of field ``name`` by ``values`` (``(S, D)`` or ``(S,)``); new version."""
+        target = self.field(name)
+        new_version = self.version + 1
+        self._journal(local, new_version)
+        target.index_copy_(0, local, values.to(torch.float32))
+        self.versions.index_fill_(0, local, new_version)
+        self._commit(new_version, step=self.applied_step)
+        return new_version
+
+    def set_hyper(self, hyper: HyperParams) -> None:
+        missing = set(state_shapes(self.spec.optimizer, hyper, self.spec.dim)) - set(self.slots)
+        if missing:
+            raise ValueError(
+                f"these settings need optimizer state {sorted(missing)} this shard was started without"
+            )
+        self.hyper = hyper
+        self._write_json("hyper.json", asdict(hyper))
+
+    def snapshot(self) -> str:
+        """Copy the committed state to ``snapshots/step-<step>-v<version>``; returns that folder."""
+        root = os.path.join(self.dir, "snapshots")
+        final = os.path.join(root, f"step-{self.applied_step:09d}-v{self.version:09d}")
+        if os.path.isdir(final):
+            return final
+        partial = final + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        for name in ["rows.f32", *(f"{s}.f32" for s in self.slots), "versions.i64", "header.i64"]:
+            self._mapped(name).flush()
+            _copy_synced(os.path.join(self.dir, name), os.path.join(partial, name))
+        for name in ("meta.json", "hyper.json"):
+            _copy_synced(os.path.join(self.dir, name), os.path.join(partial, name))
+        os.rename(partial, final)
+        _fsync_dir(root)
+        return final
+
+    def close(self) -> None:
+        for array in self._arrays.values():
+            array.flush()
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _map(self, name: str, shape: tuple[int, ...], dtype: type, fresh: bool) -> Tensor:
+        path = os.path.join(self.dir, name)
+        mode = "w+" if fresh or not os.path.exists(path) else "r+"
+        mapped = np.memmap(path, dtype=dtype, mode=mode, shape=shape)  # raw little-endian, no header
+        self._arrays[name] = mapped
+        return torch.from_numpy(mapped)
+
+    def _mapped(self, name: str) -> np.memmap:
+        return self._arrays[name]
+
+    def _initialise(self, bound: float | None, seed: int) -> None:
+        """This shard's part of the matrix :func:`megaclass.store.device.init_rows_` draws for ``seed``."""
+        spec = self.spec
+        bound = 1.0 / math.sqrt(spec.dim) if bound is None else bound
+        if bound > 0:
+            for index in range(spec.row_start // _INIT_CHUNK, (spec.row_stop - 1) // _INIT_CHUNK + 1):
+                generator = torch.Generator().manual_seed(seed + index)
+                start = index * _INIT_CHUNK
+                chunk = torch.rand(min(_INIT_CHUNK, spec.num_rows - start), spec.dim, generator=generator)
+                lo, hi = max(start, spec.row_start), min(start + len(chunk), spec.row_stop)
+                chunk = chunk[lo - start : hi - start] * (2 * bound) - bound
+                self.rows[lo - spec.row_start : hi - spec.row_start] = chunk
+        self.header[_MAGIC] = MAGIC
+        for array in self._arrays.values():
+            array.flush()
+
+    def _check_meta(self, path: str) -> dict[str, tuple[int, ...]]:
+        with open(path) as f:
+            meta = json.load(f)
+        expected = {"format": FORMAT, **asdict(self.spec)}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ValueError(
+                    f"{path}: {key} is {meta.get(key)!r} but the server was started with {value!r}; "
+                    "use a new --data-dir or the original settings"
+                )
+        return {slot: tuple(shape) for slot, shape in meta["slots"].items()}
+
+    def _load_hyper(self, default: HyperParams) -> HyperParams:
+        path = os.path.join(self.dir, "hyper.json")
+        if not os.path.exists(path):
+            return default
+        with open(path) as f:
+            return HyperParams(**json.load(f))
+
+    def _write_json(self, name: str, data: dict) -> None:
+        path = os.path.join(self.dir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def _journal(
+        self,
+        local: Tensor,
+        new_version: int,
+        rows: Tensor | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Write the undo record of rows ``local`` (steps 1-2 of the update protocol).
+
+        ``rows`` and ``state`` are those rows' current values when the caller has gathered them already.
+        """
+        rows = self.rows.index_select(0, local) if rows is None else rows
+        state = {slot: t.index_select(0, local) for slot, t in self.state.items()} if state is None else state
+        parts = [
+            np.asarray([len(local), new_version], dtype=np.int64),
+            self.header.numpy(),
+            local.numpy().astype(np.int64, copy=False),
+            rows.numpy(),
+            *(state[slot].numpy() for slot in self.state),
+            self.versions.index_select(0, local).numpy(),
+        ]
+        with open(os.path.join(self.dir, "journal.bin"), "wb") as f:
+            for part in parts:
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B") if part.size else b"")
+            if self.durable:
+                f.flush()
+                os.fsync(f.fileno())
+        self.header[_JOURNAL] = new_version
+
+    def _commit(
+        self, new_version: int, *, step: int, trainers: Sequence[int] = (), trainer_step: int = 0
+    ) -> None:
+        self.header[_STEP] = step
+        for trainer in trainers:
+            self.header[_TRAINERS0 + trainer] = max(trainer_step, int(self.header[_TRAINERS0 + trainer]))
+        self.header[_COMMITTED] = new_version  # the commit point
+        if self.durable:
+            for array in self._arrays.values():
+                array.flush()
+
+    def _undo(self) -> None:
+        """Restore the rows an interrupted update had touched, from the journal."""
+        n, d = self.spec.size, self.spec.dim
+        with open(os.path.join(self.dir, "journal.bin"), "rb") as f:
+            count, version = np.frombuffer(f.read(16), dtype=np.int64)
+            if version != self.header[_JOURNAL]:
+                raise RuntimeError(
+                    f"{self.dir}/journal.bin: holds version {version}, header expects {self.header[_JOURNAL]}"
+                )
+            header = np.frombuffer(f.read(8 * len(self.header)), dtype=np.int64)
+            local = torch.from_numpy(np.frombuffer(f.read(8 * count), dtype=np.int64).copy())
+            assert bool(((local >= 0) & (local < n)).all()), "journal row ids outside the shard"
+
+            def block(dtype: type, shape: tuple[int, ...]) -> Tensor:
+                size = np.dtype(dtype).itemsize * int(np.prod(shape))
+                return torch.from_numpy(np.frombuffer(f.read(size), dtype=dtype).reshape(shape).copy())
+
+            self.rows.index_copy_(0, local, block(np.float32, (count, d)))
+            for tensor in self.state.values():
+                tensor.index_copy_(0, local, block(np.float32, (count, *tensor.shape[1:])))
+            self.versions.index_copy_(0, local, block(np.int64, (count,)))
+        self.header[:] = torch.from_numpy(header.copy())
+        self.header[_JOURNAL] = self.header[_COMMITTED]
+        for array in self._arrays.values():
+            array.flush()
+
+
+def _copy_synced(source: str, target: str) -> None:
+    shutil.copyfile(source, target)
+    with open(target, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

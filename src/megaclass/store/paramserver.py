@@ -1,0 +1,163 @@
+"""Rows held by a sharded parameter server (``store=ps://host:port,host:port``).
+
+The server applies the row-sparse optimizer; this store pulls the rows a step needs, pushes their gradients
+with the step number and the trainer's learning rate, and overlaps the pull of the next step's rows with the
+current step (:meth:`ParamServerStore.prefetch`): rows pulled early are revalidated at :meth:`pull` time and
+only the rows a later update changed travel again, so prefetching never returns a stale row.
+
+The shared secret comes from ``token=`` or the ``MEGACLASS_PS_TOKEN`` environment variable, a TLS root
+certificate from ``tls_ca=`` or ``MEGACLASS_PS_TLS_CA`` (a PEM file path), read when the store is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from megaclass.store.base import RowStore
+from megaclass.store.optim import RowOptimizerConfig, RowOptimizerKind
+
+SCHEME = "ps://"
+
+
+def parse_ps_url(url: str) -> list[str]:
+    """The ``host:port`` addresses of ``ps://host:port,host:port``.
+
+    >>> parse_ps_url("ps://127.0.0.1:50051,127.0.0.1:50052")
+    ['127.0.0.1:50051', '127.0.0.1:50052']
+    """
+    if not url.startswith(SCHEME):
+        raise ValueError(f"store {url!r}: expected ps://host:port[,host:port...]")
+    addresses = [part.strip() for part in url[len(SCHEME) :].split(",") if part.strip()]
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"store {url!r}: {address!r} is not host:port")
+    if not addresses:
+        raise ValueError(f"store {url!r}: no server address after ps://")
+    return addresses
+
+
+class ParamServerStore(RowStore):
+    """A :class:`RowStore` whose rows and optimizer live in parameter-server shards.
+
+    Args:
+        addresses: ``host:port`` of every shard (or a ``ps://`` URL).
+        device: where pulled rows are delivered.
+        trainer: this trainer's rank; None: the ``torch.distributed`` rank, or 0.
+        token: shared secret; None: ``MEGACLASS_PS_TOKEN`` if set.
+        tls_ca: PEM root certificate file for TLS; None: ``MEGACLASS_PS_TLS_CA`` if set, else plaintext.
+        timeout_s: deadline of every call (retries included).
+        wire_dtype: ``"float32"`` or ``"bfloat16"`` on the wire.
+
+    >>> store = ParamServerStore("ps://127.0.0.1:50051", device="cuda")  # doctest: +SKIP
+    >>> rows = store.pull(ids)  # (S, D) on cuda
+    >>> store.push(ids, grads, step=1, lr=0.1)
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        device: torch.device | str = "cpu",
+        trainer: int | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        timeout_s: float = 120.0,
+        wire_dtype: str = "float32",
+    ) -> None:
+        from megaclass.paramserver.client import ParamServerClient
+
+        if isinstance(addresses, str):
+            addresses = parse_ps_url(addresses)
+        if trainer is None:
+            trainer = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.client = ParamServerClient(
+            addresses,
+            trainer=trainer,
+            token=token if token is not None else os.environ.get("MEGACLASS_PS_TOKEN"),
+            tls_ca=tls_ca if tls_ca is not None else os.environ.get("MEGACLASS_PS_TLS_CA"),
+            timeout_s=timeout_s,
+            wire_dtype=wire_dtype,
+        )
+        self.num_rows, self.dim = self.client.num_rows, self.client.dim
+        self.device = torch.device(device)
+        self._prefetched: tuple[Tensor, object] | None = None  # (ids, PendingPull)
+        health = self.client.health()[0]
+        self.optimizer_kind, self.slots = health.optimizer, tuple(health.slots)
+
+    def configure(self, optimizer: RowOptimizerConfig) -> None:
+        """Make the servers' optimizer settings those of ``optimizer`` (its kind must be the servers').
+
+        Raises:
+            ValueError: the servers run another optimizer, or lack the state ``optimizer`` needs.
+        """
+        kind = RowOptimizerKind(optimizer.kind).value
+        if kind != self.optimizer_kind:
+            raise ValueError(
+                f"optimizer.kind {kind!r}: the parameter servers run {self.optimizer_kind!r} "
+                "(start them with --optimizer to match)"
+            )
+        self.client.set_hyper_params(
+            momentum=optimizer.momentum,
+            weight_decay=optimizer.weight_decay,
+            beta1=optimizer.betas[0],
+            beta2=optimizer.betas[1],
+            eps=optimizer.eps,
+        )
+
+    def query_nearest(self, features: Tensor, n: int, *, metric: str = "dot") -> tuple[Tensor, Tensor]:
+        """Top-``n`` ``(scores, ids)`` rows for ``features (B, D)``, computed by the shards, merged here."""
+        scores, ids = self.client.query_nearest(features.detach().cpu(), n, metric=metric)
+        return scores.to(features.device), ids.to(features.device)
+
+    def pull(self, ids: Tensor) -> Tensor:
+        ids_cpu = ids.detach().to("cpu", torch.int64)
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and torch.equal(prefetched[0], ids_cpu):
+            pending = prefetched[1]
+            rows = self.client.refresh(pending, pending.result())  # re-pull only rows changed since
+        else:
+            rows = self.client.pull(ids_cpu)
+        return rows.to(self.device, non_blocking=True) if self.device.type != "cpu" else rows
+
+    def prefetch(self, ids: Tensor) -> None:
+        ids_cpu = ids.detach().to("cpu", torch.int64).clone()
+        self._prefetched = (ids_cpu, self.client.pull_async(ids_cpu))
+
+    def push(self, ids: Tensor, grads: Tensor, *, step: int, lr: float) -> None:
+        self.client.push(ids.detach().to("cpu", torch.int64), grads, step=step, lr=lr, wait=False)
+
+    def read(self, start: int, stop: int) -> Tensor:
+        self.flush()
+        return self.client.get_rows(start, stop).to(self.device)
+
+    def flush(self) -> None:
+        self.client.flush()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        self.flush()
+        state = {"weight": self.client.get_rows(0, self.num_rows)}
+        for slot in self.slots:
+            state[f"optim.{slot}"] = self.client.get_rows(0, self.num_rows, field=slot)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = {"weight", *(f"optim.{slot}" for slot in self.slots)}
+        if set(state) != expected:
+            raise ValueError(f"state dict keys {sorted(state)}: the servers keep {sorted(expected)}")
+        self.flush()
+        all_ids = torch.arange(self.num_rows)
+        block = max(1, (1 << 26) // (4 * self.dim))  # 64 MiB a request
+        for key, values in state.items():
+            field = "rows" if key == "weight" else key.removeprefix("optim.")
+            for start in range(0, self.num_rows, block):
+                self.client.set_rows(
+                    all_ids[start : start + block], values[start : start + block], field=field
+                )
+
+    def close(self) -> None:
+        self.client.close()

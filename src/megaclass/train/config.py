@@ -1,0 +1,294 @@
+"""Run configuration: one frozen dataclass per component, parsed from YAML plus ``--set key=value`` overrides.
+
+``megaclass train --config configs/demo.yaml --set optim.head.lr=0.01 ...`` builds a :class:`RunConfig` with
+:func:`load_config`. Model and head sections are parsed by their registries (``model: {type: mlp, ...}``,
+``head: {type: dense, ...}``); unknown keys and wrong types raise :class:`~megaclass.schema.ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megaclass.schema import ConfigError, from_dict, parse_override, set_path, to_dict
+
+__all__ = [
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "OptimConfig",
+    "OptimGroupConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "from_preset",
+    "load_config",
+    "lr_at",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is read."""
+
+    format: str = "auto"  # auto: sniffed from the file (xmc-bow header, or labels<TAB>text)
+    num_classes: int = 0  # 0: taken from the training file; set it when the test file has labels train lacks
+    featurizer: dict[str, Any] = field(default_factory=dict)  # text data: options of the text featuriser
+    label_feature_dim: int = 0  # > 0: compute PIFA label vectors of this width for heads that cluster labels
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 0:
+            raise ConfigError(f"data.num_classes: expected >= 0, got {self.num_classes}")
+        if self.label_feature_dim < 0:
+            raise ConfigError(f"data.label_feature_dim: expected >= 0, got {self.label_feature_dim}")
+
+
+@dataclass(frozen=True)
+class OptimGroupConfig:
+    """Optimizer settings of one parameter group (the encoder's, or the head's)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"  # adamw: decoupled weight decay, the usual default
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    weight_decay: float = 0.0  # applied to matrices only, never to biases or norm gains
+    momentum: float = 0.9  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"optim lr: expected a finite value >= 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim weight_decay: expected >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"optim betas: expected two values in [0, 1), got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Two parameter groups and one learning-rate schedule shape (warm-up, then decay)."""
+
+    encoder: OptimGroupConfig = field(default_factory=OptimGroupConfig)  # the encoder's parameters
+    head: OptimGroupConfig = field(default_factory=OptimGroupConfig)  # the head's (often a larger lr)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many steps
+    warmup_fraction: float = 0.0  # or over this fraction of all steps (the larger of the two wins)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape after warm-up
+    min_lr_ratio: float = 0.0  # the lr decays to this fraction of its peak at the last step
+    head_state: Literal["fp32", "bf16_sr"] = "fp32"  # bf16_sr: head weights + optimizer state in bf16 (ELMO)
+    encoder_frozen_steps: int = 0  # train the head alone for this many steps first (a pretrained encoder)
+
+    def __post_init__(self) -> None:
+        if self.encoder_frozen_steps < 0:
+            raise ConfigError(f"optim.encoder_frozen_steps: expected >= 0, got {self.encoder_frozen_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"optim.warmup_fraction: expected a value in [0, 1], got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+
+
+def lr_at(step: int, *, peak: float, total_steps: int, optim: OptimConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based), a pure function of its arguments.
+
+    Linear warm-up to ``peak`` over ``max(warmup_steps, warmup_fraction * total_steps)`` steps, then
+    cosine or linear decay to ``min_lr_ratio * peak`` at step ``total_steps - 1``.
+
+    >>> lr_at(0, peak=1.0, total_steps=10, optim=OptimConfig(warmup_steps=2))
+    0.5
+    >>> lr_at(9, peak=1.0, total_steps=10, optim=OptimConfig(warmup_steps=2))
+    0.0
+    """
+    warmup = max(optim.warmup_steps, int(optim.warmup_fraction * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if optim.decay == "constant":
+        return peak
+    span = max(total_steps - 1 - warmup, 1)
+    progress = min(max((step - warmup) / span, 0.0), 1.0)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1.0 - progress
+    return peak * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 256  # samples per optimizer step (per rank)
+    seed: int = 0  # seeds initialisation, shuffling and dropout; a run is a pure function of it on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    bf16: bool = True  # bf16 autocast of forward passes on CUDA (ignored on CPU)
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
+    checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep on disk
+    eval_every: int = 1  # evaluate on the test set every this many epochs (and always after the last)
+    log_every: int = 10  # log the mean training loss every this many steps
+    num_workers: int = 0  # processes building batches (0: the training process)
+    stop_after_steps: int = 0  # end the run (with a checkpoint) after this many steps, schedule unchanged (0: off)
+    progress: bool = True  # tqdm progress bars
+    cpu_threads: int = 0  # torch intra-op threads on CPU (0: torch's default, one per core)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: expected > 0, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "num_workers", "stop_after_steps", "grad_clip", "cpu_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on the test set."""
+
+    ks: tuple[int, ...] = (1, 3, 5)  # P@k, nDCG@k, PSP@k, ... at these k
+    propensity_a: float = 0.55  # Jain et al. 2016 propensity model A (0.55 general, 0.6 Wikipedia, 0.5 Amazon)
+    propensity_b: float = 1.5  # and B (1.5 general, 2.6 Amazon)
+    batch_size: int = 1024  # samples per scoring batch
+    filter_labels: str = ""  # XMC repository filter file ('doc_id label_id' lines) removed from scoring
+    verification: tuple[str, ...] = ()  # face .bin pair sets (lfw.bin, ...) scored at every evaluation
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"eval.ks: expected one or more positive integers, got {list(self.ks)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size: expected > 0, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Training over several processes (``torchrun --nproc-per-node N -m megaclass train ...``)."""
+
+    encoder: Literal["ddp", "fsdp2"] = "ddp"  # fsdp2: shard the encoder's parameters too (large encoders)
+    shard_head: Literal["auto", "always", "never"] = "auto"  # auto: split classes over ranks when N > 1
+    timeout_s: float = 600.0  # a rank waiting longer than this on a collective raises instead of hanging
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError(f"distributed.timeout_s: expected > 0, got {self.timeout_s}")
+
+
+def _default_model() -> Any:
+    from megaclass.models import model_config
+
+    return model_config({})
+
+
+def _default_head() -> Any:
+    from megaclass.heads import head_config
+
+    return head_config({})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: data, encoder, head, optimizer, loop and evaluation."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = field(default_factory=_default_model)  # a registered encoder config ({type: mlp, ...})
+    head: Any = field(default_factory=_default_head)  # a registered head config ({type: dense, ...})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
+    """Parse a plain mapping (YAML) into a :class:`RunConfig`; missing keys take their defaults."""
+    from megaclass.heads import head_config
+    from megaclass.models import model_config
+
+    data = dict(data or {})
+    model_section = data.pop("model", None)
+    head_section = data.pop("head", None)
+    for name, section in (("model", model_section), ("head", head_section)):
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{name}: expected a mapping like {{type: ...}}, got {section!r}")
+    config = from_dict(RunConfig, data)
+    if config.data.featurizer:
+        featurizer_config(config.data.featurizer)
+    return dataclasses.replace(config, model=model_config(model_section), head=head_config(head_section or {}))
+
+
+def featurizer_config(options: dict[str, Any]) -> Any:
+    """The text featuriser's config from ``data.featurizer`` options, or None for its defaults."""
+    if not options:
+        return None
+    from megaclass.models.featurizer import FeaturizerConfig
+
+    return from_dict(FeaturizerConfig, options, where="data.featurizer")
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The plain-data form of ``config`` (for YAML and JSON); :func:`config_from_dict` inverts it."""
+    return to_dict(config)
+
+
+def _presets_dir() -> str:
+    return os.path.join(os.path.dirname(__file__), "presets")
+
+
+def from_preset(name: str) -> RunConfig:
+    """The named recipe shipped in ``megaclass/train/presets/<name>.yaml``.
+
+    >>> from_preset("xmc-mlp").model.type
+    'mlp'
+    """
+    path = os.path.join(_presets_dir(), f"{name}.yaml")
+    if not os.path.exists(path):
+        known = sorted(file[:-5] for file in os.listdir(_presets_dir()) if file.endswith(".yaml"))
+        raise ConfigError(f"preset {name!r}: unknown; known: {', '.join(known)}")
+    return load_config(path)
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    preset: str | None = None,
+    head: str | None = None,
+) -> RunConfig:
+    """Build a :class:`RunConfig` from a preset, a YAML file, a head name, then ``key=value`` overrides.
+
+    Args:
+        path: a YAML file whose sections are those of :class:`RunConfig`; None for the defaults.
+        overrides: ``a.b=value`` strings; values are parsed as YAML (``train.epochs=3``, ``eval.ks=[1,5]``).
+        preset: a preset name to start from.
+        head: a registered head name; a head section of another type is replaced by ``{type: head}``.
+    """
+    import yaml
+
+    data: dict[str, Any] = config_to_dict(from_preset(preset)) if preset else {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                loaded = yaml.safe_load(handle)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{os.fspath(path)}: invalid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{os.fspath(path)}: expected a mapping of sections, got {type(loaded).__name__}")
+        _merge(data, loaded or {})
+    if head is not None and (data.get("head") or {}).get("type", "dense") != head:
+        data["head"] = {"type": head}
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_path(data, keys, value)
+    return config_from_dict(data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    """Merge ``update`` into ``base`` recursively; a changed registry ``type`` replaces the whole section."""
+    for key, value in update.items():
+        current = base.get(key)
+        same_type = not isinstance(value, dict) or value.get("type", None) in (None, (current or {}).get("type"))
+        if isinstance(current, dict) and isinstance(value, dict) and same_type:
+            _merge(current, value)
+        else:
+            base[key] = value

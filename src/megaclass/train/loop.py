@@ -1,0 +1,690 @@
+"""The training loop, readable top to bottom: ``setup / train / evaluate / save_checkpoint / close``.
+
+``megaclass train --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo``
+runs :func:`train`. One step is: forward (encoder, then head loss), backward, clip, optimizer step,
+``head.after_step(step, epoch, lr=head_lr)``, log. The run folder ends up holding:
+
+- ``config.yaml``: the resolved config; ``run.json``: data facts needed to rebuild the model;
+- ``model/``: the final encoder and head weights (safetensors + JSON); ``featurizer/`` for text data;
+- ``checkpoints/``: resumable state (``--resume``); ``log.jsonl``: every logged number;
+- ``metrics.json``: the final test metrics, ``train_seconds``, ``peak_memory_bytes``;
+- ``report.md`` and ``report.png``: config, metrics per epoch, and the loss and P@k curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset
+from megaclass.distributed.info import DistInfo, init_distributed
+from megaclass.distributed.parallel import data_parallel, shards_head
+from megaclass.heads import HeadContext, build_head
+from megaclass.models import build_model
+from megaclass.schema import ConfigError
+from megaclass.train import checkpoint
+from megaclass.train.config import (
+    OptimGroupConfig,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    featurizer_config,
+    lr_at,
+)
+from megaclass.train.low_precision import head_input
+from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
+from megaclass.train.report import epoch_history, write_report
+
+__all__ = ["LoopState", "Trainer", "train"]
+
+# Settings a resumed run may change: they do not alter the numbers the run computes.
+_RESUMABLE_CHANGES = {"train.stop_after_steps", "train.cpu_threads", "train.progress", "train.num_workers", "train.checkpoint_every",
+                      "train.keep_checkpoints", "train.log_every", "distributed.timeout_s"}
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands: saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    global_step: int = 0  # optimizer steps done in all
+    epoch_loss_sum: float = 0.0  # sum of the losses of this epoch's steps so far
+    train_seconds: float = 0.0  # time spent in training steps, across resumptions
+    eval_seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def build_optimizer(
+    module: nn.Module, group: OptimGroupConfig, *, low_precision: bool = False, seed: int = 0
+) -> torch.optim.Optimizer | None:
+    """The optimizer of ``module``'s trainable parameters; weight decay on matrices only. None if none.
+
+    ``low_precision``: bf16 parameters keep bf16 optimizer state, updated with stochastic rounding seeded by
+    ``seed`` (:mod:`megaclass.train.low_precision`).
+    """
+    params = [param for param in module.parameters() if param.requires_grad]
+    if not params:
+        return None
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": group.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if low_precision:
+        from megaclass.train.low_precision import BF16SGD, BF16AdamW
+
+        if group.name == "sgd":
+            return BF16SGD(groups, lr=group.lr, momentum=group.momentum, seed=seed)
+        return BF16AdamW(groups, lr=group.lr, betas=group.betas, seed=seed)  # adam too: decoupled decay
+    if group.name == "sgd":
+        return torch.optim.SGD(groups, lr=group.lr, momentum=group.momentum)
+    optimizer_class = torch.optim.AdamW if group.name == "adamw" else torch.optim.Adam
+    # The fused kernels update every tensor in one pass: ~4x faster than foreach on CPU, same results.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return optimizer_class(groups, lr=group.lr, betas=group.betas, fused=fused or None)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator the loop uses (torch CPU and CUDA, NumPy, Python)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _config_changes(a, b, f"{path}.")
+        elif a != b:
+            changes.append(path)
+    return changes
+
+
+class Trainer:
+    """Trains an encoder and a head on one data set and evaluates on another; see the module docstring.
+
+    Args:
+        config: the run's config.
+        train_path: the training data file.
+        test_path: the test data file (evaluated every ``train.eval_every`` epochs and at the end).
+        out_dir: the run folder.
+        resume: continue from the newest checkpoint in ``out_dir`` (a fresh start when there is none).
+    """
+
+    def __init__(self, config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False):
+        self.config = config
+        self.train_path = os.fspath(train_path)
+        self.test_path = os.fspath(test_path)
+        self.out_dir = os.fspath(out_dir)
+        self.resume = resume
+        self.state = LoopState()
+        self.device = resolve_device(config.train.device)
+        self.dist = DistInfo.from_env()  # rank facts, read once
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Open the data, build the encoder, head and optimizers, and restore a checkpoint when resuming."""
+        config, dist = self.config, self.dist
+        self.device = init_distributed(dist, device=self.device, timeout_s=config.distributed.timeout_s)
+        os.makedirs(self.out_dir, exist_ok=True)
+        resume_from = checkpoint.latest_checkpoint(self._checkpoint_dir()) if self.resume else None
+        if resume_from is None and dist.is_main:
+            self._clear_previous_run()
+        self.logger = RunLogger(self.out_dir, enabled=dist.is_main)  # logs and reports: rank 0 only
+        reset_peak_memory(self.device)
+        if config.train.cpu_threads:
+            torch.set_num_threads(config.train.cpu_threads)
+        seed_everything(config.train.seed)
+        self.train_data, self.test_data = self._open_data()
+        self.encoder, self.head = build_modules(config, self.train_data, device=self.device, dist=dist)
+        self.parallel = data_parallel(self.encoder, self.head, config=config, dist=dist, device=self.device)
+        self.optimizers = {
+            "encoder": build_optimizer(self.encoder, config.optim.encoder),
+            "head": build_optimizer(
+                self.head,
+                config.optim.head,
+                low_precision=config.optim.head_state == "bf16_sr",
+                seed=config.train.seed,
+            ),
+        }
+        self.loader = BatchLoader(
+            self.train_data,
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            num_workers=config.train.num_workers,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        self.total_steps = config.train.epochs * self.loader.steps_per_epoch()
+        if dist.is_main:
+            self._write_run_files()
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    def _open_data(self) -> tuple[SparseDataset, SparseDataset]:
+        from megaclass.models.text import token_source
+
+        data_config = self.config.data
+        tokens = token_source(self.config.model)  # transformer encoders read text as cached token ids
+        train_data = open_dataset(
+            self.train_path,
+            data_format=data_config.format,
+            num_classes=data_config.num_classes or None,
+            featurizer_config=featurizer_config(data_config.featurizer),
+            **tokens,
+        )
+        test_data = open_dataset(
+            self.test_path,
+            data_format=data_config.format,
+            num_classes=train_data.num_classes,
+            featurizer=train_data.featurizer,
+            **tokens,
+        )
+        if test_data.input_spec != train_data.input_spec:
+            raise ConfigError(
+                f"--test {self.test_path}: inputs {test_data.input_spec} differ from --train's {train_data.input_spec}"
+            )
+        return train_data, test_data
+
+    def _checkpoint_dir(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a used folder starts from nothing: old checkpoints and logs would mix with the new."""
+        shutil.rmtree(self._checkpoint_dir(), ignore_errors=True)
+        for name in ("log.jsonl", "metrics.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.out_dir, name))
+
+    def _write_run_files(self) -> None:
+        """``config.yaml``, ``run.json`` and the featuriser: what :func:`load_run` needs besides weights."""
+        import yaml
+
+        with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as file:
+            yaml.safe_dump(config_to_dict(self.config), file, sort_keys=False)
+        data = self.train_data
+        facts = {
+            "format": self.config.data.format,
+            "train_path": self.train_path,
+            "num_classes": data.num_classes,
+            "multilabel": data.multilabel,
+            "input_spec": dataclasses.asdict(data.input_spec),
+            "num_train_samples": len(data),
+            "label_counts_file": "label_counts.npy",
+        }
+        checkpoint.write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
+        np.save(os.path.join(self.out_dir, "label_counts.npy"), data.label_counts())
+        if data.featurizer is not None:
+            checkpoint.write_state(os.path.join(self.out_dir, "featurizer"), data.featurizer.state_dict())
+
+    # ------------------------------------------------------------------------------------------------ train
+
+    def train(self) -> dict[str, Any]:
+        """Run the remaining epochs; evaluate, checkpoint, write ``metrics.json`` and the report."""
+        config = self.config.train
+        self.logger.print(
+            f"train {self.train_path}: {len(self.train_data)} samples, {self.train_data.num_classes} classes "
+            f"({'multi-label' if self.train_data.multilabel else 'one label each'}); {self.total_steps} steps "
+            f"on {self.device}"
+        )
+        stopped = False
+        while self.state.epoch < config.epochs and not stopped:
+            epoch = self.state.epoch
+            stopped = not self.train_epoch(epoch)
+            if stopped:
+                break
+            self._finish_epoch(epoch)
+        if stopped:
+            self.logger.print(f"stopped after step {self.state.global_step} (train.stop_after_steps)")
+            return {}
+        return self._finish_run()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Steps of ``epoch`` from where the state stands; False if the run stops before the epoch ends."""
+        config = self.config.train
+        steps = self.loader.steps_per_epoch()
+        window: list[Tensor] = []
+        batches = self.loader.epoch(epoch, start_step=self.state.step_in_epoch)
+        last = time.perf_counter()
+        for batch in self._progress(batches, epoch, steps):
+            window.append(self.train_step(batch))
+            step = self.state.global_step
+            checkpoint_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            stop_due = bool(config.stop_after_steps) and step >= config.stop_after_steps
+            if len(window) == config.log_every or self.state.step_in_epoch == steps or checkpoint_due or stop_due:
+                self._log_losses(window, epoch)  # one host sync per log window
+                window = []
+            now = time.perf_counter()
+            self.state.train_seconds += now - last
+            if checkpoint_due or stop_due:
+                self.save_checkpoint()
+            if stop_due:
+                return False
+            last = time.perf_counter()
+        return True
+
+    def train_step(self, batch: Any) -> Tensor:
+        """One optimizer step on ``batch``; returns the (detached, device) loss."""
+        batch = batch.to(self.device, non_blocking=True)
+        lrs = self._set_learning_rates(self.state.global_step)
+        with self._autocast():
+            frozen = self.state.global_step < self.config.optim.encoder_frozen_steps  # head-only warm-up
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                features = self.parallel.encoder(batch.inputs)  # (B, D)
+            loss = self.parallel.head(head_input(features, self.head), batch.targets)
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.train.grad_clip > 0:
+            self.parallel.clip_grad_norm_(self.config.train.grad_clip)
+        for optimizer in self._optimizers():
+            optimizer.step()
+        self.state.global_step += 1
+        self.state.step_in_epoch += 1
+        fraction = self.state.epoch + self.state.step_in_epoch / self.loader.steps_per_epoch()
+        self.head.after_step(self.state.global_step, fraction, lr=lrs["head"])
+        return loss.detach()
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [optimizer for optimizer in self.optimizers.values() if optimizer is not None]
+
+    def _set_learning_rates(self, step: int) -> dict[str, float]:
+        """Set each group's lr from the schedule (a pure function of the step)."""
+        lrs = {}
+        for name, optimizer in self.optimizers.items():
+            group_config = getattr(self.config.optim, name)
+            lrs[name] = lr_at(step, peak=group_config.lr, total_steps=self.total_steps, optim=self.config.optim)
+            for group in optimizer.param_groups if optimizer is not None else []:
+                group["lr"] = lrs[name]
+        return lrs
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.config.train.bf16 and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _progress(self, batches: Iterator[Any], epoch: int, steps: int) -> Iterator[Any]:
+        if not self.config.train.progress:
+            return batches
+        from tqdm import tqdm
+
+        return tqdm(
+            batches,
+            total=steps,
+            initial=self.state.step_in_epoch,
+            desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def _log_losses(self, window: list[Tensor], epoch: int) -> None:
+        losses = torch.stack(window).float().cpu().tolist()  # deliberate host sync, once per log window
+        self.state.epoch_loss_sum += sum(losses)
+        lr = lr_at(
+            self.state.global_step - 1, peak=1.0, total_steps=self.total_steps, optim=self.config.optim
+        )
+        self.logger.log(
+            "train",
+            self.state.global_step,
+            {"epoch": epoch, "loss": sum(losses) / len(losses), "losses": losses, "lr_scale": lr},
+        )
+
+    def _finish_epoch(self, epoch: int) -> None:
+        """Log the epoch's mean loss, evaluate when due, checkpoint, and move the state to the next epoch."""
+        train_loss = self.state.epoch_loss_sum / max(self.state.step_in_epoch, 1)
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+        self.logger.log("epoch", self.state.global_step, record)
+        last = epoch + 1 == self.config.train.epochs
+        if last or (epoch + 1) % self.config.train.eval_every == 0:
+            metrics = self.evaluate(self.test_data)
+            self.logger.log("eval", self.state.global_step, {"epoch": epoch + 1, **metrics})
+            summary = "  ".join(f"{k} {metrics[k]:.4f}" for k in metrics if k.startswith("P@"))
+            self.logger.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  {summary}")
+        else:
+            self.logger.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}")
+        self.state = dataclasses.replace(self.state, epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
+        self.save_checkpoint()
+
+    def _finish_run(self) -> dict[str, Any]:
+        """Final weights, ``metrics.json`` and the report (rank 0; the others return no metrics)."""
+        model_state = self._model_state()  # collective under FSDP2
+        if not self.dist.is_main:
+            return {}
+        records = read_log(self.logger.path)
+        evals = [record for record in records if record["kind"] == "eval"]
+        metrics = {k: v for k, v in evals[-1].items() if k not in ("kind", "step", "time", "epoch")}
+        metrics.update(
+            train_seconds=round(self.state.train_seconds, 3),
+            eval_seconds=round(self.state.eval_seconds, 3),
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            epochs=self.config.train.epochs,
+            steps=self.state.global_step,
+            num_classes=self.train_data.num_classes,
+            device=str(self.device),
+        )
+        checkpoint.write_state(os.path.join(self.out_dir, "model"), model_state)
+        checkpoint.write_json_atomic(os.path.join(self.out_dir, "metrics.json"), metrics)
+        with open(os.path.join(self.out_dir, "config.yaml"), encoding="utf-8") as file:
+            config_yaml = file.read()
+        write_report(
+            self.out_dir, config_yaml=config_yaml, metrics=metrics, history=epoch_history(records),
+            ks=self.config.eval.ks,
+        )
+        return metrics
+
+    # --------------------------------------------------------------------------------------------- evaluate
+
+    def evaluate(self, dataset: SparseDataset) -> dict[str, float]:
+        """Ranking metrics of the current model on ``dataset`` (P@k, nDCG@k, PSP@k, ...)."""
+        started = time.perf_counter()
+        label_counts = self.train_data.label_counts()
+        metrics = evaluate_model(
+            self.encoder, self.head, dataset, config=self.config, label_counts=label_counts,
+            num_train_samples=len(self.train_data), device=self.device,
+        )
+        if self.config.eval.verification:
+            metrics.update(self._verification())
+        self.state.eval_seconds += time.perf_counter() - started
+        return metrics
+
+    def _verification(self) -> dict[str, float]:
+        """Face verification on the ``eval.verification`` ``.bin`` sets (loaded and decoded on first use)."""
+        from megaclass.train.extract import VerificationEvaluator
+
+        if getattr(self, "_verifier", None) is None:
+            self._verifier = VerificationEvaluator(
+                self.config.eval.verification, batch_size=self.config.eval.batch_size
+            )
+        results = self._verifier(self.encoder, device=self.device)
+        for name, result in results.items():
+            self.logger.print(result.format(name))
+        return VerificationEvaluator.flatten(results)
+
+    # -------------------------------------------------------------------------------------------- checkpoint
+
+    def _model_state(self) -> dict[str, Any]:
+        if not self.parallel.sharded_head:
+            return {"encoder": self.encoder.state_dict(), "head": self.head.state_dict()}
+        from megaclass.distributed.checkpoint import export_head_state
+        from megaclass.distributed.parallel import encoder_state
+
+        latest = checkpoint.latest_checkpoint(self._checkpoint_dir())  # the final checkpoint, just written
+        encoder_weights, _ = encoder_state(self.parallel, None)
+        if not self.dist.is_main:
+            return {}
+        prefix = "local." if self.config.head.type == "selected" else ""
+        return {"encoder": encoder_weights, "head": export_head_state(latest, prefix=prefix)}
+
+    def save_checkpoint(self) -> str:
+        """Write everything needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
+        if self.dist.distributed or self.parallel.sharded_head:
+            return self._save_distributed_checkpoint()
+        state = {
+            **self._model_state(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items() if opt is not None},
+            "loop": dataclasses.asdict(self.state),
+            "rng": rng_state(),
+            "config": config_to_dict(self.config),
+        }
+        return checkpoint.save_checkpoint(
+            self._checkpoint_dir(), self.state.global_step, state, keep=self.config.train.keep_checkpoints
+        )
+
+    def _save_distributed_checkpoint(self) -> str:
+        """A checkpoint any world size resumes (:mod:`megaclass.distributed.checkpoint`); collective."""
+        from megaclass.distributed.checkpoint import save_sharded
+        from megaclass.distributed.parallel import encoder_state
+
+        if not self.parallel.sharded_head:
+            raise ConfigError("checkpoints of several ranks need a class-sharded head (distributed.shard_head)")
+        encoder_weights, encoder_optimizer = encoder_state(self.parallel, self.optimizers["encoder"])
+        common = {
+            "encoder": encoder_weights,
+            "optimizers": {"encoder": encoder_optimizer} if encoder_optimizer is not None else {},
+            "loop": dataclasses.asdict(self.state),
+            "config": config_to_dict(self.config),
+            "global_batch": self.config.train.batch_size * self.dist.world_size,
+        }
+        return save_sharded(
+            self._checkpoint_dir(), self.state.global_step, head=self.head, head_optimizer=self.optimizers["head"],
+            common=common, private={"rng": rng_state()}, rank=self.dist.rank, world_size=self.dist.world_size,
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    def _restore_distributed(self, path: str) -> dict[str, Any]:
+        """Load a checkpoint written by any world size; returns its common state (config, loop state)."""
+        from megaclass.distributed.checkpoint import is_sharded_checkpoint, load_sharded
+        from megaclass.distributed.parallel import load_encoder_state
+
+        if not (is_sharded_checkpoint(path) and self.parallel.sharded_head):
+            raise ConfigError(f"--resume: {path} and this run must both use a class-sharded head")
+        common, private = load_sharded(
+            path, head=self.head, head_optimizer=self.optimizers["head"], rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        load_encoder_state(
+            self.parallel, self.optimizers["encoder"], common["encoder"], common["optimizers"].get("encoder")
+        )
+        if private is not None:
+            common["rng"] = private["rng"]
+        if common["global_batch"] != self.config.train.batch_size * self.dist.world_size:
+            raise ConfigError(
+                f"--resume: the checkpoint's global batch is {common['global_batch']} samples, this run's "
+                f"train.batch_size x ranks is {self.config.train.batch_size * self.dist.world_size}"
+            )
+        common["config"]["train"]["batch_size"] = self.config.train.batch_size  # per rank: the product counts
+        return common
+
+    def _restore(self, path: str) -> None:
+        if self.dist.distributed or self.parallel.sharded_head:
+            state = self._restore_distributed(path)
+        else:
+            state = checkpoint.load_checkpoint(path)
+        changes = [c for c in _config_changes(state["config"], config_to_dict(self.config))
+                   if c not in _RESUMABLE_CHANGES]
+        if changes:
+            raise ConfigError(
+                f"--resume: the config differs from the checkpoint's in {', '.join(changes)}; "
+                "a resumed run must compute what the interrupted one would have"
+            )
+        if "head" in state:  # a single-process checkpoint
+            self.encoder.load_state_dict(state["encoder"])
+            self.head.load_state_dict(state["head"])
+            for name, optimizer in self.optimizers.items():
+                if optimizer is not None:
+                    optimizer.load_state_dict(state["optimizers"][name])
+        self.state = LoopState(**state["loop"])
+        if "rng" in state:  # absent when the world size changed: each rank keeps its fresh seeded state
+            set_rng_state(state["rng"])
+        if self.dist.is_main:
+            _truncate_log(self.logger.path, self.state.global_step)
+        self.logger.print(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.global_step}")
+
+    def close(self) -> None:
+        """Flush and close the logs."""
+        self.logger.close()
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log records written after checkpoint ``step``: the resumed run writes them again."""
+    kept = [record for record in read_log(path) if record["step"] <= step]
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in kept)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_modules(
+    config: RunConfig, data: SparseDataset, *, device: torch.device, dist: DistInfo | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """The encoder and head of ``config`` for ``data``, on ``device``; the head split by class over the ranks
+    of ``dist`` where ``distributed.shard_head`` asks for it (:mod:`megaclass.distributed.sharded`)."""
+    from megaclass.models.text import init_head_rows, label_name_features
+
+    encoder = build_model(config.model, data.input_spec)
+    names = label_name_features(config.model, encoder, data.path, num_classes=data.num_classes, device=device)
+    label_features = None
+    if names is not None and config.model.label_features == "names":
+        label_features = names
+    elif config.data.label_feature_dim > 0:
+        label_features = data.label_features(dim=config.data.label_feature_dim, seed=config.train.seed)
+    context = HeadContext(
+        in_features=encoder.out_features,
+        num_classes=data.num_classes,
+        multilabel=data.multilabel,
+        label_counts=data.label_counts(),
+        label_features=label_features,
+    )
+    if shards_head(config, dist or DistInfo()):
+        from megaclass.distributed.sharded import build_sharded_head
+
+        head = build_sharded_head(config.head, context, seed=config.train.seed)
+    else:
+        head = build_head(config.head, context)
+    if names is not None and config.model.init_head == "label_names":
+        init_head_rows(head, names)
+    if config.optim.head_state == "bf16_sr":
+        from megaclass.train.low_precision import to_bf16_state
+
+        to_bf16_state(head)
+    return encoder.to(device), head.to(device)
+
+
+@torch.no_grad()
+def evaluate_model(
+    encoder: nn.Module,
+    head: nn.Module,
+    dataset: SparseDataset,
+    *,
+    config: RunConfig,
+    label_counts: np.ndarray,
+    num_train_samples: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Ranking metrics of ``encoder`` + ``head`` on ``dataset``, with propensities from the training labels."""
+    from megaclass.metrics.ranking import RankingMetrics, propensity
+
+    propensities = propensity(
+        label_counts, num_train_samples, a=config.eval.propensity_a, b=config.eval.propensity_b
+    )
+    metrics = RankingMetrics(dataset.num_classes, ks=config.eval.ks, propensities=propensities)
+    k = max(config.eval.ks)
+    label_filter = None
+    if config.eval.filter_labels:  # XMC repository filter pairs leave predictions and targets alike
+        from megaclass.metrics.filtering import read_filter_labels
+
+        label_filter = read_filter_labels(config.eval.filter_labels, num_classes=dataset.num_classes)
+    spare = label_filter.max_per_doc if label_filter is not None else 0
+    first_row = 0
+    for _, ids, batch in predict_batches(encoder, head, dataset, k=k + spare, config=config, device=device):
+        targets = batch.targets
+        if label_filter is not None:
+            ids, targets = label_filter.apply(ids, targets, first_row=first_row, k=k)
+        metrics.update(ids, targets)
+        first_row += ids.shape[0]
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
+@torch.no_grad()
+def predict_batches(
+    encoder: nn.Module, head: nn.Module, dataset: SparseDataset, *, k: int, config: RunConfig, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor, Any]]:
+    """``(scores (B, k), ids (B, k), batch)`` on the CPU, in file order; ids past ``C`` are -1, scores -inf."""
+    encoder.eval()
+    head.eval()
+    loader = BatchLoader(dataset, batch_size=config.eval.batch_size, shuffle=False)
+    top = min(k, dataset.num_classes)
+    enabled = config.train.bf16 and device.type == "cuda"
+    try:
+        for batch in loader.epoch(0):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                features = encoder(batch.inputs.to(device))  # (B, D)
+                scores, ids = head.topk(head_input(features, head), top)  # (B, k)
+            scores, ids = scores.float().cpu(), ids.cpu()
+            if top < k:
+                pad = k - top
+                scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1)  # (B, k)
+                ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)  # (B, k)
+            yield scores, ids, batch
+    finally:
+        encoder.train()
+        head.train()
+
+
+def train(
+    config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False
+) -> dict[str, Any]:
+    """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
+    ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
+
+    >>> from megaclass.train import from_preset
+    >>> metrics = train(from_preset("xmc-mlp"), train_path="data/deb-tags/train_bow.txt.gz",
+    ...                 test_path="data/deb-tags/test_bow.txt.gz", out_dir="runs/demo")  # doctest: +SKIP
+    """
+    from megaclass.distributed.info import shutdown_distributed
+
+    trainer = Trainer(config, train_path=train_path, test_path=test_path, out_dir=out_dir, resume=resume)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except RuntimeError as error:
+        dist = trainer.dist
+        if not dist.distributed:
+            raise
+        raise RuntimeError(
+            f"rank {dist.rank} of {dist.world_size}: training stopped: a collective failed, so another rank "
+            f"stopped or did not answer within distributed.timeout_s={config.distributed.timeout_s:g} s ({error})"
+        ) from error
+    finally:
+        if hasattr(trainer, "logger"):
+            trainer.close()
+        shutdown_distributed()
+
+
+def load_config_file(path: str) -> RunConfig:
+    """The :class:`RunConfig` saved as YAML at ``path`` (a run's ``config.yaml``)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        return config_from_dict(yaml.safe_load(file))

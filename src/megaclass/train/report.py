@@ -1,0 +1,80 @@
+"""The run report: ``report.md`` (config, final metrics, a table per epoch) and ``report.png`` (loss and P@k)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["epoch_history", "write_report"]
+
+
+def epoch_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch from ``log.jsonl`` records: the mean training loss and that epoch's eval metrics."""
+    rows: dict[int, dict[str, Any]] = {}
+    for record in records:
+        if record.get("kind") in ("epoch", "eval") and "epoch" in record:
+            row = rows.setdefault(int(record["epoch"]), {"epoch": int(record["epoch"])})
+            row.update({k: v for k, v in record.items() if k not in ("kind", "time", "step", "epoch")})
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(column, "")) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def _plot(path: str, history: list[dict[str, Any]], ks: tuple[int, ...]) -> str | None:
+    """Write the loss and P@k curves to ``path``; the reason when it cannot (None when written)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'megaclass[report]'): no plot"
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(epochs, [row.get("train_loss", float("nan")) for row in history], marker="o")
+    loss_axes.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    for k in ks:
+        points = [(row["epoch"], row[f"P@{k}"]) for row in history if f"P@{k}" in row]
+        if points:
+            metric_axes.plot(*zip(*points), marker="o", label=f"P@{k}")
+    metric_axes.set(xlabel="epoch", ylabel="precision", title="Test P@k")
+    metric_axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None
+
+
+def write_report(
+    out_dir: str, *, config_yaml: str, metrics: dict[str, Any], history: list[dict[str, Any]], ks: tuple[int, ...]
+) -> str:
+    """Write ``out_dir/report.md`` and ``out_dir/report.png``; returns the report's path."""
+    note = _plot(os.path.join(out_dir, "report.png"), history, ks)
+    final = [{"metric": name, "value": value} for name, value in metrics.items()]
+    columns = ["epoch", "train_loss"] + [name for name in metrics if name.startswith(("P@", "nDCG@", "PSP@"))]
+    columns = [column for column in columns if any(column in row for row in history)]
+    sections = [
+        "# Run report",
+        "## Final metrics",
+        _markdown_table(final, ["metric", "value"]),
+        "## Per epoch",
+        _markdown_table(history, columns) if history else "No epoch finished.",
+        "![loss and P@k per epoch](report.png)" if note is None else f"_{note}_",
+        "## Config",
+        f"```yaml\n{config_yaml.rstrip()}\n```",
+    ]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("\n\n".join(sections) + "\n")
+    return path

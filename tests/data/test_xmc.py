@@ -1,0 +1,319 @@
+"""XMC readers and writers against a plain-Python parser; bad input names its line; caches; PIFA features."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from megaclass.data.xmc import (
+    CSR,
+    XMCData,
+    label_features,
+    load_xmc,
+    read_bow,
+    read_label_names,
+    read_text,
+    write_bow,
+    write_text,
+)
+from megaclass.errors import DataFormatError
+
+
+def _python_bow(text: str) -> tuple[list[list[int]], list[dict[int, float]], tuple[int, int, int]]:
+    """Reference parser: one line at a time, with str.split."""
+    lines = text.split("\n")
+    header = tuple(int(field) for field in lines[0].split())
+    body = lines[1 : 1 + header[0]]
+    labels, features = [], []
+    for line in body:
+        fields = line.replace("\t", " ").split(" ")
+        first = fields[0] if fields and ":" not in fields[0] else ""
+        labels.append([int(label) for label in first.split(",")] if first else [])
+        pairs = [field.split(":") for field in fields[1 if first or not fields[0] else 0 :] if field]
+        features.append({int(key): float(value) for key, value in pairs})
+    return labels, features, header
+
+
+def _random_data(rng: np.random.Generator, rows: int, num_labels: int, num_features: int) -> XMCData:
+    label_rows = [
+        sorted(rng.choice(num_labels, rng.integers(0, 4), replace=False).tolist()) for _ in range(rows)
+    ]
+    feature_rows = [np.sort(rng.choice(num_features, rng.integers(0, 6), replace=False)) for _ in range(rows)]
+    values = [rng.random(row.size).astype(np.float32) * rng.choice([1, 100, 1e-3]) for row in feature_rows]
+    values = [np.round(v, 6).astype(np.float32) for v in values]
+
+    def csr(rows_: list, data: list | None, width: int) -> CSR:
+        indptr = np.concatenate([[0], np.cumsum([len(row) for row in rows_])]).astype(np.int64)
+        flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows_]) if rows_ else np.zeros(0)
+        values_ = None if data is None else np.concatenate(data).astype(np.float32)
+        return CSR(indptr, flat.astype(np.int32), values_, width)
+
+    texts = [
+        " ".join(f"w{i}" for i in row) + (" Ünï" if i % 3 == 0 else "") for i, row in enumerate(feature_rows)
+    ]
+    return XMCData(
+        "memory", csr(label_rows, None, num_labels), csr(feature_rows, values, num_features), texts
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 7, 130])
+@pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
+def test_bow_round_trip_matches_python_parser(tmp_path, rows: int, suffix: str) -> None:
+    data = _random_data(np.random.default_rng(rows), rows, num_labels=11, num_features=29)
+    path = tmp_path / f"data{suffix}"
+    write_bow(path, data)
+    read = read_bow(path, cache=False)
+    raw = gzip.open(path, "rt").read() if suffix.endswith(".gz") else path.read_text()
+    labels, features, header = _python_bow(raw)
+    assert header == (rows, 29, 11)
+    assert read.labels.to_lists() == labels == data.labels.to_lists()
+    assert read.features.to_lists() == [list(row) for row in features]
+    expected_values = np.array([value for row in features for value in row.values()], dtype=np.float32)
+    np.testing.assert_array_equal(read.features.data, expected_values)
+    np.testing.assert_allclose(read.features.data, data.features.data, rtol=1e-6, atol=5e-7)
+    assert read.labels.indices.dtype == np.int32 and read.labels.indptr.dtype == np.int64
+    assert read.features.data.dtype == np.float32
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
+def test_text_round_trip(tmp_path, suffix: str) -> None:
+    data = _random_data(np.random.default_rng(0), 50, num_labels=9, num_features=13)
+    path = tmp_path / f"data{suffix}"
+    write_text(path, data)
+    read = read_text(path, num_labels=9, cache=False)
+    assert read.texts == data.texts
+    assert read.labels.to_lists() == data.labels.to_lists()
+    assert read.num_features == 0 and read.format == "text" and read.features is None
+
+
+def test_odd_but_valid_lines(tmp_path) -> None:
+    path = tmp_path / "odd.txt"
+    path.write_bytes(b"5 6 4\r\n0,3 1:0.5 5:2e-1\r\n 2:1\n\n3\n2:-0.25\t4:1.\n")
+    data = load_xmc(path, cache=False)
+    assert data.format == "bow" and data.multilabel
+    assert data.labels.to_lists() == [[0, 3], [], [], [3], []]
+    assert data.features.to_lists() == [[1, 5], [2], [], [], [2, 4]]
+    np.testing.assert_allclose(data.features.data, [0.5, 0.2, 1, -0.25, 1])
+    text = tmp_path / "odd_text.txt"
+    text.write_bytes(b"1\tA b\r\n\tno labels\n2,0\t\n3\ttabs\tinside")
+    data = load_xmc(text, cache=False)
+    assert data.texts == ["A b", "no labels", "", "tabs\tinside"]
+    assert data.labels.to_lists() == [[1], [], [2, 0], [3]]
+    assert data.num_labels == 4
+
+
+BAD_BOW = [
+    ("3 5\n0 1:1\n", 1, "header"),
+    ("x 5 4\n0 1:1\n", 1, "header"),
+    ("3 5 4\n0 1:1\n1 2:1\n", 3, "3 documents"),
+    ("1 5 4\n0 1:1\n1 2:1\n", 3, "1 documents"),
+    ("2 5 4\n0 1:1\n4 2:1\n", 3, "label id 4 out of range"),
+    ("2 5 4\n0 1:1\n3 5:1\n", 3, "feature id 5 out of range"),
+    ("2 5 4\n0 1:1\n3 2:\n", 3, "malformed"),
+    ("2 5 4\n0 1:1\n3 :2\n", 3, "malformed"),
+    ("2 5 4\n0 1:1\n3 2:0.5:1\n", 3, "malformed"),
+    ("2 5 4\n0 1:1\n3 2\n", 3, "malformed"),
+    ("2 5 4\n0 1:1\n1:1 3\n", 3, "malformed"),
+    ("2 5 4\n0 1:1\n3 a:1\n", 3, "'a'"),
+    ("2 5 4\n0 1:1\n3 1:x\n", 3, "'x'"),
+    ("2 5 4\n0 1:1\n3 1:1.2.3\n", 3, "'1.2.3'"),
+    ("2 5 4\n0 1:1\n3 1:nan\n", 3, "'nan'"),
+    ("2 5 4\n0 1:1\nx 1:1\n", 3, "'x'"),
+    ("2 5 4\n0 1:1\n1,,2 1:1\n", 3, "malformed"),
+    ("2 5 4\n0 1:1\n1.5 1:1\n", 3, "'1.5'"),
+    ("2 5 4\n0 1:1\n-1 1:1\n", 3, "'-1'"),
+]
+
+
+@pytest.mark.parametrize(("content", "line", "words"), BAD_BOW)
+def test_bad_bow_names_file_and_line(tmp_path, content: str, line: int, words: str) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    with pytest.raises(DataFormatError) as caught:
+        load_xmc(path, cache=False)
+    assert caught.value.line == line and caught.value.path == str(path)
+    assert words in caught.value.problem
+
+
+BAD_TEXT = [
+    ("0,1\thello\nabc\n", 2, "no tab"),
+    ("0,1\thello\n1,a\tabc\n", 2, "'1,a'"),
+    ("0,1\thello\n1,\tabc\n", 2, "stray comma"),
+    ("0\thello\n,1\tabc\n", 2, "stray comma"),
+    ("0\thello\n-1\tabc\n", 2, "'-1'"),
+    ("0\tok\n1\tok\n5\tabc\n", 3, "label id 5 out of range [0, 4)"),
+    ("0\tok\n\xff\tbad\n", 2, "label ids"),
+]
+
+
+@pytest.mark.parametrize(("content", "line", "words"), BAD_TEXT)
+def test_bad_text_names_file_and_line(tmp_path, content: str, line: int, words: str) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataFormatError) as caught:
+        read_text(path, num_labels=4, cache=False)
+    assert caught.value.line == line and words in caught.value.problem
+
+
+def test_invalid_utf8_text_names_line(tmp_path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"0\tok\n1\tok\n1\tbad \xff byte\n")
+    with pytest.raises(DataFormatError) as caught:
+        read_text(path, cache=False)
+    assert caught.value.line == 3 and "UTF-8" in caught.value.problem
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"a b c d\n"])
+def test_empty_or_unknown_file(tmp_path, content: bytes) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError) as caught:
+        load_xmc(path, cache=False)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("content", [b"0 5 3\n", b"0 5 3"])
+def test_header_only_file_has_no_rows(tmp_path, content: bytes) -> None:
+    path = tmp_path / "none.txt"
+    path.write_bytes(content)
+    data = load_xmc(path, cache=False)
+    assert len(data) == 0 and data.num_labels == 3 and data.num_features == 5 and data.features.nnz == 0
+
+
+def test_corrupt_gzip_and_missing_file(tmp_path) -> None:
+    path = tmp_path / "bad.txt.gz"
+    path.write_bytes(gzip.compress(b"1 2 3\n0 1:1\n")[:-12])
+    with pytest.raises(DataFormatError):
+        read_bow(path, cache=False)
+    with pytest.raises(FileNotFoundError):
+        load_xmc(tmp_path / "missing.txt")
+
+
+def test_num_labels_sources(tmp_path) -> None:
+    path = tmp_path / "train.txt"
+    path.write_text("0\ta\n2\tb\n")
+    assert read_text(path, cache=False).num_labels == 3  # max id + 1
+    (tmp_path / "labels.txt").write_text("x\ny\nz\nw\n")
+    assert read_text(path, cache=False).num_labels == 4
+    assert read_label_names(path) == ["x", "y", "z", "w"]
+    assert read_text(path, num_labels=7, cache=False).num_labels == 7
+    with pytest.raises(ValueError, match="num_labels"):
+        read_text(path, num_labels=0, cache=False)
+    bow = tmp_path / "bow.txt"
+    bow.write_text("1 3 2\n1 0:1\n")
+    assert read_bow(bow, num_labels=5, cache=False).num_labels == 5
+    assert read_label_names(tmp_path / "sub" / "x.txt") is None
+
+
+def test_cache_is_used_and_invalidated(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MEGACLASS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "data.txt"
+    path.write_text("2 4 3\n0 1:0.5\n1,2 3:1\n")
+    first = read_bow(path)
+    cache = tmp_path / "data.txt.megaclass.npz"
+    assert cache.is_file()
+    assert read_bow(path).labels.to_lists() == first.labels.to_lists()
+    path.write_text("2 4 3\n2 1:0.5\n0 3:1\n")  # same size, new content and mtime
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    assert read_bow(path).labels.to_lists() == [[2], [0]]
+
+
+def test_cache_falls_back_when_folder_is_read_only(tmp_path, monkeypatch) -> None:
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("MEGACLASS_CACHE", str(cache_dir))
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    path = folder / "data.txt"
+    path.write_text("0\tx y\n1\tz\n")
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert read_text(path).texts == ["x y", "z"]
+        assert list(folder.iterdir()) == [path]
+        assert len(list(cache_dir.glob("*.megaclass.npz"))) == 1
+        assert read_text(path).texts == ["x y", "z"]
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+def test_csr_take_row_lengths_and_counts() -> None:
+    rng = np.random.default_rng(3)
+    data = _random_data(rng, 40, num_labels=7, num_features=17)
+    rows = np.array([5, 0, 39, 5, 12, 0])
+    taken = data.features.take(rows)
+    reference = [data.features.to_lists()[row] for row in rows]
+    assert taken.to_lists() == reference
+    bounds = data.features.indptr
+    expected = np.concatenate([data.features.data[bounds[r] : bounds[r + 1]] for r in rows])
+    np.testing.assert_array_equal(taken.data, expected)
+    assert data.features.take(np.array([], dtype=np.int64)).nnz == 0
+    counts = np.zeros(7, dtype=np.int64)
+    for row in data.labels.to_lists():
+        for label in row:
+            counts[label] += 1
+    np.testing.assert_array_equal(data.labels.column_counts(), counts)
+    assert data.labels.row_lengths().tolist() == [len(row) for row in data.labels.to_lists()]
+    assert len(data.labels.take(rows)) == rows.size
+
+
+def test_multilabel_flag() -> None:
+    one = CSR(np.arange(4, dtype=np.int64), np.array([2, 0, 1], dtype=np.int32), None, 3)
+    assert not XMCData("x", one, None, ["a", "b", "c"]).multilabel
+    two = CSR(np.array([0, 1, 1, 2]), np.array([2, 0], dtype=np.int32), None, 3)
+    assert XMCData("x", two, None, ["a", "b", "c"]).multilabel
+
+
+def _pifa_reference(features: CSR, labels: CSR) -> np.ndarray:
+    dense = np.zeros((len(features), features.num_columns))
+    for row, (columns, start) in enumerate(zip(features.to_lists(), features.indptr[:-1], strict=True)):
+        for offset, column in enumerate(columns):
+            dense[row, column] += features.data[start + offset]
+    norms = np.linalg.norm(dense, axis=1, keepdims=True)
+    dense = np.divide(dense, norms, out=np.zeros_like(dense), where=norms > 0)
+    out = np.zeros((labels.num_columns, features.num_columns))
+    for row, row_labels in enumerate(labels.to_lists()):
+        for label in row_labels:
+            out[label] += dense[row]
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_label_features_exact_when_small(rows: int) -> None:
+    data = _random_data(np.random.default_rng(rows), rows, num_labels=6, num_features=10)
+    got = label_features(data.features, data.labels, dim=16)
+    assert got.shape == (6, 10) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _pifa_reference(data.features, data.labels), atol=1e-6)
+    unused = np.setdiff1d(np.arange(6), data.labels.indices)
+    assert np.all(got[unused] == 0)
+
+
+def test_label_features_projection_preserves_geometry() -> None:
+    data = _random_data(np.random.default_rng(9), 300, num_labels=20, num_features=500)
+    exact = _pifa_reference(data.features, data.labels)
+    projected = label_features(data.features, data.labels, dim=256, seed=1)
+    assert projected.shape == (20, 256)
+    np.testing.assert_array_equal(projected, label_features(data.features, data.labels, dim=256, seed=1))
+    assert not np.array_equal(projected, label_features(data.features, data.labels, dim=256, seed=2))
+    used = np.linalg.norm(exact, axis=1) > 0
+    np.testing.assert_allclose(np.linalg.norm(projected[used], axis=1), 1, atol=1e-5)
+    # Johnson-Lindenstrauss: cosines survive the projection up to ~ 3 / sqrt(dim).
+    error = np.abs(projected[used] @ projected[used].T - exact[used] @ exact[used].T)
+    assert error.max() < 0.25, error.max()
+    assert error.mean() < 0.06, error.mean()
+
+
+def test_real_data_round_trip(repo_root, tmp_path) -> None:
+    source = os.path.join(repo_root, "data", "deb-tags", "test_bow.txt.gz")
+    data = read_bow(source, cache=False)
+    assert (len(data), data.num_features, data.num_labels) == (5957, 7472, 595)
+    write_bow(tmp_path / "copy.txt", data)
+    again = read_bow(tmp_path / "copy.txt", cache=False)
+    np.testing.assert_array_equal(again.features.indices, data.features.indices)
+    np.testing.assert_array_equal(again.features.data, data.features.data)
+    text = read_text(os.path.join(repo_root, "data", "deb-tags", "test.txt.gz"), cache=False)
+    assert len(text) == 5957 and text.num_labels == 595
+    np.testing.assert_array_equal(text.labels.indices, data.labels.indices)

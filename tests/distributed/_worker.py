@@ -1,0 +1,165 @@
+"""One rank of a test world: ``python _worker.py SCENARIO OUT_DIR [ARGS...]`` under RANK / WORLD_SIZE."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+
+import torch
+
+from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
+from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
+from megaclass.heads.base import HeadContext
+from megaclass.heads.dense import DenseHead, DenseHeadConfig
+from megaclass.heads.losses import MarginConfig
+from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.targets import RaggedLabels
+
+B, D, C = 5, 7, 23  # per-rank batch, features, classes (odd on purpose)
+
+
+def _targets(multilabel: bool, generator: torch.Generator, rows: int) -> object:
+    if not multilabel:
+        return torch.randint(0, C, (rows,), generator=generator)
+    lists = []
+    for row in range(rows):
+        count = 0 if row == 1 else int(torch.randint(1, 4, (1,), generator=generator))  # one empty row
+        lists.append(torch.randperm(C, generator=generator)[:count].tolist())
+    return RaggedLabels.from_lists(lists)
+
+
+def _slice_targets(targets: object, start: int, stop: int) -> object:
+    if isinstance(targets, torch.Tensor):
+        return targets[start:stop]
+    return RaggedLabels.from_lists(targets.to_lists()[start:stop])
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def _dense_case(name: str, config: DenseHeadConfig, multilabel: bool, rank: int, world: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x_all = torch.randn(world * B, D, generator=generator)
+    targets = _targets(multilabel, generator, world * B)
+    context = HeadContext(in_features=D, num_classes=C, multilabel=multilabel)
+    sharded = ShardedDenseHead(config, context, seed=3)
+    plain = DenseHead(config, context)
+    with torch.no_grad():
+        plain.weight.zero_()
+        plain.weight[sharded.start : sharded.stop] = sharded.weight
+        if plain.bias is not None:
+            plain.bias.copy_(torch.randn(C, generator=generator))
+            sharded.bias.copy_(plain.bias[sharded.start : sharded.stop])
+    # the whole head's weight, the same on every rank: gather every rank's rows
+    rows = [torch.empty(0)] * world
+    torch.distributed.all_gather_object(rows, sharded.weight.detach())
+    with torch.no_grad():
+        plain.weight.copy_(torch.cat(rows, 0))
+    x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+    loss = sharded(x, _slice_targets(targets, rank * B, (rank + 1) * B))
+    loss.backward()
+    x_ref = x_all.clone().requires_grad_(True)
+    ref = plain(x_ref, targets)
+    ref.backward()
+    s = slice(sharded.start, sharded.stop)
+    out = {
+        "loss": _err(loss.detach(), ref.detach()),
+        "grad_x": _err(x.grad / world, x_ref.grad[rank * B : (rank + 1) * B]),
+        "grad_weight": _err(sharded.weight.grad, plain.weight.grad[s]),
+    }
+    if plain.bias is not None:
+        out["grad_bias"] = _err(sharded.bias.grad, plain.bias.grad[s])
+    for head in (sharded, plain):  # one optimizer step each
+        torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9).step()
+    out["step"] = _err(sharded.weight.detach(), plain.weight.detach()[s])
+    scores, ids = sharded.topk(x_all, 4)
+    ref_scores, ref_ids = plain.topk(x_all, 4)
+    out["topk_scores"] = _err(scores, ref_scores)
+    out["topk_ids"] = float((ids != ref_ids).sum())
+    return out
+
+
+def _selected_case(name: str, multilabel: bool, margin: bool, rank: int, world: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x_all = torch.randn(world * B, D, generator=generator)
+    targets = _targets(multilabel, generator, world * B)
+    context = HeadContext(in_features=D, num_classes=C, multilabel=multilabel)
+    margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
+    config = SelectedHeadConfig(sample_num=C, index="none", margin=margin_config, coverage_every=0)
+    sharded = ShardedSelectedHead(config, context)
+    plain = SelectedHead(config, context)
+    local_rows = sharded.local.materialize().rows().clone()
+    every = [torch.empty(0)] * world
+    torch.distributed.all_gather_object(every, local_rows)
+    full = torch.cat(every, 0)
+    plain.materialize().load_state_dict({**plain.store.state_dict(), "weight": full})
+    x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+    loss = sharded(x, _slice_targets(targets, rank * B, (rank + 1) * B))
+    loss.backward()
+    x_ref = x_all.clone().requires_grad_(True)
+    ref = plain(x_ref, targets)
+    ref.backward()
+    sharded.after_step(1, 0.0, lr=0.5)
+    plain.after_step(1, 0.0, lr=0.5)
+    s = slice(sharded.start, sharded.stop)
+    scores, ids = sharded.topk(x_all, 3)
+    ref_scores, ref_ids = plain.topk(x_all, 3)
+    return {
+        "loss": _err(loss.detach(), ref.detach()),
+        "grad_x": _err(x.grad / world, x_ref.grad[rank * B : (rank + 1) * B]),
+        "step": _err(sharded.local.store.rows(), plain.store.rows()[s]),
+        "topk_scores": _err(scores, ref_scores),
+        "topk_ids": float((ids != ref_ids).sum()),
+    }
+
+
+def head_cases(rank: int, world: int) -> dict[str, dict[str, float]]:
+    """Every sharded head against the plain head on the global batch."""
+    results = {}
+    for loss in ("softmax", "bce", "squared_hinge"):
+        for multilabel in (False, True):
+            name = f"dense-{loss}-{'multilabel' if multilabel else 'multiclass'}"
+            results[name] = _dense_case(name, DenseHeadConfig(loss=loss, chunk_size=4), multilabel, rank, world)
+    arcface = DenseHeadConfig(bias=False, chunk_size=5, margin=MarginConfig(kind="arcface", scale=8.0, margin=0.3))
+    results["dense-arcface"] = _dense_case("dense-arcface", arcface, False, rank, world)
+    for multilabel, margin in ((False, False), (True, False), (False, True)):
+        name = f"selected-{'multilabel' if multilabel else 'multiclass'}{'-arcface' if margin else ''}"
+        results[name] = _selected_case(name, multilabel, margin, rank, world)
+    return results
+
+
+def train_run(out_dir: str, run_dir: str, train_path: str, test_path: str, overrides: list[str]) -> dict:
+    from megaclass.train.config import load_config
+    from megaclass.train.loop import train
+
+    config = load_config(None, overrides)
+    train(config, train_path=train_path, test_path=test_path, out_dir=run_dir, resume="--resume" in sys.argv)
+    return {}
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], sys.argv[2]
+    info = DistInfo.from_env()
+    if scenario == "heads":
+        init_distributed(info, device=torch.device("cpu"), timeout_s=60)
+        result = head_cases(info.rank, info.world_size)
+        shutdown_distributed()
+    elif scenario == "die":  # rank 1 exits at once; rank 0 must raise within the timeout, not hang
+        init_distributed(info, device=torch.device("cpu"), timeout_s=float(sys.argv[3]))
+        if info.rank == 1:
+            os._exit(3)
+        for _ in range(1000):
+            torch.distributed.all_reduce(torch.ones(4))
+        result = {}
+    else:  # train RUN_DIR TRAIN TEST overrides...
+        args = [a for a in sys.argv[3:] if a != "--resume"]
+        result = train_run(out_dir, args[0], args[1], args[2], args[3:])
+    with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w", encoding="utf-8") as file:
+        json.dump(result, file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Each class-sharded head on 2 gloo ranks equals the plain head on the global batch (loss, grads, a step,
+top-k), and the pieces that need no process group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaclass.distributed.collectives import gather_rows, merge_topk
+from megaclass.distributed.info import DistInfo
+from megaclass.distributed.sharded import local_targets, shard_range
+from megaclass.targets import RaggedLabels
+
+CASES = [
+    *(f"dense-{loss}-{kind}" for loss in ("softmax", "bce", "squared_hinge") for kind in ("multiclass", "multilabel")),
+    "dense-arcface",
+    "selected-multiclass",
+    "selected-multilabel",
+    "selected-multiclass-arcface",
+]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_head_equals_plain_head(head_world, case: str, rank: int) -> None:
+    errors = head_world.results[rank][case]
+    assert errors.pop("topk_ids") == 0, f"{case} rank {rank}: top-k ids differ"
+    bad = {name: value for name, value in errors.items() if value > 1e-5}
+    assert not bad, f"{case} rank {rank}: max abs error over 1e-5 in {bad}"
+
+
+@pytest.mark.parametrize("classes,world", [(10, 3), (7, 7), (100, 2), (5, 1)])
+def test_shard_ranges_cover_classes_once(classes: int, world: int) -> None:
+    ranges = [shard_range(classes, rank, world) for rank in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == classes
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_shard_range_rejects_more_ranks_than_classes() -> None:
+    with pytest.raises(ValueError, match="C >= world size"):
+        shard_range(2, 0, 3)
+
+
+def test_local_targets_keeps_owned_labels() -> None:
+    targets = RaggedLabels.from_lists([[0, 5, 9], [], [4], [6, 3]])
+    local = local_targets(targets, 4, 7)
+    assert local.to_lists() == [[1], [], [0], [2]]
+
+
+def test_single_process_collectives_are_identity() -> None:
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_rows(x) is x
+    scores, ids = merge_topk(torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[7, 8, 9]]), 2)
+    assert ids.tolist() == [[7, 9]] and scores.tolist() == [[3.0, 2.0]]
+
+
+def test_dist_info_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert DistInfo.from_env() == DistInfo(0, 0, 1, True)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert DistInfo.from_env() == DistInfo(3, 1, 4, False)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        DistInfo.from_env()

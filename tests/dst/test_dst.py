@@ -1,0 +1,115 @@
+"""Fixed fan-in topology: initialisation, prune/regrow keeping fan-in exactly K, schedules."""
+
+import math
+
+import pytest
+import torch
+
+from megaclass.dst import (
+    DSTConfig,
+    RewireMode,
+    connection_magnitude,
+    prune_regrow,
+    random_fanin_index,
+    rewire_fraction,
+    sample_new_columns,
+)
+from megaclass.schema import ConfigError
+
+
+def _has_duplicates(index: torch.Tensor) -> bool:
+    ordered = index.long().sort(dim=1).values
+    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
+
+
+@pytest.mark.parametrize(
+    ("rows", "dim", "fan_in"), [(1, 5, 5), (7, 33, 1), (300, 40, 32), (50, 3000, 256), (64, 64, 16)]
+)
+def test_random_index_is_distinct_and_in_range(rows, dim, fan_in):
+    generator = torch.Generator().manual_seed(1)
+    index = random_fanin_index(rows, dim, fan_in, generator=generator)
+    assert index.shape == (rows, fan_in) and index.dtype == torch.int32
+    assert int(index.min()) >= 0 and int(index.max()) < dim
+    assert not _has_duplicates(index)
+    again = random_fanin_index(rows, dim, fan_in, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(index, again)
+
+
+def test_fan_in_above_dim_draws_with_repeats():
+    index = random_fanin_index(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    assert index.shape == (4, 5) and int(index.max()) < 3
+
+
+@pytest.mark.parametrize("excluded_width", [0, 3, 40])
+def test_sample_new_columns_avoids_excluded(excluded_width):
+    generator = torch.Generator().manual_seed(0)
+    dim = 50
+    excluded = torch.stack([torch.randperm(dim, generator=generator)[:excluded_width] for _ in range(200)])
+    excluded[:, :1] = -1 if excluded_width else excluded[:, :1]  # -1: no column
+    new = sample_new_columns(excluded, dim, dim - excluded_width, generator)  # all the room there is
+    assert not _has_duplicates(new)
+    assert not (new[:, :, None] == excluded[:, None, :]).any()
+
+
+@pytest.mark.parametrize("group", [1, 3, 16])
+@pytest.mark.parametrize("dim", [20, 22, 500])  # 20 - 16 < 6: just-pruned columns may come back
+def test_prune_regrow_keeps_fan_in_and_prunes_weakest(group, dim):
+    generator = torch.Generator().manual_seed(0)
+    classes, fan_in, count = 50, 16, 6
+    groups = -(-classes // group)
+    index = random_fanin_index(groups, dim, fan_in, generator=generator)
+    weight = torch.randn(classes, fan_in)
+    before_index, before_weight = index.clone(), weight.clone()
+    magnitude = connection_magnitude(before_weight, group)
+    rewired = prune_regrow(
+        weight, index, dim=dim, group=group, count=count, threshold=None, generator=generator
+    )
+    assert index.shape == (groups, fan_in) and rewired.shape == (groups, fan_in)
+    assert torch.equal(rewired.sum(1), torch.full((groups,), count))
+    assert not _has_duplicates(index) and int(index.max()) < dim
+    # the rewired connections are the weakest of their row
+    weakest = magnitude.argsort(dim=1, stable=True)[:, :count]
+    assert torch.equal(rewired, torch.zeros_like(rewired).scatter(1, weakest, True))
+    labels = torch.arange(classes) // group
+    label_mask = rewired[labels]
+    assert torch.all(weight[label_mask] == 0)
+    assert torch.equal(weight[~label_mask], before_weight[~label_mask])
+    assert torch.equal(index[~rewired], before_index[~rewired])
+    if dim - fan_in >= count:  # room to avoid the pruned columns: every new column is new to its row
+        changed = index.long()[rewired].view(groups, count)
+        assert not (changed[:, :, None] == before_index.long()[:, None, :]).any()
+
+
+def test_threshold_prunes_only_small_weights():
+    generator = torch.Generator().manual_seed(0)
+    index = random_fanin_index(10, 100, 8, generator=generator)
+    weight = torch.ones(10, 8)
+    weight[:, 0] = 1e-4
+    weight[0, 1] = 1e-5
+    rewired = prune_regrow(weight, index, dim=100, group=1, count=3, threshold=1e-3, generator=generator)
+    expected = torch.zeros(10, 8, dtype=torch.bool)
+    expected[:, 0] = True
+    expected[0, 1] = True
+    assert torch.equal(rewired, expected)
+
+
+def test_magnitude_is_l2_over_group():
+    weight = torch.tensor([[3.0, 0.0], [4.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(connection_magnitude(weight, 2), torch.tensor([[5.0, 1.0], [1.0, 1.0]]))
+
+
+def test_schedules():
+    fraction = DSTConfig(mode=RewireMode.FRACTION, interval=10, fraction=0.4, stop=0.5)
+    assert rewire_fraction(fraction, 5, 100) == 0.0  # not due
+    assert rewire_fraction(fraction, 10, 100) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 10 / 50)))
+    assert rewire_fraction(fraction, 50, 100) == 0.0  # stop point reached
+    assert rewire_fraction(fraction, 40, None) == 0.4  # no total: constant, never stops
+    interval = DSTConfig(mode="interval", interval=10, fraction=0.4, stop_step=30)
+    assert [rewire_fraction(interval, s, 1000) for s in (10, 20, 30)] == [0.4, 0.4, 0.0]
+    assert rewire_fraction(DSTConfig(enabled=False, interval=1), 1, 10) == 0.0
+
+
+@pytest.mark.parametrize("bad", [{"interval": 0}, {"fraction": 1.5}, {"stop": 0.0}, {"threshold": -1.0}])
+def test_config_validation(bad):
+    with pytest.raises(ConfigError):
+        DSTConfig(**bad)

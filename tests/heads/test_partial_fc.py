@@ -1,0 +1,76 @@
+"""Partial FC: positives plus uniformly random classes, through SelectedHead's selection and loss."""
+
+import math
+
+import pytest
+import torch
+
+from megaclass.heads import HeadContext, build_head, head_config
+from megaclass.heads.partial_fc import PartialFCConfig, PartialFCHead
+from megaclass.schema import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Shared cores: contended OpenMP threads make small ops very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _head(num_classes=101, **options) -> PartialFCHead:
+    config = head_config({"type": "partial_fc", "coverage_every": 0, **options})
+    return build_head(config, HeadContext(in_features=8, num_classes=num_classes, multilabel=False))
+
+
+@pytest.mark.parametrize("rate,batch", [(0.1, 4), (0.05, 9), (1.0, 3), (0.01, 1)])
+def test_active_set_is_positives_plus_random(rate, batch):
+    head = _head(sample_rate=rate)
+    assert isinstance(head, PartialFCHead) and head.selector is None
+    targets = torch.randint(101, (batch,))
+    features = torch.randn(batch, 8, requires_grad=True)
+    loss = head(features, targets)
+    loss.backward()
+    ids, rows = head._pending
+    positives = torch.unique(targets)
+    assert ids.numel() == max(math.ceil(rate * 101), positives.numel())
+    assert torch.unique(ids).numel() == ids.numel()
+    assert torch.equal(ids[: positives.numel()], positives)
+    assert head.metrics()["neighbour_classes"] == 0
+    weight = head.store.rows()[ids].clone().requires_grad_(True)
+    x = features.detach().clone().requires_grad_(True)
+    position = torch.searchsorted(positives, targets)
+    expected = torch.nn.functional.cross_entropy(x @ weight.T, position)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(features.grad, x.grad)
+    torch.testing.assert_close(rows.grad, weight.grad)
+
+
+def test_random_classes_change_between_steps_and_loss_falls():
+    head = _head(sample_rate=0.2)
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(101, 8, generator=generator)
+    seen, losses = [], []
+    for step in range(1, 61):
+        targets = torch.randint(101, (16,), generator=generator)
+        loss = head(centres[targets], targets)
+        loss.backward()
+        seen.append(set(head._pending[0].tolist()))
+        head.after_step(step, 0.0, lr=0.5)
+        losses.append(float(loss.detach()))
+    assert seen[0] != seen[1]
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+
+
+def test_config():
+    with pytest.raises(ConfigError, match="sample_rate"):
+        PartialFCConfig(sample_rate=0)
+    selected = PartialFCConfig(sample_rate=0.1, store="host", logq_correction=True).as_selected(1000)
+    assert (selected.sample_num, selected.index, selected.store, selected.logq_correction) == (
+        100,
+        "none",
+        "host",
+        True,
+    )

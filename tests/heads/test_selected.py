@@ -1,0 +1,274 @@
+"""SelectedHead (HF-Softmax) against plain-PyTorch references over the selected columns."""
+
+import math
+
+import pytest
+import torch
+
+from megaclass.heads import HeadContext, build_head, head_config
+from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.schema import ConfigError
+from megaclass.targets import RaggedLabels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Shared cores: contended OpenMP threads make small ops very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _head(num_classes=97, dim=12, multilabel=False, **options) -> SelectedHead:
+    config = head_config({"type": "selected", "sample_num": 20, "coverage_every": 0, **options})
+    return build_head(config, HeadContext(in_features=dim, num_classes=num_classes, multilabel=multilabel))
+
+
+def _reference_margin(cosine, target, kind, scale, margin):
+    """ArcFace / CosFace logits written from the papers' formulas."""
+    logits = scale * cosine.clone()
+    rows = torch.arange(cosine.shape[0])
+    c = cosine[rows, target]
+    if kind == "cosface":
+        logits[rows, target] = scale * (c - margin)
+    else:
+        theta = torch.acos(c.clamp(-1, 1))
+        shifted = torch.where(
+            theta + margin <= math.pi, torch.cos(theta + margin), c - margin * math.sin(margin)
+        )
+        logits[rows, target] = scale * shifted
+    return logits
+
+
+def _reference_loss(head, features, targets, selection_ids, adjust, multilabel, margin):
+    weight = head.store.rows()[selection_ids].clone().requires_grad_(True)  # (S, D)
+    x = features.detach().clone().requires_grad_(True)
+    position = {int(c): j for j, c in enumerate(selection_ids)}
+    if multilabel:
+        logits = x @ weight.T
+    else:
+        target = torch.tensor([position[int(t)] for t in targets])
+        if margin is None:
+            logits = x @ weight.T
+        else:
+            cosine = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(weight, dim=1).T
+            logits = _reference_margin(cosine, target, *margin)
+    logits = logits + adjust
+    if multilabel:
+        log_probs = torch.log_softmax(logits, dim=1)
+        losses = [
+            -log_probs[b, [position[c] for c in labels]].mean()
+            for b, labels in enumerate(targets.to_lists())
+            if labels
+        ]
+        loss = torch.stack(losses).mean()
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    return loss, x.grad, weight.grad
+
+
+@pytest.mark.parametrize("index", ["none", "exact", "gpu"])
+@pytest.mark.parametrize("logq", [False, True])
+@pytest.mark.parametrize("margin", [None, ("arcface", 16.0, 0.5), ("cosface", 30.0, 0.35)])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_loss_and_grads_equal_cross_entropy_on_selected_columns(index, logq, margin, batch):
+    options = {"index": index, "logq_correction": logq, "leaf_size": 8}
+    if margin is not None:
+        options["margin"] = {"kind": margin[0], "scale": margin[1], "margin": margin[2]}
+    head = _head(**options)
+    features = torch.randn(batch, 12, requires_grad=True)
+    targets = torch.randint(97, (batch,))
+    loss = head(features, targets)
+    loss.backward()
+    ids, rows = head._pending
+    assert ids.numel() == 20 and torch.unique(ids).numel() == 20
+    assert set(targets.tolist()) <= set(ids.tolist())
+    adjust = torch.zeros(20)
+    positives = torch.unique(targets).numel()
+    if logq:
+        near = int(head.metrics()["neighbour_classes"])
+        fixed = positives + near
+        if fixed < 20:
+            adjust[fixed:] = math.log((97 - fixed) / (20 - fixed))
+    expected, grad_x, grad_w = _reference_loss(head, features, targets, ids, adjust, False, margin)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(features.grad, grad_x)
+    torch.testing.assert_close(rows.grad, grad_w)
+
+
+def test_multilabel_loss_and_grads():
+    head = _head(multilabel=True, index="exact")
+    targets = RaggedLabels.from_lists([[3, 50, 7], [], [50], [96, 0]])
+    features = torch.randn(4, 12, requires_grad=True)
+    loss = head(features, targets)
+    loss.backward()
+    ids, rows = head._pending
+    expected, grad_x, grad_w = _reference_loss(head, features, targets, ids, torch.zeros(20), True, None)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(features.grad, grad_x)
+    torch.testing.assert_close(rows.grad, grad_w)
+
+
+@pytest.mark.parametrize("store", ["gpu", "host"])
+def test_after_step_applies_row_sgd_with_the_given_lr(store):
+    head = _head(store=store, index="exact", optimizer={"kind": "sgd", "momentum": 0.9, "weight_decay": 0.0})
+    features, targets = torch.randn(5, 12), torch.randint(97, (5,))
+    head(features, targets).backward()
+    before = head.store.rows().clone()
+    ids, rows = head._pending
+    head.after_step(1, 0.0, lr=0.25)
+    after = head.store.rows()
+    torch.testing.assert_close(
+        after[ids], before[ids] - 0.25 * rows.grad
+    )  # first momentum step: buffer = grad
+    untouched = torch.ones(97, dtype=torch.bool)
+    untouched[ids] = False
+    assert torch.equal(after[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("margin", [None, "arcface"])
+@pytest.mark.parametrize("store", ["gpu", "host"])
+def test_topk_scores_all_classes(margin, store):
+    options = {"store": store, "chunk_size": 10}
+    if margin:
+        options["margin"] = {"kind": margin, "scale": 8.0}
+    head = _head(**options)
+    features = torch.randn(6, 12)
+    scores, ids = head.topk(features, 4)
+    weight = head.store.rows()
+    if margin:
+        full = (
+            8.0
+            * torch.nn.functional.normalize(features, dim=1)
+            @ torch.nn.functional.normalize(weight, dim=1).T
+        )
+    else:
+        full = features @ weight.T
+    expected = full.topk(4, dim=1)
+    torch.testing.assert_close(scores, expected.values)
+    assert torch.equal(ids, expected.indices)
+    with pytest.raises(ValueError, match="k must be"):
+        head.topk(features, 98)
+
+
+def test_coverage_is_the_active_share_of_the_softmax_mass():
+    head = _head(coverage_every=1, index="exact")
+    features, targets = torch.randn(8, 12), torch.randint(97, (8,))
+    head(features, targets)
+    ids = head._pending[0]
+    logits = features @ head.store.rows().T  # (B, C)
+    expected = torch.exp(torch.logsumexp(logits[:, ids], 1) - torch.logsumexp(logits, 1)).mean()
+    assert head.metrics()["coverage"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_warmup_uses_random_classes_then_the_index():
+    head = _head(index="gpu", warmup_random_steps=2, interval=1, leaf_size=8)
+    for step in range(1, 5):
+        features, targets = torch.randn(4, 12), torch.randint(97, (4,))
+        head(features, targets).backward()
+        neighbours = head.metrics()["neighbour_classes"]
+        assert (neighbours == 0) == (step <= 2), step
+        head.after_step(step, 0.0, lr=0.1)
+    assert head.metrics()["index_build_ms"] > 0
+
+
+def _train(head, batches, start):
+    losses = []
+    for step, (features, targets) in enumerate(batches, start=start):
+        loss = head(features, targets)
+        loss.backward()
+        head.after_step(step, 0.0, lr=0.5)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize(
+    "index,store", [("gpu", "gpu"), ("exact", "host"), ("none", "gpu"), ("annoy", "gpu")]
+)
+def test_state_dict_round_trip_continues_exactly(index, store):
+    if index == "annoy":
+        pytest.importorskip("annoy")
+    options = {
+        "index": index,
+        "store": store,
+        "interval": 2,
+        "leaf_size": 8,
+        "ntrees": 5,
+        "optimizer": {"kind": "adam"},
+    }
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(6, 12, generator=generator), torch.randint(97, (6,), generator=generator))
+        for _ in range(6)
+    ]
+    head = _head(**options)
+    _train(head, batches[:3], 1)
+    if index == "annoy":
+        head.selector.wait()  # a running background build would make the continuation timing-dependent
+    state = {key: value.clone() for key, value in head.state_dict().items()}
+    resumed = _head(**options)  # fresh: rows, optimizer state, index, rng and step come from the state
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.store.rows(), head.store.rows())
+    if index == "annoy":  # keep both forests on the same schedule: no background rebuilds from here
+        head.selector.background = resumed.selector.background = False
+    assert _train(resumed, batches[3:], 4) == _train(head, batches[3:], 4)
+    assert torch.equal(resumed.store.rows(), head.store.rows())
+
+
+def test_host_store_head_matches_device_store_head():
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(6, 12, generator=generator), torch.randint(97, (6,), generator=generator))
+        for _ in range(4)
+    ]
+    device = _head(index="exact", store="gpu")
+    host = _head(index="exact", store="host")
+    assert _train(device, batches, 1) == _train(host, batches, 1)
+
+
+def test_learns_a_planted_task():
+    """Selected classes with the GPU index: a linear probe on clustered data gets most samples right."""
+    generator = torch.Generator().manual_seed(2)
+    centres = torch.randn(200, 12, generator=generator)
+    head = _head(num_classes=200, index="gpu", sample_num=40, interval=10, leaf_size=16)
+    for step in range(1, 151):
+        targets = torch.randint(200, (32,), generator=generator)
+        features = centres[targets] + 0.1 * torch.randn(32, 12, generator=generator)
+        head(features, targets).backward()
+        head.after_step(step, 0.0, lr=0.5)
+    targets = torch.arange(200)
+    accuracy = (head.topk(centres, 1)[1][:, 0] == targets).float().mean()
+    assert accuracy > 0.9
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="sample_num"):
+        SelectedHeadConfig(sample_num=0)
+    with pytest.raises(ConfigError, match="index"):
+        head_config({"type": "selected", "index": "faiss"})
+    with pytest.raises(ConfigError, match="multi-label"):
+        _head(multilabel=True, margin={"kind": "arcface"})
+    head = _head()
+    with pytest.raises(ValueError, match="features must be"):
+        head(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="4 samples for 3"):
+        head(torch.randn(3, 12), torch.tensor([0, 1, 2, 3]))
+    config = head_config(
+        {
+            "type": "selected",
+            "sample_num": "500",
+            "index": "annoy",
+            "store": "host",
+            "interval": "10",
+            "logq_correction": "true",
+        }
+    )  # --set values arrive as text
+    assert (config.sample_num, config.index, config.store, config.interval, config.logq_correction) == (
+        500,
+        "annoy",
+        "host",
+        10,
+        True,
+    )

@@ -1,0 +1,95 @@
+"""MLP encoder over sparse rows against a dense plain-PyTorch reference (outputs and every gradient)."""
+
+import pytest
+import torch
+
+from megaclass.data.loaders import InputSpec, SparseInputs
+from megaclass.models import build_model, model_config, model_types
+from megaclass.models.mlp import MLPConfig, MLPEncoder
+from megaclass.schema import ConfigError
+
+_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+                "tanh": torch.tanh}
+
+
+def _random_rows(batch: int, features: int, *, empty_row: bool, dtype: torch.dtype) -> SparseInputs:
+    generator = torch.Generator().manual_seed(batch * 31 + features)
+    lengths = torch.randint(0, 6, (batch,), generator=generator)
+    if empty_row:
+        lengths[batch // 2] = 0
+    indptr = torch.zeros(batch + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(lengths, 0)
+    indices = torch.randint(0, features, (int(indptr[-1]),), generator=generator)  # repeats allowed: they add
+    weights = torch.rand(int(indptr[-1]), generator=generator, dtype=torch.float64).to(dtype)
+    return SparseInputs(indices, indptr, weights)
+
+
+def _dense(rows: SparseInputs, features: int, dtype: torch.dtype) -> torch.Tensor:
+    dense = torch.zeros(rows.batch_size, features, dtype=dtype)
+    sample = torch.repeat_interleave(torch.arange(rows.batch_size), rows.indptr.diff())
+    dense.index_put_((sample, rows.indices), rows.weights.to(dtype), accumulate=True)
+    return dense  # (B, F)
+
+
+def _reference(encoder: MLPEncoder, dense: torch.Tensor, config: MLPConfig) -> torch.Tensor:
+    act = _ACTIVATIONS[config.activation]
+    hidden = dense @ encoder.embedding + encoder.bias
+    hidden = act(encoder.norms[0](hidden))
+    for linear, norm in zip(encoder.linears, encoder.norms[1:]):
+        hidden = act(norm(hidden @ linear.weight.T + linear.bias))
+    return hidden
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("activation", "layer_norm"), [("relu", False), ("gelu", True), ("silu", False), ("tanh", True)])
+@pytest.mark.parametrize(("batch", "features", "hidden"), [(1, 1, (1,)), (7, 13, (5,)), (9, 31, (17, 3)), (4, 5, (8, 6, 2))])
+def test_matches_dense_reference(batch, features, hidden, activation, layer_norm, dtype):
+    config = MLPConfig(hidden=hidden, activation=activation, layer_norm=layer_norm, dropout=0.0)
+    encoder = MLPEncoder(config, InputSpec(kind="sparse", num_features=features)).to(dtype)
+    rows = _random_rows(batch, features, empty_row=batch > 2, dtype=torch.float32)
+    out = encoder(rows)
+    ref = _reference(encoder, _dense(rows, features, dtype), config)
+    assert out.shape == (batch, hidden[-1]) and encoder.out_features == hidden[-1]
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(out, ref, **tolerance)
+    upstream = torch.randn_like(out)
+    params = list(encoder.parameters())
+    got = torch.autograd.grad(out, params, upstream, allow_unused=True)
+    want = torch.autograd.grad(ref, params, upstream, allow_unused=True)
+    for (name, _), g, w in zip(encoder.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_dropout_only_in_training():
+    encoder = MLPEncoder(MLPConfig(hidden=(64,), dropout=0.5), InputSpec(kind="sparse", num_features=10))
+    rows = SparseInputs.from_lists([[1, 2], [3]], [[1.0, 0.5], [2.0]])
+    encoder.eval()
+    torch.testing.assert_close(encoder(rows), encoder(rows))
+    encoder.train()
+    assert not torch.equal(encoder(rows), encoder(rows))
+
+
+def test_all_rows_empty_give_the_bias_path():
+    encoder = MLPEncoder(MLPConfig(hidden=(4,)), InputSpec(kind="sparse", num_features=3))
+    rows = SparseInputs(torch.zeros(0, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), torch.zeros(0))
+    torch.testing.assert_close(encoder(rows), torch.relu(encoder.bias).expand(2, 4))
+
+
+def test_registry_and_config_errors():
+    assert "mlp" in model_types()
+    config = model_config({"type": "mlp", "hidden": [16, 8], "activation": "gelu"})
+    assert config == MLPConfig(hidden=(16, 8), activation="gelu")
+    encoder = build_model(config, InputSpec(kind="sparse", num_features=5))
+    assert isinstance(encoder, MLPEncoder) and encoder.out_features == 8
+    with pytest.raises(ConfigError, match="model.type"):
+        model_config({"type": "nope"})
+    with pytest.raises(ConfigError, match="hidden"):
+        model_config({"hidden": []})
+    with pytest.raises(ConfigError, match="dropout"):
+        model_config({"dropout": 1.5})
+    with pytest.raises(ConfigError, match="activation"):
+        model_config({"activation": "swish"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        model_config({"width": 3})
+    with pytest.raises(ConfigError, match="sparse"):
+        MLPEncoder(MLPConfig(), InputSpec(kind="image"))

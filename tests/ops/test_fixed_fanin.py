@@ -1,0 +1,193 @@
+"""Fixed fan-in layer: Triton kernels (interpreted on CPU) and the chunked PyTorch path vs the reference."""
+
+import pytest
+import torch
+
+from megaclass.ops.fixed_fanin import (
+    fixed_fanin,
+    fixed_fanin_loss,
+    fixed_fanin_topk,
+    reference_fixed_fanin,
+    reference_fixed_fanin_loss,
+)
+from megaclass.targets import RaggedLabels
+
+# (B, D, C, K, G): B = 1, D and C off the block sizes, K from 1 to 256, groups off G, a non-power-of-two G
+CASES = [
+    (1, 37, 50, 1, 1),
+    (5, 33, 65, 7, 1),
+    (3, 300, 20, 256, 1),
+    (4, 100, 48, 40, 16),
+    (2, 70, 33, 17, 16),
+    (3, 50, 40, 5, 3),
+]
+IMPLS = ["triton", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def _on_gpu_when_present():
+    """Tensors live on the GPU where there is one (Triton compiles for it), else on the CPU (interpreter)."""
+    if torch.cuda.is_available():
+        torch.set_default_device("cuda")
+    yield
+    torch.set_default_device(None)
+
+
+def _problem(case, dtype, *, bias=True, duplicates=True):
+    batch, dim, classes, fan_in, group = case
+    x = torch.randn(batch, dim, dtype=dtype)
+    weight = (torch.randn(classes, fan_in) / fan_in**0.5).to(dtype)
+    index = torch.randint(0, dim, (-(-classes // group), fan_in), dtype=torch.int32)
+    if duplicates:
+        index[0] = index[0, 0]  # one row reads the same input K times
+    b = torch.randn(classes, dtype=dtype) if bias else None
+    return x, weight, index, b
+
+
+def _assert_close(name, out, truth, same_dtype_reference):
+    """The kernel's error against fp64 truth is at most 2x the reference's own error in the same dtype."""
+    error = (out.double() - truth).abs()
+    reference_error = (same_dtype_reference.double() - truth).abs().max().item()
+    scale = 1.0 + truth.abs().max().item()
+    floor = 1e-5 * scale if out.dtype in (torch.float32, torch.float64) else 1e-2 * scale
+    tolerance = max(2 * reference_error, floor)
+    worst = int(error.argmax())
+    assert error.max().item() <= tolerance, (
+        f"{name}: max error {error.max().item():.3g} > {tolerance:.3g} at flat index {worst} "
+        f"(got {out.flatten()[worst].item()}, expected {truth.flatten()[worst].item()})"
+    )
+
+
+def _grads(fn, tensors, grad_out=None):
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, tensors, grad_out if grad_out is not None else None)
+    return out, grads
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_logits_and_gradients(case, dtype, impl):
+    x, weight, index, bias = _problem(case, dtype)
+    group = case[4]
+    grad_out = torch.randn(case[0], case[2], dtype=torch.float64)
+
+    def truth_fn(a, w, b):
+        return reference_fixed_fanin(a, w, index, b, group=group)
+
+    truth, truth_grads = _grads(truth_fn, [x.double(), weight.double(), bias.double()], grad_out)
+    same, same_grads = _grads(truth_fn, [x, weight, bias], grad_out.to(dtype))
+    out, grads = _grads(
+        lambda a, w, b: fixed_fanin(a, w, index, b, group=group, impl=impl),
+        [x, weight, bias],
+        grad_out.to(dtype),
+    )
+    assert out.dtype == dtype and out.shape == (case[0], case[2])
+    _assert_close("y", out, truth, same)
+    for name, g, t, s in zip(["dx", "dweight", "dbias"], grads, truth_grads, same_grads, strict=True):
+        assert g.dtype == dtype
+        _assert_close(name, g, t, s)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["bce", "hinge", "softmax"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[5]], ids=str)
+def test_fused_loss(case, loss, dtype, impl):
+    x, weight, index, bias = _problem(case, dtype)
+    batch, classes, group = case[0], case[2], case[4]
+    lists = [sorted({(3 * b + j) % classes for j in range(b % 3)}) for b in range(batch)]  # an empty row too
+    lists[-1] = [classes - 1, 0]
+    targets = RaggedLabels.from_lists(lists)
+
+    def truth_fn(a, w, b):
+        return reference_fixed_fanin_loss(
+            a, w, index, targets.indptr, targets.indices, b, group=group, loss=loss
+        )
+
+    truth, truth_grads = _grads(truth_fn, [x.double(), weight.double(), bias.double()])
+    same, same_grads = _grads(truth_fn, [x, weight, bias])
+    out, grads = _grads(
+        lambda a, w, b: fixed_fanin_loss(a, w, index, targets, b, group=group, loss=loss, impl=impl),
+        [x, weight, bias],
+    )
+    _assert_close("loss", out, truth, same)
+    for name, g, t, s in zip(["dx", "dweight", "dbias"], grads, truth_grads, same_grads, strict=True):
+        _assert_close(name, g, t, s)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_bias_noncontiguous_int64(impl):
+    x_t, weight, index, _ = _problem((4, 29, 35, 9, 1), torch.float32, bias=False)
+    x = x_t.T.contiguous().T  # a non-contiguous (B, D) view
+    assert not x.is_contiguous()
+    out, grads = _grads(
+        lambda a, w: fixed_fanin(a, w, index.long(), impl=impl), [x, weight], torch.ones(4, 35)
+    )
+    truth, truth_grads = _grads(
+        lambda a, w: reference_fixed_fanin(a, w, index), [x, weight], torch.ones(4, 35)
+    )
+    torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5)
+    for g, t in zip(grads, truth_grads, strict=True):
+        torch.testing.assert_close(g, t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("group", [1, 16])
+def test_topk_in_chunks(group, impl):
+    x, weight, index, bias = _problem((3, 40, 100, 6, group), torch.float32)
+    scores, ids = fixed_fanin_topk(x, weight, index, 7, bias, group=group, chunk_size=32, impl=impl)
+    full = reference_fixed_fanin(x, weight, index, bias, group=group)
+    expected = full.topk(7, dim=1)
+    torch.testing.assert_close(scores, expected.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.gather(1, ids), expected.values, rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_bad_shapes():
+    x, weight, index, bias = _problem((2, 10, 8, 3, 2), torch.float32)
+    with pytest.raises(ValueError, match="index: expected shape"):
+        fixed_fanin(x, weight, index[:-1], bias, group=2)
+    with pytest.raises(ValueError, match="bias"):
+        fixed_fanin(x, weight, index, bias[:-1], group=2)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        fixed_fanin(x, weight, index.float(), group=2)
+    with pytest.raises(ValueError, match="k: expected"):
+        fixed_fanin_topk(x, weight, index, 9, group=2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("group", [1, 16])
+def test_bf16_features_fp32_weights(group, impl):
+    """Autocast style: bf16 features meet fp32 master weights (bf16 tensor-core dot when grouped)."""
+    x, weight, index, bias = _problem((4, 50, 40, 24, group), torch.float32)
+    x16 = x.bfloat16()
+    grad_out = torch.randn(4, 40)
+    truth, truth_grads = _grads(
+        lambda a, w, b: reference_fixed_fanin(a, w, index, b, group=group),
+        [x16.double(), weight.double(), bias.double()],
+        grad_out.double(),
+    )
+    out, grads = _grads(
+        lambda a, w, b: fixed_fanin(a, w, index, b, group=group, impl=impl),
+        [x16, weight, bias],
+        grad_out.bfloat16(),
+    )
+    assert (
+        out.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    )
+    for got, expected in zip([out, *grads], [truth, *truth_grads], strict=True):
+        scale = expected.abs().max().item()
+        assert (got.double() - expected).abs().max().item() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("loss", ["none", "softmax"])
+def test_custom_ops_pass_opcheck(loss):
+    """The registered ops' fake (meta) implementations and schemas agree with the real ones."""
+    x, weight, index, bias = _problem((3, 20, 17, 4, 1), torch.float32)
+    forward_args = (x, weight, index, bias, 1, loss, "reference")
+    torch.library.opcheck(torch.ops.megaclass.fixed_fanin_fwd.default, forward_args)
+    grad = torch.randn(3, 17) if loss == "none" else torch.randn(3)
+    lse = torch.ops.megaclass.fixed_fanin_fwd(*forward_args) if loss == "softmax" else None
+    backward_args = (x, weight, index, bias, grad, lse, 1, loss, "reference")
+    torch.library.opcheck(torch.ops.megaclass.fixed_fanin_bwd.default, backward_args)

@@ -1,0 +1,232 @@
+"""Fused linear + loss ops against dense PyTorch (``x @ W.T``, then the loss) in float64, gradients too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megaclass.heads.losses import MarginConfig, MarginKind, margin_logits
+from megaclass.ops.linear_cross_entropy import (
+    LinearLossOptions,
+    linear_bce,
+    linear_cross_entropy,
+    linear_loss,
+    linear_squared_hinge,
+)
+from megaclass.targets import RaggedLabels
+
+IMPLS = ["reference", "triton"]
+LOSSES = ["softmax", "bce", "squared_hinge"]
+# (B, C, D): one row, one class, primes, the interpreter's 16-wide blocks +-1, B over one row block (atomics)
+SHAPES = [(1, 1, 1), (1, 17, 5), (7, 31, 19), (5, 15, 16), (6, 16, 17), (17, 33, 8)]
+ARCFACE = MarginConfig(kind=MarginKind.ARCFACE, scale=8.0, margin=0.4)
+COSFACE = MarginConfig(kind=MarginKind.COSFACE, scale=16.0, margin=0.35)
+
+
+def dense_loss(x, weight, bias, targets, loss, *, margin=None, reduction="mean"):
+    """The spec: full logits, then the loss, in whatever dtype the inputs have."""
+    if margin is not None:
+        cosine = F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).T
+        logits = margin_logits(cosine, targets, margin)
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    logits = x @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    batch, classes = logits.shape
+    ragged = (
+        targets
+        if isinstance(targets, RaggedLabels)
+        else RaggedLabels(torch.arange(batch + 1, device=targets.device), targets)
+    )
+    positive = torch.zeros(batch, classes, dtype=logits.dtype, device=logits.device)
+    positive[ragged.sample_ids(), ragged.indices] = 1.0
+    if loss == "softmax":
+        counts = positive.sum(1)
+        per_row = -(positive * torch.log_softmax(logits, 1)).sum(1) / counts.clamp_min(1)
+        has = counts > 0
+        return per_row[has].sum() / (has.sum().clamp_min(1) if reduction == "mean" else 1)
+    if loss == "bce":
+        per_row = F.binary_cross_entropy_with_logits(logits, positive, reduction="none").sum(1)
+    else:
+        per_row = F.relu(1 - (2 * positive - 1) * logits).square().sum(1)
+    return per_row.mean() if reduction == "mean" else per_row.sum()
+
+
+def make_targets(kind, batch, classes):
+    if kind == "multiclass":
+        return torch.randint(0, classes, (batch,))
+    labels = []
+    for row in range(batch):
+        count = 0 if row % 3 == 1 else 1 + row % min(classes, 4)  # every third row has no label
+        labels.append(torch.randperm(classes)[:count].tolist())
+    return RaggedLabels.from_lists(labels)
+
+
+def grads_of(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+def assert_close(actual, expected, *, rtol, atol, name):
+    error = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    bad = (error > bound).nonzero()
+    assert bad.numel() == 0, (
+        f"{name}: first mismatch at {bad[0].tolist()}: {actual.flatten()[0:3]} vs expected"
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("target_kind", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_matches_dense(impl, loss, shape, target_kind, with_bias):
+    batch, classes, dim = shape
+    x = torch.randn(batch, dim, requires_grad=True)
+    weight = torch.randn(classes, dim, requires_grad=True)
+    bias = torch.randn(classes, requires_grad=True) if with_bias else None
+    targets = make_targets(target_kind, batch, classes)
+    options = LinearLossOptions(loss=loss, chunk_size=16)
+    out = linear_loss(x, weight, targets, bias=bias, options=options, impl=impl)
+    leaves = [x, weight, bias]
+    expected = dense_loss(x.double(), weight.double(), None if bias is None else bias.double(), targets, loss)
+    assert_close(out, expected, rtol=1e-5, atol=1e-5, name="loss")
+    for name, got, want in zip(
+        ["x", "weight", "bias"], grads_of(out, leaves), grads_of(expected, leaves), strict=False
+    ):
+        assert_close(got, want, rtol=1e-4, atol=1e-5, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("margin", [ARCFACE, COSFACE], ids=["arcface", "cosface"])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 31, 19), (17, 33, 8)])
+def test_margin_matches_dense(impl, margin, shape):
+    batch, classes, dim = shape
+    x = torch.randn(batch, dim, requires_grad=True)
+    weight = torch.randn(classes, dim, requires_grad=True)
+    targets = torch.randint(0, classes, (batch,))
+    out = linear_cross_entropy(x, weight, targets, margin=margin, chunk_size=16, impl=impl)
+    expected = dense_loss(x.double(), weight.double(), None, targets, "softmax", margin=margin)
+    assert_close(out, expected, rtol=1e-5, atol=1e-5, name="loss")
+    for name, got, want in zip(
+        ["x", "weight"], grads_of(out, [x, weight]), grads_of(expected, [x, weight]), strict=False
+    ):
+        assert_close(got, want, rtol=1e-4, atol=1e-5, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("loss", "margin"),
+    [("softmax", None), ("bce", None), ("squared_hinge", None), ("softmax", ARCFACE)],
+    ids=["softmax", "bce", "squared_hinge", "arcface"],
+)
+def test_bf16_error_within_twice_reference_error(impl, loss, margin):
+    """bf16 inputs, fp32 master weights: error against the fp64 truth at most 2x plain PyTorch's in bf16.
+
+    PyTorch's bf16 error is taken as at least one bf16 rounding of the value (2^-8 relative): a lucky rounding
+    of a scalar says nothing about the computation's error."""
+    batch, classes, dim = 9, 45, 40
+    x = torch.randn(batch, dim).bfloat16().requires_grad_(True)
+    weight = (torch.randn(classes, dim) / dim**0.5).requires_grad_(True)
+    targets = torch.randint(0, classes, (batch,))
+    options = LinearLossOptions(loss=loss, margin=margin or MarginConfig(), chunk_size=16)
+    out = linear_loss(x, weight, targets, options=options, impl=impl)
+    got = [out, *grads_of(out, [x, weight])]
+    truth_loss = dense_loss(x.double(), weight.double(), None, targets, loss, margin=margin)
+    truth = [truth_loss, *grads_of(truth_loss, [x, weight])]
+    plain_loss = dense_loss(
+        x, weight.bfloat16(), None, targets, loss, margin=margin
+    )  # all bf16, like autocast
+    plain = [plain_loss, *grads_of(plain_loss, [x, weight])]
+    for name, ours, theirs, exact in zip(["loss", "grad x", "grad weight"], got, plain, truth, strict=False):
+        our_error = (ours.double() - exact).abs().max().item()
+        their_error = max((theirs.double() - exact).abs().max().item(), 2**-8 * exact.abs().max().item())
+        assert our_error <= 2 * their_error + 1e-6, (
+            f"{name}: error {our_error:.3g} vs bf16 PyTorch {their_error:.3g}"
+        )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs_and_sum_reduction(impl):
+    base = torch.randn(12, 6, requires_grad=True)
+    x = base.T  # (6, 12), non-contiguous
+    weight_base = torch.randn(12, 23, requires_grad=True)
+    weight = weight_base.T  # (23, 12), non-contiguous
+    targets = torch.randint(0, 23, (6,))
+    out = linear_cross_entropy(x, weight, targets, reduction="sum", chunk_size=16, impl=impl)
+    expected = dense_loss(x.double(), weight.double(), None, targets, "softmax", reduction="sum")
+    assert_close(out, expected, rtol=1e-5, atol=1e-5, name="loss")
+    for got, want in zip(
+        grads_of(out, [base, weight_base]), grads_of(expected, [base, weight_base]), strict=False
+    ):
+        assert_close(got, want, rtol=1e-4, atol=1e-5, name="grad")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_public_functionals_and_no_labels(impl):
+    x, weight = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)
+    empty = RaggedLabels.from_lists([[], [], []])
+    loss = linear_cross_entropy(x, weight, empty, impl=impl)
+    assert loss.item() == 0.0  # no sample has a label: nothing to average
+    loss.backward()
+    assert torch.count_nonzero(x.grad) == 0
+    y = torch.tensor([1, 2, 3])
+    plain = F.binary_cross_entropy_with_logits(x @ weight.T, F.one_hot(y, 10).float(), reduction="sum") / 3
+    torch.testing.assert_close(linear_bce(x, weight, y, impl=impl), plain)
+    hinge = F.relu(1 - (2 * F.one_hot(y, 10).float() - 1) * (x @ weight.T)).square().sum() / 3
+    torch.testing.assert_close(linear_squared_hinge(x, weight, y, impl=impl), hinge)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"x": torch.randn(3)}, "x must be"),
+        ({"weight": torch.randn(5, 3)}, "weight must be"),
+        ({"targets": torch.tensor([0, 1])}, "targets must be"),
+        ({"targets": torch.tensor([0, 1, 10])}, "out of range"),
+        ({"targets": torch.tensor([0.0, 1.0, 2.0])}, "integer"),
+        ({"bias": torch.randn(4)}, "bias must be"),
+        ({"margin": ARCFACE, "targets": RaggedLabels.from_lists([[1], [2], [3]])}, "multi-class"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, message):
+    args = {
+        "x": torch.randn(3, 4),
+        "weight": torch.randn(10, 4),
+        "targets": torch.tensor([0, 1, 2]),
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=message):
+        linear_cross_entropy(args.pop("x"), args.pop("weight"), args.pop("targets"), **args)
+
+
+def test_margin_needs_softmax():
+    with pytest.raises(ValueError, match="softmax"):
+        LinearLossOptions(loss="bce", margin=ARCFACE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(("batch", "classes", "dim"), [(128, 20_011, 768), (300, 4_099, 200), (3, 130, 64)])
+def test_cuda_kernels_match_reference_at_tile_sizes(loss, batch, classes, dim):
+    """The compiled kernels (large tiles, several row blocks, partial tiles) against the fp64 dense truth."""
+    x = torch.randn(batch, dim, device="cuda").bfloat16().requires_grad_(True)
+    weight = (torch.randn(classes, dim, device="cuda") / dim**0.5).requires_grad_(True)
+    bias = torch.randn(classes, device="cuda").requires_grad_(True)
+    targets = make_targets("multilabel", batch, classes).to("cuda")
+    options = LinearLossOptions(loss=loss)
+    got = linear_loss(x, weight, targets, bias=bias, options=options, impl="triton")
+    reference = linear_loss(x, weight, targets, bias=bias, options=options, impl="reference")
+    truth = dense_loss(x.double(), weight.double(), bias.double(), targets, loss)
+    leaves = [x, weight, bias]
+    for ours, theirs, exact in zip(
+        [got, *grads_of(got, leaves)],
+        [reference, *grads_of(reference, leaves)],
+        [truth, *grads_of(truth, leaves)],
+        strict=True,
+    ):
+        our_error = (ours.double() - exact).abs().max().item()
+        their_error = max((theirs.double() - exact).abs().max().item(), 1e-6 * exact.abs().max().item())
+        assert our_error <= 2 * their_error, f"error {our_error:.3g} vs chunked PyTorch {their_error:.3g}"

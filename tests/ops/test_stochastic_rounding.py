@@ -1,0 +1,163 @@
+"""Stochastic rounding fp32 -> bf16: kernel vs reference bit for bit, unbiasedness, neighbours, edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from megaclass.ops.stochastic_rounding import (
+    philox_seed,
+    reference_stochastic_round,
+    stochastic_round,
+    stochastic_round_fwd,
+)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16)
+
+
+def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 values around each fp32 value (truncation toward zero, and one ulp further out)."""
+    bits = x.view(torch.int32)
+    down = (bits & -65536).view(torch.float32)
+    up = ((bits & -65536) + 65536).view(torch.float32)
+    return down, up
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (1023,), (3, 129), (2, 5, 17)])
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 7, 2**63 + 12345])
+def test_kernel_matches_reference_bitwise(shape, seed):
+    x = torch.randn(shape) * torch.logspace(-20, 20, math.prod(shape)).reshape(shape)
+    got = stochastic_round_fwd(x, seed=seed)
+    want = reference_stochastic_round(x, seed=seed)
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == x.shape
+    diff = torch.nonzero(_bits(got) != _bits(want))
+    assert diff.numel() == 0, (
+        f"first mismatch at {diff[0].tolist()}: {got[tuple(diff[0])]} vs {want[tuple(diff[0])]}"
+    )
+
+
+def test_kernel_handles_special_values_and_views():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, -1e-40, 1e-45, 1.0])
+    got = stochastic_round_fwd(x, seed=5)
+    want = reference_stochastic_round(x, seed=5)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    assert torch.equal(_bits(got), _bits(want))
+    assert got[6] < 0 and got[6].float() > -1e-38  # subnormals are rounded, not flushed
+    assert got[1] == float("inf") and got[2] == -float("inf") and got[3] == 0 and got[8] == 1.0
+    assert torch.signbit(got[4])
+    # a non-contiguous view rounds like its contiguous copy
+    base = torch.randn(6, 10)
+    view = base[:, ::3]
+    assert torch.equal(
+        _bits(stochastic_round_fwd(view, seed=3)), _bits(reference_stochastic_round(view, seed=3))
+    )
+    assert torch.equal(
+        _bits(reference_stochastic_round(view, seed=3)),
+        _bits(reference_stochastic_round(view.contiguous(), seed=3)),
+    )
+
+
+def test_out_argument_and_empty():
+    x = torch.randn(33)
+    out = torch.empty(33, dtype=torch.bfloat16)
+    assert stochastic_round_fwd(x, seed=9, out=out) is out
+    assert torch.equal(_bits(out), _bits(reference_stochastic_round(x, seed=9)))
+    assert stochastic_round_fwd(torch.empty(0), seed=1).numel() == 0
+    assert reference_stochastic_round(torch.empty(0, 4), seed=1).shape == (0, 4)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_result_is_one_of_the_two_neighbours(impl):
+    x = torch.randn(4096) * 100
+    y = stochastic_round(x, seed=11, impl=impl).float()
+    down, up = _neighbours(x)
+    exact = (x.view(torch.int32) & 0xFFFF) == 0
+    assert torch.all((y == down) | (y == up))
+    assert torch.all(y[exact] == x[exact])
+
+
+@pytest.mark.parametrize("value", [1.0 + 2**-10, -3.0 - 2**-12, 1e-30 * (1 + 2**-9), 0.1])
+def test_unbiased_over_draws(value):
+    """Mean over many draws equals the fp32 value; round-to-nearest is off by up to half an ulp."""
+    draws = 200_000
+    x = torch.full((draws,), value)
+    y = reference_stochastic_round(x, seed=42).double()
+    down, up = _neighbours(x[:1])
+    ulp = abs(float(up - down))
+    p = (value - float(down)) / (float(up) - float(down))  # probability of rounding away from zero
+    sd = ulp * math.sqrt(p * (1 - p) / draws)
+    assert abs(y.mean().item() - value) < 5 * sd + 1e-12 * abs(value)
+    # the draws are not all equal unless the value is exact in bf16
+    assert y.unique().numel() == 2
+
+
+def test_seeds_give_independent_streams():
+    x = torch.full((10_000,), 1.0 + 2**-8)  # halfway between bf16 neighbours
+    a = reference_stochastic_round(x, seed=philox_seed(0, 1))
+    b = reference_stochastic_round(x, seed=philox_seed(0, 2))
+    agree = (a == b).double().mean().item()
+    assert 0.4 < agree < 0.6  # p = 1/2 each, independent: agreement 1/2
+    assert torch.equal(a, reference_stochastic_round(x, seed=philox_seed(0, 1)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="float32"):
+        stochastic_round(torch.ones(3, dtype=torch.float64), seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        stochastic_round(torch.ones(3), seed=-1)
+    with pytest.raises(ValueError, match="out"):
+        stochastic_round(torch.ones(3), seed=0, out=torch.empty(4, dtype=torch.bfloat16))
+
+
+def test_philox_seed_is_stable():
+    assert philox_seed(1, 2, 3) == philox_seed(1, 2, 3)
+    assert philox_seed(1, 2, 3) != philox_seed(1, 3, 2)
+    assert 0 <= philox_seed(2**70, -1) < 2**64
+
+
+@pytest.mark.parametrize("shape", [(1,), (13,), (8, 9), (3, 5, 7)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_fused_adamw_matches_reference(shape, weight_decay, grad_dtype):
+    from megaclass.ops.stochastic_rounding import AdamWStep, reference_sr_adamw_, sr_adamw_fwd
+
+    weight = torch.randn(shape).to(torch.bfloat16)
+    exp_avg = (torch.randn(shape) * 0.1).to(torch.bfloat16)
+    exp_avg_sq = torch.rand(shape).mul(0.01).to(torch.bfloat16)
+    grad = torch.randn(shape).to(grad_dtype)
+    options = AdamWStep(
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=weight_decay,
+        step=3,
+        seeds=(1, 2**40 + 3, 2**63),
+    )
+    want = [t.clone() for t in (weight, exp_avg, exp_avg_sq)]
+    reference_sr_adamw_(want[0], grad, want[1], want[2], options)
+    sr_adamw_fwd(weight, grad, exp_avg, exp_avg_sq, options)
+    for name, got, expected in zip(
+        ("weight", "exp_avg", "exp_avg_sq"), (weight, exp_avg, exp_avg_sq), want, strict=True
+    ):
+        diff = torch.nonzero(_bits(got) != _bits(expected))
+        assert diff.numel() == 0, f"{name}: first mismatch at {diff[0].tolist()}"
+
+
+def test_fused_adamw_rejects_fp32_state():
+    from megaclass.ops.stochastic_rounding import AdamWStep, sr_adamw_
+
+    options = AdamWStep(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, seeds=(1, 2, 3))
+    weight = torch.zeros(4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="exp_avg"):
+        sr_adamw_(weight, torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), options)
+    with pytest.raises(ValueError, match="step"):
+        sr_adamw_(
+            weight,
+            torch.zeros(4),
+            weight.clone(),
+            weight.clone(),
+            AdamWStep(**{**options.__dict__, "step": 0}),
+        )

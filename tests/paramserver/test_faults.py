@@ -1,0 +1,248 @@
+"""What goes wrong: wrong secrets, garbage input, dead or restarted shards, a kill in the middle of a step."""
+
+import shutil
+import subprocess
+import time
+
+import grpc
+import pytest
+import torch
+
+from megaclass.paramserver import HyperParams, ParamServerClient, ParamServerError, wire
+from megaclass.paramserver.state import ShardSpec, ShardState
+
+
+def _addresses(servers):
+    return [f"127.0.0.1:{server.port}" for server in servers]
+
+
+def test_token_is_required_on_every_call(shards):
+    servers = shards(2, token="s3cret")
+    for token in (None, "wrong"):
+        with pytest.raises(ParamServerError, match="UNAUTHENTICATED") as error:
+            ParamServerClient(_addresses(servers), token=token, timeout_s=5)
+        assert error.value.address in _addresses(servers)
+    client = ParamServerClient(_addresses(servers), token="s3cret", timeout_s=5)
+    assert client.pull(torch.tensor([0, 28])).shape == (2, 5)
+
+
+def _raw_call(port, method, payload, **options):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    call = channel.unary_unary(wire.method_path(method))  # bytes in, bytes out
+    try:
+        return call(payload, timeout=5, **options)
+    finally:
+        channel.close()
+
+
+def _push(ids, grads, **fields):
+    return wire.message(
+        "PushGradientsRequest", ids=ids, grads=grads, step=fields.pop("step", 1), **fields
+    ).SerializeToString()
+
+
+F32 = wire.encode_array(torch.ones(1, 5))
+BAD_REQUESTS = {
+    "garbage bytes": ("PushGradients", b"\xff\xfe\x00garbage\x12"),
+    "truncated message": (
+        "PullRows",
+        wire.message("PullRowsRequest", ids=b"\0" * 64).SerializeToString()[:7],
+    ),
+    "ids not whole int64": ("PullRows", wire.message("PullRowsRequest", ids=b"\0" * 12).SerializeToString()),
+    "id out of range": (
+        "PullRows",
+        wire.message("PullRowsRequest", ids=wire.encode_ids([3, 29])).SerializeToString(),
+    ),
+    "negative id": ("PushGradients", _push(wire.encode_ids([-1]), F32)),
+    "grads wrong shape": ("PushGradients", _push(wire.encode_ids([1, 2]), F32)),
+    "grads wrong bytes": (
+        "PushGradients",
+        _push(wire.encode_ids([1]), wire.message("Array", dtype="float32", shape=[1, 5], data=b"1")),
+    ),
+    "grads bad dtype": (
+        "PushGradients",
+        _push(wire.encode_ids([1]), wire.message("Array", dtype="int8", shape=[1, 5], data=b"12345")),
+    ),
+    "grads NaN": (
+        "PushGradients",
+        _push(wire.encode_ids([1]), wire.encode_array(torch.full((1, 5), float("nan")))),
+    ),
+    "duplicate ids": ("PushGradients", _push(wire.encode_ids([1, 1]), wire.encode_array(torch.ones(2, 5)))),
+    "step 0": ("PushGradients", _push(wire.encode_ids([1]), F32, step=0)),
+    "unknown trainer": ("PushGradients", _push(wire.encode_ids([1]), F32, trainer=3)),
+    "unknown field": (
+        "SetRows",
+        wire.message(
+            "SetRowsRequest", ids=wire.encode_ids([1]), values=F32, field="nope"
+        ).SerializeToString(),
+    ),
+    "range outside shard": ("GetRows", wire.message("GetRowsRequest", start=10, stop=40).SerializeToString()),
+    "query wrong width": (
+        "QueryNearest",
+        wire.message(
+            "QueryNearestRequest", features=wire.encode_array(torch.ones(2, 4)), n=1
+        ).SerializeToString(),
+    ),
+    "query n 0": ("QueryNearest", wire.message("QueryNearestRequest", features=F32, n=0).SerializeToString()),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_invalid_argument_and_change_nothing(shards, case):
+    (server,) = shards(1)
+    before = ParamServerClient(_addresses([server]), timeout_s=5).get_rows(0, 29)
+    method, payload = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_call(server.port, method, payload)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    client = ParamServerClient(_addresses([server]), timeout_s=5)  # still serving
+    torch.testing.assert_close(client.get_rows(0, 29), before, rtol=0, atol=0)
+    assert client.health()[0].version == 0
+
+
+def test_client_side_errors_name_the_problem(shards):
+    client = ParamServerClient(_addresses(shards(2)), timeout_s=5)
+    with pytest.raises(ValueError, match=r"ids\[1\] = 29 is outside \[0, 29\)"):
+        client.pull(torch.tensor([0, 29]))
+    with pytest.raises(ValueError, match="grads: shape"):
+        client.push(torch.tensor([1, 2]), torch.ones(3, 5), step=1)
+    with pytest.raises(ValueError, match="unique"):
+        client.push(torch.tensor([20, 20]), torch.ones(2, 5), step=1)
+
+
+def test_unreachable_server_fails_within_the_deadline(shards):
+    servers = shards(2)
+    client = ParamServerClient(_addresses(servers), timeout_s=1.5)
+    dead = _addresses(servers)[1]
+    servers[1].stop(0)
+    start = time.monotonic()
+    with pytest.raises(ParamServerError, match="unreachable") as error:
+        client.pull(torch.tensor([1, 27]))
+    assert time.monotonic() - start < 4
+    assert error.value.address == dead and dead in str(error.value)
+    with pytest.raises(ParamServerError, match="127.0.0.1:9"):
+        ParamServerClient(["127.0.0.1:9"], timeout_s=0.5)
+
+
+def test_ranges_must_tile_the_rows(shards):
+    first = shards(2, num_rows=10, dim=2)
+    with pytest.raises(ValueError, match="held by no shard"):
+        ParamServerClient(_addresses(first[:1]), timeout_s=5)
+    other = shards(1, num_rows=10, dim=3)
+    with pytest.raises(ValueError, match="serves"):
+        ParamServerClient(_addresses([first[0], other[0]]), timeout_s=5)
+
+
+def _spec(**changes):
+    return ShardSpec(
+        **{
+            "num_rows": 12,
+            "dim": 3,
+            "row_start": 4,
+            "row_stop": 12,
+            "optimizer": "sgd",
+            "trainers": 1,
+            **changes,
+        }
+    )
+
+
+def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch):
+    """A process dying between journal and commit leaves the pre-step state after restart."""
+    hyper = HyperParams(lr=1.0, momentum=0.9)
+    state = ShardState(tmp_path, _spec(), hyper)
+    state.apply(torch.tensor([0, 5]), torch.ones(2, 3), lr=1.0, step=1)
+    rows, momentum, version = state.rows.clone(), state.state["momentum_buffer"].clone(), state.version
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(ShardState, "_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        state.apply(torch.tensor([5, 2, 7]), torch.full((3, 3), 4.0), lr=1.0, step=2)
+    assert not torch.equal(state.rows, rows)  # half applied in the memory maps
+    monkeypatch.undo()
+    reopened = ShardState(tmp_path, _spec(), hyper)
+    torch.testing.assert_close(reopened.rows, rows, rtol=0, atol=0)
+    torch.testing.assert_close(reopened.state["momentum_buffer"], momentum, rtol=0, atol=0)
+    assert (reopened.version, reopened.applied_step) == (version, 1)
+    reopened.apply(torch.tensor([5]), torch.ones(1, 3), lr=1.0, step=2)
+    assert reopened.version == version + 1
+
+
+def test_state_survives_restart_and_rejects_other_settings(tmp_path):
+    state = ShardState(tmp_path, _spec(), HyperParams(lr=0.1))
+    state.apply(torch.tensor([1]), torch.ones(1, 3), lr=0.5, step=3)
+    state.set_hyper(HyperParams(lr=0.7))
+    rows = state.rows.clone()
+    snapshot = state.snapshot()
+    state.close()
+    again = ShardState(tmp_path, _spec(), HyperParams(lr=0.1))
+    torch.testing.assert_close(again.rows, rows, rtol=0, atol=0)
+    assert again.applied_step == 3 and again.hyper.lr == 0.7
+    restored = ShardState(shutil.copytree(snapshot, tmp_path / "copy"), _spec(), HyperParams())
+    torch.testing.assert_close(restored.rows, rows, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dim is 3 but the server was started with 4"):
+        ShardState(tmp_path, _spec(dim=4), HyperParams())
+
+
+def test_tls(shards, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    servers = shards(2, tls_cert=str(cert), tls_key=str(key), token="t")
+    client = ParamServerClient(_addresses(servers), tls_ca=str(cert), token="t", timeout_s=10)
+    assert client.pull(torch.tensor([2, 20])).shape == (2, 5)
+    with pytest.raises(ParamServerError):
+        ParamServerClient(_addresses(servers), token="t", timeout_s=1)  # plaintext to a TLS port
+
+
+@pytest.mark.slow
+def test_kill_a_shard_mid_training_and_restart_it(processes, tmp_path):
+    """SIGKILL a shard holding a half-complete barrier; restarted, it gets the lost pushes again.
+
+    Two trainers (driven from this thread), two shard processes, sync SGD with momentum. Shard 1 is killed
+    after trainer 0 pushed step 4 (trainer 1 not yet), and again right after step 7 was applied. The final
+    rows equal an uninterrupted run's.
+    """
+    common = ["--rows", "40", "--dim", "6", "--trainers", "2", "--lr", "0.3", "--momentum", "0.9"]
+    shard = [
+        processes([*common, "--shard", f"{i}/2", "--data-dir", str(tmp_path / f"s{i}"), "--seed", "3"])
+        for i in (0, 1)
+    ]
+    addresses = [s.address for s in shard]
+    clients = [ParamServerClient(addresses, trainer=rank, timeout_s=60) for rank in (0, 1)]
+    reference = torch.nn.Parameter(clients[0].get_rows(0, 40).double())
+    sgd = torch.optim.SGD([reference], lr=0.3, momentum=0.9)  # every row touched: dense SGD is the truth
+    generator = torch.Generator().manual_seed(0)
+
+    def restart(index):
+        shard[index].kill()
+        shard[index] = processes(
+            [*common, "--shard", f"{index}/2", "--data-dir", str(tmp_path / f"s{index}"), "--seed", "3"],
+            port=shard[index].port,
+        )
+
+    for step in range(1, 10):
+        grads = [torch.randn(40, 6, generator=generator) for _ in (0, 1)]
+        clients[0].push(torch.arange(40), grads[0], step=step)
+        if step == 4:
+            restart(1)  # trainer 0's step-4 push to shard 1 is lost with the process
+        clients[1].push(torch.arange(40), grads[1], step=step)
+        for client in clients:
+            client.pull(torch.arange(40))
+        if step == 7:
+            restart(1)
+        reference.grad = ((grads[0] + grads[1]) / 2).double()
+        sgd.step()
+    clients[0].flush()
+    torch.testing.assert_close(clients[1].get_rows(0, 40), reference.detach().float(), rtol=1e-5, atol=1e-6)
+    health = clients[0].health()
+    assert [h.applied_step for h in health] == [9, 9]
+    paths = clients[0].snapshot()
+    assert [step for _, step in paths] == [9, 9]

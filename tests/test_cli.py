@@ -1,0 +1,147 @@
+"""The real CLI end to end on a small slice of the embedded deb-tags data: train, resume, eval, predict."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaclass.cli import COMMANDS, main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny steps run fastest on one thread, and do not stall when the test workers share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+_TINY = [
+    "--set",
+    "model.hidden=[48]",
+    "model.dropout=0.1",
+    "head.loss=softmax",
+    "optim.encoder.lr=0.01",
+    "optim.head.lr=0.01",
+    "optim.warmup_steps=3",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "train.progress=false",
+    "eval.batch_size=64",
+]
+
+
+def _slice(source: str, target: str, rows: int) -> str:
+    with gzip.open(source, "rt") as file:
+        header = file.readline().split()
+        lines = [file.readline() for _ in range(rows)]
+    with open(target, "w") as file:
+        file.write(f"{rows} {header[1]} {header[2]}\n")
+        file.writelines(lines)
+    return target
+
+
+@pytest.fixture(scope="module")
+def tiny(repo_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    data = os.path.join(repo_root, "data", "deb-tags")
+    train = _slice(os.path.join(data, "train_bow.txt.gz"), str(folder / "train.txt"), 320)
+    test = _slice(os.path.join(data, "test_bow.txt.gz"), str(folder / "test.txt"), 100)
+    return train, test
+
+
+def _train(tiny, out, *extra):
+    train, test = tiny
+    return main(["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "3", *_TINY, *extra])
+
+
+def _losses(out):
+    with open(os.path.join(out, "log.jsonl")) as file:
+        records = [json.loads(line) for line in file]
+    return [(r["step"], loss) for r in records if r["kind"] == "train" for loss in r["losses"]]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert _train(tiny, out) == 0
+    return out
+
+
+def test_train_writes_the_run_folder(full_run):
+    with open(full_run / "metrics.json") as file:
+        metrics = json.load(file)
+    for key in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "train_seconds", "peak_memory_bytes"):
+        assert key in metrics, key
+    assert 0 <= metrics["P@5"] <= metrics["P@1"] <= 1 and metrics["peak_memory_bytes"] > 0
+    for name in ("config.yaml", "run.json", "report.md", "report.png", "log.jsonl", "model", "checkpoints"):
+        assert (full_run / name).exists(), name
+    losses = [loss for _, loss in _losses(full_run)]
+    assert len(losses) == 3 * 10
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), "the training loss must fall"
+
+
+def test_resume_continues_bit_exactly(tiny, full_run, tmp_path):
+    out = tmp_path / "resumed"
+    assert _train(tiny, out, "train.stop_after_steps=14") == 0  # mid-epoch 2
+    assert not (out / "metrics.json").exists()
+    assert _train(tiny, out, "--resume") == 0
+    assert _losses(out) == _losses(full_run)
+    with open(out / "metrics.json") as a, open(full_run / "metrics.json") as b:
+        resumed, full = json.load(a), json.load(b)
+    assert {k: v for k, v in resumed.items() if "@" in k} == {k: v for k, v in full.items() if "@" in k}
+
+
+def test_resume_refuses_a_changed_config(tiny, tmp_path):
+    out = tmp_path / "changed"
+    assert _train(tiny, out, "train.stop_after_steps=3") == 0
+    assert _train(tiny, out, "--resume", "--set", "optim.head.lr=0.5") == 2
+
+
+def test_eval_and_predict_from_the_run_folder(tiny, full_run, tmp_path, capsys):
+    _, test = tiny
+    capsys.readouterr()
+    assert main(["eval", "--run", str(full_run), "--test", test]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    with open(full_run / "metrics.json") as file:
+        trained = json.load(file)
+    for key in ("P@1", "P@5", "nDCG@5", "PSP@5"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-12)
+    predictions = tmp_path / "predictions.txt"
+    assert main(["predict", "--run", str(full_run), "--input", test, "--out", str(predictions), "--k", "7"]) == 0
+    lines = predictions.read_text().splitlines()
+    assert len(lines) == 100
+    for line in lines:
+        pairs = [pair.split(":") for pair in line.split()]
+        ids, scores = [int(i) for i, _ in pairs], [float(s) for _, s in pairs]
+        assert len(ids) == 7 and len(set(ids)) == 7 and all(0 <= i < 595 for i in ids)
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_user_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
+    train, test = tiny
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3 10 5\n1 2:0.5\n9 1:0.2\n0 1:1\n")
+    cases = [
+        (["--set", "train.epoch=3"], "train.epoch"),
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+    ]
+    for extra, message in cases:
+        code = main(["train", "--train", train, "--test", test, "--out", str(tmp_path / "x"), *extra])
+        assert code == 2 and message in capsys.readouterr().err
+    code = main(["train", "--train", str(bad), "--test", test, "--out", str(tmp_path / "y")])
+    assert code == 2 and "bad.txt:3" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path / "nothing"), "--test", test]) == 2
+
+
+def test_python_m_megaclass_and_dispatch_table():
+    assert {"train", "eval", "predict"} <= set(COMMANDS)
+    out = subprocess.run([sys.executable, "-m", "megaclass", "--help"], capture_output=True, text=True, check=True)
+    for name in COMMANDS:
+        assert name in out.stdout
