@@ -22,6 +22,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ __all__ = [
     "add_common_arguments",
     "device_rates",
     "markdown_table",
+    "read_csv_results",
     "run_cases",
+    "run_in_child",
     "time_fn",
 ]
 
@@ -186,10 +189,21 @@ def run_cases(
     reps: int = 20,
     warmup: int = 3,
     extra_columns: dict[str, Any] | None = None,
+    isolate: Callable[[Case], Result | None] | None = None,
 ) -> list[Result]:
-    """Measure every case (an out-of-memory case becomes an ``OOM`` row), append CSV rows, return results."""
+    """Measure every case (an out-of-memory case becomes an ``OOM`` row), append CSV rows, return results.
+
+    ``isolate(case)``, when given, may return the case's result itself (measured in a child process with
+    :func:`run_in_child`, or refused up front): a case that can kill the CUDA context then cannot end the run.
+    It returns None for a case to measure here.
+    """
     results: list[Result] = []
     for case in cases:
+        isolated = isolate(case) if isolate is not None else None
+        if isolated is not None:
+            results.append(isolated)
+            print(_one_line(isolated), flush=True)
+            continue
         try:
             result = _measure(case, reps=reps, warmup=warmup)
         except torch.cuda.OutOfMemoryError:
@@ -277,6 +291,48 @@ def append_csv(
             )
             row.update({name: _csv_value(getattr(result, name)) for name in RESULT_COLUMNS})
             writer.writerow(row)
+
+
+def read_csv_results(path: str) -> list[Result]:
+    """The results in a CSV file :func:`append_csv` wrote (the case's parameters come back as strings)."""
+    results = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            params = dict(item.split("=", 1) for item in row["params"].split(";") if "=" in item)
+            result = Result(row["provider"], row["mode"], params, status=row["status"])
+            for name in RESULT_COLUMNS[:-1]:
+                setattr(result, name, float(row[name]) if row[name] else math.nan)
+            results.append(result)
+    return results
+
+
+def run_in_child(case: Case, argv: Sequence[str], *, timeout_s: float = 600.0) -> Result:
+    """Measure ``case`` in a fresh Python process and return its result, or a ``crashed ...`` result.
+
+    ``argv`` (the script and its options, without ``--results``) must measure exactly this case and append
+    its row to the CSV named by the ``--results`` option added here. Whatever happens there (an illegal
+    memory access leaves a CUDA context unusable for good, so only a new process recovers) stays there.
+    """
+    _free()  # hand the cached blocks back: the child needs the card's memory
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "child.csv")
+        command = [sys.executable, *argv, "--results", path]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return Result(
+                case.provider, case.mode, dict(case.params), status=f"timed out after {timeout_s:.0f} s"
+            )
+        rows = read_csv_results(path) if os.path.exists(path) else []
+    if done.returncode == 0 and rows:
+        row = rows[-1]
+        row.params = dict(case.params)
+        return row
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]  # the exception, not a hint after it
+    why = (errors or lines or ["no output"])[-1]
+    status = f"crashed (exit {done.returncode}): {why}"[:200]
+    return Result(case.provider, case.mode, dict(case.params), status=status)
 
 
 def _csv_value(value: Any) -> Any:

@@ -6,11 +6,11 @@
 
 Runs (``--runs``, comma separated):
 
-- ``face``: D 512, B 512 per GPU, IResNet-50 on synthetic 112x112 images, bf16 autocast; the class-sharded dense
-  head and the sharded selected head (sample_num 10% of C) at C = 10^6 and 10^7, beside DDP with a replicated
-  ``nn.Linear`` + cross-entropy (``OOM`` where it does not fit);
-- ``xmc``: D 768, B 128 per GPU of random features (the encoder is left out: the head is measured), the dense
-  head at C = 2,812,281;
+- ``face``: D 512, B 512 per GPU, IResNet-50 on synthetic 112x112 images, bf16 autocast; the class-sharded
+  dense head and the sharded selected head (sample_num 10% of C) at C = 10^6 and 10^7, beside DDP with a
+  replicated ``nn.Linear`` + cross-entropy (``OOM`` where it does not fit);
+- ``xmc``: D 768, B 128 per GPU of random features (the encoder is left out: the head is measured), the
+  sharded dense head and the sharded sparse head (fan-in 32, groups of 16) at C = 2,812,281;
 - ``largest``: the selected head with host-memory rows at ``--largest-classes`` classes (D 512);
 - ``single``: the sharded dense head with world size 1 against the plain dense head, same shapes (their step
   times should be within 3%).
@@ -40,6 +40,7 @@ from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
 from megaclass.heads.base import HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
 from megaclass.heads.selected import SelectedHeadConfig
+from megaclass.targets import as_ragged
 
 
 @dataclass
@@ -75,7 +76,9 @@ def _max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float
     return float(tensor)
 
 
-def _time_steps(step: Callable[[], None], *, steps: int, warmup: int, info: DistInfo, device: torch.device) -> list:
+def _time_steps(
+    step: Callable[[], None], *, steps: int, warmup: int, info: DistInfo, device: torch.device
+) -> list:
     for _ in range(warmup):
         step()
     times = []
@@ -120,6 +123,17 @@ class _ReplicatedLinear(nn.Module):
 
 
 def _head(name: str, dim: int, classes: int, device: torch.device, info: DistInfo) -> nn.Module:
+    if name == "sharded-sparse":  # its topology is drawn by CPU generators
+        from megaclass.distributed.sharded import ShardedSparseHead
+        from megaclass.heads.sparse import SparseHeadConfig
+
+        context = HeadContext(in_features=dim, num_classes=classes, multilabel=True)
+        return ShardedSparseHead(SparseHeadConfig(fan_in=32, group=16), context).to(device)
+    with torch.device(device):  # rows drawn where they live
+        return _build_head(name, dim, classes, device, info)
+
+
+def _build_head(name: str, dim: int, classes: int, device: torch.device, info: DistInfo) -> nn.Module:
     context = HeadContext(in_features=dim, num_classes=classes, multilabel=False)
     if name == "sharded-dense":
         return ShardedDenseHead(DenseHeadConfig(bias=False), context).to(device)
@@ -128,11 +142,15 @@ def _head(name: str, dim: int, classes: int, device: torch.device, info: DistInf
     if name.startswith("sharded-selected"):
         store = "host" if name.endswith("host") else "gpu"
         index = "gpu" if device.type == "cuda" else "exact"
-        config = SelectedHeadConfig(sample_num=max(classes // 10, 1), index=index, store=store, coverage_every=0)
+        config = SelectedHeadConfig(
+            sample_num=max(classes // 10, 1), index=index, store=store, coverage_every=0
+        )
         return ShardedSelectedHead(config, context).to(device)
     head = _ReplicatedLinear(dim, classes).to(device)
     if info.distributed:
-        head = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+        head = nn.parallel.DistributedDataParallel(
+            head, device_ids=[device.index] if device.type == "cuda" else None
+        )
     return head
 
 
@@ -148,6 +166,8 @@ def measure(row: Row, *, encoder_kind: str, dim: int, args: Any, info: DistInfo,
         optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9) if params else None
         inputs = make_input(row.batch_per_rank)
         targets = torch.randint(0, row.classes, (row.batch_per_rank,), device=device)
+        if row.head == "sharded-sparse":  # multi-label: one label per sample, as ragged targets
+            targets = as_ragged(targets)
         after_step = getattr(head, "after_step", None)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -158,7 +178,7 @@ def measure(row: Row, *, encoder_kind: str, dim: int, args: Any, info: DistInfo,
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if after_step is not None and isinstance(head, (ShardedSelectedHead,)):
+            if isinstance(head, ShardedSelectedHead):  # pushes the rows' gradients to the store
                 after_step(1, 0.0, lr=0.01)
 
         times = _time_steps(step, steps=args.steps, warmup=args.warmup, info=info, device=device)
@@ -186,15 +206,20 @@ def plan(args: Any, info: DistInfo) -> list[tuple[Row, str, int]]:
         if name == "face":
             for classes in face_classes:
                 for head in ("sharded-dense", "sharded-selected", "ddp-linear"):
-                    out.append((Row("face", head, classes, world, face_batch), face_encoder, 64 if quick else 512))
+                    out.append(
+                        (Row("face", head, classes, world, face_batch), face_encoder, 64 if quick else 512)
+                    )
         elif name == "xmc":
             classes, batch = (3001, 8) if quick else (2_812_281, 128)
-            out.append((Row("xmc", "sharded-dense", classes, world, batch), "features", 96 if quick else 768))
+            for head in ("sharded-dense", "sharded-sparse"):
+                out.append((Row("xmc", head, classes, world, batch), "features", 96 if quick else 768))
         elif name == "largest":
             classes = 5000 if quick else args.largest_classes
             row = Row("largest", "sharded-selected-host", classes, world, 8 if quick else 512)
             out.append((row, face_encoder, 64 if quick else 512))
         elif name == "single":
+            if world > 1:
+                continue  # the check is the sharded path's cost at world size 1
             classes, batch = (2000, 16) if quick else (10**6, 512)
             for head in ("plain-dense", "sharded-dense"):
                 out.append((Row("single", head, classes, world, batch), "features", 64 if quick else 512))
@@ -212,7 +237,10 @@ def report(rows: list[Row], args: Any) -> None:
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + " |")
     single = {row.head: row.step_ms for row in rows if row.run == "single"}
     if len(single) == 2:
-        print(f"sharded / plain step time at world size {rows[0].world}: {single['sharded-dense'] / single['plain-dense']:.3f}")
+        print(
+            f"sharded / plain step time at world size {rows[0].world}: "
+            f"{single['sharded-dense'] / single['plain-dense']:.3f}"
+        )
     if args.csv:
         fresh = not os.path.exists(args.csv)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -230,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
     parser.add_argument("--runs", default="face,xmc,largest,single", help="comma-separated runs")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--largest-classes", type=int, default=50_000_000, help="C of the largest run")
     parser.add_argument("--csv", default="", help="append CSV rows here (rank 0)")

@@ -1,6 +1,6 @@
-"""Head benchmark: DenseHead's fused kernels vs plain PyTorch vs Cut Cross-Entropy, forward and backward.
+"""Head benchmark: DenseHead's fused op vs plain PyTorch vs Cut Cross-Entropy, forward and backward.
 
-    python benchmarks/heads.py                      # C = 670,091 and 2,812,281, D = 768, B = 128 (a GPU)
+    python benchmarks/heads.py                      # self-check, then C = 670,091 and 2,812,281 (a GPU)
     python benchmarks/heads.py --quick              # small sizes, runs on CPU as a smoke test
 
 Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
@@ -8,10 +8,21 @@ Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
 - ``torch``: ``x @ W.T`` under bf16 autocast, then ``F.cross_entropy`` or
   ``F.binary_cross_entropy_with_logits`` (the logits and a bf16 copy of ``W`` are materialised).
 - ``megaclass``: what :class:`megaclass.heads.dense.DenseHead` runs under bf16 autocast: the fused op
-  ``linear_loss`` on bf16 features and the fp32 weight (Triton kernels on CUDA).
-- ``reference``: the same op forced onto the chunked plain-PyTorch backend (off by default).
+  ``linear_loss`` on bf16 features and the fp32 weight, ``impl="auto"`` (on CUDA the faster of the two
+  below, measured once per problem; the choice is printed at the end).
+- ``megaclass-triton``: the same op on its Triton kernels (``impl="triton"``).
+- ``megaclass-torch``: the same op on cuBLAS bf16 matmuls over class chunks (``impl="torch"``).
+- ``reference``: the same op on the fp32-accumulating plain-PyTorch spec (off by default).
 - ``cce``: ``cut_cross_entropy.linear_cross_entropy`` on bf16 ``x`` and ``W.to(bfloat16)`` (CE only: Cut
   Cross-Entropy has no binary cross-entropy).
+
+The run checks itself before timing: on two small problems (one spanning several backward super-chunks and
+row blocks) every provider's loss, ``dx`` and ``dW`` are compared with the fp32 reference; the maximum
+relative error is printed with PASS (within twice plain PyTorch's bf16 error, or 2^-7) or FAIL.
+
+A case that can take the CUDA context down (Cut Cross-Entropy at ``C x D >= 2^31``: its 32-bit indexing
+ends in an illegal memory access) runs in a child process; once it has crashed there, the same provider's
+other cases at that size are refused with a row saying why, and the run goes on.
 
 Besides the timings it prints the card's floor for the fused op: FLOPs (``2BCD`` per matmul: one forward,
 three backward) over the measured bf16 matmul rate, and bytes (fp32 ``W`` read in forward, read again and
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +43,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Case, add_common_arguments, device_rates, markdown_table, run_cases  # noqa: E402
+from _harness import (  # noqa: E402
+    Case,
+    Result,
+    add_common_arguments,
+    device_rates,
+    markdown_table,
+    run_cases,
+    run_in_child,
+)
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, linear_loss  # noqa: E402
 from megaclass.targets import RaggedLabels  # noqa: E402
 
 FULL_CLASSES = (670_091, 2_812_281)
+INDEX_LIMIT = 2**31  # Cut Cross-Entropy indexes W with 32-bit integers
+# Self-check problems (B, C, D): one like the timed ones, one over several super-chunks and two row blocks.
+CHECK_SHAPES = ((128, 10_007, 768), (130, 2**18 + 5, 64))
+CHECK_SHAPES_QUICK = ((16, 1_009, 64), (20, 3_001, 32))
+CHECK_FLOOR = 2**-7  # relative error always accepted: about two bf16 roundings
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,9 +71,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=768, help="D, the feature width")
     parser.add_argument("--batch", type=int, default=128, help="B, the batch size")
     parser.add_argument("--losses", default="ce,bce", help="comma-separated subset of ce,bce")
-    parser.add_argument("--providers", default="torch,megaclass,cce", help="torch,megaclass,reference,cce")
+    parser.add_argument(
+        "--providers",
+        default="torch,cce,megaclass,megaclass-triton,megaclass-torch",
+        help="comma-separated subset of " + ",".join(PROVIDERS),
+    )
     parser.add_argument("--labels-per-sample", type=int, default=5, help="positives per sample for bce")
+    parser.add_argument("--isolate", default="", help="providers to run in child processes at every size")
+    parser.add_argument("--skip-check", action="store_true", help="time without the correctness check")
+    parser.add_argument("--autotune", action="store_true", help="let the Triton kernels tune their tiles")
+    parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)  # one case, no check
     return parser.parse_args()
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def autocast() -> contextlib.AbstractContextManager:
@@ -69,6 +106,10 @@ def make_inputs(batch: int, classes: int, dim: int, loss: str, labels_per_sample
     return x, weight, RaggedLabels(indptr, indices.reshape(-1))  # duplicates are vanishingly rare at this C
 
 
+def _options(loss: str) -> LinearLossOptions:
+    return LinearLossOptions(loss="softmax" if loss == "ce" else "bce")
+
+
 def torch_loss(x, weight, targets, loss: str) -> torch.Tensor:
     with autocast():
         logits = x @ weight.T  # (B, C) bf16 under autocast
@@ -83,10 +124,9 @@ def head_loss(impl: str) -> Callable:
     """DenseHead's forward: the fused op on the autocast dtype's features and the fp32 master weight."""
 
     def run(x, weight, targets, loss: str) -> torch.Tensor:
-        options = LinearLossOptions(loss="softmax" if loss == "ce" else "bce")
         with autocast():
             features = x.to(torch.bfloat16) if x.is_cuda else x  # what DenseHead does under autocast
-            return linear_loss(features, weight, targets, options=options, impl=impl)
+            return linear_loss(features, weight, targets, options=_options(loss), impl=impl)
 
     return run
 
@@ -95,6 +135,104 @@ def cce_loss(x, weight, targets, loss: str) -> torch.Tensor:
     from cut_cross_entropy import linear_cross_entropy
 
     return linear_cross_entropy(x.to(torch.bfloat16), weight.to(torch.bfloat16), targets)
+
+
+def fp32_reference(x, weight, targets, loss: str) -> torch.Tensor:
+    """The executable spec in fp32: the truth of the self-check."""
+    return linear_loss(x.float(), weight, targets, options=_options(loss), impl="reference")
+
+
+PROVIDERS: dict[str, Callable] = {
+    "torch": torch_loss,
+    "cce": cce_loss,
+    "megaclass": head_loss("auto"),
+    "megaclass-triton": head_loss("triton"),
+    "megaclass-torch": head_loss("torch"),
+    "reference": head_loss("reference"),
+}
+
+
+def available_providers(wanted: list[str]) -> list[str]:
+    """``wanted`` less those this machine cannot run (each skip is said on stderr)."""
+    unknown = sorted(set(wanted) - set(PROVIDERS))
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; known: {sorted(PROVIDERS)}")
+    kept = []
+    for name in wanted:
+        if name == "cce" and not _cce_available():
+            print("cce: cut_cross_entropy not importable or no CUDA device; skipped", file=sys.stderr)
+        elif name == "megaclass-triton" and not _triton_runnable():
+            print("megaclass-triton: needs CUDA or TRITON_INTERPRET=1; skipped", file=sys.stderr)
+        else:
+            kept.append(name)
+    return kept
+
+
+def _cce_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_runnable() -> bool:
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _loss_and_grads(fn: Callable, x, weight, targets, loss: str) -> list[torch.Tensor]:
+    x_leaf, weight_leaf = x.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    out = fn(x_leaf, weight_leaf, targets, loss)
+    out.backward()
+    return [out.detach().float(), x_leaf.grad.float(), weight_leaf.grad.float()]
+
+
+def _relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    return (
+        (value.double() - truth.double()).abs().max() / truth.double().abs().max().clamp_min(1e-30)
+    ).item()
+
+
+def self_check(providers: list[str], losses: list[str], *, quick: bool, labels_per_sample: int) -> bool:
+    """Loss, dx and dW of every provider against the fp32 reference on small problems; prints a table."""
+    print("Self-check against the fp32 reference (max relative error; bound: 2x torch's, at least 2^-7)")
+    print("| B | C | D | loss | provider | loss err | dx err | dW err | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    passed = True
+    for batch, classes, dim in CHECK_SHAPES_QUICK if quick else CHECK_SHAPES:
+        for loss in losses:
+            inputs = make_inputs(batch, classes, dim, loss, labels_per_sample)
+            truth = _loss_and_grads(fp32_reference, *inputs, loss)
+            bounds = [CHECK_FLOOR] * 3
+            names = sorted(providers, key=lambda name: name != "torch")  # torch first: it sets the bound
+            for name in names:
+                if name == "cce" and loss == "bce":
+                    continue
+                try:
+                    got = _loss_and_grads(PROVIDERS[name], *inputs, loss)
+                except Exception as error:  # a failing provider is a FAIL row, not the end of the check
+                    print(f"| {batch} | {classes} | {dim} | {loss} | {name} | {error!r:.80} | | | FAIL |")
+                    passed = False
+                    continue
+                errors = [_relative_error(value, exact) for value, exact in zip(got, truth, strict=True)]
+                if name == "torch":
+                    bounds = [max(CHECK_FLOOR, 2 * error) for error in errors]
+                ok = all(error <= bound for error, bound in zip(errors, bounds, strict=True))
+                passed &= ok or name in ("torch", "cce")  # the baselines' accuracy is reported, not ours
+                cells = " | ".join(f"{error:.2e}" for error in errors)
+                verdict = "PASS" if ok else "FAIL"
+                print(f"| {batch} | {classes} | {dim} | {loss} | {name} | {cells} | {verdict} |", flush=True)
+            del inputs, truth
+    print("self-check:", "PASS" if passed else "FAIL")
+    return passed
 
 
 def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int) -> Case:
@@ -124,78 +262,115 @@ def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int) ->
     )
 
 
-def build_cases(args: argparse.Namespace) -> list[Case]:
-    providers = {
-        "torch": torch_loss,
-        "megaclass": head_loss("auto"),
-        "reference": head_loss("reference"),
-        "cce": cce_loss,
-    }
-    wanted = [name.strip() for name in args.providers.split(",") if name.strip()]
-    unknown = sorted(set(wanted) - set(providers))
-    if unknown:
-        raise SystemExit(f"--providers: unknown {unknown}; known: {sorted(providers)}")
-    if "cce" in wanted and not _cce_available():
-        print("cce: cut_cross_entropy not importable or no CUDA device; skipped", file=sys.stderr)
-        wanted.remove("cce")
-    classes_list = args.classes or ((5_003,) if args.quick else FULL_CLASSES)
+def build_cases(args: argparse.Namespace, providers: list[str]) -> list[Case]:
+    classes_list = args.classes or ((2_003,) if args.quick else FULL_CLASSES)
     dim, batch = (64, 16) if args.quick else (args.dim, args.batch)
-    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     cases = []
     for classes in classes_list:
-        for loss in [name.strip() for name in args.losses.split(",") if name.strip()]:
-            for provider in wanted:
+        for loss in _split(args.losses):
+            for provider in providers:
                 if provider == "cce" and loss == "bce":
                     continue  # Cut Cross-Entropy has no binary cross-entropy
-                for mode in modes:
+                for mode in _split(args.modes):
                     params = {"C": classes, "D": dim, "B": batch, "loss": loss}
-                    case = make_case(provider, mode, providers[provider], params, args.labels_per_sample)
-                    cases.append(case)
+                    cases.append(
+                        make_case(provider, mode, PROVIDERS[provider], params, args.labels_per_sample)
+                    )
     return cases
 
 
-def _cce_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import cut_cross_entropy  # noqa: F401
-    except ImportError:
-        return False
-    return True
+class CrashGuard:
+    """The ``isolate`` hook of :func:`run_cases`: risky cases run in a child process; after a crash there,
+    the provider's other cases at that size are refused instead of run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.always = set(_split(args.isolate))
+        self.crashed: dict[tuple[str, int], str] = {}
+
+    def risky(self, case: Case) -> bool:
+        return case.provider == "cce" and case.params["C"] * case.params["D"] >= INDEX_LIMIT
+
+    def __call__(self, case: Case) -> Result | None:
+        if not (self.risky(case) or case.provider in self.always):
+            return None
+        key = (case.provider, case.params["C"])
+        if key in self.crashed:
+            return Result(case.provider, case.mode, dict(case.params), status=self.crashed[key])
+        result = run_in_child(case, self._argv(case), timeout_s=300)
+        if result.status not in ("ok", "OOM"):
+            why = "32-bit indexing (C*D >= 2^31)" if self.risky(case) else result.status[:80]
+            self.crashed[key] = f"refused: crashes: {why}; shown once in a child process above"
+        return result
+
+    def _argv(self, case: Case) -> list[str]:
+        args, params = self.args, case.params
+        argv = [str(Path(__file__).resolve()), "--in-child", "--providers", case.provider]
+        argv += ["--classes", str(params["C"]), "--losses", params["loss"], "--modes", case.mode]
+        argv += ["--dim", str(args.dim), "--batch", str(args.batch), "--reps", str(args.reps)]
+        argv += ["--warmup", str(args.warmup), "--labels-per-sample", str(args.labels_per_sample)]
+        return argv + (["--quick"] if args.quick else []) + (["--autotune"] if args.autotune else [])
 
 
-def print_floor(cases: list[Case], results) -> None:
-    """The card's floor for megaclass fwd+bwd: max(FLOPs / bf16 rate, bytes / copy bandwidth)."""
+def print_floor(cases: list[Case], results: list[Result]) -> None:
+    """The card's floor for the fused op's fwd+bwd: max(FLOPs / bf16 rate, bytes / copy bandwidth)."""
     rates = device_rates()
     if rates is None:
         print("\n(no GPU: floor not measured)")
         return
     print(f"\nCard: {rates.name}: copy {rates.bandwidth_gbs:.0f} GB/s, bf16 {rates.bf16_tflops:.0f} TFLOP/s")
-    print("| C | loss | GFLOP | GB moved | floor_ms | megaclass_ms | x floor |")
-    print("|---|---|---|---|---|---|---|")
+    print("| C | loss | provider | GFLOP | GB moved | floor_ms | time_ms | x floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for case, result in zip(cases, results, strict=True):
-        if case.provider != "megaclass" or case.mode != "fwd+bwd" or result.status != "ok":
+        if not case.provider.startswith("megaclass") or case.mode != "fwd+bwd" or result.status != "ok":
             continue
         floor = rates.floor_ms(flops=case.flops, bytes_moved=case.bytes_moved)
         print(
-            f"| {case.params['C']} | {case.params['loss']} | {case.flops / 1e9:.0f} | "
+            f"| {case.params['C']} | {case.params['loss']} | {case.provider} | {case.flops / 1e9:.0f} | "
             f"{case.bytes_moved / 1e9:.2f} | {floor:.3f} | {result.time_ms:.3f} | "
             f"{result.time_ms / floor:.2f} |"
         )
 
 
+def print_auto_choices() -> None:
+    from megaclass.ops.linear_cross_entropy.select import measured_choices
+
+    choices = measured_choices()
+    if choices:
+        print("\nmegaclass impl=auto picked (pass, B x D, C, loss -> backend):")
+        for key, backend in choices.items():
+            print(f"  {key} -> {backend}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.autotune:
+        os.environ["MEGACLASS_AUTOTUNE"] = "1"
     if args.quick:
         args.reps = min(args.reps, 3)
         args.warmup = min(args.warmup, 1)
-    cases = build_cases(args)
+    providers = available_providers(_split(args.providers))
+    if not (args.skip_check or args.in_child):
+        check_losses = _split(args.losses)
+        if not self_check(
+            providers, check_losses, quick=args.quick, labels_per_sample=args.labels_per_sample
+        ):
+            print("self-check FAILED: the timings below are of wrong results", file=sys.stderr)
+        print()
+    if not torch.cuda.is_available() and "megaclass-triton" in providers:
+        providers.remove("megaclass-triton")  # the interpreter checks the kernels; its speed means nothing
+        print("megaclass-triton: not timed in the CPU interpreter (checked above)", file=sys.stderr)
+    cases = build_cases(args, providers)
+    guard = None if args.in_child else CrashGuard(args)
     results = run_cases(
-        cases, benchmark="heads", results_path=args.results, reps=args.reps, warmup=args.warmup
+        cases, benchmark="heads", results_path=args.results, reps=args.reps, warmup=args.warmup, isolate=guard
     )
+    if args.in_child:
+        return
     print()
     print(markdown_table(results))
     print_floor(cases, results)
+    print_auto_choices()
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def run_config(head: dict, *, args: argparse.Namespace, num_classes: int) -> dic
 def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
     active = max(1, math.ceil(args.active * num_classes))
     adam = {"kind": "adamw", "weight_decay": 0.0}  # the dense head's AdamW, applied lazily to active rows
-    return {
+    variants = {
         "dense": {"type": "dense"},
         "selected": {
             "type": "selected",
@@ -107,6 +107,11 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
         },
         "partial_fc": {"type": "partial_fc", "sample_rate": args.active, "optimizer": adam},
     }
+    # the same heads with the sampled-softmax correction log(1/q) on the random classes' logits
+    variants.update(
+        {f"{name}_logq": {**variants[name], "logq_correction": True} for name in ("selected", "partial_fc")}
+    )
+    return variants
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 _TINY = [
     "--set",
     "model.hidden=[48]",
@@ -58,7 +59,9 @@ def tiny(repo_root, tmp_path_factory):
 
 def _train(tiny, out, *extra):
     train, test = tiny
-    return main(["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "3", *_TINY, *extra])
+    return main(
+        ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "3", *_TINY, *extra]
+    )
 
 
 def _losses(out):
@@ -114,7 +117,9 @@ def test_eval_and_predict_from_the_run_folder(tiny, full_run, tmp_path, capsys):
     for key in ("P@1", "P@5", "nDCG@5", "PSP@5"):
         assert metrics[key] == pytest.approx(trained[key], abs=1e-12)
     predictions = tmp_path / "predictions.txt"
-    assert main(["predict", "--run", str(full_run), "--input", test, "--out", str(predictions), "--k", "7"]) == 0
+    assert (
+        main(["predict", "--run", str(full_run), "--input", test, "--out", str(predictions), "--k", "7"]) == 0
+    )
     lines = predictions.read_text().splitlines()
     assert len(lines) == 100
     for line in lines:
@@ -129,7 +134,7 @@ def test_user_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("3 10 5\n1 2:0.5\n9 1:0.2\n0 1:1\n")
     cases = [
-        (["--set", "train.epoch=3"], "train.epoch"),
+        (["--set", "train.epoch=3"], "unknown key(s) 'epoch'"),
         (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
     ]
     for extra, message in cases:
@@ -142,6 +147,29 @@ def test_user_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
 
 def test_python_m_megaclass_and_dispatch_table():
     assert {"train", "eval", "predict"} <= set(COMMANDS)
-    out = subprocess.run([sys.executable, "-m", "megaclass", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "megaclass", "--help"], capture_output=True, text=True, check=True
+    )
     for name in COMMANDS:
         assert name in out.stdout
+
+
+def test_text_data_trains_and_predicts_through_the_saved_featurizer(repo_root, tmp_path, capsys):
+    data = os.path.join(repo_root, "data", "deb-tags")
+    paths = []
+    for name, rows in (("train.txt.gz", 200), ("test.txt.gz", 60)):
+        with gzip.open(os.path.join(data, name), "rt") as file:
+            lines = [file.readline() for _ in range(rows)]
+        paths.append(tmp_path / name.replace(".gz", ""))
+        paths[-1].write_text("".join(lines))
+    out = tmp_path / "run"
+    args = ["train", "--train", str(paths[0]), "--test", str(paths[1]), "--out", str(out), "--epochs", "1"]
+    assert (
+        main([*args, *_TINY, "data.num_classes=595", "data.featurizer={min_df: 1, char_ngrams: null}"]) == 0
+    )
+    assert (out / "featurizer").is_dir()
+    with open(out / "metrics.json") as file:
+        trained = json.load(file)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--test", str(paths[1])]) == 0
+    assert json.loads(capsys.readouterr().out)["P@5"] == pytest.approx(trained["P@5"], abs=1e-12)

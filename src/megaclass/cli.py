@@ -1,6 +1,6 @@
 """The ``megaclass`` command: ``train``, ``eval``, ``predict`` (and more, added one entry at a time).
 
-``megaclass train --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo``
+``megaclass train --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/x``
 
 Each command is a pair ``_add_<command>_arguments(parser)`` / ``_run_<command>(args) -> exit code`` and one
 line in :data:`COMMANDS`. The CLI only builds configs and calls :mod:`megaclass.train`.
@@ -32,7 +32,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, metavar="PATH", help="training data (format detected)")
     parser.add_argument("--test", required=True, metavar="PATH", help="test data, evaluated each epoch")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
-    parser.add_argument("--config", metavar="FILE.yaml", help="run config (sections data, model, head, optim, ...)")
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="run config (sections data, model, head, optim, ...)"
+    )
     parser.add_argument("--preset", metavar="NAME", help="start from a shipped recipe (before --config)")
     parser.add_argument("--head", metavar="NAME", help="head type, e.g. dense (replaces the config's head)")
     parser.add_argument("--epochs", type=int, metavar="N", help="number of epochs (train.epochs)")
@@ -50,7 +52,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--nproc-per-node",
         type=int,
         metavar="N",
-        help="train on N processes of this host through torchrun (multi-node: run torchrun -m megaclass train)",
+        help="train on N processes of this host through torchrun (multi-node: torchrun -m megaclass train)",
     )
 
 
@@ -97,8 +99,8 @@ def _run_train(args: argparse.Namespace) -> int:
     ks = config.eval.ks
     print("  ".join(f"P@{k} {metrics[f'P@{k}']:.4f}" for k in ks if f"P@{k}" in metrics))
     print(
-        f"train time {metrics['train_seconds']:.1f} s  peak memory {_format_bytes(metrics['peak_memory_bytes'])}"
-        f"  run folder {args.out}"
+        f"train time {metrics['train_seconds']:.1f} s  "
+        f"peak memory {_format_bytes(metrics['peak_memory_bytes'])}  run folder {args.out}"
     )
     return 0
 
@@ -139,7 +141,10 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="rows to score, in the training format; for text runs also bare documents, one a line, or - (stdin)",
     )
     parser.add_argument(
-        "--out", required=True, metavar="FILE", help="one line per row: id:score ..., best first (- for stdout)"
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="one line per row: id:score ..., best first (- for stdout)",
     )
     parser.add_argument("--k", type=int, default=10, help="labels per row (default 10)")
     parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
@@ -194,7 +199,12 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     with _ProgressBar("img") as bar:
         embeddings = extract(
-            args.run_dir, args.data, args.out, flip=args.flip, batch_size=args.batch_size, device=args.device,
+            args.run_dir,
+            args.data,
+            args.out,
+            flip=args.flip,
+            batch_size=args.batch_size,
+            device=args.device,
             progress=bar,
         )
     print(f"wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {args.out}")
@@ -220,8 +230,14 @@ def _run_verify(args: argparse.Namespace) -> int:
     from megaclass.train.extract import verify
 
     result = verify(
-        args.data, features=args.features, run_dir=args.run_dir, flip=args.flip, folds=args.folds,
-        far_target=args.far, batch_size=args.batch_size, device=args.device,
+        args.data,
+        features=args.features,
+        run_dir=args.run_dir,
+        flip=args.flip,
+        folds=args.folds,
+        far_target=args.far,
+        batch_size=args.batch_size,
+        device=args.device,
     )
     name = os.path.splitext(os.path.basename(args.data))[0]
     if args.json == "-":
@@ -252,13 +268,21 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("out_dir", metavar="OUT_DIR", help="folder for train.rec, train.idx and property")
     make.set_defaults(data_run=_run_make_rec)
     synth = tools.add_parser("synth", help="write a synthetic XMC task (power-law labels, planted clusters)")
-    synth.add_argument("out_dir", metavar="OUT_DIR", help="folder for train and test files (train_bow.txt, ...)")
-    synth.add_argument("--num-labels", type=int, required=True, help="label space size (10^3 to 10^7 and more)")
+    synth.add_argument(
+        "out_dir", metavar="OUT_DIR", help="folder for train and test files (train_bow.txt, ...)"
+    )
+    synth.add_argument(
+        "--num-labels", type=int, required=True, help="label space size (10^3 to 10^7 and more)"
+    )
     synth.add_argument("--num-docs", type=int, required=True, help="training documents")
-    synth.add_argument("--num-test-docs", type=int, default=None, help="test documents (default num-docs / 5)")
+    synth.add_argument(
+        "--num-test-docs", type=int, default=None, help="test documents (default num-docs / 5)"
+    )
     synth.add_argument("--num-features", type=int, default=100_000, help="vocabulary / BoW feature dimension")
     synth.add_argument("--format", choices=("bow", "text"), default="bow", help="BoW or labels<TAB>text")
-    synth.add_argument("--labels-per-doc", type=float, default=3.0, help="mean labels a document; 1: multi-class")
+    synth.add_argument(
+        "--labels-per-doc", type=float, default=3.0, help="mean labels a document; 1: multi-class"
+    )
     synth.add_argument("--seed", type=int, default=0, help="fixes the task; train and test share it")
     synth.add_argument("--gzip", action="store_true", help="write .gz files")
     synth.set_defaults(data_run=_run_synth)
@@ -272,8 +296,9 @@ def _run_decode_rec(args: argparse.Namespace) -> int:
     from megaclass.data.images import decode_rec
 
     with _ProgressBar("img") as bar:
-        summary = decode_rec(args.in_dir, args.out_dir, val_fraction=args.val_fraction, seed=args.seed,
-                             progress=bar)
+        summary = decode_rec(
+            args.in_dir, args.out_dir, val_fraction=args.val_fraction, seed=args.seed, progress=bar
+        )
     print(
         f"wrote {summary.images} images of {summary.classes} identities to {args.out_dir} "
         f"({summary.train} in train_list.txt, {summary.val} in val_list.txt)"
@@ -303,11 +328,21 @@ def _run_synth(args: argparse.Namespace) -> int:
     for stream, (split, docs) in enumerate((("train", args.num_docs), ("test", test_docs))):
         path = os.path.join(args.out_dir, split + suffix)
         start = time.perf_counter()
-        synthesize(path, num_docs=docs, num_labels=args.num_labels, num_features=args.num_features,
-                   format=args.format, seed=args.seed, stream=stream, config=config)
+        synthesize(
+            path,
+            num_docs=docs,
+            num_labels=args.num_labels,
+            num_features=args.num_features,
+            format=args.format,
+            seed=args.seed,
+            stream=stream,
+            config=config,
+        )
         print(f"wrote {docs} documents to {path} in {time.perf_counter() - start:.1f} s")
     if args.format == "text":  # text files take their label space from labels.txt beside them
-        write_label_names(os.path.join(args.out_dir, "labels.txt" + (".gz" if args.gzip else "")), args.num_labels)
+        write_label_names(
+            os.path.join(args.out_dir, "labels.txt" + (".gz" if args.gzip else "")), args.num_labels
+        )
     return 0
 
 
@@ -333,7 +368,9 @@ def _run_paramserver(args: argparse.Namespace) -> int:
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="a run folder (sharded or not)")
-    parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the inference file to write")
+    parser.add_argument(
+        "--out", required=True, metavar="FILE.safetensors", help="the inference file to write"
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -351,10 +388,18 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 COMMANDS: dict[str, Command] = {
     "train": ("train a model, evaluate it, write a run folder", _add_train_arguments, _run_train),
     "eval": ("evaluate a run folder's model on a data file", _add_eval_arguments, _run_eval),
-    "predict": ("write a run folder's top-k labels for each row of a file", _add_predict_arguments, _run_predict),
+    "predict": (
+        "write a run folder's top-k labels for each row of a file",
+        _add_predict_arguments,
+        _run_predict,
+    ),
     "extract": ("face embeddings of a .bin set or image data by a run", _add_extract_arguments, _run_extract),
     "verify": ("face verification accuracy, TAR@FAR on a .bin set", _add_verify_arguments, _run_verify),
-    "export": ("write a run's model (sharded or not) as one inference file", _add_export_arguments, _run_export),
+    "export": (
+        "write a run's model (sharded or not) as one inference file",
+        _add_export_arguments,
+        _run_export,
+    ),
     "data": ("data tools: decode-rec, make-rec, synth", _add_data_arguments, _run_data),
     "paramserver": ("parameter-server tools: serve", _add_paramserver_arguments, _run_paramserver),
 }
@@ -363,7 +408,9 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="megaclass", description="Train classifiers over huge output spaces.")
+    parser = argparse.ArgumentParser(
+        prog="megaclass", description="Train classifiers over huge output spaces."
+    )
     parser.add_argument("--version", action="version", version=f"megaclass {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():

@@ -9,6 +9,7 @@ import stat
 import numpy as np
 import pytest
 
+from megaclass.data import xmc
 from megaclass.data.xmc import (
     CSR,
     XMCData,
@@ -304,6 +305,14 @@ def test_label_features_projection_preserves_geometry() -> None:
     error = np.abs(projected[used] @ projected[used].T - exact[used] @ exact[used].T)
     assert error.max() < 0.25, error.max()
     assert error.mean() < 0.06, error.mean()
+
+
+def test_label_features_bit_path_matches_dense_path(monkeypatch) -> None:
+    data = _random_data(np.random.default_rng(4), 60, num_labels=9, num_features=300)
+    dense = label_features(data.features, data.labels, dim=32, seed=5)
+    monkeypatch.setattr(xmc, "_DENSE_PROJECTION_BYTES", 0)
+    bits = label_features(data.features, data.labels, dim=32, seed=5)
+    np.testing.assert_allclose(bits, dense, atol=1e-5)
 
 
 def test_real_data_round_trip(repo_root, tmp_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import zlib
 
 import torch
@@ -40,7 +41,9 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
-def _dense_case(name: str, config: DenseHeadConfig, multilabel: bool, rank: int, world: int) -> dict[str, float]:
+def _dense_case(
+    name: str, config: DenseHeadConfig, multilabel: bool, rank: int, world: int
+) -> dict[str, float]:
     generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     x_all = torch.randn(world * B, D, generator=generator)
     targets = _targets(multilabel, generator, world * B)
@@ -116,18 +119,139 @@ def _selected_case(name: str, multilabel: bool, margin: bool, rank: int, world: 
     }
 
 
+def _sparse_case(name: str, loss: str, multilabel: bool, rank: int, world: int) -> dict[str, float]:
+    import numpy as np
+
+    from megaclass.distributed.sharded import ShardedSparseHead
+    from megaclass.heads.sparse import SparseHead, SparseHeadConfig
+
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x_all = torch.randn(world * B, D, generator=generator)
+    targets = _targets(multilabel, generator, world * B)
+    label_features = np.random.default_rng(0).standard_normal((C, 5)).astype(np.float32)
+    counts = np.arange(C)[::-1].copy()
+    context = HeadContext(D, C, multilabel, label_counts=counts, label_features=label_features)
+    config = SparseHeadConfig(
+        fan_in=3, group=2, intermediate=6, dense_frequent=4, aux_clusters=3, loss=loss, impl="reference"
+    )
+    sharded = ShardedSparseHead(config, context)
+    plain = SparseHead(config, context)
+    for part in ("intermediate", "dense", "aux"):  # replicated parts: rank 0's, as the sharded head keeps
+        getattr(plain, part).load_state_dict(getattr(sharded.local, part).state_dict())
+    x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+    value = sharded(x, _slice_targets(targets, rank * B, (rank + 1) * B))
+    value.backward()
+    x_ref = x_all.clone().requires_grad_(True)
+    ref = plain(x_ref, targets)
+    ref.backward()
+    s = slice(sharded.start, sharded.stop)
+    out = {
+        "loss": _err(value.detach(), ref.detach()),
+        "grad_x": _err(x.grad / world, x_ref.grad[rank * B : (rank + 1) * B]),
+        "grad_weight": _err(sharded.local.weight.grad, plain.weight.grad[s]),
+        "grad_bias": _err(sharded.local.bias.grad, plain.bias.grad[s]),
+    }
+    for part in ("intermediate", "dense", "aux"):  # replicated: summed over ranks
+        mine = [p.grad for p in getattr(sharded.local, part).parameters()]
+        theirs = [p.grad for p in getattr(plain, part).parameters()]
+        out[f"grad_{part}"] = max(_err(a, b) for a, b in zip(mine, theirs, strict=True))
+    for head in (sharded, plain):
+        torch.optim.SGD(head.parameters(), lr=0.5).step()
+    out["step"] = _err(sharded.local.weight.detach(), plain.weight.detach()[s])
+    scores, ids = sharded.topk(x_all, 4)
+    ref_scores, ref_ids = plain.topk(x_all, 4)
+    out["topk_scores"] = _err(scores, ref_scores)
+    out["topk_ids"] = float((ids != ref_ids).sum())
+    return out
+
+
+def _checkpoint_head(kind: str) -> tuple[torch.nn.Module, torch.optim.Optimizer | None, object, torch.Tensor]:
+    """A sharded head of ``kind`` on this world, its optimizer, and a fixed global batch ``(targets, x)``."""
+    import numpy as np
+
+    from megaclass.distributed.sharded import ShardedSparseHead
+    from megaclass.heads.sparse import SparseHeadConfig
+
+    generator = torch.Generator().manual_seed(11)
+    x_all = torch.randn(2 * B, D, generator=generator)
+    multilabel = kind == "sparse"
+    targets = _targets(multilabel, generator, 2 * B)
+    features = np.random.default_rng(0).standard_normal((C, 5)).astype(np.float32)
+    context = HeadContext(D, C, multilabel, label_counts=np.arange(C)[::-1].copy(), label_features=features)
+    if kind == "dense":
+        head = ShardedDenseHead(DenseHeadConfig(chunk_size=4), context, seed=5)
+    elif kind == "selected":
+        head = ShardedSelectedHead(SelectedHeadConfig(sample_num=C, index="none", coverage_every=0), context)
+    else:
+        config = SparseHeadConfig(fan_in=3, group=2, intermediate=6, dense_frequent=4, aux_clusters=3)
+        head = ShardedSparseHead(config, context)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.05) if params else None
+    return head, optimizer, targets, x_all
+
+
+def _step(head: torch.nn.Module, optimizer: object, targets: object, x_all: torch.Tensor) -> float:
+    """One training step on this rank's part of the global batch; the loss before it."""
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size()) if world_open() else (0, 1)
+    )
+    rows = x_all.shape[0] // world
+    loss = head(
+        x_all[rank * rows : (rank + 1) * rows], _slice_targets(targets, rank * rows, (rank + 1) * rows)
+    )
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad()
+    head.after_step(1, 0.0, lr=0.05)
+    return loss.item()
+
+
+def world_open() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def checkpoint_cases(rank: int, world: int, out_dir: str, *, load: bool) -> dict[str, dict[str, float]]:
+    """Save each sharded head after a step (``load`` false), or load it (any world) and take the next two."""
+    from megaclass.distributed.checkpoint import load_sharded, save_sharded
+
+    results = {}
+    for kind in ("dense", "selected", "sparse"):
+        head, optimizer, targets, x_all = _checkpoint_head(kind)
+        folder = os.path.join(os.path.dirname(out_dir), f"checkpoint-{kind}")
+        if load:
+            path = os.path.join(folder, sorted(e for e in os.listdir(folder) if e.startswith("step_"))[-1])
+            load_sharded(path, head=head, head_optimizer=optimizer, rank=rank, world_size=world)
+        else:
+            _step(head, optimizer, targets, x_all)
+            save_sharded(folder, 1, head=head, head_optimizer=optimizer, common={}, private={}, rank=rank,
+                         world_size=world)  # fmt: skip
+        results[f"checkpoint-{kind}"] = {
+            "next": _step(head, optimizer, targets, x_all),
+            "after": _step(head, optimizer, targets, x_all),
+        }
+    return results
+
+
 def head_cases(rank: int, world: int) -> dict[str, dict[str, float]]:
     """Every sharded head against the plain head on the global batch."""
     results = {}
     for loss in ("softmax", "bce", "squared_hinge"):
         for multilabel in (False, True):
             name = f"dense-{loss}-{'multilabel' if multilabel else 'multiclass'}"
-            results[name] = _dense_case(name, DenseHeadConfig(loss=loss, chunk_size=4), multilabel, rank, world)
-    arcface = DenseHeadConfig(bias=False, chunk_size=5, margin=MarginConfig(kind="arcface", scale=8.0, margin=0.3))
+            results[name] = _dense_case(
+                name, DenseHeadConfig(loss=loss, chunk_size=4), multilabel, rank, world
+            )
+    arcface = DenseHeadConfig(
+        bias=False, chunk_size=5, margin=MarginConfig(kind="arcface", scale=8.0, margin=0.3)
+    )
     results["dense-arcface"] = _dense_case("dense-arcface", arcface, False, rank, world)
     for multilabel, margin in ((False, False), (True, False), (False, True)):
         name = f"selected-{'multilabel' if multilabel else 'multiclass'}{'-arcface' if margin else ''}"
         results[name] = _selected_case(name, multilabel, margin, rank, world)
+    for loss, multilabel in (("bce", True), ("softmax", False), ("hinge", True)):
+        name = f"sparse-{loss}"
+        results[name] = _sparse_case(name, loss, multilabel, rank, world)
     return results
 
 
@@ -146,14 +270,27 @@ def main() -> None:
     if scenario == "heads":
         init_distributed(info, device=torch.device("cpu"), timeout_s=60)
         result = head_cases(info.rank, info.world_size)
+        result.update(checkpoint_cases(info.rank, info.world_size, out_dir, load=False))
         shutdown_distributed()
-    elif scenario == "die":  # rank 1 exits at once; rank 0 must raise within the timeout, not hang
-        init_distributed(info, device=torch.device("cpu"), timeout_s=float(sys.argv[3]))
-        if info.rank == 1:
-            os._exit(3)
-        for _ in range(1000):
-            torch.distributed.all_reduce(torch.ones(4))
-        result = {}
+    elif scenario == "reload":  # after "heads" in a sibling folder, on any world size
+        init_distributed(info, device=torch.device("cpu"), timeout_s=60)
+        result = checkpoint_cases(info.rank, info.world_size, out_dir, load=True)
+        shutdown_distributed()
+    elif scenario in ("exit", "hang"):  # rank 1 exits, or stops answering, after one training step
+        from megaclass.train.loop import Trainer
+
+        step = Trainer.train_step
+
+        def failing_step(self: Trainer, batch: object) -> torch.Tensor:
+            if self.dist.rank == 1 and self.state.global_step == 1:
+                if scenario == "exit":
+                    os._exit(3)
+                time.sleep(600)
+            return step(self, batch)
+
+        Trainer.train_step = failing_step
+        args = sys.argv[3:]
+        result = train_run(out_dir, args[0], args[1], args[2], args[3:])
     else:  # train RUN_DIR TRAIN TEST overrides...
         args = [a for a in sys.argv[3:] if a != "--resume"]
         result = train_run(out_dir, args[0], args[1], args[2], args[3:])

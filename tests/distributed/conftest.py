@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -27,55 +28,87 @@ class World:
     codes: list[int]
     stderr: list[str]
     results: list[dict]
+    out_dir: str = ""
 
 
-def launch(scenario: str, out_dir: str, *args: str, world_size: int = 2, timeout_s: float = 120.0) -> World:
-    """Run ``_worker.py scenario out_dir args`` as ranks ``0..world_size-1``; kill them all past the timeout."""
+@dataclass
+class Running:
+    """The processes of a world being run."""
+
+    processes: list[subprocess.Popen]
+    out_dir: str
+    timeout_s: float
+
+
+def start(scenario: str, out_dir: str, *args: str, world_size: int = 2, timeout_s: float = 120.0) -> Running:
+    """Start ``_worker.py scenario out_dir args`` as ranks ``0..world_size-1`` (size 1: no rank variables)."""
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        if world_size == 1:
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        if world_size > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        else:
             for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-                env.pop(name)
+                env.pop(name, None)
+        command = [sys.executable, WORKER, scenario, out_dir, *args]
         processes.append(
-            subprocess.Popen(
-                [sys.executable, WORKER, scenario, out_dir, *args],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
+    return Running(processes, out_dir, timeout_s)
+
+
+def wait(running: Running) -> World:
+    """Wait for every rank (killing those still running past the timeout) and read their results."""
     codes, errors = [], []
+    deadline = time.monotonic() + running.timeout_s
     try:
-        for process in processes:
-            _, err = process.communicate(timeout=timeout_s)
+        for process in running.processes:
+            try:
+                _, err = process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                _, err = process.communicate()
             codes.append(process.returncode)
             errors.append(err)
     finally:
-        for process in processes:
+        for process in running.processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
     results = []
-    for rank in range(world_size):
-        path = os.path.join(out_dir, f"rank{rank}.json")
-        results.append(json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {})
-    return World(codes, errors, results)
+    for rank in range(len(running.processes)):
+        path = os.path.join(running.out_dir, f"rank{rank}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as file:
+                results.append(json.load(file))
+        else:
+            results.append({})
+    return World(codes, errors, results, running.out_dir)
+
+
+def port_taken(world: World) -> bool:
+    """Whether a rank failed because another program took the free port between its choice and its use."""
+    return any(code != 0 for code in world.codes) and any(
+        "EADDRINUSE" in err or "address already in use" in err.lower() for err in world.stderr
+    )
+
+
+def launch(scenario: str, out_dir: str, *args: str, world_size: int = 2, timeout_s: float = 120.0) -> World:
+    """:func:`start` then :func:`wait`; once more on a port taken meanwhile."""
+    world = wait(start(scenario, out_dir, *args, world_size=world_size, timeout_s=timeout_s))
+    if port_taken(world):
+        world = wait(start(scenario, out_dir, *args, world_size=world_size, timeout_s=timeout_s))
+    return world
 
 
 @pytest.fixture(scope="session")
 def head_world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """One world of 2 ranks that checks every sharded head against the plain head."""
-    world = launch("heads", str(tmp_path_factory.mktemp("heads")))
+    """One world of 2 ranks that checks every sharded head against the plain head, and saves a checkpoint of
+    each (``checkpoint-<head>`` beside ``world.out_dir``) after one step."""
+    out_dir = str(tmp_path_factory.mktemp("worlds") / "heads")
+    os.makedirs(out_dir)
+    world = launch("heads", out_dir)
     assert world.codes == [0, 0], "\n".join(world.stderr)
+    world.out_dir = out_dir
     return world

@@ -75,7 +75,7 @@ def _reference_loss(head, features, targets):
 
 CONFIGS = {
     "plain": dict(fan_in=5, aux_clusters=0),
-    "hinge": dict(fan_in=5, loss="hinge", aux_clusters=0, bias=False),
+    "hinge": dict(fan_in=5, loss="squared_hinge", aux_clusters=0, bias=False),
     "softmax_grouped": dict(fan_in=6, group=16, loss="softmax", aux_clusters=0),
     "intermediate_aux": dict(fan_in=4, intermediate=40, activation="relu", aux_clusters="auto", aux_leaf=10),
     "dense_frequent": dict(
@@ -138,6 +138,10 @@ def test_auxiliary_weight_decays_to_zero():
         values.append(head.aux_alpha())
     assert values == pytest.approx([0.6, 0.3, 0.0, 0.0])
     assert head.metrics()["aux_alpha"] == 0.0
+    head.after_step(1, 1.0, lr=0.1)
+    restored = SparseHead(SparseHeadConfig(fan_in=4, aux_alpha0=0.6, aux_cutoff_epoch=2.0), _context())
+    restored.load_state_dict(head.state_dict())
+    assert restored.aux_alpha() == pytest.approx(0.3)
 
 
 def _train(head, optimizer, steps, start=1):

@@ -8,8 +8,12 @@ from megaclass.models import build_model, model_config, model_types
 from megaclass.models.mlp import MLPConfig, MLPEncoder
 from megaclass.schema import ConfigError
 
-_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
-                "tanh": torch.tanh}
+_ACTIVATIONS = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+}
 
 
 def _random_rows(batch: int, features: int, *, empty_row: bool, dtype: torch.dtype) -> SparseInputs:
@@ -35,14 +39,18 @@ def _reference(encoder: MLPEncoder, dense: torch.Tensor, config: MLPConfig) -> t
     act = _ACTIVATIONS[config.activation]
     hidden = dense @ encoder.embedding + encoder.bias
     hidden = act(encoder.norms[0](hidden))
-    for linear, norm in zip(encoder.linears, encoder.norms[1:]):
+    for linear, norm in zip(encoder.linears, encoder.norms[1:], strict=False):
         hidden = act(norm(hidden @ linear.weight.T + linear.bias))
     return hidden
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("activation", "layer_norm"), [("relu", False), ("gelu", True), ("silu", False), ("tanh", True)])
-@pytest.mark.parametrize(("batch", "features", "hidden"), [(1, 1, (1,)), (7, 13, (5,)), (9, 31, (17, 3)), (4, 5, (8, 6, 2))])
+@pytest.mark.parametrize(
+    ("activation", "layer_norm"), [("relu", False), ("gelu", True), ("silu", False), ("tanh", True)]
+)
+@pytest.mark.parametrize(
+    ("batch", "features", "hidden"), [(1, 1, (1,)), (7, 13, (5,)), (9, 31, (17, 3)), (4, 5, (8, 6, 2))]
+)
 def test_matches_dense_reference(batch, features, hidden, activation, layer_norm, dtype):
     config = MLPConfig(hidden=hidden, activation=activation, layer_norm=layer_norm, dropout=0.0)
     encoder = MLPEncoder(config, InputSpec(kind="sparse", num_features=features)).to(dtype)
@@ -56,7 +64,7 @@ def test_matches_dense_reference(batch, features, hidden, activation, layer_norm
     params = list(encoder.parameters())
     got = torch.autograd.grad(out, params, upstream, allow_unused=True)
     want = torch.autograd.grad(ref, params, upstream, allow_unused=True)
-    for (name, _), g, w in zip(encoder.named_parameters(), got, want):
+    for (name, _), g, w in zip(encoder.named_parameters(), got, want, strict=False):
         torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 

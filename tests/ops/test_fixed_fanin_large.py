@@ -61,3 +61,35 @@ def test_ten_million_labels_few_steps_against_reference():
         with torch.no_grad():  # an SGD step on both, so the second step sees moved weights and inputs
             weight -= 10.0 * grad_w
             x -= 0.1 * grad_x
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with ~20 GiB free")
+def test_triton_offsets_beyond_int32_on_gpu():
+    """Weights of more than 2^31 elements: the Triton kernels address them with int64 offsets."""
+    from megaclass.ops.fixed_fanin import fixed_fanin_rows
+
+    classes, fan_in, group, dim, batch = 2**31 // 16 + 1000, 16, 16, 64, 2
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    index = random_fanin_index(-(-classes // group), dim, fan_in, generator=generator)
+    weight = torch.randn(classes, fan_in, device="cuda", generator=generator).mul_(0.05).requires_grad_()
+    assert weight.numel() > 2**31
+    x = torch.randn(batch, dim, device="cuda", generator=generator)
+    rows = fixed_fanin_rows(x, weight, index, group=group, loss="bce", impl="triton")
+    (grad_w,) = torch.autograd.grad(rows.sum(), [weight])
+    expected = torch.zeros(batch, dtype=torch.float64, device="cuda")
+    with torch.no_grad():
+        for start in range(0, classes, 1 << 22):
+            stop = min(start + (1 << 22), classes)
+            rows_slice = slice(start // group, -(-stop // group))
+            z = reference_fixed_fanin(x, weight[start:stop], index[rows_slice], group=group)  # (B, n)
+            expected += F.softplus(z.double()).sum(1)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=0.0)
+    sampled = torch.cat(
+        [torch.arange(classes - 300, classes, device="cuda"), torch.arange(300, device="cuda")]
+    )
+    w_sampled = weight[sampled].detach().requires_grad_()
+    z = reference_fixed_fanin(x, w_sampled, index[sampled // group], group=1)
+    (expected_grad,) = torch.autograd.grad(F.softplus(z).sum(), [w_sampled])
+    torch.testing.assert_close(grad_w[sampled], expected_grad, rtol=1e-4, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,14 +11,19 @@ import torch.nn.functional as F
 from megaclass.heads.losses import MarginConfig, MarginKind, margin_logits
 from megaclass.ops.linear_cross_entropy import (
     LinearLossOptions,
+    dense_backend,
     linear_bce,
     linear_cross_entropy,
     linear_loss,
     linear_squared_hinge,
 )
+from megaclass.ops.linear_cross_entropy.chunked import TorchChunkedBackend, chunk_size_for
+from megaclass.ops.linear_cross_entropy.common import linear_loss_apply
+from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend
+from megaclass.ops.linear_cross_entropy.select import MeasuredBackend
 from megaclass.targets import RaggedLabels
 
-IMPLS = ["reference", "triton"]
+IMPLS = ["reference", "triton", "torch"]
 LOSSES = ["softmax", "bce", "squared_hinge"]
 # (B, C, D): one row, one class, primes, the interpreter's 16-wide blocks +-1, B over one row block (atomics)
 SHAPES = [(1, 1, 1), (1, 17, 5), (7, 31, 19), (5, 15, 16), (6, 16, 17), (17, 33, 8)]
@@ -208,16 +215,21 @@ def test_margin_needs_softmax():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize(("batch", "classes", "dim"), [(128, 20_011, 768), (300, 4_099, 200), (3, 130, 64)])
-def test_cuda_kernels_match_reference_at_tile_sizes(loss, batch, classes, dim):
-    """The compiled kernels (large tiles, several row blocks, partial tiles) against the fp64 dense truth."""
+@pytest.mark.parametrize(
+    ("batch", "classes", "dim"),
+    [(128, 20_011, 768), (300, 4_099, 200), (3, 130, 64), (130, 2**17 + 5, 64)],  # last: 2 super-chunks
+)
+def test_cuda_kernels_match_reference_at_tile_sizes(impl, loss, batch, classes, dim):
+    """The compiled kernels / cuBLAS path (large tiles, several row blocks and super-chunks, partial tiles)
+    against the fp64 dense truth: at most twice the chunked fp32-accumulating reference's error."""
     x = torch.randn(batch, dim, device="cuda").bfloat16().requires_grad_(True)
     weight = (torch.randn(classes, dim, device="cuda") / dim**0.5).requires_grad_(True)
     bias = torch.randn(classes, device="cuda").requires_grad_(True)
     targets = make_targets("multilabel", batch, classes).to("cuda")
     options = LinearLossOptions(loss=loss)
-    got = linear_loss(x, weight, targets, bias=bias, options=options, impl="triton")
+    got = linear_loss(x, weight, targets, bias=bias, options=options, impl=impl)
     reference = linear_loss(x, weight, targets, bias=bias, options=options, impl="reference")
     truth = dense_loss(x.double(), weight.double(), bias.double(), targets, loss)
     leaves = [x, weight, bias]
@@ -230,3 +242,167 @@ def test_cuda_kernels_match_reference_at_tile_sizes(loss, batch, classes, dim):
         our_error = (ours.double() - exact).abs().max().item()
         their_error = max((theirs.double() - exact).abs().max().item(), 1e-6 * exact.abs().max().item())
         assert our_error <= 2 * their_error, f"error {our_error:.3g} vs chunked PyTorch {their_error:.3g}"
+
+
+def _dense_inputs(batch, classes, dim, *, dtype, cosine, with_bias, exclude):
+    """Inputs of a backend's ``grads``: features (unit rows with a margin), rows, bias, excluded classes."""
+    x = torch.randn(batch, dim)
+    if cosine:
+        x = F.normalize(x, dim=-1)
+    x = x.to(dtype)
+    weight = torch.randn(classes, dim) / dim**0.5
+    bias = torch.randn(classes) if with_bias else None
+    excluded = torch.randint(0, classes, (batch,)) if exclude else None
+    margin = ARCFACE if cosine else MarginConfig()
+    return x, weight, bias, excluded, margin
+
+
+CHUNK_CASES = [  # (B, C, classes per super-chunk): C = chunk - 1, chunk, chunk + 1, two chunks + 1, ragged
+    (5, 31, 32),
+    (5, 32, 32),
+    (5, 33, 32),
+    (17, 65, 32),
+    (3, 49, 24),
+    (1, 1, 32),
+]
+
+
+def _assert_grads_match(got, want, name):
+    for label, ours, theirs in zip(["dx", "dW", "dbias"], got, want, strict=True):
+        if theirs is None:
+            assert ours is None, f"{name}: {label} should be None"
+            continue
+        assert_close(ours, theirs, rtol=1e-4, atol=1e-6, name=f"{name} {label}")
+
+
+@pytest.mark.parametrize(("batch", "classes", "chunk"), CHUNK_CASES)
+@pytest.mark.parametrize(
+    ("loss", "cosine", "with_bias"),
+    [
+        ("softmax", False, True),
+        ("softmax", False, False),
+        ("bce", False, False),
+        ("squared_hinge", False, True),
+        ("softmax", True, False),
+    ],
+    ids=["softmax-bias", "softmax", "bce", "hinge-bias", "arcface"],
+)
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_backward_super_chunk_boundaries(backend_name, loss, cosine, with_bias, batch, classes, chunk):
+    """Backward over super-chunks of ``chunk`` classes (C at chunk - 1, chunk, chunk + 1, several, ragged)
+    equals the reference backend's gradients on the same inputs: fp32 and bf16 operands."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight, bias, exclude, margin = _dense_inputs(
+            batch, classes, 24, dtype=dtype, cosine=cosine, with_bias=with_bias, exclude=cosine
+        )
+        options = LinearLossOptions(loss=loss, margin=margin, chunk_size=7)
+        lse = ReferenceBackend().reduce(x, weight, bias, exclude, options)
+        coef = torch.randn(batch)  # any sign: the incoming gradient may be negative
+        want = ReferenceBackend().grads(x, weight, bias, exclude, lse, coef, options)
+        if backend_name == "triton":
+            from megaclass.ops.linear_cross_entropy import kernels
+
+            scale = float(margin.scale) if cosine else 0.0
+            got = kernels.linear_loss_bwd(
+                x, weight, bias, exclude, lse, coef, loss=loss, scale=scale, chunk_classes=chunk
+            )
+        else:
+            backend = TorchChunkedBackend(chunk_size=chunk)
+            assert_close(
+                backend.reduce(x, weight, bias, exclude, options), lse, rtol=1e-5, atol=1e-5, name="lse"
+            )
+            got = backend.grads(x, weight, bias, exclude, lse, coef, options)
+        _assert_grads_match(got, want, f"{backend_name} {dtype}")
+
+
+def test_chunk_sizes_bound_memory():
+    from megaclass.ops.linear_cross_entropy.kernels import chunk_classes_for
+
+    assert chunk_classes_for(128, 2) == 2**18  # (B, chunk) bf16 scratch: 64 MiB
+    assert chunk_classes_for(1024, 4) == 2**14
+    assert chunk_classes_for(10**6, 4) == 2**12  # never below the minimum
+    assert chunk_size_for(128, 768, 2) == 2**16  # (chunk, D) bf16 rows within 128 MiB
+    assert chunk_size_for(1, 1, 2) == 2**17
+    with pytest.raises(ValueError, match="chunk_size"):
+        TorchChunkedBackend(chunk_size=0)
+
+
+class _Sleepy:
+    """A backend that is the reference plus a fixed delay: the measured choice must avoid the slow one."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.calls = delay, 0
+
+    def reduce(self, *args):
+        self.calls += 1
+        time.sleep(self.delay)
+        return ReferenceBackend().reduce(*args)
+
+    def grads(self, *args):
+        self.calls += 1
+        time.sleep(self.delay)
+        return ReferenceBackend().grads(*args)
+
+
+def _wall_ms(call):
+    begin = time.perf_counter()
+    call()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def test_measured_backend_keeps_the_faster_and_caches():
+    slow, fast = _Sleepy(0.02), _Sleepy(0.0)
+    backend = MeasuredBackend((slow, fast), timer=_wall_ms)
+    x, weight = torch.randn(3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    targets = torch.tensor([1, 5, 10])
+    options = LinearLossOptions()
+    for _ in range(3):
+        out = linear_loss_apply(x, weight, targets, None, options, backend)
+        expected = dense_loss(x.double(), weight.double(), None, targets, "softmax")
+        assert_close(out, expected, rtol=1e-5, atol=1e-5, name="loss")
+        for got, want in zip(grads_of(out, [x, weight]), grads_of(expected, [x, weight]), strict=True):
+            assert_close(got, want, rtol=1e-4, atol=1e-5, name="grad")
+    reduce_key = (
+        "reduce",
+        "cpu",
+        (3, 8),
+        11,
+        torch.float32,
+        torch.float32,
+        options.loss,
+        False,
+        False,
+        False,
+    )
+    assert backend.choice(reduce_key) is fast
+    assert slow.calls == 2 * (1 + 3)  # each pass measured once (warm-up, timed rounds), then never run again
+    assert MeasuredBackend((slow,)).choice(reduce_key) is None
+    with pytest.raises(ValueError, match="candidates"):
+        MeasuredBackend(())
+
+
+class _Broken:
+    def reduce(self, *args):
+        raise RuntimeError("no kernel for this card")
+
+    grads = reduce
+
+
+def test_measured_backend_leaves_out_a_failing_candidate():
+    backend = MeasuredBackend((_Broken(), ReferenceBackend()), timer=_wall_ms)
+    x, weight, targets = torch.randn(4, 6), torch.randn(9, 6), torch.tensor([0, 3, 8, 2])
+    with pytest.warns(UserWarning, match="no kernel"):
+        out = linear_loss_apply(x, weight, targets, None, LinearLossOptions(loss="bce"), backend)
+    expected = dense_loss(x.double(), weight.double(), None, targets, "bce")
+    assert_close(out, expected, rtol=1e-5, atol=1e-5, name="loss")
+    with pytest.raises(RuntimeError, match="every candidate"), pytest.warns(UserWarning):
+        MeasuredBackend((_Broken(),), timer=_wall_ms)._measure(lambda backend: backend.reduce())
+
+
+def test_dense_backend_dispatch():
+    cpu = torch.randn(2, 3)
+    assert isinstance(dense_backend("auto", cpu), ReferenceBackend)
+    assert isinstance(dense_backend("torch", cpu), TorchChunkedBackend)
+    assert isinstance(dense_backend("reference", cpu), ReferenceBackend)
+    with pytest.raises(ValueError):
+        dense_backend("cuda-magic", cpu)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -52,6 +54,7 @@ class ShardProcess:
         self.args = args
         self.port = port
         self.process: subprocess.Popen | None = None
+        self.log: tempfile._TemporaryFileWrapper | None = None
 
     def start(self, timeout_s: float = 60.0) -> ShardProcess:
         command = [
@@ -65,21 +68,21 @@ class ShardProcess:
             str(self.port),
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # output to a file, not a pipe nobody reads after start (a full pipe would block the server)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="shard-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            command, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env
         )
         deadline = time.monotonic() + timeout_s
-        seen = []
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "listening on" in line:
-                self.port = int(line.rsplit(":", 1)[1])
+        while time.monotonic() < deadline and self.process.poll() is None:
+            match = re.search(r"listening on \S+:(\d+)", open(self.log.name).read())
+            if match:
+                self.port = int(match.group(1))
                 return self
+            time.sleep(0.05)
+        output = open(self.log.name).read()
         self.kill()
-        raise RuntimeError("shard did not start:\n" + "".join(seen))
+        raise RuntimeError("shard did not start:\n" + output)
 
     @property
     def address(self) -> str:
@@ -89,12 +92,18 @@ class ShardProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
+        if self.log is not None:
+            self.log.close()
+            os.unlink(self.log.name)
+            self.log = None
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Wait for a terminated process (killing it after 10 s)."""
+        if self.process is not None and self.process.poll() is None:
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -113,5 +122,7 @@ def processes() -> Iterator:
         return shard.start()
 
     yield start
+    for shard in started:
+        shard.terminate()  # all at once, then wait for each
     for shard in started:
         shard.stop()

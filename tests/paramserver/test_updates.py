@@ -283,18 +283,15 @@ def test_build_store_ps_url_configures_the_servers(shards):
         build_store("ps://localhost", num_rows=12, dim=3, device="cpu", optimizer=RowOptimizerConfig())
 
 
-def test_sync_push_for_a_step_applied_without_the_trainer_is_refused(shards):
+def test_late_push_for_a_step_applied_without_the_trainer_is_refused(shards):
     from megaclass.paramserver import ParamServerError
 
-    servers = shards(1, num_rows=4, dim=2)
-    first = ParamServerClient(_addresses(servers), timeout_s=10)
-    for step in (1, 2):
-        first.push(torch.tensor([1]), torch.ones(1, 2), step=step)
-    first.push(torch.tensor([1]), torch.ones(1, 2), step=2)  # a retry: acknowledged, not applied twice
-    assert first.health()[0].version == 2
-    fresh = ParamServerClient(_addresses(servers), timeout_s=10)  # a new run on an old --data-dir
-    fresh._shards[0].unapplied.clear()
-    with pytest.raises(ParamServerError, match="applied step 2 without it"):
-        shards_state = fresh.health()[0]
-        assert list(shards_state.trainer_steps) == [2]
-        fresh.push(torch.tensor([1]), torch.ones(1, 2), step=1)
+    hyper = HyperParams(lr=1.0, momentum=0.0, barrier_timeout_s=0.2)
+    servers = shards(1, num_rows=4, dim=2, trainers=2, hyper=hyper)
+    alive, late = (ParamServerClient(_addresses(servers), trainer=rank, timeout_s=10) for rank in (0, 1))
+    alive.push(torch.tensor([1]), torch.ones(1, 2), step=1)
+    alive.push(torch.tensor([1]), torch.ones(1, 2), step=1)  # a retry: acknowledged, applied once
+    alive.flush()  # trainer 1 is dropped after 0.2 s
+    assert alive.health()[0].version == 1
+    with pytest.raises(ParamServerError, match="applied step 1 without it"):
+        late.push(torch.tensor([2]), torch.ones(1, 2), step=1)

@@ -135,3 +135,33 @@ def test_array_view_checks_its_size():
     )
     with pytest.raises(ValueError, match="does not match 12 bytes"):
         view.rows.numpy(what="rows")
+
+
+@pytest.mark.parametrize("lr", [None, 0.0, 0.125])
+@pytest.mark.parametrize("trainer", [0, 5, -1])
+def test_zero_copy_push_parse_matches_protobuf(lr, trainer):
+    grads = torch.randn(3, 2)
+    message = wire.message(
+        "PushGradientsRequest", ids=wire.encode_ids([4, 0, 9]), step=2**40, trainer=trainer
+    )
+    if lr is not None:
+        message.lr.value = lr
+    for data in (
+        wire.serialize_with_array(message, 2, grads, "float32"),
+        wire.serialize(wire.Encoded(wire.serialize_with_array(message, 2, grads, "bfloat16"), 6, 2**63)),
+    ):
+        reference = wire.MESSAGES["PushGradientsRequest"].FromString(data)
+        view = wire.parse_push_request(data)
+        assert (view.step, view.trainer, view.incarnation) == (
+            reference.step,
+            reference.trainer,
+            reference.incarnation,
+        )
+        assert bytes(view.ids) == reference.ids
+        assert view.lr == (reference.lr.value if reference.HasField("lr") else None)
+        torch.testing.assert_close(
+            wire.decode_array(view.grads, what="grads"),
+            wire.decode_array(reference.grads, what="grads"),
+            rtol=0,
+            atol=0,
+        )

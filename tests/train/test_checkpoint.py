@@ -13,8 +13,12 @@ from megaclass.train import checkpoint
 def _nested_state():
     return {
         "weights": {"a": torch.randn(3, 5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)},
-        "dtypes": [torch.arange(6, dtype=torch.int64), torch.ones(2, dtype=torch.bool),
-                   torch.randn(4).to(torch.bfloat16), torch.randint(0, 255, (7,), dtype=torch.uint8)],
+        "dtypes": [
+            torch.arange(6, dtype=torch.int64),
+            torch.ones(2, dtype=torch.bool),
+            torch.randn(4).to(torch.bfloat16),
+            torch.randint(0, 255, (7,), dtype=torch.uint8),
+        ],
         "numpy": np.arange(5, dtype=np.uint32),
         "python": random.getstate(),
         3: ("tuple", 1, 2.0, None, True),
@@ -34,7 +38,7 @@ def _assert_equal(a, b, where="state"):
             _assert_equal(a[key], b[key], f"{where}[{key!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             _assert_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
@@ -58,8 +62,10 @@ def test_optimizer_continues_exactly(tmp_path, name):
     def make():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
-        make_optimizer = {"adamw": lambda p: torch.optim.AdamW(p, lr=0.01),
-                          "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)}[name]
+        make_optimizer = {
+            "adamw": lambda p: torch.optim.AdamW(p, lr=0.01),
+            "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        }[name]
         return model, make_optimizer(model.parameters())
 
     def step(model, optimizer, seed):
@@ -71,7 +77,9 @@ def test_optimizer_continues_exactly(tmp_path, name):
     model, optimizer = make()
     for seed in range(3):
         step(model, optimizer, seed)
-    saved = checkpoint.save_checkpoint(str(tmp_path), 3, {"model": model.state_dict(), "optim": optimizer.state_dict()})
+    saved = checkpoint.save_checkpoint(
+        str(tmp_path), 3, {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    )
     for seed in range(3, 6):
         step(model, optimizer, seed)
 
@@ -81,7 +89,7 @@ def test_optimizer_continues_exactly(tmp_path, name):
     restored_optimizer.load_state_dict(state["optim"])
     for seed in range(3, 6):
         step(restored, restored_optimizer, seed)
-    for a, b in zip(model.parameters(), restored.parameters()):
+    for a, b in zip(model.parameters(), restored.parameters(), strict=False):
         assert torch.equal(a, b)
 
 

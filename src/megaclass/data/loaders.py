@@ -1,4 +1,4 @@
-"""Data sources for training: open a file by format into a dataset, and iterate it in seeded, resumable batches.
+"""Data sources: open a file by format into a dataset, and iterate it in seeded, resumable batches.
 
 A dataset knows its number of classes, whether it is multi-label, its label counts and its
 :class:`InputSpec`; ``dataset.batch(rows)`` gives a :class:`Batch` whose targets are a ``LongTensor[B]``
@@ -91,7 +91,8 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
-            self.inputs.to(device, non_blocking=non_blocking), self.targets.to(device, non_blocking=non_blocking)
+            self.inputs.to(device, non_blocking=non_blocking),
+            self.targets.to(device, non_blocking=non_blocking),
         )
 
 
@@ -127,7 +128,9 @@ class SparseDataset:
         label_lengths = labels.row_lengths()
         if not multilabel and len(label_lengths) and not np.all(label_lengths == 1):
             bad = int(np.flatnonzero(label_lengths != 1)[0])
-            raise DataFormatError(path, f"one-label data set has {label_lengths[bad]} labels on a row", line=bad + 1)
+            raise DataFormatError(
+                path, f"one-label data set has {label_lengths[bad]} labels on a row", line=bad + 1
+            )
 
     def __len__(self) -> int:
         return len(self.labels.indptr) - 1
@@ -153,7 +156,9 @@ class SparseDataset:
         )
         labels = self.labels.take(rows)
         label_ids = torch.from_numpy(labels.indices.astype(np.int64))
-        targets: Targets = RaggedLabels(torch.from_numpy(labels.indptr), label_ids) if self.multilabel else label_ids
+        targets: Targets = (
+            RaggedLabels(torch.from_numpy(labels.indptr), label_ids) if self.multilabel else label_ids
+        )
         return Batch(inputs, targets)
 
 
@@ -193,13 +198,15 @@ def detect_format(path: str | os.PathLike) -> str:
         return "xmc-text"
     raise DataFormatError(
         path,
-        f"unknown format: first line {line[:80]!r} is neither a BoW header 'num_docs num_features num_labels' "
-        "nor 'labels<TAB>text'",
+        f"unknown format: first line {line[:80]!r} is neither a BoW header "
+        "'num_docs num_features num_labels' nor 'labels<TAB>text'",
         line=1,
     )
 
 
-def _open_xmc(path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any) -> SparseDataset:
+def _open_xmc(
+    path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any
+) -> SparseDataset:
     """Open an XMC BoW file as is, or an XMC text file through a (fitted, or fitted here) featuriser."""
     from megaclass.data.xmc import load_xmc
 
@@ -252,7 +259,8 @@ def open_dataset(
         path: the file (``.gz`` accepted).
         data_format: ``auto`` (sniffed by :func:`detect_format`) or a name from :func:`dataset_formats`.
         num_classes: ``C`` when known (the training set's, when opening a test set).
-        featurizer: a fitted text featuriser (test sets of text data); None fits one from ``featurizer_config``.
+        featurizer: a fitted text featuriser (test sets of text data); None fits one from
+            ``featurizer_config``.
         featurizer_config: the featuriser's config when one is fitted here; None for its defaults.
         tokenizer: a Hugging Face fast tokenizer: read text data as token ids (cached, see
             :mod:`megaclass.data.tokenized`) for a transformer encoder instead of featurising it.
@@ -366,7 +374,7 @@ class BatchLoader:
         return [rows.reshape(self.world_size, -1)[self.rank] for rows in batches]  # (B,) each
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[Batch]:
-        """The batches of ``epoch`` from step ``start_step`` on (a resumed run skips the steps already done)."""
+        """The batches of ``epoch`` from step ``start_step`` on (a resumed run skips the steps done)."""
         row_batches = self.epoch_rows(epoch)[start_step:]
         if self.num_workers == 0:
             for rows in row_batches:

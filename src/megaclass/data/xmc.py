@@ -54,7 +54,7 @@ _IS_FLOAT_CHAR = _IS_DIGIT.copy()
 _IS_FLOAT_CHAR[[ord(c) for c in ".eE+-"]] = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compare fields explicitly
 class CSR:
     """Rows of a sparse matrix in CSR form (NumPy); a label matrix has ``data=None``.
 
@@ -112,7 +112,7 @@ class CSR:
         return [flat[bounds[i] : bounds[i + 1]] for i in range(len(self))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compare fields explicitly
 class XMCData:
     """A parsed data file: labels, and TF-IDF features (BoW format) or raw texts (text format).
 
@@ -329,7 +329,7 @@ def _parse_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
 def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarray):
     """Tokenise a BoW body; returns token starts/ends and their role masks (label, feature id, value)."""
     token_start, token_end = _tokens(classes)
-    padded = np.concatenate([[_LINE], classes, [_LINE]])
+    padded = np.concatenate([np.array([_LINE], np.uint8), classes, np.array([_LINE], np.uint8)])  # uint8
     before = padded[token_start]  # class of the byte before each token (line start counts as a newline)
     after = padded[token_end + 1]
     is_label = ((before == _LINE) | (before == _COMMA_CLASS)) & (after != _COLON_CLASS)
@@ -482,7 +482,7 @@ def _text_label_part(
         raise DataFormatError(
             path, f"expected label ids 'l1,l2,...' before the tab, got {seen!r}", line=line + 1
         )
-    padded = np.concatenate([[_TAB], part, [_TAB]])
+    padded = np.concatenate([np.array([_TAB], np.uint8), part, np.array([_TAB], np.uint8)])  # uint8
     commas = np.flatnonzero(is_comma)
     loose = commas[~_IS_DIGIT[padded[commas]] | ~_IS_DIGIT[padded[commas + 2]]]
     if loose.size:
@@ -779,8 +779,9 @@ def label_features(features: CSR, labels: CSR, *, dim: int | None = 256, seed: i
     """PIFA label embeddings: the L2-normalised sum of each label's L2-normalised training documents.
 
     When ``features.num_columns > dim``, documents are first projected to ``dim`` dimensions by a seeded
-    random sign matrix (Johnson-Lindenstrauss), stored as bits, so memory stays ``O(C * dim)`` plus
-    ``num_columns * dim / 8`` bytes. Labels without documents get zero vectors.
+    random sign matrix (Johnson-Lindenstrauss), kept as bits (``num_columns * dim / 8`` bytes; expanded to
+    float32 for a sparse matrix product when that takes at most 512 MiB), so memory stays ``O(C * dim)``.
+    Labels without documents get zero vectors.
 
     Args:
         features: ``(N, F)`` document features.
@@ -799,44 +800,56 @@ def label_features(features: CSR, labels: CSR, *, dim: int | None = 256, seed: i
         raise ValueError(f"label_features: dim must be positive or None, got {dim}")
     project = dim is not None and features.num_columns > dim
     width = dim if project else features.num_columns
-    signs = None
+    signs = dense = None
     if project:
         rng = np.random.default_rng(seed)
         signs = rng.integers(0, 256, size=(features.num_columns, (width + 7) // 8), dtype=np.uint8)
+        if features.num_columns * width * 4 <= _DENSE_PROJECTION_BYTES:
+            dense = (
+                torch.from_numpy(np.unpackbits(signs, axis=1, count=width)).float().mul_(2).sub_(1)
+            )  # (F, E)
     out = torch.zeros(labels.num_columns, width, dtype=torch.float32)
     chunk = 4096
     for first in range(0, len(features), chunk):
         rows = np.arange(first, min(first + chunk, len(features)))
-        docs = _project_rows(features.take(rows), signs, width)  # (chunk, E)
+        docs = _project_rows(features.take(rows), signs, dense, width)  # (chunk, E)
         docs /= docs.norm(dim=1, keepdim=True).clamp_min(1e-30)
         chunk_labels = labels.take(rows)
-        out.index_add_(
-            0, torch.from_numpy(chunk_labels.indices.astype(np.int64)), docs[chunk_labels.row_ids()]
-        )
+        label_ids = torch.from_numpy(chunk_labels.indices.astype(np.int64))
+        out.index_add_(0, label_ids, docs[chunk_labels.row_ids()])
     out /= out.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return out.numpy()
 
 
-def _project_rows(rows: CSR, signs: np.ndarray | None, width: int):
-    """Dense ``(n, width)`` float32 torch rows: the rows themselves, or their random sign projection."""
+_DENSE_PROJECTION_BYTES = 1 << 29
+
+
+def _project_rows(rows: CSR, signs: np.ndarray | None, dense, width: int):
+    """Dense ``(n, width)`` float32 torch rows, L2-normalised: the rows, or their random sign projection."""
     import torch
 
     values = rows.data if rows.data is not None else np.ones(rows.nnz, dtype=np.float32)
     row_of_entry = rows.row_ids()
     norms = np.sqrt(np.bincount(row_of_entry, weights=values.astype(np.float64) ** 2, minlength=len(rows)))
-    scale = (values / np.maximum(norms, 1e-30)[row_of_entry]).astype(np.float32)
+    scale = torch.from_numpy((values / np.maximum(norms, 1e-30)[row_of_entry]).astype(np.float32))
+    columns = torch.from_numpy(rows.indices.astype(np.int64))
+    if signs is None or dense is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            matrix = torch.sparse_csr_tensor(
+                torch.from_numpy(rows.indptr),
+                columns,
+                scale,
+                size=(len(rows), rows.num_columns),
+                check_invariants=False,  # valid by construction
+            )
+            return matrix @ dense if dense is not None else matrix.to_dense()  # (n, F) @ (F, E) or (n, F)
     row_ids = torch.from_numpy(row_of_entry)
     out = torch.zeros(len(rows), width, dtype=torch.float32)
-    if signs is None:
-        flat = row_ids * width + torch.from_numpy(rows.indices.astype(np.int64))
-        out.view(-1).index_add_(0, flat, torch.from_numpy(scale))
-        return out
     step = 1 << 16
     for first in range(0, rows.nnz, step):
         part = slice(first, first + step)
         bits = np.unpackbits(signs[rows.indices[part]], axis=1, count=width)  # (n, E) of 0/1
-        contribution = (
-            torch.from_numpy(bits).float().mul_(2).sub_(1).mul_(torch.from_numpy(scale[part])[:, None])
-        )
+        contribution = torch.from_numpy(bits).float().mul_(2).sub_(1).mul_(scale[part, None])
         out.index_add_(0, row_ids[part], contribution)
     return out

@@ -2,16 +2,17 @@
 
 A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
 
-- ``layout.json``: the world size that wrote it, ``C`` and each rank's global class range ``[start, stop)``;
+- ``layout.json``: the world size that wrote it, the head's rows over all ranks and each rank's global row
+  range ``[start, stop)`` (classes; the sparse head's tail positions, whose index rows go by label group);
 - ``rows_<r>.safetensors``: rank ``r``'s class rows (head weights, row optimizer state, store rows) under
   their state-dict names, ``optim.<param>.<state>`` for the head optimizer's per-row state;
 - ``rank_<r>/``: what is private to rank ``r`` (its RNG states, its index over its rows);
 - ``common/``: the rest, written by rank 0: encoder and its optimizer, the head's replicated entries, loop
   state, the config.
 
-Ranks write into ``step_<N>.tmp``; after a barrier rank 0 renames it and moves ``latest.json``, so a kill never
-leaves half a checkpoint. A run on ``M`` ranks reads, for its own class range, the slices of every file that
-overlaps it (safetensors reads slices without loading whole files); rank-private state is kept when the
+Ranks write into ``step_<N>.tmp``; after a barrier rank 0 renames it and moves ``latest.json``, so a kill
+never leaves half a checkpoint. A run on ``M`` ranks reads, for its own row range, the slices of every file
+that overlaps it (safetensors reads slices without loading whole files); rank-private state is kept when the
 world size is unchanged and rebuilt otherwise (an index is rebuilt from the rows).
 
     megaclass export --run runs/two --out model.safetensors
@@ -65,14 +66,17 @@ def _param_names(head: nn.Module, optimizer: torch.optim.Optimizer | None) -> li
 def _split_head(
     head: nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """``(rows, rank_private, replicated)`` of the head's state and its optimizer's, by ``head.state_layout()``."""
+    """``(rows, rank_private, replicated)`` of the head's state and its optimizer's by ``head.state_layout()``
+    (row entries of kind ``groups`` are named ``groups.<key>``)."""
     layout = head.state_layout()
     rows: dict[str, Tensor] = {}
     private: dict[str, Any] = {}
     replicated: dict[str, Any] = {"head": {}, "optimizer": None}
     for key, value in head.state_dict().items():
         kind = layout.get(key)
-        if kind == "rows":
+        if kind == "groups":
+            rows[f"groups.{key}"] = value.detach().cpu().contiguous()
+        elif kind == "rows":
             rows[key] = value.detach().cpu().contiguous()
         elif kind == "rank":
             private[key] = value
@@ -111,7 +115,7 @@ def save_sharded(
     """Write this rank's part of checkpoint ``folder/step_<step>``; collective over all ranks.
 
     Args:
-        head: a class-sharded head (``start``, ``stop``, ``context.num_classes``, ``state_layout()``).
+        head: a class-sharded head (``start``, ``stop``, ``num_rows``, ``state_layout()``).
         head_optimizer: the optimizer of the head's parameters, or None.
         common: replicated state (encoder, its optimizer, loop state, config); written by rank 0 only.
         private: this rank's own state (RNG states).
@@ -129,26 +133,40 @@ def save_sharded(
         os.makedirs(temporary)
     _barrier(world_size)
     rows, head_private, replicated = _split_head(head, head_optimizer)
-    metadata = {"start": str(head.start), "stop": str(head.stop)}
+    metadata = {"start": str(head.start), "stop": str(head.stop), "group": str(_group_size(head))}
     save_file(rows, os.path.join(temporary, f"rows_{rank:05d}.safetensors"), metadata=metadata)
     run_checkpoint.write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
     if rank == 0:
-        run_checkpoint.write_state(os.path.join(temporary, "common"), {**common, "head_replicated": replicated})
+        run_checkpoint.write_state(
+            os.path.join(temporary, "common"), {**common, "head_replicated": replicated}
+        )
     _barrier(world_size)  # every rank's files are in place
     if rank == 0:
         ranges = [[int(x) for x in _range_of(temporary, r)] for r in range(world_size)]
-        layout = {"world_size": world_size, "num_classes": head.context.num_classes, "ranges": ranges}
+        layout = {
+            "world_size": world_size,
+            "num_rows": head.num_rows,
+            "ranges": ranges,
+            "group": _group_size(head),
+        }
         run_checkpoint.write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(temporary, final)
-        run_checkpoint.write_json_atomic(os.path.join(folder, "latest.json"), {"checkpoint": name, "step": step})
+        run_checkpoint.write_json_atomic(
+            os.path.join(folder, "latest.json"), {"checkpoint": name, "step": step}
+        )
         steps = sorted(entry for entry in os.listdir(folder) if entry.startswith("step_"))
         for old in steps[:-keep]:
             if old != name:
                 shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
     _barrier(world_size)  # the checkpoint is complete for everyone
     return final
+
+
+def _group_size(head: nn.Module) -> int:
+    """Rows per ``groups`` entry row (the sparse head's label group; 1 for other heads)."""
+    return int(getattr(head.config, "group", 1)) if hasattr(head, "config") else 1
 
 
 def _range_of(folder: str, rank: int) -> tuple[int, int]:
@@ -160,17 +178,24 @@ def _range_of(folder: str, rank: int) -> tuple[int, int]:
 
 
 def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, Tensor]:
-    """Every row entry of checkpoint ``path`` for the global classes ``[start, stop)``, read slice by slice."""
+    """Every row entry of checkpoint ``path`` for the global rows ``[start, stop)``, read slice by slice."""
     from safetensors import safe_open
 
     parts: dict[str, list[Tensor]] = {}
+    size = layout["group"]  # range bounds are multiples of it, but for the last
     for rank, (first, last) in enumerate(layout["ranges"]):
         low, high = max(start, first), min(stop, last)
         if low >= high:
             continue
         with safe_open(os.path.join(path, f"rows_{rank:05d}.safetensors"), framework="pt") as file:
             for key in file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                parts.setdefault(key, []).append(file.get_slice(key)[low - first : high - first])
+                if key.startswith("groups."):
+                    piece = file.get_slice(key)[
+                        low // size - first // size : -(-high // size) - first // size
+                    ]
+                    parts.setdefault(key[len("groups.") :], []).append(piece)
+                else:
+                    parts.setdefault(key, []).append(file.get_slice(key)[low - first : high - first])
     return {key: torch.cat(values, 0) for key, values in parts.items()}
 
 
@@ -178,8 +203,10 @@ def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str,
     """``(rows, common)``: the row entries for classes ``[start, stop)`` and the common state of ``path``."""
     with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
         layout = json.load(file)
-    if not 0 <= start < stop <= layout["num_classes"]:
-        raise ValueError(f"{path}: class range [{start}, {stop}) outside the checkpoint's C={layout['num_classes']}")
+    if not 0 <= start < stop <= layout["num_rows"]:
+        raise ValueError(
+            f"{path}: row range [{start}, {stop}) outside the checkpoint's {layout['num_rows']} rows"
+        )
     return _read_rows(path, layout, start, stop), run_checkpoint.read_state(os.path.join(path, "common"))
 
 
@@ -194,9 +221,10 @@ def load_sharded(
     """
     with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
         layout = json.load(file)
-    if layout["num_classes"] != head.context.num_classes:
+    if layout["num_rows"] != head.num_rows or layout["group"] != _group_size(head):
         raise ValueError(
-            f"--resume: checkpoint {path} has C={layout['num_classes']} classes, the run has {head.context.num_classes}"
+            f"--resume: checkpoint {path} has {layout['num_rows']} head rows in groups of {layout['group']}, "
+            f"the run's head {head.num_rows} in groups of {_group_size(head)}"
         )
     rows = _read_rows(path, layout, head.start, head.stop)
     common = run_checkpoint.read_state(os.path.join(path, "common"))
@@ -205,12 +233,12 @@ def load_sharded(
     replicated = common.pop("head_replicated")
     fresh = head.state_dict()
     state = {**replicated["head"], **{k: v for k, v in rows.items() if not k.startswith("optim.")}}
-    for key, kind in head.state_layout().items():
-        if kind == "rank":
-            if private is not None and key in private["head"]:
-                state[key] = private["head"][key]
-            elif key in fresh:
-                state[key] = fresh[key]
+    if private is not None:  # the same world size: the rank's own index, RNG states
+        state.update(private["head"])
+    else:
+        state.update(
+            {k: fresh[k] for k, kind in head.state_layout().items() if kind == "rank" and k in fresh}
+        )
     head.load_state_dict(state)
     if head_optimizer is not None and replicated["optimizer"] is not None:
         names = _param_names(head, head_optimizer)
@@ -233,7 +261,7 @@ def export_head_state(path: str, *, prefix: str = "") -> dict[str, Tensor]:
     """
     with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
         layout = json.load(file)
-    rows = _read_rows(path, layout, 0, layout["num_classes"])
+    rows = _read_rows(path, layout, 0, layout["num_rows"])
     replicated = run_checkpoint.read_state(os.path.join(path, "common"))["head_replicated"]["head"]
     first = run_checkpoint.read_state(os.path.join(path, "rank_00000"))["head"]
     state = {**replicated, **{key: value for key, value in first.items() if ".index." not in f".{key}"}}

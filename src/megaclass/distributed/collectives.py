@@ -28,6 +28,7 @@ __all__ = [
     "gather_rows",
     "gather_targets",
     "merge_topk",
+    "scale_grad",
     "world_of",
 ]
 
@@ -173,20 +174,43 @@ def all_reduce_logsumexp(x: Tensor, *, group: Any = None) -> Tensor:
     return x if world == 1 else _AllReduceLogSumExp.apply(x, group)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """``x`` unchanged, its gradient times ``scale``: a term every rank computes alike (a replicated part of a
+    sharded loss) back-propagates ``1 / N`` of its gradient on each of ``N`` ranks, summed afterwards."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
 @torch.no_grad()
 def merge_topk(scores: Tensor, ids: Tensor, k: int, *, group: Any = None) -> tuple[Tensor, Tensor]:
-    """Merge every rank's ``(scores, ids)`` of the same rows (each ``(B, k_r)``, global ids) into the top-``k``.
-
-    Ranks with fewer than ``k`` candidates pad with ``-inf`` scores.
+    """Merge every rank's ``(scores, ids)`` of the same rows (each ``(B, k_r)``, any ``k_r``, global ids) into
+    the top-``k``, ``(B, k)`` each. Ranks with fewer than ``k`` candidates pad with ``-inf`` scores.
     """
     _, world = world_of(group)
     if world > 1:
+        if scores.shape[1] > k:
+            scores, order = scores.topk(k, dim=1)  # (B, k)
+            ids = ids.gather(1, order)
         if scores.shape[1] < k:
             pad = k - scores.shape[1]
             scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), -torch.inf)], 1)  # (B, k)
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)  # (B, k)
         rows = scores.shape[0]
-        scores = _all_gather(scores.float(), group).reshape(world, rows, -1).permute(1, 0, 2).reshape(rows, -1)
-        ids = _all_gather(ids, group).reshape(world, rows, -1).permute(1, 0, 2).reshape(rows, -1)  # (B, world*k)
+        scores = (
+            _all_gather(scores.float(), group).reshape(world, rows, -1).permute(1, 0, 2).reshape(rows, -1)
+        )
+        ids = (
+            _all_gather(ids, group).reshape(world, rows, -1).permute(1, 0, 2).reshape(rows, -1)
+        )  # (B, world*k)
     best, order = scores.topk(min(k, scores.shape[1]), dim=1)  # (B, k)
     return best, ids.gather(1, order)

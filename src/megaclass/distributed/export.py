@@ -1,4 +1,4 @@
-"""``megaclass export --run DIR --out FILE``: one inference file from a run, whatever number of ranks wrote it.
+"""``megaclass export --run DIR --out FILE``: one inference file from a run, whatever number of ranks ran it.
 
 The file is safetensors: the encoder's tensors under ``encoder.<name>``, the whole (unsharded) head's under
 ``head.<name>``, and the run's ``config.yaml`` and ``run.json`` as metadata. The final weights (``model/``)
@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint, write_export
+from megaclass.distributed.sharded import export_prefix
 from megaclass.train import checkpoint
 
 __all__ = ["export_run", "read_export"]
@@ -32,21 +33,25 @@ def _run_weights(run_dir: str) -> dict[str, Any]:
         state = checkpoint.read_state(latest)
         return {"encoder": state["encoder"], "head": state["head"]}
     common = checkpoint.read_state(os.path.join(latest, "common"))
-    prefix = "local." if common["config"].get("head", {}).get("type") == "selected" else ""
+    prefix = export_prefix(common["config"].get("head", {}).get("type", "dense"))
     return {"encoder": common["encoder"], "head": export_head_state(latest, prefix=prefix)}
 
 
 def export_run(run_dir: str, out_path: str) -> str:
-    """Write the model of the run folder ``run_dir`` as one safetensors file ``out_path``; returns the path."""
+    """Write the model of the run folder ``run_dir`` as one safetensors file ``out_path``; return the path."""
     for name in ("config.yaml", "run.json"):
         if not os.path.exists(os.path.join(run_dir, name)):
-            raise FileNotFoundError(f"--run: {run_dir} has no {name}; is it the --out folder of a training run?")
+            raise FileNotFoundError(
+                f"--run: {run_dir} has no {name}; is it the --out folder of a training run?"
+            )
     weights = _run_weights(run_dir)
     flat: dict[str, Tensor] = {}
     for part in ("encoder", "head"):
         for name, value in weights[part].items():
             if not isinstance(value, Tensor):
-                raise ValueError(f"--run: {part} state entry {name!r} is a {type(value).__name__}, not a tensor")
+                raise ValueError(
+                    f"--run: {part} state entry {name!r} is a {type(value).__name__}, not a tensor"
+                )
             flat[f"{part}.{name}"] = value
     metadata = {}
     for name in ("config.yaml", "run.json"):

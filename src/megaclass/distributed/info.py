@@ -35,9 +35,13 @@ class DistInfo:
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"DistInfo: expected 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
+            raise ValueError(
+                f"DistInfo: expected 0 <= rank < world_size, got rank {self.rank} of {self.world_size}"
+            )
         if self.is_main != (self.rank == 0):
-            raise ValueError(f"DistInfo: is_main must be rank == 0, got is_main={self.is_main} at rank {self.rank}")
+            raise ValueError(
+                f"DistInfo: is_main must be rank == 0, got is_main={self.is_main} at rank {self.rank}"
+            )
 
     @property
     def distributed(self) -> bool:
@@ -46,7 +50,7 @@ class DistInfo:
 
     @classmethod
     def from_env(cls) -> DistInfo:
-        """Read ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` (set by ``torchrun``); world size 1 without them."""
+        """Read ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (set by ``torchrun``); world size 1 without them."""
         values = {}
         for name, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)):
             text = os.environ.get(name, str(default))
@@ -55,7 +59,9 @@ class DistInfo:
             except ValueError:
                 raise ValueError(f"environment variable {name}: expected an integer, got {text!r}") from None
         rank = values["RANK"]
-        return cls(rank=rank, local_rank=values["LOCAL_RANK"], world_size=values["WORLD_SIZE"], is_main=rank == 0)
+        return cls(
+            rank=rank, local_rank=values["LOCAL_RANK"], world_size=values["WORLD_SIZE"], is_main=rank == 0
+        )
 
 
 def init_distributed(info: DistInfo, *, device: torch.device, timeout_s: float = 600.0) -> torch.device:

@@ -127,13 +127,37 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in its state-dict order."""
+    names = {id(param): name for name, param in module.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` keyed by parameter name, as ``get_optimizer_state_dict`` writes it."""
+    order = _parameter_names(module, optimizer)
+    state = optimizer.state_dict()
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
+    return {"state": {order[i]: value for i, value in state["state"].items()}, "param_groups": groups}
+
+
+def _indexed_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any]
+) -> dict[str, Any]:
+    """Inverse of :func:`_named_optimizer_state` for this ``optimizer``."""
+    index = {name: i for i, name in enumerate(_parameter_names(module, optimizer))}
+    groups = [{**group, "params": [index[n] for n in group["params"]]} for group in named["param_groups"]]
+    return {"state": {index[n]: value for n, value in named["state"].items()}, "param_groups": groups}
+
+
 def encoder_state(
     parallel: DataParallel, optimizer: torch.optim.Optimizer | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The whole encoder's ``(state_dict, optimizer state_dict)`` on the CPU; collective under FSDP2."""
+    """The whole encoder's ``(state_dict, optimizer state_dict keyed by parameter name)``, the same for DDP,
+    FSDP2 and one process (so a run resumes under another wrapper); collective under FSDP2."""
     module = parallel.encoder_module
     if not _is_fsdp(module):
-        return module.state_dict(), None if optimizer is None else optimizer.state_dict()
+        return module.state_dict(), None if optimizer is None else _named_optimizer_state(module, optimizer)
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -157,7 +181,7 @@ def load_encoder_state(
     if not _is_fsdp(module):
         module.load_state_dict(model_state)
         if optimizer is not None and optim_state is not None:
-            optimizer.load_state_dict(optim_state)
+            optimizer.load_state_dict(_indexed_optimizer_state(module, optimizer, optim_state))
         return
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,

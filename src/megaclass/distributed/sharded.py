@@ -35,6 +35,7 @@ from megaclass.distributed.collectives import (
     gather_rows,
     gather_targets,
     merge_topk,
+    scale_grad,
     world_of,
 )
 from megaclass.heads.base import Head, HeadContext
@@ -61,17 +62,20 @@ from megaclass.targets import RaggedLabels, Targets, as_ragged
 __all__ = [
     "ShardedDenseHead",
     "ShardedSelectedHead",
+    "ShardedSparseHead",
     "StateKind",
     "build_sharded_head",
+    "export_prefix",
     "local_targets",
     "shard_range",
     "sharded_head_types",
     "sharded_linear_loss",
 ]
 
-StateKind = Literal["rows", "rank"]
-"""How a head state entry splits across ranks: ``rows`` (leading dimension: the rank's classes), ``rank``
-(private to the rank: rebuilt when the world size changes). Entries not named are replicated."""
+StateKind = Literal["rows", "groups", "rank"]
+"""How a head state entry splits across ranks: ``rows`` (leading dimension: the rank's rows
+``[start, stop)``), ``groups`` (leading dimension: groups of ``config.group`` rows, the sparse head's index),
+``rank`` (private to the rank: rebuilt when the world size changes). Entries not named are replicated."""
 
 _INIT_BLOCK = 1 << 16  # rows initialised per seeded generator: the same matrix for any world size
 
@@ -85,14 +89,16 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
     if num_classes < world_size:
-        raise ValueError(f"a class-sharded head needs C >= world size, got C={num_classes} on {world_size} ranks")
+        raise ValueError(
+            f"a class-sharded head needs C >= world size, got C={num_classes} on {world_size} ranks"
+        )
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
 
 
 def local_targets(targets: RaggedLabels, start: int, stop: int) -> RaggedLabels:
-    """The labels in ``[start, stop)`` of each sample, as ids relative to ``start`` (other samples' rows empty)."""
+    """The labels in ``[start, stop)`` of each sample, as ids relative to ``start`` (other labels dropped)."""
     owned = (targets.indices >= start) & (targets.indices < stop)  # (L,)
     counts = torch.zeros(targets.batch_size, dtype=torch.int64, device=owned.device)
     counts.index_add_(0, targets.sample_ids(), owned.to(torch.int64))
@@ -102,15 +108,17 @@ def local_targets(targets: RaggedLabels, start: int, stop: int) -> RaggedLabels:
 
 
 def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> None:
-    """Fill the rows of global classes ``[start, start + len(weight))`` with ``N(0, std^2)``, drawn in blocks of
-    ``_INIT_BLOCK`` global rows seeded ``(seed, block)``: every world size starts from the same matrix."""
-    stop = start + weight.shape[0]
+    """Fill the rows of global classes ``[start, start + len(weight))`` with ``N(0, std^2)``, drawn in blocks
+    of ``_INIT_BLOCK`` global rows seeded ``(seed, block)``: every world size starts from the same matrix."""
+    stop, device = start + weight.shape[0], weight.device
     for block in range(start // _INIT_BLOCK, -(-stop // _INIT_BLOCK)):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
         first = block * _INIT_BLOCK
-        rows = torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator) * std  # (block, D)
+        rows = (
+            torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator, device=device) * std
+        )  # (block, D)
         lo, hi = max(start, first), min(stop, first + _INIT_BLOCK)
-        weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.device, weight.dtype)
+        weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------- dense, the op
@@ -144,7 +152,13 @@ class ShardedLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor, facts: _ShardFacts
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        indptr: Tensor,
+        indices: Tensor,
+        facts: _ShardFacts,
     ) -> Tensor:
         import torch.distributed as dist
 
@@ -228,8 +242,8 @@ def sharded_linear_loss(
     impl: Impl | str = Impl.AUTO,
     group: Any = None,
 ) -> Tensor:
-    """The fused linear + loss of :func:`~megaclass.ops.linear_cross_entropy.linear_loss` where this rank holds
-    the classes ``[start, start + len(weight))`` of ``num_classes``; every rank passes the same ``x``.
+    """The fused linear + loss of :func:`~megaclass.ops.linear_cross_entropy.linear_loss` where this rank
+    holds the classes ``[start, start + len(weight))`` of ``num_classes``; every rank passes the same ``x``.
 
     Args:
         x: ``(B, D)`` the global batch's features (the same on every rank).
@@ -264,7 +278,8 @@ class ShardedDenseHead(Head):
         seed: seeds the rows, drawn per global row block (the same matrix for any world size).
         group: the process group sharing the classes (the default group).
 
-    >>> head = ShardedDenseHead(DenseHeadConfig(), HeadContext(in_features=8, num_classes=10, multilabel=False))
+    >>> context = HeadContext(in_features=8, num_classes=10, multilabel=False)
+    >>> head = ShardedDenseHead(DenseHeadConfig(), context)
     >>> head.start, head.stop, float(head(torch.randn(4, 8), torch.tensor([0, 1, 2, 9]))) > 0
     (0, 10, True)
     """
@@ -275,8 +290,12 @@ class ShardedDenseHead(Head):
         self.config, self.context, self.group = config, context, group
         self.rank, self.world_size = world_of(group)
         self.start, self.stop = shard_range(context.num_classes, self.rank, self.world_size)
+        self.num_rows = context.num_classes  # rows over all ranks
         self.options = LinearLossOptions(
-            loss=LossKind(loss), reduction=config.reduction, margin=config.margin, chunk_size=config.chunk_size
+            loss=LossKind(loss),
+            reduction=config.reduction,
+            margin=config.margin,
+            chunk_size=config.chunk_size,
         )
         rows = self.stop - self.start
         self.weight = nn.Parameter(torch.empty(rows, context.in_features))
@@ -333,7 +352,8 @@ class ShardedDenseHead(Head):
 
     def extra_repr(self) -> str:
         return (
-            f"classes=[{self.start}, {self.stop}) of {self.context.num_classes}, rank {self.rank}/{self.world_size}, "
+            f"classes=[{self.start}, {self.stop}) of {self.context.num_classes}, "
+            f"rank {self.rank}/{self.world_size}, "
             f"loss={self.options.loss.value}"
         )
 
@@ -359,6 +379,7 @@ class ShardedSelectedHead(Head):
         self.config, self.context, self.group = config, context, group
         self.rank, self.world_size = world_of(group)
         self.start, self.stop = shard_range(context.num_classes, self.rank, self.world_size)
+        self.num_rows = context.num_classes  # rows over all ranks
         counts = None if context.label_counts is None else context.label_counts[self.start : self.stop]
         features = None if context.label_features is None else context.label_features[self.start : self.stop]
         local_config = dataclasses.replace(
@@ -372,7 +393,7 @@ class ShardedSelectedHead(Head):
         self.local = SelectedHead(local_config, local_context)
 
     def state_layout(self) -> dict[str, StateKind]:
-        """How each state entry splits across ranks: the store's rows and row state, the rank's index and RNG."""
+        """How each state entry splits across ranks: store rows and row state; the rank's index and RNG."""
         layout: dict[str, StateKind] = {"local.selection.dirty": "rows", "local.selection.rng": "rank"}
         for name in self.local.materialize().state_dict():
             layout[f"local.store.{name}"] = "rows"
@@ -393,7 +414,9 @@ class ShardedSelectedHead(Head):
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """Mean softmax cross-entropy of the global batch over the union of the ranks' active sets."""
         if features.dim() != 2 or features.shape[1] != self.context.in_features:
-            raise ValueError(f"features must be (B, D={self.context.in_features}), got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be (B, D={self.context.in_features}), got {tuple(features.shape)}"
+            )
         if not self.context.multilabel and not isinstance(targets, Tensor):
             raise ValueError("targets: multi-class data expects a LongTensor (B,) of class ids")
         x = gather_rows(features, group=self.group, grad_scale=float(self.world_size))  # (N * B, D)
@@ -405,11 +428,15 @@ class ShardedSelectedHead(Head):
         sample = local.sample_ids()  # (L_r,)
         position = None
         if self.config.margin.enabled:
-            position = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device).index_put((sample,), columns)
+            position = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device).index_put(
+                (sample,), columns
+            )
         logits = self._logits(x, rows, position)  # (N * B, S_r)
         if self.config.logq_correction:
             logits = logits + selection.logit_adjust
-        lse = all_reduce_logsumexp(torch.logsumexp(logits, dim=1), group=self.group)  # (N * B,) over the union
+        lse = all_reduce_logsumexp(
+            torch.logsumexp(logits, dim=1), group=self.group
+        )  # (N * B,) over the union
         lengths = every.lengths().clamp_min(1).to(torch.float32)  # (N * B,) global label counts
         owned = logits[sample, columns] / lengths[sample]  # (L_r,) each label's share of its sample's loss
         positive = torch.zeros_like(lse).index_add(0, sample, owned)
@@ -433,12 +460,146 @@ class ShardedSelectedHead(Head):
         return merge_topk(scores, ids + self.start, k, group=self.group)
 
 
+# --------------------------------------------------------------------------------------- sparse
+
+
+class ShardedSparseHead(Head):
+    """SPARTEX over ``N`` ranks: the fixed fan-in tail's label groups split into contiguous ranges (weights,
+    index rows, biases and their rewiring by rank); the intermediate layer, the dense head of frequent labels
+    and the auxiliary cluster head replicated.
+
+    Every rank builds the whole :class:`~megaclass.heads.sparse.SparseHead` once (the same topology and rows
+    for any world size) and keeps its range. Replicated parts back-propagate ``1 / N`` of their gradient on
+    each rank and their parameters' gradients are summed over ranks as they are accumulated, so every rank
+    steps them alike. ``start`` and ``stop`` are positions in the sparse tail (``label_order`` after the
+    ``dense_frequent`` labels); ``local.*`` state entries are the rank's sparse head's.
+    """
+
+    def __init__(self, config: Any, context: HeadContext, *, seed: int = 0, group: Any = None) -> None:
+        from megaclass.heads.sparse import SparseHead
+
+        super().__init__()
+        self.config, self.context, self.group = config, context, group
+        self.rank, self.world_size = world_of(group)
+        local = SparseHead(config, context)
+        size = config.group
+        tail = local.weight.shape[0]  # C_sparse
+        first, last = shard_range(-(-tail // size), self.rank, self.world_size)  # index rows (label groups)
+        self.start, self.stop, self.num_rows = first * size, min(last * size, tail), tail
+        with torch.no_grad():
+            local.weight = nn.Parameter(local.weight[self.start : self.stop].clone())  # (C_r, K)
+            local.index = local.index[first:last].clone()  # (groups_r, K)
+            if local.bias is not None:
+                local.bias = nn.Parameter(local.bias[self.start : self.stop].clone())
+        dst = dataclasses.replace(config.dst, seed=config.dst.seed + 7919 * self.rank)  # the rank's regrowth
+        local.config = dataclasses.replace(config, dst=dst)
+        self.local = local
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            for module in (local.intermediate, local.dense, local.aux):
+                for param in module.parameters() if module is not None else ():
+                    with torch.no_grad():
+                        dist.broadcast(param, dist.get_global_rank(group, 0) if group else 0, group=group)
+                    param.register_post_accumulate_grad_hook(self._sum_over_ranks)
+
+    def _sum_over_ranks(self, param: Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(param.grad, group=self.group)
+
+    def state_layout(self) -> dict[str, StateKind]:
+        """Tail rows (weights, biases), index rows by label group, and the rank's rewiring RNG."""
+        return {
+            "local.weight": "rows",
+            "local.bias": "rows",
+            "local.index": "groups",
+            "local.dst_rng_state": "rank",
+            "local.dst_last_fraction": "rank",
+        }
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None) -> None:
+        """As :meth:`~megaclass.heads.sparse.SparseHead.bind_optimizer`, for the rank's rewiring."""
+        self.local.bind_optimizer(optimizer, total_steps=total_steps)
+
+    def forward(self, features: Tensor, targets: Targets) -> Tensor:
+        """The whole sparse head's loss on the global batch, held by every rank."""
+        from megaclass.ops.fixed_fanin import combine_loss, fixed_fanin_rows, positive_logits
+        from megaclass.ops.fixed_fanin.reference import reference_row_values
+
+        local, share = self.local, 1.0 / self.world_size
+        x = gather_rows(features, group=self.group, grad_scale=float(self.world_size))  # (N * B, D)
+        hidden = local._hidden(x)  # (N * B, H)
+        every = as_ragged(gather_targets(targets, group=self.group)).to(x.device)
+        samples, position = every.sample_ids(), local.label_position[every.indices.long()]  # (L,) each
+        rows = fixed_fanin_rows(
+            hidden, local.weight, local.index, local.bias, group=self.config.group, loss=local.loss_kind,
+            impl=self.config.impl,
+        )  # fmt: skip
+        if local.loss_kind == "softmax":
+            rows = all_reduce_logsumexp(rows, group=self.group)  # (N * B,) over every rank's tail
+        else:
+            rows = all_reduce_replicated(rows, group=self.group)
+        tail = position - local.num_dense
+        owned = ((tail >= self.start) & (tail < self.stop)).nonzero().squeeze(1)  # (L_r,)
+        mine = positive_logits(
+            hidden, local.weight, local.index, local.bias, samples[owned], tail[owned] - self.start,
+            group=self.config.group,
+        )  # fmt: skip
+        positive = torch.zeros(position.shape[0], dtype=torch.float32, device=x.device).index_put(
+            (owned,), mine
+        )
+        positive = all_reduce_replicated(positive, group=self.group)  # (L,) every tail positive
+        if local.dense is not None:
+            dense_logits = scale_grad(local.dense(hidden).float(), share)  # (N * B, F), replicated
+            dense_rows = reference_row_values(dense_logits, local.loss_kind)
+            rows = torch.logaddexp(rows, dense_rows) if local.loss_kind == "softmax" else rows + dense_rows
+            frequent = (position < local.num_dense).nonzero().squeeze(1)
+            positive = positive.index_put((frequent,), dense_logits[samples[frequent], position[frequent]])
+        loss = combine_loss(rows, positive, every, local.loss_kind)
+        alpha = local.aux_alpha()
+        if alpha == 0.0:
+            return loss
+        return (1.0 - alpha) * loss + alpha * scale_grad(local._aux_loss(hidden, every), share)
+
+    def after_step(self, step: int, epoch: float, *, lr: float) -> None:
+        """The epoch (auxiliary weight) and the rank's rewiring."""
+        self.local.after_step(step, epoch, lr=lr)
+
+    def metrics(self) -> dict[str, float]:
+        return self.local.metrics()
+
+    @torch.no_grad()
+    def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` over all labels of ``features (B, D)`` (original label ids), the same on every rank."""
+        from megaclass.ops.fixed_fanin import fixed_fanin_topk
+
+        if not 1 <= k <= self.context.num_classes:
+            raise ValueError(f"k: expected 1 <= k <= C = {self.context.num_classes}, got {k}")
+        local = self.local
+        hidden = local._hidden(features)
+        scores, ids = fixed_fanin_topk(
+            hidden, local.weight, local.index, min(k, local.weight.shape[0]), local.bias,
+            group=self.config.group, chunk_size=self.config.topk_chunk, impl=self.config.impl,
+        )  # fmt: skip
+        ids = ids + local.num_dense + self.start  # (B, k_r) positions
+        if local.dense is not None and self.rank == 0:  # the replicated frequent labels, counted once
+            top = local.dense(hidden).float().topk(min(k, local.num_dense), dim=1)
+            scores, ids = torch.cat([scores, top.values], 1), torch.cat([ids, top.indices], 1)
+        return merge_topk(scores, local.label_order[ids], k, group=self.group)
+
+
 # --------------------------------------------------------------------------------------- registry
+
+
+def export_prefix(head_type: str) -> str:
+    """What a sharded head's state names carry before the plain head's names (``local.``, or nothing)."""
+    return "" if head_type == "dense" else "local."
 
 
 def sharded_head_types() -> dict[str, type[Head]]:
     """Head names that have a class-sharded form, and that form."""
-    return {"dense": ShardedDenseHead, "selected": ShardedSelectedHead}
+    return {"dense": ShardedDenseHead, "selected": ShardedSelectedHead, "sparse": ShardedSparseHead}
 
 
 def build_sharded_head(config: Any, context: HeadContext, *, seed: int = 0, group: Any = None) -> Head:

@@ -28,6 +28,7 @@ from torch import Tensor
 from megaclass.heads.base import Head, HeadContext
 from megaclass.heads.losses import MarginConfig, margin_logits
 from megaclass.index import ClassSelector, Selection, build_selector, select_active
+from megaclass.index.selection import coprime_multipliers
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig, RowStore, build_store
 from megaclass.targets import RaggedLabels, Targets, as_ragged
@@ -111,13 +112,14 @@ class SelectedHead(Head):
         self.register_buffer("_anchor", torch.empty(0), persistent=False)  # follows .to(device)
         self.store: RowStore | None = None
         self.selector: ClassSelector | None = None
-        self._generator = torch.Generator().manual_seed(config.seed)
+        self._generator = torch.Generator().manual_seed(config.seed)  # moves to the head's device
         self._step = 0
         self._pending: tuple[Tensor, Tensor] | None = None  # (ids (S,), rows (S, D) leaf with .grad)
-        self._dirty = torch.zeros(
-            0, dtype=torch.bool
-        )  # (C,) once materialised: rows pushed since the last build
+        self._dirty = torch.zeros(0, dtype=torch.bool)  # (C,) once materialised: rows pushed since the build
+        self._mark = torch.zeros(0, dtype=torch.int32)  # (C,) once materialised: selection scratch
+        self._multipliers = coprime_multipliers(context.num_classes, seed=config.seed)
         self._metrics: dict[str, float] = {}
+        self._counts: dict[str, Tensor] = {}  # device counts of the last selection, read by metrics()
 
     # ------------------------------------------------------------------ parts, built on the head's device
     def materialize(self) -> RowStore:
@@ -136,6 +138,15 @@ class SelectedHead(Head):
             self.selector = self._build_selector(device)
             # rows updated since the last index build: a snapshot index refreshes only those
             self._dirty = torch.zeros(self.context.num_classes, dtype=torch.bool, device=device)
+            self._mark = torch.full(
+                (self.context.num_classes,), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device
+            )
+            self._multipliers = self._multipliers.to(device)
+            # the random fill draws on the device: a host draw would need a synchronising copy each step
+            generator = torch.Generator(device=device).manual_seed(config.seed)
+            if generator.device.type == self._generator.device.type:
+                generator.set_state(self._generator.get_state())  # a state loaded before materialising
+            self._generator = generator
         return self.store
 
     def rebuild_index(self) -> None:
@@ -145,7 +156,9 @@ class SelectedHead(Head):
             return
         changed = None
         if self.selector.is_built:
-            changed = torch.nonzero(self._dirty).squeeze(1)  # (n,) ids
+            changed = torch.nonzero(self._dirty).squeeze(
+                1
+            )  # (n,) ids; host sync: the count sizes the refresh
         self._dirty.zero_()
         self.selector.build(store.rows(), changed=changed)
 
@@ -174,9 +187,12 @@ class SelectedHead(Head):
 
     # ------------------------------------------------------------------ selection
     def select(self, features: Tensor, targets: Targets) -> Selection:
-        """The active classes for ``features (B, D)`` and their ``targets`` (true classes first)."""
+        """The active classes for ``features (B, D)`` and their ``targets`` (true classes first).
+
+        No host sync: ``S = min(C, max(sample_num, L))`` classes for ``L`` label entries.
+        """
         self.materialize()
-        positives = torch.unique(as_ragged(targets).indices.to(features.device))  # (P,) sorted
+        labels = as_ragged(targets).indices.to(features.device)  # (L,)
         neighbours = None
         if self._uses_index():
             if not self.selector.is_built:
@@ -185,11 +201,13 @@ class SelectedHead(Head):
             count = self.config.neighbours or self.config.sample_num // max(1, batch) + 1
             neighbours = self.selector.query(features.detach(), min(count, self.context.num_classes))
         return select_active(
-            positives,
+            labels,
             neighbours,
             sample_num=self.config.sample_num,
             num_classes=self.context.num_classes,
             generator=self._generator,
+            mark=self._mark,
+            multipliers=self._multipliers,
         )
 
     def pull_active(self, ids: Tensor) -> Tensor:
@@ -226,9 +244,7 @@ class SelectedHead(Head):
         ragged = self._check_inputs(features, targets)
         selection = self.select(features, targets)
         rows = self.pull_active(selection.ids)  # (S, D)
-        positives = selection.ids[: selection.num_positive]
-        labels = ragged.indices.to(features.device)
-        columns = torch.searchsorted(positives, labels)  # (L,) column of each label (positives are sorted)
+        columns = selection.label_columns  # (L,) column of each label entry
         single = None if self.context.multilabel else columns
         logits = self._logits(features, rows, single)  # (B, S)
         if self.config.logq_correction:
@@ -236,16 +252,15 @@ class SelectedHead(Head):
         log_probs = torch.log_softmax(logits, dim=1)
         if self.config.coverage_every and (self._step + 1) % self.config.coverage_every == 0:
             self._metrics["coverage"] = self._coverage(features.detach(), rows.detach())
-        self._metrics.update(
-            active_classes=float(selection.ids.numel()), neighbour_classes=float(selection.num_neighbour)
-        )
+        self._metrics["active_classes"] = float(selection.ids.numel())
+        self._counts = {"neighbour_classes": selection.num_neighbour}
         if single is not None:
             return -log_probs.gather(1, single[:, None]).mean()
         sample = ragged.sample_ids().to(features.device)  # (L,)
         lengths = ragged.lengths().to(features.device)
         weight = 1.0 / lengths[sample].clamp_min(1)  # each sample's labels share one unit of loss
-        labelled = int((lengths > 0).sum())  # host sync: the mean's denominator
-        return -(log_probs[sample, columns] * weight).sum() / max(1, labelled)
+        labelled = (lengths > 0).sum().clamp_min(1)  # the mean's denominator, kept on the device
+        return -(log_probs[sample, columns] * weight).sum() / labelled
 
     # ------------------------------------------------------------------ between steps
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
@@ -259,12 +274,14 @@ class SelectedHead(Head):
         self._step = step
         if self.selector is not None and self._uses_index() and step % self.config.interval == 0:
             self.rebuild_index()
-        if self.selector is not None:
-            self._metrics.update(self.selector.metrics())
 
     def metrics(self) -> dict[str, float]:
         """Coverage (last measured), active and neighbour class counts, index build time (ms)."""
-        return dict(self._metrics)
+        metrics = dict(self._metrics)
+        metrics.update({name: float(count) for name, count in self._counts.items()})  # host sync: a log
+        if self.selector is not None:
+            metrics.update(self.selector.metrics())
+        return metrics
 
     # ------------------------------------------------------------------ all classes, chunked
     def _blocks(self) -> Any:
@@ -346,7 +363,10 @@ class SelectedHead(Head):
                 self.selector.build(store.rows())
         elif index_state:
             unexpected_keys.extend(prefix + "index." + key for key in index_state)
-        self._generator.set_state(ours["selection.rng"])
+        try:
+            self._generator.set_state(ours["selection.rng"])
+        except RuntimeError:  # saved on another device type: the draws restart from a derived seed
+            self._generator.manual_seed(self.config.seed + int(ours["selection.step"]))
         self._step = int(ours["selection.step"])
         self._dirty.copy_(ours["selection.dirty"])
         self._pending = None

@@ -57,7 +57,7 @@ class SparseHeadConfig:
     group: int = 1  # G labels share one index row; powers of two >= 16 run on tensor cores (HASTE)
     intermediate: int = 0  # width H of a dense layer before the sparse one (0: off); recovers accuracy
     activation: Literal["relu", "gelu", "none"] = "relu"  # after the intermediate layer
-    loss: Literal["auto", "bce", "hinge", "softmax"] = "auto"  # auto: bce for multi-label, softmax otherwise
+    loss: Literal["auto", "bce", "squared_hinge", "softmax"] = "auto"  # auto: bce multi-label, else softmax
     bias: bool = True  # one bias per label
     dst: DSTConfig = field(default_factory=DSTConfig)
     aux_clusters: int | str = (
@@ -158,9 +158,8 @@ class SparseHead(Head):
                 f"head.dense_frequent: expected < C = {context.num_classes}, got {config.dense_frequent}"
             )
         self.config, self.context = config, context
-        self.loss_kind = (
-            config.loss if config.loss != "auto" else ("bce" if context.multilabel else "softmax")
-        )
+        loss = config.loss if config.loss != "auto" else ("bce" if context.multilabel else "softmax")
+        self.loss_kind = "hinge" if loss == "squared_hinge" else loss  # the op's name for it
         self.hidden_dim = config.intermediate or context.in_features
         self.intermediate = (
             nn.Sequential(
@@ -184,6 +183,7 @@ class SparseHead(Head):
         self.register_buffer("dst_rewirings", torch.zeros((), dtype=torch.int64))
         self.register_buffer("dst_last_fraction", torch.zeros((), dtype=torch.float64))
         self.register_buffer("dst_rng_state", torch.zeros(0, dtype=torch.uint8))
+        self._epoch = 0.0  # host copy of the epoch buffer: the auxiliary weight needs no device sync
         self._optimizer: torch.optim.Optimizer | None = None
         self._total_steps: int | None = None
 
@@ -210,7 +210,7 @@ class SparseHead(Head):
 
     def aux_alpha(self) -> float:
         """Auxiliary weight now: ``alpha0 * (1 + cos(pi * epoch / cutoff)) / 2``, 0 from the cut-off."""
-        cutoff, epoch = self.config.aux_cutoff_epoch, float(self.epoch)
+        cutoff, epoch = self.config.aux_cutoff_epoch, self._epoch
         if self.aux is None or epoch >= cutoff:
             return 0.0
         return self.config.aux_alpha0 * 0.5 * (1.0 + math.cos(math.pi * epoch / cutoff))
@@ -238,22 +238,16 @@ class SparseHead(Head):
             loss=self.loss_kind,
             impl=self.config.impl,
         )
-        positive = torch.empty(position.shape[0], dtype=torch.float32, device=hidden.device)
-        in_dense = position < self.num_dense
-        tail = ~in_dense
-        positive = positive.index_put(
-            (tail.nonzero().squeeze(1),),
-            positive_logits(
-                hidden, self.weight, self.index, self.bias, samples[tail], position[tail] - self.num_dense,
-                group=self.config.group,
-            ),
-        )  # fmt: skip
-        if self.dense is not None:
+        tail_labels = (position - self.num_dense).clamp_min(0)  # entries of the dense head compute a dummy
+        positive = positive_logits(
+            hidden, self.weight, self.index, self.bias, samples, tail_labels, group=self.config.group
+        )  # (L,)
+        if self.dense is not None:  # no host sync: both sources are computed and selected per entry
             dense_logits = self.dense(hidden).float()  # (B, F)
             dense_rows = reference_row_values(dense_logits, self.loss_kind)
             rows = torch.logaddexp(rows, dense_rows) if self.loss_kind == "softmax" else rows + dense_rows
-            head_positive = dense_logits[samples[in_dense], position[in_dense]]
-            positive = positive.index_put((in_dense.nonzero().squeeze(1),), head_positive)
+            head_positive = dense_logits[samples, position.clamp_max(self.num_dense - 1)]  # (L,)
+            positive = torch.where(position < self.num_dense, head_positive, positive)
         loss = combine_loss(rows, positive, ragged, self.loss_kind)
         alpha = self.aux_alpha()
         if alpha == 0.0:
@@ -291,6 +285,7 @@ class SparseHead(Head):
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
         """Record the epoch (auxiliary weight) and rewire when the schedule says so."""
         self.epoch.fill_(epoch)
+        self._epoch = float(epoch)
         fraction = rewire_fraction(self.config.dst, step, self._total_steps)
         count = round(fraction * self.config.fan_in)
         if count > 0:
@@ -332,6 +327,8 @@ class SparseHead(Head):
         if key in state_dict:  # its size depends on the device type that saved it
             self.dst_rng_state = state_dict[key].clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if prefix + "epoch" in state_dict:
+            self._epoch = float(state_dict[prefix + "epoch"])  # one sync, at load time
 
     def metrics(self) -> dict[str, float]:
         """Sparsity, share of connections rewired last time, rewirings so far, auxiliary weight."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from megaclass.index.base import ClassSelector, Metric
 from megaclass.index.clustering import balanced_kmeans, balanced_kmeans_fit, hierarchical_balanced_2means
-from megaclass.index.selection import Selection, select_active
+from megaclass.index.selection import Selection, coprime_multipliers, select_active
 
 __all__ = [
     "ClassSelector",
@@ -18,6 +18,7 @@ __all__ = [
     "Selection",
     "balanced_kmeans",
     "balanced_kmeans_fit",
+    "coprime_multipliers",
     "build_selector",
     "hierarchical_balanced_2means",
     "select_active",

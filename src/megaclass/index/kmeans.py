@@ -8,13 +8,15 @@ Structure (all on the index's device):
   (ones for float snapshots);
 - ``assignment (C,)`` and ``members (K, W)``: the cluster of each row and each cluster's rows, padded with -1
   (``K`` clusters of at most ``W`` rows);
-- ``centroids (K, D)``: normalised cluster means.
+- ``sums (K, D)``: float32 sums of each cluster's snapshot rows; ``centroids (K, D)``: them normalised;
+- ``near (K, m)``: each cluster's ``m = neighbours`` nearest clusters (itself first).
 
-The first build clusters with the hierarchical balanced 2-means tree (leaves of at most ``leaf_size`` rows).
-Later builds are warm: centroids are recomputed from the current rows under the previous assignment, then each
-row is re-assigned among the ``neighbours`` clusters nearest its current one (a batched matmul per cluster,
-never ``C x K``), with capacity ``W`` per cluster; ``refine_iters`` rounds. Classifier rows drift slowly
-between builds, so a warm build costs a few passes over the rows: milliseconds at 10^6 classes on a GPU.
+The first build clusters with the hierarchical balanced 2-means tree (leaves of at most ``leaf_size`` rows;
+the padded width ``W`` keeps 1/8 slack for later moves). Later builds are warm and touch only the rows updated
+since the previous build (``changed``, the rows a sparse step touched): their snapshot is refreshed, the
+cluster sums swap their old rows for the new ones, and each proposes to its best clusters among those near
+its own (capacity ``W`` per cluster, unchanged rows stay; ``refine_iters`` rounds). A warm build thus costs
+``O(changed)``, not ``O(C)``: milliseconds at 10^6 and 10^7 classes on a GPU.
 
 A query scores the centroids ``(B, K)``, keeps the ``probes`` best clusters per sample, scores their members
 ``(B, probes * W)`` from the snapshot and returns the top ``n``.
@@ -33,7 +35,7 @@ from megaclass.index.clustering import capacity_assign, hierarchical_balanced_2m
 
 __all__ = ["ClusterIndex"]
 
-_STATE_KEYS = ("rows", "norms", "scales", "assignment", "members", "centroids")
+_STATE_KEYS = ("rows", "norms", "scales", "assignment", "members", "sums", "centroids", "near")
 
 
 class ClusterIndex(ClassSelector):
@@ -102,19 +104,9 @@ class ClusterIndex(ClassSelector):
         return unit.to(storage), norms, scales
 
     @torch.no_grad()
-    def _snapshot(self, weight: Tensor, device: torch.device, changed: Tensor | None) -> dict[str, Tensor]:
-        """``rows`` (normalised, storage dtype), ``norms`` and ``scales``: all rows, or only ``changed`` ones
-        written into the previous snapshot (rows that did not change need not cross the PCIe bus again)."""
+    def _snapshot(self, weight: Tensor, device: torch.device) -> dict[str, Tensor]:
+        """``rows`` (normalised, storage dtype), ``norms`` and ``scales`` of all the rows of ``weight``."""
         storage = self.row_dtype or self._compute_dtype(device)
-        previous = self._state
-        if changed is not None and previous is not None and previous["rows"].shape == weight.shape:
-            state = {key: previous[key] for key in ("rows", "norms", "scales")}  # updated in place
-            for start in range(0, changed.numel(), self.chunk_rows):
-                ids = changed[start : start + self.chunk_rows]
-                chunk = weight[ids.to(weight.device)].to(device, non_blocking=True)
-                ids = ids.to(device)
-                state["rows"][ids], state["norms"][ids], state["scales"][ids] = self._encode(chunk, storage)
-            return state
         rows = torch.empty(weight.shape, dtype=storage, device=device)
         norms = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
         scales = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
@@ -124,6 +116,15 @@ class ClusterIndex(ClassSelector):
             rows[start:stop], norms[start:stop], scales[start:stop] = self._encode(chunk, storage)
         return {"rows": rows, "norms": norms, "scales": scales}
 
+    @torch.no_grad()
+    def _refresh_rows(self, state: dict[str, Tensor], weight: Tensor, changed: Tensor) -> None:
+        """Write rows ``changed (n,)`` of ``weight`` into the snapshot (only they cross the PCIe bus)."""
+        storage = state["rows"].dtype
+        for start in range(0, changed.numel(), self.chunk_rows):
+            ids = changed[start : start + self.chunk_rows]
+            chunk = weight[ids.to(weight.device)].to(ids.device, non_blocking=True)
+            state["rows"][ids], state["norms"][ids], state["scales"][ids] = self._encode(chunk, storage)
+
     @staticmethod
     def _gather(state: dict[str, Tensor], ids: Tensor, dtype: torch.dtype) -> Tensor:
         """Snapshot rows ``ids (...)`` as ``(..., D)`` in ``dtype`` (dequantised)."""
@@ -131,15 +132,6 @@ class ClusterIndex(ClassSelector):
         if state["rows"].dtype == torch.int8:
             rows = rows * state["scales"][ids].to(dtype)[..., None]
         return rows
-
-    def _centroids(self, state: dict[str, Tensor], assignment: Tensor, k: int) -> Tensor:
-        sums = torch.zeros(k, state["rows"].shape[1], dtype=torch.float32, device=assignment.device)
-        for start in range(0, assignment.numel(), self.chunk_rows):
-            ids = torch.arange(
-                start, min(start + self.chunk_rows, assignment.numel()), device=assignment.device
-            )
-            sums.index_add_(0, assignment[ids], self._gather(state, ids, torch.float32))
-        return torch.nn.functional.normalize(sums, dim=1)
 
     @staticmethod
     def _members(assignment: Tensor, k: int, width: int | None = None) -> Tensor:
@@ -156,64 +148,95 @@ class ClusterIndex(ClassSelector):
         members[sorted_clusters, rank] = order
         return members
 
-    def _refine(self, state: dict[str, Tensor], centroids: Tensor, members: Tensor) -> Tensor:
-        """One warm re-assignment: each row picks among its cluster's nearest clusters, capacity ``W``."""
-        k, width = members.shape
+    def _near_clusters(self, centroids: Tensor) -> Tensor:
+        """``(K, m)`` each cluster's ``m = neighbours`` nearest clusters (itself first), in blocks of K."""
+        k = centroids.shape[0]
         m = min(self.neighbours, k)
-        compute = self._compute_dtype(members.device)
-        near = torch.empty(k, m, dtype=torch.int64, device=members.device)
-        low = centroids.to(compute)
-        near_block = max(1, (1 << 26) // k)  # (near_block, K) similarities at a time: 2^26 scores
-        for start in range(0, k, near_block):  # top m nearest clusters (itself first)
-            near[start : start + near_block] = (
-                (low[start : start + near_block] @ low.T).topk(m, dim=1).indices
-            )
-        block = max(1, self.chunk_rows // max(1, width))
-        proposals = min(m, 4)  # each row proposes to its 4 best nearby clusters: (C, 4) instead of (C, m)
-        candidate_ids, candidate_scores, row_ids = [], [], []
+        low = centroids.to(self._compute_dtype(centroids.device))
+        near = torch.empty(k, m, dtype=torch.int64, device=centroids.device)
+        block = max(1, (1 << 26) // k)  # (block, K) similarities at a time: 2^26 scores
         for start in range(0, k, block):
-            cluster_rows = members[start : start + block]  # (block, W)
-            valid = cluster_rows >= 0
-            gathered = self._gather(state, cluster_rows.clamp_min(0), compute)  # (block, W, D)
-            targets = centroids[near[start : start + block]].to(compute)  # (block, m, D)
-            scores = torch.bmm(gathered, targets.transpose(1, 2)).float()  # (block, W, m)
-            top = scores.topk(proposals, dim=2)  # (block, W, r), best first
-            candidates = near[start : start + block, None, :].expand(-1, width, -1).gather(2, top.indices)
-            candidate_scores.append(top.values[valid])
-            candidate_ids.append(candidates[valid])
-            row_ids.append(cluster_rows[valid])
-        scores, candidates = torch.cat(candidate_scores), torch.cat(candidate_ids)  # (C, r) each
-        assigned = capacity_assign(candidates, scores, k, width)
-        rows_order = torch.cat(row_ids)
-        assignment = torch.empty_like(assigned)
-        assignment[rows_order] = assigned
-        return assignment
+            near[start : start + block] = (low[start : start + block] @ low.T).topk(m, dim=1).indices
+        return near
+
+    def _cold(self, state: dict[str, Tensor]) -> None:
+        """First build: the balanced 2-means tree, padded members, sums, centroids, cluster graph."""
+        # the tree normalises every row, so an int8 snapshot clusters like its dequantised rows
+        assignment = hierarchical_balanced_2means(state["rows"], max_leaf=self.leaf_size, seed=self.seed)
+        k = int(assignment.max()) + 1  # host sync: the cluster count sizes the structure
+        largest = int(torch.bincount(assignment, minlength=k).max())  # host sync: sizes the padding
+        members = self._members(assignment, k, largest + max(1, largest // 8))  # slack for warm moves
+        sums = self._sums(state, torch.arange(assignment.numel(), device=assignment.device), assignment, k)
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+        state.update(assignment=assignment, members=members, sums=sums, near=self._near_clusters(centroids))
+
+    def _sums(self, state: dict[str, Tensor], ids: Tensor, clusters: Tensor, k: int) -> Tensor:
+        """``(K, D)`` float32 sums of the snapshot rows ``ids (n,)`` by their ``clusters (n,)``."""
+        sums = torch.zeros(k, state["rows"].shape[1], dtype=torch.float32, device=ids.device)
+        for start in range(0, ids.numel(), self.chunk_rows):
+            part = ids[start : start + self.chunk_rows]
+            sums.index_add_(
+                0, clusters[start : start + self.chunk_rows], self._gather(state, part, torch.float32)
+            )
+        return sums
+
+    def _proposals(self, state: dict[str, Tensor], ids: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``ids (n,)`` score the clusters near their own: best ``(clusters, scores)``, ``(n, r)``."""
+        compute = self._compute_dtype(ids.device)
+        near = state["near"]
+        proposals = min(near.shape[1], 4)  # 4 best nearby clusters: (n, 4) instead of (n, m)
+        block = max(1, (1 << 27) // (near.shape[1] * centroids.shape[1]))  # (block, m, D) gathered at once
+        clusters, scores = [], []
+        for start in range(0, ids.numel(), block):
+            part = ids[start : start + block]
+            nearby = near[state["assignment"][part]]  # (n, m)
+            rows = self._gather(state, part, compute)  # (n, D)
+            score = torch.bmm(centroids[nearby].to(compute), rows[:, :, None]).squeeze(2).float()  # (n, m)
+            top = score.topk(proposals, dim=1)
+            clusters.append(nearby.gather(1, top.indices))
+            scores.append(top.values)
+        return torch.cat(clusters), torch.cat(scores)
+
+    def _warm(self, state: dict[str, Tensor], weight: Tensor, changed: Tensor) -> None:
+        """Refresh the ``changed (n,)`` rows and move them among nearby clusters: ``O(n)`` work, not ``O(C)``.
+
+        Cluster sums lose the rows' old snapshot and gain the new one; each changed row then proposes to the
+        clusters nearest its own, every cluster keeping at most ``W`` rows with the unchanged ones staying.
+        """
+        members, assignment, sums = state["members"], state["assignment"], state["sums"]
+        k, width = members.shape
+        centroids = torch.nn.functional.normalize(sums, dim=1)  # scores use the centroids before the moves
+        sums.sub_(self._sums(state, changed, assignment[changed], k))
+        self._refresh_rows(state, weight, changed)
+        for _ in range(self.refine_iters):
+            clusters, scores = self._proposals(state, changed, centroids)
+            staying = torch.bincount(assignment, minlength=k) - torch.bincount(
+                assignment[changed], minlength=k
+            )
+            assignment[changed] = capacity_assign(clusters, scores, k, width - staying)
+        sums.add_(self._sums(state, changed, assignment[changed], k))
+        state["members"] = self._members(assignment, k, width)
 
     @torch.no_grad()
     def build(self, weight: Tensor, *, changed: Tensor | None = None) -> None:
+        """Snapshot and cluster the rows (cold), or refresh and move only ``changed`` ones (warm, O(n)).
+
+        A warm build needs a previous build over the same ``(C, D)``; ``changed`` None means every row.
+        """
         if weight.dim() != 2 or weight.shape[0] == 0:
             raise ValueError(f"weight: expected a non-empty (C, D) matrix, got {tuple(weight.shape)}")
         begin = time.perf_counter()
         device = self.device or weight.device
         previous = self._state
-        state = self._snapshot(weight, device, changed)
-        rows = state["rows"]
-        if previous is None or previous["rows"].shape != rows.shape:
-            # the tree normalises every row, so an int8 snapshot clusters like its dequantised rows
-            assignment = hierarchical_balanced_2means(rows, max_leaf=self.leaf_size, seed=self.seed)
-            k = int(assignment.max()) + 1  # host sync: the cluster count sizes the structure
-            members = self._members(assignment, k)
-            centroids = self._centroids(state, assignment, k)
+        if previous is None or previous["rows"].shape != weight.shape:
+            state = self._snapshot(weight, device)
+            self._cold(state)
         else:
-            members, assignment = previous["members"], previous["assignment"]
-            k = members.shape[0]
-            centroids = self._centroids(state, assignment, k)
-            for _ in range(self.refine_iters):
-                assignment = self._refine(state, centroids, members)
-                members = self._members(assignment, k, members.shape[1])
-                centroids = self._centroids(state, assignment, k)
-        state.update(
-            assignment=assignment, members=members, centroids=centroids.to(self._compute_dtype(device))
+            state = previous
+            every = torch.arange(weight.shape[0], device=device)
+            self._warm(state, weight, every if changed is None else changed.to(device))
+        state["centroids"] = torch.nn.functional.normalize(state["sums"], dim=1).to(
+            self._compute_dtype(device)
         )
         self._state = state
         if device.type == "cuda":
@@ -268,7 +291,11 @@ class ClusterIndex(ClassSelector):
         }
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {} if self._state is None else {key: value.cpu() for key, value in self._state.items()}
+        return (
+            {}
+            if self._state is None
+            else {key: value.to("cpu", copy=True) for key, value in self._state.items()}
+        )
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not state:
@@ -278,4 +305,6 @@ class ClusterIndex(ClassSelector):
         if missing:
             raise ValueError(f"ClusterIndex state: missing {missing}")
         device = self.device or torch.device("cpu")
-        self._state = {key: state[key].to(device) for key in _STATE_KEYS}
+        self._state = {
+            key: state[key].to(device, copy=True) for key in _STATE_KEYS
+        }  # warm builds write in place

@@ -2,7 +2,15 @@
 
 HF-Softmax's rule (the default): true classes first; then each sample's ``n_nbr = sample_num // B + 1``
 nearest classes, pooled over the batch (nearest ranks first) and cut to the room left; then uniformly random
-other classes until exactly ``sample_num`` are active. Partial FC's rule is the same without neighbours.
+other classes until exactly ``S = max(sample_num, L)`` are active (``L`` label entries, ``S <= C``). Partial
+FC's rule is the same without neighbours.
+
+The selection runs on the device without a host sync and with shapes fixed by ``(B, L, sample_num)``, so a
+step never waits for the GPU and can be captured in a CUDA graph. All candidates are laid out in priority
+order (sorted labels, neighbours rank by rank, uniform random draws, and an arithmetic progression modulo
+``C`` of ``S`` distinct classes that guarantees enough distinct ids), each class keeps its first occurrence
+through a scatter-min into a ``(C,)`` int32 mark buffer (no sort of the candidates), and a prefix sum over the
+winners gives each kept class its column.
 
 Randomly filled classes stand for all the classes left out; :attr:`Selection.logit_adjust` holds
 ``log(1 / q)`` for them (``q`` their inclusion probability; 0 for classes included for sure), which added to
@@ -18,120 +26,120 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Selection", "fill_random", "pool_neighbours", "select_active"]
+__all__ = ["Selection", "coprime_multipliers", "select_active"]
+
+_UNMARKED = torch.iinfo(torch.int32).max  # a mark buffer entry no candidate holds
 
 
 @dataclass(frozen=True)
 class Selection:
-    """A step's active classes.
+    """A step's active classes; every field lives on the device (reading a count is a host sync).
 
     Attributes:
-        ids: ``(S,)`` int64 unique class ids: positives, then neighbours, then random ones.
-        num_positive: how many leading ids are the batch's true classes.
-        num_neighbour: how many ids after those came from the index.
+        ids: ``(S,)`` int64 unique class ids: positives (sorted), then neighbours, then random ones.
+        label_columns: ``(L,)`` int64 column in ``ids`` of each label entry, in the labels' order.
+        num_positive: ``()`` int64, how many leading ids are the batch's true classes.
+        num_neighbour: ``()`` int64, how many ids after those came from the index.
         logit_adjust: ``(S,)`` float32 to add to the logits for the sampling correction (0 where sure).
     """
 
     ids: Tensor
-    num_positive: int
-    num_neighbour: int
+    label_columns: Tensor
+    num_positive: Tensor
+    num_neighbour: Tensor
     logit_adjust: Tensor
 
     @property
-    def num_random(self) -> int:
+    def num_random(self) -> Tensor:
         return self.ids.numel() - self.num_positive - self.num_neighbour
 
 
-def pool_neighbours(neighbours: Tensor, exclude: Tensor, room: int, num_classes: int) -> Tensor:
-    """Up to ``room`` unique ids from ``neighbours (B, n)``, nearest ranks first, none of ``exclude``.
+def coprime_multipliers(num_classes: int, count: int = 64, *, seed: int = 0) -> Tensor:
+    """``(count,)`` int64 multipliers ``a`` coprime with ``C``: ``(a * j + b) mod C`` permutes ``[0, C)``.
 
-    Entries ``-1`` (an index that found fewer) are skipped. Among equal ranks, lower sample index first.
+    Drawn once (host side) from a seeded generator, spread over ``[1, C)``; 1 when ``C <= 2``.
     """
-    if room <= 0 or neighbours.numel() == 0:
-        return neighbours.new_empty(0)
-    flat = neighbours.T.reshape(-1)  # (n * B,): all rank-0 neighbours, then rank 1, ...
-    flat = flat[flat >= 0]
-    taken = torch.zeros(num_classes, dtype=torch.bool, device=flat.device)
-    taken[exclude] = True
-    # first occurrence of each id in rank order
-    unique, inverse = torch.unique(flat, return_inverse=True)
-    first = torch.full((unique.numel(),), flat.numel(), dtype=torch.int64, device=flat.device)
-    first.scatter_reduce_(0, inverse, torch.arange(flat.numel(), device=flat.device), reduce="amin")
-    keep = ~taken[unique]
-    unique, first = unique[keep], first[keep]
-    return unique[torch.argsort(first)][:room]
+    if num_classes <= 2:
+        return torch.ones(count, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    found: list[int] = []
+    while len(found) < count:
+        for value in torch.randint(1, num_classes, (4 * count,), generator=generator).tolist():
+            if math.gcd(value, num_classes) == 1 and len(found) < count:
+                found.append(value)
+    return torch.tensor(found, dtype=torch.int64)
 
 
-def fill_random(
-    active: Tensor, count: int, num_classes: int, *, generator: torch.Generator | None = None
+def _random_candidates(
+    total: int, num_classes: int, multipliers: Tensor, generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
-    """``count`` distinct class ids drawn uniformly from those not in ``active``, on ``active``'s device.
-
-    Draws on the generator's device (the CPU by default) for reproducibility, in rounds of oversampled
-    candidates; one round nearly always suffices.
-    """
-    if count <= 0:
-        return active.new_empty(0)
-    if count > num_classes - active.numel():
-        raise ValueError(f"cannot draw {count} random classes: only {num_classes - active.numel()} left")
-    device = active.device
+    """Uniform draws in priority order, then ``total`` distinct ids of a random progression (the backstop)."""
     draw_device = generator.device if generator is not None else torch.device("cpu")
-    taken = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    taken[active] = True
-    left = num_classes - active.numel()
-    if count * 4 >= left:  # dense regime: a permutation of what is left is cheapest
-        remaining = torch.nonzero(~taken).squeeze(1)
-        order = torch.randperm(remaining.numel(), generator=generator, device=draw_device).to(device)
-        return remaining[order[:count]]
-    chosen = []
-    needed = count
-    while needed > 0:
-        draw = math.ceil(needed * num_classes / left * 1.2) + 16
-        candidates = torch.randint(num_classes, (draw,), generator=generator, device=draw_device).to(device)
-        candidates = candidates[~taken[candidates]]
-        # keep the first occurrence of each candidate, in draw order, so the draw stays uniform
-        unique, inverse = torch.unique(candidates, return_inverse=True)
-        first = torch.full((unique.numel(),), candidates.numel(), dtype=torch.int64, device=device)
-        first.scatter_reduce_(0, inverse, torch.arange(candidates.numel(), device=device), reduce="amin")
-        fresh = unique[torch.argsort(first)][:needed]
-        taken[fresh] = True
-        chosen.append(fresh)
-        needed -= fresh.numel()
-    return torch.cat(chosen)
+    if num_classes <= 4 * total:  # dense regime: a permutation of all classes is cheap and exactly uniform
+        return torch.randperm(num_classes, generator=generator, device=draw_device).to(device)
+    # 2 S + 64 uniform draws hold >= S distinct classes outside any S fixed ones with overwhelming odds
+    draws = torch.randint(num_classes, (2 * total + 66,), generator=generator, device=draw_device).to(device)
+    pick = draws[-2:] % torch.tensor([multipliers.numel(), num_classes], device=device)  # (2,)
+    step = multipliers.to(device)[pick[0]]
+    progression = (step * torch.arange(total, device=device) + pick[1]) % num_classes  # (S,) distinct
+    return torch.cat([draws[:-2], progression])
 
 
 def select_active(
-    positives: Tensor,
+    labels: Tensor,
     neighbours: Tensor | None,
     *,
     sample_num: int,
     num_classes: int,
     generator: torch.Generator | None = None,
+    mark: Tensor | None = None,
+    multipliers: Tensor | None = None,
 ) -> Selection:
-    """The active classes of a step: ``positives``, then pooled ``neighbours``, then a random fill.
+    """The active classes of a step: ``labels``' classes, then pooled ``neighbours``, then a random fill.
 
     Args:
-        positives: ``(P,)`` unique true class ids of the batch (all kept, even when ``P > sample_num``).
-        neighbours: ``(B, n)`` nearest class ids per sample from an index (``-1`` allowed), or None for
+        labels: ``(L,)`` int64 true class ids of the batch's label entries (repeats allowed); all kept.
+        neighbours: ``(B, n)`` nearest class ids per sample from an index (``-1``: none), or None for
             Partial FC's rule (positives plus random classes).
-        sample_num: active classes wanted; the result has ``max(sample_num, P)`` ids (at most ``C``).
+        sample_num: active classes wanted; the result has ``S = min(C, max(sample_num, L))`` ids.
         num_classes: ``C``.
-        generator: draws the random fill.
+        generator: draws the random fill (on its own device, the CPU by default).
+        mark: ``(C,)`` int32 scratch filled with ``int32 max`` (left so on return); allocated when None.
+        multipliers: from :func:`coprime_multipliers` (computed when None).
 
     >>> s = select_active(torch.tensor([3]), torch.tensor([[3, 5], [7, 5]]), sample_num=4, num_classes=10)
-    >>> s.ids[:3].tolist(), s.num_neighbour, s.num_random
+    >>> s.ids[:3].tolist(), int(s.num_neighbour), int(s.num_random)
     ([3, 7, 5], 2, 1)
     """
-    total = min(max(sample_num, positives.numel()), num_classes)
-    room = total - positives.numel()
-    if neighbours is not None:
-        near = pool_neighbours(neighbours.to(positives.device), positives, room, num_classes)
-    else:
-        near = positives.new_empty(0)
-    fixed = torch.cat([positives, near])
-    random = fill_random(fixed, total - fixed.numel(), num_classes, generator=generator)
-    adjust = torch.zeros(total, dtype=torch.float32, device=positives.device)
-    if random.numel():
-        # each of the C - |fixed| other classes is included with probability |random| / (C - |fixed|)
-        adjust[fixed.numel() :] = math.log((num_classes - fixed.numel()) / random.numel())
-    return Selection(torch.cat([fixed, random]), positives.numel(), near.numel(), adjust)
+    device = labels.device
+    total = min(max(sample_num, labels.numel()), num_classes)
+    if mark is None:
+        mark = torch.full((num_classes,), _UNMARKED, dtype=torch.int32, device=device)
+    if multipliers is None:
+        multipliers = coprime_multipliers(num_classes)
+    if neighbours is None:
+        neighbours = labels.new_empty(0, 0)
+    near = neighbours.to(device).T.reshape(-1)  # (n * B,): all rank-0 neighbours, then rank 1, ...
+    random = _random_candidates(total, num_classes, multipliers, generator, device)
+    candidates = torch.cat([torch.sort(labels).values, near, random])  # (M,) in priority order
+    count, fixed_end = candidates.numel(), labels.numel() + near.numel()
+    position = torch.arange(count, dtype=torch.int32, device=device)
+    valid = candidates >= 0
+    safe = torch.where(valid, candidates, 0)
+    mark.scatter_reduce_(0, safe, torch.where(valid, position, count), reduce="amin")
+    first = mark[safe]  # (M,) position of each candidate's class's first occurrence
+    winner = valid & (first == position)
+    slot = torch.cumsum(winner, 0) - 1  # (M,) column of each winner
+    keep = winner & (slot < total)
+    ids = candidates.new_empty(total + 1).scatter_(0, torch.where(keep, slot, total), candidates)[:total]
+    label_columns = slot[mark[labels].long()]  # (L,) in the labels' own order
+    mark[safe] = _UNMARKED  # leave the buffer clean for the next step
+    num_positive = winner[: labels.numel()].sum()
+    num_neighbour = keep[labels.numel() : fixed_end].sum()
+    fixed = num_positive + num_neighbour
+    drawn = (total - fixed).clamp_min(1)
+    # each of the C - |fixed| other classes is included with probability |random| / (C - |fixed|)
+    adjust = torch.log((num_classes - fixed).clamp_min(1).float() / drawn.float())
+    columns = torch.arange(total, device=device)
+    logit_adjust = torch.where(columns >= fixed, adjust, 0.0).float()
+    return Selection(ids, label_columns, num_positive, num_neighbour, logit_adjust)

@@ -62,7 +62,7 @@ class FeaturizerConfig:
     """How texts become sparse TF-IDF rows (see the module docstring)."""
 
     word_ngrams: tuple[int, ...] | None = (1, 2)  # (min_n, max_n) word n-grams; None for none
-    char_ngrams: tuple[int, ...] | None = (3, 5)  # (min_n, max_n) char_wb byte n-grams; None for none
+    char_ngrams: tuple[int, ...] | None = (3, 4)  # (min_n, max_n) char_wb byte n-grams; None for none
     lowercase: bool = True  # ASCII lowercasing before analysis
     n_features: int | None = None  # hashed columns (no vocabulary, no unseen n-grams); None fits a vocabulary
     min_df: int = 2  # vocabulary: keep n-grams seen in at least this many training texts
@@ -164,8 +164,9 @@ def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(over="ignore"):
             powers = np.cumprod(np.full(grown, _PRIME, dtype=np.uint64))
             inverse = np.cumprod(np.full(grown, _PRIME_INVERSE, dtype=np.uint64))
-        powers = np.concatenate([[np.uint64(1)], powers[:-1]])
-        inverse = np.concatenate([[np.uint64(1)], inverse[:-1]])
+        one = np.ones(1, dtype=np.uint64)
+        powers = np.concatenate([one, powers[:-1]])
+        inverse = np.concatenate([one, inverse[:-1]])
         _POWER_CACHE[:] = [powers, inverse]
     return _POWER_CACHE[0][:size], _POWER_CACHE[1][:size]
 

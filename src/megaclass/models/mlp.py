@@ -29,14 +29,16 @@ class MLPConfig:
     hidden: tuple[int, ...] = (1024,)  # widths of the layers; the first is the embedding bag over features
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # after every layer, the last included
     dropout: float = 0.0  # after every activation; regularises wide first layers on small data
+    input_dropout: float = 0.0  # drop this fraction of each row's non-zeros (rescaling the rest) in training
     layer_norm: bool = False  # LayerNorm before each activation: steadier with large learning rates
     init_scale: float = 1.0  # multiplies the first layer's default init; TF-IDF rows have unit L2 norm
 
     def __post_init__(self) -> None:
         if not self.hidden or any(width <= 0 for width in self.hidden):
             raise ConfigError(f"model.hidden: expected one or more positive widths, got {list(self.hidden)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+        for name in ("dropout", "input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if self.init_scale <= 0:
             raise ConfigError(f"model.init_scale: expected > 0, got {self.init_scale}")
 
@@ -58,7 +60,9 @@ class MLPEncoder(nn.Module):
     def __init__(self, config: MLPConfig, input_spec: InputSpec) -> None:
         super().__init__()
         if input_spec.kind != "sparse":
-            raise ConfigError(f"model.type mlp: needs sparse feature rows, but the data gives {input_spec.kind!r}")
+            raise ConfigError(
+                f"model.type mlp: needs sparse feature rows, but the data gives {input_spec.kind!r}"
+            )
         self.config = config
         self.num_features = input_spec.num_features
         first = config.hidden[0]
@@ -66,9 +70,8 @@ class MLPEncoder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(first))
         bound = config.init_scale / first**0.5
         nn.init.uniform_(self.embedding, -bound, bound)
-        self.linears = nn.ModuleList(
-            nn.Linear(width_in, width_out) for width_in, width_out in zip(config.hidden, config.hidden[1:])
-        )
+        widths = config.hidden
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.norms = nn.ModuleList(
             nn.LayerNorm(width) if config.layer_norm else nn.Identity() for width in config.hidden
         )
@@ -78,15 +81,17 @@ class MLPEncoder(nn.Module):
 
     def forward(self, inputs: SparseInputs) -> Tensor:
         """Features ``(B, D)`` of the sparse rows ``inputs``."""
+        weights = inputs.weights.to(self.embedding.dtype)  # (N,)
+        weights = nn.functional.dropout(weights, self.config.input_dropout, self.training)
         hidden = nn.functional.embedding_bag(
             inputs.indices,
             self.embedding,
             inputs.indptr,
             mode="sum",
             include_last_offset=True,
-            per_sample_weights=inputs.weights.to(self.embedding.dtype),
+            per_sample_weights=weights,
         )  # (B, H0)
         hidden = self.dropout(self.activation(self.norms[0](hidden + self.bias)))
-        for linear, norm in zip(self.linears, self.norms[1:]):
+        for linear, norm in zip(self.linears, self.norms[1:], strict=False):
             hidden = self.dropout(self.activation(norm(linear(hidden))))  # (B, H_i)
         return hidden

@@ -13,10 +13,15 @@ import torch
 
 
 class Impl(str, enum.Enum):
-    """Which implementation an op runs: ``auto`` picks Triton for CUDA tensors, the reference otherwise."""
+    """Which implementation an op runs: ``auto`` picks Triton for CUDA tensors, the reference otherwise.
+
+    ``torch`` is plain PyTorch tuned for speed (native low-precision matmuls over large chunks, cuBLAS on
+    CUDA) where an op has one; ``reference`` is the executable spec. An op may refine ``auto`` (the fused
+    linear losses time Triton against ``torch`` once per shape on CUDA and keep the faster)."""
 
     AUTO = "auto"
     TRITON = "triton"
+    TORCH = "torch"
     REFERENCE = "reference"
 
 
@@ -30,5 +35,5 @@ def resolve_impl(impl: Impl | str, *tensors: torch.Tensor) -> Impl:
 
 
 def autotune_enabled() -> bool:
-    """Whether kernels autotune their launch configs (``MEGACLASS_AUTOTUNE=1``); off by default and in tests."""
+    """Whether kernels autotune launch configs (``MEGACLASS_AUTOTUNE=1``); off by default and in tests."""
     return os.environ.get("MEGACLASS_AUTOTUNE", "0") == "1"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,8 @@ class ParamServerClient:
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
         ]
         self._channels = []
+        # calls in flight at once: a prefetch, a pull and a push to every shard, plus retries
+        self._pool = ThreadPoolExecutor(max_workers=4 * len(addresses) + 4, thread_name_prefix="ps-client")
         shards = []
         for address in addresses:
             if tls_ca is None:
@@ -188,14 +191,11 @@ class ParamServerClient:
         return [self._wait(i, "Health", request, future) for i, (request, future) in enumerate(futures)]
 
     # -- calls -----------------------------------------------------------------------------------------
-    def _issue(self, shard: int, kind: str, request: Any) -> tuple[Any, Any]:
-        method = kind.removesuffix("Request")
-        future = (
-            self._shards[shard]
-            .stubs[method]
-            .future(request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=False)
-        )
-        return request, future
+    def _issue(self, shard: int, kind: str, request: Any, *, timeout: float | None = None) -> tuple[Any, Any]:
+        """Start a call on a worker thread (blocking calls on persistent threads: no thread per call)."""
+        stub = self._shards[shard].stubs[kind.removesuffix("Request")]
+        timeout = self.timeout_s if timeout is None else timeout
+        return request, self._pool.submit(stub, request, timeout=timeout, metadata=self._metadata)
 
     def _wait(self, shard: int, method: str, request: Any, future: Any) -> Any:
         """The response of ``future``; on a lost or restarted shard, recover and retry until the deadline."""
@@ -223,11 +223,7 @@ class ParamServerClient:
                 continue
             if hasattr(request, "incarnation"):
                 request.incarnation = self._shards[shard].incarnation
-            future = (
-                self._shards[shard]
-                .stubs[method]
-                .future(request, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._metadata)
-            )
+            _, future = self._issue(shard, method, request, timeout=max(deadline - time.monotonic(), 0.01))
 
     def _noted(self, shard: int, response: Any) -> Any:
         """Record what a response tells about the shard (pushes it has applied)."""
@@ -484,6 +480,7 @@ class ParamServerClient:
 
     def close(self) -> None:
         self.drain()
+        self._pool.shutdown()
         for channel in self._channels:
             channel.close()
 

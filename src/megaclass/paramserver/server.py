@@ -164,8 +164,8 @@ class ShardService:
         if tuple(values.shape) != shape:
             raise ValueError(f"{what}: shape {list(values.shape)} but expected {list(shape)}")
         values = values.to(torch.float32)
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{what}: contains NaN or infinity")
+        if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+            raise ValueError(f"{what}: contains NaN or infinity")  # aminmax: one pass, NaN propagates
         return values
 
     # -- handlers --------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class ShardService:
             raise ValueError(f"step {request.step}: expected >= 1")
         local = self._local(request.ids, "ids", unique=True)
         grads = self._decode_block(request.grads, "grads", (len(local), self.state.spec.dim))
-        lr = request.lr.value if request.HasField("lr") else self.state.hyper.lr
+        lr = self.state.hyper.lr if request.lr is None else request.lr
         if not (lr >= 0 and np.isfinite(lr)):
             raise ValueError(f"lr {lr}: expected a finite number >= 0")
         if self.config.mode == "async":
@@ -337,11 +337,7 @@ class ShardService:
         with self._apply_order:
             while (ready := self._pop_ready()) is not None:
                 step, pending = ready
-                ids = torch.cat([part[0] for part in pending.parts.values()])
-                unique, inverse = torch.unique(ids, return_inverse=True)
-                total = torch.zeros(len(unique), self.state.spec.dim)
-                total.index_add_(0, inverse, torch.cat([part[1] for part in pending.parts.values()]))
-                total /= len(pending.parts)  # mean over trainers, as DDP averages the backbone's gradients
+                unique, total = _mean_over_trainers(list(pending.parts.values()), self.state.spec.dim)
                 with self.lock.write():
                     self.state.apply(unique, total, lr=pending.lr, step=step, trainers=list(pending.parts))
                 self._notify()
@@ -385,6 +381,23 @@ class ShardService:
                         f"trainers that pushed it: {have} of {self.config.trainers})",
                     )
                 self._applied.wait(min(remaining, 0.5))
+
+
+def _mean_over_trainers(parts: list[tuple[Tensor, Tensor]], dim: int) -> tuple[Tensor, Tensor]:
+    """Rows ``(U,)`` any trainer pushed and their mean gradient ``(U, D)`` over the trainers.
+
+    A trainer that did not push a row counts as a zero gradient for it, as DDP averages the backbone's.
+    """
+    if len(parts) == 1:
+        return parts[0]  # ids are unique within a push
+    unique, inverse = torch.unique(torch.cat([ids for ids, _ in parts]), return_inverse=True)
+    total = torch.zeros(len(unique), dim)
+    start = 0
+    for ids, grads in parts:
+        where = inverse[start : start + len(ids)]  # unique within one part: a gather-add-scatter is exact
+        total[where] += grads
+        start += len(ids)
+    return unique, total.div_(len(parts))
 
 
 def _top_rows(features: Tensor, rows: Tensor, n: int, *, cosine: bool) -> tuple[Tensor, Tensor]:
@@ -443,12 +456,17 @@ def _handler(service: ShardService, method: wire.Method) -> Any:
             code, message = grpc.StatusCode.INTERNAL, f"{method.name}: {type(error).__name__}: {error}"
         context.abort(code, message)
 
+    # pushes carry most of the bytes: read them without copying the gradients (same encoding, same checks)
+    read = (
+        wire.parse_push_request
+        if method.name == "PushGradients"
+        else wire.MESSAGES[method.request].FromString
+    )
+
     def parse(data: bytes) -> Any:
         try:
-            return wire.MESSAGES[method.request].FromString(data)
-        except (
-            Exception
-        ) as error:  # protobuf raises DecodeError (or RuntimeWarning-derived errors) on garbage
+            return read(data)
+        except Exception as error:  # protobuf's DecodeError, our ValueError: an answer, never a crash
             return _Garbage(error)
 
     return grpc.unary_unary_rpc_method_handler(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,7 +334,8 @@ def _read_varint(view: memoryview, i: int) -> tuple[int, int]:
 
 
 def _fields(view: memoryview) -> list[tuple[int, int, Any]]:
-    """``(number, wire type, value)`` of every field of a serialized message; LEN values are memoryviews."""
+    """``(number, wire type, value)`` of every field of a serialized message (varints as ints, the rest as
+    memoryviews into ``view``)."""
     fields, i, end = [], 0, len(view)
     while i < end:
         key, i = _read_varint(view, i)
@@ -348,7 +350,9 @@ def _fields(view: memoryview) -> list[tuple[int, int, Any]]:
             fields.append((number, 2, view[i : i + length]))
             i += length
         elif wire_type in (1, 5):
-            i += 8 if wire_type == 1 else 4
+            width = 8 if wire_type == 1 else 4
+            fields.append((number, wire_type, view[i : i + width]))
+            i += width
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
     if i != end:
@@ -392,3 +396,46 @@ def parse_pull_response(data: bytes) -> PullView:
     if rows:
         response.rows = _parse_array(rows)
     return response
+
+
+@dataclass
+class PushView:
+    """A ``PushGradientsRequest`` read without copying its gradients (:func:`parse_push_request`)."""
+
+    ids: memoryview
+    grads: ArrayView
+    step: int = 0
+    trainer: int = 0
+    lr: float | None = None  # None: the field is absent
+    incarnation: int = 0
+
+
+def _signed(value: int, bits: int) -> int:
+    """A varint read as a two's complement ``bits``-bit integer (protobuf's int32/int64)."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+def parse_push_request(data: bytes) -> PushView:
+    """Read a serialized ``PushGradientsRequest`` with its gradients as a view into ``data`` (server side)."""
+    grads: list[memoryview] = []
+    request = PushView(memoryview(b""), ArrayView())
+    for number, wire_type, value in _fields(memoryview(data)):
+        if number == 1 and wire_type == 2:
+            request.ids = value
+        elif number == 2 and wire_type == 2:
+            grads.append(value)
+        elif number == 3 and wire_type == 0:
+            request.step = _signed(value, 64)
+        elif number == 4 and wire_type == 0:
+            request.trainer = _signed(value, 32)
+        elif number == 5 and wire_type == 2:
+            request.lr = request.lr or 0.0  # present; a Scalar's value is its last double
+            for inner, inner_type, scalar in _fields(value):
+                if inner == 1 and inner_type == 1:
+                    request.lr = struct.unpack("<d", scalar)[0]
+        elif number == 6 and wire_type == 0:
+            request.incarnation = value
+    if grads:
+        request.grads = _parse_array(grads)
+    return request

@@ -21,9 +21,9 @@ def init_rows_(
 ) -> None:
     """Fill ``weight (C, D)`` with ``U(-bound, bound)`` (default ``1 / sqrt(D)``, as ``nn.Linear``).
 
-    Drawn on ``draw_device`` (default the CPU) in chunks of rows with seed ``seed + chunk``, so the result does
-    not depend on where the rows live: a device store and a host store with the same compute device start from
-    the same matrix (and a host store draws on the GPU, not with the CPU's slower generator).
+    Drawn on ``draw_device`` (default the CPU) in chunks of rows with seed ``seed + chunk``, so the result
+    does not depend on where the rows live: a device store and a host store with the same compute device
+    start from the same matrix (and a host store draws on the GPU, not with the slower CPU generator).
     """
     bound = 1.0 / math.sqrt(weight.shape[1]) if bound is None else bound
     draw_device = torch.device("cpu" if draw_device is None else draw_device)

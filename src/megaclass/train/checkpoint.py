@@ -66,7 +66,10 @@ def _flatten(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
         return {"__ndarray__": _store(tensors, key, torch.from_numpy(np.ascontiguousarray(value).copy()))}
     if isinstance(value, dict):
         items = [
-            [_flatten(name, _child(key, f"#key{i}", i), tensors), _flatten(item, _child(key, name, i), tensors)]
+            [
+                _flatten(name, _child(key, f"#key{i}", i), tensors),
+                _flatten(item, _child(key, name, i), tensors),
+            ]
             for i, (name, item) in enumerate(value.items())
         ]
         return {"__dict__": items}

@@ -86,7 +86,9 @@ class OptimConfig:
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
         if not 0 <= self.warmup_fraction <= 1:
-            raise ConfigError(f"optim.warmup_fraction: expected a value in [0, 1], got {self.warmup_fraction}")
+            raise ConfigError(
+                f"optim.warmup_fraction: expected a value in [0, 1], got {self.warmup_fraction}"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
 
@@ -128,7 +130,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the test set every this many epochs (and always after the last)
     log_every: int = 10  # log the mean training loss every this many steps
     num_workers: int = 0  # processes building batches (0: the training process)
-    stop_after_steps: int = 0  # end the run (with a checkpoint) after this many steps, schedule unchanged (0: off)
+    stop_after_steps: int = (
+        0  # end the run (with a checkpoint) after this many steps, schedule unchanged (0: off)
+    )
     progress: bool = True  # tqdm progress bars
     cpu_threads: int = 0  # torch intra-op threads on CPU (0: torch's default, one per core)
 
@@ -149,7 +153,9 @@ class EvalConfig:
     """Evaluation on the test set."""
 
     ks: tuple[int, ...] = (1, 3, 5)  # P@k, nDCG@k, PSP@k, ... at these k
-    propensity_a: float = 0.55  # Jain et al. 2016 propensity model A (0.55 general, 0.6 Wikipedia, 0.5 Amazon)
+    propensity_a: float = (
+        0.55  # Jain et al. 2016 propensity model A (0.55 general, 0.6 Wikipedia, 0.5 Amazon)
+    )
     propensity_b: float = 1.5  # and B (1.5 general, 2.6 Amazon)
     batch_size: int = 1024  # samples per scoring batch
     filter_labels: str = ""  # XMC repository filter file ('doc_id label_id' lines) removed from scoring
@@ -214,7 +220,9 @@ def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
     config = from_dict(RunConfig, data)
     if config.data.featurizer:
         featurizer_config(config.data.featurizer)
-    return dataclasses.replace(config, model=model_config(model_section), head=head_config(head_section or {}))
+    return dataclasses.replace(
+        config, model=model_config(model_section), head=head_config(head_section or {})
+    )
 
 
 def featurizer_config(options: dict[str, Any]) -> Any:
@@ -273,7 +281,9 @@ def load_config(
             except yaml.YAMLError as error:
                 raise ConfigError(f"{os.fspath(path)}: invalid YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{os.fspath(path)}: expected a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{os.fspath(path)}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
         _merge(data, loaded or {})
     if head is not None and (data.get("head") or {}).get("type", "dense") != head:
         data["head"] = {"type": head}
@@ -287,7 +297,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
     """Merge ``update`` into ``base`` recursively; a changed registry ``type`` replaces the whole section."""
     for key, value in update.items():
         current = base.get(key)
-        same_type = not isinstance(value, dict) or value.get("type", None) in (None, (current or {}).get("type"))
+        same_type = not isinstance(value, dict) or value.get("type", None) in (
+            None,
+            (current or {}).get("type"),
+        )
         if isinstance(current, dict) and isinstance(value, dict) and same_type:
             _merge(current, value)
         else:

@@ -63,7 +63,9 @@ class LoadedRun:
 
 def _require(path: str, what: str) -> str:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--run: {path} is missing; is it the --out folder of a `megaclass train` run ({what})?")
+        raise FileNotFoundError(
+            f"--run: {path} is missing; is it the --out folder of a `megaclass train` run ({what})?"
+        )
     return path
 
 
@@ -99,7 +101,12 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
 
         featurizer = TextFeaturizer.from_state(checkpoint.read_state(os.path.join(run_dir, "featurizer")))
     return LoadedRun(
-        config, encoder.to(torch_device).eval(), head.to(torch_device).eval(), featurizer, facts, label_counts,
+        config,
+        encoder.to(torch_device).eval(),
+        head.to(torch_device).eval(),
+        featurizer,
+        facts,
+        label_counts,
         torch_device,
     )
 
@@ -118,19 +125,29 @@ def evaluate_run(run_dir: str, test_path: str, *, device: str | None = None) -> 
     )
 
 
-def predict_run(run_dir: str, input_path: str, out_path: str, *, k: int = 10, device: str | None = None) -> int:
-    """Write the top-``k`` ``id:score`` pairs of each row of ``input_path`` to ``out_path``; returns the rows."""
+def predict_run(
+    run_dir: str, input_path: str, out_path: str, *, k: int = 10, device: str | None = None
+) -> int:
+    """Write the top-``k`` ``id:score`` pairs of each row of ``input_path`` to ``out_path``.
+
+    Returns:
+        The number of rows written.
+    """
     if k <= 0:
         raise ValueError(f"--k: expected a positive number of labels, got {k}")
     run = load_run(run_dir, device=device)
     dataset = run.open(input_path)
     rows = 0
-    with contextlib.nullcontext(sys.stdout) if out_path == "-" else open(out_path, "w", encoding="utf-8") as file:
+    with (
+        contextlib.nullcontext(sys.stdout)
+        if out_path == "-"
+        else open(out_path, "w", encoding="utf-8") as file
+    ):
         for scores, ids, _ in predict_batches(
             run.encoder, run.head, dataset, k=k, config=run.config, device=run.device
         ):
-            for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
-                pairs = [f"{i}:{s:.6g}" for i, s in zip(row_ids, row_scores) if i >= 0]
+            for row_scores, row_ids in zip(scores.tolist(), ids.tolist(), strict=False):
+                pairs = [f"{i}:{s:.6g}" for i, s in zip(row_ids, row_scores, strict=False) if i >= 0]
                 file.write(" ".join(pairs) + "\n")
             rows += ids.shape[0]
     return rows

@@ -1,6 +1,6 @@
 """The training loop, readable top to bottom: ``setup / train / evaluate / save_checkpoint / close``.
 
-``megaclass train --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo``
+``megaclass train --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/x``
 runs :func:`train`. One step is: forward (encoder, then head loss), backward, clip, optimizer step,
 ``head.after_step(step, epoch, lr=head_lr)``, log. The run folder ends up holding:
 
@@ -50,8 +50,17 @@ from megaclass.train.report import epoch_history, write_report
 __all__ = ["LoopState", "Trainer", "train"]
 
 # Settings a resumed run may change: they do not alter the numbers the run computes.
-_RESUMABLE_CHANGES = {"train.stop_after_steps", "train.cpu_threads", "train.progress", "train.num_workers", "train.checkpoint_every",
-                      "train.keep_checkpoints", "train.log_every", "distributed.timeout_s"}
+_RESUMABLE_CHANGES = {
+    "train.stop_after_steps",
+    "train.cpu_threads",
+    "train.progress",
+    "train.num_workers",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "distributed.timeout_s",
+    "distributed.encoder",
+}
 
 
 @dataclass
@@ -145,7 +154,9 @@ class Trainer:
         resume: continue from the newest checkpoint in ``out_dir`` (a fresh start when there is none).
     """
 
-    def __init__(self, config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False):
+    def __init__(
+        self, config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False
+    ):
         self.config = config
         self.train_path = os.fspath(train_path)
         self.test_path = os.fspath(test_path)
@@ -218,7 +229,8 @@ class Trainer:
         )
         if test_data.input_spec != train_data.input_spec:
             raise ConfigError(
-                f"--test {self.test_path}: inputs {test_data.input_spec} differ from --train's {train_data.input_spec}"
+                f"--test {self.test_path}: inputs {test_data.input_spec} differ from --train's "
+                f"{train_data.input_spec}"
             )
         return train_data, test_data
 
@@ -226,7 +238,7 @@ class Trainer:
         return os.path.join(self.out_dir, "checkpoints")
 
     def _clear_previous_run(self) -> None:
-        """A fresh run in a used folder starts from nothing: old checkpoints and logs would mix with the new."""
+        """A fresh run in a used folder starts from nothing: old checkpoints and logs would mix in."""
         shutil.rmtree(self._checkpoint_dir(), ignore_errors=True)
         for name in ("log.jsonl", "metrics.json"):
             with contextlib.suppress(FileNotFoundError):
@@ -260,8 +272,8 @@ class Trainer:
         config = self.config.train
         self.logger.print(
             f"train {self.train_path}: {len(self.train_data)} samples, {self.train_data.num_classes} classes "
-            f"({'multi-label' if self.train_data.multilabel else 'one label each'}); {self.total_steps} steps "
-            f"on {self.device}"
+            f"({'multi-label' if self.train_data.multilabel else 'one label each'}); "
+            f"{self.total_steps} steps on {self.device}"
         )
         stopped = False
         while self.state.epoch < config.epochs and not stopped:
@@ -287,7 +299,12 @@ class Trainer:
             step = self.state.global_step
             checkpoint_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
             stop_due = bool(config.stop_after_steps) and step >= config.stop_after_steps
-            if len(window) == config.log_every or self.state.step_in_epoch == steps or checkpoint_due or stop_due:
+            if (
+                len(window) == config.log_every
+                or self.state.step_in_epoch == steps
+                or checkpoint_due
+                or stop_due
+            ):
                 self._log_losses(window, epoch)  # one host sync per log window
                 window = []
             now = time.perf_counter()
@@ -329,7 +346,9 @@ class Trainer:
         lrs = {}
         for name, optimizer in self.optimizers.items():
             group_config = getattr(self.config.optim, name)
-            lrs[name] = lr_at(step, peak=group_config.lr, total_steps=self.total_steps, optim=self.config.optim)
+            lrs[name] = lr_at(
+                step, peak=group_config.lr, total_steps=self.total_steps, optim=self.config.optim
+            )
             for group in optimizer.param_groups if optimizer is not None else []:
                 group["lr"] = lrs[name]
         return lrs
@@ -403,7 +422,10 @@ class Trainer:
         with open(os.path.join(self.out_dir, "config.yaml"), encoding="utf-8") as file:
             config_yaml = file.read()
         write_report(
-            self.out_dir, config_yaml=config_yaml, metrics=metrics, history=epoch_history(records),
+            self.out_dir,
+            config_yaml=config_yaml,
+            metrics=metrics,
+            history=epoch_history(records),
             ks=self.config.eval.ks,
         )
         return metrics
@@ -415,8 +437,13 @@ class Trainer:
         started = time.perf_counter()
         label_counts = self.train_data.label_counts()
         metrics = evaluate_model(
-            self.encoder, self.head, dataset, config=self.config, label_counts=label_counts,
-            num_train_samples=len(self.train_data), device=self.device,
+            self.encoder,
+            self.head,
+            dataset,
+            config=self.config,
+            label_counts=label_counts,
+            num_train_samples=len(self.train_data),
+            device=self.device,
         )
         if self.config.eval.verification:
             metrics.update(self._verification())
@@ -443,21 +470,24 @@ class Trainer:
             return {"encoder": self.encoder.state_dict(), "head": self.head.state_dict()}
         from megaclass.distributed.checkpoint import export_head_state
         from megaclass.distributed.parallel import encoder_state
+        from megaclass.distributed.sharded import export_prefix
 
         latest = checkpoint.latest_checkpoint(self._checkpoint_dir())  # the final checkpoint, just written
         encoder_weights, _ = encoder_state(self.parallel, None)
         if not self.dist.is_main:
             return {}
-        prefix = "local." if self.config.head.type == "selected" else ""
+        prefix = export_prefix(self.config.head.type)
         return {"encoder": encoder_weights, "head": export_head_state(latest, prefix=prefix)}
 
     def save_checkpoint(self) -> str:
-        """Write everything needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
+        """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
         if self.dist.distributed or self.parallel.sharded_head:
             return self._save_distributed_checkpoint()
         state = {
             **self._model_state(),
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items() if opt is not None},
+            "optimizers": {
+                name: opt.state_dict() for name, opt in self.optimizers.items() if opt is not None
+            },
             "loop": dataclasses.asdict(self.state),
             "rng": rng_state(),
             "config": config_to_dict(self.config),
@@ -472,7 +502,9 @@ class Trainer:
         from megaclass.distributed.parallel import encoder_state
 
         if not self.parallel.sharded_head:
-            raise ConfigError("checkpoints of several ranks need a class-sharded head (distributed.shard_head)")
+            raise ConfigError(
+                "checkpoints of several ranks need a class-sharded head (distributed.shard_head)"
+            )
         encoder_weights, encoder_optimizer = encoder_state(self.parallel, self.optimizers["encoder"])
         common = {
             "encoder": encoder_weights,
@@ -482,8 +514,14 @@ class Trainer:
             "global_batch": self.config.train.batch_size * self.dist.world_size,
         }
         return save_sharded(
-            self._checkpoint_dir(), self.state.global_step, head=self.head, head_optimizer=self.optimizers["head"],
-            common=common, private={"rng": rng_state()}, rank=self.dist.rank, world_size=self.dist.world_size,
+            self._checkpoint_dir(),
+            self.state.global_step,
+            head=self.head,
+            head_optimizer=self.optimizers["head"],
+            common=common,
+            private={"rng": rng_state()},
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
             keep=self.config.train.keep_checkpoints,
         )
 
@@ -495,7 +533,10 @@ class Trainer:
         if not (is_sharded_checkpoint(path) and self.parallel.sharded_head):
             raise ConfigError(f"--resume: {path} and this run must both use a class-sharded head")
         common, private = load_sharded(
-            path, head=self.head, head_optimizer=self.optimizers["head"], rank=self.dist.rank,
+            path,
+            head=self.head,
+            head_optimizer=self.optimizers["head"],
+            rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
         load_encoder_state(
@@ -516,8 +557,11 @@ class Trainer:
             state = self._restore_distributed(path)
         else:
             state = checkpoint.load_checkpoint(path)
-        changes = [c for c in _config_changes(state["config"], config_to_dict(self.config))
-                   if c not in _RESUMABLE_CHANGES]
+        changes = [
+            c
+            for c in _config_changes(state["config"], config_to_dict(self.config))
+            if c not in _RESUMABLE_CHANGES
+        ]
         if changes:
             raise ConfigError(
                 f"--resume: the config differs from the checkpoint's in {', '.join(changes)}; "
@@ -534,7 +578,9 @@ class Trainer:
             set_rng_state(state["rng"])
         if self.dist.is_main:
             _truncate_log(self.logger.path, self.state.global_step)
-        self.logger.print(f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.global_step}")
+        self.logger.print(
+            f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
+        )
 
     def close(self) -> None:
         """Flush and close the logs."""
@@ -583,7 +629,7 @@ def build_modules(
     else:
         head = build_head(config.head, context)
     if names is not None and config.model.init_head == "label_names":
-        init_head_rows(head, names)
+        init_head_rows(head, names[head.start : head.stop] if hasattr(head, "state_layout") else names)
     if config.optim.head_state == "bf16_sr":
         from megaclass.train.low_precision import to_bf16_state
 
@@ -602,7 +648,7 @@ def evaluate_model(
     num_train_samples: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """Ranking metrics of ``encoder`` + ``head`` on ``dataset``, with propensities from the training labels."""
+    """Ranking metrics of ``encoder`` + ``head`` on ``dataset``; propensities from the training labels."""
     from megaclass.metrics.ranking import RankingMetrics, propensity
 
     propensities = propensity(
@@ -628,9 +674,15 @@ def evaluate_model(
 
 @torch.no_grad()
 def predict_batches(
-    encoder: nn.Module, head: nn.Module, dataset: SparseDataset, *, k: int, config: RunConfig, device: torch.device
+    encoder: nn.Module,
+    head: nn.Module,
+    dataset: SparseDataset,
+    *,
+    k: int,
+    config: RunConfig,
+    device: torch.device,
 ) -> Iterator[tuple[Tensor, Tensor, Any]]:
-    """``(scores (B, k), ids (B, k), batch)`` on the CPU, in file order; ids past ``C`` are -1, scores -inf."""
+    """``(scores (B, k), ids (B, k), batch)`` on the CPU, in file order; ids past ``C``: -1, scores -inf."""
     encoder.eval()
     head.eval()
     loader = BatchLoader(dataset, batch_size=config.eval.batch_size, shuffle=False)
@@ -644,7 +696,9 @@ def predict_batches(
             scores, ids = scores.float().cpu(), ids.cpu()
             if top < k:
                 pad = k - top
-                scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1)  # (B, k)
+                scores = torch.cat(
+                    [scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1
+                )  # (B, k)
                 ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)  # (B, k)
             yield scores, ids, batch
     finally:
@@ -674,7 +728,8 @@ def train(
             raise
         raise RuntimeError(
             f"rank {dist.rank} of {dist.world_size}: training stopped: a collective failed, so another rank "
-            f"stopped or did not answer within distributed.timeout_s={config.distributed.timeout_s:g} s ({error})"
+            f"stopped or did not answer within distributed.timeout_s={config.distributed.timeout_s:g} s "
+            f"({error})"
         ) from error
     finally:
         if hasattr(trainer, "logger"):

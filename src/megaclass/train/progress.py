@@ -30,7 +30,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class RunLogger:
-    """Appends records to ``<out>/log.jsonl``, mirrors them to TensorBoard if it is installed, prints summaries.
+    """Appends records to ``<out>/log.jsonl``, mirrors them to TensorBoard if installed, prints summaries.
 
     Args:
         out_dir: the run folder.
@@ -42,7 +42,9 @@ class RunLogger:
         self.enabled = enabled
         self.path = os.path.join(out_dir, "log.jsonl")
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
-        self._writer = self._tensorboard(os.path.join(out_dir, "tensorboard")) if enabled and tensorboard else None
+        self._writer = (
+            self._tensorboard(os.path.join(out_dir, "tensorboard")) if enabled and tensorboard else None
+        )
 
     @staticmethod
     def _tensorboard(folder: str) -> Any:

@@ -1,4 +1,4 @@
-"""The run report: ``report.md`` (config, final metrics, a table per epoch) and ``report.png`` (loss and P@k)."""
+"""The run report: ``report.md`` (config, final metrics, a table per epoch), ``report.png`` (loss, P@k)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _plot(path: str, history: list[dict[str, Any]], ks: tuple[int, ...]) -> str 
     for k in ks:
         points = [(row["epoch"], row[f"P@{k}"]) for row in history if f"P@{k}" in row]
         if points:
-            metric_axes.plot(*zip(*points), marker="o", label=f"P@{k}")
+            metric_axes.plot(*zip(*points, strict=False), marker="o", label=f"P@{k}")
     metric_axes.set(xlabel="epoch", ylabel="precision", title="Test P@k")
     metric_axes.legend()
     figure.tight_layout()
@@ -57,7 +57,12 @@ def _plot(path: str, history: list[dict[str, Any]], ks: tuple[int, ...]) -> str 
 
 
 def write_report(
-    out_dir: str, *, config_yaml: str, metrics: dict[str, Any], history: list[dict[str, Any]], ks: tuple[int, ...]
+    out_dir: str,
+    *,
+    config_yaml: str,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    ks: tuple[int, ...],
 ) -> str:
     """Write ``out_dir/report.md`` and ``out_dir/report.png``; returns the report's path."""
     note = _plot(os.path.join(out_dir, "report.png"), history, ks)

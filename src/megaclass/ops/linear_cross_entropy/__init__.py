@@ -7,7 +7,9 @@ recomputes the logits class chunk by class chunk and writes the weight gradient 
 
 Layers: ``kernels.py`` (Triton kernels + launchers) -> ``function.py`` (custom ops, Triton backend) ->
 ``common.LinearLossFunction`` (autograd) -> the functionals here; ``reference.py`` is the plain-PyTorch
-chunked backend (the spec, the CPU path, the benchmark baseline).
+chunked backend (the spec, the CPU path, the benchmark baseline); ``chunked.py`` is plain PyTorch tuned for
+speed (cuBLAS low-precision matmuls over large chunks, ``impl="torch"``); ``select.py`` makes ``auto`` on CUDA
+run whichever of Triton and ``torch`` it measured faster for the problem.
 
 One package covers the three losses because they share everything but the per-logit function: the same tiles,
 the same recompute-in-backward, the same sparse correction on each sample's positives.
@@ -18,7 +20,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from megaclass.heads.losses import MarginConfig
-from megaclass.ops import Impl, resolve_impl
+from megaclass.ops import Impl
+from megaclass.ops.linear_cross_entropy.chunked import TorchChunkedBackend
 from megaclass.ops.linear_cross_entropy.common import (
     DenseBackend,
     LinearLossFunction,
@@ -35,6 +38,7 @@ __all__ = [
     "LinearLossOptions",
     "LossKind",
     "Reduction",
+    "dense_backend",
     "linear_bce",
     "linear_cross_entropy",
     "linear_loss",
@@ -43,12 +47,25 @@ __all__ = [
 ]
 
 
-def _backend(impl: Impl | str, *tensors: Tensor) -> DenseBackend:
-    if resolve_impl(impl, *tensors) is Impl.TRITON:
+def dense_backend(impl: Impl | str, *tensors: Tensor) -> DenseBackend:
+    """The backend computing the dense part for ``impl`` on ``tensors``' device.
+
+    ``auto``: on CUDA the faster of Triton and ``torch`` as measured once per problem
+    (:class:`~.select.MeasuredBackend`), elsewhere ``reference``.
+    """
+    impl = Impl(impl)
+    if impl is Impl.AUTO:
+        if not all(tensor.is_cuda for tensor in tensors):
+            return ReferenceBackend()
+        from megaclass.ops.linear_cross_entropy.function import TritonBackend
+        from megaclass.ops.linear_cross_entropy.select import MeasuredBackend
+
+        return MeasuredBackend((TritonBackend(), TorchChunkedBackend()))
+    if impl is Impl.TRITON:
         from megaclass.ops.linear_cross_entropy.function import TritonBackend
 
         return TritonBackend()
-    return ReferenceBackend()
+    return TorchChunkedBackend() if impl is Impl.TORCH else ReferenceBackend()
 
 
 def linear_loss(
@@ -69,13 +86,15 @@ def linear_loss(
             distinct).
         bias: ``(C,)`` or None.
         options: loss, reduction, margin, reference chunk size.
-        impl: ``auto`` runs Triton for CUDA tensors and the chunked PyTorch reference otherwise.
+        impl: ``triton`` (fused kernels), ``torch`` (cuBLAS matmuls over large chunks), ``reference``
+            (the fp32-accumulating spec); ``auto`` runs the faster of the first two on CUDA, ``reference``
+            elsewhere.
 
     Returns:
         A 0-dim float32 tensor; gradients flow to ``x``, ``weight`` and ``bias``.
     """
     return linear_loss_apply(
-        x, weight, targets, bias, options or LinearLossOptions(), _backend(impl, x, weight)
+        x, weight, targets, bias, options or LinearLossOptions(), dense_backend(impl, x, weight)
     )
 
 

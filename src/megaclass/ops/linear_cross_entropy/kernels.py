@@ -8,11 +8,14 @@ weight tiles are loaded and cast to the input dtype in registers, fp32 accumulat
 plain sum of ``softplus(z)`` / ``relu(1 + z)^2``. Each program writes ``(m, s)`` for its split; the
 ``B x splits`` partials are combined in PyTorch.
 
-Backward (``_linear_loss_bwd_kernel``): program ``(c, b)`` rebuilds its logit tile once, forms
-``G = coef_b g'(z)`` (``g'`` = ``exp(z - lse_b)``, ``sigmoid(z)`` or ``2 relu(1 + z)``), then walks ``D``
-once more: ``dW_tile = G^T x`` is written straight into the fp32 gradient (atomically only when several row
-blocks share a class block) and ``dx += G W_tile`` is accumulated with fp32 atomics. Offsets are int64:
-``C x D`` may pass 2^31 elements.
+Backward: two kernels per super-chunk of classes (a power of two up to 2^18, so the scratch stays bounded).
+``_linear_loss_bwd_dw_kernel`` (program ``(c, b)``) rebuilds a logit tile, reading its ``W`` tile once,
+forms ``G = coef_b g'(z)`` (``g'`` = ``exp(z - lse_b)``, ``sigmoid(z)`` or ``2 relu(1 + z)``), writes
+``dW_tile = G^T x`` straight into the fp32 gradient (plain stores when one row block covers ``B``) and stores
+``G`` in the input dtype into a ``(B, chunk)`` scratch. ``_linear_loss_bwd_dx_kernel`` then computes
+``dx += G_chunk @ W_chunk`` as a split-K matmul over ``(D blocks, splits)`` whose per-split partials are
+summed in PyTorch: no atomics on ``dx`` (one fused kernel would need ``C / BLOCK_C x B x D`` of them), each
+kernel reads ``W`` once. Offsets are int64: ``C x D`` may pass 2^31 elements.
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ def _dot(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _round(value, dtype: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``value.to(dtype)`` rounded to nearest even, as the GPU converts. The CPU interpreter (UPCAST_DOT)
+    truncates fp32 -> bf16, so there the fp32 bits are rounded first (finite values) and the cast is exact."""
+    if UPCAST_DOT:
+        if dtype == tl.bfloat16:
+            if value.dtype == tl.float32:
+                bits = value.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
 
 
 @triton.jit
@@ -75,7 +91,7 @@ def _logit_tile(
         if COSINE:
             w32 = w.to(tl.float32)
             square_norms += tl.sum(w32 * w32, axis=1)
-        acc = _dot(x, tl.trans(w.to(x.dtype)), acc, UPCAST_DOT, INPUT_PRECISION)
+        acc = _dot(x, tl.trans(_round(w, x.dtype, UPCAST_DOT)), acc, UPCAST_DOT, INPUT_PRECISION)
     norms = tl.maximum(tl.sqrt(square_norms), 1e-12)
     if HAS_BIAS:
         acc += tl.load(BIAS_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -156,25 +172,26 @@ def _linear_loss_fwd_kernel(
 
 
 @triton.jit
-def _linear_loss_bwd_kernel(
+def _linear_loss_bwd_dw_kernel(
     X_ptr,
     W_ptr,
     BIAS_ptr,
     EXCLUDE_ptr,
     LSE_ptr,
     COEF_ptr,
-    DX_ptr,
     DW_ptr,
     DBIAS_ptr,
+    G_ptr,
     stride_xb,
     stride_xd,
     stride_wc,
     stride_wd,
-    stride_dxb,
     stride_dwc,
+    stride_gb,
     B,
-    C,
     D,
+    chunk_start,
+    chunk_stop,
     scale,
     LOSS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -187,12 +204,18 @@ def _linear_loss_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
+    """Program ``(c, b)``: one class tile of the super-chunk ``[chunk_start, chunk_stop)``, one row block.
+
+    Rebuilds the logit tile (the only read of ``W`` outside COSINE), forms ``G = coef_b g'(z)``, writes
+    ``dW_tile = G^T x`` (and ``dbias``) and stores ``G`` in the input dtype into the ``(B, chunk)`` scratch
+    that :func:`_linear_loss_bwd_dx_kernel` multiplies by ``W``."""
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    local_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # class offsets inside the super-chunk
+    offs_c = chunk_start + local_c
     mask_b = offs_b < B
-    mask_c = offs_c < C
+    mask_c = offs_c < chunk_stop
     z, norms = _logit_tile(
         X_ptr, W_ptr, BIAS_ptr, offs_b, offs_c, mask_b, mask_c,
         stride_xb, stride_xd, stride_wc, stride_wd, D, scale,
@@ -221,31 +244,80 @@ def _linear_loss_bwd_kernel(
         # z = s u / n, u = x_n . w: dz/du = s / n and dz/dw = (s / n)(x_n - (cos / n) w)
         g = g * (scale / norms)[None, :]
         radial = tl.sum(g * (z / scale), axis=0) / norms
-    g_low = g.to(X_ptr.dtype.element_ty)
+    g_low = _round(g, G_ptr.dtype.element_ty, UPCAST_DOT)
+    g_rows = G_ptr + offs_b.to(tl.int64)[:, None] * stride_gb
+    tl.store(g_rows + local_c[None, :], g_low, mask=mask_b[:, None] & mask_c[None, :])
     x_rows = X_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
     w_rows = W_ptr + offs_c.to(tl.int64)[:, None] * stride_wc
-    dx_rows = DX_ptr + offs_b.to(tl.int64)[:, None] * stride_dxb
     dw_rows = DW_ptr + offs_c.to(tl.int64)[:, None] * stride_dwc
     for d_start in range(0, D, BLOCK_D):
         offs_d = d_start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        x_mask = mask_b[:, None] & mask_d[None, :]
         w_mask = mask_c[:, None] & mask_d[None, :]
-        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=x_mask, other=0.0)
-        w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=w_mask, other=0.0)
+        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         grad_w = _dot(
             tl.trans(g_low), x, tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
-        )
+        )  # (BLOCK_C, BLOCK_D) G^T x
         if COSINE:
+            w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=w_mask, other=0.0)
             grad_w -= radial[:, None] * w.to(tl.float32)
         if ATOMIC_DW:
             tl.atomic_add(dw_rows + offs_d[None, :], grad_w, mask=w_mask)
         else:
             tl.store(dw_rows + offs_d[None, :], grad_w, mask=w_mask)
-        grad_x = _dot(
-            g_low, w.to(x.dtype), tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
-        )
-        tl.atomic_add(dx_rows + offs_d[None, :], grad_x, mask=x_mask)
+
+
+@triton.jit
+def _linear_loss_bwd_dx_kernel(
+    G_ptr,
+    W_ptr,
+    PARTIAL_ptr,
+    stride_gb,
+    stride_wc,
+    stride_wd,
+    stride_ps,
+    stride_pb,
+    B,
+    D,
+    chunk_start,
+    chunk_len,
+    per_split,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Split-K ``G_chunk @ W_chunk``: program ``(d, s, b)`` sums classes ``[s per_split, (s + 1) per_split)``
+    of the super-chunk for one ``(BLOCK_B, BLOCK_D)`` tile and writes it to ``partial[s]`` (no atomics;
+    the launcher adds the splits). fp32 ``W`` tiles are cast to ``G``'s dtype in registers."""
+    pid_d = tl.program_id(0)  # fastest: programs sharing a split run together and share G's tiles in L2
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_b = offs_b < B
+    mask_d = offs_d < D
+    first = pid_s * per_split
+    last = tl.minimum(first + per_split, chunk_len)
+    g_rows = G_ptr + offs_b.to(tl.int64)[:, None] * stride_gb
+    w_columns = W_ptr + offs_d.to(tl.int64)[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for k_start in range(first, last, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < last
+        g = tl.load(g_rows + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        w_rows = (chunk_start + offs_k).to(tl.int64)[:, None] * stride_wc
+        w = tl.load(w_columns + w_rows, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        w = _round(w, g.dtype, UPCAST_DOT)  # (BLOCK_K, BLOCK_D) in G's dtype, cast in registers
+        acc = _dot(g, w, acc, UPCAST_DOT, INPUT_PRECISION)  # (BLOCK_B, BLOCK_D) += G W
+    out = (
+        PARTIAL_ptr
+        + pid_s.to(tl.int64) * stride_ps
+        + offs_b.to(tl.int64)[:, None] * stride_pb
+        + offs_d[None, :]
+    )
+    tl.store(out, acc, mask=mask_b[:, None] & mask_d[None, :])
 
 
 @dataclass(frozen=True)
@@ -265,13 +337,21 @@ FWD_CANDIDATES = (
     LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
     LaunchConfig(block_c=256, block_d=64, num_warps=8, num_stages=2),
 )
-BWD_CANDIDATES = (
+DW_CANDIDATES = (
     LaunchConfig(block_c=128, block_d=64, num_warps=8, num_stages=2),
     LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=3),
-    LaunchConfig(block_c=64, block_d=128, num_warps=8, num_stages=2),
-    LaunchConfig(block_c=128, block_d=32, num_warps=8, num_stages=3),
-    LaunchConfig(block_c=256, block_d=32, num_warps=8, num_stages=2),
+    LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
+    LaunchConfig(block_c=64, block_d=128, num_warps=4, num_stages=2),
 )
+# For the split-K ``dx`` kernel ``block_c`` is BLOCK_K, the classes summed per step.
+DX_CANDIDATES = (
+    LaunchConfig(block_c=64, block_d=128, num_warps=8, num_stages=3),
+    LaunchConfig(block_c=32, block_d=128, num_warps=4, num_stages=4),
+    LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=4),
+    LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
+)
+SCRATCH_BYTES = 2**26  # G scratch of one super-chunk, (B, chunk) in the input dtype: 64 MiB at most
+MIN_CHUNK, MAX_CHUNK = 2**12, 2**18  # super-chunk classes: enough work per launch, bounded memory
 INTERPRETER_CONFIG = LaunchConfig(block_c=16, block_d=16, num_warps=1, num_stages=1)  # CPU: small and quick
 _TUNED: dict[tuple, LaunchConfig] = {}
 
@@ -357,6 +437,13 @@ def linear_loss_fwd(
     return maxima, sums
 
 
+def chunk_classes_for(batch: int, itemsize: int) -> int:
+    """Classes per backward super-chunk: a power of two in ``[MIN_CHUNK, MAX_CHUNK]`` whose ``(B, chunk)``
+    scratch fits :data:`SCRATCH_BYTES` (2^18 at ``B = 128`` in bf16)."""
+    fits = SCRATCH_BYTES // max(1, batch * itemsize)
+    return max(MIN_CHUNK, min(MAX_CHUNK, 1 << max(0, fits.bit_length() - 1)))
+
+
 def linear_loss_bwd(
     x: Tensor,
     weight: Tensor,
@@ -367,12 +454,18 @@ def linear_loss_bwd(
     *,
     loss: str,
     scale: float,
+    chunk_classes: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """fp32 ``(dx (B, D), dW (C, D), dbias (C,) or None)`` of the dense part (see the module docstring).
+    """fp32 ``(dx (B, D), dW (C, D), dbias (C,) or None)`` of the dense part, super-chunk by super-chunk.
+
+    Per super-chunk of classes, :func:`_linear_loss_bwd_dw_kernel` writes ``dW`` (and ``dbias``) and the
+    chunk's ``G`` into a ``(B, chunk)`` scratch, then :func:`_linear_loss_bwd_dx_kernel` adds ``G @ W_chunk``
+    as a split-K matmul into ``(splits, B, D)`` partials that are summed into ``dx``.
 
     Args:
         lse: ``(B,)`` float32 logsumexp per row (read for softmax only). coef: ``(B,)`` float32 row weights,
             already multiplied by the incoming gradient.
+        chunk_classes: classes per super-chunk; None picks :func:`chunk_classes_for`.
     """
     batch, dim = x.shape
     classes = weight.shape[0]
@@ -385,26 +478,67 @@ def linear_loss_bwd(
     grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=x.device)
     if batch == 0:
         return grad_x, grad_weight, grad_bias
+    chunk = chunk_classes or chunk_classes_for(batch, x.element_size())
+    if chunk < 1:
+        raise ValueError(f"chunk_classes must be >= 1, got {chunk}")
+    scratch = torch.empty(batch, min(chunk, classes), dtype=x.dtype, device=x.device)  # (B, chunk) G
+    flags = {
+        "LOSS": LOSS_IDS[loss],
+        "HAS_BIAS": bias is not None,
+        "COSINE": scale > 0,
+        "HAS_EXCLUDE": exclude is not None,
+        "ATOMIC_DW": atomic_dw,
+    }
+    dw_key = ("bwd_dw", batch, classes, dim, x.dtype, weight.dtype, loss, scale > 0, bias is not None)
+    dx_key = ("bwd_dx", batch, min(chunk, classes), dim, x.dtype, weight.dtype)
+    for start in range(0, classes, chunk):
+        stop = min(start + chunk, classes)
+
+        def launch_dw(config: LaunchConfig, start: int = start, stop: int = stop) -> None:
+            _linear_loss_bwd_dw_kernel[(triton.cdiv(stop - start, config.block_c), row_blocks)](
+                x, weight, bias, exclude, lse, coef, grad_weight, grad_bias, scratch,
+                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                grad_weight.stride(0), scratch.stride(0),
+                batch, dim, start, stop, scale,
+                **flags, BLOCK_B=block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d,
+                INPUT_PRECISION=_input_precision(x), UPCAST_DOT=not x.is_cuda,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )  # fmt: skip
+
+        def reset_dw() -> None:
+            if atomic_dw:
+                grad_weight.zero_()
+                if grad_bias is not None:
+                    grad_bias.zero_()
+
+        launch_dw(_choose(dw_key, x, DW_CANDIDATES, launch_dw, reset_dw))
+        grad_x += _chunk_grad_x(scratch[:, : stop - start], weight, start, block_b, dx_key)
+    return grad_x, grad_weight, grad_bias
+
+
+def _chunk_grad_x(g: Tensor, weight: Tensor, start: int, block_b: int, key: tuple) -> Tensor:
+    """``(B, D)`` float32 ``g (B, c) @ weight[start : start + c]`` by the split-K kernel."""
+    batch, chunk_len = g.shape
+    dim = weight.shape[1]
+    row_blocks = triton.cdiv(batch, block_b)
+    programs = 2 * torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4
+    state: dict[str, Tensor] = {}
 
     def launch(config: LaunchConfig) -> None:
-        _linear_loss_bwd_kernel[(triton.cdiv(classes, config.block_c), row_blocks)](
-            x, weight, bias, exclude, lse, coef, grad_x, grad_weight, grad_bias,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            grad_x.stride(0), grad_weight.stride(0),
-            batch, classes, dim, scale,
-            LOSS=LOSS_IDS[loss], HAS_BIAS=bias is not None, COSINE=scale > 0, HAS_EXCLUDE=exclude is not None,
-            ATOMIC_DW=atomic_dw, BLOCK_B=block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d,
-            INPUT_PRECISION=_input_precision(x), UPCAST_DOT=not x.is_cuda,
+        d_blocks = triton.cdiv(dim, config.block_d)
+        wanted = max(1, min(programs // (d_blocks * row_blocks), triton.cdiv(chunk_len, config.block_c)))
+        per_split = triton.cdiv(triton.cdiv(chunk_len, wanted), config.block_c) * config.block_c
+        splits = triton.cdiv(chunk_len, per_split)
+        partials = torch.empty(splits, batch, dim, dtype=torch.float32, device=g.device)  # (S, B, D)
+        _linear_loss_bwd_dx_kernel[(d_blocks, splits, row_blocks)](
+            g, weight, partials,
+            g.stride(0), weight.stride(0), weight.stride(1), partials.stride(0), partials.stride(1),
+            batch, dim, start, chunk_len, per_split,
+            BLOCK_B=block_b, BLOCK_K=config.block_c, BLOCK_D=config.block_d,
+            INPUT_PRECISION=_input_precision(g), UPCAST_DOT=not g.is_cuda,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
+        state["partials"] = partials
 
-    def reset() -> None:
-        grad_x.zero_()
-        if atomic_dw:
-            grad_weight.zero_()
-            if grad_bias is not None:
-                grad_bias.zero_()
-
-    key = ("bwd", batch, classes, dim, x.dtype, weight.dtype, loss, scale > 0, bias is not None)
-    launch(_choose(key, x, BWD_CANDIDATES, launch, reset))
-    return grad_x, grad_weight, grad_bias
+    launch(_choose(key, g, DX_CANDIDATES, launch, reset=lambda: None))  # every split rewrites its partial
+    return state["partials"].sum(dim=0)  # (B, D)
