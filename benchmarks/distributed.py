@@ -11,7 +11,8 @@ Runs (``--runs``, comma separated):
   replicated ``nn.Linear`` + cross-entropy (``OOM`` where it does not fit);
 - ``xmc``: D 768, B 128 per GPU of random features (the encoder is left out: the head is measured), the
   sharded dense head and the sharded sparse head (fan-in 32, groups of 16) at C = 2,812,281;
-- ``largest``: the selected head with host-memory rows at ``--largest-classes`` classes (D 512);
+- ``largest``: the selected head with host-memory rows at ``--largest-classes`` classes (D 512; by default
+  2 x 10^7 per rank: rows and their momentum take ~82 GB of host memory per rank);
 - ``single``: the sharded dense head with world size 1 against the plain dense head, same shapes (their step
   times should be within 3%).
 
@@ -23,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +54,9 @@ class Row:
     p80_ms: float = float("nan")
     samples_per_s: float = float("nan")
     peak_mem_gib: float = float("nan")
+    head_state_gib: float = float(
+        "nan"
+    )  # the rank's head: weights and structure (ShardedSelected: local head)
     note: str = ""
 
 
@@ -186,6 +188,15 @@ def measure(row: Row, *, encoder_kind: str, dim: int, args: Any, info: DistInfo,
         row.note = "OOM"
         return row
     times.sort()
+    module = getattr(head, "module", head)
+    module = getattr(module, "local", module)
+    store = getattr(module, "store", None)
+    if store is not None:  # the selected head's rows live in its store (GPU or host memory)
+        row.head_state_gib = store.rows().numel() * store.rows().element_size() / 2**30
+    elif hasattr(module, "state_bytes"):
+        row.head_state_gib = sum(module.state_bytes().values()) / 2**30
+    else:
+        row.head_state_gib = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
     row.step_ms = statistics.median(times) * 1e3
     row.p20_ms = times[int(0.2 * (len(times) - 1))] * 1e3
     row.p80_ms = times[int(0.8 * (len(times) - 1))] * 1e3
@@ -214,7 +225,7 @@ def plan(args: Any, info: DistInfo) -> list[tuple[Row, str, int]]:
             for head in ("sharded-dense", "sharded-sparse"):
                 out.append((Row("xmc", head, classes, world, batch), "features", 96 if quick else 768))
         elif name == "largest":
-            classes = 5000 if quick else args.largest_classes
+            classes = 5000 if quick else args.largest_classes or 20_000_000 * world
             row = Row("largest", "sharded-selected-host", classes, world, 8 if quick else 512)
             out.append((row, face_encoder, 64 if quick else 512))
         elif name == "single":
@@ -242,16 +253,16 @@ def report(rows: list[Row], args: Any) -> None:
             f"{single['sharded-dense'] / single['plain-dense']:.3f}"
         )
     if args.csv:
+        from _harness import environment  # benchmarks/ is on the path of a script run from it
+
+        env = environment()
         fresh = not os.path.exists(args.csv)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         with open(args.csv, "a", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             if fresh:
-                writer.writerow([*columns, "device", "torch", "time", "command"])
-            stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                writer.writerow([*columns, *env])
             for row in rows:
-                values = [getattr(row, name) for name in columns]
-                writer.writerow([*values, device, torch.__version__, stamp, " ".join(sys.argv)])
+                writer.writerow([*(getattr(row, name) for name in columns), *env.values()])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="face,xmc,largest,single", help="comma-separated runs")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--largest-classes", type=int, default=50_000_000, help="C of the largest run")
+    parser.add_argument(
+        "--largest-classes", type=int, default=0, help="C of the largest run (0: 2 x 10^7 per rank)"
+    )
     parser.add_argument("--csv", default="", help="append CSV rows here (rank 0)")
     args = parser.parse_args(argv)
     if args.quick:

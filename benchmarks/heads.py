@@ -256,7 +256,7 @@ def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int) ->
         mode,
         params,
         setup,
-        grad_to_none=lambda: state["tensors"],
+        grad_to_none=lambda: state.pop("tensors"),  # popped: finished cases must not keep their inputs
         flops=2.0 * batch * classes * dim * matmuls,
         bytes_moved=4.0 * classes * dim * weight_passes,
     )

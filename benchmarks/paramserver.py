@@ -64,7 +64,9 @@ def parse_args() -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def shard_processes(count: int, *, classes: int, dim: int, root: str) -> Iterator[list[str]]:
+def shard_processes(
+    count: int, *, classes: int, dim: int, root: str, index_device: str = "cpu"
+) -> Iterator[list[str]]:
     """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
     processes: list[subprocess.Popen] = []
     addresses = []
@@ -74,7 +76,7 @@ def shard_processes(count: int, *, classes: int, dim: int, root: str) -> Iterato
             command = [
                 sys.executable, "-m", "megaclass", "paramserver", "serve", "--rows", str(classes),
                 "--dim", str(dim), "--shard", f"{shard}/{count}", "--data-dir", f"{folder}/shard{shard}",
-                "--port", "0", "--momentum", "0.9",
+                "--port", "0", "--momentum", "0.9", "--index-device", index_device,
             ]  # fmt: skip
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             processes.append(process)
@@ -151,7 +153,6 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
         head.materialize()
         features = torch.randn(args.batch, args.step_dim, device=device, requires_grad=True)
         targets = torch.randint(args.step_classes, (args.batch,), device=device)
-        head.selector.build(head.store.rows())  # once, before timing
         counter = [0]
 
         def step() -> None:
@@ -161,6 +162,10 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
             features.grad = None
             head.after_step(counter[0], 0.0, lr=0.01)
 
+        if head.selector is not None:
+            head.selector.build(head.store.rows())  # once, before timing
+        else:  # store=ps: each shard builds its own index at the first query (no trainer pulls the matrix)
+            step()
         return step
 
     return Case("selected", "step", params, setup)
@@ -171,7 +176,11 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
 
     context = HeadContext(in_features=args.step_dim, num_classes=args.step_classes, multilabel=False)
     results = []
-    with shard_processes(4, classes=args.step_classes, dim=args.step_dim, root=root) as addresses:
+    # the shards' nearest-class indexes live on the accelerator where there is one (as the other stores' do)
+    index_device = "cuda" if torch.cuda.is_available() else "cpu"
+    with shard_processes(
+        4, classes=args.step_classes, dim=args.step_dim, root=root, index_device=index_device
+    ) as addresses:
         for store in ("gpu", "host", "ps://" + ",".join(addresses)):
             options = {
                 "type": "selected",

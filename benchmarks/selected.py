@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--interval", type=int, default=100, help="steps between index rebuilds (amortised)")
     parser.add_argument("--host-from", type=int, default=5_000_000, help="use the host store from this C on")
     parser.add_argument("--providers", default="torch,cce,partial_fc,selected", help="comma-separated subset")
+    parser.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table of the selected step per C"
+    )
     return parser.parse_args()
 
 
@@ -167,6 +170,7 @@ def head_step_case(holder: dict, make: Callable[[], object], batch: int) -> Call
             features.grad = None
             head.after_step(counter[0], 0.0, lr=0.01)
 
+        holder["step"] = step
         return step
 
     return setup
@@ -222,6 +226,8 @@ def run_heads(
         )
         results += measured
         head = holder.pop("head", None)
+        if args.profile and kind == "selected" and "step" in holder:
+            profile_step(holder.pop("step"), f"selected step, C={classes}")
         if kind == "selected" and head is not None and all(r.status == "ok" for r in measured):
             step_ms, build_ms = measured[0].time_ms, measured[1].time_ms
             summary = {
@@ -237,6 +243,31 @@ def run_heads(
     return results, summary
 
 
+def profile_step(step: Callable[[], None], title: str, *, steps: int = 20) -> None:
+    """Print the kernels, launches and host syncs of ``steps`` calls of ``step`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for _ in range(3):
+        step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"\n{title}: {steps} steps profiled")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
+def cce_refusal(case: Case) -> Result | None:
+    """Cut Cross-Entropy indexes logits with 32 bits: at ``C * D >= 2^31`` it faults (illegal memory access)
+    and leaves the CUDA context unusable, so that case is reported without running it."""
+    if case.provider == "cce" and case.params["C"] * case.params["D"] >= 2**31:
+        return Result(case.provider, case.mode, dict(case.params), status="crashes: 32-bit indexing, not run")
+    return None
+
+
 def main() -> None:
     args = parse_args()
     if args.quick:
@@ -248,8 +279,7 @@ def main() -> None:
         wanted.discard("cce")
     results, summaries = [], []
     for classes in args.classes or FULL_CLASSES:
-        # the heads first, Cut Cross-Entropy last: a kernel fault at 10^7 (32-bit offsets) can poison the
-        # CUDA context for whatever runs after it
+        # the heads first, the baselines last (Cut Cross-Entropy at C * D >= 2^31 is refused: it faults)
         head_results, summary = run_heads(args, classes, wanted, args.results)
         if summary:
             summaries.append((classes, summary))
@@ -260,7 +290,12 @@ def main() -> None:
             if name in wanted
         ]
         results += head_results + run_cases(
-            baselines, benchmark="selected", results_path=args.results, reps=args.reps, warmup=args.warmup
+            baselines,
+            benchmark="selected",
+            results_path=args.results,
+            reps=args.reps,
+            warmup=args.warmup,
+            isolate=cce_refusal,
         )
     print()
     print(markdown_table(results, columns=["time_ms", "q20_ms", "q80_ms", "peak_mem_gib"]))

@@ -97,6 +97,7 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
     adam = {"kind": "adamw", "weight_decay": 0.0}  # the dense head's AdamW, applied lazily to active rows
     variants = {
         "dense": {"type": "dense"},
+        "dense_nobias": {"type": "dense", "bias": False},  # the sampled heads have no bias
         "selected": {
             "type": "selected",
             "sample_num": active,
@@ -107,6 +108,10 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
         },
         "partial_fc": {"type": "partial_fc", "sample_rate": args.active, "optimizer": adam},
     }
+    # selection variants: the index ranks by the logit (dot), half the active set from the index
+    variants["selected_dot"] = {**variants["selected"], "metric": "dot"}
+    variants["selected_half"] = {**variants["selected"], "neighbour_share": 0.5}
+    variants["selected_dot_half"] = {**variants["selected_dot"], "neighbour_share": 0.5}
     # the same heads with the sampled-softmax correction log(1/q) on the random classes' logits
     variants.update(
         {f"{name}_logq": {**variants[name], "logq_correction": True} for name in ("selected", "partial_fc")}

@@ -61,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--losses", default="bce", help="fused losses of the megaclass rows: bce,hinge,softmax"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="print the GPU kernel time table of each megaclass case"
+    )
     return parser.parse_args()
 
 
@@ -91,7 +94,9 @@ def _timed(mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Te
                 loss_fn()
 
         return run
-    optimizer = torch.optim.AdamW(params, lr=1e-3) if mode == "step" else None
+    # fused: one multi-tensor kernel per step on CUDA, what a user of a large head should pick
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused) if mode == "step" else None
 
     def run_train() -> None:
         loss_fn().backward()
@@ -231,6 +236,33 @@ def print_floors(cases: list[Case]) -> None:
             )
 
 
+def print_profiles(cases: list[Case]) -> None:
+    """Kernel times of three calls of each megaclass case (after a warm-up call), by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    for case in cases:
+        if case.provider != "megaclass":
+            continue
+        fn = case.setup()
+        grads = case.grad_to_none()
+        for call in range(4):
+            for tensor in grads:
+                tensor.grad = None
+            if call == 1:
+                profiler = profile(activities=activities)
+                profiler.__enter__()
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        profiler.__exit__(None, None, None)
+        params = " ".join(f"{k}={v}" for k, v in case.params.items())
+        print(f"\nprofile {case.mode} {params} (3 calls)")
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=14, max_name_column_width=60))
+        del fn, grads
+
+
 def main() -> None:
     args = parse_args()
     cases = build_cases(args)
@@ -239,6 +271,8 @@ def main() -> None:
     print()
     print(markdown_table(results))
     print_floors(cases)
+    if args.profile:
+        print_profiles(cases)
 
 
 if __name__ == "__main__":

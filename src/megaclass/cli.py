@@ -138,7 +138,8 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         metavar="PATH",
-        help="rows to score, in the training format; for text runs also bare documents, one a line, or - (stdin)",
+        help="rows to score, in the training format; for text runs also bare documents, one a line, "
+        "or - (stdin)",
     )
     parser.add_argument(
         "--out",

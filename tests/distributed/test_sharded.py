@@ -90,3 +90,24 @@ def test_dist_info_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         DistInfo.from_env()
+
+
+@pytest.mark.parametrize(
+    "loss,margin", [("softmax", False), ("bce", False), ("squared_hinge", False), ("softmax", True)]
+)
+def test_triton_backend_equals_reference_on_a_shard(loss: str, margin: bool) -> None:
+    """One rank's part (classes [3, 12) of 15; targets 12 and 0 another rank's): kernels as the reference."""
+    from megaclass.distributed.sharded import sharded_linear_loss
+    from megaclass.heads.losses import MarginConfig
+    from megaclass.ops.linear_cross_entropy import LinearLossOptions
+
+    margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
+    options = LinearLossOptions(loss=loss, margin=margin_config)
+    x, weight = torch.randn(6, 16, requires_grad=True), torch.randn(9, 16, requires_grad=True)
+    targets = torch.tensor([3, 10, 5, 12, 0, 4])
+    found = []
+    for impl in ("reference", "triton"):
+        value = sharded_linear_loss(x, weight, targets, start=3, num_classes=15, options=options, impl=impl)
+        found.append((value, *torch.autograd.grad(value, (x, weight))))
+    for name, ref, out in zip(("loss", "grad_x", "grad_weight"), *found, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -104,18 +104,28 @@ def test_two_ranks_equal_one_rank_and_resume_on_any_world(tmp_path, data) -> Non
             assert losses[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (name, step)
     for world in (1, 2):
         shutil.copytree(two, os.path.join(tmp, f"resume{world}"))
-    _train(tmp, data, [("resume1", 1, 3, "ddp"), ("resume2", 2, 3, "fsdp2")], resume=True)
+    _train(tmp, data, [("resume1", 1, 3, "ddp"), ("resume2", 2, 0, "fsdp2")], resume=True)  # 2: to the end
     for world in (1, 2):
         resumed = _losses(os.path.join(tmp, f"resume{world}"))
         assert resumed[3] == pytest.approx(reference[3], rel=1e-5, abs=1e-6), f"resumed on {world}"
-    from megaclass.distributed.export import export_run, read_export
+    _check_finished_and_exported(os.path.join(tmp, "resume2"), os.path.join(tmp, "model.safetensors"), data)
 
-    path = export_run(os.path.join(tmp, "resume2"), os.path.join(tmp, "model.safetensors"))
-    parts, metadata = read_export(path)
-    with open(os.path.join(tmp, "resume2", "run.json"), encoding="utf-8") as file:
+
+def _check_finished_and_exported(run_dir: str, out_path: str, data: tuple[str, str]) -> None:
+    """A finished sharded run has plain final weights (read by ``megaclass eval``) and exports to a file."""
+    from megaclass.cli import main
+    from megaclass.distributed.export import read_export
+    from megaclass.train.inference import evaluate_run
+
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as file:
+        metrics = json.load(file)
+    assert evaluate_run(run_dir, data[1])["P@1"] == pytest.approx(metrics["P@1"])  # one process, whole head
+    assert main(["export", "--run", run_dir, "--out", out_path]) == 0
+    parts, metadata = read_export(out_path)
+    with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as file:
         classes = json.load(file)["num_classes"]
     assert parts["head"]["weight"].shape[0] == classes  # every rank's rows, stacked
-    assert "config.yaml" in metadata
+    assert "config.yaml" in metadata and "run.json" in metadata
 
 
 @pytest.mark.parametrize("failure", ["exit", "hang"])

@@ -272,3 +272,34 @@ def test_config_errors():
         10,
         True,
     )
+
+
+@pytest.mark.parametrize("share,per_sample", [(1.0, 11), (0.5, 5), (0.0, 0)])
+def test_neighbour_share_sets_the_index_share(share, per_sample):
+    head = _head(index="exact", sample_num=40, neighbour_share=share)
+    assert head._neighbour_count(4) == per_sample  # 1: the original's sample_num // B + 1
+    features, targets = torch.randn(4, 12), torch.randint(97, (4,))
+    head(features, targets).backward()
+    neighbours = head.metrics()["neighbour_classes"]
+    assert neighbours <= 4 * per_sample and (neighbours > 0) == (per_sample > 0)
+    assert head.metrics()["active_classes"] == 40
+    with pytest.raises(ConfigError, match="neighbour_share"):
+        SelectedHeadConfig(neighbour_share=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_has_no_host_sync_on_cuda():
+    """Forward, backward and the row update of a device-store step never wait for the GPU."""
+    head = _head(num_classes=5000, dim=32, index="gpu", interval=10**6).cuda()
+    features = torch.randn(64, 32, device="cuda", requires_grad=True)
+    targets = torch.randint(5000, (64,), device="cuda")
+    head(features, targets).backward()  # the first step builds the index (syncs allowed there)
+    head.after_step(1, 0.0, lr=0.1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 5):
+            head(features, targets).backward()
+            head.after_step(step, 0.0, lr=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -75,9 +75,7 @@ def test_random_fill_is_uniform(num_classes):
     counts = torch.zeros(num_classes)
     rounds = 3000
     for _ in range(rounds):
-        s = select_active(
-            torch.tensor([0, 1]), None, sample_num=5, num_classes=num_classes, generator=rng
-        )
+        s = select_active(torch.tensor([0, 1]), None, sample_num=5, num_classes=num_classes, generator=rng)
         counts[s.ids] += 1
     others = counts[2:] / rounds  # each other class: included with probability 3 / (C - 2)
     expected = 3 / (num_classes - 2)

@@ -191,3 +191,62 @@ def test_custom_ops_pass_opcheck(loss):
     lse = torch.ops.megaclass.fixed_fanin_fwd(*forward_args) if loss == "softmax" else None
     backward_args = (x, weight, index, bias, grad, lse, 1, loss, "reference")
     torch.library.opcheck(torch.ops.megaclass.fixed_fanin_bwd.default, backward_args)
+
+
+@pytest.mark.parametrize("loss", ["none", "bce", "softmax"])
+@pytest.mark.parametrize(("group", "chunk_rows"), [(1, 40), (3, 33), (16, 40), (16, 64)])
+def test_triton_backward_in_chunks(group, chunk_rows, loss):
+    """The input-gradient buffer split into several chunks of labels (the last one partial) gives the
+    chunked PyTorch launchers' gradients; two calls are bit-identical (no atomics)."""
+    from megaclass.ops.fixed_fanin.chunked import chunked_bwd, chunked_fwd
+    from megaclass.ops.fixed_fanin.kernels import fixed_fanin_bwd
+
+    x, weight, index, bias = _problem((5, 23, 150, 9, group), torch.float32)
+    grad = torch.randn(5, 150) if loss == "none" else torch.rand(5)
+    lse = chunked_fwd(x, weight, index, bias, group=group, loss=loss) if loss == "softmax" else None
+    options = {"group": group, "loss": loss, "grad": grad, "lse": lse}
+    got = fixed_fanin_bwd(x, weight, index, bias, chunk_rows=chunk_rows, **options)
+    expected = chunked_bwd(x, weight, index, bias, **options)
+    for name, g, e in zip(["dx", "dweight", "dbias"], got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    again = fixed_fanin_bwd(x, weight, index, bias, chunk_rows=chunk_rows, **options)
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+
+@pytest.mark.parametrize("per_label", [True, False])
+@pytest.mark.parametrize("group", [1, 4])
+def test_column_order_lists_every_connection_once_by_column(group, per_label):
+    from megaclass.ops.fixed_fanin.columns import column_order
+
+    classes, dim, fan_in, rows_per_chunk = 23, 7, 5, 4
+    index = torch.randint(0, dim, (-(-classes // group), fan_in), dtype=torch.int32)
+    order = column_order(
+        index, classes=classes, group=group, dim=dim, per_label=per_label, rows_per_chunk=rows_per_chunk
+    )
+    table = index.repeat_interleave(group, 0)[:classes] if per_label else index  # (rows, K)
+    perm, colptr = order.perm.long(), order.colptr
+    assert sorted(perm.tolist()) == list(range(table.numel()))
+    assert colptr[0] == 0 and colptr[-1] == table.numel() and colptr.numel() == order.chunks * dim + 1
+    for chunk in range(order.chunks):
+        for column in range(dim):
+            start, stop = colptr[chunk * dim + column], colptr[chunk * dim + column + 1]
+            listed = perm[start:stop]
+            assert (table.reshape(-1)[listed] == column).all()
+            assert (listed // fan_in // rows_per_chunk == chunk).all()
+            assert (listed.diff() > 0).all()
+
+
+def test_column_order_cached_per_topology():
+    from megaclass.ops.fixed_fanin.columns import column_order
+
+    index = torch.randint(0, 9, (6, 3), dtype=torch.int32)
+    params = {"classes": 6, "group": 1, "dim": 9, "per_label": True, "rows_per_chunk": 4}
+    first = column_order(index, **params)
+    assert column_order(index, **params) is first
+    assert column_order(index.clone(), **params) is not first  # another tensor
+    index[0, 0] = (index[0, 0] + 1) % 9  # a rewiring in place bumps the version
+    rebuilt = column_order(index, **params)
+    assert rebuilt is not first and column_order(index, **params) is rebuilt
+    index[1, 1] = 9
+    with pytest.raises(ValueError, match=r"index: expected input columns in \[0, 9\)"):
+        column_order(index, **params)

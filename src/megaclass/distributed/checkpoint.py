@@ -13,7 +13,8 @@ A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
 Ranks write into ``step_<N>.tmp``; after a barrier rank 0 renames it and moves ``latest.json``, so a kill
 never leaves half a checkpoint. A run on ``M`` ranks reads, for its own row range, the slices of every file
 that overlaps it (safetensors reads slices without loading whole files); rank-private state is kept when the
-world size is unchanged and rebuilt otherwise (an index is rebuilt from the rows).
+world size is unchanged and rebuilt otherwise (an index is rebuilt from the rows). Every rank writes into the
+run folder: on several hosts it must be on a shared file system.
 
     megaclass export --run runs/two --out model.safetensors
 """

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.distributed.info import DistInfo
+from megaclass.schema import ConfigError
 
 __all__ = ["DataParallel", "data_parallel", "encoder_state", "load_encoder_state", "shards_head"]
 
@@ -108,6 +109,11 @@ def data_parallel(
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
+    if config.distributed.encoder == "fsdp2" and not sharded:
+        raise ConfigError(
+            "distributed.encoder=fsdp2 needs a class-sharded head (distributed.shard_head auto or always, "
+            f"a head with a sharded form); head.type is {config.head.type!r}"
+        )
     trainable = any(p.requires_grad for p in encoder.parameters())
     if not trainable:
         wrapped_encoder = encoder

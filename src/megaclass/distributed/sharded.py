@@ -57,6 +57,7 @@ from megaclass.ops.linear_cross_entropy.common import (
     segment_sum,
 )
 from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend
+from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
 __all__ = [
@@ -134,7 +135,7 @@ class _ShardFacts:
     group: Any
 
 
-def _owned_exclude(targets: RaggedLabels, local: RaggedLabels, start: int, options: LinearLossOptions) -> Any:
+def _owned_exclude(targets: RaggedLabels, local: RaggedLabels, options: LinearLossOptions) -> Tensor | None:
     """``(B,)`` local column of each row's target where this rank owns it, else -1 (cosine margin only)."""
     if not options.cosine:
         return None
@@ -167,7 +168,7 @@ class ShardedLinearLossFunction(torch.autograd.Function):
         local = local_targets(targets, start, start + weight.shape[0])
         coef = row_coefficients(targets, options)  # (B,) from the global label counts
         z_pos = positive_logits(x, weight, bias, local, options)  # (L_local,)
-        exclude = _owned_exclude(targets, local, start, options)
+        exclude = _owned_exclude(targets, local, options)
         with torch.autocast(x.device.type, enabled=False):
             reduced = facts.backend.reduce(x, weight, bias, exclude, options)  # (B,) over this rank's classes
         if options.loss is LossKind.SOFTMAX:
@@ -189,19 +190,20 @@ class ShardedLinearLossFunction(torch.autograd.Function):
             loss, stat = (coef * per_row).sum(), reduced
             if world_of(facts.group)[1] > 1:
                 dist.all_reduce(loss, group=facts.group)
-        ctx.save_for_backward(x, weight, bias, indptr, indices, coef, stat, z_pos)
+        ctx.save_for_backward(
+            x, weight, bias, indptr, indices, local.indptr, local.indices, coef, stat, z_pos
+        )
         ctx.facts = facts
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, indptr, indices, coef, stat, z_pos = ctx.saved_tensors
+        x, weight, bias, indptr, indices, local_indptr, local_indices, coef, stat, z_pos = ctx.saved_tensors
         facts: _ShardFacts = ctx.facts
-        options, start = facts.options, facts.start
-        targets = RaggedLabels(indptr, indices)
-        local = local_targets(targets, start, start + weight.shape[0])
+        options = facts.options
+        targets, local = RaggedLabels(indptr, indices), RaggedLabels(local_indptr, local_indices)
         coef = coef * grad_loss.float()  # device-side scale: no host sync
-        exclude = _owned_exclude(targets, local, start, options)
+        exclude = _owned_exclude(targets, local, options)
         with torch.autocast(x.device.type, enabled=False):
             grads = facts.backend.grads(x, weight, bias, exclude, stat, coef, options)
         if options.loss is LossKind.SOFTMAX and not options.cosine:
@@ -286,6 +288,10 @@ class ShardedDenseHead(Head):
 
     def __init__(self, config: DenseHeadConfig, context: HeadContext, *, seed: int = 0, group: Any = None):
         super().__init__()
+        if config.margin.enabled and context.multilabel:
+            raise ConfigError(
+                "head.margin needs multi-class data (one label per sample), the data is multi-label"
+            )
         loss = config.loss if config.loss != "auto" else ("bce" if context.multilabel else "softmax")
         self.config, self.context, self.group = config, context, group
         self.rank, self.world_size = world_of(group)

@@ -46,7 +46,9 @@ class SelectedHeadConfig:
     sample_num: int = 1000  # active classes per step (all of a batch's true classes are kept even beyond it)
     index: Literal["gpu", "annoy", "exact", "none"] = "gpu"  # none: random classes only (Partial FC's rule)
     interval: int = 100  # steps between index rebuilds
-    neighbours: int = 0  # nearest classes asked per sample; 0: the original's sample_num // B + 1
+    neighbours: int = 0  # nearest classes asked per sample; 0: from neighbour_share
+    neighbour_share: float = 1.0  # 1: the original's sample_num // B + 1 per sample; < 1: about this share
+    # of sample_num from the index (round(share * sample_num / B) per sample), the rest random
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
     ntrees: int = 50  # annoy: trees in the forest
     search_k: int = -1  # annoy: nodes inspected per query (-1: n * ntrees)
@@ -78,6 +80,8 @@ class SelectedHeadConfig:
         for name in ("neighbours", "warmup_random_steps", "coverage_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"head.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.neighbour_share <= 1:
+            raise ConfigError(f"head.neighbour_share must be in [0, 1], got {self.neighbour_share}")
         if self.init_bound is not None and self.init_bound < 0:
             raise ConfigError(f"head.init_bound must be >= 0, got {self.init_bound}")
 
@@ -135,7 +139,8 @@ class SelectedHead(Head):
                 seed=config.seed,
                 init_bound=config.init_bound,
             )
-            self.selector = self._build_selector(device)
+            # a store that answers nearest-row queries itself (parameter-server shards) needs no local index
+            self.selector = None if self._store_query() is not None else self._build_selector(device)
             # rows updated since the last index build: a snapshot index refreshes only those
             self._dirty = torch.zeros(self.context.num_classes, dtype=torch.bool, device=device)
             self._mark = torch.full(
@@ -182,8 +187,23 @@ class SelectedHead(Head):
             seed=config.seed,
         )
 
+    def _store_query(self) -> Any:
+        """The store's own nearest-row query (``store=ps``: each shard answers for its rows), or None."""
+        return None if self.config.index == "none" else getattr(self.store, "query_nearest", None)
+
     def _uses_index(self) -> bool:
-        return self.selector is not None and self._step >= self.config.warmup_random_steps
+        has_index = self.selector is not None or self._store_query() is not None
+        return has_index and self._step >= self.config.warmup_random_steps
+
+    def _neighbours(self, features: Tensor, count: int) -> Tensor:
+        """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards."""
+        store_query = self._store_query()
+        if store_query is None:
+            return self.selector.query(features, count)
+        metric = "cosine" if self.config.margin.enabled else self.config.metric
+        # the shards' cluster indexes lag the rows by at most `interval` steps, like a local one; exact: a scan
+        age = 0 if self.config.index == "exact" else self.config.interval
+        return store_query(features, count, metric=metric, max_index_age=age)[1]
 
     # ------------------------------------------------------------------ selection
     def select(self, features: Tensor, targets: Targets) -> Selection:
@@ -195,11 +215,11 @@ class SelectedHead(Head):
         labels = as_ragged(targets).indices.to(features.device)  # (L,)
         neighbours = None
         if self._uses_index():
-            if not self.selector.is_built:
+            if self.selector is not None and not self.selector.is_built:
                 self.rebuild_index()
-            batch = features.shape[0]
-            count = self.config.neighbours or self.config.sample_num // max(1, batch) + 1
-            neighbours = self.selector.query(features.detach(), min(count, self.context.num_classes))
+            count = min(self._neighbour_count(features.shape[0]), self.context.num_classes)
+            if count > 0:
+                neighbours = self._neighbours(features.detach(), count)
         return select_active(
             labels,
             neighbours,
@@ -209,6 +229,14 @@ class SelectedHead(Head):
             mark=self._mark,
             multipliers=self._multipliers,
         )
+
+    def _neighbour_count(self, batch: int) -> int:
+        config, batch = self.config, max(1, batch)
+        if config.neighbours:
+            return config.neighbours
+        if config.neighbour_share == 1:
+            return config.sample_num // batch + 1
+        return round(config.neighbour_share * config.sample_num / batch)
 
     def pull_active(self, ids: Tensor) -> Tensor:
         """``(S, D)`` rows of ``ids``: a leaf whose gradient the next :meth:`after_step` pushes."""

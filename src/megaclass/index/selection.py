@@ -79,9 +79,8 @@ def _random_candidates(
         return torch.randperm(num_classes, generator=generator, device=draw_device).to(device)
     # 2 S + 64 uniform draws hold >= S distinct classes outside any S fixed ones with overwhelming odds
     draws = torch.randint(num_classes, (2 * total + 66,), generator=generator, device=draw_device).to(device)
-    pick = draws[-2:] % torch.tensor([multipliers.numel(), num_classes], device=device)  # (2,)
-    step = multipliers.to(device)[pick[0]]
-    progression = (step * torch.arange(total, device=device) + pick[1]) % num_classes  # (S,) distinct
+    step = multipliers.to(device)[draws[-2] % multipliers.numel()]  # () a random multiplier, offset draws[-1]
+    progression = (step * torch.arange(total, device=device) + draws[-1]) % num_classes  # (S,) distinct
     return torch.cat([draws[:-2], progression])
 
 

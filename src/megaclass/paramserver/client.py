@@ -56,9 +56,10 @@ class PendingPull:
     parts: list[tuple[int, np.ndarray | slice, Any, Any]]  # (shard, positions, request, future)
     versions: dict[int, int] = field(default_factory=dict)
 
-    def result(self) -> Tensor:
-        """The ``(S, D)`` float32 rows, in the order of the ids."""
-        out = torch.empty(len(self.ids), self.client.dim)
+    def result(self, *, pin_memory: bool = False) -> Tensor:
+        """The ``(S, D)`` float32 rows, in the order of the ids (in page-locked memory with ``pin_memory``,
+        so a copy to the GPU can run asynchronously)."""
+        out = torch.empty(len(self.ids), self.client.dim, pin_memory=pin_memory)
         for shard, positions, request, future in self.parts:
             response = self.client._wait(shard, "PullRows", request, future)
             _copy_rows(out, positions, response.rows, count=_count(positions))
@@ -288,9 +289,9 @@ class ParamServerClient:
         self.drain()  # after issuing: the pull travels while the last push is acknowledged
         return PendingPull(self, ids, parts)
 
-    def pull(self, ids: Tensor | np.ndarray, *, min_step: int | None = None) -> Tensor:
-        """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor."""
-        return self.pull_async(ids, min_step=min_step).result()
+    def pull(self, ids: Tensor | np.ndarray, *, min_step: int | None = None, pin_memory: bool = False) -> Tensor:
+        """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor (page-locked with ``pin_memory``)."""
+        return self.pull_async(ids, min_step=min_step).result(pin_memory=pin_memory)
 
     def refresh(self, pending: PendingPull, rows: Tensor, *, min_step: int | None = None) -> Tensor:
         """Bring rows pulled early (``pending.result()``) up to date: re-pull only rows changed since."""
@@ -417,10 +418,22 @@ class ParamServerClient:
             out[a - start : a - start + len(values)] = values
         return torch.empty(0, self.dim) if out is None else out
 
-    def query_nearest(self, features: Tensor, n: int, *, metric: str = "dot") -> tuple[Tensor, Tensor]:
-        """Top-``n`` ``(scores, ids)``, each ``(B, n)``, of all rows; each shard answers for its own rows."""
+    def query_nearest(
+        self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Top-``n`` ``(scores, ids)``, each ``(B, n)``, of all rows; each shard answers for its own rows.
+
+        ``max_index_age`` 0 scans every row exactly; ``N > 0`` asks each shard's cluster index, refreshed
+        there when built over ``N`` versions ago (approximate; ids ``-1``, scores ``-inf`` where too few).
+        """
+        if max_index_age < 0:
+            raise ValueError(f"max_index_age {max_index_age}: expected >= 0")
         request = wire.message(
-            "QueryNearestRequest", features=wire.encode_array(features.float(), "float32"), n=n, metric=metric
+            "QueryNearestRequest",
+            features=wire.encode_array(features.float(), "float32"),
+            n=n,
+            metric=metric,
+            max_index_age=max_index_age,
         )
         issued = [
             (shard, *self._issue(shard, "QueryNearestRequest", request)) for shard in range(len(self._shards))

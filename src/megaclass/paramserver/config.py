@@ -42,6 +42,8 @@ class ServerConfig:
             store with the same seed starts from; None: ``1 / sqrt(D)``; 0: zeros.
         seed: seed of the initial rows (the same for every shard: each draws its part of one matrix).
         durable: fsync every step (survives power loss, slower); without it a killed process loses nothing.
+        index_device: where the shard's nearest-class index (``QueryNearest`` with ``max_index_age``) lives:
+            ``cpu``, or ``cuda`` on a machine whose accelerator can serve it (ms queries at 10^6 rows).
     """
 
     num_rows: int
@@ -62,6 +64,7 @@ class ServerConfig:
     init_bound: float | None = None
     seed: int = 0
     durable: bool = False
+    index_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.num_rows < 1 or self.dim < 1:
@@ -75,6 +78,8 @@ class ServerConfig:
             raise ValueError(f"--trainers {self.trainers}: expected >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.index_device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"--index-device {self.index_device!r}: expected 'cpu' or 'cuda[:i]'")
         self.hyper.row_optimizer(self.optimizer)  # raises ConfigError on settings the optimizer rejects
 
 
@@ -110,6 +115,9 @@ def add_serve_arguments(parser: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--durable", action="store_true", help="fsync every step (survives power loss)")
+    parser.add_argument(
+        "--index-device", default="cpu", help="device of the nearest-class index: cpu (default) or cuda"
+    )
 
 
 def config_from_arguments(args: Any) -> ServerConfig:
@@ -146,4 +154,5 @@ def config_from_arguments(args: Any) -> ServerConfig:
         init_bound=args.init_bound,
         seed=args.seed,
         durable=args.durable,
+        index_device=args.index_device,
     )

@@ -131,6 +131,8 @@ class ShardService:
         self._apply_order = threading.Lock()  # sync steps are popped and applied one at a time, in order
         self._pending: dict[int, _Pending] = {}
         self._dropped: set[int] = set()
+        self._index_lock = threading.Lock()  # one index build or query at a time
+        self._indexes: dict[str, tuple[Any, int]] = {}  # metric -> (cluster index, version it was built at)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _local(self, data: bytes, what: str, *, unique: bool = False) -> Tensor:
@@ -143,7 +145,7 @@ class ShardService:
                 f"{what}[{first}] = {int(ids[first])} is outside this shard's rows "
                 f"[{spec.row_start}, {spec.row_stop})"
             )
-        if unique and len(np.unique(ids)) != len(ids):
+        if unique and not _strictly_increasing(ids) and len(np.unique(ids)) != len(ids):
             raise ValueError(f"{what}: ids must be unique within one request")
         return torch.from_numpy(ids - spec.row_start)
 
@@ -255,16 +257,55 @@ class ShardService:
             raise ValueError(f"n {request.n}: expected >= 1")
         if request.metric not in ("", "dot", "cosine"):
             raise ValueError(f"metric {request.metric!r}: expected 'dot' or 'cosine'")
+        if request.max_index_age < 0:
+            raise ValueError(f"max_index_age {request.max_index_age}: expected >= 0")
         cosine = request.metric == "cosine"
         if cosine:
             features = torch.nn.functional.normalize(features, dim=1)
-        with self.lock.read():
-            scores, ids = _top_rows(features, self.state.rows, request.n, cosine=cosine)
+        if request.max_index_age:
+            scores, ids = self._query_index(features, request.n, cosine=cosine, max_age=request.max_index_age)
+        else:
+            with self.lock.read():
+                scores, ids = _top_rows(features, self.state.rows, request.n, cosine=cosine)
+        ids = torch.where(ids >= 0, ids + self.state.spec.row_start, ids)  # global ids; -1 stays
         return wire.message(
-            "QueryNearestResponse",
-            scores=wire.encode_array(scores),
-            ids=wire.encode_ids(ids.numpy() + self.state.spec.row_start),
+            "QueryNearestResponse", scores=wire.encode_array(scores), ids=wire.encode_ids(ids.numpy())
         )
+
+    def _query_index(self, features: Tensor, n: int, *, cosine: bool, max_age: int) -> tuple[Tensor, Tensor]:
+        """Top-``n`` local ``(scores, ids)`` ``(B, n')`` of ``features (B, D)`` from this shard's cluster index.
+
+        The index is built at the first query and refreshed (a warm build over the rows updated since, see
+        :class:`~megaclass.index.kmeans.ClusterIndex`) when its build is over ``max_age`` versions old.
+        Scores are exact, from the current rows; ids are ``-1`` (score ``-inf``) where it found fewer.
+        """
+        from megaclass.index import build_selector
+
+        metric = "cosine" if cosine else "dot"
+        with self._index_lock:
+            index, built = self._indexes.get(metric, (None, -1))
+            if index is None or self.state.version - built > max_age:
+                if index is None:
+                    index = build_selector(
+                        "gpu", metric=metric, device=self.config.index_device, seed=self.config.seed
+                    )
+                with self.lock.read():  # a build reads a consistent state: no step half-applied
+                    built = self.state.version
+                    changed = None
+                    if index.is_built:  # (n,) rows updated since the last build
+                        changed = torch.nonzero(self.state.versions > self._indexes[metric][1]).squeeze(1)
+                    if changed is None or len(changed):
+                        index.build(self.state.rows, changed=changed)
+                self._indexes[metric] = (index, built)
+            local = index.query(features, min(n, self.state.spec.size)).cpu()  # (B, n')
+        with self.lock.read():
+            rows = self.state.rows[local.clamp_min(0)]  # (B, n', D)
+        scores = torch.einsum("bnd,bd->bn", rows, features)  # (B, n')
+        if cosine:
+            scores = scores / rows.norm(dim=2).clamp_min(1e-12)
+        scores = scores.masked_fill(local < 0, float("-inf"))
+        scores, order = scores.sort(dim=1, descending=True)
+        return scores, local.gather(1, order)
 
     def set_hyper_params(self, request: Any, time_left: float | None) -> Any:
         changes = {}
@@ -381,6 +422,11 @@ class ShardService:
                         f"trainers that pushed it: {have} of {self.config.trainers})",
                     )
                 self._applied.wait(min(remaining, 0.5))
+
+
+def _strictly_increasing(ids: np.ndarray) -> bool:
+    """Whether ``ids`` are sorted without repeats (then unique without a sort; selections come sorted)."""
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
 
 
 def _mean_over_trainers(parts: list[tuple[Tensor, Tensor]], dim: int) -> tuple[Tensor, Tensor]:

@@ -90,6 +90,7 @@ class ShardState:
         }
         self.versions = self._map("versions.i64", (spec.size,), np.int64, fresh)
         self.header = self._map("header.i64", (_TRAINERS0 + spec.trainers,), np.int64, fresh)
+        self._journal_fd = os.open(os.path.join(self.dir, "journal.bin"), os.O_RDWR | os.O_CREAT, 0o644)
         if fresh:
             self._initialise(init_bound, seed)
             self._write_json("hyper.json", asdict(self.hyper))
@@ -178,6 +179,9 @@ class ShardState:
     def close(self) -> None:
         for array in self._arrays.values():
             array.flush()
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+            self._journal_fd = -1
 
     # -- internals -------------------------------------------------------------------------------------
     def _map(self, name: str, shape: tuple[int, ...], dtype: type, fresh: bool) -> Tensor:
@@ -254,12 +258,14 @@ class ShardState:
             *(state[slot].numpy() for slot in self.state),
             self.versions.index_select(0, local).numpy(),
         ]
-        with open(os.path.join(self.dir, "journal.bin"), "wb") as f:
-            for part in parts:
-                f.write(memoryview(np.ascontiguousarray(part)).cast("B") if part.size else b"")
-            if self.durable:
-                f.flush()
-                os.fsync(f.fileno())
+        # one positional write over the previous record, no truncation: freeing a record's page-cache pages
+        # every step cost more than the write; a stale tail past this record is never read (its count rules)
+        buffers = [memoryview(np.ascontiguousarray(part)).cast("B") for part in parts if part.size]
+        written = os.pwritev(self._journal_fd, buffers, 0)
+        if written != sum(len(buffer) for buffer in buffers):
+            raise OSError(f"{self.dir}/journal.bin: short write ({written} bytes)")
+        if self.durable:
+            os.fsync(self._journal_fd)
         self.header[_JOURNAL] = new_version
 
     def _commit(

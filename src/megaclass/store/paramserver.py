@@ -109,19 +109,28 @@ class ParamServerStore(RowStore):
             eps=optimizer.eps,
         )
 
-    def query_nearest(self, features: Tensor, n: int, *, metric: str = "dot") -> tuple[Tensor, Tensor]:
-        """Top-``n`` ``(scores, ids)`` rows for ``features (B, D)``, computed by the shards, merged here."""
-        scores, ids = self.client.query_nearest(features.detach().cpu(), n, metric=metric)
+    def query_nearest(
+        self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Top-``n`` ``(scores, ids)`` rows for ``features (B, D)``, computed by the shards, merged here.
+
+        ``max_index_age``: 0 for an exact scan; ``N > 0`` for the shards' cluster indexes, refreshed when
+        built over ``N`` versions ago (ids ``-1`` where they found fewer than ``n``).
+        """
+        scores, ids = self.client.query_nearest(
+            features.detach().cpu(), n, metric=metric, max_index_age=max_index_age
+        )
         return scores.to(features.device), ids.to(features.device)
 
     def pull(self, ids: Tensor) -> Tensor:
         ids_cpu = ids.detach().to("cpu", torch.int64)
         prefetched, self._prefetched = self._prefetched, None
+        pin = self.device.type == "cuda"  # rows land in page-locked memory: the copy below is asynchronous
         if prefetched is not None and torch.equal(prefetched[0], ids_cpu):
             pending = prefetched[1]
-            rows = self.client.refresh(pending, pending.result())  # re-pull only rows changed since
+            rows = self.client.refresh(pending, pending.result(pin_memory=pin))  # re-pull only changed rows
         else:
-            rows = self.client.pull(ids_cpu)
+            rows = self.client.pull(ids_cpu, pin_memory=pin)
         return rows.to(self.device, non_blocking=True) if self.device.type != "cpu" else rows
 
     def prefetch(self, ids: Tensor) -> None:

@@ -481,7 +481,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
-        if self.dist.distributed or self.parallel.sharded_head:
+        if self.parallel.sharded_head:
             return self._save_distributed_checkpoint()
         state = {
             **self._model_state(),
@@ -492,19 +492,22 @@ class Trainer:
             "rng": rng_state(),
             "config": config_to_dict(self.config),
         }
-        return checkpoint.save_checkpoint(
-            self._checkpoint_dir(), self.state.global_step, state, keep=self.config.train.keep_checkpoints
-        )
+        path = ""
+        if self.dist.is_main:  # a replicated head: every rank holds the same state
+            path = checkpoint.save_checkpoint(
+                self._checkpoint_dir(), self.state.global_step, state, keep=self.config.train.keep_checkpoints
+            )
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # the others wait for rank 0's checkpoint
+        return path
 
     def _save_distributed_checkpoint(self) -> str:
         """A checkpoint any world size resumes (:mod:`megaclass.distributed.checkpoint`); collective."""
         from megaclass.distributed.checkpoint import save_sharded
         from megaclass.distributed.parallel import encoder_state
 
-        if not self.parallel.sharded_head:
-            raise ConfigError(
-                "checkpoints of several ranks need a class-sharded head (distributed.shard_head)"
-            )
         encoder_weights, encoder_optimizer = encoder_state(self.parallel, self.optimizers["encoder"])
         common = {
             "encoder": encoder_weights,
@@ -530,8 +533,8 @@ class Trainer:
         from megaclass.distributed.checkpoint import is_sharded_checkpoint, load_sharded
         from megaclass.distributed.parallel import load_encoder_state
 
-        if not (is_sharded_checkpoint(path) and self.parallel.sharded_head):
-            raise ConfigError(f"--resume: {path} and this run must both use a class-sharded head")
+        if not is_sharded_checkpoint(path):
+            raise ConfigError(f"--resume: {path} was written with a replicated head, this run shards it")
         common, private = load_sharded(
             path,
             head=self.head,
@@ -553,7 +556,7 @@ class Trainer:
         return common
 
     def _restore(self, path: str) -> None:
-        if self.dist.distributed or self.parallel.sharded_head:
+        if self.parallel.sharded_head:
             state = self._restore_distributed(path)
         else:
             state = checkpoint.load_checkpoint(path)

@@ -1,21 +1,27 @@
 """Triton kernels and launchers of the fixed fan-in layer ``y[b, c] = sum_k x[b, idx[c // G, k]] * w[c, k]``.
 
-One program owns a tile of labels (``BLOCK_C`` labels, or one group of ``G`` labels) and loops over batch
-tiles, so it writes its labels' weight gradient without atomics; the input gradient is scattered into an fp32
-``(B, D)`` buffer with atomic adds (many labels read the same input column).
+The kernels work on ``xT (D, B)``, the inputs transposed once per call, so every gathered input column is
+``B`` contiguous values (one coalesced read) and a tile of logits is ``zT (labels, B)``.
 
-* Per-label indices (``DOT=False``): for each ``k`` the tile gathers ``x[:, idx[c, k]]`` for its ``BLOCK_C``
-  labels and accumulates ``x * w[:, k]`` on CUDA cores (SPARTEX's layout).
-* Grouped indices (``DOT=True``, ``G >= 16`` a power of two): the ``G`` labels of a group share one index
-  row, so a ``(BLOCK_B, BLOCK_K)`` tile of gathered inputs meets the group's ``(BLOCK_K, G)`` weight tile in a
-  ``tl.dot`` on tensor cores in the inputs' precision (bf16 features under autocast meet fp32 master weights
-  cast to bf16; fp32 accumulation; HASTE's grouping). fp32 features keep an exact fp32 dot.
+* Per-label indices (``DOT=False``): a program owns ``BLOCK_C`` labels; for each ``k`` it gathers the rows
+  ``xT[idx[c, k], :]`` of its labels and accumulates ``w[c, k] * xT[idx[c, k], b]`` on CUDA cores (SPARTEX).
+* Grouped indices (``DOT=True``, ``G >= 16`` a power of two): the ``G`` labels of a group share one index row,
+  so the group's ``(G, BLOCK_K)`` weight tile meets the ``(BLOCK_K, B)`` gathered inputs in a ``tl.dot`` on
+  tensor cores in the inputs' precision (bf16 features under autocast meet fp32 master weights cast to bf16;
+  fp32 accumulation; HASTE's grouping). fp32 features keep an exact fp32 dot.
 
 Fused losses never keep ``B x C`` logits: the forward pass writes per-(program, row) partials (a sum of the
 negative-target loss ``l(z, 0)`` for BCE and squared hinge; a running max and sum of exponentials for softmax,
 merged into a log-sum-exp as in online softmax, arXiv 1805.02867) and the backward pass recomputes each tile's
 logits to form ``dL/dz`` in registers. Positive targets are a sparse correction done outside (``L`` entries).
-All pointer offsets are int64: nothing assumes ``C * K < 2^31``.
+
+Backward, without atomics: a program writes its labels' weight gradient ``gw[c, k] = sum_b dz[b, c] x[b,
+idx[c, k]]`` (it owns those rows) and, for the input gradient, one buffer row per connection: the group's
+``gxT[k, b] = sum_j w[gG + j, k] dz[b, gG + j]`` (grouped) or the label's ``dz[b, c]`` (per-label). A second
+kernel reduces the buffer by input column over the connections sorted by column (``columns.py``, cached per
+topology): ``dx[b, d] = sum_{(r, k) -> d} scale * buf[r, b]``, a deterministic segmented sum. Labels go
+through the buffer in chunks of at most ``_CHUNK_ROWS`` rows, which bounds its memory. All pointer offsets
+are int64: nothing assumes ``C * K < 2^31``.
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
+from megaclass.ops.fixed_fanin.columns import column_order
+
 __all__ = ["LOSS_CODES", "fixed_fanin_bwd", "fixed_fanin_fwd"]
 
 LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
-_BLOCK_C = 64  # labels per program in the per-label kernel
-_BLOCK_K = 32  # fan-in slice per tl.dot in the grouped kernel
+_BLOCK_C = 32  # labels per program in the per-label kernels
+_BLOCK_K = 32  # fan-in slice per tl.dot in the grouped kernels
+_BLOCK_J = 32  # connections per step of the input-gradient reduction
+_CHUNK_ROWS = 1 << 18  # buffer rows per chunk of labels: (rows, B), 64 MiB at B = 128 in bf16
 
 
 @triton.jit
@@ -44,41 +54,41 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_logits(
-    X_ptr, W_ptr, I_ptr, Bias_ptr, offs_b, mask_b, offs_c, mask_c, group_id,
-    stride_xb, stride_xd, K,
+def _logits_t(
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, offs_b, mask_b,
+    stride_xtd, K,
     GROUP: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """z (BLOCK_B, BLOCK_C) fp32 = sum_k x[b, idx[c // G, k]] * w[c, k] (+ bias[c])."""
-    x_rows = offs_b.to(tl.int64)[:, None] * stride_xb
-    w_rows = offs_c.to(tl.int64) * K  # weight (C, K) contiguous: int64 row offsets
-    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    if DOT:
+    """zT (BLOCK_C, BLOCK_B) fp32 = sum_k w[c, k] xT[idx[c // G, k], b] (+ bias[c])."""
+    w_rows = offs_c * K  # weight (C, K) contiguous; offs_c is int64
+    acc = tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32)
+    if DOT:  # the tile is one group: index row `tile`
         offs_kk = tl.arange(0, BLOCK_K)
-        i_row = group_id.to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + offs_kk
             mask_k = offs_k < K
-            cols = tl.load(I_ptr + i_row + offs_k, mask=mask_k, other=0).to(tl.int64)
+            cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0).to(tl.int64)
             xg = tl.load(
-                X_ptr + x_rows + cols[None, :] * stride_xd, mask=mask_b[:, None] & mask_k[None, :], other=0.0
-            )
+                XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
+                mask=mask_k[:, None] & mask_b[None, :],
+                other=0.0,
+            )  # (BLOCK_K, BLOCK_B)
             wt = tl.load(
-                W_ptr + w_rows[None, :] + offs_k[:, None], mask=mask_c[None, :] & mask_k[:, None], other=0.0
-            )
-            acc = _dot(xg, wt.to(xg.dtype), acc, PRECISION, UPCAST)  # (BLOCK_B, BLOCK_K) @ (BLOCK_K, G)
+                W_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0
+            )  # (G, BLOCK_K)
+            acc = _dot(wt.to(xg.dtype), xg, acc, PRECISION, UPCAST)
     else:
-        i_rows = (offs_c // GROUP).to(tl.int64) * K
-        mask = mask_b[:, None] & mask_c[None, :]
+        i_rows = (offs_c // GROUP) * K
+        mask = mask_c[:, None] & mask_b[None, :]
         for k in range(0, K):
             cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0).to(tl.int64)
             w = tl.load(W_ptr + w_rows + k, mask=mask_c, other=0.0).to(tl.float32)
-            xv = tl.load(X_ptr + x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-            acc += xv * w[None, :]
+            xv = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask, other=0.0)
+            acc += w[:, None] * xv.to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(Bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(Bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
     return acc
 
 
@@ -103,8 +113,8 @@ def _negative_grad(z, LOSS: tl.constexpr):
 
 @triton.jit
 def _fixed_fanin_fwd_kernel(
-    X_ptr, W_ptr, I_ptr, Bias_ptr, Y_ptr, PartA_ptr, PartB_ptr,
-    stride_xb, stride_xd, stride_yb,
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, Y_ptr, PartA_ptr, PartB_ptr,
+    stride_xtd, stride_yb,
     B, C, K,
     GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -112,113 +122,166 @@ def _fixed_fanin_fwd_kernel(
 ):  # fmt: skip
     """LOSS 0: store y (B, C). Else partials (programs, B): BCE/hinge row sums of l(z, 0) into PartA;
     softmax the tile's row max into PartA and sum exp(z - max) into PartB."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    tile = tl.program_id(0).to(tl.int64)
+    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        z = _tile_logits(
-            X_ptr, W_ptr, I_ptr, Bias_ptr, offs_b, mask_b, offs_c, mask_c, pid, stride_xb, stride_xd, K,
-            GROUP, DOT, HAS_BIAS, BLOCK_B, BLOCK_C, BLOCK_K, PRECISION, UPCAST,
+        z = _logits_t(
+            XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, offs_b, mask_b, stride_xtd, K,
+            GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
         )  # fmt: skip
-        mask = mask_b[:, None] & mask_c[None, :]
-        part = PartA_ptr + pid * B + offs_b
+        mask = mask_c[:, None] & mask_b[None, :]
+        part = PartA_ptr + tile * B + offs_b
         if LOSS == 0:
-            y_ptrs = Y_ptr + offs_b.to(tl.int64)[:, None] * stride_yb + offs_c[None, :]
+            y_ptrs = Y_ptr + offs_b.to(tl.int64)[None, :] * stride_yb + offs_c[:, None]
             tl.store(y_ptrs, z.to(Y_ptr.dtype.element_ty), mask=mask)
         elif LOSS == 3:
             z = tl.where(mask, z, float("-inf"))
-            row_max = tl.max(z, axis=1)
+            row_max = tl.max(z, axis=0)
             row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             tl.store(part, row_max, mask=mask_b)
-            tl.store(PartB_ptr + pid * B + offs_b, tl.sum(tl.exp(z - row_max[:, None]), axis=1), mask=mask_b)
+            tl.store(PartB_ptr + tile * B + offs_b, tl.sum(tl.exp(z - row_max[None, :]), axis=0), mask=mask_b)
         else:
-            tl.store(part, tl.sum(tl.where(mask, _negative_loss(z, LOSS), 0.0), axis=1), mask=mask_b)
+            tl.store(part, tl.sum(tl.where(mask, _negative_loss(z, LOSS), 0.0), axis=0), mask=mask_b)
+
+
+@triton.jit
+def _grad_t(
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, offs_c, mask_c, tile, offs_b, mask_b,
+    stride_xtd, stride_dyb, K,
+    GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dzT (BLOCK_C, BLOCK_B) fp32, zero outside the tile: dy (LOSS 0) or g_b * dl/dz from recomputed z."""
+    mask = mask_c[:, None] & mask_b[None, :]
+    if LOSS == 0:
+        dy_ptrs = DY_ptr + offs_b.to(tl.int64)[None, :] * stride_dyb + offs_c[:, None]
+        return tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+    z = _logits_t(
+        XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, offs_b, mask_b, stride_xtd, K,
+        GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+    )  # fmt: skip
+    g_row = tl.load(GRow_ptr + offs_b, mask=mask_b, other=0.0)
+    if LOSS == 3:
+        lse = tl.load(Lse_ptr + offs_b, mask=mask_b, other=0.0)
+        dz = tl.exp(z - lse[None, :]) * g_row[None, :]  # softmax probability times d loss / d lse
+    else:
+        dz = _negative_grad(z, LOSS) * g_row[None, :]
+    return tl.where(mask, dz, 0.0)
 
 
 @triton.jit
 def _fixed_fanin_bwd_kernel(
-    X_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, GX_ptr, GW_ptr, GBias_ptr,
-    stride_xb, stride_xd, stride_dyb, stride_gxb,
-    B, C, K,
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, Buf_ptr, GW_ptr, GBias_ptr,
+    stride_xtd, stride_dyb, stride_bufr,
+    B, C, K, first_tile,
     GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dz = dy (LOSS 0) or g_b * dl(z)/dz recomputed; gw[c, k] = sum_b dz[b, c] x[b, idx[c, k]] (this
-    program's rows, no atomics); gx[b, idx[c, k]] += dz[b, c] w[c, k] (atomics); gbias[c] = sum_b dz[b, c]."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    """Tile first_tile + pid: gw[c, k] = sum_b dz[b, c] x[b, idx[c, k]] and gbias[c] = sum_b dz[b, c] (this
+    program's rows); buffer rows for dx: gxT[k, b] = sum_{c in group} w[c, k] dz[b, c] per connection (DOT),
+    or dz[b, c] per label, at rows counted from the chunk's first tile."""
+    tile = first_tile + tl.program_id(0).to(tl.int64)
+    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     w_rows = offs_c * K
     gbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        mask = mask_b[:, None] & mask_c[None, :]
-        x_rows = offs_b.to(tl.int64)[:, None] * stride_xb
-        gx_rows = offs_b.to(tl.int64)[:, None] * stride_gxb
-        if LOSS == 0:
-            dy_ptrs = DY_ptr + offs_b.to(tl.int64)[:, None] * stride_dyb + offs_c[None, :]
-            dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            z = _tile_logits(
-                X_ptr, W_ptr, I_ptr, Bias_ptr, offs_b, mask_b, offs_c, mask_c, pid, stride_xb, stride_xd, K,
-                GROUP, DOT, HAS_BIAS, BLOCK_B, BLOCK_C, BLOCK_K, PRECISION, UPCAST,
-            )  # fmt: skip
-            g_row = tl.load(GRow_ptr + offs_b, mask=mask_b, other=0.0)
-            if LOSS == 3:
-                lse = tl.load(Lse_ptr + offs_b, mask=mask_b, other=0.0)
-                dz = tl.exp(z - lse[:, None]) * g_row[:, None]  # softmax probability times d loss / d lse
-            else:
-                dz = _negative_grad(z, LOSS) * g_row[:, None]
-            dz = tl.where(mask, dz, 0.0)
-        gbias += tl.sum(dz, axis=0)
+        dz = _grad_t(
+            XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, offs_c, mask_c, tile, offs_b, mask_b,
+            stride_xtd, stride_dyb, K,
+            GROUP, DOT, LOSS, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+        )  # fmt: skip
+        gbias += tl.sum(dz, axis=1)
         if DOT:
             offs_kk = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + offs_kk
                 mask_k = offs_k < K
-                cols = tl.load(I_ptr + pid * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-                mask_bk = mask_b[:, None] & mask_k[None, :]
-                xg = tl.load(X_ptr + x_rows + cols[None, :] * stride_xd, mask=mask_bk, other=0.0)
-                w_ptrs = W_ptr + w_rows[None, :] + offs_k[:, None]
-                wt = tl.load(w_ptrs, mask=mask_c[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, G)
-                dz_c = dz.to(xg.dtype)
-                gw = _dot(tl.trans(dz_c), xg, tl.zeros((BLOCK_C, BLOCK_K), tl.float32), PRECISION, UPCAST)
-                gw_ptrs = GW_ptr + w_rows[:, None] + offs_k[None, :]
+                cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+                mask_kb = mask_k[:, None] & mask_b[None, :]
+                xg = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask_kb, other=0.0)
                 mask_ck = mask_c[:, None] & mask_k[None, :]
+                wt = tl.load(W_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_ck, other=0.0)  # (G, BK)
+                dz_c = dz.to(xg.dtype)
+                gw = _dot(dz_c, tl.trans(xg), tl.zeros((BLOCK_C, BLOCK_K), tl.float32), PRECISION, UPCAST)
+                gw_ptrs = GW_ptr + w_rows[:, None] + offs_k[None, :]
                 if b0 > 0:
                     gw += tl.load(gw_ptrs, mask=mask_ck, other=0.0)
                 tl.store(gw_ptrs, gw, mask=mask_ck)
-                gx = _dot(
-                    dz_c,
-                    tl.trans(wt.to(xg.dtype)),
-                    tl.zeros((BLOCK_B, BLOCK_K), tl.float32),
-                    PRECISION,
-                    UPCAST,
-                )
-                tl.atomic_add(GX_ptr + gx_rows + cols[None, :], gx, mask=mask_bk, sem="relaxed")
+                zero = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+                gx = _dot(tl.trans(wt.to(xg.dtype)), dz_c, zero, PRECISION, UPCAST)  # (BLOCK_K, BLOCK_B)
+                rows = (tile - first_tile) * K + offs_k
+                buf_ptrs = Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :]
+                tl.store(buf_ptrs, gx.to(Buf_ptr.dtype.element_ty), mask=mask_kb)
         else:
-            i_rows = (offs_c // GROUP).to(tl.int64) * K
+            rows = offs_c - first_tile * BLOCK_C
+            buf_ptrs = Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :]
+            tl.store(buf_ptrs, dz.to(Buf_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_b[None, :])
+            i_rows = (offs_c // GROUP) * K
             for k in range(0, K):
                 cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0).to(tl.int64)
-                w = tl.load(W_ptr + w_rows + k, mask=mask_c, other=0.0).to(tl.float32)
-                xv = tl.load(X_ptr + x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-                gw = tl.sum(dz * xv, axis=0)
+                xv = tl.load(
+                    XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
+                    mask=mask_c[:, None] & mask_b[None, :],
+                    other=0.0,
+                )
+                gw = tl.sum(dz * xv.to(tl.float32), axis=1)
                 if b0 > 0:
                     gw += tl.load(GW_ptr + w_rows + k, mask=mask_c, other=0.0)
                 tl.store(GW_ptr + w_rows + k, gw, mask=mask_c)
-                tl.atomic_add(GX_ptr + gx_rows + cols[None, :], dz * w[None, :], mask=mask, sem="relaxed")
     if HAS_BIAS:
         tl.store(GBias_ptr + offs_c, gbias, mask=mask_c)
 
 
-def _launch_config(batch: int, group: int) -> dict[str, int | bool | str]:
+@triton.jit
+def _fixed_fanin_dx_kernel(
+    Buf_ptr, Perm_ptr, Colptr_ptr, W_ptr, GX_ptr,
+    stride_bufr, stride_gxb,
+    B, K, row_base,
+    SCALED: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """Column d = pid 0: dx[b, d] (+)= sum_{j in colptr[d] .. colptr[d + 1]} s_j buf[row_j, b], with
+    row_j = perm[j] - row_base, s_j = 1 (grouped connections) or row_j = perm[j] // K - row_base,
+    s_j = w.flat[perm[j]] (per-label connections: the buffer holds dz rows)."""
+    column = tl.program_id(0).to(tl.int64)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    start = tl.load(Colptr_ptr + column)
+    stop = tl.load(Colptr_ptr + column + 1)
+    acc = tl.zeros((BLOCK_J, BLOCK_B), dtype=tl.float32)
+    for j0 in range(start, stop, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < stop
+        connection = tl.load(Perm_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
+        if SCALED:
+            rows = connection // K - row_base
+        else:
+            rows = connection - row_base
+        mask = mask_j[:, None] & mask_b[None, :]
+        values = tl.load(Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :], mask=mask, other=0.0)
+        if SCALED:
+            scale = tl.load(W_ptr + connection, mask=mask_j, other=0.0).to(tl.float32)
+            acc += values.to(tl.float32) * scale[:, None]
+        else:
+            acc += values.to(tl.float32)
+    dx = tl.sum(acc, axis=0)
+    gx_ptrs = GX_ptr + offs_b.to(tl.int64) * stride_gxb + column
+    if ACCUMULATE:
+        dx += tl.load(gx_ptrs, mask=mask_b, other=0.0)
+    tl.store(gx_ptrs, dx, mask=mask_b)
+
+
+def _launch_config(batch: int, group: int) -> dict[str, int | bool]:
     """Tile sizes: grouped kernel for power-of-two ``G >= 16`` (one group per program), else per-label."""
     dot = group >= 16 and group & (group - 1) == 0
-    block_b = max(16, min(64, triton.next_power_of_2(batch)))
+    block_b = max(16, min(128, triton.next_power_of_2(batch)))
     return {"DOT": dot, "BLOCK_B": block_b, "BLOCK_C": group if dot else _BLOCK_C, "BLOCK_K": _BLOCK_K}
 
 
@@ -256,6 +319,7 @@ def fixed_fanin_fwd(
     config = _launch_config(batch, group)
     programs = triton.cdiv(classes, config["BLOCK_C"])
     code = LOSS_CODES[loss]
+    x_t = x.t().contiguous()  # (D, B): a gathered input column is B contiguous values
     # outputs a mode does not write are stand-ins pointing at a live tensor (Triton rejects null pointers)
     if code == 0:
         y = torch.empty(batch, classes, dtype=x.dtype, device=x.device)
@@ -266,8 +330,8 @@ def fixed_fanin_fwd(
         y = part_a
     precision, upcast = _dot_mode(x)
     _fixed_fanin_fwd_kernel[(programs,)](
-        x, weight, index, bias if bias is not None else weight, y, part_a, part_b,
-        x.stride(0), x.stride(1), y.stride(0) if code == 0 else 0,
+        x_t, weight, index, bias if bias is not None else weight, y, part_a, part_b,
+        x_t.stride(0), y.stride(0) if code == 0 else 0,
         batch, classes, fan_in,
         GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast, **config,
     )  # fmt: skip
@@ -289,30 +353,53 @@ def fixed_fanin_bwd(
     loss: str,
     grad: torch.Tensor,
     lse: torch.Tensor | None = None,
+    chunk_rows: int = _CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dx, dweight, dbias)`` in the inputs' dtypes.
 
     Args:
         grad: ``dL/dy (B, C)`` for ``loss="none"``, else ``dL/d row value (B,)``.
         lse: ``(B,)`` log-sum-exp from the forward pass, for ``softmax``.
+        chunk_rows: rows of the ``(rows, B)`` input-gradient buffer per chunk of labels (its memory bound).
     """
     _check(x, weight, index, bias)
-    batch, (classes, fan_in) = x.shape[0], weight.shape
+    batch, dim, (classes, fan_in) = x.shape[0], x.shape[1], weight.shape
     config = _launch_config(batch, group)
-    programs = triton.cdiv(classes, config["BLOCK_C"])
+    dot, block_c = bool(config["DOT"]), int(config["BLOCK_C"])
+    tiles = triton.cdiv(classes, block_c)
+    tiles_per_chunk = max(1, chunk_rows // (fan_in if dot else block_c))
+    # per-label: chunks of labels, rows = labels; grouped: chunks of groups (= tiles), rows = connections
+    order = column_order(
+        index, classes=classes, group=group, dim=dim, per_label=not dot,
+        rows_per_chunk=tiles_per_chunk * (1 if dot else block_c),
+    )  # fmt: skip
     code = LOSS_CODES[loss]
     grad = grad.contiguous() if code == 0 else grad.float().contiguous()
-    grad_x = torch.zeros(batch, x.shape[1], dtype=torch.float32, device=x.device)
+    x_t = x.t().contiguous()  # (D, B)
+    buf_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    rows_per_tile = fan_in if dot else block_c
+    buf = torch.empty(min(tiles, tiles_per_chunk) * rows_per_tile, batch, dtype=buf_dtype, device=x.device)
+    grad_x = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
     grad_w = torch.empty(classes, fan_in, dtype=torch.float32, device=x.device)
     grad_b = torch.empty(classes, dtype=torch.float32, device=x.device) if bias is not None else None
     precision, upcast = _dot_mode(x)
-    _fixed_fanin_bwd_kernel[(programs,)](
-        x, weight, index, bias if bias is not None else weight,
-        grad, lse if lse is not None else grad, grad, grad_x, grad_w,
-        grad_b if grad_b is not None else grad_w,
-        x.stride(0), x.stride(1), grad.stride(0) if code == 0 else 0, grad_x.stride(0),
-        batch, classes, fan_in,
-        GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast, **config,
-    )  # fmt: skip
+    block_b_dx = max(16, min(128, triton.next_power_of_2(batch)))
+    for chunk in range(order.chunks):
+        first = chunk * tiles_per_chunk
+        count = min(tiles_per_chunk, tiles - first)
+        _fixed_fanin_bwd_kernel[(count,)](
+            x_t, weight, index, bias if bias is not None else weight,
+            grad, lse if lse is not None else grad, grad, buf, grad_w,
+            grad_b if grad_b is not None else grad_w,
+            x_t.stride(0), grad.stride(0) if code == 0 else 0, buf.stride(0),
+            batch, classes, fan_in, first,
+            GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast, **config,
+        )  # fmt: skip
+        _fixed_fanin_dx_kernel[(dim, triton.cdiv(batch, block_b_dx))](
+            buf, order.perm, order.colptr[chunk * dim :], weight, grad_x,
+            buf.stride(0), grad_x.stride(0),
+            batch, fan_in, first * rows_per_tile,
+            SCALED=not dot, ACCUMULATE=chunk > 0, BLOCK_J=_BLOCK_J, BLOCK_B=block_b_dx,
+        )  # fmt: skip
     grad_b = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b

@@ -22,6 +22,13 @@ from megaclass.targets import RaggedLabels
 __all__ = ["combine_loss", "fixed_fanin_loss", "fixed_fanin_topk", "positive_logits"]
 
 
+def _sample_ids(targets: RaggedLabels) -> Tensor:
+    """``(L,)`` the sample of each entry, without a host sync (the output size is known)."""
+    batch = targets.batch_size
+    samples = torch.arange(batch, device=targets.indptr.device)
+    return torch.repeat_interleave(samples, targets.lengths(), output_size=targets.indices.numel())
+
+
 def positive_logits(
     x: Tensor,
     weight: Tensor,
@@ -41,7 +48,7 @@ def positive_logits(
 def combine_loss(rows: Tensor, positive: Tensor, targets: RaggedLabels, loss: FaninLoss | str) -> Tensor:
     """Mean over samples of the per-sample loss from fused ``rows (B,)`` and ``positive (L,)`` logits."""
     loss = FaninLoss(loss)
-    samples, batch = targets.sample_ids(), targets.batch_size
+    samples, batch = _sample_ids(targets), targets.batch_size
     positive = positive.float()
     if loss is FaninLoss.BCE:
         correction = -positive
@@ -79,7 +86,7 @@ def fixed_fanin_loss(
         raise ValueError(f"targets: expected {x.shape[0]} samples, got {targets.batch_size}")
     rows = fixed_fanin_rows(x, weight, index, bias, group=group, loss=loss, impl=impl)
     labels = targets.indices.long()
-    positive = positive_logits(x, weight, index, bias, targets.sample_ids(), labels, group=group)
+    positive = positive_logits(x, weight, index, bias, _sample_ids(targets), labels, group=group)
     return combine_loss(rows, positive, targets, loss)
 
 

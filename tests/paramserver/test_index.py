@@ -1,0 +1,98 @@
+"""Nearest-class queries answered by the shards' own indexes, and the selected head on ``store=ps``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaclass.heads import HeadContext, build_head, head_config
+from megaclass.paramserver import HyperParams, ParamServerClient
+
+
+def _addresses(servers):
+    return [f"127.0.0.1:{server.port}" for server in servers]
+
+
+def _truth(features, rows, metric, n):
+    if metric == "cosine":
+        scores = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(rows, dim=1).T
+    else:
+        scores = features @ rows.T
+    return scores.topk(n, dim=1)
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+@pytest.mark.parametrize("num_shards, num_rows, n", [(1, 37, 5), (3, 200, 3), (2, 23, 20)])
+def test_shard_indexes_answer_like_an_exact_scan(shards, metric, num_shards, num_rows, n):
+    """Shards this small are one cluster each: the index finds exactly the scan's rows, scores exact."""
+    servers = shards(num_shards, num_rows=num_rows, dim=7)
+    client = ParamServerClient(_addresses(servers), timeout_s=30)
+    rows = client.get_rows(0, num_rows)
+    features = torch.randn(6, 7)
+    scores, ids = client.query_nearest(features, n, metric=metric, max_index_age=10)
+    expected_scores, expected_ids = _truth(features, rows, metric, n)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, expected_ids), (ids, expected_ids)
+    client.close()
+
+
+def test_shard_index_refreshes_rows_updated_over_max_age_ago(shards):
+    servers = shards(2, num_rows=60, dim=5, hyper=HyperParams(lr=1.0, momentum=0.0))
+    client = ParamServerClient(_addresses(servers), timeout_s=30)
+    features = torch.randn(1, 5)
+    client.query_nearest(features, 1, max_index_age=1)  # builds both indexes at version 0
+    target = 41
+    client.push(torch.tensor([target]), -100.0 * features, step=1, lr=1.0)  # row 41 += 100 * feature
+    client.push(torch.tensor([target]), torch.zeros(1, 5), step=2, lr=1.0)  # version 2: over age 1
+    scores, ids = client.query_nearest(features, 1, max_index_age=1)
+    assert int(ids[0, 0]) == target
+    row = client.pull(torch.tensor([target]))
+    torch.testing.assert_close(scores, features @ row.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_index_age -1"):
+        client.query_nearest(features, 1, max_index_age=-1)
+    client.close()
+
+
+def _run(head, batches):
+    losses = []
+    for step, (features, targets) in enumerate(batches, start=1):
+        loss = head(features, targets)
+        loss.backward()
+        head.after_step(step, 0.0, lr=0.5)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("index", ["none", "gpu", "exact"])
+def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
+    num_rows, dim = 97, 6
+    servers = shards(2, num_rows=num_rows, dim=dim, hyper=HyperParams(lr=0.5, momentum=0.9))
+    url = "ps://" + ",".join(_addresses(servers))
+    context = HeadContext(in_features=dim, num_classes=num_rows, multilabel=False)
+    options = {"type": "selected", "sample_num": 12, "index": index, "interval": 2, "coverage_every": 0}
+    batches = [(torch.randn(4, dim), torch.randint(num_rows, (4,))) for _ in range(5)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the head read whole rows ranges from the parameter server")
+
+    monkeypatch.setattr(ParamServerClient, "get_rows", refuse)
+    head = build_head(head_config({**options, "store": url}), context)
+    store = head.materialize()
+    assert head.selector is None  # the shards answer nearest-class queries
+    queries = []
+    query = store.query_nearest
+    monkeypatch.setattr(store, "query_nearest", lambda *a, **k: queries.append(k) or query(*a, **k))
+    losses = _run(head, batches)
+    if index == "none":
+        assert queries == []
+    else:
+        age = 0 if index == "exact" else 2
+        assert queries and all(q["max_index_age"] == age for q in queries)
+        assert head.metrics()["neighbour_classes"] > 0
+    monkeypatch.undo()
+    if index == "none":  # the same random selection: the same losses and rows as rows in host memory
+        host = build_head(head_config({**options, "store": "host"}), context)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(_run(host, batches)))
+        store.flush()
+        torch.testing.assert_close(store.read(0, num_rows), host.store.read(0, num_rows), rtol=1e-5, atol=1e-6)
+    store.close()
