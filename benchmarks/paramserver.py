@@ -9,15 +9,22 @@ with momentum before answering) and both in turn (``step``). ``bandwidth_gbs`` c
 ``R * D * 4`` for a pull or a push, twice that for a step.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
-update; GPU index, built once before timing) with its rows in each store: ``gpu``, ``host`` (pinned host
-memory) and ``ps`` (4 shard processes on this machine; rows pulled and gradients pushed over loopback).
-All three start from the same matrix (the shards draw the in-process stores' initial rows).
+update) with its rows in each store: ``gpu``, ``host`` (pinned host memory) and ``ps`` (4 shard processes on
+this machine; rows pulled and gradients pushed over loopback). ``gpu`` and ``host`` query a GPU cluster index
+built once before timing; with ``ps`` the head never reads the matrix: every step it asks the shards for each
+sample's nearest classes (``QueryNearest``), each answering from a cluster index over its own rows (on the
+GPU where there is one, ``--index-device``), built at the first query. All three start from the same matrix
+(the shards draw the in-process stores' initial rows).
+
+Shard files go to ``/dev/shm`` when it has room: a disk-backed memory map is written back by the kernel,
+and each row write after a write-back takes a page fault (several times the write itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--parts", default="throughput,step", help="comma-separated subset of throughput,step"
     )
-    parser.add_argument("--data-dir", help="where shards keep their files (default: a temporary folder)")
+    parser.add_argument(
+        "--data-dir",
+        help="where shards keep their files (default: a folder on /dev/shm when it has room, else a "
+        "temporary folder; a disk-backed map adds page-writeback faults to every row write)",
+    )
     args = parser.parse_args()
     quick = args.quick
     args.shards = args.shards or ([1, 2] if quick else [1, 2, 4])
@@ -97,6 +108,16 @@ def shard_processes(
             except subprocess.TimeoutExpired:
                 process.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def memory_folder(args: argparse.Namespace) -> str | None:
+    """``/dev/shm`` when it can hold the largest run's rows and optimizer state twice over, else None."""
+    largest = max(args.classes * max(args.dims), args.step_classes * args.step_dim) * 4 * 2  # rows + momentum
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+    return "/dev/shm" if free > 2 * largest and os.access("/dev/shm", os.W_OK) else None
 
 
 def transfer_cases(client, count: int, dim: int, rows: int, counter: list[int]) -> list[Case]:
@@ -230,7 +251,8 @@ def summary(results: list[Result]) -> str:
 def main() -> None:
     args = parse_args()
     parts = set(args.parts.split(","))
-    root = tempfile.mkdtemp(prefix="megaclass-ps-bench-", dir=args.data_dir)
+    root = tempfile.mkdtemp(prefix="megaclass-ps-bench-", dir=args.data_dir or memory_folder(args))
+    print(f"shard data under {root}")
     started = time.perf_counter()
     try:
         transfer = throughput(args, root) if "throughput" in parts else []

@@ -42,7 +42,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.002, help="peak lr of encoder and head")
-    parser.add_argument("--heads", default="dense,selected,partial_fc", help="comma-separated subset")
+    parser.add_argument("--head-lr", type=float, help="peak lr of the head (default: --lr)")
+    parser.add_argument(
+        "--heads",
+        default="dense,selected,partial_fc",
+        help="comma-separated subset of dense, dense_nobias, selected, selected_dot, selected_half, "
+        "selected_dot_half, selected_half_warm, partial_fc, selected_logq, partial_fc_logq",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny subsample, one epoch, CPU-friendly")
     return parser.parse_args()
 
@@ -82,7 +88,7 @@ def run_config(head: dict, *, args: argparse.Namespace, num_classes: int) -> dic
             "head": head,
             "optim": {
                 "encoder": {"name": "adamw", "lr": args.lr},
-                "head": {"name": "adamw", "lr": args.lr},
+                "head": {"name": "adamw", "lr": args.head_lr or args.lr},
                 "warmup_fraction": 0.05,
                 "decay": "cosine",
             },
@@ -112,6 +118,8 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
     variants["selected_dot"] = {**variants["selected"], "metric": "dot"}
     variants["selected_half"] = {**variants["selected"], "neighbour_share": 0.5}
     variants["selected_dot_half"] = {**variants["selected_dot"], "neighbour_share": 0.5}
+    # random classes only for the first ~10% of a 3-epoch run's steps, while the rows are immature
+    variants["selected_half_warm"] = {**variants["selected_half"], "warmup_random_steps": 120}
     # the same heads with the sampled-softmax correction log(1/q) on the random classes' logits
     variants.update(
         {f"{name}_logq": {**variants[name], "logq_correction": True} for name in ("selected", "partial_fc")}
@@ -149,7 +157,7 @@ def main() -> None:
         )
     print(
         f"\ndeb-files, {num_classes} classes, {args.active:.0%} active, first {args.train_lines} train / "
-        f"{args.test_lines} test lines, {args.epochs} epochs\n"
+        f"{args.test_lines} test lines, {args.epochs} epochs, lr {args.lr} (head {args.head_lr or args.lr})\n"
     )
     print("| head | top-1 | top-5 | wall s |")
     print("|---|---|---|---|")

@@ -94,5 +94,6 @@ def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
         host = build_head(head_config({**options, "store": "host"}), context)
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(_run(host, batches)))
         store.flush()
-        torch.testing.assert_close(store.read(0, num_rows), host.store.read(0, num_rows), rtol=1e-5, atol=1e-6)
+        rows, expected = store.read(0, num_rows), host.store.read(0, num_rows)
+        torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
     store.close()

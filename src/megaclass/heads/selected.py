@@ -201,7 +201,7 @@ class SelectedHead(Head):
         if store_query is None:
             return self.selector.query(features, count)
         metric = "cosine" if self.config.margin.enabled else self.config.metric
-        # the shards' cluster indexes lag the rows by at most `interval` steps, like a local one; exact: a scan
+        # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
         age = 0 if self.config.index == "exact" else self.config.interval
         return store_query(features, count, metric=metric, max_index_age=age)[1]
 
@@ -298,7 +298,7 @@ class SelectedHead(Head):
             self._pending = None
             if rows.grad is not None:
                 self.store.push(ids, rows.grad, step=step, lr=lr)
-                self._dirty[ids] = True
+                self._dirty.index_fill_(0, ids, True)
         self._step = step
         if self.selector is not None and self._uses_index() and step % self.config.interval == 0:
             self.rebuild_index()

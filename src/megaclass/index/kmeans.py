@@ -14,9 +14,9 @@ Structure (all on the index's device):
 The first build clusters with the hierarchical balanced 2-means tree (leaves of at most ``leaf_size`` rows;
 the padded width ``W`` keeps 1/8 slack for later moves). Later builds are warm and touch only the rows updated
 since the previous build (``changed``, the rows a sparse step touched): their snapshot is refreshed, the
-cluster sums swap their old rows for the new ones, and each proposes to its best clusters among those near
-its own (capacity ``W`` per cluster, unchanged rows stay; ``refine_iters`` rounds). A warm build thus costs
-``O(changed)``, not ``O(C)``: milliseconds at 10^6 and 10^7 classes on a GPU.
+cluster sums swap their old rows for the new ones, and each moves to its best cluster among those near its
+own where a seat is free (at most ``W`` rows per cluster; else it stays; ``refine_iters`` rounds). A warm
+build thus costs ``O(changed)``, not ``O(C)``: milliseconds at 10^6 and 10^7 classes on a GPU.
 
 A query scores the centroids ``(B, K)``, keeps the ``probes`` best clusters per sample, scores their members
 ``(B, probes * W)`` from the snapshot and returns the top ``n``.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from megaclass.index.base import ClassSelector, Metric
-from megaclass.index.clustering import capacity_assign, hierarchical_balanced_2means
+from megaclass.index.clustering import hierarchical_balanced_2means
 
 __all__ = ["ClusterIndex"]
 
@@ -184,7 +184,7 @@ class ClusterIndex(ClassSelector):
         """Rows ``ids (n,)`` score the clusters near their own: best ``(clusters, scores)``, ``(n, r)``."""
         compute = self._compute_dtype(ids.device)
         near = state["near"]
-        proposals = min(near.shape[1], 4)  # 4 best nearby clusters: (n, 4) instead of (n, m)
+        proposals = 1  # the best nearby cluster (itself included)
         block = max(1, (1 << 27) // (near.shape[1] * centroids.shape[1]))  # (block, m, D) gathered at once
         clusters, scores = [], []
         for start in range(0, ids.numel(), block):
@@ -197,11 +197,32 @@ class ClusterIndex(ClassSelector):
             scores.append(top.values)
         return torch.cat(clusters), torch.cat(scores)
 
+    def _move(self, state: dict[str, Tensor], ids: Tensor, centroids: Tensor, width: int) -> None:
+        """Move rows ``ids (n,)`` to their best nearby cluster where it has a free seat (best scores first);
+        a row finding no seat stays where it is, so no row is ever placed far from its direction."""
+        assignment = state["assignment"]
+        k = centroids.shape[0]
+        clusters, scores = self._proposals(state, ids, centroids)
+        target, score = clusters[:, 0], scores[:, 0]  # (n,) each row's best cluster
+        movers = target != assignment[ids]
+        room = width - torch.bincount(assignment, minlength=k)  # (K,) free seats now
+        # rank the movers of each target cluster by score (two stable sorts), seat the first room[c]
+        order = torch.argsort(torch.where(movers, score, -math.inf), descending=True, stable=True)
+        order = order[torch.argsort(torch.where(movers, target, k)[order], stable=True)]
+        sorted_target = torch.where(movers, target, k)[order]
+        counts = torch.bincount(sorted_target, minlength=k + 1)
+        rank = (
+            torch.arange(order.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[sorted_target]
+        )
+        seated = (sorted_target < k) & (rank < torch.cat([room, room.new_zeros(1)])[sorted_target])
+        moved = ids[order[seated]]
+        assignment[moved] = sorted_target[seated]
+
     def _warm(self, state: dict[str, Tensor], weight: Tensor, changed: Tensor) -> None:
         """Refresh the ``changed (n,)`` rows and move them among nearby clusters: ``O(n)`` work, not ``O(C)``.
 
-        Cluster sums lose the rows' old snapshot and gain the new one; each changed row then proposes to the
-        clusters nearest its own, every cluster keeping at most ``W`` rows with the unchanged ones staying.
+        Cluster sums lose the rows' old snapshot and gain the new one; each changed row then moves to the best
+        cluster near its own that has a free seat (:meth:`_move`); unchanged rows stay.
         """
         members, assignment, sums = state["members"], state["assignment"], state["sums"]
         k, width = members.shape
@@ -209,11 +230,7 @@ class ClusterIndex(ClassSelector):
         sums.sub_(self._sums(state, changed, assignment[changed], k))
         self._refresh_rows(state, weight, changed)
         for _ in range(self.refine_iters):
-            clusters, scores = self._proposals(state, changed, centroids)
-            staying = torch.bincount(assignment, minlength=k) - torch.bincount(
-                assignment[changed], minlength=k
-            )
-            assignment[changed] = capacity_assign(clusters, scores, k, width - staying)
+            self._move(state, changed, centroids, width)
         sums.add_(self._sums(state, changed, assignment[changed], k))
         state["members"] = self._members(assignment, k, width)
 

@@ -79,8 +79,9 @@ def _random_candidates(
         return torch.randperm(num_classes, generator=generator, device=draw_device).to(device)
     # 2 S + 64 uniform draws hold >= S distinct classes outside any S fixed ones with overwhelming odds
     draws = torch.randint(num_classes, (2 * total + 66,), generator=generator, device=draw_device).to(device)
-    step = multipliers.to(device)[draws[-2] % multipliers.numel()]  # () a random multiplier, offset draws[-1]
-    progression = (step * torch.arange(total, device=device) + draws[-1]) % num_classes  # (S,) distinct
+    # a random multiplier and offset, kept as (1,) tensors: indexing with a 0-d tensor would sync
+    step = multipliers.to(device).index_select(0, draws[-2:-1] % multipliers.numel())  # (1,)
+    progression = (step * torch.arange(total, device=device) + draws[-1:]) % num_classes  # (S,) distinct
     return torch.cat([draws[:-2], progression])
 
 
@@ -132,7 +133,7 @@ def select_active(
     keep = winner & (slot < total)
     ids = candidates.new_empty(total + 1).scatter_(0, torch.where(keep, slot, total), candidates)[:total]
     label_columns = slot[mark[labels].long()]  # (L,) in the labels' own order
-    mark[safe] = _UNMARKED  # leave the buffer clean for the next step
+    mark.index_fill_(0, safe, _UNMARKED)  # leave the buffer clean for the next step
     num_positive = winner[: labels.numel()].sum()
     num_neighbour = keep[labels.numel() : fixed_end].sum()
     fixed = num_positive + num_neighbour

@@ -289,7 +289,9 @@ class ParamServerClient:
         self.drain()  # after issuing: the pull travels while the last push is acknowledged
         return PendingPull(self, ids, parts)
 
-    def pull(self, ids: Tensor | np.ndarray, *, min_step: int | None = None, pin_memory: bool = False) -> Tensor:
+    def pull(
+        self, ids: Tensor | np.ndarray, *, min_step: int | None = None, pin_memory: bool = False
+    ) -> Tensor:
         """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor (page-locked with ``pin_memory``)."""
         return self.pull_async(ids, min_step=min_step).result(pin_memory=pin_memory)
 
@@ -350,15 +352,18 @@ class ParamServerClient:
         for shard, positions in self._split(ids):
             if _count(positions) == 0 and self.mode == "async":
                 continue
+            incarnation = self._shards[shard].incarnation
             message = wire.message(
-                "PushGradientsRequest", ids=wire.encode_ids(ids[positions]), step=step, trainer=self.trainer
+                "PushGradientsRequest",
+                ids=wire.encode_ids(ids[positions]),
+                step=step,
+                trainer=self.trainer,
+                incarnation=incarnation,
             )
             if lr is not None:
                 message.lr.value = lr
             data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
-            request = wire.Encoded(
-                data, 6, self._shards[shard].incarnation
-            )  # kept until applied: owns its bytes
+            request = wire.Encoded(data, 6, incarnation)  # kept until applied: owns its bytes
             self._shards[shard].unapplied.append((step, request))
             issued.append((shard, *self._issue(shard, "PushGradientsRequest", request)))
         self.last_pushed_step = max(self.last_pushed_step, step)

@@ -273,7 +273,7 @@ class ShardService:
         )
 
     def _query_index(self, features: Tensor, n: int, *, cosine: bool, max_age: int) -> tuple[Tensor, Tensor]:
-        """Top-``n`` local ``(scores, ids)`` ``(B, n')`` of ``features (B, D)`` from this shard's cluster index.
+        """Top-``n`` local ``(scores, ids)``, each ``(B, n')``, of ``features (B, D)`` by the shard's index.
 
         The index is built at the first query and refreshed (a warm build over the rows updated since, see
         :class:`~megaclass.index.kmeans.ClusterIndex`) when its build is over ``max_age`` versions old.

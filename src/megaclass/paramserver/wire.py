@@ -271,12 +271,16 @@ class Prepared:
 
 
 class Encoded:
-    """Serialized request bytes whose ``incarnation`` (field number ``field``) a retry may override."""
+    """Serialized request bytes, already holding ``incarnation`` (field number ``field``), which a retry may
+    override: sent as they are (no copy of a large message) until :attr:`incarnation` changes."""
 
     def __init__(self, data: bytes, field: int, incarnation: int) -> None:
         self.data, self.field, self.incarnation = data, field, incarnation
+        self._encoded = incarnation  # the incarnation ``data`` holds
 
     def serialize(self) -> bytes:
+        if self.incarnation == self._encoded:
+            return self.data
         return self.data + _key(self.field, 0) + _varint(self.incarnation)  # the last occurrence wins
 
 
