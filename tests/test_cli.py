@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megaclass.cli import COMMANDS, main
+from megaclass.dst import DSTConfig, rewire_fraction
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +174,63 @@ def test_text_data_trains_and_predicts_through_the_saved_featurizer(repo_root, t
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--test", str(paths[1])]) == 0
     assert json.loads(capsys.readouterr().out)["P@5"] == pytest.approx(trained["P@5"], abs=1e-12)
+
+
+_SPARSE = [
+    "--head",
+    "sparse",
+    "--set",
+    "head.fan_in=8",
+    "head.intermediate=64",
+    "head.aux_leaf=40",
+    "head.aux_cutoff_epoch=2",
+    "head.dst.interval=4",
+]
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tiny, tmp_path_factory):
+    """A sparse head with its intermediate layer, auxiliary loss (label features made by default) and DST."""
+    out = tmp_path_factory.mktemp("sparse")
+    assert _train(tiny, out, *_SPARSE) == 0
+    return out
+
+
+def test_sparse_run_logs_rewiring_and_reports_head_memory(sparse_run):
+    with open(sparse_run / "log.jsonl") as file:
+        records = [json.loads(line) for line in file if '"train"' in line]
+    assert all(record["head/sparsity"] == pytest.approx(1 - 8 / 64) for record in records)
+    rewirings = [record["head/rewirings"] for record in records]
+    # Bound to the trainer's 30 steps, the rewired fraction anneals to 0: late rewirings round to none.
+    due = [s for s in range(1, 31) if round(8 * rewire_fraction(DSTConfig(interval=4), s, 30)) > 0]
+    assert rewirings == sorted(rewirings) and rewirings[-1] == len(due) < 30 // 4
+    alphas = [record["head/aux_alpha"] for record in records]
+    assert 0 < alphas[0] <= 0.5 and alphas[-1] == 0.0, "the auxiliary weight decays to 0 at its cut-off"
+    with open(sparse_run / "metrics.json") as file:
+        metrics = json.load(file)
+    parts = ("weights", "structure", "grad", "optimizer")
+    assert metrics["head_total_bytes"] == sum(metrics[f"head_{part}_bytes"] for part in parts)
+    assert 0 <= metrics["head_optimizer_bytes"] - 2 * metrics["head_grad_bytes"] <= 64  # 2 moments + steps
+    assert metrics["dense_head_total_bytes"] == 4 * 595 * (48 + 1) * 4
+    assert metrics["head/sparsity"] == pytest.approx(0.875)
+    assert "## Head memory" in (sparse_run / "report.md").read_text()
+
+
+def test_sparse_run_with_auxiliary_head_reloads_for_eval_and_predict(tiny, sparse_run, tmp_path, capsys):
+    _, test = tiny
+    capsys.readouterr()
+    assert main(["eval", "--run", str(sparse_run), "--test", test]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    with open(sparse_run / "metrics.json") as file:
+        trained = json.load(file)
+    for key in ("P@1", "P@5", "nDCG@5"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-12)
+    predictions = tmp_path / "predictions.txt"
+    assert main(["predict", "--run", str(sparse_run), "--input", test, "--out", str(predictions)]) == 0
+    assert len(predictions.read_text().splitlines()) == 100
+
+
+def test_sparse_auxiliary_loss_without_label_features_is_a_config_error(tiny, tmp_path, capsys):
+    code = _train(tiny, tmp_path / "run", *_SPARSE, "data.label_feature_dim=0")
+    assert code == 2
+    assert "data.label_feature_dim" in capsys.readouterr().err

@@ -261,3 +261,23 @@ def test_grouped_labels_are_ordered_by_label_cluster():
     ordered = leaves[head.label_order]
     assert torch.all(ordered[1:] >= ordered[:-1]) and not torch.equal(head.label_order, torch.arange(CLASSES))
     assert torch.equal(head.label_order[head.label_position], torch.arange(CLASSES))
+
+
+@pytest.mark.parametrize("config", [dict(intermediate=16), dict(group=4, dense_frequent=5)])
+def test_head_without_label_features_reloads_its_auxiliary_part(config):
+    """A run folder rebuilds the head with no label features: the state dict alone restores the clusters."""
+    trained = SparseHead(SparseHeadConfig(fan_in=4, aux_leaf=30, **config), _context())
+    assert trained.aux is not None
+    _train(trained, torch.optim.AdamW(trained.parameters()), 2)
+    bare = HeadContext(DIM, CLASSES, True, label_counts=_context().label_counts)
+    restored = SparseHead(SparseHeadConfig(fan_in=4, aux_leaf=30, **config), bare)
+    assert restored.aux is None
+    with pytest.raises(ConfigError, match="label features"):
+        restored(torch.randn(2, DIM), _targets(2, True))  # training would silently lose the auxiliary loss
+    restored.load_state_dict(trained.state_dict())
+    assert restored.aux.out_features == trained.aux.out_features
+    assert torch.equal(restored.label_cluster, trained.label_cluster)
+    features, targets = torch.randn(5, DIM), _targets(5, True)
+    torch.testing.assert_close(restored(features, targets), trained(features, targets), rtol=0, atol=0)
+    for a, b in zip(restored.topk(features, 7), trained.topk(features, 7), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

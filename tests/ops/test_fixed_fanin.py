@@ -39,7 +39,9 @@ def _problem(case, dtype, *, bias=True, duplicates=True):
     weight = (torch.randn(classes, fan_in) / fan_in**0.5).to(dtype)
     index = torch.randint(0, dim, (-(-classes // group), fan_in), dtype=torch.int32)
     if duplicates:
-        index[0] = index[0, 0]  # one row reads the same input K times
+        index[0] = index[
+            0, 0
+        ].item()  # one row reads the same input K times (a copy: CUDA rejects self-overlap)
     b = torch.randn(classes, dtype=dtype) if bias else None
     return x, weight, index, b
 
@@ -250,3 +252,31 @@ def test_column_order_cached_per_topology():
     index[1, 1] = 9
     with pytest.raises(ValueError, match=r"index: expected input columns in \[0, 9\)"):
         column_order(index, **params)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("use_rows", [True, False])
+def test_rows_with_positives_one_node(use_rows, impl):
+    """Row values and positive logits from one autograd node: gradients as from separate plain-autograd
+    computations, also when only the positives are used."""
+    from megaclass.ops.fixed_fanin import fixed_fanin_rows, fixed_fanin_rows_positive, positive_logits
+
+    x, weight, index, bias = _problem((4, 30, 40, 6, 16), torch.float32)
+    samples, labels = torch.tensor([0, 0, 2, 3]), torch.tensor([5, 39, 5, 0])
+
+    def fused(a, w, b):
+        rows, positive = fixed_fanin_rows_positive(a, w, index, samples, labels, b, group=16, impl=impl)
+        return (rows.sum() if use_rows else 0.0) + (positive * torch.arange(1.0, 5.0)).sum()
+
+    def separate(a, w, b):
+        rows = fixed_fanin_rows(a, w, index, b, group=16, impl="reference")
+        positive = positive_logits(a, w, index, b, samples, labels, group=16)
+        return (rows.sum() if use_rows else 0.0) + (positive * torch.arange(1.0, 5.0)).sum()
+
+    out, grads = _grads(fused, [x, weight, bias])
+    expected, expected_grads = _grads(separate, [x, weight, bias])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="samples, labels"):
+        fixed_fanin_rows_positive(x, weight, index, samples, labels[:-1], group=16, impl=impl)

@@ -97,3 +97,13 @@ def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
         rows, expected = store.read(0, num_rows), host.store.read(0, num_rows)
         torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
     store.close()
+
+
+def test_index_device_is_checked(tmp_path):
+    from megaclass.paramserver import ServerConfig, serve
+
+    with pytest.raises(ValueError, match="--index-device 'tpu'"):
+        ServerConfig(num_rows=4, dim=2, data_dir=str(tmp_path), index_device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            serve(ServerConfig(num_rows=4, dim=2, data_dir=str(tmp_path), index_device="cuda"))

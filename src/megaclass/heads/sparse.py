@@ -94,17 +94,27 @@ class SparseHeadConfig:
                 f"{self.aux_alpha0}, {self.aux_cutoff_epoch}, {self.aux_leaf}"
             )
 
+    @property
+    def aux_enabled(self) -> bool:
+        """Whether the auxiliary cluster loss is on."""
+        return self.aux_clusters != 0 and self.aux_alpha0 > 0.0
+
+    @property
+    def needs_label_features(self) -> bool:
+        """Training needs PIFA label features (``HeadContext.label_features``): the auxiliary loss is on."""
+        return self.aux_enabled
+
+    @property
+    def wants_label_features(self) -> bool:
+        """Label features help: the auxiliary clusters, or grouping similar labels when ``group > 1``."""
+        return self.aux_enabled or self.group > 1
+
 
 def _label_clusters(config: SparseHeadConfig, context: HeadContext) -> Tensor | None:
-    """``(C,)`` cluster id per label from the PIFA label features, or None when the auxiliary loss is off."""
-    if config.aux_clusters == 0 or config.aux_alpha0 == 0.0:
+    """``(C,)`` cluster id per label from the PIFA label features; None when the auxiliary loss is off or
+    there are no label features (a head rebuilt to load a state dict gets its clusters from it)."""
+    if not config.aux_enabled or context.label_features is None:
         return None
-    if context.label_features is None:
-        if config.aux_clusters == "auto":
-            return None
-        raise ConfigError(
-            "head.aux_clusters: a number of clusters needs label features, and the data gives none"
-        )
     from megaclass.index.clustering import balanced_kmeans, hierarchical_balanced_2means
 
     features = torch.as_tensor(context.label_features, dtype=torch.float32)
@@ -175,10 +185,12 @@ class SparseHead(Head):
         self.num_dense = config.dense_frequent
         self.dense = nn.Linear(self.hidden_dim, self.num_dense) if self.num_dense else None
         self._build_sparse(context.num_classes - self.num_dense)
-        self.aux = None
+        self.aux: nn.Linear | None = None
         if clusters is not None:
-            self.register_buffer("label_cluster", clusters.long())
-            self.aux = nn.Linear(self.hidden_dim, int(clusters.max()) + 1)
+            self._build_aux(clusters.long(), int(clusters.max()) + 1)
+        # The auxiliary loss is on but its clusters are unknown until a state dict brings them: training
+        # before that raises (the trainer computes label features whenever the head needs them).
+        self._aux_missing = config.aux_enabled and clusters is None
         self.register_buffer("epoch", torch.zeros((), dtype=torch.float64))
         self.register_buffer("dst_rewirings", torch.zeros((), dtype=torch.int64))
         self.register_buffer("dst_last_fraction", torch.zeros((), dtype=torch.float64))
@@ -203,6 +215,11 @@ class SparseHead(Head):
         self.weight = nn.Parameter(weight)  # (C_sparse, K)
         self.bias = nn.Parameter(torch.zeros(classes)) if config.bias else None
 
+    def _build_aux(self, clusters: Tensor, num_clusters: int) -> None:
+        """The auxiliary classifier over ``num_clusters`` clusters; ``clusters (C,)``: each label's."""
+        self.register_buffer("label_cluster", clusters)
+        self.aux = nn.Linear(self.hidden_dim, num_clusters, device=clusters.device)
+
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None) -> None:
         """Give rewiring the optimizer (to reset the state of new connections) and the run's length."""
         self._optimizer = optimizer
@@ -224,6 +241,12 @@ class SparseHead(Head):
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """Scalar loss ``(1 - alpha) * main + alpha * auxiliary`` of ``features (B, D)``; no ``B x C``."""
+        if self._aux_missing and self.training:
+            raise ConfigError(
+                f"head.aux_clusters={self.config.aux_clusters!r}: the auxiliary loss needs label features "
+                "(HeadContext.label_features) to cluster labels, and none were given; pass them (the trainer's "
+                "data.label_feature_dim) or set head.aux_clusters=0"
+            )
         hidden = self._hidden(features)  # (B, H)
         ragged = as_ragged(targets)
         if ragged.batch_size != hidden.shape[0]:
@@ -326,6 +349,13 @@ class SparseHead(Head):
         key = prefix + "dst_rng_state"
         if key in state_dict:  # its size depends on the device type that saved it
             self.dst_rng_state = state_dict[key].clone()
+        clusters = state_dict.get(prefix + "label_cluster")
+        if self.aux is None and clusters is not None and self.config.aux_enabled:
+            # Built without label features (a run folder reloaded for inference): the saved clusters and
+            # the classifier's shape rebuild the auxiliary part, then the values load below.
+            num_clusters = state_dict[prefix + "aux.weight"].shape[0]
+            self._build_aux(torch.zeros_like(clusters, device=self.index.device), num_clusters)
+            self._aux_missing = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if prefix + "epoch" in state_dict:
             self._epoch = float(state_dict[prefix + "epoch"])  # one sync, at load time

@@ -113,6 +113,8 @@ class ShardService:
     """The request handlers of one shard (transport-independent; :func:`serve` wires them to gRPC)."""
 
     def __init__(self, config: ServerConfig) -> None:
+        if config.index_device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--index-device {config.index_device!r}: this machine has no CUDA device")
         self.config = config
         start, stop = shard_range(config.num_rows, config.shard, config.shards)
         spec = ShardSpec(config.num_rows, config.dim, start, stop, config.optimizer, config.trainers)

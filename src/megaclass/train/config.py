@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 
+AUTO_LABEL_FEATURE_DIM = 256  # PIFA width of data.label_feature_dim=auto: enough to cluster 10^6 labels
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from and how it is read."""
@@ -39,13 +42,23 @@ class DataConfig:
     format: str = "auto"  # auto: sniffed from the file (xmc-bow header, or labels<TAB>text)
     num_classes: int = 0  # 0: taken from the training file; set it when the test file has labels train lacks
     featurizer: dict[str, Any] = field(default_factory=dict)  # text data: options of the text featuriser
-    label_feature_dim: int = 0  # > 0: compute PIFA label vectors of this width for heads that cluster labels
+    label_feature_dim: int | str = (
+        "auto"  # width of the PIFA label vectors heads cluster labels by; auto: 256 when the head uses them
+    )
 
     def __post_init__(self) -> None:
         if self.num_classes < 0:
             raise ConfigError(f"data.num_classes: expected >= 0, got {self.num_classes}")
-        if self.label_feature_dim < 0:
-            raise ConfigError(f"data.label_feature_dim: expected >= 0, got {self.label_feature_dim}")
+        dim = self.label_feature_dim
+        if (isinstance(dim, str) and dim != "auto") or (isinstance(dim, int) and dim < 0):
+            raise ConfigError(f"data.label_feature_dim: expected 'auto' or an integer >= 0, got {dim!r}")
+
+    def label_feature_width(self, *, wanted: bool) -> int:
+        """The PIFA width to compute: ``label_feature_dim``, or for ``auto`` 256 when ``wanted`` (a head
+        clusters or orders labels by them), else 0 (none)."""
+        if self.label_feature_dim == "auto":
+            return AUTO_LABEL_FEATURE_DIM if wanted else 0
+        return int(self.label_feature_dim)
 
 
 @dataclass(frozen=True)

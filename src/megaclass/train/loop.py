@@ -207,6 +207,14 @@ class Trainer:
             self._write_run_files()
         if resume_from is not None:
             self._restore(resume_from)
+        self._bind_head_optimizer()
+
+    def _bind_head_optimizer(self) -> None:
+        """Give a head that rewires (``bind_optimizer``: the sparse head, sharded or not) its optimizer and the
+        run's length, so rewiring resets the state of new connections and anneals to the stop step."""
+        bind = getattr(self.head, "bind_optimizer", None)
+        if bind is not None and self.optimizers["head"] is not None:
+            bind(self.optimizers["head"], total_steps=self.total_steps)
 
     def _open_data(self) -> tuple[SparseDataset, SparseDataset]:
         from megaclass.models.text import token_source
@@ -378,10 +386,17 @@ class Trainer:
         lr = lr_at(
             self.state.global_step - 1, peak=1.0, total_steps=self.total_steps, optim=self.config.optim
         )
+        head_metrics = {f"head/{name}": value for name, value in self.head.metrics().items()}  # syncs: a log
         self.logger.log(
             "train",
             self.state.global_step,
-            {"epoch": epoch, "loss": sum(losses) / len(losses), "losses": losses, "lr_scale": lr},
+            {
+                "epoch": epoch,
+                "loss": sum(losses) / len(losses),
+                "losses": losses,
+                "lr_scale": lr,
+                **head_metrics,
+            },
         )
 
     def _finish_epoch(self, epoch: int) -> None:
@@ -417,6 +432,15 @@ class Trainer:
             num_classes=self.train_data.num_classes,
             device=str(self.device),
         )
+        memory = head_memory(
+            self.head,
+            self.optimizers["head"],
+            num_classes=self.train_data.num_classes,
+            in_features=self.encoder.out_features,
+        )
+        metrics.update({f"head/{name}": value for name, value in self.head.metrics().items()})
+        metrics.update(memory)
+        self.logger.print(format_head_memory(memory, sparsity=metrics.get("head/sparsity")))
         checkpoint.write_state(os.path.join(self.out_dir, "model"), model_state)
         checkpoint.write_json_atomic(os.path.join(self.out_dir, "metrics.json"), metrics)
         with open(os.path.join(self.out_dir, "config.yaml"), encoding="utf-8") as file:
@@ -427,6 +451,7 @@ class Trainer:
             metrics=metrics,
             history=epoch_history(records),
             ks=self.config.eval.ks,
+            head_memory=memory,
         )
         return metrics
 
@@ -597,11 +622,77 @@ def _truncate_log(path: str, step: int) -> None:
         file.writelines(json.dumps(record) + "\n" for record in kept)
 
 
+def head_memory(
+    head: nn.Module, optimizer: torch.optim.Optimizer | None, *, num_classes: int, in_features: int
+) -> dict[str, int]:
+    """Bytes the head holds (this rank's part when sharded) beside what a dense head would need.
+
+    ``head_weights_bytes`` and ``head_structure_bytes`` (indices, topology, label maps) come from
+    ``head.state_bytes()``; gradients are one per trainable weight; the optimizer state is measured.
+    ``dense_head_total_bytes`` is an fp32 ``C x (D + 1)`` layer (weights and biases) with its gradients and
+    AdamW's two moments: four times ``C (D + 1) 4`` bytes.
+    """
+    held = head.state_bytes()
+    params = [param for param in head.parameters() if param.requires_grad]
+    grads = sum(param.numel() * param.element_size() for param in params)
+    state = optimizer.state if optimizer is not None else {}
+    optimizer_bytes = sum(
+        value.numel() * value.element_size()
+        for param in params
+        for value in state.get(param, {}).values()
+        if isinstance(value, Tensor)
+    )
+    total = held["weights"] + held["structure"] + grads + optimizer_bytes
+    dense = 4 * num_classes * (in_features + 1) * 4
+    return {
+        "head_weights_bytes": held["weights"],
+        "head_structure_bytes": held["structure"],
+        "head_grad_bytes": grads,
+        "head_optimizer_bytes": optimizer_bytes,
+        "head_total_bytes": total,
+        "dense_head_total_bytes": dense,
+    }
+
+
+def format_head_memory(memory: dict[str, int], *, sparsity: float | None = None) -> str:
+    """One line: the head's total (weights, structure, gradients, optimizer state) beside the dense head's."""
+    mib = 1 << 20
+    line = (
+        f"head + optimizer state {memory['head_total_bytes'] / mib:.2f} MiB "
+        f"(weights {memory['head_weights_bytes'] / mib:.2f}, structure {memory['head_structure_bytes'] / mib:.2f}, "
+        f"gradients {memory['head_grad_bytes'] / mib:.2f}, optimizer {memory['head_optimizer_bytes'] / mib:.2f}); "
+        f"a dense head would need {memory['dense_head_total_bytes'] / mib:.2f} MiB"
+    )
+    return line if sparsity is None else f"head sparsity {100 * sparsity:.1f}%, {line}"
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), NumPy and Python's ``random``."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def _pifa_label_features(config: RunConfig, data: SparseDataset) -> np.ndarray | None:
+    """PIFA label vectors when ``data.label_feature_dim`` asks (``auto``: when the head uses them), else None.
+
+    Raises:
+        ConfigError: the head needs them (its auxiliary loss is on) and none can be made.
+    """
+    head = config.head
+    wanted = bool(getattr(head, "wants_label_features", False))  # clusters or orders labels by them
+    required = bool(getattr(head, "needs_label_features", False))  # cannot train without them
+    width = config.data.label_feature_width(wanted=wanted)
+    can_make = hasattr(data, "label_features")
+    if required and not (width > 0 and can_make):
+        why = "data.label_feature_dim is 0" if can_make else f"{data.path} gives no label features"
+        raise ConfigError(
+            f"head.aux_clusters={getattr(head, 'aux_clusters', None)!r}: the auxiliary loss clusters labels by "
+            f"their PIFA features, but {why}; set data.label_feature_dim (e.g. auto) or head.aux_clusters=0"
+        )
+    if width == 0 or not can_make:
+        return None
+    return data.label_features(dim=width, seed=config.train.seed)
 
 
 def build_modules(
@@ -616,8 +707,8 @@ def build_modules(
     label_features = None
     if names is not None and config.model.label_features == "names":
         label_features = names
-    elif config.data.label_feature_dim > 0:
-        label_features = data.label_features(dim=config.data.label_feature_dim, seed=config.train.seed)
+    else:
+        label_features = _pifa_label_features(config, data)
     context = HeadContext(
         in_features=encoder.out_features,
         num_classes=data.num_classes,

@@ -56,6 +56,25 @@ def _plot(path: str, history: list[dict[str, Any]], ks: tuple[int, ...]) -> str 
     return None
 
 
+def _memory_section(memory: dict[str, int] | None) -> list[str]:
+    """``## Head memory``: each part of the head's memory in MiB, and the dense head's total beside it."""
+    if not memory:
+        return []
+    rows = [
+        {"part": name.removeprefix("head_").removesuffix("_bytes"), "MiB": f"{value / 2**20:.3f}"}
+        for name, value in memory.items()
+        if name.startswith("head_")
+    ]
+    dense = memory["dense_head_total_bytes"]
+    rows.append({"part": "dense head (weights, gradients, AdamW state)", "MiB": f"{dense / 2**20:.3f}"})
+    ratio = memory["head_total_bytes"] / max(dense, 1)
+    return [
+        "## Head memory",
+        _markdown_table(rows, ["part", "MiB"]),
+        f"The head holds {100 * ratio:.1f}% of what the dense head would need.",
+    ]
+
+
 def write_report(
     out_dir: str,
     *,
@@ -63,8 +82,13 @@ def write_report(
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     ks: tuple[int, ...],
+    head_memory: dict[str, int] | None = None,
 ) -> str:
-    """Write ``out_dir/report.md`` and ``out_dir/report.png``; returns the report's path."""
+    """Write ``out_dir/report.md`` and ``out_dir/report.png``; returns the report's path.
+
+    ``head_memory``: the ``head_*_bytes`` and ``dense_head_total_bytes`` of
+    :func:`megaclass.train.loop.head_memory`, shown as a table of MiB beside the dense head's need.
+    """
     note = _plot(os.path.join(out_dir, "report.png"), history, ks)
     final = [{"metric": name, "value": value} for name, value in metrics.items()]
     columns = ["epoch", "train_loss"] + [name for name in metrics if name.startswith(("P@", "nDCG@", "PSP@"))]
@@ -73,6 +97,7 @@ def write_report(
         "# Run report",
         "## Final metrics",
         _markdown_table(final, ["metric", "value"]),
+        *_memory_section(head_memory),
         "## Per epoch",
         _markdown_table(history, columns) if history else "No epoch finished.",
         "![loss and P@k per epoch](report.png)" if note is None else f"_{note}_",

@@ -12,6 +12,7 @@ from megaclass.ops.fixed_fanin.function import (
     FixedFaninOptions,
     fixed_fanin,
     fixed_fanin_rows,
+    fixed_fanin_rows_positive,
 )
 from megaclass.ops.fixed_fanin.losses import combine_loss, fixed_fanin_loss, fixed_fanin_topk, positive_logits
 from megaclass.ops.fixed_fanin.reference import (
@@ -28,6 +29,7 @@ __all__ = [
     "fixed_fanin",
     "fixed_fanin_loss",
     "fixed_fanin_rows",
+    "fixed_fanin_rows_positive",
     "fixed_fanin_topk",
     "positive_logits",
     "reference_fixed_fanin",

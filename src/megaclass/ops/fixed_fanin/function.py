@@ -16,7 +16,15 @@ from torch import Tensor
 
 from megaclass.ops import Impl, resolve_impl
 
-__all__ = ["FaninLoss", "FixedFaninFunction", "FixedFaninOptions", "fixed_fanin", "fixed_fanin_rows"]
+__all__ = [
+    "FaninLoss",
+    "FixedFaninFunction",
+    "FixedFaninOptions",
+    "fixed_fanin",
+    "fixed_fanin_rows",
+    "fixed_fanin_rows_positive",
+    "positive_values",
+]
 
 
 class FaninLoss(str, enum.Enum):
@@ -104,41 +112,110 @@ def _(
     )
 
 
-class FixedFaninFunction(torch.autograd.Function):
-    """``(x, weight, index, bias) -> logits (B, C)`` or fused row values ``(B,)``; index gets no gradient.
+def positive_values(
+    x: Tensor, weight: Tensor, index: Tensor, bias: Tensor | None, samples: Tensor, labels: Tensor, group: int
+) -> Tensor:
+    """``(L,)`` fp32 logits ``z[samples[l], labels[l]]`` from ``L`` gathers of ``K`` inputs."""
+    cols = index[labels // group].long()  # (L, K)
+    z = (x[samples[:, None], cols].float() * weight[labels].float()).sum(1)  # (L, K) -> (L,)
+    return z if bias is None else z + bias[labels].float()
 
-    Forward and backward run the ``megaclass::fixed_fanin_fwd`` / ``_bwd`` custom ops, so ``torch.compile``
-    traces through them.
+
+def _add_positive_grads(
+    grad_pos: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    samples: Tensor,
+    labels: Tensor,
+    group: int,
+    grads: tuple[Tensor, Tensor, Tensor | None],
+) -> None:
+    """Add the gradients of ``positive_values`` (``L`` sparse entries) into the layer's ``grads`` in place."""
+    grad_x, grad_w, grad_b = grads
+    cols = index[labels // group].long()  # (L, K)
+    g = grad_pos.float()[:, None]  # (L, 1)
+    grad_w.index_add_(0, labels, (g * x[samples[:, None], cols].float()).to(grad_w.dtype))
+    rows = samples[:, None].expand_as(cols)  # (L, K)
+    grad_x.index_put_((rows, cols), (g * weight[labels].float()).to(grad_x.dtype), accumulate=True)
+    if grad_b is not None:
+        grad_b.index_add_(0, labels, grad_pos.to(grad_b.dtype))
+
+
+def _layer_forward(
+    x: Tensor, weight: Tensor, index: Tensor, bias: Tensor | None, options: FixedFaninOptions
+) -> Tensor:
+    """The launchers directly in eager mode (no dispatcher round trip); the custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        loss, impl = options.loss.value, options.impl.value
+        return _fixed_fanin_fwd_op(x, weight, index, bias, options.group, loss, impl)
+    forward_launcher, _ = _launchers(options.impl)
+    return forward_launcher(x, weight, index, bias, group=options.group, loss=options.loss.value)
+
+
+def _layer_backward(
+    x: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    bias: Tensor | None,
+    grad: Tensor,
+    lse: Tensor | None,
+    options: FixedFaninOptions,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    if torch.compiler.is_compiling():
+        grad_x, grad_w, grad_b = _fixed_fanin_bwd_op(
+            x, weight, index, bias, grad, lse, options.group, options.loss.value, options.impl.value
+        )
+        return grad_x, grad_w, grad_b if bias is not None else None
+    _, backward_launcher = _launchers(options.impl)
+    return backward_launcher(
+        x, weight, index, bias, group=options.group, loss=options.loss.value, grad=grad, lse=lse
+    )
+
+
+class FixedFaninFunction(torch.autograd.Function):
+    """``(x, weight, index, bias, samples, labels) -> (out, positive)``: logits ``(B, C)`` or fused row values
+    ``(B,)``, and the ``(L,)`` fp32 logits at ``(samples, labels)`` (empty ``samples`` give an empty tensor).
+
+    The positive logits ride along so their gradient is added sparsely into the layer's gradients rather
+    than as a dense ``(C, K)`` tensor that autograd would sum with them. The launchers run directly in eager
+    mode and through the ``megaclass::fixed_fanin_fwd`` / ``_bwd`` custom ops under ``torch.compile``.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, index: Tensor, bias: Tensor | None, options: FixedFaninOptions
-    ) -> Tensor:
-        out = _fixed_fanin_fwd_op(
-            x, weight, index, bias, options.group, options.loss.value, options.impl.value
-        )
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        index: Tensor,
+        bias: Tensor | None,
+        samples: Tensor,
+        labels: Tensor,
+        options: FixedFaninOptions,
+    ) -> tuple[Tensor, Tensor]:
+        out = _layer_forward(x, weight, index, bias, options)
+        if samples.numel() == 0:
+            positive = x.new_empty(0, dtype=torch.float32)
+        else:
+            positive = positive_values(x, weight, index, bias, samples, labels, options.group)
         lse = out if options.loss is FaninLoss.SOFTMAX else None
-        ctx.save_for_backward(x, weight, index, bias, lse)
+        ctx.save_for_backward(x, weight, index, bias, lse, samples, labels)
         ctx.options = options
-        return out
+        ctx.set_materialize_grads(False)
+        return out, positive
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, index, bias, lse = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor | None, grad_pos: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, weight, index, bias, lse, samples, labels = ctx.saved_tensors
         options: FixedFaninOptions = ctx.options
-        grad_x, grad_w, grad_b = _fixed_fanin_bwd_op(
-            x,
-            weight,
-            index,
-            bias,
-            grad.contiguous(),
-            lse,
-            options.group,
-            options.loss.value,
-            options.impl.value,
-        )
-        return grad_x, grad_w, None, grad_b if bias is not None else None, None
+        if grad is None:  # only the positives are used: the layer's own output contributes nothing
+            dense = options.loss is FaninLoss.NONE
+            grad = x.new_zeros(x.shape[0], weight.shape[0]) if dense else x.new_zeros(x.shape[0]).float()
+        grads = _layer_backward(x, weight, index, bias, grad.contiguous(), lse, options)
+        if grad_pos is not None and samples.numel() > 0:
+            _add_positive_grads(grad_pos, x, weight, index, samples, labels, options.group, grads)
+        grad_x, grad_w, grad_b = grads
+        return grad_x, grad_w, None, grad_b if bias is not None else None, None, None, None
 
 
 def _check_inputs(x: Tensor, weight: Tensor, index: Tensor, bias: Tensor | None, group: int) -> None:
@@ -189,7 +266,8 @@ def fixed_fanin(
     """
     _check_inputs(x, weight, index, bias, group)
     options = FixedFaninOptions(group=group, loss=FaninLoss.NONE, impl=resolve_impl(impl, x, weight, index))
-    return FixedFaninFunction.apply(x, weight.contiguous(), index.contiguous(), bias, options)
+    none = torch.empty(0, dtype=torch.long, device=x.device)
+    return FixedFaninFunction.apply(x, weight.contiguous(), index.contiguous(), bias, none, none, options)[0]
 
 
 def fixed_fanin_rows(
@@ -207,9 +285,40 @@ def fixed_fanin_rows(
     ``bce``: ``sum_c softplus(z[b, c])``; ``hinge``: ``sum_c max(0, 1 + z[b, c])^2`` (the losses with every
     target 0); ``softmax``: ``logsumexp_c z[b, c]``. Differentiable in ``x``, ``weight`` and ``bias``.
     """
+    none = torch.empty(0, dtype=torch.long, device=x.device)
+    return fixed_fanin_rows_positive(x, weight, index, none, none, bias, group=group, loss=loss, impl=impl)[0]
+
+
+def fixed_fanin_rows_positive(
+    x: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    samples: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    group: int = 1,
+    loss: FaninLoss | str = "bce",
+    impl: Impl | str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Fused row values ``(B,)`` (see :func:`fixed_fanin_rows`) and the ``(L,)`` fp32 logits
+    ``z[samples[l], labels[l]]`` in one autograd node: the positives' gradient goes sparsely into the
+    layer's gradients (``L`` rows) instead of a dense ``(C, K)`` tensor summed with them.
+
+    Args:
+        samples: ``(L,)`` int64 sample of each positive entry.
+        labels: ``(L,)`` int64 label of each positive entry.
+    """
     _check_inputs(x, weight, index, bias, group)
     loss = FaninLoss(loss)
     if loss is FaninLoss.NONE:
         raise ValueError("loss: expected 'bce', 'hinge' or 'softmax' for fused row values, got 'none'")
+    if samples.shape != labels.shape or samples.dim() != 1:
+        raise ValueError(
+            f"samples, labels: expected two (L,) tensors, got shapes {tuple(samples.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
     options = FixedFaninOptions(group=group, loss=loss, impl=resolve_impl(impl, x, weight, index))
-    return FixedFaninFunction.apply(x, weight.contiguous(), index.contiguous(), bias, options)
+    weight, index = weight.contiguous(), index.contiguous()
+    rows, positive = FixedFaninFunction.apply(x, weight, index, bias, samples.long(), labels.long(), options)
+    return rows, positive

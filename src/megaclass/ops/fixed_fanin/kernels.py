@@ -20,8 +20,9 @@ idx[c, k]]`` (it owns those rows) and, for the input gradient, one buffer row pe
 ``gxT[k, b] = sum_j w[gG + j, k] dz[b, gG + j]`` (grouped) or the label's ``dz[b, c]`` (per-label). A second
 kernel reduces the buffer by input column over the connections sorted by column (``columns.py``, cached per
 topology): ``dx[b, d] = sum_{(r, k) -> d} scale * buf[r, b]``, a deterministic segmented sum. Labels go
-through the buffer in chunks of at most ``_CHUNK_ROWS`` rows, which bounds its memory. All pointer offsets
-are int64: nothing assumes ``C * K < 2^31``.
+through the buffer in chunks of at most ``_CHUNK_ROWS`` rows, which bounds its memory. Offsets into the
+weights, the index and the buffer are int64: nothing assumes ``C * K < 2^31``; gathers from ``xT`` use int32
+(the launchers require ``B * D < 2^31``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
 _BLOCK_C = 32  # labels per program in the per-label kernels
 _BLOCK_K = 32  # fan-in slice per tl.dot in the grouped kernels
 _BLOCK_J = 32  # connections per step of the input-gradient reduction
-_CHUNK_ROWS = 1 << 18  # buffer rows per chunk of labels: (rows, B), 64 MiB at B = 128 in bf16
+_CHUNK_ROWS = 1 << 19  # buffer rows per chunk of labels: (rows, B), 128 MiB at B = 128 in bf16
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def _logits_t(
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + offs_kk
             mask_k = offs_k < K
-            cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+            cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
             xg = tl.load(
                 XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
                 mask=mask_k[:, None] & mask_b[None, :],
@@ -83,7 +84,7 @@ def _logits_t(
         i_rows = (offs_c // GROUP) * K
         mask = mask_c[:, None] & mask_b[None, :]
         for k in range(0, K):
-            cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0).to(tl.int64)
+            cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0)
             w = tl.load(W_ptr + w_rows + k, mask=mask_c, other=0.0).to(tl.float32)
             xv = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask, other=0.0)
             acc += w[:, None] * xv.to(tl.float32)
@@ -204,7 +205,7 @@ def _fixed_fanin_bwd_kernel(
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + offs_kk
                 mask_k = offs_k < K
-                cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+                cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
                 mask_kb = mask_k[:, None] & mask_b[None, :]
                 xg = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask_kb, other=0.0)
                 mask_ck = mask_c[:, None] & mask_k[None, :]
@@ -226,7 +227,7 @@ def _fixed_fanin_bwd_kernel(
             tl.store(buf_ptrs, dz.to(Buf_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_b[None, :])
             i_rows = (offs_c // GROUP) * K
             for k in range(0, K):
-                cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0).to(tl.int64)
+                cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0)
                 xv = tl.load(
                     XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
                     mask=mask_c[:, None] & mask_b[None, :],
@@ -292,6 +293,8 @@ def _dot_mode(x: torch.Tensor) -> tuple[str, bool]:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.numel() >= 2**31:  # gathers from xT (D, B) use int32 offsets
+        raise ValueError(f"x: expected fewer than 2^31 elements, got shape {tuple(x.shape)}")
     if x.dim() != 2 or weight.dim() != 2 or index.dim() != 2:
         raise ValueError(
             f"x, weight, index: expected 2-D, got {tuple(x.shape)}, {tuple(weight.shape)}, "

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megaclass.ops import Impl
-from megaclass.ops.fixed_fanin.function import FaninLoss, fixed_fanin, fixed_fanin_rows
+from megaclass.ops.fixed_fanin.function import (
+    FaninLoss,
+    fixed_fanin,
+    fixed_fanin_rows_positive,
+    positive_values,
+)
 from megaclass.targets import RaggedLabels
 
 __all__ = ["combine_loss", "fixed_fanin_loss", "fixed_fanin_topk", "positive_logits"]
@@ -39,10 +44,9 @@ def positive_logits(
     *,
     group: int = 1,
 ) -> Tensor:
-    """``(L,)`` fp32 logits ``z[samples[l], labels[l]]`` from ``L`` gathers of ``K`` inputs."""
-    cols = index[labels // group].long()  # (L, K)
-    z = (x[samples[:, None], cols].float() * weight[labels].float()).sum(1)  # (L, K) -> (L,)
-    return z if bias is None else z + bias[labels].float()
+    """``(L,)`` fp32 logits ``z[samples[l], labels[l]]`` from ``L`` gathers of ``K`` inputs (plain autograd;
+    :func:`fixed_fanin_rows_positive` computes them with the row values and a sparse gradient)."""
+    return positive_values(x, weight, index, bias, samples, labels, group)
 
 
 def combine_loss(rows: Tensor, positive: Tensor, targets: RaggedLabels, loss: FaninLoss | str) -> Tensor:
@@ -84,9 +88,10 @@ def fixed_fanin_loss(
     """
     if targets.batch_size != x.shape[0]:
         raise ValueError(f"targets: expected {x.shape[0]} samples, got {targets.batch_size}")
-    rows = fixed_fanin_rows(x, weight, index, bias, group=group, loss=loss, impl=impl)
     labels = targets.indices.long()
-    positive = positive_logits(x, weight, index, bias, _sample_ids(targets), labels, group=group)
+    rows, positive = fixed_fanin_rows_positive(
+        x, weight, index, _sample_ids(targets), labels, bias, group=group, loss=loss, impl=impl
+    )
     return combine_loss(rows, positive, targets, loss)
 
 

@@ -1,0 +1,102 @@
+"""The trainer drives the sparse head's rewiring: the optimizer is bound, regrown weights start from a clean
+AdamW state, the rewired fraction anneals with the run's length, and a resumed run stays bound."""
+
+import gzip
+import os
+
+import pytest
+
+from megaclass.dst import DSTConfig, rewire_fraction
+from megaclass.train import Trainer, load_config
+
+
+def _slice(source: str, target: str, rows: int) -> str:
+    with gzip.open(source, "rt") as file:
+        header = file.readline().split()
+        lines = [file.readline() for _ in range(rows)]
+    with open(target, "w") as file:
+        file.write(f"{rows} {header[1]} {header[2]}\n")
+        file.writelines(lines)
+    return target
+
+
+@pytest.fixture(scope="module")
+def tiny(repo_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sparse")
+    data = os.path.join(repo_root, "data", "deb-tags")
+    return (
+        _slice(os.path.join(data, "train_bow.txt.gz"), str(folder / "train.txt"), 256),
+        _slice(os.path.join(data, "test_bow.txt.gz"), str(folder / "test.txt"), 64),
+    )
+
+
+def _trainer(tiny, out, *extra: str) -> Trainer:
+    overrides = [
+        "model.hidden=[32]",
+        "head.fan_in=4",
+        "head.aux_clusters=0",
+        "head.dst.interval=3",
+        "head.dst.fraction=0.5",
+        "train.batch_size=32",
+        "train.epochs=2",
+        "train.progress=false",
+        "train.cpu_threads=1",
+        *extra,
+    ]
+    config = load_config(head="sparse", overrides=overrides)
+    return Trainer(config, train_path=tiny[0], test_path=tiny[1], out_dir=str(out))
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_regrown_weights_start_with_zero_adamw_state(tiny, tmp_path, group):
+    trainer = _trainer(tiny, tmp_path, f"head.group={group}")
+    trainer.setup()
+    try:
+        head, optimizer = trainer.head, trainer.optimizers["head"]
+        assert head._optimizer is optimizer and head._total_steps == trainer.total_steps == 16
+        batches = iter(trainer.loader.epoch(0))
+        checked = 0
+        for _ in range(7):
+            index = head.index.clone()
+            trainer.train_step(next(batches))
+            changed = (head.index != index).repeat_interleave(group, 0)[: head.weight.shape[0]]  # (C, K)
+            state = optimizer.state[head.weight]
+            if changed.any():
+                checked += 1
+                assert (head.weight[changed] == 0).all()
+                assert (state["exp_avg"][changed] == 0).all() and (state["exp_avg_sq"][changed] == 0).all()
+                assert (state["exp_avg_sq"][~changed] != 0).any(), "untouched connections keep their state"
+        assert checked == 2  # steps 3 and 6
+        expected = rewire_fraction(DSTConfig(interval=3, fraction=0.5), 6, 16)
+        assert expected < 0.5 and head.metrics()["rewired_fraction"] == pytest.approx(round(4 * expected) / 4)
+    finally:
+        trainer.close()
+
+
+def test_resumed_run_rebinds_the_optimizer(tiny, tmp_path):
+    stopped = _trainer(tiny, tmp_path, "train.stop_after_steps=5")
+    stopped.setup()
+    stopped.train()
+    stopped.close()
+    resumed = Trainer(stopped.config, train_path=tiny[0], test_path=tiny[1], out_dir=str(tmp_path), resume=True)
+    resumed.setup()
+    try:
+        assert resumed.state.global_step == 5
+        assert resumed.head._optimizer is resumed.optimizers["head"] and resumed.head._total_steps == 16
+        assert resumed.head.weight in resumed.optimizers["head"].state  # the restored AdamW state
+    finally:
+        resumed.close()
+
+
+def test_auxiliary_loss_gets_label_features_by_default(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, "head.aux_clusters=auto", "head.aux_leaf=50")
+    trainer.setup()
+    try:
+        assert trainer.head.aux is not None and trainer.head.metrics()["aux_alpha"] == 0.5
+        clusters = trainer.head.label_cluster
+        assert clusters.shape == (595,) and int(clusters.max()) + 1 == trainer.head.aux.out_features > 1
+    finally:
+        trainer.close()
+    dense = load_config(overrides=["model.hidden=[32]"])
+    assert dense.data.label_feature_width(wanted=False) == 0
+    assert dense.data.label_feature_width(wanted=True) == 256
