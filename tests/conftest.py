@@ -1,4 +1,5 @@
-"""Shared test setup: Triton runs in its interpreter when there is no GPU; every test starts from a fixed seed."""
+"""Shared test setup: Triton runs in its interpreter when there is no GPU; every test starts from a fixed seed
+on one intra-op thread."""
 
 import os
 import random
@@ -10,8 +11,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# pytest-xdist runs one worker per core: a second intra-op thread per worker only contends for the cores.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: pytest-xdist runs a worker per core, and contended OpenMP threads make
+    small ops a hundred times slower. Restored after tests (the trainer sets its own thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -7,21 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megaclass.cli import COMMANDS, main
 from megaclass.dst import DSTConfig, rewire_fraction
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny steps run fastest on one thread, and do not stall when the test workers share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 _TINY = [
@@ -234,3 +224,26 @@ def test_sparse_auxiliary_loss_without_label_features_is_a_config_error(tiny, tm
     code = _train(tiny, tmp_path / "run", *_SPARSE, "data.label_feature_dim=0")
     assert code == 2
     assert "data.label_feature_dim" in capsys.readouterr().err
+
+
+def test_weight_average_is_evaluated_saved_and_resumed_exactly(tiny, full_run, tmp_path, capsys):
+    averaged, resumed = tmp_path / "averaged", tmp_path / "resumed"
+    assert _train(tiny, averaged, "train.ema_decay=0.9") == 0
+    assert _losses(averaged) == _losses(full_run), "averaging does not change training"
+    assert _train(tiny, resumed, *_SPARSE, "train.ema_decay=0.9", "train.stop_after_steps=14") == 0
+    assert _train(tiny, resumed, "--resume", *_SPARSE, "train.ema_decay=0.9") == 0
+    uninterrupted = tmp_path / "uninterrupted"
+    assert _train(tiny, uninterrupted, *_SPARSE, "train.ema_decay=0.9") == 0
+    _, test = tiny
+    for run in (averaged, resumed):
+        with open(run / "metrics.json") as file:
+            trained = json.load(file)
+        capsys.readouterr()
+        assert main(["eval", "--run", str(run), "--test", test]) == 0  # the saved model is the average
+        assert json.loads(capsys.readouterr().out)["P@5"] == pytest.approx(trained["P@5"], abs=1e-12)
+    with open(averaged / "metrics.json") as a, open(full_run / "metrics.json") as b:
+        first, second = json.load(a), json.load(b)
+    assert {k: v for k, v in first.items() if "@" in k} != {k: v for k, v in second.items() if "@" in k}
+    with open(resumed / "metrics.json") as a, open(uninterrupted / "metrics.json") as b:
+        first, second = json.load(a), json.load(b)
+    assert {k: v for k, v in first.items() if "@" in k} == {k: v for k, v in second.items() if "@" in k}

@@ -6,7 +6,8 @@ def test_import_is_lean():
     """`import megaclass` initialises no CUDA and loads no optional backend."""
     code = (
         "import sys, megaclass, megaclass.heads, megaclass.schema;"
-        "heavy = [m for m in ('triton', 'annoy', 'transformers', 'grpc', 'tensorboard', 'matplotlib', 'sklearn')"
+        "heavy = [m for m in ('triton', 'annoy', 'transformers', 'grpc', 'tensorboard', 'matplotlib',"
+        " 'sklearn', 'PIL')"
         " if m in sys.modules];"
         "import torch;"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import';"

@@ -35,11 +35,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(fields))}"
+            f"{where or cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {
-        name: convert(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()
+        name: convert(hints[name], value, f"{where}.{name}" if where else name)
+        for name, value in data.items()
     }
     try:
         return cls(**kwargs)

@@ -34,7 +34,9 @@ class RaggedLabels:
         assert self.indices.dim() == 1, "indices must be (L,)"
 
     @classmethod
-    def from_lists(cls, labels: Sequence[Sequence[int]], device: torch.device | str | None = None) -> RaggedLabels:
+    def from_lists(
+        cls, labels: Sequence[Sequence[int]], device: torch.device | str | None = None
+    ) -> RaggedLabels:
         """Build from one list of label ids per sample."""
         lengths = torch.tensor([len(row) for row in labels], dtype=torch.int64)
         indptr = torch.zeros(len(labels) + 1, dtype=torch.int64)
@@ -57,11 +59,14 @@ class RaggedLabels:
 
     def sample_ids(self) -> Tensor:
         """``(L,)`` the sample each entry of ``indices`` belongs to."""
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.indptr.device), self.lengths())
+        return torch.repeat_interleave(
+            torch.arange(self.batch_size, device=self.indptr.device), self.lengths()
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedLabels:
         return RaggedLabels(
-            self.indptr.to(device, non_blocking=non_blocking), self.indices.to(device, non_blocking=non_blocking)
+            self.indptr.to(device, non_blocking=non_blocking),
+            self.indices.to(device, non_blocking=non_blocking),
         )
 
     def to_lists(self) -> list[list[int]]:

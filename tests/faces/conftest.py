@@ -10,7 +10,6 @@ import os
 import struct
 
 import pytest
-import torch
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 MAGIC = 0xCED7230A
@@ -59,12 +58,3 @@ def fixture_rec() -> str:
 @pytest.fixture(scope="session")
 def fixture_bin() -> str:
     return os.path.join(FIXTURES, "verify.bin")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run faster on one thread, and the suite runs two test processes on two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

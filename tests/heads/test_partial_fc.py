@@ -10,15 +10,6 @@ from megaclass.heads.partial_fc import PartialFCConfig, PartialFCHead
 from megaclass.schema import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Shared cores: contended OpenMP threads make small ops very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _head(num_classes=101, **options) -> PartialFCHead:
     config = head_config({"type": "partial_fc", "coverage_every": 0, **options})
     return build_head(config, HeadContext(in_features=8, num_classes=num_classes, multilabel=False))

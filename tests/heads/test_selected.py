@@ -11,15 +11,6 @@ from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Shared cores: contended OpenMP threads make small ops very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _head(num_classes=97, dim=12, multilabel=False, **options) -> SelectedHead:
     config = head_config({"type": "selected", "sample_num": 20, "coverage_every": 0, **options})
     return build_head(config, HeadContext(in_features=dim, num_classes=num_classes, multilabel=multilabel))

@@ -55,17 +55,6 @@ def tiny_model_options(tiny_tokenizer_dir) -> dict:
     }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the suite shares two cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_text_data(folder, *, n_train: int = 64, n_test: int = 24, classes: int = 6, seed: int = 0) -> None:
     """``train.txt``, ``test.txt`` (``labels<TAB>text``, topic words per label), ``labels.txt``."""
     import random

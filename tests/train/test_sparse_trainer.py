@@ -78,7 +78,9 @@ def test_resumed_run_rebinds_the_optimizer(tiny, tmp_path):
     stopped.setup()
     stopped.train()
     stopped.close()
-    resumed = Trainer(stopped.config, train_path=tiny[0], test_path=tiny[1], out_dir=str(tmp_path), resume=True)
+    resumed = Trainer(
+        stopped.config, train_path=tiny[0], test_path=tiny[1], out_dir=str(tmp_path), resume=True
+    )
     resumed.setup()
     try:
         assert resumed.state.global_step == 5

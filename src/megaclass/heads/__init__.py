@@ -16,9 +16,9 @@ def head_types() -> dict[str, tuple[type, type[Head]]]:
     Each config class is a frozen dataclass whose first field is ``type: Literal["<name>"]``.
     """
     from megaclass.heads.dense import DenseHead, DenseHeadConfig
-    from megaclass.heads.sparse import SparseHead, SparseHeadConfig
     from megaclass.heads.partial_fc import PartialFCConfig, PartialFCHead
     from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+    from megaclass.heads.sparse import SparseHead, SparseHeadConfig
 
     return {
         "dense": (DenseHeadConfig, DenseHead),

@@ -1,7 +1,8 @@
 """Losses shared by heads: cosine margins for face recognition (ArcFace, CosFace).
 
 With L2-normalised features and class rows a logit is a cosine; a margin head scores non-target classes
-``s * cos(theta)`` and the target ``s * cos(theta + m)`` (ArcFace, arXiv 1801.07698) or ``s * (cos(theta) - m)``
+``s * cos(theta)`` and the target ``s * cos(theta + m)`` (ArcFace, arXiv 1801.07698) or
+``s * (cos(theta) - m)``
 (CosFace, arXiv 1801.09414).
 """
 
@@ -35,7 +36,9 @@ class MarginConfig:
         try:
             object.__setattr__(self, "kind", MarginKind(self.kind))
         except ValueError:
-            raise ConfigError(f"margin.kind must be one of {[k.value for k in MarginKind]}, got {self.kind!r}") from None
+            raise ConfigError(
+                f"margin.kind must be one of {[k.value for k in MarginKind]}, got {self.kind!r}"
+            ) from None
         if self.scale <= 0:
             raise ConfigError(f"margin.scale must be > 0, got {self.scale}")
         if not 0 <= self.margin < math.pi / 2:

@@ -198,6 +198,8 @@ class SparseHead(Head):
         self._epoch = 0.0  # host copy of the epoch buffer: the auxiliary weight needs no device sync
         self._optimizer: torch.optim.Optimizer | None = None
         self._total_steps: int | None = None
+        self._rewired: Tensor | None = None  # (C_sparse, K) connections of the last rewiring, until taken
+        self._track_rewired = False  # kept only once someone takes them (a C x K mask)
 
     def _build_sparse(self, classes: int) -> None:
         config, fan_in = self.config, self.config.fan_in
@@ -244,8 +246,8 @@ class SparseHead(Head):
         if self._aux_missing and self.training:
             raise ConfigError(
                 f"head.aux_clusters={self.config.aux_clusters!r}: the auxiliary loss needs label features "
-                "(HeadContext.label_features) to cluster labels, and none were given; pass them (the trainer's "
-                "data.label_feature_dim) or set head.aux_clusters=0"
+                "(HeadContext.label_features) to cluster labels, and none were given; pass them (the "
+                "trainer's data.label_feature_dim) or set head.aux_clusters=0"
             )
         hidden = self._hidden(features)  # (B, H)
         ragged = as_ragged(targets)
@@ -336,11 +338,20 @@ class SparseHead(Head):
         self.dst_rng_state = generator.get_state().to(self.dst_rng_state.device)
         self.dst_rewirings += 1
         self.dst_last_fraction.fill_(rewired.float().mean())
+        mask = expand_to_labels(rewired, self.config.group, self.weight.shape[0])  # (C_sparse, K)
+        if self._track_rewired:
+            self._rewired = mask if self._rewired is None else self._rewired | mask
         if dst.reset_optimizer_state and self._optimizer is not None:
-            mask = expand_to_labels(rewired, self.config.group, self.weight.shape[0])
             for value in self._optimizer.state.get(self.weight, {}).values():
                 if isinstance(value, Tensor) and value.shape == self.weight.shape:
                     value.masked_fill_(mask, 0.0)
+
+    def take_rewired(self) -> dict[str, Tensor]:
+        """``{"weight": (C_sparse, K) mask}`` of the connections rewired since the last call (empty if none):
+        state kept per weight elsewhere (a weight average) restarts there. The first call starts tracking."""
+        self._track_rewired = True
+        rewired, self._rewired = self._rewired, None
+        return {} if rewired is None else {"weight": rewired}
 
     def _load_from_state_dict(
         self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,

@@ -40,10 +40,10 @@ class RowStore(abc.ABC):
         """
         return self.read(0, self.num_rows)
 
-    def prefetch(self, ids: Tensor) -> None:
+    def prefetch(self, ids: Tensor) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Wait until every pushed update has been applied (before a checkpoint or an evaluation)."""
 
     @abc.abstractmethod

@@ -148,6 +148,9 @@ class TrainConfig:
     )
     progress: bool = True  # tqdm progress bars
     cpu_threads: int = 0  # torch intra-op threads on CPU (0: torch's default, one per core)
+    ema_decay: float = (
+        0.0  # > 0: evaluate and save an EMA of the weights (e.g. 0.999); steadier on small data
+    )
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every")
@@ -157,6 +160,8 @@ class TrainConfig:
         for name in ("checkpoint_every", "num_workers", "stop_after_steps", "grad_clip", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -35,6 +35,7 @@ from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
 from megaclass.schema import ConfigError
 from megaclass.train import checkpoint
+from megaclass.train.averaging import WeightAverage
 from megaclass.train.config import (
     OptimGroupConfig,
     RunConfig,
@@ -194,6 +195,7 @@ class Trainer:
                 seed=config.train.seed,
             ),
         }
+        self.average = self._weight_average()
         self.loader = BatchLoader(
             self.train_data,
             batch_size=config.train.batch_size,
@@ -209,9 +211,30 @@ class Trainer:
             self._restore(resume_from)
         self._bind_head_optimizer()
 
+    def _weight_average(self) -> WeightAverage | None:
+        """The EMA of the weights that ``train.ema_decay`` asks for (None when off)."""
+        decay = self.config.train.ema_decay
+        if not decay:
+            return None
+        if self.parallel.sharded_head or (
+            self.dist.distributed and self.config.distributed.encoder == "fsdp2"
+        ):
+            raise ConfigError(
+                "train.ema_decay: weight averaging needs whole (not sharded) encoder and head parameters; "
+                "set train.ema_decay=0 with distributed.shard_head or distributed.encoder=fsdp2"
+            )
+        take_rewired = getattr(self.head, "take_rewired", None)
+        if take_rewired is not None:
+            take_rewired()  # a rewiring head starts tracking the connections it rewires
+        return WeightAverage({"encoder": self.encoder, "head": self.head}, decay=decay)
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """Inside: the modules hold the averaged weights (when ``train.ema_decay`` is on)."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
+
     def _bind_head_optimizer(self) -> None:
-        """Give a head that rewires (``bind_optimizer``: the sparse head, sharded or not) its optimizer and the
-        run's length, so rewiring resets the state of new connections and anneals to the stop step."""
+        """Give a head that rewires (``bind_optimizer``: the sparse head, sharded or not) its optimizer and
+        the run's length, so rewiring resets the state of new connections and anneals to the stop step."""
         bind = getattr(self.head, "bind_optimizer", None)
         if bind is not None and self.optimizers["head"] is not None:
             bind(self.optimizers["head"], total_steps=self.total_steps)
@@ -344,6 +367,11 @@ class Trainer:
         self.state.step_in_epoch += 1
         fraction = self.state.epoch + self.state.step_in_epoch / self.loader.steps_per_epoch()
         self.head.after_step(self.state.global_step, fraction, lr=lrs["head"])
+        if self.average is not None:
+            take_rewired = getattr(self.head, "take_rewired", None)  # connections rewired by this step
+            for name, mask in (take_rewired() if take_rewired is not None else {}).items():
+                self.average.restart(f"head.{name}", mask)
+            self.average.update(step=self.state.global_step)
         return loss.detach()
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -417,7 +445,8 @@ class Trainer:
 
     def _finish_run(self) -> dict[str, Any]:
         """Final weights, ``metrics.json`` and the report (rank 0; the others return no metrics)."""
-        model_state = self._model_state()  # collective under FSDP2
+        with self._averaged():  # the final model is the evaluated one
+            model_state = self._model_state()  # collective under FSDP2
         if not self.dist.is_main:
             return {}
         records = read_log(self.logger.path)
@@ -461,15 +490,16 @@ class Trainer:
         """Ranking metrics of the current model on ``dataset`` (P@k, nDCG@k, PSP@k, ...)."""
         started = time.perf_counter()
         label_counts = self.train_data.label_counts()
-        metrics = evaluate_model(
-            self.encoder,
-            self.head,
-            dataset,
-            config=self.config,
-            label_counts=label_counts,
-            num_train_samples=len(self.train_data),
-            device=self.device,
-        )
+        with self._averaged():
+            metrics = evaluate_model(
+                self.encoder,
+                self.head,
+                dataset,
+                config=self.config,
+                label_counts=label_counts,
+                num_train_samples=len(self.train_data),
+                device=self.device,
+            )
         if self.config.eval.verification:
             metrics.update(self._verification())
         self.state.eval_seconds += time.perf_counter() - started
@@ -517,6 +547,8 @@ class Trainer:
             "rng": rng_state(),
             "config": config_to_dict(self.config),
         }
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
         path = ""
         if self.dist.is_main:  # a replicated head: every rank holds the same state
             path = checkpoint.save_checkpoint(
@@ -601,6 +633,8 @@ class Trainer:
             for name, optimizer in self.optimizers.items():
                 if optimizer is not None:
                     optimizer.load_state_dict(state["optimizers"][name])
+            if self.average is not None:
+                self.average.load_state_dict(state["average"])
         self.state = LoopState(**state["loop"])
         if "rng" in state:  # absent when the world size changed: each rank keeps its fresh seeded state
             set_rng_state(state["rng"])
@@ -657,10 +691,13 @@ def head_memory(
 def format_head_memory(memory: dict[str, int], *, sparsity: float | None = None) -> str:
     """One line: the head's total (weights, structure, gradients, optimizer state) beside the dense head's."""
     mib = 1 << 20
+    parts = ", ".join(
+        f"{part} {memory[f'head_{key}_bytes'] / mib:.2f}"
+        for part, key in (("weights", "weights"), ("structure", "structure"), ("gradients", "grad"))
+    )
     line = (
-        f"head + optimizer state {memory['head_total_bytes'] / mib:.2f} MiB "
-        f"(weights {memory['head_weights_bytes'] / mib:.2f}, structure {memory['head_structure_bytes'] / mib:.2f}, "
-        f"gradients {memory['head_grad_bytes'] / mib:.2f}, optimizer {memory['head_optimizer_bytes'] / mib:.2f}); "
+        f"head + optimizer state {memory['head_total_bytes'] / mib:.2f} MiB ({parts}, "
+        f"optimizer {memory['head_optimizer_bytes'] / mib:.2f}); "
         f"a dense head would need {memory['dense_head_total_bytes'] / mib:.2f} MiB"
     )
     return line if sparsity is None else f"head sparsity {100 * sparsity:.1f}%, {line}"
@@ -687,8 +724,9 @@ def _pifa_label_features(config: RunConfig, data: SparseDataset) -> np.ndarray |
     if required and not (width > 0 and can_make):
         why = "data.label_feature_dim is 0" if can_make else f"{data.path} gives no label features"
         raise ConfigError(
-            f"head.aux_clusters={getattr(head, 'aux_clusters', None)!r}: the auxiliary loss clusters labels by "
-            f"their PIFA features, but {why}; set data.label_feature_dim (e.g. auto) or head.aux_clusters=0"
+            f"head.aux_clusters={getattr(head, 'aux_clusters', None)!r}: the auxiliary loss clusters labels "
+            f"by their PIFA features, but {why}; set data.label_feature_dim (e.g. auto) or "
+            "head.aux_clusters=0"
         )
     if width == 0 or not can_make:
         return None

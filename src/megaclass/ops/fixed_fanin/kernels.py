@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megaclass.ops import autotune_enabled
 from megaclass.ops.fixed_fanin.columns import column_order
 
 __all__ = ["LOSS_CODES", "fixed_fanin_bwd", "fixed_fanin_fwd"]
@@ -41,6 +42,10 @@ LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
 _BLOCK_C = 32  # labels per program in the per-label kernels
 _BLOCK_K = 32  # fan-in slice per tl.dot in the grouped kernels
 _BLOCK_J = 32  # connections per step of the input-gradient reduction
+# untuned launch configs: what MEGACLASS_AUTOTUNE=1 picked on an H100 (B = 128, K = 32, G = 16 and 32, bf16):
+# no software pipelining for the one-slice fan-in loops, 8 warps for the column reduction
+_TILE_LAUNCH = {"num_warps": 4, "num_stages": 1}
+_DX_LAUNCH = {"BLOCK_J": _BLOCK_J, "num_warps": 8, "num_stages": 3}
 _CHUNK_ROWS = 1 << 19  # buffer rows per chunk of labels: (rows, B), 128 MiB at B = 128 in bf16
 
 
@@ -279,6 +284,19 @@ def _fixed_fanin_dx_kernel(
     tl.store(gx_ptrs, dx, mask=mask_b)
 
 
+_TILE_KEY = ["B", "K", "GROUP", "DOT", "LOSS", "HAS_BIAS", "BLOCK_B", "PRECISION"]
+_WARPS_STAGES = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+# MEGACLASS_AUTOTUNE=1: time these launch configs once per key (the kernels write fresh outputs, so repeated
+# runs while tuning are harmless; the dx kernel accumulates into GX across chunks, restored between runs)
+_fwd_tuned = triton.autotune(_WARPS_STAGES, key=_TILE_KEY)(_fixed_fanin_fwd_kernel)
+_bwd_tuned = triton.autotune(_WARPS_STAGES, key=_TILE_KEY)(_fixed_fanin_bwd_kernel)
+_dx_tuned = triton.autotune(
+    [triton.Config({"BLOCK_J": j}, num_warps=w) for j in (16, 32, 64) for w in (4, 8)],
+    key=["B", "SCALED", "BLOCK_B"],
+    restore_value=["GX_ptr"],
+)(_fixed_fanin_dx_kernel)
+
+
 def _launch_config(batch: int, group: int) -> dict[str, int | bool]:
     """Tile sizes: grouped kernel for power-of-two ``G >= 16`` (one group per program), else per-label."""
     dot = group >= 16 and group & (group - 1) == 0
@@ -332,11 +350,13 @@ def fixed_fanin_fwd(
         part_b = torch.empty(programs, batch, dtype=torch.float32, device=x.device) if code == 3 else part_a
         y = part_a
     precision, upcast = _dot_mode(x)
-    _fixed_fanin_fwd_kernel[(programs,)](
+    kernel, launch = (_fwd_tuned, {}) if autotune_enabled() else (_fixed_fanin_fwd_kernel, _TILE_LAUNCH)
+    kernel[(programs,)](
         x_t, weight, index, bias if bias is not None else weight, y, part_a, part_b,
         x_t.stride(0), y.stride(0) if code == 0 else 0,
         batch, classes, fan_in,
-        GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast, **config,
+        GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast,
+        **config, **launch,
     )  # fmt: skip
     if code == 0:
         return y
@@ -387,22 +407,26 @@ def fixed_fanin_bwd(
     grad_b = torch.empty(classes, dtype=torch.float32, device=x.device) if bias is not None else None
     precision, upcast = _dot_mode(x)
     block_b_dx = max(16, min(128, triton.next_power_of_2(batch)))
+    tune = autotune_enabled()
+    bwd_kernel, bwd_launch = (_bwd_tuned, {}) if tune else (_fixed_fanin_bwd_kernel, _TILE_LAUNCH)
+    dx_kernel, dx_launch = (_dx_tuned, {}) if tune else (_fixed_fanin_dx_kernel, _DX_LAUNCH)
     for chunk in range(order.chunks):
         first = chunk * tiles_per_chunk
         count = min(tiles_per_chunk, tiles - first)
-        _fixed_fanin_bwd_kernel[(count,)](
+        bwd_kernel[(count,)](
             x_t, weight, index, bias if bias is not None else weight,
             grad, lse if lse is not None else grad, grad, buf, grad_w,
             grad_b if grad_b is not None else grad_w,
             x_t.stride(0), grad.stride(0) if code == 0 else 0, buf.stride(0),
             batch, classes, fan_in, first,
             GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast, **config,
+            **bwd_launch,
         )  # fmt: skip
-        _fixed_fanin_dx_kernel[(dim, triton.cdiv(batch, block_b_dx))](
+        dx_kernel[(dim, triton.cdiv(batch, block_b_dx))](
             buf, order.perm, order.colptr[chunk * dim :], weight, grad_x,
             buf.stride(0), grad_x.stride(0),
             batch, fan_in, first * rows_per_tile,
-            SCALED=not dot, ACCUMULATE=chunk > 0, BLOCK_J=_BLOCK_J, BLOCK_B=block_b_dx,
+            SCALED=not dot, ACCUMULATE=chunk > 0, BLOCK_B=block_b_dx, **dx_launch,
         )  # fmt: skip
     grad_b = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b
