@@ -2,6 +2,7 @@
 
     python benchmarks/sparse.py                     # C = 670,091 and 2,812,281, D = 768, B = 128 (a GPU)
     python benchmarks/sparse.py --quick             # small sizes, runs on CPU as a smoke test
+    python benchmarks/sparse.py --fan-in 32 --groups 1 16 32 --modes fwd+bwd,step --cuda-graph
 
 Modes: ``fwd`` (the loss), ``fwd+bwd`` (loss and all gradients), ``step`` (``fwd+bwd`` then an AdamW step on
 the head's parameters: what one training step of the head costs). Peak memory counts weights, indices,
@@ -16,6 +17,8 @@ Providers, all with fp32 master weights and bf16 features (as under autocast):
   against a dense ``B x C`` target: the baseline a user writes.
 - ``torch-csr``: the same fixed fan-in weights as a ``torch.sparse_csr_tensor (C, D)`` times ``x.T`` in fp32,
   then the same dense BCE (backward where torch supports it; an error row otherwise).
+- ``megaclass-graph`` (``--cuda-graph``): the ``megaclass`` step captured in a CUDA graph and replayed, so
+  the time is the GPU's alone, without the host's launch overhead of some 70 small ops per step.
 
 The floor printed per case is the card's roofline for the fused op: FLOPs ``2BCK`` forward, ``4BCK`` backward
 over the measured bf16 matmul rate, and bytes (weights, bias and index read in forward and again in
@@ -62,6 +65,11 @@ def parse_args() -> argparse.Namespace:
         "--losses", default="bce", help="fused losses of the megaclass rows: bce,hinge,softmax"
     )
     parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="add megaclass-graph rows: fwd+bwd / step captured in a CUDA graph and replayed (GPU only)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="print the GPU kernel time table of each megaclass case"
     )
     return parser.parse_args()
@@ -106,8 +114,44 @@ def _timed(mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Te
     return run_train
 
 
+def _graphed(
+    mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]
+) -> Callable[[], None]:
+    """``mode``'s work (``fwd+bwd`` or ``step``) captured once in a CUDA graph after two warm-up calls on a
+    side stream (which also build the cached column order), then replayed: the GPU time of a training step
+    without the host's per-op launch overhead, as under ``torch.compile(mode="reduce-overhead")``."""
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True) if mode == "step" else None
+
+    def train_step() -> None:
+        for param in params:
+            param.grad = None
+        loss_fn().backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step()
+    return graph.replay
+
+
 def megaclass_case(
-    mode: str, batch: int, classes: int, dim: int, fan_in: int, group: int, per_sample: int, loss: str
+    mode: str,
+    batch: int,
+    classes: int,
+    dim: int,
+    fan_in: int,
+    group: int,
+    per_sample: int,
+    loss: str,
+    *,
+    graph: bool = False,
 ):
     held: list[torch.Tensor] = []  # the parameters, whose grads the harness resets between calls
 
@@ -125,7 +169,7 @@ def megaclass_case(
         def loss_fn() -> torch.Tensor:
             return fixed_fanin_loss(x, weight, index, targets, bias, group=group, loss=loss)
 
-        return _timed(mode, [weight, bias], loss_fn)
+        return _graphed(mode, [weight, bias], loss_fn) if graph else _timed(mode, [weight, bias], loss_fn)
 
     return setup, held
 
@@ -208,6 +252,12 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                     setup, held = megaclass_case(mode, batch, classes, dim, fan_in, group, per_sample, loss)
                     cases.append(Case("megaclass", mode, params, setup, lambda h=held: h, flops,
                                       floor_bytes(mode, classes, fan_in, group)))  # fmt: skip
+                    if args.cuda_graph and mode != "fwd" and torch.cuda.is_available():
+                        setup, held = megaclass_case(
+                            mode, batch, classes, dim, fan_in, group, per_sample, loss, graph=True
+                        )
+                        cases.append(Case("megaclass-graph", mode, params, setup, lambda h=held: h, flops,
+                                          floor_bytes(mode, classes, fan_in, group)))  # fmt: skip
                 if "torch-csr" in providers and fan_in == fan_ins[0]:
                     params = {"C": classes, "K": fan_in, "G": 1, "D": dim, "B": batch}
                     setup, held = csr_case(mode, batch, classes, dim, fan_in, args.labels_per_sample)

@@ -98,7 +98,7 @@ def test_registry_config_and_state_dict_round_trip():
     [
         ({"loss": "hinge"}, "loss"),
         ({"chunk_size": 0}, "chunk_size"),
-        ({"margin": {"kind": "arcface"}}, "bias"),
+        ({"bias": True, "margin": {"kind": "arcface"}}, "bias"),
         ({"bias": False, "loss": "bce", "margin": {"kind": "cosface"}}, "softmax"),
     ],
 )
@@ -113,3 +113,9 @@ def test_bad_features_and_margin_on_multilabel():
         head(torch.randn(2, 5), torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="multi-class"):
         make_head(True, bias=False, margin=MarginConfig(kind=MarginKind.COSFACE, margin=0.35))
+
+
+def test_bias_follows_the_margin_unless_set():
+    assert head_config({"type": "dense"}).bias is True
+    assert head_config({"type": "dense", "margin": "arcface"}).bias is False
+    assert head_config({"type": "dense", "margin": "cosface", "bias": False}).margin.kind.value == "cosface"

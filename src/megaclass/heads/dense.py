@@ -37,7 +37,7 @@ class DenseHeadConfig:
     reduction: Literal["mean", "sum"] = (
         "mean"  # mean over samples of each sample's loss (summed over classes)
     )
-    bias: bool = True  # a per-class bias; must be off with a cosine margin (logits are scaled cosines)
+    bias: bool | None = None  # a per-class bias; None: on, except with a cosine margin (scaled cosines)
     chunk_size: int = 8192  # classes per chunk on the PyTorch path and in topk: memory O(B x chunk_size)
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace for face recognition
     init_scale: float = 1.0  # weight rows ~ N(0, (init_scale / sqrt(D))^2): unit-variance logits at start
@@ -48,6 +48,8 @@ class DenseHeadConfig:
             raise ConfigError(f"head.chunk_size must be >= 1, got {self.chunk_size}")
         if self.init_scale < 0:
             raise ConfigError(f"head.init_scale must be >= 0, got {self.init_scale}")
+        if self.bias is None:
+            object.__setattr__(self, "bias", not self.margin.enabled)
         if self.margin.enabled and self.bias:
             raise ConfigError("head.bias must be false with a cosine margin (head.margin.kind != none)")
         if self.margin.enabled and self.loss not in ("auto", "softmax"):
