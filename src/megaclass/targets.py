@@ -59,9 +59,8 @@ class RaggedLabels:
 
     def sample_ids(self) -> Tensor:
         """``(L,)`` the sample each entry of ``indices`` belongs to."""
-        return torch.repeat_interleave(
-            torch.arange(self.batch_size, device=self.indptr.device), self.lengths()
-        )
+        batch = torch.arange(self.batch_size, device=self.indptr.device)
+        return torch.repeat_interleave(batch, self.lengths(), output_size=self.indices.numel())  # no host sync
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedLabels:
         return RaggedLabels(

@@ -1,5 +1,5 @@
 """The trainer drives the sparse head's rewiring: the optimizer is bound, regrown weights start from a clean
-AdamW state, the rewired fraction anneals with the run's length, and a resumed run stays bound."""
+AdamW state and weight average, the rewired fraction anneals with the run's length, and a resumed run stays bound."""
 
 import gzip
 import os
@@ -49,7 +49,7 @@ def _trainer(tiny, out, *extra: str) -> Trainer:
 
 @pytest.mark.parametrize("group", [1, 3])
 def test_regrown_weights_start_with_zero_adamw_state(tiny, tmp_path, group):
-    trainer = _trainer(tiny, tmp_path, f"head.group={group}")
+    trainer = _trainer(tiny, tmp_path, f"head.group={group}", "train.ema_decay=0.9")
     trainer.setup()
     try:
         head, optimizer = trainer.head, trainer.optimizers["head"]
@@ -66,6 +66,8 @@ def test_regrown_weights_start_with_zero_adamw_state(tiny, tmp_path, group):
                 assert (head.weight[changed] == 0).all()
                 assert (state["exp_avg"][changed] == 0).all() and (state["exp_avg_sq"][changed] == 0).all()
                 assert (state["exp_avg_sq"][~changed] != 0).any(), "untouched connections keep their state"
+                average = trainer.average.average["head.weight"]
+                assert (average[changed] == 0).all() and (average[~changed] != 0).any(), "EMA restarts"
         assert checked == 2  # steps 3 and 6
         expected = rewire_fraction(DSTConfig(interval=3, fraction=0.5), 6, 16)
         assert expected < 0.5 and head.metrics()["rewired_fraction"] == pytest.approx(round(4 * expected) / 4)

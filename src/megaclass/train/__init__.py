@@ -29,6 +29,7 @@ _EXPORTS = {
     "load_run": "inference",
     "predict_run": "inference",
     "Trainer": "loop",
+    "WeightAverage": "averaging",
     "train": "loop",
 }
 
