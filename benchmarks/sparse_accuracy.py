@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--group", type=int, default=16, help="G of the grouped runs")
     parser.add_argument(
-        "--loss", default="softmax", help="the sparse head's loss (the demo's dense head: softmax)"
+        "--loss", help="the sparse head's loss (default: the --config head's, for a fair match)"
     )
     parser.add_argument("--quick", action="store_true", help="one epoch, the first sparsity level only")
     parser.add_argument("--runs", type=int, nargs="*", help="run only these variants (indices, see --list)")
@@ -101,7 +101,9 @@ def _format(value: Any) -> str:
 
 def main() -> None:
     args = parse_args()
-    width = load_config(args.config).model.hidden[-1]  # the encoder's D
+    base = load_config(args.config)
+    width = base.model.hidden[-1]  # the encoder's D
+    args.loss = args.loss or getattr(base.head, "loss", "auto")
     runs = variants(args, width)
     if args.list:
         for number, (name, head, overrides) in enumerate(runs):

@@ -1,5 +1,6 @@
 """The trainer drives the sparse head's rewiring: the optimizer is bound, regrown weights start from a clean
-AdamW state and weight average, the rewired fraction anneals with the run's length, and a resumed run stays bound."""
+AdamW state and weight average, the rewired fraction anneals with the run's length, and a resumed run stays
+bound."""
 
 import gzip
 import os

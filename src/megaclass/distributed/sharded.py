@@ -42,9 +42,9 @@ from megaclass.heads.base import Head, HeadContext
 from megaclass.heads.dense import DenseHeadConfig
 from megaclass.heads.losses import margin_logits
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
-from megaclass.ops import Impl, resolve_impl
+from megaclass.ops import Impl
 from megaclass.ops.chunked_topk import chunked_topk
-from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind
+from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, dense_backend
 from megaclass.ops.linear_cross_entropy.common import (
     NORM_EPS,
     DenseBackend,
@@ -56,7 +56,6 @@ from megaclass.ops.linear_cross_entropy.common import (
     row_coefficients,
     segment_sum,
 )
-from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
@@ -224,14 +223,6 @@ class ShardedLinearLossFunction(torch.autograd.Function):
         )
 
 
-def _dense_backend(impl: Impl | str, *tensors: Tensor) -> DenseBackend:
-    if resolve_impl(impl, *tensors) is Impl.TRITON:
-        from megaclass.ops.linear_cross_entropy.function import TritonBackend
-
-        return TritonBackend()
-    return ReferenceBackend()
-
-
 def sharded_linear_loss(
     x: Tensor,
     weight: Tensor,
@@ -261,7 +252,7 @@ def sharded_linear_loss(
     ragged = prepare_targets(targets, x.shape[0], num_classes, options)
     if options.cosine:
         x = torch.nn.functional.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
-    facts = _ShardFacts(start, options, _dense_backend(impl, x, weight), group)
+    facts = _ShardFacts(start, options, dense_backend(impl, x, weight), group)
     return ShardedLinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, facts)
 
 

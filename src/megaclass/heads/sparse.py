@@ -213,7 +213,10 @@ class SparseHead(Head):
         index = random_fanin_index(groups, self.hidden_dim, fan_in, generator=generator, dtype=index_dtype)
         self.register_buffer("index", index)  # (ceil(C_sparse / G), K)
         bound = 1.0 / math.sqrt(fan_in)
-        weight = torch.empty(classes, fan_in).uniform_(-bound, bound, generator=generator)
+        # drawn on the generator's device (CPU) whatever the default device, so every device starts alike
+        weight = torch.empty(classes, fan_in, device=generator.device).uniform_(
+            -bound, bound, generator=generator
+        )
         self.weight = nn.Parameter(weight)  # (C_sparse, K)
         self.bias = nn.Parameter(torch.zeros(classes)) if config.bias else None
 
