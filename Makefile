@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	@# the parameter server's second-language example (docs/paramserver.md) is tested with Node.js where it exists
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --silent --no-audit --no-fund --prefix $(VENV)/node @grpc/grpc-js@1 @grpc/proto-loader@0 \
+		|| echo "npm install failed: the Node.js client example will be skipped"; \
+	fi
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +30,7 @@ demo: $(STAMP)
 		--train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15
+	NODE_PATH=$(CURDIR)/$(VENV)/node/node_modules $(PY) -m pytest -q -n 2 --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
