@@ -60,7 +60,8 @@ class RaggedLabels:
     def sample_ids(self) -> Tensor:
         """``(L,)`` the sample each entry of ``indices`` belongs to."""
         batch = torch.arange(self.batch_size, device=self.indptr.device)
-        return torch.repeat_interleave(batch, self.lengths(), output_size=self.indices.numel())  # no host sync
+        # output_size given: no host sync to learn the result length
+        return torch.repeat_interleave(batch, self.lengths(), output_size=self.indices.numel())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedLabels:
         return RaggedLabels(

@@ -94,9 +94,15 @@ def init_distributed(info: DistInfo, *, device: torch.device, timeout_s: float =
     return device
 
 
-def shutdown_distributed() -> None:
-    """Close the default process group if one is open."""
+def shutdown_distributed(*, synchronize: bool = True) -> None:
+    """Close the default process group if one is open.
+
+    With ``synchronize`` the ranks first wait for each other, so that none tears down its connections while a
+    peer still uses them (gloo then aborts the peer's process); error paths pass False, as a peer may be gone.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

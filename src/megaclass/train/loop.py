@@ -851,9 +851,12 @@ def train(
     from megaclass.distributed.info import shutdown_distributed
 
     trainer = Trainer(config, train_path=train_path, test_path=test_path, out_dir=out_dir, resume=resume)
+    finished = False
     try:
         trainer.setup()
-        return trainer.train()
+        metrics = trainer.train()
+        finished = True
+        return metrics
     except RuntimeError as error:
         dist = trainer.dist
         if not dist.distributed:
@@ -866,7 +869,7 @@ def train(
     finally:
         if hasattr(trainer, "logger"):
             trainer.close()
-        shutdown_distributed()
+        shutdown_distributed(synchronize=finished)
 
 
 def load_config_file(path: str) -> RunConfig:
