@@ -15,3 +15,13 @@ def test_import_is_lean():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout.strip()}"
+
+
+def test_top_level_example_runs():
+    """The example in ``megaclass``'s docstring works as written."""
+    import doctest
+
+    import megaclass
+
+    result = doctest.testmod(megaclass)
+    assert result.attempted > 0 and result.failed == 0
