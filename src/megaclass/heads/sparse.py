@@ -35,9 +35,8 @@ from megaclass.dst import (
 from megaclass.heads.base import Head, HeadContext
 from megaclass.ops.fixed_fanin import (
     combine_loss,
-    fixed_fanin_rows,
+    fixed_fanin_rows_positive,
     fixed_fanin_topk,
-    positive_logits,
     reference_row_values,
 )
 from megaclass.schema import ConfigError, from_dict
@@ -257,19 +256,19 @@ class SparseHead(Head):
         if ragged.batch_size != hidden.shape[0]:
             raise ValueError(f"targets: expected {hidden.shape[0]} samples, got {ragged.batch_size}")
         samples, position = ragged.sample_ids(), self.label_position[ragged.indices.long()]
-        rows = fixed_fanin_rows(
+        tail_labels = (position - self.num_dense).clamp_min(0)  # entries of the dense head compute a dummy
+        # one autograd node: the positives' gradient goes sparsely into the layer's, no dense (C, K) tensor
+        rows, positive = fixed_fanin_rows_positive(
             hidden,
             self.weight,
             self.index,
+            samples,
+            tail_labels,
             self.bias,
             group=self.config.group,
             loss=self.loss_kind,
             impl=self.config.impl,
-        )
-        tail_labels = (position - self.num_dense).clamp_min(0)  # entries of the dense head compute a dummy
-        positive = positive_logits(
-            hidden, self.weight, self.index, self.bias, samples, tail_labels, group=self.config.group
-        )  # (L,)
+        )  # (B,), (L,)
         if self.dense is not None:  # no host sync: both sources are computed and selected per entry
             dense_logits = self.dense(hidden).float()  # (B, F)
             dense_rows = reference_row_values(dense_logits, self.loss_kind)
