@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from megaclass.distributed.collectives import all_reduce_max
 from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
 from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
 from megaclass.heads.base import HeadContext
@@ -73,9 +74,7 @@ def _barrier(info: DistInfo) -> None:
 def _max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
     if not info.distributed:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return float(tensor)
+    return float(all_reduce_max(torch.tensor([value], dtype=torch.float64, device=device)))
 
 
 def _time_steps(

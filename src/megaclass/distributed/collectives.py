@@ -24,6 +24,7 @@ from megaclass.targets import RaggedLabels, Targets
 
 __all__ = [
     "all_reduce_logsumexp",
+    "all_reduce_max",
     "all_reduce_replicated",
     "gather_rows",
     "gather_targets",
@@ -141,11 +142,22 @@ def all_reduce_replicated(x: Tensor, *, group: Any = None) -> Tensor:
     return x if world == 1 else _AllReduceReplicated.apply(x, group)
 
 
+def all_reduce_max(x: Tensor, *, group: Any = None) -> Tensor:
+    """The elementwise maximum over ranks of ``x`` (no gradient), gathered and reduced locally."""
+    import torch.distributed as dist
+
+    _, world = world_of(group)
+    if world == 1:
+        return x.detach().clone()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    return torch.stack(parts).amax(0)
+
+
 def _logsumexp_values(x: Tensor, group: Any) -> Tensor:
     import torch.distributed as dist
 
-    top = x.detach().clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = all_reduce_max(x, group=group)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows with no class anywhere
     total = torch.exp(x.detach() - top)
     dist.all_reduce(total, group=group)
