@@ -52,6 +52,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--interval", type=int, default=100, help="steps between index rebuilds (amortised)")
     parser.add_argument("--host-from", type=int, default=5_000_000, help="use the host store from this C on")
     parser.add_argument("--providers", default="torch,cce,partial_fc,selected", help="comma-separated subset")
+    parser.add_argument("--probes", type=int, default=8, help="clusters the GPU index searches per query")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="add a selected step captured in a CUDA graph and replayed (GPU only): the GPU's time alone",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of the selected step per C"
     )
@@ -129,7 +135,7 @@ def cce_case(classes: int, dim: int, batch: int) -> Callable[[], Callable[[], No
     return setup
 
 
-def make_head(kind: str, classes: int, dim: int, *, sample_num: int, store: str):
+def make_head(kind: str, classes: int, dim: int, *, sample_num: int, store: str, probes: int = 8):
     """A PartialFC (10%) or SelectedHead (gpu index) on the device, rows planted."""
     if kind == "partial_fc":
         options = {"type": "partial_fc", "sample_rate": 0.1, "store": store}
@@ -142,6 +148,7 @@ def make_head(kind: str, classes: int, dim: int, *, sample_num: int, store: str)
             "store": store,
             "interval": 10**9,
             "index_dtype": index_dtype,
+            "probes": probes,
         }
     config = head_config({**options, "coverage_every": 0})
     head = build_head(config, HeadContext(in_features=dim, num_classes=classes, multilabel=False)).to(
@@ -152,8 +159,14 @@ def make_head(kind: str, classes: int, dim: int, *, sample_num: int, store: str)
     return head
 
 
-def head_step_case(holder: dict, make: Callable[[], object], batch: int) -> Callable[[], Callable[[], None]]:
-    """Builds the head inside the measured span (its rows and index count in peak memory), times one step."""
+def head_step_case(
+    holder: dict, make: Callable[[], object], batch: int, *, graph: bool = False
+) -> Callable[[], Callable[[], None]]:
+    """Builds the head inside the measured span (its rows and index count in peak memory), times one step.
+
+    With ``graph`` the step (selection, forward, backward, row update) is captured once in a CUDA graph after
+    three warm-up steps on a side stream and replayed: its shapes are fixed and it never waits for the host.
+    """
 
     def setup() -> Callable[[], None]:
         head = holder["head"] = make()
@@ -171,7 +184,19 @@ def head_step_case(holder: dict, make: Callable[[], object], batch: int) -> Call
             head.after_step(counter[0], 0.0, lr=0.01)
 
         holder["step"] = step
-        return step
+        if not graph:
+            return step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        captured.register_generator_state(head._generator)  # the random fill draws from the head's generator
+        with torch.cuda.graph(captured):
+            step()
+        return captured.replay
 
     return setup
 
@@ -215,12 +240,15 @@ def run_heads(
         params = {"C": classes, "D": args.dim, "B": args.batch, "store": store}
         holder: dict = {}
         make = lambda kind=kind, store=store: make_head(
-            kind, classes, args.dim, sample_num=args.sample_num, store=store
+            kind, classes, args.dim, sample_num=args.sample_num, store=store, probes=args.probes
         )
         cases = [Case(kind, "step", params, head_step_case(holder, make, args.batch))]
         if kind == "selected":
             updated = min(classes, args.interval * args.sample_num)
             cases.append(Case(kind, "build", params, build_case(holder, updated)))
+            if args.cuda_graph and torch.cuda.is_available():
+                graphed = head_step_case({}, make, args.batch, graph=True)
+                cases.append(Case(f"{kind}-graph", "step", params, graphed))
         measured = run_cases(
             cases, benchmark="selected", results_path=results_path, reps=args.reps, warmup=args.warmup
         )
@@ -228,7 +256,7 @@ def run_heads(
         head = holder.pop("head", None)
         if args.profile and kind == "selected" and "step" in holder:
             profile_step(holder.pop("step"), f"selected step, C={classes}")
-        if kind == "selected" and head is not None and all(r.status == "ok" for r in measured):
+        if kind == "selected" and head is not None and all(r.status == "ok" for r in measured[:2]):
             step_ms, build_ms = measured[0].time_ms, measured[1].time_ms
             summary = {
                 "step_ms": step_ms,

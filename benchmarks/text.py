@@ -61,6 +61,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", default="runs/bench-text", help="run folders of the accuracy part")
     parser.add_argument("--epochs", type=int, default=8, help="accuracy part: epochs of each run")
+    parser.add_argument(
+        "--runs", default="dense,sparse,sparse-bf16,tfidf", help="accuracy part: comma-separated subset"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="accuracy part: MiniLM run overrides"
+    )
     parser.add_argument("--classes", type=int, default=AMAZON_3M_LABELS, help="memory part: C")
     parser.add_argument("--batch", type=int, default=128, help="memory part: B")
     parser.add_argument("--seq", type=int, default=128, help="memory part: tokens per sample")
@@ -99,35 +105,42 @@ def _quick_data(data: Path, folder: Path) -> Path:
 
 
 def accuracy_runs(args: argparse.Namespace) -> list[tuple[str, str, list[str], str]]:
-    """(name, train file stem, overrides, preset) of each accuracy run."""
+    """(name, train file stem, overrides, preset) of each run ``--runs`` names."""
     minilm = [
         "model.type=transformer",
         "model.pretrained=all-MiniLM-L6-v2",
-        "model.max_length=64",
-        "optim.encoder.lr=0.0001",
-        "optim.head.lr=0.003",
-        "optim.warmup_fraction=0.05",
+        "model.max_length=128",
+        "optim.encoder.lr=0.00003",
+        "optim.head.lr=0.001",
+        "optim.warmup_fraction=0.1",
+        "train.grad_clip=1.0",
         f"train.epochs={args.epochs}",
-        "train.batch_size=128",
+        "train.batch_size=64",
         "train.progress=false",
+        *args.set,
     ]
-    sparse = f"head={args.sparse_accuracy}"
-    return [
-        ("MiniLM + DenseHead", "", [*minilm, "head.type=dense"], ""),
-        ("MiniLM + SparseHead", "", [*minilm, sparse, "data.label_feature_dim=256"], ""),
-        (
+    sparse = [f"head={args.sparse_accuracy}", "data.label_feature_dim=256"]
+    runs = {
+        "dense": ("MiniLM + DenseHead", "", [*minilm, "head.type=dense"], ""),
+        "sparse": ("MiniLM + SparseHead", "", [*minilm, *sparse], ""),
+        "sparse-bf16": (
             "MiniLM + SparseHead, bf16 SR state",
             "",
-            [*minilm, sparse, "data.label_feature_dim=256", "optim.head_state=bf16_sr"],
+            [*minilm, *sparse, "optim.head_state=bf16_sr"],
             "",
         ),
-        (
+        "tfidf": (
             "TF-IDF MLP + DenseHead",
             "_bow",
             [f"train.epochs={args.epochs}", "train.progress=false"],
             "xmc-mlp",
         ),
-    ]
+    }
+    chosen = args.runs.split(",")
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {sorted(runs)}")
+    return [runs[name] for name in chosen]
 
 
 def run_accuracy(args: argparse.Namespace) -> None:

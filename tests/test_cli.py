@@ -136,6 +136,13 @@ def test_user_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "nothing"), "--test", test]) == 2
 
 
+def test_a_diverging_run_stops_at_the_first_bad_loss(tiny, tmp_path, capsys):
+    code = _train(tiny, tmp_path / "run", "--set", "optim.encoder.lr=1e30", "--set", "optim.head.lr=1e30")
+    error = capsys.readouterr().err
+    assert code == 2 and "training diverged" in error and "at step" in error
+    assert not os.path.exists(tmp_path / "run" / "metrics.json")
+
+
 def test_python_m_megaclass_and_dispatch_table():
     assert {"train", "eval", "predict"} <= set(COMMANDS)
     out = subprocess.run(

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from megaclass import __version__
-from megaclass.errors import DataFormatError
+from megaclass.errors import DataFormatError, TrainingDiverged
 from megaclass.schema import ConfigError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
     try:
         return args.handler(args)
-    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DataFormatError, FileNotFoundError, TrainingDiverged, ValueError) as error:
         print(f"megaclass {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,3 +20,7 @@ class DataFormatError(ValueError):
         self.problem = problem
         where = self.path if line is None else f"{self.path}:{line}"
         super().__init__(f"{where}: {problem}")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and what to change."""

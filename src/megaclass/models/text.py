@@ -162,13 +162,16 @@ def _load_backbone(config: TransformerConfig, vocab_size: int) -> nn.Module:
         hf_config = AutoConfig.from_pretrained(
             str(folder), local_files_only=True, use_cache=False, **overrides
         )
-        return AutoModel.from_pretrained(
+        model = AutoModel.from_pretrained(
             str(folder),
             config=hf_config,
             local_files_only=True,
             add_pooling_layer=False,
             attn_implementation="sdpa",
         )
+        # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps an fp16 file's dtype,
+        # where updates below half an ulp vanish): bf16 compute comes from autocast
+        return model.float()
     settings = {**BERT_BASE, "vocab_size": vocab_size, "use_cache": False, **overrides, **config.config}
     try:
         hf_config = BertConfig(**settings)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, shards_head
+from megaclass.errors import TrainingDiverged
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
 from megaclass.schema import ConfigError
@@ -410,6 +412,14 @@ class Trainer:
 
     def _log_losses(self, window: list[Tensor], epoch: int) -> None:
         losses = torch.stack(window).float().cpu().tolist()  # deliberate host sync, once per log window
+        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+        if bad is not None:
+            step = self.state.global_step - len(losses) + bad + 1
+            raise TrainingDiverged(
+                f"the loss is {losses[bad]} at step {step} (epoch {epoch + 1}): training diverged; lower "
+                f"optim.*.lr, lengthen optim.warmup_fraction or set train.grad_clip, then --resume from the "
+                f"last checkpoint (none is written from this state)"
+            )
         self.state.epoch_loss_sum += sum(losses)
         lr = lr_at(
             self.state.global_step - 1, peak=1.0, total_steps=self.total_steps, optim=self.config.optim
