@@ -132,6 +132,7 @@ class _ShardFacts:
     options: LinearLossOptions
     backend: DenseBackend
     group: Any
+    owns_all: bool  # the rank holds all the classes (world size 1)
 
 
 def _owned_exclude(targets: RaggedLabels, local: RaggedLabels, options: LinearLossOptions) -> Tensor | None:
@@ -164,7 +165,8 @@ class ShardedLinearLossFunction(torch.autograd.Function):
 
         options, start = facts.options, facts.start
         targets = RaggedLabels(indptr, indices)
-        local = local_targets(targets, start, start + weight.shape[0])
+        # a rank that owns every class keeps all targets (the split would wait on the GPU for their count)
+        local = targets if facts.owns_all else local_targets(targets, start, start + weight.shape[0])
         coef = row_coefficients(targets, options)  # (B,) from the global label counts
         z_pos = positive_logits(x, weight, bias, local, options)  # (L_local,)
         exclude = _owned_exclude(targets, local, options)
@@ -252,7 +254,8 @@ def sharded_linear_loss(
     ragged = prepare_targets(targets, x.shape[0], num_classes, options)
     if options.cosine:
         x = torch.nn.functional.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
-    facts = _ShardFacts(start, options, dense_backend(impl, x, weight), group)
+    owns_all = start == 0 and weight.shape[0] == num_classes
+    facts = _ShardFacts(start, options, dense_backend(impl, x, weight), group, owns_all)
     return ShardedLinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, facts)
 
 
