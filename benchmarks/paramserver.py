@@ -14,7 +14,9 @@ this machine; rows pulled and gradients pushed over loopback). ``gpu`` and ``hos
 built once before timing; with ``ps`` the head never reads the matrix: every step it asks the shards for each
 sample's nearest classes (``QueryNearest``), each answering from a cluster index over its own rows (on the
 GPU where there is one, ``--index-device``), built at the first query. All three start from the same matrix
-(the shards draw the in-process stores' initial rows).
+(the shards draw the in-process stores' initial rows). The ``ps-part`` rows time the parts of a ``ps`` step
+alone: the shards' query, the pull of the active rows, and the push of their gradients until applied. The
+shards split the head's ``probes`` between them: as many clusters are searched per sample as a local index.
 
 Shard files go to ``/dev/shm`` when it has room: a disk-backed memory map is written back by the kernel,
 and each row write after a write-back takes a page fault (several times the write itself).
@@ -192,6 +194,59 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
     return Case("selected", "step", params, setup)
 
 
+def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Namespace) -> list[Case]:
+    """The parts of a ``store=ps`` step on their own: the shards' nearest-class query, the pull of the active
+    rows and the push of their gradients (acknowledged: applied by the shards)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": "ps"}
+    shared: dict = {}
+
+    def prepared() -> dict:
+        if not shared:  # one head for the three parts; its first step builds the shards' indexes
+            head = make_head().to(device)
+            head.materialize()
+            features = torch.randn(args.batch, args.step_dim, device=device)
+            targets = torch.randint(args.step_classes, (args.batch,), device=device)
+            head(features, targets).backward()
+            head.after_step(1, 0.0, lr=0.01)
+            ids = head.select(features, targets).ids
+            shared.update(head=head, features=features, ids=ids, step=[1])
+            shared["grads"] = torch.randn(len(ids), args.step_dim, device=device) * 1e-3
+        return shared
+
+    def query() -> Callable[[], None]:
+        state = prepared()
+        config, store = state["head"].config, state["head"].store
+        count = config.sample_num // args.batch + 1
+        return lambda: store.query_nearest(
+            state["features"],
+            count,
+            metric=config.metric,
+            max_index_age=config.interval,
+            probes=config.probes,
+        )
+
+    def pull() -> Callable[[], None]:
+        state = prepared()
+        return lambda: state["head"].store.pull(state["ids"])
+
+    def push() -> Callable[[], None]:
+        state = prepared()
+        store = state["head"].store
+
+        def run() -> None:
+            state["step"][0] += 1
+            store.push(state["ids"], state["grads"], step=state["step"][0], lr=0.01)
+            store.client.drain()
+
+        return run
+
+    return [
+        Case("ps-part", mode, params, setup)
+        for mode, setup in (("query", query), ("pull", pull), ("push", push))
+    ]
+
+
 def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
     from megaclass.heads import HeadContext, build_head, head_config
 
@@ -214,8 +269,9 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
             def make(options=options) -> torch.nn.Module:
                 return build_head(head_config(options), context)
 
+            parts = ps_part_cases(make, args) if store.startswith("ps://") else []
             results += run_cases(
-                [step_case(make, store, args)],
+                [step_case(make, store, args), *parts],
                 benchmark="paramserver",
                 results_path=args.results,
                 reps=args.reps,

@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
         "--data", default="data/deb-tags", help="folder with train/test .txt.gz and _bow files"
     )
     parser.add_argument("--out", default="runs/bench-text", help="run folders of the accuracy part")
-    parser.add_argument("--epochs", type=int, default=8, help="accuracy part: epochs of each run")
+    parser.add_argument("--epochs", type=int, default=5, help="accuracy part: epochs of each run")
     parser.add_argument(
         "--runs", default="dense,sparse,sparse-bf16,tfidf", help="accuracy part: comma-separated subset"
     )
@@ -110,8 +110,8 @@ def accuracy_runs(args: argparse.Namespace) -> list[tuple[str, str, list[str], s
         "model.type=transformer",
         "model.pretrained=all-MiniLM-L6-v2",
         "model.max_length=128",
-        "optim.encoder.lr=0.00003",
-        "optim.head.lr=0.001",
+        "optim.encoder.lr=0.00005",
+        "optim.head.lr=0.002",
         "optim.warmup_fraction=0.1",
         "train.grad_clip=1.0",
         f"train.epochs={args.epochs}",

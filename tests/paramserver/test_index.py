@@ -53,6 +53,29 @@ def test_shard_index_refreshes_rows_updated_over_max_age_ago(shards):
     client.close()
 
 
+def test_index_probes_are_split_between_shards(shards):
+    """A query's probes count over all shards: each searches its share (at least one), 0 its default."""
+    from megaclass.paramserver import wire
+
+    servers = shards(3, num_rows=90, dim=5)
+    client = ParamServerClient(_addresses(servers), timeout_s=30)
+    features = torch.randn(4, 5)
+    rows = client.get_rows(0, 90)
+    for probes, per_shard in [(8, 3), (2, 1), (0, 8)]:
+        scores, ids = client.query_nearest(features, 2, max_index_age=10, probes=probes)
+        assert [server.service._indexes["dot"][0].probes for server in servers] == [per_shard] * 3
+        assert bool((ids >= 0).all())
+        torch.testing.assert_close(scores, (features[:, None, :] * rows[ids]).sum(2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="probes -1"):
+        client.query_nearest(features, 2, max_index_age=10, probes=-1)
+    request = wire.message(
+        "QueryNearestRequest", features=wire.encode_array(features), n=2, max_index_age=10, probes=-1
+    )
+    with pytest.raises(ValueError, match="probes -1"):
+        servers[0].service.query_nearest(request, None)
+    client.close()
+
+
 def _run(head, batches):
     losses = []
     for step, (features, targets) in enumerate(batches, start=1):
@@ -88,6 +111,7 @@ def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
     else:
         age = 0 if index == "exact" else 2
         assert queries and all(q["max_index_age"] == age for q in queries)
+        assert all(q["probes"] == 8 for q in queries)  # the head's index probes, split by the client
         assert head.metrics()["neighbour_classes"] > 0
     monkeypatch.undo()
     if index == "none":  # the same random selection: the same losses and rows as rows in host memory

@@ -203,7 +203,8 @@ class SelectedHead(Head):
         metric = "cosine" if self.config.margin.enabled else self.config.metric
         # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
         age = 0 if self.config.index == "exact" else self.config.interval
-        return store_query(features, count, metric=metric, max_index_age=age)[1]
+        # the shards split the index's probes between them: as many clusters searched as a local index's
+        return store_query(features, count, metric=metric, max_index_age=age, probes=self.config.probes)[1]
 
     # ------------------------------------------------------------------ selection
     def select(self, features: Tensor, targets: Targets) -> Selection:

@@ -424,21 +424,26 @@ class ParamServerClient:
         return torch.empty(0, self.dim) if out is None else out
 
     def query_nearest(
-        self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0
+        self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0, probes: int = 0
     ) -> tuple[Tensor, Tensor]:
         """Top-``n`` ``(scores, ids)``, each ``(B, n)``, of all rows; each shard answers for its own rows.
 
         ``max_index_age`` 0 scans every row exactly; ``N > 0`` asks each shard's cluster index, refreshed
         there when built over ``N`` versions ago (approximate; ids ``-1``, scores ``-inf`` where too few).
+        ``probes``: index clusters searched per feature over all shards together, split evenly between them
+        (each searches at least one; a shard's query costs in proportion); 0: each shard's default.
         """
         if max_index_age < 0:
             raise ValueError(f"max_index_age {max_index_age}: expected >= 0")
+        if probes < 0:
+            raise ValueError(f"probes {probes}: expected >= 0")
         request = wire.message(
             "QueryNearestRequest",
             features=wire.encode_array(features.float(), "float32"),
             n=n,
             metric=metric,
             max_index_age=max_index_age,
+            probes=-(-probes // len(self._shards)),
         )
         issued = [
             (shard, *self._issue(shard, "QueryNearestRequest", request)) for shard in range(len(self._shards))

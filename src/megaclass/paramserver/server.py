@@ -34,6 +34,7 @@ from megaclass.paramserver.state import ShardSpec, ShardState
 logger = logging.getLogger("megaclass.paramserver")
 
 _QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores
+_DEFAULT_PROBES = 8  # clusters of a shard's index searched per feature when a query names none
 
 
 class _Refusal(Exception):
@@ -261,11 +262,19 @@ class ShardService:
             raise ValueError(f"metric {request.metric!r}: expected 'dot' or 'cosine'")
         if request.max_index_age < 0:
             raise ValueError(f"max_index_age {request.max_index_age}: expected >= 0")
+        if request.probes < 0:
+            raise ValueError(f"probes {request.probes}: expected >= 0 (0: the shard's default)")
         cosine = request.metric == "cosine"
         if cosine:
             features = torch.nn.functional.normalize(features, dim=1)
         if request.max_index_age:
-            scores, ids = self._query_index(features, request.n, cosine=cosine, max_age=request.max_index_age)
+            scores, ids = self._query_index(
+                features,
+                request.n,
+                cosine=cosine,
+                max_age=request.max_index_age,
+                probes=request.probes or _DEFAULT_PROBES,
+            )
         else:
             with self.lock.read():
                 scores, ids = _top_rows(features, self.state.rows, request.n, cosine=cosine)
@@ -274,8 +283,11 @@ class ShardService:
             "QueryNearestResponse", scores=wire.encode_array(scores), ids=wire.encode_ids(ids.numpy())
         )
 
-    def _query_index(self, features: Tensor, n: int, *, cosine: bool, max_age: int) -> tuple[Tensor, Tensor]:
-        """Top-``n`` local ``(scores, ids)``, each ``(B, n')``, of ``features (B, D)`` by the shard's index.
+    def _query_index(
+        self, features: Tensor, n: int, *, cosine: bool, max_age: int, probes: int
+    ) -> tuple[Tensor, Tensor]:
+        """Top-``n`` local ``(scores, ids)``, each ``(B, n')``, of ``features (B, D)`` by the shard's index,
+        searching ``probes`` of its clusters per feature.
 
         The index is built at the first query and refreshed (a warm build over the rows updated since, see
         :class:`~megaclass.index.kmeans.ClusterIndex`) when its build is over ``max_age`` versions old.
@@ -299,6 +311,7 @@ class ShardService:
                     if changed is None or len(changed):
                         index.build(self.state.rows, changed=changed)
                 self._indexes[metric] = (index, built)
+            index.probes = probes  # the query's cost is linear in it: a client splits its probes over shards
             local = index.query(features, min(n, self.state.spec.size)).cpu()  # (B, n')
         with self.lock.read():
             rows = self.state.rows[local.clamp_min(0)]  # (B, n', D)

@@ -110,15 +110,16 @@ class ParamServerStore(RowStore):
         )
 
     def query_nearest(
-        self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0
+        self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0, probes: int = 0
     ) -> tuple[Tensor, Tensor]:
         """Top-``n`` ``(scores, ids)`` rows for ``features (B, D)``, computed by the shards, merged here.
 
         ``max_index_age``: 0 for an exact scan; ``N > 0`` for the shards' cluster indexes, refreshed when
-        built over ``N`` versions ago (ids ``-1`` where they found fewer than ``n``).
+        built over ``N`` versions ago (ids ``-1`` where they found fewer than ``n``), searching ``probes``
+        clusters per feature over all shards together (0: each shard's default).
         """
         scores, ids = self.client.query_nearest(
-            features.detach().cpu(), n, metric=metric, max_index_age=max_index_age
+            features.detach().cpu(), n, metric=metric, max_index_age=max_index_age, probes=probes
         )
         return scores.to(features.device), ids.to(features.device)
 
