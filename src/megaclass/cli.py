@@ -429,6 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
+    code = _run_command(args)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        # a rank of a torchrun world leaves without interpreter teardown: gloo threads can still abort the
+        # process there after its work is done and its files are closed, failing a finished run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except (ConfigError, DataFormatError, FileNotFoundError, TrainingDiverged, ValueError) as error:

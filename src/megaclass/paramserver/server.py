@@ -35,6 +35,7 @@ logger = logging.getLogger("megaclass.paramserver")
 
 _QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores
 _DEFAULT_PROBES = 8  # clusters of a shard's index searched per feature when a query names none
+_CPU_QUERY_BYTES = 1 << 24  # a CPU index query's candidate rows (features x probes x leaf x D) at once
 
 
 class _Refusal(Exception):
@@ -312,7 +313,15 @@ class ShardService:
                         index.build(self.state.rows, changed=changed)
                 self._indexes[metric] = (index, built)
             index.probes = probes  # the query's cost is linear in it: a client splits its probes over shards
-            local = index.query(features, min(n, self.state.spec.size)).cpu()  # (B, n')
+            block = len(features)
+            if torch.device(self.config.index_device).type == "cpu":
+                # candidate rows gathered in cache-sized blocks: one (B, probes * leaf, D) block is slower
+                # (hundreds of MB of fresh pages for B 512) than several small ones
+                block = max(1, _CPU_QUERY_BYTES // (probes * index.leaf_size * features.shape[1] * 4))
+            size = min(n, self.state.spec.size)
+            local = torch.cat(
+                [index.query(features[i : i + block], size).cpu() for i in range(0, len(features), block)]
+            )  # (B, n')
         with self.lock.read():
             rows = self.state.rows[local.clamp_min(0)]  # (B, n', D)
         scores = torch.einsum("bnd,bd->bn", rows, features)  # (B, n')
