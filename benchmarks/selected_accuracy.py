@@ -44,6 +44,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.002, help="peak lr of encoder and head")
     parser.add_argument("--head-lr", type=float, help="peak lr of the head (default: --lr)")
     parser.add_argument(
+        "--head-optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="the head's optimizer, for every head alike (sgd: momentum 0.9, HF-Softmax's)",
+    )
+    parser.add_argument(
         "--heads",
         default="dense,selected,partial_fc",
         help="comma-separated subset of dense, dense_nobias, selected, selected_dot, selected_half, "
@@ -88,7 +94,7 @@ def run_config(head: dict, *, args: argparse.Namespace, num_classes: int) -> dic
             "head": head,
             "optim": {
                 "encoder": {"name": "adamw", "lr": args.lr},
-                "head": {"name": "adamw", "lr": args.head_lr or args.lr},
+                "head": {"name": args.head_optimizer, "lr": args.head_lr or args.lr, "momentum": 0.9},
                 "warmup_fraction": 0.05,
                 "decay": "cosine",
             },
@@ -100,7 +106,12 @@ def run_config(head: dict, *, args: argparse.Namespace, num_classes: int) -> dic
 
 def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
     active = max(1, math.ceil(args.active * num_classes))
-    adam = {"kind": "adamw", "weight_decay": 0.0}  # the dense head's AdamW, applied lazily to active rows
+    # the dense head's optimizer, applied lazily to the active rows
+    row_optimizer = {
+        "kind": args.head_optimizer,
+        "weight_decay": 0.0,
+        **({"momentum": 0.9} if args.head_optimizer == "sgd" else {}),
+    }
     variants = {
         "dense": {"type": "dense"},
         "dense_nobias": {"type": "dense", "bias": False},  # the sampled heads have no bias
@@ -109,10 +120,10 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
             "sample_num": active,
             "index": "gpu",
             "interval": args.interval,
-            "optimizer": adam,
+            "optimizer": row_optimizer,
             "coverage_every": 200,
         },
-        "partial_fc": {"type": "partial_fc", "sample_rate": args.active, "optimizer": adam},
+        "partial_fc": {"type": "partial_fc", "sample_rate": args.active, "optimizer": row_optimizer},
     }
     # selection variants: the index ranks by the logit (dot), half the active set from the index
     variants["selected_dot"] = {**variants["selected"], "metric": "dot"}
@@ -157,7 +168,8 @@ def main() -> None:
         )
     print(
         f"\ndeb-files, {num_classes} classes, {args.active:.0%} active, first {args.train_lines} train / "
-        f"{args.test_lines} test lines, {args.epochs} epochs, lr {args.lr} (head {args.head_lr or args.lr})\n"
+        f"{args.test_lines} test lines, {args.epochs} epochs, lr {args.lr} (head {args.head_optimizer}, "
+        f"{args.head_lr or args.lr})\n"
     )
     print("| head | top-1 | top-5 | wall s |")
     print("|---|---|---|---|")
