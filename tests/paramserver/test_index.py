@@ -53,6 +53,27 @@ def test_shard_index_refreshes_rows_updated_over_max_age_ago(shards):
     client.close()
 
 
+def test_cpu_index_queries_features_in_blocks(shards, monkeypatch):
+    """Features queried a few at a time (small candidate blocks) give the one-block answer."""
+    from megaclass.index.kmeans import ClusterIndex
+    from megaclass.paramserver import server
+
+    monkeypatch.setattr(server, "_CPU_QUERY_BYTES", 1)  # one feature per block
+    blocks = []
+    query = ClusterIndex.query
+    monkeypatch.setattr(ClusterIndex, "query", lambda self, f, n: blocks.append(len(f)) or query(self, f, n))
+    servers = shards(2, num_rows=40, dim=7)
+    client = ParamServerClient(_addresses(servers), timeout_s=30)
+    rows = client.get_rows(0, 40)
+    features = torch.randn(9, 7)
+    scores, ids = client.query_nearest(features, 3, metric="cosine", max_index_age=10)
+    assert blocks == [1] * 18  # 9 features, one at a time, on each of the 2 shards
+    expected_scores, expected_ids = _truth(features, rows, "cosine", 3)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, expected_ids)
+    client.close()
+
+
 def test_index_probes_are_split_between_shards(shards):
     """A query's probes count over all shards: each searches its share (at least one), 0 its default."""
     from megaclass.paramserver import wire

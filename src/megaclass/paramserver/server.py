@@ -320,7 +320,10 @@ class ShardService:
                 block = max(1, _CPU_QUERY_BYTES // (probes * index.leaf_size * features.shape[1] * 4))
             size = min(n, self.state.spec.size)
             local = torch.cat(
-                [index.query(features[i : i + block], size).cpu() for i in range(0, len(features), block)]
+                [
+                    index.query(features[i : i + block], size).cpu()
+                    for i in range(0, max(len(features), 1), block)
+                ]
             )  # (B, n')
         with self.lock.read():
             rows = self.state.rows[local.clamp_min(0)]  # (B, n', D)
