@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Case, Result, add_common_arguments, markdown_table, run_cases  # noqa: E402
+from _harness import Case, Result, add_common_arguments, cuda_graph, markdown_table, run_cases  # noqa: E402
 from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
 from megaclass.index.exact import exact_topk  # noqa: E402
 
@@ -186,17 +186,8 @@ def head_step_case(
         holder["step"] = step
         if not graph:
             return step
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        captured = torch.cuda.CUDAGraph()
-        captured.register_generator_state(head._generator)  # the random fill draws from the head's generator
-        with torch.cuda.graph(captured):
-            step()
-        return captured.replay
+        # the random fill draws from the head's own generator
+        return cuda_graph(step, warmup=3, generators=[head._generator])
 
     return setup
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Case, add_common_arguments, device_rates, markdown_table, run_cases  # noqa: E402
+from _harness import Case, add_common_arguments, cuda_graph, device_rates, markdown_table, run_cases  # noqa: E402
 from megaclass.dst import random_fanin_index  # noqa: E402
 from megaclass.ops.fixed_fanin import fixed_fanin_loss  # noqa: E402
 from megaclass.targets import RaggedLabels  # noqa: E402
@@ -117,9 +117,8 @@ def _timed(mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Te
 def _graphed(
     mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]
 ) -> Callable[[], None]:
-    """``mode``'s work (``fwd+bwd`` or ``step``) captured once in a CUDA graph after two warm-up calls on a
-    side stream (which also build the cached column order), then replayed: the GPU time of a training step
-    without the host's per-op launch overhead, as under ``torch.compile(mode="reduce-overhead")``."""
+    """``mode``'s work (``fwd+bwd`` or ``step``) captured in a CUDA graph (the warm-up calls also build the
+    cached column order), replayed: a training step's GPU time without the host's per-op launch overhead."""
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True) if mode == "step" else None
 
     def train_step() -> None:
@@ -129,16 +128,7 @@ def _graphed(
         if optimizer is not None:
             optimizer.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            train_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        train_step()
-    return graph.replay
+    return cuda_graph(train_step)
 
 
 def megaclass_case(
