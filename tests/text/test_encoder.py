@@ -98,7 +98,7 @@ def test_config_errors(tiny_model_options, tmp_path):
 
 
 def test_half_precision_checkpoint_loads_as_fp32_master_weights(tiny_model_options, tmp_path):
-    """Weights saved in fp16 (as many hub checkpoints are) train in fp32: autocast supplies the bf16 compute."""
+    """Weights saved in fp16, as many hub checkpoints are, train in fp32; autocast supplies bf16 compute."""
     import shutil
 
     from transformers import BertConfig, BertModel
