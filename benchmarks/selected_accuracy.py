@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
         help="the head's optimizer, for every head alike (sgd: momentum 0.9, HF-Softmax's)",
     )
     parser.add_argument(
+        "--init-bound", type=float, help="sampled heads: rows start U(-b, b) (default: 1 / sqrt(D))"
+    )
+    parser.add_argument(
+        "--init-scale", type=float, help="dense head: rows start N(0, (s / sqrt(D))^2) (default: 1)"
+    )
+    parser.add_argument(
         "--heads",
         default="dense,selected,partial_fc",
         help="comma-separated subset of dense, dense_nobias, selected, selected_dot, selected_half, "
@@ -125,6 +131,12 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
         },
         "partial_fc": {"type": "partial_fc", "sample_rate": args.active, "optimizer": row_optimizer},
     }
+    for name in ("dense", "dense_nobias"):
+        if args.init_scale is not None:
+            variants[name]["init_scale"] = args.init_scale
+    for name in ("selected", "partial_fc"):
+        if args.init_bound is not None:
+            variants[name]["init_bound"] = args.init_bound
     # selection variants: the index ranks by the logit (dot), half the active set from the index
     variants["selected_dot"] = {**variants["selected"], "metric": "dot"}
     variants["selected_half"] = {**variants["selected"], "neighbour_share": 0.5}
