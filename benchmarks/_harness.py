@@ -158,6 +158,17 @@ def cuda_graph(
     return graph.replay
 
 
+def cce_available() -> bool:
+    """Whether Cut Cross-Entropy (``cut_cross_entropy``) can run here: importable, with a CUDA device."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _quantiles(times: list[float]) -> tuple[float, float, float]:
     if len(times) == 1:
         return times[0], times[0], times[0]

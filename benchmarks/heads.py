@@ -47,6 +47,7 @@ from _harness import (  # noqa: E402
     Case,
     Result,
     add_common_arguments,
+    cce_available,
     device_rates,
     markdown_table,
     run_cases,
@@ -159,23 +160,13 @@ def available_providers(wanted: list[str]) -> list[str]:
         raise SystemExit(f"--providers: unknown {unknown}; known: {sorted(PROVIDERS)}")
     kept = []
     for name in wanted:
-        if name == "cce" and not _cce_available():
+        if name == "cce" and not cce_available():
             print("cce: cut_cross_entropy not importable or no CUDA device; skipped", file=sys.stderr)
         elif name == "megaclass-triton" and not _triton_runnable():
             print("megaclass-triton: needs CUDA or TRITON_INTERPRET=1; skipped", file=sys.stderr)
         else:
             kept.append(name)
     return kept
-
-
-def _cce_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import cut_cross_entropy  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _triton_runnable() -> bool:

@@ -33,7 +33,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Case, Result, add_common_arguments, cuda_graph, markdown_table, run_cases  # noqa: E402
+from _harness import (  # noqa: E402
+    Case,
+    Result,
+    add_common_arguments,
+    cce_available,
+    cuda_graph,
+    markdown_table,
+    run_cases,
+)
 from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
 from megaclass.index.exact import exact_topk  # noqa: E402
 
@@ -329,16 +337,6 @@ def main() -> None:
             f"| {classes} | {s['step_ms']:.3f} | {s['build_ms']:.1f} | {s['amortised_ms']:.3f} | "
             f"{s['recall_at_10']:.3f} | {s['clusters']:.0f} |"
         )
-
-
-def cce_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import cut_cross_entropy  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared test setup: Triton runs in its interpreter when there is no GPU; every test starts from a fixed seed
 on one intra-op thread."""
 
+import gzip
 import os
 import random
 
@@ -32,3 +33,28 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def deb_tags_slice(repo_root, tmp_path_factory):
+    """``make(train_rows, test_rows) -> (train, test)``: the first rows of the embedded deb-tags BoW files,
+    written with a matching header to a fresh folder."""
+    data = os.path.join(repo_root, "data", "deb-tags")
+
+    def write(source: str, target: str, rows: int) -> str:
+        with gzip.open(source, "rt") as file:
+            header = file.readline().split()
+            lines = [file.readline() for _ in range(rows)]
+        with open(target, "w") as file:
+            file.write(f"{rows} {header[1]} {header[2]}\n")
+            file.writelines(lines)
+        return target
+
+    def make(train_rows: int, test_rows: int) -> tuple[str, str]:
+        folder = tmp_path_factory.mktemp("deb_tags_slice")
+        return (
+            write(os.path.join(data, "train_bow.txt.gz"), str(folder / "train.txt"), train_rows),
+            write(os.path.join(data, "test_bow.txt.gz"), str(folder / "test.txt"), test_rows),
+        )
+
+    return make

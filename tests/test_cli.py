@@ -29,23 +29,9 @@ _TINY = [
 ]
 
 
-def _slice(source: str, target: str, rows: int) -> str:
-    with gzip.open(source, "rt") as file:
-        header = file.readline().split()
-        lines = [file.readline() for _ in range(rows)]
-    with open(target, "w") as file:
-        file.write(f"{rows} {header[1]} {header[2]}\n")
-        file.writelines(lines)
-    return target
-
-
 @pytest.fixture(scope="module")
-def tiny(repo_root, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    data = os.path.join(repo_root, "data", "deb-tags")
-    train = _slice(os.path.join(data, "train_bow.txt.gz"), str(folder / "train.txt"), 320)
-    test = _slice(os.path.join(data, "test_bow.txt.gz"), str(folder / "test.txt"), 100)
-    return train, test
+def tiny(deb_tags_slice):
+    return deb_tags_slice(320, 100)
 
 
 def _train(tiny, out, *extra):

@@ -1,6 +1,6 @@
 """``python -m megaclass ...`` is the ``megaclass`` command."""
 
-from megaclass.cli import main
+from megaclass.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

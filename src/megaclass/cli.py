@@ -18,7 +18,7 @@ from megaclass import __version__
 from megaclass.errors import DataFormatError, TrainingDiverged
 from megaclass.schema import ConfigError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "run"]
 
 
 def _format_bytes(count: int) -> str:
@@ -421,6 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The ``megaclass`` command: :func:`main` on ``sys.argv``, then exit with its code.
+
+    A rank of a torchrun world leaves without interpreter teardown, where gloo threads can still abort the
+    process after its work is done and its files are closed, failing a finished run.
+    """
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -429,17 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
-    code = _run_command(args)
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        # a rank of a torchrun world leaves without interpreter teardown: gloo threads can still abort the
-        # process there after its work is done and its files are closed, failing a finished run
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except (ConfigError, DataFormatError, FileNotFoundError, TrainingDiverged, ValueError) as error:

@@ -2,33 +2,15 @@
 AdamW state and weight average, the rewired fraction anneals with the run's length, and a resumed run stays
 bound."""
 
-import gzip
-import os
-
 import pytest
 
 from megaclass.dst import DSTConfig, rewire_fraction
 from megaclass.train import Trainer, load_config
 
 
-def _slice(source: str, target: str, rows: int) -> str:
-    with gzip.open(source, "rt") as file:
-        header = file.readline().split()
-        lines = [file.readline() for _ in range(rows)]
-    with open(target, "w") as file:
-        file.write(f"{rows} {header[1]} {header[2]}\n")
-        file.writelines(lines)
-    return target
-
-
 @pytest.fixture(scope="module")
-def tiny(repo_root, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sparse")
-    data = os.path.join(repo_root, "data", "deb-tags")
-    return (
-        _slice(os.path.join(data, "train_bow.txt.gz"), str(folder / "train.txt"), 256),
-        _slice(os.path.join(data, "test_bow.txt.gz"), str(folder / "test.txt"), 64),
-    )
+def tiny(deb_tags_slice):
+    return deb_tags_slice(256, 64)
 
 
 def _trainer(tiny, out, *extra: str) -> Trainer:
