@@ -1,11 +1,16 @@
 """Recall@10 of the GPU cluster index against exact search, over cluster sizes and probes, at equal or growing
-candidate counts (``probes x leaf_size`` rows scored per sample).
+candidate counts (rows scored per sample).
 
     python benchmarks/index_recall.py                                # C = 10^6, D = 512, B = 512 (a GPU)
-    python benchmarks/index_recall.py --classes 100000 --dim 128 --batch 256   # CPU-sized
+    python benchmarks/index_recall.py --classes 100000 --dim 512 --batch 256 --dtype bfloat16   # CPU-sized
+
+``--dtype bfloat16`` stores and scores rows in bfloat16, as the index does by default on a GPU, also on a CPU
+(where its default is float32).
 
 Rows are "trained-like" as in ``benchmarks/selected.py`` (group directions plus noise) and the queries are
-features near their class rows. Each setting builds the index once (cold) and times one query of the batch.
+features near their class rows. Each setting builds the index (cold), times a query of the batch, then
+rebuilds it warm over every row and measures recall again. Candidates: rows scored per query (probes times
+the padded cluster width).
 """
 
 from __future__ import annotations
@@ -34,12 +39,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512, help="D")
     parser.add_argument("--batch", type=int, default=512, help="B, queries at once")
     parser.add_argument("--reps", type=int, default=5, help="timed queries per setting (median)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="rows' and scores' dtype (default: the index's)"
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(f"{leaf}x{probes}" for leaf, probes in SETTINGS),
+        help="comma-separated LEAFxPROBES pairs",
+    )
     return parser.parse_args()
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / truth.numel()
 
 
 def main() -> None:
@@ -49,11 +66,19 @@ def main() -> None:
     plant_rows_(rows)
     features = batch_for(rows, args.batch)[0].detach()
     truth = exact_topk(features, rows, 10, metric="cosine", chunk_size=1 << 16)[1]  # (B, 10)
-    print(f"C {args.classes}, D {args.dim}, B {args.batch} on {rows.device}\n")
-    print("| leaf_size | probes | candidates | recall@10 | build ms | query ms |")
-    print("|---|---|---|---|---|---|")
-    for leaf_size, probes in SETTINGS:
-        index = ClusterIndex(metric="cosine", leaf_size=leaf_size, probes=probes)
+    settings = [tuple(int(part) for part in pair.split("x")) for pair in args.settings.split(",")]
+    dtype = args.dtype or "default"
+    print(f"C {args.classes}, D {args.dim}, B {args.batch} on {rows.device}, dtype {dtype}\n")
+    print("| leaf_size | probes | candidates | recall@10 | after a warm rebuild | build ms | query ms |")
+    print("|---|---|---|---|---|---|---|")
+    for leaf_size, probes in settings:
+        index = ClusterIndex(
+            metric="cosine",
+            leaf_size=leaf_size,
+            probes=probes,
+            row_dtype=args.dtype,
+            compute_dtype=args.dtype,
+        )
         _sync()
         started = time.perf_counter()
         index.build(rows)
@@ -65,9 +90,22 @@ def main() -> None:
             found = index.query(features, 10)
             _sync()
             times.append((time.perf_counter() - started) * 1e3)
-        recall = float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / truth.numel()
+        recall = _recall(found, truth)
         query_ms = sorted(times)[len(times) // 2]
-        cells = [leaf_size, probes, leaf_size * probes, f"{recall:.3f}", f"{build_ms:.1f}", f"{query_ms:.2f}"]
+        index.build(
+            rows
+        )  # warm, over every row: each moves to its best nearby cluster, as training moves them
+        warm = _recall(index.query(features, 10), truth)
+        candidates = probes * index.state_dict()["members"].shape[1]  # probes x padded cluster width
+        cells = [
+            leaf_size,
+            probes,
+            candidates,
+            f"{recall:.3f}",
+            f"{warm:.3f}",
+            f"{build_ms:.1f}",
+            f"{query_ms:.2f}",
+        ]
         print("| " + " | ".join(str(cell) for cell in cells) + " |")
 
 

@@ -44,6 +44,7 @@ from _harness import (  # noqa: E402
 )
 from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
 from megaclass.index.exact import exact_topk  # noqa: E402
+from megaclass.index.kmeans import DEFAULT_PROBES  # noqa: E402
 
 FULL_CLASSES = (1_000_000, 10_000_000)
 
@@ -60,7 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--interval", type=int, default=100, help="steps between index rebuilds (amortised)")
     parser.add_argument("--host-from", type=int, default=5_000_000, help="use the host store from this C on")
     parser.add_argument("--providers", default="torch,cce,partial_fc,selected", help="comma-separated subset")
-    parser.add_argument("--probes", type=int, default=8, help="clusters the GPU index searches per query")
+    parser.add_argument(
+        "--probes", type=int, default=DEFAULT_PROBES, help="clusters the GPU index searches per query"
+    )
     parser.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -143,7 +146,9 @@ def cce_case(classes: int, dim: int, batch: int) -> Callable[[], Callable[[], No
     return setup
 
 
-def make_head(kind: str, classes: int, dim: int, *, sample_num: int, store: str, probes: int = 8):
+def make_head(
+    kind: str, classes: int, dim: int, *, sample_num: int, store: str, probes: int = DEFAULT_PROBES
+):
     """A PartialFC (10%) or SelectedHead (gpu index) on the device, rows planted."""
     if kind == "partial_fc":
         options = {"type": "partial_fc", "sample_rate": 0.1, "store": store}

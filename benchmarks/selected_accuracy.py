@@ -12,7 +12,8 @@ three times through the trainer's Python API, changing only the head:
   ``--interval`` steps; the row-sparse Adam gets the head's scheduled lr);
 - ``partial_fc``: the same number of active classes drawn at random (Partial FC's rule).
 
-Prints one markdown table: top-1 / top-5 accuracy on the test subsample and wall time per run.
+Prints one markdown table: top-1 / top-5 accuracy on the test subsample, the sampled heads' last measured
+coverage and wall time per run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 import time
 
+from megaclass.index.kmeans import DEFAULT_LEAF_SIZE, DEFAULT_PROBES
 from megaclass.train import config_from_dict, train
 
 
@@ -61,6 +63,13 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated subset of dense, dense_nobias, selected, selected_dot, selected_half, "
         "selected_dot_half, selected_half_warm, partial_fc, selected_logq, partial_fc_logq",
     )
+    parser.add_argument(
+        "--leaf-size", type=int, default=DEFAULT_LEAF_SIZE, help="SelectedHead index: most rows per cluster"
+    )
+    parser.add_argument(
+        "--probes", type=int, default=DEFAULT_PROBES, help="SelectedHead index: clusters searched per query"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="train.seed: initialisation, shuffling, dropout")
     parser.add_argument("--quick", action="store_true", help="tiny subsample, one epoch, CPU-friendly")
     return parser.parse_args()
 
@@ -104,7 +113,12 @@ def run_config(head: dict, *, args: argparse.Namespace, num_classes: int) -> dic
                 "warmup_fraction": 0.05,
                 "decay": "cosine",
             },
-            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "progress": False},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "progress": False,
+            },
             "eval": {"ks": [1, 5]},
         }
     )
@@ -126,6 +140,8 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
             "sample_num": active,
             "index": "gpu",
             "interval": args.interval,
+            "leaf_size": args.leaf_size,
+            "probes": args.probes,
             "optimizer": row_optimizer,
             "coverage_every": 200,
         },
@@ -175,18 +191,19 @@ def main() -> None:
                 name,
                 metrics.get("P@1", math.nan),
                 metrics.get("P@5", math.nan) * 5,
+                metrics.get("head/coverage", math.nan),
                 time.perf_counter() - started,
             )
         )
     print(
         f"\ndeb-files, {num_classes} classes, {args.active:.0%} active, first {args.train_lines} train / "
         f"{args.test_lines} test lines, {args.epochs} epochs, lr {args.lr} (head {args.head_optimizer}, "
-        f"{args.head_lr or args.lr})\n"
+        f"{args.head_lr or args.lr}), seed {args.seed}\n"
     )
-    print("| head | top-1 | top-5 | wall s |")
-    print("|---|---|---|---|")
-    for name, top1, top5, seconds in rows:
-        print(f"| {name} | {top1:.4f} | {top5:.4f} | {seconds:.0f} |")
+    print("| head | top-1 | top-5 | coverage | wall s |")
+    print("|---|---|---|---|---|")
+    for name, top1, top5, coverage, seconds in rows:
+        print(f"| {name} | {top1:.4f} | {top5:.4f} | {coverage:.3f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

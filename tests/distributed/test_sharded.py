@@ -111,3 +111,35 @@ def test_triton_backend_equals_reference_on_a_shard(loss: str, margin: bool) -> 
         found.append((value, *torch.autograd.grad(value, (x, weight))))
     for name, ref, out in zip(("loss", "grad_x", "grad_weight"), *found, strict=True):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("loss,margin", [("softmax", False), ("bce", False), ("softmax", True)])
+def test_one_rank_sharded_dense_head_is_the_plain_head(
+    loss: str, margin: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """World size 1 runs the plain head's op (no statistics to reduce): the same loss and gradients."""
+    from megaclass.distributed import sharded as sharded_module
+    from megaclass.distributed.sharded import ShardedDenseHead
+    from megaclass.heads.base import HeadContext
+    from megaclass.heads.dense import DenseHead, DenseHeadConfig
+    from megaclass.heads.losses import MarginConfig
+
+    margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
+    config = DenseHeadConfig(loss=loss, margin=margin_config, bias=not margin)
+    context = HeadContext(in_features=16, num_classes=11, multilabel=loss == "bce")
+    sharded, plain = ShardedDenseHead(config, context), DenseHead(config, context)
+    plain.load_state_dict(sharded.state_dict())
+    features = torch.randn(5, 16)
+    multilabel = RaggedLabels.from_lists([[0, 3], [], [10], [4], [1, 2, 9]])
+    targets = multilabel if loss == "bce" else torch.arange(5)
+
+    def reducing_op(*args, **kwargs):
+        raise AssertionError("world size 1 ran the op that reduces over ranks")
+
+    monkeypatch.setattr(sharded_module, "sharded_linear_loss", reducing_op)
+    for head in (sharded, plain):
+        head(features, targets).backward()
+    assert torch.equal(sharded.weight.grad, plain.weight.grad)
+    if not margin:
+        assert torch.equal(sharded.bias.grad, plain.bias.grad)
+    assert torch.equal(sharded(features, targets), plain(features, targets))

@@ -67,6 +67,30 @@ def test_cluster_index_recall_and_warm_rebuild(metric, row_dtype):
     assert int(sizes.sum()) == 6000 and int(sizes.max()) <= index.state_dict()["members"].shape[1] <= 36
 
 
+def _assert_consistent(index, state: dict) -> None:
+    """Members and assignment agree, every row has one seat, the sums are the members' snapshot rows'."""
+    classes = state["assignment"].numel()
+    k = state["members"].shape[0]
+    expected = torch.zeros(k, state["rows"].shape[1]).index_add_(
+        0, state["assignment"], index._gather(state, torch.arange(classes), torch.float32)
+    )
+    torch.testing.assert_close(state["sums"], expected, atol=1e-4, rtol=1e-4)
+    members = state["members"]
+    assert sorted(members[members >= 0].tolist()) == list(range(classes))
+    for cluster in range(k):
+        assert (state["assignment"][members[cluster][members[cluster] >= 0]] == cluster).all()
+
+
+def test_cluster_index_ranks_bfloat16_scores_again_in_float32():
+    # 100 rows per direction: near neighbours' scores differ by less than bfloat16 resolves
+    rows, queries = _trained_like(3000, 64, 30, 64)
+    index = build_selector("gpu", row_dtype="bfloat16", compute_dtype="bfloat16", leaf_size=32, probes=1000)
+    index.build(rows)  # probes above the cluster count: every row is a candidate
+    snapshot = index._gather(index.state_dict(), torch.arange(3000), torch.float32)
+    unit = torch.nn.functional.normalize(queries, dim=1)
+    assert torch.equal(index.query(queries, 10), exact_topk(unit, snapshot, 10)[1])
+
+
 @pytest.mark.parametrize("row_dtype", [None, "int8"])
 @pytest.mark.parametrize("refine_iters", [0, 1, 2])
 def test_cluster_index_warm_build_moves_only_changed_rows(row_dtype, refine_iters):
@@ -86,15 +110,8 @@ def test_cluster_index_warm_build_moves_only_changed_rows(row_dtype, refine_iter
     stay = torch.ones(500, dtype=torch.bool)
     stay[changed] = False
     assert torch.equal(after["assignment"][stay], before["assignment"][stay])  # unchanged rows stay put
-    k, width = after["members"].shape
-    expected = torch.zeros(k, 16).index_add_(
-        0, after["assignment"], index._gather(after, torch.arange(500), torch.float32)
-    )
-    torch.testing.assert_close(after["sums"], expected, atol=1e-4, rtol=1e-4)  # sums follow the moves
-    members = after["members"]
-    assert sorted(members[members >= 0].tolist()) == list(range(500))
-    for cluster in range(k):  # members and assignment agree
-        assert (after["assignment"][members[cluster][members[cluster] >= 0]] == cluster).all()
+    _assert_consistent(index, before)
+    _assert_consistent(index, after)
     if refine_iters:  # a moved row finds itself: it went to a cluster near its new direction
         assert index.query(moved[changed], 1)[:, 0].tolist() == changed.tolist()
 

@@ -76,13 +76,14 @@ def test_cpu_index_queries_features_in_blocks(shards, monkeypatch):
 
 def test_index_probes_are_split_between_shards(shards):
     """A query's probes count over all shards: each searches its share (at least one), 0 its default."""
+    from megaclass.index.kmeans import DEFAULT_PROBES
     from megaclass.paramserver import wire
 
     servers = shards(3, num_rows=90, dim=5)
     client = ParamServerClient(_addresses(servers), timeout_s=30)
     features = torch.randn(4, 5)
     rows = client.get_rows(0, 90)
-    for probes, per_shard in [(8, 3), (2, 1), (0, 8)]:
+    for probes, per_shard in [(8, 3), (2, 1), (0, DEFAULT_PROBES)]:
         scores, ids = client.query_nearest(features, 2, max_index_age=10, probes=probes)
         assert [server.service._indexes["dot"][0].probes for server in servers] == [per_shard] * 3
         assert bool((ids >= 0).all())
@@ -109,6 +110,8 @@ def _run(head, batches):
 
 @pytest.mark.parametrize("index", ["none", "gpu", "exact"])
 def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
+    from megaclass.index.kmeans import DEFAULT_PROBES
+
     num_rows, dim = 97, 6
     servers = shards(2, num_rows=num_rows, dim=dim, hyper=HyperParams(lr=0.5, momentum=0.9))
     url = "ps://" + ",".join(_addresses(servers))
@@ -132,7 +135,7 @@ def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
     else:
         age = 0 if index == "exact" else 2
         assert queries and all(q["max_index_age"] == age for q in queries)
-        assert all(q["probes"] == 8 for q in queries)  # the head's index probes, split by the client
+        assert all(q["probes"] == DEFAULT_PROBES for q in queries)  # the head's probes, split by the client
         assert head.metrics()["neighbour_classes"] > 0
     monkeypatch.undo()
     if index == "none":  # the same random selection: the same losses and rows as rows in host memory

@@ -44,7 +44,7 @@ from megaclass.heads.losses import margin_logits
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
 from megaclass.ops import Impl
 from megaclass.ops.chunked_topk import chunked_topk
-from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, dense_backend
+from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, dense_backend, linear_loss
 from megaclass.ops.linear_cross_entropy.common import (
     NORM_EPS,
     DenseBackend,
@@ -320,6 +320,15 @@ class ShardedDenseHead(Head):
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """The whole head's loss on the global batch (every rank's ``features (B, D)`` and ``targets``)."""
+        if self.world_size == 1:  # one rank holds every class: the plain head's op, with nothing to reduce
+            return linear_loss(
+                self._compute_input(features),
+                self.weight,
+                targets,
+                bias=self.bias,
+                options=self.options,
+                impl=self.config.impl,
+            )
         x = gather_rows(self._compute_input(features), group=self.group, grad_scale=float(self.world_size))
         return sharded_linear_loss(
             x,  # (N * B, D)

@@ -28,6 +28,7 @@ from torch import Tensor
 from megaclass.heads.base import Head, HeadContext
 from megaclass.heads.losses import MarginConfig, margin_logits
 from megaclass.index import ClassSelector, Selection, build_selector, select_active
+from megaclass.index.kmeans import DEFAULT_LEAF_SIZE, DEFAULT_PROBES
 from megaclass.index.selection import coprime_multipliers
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig, RowStore, build_store
@@ -52,8 +53,8 @@ class SelectedHeadConfig:
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
     ntrees: int = 50  # annoy: trees in the forest
     search_k: int = -1  # annoy: nodes inspected per query (-1: n * ntrees)
-    leaf_size: int = 64  # gpu index: most rows per cluster
-    probes: int = 8  # gpu index: clusters searched per query
+    leaf_size: int = DEFAULT_LEAF_SIZE  # gpu index: most rows per cluster
+    probes: int = DEFAULT_PROBES  # gpu index: clusters searched per query
     index_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # gpu index row snapshot
     store: str = "gpu"  # where rows live: gpu (the compute device) or host (pinned host memory)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store

@@ -19,7 +19,9 @@ own where a seat is free (at most ``W`` rows per cluster; else it stays; ``refin
 build thus costs ``O(changed)``, not ``O(C)``: milliseconds at 10^6 and 10^7 classes on a GPU.
 
 A query scores the centroids ``(B, K)``, keeps the ``probes`` best clusters per sample, scores their members
-``(B, probes * W)`` from the snapshot and returns the top ``n``.
+``(B, probes * W)`` from the snapshot and returns the top ``n``. Where scores are computed in bfloat16 (on a
+GPU), a shortlist of ``max(4n, n + 16)`` is ranked again with float32 scores of the same rows: bfloat16
+scores of near neighbours tie or swap, and the re-rank keeps recall at what float32 search finds.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from torch import Tensor
 from megaclass.index.base import ClassSelector, Metric
 from megaclass.index.clustering import hierarchical_balanced_2means
 
-__all__ = ["ClusterIndex"]
+__all__ = ["DEFAULT_LEAF_SIZE", "DEFAULT_PROBES", "ClusterIndex"]
+
+# Leaves of at most 16 rows searched 32 at a time find more of the exact neighbours than these for as many
+# rows scored (benchmarks/index_recall.py), but a selected head trained with them on deb-files scores 1.5
+# points of top-1 lower: their neighbour lists overlap more, so a batch's active set holds fewer hard classes.
+DEFAULT_LEAF_SIZE = 64
+DEFAULT_PROBES = 8
 
 _STATE_KEYS = ("rows", "norms", "scales", "assignment", "members", "sums", "centroids", "near")
 
@@ -50,6 +58,8 @@ class ClusterIndex(ClassSelector):
         row_dtype: dtype of the row snapshot (``bfloat16`` on a GPU, ``float32`` on CPU when None;
             ``int8`` (symmetric, one scale per row) halves it again for host-store runs where GPU memory is
             tight, at a small recall cost).
+        compute_dtype: dtype of the centroid and member scoring matmuls (``bfloat16`` on a GPU, ``float32``
+            on CPU when None); the final ranking is float32 either way.
         device: where the index lives (the features' device); None: the weights' device.
         chunk_rows: rows moved and scored at once during a build.
         seed: seeds the first build's tree.
@@ -59,11 +69,12 @@ class ClusterIndex(ClassSelector):
         self,
         *,
         metric: Metric | str = Metric.COSINE,
-        leaf_size: int = 64,
-        probes: int = 8,
+        leaf_size: int = DEFAULT_LEAF_SIZE,
+        probes: int = DEFAULT_PROBES,
         neighbours: int = 16,
         refine_iters: int = 1,
         row_dtype: torch.dtype | str | None = None,
+        compute_dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         chunk_rows: int = 1 << 18,
         seed: int = 0,
@@ -80,7 +91,9 @@ class ClusterIndex(ClassSelector):
             neighbours,
             refine_iters,
         )
-        self.row_dtype = getattr(torch, row_dtype) if isinstance(row_dtype, str) else row_dtype
+        self.row_dtype, self.compute_dtype = (
+            getattr(torch, dtype) if isinstance(dtype, str) else dtype for dtype in (row_dtype, compute_dtype)
+        )
         self.device = None if device is None else torch.device(device)
         self.chunk_rows, self.seed = chunk_rows, seed
         self._state: dict[str, Tensor] | None = None
@@ -89,6 +102,8 @@ class ClusterIndex(ClassSelector):
 
     # ---------------------------------------------------------------- build
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
         return torch.bfloat16 if device.type == "cuda" else torch.float32
 
     @staticmethod
@@ -278,23 +293,36 @@ class ClusterIndex(ClassSelector):
             found = self.query(features, num_classes)
             return torch.nn.functional.pad(found, (0, n - num_classes), value=-1)
         compute = centroids.dtype
-        queries = features.to(device=members.device, dtype=torch.float32)
-        queries = torch.nn.functional.normalize(queries, dim=1).to(compute)
+        exact = torch.nn.functional.normalize(features.to(device=members.device, dtype=torch.float32), dim=1)
+        queries = exact.to(compute)
         # enough clusters to hold n rows even when clusters are half full
         probes = min(k, max(self.probes, math.ceil(2 * n / max(1, width)) + 1))
         best = (queries @ centroids.T).topk(probes, dim=1).indices  # (B, P)
         candidates = members[best].flatten(1)  # (B, P * W)
-        valid = candidates >= 0
-        gathered = self._gather(state, candidates.clamp_min(0), compute)  # (B, P * W, D)
-        scores = torch.bmm(gathered, queries[:, :, None]).squeeze(2).float()  # (B, P * W)
-        if self.metric is Metric.DOT:
-            scores = scores * state["norms"][candidates.clamp_min(0)]
-        scores = scores.masked_fill(~valid, float("-inf"))
+        scores = self._member_scores(state, candidates, queries)  # (B, P * W)
+        if compute != torch.float32:
+            # bf16 scores carry 8 significant bits: near neighbours' scores tie or swap. Keep a shortlist by
+            # them, then rank it by float32 scores of the same rows.
+            shortlist = scores.topk(min(max(4 * n, n + 16), scores.shape[1]), dim=1)
+            candidates = candidates.gather(1, shortlist.indices)
+            candidates = candidates.masked_fill(torch.isinf(shortlist.values), -1)
+            scores = self._member_scores(state, candidates, exact)
         top = scores.topk(min(n, scores.shape[1]), dim=1)
         ids = candidates.gather(1, top.indices).masked_fill(torch.isinf(top.values), -1)
         if ids.shape[1] < n:
             ids = torch.nn.functional.pad(ids, (0, n - ids.shape[1]), value=-1)
         return ids.to(features.device)
+
+    def _member_scores(self, state: dict[str, Tensor], candidates: Tensor, queries: Tensor) -> Tensor:
+        """``(B, M)`` float32 scores of the snapshot rows ``candidates (B, M)`` (-1: none, scored -inf) for
+        the unit ``queries (B, D)``, computed in the queries' dtype."""
+        valid = candidates >= 0
+        ids = candidates.clamp_min(0)
+        gathered = self._gather(state, ids, queries.dtype)  # (B, M, D)
+        scores = torch.bmm(gathered, queries[:, :, None]).squeeze(2).float()
+        if self.metric is Metric.DOT:
+            scores = scores * state["norms"][ids]
+        return scores.masked_fill(~valid, float("-inf"))
 
     # ---------------------------------------------------------------- bookkeeping
     def metrics(self) -> dict[str, float]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.index.kmeans import DEFAULT_PROBES
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import ServerConfig, add_serve_arguments, config_from_arguments, shard_range
 from megaclass.paramserver.state import ShardSpec, ShardState
@@ -34,7 +35,6 @@ from megaclass.paramserver.state import ShardSpec, ShardState
 logger = logging.getLogger("megaclass.paramserver")
 
 _QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores
-_DEFAULT_PROBES = 8  # clusters of a shard's index searched per feature when a query names none
 _CPU_QUERY_BYTES = 1 << 24  # a CPU index query's candidate rows (features x probes x leaf x D) at once
 
 
@@ -274,7 +274,7 @@ class ShardService:
                 request.n,
                 cosine=cosine,
                 max_age=request.max_index_age,
-                probes=request.probes or _DEFAULT_PROBES,
+                probes=request.probes or DEFAULT_PROBES,
             )
         else:
             with self.lock.read():
