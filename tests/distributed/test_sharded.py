@@ -136,7 +136,7 @@ def test_one_rank_sharded_dense_head_is_the_plain_head(
     def reducing_op(*args, **kwargs):
         raise AssertionError("world size 1 ran the op that reduces over ranks")
 
-    monkeypatch.setattr(sharded_module, "sharded_linear_loss", reducing_op)
+    monkeypatch.setattr(sharded_module.ShardedLinearLossFunction, "apply", reducing_op)
     for head in (sharded, plain):
         head(features, targets).backward()
     assert torch.equal(sharded.weight.grad, plain.weight.grad)

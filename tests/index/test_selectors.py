@@ -64,7 +64,9 @@ def test_cluster_index_recall_and_warm_rebuild(metric, row_dtype):
     truth = exact_topk(queries, moved, 10, metric=metric)[1]
     assert _recall(index.query(queries, 10), truth) >= 0.9
     sizes = (index.state_dict()["members"] >= 0).sum(1)
-    assert int(sizes.sum()) == 6000 and int(sizes.max()) <= index.state_dict()["members"].shape[1] <= 36
+    width = index.state_dict()["members"].shape[1]
+    assert int(sizes.sum()) == 6000 and int(sizes.max()) <= width <= 36
+    assert index.metrics()["index_cluster_width"] == width
 
 
 def _assert_consistent(index, state: dict) -> None:

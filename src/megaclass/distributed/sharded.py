@@ -132,7 +132,6 @@ class _ShardFacts:
     options: LinearLossOptions
     backend: DenseBackend
     group: Any
-    owns_all: bool  # the rank holds all the classes (world size 1)
 
 
 def _owned_exclude(targets: RaggedLabels, local: RaggedLabels, options: LinearLossOptions) -> Tensor | None:
@@ -165,8 +164,7 @@ class ShardedLinearLossFunction(torch.autograd.Function):
 
         options, start = facts.options, facts.start
         targets = RaggedLabels(indptr, indices)
-        # a rank that owns every class keeps all targets (the split would wait on the GPU for their count)
-        local = targets if facts.owns_all else local_targets(targets, start, start + weight.shape[0])
+        local = local_targets(targets, start, start + weight.shape[0])
         coef = row_coefficients(targets, options)  # (B,) from the global label counts
         z_pos = positive_logits(x, weight, bias, local, options)  # (L_local,)
         exclude = _owned_exclude(targets, local, options)
@@ -250,12 +248,13 @@ def sharded_linear_loss(
         The 0-dim float32 loss of the whole head, equal on every rank.
     """
     options = options or LinearLossOptions()
+    if start == 0 and weight.shape[0] == num_classes:  # one rank holds every class (world size 1)
+        return linear_loss(x, weight, targets, bias=bias, options=options, impl=impl)
     check_inputs(x, weight, bias, options)
     ragged = prepare_targets(targets, x.shape[0], num_classes, options)
     if options.cosine:
         x = torch.nn.functional.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
-    owns_all = start == 0 and weight.shape[0] == num_classes
-    facts = _ShardFacts(start, options, dense_backend(impl, x, weight), group, owns_all)
+    facts = _ShardFacts(start, options, dense_backend(impl, x, weight), group)
     return ShardedLinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, facts)
 
 
@@ -320,15 +319,6 @@ class ShardedDenseHead(Head):
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """The whole head's loss on the global batch (every rank's ``features (B, D)`` and ``targets``)."""
-        if self.world_size == 1:  # one rank holds every class: the plain head's op, with nothing to reduce
-            return linear_loss(
-                self._compute_input(features),
-                self.weight,
-                targets,
-                bias=self.bias,
-                options=self.options,
-                impl=self.config.impl,
-            )
         x = gather_rows(self._compute_input(features), group=self.group, grad_scale=float(self.world_size))
         return sharded_linear_loss(
             x,  # (N * B, D)

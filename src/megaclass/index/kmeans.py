@@ -333,6 +333,7 @@ class ClusterIndex(ClassSelector):
             "index_build_ms": self._build_ms,
             "index_clusters": float(self._state["members"].shape[0]),
             "index_largest_cluster": float(sizes.max()),
+            "index_cluster_width": float(self._state["members"].shape[1]),  # padded: rows scored per probe
         }
 
     def state_dict(self) -> dict[str, Tensor]:
