@@ -34,12 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaclass.distributed.collectives import all_reduce_max
 from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
-from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
-from megaclass.heads.base import HeadContext
+from megaclass.heads.base import ClassShard, HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.selected import SelectedHeadConfig
+from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.ops.collectives import all_reduce_max
 from megaclass.targets import as_ragged
 
 
@@ -125,19 +124,20 @@ class _ReplicatedLinear(nn.Module):
 
 def _head(name: str, dim: int, classes: int, device: torch.device, info: DistInfo) -> nn.Module:
     if name == "sharded-sparse":  # its topology is drawn by CPU generators
-        from megaclass.distributed.sharded import ShardedSparseHead
-        from megaclass.heads.sparse import SparseHeadConfig
+        from megaclass.heads.sparse import SparseHead, SparseHeadConfig
 
         context = HeadContext(in_features=dim, num_classes=classes, multilabel=True)
-        return ShardedSparseHead(SparseHeadConfig(fan_in=32, group=16), context).to(device)
+        shard = ClassShard.for_rank(classes, info.rank, info.world_size)
+        return SparseHead(SparseHeadConfig(fan_in=32, group=16), context, shard).to(device)
     with torch.device(device):  # rows drawn where they live
         return _build_head(name, dim, classes, device, info)
 
 
 def _build_head(name: str, dim: int, classes: int, device: torch.device, info: DistInfo) -> nn.Module:
     context = HeadContext(in_features=dim, num_classes=classes, multilabel=False)
+    shard = ClassShard.for_rank(classes, info.rank, info.world_size)
     if name == "sharded-dense":
-        return ShardedDenseHead(DenseHeadConfig(bias=False), context).to(device)
+        return DenseHead(DenseHeadConfig(bias=False), context, shard).to(device)
     if name == "plain-dense":
         return DenseHead(DenseHeadConfig(bias=False), context).to(device)
     if name.startswith("sharded-selected"):
@@ -146,7 +146,7 @@ def _build_head(name: str, dim: int, classes: int, device: torch.device, info: D
         config = SelectedHeadConfig(
             sample_num=max(classes // 10, 1), index=index, store=store, coverage_every=0
         )
-        return ShardedSelectedHead(config, context).to(device)
+        return SelectedHead(config, context, shard).to(device)
     head = _ReplicatedLinear(dim, classes).to(device)
     if info.distributed:
         head = nn.parallel.DistributedDataParallel(

@@ -151,17 +151,15 @@ def make_head(
 ):
     """A PartialFC (10%) or SelectedHead (gpu index) on the device, rows planted."""
     if kind == "partial_fc":
-        options = {"type": "partial_fc", "sample_rate": 0.1, "store": store}
+        options = {"type": "partial_fc", "sample_num": 0.1, "store": store}
     else:
         index_dtype = "int8" if store == "host" else "auto"
         options = {
             "type": "selected",
             "sample_num": sample_num,
-            "index": "gpu",
+            "index": {"type": "gpu", "dtype": index_dtype, "probes": probes},
             "store": store,
             "interval": 10**9,
-            "index_dtype": index_dtype,
-            "probes": probes,
         }
     config = head_config({**options, "coverage_every": 0})
     head = build_head(config, HeadContext(in_features=dim, num_classes=classes, multilabel=False)).to(

@@ -138,14 +138,12 @@ def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
         "selected": {
             "type": "selected",
             "sample_num": active,
-            "index": "gpu",
+            "index": {"type": "gpu", "leaf_size": args.leaf_size, "probes": args.probes},
             "interval": args.interval,
-            "leaf_size": args.leaf_size,
-            "probes": args.probes,
             "optimizer": row_optimizer,
             "coverage_every": 200,
         },
-        "partial_fc": {"type": "partial_fc", "sample_rate": args.active, "optimizer": row_optimizer},
+        "partial_fc": {"type": "partial_fc", "sample_num": args.active, "optimizer": row_optimizer},
     }
     for name in ("dense", "dense_nobias"):
         if args.init_scale is not None:

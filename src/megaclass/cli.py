@@ -375,7 +375,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from megaclass.distributed.export import export_run
+    from megaclass.train.export import export_run
 
     path = export_run(args.run, args.out)
     print(f"wrote {path}")

@@ -58,6 +58,9 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        variants = _variants(options)
+        if variants is not None:
+            return _convert_variant(variants, value, where)
         errors = []
         for option in options:
             if option is type(None):
@@ -130,6 +133,35 @@ def convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{where}: unsupported config type {hint!r}")
+
+
+def _variants(options: tuple[Any, ...]) -> dict[str, type] | None:
+    """``{type name: dataclass}`` when ``options`` are dataclasses told apart by a first field
+    ``type: Literal[...]`` (a registered family, e.g. index configs); None otherwise."""
+    variants: dict[str, type] = {}
+    for option in options:
+        if option is type(None):
+            continue
+        first = dataclasses.fields(option)[0] if dataclasses.is_dataclass(option) else None
+        if first is None or first.name != "type":
+            return None
+        literal = typing.get_type_hints(option)["type"]
+        if typing.get_origin(literal) is not typing.Literal:
+            return None
+        variants.update({name: option for name in typing.get_args(literal)})
+    return variants or None
+
+
+def _convert_variant(variants: dict[str, type], value: Any, where: str) -> Any:
+    """The variant that ``value``'s ``type`` names (a scalar is the type; none given: the first variant)."""
+    if any(isinstance(value, cls) for cls in variants.values()):
+        return value
+    if not isinstance(value, Mapping):
+        value = {"type": value}
+    name = value.get("type", next(iter(variants)))
+    if name not in variants:
+        raise ConfigError(f"{where}.type: {name!r} is not one of {list(variants)}")
+    return from_dict(variants[name], value, where)
 
 
 def to_dict(config: Any) -> Any:

@@ -8,14 +8,15 @@ import sys
 import time
 import zlib
 
+import dataclasses
+
 import torch
 
 from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
-from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
-from megaclass.heads.base import HeadContext
+from megaclass.heads.base import ClassShard, HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.losses import MarginConfig
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.ops.margins import MarginConfig
 from megaclass.targets import RaggedLabels
 
 B, D, C = 5, 7, 23  # per-rank batch, features, classes (odd on purpose)
@@ -37,6 +38,10 @@ def _slice_targets(targets: object, start: int, stop: int) -> object:
     return RaggedLabels.from_lists(targets.to_lists()[start:stop])
 
 
+def _shard(rank: int, world: int) -> ClassShard:
+    return ClassShard.for_rank(C, rank, world)
+
+
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
@@ -48,14 +53,15 @@ def _dense_case(
     x_all = torch.randn(world * B, D, generator=generator)
     targets = _targets(multilabel, generator, world * B)
     context = HeadContext(in_features=D, num_classes=C, multilabel=multilabel)
-    sharded = ShardedDenseHead(config, context, seed=3)
+    sharded = DenseHead(dataclasses.replace(config, seed=3), context, _shard(rank, world))
     plain = DenseHead(config, context)
+    start, stop, _ = sharded.row_range()
     with torch.no_grad():
         plain.weight.zero_()
-        plain.weight[sharded.start : sharded.stop] = sharded.weight
+        plain.weight[start:stop] = sharded.weight
         if plain.bias is not None:
             plain.bias.copy_(torch.randn(C, generator=generator))
-            sharded.bias.copy_(plain.bias[sharded.start : sharded.stop])
+            sharded.bias.copy_(plain.bias[start:stop])
     # the whole head's weight, the same on every rank: gather every rank's rows
     rows = [torch.empty(0)] * world
     torch.distributed.all_gather_object(rows, sharded.weight.detach())
@@ -67,7 +73,7 @@ def _dense_case(
     x_ref = x_all.clone().requires_grad_(True)
     ref = plain(x_ref, targets)
     ref.backward()
-    s = slice(sharded.start, sharded.stop)
+    s = slice(start, stop)
     out = {
         "loss": _err(loss.detach(), ref.detach()),
         "grad_x": _err(x.grad / world, x_ref.grad[rank * B : (rank + 1) * B]),
@@ -92,9 +98,9 @@ def _selected_case(name: str, multilabel: bool, margin: bool, rank: int, world: 
     context = HeadContext(in_features=D, num_classes=C, multilabel=multilabel)
     margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
     config = SelectedHeadConfig(sample_num=C, index="none", margin=margin_config, coverage_every=0)
-    sharded = ShardedSelectedHead(config, context)
+    sharded = SelectedHead(config, context, _shard(rank, world))
     plain = SelectedHead(config, context)
-    local_rows = sharded.local.materialize().rows().clone()
+    local_rows = sharded.materialize().rows().clone()
     every = [torch.empty(0)] * world
     torch.distributed.all_gather_object(every, local_rows)
     full = torch.cat(every, 0)
@@ -107,13 +113,13 @@ def _selected_case(name: str, multilabel: bool, margin: bool, rank: int, world: 
     ref.backward()
     sharded.after_step(1, 0.0, lr=0.5)
     plain.after_step(1, 0.0, lr=0.5)
-    s = slice(sharded.start, sharded.stop)
+    start, stop, _ = sharded.row_range()
     scores, ids = sharded.topk(x_all, 3)
     ref_scores, ref_ids = plain.topk(x_all, 3)
     return {
         "loss": _err(loss.detach(), ref.detach()),
         "grad_x": _err(x.grad / world, x_ref.grad[rank * B : (rank + 1) * B]),
-        "step": _err(sharded.local.store.rows(), plain.store.rows()[s]),
+        "step": _err(sharded.store.rows(), plain.store.rows()[start:stop]),
         "topk_scores": _err(scores, ref_scores),
         "topk_ids": float((ids != ref_ids).sum()),
     }
@@ -122,7 +128,6 @@ def _selected_case(name: str, multilabel: bool, margin: bool, rank: int, world: 
 def _sparse_case(name: str, loss: str, multilabel: bool, rank: int, world: int) -> dict[str, float]:
     import numpy as np
 
-    from megaclass.distributed.sharded import ShardedSparseHead
     from megaclass.heads.sparse import SparseHead, SparseHeadConfig
 
     generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -134,30 +139,31 @@ def _sparse_case(name: str, loss: str, multilabel: bool, rank: int, world: int) 
     config = SparseHeadConfig(
         fan_in=3, group=2, intermediate=6, dense_frequent=4, aux_clusters=3, loss=loss, impl="reference"
     )
-    sharded = ShardedSparseHead(config, context)
+    sharded = SparseHead(config, context, _shard(rank, world))
     plain = SparseHead(config, context)
     for part in ("intermediate", "dense", "aux"):  # replicated parts: rank 0's, as the sharded head keeps
-        getattr(plain, part).load_state_dict(getattr(sharded.local, part).state_dict())
+        getattr(plain, part).load_state_dict(getattr(sharded, part).state_dict())
     x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
     value = sharded(x, _slice_targets(targets, rank * B, (rank + 1) * B))
     value.backward()
     x_ref = x_all.clone().requires_grad_(True)
     ref = plain(x_ref, targets)
     ref.backward()
-    s = slice(sharded.start, sharded.stop)
+    start, stop, _ = sharded.row_range()
+    s = slice(start, stop)
     out = {
         "loss": _err(value.detach(), ref.detach()),
         "grad_x": _err(x.grad / world, x_ref.grad[rank * B : (rank + 1) * B]),
-        "grad_weight": _err(sharded.local.weight.grad, plain.weight.grad[s]),
-        "grad_bias": _err(sharded.local.bias.grad, plain.bias.grad[s]),
+        "grad_weight": _err(sharded.weight.grad, plain.weight.grad[s]),
+        "grad_bias": _err(sharded.bias.grad, plain.bias.grad[s]),
     }
     for part in ("intermediate", "dense", "aux"):  # replicated: summed over ranks
-        mine = [p.grad for p in getattr(sharded.local, part).parameters()]
+        mine = [p.grad for p in getattr(sharded, part).parameters()]
         theirs = [p.grad for p in getattr(plain, part).parameters()]
         out[f"grad_{part}"] = max(_err(a, b) for a, b in zip(mine, theirs, strict=True))
     for head in (sharded, plain):
         torch.optim.SGD(head.parameters(), lr=0.5).step()
-    out["step"] = _err(sharded.local.weight.detach(), plain.weight.detach()[s])
+    out["step"] = _err(sharded.weight.detach(), plain.weight.detach()[s])
     scores, ids = sharded.topk(x_all, 4)
     ref_scores, ref_ids = plain.topk(x_all, 4)
     out["topk_scores"] = _err(scores, ref_scores)
@@ -169,8 +175,7 @@ def _checkpoint_head(kind: str) -> tuple[torch.nn.Module, torch.optim.Optimizer 
     """A sharded head of ``kind`` on this world, its optimizer, and a fixed global batch ``(targets, x)``."""
     import numpy as np
 
-    from megaclass.distributed.sharded import ShardedSparseHead
-    from megaclass.heads.sparse import SparseHeadConfig
+    from megaclass.heads.sparse import SparseHead, SparseHeadConfig
 
     generator = torch.Generator().manual_seed(11)
     x_all = torch.randn(2 * B, D, generator=generator)
@@ -178,13 +183,17 @@ def _checkpoint_head(kind: str) -> tuple[torch.nn.Module, torch.optim.Optimizer 
     targets = _targets(multilabel, generator, 2 * B)
     features = np.random.default_rng(0).standard_normal((C, 5)).astype(np.float32)
     context = HeadContext(D, C, multilabel, label_counts=np.arange(C)[::-1].copy(), label_features=features)
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size()) if world_open() else (0, 1)
+    )
+    shard = _shard(rank, world)
     if kind == "dense":
-        head = ShardedDenseHead(DenseHeadConfig(chunk_size=4), context, seed=5)
+        head = DenseHead(DenseHeadConfig(chunk_size=4, seed=5), context, shard)
     elif kind == "selected":
-        head = ShardedSelectedHead(SelectedHeadConfig(sample_num=C, index="none", coverage_every=0), context)
+        head = SelectedHead(SelectedHeadConfig(sample_num=C, index="none", coverage_every=0), context, shard)
     else:
         config = SparseHeadConfig(fan_in=3, group=2, intermediate=6, dense_frequent=4, aux_clusters=3)
-        head = ShardedSparseHead(config, context)
+        head = SparseHead(config, context, shard)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.05) if params else None
     return head, optimizer, targets, x_all

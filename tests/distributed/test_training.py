@@ -114,7 +114,7 @@ def test_two_ranks_equal_one_rank_and_resume_on_any_world(tmp_path, data) -> Non
 def _check_finished_and_exported(run_dir: str, out_path: str, data: tuple[str, str]) -> None:
     """A finished sharded run has plain final weights (read by ``megaclass eval``) and exports to a file."""
     from megaclass.cli import main
-    from megaclass.distributed.export import read_export
+    from megaclass.train.export import read_export
     from megaclass.train.inference import evaluate_run
 
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as file:

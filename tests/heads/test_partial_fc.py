@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from megaclass.heads import HeadContext, build_head, head_config
-from megaclass.heads.partial_fc import PartialFCConfig, PartialFCHead
+from megaclass.heads.selected import SelectedHead
 from megaclass.schema import ConfigError
 
 
-def _head(num_classes=101, **options) -> PartialFCHead:
+def _head(num_classes=101, **options) -> SelectedHead:
     config = head_config({"type": "partial_fc", "coverage_every": 0, **options})
     return build_head(config, HeadContext(in_features=8, num_classes=num_classes, multilabel=False))
 
 
-@pytest.mark.parametrize("rate,batch", [(0.1, 4), (0.05, 9), (1.0, 3), (0.01, 1)])
+@pytest.mark.parametrize("rate,batch", [(0.1, 4), (0.05, 9), (0.99, 3), (0.01, 1)])
 def test_active_set_is_positives_plus_random(rate, batch):
-    head = _head(sample_rate=rate)
-    assert isinstance(head, PartialFCHead) and head.selector is None
+    head = _head(sample_num=rate)
+    assert isinstance(head, SelectedHead) and head.selector is None
     targets = torch.randint(101, (batch,))
     features = torch.randn(batch, 8, requires_grad=True)
     loss = head(features, targets)
@@ -40,7 +40,7 @@ def test_active_set_is_positives_plus_random(rate, batch):
 
 
 def test_random_classes_change_between_steps_and_loss_falls():
-    head = _head(sample_rate=0.2)
+    head = _head(sample_num=0.2)
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(101, 8, generator=generator)
     seen, losses = [], []
@@ -55,13 +55,12 @@ def test_random_classes_change_between_steps_and_loss_falls():
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
 
 
-def test_config():
-    with pytest.raises(ConfigError, match="sample_rate"):
-        PartialFCConfig(sample_rate=0)
-    selected = PartialFCConfig(sample_rate=0.1, store="host", logq_correction=True).as_selected(1000)
-    assert (selected.sample_num, selected.index, selected.store, selected.logq_correction) == (
-        100,
-        "none",
-        "host",
-        True,
-    )
+def test_partial_fc_is_the_selected_head_with_random_classes():
+    config = head_config({"type": "partial_fc", "store": "host", "logq_correction": True})
+    assert (config.type, config.sample_num, config.index.type, config.store) == ("partial_fc", 0.1, "none", "host")
+    assert config.active_classes(1000) == 100
+    assert head_config({"type": "partial_fc", "sample_num": 250}).active_classes(1000) == 250
+    with pytest.raises(ConfigError, match="sample_num"):
+        head_config({"type": "partial_fc", "sample_num": 0})
+    with pytest.raises(ConfigError, match="partial_fc draws its classes at random"):
+        head_config({"type": "partial_fc", "index": "gpu"})

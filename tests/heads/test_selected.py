@@ -65,7 +65,7 @@ def _reference_loss(head, features, targets, selection_ids, adjust, multilabel, 
 @pytest.mark.parametrize("margin", [None, ("arcface", 16.0, 0.5), ("cosface", 30.0, 0.35)])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_loss_and_grads_equal_cross_entropy_on_selected_columns(index, logq, margin, batch):
-    options = {"index": index, "logq_correction": logq, "leaf_size": 8}
+    options = {"index": {"type": index, "leaf_size": 8} if index == "gpu" else index, "logq_correction": logq}
     if margin is not None:
         options["margin"] = {"kind": margin[0], "scale": margin[1], "margin": margin[2]}
     head = _head(**options)
@@ -155,7 +155,7 @@ def test_coverage_is_the_active_share_of_the_softmax_mass():
 
 
 def test_warmup_uses_random_classes_then_the_index():
-    head = _head(index="gpu", warmup_random_steps=2, interval=1, leaf_size=8)
+    head = _head(index={"type": "gpu", "leaf_size": 8}, warmup_random_steps=2, interval=1)
     for step in range(1, 5):
         features, targets = torch.randn(4, 12), torch.randint(97, (4,))
         head(features, targets).backward()
@@ -181,12 +181,11 @@ def _train(head, batches, start):
 def test_state_dict_round_trip_continues_exactly(index, store):
     if index == "annoy":
         pytest.importorskip("annoy")
+    index_options = {"gpu": {"leaf_size": 8}, "annoy": {"ntrees": 5}}.get(index, {})
     options = {
-        "index": index,
+        "index": {"type": index, **index_options},
         "store": store,
         "interval": 2,
-        "leaf_size": 8,
-        "ntrees": 5,
         "optimizer": {"kind": "adam"},
     }
     generator = torch.Generator().manual_seed(0)
@@ -223,7 +222,7 @@ def test_learns_a_planted_task():
     """Selected classes with the GPU index: a linear probe on clustered data gets most samples right."""
     generator = torch.Generator().manual_seed(2)
     centres = torch.randn(200, 12, generator=generator)
-    head = _head(num_classes=200, index="gpu", sample_num=40, interval=10, leaf_size=16)
+    head = _head(num_classes=200, index={"type": "gpu", "leaf_size": 16}, sample_num=40, interval=10)
     for step in range(1, 151):
         targets = torch.randint(200, (32,), generator=generator)
         features = centres[targets] + 0.1 * torch.randn(32, 12, generator=generator)
@@ -256,13 +255,36 @@ def test_config_errors():
             "logq_correction": "true",
         }
     )  # --set values arrive as text
-    assert (config.sample_num, config.index, config.store, config.interval, config.logq_correction) == (
+    assert (config.sample_num, config.index.type, config.store, config.interval, config.logq_correction) == (
         500,
         "annoy",
         "host",
         10,
         True,
     )
+
+
+def test_index_options_nest_under_their_type():
+    config = head_config({"type": "selected", "index": {"type": "gpu", "probes": 16, "dtype": "int8"}})
+    assert (config.index.type, config.index.probes, config.index.dtype) == ("gpu", 16, "int8")
+    assert head_config({"type": "selected"}).index.type == "gpu"
+    assert head_config({"type": "selected", "index": {"probes": 4}}).index.probes == 4  # gpu: the default
+    with pytest.raises(ConfigError, match="unknown key.*probes"):
+        head_config({"type": "selected", "index": {"type": "annoy", "probes": 4}})
+    with pytest.raises(ConfigError, match="leaf_size"):
+        head_config({"type": "selected", "leaf_size": 4})  # flat index options are refused
+    with pytest.raises(ConfigError, match="index.type.*'faiss'"):
+        head_config({"type": "selected", "index": {"type": "faiss"}})
+
+
+def test_sample_num_is_a_count_or_a_fraction():
+    assert SelectedHeadConfig(sample_num=0.05).active_classes(1000) == 50
+    assert SelectedHeadConfig(sample_num=0.0001).active_classes(1000) == 1
+    assert SelectedHeadConfig(sample_num=30).active_classes(1000) == 30
+    head = _head(sample_num=0.25, index="exact")
+    assert head.sample_num == math.ceil(0.25 * 97)
+    with pytest.raises(ConfigError, match="sample_num"):
+        SelectedHeadConfig(sample_num=1.5)
 
 
 @pytest.mark.parametrize("share,per_sample", [(1.0, 11), (0.5, 5), (0.0, 0)])
@@ -282,7 +304,7 @@ def test_neighbour_share_sets_the_index_share(share, per_sample):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_step_has_no_host_sync_on_cuda():
     """Forward, backward and the row update of a device-store step never wait for the GPU."""
-    head = _head(num_classes=5000, dim=32, index="gpu", interval=10**6).cuda()
+    head = _head(num_classes=5000, dim=32, interval=10**6).cuda()
     features = torch.randn(64, 32, device="cuda", requires_grad=True)
     targets = torch.randint(5000, (64,), device="cuda")
     head(features, targets).backward()  # the first step builds the index (syncs allowed there)

@@ -1,5 +1,5 @@
-"""Training over several processes: rank facts, autograd-aware collectives, class-sharded heads, checkpoints
-that a different number of ranks can resume, and the export of a sharded run to one inference file.
+"""Training over several processes: rank facts, the data-parallel encoder, and checkpoints of class-sharded
+heads that a different number of ranks can resume (heads shard themselves: ``build_head(..., shard)``).
 
     torchrun --nproc-per-node 2 -m megaclass train --train train.txt --test test.txt --out runs/two
     megaclass train --nproc-per-node 2 --train train.txt --test test.txt --out runs/two

@@ -28,8 +28,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from megaclass.heads import Head
 from megaclass.train import checkpoint as run_checkpoint
 
 __all__ = [
@@ -56,7 +57,7 @@ def is_sharded_checkpoint(path: str) -> bool:
     return os.path.exists(os.path.join(path, _LAYOUT))
 
 
-def _param_names(head: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
+def _param_names(head: Head, optimizer: torch.optim.Optimizer | None) -> list[str]:
     """The head parameter names in the optimizer's state-dict order (its parameter indices)."""
     if optimizer is None:
         return []
@@ -65,7 +66,7 @@ def _param_names(head: nn.Module, optimizer: torch.optim.Optimizer | None) -> li
 
 
 def _split_head(
-    head: nn.Module, optimizer: torch.optim.Optimizer | None
+    head: Head, optimizer: torch.optim.Optimizer | None
 ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """``(rows, rank_private, replicated)`` of the head's state and its optimizer's by ``head.state_layout()``
     (row entries of kind ``groups`` are named ``groups.<key>``)."""
@@ -105,7 +106,7 @@ def save_sharded(
     folder: str,
     step: int,
     *,
-    head: nn.Module,
+    head: Head,
     head_optimizer: torch.optim.Optimizer | None,
     common: dict[str, Any],
     private: dict[str, Any],
@@ -116,7 +117,7 @@ def save_sharded(
     """Write this rank's part of checkpoint ``folder/step_<step>``; collective over all ranks.
 
     Args:
-        head: a class-sharded head (``start``, ``stop``, ``num_rows``, ``state_layout()``).
+        head: a class-sharded head (its ``row_range()``, ``row_group`` and ``state_layout()``).
         head_optimizer: the optimizer of the head's parameters, or None.
         common: replicated state (encoder, its optimizer, loop state, config); written by rank 0 only.
         private: this rank's own state (RNG states).
@@ -134,7 +135,8 @@ def save_sharded(
         os.makedirs(temporary)
     _barrier(world_size)
     rows, head_private, replicated = _split_head(head, head_optimizer)
-    metadata = {"start": str(head.start), "stop": str(head.stop), "group": str(_group_size(head))}
+    start, stop, num_rows = head.row_range()
+    metadata = {"start": str(start), "stop": str(stop), "group": str(head.row_group)}
     save_file(rows, os.path.join(temporary, f"rows_{rank:05d}.safetensors"), metadata=metadata)
     run_checkpoint.write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
     if rank == 0:
@@ -146,9 +148,9 @@ def save_sharded(
         ranges = [[int(x) for x in _range_of(temporary, r)] for r in range(world_size)]
         layout = {
             "world_size": world_size,
-            "num_rows": head.num_rows,
+            "num_rows": num_rows,
             "ranges": ranges,
-            "group": _group_size(head),
+            "group": head.row_group,
         }
         run_checkpoint.write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
         if os.path.exists(final):
@@ -163,11 +165,6 @@ def save_sharded(
                 shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
     _barrier(world_size)  # the checkpoint is complete for everyone
     return final
-
-
-def _group_size(head: nn.Module) -> int:
-    """Rows per ``groups`` entry row (the sparse head's label group; 1 for other heads)."""
-    return int(getattr(head.config, "group", 1)) if hasattr(head, "config") else 1
 
 
 def _range_of(folder: str, rank: int) -> tuple[int, int]:
@@ -212,7 +209,7 @@ def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str,
 
 
 def load_sharded(
-    path: str, *, head: nn.Module, head_optimizer: torch.optim.Optimizer | None, rank: int, world_size: int
+    path: str, *, head: Head, head_optimizer: torch.optim.Optimizer | None, rank: int, world_size: int
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore this rank's head (and its optimizer) from checkpoint ``path``, whatever world size wrote it.
 
@@ -222,12 +219,13 @@ def load_sharded(
     """
     with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
         layout = json.load(file)
-    if layout["num_rows"] != head.num_rows or layout["group"] != _group_size(head):
+    start, stop, num_rows = head.row_range()
+    if layout["num_rows"] != num_rows or layout["group"] != head.row_group:
         raise ValueError(
             f"--resume: checkpoint {path} has {layout['num_rows']} head rows in groups of {layout['group']}, "
-            f"the run's head {head.num_rows} in groups of {_group_size(head)}"
+            f"the run's head {num_rows} in groups of {head.row_group}"
         )
-    rows = _read_rows(path, layout, head.start, head.stop)
+    rows = _read_rows(path, layout, start, stop)
     common = run_checkpoint.read_state(os.path.join(path, "common"))
     same_world = layout["world_size"] == world_size
     private = run_checkpoint.read_state(os.path.join(path, f"rank_{rank:05d}")) if same_world else None
@@ -253,12 +251,11 @@ def load_sharded(
     return common, private
 
 
-def export_head_state(path: str, *, prefix: str = "") -> dict[str, Tensor]:
-    """The whole head's state from sharded checkpoint ``path``, as the plain (unsharded) head stores it.
+def export_head_state(path: str) -> dict[str, Tensor]:
+    """The whole head's state from sharded checkpoint ``path``, as the unsharded head stores it.
 
     Row entries are stacked over all classes; optimizer and rank-private entries (index, RNG) are left out,
-    except the first rank's, which the plain head needs to load; ``prefix`` is removed from the names
-    (``local.`` for the selected head).
+    except the first rank's, which the unsharded head needs to load.
     """
     with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
         layout = json.load(file)
@@ -267,7 +264,7 @@ def export_head_state(path: str, *, prefix: str = "") -> dict[str, Tensor]:
     first = run_checkpoint.read_state(os.path.join(path, "rank_00000"))["head"]
     state = {**replicated, **{key: value for key, value in first.items() if ".index." not in f".{key}"}}
     state.update({key: value for key, value in rows.items() if not key.startswith("optim.")})
-    return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()}
+    return state
 
 
 def write_export(out_path: str, state: dict[str, Tensor], metadata: dict[str, str]) -> str:

@@ -2,7 +2,7 @@
 
 :func:`data_parallel` wraps the trainer's modules for a world of ``N`` ranks; with one rank it wraps nothing.
 A class-sharded head needs no wrapper: its rows' gradients are complete on their owner. A replicated head
-(one without a sharded form, or ``distributed.shard_head: never``) is wrapped in DDP.
+(``distributed.shard_head: never``) is wrapped in DDP.
 """
 
 from __future__ import annotations
@@ -14,21 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.distributed.info import DistInfo
+from megaclass.heads import Head
 from megaclass.schema import ConfigError
 
 __all__ = ["DataParallel", "data_parallel", "encoder_state", "load_encoder_state", "shards_head"]
 
 
 def shards_head(config: Any, dist: DistInfo) -> bool:
-    """Whether the run's head is split by class over the ranks (``distributed.shard_head`` of ``config``)."""
-    from megaclass.distributed.sharded import sharded_head_types
-
+    """Whether the run's head is split by class over the ranks (``distributed.shard_head`` of ``config``):
+    ``auto`` whenever there are several ranks (every head shards)."""
     mode = config.distributed.shard_head
     if mode == "never":
         return False
-    if mode == "always":
-        return True
-    return dist.distributed and config.head.type in sharded_head_types()
+    return mode == "always" or dist.distributed
 
 
 @dataclass
@@ -97,13 +95,13 @@ def _fully_shard(encoder: nn.Module) -> nn.Module:
 
 
 def data_parallel(
-    encoder: nn.Module, head: nn.Module, *, config: Any, dist: DistInfo, device: torch.device
+    encoder: nn.Module, head: Head, *, config: Any, dist: DistInfo, device: torch.device
 ) -> DataParallel:
     """Wrap ``encoder`` (``distributed.encoder``: ddp or fsdp2) and, unless it is class-sharded, ``head``.
 
     Build the optimizers after this call: FSDP2 replaces the encoder's parameters with sharded ones.
     """
-    sharded = hasattr(head, "state_layout")
+    sharded = head.sharded
     if not dist.distributed:
         return DataParallel(encoder, head, encoder, head, sharded, dist)
     from torch.nn.parallel import DistributedDataParallel
@@ -111,8 +109,7 @@ def data_parallel(
     device_ids = [device.index] if device.type == "cuda" else None
     if config.distributed.encoder == "fsdp2" and not sharded:
         raise ConfigError(
-            "distributed.encoder=fsdp2 needs a class-sharded head (distributed.shard_head auto or always, "
-            f"a head with a sharded form); head.type is {config.head.type!r}"
+            "distributed.encoder=fsdp2 needs a class-sharded head (distributed.shard_head auto or always)"
         )
     trainable = any(p.requires_grad for p in encoder.parameters())
     if not trainable:

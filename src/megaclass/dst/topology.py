@@ -88,16 +88,32 @@ def sample_new_columns(excluded: Tensor, dim: int, count: int, generator: torch.
 
 
 def random_fanin_index(
-    rows: int, dim: int, fan_in: int, *, generator: torch.Generator, dtype: torch.dtype = torch.int32
+    rows: int,
+    dim: int,
+    fan_in: int,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.int32,
+    keep: tuple[int, int] | None = None,
 ) -> Tensor:
     """``(rows, fan_in)`` random input columns, distinct within a row when ``fan_in <= dim``, on the
-    generator's device; chunked over rows so ten million rows need a few chunks of scratch memory only."""
+    generator's device; chunked over rows so ten million rows need a few chunks of scratch memory only.
+
+    ``keep=(first, last)``: return only rows ``[first, last)`` of the same draw (every row is still drawn, so
+    the kept rows equal those of the whole matrix; memory is the kept rows plus one chunk).
+    """
+    first, last = keep if keep is not None else (0, rows)
+    if not 0 <= first <= last <= rows:
+        raise ValueError(f"keep: expected 0 <= first <= last <= {rows}, got {keep}")
     device = generator.device
-    out = torch.empty(rows, fan_in, dtype=dtype, device=device)
+    out = torch.empty(last - first, fan_in, dtype=dtype, device=device)
     for start in range(0, rows, _ROW_CHUNK):
         stop = min(start + _ROW_CHUNK, rows)
         none = torch.empty(stop - start, 0, dtype=torch.int64, device=device)
-        out[start:stop] = sample_new_columns(none, dim, fan_in, generator).sort(dim=1).values.to(dtype)
+        chunk = sample_new_columns(none, dim, fan_in, generator).sort(dim=1).values.to(dtype)
+        lo, hi = max(start, first), min(stop, last)
+        if lo < hi:
+            out[lo - first : hi - first] = chunk[lo - start : hi - start]
     return out
 
 

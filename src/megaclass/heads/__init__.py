@@ -4,42 +4,67 @@ from __future__ import annotations
 
 from typing import Any
 
-from megaclass.heads.base import Head, HeadContext
+from megaclass.heads.base import ClassShard, Head, HeadContext, LabelFeatures
+from megaclass.heads.dense import DenseHead, DenseHeadConfig
+from megaclass.heads.selected import PARTIAL_FC_DEFAULTS, SelectedHead, SelectedHeadConfig
+from megaclass.heads.sparse import SparseHead, SparseHeadConfig
 from megaclass.schema import ConfigError, from_dict
 
-__all__ = ["Head", "HeadContext", "build_head", "head_config", "head_types"]
+__all__ = [
+    "ClassShard",
+    "Head",
+    "HeadConfig",
+    "HeadContext",
+    "LabelFeatures",
+    "build_head",
+    "head_class",
+    "head_config",
+    "head_types",
+]
+
+HeadConfig = DenseHeadConfig | SparseHeadConfig | SelectedHeadConfig
+"""Any registered head config."""
+
+_DEFAULTS: dict[str, dict[str, Any]] = {"partial_fc": PARTIAL_FC_DEFAULTS}  # a name's own defaults
 
 
 def head_types() -> dict[str, tuple[type, type[Head]]]:
     """Registered head names and their ``(ConfigClass, HeadClass)``.
 
-    Each config class is a frozen dataclass whose first field is ``type: Literal["<name>"]``.
+    Each config class is a frozen dataclass whose first field is ``type: Literal[...]`` naming it; one
+    class may serve several names (``partial_fc`` is the selected head with its index off).
     """
-    from megaclass.heads.dense import DenseHead, DenseHeadConfig
-    from megaclass.heads.partial_fc import PartialFCConfig, PartialFCHead
-    from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
-    from megaclass.heads.sparse import SparseHead, SparseHeadConfig
-
     return {
         "dense": (DenseHeadConfig, DenseHead),
         "sparse": (SparseHeadConfig, SparseHead),
         "selected": (SelectedHeadConfig, SelectedHead),
-        "partial_fc": (PartialFCConfig, PartialFCHead),
+        "partial_fc": (SelectedHeadConfig, SelectedHead),
     }
 
 
-def head_config(data: dict[str, Any]) -> Any:
-    """Parse ``{type: name, **options}`` into that head's frozen config dataclass."""
+def head_config(data: dict[str, Any]) -> HeadConfig:
+    """Parse ``{type: name, **options}`` into that head's frozen config dataclass (``dense`` by default).
+
+    >>> head_config({"type": "partial_fc"}).index.type
+    'none'
+    """
     data = {"type": "dense", **data}
     types = head_types()
     if data["type"] not in types:
         raise ConfigError(f"head.type: unknown head {data['type']!r}; known: {', '.join(sorted(types))}")
-    return from_dict(types[data["type"]][0], data, where="head")
+    return from_dict(types[data["type"]][0], {**_DEFAULTS.get(data["type"], {}), **data}, where="head")
 
 
-def build_head(config: Any, context: HeadContext) -> Head:
-    """Build the head that ``config`` (a registered head config) describes."""
-    for config_class, head_class in head_types().values():
-        if isinstance(config, config_class):
-            return head_class(config, context)
-    raise ConfigError(f"not a registered head config: {config!r}")
+def head_class(config: HeadConfig) -> type[Head]:
+    """The head class that builds ``config``."""
+    return head_types()[config.type][1]
+
+
+def build_head(config: HeadConfig, context: HeadContext, shard: ClassShard | None = None) -> Head:
+    """Build the head that ``config`` describes; ``shard``: the class range this process holds (None: all).
+
+    >>> head = build_head(head_config({"type": "dense"}), HeadContext(8, 100, multilabel=False))
+    >>> head.row_range()
+    (0, 100, 100)
+    """
+    return head_class(config)(config, context, shard)

@@ -1,16 +1,43 @@
-"""The ``Head`` interface every output strategy implements, and what a head is told when it is built."""
+"""The ``Head`` interface every output strategy implements, and what a head is told when it is built.
+
+A head is built as ``HeadClass(config, context, shard=None)``. ``shard`` is the contiguous class range this
+process holds (:class:`~megaclass.ops.collectives.ClassShard`): None for a head that holds every class; a
+head given a shard gathers the global batch's features and targets over the shard's process group and
+computes the whole head's loss with the ops' collective forms. Sharding is a parameter, not a subclass.
+
+Everything the trainer calls is defined here with a default, so the trainer never asks a head what it
+offers: binding an optimizer, rewired connections, initial rows, how its state splits over ranks, and
+whether it uses label features.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from megaclass.ops.collectives import ClassShard, gather_rows, gather_targets, world_of
+from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets
 
-__all__ = ["Head", "HeadContext", "RaggedLabels", "Targets"]
+__all__ = ["ClassShard", "Head", "HeadContext", "LabelFeatures", "RaggedLabels", "StateKind", "Targets"]
+
+StateKind = Literal["rows", "groups", "rank"]
+"""How a state entry splits across ranks: ``rows`` (leading dimension: the head's rows ``[start, stop)`` of
+:meth:`Head.row_range`), ``groups`` (leading dimension: groups of :attr:`Head.row_group` rows), ``rank``
+(private to the rank: rebuilt when the world size changes). Entries not named are replicated."""
+
+
+class LabelFeatures(str, enum.Enum):
+    """How a head uses per-label feature vectors (``HeadContext.label_features``)."""
+
+    UNUSED = "unused"
+    WANTED = "wanted"  # they help (clustering or ordering labels); training works without them
+    REQUIRED = "required"  # training cannot start without them
 
 
 @dataclass(frozen=True)
@@ -36,13 +63,54 @@ class HeadContext:
 class Head(nn.Module):
     """An output layer plus its loss over ``C`` classes, built never to hold a ``B x C`` matrix.
 
-    Subclasses implement :meth:`forward` and :meth:`topk`; :meth:`after_step` is for structure maintained
-    between steps (rewiring, index rebuilds, off-device row updates). A head saves everything it maintains
-    in its state dict, so a checkpoint restores it exactly.
+    Subclasses implement :meth:`forward` and :meth:`topk`; every other hook has a default. A head saves
+    everything it maintains in its state dict, so a checkpoint restores it exactly.
+
+    Args:
+        context: the task (``num_classes`` is ``C`` over all ranks).
+        shard: the class range this process holds, or None for all of them.
     """
 
+    def __init__(self, context: HeadContext, shard: ClassShard | None = None) -> None:
+        super().__init__()
+        if context.in_features < 1 or context.num_classes < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs in_features and num_classes >= 1, got {context}"
+            )
+        if shard is not None and shard.num_classes != context.num_classes:
+            raise ValueError(f"shard: {shard} is of {shard.num_classes} classes, the head has {context}")
+        self.context = context
+        self.shard = shard
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the head computes over a class range of a process group (collectives on every call)."""
+        return self.shard is not None
+
+    def _check_features(self, features: Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.context.in_features:
+            raise ValueError(
+                f"features must be (B, D={self.context.in_features}), got shape {tuple(features.shape)}"
+            )
+
+    def gather_batch(self, features: Tensor, targets: Targets) -> tuple[Tensor, Targets]:
+        """The global batch of a sharded head: every rank's ``features`` stacked ``(N * B, D)`` and targets,
+        in rank order (as given without a shard). The gradient reaching each rank's features is scaled by
+        ``N``: the data-parallel encoder averages gradients over ranks, and the mean of ``N`` shares is their
+        sum."""
+        if self.shard is None:
+            return features, targets
+        group = self.shard.group
+        _, world = world_of(group)
+        return gather_rows(features, group=group, grad_scale=float(world)), gather_targets(targets, group=group)
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.context.num_classes:
+            raise ValueError(f"k must be in [1, C={self.context.num_classes}], got {k}")
+
+    # ------------------------------------------------------------------ what every head implements
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
-        """Scalar training loss of ``features (B, D)`` against ``targets``."""
+        """Scalar training loss of ``features (B, D)`` against ``targets`` (the whole head's when sharded)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -50,8 +118,46 @@ class Head(nn.Module):
         """Top-``k`` ``(scores, ids)``, each ``(B, k)``, scores descending; never ``B x C`` at once."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ hooks with defaults
+    @classmethod
+    def label_features(cls, config: Any) -> LabelFeatures:
+        """Whether a head of ``config`` uses label feature vectors (asked before it is built)."""
+        return LabelFeatures.UNUSED
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int) -> None:
+        """The optimizer of the head's parameters and the run's length (a rewiring head resets the state of
+        new connections and anneals to the last step); nothing by default."""
+
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
         """Called after each optimizer step with the global step, the fractional epoch and the head's lr."""
+
+    def take_rewired(self) -> dict[str, Tensor]:
+        """Masks, by parameter name, of the weights whose meaning changed since the last call (rewired
+        connections): state kept per weight elsewhere (a weight average) restarts there. None by default."""
+        return {}
+
+    def init_rows(self, rows: Tensor) -> None:
+        """Start the class rows from ``rows (C, D)``, one vector per class of all ``C`` (e.g. encoded label
+        names), unit-normalised and scaled to the rows' mean norm; a sharded head keeps its range.
+
+        Raises:
+            ConfigError: the head has no ``(C, D)`` class rows.
+        """
+        raise ConfigError(f"{type(self).__name__} has no (C, D) class rows to initialise from label vectors")
+
+    def row_range(self) -> tuple[int, int, int]:
+        """``(start, stop, num_rows)``: the rows this process holds of the head's ``num_rows`` (checkpoints
+        split ``rows`` entries of :meth:`state_layout` by it)."""
+        if self.shard is None:
+            return 0, self.context.num_classes, self.context.num_classes
+        return self.shard.start, self.shard.stop, self.context.num_classes
+
+    row_group: int = 1
+    """Rows per entry row of ``groups`` state entries (:data:`StateKind`)."""
+
+    def state_layout(self) -> dict[str, StateKind]:
+        """How each state entry splits across ranks (see :data:`StateKind`); others are replicated."""
+        return {}
 
     def metrics(self) -> dict[str, float]:
         """Numbers worth logging about the head's state (coverage, sparsity, ...); empty by default."""
@@ -62,3 +168,13 @@ class Head(nn.Module):
         weights = sum(p.numel() * p.element_size() for p in self.parameters())
         structure = sum(b.numel() * b.element_size() for b in self.buffers())
         return {"weights": weights, "structure": structure}
+
+
+@torch.no_grad()
+def rescaled_rows(rows: Tensor, like: Tensor) -> Tensor:
+    """``rows (R, D)`` unit-normalised, times the mean row norm of ``like (R, D)`` (the head's initial scale)."""
+    rows = torch.as_tensor(rows, dtype=torch.float32, device=like.device)
+    if rows.shape != like.shape:
+        raise ValueError(f"initial rows: expected shape {tuple(like.shape)}, got {tuple(rows.shape)}")
+    scale = like.float().norm(dim=1).mean()
+    return torch.nn.functional.normalize(rows, dim=1) * scale

@@ -1,10 +1,14 @@
 """The exact head: every class scored, the loss fused with the ``x @ W^T`` matmul, chunked over classes.
 
 Memory is ``O(B x chunk)`` for the logits (the Triton kernels on CUDA hold one tile per program); the weight
-and
-its gradient stay fp32 master copies. Every approximate head is measured against this one.
+and its gradient stay fp32 master copies. Every approximate head is measured against this one.
 
     megaclass train --train train.txt --test test.txt --out runs/dense --head dense --set head.loss=bce
+
+Given a :class:`~megaclass.ops.collectives.ClassShard`, the head holds the rows ``[start, stop)``, scores the
+global batch (every rank's features, gathered) against them and computes the whole head's loss with the
+op's collective form (the softmax normaliser and the BCE / hinge sums reduced over ranks); its top-``k`` is
+merged over ranks. The rows of all ranks stacked in rank order are an unsharded head's state.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from megaclass.heads.base import Head, HeadContext
-from megaclass.heads.losses import MarginConfig
+from megaclass.heads.base import Head, HeadContext, StateKind, rescaled_rows
 from megaclass.ops.chunked_topk import chunked_topk
+from megaclass.ops.collectives import ClassShard, merge_topk
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss
+from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
 from megaclass.targets import Targets
 
@@ -41,19 +46,33 @@ class DenseHeadConfig:
     chunk_size: int = 8192  # classes per chunk on the PyTorch path and in topk: memory O(B x chunk_size)
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace for face recognition
     init_scale: float = 1.0  # weight rows ~ N(0, (init_scale / sqrt(D))^2): unit-variance logits at start
-    impl: Literal["auto", "triton", "torch", "reference"] = "auto"  # auto: fastest measured on CUDA
+    impl: Literal["auto", "triton", "torch", "reference"] = "auto"  # auto: by device and shape (ops rule)
+    seed: int = 0  # seeds the rows of a sharded head, per block of rows (every world size starts alike)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ConfigError(f"head.chunk_size must be >= 1, got {self.chunk_size}")
         if self.init_scale < 0:
             raise ConfigError(f"head.init_scale must be >= 0, got {self.init_scale}")
-        if self.bias is None:
-            object.__setattr__(self, "bias", not self.margin.enabled)
         if self.margin.enabled and self.bias:
             raise ConfigError("head.bias must be false with a cosine margin (head.margin.kind != none)")
         if self.margin.enabled and self.loss not in ("auto", "softmax"):
             raise ConfigError(f"head.margin needs head.loss softmax, got {self.loss!r}")
+
+
+_INIT_BLOCK = 1 << 16  # rows drawn per seeded generator by a sharded head
+
+
+def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> None:
+    """Fill the rows of global classes ``[start, start + len(weight))`` with ``N(0, std^2)``, drawn in blocks
+    of ``_INIT_BLOCK`` global rows seeded ``(seed, block)``: every world size starts from the same matrix."""
+    stop, device = start + weight.shape[0], weight.device
+    for block in range(start // _INIT_BLOCK, -(-stop // _INIT_BLOCK)):
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
+        first = block * _INIT_BLOCK
+        rows = torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator, device=device) * std  # (block, D)
+        lo, hi = max(start, first), min(stop, first + _INIT_BLOCK)
+        weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.dtype)
 
 
 class DenseHead(Head):
@@ -62,6 +81,7 @@ class DenseHead(Head):
     Args:
         config: loss, bias, margin, chunking.
         context: ``in_features`` (D), ``num_classes`` (C), ``multilabel``.
+        shard: the class range this process holds (None: all classes).
 
     >>> head = DenseHead(DenseHeadConfig(), HeadContext(in_features=8, num_classes=100, multilabel=False))
     >>> loss = head(torch.randn(4, 8), torch.tensor([1, 2, 3, 99]))
@@ -70,10 +90,8 @@ class DenseHead(Head):
     (4, 5)
     """
 
-    def __init__(self, config: DenseHeadConfig, context: HeadContext) -> None:
-        super().__init__()
-        if context.in_features < 1 or context.num_classes < 1:
-            raise ValueError(f"DenseHead needs in_features and num_classes >= 1, got {context}")
+    def __init__(self, config: DenseHeadConfig, context: HeadContext, shard: ClassShard | None = None) -> None:
+        super().__init__(context, shard)
         loss = config.loss
         if loss == "auto":
             loss = "bce" if context.multilabel else "softmax"
@@ -82,58 +100,84 @@ class DenseHead(Head):
                 "head.margin needs multi-class data (one label per sample), the data is multi-label"
             )
         self.config = config
-        self.context = context
         self.options = LinearLossOptions(
             loss=LossKind(loss),
             reduction=config.reduction,
             margin=config.margin,
             chunk_size=config.chunk_size,
         )
-        self.weight = nn.Parameter(torch.empty(context.num_classes, context.in_features))
-        self.bias = nn.Parameter(torch.zeros(context.num_classes)) if config.bias else None
+        start, stop, _ = self.row_range()
+        has_bias = config.bias if config.bias is not None else not config.margin.enabled
+        self.weight = nn.Parameter(torch.empty(stop - start, context.in_features))  # (C_r, D)
+        self.bias = nn.Parameter(torch.zeros(stop - start)) if has_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Rows ~ N(0, (init_scale / sqrt(D))^2), bias zero."""
-        nn.init.normal_(self.weight, std=self.config.init_scale / math.sqrt(self.context.in_features))
+        """Rows ~ N(0, (init_scale / sqrt(D))^2), bias zero; a sharded head draws its rows per seeded block."""
+        std = self.config.init_scale / math.sqrt(self.context.in_features)
+        if self.shard is None:
+            nn.init.normal_(self.weight, std=std)
+        else:
+            with torch.no_grad():
+                _init_normal_rows_(self.weight, self.shard.start, std=std, seed=self.config.seed)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def state_layout(self) -> dict[str, StateKind]:
+        """Weights and biases split by class rows."""
+        return {"weight": "rows", "bias": "rows"}
+
+    @torch.no_grad()
+    def init_rows(self, rows: Tensor) -> None:
+        """Rows from ``rows (C, D)``, unit-normalised and scaled to the initial rows' mean norm."""
+        start, stop, _ = self.row_range()
+        self.weight.copy_(rescaled_rows(rows[start:stop], self.weight))
+
     def _compute_input(self, features: Tensor) -> Tensor:
         """``features`` in the compute dtype: the autocast dtype where autocast is on, else as given."""
-        if features.dim() != 2 or features.shape[1] != self.context.in_features:
-            raise ValueError(
-                f"features must be (B, D={self.context.in_features}), got shape {tuple(features.shape)}"
-            )
+        self._check_features(features)
         device_type = features.device.type
         if torch.is_autocast_enabled(device_type):
             return features.to(torch.get_autocast_dtype(device_type))
         return features
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
-        """Scalar loss of ``features (B, D)`` against ``targets`` (``LongTensor (B,)`` or ragged labels)."""
-        x = self._compute_input(features)
+        """Scalar loss of ``features (B, D)`` against ``targets`` (``LongTensor (B,)`` or ragged labels);
+        sharded: the whole head's loss on the global batch, held by every rank."""
+        x, targets = self.gather_batch(self._compute_input(features), targets)  # (N * B, D) sharded
         return linear_loss(
-            x, self.weight, targets, bias=self.bias, options=self.options, impl=self.config.impl
+            x,
+            self.weight,
+            targets,
+            bias=self.bias,
+            options=self.options,
+            impl=self.config.impl,
+            shard=self.shard,
         )
 
     @torch.no_grad()
     def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` ``(scores, ids)`` of the logits, each ``(B, k)``, in chunks of ``chunk_size`` classes."""
+        """Top-``k`` ``(scores, ids)`` of the logits, each ``(B, k)``, in chunks of ``chunk_size`` classes;
+        sharded: over all ranks' classes, the same on every rank."""
+        self._check_k(k)
         margin = self.config.margin
-        return chunked_topk(
+        scores, ids = chunked_topk(
             self._compute_input(features),
             self.weight,
-            k,
+            min(k, self.weight.shape[0]),
             bias=self.bias,
             cosine=margin.enabled,
             scale=margin.scale,
             chunk_size=self.config.chunk_size,
         )
+        if self.shard is None:
+            return scores, ids
+        return merge_topk(scores, ids + self.shard.start, k, group=self.shard.group)
 
     def extra_repr(self) -> str:
+        start, stop, classes = self.row_range()
         return (
-            f"in_features={self.context.in_features}, num_classes={self.context.num_classes}, "
+            f"in_features={self.context.in_features}, classes=[{start}, {stop}) of {classes}, "
             f"loss={self.options.loss.value}, bias={self.bias is not None}, "
             f"margin={self.config.margin.kind.value}"
         )

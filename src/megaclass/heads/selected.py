@@ -14,6 +14,14 @@ host memory (``store=host``); a sampling correction ``log(1/q)`` on the randomly
 (``logq_correction``); random classes only for the first ``warmup_random_steps`` steps (neighbours of immature
 rows are noise); cosine margins (ArcFace, CosFace); coverage (the share of the full softmax mass the active
 set holds) measured exactly every ``coverage_every`` steps and reported by :meth:`metrics`.
+
+``--head partial_fc`` is the same head with the index off and 10% of the classes active: Partial FC's
+uniform sampling (An et al., ICCV 2021 workshops), the baseline every selection rule is measured against.
+
+Given a :class:`~megaclass.ops.collectives.ClassShard`, each rank holds its own classes (its own store and
+index) and selects ``ceil(sample_num / N)`` of them for the global batch; the normaliser is one
+log-sum-exp over the union of the ranks' active sets, and a sample's true classes are always active at their
+owners.
 """
 
 from __future__ import annotations
@@ -25,11 +33,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from megaclass.heads.base import Head, HeadContext
-from megaclass.heads.losses import MarginConfig, margin_logits
-from megaclass.index import ClassSelector, Selection, build_selector, select_active
-from megaclass.index.kmeans import DEFAULT_LEAF_SIZE, DEFAULT_PROBES
+from megaclass.heads.base import Head, HeadContext, StateKind
+from megaclass.index import ClassSelector, Selection, select_active
+from megaclass.index.config import (
+    ClusterIndexConfig,
+    ExactIndexConfig,
+    IndexConfig,
+    NoIndexConfig,
+    build_index,
+)
+from megaclass.index.kmeans import DEFAULT_PROBES
 from megaclass.index.selection import coprime_multipliers
+from megaclass.ops.collectives import (
+    ClassShard,
+    all_reduce_logsumexp,
+    all_reduce_replicated,
+    local_targets,
+    merge_topk,
+    world_of,
+)
+from megaclass.ops.margins import MarginConfig, margin_logits
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig, RowStore, build_store
 from megaclass.targets import RaggedLabels, Targets, as_ragged
@@ -39,23 +62,24 @@ __all__ = ["SelectedHead", "SelectedHeadConfig"]
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
 
 
+PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
+"""What ``type: partial_fc`` changes in the selected head's defaults: random classes, 10% of them."""
+
+
 @dataclass(frozen=True)
 class SelectedHeadConfig:
-    """Options of :class:`SelectedHead` (defaults: the original's)."""
+    """Options of :class:`SelectedHead` (``type: selected``: the original's defaults; ``type: partial_fc``:
+    :data:`PARTIAL_FC_DEFAULTS`)."""
 
-    type: Literal["selected"] = "selected"
-    sample_num: int = 1000  # active classes per step (all of a batch's true classes are kept even beyond it)
-    index: Literal["gpu", "annoy", "exact", "none"] = "gpu"  # none: random classes only (Partial FC's rule)
+    type: Literal["selected", "partial_fc"] = "selected"
+    sample_num: int | float = 1000  # active classes per step: a count, or a fraction in (0, 1) of the classes
+    # (all of a batch's true classes are kept even beyond it)
+    index: IndexConfig = field(default_factory=ClusterIndexConfig)  # gpu, annoy, exact or none
     interval: int = 100  # steps between index rebuilds
     neighbours: int = 0  # nearest classes asked per sample; 0: from neighbour_share
     neighbour_share: float = 1.0  # 1: the original's sample_num // B + 1 per sample; < 1: about this share
     # of sample_num from the index (round(share * sample_num / B) per sample), the rest random
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
-    ntrees: int = 50  # annoy: trees in the forest
-    search_k: int = -1  # annoy: nodes inspected per query (-1: n * ntrees)
-    leaf_size: int = DEFAULT_LEAF_SIZE  # gpu index: most rows per cluster
-    probes: int = DEFAULT_PROBES  # gpu index: clusters searched per query
-    index_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # gpu index row snapshot
     store: str = "gpu"  # where rows live: gpu (the compute device) or host (pinned host memory)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace over the active set
@@ -67,17 +91,15 @@ class SelectedHeadConfig:
     seed: int = 0  # seeds the rows, the index and the random fill
 
     def __post_init__(self) -> None:
-        positive = {
-            "sample_num": self.sample_num,
-            "interval": self.interval,
-            "ntrees": self.ntrees,
-            "leaf_size": self.leaf_size,
-            "probes": self.probes,
-            "chunk_size": self.chunk_size,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"head.{name} must be >= 1, got {value}")
+        if isinstance(self.sample_num, float) and not 0 < self.sample_num < 1:
+            raise ConfigError(
+                f"head.sample_num: expected a count >= 1 or a fraction in (0, 1), got {self.sample_num}"
+            )
+        if isinstance(self.sample_num, int) and self.sample_num < 1:
+            raise ConfigError(f"head.sample_num must be >= 1, got {self.sample_num}")
+        for name in ("interval", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"head.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("neighbours", "warmup_random_steps", "coverage_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"head.{name} must be >= 0, got {getattr(self, name)}")
@@ -85,6 +107,17 @@ class SelectedHeadConfig:
             raise ConfigError(f"head.neighbour_share must be in [0, 1], got {self.neighbour_share}")
         if self.init_bound is not None and self.init_bound < 0:
             raise ConfigError(f"head.init_bound must be >= 0, got {self.init_bound}")
+        if self.type == "partial_fc" and not isinstance(self.index, NoIndexConfig):
+            raise ConfigError(
+                f"head.index: partial_fc draws its classes at random (index none), got {self.index.type!r}; "
+                "use head.type=selected for an index"
+            )
+
+    def active_classes(self, num_classes: int) -> int:
+        """The active-set size over ``num_classes`` classes: the count, or the fraction's (at least 1)."""
+        if isinstance(self.sample_num, float):
+            return max(1, math.ceil(self.sample_num * num_classes))
+        return self.sample_num
 
 
 class SelectedHead(Head):
@@ -96,6 +129,7 @@ class SelectedHead(Head):
     Args:
         config: selection, index, store and loss options.
         context: ``in_features`` (D), ``num_classes`` (C), ``multilabel``.
+        shard: the class range this process holds (None: all classes).
 
     >>> head = SelectedHead(SelectedHeadConfig(sample_num=8, index="exact"),
     ...                     HeadContext(in_features=4, num_classes=50, multilabel=False))
@@ -105,24 +139,29 @@ class SelectedHead(Head):
     torch.Size([3, 5])
     """
 
-    def __init__(self, config: SelectedHeadConfig, context: HeadContext) -> None:
-        super().__init__()
-        if context.in_features < 1 or context.num_classes < 1:
-            raise ValueError(f"SelectedHead needs in_features and num_classes >= 1, got {context}")
+    def __init__(
+        self, config: SelectedHeadConfig, context: HeadContext, shard: ClassShard | None = None
+    ) -> None:
+        super().__init__(context, shard)
         if config.margin.enabled and context.multilabel:
             raise ConfigError(
                 "head.margin needs multi-class data (one label per sample), the data is multi-label"
             )
-        self.config, self.context = config, context
+        self.config = config
+        start, stop, _ = self.row_range()
+        self.num_rows = stop - start  # the rows held here
+        rank, world = (0, 1) if shard is None else world_of(shard.group)
+        self.sample_num = -(-config.active_classes(context.num_classes) // world)  # this rank's share
+        self.seed = config.seed + 7919 * rank  # the rank's own rows, index and random fill
         self.register_buffer("_anchor", torch.empty(0), persistent=False)  # follows .to(device)
         self.store: RowStore | None = None
         self.selector: ClassSelector | None = None
-        self._generator = torch.Generator().manual_seed(config.seed)  # moves to the head's device
+        self._generator = torch.Generator().manual_seed(self.seed)  # moves to the head's device
         self._step = 0
         self._pending: tuple[Tensor, Tensor] | None = None  # (ids (S,), rows (S, D) leaf with .grad)
-        self._dirty = torch.zeros(0, dtype=torch.bool)  # (C,) once materialised: rows pushed since the build
-        self._mark = torch.zeros(0, dtype=torch.int32)  # (C,) once materialised: selection scratch
-        self._multipliers = coprime_multipliers(context.num_classes, seed=config.seed)
+        self._dirty = torch.zeros(0, dtype=torch.bool)  # (C_r,) once materialised: rows pushed since the build
+        self._mark = torch.zeros(0, dtype=torch.int32)  # (C_r,) once materialised: selection scratch
+        self._multipliers = coprime_multipliers(self.num_rows, seed=self.seed)
         self._metrics: dict[str, float] = {}
         self._counts: dict[str, Tensor] = {}  # device counts of the last selection, read by metrics()
 
@@ -133,27 +172,38 @@ class SelectedHead(Head):
             config, device = self.config, self._anchor.device
             self.store = build_store(
                 config.store,
-                num_rows=self.context.num_classes,
+                num_rows=self.num_rows,
                 dim=self.context.in_features,
                 device=device,
                 optimizer=config.optimizer,
-                seed=config.seed,
+                seed=self.seed,
                 init_bound=config.init_bound,
             )
             # a store that answers nearest-row queries itself (parameter-server shards) needs no local index
-            self.selector = None if self._store_query() is not None else self._build_selector(device)
+            self.selector = None
+            if self._store_query() is None:
+                self.selector = build_index(
+                    config.index,
+                    metric=self._metric(),
+                    device=device,
+                    seed=self.seed,
+                    chunk_size=config.chunk_size,
+                )
             # rows updated since the last index build: a snapshot index refreshes only those
-            self._dirty = torch.zeros(self.context.num_classes, dtype=torch.bool, device=device)
+            self._dirty = torch.zeros(self.num_rows, dtype=torch.bool, device=device)
             self._mark = torch.full(
-                (self.context.num_classes,), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device
+                (self.num_rows,), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device
             )
             self._multipliers = self._multipliers.to(device)
             # the random fill draws on the device: a host draw would need a synchronising copy each step
-            generator = torch.Generator(device=device).manual_seed(config.seed)
+            generator = torch.Generator(device=device).manual_seed(self.seed)
             if generator.device.type == self._generator.device.type:
                 generator.set_state(self._generator.get_state())  # a state loaded before materialising
             self._generator = generator
         return self.store
+
+    def _metric(self) -> str:
+        return "cosine" if self.config.margin.enabled else self.config.metric
 
     def rebuild_index(self) -> None:
         """Rebuild the index from the current rows now (refreshing the rows updated since the last build)."""
@@ -168,29 +218,11 @@ class SelectedHead(Head):
         self._dirty.zero_()
         self.selector.build(store.rows(), changed=changed)
 
-    def _build_selector(self, device: torch.device) -> ClassSelector | None:
-        config = self.config
-        metric = "cosine" if config.margin.enabled else config.metric
-        if config.index == "none":
-            return None
-        if config.index == "annoy":
-            return build_selector("annoy", ntrees=config.ntrees, search_k=config.search_k, seed=config.seed)
-        if config.index == "exact":
-            return build_selector("exact", metric=metric, chunk_size=config.chunk_size)
-        row_dtype = None if config.index_dtype == "auto" else config.index_dtype
-        return build_selector(
-            "gpu",
-            metric=metric,
-            leaf_size=config.leaf_size,
-            probes=config.probes,
-            row_dtype=row_dtype,
-            device=device,
-            seed=config.seed,
-        )
-
     def _store_query(self) -> Any:
         """The store's own nearest-row query (``store=ps``: each shard answers for its rows), or None."""
-        return None if self.config.index == "none" else getattr(self.store, "query_nearest", None)
+        if isinstance(self.config.index, NoIndexConfig):
+            return None
+        return getattr(self.store, "query_nearest", None)
 
     def _uses_index(self) -> bool:
         has_index = self.selector is not None or self._store_query() is not None
@@ -201,11 +233,12 @@ class SelectedHead(Head):
         store_query = self._store_query()
         if store_query is None:
             return self.selector.query(features, count)
-        metric = "cosine" if self.config.margin.enabled else self.config.metric
+        index = self.config.index
         # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
-        age = 0 if self.config.index == "exact" else self.config.interval
+        age = 0 if isinstance(index, ExactIndexConfig) else self.config.interval
         # the shards split the index's probes between them: as many clusters searched as a local index's
-        return store_query(features, count, metric=metric, max_index_age=age, probes=self.config.probes)[1]
+        probes = index.probes if isinstance(index, ClusterIndexConfig) else DEFAULT_PROBES
+        return store_query(features, count, metric=self._metric(), max_index_age=age, probes=probes)[1]
 
     # ------------------------------------------------------------------ selection
     def select(self, features: Tensor, targets: Targets) -> Selection:
@@ -219,14 +252,14 @@ class SelectedHead(Head):
         if self._uses_index():
             if self.selector is not None and not self.selector.is_built:
                 self.rebuild_index()
-            count = min(self._neighbour_count(features.shape[0]), self.context.num_classes)
+            count = min(self._neighbour_count(features.shape[0]), self.num_rows)
             if count > 0:
                 neighbours = self._neighbours(features.detach(), count)
         return select_active(
             labels,
             neighbours,
-            sample_num=self.config.sample_num,
-            num_classes=self.context.num_classes,
+            sample_num=self.sample_num,
+            num_classes=self.num_rows,
             generator=self._generator,
             mark=self._mark,
             multipliers=self._multipliers,
@@ -237,8 +270,8 @@ class SelectedHead(Head):
         if config.neighbours:
             return config.neighbours
         if config.neighbour_share == 1:
-            return config.sample_num // batch + 1
-        return round(config.neighbour_share * config.sample_num / batch)
+            return self.sample_num // batch + 1
+        return round(config.neighbour_share * self.sample_num / batch)
 
     def pull_active(self, ids: Tensor) -> Tensor:
         """``(S, D)`` rows of ``ids``: a leaf whose gradient the next :meth:`after_step` pushes."""
@@ -248,10 +281,7 @@ class SelectedHead(Head):
 
     # ------------------------------------------------------------------ loss
     def _check_inputs(self, features: Tensor, targets: Targets) -> RaggedLabels:
-        if features.dim() != 2 or features.shape[1] != self.context.in_features:
-            raise ValueError(
-                f"features must be (B, D={self.context.in_features}), got {tuple(features.shape)}"
-            )
+        self._check_features(features)
         if not self.context.multilabel and not isinstance(targets, Tensor):
             raise ValueError("targets: multi-class data expects a LongTensor (B,) of class ids")
         ragged = as_ragged(targets)
@@ -259,19 +289,25 @@ class SelectedHead(Head):
             raise ValueError(f"targets: {ragged.batch_size} samples for {features.shape[0]} feature rows")
         return ragged
 
-    def _logits(self, features: Tensor, rows: Tensor, target_position: Tensor | None) -> Tensor:
-        """``(B, S)`` logits of ``features (B, D)`` against ``rows (S, D)`` (scaled cosines with a margin)."""
+    def _logits(
+        self, features: Tensor, rows: Tensor, target_position: Tensor | None, *, margin_everywhere: bool = False
+    ) -> Tensor:
+        """``(B, S)`` logits of ``features (B, D)`` against ``rows (S, D)`` (scaled cosines with a margin;
+        ``target_position (B,)``: each row's target column, ``-1`` for none when ``margin_everywhere``)."""
         if not self.config.margin.enabled:
             return features.float() @ rows.float().T
         normalise = torch.nn.functional.normalize
         cosine = normalise(features.float(), dim=1) @ normalise(rows.float(), dim=1).T  # (B, S)
-        if target_position is None:
+        if target_position is None and not margin_everywhere:
             return cosine * self.config.margin.scale
         return margin_logits(cosine, target_position, self.config.margin)
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
-        """Mean softmax cross-entropy over the active set (multi-label: mean over each sample's labels)."""
+        """Mean softmax cross-entropy over the active set (multi-label: mean over each sample's labels);
+        sharded: the global batch's, over the union of the ranks' active sets, held by every rank."""
         ragged = self._check_inputs(features, targets)
+        if self.shard is not None:
+            return self._sharded_loss(features, targets)
         selection = self.select(features, targets)
         rows = self.pull_active(selection.ids)  # (S, D)
         columns = selection.label_columns  # (L,) column of each label entry
@@ -291,6 +327,34 @@ class SelectedHead(Head):
         weight = 1.0 / lengths[sample].clamp_min(1)  # each sample's labels share one unit of loss
         labelled = (lengths > 0).sum().clamp_min(1)  # the mean's denominator, kept on the device
         return -(log_probs[sample, columns] * weight).sum() / labelled
+
+    def _sharded_loss(self, features: Tensor, targets: Targets) -> Tensor:
+        """The loss of the global batch over the union of every rank's active set (see the module)."""
+        assert self.shard is not None
+        x, gathered = self.gather_batch(features, targets)  # (N * B, D)
+        every = as_ragged(gathered).to(x.device)
+        local = local_targets(every, self.shard.start, self.shard.stop)
+        selection = self.select(x, local)
+        rows = self.pull_active(selection.ids)  # (S_r, D)
+        columns = torch.searchsorted(selection.ids[: selection.num_positive], local.indices)  # (L_r,)
+        sample = local.sample_ids()  # (L_r,)
+        position = None
+        if self.config.margin.enabled:  # -1: the target is another rank's
+            position = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device).index_put(
+                (sample,), columns
+            )
+        logits = self._logits(x, rows, position, margin_everywhere=True)  # (N * B, S_r)
+        if self.config.logq_correction:
+            logits = logits + selection.logit_adjust
+        self._metrics["active_classes"] = float(selection.ids.numel())
+        self._counts = {"neighbour_classes": selection.num_neighbour}
+        group = self.shard.group
+        lse = all_reduce_logsumexp(torch.logsumexp(logits, dim=1), group=group)  # (N * B,) over the union
+        lengths = every.lengths().clamp_min(1).to(torch.float32)  # (N * B,) global label counts
+        owned = logits[sample, columns] / lengths[sample]  # (L_r,) each label's share of its sample's loss
+        positive = all_reduce_replicated(torch.zeros_like(lse).index_add(0, sample, owned), group=group)
+        labelled = (every.lengths() > 0).to(torch.float32)
+        return ((lse - positive) * labelled).sum() / labelled.sum().clamp_min(1.0)
 
     # ------------------------------------------------------------------ between steps
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
@@ -316,8 +380,8 @@ class SelectedHead(Head):
     # ------------------------------------------------------------------ all classes, chunked
     def _blocks(self) -> Any:
         store = self.materialize()
-        for start in range(0, self.context.num_classes, _READ_BLOCK):
-            yield start, store.read(start, min(start + _READ_BLOCK, self.context.num_classes))
+        for start in range(0, self.num_rows, _READ_BLOCK):
+            yield start, store.read(start, min(start + _READ_BLOCK, self.num_rows))
 
     @torch.no_grad()
     def _coverage(self, features: Tensor, active_rows: Tensor) -> float:
@@ -332,11 +396,11 @@ class SelectedHead(Head):
 
     @torch.no_grad()
     def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` ``(scores, ids)`` each ``(B, k)``: logits (scaled cosines with a margin)."""
+        """Top-``k`` ``(scores, ids)`` each ``(B, k)``: logits (scaled cosines with a margin); sharded: over
+        all ranks' classes, the same on every rank."""
         from megaclass.ops.chunked_topk import chunked_topk
 
-        if not 1 <= k <= self.context.num_classes:
-            raise ValueError(f"k must be in [1, C={self.context.num_classes}], got {k}")
+        self._check_k(k)
         margin = self.config.margin
         best_scores = features.new_empty(features.shape[0], 0, dtype=torch.float32)
         best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64, device=features.device)
@@ -352,9 +416,21 @@ class SelectedHead(Head):
             scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids + start], 1)
             best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
             best_ids = ids.gather(1, order)
-        return best_scores, best_ids
+        if self.shard is None:
+            return best_scores, best_ids
+        return merge_topk(best_scores, best_ids + self.shard.start, k, group=self.shard.group)
 
     # ------------------------------------------------------------------ checkpoint
+    def state_layout(self) -> dict[str, StateKind]:
+        """Store rows and their optimizer state and the rebuild marks split by rows; index and RNG per rank."""
+        layout: dict[str, StateKind] = {"selection.dirty": "rows", "selection.rng": "rank"}
+        for name in self.materialize().state_dict():
+            layout[f"store.{name}"] = "rows"
+        if self.selector is not None:
+            layout.update({f"index.{name}": "rank" for name in self.selector.state_dict()})
+            layout["index.built"] = "rank"
+        return layout
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         store = self.materialize()
@@ -396,14 +472,15 @@ class SelectedHead(Head):
         try:
             self._generator.set_state(ours["selection.rng"])
         except RuntimeError:  # saved on another device type: the draws restart from a derived seed
-            self._generator.manual_seed(self.config.seed + int(ours["selection.step"]))
+            self._generator.manual_seed(self.seed + int(ours["selection.step"]))
         self._step = int(ours["selection.step"])
         self._dirty.copy_(ours["selection.dirty"])
         self._pending = None
 
     def extra_repr(self) -> str:
         c = self.config
+        start, stop, classes = self.row_range()
         return (
-            f"in_features={self.context.in_features}, num_classes={self.context.num_classes}, "
-            f"sample_num={c.sample_num}, index={c.index}, store={c.store}, interval={c.interval}"
+            f"in_features={self.context.in_features}, classes=[{start}, {stop}) of {classes}, "
+            f"sample_num={self.sample_num}, index={c.index.type}, store={c.store}, interval={c.interval}"
         )

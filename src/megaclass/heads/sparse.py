@@ -11,6 +11,13 @@ Training loop wiring: the trainer calls ``head.bind_optimizer(optimizer, total_s
 building the optimizer (so rewiring can reset the optimizer state of new connections and anneal to the
 stop point), and ``head.after_step(step, epoch, lr=...)`` after every optimizer step. The command line:
 ``megaclass train ... --head sparse --set head.fan_in=32 --set head.group=16 --set head.intermediate=4096``.
+
+Given a :class:`~megaclass.ops.collectives.ClassShard`, the sparse tail's label groups split into
+contiguous ranges over the ranks (weights, index rows, biases and their rewiring); the intermediate layer,
+the dense head of frequent labels and the auxiliary cluster head are replicated: they back-propagate
+``1 / N`` of their gradient on each rank and their parameters' gradients are summed over ranks as they are
+accumulated, so every rank steps them alike. Each rank draws only its own range of the topology (the
+generator runs over every row, keeping its own), so every world size starts from the same head.
 """
 
 from __future__ import annotations
@@ -32,11 +39,22 @@ from megaclass.dst import (
     random_fanin_index,
     rewire_fraction,
 )
-from megaclass.heads.base import Head, HeadContext
+from megaclass.heads.base import Head, HeadContext, LabelFeatures, StateKind
+from megaclass.ops.collectives import (
+    ClassShard,
+    all_reduce_logsumexp,
+    all_reduce_replicated,
+    merge_topk,
+    scale_grad,
+    shard_range,
+    world_of,
+)
 from megaclass.ops.fixed_fanin import (
     combine_loss,
+    fixed_fanin_rows,
     fixed_fanin_rows_positive,
     fixed_fanin_topk,
+    positive_logits,
     reference_row_values,
 )
 from megaclass.schema import ConfigError, from_dict
@@ -45,6 +63,7 @@ from megaclass.targets import RaggedLabels, Targets, as_ragged
 __all__ = ["SparseHead", "SparseHeadConfig"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
+_WEIGHT_CHUNK = 1 << 16  # label rows of initial weights drawn at once (the same draws as one whole call)
 
 
 @dataclass(frozen=True)
@@ -98,16 +117,6 @@ class SparseHeadConfig:
         """Whether the auxiliary cluster loss is on."""
         return self.aux_clusters != 0 and self.aux_alpha0 > 0.0
 
-    @property
-    def needs_label_features(self) -> bool:
-        """Training needs PIFA label features (``HeadContext.label_features``): the auxiliary loss is on."""
-        return self.aux_enabled
-
-    @property
-    def wants_label_features(self) -> bool:
-        """Label features help: the auxiliary clusters, or grouping similar labels when ``group > 1``."""
-        return self.aux_enabled or self.group > 1
-
 
 def _label_clusters(config: SparseHeadConfig, context: HeadContext) -> Tensor | None:
     """``(C,)`` cluster id per label from the PIFA label features; None when the auxiliary loss is off or
@@ -160,13 +169,16 @@ class SparseHead(Head):
     torch.Size([3, 5])
     """
 
-    def __init__(self, config: SparseHeadConfig, context: HeadContext) -> None:
-        super().__init__()
+    def __init__(
+        self, config: SparseHeadConfig, context: HeadContext, shard: ClassShard | None = None
+    ) -> None:
+        super().__init__(context, shard)
         if config.dense_frequent >= context.num_classes:
             raise ConfigError(
                 f"head.dense_frequent: expected < C = {context.num_classes}, got {config.dense_frequent}"
             )
-        self.config, self.context = config, context
+        self.config = config
+        self.row_group = config.group
         loss = config.loss if config.loss != "auto" else ("bce" if context.multilabel else "softmax")
         self.loss_kind = "hinge" if loss == "squared_hinge" else loss  # the op's name for it
         self.hidden_dim = config.intermediate or context.in_features
@@ -183,7 +195,12 @@ class SparseHead(Head):
         self.register_buffer("label_position", torch.argsort(order))  # original label -> position
         self.num_dense = config.dense_frequent
         self.dense = nn.Linear(self.hidden_dim, self.num_dense) if self.num_dense else None
-        self._build_sparse(context.num_classes - self.num_dense)
+        self.rank, self.world_size = (0, 1) if shard is None else world_of(shard.group)
+        self.num_tail = context.num_classes - self.num_dense  # sparse tail positions over all ranks
+        groups = -(-self.num_tail // config.group)
+        first, last = shard_range(groups, self.rank, self.world_size)  # this rank's index rows
+        self.tail_start, self.tail_stop = first * config.group, min(last * config.group, self.num_tail)
+        self._build_sparse(groups, (first, last))
         self.aux: nn.Linear | None = None
         if clusters is not None:
             self._build_aux(clusters.long(), int(clusters.max()) + 1)
@@ -194,13 +211,25 @@ class SparseHead(Head):
         self.register_buffer("dst_rewirings", torch.zeros((), dtype=torch.int64))
         self.register_buffer("dst_last_fraction", torch.zeros((), dtype=torch.float64))
         self.register_buffer("dst_rng_state", torch.zeros(0, dtype=torch.uint8))
+        self._dst_seed = config.dst.seed + 7919 * self.rank  # the rank's own regrowth
         self._epoch = 0.0  # host copy of the epoch buffer: the auxiliary weight needs no device sync
         self._optimizer: torch.optim.Optimizer | None = None
         self._total_steps: int | None = None
         self._rewired: Tensor | None = None  # (C_sparse, K) connections of the last rewiring, until taken
         self._track_rewired = False  # kept only once someone takes them (a C x K mask)
+        if self.world_size > 1:
+            self._replicate_over_ranks()
 
-    def _build_sparse(self, classes: int) -> None:
+    @classmethod
+    def label_features(cls, config: SparseHeadConfig) -> LabelFeatures:
+        """Required by the auxiliary loss (it clusters labels by them); wanted to group similar labels."""
+        if config.aux_enabled:
+            return LabelFeatures.REQUIRED
+        return LabelFeatures.WANTED if config.group > 1 else LabelFeatures.UNUSED
+
+    def _build_sparse(self, groups: int, keep: tuple[int, int]) -> None:
+        """Index rows ``keep = [first, last)`` of ``groups`` and their labels' weights, from the draws of the
+        whole tail (one seeded generator: every world size starts from the same head)."""
         config, fan_in = self.config, self.config.fan_in
         if fan_in > self.hidden_dim:
             raise ConfigError(
@@ -208,23 +237,65 @@ class SparseHead(Head):
             )
         generator = torch.Generator().manual_seed(config.dst.seed)
         index_dtype = torch.int32 if config.index_dtype == "int32" else torch.int64
-        groups = -(-classes // config.group)
-        index = random_fanin_index(groups, self.hidden_dim, fan_in, generator=generator, dtype=index_dtype)
-        self.register_buffer("index", index)  # (ceil(C_sparse / G), K)
+        index = random_fanin_index(
+            groups, self.hidden_dim, fan_in, generator=generator, dtype=index_dtype, keep=keep
+        )
+        self.register_buffer("index", index)  # (groups_r, K)
         bound = 1.0 / math.sqrt(fan_in)
         # drawn on the generator's device (CPU) whatever the default device, so every device starts alike
-        weight = torch.empty(classes, fan_in, device=generator.device).uniform_(
-            -bound, bound, generator=generator
-        )
-        self.weight = nn.Parameter(weight)  # (C_sparse, K)
-        self.bias = nn.Parameter(torch.zeros(classes)) if config.bias else None
+        weight = torch.empty(self.tail_stop - self.tail_start, fan_in, device=generator.device)  # (C_r, K)
+        for start in range(0, self.num_tail, _WEIGHT_CHUNK):
+            stop = min(start + _WEIGHT_CHUNK, self.num_tail)
+            chunk = torch.empty(stop - start, fan_in, device=generator.device).uniform_(
+                -bound, bound, generator=generator
+            )
+            lo, hi = max(start, self.tail_start), min(stop, self.tail_stop)
+            if lo < hi:
+                weight[lo - self.tail_start : hi - self.tail_start] = chunk[lo - start : hi - start]
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0])) if config.bias else None
+
+    def _replicated_modules(self) -> list[nn.Module]:
+        return [module for module in (self.intermediate, self.dense, self.aux) if module is not None]
+
+    def _replicate_over_ranks(self) -> None:
+        """Start the replicated parts from rank 0's values; sum their gradients over ranks as they land."""
+        import torch.distributed as dist
+
+        group = self.shard.group
+        source = dist.get_global_rank(group, 0) if group is not None else 0
+        for module in self._replicated_modules():
+            for param in module.parameters():
+                with torch.no_grad():
+                    dist.broadcast(param, source, group=group)
+                param.register_post_accumulate_grad_hook(self._sum_over_ranks)
+
+    def _sum_over_ranks(self, param: Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(param.grad, group=self.shard.group)
+
+    def row_range(self) -> tuple[int, int, int]:
+        """This rank's positions ``[start, stop)`` of the sparse tail (labels in ``label_order`` after the
+        ``dense_frequent`` ones), of ``num_tail``."""
+        return self.tail_start, self.tail_stop, self.num_tail
+
+    def state_layout(self) -> dict[str, StateKind]:
+        """Tail rows (weights, biases), index rows by label group, and the rank's rewiring RNG."""
+        return {
+            "weight": "rows",
+            "bias": "rows",
+            "index": "groups",
+            "dst_rng_state": "rank",
+            "dst_last_fraction": "rank",
+        }
 
     def _build_aux(self, clusters: Tensor, num_clusters: int) -> None:
         """The auxiliary classifier over ``num_clusters`` clusters; ``clusters (C,)``: each label's."""
         self.register_buffer("label_cluster", clusters)
         self.aux = nn.Linear(self.hidden_dim, num_clusters, device=clusters.device)
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None) -> None:
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int) -> None:
         """Give rewiring the optimizer (to reset the state of new connections) and the run's length."""
         self._optimizer = optimizer
         self._total_steps = total_steps
@@ -237,10 +308,7 @@ class SparseHead(Head):
         return self.config.aux_alpha0 * 0.5 * (1.0 + math.cos(math.pi * epoch / cutoff))
 
     def _hidden(self, features: Tensor) -> Tensor:
-        if features.dim() != 2 or features.shape[1] != self.context.in_features:
-            raise ValueError(
-                f"features: expected (B, {self.context.in_features}), got {tuple(features.shape)}"
-            )
+        self._check_features(features)
         return self.intermediate(features)
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
@@ -251,6 +319,8 @@ class SparseHead(Head):
                 "(HeadContext.label_features) to cluster labels, and none were given; pass them (the "
                 "trainer's data.label_feature_dim) or set head.aux_clusters=0"
             )
+        if self.shard is not None:
+            return self._sharded_loss(features, targets)
         hidden = self._hidden(features)  # (B, H)
         ragged = as_ragged(targets)
         if ragged.batch_size != hidden.shape[0]:
@@ -281,6 +351,44 @@ class SparseHead(Head):
             return loss
         return (1.0 - alpha) * loss + alpha * self._aux_loss(hidden, ragged)
 
+    def _sharded_loss(self, features: Tensor, targets: Targets) -> Tensor:
+        """The whole head's loss on the global batch, held by every rank (see the module docstring)."""
+        assert self.shard is not None
+        group, share = self.shard.group, 1.0 / self.world_size
+        x, gathered = self.gather_batch(features, targets)  # (N * B, D)
+        hidden = self._hidden(x)  # (N * B, H)
+        every = as_ragged(gathered).to(x.device)
+        samples, position = every.sample_ids(), self.label_position[every.indices.long()]  # (L,) each
+        rows = fixed_fanin_rows(
+            hidden, self.weight, self.index, self.bias, group=self.config.group, loss=self.loss_kind,
+            impl=self.config.impl,
+        )  # fmt: skip
+        if self.loss_kind == "softmax":
+            rows = all_reduce_logsumexp(rows, group=group)  # (N * B,) over every rank's tail
+        else:
+            rows = all_reduce_replicated(rows, group=group)
+        tail = position - self.num_dense
+        owned = ((tail >= self.tail_start) & (tail < self.tail_stop)).nonzero().squeeze(1)  # (L_r,)
+        mine = positive_logits(
+            hidden, self.weight, self.index, self.bias, samples[owned], tail[owned] - self.tail_start,
+            group=self.config.group,
+        )  # fmt: skip
+        positive = torch.zeros(position.shape[0], dtype=torch.float32, device=x.device).index_put(
+            (owned,), mine
+        )
+        positive = all_reduce_replicated(positive, group=group)  # (L,) every tail positive
+        if self.dense is not None:
+            dense_logits = scale_grad(self.dense(hidden).float(), share)  # (N * B, F), replicated
+            dense_rows = reference_row_values(dense_logits, self.loss_kind)
+            rows = torch.logaddexp(rows, dense_rows) if self.loss_kind == "softmax" else rows + dense_rows
+            frequent = (position < self.num_dense).nonzero().squeeze(1)
+            positive = positive.index_put((frequent,), dense_logits[samples[frequent], position[frequent]])
+        loss = combine_loss(rows, positive, every, self.loss_kind)
+        alpha = self.aux_alpha()
+        if alpha == 0.0:
+            return loss
+        return (1.0 - alpha) * loss + alpha * scale_grad(self._aux_loss(hidden, every), share)
+
     def _aux_loss(self, hidden: Tensor, targets: RaggedLabels) -> Tensor:
         """BCE of the cluster classifier against the clusters of each sample's labels (summed, batch mean)."""
         assert self.aux is not None
@@ -291,16 +399,21 @@ class SparseHead(Head):
 
     @torch.no_grad()
     def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` ``(scores, ids)`` over all labels, scored in chunks; ids are the original label ids."""
-        if not 1 <= k <= self.context.num_classes:
-            raise ValueError(f"k: expected 1 <= k <= C = {self.context.num_classes}, got {k}")
+        """Top-``k`` ``(scores, ids)`` over all labels, scored in chunks; ids are the original label ids;
+        sharded: over every rank's labels, the same on every rank."""
+        self._check_k(k)
         hidden = self._hidden(features)
         sparse_k = min(k, self.weight.shape[0])
         scores, ids = fixed_fanin_topk(
             hidden, self.weight, self.index, sparse_k, self.bias,
             group=self.config.group, chunk_size=self.config.topk_chunk, impl=self.config.impl,
         )  # fmt: skip
-        ids = ids + self.num_dense
+        ids = ids + self.num_dense + self.tail_start  # (B, k_r) positions
+        if self.shard is not None:
+            if self.dense is not None and self.rank == 0:  # the replicated frequent labels, counted once
+                top = self.dense(hidden).float().topk(min(k, self.num_dense), dim=1)
+                scores, ids = torch.cat([scores, top.values], 1), torch.cat([ids, top.indices], 1)
+            return merge_topk(scores, self.label_order[ids], k, group=self.shard.group)
         if self.dense is not None:
             dense_scores = self.dense(hidden).float()  # (B, F)
             top = dense_scores.topk(min(k, self.num_dense), dim=1)
@@ -324,7 +437,7 @@ class SparseHead(Head):
         if state.numel() == generator.get_state().numel():
             generator.set_state(state)
         else:  # first rewiring, or a state saved on another device type
-            generator.manual_seed(self.config.dst.seed + 1 + int(self.dst_rewirings))
+            generator.manual_seed(self._dst_seed + 1 + int(self.dst_rewirings))
         return generator
 
     @torch.no_grad()

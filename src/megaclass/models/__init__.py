@@ -11,18 +11,20 @@ from typing import Any
 
 from torch import nn
 
+from megaclass.models.iresnet import IResNet, IResNetConfig
+from megaclass.models.mlp import MLPConfig, MLPEncoder
+from megaclass.models.mobilefacenet import MobileFaceNet, MobileFaceNetConfig
+from megaclass.models.text import TransformerConfig, TransformerEncoder
 from megaclass.schema import ConfigError, from_dict
 
-__all__ = ["build_model", "model_config", "model_types"]
+__all__ = ["ModelConfig", "build_model", "model_config", "model_types"]
+
+ModelConfig = MLPConfig | IResNetConfig | MobileFaceNetConfig | TransformerConfig
+"""Any registered encoder config."""
 
 
 def model_types() -> dict[str, tuple[type, type[nn.Module]]]:
     """Registered encoder names and their ``(ConfigClass, EncoderClass)``."""
-    from megaclass.models.iresnet import IResNet, IResNetConfig
-    from megaclass.models.mlp import MLPConfig, MLPEncoder
-    from megaclass.models.mobilefacenet import MobileFaceNet, MobileFaceNetConfig
-    from megaclass.models.text import TransformerConfig, TransformerEncoder
-
     return {
         "mlp": (MLPConfig, MLPEncoder),
         "iresnet18": (IResNetConfig, IResNet),
@@ -34,7 +36,7 @@ def model_types() -> dict[str, tuple[type, type[nn.Module]]]:
     }
 
 
-def model_config(data: dict[str, Any] | None) -> Any:
+def model_config(data: dict[str, Any] | None) -> ModelConfig:
     """Parse ``{type: name, **options}`` into that encoder's frozen config dataclass (``mlp`` by default).
 
     >>> model_config({"type": "mlp", "hidden": [256]}).hidden
@@ -47,9 +49,6 @@ def model_config(data: dict[str, Any] | None) -> Any:
     return from_dict(types[data["type"]][0], data, where="model")
 
 
-def build_model(config: Any, input_spec: Any) -> nn.Module:
+def build_model(config: ModelConfig, input_spec: Any) -> nn.Module:
     """Build the encoder that ``config`` (a registered model config) describes for data of ``input_spec``."""
-    for config_class, model_class in model_types().values():
-        if isinstance(config, config_class):
-            return model_class(config, input_spec)
-    raise ConfigError(f"not a registered model config: {config!r}")
+    return model_types()[config.type][1](config, input_spec)

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from megaclass.heads import HeadConfig, head_config
+from megaclass.models import ModelConfig, model_config
 from megaclass.schema import ConfigError, from_dict, parse_override, set_path, to_dict
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "config_to_dict",
     "from_preset",
     "load_config",
+    "load_config_file",
     "lr_at",
 ]
 
@@ -199,25 +202,13 @@ class DistributedConfig:
             raise ConfigError(f"distributed.timeout_s: expected > 0, got {self.timeout_s}")
 
 
-def _default_model() -> Any:
-    from megaclass.models import model_config
-
-    return model_config({})
-
-
-def _default_head() -> Any:
-    from megaclass.heads import head_config
-
-    return head_config({})
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run: data, encoder, head, optimizer, loop and evaluation."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = field(default_factory=_default_model)  # a registered encoder config ({type: mlp, ...})
-    head: Any = field(default_factory=_default_head)  # a registered head config ({type: dense, ...})
+    model: ModelConfig = field(default_factory=lambda: model_config({}))  # {type: mlp, ...}
+    head: HeadConfig = field(default_factory=lambda: head_config({}))  # {type: dense, ...}
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -225,10 +216,8 @@ class RunConfig:
 
 
 def config_from_dict(data: dict[str, Any] | None) -> RunConfig:
-    """Parse a plain mapping (YAML) into a :class:`RunConfig`; missing keys take their defaults."""
-    from megaclass.heads import head_config
-    from megaclass.models import model_config
-
+    """Parse a plain mapping (YAML) into a :class:`RunConfig`; missing keys take their defaults. The model
+    and head sections are parsed by their registries (a name may set its own defaults: ``partial_fc``)."""
     data = dict(data or {})
     model_section = data.pop("model", None)
     head_section = data.pop("head", None)
@@ -323,3 +312,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
             _merge(current, value)
         else:
             base[key] = value
+
+
+def load_config_file(path: str | os.PathLike) -> RunConfig:
+    """The :class:`RunConfig` saved as YAML at ``path`` (a run's ``config.yaml``)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        return config_from_dict(yaml.safe_load(file))

@@ -22,8 +22,9 @@ from megaclass.data.loaders import InputSpec, SparseDataset, open_dataset
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
 from megaclass.train import checkpoint
-from megaclass.train.config import RunConfig
-from megaclass.train.loop import evaluate_model, load_config_file, predict_batches, resolve_device
+from megaclass.train.build import resolve_device
+from megaclass.train.config import RunConfig, load_config_file
+from megaclass.train.evaluate import evaluate_model, predict_batches
 
 __all__ = ["LoadedRun", "evaluate_run", "load_run", "predict_run"]
 

@@ -31,22 +31,17 @@ from torch import Tensor, nn
 
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset
 from megaclass.distributed.info import DistInfo, init_distributed
-from megaclass.distributed.parallel import data_parallel, shards_head
+from megaclass.distributed.parallel import data_parallel
 from megaclass.errors import TrainingDiverged
-from megaclass.heads import HeadContext, build_head
-from megaclass.models import build_model
 from megaclass.schema import ConfigError
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
-from megaclass.train.config import (
-    OptimGroupConfig,
-    RunConfig,
-    config_from_dict,
-    config_to_dict,
-    featurizer_config,
-    lr_at,
-)
+from megaclass.train.build import build_modules, build_optimizer, resolve_device, seed_everything
+from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
+from megaclass.train.evaluate import evaluate_model
+from megaclass.train.extract import VerificationEvaluator
 from megaclass.train.low_precision import head_input
+from megaclass.train.memory import format_head_memory, head_memory
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
 from megaclass.train.report import epoch_history, write_report
 
@@ -76,46 +71,6 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # sum of the losses of this epoch's steps so far
     train_seconds: float = 0.0  # time spent in training steps, across resumptions
     eval_seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
-    return device
-
-
-def build_optimizer(
-    module: nn.Module, group: OptimGroupConfig, *, low_precision: bool = False, seed: int = 0
-) -> torch.optim.Optimizer | None:
-    """The optimizer of ``module``'s trainable parameters; weight decay on matrices only. None if none.
-
-    ``low_precision``: bf16 parameters keep bf16 optimizer state, updated with stochastic rounding seeded by
-    ``seed`` (:mod:`megaclass.train.low_precision`).
-    """
-    params = [param for param in module.parameters() if param.requires_grad]
-    if not params:
-        return None
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": group.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if low_precision:
-        from megaclass.train.low_precision import BF16SGD, BF16AdamW
-
-        if group.name == "sgd":
-            return BF16SGD(groups, lr=group.lr, momentum=group.momentum, seed=seed)
-        return BF16AdamW(groups, lr=group.lr, betas=group.betas, seed=seed)  # adam too: decoupled decay
-    if group.name == "sgd":
-        return torch.optim.SGD(groups, lr=group.lr, momentum=group.momentum)
-    optimizer_class = torch.optim.AdamW if group.name == "adamw" else torch.optim.Adam
-    # The fused kernels update every tensor in one pass: ~4x faster than foreach on CPU, same results.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return optimizer_class(groups, lr=group.lr, betas=group.betas, fused=fused or None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -169,6 +124,7 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.dist = DistInfo.from_env()  # rank facts, read once
         self.history: list[dict[str, Any]] = []
+        self._verifier: VerificationEvaluator | None = None  # built at the first verification
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -218,16 +174,14 @@ class Trainer:
         decay = self.config.train.ema_decay
         if not decay:
             return None
-        if self.parallel.sharded_head or (
+        if self.head.sharded or (
             self.dist.distributed and self.config.distributed.encoder == "fsdp2"
         ):
             raise ConfigError(
                 "train.ema_decay: weight averaging needs whole (not sharded) encoder and head parameters; "
                 "set train.ema_decay=0 with distributed.shard_head or distributed.encoder=fsdp2"
             )
-        take_rewired = getattr(self.head, "take_rewired", None)
-        if take_rewired is not None:
-            take_rewired()  # a rewiring head starts tracking the connections it rewires
+        self.head.take_rewired()  # a rewiring head starts tracking the connections it rewires
         return WeightAverage({"encoder": self.encoder, "head": self.head}, decay=decay)
 
     def _averaged(self) -> contextlib.AbstractContextManager:
@@ -235,11 +189,10 @@ class Trainer:
         return self.average.swapped() if self.average is not None else contextlib.nullcontext()
 
     def _bind_head_optimizer(self) -> None:
-        """Give a head that rewires (``bind_optimizer``: the sparse head, sharded or not) its optimizer and
-        the run's length, so rewiring resets the state of new connections and anneals to the stop step."""
-        bind = getattr(self.head, "bind_optimizer", None)
-        if bind is not None and self.optimizers["head"] is not None:
-            bind(self.optimizers["head"], total_steps=self.total_steps)
+        """Give the head its optimizer and the run's length (a rewiring head resets the state of new
+        connections and anneals to the last step)."""
+        if self.optimizers["head"] is not None:
+            self.head.bind_optimizer(self.optimizers["head"], total_steps=self.total_steps)
 
     def _open_data(self) -> tuple[SparseDataset, SparseDataset]:
         from megaclass.models.text import token_source
@@ -370,8 +323,7 @@ class Trainer:
         fraction = self.state.epoch + self.state.step_in_epoch / self.loader.steps_per_epoch()
         self.head.after_step(self.state.global_step, fraction, lr=lrs["head"])
         if self.average is not None:
-            take_rewired = getattr(self.head, "take_rewired", None)  # connections rewired by this step
-            for name, mask in (take_rewired() if take_rewired is not None else {}).items():
+            for name, mask in self.head.take_rewired().items():  # connections rewired by this step
                 self.average.restart(f"head.{name}", mask)
             self.average.update(step=self.state.global_step)
         return loss.detach()
@@ -517,9 +469,7 @@ class Trainer:
 
     def _verification(self) -> dict[str, float]:
         """Face verification on the ``eval.verification`` ``.bin`` sets (loaded and decoded on first use)."""
-        from megaclass.train.extract import VerificationEvaluator
-
-        if getattr(self, "_verifier", None) is None:
+        if self._verifier is None:
             self._verifier = VerificationEvaluator(
                 self.config.eval.verification, batch_size=self.config.eval.batch_size
             )
@@ -531,22 +481,20 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- checkpoint
 
     def _model_state(self) -> dict[str, Any]:
-        if not self.parallel.sharded_head:
+        if not self.head.sharded:
             return {"encoder": self.encoder.state_dict(), "head": self.head.state_dict()}
         from megaclass.distributed.checkpoint import export_head_state
         from megaclass.distributed.parallel import encoder_state
-        from megaclass.distributed.sharded import export_prefix
 
         latest = checkpoint.latest_checkpoint(self._checkpoint_dir())  # the final checkpoint, just written
         encoder_weights, _ = encoder_state(self.parallel, None)
         if not self.dist.is_main:
             return {}
-        prefix = export_prefix(self.config.head.type)
-        return {"encoder": encoder_weights, "head": export_head_state(latest, prefix=prefix)}
+        return {"encoder": encoder_weights, "head": export_head_state(latest)}
 
     def save_checkpoint(self) -> str:
         """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
-        if self.parallel.sharded_head:
+        if self.head.sharded:
             return self._save_distributed_checkpoint()
         state = {
             **self._model_state(),
@@ -623,7 +571,7 @@ class Trainer:
         return common
 
     def _restore(self, path: str) -> None:
-        if self.parallel.sharded_head:
+        if self.head.sharded:
             state = self._restore_distributed(path)
         else:
             state = checkpoint.load_checkpoint(path)
@@ -666,188 +614,6 @@ def _truncate_log(path: str, step: int) -> None:
         file.writelines(json.dumps(record) + "\n" for record in kept)
 
 
-def head_memory(
-    head: nn.Module, optimizer: torch.optim.Optimizer | None, *, num_classes: int, in_features: int
-) -> dict[str, int]:
-    """Bytes the head holds (this rank's part when sharded) beside what a dense head would need.
-
-    ``head_weights_bytes`` and ``head_structure_bytes`` (indices, topology, label maps) come from
-    ``head.state_bytes()``; gradients are one per trainable weight; the optimizer state is measured.
-    ``dense_head_total_bytes`` is an fp32 ``C x (D + 1)`` layer (weights and biases) with its gradients and
-    AdamW's two moments: four times ``C (D + 1) 4`` bytes.
-    """
-    held = head.state_bytes()
-    params = [param for param in head.parameters() if param.requires_grad]
-    grads = sum(param.numel() * param.element_size() for param in params)
-    state = optimizer.state if optimizer is not None else {}
-    optimizer_bytes = sum(
-        value.numel() * value.element_size()
-        for param in params
-        for value in state.get(param, {}).values()
-        if isinstance(value, Tensor)
-    )
-    total = held["weights"] + held["structure"] + grads + optimizer_bytes
-    dense = 4 * num_classes * (in_features + 1) * 4
-    return {
-        "head_weights_bytes": held["weights"],
-        "head_structure_bytes": held["structure"],
-        "head_grad_bytes": grads,
-        "head_optimizer_bytes": optimizer_bytes,
-        "head_total_bytes": total,
-        "dense_head_total_bytes": dense,
-    }
-
-
-def format_head_memory(memory: dict[str, int], *, sparsity: float | None = None) -> str:
-    """One line: the head's total (weights, structure, gradients, optimizer state) beside the dense head's."""
-    mib = 1 << 20
-    parts = ", ".join(
-        f"{part} {memory[f'head_{key}_bytes'] / mib:.2f}"
-        for part, key in (("weights", "weights"), ("structure", "structure"), ("gradients", "grad"))
-    )
-    line = (
-        f"head + optimizer state {memory['head_total_bytes'] / mib:.2f} MiB ({parts}, "
-        f"optimizer {memory['head_optimizer_bytes'] / mib:.2f}); "
-        f"a dense head would need {memory['dense_head_total_bytes'] / mib:.2f} MiB"
-    )
-    return line if sparsity is None else f"head sparsity {100 * sparsity:.1f}%, {line}"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), NumPy and Python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def _pifa_label_features(config: RunConfig, data: SparseDataset) -> np.ndarray | None:
-    """PIFA label vectors when ``data.label_feature_dim`` asks (``auto``: when the head uses them), else None.
-
-    Raises:
-        ConfigError: the head needs them (its auxiliary loss is on) and none can be made.
-    """
-    head = config.head
-    wanted = bool(getattr(head, "wants_label_features", False))  # clusters or orders labels by them
-    required = bool(getattr(head, "needs_label_features", False))  # cannot train without them
-    width = config.data.label_feature_width(wanted=wanted)
-    can_make = hasattr(data, "label_features")
-    if required and not (width > 0 and can_make):
-        why = "data.label_feature_dim is 0" if can_make else f"{data.path} gives no label features"
-        raise ConfigError(
-            f"head.aux_clusters={getattr(head, 'aux_clusters', None)!r}: the auxiliary loss clusters labels "
-            f"by their PIFA features, but {why}; set data.label_feature_dim (e.g. auto) or "
-            "head.aux_clusters=0"
-        )
-    if width == 0 or not can_make:
-        return None
-    return data.label_features(dim=width, seed=config.train.seed)
-
-
-def build_modules(
-    config: RunConfig, data: SparseDataset, *, device: torch.device, dist: DistInfo | None = None
-) -> tuple[nn.Module, nn.Module]:
-    """The encoder and head of ``config`` for ``data``, on ``device``; the head split by class over the ranks
-    of ``dist`` where ``distributed.shard_head`` asks for it (:mod:`megaclass.distributed.sharded`)."""
-    from megaclass.models.text import init_head_rows, label_name_features
-
-    encoder = build_model(config.model, data.input_spec)
-    names = label_name_features(config.model, encoder, data.path, num_classes=data.num_classes, device=device)
-    label_features = None
-    if names is not None and config.model.label_features == "names":
-        label_features = names
-    else:
-        label_features = _pifa_label_features(config, data)
-    context = HeadContext(
-        in_features=encoder.out_features,
-        num_classes=data.num_classes,
-        multilabel=data.multilabel,
-        label_counts=data.label_counts(),
-        label_features=label_features,
-    )
-    if shards_head(config, dist or DistInfo()):
-        from megaclass.distributed.sharded import build_sharded_head
-
-        head = build_sharded_head(config.head, context, seed=config.train.seed)
-    else:
-        head = build_head(config.head, context)
-    if names is not None and config.model.init_head == "label_names":
-        init_head_rows(head, names[head.start : head.stop] if hasattr(head, "state_layout") else names)
-    if config.optim.head_state == "bf16_sr":
-        from megaclass.train.low_precision import to_bf16_state
-
-        to_bf16_state(head)
-    return encoder.to(device), head.to(device)
-
-
-@torch.no_grad()
-def evaluate_model(
-    encoder: nn.Module,
-    head: nn.Module,
-    dataset: SparseDataset,
-    *,
-    config: RunConfig,
-    label_counts: np.ndarray,
-    num_train_samples: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """Ranking metrics of ``encoder`` + ``head`` on ``dataset``; propensities from the training labels."""
-    from megaclass.metrics.ranking import RankingMetrics, propensity
-
-    propensities = propensity(
-        label_counts, num_train_samples, a=config.eval.propensity_a, b=config.eval.propensity_b
-    )
-    metrics = RankingMetrics(dataset.num_classes, ks=config.eval.ks, propensities=propensities)
-    k = max(config.eval.ks)
-    label_filter = None
-    if config.eval.filter_labels:  # XMC repository filter pairs leave predictions and targets alike
-        from megaclass.metrics.filtering import read_filter_labels
-
-        label_filter = read_filter_labels(config.eval.filter_labels, num_classes=dataset.num_classes)
-    spare = label_filter.max_per_doc if label_filter is not None else 0
-    first_row = 0
-    for _, ids, batch in predict_batches(encoder, head, dataset, k=k + spare, config=config, device=device):
-        targets = batch.targets
-        if label_filter is not None:
-            ids, targets = label_filter.apply(ids, targets, first_row=first_row, k=k)
-        metrics.update(ids, targets)
-        first_row += ids.shape[0]
-    return {name: float(value) for name, value in metrics.compute().items()}
-
-
-@torch.no_grad()
-def predict_batches(
-    encoder: nn.Module,
-    head: nn.Module,
-    dataset: SparseDataset,
-    *,
-    k: int,
-    config: RunConfig,
-    device: torch.device,
-) -> Iterator[tuple[Tensor, Tensor, Any]]:
-    """``(scores (B, k), ids (B, k), batch)`` on the CPU, in file order; ids past ``C``: -1, scores -inf."""
-    encoder.eval()
-    head.eval()
-    loader = BatchLoader(dataset, batch_size=config.eval.batch_size, shuffle=False)
-    top = min(k, dataset.num_classes)
-    enabled = config.train.bf16 and device.type == "cuda"
-    try:
-        for batch in loader.epoch(0):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
-                features = encoder(batch.inputs.to(device))  # (B, D)
-                scores, ids = head.topk(head_input(features, head), top)  # (B, k)
-            scores, ids = scores.float().cpu(), ids.cpu()
-            if top < k:
-                pad = k - top
-                scores = torch.cat(
-                    [scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1
-                )  # (B, k)
-                ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)  # (B, k)
-            yield scores, ids, batch
-    finally:
-        encoder.train()
-        head.train()
-
-
 def train(
     config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False
 ) -> dict[str, Any]:
@@ -882,9 +648,3 @@ def train(
         shutdown_distributed(synchronize=finished)
 
 
-def load_config_file(path: str) -> RunConfig:
-    """The :class:`RunConfig` saved as YAML at ``path`` (a run's ``config.yaml``)."""
-    import yaml
-
-    with open(path, encoding="utf-8") as file:
-        return config_from_dict(yaml.safe_load(file))

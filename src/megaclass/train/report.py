@@ -87,7 +87,7 @@ def write_report(
     """Write ``out_dir/report.md`` and ``out_dir/report.png``; returns the report's path.
 
     ``head_memory``: the ``head_*_bytes`` and ``dense_head_total_bytes`` of
-    :func:`megaclass.train.loop.head_memory`, shown as a table of MiB beside the dense head's need.
+    :func:`megaclass.train.memory.head_memory`, shown as a table of MiB beside the dense head's need.
     """
     note = _plot(os.path.join(out_dir, "report.png"), history, ks)
     final = [{"metric": name, "value": value} for name, value in metrics.items()]

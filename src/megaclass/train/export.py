@@ -14,7 +14,6 @@ from typing import Any
 from torch import Tensor
 
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint, write_export
-from megaclass.distributed.sharded import export_prefix
 from megaclass.train import checkpoint
 
 __all__ = ["export_run", "read_export"]
@@ -33,8 +32,7 @@ def _run_weights(run_dir: str) -> dict[str, Any]:
         state = checkpoint.read_state(latest)
         return {"encoder": state["encoder"], "head": state["head"]}
     common = checkpoint.read_state(os.path.join(latest, "common"))
-    prefix = export_prefix(common["config"].get("head", {}).get("type", "dense"))
-    return {"encoder": common["encoder"], "head": export_head_state(latest, prefix=prefix)}
+    return {"encoder": common["encoder"], "head": export_head_state(latest)}
 
 
 def export_run(run_dir: str, out_path: str) -> str:

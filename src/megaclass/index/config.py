@@ -1,0 +1,97 @@
+"""Index configs, one frozen dataclass per registered selector, told apart by ``type``.
+
+    head: {type: selected, index: {type: gpu, leaf_size: 32, probes: 16}}   # or index: annoy, exact, none
+
+:func:`build_index` builds the selector a config names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from megaclass.index.base import ClassSelector, Metric
+from megaclass.index.kmeans import DEFAULT_LEAF_SIZE, DEFAULT_PROBES
+from megaclass.schema import ConfigError
+
+__all__ = [
+    "AnnoyIndexConfig",
+    "ClusterIndexConfig",
+    "ExactIndexConfig",
+    "IndexConfig",
+    "NoIndexConfig",
+    "build_index",
+]
+
+
+@dataclass(frozen=True)
+class ClusterIndexConfig:
+    """Balanced clusters of the rows searched by their centroids, on the compute device (rebuilds in ms)."""
+
+    type: Literal["gpu"] = "gpu"
+    leaf_size: int = DEFAULT_LEAF_SIZE  # most rows per cluster
+    probes: int = DEFAULT_PROBES  # clusters searched per query
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # row snapshot; auto: bf16 on CUDA
+
+    def __post_init__(self) -> None:
+        if self.leaf_size < 1 or self.probes < 1:
+            raise ConfigError(
+                f"head.index.leaf_size and head.index.probes must be >= 1, got {self.leaf_size}, {self.probes}"
+            )
+
+
+@dataclass(frozen=True)
+class AnnoyIndexConfig:
+    """The original's hashing forest (Annoy, angular), built on the host in a background thread."""
+
+    type: Literal["annoy"] = "annoy"
+    ntrees: int = 50  # trees in the forest
+    search_k: int = -1  # nodes inspected per query (-1: n * ntrees)
+
+    def __post_init__(self) -> None:
+        if self.ntrees < 1:
+            raise ConfigError(f"head.index.ntrees must be >= 1, got {self.ntrees}")
+
+
+@dataclass(frozen=True)
+class ExactIndexConfig:
+    """An exact scan of every row (the recall reference; O(C) per query)."""
+
+    type: Literal["exact"] = "exact"
+
+
+@dataclass(frozen=True)
+class NoIndexConfig:
+    """No index: random classes only (Partial FC's rule)."""
+
+    type: Literal["none"] = "none"
+
+
+IndexConfig = ClusterIndexConfig | AnnoyIndexConfig | ExactIndexConfig | NoIndexConfig
+"""Any registered index config; a scalar names the type with its defaults (``index: exact``)."""
+
+
+def build_index(
+    config: IndexConfig, *, metric: Metric | str, device: torch.device, seed: int, chunk_size: int
+) -> ClassSelector | None:
+    """The selector ``config`` describes over rows compared by ``metric``; None for :class:`NoIndexConfig`."""
+    from megaclass.index import build_selector
+
+    if isinstance(config, NoIndexConfig):
+        return None
+    if isinstance(config, AnnoyIndexConfig):
+        return build_selector("annoy", ntrees=config.ntrees, search_k=config.search_k, seed=seed)
+    if isinstance(config, ExactIndexConfig):
+        return build_selector("exact", metric=metric, chunk_size=chunk_size)
+    row_dtype = None if config.dtype == "auto" else config.dtype
+    return build_selector(
+        "gpu",
+        metric=metric,
+        leaf_size=config.leaf_size,
+        probes=config.probes,
+        row_dtype=row_dtype,
+        device=device,
+        seed=seed,
+    )
