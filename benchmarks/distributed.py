@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaclass.distributed.collectives import all_reduce_max
 from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
 from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
 from megaclass.heads.base import HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
 from megaclass.heads.selected import SelectedHeadConfig
+from megaclass.ops.collectives import all_reduce_max
 from megaclass.targets import as_ragged
 
 

@@ -14,10 +14,10 @@ from megaclass.errors import DataFormatError
 from megaclass.heads import build_head, head_config
 from megaclass.heads.base import Head, HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.losses import MarginConfig
 from megaclass.heads.partial_fc import PartialFCConfig, PartialFCHead
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
 from megaclass.heads.sparse import SparseHead, SparseHeadConfig
+from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets
 

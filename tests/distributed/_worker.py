@@ -14,8 +14,8 @@ from megaclass.distributed.info import DistInfo, init_distributed, shutdown_dist
 from megaclass.distributed.sharded import ShardedDenseHead, ShardedSelectedHead
 from megaclass.heads.base import HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.losses import MarginConfig
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.ops.margins import MarginConfig
 from megaclass.targets import RaggedLabels
 
 B, D, C = 5, 7, 23  # per-rank batch, features, classes (odd on purpose)

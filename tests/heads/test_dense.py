@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from megaclass.heads import HeadContext, build_head, head_config
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.losses import MarginConfig, MarginKind, margin_logits
+from megaclass.ops.margins import MarginConfig, MarginKind, margin_logits
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels
 

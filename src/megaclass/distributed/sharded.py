@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 -m megaclass train ... --head dense --set distributed.shard_head=true
 
 Each rank's encoder runs on its own samples (data parallel); the head gathers every rank's features and
-targets (:func:`~megaclass.distributed.collectives.gather_rows`, whose backward hands each rank the gradient
+targets (:func:`~megaclass.ops.collectives.gather_rows`, whose backward hands each rank the gradient
 of its own rows) and scores the whole global batch against its own classes. The loss is the single-process
 head's loss on the global batch, held by every rank:
 
@@ -29,35 +29,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from megaclass.distributed.collectives import (
+from megaclass.heads.base import Head, HeadContext
+from megaclass.heads.dense import DenseHeadConfig
+from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.ops.chunked_topk import chunked_topk
+from megaclass.ops.collectives import (
+    ClassShard,
     all_reduce_logsumexp,
     all_reduce_replicated,
     gather_rows,
     gather_targets,
+    local_targets,
     merge_topk,
     scale_grad,
+    shard_range,
     world_of,
 )
-from megaclass.heads.base import Head, HeadContext
-from megaclass.heads.dense import DenseHeadConfig
-from megaclass.heads.losses import margin_logits
-from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
-from megaclass.ops import Impl
-from megaclass.ops.chunked_topk import chunked_topk
-from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, dense_backend, linear_loss
-from megaclass.ops.linear_cross_entropy.common import (
-    NORM_EPS,
-    DenseBackend,
-    add_positive_grads,
-    check_inputs,
-    positive_grad,
-    positive_logits,
-    prepare_targets,
-    row_coefficients,
-    segment_sum,
-)
+from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss
+from megaclass.ops.margins import margin_logits
 from megaclass.schema import ConfigError
-from megaclass.targets import RaggedLabels, Targets, as_ragged
+from megaclass.targets import Targets, as_ragged
 
 __all__ = [
     "ShardedDenseHead",
@@ -66,10 +57,7 @@ __all__ = [
     "StateKind",
     "build_sharded_head",
     "export_prefix",
-    "local_targets",
-    "shard_range",
     "sharded_head_types",
-    "sharded_linear_loss",
 ]
 
 StateKind = Literal["rows", "groups", "rank"]
@@ -78,33 +66,6 @@ StateKind = Literal["rows", "groups", "rank"]
 ``rank`` (private to the rank: rebuilt when the world size changes). Entries not named are replicated."""
 
 _INIT_BLOCK = 1 << 16  # rows initialised per seeded generator: the same matrix for any world size
-
-
-def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``(start, stop)`` of rank ``rank``'s classes: contiguous, the first ``C mod N`` ranks one class more.
-
-    >>> [shard_range(10, r, 3) for r in range(3)]
-    [(0, 4), (4, 7), (7, 10)]
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
-    if num_classes < world_size:
-        raise ValueError(
-            f"a class-sharded head needs C >= world size, got C={num_classes} on {world_size} ranks"
-        )
-    base, extra = divmod(num_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def local_targets(targets: RaggedLabels, start: int, stop: int) -> RaggedLabels:
-    """The labels in ``[start, stop)`` of each sample, as ids relative to ``start`` (other labels dropped)."""
-    owned = (targets.indices >= start) & (targets.indices < stop)  # (L,)
-    counts = torch.zeros(targets.batch_size, dtype=torch.int64, device=owned.device)
-    counts.index_add_(0, targets.sample_ids(), owned.to(torch.int64))
-    indptr = torch.zeros(targets.batch_size + 1, dtype=torch.int64, device=owned.device)
-    indptr[1:] = torch.cumsum(counts, 0)
-    return RaggedLabels(indptr, targets.indices[owned] - start)
 
 
 def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> None:
@@ -119,143 +80,6 @@ def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> 
         )  # (block, D)
         lo, hi = max(start, first), min(stop, first + _INIT_BLOCK)
         weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.dtype)
-
-
-# --------------------------------------------------------------------------------------- dense, the op
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShardFacts:
-    """Non-tensor arguments of :class:`ShardedLinearLossFunction`."""
-
-    start: int  # the rank's first global class
-    options: LinearLossOptions
-    backend: DenseBackend
-    group: Any
-
-
-def _owned_exclude(targets: RaggedLabels, local: RaggedLabels, options: LinearLossOptions) -> Tensor | None:
-    """``(B,)`` local column of each row's target where this rank owns it, else -1 (cosine margin only)."""
-    if not options.cosine:
-        return None
-    exclude = torch.full((targets.batch_size,), -1, dtype=torch.int64, device=targets.indices.device)
-    return exclude.index_put((local.sample_ids(),), local.indices)
-
-
-class ShardedLinearLossFunction(torch.autograd.Function):
-    """:class:`~megaclass.ops.linear_cross_entropy.LinearLossFunction` over one rank's classes, with the
-    per-row statistics reduced over ranks; the loss is the whole head's, held by every rank.
-
-    Backward needs no communication: the weight rows' gradients are complete on their owner, and the partial
-    feature gradients are summed by the gather's backward.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        indptr: Tensor,
-        indices: Tensor,
-        facts: _ShardFacts,
-    ) -> Tensor:
-        import torch.distributed as dist
-
-        options, start = facts.options, facts.start
-        targets = RaggedLabels(indptr, indices)
-        local = local_targets(targets, start, start + weight.shape[0])
-        coef = row_coefficients(targets, options)  # (B,) from the global label counts
-        z_pos = positive_logits(x, weight, bias, local, options)  # (L_local,)
-        exclude = _owned_exclude(targets, local, options)
-        with torch.autocast(x.device.type, enabled=False):
-            reduced = facts.backend.reduce(x, weight, bias, exclude, options)  # (B,) over this rank's classes
-        if options.loss is LossKind.SOFTMAX:
-            positive_sum = all_reduce_replicated(segment_sum(z_pos, local), group=facts.group)  # (B,)
-            lse = all_reduce_logsumexp(reduced, group=facts.group)  # (B,) over all classes
-            if options.cosine:
-                lse = torch.logaddexp(lse, positive_sum)  # the target's margin logit, from its owner
-                per_row = lse - positive_sum
-            else:
-                per_row = lse - positive_sum / targets.lengths().clamp_min(1).to(torch.float32)
-            per_row = torch.where(coef > 0, per_row, torch.zeros_like(per_row))  # rows without labels: 0
-            loss, stat = (coef * per_row).sum(), lse
-        else:
-            if options.loss is LossKind.BCE:
-                per_row = reduced - segment_sum(z_pos, local)
-            else:
-                correction = torch.relu(1 - z_pos).square() - torch.relu(1 + z_pos).square()
-                per_row = reduced + segment_sum(correction, local)
-            loss, stat = (coef * per_row).sum(), reduced
-            if world_of(facts.group)[1] > 1:
-                dist.all_reduce(loss, group=facts.group)
-        ctx.save_for_backward(
-            x, weight, bias, indptr, indices, local.indptr, local.indices, coef, stat, z_pos
-        )
-        ctx.facts = facts
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, indptr, indices, local_indptr, local_indices, coef, stat, z_pos = ctx.saved_tensors
-        facts: _ShardFacts = ctx.facts
-        options = facts.options
-        targets, local = RaggedLabels(indptr, indices), RaggedLabels(local_indptr, local_indices)
-        coef = coef * grad_loss.float()  # device-side scale: no host sync
-        exclude = _owned_exclude(targets, local, options)
-        with torch.autocast(x.device.type, enabled=False):
-            grads = facts.backend.grads(x, weight, bias, exclude, stat, coef, options)
-        if options.loss is LossKind.SOFTMAX and not options.cosine:
-            rows = local.sample_ids()
-            lengths = targets.lengths().clamp_min(1).to(torch.float32)  # the global label counts
-            dz_pos = -coef.index_select(0, rows) / lengths.index_select(0, rows)
-        else:
-            dz_pos = positive_grad(z_pos, stat, local, coef, options)
-        add_positive_grads(grads, x, weight, bias, local, dz_pos, options)
-        grad_x, grad_weight, grad_bias = grads
-        return (
-            grad_x.to(x.dtype),
-            grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-        )
-
-
-def sharded_linear_loss(
-    x: Tensor,
-    weight: Tensor,
-    targets: Targets,
-    *,
-    start: int,
-    num_classes: int,
-    bias: Tensor | None = None,
-    options: LinearLossOptions | None = None,
-    impl: Impl | str = Impl.AUTO,
-    group: Any = None,
-) -> Tensor:
-    """The fused linear + loss of :func:`~megaclass.ops.linear_cross_entropy.linear_loss` where this rank
-    holds the classes ``[start, start + len(weight))`` of ``num_classes``; every rank passes the same ``x``.
-
-    Args:
-        x: ``(B, D)`` the global batch's features (the same on every rank).
-        weight: ``(C_r, D)`` this rank's class rows. bias: ``(C_r,)`` or None.
-        targets: global class ids of the ``B`` samples (``LongTensor (B,)`` or ragged).
-        start: this rank's first class. num_classes: ``C`` over all ranks.
-
-    Returns:
-        The 0-dim float32 loss of the whole head, equal on every rank.
-    """
-    options = options or LinearLossOptions()
-    if start == 0 and weight.shape[0] == num_classes:  # one rank holds every class (world size 1)
-        return linear_loss(x, weight, targets, bias=bias, options=options, impl=impl)
-    check_inputs(x, weight, bias, options)
-    ragged = prepare_targets(targets, x.shape[0], num_classes, options)
-    if options.cosine:
-        x = torch.nn.functional.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
-    facts = _ShardFacts(start, options, dense_backend(impl, x, weight), group)
-    return ShardedLinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, facts)
 
 
 # --------------------------------------------------------------------------------------- dense, the head
@@ -320,16 +144,14 @@ class ShardedDenseHead(Head):
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """The whole head's loss on the global batch (every rank's ``features (B, D)`` and ``targets``)."""
         x = gather_rows(self._compute_input(features), group=self.group, grad_scale=float(self.world_size))
-        return sharded_linear_loss(
+        return linear_loss(
             x,  # (N * B, D)
             self.weight,
             gather_targets(targets, group=self.group),
-            start=self.start,
-            num_classes=self.context.num_classes,
             bias=self.bias,
             options=self.options,
             impl=self.config.impl,
-            group=self.group,
+            shard=ClassShard(self.start, self.stop, self.context.num_classes, self.group),
         )
 
     @torch.no_grad()

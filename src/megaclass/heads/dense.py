@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.heads.base import Head, HeadContext
-from megaclass.heads.losses import MarginConfig
 from megaclass.ops.chunked_topk import chunked_topk
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss
+from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
 from megaclass.targets import Targets
 

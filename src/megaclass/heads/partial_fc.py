@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megaclass.heads.base import HeadContext
-from megaclass.heads.losses import MarginConfig
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig
 

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from megaclass.heads.base import Head, HeadContext
-from megaclass.heads.losses import MarginConfig, margin_logits
 from megaclass.index import ClassSelector, Selection, build_selector, select_active
 from megaclass.index.kmeans import DEFAULT_LEAF_SIZE, DEFAULT_PROBES
 from megaclass.index.selection import coprime_multipliers
+from megaclass.ops.margins import MarginConfig, margin_logits
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig, RowStore, build_store
 from megaclass.targets import RaggedLabels, Targets, as_ragged
