@@ -37,7 +37,8 @@ from torch import nn
 from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
 from megaclass.heads.base import ClassShard, HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.heads import head_config
+from megaclass.heads.selected import SelectedHead
 from megaclass.ops.collectives import all_reduce_max
 from megaclass.targets import as_ragged
 
@@ -143,9 +144,10 @@ def _build_head(name: str, dim: int, classes: int, device: torch.device, info: D
     if name.startswith("sharded-selected"):
         store = "host" if name.endswith("host") else "gpu"
         index = "gpu" if device.type == "cuda" else "exact"
-        config = SelectedHeadConfig(
-            sample_num=max(classes // 10, 1), index=index, store=store, coverage_every=0
-        )
+        config = head_config(
+            {"type": "selected", "sample_num": max(classes // 10, 1), "index": index, "store": store,
+             "coverage_every": 0}
+        )  # fmt: skip
         return SelectedHead(config, context, shard).to(device)
     head = _ReplicatedLinear(dim, classes).to(device)
     if info.distributed:

@@ -8,8 +8,8 @@ Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
 - ``torch``: ``x @ W.T`` under bf16 autocast, then ``F.cross_entropy`` or
   ``F.binary_cross_entropy_with_logits`` (the logits and a bf16 copy of ``W`` are materialised).
 - ``megaclass``: what :class:`megaclass.heads.dense.DenseHead` runs under bf16 autocast: the fused op
-  ``linear_loss`` on bf16 features and the fp32 weight, ``impl="auto"`` (on CUDA the faster of the two
-  below, measured once per problem; the choice is printed at the end).
+  ``linear_loss`` on bf16 features and the fp32 weight, ``impl="auto"`` (one of the two below by
+  ``resolve_impl``'s fixed rule; the choice for each problem is printed at the end).
 - ``megaclass-triton``: the same op on its Triton kernels (``impl="triton"``).
 - ``megaclass-torch``: the same op on cuBLAS bf16 matmuls over class chunks (``impl="torch"``).
 - ``reference``: the same op on the fp32-accumulating plain-PyTorch spec (off by default).
@@ -53,7 +53,7 @@ from _harness import (  # noqa: E402
     run_cases,
     run_in_child,
 )
-from megaclass.ops.linear_cross_entropy import LinearLossOptions, linear_loss  # noqa: E402
+from megaclass.ops.linear_cross_entropy import LinearLossOptions, linear_loss, resolve_impl  # noqa: E402
 from megaclass.targets import RaggedLabels  # noqa: E402
 
 FULL_CLASSES = (670_091, 2_812_281)
@@ -323,14 +323,18 @@ def print_floor(cases: list[Case], results: list[Result]) -> None:
         )
 
 
-def print_auto_choices() -> None:
-    from megaclass.ops.linear_cross_entropy.select import measured_choices
-
-    choices = measured_choices()
-    if choices:
-        print("\nmegaclass impl=auto picked (pass, B x D, C, loss -> backend):")
-        for key, backend in choices.items():
-            print(f"  {key} -> {backend}")
+def print_auto_choices(cases: list[Case]) -> None:
+    """What ``impl="auto"`` resolves to for each problem the ``megaclass`` provider ran."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    problems = sorted({(case.params["B"], case.params["C"], case.params["D"]) for case in cases
+                       if case.provider == "megaclass"})  # fmt: skip
+    if problems:
+        print("\nmegaclass impl=auto resolves to (B x D, C, bf16 -> backend):")
+    for batch, classes, dim in problems:
+        impl = resolve_impl(
+            "auto", device_type=device_type, batch=batch, num_classes=classes, dim=dim, dtype=torch.bfloat16
+        )
+        print(f"  B={batch} D={dim} C={classes} bfloat16 -> {impl.value}")
 
 
 def main() -> None:
@@ -361,7 +365,7 @@ def main() -> None:
     print()
     print(markdown_table(results))
     print_floor(cases, results)
-    print_auto_choices()
+    print_auto_choices(cases)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared test setup: Triton runs in its interpreter when there is no GPU; every test starts from a fixed seed
-on one intra-op thread."""
+"""Shared test setup: Triton runs in its interpreter when there is no GPU (and on the GPU when there is one:
+``device_for``); every test starts from a fixed seed on one intra-op thread."""
 
 import gzip
 import os
@@ -21,6 +21,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def device_for():
+    """``device_for(impl) -> torch.device``: where a test of ``impl`` puts its tensors. Triton kernels run on
+    the GPU when there is one (the interpreter is switched on only without CUDA); everything else on the CPU.
+    """
+
+    def device(impl: str) -> torch.device:
+        return torch.device("cuda" if str(impl) == "triton" and torch.cuda.is_available() else "cpu")
+
+    return device
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from megaclass.distributed.info import DistInfo, init_distributed, shutdown_dist
 from megaclass.heads.base import ClassShard, HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
 from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
+from megaclass.index.config import NoIndexConfig
 from megaclass.ops.margins import MarginConfig
 from megaclass.targets import RaggedLabels
 
@@ -97,7 +98,7 @@ def _selected_case(name: str, multilabel: bool, margin: bool, rank: int, world: 
     targets = _targets(multilabel, generator, world * B)
     context = HeadContext(in_features=D, num_classes=C, multilabel=multilabel)
     margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
-    config = SelectedHeadConfig(sample_num=C, index="none", margin=margin_config, coverage_every=0)
+    config = SelectedHeadConfig(sample_num=C, index=NoIndexConfig(), margin=margin_config, coverage_every=0)
     sharded = SelectedHead(config, context, _shard(rank, world))
     plain = SelectedHead(config, context)
     local_rows = sharded.materialize().rows().clone()
@@ -190,7 +191,8 @@ def _checkpoint_head(kind: str) -> tuple[torch.nn.Module, torch.optim.Optimizer 
     if kind == "dense":
         head = DenseHead(DenseHeadConfig(chunk_size=4, seed=5), context, shard)
     elif kind == "selected":
-        head = SelectedHead(SelectedHeadConfig(sample_num=C, index="none", coverage_every=0), context, shard)
+        config = SelectedHeadConfig(sample_num=C, index=NoIndexConfig(), coverage_every=0)
+        head = SelectedHead(config, context, shard)
     else:
         config = SparseHeadConfig(fan_in=3, group=2, intermediate=6, dense_frequent=4, aux_clusters=3)
         head = SparseHead(config, context, shard)

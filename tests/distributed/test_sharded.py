@@ -1,5 +1,5 @@
 """Each class-sharded head on 2 gloo ranks equals the plain head on the global batch (loss, grads, a step,
-top-k), and the pieces that need no process group."""
+top-k), and the pieces that need no process group. (Shards and collectives alone: tests/ops.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from conftest import launch
-from megaclass.distributed.collectives import gather_rows, merge_topk
 from megaclass.distributed.info import DistInfo
-from megaclass.distributed.sharded import local_targets, shard_range
 from megaclass.targets import RaggedLabels
 
 CASES = [
@@ -53,32 +51,6 @@ def test_checkpoint_of_two_ranks_resumes_on_any_world(head_world, world_size: in
             )
 
 
-@pytest.mark.parametrize("classes,world", [(10, 3), (7, 7), (100, 2), (5, 1)])
-def test_shard_ranges_cover_classes_once(classes: int, world: int) -> None:
-    ranges = [shard_range(classes, rank, world) for rank in range(world)]
-    assert ranges[0][0] == 0 and ranges[-1][1] == classes
-    assert all(a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True))
-    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
-
-
-def test_shard_range_rejects_more_ranks_than_classes() -> None:
-    with pytest.raises(ValueError, match="C >= world size"):
-        shard_range(2, 0, 3)
-
-
-def test_local_targets_keeps_owned_labels() -> None:
-    targets = RaggedLabels.from_lists([[0, 5, 9], [], [4], [6, 3]])
-    local = local_targets(targets, 4, 7)
-    assert local.to_lists() == [[1], [], [0], [2]]
-
-
-def test_single_process_collectives_are_identity() -> None:
-    x = torch.randn(3, 4, requires_grad=True)
-    assert gather_rows(x) is x
-    scores, ids = merge_topk(torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[7, 8, 9]]), 2)
-    assert ids.tolist() == [[7, 9]] and scores.tolist() == [[3.0, 2.0]]
-
-
 def test_dist_info_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -95,19 +67,21 @@ def test_dist_info_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "loss,margin", [("softmax", False), ("bce", False), ("squared_hinge", False), ("softmax", True)]
 )
-def test_triton_backend_equals_reference_on_a_shard(loss: str, margin: bool) -> None:
+def test_triton_backend_equals_reference_on_a_shard(device_for, loss: str, margin: bool) -> None:
     """One rank's part (classes [3, 12) of 15; targets 12 and 0 another rank's): kernels as the reference."""
-    from megaclass.distributed.sharded import sharded_linear_loss
-    from megaclass.heads.losses import MarginConfig
-    from megaclass.ops.linear_cross_entropy import LinearLossOptions
+    from megaclass.ops.collectives import ClassShard
+    from megaclass.ops.linear_cross_entropy import LinearLossOptions, linear_loss
+    from megaclass.ops.margins import MarginConfig
 
     margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
     options = LinearLossOptions(loss=loss, margin=margin_config)
-    x, weight = torch.randn(6, 16, requires_grad=True), torch.randn(9, 16, requires_grad=True)
-    targets = torch.tensor([3, 10, 5, 12, 0, 4])
+    device = device_for("triton")
+    x = torch.randn(6, 16, device=device, requires_grad=True)
+    weight = torch.randn(9, 16, device=device, requires_grad=True)
+    targets = torch.tensor([3, 10, 5, 12, 0, 4], device=device)
     found = []
     for impl in ("reference", "triton"):
-        value = sharded_linear_loss(x, weight, targets, start=3, num_classes=15, options=options, impl=impl)
+        value = linear_loss(x, weight, targets, options=options, impl=impl, shard=ClassShard(3, 12, 15))
         found.append((value, *torch.autograd.grad(value, (x, weight))))
     for name, ref, out in zip(("loss", "grad_x", "grad_weight"), *found, strict=True):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
@@ -118,16 +92,16 @@ def test_one_rank_sharded_dense_head_is_the_plain_head(
     loss: str, margin: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """World size 1 runs the plain head's op (no statistics to reduce): the same loss and gradients."""
-    from megaclass.distributed import sharded as sharded_module
-    from megaclass.distributed.sharded import ShardedDenseHead
-    from megaclass.heads.base import HeadContext
+    from megaclass.heads.base import ClassShard, HeadContext
     from megaclass.heads.dense import DenseHead, DenseHeadConfig
-    from megaclass.heads.losses import MarginConfig
+    from megaclass.ops.linear_cross_entropy.sharded import ShardedLinearLossFunction
+    from megaclass.ops.margins import MarginConfig
 
     margin_config = MarginConfig(kind="arcface", scale=8.0, margin=0.3) if margin else MarginConfig()
     config = DenseHeadConfig(loss=loss, margin=margin_config, bias=not margin)
     context = HeadContext(in_features=16, num_classes=11, multilabel=loss == "bce")
-    sharded, plain = ShardedDenseHead(config, context), DenseHead(config, context)
+    sharded = DenseHead(config, context, ClassShard.for_rank(11, 0, 1))
+    plain = DenseHead(config, context)
     plain.load_state_dict(sharded.state_dict())
     features = torch.randn(5, 16)
     multilabel = RaggedLabels.from_lists([[0, 3], [], [10], [4], [1, 2, 9]])
@@ -136,7 +110,7 @@ def test_one_rank_sharded_dense_head_is_the_plain_head(
     def reducing_op(*args, **kwargs):
         raise AssertionError("world size 1 ran the op that reduces over ranks")
 
-    monkeypatch.setattr(sharded_module.ShardedLinearLossFunction, "apply", reducing_op)
+    monkeypatch.setattr(ShardedLinearLossFunction, "apply", reducing_op)
     for head in (sharded, plain):
         head(features, targets).backward()
     assert torch.equal(sharded.weight.grad, plain.weight.grad)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from megaclass.heads import HeadContext, build_head, head_config
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads.losses import MarginConfig, MarginKind, margin_logits
+from megaclass.ops.margins import MarginConfig, MarginKind, margin_logits
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels
 
@@ -116,6 +116,10 @@ def test_bad_features_and_margin_on_multilabel():
 
 
 def test_bias_follows_the_margin_unless_set():
-    assert head_config({"type": "dense"}).bias is True
-    assert head_config({"type": "dense", "margin": "arcface"}).bias is False
+    context = HeadContext(in_features=4, num_classes=6, multilabel=False)
+    assert head_config({"type": "dense"}).bias is None  # the config keeps what was asked
+    assert build_head(head_config({"type": "dense"}), context).bias is not None
+    assert build_head(head_config({"type": "dense", "margin": "arcface"}), context).bias is None
+    with pytest.raises(ConfigError, match="bias must be false"):
+        head_config({"type": "dense", "margin": "arcface", "bias": True})
     assert head_config({"type": "dense", "margin": "cosface", "bias": False}).margin.kind.value == "cosface"

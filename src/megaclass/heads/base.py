@@ -124,7 +124,7 @@ class Head(nn.Module):
         """Whether a head of ``config`` uses label feature vectors (asked before it is built)."""
         return LabelFeatures.UNUSED
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int) -> None:
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None) -> None:
         """The optimizer of the head's parameters and the run's length (a rewiring head resets the state of
         new connections and anneals to the last step); nothing by default."""
 

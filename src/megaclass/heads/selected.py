@@ -107,6 +107,11 @@ class SelectedHeadConfig:
             raise ConfigError(f"head.neighbour_share must be in [0, 1], got {self.neighbour_share}")
         if self.init_bound is not None and self.init_bound < 0:
             raise ConfigError(f"head.init_bound must be >= 0, got {self.init_bound}")
+        if not isinstance(self.index, IndexConfig):
+            raise ConfigError(
+                f"head.index: expected an index config (ClusterIndexConfig(), ExactIndexConfig(), ...), got "
+                f"{self.index!r}; in YAML or --set a name does: index: exact"
+            )
         if self.type == "partial_fc" and not isinstance(self.index, NoIndexConfig):
             raise ConfigError(
                 f"head.index: partial_fc draws its classes at random (index none), got {self.index.type!r}; "
@@ -131,7 +136,7 @@ class SelectedHead(Head):
         context: ``in_features`` (D), ``num_classes`` (C), ``multilabel``.
         shard: the class range this process holds (None: all classes).
 
-    >>> head = SelectedHead(SelectedHeadConfig(sample_num=8, index="exact"),
+    >>> head = SelectedHead(SelectedHeadConfig(sample_num=8, index=ExactIndexConfig()),
     ...                     HeadContext(in_features=4, num_classes=50, multilabel=False))
     >>> loss = head(torch.randn(3, 4), torch.tensor([1, 2, 49]))
     >>> loss.backward(); head.after_step(1, 0.0, lr=0.1)

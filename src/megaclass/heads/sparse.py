@@ -295,7 +295,7 @@ class SparseHead(Head):
         self.register_buffer("label_cluster", clusters)
         self.aux = nn.Linear(self.hidden_dim, num_clusters, device=clusters.device)
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int) -> None:
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, *, total_steps: int | None = None) -> None:
         """Give rewiring the optimizer (to reset the state of new connections) and the run's length."""
         self._optimizer = optimizer
         self._total_steps = total_steps

@@ -16,8 +16,8 @@ class Impl(str, enum.Enum):
     """Which implementation an op runs: ``auto`` picks Triton for CUDA tensors, the reference otherwise.
 
     ``torch`` is plain PyTorch tuned for speed (native low-precision matmuls over large chunks, cuBLAS on
-    CUDA) where an op has one; ``reference`` is the executable spec. An op may refine ``auto`` (the fused
-    linear losses time Triton against ``torch`` once per shape on CUDA and keep the faster)."""
+    CUDA) where an op has one; ``reference`` is the executable spec. An op may refine ``auto`` by a fixed rule
+    of the device, shape and dtype (the fused linear losses: ``linear_cross_entropy.resolve_impl``)."""
 
     AUTO = "auto"
     TRITON = "triton"

@@ -116,7 +116,9 @@ def _kernels() -> dict[str, object]:
         y = tl.where(x != x, (bits >> 16) | 0x0040, rounded)
         return y.to(tl.uint16).to(tl.int16, bitcast=True)
 
-    @triton.jit
+    # Triton specialises an integer argument equal to 1 into a constexpr, on which ``.to(tl.uint32)`` fails to
+    # compile: the seed words (any value in [0, 2^32)) are never specialised.
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _stochastic_round_fwd_kernel(
         X_ptr,
         Y_ptr,
@@ -135,7 +137,9 @@ def _kernels() -> dict[str, object]:
         y = _round_bits(x, _philox_noise(groups, seed_lo, seed_hi))
         tl.store(Y_ptr + offsets, y, mask=mask)
 
-    @triton.jit
+    @triton.jit(
+        do_not_specialize=["seed_w_lo", "seed_w_hi", "seed_m_lo", "seed_m_hi", "seed_v_lo", "seed_v_hi"]
+    )
     def _sr_adamw_kernel(
         W_ptr,
         G_ptr,

@@ -4,12 +4,14 @@
 margin), binary cross-entropy and squared hinge, with multi-class ``LongTensor[B]`` or multi-label
 :class:`~megaclass.targets.RaggedLabels` targets. Forward keeps only per-row statistics; backward
 recomputes the logits class chunk by class chunk and writes the weight gradient straight into one fp32 buffer.
+Given a :class:`~megaclass.ops.collectives.ClassShard` the op is its collective form: this rank holds the
+classes ``[start, stop)`` and the per-row statistics are reduced over the shard's ranks.
 
 Layers: ``kernels.py`` (Triton kernels + launchers) -> ``function.py`` (custom ops, Triton backend) ->
-``common.LinearLossFunction`` (autograd) -> the functionals here; ``reference.py`` is the plain-PyTorch
-chunked backend (the spec, the CPU path, the benchmark baseline); ``chunked.py`` is plain PyTorch tuned for
-speed (cuBLAS low-precision matmuls over large chunks, ``impl="torch"``); ``select.py`` makes ``auto`` on CUDA
-run whichever of Triton and ``torch`` it measured faster for the problem.
+``common.LinearLossFunction`` (autograd) and ``sharded.ShardedLinearLossFunction`` (its collective form) ->
+the functionals here; ``reference.py`` is the plain-PyTorch chunked backend (the spec, the CPU path, the
+benchmark baseline); ``chunked.py`` is plain PyTorch tuned for speed (cuBLAS low-precision matmuls over large
+chunks, ``impl="torch"``); ``select.py`` resolves ``auto`` to one of them by a fixed rule.
 
 One package covers the three losses because they share everything but the per-logit function: the same tiles,
 the same recompute-in-backward, the same sparse correction on each sample's positives.
@@ -19,18 +21,20 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from megaclass.heads.losses import MarginConfig
 from megaclass.ops import Impl
-from megaclass.ops.linear_cross_entropy.chunked import TorchChunkedBackend
+from megaclass.ops.collectives import ClassShard
 from megaclass.ops.linear_cross_entropy.common import (
-    DenseBackend,
     LinearLossFunction,
     LinearLossOptions,
     LossKind,
     Reduction,
+    check_inputs,
     linear_loss_apply,
 )
-from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend, reference_linear_loss
+from megaclass.ops.linear_cross_entropy.reference import reference_linear_loss
+from megaclass.ops.linear_cross_entropy.select import dense_backend, resolve_impl
+from megaclass.ops.linear_cross_entropy.sharded import ShardedLinearLossFunction, sharded_linear_loss_apply
+from megaclass.ops.margins import MarginConfig
 from megaclass.targets import Targets
 
 __all__ = [
@@ -38,34 +42,15 @@ __all__ = [
     "LinearLossOptions",
     "LossKind",
     "Reduction",
+    "ShardedLinearLossFunction",
     "dense_backend",
     "linear_bce",
     "linear_cross_entropy",
     "linear_loss",
     "linear_squared_hinge",
     "reference_linear_loss",
+    "resolve_impl",
 ]
-
-
-def dense_backend(impl: Impl | str, *tensors: Tensor) -> DenseBackend:
-    """The backend computing the dense part for ``impl`` on ``tensors``' device.
-
-    ``auto``: on CUDA the faster of Triton and ``torch`` as measured once per problem
-    (:class:`~.select.MeasuredBackend`), elsewhere ``reference``.
-    """
-    impl = Impl(impl)
-    if impl is Impl.AUTO:
-        if not all(tensor.is_cuda for tensor in tensors):
-            return ReferenceBackend()
-        from megaclass.ops.linear_cross_entropy.function import TritonBackend
-        from megaclass.ops.linear_cross_entropy.select import MeasuredBackend
-
-        return MeasuredBackend((TritonBackend(), TorchChunkedBackend()))
-    if impl is Impl.TRITON:
-        from megaclass.ops.linear_cross_entropy.function import TritonBackend
-
-        return TritonBackend()
-    return TorchChunkedBackend() if impl is Impl.TORCH else ReferenceBackend()
 
 
 def linear_loss(
@@ -76,26 +61,52 @@ def linear_loss(
     bias: Tensor | None = None,
     options: LinearLossOptions | None = None,
     impl: Impl | str = Impl.AUTO,
+    shard: ClassShard | None = None,
 ) -> Tensor:
     """Scalar ``options.loss`` of the logits ``x @ weight.T (+ bias)``, never building them whole.
 
     Args:
         x: ``(B, D)`` features in the compute dtype (fp32, or bf16 / fp16 with fp32 accumulation).
-        weight: ``(C, D)`` class rows, any float dtype (fp32 master weights are cast tile by tile).
+        weight: ``(C, D)`` class rows, any float dtype (fp32 master weights are cast tile by tile); with a
+            ``shard``, ``(stop - start, D)``: this rank's rows.
         targets: ``LongTensor (B,)`` class ids or :class:`~megaclass.targets.RaggedLabels` (a sample's labels
-            distinct).
-        bias: ``(C,)`` or None.
+            distinct); global ids in ``[0, C)`` with a shard.
+        bias: ``(C,)`` or None (with a shard, this rank's ``(stop - start,)``).
         options: loss, reduction, margin, reference chunk size.
         impl: ``triton`` (fused kernels), ``torch`` (cuBLAS matmuls over large chunks), ``reference``
-            (the fp32-accumulating spec); ``auto`` runs the faster of the first two on CUDA, ``reference``
-            elsewhere.
+            (the fp32-accumulating spec); ``auto`` picks one by :func:`resolve_impl`'s fixed rule.
+        shard: the classes this rank holds, ``None`` (or a whole shard): all of them. Every rank of the
+            shard's group passes the same ``x`` and ``targets``; the loss is the whole problem's, held by
+            every rank, and ``dx`` this rank's classes' share (the ranks' shares sum to the whole ``dx``).
 
     Returns:
         A 0-dim float32 tensor; gradients flow to ``x``, ``weight`` and ``bias``.
+
+    >>> import torch
+    >>> x, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 9])
+    >>> whole = linear_loss(x, w, y, shard=ClassShard(0, 10, 10))  # one rank: the plain op
+    >>> torch.equal(whole, linear_loss(x, w, y))
+    True
     """
-    return linear_loss_apply(
-        x, weight, targets, bias, options or LinearLossOptions(), dense_backend(impl, x, weight)
+    options = options or LinearLossOptions()
+    check_inputs(x, weight, bias, options)
+    if shard is not None and weight.shape[0] != shard.size:
+        raise ValueError(
+            f"weight must hold the shard's rows [{shard.start}, {shard.stop}) of C={shard.num_classes}: "
+            f"({shard.size}, D), got shape {tuple(weight.shape)}"
+        )
+    resolved = resolve_impl(
+        impl,
+        device_type=x.device.type,
+        batch=x.shape[0],
+        num_classes=weight.shape[0],
+        dim=x.shape[1],
+        dtype=x.dtype,
     )
+    backend = dense_backend(resolved)
+    if shard is None or shard.is_whole:
+        return linear_loss_apply(x, weight, targets, bias, options, backend)
+    return sharded_linear_loss_apply(x, weight, targets, bias, options, backend, shard)
 
 
 def linear_cross_entropy(

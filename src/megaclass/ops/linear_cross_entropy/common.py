@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megaclass.heads.losses import MarginConfig, margin_target_logit
+from megaclass.ops.margins import MarginConfig, margin_target_logit
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
 NORM_EPS = 1e-12  # the clamp F.normalize uses on a row norm

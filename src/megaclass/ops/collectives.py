@@ -1,6 +1,9 @@
-"""Collectives for class-sharded heads, autograd-aware where the gradient must flow back.
+"""Class shards and the collectives of the ops' sharded forms, autograd-aware where a gradient flows back.
 
-Every function takes an optional ``group`` and is the identity (no communication, no copy beyond what the
+A :class:`ClassShard` names the contiguous classes ``[start, stop)`` of ``C`` that one rank of a process group
+holds; the ops given a shard reduce their per-row statistics over the group with the functions here.
+
+Every collective takes an optional ``group`` and is the identity (no communication, no copy beyond what the
 result needs) when the group has one rank or no process group is open, so the same head code runs on one
 process.
 
@@ -15,6 +18,7 @@ Two gradient rules appear here:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,15 +27,87 @@ from torch import Tensor
 from megaclass.targets import RaggedLabels, Targets
 
 __all__ = [
+    "ClassShard",
     "all_reduce_logsumexp",
     "all_reduce_max",
     "all_reduce_replicated",
     "gather_rows",
     "gather_targets",
+    "local_targets",
     "merge_topk",
     "scale_grad",
+    "shard_range",
     "world_of",
 ]
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s classes: contiguous, the first ``C mod N`` ranks one class more.
+
+    >>> [shard_range(10, r, 3) for r in range(3)]
+    [(0, 4), (4, 7), (7, 10)]
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    if num_classes < world_size:
+        raise ValueError(
+            f"a class-sharded head needs C >= world size, got C={num_classes} on {world_size} ranks"
+        )
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class ClassShard:
+    """The contiguous classes ``[start, stop)`` of ``num_classes`` that this rank holds, over the ranks of
+    ``group`` (None: the default group). A whole shard (``[0, C)``) is the single-process problem.
+
+    >>> ClassShard.for_rank(10, 1, 3)
+    ClassShard(start=4, stop=7, num_classes=10, group=None)
+    >>> ClassShard(0, 10, 10).is_whole
+    True
+    """
+
+    start: int  # this rank's first class
+    stop: int  # one past its last class
+    num_classes: int  # C over all ranks
+    group: Any = None  # the process group sharing the classes; None: the default group
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes: expected >= 1, got {self.num_classes}")
+        if not 0 <= self.start < self.stop <= self.num_classes:
+            raise ValueError(
+                f"shard: expected 0 <= start < stop <= num_classes={self.num_classes}, "
+                f"got start={self.start}, stop={self.stop}"
+            )
+
+    @classmethod
+    def for_rank(cls, num_classes: int, rank: int, world_size: int, group: Any = None) -> ClassShard:
+        """Rank ``rank``'s part of ``num_classes`` split over ``world_size`` ranks (:func:`shard_range`)."""
+        start, stop = shard_range(num_classes, rank, world_size)
+        return cls(start, stop, num_classes, group)
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether this rank holds every class (world size 1): no collective is needed."""
+        return self.start == 0 and self.stop == self.num_classes
+
+    @property
+    def size(self) -> int:
+        """The number of classes this rank holds, ``stop - start``."""
+        return self.stop - self.start
+
+
+def local_targets(targets: RaggedLabels, start: int, stop: int) -> RaggedLabels:
+    """The labels in ``[start, stop)`` of each sample, as ids relative to ``start`` (other labels dropped)."""
+    owned = (targets.indices >= start) & (targets.indices < stop)  # (L,)
+    counts = torch.zeros(targets.batch_size, dtype=torch.int64, device=owned.device)
+    counts.index_add_(0, targets.sample_ids(), owned.to(torch.int64))
+    indptr = torch.zeros(targets.batch_size + 1, dtype=torch.int64, device=owned.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return RaggedLabels(indptr, targets.indices[owned] - start)
 
 
 def world_of(group: Any = None) -> tuple[int, int]:

@@ -1,9 +1,8 @@
-"""Losses shared by heads: cosine margins for face recognition (ArcFace, CosFace).
+"""Cosine margins for face recognition (ArcFace, CosFace), shared by the fused losses and the heads.
 
-With L2-normalised features and class rows a logit is a cosine; a margin head scores non-target classes
+With L2-normalised features and class rows a logit is a cosine; a margin scores non-target classes
 ``s * cos(theta)`` and the target ``s * cos(theta + m)`` (ArcFace, arXiv 1801.07698) or
-``s * (cos(theta) - m)``
-(CosFace, arXiv 1801.09414).
+``s * (cos(theta) - m)`` (CosFace, arXiv 1801.09414).
 """
 
 from __future__ import annotations
@@ -17,8 +16,12 @@ from torch import Tensor
 
 from megaclass.schema import ConfigError
 
+__all__ = ["MarginConfig", "MarginKind", "margin_logits", "margin_target_logit"]
+
 
 class MarginKind(str, enum.Enum):
+    """Which margin the target's logit gets: none (plain dot products), ArcFace's angle, CosFace's cosine."""
+
     NONE = "none"
     ARCFACE = "arcface"
     COSFACE = "cosface"
