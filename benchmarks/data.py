@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.synthetic import synthesize, write_label_names
 from megaclass.data.xmc import load_xmc
-from megaclass.models.featurizer import FeaturizerConfig, TextFeaturizer
 
 
 def _timed(step: str, name: str, rows: int, call: Callable[[], Any]) -> tuple[dict[str, Any], Any]:

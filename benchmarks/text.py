@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import Case, add_common_arguments, environment, markdown_table, run_cases  # noqa: E402
-from megaclass.data.loaders import InputSpec  # noqa: E402
+from megaclass.data.batch import InputSpec  # noqa: E402
 from megaclass.data.tokenized import TokenInputs  # noqa: E402
 from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
 from megaclass.models.text import TransformerConfig, TransformerEncoder  # noqa: E402

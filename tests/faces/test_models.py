@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaclass.data.loaders import InputSpec
+from megaclass.data.batch import InputSpec
 from megaclass.models import build_model, model_config
 from megaclass.models.iresnet import IBasicBlock, IResNet, IResNetConfig
 from megaclass.models.mobilefacenet import MobileFaceNet, MobileFaceNetConfig

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megaclass.data.loaders import InputSpec, SparseInputs
+from megaclass.data.batch import InputSpec, SparseInputs
 from megaclass.models import build_model, model_config, model_types
 from megaclass.models.mlp import MLPConfig, MLPEncoder
 from megaclass.schema import ConfigError

@@ -255,7 +255,7 @@ def test_hyper_params_change_and_persist(shards, tmp_path):
 
 @pytest.mark.parametrize(("num_rows", "num_shards"), [(5, 1), (70_001, 3)])
 def test_shards_start_from_the_matrix_in_process_stores_draw(shards, num_rows, num_shards):
-    from megaclass.store.device import init_rows_
+    from megaclass.ops.row_optimizers import init_rows_
 
     servers = shards(num_shards, num_rows=num_rows, dim=2, seed=7)
     expected = torch.empty(num_rows, 2)

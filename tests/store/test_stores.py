@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from megaclass.ops.row_optimizers import init_rows_
 from megaclass.store import RowOptimizerConfig, build_store
-from megaclass.store.device import init_rows_
 
 
 @pytest.mark.parametrize("spec", ["gpu", "host"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaclass.data.loaders import InputSpec
+from megaclass.data.batch import InputSpec
 from megaclass.data.tokenized import TokenInputs
 from megaclass.models import model_config
 from megaclass.models.text import TransformerConfig, TransformerEncoder, load_tokenizer, resolve_pretrained

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.data.loaders import Batch, InputSpec
+from megaclass.data.batch import Batch, InputSpec
 from megaclass.data.recordio import IRHeader, RecordReader, RecordWriter, pack, read_face_index, unpack
 from megaclass.errors import DataFormatError
 

@@ -15,85 +15,26 @@ from __future__ import annotations
 import gzip
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from megaclass.data.batch import Batch, InputSpec, SparseInputs, batch_targets, count_labels
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
+from megaclass.data.images import is_image_list, open_face_dataset
+from megaclass.data.tokenized import open_token_dataset
+from megaclass.data.xmc import label_features, load_xmc
 from megaclass.errors import DataFormatError
-from megaclass.targets import RaggedLabels, Targets
 
 __all__ = [
-    "Batch",
     "BatchLoader",
-    "InputSpec",
     "SparseDataset",
-    "SparseInputs",
     "dataset_formats",
     "detect_format",
     "open_dataset",
 ]
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What an encoder receives: ``sparse`` rows over ``num_features`` columns (later: tokens, images)."""
-
-    kind: Literal["sparse", "tokens", "image"]
-    num_features: int = 0  # F: columns of sparse rows, or vocabulary size of token ids
-
-
-@dataclass(frozen=True)
-class SparseInputs:
-    """``B`` sparse rows in CSR form: row ``b`` is ``weights[indptr[b]:indptr[b+1]]`` at ``indices[...]``.
-
-    Args:
-        indices: ``(N,)`` int64 column ids.
-        indptr: ``(B + 1,)`` int64 offsets.
-        weights: ``(N,)`` float32 values.
-    """
-
-    indices: Tensor
-    indptr: Tensor
-    weights: Tensor
-
-    @classmethod
-    def from_lists(cls, indices: Sequence[Sequence[int]], weights: Sequence[Sequence[float]]) -> SparseInputs:
-        """Build from one list of column ids and one of values per row."""
-        lengths = torch.tensor([len(row) for row in indices], dtype=torch.int64)
-        indptr = torch.zeros(len(indices) + 1, dtype=torch.int64)
-        indptr[1:] = torch.cumsum(lengths, 0)
-        flat_indices = torch.tensor([int(i) for row in indices for i in row], dtype=torch.int64)
-        flat_weights = torch.tensor([float(v) for row in weights for v in row], dtype=torch.float32)
-        return cls(flat_indices, indptr, flat_weights)
-
-    @property
-    def batch_size(self) -> int:
-        return self.indptr.numel() - 1
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseInputs:
-        return SparseInputs(
-            self.indices.to(device, non_blocking=non_blocking),
-            self.indptr.to(device, non_blocking=non_blocking),
-            self.weights.to(device, non_blocking=non_blocking),
-        )
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Encoder inputs and the targets of the same ``B`` samples."""
-
-    inputs: Any
-    targets: Targets
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            self.inputs.to(device, non_blocking=non_blocking),
-            self.targets.to(device, non_blocking=non_blocking),
-        )
 
 
 class SparseDataset:
@@ -137,12 +78,10 @@ class SparseDataset:
 
     def label_counts(self) -> np.ndarray:
         """``(C,)`` int64 number of rows carrying each label."""
-        return np.bincount(self.labels.indices, minlength=self.num_classes).astype(np.int64)
+        return count_labels(self.labels, self.num_classes)
 
     def label_features(self, *, dim: int = 256, seed: int = 0) -> np.ndarray:
         """``(C, E)`` float32 PIFA vectors: each label's normalised sum of its rows' features."""
-        from megaclass.data.xmc import label_features
-
         return label_features(self.features, self.labels, dim=dim, seed=seed)
 
     def batch(self, rows: np.ndarray) -> Batch:
@@ -154,12 +93,7 @@ class SparseDataset:
             torch.from_numpy(features.indptr),
             torch.from_numpy(np.ascontiguousarray(features.data, dtype=np.float32)),
         )
-        labels = self.labels.take(rows)
-        label_ids = torch.from_numpy(labels.indices.astype(np.int64))
-        targets: Targets = (
-            RaggedLabels(torch.from_numpy(labels.indptr), label_ids) if self.multilabel else label_ids
-        )
-        return Batch(inputs, targets)
+        return Batch(inputs, batch_targets(self.labels, rows, multilabel=self.multilabel))
 
 
 _BOW_HEADER = re.compile(rb"^\s*\d+\s+\d+\s+\d+\s*$")
@@ -188,8 +122,6 @@ def detect_format(path: str | os.PathLike) -> str:
     line = _first_line(path)
     if not line.strip():
         raise DataFormatError(path, "empty file: cannot tell its format", line=1)
-    from megaclass.data.images import is_image_list
-
     if is_image_list(path):
         return "face-images"  # 'relpath label' lines
     if _BOW_HEADER.match(line):
@@ -208,15 +140,11 @@ def _open_xmc(
     path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any
 ) -> SparseDataset:
     """Open an XMC BoW file as is, or an XMC text file through a (fitted, or fitted here) featuriser."""
-    from megaclass.data.xmc import load_xmc
-
     data = load_xmc(path, num_labels=num_classes)
     if data.features is not None:
         features = data.features
         featurizer = None
     else:
-        from megaclass.models.featurizer import FeaturizerConfig, TextFeaturizer
-
         if featurizer is None:
             featurizer = TextFeaturizer(featurizer_config or FeaturizerConfig())
             featurizer.fit(data.texts)
@@ -238,8 +166,6 @@ def dataset_formats() -> dict[str, Callable[..., SparseDataset]]:
 
 def _open_face_images(path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any) -> Any:
     """Open a face ``.rec``, image folder or ``relpath label`` list (see :mod:`megaclass.data.images`)."""
-    from megaclass.data.images import open_face_dataset
-
     return open_face_dataset(path, num_classes=num_classes)
 
 
@@ -277,8 +203,6 @@ def open_dataset(
     if data_format not in formats:
         raise ValueError(f"data format {data_format!r} of {path}: expected auto or one of {sorted(formats)}")
     if tokenizer is not None:
-        from megaclass.data.tokenized import open_token_dataset
-
         return open_token_dataset(path, tokenizer, max_length=max_length, num_classes=num_classes)
     return formats[data_format](
         path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config

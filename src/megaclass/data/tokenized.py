@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.targets import RaggedLabels, Targets
+from megaclass.data.batch import Batch, InputSpec, batch_targets, count_labels
+from megaclass.data.xmc import CSR, label_features, load_xmc
+from megaclass.errors import DataFormatError
 
 __all__ = [
     "TokenDataset",
@@ -295,8 +297,6 @@ class TokenDataset:
         texts: Sequence[str] | None = None,
         bucket: bool = True,
     ) -> None:
-        from megaclass.data.loaders import InputSpec
-
         if len(tokens) != len(labels):
             raise ValueError(f"{path}: {len(tokens)} tokenised documents but {len(labels)} label rows")
         self.tokens = tokens
@@ -315,12 +315,10 @@ class TokenDataset:
 
     def label_counts(self) -> np.ndarray:
         """``(C,)`` int64 number of documents carrying each label."""
-        return np.bincount(self.labels.indices, minlength=self.num_classes).astype(np.int64)
+        return count_labels(self.labels, self.num_classes)
 
     def label_features(self, *, dim: int = 256, seed: int = 0) -> np.ndarray:
         """``(C, E)`` float32 PIFA vectors over bag-of-token-id documents (no encoder needed)."""
-        from megaclass.data.xmc import CSR, label_features
-
         ids = self.tokens.ids.astype(np.int32)
         bags = CSR(
             self.tokens.indptr, ids, np.ones(ids.shape[0], dtype=np.float32), self.input_spec.num_features
@@ -333,17 +331,10 @@ class TokenDataset:
             return order
         return bucket_order(order, self.lengths, batch_size, seed=seed, pool_batches=_BUCKET_BATCHES)
 
-    def batch(self, rows: np.ndarray) -> Any:
-        """The :class:`~megaclass.data.loaders.Batch` of rows ``rows (B,)``: padded ids and targets (CPU)."""
-        from megaclass.data.loaders import Batch
-
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The :class:`~megaclass.data.batch.Batch` of rows ``rows (B,)``: padded ids and targets (CPU)."""
         rows = np.asarray(rows, dtype=np.int64)
-        labels = self.labels.take(rows)
-        label_ids = torch.from_numpy(labels.indices.astype(np.int64))
-        targets: Targets = (
-            RaggedLabels(torch.from_numpy(labels.indptr), label_ids) if self.multilabel else label_ids
-        )
-        return Batch(self.tokens.pad(rows), targets)
+        return Batch(self.tokens.pad(rows), batch_targets(self.labels, rows, multilabel=self.multilabel))
 
 
 def open_token_dataset(
@@ -362,9 +353,6 @@ def open_token_dataset(
     >>> train.num_classes, train.input_spec.kind
     (595, 'tokens')
     """
-    from megaclass.data.xmc import load_xmc
-    from megaclass.errors import DataFormatError
-
     path = os.fspath(path)
     data = load_xmc(path, num_labels=num_classes)
     if data.texts is None:
@@ -405,8 +393,6 @@ def open_raw_texts(
     """
     import gzip
     import sys
-
-    from megaclass.data.xmc import CSR
 
     path = os.fspath(path)
     if path == "-":

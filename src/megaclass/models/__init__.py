@@ -1,7 +1,7 @@
 """Encoders: ``inputs -> features (B, D)``, one file per family, selected by a short registered name.
 
 An encoder is built as ``EncoderClass(config, input_spec)`` from its frozen config dataclass (whose first
-field is ``type: Literal["<name>"]``) and the :class:`~megaclass.data.loaders.InputSpec` of the data; it
+field is ``type: Literal["<name>"]``) and the :class:`~megaclass.data.batch.InputSpec` of the data; it
 has an ``out_features`` attribute (``D``) and ``forward(inputs) -> (B, D)``.
 """
 

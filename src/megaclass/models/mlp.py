@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from megaclass.data.loaders import InputSpec, SparseInputs
+from megaclass.data.batch import InputSpec, SparseInputs
 from megaclass.schema import ConfigError
 
 __all__ = ["MLPConfig", "MLPEncoder"]
@@ -50,7 +50,7 @@ class MLPEncoder(nn.Module):
         config: the layer widths, activation, dropout and normalisation.
         input_spec: must be ``kind="sparse"``; gives ``F = num_features``.
 
-    >>> from megaclass.data.loaders import InputSpec, SparseInputs
+    >>> from megaclass.data.batch import InputSpec, SparseInputs
     >>> encoder = MLPEncoder(MLPConfig(hidden=(8, 4)), InputSpec(kind="sparse", num_features=10))
     >>> rows = SparseInputs.from_lists([[1, 7], [3]], [[0.5, 0.5], [1.0]])
     >>> encoder(rows).shape

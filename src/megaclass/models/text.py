@@ -202,7 +202,7 @@ class TransformerEncoder(nn.Module):
 
     Args:
         config: which weights, pooling, bottleneck and checkpointing.
-        input_spec: the data's :class:`~megaclass.data.loaders.InputSpec`; must be ``kind="tokens"``.
+        input_spec: the data's :class:`~megaclass.data.batch.InputSpec`; must be ``kind="tokens"``.
         tokenizer: the tokenizer the data was tokenised with (None: :func:`load_tokenizer`).
 
     >>> encoder = TransformerEncoder(TransformerConfig(), InputSpec(kind="tokens"))  # doctest: +SKIP

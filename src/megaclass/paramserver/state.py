@@ -22,7 +22,6 @@ guarantee to power loss. :meth:`ShardState.snapshot` copies a committed state to
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -32,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.ops.row_optimizers import init_rows_  # every store draws the same initial matrix
 from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
-from megaclass.store.device import _INIT_CHUNK  # every store draws the same initial matrix
 
 FORMAT = 1
 MAGIC = 0x4D43505331  # "MCPS1"
@@ -195,17 +194,10 @@ class ShardState:
         return self._arrays[name]
 
     def _initialise(self, bound: float | None, seed: int) -> None:
-        """This shard's part of the matrix :func:`megaclass.store.device.init_rows_` draws for ``seed``."""
-        spec = self.spec
-        bound = 1.0 / math.sqrt(spec.dim) if bound is None else bound
-        if bound > 0:
-            for index in range(spec.row_start // _INIT_CHUNK, (spec.row_stop - 1) // _INIT_CHUNK + 1):
-                generator = torch.Generator().manual_seed(seed + index)
-                start = index * _INIT_CHUNK
-                chunk = torch.rand(min(_INIT_CHUNK, spec.num_rows - start), spec.dim, generator=generator)
-                lo, hi = max(start, spec.row_start), min(start + len(chunk), spec.row_stop)
-                chunk = chunk[lo - start : hi - start] * (2 * bound) - bound
-                self.rows[lo - spec.row_start : hi - spec.row_start] = chunk
+        """This shard's rows of the matrix that :func:`~megaclass.ops.row_optimizers.init_rows_` draws."""
+        if bound is None or bound > 0:  # fresh maps hold zeros already
+            spec = self.spec
+            init_rows_(self.rows, seed=seed, bound=bound, row_start=spec.row_start, num_rows=spec.num_rows)
         self.header[_MAGIC] = MAGIC
         for array in self._arrays.values():
             array.flush()

@@ -1,4 +1,4 @@
-"""The optimizer settings of a shard, and its lazy row updates (the maths is :mod:`megaclass.store.optim`'s).
+"""The optimizer settings of a shard, and its lazy row updates (:mod:`megaclass.ops.row_optimizers`).
 
 The server applies the same row-sparse optimizer functions as the in-process stores, so a run with
 ``store=ps://...`` follows the same update rule as ``store=host``: rows not pushed in a step are left alone
@@ -12,7 +12,7 @@ import math
 
 from torch import Tensor
 
-from megaclass.store.optim import RowOptimizerConfig, RowOptimizerKind, apply_row_update_
+from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind, apply_row_update_
 
 OPTIMIZERS = tuple(kind.value for kind in RowOptimizerKind)
 

@@ -1,13 +1,15 @@
-"""Where classifier rows live: on the compute device (``gpu``) or in pinned host memory (``host``), each with
-a row-sparse optimizer (:mod:`megaclass.store.optim`). :func:`build_store` maps a store spec to a store.
+"""Where classifier rows live: on the compute device (``gpu``), in pinned host memory (``host``), or in
+parameter-server shards (``ps://``), each with a row-sparse optimizer (:mod:`megaclass.ops.row_optimizers`).
+:func:`build_store` maps a store spec to a store.
 """
 
 from __future__ import annotations
 
 import torch
 
+from megaclass.ops.row_optimizers import RowOptimizerConfig
 from megaclass.store.base import RowStore
-from megaclass.store.optim import RowOptimizerConfig
+from megaclass.store.local import LocalRows
 
 __all__ = ["RowOptimizerConfig", "RowStore", "build_store"]
 
@@ -29,15 +31,17 @@ def build_store(
     >>> build_store("host", num_rows=4, dim=2, device="cpu", optimizer=RowOptimizerConfig()).num_rows
     4
     """
-    options = dict(device=device, optimizer=optimizer, seed=seed, init_bound=init_bound)
+    device = torch.device(device)
+    options = dict(optimizer=optimizer, seed=seed, init_bound=init_bound, draw_device=device)
     if spec in ("gpu", "device"):
         from megaclass.store.device import DeviceStore
 
-        return DeviceStore(num_rows, dim, **options)
+        return DeviceStore(LocalRows(num_rows, dim, device=device, **options))
     if spec == "host":
         from megaclass.store.host import HostStore
 
-        return HostStore(num_rows, dim, **options)
+        rows = LocalRows(num_rows, dim, device="cpu", pin_memory=device.type == "cuda", **options)
+        return HostStore(rows, device=device)
     if spec.startswith("ps://"):
         from megaclass.store.paramserver import ParamServerStore
 

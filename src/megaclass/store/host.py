@@ -15,47 +15,36 @@ import torch
 from torch import Tensor
 
 from megaclass.store.base import RowStore
-from megaclass.store.device import _check_ids, init_rows_, load_store_state_
-from megaclass.store.optim import RowOptimizerConfig, apply_sparse_update_, init_row_state
+from megaclass.store.local import LocalRows, check_ids
 
 __all__ = ["HostStore"]
 
 
 class HostStore(RowStore):
-    """A ``(C, D)`` float32 matrix and its optimizer state in host memory (pinned when CUDA is in use).
+    """A :class:`RowStore` over rows in host memory, delivered to the compute device ``device``.
 
     Args:
-        num_rows: ``C``.
-        dim: ``D``.
-        device: where pulled rows are delivered (the compute device).
-        optimizer: the row-sparse optimizer applied on :meth:`push` (on the host).
-        seed: seeds the initial rows (the same matrix a :class:`DeviceStore` starts from).
-        init_bound: initial rows are ``U(-init_bound, init_bound)``; None: ``1 / sqrt(D)``.
+        rows: the matrix and its optimizer state, on the CPU; pinned (``pin_memory=True``) when ``device``
+            is a CUDA device, so their copies run asynchronously.
+        device: where pulled rows are delivered (the compute device); the optimizer runs on the host.
 
-    >>> store = HostStore(5, 3, device="cpu")
+    >>> store = HostStore(LocalRows(5, 3), device="cpu")
     >>> store.push(torch.tensor([1]), torch.ones(1, 3), step=0, lr=0.1)
     >>> store.pull(torch.tensor([1])).shape
     torch.Size([1, 3])
     """
 
-    def __init__(
-        self,
-        num_rows: int,
-        dim: int,
-        *,
-        device: torch.device | str = "cpu",
-        optimizer: RowOptimizerConfig | None = None,
-        seed: int = 0,
-        init_bound: float | None = None,
-    ) -> None:
-        if num_rows < 1 or dim < 1:
-            raise ValueError(f"num_rows and dim must be >= 1, got {num_rows} and {dim}")
-        self.num_rows, self.dim, self.device = num_rows, dim, torch.device(device)
-        self.optimizer = optimizer or RowOptimizerConfig()
+    def __init__(self, rows: LocalRows, *, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._asynchronous = self.device.type == "cuda"
-        self.weight = torch.empty(num_rows, dim, dtype=torch.float32, pin_memory=self._asynchronous)
-        init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=self.device)
-        self.state = init_row_state(self.optimizer, num_rows, dim, pin_memory=self._asynchronous)
+        if rows.weight.device.type != "cpu":
+            raise ValueError(
+                f"rows: a host store needs rows in host memory, got them on {rows.weight.device}"
+            )
+        if self._asynchronous and not rows.weight.is_pinned():
+            raise ValueError(f"rows: a host store for {self.device} needs pinned rows (pin_memory=True)")
+        self.local = rows
+        self.num_rows, self.dim = rows.num_rows, rows.dim
         self._stream = torch.cuda.Stream(self.device) if self._asynchronous else None
         self._worker = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store") if self._asynchronous else None
@@ -64,13 +53,13 @@ class HostStore(RowStore):
 
     # ------------------------------------------------------------------ pull
     def pull(self, ids: Tensor) -> Tensor:
-        _check_ids(ids)
+        check_ids(ids)
         if not self._asynchronous:
-            return self.weight[ids.cpu()].to(self.device)
+            return self.local.weight[ids.cpu()].to(self.device)
         self.flush()
         ids_host = ids.cpu()  # host sync: the gather runs on the host
         staged = torch.empty(ids_host.numel(), self.dim, pin_memory=True)
-        torch.index_select(self.weight, 0, ids_host, out=staged)
+        torch.index_select(self.local.weight, 0, ids_host, out=staged)
         current = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             rows = staged.to(self.device, non_blocking=True)
@@ -80,21 +69,19 @@ class HostStore(RowStore):
 
     def read(self, start: int, stop: int) -> Tensor:
         self.flush()
-        return self.weight[start:stop].to(self.device)
+        return self.local.weight[start:stop].to(self.device)
 
     def rows(self) -> Tensor:
         self.flush()
-        return self.weight
+        return self.local.weight
 
     # ------------------------------------------------------------------ push
     def push(self, ids: Tensor, grads: Tensor, *, step: int, lr: float) -> None:
-        _check_ids(ids)
+        check_ids(ids)
         if grads.shape != (ids.numel(), self.dim):
             raise ValueError(f"grads: expected shape {(ids.numel(), self.dim)}, got {tuple(grads.shape)}")
         if not self._asynchronous:
-            apply_sparse_update_(
-                self.weight, self.state, ids.cpu(), grads.cpu(), lr=lr, config=self.optimizer
-            )
+            self.local.update_(ids.cpu(), grads.cpu(), lr=lr)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # grads are ready there
         with torch.cuda.stream(self._stream):
@@ -112,7 +99,7 @@ class HostStore(RowStore):
             if previous is not None:
                 previous.result()  # surface an earlier failure in order
             copied.synchronize()
-            apply_sparse_update_(self.weight, self.state, ids_host, grads_host, lr=lr, config=self.optimizer)
+            self.local.update_(ids_host, grads_host, lr=lr)
 
         self._pending = self._worker.submit(apply)
 
@@ -124,13 +111,11 @@ class HostStore(RowStore):
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Tensor]:
         self.flush()
-        state = {"weight": self.weight.clone()}
-        state.update({f"optim.{name}": tensor.clone() for name, tensor in self.state.items()})
-        return state
+        return self.local.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.flush()
-        load_store_state_(self.weight, self.state, state)
+        self.local.load_state_dict(state)
 
     def close(self) -> None:
         """Apply pending updates and stop the worker thread."""

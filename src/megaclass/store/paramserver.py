@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind
 from megaclass.store.base import RowStore
-from megaclass.store.optim import RowOptimizerConfig, RowOptimizerKind
 
 SCHEME = "ps://"
 

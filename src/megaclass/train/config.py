@@ -236,7 +236,7 @@ def featurizer_config(options: dict[str, Any]) -> Any:
     """The text featuriser's config from ``data.featurizer`` options, or None for its defaults."""
     if not options:
         return None
-    from megaclass.models.featurizer import FeaturizerConfig
+    from megaclass.data.featurizer import FeaturizerConfig
 
     return from_dict(FeaturizerConfig, options, where="data.featurizer")
 

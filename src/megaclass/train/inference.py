@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from megaclass.data.loaders import InputSpec, SparseDataset, open_dataset
+from megaclass.data.batch import InputSpec
+from megaclass.data.loaders import SparseDataset, open_dataset
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
 from megaclass.train import checkpoint
@@ -98,7 +99,7 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     head.load_state_dict(state["head"])
     featurizer = None
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
-        from megaclass.models.featurizer import TextFeaturizer
+        from megaclass.data.featurizer import TextFeaturizer
 
         featurizer = TextFeaturizer.from_state(checkpoint.read_state(os.path.join(run_dir, "featurizer")))
     return LoadedRun(

@@ -1,10 +1,16 @@
-"""Row-sparse optimizers against torch.optim on the same rows."""
+"""Row-sparse optimizers against torch.optim on the same rows; seeded initial rows against a plain draw."""
 
 import pytest
 import torch
 
+from megaclass.ops.row_optimizers import (
+    INIT_CHUNK,
+    RowOptimizerConfig,
+    apply_sparse_update_,
+    init_row_state,
+    init_rows_,
+)
 from megaclass.schema import ConfigError
-from megaclass.store.optim import RowOptimizerConfig, apply_sparse_update_, init_row_state
 
 
 def _torch_optimizer(config: RowOptimizerConfig, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
@@ -93,3 +99,44 @@ def test_config_errors():
             lr=0.1,
             config=RowOptimizerConfig(momentum=0),
         )
+
+
+def _plain_draw(num_rows: int, dim: int, seed: int, bound: float) -> torch.Tensor:
+    """The documented matrix: chunk ``i`` of ``INIT_CHUNK`` rows, ``U(-bound, bound)`` seeded ``seed + i``."""
+    chunks = []
+    for index, start in enumerate(range(0, num_rows, INIT_CHUNK)):
+        generator = torch.Generator().manual_seed(seed + index)
+        unit = torch.rand(min(INIT_CHUNK, num_rows - start), dim, generator=generator)
+        chunks.append(unit * (2 * bound) - bound)
+    return torch.cat(chunks)
+
+
+@pytest.mark.parametrize("num_rows,dim", [(1, 1), (17, 5), (INIT_CHUNK + 3, 2)])
+def test_init_rows_is_the_seeded_chunked_draw(num_rows, dim):
+    weight = torch.empty(num_rows, dim)
+    init_rows_(weight, seed=11)
+    assert torch.equal(weight, _plain_draw(num_rows, dim, 11, dim**-0.5))
+    assert float(weight.abs().max()) <= dim**-0.5
+    other = torch.empty(num_rows, dim)
+    init_rows_(other, seed=12, bound=0.25)
+    assert torch.equal(other, _plain_draw(num_rows, dim, 12, 0.25))
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [[0, 5, 9], [0, INIT_CHUNK - 1, INIT_CHUNK, INIT_CHUNK + 7], [0, 3, INIT_CHUNK + 1, INIT_CHUNK + 7]],
+)
+def test_init_rows_of_row_ranges_assemble_the_whole_matrix(bounds):
+    """Shards filling their own row ranges (across chunk boundaries too) hold the rows of the whole draw."""
+    num_rows = bounds[-1]
+    whole = torch.empty(num_rows, 3, dtype=torch.float64)
+    init_rows_(whole, seed=5)
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = torch.empty(stop - start, 3, dtype=torch.float64)
+        init_rows_(part, seed=5, row_start=start, num_rows=num_rows)
+        assert torch.equal(part, whole[start:stop]), (start, stop)
+
+
+def test_init_rows_range_errors():
+    with pytest.raises(ValueError, match="not inside a matrix of 4 rows"):
+        init_rows_(torch.empty(3, 2), seed=0, row_start=2, num_rows=4)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from megaclass.models import featurizer as featurizer_module
-from megaclass.models.featurizer import FeaturizerConfig, TextFeaturizer, ngram_hash
+from megaclass.data import featurizer as featurizer_module
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer, ngram_hash
 from megaclass.schema import ConfigError
 
 TEXTS = [

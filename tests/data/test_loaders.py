@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from megaclass.data.loaders import BatchLoader, InputSpec, SparseDataset, detect_format, open_dataset
+from megaclass.data.batch import InputSpec
+from megaclass.data.loaders import BatchLoader, SparseDataset, detect_format, open_dataset
 from megaclass.errors import DataFormatError
 from megaclass.targets import RaggedLabels
 

@@ -1,4 +1,5 @@
-"""Row-sparse optimizers as pure functions over tensors: only the rows a step touched change.
+"""Row-sparse optimizers as pure functions over tensors: only the rows a step touched change; and the
+seeded initial rows every row store draws.
 
 A store keeps, beside its ``(C, D)`` rows, a state dict of same-leading-dimension tensors (momentum buffers,
 Adam moments, per-row step counts). A step gathers the touched rows and their state, calls
@@ -8,11 +9,16 @@ is the lazy behaviour of HF-Softmax's SGD and of ``torch.optim.SparseAdam`` (wit
 
 When every row is touched every step the updates equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` /
 ``Adagrad`` on the dense matrix (tests check it).
+
+:func:`init_rows_` draws a ``(C, D)`` matrix in fixed chunks of rows, each from its own seed, so a store in
+device memory, one in host memory and the parameter-server shards (each drawing only its own rows) start
+from the same matrix.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +33,12 @@ __all__ = [
     "apply_sparse_update_",
     "gather_state",
     "init_row_state",
+    "init_rows_",
     "scatter_state_",
 ]
+
+
+INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
 
 
 class RowOptimizerKind(str, enum.Enum):
@@ -191,3 +201,52 @@ def apply_sparse_update_(
     apply_row_update_(rows, rows_state, grads.to(weight.device), lr=lr, config=config)
     weight[ids] = rows
     scatter_state_(state, ids, rows_state)
+
+
+@torch.no_grad()
+def init_rows_(
+    weight: Tensor,
+    *,
+    seed: int,
+    bound: float | None = None,
+    draw_device: torch.device | str | None = None,
+    row_start: int = 0,
+    num_rows: int | None = None,
+) -> None:
+    """Fill ``weight (n, D)`` with rows ``[row_start, row_start + n)`` of a ``(num_rows, D)`` matrix
+    ``U(-bound, bound)`` (default bound ``1 / sqrt(D)``, as ``nn.Linear``).
+
+    The matrix is drawn on ``draw_device`` (default the CPU) in chunks of :data:`INIT_CHUNK` rows, chunk
+    ``i`` with seed ``seed + i``, so the result depends neither on where the rows live nor on how they are
+    split: a device store, a host store with the same compute device, and shards each filling their own
+    range on the CPU all hold the same matrix (a host store draws on the GPU, not with the slower CPU
+    generator).
+
+    Args:
+        weight: the rows to fill, in place.
+        seed: seeds chunk ``i`` with ``seed + i``.
+        bound: half-width of the uniform distribution.
+        draw_device: where the random numbers are drawn.
+        row_start: the row of the whole matrix that ``weight[0]`` is.
+        num_rows: rows of the whole matrix (``C``); default ``row_start + n``.
+
+    >>> whole, part = torch.empty(5, 2), torch.empty(2, 2)
+    >>> init_rows_(whole, seed=3); init_rows_(part, seed=3, row_start=2, num_rows=5)
+    >>> torch.equal(whole[2:4], part)
+    True
+    """
+    row_stop = row_start + weight.shape[0]
+    num_rows = row_stop if num_rows is None else num_rows
+    if not 0 <= row_start <= row_stop <= num_rows:
+        raise ValueError(f"rows [{row_start}, {row_stop}) are not inside a matrix of {num_rows} rows")
+    dim = weight.shape[1]
+    bound = 1.0 / math.sqrt(dim) if bound is None else bound
+    draw_device = torch.device("cpu" if draw_device is None else draw_device)
+    for index in range(row_start // INIT_CHUNK, -(-row_stop // INIT_CHUNK)):
+        start = index * INIT_CHUNK
+        generator = torch.Generator(device=draw_device).manual_seed(seed + index)
+        # the chunk's full length is drawn: a shorter draw need not be its prefix on every device
+        chunk = torch.rand(min(INIT_CHUNK, num_rows - start), dim, generator=generator, device=draw_device)
+        low, high = max(start, row_start), min(start + chunk.shape[0], row_stop)
+        values = chunk[low - start : high - start] * (2 * bound) - bound  # (high - low, D)
+        weight[low - row_start : high - row_start] = values.to(weight.device, weight.dtype)
