@@ -1,5 +1,7 @@
 """MLP encoder over sparse rows against a dense plain-PyTorch reference (outputs and every gradient)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -64,8 +66,19 @@ def test_matches_dense_reference(batch, features, hidden, activation, layer_norm
     params = list(encoder.parameters())
     got = torch.autograd.grad(out, params, upstream, allow_unused=True)
     want = torch.autograd.grad(ref, params, upstream, allow_unused=True)
-    for (name, _), g, w in zip(encoder.named_parameters(), got, want, strict=False):
-        torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
+    if dtype == torch.float64:
+        for (name, _), g, w in zip(encoder.named_parameters(), got, want, strict=False):
+            torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
+        return
+    # float32: a layer norm over two features amplifies rounding (its output is +-1 whatever the input), so
+    # both are measured against the fp64 truth: the encoder's error at most twice the float32 reference's, or
+    # within the conditioning floor of 2e-4 of the gradient's scale (summation orders differ)
+    truth_encoder = copy.deepcopy(encoder).double()
+    truth_out = _reference(truth_encoder, _dense(rows, features, torch.float64), config)
+    truth = torch.autograd.grad(truth_out, list(truth_encoder.parameters()), upstream.double())
+    for (name, _), g, w, t in zip(encoder.named_parameters(), got, want, truth, strict=True):
+        error, reference_error = (g.double() - t).abs().max(), (w.double() - t).abs().max()
+        assert error <= max(2 * reference_error, 2e-4 * t.abs().max()), (name, error, reference_error)
 
 
 def test_dropout_only_in_training():
