@@ -86,7 +86,9 @@ BAD_REQUESTS = {
     "query NaN": (
         "QueryNearest",
         wire.message(
-            "QueryNearestRequest", features=wire.encode_array(torch.tensor([[0, 1, float("nan"), 0, 0.0]])), n=1
+            "QueryNearestRequest",
+            features=wire.encode_array(torch.tensor([[0, 1, float("nan"), 0, 0.0]])),
+            n=1,
         ).SerializeToString(),
     ),
     "query inf": (
