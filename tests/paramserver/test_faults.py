@@ -19,9 +19,9 @@ def _addresses(servers):
 def test_token_is_required_on_every_call(shards):
     servers = shards(2, token="s3cret")
     for token in (None, "wrong"):
-        with pytest.raises(ParamServerError, match="UNAUTHENTICATED") as error:
+        with pytest.raises(ParamServerError, match="unauthenticated: missing or wrong token") as error:
             ParamServerClient(_addresses(servers), token=token, timeout_s=5)
-        assert error.value.address in _addresses(servers)
+        assert error.value.address in _addresses(servers) and error.value.code == "UNAUTHENTICATED"
     client = ParamServerClient(_addresses(servers), token="s3cret", timeout_s=5)
     assert client.pull(torch.tensor([0, 28])).shape == (2, 5)
 
@@ -81,6 +81,20 @@ BAD_REQUESTS = {
         "QueryNearest",
         wire.message(
             "QueryNearestRequest", features=wire.encode_array(torch.ones(2, 4)), n=1
+        ).SerializeToString(),
+    ),
+    "query NaN": (
+        "QueryNearest",
+        wire.message(
+            "QueryNearestRequest",
+            features=wire.encode_array(torch.tensor([[0, 1, float("nan"), 0, 0.0]])),
+            n=1,
+        ).SerializeToString(),
+    ),
+    "query inf": (
+        "QueryNearest",
+        wire.message(
+            "QueryNearestRequest", features=wire.encode_array(torch.full((2, 5), -float("inf"))), n=1
         ).SerializeToString(),
     ),
     "query n 0": ("QueryNearest", wire.message("QueryNearestRequest", features=F32, n=0).SerializeToString()),

@@ -4,8 +4,11 @@
 >>> rows = client.pull(torch.tensor([3, 17, 900_000]))  # (3, D) float32
 >>> client.push(torch.tensor([3, 17, 900_000]), grads, step=1, lr=0.1)
 
-Every call runs under a deadline (``timeout_s``). A shard that does not answer is retried until the deadline
-and then reported as a :class:`ParamServerError` naming its address. Pushes are idempotent per
+Every call runs under a deadline (``timeout_s``; the first contact under ``connect_timeout_s``). A shard that
+does not answer is retried until the deadline and then reported as a :class:`ParamServerError` naming its
+address, as is a refused token or a call over the shard's limits. Pulls, reads, writes and queries larger
+than a shard takes in one call (``Health`` tells its limits) are split into calls it takes. Pushes are
+idempotent per
 ``(trainer, step)``: the client keeps each push until the shard reports it applied, and when a shard restarts
 (its incarnation changes) it pushes again whatever the restarted shard had not applied, so a killed shard
 loses no update.
@@ -13,6 +16,7 @@ loses no update.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +28,15 @@ import torch
 from torch import Tensor
 
 from megaclass.paramserver import wire
+from megaclass.paramserver.config import MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, TOKEN_ENV, resolve_token
 
 
-class ParamServerError(RuntimeError):
-    """A shard could not be reached, refused a call, or did not answer within the deadline."""
+class ParamServerError(ValueError):
+    """A shard could not be reached, refused the token or a call, or did not answer within the deadline.
+
+    The message is one line naming the shard's address and what failed. A ``ValueError``: the address, the
+    token and the size of a call are the caller's to fix, and the command line prints it without a traceback.
+    """
 
     def __init__(self, address: str, message: str, *, code: str = "") -> None:
         super().__init__(f"parameter server {address}: {message}")
@@ -42,6 +51,9 @@ class _Shard:
     row_start: int = 0
     row_stop: int = 0
     incarnation: int = 0
+    max_rows: int = 1 << 62  # per call, from Health (servers that do not say: no limit)
+    max_queries: int = 1 << 62
+    max_bytes: int = MAX_MESSAGE_BYTES
     unapplied: list[tuple[int, Any]] = field(
         default_factory=list
     )  # (step, PushGradientsRequest) not yet applied
@@ -63,7 +75,8 @@ class PendingPull:
         for shard, positions, request, future in self.parts:
             response = self.client._wait(shard, "PullRows", request, future)
             _copy_rows(out, positions, response.rows, count=_count(positions))
-            self.versions[shard] = response.version
+            # pieces of one shard's rows may be read at different versions: the oldest bounds them all
+            self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
         return out
 
 
@@ -90,10 +103,17 @@ class ParamServerClient:
     Args:
         addresses: ``host:port`` of each shard, any order; their row ranges must tile ``[0, C)``.
         trainer: this trainer's rank (sync barrier member, push de-duplication key).
-        token: the servers' shared secret, sent as ``authorization: Bearer <token>``.
+        token: the servers' shared secret, sent as ``authorization: Bearer <token>``; None: the file
+            ``token_file``, else the ``MEGACLASS_PS_TOKEN`` environment variable (sources given together must
+            agree, see :func:`~megaclass.paramserver.config.resolve_token`).
+        token_file: a file holding the shared secret.
         tls_ca: PEM root certificate(s) (bytes or a file path) to speak TLS; None: plaintext.
         timeout_s: deadline of every call, retries included; keep it above the servers' barrier timeout.
+        connect_timeout_s: deadline of the first contact with every shard (a shard down fails fast).
         wire_dtype: ``"float32"`` or ``"bfloat16"`` rows and gradients on the wire (rows are kept float32).
+
+    Raises:
+        ParamServerError: a shard is unreachable within ``connect_timeout_s`` or refuses the token.
     """
 
     def __init__(
@@ -102,8 +122,10 @@ class ParamServerClient:
         *,
         trainer: int = 0,
         token: str | None = None,
+        token_file: str | None = None,
         tls_ca: bytes | str | None = None,
         timeout_s: float = 120.0,
+        connect_timeout_s: float = 5.0,
         wire_dtype: str = "float32",
     ) -> None:
         import grpc
@@ -112,17 +134,21 @@ class ParamServerClient:
             raise ValueError("addresses: expected at least one host:port")
         if wire_dtype not in wire.DTYPES:
             raise ValueError(f"wire_dtype {wire_dtype!r} is not one of {sorted(wire.DTYPES)}")
+        if not (timeout_s > 0 and connect_timeout_s > 0):
+            raise ValueError(f"timeout_s {timeout_s}, connect_timeout_s {connect_timeout_s}: expected > 0")
+        token = resolve_token(token, token_file, environ=os.environ)
         self._grpc = grpc
         self.trainer = trainer
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.wire_dtype = wire_dtype
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         if isinstance(tls_ca, str):
             with open(tls_ca, "rb") as f:
                 tls_ca = f.read()
         options = [
-            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         self._channels = []
         # calls in flight at once: a prefetch, a pull and a push to every shard, plus retries
@@ -157,7 +183,7 @@ class ParamServerClient:
     # -- discovery -------------------------------------------------------------------------------------
     def _describe(self) -> None:
         """Ask every shard its range; check they tile ``[0, C)`` with one ``D``, one mode."""
-        healths = self.health()
+        healths = self.health(timeout_s=self.connect_timeout_s)
         order = sorted(range(len(self._shards)), key=lambda i: healths[i].row_start)
         self._shards = [self._shards[i] for i in order]
         healths = [healths[i] for i in order]
@@ -178,18 +204,27 @@ class ParamServerClient:
             expected_start = health.row_stop
             shard.row_start, shard.row_stop = int(health.row_start), int(health.row_stop)
             shard.incarnation = int(health.incarnation)
+            if health.max_rows_per_request:  # 0: a server that states no limits
+                shard.max_rows = int(health.max_rows_per_request)
+                shard.max_queries = int(health.max_queries_per_request)
+                shard.max_bytes = int(health.max_message_bytes)
         if expected_start != first.num_rows:
             raise ValueError(f"rows [{expected_start}, {first.num_rows}) are held by no shard")
         if not 0 <= self.trainer < first.trainers:
             raise ValueError(f"trainer {self.trainer}: the servers accept ranks 0..{first.trainers - 1}")
         self._starts = np.asarray([shard.row_start for shard in self._shards], dtype=np.int64)
 
-    def health(self) -> list[Any]:
-        """Each shard's ``HealthResponse`` (range, step, version, trainers, ...), in shard order."""
+    def health(self, *, timeout_s: float | None = None) -> list[Any]:
+        """Each shard's ``HealthResponse`` (range, step, version, trainers, limits, ...), in shard order,
+        within ``timeout_s`` (default: the client's)."""
         futures = [
-            self._issue(i, "HealthRequest", wire.message("HealthRequest")) for i in range(len(self._shards))
+            self._issue(i, "HealthRequest", wire.message("HealthRequest"), timeout=timeout_s)
+            for i in range(len(self._shards))
         ]
-        return [self._wait(i, "Health", request, future) for i, (request, future) in enumerate(futures)]
+        return [
+            self._wait(i, "Health", request, future, timeout=timeout_s)
+            for i, (request, future) in enumerate(futures)
+        ]
 
     # -- calls -----------------------------------------------------------------------------------------
     def _issue(self, shard: int, kind: str, request: Any, *, timeout: float | None = None) -> tuple[Any, Any]:
@@ -198,10 +233,14 @@ class ParamServerClient:
         timeout = self.timeout_s if timeout is None else timeout
         return request, self._pool.submit(stub, request, timeout=timeout, metadata=self._metadata)
 
-    def _wait(self, shard: int, method: str, request: Any, future: Any) -> Any:
-        """The response of ``future``; on a lost or restarted shard, recover and retry until the deadline."""
+    def _wait(
+        self, shard: int, method: str, request: Any, future: Any, *, timeout: float | None = None
+    ) -> Any:
+        """The response of ``future``; on a lost or restarted shard, recover and retry until the deadline
+        (``timeout`` seconds, default the client's)."""
         grpc = self._grpc
-        deadline = time.monotonic() + self.timeout_s
+        timeout = self.timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
             try:
@@ -212,11 +251,19 @@ class ParamServerClient:
             address = self._shards[shard].address
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValueError(f"parameter server {address}: {details}")
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise ParamServerError(
+                    address,
+                    f"unauthenticated: {details}; give the servers' token (token, token_file or {TOKEN_ENV})",
+                    code=code.name,
+                )
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+                details += " (the server's limit is --max-message-mib)"
             if code not in (grpc.StatusCode.UNAVAILABLE,) and not restarted:
                 raise ParamServerError(address, f"{method} failed: {code.name}: {details}", code=code.name)
             if time.monotonic() + delay > deadline:
                 raise ParamServerError(
-                    address, f"unreachable for {self.timeout_s:g} s ({method}: {details})", code=code.name
+                    address, f"unreachable for {timeout:g} s ({method}: {details})", code=code.name
                 )
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -269,15 +316,32 @@ class ParamServerClient:
         bounds = np.searchsorted(owner[order], np.arange(len(self._shards) + 1))
         return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(len(self._shards))]
 
+    def _pieces(self, ids: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
+        """:meth:`_split` cut into pieces of at most each shard's rows per call (empty ones left out)."""
+        pieces = []
+        for shard, positions in self._split(ids):
+            limit = self._shards[shard].max_rows
+            for start in range(0, _count(positions), limit):
+                if isinstance(positions, slice):
+                    pieces.append(
+                        (
+                            shard,
+                            slice(
+                                positions.start + start, min(positions.start + start + limit, positions.stop)
+                            ),
+                        )
+                    )
+                else:
+                    pieces.append((shard, positions[start : start + limit]))
+        return pieces
+
     # -- rows ------------------------------------------------------------------------------------------
     def pull_async(self, ids: Tensor | np.ndarray, *, min_step: int | None = None) -> PendingPull:
         """Start pulling rows ``ids (S,)``; sync mode waits for step ``min_step`` (default: last pushed)."""
         ids = _as_ids(ids)
         min_step = self.last_pushed_step if min_step is None and self.mode == "sync" else (min_step or 0)
         parts = []
-        for shard, positions in self._split(ids):
-            if _count(positions) == 0:
-                continue
+        for shard, positions in self._pieces(ids):
             request = wire.message(
                 "PullRowsRequest",
                 ids=wire.encode_ids(ids[positions]),
@@ -348,8 +412,16 @@ class ParamServerClient:
         if step <= 0:
             raise ValueError(f"step {step}: expected >= 1")
         grads = grads.detach().to("cpu", torch.float32)
+        parts = self._split(ids)
+        for shard, positions in parts:
+            if _count(positions) > self._shards[shard].max_rows:  # checked before any shard gets a part
+                raise ValueError(
+                    f"push of {_count(positions)} rows to {self._shards[shard].address}: it takes at most "
+                    f"{self._shards[shard].max_rows} in one call (its --max-rows-per-request or "
+                    "--max-message-mib); a step's push is applied whole, so it is not split"
+                )
         issued = []
-        for shard, positions in self._split(ids):
+        for shard, positions in parts:
             if _count(positions) == 0 and self.mode == "async":
                 continue
             incarnation = self._shards[shard].incarnation
@@ -385,9 +457,7 @@ class ParamServerClient:
         if values.shape[:1] != (len(ids),):
             raise ValueError(f"values: shape {list(values.shape)} but expected [{len(ids)}, ...]")
         issued = []
-        for shard, positions in self._split(ids):
-            if _count(positions) == 0:
-                continue
+        for shard, positions in self._pieces(ids):
             block = values[_index(positions)]
             request = wire.message(
                 "SetRowsRequest",
@@ -408,10 +478,10 @@ class ParamServerClient:
             raise ValueError(f"range [{start}, {stop}) is not inside [0, {self.num_rows})")
         self.drain()
         out: Tensor | None = None
-        step = max(1, block_bytes // (4 * self.dim))
         issued = []
         for shard, state in enumerate(self._shards):
             lo, hi = max(start, state.row_start), min(stop, state.row_stop)
+            step = max(1, min(block_bytes // (4 * self.dim), state.max_rows))
             for a in range(lo, hi, step):
                 b = min(a + step, hi)
                 request = wire.message("GetRowsRequest", start=a, stop=b, dtype="float32", field=field)
@@ -437,26 +507,49 @@ class ParamServerClient:
             raise ValueError(f"max_index_age {max_index_age}: expected >= 0")
         if probes < 0:
             raise ValueError(f"probes {probes}: expected >= 0")
-        request = wire.message(
-            "QueryNearestRequest",
-            features=wire.encode_array(features.float(), "float32"),
-            n=n,
-            metric=metric,
-            max_index_age=max_index_age,
-            probes=-(-probes // len(self._shards)),
+        if features.ndim != 2:
+            raise ValueError(f"features: shape {list(features.shape)} but expected [B, {self.dim}]")
+        block = max(
+            1,
+            min(  # features per call: within every shard's query count and answer size
+                min(
+                    s.max_queries,
+                    (s.max_bytes - MESSAGE_OVERHEAD_BYTES) // (12 * max(1, min(n, s.row_stop - s.row_start))),
+                )
+                for s in self._shards
+            ),
         )
-        issued = [
-            (shard, *self._issue(shard, "QueryNearestRequest", request)) for shard in range(len(self._shards))
-        ]
-        scores, ids = [], []
-        for shard, req, future in issued:
-            response = self._wait(shard, "QueryNearest", req, future)
-            part = _rows_of(response.scores, "scores")
-            scores.append(part)
-            ids.append(torch.from_numpy(wire.decode_ids(response.ids, what="ids").copy()).view(part.shape))
-        merged, merged_ids = torch.cat(scores, dim=1), torch.cat(ids, dim=1)  # (B, shards * n)
-        top, where = merged.topk(min(n, merged.shape[1]), dim=1)
-        return top, merged_ids.gather(1, where)
+        issued = []
+        for start in range(0, max(len(features), 1), block):
+            request = wire.message(
+                "QueryNearestRequest",
+                features=wire.encode_array(features[start : start + block].float(), "float32"),
+                n=n,
+                metric=metric,
+                max_index_age=max_index_age,
+                probes=-(-probes // len(self._shards)),
+            )
+            issued.append(
+                [
+                    (shard, *self._issue(shard, "QueryNearestRequest", request))
+                    for shard in range(len(self._shards))
+                ]
+            )
+        tops, top_ids = [], []
+        for calls in issued:
+            scores, ids = [], []
+            for shard, req, future in calls:
+                response = self._wait(shard, "QueryNearest", req, future)
+                part = _rows_of(response.scores, "scores")
+                scores.append(part)
+                ids.append(
+                    torch.from_numpy(wire.decode_ids(response.ids, what="ids").copy()).view(part.shape)
+                )
+            merged, merged_ids = torch.cat(scores, dim=1), torch.cat(ids, dim=1)  # (b, shards * n)
+            top, where = merged.topk(min(n, merged.shape[1]), dim=1)
+            tops.append(top)
+            top_ids.append(merged_ids.gather(1, where))
+        return torch.cat(tops), torch.cat(top_ids)
 
     def set_hyper_params(self, **changes: float) -> dict[str, float]:
         """Change hyper-parameters (``lr``, ``momentum``, ...) on every shard; returns the new values."""

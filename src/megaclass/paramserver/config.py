@@ -5,10 +5,57 @@ Kept apart from the server so the CLI can list the options without loading gRPC 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from megaclass.paramserver.updaters import OPTIMIZERS, HyperParams
+
+TOKEN_ENV = "MEGACLASS_PS_TOKEN"
+MAX_MESSAGE_BYTES = 2**31 - 1  # protobuf's own limit on one message
+MESSAGE_OVERHEAD_BYTES = 4096  # a message's fields besides its ids and arrays, with room to spare
+DEFAULT_MESSAGE_BYTES = 256 * 2**20  # a 64k x 1024 float32 row block: few calls, bounded server memory
+
+
+def resolve_token(
+    token: str | None,
+    token_file: str | None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    names: tuple[str, str] = ("token", "token_file"),
+) -> str | None:
+    """The shared secret given by ``token``, by the file ``token_file`` (its text, surrounding whitespace
+    stripped) or by the ``MEGACLASS_PS_TOKEN`` environment variable (empty: unset); None when none is given.
+
+    Precedence is value, then file, then environment; sources given together must hold the same secret.
+    ``names`` are what the first two are called in messages (``--token``, ``--token-file`` on a command line).
+
+    Raises:
+        ValueError: the file cannot be read or is empty, a value is empty, or two sources differ.
+    """
+    sources: list[tuple[str, str]] = []
+    if token is not None:
+        if not token.strip():
+            raise ValueError(f"{names[0]}: the token is empty")
+        sources.append((names[0], token))
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as file:
+                text = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{names[1]} {token_file}: cannot read the token: {error}") from None
+        if not text:
+            raise ValueError(f"{names[1]} {token_file}: the file is empty, expected the token")
+        sources.append((f"{names[1]} {token_file}", text))
+    if environ.get(TOKEN_ENV):
+        sources.append((TOKEN_ENV, environ[TOKEN_ENV]))
+    for name, secret in sources[1:]:
+        if secret != sources[0][1]:
+            raise ValueError(
+                f"{sources[0][0]} and {name} give different tokens; give one, or the same in both"
+            )
+    return sources[0][1] if sources else None
 
 
 def shard_range(num_rows: int, shard: int, shards: int) -> tuple[int, int]:
@@ -44,6 +91,14 @@ class ServerConfig:
         durable: fsync every step (survives power loss, slower); without it a killed process loses nothing.
         index_device: where the shard's nearest-class index (``QueryNearest`` with ``max_index_age``) lives:
             ``cpu``, or ``cuda`` on a machine whose accelerator can serve it (ms queries at 10^6 rows).
+        max_message_bytes: the largest message sent; received messages are capped at the largest valid
+            request under the limits below, so an oversized one is refused before it is read.
+        max_rows_per_request: rows (ids) in one ``PullRows``, ``PushGradients``, ``SetRows`` or ``GetRows``;
+            None: as many as fit in ``max_message_bytes`` (the client splits pulls, reads and writes).
+        max_queries_per_request: feature rows in one ``QueryNearest``; None: as many as fit in
+            ``max_message_bytes`` (the client splits larger queries).
+        max_step_jump: a push's step may exceed the last step seen (sync: applied; async: the trainer's) by
+            at most this: a wild step would otherwise make every later push look like a retry.
     """
 
     num_rows: int
@@ -65,6 +120,10 @@ class ServerConfig:
     seed: int = 0
     durable: bool = False
     index_device: str = "cpu"
+    max_message_bytes: int = DEFAULT_MESSAGE_BYTES
+    max_rows_per_request: int | None = None
+    max_queries_per_request: int | None = None
+    max_step_jump: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.num_rows < 1 or self.dim < 1:
@@ -81,6 +140,60 @@ class ServerConfig:
         if self.index_device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"--index-device {self.index_device!r}: expected 'cpu' or 'cuda[:i]'")
         self.hyper.row_optimizer(self.optimizer)  # raises ConfigError on settings the optimizer rejects
+        smallest = MESSAGE_OVERHEAD_BYTES + 4 * self.dim + 8
+        if not smallest <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"--max-message-mib {self.max_message_bytes / 2**20:g}: expected room for one row "
+                f"({smallest} bytes) and at most 2 GiB"
+            )
+        for name, value in [
+            ("--max-rows-per-request", self.max_rows_per_request),
+            ("--max-queries-per-request", self.max_queries_per_request),
+            ("--max-step-jump", self.max_step_jump),
+        ]:
+            if value is not None and value < 1:
+                raise ValueError(f"{name} {value}: expected >= 1")
+        limits = self.limits()
+        if limits.rows * (4 * self.dim + 8) + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"--max-rows-per-request {limits.rows}: {limits.rows} rows of {self.dim} float32 do not fit "
+                f"in --max-message-mib {self.max_message_bytes / 2**20:g}"
+            )
+        if limits.queries * 4 * self.dim + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"--max-queries-per-request {limits.queries}: {limits.queries} features of {self.dim} "
+                f"float32 do not fit in --max-message-mib {self.max_message_bytes / 2**20:g}"
+            )
+
+    def limits(self) -> RequestLimits:
+        """The per-request limits, with the defaults derived from ``max_message_bytes`` resolved."""
+        room = self.max_message_bytes - MESSAGE_OVERHEAD_BYTES
+        row_bytes = 4 * self.dim
+        rows = self.max_rows_per_request or max(1, room // (row_bytes + 8))
+        queries = self.max_queries_per_request or max(1, room // row_bytes)
+        start, stop = shard_range(self.num_rows, self.shard, self.shards)
+        largest = max(  # ids of a pull may repeat; those of a push or a write are unique rows of the shard
+            rows * 8, min(rows, stop - start) * (row_bytes + 8), queries * row_bytes
+        )
+        receive = min(self.max_message_bytes, largest + MESSAGE_OVERHEAD_BYTES)
+        return RequestLimits(self.max_message_bytes, receive, rows, queries)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one call to a shard may carry (:meth:`ServerConfig.limits`).
+
+    Args:
+        send_bytes: the largest message the shard sends.
+        receive_bytes: the largest message it reads; larger ones are refused unread.
+        rows: ids (rows) in one pull, push, write or read.
+        queries: feature rows in one nearest-row query.
+    """
+
+    send_bytes: int
+    receive_bytes: int
+    rows: int
+    queries: int
 
 
 def add_serve_arguments(parser: Any) -> None:
@@ -91,7 +204,14 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument("--data-dir", required=True, help="folder of the memory-mapped rows and state")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one and prints it")
-    parser.add_argument("--token", default=None, help="shared secret required on every call")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"shared secret required on every call (visible in ps: prefer --token-file or ${TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--token-file", default=None, metavar="PATH", help="file holding the shared secret (one line)"
+    )
     parser.add_argument("--tls-cert", default=None, help="PEM certificate (TLS with --tls-key)")
     parser.add_argument("--tls-key", default=None, help="PEM private key")
     parser.add_argument("--mode", choices=("sync", "async"), default="sync")
@@ -118,6 +238,30 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument(
         "--index-device", default="cpu", help="device of the nearest-class index: cpu (default) or cuda"
     )
+    parser.add_argument(
+        "--max-message-mib",
+        type=float,
+        default=DEFAULT_MESSAGE_BYTES / 2**20,
+        help="largest message sent; received ones are capped at the largest valid request (default 256)",
+    )
+    parser.add_argument(
+        "--max-rows-per-request",
+        type=int,
+        default=None,
+        help="ids in one pull, push, write or read (default: as many as fit in --max-message-mib)",
+    )
+    parser.add_argument(
+        "--max-queries-per-request",
+        type=int,
+        default=None,
+        help="features in one nearest-row query (default: as many as fit in --max-message-mib)",
+    )
+    parser.add_argument(
+        "--max-step-jump",
+        type=int,
+        default=1_000_000,
+        help="a push's step may exceed the last step seen by at most this (default 10^6)",
+    )
 
 
 def config_from_arguments(args: Any) -> ServerConfig:
@@ -143,7 +287,7 @@ def config_from_arguments(args: Any) -> ServerConfig:
         data_dir=args.data_dir,
         host=args.host,
         port=args.port,
-        token=args.token,
+        token=resolve_token(args.token, args.token_file, names=("--token", "--token-file")),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         mode=args.mode,
@@ -155,4 +299,8 @@ def config_from_arguments(args: Any) -> ServerConfig:
         seed=args.seed,
         durable=args.durable,
         index_device=args.index_device,
+        max_message_bytes=int(args.max_message_mib * 2**20),
+        max_rows_per_request=args.max_rows_per_request,
+        max_queries_per_request=args.max_queries_per_request,
+        max_step_jump=args.max_step_jump,
     )

@@ -8,6 +8,11 @@ trainer in the barrier has pushed for it; the applied gradient is the mean over 
 same average DistributedDataParallel takes over the backbone's gradients, so one learning rate serves both).
 A trainer missing for ``barrier_timeout_s`` after the first push of a step is dropped from the barrier with a
 warning and rejoins when it pushes again. In async mode each push is applied as it arrives.
+
+Untrusted input is bounded before it costs memory: with a token, a call's metadata is checked before its body
+is read (a refused call's body is never received); a received message is capped at the largest valid request
+(:meth:`ServerConfig.limits`); rows and queries per call are limited, and the refusals name the setting.
+An update whose result would not be finite is refused whole, as is a step far past the last one seen.
 """
 
 from __future__ import annotations
@@ -29,12 +34,19 @@ from torch import Tensor
 
 from megaclass.index.kmeans import DEFAULT_PROBES
 from megaclass.paramserver import wire
-from megaclass.paramserver.config import ServerConfig, add_serve_arguments, config_from_arguments, shard_range
+from megaclass.paramserver.config import (
+    MESSAGE_OVERHEAD_BYTES,
+    ServerConfig,
+    add_serve_arguments,
+    config_from_arguments,
+    shard_range,
+)
 from megaclass.paramserver.state import ShardSpec, ShardState
 
 logger = logging.getLogger("megaclass.paramserver")
 
-_QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores
+_QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores ...
+_QUERY_SCRATCH_BYTES = 1 << 28  # ... or fewer, so that a block's scores or gathered rows stay under 256 MiB
 _CPU_QUERY_BYTES = 1 << 24  # a CPU index query's candidate rows (features x probes x leaf x D) at once
 
 
@@ -128,6 +140,7 @@ class ShardService:
             seed=config.seed,
             durable=config.durable,
         )
+        self.limits = config.limits()
         self.incarnation = secrets.randbits(63) + 1
         self.lock = ReadWriteLock()
         self._applied = threading.Condition()  # notified after every committed step
@@ -135,6 +148,7 @@ class ShardService:
         self._apply_order = threading.Lock()  # sync steps are popped and applied one at a time, in order
         self._pending: dict[int, _Pending] = {}
         self._dropped: set[int] = set()
+        self._refused: dict[int, str] = {}  # sync steps not applied, their result not finite -> why
         self._index_lock = threading.Lock()  # one index build or query at a time
         self._indexes: dict[str, tuple[Any, int]] = {}  # metric -> (cluster index, version it was built at)
 
@@ -153,6 +167,14 @@ class ShardService:
             raise ValueError(f"{what}: ids must be unique within one request")
         return torch.from_numpy(ids - spec.row_start)
 
+    def _check_rows(self, count: int, what: str) -> None:
+        if count > self.limits.rows:
+            raise _Refusal(
+                "RESOURCE_EXHAUSTED",
+                f"{count} {what} in one request; this shard takes at most {self.limits.rows} "
+                "(--max-rows-per-request, --max-message-mib); split the request",
+            )
+
     def _check_incarnation(self, incarnation: int) -> None:
         if incarnation and incarnation != self.incarnation:
             raise _Refusal(
@@ -169,14 +191,12 @@ class ShardService:
         values = wire.decode_array(array, what=what)
         if tuple(values.shape) != shape:
             raise ValueError(f"{what}: shape {list(values.shape)} but expected {list(shape)}")
-        values = values.to(torch.float32)
-        if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
-            raise ValueError(f"{what}: contains NaN or infinity")  # aminmax: one pass, NaN propagates
-        return values
+        return _finite(values.to(torch.float32), what)
 
     # -- handlers --------------------------------------------------------------------------------------
     def pull_rows(self, request: Any, time_left: float | None) -> Any:
         self._check_incarnation(request.incarnation)
+        self._check_rows(len(request.ids) // 8, "ids")
         local = self._local(request.ids, "ids")
         if request.min_step > 0:
             self._wait_applied(request.min_step, time_left)
@@ -199,12 +219,20 @@ class ShardService:
             raise ValueError(f"trainer {request.trainer}: expected 0 <= trainer < {self.config.trainers}")
         if request.step < 1:
             raise ValueError(f"step {request.step}: expected >= 1")
+        async_mode = self.config.mode == "async"
+        last = self.state.trainer_steps()[request.trainer] if async_mode else self.state.applied_step
+        if request.step - last > self.config.max_step_jump:
+            raise ValueError(
+                f"step {request.step} of trainer {request.trainer} is {request.step - last} past the last "
+                f"step seen ({last}); at most {self.config.max_step_jump} is allowed (--max-step-jump)"
+            )
+        self._check_rows(len(request.ids) // 8, "ids")
         local = self._local(request.ids, "ids", unique=True)
         grads = self._decode_block(request.grads, "grads", (len(local), self.state.spec.dim))
         lr = self.state.hyper.lr if request.lr is None else request.lr
         if not (lr >= 0 and np.isfinite(lr)):
             raise ValueError(f"lr {lr}: expected a finite number >= 0")
-        if self.config.mode == "async":
+        if async_mode:
             with self.lock.write():
                 if self.state.trainer_steps()[request.trainer] < request.step:
                     self.state.apply(local, grads, lr=lr, step=request.step, trainers=[request.trainer])
@@ -213,6 +241,10 @@ class ShardService:
         else:
             self._add_to_barrier(request.trainer, request.step, local, grads, lr)
             self.apply_ready_steps()
+            with self._barrier:
+                refused = self._refused.get(request.step)
+            if refused is not None:
+                raise ValueError(f"step {request.step}: {refused}")
             applied = self.state.applied_step
         return wire.message(
             "PushGradientsResponse",
@@ -222,6 +254,7 @@ class ShardService:
         )
 
     def set_rows(self, request: Any, time_left: float | None) -> Any:
+        self._check_rows(len(request.ids) // 8, "ids")
         local = self._local(request.ids, "ids", unique=True)
         target = self.state.field(request.field)
         values = self._decode_block(request.values, "values", (len(local), *target.shape[1:]))
@@ -237,11 +270,7 @@ class ShardService:
                 f"range [{request.start}, {request.stop}) is not inside this shard's rows "
                 f"[{spec.row_start}, {spec.row_stop})"
             )
-        itemsize = 2 if request.dtype == "bfloat16" else 4
-        if (request.stop - request.start) * spec.dim * itemsize >= wire.MAX_MESSAGE_BYTES:
-            raise ValueError(
-                f"range [{request.start}, {request.stop}) is over 2 GiB in one message; ask for less"
-            )
+        self._check_rows(request.stop - request.start, "rows")
         dtype = self._dtype(request.dtype)
         with self.lock.read():
             values = self.state.field(request.field)[
@@ -252,13 +281,28 @@ class ShardService:
         return wire.Prepared(wire.message("GetRowsResponse", version=version), 1, values, dtype)
 
     def query_nearest(self, request: Any, time_left: float | None) -> Any:
+        queries = request.features.shape[0] if len(request.features.shape) else 0
+        if queries > self.limits.queries:
+            raise _Refusal(
+                "RESOURCE_EXHAUSTED",
+                f"{queries} features in one request; this shard takes at most {self.limits.queries} "
+                "(--max-queries-per-request, --max-message-mib); split the request",
+            )
+        if request.n < 1:
+            raise ValueError(f"n {request.n}: expected >= 1")
+        answer_bytes = queries * min(request.n, self.state.spec.size) * 12 + MESSAGE_OVERHEAD_BYTES
+        if answer_bytes > self.limits.send_bytes:
+            raise _Refusal(
+                "RESOURCE_EXHAUSTED",
+                f"{queries} features x {request.n} neighbours is a {answer_bytes} byte answer, over this "
+                f"shard's {self.limits.send_bytes} (--max-message-mib); ask for fewer at once",
+            )
         features = wire.decode_array(request.features, what="features", ndim=2).to(torch.float32)
         if features.shape[1] != self.state.spec.dim:
             raise ValueError(
                 f"features: shape {list(features.shape)} but expected [B, {self.state.spec.dim}]"
             )
-        if request.n < 1:
-            raise ValueError(f"n {request.n}: expected >= 1")
+        features = _finite(features, "features")
         if request.metric not in ("", "dot", "cosine"):
             raise ValueError(f"metric {request.metric!r}: expected 'dot' or 'cosine'")
         if request.max_index_age < 0:
@@ -325,11 +369,14 @@ class ShardService:
                     for i in range(0, max(len(features), 1), block)
                 ]
             )  # (B, n')
+        scores = torch.empty(local.shape)  # (B, n')
+        block = max(1, _QUERY_SCRATCH_BYTES // (4 * features.shape[1] * max(local.shape[1], 1)))
         with self.lock.read():
-            rows = self.state.rows[local.clamp_min(0)]  # (B, n', D)
-        scores = torch.einsum("bnd,bd->bn", rows, features)  # (B, n')
-        if cosine:
-            scores = scores / rows.norm(dim=2).clamp_min(1e-12)
+            for i in range(0, len(local), block):
+                rows = self.state.rows[local[i : i + block].clamp_min(0)]  # (b, n', D)
+                scores[i : i + block] = torch.einsum("bnd,bd->bn", rows, features[i : i + block])
+                if cosine:
+                    scores[i : i + block] /= rows.norm(dim=2).clamp_min(1e-12)
         scores = scores.masked_fill(local < 0, float("-inf"))
         scores, order = scores.sort(dim=1, descending=True)
         return scores, local.gather(1, order)
@@ -374,11 +421,16 @@ class ShardService:
             trainer_steps=self.state.trainer_steps(),
             dropped_trainers=dropped,
             slots=list(self.state.slots),
+            max_rows_per_request=self.limits.rows,
+            max_queries_per_request=self.limits.queries,
+            max_message_bytes=self.limits.send_bytes,
         )
 
     # -- sync barrier ----------------------------------------------------------------------------------
     def _add_to_barrier(self, trainer: int, step: int, local: Tensor, grads: Tensor, lr: float) -> None:
         with self._barrier:
+            if step in self._refused:
+                raise ValueError(f"step {step}: {self._refused[step]}")
             if step <= self.state.applied_step:
                 if step <= self.state.trainer_steps()[trainer]:
                     return  # a retried push of a step applied with this trainer's gradients
@@ -406,8 +458,15 @@ class ShardService:
             while (ready := self._pop_ready()) is not None:
                 step, pending = ready
                 unique, total = _mean_over_trainers(list(pending.parts.values()), self.state.spec.dim)
-                with self.lock.write():
-                    self.state.apply(unique, total, lr=pending.lr, step=step, trainers=list(pending.parts))
+                try:
+                    with self.lock.write():
+                        self.state.apply(
+                            unique, total, lr=pending.lr, step=step, trainers=list(pending.parts)
+                        )
+                except ValueError as error:  # the result would not be finite: the step is not applied
+                    logger.warning("step %d refused: %s", step, error)
+                    with self._barrier:
+                        self._refused[step] = str(error)
                 self._notify()
 
     def _pop_ready(self) -> tuple[int, _Pending] | None:
@@ -438,6 +497,10 @@ class ShardService:
         deadline = time.monotonic() + (3600.0 if time_left is None else time_left)
         with self._applied:
             while self.state.applied_step < step:
+                with self._barrier:
+                    refused = self._refused.get(step)
+                if refused is not None:
+                    raise ValueError(f"step {step} was refused: {refused}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     with self._barrier:
@@ -473,12 +536,20 @@ def _mean_over_trainers(parts: list[tuple[Tensor, Tensor]], dim: int) -> tuple[T
     return unique, total.div_(len(parts))
 
 
+def _finite(values: Tensor, what: str) -> Tensor:
+    """``values``, refused when they hold NaN or infinity."""
+    if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+        raise ValueError(f"{what}: contains NaN or infinity")  # aminmax: one pass, NaN propagates
+    return values
+
+
 def _top_rows(features: Tensor, rows: Tensor, n: int, *, cosine: bool) -> tuple[Tensor, Tensor]:
     """Top-``n`` rows of ``rows (R, D)`` for each of ``features (B, D)`` by dot product, in row blocks."""
     best_scores = torch.empty(features.shape[0], 0)
     best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64)
-    for start in range(0, rows.shape[0], _QUERY_BLOCK_ROWS):
-        block = rows[start : start + _QUERY_BLOCK_ROWS]
+    size = max(1024, min(_QUERY_BLOCK_ROWS, _QUERY_SCRATCH_BYTES // (4 * max(features.shape[0], 1))))
+    for start in range(0, rows.shape[0], size):
+        block = rows[start : start + size]
         if cosine:
             block = torch.nn.functional.normalize(block, dim=1)
         scores = features @ block.T  # (B, block)
@@ -491,29 +562,43 @@ def _top_rows(features: Tensor, rows: Tensor, n: int, *, cosine: bool) -> tuple[
     return best_scores, best_ids
 
 
-def _authorised(context: Any, token: str | None) -> bool:
-    if token is None:
-        return True
-    expected = f"Bearer {token}".encode()
-    for key, value in context.invocation_metadata():
+def _authorised(metadata: Any, expected: bytes) -> bool:
+    for key, value in metadata or ():
         if key == "authorization":
             given = value.encode() if isinstance(value, str) else value
             return hmac.compare_digest(given, expected)
     return False
 
 
+def _token_check(token: str) -> Any:
+    """A server interceptor refusing calls without ``authorization: Bearer <token>`` from their metadata
+    alone: the refusal is a request-streaming handler that never reads the request, so no body is received."""
+    import grpc
+
+    expected = f"Bearer {token}".encode()
+
+    def refuse(requests: Any, context: Any) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)")
+
+    refusal = grpc.stream_unary_rpc_method_handler(refuse)
+
+    class TokenCheck(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            if _authorised(details.invocation_metadata, expected):
+                return continuation(details)
+            return refusal
+
+    return TokenCheck()
+
+
 def _handler(service: ShardService, method: wire.Method) -> Any:
-    """A gRPC unary handler running ``method`` with auth, input validation and error mapping."""
+    """A gRPC unary handler running ``method`` with input validation and error mapping."""
     import grpc
 
     name = "".join("_" + c.lower() if c.isupper() else c for c in method.name).lstrip("_")
     run = getattr(service, name)
 
     def handle(request: Any, context: Any) -> Any:
-        if not _authorised(context, service.config.token):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (authorization: Bearer ...)"
-            )
         if isinstance(request, _Garbage):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{method.request}: not a valid message: {request.error}"
@@ -580,11 +665,13 @@ def serve(config: ServerConfig) -> RunningServer:
 
     service = ShardService(config)
     threads = config.threads or 8 + 4 * config.trainers
+    limits = service.limits
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ps"),
+        interceptors=[_token_check(config.token)] if config.token is not None else [],
         options=[
-            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", limits.receive_bytes),  # larger: refused, never buffered
+            ("grpc.max_send_message_length", limits.send_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )

@@ -9,6 +9,8 @@ Files under the data folder::
     versions.i64       (n,) state version of each row's last update (clients revalidate prefetched rows)
     header.i64         committed version, last applied step, journal marker, per-trainer steps
     journal.bin        undo record of the update in progress
+    checksums.json     CRC-32 of every state file, written at a clean close and into snapshots; checked and
+                       removed at the next start (the state changes from then on)
 
 Every update is applied as: (1) write the touched rows' old values (rows, slots, versions, the header) to
 ``journal.bin``; (2) set the header's journal marker to the new version; (3) update the memory maps in
@@ -17,6 +19,9 @@ killed at any point leaves the page cache holding either a committed state or a 
 the committed version; on restart the latter is undone from the journal, so no half-applied step survives.
 With ``durable=True`` the journal is fsync'd before (2) and the maps flushed after (4), which extends the
 guarantee to power loss. :meth:`ShardState.snapshot` copies a committed state to its own fsync'd folder.
+
+At start every state file must have the size the shard's shape needs, and match its checksum when the last
+close left one: a truncated or damaged state is refused rather than served as zeros.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -82,6 +88,7 @@ class ShardState:
         else:
             self.slots = self._check_meta(meta_path)
             self.hyper = self._load_hyper(hyper)
+            self._check_file_sizes()
         self.rows = self._map("rows.f32", (spec.size, spec.dim), np.float32, fresh)
         self.state = {
             slot: self._map(f"{slot}.f32", (spec.size, *shape), np.float32, fresh)
@@ -94,8 +101,10 @@ class ShardState:
             self._initialise(init_bound, seed)
             self._write_json("hyper.json", asdict(self.hyper))
             self._write_json("meta.json", {"format": FORMAT, **asdict(spec), "slots": self.slots})
-        elif self.header[_JOURNAL] > self.header[_COMMITTED]:
-            self._undo()
+        else:
+            self._check_checksums()
+            if self.header[_JOURNAL] > self.header[_COMMITTED]:
+                self._undo()
 
     # -- reading ---------------------------------------------------------------------------------------
     @property
@@ -131,6 +140,7 @@ class ShardState:
         state = {slot: tensor.index_select(0, local) for slot, tensor in self.state.items()}
         self._journal(local, new_version, rows, state)  # the gathered rows are the old values
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
+        self._refuse_non_finite(local, rows, state)
         self.rows.index_copy_(0, local, rows)
         for slot, tensor in self.state.items():
             tensor.index_copy_(0, local, state[slot])
@@ -171,6 +181,7 @@ class ShardState:
             _copy_synced(os.path.join(self.dir, name), os.path.join(partial, name))
         for name in ("meta.json", "hyper.json"):
             _copy_synced(os.path.join(self.dir, name), os.path.join(partial, name))
+        self._write_checksums(partial)
         os.rename(partial, final)
         _fsync_dir(root)
         return final
@@ -179,8 +190,77 @@ class ShardState:
         for array in self._arrays.values():
             array.flush()
         if self._journal_fd >= 0:
+            self._write_checksums(self.dir)
             os.close(self._journal_fd)
             self._journal_fd = -1
+
+    # -- integrity -------------------------------------------------------------------------------------
+    def _state_files(self) -> dict[str, int]:
+        """Each state file's name and the bytes the shard's shape needs in it."""
+        n, d = self.spec.size, self.spec.dim
+        sizes = {"rows.f32": 4 * n * d}
+        for slot, shape in self.slots.items():
+            sizes[f"{slot}.f32"] = 4 * n * math.prod(shape)
+        sizes["versions.i64"] = 8 * n
+        sizes["header.i64"] = 8 * (_TRAINERS0 + self.spec.trainers)
+        return sizes
+
+    def _check_file_sizes(self) -> None:
+        """Refuse a restart on a missing, truncated or extended state file (it would be served as zeros)."""
+        for name, expected in self._state_files().items():
+            path = os.path.join(self.dir, name)
+            if not os.path.exists(path):
+                raise ValueError(
+                    f"{path}: missing; this --data-dir holds a partial state (restore it from a snapshot "
+                    "or start with a new --data-dir)"
+                )
+            size = os.path.getsize(path)
+            if size != expected:
+                raise ValueError(
+                    f"{path}: {size} bytes but {self.spec.size} rows of this shard need {expected}; the file "
+                    "was truncated or belongs to another shard (restore it from a snapshot)"
+                )
+
+    def _write_checksums(self, folder: str) -> None:
+        """Record the CRC-32 of every state file, as the maps hold it now, in ``folder/checksums.json``."""
+        sums = {name: _crc32(self._mapped(name)) for name in self._state_files()}
+        path = os.path.join(folder, "checksums.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"version": self.version, "crc32": sums}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def _check_checksums(self) -> None:
+        """Check the files against the checksums of the last clean close or snapshot, then drop those."""
+        path = os.path.join(self.dir, "checksums.json")
+        if not os.path.exists(path):
+            return  # a killed process wrote none: the journal covers it
+        with open(path) as f:
+            recorded = json.load(f)["crc32"]
+        for name, expected in recorded.items():
+            if _crc32(self._mapped(name)) != expected:
+                raise ValueError(
+                    f"{os.path.join(self.dir, name)}: its checksum differs from the one written when the "
+                    "shard last stopped; the file was changed or damaged since (restore it from a snapshot)"
+                )
+        os.remove(path)
+
+    def _refuse_non_finite(self, local: Tensor, rows: Tensor, state: dict[str, Tensor]) -> None:
+        """Refuse an update whose rows or state came out NaN or infinite; nothing of it is written."""
+        if not len(local):
+            return
+        for name, values in (("rows", rows), *state.items()):
+            flat = values.reshape(len(local), -1)  # (S, D) or (S, 1)
+            bad = ~torch.isfinite(flat)
+            if bool(bad.any()):
+                self.header[_JOURNAL] = self.header[_COMMITTED]  # the maps are untouched: nothing to undo
+                where = int(torch.nonzero(bad.any(dim=1))[0])
+                value = float(flat[where][bad[where]][0])
+                raise ValueError(
+                    f"the update would make {name} of row {int(local[where]) + self.spec.row_start} "
+                    f"non-finite ({value}); nothing was applied (lower the lr or clip the gradients)"
+                )
 
     # -- internals -------------------------------------------------------------------------------------
     def _map(self, name: str, shape: tuple[int, ...], dtype: type, fresh: bool) -> Tensor:
@@ -296,6 +376,15 @@ class ShardState:
         self.header[_JOURNAL] = self.header[_COMMITTED]
         for array in self._arrays.values():
             array.flush()
+
+
+def _crc32(array: np.memmap) -> int:
+    """CRC-32 of an array's bytes, read in 64 MiB pieces."""
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    crc = 0
+    for start in range(0, len(data), 1 << 26):
+        crc = zlib.crc32(data[start : start + (1 << 26)], crc)
+    return crc
 
 
 def _copy_synced(source: str, target: str) -> None:

@@ -24,7 +24,6 @@ from torch import Tensor
 PACKAGE = "megaclass.paramserver.v1"
 SERVICE = "ParameterServer"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_MESSAGE_BYTES = 2**31 - 1  # protobuf's own limit; gRPC's default of 4 MiB is far too small for row blocks
 
 _SCALARS = {
     "double": 1,

@@ -5,8 +5,11 @@ with the step number and the trainer's learning rate, and overlaps the pull of t
 current step (:meth:`ParamServerStore.prefetch`): rows pulled early are revalidated at :meth:`pull` time and
 only the rows a later update changed travel again, so prefetching never returns a stale row.
 
-The shared secret comes from ``token=`` or the ``MEGACLASS_PS_TOKEN`` environment variable, a TLS root
-certificate from ``tls_ca=`` or ``MEGACLASS_PS_TLS_CA`` (a PEM file path), read when the store is built.
+The URL may end in options: ``ps://host:port,host:port?token_file=/run/secrets/ps&connect_timeout_s=2``
+(``token_file``, ``connect_timeout_s``, ``timeout_s``). The shared secret comes from ``token=``, a token file
+(``token_file=`` or the URL's) or the ``MEGACLASS_PS_TOKEN`` environment variable (given by several, they must
+agree); a TLS root certificate from ``tls_ca=`` or ``MEGACLASS_PS_TLS_CA`` (a PEM file path), read when the
+store is built.
 """
 
 from __future__ import annotations
@@ -21,17 +24,19 @@ from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind
 from megaclass.store.base import RowStore
 
 SCHEME = "ps://"
+URL_OPTIONS = ("token_file", "connect_timeout_s", "timeout_s")
 
 
 def parse_ps_url(url: str) -> list[str]:
-    """The ``host:port`` addresses of ``ps://host:port,host:port``.
+    """The ``host:port`` addresses of ``ps://host:port,host:port[?options]``.
 
-    >>> parse_ps_url("ps://127.0.0.1:50051,127.0.0.1:50052")
+    >>> parse_ps_url("ps://127.0.0.1:50051,127.0.0.1:50052?connect_timeout_s=2")
     ['127.0.0.1:50051', '127.0.0.1:50052']
     """
     if not url.startswith(SCHEME):
         raise ValueError(f"store {url!r}: expected ps://host:port[,host:port...]")
-    addresses = [part.strip() for part in url[len(SCHEME) :].split(",") if part.strip()]
+    hosts = url[len(SCHEME) :].partition("?")[0]
+    addresses = [part.strip() for part in hosts.split(",") if part.strip()]
     for address in addresses:
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
@@ -41,6 +46,41 @@ def parse_ps_url(url: str) -> list[str]:
     return addresses
 
 
+def ps_url_options(url: str) -> dict[str, str]:
+    """The options after ``?`` in a ``ps://`` URL (``token_file``, ``connect_timeout_s``, ``timeout_s``).
+
+    >>> ps_url_options("ps://127.0.0.1:50051?token_file=/run/secrets/ps&timeout_s=60")
+    {'token_file': '/run/secrets/ps', 'timeout_s': '60'}
+    """
+    from urllib.parse import parse_qsl
+
+    query = url.partition("?")[2]
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"store {url!r}: options after '?' must be name=value&name=value") from None
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in URL_OPTIONS:
+            raise ValueError(f"store {url!r}: unknown option {name!r}; expected one of {list(URL_OPTIONS)}")
+        if name in options or not value:
+            raise ValueError(f"store {url!r}: option {name!r} given twice or empty")
+        options[name] = value
+    return options
+
+
+def _seconds(url: str, options: dict[str, str], name: str, default: float) -> float:
+    if name not in options:
+        return default
+    try:
+        value = float(options[name])
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"store {url!r}: {name}={options[name]!r}, expected a number of seconds > 0")
+    return value
+
+
 class ParamServerStore(RowStore):
     """A :class:`RowStore` whose rows and optimizer live in parameter-server shards.
 
@@ -48,10 +88,15 @@ class ParamServerStore(RowStore):
         addresses: ``host:port`` of every shard (or a ``ps://`` URL).
         device: where pulled rows are delivered.
         trainer: this trainer's rank; None: the ``torch.distributed`` rank, or 0.
-        token: shared secret; None: ``MEGACLASS_PS_TOKEN`` if set.
+        token: shared secret; None: from ``token_file`` or ``MEGACLASS_PS_TOKEN`` if set.
+        token_file: a file holding the shared secret; None: the URL's ``token_file`` option, if any.
         tls_ca: PEM root certificate file for TLS; None: ``MEGACLASS_PS_TLS_CA`` if set, else plaintext.
-        timeout_s: deadline of every call (retries included).
+        timeout_s: deadline of every call (retries included); None: the URL's, else 120.
+        connect_timeout_s: deadline of the first contact with each shard; None: the URL's, else 5.
         wire_dtype: ``"float32"`` or ``"bfloat16"`` on the wire.
+
+    Raises:
+        ParamServerError: a shard is unreachable or refuses the token (one line naming its address).
 
     >>> store = ParamServerStore("ps://127.0.0.1:50051", device="cuda")  # doctest: +SKIP
     >>> rows = store.pull(ids)  # (S, D) on cuda
@@ -65,22 +110,32 @@ class ParamServerStore(RowStore):
         device: torch.device | str = "cpu",
         trainer: int | None = None,
         token: str | None = None,
+        token_file: str | None = None,
         tls_ca: str | None = None,
-        timeout_s: float = 120.0,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
         wire_dtype: str = "float32",
     ) -> None:
         from megaclass.paramserver.client import ParamServerClient
 
+        options: dict[str, str] = {}
         if isinstance(addresses, str):
-            addresses = parse_ps_url(addresses)
+            url, addresses, options = addresses, parse_ps_url(addresses), ps_url_options(addresses)
+            if token_file is not None and options.get("token_file", token_file) != token_file:
+                raise ValueError(f"store {url!r}: its token_file differs from token_file={token_file!r}")
+            token_file = options.get("token_file", token_file)
+            timeout_s = timeout_s or _seconds(url, options, "timeout_s", 120.0)
+            connect_timeout_s = connect_timeout_s or _seconds(url, options, "connect_timeout_s", 5.0)
         if trainer is None:
             trainer = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.client = ParamServerClient(
             addresses,
             trainer=trainer,
-            token=token if token is not None else os.environ.get("MEGACLASS_PS_TOKEN"),
+            token=token,
+            token_file=token_file,
             tls_ca=tls_ca if tls_ca is not None else os.environ.get("MEGACLASS_PS_TLS_CA"),
-            timeout_s=timeout_s,
+            timeout_s=timeout_s or 120.0,
+            connect_timeout_s=connect_timeout_s or 5.0,
             wire_dtype=wire_dtype,
         )
         self.num_rows, self.dim = self.client.num_rows, self.client.dim
