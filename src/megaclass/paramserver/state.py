@@ -27,6 +27,7 @@ close left one: a truncated or damaged state is refused rather than served as ze
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zlib
