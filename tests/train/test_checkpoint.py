@@ -217,3 +217,91 @@ def test_pruning_keeps_whole_checkpoints_up_to_the_one_written(tmp_path):
     ]
     with open(os.path.join(folder, "latest.json")) as file:
         assert json.load(file) == {"checkpoint": "step_000000005", "step": 5}
+
+
+# ------------------------------------------------------------------------- sharded checkpoints (one rank)
+
+
+def _sharded_head(seed: int):
+    from megaclass.distributed.sharded import ShardedDenseHead
+    from megaclass.heads.base import HeadContext
+    from megaclass.heads.dense import DenseHeadConfig
+
+    torch.manual_seed(seed)
+    head = ShardedDenseHead(DenseHeadConfig(), HeadContext(in_features=4, num_classes=7, multilabel=False))
+    return head, torch.optim.AdamW(head.parameters(), lr=0.1)
+
+
+def _save_sharded(folder: str, step: int, head, optimizer) -> str:
+    from megaclass.distributed.checkpoint import save_sharded
+
+    path = save_sharded(
+        folder,
+        step,
+        head=head,
+        head_optimizer=optimizer,
+        common={"step": step},
+        private={},
+        rank=0,
+        world_size=1,
+    )
+    checkpoint.commit_checkpoint(folder, path, keep=2)
+    return path
+
+
+def _sharded_loader(head, optimizer):
+    from megaclass.distributed.checkpoint import load_sharded
+
+    return lambda path: load_sharded(path, head=head, head_optimizer=optimizer, rank=0, world_size=1)[0]
+
+
+def test_sharded_checkpoint_falls_back_past_a_damaged_rows_file(tmp_path):
+    folder = str(tmp_path)
+    head, optimizer = _sharded_head(0)
+    saved = {}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            head.weight.add_(1.0)
+        saved[step] = head.weight.detach().clone()
+        _save_sharded(folder, step, head, optimizer)
+    assert sorted(os.listdir(folder)) == ["latest.json", "step_000000002", "step_000000003"], "pruned to 2"
+    newest = os.path.join(folder, "step_000000003")
+    with open(os.path.join(newest, "manifest.json")) as file:
+        listed = json.load(file)["files"]
+    assert {"layout.json", "rows_00000.safetensors", "common/tensors.safetensors"} <= set(listed)
+    assert "rank_00000/state.json" in listed
+    _damage(os.path.join(newest, "rows_00000.safetensors"), "flipped")
+    fresh, fresh_optimizer = _sharded_head(1)
+    before = fresh.weight.detach().clone()
+    with pytest.warns(CheckpointWarning, match=re.escape(f"{newest}: rows_00000.safetensors differs")):
+        path, common = checkpoint.load_newest(folder, load=_sharded_loader(fresh, fresh_optimizer))
+    assert path.endswith("step_000000002") and common["step"] == 2
+    assert torch.equal(fresh.weight, saved[2]) and not torch.equal(before, saved[2])
+
+
+def test_sharded_step_saved_twice_keeps_a_whole_checkpoint_through_a_kill(tmp_path, monkeypatch):
+    folder = str(tmp_path)
+    head, optimizer = _sharded_head(0)
+    _save_sharded(folder, 4, head, optimizer)
+    first = head.weight.detach().clone()
+    with torch.no_grad():
+        head.weight.add_(1.0)
+    real_replace = os.replace
+
+    def replace(source, target):
+        if os.path.basename(source) == ".tmp-step_000000004-shards":
+            raise KeyboardInterrupt("SIGKILL stand-in")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _save_sharded(folder, 4, head, optimizer)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(folder, "step_000000004"))
+    fresh, fresh_optimizer = _sharded_head(1)
+    with pytest.warns(CheckpointWarning, match="names step_000000004, which is missing"):
+        path, _ = checkpoint.load_newest(folder, load=_sharded_loader(fresh, fresh_optimizer))
+    assert os.path.basename(os.path.dirname(path)).startswith(".old-step_000000004-")
+    assert torch.equal(fresh.weight, first)
+    checkpoint.recover(folder)
+    assert sorted(os.listdir(folder)) == ["latest.json", "step_000000004"]
