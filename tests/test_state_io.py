@@ -172,6 +172,20 @@ def test_file_fingerprint_streams_large_files(tmp_path):
     }
 
 
+def test_folder_fingerprint_follows_its_listing(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.jpg").write_bytes(b"12345")
+    (tmp_path / "b.jpg").write_bytes(b"xy")
+    first = state_io.path_fingerprint(str(tmp_path))
+    listing = b"a/0.jpg\t5\nb.jpg\t2\n"
+    assert first == {"size": 7, "sha256": hashlib.sha256(listing).hexdigest()}
+    (tmp_path / "b.jpg").rename(tmp_path / "c.jpg")
+    assert state_io.path_fingerprint(str(tmp_path)) != first
+    assert state_io.path_fingerprint(str(tmp_path / "c.jpg")) == state_io.file_fingerprint(
+        str(tmp_path / "c.jpg")
+    )
+
+
 def _imported_modules(repo_root: str, path: str) -> set[str]:
     with open(os.path.join(repo_root, "src", "megaclass", path)) as file:
         tree = ast.parse(file.read())

@@ -31,6 +31,7 @@ __all__ = [
     "DamagedStateError",
     "file_fingerprint",
     "flatten",
+    "path_fingerprint",
     "read_state",
     "replace_folder",
     "unflatten",
@@ -134,13 +135,27 @@ def file_fingerprint(path: str) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def _files_under(folder: str) -> list[str]:
-    """Every file under ``folder`` but the manifest, relative to it (``/``-separated, sorted)."""
+def path_fingerprint(path: str) -> dict[str, Any]:
+    """:func:`file_fingerprint` of a file; of a folder (an image folder may hold millions of files), the total
+    size of its files and the SHA-256 of its listing: each file's relative path and size."""
+    if not os.path.isdir(path):
+        return file_fingerprint(path)
+    digest = hashlib.sha256()
+    total = 0
+    for relative in _files_under(path, skip_manifest=False):
+        size = os.path.getsize(os.path.join(path, relative))
+        digest.update(f"{relative}\t{size}\n".encode())
+        total += size
+    return {"size": total, "sha256": digest.hexdigest()}
+
+
+def _files_under(folder: str, *, skip_manifest: bool = True) -> list[str]:
+    """Every file under ``folder`` (but its manifest), relative to it (``/``-separated, sorted)."""
     found = []
     for root, _, names in os.walk(folder):
         for name in names:
             relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if relative != MANIFEST:
+            if relative != MANIFEST or not skip_manifest:
                 found.append(relative)
     return sorted(found)
 

@@ -37,7 +37,7 @@ from megaclass.errors import TrainingDiverged
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
 from megaclass.schema import ConfigError
-from megaclass.state_io import file_fingerprint, write_json_atomic, write_state
+from megaclass.state_io import path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.config import (
@@ -330,11 +330,11 @@ class Trainer:
             raise ValueError(f"--out {self.out_dir}: cannot write in {existing} ({error.strerror})") from None
 
     def _check_data_files(self) -> None:
-        """Fingerprint the data files (size and SHA-256, for ``run.json``); when resuming, refuse files other
-        than those that ``run.json`` recorded."""
+        """Fingerprint the data (size and SHA-256, for ``run.json``; an image folder's of its listing); when
+        resuming, refuse files other than those that ``run.json`` recorded."""
         self.data_files = {
-            "train_file": {"path": self.train_path, **file_fingerprint(self.train_path)},
-            "test_file": {"path": self.test_path, **file_fingerprint(self.test_path)},
+            "train_file": {"path": self.train_path, **path_fingerprint(self.train_path)},
+            "test_file": {"path": self.test_path, **path_fingerprint(self.test_path)},
         }
         facts_path = os.path.join(self.out_dir, "run.json")
         if not self.resume or not os.path.exists(facts_path):
