@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from megaclass.distributed.info import DistInfo, init_distributed, shutdown_distributed
+from megaclass.heads import head_config
 from megaclass.heads.base import ClassShard, HeadContext
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
-from megaclass.heads import head_config
 from megaclass.heads.selected import SelectedHead
 from megaclass.ops.collectives import all_reduce_max
 from megaclass.targets import as_ragged
@@ -181,7 +181,7 @@ def measure(row: Row, *, encoder_kind: str, dim: int, args: Any, info: DistInfo,
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if isinstance(head, ShardedSelectedHead):  # pushes the rows' gradients to the store
+            if isinstance(head, SelectedHead):  # pushes the rows' gradients to the store
                 after_step(1, 0.0, lr=0.01)
 
         times = _time_steps(step, steps=args.steps, warmup=args.warmup, info=info, device=device)

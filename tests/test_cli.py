@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,21 @@ def test_resume_continues_bit_exactly(tiny, full_run, tmp_path):
     with open(out / "metrics.json") as a, open(full_run / "metrics.json") as b:
         resumed, full = json.load(a), json.load(b)
     assert {k: v for k, v in resumed.items() if "@" in k} == {k: v for k, v in full.items() if "@" in k}
+
+
+def test_a_rerun_into_a_finished_run_is_refused_until_overwrite(tiny, full_run, tmp_path, capsys):
+    files = sorted(str(path.relative_to(full_run)) for path in full_run.rglob("*"))
+    stamps = {name: os.stat(full_run / name).st_mtime_ns for name in files}
+    capsys.readouterr()
+    assert _train(tiny, full_run) == 2
+    error = capsys.readouterr().err
+    assert f"--out {full_run} holds a run" in error and "--resume" in error and "--overwrite" in error
+    assert sorted(str(path.relative_to(full_run)) for path in full_run.rglob("*")) == files
+    assert {name: os.stat(full_run / name).st_mtime_ns for name in files} == stamps
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy)
+    assert _train(tiny, copy, "--overwrite") == 0
+    assert _losses(copy) == _losses(full_run)
 
 
 def test_resume_refuses_a_changed_config(tiny, tmp_path):

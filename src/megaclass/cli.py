@@ -47,7 +47,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="config overrides, applied last, e.g. --set optim.head.lr=0.01 model.hidden=[512]",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest whole checkpoint in --out"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that --out holds (without it or --resume such a folder is refused)",
+    )
     parser.add_argument(
         "--nproc-per-node",
         type=int,
@@ -90,7 +97,14 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides.insert(0, f"train.epochs={args.epochs}")
     config = load_config(args.config, overrides, preset=args.preset, head=args.head)
-    metrics = train(config, train_path=args.train, test_path=args.test, out_dir=args.out, resume=args.resume)
+    metrics = train(
+        config,
+        train_path=args.train,
+        test_path=args.test,
+        out_dir=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
     if not DistInfo.from_env().is_main:
         return 0
     if not metrics:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 import zlib
-
-import dataclasses
 
 import torch
 

@@ -100,7 +100,7 @@ def test_verify_rejects_mismatched_features(tmp_path, fixture_bin, capsys):
 @pytest.mark.integration
 def test_resume_is_bit_exact(tmp_path, fixture_dir, capsys):
     """A face run stopped mid-epoch and resumed ends with an uninterrupted run's weights (flips included)."""
-    from megaclass.train.checkpoint import read_state
+    from megaclass.state_io import read_state
 
     train = os.path.join(fixture_dir, "train.rec")
     common = [

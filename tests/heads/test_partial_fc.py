@@ -57,7 +57,12 @@ def test_random_classes_change_between_steps_and_loss_falls():
 
 def test_partial_fc_is_the_selected_head_with_random_classes():
     config = head_config({"type": "partial_fc", "store": "host", "logq_correction": True})
-    assert (config.type, config.sample_num, config.index.type, config.store) == ("partial_fc", 0.1, "none", "host")
+    assert (config.type, config.sample_num, config.index.type, config.store) == (
+        "partial_fc",
+        0.1,
+        "none",
+        "host",
+    )
     assert config.active_classes(1000) == 100
     assert head_config({"type": "partial_fc", "sample_num": 250}).active_classes(1000) == 250
     with pytest.raises(ConfigError, match="sample_num"):

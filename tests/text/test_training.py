@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaclass.train import checkpoint
+from megaclass.state_io import read_state
 from megaclass.train.config import load_config
 from megaclass.train.loop import train
 from megaclass.train.progress import read_log
@@ -62,7 +62,7 @@ def _losses(out) -> list[float]:
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
-    state = checkpoint.read_state(os.path.join(out, "model"))
+    state = read_state(os.path.join(out, "model"))
     return {f"{part}.{name}": value for part in ("encoder", "head") for name, value in state[part].items()}
 
 

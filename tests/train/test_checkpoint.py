@@ -1,60 +1,30 @@
-"""Checkpoints: exact round trips of nested state, optimizer continuation, atomic writes, pruning."""
+"""Checkpoints: exact round trips, optimizer continuation, atomic writes, pruning, and resuming from the
+newest whole checkpoint past a missing pointer, a kill between two renames, truncated or altered files and
+leftovers."""
 
+import json
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from megaclass.state_io import DamagedStateError
 from megaclass.train import checkpoint
-
-
-def _nested_state():
-    return {
-        "weights": {"a": torch.randn(3, 5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)},
-        "dtypes": [
-            torch.arange(6, dtype=torch.int64),
-            torch.ones(2, dtype=torch.bool),
-            torch.randn(4).to(torch.bfloat16),
-            torch.randint(0, 255, (7,), dtype=torch.uint8),
-        ],
-        "numpy": np.arange(5, dtype=np.uint32),
-        "python": random.getstate(),
-        3: ("tuple", 1, 2.0, None, True),
-        "view": torch.arange(12.0).reshape(3, 4)[:, 1],
-    }
-
-
-def _assert_equal(a, b, where="state"):
-    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=False)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+from megaclass.train.checkpoint import CheckpointWarning
 
 
 def test_round_trip_is_exact(tmp_path):
-    state = _nested_state()
+    state = {"w": torch.randn(3, 5), "rng": random.getstate(), "counts": np.arange(4), 7: ("a", None)}
     path = checkpoint.save_checkpoint(str(tmp_path / "ckpt"), 7, state)
     assert os.path.basename(path) == "step_000000007"
     assert checkpoint.latest_checkpoint(str(tmp_path / "ckpt")) == path
-    _assert_equal(state, checkpoint.load_checkpoint(path))
-
-
-def test_unstorable_value_names_its_key():
-    with pytest.raises(TypeError, match="'outer.bad'"):
-        checkpoint.flatten({"outer": {"bad": object()}})
+    loaded = checkpoint.load_checkpoint(path)
+    assert torch.equal(loaded["w"], state["w"]) and np.array_equal(loaded["counts"], state["counts"])
+    assert loaded["rng"] == state["rng"] and loaded[7] == ("a", None)
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
@@ -117,13 +87,222 @@ def test_keeps_the_newest(tmp_path):
     assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(folder)) == {"step": 5}
 
 
-def test_overwrite_state_folder(tmp_path):
-    folder = str(tmp_path / "model")
-    checkpoint.write_state(folder, {"w": torch.ones(2)})
-    checkpoint.write_state(folder, {"w": torch.zeros(2)})
-    assert torch.equal(checkpoint.read_state(folder)["w"], torch.zeros(2))
-    assert os.listdir(tmp_path) == ["model"]
-
-
 def test_no_checkpoint(tmp_path):
     assert checkpoint.latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def _three_checkpoints(folder: str) -> list[str]:
+    return [
+        checkpoint.save_checkpoint(folder, step, {"step": torch.tensor(step)}, keep=5) for step in (2, 4, 6)
+    ]
+
+
+def _steps(folder: str) -> list[int]:
+    """Steps of the whole checkpoints in ``folder`` (each verified), oldest first."""
+    found = []
+    for path in checkpoint.checkpoint_folders(folder):
+        found.append(int(checkpoint.load_checkpoint(path)["step"]))
+    return sorted(found)
+
+
+def _damage(path: str, how: str) -> None:
+    if how == "truncated":
+        os.truncate(path, os.path.getsize(path) - 3)
+    else:  # one flipped bit, in the tensor bytes at the end
+        with open(path, "r+b") as file:
+            file.seek(-2, os.SEEK_END)
+            byte = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_missing_pointer_resumes_from_the_newest_with_a_warning(tmp_path):
+    folder = str(tmp_path)
+    paths = _three_checkpoints(folder)
+    os.remove(os.path.join(folder, "latest.json"))
+    with pytest.warns(CheckpointWarning, match="latest.json is missing"):
+        path, state = checkpoint.load_newest(folder)
+    assert path == paths[-1] and int(state["step"]) == 6
+
+
+def test_pointer_naming_a_missing_folder_after_a_kill_between_two_renames(tmp_path, monkeypatch):
+    """Step 6 saved twice (mid-epoch, then at the epoch end): a kill between moving the first save aside and
+    renaming the second into place leaves ``step_6`` missing; the first save is whole and is resumed."""
+    folder = str(tmp_path)
+    _three_checkpoints(folder)
+    real_replace = os.replace
+
+    def replace(source, target):
+        if os.path.basename(source).startswith(".tmp-step_000000006"):
+            raise KeyboardInterrupt("SIGKILL stand-in")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(folder, 6, {"step": torch.tensor(6), "second": True}, keep=5)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(folder, "step_000000006"))
+    with pytest.warns(CheckpointWarning, match="names step_000000006, which is missing"):
+        path, state = checkpoint.load_newest(folder)
+    assert os.path.basename(os.path.dirname(path)).startswith(".old-step_000000006-")
+    assert int(state["step"]) == 6 and "second" not in state
+    checkpoint.recover(folder)
+    assert sorted(os.listdir(folder)) == ["latest.json", "step_000000002", "step_000000004", "step_000000006"]
+    assert _steps(folder) == [2, 4, 6], "no whole checkpoint lost"
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_newest_falls_back_to_the_previous_one(tmp_path, how):
+    folder = str(tmp_path)
+    paths = _three_checkpoints(folder)
+    _damage(os.path.join(paths[-1], "tensors.safetensors"), how)
+    with pytest.raises(DamagedStateError):
+        checkpoint.load_checkpoint(paths[-1])
+    size = os.path.getsize(os.path.join(paths[-1], "tensors.safetensors"))
+    why = (
+        f"has {size} bytes, the manifest says {size + 3}"
+        if how == "truncated"
+        else "differs from its SHA-256"
+    )
+    with pytest.warns(
+        CheckpointWarning, match=re.escape(f"damaged checkpoint: {paths[-1]}: tensors.safetensors ") + why
+    ):
+        path, state = checkpoint.load_newest(folder)
+    assert path == paths[1] and int(state["step"]) == 4
+    checkpoint.recover(folder)
+    assert all(os.path.isdir(p) for p in paths), "nothing deleted, not even the damaged one"
+
+
+def test_every_checkpoint_damaged_is_an_error_that_deletes_nothing(tmp_path):
+    folder = str(tmp_path)
+    paths = _three_checkpoints(folder)
+    for path in paths:
+        _damage(os.path.join(path, "tensors.safetensors"), "flipped")
+    before = sorted(os.listdir(folder))
+    with pytest.warns(CheckpointWarning), pytest.raises(DamagedStateError, match="no whole checkpoint"):
+        checkpoint.load_newest(folder)
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_leftovers_are_removed_and_whole_checkpoints_kept(tmp_path):
+    folder = str(tmp_path)
+    _three_checkpoints(folder)
+    os.makedirs(os.path.join(folder, ".tmp-step_000000008-abc"))  # a save killed before its rename
+    open(os.path.join(folder, ".tmp-xyz.json"), "w").close()  # a pointer write killed before its rename
+    shutil.copytree(
+        os.path.join(folder, "step_000000004"), os.path.join(folder, ".old-step_000000004-q", "x")
+    )
+    os.makedirs(os.path.join(folder, ".tmp-step_000000010-shards", "rank_00000"))
+    path, _ = checkpoint.load_newest(folder)
+    assert path.endswith("step_000000006"), "leftovers are never read"
+    checkpoint.recover(folder)
+    assert sorted(os.listdir(folder)) == ["latest.json", "step_000000002", "step_000000004", "step_000000006"]
+    assert _steps(folder) == [2, 4, 6]
+
+
+def test_pruning_keeps_whole_checkpoints_up_to_the_one_written(tmp_path):
+    """After resuming from step 4 past a damaged step 6, saving step 5 removes step 2 (keep 2), not step 6
+    (written again when the run gets there), and an unfinished folder does not count as one of the kept."""
+    folder = str(tmp_path)
+    paths = _three_checkpoints(folder)
+    _damage(os.path.join(paths[-1], "tensors.safetensors"), "flipped")
+    os.makedirs(os.path.join(folder, "step_000000003"))  # no manifest: not whole
+    checkpoint.save_checkpoint(folder, 5, {"step": torch.tensor(5)}, keep=2)
+    assert sorted(os.listdir(folder)) == [
+        "latest.json",
+        "step_000000003",
+        "step_000000004",
+        "step_000000005",
+        "step_000000006",
+    ]
+    with open(os.path.join(folder, "latest.json")) as file:
+        assert json.load(file) == {"checkpoint": "step_000000005", "step": 5}
+
+
+# ------------------------------------------------------------------------- sharded checkpoints (one rank)
+
+
+def _sharded_head(seed: int):
+    from megaclass.distributed.sharded import ShardedDenseHead
+
+    from megaclass.heads.base import HeadContext
+    from megaclass.heads.dense import DenseHeadConfig
+
+    torch.manual_seed(seed)
+    head = ShardedDenseHead(DenseHeadConfig(), HeadContext(in_features=4, num_classes=7, multilabel=False))
+    return head, torch.optim.AdamW(head.parameters(), lr=0.1)
+
+
+def _save_sharded(folder: str, step: int, head, optimizer) -> str:
+    from megaclass.distributed.checkpoint import save_sharded
+
+    path = save_sharded(
+        folder,
+        step,
+        head=head,
+        head_optimizer=optimizer,
+        common={"step": step},
+        private={},
+        rank=0,
+        world_size=1,
+    )
+    checkpoint.commit_checkpoint(folder, path, keep=2)
+    return path
+
+
+def _sharded_loader(head, optimizer):
+    from megaclass.distributed.checkpoint import load_sharded
+
+    return lambda path: load_sharded(path, head=head, head_optimizer=optimizer, rank=0, world_size=1)[0]
+
+
+def test_sharded_checkpoint_falls_back_past_a_damaged_rows_file(tmp_path):
+    folder = str(tmp_path)
+    head, optimizer = _sharded_head(0)
+    saved = {}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            head.weight.add_(1.0)
+        saved[step] = head.weight.detach().clone()
+        _save_sharded(folder, step, head, optimizer)
+    assert sorted(os.listdir(folder)) == ["latest.json", "step_000000002", "step_000000003"], "pruned to 2"
+    newest = os.path.join(folder, "step_000000003")
+    with open(os.path.join(newest, "manifest.json")) as file:
+        listed = json.load(file)["files"]
+    assert {"layout.json", "rows_00000.safetensors", "common/tensors.safetensors"} <= set(listed)
+    assert "rank_00000/state.json" in listed
+    _damage(os.path.join(newest, "rows_00000.safetensors"), "flipped")
+    fresh, fresh_optimizer = _sharded_head(1)
+    before = fresh.weight.detach().clone()
+    with pytest.warns(CheckpointWarning, match=re.escape(f"{newest}: rows_00000.safetensors differs")):
+        path, common = checkpoint.load_newest(folder, load=_sharded_loader(fresh, fresh_optimizer))
+    assert path.endswith("step_000000002") and common["step"] == 2
+    assert torch.equal(fresh.weight, saved[2]) and not torch.equal(before, saved[2])
+
+
+def test_sharded_step_saved_twice_keeps_a_whole_checkpoint_through_a_kill(tmp_path, monkeypatch):
+    folder = str(tmp_path)
+    head, optimizer = _sharded_head(0)
+    _save_sharded(folder, 4, head, optimizer)
+    first = head.weight.detach().clone()
+    with torch.no_grad():
+        head.weight.add_(1.0)
+    real_replace = os.replace
+
+    def replace(source, target):
+        if os.path.basename(source) == ".tmp-step_000000004-shards":
+            raise KeyboardInterrupt("SIGKILL stand-in")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _save_sharded(folder, 4, head, optimizer)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(folder, "step_000000004"))
+    fresh, fresh_optimizer = _sharded_head(1)
+    with pytest.warns(CheckpointWarning, match="names step_000000004, which is missing"):
+        path, _ = checkpoint.load_newest(folder, load=_sharded_loader(fresh, fresh_optimizer))
+    assert os.path.basename(os.path.dirname(path)).startswith(".old-step_000000004-")
+    assert torch.equal(fresh.weight, first)
+    checkpoint.recover(folder)
+    assert sorted(os.listdir(folder)) == ["latest.json", "step_000000004"]

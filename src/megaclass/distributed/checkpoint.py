@@ -10,11 +10,16 @@ A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
 - ``common/``: the rest, written by rank 0: encoder and its optimizer, the head's replicated entries, loop
   state, the config.
 
-Ranks write into ``step_<N>.tmp``; after a barrier rank 0 renames it and moves ``latest.json``, so a kill
-never leaves half a checkpoint. A run on ``M`` ranks reads, for its own row range, the slices of every file
-that overlaps it (safetensors reads slices without loading whole files); rank-private state is kept when the
-world size is unchanged and rebuilt otherwise (an index is rebuilt from the rows). Every rank writes into the
-run folder: on several hosts it must be on a shared file system.
+- ``manifest.json``: the size and SHA-256 of every other file (:func:`megaclass.state_io.write_manifest`).
+
+Ranks write into ``.tmp-step_<N>-shards/``; after a barrier rank 0 writes the layout and the manifest and
+renames the folder into place (:func:`megaclass.state_io.replace_folder`), so a kill never leaves half a
+checkpoint and a step saved twice keeps a whole one at every moment. Pointing ``latest.json`` at it and
+pruning are the caller's (:func:`megaclass.train.checkpoint.commit_checkpoint`). Every reader verifies the
+manifest first (:class:`~megaclass.state_io.DamagedStateError`). A run on ``M`` ranks reads, for its own row
+range, the slices of every file that overlaps it (safetensors reads slices without loading whole files);
+rank-private state is kept when the world size is unchanged and rebuilt otherwise (an index is rebuilt from
+the rows). Every rank writes into the run folder: on several hosts it must be on a shared file system.
 
     megaclass export --run runs/two --out model.safetensors
 """
@@ -31,7 +36,14 @@ import torch
 from torch import Tensor
 
 from megaclass.heads import Head
-from megaclass.train import checkpoint as run_checkpoint
+from megaclass.state_io import (
+    read_state,
+    replace_folder,
+    verify_manifest,
+    write_json_atomic,
+    write_manifest,
+    write_state,
+)
 
 __all__ = [
     "export_head_state",
@@ -112,7 +124,6 @@ def save_sharded(
     private: dict[str, Any],
     rank: int,
     world_size: int,
-    keep: int = 2,
 ) -> str:
     """Write this rank's part of checkpoint ``folder/step_<step>``; collective over all ranks.
 
@@ -129,7 +140,7 @@ def save_sharded(
 
     name = f"step_{step:09d}"
     final = os.path.join(folder, name)
-    temporary = os.path.join(folder, f".{name}.tmp")
+    temporary = os.path.join(folder, f".tmp-{name}-shards")  # one name that every rank knows
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
@@ -138,11 +149,9 @@ def save_sharded(
     start, stop, num_rows = head.row_range()
     metadata = {"start": str(start), "stop": str(stop), "group": str(head.row_group)}
     save_file(rows, os.path.join(temporary, f"rows_{rank:05d}.safetensors"), metadata=metadata)
-    run_checkpoint.write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
+    write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
     if rank == 0:
-        run_checkpoint.write_state(
-            os.path.join(temporary, "common"), {**common, "head_replicated": replicated}
-        )
+        write_state(os.path.join(temporary, "common"), {**common, "head_replicated": replicated})
     _barrier(world_size)  # every rank's files are in place
     if rank == 0:
         ranges = [[int(x) for x in _range_of(temporary, r)] for r in range(world_size)]
@@ -152,17 +161,9 @@ def save_sharded(
             "ranges": ranges,
             "group": head.row_group,
         }
-        run_checkpoint.write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        run_checkpoint.write_json_atomic(
-            os.path.join(folder, "latest.json"), {"checkpoint": name, "step": step}
-        )
-        steps = sorted(entry for entry in os.listdir(folder) if entry.startswith("step_"))
-        for old in steps[:-keep]:
-            if old != name:
-                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+        write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
+        write_manifest(temporary)
+        replace_folder(temporary, final)
     _barrier(world_size)  # the checkpoint is complete for everyone
     return final
 
@@ -173,6 +174,13 @@ def _range_of(folder: str, rank: int) -> tuple[int, int]:
     with safe_open(os.path.join(folder, f"rows_{rank:05d}.safetensors"), framework="pt") as file:
         metadata = file.metadata()
     return int(metadata["start"]), int(metadata["stop"])
+
+
+def _verified_layout(path: str) -> dict[str, Any]:
+    """The layout of checkpoint ``path`` once every file matches the manifest (else DamagedStateError)."""
+    verify_manifest(path)
+    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
+        return json.load(file)
 
 
 def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, Tensor]:
@@ -199,13 +207,12 @@ def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> d
 
 def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(rows, common)``: the row entries for classes ``[start, stop)`` and the common state of ``path``."""
-    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
-        layout = json.load(file)
+    layout = _verified_layout(path)
     if not 0 <= start < stop <= layout["num_rows"]:
         raise ValueError(
             f"{path}: row range [{start}, {stop}) outside the checkpoint's {layout['num_rows']} rows"
         )
-    return _read_rows(path, layout, start, stop), run_checkpoint.read_state(os.path.join(path, "common"))
+    return _read_rows(path, layout, start, stop), read_state(os.path.join(path, "common"), verify=False)
 
 
 def load_sharded(
@@ -216,9 +223,11 @@ def load_sharded(
     Returns:
         ``(common, private)``: the replicated state, and this rank's private state (None when the world size
         changed: RNG states and indexes then start afresh).
+
+    Raises:
+        DamagedStateError: a file of the checkpoint differs from its manifest (checked before any change).
     """
-    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
-        layout = json.load(file)
+    layout = _verified_layout(path)
     start, stop, num_rows = head.row_range()
     if layout["num_rows"] != num_rows or layout["group"] != head.row_group:
         raise ValueError(
@@ -226,9 +235,9 @@ def load_sharded(
             f"the run's head {num_rows} in groups of {head.row_group}"
         )
     rows = _read_rows(path, layout, start, stop)
-    common = run_checkpoint.read_state(os.path.join(path, "common"))
+    common = read_state(os.path.join(path, "common"), verify=False)
     same_world = layout["world_size"] == world_size
-    private = run_checkpoint.read_state(os.path.join(path, f"rank_{rank:05d}")) if same_world else None
+    private = read_state(os.path.join(path, f"rank_{rank:05d}"), verify=False) if same_world else None
     replicated = common.pop("head_replicated")
     fresh = head.state_dict()
     state = {**replicated["head"], **{k: v for k, v in rows.items() if not k.startswith("optim.")}}
@@ -257,11 +266,10 @@ def export_head_state(path: str) -> dict[str, Tensor]:
     Row entries are stacked over all classes; optimizer and rank-private entries (index, RNG) are left out,
     except the first rank's, which the unsharded head needs to load.
     """
-    with open(os.path.join(path, _LAYOUT), encoding="utf-8") as file:
-        layout = json.load(file)
+    layout = _verified_layout(path)
     rows = _read_rows(path, layout, 0, layout["num_rows"])
-    replicated = run_checkpoint.read_state(os.path.join(path, "common"))["head_replicated"]["head"]
-    first = run_checkpoint.read_state(os.path.join(path, "rank_00000"))["head"]
+    replicated = read_state(os.path.join(path, "common"), verify=False)["head_replicated"]["head"]
+    first = read_state(os.path.join(path, "rank_00000"), verify=False)["head"]
     state = {**replicated, **{key: value for key, value in first.items() if ".index." not in f".{key}"}}
     state.update({key: value for key, value in rows.items() if not key.startswith("optim.")})
     return state

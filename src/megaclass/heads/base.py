@@ -74,9 +74,7 @@ class Head(nn.Module):
     def __init__(self, context: HeadContext, shard: ClassShard | None = None) -> None:
         super().__init__()
         if context.in_features < 1 or context.num_classes < 1:
-            raise ValueError(
-                f"{type(self).__name__} needs in_features and num_classes >= 1, got {context}"
-            )
+            raise ValueError(f"{type(self).__name__} needs in_features and num_classes >= 1, got {context}")
         if shard is not None and shard.num_classes != context.num_classes:
             raise ValueError(f"shard: {shard} is of {shard.num_classes} classes, the head has {context}")
         self.context = context
@@ -102,7 +100,9 @@ class Head(nn.Module):
             return features, targets
         group = self.shard.group
         _, world = world_of(group)
-        return gather_rows(features, group=group, grad_scale=float(world)), gather_targets(targets, group=group)
+        return gather_rows(features, group=group, grad_scale=float(world)), gather_targets(
+            targets, group=group
+        )
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.context.num_classes:
@@ -172,7 +172,7 @@ class Head(nn.Module):
 
 @torch.no_grad()
 def rescaled_rows(rows: Tensor, like: Tensor) -> Tensor:
-    """``rows (R, D)`` unit-normalised, times the mean row norm of ``like (R, D)`` (the head's initial scale)."""
+    """``rows (R, D)`` unit-normalised, times the mean row norm of ``like (R, D)`` (the initial scale)."""
     rows = torch.as_tensor(rows, dtype=torch.float32, device=like.device)
     if rows.shape != like.shape:
         raise ValueError(f"initial rows: expected shape {tuple(like.shape)}, got {tuple(rows.shape)}")

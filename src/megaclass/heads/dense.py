@@ -70,7 +70,9 @@ def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> 
     for block in range(start // _INIT_BLOCK, -(-stop // _INIT_BLOCK)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
         first = block * _INIT_BLOCK
-        rows = torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator, device=device) * std  # (block, D)
+        rows = (
+            torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator, device=device) * std
+        )  # (block, D)
         lo, hi = max(start, first), min(stop, first + _INIT_BLOCK)
         weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.dtype)
 
@@ -90,7 +92,9 @@ class DenseHead(Head):
     (4, 5)
     """
 
-    def __init__(self, config: DenseHeadConfig, context: HeadContext, shard: ClassShard | None = None) -> None:
+    def __init__(
+        self, config: DenseHeadConfig, context: HeadContext, shard: ClassShard | None = None
+    ) -> None:
         super().__init__(context, shard)
         loss = config.loss
         if loss == "auto":
@@ -113,7 +117,7 @@ class DenseHead(Head):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Rows ~ N(0, (init_scale / sqrt(D))^2), bias zero; a sharded head draws its rows per seeded block."""
+        """Rows ~ N(0, (init_scale / sqrt(D))^2), bias zero; sharded: rows drawn per seeded block."""
         std = self.config.init_scale / math.sqrt(self.context.in_features)
         if self.shard is None:
             nn.init.normal_(self.weight, std=std)

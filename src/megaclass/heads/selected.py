@@ -164,7 +164,9 @@ class SelectedHead(Head):
         self._generator = torch.Generator().manual_seed(self.seed)  # moves to the head's device
         self._step = 0
         self._pending: tuple[Tensor, Tensor] | None = None  # (ids (S,), rows (S, D) leaf with .grad)
-        self._dirty = torch.zeros(0, dtype=torch.bool)  # (C_r,) once materialised: rows pushed since the build
+        self._dirty = torch.zeros(
+            0, dtype=torch.bool
+        )  # (C_r,) once materialised: rows pushed since the build
         self._mark = torch.zeros(0, dtype=torch.int32)  # (C_r,) once materialised: selection scratch
         self._multipliers = coprime_multipliers(self.num_rows, seed=self.seed)
         self._metrics: dict[str, float] = {}
@@ -295,7 +297,12 @@ class SelectedHead(Head):
         return ragged
 
     def _logits(
-        self, features: Tensor, rows: Tensor, target_position: Tensor | None, *, margin_everywhere: bool = False
+        self,
+        features: Tensor,
+        rows: Tensor,
+        target_position: Tensor | None,
+        *,
+        margin_everywhere: bool = False,
     ) -> Tensor:
         """``(B, S)`` logits of ``features (B, D)`` against ``rows (S, D)`` (scaled cosines with a margin;
         ``target_position (B,)``: each row's target column, ``-1`` for none when ``margin_everywhere``)."""
@@ -427,7 +434,7 @@ class SelectedHead(Head):
 
     # ------------------------------------------------------------------ checkpoint
     def state_layout(self) -> dict[str, StateKind]:
-        """Store rows and their optimizer state and the rebuild marks split by rows; index and RNG per rank."""
+        """Store rows, their optimizer state and rebuild marks split by rows; index and RNG per rank."""
         layout: dict[str, StateKind] = {"selection.dirty": "rows", "selection.rng": "rank"}
         for name in self.materialize().state_dict():
             layout[f"store.{name}"] = "rows"

@@ -38,7 +38,8 @@ class ClusterIndexConfig:
     def __post_init__(self) -> None:
         if self.leaf_size < 1 or self.probes < 1:
             raise ConfigError(
-                f"head.index.leaf_size and head.index.probes must be >= 1, got {self.leaf_size}, {self.probes}"
+                "head.index.leaf_size and head.index.probes must be >= 1, got "
+                f"{self.leaf_size}, {self.probes}"
             )
 
 

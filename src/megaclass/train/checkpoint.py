@@ -1,190 +1,185 @@
-"""Checkpoints a kill cannot corrupt: tensors in safetensors, everything else in JSON, renamed into place.
+"""Checkpoints that a kill cannot corrupt and a damaged file cannot pass for good.
 
-A checkpoint is a folder ``checkpoints/step_<N>/`` holding ``tensors.safetensors`` and ``state.json``.
-Any nested state (module and optimizer state dicts, RNG states, loop counters) is split by :func:`flatten`
-into a JSON tree whose tensors are replaced by ``{"__tensor__": key}`` references into the safetensors file.
-The folder is written under a temporary name and renamed; then ``checkpoints/latest.json`` (itself written
-to a temporary file and renamed) points at it. A reader follows ``latest.json``, so it sees the previous
-checkpoint or the new one, never half of one.
+A checkpoint is a folder ``checkpoints/step_<N>/`` whose files a manifest checksums, written under a
+temporary name and renamed into place: by :func:`save_checkpoint` (one state folder,
+:func:`megaclass.state_io.write_state`) or, for a class-sharded run, by
+:func:`megaclass.distributed.checkpoint.save_sharded` followed by :func:`commit_checkpoint`. ``latest.json``
+names the newest for other readers; resuming does not rely on it: :func:`load_newest` scans the folder and
+loads the newest checkpoint whose files match their manifest, skipping a damaged one with a
+:class:`CheckpointWarning` that names it and why.
+
+A kill in the middle of a save leaves ``.tmp-*`` leftovers (never read) or, when the step was saved twice
+(epoch end on a multiple of ``train.checkpoint_every``), the previous ``step_<N>`` moved aside to
+``.old-step_<N>-*/step_<N>``: that one is a whole checkpoint and is read where it lies; :func:`recover`
+puts it back and removes the leftovers. Pruning only removes whole checkpoints older than the ``keep`` newest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
+import warnings
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor
+from megaclass.state_io import (
+    MANIFEST,
+    DamagedStateError,
+    read_state,
+    verify_manifest,
+    write_json_atomic,
+    write_state,
+)
 
 __all__ = [
-    "flatten",
+    "CheckpointWarning",
+    "checkpoint_folders",
+    "commit_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
-    "read_state",
+    "load_newest",
+    "recover",
     "save_checkpoint",
-    "unflatten",
-    "write_json_atomic",
-    "write_state",
 ]
 
-_TENSORS = "tensors.safetensors"
-_STATE = "state.json"
 _LATEST = "latest.json"
+_STEP = re.compile(r"step_(\d+)")
+_MOVED_ASIDE = ".old-"
+_LEFTOVERS = (".tmp-", _MOVED_ASIDE)
 
 
-def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
-    """Split ``state`` into a JSON-able tree and the tensors it references.
-
-    Dicts (any hashable keys), lists, tuples, numbers, strings, None, numpy arrays and tensors are allowed.
-    Non-string dict keys and tuples are tagged so that :func:`unflatten` gives back the same Python values.
-    """
-    tensors: dict[str, Tensor] = {}
-    tree = _flatten(state, prefix, tensors)
-    return tree, tensors
-
-
-def _child(key: str, name: Any, index: int) -> str:
-    part = name if isinstance(name, str) else f"#{index}"
-    return f"{key}.{part}" if key else part
-
-
-def _store(tensors: dict[str, Tensor], key: str, tensor: Tensor) -> str:
-    if key in tensors:  # two paths spelled alike ("a.b" inside "x" vs "b" inside "x.a"): keep both
-        key = f"{key}~{len(tensors)}"
-    tensors[key] = tensor
-    return key
-
-
-def _flatten(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(value, Tensor):
-        return {"__tensor__": _store(tensors, key, value.detach().cpu().contiguous().clone())}
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": _store(tensors, key, torch.from_numpy(np.ascontiguousarray(value).copy()))}
-    if isinstance(value, dict):
-        items = [
-            [
-                _flatten(name, _child(key, f"#key{i}", i), tensors),
-                _flatten(item, _child(key, name, i), tensors),
-            ]
-            for i, (name, item) in enumerate(value.items())
-        ]
-        return {"__dict__": items}
-    if isinstance(value, (list, tuple)):
-        items = [_flatten(item, _child(key, i, i), tensors) for i, item in enumerate(value)]
-        return {"__tuple__": items} if isinstance(value, tuple) else items
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    raise TypeError(f"checkpoint state at {key!r}: cannot store a {type(value).__name__}")
-
-
-def unflatten(tree: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of :func:`flatten`."""
-    if isinstance(tree, dict):
-        if "__tensor__" in tree:
-            return tensors[tree["__tensor__"]]
-        if "__ndarray__" in tree:
-            return tensors[tree["__ndarray__"]].numpy()
-        if "__tuple__" in tree:
-            return tuple(unflatten(item, tensors) for item in tree["__tuple__"])
-        if "__dict__" in tree:
-            return {unflatten(k, tensors): unflatten(v, tensors) for k, v in tree["__dict__"]}
-        raise ValueError(f"checkpoint state: unexpected mapping {sorted(tree)!r}")
-    if isinstance(tree, list):
-        return [unflatten(item, tensors) for item in tree]
-    return tree
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def write_state(folder: str, state: Any) -> str:
-    """Write ``state`` to ``folder`` (tensors + JSON) under a temporary name, then rename it into place."""
-    from safetensors.torch import save_file
-
-    folder = os.path.abspath(folder)
-    parent, name = os.path.split(folder)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
-    try:
-        tree, tensors = flatten(state)
-        save_file(tensors, os.path.join(temporary, _TENSORS))
-        with open(os.path.join(temporary, _STATE), "w", encoding="utf-8") as file:
-            json.dump(tree, file)
-            file.flush()
-            os.fsync(file.fileno())
-        previous = None
-        if os.path.exists(folder):  # a folder cannot be renamed over a full one: move the old one aside first
-            previous = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
-            os.replace(folder, os.path.join(previous, name))
-        os.replace(temporary, folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-    return folder
-
-
-def read_state(folder: str) -> Any:
-    """The state written by :func:`write_state` (or :func:`save_checkpoint`) in ``folder``."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(os.path.join(folder, _TENSORS))
-    with open(os.path.join(folder, _STATE), encoding="utf-8") as file:
-        tree = json.load(file)
-    return unflatten(tree, tensors)
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (damaged) or ``latest.json`` was missing or wrong; the run goes on."""
 
 
 def save_checkpoint(folder: str, step: int, state: dict[str, Any], *, keep: int = 2) -> str:
-    """Write ``state`` as checkpoint ``folder/step_<step>`` atomically; keep the ``keep`` newest.
+    """Write ``state`` as checkpoint ``folder/step_<step>`` atomically, then :func:`commit_checkpoint` it.
 
     Returns:
         The checkpoint's folder.
     """
-    name = f"step_{step:09d}"
-    final = write_state(os.path.join(folder, name), state)
+    path = write_state(os.path.join(folder, f"step_{step:09d}"), state)
+    commit_checkpoint(folder, path, keep=keep)
+    return path
+
+
+def commit_checkpoint(folder: str, path: str, *, keep: int) -> None:
+    """Point ``latest.json`` at the checkpoint just written at ``path`` and keep the ``keep`` newest whole
+    checkpoints up to it; newer ones (left by a run resumed before them) are written again, not removed."""
+    name = os.path.basename(path)
+    step = int(_STEP.fullmatch(name).group(1))
     write_json_atomic(os.path.join(folder, _LATEST), {"checkpoint": name, "step": step})
-    _prune(folder, keep=keep, current=name)
-    return final
+    whole = [
+        (int(match.group(1)), entry)
+        for entry in os.listdir(folder)
+        if (match := _STEP.fullmatch(entry)) and os.path.exists(os.path.join(folder, entry, MANIFEST))
+    ]
+    older = sorted(entry for entry_step, entry in whole if entry_step <= step)
+    for entry in older[:-keep]:
+        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
-def _prune(folder: str, *, keep: int, current: str) -> None:
-    names = sorted(entry for entry in os.listdir(folder) if entry.startswith("step_"))
-    for name in names[:-keep]:
-        if name != current:
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+def checkpoint_folders(folder: str) -> list[str]:
+    """The checkpoint folders under ``folder``, newest step first: each ``step_<N>``, and a ``step_<N>`` that
+    an interrupted save moved aside (``.old-step_<N>-*/step_<N>``) where ``step_<N>`` itself is missing."""
+    if not os.path.isdir(folder):
+        return []
+    found: dict[int, str] = {}
+    moved: dict[int, str] = {}
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        if (match := _STEP.fullmatch(entry)) and os.path.isdir(path):
+            found[int(match.group(1))] = path
+        elif entry.startswith(_MOVED_ASIDE) and os.path.isdir(path):
+            for inner in os.listdir(path):
+                if match := _STEP.fullmatch(inner):
+                    moved[int(match.group(1))] = os.path.join(path, inner)
+    for step, path in moved.items():
+        found.setdefault(step, path)
+    return [found[step] for step in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """The folder of the newest complete checkpoint under ``folder``, or None when there is none."""
-    pointer = os.path.join(folder, _LATEST)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as file:
-        name = json.load(file)["checkpoint"]
-    path = os.path.join(folder, name)
-    return path if os.path.isdir(path) else None
+    """The newest checkpoint under ``folder`` that has a manifest (not verified: see :func:`load_newest`),
+    or None when there is none."""
+    return next(
+        (path for path in checkpoint_folders(folder) if os.path.exists(os.path.join(path, MANIFEST))), None
+    )
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """The state saved by :func:`save_checkpoint` in checkpoint folder ``path``."""
-    return read_state(path)
+    """The state saved by :func:`save_checkpoint` in checkpoint folder ``path``, checked against its manifest.
+
+    Raises:
+        DamagedStateError: a file is missing, truncated or altered, or the manifest is missing.
+    """
+    verify_manifest(path)
+    return read_state(path, verify=False)
+
+
+def load_newest(folder: str, *, load: Callable[[str], Any] = load_checkpoint) -> tuple[str, Any] | None:
+    """``(path, load(path))`` for the newest checkpoint under ``folder`` that ``load`` reads without a
+    :class:`~megaclass.state_io.DamagedStateError`; each damaged newer one is named in a
+    :class:`CheckpointWarning`. None when ``folder`` holds no checkpoint.
+
+    Args:
+        load: reads a checkpoint folder; it must verify the files before it changes anything.
+
+    Raises:
+        DamagedStateError: every checkpoint is damaged (they are all left in place).
+    """
+    candidates = checkpoint_folders(folder)
+    if candidates:
+        _check_pointer(folder)
+    problems = []
+    for path in candidates:
+        try:
+            return path, load(path)
+        except DamagedStateError as error:
+            problems.append(str(error))
+            warnings.warn(f"skipping a damaged checkpoint: {error}", CheckpointWarning, stacklevel=2)
+    if problems:
+        raise DamagedStateError(f"{folder}: no whole checkpoint to resume from ({'; '.join(problems)})")
+    return None
+
+
+def _check_pointer(folder: str) -> None:
+    """Warn when ``latest.json`` is missing, unreadable or names a missing folder."""
+    pointer = os.path.join(folder, _LATEST)
+    try:
+        with open(pointer, encoding="utf-8") as file:
+            name = json.load(file)["checkpoint"]
+    except FileNotFoundError:
+        problem = "is missing"
+    except (ValueError, KeyError, TypeError) as error:
+        problem = f"is unreadable ({error})"
+    else:
+        if os.path.isdir(os.path.join(folder, name)):
+            return
+        problem = f"names {name}, which is missing"
+    warnings.warn(
+        f"{pointer} {problem}; resuming from the newest whole checkpoint found in the folder",
+        CheckpointWarning,
+        stacklevel=3,
+    )
+
+
+def recover(folder: str) -> None:
+    """Tidy ``folder`` after a kill: a checkpoint that an interrupted save moved aside goes back to its name
+    (when that is free); every other ``.tmp-*`` and ``.old-*`` leftover is removed."""
+    if not os.path.isdir(folder):
+        return
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if not entry.startswith(_LEFTOVERS):
+            continue
+        if entry.startswith(_MOVED_ASIDE) and os.path.isdir(path):
+            for inner in os.listdir(path):
+                if _STEP.fullmatch(inner) and not os.path.exists(os.path.join(folder, inner)):
+                    os.replace(os.path.join(path, inner), os.path.join(folder, inner))
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)

@@ -1,6 +1,6 @@
 """Scoring a model on a data set: ranking metrics, and top-``k`` predictions in file order.
 
-    megaclass eval --run runs/demo --test data/deb-tags/test_bow.txt.gz
+megaclass eval --run runs/demo --test data/deb-tags/test_bow.txt.gz
 """
 
 from __future__ import annotations

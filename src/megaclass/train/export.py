@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint, write_export
+from megaclass.state_io import read_state
 from megaclass.train import checkpoint
 
 __all__ = ["export_run", "read_export"]
@@ -23,15 +24,15 @@ def _run_weights(run_dir: str) -> dict[str, Any]:
     """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint."""
     final = os.path.join(run_dir, "model")
     if os.path.isdir(final):
-        state = checkpoint.read_state(final)
+        state = read_state(final)
         return {"encoder": state["encoder"], "head": state["head"]}
     latest = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     if latest is None:
         raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
     if not is_sharded_checkpoint(latest):
-        state = checkpoint.read_state(latest)
+        state = read_state(latest)
         return {"encoder": state["encoder"], "head": state["head"]}
-    common = checkpoint.read_state(os.path.join(latest, "common"))
+    common = read_state(os.path.join(latest, "common"))
     return {"encoder": common["encoder"], "head": export_head_state(latest)}
 
 

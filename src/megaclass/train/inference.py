@@ -22,6 +22,7 @@ from megaclass.data.batch import InputSpec
 from megaclass.data.loaders import SparseDataset, open_dataset
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
+from megaclass.state_io import read_state
 from megaclass.train import checkpoint
 from megaclass.train.build import resolve_device
 from megaclass.train.config import RunConfig, load_config_file
@@ -85,7 +86,7 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
         weights_dir = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         if weights_dir is None:
             raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
-    state = checkpoint.read_state(weights_dir)
+    state = read_state(weights_dir)
     torch_device = resolve_device(device or config.train.device)
     encoder = build_model(config.model, InputSpec(**facts["input_spec"]))
     context = HeadContext(
@@ -101,7 +102,7 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
         from megaclass.data.featurizer import TextFeaturizer
 
-        featurizer = TextFeaturizer.from_state(checkpoint.read_state(os.path.join(run_dir, "featurizer")))
+        featurizer = TextFeaturizer.from_state(read_state(os.path.join(run_dir, "featurizer")))
     return LoadedRun(
         config,
         encoder.to(torch_device).eval(),

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel
 from megaclass.errors import TrainingDiverged
 from megaclass.schema import ConfigError
+from megaclass.state_io import path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import build_modules, build_optimizer, resolve_device, seed_everything
@@ -59,6 +61,21 @@ _RESUMABLE_CHANGES = {
     "distributed.timeout_s",
     "distributed.encoder",
 }
+
+# What a run writes into its folder: a folder holding any of these holds a run.
+_RUN_ENTRIES = (
+    "config.yaml",
+    "run.json",
+    "label_counts.npy",
+    "featurizer",
+    "checkpoints",
+    "log.jsonl",
+    "tensorboard",
+    "model",
+    "metrics.json",
+    "report.md",
+    "report.png",
+)
 
 
 @dataclass
@@ -108,18 +125,29 @@ class Trainer:
         config: the run's config.
         train_path: the training data file.
         test_path: the test data file (evaluated every ``train.eval_every`` epochs and at the end).
-        out_dir: the run folder.
-        resume: continue from the newest checkpoint in ``out_dir`` (a fresh start when there is none).
+        out_dir: the run folder. One that holds a run is refused unless ``resume`` or ``overwrite``.
+        resume: continue from the newest whole checkpoint in ``out_dir`` (a fresh start when there is none).
+        overwrite: replace the run that ``out_dir`` holds (its files are removed once every input checks out).
     """
 
     def __init__(
-        self, config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False
+        self,
+        config: RunConfig,
+        *,
+        train_path: str,
+        test_path: str,
+        out_dir: str,
+        resume: bool = False,
+        overwrite: bool = False,
     ):
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
         self.config = config
         self.train_path = os.fspath(train_path)
         self.test_path = os.fspath(test_path)
         self.out_dir = os.fspath(out_dir)
         self.resume = resume
+        self.overwrite = overwrite
         self.state = LoopState()
         self.device = resolve_device(config.train.device)
         self.dist = DistInfo.from_env()  # rank facts, read once
@@ -129,19 +157,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Open the data, build the encoder, head and optimizers, and restore a checkpoint when resuming."""
+        """Open the data, build the encoder, head and optimizers, and restore a checkpoint when resuming.
+
+        Nothing in the run folder changes before every input checks out: the folder (free, or ``resume`` /
+        ``overwrite``; writable), the data (opens and parses; when resuming, the run's own files), the config
+        (fits the data; when resuming, the checkpoint's).
+        """
         config, dist = self.config, self.dist
         self.device = init_distributed(dist, device=self.device, timeout_s=config.distributed.timeout_s)
-        os.makedirs(self.out_dir, exist_ok=True)
-        resume_from = checkpoint.latest_checkpoint(self._checkpoint_dir()) if self.resume else None
-        if resume_from is None and dist.is_main:
-            self._clear_previous_run()
-        self.logger = RunLogger(self.out_dir, enabled=dist.is_main)  # logs and reports: rank 0 only
+        self._check_run_folder()
         reset_peak_memory(self.device)
         if config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         seed_everything(config.train.seed)
         self.train_data, self.test_data = self._open_data()
+        self._check_data_files()
         self.encoder, self.head = build_modules(config, self.train_data, device=self.device, dist=dist)
         self.parallel = data_parallel(self.encoder, self.head, config=config, dist=dist, device=self.device)
         self.optimizers = {
@@ -163,10 +193,19 @@ class Trainer:
             world_size=dist.world_size,
         )
         self.total_steps = config.train.epochs * self.loader.steps_per_epoch()
+        resumed = self._restore_newest() if self.resume else None
+        if dist.distributed:
+            import torch.distributed as collectives
+
+            collectives.barrier()  # every rank has checked and read the folder before rank 0 writes
         if dist.is_main:
+            if resumed is None:
+                self._clear_previous_run()
+            checkpoint.recover(self._checkpoint_dir())  # leftovers of a killed save
             self._write_run_files()
-        if resume_from is not None:
-            self._restore(resume_from)
+        self.logger = RunLogger(self.out_dir, enabled=dist.is_main)  # logs and reports: rank 0 only
+        if resumed is not None:
+            self._restore_log(resumed)
         self._bind_head_optimizer()
 
     def _weight_average(self) -> WeightAverage | None:
@@ -174,9 +213,7 @@ class Trainer:
         decay = self.config.train.ema_decay
         if not decay:
             return None
-        if self.head.sharded or (
-            self.dist.distributed and self.config.distributed.encoder == "fsdp2"
-        ):
+        if self.head.sharded or (self.dist.distributed and self.config.distributed.encoder == "fsdp2"):
             raise ConfigError(
                 "train.ema_decay: weight averaging needs whole (not sharded) encoder and head parameters; "
                 "set train.ema_decay=0 with distributed.shard_head or distributed.encoder=fsdp2"
@@ -223,17 +260,65 @@ class Trainer:
     def _checkpoint_dir(self) -> str:
         return os.path.join(self.out_dir, "checkpoints")
 
+    def _check_run_folder(self) -> None:
+        """Refuse a folder that holds a run unless resuming or overwriting, and one that cannot be written;
+        reads only."""
+        held = [name for name in _RUN_ENTRIES if os.path.lexists(os.path.join(self.out_dir, name))]
+        if held and not (self.resume or self.overwrite):
+            raise ValueError(
+                f"--out {self.out_dir} holds a run ({', '.join(held)}): pass --resume to continue it or "
+                "--overwrite to replace it"
+            )
+        existing = os.path.abspath(self.out_dir)
+        while not os.path.exists(existing):  # the folder is made later: its nearest existing parent decides
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f"--out {self.out_dir}: {existing} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise ValueError(f"--out {self.out_dir}: cannot write in {existing} ({error.strerror})") from None
+
+    def _check_data_files(self) -> None:
+        """Fingerprint the data (size and SHA-256, for ``run.json``; an image folder's of its listing); when
+        resuming, refuse files other than those that ``run.json`` recorded."""
+        self.data_files = {
+            "train_file": {"path": self.train_path, **path_fingerprint(self.train_path)},
+            "test_file": {"path": self.test_path, **path_fingerprint(self.test_path)},
+        }
+        facts_path = os.path.join(self.out_dir, "run.json")
+        if not self.resume or not os.path.exists(facts_path):
+            return
+        with open(facts_path, encoding="utf-8") as file:
+            facts = json.load(file)
+        for key, flag in (("train_file", "--train"), ("test_file", "--test")):
+            recorded, current = facts.get(key), self.data_files[key]
+            if recorded is None:  # a run folder from before data fingerprints
+                continue
+            if (recorded["size"], recorded["sha256"]) != (current["size"], current["sha256"]):
+                raise ValueError(
+                    f"--resume: {flag} {current['path']} ({current['size']} bytes, sha256 "
+                    f"{current['sha256'][:12]}) is not the run's {recorded['path']} "
+                    f"({recorded['size']} bytes, sha256 {recorded['sha256'][:12]}); pass that file, or "
+                    "--overwrite to start anew"
+                )
+
     def _clear_previous_run(self) -> None:
-        """A fresh run in a used folder starts from nothing: old checkpoints and logs would mix in."""
-        shutil.rmtree(self._checkpoint_dir(), ignore_errors=True)
-        for name in ("log.jsonl", "metrics.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.out_dir, name))
+        """A fresh run in a used folder starts from nothing: the previous run's files go (nothing else)."""
+        for name in _RUN_ENTRIES:
+            path = os.path.join(self.out_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
 
     def _write_run_files(self) -> None:
-        """``config.yaml``, ``run.json`` and the featuriser: what :func:`load_run` needs besides weights."""
+        """``config.yaml``, ``run.json`` and the featuriser: what :func:`load_run` needs besides weights.
+        ``run.json`` also records the data files' fingerprints, which a resumed run must match."""
         import yaml
 
+        os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as file:
             yaml.safe_dump(config_to_dict(self.config), file, sort_keys=False)
         data = self.train_data
@@ -245,11 +330,12 @@ class Trainer:
             "input_spec": dataclasses.asdict(data.input_spec),
             "num_train_samples": len(data),
             "label_counts_file": "label_counts.npy",
+            **self.data_files,
         }
-        checkpoint.write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
+        write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
         np.save(os.path.join(self.out_dir, "label_counts.npy"), data.label_counts())
         if data.featurizer is not None:
-            checkpoint.write_state(os.path.join(self.out_dir, "featurizer"), data.featurizer.state_dict())
+            write_state(os.path.join(self.out_dir, "featurizer"), data.featurizer.state_dict())
 
     # ------------------------------------------------------------------------------------------------ train
 
@@ -432,8 +518,8 @@ class Trainer:
         metrics.update({f"head/{name}": value for name, value in self.head.metrics().items()})
         metrics.update(memory)
         self.logger.print(format_head_memory(memory, sparsity=metrics.get("head/sparsity")))
-        checkpoint.write_state(os.path.join(self.out_dir, "model"), model_state)
-        checkpoint.write_json_atomic(os.path.join(self.out_dir, "metrics.json"), metrics)
+        write_state(os.path.join(self.out_dir, "model"), model_state)
+        write_json_atomic(os.path.join(self.out_dir, "metrics.json"), metrics)
         with open(os.path.join(self.out_dir, "config.yaml"), encoding="utf-8") as file:
             config_yaml = file.read()
         write_report(
@@ -504,6 +590,7 @@ class Trainer:
             "loop": dataclasses.asdict(self.state),
             "rng": rng_state(),
             "config": config_to_dict(self.config),
+            "log_bytes": self._log_bytes(),
         }
         if self.average is not None:
             state["average"] = self.average.state_dict()
@@ -530,8 +617,9 @@ class Trainer:
             "loop": dataclasses.asdict(self.state),
             "config": config_to_dict(self.config),
             "global_batch": self.config.train.batch_size * self.dist.world_size,
+            "log_bytes": self._log_bytes(),
         }
-        return save_sharded(
+        path = save_sharded(
             self._checkpoint_dir(),
             self.state.global_step,
             head=self.head,
@@ -540,8 +628,16 @@ class Trainer:
             private={"rng": rng_state()},
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            keep=self.config.train.keep_checkpoints,
         )
+        if self.dist.is_main:
+            checkpoint.commit_checkpoint(
+                self._checkpoint_dir(), path, keep=self.config.train.keep_checkpoints
+            )
+        return path
+
+    def _log_bytes(self) -> int:
+        """The log's length now (rank 0; 0 elsewhere): a resumed run cuts it back to this."""
+        return os.path.getsize(self.logger.path) if self.dist.is_main else 0
 
     def _restore_distributed(self, path: str) -> dict[str, Any]:
         """Load a checkpoint written by any world size; returns its common state (config, loop state)."""
@@ -570,11 +666,20 @@ class Trainer:
         common["config"]["train"]["batch_size"] = self.config.train.batch_size  # per rank: the product counts
         return common
 
-    def _restore(self, path: str) -> None:
-        if self.head.sharded:
-            state = self._restore_distributed(path)
-        else:
-            state = checkpoint.load_checkpoint(path)
+    def _restore_newest(self) -> str | None:
+        """Restore the newest whole checkpoint, past damaged ones; returns its folder (None: there is none).
+        Reads only."""
+        load = self._restore_distributed if self.head.sharded else checkpoint.load_checkpoint
+        found = checkpoint.load_newest(self._checkpoint_dir(), load=load)
+        if found is None:
+            return None
+        path, state = found
+        self._restore(state)
+        return path
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from the checkpoint ``state``: refuse config changes that alter the numbers, then load
+        weights, optimizers, loop position and RNG states."""
         changes = [
             c
             for c in _config_changes(state["config"], config_to_dict(self.config))
@@ -596,10 +701,20 @@ class Trainer:
         self.state = LoopState(**state["loop"])
         if "rng" in state:  # absent when the world size changed: each rank keeps its fresh seeded state
             set_rng_state(state["rng"])
+        self._resumed_log_bytes = state.get("log_bytes")
+
+    def _restore_log(self, path: str) -> None:
+        """Cut the log back to what it held when the checkpoint at ``path`` was saved: the resumed run writes
+        the rest again (checkpoints without the length: the records after its step go)."""
         if self.dist.is_main:
-            _truncate_log(self.logger.path, self.state.global_step)
+            size = self._resumed_log_bytes
+            if size is not None and os.path.getsize(self.logger.path) >= size:
+                os.truncate(self.logger.path, size)
+            else:
+                _truncate_log(self.logger.path, self.state.global_step)
+        where = os.path.join(self._checkpoint_dir(), os.path.basename(path))  # put back in place if moved
         self.logger.print(
-            f"resumed from {path} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
+            f"resumed from {where} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
         )
 
     def close(self) -> None:
@@ -615,7 +730,13 @@ def _truncate_log(path: str, step: int) -> None:
 
 
 def train(
-    config: RunConfig, *, train_path: str, test_path: str, out_dir: str, resume: bool = False
+    config: RunConfig,
+    *,
+    train_path: str,
+    test_path: str,
+    out_dir: str,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
     ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
@@ -626,7 +747,14 @@ def train(
     """
     from megaclass.distributed.info import shutdown_distributed
 
-    trainer = Trainer(config, train_path=train_path, test_path=test_path, out_dir=out_dir, resume=resume)
+    trainer = Trainer(
+        config,
+        train_path=train_path,
+        test_path=test_path,
+        out_dir=out_dir,
+        resume=resume,
+        overwrite=overwrite,
+    )
     finished = False
     try:
         trainer.setup()
@@ -646,5 +774,3 @@ def train(
         if hasattr(trainer, "logger"):
             trainer.close()
         shutdown_distributed(synchronize=finished)
-
-

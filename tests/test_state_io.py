@@ -1,0 +1,219 @@
+"""State folders: exact round trips of nested state, manifests that catch truncated and altered files, atomic
+replacement that keeps a whole folder at every moment, and the layer's imports."""
+
+import ast
+import hashlib
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megaclass import state_io
+from megaclass.state_io import DamagedStateError
+
+
+def _nested_state():
+    return {
+        "weights": {"a": torch.randn(3, 5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)},
+        "dtypes": [
+            torch.arange(6, dtype=torch.int64),
+            torch.ones(2, dtype=torch.bool),
+            torch.randn(4).to(torch.bfloat16),
+            torch.randint(0, 255, (7,), dtype=torch.uint8),
+        ],
+        "numpy": np.arange(5, dtype=np.uint32),
+        "python": random.getstate(),
+        3: ("tuple", 1, 2.0, None, True),
+        "view": torch.arange(12.0).reshape(3, 4)[:, 1],
+    }
+
+
+def _assert_equal(a, b, where="state"):
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_round_trip_is_exact(tmp_path):
+    state = _nested_state()
+    folder = state_io.write_state(str(tmp_path / "state"), state)
+    assert sorted(os.listdir(folder)) == ["manifest.json", "state.json", "tensors.safetensors"]
+    _assert_equal(state, state_io.read_state(folder))
+
+
+def test_unstorable_value_names_its_key():
+    with pytest.raises(TypeError, match="'outer.bad'"):
+        state_io.flatten({"outer": {"bad": object()}})
+
+
+def test_manifest_holds_size_and_sha256_of_every_file(tmp_path):
+    folder = state_io.write_state(str(tmp_path / "state"), {"w": torch.arange(10.0)})
+    with open(os.path.join(folder, "manifest.json")) as file:
+        files = json.load(file)["files"]
+    assert sorted(files) == ["state.json", "tensors.safetensors"]
+    for name, entry in files.items():
+        with open(os.path.join(folder, name), "rb") as file:
+            data = file.read()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_manifest_covers_nested_folders(tmp_path):
+    folder = tmp_path / "sharded"
+    state_io.write_state(str(folder / "common"), {"x": torch.ones(2)})
+    (folder / "layout.json").write_text("{}")
+    state_io.write_manifest(str(folder))
+    with open(folder / "manifest.json") as file:
+        names = sorted(json.load(file)["files"])
+    assert names == [
+        "common/manifest.json",
+        "common/state.json",
+        "common/tensors.safetensors",
+        "layout.json",
+    ]
+    state_io.verify_manifest(str(folder))
+    (folder / "common" / "state.json").write_text("{}")
+    with pytest.raises(DamagedStateError, match="common/state.json"):
+        state_io.verify_manifest(str(folder))
+
+
+def _damage(path: str, how: str) -> None:
+    if how == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif how == "flipped":  # one bit of one byte in the middle
+        with open(path, "r+b") as file:
+            file.seek(os.path.getsize(path) // 2)
+            byte = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte[0] ^ 0x10]))
+    else:
+        os.remove(path)
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("truncated", r"tensors.safetensors has \d+ bytes, the manifest says \d+"),
+        ("flipped", "tensors.safetensors differs from its SHA-256"),
+        ("removed", "tensors.safetensors is missing"),
+    ],
+)
+def test_damaged_files_are_named(tmp_path, how, expected):
+    folder = state_io.write_state(str(tmp_path / "state"), {"w": torch.randn(64)})
+    _damage(os.path.join(folder, "tensors.safetensors"), how)
+    with pytest.raises(DamagedStateError, match=expected):
+        state_io.read_state(folder)
+    with pytest.raises(DamagedStateError, match=expected):
+        state_io.verify_manifest(folder)
+
+
+def test_missing_or_unreadable_manifest(tmp_path):
+    folder = state_io.write_state(str(tmp_path / "state"), {"w": torch.ones(2)})
+    manifest = os.path.join(folder, "manifest.json")
+    with open(manifest, "w") as file:
+        file.write('{"files": ')
+    with pytest.raises(DamagedStateError, match="unreadable"):
+        state_io.verify_manifest(folder)
+    os.remove(manifest)
+    with pytest.raises(DamagedStateError, match="no manifest.json"):
+        state_io.verify_manifest(folder)
+    assert torch.equal(state_io.read_state(folder)["w"], torch.ones(2)), "no manifest: read as is"
+
+
+def test_overwrite_state_folder_leaves_no_leftovers(tmp_path):
+    folder = str(tmp_path / "model")
+    state_io.write_state(folder, {"w": torch.ones(2)})
+    state_io.write_state(folder, {"w": torch.zeros(2)})
+    assert torch.equal(state_io.read_state(folder)["w"], torch.zeros(2))
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_a_kill_between_the_renames_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    folder = str(tmp_path / "step_000000004")
+    state_io.write_state(folder, {"w": torch.ones(2)})
+    real_replace = os.replace
+
+    def replace(source, target):
+        if os.path.basename(source).startswith(".tmp-step_"):
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        state_io.write_state(folder, {"w": torch.zeros(2)})
+    monkeypatch.undo()
+    (aside,) = [entry for entry in os.listdir(tmp_path) if entry.startswith(".old-step_000000004-")]
+    moved = os.path.join(tmp_path, aside, "step_000000004")
+    state_io.verify_manifest(moved)
+    assert torch.equal(state_io.read_state(moved)["w"], torch.ones(2))
+
+
+def test_file_fingerprint_streams_large_files(tmp_path):
+    path = tmp_path / "data.bin"
+    data = os.urandom(3 * (1 << 20) + 17)  # more than one read
+    path.write_bytes(data)
+    assert state_io.file_fingerprint(str(path)) == {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def test_folder_fingerprint_follows_its_listing(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.jpg").write_bytes(b"12345")
+    (tmp_path / "b.jpg").write_bytes(b"xy")
+    first = state_io.path_fingerprint(str(tmp_path))
+    listing = b"a/0.jpg\t5\nb.jpg\t2\n"
+    assert first == {"size": 7, "sha256": hashlib.sha256(listing).hexdigest()}
+    (tmp_path / "b.jpg").rename(tmp_path / "c.jpg")
+    assert state_io.path_fingerprint(str(tmp_path)) != first
+    assert state_io.path_fingerprint(str(tmp_path / "c.jpg")) == state_io.file_fingerprint(
+        str(tmp_path / "c.jpg")
+    )
+
+
+def _imported_modules(repo_root: str, path: str) -> set[str]:
+    with open(os.path.join(repo_root, "src", "megaclass", path)) as file:
+        tree = ast.parse(file.read())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module)
+    return modules
+
+
+def test_state_io_is_the_bottom_layer(repo_root):
+    """``state_io`` imports only torch, numpy, safetensors and ``megaclass.errors`` (and the standard
+    library); both checkpoint modules take their I/O from it; the sharded one imports nothing of train/."""
+    stdlib = {"__future__", "hashlib", "json", "os", "shutil", "tempfile", "typing"}
+    allowed = {"torch", "numpy", "safetensors", *stdlib}
+    outside = {
+        module
+        for module in _imported_modules(repo_root, "state_io.py")
+        if module.split(".")[0] not in allowed and module != "megaclass.errors"
+    }
+    assert not outside, f"state_io imports {sorted(outside)}"
+    for path in ("train/checkpoint.py", "distributed/checkpoint.py"):
+        assert "megaclass.state_io" in _imported_modules(repo_root, path), path
+    upward = {
+        m
+        for m in _imported_modules(repo_root, "distributed/checkpoint.py")
+        if m.startswith("megaclass.train")
+    }
+    assert not upward, f"distributed/checkpoint.py imports {sorted(upward)}"

@@ -1,0 +1,278 @@
+"""The run folder is never lost: a used folder is refused without --resume / --overwrite, bad inputs leave it
+byte for byte as it was, a resume with other data files is refused before anything is written, and a resume
+past a missing pointer, a damaged newest checkpoint or leftovers of a killed save continues from the newest
+whole checkpoint to the uninterrupted run's numbers without deleting any whole checkpoint."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from megaclass.cli import main
+from megaclass.state_io import verify_manifest
+from megaclass.train.checkpoint import CheckpointWarning, checkpoint_folders
+
+pytestmark = pytest.mark.integration
+
+# 96 rows in batches of 32: 3 steps an epoch, 9 in all; checkpoints at steps 2, 3, 4, 6 (twice: every 2 steps
+# and the epoch end), 8 and 9, all kept.
+_ARGS = [
+    "--epochs",
+    "3",
+    "--set",
+    "model.hidden=[16]",
+    "model.dropout=0.1",
+    "head.loss=softmax",
+    "optim.encoder.lr=0.01",
+    "optim.head.lr=0.01",
+    "optim.warmup_steps=2",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=20",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def data(deb_tags_slice):
+    return deb_tags_slice(96, 40)
+
+
+def _train(data, out, *extra, train=None):
+    train_path, test_path = data
+    argv = ["train", "--train", train or train_path, "--test", test_path, "--out", str(out), *_ARGS, *extra]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert _train(data, out) == 0
+    return out
+
+
+def _snapshot(folder) -> dict[str, str]:
+    """Every file and folder under ``folder``: relative path -> SHA-256 of the content ("dir" for folders)."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(root, name), folder)] = "dir"
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as file:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(file.read()).hexdigest()
+    return found
+
+
+def _records(out) -> list[tuple]:
+    """The log without wall-clock times: (kind, step, values) of every record."""
+    with open(os.path.join(out, "log.jsonl")) as file:
+        records = [json.loads(line) for line in file]
+    return [(r.pop("kind"), r.pop("step"), {k: v for k, v in r.items() if k != "time"}) for r in records]
+
+
+def _test_metrics(out) -> dict[str, float]:
+    with open(os.path.join(out, "metrics.json")) as file:
+        return {k: v for k, v in json.load(file).items() if "@" in k}
+
+
+def _whole_steps(out) -> set[int]:
+    """Steps of the checkpoints under ``out`` whose files match their manifest."""
+    steps = set()
+    for path in checkpoint_folders(os.path.join(out, "checkpoints")):
+        try:
+            verify_manifest(path)
+        except ValueError:
+            continue
+        steps.add(int(os.path.basename(path).split("_")[1]))
+    return steps
+
+
+def _copy(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- used folders
+
+
+def test_a_finished_run_is_refused_without_a_flag_and_left_untouched(data, finished, capsys):
+    before = _snapshot(finished)
+    capsys.readouterr()
+    assert _train(data, finished) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error, "one line"
+    assert f"--out {finished} holds a run" in error and "--resume" in error and "--overwrite" in error
+    assert _snapshot(finished) == before
+
+
+def test_overwrite_replaces_the_run_and_nothing_else(data, finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step_000000099").mkdir()  # would be resumed if the old checkpoints stayed
+    assert _train(data, out, "--overwrite") == 0
+    assert _records(out) == _records(finished) and _test_metrics(out) == _test_metrics(finished)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "checkpoints" / "step_000000099").exists()
+    assert _whole_steps(out) == {2, 3, 4, 6, 8, 9}
+
+
+def test_resume_and_overwrite_exclude_each_other(data, finished, capsys):
+    before = _snapshot(finished)
+    assert _train(data, finished, "--resume", "--overwrite") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _snapshot(finished) == before
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
+@pytest.mark.parametrize("bad", ["missing train file", "corrupt train file", "unknown config key"])
+def test_bad_inputs_leave_a_finished_run_byte_identical(data, finished, tmp_path, capsys, flag, bad):
+    train = None
+    extra = []
+    if bad == "missing train file":
+        train = str(tmp_path / "missing.txt")
+    elif bad == "corrupt train file":
+        train = str(tmp_path / "corrupt.txt")
+        with open(data[0]) as source:
+            lines = source.readlines()
+        lines[5] = "99999 1:0.5\n"  # a label id past the header's label count
+        with open(train, "w") as target:
+            target.writelines(lines)
+    else:
+        extra = ["--set", "train.no_such_key=1"]
+    before = _snapshot(finished)
+    capsys.readouterr()
+    assert _train(data, finished, *flag, *extra, train=train) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("megaclass train: error:") and error.count("\n") == 1, error
+    if not flag and bad != "unknown config key":
+        assert "holds a run" in error, "a used folder is refused first"
+    assert _snapshot(finished) == before
+
+
+def test_an_unwritable_out_is_refused_before_anything(data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert _train(data, blocker / "run") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+
+
+def test_run_json_records_the_data_files(data, finished):
+    with open(finished / "run.json") as file:
+        facts = json.load(file)
+    for key, path in zip(("train_file", "test_file"), data, strict=True):
+        with open(path, "rb") as file:
+            content = file.read()
+        assert facts[key] == {
+            "path": path,
+            "size": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }
+
+
+def test_resume_with_another_training_file_of_the_same_width_is_refused(
+    data, finished, deb_tags_slice, capsys
+):
+    other_train, _ = deb_tags_slice(80, 40)  # fewer rows, the same header width
+    before = _snapshot(finished)
+    capsys.readouterr()
+    assert _train(data, finished, "--resume", train=other_train) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and other_train in error and data[0] in error, error
+    assert _snapshot(finished) == before
+
+
+@pytest.fixture(scope="module")
+def stopped(data, tmp_path_factory):
+    """A run stopped after step 7 (mid-epoch 3): whole checkpoints at steps 2, 3, 4, 6 and 7."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    assert _train(data, out, "train.stop_after_steps=7") == 0
+    assert _whole_steps(out) == {2, 3, 4, 6, 7}
+    return out
+
+
+def _flip_a_byte(path):
+    with open(path, "r+b") as file:
+        file.seek(-5, os.SEEK_END)
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0x40]))
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) - 100)
+
+
+def _damage(out, case):
+    """Apply ``case`` to the stopped run ``out``; returns (step resumed from, warning expected)."""
+    folder = out / "checkpoints"
+    newest = folder / "step_000000007"
+    if case == "pointer missing":
+        os.remove(folder / "latest.json")
+        return 7, "latest.json is missing"
+    if case == "pointer names a missing folder":  # a kill between the two renames of a step saved twice
+        aside = folder / ".old-step_000000007-k1ll"
+        aside.mkdir()
+        os.replace(newest, aside / "step_000000007")
+        return 7, "names step_000000007, which is missing"
+    if case == "newest truncated":
+        _truncate(newest / "tensors.safetensors")
+        return 6, f"{newest}: tensors.safetensors has"
+    if case == "newest has a flipped byte":
+        _flip_a_byte(newest / "tensors.safetensors")
+        return 6, f"{newest}: tensors.safetensors differs from its SHA-256"
+    # leftovers of killed saves: an unfinished folder of a later step, an older one moved aside
+    (folder / ".tmp-step_000000008-k1ll").mkdir()
+    shutil.copytree(folder / "step_000000004", folder / ".old-step_000000004-k1ll" / "step_000000004")
+    (folder / ".tmp-k1ll.json").write_text("{")
+    return 7, None
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "pointer missing",
+        "pointer names a missing folder",
+        "newest truncated",
+        "newest has a flipped byte",
+        "leftovers",
+    ],
+)
+def test_resume_continues_from_the_newest_whole_checkpoint(data, finished, stopped, tmp_path, capsys, case):
+    out = _copy(stopped, tmp_path)
+    step, warning = _damage(out, case)
+    whole_before = _whole_steps(out)
+    capsys.readouterr()
+    if warning is None:
+        assert _train(data, out, "--resume") == 0
+    else:
+        with pytest.warns(CheckpointWarning, match=warning):
+            assert _train(data, out, "--resume") == 0
+    assert f"step_{step:09d} at epoch 3, step {step}" in capsys.readouterr().out
+    assert _records(out) == _records(finished), "the same numbers as the uninterrupted run, logged once"
+    assert _test_metrics(out) == _test_metrics(finished)
+    whole_after = _whole_steps(out)
+    assert whole_before <= whole_after and {8, 9} <= whole_after, "no whole checkpoint deleted"
+    assert (out / "checkpoints" / "step_000000007").is_dir(), "a damaged one is skipped, not deleted"
+    leftovers = [name for name in os.listdir(out / "checkpoints") if name.startswith((".tmp-", ".old-"))]
+    assert leftovers == []
+
+
+def test_every_checkpoint_damaged_refuses_to_resume_and_keeps_them(data, stopped, tmp_path, capsys):
+    out = _copy(stopped, tmp_path)
+    for path in checkpoint_folders(str(out / "checkpoints")):
+        _flip_a_byte(os.path.join(path, "tensors.safetensors"))
+    before = _snapshot(out)
+    with pytest.warns(CheckpointWarning):
+        assert _train(data, out, "--resume") == 2
+    assert "no whole checkpoint to resume from" in capsys.readouterr().err
+    assert _snapshot(out) == before
