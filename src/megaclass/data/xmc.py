@@ -3,7 +3,10 @@
 BoW: a header ``num_docs num_features num_labels``, then one document a line, ``l1,l2,... f:v f:v ...``
 (0-based ids; a line may have no labels or no features). Text: ``l1,l2,...<TAB>text`` one document a line.
 Files may be gzipped (``.gz``). Readers parse the whole decompressed file with vectorised NumPy (no Python
-loop over tokens), report bad input as :class:`~megaclass.errors.DataFormatError` with the 1-based line, and
+loop over tokens), report bad input as :class:`~megaclass.errors.DataFormatError` with the 1-based line (ids
+too large for int32, non-finite values, header counts out of range: all before any large allocation), drop
+a label repeated on one line (it would count twice in label counts and metric denominators) with one
+warning per file naming the first such line, and
 cache the parsed arrays beside the source (``<file>.megaclass.npz``, keyed by the source's size and mtime),
 or under ``$MEGACLASS_CACHE`` (default ``~/.cache/megaclass``) when the source's directory is not writable.
 
@@ -39,7 +42,7 @@ __all__ = [
     "write_text",
 ]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _NEWLINE, _SPACE, _TAB, _COMMA, _COLON, _CR = (ord(c) for c in "\n \t,:\r")
 # Byte classes of the BoW tokenizer: 0 = part of a token, then the separators.
 _TOKEN, _WHITE, _LINE, _COMMA_CLASS, _COLON_CLASS = 0, 1, 2, 3, 4
@@ -313,16 +316,32 @@ def _token_text(buf: np.ndarray, start: int, end: int) -> str:
 # ---------------------------------------------------------------------------------------------- BoW reader
 
 
+_MAX_DOCS = 1 << 40  # far more documents than any file holds; a larger count is a corrupt header
+_MAX_COLUMNS = (1 << 31) - 1  # feature and label ids are stored as int32
+
+
 def _parse_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
+    """The header's three counts, each checked to be an integer in its range before anything is allocated."""
     end = raw.find(b"\n")
     end = len(raw) if end < 0 else end
     fields = raw[:end].split()
-    if len(fields) != 3 or not all(field.isdigit() for field in fields):
-        seen = raw[:end][:80].decode("utf-8", errors="replace")
+    seen = raw[:end][:80].decode("utf-8", errors="replace").strip()
+    if len(fields) != 3:
         raise DataFormatError(
             path, f"expected a header 'num_docs num_features num_labels', got {seen!r}", line=1
         )
-    num_docs, num_features, num_labels = (int(field) for field in fields)
+    counts = []
+    ranges = (("num_docs", 0, _MAX_DOCS), ("num_features", 1, _MAX_COLUMNS), ("num_labels", 1, _MAX_COLUMNS))
+    for (name, low, high), field in zip(ranges, fields, strict=True):
+        text = field.decode("utf-8", errors="replace")[:40]
+        if not field.isdigit():
+            problem = f"header {name} {text!r} is not a non-negative integer (header {seen!r})"
+            raise DataFormatError(path, problem, line=1)
+        if not low <= int(field) <= high:
+            problem = f"header {name} {text} out of range: expected an integer in [{low}, {high}]"
+            raise DataFormatError(path, problem, line=1)
+        counts.append(int(field))
+    num_docs, num_features, num_labels = counts
     return (num_docs, num_features, num_labels), min(end + 1, len(raw))
 
 
@@ -389,6 +408,13 @@ def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
     if failed is not None:
         bad, end = int(token_start[failed]), int(token_end[failed])
         raise _fail_at(path, bad, 2, starts, f"cannot parse number {_token_text(buf, bad, end)!r}")
+    _check_id_size(path, buf, numbers, (token_start, token_end), is_label, is_id, starts)
+    infinite = is_value & ~np.isfinite(numbers)  # "1e400" parses as inf
+    if infinite.any():
+        token = int(np.argmax(infinite))
+        bad, end = int(token_start[token]), int(token_end[token])
+        problem = f"feature value {_token_text(buf, bad, end)!r} is not finite: expected a finite number"
+        raise _fail_at(path, bad, 2, starts, problem)
     token_line = _line_of(token_start, starts)
     label_rows = np.bincount(token_line[is_label], minlength=num_lines)
     feature_rows = np.bincount(token_line[is_id], minlength=num_lines)
@@ -400,6 +426,45 @@ def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
         "feature_indices": numbers[is_id].astype(np.int64),
         "feature_values": numbers[is_value].astype(np.float32),
     }
+
+
+def _check_id_size(path, buf, numbers, tokens, is_label, is_id, starts) -> None:
+    """Ids must fit the int32 id arrays; a larger one (even past 2^63) is an error, never a wrapped id."""
+    token_start, token_end = tokens
+    too_large = (is_label | is_id) & (numbers > _MAX_COLUMNS)
+    if too_large.any():
+        token = int(np.argmax(too_large))
+        start, end = int(token_start[token]), int(token_end[token])
+        kind = "label" if is_label[token] else "feature"
+        problem = f"{kind} id {_token_text(buf, start, end)} too large: expected at most {_MAX_COLUMNS}"
+        raise _fail_at(path, start, 2, starts, problem)
+
+
+def _dedupe_rows(path: str, indptr: np.ndarray, indices: np.ndarray, line_base: int):
+    """Drop repeats of an id within a row (the first stays), warning once for the file with the first line.
+
+    Returns ``(indptr, indices)``, the inputs themselves when nothing repeats.
+    """
+    if indices.size < 2:
+        return indptr, indices
+    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    order = np.lexsort((np.arange(indices.size), indices, rows))  # by row, id, then position
+    repeat = (rows[order][1:] == rows[order][:-1]) & (indices[order][1:] == indices[order][:-1])
+    if not repeat.any():
+        return indptr, indices
+    keep = np.ones(indices.size, dtype=bool)
+    keep[order[1:][repeat]] = False
+    first = int(np.flatnonzero(~keep)[0])
+    count = int(np.unique(rows[~keep]).size)
+    warnings.warn(
+        f"{path}:{int(rows[first]) + line_base}: label {int(indices[first])} repeated on the line; "
+        f"repeated labels are dropped ({count} line(s) of this file have repeats)",
+        stacklevel=3,
+    )
+    lengths = np.bincount(rows[keep], minlength=indptr.size - 1)
+    new_indptr = np.zeros(indptr.size, dtype=np.int64)
+    np.cumsum(lengths, out=new_indptr[1:])
+    return new_indptr, indices[keep]
 
 
 def _check_range(
@@ -440,7 +505,8 @@ def read_bow(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
     label_space = header_labels if num_labels is None else _checked_num_labels(num_labels)
     _check_range(path, "label", arrays["label_indices"], arrays["label_indptr"], label_space, 2)
     _check_range(path, "feature", arrays["feature_indices"], arrays["feature_indptr"], header_features, 2)
-    labels = CSR(arrays["label_indptr"], arrays["label_indices"].astype(np.int32), None, label_space)
+    label_indptr, label_indices = _dedupe_rows(path, arrays["label_indptr"], arrays["label_indices"], 2)
+    labels = CSR(label_indptr, label_indices.astype(np.int32), None, label_space)
     features = CSR(
         arrays["feature_indptr"],
         arrays["feature_indices"].astype(np.int32),
@@ -493,6 +559,13 @@ def _text_label_part(
     token_start, _ = _tokens(classes)
     values, failed = _parse_numbers(np.where(is_digit, part, np.uint8(_SPACE)), token_start)
     assert failed is None, "digit-only tokens always parse"
+    token_source = offsets[token_start]  # offsets in the file, for the line of a too large id
+    too_large = values > _MAX_COLUMNS
+    if too_large.any():
+        token = int(np.argmax(too_large))
+        digits = part[token_start[token] :][: np.argmax(~is_digit[token_start[token] :])].tobytes().decode()
+        problem = f"label id {digits} too large: expected at most {_MAX_COLUMNS}"
+        raise _fail_at(path, int(token_source[token]), 1, starts, problem)
     line_of_token = np.searchsorted(np.flatnonzero(part == _TAB), token_start, side="left")
     counts = np.bincount(line_of_token, minlength=num_lines)
     return {
@@ -593,7 +666,8 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
         names = read_label_names(path)
         label_space = len(names) if names else (int(indices.max()) + 1 if indices.size else 1)
     _check_range(path, "label", indices, arrays["label_indptr"], label_space, 1)
-    labels = CSR(arrays["label_indptr"], indices.astype(np.int32), None, label_space)
+    indptr, indices = _dedupe_rows(path, arrays["label_indptr"], indices, 1)
+    labels = CSR(indptr, indices.astype(np.int32), None, label_space)
     return XMCData(path, labels, None, texts)
 
 
@@ -610,7 +684,7 @@ def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
     if os.path.getsize(path) == 0:
         raise DataFormatError(path, "empty file: expected a BoW header or 'l1,l2,...<TAB>text' lines")
     first = _first_line(path)
-    if first.split() and all(field.isdigit() for field in first.split()):
+    if b"\t" not in first and len(first.split()) == 3:
         return read_bow(path, num_labels=num_labels, cache=cache)  # the header check names a wrong count
     if not first.strip():
         raise DataFormatError(path, "empty first line: expected a BoW header or 'l1,l2,...<TAB>text'", line=1)
