@@ -23,6 +23,7 @@ import os
 import stat
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ __all__ = [
     "load_xmc",
     "read_bow",
     "read_label_names",
+    "read_rows",
     "read_text",
     "write_bow",
     "write_text",
@@ -162,7 +164,7 @@ def _read_bytes(path: str) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:
             raise DataFormatError(path, f"corrupt gzip data ({error})") from None
     return raw
 
@@ -176,8 +178,11 @@ def _open_text_for_write(path: str | os.PathLike):
 
 def _first_line(path: str) -> bytes:
     opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rb") as handle:
-        return handle.readline(1 << 20)
+    try:
+        with opener(path, "rb") as handle:
+            return handle.readline(1 << 20)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataFormatError(path, f"corrupt gzip data ({error})") from None
 
 
 def _is_gzip(path: str) -> bool:
@@ -271,6 +276,8 @@ def _parse_numbers(text: np.ndarray, token_start: np.ndarray) -> tuple[np.ndarra
 
     Returns the values and None, or the index of the first token that is not a number.
     """
+    if token_start.size == 0:  # NumPy refuses a text of separators only
+        return np.zeros(0, dtype=np.float64), None
     values = _fromstring(text)
     if values is not None and values.size == token_start.size:
         return values, None
@@ -345,7 +352,7 @@ def _parse_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
     return (num_docs, num_features, num_labels), min(end + 1, len(raw))
 
 
-def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarray):
+def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarray, line_base: int):
     """Tokenise a BoW body; returns token starts/ends and their role masks (label, feature id, value)."""
     token_start, token_end = _tokens(classes)
     padded = np.concatenate([np.array([_LINE], np.uint8), classes, np.array([_LINE], np.uint8)])  # uint8
@@ -367,12 +374,12 @@ def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarr
         problem = (
             f"malformed line {seen!r}: expected 'l1,l2,... f:v f:v ...' (labels first, then id:value pairs)"
         )
-        raise DataFormatError(path, problem, line=line + 2)
+        raise DataFormatError(path, problem, line=line + line_base)
     return token_start, token_end, is_label, is_id, is_value
 
 
 def _check_token_chars(
-    path: str, buf: np.ndarray, tokens: tuple[np.ndarray, np.ndarray], is_value, starts
+    path: str, buf: np.ndarray, tokens: tuple[np.ndarray, np.ndarray], is_value, starts, line_base: int
 ) -> None:
     """Ids must be digits only, values decimal numbers; name the first offending token."""
     token_start, token_end = tokens
@@ -385,7 +392,8 @@ def _check_token_chars(
         token = owner[np.argmax(wrong)]
         start, end = int(token_start[token]), int(token_end[token])
         kind = "a value" if is_value[token] else "an id (a non-negative integer)"
-        raise _fail_at(path, start, 2, starts, f"expected {kind}, got {_token_text(buf, start, end)!r}")
+        problem = f"expected {kind}, got {_token_text(buf, start, end)!r}"
+        raise _fail_at(path, start, line_base, starts, problem)
 
 
 def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
@@ -400,26 +408,34 @@ def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
         line = num_docs + 2 if num_lines > num_docs else num_lines + 1
         problem = f"header says {num_docs} documents, the file has {num_lines} lines after it"
         raise DataFormatError(path, problem, line=line)
+    arrays = _parse_bow_body(path, buf, starts, 2)
+    arrays["header"] = np.array([num_docs, num_features, num_labels], dtype=np.int64)
+    return arrays
+
+
+def _parse_bow_body(path: str, buf: np.ndarray, starts: np.ndarray, line_base: int) -> dict[str, np.ndarray]:
+    """CSR arrays of BoW lines ``buf`` (line ``i`` is line ``i + line_base`` of the file, for messages)."""
+    num_lines = starts.size - 1
     classes = _BYTE_CLASS[buf]
-    token_start, token_end, is_label, is_id, is_value = _bow_roles(path, buf, classes, starts)
-    _check_token_chars(path, buf, (token_start, token_end), is_value, starts)
+    token_start, token_end, is_label, is_id, is_value = _bow_roles(path, buf, classes, starts, line_base)
+    _check_token_chars(path, buf, (token_start, token_end), is_value, starts, line_base)
     text = np.where(classes == _TOKEN, buf, np.uint8(_SPACE))
     numbers, failed = _parse_numbers(text, token_start)
     if failed is not None:
         bad, end = int(token_start[failed]), int(token_end[failed])
-        raise _fail_at(path, bad, 2, starts, f"cannot parse number {_token_text(buf, bad, end)!r}")
-    _check_id_size(path, buf, numbers, (token_start, token_end), is_label, is_id, starts)
+        problem = f"cannot parse number {_token_text(buf, bad, end)!r}"
+        raise _fail_at(path, bad, line_base, starts, problem)
+    _check_id_size(path, buf, numbers, (token_start, token_end), is_label, is_id, starts, line_base)
     infinite = is_value & ~np.isfinite(numbers)  # "1e400" parses as inf
     if infinite.any():
         token = int(np.argmax(infinite))
         bad, end = int(token_start[token]), int(token_end[token])
         problem = f"feature value {_token_text(buf, bad, end)!r} is not finite: expected a finite number"
-        raise _fail_at(path, bad, 2, starts, problem)
+        raise _fail_at(path, bad, line_base, starts, problem)
     token_line = _line_of(token_start, starts)
     label_rows = np.bincount(token_line[is_label], minlength=num_lines)
     feature_rows = np.bincount(token_line[is_id], minlength=num_lines)
     return {
-        "header": np.array([num_docs, num_features, num_labels], dtype=np.int64),
         "label_indptr": np.concatenate([[0], np.cumsum(label_rows)]).astype(np.int64),
         "label_indices": numbers[is_label].astype(np.int64),
         "feature_indptr": np.concatenate([[0], np.cumsum(feature_rows)]).astype(np.int64),
@@ -428,7 +444,7 @@ def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
     }
 
 
-def _check_id_size(path, buf, numbers, tokens, is_label, is_id, starts) -> None:
+def _check_id_size(path, buf, numbers, tokens, is_label, is_id, starts, line_base: int) -> None:
     """Ids must fit the int32 id arrays; a larger one (even past 2^63) is an error, never a wrapped id."""
     token_start, token_end = tokens
     too_large = (is_label | is_id) & (numbers > _MAX_COLUMNS)
@@ -437,7 +453,7 @@ def _check_id_size(path, buf, numbers, tokens, is_label, is_id, starts) -> None:
         start, end = int(token_start[token]), int(token_end[token])
         kind = "label" if is_label[token] else "feature"
         problem = f"{kind} id {_token_text(buf, start, end)} too large: expected at most {_MAX_COLUMNS}"
-        raise _fail_at(path, start, 2, starts, problem)
+        raise _fail_at(path, start, line_base, starts, problem)
 
 
 def _dedupe_rows(path: str, indptr: np.ndarray, indices: np.ndarray, line_base: int):
@@ -669,6 +685,64 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
     indptr, indices = _dedupe_rows(path, arrays["label_indptr"], indices, 1)
     labels = CSR(indptr, indices.astype(np.int32), None, label_space)
     return XMCData(path, labels, None, texts)
+
+
+def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | None = None) -> XMCData:
+    """Rows to predict on, their labels optional: BoW lines when ``num_features`` is given, else text lines.
+
+    BoW input may start with its header (whose feature count must be ``num_features``) or not; a line is
+    ``l1,l2 f:v ...`` or, without labels, `` f:v ...`` or ``f:v ...``. A text line is ``l1,l2<TAB>text`` or,
+    without labels, bare text (no tab). ``raw`` may be gzipped; ``where`` names it in errors (a path, or
+    ``<stdin>``). Ids are checked against ``num_features`` and ``num_labels``.
+
+    >>> read_rows(b"3:0.5\n1 0:1\n", "<stdin>", num_labels=2, num_features=4).labels.to_lists()
+    [[], [1]]
+    """
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise DataFormatError(where, f"corrupt gzip data ({error})") from None
+    if not raw.strip():
+        raise DataFormatError(where, "no rows: expected one document a line")
+    if num_features is None:
+        return _text_rows(raw, where, num_labels)
+    first = raw.split(b"\n", 1)[0]
+    if len(first.split()) == 3 and all(field.isdigit() for field in first.split()):
+        arrays = _parse_bow(where, raw)
+        header_features = int(arrays["header"][1])
+        if header_features != num_features:
+            problem = f"header says {header_features} features, expected the run's {num_features}"
+            raise DataFormatError(where, problem, line=1)
+        line_base = 2
+    else:
+        buf = np.frombuffer(raw, dtype=np.uint8)
+        arrays, line_base = _parse_bow_body(where, buf, _line_starts(buf), 1), 1
+    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, line_base)
+    _check_range(
+        where, "feature", arrays["feature_indices"], arrays["feature_indptr"], num_features, line_base
+    )
+    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], line_base)
+    features = CSR(
+        arrays["feature_indptr"],
+        arrays["feature_indices"].astype(np.int32),
+        arrays["feature_values"],
+        num_features,
+    )
+    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), features, None)
+
+
+def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
+    """Text lines, a line without a tab being an unlabelled document (it gets an empty label list)."""
+    lines = raw.split(b"\n")
+    labelled = b"\n".join(line if b"\t" in line else b"\t" + line for line in lines)
+    if raw.endswith(b"\n"):
+        labelled = labelled[:-1]  # the piece after the final newline is no line
+    arrays = _parse_text(where, labelled)
+    texts = _split_texts(where, arrays["text_bytes"], 1)
+    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, 1)
+    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], 1)
+    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), None, texts)
 
 
 def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:
