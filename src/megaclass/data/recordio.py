@@ -130,14 +130,14 @@ class RecordReader:
     """
 
     def __init__(self, path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
+        self._fd: int | None = None  # first: __del__ runs even when the checks below raise
+        self._pid: int | None = None
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"RecordIO file not found: {self.path}")
         self.size = os.path.getsize(self.path)
         self.idx_path = index_path_for(self.path) if idx_path is None else os.fspath(idx_path)
         self._index: dict[int, int] | None = None
-        self._fd: int | None = None
-        self._pid: int | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -316,6 +316,10 @@ def read_face_index(reader: RecordReader) -> FaceRecordIndex:
     Without the header record (flag 0 at key 0), every record is an image and each header is read for its
     label (slower: one read per image).
     """
+    if not reader.index:
+        raise DataFormatError(
+            reader.idx_path, f"no records: expected a key<TAB>offset line per record of {reader.path}"
+        )
     header, _ = unpack(reader.read(0), where=f"{reader.path} key 0") if 0 in reader.index else (None, b"")
     if header is None or header.flag <= 0:
         return _labels_from_images(reader, np.asarray(reader.keys, dtype=np.int64))

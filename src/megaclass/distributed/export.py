@@ -74,8 +74,17 @@ def export_run(run_dir: str, out_path: str) -> str:
     for name in ("config.yaml", "run.json"):
         with open(os.path.join(run_dir, name), encoding="utf-8") as file:
             metadata[name] = file.read()
-    counts_file = json.loads(metadata["run.json"]).get("label_counts_file", "label_counts.npy")
-    flat["run.label_counts"] = torch.from_numpy(np.load(os.path.join(run_dir, counts_file)))
+    try:
+        counts_file = str(json.loads(metadata["run.json"]).get("label_counts_file", "label_counts.npy"))
+    except (ValueError, AttributeError) as error:
+        raise DataFormatError(
+            os.path.join(run_dir, "run.json"), f"not the JSON train writes ({error})"
+        ) from None
+    counts_path = os.path.join(run_dir, counts_file)
+    try:
+        flat["run.label_counts"] = torch.from_numpy(np.load(counts_path, allow_pickle=False))
+    except (OSError, ValueError) as error:
+        raise DataFormatError(counts_path, f"cannot read the label counts ({error})") from None
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
         tree, tensors = checkpoint.flatten(_read_state(os.path.join(run_dir, "featurizer")))
         flat.update({f"featurizer.{name}": value for name, value in tensors.items()})
