@@ -799,3 +799,14 @@ def test_bad_input_fails_with_one_line(case: Case, context: Context, capsys) -> 
         out_dir = argv[3]
         leftover = [] if not os.path.isdir(out_dir) else os.listdir(out_dir)
         assert leftover == [], f"decode-rec left {leftover[:5]}"
+
+
+def test_a_scalar_sets_only_a_selector_section() -> None:
+    """The rule behind the ``train=5`` cases: a scalar stands for a section only when it picks its kind."""
+    from megaclass.schema import ConfigError
+    from megaclass.train.config import load_config
+
+    assert load_config(None, ["head.margin=arcface"]).head.margin.kind.value == "arcface"
+    assert load_config(None, ["train.epochs=3", "train.seed=9"]).train.seed == 9
+    with pytest.raises(ConfigError, match=r"^train: 5 given for a whole section"):
+        load_config(None, ["train.epochs=3", "train=5"])
