@@ -256,3 +256,78 @@ def test_weight_average_is_evaluated_saved_and_resumed_exactly(tiny, full_run, t
     with open(resumed / "metrics.json") as a, open(uninterrupted / "metrics.json") as b:
         first, second = json.load(a), json.load(b)
     assert {k: v for k, v in first.items() if "@" in k} == {k: v for k, v in second.items() if "@" in k}
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def _predict(run, source: str, out, *extra: str) -> list[str]:
+    assert main(["predict", "--run", str(run), "--input", source, "--out", str(out), "--k", "5", *extra]) == 0
+    return out.read_text().splitlines()
+
+
+def test_predict_reads_unlabelled_bow_rows_from_stdin(tiny, full_run, tmp_path, monkeypatch):
+    """Header-less rows without labels (`` f:v`` and ``f:v`` lines) score as the labelled file's rows do."""
+    _, test = tiny
+    expected = _predict(full_run, test, tmp_path / "file.txt")
+    with open(test) as file:
+        rows = file.read().splitlines()[1:]
+    bare = [row[row.index(" ") :] if i % 2 else row[row.index(" ") + 1 :] for i, row in enumerate(rows)]
+    _stdin(monkeypatch, ("\n".join(bare) + "\n").encode())
+    assert _predict(full_run, "-", tmp_path / "stdin.txt") == expected
+
+
+@pytest.fixture(scope="module")
+def text_run(repo_root, tmp_path_factory):
+    """A TF-IDF text run (1 epoch on 200 rows) and its 60-row test file."""
+    data = os.path.join(repo_root, "data", "deb-tags")
+    folder = tmp_path_factory.mktemp("text_run")
+    paths = []
+    for name, rows in (("train.txt.gz", 200), ("test.txt.gz", 60)):
+        with gzip.open(os.path.join(data, name), "rt") as file:
+            paths.append(folder / name.replace(".gz", ""))
+            paths[-1].write_text("".join(file.readline() for _ in range(rows)))
+    out = folder / "run"
+    args = ["train", "--train", str(paths[0]), "--test", str(paths[1]), "--out", str(out), "--epochs", "1"]
+    assert main([*args, *_TINY, "data.num_classes=595"]) == 0
+    return out, str(paths[1])
+
+
+def test_text_run_predicts_bare_lines_from_stdin_and_from_its_exported_file(text_run, tmp_path, monkeypatch):
+    run, test = text_run
+    expected = _predict(run, test, tmp_path / "file.txt")
+    with open(test) as file:
+        texts = [line.split("\t", 1)[1] for line in file.read().splitlines()]
+    _stdin(monkeypatch, ("\n".join(texts) + "\n").encode())
+    assert _predict(run, "-", tmp_path / "stdin.txt") == expected  # bare documents, no tabs
+    unlabelled = tmp_path / "unlabelled.txt"
+    unlabelled.write_text("".join(f"\t{text}\n" for text in texts))  # empty label lists
+    assert _predict(run, str(unlabelled), tmp_path / "unlabelled-out.txt") == expected
+    exported = tmp_path / "model.safetensors"
+    assert main(["export", "--run", str(run), "--out", str(exported)]) == 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    moved = alone / "model.safetensors"  # the exported file by itself, away from the run folder
+    os.replace(exported, moved)
+    assert _predict(moved, str(unlabelled), tmp_path / "export-out.txt") == expected
+
+
+def test_repeated_labels_count_once_in_eval(tiny, full_run, tmp_path, capsys):
+    _, test = tiny
+    with open(test) as file:
+        header, *rows = file.read().splitlines()
+    doubled_rows = []
+    for row in rows:
+        labels, features = row.split(" ", 1)
+        doubled_rows.append(f"{labels},{labels} {features}")  # every label written twice
+    doubled = tmp_path / "doubled.txt"
+    doubled.write_text("\n".join([header, *doubled_rows]) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--run", str(full_run), "--test", test]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    with pytest.warns(UserWarning, match="repeated labels are dropped"):
+        assert main(["eval", "--run", str(full_run), "--test", str(doubled)]) == 0
+    assert json.loads(capsys.readouterr().out) == plain

@@ -12,10 +12,11 @@ import argparse
 import json
 import os
 import sys
+import zlib
 from collections.abc import Callable
 
 from megaclass import __version__
-from megaclass.errors import DataFormatError, TrainingDiverged
+from megaclass.errors import DataFormatError, TrainingDiverged, one_line
 from megaclass.schema import ConfigError
 
 __all__ = ["COMMANDS", "build_parser", "main", "run"]
@@ -130,14 +131,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from megaclass.train.inference import evaluate_run
+    from megaclass.train.inference import evaluate_run, open_output
 
     metrics = evaluate_run(args.run, args.test, device=args.device)
     text = json.dumps(metrics, indent=1)
-    print(text)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as file:
+        with open_output(args.out) as file:
             file.write(text + "\n")
+    print(text)
     return 0
 
 
@@ -152,8 +153,8 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         metavar="PATH",
-        help="rows to score, in the training format; for text runs also bare documents, one a line, "
-        "or - (stdin)",
+        help="rows to score, in the training format, labels optional (BoW: header optional, ' f:v ...' "
+        "lines; text: bare documents, one a line), or - (stdin)",
     )
     parser.add_argument(
         "--out",
@@ -391,6 +392,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from megaclass.train.export import export_run
 
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a folder: expected a file path such as model.safetensors")
     path = export_run(args.run, args.out)
     print(f"wrote {path}")
     return 0
@@ -452,15 +455,15 @@ def run() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
-    User errors (bad config, bad data, missing files) print one line and return 2.
+    User errors (bad config, bad data, missing or unwritable files) print one line and return 2.
     """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
     try:
         return args.handler(args)
-    except (ConfigError, DataFormatError, FileNotFoundError, TrainingDiverged, ValueError) as error:
-        print(f"megaclass {args.command}: error: {error}", file=sys.stderr)
+    except (ConfigError, DataFormatError, OSError, TrainingDiverged, ValueError, zlib.error) as error:
+        print(f"megaclass {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"megaclass {args.command}: interrupted", file=sys.stderr)

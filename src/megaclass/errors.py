@@ -24,3 +24,13 @@ class DataFormatError(ValueError):
 
 class TrainingDiverged(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and what to change."""
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (later lines joined with ``; ``), for the command line's error print.
+
+    >>> one_line(ValueError("bad value\\n  in line 3"))
+    'bad value; in line 3'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__

@@ -1,12 +1,17 @@
 """Typed parsing of frozen config dataclasses from plain mappings (YAML, ``--set key=value``).
 
 Unknown keys and wrong types are errors that name the key path, the value seen and what was expected.
+Integers must fit in int64 and numbers must be finite (``1e400`` overflows to inf: an error, not a value).
+A section is given as a mapping of its fields; a scalar stands for a whole section only when the section's
+first field is a selector named ``type`` or ``kind`` (``head.margin=arcface`` sets ``margin.kind``), so
+``train=5`` is an error rather than a silent reset of every other ``train`` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -92,8 +97,8 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
-        if not isinstance(value, Mapping):  # a scalar sets the first field: margin=arcface
-            value = {dataclasses.fields(hint)[0].name: value}
+        if not isinstance(value, Mapping):
+            value = {_selector_field(hint, value, where): value}  # margin=arcface: {kind: arcface}
         return from_dict(hint, value, where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:
@@ -109,25 +114,22 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        number = _integer(value)
+        if number is None:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not _INT64_MIN <= number <= _INT64_MAX:
+            raise ConfigError(f"{where}: {value!r} overflows: expected an integer in [-2^63, 2^63 - 1]")
+        return number
     if hint is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (dict, list, tuple)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -162,6 +164,42 @@ def _convert_variant(variants: dict[str, type], value: Any, where: str) -> Any:
     if name not in variants:
         raise ConfigError(f"{where}.type: {name!r} is not one of {list(variants)}")
     return from_dict(variants[name], value, where)
+
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_SELECTOR_FIELDS = ("type", "kind")
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an exact integer (ints, integral floats and their strings), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _selector_field(hint: type, value: Any, where: str) -> str:
+    """The field a scalar given for section ``hint`` sets: its first field when that is a selector."""
+    first = dataclasses.fields(hint)[0].name
+    if first not in _SELECTOR_FIELDS:
+        fields = ", ".join(field.name for field in dataclasses.fields(hint) if field.init)
+        raise ConfigError(
+            f"{where}: {value!r} given for a whole section: expected a mapping of its fields ({fields}); "
+            f"set one field with {where}.<field>=value"
+        )
+    return first
 
 
 def to_dict(config: Any) -> Any:

@@ -17,6 +17,7 @@ from megaclass.data.xmc import (
     load_xmc,
     read_bow,
     read_label_names,
+    read_rows,
     read_text,
     write_bow,
     write_text,
@@ -127,6 +128,16 @@ BAD_BOW = [
     ("2 5 4\n0 1:1\n1,,2 1:1\n", 3, "malformed"),
     ("2 5 4\n0 1:1\n1.5 1:1\n", 3, "'1.5'"),
     ("2 5 4\n0 1:1\n-1 1:1\n", 3, "'-1'"),
+    ("2 5 4\n0 1:1\n18446744073709551616 1:1\n", 3, "label id 18446744073709551616 too large"),
+    ("2 5 4\n0 1:1\n1 9223372036854775808:1\n", 3, "feature id 9223372036854775808 too large"),
+    ("2 5 4\n0 1:1e400\n1 1:1\n", 2, "'1e400' is not finite"),
+    ("2 5 4\n0 1:1\n1 1:-1e309\n", 3, "'-1e309' is not finite"),
+    ("inf 5 4\n0 1:1\n", 1, "num_docs 'inf'"),
+    ("2 inf 4\n0 1:1\n", 1, "num_features 'inf'"),
+    ("2 5 100000000000\n0 1:1\n", 1, "num_labels 100000000000 out of range"),
+    ("2 100000000000 4\n0 1:1\n", 1, "num_features 100000000000 out of range"),
+    ("2 5 0\n0 1:1\n", 1, "num_labels 0 out of range"),
+    ("10000000000000 5 4\n0 1:1\n", 1, "num_docs 10000000000000 out of range"),
 ]
 
 
@@ -148,6 +159,7 @@ BAD_TEXT = [
     ("0\thello\n-1\tabc\n", 2, "'-1'"),
     ("0\tok\n1\tok\n5\tabc\n", 3, "label id 5 out of range [0, 4)"),
     ("0\tok\n\xff\tbad\n", 2, "label ids"),
+    ("0\tok\n18446744073709551616\tbad\n", 2, "label id 18446744073709551616 too large"),
 ]
 
 
@@ -326,3 +338,50 @@ def test_real_data_round_trip(repo_root, tmp_path) -> None:
     text = read_text(os.path.join(repo_root, "data", "deb-tags", "test.txt.gz"), cache=False)
     assert len(text) == 5957 and text.num_labels == 595
     np.testing.assert_array_equal(text.labels.indices, data.labels.indices)
+
+
+@pytest.mark.parametrize("kind", ["bow", "text"])
+def test_repeated_labels_are_dropped_with_one_warning(tmp_path, kind: str) -> None:
+    """A label repeated on a line counts once (label counts, metric denominators); one warning per file."""
+    if kind == "bow":
+        content, first_line = "4 5 4\n0,2 1:1\n1,3,1,3 2:1\n2,2 0:1\n3 4:1\n", 3
+    else:
+        content, first_line = "0,2\ta\n1,3,1,3\tb\n2,2\tc\n3\td\n", 2
+    path = tmp_path / "dup.txt"
+    path.write_text(content)
+    for cache in (False, True, True):  # parsed, cached, read from the cache: the same rows and warning
+        with pytest.warns(UserWarning) as caught:
+            data = load_xmc(path, num_labels=4, cache=cache)
+        assert len(caught) == 1
+        assert f"{path}:{first_line}: label 1 repeated" in str(caught[0].message)
+        assert "2 line(s)" in str(caught[0].message)
+        assert data.labels.to_lists() == [[0, 2], [1, 3], [2], [3]]
+        assert data.labels.column_counts().tolist() == [1, 1, 2, 2]
+
+
+def test_read_rows_takes_unlabelled_bow_and_text() -> None:
+    bow = read_rows(b"3:0.5\n 1:2\n2,0 0:1 4:1\n", "<stdin>", num_labels=3, num_features=5)
+    assert bow.labels.to_lists() == [[], [], [2, 0]] and bow.features.to_lists() == [[3], [1], [0, 4]]
+    assert bow.features.data.tolist() == [0.5, 2.0, 1.0, 1.0]
+    with_header = read_rows(b"2 5 3\n3:0.5\n1 0:1\n", "x.txt", num_labels=3, num_features=5)
+    assert with_header.labels.to_lists() == [[], [1]] and with_header.features.to_lists() == [[3], [0]]
+    text = read_rows(gzip.compress(b"bare words\n1,2\tlabelled\n\nlast"), "<stdin>", num_labels=3)
+    assert text.texts == ["bare words", "labelled", "", "last"]
+    assert text.labels.to_lists() == [[], [1, 2], [], []]
+
+
+@pytest.mark.parametrize(
+    ("raw", "features", "message"),
+    [
+        (b"3:0.5\n1 9:1\n", 5, "<stdin>:2: feature id 9 out of range [0, 5)"),
+        (b"3:0.5\n7 1:1\n", 5, "<stdin>:2: label id 7 out of range [0, 3)"),
+        (b"2 6 3\n3:0.5\n1 0:1\n", 5, "<stdin>:1: header says 6 features, expected the run's 5"),
+        (b"ok\n9\ttext\n", None, "<stdin>:2: label id 9 out of range [0, 3)"),
+        (b"\n\n", None, "<stdin>: no rows"),
+        (b"\x1f\x8bnot gzip", None, "<stdin>: corrupt gzip data"),
+    ],
+)
+def test_read_rows_errors_name_the_line(raw: bytes, features, message: str) -> None:
+    with pytest.raises(DataFormatError) as caught:
+        read_rows(raw, "<stdin>", num_labels=3, num_features=features)
+    assert str(caught.value).startswith(message)

@@ -182,3 +182,55 @@ def test_reader_pickles_and_reopens_per_process(fixture_rec):
         results = pool.starmap(_read_in_child, [(reader, key) for key in expected])
     assert all(os.getpid() != pid for pid, _ in results)
     assert [record for _, record in results] == list(expected.values())
+
+
+def _copy_fixture(tmp_path, fixture_dir) -> str:
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(os.path.join(fixture_dir, name), tmp_path / name)
+    return str(tmp_path / "train.rec")
+
+
+def test_a_key_missing_from_the_idx_names_the_idx(tmp_path, fixture_dir):
+    reader = RecordReader(_copy_fixture(tmp_path, fixture_dir))
+    with pytest.raises(DataFormatError, match=r"train\.idx: no record with key 9999: the index lists 362"):
+        reader.read(9999)
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ((400.0, 441.0), r"header record 0 has label \[400, 441\)"),
+        ((float("nan"), 5.0), r"header record 0 has label \[nan, 5.0\], expected two integers"),
+        ((0.0, 41.0), r"header record 0 has label \[0, 41\)"),
+        ((320.5, 361.0), "expected two integers"),
+        ((330.0, 361.0), "image record 1 belongs to 0 identities"),
+    ],
+)
+def test_bogus_header_labels_are_refused(tmp_path, fixture_dir, label, message):
+    rec = _copy_fixture(tmp_path, fixture_dir)
+    with open(rec, "r+b") as handle:  # record 0's two label floats follow its frame and IRHeader
+        handle.seek(read_idx(tmp_path / "train.idx")[0] + 8 + 24)
+        handle.write(struct.pack("<ff", *label))
+    with pytest.raises(DataFormatError, match=message):
+        read_face_index(RecordReader(rec))
+
+
+def test_decode_rec_refuses_a_non_image_payload_and_leaves_nothing(tmp_path, fixture_dir):
+    from megaclass.data.images import decode_rec
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    rec = _copy_fixture(folder, fixture_dir)
+    with open(rec, "r+b") as handle:
+        handle.seek(read_idx(folder / "train.idx")[200] + 8 + 24)
+        handle.write(b"\0\0\0\0")
+    out = tmp_path / "out"
+    with pytest.raises(DataFormatError, match=r"record 200: payload of \d+ bytes .* is not an image"):
+        decode_rec(folder, out)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(DataFormatError):
+        decode_rec(folder, existing)
+    assert sorted(os.listdir(existing)) == ["keep.txt"]

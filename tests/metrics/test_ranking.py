@@ -16,7 +16,8 @@ from megaclass.targets import RaggedLabels
 def _reference(
     topk: list[list[int]], truth: list[list[int]], ks, inverse_propensity=None
 ) -> dict[str, float]:
-    """Per-sample definitions, summed in Python (PS metrics as ratios of sums to the ideal ranking's)."""
+    """Per-sample definitions, summed in Python (PS metrics as ratios of sums to the ideal ranking's; each
+    sample's PSDCG divided by its unit-gain IDCG first, as pyxclib's ``psndcg``)."""
     out: dict[str, float] = {}
     n = len(topk)
     out["accuracy"] = sum(pred[0] in set(y) for pred, y in zip(topk, truth, strict=True)) / n
@@ -36,10 +37,11 @@ def _reference(
                     inverse_propensity[label] if hit else 0.0 for label, hit in zip(pred, hits, strict=False)
                 ]
                 ps += sum(gains) / k
-                psdcg += sum(gain / math.log2(rank + 2) for rank, gain in enumerate(gains))
                 best = sorted((inverse_propensity[label] for label in y), reverse=True)[:k]
                 ps_ideal += sum(best) / k
-                psdcg_ideal += sum(gain / math.log2(rank + 2) for rank, gain in enumerate(best))
+                unit = sum(1 / math.log2(rank + 2) for rank in range(min(k, len(y)))) or 1.0
+                psdcg += sum(gain / math.log2(rank + 2) for rank, gain in enumerate(gains)) / unit
+                psdcg_ideal += sum(gain / math.log2(rank + 2) for rank, gain in enumerate(best)) / unit
         out[f"P@{k}"], out[f"R@{k}"], out[f"nDCG@{k}"] = precision / n, recall / n, ndcg / n
         if inverse_propensity is not None:
             out[f"PSP@{k}"] = ps / ps_ideal if ps_ideal else 0.0
@@ -73,8 +75,59 @@ def test_hand_computed_propensity_case() -> None:
     assert result["PSP@1"] == pytest.approx(5 / 14)
     # PSP@2: (1 + 10) / 2 + 4 / 2 over (10 + 1) / 2 + 4 / 2.
     assert result["PSP@2"] == pytest.approx((11 / 2 + 4 / 2) / (11 / 2 + 4 / 2))
-    ideal_dcg = 10 + 1 / math.log2(3) + 4
-    assert result["PSnDCG@2"] == pytest.approx((1 + 10 / math.log2(3) + 4) / ideal_dcg)
+    # PSnDCG@2: each sample's PSDCG over its unit-gain IDCG (2 labels: 1 + 1/log2(3); 1 label: 1) first.
+    unit = 1 + 1 / math.log2(3)
+    scored = (1 + 10 / math.log2(3)) / unit + 4 / 1
+    ideal = (10 + 1 / math.log2(3)) / unit + 4 / 1
+    assert result["PSnDCG@2"] == pytest.approx(scored / ideal)
+
+
+def _pyxclib_psndcg(topk: np.ndarray, truth: np.ndarray, inverse_propensity: np.ndarray, k: int):
+    """pyxclib's ``psndcg`` (xclib.evaluation.xc_metrics) in its own dense-matrix form, for ``1..k``.
+
+    ``truth`` is the ``(N, C)`` 0/1 label matrix; the ideal ranking takes each row's top-k of ``truth * w``
+    (padding weighs 0); each row's DCG is divided by ``min(IDCG of |y| unit hits, IDCG of k unit hits)``
+    before the mean, and the metric is the mean for the predictions over the mean for the ideal ranking.
+    """
+    weights = np.append(inverse_propensity, 0.0)
+    padded = np.hstack([truth, np.zeros((truth.shape[0], 1))])
+    weighted = padded * weights
+    ideal = np.argsort(-weighted, axis=1, kind="stable")[:, :k]
+    ideal = np.where(np.take_along_axis(weighted, ideal, axis=1) > 0, ideal, truth.shape[1])
+
+    def flags(ids):
+        return np.take_along_axis(padded, ids, axis=1) * weights[ids]
+
+    positives = truth.sum(axis=1).astype(int)
+    cumulative = np.cumsum(1 / np.log2(np.arange(1, max(positives.max(), k) + 1) + 1))
+    n = cumulative[positives - 1]
+
+    def ndcg(eval_flags):
+        dcg = np.cumsum(eval_flags / np.log2(np.arange(k) + 2), axis=1)
+        return np.array([np.mean(dcg[:, j] / np.minimum(n, cumulative[j])) for j in range(k)])
+
+    return ndcg(flags(topk[:, :k])) / ndcg(flags(ideal))
+
+
+def test_psndcg_matches_pyxclib_formula() -> None:
+    """A hand example where the per-sample normalisation matters (samples with 1 and 4 labels)."""
+    inverse_propensity = np.array([1.0, 2.0, 5.0, 1.5, 3.0, 8.0])
+    truth_lists = [[2], [0, 1, 3, 4], [5, 1], []]
+    topk = np.array([[2, 0, 1], [1, 5, 0], [0, 1, 5], [3, 4, 2]])
+    truth = np.zeros((len(truth_lists), 6))
+    for row, labels in enumerate(truth_lists):
+        truth[row, labels] = 1
+    metrics = RankingMetrics(6, ks=(1, 2, 3), propensities=1 / inverse_propensity)
+    metrics.update(topk, RaggedLabels.from_lists(truth_lists))
+    result = metrics.compute()
+    expected = _pyxclib_psndcg(topk, truth, inverse_propensity, 3)
+    for k in (1, 2, 3):
+        assert result[f"PSnDCG@{k}"] == pytest.approx(expected[k - 1], rel=1e-12), k
+    # The ratio of plain PSDCG sums (no per-sample normaliser) differs here: the test can tell them apart.
+    discount = 1 / np.log2(np.arange(3) + 2)
+    hits = np.take_along_axis(truth, topk, axis=1) * inverse_propensity[topk]
+    best = -np.sort(-(truth * inverse_propensity), axis=1)[:, :3]
+    assert abs((hits * discount).sum() / (best * discount).sum() - result["PSnDCG@3"]) > 1e-3
 
 
 @pytest.mark.parametrize("num_labels", [1, 7, 1000])

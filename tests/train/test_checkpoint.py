@@ -223,13 +223,12 @@ def test_pruning_keeps_whole_checkpoints_up_to_the_one_written(tmp_path):
 
 
 def _sharded_head(seed: int):
-    from megaclass.distributed.sharded import ShardedDenseHead
-
-    from megaclass.heads.base import HeadContext
-    from megaclass.heads.dense import DenseHeadConfig
+    from megaclass.heads.base import ClassShard, HeadContext
+    from megaclass.heads.dense import DenseHead, DenseHeadConfig
 
     torch.manual_seed(seed)
-    head = ShardedDenseHead(DenseHeadConfig(), HeadContext(in_features=4, num_classes=7, multilabel=False))
+    context = HeadContext(in_features=4, num_classes=7, multilabel=False)
+    head = DenseHead(DenseHeadConfig(seed=seed), context, ClassShard.for_rank(7, 0, 1))
     return head, torch.optim.AdamW(head.parameters(), lr=0.1)
 
 

@@ -79,14 +79,17 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> Tensor:
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
 
 
-def _image_extension(data: bytes) -> str:
+def _image_extension(data: bytes) -> str | None:
+    """The file extension of encoded image bytes by their signature; None when they are no known image."""
     if data[:3] == b"\xff\xd8\xff":
         return ".jpg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return ".png"
     if data[:2] == b"BM":
         return ".bmp"
-    return ".jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return None
 
 
 class RecordSource:
@@ -305,7 +308,9 @@ def decode_rec(
     """Unpack ``IN_DIR/train.rec`` to ``OUT_DIR/<label>/<key>.jpg``, ``train_list.txt`` and ``val_list.txt``.
 
     Payloads are written as stored, byte for byte. Each identity with two or more images puts
-    ``max(1, floor(val_fraction * n))`` of them (chosen with ``seed``) in the validation list.
+    ``max(1, floor(val_fraction * n))`` of them (chosen with ``seed``) in the validation list. A payload that
+    is not a JPEG, PNG, BMP or WebP image (an empty one, when a bogus header makes identity records images)
+    is a :class:`DataFormatError` naming the record, and the files written before it are removed.
 
     Args:
         in_dir: a folder holding ``train.rec`` and ``train.idx`` (or the ``.rec`` path itself).
@@ -317,24 +322,56 @@ def decode_rec(
         raise ValueError(f"val_fraction: expected a value in [0, 1), got {val_fraction}")
     in_dir, out_dir = os.fspath(in_dir), os.fspath(out_dir)
     source = RecordSource(os.path.join(in_dir, "train.rec") if os.path.isdir(in_dir) else in_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    relpaths = []
-    for position in range(len(source)):
-        payload = source.read(position)
-        label = int(source.labels[position])
-        relpath = f"{label}/{int(source.keys[position])}{_image_extension(payload)}"
-        os.makedirs(os.path.join(out_dir, str(label)), exist_ok=True)
-        with open(os.path.join(out_dir, relpath), "wb") as handle:
-            handle.write(payload)
-        relpaths.append(relpath)
-        if progress is not None:
-            progress(1, len(source))
-    val = _validation_rows(source.labels, val_fraction, seed)
-    for name, chosen in (("train_list.txt", ~val), ("val_list.txt", val)):
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as handle:
-            for position in np.flatnonzero(chosen):
-                handle.write(f"{relpaths[position]} {int(source.labels[position])}\n")
+    created: list[str] = []  # files and folders this call made, removed again when a record is bad
+    try:
+        _make_folder(out_dir, created)
+        relpaths = []
+        for position in range(len(source)):
+            payload = source.read(position)
+            extension = _image_extension(payload)
+            if extension is None:
+                raise DataFormatError(
+                    source.path,
+                    f"record {int(source.keys[position])}: payload of {len(payload)} bytes starting "
+                    f"{payload[:8]!r} is not an image: expected JPEG, PNG, BMP or WebP bytes",
+                )
+            label = int(source.labels[position])
+            relpath = f"{label}/{int(source.keys[position])}{extension}"
+            _make_folder(os.path.join(out_dir, str(label)), created)
+            _write_new(os.path.join(out_dir, relpath), payload, created)
+            relpaths.append(relpath)
+            if progress is not None:
+                progress(1, len(source))
+        val = _validation_rows(source.labels, val_fraction, seed)
+        for name, chosen in (("train_list.txt", ~val), ("val_list.txt", val)):
+            lines = "".join(
+                f"{relpaths[position]} {int(source.labels[position])}\n"
+                for position in np.flatnonzero(chosen)
+            )
+            _write_new(os.path.join(out_dir, name), lines.encode("utf-8"), created)
+    except BaseException:
+        for path in reversed(created):
+            if os.path.isdir(path):
+                os.rmdir(path)  # a folder of its own files only, removed just before
+            else:
+                os.unlink(path)
+        raise
     return DecodeSummary(len(source), source.num_classes, int((~val).sum()), int(val.sum()))
+
+
+def _make_folder(path: str, created: list[str]) -> None:
+    if not os.path.isdir(path):
+        os.makedirs(path)
+        created.append(path)
+
+
+def _write_new(path: str, data: bytes, created: list[str]) -> None:
+    """Write ``data`` to ``path``, recording it in ``created`` unless it existed before."""
+    existed = os.path.exists(path)
+    with open(path, "wb") as handle:
+        if not existed:
+            created.append(path)
+        handle.write(data)
 
 
 def _validation_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -367,14 +404,25 @@ def make_rec(
     """
     source, out_dir = os.fspath(source), os.fspath(out_dir)
     if os.path.isdir(source):
-        relpaths, labels, _ = scan_image_folder(source)
+        relpaths, labels, class_names = scan_image_folder(source)
         root = source
     else:
         relpaths, labels = read_image_list(source)
         root = os.path.dirname(os.path.abspath(source))
+        class_names = None
     order = np.argsort(labels, kind="stable")
-    num_classes = int(labels.max()) + 1
+    num_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
     counts = np.bincount(labels, minlength=num_classes)
+    if np.any(counts == 0):  # a class without images would be an identity no sample trains
+        empty = int(np.argmax(counts == 0))
+        if class_names is not None:
+            raise DataFormatError(
+                os.path.join(source, class_names[empty]),
+                f"class folder has no images ({', '.join(IMAGE_EXTENSIONS)}): every class needs one",
+            )
+        raise DataFormatError(
+            source, f"no image has label {empty}: labels must be 0..{num_classes - 1} with images for each"
+        )
     first_identity = len(relpaths) + 1
     os.makedirs(out_dir, exist_ok=True)
     height = width = 0

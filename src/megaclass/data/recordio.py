@@ -130,14 +130,14 @@ class RecordReader:
     """
 
     def __init__(self, path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
+        self._fd: int | None = None  # first: __del__ runs even when the checks below raise
+        self._pid: int | None = None
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"RecordIO file not found: {self.path}")
         self.size = os.path.getsize(self.path)
         self.idx_path = index_path_for(self.path) if idx_path is None else os.fspath(idx_path)
         self._index: dict[int, int] | None = None
-        self._fd: int | None = None
-        self._pid: int | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -189,10 +189,12 @@ class RecordReader:
 
     def read(self, key: int) -> bytes:
         """The record stored under ``key`` (all parts rejoined)."""
-        try:
-            offset = self.index[key]
-        except KeyError:
-            raise KeyError(f"{self.idx_path}: no record with key {key}") from None
+        offset = self.index.get(key)
+        if offset is None:
+            raise DataFormatError(
+                self.idx_path,
+                f"no record with key {key}: the index lists {len(self.index)} keys, not this one",
+            )
         record, _ = self.read_at(offset)
         return record
 
@@ -314,31 +316,60 @@ def read_face_index(reader: RecordReader) -> FaceRecordIndex:
     Without the header record (flag 0 at key 0), every record is an image and each header is read for its
     label (slower: one read per image).
     """
+    if not reader.index:
+        raise DataFormatError(
+            reader.idx_path, f"no records: expected a key<TAB>offset line per record of {reader.path}"
+        )
     header, _ = unpack(reader.read(0), where=f"{reader.path} key 0") if 0 in reader.index else (None, b"")
     if header is None or header.flag <= 0:
         return _labels_from_images(reader, np.asarray(reader.keys, dtype=np.int64))
-    first_identity, end_identity = int(header.label[0]), int(header.label[1])
+    first_identity, end_identity = _record_range(reader, 0, header.label, len(reader.index))
     image_keys = np.arange(1, first_identity, dtype=np.int64)
     if end_identity <= first_identity or any(
         k not in reader.index for k in (first_identity, end_identity - 1)
     ):
         return _labels_from_images(reader, image_keys)
+    covered = np.zeros(image_keys.size, dtype=np.int64)  # identities claiming each image record
     labels = np.full(image_keys.size, -1, dtype=np.int64)
     for label, key in enumerate(range(first_identity, end_identity)):
         identity, _ = unpack(reader.read(key), where=f"{reader.path} key {key}")
-        if np.ndim(identity.label) == 0 or len(identity.label) < 2:
-            raise DataFormatError(
-                reader.path, f"identity record {key} has label {identity.label}, expected [a, b)"
-            )
-        start, end = int(identity.label[0]), int(identity.label[1])
-        if not 1 <= start <= end <= first_identity:
+        start, end = _record_range(reader, key, identity.label, first_identity - 1)
+        labels[start - 1 : end - 1] = label
+        covered[start - 1 : end - 1] += 1
+    if np.any(covered != 1):
+        key = int(np.flatnonzero(covered != 1)[0]) + 1
+        problem = (
+            f"image record {key} belongs to {int(covered[key - 1])} identities: the identity records "
+            f"{first_identity}..{end_identity - 1} (header label of record 0) must split the image records "
+            f"1..{first_identity - 1} into ranges, each image in exactly one"
+        )
+        raise DataFormatError(reader.path, problem)
+    return FaceRecordIndex(image_keys, labels, end_identity - first_identity)
+
+
+def _record_range(reader: RecordReader, key: int, label: object, last: int) -> tuple[int, int]:
+    """``[a, b)`` of a header (key 0) or identity record's label, checked: integers, ``1 <= a <= b``.
+
+    ``b - 1`` must not pass ``last`` for an identity record's images; the header's image records
+    ``1 .. a - 1`` must not outnumber the ``.idx`` (``last``: its number of keys).
+    """
+    values = np.asarray(label, dtype=np.float64).reshape(-1)
+    what = "header record 0" if key == 0 else f"identity record {key}"
+    if values.size < 2 or not np.all(np.isfinite(values[:2])) or np.any(values[:2] != np.round(values[:2])):
+        raise DataFormatError(
+            reader.path, f"{what} has label {values.tolist()}, expected two integers [a, b)"
+        )
+    start, end = int(values[0]), int(values[1])
+    if key == 0:
+        if not 1 <= start <= end or start - 1 > last:
             raise DataFormatError(
                 reader.path,
-                f"identity record {key}: image range [{start}, {end}) outside [1, {first_identity})",
+                f"{what} has label [{start}, {end}): expected 1 <= a <= b with a - 1 image records, at most "
+                f"the {last} keys of {reader.idx_path}",
             )
-        labels[start - 1 : end - 1] = label
-    keep = labels >= 0
-    return FaceRecordIndex(image_keys[keep], labels[keep], end_identity - first_identity)
+    elif not 1 <= start <= end <= last + 1:
+        raise DataFormatError(reader.path, f"{what}: image range [{start}, {end}) outside [1, {last + 1})")
+    return start, end
 
 
 def _labels_from_images(reader: RecordReader, keys: np.ndarray) -> FaceRecordIndex:

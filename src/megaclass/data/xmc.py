@@ -3,7 +3,10 @@
 BoW: a header ``num_docs num_features num_labels``, then one document a line, ``l1,l2,... f:v f:v ...``
 (0-based ids; a line may have no labels or no features). Text: ``l1,l2,...<TAB>text`` one document a line.
 Files may be gzipped (``.gz``). Readers parse the whole decompressed file with vectorised NumPy (no Python
-loop over tokens), report bad input as :class:`~megaclass.errors.DataFormatError` with the 1-based line, and
+loop over tokens), report bad input as :class:`~megaclass.errors.DataFormatError` with the 1-based line (ids
+too large for int32, non-finite values, header counts out of range: all before any large allocation), drop
+a label repeated on one line (it would count twice in label counts and metric denominators) with one
+warning per file naming the first such line, and
 cache the parsed arrays beside the source (``<file>.megaclass.npz``, keyed by the source's size and mtime),
 or under ``$MEGACLASS_CACHE`` (default ``~/.cache/megaclass``) when the source's directory is not writable.
 
@@ -20,6 +23,7 @@ import os
 import stat
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +38,13 @@ __all__ = [
     "load_xmc",
     "read_bow",
     "read_label_names",
+    "read_rows",
     "read_text",
     "write_bow",
     "write_text",
 ]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _NEWLINE, _SPACE, _TAB, _COMMA, _COLON, _CR = (ord(c) for c in "\n \t,:\r")
 # Byte classes of the BoW tokenizer: 0 = part of a token, then the separators.
 _TOKEN, _WHITE, _LINE, _COMMA_CLASS, _COLON_CLASS = 0, 1, 2, 3, 4
@@ -159,7 +164,7 @@ def _read_bytes(path: str) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:
             raise DataFormatError(path, f"corrupt gzip data ({error})") from None
     return raw
 
@@ -173,8 +178,11 @@ def _open_text_for_write(path: str | os.PathLike):
 
 def _first_line(path: str) -> bytes:
     opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rb") as handle:
-        return handle.readline(1 << 20)
+    try:
+        with opener(path, "rb") as handle:
+            return handle.readline(1 << 20)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataFormatError(path, f"corrupt gzip data ({error})") from None
 
 
 def _is_gzip(path: str) -> bool:
@@ -268,6 +276,8 @@ def _parse_numbers(text: np.ndarray, token_start: np.ndarray) -> tuple[np.ndarra
 
     Returns the values and None, or the index of the first token that is not a number.
     """
+    if token_start.size == 0:  # NumPy refuses a text of separators only
+        return np.zeros(0, dtype=np.float64), None
     values = _fromstring(text)
     if values is not None and values.size == token_start.size:
         return values, None
@@ -313,20 +323,36 @@ def _token_text(buf: np.ndarray, start: int, end: int) -> str:
 # ---------------------------------------------------------------------------------------------- BoW reader
 
 
+_MAX_DOCS = 1 << 40  # far more documents than any file holds; a larger count is a corrupt header
+_MAX_COLUMNS = (1 << 31) - 1  # feature and label ids are stored as int32
+
+
 def _parse_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
+    """The header's three counts, each checked to be an integer in its range before anything is allocated."""
     end = raw.find(b"\n")
     end = len(raw) if end < 0 else end
     fields = raw[:end].split()
-    if len(fields) != 3 or not all(field.isdigit() for field in fields):
-        seen = raw[:end][:80].decode("utf-8", errors="replace")
+    seen = raw[:end][:80].decode("utf-8", errors="replace").strip()
+    if len(fields) != 3:
         raise DataFormatError(
             path, f"expected a header 'num_docs num_features num_labels', got {seen!r}", line=1
         )
-    num_docs, num_features, num_labels = (int(field) for field in fields)
+    counts = []
+    ranges = (("num_docs", 0, _MAX_DOCS), ("num_features", 1, _MAX_COLUMNS), ("num_labels", 1, _MAX_COLUMNS))
+    for (name, low, high), field in zip(ranges, fields, strict=True):
+        text = field.decode("utf-8", errors="replace")[:40]
+        if not field.isdigit():
+            problem = f"header {name} {text!r} is not a non-negative integer (header {seen!r})"
+            raise DataFormatError(path, problem, line=1)
+        if not low <= int(field) <= high:
+            problem = f"header {name} {text} out of range: expected an integer in [{low}, {high}]"
+            raise DataFormatError(path, problem, line=1)
+        counts.append(int(field))
+    num_docs, num_features, num_labels = counts
     return (num_docs, num_features, num_labels), min(end + 1, len(raw))
 
 
-def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarray):
+def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarray, line_base: int):
     """Tokenise a BoW body; returns token starts/ends and their role masks (label, feature id, value)."""
     token_start, token_end = _tokens(classes)
     padded = np.concatenate([np.array([_LINE], np.uint8), classes, np.array([_LINE], np.uint8)])  # uint8
@@ -348,12 +374,12 @@ def _bow_roles(path: str, buf: np.ndarray, classes: np.ndarray, starts: np.ndarr
         problem = (
             f"malformed line {seen!r}: expected 'l1,l2,... f:v f:v ...' (labels first, then id:value pairs)"
         )
-        raise DataFormatError(path, problem, line=line + 2)
+        raise DataFormatError(path, problem, line=line + line_base)
     return token_start, token_end, is_label, is_id, is_value
 
 
 def _check_token_chars(
-    path: str, buf: np.ndarray, tokens: tuple[np.ndarray, np.ndarray], is_value, starts
+    path: str, buf: np.ndarray, tokens: tuple[np.ndarray, np.ndarray], is_value, starts, line_base: int
 ) -> None:
     """Ids must be digits only, values decimal numbers; name the first offending token."""
     token_start, token_end = tokens
@@ -366,7 +392,8 @@ def _check_token_chars(
         token = owner[np.argmax(wrong)]
         start, end = int(token_start[token]), int(token_end[token])
         kind = "a value" if is_value[token] else "an id (a non-negative integer)"
-        raise _fail_at(path, start, 2, starts, f"expected {kind}, got {_token_text(buf, start, end)!r}")
+        problem = f"expected {kind}, got {_token_text(buf, start, end)!r}"
+        raise _fail_at(path, start, line_base, starts, problem)
 
 
 def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
@@ -381,25 +408,79 @@ def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
         line = num_docs + 2 if num_lines > num_docs else num_lines + 1
         problem = f"header says {num_docs} documents, the file has {num_lines} lines after it"
         raise DataFormatError(path, problem, line=line)
+    arrays = _parse_bow_body(path, buf, starts, 2)
+    arrays["header"] = np.array([num_docs, num_features, num_labels], dtype=np.int64)
+    return arrays
+
+
+def _parse_bow_body(path: str, buf: np.ndarray, starts: np.ndarray, line_base: int) -> dict[str, np.ndarray]:
+    """CSR arrays of BoW lines ``buf`` (line ``i`` is line ``i + line_base`` of the file, for messages)."""
+    num_lines = starts.size - 1
     classes = _BYTE_CLASS[buf]
-    token_start, token_end, is_label, is_id, is_value = _bow_roles(path, buf, classes, starts)
-    _check_token_chars(path, buf, (token_start, token_end), is_value, starts)
+    token_start, token_end, is_label, is_id, is_value = _bow_roles(path, buf, classes, starts, line_base)
+    _check_token_chars(path, buf, (token_start, token_end), is_value, starts, line_base)
     text = np.where(classes == _TOKEN, buf, np.uint8(_SPACE))
     numbers, failed = _parse_numbers(text, token_start)
     if failed is not None:
         bad, end = int(token_start[failed]), int(token_end[failed])
-        raise _fail_at(path, bad, 2, starts, f"cannot parse number {_token_text(buf, bad, end)!r}")
+        problem = f"cannot parse number {_token_text(buf, bad, end)!r}"
+        raise _fail_at(path, bad, line_base, starts, problem)
+    _check_id_size(path, buf, numbers, (token_start, token_end), is_label, is_id, starts, line_base)
+    infinite = is_value & ~np.isfinite(numbers)  # "1e400" parses as inf
+    if infinite.any():
+        token = int(np.argmax(infinite))
+        bad, end = int(token_start[token]), int(token_end[token])
+        problem = f"feature value {_token_text(buf, bad, end)!r} is not finite: expected a finite number"
+        raise _fail_at(path, bad, line_base, starts, problem)
     token_line = _line_of(token_start, starts)
     label_rows = np.bincount(token_line[is_label], minlength=num_lines)
     feature_rows = np.bincount(token_line[is_id], minlength=num_lines)
     return {
-        "header": np.array([num_docs, num_features, num_labels], dtype=np.int64),
         "label_indptr": np.concatenate([[0], np.cumsum(label_rows)]).astype(np.int64),
         "label_indices": numbers[is_label].astype(np.int64),
         "feature_indptr": np.concatenate([[0], np.cumsum(feature_rows)]).astype(np.int64),
         "feature_indices": numbers[is_id].astype(np.int64),
         "feature_values": numbers[is_value].astype(np.float32),
     }
+
+
+def _check_id_size(path, buf, numbers, tokens, is_label, is_id, starts, line_base: int) -> None:
+    """Ids must fit the int32 id arrays; a larger one (even past 2^63) is an error, never a wrapped id."""
+    token_start, token_end = tokens
+    too_large = (is_label | is_id) & (numbers > _MAX_COLUMNS)
+    if too_large.any():
+        token = int(np.argmax(too_large))
+        start, end = int(token_start[token]), int(token_end[token])
+        kind = "label" if is_label[token] else "feature"
+        problem = f"{kind} id {_token_text(buf, start, end)} too large: expected at most {_MAX_COLUMNS}"
+        raise _fail_at(path, start, line_base, starts, problem)
+
+
+def _dedupe_rows(path: str, indptr: np.ndarray, indices: np.ndarray, line_base: int):
+    """Drop repeats of an id within a row (the first stays), warning once for the file with the first line.
+
+    Returns ``(indptr, indices)``, the inputs themselves when nothing repeats.
+    """
+    if indices.size < 2:
+        return indptr, indices
+    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    order = np.lexsort((np.arange(indices.size), indices, rows))  # by row, id, then position
+    repeat = (rows[order][1:] == rows[order][:-1]) & (indices[order][1:] == indices[order][:-1])
+    if not repeat.any():
+        return indptr, indices
+    keep = np.ones(indices.size, dtype=bool)
+    keep[order[1:][repeat]] = False
+    first = int(np.flatnonzero(~keep)[0])
+    count = int(np.unique(rows[~keep]).size)
+    warnings.warn(
+        f"{path}:{int(rows[first]) + line_base}: label {int(indices[first])} repeated on the line; "
+        f"repeated labels are dropped ({count} line(s) of this file have repeats)",
+        stacklevel=3,
+    )
+    lengths = np.bincount(rows[keep], minlength=indptr.size - 1)
+    new_indptr = np.zeros(indptr.size, dtype=np.int64)
+    np.cumsum(lengths, out=new_indptr[1:])
+    return new_indptr, indices[keep]
 
 
 def _check_range(
@@ -440,7 +521,8 @@ def read_bow(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
     label_space = header_labels if num_labels is None else _checked_num_labels(num_labels)
     _check_range(path, "label", arrays["label_indices"], arrays["label_indptr"], label_space, 2)
     _check_range(path, "feature", arrays["feature_indices"], arrays["feature_indptr"], header_features, 2)
-    labels = CSR(arrays["label_indptr"], arrays["label_indices"].astype(np.int32), None, label_space)
+    label_indptr, label_indices = _dedupe_rows(path, arrays["label_indptr"], arrays["label_indices"], 2)
+    labels = CSR(label_indptr, label_indices.astype(np.int32), None, label_space)
     features = CSR(
         arrays["feature_indptr"],
         arrays["feature_indices"].astype(np.int32),
@@ -493,6 +575,13 @@ def _text_label_part(
     token_start, _ = _tokens(classes)
     values, failed = _parse_numbers(np.where(is_digit, part, np.uint8(_SPACE)), token_start)
     assert failed is None, "digit-only tokens always parse"
+    token_source = offsets[token_start]  # offsets in the file, for the line of a too large id
+    too_large = values > _MAX_COLUMNS
+    if too_large.any():
+        token = int(np.argmax(too_large))
+        digits = part[token_start[token] :][: np.argmax(~is_digit[token_start[token] :])].tobytes().decode()
+        problem = f"label id {digits} too large: expected at most {_MAX_COLUMNS}"
+        raise _fail_at(path, int(token_source[token]), 1, starts, problem)
     line_of_token = np.searchsorted(np.flatnonzero(part == _TAB), token_start, side="left")
     counts = np.bincount(line_of_token, minlength=num_lines)
     return {
@@ -593,8 +682,67 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
         names = read_label_names(path)
         label_space = len(names) if names else (int(indices.max()) + 1 if indices.size else 1)
     _check_range(path, "label", indices, arrays["label_indptr"], label_space, 1)
-    labels = CSR(arrays["label_indptr"], indices.astype(np.int32), None, label_space)
+    indptr, indices = _dedupe_rows(path, arrays["label_indptr"], indices, 1)
+    labels = CSR(indptr, indices.astype(np.int32), None, label_space)
     return XMCData(path, labels, None, texts)
+
+
+def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | None = None) -> XMCData:
+    """Rows to predict on, their labels optional: BoW lines when ``num_features`` is given, else text lines.
+
+    BoW input may start with its header (whose feature count must be ``num_features``) or not; a line is
+    ``l1,l2 f:v ...`` or, without labels, `` f:v ...`` or ``f:v ...``. A text line is ``l1,l2<TAB>text`` or,
+    without labels, bare text (no tab). ``raw`` may be gzipped; ``where`` names it in errors (a path, or
+    ``<stdin>``). Ids are checked against ``num_features`` and ``num_labels``.
+
+    >>> read_rows(b"3:0.5\n1 0:1\n", "<stdin>", num_labels=2, num_features=4).labels.to_lists()
+    [[], [1]]
+    """
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise DataFormatError(where, f"corrupt gzip data ({error})") from None
+    if not raw.strip():
+        raise DataFormatError(where, "no rows: expected one document a line")
+    if num_features is None:
+        return _text_rows(raw, where, num_labels)
+    first = raw.split(b"\n", 1)[0]
+    if len(first.split()) == 3 and all(field.isdigit() for field in first.split()):
+        arrays = _parse_bow(where, raw)
+        header_features = int(arrays["header"][1])
+        if header_features != num_features:
+            problem = f"header says {header_features} features, expected the run's {num_features}"
+            raise DataFormatError(where, problem, line=1)
+        line_base = 2
+    else:
+        buf = np.frombuffer(raw, dtype=np.uint8)
+        arrays, line_base = _parse_bow_body(where, buf, _line_starts(buf), 1), 1
+    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, line_base)
+    _check_range(
+        where, "feature", arrays["feature_indices"], arrays["feature_indptr"], num_features, line_base
+    )
+    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], line_base)
+    features = CSR(
+        arrays["feature_indptr"],
+        arrays["feature_indices"].astype(np.int32),
+        arrays["feature_values"],
+        num_features,
+    )
+    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), features, None)
+
+
+def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
+    """Text lines, a line without a tab being an unlabelled document (it gets an empty label list)."""
+    lines = raw.split(b"\n")
+    labelled = b"\n".join(line if b"\t" in line else b"\t" + line for line in lines)
+    if raw.endswith(b"\n"):
+        labelled = labelled[:-1]  # the piece after the final newline is no line
+    arrays = _parse_text(where, labelled)
+    texts = _split_texts(where, arrays["text_bytes"], 1)
+    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, 1)
+    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], 1)
+    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), None, texts)
 
 
 def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:
@@ -610,7 +758,7 @@ def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
     if os.path.getsize(path) == 0:
         raise DataFormatError(path, "empty file: expected a BoW header or 'l1,l2,...<TAB>text' lines")
     first = _first_line(path)
-    if first.split() and all(field.isdigit() for field in first.split()):
+    if b"\t" not in first and len(first.split()) == 3:
         return read_bow(path, num_labels=num_labels, cache=cache)  # the header check names a wrong count
     if not first.strip():
         raise DataFormatError(path, "empty first line: expected a BoW header or 'l1,l2,...<TAB>text'", line=1)

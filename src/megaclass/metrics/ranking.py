@@ -6,9 +6,11 @@ Conventions (those of the Extreme Classification Repository and pyxclib):
   log2(rank + 1)`` and ``IDCG@k`` the DCG of ``min(k, |y|)`` hits. Each is the mean over samples; a sample
   with no labels counts in the mean with 0 in every metric.
 - ``PSP@k`` and ``PSnDCG@k`` weight a hit on label ``l`` by ``1 / p_l`` (propensities of Jain et al. 2016) and
-  are normalised, as the repository reports them, by their best achievable value: the sum over all samples
-  of the propensity-weighted score divided by the same sum for the ideal ranking (the sample's labels by
-  decreasing ``1 / p_l``). They lie in ``[0, 1]``.
+  are normalised, as pyxclib's ``psprecision`` / ``psndcg`` do, by the same metric of the ideal ranking (each
+  sample's labels by decreasing ``1 / p_l``, the best ``k``): ``PSP@k = sum_i PSP_i / sum_i PSP*_i``, and
+  ``PSnDCG@k = sum_i (PSDCG_i / Z_i) / sum_i (PSDCG*_i / Z_i)`` where ``Z_i`` is the sample's unit-gain
+  ``IDCG@k`` (the DCG of ``min(k, |y_i|)`` hits), so each sample enters as its own nDCG does. They lie in
+  ``[0, 1]``.
 - ``accuracy`` is the share of samples whose top-1 prediction is one of its labels (``P@1``; top-1 accuracy
   for one-label data).
 
@@ -127,7 +129,7 @@ class RankingMetrics:
         self.num_samples += batch
         self._add_plain(hits, lengths)
         if self.inverse_propensity is not None:
-            self._add_propensity_scored(ids, hits, indptr, indices)
+            self._add_propensity_scored(ids, hits, indptr, indices, lengths)
 
     def _hits(self, ids: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """``(B, k)`` whether each prediction is one of its sample's labels (sorted-key membership)."""
@@ -152,23 +154,29 @@ class RankingMetrics:
             best = ideal[np.minimum(lengths, k)]
             self._add(f"nDCG@{k}", (dcg[:, k - 1][has_labels] / best[has_labels]).sum())
 
-    def _add_propensity_scored(self, ids, hits, indptr: np.ndarray, indices: np.ndarray) -> None:
-        """Sums of propensity-weighted P@k and DCG@k and of their ideal values (per-sample top-k labels)."""
+    def _add_propensity_scored(self, ids, hits, indptr: np.ndarray, indices: np.ndarray, lengths) -> None:
+        """Sums of propensity-weighted P@k and per-sample normalised DCG@k, and of their ideal values."""
         weight = np.where(hits, self.inverse_propensity[np.clip(ids, 0, self.num_labels - 1)], 0.0)  # (B, k)
         scored = np.cumsum(weight, axis=1)  # (B, k)
         scored_dcg = np.cumsum(weight * self._discount, axis=1)  # (B, k)
         # Ideal ranking: each sample's labels by decreasing 1 / p, the best k of them.
-        row = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))  # (L,)
+        batch = indptr.size - 1
+        row = np.repeat(np.arange(batch, dtype=np.int64), np.diff(indptr))  # (L,)
         label_weight = self.inverse_propensity[indices]
         order = np.lexsort((-label_weight, row))
         rank = np.arange(order.size, dtype=np.int64) - indptr[row[order]]  # rank inside its sample
-        ordered_weight = label_weight[order]
+        ordered_weight, ordered_row = label_weight[order], row[order]
+        unit_ideal = np.concatenate([[1.0], np.cumsum(self._discount)])  # [n]: DCG of n unit hits; 0 -> 1
         for k in self.ks:
             top = rank < k
             self._add(f"PSP@{k}", scored[:, k - 1].sum() / k)
             self._add(f"PSP@{k}:ideal", ordered_weight[top].sum() / k)
-            self._add(f"PSnDCG@{k}", scored_dcg[:, k - 1].sum())
-            self._add(f"PSnDCG@{k}:ideal", (ordered_weight[top] * self._discount[rank[top]]).sum())
+            ideal_dcg = np.bincount(
+                ordered_row[top], weights=ordered_weight[top] * self._discount[rank[top]], minlength=batch
+            )  # (B,)
+            normaliser = unit_ideal[np.minimum(lengths, k)]  # (B,) Z_i; a sample without labels adds 0
+            self._add(f"PSnDCG@{k}", (scored_dcg[:, k - 1] / normaliser).sum())
+            self._add(f"PSnDCG@{k}:ideal", (ideal_dcg / normaliser).sum())
 
     def compute(self) -> dict[str, float]:
         """The metrics over all samples seen (``P@k``, ``nDCG@k``, ``R@k``, ``PSP@k``, ``PSnDCG@k``, ...)."""

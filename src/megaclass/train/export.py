@@ -1,38 +1,55 @@
 """``megaclass export --run DIR --out FILE``: one inference file from a run, whatever number of ranks ran it.
 
 The file is safetensors: the encoder's tensors under ``encoder.<name>``, the whole (unsharded) head's under
-``head.<name>``, and the run's ``config.yaml`` and ``run.json`` as metadata. The final weights (``model/``)
-are used when the run finished, else its newest checkpoint (sharded checkpoints are stacked row range by row
-range).
+``head.<name>``, the training label counts as ``run.label_counts``, a text run's fitted featuriser's arrays
+under ``featurizer.<name>`` (its JSON tree as the ``featurizer.json`` metadata), and the run's
+``config.yaml`` and ``run.json`` as metadata, so the file alone scores raw text. The final weights
+(``model/``) are used when the run finished, else its newest checkpoint (sharded checkpoints are stacked row
+range by row range).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint, write_export
-from megaclass.state_io import read_state
+from megaclass.errors import DataFormatError
+from megaclass.state_io import flatten, read_state
 from megaclass.train import checkpoint
 
 __all__ = ["export_run", "read_export"]
+
+
+def _read_state(folder: str) -> Any:
+    """:func:`~megaclass.state_io.read_state`; a damaged file is a DataFormatError naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return read_state(folder)
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataFormatError(folder, f"cannot read the saved state ({detail}); is the run intact?") from None
 
 
 def _run_weights(run_dir: str) -> dict[str, Any]:
     """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint."""
     final = os.path.join(run_dir, "model")
     if os.path.isdir(final):
-        state = read_state(final)
+        state = _read_state(final)
         return {"encoder": state["encoder"], "head": state["head"]}
     latest = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     if latest is None:
         raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
     if not is_sharded_checkpoint(latest):
-        state = read_state(latest)
+        state = _read_state(latest)
         return {"encoder": state["encoder"], "head": state["head"]}
-    common = read_state(os.path.join(latest, "common"))
+    common = _read_state(os.path.join(latest, "common"))
     return {"encoder": common["encoder"], "head": export_head_state(latest)}
 
 
@@ -56,11 +73,29 @@ def export_run(run_dir: str, out_path: str) -> str:
     for name in ("config.yaml", "run.json"):
         with open(os.path.join(run_dir, name), encoding="utf-8") as file:
             metadata[name] = file.read()
+    try:
+        counts_file = str(json.loads(metadata["run.json"]).get("label_counts_file", "label_counts.npy"))
+    except (ValueError, AttributeError) as error:
+        raise DataFormatError(
+            os.path.join(run_dir, "run.json"), f"not the JSON train writes ({error})"
+        ) from None
+    counts_path = os.path.join(run_dir, counts_file)
+    try:
+        flat["run.label_counts"] = torch.from_numpy(np.load(counts_path, allow_pickle=False))
+    except (OSError, ValueError) as error:
+        raise DataFormatError(counts_path, f"cannot read the label counts ({error})") from None
+    if os.path.isdir(os.path.join(run_dir, "featurizer")):
+        tree, tensors = flatten(_read_state(os.path.join(run_dir, "featurizer")))
+        flat.update({f"featurizer.{name}": value for name, value in tensors.items()})
+        metadata["featurizer.json"] = json.dumps(tree)
     return write_export(out_path, flat, metadata)
 
 
 def read_export(path: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
-    """``({"encoder": state, "head": state}, metadata)`` of a file written by :func:`export_run`."""
+    """``({"encoder": state, "head": state, ...}, metadata)`` of a file written by :func:`export_run`.
+
+    The parts are the name prefixes: ``encoder``, ``head``, ``run`` and, for a text run, ``featurizer``.
+    """
     from safetensors import safe_open
 
     parts: dict[str, dict[str, Tensor]] = {"encoder": {}, "head": {}}
@@ -68,5 +103,5 @@ def read_export(path: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]
         metadata = file.metadata() or {}
         for key in file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             part, name = key.split(".", 1)
-            parts[part][name] = file.get_tensor(key)
+            parts.setdefault(part, {})[name] = file.get_tensor(key)
     return parts, metadata

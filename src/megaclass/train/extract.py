@@ -184,6 +184,8 @@ def extract(
             progress(images.shape[0], total)
     embeddings = np.concatenate(parts)  # (N, D)
     out_path = os.fspath(out_path)
+    if os.path.isdir(out_path):
+        raise ValueError(f"--out: {out_path} is a folder: expected a file path such as feats.npy")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     np.save(out_path, embeddings)
     return embeddings
@@ -224,6 +226,7 @@ def verify(
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from megaclass.train.build import resolve_device
+    from megaclass.train.inference import check_device
+
+    return resolve_device(check_device(name))

@@ -2,15 +2,21 @@
 
 ``megaclass eval --run runs/demo --test data/deb-tags/test_bow.txt.gz`` runs :func:`evaluate_run`;
 ``megaclass predict --run runs/demo --input data/deb-tags/test_bow.txt.gz --out predictions.txt --k 10`` runs
-:func:`predict_run`, which writes one line per input row: ``id:score id:score ...``, best first.
+:func:`predict_run`, which writes one line per input row: ``id:score id:score ...``, best first. ``--run``
+is a run folder or a file written by ``megaclass export``; ``--input -`` reads standard input, and input rows
+need no labels (see :func:`megaclass.data.xmc.read_rows`). A damaged run folder is a
+:class:`~megaclass.errors.DataFormatError` naming the file, never a traceback; nothing in it is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
+import re
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +26,25 @@ from torch import nn
 
 from megaclass.data.batch import InputSpec
 from megaclass.data.loaders import SparseDataset, open_dataset
+from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
-from megaclass.state_io import read_state
+from megaclass.state_io import read_state, unflatten
 from megaclass.train import checkpoint
 from megaclass.train.build import resolve_device
-from megaclass.train.config import RunConfig, load_config_file
+from megaclass.train.config import RunConfig, config_from_dict
 from megaclass.train.evaluate import evaluate_model, predict_batches
 
-__all__ = ["LoadedRun", "evaluate_run", "load_run", "predict_run"]
+__all__ = ["LoadedRun", "check_device", "evaluate_run", "load_run", "open_output", "predict_run"]
+
+_DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def check_device(name: str | None) -> str | None:
+    """``name`` when it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (or None), else a ValueError."""
+    if name is not None and not _DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"--device: unknown device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return name
 
 
 @dataclass
@@ -44,24 +60,72 @@ class LoadedRun:
     device: torch.device
 
     def open(self, path: str) -> SparseDataset:
-        """Open a data file the way the run's training data was opened (same featuriser, same classes)."""
-        from megaclass.data.tokenized import is_raw_text, open_raw_texts
+        """Open a labelled data file the way the run's training data was opened (same featuriser, classes)."""
         from megaclass.models.text import token_source
 
-        tokens = token_source(self.config.model)
-        if tokens and is_raw_text(path):  # text runs also score bare documents, or standard input (-)
-            return open_raw_texts(path, num_classes=self.facts["num_classes"], **tokens)
-        dataset = open_dataset(
-            path,
-            data_format=self.config.data.format,
-            num_classes=self.facts["num_classes"],
-            featurizer=self.featurizer,
-            **tokens,
-        )
+        try:
+            dataset = open_dataset(
+                path,
+                data_format=self.config.data.format,
+                num_classes=self.facts["num_classes"],
+                featurizer=self.featurizer,
+                **token_source(self.config.model),
+            )
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # sniffing the format reads through gzip
+            raise DataFormatError(path, f"corrupt gzip data ({error})") from None
         expected = InputSpec(**self.facts["input_spec"])
         if dataset.input_spec != expected:
             raise ValueError(f"{path}: inputs {dataset.input_spec} differ from the run's {expected}")
         return dataset
+
+    def open_rows(self, path: str) -> Any:
+        """Rows to predict on from a file or ``-`` (standard input), labels optional, as the run reads them.
+
+        BoW runs read BoW lines (header optional); text runs (TF-IDF or token ids) read text lines, bare
+        documents included; image runs read their data sets (files only).
+        """
+        from megaclass.data.xmc import read_rows
+
+        spec = InputSpec(**self.facts["input_spec"])
+        if spec.kind == "image":
+            return self.open(path)
+        where = "<stdin>" if path == "-" else path
+        raw = _read_input(path)
+        num_classes = int(self.facts["num_classes"])
+        if spec.kind == "sparse" and self.featurizer is None:
+            data = read_rows(raw, where, num_labels=num_classes, num_features=spec.num_features)
+            return SparseDataset(
+                data.features, data.labels, num_classes=num_classes, multilabel=True, path=where
+            )
+        data = read_rows(raw, where, num_labels=num_classes)
+        if spec.kind == "sparse":
+            features = self.featurizer.transform(data.texts)
+            return SparseDataset(features, data.labels, num_classes=num_classes, multilabel=True, path=where)
+        from megaclass.data.tokenized import TokenDataset, tokenize_texts
+        from megaclass.models.text import token_source
+
+        tokens = token_source(self.config.model)
+        return TokenDataset(
+            tokenize_texts(data.texts, tokens["tokenizer"], max_length=tokens["max_length"], progress=False),
+            data.labels,
+            num_classes=num_classes,
+            multilabel=True,
+            vocab_size=len(tokens["tokenizer"]),
+            path=where,
+            texts=data.texts,
+            bucket=False,
+        )
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    if os.path.isdir(path):
+        raise DataFormatError(path, "is a folder: expected a file of rows, or - for standard input")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input: {path}: no such file")
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def _require(path: str, what: str) -> str:
@@ -72,37 +136,68 @@ def _require(path: str, what: str) -> str:
     return path
 
 
-def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
-    """Rebuild the encoder and head of the run in ``run_dir`` from its config, facts and final weights.
+def _read_run_file(path: str, read: Any) -> Any:
+    """``read(path)`` for a file of a run folder; what a damaged file raises becomes a DataFormatError."""
+    from safetensors import SafetensorError
 
-    Falls back to the newest checkpoint when the run did not finish.
-    """
-    config = load_config_file(_require(os.path.join(run_dir, "config.yaml"), "config.yaml"))
-    with open(_require(os.path.join(run_dir, "run.json"), "run.json"), encoding="utf-8") as file:
-        facts = json.load(file)
-    label_counts = np.load(os.path.join(run_dir, facts["label_counts_file"]))
-    weights_dir = os.path.join(run_dir, "model")
-    if not os.path.isdir(weights_dir):
-        weights_dir = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-        if weights_dir is None:
-            raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
-    state = read_state(weights_dir)
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        if isinstance(error, (DataFormatError, FileNotFoundError)):
+            raise
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataFormatError(
+            path, f"cannot read this run file ({detail}); is the run folder intact?"
+        ) from None
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _read_yaml_config(path: str) -> RunConfig:
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        try:
+            return config_from_dict(yaml.safe_load(file))
+        except yaml.YAMLError as error:
+            raise ValueError(f"invalid YAML: {str(error).splitlines()[0]}") from None
+
+
+def _build(
+    config: RunConfig,
+    facts: dict[str, Any],
+    label_counts: np.ndarray,
+    state: dict[str, Any],
+    featurizer: Any,
+    device: str | None,
+    where: str,
+) -> LoadedRun:
+    """The :class:`LoadedRun` of a config, facts and weights; weights that do not fit name ``where``."""
     torch_device = resolve_device(device or config.train.device)
-    encoder = build_model(config.model, InputSpec(**facts["input_spec"]))
+    try:
+        spec = InputSpec(**facts["input_spec"])
+        num_classes, multilabel = int(facts["num_classes"]), bool(facts["multilabel"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataFormatError(
+            where, f"run.json lacks or garbles {error}: expected the facts train writes"
+        ) from None
+    encoder = build_model(config.model, spec)
     context = HeadContext(
         in_features=encoder.out_features,
-        num_classes=facts["num_classes"],
-        multilabel=facts["multilabel"],
+        num_classes=num_classes,
+        multilabel=multilabel,
         label_counts=label_counts,
     )
     head = build_head(config.head, context)
-    encoder.load_state_dict(state["encoder"])
-    head.load_state_dict(state["head"])
-    featurizer = None
-    if os.path.isdir(os.path.join(run_dir, "featurizer")):
-        from megaclass.data.featurizer import TextFeaturizer
-
-        featurizer = TextFeaturizer.from_state(read_state(os.path.join(run_dir, "featurizer")))
+    try:
+        encoder.load_state_dict(state["encoder"])
+        head.load_state_dict(state["head"])
+    except (KeyError, RuntimeError, TypeError) as error:
+        detail = str(error).strip().splitlines()[0]
+        raise DataFormatError(where, f"weights do not fit the run's config.yaml ({detail})") from None
     return LoadedRun(
         config,
         encoder.to(torch_device).eval(),
@@ -114,13 +209,72 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     )
 
 
+def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
+    """Rebuild the encoder and head of the run in ``run_dir`` from its config, facts and final weights.
+
+    ``run_dir`` may also be a file written by ``megaclass export``. Falls back to the newest checkpoint
+    when the run did not finish.
+    """
+    check_device(device)
+    if os.path.isfile(run_dir):
+        return _load_export(run_dir, device)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"--run: {run_dir}: no such run folder or exported file")
+    config = _read_run_file(_require(os.path.join(run_dir, "config.yaml"), "config.yaml"), _read_yaml_config)
+    facts_path = _require(os.path.join(run_dir, "run.json"), "run.json")
+    facts = _read_run_file(facts_path, _read_json)
+    counts_path = os.path.join(run_dir, str(facts.get("label_counts_file", "label_counts.npy")))
+    label_counts = _read_run_file(counts_path, lambda path: np.load(path, allow_pickle=False))
+    weights_dir = os.path.join(run_dir, "model")
+    if not os.path.isdir(weights_dir):
+        weights_dir = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        if weights_dir is None:
+            raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
+    state = _read_run_file(weights_dir, read_state)
+    featurizer = None
+    if os.path.isdir(os.path.join(run_dir, "featurizer")):
+        from megaclass.data.featurizer import TextFeaturizer
+
+        featurizer_dir = os.path.join(run_dir, "featurizer")
+        featurizer = _read_run_file(featurizer_dir, lambda path: TextFeaturizer.from_state(read_state(path)))
+    return _build(config, facts, label_counts, state, featurizer, device, weights_dir)
+
+
+def _load_export(path: str, device: str | None) -> LoadedRun:
+    """A :class:`LoadedRun` from one file written by ``megaclass export``."""
+    import yaml
+
+    from megaclass.distributed.export import read_export
+
+    def read(file: str) -> tuple[Any, ...]:
+        parts, metadata = read_export(file)
+        config = config_from_dict(yaml.safe_load(metadata["config.yaml"]))
+        facts = json.loads(metadata["run.json"])
+        label_counts = parts["run"]["label_counts"].numpy()
+        featurizer = None
+        if "featurizer.json" in metadata:
+            from megaclass.data.featurizer import TextFeaturizer
+
+            tree = json.loads(metadata["featurizer.json"])
+            featurizer = TextFeaturizer.from_state(unflatten(tree, parts.get("featurizer", {})))
+        return config, facts, label_counts, parts, featurizer
+
+    config, facts, label_counts, parts, featurizer = _read_run_file(path, read)
+    return _build(config, facts, label_counts, parts, featurizer, device, path)
+
+
 def evaluate_run(run_dir: str, test_path: str, *, device: str | None = None) -> dict[str, float]:
     """The ranking metrics of the run in ``run_dir`` on the data file ``test_path``."""
     run = load_run(run_dir, device=device)
+    dataset = run.open(test_path)
+    if not dataset.label_counts().any():
+        raise DataFormatError(
+            test_path, "no row has labels: evaluation needs labelled rows (predict takes bare ones)"
+        )
     return evaluate_model(
         run.encoder,
         run.head,
-        run.open(test_path),
+        dataset,
         config=run.config,
         label_counts=run.label_counts,
         num_train_samples=run.facts["num_train_samples"],
@@ -139,13 +293,9 @@ def predict_run(
     if k <= 0:
         raise ValueError(f"--k: expected a positive number of labels, got {k}")
     run = load_run(run_dir, device=device)
-    dataset = run.open(input_path)
+    dataset = run.open_rows(input_path)
     rows = 0
-    with (
-        contextlib.nullcontext(sys.stdout)
-        if out_path == "-"
-        else open(out_path, "w", encoding="utf-8") as file
-    ):
+    with contextlib.nullcontext(sys.stdout) if out_path == "-" else open_output(out_path) as file:
         for scores, ids, _ in predict_batches(
             run.encoder, run.head, dataset, k=k, config=run.config, device=run.device
         ):
@@ -154,3 +304,15 @@ def predict_run(
                 file.write(" ".join(pairs) + "\n")
             rows += ids.shape[0]
     return rows
+
+
+def open_output(path: str, mode: str = "w") -> Any:
+    """``open(path, mode)`` for an output file; a folder or an unwritable path is a ValueError naming it."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out: {path} is a folder: expected a file path")
+    try:
+        return open(path, mode, encoding="utf-8")
+    except OSError as error:
+        raise ValueError(
+            f"--out: cannot write {path} ({error.strerror or error}): expected a writable file path"
+        ) from None
