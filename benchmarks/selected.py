@@ -8,8 +8,8 @@ One table, every provider in the same run, the face-recognition shape (fp32 mast
 - ``torch``: full softmax, ``x @ W.T`` under bf16 autocast then ``F.cross_entropy`` (``fwd+bwd``);
 - ``cce``: ``cut_cross_entropy.linear_cross_entropy`` on bf16 ``x`` and ``W`` (``fwd+bwd``; skipped when
   absent; at ``C * D >= 2^31`` a row "crashes: 32-bit indexing, not run": its kernels fault there);
-- ``partial_fc``: :class:`~megaclass.heads.selected.SelectedHead` as ``partial_fc``, 10% of the classes active (``step``:
-  forward, backward and the row-sparse SGD update);
+- ``partial_fc``: :class:`~megaclass.heads.selected.SelectedHead` as ``partial_fc``, 10% of the classes
+  active (``step``: forward, backward and the row-sparse SGD update);
 - ``selected``: :class:`~megaclass.heads.selected.SelectedHead` with the GPU index (``step``: forward,
   backward, update; ``build``: one warm index rebuild). Rows in the device store at 10^6 and in the host store
   at 10^7 (where the index keeps an int8 snapshot, so the GPU holds well under 8 GiB).
