@@ -46,6 +46,7 @@ def start(scenario: str, out_dir: str, *args: str, world_size: int = 2, timeout_
     processes = []
     for rank in range(world_size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks over gloo, also on a machine with one GPU
         if world_size > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
         else:

@@ -78,6 +78,7 @@ def _cli_train(tmp, data, name: str, nproc: int, steps: int) -> subprocess.Popen
     command += ["--test", data[1], "--out", os.path.join(tmp, name), "--set", *overrides]
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks over gloo, also on a machine with one GPU
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -35,9 +35,7 @@ __all__ = [
     "TokenIds",
     "TokenInputs",
     "bucket_order",
-    "is_raw_text",
     "load_token_ids",
-    "open_raw_texts",
     "open_token_dataset",
     "token_cache_path",
     "tokenize_texts",
@@ -369,47 +367,4 @@ def open_token_dataset(
         path=path,
         texts=data.texts,
         bucket=bucket,
-    )
-
-
-def is_raw_text(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds bare documents (one a line, no ``labels<TAB>``); ``-`` (standard input) is."""
-    path = os.fspath(path)
-    if path == "-":
-        return True
-    import gzip
-
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        return b"\t" not in handle.readline(1 << 20)
-
-
-def open_raw_texts(
-    path: str | os.PathLike, tokenizer: Any, *, max_length: int, num_classes: int, progress: bool = False
-) -> TokenDataset:
-    """Bare documents, one a line, from a file (``.gz`` accepted) or ``-`` (standard input), without labels.
-
-    For prediction: every document gets an empty label set; nothing is cached.
-    """
-    import gzip
-    import sys
-
-    path = os.fspath(path)
-    if path == "-":
-        texts = [line.rstrip("\r\n") for line in sys.stdin]
-    else:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            texts = [line.rstrip("\r\n") for line in handle]
-    tokens = tokenize_texts(texts, tokenizer, max_length=max_length, progress=progress)
-    labels = CSR(np.zeros(len(texts) + 1, dtype=np.int64), np.zeros(0, dtype=np.int32), None, num_classes)
-    return TokenDataset(
-        tokens,
-        labels,
-        num_classes=num_classes,
-        multilabel=True,
-        vocab_size=len(tokenizer),
-        path=path,
-        texts=texts,
-        bucket=False,
     )

@@ -175,7 +175,7 @@ class EvalConfig:
 
     ks: tuple[int, ...] = (1, 3, 5)  # P@k, nDCG@k, PSP@k, ... at these k
     propensity_a: float = (
-        0.55  # Jain et al. 2016 propensity model A (0.55 general, 0.6 Wikipedia, 0.5 Amazon)
+        0.55  # Jain et al. 2016 propensity model A (0.55 general, 0.5 Wikipedia, 0.6 Amazon)
     )
     propensity_b: float = 1.5  # and B (1.5 general, 2.6 Amazon)
     batch_size: int = 1024  # samples per scoring batch
