@@ -118,8 +118,10 @@ class LoadedRun:
 
 
 def _read_input(path: str) -> bytes:
+    """The bytes of ``path``, or of standard input for ``-`` (a text stream without a byte buffer too)."""
     if path == "-":
-        return sys.stdin.buffer.read()
+        stream = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin may be a text stream only
+        return stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
     if os.path.isdir(path):
         raise DataFormatError(path, "is a folder: expected a file of rows, or - for standard input")
     if not os.path.isfile(path):
@@ -244,7 +246,7 @@ def _load_export(path: str, device: str | None) -> LoadedRun:
     """A :class:`LoadedRun` from one file written by ``megaclass export``."""
     import yaml
 
-    from megaclass.distributed.export import read_export
+    from megaclass.train.export import read_export
 
     def read(file: str) -> tuple[Any, ...]:
         parts, metadata = read_export(file)
