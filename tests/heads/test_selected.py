@@ -316,3 +316,15 @@ def test_step_has_no_host_sync_on_cuda():
             head.after_step(step, 0.0, lr=0.1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("store", ["gpu", "host"])
+def test_memory_counts_the_rows_in_the_store(store):
+    from megaclass.train.memory import head_memory
+
+    head = _head(store=store, index="exact", optimizer={"kind": "adam"})
+    held = head.state_bytes()
+    assert held["weights"] == 97 * 12 * 4
+    assert held["row_optimizer"] >= 2 * 97 * 12 * 4  # Adam's two moments per row element
+    memory = head_memory(head, None, num_classes=97, in_features=12)
+    assert memory["head_total_bytes"] >= held["weights"] + held["row_optimizer"]

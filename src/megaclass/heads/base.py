@@ -164,7 +164,8 @@ class Head(nn.Module):
         return {}
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this head holds, by kind: ``weights`` and ``structure`` (indices, topology, index)."""
+        """Bytes this head holds, by kind: ``weights`` and ``structure`` (indices, topology, index); a head
+        whose rows live in a store adds ``row_optimizer`` (the store's optimizer state)."""
         weights = sum(p.numel() * p.element_size() for p in self.parameters())
         structure = sum(b.numel() * b.element_size() for b in self.buffers())
         return {"weights": weights, "structure": structure}

@@ -381,6 +381,15 @@ class SelectedHead(Head):
         if self.selector is not None and self._uses_index() and step % self.config.interval == 0:
             self.rebuild_index()
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held: the store's rows (``weights``), their row optimizer state (``row_optimizer``), and the
+        index and selection buffers (``structure``)."""
+        rows, optimizer = self.materialize().held_bytes()
+        structure = sum(t.numel() * t.element_size() for t in (self._dirty, self._mark, self._multipliers))
+        if self.selector is not None:
+            structure += sum(t.numel() * t.element_size() for t in self.selector.state_dict().values())
+        return {"weights": rows, "structure": structure, "row_optimizer": optimizer}
+
     def metrics(self) -> dict[str, float]:
         """Coverage (last measured), active and neighbour class counts, index build time (ms)."""
         metrics = dict(self._metrics)

@@ -47,6 +47,10 @@ class RowStore(abc.ABC):
         """Wait until every pushed update has been applied (before a checkpoint or an evaluation)."""
 
     @abc.abstractmethod
+    def held_bytes(self) -> tuple[int, int]:
+        """``(rows, optimizer state)`` bytes the store holds, wherever they live (GPU, host, servers)."""
+
+    @abc.abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """Rows and optimizer state, as CPU tensors, for a checkpoint."""
 

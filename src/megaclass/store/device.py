@@ -40,6 +40,9 @@ class DeviceStore(RowStore):
     def rows(self) -> Tensor:
         return self.local.weight
 
+    def held_bytes(self) -> tuple[int, int]:
+        return self.local.held_bytes()
+
     def state_dict(self) -> dict[str, Tensor]:
         return self.local.state_dict()
 

@@ -109,6 +109,9 @@ class HostStore(RowStore):
             pending.result()
 
     # ------------------------------------------------------------------ checkpoint
+    def held_bytes(self) -> tuple[int, int]:
+        return self.local.held_bytes()
+
     def state_dict(self) -> dict[str, Tensor]:
         self.flush()
         return self.local.state_dict()

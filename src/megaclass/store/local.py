@@ -68,6 +68,11 @@ class LocalRows:
         """One optimizer step on rows ``ids (S,)`` (unique) given ``grads (S, D)``, in place."""
         apply_sparse_update_(self.weight, self.state, ids, grads, lr=lr, config=self.optimizer)
 
+    def held_bytes(self) -> tuple[int, int]:
+        """``(rows, optimizer state)`` bytes."""
+        optimizer = sum(tensor.numel() * tensor.element_size() for tensor in self.state.values())
+        return self.weight.numel() * self.weight.element_size(), optimizer
+
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of the rows (``weight``) and optimizer state (``optim.<name>``) on the CPU."""
         state = {"weight": self.weight.to("cpu", copy=True)}

@@ -203,6 +203,11 @@ class ParamServerStore(RowStore):
     def flush(self) -> None:
         self.client.flush()
 
+    def held_bytes(self) -> tuple[int, int]:
+        """On the servers: fp32 rows and one row-shaped fp32 slot per optimizer state entry."""
+        rows = 4 * self.num_rows * self.dim
+        return rows, rows * len(self.slots)
+
     def state_dict(self) -> dict[str, Tensor]:
         self.flush()
         state = {"weight": self.client.get_rows(0, self.num_rows)}

@@ -28,6 +28,7 @@ def head_memory(
         for value in state.get(param, {}).values()
         if isinstance(value, Tensor)
     )
+    optimizer_bytes += held.get("row_optimizer", 0)  # state a head's row store keeps itself
     total = held["weights"] + held["structure"] + grads + optimizer_bytes
     dense = 4 * num_classes * (in_features + 1) * 4
     return {
