@@ -341,18 +341,21 @@ def test_chunk_sizes_bound_memory():
 
 
 @pytest.mark.parametrize(
-    ("device_type", "dtype", "expected"),
+    ("device_type", "batch", "dtype", "expected"),
     [
-        ("cpu", torch.bfloat16, Impl.REFERENCE),
-        ("cpu", torch.float32, Impl.REFERENCE),
-        ("cuda", torch.bfloat16, Impl.TRITON),
-        ("cuda", torch.float16, Impl.TRITON),
-        ("cuda", torch.float32, Impl.TRITON),
-        ("cuda", torch.float64, Impl.TORCH),
+        ("cpu", 128, torch.bfloat16, Impl.REFERENCE),
+        ("cpu", 4096, torch.float32, Impl.REFERENCE),
+        ("cuda", 1, torch.bfloat16, Impl.TRITON),
+        ("cuda", 128, torch.bfloat16, Impl.TRITON),  # one row block of the kernels
+        ("cuda", 128, torch.float16, Impl.TRITON),
+        ("cuda", 128, torch.float32, Impl.TRITON),
+        ("cuda", 129, torch.bfloat16, Impl.TORCH),  # a second row block: cuBLAS chunks
+        ("cuda", 4096, torch.bfloat16, Impl.TORCH),
+        ("cuda", 8, torch.float64, Impl.TORCH),  # no float64 dots in the kernels
     ],
 )
-@pytest.mark.parametrize(("batch", "classes", "dim"), [(1, 1, 1), (128, 670_091, 768), (8192, 10**7, 4096)])
-def test_resolve_impl_rule(device_type, dtype, expected, batch, classes, dim):
+@pytest.mark.parametrize(("classes", "dim"), [(1, 1), (670_091, 768), (10**7, 4096)])
+def test_resolve_impl_rule(device_type, batch, dtype, expected, classes, dim):
     problem = {"batch": batch, "num_classes": classes, "dim": dim, "dtype": dtype}
     assert resolve_impl("auto", device_type=device_type, **problem) is expected
     for forced in ("triton", "torch", "reference"):  # a named backend is never overridden
