@@ -274,6 +274,35 @@ def train_run(out_dir: str, run_dir: str, train_path: str, test_path: str, overr
     return {}
 
 
+def record_views(out_dir: str) -> None:
+    """Make the trainer write this rank's view of the model (its head state, its encoder, its head's row range
+    and state layout) into ``out_dir/<when>-rank<r>/`` after ``setup`` and at the end of the run."""
+    from megaclass.state_io import write_state
+    from megaclass.train.loop import Trainer
+
+    def write_view(trainer: Trainer, when: str) -> None:
+        head = trainer.head
+        view = {
+            "head": head.state_dict(),
+            "encoder": trainer.encoder.state_dict(),
+            "range": list(head.row_range()),
+            "layout": dict(head.state_layout()),
+        }
+        write_state(os.path.join(out_dir, f"{when}-rank{trainer.dist.rank}"), view)
+
+    setup, finish = Trainer.setup, Trainer._finish_run
+
+    def setup_and_record(self: Trainer) -> None:
+        setup(self)
+        write_view(self, "setup")
+
+    def finish_and_record(self: Trainer) -> dict:
+        write_view(self, "final")
+        return finish(self)
+
+    Trainer.setup, Trainer._finish_run = setup_and_record, finish_and_record
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], sys.argv[2]
     info = DistInfo.from_env()
@@ -301,7 +330,9 @@ def main() -> None:
         Trainer.train_step = failing_step
         args = sys.argv[3:]
         result = train_run(out_dir, args[0], args[1], args[2], args[3:])
-    else:  # train RUN_DIR TRAIN TEST overrides...
+    else:  # train or views: RUN_DIR TRAIN TEST overrides...
+        if scenario == "views":
+            record_views(out_dir)
         args = [a for a in sys.argv[3:] if a != "--resume"]
         result = train_run(out_dir, args[0], args[1], args[2], args[3:])
     with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w", encoding="utf-8") as file:

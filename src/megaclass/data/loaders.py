@@ -4,8 +4,8 @@ A dataset knows its number of classes, whether it is multi-label, its label coun
 :class:`InputSpec`; ``dataset.batch(rows)`` gives a :class:`Batch` whose targets are a ``LongTensor[B]``
 (one label per sample) or :class:`~megaclass.targets.RaggedLabels`. A :class:`BatchLoader` orders the rows
 of each epoch by a permutation seeded from ``(seed, epoch)`` alone, so a run resumed at ``(epoch, step)``
-sees exactly the batches an uninterrupted run would; ``rank`` / ``world_size`` shard each epoch the way
-``torch.utils.data.DistributedSampler`` does.
+sees exactly the batches an uninterrupted run would; ``rank`` / ``world_size`` split each step's global batch
+into equal slices, one per rank, so ``N`` processes together see the batches one process would.
 
 New formats register an opener in :func:`dataset_formats` and a sniffing rule in :func:`detect_format`.
 """
@@ -232,15 +232,17 @@ class BatchLoader:
 
     Args:
         dataset: anything with ``__len__`` and ``batch(rows) -> Batch``.
-        batch_size: rows per batch (per rank).
+        batch_size: rows per batch on this rank; a step's global batch is ``world_size * batch_size`` rows.
         shuffle: order rows by a permutation seeded from ``(seed, epoch)``; else file order.
         seed: the shuffling seed.
-        drop_last: drop the last, smaller batch of each epoch.
-        rank: this process's shard; ``world_size`` shards. Step ``s``'s batches of all ranks, in rank order,
-            are the batch of ``world_size * batch_size`` rows one process would get, so a run resumes on
-            another number of ranks with the same global batch. Each epoch is padded by repeating its first
-            rows to a multiple of ``world_size`` (at most ``world_size - 1`` repeats), as
-            ``DistributedSampler`` does.
+        drop_last: drop the last, smaller global batch of each epoch.
+        rank: this process's slice of each global batch; ``world_size`` slices. Step ``s``'s batches of all
+            ranks, in rank order, are the batch of ``world_size * batch_size`` rows that one process with
+            that batch size gets, so ``N`` ranks take the steps of one process and a run resumes on another
+            number of ranks with the same global batch. Every rank gets as many rows: when ``world_size``
+            does not divide the number of rows, the last global batch of each epoch is topped up with (at
+            most ``world_size - 1``) of the epoch's first rows, as ``DistributedSampler`` does; that batch
+            alone then differs from one process's.
         num_workers: worker processes that build batches (0: in this process).
     """
 
@@ -275,9 +277,9 @@ class BatchLoader:
         return -(-len(self.dataset) // self.world_size)
 
     def steps_per_epoch(self) -> int:
-        """Batches per epoch on each rank."""
-        rows = self._shard_size()
-        steps = rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+        """Batches per epoch on each rank: the global batches of the epoch, for any world size."""
+        rows, global_batch = len(self.dataset), self.batch_size * self.world_size
+        steps = rows // global_batch if self.drop_last else -(-rows // global_batch)
         return max(steps, 1)
 
     def epoch_rows(self, epoch: int) -> list[np.ndarray]:

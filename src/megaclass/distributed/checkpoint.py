@@ -18,8 +18,11 @@ checkpoint and a step saved twice keeps a whole one at every moment. Pointing ``
 pruning are the caller's (:func:`megaclass.train.checkpoint.commit_checkpoint`). Every reader verifies the
 manifest first (:class:`~megaclass.state_io.DamagedStateError`). A run on ``M`` ranks reads, for its own row
 range, the slices of every file that overlaps it (safetensors reads slices without loading whole files);
-rank-private state is kept when the world size is unchanged and rebuilt otherwise (an index is rebuilt from
-the rows). Every rank writes into the run folder: on several hosts it must be on a shared file system.
+rank-private state is kept when the world size and the rank's rows are unchanged and rebuilt otherwise (an
+index is rebuilt from the rows). An unsharded head reads a sharded checkpoint the same way (its row range is
+all rows), and a sharded head on any number of ranks reads a single-process checkpoint
+(:func:`megaclass.train.checkpoint.save_checkpoint`) with :func:`load_whole_head`. Every rank writes into the
+run folder: on several hosts it must be on a shared file system.
 
     megaclass export --run runs/two --out model.safetensors
 """
@@ -49,6 +52,7 @@ __all__ = [
     "export_head_state",
     "is_sharded_checkpoint",
     "load_sharded",
+    "load_whole_head",
     "read_sharded_head_state",
     "save_sharded",
     "write_export",
@@ -220,9 +224,11 @@ def load_sharded(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore this rank's head (and its optimizer) from checkpoint ``path``, whatever world size wrote it.
 
+    The head may be unsharded (its row range is all rows) or sharded over any number of ranks.
+
     Returns:
         ``(common, private)``: the replicated state, and this rank's private state (None when the world size
-        changed: RNG states and indexes then start afresh).
+        or this rank's rows changed: RNG states and indexes then start afresh).
 
     Raises:
         DamagedStateError: a file of the checkpoint differs from its manifest (checked before any change).
@@ -236,12 +242,12 @@ def load_sharded(
         )
     rows = _read_rows(path, layout, start, stop)
     common = read_state(os.path.join(path, "common"), verify=False)
-    same_world = layout["world_size"] == world_size
-    private = read_state(os.path.join(path, f"rank_{rank:05d}"), verify=False) if same_world else None
+    same_range = layout["world_size"] == world_size and layout["ranges"][rank] == [start, stop]
+    private = read_state(os.path.join(path, f"rank_{rank:05d}"), verify=False) if same_range else None
     replicated = common.pop("head_replicated")
     fresh = head.state_dict()
     state = {**replicated["head"], **{k: v for k, v in rows.items() if not k.startswith("optim.")}}
-    if private is not None:  # the same world size: the rank's own index, RNG states
+    if private is not None:  # the same rows on the same rank: its own index, RNG states
         state.update(private["head"])
     else:
         state.update(
@@ -258,6 +264,75 @@ def load_sharded(
                 optim_state.setdefault(names.index(name), {})[entry] = value
         head_optimizer.load_state_dict({"state": optim_state, "param_groups": saved["param_groups"]})
     return common, private
+
+
+def _rows_slice(head: Head, key: str, value: Tensor, kind: str) -> Tensor:
+    """This rank's part of the whole head's row entry ``key`` of ``kind`` (``rows`` or ``groups``)."""
+    start, stop, num_rows = head.row_range()
+    size = head.row_group if kind == "groups" else 1
+    expected = -(-num_rows // size)
+    if value.dim() == 0 or value.shape[0] != expected:
+        raise ValueError(
+            f"--resume: the checkpoint's head entry {key} has shape {tuple(value.shape)}, expected "
+            f"{expected} {kind} first (the run's head has {num_rows} rows)"
+        )
+    return value[start // size : -(-stop // size)]
+
+
+def load_whole_head(
+    head: Head,
+    head_optimizer: torch.optim.Optimizer | None,
+    *,
+    state: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None,
+) -> None:
+    """Load an unsharded head's ``state`` (and its optimizer's ``optimizer_state``, as
+    ``optimizer.state_dict()`` gives it) into ``head``, sharded or not: a single-process checkpoint resumed on
+    any number of ranks.
+
+    Each ``rows`` / ``groups`` entry of ``head.state_layout()`` and each per-row state of the optimizer of a
+    ``rows`` parameter is cut to the head's :meth:`~megaclass.heads.Head.row_range`; replicated entries load
+    as they are; rank-private entries (index, RNG states) are kept only when the head holds every row, and
+    otherwise start as the head was built.
+
+    Raises:
+        ValueError: a row entry's length is not the head's number of rows.
+    """
+    start, stop, num_rows = head.row_range()
+    whole = (start, stop) == (0, num_rows)
+    layout = head.state_layout()
+    loaded = dict(state)
+    if not whole:  # the entries of the head as built: rank-private ones as they are, the others from state
+        loaded = {}
+        for key, value in head.state_dict().items():
+            kind = layout.get(key)
+            if kind != "rank" and key not in state:
+                raise ValueError(f"--resume: the checkpoint's head has no entry {key}")
+            if kind in ("rows", "groups"):
+                value = _rows_slice(head, key, state[key], kind)
+            elif kind != "rank":
+                value = state[key]
+            loaded[key] = value
+    head.load_state_dict(loaded)
+    if head_optimizer is None or optimizer_state is None:
+        return
+    names = _param_names(head, head_optimizer)
+    optim_state: dict[int, dict[str, Any]] = {}
+    for index, entries in optimizer_state["state"].items():
+        name = names[int(index)]
+        cut = not whole and layout.get(name) == "rows"
+        optim_state[int(index)] = {
+            entry: _rows_slice(head, f"optim.{name}.{entry}", value, "rows")
+            if cut and _per_row(value, num_rows)
+            else value
+            for entry, value in entries.items()
+        }
+    head_optimizer.load_state_dict({"state": optim_state, "param_groups": optimizer_state["param_groups"]})
+
+
+def _per_row(value: Any, num_rows: int) -> bool:
+    """Whether an optimizer state entry holds one row per head row (moments; not a step count)."""
+    return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == num_rows
 
 
 def export_head_state(path: str) -> dict[str, Tensor]:

@@ -17,7 +17,14 @@ from megaclass.distributed.info import DistInfo
 from megaclass.heads import Head
 from megaclass.schema import ConfigError
 
-__all__ = ["DataParallel", "data_parallel", "encoder_state", "load_encoder_state", "shards_head"]
+__all__ = [
+    "DataParallel",
+    "data_parallel",
+    "encoder_state",
+    "load_encoder_state",
+    "rank_batch_size",
+    "shards_head",
+]
 
 
 def shards_head(config: Any, dist: DistInfo) -> bool:
@@ -27,6 +34,23 @@ def shards_head(config: Any, dist: DistInfo) -> bool:
     if mode == "never":
         return False
     return mode == "always" or dist.distributed
+
+
+def rank_batch_size(config: Any, dist: DistInfo) -> int:
+    """Samples per step on each rank: ``train.batch_size`` of ``config`` is the global batch, and each of the
+    ``N`` ranks takes ``batch_size / N`` of it (the same global batches, so the same steps, on any ``N``).
+
+    Raises:
+        ConfigError: ``N`` does not divide the global batch.
+    """
+    global_batch, world = config.train.batch_size, dist.world_size
+    if global_batch % world:
+        lower = max(global_batch // world * world, world)
+        raise ConfigError(
+            f"train.batch_size={global_batch} is the global batch, split evenly over the {world} ranks, and "
+            f"{world} does not divide it: pass a multiple of {world} (e.g. {lower} or {lower + world})"
+        )
+    return global_batch // world
 
 
 @dataclass
@@ -136,10 +160,13 @@ def _parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> lis
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
-def _named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` keyed by parameter name, as ``get_optimizer_state_dict`` writes it."""
+def _named_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``state`` (by default ``optimizer.state_dict()``) keyed by parameter name, as
+    ``get_optimizer_state_dict`` writes it."""
     order = _parameter_names(module, optimizer)
-    state = optimizer.state_dict()
+    state = optimizer.state_dict() if state is None else state
     groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
     return {"state": {order[i]: value for i, value in state["state"].items()}, "param_groups": groups}
 
@@ -178,8 +205,16 @@ def load_encoder_state(
     optimizer: torch.optim.Optimizer | None,
     model_state: dict[str, Any],
     optim_state: dict[str, Any] | None,
+    *,
+    by_index: bool = False,
 ) -> None:
-    """Load what :func:`encoder_state` returned (on any world size) into the encoder and its optimizer."""
+    """Load what :func:`encoder_state` returned (on any world size) into the encoder and its optimizer.
+
+    ``by_index``: ``optim_state`` is keyed as ``optimizer.state_dict()`` keys it (a single-process
+    checkpoint's; the optimizer is built the same way under every wrapper) instead of by parameter name.
+    """
+    if by_index and optimizer is not None and optim_state is not None:
+        optim_state = _named_optimizer_state(parallel.encoder_module, optimizer, optim_state)
     module = parallel.encoder_module
     if not _is_fsdp(module):
         module.load_state_dict(model_state)

@@ -136,7 +136,8 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 10  # passes over the training set
-    batch_size: int = 256  # samples per optimizer step (per rank)
+    batch_size: int = 256  # samples per optimizer step over all ranks: each of N ranks takes batch_size / N
+    # (N must divide it), so 1 and N processes take the same steps with the same learning rates
     seed: int = 0  # seeds initialisation, shuffling and dropout; a run is a pure function of it on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     bf16: bool = True  # bf16 autocast of forward passes on CUDA (ignored on CPU)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset
 from megaclass.distributed.info import DistInfo, init_distributed
-from megaclass.distributed.parallel import data_parallel
+from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
 from megaclass.schema import ConfigError
 from megaclass.state_io import path_fingerprint, write_json_atomic, write_state
@@ -60,6 +60,7 @@ _RESUMABLE_CHANGES = {
     "train.log_every",
     "distributed.timeout_s",
     "distributed.encoder",
+    "distributed.shard_head",  # sharded or not, a head computes the same loss; checkpoints load either way
 }
 
 # What a run writes into its folder: a folder holding any of these holds a run.
@@ -184,9 +185,9 @@ class Trainer:
             ),
         }
         self.average = self._weight_average()
-        self.loader = BatchLoader(
+        self.loader = BatchLoader(  # rank r's rows of each step: the r-th slice of the global batch
             self.train_data,
-            batch_size=config.train.batch_size,
+            batch_size=rank_batch_size(config, dist),
             seed=config.train.seed,
             num_workers=config.train.num_workers,
             rank=dist.rank,
@@ -345,7 +346,7 @@ class Trainer:
         self.logger.print(
             f"train {self.train_path}: {len(self.train_data)} samples, {self.train_data.num_classes} classes "
             f"({'multi-label' if self.train_data.multilabel else 'one label each'}); "
-            f"{self.total_steps} steps on {self.device}"
+            f"{self._batch_text()}, {self.total_steps} steps on {self.device}"
         )
         stopped = False
         while self.state.epoch < config.epochs and not stopped:
@@ -358,6 +359,13 @@ class Trainer:
             self.logger.print(f"stopped after step {self.state.global_step} (train.stop_after_steps)")
             return {}
         return self._finish_run()
+
+    def _batch_text(self) -> str:
+        """How each step's global batch is split, e.g. ``2 ranks x 128 samples = global batch 256``."""
+        world, global_batch = self.dist.world_size, self.config.train.batch_size
+        if world == 1:
+            return f"1 process x {global_batch} samples = global batch {global_batch}"
+        return f"{world} ranks x {global_batch // world} samples = global batch {global_batch}"
 
     def train_epoch(self, epoch: int) -> bool:
         """Steps of ``epoch`` from where the state stands; False if the run stops before the epoch ends."""
@@ -616,7 +624,7 @@ class Trainer:
             "optimizers": {"encoder": encoder_optimizer} if encoder_optimizer is not None else {},
             "loop": dataclasses.asdict(self.state),
             "config": config_to_dict(self.config),
-            "global_batch": self.config.train.batch_size * self.dist.world_size,
+            "global_batch": self.config.train.batch_size,
             "log_bytes": self._log_bytes(),
         }
         path = save_sharded(
@@ -639,13 +647,21 @@ class Trainer:
         """The log's length now (rank 0; 0 elsewhere): a resumed run cuts it back to this."""
         return os.path.getsize(self.logger.path) if self.dist.is_main else 0
 
+    def _load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Read checkpoint ``path`` by its own format, whatever this run's world size and head sharding: a
+        sharded one (loaded here) or a single-process one (loaded by :meth:`_restore`)."""
+        from megaclass.distributed.checkpoint import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path):
+            return self._restore_distributed(path)
+        return checkpoint.load_checkpoint(path)
+
     def _restore_distributed(self, path: str) -> dict[str, Any]:
-        """Load a checkpoint written by any world size; returns its common state (config, loop state)."""
-        from megaclass.distributed.checkpoint import is_sharded_checkpoint, load_sharded
+        """Load a sharded checkpoint written by any world size into this run's head, sharded or not; returns
+        its common state (config, loop state)."""
+        from megaclass.distributed.checkpoint import load_sharded
         from megaclass.distributed.parallel import load_encoder_state
 
-        if not is_sharded_checkpoint(path):
-            raise ConfigError(f"--resume: {path} was written with a replicated head, this run shards it")
         common, private = load_sharded(
             path,
             head=self.head,
@@ -658,19 +674,19 @@ class Trainer:
         )
         if private is not None:
             common["rng"] = private["rng"]
-        if common["global_batch"] != self.config.train.batch_size * self.dist.world_size:
+        if common["global_batch"] != self.config.train.batch_size:
             raise ConfigError(
                 f"--resume: the checkpoint's global batch is {common['global_batch']} samples, this run's "
-                f"train.batch_size x ranks is {self.config.train.batch_size * self.dist.world_size}"
+                f"train.batch_size is {self.config.train.batch_size}"
             )
-        common["config"]["train"]["batch_size"] = self.config.train.batch_size  # per rank: the product counts
+        # the global batch decides; checkpoints that recorded train.batch_size per rank say the same thing
+        common["config"]["train"]["batch_size"] = self.config.train.batch_size
         return common
 
     def _restore_newest(self) -> str | None:
         """Restore the newest whole checkpoint, past damaged ones; returns its folder (None: there is none).
         Reads only."""
-        load = self._restore_distributed if self.head.sharded else checkpoint.load_checkpoint
-        found = checkpoint.load_newest(self._checkpoint_dir(), load=load)
+        found = checkpoint.load_newest(self._checkpoint_dir(), load=self._load_checkpoint)
         if found is None:
             return None
         path, state = found
@@ -691,17 +707,31 @@ class Trainer:
                 "a resumed run must compute what the interrupted one would have"
             )
         if "head" in state:  # a single-process checkpoint
-            self.encoder.load_state_dict(state["encoder"])
-            self.head.load_state_dict(state["head"])
-            for name, optimizer in self.optimizers.items():
-                if optimizer is not None:
-                    optimizer.load_state_dict(state["optimizers"][name])
-            if self.average is not None:
-                self.average.load_state_dict(state["average"])
+            self._restore_whole(state)
         self.state = LoopState(**state["loop"])
         if "rng" in state:  # absent when the world size changed: each rank keeps its fresh seeded state
             set_rng_state(state["rng"])
         self._resumed_log_bytes = state.get("log_bytes")
+
+    def _restore_whole(self, state: dict[str, Any]) -> None:
+        """Load a single-process checkpoint's weights and optimizers, on any number of ranks (a sharded head
+        takes its rows)."""
+        from megaclass.distributed.checkpoint import load_whole_head
+        from megaclass.distributed.parallel import load_encoder_state
+
+        optimizers = state["optimizers"]
+        load_encoder_state(
+            self.parallel,
+            self.optimizers["encoder"],
+            state["encoder"],
+            optimizers.get("encoder"),
+            by_index=True,
+        )
+        load_whole_head(
+            self.head, self.optimizers["head"], state=state["head"], optimizer_state=optimizers.get("head")
+        )
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
 
     def _restore_log(self, path: str) -> None:
         """Cut the log back to what it held when the checkpoint at ``path`` was saved: the resumed run writes
