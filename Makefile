@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/megaclass train --config configs/demo.yaml \
-		--train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo
+		--train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --out runs/demo --overwrite
 
 test: $(STAMP)
 	NODE_PATH=$(CURDIR)/$(VENV)/node/node_modules $(PY) -m pytest -q -n 2 --durations=15

@@ -103,8 +103,7 @@ def _assert_same_losses(losses: dict[int, float], reference: dict[int, float], n
 @pytest.fixture(scope="module")
 def dense_runs(tmp_path_factory: pytest.TempPathFactory, data) -> tuple[str, str]:
     """Dense-head runs of one config, uninterrupted: on 2 ranks (``two``), on 1 process with the head sharded
-    as one whole shard (``one``, rows drawn as every world size draws them) and with the plain head
-    (``plain``); stopped after step ``CUT``: on 2 ranks started by ``megaclass train --nproc-per-node 2``
+    as one whole shard (``one``) and with the plain head (``plain``; every world size draws the same rows); stopped after step ``CUT``: on 2 ranks started by ``megaclass train --nproc-per-node 2``
     (``cut``) and on 1 process with the plain head (``single``, a single-process checkpoint). Returns the
     folder holding them and the command's standard output."""
     tmp = str(tmp_path_factory.mktemp("dense"))
@@ -178,6 +177,8 @@ def test_two_ranks_take_the_steps_of_one_process(dense_runs) -> None:
     _assert_same_losses(two, one, "2 ranks")  # clipped by the global gradient norm, the encoder on the mean
     p1_one, p1_two = _metrics(os.path.join(tmp, "one"))["P@1"], _metrics(os.path.join(tmp, "two"))["P@1"]
     assert abs(p1_one - p1_two) < 0.005, (p1_one, p1_two)
+    # the same config with the defaults (shard_head auto: an unsharded head on one process) starts alike too
+    _assert_same_losses(two, _losses(os.path.join(tmp, "plain")), "1 process, unsharded")
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ class DenseHeadConfig:
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace for face recognition
     init_scale: float = 1.0  # weight rows ~ N(0, (init_scale / sqrt(D))^2): unit-variance logits at start
     impl: Literal["auto", "triton", "torch", "reference"] = "auto"  # auto: by device and shape (ops rule)
-    seed: int = 0  # seeds the rows of a sharded head, per block of rows (every world size starts alike)
+    seed: int = 0  # seeds the rows, per block of rows (every world size starts alike)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -60,7 +60,7 @@ class DenseHeadConfig:
             raise ConfigError(f"head.margin needs head.loss softmax, got {self.loss!r}")
 
 
-_INIT_BLOCK = 1 << 16  # rows drawn per seeded generator by a sharded head
+_INIT_BLOCK = 1 << 16  # rows drawn per seeded generator
 
 
 def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> None:
@@ -117,13 +117,12 @@ class DenseHead(Head):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Rows ~ N(0, (init_scale / sqrt(D))^2), bias zero; sharded: rows drawn per seeded block."""
+        """Rows ~ N(0, (init_scale / sqrt(D))^2) drawn per block of rows seeded by ``config.seed`` (every world
+        size, sharded or not, starts from the same matrix); bias zero."""
         std = self.config.init_scale / math.sqrt(self.context.in_features)
-        if self.shard is None:
-            nn.init.normal_(self.weight, std=std)
-        else:
-            with torch.no_grad():
-                _init_normal_rows_(self.weight, self.shard.start, std=std, seed=self.config.seed)
+        start, _, _ = self.row_range()
+        with torch.no_grad():
+            _init_normal_rows_(self.weight, start, std=std, seed=self.config.seed)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
