@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from megaclass.data.batch import Batch, InputSpec, batch_targets, count_labels
+from megaclass.data.cache import cache_dir, read_cache, write_cache
 from megaclass.data.xmc import CSR, label_features, load_xmc
 from megaclass.errors import DataFormatError
 
@@ -146,10 +146,6 @@ def tokenize_texts(
     return TokenIds(ids, indptr, int(tokenizer.pad_token_id or 0))
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEGACLASS_CACHE") or Path.home() / ".cache" / "megaclass")
-
-
 def token_cache_path(path: str | os.PathLike, tokenizer: Any, *, max_length: int) -> list[Path]:
     """Where the token cache of ``path`` may live: beside it first, then in the cache directory."""
     source = Path(os.fspath(path)).resolve()
@@ -158,45 +154,12 @@ def token_cache_path(path: str | os.PathLike, tokenizer: Any, *, max_length: int
     ).hexdigest()
     name = f"{source.name}.tok-{key[:16]}.cache.npz"
     folder_key = hashlib.sha1(str(source.parent).encode()).hexdigest()[:12]
-    return [source.with_name(name), _cache_dir() / f"{folder_key}-{name}"]
+    return [source.with_name(name), cache_dir() / f"{folder_key}-{name}"]
 
 
 def _source_stamp(path: str) -> np.ndarray:
     stat = os.stat(path)
     return np.array([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-
-
-def _read_cache(candidates: list[Path], stamp: np.ndarray) -> TokenIds | None:
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
-        try:
-            with np.load(candidate, allow_pickle=False) as archive:
-                if np.array_equal(archive["stamp"], stamp):
-                    return TokenIds(archive["ids"], archive["indptr"], int(archive["pad_id"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def _write_cache(candidates: list[Path], stamp: np.ndarray, tokens: TokenIds) -> Path | None:
-    """Write atomically to the first writable candidate; None when none is."""
-    arrays = {"stamp": stamp, "ids": tokens.ids, "indptr": tokens.indptr, "pad_id": np.array(tokens.pad_id)}
-    for candidate in candidates:
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=candidate.parent, suffix=".tmp.npz")
-        except OSError:
-            continue
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays)
-            os.replace(temporary, candidate)
-            return candidate
-        except OSError:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-    return None
 
 
 def load_token_ids(
@@ -222,12 +185,20 @@ def load_token_ids(
     candidates = token_cache_path(path, tokenizer, max_length=max_length) if cache else []
     stamp = _source_stamp(path) if cache else np.zeros(0, dtype=np.int64)
     if cache:
-        cached = _read_cache(candidates, stamp)
-        if cached is not None and len(cached) == len(texts):
-            return cached
+        arrays = read_cache(candidates, "stamp", stamp)
+        if arrays is not None:
+            cached = TokenIds(arrays["ids"], arrays["indptr"], int(arrays["pad_id"]))
+            if len(cached) == len(texts):
+                return cached
     tokens = tokenize_texts(texts, tokenizer, max_length=max_length, progress=progress)
     if cache:
-        _write_cache(candidates, stamp, tokens)
+        arrays = {
+            "stamp": stamp,
+            "ids": tokens.ids,
+            "indptr": tokens.indptr,
+            "pad_id": np.array(tokens.pad_id),
+        }
+        write_cache(candidates, arrays)
     return tokens
 
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import stat
-import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megaclass.data.cache import cache_dir, read_cache, write_cache
 from megaclass.errors import DataFormatError
 
 __all__ = [
@@ -193,24 +193,13 @@ def _is_gzip(path: str) -> bool:
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEGACLASS_CACHE") or Path.home() / ".cache" / "megaclass")
-
-
 def _cache_candidates(path: str) -> list[Path]:
     source = Path(path).resolve()
     digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
     return [
         source.with_name(source.name + ".megaclass.npz"),
-        _cache_dir() / f"{digest}-{source.name}.megaclass.npz",
+        cache_dir() / f"{digest}-{source.name}.megaclass.npz",
     ]
-
-
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` is writable: by permission and by its mode bits (a superuser ignores the former)."""
-    return os.access(folder, os.W_OK) and bool(
-        folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-    )
 
 
 def _source_key(path: str, kind: str) -> np.ndarray:
@@ -218,40 +207,18 @@ def _source_key(path: str, kind: str) -> np.ndarray:
     return np.array([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, kind == "text"], dtype=np.int64)
 
 
-def _load_cache(path: str, kind: str) -> dict[str, np.ndarray] | None:
+def _cached_arrays(
+    path: str, kind: str, parse: Callable[[str, bytes], dict[str, np.ndarray]], cache: bool
+) -> dict[str, np.ndarray]:
+    """``parse(path, bytes)``, or its arrays from the cache when it is current (then written back)."""
+    if not cache:
+        return parse(path, _read_bytes(path))
     key = _source_key(path, kind)
-    for candidate in _cache_candidates(path):
-        if not candidate.is_file():
-            continue
-        try:
-            with np.load(candidate, allow_pickle=False) as archive:
-                if np.array_equal(archive["key"], key):
-                    return {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def _save_cache(path: str, kind: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write the cache atomically beside the source, else in the cache directory; give up silently."""
-    arrays = {"key": _source_key(path, kind), **arrays}
-    for candidate in _cache_candidates(path):
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            if not _writable(candidate.parent):
-                continue
-            handle, temporary = tempfile.mkstemp(dir=candidate.parent, suffix=".tmp.npz")
-        except OSError:
-            continue
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, candidate)
-            return
-        except OSError:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+    arrays = read_cache(_cache_candidates(path), "key", key)
+    if arrays is None:
+        arrays = parse(path, _read_bytes(path))
+        write_cache(_cache_candidates(path), {"key": key, **arrays})
+    return arrays
 
 
 # ------------------------------------------------------------------------------------------- parsing helpers
@@ -512,11 +479,7 @@ def read_bow(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
         DataFormatError: naming the file, the 1-based line and the problem.
     """
     path = os.fspath(path)
-    arrays = _load_cache(path, "bow") if cache else None
-    if arrays is None:
-        arrays = _parse_bow(path, _read_bytes(path))
-        if cache:
-            _save_cache(path, "bow", arrays)
+    arrays = _cached_arrays(path, "bow", _parse_bow, cache)
     _, header_features, header_labels = (int(value) for value in arrays["header"])
     label_space = header_labels if num_labels is None else _checked_num_labels(num_labels)
     _check_range(path, "label", arrays["label_indices"], arrays["label_indptr"], label_space, 2)
@@ -669,11 +632,7 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
         DataFormatError: naming the file, the 1-based line and the problem.
     """
     path = os.fspath(path)
-    arrays = _load_cache(path, "text") if cache else None
-    if arrays is None:
-        arrays = _parse_text(path, _read_bytes(path))
-        if cache:
-            _save_cache(path, "text", arrays)
+    arrays = _cached_arrays(path, "text", _parse_text, cache)
     texts = _split_texts(path, arrays["text_bytes"], 1)
     indices = arrays["label_indices"]
     if num_labels is not None:
