@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,7 @@ def bucket_order(
     return np.concatenate([shuffled, arranged[full * batch_size :]])
 
 
+@dataclass(eq=False, repr=False)
 class TokenDataset:
     """Documents as token ids with their labels; the data-source face of text for transformer encoders.
 
@@ -254,30 +255,26 @@ class TokenDataset:
         bucket: group rows of similar length into batches (see :meth:`arrange`).
     """
 
-    def __init__(
-        self,
-        tokens: TokenIds,
-        labels: Any,
-        *,
-        num_classes: int,
-        multilabel: bool,
-        vocab_size: int,
-        path: str = "",
-        texts: Sequence[str] | None = None,
-        bucket: bool = True,
-    ) -> None:
-        if len(tokens) != len(labels):
-            raise ValueError(f"{path}: {len(tokens)} tokenised documents but {len(labels)} label rows")
-        self.tokens = tokens
-        self.labels = labels
-        self.num_classes = num_classes
-        self.multilabel = multilabel
-        self.path = path
-        self.texts = texts
-        self.bucket = bucket
-        self.featurizer = None
+    tokens: TokenIds
+    labels: Any
+    _: KW_ONLY
+    num_classes: int
+    multilabel: bool
+    vocab_size: InitVar[int]
+    path: str = ""
+    texts: Sequence[str] | None = None
+    bucket: bool = True
+    featurizer: None = field(default=None, init=False)  # text featurisers make sparse data, not tokens
+    input_spec: InputSpec = field(init=False)
+    lengths: np.ndarray = field(init=False)  # (N,) tokens per document
+
+    def __post_init__(self, vocab_size: int) -> None:
+        if len(self.tokens) != len(self.labels):
+            raise ValueError(
+                f"{self.path}: {len(self.tokens)} tokenised documents but {len(self.labels)} label rows"
+            )
         self.input_spec = InputSpec(kind="tokens", num_features=vocab_size)
-        self.lengths = tokens.lengths()
+        self.lengths = self.tokens.lengths()
 
     def __len__(self) -> int:
         return len(self.tokens)
