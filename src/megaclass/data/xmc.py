@@ -482,17 +482,22 @@ def read_bow(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
     arrays = _cached_arrays(path, "bow", _parse_bow, cache)
     _, header_features, header_labels = (int(value) for value in arrays["header"])
     label_space = header_labels if num_labels is None else _checked_num_labels(num_labels)
-    _check_range(path, "label", arrays["label_indices"], arrays["label_indptr"], label_space, 2)
-    _check_range(path, "feature", arrays["feature_indices"], arrays["feature_indptr"], header_features, 2)
-    label_indptr, label_indices = _dedupe_rows(path, arrays["label_indptr"], arrays["label_indices"], 2)
-    labels = CSR(label_indptr, label_indices.astype(np.int32), None, label_space)
-    features = CSR(
-        arrays["feature_indptr"],
-        arrays["feature_indices"].astype(np.int32),
-        arrays["feature_values"],
-        header_features,
-    )
-    return XMCData(path, labels, features, None)
+    labels = _label_rows(path, arrays, label_space, 2)
+    return XMCData(path, labels, _feature_rows(path, arrays, header_features, 2), None)
+
+
+def _label_rows(where: str, arrays: dict[str, np.ndarray], num_labels: int, line_base: int) -> CSR:
+    """The parsed label rows, ids checked against ``num_labels``, a label repeated on a line dropped."""
+    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, line_base)
+    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], line_base)
+    return CSR(indptr, indices.astype(np.int32), None, num_labels)
+
+
+def _feature_rows(where: str, arrays: dict[str, np.ndarray], num_features: int, line_base: int) -> CSR:
+    """The parsed BoW feature rows, ids checked against ``num_features``."""
+    indptr, indices = arrays["feature_indptr"], arrays["feature_indices"]
+    _check_range(where, "feature", indices, indptr, num_features, line_base)
+    return CSR(indptr, indices.astype(np.int32), arrays["feature_values"], num_features)
 
 
 def _checked_num_labels(num_labels: int) -> int:
@@ -640,10 +645,7 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
     else:
         names = read_label_names(path)
         label_space = len(names) if names else (int(indices.max()) + 1 if indices.size else 1)
-    _check_range(path, "label", indices, arrays["label_indptr"], label_space, 1)
-    indptr, indices = _dedupe_rows(path, arrays["label_indptr"], indices, 1)
-    labels = CSR(indptr, indices.astype(np.int32), None, label_space)
-    return XMCData(path, labels, None, texts)
+    return XMCData(path, _label_rows(path, arrays, label_space, 1), None, texts)
 
 
 def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | None = None) -> XMCData:
@@ -677,18 +679,8 @@ def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | No
     else:
         buf = np.frombuffer(raw, dtype=np.uint8)
         arrays, line_base = _parse_bow_body(where, buf, _line_starts(buf), 1), 1
-    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, line_base)
-    _check_range(
-        where, "feature", arrays["feature_indices"], arrays["feature_indptr"], num_features, line_base
-    )
-    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], line_base)
-    features = CSR(
-        arrays["feature_indptr"],
-        arrays["feature_indices"].astype(np.int32),
-        arrays["feature_values"],
-        num_features,
-    )
-    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), features, None)
+    labels = _label_rows(where, arrays, num_labels, line_base)
+    return XMCData(where, labels, _feature_rows(where, arrays, num_features, line_base), None)
 
 
 def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
@@ -699,9 +691,7 @@ def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
         labelled = labelled[:-1]  # the piece after the final newline is no line
     arrays = _parse_text(where, labelled)
     texts = _split_texts(where, arrays["text_bytes"], 1)
-    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, 1)
-    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], 1)
-    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), None, texts)
+    return XMCData(where, _label_rows(where, arrays, num_labels, 1), None, texts)
 
 
 def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:
