@@ -143,8 +143,7 @@ def tiny_model_options(tiny_tokenizer_dir) -> dict:
     }
 
 
-def _write_text_data(
-    folder, *, n_train: int = 64, n_test: int = 24, classes: int = 6, seed: int = 0) -> None:
+def _write_text_data(folder, *, n_train: int = 64, n_test: int = 24, classes: int = 6, seed: int = 0) -> None:
     """``train.txt``, ``test.txt`` (``labels<TAB>text``, topic words per label), ``labels.txt``."""
     import random
 
