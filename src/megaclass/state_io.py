@@ -31,6 +31,7 @@ __all__ = [
     "DamagedStateError",
     "file_fingerprint",
     "flatten",
+    "fsync_path",
     "path_fingerprint",
     "read_state",
     "replace_folder",
@@ -166,7 +167,7 @@ def write_manifest(folder: str) -> None:
     files = {}
     for relative in _files_under(folder):
         path = os.path.join(folder, relative)
-        _fsync(path)
+        fsync_path(path)
         files[relative] = file_fingerprint(path)
     write_json_atomic(os.path.join(folder, MANIFEST), {"files": files})
 
@@ -203,7 +204,7 @@ def verify_manifest(folder: str) -> None:
 # -------------------------------------------------------------------------------------- atomic writes
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
     """Flush the file or folder at ``path`` to disk."""
     handle = os.open(path, os.O_RDONLY)
     try:
@@ -241,7 +242,7 @@ def replace_folder(temporary: str, final: str) -> None:
         previous = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
         os.replace(final, os.path.join(previous, name))
     os.replace(temporary, final)
-    _fsync(parent)
+    fsync_path(parent)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 

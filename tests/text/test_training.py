@@ -12,8 +12,6 @@ from megaclass.train.config import load_config
 from megaclass.train.loop import train
 from megaclass.train.progress import read_log
 
-from .conftest import write_text_data
-
 VARIANTS = {
     "fp32": [],
     # Renee's recipe: SGD on the classifier, AdamW on the encoder; bf16 head state; a head-only warm-up
@@ -68,7 +66,7 @@ def _weights(out) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_loss_falls_and_resume_is_exact(tmp_path, tiny_model_options, variant):
+def test_loss_falls_and_resume_is_exact(write_text_data, tmp_path, tiny_model_options, variant):
     data = tmp_path / "data"
     write_text_data(data, n_train=48, n_test=16)
     config = _config(tiny_model_options, VARIANTS[variant])
@@ -90,7 +88,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path, tiny_model_options, variant):
         assert torch.equal(tensor, weights[name]), name
 
 
-def test_frozen_encoder_warmup_leaves_encoder_unchanged(tmp_path, tiny_model_options):
+def test_frozen_encoder_warmup_leaves_encoder_unchanged(write_text_data, tmp_path, tiny_model_options):
     data = tmp_path / "data"
     write_text_data(data, n_train=16, n_test=8)
     # every test label is filtered out (XMC repository filter file): nothing is left to hit
@@ -126,7 +124,7 @@ def test_frozen_encoder_warmup_leaves_encoder_unchanged(tmp_path, tiny_model_opt
 
 
 def test_label_names_initialise_head_and_predict_reads_stdin(
-    tmp_path, tiny_model_options, monkeypatch, capsys
+    write_text_data, tmp_path, tiny_model_options, monkeypatch, capsys
 ):
     from megaclass.cli import main
     from megaclass.models.text import TransformerEncoder

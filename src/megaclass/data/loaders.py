@@ -16,6 +16,7 @@ import gzip
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 
+@dataclass(eq=False, repr=False)
 class SparseDataset:
     """Sparse feature rows with their labels, in memory (XMC BoW, or text after a featuriser).
 
@@ -49,28 +51,22 @@ class SparseDataset:
         featurizer: the fitted text featuriser that made ``features``, or None for BoW data.
     """
 
-    def __init__(
-        self,
-        features: Any,
-        labels: Any,
-        *,
-        num_classes: int,
-        multilabel: bool,
-        path: str = "",
-        featurizer: Any = None,
-    ) -> None:
-        self.features = features
-        self.labels = labels
-        self.num_classes = num_classes
-        self.multilabel = multilabel
-        self.path = path
-        self.featurizer = featurizer
-        self.input_spec = InputSpec(kind="sparse", num_features=int(features.num_columns))
-        label_lengths = labels.row_lengths()
-        if not multilabel and len(label_lengths) and not np.all(label_lengths == 1):
+    features: Any
+    labels: Any
+    _: KW_ONLY
+    num_classes: int
+    multilabel: bool
+    path: str = ""
+    featurizer: Any = None
+    input_spec: InputSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.input_spec = InputSpec(kind="sparse", num_features=int(self.features.num_columns))
+        label_lengths = self.labels.row_lengths()
+        if not self.multilabel and len(label_lengths) and not np.all(label_lengths == 1):
             bad = int(np.flatnonzero(label_lengths != 1)[0])
             raise DataFormatError(
-                path, f"one-label data set has {label_lengths[bad]} labels on a row", line=bad + 1
+                self.path, f"one-label data set has {label_lengths[bad]} labels on a row", line=bad + 1
             )
 
     def __len__(self) -> int:
@@ -227,6 +223,7 @@ class _RowBatches(torch.utils.data.Dataset):
         return self.dataset.batch(self.row_batches[index])
 
 
+@dataclass(eq=False, repr=False)
 class BatchLoader:
     """Seeded, resumable, shardable batches of a dataset.
 
@@ -246,32 +243,23 @@ class BatchLoader:
         num_workers: worker processes that build batches (0: in this process).
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        *,
-        batch_size: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-    ) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size: expected > 0, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
-        if len(dataset) == 0:
-            raise ValueError(f"data set {getattr(dataset, 'path', '')!r} has no rows")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
+    dataset: Any
+    _: KW_ONLY
+    batch_size: int
+    shuffle: bool = True
+    seed: int = 0
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size: expected > 0, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size={self.world_size}, got {self.rank}")
+        if len(self.dataset) == 0:
+            raise ValueError(f"data set {getattr(self.dataset, 'path', '')!r} has no rows")
 
     def _shard_size(self) -> int:
         return -(-len(self.dataset) // self.world_size)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from megaclass.data.batch import Batch, InputSpec, batch_targets, count_labels
+from megaclass.data.cache import cache_dir, read_cache, write_cache
 from megaclass.data.xmc import CSR, label_features, load_xmc
 from megaclass.errors import DataFormatError
 
@@ -146,10 +146,6 @@ def tokenize_texts(
     return TokenIds(ids, indptr, int(tokenizer.pad_token_id or 0))
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEGACLASS_CACHE") or Path.home() / ".cache" / "megaclass")
-
-
 def token_cache_path(path: str | os.PathLike, tokenizer: Any, *, max_length: int) -> list[Path]:
     """Where the token cache of ``path`` may live: beside it first, then in the cache directory."""
     source = Path(os.fspath(path)).resolve()
@@ -158,45 +154,12 @@ def token_cache_path(path: str | os.PathLike, tokenizer: Any, *, max_length: int
     ).hexdigest()
     name = f"{source.name}.tok-{key[:16]}.cache.npz"
     folder_key = hashlib.sha1(str(source.parent).encode()).hexdigest()[:12]
-    return [source.with_name(name), _cache_dir() / f"{folder_key}-{name}"]
+    return [source.with_name(name), cache_dir() / f"{folder_key}-{name}"]
 
 
 def _source_stamp(path: str) -> np.ndarray:
     stat = os.stat(path)
     return np.array([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-
-
-def _read_cache(candidates: list[Path], stamp: np.ndarray) -> TokenIds | None:
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
-        try:
-            with np.load(candidate, allow_pickle=False) as archive:
-                if np.array_equal(archive["stamp"], stamp):
-                    return TokenIds(archive["ids"], archive["indptr"], int(archive["pad_id"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def _write_cache(candidates: list[Path], stamp: np.ndarray, tokens: TokenIds) -> Path | None:
-    """Write atomically to the first writable candidate; None when none is."""
-    arrays = {"stamp": stamp, "ids": tokens.ids, "indptr": tokens.indptr, "pad_id": np.array(tokens.pad_id)}
-    for candidate in candidates:
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=candidate.parent, suffix=".tmp.npz")
-        except OSError:
-            continue
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays)
-            os.replace(temporary, candidate)
-            return candidate
-        except OSError:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-    return None
 
 
 def load_token_ids(
@@ -222,12 +185,20 @@ def load_token_ids(
     candidates = token_cache_path(path, tokenizer, max_length=max_length) if cache else []
     stamp = _source_stamp(path) if cache else np.zeros(0, dtype=np.int64)
     if cache:
-        cached = _read_cache(candidates, stamp)
-        if cached is not None and len(cached) == len(texts):
-            return cached
+        arrays = read_cache(candidates, "stamp", stamp)
+        if arrays is not None:
+            cached = TokenIds(arrays["ids"], arrays["indptr"], int(arrays["pad_id"]))
+            if len(cached) == len(texts):
+                return cached
     tokens = tokenize_texts(texts, tokenizer, max_length=max_length, progress=progress)
     if cache:
-        _write_cache(candidates, stamp, tokens)
+        arrays = {
+            "stamp": stamp,
+            "ids": tokens.ids,
+            "indptr": tokens.indptr,
+            "pad_id": np.array(tokens.pad_id),
+        }
+        write_cache(candidates, arrays)
     return tokens
 
 
@@ -269,6 +240,7 @@ def bucket_order(
     return np.concatenate([shuffled, arranged[full * batch_size :]])
 
 
+@dataclass(eq=False, repr=False)
 class TokenDataset:
     """Documents as token ids with their labels; the data-source face of text for transformer encoders.
 
@@ -283,30 +255,26 @@ class TokenDataset:
         bucket: group rows of similar length into batches (see :meth:`arrange`).
     """
 
-    def __init__(
-        self,
-        tokens: TokenIds,
-        labels: Any,
-        *,
-        num_classes: int,
-        multilabel: bool,
-        vocab_size: int,
-        path: str = "",
-        texts: Sequence[str] | None = None,
-        bucket: bool = True,
-    ) -> None:
-        if len(tokens) != len(labels):
-            raise ValueError(f"{path}: {len(tokens)} tokenised documents but {len(labels)} label rows")
-        self.tokens = tokens
-        self.labels = labels
-        self.num_classes = num_classes
-        self.multilabel = multilabel
-        self.path = path
-        self.texts = texts
-        self.bucket = bucket
-        self.featurizer = None
+    tokens: TokenIds
+    labels: Any
+    _: KW_ONLY
+    num_classes: int
+    multilabel: bool
+    vocab_size: InitVar[int]
+    path: str = ""
+    texts: Sequence[str] | None = None
+    bucket: bool = True
+    featurizer: None = field(default=None, init=False)  # text featurisers make sparse data, not tokens
+    input_spec: InputSpec = field(init=False)
+    lengths: np.ndarray = field(init=False)  # (N,) tokens per document
+
+    def __post_init__(self, vocab_size: int) -> None:
+        if len(self.tokens) != len(self.labels):
+            raise ValueError(
+                f"{self.path}: {len(self.tokens)} tokenised documents but {len(self.labels)} label rows"
+            )
         self.input_spec = InputSpec(kind="tokens", num_features=vocab_size)
-        self.lengths = tokens.lengths()
+        self.lengths = self.tokens.lengths()
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import stat
-import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megaclass.data.cache import cache_dir, read_cache, write_cache
 from megaclass.errors import DataFormatError
 
 __all__ = [
@@ -193,24 +193,13 @@ def _is_gzip(path: str) -> bool:
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEGACLASS_CACHE") or Path.home() / ".cache" / "megaclass")
-
-
 def _cache_candidates(path: str) -> list[Path]:
     source = Path(path).resolve()
     digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
     return [
         source.with_name(source.name + ".megaclass.npz"),
-        _cache_dir() / f"{digest}-{source.name}.megaclass.npz",
+        cache_dir() / f"{digest}-{source.name}.megaclass.npz",
     ]
-
-
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` is writable: by permission and by its mode bits (a superuser ignores the former)."""
-    return os.access(folder, os.W_OK) and bool(
-        folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-    )
 
 
 def _source_key(path: str, kind: str) -> np.ndarray:
@@ -218,40 +207,18 @@ def _source_key(path: str, kind: str) -> np.ndarray:
     return np.array([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, kind == "text"], dtype=np.int64)
 
 
-def _load_cache(path: str, kind: str) -> dict[str, np.ndarray] | None:
+def _cached_arrays(
+    path: str, kind: str, parse: Callable[[str, bytes], dict[str, np.ndarray]], cache: bool
+) -> dict[str, np.ndarray]:
+    """``parse(path, bytes)``, or its arrays from the cache when it is current (then written back)."""
+    if not cache:
+        return parse(path, _read_bytes(path))
     key = _source_key(path, kind)
-    for candidate in _cache_candidates(path):
-        if not candidate.is_file():
-            continue
-        try:
-            with np.load(candidate, allow_pickle=False) as archive:
-                if np.array_equal(archive["key"], key):
-                    return {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def _save_cache(path: str, kind: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write the cache atomically beside the source, else in the cache directory; give up silently."""
-    arrays = {"key": _source_key(path, kind), **arrays}
-    for candidate in _cache_candidates(path):
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            if not _writable(candidate.parent):
-                continue
-            handle, temporary = tempfile.mkstemp(dir=candidate.parent, suffix=".tmp.npz")
-        except OSError:
-            continue
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, candidate)
-            return
-        except OSError:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+    arrays = read_cache(_cache_candidates(path), "key", key)
+    if arrays is None:
+        arrays = parse(path, _read_bytes(path))
+        write_cache(_cache_candidates(path), {"key": key, **arrays})
+    return arrays
 
 
 # ------------------------------------------------------------------------------------------- parsing helpers
@@ -512,24 +479,25 @@ def read_bow(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
         DataFormatError: naming the file, the 1-based line and the problem.
     """
     path = os.fspath(path)
-    arrays = _load_cache(path, "bow") if cache else None
-    if arrays is None:
-        arrays = _parse_bow(path, _read_bytes(path))
-        if cache:
-            _save_cache(path, "bow", arrays)
+    arrays = _cached_arrays(path, "bow", _parse_bow, cache)
     _, header_features, header_labels = (int(value) for value in arrays["header"])
     label_space = header_labels if num_labels is None else _checked_num_labels(num_labels)
-    _check_range(path, "label", arrays["label_indices"], arrays["label_indptr"], label_space, 2)
-    _check_range(path, "feature", arrays["feature_indices"], arrays["feature_indptr"], header_features, 2)
-    label_indptr, label_indices = _dedupe_rows(path, arrays["label_indptr"], arrays["label_indices"], 2)
-    labels = CSR(label_indptr, label_indices.astype(np.int32), None, label_space)
-    features = CSR(
-        arrays["feature_indptr"],
-        arrays["feature_indices"].astype(np.int32),
-        arrays["feature_values"],
-        header_features,
-    )
-    return XMCData(path, labels, features, None)
+    labels = _label_rows(path, arrays, label_space, 2)
+    return XMCData(path, labels, _feature_rows(path, arrays, header_features, 2), None)
+
+
+def _label_rows(where: str, arrays: dict[str, np.ndarray], num_labels: int, line_base: int) -> CSR:
+    """The parsed label rows, ids checked against ``num_labels``, a label repeated on a line dropped."""
+    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, line_base)
+    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], line_base)
+    return CSR(indptr, indices.astype(np.int32), None, num_labels)
+
+
+def _feature_rows(where: str, arrays: dict[str, np.ndarray], num_features: int, line_base: int) -> CSR:
+    """The parsed BoW feature rows, ids checked against ``num_features``."""
+    indptr, indices = arrays["feature_indptr"], arrays["feature_indices"]
+    _check_range(where, "feature", indices, indptr, num_features, line_base)
+    return CSR(indptr, indices.astype(np.int32), arrays["feature_values"], num_features)
 
 
 def _checked_num_labels(num_labels: int) -> int:
@@ -669,11 +637,7 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
         DataFormatError: naming the file, the 1-based line and the problem.
     """
     path = os.fspath(path)
-    arrays = _load_cache(path, "text") if cache else None
-    if arrays is None:
-        arrays = _parse_text(path, _read_bytes(path))
-        if cache:
-            _save_cache(path, "text", arrays)
+    arrays = _cached_arrays(path, "text", _parse_text, cache)
     texts = _split_texts(path, arrays["text_bytes"], 1)
     indices = arrays["label_indices"]
     if num_labels is not None:
@@ -681,10 +645,7 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
     else:
         names = read_label_names(path)
         label_space = len(names) if names else (int(indices.max()) + 1 if indices.size else 1)
-    _check_range(path, "label", indices, arrays["label_indptr"], label_space, 1)
-    indptr, indices = _dedupe_rows(path, arrays["label_indptr"], indices, 1)
-    labels = CSR(indptr, indices.astype(np.int32), None, label_space)
-    return XMCData(path, labels, None, texts)
+    return XMCData(path, _label_rows(path, arrays, label_space, 1), None, texts)
 
 
 def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | None = None) -> XMCData:
@@ -718,18 +679,8 @@ def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | No
     else:
         buf = np.frombuffer(raw, dtype=np.uint8)
         arrays, line_base = _parse_bow_body(where, buf, _line_starts(buf), 1), 1
-    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, line_base)
-    _check_range(
-        where, "feature", arrays["feature_indices"], arrays["feature_indptr"], num_features, line_base
-    )
-    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], line_base)
-    features = CSR(
-        arrays["feature_indptr"],
-        arrays["feature_indices"].astype(np.int32),
-        arrays["feature_values"],
-        num_features,
-    )
-    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), features, None)
+    labels = _label_rows(where, arrays, num_labels, line_base)
+    return XMCData(where, labels, _feature_rows(where, arrays, num_features, line_base), None)
 
 
 def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
@@ -740,9 +691,7 @@ def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
         labelled = labelled[:-1]  # the piece after the final newline is no line
     arrays = _parse_text(where, labelled)
     texts = _split_texts(where, arrays["text_bytes"], 1)
-    _check_range(where, "label", arrays["label_indices"], arrays["label_indptr"], num_labels, 1)
-    indptr, indices = _dedupe_rows(where, arrays["label_indptr"], arrays["label_indices"], 1)
-    return XMCData(where, CSR(indptr, indices.astype(np.int32), None, num_labels), None, texts)
+    return XMCData(where, _label_rows(where, arrays, num_labels, 1), None, texts)
 
 
 def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:

@@ -67,7 +67,7 @@ _KERNELS: dict[str, object] = {}
 
 def _kernels() -> dict[str, object]:
     """Compile-on-first-use kernels; triton is imported here, never at ``import megaclass``."""
-    global _philox_noise, _round_bits  # jit helpers are resolved by name from this module's globals
+    global _philox_noise, _round_bits, _group_tile  # jit helpers: resolved by name from module globals
     if _KERNELS:
         return _KERNELS
     import triton
@@ -116,6 +116,15 @@ def _kernels() -> dict[str, object]:
         y = tl.where(x != x, (bits >> 16) | 0x0040, rounded)
         return y.to(tl.uint16).to(tl.int16, bitcast=True)
 
+    @triton.jit
+    def _group_tile(n_elements, BLOCK_G: tl.constexpr):
+        # This program's BLOCK_G * 8 elements as a (BLOCK_G, 8) tile: row g of the tile shares one Philox call
+        # whose four 32-bit words give 8 x 16 random bits. int64 offsets: > 2^31 elements happen.
+        pid = tl.program_id(0).to(tl.int64)
+        groups = pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # (BLOCK_G,)
+        offsets = groups[:, None] * 8 + tl.arange(0, 8)[None, :]  # (BLOCK_G, 8)
+        return groups, offsets, offsets < n_elements
+
     # Triton specialises an integer argument equal to 1 into a constexpr, on which ``.to(tl.uint32)`` fails to
     # compile: the seed words (any value in [0, 2^32)) are never specialised.
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -127,12 +136,7 @@ def _kernels() -> dict[str, object]:
         n_elements,
         BLOCK_G: tl.constexpr,
     ):
-        # One program rounds BLOCK_G * 8 elements, seen as a (BLOCK_G, 8) tile: row g of the tile shares one
-        # Philox call whose four 32-bit words give 8 x 16 random bits. int64 offsets: > 2^31 elements happen.
-        pid = tl.program_id(0).to(tl.int64)
-        groups = pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # (BLOCK_G,)
-        offsets = groups[:, None] * 8 + tl.arange(0, 8)[None, :]  # (BLOCK_G, 8)
-        mask = offsets < n_elements
+        groups, offsets, mask = _group_tile(n_elements, BLOCK_G)  # (BLOCK_G,), (BLOCK_G, 8), (BLOCK_G, 8)
         x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         y = _round_bits(x, _philox_noise(groups, seed_lo, seed_hi))
         tl.store(Y_ptr + offsets, y, mask=mask)
@@ -171,10 +175,7 @@ def _kernels() -> dict[str, object]:
         # float dtype). The operation order is that of adamw_math in megaclass.train.low_precision:
         #   m = m * b1 + (1 - b1) g;  v = v * b2 + ((1 - b2) g) g;  w = w * (1 - lr wd)
         #   w = w + step_size * (m / (sqrt(v / bc2) + eps)),  step_size = -lr / bc1
-        pid = tl.program_id(0).to(tl.int64)
-        groups = pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # (BLOCK_G,)
-        offsets = groups[:, None] * 8 + tl.arange(0, 8)[None, :]  # (BLOCK_G, 8)
-        mask = offsets < n_elements
+        groups, offsets, mask = _group_tile(n_elements, BLOCK_G)  # (BLOCK_G,), (BLOCK_G, 8), (BLOCK_G, 8)
         w = tl.load(W_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(M_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from megaclass.ops.row_optimizers import init_rows_  # every store draws the same initial matrix
 from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
+from megaclass.state_io import fsync_path
 
 FORMAT = 1
 MAGIC = 0x4D43505331  # "MCPS1"
@@ -184,7 +185,7 @@ class ShardState:
             _copy_synced(os.path.join(self.dir, name), os.path.join(partial, name))
         self._write_checksums(partial)
         os.rename(partial, final)
-        _fsync_dir(root)
+        fsync_path(root)
         return final
 
     def close(self) -> None:
@@ -390,13 +391,4 @@ def _crc32(array: np.memmap) -> int:
 
 def _copy_synced(source: str, target: str) -> None:
     shutil.copyfile(source, target)
-    with open(target, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(target)

@@ -65,9 +65,7 @@ def _fixed_fanin_fwd_op(
 
 
 @_fixed_fanin_fwd_op.register_fake
-def _(
-    x: Tensor, weight: Tensor, index: Tensor, bias: Tensor | None, group: int, loss: str, impl: str
-) -> Tensor:
+def _(x, weight, index, bias, group, loss, impl):  # the op's arguments; their types are the op's
     if loss == FaninLoss.NONE.value:
         return x.new_empty(x.shape[0], weight.shape[0])
     return x.new_empty(x.shape[0], dtype=torch.float32)
@@ -94,17 +92,7 @@ def _fixed_fanin_bwd_op(
 
 
 @_fixed_fanin_bwd_op.register_fake
-def _(
-    x: Tensor,
-    weight: Tensor,
-    index: Tensor,
-    bias: Tensor | None,
-    grad: Tensor,
-    lse: Tensor | None,
-    group: int,
-    loss: str,
-    impl: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _(x, weight, index, bias, grad, lse, group, loss, impl):  # the op's arguments; their types are the op's
     return (
         torch.empty_like(x),
         torch.empty_like(weight),

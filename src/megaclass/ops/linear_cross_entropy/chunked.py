@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megaclass.ops.linear_cross_entropy.common import NORM_EPS, LinearLossOptions, LossKind
+from megaclass.ops.linear_cross_entropy.common import NORM_EPS, DenseOperands, LinearLossOptions, LossKind
 
 __all__ = ["TorchChunkedBackend", "chunk_size_for"]
 
@@ -84,15 +84,9 @@ class TorchChunkedBackend:
     def _chunk(self, x: Tensor) -> int:
         return self.chunk_size or chunk_size_for(x.shape[0], x.shape[1], x.element_size())
 
-    def reduce(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        options: LinearLossOptions,
-    ) -> Tensor:
+    def reduce(self, dense: DenseOperands) -> Tensor:
         """``(B,)`` float32 lse (softmax) or sum over classes of softplus / relu(1 + z)^2."""
+        x, weight, bias, exclude, options = dense
         classes, chunk = weight.shape[0], self._chunk(x)
         total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         if options.loss is LossKind.SOFTMAX:
@@ -110,17 +104,9 @@ class TorchChunkedBackend:
                 total += logits.add_(1).relu_().square_().sum(dim=1)
         return total
 
-    def grads(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        lse: Tensor,
-        coef: Tensor,
-        options: LinearLossOptions,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """fp32 ``(dx (B, D), dW (C, D), dbias (C,) or None)`` of ``sum_bc G_bc z_bc``."""
+        x, weight, bias, exclude, options = dense
         classes, chunk = weight.shape[0], self._chunk(x)
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=x.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -197,65 +197,56 @@ def positive_grad(
     return -2 * row_coef * (F.relu(1 - z_pos) + F.relu(1 + z_pos))
 
 
-def add_positive_grads(
-    grads: tuple[Tensor, Tensor, Tensor | None],
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: RaggedLabels,
-    dz_pos: Tensor,
-    options: LinearLossOptions,
-) -> None:
-    """Back-propagate ``dz_pos`` through the gathered positive logits into the fp32 ``(dx, dW, dbias)``."""
+class DenseOperands(NamedTuple):
+    """What the dense part over all classes reads."""
+
+    x: Tensor  # (B, D) in the compute dtype
+    weight: Tensor  # (C, D) class rows, any float dtype
+    bias: Tensor | None  # (C,)
+    exclude: Tensor | None  # (B,) a class per row left out of the reduction (the margin target)
+    options: LinearLossOptions
+
+
+def input_grads(
+    grads: tuple[Tensor, Tensor, Tensor | None], dense: DenseOperands, targets: RaggedLabels, dz_pos: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Back-propagate ``dz_pos`` through the gathered positive logits into the dense part's fp32 ``grads``
+    (in place) and return ``(dx, dW, dbias)`` in the dtypes of ``x``, ``weight`` and ``bias``."""
+    x, weight, bias, _, options = dense
     grad_x, grad_weight, grad_bias = grads
-    if dz_pos.numel() == 0:
-        return
-    with torch.enable_grad():
-        x_leaf = x.detach().requires_grad_(True)
-        rows_leaf = weight.detach().index_select(0, targets.indices).requires_grad_(True)  # (L, D)
-        leaves = [x_leaf, rows_leaf]
-        bias_leaf = None
-        if bias is not None:
-            bias_leaf = bias.detach().index_select(0, targets.indices).requires_grad_(True)  # (L,)
-            leaves.append(bias_leaf)
-        z = _rows_logits(x_leaf, rows_leaf, bias_leaf, targets, options)
-        found = torch.autograd.grad(z, leaves, dz_pos)
-    grad_x.add_(found[0].float())
-    grad_weight.index_add_(0, targets.indices, found[1].float())
-    if grad_bias is not None:
-        grad_bias.index_add_(0, targets.indices, found[2].float())
+    if dz_pos.numel():
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(True)
+            rows_leaf = weight.detach().index_select(0, targets.indices).requires_grad_(True)  # (L, D)
+            leaves = [x_leaf, rows_leaf]
+            bias_leaf = None
+            if bias is not None:
+                bias_leaf = bias.detach().index_select(0, targets.indices).requires_grad_(True)  # (L,)
+                leaves.append(bias_leaf)
+            z = _rows_logits(x_leaf, rows_leaf, bias_leaf, targets, options)
+            found = torch.autograd.grad(z, leaves, dz_pos)
+        grad_x.add_(found[0].float())
+        grad_weight.index_add_(0, targets.indices, found[1].float())
+        if grad_bias is not None:
+            grad_bias.index_add_(0, targets.indices, found[2].float())
+    return (
+        grad_x.to(x.dtype),
+        grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
 
 
 class DenseBackend(Protocol):
     """How the dense part over all classes is computed: Triton kernels or chunked plain PyTorch."""
 
-    def reduce(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        options: LinearLossOptions,
-    ) -> Tensor:
-        """``(B,)`` float32: lse over classes (softmax), or the sum over classes of softplus / relu(1+z)^2.
-
-        ``exclude (B,)``: a class per row left out of the reduction (the margin target), or None."""
+    def reduce(self, dense: DenseOperands) -> Tensor:
+        """``(B,)`` float32: lse over classes (softmax), or the sum over classes of softplus / relu(1+z)^2."""
         ...
 
-    def grads(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        lse: Tensor,
-        coef: Tensor,
-        options: LinearLossOptions,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """fp32 ``(dx (B, D), dW (C, D), dbias (C,) or None)`` of ``sum_bc G_bc z_bc``, ``G = coef_b
-        g'(z_bc)``,
-        with ``g'`` the softmax ``exp(z - lse_b)``, ``sigmoid(z)`` or ``2 relu(1 + z)``; 0 on excluded
-        classes."""
+        g'(z_bc)``, with ``g'`` the softmax ``exp(z - lse_b)``, ``sigmoid(z)`` or ``2 relu(1 + z)``; 0 on
+        excluded classes."""
         ...
 
 
@@ -277,9 +268,9 @@ class LinearLossFunction(torch.autograd.Function):
         targets = RaggedLabels(indptr, indices)
         coef = row_coefficients(targets, options)
         z_pos = positive_logits(x, weight, bias, targets, options)
-        exclude = indices if options.cosine else None
+        dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
         with torch.autocast(x.device.type, enabled=False):  # compute dtype is x.dtype, chosen by the caller
-            reduced = backend.reduce(x, weight, bias, exclude, options)
+            reduced = backend.reduce(dense)
         loss, stat = assemble_loss(reduced, z_pos, targets, coef, options)
         ctx.save_for_backward(x, weight, bias, indptr, indices, coef, stat, z_pos)
         ctx.options, ctx.backend = options, backend
@@ -291,21 +282,28 @@ class LinearLossFunction(torch.autograd.Function):
         options: LinearLossOptions = ctx.options
         targets = RaggedLabels(indptr, indices)
         coef = coef * grad_loss.float()  # device-side scale: no host sync
-        exclude = indices if options.cosine else None
+        dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
         with torch.autocast(x.device.type, enabled=False):
-            grads = ctx.backend.grads(x, weight, bias, exclude, stat, coef, options)
+            grads = ctx.backend.grads(dense, stat, coef)
         dz_pos = positive_grad(z_pos, stat, targets, coef, options)
-        add_positive_grads(grads, x, weight, bias, targets, dz_pos, options)
-        grad_x, grad_weight, grad_bias = grads
-        return (
-            grad_x.to(x.dtype),
-            grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*input_grads(grads, dense, targets, dz_pos), None, None, None, None)
+
+
+def prepare_inputs(
+    x: Tensor,
+    weight: Tensor,
+    targets: Targets,
+    bias: Tensor | None,
+    options: LinearLossOptions,
+    num_classes: int,
+) -> tuple[Tensor, RaggedLabels]:
+    """Validate, and return ``x`` (L2-normalised rows for a cosine margin, plain autograd) and the targets
+    as ragged int64 labels with ids in ``[0, num_classes)``."""
+    check_inputs(x, weight, bias, options)
+    ragged = prepare_targets(targets, x.shape[0], num_classes, options)
+    if options.cosine:
+        x = F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
+    return x, ragged
 
 
 def linear_loss_apply(
@@ -317,8 +315,5 @@ def linear_loss_apply(
     backend: DenseBackend,
 ) -> Tensor:
     """Validate, normalise ``x`` for a cosine margin (plain autograd), run :class:`LinearLossFunction`."""
-    check_inputs(x, weight, bias, options)
-    ragged = prepare_targets(targets, x.shape[0], weight.shape[0], options)
-    if options.cosine:
-        x = F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
+    x, ragged = prepare_inputs(x, weight, targets, bias, options, weight.shape[0])
     return LinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, options, backend)

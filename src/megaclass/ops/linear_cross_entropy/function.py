@@ -8,7 +8,7 @@ Triton itself is imported inside the op bodies, when a kernel first runs. (No po
 import torch
 from torch import Tensor
 
-from megaclass.ops.linear_cross_entropy.common import LinearLossOptions, LossKind
+from megaclass.ops.linear_cross_entropy.common import DenseOperands, LinearLossOptions, LossKind
 
 __all__ = ["TritonBackend", "linear_loss_bwd", "linear_loss_fwd"]
 
@@ -27,9 +27,7 @@ def linear_loss_fwd(
 
 
 @linear_loss_fwd.register_fake
-def _(
-    x: Tensor, weight: Tensor, bias: Tensor | None, exclude: Tensor | None, loss: str, scale: float
-) -> Tensor:
+def _(x, weight, bias, exclude, loss, scale):  # the op's arguments; their types are the op's
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -56,16 +54,7 @@ def linear_loss_bwd(
 
 
 @linear_loss_bwd.register_fake
-def _(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    exclude: Tensor | None,
-    lse: Tensor,
-    coef: Tensor,
-    loss: str,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _(x, weight, bias, exclude, lse, coef, loss, scale):  # the op's arguments; their types are the op's
     classes = weight.shape[0] if bias is not None else 0
     return (
         x.new_empty(x.shape, dtype=torch.float32),
@@ -77,26 +66,12 @@ def _(
 class TritonBackend:
     """Dense part over all classes in the Triton kernels of :mod:`.kernels`."""
 
-    def reduce(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        options: LinearLossOptions,
-    ) -> Tensor:
+    def reduce(self, dense: DenseOperands) -> Tensor:
+        x, weight, bias, exclude, options = dense
         return linear_loss_fwd(x, weight, bias, exclude, options.loss.value, _scale(options))
 
-    def grads(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        lse: Tensor,
-        coef: Tensor,
-        options: LinearLossOptions,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        x, weight, bias, exclude, options = dense
         grad_x, grad_weight, grad_bias = linear_loss_bwd(
             x, weight, bias, exclude, lse, coef.contiguous(), options.loss.value, _scale(options)
         )

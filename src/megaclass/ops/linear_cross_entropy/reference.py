@@ -15,6 +15,7 @@ from torch import Tensor
 
 from megaclass.ops.linear_cross_entropy.common import (
     NORM_EPS,
+    DenseOperands,
     LinearLossOptions,
     LossKind,
     linear_loss_apply,
@@ -49,14 +50,8 @@ def _mask_excluded(values: Tensor, exclude: Tensor | None, start: int, fill: flo
 class ReferenceBackend:
     """Dense part over class chunks of ``options.chunk_size`` in plain PyTorch."""
 
-    def reduce(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        options: LinearLossOptions,
-    ) -> Tensor:
+    def reduce(self, dense: DenseOperands) -> Tensor:
+        x, weight, bias, exclude, options = dense
         classes = weight.shape[0]
         if options.loss is LossKind.SOFTMAX:
             lse = torch.full((x.shape[0],), -torch.inf, dtype=torch.float32, device=x.device)
@@ -74,16 +69,8 @@ class ReferenceBackend:
                 total += F.relu(1 + logits).square().sum(1)
         return lse if options.loss is LossKind.SOFTMAX else total
 
-    def grads(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        exclude: Tensor | None,
-        lse: Tensor,
-        coef: Tensor,
-        options: LinearLossOptions,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        x, weight, bias, exclude, options = dense
         classes = weight.shape[0]
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=x.device)

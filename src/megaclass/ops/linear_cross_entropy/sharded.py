@@ -24,15 +24,14 @@ from torch import Tensor
 
 from megaclass.ops.collectives import ClassShard, all_reduce_logsumexp, all_reduce_replicated, local_targets
 from megaclass.ops.linear_cross_entropy.common import (
-    NORM_EPS,
     DenseBackend,
+    DenseOperands,
     LinearLossOptions,
     LossKind,
-    add_positive_grads,
-    check_inputs,
+    input_grads,
     positive_grad,
     positive_logits,
-    prepare_targets,
+    prepare_inputs,
     row_coefficients,
     segment_sum,
 )
@@ -72,9 +71,9 @@ class ShardedLinearLossFunction(torch.autograd.Function):
         local = local_targets(targets, shard.start, shard.stop)  # ids relative to shard.start
         coef = row_coefficients(targets, options)  # (B,) from the global label counts
         z_pos = positive_logits(x, weight, bias, local, options)  # (L_local,)
-        exclude = _owned_exclude(targets, local, options)
+        dense = DenseOperands(x, weight, bias, _owned_exclude(targets, local, options), options)
         with torch.autocast(x.device.type, enabled=False):  # compute dtype is x.dtype, chosen by the caller
-            reduced = backend.reduce(x, weight, bias, exclude, options)  # (B,) over this rank's classes
+            reduced = backend.reduce(dense)  # (B,) over this rank's classes
         if options.loss is LossKind.SOFTMAX:
             positive_sum = all_reduce_replicated(segment_sum(z_pos, local), group=shard.group)  # (B,)
             lse = all_reduce_logsumexp(reduced, group=shard.group)  # (B,) over all classes
@@ -105,27 +104,16 @@ class ShardedLinearLossFunction(torch.autograd.Function):
         options: LinearLossOptions = ctx.options
         targets, local = RaggedLabels(indptr, indices), RaggedLabels(local_indptr, local_indices)
         coef = coef * grad_loss.float()  # device-side scale: no host sync
-        exclude = _owned_exclude(targets, local, options)
+        dense = DenseOperands(x, weight, bias, _owned_exclude(targets, local, options), options)
         with torch.autocast(x.device.type, enabled=False):
-            grads = ctx.backend.grads(x, weight, bias, exclude, stat, coef, options)
+            grads = ctx.backend.grads(dense, stat, coef)
         if options.loss is LossKind.SOFTMAX and not options.cosine:
             rows = local.sample_ids()
             lengths = targets.lengths().clamp_min(1).to(torch.float32)  # the global label counts
             dz_pos = -coef.index_select(0, rows) / lengths.index_select(0, rows)
         else:
             dz_pos = positive_grad(z_pos, stat, local, coef, options)
-        add_positive_grads(grads, x, weight, bias, local, dz_pos, options)
-        grad_x, grad_weight, grad_bias = grads
-        return (
-            grad_x.to(x.dtype),
-            grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*input_grads(grads, dense, local, dz_pos), None, None, None, None, None)
 
 
 def sharded_linear_loss_apply(
@@ -140,10 +128,7 @@ def sharded_linear_loss_apply(
     """Validate, normalise ``x`` for a cosine margin (plain autograd), run :class:`ShardedLinearLossFunction`.
 
     ``weight (stop - start, D)`` holds the shard's rows; ``targets`` are global class ids in ``[0, C)``."""
-    check_inputs(x, weight, bias, options)
-    ragged = prepare_targets(targets, x.shape[0], shard.num_classes, options)
-    if options.cosine:
-        x = F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype)
+    x, ragged = prepare_inputs(x, weight, targets, bias, options, shard.num_classes)
     return ShardedLinearLossFunction.apply(
         x, weight, bias, ragged.indptr, ragged.indices, options, backend, shard
     )

@@ -18,6 +18,7 @@ from megaclass.ops.linear_cross_entropy import (
     resolve_impl,
 )
 from megaclass.ops.linear_cross_entropy.chunked import TorchChunkedBackend, chunk_size_for
+from megaclass.ops.linear_cross_entropy.common import DenseOperands
 from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend
 from megaclass.ops.margins import MarginConfig, MarginKind, margin_logits
 from megaclass.targets import RaggedLabels
@@ -309,9 +310,10 @@ def test_backward_super_chunk_boundaries(
                 batch, classes, 24, dtype=dtype, cosine=cosine, with_bias=with_bias, exclude=cosine
             )
             options = LinearLossOptions(loss=loss, margin=margin, chunk_size=7)
-            lse = ReferenceBackend().reduce(x, weight, bias, exclude, options)
+            dense = DenseOperands(x, weight, bias, exclude, options)
+            lse = ReferenceBackend().reduce(dense)
             coef = torch.randn(batch)  # any sign: the incoming gradient may be negative
-            want = ReferenceBackend().grads(x, weight, bias, exclude, lse, coef, options)
+            want = ReferenceBackend().grads(dense, lse, coef)
             if backend_name == "triton":
                 from megaclass.ops.linear_cross_entropy import kernels
 
@@ -321,10 +323,8 @@ def test_backward_super_chunk_boundaries(
                 )
             else:
                 backend = TorchChunkedBackend(chunk_size=chunk)
-                assert_close(
-                    backend.reduce(x, weight, bias, exclude, options), lse, rtol=1e-5, atol=1e-5, name="lse"
-                )
-                got = backend.grads(x, weight, bias, exclude, lse, coef, options)
+                assert_close(backend.reduce(dense), lse, rtol=1e-5, atol=1e-5, name="lse")
+                got = backend.grads(dense, lse, coef)
             _assert_grads_match(got, want, f"{backend_name} {dtype}")
 
 

@@ -1,17 +1,10 @@
-"""Fixtures for the face tests: the InsightFace-format files shipped beside these tests, and a plain reader.
-
-``reference_records`` is an independent sequential parser of dmlc-core's framing (struct only), so tests
-compare the library against it rather than against itself.
-"""
+"""An independent sequential parser of dmlc-core's RecordIO framing (struct only), so tests compare the
+library against it rather than against itself."""
 
 from __future__ import annotations
 
-import os
 import struct
 
-import pytest
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 MAGIC = 0xCED7230A
 
 
@@ -43,18 +36,3 @@ def reference_header(record: bytes) -> tuple[int, object, int, int, bytes]:
         label = list(struct.unpack_from(f"<{flag}f", rest))
         rest = rest[4 * flag :]
     return flag, label, ident, ident2, rest
-
-
-@pytest.fixture(scope="session")
-def fixture_dir() -> str:
-    return FIXTURES
-
-
-@pytest.fixture(scope="session")
-def fixture_rec() -> str:
-    return os.path.join(FIXTURES, "train.rec")
-
-
-@pytest.fixture(scope="session")
-def fixture_bin() -> str:
-    return os.path.join(FIXTURES, "verify.bin")

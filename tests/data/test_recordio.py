@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from _records import reference_header, reference_records
 
 from megaclass.data.recordio import (
     MAGIC,
@@ -18,8 +19,6 @@ from megaclass.data.recordio import (
     unpack,
 )
 from megaclass.errors import DataFormatError
-
-from .conftest import reference_header, reference_records
 
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 

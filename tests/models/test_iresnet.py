@@ -1,3 +1,5 @@
+"""IResNet (arcface_torch's r18 ... r200) and the image preparation the face encoders share."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,35 +7,27 @@ import torch.nn.functional as F
 from megaclass.data.batch import InputSpec
 from megaclass.models import build_model, model_config
 from megaclass.models.iresnet import IBasicBlock, IResNet, IResNetConfig
-from megaclass.models.mobilefacenet import MobileFaceNet, MobileFaceNetConfig
 from megaclass.schema import ConfigError
 
 TINY_IRESNET = {"layers": (1, 1, 1, 1), "widths": (4, 8, 8, 16)}
-TINY_MBF = {"width": 0.0625, "blocks": (1, 1, 1, 1), "scale": 1}
 
 
 @pytest.mark.parametrize(
     "name, parameters",
-    [("iresnet18", 24_025_600), ("iresnet50", 43_590_848), ("mobilefacenet", 2_059_520)],
+    [("iresnet18", 24_025_600), ("iresnet50", 43_590_848)],
 )
 def test_full_size_parameter_counts_match_insightface(name, parameters):
-    """arcface_torch's r18 / r50 / mbf (scale 2) at 512-d: the counts its model zoo reports."""
+    """arcface_torch's r18 / r50 at 512-d: the counts its model zoo reports."""
     model = build_model(model_config({"type": name}), InputSpec(kind="image"))
     assert sum(p.numel() for p in model.parameters()) == parameters
     assert model.out_features == 512
 
 
-@pytest.mark.parametrize("kind", ["iresnet", "mobilefacenet"])
 @pytest.mark.parametrize("input_size", [112, 56, 33, 16])
 @pytest.mark.parametrize("embedding_size", [1, 7, 256])
 @pytest.mark.parametrize("batch", [2, 3])
-def test_shapes_and_gradients(kind, input_size, embedding_size, batch):
-    if kind == "iresnet":
-        model = IResNet(IResNetConfig(embedding_size=embedding_size, input_size=input_size, **TINY_IRESNET))
-    else:
-        model = MobileFaceNet(
-            MobileFaceNetConfig(embedding_size=embedding_size, input_size=input_size, **TINY_MBF)
-        )
+def test_shapes_and_gradients(input_size, embedding_size, batch):
+    model = IResNet(IResNetConfig(embedding_size=embedding_size, input_size=input_size, **TINY_IRESNET))
     images = torch.randint(0, 256, (batch, 3, input_size, input_size), dtype=torch.uint8)
     features = model(images)
     assert features.shape == (batch, embedding_size) and features.dtype == torch.float32
@@ -42,12 +36,8 @@ def test_shapes_and_gradients(kind, input_size, embedding_size, batch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
 
 
-@pytest.mark.parametrize(
-    "model_class, config", [(IResNet, IResNetConfig), (MobileFaceNet, MobileFaceNetConfig)]
-)
-def test_uint8_input_is_normalised_and_resized(model_class, config):
-    extra = TINY_IRESNET if model_class is IResNet else TINY_MBF
-    model = model_class(config(embedding_size=8, input_size=32, **extra)).eval()
+def test_uint8_input_is_normalised_and_resized():
+    model = IResNet(IResNetConfig(embedding_size=8, input_size=32, **TINY_IRESNET)).eval()
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     scaled = (images.float() - 127.5) / 127.5
     assert scaled.min() >= -1 and scaled.max() <= 1
@@ -117,26 +107,24 @@ def test_block_matches_functional_reference(in_channels, channels, stride, side,
 
 
 @pytest.mark.parametrize(
-    "config, options, message",
+    "options, message",
     [
-        (IResNetConfig, {"layers": (1, 1, 1)}, "model.layers"),
-        (IResNetConfig, {"widths": (4, 0, 8, 8)}, "model.widths"),
-        (IResNetConfig, {"embedding_size": 0}, "model.embedding_size"),
-        (IResNetConfig, {"dropout": 1.0}, "model.dropout"),
-        (IResNetConfig, {"input_size": 8}, "model.input_size"),
-        (MobileFaceNetConfig, {"blocks": (1, 0, 1, 1)}, "model.blocks"),
-        (MobileFaceNetConfig, {"width": 0.001}, "model.width"),
+        ({"layers": (1, 1, 1)}, "model.layers"),
+        ({"widths": (4, 0, 8, 8)}, "model.widths"),
+        ({"embedding_size": 0}, "model.embedding_size"),
+        ({"dropout": 1.0}, "model.dropout"),
+        ({"input_size": 8}, "model.input_size"),
     ],
 )
-def test_config_errors(config, options, message):
+def test_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
-        config(**options)
+        IResNetConfig(**options)
 
 
 def test_registry_and_input_kind():
     config = model_config({"type": "iresnet100", "embedding_size": 256})
     assert isinstance(config, IResNetConfig) and config.depths == (3, 13, 30, 3)
     with pytest.raises(ConfigError, match="needs image data"):
-        build_model(model_config({"type": "mobilefacenet"}), InputSpec(kind="sparse", num_features=10))
+        build_model(model_config({"type": "iresnet18"}), InputSpec(kind="sparse", num_features=10))
     with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
         IResNet(IResNetConfig(input_size=16, **TINY_IRESNET))(torch.zeros(2, 16, 16))

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _records import reference_header, reference_records
 from PIL import Image
 
 from megaclass.data.images import (
@@ -18,8 +19,6 @@ from megaclass.data.images import (
 from megaclass.data.loaders import BatchLoader, detect_format, open_dataset
 from megaclass.data.recordio import RecordReader, read_face_index, unpack
 from megaclass.errors import DataFormatError
-
-from .conftest import reference_header, reference_records
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,14 @@
-"""Fixed fan-in topology: initialisation, prune/regrow keeping fan-in exactly K, schedules."""
-
-import math
+"""Fixed fan-in topology: initialisation, prune/regrow keeping fan-in exactly K."""
 
 import pytest
 import torch
 
 from megaclass.dst import (
-    DSTConfig,
-    RewireMode,
     connection_magnitude,
     prune_regrow,
     random_fanin_index,
-    rewire_fraction,
     sample_new_columns,
 )
-from megaclass.schema import ConfigError
 
 
 def _has_duplicates(index: torch.Tensor) -> bool:
@@ -96,20 +90,3 @@ def test_threshold_prunes_only_small_weights():
 def test_magnitude_is_l2_over_group():
     weight = torch.tensor([[3.0, 0.0], [4.0, 1.0], [1.0, 1.0]])
     torch.testing.assert_close(connection_magnitude(weight, 2), torch.tensor([[5.0, 1.0], [1.0, 1.0]]))
-
-
-def test_schedules():
-    fraction = DSTConfig(mode=RewireMode.FRACTION, interval=10, fraction=0.4, stop=0.5)
-    assert rewire_fraction(fraction, 5, 100) == 0.0  # not due
-    assert rewire_fraction(fraction, 10, 100) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 10 / 50)))
-    assert rewire_fraction(fraction, 50, 100) == 0.0  # stop point reached
-    assert rewire_fraction(fraction, 40, None) == 0.4  # no total: constant, never stops
-    interval = DSTConfig(mode="interval", interval=10, fraction=0.4, stop_step=30)
-    assert [rewire_fraction(interval, s, 1000) for s in (10, 20, 30)] == [0.4, 0.4, 0.0]
-    assert rewire_fraction(DSTConfig(enabled=False, interval=1), 1, 10) == 0.0
-
-
-@pytest.mark.parametrize("bad", [{"interval": 0}, {"fraction": 1.5}, {"stop": 0.0}, {"threshold": -1.0}])
-def test_config_validation(bad):
-    with pytest.raises(ConfigError):
-        DSTConfig(**bad)

@@ -11,8 +11,6 @@ from megaclass.data.loaders import BatchLoader, open_dataset
 from megaclass.data.tokenized import TokenIds, bucket_order, open_token_dataset, token_cache_path
 from megaclass.errors import DataFormatError
 
-from .conftest import write_text_data
-
 
 @pytest.fixture
 def tokenizer(tiny_tokenizer_dir):
@@ -35,7 +33,7 @@ def counted(monkeypatch):
     return calls
 
 
-def test_ids_match_the_tokenizer(tmp_path, tokenizer):
+def test_ids_match_the_tokenizer(write_text_data, tmp_path, tokenizer):
     write_text_data(tmp_path)
     data = open_token_dataset(tmp_path / "train.txt", tokenizer, max_length=8, progress=False)
     assert data.num_classes == 6 and data.multilabel and data.input_spec.kind == "tokens"
@@ -47,7 +45,9 @@ def test_ids_match_the_tokenizer(tmp_path, tokenizer):
     assert data.lengths.max() <= 8
 
 
-def test_cache_reused_and_invalidated(tmp_path, tokenizer, tiny_tokenizer_dir, counted, monkeypatch):
+def test_cache_reused_and_invalidated(
+    write_text_data, tmp_path, tokenizer, tiny_tokenizer_dir, counted, monkeypatch
+):
     write_text_data(tmp_path)
     path = tmp_path / "train.txt"
     first = open_token_dataset(path, tokenizer, max_length=12, progress=False)
@@ -74,7 +74,7 @@ def test_cache_reused_and_invalidated(tmp_path, tokenizer, tiny_tokenizer_dir, c
     assert changed.tokens.ids[: changed.tokens.indptr[1]].tolist() == want
 
 
-def test_cache_falls_back_to_cache_dir(tmp_path, tokenizer, counted, monkeypatch):
+def test_cache_falls_back_to_cache_dir(write_text_data, tmp_path, tokenizer, counted, monkeypatch):
     write_text_data(tmp_path / "data")
     path = tmp_path / "data" / "train.txt"
     monkeypatch.setenv("MEGACLASS_CACHE", str(tmp_path / "cache"))
@@ -86,7 +86,7 @@ def test_cache_falls_back_to_cache_dir(tmp_path, tokenizer, counted, monkeypatch
     assert counted == [64]
 
 
-def test_cache_off(tmp_path, tokenizer, counted):
+def test_cache_off(write_text_data, tmp_path, tokenizer, counted):
     write_text_data(tmp_path)
     for _ in range(2):
         open_token_dataset(tmp_path / "train.txt", tokenizer, max_length=10, cache=False, progress=False)
@@ -130,7 +130,7 @@ def test_bucket_order(count, batch_size):
         assert padded < plain
 
 
-def test_loader_buckets_training_batches_only(tmp_path, tokenizer):
+def test_loader_buckets_training_batches_only(write_text_data, tmp_path, tokenizer):
     write_text_data(tmp_path, n_train=50)
     data = open_dataset(tmp_path / "train.txt", tokenizer=tokenizer, max_length=16)
     train = BatchLoader(data, batch_size=8, seed=1)
