@@ -103,9 +103,10 @@ def _assert_same_losses(losses: dict[int, float], reference: dict[int, float], n
 @pytest.fixture(scope="module")
 def dense_runs(tmp_path_factory: pytest.TempPathFactory, data) -> tuple[str, str]:
     """Dense-head runs of one config, uninterrupted: on 2 ranks (``two``), on 1 process with the head sharded
-    as one whole shard (``one``) and with the plain head (``plain``; every world size draws the same rows); stopped after step ``CUT``: on 2 ranks started by ``megaclass train --nproc-per-node 2``
-    (``cut``) and on 1 process with the plain head (``single``, a single-process checkpoint). Returns the
-    folder holding them and the command's standard output."""
+    as one whole shard (``one``) and with the plain head (``plain``; every world size draws the same rows);
+    stopped after step ``CUT``: on 2 ranks started by ``megaclass train --nproc-per-node 2`` (``cut``) and on
+    1 process with the plain head (``single``, a single-process checkpoint). Returns the folder holding them
+    and the command's standard output."""
     tmp = str(tmp_path_factory.mktemp("dense"))
     cut = f"train.stop_after_steps={CUT}"
     cli = _cli_train(tmp, data, "cut", 2, [cut])

@@ -117,8 +117,8 @@ class DenseHead(Head):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Rows ~ N(0, (init_scale / sqrt(D))^2) drawn per block of rows seeded by ``config.seed`` (every world
-        size, sharded or not, starts from the same matrix); bias zero."""
+        """Rows ~ N(0, (init_scale / sqrt(D))^2) drawn per block of rows seeded by ``config.seed`` (every
+        world size, sharded or not, starts from the same matrix); bias zero."""
         std = self.config.init_scale / math.sqrt(self.context.in_features)
         start, _, _ = self.row_range()
         with torch.no_grad():

@@ -142,7 +142,39 @@ def sgd_math(
 
 
 class _SeededOptimizer(torch.optim.Optimizer):
-    """Shared bookkeeping: a base seed and a stable index per parameter for the rounding streams."""
+    """Shared bookkeeping: a base seed and a stable index per parameter for the rounding streams, and the
+    step loop (each optimizer starts a parameter's state in :meth:`_init_state`, updates it in
+    :meth:`_update`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Apply one update to every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ids = self._tensor_ids()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__}: sparse gradients are not supported; use a row store"
+                    )
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    self._init_state(group, param, state)
+                state["step"] += 1
+                self._update(group, param, state, ids[id(param)])
+        return loss
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], tensor_id: int) -> None:
+        raise NotImplementedError
 
     def _tensor_ids(self) -> dict[int, int]:
         ids: dict[int, int] = {}
@@ -194,28 +226,9 @@ class BF16AdamW(_SeededOptimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "seed": seed}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # noqa: D401 - torch.optim signature
-        """Apply one update to every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        ids = self._tensor_ids()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise ValueError("BF16AdamW: sparse gradients are not supported; use a row store")
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
-                self._update(group, param, state, ids[id(param)])
-        return loss
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _update(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], tensor_id: int) -> None:
         step = state["step"]
@@ -275,28 +288,9 @@ class BF16SGD(_SeededOptimizer):
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "seed": seed}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Apply one update to every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        ids = self._tensor_ids()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    if group["momentum"]:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            param, memory_format=torch.preserve_format
-                        )
-                state["step"] += 1
-                self._update(group, param, state, ids[id(param)])
-        return loss
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        if group["momentum"]:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _update(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], tensor_id: int) -> None:
         step = state["step"]
