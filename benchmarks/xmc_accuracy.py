@@ -1,13 +1,15 @@
-"""Accuracy on XMC BoW data: megaclass (MLP encoder + dense head) against a linear one-vs-rest baseline.
+"""Accuracy on XMC BoW data: megaclass against PECOS XR-Linear and a linear one-vs-rest baseline.
 
     python benchmarks/xmc_accuracy.py \
-        --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz
+        --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --preset xmc-mlp
 
-Both models see the same BoW rows and are scored by the same
-:class:`~megaclass.metrics.ranking.RankingMetrics` (propensities from the training labels). The
-baseline is scikit-learn's one-vs-rest linear SVM (squared hinge, as XR-Linear's leaves) or logistic
-regression. Prints one markdown table and appends it as CSV rows to ``--csv``. ``--quick`` trains on a
-slice of the rows for a smoke run.
+All models see the same BoW rows and are scored by the same
+:class:`~megaclass.metrics.ranking.RankingMetrics` (propensities from the training labels). megaclass trains
+once per ``--config`` file and ``--preset`` name. PECOS XR-Linear (``pip install libpecos``) runs with its
+defaults for BoW input: the TF-IDF rows as given, PIFA label embeddings clustered by hierarchical 16-way
+k-means, squared-hinge linear rankers at every level, beam search of width 10. The one-vs-rest baseline is
+scikit-learn's linear SVM (squared hinge, as XR-Linear's leaves) or logistic regression. Prints one markdown
+table and appends it as CSV rows to ``--csv``. ``--quick`` trains on a slice of the rows for a smoke run.
 """
 
 from __future__ import annotations
@@ -79,14 +81,48 @@ def linear_baseline(
     return {**metrics, "train_seconds": seconds}
 
 
-def megaclass_model(args: argparse.Namespace, train_path: str) -> dict[str, float]:
+def _top_ids(scores: Any, k: int) -> np.ndarray:
+    """``(N, k)`` ids of the ``k`` best stored scores of each row of a CSR matrix, best first, -1 padded."""
+    scores = scores.tocsr()
+    rows = np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))
+    order = np.lexsort((-scores.data, rows))  # by row, then by score, best first
+    rank = np.arange(order.size) - scores.indptr[rows[order]]
+    keep = rank < k
+    top = np.full((scores.shape[0], k), -1, dtype=np.int64)
+    top[rows[order][keep], rank[keep]] = scores.indices[order][keep]
+    return top
+
+
+def pecos_baseline(
+    train_data: SparseDataset, test: SparseDataset, train_rows: np.ndarray, *, threads: int
+) -> dict[str, float]:
+    """PECOS XR-Linear with its BoW defaults (PIFA, hierarchical k-means, beam 10); P@k etc. of its top 5."""
+    from pecos.xmc import Indexer, LabelEmbeddingFactory
+    from pecos.xmc.xlinear.model import XLinearModel
+
+    features = _scipy_rows(train_data, train_rows).astype(np.float32)
+    labels = _label_matrix(train_data, train_rows).astype(np.float32)
+    started = time.perf_counter()
+    label_embeddings = LabelEmbeddingFactory.create(labels, features, method="pifa")
+    clusters = Indexer.gen(label_embeddings, indexer_type="hierarchicalkmeans", threads=threads)
+    model = XLinearModel.train(features, labels, C=clusters, threads=threads)
+    seconds = time.perf_counter() - started
+    test_features = _scipy_rows(test, np.arange(len(test))).astype(np.float32)
+    scores = model.predict(test_features, beam_size=10, only_topk=5, threads=threads)  # (N, C), 5 a row
+    return {**_score(_top_ids(scores, 5), test, train_data), "train_seconds": seconds}
+
+
+def megaclass_model(
+    args: argparse.Namespace, train_path: str, *, config_path: str | None, preset: str | None, name: str
+) -> dict[str, float]:
     """Train through the same entry point as ``megaclass train``; its final metrics."""
     overrides = ["train.progress=false", *args.set]
     if args.quick:
         overrides.append("train.epochs=1")
-    config = load_config(args.config, overrides)
+    config = load_config(config_path, overrides, preset=preset)
     with tempfile.TemporaryDirectory() as out_dir:
-        return train(config, train_path=train_path, test_path=args.test, out_dir=args.out or out_dir)
+        run_dir = os.path.join(args.out, name.replace(" ", "-")) if args.out else out_dir
+        return train(config, train_path=train_path, test_path=args.test, out_dir=run_dir)
 
 
 def _quick_slice(path: str, rows: int, folder: str) -> str:
@@ -108,13 +144,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", required=True, help="training BoW file")
     parser.add_argument("--test", required=True, help="test BoW file")
-    parser.add_argument("--config", default="configs/demo.yaml", help="megaclass run config")
+    parser.add_argument(
+        "--config", nargs="*", default=["configs/demo.yaml"], help="megaclass run configs, one row each"
+    )
+    parser.add_argument(
+        "--preset", nargs="*", default=[], help="megaclass presets (xmc-mlp, ...), one row each"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument(
         "--baseline", choices=["svm", "logreg"], default="svm", help="one-vs-rest linear model"
     )
-    parser.add_argument("--jobs", type=int, default=2, help="processes fitting the one-vs-rest models")
-    parser.add_argument("--out", help="keep megaclass's run folder here")
+    parser.add_argument("--jobs", type=int, default=2, help="processes (threads for PECOS) fitting baselines")
+    parser.add_argument("--no-pecos", action="store_true", help="leave PECOS XR-Linear out")
+    parser.add_argument("--out", help="keep megaclass's run folders here (one subfolder a config or preset)")
     parser.add_argument("--csv", default="benchmarks/xmc_accuracy.csv", help="append results here")
     parser.add_argument("--quick", action="store_true", help="2,000 training rows, one epoch: a smoke run")
     args = parser.parse_args()
@@ -130,9 +172,14 @@ def main() -> None:
                 **linear_baseline(train_data, test, rows, kind=args.baseline, jobs=args.jobs),
             }
         ]
-        results.append(
-            {"model": f"megaclass {os.path.basename(args.config)}", **megaclass_model(args, train_path)}
-        )
+        if not args.no_pecos:
+            metrics = pecos_baseline(train_data, test, rows, threads=args.jobs)
+            results.append({"model": "XR-Linear (PECOS)", **metrics})
+        runs = [(path, None, os.path.basename(path)) for path in args.config]
+        runs += [(None, preset, f"preset {preset}") for preset in args.preset]
+        for config_path, preset, name in runs:
+            metrics = megaclass_model(args, train_path, config_path=config_path, preset=preset, name=name)
+            results.append({"model": f"megaclass {name}", **metrics})
 
     print("| " + " | ".join(_COLUMNS) + " |")
     print("|" + "---|" * len(_COLUMNS))

@@ -128,12 +128,18 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", required=True, metavar="PATH", help="data to evaluate on")
     parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
     parser.add_argument("--out", metavar="FILE.json", help="also write the metrics here")
+    parser.add_argument(
+        "--filter",
+        metavar="FILE",
+        help="'doc_id label_id' pairs of --test left out of scoring (filter_labels_test.txt of the XMC "
+        "repository; default: the run's eval.filter_labels)",
+    )
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from megaclass.train.inference import evaluate_run, open_output
 
-    metrics = evaluate_run(args.run, args.test, device=args.device)
+    metrics = evaluate_run(args.run, args.test, device=args.device, filter_labels=args.filter)
     text = json.dumps(metrics, indent=1)
     if args.out:
         with open_output(args.out) as file:

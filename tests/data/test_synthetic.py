@@ -97,3 +97,51 @@ def test_cli_synth_text_writes_label_names(tmp_path, capsys) -> None:
     assert len(load_xmc(out / "train.txt", cache=False)) == 100
     write_label_names(tmp_path / "labels.txt", 3)
     assert (tmp_path / "labels.txt").read_text() == "L0\nL1\nL2\n"
+
+
+def test_group_words_plant_the_upper_level_of_the_hierarchy(tmp_path) -> None:
+    # Every word from the labels' groups: documents of one group draw from its words_per_group words only.
+    config = SynthConfig(
+        labels_per_doc=1, label_word_share=0, cluster_word_share=0, group_word_share=1, words_per_group=32
+    )
+    path = tmp_path / "groups.txt"
+    synthesize(path, num_docs=3000, num_labels=640, num_features=50_000, seed=2, config=config)
+    data = load_xmc(path, cache=False)
+    group_of_doc = data.labels.indices // (config.cluster_size * config.group_size)  # one label a document
+    vocabularies = [
+        set(data.features.take(np.flatnonzero(group_of_doc == group)).indices.tolist()) for group in range(5)
+    ]
+    assert all(0 < len(words) <= 32 for words in vocabularies)
+    assert all(not vocabularies[a] & vocabularies[b] for a in range(5) for b in range(a + 1, 5))
+
+
+def test_planted_labels_are_learnable_far_above_the_prior(tmp_path) -> None:
+    import torch
+
+    from megaclass.data.xmc import label_features
+
+    sets = []
+    for stream, docs in enumerate((6000, 1000)):
+        path = tmp_path / f"{stream}.txt"
+        synthesize(path, num_docs=docs, num_labels=1000, num_features=20_000, seed=5, stream=stream)
+        sets.append(load_xmc(path, num_labels=1000, cache=False))
+    train, test = sets
+    centroids = torch.from_numpy(label_features(train.features, train.labels, dim=None))  # (C, F)
+    rows = test.features
+    dense = torch.zeros(len(rows), rows.num_columns)
+    dense[torch.from_numpy(rows.row_ids()), torch.from_numpy(rows.indices.astype(np.int64))] = (
+        torch.from_numpy(rows.data)
+    )
+    top = (dense @ centroids.T).argmax(dim=1).numpy()  # (N,) the nearest label centroid
+    precision = np.mean([label in row for label, row in zip(top, test.labels.to_lists(), strict=True)])
+    prior = test.labels.column_counts().max() / len(test)  # P@1 of always answering the most frequent label
+    assert precision > 0.5 and precision > 4 * prior, (precision, prior)
+
+
+def test_cli_synth_bow_has_a_header(tmp_path, capsys) -> None:
+    out = tmp_path / "synth"
+    args = ["data", "synth", str(out), "--num-labels", "5000", "--num-docs", "200", "--num-features", "3000"]
+    assert main(args) == 0
+    assert (out / "train_bow.txt").read_text().split("\n", 1)[0] == "200 3000 5000"
+    test = load_xmc(out / "test_bow.txt", cache=False)
+    assert (len(test), test.num_features, test.num_labels) == (40, 3000, 5000)

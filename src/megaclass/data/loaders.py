@@ -12,6 +12,7 @@ New formats register an opener in :func:`dataset_formats` and a sniffing rule in
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import re
@@ -25,6 +26,7 @@ import torch
 from megaclass.data.batch import Batch, InputSpec, SparseInputs, batch_targets, count_labels
 from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import is_image_list, open_face_dataset
+from megaclass.data.lf_json import is_lf_json_line, open_lf_token_dataset, read_lf_json
 from megaclass.data.tokenized import open_token_dataset
 from megaclass.data.xmc import label_features, load_xmc
 from megaclass.errors import DataFormatError
@@ -107,8 +109,9 @@ def _first_line(path: str) -> bytes:
 def detect_format(path: str | os.PathLike) -> str:
     """The format of the data file ``path``.
 
-    ``xmc-bow`` (header ``N F L``), ``xmc-text`` (``labels<TAB>text``) or ``face-images`` (a ``.rec``, an
-    image folder, or a list of ``relpath label`` lines).
+    ``xmc-bow`` (header ``N F L``), ``xmc-text`` (``labels<TAB>text``), ``lf-json`` (JSON objects with
+    ``target_ind``, see :mod:`megaclass.data.lf_json`) or ``face-images`` (a ``.rec``, an image folder, or a
+    list of ``relpath label`` lines).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -118,6 +121,8 @@ def detect_format(path: str | os.PathLike) -> str:
     line = _first_line(path)
     if not line.strip():
         raise DataFormatError(path, "empty file: cannot tell its format", line=1)
+    if is_lf_json_line(line):
+        return "lf-json"
     if is_image_list(path):
         return "face-images"  # 'relpath label' lines
     if _BOW_HEADER.match(line):
@@ -127,16 +132,17 @@ def detect_format(path: str | os.PathLike) -> str:
     raise DataFormatError(
         path,
         f"unknown format: first line {line[:80]!r} is neither a BoW header "
-        "'num_docs num_features num_labels' nor 'labels<TAB>text'",
+        "'num_docs num_features num_labels', 'labels<TAB>text' nor a JSON object with 'target_ind'",
         line=1,
     )
 
 
 def _open_xmc(
-    path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any
+    path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any, read: Callable = load_xmc
 ) -> SparseDataset:
-    """Open an XMC BoW file as is, or an XMC text file through a (fitted, or fitted here) featuriser."""
-    data = load_xmc(path, num_labels=num_classes)
+    """Open an XMC BoW file as is, or XMC text (``read`` by the format's reader) through a (fitted, or fitted
+    here) featuriser."""
+    data = read(path, num_labels=num_classes)
     if data.features is not None:
         features = data.features
         featurizer = None
@@ -157,7 +163,12 @@ def _open_xmc(
 
 def dataset_formats() -> dict[str, Callable[..., SparseDataset]]:
     """Registered formats and their openers ``(path, *, num_classes, featurizer, featurizer_config)``."""
-    return {"xmc-bow": _open_xmc, "xmc-text": _open_xmc, "face-images": _open_face_images}
+    return {
+        "xmc-bow": _open_xmc,
+        "xmc-text": _open_xmc,
+        "lf-json": functools.partial(_open_xmc, read=read_lf_json),
+        "face-images": _open_face_images,
+    }
 
 
 def _open_face_images(path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any) -> Any:
@@ -199,7 +210,8 @@ def open_dataset(
     if data_format not in formats:
         raise ValueError(f"data format {data_format!r} of {path}: expected auto or one of {sorted(formats)}")
     if tokenizer is not None:
-        return open_token_dataset(path, tokenizer, max_length=max_length, num_classes=num_classes)
+        opener = open_lf_token_dataset if data_format == "lf-json" else open_token_dataset
+        return opener(path, tokenizer, max_length=max_length, num_classes=num_classes)
     return formats[data_format](
         path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config
     )

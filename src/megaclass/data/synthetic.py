@@ -5,12 +5,14 @@ The generative model, deterministic by ``seed`` and using memory independent of 
 - Label popularity follows a power law (Zipf): a label of frequency rank ``r`` is drawn with probability about
   ``∝ (r + 1)^-label_exponent``. Ranks map to label ids by a seeded affine permutation, so frequent labels are
   spread over the id range.
-- Labels form planted clusters of ``cluster_size`` consecutive ids. A document draws a primary label, and its
-  other labels mostly from the primary label's cluster (co-occurrence), sometimes from the whole label set.
+- Labels form a planted two-level hierarchy: clusters of ``cluster_size`` consecutive ids, and groups of
+  ``group_size`` consecutive clusters. A document draws a primary label, and its other labels mostly from the
+  primary label's cluster (co-occurrence), sometimes from the whole label set.
 - Words (features) are drawn from a mixture: words of the document's labels (each label owns
-  ``words_per_label`` words, picked by hashing), topic words of their clusters (``words_per_cluster`` each),
-  and background words from a power law over the vocabulary. Labels of one cluster thus share word
-  distributions: the task is learnable, and harder for rare labels.
+  ``words_per_label`` words, picked by hashing), topic words of their clusters (``words_per_cluster`` each)
+  and of their groups (``words_per_group`` each), and background words (noise) from a power law over the
+  vocabulary. Labels of one cluster share word distributions, labels of one group less so: the task is
+  learnable (a good model's P@1 is far above the most frequent label's share), and harder for rare labels.
 - BoW values are sublinear TF (``1 + ln tf``), L2-normalised per document; the text format writes the word
   tokens ``w<id>`` in order.
 
@@ -50,22 +52,26 @@ class SynthConfig:
     words_per_cluster: int = 64  # topic words of each cluster
     word_exponent: float = 1.0  # power-law exponent of background word popularity
     label_word_share: float = 0.35  # share of tokens drawn from the document's labels' own words
-    cluster_word_share: float = 0.35  # share from their clusters' topic words; the rest is background
+    cluster_word_share: float = 0.3  # share from their clusters' topic words
+    group_size: int = 8  # clusters per group, the hierarchy's upper level
+    words_per_group: int = 256  # topic words of each group
+    group_word_share: float = 0.1  # share from their groups' topic words; the rest is background
 
     def __post_init__(self) -> None:
         if self.labels_per_doc < 1:
             raise ValueError(f"labels_per_doc must be >= 1, got {self.labels_per_doc}")
-        if self.cluster_size < 1 or self.words_per_label < 1 or self.words_per_cluster < 1:
-            raise ValueError("cluster_size, words_per_label and words_per_cluster must be positive")
+        sizes = (self.cluster_size, self.group_size, self.words_per_label, self.words_per_cluster)
+        if min(*sizes, self.words_per_group) < 1:
+            raise ValueError(
+                "cluster_size, group_size, words_per_label, words_per_cluster and words_per_group must be "
+                f"positive, got {(*sizes, self.words_per_group)}"
+            )
         if self.words_per_doc < 1:
             raise ValueError(f"words_per_doc must be >= 1, got {self.words_per_doc}")
-        shares = (self.same_cluster, self.label_word_share, self.cluster_word_share)
-        if (
-            not all(0 <= share <= 1 for share in shares)
-            or self.label_word_share + self.cluster_word_share > 1
-        ):
+        shares = (self.same_cluster, self.label_word_share, self.cluster_word_share, self.group_word_share)
+        if not all(0 <= share <= 1 for share in shares) or sum(shares[1:]) > 1:
             raise ValueError(
-                f"shares must lie in [0, 1] and label + cluster word shares sum to <= 1, got {shares}"
+                f"shares must lie in [0, 1] and label + cluster + group word shares sum to <= 1, got {shares}"
             )
         if self.label_exponent <= 0 or self.word_exponent <= 0:
             raise ValueError("label_exponent and word_exponent must be positive")
@@ -155,6 +161,10 @@ def _draw_words(task: _Task, rng: np.random.Generator, labels: CSR) -> tuple[np.
     topic = ~own & (source < config.label_word_share + config.cluster_word_share)
     cluster = about[topic] // config.cluster_size
     words[topic] = task.owned_words(cluster, rng.integers(0, config.words_per_cluster, int(topic.sum())), 2)
+    shares = config.label_word_share + config.cluster_word_share
+    broad = ~own & ~topic & (source < shares + config.group_word_share)
+    group = about[broad] // (config.cluster_size * config.group_size)
+    words[broad] = task.owned_words(group, rng.integers(0, config.words_per_group, int(broad.sum())), 3)
     indptr = np.zeros(num_docs + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     return indptr, words

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import warnings
 import zlib
@@ -608,7 +609,11 @@ def _parse_text(path: str, raw: bytes) -> dict[str, np.ndarray]:
 
 
 def read_label_names(path: str | os.PathLike) -> list[str] | None:
-    """Label names from ``labels.txt`` or ``labels.txt.gz`` beside the data file ``path``, else None."""
+    """Label names beside the data file ``path``, else None.
+
+    From ``labels.txt`` (or ``.gz``): one name a line; else from the repository's ``lbl.json`` (or ``.gz``):
+    the ``title`` of one JSON object a line.
+    """
     folder = Path(os.fspath(path)).parent
     for name in ("labels.txt", "labels.txt.gz"):
         candidate = folder / name
@@ -618,7 +623,29 @@ def read_label_names(path: str | os.PathLike) -> list[str] | None:
             if names and names[-1] == "":
                 names.pop()
             return [name.rstrip("\r") for name in names]
+    for name in ("lbl.json", "lbl.json.gz"):
+        candidate = folder / name
+        if candidate.is_file():
+            return _json_label_titles(str(candidate))
     return None
+
+
+def _json_label_titles(path: str) -> list[str]:
+    """The ``title`` of each line of a JSON lines label file; errors name the line."""
+    lines = _read_bytes(path).split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    titles = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+            raise DataFormatError(path, f"invalid JSON ({error})", line=number) from None
+        title = record.get("title") if isinstance(record, dict) else None
+        if not isinstance(title, str):
+            raise DataFormatError(path, "expected a JSON object with a string 'title'", line=number)
+        titles.append(title)
+    return titles
 
 
 def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:

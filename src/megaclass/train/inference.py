@@ -11,6 +11,7 @@ need no labels (see :func:`megaclass.data.xmc.read_rows`). A damaged run folder 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import os
@@ -265,9 +266,19 @@ def _load_export(path: str, device: str | None) -> LoadedRun:
     return _build(config, facts, label_counts, parts, featurizer, device, path)
 
 
-def evaluate_run(run_dir: str, test_path: str, *, device: str | None = None) -> dict[str, float]:
-    """The ranking metrics of the run in ``run_dir`` on the data file ``test_path``."""
+def evaluate_run(
+    run_dir: str, test_path: str, *, device: str | None = None, filter_labels: str | None = None
+) -> dict[str, float]:
+    """The ranking metrics of the run in ``run_dir`` on the data file ``test_path``.
+
+    ``filter_labels``: a filter file of ``doc_id label_id`` pairs of ``test_path`` left out of scoring (see
+    :mod:`megaclass.metrics.filtering`), in place of the run's ``eval.filter_labels``.
+    """
     run = load_run(run_dir, device=device)
+    if filter_labels is not None:
+        run.config = dataclasses.replace(
+            run.config, eval=dataclasses.replace(run.config.eval, filter_labels=filter_labels)
+        )
     dataset = run.open(test_path)
     if not dataset.label_counts().any():
         raise DataFormatError(
