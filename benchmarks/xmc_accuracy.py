@@ -5,11 +5,15 @@
 
 All models see the same BoW rows and are scored by the same
 :class:`~megaclass.metrics.ranking.RankingMetrics` (propensities from the training labels). megaclass trains
-once per ``--config`` file and ``--preset`` name. PECOS XR-Linear (``pip install libpecos``) runs with its
+once per ``--config`` file and ``--preset`` name. PECOS XR-Linear runs with its
 defaults for BoW input: the TF-IDF rows as given, PIFA label embeddings clustered by hierarchical 16-way
 k-means, squared-hinge linear rankers at every level, beam search of width 10. The one-vs-rest baseline is
 scikit-learn's linear SVM (squared hinge, as XR-Linear's leaves) or logistic regression. Prints one markdown
 table and appends it as CSV rows to ``--csv``. ``--quick`` trains on a slice of the rows for a smoke run.
+
+libpecos 1.2.8 pins numpy < 2 and scipy < 1.14 (and fails with scipy 1.17), so it is no extra of the
+package: install it into a separate environment (``python -m venv --system-site-packages pecos && pecos/bin/pip
+install libpecos 'numpy<2' 'scipy<1.14'``) and run the script from there; ``--no-pecos`` leaves it out.
 """
 
 from __future__ import annotations
