@@ -12,8 +12,9 @@ scikit-learn's linear SVM (squared hinge, as XR-Linear's leaves) or logistic reg
 table and appends it as CSV rows to ``--csv``. ``--quick`` trains on a slice of the rows for a smoke run.
 
 libpecos 1.2.8 pins numpy < 2 and scipy < 1.14 (and fails with scipy 1.17), so it is no extra of the
-package: install it into a separate environment (``python -m venv --system-site-packages pecos && pecos/bin/pip
-install libpecos 'numpy<2' 'scipy<1.14'``) and run the script from there; ``--no-pecos`` leaves it out.
+package: install it into a separate environment (``python -m venv --system-site-packages pecos``, then
+``pecos/bin/pip install libpecos 'numpy<2' 'scipy<1.14'``) and run the script from there; ``--no-pecos``
+leaves it out.
 """
 
 from __future__ import annotations
