@@ -164,7 +164,7 @@ def _uninformative(path, rows: int, seed: int) -> str:
 
 
 def test_a_run_at_the_label_prior_stops_with_one_line(tmp_path, capsys):
-    train, test = _uninformative(tmp_path / "train.txt", 400, 0), _uninformative(tmp_path / "test.txt", 50, 1)
+    train, test = _uninformative(tmp_path / "train.txt", 600, 0), _uninformative(tmp_path / "test.txt", 50, 1)
     out = tmp_path / "prior"
     argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "3"]
     assert main([*argv, "--set", *_TINY]) == 2

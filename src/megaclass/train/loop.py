@@ -57,7 +57,7 @@ from megaclass.train.validation import EndedAtLabelPrior, held_out_rows, label_p
 __all__ = ["LoopState", "Trainer", "train"]
 
 _LABEL_PRIOR_SHARE = 0.95  # a model ranking the most frequent label first this often learned only the prior
-_LABEL_PRIOR_MIN_ROWS = 10  # fewer validation rows tell too little to stop a run
+_LABEL_PRIOR_MIN_ROWS = 50  # fewer validation rows tell too little to stop a run
 
 # Settings a resumed run may change: they do not alter the numbers the run computes.
 _RESUMABLE_CHANGES = {
