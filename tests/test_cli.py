@@ -26,6 +26,7 @@ _TINY = [
     "train.batch_size=32",
     "train.log_every=1",
     "train.progress=false",
+    "train.cpu_threads=1",  # module-scoped runs start before the per-test thread count is set: fix it here
     "eval.batch_size=64",
 ]
 

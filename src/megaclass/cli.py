@@ -31,12 +31,25 @@ def _format_bytes(count: int) -> str:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, metavar="PATH", help="training data (format detected)")
-    parser.add_argument("--test", required=True, metavar="PATH", help="test data, evaluated each epoch")
+    parser.add_argument(
+        "--test", required=True, metavar="PATH", help="test data, scored at the end with the kept weights"
+    )
+    parser.add_argument(
+        "--valid",
+        metavar="PATH",
+        help="validation data that picks the epoch kept and stops early (default: train.valid_fraction of "
+        "--train's rows, held out)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="run config (sections data, model, head, optim, ...)"
     )
-    parser.add_argument("--preset", metavar="NAME", help="start from a shipped recipe (before --config)")
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="start from a shipped recipe (before --config); without --preset or --config a recipe is "
+        "chosen from the data and the head and encoder types",
+    )
     parser.add_argument("--head", metavar="NAME", help="head type, e.g. dense (replaces the config's head)")
     parser.add_argument("--epochs", type=int, metavar="N", help="number of epochs (train.epochs)")
     parser.add_argument(
@@ -88,7 +101,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from megaclass.distributed.info import DistInfo
-    from megaclass.train.config import load_config
+    from megaclass.train.config import load_config_and_keys
     from megaclass.train.loop import train
 
     if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
@@ -97,14 +110,16 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.insert(0, f"train.epochs={args.epochs}")
-    config = load_config(args.config, overrides, preset=args.preset, head=args.head)
+    config, explicit_keys = load_config_and_keys(args.config, overrides, preset=args.preset, head=args.head)
     metrics = train(
         config,
         train_path=args.train,
         test_path=args.test,
+        valid_path=args.valid,
         out_dir=args.out,
         resume=args.resume,
         overwrite=args.overwrite,
+        explicit_keys=None if args.preset else explicit_keys,  # a preset is a whole recipe
     )
     if not DistInfo.from_env().is_main:
         return 0

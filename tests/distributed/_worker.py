@@ -266,11 +266,14 @@ def head_cases(rank: int, world: int) -> dict[str, dict[str, float]]:
 
 
 def train_run(out_dir: str, run_dir: str, train_path: str, test_path: str, overrides: list[str]) -> dict:
-    from megaclass.train.config import load_config
+    from megaclass.train.config import load_config_and_keys
     from megaclass.train.loop import train
 
-    config = load_config(None, overrides)
-    train(config, train_path=train_path, test_path=test_path, out_dir=run_dir, resume="--resume" in sys.argv)
+    config, keys = load_config_and_keys(None, overrides)  # the recipe fills the rest, as `megaclass train`
+    resume = "--resume" in sys.argv
+    train(
+        config, train_path=train_path, test_path=test_path, out_dir=run_dir, resume=resume, explicit_keys=keys
+    )
     return {}
 
 

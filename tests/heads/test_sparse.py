@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megaclass.dst import DSTConfig
 from megaclass.heads import HeadContext, head_config, head_types
 from megaclass.heads.sparse import SparseHead, SparseHeadConfig
 from megaclass.ops.fixed_fanin import reference_fixed_fanin
@@ -163,7 +164,8 @@ DST = dict(interval=2, fraction=0.5, mode="fraction", seed=3)
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_rewiring_resets_optimizer_state(reset):
-    config = SparseHeadConfig(fan_in=8, group=2, aux_clusters=0, dst=dict(DST, reset_optimizer_state=reset))
+    dst = DSTConfig(**DST, reset_optimizer_state=reset)
+    config = SparseHeadConfig(fan_in=8, group=2, aux_clusters=0, dst=dst)
     head = SparseHead(head_config_from(config), _context())
     optimizer = torch.optim.AdamW(head.parameters(), lr=0.01)
     head.bind_optimizer(optimizer, total_steps=20)
@@ -193,7 +195,7 @@ def head_config_from(config):
 
 
 def test_resume_rewires_exactly_like_an_uninterrupted_run():
-    config = SparseHeadConfig(fan_in=6, group=1, intermediate=16, aux_clusters=0, dst=DST)
+    config = SparseHeadConfig(fan_in=6, group=1, intermediate=16, aux_clusters=0, dst=DSTConfig(**DST))
 
     def fresh():
         torch.manual_seed(0)  # the intermediate layer's initialisation

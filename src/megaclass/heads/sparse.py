@@ -23,7 +23,6 @@ generator runs over every row, keeping its own), so every world size starts from
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,7 +56,7 @@ from megaclass.ops.fixed_fanin import (
     positive_logits,
     reference_row_values,
 )
-from megaclass.schema import ConfigError, from_dict
+from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
 __all__ = ["SparseHead", "SparseHeadConfig"]
@@ -90,8 +89,11 @@ class SparseHeadConfig:
     impl: Literal["auto", "triton", "reference"] = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.dst, Mapping):  # plain data, as in Python callers' dicts
-            object.__setattr__(self, "dst", from_dict(DSTConfig, self.dst, where="head.dst"))
+        if not isinstance(self.dst, DSTConfig):
+            raise ConfigError(
+                f"head.dst: expected a DSTConfig(...), got {self.dst!r}; in YAML or --set its fields do: "
+                "dst: {mode: threshold}"
+            )
         if self.fan_in < 1 or self.group < 1 or self.intermediate < 0 or self.dense_frequent < 0:
             raise ConfigError(
                 "head.fan_in and head.group: expected >= 1, head.intermediate and head.dense_frequent >= 0; "

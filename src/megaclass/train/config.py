@@ -30,6 +30,7 @@ __all__ = [
     "config_to_dict",
     "from_preset",
     "load_config",
+    "load_config_and_keys",
     "load_config_file",
     "lr_at",
 ]
@@ -155,15 +156,27 @@ class TrainConfig:
     ema_decay: float = (
         0.0  # > 0: evaluate and save an EMA of the weights (e.g. 0.999); steadier on small data
     )
+    valid_fraction: float = 0.05  # training rows held out to pick the epoch and stop early (0: none)
+    valid_max_rows: int = 10_000  # at most this many held-out rows: enough to rank epochs, cheap to score
+    patience: int = 0  # stop after this many evaluations without a better validation score (0: never)
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every")
+        positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every", "valid_max_rows")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: expected > 0, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "num_workers", "stop_after_steps", "grad_clip", "cpu_threads"):
+        for name in (
+            "checkpoint_every",
+            "num_workers",
+            "stop_after_steps",
+            "grad_clip",
+            "cpu_threads",
+            "patience",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"train.valid_fraction: expected a value in [0, 1), got {self.valid_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -279,26 +292,59 @@ def load_config(
         preset: a preset name to start from.
         head: a registered head name; a head section of another type is replaced by ``{type: head}``.
     """
-    import yaml
+    return load_config_and_keys(path, overrides, preset=preset, head=head)[0]
 
+
+def load_config_and_keys(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    preset: str | None = None,
+    head: str | None = None,
+) -> tuple[RunConfig, frozenset[str]]:
+    """As :func:`load_config`, with the dotted keys the user set: every key of the preset (a whole recipe),
+    those of the YAML file still in force, ``head.type`` for ``head`` and the overrides' keys. A recipe
+    resolved from the data (:mod:`megaclass.train.recipes`) fills only the other keys.
+
+    >>> config, keys = load_config_and_keys(overrides=["optim.head.lr=0.01"], head="sparse")
+    >>> sorted(keys)
+    ['head.type', 'optim.head.lr']
+    """
     data: dict[str, Any] = config_to_dict(from_preset(preset)) if preset else {}
     if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            try:
-                loaded = yaml.safe_load(handle)
-            except yaml.YAMLError as error:
-                raise ConfigError(f"{os.fspath(path)}: invalid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{os.fspath(path)}: expected a mapping of sections, got {type(loaded).__name__}"
-            )
-        _merge(data, loaded or {})
-    if head is not None and (data.get("head") or {}).get("type", "dense") != head:
-        data["head"] = {"type": head}
+        _merge(data, _read_yaml(path))
+    if head is not None:
+        section = data.get("head") if isinstance(data.get("head"), dict) else {}
+        same = section.get("type", "dense") == head
+        data["head"] = {**section, "type": head} if same else {"type": head}  # head.type is the user's
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)
-    return config_from_dict(data)
+    return config_from_dict(data), frozenset(_leaf_keys(data))
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        try:
+            loaded = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{os.fspath(path)}: invalid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{os.fspath(path)}: expected a mapping of sections, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted paths of the values (not sections) in ``data``; a section given as a scalar is a leaf."""
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:

@@ -7,8 +7,13 @@ runs :func:`train`. One step is: forward (encoder, then head loss), backward, cl
 - ``config.yaml``: the resolved config; ``run.json``: data facts needed to rebuild the model;
 - ``model/``: the final encoder and head weights (safetensors + JSON); ``featurizer/`` for text data;
 - ``checkpoints/``: resumable state (``--resume``); ``log.jsonl``: every logged number;
-- ``metrics.json``: the final test metrics, ``train_seconds``, ``peak_memory_bytes``;
+- ``best/``: the weights of the epoch that scored best on the validation rows (kept at the end);
+- ``metrics.json``: the test metrics of the kept weights, ``train_seconds``, ``peak_memory_bytes``;
 - ``report.md`` and ``report.png``: config, metrics per epoch, and the loss and P@k curves.
+
+The epoch kept and early stopping are decided on validation rows (``--valid`` or ``train.valid_fraction`` of
+the training rows), never on the test file: its per-epoch scores are logged as ``eval_test_curve``, for the
+curves only, and it is scored once at the end (``eval_test``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +40,24 @@ from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
 from megaclass.schema import ConfigError
-from megaclass.state_io import path_fingerprint, write_json_atomic, write_state
+from megaclass.state_io import path_fingerprint, read_state, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import build_modules, build_optimizer, resolve_device, seed_everything
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
-from megaclass.train.evaluate import evaluate_model
+from megaclass.train.evaluate import evaluate_model, predict_batches
 from megaclass.train.extract import VerificationEvaluator
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
+from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 from megaclass.train.report import epoch_history, write_report
+from megaclass.train.validation import EndedAtLabelPrior, held_out_rows, label_prior_share, take_rows
 
 __all__ = ["LoopState", "Trainer", "train"]
+
+_LABEL_PRIOR_SHARE = 0.95  # a model ranking the most frequent label first this often learned only the prior
+_LABEL_PRIOR_MIN_ROWS = 50  # fewer validation rows tell too little to stop a run
 
 # Settings a resumed run may change: they do not alter the numbers the run computes.
 _RESUMABLE_CHANGES = {
@@ -72,6 +82,7 @@ _RUN_ENTRIES = (
     "checkpoints",
     "log.jsonl",
     "tensorboard",
+    "best",
     "model",
     "metrics.json",
     "report.md",
@@ -89,6 +100,9 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # sum of the losses of this epoch's steps so far
     train_seconds: float = 0.0  # time spent in training steps, across resumptions
     eval_seconds: float = 0.0
+    best_epoch: int = 0  # the epoch (1-based) that scored best on the validation rows so far (0: none yet)
+    best_score: float = 0.0  # its score: the first metric, P@k at the first eval.ks
+    evals_since_best: int = 0  # validation evaluations since then (train.patience stops at this many)
 
 
 def rng_state() -> dict[str, Any]:
@@ -125,10 +139,16 @@ class Trainer:
     Args:
         config: the run's config.
         train_path: the training data file.
-        test_path: the test data file (evaluated every ``train.eval_every`` epochs and at the end).
+        test_path: the test data file (scored at the end with the kept weights; every ``train.eval_every``
+            epochs for the curves).
         out_dir: the run folder. One that holds a run is refused unless ``resume`` or ``overwrite``.
         resume: continue from the newest whole checkpoint in ``out_dir`` (a fresh start when there is none).
         overwrite: replace the run that ``out_dir`` holds (its files are removed once every input checks out).
+        valid_path: validation data; None holds out ``train.valid_fraction`` of the training rows.
+        explicit_keys: the dotted config keys the user set
+            (:func:`~megaclass.train.config.load_config_and_keys`); the recipe resolved from the data fills
+            the others (:mod:`megaclass.train.recipes`). None: ``config`` is used as given (its ``auto``
+            values are still resolved).
     """
 
     def __init__(
@@ -140,12 +160,17 @@ class Trainer:
         out_dir: str,
         resume: bool = False,
         overwrite: bool = False,
+        valid_path: str | None = None,
+        explicit_keys: Collection[str] | None = None,
     ):
         if resume and overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
         self.config = config
         self.train_path = os.fspath(train_path)
         self.test_path = os.fspath(test_path)
+        self.valid_path = None if valid_path is None else os.fspath(valid_path)
+        self.explicit_keys = None if explicit_keys is None else frozenset(explicit_keys)
+        self.recipe = "recipe: none (the config is used as given)"
         self.out_dir = os.fspath(out_dir)
         self.resume = resume
         self.overwrite = overwrite
@@ -171,7 +196,8 @@ class Trainer:
         if config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         seed_everything(config.train.seed)
-        self.train_data, self.test_data = self._open_data()
+        self.train_data, self.valid_data, self.test_data = self._open_data()  # resolves self.config
+        config = self.config
         self._check_data_files()
         self.encoder, self.head = build_modules(config, self.train_data, device=self.device, dist=dist)
         self.parallel = data_parallel(self.encoder, self.head, config=config, dist=dist, device=self.device)
@@ -232,7 +258,9 @@ class Trainer:
         if self.optimizers["head"] is not None:
             self.head.bind_optimizer(self.optimizers["head"], total_steps=self.total_steps)
 
-    def _open_data(self) -> tuple[SparseDataset, SparseDataset]:
+    def _open_data(self) -> tuple[Any, Any | None, Any]:
+        """The training rows, the validation rows (None when there are none) and the test set. Resolves the
+        config from the training file's facts on the way (:mod:`megaclass.train.recipes`)."""
         from megaclass.models.text import token_source
 
         data_config = self.config.data
@@ -244,19 +272,37 @@ class Trainer:
             featurizer_config=featurizer_config(data_config.featurizer),
             **tokens,
         )
-        test_data = open_dataset(
-            self.test_path,
-            data_format=data_config.format,
-            num_classes=train_data.num_classes,
-            featurizer=train_data.featurizer,
-            **tokens,
-        )
-        if test_data.input_spec != train_data.input_spec:
-            raise ConfigError(
-                f"--test {self.test_path}: inputs {test_data.input_spec} differ from --train's "
-                f"{train_data.input_spec}"
+        facts = DataFacts.of(train_data)
+        if self.explicit_keys is None:
+            self.config = resolve_auto(self.config, facts)
+        else:
+            self.config, self.recipe = resolve_recipe(self.config, self.explicit_keys, facts)
+
+        def open_more(path: str, flag: str) -> Any:
+            data = open_dataset(
+                path,
+                data_format=data_config.format,
+                num_classes=train_data.num_classes,
+                featurizer=train_data.featurizer,
+                **tokens,
             )
-        return train_data, test_data
+            if data.input_spec != train_data.input_spec:
+                raise ConfigError(
+                    f"{flag} {path}: inputs {data.input_spec} differ from --train's {train_data.input_spec}"
+                )
+            return data
+
+        test_data = open_more(self.test_path, "--test")
+        if self.valid_path is not None:
+            return train_data, open_more(self.valid_path, "--valid"), test_data
+        loop = self.config.train
+        held_out = held_out_rows(
+            len(train_data), fraction=loop.valid_fraction, max_rows=loop.valid_max_rows, seed=loop.seed
+        )
+        if held_out.size == 0:
+            return train_data, None, test_data
+        kept = np.setdiff1d(np.arange(len(train_data)), held_out)  # disjoint from the held-out rows
+        return take_rows(train_data, kept), take_rows(train_data, held_out), test_data
 
     def _checkpoint_dir(self) -> str:
         return os.path.join(self.out_dir, "checkpoints")
@@ -288,13 +334,21 @@ class Trainer:
             "train_file": {"path": self.train_path, **path_fingerprint(self.train_path)},
             "test_file": {"path": self.test_path, **path_fingerprint(self.test_path)},
         }
+        if self.valid_path is not None:
+            self.data_files["valid_file"] = {"path": self.valid_path, **path_fingerprint(self.valid_path)}
         facts_path = os.path.join(self.out_dir, "run.json")
         if not self.resume or not os.path.exists(facts_path):
             return
         with open(facts_path, encoding="utf-8") as file:
             facts = json.load(file)
-        for key, flag in (("train_file", "--train"), ("test_file", "--test")):
-            recorded, current = facts.get(key), self.data_files[key]
+        for key, flag in (("train_file", "--train"), ("test_file", "--test"), ("valid_file", "--valid")):
+            recorded, current = facts.get(key), self.data_files.get(key)
+            if key == "valid_file" and (recorded is None) != (current is None):
+                raise ValueError(
+                    "--resume: the run was started "
+                    + ("with --valid" if recorded is not None else "without --valid")
+                    + "; pass the same validation data, or --overwrite to start anew"
+                )
             if recorded is None:  # a run folder from before data fingerprints
                 continue
             if (recorded["size"], recorded["sha256"]) != (current["size"], current["sha256"]):
@@ -330,6 +384,7 @@ class Trainer:
             "multilabel": data.multilabel,
             "input_spec": dataclasses.asdict(data.input_spec),
             "num_train_samples": len(data),
+            "num_valid_samples": 0 if self.valid_data is None else len(self.valid_data),
             "label_counts_file": "label_counts.npy",
             **self.data_files,
         }
@@ -343,13 +398,16 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs; evaluate, checkpoint, write ``metrics.json`` and the report."""
         config = self.config.train
+        self.logger.print(self.recipe)
+        valid = "no validation rows" if self.valid_data is None else f"{len(self.valid_data)} validation rows"
         self.logger.print(
-            f"train {self.train_path}: {len(self.train_data)} samples, {self.train_data.num_classes} classes "
+            f"train {self.train_path}: {len(self.train_data)} samples ({valid}), "
+            f"{self.train_data.num_classes} classes "
             f"({'multi-label' if self.train_data.multilabel else 'one label each'}); "
             f"{self._batch_text()}, {self.total_steps} steps on {self.device}"
         )
         stopped = False
-        while self.state.epoch < config.epochs and not stopped:
+        while self.state.epoch < config.epochs and not stopped and not self._patience_spent():
             epoch = self.state.epoch
             stopped = not self.train_epoch(epoch)
             if stopped:
@@ -484,35 +542,129 @@ class Trainer:
         )
 
     def _finish_epoch(self, epoch: int) -> None:
-        """Log the epoch's mean loss, evaluate when due, checkpoint, and move the state to the next epoch."""
+        """Log the epoch's mean loss; when due, score the validation rows (keeping the best epoch's weights)
+        and the test file (for the curves only); checkpoint, and move the state to the next epoch."""
         train_loss = self.state.epoch_loss_sum / max(self.state.step_in_epoch, 1)
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
         self.logger.log("epoch", self.state.global_step, record)
         last = epoch + 1 == self.config.train.epochs
+        line = f"epoch {epoch + 1}: train loss {train_loss:.4f}"
         if last or (epoch + 1) % self.config.train.eval_every == 0:
-            metrics = self.evaluate(self.test_data)
-            self.logger.log("eval", self.state.global_step, {"epoch": epoch + 1, **metrics})
-            summary = "  ".join(f"{k} {metrics[k]:.4f}" for k in metrics if k.startswith("P@"))
-            self.logger.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  {summary}")
-        else:
-            self.logger.print(f"epoch {epoch + 1}: train loss {train_loss:.4f}")
+            if self.valid_data is not None:
+                valid = self.evaluate(self.valid_data, verification=False)
+                self.logger.log("eval_valid", self.state.global_step, {"epoch": epoch + 1, **valid})
+                self._track_best(epoch + 1, valid)
+                line += f"  valid {_precisions(valid)}"
+            test = self.evaluate(self.test_data)
+            self.logger.log("eval_test_curve", self.state.global_step, {"epoch": epoch + 1, **test})
+            line += f"  test (curve) {_precisions(test)}"
+        self.logger.print(line)
         self.state = dataclasses.replace(self.state, epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
         self.save_checkpoint()
+        self._tidy_best()
+        if self._patience_spent() and epoch + 1 < self.config.train.epochs:
+            self.logger.print(
+                f"early stop: no better validation {self._selection_metric()} in "
+                f"{self.state.evals_since_best} evaluations (train.patience)"
+            )
+
+    def _selection_metric(self) -> str:
+        """The metric that picks the epoch: P@k at the first ``eval.ks``."""
+        return f"P@{self.config.eval.ks[0]}"
+
+    def _keeps_best(self) -> bool:
+        """Whether the best epoch's weights are kept: validation rows exist and the weights are whole (not a
+        sharded head or an FSDP2 encoder, whose final weights are the last epoch's)."""
+        sharded = self.head.sharded or (self.dist.distributed and self.config.distributed.encoder == "fsdp2")
+        return self.valid_data is not None and not sharded
+
+    def _best_dir(self, epoch: int) -> str:
+        return os.path.join(self.out_dir, "best", f"epoch-{epoch}")
+
+    def _track_best(self, epoch: int, valid: dict[str, float]) -> None:
+        """Count ``epoch``'s validation score against the best so far; a better one's weights go to
+        ``best/epoch-N`` (written whole or not at all) before the checkpoint that records it."""
+        score = valid[self._selection_metric()]
+        if self.state.best_epoch and score <= self.state.best_score:
+            self.state.evals_since_best += 1
+            return
+        if self._keeps_best():
+            with self._averaged():  # the evaluated weights are kept
+                state = self._model_state()
+            if self.dist.is_main:
+                write_state(self._best_dir(epoch), state)
+        self.state.best_epoch, self.state.best_score, self.state.evals_since_best = epoch, score, 0
+
+    def _tidy_best(self) -> None:
+        """Remove the kept weights of epochs the checkpoint no longer calls best (rank 0)."""
+        folder = os.path.join(self.out_dir, "best")
+        if not self.dist.is_main or not os.path.isdir(folder):
+            return
+        for name in os.listdir(folder):
+            if name != f"epoch-{self.state.best_epoch}":
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    def _patience_spent(self) -> bool:
+        patience = self.config.train.patience
+        return patience > 0 and self.state.evals_since_best >= patience
+
+    def _restore_best(self) -> None:
+        """Load the best epoch's weights into the modules; they are the final model (an EMA is in them)."""
+        best = read_state(self._best_dir(self.state.best_epoch))
+        self.encoder.load_state_dict(best["encoder"])
+        self.head.load_state_dict(best["head"])
+        self.average = None
+        self.logger.print(
+            f"kept epoch {self.state.best_epoch}: validation {self._selection_metric()} "
+            f"{self.state.best_score:.4f}"
+        )
+
+    def _check_label_prior(self) -> None:
+        """Stop a run whose model ranks the most frequent training label first on (almost) every validation
+        row: it learned the label prior only, which is no result to report."""
+        if self.valid_data is None or len(self.valid_data) < _LABEL_PRIOR_MIN_ROWS:
+            return
+        with self._averaged():
+            batches = predict_batches(
+                self.encoder, self.head, self.valid_data, k=1, config=self.config, device=self.device
+            )
+            top = np.concatenate([ids[:, 0].numpy() for _, ids, _ in batches])  # (N,)
+        counts = self.train_data.label_counts()
+        share = label_prior_share(top, counts, len(self.train_data))
+        if share >= _LABEL_PRIOR_SHARE:
+            optim = self.config.optim
+            raise EndedAtLabelPrior(
+                f"training ended at the label prior: the model ranks label {int(np.argmax(counts))}, the "
+                f"most frequent training label, first for {100 * share:.0f}% of the validation rows; lower "
+                f"optim.encoder.lr (now {optim.encoder.lr:g}; 5e-5 suits a pretrained transformer), set a "
+                f"warm-up (optim.warmup_fraction=0.1, now {optim.warmup_fraction:g}) or raise train.epochs "
+                f"(now {self.config.train.epochs})"
+            )
 
     def _finish_run(self) -> dict[str, Any]:
-        """Final weights, ``metrics.json`` and the report (rank 0; the others return no metrics)."""
+        """Keep the best epoch's weights, check them, score the test file once with them, and write the
+        final weights, ``metrics.json`` and the report (rank 0; the others return no metrics)."""
+        if self._keeps_best() and self.state.best_epoch:
+            self._restore_best()
+        self._check_label_prior()
+        kept_epoch = self.state.best_epoch if self._keeps_best() else self.state.epoch
+        metrics = self.evaluate(self.test_data)  # collective for a sharded head
+        self.logger.log("eval_test", self.state.global_step, {"epoch": kept_epoch, **metrics})
+        self.logger.print(f"test (epoch {kept_epoch}): {_precisions(metrics)}")
         with self._averaged():  # the final model is the evaluated one
             model_state = self._model_state()  # collective under FSDP2
         if not self.dist.is_main:
             return {}
         records = read_log(self.logger.path)
-        evals = [record for record in records if record["kind"] == "eval"]
-        metrics = {k: v for k, v in evals[-1].items() if k not in ("kind", "step", "time", "epoch")}
+        if self.state.best_epoch:
+            metrics[f"valid_{self._selection_metric()}"] = self.state.best_score
         metrics.update(
+            epoch_kept=kept_epoch,
             train_seconds=round(self.state.train_seconds, 3),
             eval_seconds=round(self.state.eval_seconds, 3),
             peak_memory_bytes=peak_memory_bytes(self.device),
-            epochs=self.config.train.epochs,
+            epochs=self.state.epoch,
             steps=self.state.global_step,
             num_classes=self.train_data.num_classes,
             device=str(self.device),
@@ -542,8 +694,9 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- evaluate
 
-    def evaluate(self, dataset: SparseDataset) -> dict[str, float]:
-        """Ranking metrics of the current model on ``dataset`` (P@k, nDCG@k, PSP@k, ...)."""
+    def evaluate(self, dataset: SparseDataset, *, verification: bool = True) -> dict[str, float]:
+        """Ranking metrics of the current model on ``dataset`` (P@k, nDCG@k, PSP@k, ...), and the face
+        verification sets of ``eval.verification`` when ``verification``."""
         started = time.perf_counter()
         label_counts = self.train_data.label_counts()
         with self._averaged():
@@ -556,7 +709,7 @@ class Trainer:
                 num_train_samples=len(self.train_data),
                 device=self.device,
             )
-        if self.config.eval.verification:
+        if verification and self.config.eval.verification:
             metrics.update(self._verification())
         self.state.eval_seconds += time.perf_counter() - started
         return metrics
@@ -752,6 +905,10 @@ class Trainer:
         self.logger.close()
 
 
+def _precisions(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith("P@"))
+
+
 def _truncate_log(path: str, step: int) -> None:
     """Drop log records written after checkpoint ``step``: the resumed run writes them again."""
     kept = [record for record in read_log(path) if record["step"] <= step]
@@ -767,6 +924,8 @@ def train(
     out_dir: str,
     resume: bool = False,
     overwrite: bool = False,
+    valid_path: str | None = None,
+    explicit_keys: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
     ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
@@ -784,6 +943,8 @@ def train(
         out_dir=out_dir,
         resume=resume,
         overwrite=overwrite,
+        valid_path=valid_path,
+        explicit_keys=explicit_keys,
     )
     finished = False
     try:

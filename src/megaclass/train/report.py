@@ -1,4 +1,8 @@
-"""The run report: ``report.md`` (config, final metrics, a table per epoch), ``report.png`` (loss, P@k)."""
+"""The run report: ``report.md`` (config, final metrics, a table per epoch), ``report.png`` (loss, P@k).
+
+Per epoch, validation metrics are named ``valid P@k`` and the test file's ``test P@k``: the test scores of
+epochs are curves only (the epoch kept is chosen on validation rows; the final metrics are its test scores).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,20 @@ from typing import Any
 __all__ = ["epoch_history", "write_report"]
 
 
+_EPOCH_KINDS = {"epoch": "", "eval_valid": "valid ", "eval_test_curve": "test ", "eval": "test "}
+"""Per-epoch log records and the prefix of their metrics in a history row (``eval``: older logs' test)."""
+
+
 def epoch_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per epoch from ``log.jsonl`` records: the mean training loss and that epoch's eval metrics."""
+    """One row per epoch from ``log.jsonl`` records: the mean training loss, that epoch's validation metrics
+    (``valid P@1``, ...) and its test-curve metrics (``test P@1``, ...)."""
     rows: dict[int, dict[str, Any]] = {}
     for record in records:
-        if record.get("kind") in ("epoch", "eval") and "epoch" in record:
+        prefix = _EPOCH_KINDS.get(record.get("kind", ""))
+        if prefix is not None and "epoch" in record:
             row = rows.setdefault(int(record["epoch"]), {"epoch": int(record["epoch"])})
-            row.update({k: v for k, v in record.items() if k not in ("kind", "time", "step", "epoch")})
+            values = {k: v for k, v in record.items() if k not in ("kind", "time", "step", "epoch")}
+            row.update({f"{prefix}{name}": value for name, value in values.items()})
     return [rows[epoch] for epoch in sorted(rows)]
 
 
@@ -44,11 +55,13 @@ def _plot(path: str, history: list[dict[str, Any]], ks: tuple[int, ...]) -> str 
     figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axes.plot(epochs, [row.get("train_loss", float("nan")) for row in history], marker="o")
     loss_axes.set(xlabel="epoch", ylabel="training loss", title="Loss")
-    for k in ks:
-        points = [(row["epoch"], row[f"P@{k}"]) for row in history if f"P@{k}" in row]
-        if points:
-            metric_axes.plot(*zip(*points, strict=False), marker="o", label=f"P@{k}")
-    metric_axes.set(xlabel="epoch", ylabel="precision", title="Test P@k")
+    for split, style in (("valid", "-"), ("test", "--")):
+        for k in ks:
+            name = f"{split} P@{k}"
+            points = [(row["epoch"], row[name]) for row in history if name in row]
+            if points:
+                metric_axes.plot(*zip(*points, strict=False), style, marker="o", label=name)
+    metric_axes.set(xlabel="epoch", ylabel="precision", title="P@k (test: curve only)")
     metric_axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -91,14 +104,15 @@ def write_report(
     """
     note = _plot(os.path.join(out_dir, "report.png"), history, ks)
     final = [{"metric": name, "value": value} for name, value in metrics.items()]
-    columns = ["epoch", "train_loss"] + [name for name in metrics if name.startswith(("P@", "nDCG@", "PSP@"))]
+    ranking = [name for name in metrics if name.startswith(("P@", "nDCG@", "PSP@"))]
+    columns = ["epoch", "train_loss"] + [f"{split} {name}" for split in ("valid", "test") for name in ranking]
     columns = [column for column in columns if any(column in row for row in history)]
     sections = [
         "# Run report",
         "## Final metrics",
         _markdown_table(final, ["metric", "value"]),
         *_memory_section(head_memory),
-        "## Per epoch",
+        "## Per epoch (validation rows pick the epoch kept; test scores per epoch are curves only)",
         _markdown_table(history, columns) if history else "No epoch finished.",
         "![loss and P@k per epoch](report.png)" if note is None else f"_{note}_",
         "## Config",

@@ -1,0 +1,150 @@
+"""Recipes resolved from the data: what ``megaclass train`` runs for the settings a user did not give.
+
+``megaclass train --train X --test Y --out Z`` opens the data, reads its :class:`DataFacts` and calls
+:func:`resolve_recipe`: the shipped preset that suits the inputs and the head and encoder types
+(``presets/*.yaml``) fills every key the user did not set, then :func:`resolve_auto` replaces the ``auto``
+values that depend on the data (``head.loss``, ``data.label_feature_dim``). Both are pure functions of the
+config, the explicit keys and the data facts, never of the device: the same run resolves to the same config on
+the CPU and a GPU, and a resumed run to the config it was started with.
+
+>>> facts = DataFacts(inputs="bow", multilabel=True, num_rows=15_000, num_classes=7_500, num_features=10_000)
+>>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)
+>>> description
+'recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels); explicit settings win'
+>>> config.optim.encoder.lr, config.head.loss
+(0.005, 'softmax')
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from megaclass.heads import LabelFeatures, head_class
+from megaclass.heads.dense import DenseHeadConfig
+from megaclass.heads.sparse import SparseHeadConfig
+from megaclass.schema import set_path
+from megaclass.train.config import AUTO_LABEL_FEATURE_DIM, RunConfig, config_from_dict, config_to_dict
+
+__all__ = ["DataFacts", "recipe_settings", "resolve_auto", "resolve_recipe"]
+
+_INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a recipe is chosen by: the kind of inputs and the training file's shape."""
+
+    inputs: Literal["bow", "text", "tokens", "images"]  # sparse BoW rows, featurised text, token ids, images
+    multilabel: bool
+    num_rows: int  # training rows (documents or images)
+    num_classes: int
+    num_features: int  # columns of sparse rows, the vocabulary of token ids; 0 for images
+
+    @classmethod
+    def of(cls, dataset: Any) -> DataFacts:
+        """The facts of an opened data set (:func:`megaclass.data.loaders.open_dataset`)."""
+        kind = dataset.input_spec.kind
+        if kind == "sparse":
+            inputs = "text" if dataset.featurizer is not None else "bow"
+        else:
+            inputs = "tokens" if kind == "tokens" else "images"
+        return cls(
+            inputs=inputs,
+            multilabel=bool(dataset.multilabel),
+            num_rows=len(dataset),
+            num_classes=int(dataset.num_classes),
+            num_features=int(dataset.input_spec.num_features),
+        )
+
+    def describe(self) -> str:
+        """``BoW, multi-label, 15,000 documents, 7,500 labels``."""
+        rows = "images" if self.inputs == "images" else "documents"
+        return (
+            f"{_INPUT_NAMES[self.inputs]}, {'multi-label' if self.multilabel else 'multi-class'}, "
+            f"{self.num_rows:,} {rows}, {self.num_classes:,} labels"
+        )
+
+
+@functools.cache
+def _preset(name: str) -> dict[str, Any]:
+    """The settings written in ``presets/<name>.yaml`` (only those: defaults are not settings)."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(__file__), "presets", f"{name}.yaml")
+    with open(path, encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str, Any]]:
+    """The recipe for ``facts`` under ``config``'s encoder and head types: its name and its settings.
+
+    Images: ``hfsoftmax``. A transformer encoder: ``xmc-transformer`` (its own encoder lr, warm-up and
+    clipping), with the ``spartex`` head section under a sparse head. Sparse rows (BoW, text) under the MLP:
+    ``spartex`` with a sparse head (intermediate layer, auxiliary loss, label groups), else ``xmc-mlp``.
+    """
+    if facts.inputs == "images":
+        return "hfsoftmax", copy.deepcopy(_preset("hfsoftmax"))
+    sparse_head = config.head.type == "sparse"
+    if config.model.type == "transformer":
+        settings = copy.deepcopy(_preset("xmc-transformer"))
+        if sparse_head:
+            settings["head"] = copy.deepcopy(_preset("spartex")["head"])
+            return "xmc-transformer with the spartex head", settings
+        return "xmc-transformer", settings
+    name = "spartex" if sparse_head else "xmc-mlp"
+    return name, copy.deepcopy(_preset(name))
+
+
+def _value_at(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _covered(key: str, explicit: Collection[str]) -> bool:
+    """Whether the user set ``key`` or a section holding it."""
+    parts = key.split(".")
+    return any(".".join(parts[:end]) in explicit for end in range(1, len(parts) + 1))
+
+
+def resolve_recipe(
+    config: RunConfig, explicit_keys: Collection[str], facts: DataFacts
+) -> tuple[RunConfig, str]:
+    """``config`` with every key outside ``explicit_keys`` (dotted, as
+    :func:`~megaclass.train.config.load_config_and_keys` gives them) taken from the recipe for ``facts``, and
+    its ``auto`` values resolved (:func:`resolve_auto`); returns it and the one-line description to print.
+
+    A recipe's ``model`` or ``head`` section is left out when the user chose another type for it.
+    """
+    name, settings = recipe_settings(config, facts)
+    user = config_to_dict(config)
+    for section in ("model", "head"):
+        recipe_type = settings.get(section, {}).get("type")
+        if _covered(f"{section}.type", explicit_keys) and recipe_type != user[section]["type"]:
+            del settings[section]
+    for key in sorted(explicit_keys):
+        set_path(settings, key.split("."), copy.deepcopy(_value_at(user, key)))
+    resolved = resolve_auto(config_from_dict(settings), facts)
+    return resolved, f"recipe: {name} ({facts.describe()}); explicit settings win"
+
+
+def resolve_auto(config: RunConfig, facts: DataFacts) -> RunConfig:
+    """``config`` with the ``auto`` values that the data decides written out: ``head.loss`` (``bce``
+    multi-label, ``softmax`` multi-class) and ``data.label_feature_dim`` (256 when the head uses PIFA label
+    vectors and the inputs can make them, else 0). Device-dependent ``auto`` values (``train.device``, kernel
+    choices) stay as they are."""
+    head = config.head
+    if isinstance(head, (DenseHeadConfig, SparseHeadConfig)) and head.loss == "auto":
+        head = dataclasses.replace(head, loss="bce" if facts.multilabel else "softmax")
+    data = config.data
+    if data.label_feature_dim == "auto":
+        wanted = head_class(head).label_features(head) is not LabelFeatures.UNUSED
+        dim = AUTO_LABEL_FEATURE_DIM if wanted and facts.inputs != "images" else 0
+        data = dataclasses.replace(data, label_feature_dim=dim)
+    return dataclasses.replace(config, head=head, data=data)

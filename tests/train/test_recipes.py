@@ -1,0 +1,129 @@
+"""Recipes resolved from the data: the shipped presets fill what the user did not set, explicit keys always
+win, ``auto`` values are written out, and the command line records all of it in the run's ``config.yaml``."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from megaclass.cli import main
+from megaclass.dst import DSTConfig
+from megaclass.heads import head_config
+from megaclass.heads.sparse import SparseHeadConfig
+from megaclass.schema import ConfigError
+from megaclass.train.config import RunConfig, from_preset, load_config_and_keys
+from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
+
+BOW = DataFacts(inputs="bow", multilabel=True, num_rows=15_000, num_classes=7_500, num_features=20_000)
+TEXT_ONE_LABEL = dataclasses.replace(BOW, inputs="text", multilabel=False)
+TOKENS = dataclasses.replace(BOW, inputs="tokens", num_features=30_522)
+IMAGES = DataFacts(inputs="images", multilabel=False, num_rows=5_000, num_classes=100, num_features=0)
+
+
+def _resolve(overrides=(), *, head=None, facts=BOW):
+    config, keys = load_config_and_keys(None, list(overrides), head=head)
+    return resolve_recipe(config, keys, facts)
+
+
+def test_explicit_keys_are_what_the_user_gave(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("head: {type: dense, loss: bce}\ntrain: {epochs: 2}\n")
+    _, keys = load_config_and_keys(str(path), ["optim.encoder.lr=0.001", "head.index=exact"], head="selected")
+    assert keys == {"head.type", "head.index", "train.epochs", "optim.encoder.lr"}  # --head replaced head.*
+    _, keys = load_config_and_keys(None, ["train.epochs=2"], preset="xmc-mlp")
+    assert "optim.head.lr" in keys and "model.hidden" in keys and "train.valid_fraction" in keys
+
+
+def test_no_settings_on_bow_is_the_xmc_mlp_preset():
+    config, description = _resolve()
+    assert config == resolve_auto(from_preset("xmc-mlp"), BOW)
+    assert (config.optim.encoder.lr, config.model.dropout, config.train.epochs) == (0.005, 0.5, 3)
+    assert description == (
+        "recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels); explicit settings win"
+    )
+
+
+def test_explicit_settings_win_even_when_they_equal_the_defaults():
+    config, _ = _resolve(["optim.encoder.lr=0.001", "train.epochs=10", "model.hidden=[64]"])
+    assert config.optim.encoder.lr == 0.001 and config.train.epochs == 10 and config.model.hidden == (64,)
+    assert config.optim.head.lr == 0.005 and config.model.dropout == 0.5  # the rest from xmc-mlp
+
+
+def test_a_sparse_head_gets_the_spartex_recipe():
+    config, description = _resolve(head="sparse")
+    assert config == resolve_auto(from_preset("spartex"), BOW)
+    assert config.head.intermediate == 1024 and config.head.group == 16 and config.head.aux_enabled
+    assert config.data.label_feature_dim == 256 and config.head.loss == "bce"
+    assert description.startswith("recipe: spartex (BoW, multi-label")
+    config, _ = _resolve(["head.fan_in=8", "head.intermediate=0"], head="sparse")
+    assert (config.head.fan_in, config.head.intermediate, config.head.group) == (8, 0, 16)
+
+
+def test_a_transformer_gets_its_own_optimizer_recipe():
+    config, description = _resolve(["model.type=transformer"], facts=TOKENS)
+    assert (config.optim.encoder.lr, config.optim.head.lr) == (5e-5, 2e-3)
+    assert config.optim.warmup_fraction == 0.1 and config.train.grad_clip == 1.0
+    assert config.head.type == "dense" and description.startswith("recipe: xmc-transformer (tokens,")
+    config, description = _resolve(
+        ["model.type=transformer", "optim.encoder.lr=1e-3"], head="sparse", facts=TOKENS
+    )
+    assert config.optim.encoder.lr == 1e-3 and config.optim.head.lr == 2e-3
+    assert config.head == resolve_auto(from_preset("spartex"), TOKENS).head
+    assert description.startswith("recipe: xmc-transformer with the spartex head")
+
+
+def test_images_get_the_hfsoftmax_recipe_unless_the_types_are_chosen():
+    config, _ = _resolve(facts=IMAGES)
+    assert config == resolve_auto(from_preset("hfsoftmax"), IMAGES)
+    config, _ = _resolve(["model.type=mobilefacenet"], head="dense", facts=IMAGES)
+    assert config.model.type == "mobilefacenet" and config.head == head_config({"loss": "softmax"})
+    assert config.optim.encoder.name == "sgd" and config.data.label_feature_dim == 0
+
+
+def test_a_sampled_head_keeps_its_section_under_the_xmc_mlp_recipe():
+    config, _ = _resolve(["head.sample_num=0.2"], head="partial_fc")
+    assert config.head == head_config({"type": "partial_fc", "sample_num": 0.2})
+    assert config.optim.encoder.lr == 0.005
+
+
+def test_auto_values_are_written_out_from_the_data():
+    assert resolve_auto(RunConfig(), BOW).head.loss == "bce"
+    assert resolve_auto(RunConfig(), TEXT_ONE_LABEL).head.loss == "softmax"
+    assert resolve_auto(RunConfig(), BOW).data.label_feature_dim == 0  # the dense head uses none
+    sparse = dataclasses.replace(RunConfig(), head=head_config({"type": "sparse"}))
+    assert resolve_auto(sparse, BOW).data.label_feature_dim == 256
+    assert resolve_auto(sparse, IMAGES).data.label_feature_dim == 0
+    assert resolve_auto(RunConfig(), BOW).train.device == "auto"  # device choices are not the data's
+
+
+@pytest.mark.parametrize("facts", [BOW, TEXT_ONE_LABEL, TOKENS, IMAGES])
+@pytest.mark.parametrize("head", [None, "sparse", "partial_fc"])
+def test_resolving_a_resolved_config_changes_nothing(facts, head):
+    overrides = ["model.type=transformer"] if facts.inputs == "tokens" else []
+    config, keys = load_config_and_keys(None, overrides, head=head)
+    once, _ = resolve_recipe(config, keys, facts)
+    assert resolve_recipe(once, keys, facts)[0] == once  # a resumed run compares equal configs
+    assert resolve_auto(once, facts) == once
+
+
+def test_a_sparse_head_config_takes_a_dst_config_not_a_mapping():
+    assert head_config({"type": "sparse", "dst": {"interval": 50}}).dst == DSTConfig(interval=50)
+    with pytest.raises(ConfigError, match="head.dst"):
+        SparseHeadConfig(dst={"interval": 50})
+
+
+def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice, tmp_path, capsys):
+    train, test = deb_tags_slice(120, 30)
+    out = tmp_path / "run"
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1", "--head", "sparse"]
+    settings = ["model.hidden=[16]", "head.intermediate=32", "optim.encoder.lr=0.001", "train.progress=false"]
+    assert main([*argv, "--set", *settings, "train.stop_after_steps=1"]) == 0
+    assert main([*argv, "--resume", "--set", *settings]) == 0  # resolves to the checkpoint's config
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if line.startswith("recipe:")] == [
+        "recipe: spartex (BoW, multi-label, 120 documents, 595 labels); explicit settings win"
+    ] * 2
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["encoder"]["lr"] == 0.001 and saved["optim"]["head"]["lr"] == 0.002
+    assert saved["head"]["loss"] == "bce" and saved["data"]["label_feature_dim"] == 256
+    assert saved["head"]["group"] == 16 and saved["train"]["epochs"] == 1

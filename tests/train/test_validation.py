@@ -1,0 +1,174 @@
+"""The validation split: held-out rows drawn from the seed alone and disjoint from the rows trained on; the
+epoch kept and early stopping decided on them; the kept weights survive a resume; the test file scored once
+at the end; a run that ends at the label prior stops with a one-line error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megaclass.cli import main
+from megaclass.data.loaders import open_dataset
+from megaclass.data.tokenized import TokenDataset, TokenIds
+from megaclass.data.xmc import CSR, label_features
+from megaclass.state_io import read_state
+from megaclass.train.validation import held_out_rows, label_prior_share, take_rows
+
+
+def test_held_out_rows_are_a_seeded_capped_fraction():
+    rows = held_out_rows(1000, fraction=0.05, max_rows=10_000, seed=3)
+    assert rows.shape == (50,) and np.all(np.diff(rows) > 0) and 0 <= rows[0] and rows[-1] < 1000
+    assert np.array_equal(rows, held_out_rows(1000, fraction=0.05, max_rows=10_000, seed=3))
+    assert not np.array_equal(rows, held_out_rows(1000, fraction=0.05, max_rows=10_000, seed=4))
+    assert held_out_rows(1000, fraction=0.5, max_rows=7, seed=0).shape == (7,)
+    assert held_out_rows(1000, fraction=0.0, max_rows=7, seed=0).shape == (0,)
+    assert held_out_rows(1, fraction=0.9, max_rows=7, seed=0).shape == (0,)  # never every row
+
+
+def test_take_rows_of_sparse_rows_is_those_rows_alone(deb_tags_slice):
+    train, _ = deb_tags_slice(60, 10)
+    data = open_dataset(train)
+    rows = np.array([3, 17, 59, 0])
+    part = take_rows(data, rows)
+    assert len(part) == 4 and part.num_classes == data.num_classes and part.multilabel
+    for position, row in enumerate(rows):
+        mine, theirs = part.batch(np.array([position])), data.batch(np.array([row]))
+        assert torch.equal(mine.inputs.indices, theirs.inputs.indices)
+        assert torch.equal(mine.targets.indices, theirs.targets.indices)
+    counts = np.zeros(data.num_classes, dtype=np.int64)
+    for row in rows:
+        np.add.at(counts, data.labels.indices[data.labels.indptr[row] : data.labels.indptr[row + 1]], 1)
+    assert np.array_equal(part.label_counts(), counts)
+    want = label_features(data.features.take(rows), data.labels.take(rows), dim=16, seed=0)
+    assert np.array_equal(part.label_features(dim=16, seed=0), want)
+
+
+def test_take_rows_of_token_ids_keeps_each_document():
+    ids = np.array([1, 5, 2, 1, 7, 8, 9, 2, 1, 2], dtype=np.uint16)
+    tokens = TokenIds(ids, np.array([0, 3, 8, 10]), pad_id=0)
+    labels = CSR(np.array([0, 1, 2, 3]), np.array([2, 0, 1], dtype=np.int32), None, num_columns=3)
+    data = TokenDataset(tokens, labels, num_classes=3, multilabel=False, vocab_size=10, texts=["a", "b", "c"])
+    part = take_rows(data, np.array([2, 1]))
+    assert part.texts == ["c", "b"] and part.label_counts().tolist() == [1, 1, 0]
+    batch = part.batch(np.array([0, 1]))
+    assert batch.inputs.input_ids.tolist() == [[1, 2, 0, 0, 0], [1, 7, 8, 9, 2]]
+    assert batch.targets.tolist() == [1, 0]
+
+
+def test_label_prior_share_counts_the_most_frequent_label_only_when_it_is_rare():
+    counts = np.array([5, 40, 10])
+    assert label_prior_share(np.array([1, 1, 1, 0]), counts, 100) == 0.75
+    assert label_prior_share(np.array([1, 1]), counts, 60) == 0.0  # label 1 on 2/3 of the rows: a fair guess
+
+
+_TINY = [
+    "model.hidden=[32]",
+    "model.dropout=0.1",
+    "optim.encoder.lr=0.01",
+    "optim.head.lr=0.01",
+    "train.batch_size=32",
+    "train.progress=false",
+    "train.valid_fraction=0.1",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def data(deb_tags_slice):
+    return deb_tags_slice(200, 50)
+
+
+def _train(data, out, *extra, epochs=4):
+    train, test = data
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", str(epochs)]
+    return main([*argv, "--set", *_TINY, *extra])
+
+
+def _records(out, kind):
+    with open(out / "log.jsonl") as file:
+        return [record for record in map(json.loads, file) if record["kind"] == kind]
+
+
+def _json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("valid") / "run"
+    assert _train(data, out) == 0
+    return out
+
+
+def test_the_epoch_kept_is_the_best_on_validation_and_the_test_is_scored_with_it(run):
+    valid, curve = _records(run, "eval_valid"), _records(run, "eval_test_curve")
+    assert [r["epoch"] for r in valid] == [r["epoch"] for r in curve] == [1, 2, 3, 4]
+    assert not _records(run, "eval")
+    best = max(valid, key=lambda r: r["P@1"])  # the first of equal scores
+    metrics = _json(run / "metrics.json")
+    assert metrics["epoch_kept"] == best["epoch"] and metrics["valid_P@1"] == best["P@1"]
+    (final,) = _records(run, "eval_test")
+    kept_curve = curve[best["epoch"] - 1]
+    for key in ("P@1", "P@5", "nDCG@5", "PSP@5"):
+        assert metrics[key] == final[key] == kept_curve[key], key  # the same weights, scored once more
+    assert (run / "best" / f"epoch-{best['epoch']}").is_dir() and len(list((run / "best").iterdir())) == 1
+    kept, model = read_state(str(run / "best" / f"epoch-{best['epoch']}")), read_state(str(run / "model"))
+    for part in ("encoder", "head"):
+        for name, tensor in kept[part].items():
+            assert torch.equal(tensor, model[part][name]), name
+    facts = _json(run / "run.json")
+    assert (facts["num_train_samples"], facts["num_valid_samples"]) == (180, 20)
+    assert "valid P@1" in (run / "report.md").read_text()
+
+
+def test_the_kept_weights_survive_a_kill_and_resume(data, run, tmp_path):
+    out = tmp_path / "resumed"
+    assert _train(data, out, "--set", "train.stop_after_steps=16") == 0  # mid-epoch 3 (6 steps an epoch)
+    assert not (out / "metrics.json").exists() and (out / "best").is_dir()
+    assert _train(data, out, "--resume") == 0
+    resumed, full = _json(out / "metrics.json"), _json(run / "metrics.json")
+    assert {k: v for k, v in resumed.items() if "@" in k or k == "epoch_kept"} == {
+        k: v for k, v in full.items() if "@" in k or k == "epoch_kept"
+    }
+
+
+def test_patience_stops_after_evaluations_without_improvement(data, tmp_path):
+    out = tmp_path / "patience"
+    frozen = ["optim.encoder.lr=0", "optim.head.lr=0", "train.patience=2"]
+    assert _train(data, out, "--set", *frozen, epochs=6) == 0
+    metrics = _json(out / "metrics.json")
+    assert metrics["epochs"] == 3 and metrics["epoch_kept"] == 1  # epochs 2 and 3 score no better
+    assert len(_records(out, "eval_valid")) == 3
+
+
+def test_a_validation_file_replaces_the_split(data, tmp_path):
+    train, test = data
+    out = tmp_path / "file"
+    assert _train(data, out, "--valid", test, epochs=1) == 0
+    facts = _json(out / "run.json")
+    assert (facts["num_train_samples"], facts["num_valid_samples"]) == (200, 50)
+    assert facts["valid_file"]["path"] == test
+    assert _train(data, out, "--resume", epochs=1) == 2  # resumed without the run's validation file
+
+
+def _uninformative(path, rows: int, seed: int) -> str:
+    """One-label BoW rows whose inputs are all alike: label 0 on 40% of them, labels 1..9 on the rest."""
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random(rows) < 0.4, 0, rng.integers(1, 10, rows))
+    with open(path, "w") as file:
+        file.write(f"{rows} 4 10\n")
+        file.writelines(f"{label} 0:1.0 2:0.5\n" for label in labels)
+    return str(path)
+
+
+def test_a_run_at_the_label_prior_stops_with_one_line(tmp_path, capsys):
+    train, test = _uninformative(tmp_path / "train.txt", 600, 0), _uninformative(tmp_path / "test.txt", 50, 1)
+    out = tmp_path / "prior"
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "3"]
+    assert main([*argv, "--set", *_TINY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "training ended at the label prior" in error
+    assert "label 0" in error and "optim.encoder.lr" in error and "warmup_fraction" in error
+    assert not (out / "metrics.json").exists()
