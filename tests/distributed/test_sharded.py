@@ -117,3 +117,22 @@ def test_one_rank_sharded_dense_head_is_the_plain_head(
     if not margin:
         assert torch.equal(sharded.bias.grad, plain.bias.grad)
     assert torch.equal(sharded(features, targets), plain(features, targets))
+
+
+def test_fsdp2_units_look_inside_containers_without_a_forward() -> None:
+    """A ModuleList (the MLP's layer norms) has no forward for FSDP2 to wrap: its children are the units."""
+    from torch import nn
+
+    from megaclass.distributed.parallel import _shard_units
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Linear(4, 3)
+            self.norms = nn.ModuleList([nn.LayerNorm(3), nn.LayerNorm(3)])
+            self.empty = nn.ModuleList([nn.ReLU()])
+            self.head = nn.Sequential(nn.Linear(3, 2))
+
+    encoder = Encoder()
+    units = _shard_units(encoder)
+    assert units == [encoder.embedding, *encoder.norms, encoder.head]

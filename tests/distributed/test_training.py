@@ -24,7 +24,6 @@ COMMON = [
     "model.type=mlp",
     "model.hidden=[16]",
     "model.dropout=0.0",
-    "model.layer_norm=false",  # fully_shard refuses the MLP's ModuleList of LayerNorms (no forward)
     "head.type=dense",
     "train.progress=false",
     "train.log_every=1",

@@ -11,8 +11,10 @@ import shutil
 import pytest
 
 from megaclass.cli import main
+from megaclass.schema import ConfigError
 from megaclass.state_io import verify_manifest
 from megaclass.train.checkpoint import CheckpointWarning, checkpoint_folders
+from megaclass.train.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -276,3 +278,17 @@ def test_every_checkpoint_damaged_refuses_to_resume_and_keeps_them(data, stopped
         assert _train(data, out, "--resume") == 2
     assert "no whole checkpoint to resume from" in capsys.readouterr().err
     assert _snapshot(out) == before
+
+
+def test_a_head_that_cannot_fit_is_refused_before_the_data_is_read(tmp_path, monkeypatch) -> None:
+    """fan_in above the encoder's width is known from the config alone: refused before any file is opened."""
+    from megaclass.train import loop
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the training file was read before the config was checked")
+
+    monkeypatch.setattr(loop, "open_dataset", no_data)
+    config = load_config(None, ["head.type=sparse", "head.fan_in=64", "model.hidden=[32]"])
+    with pytest.raises(ConfigError, match=r"head.fan_in: expected <= the sparse layer's input width 32"):
+        loop.train(config, train_path="missing.txt", test_path="missing.txt", out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

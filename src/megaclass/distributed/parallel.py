@@ -107,13 +107,30 @@ class DataParallel:
         return total
 
 
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _shard_units(module: nn.Module) -> list[nn.Module]:
+    """The direct children with parameters; a container without a forward (``ModuleList``, ``ModuleDict``)
+    stands for its children, since FSDP2 wraps a unit's forward."""
+    units = []
+    for child in module.children():
+        if not _has_parameters(child):
+            continue
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            units += _shard_units(child)
+        else:
+            units.append(child)
+    return units
+
+
 def _fully_shard(encoder: nn.Module) -> nn.Module:
     """FSDP2: each direct child with parameters is its own unit (all-gathered just in time), then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    for child in encoder.children():
-        if any(True for _ in child.parameters()):
-            fully_shard(child)
+    for unit in _shard_units(encoder):
+        fully_shard(unit)
     fully_shard(encoder)
     return encoder
 

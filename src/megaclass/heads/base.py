@@ -120,6 +120,15 @@ class Head(nn.Module):
 
     # ------------------------------------------------------------------ hooks with defaults
     @classmethod
+    def check_config(cls, config: Any, *, in_features: int | None) -> None:
+        """Refuse a config that cannot fit features ``in_features`` wide (None: not known before the encoder
+        is built), before any data is read; nothing to check by default.
+
+        Raises:
+            ConfigError: naming the setting that does not fit.
+        """
+
+    @classmethod
     def label_features(cls, config: Any) -> LabelFeatures:
         """Whether a head of ``config`` uses label feature vectors (asked before it is built)."""
         return LabelFeatures.UNUSED

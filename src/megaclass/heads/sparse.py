@@ -223,6 +223,17 @@ class SparseHead(Head):
             self._replicate_over_ranks()
 
     @classmethod
+    def check_config(cls, config: SparseHeadConfig, *, in_features: int | None) -> None:
+        """Each label's ``K`` inputs are distinct columns of the sparse layer's input: ``K <= H``."""
+        width = config.intermediate or in_features
+        if width is not None and config.fan_in > width:
+            source = "head.intermediate" if config.intermediate else "the encoder output"
+            raise ConfigError(
+                f"head.fan_in: expected <= the sparse layer's input width {width} ({source}), "
+                f"got {config.fan_in}"
+            )
+
+    @classmethod
     def label_features(cls, config: SparseHeadConfig) -> LabelFeatures:
         """Required by the auxiliary loss (it clusters labels by them); wanted to group similar labels."""
         if config.aux_enabled:
@@ -233,10 +244,7 @@ class SparseHead(Head):
         """Index rows ``keep = [first, last)`` of ``groups`` and their labels' weights, from the draws of the
         whole tail (one seeded generator: every world size starts from the same head)."""
         config, fan_in = self.config, self.config.fan_in
-        if fan_in > self.hidden_dim:
-            raise ConfigError(
-                f"head.fan_in: expected <= the sparse layer's input width {self.hidden_dim}, got {fan_in}"
-            )
+        self.check_config(config, in_features=self.context.in_features)
         generator = torch.Generator().manual_seed(config.dst.seed)
         index_dtype = torch.int32 if config.index_dtype == "int32" else torch.int64
         index = random_fanin_index(

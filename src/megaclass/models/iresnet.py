@@ -42,6 +42,11 @@ class IResNetConfig:
     zero_init_residual: bool = False  # start each block as the identity (last BN scale 0)
     flip: bool = True  # training only: mirror a random half of each batch, on the device (InsightFace's aug)
 
+    @property
+    def out_features(self) -> int:
+        """``D``, the embedding width (known from the config alone)."""
+        return self.embedding_size
+
     def __post_init__(self) -> None:
         if self.embedding_size <= 0:
             raise ConfigError(f"model.embedding_size: expected > 0, got {self.embedding_size}")

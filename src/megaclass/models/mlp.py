@@ -33,6 +33,11 @@ class MLPConfig:
     layer_norm: bool = False  # LayerNorm before each activation: steadier with large learning rates
     init_scale: float = 1.0  # multiplies the first layer's default init; TF-IDF rows have unit L2 norm
 
+    @property
+    def out_features(self) -> int:
+        """``D``, the feature width the encoder gives (known from the config alone)."""
+        return self.hidden[-1]
+
     def __post_init__(self) -> None:
         if not self.hidden or any(width <= 0 for width in self.hidden):
             raise ConfigError(f"model.hidden: expected one or more positive widths, got {list(self.hidden)}")

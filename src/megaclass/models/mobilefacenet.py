@@ -32,6 +32,11 @@ class MobileFaceNetConfig:
     input_size: int = 112  # side of the square input faces; the GDC kernel covers ceil(input_size / 16)^2
     flip: bool = True  # training only: mirror a random half of each batch, on the device (InsightFace's aug)
 
+    @property
+    def out_features(self) -> int:
+        """``D``, the embedding width (known from the config alone)."""
+        return self.embedding_size
+
     def __post_init__(self) -> None:
         if self.embedding_size <= 0:
             raise ConfigError(f"model.embedding_size: expected > 0, got {self.embedding_size}")

@@ -73,6 +73,11 @@ class TransformerConfig:
         "random"  # label_names: dense head rows from the encoded names
     )
 
+    @property
+    def out_features(self) -> int | None:
+        """``D`` when the config fixes it (a bottleneck); else None: the hidden width is known once loaded."""
+        return self.bottleneck or None
+
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ConfigError(f"model.max_length: expected >= 2 ([CLS] and [SEP]), got {self.max_length}")

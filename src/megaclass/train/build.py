@@ -23,6 +23,7 @@ from megaclass.train.config import OptimGroupConfig, RunConfig
 
 __all__ = [
     "build_modules",
+    "check_fits",
     "build_optimizer",
     "label_features",
     "resolve_device",
@@ -95,6 +96,12 @@ def label_features(config: RunConfig, data: SparseDataset) -> np.ndarray | None:
     if width == 0 or not can_make:
         return None
     return data.label_features(dim=width, seed=config.train.seed)
+
+
+def check_fits(config: RunConfig) -> None:
+    """Refuse a head config that cannot fit the encoder's output width, where the config alone tells it
+    (before any data is read: featurising a large file takes minutes)."""
+    head_class(config.head).check_config(config.head, in_features=config.model.out_features)
 
 
 def build_modules(

@@ -43,7 +43,13 @@ from megaclass.schema import ConfigError
 from megaclass.state_io import path_fingerprint, read_state, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
-from megaclass.train.build import build_modules, build_optimizer, resolve_device, seed_everything
+from megaclass.train.build import (
+    build_modules,
+    build_optimizer,
+    check_fits,
+    resolve_device,
+    seed_everything,
+)
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
 from megaclass.train.extract import VerificationEvaluator
@@ -196,6 +202,8 @@ class Trainer:
         if config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         seed_everything(config.train.seed)
+        if self.explicit_keys is None:  # the config as given: a recipe fills nothing that sets widths
+            check_fits(config)
         self.train_data, self.valid_data, self.test_data = self._open_data()  # resolves self.config
         config = self.config
         self._check_data_files()
@@ -277,6 +285,7 @@ class Trainer:
             self.config = resolve_auto(self.config, facts)
         else:
             self.config, self.recipe = resolve_recipe(self.config, self.explicit_keys, facts)
+        check_fits(self.config)  # before the test and validation files are read
 
         def open_more(path: str, flag: str) -> Any:
             data = open_dataset(
