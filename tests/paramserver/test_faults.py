@@ -218,6 +218,12 @@ def test_tls(shards, tmp_path):
         ParamServerClient(_addresses(servers), token="t", timeout_s=1)  # plaintext to a TLS port
 
 
+def test_a_port_in_use_is_a_clear_error(shards):
+    (first,) = shards(1)
+    with pytest.raises(OSError, match=rf"--port: could not bind .*:{first.port}: the port is in use"):
+        shards(1, port=first.port)
+
+
 @pytest.mark.slow
 def test_kill_a_shard_mid_training_and_restart_it(processes, tmp_path):
     """SIGKILL a shard holding a half-complete barrier; restarted, it gets the lost pushes again.

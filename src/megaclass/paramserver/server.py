@@ -680,14 +680,17 @@ def serve(config: ServerConfig) -> RunningServer:
         (grpc.method_handlers_generic_handler(f"{wire.PACKAGE}.{wire.SERVICE}", handlers),)
     )
     address = f"{config.host}:{config.port}"
-    if config.tls_cert:
-        with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
-            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if config.tls_cert:
+            with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"--port: could not bind {address}: the port is in use or the address is not here")
     server.start()
     spec = service.state.spec
     logger.info(
