@@ -266,12 +266,15 @@ class MemoryPlan:
             need, phase = self.peak(side)
             if need <= capacity:
                 continue
-            held = [p for p in self.parts if p.phase in ("steady", phase) and self._where(p)[side] > 0]
+            steady = sum(self._where(p)[side] for p in self.parts if p.phase == "steady")
+            blamed = "steady" if steady > capacity else phase  # what alone goes past the capacity
+            held = [p for p in self.parts if p.phase == blamed and self._where(p)[side] > 0]
             largest = max(held, key=lambda p: self._where(p)[side])
             return (
                 f"the run does not fit: {label} needs {format_bytes(need)} of {format_bytes(capacity)} "
-                f"({format_bytes(need - capacity)} over, at its peak: {phase}); the largest part there is "
-                f"{largest.name} ({format_bytes(self._where(largest)[side])}): change {largest.setting}"
+                f"({format_bytes(need - capacity)} over, at its peak: {phase}); the largest part "
+                f"{'held all along' if blamed == 'steady' else 'on top at ' + blamed} is {largest.name} "
+                f"({format_bytes(self._where(largest)[side])}); to shrink it: {largest.setting}"
             )
         return None
 
