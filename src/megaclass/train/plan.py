@@ -296,7 +296,7 @@ class MemoryPlan:
             need, phase = self.peak(side)
             of = "unknown" if capacity is None else format_bytes(capacity)
             lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
-        lines.append(self.refusal() or "the run fits")
+        lines.append("the run fits" if self.refusal() is None else "the run does not fit")
         return "\n".join(lines)
 
 
