@@ -14,6 +14,7 @@ import os
 import sys
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 from megaclass import __version__
 from megaclass.errors import DataFormatError, TrainingDiverged, one_line
@@ -99,13 +100,15 @@ def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_plan(args: argparse.Namespace, config, explicit_keys, other_paths: tuple[str, ...]) -> int:
+def _print_plan(
+    args: argparse.Namespace, config: Any, explicit_keys: frozenset[str] | None, other_paths: tuple[str, ...]
+) -> int:
     """Print the memory plan of the run ``args`` describe; 0 when it fits, else one line on stderr naming
     the part that does not fit and :data:`_DOES_NOT_FIT`."""
     from megaclass.train.plan import plan_for
     from megaclass.train.recipes import resolve_auto, resolve_recipe
 
-    def resolve(config, facts):
+    def resolve(config: Any, facts: Any) -> Any:
         if explicit_keys is None:
             return resolve_auto(config, facts)
         return resolve_recipe(config, explicit_keys, facts)[0]

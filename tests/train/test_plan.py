@@ -146,7 +146,7 @@ def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
     assert parts["head weights"].host_bytes == 10**8 * 64 * 4 and parts["head weights"].device_bytes == 0
     assert parts["head optimizer state"].host_bytes == 10**8 * 64 * 4  # SGD momentum: one buffer a row
     assert parts["head state dict copies"].host_bytes >= 2 * 10**8 * 64 * 4  # a save copies rows and state
-    # its rows and state fit in 128 GiB, the copies a checkpoint save makes do not (the run killed while saving)
+    # its rows and state fit in 128 GiB, the copies a checkpoint save makes do not
     assert "host memory needs" in plan.refusal() and "at its peak: checkpoint" in plan.refusal()
     assert plan.peak(0)[0] < 139 << 30
 
