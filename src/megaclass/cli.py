@@ -14,6 +14,7 @@ import os
 import sys
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 from megaclass import __version__
 from megaclass.errors import DataFormatError, TrainingDiverged, one_line
@@ -75,6 +76,57 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="train on N processes of this host through torchrun (multi-node: torchrun -m megaclass train)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan of this run (GPU and host, by part) and exit without writing anything; "
+        f"exit code {_DOES_NOT_FIT} when it does not fit",
+    )
+    _add_capacity_arguments(parser)
+
+
+_DOES_NOT_FIT = 3  # the exit code of a plan that does not fit
+
+
+def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GiB",
+        help="plan for a GPU of this many GiB (default: this machine's GPU; implies a GPU run)",
+    )
+    parser.add_argument(
+        "--host-memory", type=float, metavar="GiB", help="plan for this much host memory (default: available)"
+    )
+
+
+def _print_plan(
+    args: argparse.Namespace, config: Any, explicit_keys: frozenset[str] | None, other_paths: tuple[str, ...]
+) -> int:
+    """Print the memory plan of the run ``args`` describe; 0 when it fits, else one line on stderr naming
+    the part that does not fit and :data:`_DOES_NOT_FIT`."""
+    from megaclass.train.plan import plan_for
+    from megaclass.train.recipes import resolve_auto, resolve_recipe
+
+    def resolve(config: Any, facts: Any) -> Any:
+        if explicit_keys is None:
+            return resolve_auto(config, facts)
+        return resolve_recipe(config, explicit_keys, facts)[0]
+
+    plan = plan_for(
+        config,
+        args.train,
+        other_paths=other_paths,
+        resolve=resolve,
+        gpu_memory=args.gpu_memory,
+        host_memory=args.host_memory,
+    )
+    print(plan.format())
+    refusal = plan.refusal()
+    if refusal is None:
+        return 0
+    print(f"megaclass {args.command}: error: {refusal}", file=sys.stderr)
+    return _DOES_NOT_FIT
 
 
 def _forward_to_torchrun(nproc: int, argv: list[str]) -> int:
@@ -111,6 +163,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides.insert(0, f"train.epochs={args.epochs}")
     config, explicit_keys = load_config_and_keys(args.config, overrides, preset=args.preset, head=args.head)
+    if args.dry_run:
+        others = (args.test,) if args.valid is None else (args.test, args.valid)
+        return _print_plan(args, config, None if args.preset else explicit_keys, others)
     metrics = train(
         config,
         train_path=args.train,
@@ -133,6 +188,35 @@ def _run_train(args: argparse.Namespace) -> int:
         f"peak memory {_format_bytes(metrics['peak_memory_bytes'])}  run folder {args.out}"
     )
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------- plan
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, metavar="PATH", help="training data (XMC BoW or text)")
+    parser.add_argument("--test", metavar="PATH", help="test data, held in memory too")
+    parser.add_argument("--valid", metavar="PATH", help="validation data, held in memory too")
+    parser.add_argument("--config", metavar="FILE.yaml", help="run config, as for train")
+    parser.add_argument("--preset", metavar="NAME", help="start from a shipped recipe, as for train")
+    parser.add_argument("--head", metavar="NAME", help="head type, as for train")
+    parser.add_argument("--epochs", type=int, metavar="N", help="number of epochs (train.epochs)")
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        help="config overrides, as for train",
+    )  # fmt: skip
+    _add_capacity_arguments(parser)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from megaclass.train.config import load_config_and_keys
+
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.insert(0, f"train.epochs={args.epochs}")
+    config, explicit_keys = load_config_and_keys(args.config, overrides, preset=args.preset, head=args.head)
+    others = tuple(path for path in (args.test, args.valid) if path is not None)
+    return _print_plan(args, config, None if args.preset else explicit_keys, others)
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -426,6 +510,11 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 
 COMMANDS: dict[str, Command] = {
     "train": ("train a model, evaluate it, write a run folder", _add_train_arguments, _run_train),
+    "plan": (
+        "the memory a training run will need on the GPU and the host, by part; refuse what cannot fit",
+        _add_plan_arguments,
+        _run_plan,
+    ),
     "eval": ("evaluate a run folder's model on a data file", _add_eval_arguments, _run_eval),
     "predict": (
         "write a run folder's top-k labels for each row of a file",

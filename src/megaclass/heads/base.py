@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +24,16 @@ from megaclass.ops.collectives import ClassShard, gather_rows, gather_targets, w
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets
 
-__all__ = ["ClassShard", "Head", "HeadContext", "LabelFeatures", "RaggedLabels", "StateKind", "Targets"]
+__all__ = [
+    "ClassShard",
+    "Head",
+    "HeadContext",
+    "LabelFeatures",
+    "PlannedBytes",
+    "RaggedLabels",
+    "StateKind",
+    "Targets",
+]
 
 StateKind = Literal["rows", "groups", "rank"]
 """How a state entry splits across ranks: ``rows`` (leading dimension: the head's rows ``[start, stop)`` of
@@ -179,6 +188,30 @@ class Head(nn.Module):
         structure = sum(b.numel() * b.element_size() for b in self.buffers())
         return {"weights": weights, "structure": structure}
 
+    @classmethod
+    def planned_bytes(
+        cls,
+        config: Any,
+        context: HeadContext,
+        *,
+        batch: int,
+        eval_batch: int,
+        device_type: str = "cuda",
+        optimizer_moments: int = 2,
+        low_precision: bool = False,
+    ) -> dict[str, PlannedBytes]:
+        """What a head of ``config`` for ``context`` would hold, by part, without building it (the memory
+        plan of :mod:`megaclass.train.plan`): ``weights``, ``gradients``, ``optimizer`` (a torch optimizer
+        keeping ``optimizer_moments`` weight-sized tensors, or the row store's own state), ``index``
+        (topology, class index, label maps), ``activations`` (one training batch of ``batch`` samples),
+        ``evaluation`` (scoring ``eval_batch`` samples) and ``checkpoint`` (host copies its state dict makes
+        beyond what it holds). ``device_type``: the compute device's; ``low_precision``: bf16 head state.
+
+        Raises:
+            ConfigError: the head cannot plan its memory.
+        """
+        raise ConfigError(f"{cls.__name__} gives no memory plan")
+
 
 @torch.no_grad()
 def rescaled_rows(rows: Tensor, like: Tensor) -> Tensor:
@@ -188,3 +221,12 @@ def rescaled_rows(rows: Tensor, like: Tensor) -> Tensor:
         raise ValueError(f"initial rows: expected shape {tuple(like.shape)}, got {tuple(rows.shape)}")
     scale = like.float().norm(dim=1).mean()
     return torch.nn.functional.normalize(rows, dim=1) * scale
+
+
+class PlannedBytes(NamedTuple):
+    """Bytes one part of a run would hold on the compute device and in host memory, and the setting that
+    shrinks it (for a plan's refusal line)."""
+
+    device: int
+    host: int
+    setting: str = ""

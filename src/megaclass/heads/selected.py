@@ -33,9 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from megaclass.heads.base import Head, HeadContext, StateKind
+from megaclass.heads.base import Head, HeadContext, PlannedBytes, StateKind
 from megaclass.index import ClassSelector, Selection, select_active
 from megaclass.index.config import (
+    AnnoyIndexConfig,
     ClusterIndexConfig,
     ExactIndexConfig,
     IndexConfig,
@@ -505,3 +506,72 @@ class SelectedHead(Head):
             f"in_features={self.context.in_features}, classes=[{start}, {stop}) of {classes}, "
             f"sample_num={self.sample_num}, index={c.index.type}, store={c.store}, interval={c.interval}"
         )
+
+    @classmethod
+    def planned_bytes(
+        cls,
+        config: SelectedHeadConfig,
+        context: HeadContext,
+        *,
+        batch: int,
+        eval_batch: int,
+        device_type: str = "cuda",
+        optimizer_moments: int = 2,
+        low_precision: bool = False,
+    ) -> dict[str, PlannedBytes]:
+        """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
+        servers), the selection buffers and the index, the active rows' gradients, ``B x S`` logits per
+        batch; a checkpoint copies the store's rows, state and index to host memory."""
+        classes, dim = context.num_classes, context.in_features
+        rows = classes * dim * 4
+        state = sum(classes * math.prod(shape) * 4 for shape in config.optimizer.state_shapes(dim).values())
+        on_device = config.store in ("gpu", "device")
+        local = config.store in ("gpu", "device", "host")
+
+        def placed(count: int, setting: str) -> PlannedBytes:
+            count = count if local else 0
+            return PlannedBytes(count, 0, setting) if on_device else PlannedBytes(0, count, setting)
+
+        active = min(classes, max(config.active_classes(classes), batch))  # S: at least the batch's labels
+        index = _planned_index_bytes(config.index, classes, dim, device_type=device_type)
+        selection = classes * (1 + 4) + 64 * 8  # rows updated since the build, selection marks, multipliers
+        logits = 3 * batch * active * 4  # (B, S) logits, log-probabilities, their gradient
+        pulled = active * dim * 4 * (2 if config.margin.enabled else 1)  # (S, D) rows (normalised too)
+        staged = 2 * active * dim * 4 if config.store == "host" else 0  # pinned rows out, gradients back
+        block = 0 if on_device else min(classes, _READ_BLOCK) * dim * 4  # rows read to the device to score
+        index_setting = (
+            "head.index.dtype=int8" if isinstance(config.index, ClusterIndexConfig) else "head.index=none"
+        )
+        optimizer_setting = "head.store=host" if on_device else "head.optimizer.momentum=0"
+        return {
+            "weights": placed(rows, "head.store=host" if on_device else "head.store=ps://..."),
+            "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
+            "optimizer": placed(state, optimizer_setting),
+            "index": PlannedBytes(index[0] + selection, index[1], index_setting),
+            "activations": PlannedBytes(logits + pulled + batch * dim * 4, staged, "head.sample_num"),
+            "evaluation": PlannedBytes(block + 2 * eval_batch * config.chunk_size * 4, 0, "eval.batch_size"),
+            # the store's state dict is a host copy of its rows and state (a parameter server's too), the
+            # index's a host copy of its tensors
+            "checkpoint": PlannedBytes(0, rows + state + sum(index), "head.optimizer.momentum=0"),
+        }
+
+
+def _planned_index_bytes(config: IndexConfig, classes: int, dim: int, *, device_type: str) -> tuple[int, int]:
+    """``(device, host)`` bytes of the index over ``classes`` rows of width ``dim``, once built."""
+    if isinstance(config, ClusterIndexConfig):
+        row_bytes = {"auto": 2 if device_type == "cuda" else 4, "float32": 4, "bfloat16": 2, "int8": 1}[
+            config.dtype
+        ]
+        depth = max(0, math.ceil(math.log2(classes / config.leaf_size))) if classes > config.leaf_size else 0
+        clusters = 1 << depth  # leaves of the balanced 2-means tree (clustering.hierarchical_balanced_2means)
+        largest = -(-classes // clusters)
+        width = largest + max(1, largest // 8)  # the members' padded width (index.kmeans)
+        snapshot = classes * (dim * row_bytes + 4 + 4 + 8)  # rows, norms, scales, assignment
+        structure = clusters * (
+            width * 8 + 2 * dim * 4 + min(16, clusters) * 8
+        )  # members, sums, centroids, near
+        return snapshot + structure, 0
+    if isinstance(config, AnnoyIndexConfig):  # Annoy's angular nodes: 12 + 4 D bytes, items and splits
+        nodes = classes + config.ntrees * 2 * classes // (dim + 2)
+        return 0, nodes * (12 + 4 * dim)
+    return 0, 0  # exact: a scan of the rows; none: no index

@@ -38,7 +38,7 @@ from megaclass.dst import (
     random_fanin_index,
     rewire_fraction,
 )
-from megaclass.heads.base import Head, HeadContext, LabelFeatures, StateKind
+from megaclass.heads.base import Head, HeadContext, LabelFeatures, PlannedBytes, StateKind
 from megaclass.ops.collectives import (
     ClassShard,
     all_reduce_logsumexp,
@@ -521,3 +521,58 @@ class SparseHead(Head):
             optimizer = sum(2 * 4 * p.numel() for p in params)
         dense = self.context.num_classes * (self.context.in_features + 1) * 4
         return {**held, "optimizer": optimizer, "dense_weights": dense, "dense_optimizer": 2 * dense}
+
+    @classmethod
+    def planned_bytes(
+        cls,
+        config: SparseHeadConfig,
+        context: HeadContext,
+        *,
+        batch: int,
+        eval_batch: int,
+        device_type: str = "cuda",
+        optimizer_moments: int = 2,
+        low_precision: bool = False,
+    ) -> dict[str, PlannedBytes]:
+        """``(C, K)`` weights and biases, the intermediate layer, the dense head of frequent labels and the
+        auxiliary cluster classifier (the trainer gives it label features) with as many gradients and the
+        optimizer's moments; the index rows and label maps; per batch the hidden features, one chunk of
+        gathered inputs ``(B, chunk, K)`` and the positives' ``B x K`` terms."""
+        classes, fan_in = context.num_classes, config.fan_in
+        hidden = config.intermediate or context.in_features
+        tail = classes - config.dense_frequent
+        groups = -(-tail // config.group)
+        clusters = 0
+        if config.aux_enabled and config.aux_clusters == "auto":
+            clusters = (
+                1 << max(0, math.ceil(math.log2(classes / config.aux_leaf)))
+                if classes > config.aux_leaf
+                else 1
+            )
+        elif config.aux_enabled:
+            clusters = min(int(config.aux_clusters), classes)
+        weights = tail * fan_in + (tail if config.bias else 0)
+        if config.intermediate:
+            weights += (context.in_features + 1) * hidden
+        if config.dense_frequent:
+            weights += (hidden + 1) * config.dense_frequent
+        if clusters:
+            weights += (hidden + 1) * clusters
+        params = weights * (2 if low_precision else 4)
+        index_bytes = 4 if config.index_dtype == "int32" else 8
+        maps = 2 * classes * 8 + (classes * 8 if clusters else 0)  # label order, position (and cluster)
+        gathered = min(
+            batch * groups * fan_in, 1 << 22
+        )  # a chunk of (B, chunk, K) inputs, as the ops bound it
+        activations = (3 * batch * (hidden + clusters) + 3 * gathered + 2 * batch * fan_in) * 4
+        scored = eval_batch * (hidden + 2 * min(config.topk_chunk, tail)) * 4
+        smaller = "optim.head_state=bf16_sr" if not low_precision else "head.fan_in"
+        return {
+            "weights": PlannedBytes(params, 0, "head.fan_in"),
+            "gradients": PlannedBytes(params, 0, smaller),
+            "optimizer": PlannedBytes(optimizer_moments * params, 0, smaller),
+            "index": PlannedBytes(groups * fan_in * index_bytes + maps, 0, "head.group"),
+            "activations": PlannedBytes(activations, 0, "train.batch_size"),
+            "evaluation": PlannedBytes(scored, 0, "head.topk_chunk"),
+            "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters and buffers themselves
+        }

@@ -1,0 +1,471 @@
+"""The memory a training run will need on the GPU and in host memory, by part, before anything is allocated.
+
+    megaclass plan --train train_bow.txt --head selected --set head.store=host \\
+        --gpu-memory 139 --host-memory 128
+    megaclass train --train train_bow.txt --test test_bow.txt --out runs/x --dry-run
+
+The data's shape is read cheaply (:func:`read_data_shape`: the BoW header and a sample of lines, never
+the whole file parsed); the config is resolved from it as ``megaclass train`` resolves it; :func:`plan_run`
+adds up each part as a pure function of the two: the head's parts come from the head class
+(:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
+memory) and one forward pass there, whose saved tensors are the activations the backward keeps. A run's peak
+is what it holds all along (``steady``) plus the largest of what a training step, an evaluation, a
+checkpoint save or the data loading hold on top of it. :meth:`MemoryPlan.refusal` names the part that does
+not fit, by how much, and the setting that shrinks it.
+
+The plan is one process's (world size 1); a class-sharded run's head parts are divided over the ranks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from megaclass.data.loaders import detect_format
+from megaclass.data.xmc import read_label_names
+from megaclass.errors import DataFormatError
+from megaclass.heads import HeadContext, head_class
+from megaclass.models import build_model
+from megaclass.train.config import RunConfig, featurizer_config
+from megaclass.train.recipes import DataFacts
+
+__all__ = [
+    "DataShape",
+    "MemoryPlan",
+    "PlanPart",
+    "format_bytes",
+    "machine_memory",
+    "plan_run",
+    "plan_device_type",
+    "read_data_shape",
+]
+
+GIB = 1 << 30
+Phase = Literal["steady", "step", "evaluation", "checkpoint", "loading"]
+_TRANSIENT: tuple[Phase, ...] = ("step", "evaluation", "checkpoint", "loading")
+_SAMPLE_BYTES = 4 << 20  # decompressed bytes of lines sampled for the per-row counts
+_READ_BYTES = 16 << 20  # bytes read at once when counting a text file's lines
+_CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on the GPU
+
+
+def format_bytes(count: float) -> str:
+    """``1.50 GiB``, ``12.0 MiB``, ``512 B``."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{int(count)} B"
+
+
+# ------------------------------------------------------------------------------------------- data shape
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the memory of a data set depends on, read without parsing it.
+
+    Args:
+        path: the file.
+        inputs: ``bow`` (XMC BoW rows) or ``text`` (``labels<TAB>text``, featurised).
+        num_rows: documents.
+        num_features: columns of the feature rows (text: the featuriser's bound).
+        num_labels: ``C``.
+        nonzeros_per_row: mean stored features a row (text: an upper bound, n-grams counted with repeats).
+        labels_per_row: mean labels a row.
+        multilabel: whether a sampled row holds other than one label.
+        text_bytes: the decompressed file's size (estimated from the sample when gzipped BoW).
+    """
+
+    path: str
+    inputs: Literal["bow", "text"]
+    num_rows: int
+    num_features: int
+    num_labels: int
+    nonzeros_per_row: float
+    labels_per_row: float
+    multilabel: bool
+    text_bytes: int
+
+    def facts(self) -> DataFacts:
+        """The facts a recipe is chosen by (:func:`megaclass.train.recipes.resolve_recipe`)."""
+        return DataFacts(self.inputs, self.multilabel, self.num_rows, self.num_labels, self.num_features)
+
+    def array_bytes(self) -> int:
+        """Bytes of the parsed rows in memory: CSR features (int64 offsets, int32 ids, float32 values) and
+        labels (int64 offsets, int32 ids)."""
+        rows = self.num_rows
+        features = (rows + 1) * 8 + round(rows * self.nonzeros_per_row) * 8
+        labels = (rows + 1) * 8 + round(rows * self.labels_per_row) * 4
+        return features + labels
+
+
+def _open(path: str):
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def _sample_lines(path: str, *, skip_header: bool) -> tuple[list[bytes], bool]:
+    """The first lines of ``path`` (about :data:`_SAMPLE_BYTES` of them) and whether they are all of it."""
+    with _open(path) as handle:
+        if skip_header:
+            handle.readline()
+        lines = handle.readlines(_SAMPLE_BYTES)
+        whole = not handle.read(1)
+    return [line for line in lines if line.strip()], whole
+
+
+def _count_lines(path: str) -> tuple[int, int]:
+    """``(lines, decompressed bytes)`` of ``path``, streamed in pieces (no line is parsed)."""
+    lines = size = 0
+    last = b"\n"
+    with _open(path) as handle:
+        while piece := handle.read(_READ_BYTES):
+            lines += piece.count(b"\n")
+            size += len(piece)
+            last = piece[-1:]
+    return lines + (last != b"\n"), size
+
+
+def _labels_of(field: bytes) -> list[int]:
+    return [int(label) for label in field.split(b",") if label.strip()]
+
+
+def read_data_shape(
+    path: str | os.PathLike, *, num_classes: int = 0, featurizer: dict | None = None
+) -> DataShape:
+    """The shape of the XMC BoW or text file ``path``: a BoW header gives documents, features and labels;
+    the first lines give the nonzeros and labels per row; a text file's lines are counted (not parsed).
+
+    Args:
+        num_classes: ``data.num_classes`` (0: the file's).
+        featurizer: ``data.featurizer`` options (text data: the feature bound).
+
+    Raises:
+        DataFormatError: the file is not XMC BoW or text.
+    """
+    path = os.fspath(path)
+    data_format = detect_format(path)
+    if data_format == "xmc-bow":
+        with _open(path) as handle:
+            header = handle.readline()
+        num_rows, num_features, num_labels = (int(field) for field in header.split())
+        lines, whole = _sample_lines(path, skip_header=True)
+        labels, nonzeros = [], []
+        for line in lines:
+            tokens = line.split()
+            has_labels = bool(tokens) and b":" not in tokens[0] and not line[:1].isspace()
+            labels.append(_labels_of(tokens[0]) if has_labels else [])
+            nonzeros.append(len(tokens) - has_labels)
+        sampled = sum(len(line) for line in lines)
+        text_bytes = (
+            sampled + len(header) if whole else round(len(header) + num_rows * sampled / max(len(lines), 1))
+        )
+        inputs = "bow"
+    elif data_format == "xmc-text":
+        lines, _ = _sample_lines(path, skip_header=False)
+        num_rows, text_bytes = _count_lines(path)
+        labels = [_labels_of(line.split(b"\t", 1)[0]) for line in lines]
+        config = featurizer_config(featurizer or {})
+        words = [len(line.split(b"\t", 1)[-1].split()) for line in lines]
+        chars = [len(line.split(b"\t", 1)[-1]) for line in lines]
+        word_n = (
+            0
+            if config is None or config.word_ngrams is None
+            else config.word_ngrams[1] - config.word_ngrams[0] + 1
+        )
+        char_n = (
+            0
+            if config is None or config.char_ngrams is None
+            else config.char_ngrams[1] - config.char_ngrams[0] + 1
+        )
+        if config is None:
+            word_n, char_n = 2, 2  # the featuriser's defaults: word 1-2-grams, char 3-4-grams
+        nonzeros = [word_n * w + char_n * c for w, c in zip(words, chars, strict=True)]
+        names = read_label_names(path)
+        seen = max((max(row) for row in labels if row), default=0) + 1
+        num_labels = len(names) if names else seen
+        bound = None if config is None else (config.n_features or config.max_features)
+        num_features = bound if bound else (1_000_000 if config is None else round(sum(nonzeros)))
+        inputs = "text"
+    else:
+        raise DataFormatError(path, f"a memory plan reads XMC BoW or text files; this one is {data_format}")
+    count = max(len(labels), 1)
+    return DataShape(
+        path=path,
+        inputs=inputs,
+        num_rows=num_rows,
+        num_features=int(num_features),
+        num_labels=num_classes or num_labels,
+        nonzeros_per_row=sum(nonzeros) / count,
+        labels_per_row=sum(len(row) for row in labels) / count,
+        multilabel=any(len(row) != 1 for row in labels),
+        text_bytes=int(text_bytes),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class PlanPart:
+    """One part of a run's memory.
+
+    Args:
+        name: what it is (``head weights``, ``encoder activations``, ...).
+        device_bytes: on the compute device (a GPU); folded into host memory on a CPU run.
+        host_bytes: in host memory.
+        phase: ``steady`` (held all along) or the phase holding it on top: ``step``, ``evaluation``,
+            ``checkpoint`` or ``loading``.
+        setting: what to change when this part does not fit.
+    """
+
+    name: str
+    device_bytes: int
+    host_bytes: int
+    phase: Phase = "steady"
+    setting: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A run's parts and the machine's capacities; ``gpu_capacity`` is None on a CPU run."""
+
+    parts: tuple[PlanPart, ...]
+    device_type: str
+    gpu_capacity: int | None
+    host_capacity: int
+    summary: str = ""
+
+    def _where(self, part: PlanPart) -> tuple[int, int]:
+        """``(gpu, host)`` bytes of ``part`` on this machine (a CPU run holds everything in host memory)."""
+        if self.device_type == "cuda":
+            return part.device_bytes, part.host_bytes
+        return 0, part.device_bytes + part.host_bytes
+
+    def peak(self, side: int) -> tuple[int, Phase]:
+        """Peak bytes of ``side`` (0: GPU, 1: host): the steady parts plus the largest phase on top."""
+        steady = sum(self._where(part)[side] for part in self.parts if part.phase == "steady")
+        phases = {
+            phase: sum(self._where(p)[side] for p in self.parts if p.phase == phase) for phase in _TRANSIENT
+        }
+        worst = max(_TRANSIENT, key=lambda phase: phases[phase])
+        return steady + phases[worst], worst
+
+    def refusal(self) -> str | None:
+        """One line naming the part that does not fit, by how much, and the setting to change; None if it
+        fits."""
+        sides = [(0, "GPU memory", self.gpu_capacity)] if self.device_type == "cuda" else []
+        for side, label, capacity in [*sides, (1, "host memory", self.host_capacity)]:
+            if capacity is None:
+                continue
+            need, phase = self.peak(side)
+            if need <= capacity:
+                continue
+            steady = sum(self._where(p)[side] for p in self.parts if p.phase == "steady")
+            blamed = "steady" if steady > capacity else phase  # what alone goes past the capacity
+            held = [p for p in self.parts if p.phase == blamed and self._where(p)[side] > 0]
+            largest = max(held, key=lambda p: self._where(p)[side])
+            return (
+                f"the run does not fit: {label} needs {format_bytes(need)} of {format_bytes(capacity)} "
+                f"({format_bytes(need - capacity)} over, at its peak: {phase}); the largest part "
+                f"{'held all along' if blamed == 'steady' else 'on top at ' + blamed} is {largest.name} "
+                f"({format_bytes(self._where(largest)[side])}); to shrink it: {largest.setting}"
+            )
+        return None
+
+    def format(self) -> str:
+        """The plan as a table: each part on the GPU and in host memory, the peaks and the capacities."""
+        gpu = self.device_type == "cuda"
+        lines = [self.summary] if self.summary else []
+        lines.append(f"{'part':<30} {'phase':<11} {'GPU' if gpu else '':>11} {'host':>11}  setting")
+        for part in self.parts:
+            device, host = self._where(part)
+            if device or host:
+                shown = format_bytes(device) if gpu else ""
+                lines.append(
+                    f"{part.name:<30} {part.phase:<11} {shown:>11} {format_bytes(host):>11}  {part.setting}"
+                )
+        for side, label, capacity in [(0, "GPU", self.gpu_capacity)] * gpu + [
+            (1, "host", self.host_capacity)
+        ]:
+            need, phase = self.peak(side)
+            of = "unknown" if capacity is None else format_bytes(capacity)
+            lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
+        lines.append("the run fits" if self.refusal() is None else "the run does not fit")
+        return "\n".join(lines)
+
+
+def plan_device_type(config: RunConfig, *, gpu_memory: float | None = None) -> str:
+    """``cuda`` or ``cpu``: ``train.device``, where ``auto`` is a GPU when one is here or ``gpu_memory`` is
+    given (a plan for another machine)."""
+    device = config.train.device
+    if device == "auto":
+        return "cuda" if gpu_memory is not None or torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def machine_memory(
+    device_type: str, *, gpu_memory: float | None = None, host_memory: float | None = None
+) -> tuple[int | None, int]:
+    """``(GPU, host)`` capacities in bytes: ``gpu_memory`` / ``host_memory`` GiB where given, else this
+    machine's GPU total memory (None without one) and available host memory (``MemAvailable``)."""
+    gpu = None
+    if gpu_memory is not None:
+        gpu = round(gpu_memory * GIB)
+    elif device_type == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if host_memory is not None:
+        return gpu, round(host_memory * GIB)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return gpu, int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return gpu, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _moments(name: str, momentum: float) -> int:
+    """Weight-sized tensors a torch optimizer keeps: Adam's two moments, SGD's momentum buffer."""
+    if name == "sgd":
+        return 1 if momentum > 0 else 0
+    return 2
+
+
+def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[list[PlanPart], int]:
+    """The encoder's parts and its output width ``D``: built on the ``meta`` device (no memory), then one
+    forward pass of a ``batch``-row input there, whose tensors saved for the backward are its activations."""
+    from megaclass.data.batch import InputSpec, SparseInputs
+
+    with torch.device("meta"):
+        encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
+        nonzeros = max(1, round(batch * shape.nonzeros_per_row))
+        inputs = SparseInputs(
+            torch.zeros(nonzeros, dtype=torch.int64),
+            torch.zeros(batch + 1, dtype=torch.int64),
+            torch.zeros(nonzeros, dtype=torch.float32),
+        )
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    parameters = {id(p) for p in encoder.parameters()}
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters and id(tensor._base) not in parameters:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        features = encoder(inputs)  # (B, D)
+    input_bytes = nonzeros * (8 + 4) + (batch + 1) * 8
+    activations = sum(saved) + 2 * features.numel() * features.element_size() + input_bytes
+    optimizer = config.optim.encoder
+    parts = [
+        PlanPart("encoder weights", weights, 0, setting="model.hidden (a smaller encoder)"),
+        PlanPart("encoder gradients", grads, 0, setting="model.hidden (a smaller encoder)"),
+        PlanPart(
+            "encoder optimizer state",
+            _moments(optimizer.name, optimizer.momentum) * grads,
+            0,
+            setting="optim.encoder.name=sgd",
+        ),
+        PlanPart("encoder activations", activations, 0, "step", "train.batch_size"),
+    ]
+    return parts, int(encoder.out_features)
+
+
+_HEAD_PARTS: dict[str, tuple[str, Phase]] = {
+    "weights": ("head weights", "steady"),
+    "gradients": ("head gradients", "steady"),
+    "optimizer": ("head optimizer state", "steady"),
+    "index": ("head index", "steady"),
+    "activations": ("head activations", "step"),
+    "evaluation": ("head evaluation", "evaluation"),
+    "checkpoint": ("head state dict copies", "checkpoint"),
+}
+
+
+def plan_run(
+    config: RunConfig,
+    shape: DataShape,
+    *,
+    device_type: str,
+    gpu_capacity: int | None,
+    host_capacity: int,
+    others: tuple[DataShape, ...] = (),
+) -> MemoryPlan:
+    """The memory plan of training ``config`` (resolved) on data of ``shape`` on a ``device_type`` device.
+
+    Args:
+        others: the shapes of the test (and validation) files, held in memory too.
+    """
+    batch = config.train.batch_size
+    parts, dim = _encoder_parts(config, shape, batch)
+    context = HeadContext(in_features=dim, num_classes=shape.num_labels, multilabel=shape.multilabel)
+    head = head_class(config.head).planned_bytes(
+        config.head,
+        context,
+        batch=batch,
+        eval_batch=config.eval.batch_size,
+        device_type=device_type,
+        optimizer_moments=_moments(config.optim.head.name, config.optim.head.momentum),
+        low_precision=config.optim.head_state == "bf16_sr",
+    )
+    for key, planned in head.items():
+        name, phase = _HEAD_PARTS[key]
+        parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting))
+    saved_names = (
+        "head weights", "head optimizer state", "head index", "encoder weights", "encoder optimizer state"
+    )  # fmt: skip
+    # state_io.write_state clones every saved tensor to host memory before writing it
+    saved = sum(part.device_bytes + part.host_bytes for part in parts if part.name in saved_names)
+    width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
+    data = shape.array_bytes() + sum(other.array_bytes() for other in others)
+    largest_file = max([shape, *others], key=lambda s: s.text_bytes)
+    metrics = 3 * shape.num_labels * 8  # label counts, propensities, per-label sums
+    parts += [
+        PlanPart("data sets in memory", 0, data, setting="a host with more memory (data is held in memory)"),
+        PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
+        PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
+        PlanPart("evaluation metrics", 0, metrics, "evaluation", "eval.batch_size"),
+        PlanPart("checkpoint host copy", 0, saved, "checkpoint", "a host with more memory"),
+    ]
+    if device_type == "cuda":
+        parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, 0, setting="a larger GPU"))
+    summary = (
+        f"memory plan: {config.head.type} head, {shape.num_labels:,} classes x D {dim}, {shape.num_rows:,} "
+        f"rows, batch {batch}, on {device_type} (one process)"
+    )
+    return MemoryPlan(tuple(parts), device_type, gpu_capacity, host_capacity, summary)
+
+
+def plan_for(
+    config: RunConfig,
+    train_path: str,
+    *,
+    other_paths: tuple[str, ...] = (),
+    resolve: Callable[[RunConfig, DataFacts], RunConfig],
+    gpu_memory: float | None = None,
+    host_memory: float | None = None,
+) -> MemoryPlan:
+    """The plan of ``config`` on the files given: their shapes read, the config resolved from the training
+    file's facts by ``resolve`` (as ``megaclass train`` resolves it), the capacities of this machine or those
+    given in GiB."""
+    options = dict(num_classes=config.data.num_classes, featurizer=config.data.featurizer)
+    shape = read_data_shape(train_path, **options)
+    resolved = resolve(config, shape.facts())
+    others = tuple(
+        read_data_shape(path, **{**options, "num_classes": shape.num_labels}) for path in other_paths
+    )
+    device_type = plan_device_type(resolved, gpu_memory=gpu_memory)
+    gpu, host = machine_memory(device_type, gpu_memory=gpu_memory, host_memory=host_memory)
+    return plan_run(
+        resolved, shape, device_type=device_type, gpu_capacity=gpu, host_capacity=host, others=others
+    )

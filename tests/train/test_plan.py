@@ -1,0 +1,174 @@
+"""The memory plan: the heads' planned parts against what built heads hold after a few training steps, the
+data shape read without parsing, the refusal line and exit code, and a dry run that writes nothing."""
+
+import os
+
+import pytest
+import torch
+
+from megaclass.cli import main
+from megaclass.data.synthetic import synthesize
+from megaclass.data.xmc import load_xmc
+from megaclass.heads import HeadContext, build_head, head_class, head_config
+from megaclass.targets import RaggedLabels
+from megaclass.train.build import build_optimizer
+from megaclass.train.config import OptimGroupConfig, load_config
+from megaclass.train.plan import MemoryPlan, PlanPart, plan_run, read_data_shape
+
+DIM, BATCH, STEPS = 64, 16, 3
+
+HEADS = {
+    "dense": {"type": "dense"},
+    "sparse": {"type": "sparse", "fan_in": 16, "group": 4, "aux_clusters": 0},
+    "selected": {"type": "selected", "sample_num": 200, "interval": 2},
+    "partial_fc": {"type": "partial_fc"},
+}
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _measured(head, config, classes: int, multilabel: bool) -> dict[str, int]:
+    """Bytes the head holds after ``STEPS`` steps, by the plan's parts (gradients: the last step's)."""
+    optimizer = build_optimizer(head, OptimGroupConfig())
+    generator = torch.Generator().manual_seed(0)
+    grads = 0
+    for step in range(1, STEPS + 1):
+        features = torch.randn(BATCH, DIM, generator=generator)
+        ids = torch.randint(0, classes, (BATCH,), generator=generator)
+        targets = RaggedLabels.from_lists([[int(i)] for i in ids]) if multilabel else ids
+        loss = head(features, targets)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = _tensor_bytes(p.grad for p in head.parameters())
+        pending = getattr(
+            head, "_pending", None
+        )  # a selected head's pulled rows, whose gradient the store takes
+        if pending is not None:
+            grads += _tensor_bytes([pending[1].grad])
+        if optimizer is not None:
+            optimizer.step()
+        head.after_step(step, step / 10, lr=0.01)
+    held = head.state_bytes()
+    optimizer_state = held.get("row_optimizer", 0)
+    if optimizer is not None:
+        optimizer_state += sum(_tensor_bytes(state.values()) for state in optimizer.state.values())
+    return {
+        "weights": held["weights"],
+        "gradients": grads,
+        "optimizer": optimizer_state,
+        "index": held["structure"],
+    }
+
+
+@pytest.mark.parametrize("classes", [1_000, 10_000, 100_000])
+@pytest.mark.parametrize("name", list(HEADS))
+def test_planned_head_parts_match_what_a_trained_head_holds(name, classes):
+    config = head_config(HEADS[name])
+    multilabel = name == "sparse"
+    context = HeadContext(in_features=DIM, num_classes=classes, multilabel=multilabel)
+    head = build_head(config, context)
+    measured = _measured(head, config, classes, multilabel)
+    planned = head_class(config).planned_bytes(
+        config, context, batch=BATCH, eval_batch=64, device_type="cpu", optimizer_moments=2
+    )
+    for part, held in measured.items():
+        plan = planned[part].device + planned[part].host
+        assert abs(plan - held) <= 0.15 * held, f"{name} C={classes} {part}: planned {plan}, held {held}"
+
+
+def test_store_placement_and_bf16_state_move_the_planned_bytes():
+    context = HeadContext(in_features=DIM, num_classes=1000, multilabel=False)
+    selected = head_config({"type": "selected", "store": "host"})
+    on_host = head_class(selected).planned_bytes(selected, context, batch=BATCH, eval_batch=8)
+    assert on_host["weights"].device == 0 and on_host["weights"].host == 1000 * DIM * 4
+    dense = head_config({"type": "dense"})
+    fp32, bf16 = (
+        head_class(dense).planned_bytes(dense, context, batch=BATCH, eval_batch=8, low_precision=low)
+        for low in (False, True)
+    )
+    assert 2 * bf16["optimizer"].device == fp32["optimizer"].device == 2 * 1000 * (DIM + 1) * 4
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    for split, (docs, stream) in {"train": (600, 0), "test": (150, 1)}.items():
+        synthesize(
+            folder / f"{split}_bow.txt", num_docs=docs, num_labels=500, num_features=2000, stream=stream
+        )
+    return folder
+
+
+def test_data_shape_from_the_header_and_a_sample_matches_the_parsed_file(synthetic, tmp_path):
+    path = str(synthetic / "train_bow.txt")
+    shape = read_data_shape(path)
+    data = load_xmc(path, cache=False)
+    assert (shape.num_rows, shape.num_features, shape.num_labels) == (len(data.labels), 2000, 500)
+    assert shape.multilabel
+    assert shape.nonzeros_per_row == pytest.approx(data.features.nnz / len(data.labels))
+    assert shape.labels_per_row == pytest.approx(data.labels.nnz / len(data.labels))
+    parsed = sum(a.nbytes for a in (data.features.indptr, data.features.indices, data.features.data))
+    parsed += data.labels.indptr.nbytes + data.labels.indices.nbytes
+    assert abs(shape.array_bytes() - parsed) <= 0.15 * parsed
+    text = tmp_path / "train.txt"
+    text.write_text("3,7\tred fox\n1\tjumps over it\n\n2\tdog\n", encoding="utf-8")
+    shape = read_data_shape(str(text))
+    assert (shape.inputs, shape.num_rows, shape.num_labels, shape.labels_per_row) == ("text", 4, 8, 4 / 3)
+    assert not os.path.exists(str(synthetic / "train_bow.txt") + ".megaclass.npz")  # nothing parsed
+
+
+def test_plan_refuses_the_part_that_does_not_fit():
+    parts = (
+        PlanPart("head weights", 0, 10 << 30, setting="head.store=ps://..."),
+        PlanPart("encoder weights", 1 << 30, 0, setting="model.hidden"),
+        PlanPart("checkpoint host copy", 0, 30 << 30, "checkpoint", "a host with more memory"),
+    )
+    plan = MemoryPlan(parts, "cuda", gpu_capacity=2 << 30, host_capacity=32 << 30)
+    line = plan.refusal()
+    assert line is not None and "\n" not in line
+    assert "host memory needs 40.00 GiB of 32.00 GiB (8.00 GiB over" in line
+    assert "checkpoint host copy (30.00 GiB); to shrink it: a host with more memory" in line
+    assert MemoryPlan(parts, "cuda", gpu_capacity=2 << 30, host_capacity=40 << 30).refusal() is None
+    small_gpu = MemoryPlan(parts, "cuda", gpu_capacity=1 << 29, host_capacity=40 << 30).refusal()
+    assert "GPU memory needs 1.00 GiB of 512.00 MiB" in small_gpu and "encoder weights" in small_gpu
+    on_cpu = MemoryPlan(parts, "cpu", gpu_capacity=None, host_capacity=40 << 30).refusal()
+    assert "host memory needs 41.00 GiB" in on_cpu  # a CPU run holds the device parts in host memory
+
+
+def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
+    config = load_config(head="selected", overrides=["head.store=host", "model.hidden=[64]"])
+    shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**8)
+    plan = plan_run(config, shape, device_type="cuda", gpu_capacity=139 << 30, host_capacity=128 << 30)
+    parts = {part.name: part for part in plan.parts}
+    assert parts["head weights"].host_bytes == 10**8 * 64 * 4 and parts["head weights"].device_bytes == 0
+    assert parts["head optimizer state"].host_bytes == 10**8 * 64 * 4  # SGD momentum: one buffer a row
+    assert parts["head state dict copies"].host_bytes >= 2 * 10**8 * 64 * 4  # a save copies rows and state
+    # its rows and state fit in 128 GiB, the copies a checkpoint save makes do not
+    assert "host memory needs" in plan.refusal() and "at its peak: checkpoint" in plan.refusal()
+    assert plan.peak(0)[0] < 139 << 30
+
+
+def test_cli_plan_refuses_with_one_line_and_its_exit_code(synthetic, capsys):
+    train = str(synthetic / "train_bow.txt")
+    code = main(["plan", "--train", train, "--head", "dense", "--gpu-memory", "0.01", "--host-memory", "64"])
+    captured = capsys.readouterr()
+    assert code == 3
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("megaclass plan: error: the run does not fit: GPU")
+    assert "peak GPU" in captured.out
+    assert main(["plan", "--train", train, "--gpu-memory", "139", "--host-memory", "128"]) == 0
+    assert "the run fits" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    before = sorted(os.listdir(synthetic))
+    argv = ["train", "--train", str(synthetic / "train_bow.txt"), "--test", str(synthetic / "test_bow.txt")]
+    code = main([*argv, "--out", str(out), "--dry-run", "--set", "train.device=cpu", "--host-memory", "64"])
+    assert code == 0
+    assert "memory plan: dense head, 500 classes" in capsys.readouterr().out
+    assert not out.exists()
+    assert sorted(os.listdir(synthetic)) == before
