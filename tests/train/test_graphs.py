@@ -220,9 +220,11 @@ def _trainer(task, out, head: str, *overrides: str, resume: bool = False) -> Tra
 
 
 def test_trainer_refuses_on_without_cuda(small_task, tmp_path):
-    trainer = _trainer(small_task, tmp_path, "dense", "train.cuda_graph=on", "train.device=cpu")
+    out = tmp_path / "run"
+    trainer = _trainer(small_task, out, "dense", "train.cuda_graph=on", "train.device=cpu")
     with pytest.raises(ConfigError, match="train.cuda_graph=on: .*the device is cpu"):
         trainer.setup()
+    assert not out.exists(), "refused before the run folder is written"
 
 
 def test_trainer_logs_steps_per_second(small_task, tmp_path):
@@ -263,14 +265,14 @@ _GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
         "head.sample_num=512",
         "head.interval=5",
         "head.coverage_every=3",
-    ),  # fmt: skip
+    ),
     "selected_gpu": (
         "selected",
         "head.index=gpu",
         "head.sample_num=512",
         "head.interval=5",
         "head.coverage_every=3",
-    ),  # fmt: skip
+    ),
 }
 
 

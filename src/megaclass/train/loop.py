@@ -222,6 +222,19 @@ class Trainer:
             world_size=dist.world_size,
         )
         self.total_steps = config.train.epochs * self.loader.steps_per_epoch()
+        graph = resolve_cuda_graph(  # before the folder changes: train.cuda_graph=on may be refused
+            config.train.cuda_graph,
+            head=self.head,
+            device=self.device,
+            multilabel=self.train_data.multilabel,
+            world_size=dist.world_size,
+        )
+        autocast_dtype = torch.bfloat16 if config.train.bf16 else None
+        self.head_graph = (
+            HeadStepGraph(self.head, batch_size=self.loader.batch_size, autocast_dtype=autocast_dtype)
+            if graph.on
+            else None
+        )
         resumed = self._restore_newest() if self.resume else None
         if dist.distributed:
             import torch.distributed as collectives
@@ -236,20 +249,7 @@ class Trainer:
         if resumed is not None:
             self._restore_log(resumed)
         self._bind_head_optimizer()
-        choice = resolve_cuda_graph(
-            config.train.cuda_graph,
-            head=self.head,
-            device=self.device,
-            multilabel=self.train_data.multilabel,
-            world_size=dist.world_size,
-        )
-        self.logger.print(f"cuda graph: {'on' if choice.on else 'off'} ({choice.reason})")
-        autocast_dtype = torch.bfloat16 if config.train.bf16 else None
-        self.head_graph = (
-            HeadStepGraph(self.head, batch_size=self.loader.batch_size, autocast_dtype=autocast_dtype)
-            if choice.on
-            else None
-        )
+        self.logger.print(f"cuda graph: {'on' if graph.on else 'off'} ({graph.reason})")
         self._bar: Any = None  # the epoch's progress bar (None: off)
         self._window_started = time.perf_counter()  # when the log window began
 
