@@ -259,6 +259,8 @@ _GPU_RUN = (
 _GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
     "dense_softmax": ("dense", "head.loss=softmax"),
     "sparse_softmax": ("sparse", "head.fan_in=16", "head.aux_clusters=0", "head.dst.interval=4"),
+    # the auxiliary loss on (its weight read from the device), then off from the cut-off: captured again
+    "sparse_aux": ("sparse", "head.fan_in=16", "head.aux_clusters=auto", "head.aux_cutoff_epoch=1.5"),
     "selected_exact": (
         "selected",
         "head.index=exact",
@@ -340,3 +342,31 @@ def test_resumed_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
     _run(gpu_task, out, kind, *head_overrides, "train.cuda_graph=on", resume=True)
     np.testing.assert_allclose(_losses(out), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
     _assert_same_model(out, tmp_path / "off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [{"type": "dense"}, {"type": "selected", "index": {"type": "exact"}}])
+def test_head_step_graph_replays_the_eager_step(spec):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    context = HeadContext(in_features=64, num_classes=5000, multilabel=False)
+    heads = [_head({**spec, "seed": 3}, context).to(CUDA) for _ in range(2)]
+    graph = HeadStepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    for step in range(1, 7):
+        features = torch.randn(64, 64, device=CUDA, generator=generator)
+        targets = torch.randint(5000, (64,), device=CUDA, generator=generator)
+        eager_features = features.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager_loss = heads[0](eager_features, targets)
+        eager_loss.backward()
+        loss, features_grad = graph.run(features, targets)
+        torch.testing.assert_close(loss, eager_loss.detach(), msg=f"loss at step {step}")
+        torch.testing.assert_close(features_grad, eager_features.grad, msg=f"features grad at step {step}")
+        for (name, got), expected in zip(heads[1].named_parameters(), heads[0].parameters(), strict=True):
+            torch.testing.assert_close(got.grad, expected.grad, msg=f"{name} grad at step {step}")
+        for head in heads:
+            head.after_step(step, 0.0, lr=0.1)
+            for param in head.parameters():
+                param.grad = None
+    assert graph.captures == 1 and graph.replays >= 3  # eager warm-up steps, then replays

@@ -141,7 +141,8 @@ class HeadStepGraph:
         self.replays += 1
         for param, grad in self._grads:
             param.grad = grad
-        self.head.after_replay()
+        with self._autocast():  # what the eager forward's host side computes, it computes under autocast
+            self.head.after_replay()
         return self._loss.clone(), self._features.grad  # a clone: the next replay overwrites the static loss
 
     def _prepare(self, key: tuple, features: Tensor, targets: Tensor) -> None:
@@ -155,10 +156,13 @@ class HeadStepGraph:
         if self._stream is None:
             self._stream = torch.cuda.Stream(features.device)
 
-    def _forward_backward(self) -> Tensor:
+    def _autocast(self) -> torch.autocast:
         dtype, enabled = self.autocast_dtype or torch.bfloat16, self.autocast_dtype is not None
         # no autocast cache: a cast cached across the capture's end would leave the graph a freed tensor
-        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+        return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+    def _forward_backward(self) -> Tensor:
+        with self._autocast():
             loss = self.head(self._features, self._targets)
         loss.backward()
         return loss.detach()
