@@ -188,6 +188,28 @@ class Head(nn.Module):
         structure = sum(b.numel() * b.element_size() for b in self.buffers())
         return {"weights": weights, "structure": structure}
 
+    # ------------------------------------------------------------------ CUDA graph capture of the step
+    def capture_blocker(self, *, targets_static: bool) -> str | None:
+        """Why this head's forward and backward cannot be captured in a CUDA graph, or None when they can:
+        static shapes, no host sync (``.item()``, ``nonzero``, data-dependent sizes) and no host-side work a
+        replay would skip. ``targets_static``: the targets are multi-class ``(B,)``, not ragged. Not
+        capturable by default."""
+        return f"{type(self).__name__} does not declare its step capturable"
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """The CUDA generators the forward draws from besides the device's default one (a captured step
+        advances them on each replay); none by default."""
+        return []
+
+    def graph_key(self) -> tuple:
+        """What a captured step depends on besides its inputs' shapes: buffers the forward reads that may be
+        replaced, Python values it branches on. A change recaptures; nothing by default."""
+        return ()
+
+    def after_replay(self) -> None:
+        """Called after each replay of a captured step, before the optimizer step: the host-side part of
+        :meth:`forward` (bookkeeping a replay skips, as it runs device work only). Nothing by default."""
+
     @classmethod
     def planned_bytes(
         cls,

@@ -158,6 +158,15 @@ class DenseHead(Head):
             shard=self.shard,
         )
 
+    def capture_blocker(self, *, targets_static: bool) -> str | None:
+        """Capturable with multi-class targets on one process: the fused op checks label ranges of CPU
+        targets only and sizes everything from ``(B, D, C)``."""
+        if self.sharded:
+            return "a class-sharded head reduces its loss over ranks inside the step"
+        if not targets_static:
+            return "multi-label targets are ragged: their size changes every step"
+        return None
+
     @torch.no_grad()
     def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, ids)`` of the logits, each ``(B, k)``, in chunks of ``chunk_size`` classes;

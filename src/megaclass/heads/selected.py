@@ -172,6 +172,8 @@ class SelectedHead(Head):
         self._multipliers = coprime_multipliers(self.num_rows, seed=self.seed)
         self._metrics: dict[str, float] = {}
         self._counts: dict[str, Tensor] = {}  # device counts of the last selection, read by metrics()
+        self._index_builds = 0  # a rebuilt index may hold new buffers: a captured step is captured again
+        self._captured: tuple[Tensor, Selection, Tensor] | None = None  # (features, selection, rows)
 
     # ------------------------------------------------------------------ parts, built on the head's device
     def materialize(self) -> RowStore:
@@ -225,6 +227,7 @@ class SelectedHead(Head):
             )  # (n,) ids; host sync: the count sizes the refresh
         self._dirty.zero_()
         self.selector.build(store.rows(), changed=changed)
+        self._index_builds += 1
 
     def _store_query(self) -> Any:
         """The store's own nearest-row query (``store=ps``: each shard answers for its rows), or None."""
@@ -329,10 +332,10 @@ class SelectedHead(Head):
         if self.config.logq_correction:
             logits = logits + selection.logit_adjust
         log_probs = torch.log_softmax(logits, dim=1)
-        if self.config.coverage_every and (self._step + 1) % self.config.coverage_every == 0:
-            self._metrics["coverage"] = self._coverage(features.detach(), rows.detach())
-        self._metrics["active_classes"] = float(selection.ids.numel())
-        self._counts = {"neighbour_classes": selection.num_neighbour}
+        if features.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._captured = (features.detach(), selection, rows)  # recorded by after_replay, each replay
+        else:
+            self._record(features.detach(), selection, rows.detach())
         if single is not None:
             return -log_probs.gather(1, single[:, None]).mean()
         sample = ragged.sample_ids().to(features.device)  # (L,)
@@ -340,6 +343,45 @@ class SelectedHead(Head):
         weight = 1.0 / lengths[sample].clamp_min(1)  # each sample's labels share one unit of loss
         labelled = (lengths > 0).sum().clamp_min(1)  # the mean's denominator, kept on the device
         return -(log_probs[sample, columns] * weight).sum() / labelled
+
+    def _record(self, features: Tensor, selection: Selection, rows: Tensor) -> None:
+        """The host side of a step: coverage when due (a full pass, never inside a captured step) and the
+        selection's counts for :meth:`metrics`."""
+        if self.config.coverage_every and (self._step + 1) % self.config.coverage_every == 0:
+            self._metrics["coverage"] = self._coverage(features, rows)
+        self._metrics["active_classes"] = float(selection.ids.numel())
+        self._counts = {"neighbour_classes": selection.num_neighbour}
+
+    # ------------------------------------------------------------------ CUDA graph capture
+    def capture_blocker(self, *, targets_static: bool) -> str | None:
+        """Capturable with multi-class targets, rows in the device store and an index queried on the device
+        (``none``, ``exact``, ``gpu``): the selection has fixed shapes and never syncs."""
+        if self.sharded:
+            return "a class-sharded head reduces its loss over ranks inside the step"
+        if not targets_static:
+            return "multi-label targets are ragged: their size changes every step"
+        if self.config.store not in ("gpu", "device"):
+            return f"head.store={self.config.store}: rows are pulled through host memory or the network"
+        if not isinstance(self.config.index, (NoIndexConfig, ExactIndexConfig, ClusterIndexConfig)):
+            return f"head.index={self.config.index.type} is queried on the host"
+        if self.config.margin.enabled:
+            return "head.margin: the target logits are placed with a data-dependent size (a host sync)"
+        return None
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """The device generator of the random fill."""
+        self.materialize()  # the generator moves to the head's device with the store
+        return [self._generator]
+
+    def graph_key(self) -> tuple:
+        """Whether the index is queried yet, and its builds: a rebuild may replace its buffers."""
+        return (self._uses_index(), self._index_builds)
+
+    def after_replay(self) -> None:
+        """Hand the replayed step's rows to :meth:`after_step` and record the step (coverage when due)."""
+        features, selection, rows = self._captured
+        self._pending = (selection.ids, rows)
+        self._record(features, selection, rows.detach())
 
     def _sharded_loss(self, features: Tensor, targets: Targets) -> Tensor:
         """The loss of the global batch over the union of every rank's active set (see the module)."""
@@ -498,6 +540,7 @@ class SelectedHead(Head):
         self._step = int(ours["selection.step"])
         self._dirty.copy_(ours["selection.dirty"])
         self._pending = None
+        self._index_builds += 1  # the index was loaded into new buffers
 
     def extra_repr(self) -> str:
         c = self.config

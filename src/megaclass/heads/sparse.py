@@ -215,6 +215,9 @@ class SparseHead(Head):
         self.register_buffer("dst_rng_state", torch.zeros(0, dtype=torch.uint8))
         self._dst_seed = config.dst.seed + 7919 * self.rank  # the rank's own regrowth
         self._epoch = 0.0  # host copy of the epoch buffer: the auxiliary weight needs no device sync
+        # (1 - alpha, alpha) of the auxiliary loss on the device: a captured step reads them at each replay
+        alpha = self.aux_alpha()
+        self.register_buffer("aux_mix", torch.tensor([1.0 - alpha, alpha]), persistent=False)
         self._optimizer: torch.optim.Optimizer | None = None
         self._total_steps: int | None = None
         self._rewired: Tensor | None = None  # (C_sparse, K) connections of the last rewiring, until taken
@@ -356,10 +359,10 @@ class SparseHead(Head):
             head_positive = dense_logits[samples, position.clamp_max(self.num_dense - 1)]  # (L,)
             positive = torch.where(position < self.num_dense, head_positive, positive)
         loss = combine_loss(rows, positive, ragged, self.loss_kind)
-        alpha = self.aux_alpha()
-        if alpha == 0.0:
+        if self.aux_alpha() == 0.0:
             return loss
-        return (1.0 - alpha) * loss + alpha * self._aux_loss(hidden, ragged)
+        main, auxiliary = self.aux_mix
+        return main * loss + auxiliary * self._aux_loss(hidden, ragged)
 
     def _sharded_loss(self, features: Tensor, targets: Targets) -> Tensor:
         """The whole head's loss on the global batch, held by every rank (see the module docstring)."""
@@ -394,10 +397,10 @@ class SparseHead(Head):
             frequent = (position < self.num_dense).nonzero().squeeze(1)
             positive = positive.index_put((frequent,), dense_logits[samples[frequent], position[frequent]])
         loss = combine_loss(rows, positive, every, self.loss_kind)
-        alpha = self.aux_alpha()
-        if alpha == 0.0:
+        if self.aux_alpha() == 0.0:
             return loss
-        return (1.0 - alpha) * loss + alpha * scale_grad(self._aux_loss(hidden, every), share)
+        main, auxiliary = self.aux_mix
+        return main * loss + auxiliary * scale_grad(self._aux_loss(hidden, every), share)
 
     def _aux_loss(self, hidden: Tensor, targets: RaggedLabels) -> Tensor:
         """BCE of the cluster classifier against the clusters of each sample's labels (summed, batch mean)."""
@@ -435,11 +438,34 @@ class SparseHead(Head):
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
         """Record the epoch (auxiliary weight) and rewire when the schedule says so."""
         self.epoch.fill_(epoch)
-        self._epoch = float(epoch)
+        self._set_epoch(float(epoch))
         fraction = rewire_fraction(self.config.dst, step, self._total_steps)
         count = round(fraction * self.config.fan_in)
         if count > 0:
             self.rewire(count)
+
+    def _set_epoch(self, epoch: float) -> None:
+        """The host copy of the epoch and the auxiliary mix it sets (filled without a host sync)."""
+        self._epoch = epoch
+        alpha = self.aux_alpha()
+        self.aux_mix[0].fill_(1.0 - alpha)
+        self.aux_mix[1].fill_(alpha)
+
+    def capture_blocker(self, *, targets_static: bool) -> str | None:
+        """Capturable with multi-class targets on one process through the Triton kernels (the reference
+        backend sizes a tensor from the labels: a host sync)."""
+        if self.sharded:
+            return "a class-sharded head reduces its loss over ranks inside the step"
+        if not targets_static:
+            return "multi-label targets are ragged: their size changes every step"
+        if self.config.impl == "reference":
+            return "head.impl=reference sizes a tensor from the labels (a host sync)"
+        return None
+
+    def graph_key(self) -> tuple:
+        """Whether the auxiliary loss is computed, and the topology's version: a rewiring changes the index
+        in place and the kernels' column order of it is rebuilt into new buffers."""
+        return (self.aux_alpha() > 0.0, self.index._version)
 
     def _generator(self) -> torch.Generator:
         generator = torch.Generator(device=self.index.device)
@@ -494,7 +520,7 @@ class SparseHead(Head):
             self._aux_missing = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if prefix + "epoch" in state_dict:
-            self._epoch = float(state_dict[prefix + "epoch"])  # one sync, at load time
+            self._set_epoch(float(state_dict[prefix + "epoch"]))  # one sync, at load time
 
     def metrics(self) -> dict[str, float]:
         """Sparsity, share of connections rewired last time, rewirings so far, auxiliary weight."""

@@ -53,6 +53,7 @@ from megaclass.train.build import (
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
 from megaclass.train.extract import VerificationEvaluator
+from megaclass.train.graphs import HeadStepGraph, resolve_cuda_graph
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
@@ -74,6 +75,7 @@ _RESUMABLE_CHANGES = {
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.log_every",
+    "train.cuda_graph",  # the same kernels run on the same values, replayed or launched one by one
     "distributed.timeout_s",
     "distributed.encoder",
     "distributed.shard_head",  # sharded or not, a head computes the same loss; checkpoints load either way
@@ -228,6 +230,19 @@ class Trainer:
             world_size=dist.world_size,
         )
         self.total_steps = config.train.epochs * self.loader.steps_per_epoch()
+        graph = resolve_cuda_graph(  # before the folder changes: train.cuda_graph=on may be refused
+            config.train.cuda_graph,
+            head=self.head,
+            device=self.device,
+            multilabel=self.train_data.multilabel,
+            world_size=dist.world_size,
+        )
+        autocast_dtype = torch.bfloat16 if config.train.bf16 else None
+        self.head_graph = (
+            HeadStepGraph(self.head, batch_size=self.loader.batch_size, autocast_dtype=autocast_dtype)
+            if graph.on
+            else None
+        )
         resumed = self._restore_newest() if self.resume else None
         if dist.distributed:
             import torch.distributed as collectives
@@ -242,6 +257,9 @@ class Trainer:
         if resumed is not None:
             self._restore_log(resumed)
         self._bind_head_optimizer()
+        self.logger.print(f"cuda graph: {'on' if graph.on else 'off'} ({graph.reason})")
+        self._bar: Any = None  # the epoch's progress bar (None: off)
+        self._window_started = time.perf_counter()  # when the log window began
 
     def _weight_average(self) -> WeightAverage | None:
         """The EMA of the weights that ``train.ema_decay`` asks for (None when off)."""
@@ -467,14 +485,23 @@ class Trainer:
         """One optimizer step on ``batch``; returns the (detached, device) loss."""
         batch = batch.to(self.device, non_blocking=True)
         lrs = self._set_learning_rates(self.state.global_step)
+        # full multi-class batches replay the head's captured step; an epoch's smaller last one runs eagerly
+        replayed = self.head_graph is not None and self.head_graph.fits(batch.targets)
         with self._autocast():
             frozen = self.state.global_step < self.config.optim.encoder_frozen_steps  # head-only warm-up
             with torch.no_grad() if frozen else contextlib.nullcontext():
                 features = self.parallel.encoder(batch.inputs)  # (B, D)
-            loss = self.parallel.head(head_input(features, self.head), batch.targets)
+            x = head_input(features, self.head)
+            if not replayed:
+                loss = self.parallel.head(x, batch.targets)
         for optimizer in self._optimizers():
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if replayed:
+            loss, x_grad = self.head_graph.run(x, batch.targets)  # the head's forward and backward
+            if x.requires_grad:  # on into the encoder, eagerly (not while it is frozen)
+                x.backward(x_grad)
+        else:
+            loss.backward()
         if self.config.train.grad_clip > 0:
             self.parallel.clip_grad_norm_(self.config.train.grad_clip)
         for optimizer in self._optimizers():
@@ -509,11 +536,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _progress(self, batches: Iterator[Any], epoch: int, steps: int) -> Iterator[Any]:
+        self._window_started = time.perf_counter()  # the epoch's first window: evaluation does not count
         if not self.config.train.progress:
             return batches
         from tqdm import tqdm
 
-        return tqdm(
+        self._bar = tqdm(
             batches,
             total=steps,
             initial=self.state.step_in_epoch,
@@ -522,9 +550,15 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        return self._bar
 
     def _log_losses(self, window: list[Tensor], epoch: int) -> None:
         losses = torch.stack(window).float().cpu().tolist()  # deliberate host sync, once per log window
+        # timed after that sync: the window's steps have run on the device, not only been launched (a
+        # checkpoint written between windows counts in the next one)
+        now = time.perf_counter()
+        steps_per_s = len(window) / max(now - self._window_started, 1e-9)
+        self._window_started = now
         bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
         if bad is not None:
             step = self.state.global_step - len(losses) + bad + 1
@@ -546,9 +580,12 @@ class Trainer:
                 "loss": sum(losses) / len(losses),
                 "losses": losses,
                 "lr_scale": lr,
+                "steps_per_s": round(steps_per_s, 3),
                 **head_metrics,
             },
         )
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", steps_per_s=f"{steps_per_s:.1f}")
 
     def _finish_epoch(self, epoch: int) -> None:
         """Log the epoch's mean loss; when due, score the validation rows (keeping the best epoch's weights)

@@ -1,0 +1,171 @@
+"""The trainer's step with ``train.cuda_graph`` off and on, beside the head benchmarks' captured head step.
+
+    python benchmarks/trainer_step.py              # C = 670,091, D 768, B 128, 300 steps a run (a GPU)
+    python benchmarks/trainer_step.py --quick      # small sizes, runs on CPU as a smoke test (graph off)
+
+For each head (dense, sparse, selected with the GPU index) the script writes a synthetic multi-class task
+(:func:`megaclass.data.synthetic.synthesize`, one label a document), trains ``--steps`` steps through
+:class:`~megaclass.train.Trainer` (an MLP encoder over the BoW features, the head, AdamW, one epoch with no
+evaluation) and reads ``steps_per_s`` from the run's log: the median over the log windows after the first
+(which holds compilation and capture). Beside it, the head's step alone replayed from a CUDA graph, built by
+``benchmarks/sparse.py``'s and ``benchmarks/selected.py``'s case builders for the same shape (dense: the
+same head captured with the harness's ``cuda_graph``): the rest of a trainer step is the encoder's forward and
+backward, the optimizer steps and the host's work between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import selected as selected_bench  # noqa: E402
+import sparse as sparse_bench  # noqa: E402
+from _harness import cuda_graph, time_fn  # noqa: E402
+from megaclass.data.synthetic import SynthConfig, synthesize  # noqa: E402
+from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
+from megaclass.train import Trainer, load_config  # noqa: E402
+
+HEADS = ("dense", "sparse", "selected")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, runs on CPU as a smoke test")
+    parser.add_argument(
+        "--heads", default=",".join(HEADS), help="comma-separated subset of dense,sparse,selected"
+    )
+    parser.add_argument("--classes", type=int, default=670_091, help="C")
+    parser.add_argument("--dim", type=int, default=768, help="D, the encoder's output width")
+    parser.add_argument("--batch", type=int, default=128, help="B")
+    parser.add_argument("--steps", type=int, default=300, help="trainer steps per run")
+    parser.add_argument("--log-every", type=int, default=25, help="steps per log window (one steps/s each)")
+    parser.add_argument("--features", type=int, default=50_000, help="BoW vocabulary of the synthetic task")
+    parser.add_argument("--fan-in", type=int, default=32, help="sparse head: K")
+    parser.add_argument("--group", type=int, default=16, help="sparse head: G")
+    parser.add_argument("--sample-num", type=int, default=1000, help="selected head: active classes a step")
+    parser.add_argument("--reps", type=int, default=50, help="timed replays of the head-only graph step")
+    return parser.parse_args()
+
+
+def head_overrides(head: str, args: argparse.Namespace) -> list[str]:
+    """The trainer's head settings, the shapes the head benchmarks use."""
+    if head == "sparse":
+        return [f"head.fan_in={args.fan_in}", f"head.group={args.group}", "head.aux_clusters=0"]
+    if head == "selected":
+        return ["head.index=gpu", f"head.sample_num={args.sample_num}"]
+    return ["head.loss=softmax"]
+
+
+def write_task(folder: str, args: argparse.Namespace) -> tuple[str, str]:
+    """A multi-class task of exactly ``steps`` full batches, and a small test file the trainer opens."""
+    paths = (os.path.join(folder, "train.txt"), os.path.join(folder, "test.txt"))
+    for stream, (path, docs) in enumerate(zip(paths, (args.steps * args.batch, 64), strict=True)):
+        synthesize(
+            path,
+            num_docs=docs,
+            num_labels=args.classes,
+            num_features=args.features,
+            seed=0,
+            stream=stream,
+            config=SynthConfig(labels_per_doc=1),
+        )
+    return paths
+
+
+def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, args) -> float:
+    """Median steps/s of the log windows after the first, over one epoch of ``steps`` steps."""
+    overrides = [
+        f"model.hidden=[{args.dim}]",
+        f"train.batch_size={args.batch}",
+        f"train.log_every={args.log_every}",
+        f"train.cuda_graph={graph}",
+        "train.epochs=1",
+        "train.valid_fraction=0",
+        "train.progress=false",
+        "data.label_feature_dim=0",
+        *head_overrides(head, args),
+    ]
+    config = load_config(head=head, overrides=overrides)
+    trainer = Trainer(config, train_path=task[0], test_path=task[1], out_dir=out, overwrite=True)
+    trainer.setup()
+    try:
+        trainer.train_epoch(0)  # the steps only: no evaluation, no checkpoint
+    finally:
+        trainer.close()
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as file:
+        rates = [record["steps_per_s"] for record in map(json.loads, file) if record["kind"] == "train"]
+    return statistics.median(rates[1:] or rates)
+
+
+def dense_graph_step(args: argparse.Namespace) -> Callable[[], None]:
+    """The dense head's forward and backward on one batch, captured with the harness's ``cuda_graph``."""
+    config = head_config({"type": "dense", "loss": "softmax"})
+    head = build_head(config, HeadContext(args.dim, args.classes, multilabel=False)).to("cuda")
+    features = torch.randn(args.batch, args.dim, device="cuda", requires_grad=True)
+    targets = torch.randint(args.classes, (args.batch,), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = head(features, targets)
+        loss.backward()
+
+    return cuda_graph(step)
+
+
+def head_graph_ms(head: str, args: argparse.Namespace) -> float:
+    """Median ms of the head's step alone, replayed from a CUDA graph (the head benchmarks' graph rows)."""
+    if head == "dense":
+        replay = dense_graph_step(args)
+    elif head == "sparse":
+        setup, _ = sparse_bench.megaclass_case(
+            "step", args.batch, args.classes, args.dim, args.fan_in, args.group, 1, "softmax", graph=True
+        )
+        replay = setup()
+    else:
+
+        def make():
+            return selected_bench.make_head(
+                "selected", args.classes, args.dim, sample_num=args.sample_num, store="gpu"
+            )
+
+        replay = selected_bench.head_step_case({}, make, args.batch, graph=True)()
+    return time_fn(replay, reps=args.reps, warmup=3)[0]
+
+
+def main() -> None:
+    args = parse_args()
+    if args.quick:
+        args.classes, args.dim, args.batch, args.steps, args.log_every = 5_003, 64, 32, 40, 10
+        args.features, args.fan_in, args.group, args.sample_num = 2_000, 8, 1, 256
+    cuda = torch.cuda.is_available()
+    graphs = ("off", "on") if cuda else ("off",)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        task = write_task(folder, args)
+        for head in args.heads.split(","):
+            graph_ms = head_graph_ms(head, args) if cuda else float("nan")
+            for graph in graphs:
+                rate = trainer_steps_per_s(task, os.path.join(folder, f"{head}-{graph}"), head, graph, args)
+                rows.append((head, graph, rate, graph_ms))
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"\nC {args.classes}, D {args.dim}, B {args.batch}, {args.steps} steps a run, {device}\n")
+    print("| head | train.cuda_graph | trainer steps/s | trainer ms/step | head graph step ms |")
+    print("|---|---|---|---|---|")
+    for head, graph, rate, graph_ms in rows:
+        print(f"| {head} | {graph} | {rate:.1f} | {1e3 / rate:.2f} | {graph_ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

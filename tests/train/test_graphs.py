@@ -1,0 +1,372 @@
+"""``train.cuda_graph``: where the head's step is captured, and (on a GPU) that a run computes the same
+numbers replayed from the graph as launched op by op, across epoch ends, index rebuilds, rewirings and a
+resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megaclass.data.synthetic import SynthConfig, synthesize
+from megaclass.heads import HeadContext, build_head, head_config
+from megaclass.heads.base import Head
+from megaclass.schema import ConfigError
+from megaclass.state_io import read_state
+from megaclass.train import Trainer, load_config
+from megaclass.train.graphs import HeadStepGraph, resolve_cuda_graph
+
+CUDA = torch.device("cuda")  # resolve_cuda_graph reads the device type only: the decisions test on CPU too
+MULTI_CLASS = HeadContext(in_features=8, num_classes=100, multilabel=False)
+
+
+def _head(spec: dict, context: HeadContext = MULTI_CLASS) -> Head:
+    return build_head(head_config(spec), context)
+
+
+def _resolve(setting: str, head: Head, *, device=CUDA, multilabel: bool = False, world_size: int = 1):
+    return resolve_cuda_graph(setting, head=head, device=device, multilabel=multilabel, world_size=world_size)
+
+
+# ------------------------------------------------------------------------------------- the switch, on CPU
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_off_on_cpu(setting):
+    choice = _resolve(setting, _head({"type": "dense"}), device=torch.device("cpu"))
+    assert not choice.on
+    assert "CUDA device" in choice.reason if setting == "auto" else choice.reason == "train.cuda_graph=off"
+
+
+def test_on_on_cpu_names_the_device():
+    with pytest.raises(ConfigError, match="train.cuda_graph=on.*the device is cpu"):
+        _resolve("on", _head({"type": "dense"}), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "dense"},
+        {"type": "dense", "loss": "bce", "impl": "torch"},
+        {"type": "sparse", "fan_in": 4, "aux_clusters": 0},
+        {"type": "selected", "sample_num": 20, "index": {"type": "exact"}},
+        {"type": "selected", "sample_num": 20, "index": {"type": "gpu"}},
+        {"type": "partial_fc"},
+    ],
+)
+def test_auto_captures_multi_class_heads(spec):
+    head = _head(spec)
+    assert _resolve("auto", head).on and _resolve("on", head).on
+    assert not _resolve("off", head).on
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"type": "sparse", "fan_in": 4, "aux_clusters": 0, "impl": "reference"}, "head.impl=reference"),
+        (
+            {"type": "selected", "sample_num": 20, "index": {"type": "exact"}, "store": "host"},
+            "head.store=host",
+        ),
+        ({"type": "selected", "sample_num": 20, "index": {"type": "annoy"}}, "head.index=annoy"),
+        (
+            {"type": "selected", "sample_num": 20, "index": {"type": "exact"}, "margin": {"kind": "arcface"}},
+            "head.margin",
+        ),
+    ],
+)
+def test_auto_leaves_heads_with_host_work_eager(spec, reason):
+    head = _head(spec)
+    choice = _resolve("auto", head)
+    assert not choice.on and reason in choice.reason
+    with pytest.raises(ConfigError, match=f"train.cuda_graph=on: .*{reason}"):
+        _resolve("on", head)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "selected"])
+def test_multi_label_targets_are_not_captured(kind):
+    head = _head({"type": kind}, HeadContext(in_features=64, num_classes=100, multilabel=True))
+    assert "ragged" in _resolve("auto", head, multilabel=True).reason
+    with pytest.raises(ConfigError, match="ragged"):
+        _resolve("on", head, multilabel=True)
+
+
+def test_several_processes_are_not_captured():
+    choice = _resolve("auto", _head({"type": "dense"}), world_size=2)
+    assert not choice.on and "2 processes" in choice.reason
+
+
+def test_a_head_is_not_capturable_by_default():
+    class Plain(Head):
+        pass
+
+    choice = _resolve("auto", Plain(MULTI_CLASS))
+    assert not choice.on and "Plain does not declare its step capturable" in choice.reason
+    assert Plain(MULTI_CLASS).graph_generators() == [] and Plain(MULTI_CLASS).graph_key() == ()
+
+
+def test_full_multi_class_batches_fit():
+    graph = HeadStepGraph(_head({"type": "dense"}), batch_size=4, autocast_dtype=None)
+    assert graph.fits(torch.tensor([1, 2, 3, 4]))
+    assert not graph.fits(torch.tensor([1, 2, 3]))  # an epoch's smaller last batch runs eagerly
+    assert not graph.fits(torch.zeros(4, 2, dtype=torch.int64))
+
+
+# -------------------------------------------------------------------------- what a captured step reads
+
+
+def test_sparse_auxiliary_mix_follows_the_epoch():
+    head = _head({"type": "sparse", "fan_in": 4, "aux_clusters": 3, "aux_cutoff_epoch": 2.0})
+    # a head built without label features has no clusters: build them as a loaded state dict would
+    head._build_aux(torch.arange(100) % 3, 3)
+    head._aux_missing = False
+    for epoch in (0.5, 1.5):
+        head.after_step(1, epoch, lr=0.1)
+        alpha = head.aux_alpha()
+        assert alpha > 0
+        assert head.aux_mix.tolist() == pytest.approx([1 - alpha, alpha], rel=1e-7)
+        assert head.graph_key()[0] is True
+    features, targets = torch.randn(4, 8), torch.tensor([1, 5, 9, 99])
+    main = head.aux_mix[0] * _without_aux(head, features, targets)
+    expected = main + head.aux_mix[1] * head._aux_loss(head._hidden(features), _ragged(targets))
+    assert torch.equal(head(features, targets), expected)
+    head.after_step(2, 2.0, lr=0.1)  # the cut-off: the auxiliary loss is off, a captured step is recaptured
+    assert head.aux_alpha() == 0.0 and head.graph_key()[0] is False
+    assert head.aux_mix.tolist() == [1.0, 0.0]
+
+
+def _ragged(targets):
+    from megaclass.targets import as_ragged
+
+    return as_ragged(targets)
+
+
+def _without_aux(head, features, targets):
+    from megaclass.ops.fixed_fanin import combine_loss, fixed_fanin_rows_positive
+
+    ragged = _ragged(targets)
+    hidden = head._hidden(features)
+    rows, positive = fixed_fanin_rows_positive(
+        hidden, head.weight, head.index, ragged.sample_ids(), head.label_position[ragged.indices],
+        head.bias, group=head.config.group, loss=head.loss_kind, impl=head.config.impl,
+    )  # fmt: skip
+    return combine_loss(rows, positive, ragged, head.loss_kind)
+
+
+def test_sparse_rewiring_changes_the_graph_key():
+    head = _head({"type": "sparse", "fan_in": 4, "aux_clusters": 0})
+    before = head.graph_key()
+    head.rewire(2)
+    assert head.graph_key() != before
+
+
+def test_selected_index_rebuild_changes_the_graph_key():
+    head = _head({"type": "selected", "sample_num": 20, "index": {"type": "gpu"}})
+    head(torch.randn(4, 8), torch.tensor([1, 2, 3, 4])).backward()  # the first step builds the index
+    built = head.graph_key()
+    assert built[0] is True
+    head.after_step(1, 0.0, lr=0.1)
+    assert head.graph_key() == built
+    head.rebuild_index()
+    assert head.graph_key() != built
+
+
+def test_selected_after_replay_hands_the_rows_to_after_step():
+    head = _head({"type": "selected", "sample_num": 20, "index": {"type": "exact"}, "coverage_every": 1})
+    features, targets = torch.randn(4, 8), torch.tensor([1, 2, 3, 4])
+    loss = head(features, targets)
+    loss.backward()
+    ids, rows = head._pending
+    head.after_step(1, 0.0, lr=0.1)
+    assert head._pending is None
+    # what a replay leaves: the selection and rows of the captured step, recorded again after each replay
+    head._captured = (features, _selection_of(ids), rows)
+    head._metrics.clear()
+    head.after_replay()
+    assert head._pending[0] is ids and head._pending[1] is rows
+    assert 0 < head.metrics()["coverage"] <= 1 and head.metrics()["active_classes"] == 20
+
+
+def _selection_of(ids):
+    from megaclass.index import Selection
+
+    zero = torch.zeros((), dtype=torch.int64)
+    return Selection(ids, torch.zeros(4, dtype=torch.int64), zero, zero, torch.zeros(ids.numel()))
+
+
+# --------------------------------------------------------------------------------------- the trainer
+
+
+def _write_task(folder, *, classes: int, train_rows: int, test_rows: int, features: int) -> tuple[str, str]:
+    config = SynthConfig(labels_per_doc=1, cluster_size=8)
+    paths = (str(folder / "train.txt"), str(folder / "test.txt"))
+    for stream, (path, rows) in enumerate(zip(paths, (train_rows, test_rows), strict=True)):
+        synthesize(path, num_docs=rows, num_labels=classes, num_features=features, seed=0, stream=stream,
+                   config=config)  # fmt: skip
+    return paths
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory):
+    return _write_task(
+        tmp_path_factory.mktemp("task"), classes=200, train_rows=150, test_rows=40, features=300
+    )
+
+
+def _trainer(task, out, head: str, *overrides: str, resume: bool = False) -> Trainer:
+    config = load_config(head=head, overrides=list(overrides))
+    return Trainer(config, train_path=task[0], test_path=task[1], out_dir=str(out), resume=resume)
+
+
+def test_trainer_refuses_on_without_cuda(small_task, tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(small_task, out, "dense", "train.cuda_graph=on", "train.device=cpu")
+    with pytest.raises(ConfigError, match="train.cuda_graph=on: .*the device is cpu"):
+        trainer.setup()
+    assert not out.exists(), "refused before the run folder is written"
+
+
+def test_trainer_logs_steps_per_second(small_task, tmp_path):
+    trainer = _trainer(
+        small_task, tmp_path, "dense", "model.hidden=[16]", "train.batch_size=32", "train.epochs=1",
+        "train.log_every=2", "train.progress=false", "train.device=cpu", "train.valid_fraction=0",
+    )  # fmt: skip
+    trainer.setup()
+    try:
+        assert trainer.head_graph is None  # auto on CPU: off
+        trainer.train()
+    finally:
+        trainer.close()
+    with open(tmp_path / "log.jsonl") as file:
+        records = [json.loads(line) for line in file if '"kind": "train"' in line]
+    assert len(records) == 3  # 150 rows: windows of 2, 2 and the epoch's last step
+    assert all(record["steps_per_s"] > 0 for record in records)
+
+
+# ---------------------------------------------------------------------------- on the GPU: the same run
+
+_GPU_RUN = (
+    "model.hidden=[64]",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "train.log_every=5",
+    "train.progress=false",
+    "train.valid_fraction=0",
+    "train.device=cuda",
+    "train.bf16=true",
+)
+_GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
+    "dense_softmax": ("dense", "head.loss=softmax"),
+    "sparse_softmax": ("sparse", "head.fan_in=16", "head.aux_clusters=0", "head.dst.interval=4"),
+    # the auxiliary loss on (its weight read from the device), then off from the cut-off: captured again
+    "sparse_aux": ("sparse", "head.fan_in=16", "head.aux_clusters=auto", "head.aux_cutoff_epoch=1.5"),
+    "selected_exact": (
+        "selected",
+        "head.index=exact",
+        "head.sample_num=512",
+        "head.interval=5",
+        "head.coverage_every=3",
+    ),
+    "selected_gpu": (
+        "selected",
+        "head.index=gpu",
+        "head.sample_num=512",
+        "head.interval=5",
+        "head.coverage_every=3",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def gpu_task(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return _write_task(
+        tmp_path_factory.mktemp("gpu_task"),
+        classes=5000,
+        train_rows=64 * 10 + 17,
+        test_rows=256,
+        features=2000,
+    )
+
+
+def _run(task, out, kind: str, *overrides: str, resume: bool = False) -> Trainer:
+    trainer = _trainer(task, out, kind, *_GPU_RUN, *overrides, resume=resume)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def _losses(out) -> list[float]:
+    with open(os.path.join(out, "log.jsonl")) as file:
+        records = [json.loads(line) for line in file]
+    return [loss for record in records if record["kind"] == "train" for loss in record["losses"]]
+
+
+def _assert_same_model(out, reference) -> None:
+    got, expected = read_state(os.path.join(out, "model")), read_state(os.path.join(reference, "model"))
+    for part in ("encoder", "head"):
+        assert got[part].keys() == expected[part].keys()
+        for name, value in expected[part].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                torch.testing.assert_close(got[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(_GPU_HEADS))
+def test_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
+    kind, *head_overrides = _GPU_HEADS[name]
+    eager = _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
+    assert eager.head_graph is None
+    replayed = _run(gpu_task, tmp_path / "on", kind, *head_overrides, "train.cuda_graph=on")
+    graph = replayed.head_graph
+    assert graph.replays >= 8, "most steps replay: 22 steps, 2 smaller last batches, eager warm-up steps"
+    if kind != "dense":  # rewirings (sparse) and index rebuilds (selected) are captured again
+        assert graph.captures >= 3
+    np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
+    _assert_same_model(tmp_path / "on", tmp_path / "off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sparse_softmax", "selected_gpu"])
+def test_resumed_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
+    kind, *head_overrides = _GPU_HEADS[name]
+    _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
+    out = tmp_path / "resumed"
+    stopped = _run(gpu_task, out, kind, *head_overrides, "train.cuda_graph=on", "train.stop_after_steps=13")
+    assert stopped.state.global_step == 13
+    _run(gpu_task, out, kind, *head_overrides, "train.cuda_graph=on", resume=True)
+    np.testing.assert_allclose(_losses(out), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
+    _assert_same_model(out, tmp_path / "off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [{"type": "dense"}, {"type": "selected", "index": {"type": "exact"}}])
+def test_head_step_graph_replays_the_eager_step(spec):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    context = HeadContext(in_features=64, num_classes=5000, multilabel=False)
+    heads = [_head({**spec, "seed": 3}, context).to(CUDA) for _ in range(2)]
+    graph = HeadStepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    for step in range(1, 7):
+        features = torch.randn(64, 64, device=CUDA, generator=generator)
+        targets = torch.randint(5000, (64,), device=CUDA, generator=generator)
+        eager_features = features.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager_loss = heads[0](eager_features, targets)
+        eager_loss.backward()
+        loss, features_grad = graph.run(features, targets)
+        torch.testing.assert_close(loss, eager_loss.detach(), msg=f"loss at step {step}")
+        torch.testing.assert_close(features_grad, eager_features.grad, msg=f"features grad at step {step}")
+        for (name, got), expected in zip(heads[1].named_parameters(), heads[0].parameters(), strict=True):
+            torch.testing.assert_close(got.grad, expected.grad, msg=f"{name} grad at step {step}")
+        for head in heads:
+            head.after_step(step, 0.0, lr=0.1)
+            for param in head.parameters():
+                param.grad = None
+    assert graph.captures == 1 and graph.replays >= 3  # eager warm-up steps, then replays
