@@ -10,6 +10,7 @@ from megaclass.cli import main
 from megaclass.data.synthetic import synthesize
 from megaclass.data.xmc import load_xmc
 from megaclass.heads import HeadContext, build_head, head_class, head_config
+from megaclass.heads.base import PlanRequest
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config
@@ -71,9 +72,8 @@ def test_planned_head_parts_match_what_a_trained_head_holds(name, classes):
     context = HeadContext(in_features=DIM, num_classes=classes, multilabel=multilabel)
     head = build_head(config, context)
     measured = _measured(head, config, classes, multilabel)
-    planned = head_class(config).planned_bytes(
-        config, context, batch=BATCH, eval_batch=64, device_type="cpu", optimizer_moments=2
-    )
+    request = PlanRequest(batch=BATCH, eval_batch=64, device_type="cpu", optimizer_moments=2)
+    planned = head_class(config).planned_bytes(config, context, request)
     for part, held in measured.items():
         plan = planned[part].device + planned[part].host
         assert abs(plan - held) <= 0.15 * held, f"{name} C={classes} {part}: planned {plan}, held {held}"
@@ -82,11 +82,11 @@ def test_planned_head_parts_match_what_a_trained_head_holds(name, classes):
 def test_store_placement_and_bf16_state_move_the_planned_bytes():
     context = HeadContext(in_features=DIM, num_classes=1000, multilabel=False)
     selected = head_config({"type": "selected", "store": "host"})
-    on_host = head_class(selected).planned_bytes(selected, context, batch=BATCH, eval_batch=8)
+    on_host = head_class(selected).planned_bytes(selected, context, PlanRequest(batch=BATCH, eval_batch=8))
     assert on_host["weights"].device == 0 and on_host["weights"].host == 1000 * DIM * 4
     dense = head_config({"type": "dense"})
     fp32, bf16 = (
-        head_class(dense).planned_bytes(dense, context, batch=BATCH, eval_batch=8, low_precision=low)
+        head_class(dense).planned_bytes(dense, context, PlanRequest(BATCH, 8, low_precision=low))
         for low in (False, True)
     )
     assert 2 * bf16["optimizer"].device == fp32["optimizer"].device == 2 * 1000 * (DIM + 1) * 4

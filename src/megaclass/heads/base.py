@@ -29,6 +29,7 @@ __all__ = [
     "Head",
     "HeadContext",
     "LabelFeatures",
+    "PlanRequest",
     "PlannedBytes",
     "RaggedLabels",
     "StateKind",
@@ -212,22 +213,14 @@ class Head(nn.Module):
 
     @classmethod
     def planned_bytes(
-        cls,
-        config: Any,
-        context: HeadContext,
-        *,
-        batch: int,
-        eval_batch: int,
-        device_type: str = "cuda",
-        optimizer_moments: int = 2,
-        low_precision: bool = False,
+        cls, config: Any, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """What a head of ``config`` for ``context`` would hold, by part, without building it (the memory
-        plan of :mod:`megaclass.train.plan`): ``weights``, ``gradients``, ``optimizer`` (a torch optimizer
-        keeping ``optimizer_moments`` weight-sized tensors, or the row store's own state), ``index``
-        (topology, class index, label maps), ``activations`` (one training batch of ``batch`` samples),
-        ``evaluation`` (scoring ``eval_batch`` samples) and ``checkpoint`` (host copies its state dict makes
-        beyond what it holds). ``device_type``: the compute device's; ``low_precision``: bf16 head state.
+        plan of :mod:`megaclass.train.plan`) for the run ``request`` describes: ``weights``, ``gradients``,
+        ``optimizer`` (a torch optimizer keeping ``request.optimizer_moments`` weight-sized tensors, or the
+        row store's own state), ``index`` (topology, class index, label maps), ``activations`` (one training
+        batch), ``evaluation`` (one scoring batch) and ``checkpoint`` (host copies its state dict makes
+        beyond what it holds).
 
         Raises:
             ConfigError: the head cannot plan its memory.
@@ -243,6 +236,17 @@ def rescaled_rows(rows: Tensor, like: Tensor) -> Tensor:
         raise ValueError(f"initial rows: expected shape {tuple(like.shape)}, got {tuple(rows.shape)}")
     scale = like.float().norm(dim=1).mean()
     return torch.nn.functional.normalize(rows, dim=1) * scale
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The run a head's memory is planned for (:meth:`Head.planned_bytes`)."""
+
+    batch: int  # training samples per step on this process
+    eval_batch: int  # samples scored at once
+    device_type: str = "cuda"  # the compute device's type
+    optimizer_moments: int = 2  # weight-sized tensors the head's torch optimizer keeps (AdamW: 2)
+    low_precision: bool = False  # bf16 head weights and optimizer state
 
 
 class PlannedBytes(NamedTuple):

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from megaclass.heads.base import Head, HeadContext, PlannedBytes, StateKind, rescaled_rows
+from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind, rescaled_rows
 from megaclass.ops.chunked_topk import chunked_topk
 from megaclass.ops.collectives import ClassShard, merge_topk
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss
@@ -196,31 +196,27 @@ class DenseHead(Head):
 
     @classmethod
     def planned_bytes(
-        cls,
-        config: DenseHeadConfig,
-        context: HeadContext,
-        *,
-        batch: int,
-        eval_batch: int,
-        device_type: str = "cuda",
-        optimizer_moments: int = 2,
-        low_precision: bool = False,
+        cls, config: DenseHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The ``(C, D)`` weight and bias on the device, as many gradients, the optimizer's moments of them,
         and a chunk of ``B x chunk_size`` fp32 logits and their gradient per batch."""
         classes, dim = context.num_classes, context.in_features
         has_bias = config.bias if config.bias is not None else not config.margin.enabled
-        params = (classes * dim + (classes if has_bias else 0)) * (2 if low_precision else 4)
+        params = (classes * dim + (classes if has_bias else 0)) * (2 if request.low_precision else 4)
         chunk = min(config.chunk_size, classes)
         smaller = (
-            "optim.head_state=bf16_sr" if not low_precision else "head.type=selected with head.store=host"
+            "optim.head_state=bf16_sr"
+            if not request.low_precision
+            else "head.type=selected with head.store=host"
         )
         return {
             "weights": PlannedBytes(params, 0, smaller),
             "gradients": PlannedBytes(params, 0, smaller),
-            "optimizer": PlannedBytes(optimizer_moments * params, 0, smaller),
+            "optimizer": PlannedBytes(request.optimizer_moments * params, 0, smaller),
             "index": PlannedBytes(0, 0),
-            "activations": PlannedBytes(2 * batch * (chunk + dim) * 4, 0, "train.batch_size"),  # (B, chunk)
-            "evaluation": PlannedBytes(eval_batch * (chunk + dim) * 4, 0, "eval.batch_size"),
+            "activations": PlannedBytes(
+                2 * request.batch * (chunk + dim) * 4, 0, "train.batch_size"
+            ),  # (B, chunk)
+            "evaluation": PlannedBytes(request.eval_batch * (chunk + dim) * 4, 0, "eval.batch_size"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters themselves
         }

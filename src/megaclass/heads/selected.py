@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from megaclass.heads.base import Head, HeadContext, PlannedBytes, StateKind
+from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind
 from megaclass.index import ClassSelector, Selection, select_active
 from megaclass.index.config import (
     AnnoyIndexConfig,
@@ -552,15 +552,7 @@ class SelectedHead(Head):
 
     @classmethod
     def planned_bytes(
-        cls,
-        config: SelectedHeadConfig,
-        context: HeadContext,
-        *,
-        batch: int,
-        eval_batch: int,
-        device_type: str = "cuda",
-        optimizer_moments: int = 2,
-        low_precision: bool = False,
+        cls, config: SelectedHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
         servers), the selection buffers and the index, the active rows' gradients, ``B x S`` logits per
@@ -575,10 +567,12 @@ class SelectedHead(Head):
             count = count if local else 0
             return PlannedBytes(count, 0, setting) if on_device else PlannedBytes(0, count, setting)
 
-        active = min(classes, max(config.active_classes(classes), batch))  # S: at least the batch's labels
-        index = _planned_index_bytes(config.index, classes, dim, device_type=device_type)
+        active = min(
+            classes, max(config.active_classes(classes), request.batch)
+        )  # S: at least the batch's labels
+        index = _planned_index_bytes(config.index, classes, dim, device_type=request.device_type)
         selection = classes * (1 + 4) + 64 * 8  # rows updated since the build, selection marks, multipliers
-        logits = 3 * batch * active * 4  # (B, S) logits, log-probabilities, their gradient
+        logits = 3 * request.batch * active * 4  # (B, S) logits, log-probabilities, their gradient
         pulled = active * dim * 4 * (2 if config.margin.enabled else 1)  # (S, D) rows (normalised too)
         staged = 2 * active * dim * 4 if config.store == "host" else 0  # pinned rows out, gradients back
         block = 0 if on_device else min(classes, _READ_BLOCK) * dim * 4  # rows read to the device to score
@@ -591,8 +585,10 @@ class SelectedHead(Head):
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
             "optimizer": placed(state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),
-            "activations": PlannedBytes(logits + pulled + batch * dim * 4, staged, "head.sample_num"),
-            "evaluation": PlannedBytes(block + 2 * eval_batch * config.chunk_size * 4, 0, "eval.batch_size"),
+            "activations": PlannedBytes(logits + pulled + request.batch * dim * 4, staged, "head.sample_num"),
+            "evaluation": PlannedBytes(
+                block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
+            ),
             # the store's state dict is a host copy of its rows and state (a parameter server's too), the
             # index's a host copy of its tensors
             "checkpoint": PlannedBytes(0, rows + state + sum(index), "head.optimizer.momentum=0"),

@@ -38,7 +38,7 @@ from megaclass.dst import (
     random_fanin_index,
     rewire_fraction,
 )
-from megaclass.heads.base import Head, HeadContext, LabelFeatures, PlannedBytes, StateKind
+from megaclass.heads.base import Head, HeadContext, LabelFeatures, PlannedBytes, PlanRequest, StateKind
 from megaclass.ops.collectives import (
     ClassShard,
     all_reduce_logsumexp,
@@ -550,15 +550,7 @@ class SparseHead(Head):
 
     @classmethod
     def planned_bytes(
-        cls,
-        config: SparseHeadConfig,
-        context: HeadContext,
-        *,
-        batch: int,
-        eval_batch: int,
-        device_type: str = "cuda",
-        optimizer_moments: int = 2,
-        low_precision: bool = False,
+        cls, config: SparseHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """``(C, K)`` weights and biases, the intermediate layer, the dense head of frequent labels and the
         auxiliary cluster classifier (the trainer gives it label features) with as many gradients and the
@@ -584,19 +576,21 @@ class SparseHead(Head):
             weights += (hidden + 1) * config.dense_frequent
         if clusters:
             weights += (hidden + 1) * clusters
-        params = weights * (2 if low_precision else 4)
+        params = weights * (2 if request.low_precision else 4)
         index_bytes = 4 if config.index_dtype == "int32" else 8
         maps = 2 * classes * 8 + (classes * 8 if clusters else 0)  # label order, position (and cluster)
         gathered = min(
-            batch * groups * fan_in, 1 << 22
+            request.batch * groups * fan_in, 1 << 22
         )  # a chunk of (B, chunk, K) inputs, as the ops bound it
-        activations = (3 * batch * (hidden + clusters) + 3 * gathered + 2 * batch * fan_in) * 4
-        scored = eval_batch * (hidden + 2 * min(config.topk_chunk, tail)) * 4
-        smaller = "optim.head_state=bf16_sr" if not low_precision else "head.fan_in"
+        activations = (
+            3 * request.batch * (hidden + clusters) + 3 * gathered + 2 * request.batch * fan_in
+        ) * 4
+        scored = request.eval_batch * (hidden + 2 * min(config.topk_chunk, tail)) * 4
+        smaller = "optim.head_state=bf16_sr" if not request.low_precision else "head.fan_in"
         return {
             "weights": PlannedBytes(params, 0, "head.fan_in"),
             "gradients": PlannedBytes(params, 0, smaller),
-            "optimizer": PlannedBytes(optimizer_moments * params, 0, smaller),
+            "optimizer": PlannedBytes(request.optimizer_moments * params, 0, smaller),
             "index": PlannedBytes(groups * fan_in * index_bytes + maps, 0, "head.group"),
             "activations": PlannedBytes(activations, 0, "train.batch_size"),
             "evaluation": PlannedBytes(scored, 0, "head.topk_chunk"),

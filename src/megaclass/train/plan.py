@@ -30,6 +30,7 @@ from megaclass.data.loaders import detect_format
 from megaclass.data.xmc import read_label_names
 from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, head_class
+from megaclass.heads.base import PlanRequest
 from megaclass.models import build_model
 from megaclass.train.config import RunConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
@@ -409,15 +410,14 @@ def plan_run(
     batch = config.train.batch_size
     parts, dim = _encoder_parts(config, shape, batch)
     context = HeadContext(in_features=dim, num_classes=shape.num_labels, multilabel=shape.multilabel)
-    head = head_class(config.head).planned_bytes(
-        config.head,
-        context,
+    request = PlanRequest(
         batch=batch,
         eval_batch=config.eval.batch_size,
         device_type=device_type,
         optimizer_moments=_moments(config.optim.head.name, config.optim.head.momentum),
         low_precision=config.optim.head_state == "bf16_sr",
     )
+    head = head_class(config.head).planned_bytes(config.head, context, request)
     for key, planned in head.items():
         name, phase = _HEAD_PARTS[key]
         parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting))
