@@ -194,6 +194,23 @@ def test_resume_with_another_training_file_of_the_same_width_is_refused(
     assert _snapshot(finished) == before
 
 
+def test_run_json_records_the_kernels_and_a_resume_that_would_run_others_is_refused(
+    data, finished, tmp_path, capsys
+):
+    with open(finished / "run.json") as file:
+        assert json.load(file)["kernels"] == {"linear_loss": "reference"}  # the dense head on the CPU
+    out = _copy(finished, tmp_path)
+    facts = json.loads((out / "run.json").read_text())
+    facts["kernels"] = {"linear_loss": "triton"}  # as a run on a GPU records it
+    (out / "run.json").write_text(json.dumps(facts))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _train(data, out, "--resume") == 2
+    error = capsys.readouterr().err.strip()
+    assert "the run computed with {'linear_loss': 'triton'}" in error and "\n" not in error, error
+    assert _snapshot(out) == before
+
+
 @pytest.fixture(scope="module")
 def stopped(data, tmp_path_factory):
     """A run stopped after step 7 (mid-epoch 3): whole checkpoints at steps 2, 3, 4, 6 and 7."""

@@ -147,6 +147,12 @@ class Head(nn.Module):
         """The optimizer of the head's parameters and the run's length (a rewiring head resets the state of
         new connections and anneals to the last step); nothing by default."""
 
+    def kernels(self, *, batch: int, device_type: str, dtype: torch.dtype) -> dict[str, str]:
+        """The implementation each of the head's ops runs for training batches of ``batch`` rows in
+        ``dtype`` on ``device_type``: ``impl="auto"`` resolved by the ops' fixed rules. A run records it,
+        and a resume that would run other arithmetic is refused. None by default."""
+        return {}
+
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
         """Called after each optimizer step with the global step, the fractional epoch and the head's lr."""
 

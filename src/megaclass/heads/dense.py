@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind, rescaled_rows
 from megaclass.ops.chunked_topk import chunked_topk
 from megaclass.ops.collectives import ClassShard, merge_topk
-from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss
+from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss, resolve_impl
 from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
 from megaclass.targets import Targets
@@ -129,6 +129,19 @@ class DenseHead(Head):
     def state_layout(self) -> dict[str, StateKind]:
         """Weights and biases split by class rows."""
         return {"weight": "rows", "bias": "rows"}
+
+    def kernels(self, *, batch: int, device_type: str, dtype: torch.dtype) -> dict[str, str]:
+        """The fused loss's backend for this head's rows (a sharded head scores the global batch)."""
+        start, stop, _ = self.row_range()
+        impl = resolve_impl(
+            self.config.impl,
+            device_type=device_type,
+            batch=batch,
+            num_classes=stop - start,
+            dim=self.context.in_features,
+            dtype=dtype,
+        )
+        return {"linear_loss": impl.value}
 
     @torch.no_grad()
     def init_rows(self, rows: Tensor) -> None:

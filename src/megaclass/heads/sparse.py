@@ -39,6 +39,7 @@ from megaclass.dst import (
     rewire_fraction,
 )
 from megaclass.heads.base import Head, HeadContext, LabelFeatures, PlannedBytes, PlanRequest, StateKind
+from megaclass.ops import resolve_impl_on
 from megaclass.ops.collectives import (
     ClassShard,
     all_reduce_logsumexp,
@@ -224,6 +225,10 @@ class SparseHead(Head):
         self._track_rewired = False  # kept only once someone takes them (a C x K mask)
         if self.world_size > 1:
             self._replicate_over_ranks()
+
+    def kernels(self, *, batch: int, device_type: str, dtype: torch.dtype) -> dict[str, str]:
+        """The fixed fan-in ops' implementation on ``device_type``."""
+        return {"fixed_fanin": resolve_impl_on(self.config.impl, device_type).value}
 
     @classmethod
     def check_config(cls, config: SparseHeadConfig, *, in_features: int | None) -> None:

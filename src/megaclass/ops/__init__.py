@@ -27,11 +27,16 @@ class Impl(str, enum.Enum):
 
 def resolve_impl(impl: Impl | str, *tensors: torch.Tensor) -> Impl:
     """The concrete implementation for ``impl`` given the tensors an op runs on (chosen at call time)."""
+    on_cuda = all(t.is_cuda for t in tensors)
+    return resolve_impl_on(impl, "cuda" if on_cuda else "cpu")
+
+
+def resolve_impl_on(impl: Impl | str, device_type: str) -> Impl:
+    """``impl`` on a device of ``device_type``: ``auto`` is Triton on CUDA, the reference elsewhere."""
     impl = Impl(impl)
     if impl is not Impl.AUTO:
         return impl
-    on_cuda = all(t.is_cuda for t in tensors)
-    return Impl.TRITON if on_cuda else Impl.REFERENCE
+    return Impl.TRITON if device_type == "cuda" else Impl.REFERENCE
 
 
 def autotune_enabled() -> bool:

@@ -210,6 +210,7 @@ class Trainer:
         config = self.config
         self._check_data_files()
         self.encoder, self.head = build_modules(config, self.train_data, device=self.device, dist=dist)
+        self.kernels = self._resolve_kernels()
         self.parallel = data_parallel(self.encoder, self.head, config=config, dist=dist, device=self.device)
         self.optimizers = {
             "encoder": build_optimizer(self.encoder, config.optim.encoder),
@@ -354,6 +355,28 @@ class Trainer:
         except OSError as error:
             raise ValueError(f"--out {self.out_dir}: cannot write in {existing} ({error.strerror})") from None
 
+    def _resolve_kernels(self) -> dict[str, str]:
+        """The head's ops' implementations for this run's batches (``impl=auto`` resolved by the ops' fixed
+        rules); a resume that would run others is refused: it would not compute what the run did."""
+        config = self.config
+        batch = config.train.batch_size if self.head.sharded else rank_batch_size(config, self.dist)
+        autocast = config.train.bf16 and self.device.type == "cuda"
+        kernels = self.head.kernels(
+            batch=batch,
+            device_type=self.device.type,
+            dtype=torch.bfloat16 if autocast else torch.float32,
+        )
+        facts_path = os.path.join(self.out_dir, "run.json")
+        if self.resume and os.path.exists(facts_path):
+            with open(facts_path, encoding="utf-8") as file:
+                recorded = json.load(file).get("kernels", kernels)  # runs from before the record: as now
+            if recorded != kernels:
+                raise ConfigError(
+                    f"--resume: the run computed with {recorded}, this one would with {kernels} (device "
+                    f"{self.device.type}); resume on the same kind of device, or set head.impl to the run's"
+                )
+        return kernels
+
     def _check_data_files(self) -> None:
         """Fingerprint the data (size and SHA-256, for ``run.json``; an image folder's of its listing); when
         resuming, refuse files other than those that ``run.json`` recorded."""
@@ -413,6 +436,7 @@ class Trainer:
             "num_train_samples": len(data),
             "num_valid_samples": 0 if self.valid_data is None else len(self.valid_data),
             "label_counts_file": "label_counts.npy",
+            "kernels": self.kernels,
             **self.data_files,
         }
         write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
@@ -432,6 +456,7 @@ class Trainer:
             f"{self.train_data.num_classes} classes "
             f"({'multi-label' if self.train_data.multilabel else 'one label each'}); "
             f"{self._batch_text()}, {self.total_steps} steps on {self.device}"
+            + "".join(f"; {op}: {impl}" for op, impl in self.kernels.items())
         )
         stopped = False
         while self.state.epoch < config.epochs and not stopped and not self._patience_spent():
