@@ -258,7 +258,7 @@ class Trainer:
         if resumed is not None:
             self._restore_log(resumed)
         self._bind_head_optimizer()
-        self.logger.print(f"cuda graph: {'on' if graph.on else 'off'} ({graph.reason})")
+        self._graph_choice = graph  # shown in the run's opening line on CUDA
         self._bar: Any = None  # the epoch's progress bar (None: off)
         self._window_started = time.perf_counter()  # when the log window began
 
@@ -457,6 +457,11 @@ class Trainer:
             f"({'multi-label' if self.train_data.multilabel else 'one label each'}); "
             f"{self._batch_text()}, {self.total_steps} steps on {self.device}"
             + "".join(f"; {op}: {impl}" for op, impl in self.kernels.items())
+            + (
+                f"; cuda graph {'on' if self._graph_choice.on else 'off'} ({self._graph_choice.reason})"
+                if self.device.type == "cuda"
+                else ""
+            )
         )
         stopped = False
         while self.state.epoch < config.epochs and not stopped and not self._patience_spent():
