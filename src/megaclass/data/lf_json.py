@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from megaclass.data.tokenized import TokenDataset, load_token_ids
 from megaclass.data.xmc import (
     CSR,
     XMCData,
@@ -39,7 +38,7 @@ from megaclass.data.xmc import (
 )
 from megaclass.errors import DataFormatError
 
-__all__ = ["is_lf_json_line", "open_lf_token_dataset", "read_lf_json"]
+__all__ = ["is_lf_json_line", "read_lf_json"]
 
 _MAX_LABEL_ID = (1 << 31) - 2  # label ids are stored as int32 and the label space (largest id + 1) must fit
 _SPLIT_NAMES = {"trn.json": "tst.json", "tst.json": "trn.json"}
@@ -169,23 +168,3 @@ def read_lf_json(path: str | os.PathLike, *, num_labels: int | None = None) -> X
     _check_range(path, "label", ids, indptr, label_space, 1)
     indptr, ids = _dedupe_rows(path, indptr, ids, 1)
     return XMCData(path, CSR(indptr, ids.astype(np.int32), None, label_space), None, texts)
-
-
-def open_lf_token_dataset(
-    path: str | os.PathLike, tokenizer: Any, *, max_length: int, num_classes: int | None = None
-) -> TokenDataset:
-    """Read an LF JSON lines file as token ids for a transformer encoder (tokenised once, cached).
-
-    The same as :func:`megaclass.data.tokenized.open_token_dataset` does for ``labels<TAB>text`` files.
-    """
-    path = os.fspath(path)
-    data = read_lf_json(path, num_labels=num_classes)
-    return TokenDataset(
-        load_token_ids(path, data.texts, tokenizer, max_length=max_length),
-        data.labels,
-        num_classes=int(data.num_labels),
-        multilabel=bool(data.multilabel),
-        vocab_size=len(tokenizer),
-        path=path,
-        texts=data.texts,
-    )

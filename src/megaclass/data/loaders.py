@@ -26,7 +26,7 @@ import torch
 from megaclass.data.batch import Batch, InputSpec, SparseInputs, batch_targets, count_labels
 from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import is_image_list, open_face_dataset
-from megaclass.data.lf_json import is_lf_json_line, open_lf_token_dataset, read_lf_json
+from megaclass.data.lf_json import is_lf_json_line, read_lf_json
 from megaclass.data.tokenized import open_token_dataset
 from megaclass.data.xmc import label_features, load_xmc
 from megaclass.errors import DataFormatError
@@ -210,8 +210,8 @@ def open_dataset(
     if data_format not in formats:
         raise ValueError(f"data format {data_format!r} of {path}: expected auto or one of {sorted(formats)}")
     if tokenizer is not None:
-        opener = open_lf_token_dataset if data_format == "lf-json" else open_token_dataset
-        return opener(path, tokenizer, max_length=max_length, num_classes=num_classes)
+        read = read_lf_json if data_format == "lf-json" else load_xmc
+        return open_token_dataset(path, tokenizer, max_length=max_length, num_classes=num_classes, read=read)
     return formats[data_format](
         path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from megaclass.data.batch import Batch, InputSpec, batch_targets, count_labels
 from megaclass.data.cache import cache_dir, read_cache, write_cache
-from megaclass.data.xmc import CSR, label_features, load_xmc
+from megaclass.data.xmc import CSR, XMCData, label_features, load_xmc
 from megaclass.errors import DataFormatError
 
 __all__ = [
@@ -312,15 +312,17 @@ def open_token_dataset(
     cache: bool = True,
     progress: bool = True,
     bucket: bool = True,
+    read: Callable[..., XMCData] = load_xmc,
 ) -> TokenDataset:
-    """Read an XMC text file (``labels<TAB>text``) and tokenise it once (cached).
+    """Read an XMC text file (``labels<TAB>text``; another text format through its reader ``read``, e.g.
+    :func:`megaclass.data.lf_json.read_lf_json`) and tokenise it once (cached).
 
     >>> train = open_token_dataset("data/deb-tags/train.txt.gz", tokenizer, max_length=64)  # doctest: +SKIP
     >>> train.num_classes, train.input_spec.kind
     (595, 'tokens')
     """
     path = os.fspath(path)
-    data = load_xmc(path, num_labels=num_classes)
+    data = read(path, num_labels=num_classes)
     if data.texts is None:
         raise DataFormatError(path, "a transformer encoder needs 'labels<TAB>text' lines; this is a BoW file")
     tokens = load_token_ids(
