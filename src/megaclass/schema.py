@@ -76,7 +76,10 @@ def convert(hint: Any, value: Any, where: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(f"{where}: {value!r} matches none of {hint}")
     if origin is typing.Literal:
-        if value not in typing.get_args(hint):
+        choices = typing.get_args(hint)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on / off as true / false
+        if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
         return value
     if origin in (tuple, list):

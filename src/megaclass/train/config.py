@@ -161,9 +161,9 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better validation score (0: never)
     # replay the head's forward and backward from a CUDA graph (the same kernels, without launching them one
     # by one): auto where the step can be captured (a CUDA device, one process, multi-class targets, a head
-    # whose step has static shapes and no host sync), off elsewhere; on: an error where it cannot be
-    # (YAML reads on / off as true / false: both spellings are taken)
-    cuda_graph: Literal["auto", "on", "off"] | bool = "auto"
+    # whose step has static shapes and no host sync), off elsewhere; on: an error where it cannot be.
+    # off (the default): every step eager
+    cuda_graph: Literal["auto", "on", "off"] = "off"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every", "valid_max_rows")
@@ -184,8 +184,6 @@ class TrainConfig:
             raise ConfigError(f"train.valid_fraction: expected a value in [0, 1), got {self.valid_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {self.ema_decay}")
-        if isinstance(self.cuda_graph, bool):
-            object.__setattr__(self, "cuda_graph", "on" if self.cuda_graph else "off")
         if self.cuda_graph not in ("auto", "on", "off"):
             raise ConfigError(f"train.cuda_graph: expected auto, on or off, got {self.cuda_graph!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
