@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -355,6 +356,15 @@ class Trainer:
         except OSError as error:
             raise ValueError(f"--out {self.out_dir}: cannot write in {existing} ({error.strerror})") from None
 
+    @functools.cached_property
+    def _recorded_facts(self) -> dict[str, Any]:
+        """The ``run.json`` of the run in ``out_dir`` (empty when there is none), read once."""
+        path = os.path.join(self.out_dir, "run.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+
     def _resolve_kernels(self) -> dict[str, str]:
         """The head's ops' implementations for this run's batches (``impl=auto`` resolved by the ops' fixed
         rules); a resume that would run others is refused: it would not compute what the run did."""
@@ -366,10 +376,8 @@ class Trainer:
             device_type=self.device.type,
             dtype=torch.bfloat16 if autocast else torch.float32,
         )
-        facts_path = os.path.join(self.out_dir, "run.json")
-        if self.resume and os.path.exists(facts_path):
-            with open(facts_path, encoding="utf-8") as file:
-                recorded = json.load(file).get("kernels", kernels)  # runs from before the record: as now
+        if self.resume:
+            recorded = self._recorded_facts.get("kernels", kernels)  # runs from before the record: as now
             if recorded != kernels:
                 raise ConfigError(
                     f"--resume: the run computed with {recorded}, this one would with {kernels} (device "
@@ -386,11 +394,9 @@ class Trainer:
         }
         if self.valid_path is not None:
             self.data_files["valid_file"] = {"path": self.valid_path, **path_fingerprint(self.valid_path)}
-        facts_path = os.path.join(self.out_dir, "run.json")
-        if not self.resume or not os.path.exists(facts_path):
+        facts = self._recorded_facts
+        if not self.resume or not facts:
             return
-        with open(facts_path, encoding="utf-8") as file:
-            facts = json.load(file)
         for key, flag in (("train_file", "--train"), ("test_file", "--test"), ("valid_file", "--valid")):
             recorded, current = facts.get(key), self.data_files.get(key)
             if key == "valid_file" and (recorded is None) != (current is None):
