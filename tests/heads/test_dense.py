@@ -19,13 +19,14 @@ def make_head(multilabel: bool, classes: int = 23, dim: int = 6, **options) -> D
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_multiclass_softmax_matches_cross_entropy(impl, bias):
-    head = make_head(False, bias=bias, impl=impl)
+def test_multiclass_softmax_matches_cross_entropy(impl, bias, device_for):
+    device = device_for(impl)
+    head = make_head(False, bias=bias, impl=impl).to(device)
     with torch.no_grad():
         if head.bias is not None:
             head.bias.normal_()
-    x = torch.randn(5, 6, requires_grad=True)
-    y = torch.randint(0, 23, (5,))
+    x = torch.randn(5, 6, device=device, requires_grad=True)
+    y = torch.randint(0, 23, (5,), device=device)
     loss = head(x, y)
     logits = x @ head.weight.T + (head.bias if bias else 0)
     expected = F.cross_entropy(logits, y)

@@ -412,7 +412,8 @@ class SparseHead(Head):
         assert self.aux is not None
         logits = self.aux(hidden).float()  # (B, clusters): a few thousand columns at most
         target = torch.zeros_like(logits)
-        target[targets.sample_ids(), self.label_cluster[targets.indices.long()]] = 1.0
+        clusters = self.label_cluster[targets.indices.long()]  # (L,)
+        target.index_put_((targets.sample_ids(), clusters), target.new_ones(()))  # a device 1: capturable
         return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / hidden.shape[0]
 
     @torch.no_grad()
