@@ -260,7 +260,13 @@ _GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
     "dense_softmax": ("dense", "head.loss=softmax"),
     "sparse_softmax": ("sparse", "head.fan_in=16", "head.aux_clusters=0", "head.dst.interval=4"),
     # the auxiliary loss on (its weight read from the device), then off from the cut-off: captured again
-    "sparse_aux": ("sparse", "head.fan_in=16", "head.aux_clusters=auto", "head.aux_cutoff_epoch=1.5"),
+    "sparse_aux": (
+        "sparse",
+        "head.fan_in=16",
+        "head.aux_clusters=auto",
+        "head.aux_cutoff_epoch=1.5",
+        "head.dst.interval=4",
+    ),
     "selected_exact": (
         "selected",
         "head.index=exact",
