@@ -82,6 +82,8 @@ class SelectedHeadConfig:
     # of sample_num from the index (round(share * sample_num / B) per sample), the rest random
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
     store: str = "gpu"  # where rows live: gpu (the compute device) or host (pinned host memory)
+    store_dtype: Literal["float32", "bf16_sr"] = "float32"  # bf16_sr: rows and row-optimizer state in bf16,
+    # updated with stochastic rounding (half the bytes; gpu and host stores)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace over the active set
     warmup_random_steps: int = 0  # steps with random classes only, before the first index build
@@ -188,6 +190,7 @@ class SelectedHead(Head):
                 optimizer=config.optimizer,
                 seed=self.seed,
                 init_bound=config.init_bound,
+                dtype=config.store_dtype,
             )
             # a store that answers nearest-row queries itself (parameter-server shards) needs no local index
             self.selector = None
