@@ -43,7 +43,7 @@ from megaclass.index.config import (
     NoIndexConfig,
     build_index,
 )
-from megaclass.index.kmeans import DEFAULT_PROBES
+from megaclass.index.kmeans import DEFAULT_PROBES, cluster_layout
 from megaclass.index.selection import coprime_multipliers
 from megaclass.ops.collectives import (
     ClassShard,
@@ -251,7 +251,11 @@ class SelectedHead(Head):
         # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
         age = 0 if isinstance(index, ExactIndexConfig) else self.config.interval
         # the shards split the index's probes between them: as many clusters searched as a local index's
-        probes = index.probes if isinstance(index, ClusterIndexConfig) else DEFAULT_PROBES
+        probes = (
+            index.probes
+            if isinstance(index, ClusterIndexConfig) and index.probes != "auto"
+            else DEFAULT_PROBES
+        )
         return store_query(features, count, metric=self._metric(), max_index_age=age, probes=probes)[1]
 
     # ------------------------------------------------------------------ selection
@@ -604,10 +608,10 @@ def _planned_index_bytes(config: IndexConfig, classes: int, dim: int, *, device_
         row_bytes = {"auto": 2 if device_type == "cuda" else 4, "float32": 4, "bfloat16": 2, "int8": 1}[
             config.dtype
         ]
-        depth = max(0, math.ceil(math.log2(classes / config.leaf_size))) if classes > config.leaf_size else 0
-        clusters = 1 << depth  # leaves of the balanced 2-means tree (clustering.hierarchical_balanced_2means)
-        largest = -(-classes // clusters)
-        width = largest + max(1, largest // 8)  # the members' padded width (index.kmeans)
+        groups, per_group, width = cluster_layout(
+            classes, None if config.leaf_size == "auto" else config.leaf_size
+        )
+        clusters = groups * per_group  # the index's clusters and their padded width (index.kmeans)
         snapshot = classes * (dim * row_bytes + 4 + 4 + 8)  # rows, norms, scales, assignment
         structure = clusters * (
             width * 8 + 2 * dim * 4 + min(16, clusters) * 8
