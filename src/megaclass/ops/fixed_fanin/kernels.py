@@ -87,6 +87,17 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even; UPCAST (the CPU interpreter, whose fp32 -> bf16 cast truncates)
+    rounds the bits first, as the GPU's cast does."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _tile_logits(
     XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
     stride_xtd, K,
@@ -176,7 +187,7 @@ def _dot_tile_grads(
     cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
     mask_kb = mask_k[:, None] & mask_b[None, :]
     xg = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask_kb, other=0.0)
-    dz_c = dz.to(xg.dtype)
+    dz_c = _cast(dz, xg.dtype, UPCAST)
     gw = _dot(dz_c, tl.trans(xg), gw, PRECISION, UPCAST)
     if WRITE_BUF:
         w_ptrs = W_ptr + offs_c[:, None] * K + offs_k[None, :]
@@ -184,7 +195,7 @@ def _dot_tile_grads(
         zero = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
         gx = _dot(tl.trans(wt.to(xg.dtype)), dz_c, zero, PRECISION, UPCAST)  # (BLOCK_K, BLOCK_B)
         buf_ptrs = Buf_ptr + (buf_row0 + offs_k)[:, None] * stride_bufr + offs_b[None, :]
-        tl.store(buf_ptrs, gx.to(Buf_ptr.dtype.element_ty), mask=mask_kb)
+        tl.store(buf_ptrs, _cast(gx, Buf_ptr.dtype.element_ty, UPCAST), mask=mask_kb)
     return gw
 
 
@@ -192,7 +203,7 @@ def _dot_tile_grads(
 def _label_tile_grads(
     XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, buf_row0, offs_b, mask_b, block,
     stride_xtd, stride_bufr, K,
-    GROUP: tl.constexpr, WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr,
+    GROUP: tl.constexpr, WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Per-label tile: gw[c, k] (+)= sum_b dz[b, c] x[b, idx[c, k]] (stored; added to the earlier batch
     blocks' sum when block > 0) and (WRITE_BUF) the labels' dz rows into the buffer at rows buf_row0 + j."""
@@ -201,7 +212,7 @@ def _label_tile_grads(
         rows = buf_row0 + tl.arange(0, BLOCK_C)
         tl.store(
             Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :],
-            dz.to(Buf_ptr.dtype.element_ty),
+            _cast(dz, Buf_ptr.dtype.element_ty, UPCAST),
             mask=mask,
         )
     w_rows = offs_c * K
@@ -212,7 +223,7 @@ def _label_tile_grads(
         gw = tl.sum(dz * xv.to(tl.float32), axis=1)
         if block > 0:
             gw += tl.load(GW_ptr + w_rows + k, mask=mask_c, other=0.0).to(tl.float32)
-        tl.store(GW_ptr + w_rows + k, gw.to(GW_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(GW_ptr + w_rows + k, _cast(gw, GW_ptr.dtype.element_ty, UPCAST), mask=mask_c)
 
 
 @triton.jit
@@ -271,10 +282,10 @@ def _fixed_fanin_fwd_kernel(
                     else:
                         _label_tile_grads(
                             XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
-                            offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, True, BLOCK_C,
+                            offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, True, BLOCK_C, UPCAST,
                         )  # fmt: skip
         if GRAD:
-            _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K)
+            _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
     if LOSS != 0:
         part_row = program + tile_start // TILES
         offs = tl.arange(0, NB)[:, None] * BLOCK_B + offs_bb[None, :]  # (NB, BLOCK_B) batch rows
@@ -286,16 +297,18 @@ def _fixed_fanin_fwd_kernel(
 @triton.jit
 def _store_tile_grads(
     GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K,
-    DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """A tile's weight gradient (grouped: from registers; per-label tiles stored theirs per k) and bias
     gradient, in the parameters' dtypes."""
     if DOT:
         offs_k = tl.arange(0, BLOCK_K)
         gw_ptrs = GW_ptr + offs_c[:, None] * K + offs_k[None, :]
-        tl.store(gw_ptrs, gw.to(GW_ptr.dtype.element_ty), mask=mask_c[:, None] & (offs_k < K)[None, :])
+        tl.store(
+            gw_ptrs, _cast(gw, GW_ptr.dtype.element_ty, UPCAST), mask=mask_c[:, None] & (offs_k < K)[None, :]
+        )
     if HAS_BIAS:
-        tl.store(GBias_ptr + offs_c, gbias.to(GBias_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(GBias_ptr + offs_c, _cast(gbias, GBias_ptr.dtype.element_ty, UPCAST), mask=mask_c)
 
 
 @triton.jit
@@ -345,9 +358,9 @@ def _bwd_tiles(
             else:
                 _label_tile_grads(
                     XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
-                    offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, WRITE_BUF, BLOCK_C,
+                    offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, WRITE_BUF, BLOCK_C, UPCAST,
                 )  # fmt: skip
-        _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K)
+        _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
 
 
 @triton.jit
@@ -379,13 +392,13 @@ def _fixed_fanin_bwd_kernel(
 
 
 @triton.jit
-def _gated_scale_kernel(X_ptr, Gate_ptr, Scale_ptr, N, BLOCK: tl.constexpr):
+def _gated_scale_kernel(X_ptr, Gate_ptr, Scale_ptr, N, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     """x *= scale[0] in place when gate[0] != 0 (the row gradient is uniform but not the expected one)."""
     if tl.load(Gate_ptr) != 0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(X_ptr + offs, (x * tl.load(Scale_ptr)).to(X_ptr.dtype.element_ty), mask=mask)
+        tl.store(X_ptr + offs, _cast(x * tl.load(Scale_ptr), X_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -677,7 +690,9 @@ def fixed_fanin_fwd_grad(
 def _gated_scale(tensor: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor) -> None:
     flat = tensor.view(-1)
     grid = (triton.cdiv(flat.numel(), _SCALE_BLOCK),)
-    _gated_scale_kernel[grid](flat, gate, scale, flat.numel(), BLOCK=_SCALE_BLOCK)
+    _gated_scale_kernel[grid](
+        flat, gate, scale, flat.numel(), BLOCK=_SCALE_BLOCK, UPCAST=_dot_mode(tensor)[1]
+    )
 
 
 def fixed_fanin_grad_finish(
