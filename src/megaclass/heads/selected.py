@@ -562,11 +562,16 @@ class SelectedHead(Head):
         cls, config: SelectedHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
-        servers), the selection buffers and the index, the active rows' gradients, ``B x S`` logits per
-        batch; a checkpoint copies the store's rows, state and index to host memory."""
+        servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index, the
+        active rows' gradients, ``B x S`` logits per batch; a checkpoint of a parameter server's rows copies
+        them to host memory."""
         classes, dim = context.num_classes, context.in_features
-        rows = classes * dim * 4
-        state = sum(classes * math.prod(shape) * 4 for shape in config.optimizer.state_shapes(dim).values())
+        element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
+        rows = classes * dim * element
+        state = sum(
+            classes * math.prod(shape) * (element if shape else 4)
+            for shape in config.optimizer.state_shapes(dim).values()
+        )
         on_device = config.store in ("gpu", "device")
         local = config.store in ("gpu", "device", "host")
 
@@ -596,9 +601,9 @@ class SelectedHead(Head):
             "evaluation": PlannedBytes(
                 block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
             ),
-            # the store's state dict is a host copy of its rows and state (a parameter server's too), the
-            # index's a host copy of its tensors
-            "checkpoint": PlannedBytes(0, rows + state + sum(index), "head.optimizer.momentum=0"),
+            # local rows and the index stream to the checkpoint's files (the trainer's block); a parameter
+            # server's rows and state are pulled to host memory whole
+            "checkpoint": PlannedBytes(0, 0 if local else rows + state, "head.optimizer.momentum=0"),
         }
 
 
