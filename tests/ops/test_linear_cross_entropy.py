@@ -577,3 +577,22 @@ def test_gated_scale(device_for, numel, factor):
         expected = values * factor
         kernels.gated_scale_(values, torch.tensor([factor]))
         assert torch.equal(values, expected)
+
+
+@pytest.mark.parametrize(
+    ("loss", "dtype", "fused"),
+    [
+        ("bce", torch.float32, True),
+        ("bce", torch.bfloat16, True),
+        ("squared_hinge", torch.bfloat16, True),
+        ("bce", torch.float16, False),  # G at 1/B could fall below fp16's subnormals before an AMP scale
+        ("softmax", torch.bfloat16, False),  # G needs the row's lse: recomputed in backward
+    ],
+)
+def test_which_problems_fuse_the_gradient(loss, dtype, fused):
+    options = LinearLossOptions(loss=loss)
+    dense = DenseOperands(torch.randn(2, 3, dtype=dtype), torch.randn(4, 3), None, None, options)
+    assert _triton_backend(True).fuses_gradient(dense) is fused
+    assert _triton_backend(False).fuses_gradient(dense) is False
+    assert ReferenceBackend().fuses_gradient(dense) is False
+    assert TorchChunkedBackend().fuses_gradient(dense) is False

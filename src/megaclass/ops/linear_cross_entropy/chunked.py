@@ -81,7 +81,7 @@ class TorchChunkedBackend:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
 
-    def fuses_gradient(self, options: LinearLossOptions) -> bool:
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
         return False  # backward recomputes each chunk's logits
 
     def _chunk(self, x: Tensor) -> int:

@@ -249,7 +249,7 @@ class DenseBackend(Protocol):
         excluded classes."""
         ...
 
-    def fuses_gradient(self, options: LinearLossOptions) -> bool:
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
         """Whether the forward pass computes the gradients too (then this is a :class:`FusingBackend`)."""
         ...
 
@@ -296,7 +296,7 @@ class LinearLossFunction(torch.autograd.Function):
         dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
         ctx.fused = None
         with torch.autocast(x.device.type, enabled=False):  # compute dtype is x.dtype, chosen by the caller
-            if grad_enabled and any(ctx.needs_input_grad[:3]) and backend.fuses_gradient(options):
+            if grad_enabled and any(ctx.needs_input_grad[:3]) and backend.fuses_gradient(dense):
                 reduced, ctx.fused = cast(FusingBackend, backend).reduce_and_grads(dense, coef)
             else:
                 reduced = backend.reduce(dense)

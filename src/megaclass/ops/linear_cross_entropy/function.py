@@ -109,14 +109,20 @@ class TritonBackend:
 
     Args:
         fuse_gradient: bce / squared hinge compute their gradients in the forward pass (one pass over ``W``
-            for both); False recomputes the logits in backward as softmax does (the slower schedule, kept to
-            measure against: ``benchmarks/heads.py``).
+            for both; fp32 and bf16 features); False recomputes the logits in backward as softmax does (the
+            slower schedule, kept to measure against: ``benchmarks/heads.py``).
     """
 
     fuse_gradient: bool = True
 
-    def fuses_gradient(self, options: LinearLossOptions) -> bool:
-        return self.fuse_gradient and options.loss is not LossKind.SOFTMAX
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
+        # fp16 keeps G at the row weights (1/B) until backward scales it: values that an AMP loss scale
+        # would keep above fp16's smallest subnormal could round to 0 there; bf16 has fp32's exponent range
+        return (
+            self.fuse_gradient
+            and dense.options.loss is not LossKind.SOFTMAX
+            and dense.x.dtype != torch.float16
+        )
 
     def reduce_and_grads(
         self, dense: DenseOperands, coef: Tensor

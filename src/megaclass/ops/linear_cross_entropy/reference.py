@@ -50,7 +50,7 @@ def _mask_excluded(values: Tensor, exclude: Tensor | None, start: int, fill: flo
 class ReferenceBackend:
     """Dense part over class chunks of ``options.chunk_size`` in plain PyTorch."""
 
-    def fuses_gradient(self, options: LinearLossOptions) -> bool:
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
         return False  # the plain schedule: every backward pass recomputes the logits
 
     def reduce(self, dense: DenseOperands) -> Tensor:
