@@ -596,3 +596,35 @@ def test_which_problems_fuse_the_gradient(loss, dtype, fused):
     assert _triton_backend(False).fuses_gradient(dense) is False
     assert ReferenceBackend().fuses_gradient(dense) is False
     assert TorchChunkedBackend().fuses_gradient(dense) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+def test_gradient_in_forward_captures_in_a_cuda_graph(factor):
+    """The fused forward and its gated backward scale run with no host sync: a CUDA graph of forward and
+    backward replays to the eager gradients, at an upstream gradient of 1 (no scaling) and of 3."""
+    x = torch.randn(128, 64, device="cuda").bfloat16().requires_grad_(True)
+    weight = (torch.randn(5_003, 64, device="cuda") / 8).requires_grad_(True)
+    targets = make_targets("multilabel", 128, 5_003).to("cuda")
+    scale = torch.tensor(factor, device="cuda")
+
+    def step():
+        (linear_bce(x, weight, targets, impl="triton") * scale).backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile the kernels outside the capture
+            x.grad = weight.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = [x.grad.clone(), weight.grad.clone()]
+    x.grad = weight.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, replayed, expected in zip(["dx", "dW"], [x.grad, weight.grad], eager, strict=True):
+        assert_close(replayed, expected, rtol=1e-5, atol=1e-6, name=f"graph {name}")
