@@ -11,8 +11,7 @@ Structure (all on the index's device):
 - ``sums (K, D)``: float32 sums of each cluster's snapshot rows; ``centroids (K, D)``: them normalised;
 - ``group_centroids (G, D)``: the normalised sums of each group's clusters (cluster ``c`` is in group
   ``c // (K / G)``);
-- ``near (K, m)``: each cluster's ``m = neighbours`` nearest clusters (itself first), among the clusters of
-  its group's nearest groups;
+- ``near (K, m)``: each cluster's ``m = neighbours`` nearest clusters (itself first);
 - ``probes``, ``group_probes``: the search's counts; ``stale``: rows whose snapshot predates their last
   update (refreshed by the next build).
 
@@ -69,6 +68,7 @@ _SLACK = 0.25  # a cluster holds at most (1 + slack) C / K rows: its padded widt
 _SAMPLE_PER_CLUSTER = 32  # rows per centroid in the sample the centroids are fitted on
 _ASSIGN_CANDIDATES = 8  # nearest centroids a row may be seated in when its best are full
 _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
+_SCORE_BLOCK = 1 << 26  # cluster-cluster similarities held at once by the near-cluster graph
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
 _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
@@ -296,29 +296,19 @@ class ClusterIndex(ClassSelector):
         state["centroids"] = torch.nn.functional.normalize(sums, dim=1).to(compute)
         state["group_centroids"] = torch.nn.functional.normalize(group_sums, dim=1).to(compute)
 
-    def _near_clusters(self, centroids: Tensor, group_centroids: Tensor) -> Tensor:
-        """``(K, m)`` each cluster's ``m = neighbours`` nearest clusters (itself first) among the clusters of
-        its group's 3 nearest groups: ``O(K sqrt(K) D)`` in blocks of groups, never a ``(K, K)`` matrix."""
-        k, dim = centroids.shape
-        groups = group_centroids.shape[0]
-        per_group = k // groups
-        copies = min(_GROUP_COPIES, groups)
-        m = min(self.neighbours, copies * per_group)
-        between = (group_centroids @ group_centroids.T).float().fill_diagonal_(math.inf)  # (G, G) own first
-        near_groups = between.topk(copies, dim=1).indices  # (G, copies)
-        offsets = torch.arange(per_group, device=centroids.device)
-        candidates = (near_groups[:, :, None] * per_group + offsets).flatten(1)  # (G, copies * per_group)
-        grouped = centroids.view(groups, per_group, dim)
+    def _near_clusters(self, centroids: Tensor) -> Tensor:
+        """``(K, m)`` each cluster's ``m = neighbours`` nearest clusters (itself first), exact, in blocks of
+        rows of the ``(K, K)`` similarities (``2^26`` at a time: at ``K = 5 10^4``, D 512, a few ms of
+        tensor-core work on a GPU)."""
+        k = centroids.shape[0]
+        m = min(self.neighbours, k)
+        low = centroids.to(self._compute_dtype(centroids.device))
         near = torch.empty(k, m, dtype=torch.int64, device=centroids.device)
-        block = max(1, (1 << 26) // (copies * per_group * max(per_group, dim)))  # groups scored at once
-        for start in range(0, groups, block):
-            ids = candidates[start : start + block]  # (b, copies * per_group)
-            scores = torch.bmm(grouped[start : start + block], _take(centroids, ids).transpose(1, 2)).float()
-            scores[:, :, :per_group].diagonal(dim1=1, dim2=2).fill_(math.inf)  # (b, per_group, ...) own first
-            top = scores.topk(m, dim=2).indices  # (b, per_group, m)
-            near[start * per_group : start * per_group + top.shape[0] * per_group] = ids.gather(
-                1, top.flatten(1)
-            ).view(-1, m)
+        block = max(1, _SCORE_BLOCK // k)  # (block, K) similarities at a time
+        for start in range(0, k, block):
+            scores = low[start : start + block] @ low.T  # (b, K)
+            scores.diagonal(offset=start).fill_(math.inf)  # itself first, even empty or duplicate
+            near[start : start + block] = scores.topk(m, dim=1).indices
         return near
 
     @staticmethod
@@ -329,6 +319,7 @@ class ClusterIndex(ClassSelector):
     def _cold(self, state: dict[str, Tensor], cancel: threading.Event | None = None) -> None:
         """First build: two-level balanced k-means (groups, then clusters within each group), padded members,
         sums, centroids, cluster graph and the search's counts. ``cancel`` set: stop between rounds."""
+        self._check_cancel(cancel)
         rows = state["rows"]
         num_classes, device = rows.shape[0], rows.device
         compute = self._compute_dtype(device)
@@ -356,7 +347,7 @@ class ClusterIndex(ClassSelector):
         )
         self._set_centroids(state, groups)
         self._check_cancel(cancel)
-        state["near"] = self._near_clusters(state["centroids"], state["group_centroids"])
+        state["near"] = self._near_clusters(state["centroids"])
         state["probes"], state["group_probes"] = self._calibrated_search(state)
 
     def _split_groups(
