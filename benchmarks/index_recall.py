@@ -8,8 +8,10 @@ Rows are "trained-like" as in ``benchmarks/selected.py`` (group directions plus 
 features drawn as the training ones are (near their class rows). For every size the exact chunked scan is the
 baseline row (recall 1 by definition); each index setting is built cold (timed to completion), queried for
 the batch (median of ``--reps``), then rebuilt warm over every row, as a training run's later builds are.
-``auto`` is the default index: clusters of ``sqrt(C) / 2`` rows and the probe count its build calibrates for
-recall@10 0.95. Candidates: rows scored per query (probes times the padded cluster width, plus K centroids).
+``auto`` is the default index: clusters of ``sqrt(C) / 16`` rows (at least 32) and the search its build
+calibrates for ``--recall-target`` (the index's default). Shared centroids: scored in one matmul for the
+whole batch (``K``, or ``G`` group centroids when groups are probed first); gathered rows: centroids of the
+probed groups and member rows gathered and scored for each query (probes times the padded cluster width).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def parse_args() -> argparse.Namespace:
         "--settings",
         default="auto",
         help="comma-separated LEAFxPROBES pairs (PROBES may be auto) or auto (both chosen)",
+    )
+    parser.add_argument(
+        "--recall-target", type=float, default=0.92, help="recall@10 the auto probe counts are chosen for"
     )
     parser.add_argument("--quick", action="store_true", help="CPU-sized: C 10^4..10^6, D 64, B 256")
     args = parser.parse_args()
@@ -91,9 +96,10 @@ def main() -> None:
     dtype = args.dtype or "default"
     print(f"D {args.dim}, B {args.batch}, metric {args.metric}, on {device()}, dtype {dtype}\n")
     print(
-        "| C | index | leaf | probes | candidates | build s | query ms | recall@10 | after a warm rebuild |"
+        "| C | index | leaf | clusters | groups / clusters probed | shared centroids | gathered rows "
+        "| build s | query ms | recall@10 | after a warm rebuild |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for classes in (int(float(size)) for size in args.sizes.split(",")):
         torch.manual_seed(0)
         rows = torch.empty(classes, args.dim, device=device())
@@ -104,29 +110,31 @@ def main() -> None:
             return exact_topk(features, rows, 10, metric=args.metric, chunk_size=1 << 16)[1]
 
         scan_ms, truth = _timed(scan, args.reps)
-        print(f"| {classes} | exact | | | {classes} | 0 | {scan_ms:.2f} | 1.000 | 1.000 |")
+        print(f"| {classes} | exact | | | | {classes} | | 0 | {scan_ms:.2f} | 1.000 | 1.000 |")
         for leaf_size, probes in _settings(args.settings):
             index = ClusterIndex(
                 metric=args.metric,
                 leaf_size=leaf_size,
                 probes=probes,
+                recall_target=args.recall_target,
                 row_dtype=args.dtype,
                 compute_dtype=args.dtype,
+                background=False,
             )
             build_ms, _ = _timed(lambda index=index, rows=rows: index.build(rows), 1)
             query_ms, found = _timed(lambda index=index, x=features: index.query(x, 10), args.reps)
             recall = _recall(found, truth)
+            stats = index.metrics()
             index.build(rows)  # warm over every row: each moves to its best nearby cluster, as in training
             warm = _recall(index.query(features, 10), truth)
-            state = index.state_dict()
-            clusters, width = state["members"].shape
-            used = int(state["probes"]) if probes is None else probes
             cells = [
                 classes,
                 "cluster",
                 index.leaf_size,
-                used,
-                clusters + used * width,
+                int(stats["index_clusters"]),
+                f"{int(stats['index_group_probes'])} / {int(stats['index_probes'])}",
+                int(stats["index_shared_centroids"]),
+                int(stats["index_gathered_rows"]),
                 f"{build_ms / 1e3:.2f}",
             ]
             cells += [f"{query_ms:.2f}", f"{recall:.3f}", f"{warm:.3f}"]

@@ -173,3 +173,42 @@ def test_cluster_index_takes_low_precision_and_non_contiguous_rows(dtype):
     wide[changed, ::2] = -wide[changed, ::2]  # a warm build reads the view's rows too
     index.build(view, changed=changed)
     assert torch.equal(index.state_dict()["rows"][changed], -reference.state_dict()["rows"][changed])
+
+
+@pytest.mark.parametrize("neighbours", [1, 16, 5000])
+def test_near_clusters_are_the_exact_nearest_in_blocks(monkeypatch, neighbours):
+    import megaclass.index.kmeans as kmeans
+
+    monkeypatch.setattr(kmeans, "_SCORE_BLOCK", 7 * 2500)  # blocks of 7 cluster rows, the last one short
+    rows, _ = trained_like(20000, 32, 400, 1, seed=3)
+    index = build_selector("gpu", leaf_size=8, probes=4, neighbours=neighbours)  # 2500 clusters
+    index.build(rows)
+    state = index.state_dict()
+    k = state["members"].shape[0]
+    assert state["near"].shape == (k, min(neighbours, k))
+    assert torch.equal(state["near"][:, 0], torch.arange(k))  # itself first
+    centroids = torch.nn.functional.normalize(state["sums"], dim=1)
+    scores = (centroids @ centroids.T).fill_diagonal_(2.0)  # the whole (K, K) in one piece, itself first
+    expected = scores.topk(min(neighbours, k), dim=1)
+    found = scores.gather(1, state["near"])
+    torch.testing.assert_close(found, expected.values)  # the same scores: ties may swap ids
+
+
+def test_two_level_search_reaches_its_calibrated_recall(monkeypatch):
+    import megaclass.index.kmeans as kmeans
+
+    monkeypatch.setattr(kmeans, "_SHARED_ROW_COST", 1.0)  # shared centroids as dear as gathered ones
+    rows, _ = trained_like(20000, 32, 400, 1, seed=4)
+    index = build_selector("gpu", metric="cosine", leaf_size=16, recall_target=0.95)
+    index.build(rows)
+    metrics = index.metrics()
+    groups, clusters = index.state_dict()["group_centroids"].shape[0], metrics["index_clusters"]
+    assert 1 <= metrics["index_group_probes"] < groups  # groups first, then their clusters
+    assert metrics["index_shared_centroids"] == groups < clusters
+    # the calibration's own queries (rows drawn with seed + 1) find the target share of their exact top 10
+    picks = torch.randperm(20000, generator=torch.Generator().manual_seed(1))[:256]
+    truth = exact_topk(rows[picks], rows, 10, metric="cosine")[1]
+    assert recall(index.query(rows[picks], 10), truth) >= 0.95
+    flat = build_selector("gpu", metric="cosine", leaf_size=16, probes=int(metrics["index_probes"]))
+    flat.build(rows)  # the same clusters searched over every group: at least as many found
+    assert recall(flat.query(rows[picks], 10), truth) >= recall(index.query(rows[picks], 10), truth)

@@ -21,8 +21,9 @@ class Metric(str, enum.Enum):
 class ClassSelector(abc.ABC):
     """Finds, for each feature, the classes whose weight rows score highest against it.
 
-    :meth:`build` takes a snapshot of the rows (it may finish in the background: the previous index keeps
-    answering until the new one is ready); :meth:`query` answers from the latest finished build;
+    :meth:`build` takes a snapshot of the rows (it may finish in the background: the previous index, or none,
+    keeps answering until the new one is swapped in whole); :meth:`query` answers from the latest finished
+    build;
     :meth:`search` scores its answers exactly against given rows (approximate top-k for evaluation).
     """
 
@@ -88,7 +89,13 @@ class ClassSelector(abc.ABC):
     @property
     @abc.abstractmethod
     def is_built(self) -> bool:
-        """Whether a finished build is available to :meth:`query`."""
+        """Whether :meth:`build` was called (or a state loaded): :meth:`query` answers from then on, with no
+        classes (``-1``) while a first build runs in the background (see :attr:`is_ready`)."""
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether a finished index answers :meth:`query` (False while a first background build runs)."""
+        return self.is_built
 
     def wait(self) -> None:  # noqa: B027 - optional hook
         """Block until a pending background build has been swapped in."""

@@ -9,29 +9,45 @@ Structure (all on the index's device):
 - ``assignment (C,)`` and ``members (K, W)``: the cluster of each row and each cluster's rows, padded with -1
   (``K`` clusters of at most ``W`` rows);
 - ``sums (K, D)``: float32 sums of each cluster's snapshot rows; ``centroids (K, D)``: them normalised;
-- ``near (K, m)``: each cluster's ``m = neighbours`` nearest clusters (itself first).
+- ``group_centroids (G, D)``: the normalised sums of each group's clusters (cluster ``c`` is in group
+  ``c // (K / G)``);
+- ``near (K, m)``: each cluster's ``m = neighbours`` nearest clusters (itself first);
+- ``probes``, ``group_probes``: the search's counts; ``stale``: rows whose snapshot predates their last
+  update (refreshed by the next build).
 
 The first (cold) build is a two-level balanced k-means: ``G ~ sqrt(K)`` groups fitted on a sample of the
 rows and every row seated in one (equal sizes), then ``K / G`` clusters inside every group at once, each row
 scored against the clusters of its 3 nearest groups (a boundary between groups cuts no tight set of rows
 apart) and seated by capacity (at most ``W = 1.25 C / K`` rows per cluster). It costs ``O(C sqrt(K) D)`` in
-a few batched matmuls and sorts: no pass is ``O(C K D)``. The build then picks the probe count: the fewest
-clusters per query whose members hold ``recall_target`` of the exact top 10 of sampled rows. Later builds are
-warm and touch only the rows updated since the previous build (``changed``, the rows a sparse step touched):
-their snapshot is refreshed, the cluster sums swap their old rows for the new ones, and each moves to its best
-cluster among those near its own where a seat is free (else it stays; ``refine_iters`` rounds). A warm build
-thus costs ``O(changed)``, not ``O(C)``; an empty ``changed`` leaves the index as it is.
+a few batched matmuls and sorts: no pass is ``O(C K D)``. The build then picks the search's counts: over
+sampled rows used as queries, the cheapest pair (``group_probes`` groups, ``probes`` clusters among theirs)
+whose clusters hold ``recall_target`` of the exact top 10. Later builds are warm and touch only the rows
+updated since the previous build (``changed``, the rows a sparse step touched): their snapshot is
+refreshed, the cluster sums swap their old rows for the new ones, and each moves to its best cluster among
+those near its own where a seat is free (else it stays; ``refine_iters`` rounds). A warm build thus costs
+``O(changed)``, not ``O(C)``; an empty ``changed`` leaves the index as it is.
 
-A query scores the centroids ``(B, K)``, keeps the ``probes`` best clusters per sample, scores their members
-``(B, probes * W)`` from the snapshot and returns the top ``n``. Where scores are computed in bfloat16 (on a
-GPU), a shortlist of ``max(4n, n + 16)`` is ranked again with float32 scores of the same rows: bfloat16
-scores of near neighbours tie or swap, and the re-rank keeps recall at what float32 search finds.
+A cold build may run in a background thread (by default on the CPU from ``2^15`` rows, where it takes
+seconds to minutes): the snapshot is taken in the caller, the clustering runs in the thread (on a CUDA side
+stream on a GPU), and the finished index is swapped in whole at the next query or build; rows updated
+meanwhile are refreshed by the first warm build after the swap. Until the first index is in, a query finds
+no classes (``-1``), so a step's active set is its positives and random classes.
+
+A query scores the ``G`` group centroids, keeps the ``group_probes`` best groups, scores their clusters'
+centroids and keeps the ``probes`` best clusters (with every group probed: all ``K`` centroids in one
+matmul), then scores their members ``(B, probes * W)`` from the snapshot and returns the top ``n``. Where
+scores are computed in bfloat16 (on a GPU), a shortlist of ``max(4n, n + 16)`` is ranked again with float32
+scores of the same rows: bfloat16 scores of near neighbours tie or swap, and the re-rank keeps recall at
+what float32 search finds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,23 +55,64 @@ from torch import Tensor
 from megaclass.index.base import ClassSelector, Metric
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 
-__all__ = ["DEFAULT_PROBES", "ClusterIndex", "auto_leaf_size", "cluster_layout"]
+__all__ = ["DEFAULT_PROBES", "ClusterIndex", "auto_leaf_size", "cluster_layout", "search_cost"]
 
 DEFAULT_PROBES = 8  # clusters a shard searches when a caller names no count (parameter-server queries)
 
 # A query scores all K centroids in one matmul shared by the batch, then gathers probes * W member rows per
-# sample: small clusters (sqrt(C) / 16 rows, at least 32) keep the gathered part small; the calibrated probe
-# count stays at a handful from 10^4 to 10^6 rows (benchmarks/index_recall.py).
+# sample: small clusters (sqrt(C) / 16 rows, at least 32) keep the gathered part small (at recall 0.92:
+# 80 rows per query at 10^5, about 1000 at 10^6; benchmarks/index_recall.py).
 _LEAF_PER_SQRT_C = 1 / 16
 _MIN_LEAF = 32
 _SLACK = 0.25  # a cluster holds at most (1 + slack) C / K rows: its padded width W
 _SAMPLE_PER_CLUSTER = 32  # rows per centroid in the sample the centroids are fitted on
 _ASSIGN_CANDIDATES = 8  # nearest centroids a row may be seated in when its best are full
 _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
+_SCORE_BLOCK = 1 << 26  # cluster-cluster similarities held at once by the near-cluster graph
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
 _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
+# a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
+# CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
+_SHARED_ROW_COST = 1 / 16
+_BACKGROUND_MIN_ROWS = 1 << 15  # CPU cold builds from this many rows run in a thread (~1 s at 2^15, D 64)
 
-_STATE_KEYS = ("rows", "norms", "scales", "assignment", "members", "sums", "centroids", "near", "probes")
+_STATE_KEYS = (
+    "rows",
+    "norms",
+    "scales",
+    "assignment",
+    "members",
+    "sums",
+    "centroids",
+    "group_centroids",
+    "near",
+    "probes",
+    "group_probes",
+    "stale",
+)
+
+
+class _Cancelled(Exception):
+    """A background build stopped because its result is no longer wanted."""
+
+
+@dataclass
+class _ColdBuild:
+    """A cold build running in a thread on its own snapshot ``state``; read by the caller once finished."""
+
+    state: dict[str, Tensor]
+    started: float  # perf_counter at the build call
+    stream: torch.cuda.Stream | None  # the CUDA side stream it runs on
+    stale: Tensor  # (n,) ids of rows updated since the snapshot, noted by the caller
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    elapsed_ms: float = 0.0
+
+
+def _take(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]`` as ``(*ids.shape, D)`` through ``index_select`` (a few times faster on the CPU)."""
+    return table.index_select(0, ids.flatten()).view(*ids.shape, table.shape[1])
 
 
 def auto_leaf_size(num_classes: int) -> int:
@@ -65,6 +122,18 @@ def auto_leaf_size(num_classes: int) -> int:
     (198, 62, 32)
     """
     return max(_MIN_LEAF, round(_LEAF_PER_SQRT_C * math.sqrt(num_classes)))
+
+
+def search_cost(clusters: int, groups: int, width: int, probes: int, group_probes: int) -> tuple[int, int]:
+    """``(shared, gathered)``: centroids a query batch scores in one matmul, and centroids plus member rows
+    gathered and scored for each query, searching ``group_probes`` of ``groups`` then ``probes`` clusters.
+
+    >>> search_cost(10000, 100, 80, 10, 100), search_cost(10000, 100, 80, 10, 4)
+    ((10000, 800), (100, 1200))
+    """
+    if group_probes >= groups:
+        return clusters, probes * width
+    return groups, group_probes * (clusters // groups) + probes * width
 
 
 def cluster_layout(num_classes: int, leaf_size: int | None = None) -> tuple[int, int, int]:
@@ -89,9 +158,11 @@ class ClusterIndex(ClassSelector):
         metric: ``cosine`` ranks by angle; ``dot`` by the logit ``feature . row``.
         leaf_size: mean rows per cluster at a cold build (None: :func:`auto_leaf_size`, ``sqrt(C) / 16``);
             a cluster holds at most ``1.25`` times as many (the padded width ``W``).
-        probes: clusters searched per query (raised automatically when ``n`` needs more); None: chosen at
-            each cold build as the fewest that find ``recall_target`` of the exact top 10 of sampled rows.
-        recall_target: recall@10 the chosen probe count reaches on the build's sample of rows.
+        probes: clusters searched per query, in every group (raised automatically when ``n`` needs more);
+            None: chosen at each cold build with the groups probed first, as the search gathering the fewest
+            rows that finds ``recall_target`` of the exact top 10 of sampled rows.
+        recall_target: recall@10 the chosen search reaches on the build's sample of rows (0.92 measures
+            >= 0.9 on features near trained-like rows).
         neighbours: clusters a row may move to in a warm build.
         refine_iters: re-assignment rounds per warm build (0: only refresh snapshot and centroids).
         kmeans_iters: balanced k-means iterations of each level of a cold build.
@@ -103,6 +174,9 @@ class ClusterIndex(ClassSelector):
         device: where the index lives (the features' device); None: the weights' device.
         chunk_rows: rows moved and scored at once during a build.
         seed: seeds the cold build's sample and initial centroids.
+        background: run cold builds in a thread (on a GPU: on a side stream) while the previous index, or
+            none, answers; None: on the CPU from ``2^15`` rows, synchronous on a GPU (a cold build there
+            takes seconds at ``10^7`` rows). A finished build equals a synchronous one.
     """
 
     def __init__(
@@ -111,7 +185,7 @@ class ClusterIndex(ClassSelector):
         metric: Metric | str = Metric.COSINE,
         leaf_size: int | None = None,
         probes: int | None = None,
-        recall_target: float = 0.95,
+        recall_target: float = 0.92,
         neighbours: int = 16,
         refine_iters: int = 1,
         kmeans_iters: int = 4,
@@ -120,6 +194,7 @@ class ClusterIndex(ClassSelector):
         device: torch.device | str | None = None,
         chunk_rows: int = 1 << 18,
         seed: int = 0,
+        background: bool | None = None,
     ) -> None:
         if (leaf_size is not None and leaf_size < 1) or (probes is not None and probes < 1):
             raise ValueError(f"leaf_size and probes must be >= 1 (or None), got {leaf_size}, {probes}")
@@ -137,14 +212,16 @@ class ClusterIndex(ClassSelector):
             getattr(torch, dtype) if isinstance(dtype, str) else dtype for dtype in (row_dtype, compute_dtype)
         )
         self.device = None if device is None else torch.device(device)
-        self.chunk_rows, self.seed = chunk_rows, seed
-        self._state: dict[str, Tensor] | None = None
+        self.chunk_rows, self.seed, self.background = chunk_rows, seed, background
+        self._state: dict[str, Tensor] | None = None  # the served index, touched by the caller's thread only
+        self._search = (0, 0)  # the served index's (probes, group_probes), kept on the host
+        self._job: _ColdBuild | None = None  # a cold build under way in a thread
         self._build_ms = 0.0
-        self._builds = 0
 
     @property
     def leaf_size(self) -> int | None:
         """Mean rows per cluster: of the served index once built, else as configured (None: automatic)."""
+        self._adopt()
         if self._state is None:
             return self._leaf_size
         members = self._state["members"]
@@ -193,7 +270,7 @@ class ClusterIndex(ClassSelector):
     @staticmethod
     def _gather(state: dict[str, Tensor], ids: Tensor, dtype: torch.dtype) -> Tensor:
         """Snapshot rows ``ids (...)`` as ``(..., D)`` in ``dtype`` (dequantised)."""
-        rows = state["rows"][ids].to(dtype)
+        rows = _take(state["rows"], ids).to(dtype)
         if state["rows"].dtype == torch.int8:
             rows = rows * state["scales"][ids].to(dtype)[..., None]
         return rows
@@ -213,20 +290,38 @@ class ClusterIndex(ClassSelector):
         members[sorted_clusters, rank] = order
         return members
 
+    def _set_centroids(self, state: dict[str, Tensor], groups: int) -> None:
+        """``centroids (K, D)`` and ``group_centroids (G, D)`` from the cluster sums, in the compute dtype."""
+        sums = state["sums"]
+        compute = self._compute_dtype(sums.device)
+        group_sums = sums.view(groups, -1, sums.shape[1]).sum(1)  # (G, D): cluster c is in group c // (K / G)
+        state["centroids"] = torch.nn.functional.normalize(sums, dim=1).to(compute)
+        state["group_centroids"] = torch.nn.functional.normalize(group_sums, dim=1).to(compute)
+
     def _near_clusters(self, centroids: Tensor) -> Tensor:
-        """``(K, m)`` each cluster's ``m = neighbours`` nearest clusters (itself first), in blocks of K."""
+        """``(K, m)`` each cluster's ``m = neighbours`` nearest clusters (itself first), exact, in blocks of
+        rows of the ``(K, K)`` similarities (``2^26`` at a time: at ``K = 5 10^4``, D 512, a few ms of
+        tensor-core work on a GPU)."""
         k = centroids.shape[0]
         m = min(self.neighbours, k)
         low = centroids.to(self._compute_dtype(centroids.device))
         near = torch.empty(k, m, dtype=torch.int64, device=centroids.device)
-        block = max(1, (1 << 26) // k)  # (block, K) similarities at a time: 2^26 scores
+        block = max(1, _SCORE_BLOCK // k)  # (block, K) similarities at a time
         for start in range(0, k, block):
-            near[start : start + block] = (low[start : start + block] @ low.T).topk(m, dim=1).indices
+            scores = low[start : start + block] @ low.T  # (b, K)
+            scores.diagonal(offset=start).fill_(math.inf)  # itself first, even empty or duplicate
+            near[start : start + block] = scores.topk(m, dim=1).indices
         return near
 
-    def _cold(self, state: dict[str, Tensor]) -> None:
+    @staticmethod
+    def _check_cancel(cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+
+    def _cold(self, state: dict[str, Tensor], cancel: threading.Event | None = None) -> None:
         """First build: two-level balanced k-means (groups, then clusters within each group), padded members,
-        sums, centroids, cluster graph and the probe count."""
+        sums, centroids, cluster graph and the search's counts. ``cancel`` set: stop between rounds."""
+        self._check_cancel(cancel)
         rows = state["rows"]
         num_classes, device = rows.shape[0], rows.device
         compute = self._compute_dtype(device)
@@ -237,42 +332,44 @@ class ClusterIndex(ClassSelector):
         coarse = balanced_kmeans_fit(
             rows[sample], groups, iters=self.kmeans_iters, seed=self.seed, dtype=compute
         )
+        self._check_cancel(cancel)
         scores, candidates = nearest_centroids(
             rows, coarse[0], min(_ASSIGN_CANDIDATES, groups), dtype=compute
         )
         even = num_classes // groups + (torch.arange(groups, device=device) < num_classes % groups).long()
         group = capacity_assign(candidates, scores, groups, even)  # (C,) sizes floor or ceil of C / groups
         nearby = candidates[:, : min(_GROUP_COPIES, groups)]  # (C, copies) the groups each row is scored in
-        assignment, centroids = self._split_groups(state, group, nearby, groups, per_group, width, generator)
+        assignment = self._split_groups(state, group, nearby, (groups, per_group, width), generator, cancel)
         k = groups * per_group
-        sums = self._sums(state, torch.arange(num_classes, device=device), assignment, k)
-        centroids = torch.nn.functional.normalize(sums, dim=1)
         state.update(
             assignment=assignment,
             members=self._members(assignment, k, width),
-            sums=sums,
-            near=self._near_clusters(centroids),
+            sums=self._sums(state, torch.arange(num_classes, device=device), assignment, k),
+            stale=torch.empty(0, dtype=torch.int64, device=device),
         )
-        state["probes"] = self._calibrated_probes(state, centroids.to(compute))
+        self._set_centroids(state, groups)
+        self._check_cancel(cancel)
+        state["near"] = self._near_clusters(state["centroids"])
+        state["probes"], state["group_probes"] = self._calibrated_search(state)
 
     def _split_groups(
         self,
         state: dict[str, Tensor],
         group: Tensor,
         nearby: Tensor,
-        groups: int,
-        per_group: int,
-        width: int,
+        layout: tuple[int, int, int],
         generator: torch.Generator,
-    ) -> tuple[Tensor, Tensor]:
-        """Balanced k-means inside every group at once: ``(assignment (C,), centroids (K, D))``, cluster
-        ``g * per_group + j`` being the ``j``-th of group ``g``, at most ``width`` rows each.
+        cancel: threading.Event | None,
+    ) -> Tensor:
+        """Balanced k-means inside every group at once: ``assignment (C,)``, cluster ``g * per_group + j``
+        being the ``j``-th of group ``g``, at most ``width`` rows each (``layout``: groups, per group, width).
 
         Each round scores every row against its own group's centroids (groups in blocks, one batched matmul)
         and seats it by :func:`capacity_assign` over all clusters.
         """
         rows = state["rows"]
         num_classes, dim, device = rows.shape[0], rows.shape[1], rows.device
+        groups, per_group, width = layout
         compute = self._compute_dtype(device)
         primary = self._members(group, groups, -(-num_classes // groups))  # (G, n) each group's own rows
         starts = torch.randperm(num_classes // groups, generator=generator)[:per_group].to(device)
@@ -287,6 +384,7 @@ class ClusterIndex(ClassSelector):
         offsets = torch.arange(groups, device=device)[:, None, None] * per_group  # (G, 1, 1)
         assignment = group * per_group
         for _ in range(self.kmeans_iters):
+            self._check_cancel(cancel)
             scores = torch.full((num_classes * copies, r), -math.inf, device=device)
             candidates = torch.zeros(num_classes * copies, r, dtype=torch.int64, device=device)
             for start in range(0, groups, block):
@@ -301,30 +399,51 @@ class ClusterIndex(ClassSelector):
             assignment = capacity_assign(candidates, best.values, groups * per_group, width)
             sums = self._sums(state, torch.arange(num_classes, device=device), assignment, groups * per_group)
             centroids = sums.view(groups, per_group, dim)
-        return assignment, centroids.view(groups * per_group, dim)
+        return assignment
 
     @torch.no_grad()
-    def _calibrated_probes(self, state: dict[str, Tensor], centroids: Tensor) -> Tensor:
-        """``()`` int64: the fewest probes whose clusters hold ``recall_target`` of the exact top 10 of
-        sampled rows used as queries (``probes`` itself when set).
+    def _calibrated_search(self, state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(probes, group_probes)``, each ``()`` int64: of the searches whose clusters hold
+        ``recall_target`` of the exact top 10 of sampled rows used as queries, the one scoring the fewest
+        rows per query (``probes`` itself, every group searched, when set).
 
-        The rank of each true neighbour's cluster in a query's centroid order is the probe count that finds
-        it; candidates are ranked by float32 scores, so the recall at ``P`` probes is the share of ranks < P.
+        For ``g`` groups probed (1, 2, 4, ... and all), the clusters of the query's ``g`` best groups are
+        ranked by centroid score; the rank of a true neighbour's cluster among them is the probe count that
+        finds it (never, outside those groups), so ``P(g)`` is a quantile of those ranks. The search scores
+        ``G`` centroids in a matmul shared by the batch and gathers ``g K / G`` centroids and ``P(g) W`` rows
+        per query; with every group, ``K`` shared centroids and ``P W`` rows (:func:`search_cost`).
         """
-        assignment, num_classes = state["assignment"], state["rows"].shape[0]
-        device = assignment.device
+        centroids, group_centroids = state["centroids"], state["group_centroids"]
+        (k, width), groups = state["members"].shape, group_centroids.shape[0]
+        device = centroids.device
         if self.probes is not None:
-            return torch.tensor(self.probes, device=device)
+            return torch.tensor(self.probes, device=device), torch.tensor(groups, device=device)
+        num_classes, per_group = state["rows"].shape[0], k // groups
         generator = torch.Generator().manual_seed(self.seed + 1)
         picks = torch.randperm(num_classes, generator=generator)[:_CALIBRATION_QUERIES].to(device)
         queries = self._gather(state, picks, torch.float32)  # (q, D) unit rows
-        truth = self._scan(state, queries, min(_CALIBRATION_K, num_classes))  # (q, k)
-        order = (queries.to(centroids.dtype) @ centroids.T).float().argsort(dim=1, descending=True)  # (q, K)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(order.shape[1], device=device).expand_as(order)
+        truth = self._scan(state, queries, min(_CALIBRATION_K, num_classes))  # (q, t)
+        low = queries.to(centroids.dtype)
+        order = (low @ centroids.T).float().argsort(dim=1, descending=True)  # (q, K) clusters, best first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=device).expand_as(order))
+        group_order = (low @ group_centroids.T).float().argsort(dim=1, descending=True)  # (q, G)
+        group_rank = torch.empty_like(group_order).scatter_(
+            1, group_order, torch.arange(groups, device=device).expand_as(group_order)
         )
-        needed = rank.gather(1, assignment[truth]).flatten().sort().values  # (q * k,) probes each one needs
-        return needed[math.ceil(self.recall_target * needed.numel()) - 1] + 1
+        clusters = state["assignment"][truth]  # (q, t) the true neighbours' clusters
+        best: tuple[float, int, int] | None = None  # (cost, probes, group probes)
+        for group_probes in sorted({min(groups, 1 << i) for i in range(groups.bit_length() + 1)}):
+            probed = group_rank.repeat_interleave(per_group, dim=1) < group_probes  # (q, K) searched clusters
+            reached = torch.cumsum(probed.gather(1, order), dim=1)  # (q, K) searched among the j + 1 best
+            needed = reached.gather(1, rank.gather(1, clusters))  # (q, t) probes that reach each one
+            needed = torch.where(probed.gather(1, clusters), needed, k + 1).flatten().sort().values
+            probes = int(needed[math.ceil(self.recall_target * needed.numel()) - 1])  # host sync: a count
+            shared, gathered = search_cost(k, groups, width, probes, group_probes)
+            cost = _SHARED_ROW_COST * shared + gathered
+            if probes <= k and (best is None or cost < best[0]):
+                best = (cost, probes, group_probes)
+        assert best is not None  # every group searched reaches any target
+        return torch.tensor(best[1], device=device), torch.tensor(best[2], device=device)
 
     def _scan(self, state: dict[str, Tensor], queries: Tensor, n: int) -> Tensor:
         """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by the metric."""
@@ -363,7 +482,8 @@ class ClusterIndex(ClassSelector):
             part = ids[start : start + block]
             nearby = near[state["assignment"][part]]  # (n, m)
             rows = self._gather(state, part, compute)  # (n, D)
-            score = torch.bmm(centroids[nearby].to(compute), rows[:, :, None]).squeeze(2).float()  # (n, m)
+            score = torch.bmm(_take(centroids, nearby).to(compute), rows[:, :, None]).squeeze(2)  # (n, m)
+            score = score.float()
             top = score.topk(proposals, dim=1)
             clusters.append(nearby.gather(1, top.indices))
             scores.append(top.values)
@@ -407,46 +527,135 @@ class ClusterIndex(ClassSelector):
             self._move(state, changed, centroids, width)
         sums.add_(self._sums(state, changed, assignment[changed], k))
         state["members"] = self._members(assignment, k, width)
+        self._set_centroids(state, state["group_centroids"].shape[0])
 
     @torch.no_grad()
     def build(self, weight: Tensor, *, changed: Tensor | None = None) -> None:
         """Snapshot and cluster the rows (cold), or refresh and move only ``changed`` ones (warm, O(n)).
 
-        A warm build needs a previous build over the same ``(C, D)``; ``changed`` None means every row.
+        A warm build needs a previous build over the same ``(C, D)``; ``changed`` None means every row. A
+        cold build in the background returns at once; while it runs, ``changed`` rows are noted and refreshed
+        by the first warm build after its index is swapped in.
         """
         if weight.dim() != 2 or weight.shape[0] == 0:
             raise ValueError(f"weight: expected a non-empty (C, D) matrix, got {tuple(weight.shape)}")
         begin = time.perf_counter()
         device = self.device or weight.device
-        previous = self._state
-        if previous is None or previous["rows"].shape != weight.shape:
-            state = self._snapshot(weight, device)
-            self._cold(state)
-        else:
-            state = previous
-            every = torch.arange(weight.shape[0], device=device)
-            self._warm(state, weight, every if changed is None else changed.to(device))
-        state["centroids"] = torch.nn.functional.normalize(state["sums"], dim=1).to(
-            self._compute_dtype(device)
-        )
+        self._adopt()
+        every = torch.arange(weight.shape[0], device=device)
+        changed = every if changed is None else changed.to(device)
+        if self._job is not None:  # the running build's snapshot predates these rows' updates
+            self._job.stale = torch.unique(torch.cat([self._job.stale, changed]))
+            return
+        state = self._state
+        if state is None or state["rows"].shape != weight.shape:
+            self._state = None  # an index over other rows says nothing about these
+            snapshot = self._snapshot(weight, device)
+            if self._in_background(weight.shape[0], device):
+                self._start(snapshot, begin)
+                return
+            self._cold(snapshot)
+            self._publish(snapshot, begin)
+            return
+        if state["stale"].numel():  # rows updated while the served index was built
+            changed = torch.unique(torch.cat([state["stale"], changed]))
+            state["stale"] = state["stale"][:0]
+        self._warm(state, weight, changed)
+        self._publish(state, begin)
+
+    def _in_background(self, num_classes: int, device: torch.device) -> bool:
+        if self.background is not None:
+            return self.background
+        return device.type == "cpu" and num_classes >= _BACKGROUND_MIN_ROWS
+
+    def _publish(self, state: dict[str, Tensor], begin: float) -> None:
+        """Serve ``state``, built synchronously since ``begin``."""
+        if state["rows"].device.type == "cuda":
+            torch.cuda.synchronize(state["rows"].device)  # host sync: build time is measured to completion
+        self._serve(state, (time.perf_counter() - begin) * 1e3)
+
+    def _serve(self, state: dict[str, Tensor], build_ms: float) -> None:
         self._state = state
+        self._search = (int(state["probes"]), int(state["group_probes"]))  # host sync, once per build
+        self._build_ms = build_ms
+
+    def _start(self, snapshot: dict[str, Tensor], begin: float) -> None:
+        """Cluster ``snapshot`` in a thread (on a side stream on a GPU); :meth:`_adopt` swaps it in."""
+        device = snapshot["rows"].device
+        stream = None
         if device.type == "cuda":
-            torch.cuda.synchronize(device)  # host sync: build time is measured to completion
-        self._build_ms = (time.perf_counter() - begin) * 1e3
-        self._builds += 1
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the snapshot is written on this stream
+        job = _ColdBuild(snapshot, begin, stream, stale=torch.empty(0, dtype=torch.int64, device=device))
+        job.thread = threading.Thread(target=self._run, args=(job,), name="cluster-index-build", daemon=True)
+        self._job = job
+        job.thread.start()
+
+    def _run(self, job: _ColdBuild) -> None:
+        """The build thread: the cold build of ``job.state``; an error is raised by the caller's next call."""
+        try:
+            on_stream = torch.cuda.stream(job.stream) if job.stream is not None else contextlib.nullcontext()
+            with torch.no_grad(), on_stream:  # grad mode and the current stream are per thread
+                self._cold(job.state, job.cancel)
+                if job.stream is not None:
+                    job.stream.synchronize()  # this thread waits for the GPU, the trainer does not
+            job.elapsed_ms = (time.perf_counter() - job.started) * 1e3
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            job.error = error
+
+    def _adopt(self) -> None:
+        """Swap in a finished background build whole (raising its error); a running one keeps running."""
+        job = self._job
+        if job is None or job.thread.is_alive():
+            return
+        job.thread.join()
+        self._job = None
+        if job.error is not None:
+            raise RuntimeError("background ClusterIndex build failed") from job.error
+        if job.stream is not None:
+            current = torch.cuda.current_stream(job.stream.device)
+            for tensor in job.state.values():
+                tensor.record_stream(current)  # its memory is reused only after this stream's reads
+        job.state["stale"] = job.stale
+        self._serve(job.state, job.elapsed_ms)
+
+    def _stop(self) -> None:
+        """Cancel a background build and wait for its thread (it stops at its next round)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.cancel.set()
+            job.thread.join()
+
+    def wait(self) -> None:
+        """Block until a background build is swapped in (raising its error)."""
+        if self._job is not None:
+            self._job.thread.join()
+        self._adopt()
+
+    def close(self) -> None:
+        self._stop()
 
     # ---------------------------------------------------------------- query
     @property
     def is_built(self) -> bool:
+        return self._state is not None or self._job is not None
+
+    @property
+    def is_ready(self) -> bool:
+        self._adopt()
         return self._state is not None
 
     @torch.no_grad()
     def query(self, features: Tensor, n: int) -> Tensor:
-        if self._state is None:
-            raise RuntimeError("ClusterIndex.query before build")
+        """``(B, n)`` ids (see :class:`ClassSelector`); all ``-1`` while the first build is running."""
+        self._adopt()
         state = self._state
-        members, centroids = state["members"], state["centroids"]
-        k, width = members.shape
+        if state is None:
+            if self._job is None:
+                raise RuntimeError("ClusterIndex.query before build")
+            return torch.full((features.shape[0], n), -1, dtype=torch.int64, device=features.device)
+        members, centroids, group_centroids = state["members"], state["centroids"], state["group_centroids"]
+        (k, width), groups = members.shape, group_centroids.shape[0]
         num_classes = state["rows"].shape[0]
         if n > num_classes:
             found = self.query(features, num_classes)
@@ -454,10 +663,19 @@ class ClusterIndex(ClassSelector):
         compute = centroids.dtype
         exact = torch.nn.functional.normalize(features.to(device=members.device, dtype=torch.float32), dim=1)
         queries = exact.to(compute)
-        # enough clusters to hold n rows even when clusters are half full
-        probes = int(state["probes"]) if self.probes is None else self.probes  # host sync: sizes the search
+        probes, group_probes = self._search
+        # enough clusters to hold n rows even when clusters are half full, in enough groups to hold them
         probes = min(k, max(probes, math.ceil(2 * n / max(1, width)) + 1))
-        best = (queries @ centroids.T).topk(probes, dim=1).indices  # (B, P)
+        per_group = k // groups
+        group_probes = min(groups, max(group_probes, math.ceil(probes / per_group)))
+        if group_probes == groups:
+            best = (queries @ centroids.T).topk(probes, dim=1).indices  # (B, P)
+        else:
+            near_groups = (queries @ group_centroids.T).topk(group_probes, dim=1).indices  # (B, g)
+            offsets = torch.arange(per_group, device=members.device)
+            clusters = (near_groups[:, :, None] * per_group + offsets).flatten(1)  # (B, g * K / G)
+            scores = torch.bmm(_take(centroids, clusters), queries[:, :, None]).squeeze(2)  # (B, g * K / G)
+            best = clusters.gather(1, scores.topk(probes, dim=1).indices)  # (B, P)
         candidates = members[best].flatten(1)  # (B, P * W)
         scores = self._member_scores(state, candidates, queries)  # (B, P * W)
         if compute != torch.float32:
@@ -486,24 +704,38 @@ class ClusterIndex(ClassSelector):
 
     # ---------------------------------------------------------------- bookkeeping
     def metrics(self) -> dict[str, float]:
+        """Last build time, whether a build runs in the background, clusters and rows scored per query."""
+        self._adopt()
+        metrics = {"index_building": float(self._job is not None)}
         if self._state is None:
-            return {}
-        sizes = (self._state["members"] >= 0).sum(1)
-        return {
-            "index_build_ms": self._build_ms,
-            "index_clusters": float(self._state["members"].shape[0]),
-            "index_largest_cluster": float(sizes.max()),
-            "index_cluster_width": float(self._state["members"].shape[1]),  # padded: rows scored per probe
-        }
+            return metrics
+        members, groups = self._state["members"], self._state["group_centroids"].shape[0]
+        (k, width), (probes, group_probes) = members.shape, self._search
+        shared, gathered = search_cost(k, groups, width, probes, group_probes)
+        metrics.update(
+            {
+                "index_build_ms": self._build_ms,
+                "index_clusters": float(k),
+                "index_largest_cluster": float((members >= 0).sum(1).max()),
+                "index_cluster_width": float(width),  # padded: rows scored per probe
+                "index_probes": float(probes),
+                "index_group_probes": float(group_probes),
+                "index_shared_centroids": float(shared),  # scored in one matmul for the whole batch
+                "index_gathered_rows": float(gathered),  # centroids and member rows gathered per query
+            }
+        )
+        return metrics
 
     def state_dict(self) -> dict[str, Tensor]:
-        return (
-            {}
-            if self._state is None
-            else {key: value.to("cpu", copy=True) for key, value in self._state.items()}
-        )
+        """The served index, whole (empty while the first build runs): never a build under way."""
+        self._adopt()
+        if self._state is None:
+            return {}
+        return {key: value.to("cpu", copy=True) for key, value in self._state.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Serve ``state`` (a build under way is cancelled: its snapshot is of other rows)."""
+        self._stop()
         if not state:
             self._state = None
             return
@@ -511,6 +743,5 @@ class ClusterIndex(ClassSelector):
         if missing:
             raise ValueError(f"ClusterIndex state: missing {missing}")
         device = self.device or torch.device("cpu")
-        self._state = {
-            key: state[key].to(device, copy=True) for key in _STATE_KEYS
-        }  # warm builds write in place
+        loaded = {key: state[key].to(device, copy=True) for key in _STATE_KEYS}  # warm builds write in place
+        self._serve(loaded, self._build_ms)
