@@ -21,7 +21,12 @@ DIM, BATCH, STEPS = 64, 16, 3
 HEADS = {
     "dense": {"type": "dense"},
     "sparse": {"type": "sparse", "fan_in": 16, "group": 4, "aux_clusters": 0},
-    "selected": {"type": "selected", "sample_num": 200, "interval": 2},
+    "selected": {
+        "type": "selected",
+        "sample_num": 200,
+        "interval": 2,
+        "index": {"type": "gpu", "background": False},
+    },
     "partial_fc": {"type": "partial_fc"},
 }
 

@@ -43,6 +43,7 @@ what float32 search finds.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import threading
@@ -96,7 +97,19 @@ class _Cancelled(Exception):
     """A background build stopped because its result is no longer wanted."""
 
 
-@dataclass
+_RUNNING: set[_ColdBuild] = set()  # builds whose thread still runs
+
+
+@atexit.register
+def _stop_running_builds() -> None:
+    """At interpreter exit, stop the builds still running: a thread killed inside a torch op aborts the
+    process."""
+    for job in list(_RUNNING):
+        job.cancel.set()
+        job.thread.join()
+
+
+@dataclass(eq=False)  # hashed by identity: held in _RUNNING
 class _ColdBuild:
     """A cold build running in a thread on its own snapshot ``state``; read by the caller once finished."""
 
@@ -589,6 +602,7 @@ class ClusterIndex(ClassSelector):
         job = _ColdBuild(snapshot, begin, stream, stale=torch.empty(0, dtype=torch.int64, device=device))
         job.thread = threading.Thread(target=self._run, args=(job,), name="cluster-index-build", daemon=True)
         self._job = job
+        _RUNNING.add(job)
         job.thread.start()
 
     def _run(self, job: _ColdBuild) -> None:
@@ -602,6 +616,8 @@ class ClusterIndex(ClassSelector):
             job.elapsed_ms = (time.perf_counter() - job.started) * 1e3
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             job.error = error
+        finally:
+            _RUNNING.discard(job)
 
     def _adopt(self) -> None:
         """Swap in a finished background build whole (raising its error); a running one keeps running."""
