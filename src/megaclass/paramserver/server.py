@@ -41,7 +41,7 @@ from megaclass.paramserver.config import (
     config_from_arguments,
     shard_range,
 )
-from megaclass.paramserver.state import ShardSpec, ShardState
+from megaclass.paramserver.state import ShardSpec, ShardState, all_finite
 
 logger = logging.getLogger("megaclass.paramserver")
 
@@ -538,8 +538,8 @@ def _mean_over_trainers(parts: list[tuple[Tensor, Tensor]], dim: int) -> tuple[T
 
 def _finite(values: Tensor, what: str) -> Tensor:
     """``values``, refused when they hold NaN or infinity."""
-    if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
-        raise ValueError(f"{what}: contains NaN or infinity")  # aminmax: one pass, NaN propagates
+    if not all_finite(values):
+        raise ValueError(f"{what}: contains NaN or infinity")
     return values
 
 
@@ -717,7 +717,7 @@ def run_serve(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_from_arguments(args)
     # shards often share a machine: split its cores between them rather than each taking all of them
-    torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) // config.shards))
+    torch.set_num_threads(args.torch_threads or max(1, _usable_cores() // config.shards))
     running = serve(config)
     print(f"megaclass paramserver: listening on {config.host}:{running.port}", flush=True)
     done = threading.Event()
@@ -727,6 +727,14 @@ def run_serve(args: Any) -> int:
         pass
     running.stop()
     return 0
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on: a container's or a ``taskset``'s share, not the host's count (threads
+    sized by the host's count oversubscribe the share and spin)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
