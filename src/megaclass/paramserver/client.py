@@ -564,13 +564,14 @@ class ParamServerClient:
         if offset is None:
             return None
         target = np.frombuffer(state.buffer.view(offset, nbytes), dtype=np.float32 if float32 else np.int16)
-        out = torch.from_numpy(target.reshape(shape))
-        if isinstance(positions, slice):
-            out.view(torch.float32 if float32 else torch.bfloat16).copy_(grads[positions])
+        target = target.reshape(shape)
+        # numpy copies on this thread: torch's pool wakes threads for a small copy, which then wait for cores
+        if float32 and isinstance(positions, slice):
+            np.copyto(target, grads.numpy()[positions])
         elif float32:
-            torch.index_select(grads, 0, torch.from_numpy(positions), out=out)
+            np.take(grads.numpy(), positions, axis=0, out=target)
         else:
-            out.view(torch.bfloat16).copy_(grads[torch.from_numpy(positions)])
+            torch.from_numpy(target).view(torch.bfloat16).copy_(grads[_index(positions)])
         message.buffer, message.buffer_offset = state.buffer_id, offset
         message.grads.dtype = self.wire_dtype
         message.grads.shape[:] = shape
