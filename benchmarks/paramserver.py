@@ -199,8 +199,9 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
 
 
 def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Namespace) -> list[Case]:
-    """The parts of a ``store=ps`` step on their own: the shards' nearest-class query, the pull of the active
-    rows and the push of their gradients (acknowledged: applied by the shards)."""
+    """The parts of a ``store=ps`` step on their own: the selection (the shards' nearest-class query and the
+    active set around it), the pull of the active rows and the push of their gradients (acknowledged:
+    applied by the shards)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": "ps"}
     shared: dict = {}
@@ -215,21 +216,13 @@ def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Names
             head(features, targets).backward()  # steps after those the step case pushed: each one applied
             head.after_step(step, 0.0, lr=0.01)
             ids = head.select(features, targets).ids
-            shared.update(head=head, features=features, ids=ids, step=[step])
+            shared.update(head=head, features=features, targets=targets, ids=ids, step=[step])
             shared["grads"] = torch.randn(len(ids), args.step_dim, device=device) * 1e-3
         return shared
 
     def query() -> Callable[[], None]:
         state = prepared()
-        config, store = state["head"].config, state["head"].store
-        count = config.sample_num // args.batch + 1
-        return lambda: store.query_nearest(
-            state["features"],
-            count,
-            metric=config.metric,
-            max_index_age=config.interval,
-            probes=config.probes,
-        )
+        return lambda: state["head"].select(state["features"], state["targets"])  # the shards' query
 
     def pull() -> Callable[[], None]:
         state = prepared()
