@@ -71,6 +71,9 @@ def test_a_block_without_room_travels_inline_and_dropped_prefetches_free_their_r
     small = torch.tensor([1, 2, 299])
     client.push(small, torch.ones(3, 8), step=2, lr=0.5)
     torch.testing.assert_close(client.pull(small), client.get_rows(0, 300)[small], rtol=0, atol=0)
+    pending = client.pull_async(small)
+    rows = pending.result()
+    assert pending.result() is rows and not buffer._used  # read once: its range is free for others
 
 
 def test_shared_buffers_off_on_the_server_means_inline(shards):

@@ -88,6 +88,7 @@ class PendingPull:
     ids: np.ndarray
     parts: list[tuple[int, np.ndarray | slice, Any, Any]]  # (shard, positions, request, future)
     versions: dict[int, int] = field(default_factory=dict)
+    _rows: Tensor | None = None
 
     def __post_init__(self) -> None:
         # buffer ranges of parts never read (a prefetch dropped) are freed once their calls are done
@@ -95,7 +96,9 @@ class PendingPull:
 
     def result(self, *, pin_memory: bool = False) -> Tensor:
         """The ``(S, D)`` float32 rows, in the order of the ids (in page-locked memory with ``pin_memory``,
-        so a copy to the GPU can run asynchronously)."""
+        so a copy to the GPU can run asynchronously); read once, the same tensor on later calls."""
+        if self._rows is not None:
+            return self._rows
         out = torch.empty(len(self.ids), self.client.dim, pin_memory=pin_memory)
         try:
             for shard, positions, request, future in self.parts:
@@ -106,6 +109,7 @@ class PendingPull:
                 self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
         finally:
             self._release()
+        self._rows = out
         return out
 
 
