@@ -6,7 +6,8 @@
 Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD with momentum) on this machine
 and times one client pulling ``R`` rows (``pull``), pushing their gradients (``push``: the shards apply SGD
 with momentum before answering) and both in turn (``step``). ``bandwidth_gbs`` counts row bytes moved:
-``R * D * 4`` for a pull or a push, twice that for a step.
+``R * D * 4`` for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through
+shared memory (the client's default with shards on its machine), ``ps-inline`` in the gRPC messages.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (pinned host memory) and ``ps`` (4 shard processes on
@@ -122,7 +123,7 @@ def memory_folder(args: argparse.Namespace) -> str | None:
     return "/dev/shm" if free > 2 * largest and os.access("/dev/shm", os.W_OK) else None
 
 
-def transfer_cases(client, count: int, dim: int, rows: int, counter: list[int]) -> list[Case]:
+def transfer_cases(client, provider: str, count: int, dim: int, rows: int, counter: list[int]) -> list[Case]:
     """``pull``, ``push`` and ``step`` of ``rows`` random rows (sorted ids, as a selection gives them)."""
     params = {"shards": count, "D": dim, "rows": rows}
     ids = torch.randperm(client.num_rows)[:rows].sort().values
@@ -138,9 +139,9 @@ def transfer_cases(client, count: int, dim: int, rows: int, counter: list[int]) 
         push()
 
     return [
-        Case("ps", "pull", params, lambda: lambda: client.pull(ids), bytes_moved=row_bytes),
-        Case("ps", "push", params, lambda: push, bytes_moved=row_bytes),
-        Case("ps", "step", params, lambda: step, bytes_moved=2 * row_bytes),
+        Case(provider, "pull", params, lambda: lambda: client.pull(ids), bytes_moved=row_bytes),
+        Case(provider, "push", params, lambda: push, bytes_moved=row_bytes),
+        Case(provider, "step", params, lambda: step, bytes_moved=2 * row_bytes),
     ]
 
 
@@ -151,19 +152,22 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
     for dim in args.dims:
         for count in args.shards:
             with shard_processes(count, classes=args.classes, dim=dim, root=root) as addresses:
-                client = ParamServerClient(addresses, timeout_s=120)
-                counter = [0]
-                cases = [
-                    case for rows in args.rows for case in transfer_cases(client, count, dim, rows, counter)
-                ]
-                results += run_cases(
-                    cases,
-                    benchmark="paramserver",
-                    results_path=args.results,
-                    reps=args.reps,
-                    warmup=args.warmup,
-                )
-                client.close()
+                counter = [0]  # steps of the shards, over both clients
+                for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
+                    client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)
+                    cases = [
+                        case
+                        for rows in args.rows
+                        for case in transfer_cases(client, provider, count, dim, rows, counter)
+                    ]
+                    results += run_cases(
+                        cases,
+                        benchmark="paramserver",
+                        results_path=args.results,
+                        reps=args.reps,
+                        warmup=args.warmup,
+                    )
+                    client.close()
     return results
 
 
@@ -195,8 +199,9 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
 
 
 def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Namespace) -> list[Case]:
-    """The parts of a ``store=ps`` step on their own: the shards' nearest-class query, the pull of the active
-    rows and the push of their gradients (acknowledged: applied by the shards)."""
+    """The parts of a ``store=ps`` step on their own: the selection (the shards' nearest-class query and the
+    active set around it), the pull of the active rows and the push of their gradients (acknowledged:
+    applied by the shards)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": "ps"}
     shared: dict = {}
@@ -211,21 +216,13 @@ def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Names
             head(features, targets).backward()  # steps after those the step case pushed: each one applied
             head.after_step(step, 0.0, lr=0.01)
             ids = head.select(features, targets).ids
-            shared.update(head=head, features=features, ids=ids, step=[step])
+            shared.update(head=head, features=features, targets=targets, ids=ids, step=[step])
             shared["grads"] = torch.randn(len(ids), args.step_dim, device=device) * 1e-3
         return shared
 
     def query() -> Callable[[], None]:
         state = prepared()
-        config, store = state["head"].config, state["head"].store
-        count = config.sample_num // args.batch + 1
-        return lambda: store.query_nearest(
-            state["features"],
-            count,
-            metric=config.metric,
-            max_index_age=config.interval,
-            probes=config.probes,
-        )
+        return lambda: state["head"].select(state["features"], state["targets"])  # the shards' query
 
     def pull() -> Callable[[], None]:
         state = prepared()
@@ -284,23 +281,27 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
 def summary(results: list[Result]) -> str:
     """Rows per second and GB/s of the transfer cases, one line per (shards, D, rows)."""
     lines = [
-        "| shards | D | rows/request | pull rows/s | push rows/s | step GB/s (pulled + pushed) |",
-        "|---|---|---|---|---|---|",
+        "| transport | shards | D | rows/request | pull rows/s | push rows/s | step GB/s (pulled + pushed) |",
+        "|---|---|---|---|---|---|---|",
     ]
     keyed = {
-        (r.mode, tuple(r.params.values())): r for r in results if r.provider == "ps" and r.status == "ok"
+        (r.provider, r.mode, tuple(r.params.values())): r
+        for r in results
+        if r.provider.startswith("ps") and r.status == "ok"
     }
-    for (mode, key), result in keyed.items():
+    for (provider, mode, key), result in keyed.items():
         if mode != "step":
             continue
-        pull, push = keyed.get(("pull", key)), keyed.get(("push", key))
+        pull, push = keyed.get((provider, "pull", key)), keyed.get((provider, "push", key))
         rows = key[2]
 
         def rate(r: Result | None, rows: int = rows) -> str:
             return f"{rows / (r.time_ms * 1e-3):,.0f}" if r else "-"
 
+        transport = "shared memory" if provider == "ps" else "inline"
         lines.append(
-            f"| {key[0]} | {key[1]} | {rows} | {rate(pull)} | {rate(push)} | {result.bandwidth_gbs:.2f} |"
+            f"| {transport} | {key[0]} | {key[1]} | {rows} | {rate(pull)} | {rate(push)} | "
+            f"{result.bandwidth_gbs:.2f} |"
         )
     return "\n".join(lines)
 

@@ -239,6 +239,8 @@ def test_kill_a_shard_mid_training_and_restart_it(processes, tmp_path):
     ]
     addresses = [s.address for s in shard]
     clients = [ParamServerClient(addresses, trainer=rank, timeout_s=60) for rank in (0, 1)]
+    # pushes go through shared memory: the lost ones are sent again from it, inline, to the new process
+    assert all(state.buffer is not None for client in clients for state in client._shards)
     reference = torch.nn.Parameter(clients[0].get_rows(0, 40).double())
     sgd = torch.optim.SGD([reference], lr=0.3, momentum=0.9)  # every row touched: dense SGD is the truth
     generator = torch.Generator().manual_seed(0)

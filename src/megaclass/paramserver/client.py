@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, TOKEN_ENV, resolve_token
+from megaclass.paramserver.shm import ClientBuffer
 
 
 class ParamServerError(ValueError):
@@ -54,9 +56,28 @@ class _Shard:
     max_rows: int = 1 << 62  # per call, from Health (servers that do not say: no limit)
     max_queries: int = 1 << 62
     max_bytes: int = MAX_MESSAGE_BYTES
-    unapplied: list[tuple[int, Any]] = field(
-        default_factory=list
-    )  # (step, PushGradientsRequest) not yet applied
+    unapplied: list[_Push] = field(default_factory=list)  # pushes not yet applied
+    buffer: ClientBuffer | None = None  # shared memory with the shard (same machine), else None
+    buffer_id: int = 0  # the shard's id of ``buffer``
+
+    def forget_applied(self, applied: int) -> None:
+        """Drop the pushes of steps up to ``applied``, freeing their buffer ranges."""
+        keep = []
+        for push in self.unapplied:
+            if push.step > applied:
+                keep.append(push)
+            elif push.offset is not None:
+                self.buffer.release(push.offset)
+        self.unapplied = keep
+
+
+@dataclass
+class _Push:
+    """A push kept until its step is applied: its request, and its gradients' buffer range (None: inline)."""
+
+    step: int
+    request: Any
+    offset: int | None = None
 
 
 @dataclass
@@ -67,17 +88,37 @@ class PendingPull:
     ids: np.ndarray
     parts: list[tuple[int, np.ndarray | slice, Any, Any]]  # (shard, positions, request, future)
     versions: dict[int, int] = field(default_factory=dict)
+    _rows: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # buffer ranges of parts never read (a prefetch dropped) are freed once their calls are done
+        self._release = weakref.finalize(self, _release_parts, self.client, list(self.parts))
 
     def result(self, *, pin_memory: bool = False) -> Tensor:
         """The ``(S, D)`` float32 rows, in the order of the ids (in page-locked memory with ``pin_memory``,
-        so a copy to the GPU can run asynchronously)."""
+        so a copy to the GPU can run asynchronously); read once, the same tensor on later calls."""
+        if self._rows is not None:
+            return self._rows
         out = torch.empty(len(self.ids), self.client.dim, pin_memory=pin_memory)
-        for shard, positions, request, future in self.parts:
-            response = self.client._wait(shard, "PullRows", request, future)
-            _copy_rows(out, positions, response.rows, count=_count(positions))
-            # pieces of one shard's rows may be read at different versions: the oldest bounds them all
-            self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
+        try:
+            for shard, positions, request, future in self.parts:
+                response = self.client._wait(shard, "PullRows", request, future)
+                rows = self.client._received_rows(shard, request, response)
+                _copy_rows(out, positions, rows, count=_count(positions))
+                # pieces of one shard's rows may be read at different versions: the oldest bounds them all
+                self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
+        finally:
+            self._release()
+        self._rows = out
         return out
+
+
+def _release_parts(client: ParamServerClient, parts: list[tuple[int, Any, Any, Any]]) -> None:
+    """Free the buffer ranges of pulls, each once its call is done (the shard may still be writing)."""
+    for shard, _, request, future in parts:
+        if request.buffer_bytes:  # a range was reserved
+            buffer, offset = client._shards[shard].buffer, request.buffer_offset
+            future.add_done_callback(lambda _, buffer=buffer, offset=offset: buffer.release(offset))
 
 
 def _copy_rows(out: Tensor, positions: np.ndarray | slice, rows: wire.ArrayView, *, count: int) -> None:
@@ -111,6 +152,9 @@ class ParamServerClient:
         timeout_s: deadline of every call, retries included; keep it above the servers' barrier timeout.
         connect_timeout_s: deadline of the first contact with every shard (a shard down fails fast).
         wire_dtype: ``"float32"`` or ``"bfloat16"`` rows and gradients on the wire (rows are kept float32).
+        shared_memory_mib: per shard on this machine, MiB of shared memory that row blocks move through
+            instead of the socket (reserved at start; 0 or a shard elsewhere: rows travel in the messages;
+            a block that finds no room in it travels in its message).
 
     Raises:
         ParamServerError: a shard is unreachable within ``connect_timeout_s`` or refuses the token.
@@ -127,6 +171,7 @@ class ParamServerClient:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 5.0,
         wire_dtype: str = "float32",
+        shared_memory_mib: float = 128,
     ) -> None:
         import grpc
 
@@ -179,6 +224,9 @@ class ParamServerClient:
         ] = []  # pushes sent with wait=False: (shard, request, future)
         self._shards = shards
         self._describe()
+        if shared_memory_mib > 0:
+            for shard in range(len(shards)):
+                self._attach(shard, int(shared_memory_mib * 2**20))
 
     # -- discovery -------------------------------------------------------------------------------------
     def _describe(self) -> None:
@@ -213,6 +261,36 @@ class ParamServerClient:
         if not 0 <= self.trainer < first.trainers:
             raise ValueError(f"trainer {self.trainer}: the servers accept ranks 0..{first.trainers - 1}")
         self._starts = np.asarray([shard.row_start for shard in self._shards], dtype=np.int64)
+
+    def _attach(self, shard: int, size: int) -> None:
+        """Share ``size`` bytes of memory with shard ``shard`` if it runs on this machine (else nothing)."""
+        state = self._shards[shard]
+        try:
+            buffer = state.buffer or ClientBuffer(size)
+        except OSError:
+            return  # no memfd here, or no memory to reserve: rows travel in the messages
+        request = wire.message("AttachBufferRequest", path=buffer.path, nonce=buffer.nonce)
+        try:
+            response = self._wait(shard, "AttachBuffer", *self._issue(shard, "AttachBufferRequest", request))
+        except ValueError:  # another machine, an older server, or shared buffers off: inline
+            if state.buffer is None:
+                buffer.close()
+            state.buffer, state.buffer_id = None, 0
+            return
+        state.buffer, state.buffer_id = buffer, int(response.buffer)
+
+    def _received_rows(self, shard: int, request: Any, response: Any) -> wire.ArrayView:
+        """A pull's rows: in the answer, or in the shard's buffer where the request had them put."""
+        if not request.buffer:
+            return response.rows
+        rows = response.rows
+        itemsize = 4 if rows.dtype == "float32" else 2
+        nbytes = int(np.prod(rows.shape, dtype=np.int64)) * itemsize
+        if rows.dtype not in wire.DTYPES or nbytes > request.buffer_bytes:
+            raise ValueError(f"rows: the server sent {rows.dtype} of shape {list(rows.shape)} for its buffer")
+        return wire.ArrayView(
+            rows.dtype, rows.shape, self._shards[shard].buffer.view(request.buffer_offset, nbytes)
+        )
 
     def health(self, *, timeout_s: float | None = None) -> list[Any]:
         """Each shard's ``HealthResponse`` (range, step, version, trainers, limits, ...), in shard order,
@@ -271,13 +349,14 @@ class ParamServerClient:
                 continue
             if hasattr(request, "incarnation"):
                 request.incarnation = self._shards[shard].incarnation
+            if getattr(request, "buffer", 0):  # attached again after a restart (0: not: in the message)
+                request.buffer = self._shards[shard].buffer_id
             _, future = self._issue(shard, method, request, timeout=max(deadline - time.monotonic(), 0.01))
 
     def _noted(self, shard: int, response: Any) -> Any:
         """Record what a response tells about the shard (pushes it has applied)."""
         if hasattr(response, "applied_step") and hasattr(response, "incarnation"):
-            state = self._shards[shard]
-            state.unapplied = [(step, req) for step, req in state.unapplied if step > response.applied_step]
+            self._shards[shard].forget_applied(response.applied_step)
         return response
 
     def _recover(self, shard: int, deadline: float) -> bool:
@@ -294,14 +373,27 @@ class ParamServerClient:
         if health.incarnation != state.incarnation:
             applied = health.trainer_steps[self.trainer] if health.mode == "async" else health.applied_step
             state.incarnation = int(health.incarnation)
-            for step, request in state.unapplied:
-                if step > applied:
-                    request.incarnation = state.incarnation
-                    state.stubs["PushGradients"](
-                        request, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._metadata
-                    )
-            state.unapplied = [(step, req) for step, req in state.unapplied if step > applied]
+            if state.buffer is not None:  # a new process: the buffer is attached again (same memory)
+                self._attach(shard, state.buffer.size)
+            state.forget_applied(applied)
+            for push in state.unapplied:
+                push.request.incarnation = state.incarnation
+                if push.offset is not None:
+                    self._inline_push(shard, push)  # the buffer may be gone there
+                state.stubs["PushGradients"](
+                    push.request, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._metadata
+                )
         return True
+
+    def _inline_push(self, shard: int, push: _Push) -> None:
+        """Move ``push``'s gradients from the buffer into its request (in place: a retry sends the same)."""
+        state, request = self._shards[shard], push.request
+        nbytes = int(np.prod(request.grads.shape)) * (4 if request.grads.dtype == "float32" else 2)
+        request.grads.data = bytes(state.buffer.view(push.offset, nbytes))
+        request.ClearField("buffer")
+        request.ClearField("buffer_offset")
+        state.buffer.release(push.offset)
+        push.offset = None
 
     def _split(self, ids: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
         """``(shard, positions)`` of the ids each shard holds; slices when the ids are sorted by shard."""
@@ -349,9 +441,20 @@ class ParamServerClient:
                 min_step=min_step,
                 incarnation=self._shards[shard].incarnation,
             )
+            self._reserve_rows(shard, request, _count(positions))
             parts.append((shard, positions, *self._issue(shard, "PullRowsRequest", request)))
         self.drain()  # after issuing: the pull travels while the last push is acknowledged
         return PendingPull(self, ids, parts)
+
+    def _reserve_rows(self, shard: int, request: Any, count: int) -> None:
+        """Have a pull's ``count`` rows written into the shard's buffer where it has one with room."""
+        state = self._shards[shard]
+        if state.buffer is None:
+            return
+        nbytes = count * self.dim * (4 if self.wire_dtype == "float32" else 2)
+        offset = state.buffer.reserve(nbytes)
+        if offset is not None:
+            request.buffer, request.buffer_offset, request.buffer_bytes = state.buffer_id, offset, nbytes
 
     def pull(
         self, ids: Tensor | np.ndarray, *, min_step: int | None = None, pin_memory: bool = False
@@ -373,20 +476,25 @@ class ParamServerClient:
                 only_changed=True,
                 incarnation=self._shards[shard].incarnation,
             )
+            self._reserve_rows(shard, request, _count(positions))
             parts.append((shard, positions, *self._issue(shard, "PullRowsRequest", request)))
         self.drain()
-        for shard, positions, request, future in parts:
-            response = self._wait(shard, "PullRows", request, future)
-            changed = wire.decode_ids(response.ids, what="ids")
-            if len(changed):
-                shard_ids = pending.ids[positions]
-                where = (
-                    np.searchsorted(shard_ids, changed)
-                    if _is_sorted(shard_ids)
-                    else _positions(shard_ids, changed)
-                )
-                target = np.arange(len(pending.ids))[positions][where]
-                _copy_rows(rows, target, response.rows, count=len(target))
+        try:
+            for shard, positions, request, future in parts:
+                response = self._wait(shard, "PullRows", request, future)
+                changed = wire.decode_ids(response.ids, what="ids")
+                if len(changed):
+                    shard_ids = pending.ids[positions]
+                    where = (
+                        np.searchsorted(shard_ids, changed)
+                        if _is_sorted(shard_ids)
+                        else _positions(shard_ids, changed)
+                    )
+                    target = np.arange(len(pending.ids))[positions][where]
+                    received = self._received_rows(shard, request, response)
+                    _copy_rows(rows, target, received, count=len(target))
+        finally:
+            _release_parts(self, parts)
         return rows
 
     def push(
@@ -434,20 +542,63 @@ class ParamServerClient:
             )
             if lr is not None:
                 message.lr.value = lr
-            data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
-            request = wire.Encoded(data, 6, incarnation)  # kept until applied: owns its bytes
-            self._shards[shard].unapplied.append((step, request))
-            issued.append((shard, *self._issue(shard, "PushGradientsRequest", request)))
+            push = self._in_buffer(shard, message, grads, positions, step)
+            if push is None:  # inline: kept until applied, owning its bytes
+                data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
+                push = _Push(step, wire.Encoded(data, 6, incarnation))
+            self._shards[shard].unapplied.append(push)
+            issued.append((shard, *self._issue(shard, "PushGradientsRequest", push.request)))
         self.last_pushed_step = max(self.last_pushed_step, step)
         self._inflight += issued
         if wait:
             self.drain()
 
+    def _in_buffer(
+        self, shard: int, message: Any, grads: Tensor, positions: np.ndarray | slice, step: int
+    ) -> _Push | None:
+        """``message`` with the gradients of ``positions`` written into the shard's buffer (kept there until
+        the step is applied); None where the shard has no buffer or it has no room."""
+        state = self._shards[shard]
+        if state.buffer is None:
+            return None
+        shape = (_count(positions), self.dim)
+        float32 = self.wire_dtype == "float32"
+        nbytes = shape[0] * shape[1] * (4 if float32 else 2)
+        offset = state.buffer.reserve(nbytes)
+        if offset is None:
+            return None
+        target = np.frombuffer(state.buffer.view(offset, nbytes), dtype=np.float32 if float32 else np.int16)
+        target = target.reshape(shape)
+        # numpy copies on this thread: torch's pool wakes threads for a small copy, which then wait for cores
+        if float32 and isinstance(positions, slice):
+            np.copyto(target, grads.numpy()[positions])
+        elif float32:
+            np.take(grads.numpy(), positions, axis=0, out=target)
+        else:
+            torch.from_numpy(target).view(torch.bfloat16).copy_(grads[_index(positions)])
+        message.buffer, message.buffer_offset = state.buffer_id, offset
+        message.grads.dtype = self.wire_dtype
+        message.grads.shape[:] = shape
+        return _Push(step, message, offset)
+
     def drain(self) -> None:
         """Wait for the acknowledgements of pushes sent with ``wait=False`` (raising their errors)."""
         inflight, self._inflight = self._inflight, []
         for shard, request, future in inflight:
-            self._wait(shard, "PushGradients", request, future)
+            try:
+                self._wait(shard, "PushGradients", request, future)
+            except ParamServerError:
+                raise  # unreachable: kept, a restarted shard gets it again
+            except ValueError:  # refused: never applied, so never pushed again (its buffer range freed)
+                self._drop_push(shard, request)
+                raise
+
+    def _drop_push(self, shard: int, request: Any) -> None:
+        state = self._shards[shard]
+        for push in [p for p in state.unapplied if p.request is request]:
+            state.unapplied.remove(push)
+            if push.offset is not None:
+                state.buffer.release(push.offset)
 
     def set_rows(self, ids: Tensor | np.ndarray, values: Tensor, *, field: str = "rows") -> None:
         """Overwrite rows ``ids (S,)`` (unique) of ``field`` (``"rows"`` or an optimizer slot)."""
@@ -596,6 +747,15 @@ class ParamServerClient:
 
     def close(self) -> None:
         self.drain()
+        for shard, state in enumerate(self._shards):
+            if state.buffer is not None:
+                request = wire.message("DetachBufferRequest", buffer=state.buffer_id)
+                try:
+                    self._wait(shard, "DetachBuffer", *self._issue(shard, "DetachBufferRequest", request))
+                except ValueError:
+                    pass  # a shard gone by now dropped the buffer with its process
+                state.buffer.close()
+                state.buffer = None
         self._pool.shutdown()
         for channel in self._channels:
             channel.close()

@@ -97,6 +97,8 @@ class ServerConfig:
             None: as many as fit in ``max_message_bytes`` (the client splits pulls, reads and writes).
         max_queries_per_request: feature rows in one ``QueryNearest``; None: as many as fit in
             ``max_message_bytes`` (the client splits larger queries).
+        max_shared_buffers: clients on this machine attached to move row blocks through shared memory at once
+            (one per client and shard); 0: every row block travels in the messages.
         max_step_jump: a push's step may exceed the last step seen (sync: applied; async: the trainer's) by
             at most this: a wild step would otherwise make every later push look like a retry.
     """
@@ -124,6 +126,7 @@ class ServerConfig:
     max_rows_per_request: int | None = None
     max_queries_per_request: int | None = None
     max_step_jump: int = 1_000_000
+    max_shared_buffers: int = 64
 
     def __post_init__(self) -> None:
         if self.num_rows < 1 or self.dim < 1:
@@ -153,6 +156,8 @@ class ServerConfig:
         ]:
             if value is not None and value < 1:
                 raise ValueError(f"{name} {value}: expected >= 1")
+        if self.max_shared_buffers < 0:
+            raise ValueError(f"--max-shared-buffers {self.max_shared_buffers}: expected >= 0")
         limits = self.limits()
         if limits.rows * (4 * self.dim + 8) + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:
             raise ValueError(
@@ -229,7 +234,12 @@ def add_serve_arguments(parser: Any) -> None:
         "--barrier-timeout", type=float, default=60.0, help="seconds before a silent trainer is dropped"
     )
     parser.add_argument("--threads", type=int, default=None, help="request threads (8 + 4 * trainers)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="default: cores / N of --shard i/N")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="default: cores / 2N of --shard i/N (room for a trainer)",
+    )
     parser.add_argument(
         "--init-bound", type=float, default=None, help="U(-b, b) initial rows (default 1/sqrt(D))"
     )
@@ -261,6 +271,12 @@ def add_serve_arguments(parser: Any) -> None:
         type=int,
         default=1_000_000,
         help="a push's step may exceed the last step seen by at most this (default 10^6)",
+    )
+    parser.add_argument(
+        "--max-shared-buffers",
+        type=int,
+        default=64,
+        help="clients on this machine moving rows through shared memory at once (default 64; 0: none)",
     )
 
 
@@ -303,4 +319,5 @@ def config_from_arguments(args: Any) -> ServerConfig:
         max_rows_per_request=args.max_rows_per_request,
         max_queries_per_request=args.max_queries_per_request,
         max_step_jump=args.max_step_jump,
+        max_shared_buffers=args.max_shared_buffers,
     )

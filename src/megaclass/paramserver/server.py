@@ -41,12 +41,14 @@ from megaclass.paramserver.config import (
     config_from_arguments,
     shard_range,
 )
-from megaclass.paramserver.state import ShardSpec, ShardState
+from megaclass.paramserver.shm import AttachedBuffer
+from megaclass.paramserver.state import ShardSpec, ShardState, all_finite
 
 logger = logging.getLogger("megaclass.paramserver")
 
 _QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores ...
 _QUERY_SCRATCH_BYTES = 1 << 28  # ... or fewer, so that a block's scores or gathered rows stay under 256 MiB
+SHARED_BUFFER_MAX_BYTES = 1 << 32  # a client's shared buffer is its memory: a bound on the server's map only
 _CPU_QUERY_BYTES = 1 << 24  # a CPU index query's candidate rows (features x probes x leaf x D) at once
 
 
@@ -151,6 +153,8 @@ class ShardService:
         self._refused: dict[int, str] = {}  # sync steps not applied, their result not finite -> why
         self._index_lock = threading.Lock()  # one index build or query at a time
         self._indexes: dict[str, tuple[Any, int]] = {}  # metric -> (cluster index, version it was built at)
+        self._shared: dict[int, AttachedBuffer] = {}  # clients' shared memory buffers by id
+        self._shared_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _local(self, data: bytes, what: str, *, unique: bool = False) -> Tensor:
@@ -198,20 +202,65 @@ class ShardService:
         self._check_incarnation(request.incarnation)
         self._check_rows(len(request.ids) // 8, "ids")
         local = self._local(request.ids, "ids")
+        dtype = self._dtype(request.dtype)
         if request.min_step > 0:
             self._wait_applied(request.min_step, time_left)
         with self.lock.read():
             version = self.state.version
             if request.only_changed and len(local):
                 local = local[self.state.versions.index_select(0, local) > request.changed_after]
-            rows = self.state.rows.index_select(0, local)  # (S, D)
+            if request.buffer:  # gathered straight into the client's shared memory
+                self._gather_into_buffer(request, local, dtype)
+            else:
+                rows = self.state.rows.index_select(0, local)  # (S, D)
         response = wire.message(
             "PullRowsResponse",
             ids=wire.encode_ids(local.numpy() + self.state.spec.row_start) if request.only_changed else b"",
             version=version,
             incarnation=self.incarnation,
         )
-        return wire.Prepared(response, 1, rows, self._dtype(request.dtype))  # rows appended at serialization
+        if request.buffer:
+            response.rows.dtype = dtype
+            response.rows.shape[:] = [len(local), self.state.spec.dim]
+            return response
+        return wire.Prepared(response, 1, rows, dtype)  # rows appended at serialization
+
+    def _gather_into_buffer(self, request: Any, local: Tensor, dtype: str) -> None:
+        """Rows ``local`` of the shard, as ``dtype``, into the buffer range ``request`` names."""
+        shape = (len(local), self.state.spec.dim)
+        nbytes = shape[0] * shape[1] * (4 if dtype == "float32" else 2)
+        if nbytes > request.buffer_bytes:
+            raise ValueError(
+                f"buffer_bytes {request.buffer_bytes}: {shape[0]} rows of {dtype} need {nbytes} bytes"
+            )
+        target = self._buffer(request.buffer).array(request.buffer_offset, nbytes, what="rows")
+        if dtype == "float32":
+            out = torch.from_numpy(target.view(np.float32).reshape(shape))
+            torch.index_select(self.state.rows, 0, local, out=out)
+        else:
+            out = torch.from_numpy(target.view(np.int16).reshape(shape)).view(torch.bfloat16)
+            out.copy_(self.state.rows.index_select(0, local))
+
+    def _buffer(self, buffer: int) -> AttachedBuffer:
+        with self._shared_lock:
+            attached = self._shared.get(buffer)
+        if attached is None:
+            raise _Refusal(
+                "FAILED_PRECONDITION",
+                f"buffer {buffer} is not attached here (detached, or another process's)",
+            )
+        return attached
+
+    def _grads_in_buffer(self, request: Any) -> Any:
+        """The push's ``grads`` with their bytes read from the buffer the request names."""
+        grads = request.grads
+        if len(grads.data):
+            raise ValueError("grads: bytes given both inline and in a buffer")
+        if grads.dtype not in wire.DTYPES or len(grads.shape) != 2 or min(grads.shape, default=0) < 0:
+            return grads  # decoding names the problem
+        nbytes = grads.shape[0] * grads.shape[1] * (4 if grads.dtype == "float32" else 2)
+        data = self._buffer(request.buffer).array(request.buffer_offset, nbytes, what="grads")
+        return wire.ArrayView(grads.dtype, tuple(grads.shape), memoryview(data))
 
     def push_gradients(self, request: Any, time_left: float | None) -> Any:
         self._check_incarnation(request.incarnation)
@@ -228,7 +277,8 @@ class ShardService:
             )
         self._check_rows(len(request.ids) // 8, "ids")
         local = self._local(request.ids, "ids", unique=True)
-        grads = self._decode_block(request.grads, "grads", (len(local), self.state.spec.dim))
+        array = self._grads_in_buffer(request) if request.buffer else request.grads
+        grads = self._decode_block(array, "grads", (len(local), self.state.spec.dim))  # a copy: ours alone
         lr = self.state.hyper.lr if request.lr is None else request.lr
         if not (lr >= 0 and np.isfinite(lr)):
             raise ValueError(f"lr {lr}: expected a finite number >= 0")
@@ -402,6 +452,25 @@ class ShardService:
         logger.info("snapshot of step %d (version %d) in %s", step, version, path)
         return wire.message("SnapshotResponse", path=path, step=step, version=version)
 
+    def attach_buffer(self, request: Any, time_left: float | None) -> Any:
+        if not self.config.max_shared_buffers:
+            raise _Refusal("FAILED_PRECONDITION", "shared buffers are off here (--max-shared-buffers 0)")
+        buffer = AttachedBuffer(request.path, request.nonce, max_bytes=SHARED_BUFFER_MAX_BYTES)
+        with self._shared_lock:
+            if len(self._shared) >= self.config.max_shared_buffers:
+                raise _Refusal(
+                    "RESOURCE_EXHAUSTED",
+                    f"{len(self._shared)} buffers attached already (--max-shared-buffers); send rows inline",
+                )
+            key = secrets.randbits(63) + 1
+            self._shared[key] = buffer
+        return wire.message("AttachBufferResponse", buffer=key, bytes=buffer.size)
+
+    def detach_buffer(self, request: Any, time_left: float | None) -> Any:
+        with self._shared_lock:
+            self._shared.pop(request.buffer, None)  # unmapped once no request in flight uses it
+        return wire.message("DetachBufferResponse")
+
     def health(self, request: Any, time_left: float | None) -> Any:
         spec = self.state.spec
         with self._barrier:
@@ -538,8 +607,8 @@ def _mean_over_trainers(parts: list[tuple[Tensor, Tensor]], dim: int) -> tuple[T
 
 def _finite(values: Tensor, what: str) -> Tensor:
     """``values``, refused when they hold NaN or infinity."""
-    if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
-        raise ValueError(f"{what}: contains NaN or infinity")  # aminmax: one pass, NaN propagates
+    if not all_finite(values):
+        raise ValueError(f"{what}: contains NaN or infinity")
     return values
 
 
@@ -716,8 +785,9 @@ def run_serve(args: Any) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_from_arguments(args)
-    # shards often share a machine: split its cores between them rather than each taking all of them
-    torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) // config.shards))
+    # shards often share a machine with each other and a trainer: half its cores split between the shards
+    # (a row update is memory-bound; threads beyond the cores spin against the trainer's and each other's)
+    torch.set_num_threads(args.torch_threads or max(1, _usable_cores() // (2 * config.shards)))
     running = serve(config)
     print(f"megaclass paramserver: listening on {config.host}:{running.port}", flush=True)
     done = threading.Event()
@@ -727,6 +797,14 @@ def run_serve(args: Any) -> int:
         pass
     running.stop()
     return 0
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on: a container's or a ``taskset``'s share, not the host's count (threads
+    sized by the host's count oversubscribe the share and spin)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,7 @@ class ShardState:
         self.spec = spec
         self.durable = durable
         self._arrays: dict[str, np.memmap] = {}
+        self._buffers: dict[str, Tensor] = {}  # gathered rows and state of the update in progress
         os.makedirs(self.dir, exist_ok=True)
         meta_path = os.path.join(self.dir, "meta.json")
         fresh = not os.path.exists(meta_path)
@@ -135,17 +136,19 @@ class ShardState:
         """Apply one optimizer step to local rows ``local (S,)`` (unique) given ``grads (S, D)`` float32.
 
         Records ``step`` as the applied step and as the last step of each of ``trainers`` (who pushed it);
-        returns the new version.
+        returns the new version. The touched rows are gathered into buffers kept between steps (fresh
+        pages every step cost more than the update), updated there and written back.
         """
         new_version = self.version + 1
-        rows = self.rows.index_select(0, local)  # (S, D)
-        state = {slot: tensor.index_select(0, local) for slot, tensor in self.state.items()}
+        rows = self._gather("rows", self.rows, local)  # (S, D)
+        state = {slot: self._gather(slot, tensor, local) for slot, tensor in self.state.items()}
         self._journal(local, new_version, rows, state)  # the gathered rows are the old values
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
-        self.rows.index_copy_(0, local, rows)
-        for slot, tensor in self.state.items():
-            tensor.index_copy_(0, local, state[slot])
+        where = local.numpy()
+        self._mapped("rows.f32")[where] = rows.numpy()  # numpy's row scatter: about twice index_copy_'s speed
+        for slot, values in state.items():
+            self._mapped(f"{slot}.f32")[where] = values.numpy()
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
         return new_version
@@ -250,19 +253,18 @@ class ShardState:
 
     def _refuse_non_finite(self, local: Tensor, rows: Tensor, state: dict[str, Tensor]) -> None:
         """Refuse an update whose rows or state came out NaN or infinite; nothing of it is written."""
-        if not len(local):
-            return
         for name, values in (("rows", rows), *state.items()):
+            if all_finite(values):
+                continue
+            self.header[_JOURNAL] = self.header[_COMMITTED]  # the maps are untouched: nothing to undo
             flat = values.reshape(len(local), -1)  # (S, D) or (S, 1)
             bad = ~torch.isfinite(flat)
-            if bool(bad.any()):
-                self.header[_JOURNAL] = self.header[_COMMITTED]  # the maps are untouched: nothing to undo
-                where = int(torch.nonzero(bad.any(dim=1))[0])
-                value = float(flat[where][bad[where]][0])
-                raise ValueError(
-                    f"the update would make {name} of row {int(local[where]) + self.spec.row_start} "
-                    f"non-finite ({value}); nothing was applied (lower the lr or clip the gradients)"
-                )
+            where = int(torch.nonzero(bad.any(dim=1))[0])
+            value = float(flat[where][bad[where]][0])
+            raise ValueError(
+                f"the update would make {name} of row {int(local[where]) + self.spec.row_start} "
+                f"non-finite ({value}); nothing was applied (lower the lr or clip the gradients)"
+            )
 
     # -- internals -------------------------------------------------------------------------------------
     def _map(self, name: str, shape: tuple[int, ...], dtype: type, fresh: bool) -> Tensor:
@@ -274,6 +276,17 @@ class ShardState:
 
     def _mapped(self, name: str) -> np.memmap:
         return self._arrays[name]
+
+    def _gather(self, name: str, source: Tensor, local: Tensor) -> Tensor:
+        """Rows ``local`` of ``source`` in this state's buffer ``name``, kept and grown between calls (the
+        write lock serialises the callers, and nothing holds a buffer past the update)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or len(buffer) < len(local):
+            buffer = torch.empty(
+                max(len(local), 2 * len(buffer) if buffer is not None else 0), *source.shape[1:]
+            )
+            self._buffers[name] = buffer
+        return torch.index_select(source, 0, local, out=buffer[: len(local)])
 
     def _initialise(self, bound: float | None, seed: int) -> None:
         """This shard's rows of the matrix that :func:`~megaclass.ops.row_optimizers.init_rows_` draws."""
@@ -378,6 +391,12 @@ class ShardState:
         self.header[_JOURNAL] = self.header[_COMMITTED]
         for array in self._arrays.values():
             array.flush()
+
+
+def all_finite(values: Tensor) -> bool:
+    """Whether ``values`` hold no NaN or infinity: one pass of ``aminmax`` (which propagates NaN), several
+    times faster than ``isfinite(...).all()`` and its temporaries."""
+    return not values.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
 
 
 def _crc32(array: np.memmap) -> int:

@@ -411,6 +411,8 @@ class PushView:
     trainer: int = 0
     lr: float | None = None  # None: the field is absent
     incarnation: int = 0
+    buffer: int = 0
+    buffer_offset: int = 0
 
 
 def _signed(value: int, bits: int) -> int:
@@ -439,6 +441,10 @@ def parse_push_request(data: bytes) -> PushView:
                     request.lr = struct.unpack("<d", scalar)[0]
         elif number == 6 and wire_type == 0:
             request.incarnation = value
+        elif number == 7 and wire_type == 0:
+            request.buffer = value
+        elif number == 8 and wire_type == 0:
+            request.buffer_offset = _signed(value, 64)
     if grads:
         request.grads = _parse_array(grads)
     return request

@@ -1,0 +1,54 @@
+"""A shard's state on its own: updates of varying sizes through its reused buffers, against plain torch."""
+
+import pytest
+import torch
+
+from megaclass.paramserver.state import ShardSpec, ShardState, all_finite
+from megaclass.paramserver.updaters import HyperParams
+
+# pushes of growing, shrinking and empty sizes: the gather buffers grow, then serve smaller updates
+SIZES = [3, 1, 8, 0, 5, 8, 2]
+
+
+def _plain_sgd(rows, momentum, ids, grads, *, lr, mu):
+    buffer = momentum[ids].mul_(mu).add_(grads)
+    momentum[ids] = buffer
+    rows[ids] = rows[ids].add_(buffer, alpha=-lr)
+
+
+def _plain_adagrad(rows, total, steps, ids, grads, *, lr, eps):
+    steps[ids] += 1
+    total[ids] = total[ids].addcmul_(grads, grads)
+    rows[ids] = rows[ids].addcdiv_(grads, total[ids].sqrt().add_(eps), value=-lr)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_updates_of_varying_sizes_equal_a_plain_update_bitwise(tmp_path, optimizer):
+    spec = ShardSpec(num_rows=11, dim=6, row_start=2, row_stop=10, optimizer=optimizer, trainers=1)
+    hyper = HyperParams(lr=0.3, momentum=0.9, eps=1e-6)
+    state = ShardState(tmp_path, spec, hyper, seed=4)
+    rows = state.rows.clone()
+    slots = {name: tensor.clone() for name, tensor in state.state.items()}
+    generator = torch.Generator().manual_seed(0)
+    for step, size in enumerate(SIZES, start=1):
+        ids = torch.randperm(spec.size, generator=generator)[:size]  # unsorted, as a selection may be
+        grads = torch.randn(size, spec.dim, generator=generator)
+        state.apply(ids, grads, lr=0.3 / step, step=step)
+        if optimizer == "sgd":
+            _plain_sgd(rows, slots["momentum_buffer"], ids, grads, lr=0.3 / step, mu=0.9)
+        else:
+            _plain_adagrad(rows, slots["sum"], slots["step"], ids, grads, lr=0.3 / step, eps=1e-6)
+        torch.testing.assert_close(state.rows, rows, rtol=0, atol=0)
+        for name, tensor in slots.items():
+            torch.testing.assert_close(state.state[name], tensor, rtol=0, atol=0)
+    assert (state.version, state.applied_step) == (len(SIZES), len(SIZES))
+
+
+@pytest.mark.parametrize("where", [0, 7, 4094, 4095])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value_anywhere(where, bad):
+    values = torch.randn(4096)
+    assert all_finite(values) and all_finite(torch.empty(0, 3))
+    values[where] = bad
+    assert not all_finite(values)
+    assert not all_finite(values.view(64, 64))
