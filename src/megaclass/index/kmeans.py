@@ -680,6 +680,8 @@ class ClusterIndex(ClassSelector):
         exact = torch.nn.functional.normalize(features.to(device=members.device, dtype=torch.float32), dim=1)
         queries = exact.to(compute)
         probes, group_probes = self._search
+        if self.probes is not None:  # set after the build (a parameter server's query names its probes)
+            probes, group_probes = self.probes, groups
         # enough clusters to hold n rows even when clusters are half full, in enough groups to hold them
         probes = min(k, max(probes, math.ceil(2 * n / max(1, width)) + 1))
         per_group = k // groups
