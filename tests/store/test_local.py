@@ -13,7 +13,7 @@ def test_starts_from_the_seeded_matrix_with_zero_state():
     init_rows_(expected, seed=2, bound=0.5)
     assert torch.equal(rows.weight, expected)
     assert (rows.num_rows, rows.dim) == (7, 3)
-    assert sorted(rows.state) == ["exp_avg", "exp_avg_sq", "step"]
+    assert sorted(rows.state) == ["exp_avg", "exp_avg_sq", "last_step", "step"]
     assert all(int(tensor.count_nonzero()) == 0 for tensor in rows.state.values())
 
 

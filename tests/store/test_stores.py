@@ -39,7 +39,7 @@ def test_sgd_momentum_every_row_equals_torch_sgd(spec):
 @pytest.mark.parametrize("spec", ["gpu", "host"])
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 def test_lazy_updates_and_state_round_trip(spec, kind):
-    config = RowOptimizerConfig(kind=kind, weight_decay=0.01)
+    config = RowOptimizerConfig(kind=kind, weight_decay=0.01, lazy=True)
     store = build_store(spec, num_rows=9, dim=4, device="cpu", optimizer=config, seed=1)
     dense = {r: store.rows()[r].clone().requires_grad_(True) for r in range(9)}
     optimizers = {

@@ -32,7 +32,7 @@ class DeviceStore(RowStore):
 
     def push(self, ids: Tensor, grads: Tensor, *, step: int, lr: float) -> None:
         check_ids(ids)
-        self.local.update_(ids, grads, lr=lr)
+        self.local.update_(ids, grads, lr=lr, step=step)
 
     def read(self, start: int, stop: int) -> Tensor:
         return self.local.weight[start:stop]

@@ -81,7 +81,7 @@ class HostStore(RowStore):
         if grads.shape != (ids.numel(), self.dim):
             raise ValueError(f"grads: expected shape {(ids.numel(), self.dim)}, got {tuple(grads.shape)}")
         if not self._asynchronous:
-            self.local.update_(ids.cpu(), grads.cpu(), lr=lr)
+            self.local.update_(ids.cpu(), grads.cpu(), lr=lr, step=step)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))  # grads are ready there
         with torch.cuda.stream(self._stream):
@@ -99,7 +99,7 @@ class HostStore(RowStore):
             if previous is not None:
                 previous.result()  # surface an earlier failure in order
             copied.synchronize()
-            self.local.update_(ids_host, grads_host, lr=lr)
+            self.local.update_(ids_host, grads_host, lr=lr, step=step)
 
         self._pending = self._worker.submit(apply)
 

@@ -64,9 +64,9 @@ class LocalRows:
     def dim(self) -> int:
         return self.weight.shape[1]
 
-    def update_(self, ids: Tensor, grads: Tensor, *, lr: float) -> None:
-        """One optimizer step on rows ``ids (S,)`` (unique) given ``grads (S, D)``, in place."""
-        apply_sparse_update_(self.weight, self.state, ids, grads, lr=lr, config=self.optimizer)
+    def update_(self, ids: Tensor, grads: Tensor, *, lr: float, step: int | None = None) -> None:
+        """Global optimizer step ``step`` on rows ``ids (S,)`` (unique) given ``grads (S, D)``, in place."""
+        apply_sparse_update_(self.weight, self.state, ids, grads, lr=lr, config=self.optimizer, step=step)
 
     def held_bytes(self) -> tuple[int, int]:
         """``(rows, optimizer state)`` bytes."""
