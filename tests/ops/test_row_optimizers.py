@@ -165,7 +165,7 @@ def _distance_moved(config: RowOptimizerConfig, *, every: int, steps: int, dense
 @pytest.mark.parametrize("every", [5, 20])
 def test_catch_up_adam_moves_a_sparse_row_as_far_as_dense_adam(every):
     """A row active on one step in ``every``: dense Adam moves it ``sqrt(every)`` times as far as lazy
-    Adam does; the catch-up rule moves it as far as dense Adam (within 15%; only the moment's timing differs)."""
+    Adam does; the catch-up rule moves it as far as dense Adam (within 15%: the moment's timing differs)."""
     config = RowOptimizerConfig(kind="adam")
     dense = _distance_moved(config, every=every, steps=2000, dense=True)
     caught_up = _distance_moved(config, every=every, steps=2000, dense=False)

@@ -29,7 +29,6 @@ from megaclass.heads import LabelFeatures, head_class
 from megaclass.heads.dense import DenseHeadConfig
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.heads.sparse import SparseHeadConfig
-from megaclass.ops.row_optimizers import RowOptimizerConfig
 from megaclass.schema import set_path
 from megaclass.train.config import AUTO_LABEL_FEATURE_DIM, RunConfig, config_from_dict, config_to_dict
 
