@@ -2,6 +2,8 @@
 
     python benchmarks/heads.py                      # self-check, then C = 670,091 and 2,812,281 (a GPU)
     python benchmarks/heads.py --quick              # small sizes, runs on CPU as a smoke test
+    python benchmarks/heads.py --classes 670091 2812281 --dim 768 --batch 128 --losses ce,bce \
+        --modes fwd+bwd --providers torch,megaclass-triton,megaclass-triton-recompute  # fused vs recompute
 
 Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
 
@@ -11,6 +13,11 @@ Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
   ``linear_loss`` on bf16 features and the fp32 weight, ``impl="auto"`` (one of the two below by
   ``resolve_impl``'s fixed rule; the choice for each problem is printed at the end).
 - ``megaclass-triton``: the same op on its Triton kernels (``impl="triton"``).
+- ``megaclass-triton-recompute``: the Triton kernels with bce's gradient recomputed in the backward pass as
+  softmax's is (``TritonBackend(fuse_gradient=False)``), the schedule ``megaclass-triton`` replaced for bce:
+  both in one run show the gain. (``megaclass-triton`` computes bce's gradient in its forward pass when an
+  input needs one, so its ``fwd`` row includes that work and its ``bwd`` row, timed by repeated backward
+  passes through one graph, the recompute: compare bce on ``fwd+bwd``.)
 - ``megaclass-torch``: the same op on cuBLAS bf16 matmuls over class chunks (``impl="torch"``).
 - ``reference``: the same op on the fp32-accumulating plain-PyTorch spec (off by default).
 - ``cce``: ``cut_cross_entropy.linear_cross_entropy`` on bf16 ``x`` and ``W.to(bfloat16)`` (CE only: Cut
@@ -24,9 +31,26 @@ A case that can take the CUDA context down (Cut Cross-Entropy at ``C x D >= 2^31
 ends in an illegal memory access) runs in a child process; once it has crashed there, the same provider's
 other cases at that size are refused with a row saying why, and the run goes on.
 
-Besides the timings it prints the card's floor for the fused op: FLOPs (``2BCD`` per matmul: one forward,
-three backward) over the measured bf16 matmul rate, and bytes (fp32 ``W`` read in forward, read again and
-its fp32 gradient written in backward) over the measured copy bandwidth.
+Besides the timings it prints the card's floor for each fwd+bwd row: the larger of FLOPs over the measured
+bf16 matmul rate and bytes over the measured copy bandwidth.
+
+- Bytes: the fp32 master ``W (C, D)`` is read once in forward and once more in backward, and its fp32
+  gradient written once: ``3 x 4CD`` (6.18 GB at C = 670,091, D 768; 25.9 GB at C = 2,812,281). ``x``,
+  ``dx`` and per-row statistics are ``O(BD)``: nothing.
+- FLOPs: ``2BCD`` for the logits in forward, ``2 x 2BCD`` for ``dW = G^T x`` and ``dx = G W`` in backward:
+  ``6BCD`` (395 GFLOP at C = 670,091; recomputing the logits in backward adds ``2BCD`` of work the floor
+  does not count).
+- Which bound: ``6BCD / 12CD = B / 2`` FLOP per byte, 64 at B 128, against an H200's ridge of about
+  990 TFLOP/s bf16 / 4.8 TB/s = 206 (and fp32 without tensor cores, ~60 TFLOP/s, is never used: the dots
+  take bf16 operands with fp32 sums). The op is memory-bound up to B ~ 400 with fp32 weights (B ~ 200 with
+  bf16 weights and gradient), so the floor is the bytes: 1.29 ms at 4.8 TB/s, about 1.5 ms at the ~4.2 TB/s
+  a copy reaches; the FLOPs would take 0.4 ms.
+- What the kernels can reach: softmax needs the row's lse before any ``G``, and ``dx = G W`` needs ``W``
+  again after ``G``; keeping ``dx`` on chip while streaming ``W`` needs a ``(B, D)`` fp32 accumulator
+  (393 KB at B 128, D 768: more than an SM's registers), so CE reads ``W`` three times (forward, the
+  ``dW`` pass, the split-K ``dx`` pass): 4/3 of the floor's bytes. bce's ``G = sigmoid(z) / B`` needs no row
+  statistic, so its forward pass runs both gradient passes and the backward only scales (``W`` read twice,
+  the floor's bytes plus the ``(B, C)`` bf16 ``G`` scratch written and read, ~8% more).
 """
 
 from __future__ import annotations
@@ -54,6 +78,7 @@ from _harness import (  # noqa: E402
     run_in_child,
 )
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, linear_loss, resolve_impl  # noqa: E402
+from megaclass.ops.linear_cross_entropy.common import linear_loss_apply  # noqa: E402
 from megaclass.targets import RaggedLabels  # noqa: E402
 
 FULL_CLASSES = (670_091, 2_812_281)
@@ -132,6 +157,16 @@ def head_loss(impl: str) -> Callable:
     return run
 
 
+def triton_recompute_loss(x, weight, targets, loss: str) -> torch.Tensor:
+    """``megaclass-triton`` with every loss's gradient recomputed in the backward pass."""
+    from megaclass.ops.linear_cross_entropy.function import TritonBackend
+
+    with autocast():
+        features = x.to(torch.bfloat16) if x.is_cuda else x
+        backend = TritonBackend(fuse_gradient=False)
+        return linear_loss_apply(features, weight, targets, None, _options(loss), backend)
+
+
 def cce_loss(x, weight, targets, loss: str) -> torch.Tensor:
     from cut_cross_entropy import linear_cross_entropy
 
@@ -148,6 +183,7 @@ PROVIDERS: dict[str, Callable] = {
     "cce": cce_loss,
     "megaclass": head_loss("auto"),
     "megaclass-triton": head_loss("triton"),
+    "megaclass-triton-recompute": triton_recompute_loss,
     "megaclass-torch": head_loss("torch"),
     "reference": head_loss("reference"),
 }
@@ -162,8 +198,8 @@ def available_providers(wanted: list[str]) -> list[str]:
     for name in wanted:
         if name == "cce" and not cce_available():
             print("cce: cut_cross_entropy not importable or no CUDA device; skipped", file=sys.stderr)
-        elif name == "megaclass-triton" and not _triton_runnable():
-            print("megaclass-triton: needs CUDA or TRITON_INTERPRET=1; skipped", file=sys.stderr)
+        elif name.startswith("megaclass-triton") and not _triton_runnable():
+            print(f"{name}: needs CUDA or TRITON_INTERPRET=1; skipped", file=sys.stderr)
         else:
             kept.append(name)
     return kept
@@ -240,17 +276,25 @@ def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int) ->
             return lambda: out.backward(retain_graph=True)
         return lambda: fn(x, weight, targets, loss).backward()
 
-    matmuls = {"fwd": 1, "bwd": 3, "fwd+bwd": 4}[mode]
-    weight_passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]  # fp32 W read (fwd, bwd), fp32 grad W written
     return Case(
         provider,
         mode,
         params,
         setup,
         grad_to_none=lambda: state.pop("tensors"),  # popped: finished cases must not keep their inputs
-        flops=2.0 * batch * classes * dim * matmuls,
-        bytes_moved=4.0 * classes * dim * weight_passes,
+        flops=floor_flops(batch, classes, dim, mode),
+        bytes_moved=floor_bytes(classes, dim, mode),
     )
+
+
+def floor_flops(batch: int, classes: int, dim: int, mode: str) -> float:
+    """The matmuls a pass cannot avoid, ``2BCD`` each: the logits (fwd); ``dW`` and ``dx`` (bwd)."""
+    return 2.0 * batch * classes * dim * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+
+
+def floor_bytes(classes: int, dim: int, mode: str) -> float:
+    """The fp32 ``W`` traffic a pass cannot avoid: read (fwd), read and its fp32 gradient written (bwd)."""
+    return 4.0 * classes * dim * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
 
 
 def build_cases(args: argparse.Namespace, providers: list[str]) -> list[Case]:
@@ -304,22 +348,26 @@ class CrashGuard:
 
 
 def print_floor(cases: list[Case], results: list[Result]) -> None:
-    """The card's floor for the fused op's fwd+bwd: max(FLOPs / bf16 rate, bytes / copy bandwidth)."""
+    """Every fwd+bwd row against the card's floor: max(FLOPs / bf16 rate, bytes / copy bandwidth), with the
+    bound that sets it (see the module docstring for the count)."""
     rates = device_rates()
     if rates is None:
         print("\n(no GPU: floor not measured)")
         return
     print(f"\nCard: {rates.name}: copy {rates.bandwidth_gbs:.0f} GB/s, bf16 {rates.bf16_tflops:.0f} TFLOP/s")
-    print("| C | loss | provider | GFLOP | GB moved | floor_ms | time_ms | x floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("Floor: 3 x 4CD bytes (fp32 W read fwd + bwd, fp32 grad W written), 6BCD FLOPs (fwd z; bwd dW, dx)")
+    print("| C | B | loss | provider | GFLOP | GB moved | bound | floor_ms | time_ms | x floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for case, result in zip(cases, results, strict=True):
-        if not case.provider.startswith("megaclass") or case.mode != "fwd+bwd" or result.status != "ok":
+        if case.mode != "fwd+bwd" or result.status != "ok":
             continue
         floor = rates.floor_ms(flops=case.flops, bytes_moved=case.bytes_moved)
+        compute_ms = case.flops / (rates.bf16_tflops * 1e12) * 1e3
+        bound = "FLOPs" if compute_ms >= floor else "bytes"
         print(
-            f"| {case.params['C']} | {case.params['loss']} | {case.provider} | {case.flops / 1e9:.0f} | "
-            f"{case.bytes_moved / 1e9:.2f} | {floor:.3f} | {result.time_ms:.3f} | "
-            f"{result.time_ms / floor:.2f} |"
+            f"| {case.params['C']} | {case.params['B']} | {case.params['loss']} | {case.provider} | "
+            f"{case.flops / 1e9:.0f} | {case.bytes_moved / 1e9:.2f} | {bound} | {floor:.3f} | "
+            f"{result.time_ms:.3f} | {result.time_ms / floor:.2f} |"
         )
 
 
@@ -352,9 +400,10 @@ def main() -> None:
         ):
             print("self-check FAILED: the timings below are of wrong results", file=sys.stderr)
         print()
-    if not torch.cuda.is_available() and "megaclass-triton" in providers:
-        providers.remove("megaclass-triton")  # the interpreter checks the kernels; its speed means nothing
-        print("megaclass-triton: not timed in the CPU interpreter (checked above)", file=sys.stderr)
+    if not torch.cuda.is_available():
+        for name in [name for name in providers if name.startswith("megaclass-triton")]:
+            providers.remove(name)  # the interpreter checks the kernels; its speed means nothing
+            print(f"{name}: not timed in the CPU interpreter (checked above)", file=sys.stderr)
     cases = build_cases(args, providers)
     guard = None if args.in_child else CrashGuard(args)
     results = run_cases(

@@ -1,16 +1,15 @@
-"""Recall@10 of the GPU cluster index against exact search, over cluster sizes and probes, at equal or growing
-candidate counts (rows scored per sample).
+"""Cold build time, query time and recall@10 of the cluster index against an exact scan, over class counts.
 
-    python benchmarks/index_recall.py                                # C = 10^6, D = 512, B = 512 (a GPU)
-    python benchmarks/index_recall.py --classes 100000 --dim 512 --batch 256 --dtype bfloat16   # CPU-sized
-
-``--dtype bfloat16`` stores and scores rows in bfloat16, as the index does by default on a GPU, also on a CPU
-(where its default is float32).
+    python benchmarks/index_recall.py --quick                         # CPU: C 10^4, 10^5, 10^6 at D 64
+    python benchmarks/index_recall.py --sizes 1e6,1e7 --dim 512       # a GPU: the defaults at scale
+    python benchmarks/index_recall.py --sizes 1e5 --settings 100x4,316x2,auto   # LEAFxPROBES sweeps
 
 Rows are "trained-like" as in ``benchmarks/selected.py`` (group directions plus noise) and the queries are
-features near their class rows. Each setting builds the index (cold), times a query of the batch, then
-rebuilds it warm over every row and measures recall again. Candidates: rows scored per query (probes times
-the padded cluster width).
+features drawn as the training ones are (near their class rows). For every size the exact chunked scan is the
+baseline row (recall 1 by definition); each index setting is built cold (timed to completion), queried for
+the batch (median of ``--reps``), then rebuilt warm over every row, as a training run's later builds are.
+``auto`` is the default index: clusters of ``sqrt(C) / 2`` rows and the probe count its build calibrates for
+recall@10 0.95. Candidates: rows scored per query (probes times the padded cluster width, plus K centroids).
 """
 
 from __future__ import annotations
@@ -28,26 +27,31 @@ from megaclass.index.exact import exact_topk  # noqa: E402
 from megaclass.index.kmeans import ClusterIndex  # noqa: E402
 from selected import batch_for, device, plant_rows_  # noqa: E402
 
-SETTINGS = ((64, 8), (32, 16), (16, 32), (64, 16), (32, 32))  # (leaf_size, probes)
+QUICK_SIZES = (10**4, 10**5, 10**6)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--classes", type=int, default=1_000_000, help="C")
+    parser.add_argument("--sizes", default="1e6,1e7", help="comma-separated class counts C")
     parser.add_argument("--dim", type=int, default=512, help="D")
     parser.add_argument("--batch", type=int, default=512, help="B, queries at once")
     parser.add_argument("--reps", type=int, default=5, help="timed queries per setting (median)")
+    parser.add_argument("--metric", choices=["cosine", "dot"], default="cosine")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], help="rows' and scores' dtype (default: the index's)"
     )
     parser.add_argument(
         "--settings",
-        default=",".join(f"{leaf}x{probes}" for leaf, probes in SETTINGS),
-        help="comma-separated LEAFxPROBES pairs",
+        default="auto",
+        help="comma-separated LEAFxPROBES pairs (PROBES may be auto) or auto (both chosen)",
     )
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="CPU-sized: C 10^4..10^6, D 64, B 256")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.dim, args.batch, args.reps = ",".join(map(str, QUICK_SIZES)), 64, 256, 3
+    return args
 
 
 def _sync() -> None:
@@ -55,49 +59,78 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _timed(fn, reps: int) -> tuple[float, object]:
+    """Median milliseconds of ``reps`` calls of ``fn`` and its last result."""
+    times, result = [], None
+    for _ in range(reps):
+        _sync()
+        started = time.perf_counter()
+        result = fn()
+        _sync()
+        times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2], result
+
+
 def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / truth.numel()
 
 
+def _settings(text: str) -> list[tuple[int | None, int | None]]:
+    settings: list[tuple[int | None, int | None]] = []
+    for part in text.split(","):
+        if part == "auto":
+            settings.append((None, None))
+        else:
+            leaf, probes = part.split("x")
+            settings.append((int(leaf), None if probes == "auto" else int(probes)))
+    return settings
+
+
 def main() -> None:
     args = parse_args()
-    torch.manual_seed(0)
-    rows = torch.empty(args.classes, args.dim, device=device())
-    plant_rows_(rows)
-    features = batch_for(rows, args.batch)[0].detach()
-    truth = exact_topk(features, rows, 10, metric="cosine", chunk_size=1 << 16)[1]  # (B, 10)
-    settings = [tuple(int(part) for part in pair.split("x")) for pair in args.settings.split(",")]
     dtype = args.dtype or "default"
-    print(f"C {args.classes}, D {args.dim}, B {args.batch} on {rows.device}, dtype {dtype}\n")
-    print("| leaf_size | probes | candidates | recall@10 | after a warm rebuild | build ms | query ms |")
-    print("|---|---|---|---|---|---|---|")
-    for leaf_size, probes in settings:
-        index = ClusterIndex(
-            metric="cosine",
-            leaf_size=leaf_size,
-            probes=probes,
-            row_dtype=args.dtype,
-            compute_dtype=args.dtype,
-        )
-        _sync()
-        started = time.perf_counter()
-        index.build(rows)
-        _sync()
-        build_ms = (time.perf_counter() - started) * 1e3
-        times = []
-        for _ in range(args.reps):
-            started = time.perf_counter()
-            found = index.query(features, 10)
-            _sync()
-            times.append((time.perf_counter() - started) * 1e3)
-        recall = _recall(found, truth)
-        query_ms = sorted(times)[len(times) // 2]
-        index.build(rows)  # warm over every row: each moves to its best nearby cluster, as in training
-        warm = _recall(index.query(features, 10), truth)
-        candidates = probes * int(index.metrics()["index_cluster_width"])
-        cells = [leaf_size, probes, candidates, f"{recall:.3f}", f"{warm:.3f}", f"{build_ms:.1f}"]
-        cells.append(f"{query_ms:.2f}")
-        print("| " + " | ".join(str(cell) for cell in cells) + " |")
+    print(f"D {args.dim}, B {args.batch}, metric {args.metric}, on {device()}, dtype {dtype}\n")
+    print(
+        "| C | index | leaf | probes | candidates | build s | query ms | recall@10 | after a warm rebuild |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for classes in (int(float(size)) for size in args.sizes.split(",")):
+        torch.manual_seed(0)
+        rows = torch.empty(classes, args.dim, device=device())
+        plant_rows_(rows)
+        features = batch_for(rows, args.batch)[0].detach()
+
+        def scan(rows=rows, features=features):
+            return exact_topk(features, rows, 10, metric=args.metric, chunk_size=1 << 16)[1]
+
+        scan_ms, truth = _timed(scan, args.reps)
+        print(f"| {classes} | exact | | | {classes} | 0 | {scan_ms:.2f} | 1.000 | 1.000 |")
+        for leaf_size, probes in _settings(args.settings):
+            index = ClusterIndex(
+                metric=args.metric,
+                leaf_size=leaf_size,
+                probes=probes,
+                row_dtype=args.dtype,
+                compute_dtype=args.dtype,
+            )
+            build_ms, _ = _timed(lambda index=index, rows=rows: index.build(rows), 1)
+            query_ms, found = _timed(lambda index=index, x=features: index.query(x, 10), args.reps)
+            recall = _recall(found, truth)
+            index.build(rows)  # warm over every row: each moves to its best nearby cluster, as in training
+            warm = _recall(index.query(features, 10), truth)
+            state = index.state_dict()
+            clusters, width = state["members"].shape
+            used = int(state["probes"]) if probes is None else probes
+            cells = [
+                classes,
+                "cluster",
+                index.leaf_size,
+                used,
+                clusters + used * width,
+                f"{build_ms / 1e3:.2f}",
+            ]
+            cells += [f"{query_ms:.2f}", f"{recall:.3f}", f"{warm:.3f}"]
+            print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

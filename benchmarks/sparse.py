@@ -3,6 +3,8 @@
     python benchmarks/sparse.py                     # C = 670,091 and 2,812,281, D = 768, B = 128 (a GPU)
     python benchmarks/sparse.py --quick             # small sizes, runs on CPU as a smoke test
     python benchmarks/sparse.py --fan-in 32 --groups 1 16 32 --modes fwd+bwd,step --cuda-graph
+    python benchmarks/sparse.py --fan-in 32 --groups 32 --modes fwd+bwd --providers megaclass --cuda-graph \
+        --variants fused,unfused --weight-dtypes fp32,bf16      # the kernel schedules side by side
 
 Modes: ``fwd`` (the loss), ``fwd+bwd`` (loss and all gradients), ``step`` (``fwd+bwd`` then an AdamW step on
 the head's parameters: what one training step of the head costs). Peak memory counts weights, indices,
@@ -13,6 +15,11 @@ Providers, all with fp32 master weights and bf16 features (as under autocast):
 - ``megaclass``: :func:`megaclass.ops.fixed_fanin.fixed_fanin_loss` on ``weight (C, K)`` fp32, ``index``
   int32 ``(ceil(C / G), K)`` and a bias; Triton kernels, the loss fused (no ``B x C`` logits kept; BCE by
   default, ``--losses bce,softmax`` adds the softmax cross-entropy, recomputed per label tile in backward).
+  ``--variants`` runs kernel schedules side by side: ``fused`` (the defaults: BCE / hinge gradients computed
+  in the forward pass, several label tiles per program by ``kernels.tiles_per_program``) and ``unfused``
+  (the backward pass recomputes the logits, one tile per program: the schedule before fusion).
+  ``--weight-dtypes fp32,bf16`` adds bf16 weights and bias (``optim.head_state=bf16_sr``; ``step`` then
+  runs :class:`megaclass.train.low_precision.BF16AdamW`, stochastic rounding).
 - ``torch-dense``: ``x @ W.T`` (``W (C, D)``) under bf16 autocast, then ``F.binary_cross_entropy_with_logits``
   against a dense ``B x C`` target: the baseline a user writes.
 - ``torch-csr``: the same fixed fan-in weights as a ``torch.sparse_csr_tensor (C, D)`` times ``x.T`` in fp32,
@@ -21,9 +28,9 @@ Providers, all with fp32 master weights and bf16 features (as under autocast):
   the time is the GPU's alone, without the host's launch overhead of some 70 small ops per step.
 
 The floor printed per case is the card's roofline for the fused op: FLOPs ``2BCK`` forward, ``4BCK`` backward
-over the measured bf16 matmul rate, and bytes (weights, bias and index read in forward and again in
-backward, fp32 weight gradient written; for ``step`` AdamW reads weights, gradient and two moments and writes
-three of them) over the measured copy bandwidth.
+over the measured bf16 matmul rate, and bytes (``floor_bytes``: weights, bias and index read once, their
+gradient written, the input-gradient buffer written and read; for ``step`` AdamW reads weights, gradient and
+two moments and writes three of them) over the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -42,10 +49,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import Case, add_common_arguments, cuda_graph, device_rates, markdown_table, run_cases  # noqa: E402
 from megaclass.dst import random_fanin_index  # noqa: E402
-from megaclass.ops.fixed_fanin import fixed_fanin_loss  # noqa: E402
+from megaclass.ops import resolve_impl  # noqa: E402
+from megaclass.ops.fixed_fanin import (  # noqa: E402
+    FaninLoss,
+    FixedFaninFunction,
+    FixedFaninOptions,
+    combine_loss,
+)
 from megaclass.targets import RaggedLabels  # noqa: E402
+from megaclass.train.low_precision import BF16AdamW  # noqa: E402
 
 FULL_CLASSES = (670_091, 2_812_281)
+VARIANTS = {"fused": {}, "unfused": {"fuse_gradient": False, "tiles_per_program": 1}}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +80,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--losses", default="bce", help="fused losses of the megaclass rows: bce,hinge,softmax"
     )
+    parser.add_argument(
+        "--variants", default="fused", help="megaclass kernel schedules: fused,unfused (see the docstring)"
+    )
+    parser.add_argument("--weight-dtypes", default="fp32", help="megaclass weight dtypes: fp32,bf16")
     parser.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -93,6 +113,13 @@ def _targets(batch: int, classes: int, per_sample: int, device: torch.device) ->
     return RaggedLabels(indptr, labels.reshape(-1))
 
 
+def _optimizer(params: list[torch.Tensor], **options: bool) -> torch.optim.Optimizer:
+    """AdamW as the trainer runs it: torch's for fp32 parameters, stochastically rounded for bf16 ones."""
+    if params[0].dtype == torch.bfloat16:
+        return BF16AdamW(params, lr=1e-3)
+    return torch.optim.AdamW(params, lr=1e-3, **options)
+
+
 def _timed(mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     """The closure to time for ``mode``; ``step`` owns an AdamW over ``params``."""
     if mode == "fwd":
@@ -104,7 +131,7 @@ def _timed(mode: str, params: list[torch.Tensor], loss_fn: Callable[[], torch.Te
         return run
     # fused: one multi-tensor kernel per step on CUDA, what a user of a large head should pick
     fused = torch.cuda.is_available()
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused) if mode == "step" else None
+    optimizer = _optimizer(params, fused=fused) if mode == "step" else None
 
     def run_train() -> None:
         loss_fn().backward()
@@ -119,7 +146,7 @@ def _graphed(
 ) -> Callable[[], None]:
     """``mode``'s work (``fwd+bwd`` or ``step``) captured in a CUDA graph (the warm-up calls also build the
     cached column order), replayed: a training step's GPU time without the host's per-op launch overhead."""
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True) if mode == "step" else None
+    optimizer = _optimizer(params, fused=True, capturable=True) if mode == "step" else None
 
     def train_step() -> None:
         for param in params:
@@ -141,6 +168,8 @@ def megaclass_case(
     per_sample: int,
     loss: str,
     *,
+    variant: str = "fused",
+    weight_dtype: str = "fp32",
     graph: bool = False,
 ):
     held: list[torch.Tensor] = []  # the parameters, whose grads the harness resets between calls
@@ -149,15 +178,20 @@ def megaclass_case(
         device = _device()
         generator = torch.Generator(device=device).manual_seed(0)
         index = random_fanin_index(-(-classes // group), dim, fan_in, generator=generator)
+        dtype = WEIGHT_DTYPES[weight_dtype]
         weight = torch.empty(classes, fan_in, device=device).uniform_(-(fan_in**-0.5), fan_in**-0.5)
-        weight.requires_grad_()
-        bias = torch.zeros(classes, device=device, requires_grad=True)
+        weight = weight.to(dtype).requires_grad_()
+        bias = torch.zeros(classes, device=device, dtype=dtype, requires_grad=True)
         x = torch.randn(batch, dim, device=device, dtype=torch.bfloat16)
         targets = _targets(batch, classes, per_sample, device)
+        samples, labels = targets.sample_ids(), targets.indices.long()
+        impl = resolve_impl("auto", x, weight, index)
+        options = FixedFaninOptions(group=group, loss=FaninLoss(loss), impl=impl, **VARIANTS[variant])
         held[:] = [weight, bias]
 
-        def loss_fn() -> torch.Tensor:
-            return fixed_fanin_loss(x, weight, index, targets, bias, group=group, loss=loss)
+        def loss_fn() -> torch.Tensor:  # what fixed_fanin_loss runs, with the variant's kernel options
+            rows, positive = FixedFaninFunction.apply(x, weight, index, bias, samples, labels, options)
+            return combine_loss(rows, positive, targets, loss)
 
         return _graphed(mode, [weight, bias], loss_fn) if graph else _timed(mode, [weight, bias], loss_fn)
 
@@ -212,13 +246,18 @@ def csr_case(mode: str, batch: int, classes: int, dim: int, fan_in: int, per_sam
     return setup, held
 
 
-def floor_bytes(mode: str, classes: int, fan_in: int, group: int) -> float:
-    weights = classes * fan_in * 4 + classes * 4
+def floor_bytes(mode: str, classes: int, fan_in: int, group: int, batch: int, weight_bytes: int) -> float:
+    """Fewest global-memory bytes: weights, bias and index read once, in ``fwd+bwd`` their gradient written
+    and the input-gradient buffer (one bf16 row of ``B`` per connection) written and read once; ``step``
+    adds AdamW reading weights, gradient and two moments and writing three of them."""
+    weights = (classes * fan_in + classes) * weight_bytes
     index = -(-classes // group) * fan_in * 4
-    read_fwd = weights + index
     if mode == "fwd":
-        return read_fwd
-    total = 2 * read_fwd + weights  # forward, recompute in backward, write the gradient
+        return weights + index
+    grouped = group >= 16 and group & (group - 1) == 0  # the tensor-core kernels: a row per connection
+    buffer_rows = -(-classes // group) * fan_in if grouped else classes  # else a dz row per label
+    buffer = 2 * buffer_rows * batch * 2  # bf16, written and read
+    total = 2 * weights + index + buffer
     return total + (7 * weights if mode == "step" else 0)
 
 
@@ -233,21 +272,31 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     for classes in classes_list:
         for mode in modes:
             for fan_in in fan_ins:
-                for group, loss in product(
-                    groups if "megaclass" in providers else [], args.losses.split(",")
-                ):
-                    params = {"C": classes, "K": fan_in, "G": group, "D": dim, "B": batch, "loss": loss}
+                megaclass_grid = product(
+                    groups if "megaclass" in providers else [],
+                    args.losses.split(","),
+                    args.variants.split(","),
+                    args.weight_dtypes.split(","),
+                )
+                for group, loss, variant, weights in megaclass_grid:
+                    params = {"C": classes, "K": fan_in, "G": group, "D": dim, "B": batch, "loss": loss,
+                              "variant": variant, "weights": weights}  # fmt: skip
                     flops = 2 * batch * classes * fan_in * (1 if mode == "fwd" else 3)
                     per_sample = args.labels_per_sample
-                    setup, held = megaclass_case(mode, batch, classes, dim, fan_in, group, per_sample, loss)
-                    cases.append(Case("megaclass", mode, params, setup, lambda h=held: h, flops,
-                                      floor_bytes(mode, classes, fan_in, group)))  # fmt: skip
-                    if args.cuda_graph and mode != "fwd" and torch.cuda.is_available():
+                    options = {"variant": variant, "weight_dtype": weights}
+                    floor = floor_bytes(mode, classes, fan_in, group, batch, WEIGHT_DTYPES[weights].itemsize)
+                    setup, held = megaclass_case(
+                        mode, batch, classes, dim, fan_in, group, per_sample, loss, **options
+                    )
+                    cases.append(Case("megaclass", mode, params, setup, lambda h=held: h, flops, floor))
+                    graphable = mode == "fwd+bwd" or (mode == "step" and weights == "fp32")
+                    if args.cuda_graph and graphable and torch.cuda.is_available():
                         setup, held = megaclass_case(
-                            mode, batch, classes, dim, fan_in, group, per_sample, loss, graph=True
+                            mode, batch, classes, dim, fan_in, group, per_sample, loss, **options, graph=True
                         )
-                        cases.append(Case("megaclass-graph", mode, params, setup, lambda h=held: h, flops,
-                                          floor_bytes(mode, classes, fan_in, group)))  # fmt: skip
+                        cases.append(
+                            Case("megaclass-graph", mode, params, setup, lambda h=held: h, flops, floor)
+                        )
                 if "torch-csr" in providers and fan_in == fan_ins[0]:
                     params = {"C": classes, "K": fan_in, "G": 1, "D": dim, "B": batch}
                     setup, held = csr_case(mode, batch, classes, dim, fan_in, args.labels_per_sample)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 _TINY = [
     "--set",
+    "train.device=cpu",  # bit-exact comparisons: GPU kernels add with atomics, in no fixed order
     "model.hidden=[48]",
     "model.dropout=0.1",
     "head.loss=softmax",

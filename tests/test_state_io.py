@@ -201,7 +201,7 @@ def _imported_modules(repo_root: str, path: str) -> set[str]:
 def test_state_io_is_the_bottom_layer(repo_root):
     """``state_io`` imports only torch, numpy, safetensors and ``megaclass.errors`` (and the standard
     library); both checkpoint modules take their I/O from it; the sharded one imports nothing of train/."""
-    stdlib = {"__future__", "hashlib", "json", "os", "shutil", "tempfile", "typing"}
+    stdlib = {"__future__", "collections", "hashlib", "json", "math", "os", "shutil", "tempfile", "typing"}
     allowed = {"torch", "numpy", "safetensors", *stdlib}
     outside = {
         module
@@ -217,3 +217,158 @@ def test_state_io_is_the_bottom_layer(repo_root):
         if m.startswith("megaclass.train")
     }
     assert not upward, f"distributed/checkpoint.py imports {sorted(upward)}"
+
+
+# ------------------------------------------------------------------------------------ streamed tensors
+
+
+def _tensors():
+    return {
+        "rows": torch.randn(37, 5),
+        "bf16": torch.randn(9, 3).to(torch.bfloat16),
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+        "view": torch.arange(40.0).reshape(5, 8)[:, 1::2],  # not contiguous
+        "flags": torch.tensor([True, False, True]),
+    }
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 16, 1 << 20])
+def test_write_tensors_is_a_safetensors_file_hashed_while_written(tmp_path, chunk_bytes):
+    from safetensors import safe_open
+
+    path = str(tmp_path / "t.safetensors")
+    tensors = _tensors()
+    fingerprint = state_io.write_tensors(path, tensors, metadata={"a": "b"}, chunk_bytes=chunk_bytes)
+    assert fingerprint == state_io.file_fingerprint(path)
+    with safe_open(path, framework="pt") as file:
+        assert file.metadata() == {"a": "b"}
+        assert sorted(file.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            _assert_equal(tensor, file.get_tensor(name), name)
+    _assert_equal(tensors, state_io.read_tensors(path))
+    assert os.listdir(tmp_path) == ["t.safetensors"]  # the temporary file was renamed
+
+
+def test_read_tensors_reads_files_safetensors_wrote(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "t.safetensors")
+    tensors = {name: value.contiguous() for name, value in _tensors().items()}
+    save_file(tensors, path)
+    loaded = state_io.read_tensors(path)
+    _assert_equal(tensors, {name: loaded[name] for name in tensors})
+
+
+def test_streamed_tensors_are_read_by_row_range_and_copied_into_place(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    tensors = _tensors()
+    state_io.write_tensors(path, tensors)
+    saved = state_io.read_tensors(path, stream=lambda name: name != "flags")
+    assert isinstance(saved["flags"], torch.Tensor)
+    rows = saved["rows"]
+    assert isinstance(rows, state_io.SavedTensor)
+    assert (rows.shape, rows.dtype, rows.dim(), len(rows)) == ((37, 5), torch.float32, 2, 37)
+    assert rows.numel() == 185
+    assert torch.equal(rows[3:11], tensors["rows"][3:11])
+    assert torch.equal(rows[30:], tensors["rows"][30:])
+    assert rows[5:2].shape == (0, 5)
+    assert torch.equal(saved["scalar"].read(), tensors["scalar"])
+    with pytest.raises(TypeError, match="row range"):
+        rows[3]
+    for chunk_bytes in (1, 20, 1 << 20):  # blocks of one row, of a few, and all at once
+        target = torch.zeros(37, 5)  # contiguous, same dtype: read straight into it
+        state_io.copy_into_(target, rows, chunk_bytes=chunk_bytes)
+        assert torch.equal(target, tensors["rows"])
+        converted = torch.zeros(37, 5, dtype=torch.float64)  # another dtype: through a block
+        state_io.copy_into_(converted, rows, chunk_bytes=chunk_bytes)
+        assert torch.equal(converted, tensors["rows"].double())
+        strided = torch.zeros(5, 37).T  # not contiguous: through a block
+        state_io.copy_into_(strided, rows, chunk_bytes=chunk_bytes)
+        assert torch.equal(strided, tensors["rows"])
+    bf16 = torch.zeros(9, 3, dtype=torch.bfloat16)
+    state_io.copy_into_(bf16, saved["bf16"])
+    assert torch.equal(bf16, tensors["bf16"])
+    with pytest.raises(ValueError, match=r"expected shape \(36, 5\), got \(37, 5\)"):
+        state_io.copy_into_(torch.zeros(36, 5), rows)
+
+
+def test_a_streamed_copy_is_written_again_block_by_block(tmp_path):
+    first, second = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    state_io.write_tensors(first, _tensors(), metadata={"k": "v"})
+    saved = state_io.read_tensors(first, stream=lambda name: True)
+    assert state_io.write_tensors(second, saved, metadata={"k": "v"}, chunk_bytes=8) == (
+        state_io.file_fingerprint(first)
+    )
+
+
+def test_truncated_tensor_files_are_named(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    state_io.write_tensors(path, {"rows": torch.randn(64, 4)})
+    saved = state_io.read_tensors(path, stream=lambda name: True)["rows"]
+    size = os.path.getsize(path)
+    os.truncate(path, size - 16)
+    with pytest.raises(DamagedStateError, match="'rows' takes bytes"):
+        state_io.read_tensors(path)
+    with pytest.raises(DamagedStateError, match="ends inside tensor data"):
+        saved[60:64]
+    with open(path, "wb") as file:
+        file.write(b"\x08" + b"\x00" * 7 + b"{broken}")
+    with pytest.raises(DamagedStateError, match="unreadable safetensors header"):
+        state_io.read_tensors(path)
+
+
+def test_read_state_streams_the_keys_it_is_told_to(tmp_path):
+    state = {"head": {"store.weight": torch.randn(6, 2), "step": torch.tensor(3)}, "n": 1}
+    folder = state_io.write_state(str(tmp_path / "s"), state)
+    loaded = state_io.read_state(folder, stream=lambda key: key.startswith("head.store."))
+    assert isinstance(loaded["head"]["store.weight"], state_io.SavedTensor)
+    assert isinstance(loaded["head"]["step"], torch.Tensor)
+    assert torch.equal(loaded["head"]["store.weight"].read(), state["head"]["store.weight"])
+
+
+_BOUNDED_SAVE = """
+import re, sys, torch
+from megaclass import state_io
+
+def peak_growth(action):
+    def kib(field):
+        return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+    open("/proc/self/clear_refs", "w").write("5")  # the high-water mark restarts at the current RSS
+    before = kib("VmRSS")
+    action()
+    return (kib("VmHWM") - before) * 1024
+
+folder = sys.argv[1]
+rows = torch.randn(1 << 22, 16)  # 256 MiB
+state = {"head": {"store.weight": rows}, "step": 3}
+saved = peak_growth(lambda: state_io.write_state(folder, state, chunk_bytes=8 << 20))
+stream = lambda key: key.startswith("head.store.")
+loaded = peak_growth(
+    lambda: state_io.copy_into_(
+        rows, state_io.read_state(folder, stream=stream)["head"]["store.weight"], chunk_bytes=8 << 20
+    )
+)
+print(saved, loaded, rows.numel() * 4)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_saving_and_loading_rows_take_one_block_of_host_memory_not_a_copy(tmp_path):
+    """The peak RSS growth of writing and reading back 256 MiB of rows stays under 64 MiB (8 MiB blocks and
+    the interpreter's own); any whole copy of the rows would show 256 MiB or more."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "bounded.py"
+    script.write_text(_BOUNDED_SAVE)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    saved, loaded, rows_bytes = (int(x) for x in result.stdout.split())
+    assert saved < rows_bytes // 4, f"save grew the RSS by {saved} bytes for {rows_bytes} of rows"
+    assert loaded < rows_bytes // 4, f"load grew the RSS by {loaded} bytes for {rows_bytes} of rows"

@@ -7,6 +7,12 @@ size and SHA-256 of every other file under the folder (:func:`write_manifest`), 
 folder from a truncated or altered one (:func:`verify_manifest`). The folder is written under a temporary
 name and renamed (:func:`replace_folder`), so a kill leaves the old folder or the new one, never half of one.
 
+Tensors are streamed, never copied whole: :func:`write_tensors` writes each one block of rows at a time
+(:data:`STREAM_CHUNK_BYTES`) from wherever it lives (GPU, pinned or plain host memory) into the file, hashing
+the bytes as they go, so saving a row store of 10^8 classes needs one block of host memory, not a copy of
+its rows. Reading back, the tensors a caller names come as :class:`SavedTensor`: a handle into the file that
+:func:`copy_into_` streams into existing tensors (a row store's own rows), block by block.
+
 >>> import tempfile, torch
 >>> folder = write_state(tempfile.mkdtemp() + "/model", {"w": torch.ones(2), "step": 3})
 >>> read_state(folder)["step"]
@@ -17,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,24 +36,31 @@ from torch import Tensor
 
 __all__ = [
     "MANIFEST",
+    "STREAM_CHUNK_BYTES",
     "DamagedStateError",
+    "SavedTensor",
+    "copy_into_",
     "file_fingerprint",
     "flatten",
     "fsync_path",
     "path_fingerprint",
     "read_state",
+    "read_tensors",
     "replace_folder",
     "unflatten",
     "verify_manifest",
     "write_json_atomic",
     "write_manifest",
     "write_state",
+    "write_tensors",
 ]
 
 MANIFEST = "manifest.json"
+STREAM_CHUNK_BYTES = 256 << 20  # host memory a tensor is written or read through: one block of rows
 _TENSORS = "tensors.safetensors"
 _STATE = "state.json"
 _CHUNK_BYTES = 1 << 20
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header
 
 
 class DamagedStateError(ValueError):
@@ -58,13 +73,15 @@ class DamagedStateError(ValueError):
 # ------------------------------------------------------------------------------------------ nested state
 
 
-def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
-    """Split ``state`` into a JSON-able tree and the tensors it references.
+def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor | SavedTensor]]:
+    """Split ``state`` into a JSON-able tree and the tensors it references (the state's own, not copies: a
+    writer reads them block by block, so write them before the state changes).
 
-    Dicts (any hashable keys), lists, tuples, numbers, strings, None, numpy arrays and tensors are allowed.
-    Non-string dict keys and tuples are tagged so that :func:`unflatten` gives back the same Python values.
+    Dicts (any hashable keys), lists, tuples, numbers, strings, None, numpy arrays, tensors and
+    :class:`SavedTensor` are allowed. Non-string dict keys and tuples are tagged so that :func:`unflatten`
+    gives back the same Python values.
     """
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[str, Tensor | SavedTensor] = {}
     tree = _flatten(state, prefix, tensors)
     return tree, tensors
 
@@ -74,16 +91,16 @@ def _child(key: str, name: Any, index: int) -> str:
     return f"{key}.{part}" if key else part
 
 
-def _store(tensors: dict[str, Tensor], key: str, tensor: Tensor) -> str:
+def _store(tensors: dict[str, Tensor | SavedTensor], key: str, tensor: Tensor | SavedTensor) -> str:
     if key in tensors:  # two paths spelled alike ("a.b" inside "x" vs "b" inside "x.a"): keep both
         key = f"{key}~{len(tensors)}"
     tensors[key] = tensor
     return key
 
 
-def _flatten(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(value, Tensor):
-        return {"__tensor__": _store(tensors, key, value.detach().cpu().contiguous().clone())}
+def _flatten(value: Any, key: str, tensors: dict[str, Tensor | SavedTensor]) -> Any:
+    if isinstance(value, (Tensor, SavedTensor)):
+        return {"__tensor__": _store(tensors, key, value.detach() if isinstance(value, Tensor) else value)}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": _store(tensors, key, torch.from_numpy(np.ascontiguousarray(value).copy()))}
     if isinstance(value, dict):
@@ -105,13 +122,14 @@ def _flatten(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
     raise TypeError(f"checkpoint state at {key!r}: cannot store a {type(value).__name__}")
 
 
-def unflatten(tree: Any, tensors: dict[str, Tensor]) -> Any:
+def unflatten(tree: Any, tensors: Mapping[str, Tensor | SavedTensor]) -> Any:
     """Inverse of :func:`flatten`."""
     if isinstance(tree, dict):
         if "__tensor__" in tree:
             return tensors[tree["__tensor__"]]
         if "__ndarray__" in tree:
-            return tensors[tree["__ndarray__"]].numpy()
+            array = tensors[tree["__ndarray__"]]
+            return (array.read() if isinstance(array, SavedTensor) else array).numpy()
         if "__tuple__" in tree:
             return tuple(unflatten(item, tensors) for item in tree["__tuple__"])
         if "__dict__" in tree:
@@ -161,14 +179,20 @@ def _files_under(folder: str, *, skip_manifest: bool = True) -> list[str]:
     return sorted(found)
 
 
-def write_manifest(folder: str) -> None:
+def write_manifest(folder: str, *, fingerprints: Mapping[str, dict[str, Any]] | None = None) -> None:
     """Write ``folder/manifest.json``: the size and SHA-256 of every file under ``folder``, after syncing each
-    to disk (a manifest never vouches for bytes still in the page cache only)."""
+    to disk (a manifest never vouches for bytes still in the page cache only).
+
+    Args:
+        fingerprints: relative path -> :func:`file_fingerprint` of files hashed while they were written
+            (:func:`write_tensors`); they are synced, not read again.
+    """
+    fingerprints = fingerprints or {}
     files = {}
     for relative in _files_under(folder):
         path = os.path.join(folder, relative)
         fsync_path(path)
-        files[relative] = file_fingerprint(path)
+        files[relative] = fingerprints.get(relative) or file_fingerprint(path)
     write_json_atomic(os.path.join(folder, MANIFEST), {"files": files})
 
 
@@ -199,6 +223,228 @@ def verify_manifest(folder: str) -> None:
             )
         if file_fingerprint(path)["sha256"] != expected["sha256"]:
             raise DamagedStateError(f"{folder}: {relative} differs from its SHA-256 in the manifest")
+
+
+# ------------------------------------------------------------------------------------ streamed tensors
+
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _row_blocks(length: int, row_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` blocks of ``length`` rows of ``row_bytes``, each at most ``chunk_bytes`` (or one
+    row)."""
+    rows = max(1, chunk_bytes // max(1, row_bytes))
+    for start in range(0, length, rows):
+        yield start, min(start + rows, length)
+
+
+class SavedTensor:
+    """A tensor inside a safetensors file, read when asked: ``saved[a:b]`` reads rows ``[a, b)`` as a new CPU
+    tensor, :meth:`read` all of it, and :func:`copy_into_` streams it into an existing tensor.
+
+    It answers ``shape``, ``dtype``, ``dim()``, ``numel()`` and ``len()`` like a tensor; its file must stay
+    in place while it is used. :func:`read_tensors` and :func:`read_state` hand these out for the keys their
+    ``stream`` argument names; :func:`write_tensors` writes one back block by block.
+    """
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.path, self.offset = path, offset
+        self.shape, self.dtype = torch.Size(shape), dtype
+        self._length = shape[0] if shape else 1  # a 0-d tensor is one row
+        self._row_bytes = math.prod(shape[1:]) * _element_bytes(dtype)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d saved tensor")
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1) or not self.shape:
+            raise TypeError(f"{self!r}: only a row range saved[start:stop] is read, got [{rows!r}]")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self._block(start, max(start, stop))
+
+    def __repr__(self) -> str:
+        return f"SavedTensor({self.path!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+    def read(self) -> Tensor:
+        """The whole tensor, in host memory."""
+        return self._block(0, self._length).reshape(self.shape)
+
+    def _block(self, start: int, stop: int) -> Tensor:
+        block = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)  # (rows, ...)
+        self._read_into(start, block)
+        return block
+
+    def _read_into(self, start: int, out: Tensor) -> None:
+        """Read rows from ``start`` on into the contiguous CPU tensor ``out`` (as many as it holds)."""
+        assert out.is_contiguous() and out.device.type == "cpu" and out.dtype == self.dtype
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as file:
+            file.seek(self.offset + start * self._row_bytes)
+            done = 0
+            while done < len(view):
+                count = file.readinto(view[done:])
+                if not count:
+                    raise DamagedStateError(f"{self.path}: the file ends inside tensor data (truncated?)")
+                done += count
+
+
+def _byte_blocks(value: Tensor | SavedTensor, chunk_bytes: int) -> Iterator[np.ndarray]:
+    """The bytes of ``value`` in row-major order, a block of rows (at most ``chunk_bytes``, or one row) at a
+    time, each brought to host memory on its own."""
+    shape = tuple(value.shape)
+    rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
+    row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
+    for start, stop in _row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):
+        if isinstance(rows, SavedTensor):
+            block = rows._block(start, stop)
+        else:
+            block = rows[start:stop].detach().to("cpu").contiguous()  # a GPU tensor: this block only
+        yield block.reshape(-1).view(torch.uint8).numpy()
+
+
+def write_tensors(
+    path: str,
+    tensors: Mapping[str, Tensor | SavedTensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    chunk_bytes: int = STREAM_CHUNK_BYTES,
+) -> dict[str, Any]:
+    """Write ``tensors`` as the safetensors file ``path``, each streamed a block of rows at a time from where
+    it lives (GPU, host memory, or another file), through a temporary file and a rename.
+
+    The host memory taken is one block of ``chunk_bytes``; nothing is copied whole.
+
+    Returns:
+        The file's :func:`file_fingerprint`, hashed while writing.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, value in tensors.items():
+        if value.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r}: cannot store dtype {value.dtype}")
+        size = value.numel() * _element_bytes(value.dtype)
+        header[name] = {
+            "dtype": _DTYPE_NAMES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(handle, "wb") as file:
+            for piece in (len(encoded).to_bytes(8, "little"), encoded):
+                file.write(piece)
+                digest.update(piece)
+                size += len(piece)
+            for value in tensors.values():
+                for block in _byte_blocks(value, chunk_bytes):
+                    file.write(block)
+                    digest.update(block)
+                    size += block.nbytes
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def read_tensors(
+    path: str, *, stream: Callable[[str], bool] | None = None
+) -> dict[str, Tensor | SavedTensor]:
+    """The tensors of the safetensors file ``path``, in its order; those whose name ``stream`` accepts as
+    :class:`SavedTensor` handles (read later, block by block), the others read now.
+
+    Raises:
+        DamagedStateError: the header is unreadable or the file is shorter than the header says.
+    """
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        header_bytes = int.from_bytes(file.read(8), "little")
+        if not 0 < header_bytes <= min(_MAX_HEADER_BYTES, file_size - 8):
+            raise DamagedStateError(f"{path}: not a safetensors file (header of {header_bytes} bytes)")
+        try:
+            header = json.loads(file.read(header_bytes))
+        except ValueError as error:
+            raise DamagedStateError(f"{path}: unreadable safetensors header ({error})") from None
+    start = 8 + header_bytes
+    tensors: dict[str, Tensor | SavedTensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise DamagedStateError(f"{path}: tensor {name!r} has an unreadable header entry") from None
+        if end - begin != math.prod(shape) * _element_bytes(dtype) or start + end > file_size:
+            raise DamagedStateError(
+                f"{path}: tensor {name!r} takes bytes [{begin}, {end}) of data, which the file "
+                f"({file_size - start} bytes of data) or its shape {list(shape)} contradicts (truncated?)"
+            )
+        saved = SavedTensor(path, start + begin, shape, dtype)
+        tensors[name] = saved if stream is not None and stream(name) else saved.read()
+    return tensors
+
+
+@torch.no_grad()
+def copy_into_(
+    target: Tensor, source: Tensor | SavedTensor, *, chunk_bytes: int = STREAM_CHUNK_BYTES
+) -> None:
+    """``target.copy_(source)``; a :class:`SavedTensor` source is streamed: read straight into ``target``
+    when it is a contiguous CPU tensor of the same dtype, else a block of rows at a time.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if tuple(source.shape) != tuple(target.shape):
+        raise ValueError(f"copy: expected shape {tuple(target.shape)}, got {tuple(source.shape)}")
+    if isinstance(source, Tensor):
+        target.copy_(source)
+        return
+    if target.dim() == 0:
+        target.copy_(source.read())
+        return
+    direct = target.device.type == "cpu" and target.is_contiguous() and target.dtype == source.dtype
+    for start, stop in _row_blocks(len(source), source._row_bytes, chunk_bytes):
+        if direct:
+            source._read_into(start, target[start:stop])
+        else:
+            target[start:stop].copy_(source[start:stop])
 
 
 # -------------------------------------------------------------------------------------- atomic writes
@@ -247,21 +493,23 @@ def replace_folder(temporary: str, final: str) -> None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def write_state(folder: str, state: Any) -> str:
+def write_state(folder: str, state: Any, *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> str:
     """Write ``state`` to ``folder`` (tensors, JSON, manifest) under a temporary name, then rename it into
-    place; returns the folder's absolute path."""
-    from safetensors.torch import save_file
+    place; returns the folder's absolute path.
 
+    Its tensors are streamed (:func:`write_tensors`): the host memory it takes is one block of
+    ``chunk_bytes``, not a copy of the state.
+    """
     folder = os.path.abspath(folder)
     parent, name = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     try:
         tree, tensors = flatten(state)
-        save_file(tensors, os.path.join(temporary, _TENSORS))
+        fingerprint = write_tensors(os.path.join(temporary, _TENSORS), tensors, chunk_bytes=chunk_bytes)
         with open(os.path.join(temporary, _STATE), "w", encoding="utf-8") as file:
             json.dump(tree, file)
-        write_manifest(temporary)
+        write_manifest(temporary, fingerprints={_TENSORS: fingerprint})
         replace_folder(temporary, folder)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -269,20 +517,21 @@ def write_state(folder: str, state: Any) -> str:
     return folder
 
 
-def read_state(folder: str, *, verify: bool = True) -> Any:
+def read_state(folder: str, *, verify: bool = True, stream: Callable[[str], bool] | None = None) -> Any:
     """The state written by :func:`write_state` in ``folder``.
 
     Args:
         verify: check the files against the folder's manifest first (a folder without one is read as is).
+        stream: given a tensor's key (its dotted path in the state, as :func:`flatten` names it, e.g.
+            ``head.store.weight``), whether it comes back as a :class:`SavedTensor` to stream into place
+            rather than read into memory now.
 
     Raises:
         DamagedStateError: ``verify`` and a file differs from the manifest.
     """
-    from safetensors.torch import load_file
-
     if verify and os.path.exists(os.path.join(folder, MANIFEST)):
         verify_manifest(folder)
-    tensors = load_file(os.path.join(folder, _TENSORS))
+    tensors = read_tensors(os.path.join(folder, _TENSORS), stream=stream)
     with open(os.path.join(folder, _STATE), encoding="utf-8") as file:
         tree = json.load(file)
     return unflatten(tree, tensors)

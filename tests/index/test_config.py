@@ -47,6 +47,7 @@ def test_gpu_config_builds_a_cluster_index_with_its_settings(dtype, row_dtype):
     selector = build_index(config, metric="cosine", device=CPU, seed=5, chunk_size=8)
     assert isinstance(selector, ClusterIndex)
     assert (selector.leaf_size, selector.probes, selector.seed) == (8, 3, 5)
+    assert selector.recall_target == 0.95
     assert selector.metric.value == "cosine"
     if row_dtype is not None:
         assert selector.row_dtype == row_dtype
@@ -87,3 +88,15 @@ def test_a_scalar_names_the_type_with_its_defaults():
 def test_unknown_selector():
     with pytest.raises(ValueError, match="unknown selector 'faiss'"):
         build_selector("faiss")
+
+
+def test_gpu_config_defaults_are_automatic_and_checked():
+    selector = build_index(
+        ClusterIndexConfig(recall_target=0.8), metric="dot", device=CPU, seed=0, chunk_size=8
+    )
+    assert (selector.leaf_size, selector.probes, selector.recall_target) == (None, None, 0.8)
+    config = from_dict(_Holder, {"index": {"type": "gpu", "leaf_size": 40, "probes": "auto"}})
+    assert (config.index.leaf_size, config.index.probes) == (40, "auto")
+    for bad in ({"leaf_size": 0}, {"probes": "many"}, {"recall_target": 1.5}):
+        with pytest.raises(ConfigError):
+            from_dict(_Holder, {"index": {"type": "gpu", **bad}})

@@ -6,6 +6,7 @@ import torch
 from megaclass.ops.fixed_fanin import (
     fixed_fanin,
     fixed_fanin_loss,
+    fixed_fanin_rows,
     fixed_fanin_topk,
     reference_fixed_fanin,
     reference_fixed_fanin_loss,
@@ -280,3 +281,116 @@ def test_rows_with_positives_one_node(use_rows, impl):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="samples, labels"):
         fixed_fanin_rows_positive(x, weight, index, samples, labels[:-1], group=16, impl=impl)
+
+
+# (B, D, C, K, G): one label; groups over several programs with the last program past the end; two batch
+# blocks (B > 128), grouped and per-label; a non-power-of-two G
+FUSED_CASES = [
+    (3, 40, 1, 5, 1),
+    (4, 30, 100, 6, 16),
+    (130, 20, 70, 3, 16),
+    (130, 20, 45, 4, 1),
+    (5, 33, 65, 7, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_grad", ["expected", "uniform", "varying"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+def test_fused_gradients_for_any_row_gradient(case, row_grad, dtype):
+    """BCE / hinge row values with gradients from the forward pass (Triton), three tiles a program: every
+    row gradient (the expected 1 / B, another uniform value, one per row) gives the reference's gradients;
+    bf16 weights (bf16_sr) get bf16 gradients."""
+    from megaclass.ops import Impl
+    from megaclass.ops.fixed_fanin import (
+        FaninLoss,
+        FixedFaninFunction,
+        FixedFaninOptions,
+        reference_row_values,
+    )
+
+    x, weight, index, bias = _problem(case, dtype)
+    batch, group = case[0], case[4]
+    loss = "hinge" if case[2] % 2 else "bce"
+    grad_rows = {
+        "expected": torch.full((batch,), 1.0 / batch),
+        "uniform": torch.full((batch,), 0.7),
+        "varying": torch.randn(batch),
+    }[row_grad].double()
+    none = torch.empty(0, dtype=torch.long)
+    options = FixedFaninOptions(group=group, loss=FaninLoss(loss), impl=Impl.TRITON, tiles_per_program=3)
+
+    def fused(a, w, b):
+        return FixedFaninFunction.apply(a, w, index, b, none, none, options)[0]
+
+    def truth_fn(a, w, b):
+        return reference_row_values(reference_fixed_fanin(a, w, index, b, group=group), loss)
+
+    truth, truth_grads = _grads(truth_fn, [x.double(), weight.double(), bias.double()], grad_rows)
+    same, same_grads = _grads(truth_fn, [x, weight, bias], grad_rows.to(dtype))
+    out, grads = _grads(fused, [x, weight, bias], grad_rows.float())
+    assert [g.dtype for g in grads] == [dtype, dtype, dtype]
+    _assert_close("rows", out, truth, same)
+    for name, g, t, s in zip(["dx", "dweight", "dbias"], grads, truth_grads, same_grads, strict=True):
+        _assert_close(name, g, t, s)
+
+
+@pytest.mark.parametrize("loss", ["bce", "hinge"])
+@pytest.mark.parametrize(("group", "chunk_rows"), [(1, 40), (16, 40)])
+def test_fused_forward_in_chunks_matches_backward(group, chunk_rows, loss):
+    """Gradients in the forward pass over several buffer chunks and tiles per program equal the
+    recomputing backward pass; the gated backward keeps them (expected row gradient) or scales them."""
+    from megaclass.ops.fixed_fanin.kernels import (
+        fixed_fanin_bwd,
+        fixed_fanin_fwd_grad,
+        fixed_fanin_grad_finish,
+    )
+
+    x, weight, index, bias = _problem((5, 23, 150, 9, group), torch.float32)
+    options = {"group": group, "loss": loss}
+    for scale in (1.0, 3.0):
+        rows, grads = fixed_fanin_fwd_grad(
+            x, weight, index, bias, row_grad=0.25, chunk_rows=chunk_rows, tiles_per_program=2, **options
+        )
+        grad = torch.full((5,), 0.25 * scale)
+        got = fixed_fanin_grad_finish(
+            x, weight, index, bias, grad=grad, row_grad=0.25, grads=grads, **options
+        )
+        expected = fixed_fanin_bwd(x, weight, index, bias, grad=grad, **options)
+        for name, g, e in zip(["dx", "dweight", "dbias"], got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        expected_rows = fixed_fanin_rows(x, weight, index, bias, impl="reference", **options)
+        torch.testing.assert_close(rows, expected_rows, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["none", "softmax", "bce"])
+@pytest.mark.parametrize("group", [1, 16])
+def test_forward_tiles_per_program(group, loss):
+    """Several tiles a program (the last partly past the labels) give the chunked launchers' output."""
+    from megaclass.ops.fixed_fanin.chunked import chunked_fwd
+    from megaclass.ops.fixed_fanin.kernels import fixed_fanin_fwd
+
+    x, weight, index, bias = _problem((6, 31, 150, 5, group), torch.float32)
+    for tiles in (1, 3, 8):
+        got = fixed_fanin_fwd(x, weight, index, bias, group=group, loss=loss, tiles_per_program=tiles)
+        expected = chunked_fwd(x, weight, index, bias, group=group, loss=loss)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_per_program_rule():
+    from megaclass.ops.fixed_fanin.kernels import tiles_per_program
+
+    assert [tiles_per_program(t) for t in (1, 8191, 8192, 20941, 87884, 10**7)] == [1, 1, 2, 4, 8, 8]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_empty_batch(loss, impl):
+    x, weight, index, bias = _problem((2, 20, 40, 4, 16), torch.float32)
+    out, grads = _grads(
+        lambda a, w, b: fixed_fanin_rows(a, w, index, b, group=16, loss=loss, impl=impl),
+        [x[:0], weight, bias],
+        torch.empty(0),
+    )
+    assert out.shape == (0,)
+    assert all((g == 0).all() for g in grads)

@@ -408,3 +408,223 @@ def test_shard_must_match_the_weight_rows():
         linear_loss(x, weight, torch.tensor([0, 10]), shard=ClassShard(3, 9, 12))
     with pytest.raises(ValueError, match="out of range"):  # global ids are checked against C
         linear_loss(x, weight, torch.tensor([0, 12]), shard=ClassShard(3, 8, 12))
+
+
+def _triton_backend(fuse_gradient):
+    from megaclass.ops.linear_cross_entropy.function import TritonBackend
+
+    return TritonBackend(fuse_gradient=fuse_gradient)
+
+
+def _fused_run(x, weight, bias, targets, loss, *, fuse_gradient, factor, reduction="mean"):
+    """Loss and gradients of ``factor * loss`` through the Triton backend, fused or recomputing."""
+    from megaclass.ops.linear_cross_entropy.common import linear_loss_apply
+
+    options = LinearLossOptions(loss=loss, reduction=reduction)
+    out = linear_loss_apply(x, weight, targets, bias, options, _triton_backend(fuse_gradient))
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    return [out, *torch.autograd.grad(out * factor, leaves)]
+
+
+@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 31, 19), (6, 16, 17), (17, 33, 8), (3, 49, 24)])
+@pytest.mark.parametrize("factor", [1.0, -2.5, 0.0], ids=["one", "negative", "zero"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradient_in_forward_matches_dense(device_for, loss, shape, factor, with_bias):
+    """bce / squared hinge with the gradient computed in the forward pass: the loss and every gradient of
+    ``factor * loss`` (an upstream gradient other than the expected 1) against the fp64 dense truth, with
+    rows without labels, a non-contiguous ``x`` and ``reduction=sum`` on odd shapes."""
+    with torch.device(device_for("triton")):
+        batch, classes, dim = shape
+        base = torch.randn(dim, batch, requires_grad=True)
+        x = base.T  # (B, D) non-contiguous
+        weight = torch.randn(classes, dim, requires_grad=True)
+        bias = torch.randn(classes, requires_grad=True) if with_bias else None
+        targets = make_targets("multilabel", batch, classes)
+        for reduction in ("mean", "sum"):
+            got = _fused_run(
+                x, weight, bias, targets, loss, fuse_gradient=True, factor=factor, reduction=reduction
+            )
+            truth_loss = dense_loss(
+                x.double(), weight.double(), None if bias is None else bias.double(), targets, loss,
+                reduction=reduction,
+            )  # fmt: skip
+            leaves = [t for t in (x, weight, bias) if t is not None]
+            truth = [truth_loss, *torch.autograd.grad(truth_loss * factor, leaves)]
+            for name, ours, exact in zip(["loss", "dx", "dW", "dbias"], got, truth, strict=False):
+                assert_close(ours, exact, rtol=1e-4, atol=1e-5, name=f"{reduction} {name}")
+
+
+@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+def test_gradient_in_forward_bf16_within_twice_reference_error(device_for, loss, factor):
+    """bf16 features, fp32 weights, an upstream gradient of 1 or 3: the fused schedule's error against the
+    fp64 truth is at most twice the recomputing schedule's (the one it replaces) and plain bf16 PyTorch's."""
+    with torch.device(device_for("triton")):
+        batch, classes, dim = 9, 45, 40
+        x = torch.randn(batch, dim).bfloat16().requires_grad_(True)
+        weight = (torch.randn(classes, dim) / dim**0.5).requires_grad_(True)
+        targets = make_targets("multilabel", batch, classes)
+        fused = _fused_run(x, weight, None, targets, loss, fuse_gradient=True, factor=factor)
+        recomputed = _fused_run(x, weight, None, targets, loss, fuse_gradient=False, factor=factor)
+        truth_loss = dense_loss(x.double(), weight.double(), None, targets, loss)
+        truth = [truth_loss, *torch.autograd.grad(truth_loss * factor, [x, weight])]
+        for name, ours, theirs, exact in zip(["loss", "dx", "dW"], fused, recomputed, truth, strict=True):
+            our_error = (ours.double() - exact).abs().max().item()
+            their_error = max((theirs.double() - exact).abs().max().item(), 2**-8 * exact.abs().max().item())
+            assert our_error <= 2 * their_error, f"{name}: error {our_error:.3g} vs {their_error:.3g}"
+
+
+def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_for, monkeypatch):
+    """The first backward pass only scales the forward pass's gradients (no logit recompute); a second one
+    through the same graph recomputes, so gradients accumulate to twice the first."""
+    from megaclass.ops.linear_cross_entropy.function import TritonBackend
+
+    recomputes = []
+    plain_grads = TritonBackend.grads
+    monkeypatch.setattr(
+        TritonBackend, "grads", lambda self, *args: recomputes.append(1) or plain_grads(self, *args)
+    )
+    with torch.device(device_for("triton")):
+        x = torch.randn(5, 12, requires_grad=True)
+        weight = torch.randn(37, 12, requires_grad=True)
+        targets = make_targets("multilabel", 5, 37)
+        out = linear_bce(x, weight, targets, impl="triton")
+        out.backward(retain_graph=True)
+        assert recomputes == []
+        first = [x.grad.clone(), weight.grad.clone()]
+        out.backward()
+        assert recomputes == [1]
+        for twice, once in zip([x.grad, weight.grad], first, strict=True):
+            assert_close(twice, 2 * once, rtol=1e-5, atol=1e-6, name="second backward")
+
+
+def test_gradient_in_forward_only_when_a_gradient_is_wanted(device_for, monkeypatch):
+    """No input needs a gradient (inference, no_grad): the forward pass reduces only."""
+    from megaclass.ops.linear_cross_entropy import kernels
+
+    fused_calls = []
+    plain = kernels.linear_loss_fwd_grads
+    monkeypatch.setattr(
+        kernels, "linear_loss_fwd_grads", lambda *a, **k: fused_calls.append(1) or plain(*a, **k)
+    )
+    with torch.device(device_for("triton")):
+        x, weight = torch.randn(4, 8), torch.randn(21, 8)
+        targets = torch.randint(0, 21, (4,))
+        expected = dense_loss(x.double(), weight.double(), None, targets, "bce")
+        assert_close(
+            linear_bce(x, weight, targets, impl="triton"), expected, rtol=1e-5, atol=1e-5, name="loss"
+        )
+        with torch.no_grad():
+            linear_bce(x, weight.requires_grad_(True), targets, impl="triton")
+        assert fused_calls == []
+        linear_bce(x, weight, targets, impl="triton")
+        assert fused_calls == [1]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradient_in_forward_empty_batch(device_for, with_bias):
+    with torch.device(device_for("triton")):
+        x = torch.randn(0, 6, requires_grad=True)
+        weight = torch.randn(9, 6, requires_grad=True)
+        bias = torch.randn(9, requires_grad=True) if with_bias else None
+        out = linear_bce(x, weight, RaggedLabels.from_lists([]), bias=bias, impl="triton")
+        assert out.item() == 0.0
+        out.backward()
+        assert x.grad.shape == (0, 6)
+        assert torch.count_nonzero(weight.grad) == 0
+
+
+@pytest.mark.parametrize(("batch", "classes", "chunk"), CHUNK_CASES)
+@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_gradient_launcher_over_super_chunks(device_for, loss, with_bias, batch, classes, chunk):
+    """The one-pass launcher over super-chunks (C at chunk - 1, chunk, chunk + 1, several, ragged): its
+    per-row loss sums equal the reference's reduction and its gradients the reference's backward."""
+    from megaclass.ops.linear_cross_entropy import kernels
+
+    with torch.device(device_for("triton")):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, weight, bias, _, _ = _dense_inputs(
+                batch, classes, 24, dtype=dtype, cosine=False, with_bias=with_bias, exclude=False
+            )
+            dense = DenseOperands(x, weight, bias, None, LinearLossOptions(loss=loss, chunk_size=7))
+            coef = torch.randn(batch)
+            reduced, *got = kernels.linear_loss_fwd_grads(
+                x, weight, bias, coef, loss=loss, chunk_classes=chunk
+            )
+            assert_close(reduced, ReferenceBackend().reduce(dense), rtol=1e-5, atol=1e-5, name="reduced")
+            want = ReferenceBackend().grads(dense, reduced, coef)
+            _assert_grads_match(got, want, f"fused {dtype}")
+
+
+def test_forward_gradient_launcher_rejects_softmax():
+    from megaclass.ops.linear_cross_entropy import kernels
+
+    with pytest.raises(ValueError, match="bce or squared_hinge"):
+        kernels.linear_loss_fwd_grads(
+            torch.randn(2, 3), torch.randn(4, 3), None, torch.ones(2), loss="softmax"
+        )
+
+
+@pytest.mark.parametrize("numel", [0, 1, 4095, 4097])
+@pytest.mark.parametrize("factor", [1.0, -0.5, 0.0])
+def test_gated_scale(device_for, numel, factor):
+    from megaclass.ops.linear_cross_entropy import kernels
+
+    with torch.device(device_for("triton")):
+        values = torch.randn(numel)
+        expected = values * factor
+        kernels.gated_scale_(values, torch.tensor([factor]))
+        assert torch.equal(values, expected)
+
+
+@pytest.mark.parametrize(
+    ("loss", "dtype", "fused"),
+    [
+        ("bce", torch.float32, True),
+        ("bce", torch.bfloat16, True),
+        ("squared_hinge", torch.bfloat16, True),
+        ("bce", torch.float16, False),  # G at 1/B could fall below fp16's subnormals before an AMP scale
+        ("softmax", torch.bfloat16, False),  # G needs the row's lse: recomputed in backward
+    ],
+)
+def test_which_problems_fuse_the_gradient(loss, dtype, fused):
+    options = LinearLossOptions(loss=loss)
+    dense = DenseOperands(torch.randn(2, 3, dtype=dtype), torch.randn(4, 3), None, None, options)
+    assert _triton_backend(True).fuses_gradient(dense) is fused
+    assert _triton_backend(False).fuses_gradient(dense) is False
+    assert ReferenceBackend().fuses_gradient(dense) is False
+    assert TorchChunkedBackend().fuses_gradient(dense) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+def test_gradient_in_forward_captures_in_a_cuda_graph(factor):
+    """The fused forward and its gated backward scale run with no host sync: a CUDA graph of forward and
+    backward replays to the eager gradients, at an upstream gradient of 1 (no scaling) and of 3."""
+    x = torch.randn(128, 64, device="cuda").bfloat16().requires_grad_(True)
+    weight = (torch.randn(5_003, 64, device="cuda") / 8).requires_grad_(True)
+    targets = make_targets("multilabel", 128, 5_003).to("cuda")
+    scale = torch.tensor(factor, device="cuda")
+
+    def step():
+        (linear_bce(x, weight, targets, impl="triton") * scale).backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile the kernels outside the capture
+            x.grad = weight.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = [x.grad.clone(), weight.grad.clone()]
+    x.grad = weight.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, replayed, expected in zip(["dx", "dW"], [x.grad, weight.grad], eager, strict=True):
+        assert_close(replayed, expected, rtol=1e-5, atol=1e-6, name=f"graph {name}")

@@ -94,6 +94,15 @@ def test_errors():
         store.load_state_dict({})
     with pytest.raises(ValueError, match="unknown store 'disk'"):
         build_store("disk", num_rows=4, dim=2, device="cpu", optimizer=RowOptimizerConfig())
+    with pytest.raises(ValueError, match="dtype bf16_sr needs a gpu or host store"):
+        build_store(
+            "ps://127.0.0.1:1",
+            num_rows=4,
+            dim=2,
+            device="cpu",
+            optimizer=RowOptimizerConfig(),
+            dtype="bf16_sr",
+        )
 
 
 @pytest.mark.gpu
@@ -110,3 +119,30 @@ def test_host_store_on_cuda_overlaps_and_matches_device_store():
         device.push(ids, grads, step=step, lr=0.1)
     host.flush()
     torch.testing.assert_close(host.rows(), device.rows().cpu())
+
+
+@pytest.mark.parametrize("spec", ["gpu", "host"])
+def test_bf16_sr_stores_deliver_float32_rows_and_agree(spec):
+    config = RowOptimizerConfig(kind="adamw")
+    store = build_store(spec, num_rows=40, dim=8, device="cpu", optimizer=config, dtype="bf16_sr")
+    other = build_store(
+        "host" if spec == "gpu" else "gpu",
+        num_rows=40,
+        dim=8,
+        device="cpu",
+        optimizer=config,
+        dtype="bf16_sr",
+    )
+    assert store.rows().dtype == torch.bfloat16
+    assert store.held_bytes() == (40 * 8 * 2, 2 * 40 * 8 * 2 + 2 * 40 * 4)  # moments; step, last_step
+    for step in range(1, 4):
+        ids = torch.randperm(40)[:9]
+        pulled = store.pull(ids)
+        assert pulled.dtype == torch.float32 and torch.equal(pulled, store.rows()[ids].float())
+        grads = torch.randn(9, 8)
+        store.push(ids, grads, step=step, lr=0.01)
+        other.push(ids, grads, step=step, lr=0.01)
+    assert store.read(5, 12).dtype == torch.float32
+    assert torch.equal(store.read(5, 12), store.rows()[5:12].float())
+    for name, tensor in store.state_dict().items():
+        assert torch.equal(tensor, other.state_dict()[name]), name

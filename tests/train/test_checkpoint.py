@@ -66,12 +66,15 @@ def test_optimizer_continues_exactly(tmp_path, name):
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     folder = str(tmp_path)
     first = checkpoint.save_checkpoint(folder, 1, {"x": torch.ones(3)})
-    import safetensors.torch
+    from megaclass import state_io
 
-    def crash(*args, **kwargs):
+    blocks = state_io._byte_blocks
+
+    def crash(*args, **kwargs):  # the first block reaches the file, then the process is killed
+        yield next(blocks(*args, **kwargs))
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(state_io, "_byte_blocks", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(folder, 2, {"x": torch.zeros(3)})
     assert checkpoint.latest_checkpoint(folder) == first

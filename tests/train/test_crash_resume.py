@@ -49,6 +49,7 @@ _ARGS = [
     "--epochs",
     "3",
     "--set",
+    "train.device=cpu",  # bit-exact comparisons: GPU kernels add with atomics, in no fixed order
     "model.hidden=[16]",
     "model.dropout=0.1",
     "head.loss=softmax",

@@ -46,6 +46,7 @@ from megaclass.state_io import (
     write_json_atomic,
     write_manifest,
     write_state,
+    write_tensors,
 )
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "load_whole_head",
     "read_sharded_head_state",
     "save_sharded",
-    "write_export",
 ]
 
 _LAYOUT = "layout.json"
@@ -93,9 +93,9 @@ def _split_head(
     for key, value in head.state_dict().items():
         kind = layout.get(key)
         if kind == "groups":
-            rows[f"groups.{key}"] = value.detach().cpu().contiguous()
+            rows[f"groups.{key}"] = value.detach()
         elif kind == "rows":
-            rows[key] = value.detach().cpu().contiguous()
+            rows[key] = value.detach()
         elif kind == "rank":
             private[key] = value
         else:
@@ -111,7 +111,7 @@ def _split_head(
             for entry, value in entries.items():
                 per_row = isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == param.shape[0]
                 if layout.get(name) == "rows" and per_row:
-                    rows[f"optim.{name}.{entry}"] = value.detach().cpu().contiguous()
+                    rows[f"optim.{name}.{entry}"] = value.detach()
                 else:
                     kept[index][entry] = value
         replicated["optimizer"] = {"state": kept, "param_groups": state["param_groups"]}
@@ -140,8 +140,6 @@ def save_sharded(
     Returns:
         The checkpoint's folder.
     """
-    from safetensors.torch import save_file
-
     name = f"step_{step:09d}"
     final = os.path.join(folder, name)
     temporary = os.path.join(folder, f".tmp-{name}-shards")  # one name that every rank knows
@@ -152,7 +150,7 @@ def save_sharded(
     rows, head_private, replicated = _split_head(head, head_optimizer)
     start, stop, num_rows = head.row_range()
     metadata = {"start": str(start), "stop": str(stop), "group": str(head.row_group)}
-    save_file(rows, os.path.join(temporary, f"rows_{rank:05d}.safetensors"), metadata=metadata)
+    write_tensors(os.path.join(temporary, f"rows_{rank:05d}.safetensors"), rows, metadata=metadata)
     write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
     if rank == 0:
         write_state(os.path.join(temporary, "common"), {**common, "head_replicated": replicated})
@@ -348,16 +346,3 @@ def export_head_state(path: str) -> dict[str, Tensor]:
     state = {**replicated, **{key: value for key, value in first.items() if ".index." not in f".{key}"}}
     state.update({key: value for key, value in rows.items() if not key.startswith("optim.")})
     return state
-
-
-def write_export(out_path: str, state: dict[str, Tensor], metadata: dict[str, str]) -> str:
-    """Write ``state`` (flat name -> tensor) as one safetensors file with string ``metadata``, atomically."""
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(out_path)}.tmp")
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, out_path)
-    return out_path

@@ -45,7 +45,7 @@ from megaclass.index.config import (
     NoIndexConfig,
     build_index,
 )
-from megaclass.index.kmeans import DEFAULT_PROBES
+from megaclass.index.kmeans import DEFAULT_PROBES, cluster_layout
 from megaclass.index.selection import coprime_multipliers
 from megaclass.ops.collectives import (
     ClassShard,
@@ -84,6 +84,8 @@ class SelectedHeadConfig:
     # of sample_num from the index (round(share * sample_num / B) per sample), the rest random
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
     store: str = "gpu"  # where rows live: gpu (the compute device) or host (pinned host memory)
+    store_dtype: Literal["float32", "bf16_sr"] = "float32"  # bf16_sr: rows and row-optimizer state in bf16,
+    # updated with stochastic rounding (half the bytes; gpu and host stores)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
     # (the command line's recipe sets optim.head's: the rows get its lr)
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace over the active set
@@ -191,6 +193,7 @@ class SelectedHead(Head):
                 optimizer=config.optimizer,
                 seed=self.seed,
                 init_bound=config.init_bound,
+                dtype=config.store_dtype,
             )
             # a store that answers nearest-row queries itself (parameter-server shards) needs no local index
             self.selector = None
@@ -251,7 +254,11 @@ class SelectedHead(Head):
         # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
         age = 0 if isinstance(index, ExactIndexConfig) else self.config.interval
         # the shards split the index's probes between them: as many clusters searched as a local index's
-        probes = index.probes if isinstance(index, ClusterIndexConfig) else DEFAULT_PROBES
+        probes = (
+            index.probes
+            if isinstance(index, ClusterIndexConfig) and index.probes != "auto"
+            else DEFAULT_PROBES
+        )
         return store_query(features, count, metric=self._metric(), max_index_age=age, probes=probes)[1]
 
     # ------------------------------------------------------------------ selection
@@ -558,11 +565,16 @@ class SelectedHead(Head):
         cls, config: SelectedHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
-        servers), the selection buffers and the index, the active rows' gradients, ``B x S`` logits per
-        batch; a checkpoint copies the store's rows, state and index to host memory."""
+        servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index, the
+        active rows' gradients, ``B x S`` logits per batch; a checkpoint of a parameter server's rows copies
+        them to host memory."""
         classes, dim = context.num_classes, context.in_features
-        rows = classes * dim * 4
-        state = sum(classes * math.prod(shape) * 4 for shape in config.optimizer.state_shapes(dim).values())
+        element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
+        rows = classes * dim * element
+        state = sum(
+            classes * math.prod(shape) * (element if shape else 4)
+            for shape in config.optimizer.state_shapes(dim).values()
+        )
         on_device = config.store in ("gpu", "device")
         local = config.store in ("gpu", "device", "host")
 
@@ -592,9 +604,9 @@ class SelectedHead(Head):
             "evaluation": PlannedBytes(
                 block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
             ),
-            # the store's state dict is a host copy of its rows and state (a parameter server's too), the
-            # index's a host copy of its tensors
-            "checkpoint": PlannedBytes(0, rows + state + sum(index), "head.optimizer.momentum=0"),
+            # local rows and the index stream to the checkpoint's files (the trainer's block); a parameter
+            # server's rows and state are pulled to host memory whole
+            "checkpoint": PlannedBytes(0, 0 if local else rows + state, "head.optimizer.momentum=0"),
         }
 
 
@@ -604,10 +616,10 @@ def _planned_index_bytes(config: IndexConfig, classes: int, dim: int, *, device_
         row_bytes = {"auto": 2 if device_type == "cuda" else 4, "float32": 4, "bfloat16": 2, "int8": 1}[
             config.dtype
         ]
-        depth = max(0, math.ceil(math.log2(classes / config.leaf_size))) if classes > config.leaf_size else 0
-        clusters = 1 << depth  # leaves of the balanced 2-means tree (clustering.hierarchical_balanced_2means)
-        largest = -(-classes // clusters)
-        width = largest + max(1, largest // 8)  # the members' padded width (index.kmeans)
+        groups, per_group, width = cluster_layout(
+            classes, None if config.leaf_size == "auto" else config.leaf_size
+        )
+        clusters = groups * per_group  # the index's clusters and their padded width (index.kmeans)
         snapshot = classes * (dim * row_bytes + 4 + 4 + 8)  # rows, norms, scales, assignment
         structure = clusters * (
             width * 8 + 2 * dim * 4 + min(16, clusters) * 8

@@ -1,5 +1,6 @@
 """Class selectors over a head's weight rows (``exact``, ``gpu`` balanced clusters, ``annoy`` forest), the
-balanced clusterings they and the label trees use, and the active-class selection rule.
+balanced clusterings they and the label trees use, the active-class selection rule, and the recall of an
+index's approximate top-k search against an exact scan (:func:`recall_at_k`).
 
 Optional backends (annoy) load only when their selector is built.
 """
@@ -10,6 +11,7 @@ from typing import Any
 
 from megaclass.index.base import ClassSelector, Metric
 from megaclass.index.clustering import balanced_kmeans, balanced_kmeans_fit, hierarchical_balanced_2means
+from megaclass.index.recall import recall_at_k
 from megaclass.index.selection import Selection, coprime_multipliers, select_active
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "coprime_multipliers",
     "build_selector",
     "hierarchical_balanced_2means",
+    "recall_at_k",
     "select_active",
 ]
 

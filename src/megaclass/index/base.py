@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import enum
 
+import torch
 from torch import Tensor
 
 __all__ = ["ClassSelector", "Metric"]
@@ -21,8 +22,11 @@ class ClassSelector(abc.ABC):
     """Finds, for each feature, the classes whose weight rows score highest against it.
 
     :meth:`build` takes a snapshot of the rows (it may finish in the background: the previous index keeps
-    answering until the new one is ready); :meth:`query` answers from the latest finished build.
+    answering until the new one is ready); :meth:`query` answers from the latest finished build;
+    :meth:`search` scores its answers exactly against given rows (approximate top-k for evaluation).
     """
+
+    metric: Metric  # how features are compared with rows
 
     @abc.abstractmethod
     def build(self, weight: Tensor, *, changed: Tensor | None = None) -> None:
@@ -38,6 +42,48 @@ class ClassSelector(abc.ABC):
 
         An entry is ``-1`` where the index found fewer than ``n`` classes.
         """
+
+    @torch.no_grad()
+    def search(
+        self, queries: Tensor, k: int, *, weight: Tensor, candidates: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Approximate top-``k`` ``(scores, ids)``, each ``(B, k)`` on ``queries``' device, of
+        ``queries (B, D)`` against ``weight (C, D)``: the index's ``candidates`` (default ``k``) best classes,
+        scored exactly (float32, by :attr:`metric`) from ``weight`` and ranked. Ids ``-1`` (score ``-inf``)
+        where the index found fewer than ``k``.
+
+        ``weight`` is normally the rows the index was built on (it may live on another device); only the
+        candidate rows are read, in blocks of queries.
+
+        >>> from megaclass.index.exact import ExactSelector
+        >>> index = ExactSelector(metric="dot")
+        >>> index.build(torch.eye(3))
+        >>> index.search(torch.tensor([[0.0, 2.0, 1.0]]), 2, weight=torch.eye(3))[1].tolist()
+        [[1, 2]]
+        """
+        if queries.dim() != 2 or weight.dim() != 2 or queries.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"queries (B, D) and weight (C, D) expected, "
+                f"got {tuple(queries.shape)} and {tuple(weight.shape)}"
+            )
+        count = k if candidates is None else candidates
+        if not 1 <= k <= count:
+            raise ValueError(f"k: expected 1 <= k <= candidates={count}, got {k}")
+        ids = self.query(queries, count).to(queries.device)  # (B, n)
+        unit = self.metric is Metric.COSINE
+        features = torch.nn.functional.normalize(queries.float(), dim=1) if unit else queries.float()
+        scores = torch.empty(ids.shape, dtype=torch.float32, device=queries.device)
+        block = max(1, (1 << 26) // (count * weight.shape[1]))  # (block, n, D) rows gathered at once
+        for start in range(0, ids.shape[0], block):
+            part = ids[start : start + block].clamp_min(0)
+            rows = weight[part.to(weight.device)].to(queries.device).float()  # (b, n, D)
+            if unit:
+                rows = torch.nn.functional.normalize(rows, dim=2)
+            scores[start : start + block] = torch.bmm(rows, features[start : start + block, :, None]).squeeze(
+                2
+            )
+        top = scores.masked_fill(ids < 0, float("-inf")).topk(k, dim=1)
+        return top.values, ids.gather(1, top.indices)
 
     @property
     @abc.abstractmethod

@@ -22,6 +22,7 @@ __all__ = [
     "capacity_assign",
     "cluster_centroids",
     "hierarchical_balanced_2means",
+    "nearest_centroids",
 ]
 
 _CHUNK_ROWS = 1 << 16  # rows per matmul chunk: keeps the (chunk, k) score block small
@@ -55,17 +56,26 @@ def cluster_centroids(x: Tensor, ids: Tensor, k: int, *, spherical: bool = True)
     return sums / counts[:, None]
 
 
-def _top_candidates(x: Tensor, centroids: Tensor, r: int, *, spherical: bool) -> tuple[Tensor, Tensor]:
-    """Each row's ``r`` best centroids: ``(scores, ids)``, each ``(N, r)``, scores descending."""
+def nearest_centroids(
+    x: Tensor, centroids: Tensor, r: int, *, spherical: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Each row's ``r`` best centroids: ``(scores, ids)``, each ``(N, r)``, scores descending (float32).
+
+    Scores are computed in ``dtype``, in chunks whose ``(chunk, k)`` score block stays near 2^26 entries.
+    """
+    chunk_rows = max(1024, min(_CHUNK_ROWS, (1 << 26) // centroids.shape[0]))
+    low = centroids.to(dtype)
+    if not spherical:
+        squares = (centroids * centroids).sum(1)[None, :]
     scores_out, ids_out = [], []
-    for start in range(0, x.shape[0], _CHUNK_ROWS):
-        chunk = x[start : start + _CHUNK_ROWS].float()
+    for start in range(0, x.shape[0], chunk_rows):
+        chunk = x[start : start + chunk_rows].float()
         if spherical:
-            scores = _normalise(chunk) @ centroids.T  # (chunk, k)
+            scores = _normalise(chunk).to(dtype) @ low.T  # (chunk, k)
         else:  # negative squared distance, up to the row's own norm
-            scores = 2 * chunk @ centroids.T - (centroids * centroids).sum(1)[None, :]
+            scores = 2 * (chunk.to(dtype) @ low.T).float() - squares
         top = scores.topk(r, dim=1)
-        scores_out.append(top.values)
+        scores_out.append(top.values.float())
         ids_out.append(top.indices)
     return torch.cat(scores_out), torch.cat(ids_out)
 
@@ -132,6 +142,7 @@ def balanced_kmeans_fit(
     init: Tensor | None = None,
     candidates: int = 8,
     slack: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """Balanced k-means: ``(centroids (k, E) float32, ids (N,) int64)``.
 
@@ -145,6 +156,7 @@ def balanced_kmeans_fit(
         candidates: how many nearest centroids each point may propose to.
         slack: capacity is ``ceil(N / k * (1 + slack))``; 0 gives sizes ``floor(N/k)`` or ``ceil(N/k)``
             (the first ``N % k`` clusters hold the larger size).
+        dtype: dtype of the point-centroid score matmuls (bfloat16 halves a GPU fit's time).
     """
     _check_points(x)
     n = x.shape[0]
@@ -169,7 +181,7 @@ def balanced_kmeans_fit(
     r = min(candidates, k)
     ids = torch.zeros(n, dtype=torch.int64, device=x.device)
     for _ in range(iters):
-        scores, top = _top_candidates(x, centroids, r, spherical=spherical)
+        scores, top = nearest_centroids(x, centroids, r, spherical=spherical, dtype=dtype)
         ids = capacity_assign(top, scores, k, capacity)
         centroids = cluster_centroids(x, ids, k, spherical=spherical)
     return centroids, ids

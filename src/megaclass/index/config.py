@@ -1,6 +1,6 @@
 """Index configs, one frozen dataclass per registered selector, told apart by ``type``.
 
-    head: {type: selected, index: {type: gpu, leaf_size: 32, probes: 16}}   # or index: annoy, exact, none
+    head: {type: selected, index: {type: gpu, leaf_size: auto, probes: auto}}   # or index: annoy, exact, none
 
 :func:`build_index` builds the selector a config names.
 """
@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 
 from megaclass.index.base import ClassSelector, Metric
-from megaclass.index.kmeans import DEFAULT_LEAF_SIZE, DEFAULT_PROBES
 from megaclass.schema import ConfigError
 
 __all__ = [
@@ -31,15 +30,21 @@ class ClusterIndexConfig:
     """Balanced clusters of the rows searched by their centroids, on the compute device (rebuilds in ms)."""
 
     type: Literal["gpu"] = "gpu"
-    leaf_size: int = DEFAULT_LEAF_SIZE  # most rows per cluster
-    probes: int = DEFAULT_PROBES  # clusters searched per query
+    leaf_size: int | Literal["auto"] = "auto"  # mean rows per cluster; auto: sqrt(C) / 2, at least 16
+    probes: int | Literal["auto"] = (
+        "auto"  # clusters searched per query; auto: the fewest reaching recall_target
+    )
+    recall_target: float = 0.95  # recall@10 that auto probes reach on the build's sample of rows
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # row snapshot; auto: bf16 on CUDA
 
     def __post_init__(self) -> None:
-        if self.leaf_size < 1 or self.probes < 1:
+        for name in ("leaf_size", "probes"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"head.index.{name}: expected an integer >= 1 or auto, got {value!r}")
+        if not 0 < self.recall_target <= 1:
             raise ConfigError(
-                "head.index.leaf_size and head.index.probes must be >= 1, got "
-                f"{self.leaf_size}, {self.probes}"
+                f"head.index.recall_target: expected a value in (0, 1], got {self.recall_target}"
             )
 
 
@@ -90,8 +95,9 @@ def build_index(
     return build_selector(
         "gpu",
         metric=metric,
-        leaf_size=config.leaf_size,
-        probes=config.probes,
+        leaf_size=None if config.leaf_size == "auto" else config.leaf_size,
+        probes=None if config.probes == "auto" else config.probes,
+        recall_target=config.recall_target,
         row_dtype=row_dtype,
         device=device,
         seed=seed,

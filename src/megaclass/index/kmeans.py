@@ -11,12 +11,16 @@ Structure (all on the index's device):
 - ``sums (K, D)``: float32 sums of each cluster's snapshot rows; ``centroids (K, D)``: them normalised;
 - ``near (K, m)``: each cluster's ``m = neighbours`` nearest clusters (itself first).
 
-The first build clusters with the hierarchical balanced 2-means tree (leaves of at most ``leaf_size`` rows;
-the padded width ``W`` keeps 1/8 slack for later moves). Later builds are warm and touch only the rows updated
-since the previous build (``changed``, the rows a sparse step touched): their snapshot is refreshed, the
-cluster sums swap their old rows for the new ones, and each moves to its best cluster among those near its
-own where a seat is free (at most ``W`` rows per cluster; else it stays; ``refine_iters`` rounds). A warm
-build thus costs ``O(changed)``, not ``O(C)``: milliseconds at 10^6 and 10^7 classes on a GPU.
+The first (cold) build is a two-level balanced k-means: ``G ~ sqrt(K)`` groups fitted on a sample of the
+rows and every row seated in one (equal sizes), then ``K / G`` clusters inside every group at once, each row
+scored against the clusters of its 3 nearest groups (a boundary between groups cuts no tight set of rows
+apart) and seated by capacity (at most ``W = 1.25 C / K`` rows per cluster). It costs ``O(C sqrt(K) D)`` in
+a few batched matmuls and sorts: no pass is ``O(C K D)``. The build then picks the probe count: the fewest
+clusters per query whose members hold ``recall_target`` of the exact top 10 of sampled rows. Later builds are
+warm and touch only the rows updated since the previous build (``changed``, the rows a sparse step touched):
+their snapshot is refreshed, the cluster sums swap their old rows for the new ones, and each moves to its best
+cluster among those near its own where a seat is free (else it stays; ``refine_iters`` rounds). A warm build
+thus costs ``O(changed)``, not ``O(C)``; an empty ``changed`` leaves the index as it is.
 
 A query scores the centroids ``(B, K)``, keeps the ``probes`` best clusters per sample, scores their members
 ``(B, probes * W)`` from the snapshot and returns the top ``n``. Where scores are computed in bfloat16 (on a
@@ -33,17 +37,49 @@ import torch
 from torch import Tensor
 
 from megaclass.index.base import ClassSelector, Metric
-from megaclass.index.clustering import hierarchical_balanced_2means
+from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 
-__all__ = ["DEFAULT_LEAF_SIZE", "DEFAULT_PROBES", "ClusterIndex"]
+__all__ = ["DEFAULT_PROBES", "ClusterIndex", "auto_leaf_size", "cluster_layout"]
 
-# Leaves of at most 16 rows searched 32 at a time find more of the exact neighbours than these for as many
-# rows scored (benchmarks/index_recall.py), but a selected head trained with them on deb-files scores 1.5
-# points of top-1 lower: their neighbour lists overlap more, so a batch's active set holds fewer hard classes.
-DEFAULT_LEAF_SIZE = 64
-DEFAULT_PROBES = 8
+DEFAULT_PROBES = 8  # clusters a shard searches when a caller names no count (parameter-server queries)
 
-_STATE_KEYS = ("rows", "norms", "scales", "assignment", "members", "sums", "centroids", "near")
+# A query scores all K centroids in one matmul shared by the batch, then gathers probes * W member rows per
+# sample: small clusters (sqrt(C) / 16 rows, at least 32) keep the gathered part small; the calibrated probe
+# count stays at a handful from 10^4 to 10^6 rows (benchmarks/index_recall.py).
+_LEAF_PER_SQRT_C = 1 / 16
+_MIN_LEAF = 32
+_SLACK = 0.25  # a cluster holds at most (1 + slack) C / K rows: its padded width W
+_SAMPLE_PER_CLUSTER = 32  # rows per centroid in the sample the centroids are fitted on
+_ASSIGN_CANDIDATES = 8  # nearest centroids a row may be seated in when its best are full
+_GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
+_CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
+_CALIBRATION_K = 10  # the recall@k the probe count is chosen for
+
+_STATE_KEYS = ("rows", "norms", "scales", "assignment", "members", "sums", "centroids", "near", "probes")
+
+
+def auto_leaf_size(num_classes: int) -> int:
+    """Mean rows per cluster for ``num_classes`` rows: ``sqrt(C) / 16``, at least 32.
+
+    >>> auto_leaf_size(10**7), auto_leaf_size(10**6), auto_leaf_size(10**4)
+    (198, 62, 32)
+    """
+    return max(_MIN_LEAF, round(_LEAF_PER_SQRT_C * math.sqrt(num_classes)))
+
+
+def cluster_layout(num_classes: int, leaf_size: int | None = None) -> tuple[int, int, int]:
+    """``(G, K / G, W)``: groups, clusters per group and the clusters' padded width for ``num_classes`` rows
+    of mean ``leaf_size`` per cluster (None: :func:`auto_leaf_size`); ``K`` clusters in all, ``G ~ sqrt(K)``.
+
+    >>> cluster_layout(10**6, 100)
+    (100, 100, 125)
+    """
+    leaf = auto_leaf_size(num_classes) if leaf_size is None else leaf_size
+    wanted = max(1, min(num_classes, math.ceil(num_classes / leaf)))
+    groups = max(1, round(math.sqrt(wanted)))
+    per_group = max(1, min(math.ceil(wanted / groups), num_classes // groups))
+    width = math.ceil(num_classes / (groups * per_group) * (1 + _SLACK))
+    return groups, per_group, min(num_classes, width)
 
 
 class ClusterIndex(ClassSelector):
@@ -51,46 +87,52 @@ class ClusterIndex(ClassSelector):
 
     Args:
         metric: ``cosine`` ranks by angle; ``dot`` by the logit ``feature . row``.
-        leaf_size: most rows per cluster at the first build (the padded width ``W``).
-        probes: clusters searched per query (raised automatically when ``n`` needs more).
+        leaf_size: mean rows per cluster at a cold build (None: :func:`auto_leaf_size`, ``sqrt(C) / 16``);
+            a cluster holds at most ``1.25`` times as many (the padded width ``W``).
+        probes: clusters searched per query (raised automatically when ``n`` needs more); None: chosen at
+            each cold build as the fewest that find ``recall_target`` of the exact top 10 of sampled rows.
+        recall_target: recall@10 the chosen probe count reaches on the build's sample of rows.
         neighbours: clusters a row may move to in a warm build.
         refine_iters: re-assignment rounds per warm build (0: only refresh snapshot and centroids).
+        kmeans_iters: balanced k-means iterations of each level of a cold build.
         row_dtype: dtype of the row snapshot (``bfloat16`` on a GPU, ``float32`` on CPU when None;
             ``int8`` (symmetric, one scale per row) halves it again for host-store runs where GPU memory is
             tight, at a small recall cost).
-        compute_dtype: dtype of the centroid and member scoring matmuls (``bfloat16`` on a GPU, ``float32``
-            on CPU when None); the final ranking is float32 either way.
+        compute_dtype: dtype of the clustering and scoring matmuls (``bfloat16`` on a GPU, ``float32`` on
+            CPU when None); the final ranking is float32 either way.
         device: where the index lives (the features' device); None: the weights' device.
         chunk_rows: rows moved and scored at once during a build.
-        seed: seeds the first build's tree.
+        seed: seeds the cold build's sample and initial centroids.
     """
 
     def __init__(
         self,
         *,
         metric: Metric | str = Metric.COSINE,
-        leaf_size: int = DEFAULT_LEAF_SIZE,
-        probes: int = DEFAULT_PROBES,
+        leaf_size: int | None = None,
+        probes: int | None = None,
+        recall_target: float = 0.95,
         neighbours: int = 16,
         refine_iters: int = 1,
+        kmeans_iters: int = 4,
         row_dtype: torch.dtype | str | None = None,
         compute_dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         chunk_rows: int = 1 << 18,
         seed: int = 0,
     ) -> None:
-        if leaf_size < 1 or probes < 1 or neighbours < 1 or refine_iters < 0:
+        if (leaf_size is not None and leaf_size < 1) or (probes is not None and probes < 1):
+            raise ValueError(f"leaf_size and probes must be >= 1 (or None), got {leaf_size}, {probes}")
+        if neighbours < 1 or refine_iters < 0 or kmeans_iters < 1:
             raise ValueError(
-                f"leaf_size, probes, neighbours must be >= 1 and refine_iters >= 0, got "
-                f"{leaf_size}, {probes}, {neighbours}, {refine_iters}"
+                f"neighbours, kmeans_iters must be >= 1 and refine_iters >= 0, got "
+                f"{neighbours}, {kmeans_iters}, {refine_iters}"
             )
+        if not 0 < recall_target <= 1:
+            raise ValueError(f"recall_target: expected a value in (0, 1], got {recall_target}")
         self.metric = Metric(metric)
-        self.leaf_size, self.probes, self.neighbours, self.refine_iters = (
-            leaf_size,
-            probes,
-            neighbours,
-            refine_iters,
-        )
+        self._leaf_size, self.probes, self.recall_target = leaf_size, probes, recall_target
+        self.neighbours, self.refine_iters, self.kmeans_iters = neighbours, refine_iters, kmeans_iters
         self.row_dtype, self.compute_dtype = (
             getattr(torch, dtype) if isinstance(dtype, str) else dtype for dtype in (row_dtype, compute_dtype)
         )
@@ -99,6 +141,14 @@ class ClusterIndex(ClassSelector):
         self._state: dict[str, Tensor] | None = None
         self._build_ms = 0.0
         self._builds = 0
+
+    @property
+    def leaf_size(self) -> int | None:
+        """Mean rows per cluster: of the served index once built, else as configured (None: automatic)."""
+        if self._state is None:
+            return self._leaf_size
+        members = self._state["members"]
+        return math.ceil(self._state["rows"].shape[0] / members.shape[0])
 
     # ---------------------------------------------------------------- build
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
@@ -175,15 +225,122 @@ class ClusterIndex(ClassSelector):
         return near
 
     def _cold(self, state: dict[str, Tensor]) -> None:
-        """First build: the balanced 2-means tree, padded members, sums, centroids, cluster graph."""
-        # the tree normalises every row, so an int8 snapshot clusters like its dequantised rows
-        assignment = hierarchical_balanced_2means(state["rows"], max_leaf=self.leaf_size, seed=self.seed)
-        k = int(assignment.max()) + 1  # host sync: the cluster count sizes the structure
-        largest = int(torch.bincount(assignment, minlength=k).max())  # host sync: sizes the padding
-        members = self._members(assignment, k, largest + max(1, largest // 8))  # slack for warm moves
-        sums = self._sums(state, torch.arange(assignment.numel(), device=assignment.device), assignment, k)
+        """First build: two-level balanced k-means (groups, then clusters within each group), padded members,
+        sums, centroids, cluster graph and the probe count."""
+        rows = state["rows"]
+        num_classes, device = rows.shape[0], rows.device
+        compute = self._compute_dtype(device)
+        groups, per_group, width = cluster_layout(num_classes, self._leaf_size)
+        generator = torch.Generator().manual_seed(self.seed)
+        sample = torch.randperm(num_classes, generator=generator)[: _SAMPLE_PER_CLUSTER * groups].to(device)
+        # the fits normalise every row, so an int8 snapshot clusters like its dequantised rows
+        coarse = balanced_kmeans_fit(
+            rows[sample], groups, iters=self.kmeans_iters, seed=self.seed, dtype=compute
+        )
+        scores, candidates = nearest_centroids(
+            rows, coarse[0], min(_ASSIGN_CANDIDATES, groups), dtype=compute
+        )
+        even = num_classes // groups + (torch.arange(groups, device=device) < num_classes % groups).long()
+        group = capacity_assign(candidates, scores, groups, even)  # (C,) sizes floor or ceil of C / groups
+        nearby = candidates[:, : min(_GROUP_COPIES, groups)]  # (C, copies) the groups each row is scored in
+        assignment, centroids = self._split_groups(state, group, nearby, groups, per_group, width, generator)
+        k = groups * per_group
+        sums = self._sums(state, torch.arange(num_classes, device=device), assignment, k)
         centroids = torch.nn.functional.normalize(sums, dim=1)
-        state.update(assignment=assignment, members=members, sums=sums, near=self._near_clusters(centroids))
+        state.update(
+            assignment=assignment,
+            members=self._members(assignment, k, width),
+            sums=sums,
+            near=self._near_clusters(centroids),
+        )
+        state["probes"] = self._calibrated_probes(state, centroids.to(compute))
+
+    def _split_groups(
+        self,
+        state: dict[str, Tensor],
+        group: Tensor,
+        nearby: Tensor,
+        groups: int,
+        per_group: int,
+        width: int,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor]:
+        """Balanced k-means inside every group at once: ``(assignment (C,), centroids (K, D))``, cluster
+        ``g * per_group + j`` being the ``j``-th of group ``g``, at most ``width`` rows each.
+
+        Each round scores every row against its own group's centroids (groups in blocks, one batched matmul)
+        and seats it by :func:`capacity_assign` over all clusters.
+        """
+        rows = state["rows"]
+        num_classes, dim, device = rows.shape[0], rows.shape[1], rows.device
+        compute = self._compute_dtype(device)
+        primary = self._members(group, groups, -(-num_classes // groups))  # (G, n) each group's own rows
+        starts = torch.randperm(num_classes // groups, generator=generator)[:per_group].to(device)
+        centroids = self._gather(state, primary[:, starts], torch.float32)  # (G, per_group, D) random rows
+        # a row is scored in its `copies` best groups: a group boundary that cuts a tight set of rows costs
+        # little when those rows may still join the clusters on the other side
+        copies = nearby.shape[1]
+        entries = self._members(nearby.flatten(), groups)  # (G, E) entry e = row e // copies, -1 padded
+        valid = entries >= 0
+        r = min(_ASSIGN_CANDIDATES, per_group)
+        block = max(1, (1 << 27) // (entries.shape[1] * max(dim, per_group)))  # (block, E, D) rows at once
+        offsets = torch.arange(groups, device=device)[:, None, None] * per_group  # (G, 1, 1)
+        assignment = group * per_group
+        for _ in range(self.kmeans_iters):
+            scores = torch.full((num_classes * copies, r), -math.inf, device=device)
+            candidates = torch.zeros(num_classes * copies, r, dtype=torch.int64, device=device)
+            for start in range(0, groups, block):
+                ids, seen = entries[start : start + block], valid[start : start + block]
+                x = self._gather(state, ids.clamp_min(0) // copies, compute)  # (b, E, D)
+                low = torch.nn.functional.normalize(centroids[start : start + block], dim=2).to(compute)
+                top = torch.bmm(x, low.transpose(1, 2)).float().topk(r, dim=2)  # (b, E, r)
+                scores[ids[seen]] = top.values[seen]
+                candidates[ids[seen]] = (top.indices + offsets[start : start + block])[seen]
+            best = scores.view(num_classes, copies * r).topk(r, dim=1)  # (C, r) over the row's copies
+            candidates = candidates.view(num_classes, copies * r).gather(1, best.indices)
+            assignment = capacity_assign(candidates, best.values, groups * per_group, width)
+            sums = self._sums(state, torch.arange(num_classes, device=device), assignment, groups * per_group)
+            centroids = sums.view(groups, per_group, dim)
+        return assignment, centroids.view(groups * per_group, dim)
+
+    @torch.no_grad()
+    def _calibrated_probes(self, state: dict[str, Tensor], centroids: Tensor) -> Tensor:
+        """``()`` int64: the fewest probes whose clusters hold ``recall_target`` of the exact top 10 of
+        sampled rows used as queries (``probes`` itself when set).
+
+        The rank of each true neighbour's cluster in a query's centroid order is the probe count that finds
+        it; candidates are ranked by float32 scores, so the recall at ``P`` probes is the share of ranks < P.
+        """
+        assignment, num_classes = state["assignment"], state["rows"].shape[0]
+        device = assignment.device
+        if self.probes is not None:
+            return torch.tensor(self.probes, device=device)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        picks = torch.randperm(num_classes, generator=generator)[:_CALIBRATION_QUERIES].to(device)
+        queries = self._gather(state, picks, torch.float32)  # (q, D) unit rows
+        truth = self._scan(state, queries, min(_CALIBRATION_K, num_classes))  # (q, k)
+        order = (queries.to(centroids.dtype) @ centroids.T).float().argsort(dim=1, descending=True)  # (q, K)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=device).expand_as(order)
+        )
+        needed = rank.gather(1, assignment[truth]).flatten().sort().values  # (q * k,) probes each one needs
+        return needed[math.ceil(self.recall_target * needed.numel()) - 1] + 1
+
+    def _scan(self, state: dict[str, Tensor], queries: Tensor, n: int) -> Tensor:
+        """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by the metric."""
+        best_scores = queries.new_empty(queries.shape[0], 0)
+        best_ids = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
+        num_classes = state["rows"].shape[0]
+        chunk = max(1024, (1 << 24) // queries.shape[0])  # (q, chunk) scores of 2^24 entries at a time
+        for start in range(0, num_classes, chunk):
+            ids = torch.arange(start, min(num_classes, start + chunk), device=queries.device)
+            scores = queries @ self._gather(state, ids, torch.float32).T  # (q, chunk)
+            if self.metric is Metric.DOT:
+                scores = scores * state["norms"][ids]
+            top = torch.cat([best_scores, scores], 1).topk(min(n, best_scores.shape[1] + ids.numel()), dim=1)
+            best_scores = top.values
+            best_ids = torch.cat([best_ids, ids.expand(queries.shape[0], -1)], 1).gather(1, top.indices)
+        return best_ids
 
     def _sums(self, state: dict[str, Tensor], ids: Tensor, clusters: Tensor, k: int) -> Tensor:
         """``(K, D)`` float32 sums of the snapshot rows ``ids (n,)`` by their ``clusters (n,)``."""
@@ -239,6 +396,8 @@ class ClusterIndex(ClassSelector):
         Cluster sums lose the rows' old snapshot and gain the new one; each changed row then moves to the best
         cluster near its own that has a free seat (:meth:`_move`); unchanged rows stay.
         """
+        if changed.numel() == 0:
+            return
         members, assignment, sums = state["members"], state["assignment"], state["sums"]
         k, width = members.shape
         centroids = torch.nn.functional.normalize(sums, dim=1)  # scores use the centroids before the moves
@@ -296,7 +455,8 @@ class ClusterIndex(ClassSelector):
         exact = torch.nn.functional.normalize(features.to(device=members.device, dtype=torch.float32), dim=1)
         queries = exact.to(compute)
         # enough clusters to hold n rows even when clusters are half full
-        probes = min(k, max(self.probes, math.ceil(2 * n / max(1, width)) + 1))
+        probes = int(state["probes"]) if self.probes is None else self.probes  # host sync: sizes the search
+        probes = min(k, max(probes, math.ceil(2 * n / max(1, width)) + 1))
         best = (queries @ centroids.T).topk(probes, dim=1).indices  # (B, P)
         candidates = members[best].flatten(1)  # (B, P * W)
         scores = self._member_scores(state, candidates, queries)  # (B, P * W)

@@ -147,6 +147,8 @@ def apply_row_update_(
     """
     if rows.shape != grads.shape:
         raise ValueError(f"grads: expected shape {tuple(rows.shape)} like rows, got {tuple(grads.shape)}")
+    if step is not None and step < 1:
+        raise ValueError(f"step: expected the 1-based global step or None, got {step}")
     grads = grads.to(torch.promote_types(rows.dtype, torch.float32))  # fp32 maths at least
     skipped = None  # (S,) steps each row sat out since its last update
     if config.catches_up:

@@ -9,9 +9,9 @@ import torch
 
 from megaclass.ops.row_optimizers import RowOptimizerConfig
 from megaclass.store.base import RowStore
-from megaclass.store.local import LocalRows
+from megaclass.store.local import LocalRows, RowDtype
 
-__all__ = ["RowOptimizerConfig", "RowStore", "build_store"]
+__all__ = ["RowDtype", "RowOptimizerConfig", "RowStore", "build_store"]
 
 
 def build_store(
@@ -23,16 +23,20 @@ def build_store(
     optimizer: RowOptimizerConfig,
     seed: int = 0,
     init_bound: float | None = None,
+    dtype: RowDtype | str = RowDtype.FLOAT32,
 ) -> RowStore:
     """The row store that ``spec`` names: ``gpu`` (alias ``device``: rows on ``device``), ``host``, or
     ``ps://host:port[,host:port...]`` (parameter-server shards, which hold their own initial rows: start them
     with ``--seed`` for the matrix the other stores draw; ``optimizer`` settings are sent to them).
 
+    ``dtype``: ``float32``, or ``bf16_sr`` (``gpu`` and ``host``): rows and their row-shaped optimizer state
+    in bfloat16, updated with stochastic rounding (:class:`~megaclass.store.local.LocalRows`).
+
     >>> build_store("host", num_rows=4, dim=2, device="cpu", optimizer=RowOptimizerConfig()).num_rows
     4
     """
     device = torch.device(device)
-    options = dict(optimizer=optimizer, seed=seed, init_bound=init_bound, draw_device=device)
+    options = dict(optimizer=optimizer, seed=seed, init_bound=init_bound, draw_device=device, dtype=dtype)
     if spec in ("gpu", "device"):
         from megaclass.store.device import DeviceStore
 
@@ -45,6 +49,8 @@ def build_store(
     if spec.startswith("ps://"):
         from megaclass.store.paramserver import ParamServerStore
 
+        if RowDtype(dtype) is not RowDtype.FLOAT32:
+            raise ValueError(f"store {spec!r}: dtype {RowDtype(dtype).value} needs a gpu or host store")
         store = ParamServerStore(spec, device=device)
         if (store.num_rows, store.dim) != (num_rows, dim):
             raise ValueError(

@@ -9,9 +9,12 @@ touched rows get momentum and weight decay.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+from megaclass.state_io import SavedTensor
 
 
 class RowStore(abc.ABC):
@@ -36,7 +39,8 @@ class RowStore(abc.ABC):
     def rows(self) -> Tensor:
         """All ``(num_rows, D)`` rows wherever they live, without a copy where the store can (index builds).
 
-        The default reads them all to :attr:`device`; stores holding a local tensor return it as is.
+        The default reads them all to :attr:`device`; stores holding a local tensor return it as is, in the
+        dtype they hold it in (bfloat16 for ``bf16_sr``; :meth:`pull` and :meth:`read` give float32).
         """
         return self.read(0, self.num_rows)
 
@@ -52,8 +56,15 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
-        """Rows and optimizer state, as CPU tensors, for a checkpoint."""
+        """Rows and optimizer state for a checkpoint, after every pushed update: the store's own tensors
+        where it holds them (not copies, which at 10^8 rows would not fit beside them; the checkpoint writer
+        streams them to its file block by block), else CPU tensors."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+    def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        An entry may be a :class:`~megaclass.state_io.SavedTensor` (a checkpoint's rows, left in the file),
+        which a local store streams into its own tensors (:func:`~megaclass.state_io.copy_into_`) and any
+        store can read a row range of (``saved[a:b]``).
+        """

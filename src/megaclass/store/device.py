@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
+from megaclass.state_io import SavedTensor
 from megaclass.store.base import RowStore
 from megaclass.store.local import LocalRows, check_ids
 
@@ -28,14 +31,14 @@ class DeviceStore(RowStore):
 
     def pull(self, ids: Tensor) -> Tensor:
         check_ids(ids)
-        return self.local.weight[ids.to(self.device)]
+        return self.local.weight[ids.to(self.device)].float()
 
     def push(self, ids: Tensor, grads: Tensor, *, step: int, lr: float) -> None:
         check_ids(ids)
         self.local.update_(ids, grads, lr=lr, step=step)
 
     def read(self, start: int, stop: int) -> Tensor:
-        return self.local.weight[start:stop]
+        return self.local.weight[start:stop].float()
 
     def rows(self) -> Tensor:
         return self.local.weight
@@ -46,5 +49,5 @@ class DeviceStore(RowStore):
     def state_dict(self) -> dict[str, Tensor]:
         return self.local.state_dict()
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
         self.local.load_state_dict(state)

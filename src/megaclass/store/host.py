@@ -9,11 +9,13 @@ everything runs synchronously in the calling thread.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
+from megaclass.state_io import SavedTensor
 from megaclass.store.base import RowStore
 from megaclass.store.local import LocalRows, check_ids
 
@@ -55,21 +57,21 @@ class HostStore(RowStore):
     def pull(self, ids: Tensor) -> Tensor:
         check_ids(ids)
         if not self._asynchronous:
-            return self.local.weight[ids.cpu()].to(self.device)
+            return self.local.weight[ids.cpu()].to(self.device, torch.float32)
         self.flush()
         ids_host = ids.cpu()  # host sync: the gather runs on the host
-        staged = torch.empty(ids_host.numel(), self.dim, pin_memory=True)
+        staged = torch.empty(ids_host.numel(), self.dim, dtype=self.local.weight.dtype, pin_memory=True)
         torch.index_select(self.local.weight, 0, ids_host, out=staged)
         current = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            rows = staged.to(self.device, non_blocking=True)
+            rows = staged.to(self.device, non_blocking=True)  # bf16 rows cross in half the bytes
         current.wait_stream(self._stream)
         rows.record_stream(current)
-        return rows
+        return rows.float()
 
     def read(self, start: int, stop: int) -> Tensor:
         self.flush()
-        return self.local.weight[start:stop].to(self.device)
+        return self.local.weight[start:stop].to(self.device, torch.float32)
 
     def rows(self) -> Tensor:
         self.flush()
@@ -116,7 +118,7 @@ class HostStore(RowStore):
         self.flush()
         return self.local.state_dict()
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
         self.flush()
         self.local.load_state_dict(state)
 

@@ -1,13 +1,30 @@
-"""Rows in this process's memory with their row-sparse optimizer state: what device and host stores hold."""
+"""Rows held in this process's memory (GPU or host), in float32 or in bfloat16 with stochastic rounding."""
 
 from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from megaclass.ops.row_optimizers import RowOptimizerConfig, apply_sparse_update_, init_row_state, init_rows_
+from megaclass.ops.row_optimizers import (
+    RowOptimizerConfig,
+    apply_row_update_,
+    apply_sparse_update_,
+    init_rows_,
+)
+from megaclass.ops.stochastic_rounding import philox_seed, stochastic_round
+from megaclass.state_io import SavedTensor, copy_into_
 
-__all__ = ["LocalRows", "check_ids"]
+__all__ = ["LocalRows", "RowDtype", "check_ids"]
+
+
+class RowDtype(str, enum.Enum):
+    """How a store holds its rows and their row-shaped optimizer state."""
+
+    FLOAT32 = "float32"
+    BF16_SR = "bf16_sr"  # bfloat16, updated in fp32 and written back with stochastic rounding: half the bytes
 
 
 def check_ids(ids: Tensor) -> None:
@@ -17,18 +34,24 @@ def check_ids(ids: Tensor) -> None:
 
 
 class LocalRows:
-    """A ``(C, D)`` float32 matrix and its row-sparse optimizer state, in device or host memory.
+    """A ``(C, D)`` matrix and its row-sparse optimizer state, in device or host memory.
+
+    With ``dtype="bf16_sr"`` the rows and the row-shaped optimizer state (momentum, Adam moments, Adagrad
+    sums) are bfloat16: a step gathers the touched rows and their state in float32, applies the optimizer
+    there, and writes them back stochastically rounded (``E[stored] == float32 result``), seeded by
+    ``(seed, step, tensor)`` so a resumed run repeats the same bits. Per-row step counts stay float32.
 
     Args:
         num_rows: ``C``.
         dim: ``D``.
         device: where the tensors live.
         optimizer: the row-sparse optimizer :meth:`update_` applies.
-        seed: seeds the initial rows (see :func:`~megaclass.ops.row_optimizers.init_rows_`).
+        seed: seeds the initial rows (see :func:`~megaclass.ops.row_optimizers.init_rows_`) and the rounding.
         init_bound: initial rows are ``U(-init_bound, init_bound)``; None: ``1 / sqrt(D)``.
         draw_device: where the initial rows are drawn; None: ``device``. The matrix depends on the seed and
             the draw device only, so rows in host memory drawn on the compute device equal rows held there.
         pin_memory: page-lock the (host) tensors, for asynchronous copies to a GPU.
+        dtype: ``float32`` or ``bf16_sr``.
 
     >>> rows = LocalRows(5, 3, optimizer=RowOptimizerConfig(momentum=0.0), init_bound=0.0)
     >>> rows.update_(torch.tensor([4]), torch.ones(1, 3), lr=0.5)
@@ -47,14 +70,29 @@ class LocalRows:
         init_bound: float | None = None,
         draw_device: torch.device | str | None = None,
         pin_memory: bool = False,
+        dtype: RowDtype | str = RowDtype.FLOAT32,
     ) -> None:
         if num_rows < 1 or dim < 1:
             raise ValueError(f"num_rows and dim must be >= 1, got {num_rows} and {dim}")
+        try:
+            self.row_dtype = RowDtype(dtype)
+        except ValueError:
+            raise ValueError(f"dtype: {dtype!r} is not one of {[d.value for d in RowDtype]}") from None
         self.optimizer = optimizer or RowOptimizerConfig()
-        self.weight = torch.empty(num_rows, dim, dtype=torch.float32, device=device, pin_memory=pin_memory)
+        self.seed = seed
+        held = torch.bfloat16 if self.row_dtype is RowDtype.BF16_SR else torch.float32
+        self.weight = torch.empty(num_rows, dim, dtype=held, device=device, pin_memory=pin_memory)
         draw_device = device if draw_device is None else draw_device
         init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=draw_device)
-        self.state = init_row_state(self.optimizer, num_rows, dim, device=device, pin_memory=pin_memory)
+        self.state = {  # row-shaped state in the rows' dtype; per-row counts in float32
+            name: torch.zeros(
+                (num_rows, *shape),
+                dtype=held if shape else torch.float32,
+                device=device,
+                pin_memory=pin_memory,
+            )
+            for name, shape in self.optimizer.state_shapes(dim).items()
+        }
 
     @property
     def num_rows(self) -> int:
@@ -64,9 +102,33 @@ class LocalRows:
     def dim(self) -> int:
         return self.weight.shape[1]
 
-    def update_(self, ids: Tensor, grads: Tensor, *, lr: float, step: int | None = None) -> None:
-        """Global optimizer step ``step`` on rows ``ids (S,)`` (unique) given ``grads (S, D)``, in place."""
-        apply_sparse_update_(self.weight, self.state, ids, grads, lr=lr, config=self.optimizer, step=step)
+    def update_(self, ids: Tensor, grads: Tensor, *, lr: float, step: int = 0) -> None:
+        """Global optimizer step ``step`` (1-based; 0: none given: the lazy rule) on rows ``ids (S,)``
+        (unique) given ``grads (S, D)``, in place; ``step`` also seeds the stochastic rounding of ``bf16_sr``
+        rows."""
+        global_step = step if step > 0 else None  # rows catch up over the steps they sat out (row_optimizers)
+        if self.row_dtype is RowDtype.FLOAT32:
+            apply_sparse_update_(
+                self.weight, self.state, ids, grads, lr=lr, config=self.optimizer, step=global_step
+            )
+            return
+        if ids.dim() != 1 or grads.shape != (ids.numel(), self.dim):
+            raise ValueError(
+                f"ids/grads: expected (S,) and (S, {self.dim}), "
+                f"got {tuple(ids.shape)} and {tuple(grads.shape)}"
+            )
+        ids = ids.to(self.weight.device)
+        rows = self.weight[ids].float()  # (S, D)
+        rows_state = {name: tensor[ids].float() for name, tensor in self.state.items()}
+        apply_row_update_(
+            rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer, step=global_step
+        )
+        self.weight[ids] = stochastic_round(rows, seed=philox_seed(self.seed, step, 0))
+        for stream, (name, tensor) in enumerate(self.state.items(), start=1):
+            value = rows_state[name]  # (S, ...)
+            if tensor.dtype == torch.bfloat16:
+                value = stochastic_round(value, seed=philox_seed(self.seed, step, stream))
+            tensor[ids] = value
 
     def held_bytes(self) -> tuple[int, int]:
         """``(rows, optimizer state)`` bytes."""
@@ -74,20 +136,21 @@ class LocalRows:
         return self.weight.numel() * self.weight.element_size(), optimizer
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Copies of the rows (``weight``) and optimizer state (``optim.<name>``) on the CPU."""
-        state = {"weight": self.weight.to("cpu", copy=True)}
-        state.update({f"optim.{name}": tensor.to("cpu", copy=True) for name, tensor in self.state.items()})
-        return state
+        """The rows (``weight``) and optimizer state (``optim.<name>``) themselves, not copies (as
+        ``nn.Module.state_dict``): a checkpoint streams them to its file a block at a time."""
+        return {"weight": self.weight, **{f"optim.{name}": tensor for name, tensor in self.state.items()}}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Copy what :meth:`state_dict` returned into the rows and optimizer state."""
-        expected = {"weight": self.weight, **{f"optim.{name}": tensor for name, tensor in self.state.items()}}
+    def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
+        """Copy what :meth:`state_dict` returned (tensors, or :class:`~megaclass.state_io.SavedTensor` handles
+        streamed from a checkpoint file) into the rows and optimizer state."""
+        expected = self.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"store state: missing {missing}, unexpected {unexpected}")
         for name, target in expected.items():
-            if state[name].shape != target.shape:
+            if tuple(state[name].shape) != tuple(target.shape):
                 expected_shape, got = tuple(target.shape), tuple(state[name].shape)
                 raise ValueError(f"store state {name!r}: expected shape {expected_shape}, got {got}")
-            target.copy_(state[name])
+            if state[name] is not target:
+                copy_into_(target, state[name])

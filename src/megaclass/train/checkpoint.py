@@ -12,6 +12,11 @@ A kill in the middle of a save leaves ``.tmp-*`` leftovers (never read) or, when
 (epoch end on a multiple of ``train.checkpoint_every``), the previous ``step_<N>`` moved aside to
 ``.old-step_<N>-*/step_<N>``: that one is a whole checkpoint and is read where it lies; :func:`recover`
 puts it back and removes the leftovers. Pruning only removes whole checkpoints older than the ``keep`` newest.
+
+Saving and loading take one block of host memory, not a copy of the rows: tensors are written straight from
+where they live (:func:`megaclass.state_io.write_tensors`), and a head's row-store entries (``head.store.*``)
+come back from :func:`load_checkpoint` and :func:`read_weights` as :class:`~megaclass.state_io.SavedTensor`
+handles that the store streams into its own rows.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ __all__ = [
     "CheckpointWarning",
     "checkpoint_folders",
     "commit_checkpoint",
+    "is_row_store_entry",
     "latest_checkpoint",
     "load_checkpoint",
     "load_newest",
+    "read_weights",
     "recover",
     "save_checkpoint",
 ]
@@ -109,14 +116,28 @@ def latest_checkpoint(folder: str) -> str | None:
     )
 
 
+def is_row_store_entry(key: str) -> bool:
+    """Whether the saved tensor ``key`` is a head's row-store entry (``head.store.weight``,
+    ``head.store.optim.<name>``): a :class:`~megaclass.store.RowStore` loads those from the file block by
+    block, so they are read as :class:`~megaclass.state_io.SavedTensor` handles."""
+    return key.startswith("head.store.")
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """The state saved by :func:`save_checkpoint` in checkpoint folder ``path``, checked against its manifest.
+    """The state saved by :func:`save_checkpoint` in checkpoint folder ``path``, checked against its manifest;
+    row-store entries stay in the file (:func:`is_row_store_entry`).
 
     Raises:
         DamagedStateError: a file is missing, truncated or altered, or the manifest is missing.
     """
     verify_manifest(path)
-    return read_state(path, verify=False)
+    return read_state(path, verify=False, stream=is_row_store_entry)
+
+
+def read_weights(folder: str) -> dict[str, Any]:
+    """The ``{"encoder": ..., "head": ...}`` weights of a state folder (``model/``, ``best/epoch-N``), checked
+    against its manifest; row-store entries stay in the file (:func:`is_row_store_entry`)."""
+    return read_state(folder, stream=is_row_store_entry)
 
 
 def load_newest(folder: str, *, load: Callable[[str], Any] = load_checkpoint) -> tuple[str, Any] | None:

@@ -5,7 +5,8 @@ The file is safetensors: the encoder's tensors under ``encoder.<name>``, the who
 under ``featurizer.<name>`` (its JSON tree as the ``featurizer.json`` metadata), and the run's
 ``config.yaml`` and ``run.json`` as metadata, so the file alone scores raw text. The final weights
 (``model/``) are used when the run finished, else its newest checkpoint (sharded checkpoints are stacked row
-range by row range).
+range by row range). Tensors are copied from the run's files into the export a block at a time
+(:func:`megaclass.state_io.write_tensors`), so a head of 10^8 rows exports in bounded host memory.
 """
 
 from __future__ import annotations
@@ -18,38 +19,40 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint, write_export
+from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint
 from megaclass.errors import DataFormatError
-from megaclass.state_io import flatten, read_state
+from megaclass.state_io import SavedTensor, flatten, read_state, write_tensors
 from megaclass.train import checkpoint
 
 __all__ = ["export_run", "read_export"]
 
 
-def _read_state(folder: str) -> Any:
-    """:func:`~megaclass.state_io.read_state`; a damaged file is a DataFormatError naming the folder."""
+def _read_state(folder: str, *, stream: bool = False) -> Any:
+    """:func:`~megaclass.state_io.read_state` (``stream``: every tensor left in the file as a
+    :class:`~megaclass.state_io.SavedTensor`); a damaged file is a DataFormatError naming the folder."""
     from safetensors import SafetensorError
 
     try:
-        return read_state(folder)
+        return read_state(folder, stream=(lambda key: True) if stream else None)
     except (OSError, ValueError, KeyError, SafetensorError) as error:
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataFormatError(folder, f"cannot read the saved state ({detail}); is the run intact?") from None
 
 
 def _run_weights(run_dir: str) -> dict[str, Any]:
-    """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint."""
+    """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint (their tensors
+    left in the files, but a sharded checkpoint's head, which is stacked in memory)."""
     final = os.path.join(run_dir, "model")
     if os.path.isdir(final):
-        state = _read_state(final)
+        state = _read_state(final, stream=True)
         return {"encoder": state["encoder"], "head": state["head"]}
     latest = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     if latest is None:
         raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
     if not is_sharded_checkpoint(latest):
-        state = _read_state(latest)
+        state = _read_state(latest, stream=True)
         return {"encoder": state["encoder"], "head": state["head"]}
-    common = _read_state(os.path.join(latest, "common"))
+    common = _read_state(os.path.join(latest, "common"), stream=True)
     return {"encoder": common["encoder"], "head": export_head_state(latest)}
 
 
@@ -61,10 +64,10 @@ def export_run(run_dir: str, out_path: str) -> str:
                 f"--run: {run_dir} has no {name}; is it the --out folder of a training run?"
             )
     weights = _run_weights(run_dir)
-    flat: dict[str, Tensor] = {}
+    flat: dict[str, Tensor | SavedTensor] = {}
     for part in ("encoder", "head"):
         for name, value in weights[part].items():
-            if not isinstance(value, Tensor):
+            if not isinstance(value, (Tensor, SavedTensor)):
                 raise ValueError(
                     f"--run: {part} state entry {name!r} is a {type(value).__name__}, not a tensor"
                 )
@@ -88,7 +91,9 @@ def export_run(run_dir: str, out_path: str) -> str:
         tree, tensors = flatten(_read_state(os.path.join(run_dir, "featurizer")))
         flat.update({f"featurizer.{name}": value for name, value in tensors.items()})
         metadata["featurizer.json"] = json.dumps(tree)
-    return write_export(out_path, flat, metadata)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    write_tensors(out_path, flat, metadata=metadata)
+    return out_path
 
 
 def read_export(path: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:

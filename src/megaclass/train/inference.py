@@ -233,7 +233,7 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
         weights_dir = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         if weights_dir is None:
             raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
-    state = _read_run_file(weights_dir, read_state)
+    state = _read_run_file(weights_dir, checkpoint.read_weights)  # store rows stream from the file
     featurizer = None
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
         from megaclass.data.featurizer import TextFeaturizer

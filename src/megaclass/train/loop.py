@@ -41,7 +41,7 @@ from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
 from megaclass.schema import ConfigError
-from megaclass.state_io import path_fingerprint, read_state, write_json_atomic, write_state
+from megaclass.state_io import path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import (
@@ -693,7 +693,7 @@ class Trainer:
 
     def _restore_best(self) -> None:
         """Load the best epoch's weights into the modules; they are the final model (an EMA is in them)."""
-        best = read_state(self._best_dir(self.state.best_epoch))
+        best = checkpoint.read_weights(self._best_dir(self.state.best_epoch))
         self.encoder.load_state_dict(best["encoder"])
         self.head.load_state_dict(best["head"])
         self.average = None

@@ -32,6 +32,7 @@ from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, head_class
 from megaclass.heads.base import PlanRequest
 from megaclass.models import build_model
+from megaclass.state_io import STREAM_CHUNK_BYTES
 from megaclass.train.config import RunConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
 
@@ -424,8 +425,12 @@ def plan_run(
     saved_names = (
         "head weights", "head optimizer state", "head index", "encoder weights", "encoder optimizer state"
     )  # fmt: skip
-    # state_io.write_state clones every saved tensor to host memory before writing it
-    saved = sum(part.device_bytes + part.host_bytes for part in parts if part.name in saved_names)
+    # state_io streams saved tensors to their files from where they live: GPU tensors through one block of
+    # host memory, host tensors without a copy
+    on_gpu = (
+        sum(part.device_bytes for part in parts if part.name in saved_names) if device_type == "cuda" else 0
+    )
+    saved = min(STREAM_CHUNK_BYTES, on_gpu)
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
     data = shape.array_bytes() + sum(other.array_bytes() for other in others)
     largest_file = max([shape, *others], key=lambda s: s.text_bytes)
@@ -435,7 +440,7 @@ def plan_run(
         PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
         PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
         PlanPart("evaluation metrics", 0, metrics, "evaluation", "eval.batch_size"),
-        PlanPart("checkpoint host copy", 0, saved, "checkpoint", "a host with more memory"),
+        PlanPart("checkpoint block", 0, saved, "checkpoint", "a host with more memory"),
     ]
     if device_type == "cuda":
         parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, 0, setting="a larger GPU"))

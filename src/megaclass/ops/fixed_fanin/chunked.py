@@ -36,7 +36,8 @@ def _chunk_logits(
     if pad:  # the last, partial group
         w = torch.cat([w, w.new_zeros(pad, fan_in)])
     w = w.view(last - first, group, fan_in)  # (n_g, G, K)
-    z = torch.einsum("bnk,ngk->bng", gathered, w).reshape(batch, -1)[:, : stop - start]  # (B, n)
+    z = torch.einsum("bnk,ngk->bng", gathered, w).reshape(batch, w.shape[0] * group)  # (B, n_g * G)
+    z = z[:, : stop - start]  # (B, n)
     if bias is not None:
         z = z + bias[start:stop].float()
     return z, gathered, cols, w
@@ -105,6 +106,6 @@ def chunked_bwd(
         dz = F.pad(dz, (0, pad)).view(batch, w.shape[0], group)  # (B, n_g, G)
         grad_w[start:stop] = torch.einsum("bng,bnk->ngk", dz, gathered).reshape(-1, fan_in)[: stop - start]
         contrib = torch.einsum("bng,ngk->bnk", dz, w)  # (B, n_g, K)
-        grad_x.index_add_(1, cols.reshape(-1), contrib.reshape(batch, -1))
+        grad_x.index_add_(1, cols.reshape(-1), contrib.reshape(batch, cols.numel()))
     grad_b = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b

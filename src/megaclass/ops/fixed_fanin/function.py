@@ -2,12 +2,15 @@
 
 ``impl`` picks the launchers at call time: Triton kernels for CUDA tensors (``kernels.py``), the chunked
 plain-PyTorch launchers otherwise (``chunked.py``). Both keep no ``B x C`` tensor for the backward pass of the
-fused row values.
+fused row values. With the Triton kernels, BCE and squared-hinge row values that need gradients get them in
+the forward pass (one read of the weights and gathers; ``kernels.fixed_fanin_fwd_grad``), and the backward
+pass finishes them for the row gradient that actually arrives.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +46,20 @@ class FixedFaninOptions:
     group: int = 1  # G labels share one index row
     loss: FaninLoss = FaninLoss.NONE
     impl: Impl = Impl.REFERENCE  # concrete: TRITON or REFERENCE (chunked PyTorch)
+    # Triton, BCE / hinge: gradients in the forward pass (off: the backward pass recomputes the logits)
+    fuse_gradient: bool = True
+    # the gradient each row value is expected to get, a speed hint of the fused pass (any row gradient is
+    # exact; the expected one costs nothing more); None: 1 / B, the mean over samples
+    row_grad: float | None = None
+    tiles_per_program: int = 0  # Triton: label tiles per program; 0 picks by size (kernels.tiles_per_program)
 
 
-def _launchers(impl: Impl) -> tuple[Any, Any]:
+def _launchers(impl: Impl, tiles_per_program: int = 0) -> tuple[Any, Any]:
     if impl is Impl.TRITON:
         from megaclass.ops.fixed_fanin.kernels import fixed_fanin_bwd, fixed_fanin_fwd
 
-        return fixed_fanin_fwd, fixed_fanin_bwd
+        tiles = {"tiles_per_program": tiles_per_program}
+        return functools.partial(fixed_fanin_fwd, **tiles), functools.partial(fixed_fanin_bwd, **tiles)
     from megaclass.ops.fixed_fanin.chunked import chunked_bwd, chunked_fwd
 
     return chunked_fwd, chunked_bwd
@@ -137,8 +147,14 @@ def _layer_forward(
     if torch.compiler.is_compiling():
         loss, impl = options.loss.value, options.impl.value
         return _fixed_fanin_fwd_op(x, weight, index, bias, options.group, loss, impl)
-    forward_launcher, _ = _launchers(options.impl)
+    forward_launcher, _ = _launchers(options.impl, options.tiles_per_program)
     return forward_launcher(x, weight, index, bias, group=options.group, loss=options.loss.value)
+
+
+def _fuses_gradient(options: FixedFaninOptions, needs_grad: bool) -> bool:
+    """Gradients in the forward pass: Triton BCE / hinge row values that need them, in eager mode."""
+    fusable = options.loss in (FaninLoss.BCE, FaninLoss.HINGE) and options.impl is Impl.TRITON
+    return fusable and options.fuse_gradient and needs_grad and not torch.compiler.is_compiling()
 
 
 def _layer_backward(
@@ -155,7 +171,7 @@ def _layer_backward(
             x, weight, index, bias, grad, lse, options.group, options.loss.value, options.impl.value
         )
         return grad_x, grad_w, grad_b if bias is not None else None
-    _, backward_launcher = _launchers(options.impl)
+    _, backward_launcher = _launchers(options.impl, options.tiles_per_program)
     return backward_launcher(
         x, weight, index, bias, group=options.group, loss=options.loss.value, grad=grad, lse=lse
     )
@@ -168,6 +184,9 @@ class FixedFaninFunction(torch.autograd.Function):
     The positive logits ride along so their gradient is added sparsely into the layer's gradients rather
     than as a dense ``(C, K)`` tensor that autograd would sum with them. The launchers run directly in eager
     mode and through the ``megaclass::fixed_fanin_fwd`` / ``_bwd`` custom ops under ``torch.compile``.
+    Fused BCE / hinge (:func:`_fuses_gradient`) computes the gradients in the forward pass at the expected row
+    gradient and keeps them until the backward pass finishes them; a second backward pass through the same
+    graph recomputes them.
     """
 
     @staticmethod
@@ -181,7 +200,18 @@ class FixedFaninFunction(torch.autograd.Function):
         labels: Tensor,
         options: FixedFaninOptions,
     ) -> tuple[Tensor, Tensor]:
-        out = _layer_forward(x, weight, index, bias, options)
+        ctx.fused = None
+        if _fuses_gradient(options, any(ctx.needs_input_grad[:4])):
+            from megaclass.ops.fixed_fanin.kernels import fixed_fanin_fwd_grad
+
+            row_grad = options.row_grad if options.row_grad is not None else 1.0 / max(1, x.shape[0])
+            out, grads = fixed_fanin_fwd_grad(
+                x, weight, index, bias, group=options.group, loss=options.loss.value, row_grad=row_grad,
+                tiles_per_program=options.tiles_per_program,
+            )  # fmt: skip
+            ctx.fused = (row_grad, grads)
+        else:
+            out = _layer_forward(x, weight, index, bias, options)
         if samples.numel() == 0:
             positive = x.new_empty(0, dtype=torch.float32)
         else:
@@ -199,7 +229,17 @@ class FixedFaninFunction(torch.autograd.Function):
         if grad is None:  # only the positives are used: the layer's own output contributes nothing
             dense = options.loss is FaninLoss.NONE
             grad = x.new_zeros(x.shape[0], weight.shape[0]) if dense else x.new_zeros(x.shape[0]).float()
-        grads = _layer_backward(x, weight, index, bias, grad.contiguous(), lse, options)
+        if ctx.fused is not None:
+            from megaclass.ops.fixed_fanin.kernels import fixed_fanin_grad_finish
+
+            row_grad, fused = ctx.fused
+            ctx.fused = None  # finished in place: a second backward pass recomputes
+            grads = fixed_fanin_grad_finish(
+                x, weight, index, bias, group=options.group, loss=options.loss.value, grad=grad,
+                row_grad=row_grad, grads=fused, tiles_per_program=options.tiles_per_program,
+            )  # fmt: skip
+        else:
+            grads = _layer_backward(x, weight, index, bias, grad.contiguous(), lse, options)
         if grad_pos is not None and samples.numel() > 0:
             _add_positive_grads(grad_pos, x, weight, index, samples, labels, options.group, grads)
         grad_x, grad_w, grad_b = grads

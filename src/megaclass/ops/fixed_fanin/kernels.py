@@ -3,31 +3,47 @@
 The kernels work on ``xT (D, B)``, the inputs transposed once per call, so every gathered input column is
 ``B`` contiguous values (one coalesced read) and a tile of logits is ``zT (labels, B)``.
 
-* Per-label indices (``DOT=False``): a program owns ``BLOCK_C`` labels; for each ``k`` it gathers the rows
+* Per-label indices (``DOT=False``): a tile is ``BLOCK_C`` labels; for each ``k`` it gathers the rows
   ``xT[idx[c, k], :]`` of its labels and accumulates ``w[c, k] * xT[idx[c, k], b]`` on CUDA cores (SPARTEX).
-* Grouped indices (``DOT=True``, ``G >= 16`` a power of two): the ``G`` labels of a group share one index row,
-  so the group's ``(G, BLOCK_K)`` weight tile meets the ``(BLOCK_K, B)`` gathered inputs in a ``tl.dot`` on
-  tensor cores in the inputs' precision (bf16 features under autocast meet fp32 master weights cast to bf16;
-  fp32 accumulation; HASTE's grouping). fp32 features keep an exact fp32 dot.
+* Grouped indices (``DOT=True``: ``G >= 16`` a power of two, ``K <= 256``): a tile is one group of ``G``
+  labels sharing one index row, so its ``(G, K)`` weight tile meets the ``(K, B)`` gathered inputs in one
+  ``tl.dot`` on tensor cores in the inputs' precision (bf16 features under autocast meet fp32 master weights
+  cast to bf16; fp32 accumulation; HASTE's grouping). fp32 features keep an exact fp32 dot.
 
-Fused losses never keep ``B x C`` logits: the forward pass writes per-(program, row) partials (a sum of the
-negative-target loss ``l(z, 0)`` for BCE and squared hinge; a running max and sum of exponentials for softmax,
-merged into a log-sum-exp as in online softmax, arXiv 1805.02867) and the backward pass recomputes each tile's
-logits to form ``dL/dz`` in registers. Positive targets are a sparse correction done outside (``L`` entries).
+A program serves ``TILES`` consecutive tiles (``tiles_per_program``: more work per program and a tile loop
+the compiler pipelines, the next tile's gathers in flight while this one computes) and keeps its per-row
+partials in registers across them: one ``(B,)`` row per program, not per tile.
 
-Backward, without atomics: a program writes its labels' weight gradient ``gw[c, k] = sum_b dz[b, c] x[b,
-idx[c, k]]`` (it owns those rows) and, for the input gradient, one buffer row per connection: the group's
-``gxT[k, b] = sum_j w[gG + j, k] dz[b, gG + j]`` (grouped) or the label's ``dz[b, c]`` (per-label). A second
-kernel reduces the buffer by input column over the connections sorted by column (``columns.py``, cached per
-topology): ``dx[b, d] = sum_{(r, k) -> d} scale * buf[r, b]``, a deterministic segmented sum. Labels go
-through the buffer in chunks of at most ``_CHUNK_ROWS`` rows, which bounds its memory. Offsets into the
-weights, the index and the buffer are int64: nothing assumes ``C * K < 2^31``; gathers from ``xT`` use int32
-(the launchers require ``B * D < 2^31``).
+Where the bytes go (fp32 weights, bf16 features, ``B`` 128, ``K = G`` 32): per label the weights are ``4K``
+bytes, the index ``4K / G``, the gathered inputs ``2KB / G`` from L2 (``xT`` is ``2DB`` bytes, L2-resident),
+the input-gradient buffer ``2KB / G`` written and read again. The floor of a fused BCE step is one read of the
+weights and one write of their gradient (``8CK`` bytes) plus the buffer (``4CKB / G``): 0.5 GB at
+``C`` 2.8M, some 0.12 ms on an H200. BCE and squared hinge therefore compute everything in the forward pass
+(``fixed_fanin_fwd_grad``): logits, the row values, ``dL/dz = r * l'(z, 0)`` at the row gradient ``r`` the
+caller expects (the mean over samples: ``1 / B``), the weight and bias gradients and the input-gradient
+buffer, reduced to ``dx`` before the pass returns; the weights and gathers are read once. Backward
+(``fixed_fanin_grad_finish``) scales ``dx`` by ``actual / expected`` per row (exact for any row gradient,
+``dx`` is linear in each row's ``dL/dz``) and, decided on the device without a host sync: nothing when the
+row gradient is the expected one, one scaling pass over the weight gradient when it is uniform but another
+value, a recomputation of the weight gradient when it differs between rows. Softmax needs the log-sum-exp
+first: its forward writes per-(program, row) partials (running max and sum of exponentials, merged as in
+online softmax, arXiv 1805.02867) and its backward recomputes each tile's logits (``fixed_fanin_bwd``).
+Positive targets are a sparse correction done outside (``L`` entries).
+
+Input gradient, without atomics: a tile writes one buffer row per connection, the group's ``gxT[k, b] =
+sum_j w[gG + j, k] dz[b, gG + j]`` (grouped) or the label's ``dz[b, c]`` (per-label); a second kernel reduces
+the buffer by input column over the connections sorted by column (``columns.py``, cached per topology):
+``dx[b, d] = sum_{(r, k) -> d} scale * buf[r, b]``, a deterministic segmented sum. Labels go through the
+buffer in chunks of at most ``_CHUNK_ROWS`` rows, which bounds its memory. Offsets into the weights, the
+index and the buffer are int64: nothing assumes ``C * K < 2^31``; gathers from ``xT`` use int32 (the launchers
+require ``B * D < 2^31``). Weight and bias gradients are written once per tile in the parameters' dtype
+(bf16 weights get bf16 gradients without an fp32 copy), from fp32 accumulators.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -36,15 +52,26 @@ import triton.language as tl
 from megaclass.ops import autotune_enabled
 from megaclass.ops.fixed_fanin.columns import column_order
 
-__all__ = ["LOSS_CODES", "fixed_fanin_bwd", "fixed_fanin_fwd"]
+__all__ = [
+    "LOSS_CODES",
+    "fixed_fanin_bwd",
+    "fixed_fanin_fwd",
+    "fixed_fanin_fwd_grad",
+    "fixed_fanin_grad_finish",
+    "tiles_per_program",
+]
 
 LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
-_BLOCK_C = 32  # labels per program in the per-label kernels
-_BLOCK_K = 32  # fan-in slice per tl.dot in the grouped kernels
+_BLOCK_C = 32  # labels per tile in the per-label kernels
+_MAX_BLOCK_B = 128  # batch rows per block of a tile
+_MAX_DOT_K = 256  # the grouped kernels hold a group's whole (G, K) weight tile
+_MAX_TILES = 8  # tiles per program, at most
+_MIN_PROGRAMS = 4096  # programs kept when grouping tiles: some 2 waves of 16 programs on 132 SMs
 _BLOCK_J = 32  # connections per step of the input-gradient reduction
-# untuned launch configs: what MEGACLASS_AUTOTUNE=1 picked on an H100 (B = 128, K = 32, G = 16 and 32, bf16):
-# no software pipelining for the one-slice fan-in loops, 8 warps for the column reduction
-_TILE_LAUNCH = {"num_warps": 4, "num_stages": 1}
+_SCALE_BLOCK = 4096  # elements per program of the gated scaling
+# untuned launch configs: 4 warps for the tiles (2 stages: the tile loop keeps the next gathers in flight),
+# what MEGACLASS_AUTOTUNE=1 picked on an H100 for the column reduction (8 warps)
+_TILE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 _DX_LAUNCH = {"BLOCK_J": _BLOCK_J, "num_warps": 8, "num_stages": 3}
 _CHUNK_ROWS = 1 << 19  # buffer rows per chunk of labels: (rows, B), 128 MiB at B = 128 in bf16
 
@@ -60,8 +87,19 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_t(
-    XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, offs_b, mask_b,
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even; UPCAST (the CPU interpreter, whose fp32 -> bf16 cast truncates)
+    rounds the bits first, as the GPU's cast does."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tile_logits(
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
     stride_xtd, K,
     GROUP: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -69,23 +107,21 @@ def _logits_t(
 ):  # fmt: skip
     """zT (BLOCK_C, BLOCK_B) fp32 = sum_k w[c, k] xT[idx[c // G, k], b] (+ bias[c])."""
     w_rows = offs_c * K  # weight (C, K) contiguous; offs_c is int64
-    acc = tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32)
-    if DOT:  # the tile is one group: index row `tile`
-        offs_kk = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + offs_kk
-            mask_k = offs_k < K
-            cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
-            xg = tl.load(
-                XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
-                mask=mask_k[:, None] & mask_b[None, :],
-                other=0.0,
-            )  # (BLOCK_K, BLOCK_B)
-            wt = tl.load(
-                W_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0
-            )  # (G, BLOCK_K)
-            acc = _dot(wt.to(xg.dtype), xg, acc, PRECISION, UPCAST)
+    if DOT:  # the tile is one group, index row `tile`, its whole fan-in in one slice (BLOCK_K >= K)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = (offs_k < K) & (tile * BLOCK_C + offs_k * 0 < label_stop)  # a tile past the launch: none
+        cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
+        xg = tl.load(
+            XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
+            mask=mask_k[:, None] & mask_b[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_B)
+        wt = tl.load(
+            W_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0
+        )  # (G, BLOCK_K)
+        acc = _dot(wt.to(xg.dtype), xg, tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32), PRECISION, UPCAST)
     else:
+        acc = tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32)
         i_rows = (offs_c // GROUP) * K
         mask = mask_c[:, None] & mask_b[None, :]
         for k in range(0, K):
@@ -99,151 +135,270 @@ def _logits_t(
 
 
 @triton.jit
-def _negative_loss(z, LOSS: tl.constexpr):
-    """l(z, 0): BCE softplus(z) = max(z, 0) + log(1 + exp(-|z|)); squared hinge max(0, 1 + z)^2."""
+def _negative_loss_grad(z, LOSS: tl.constexpr):
+    """l(z, 0) and dl(z, 0)/dz. BCE: softplus(z) = max(z, 0) + log(1 + e) and sigmoid(z) = (z >= 0 ? 1 :
+    e) / (1 + e) with e = exp(-|z|), one exponential for both; squared hinge: max(0, 1 + z)^2 and
+    2 max(0, 1 + z)."""
     if LOSS == 1:
-        return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        e = tl.exp(-tl.abs(z))
+        loss = tl.maximum(z, 0.0) + tl.log(1.0 + e)
+        grad = tl.where(z >= 0, 1.0, e) / (1.0 + e)
     else:
         h = tl.maximum(1.0 + z, 0.0)
-        return h * h
+        loss = h * h
+        grad = 2.0 * h
+    return loss, grad
 
 
 @triton.jit
-def _negative_grad(z, LOSS: tl.constexpr):
-    """dl(z, 0)/dz: BCE sigmoid(z); squared hinge 2 max(0, 1 + z)."""
-    if LOSS == 1:
-        return 1.0 / (1.0 + tl.exp(-z))
-    else:
-        return 2.0 * tl.maximum(1.0 + z, 0.0)
+def _add_slot(acc, value, slot, NB: tl.constexpr):
+    """acc (NB, BLOCK_B) with ``value (BLOCK_B,)`` added to row ``slot`` (the batch block)."""
+    return acc + tl.where(tl.arange(0, NB)[:, None] == slot, value[None, :], 0.0)
+
+
+@triton.jit
+def _merge_lse(run_max, run_sum, z, mask, slot, NB: tl.constexpr):
+    """Online softmax: the running (max, sum exp(z - max)) of row ``slot`` merged with this tile's logits; a
+    tile with no valid label in a row leaves it unchanged (max -inf, sum 0)."""
+    z = tl.where(mask, z, float("-inf"))
+    tile_max = tl.max(z, axis=0)
+    safe_tile_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    tile_sum = tl.sum(tl.exp(z - safe_tile_max[None, :]), axis=0)
+    is_slot = tl.arange(0, NB)[:, None] == slot
+    new_max = tl.where(is_slot, tl.maximum(run_max, tile_max[None, :]), run_max)
+    safe_new_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    candidate = run_sum * tl.exp(run_max - safe_new_max) + tile_sum[None, :] * tl.exp(
+        tile_max[None, :] - safe_new_max
+    )
+    return new_max, tl.where(is_slot, candidate, run_sum)
+
+
+@triton.jit
+def _dot_tile_grads(
+    XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop, buf_row0, offs_b, mask_b,
+    stride_xtd, stride_bufr, K,
+    WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Grouped tile: gw (G, BLOCK_K) + dz @ xg^T, and (WRITE_BUF) the buffer rows gxT = w^T dz of its K
+    connections, at rows buf_row0 + k."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = (offs_k < K) & (tile * BLOCK_C + offs_k * 0 < label_stop)  # a tile past the launch: none
+    cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
+    mask_kb = mask_k[:, None] & mask_b[None, :]
+    xg = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask_kb, other=0.0)
+    dz_c = _cast(dz, xg.dtype, UPCAST)
+    gw = _dot(dz_c, tl.trans(xg), gw, PRECISION, UPCAST)
+    if WRITE_BUF:
+        w_ptrs = W_ptr + offs_c[:, None] * K + offs_k[None, :]
+        wt = tl.load(w_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)  # (G, BLOCK_K)
+        zero = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+        gx = _dot(tl.trans(wt.to(xg.dtype)), dz_c, zero, PRECISION, UPCAST)  # (BLOCK_K, BLOCK_B)
+        buf_ptrs = Buf_ptr + (buf_row0 + offs_k)[:, None] * stride_bufr + offs_b[None, :]
+        tl.store(buf_ptrs, _cast(gx, Buf_ptr.dtype.element_ty, UPCAST), mask=mask_kb)
+    return gw
+
+
+@triton.jit
+def _label_tile_grads(
+    XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, buf_row0, offs_b, mask_b, block,
+    stride_xtd, stride_bufr, K,
+    GROUP: tl.constexpr, WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Per-label tile: gw[c, k] (+)= sum_b dz[b, c] x[b, idx[c, k]] (stored; added to the earlier batch
+    blocks' sum when block > 0) and (WRITE_BUF) the labels' dz rows into the buffer at rows buf_row0 + j."""
+    mask = mask_c[:, None] & mask_b[None, :]
+    if WRITE_BUF:
+        rows = buf_row0 + tl.arange(0, BLOCK_C)
+        tl.store(
+            Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :],
+            _cast(dz, Buf_ptr.dtype.element_ty, UPCAST),
+            mask=mask,
+        )
+    w_rows = offs_c * K
+    i_rows = (offs_c // GROUP) * K
+    for k in range(0, K):
+        cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0)
+        xv = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask, other=0.0)
+        gw = tl.sum(dz * xv.to(tl.float32), axis=1)
+        if block > 0:
+            gw += tl.load(GW_ptr + w_rows + k, mask=mask_c, other=0.0).to(tl.float32)
+        tl.store(GW_ptr + w_rows + k, _cast(gw, GW_ptr.dtype.element_ty, UPCAST), mask=mask_c)
 
 
 @triton.jit
 def _fixed_fanin_fwd_kernel(
-    XT_ptr, W_ptr, I_ptr, Bias_ptr, Y_ptr, PartA_ptr, PartB_ptr,
-    stride_xtd, stride_yb,
-    B, C, K,
-    GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, Y_ptr, PartA_ptr, PartB_ptr, Buf_ptr, GW_ptr, GBias_ptr,
+    stride_xtd, stride_yb, stride_bufr,
+    B, K, tile_start, label_stop, row_grad,
+    GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TILES: tl.constexpr, B_BLOCKS: tl.constexpr, NB: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """LOSS 0: store y (B, C). Else partials (programs, B): BCE/hinge row sums of l(z, 0) into PartA;
-    softmax the tile's row max into PartA and sum exp(z - max) into PartB."""
-    tile = tl.program_id(0).to(tl.int64)
-    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        z = _logits_t(
-            XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, offs_b, mask_b, stride_xtd, K,
-            GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
-        )  # fmt: skip
-        mask = mask_c[:, None] & mask_b[None, :]
-        part = PartA_ptr + tile * B + offs_b
-        if LOSS == 0:
-            y_ptrs = Y_ptr + offs_b.to(tl.int64)[None, :] * stride_yb + offs_c[:, None]
-            tl.store(y_ptrs, z.to(Y_ptr.dtype.element_ty), mask=mask)
-        elif LOSS == 3:
-            z = tl.where(mask, z, float("-inf"))
-            row_max = tl.max(z, axis=0)
-            row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-            tl.store(part, row_max, mask=mask_b)
-            tl.store(PartB_ptr + tile * B + offs_b, tl.sum(tl.exp(z - row_max[None, :]), axis=0), mask=mask_b)
-        else:
-            tl.store(part, tl.sum(tl.where(mask, _negative_loss(z, LOSS), 0.0), axis=0), mask=mask_b)
+    """Tiles tile_start + pid * TILES + t, t < TILES, labels below label_stop. LOSS 0: store y (B, C).
+    Else per-row partials of the program, at row pid + tile_start / TILES of (programs, B): BCE/hinge sums
+    of l(z, 0) into PartA; softmax the running max into PartA and sum of exp(z - max) into PartB. GRAD
+    (BCE/hinge): also dz = row_grad * l'(z, 0), the tiles' weight and bias gradients and their
+    input-gradient buffer rows, counted from tile_start."""
+    program = tl.program_id(0).to(tl.int64)
+    first = tile_start + program * TILES
+    offs_bb = tl.arange(0, BLOCK_B)
+    if LOSS == 3:
+        part_a = tl.full((NB, BLOCK_B), float("-inf"), tl.float32)
+    else:
+        part_a = tl.zeros((NB, BLOCK_B), tl.float32)
+    part_b = tl.zeros((NB, BLOCK_B), tl.float32)
+    for t in range(0, TILES):
+        tile = first + t
+        offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < label_stop
+        gw = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
+        gbias = tl.zeros((BLOCK_C,), tl.float32)
+        for block in range(0, B_BLOCKS):
+            offs_b = block * BLOCK_B + offs_bb
+            mask_b = offs_b < B
+            z = _tile_logits(
+                XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
+                stride_xtd, K, GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+            )  # fmt: skip
+            mask = mask_c[:, None] & mask_b[None, :]
+            if LOSS == 0:
+                y_ptrs = Y_ptr + offs_b.to(tl.int64)[None, :] * stride_yb + offs_c[:, None]
+                tl.store(y_ptrs, z.to(Y_ptr.dtype.element_ty), mask=mask)
+            elif LOSS == 3:
+                part_a, part_b = _merge_lse(part_a, part_b, z, mask, block, NB)
+            else:
+                loss, grad = _negative_loss_grad(z, LOSS)
+                part_a = _add_slot(part_a, tl.sum(tl.where(mask, loss, 0.0), axis=0), block, NB)
+                if GRAD:
+                    dz = tl.where(mask, grad * row_grad, 0.0)
+                    gbias += tl.sum(dz, axis=1)
+                    if DOT:
+                        gw = _dot_tile_grads(
+                            XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop,
+                            (tile - tile_start) * K, offs_b, mask_b, stride_xtd, stride_bufr, K,
+                            True, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+                        )  # fmt: skip
+                    else:
+                        _label_tile_grads(
+                            XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
+                            offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, True, BLOCK_C, UPCAST,
+                        )  # fmt: skip
+        if GRAD:
+            _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
+    if LOSS != 0:
+        part_row = program + tile_start // TILES
+        offs = tl.arange(0, NB)[:, None] * BLOCK_B + offs_bb[None, :]  # (NB, BLOCK_B) batch rows
+        tl.store(PartA_ptr + part_row * B + offs, part_a, mask=offs < B)
+        if LOSS == 3:
+            tl.store(PartB_ptr + part_row * B + offs, part_b, mask=offs < B)
 
 
 @triton.jit
-def _grad_t(
-    XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, offs_c, mask_c, tile, offs_b, mask_b,
-    stride_xtd, stride_dyb, K,
-    GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+def _store_tile_grads(
+    GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K,
+    DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dzT (BLOCK_C, BLOCK_B) fp32, zero outside the tile: dy (LOSS 0) or g_b * dl/dz from recomputed z."""
-    mask = mask_c[:, None] & mask_b[None, :]
-    if LOSS == 0:
-        dy_ptrs = DY_ptr + offs_b.to(tl.int64)[None, :] * stride_dyb + offs_c[:, None]
-        return tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-    z = _logits_t(
-        XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, offs_b, mask_b, stride_xtd, K,
-        GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
-    )  # fmt: skip
-    g_row = tl.load(GRow_ptr + offs_b, mask=mask_b, other=0.0)
-    if LOSS == 3:
-        lse = tl.load(Lse_ptr + offs_b, mask=mask_b, other=0.0)
-        dz = tl.exp(z - lse[None, :]) * g_row[None, :]  # softmax probability times d loss / d lse
-    else:
-        dz = _negative_grad(z, LOSS) * g_row[None, :]
-    return tl.where(mask, dz, 0.0)
+    """A tile's weight gradient (grouped: from registers; per-label tiles stored theirs per k) and bias
+    gradient, in the parameters' dtypes."""
+    if DOT:
+        offs_k = tl.arange(0, BLOCK_K)
+        gw_ptrs = GW_ptr + offs_c[:, None] * K + offs_k[None, :]
+        tl.store(
+            gw_ptrs, _cast(gw, GW_ptr.dtype.element_ty, UPCAST), mask=mask_c[:, None] & (offs_k < K)[None, :]
+        )
+    if HAS_BIAS:
+        tl.store(GBias_ptr + offs_c, _cast(gbias, GBias_ptr.dtype.element_ty, UPCAST), mask=mask_c)
+
+
+@triton.jit
+def _bwd_tiles(
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, Buf_ptr, GW_ptr, GBias_ptr,
+    stride_xtd, stride_dyb, stride_bufr,
+    B, K, tile_start, label_stop,
+    GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WRITE_BUF: tl.constexpr, TILES: tl.constexpr, B_BLOCKS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The program's tiles: dz = dy (LOSS 0) or g_b * dl/dz from recomputed z, then gw, gbias and (WRITE_BUF)
+    the buffer rows."""
+    first = tile_start + tl.program_id(0).to(tl.int64) * TILES
+    for t in range(0, TILES):
+        tile = first + t
+        offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < label_stop
+        gw = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
+        gbias = tl.zeros((BLOCK_C,), tl.float32)
+        for block in range(0, B_BLOCKS):
+            offs_b = block * BLOCK_B + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < B
+            mask = mask_c[:, None] & mask_b[None, :]
+            if LOSS == 0:
+                dy_ptrs = DY_ptr + offs_b.to(tl.int64)[None, :] * stride_dyb + offs_c[:, None]
+                dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                z = _tile_logits(
+                    XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
+                    stride_xtd, K, GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+                )  # fmt: skip
+                g_row = tl.load(GRow_ptr + offs_b, mask=mask_b, other=0.0)
+                if LOSS == 3:
+                    lse = tl.load(Lse_ptr + offs_b, mask=mask_b, other=0.0)
+                    dz = tl.exp(z - lse[None, :]) * g_row[None, :]  # softmax probability times d loss / d lse
+                else:
+                    dz = _negative_loss_grad(z, LOSS)[1] * g_row[None, :]
+                dz = tl.where(mask, dz, 0.0)
+            gbias += tl.sum(dz, axis=1)
+            if DOT:
+                gw = _dot_tile_grads(
+                    XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop,
+                    (tile - tile_start) * K, offs_b, mask_b, stride_xtd, stride_bufr, K,
+                    WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+                )  # fmt: skip
+            else:
+                _label_tile_grads(
+                    XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
+                    offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, WRITE_BUF, BLOCK_C, UPCAST,
+                )  # fmt: skip
+        _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
 
 
 @triton.jit
 def _fixed_fanin_bwd_kernel(
-    XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, Buf_ptr, GW_ptr, GBias_ptr,
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, Gate_ptr, Buf_ptr, GW_ptr, GBias_ptr,
     stride_xtd, stride_dyb, stride_bufr,
-    B, C, K, first_tile,
+    B, K, tile_start, label_stop,
     GROUP: tl.constexpr, DOT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    GATED: tl.constexpr, TILES: tl.constexpr, B_BLOCKS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Tile first_tile + pid: gw[c, k] = sum_b dz[b, c] x[b, idx[c, k]] and gbias[c] = sum_b dz[b, c] (this
-    program's rows); buffer rows for dx: gxT[k, b] = sum_{c in group} w[c, k] dz[b, c] per connection (DOT),
-    or dz[b, c] per label, at rows counted from the chunk's first tile."""
-    tile = first_tile + tl.program_id(0).to(tl.int64)
-    offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    w_rows = offs_c * K
-    gbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
-        dz = _grad_t(
-            XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, offs_c, mask_c, tile, offs_b, mask_b,
-            stride_xtd, stride_dyb, K,
-            GROUP, DOT, LOSS, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+    """Weight and bias gradients of the program's tiles and their input-gradient buffer rows. GATED: only the
+    weight and bias gradients (the input gradient is known), and only when gate[0] != 0 (decided on the
+    device: the row gradient differs between rows)."""
+    if GATED:
+        if tl.load(Gate_ptr) != 0:
+            _bwd_tiles(
+                XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, Buf_ptr, GW_ptr, GBias_ptr,
+                stride_xtd, stride_dyb, stride_bufr, B, K, tile_start, label_stop,
+                GROUP, DOT, LOSS, HAS_BIAS, False, TILES, B_BLOCKS, BLOCK_B, BLOCK_C, BLOCK_K,
+                PRECISION, UPCAST,
+            )  # fmt: skip
+    else:
+        _bwd_tiles(
+            XT_ptr, W_ptr, I_ptr, Bias_ptr, DY_ptr, Lse_ptr, GRow_ptr, Buf_ptr, GW_ptr, GBias_ptr,
+            stride_xtd, stride_dyb, stride_bufr, B, K, tile_start, label_stop,
+            GROUP, DOT, LOSS, HAS_BIAS, True, TILES, B_BLOCKS, BLOCK_B, BLOCK_C, BLOCK_K, PRECISION, UPCAST,
         )  # fmt: skip
-        gbias += tl.sum(dz, axis=1)
-        if DOT:
-            offs_kk = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + offs_kk
-                mask_k = offs_k < K
-                cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
-                mask_kb = mask_k[:, None] & mask_b[None, :]
-                xg = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask_kb, other=0.0)
-                mask_ck = mask_c[:, None] & mask_k[None, :]
-                wt = tl.load(W_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_ck, other=0.0)  # (G, BK)
-                dz_c = dz.to(xg.dtype)
-                gw = _dot(dz_c, tl.trans(xg), tl.zeros((BLOCK_C, BLOCK_K), tl.float32), PRECISION, UPCAST)
-                gw_ptrs = GW_ptr + w_rows[:, None] + offs_k[None, :]
-                if b0 > 0:
-                    gw += tl.load(gw_ptrs, mask=mask_ck, other=0.0)
-                tl.store(gw_ptrs, gw, mask=mask_ck)
-                zero = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-                gx = _dot(tl.trans(wt.to(xg.dtype)), dz_c, zero, PRECISION, UPCAST)  # (BLOCK_K, BLOCK_B)
-                rows = (tile - first_tile) * K + offs_k
-                buf_ptrs = Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :]
-                tl.store(buf_ptrs, gx.to(Buf_ptr.dtype.element_ty), mask=mask_kb)
-        else:
-            rows = offs_c - first_tile * BLOCK_C
-            buf_ptrs = Buf_ptr + rows[:, None] * stride_bufr + offs_b[None, :]
-            tl.store(buf_ptrs, dz.to(Buf_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_b[None, :])
-            i_rows = (offs_c // GROUP) * K
-            for k in range(0, K):
-                cols = tl.load(I_ptr + i_rows + k, mask=mask_c, other=0)
-                xv = tl.load(
-                    XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
-                    mask=mask_c[:, None] & mask_b[None, :],
-                    other=0.0,
-                )
-                gw = tl.sum(dz * xv.to(tl.float32), axis=1)
-                if b0 > 0:
-                    gw += tl.load(GW_ptr + w_rows + k, mask=mask_c, other=0.0)
-                tl.store(GW_ptr + w_rows + k, gw, mask=mask_c)
-    if HAS_BIAS:
-        tl.store(GBias_ptr + offs_c, gbias, mask=mask_c)
+
+
+@triton.jit
+def _gated_scale_kernel(X_ptr, Gate_ptr, Scale_ptr, N, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """x *= scale[0] in place when gate[0] != 0 (the row gradient is uniform but not the expected one)."""
+    if tl.load(Gate_ptr) != 0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(X_ptr + offs, _cast(x * tl.load(Scale_ptr), X_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -284,12 +439,15 @@ def _fixed_fanin_dx_kernel(
     tl.store(gx_ptrs, dx, mask=mask_b)
 
 
-_TILE_KEY = ["B", "K", "GROUP", "DOT", "LOSS", "HAS_BIAS", "BLOCK_B", "PRECISION"]
+_TILE_KEY = ["B", "K", "GROUP", "DOT", "LOSS", "HAS_BIAS", "TILES", "B_BLOCKS", "BLOCK_B", "PRECISION"]
 _WARPS_STAGES = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
-# MEGACLASS_AUTOTUNE=1: time these launch configs once per key (the kernels write fresh outputs, so repeated
-# runs while tuning are harmless; the dx kernel accumulates into GX across chunks, restored between runs)
-_fwd_tuned = triton.autotune(_WARPS_STAGES, key=_TILE_KEY)(_fixed_fanin_fwd_kernel)
-_bwd_tuned = triton.autotune(_WARPS_STAGES, key=_TILE_KEY)(_fixed_fanin_bwd_kernel)
+# MEGACLASS_AUTOTUNE=1: time these launch configs once per key (the tile kernels write fresh outputs, so
+# repeated runs while tuning are harmless; the dx kernel accumulates into GX across chunks, restored between
+# runs; the gated backward rewrites the weight gradient in place, restored too)
+_fwd_tuned = triton.autotune(_WARPS_STAGES, key=[*_TILE_KEY, "GRAD"])(_fixed_fanin_fwd_kernel)
+_bwd_tuned = triton.autotune(_WARPS_STAGES, key=[*_TILE_KEY, "GATED"], restore_value=["GW_ptr", "GBias_ptr"])(
+    _fixed_fanin_bwd_kernel
+)
 _dx_tuned = triton.autotune(
     [triton.Config({"BLOCK_J": j}, num_warps=w) for j in (16, 32, 64) for w in (4, 8)],
     key=["B", "SCALED", "BLOCK_B"],
@@ -297,11 +455,62 @@ _dx_tuned = triton.autotune(
 )(_fixed_fanin_dx_kernel)
 
 
-def _launch_config(batch: int, group: int) -> dict[str, int | bool]:
-    """Tile sizes: grouped kernel for power-of-two ``G >= 16`` (one group per program), else per-label."""
-    dot = group >= 16 and group & (group - 1) == 0
-    block_b = max(16, min(128, triton.next_power_of_2(batch)))
-    return {"DOT": dot, "BLOCK_B": block_b, "BLOCK_C": group if dot else _BLOCK_C, "BLOCK_K": _BLOCK_K}
+def tiles_per_program(tiles: int) -> int:
+    """Tiles one program serves: the largest power of two up to 8 that still leaves 4096 programs (a few
+    waves of resident programs on a large GPU), so small layers keep one tile per program."""
+    per_program = 1
+    while per_program < _MAX_TILES and tiles >= 2 * per_program * _MIN_PROGRAMS:
+        per_program *= 2
+    return per_program
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Tiles of one call: per-label or grouped, batch blocks, tiles per program, chunks of the buffer."""
+
+    dot: bool
+    block_b: int
+    b_blocks: int
+    block_c: int
+    block_k: int
+    tiles: int
+    per_program: int
+    rows_per_tile: int  # input-gradient buffer rows of a tile: K connections (grouped) or its labels
+
+    def constexprs(self) -> dict[str, int | bool]:
+        return {
+            "DOT": self.dot,
+            "TILES": self.per_program,
+            "B_BLOCKS": self.b_blocks,
+            "BLOCK_B": self.block_b,
+            "BLOCK_C": self.block_c,
+            "BLOCK_K": self.block_k,
+        }
+
+    def tiles_per_chunk(self, chunk_rows: int) -> int:
+        """Tiles per chunk of the buffer: a multiple of the tiles per program (so a chunk's programs start
+        at tile_start / TILES), at least one program's."""
+        tiles = chunk_rows // self.rows_per_tile
+        return max(self.per_program, tiles // self.per_program * self.per_program)
+
+
+def _geometry(batch: int, classes: int, fan_in: int, group: int, per_program: int) -> _Geometry:
+    """Grouped tiles for power-of-two ``G >= 16`` and ``K <= 256`` (one group per tile), else per-label;
+    ``per_program`` 0 picks :func:`tiles_per_program`."""
+    dot = group >= 16 and group & (group - 1) == 0 and fan_in <= _MAX_DOT_K
+    block_b = max(16, min(_MAX_BLOCK_B, triton.next_power_of_2(max(batch, 1))))
+    block_c = group if dot else _BLOCK_C
+    tiles = triton.cdiv(classes, block_c)
+    return _Geometry(
+        dot=dot,
+        block_b=block_b,
+        b_blocks=triton.cdiv(batch, block_b),
+        block_c=block_c,
+        block_k=max(16, triton.next_power_of_2(fan_in)) if dot else 16,
+        tiles=tiles,
+        per_program=per_program or tiles_per_program(tiles),
+        rows_per_tile=fan_in if dot else block_c,
+    )
 
 
 def _dot_mode(x: torch.Tensor) -> tuple[str, bool]:
@@ -324,6 +533,57 @@ def _check(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, bias: tor
         raise ValueError("bias must be contiguous (C,)")
 
 
+def _grad_w_target(geometry: _Geometry, weight: torch.Tensor) -> torch.Tensor:
+    """Where the kernels write the weight gradient: in the weights' dtype, except per-label tiles over several
+    batch blocks with low-precision weights, which add block to block in an fp32 one."""
+    fp32 = not geometry.dot and geometry.b_blocks > 1
+    return torch.empty_like(weight, dtype=torch.float32 if fp32 else weight.dtype)
+
+
+def _launch_tiles(forward: bool, grid: int, args: tuple, constexprs: dict) -> None:
+    """The forward or backward tile kernel, tuned (MEGACLASS_AUTOTUNE=1) or with the fixed launch config."""
+    if forward:
+        kernel, launch = (_fwd_tuned, {}) if autotune_enabled() else (_fixed_fanin_fwd_kernel, _TILE_LAUNCH)
+    else:
+        kernel, launch = (_bwd_tuned, {}) if autotune_enabled() else (_fixed_fanin_bwd_kernel, _TILE_LAUNCH)
+    kernel[(grid,)](*args, **constexprs, **launch)
+
+
+def _tiles_then_columns(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    geometry: _Geometry,
+    group: int,
+    chunk_rows: int,
+    launch_chunk,
+) -> torch.Tensor:
+    """dx ``(B, D)`` fp32: chunk by chunk of tiles, ``launch_chunk(tile_start, tile_stop, buf)`` writes the
+    chunk's buffer rows, then the column kernel adds them into dx by input column."""
+    batch, dim, classes = x.shape[0], x.shape[1], weight.shape[0]
+    per_chunk = geometry.tiles_per_chunk(chunk_rows)
+    order = column_order(
+        index, classes=classes, group=group, dim=dim, per_label=not geometry.dot,
+        rows_per_chunk=per_chunk * (1 if geometry.dot else geometry.block_c),
+    )  # fmt: skip
+    buf_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    rows = min(geometry.tiles, per_chunk) * geometry.rows_per_tile
+    buf = torch.empty(rows, batch, dtype=buf_dtype, device=x.device)
+    grad_x = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
+    block_b = max(16, min(_MAX_BLOCK_B, triton.next_power_of_2(batch)))
+    dx_kernel, dx_launch = (_dx_tuned, {}) if autotune_enabled() else (_fixed_fanin_dx_kernel, _DX_LAUNCH)
+    for chunk in range(order.chunks):
+        start = chunk * per_chunk
+        launch_chunk(start, min(start + per_chunk, geometry.tiles), buf)
+        dx_kernel[(dim, triton.cdiv(batch, block_b))](
+            buf, order.perm, order.colptr[chunk * dim :], weight, grad_x,
+            buf.stride(0), grad_x.stride(0),
+            batch, weight.shape[1], start * geometry.rows_per_tile,
+            SCALED=not geometry.dot, ACCUMULATE=chunk > 0, BLOCK_B=block_b, **dx_launch,
+        )  # fmt: skip
+    return grad_x
+
+
 def fixed_fanin_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -332,14 +592,21 @@ def fixed_fanin_fwd(
     *,
     group: int,
     loss: str,
+    tiles_per_program: int = 0,
 ) -> torch.Tensor:
     """Logits ``(B, C)`` in ``x``'s dtype (``loss="none"``) or fp32 row values ``(B,)``: the sum over labels
-    of ``l(z, 0)`` (``bce``, ``hinge``) or the log-sum-exp over labels (``softmax``)."""
+    of ``l(z, 0)`` (``bce``, ``hinge``) or the log-sum-exp over labels (``softmax``).
+
+    Args:
+        tiles_per_program: tiles (label groups, or blocks of 32 labels) per program; 0 picks by size.
+    """
     _check(x, weight, index, bias)
     batch, (classes, fan_in) = x.shape[0], weight.shape
-    config = _launch_config(batch, group)
-    programs = triton.cdiv(classes, config["BLOCK_C"])
     code = LOSS_CODES[loss]
+    if batch == 0:
+        return x.new_empty(0, classes) if code == 0 else x.new_empty(0, dtype=torch.float32)
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    programs = triton.cdiv(geometry.tiles, geometry.per_program)
     x_t = x.t().contiguous()  # (D, B): a gathered input column is B contiguous values
     # outputs a mode does not write are stand-ins pointing at a live tensor (Triton rejects null pointers)
     if code == 0:
@@ -350,20 +617,134 @@ def fixed_fanin_fwd(
         part_b = torch.empty(programs, batch, dtype=torch.float32, device=x.device) if code == 3 else part_a
         y = part_a
     precision, upcast = _dot_mode(x)
-    kernel, launch = (_fwd_tuned, {}) if autotune_enabled() else (_fixed_fanin_fwd_kernel, _TILE_LAUNCH)
-    kernel[(programs,)](
-        x_t, weight, index, bias if bias is not None else weight, y, part_a, part_b,
-        x_t.stride(0), y.stride(0) if code == 0 else 0,
-        batch, classes, fan_in,
-        GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast,
-        **config, **launch,
+    args = (
+        x_t, weight, index, bias if bias is not None else weight, y, part_a, part_b, weight, weight, weight,
+        x_t.stride(0), y.stride(0) if code == 0 else 0, 0,
+        batch, fan_in, 0, classes, 1.0,
     )  # fmt: skip
+    constexprs = {
+        "GROUP": group, "LOSS": code, "GRAD": False, "HAS_BIAS": bias is not None,
+        "NB": triton.next_power_of_2(geometry.b_blocks), "PRECISION": precision, "UPCAST": upcast,
+        **geometry.constexprs(),
+    }  # fmt: skip
+    _launch_tiles(True, programs, args, constexprs)
     if code == 0:
         return y
-    if code == 3:  # merge tile log-sum-exps: lse = m + log(sum_t s_t exp(m_t - m))
+    if code == 3:  # merge program log-sum-exps: lse = m + log(sum_p s_p exp(m_p - m))
         row_max = part_a.max(0).values
         return row_max + torch.log((part_b * torch.exp(part_a - row_max)).sum(0))
     return part_a.sum(0)
+
+
+def fixed_fanin_fwd_grad(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    group: int,
+    loss: str,
+    row_grad: float,
+    tiles_per_program: int = 0,
+    chunk_rows: int = _CHUNK_ROWS,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """BCE or squared-hinge row values ``(B,)`` fp32 and, in the same pass, the gradients they would get if
+    every row's gradient were ``row_grad``: ``(dx (B, D) fp32, dweight, dbias)``, to be finished by
+    :func:`fixed_fanin_grad_finish` with the actual row gradient. ``dweight`` is in the weights' dtype (fp32
+    for per-label tiles over several batch blocks), ``dbias`` in the bias's.
+    """
+    _check(x, weight, index, bias)
+    code = LOSS_CODES[loss]
+    if code not in (1, 2):
+        raise ValueError(f"loss: expected 'bce' or 'hinge' for gradients in the forward pass, got {loss!r}")
+    batch, (classes, fan_in) = x.shape[0], weight.shape
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    grad_w = _grad_w_target(geometry, weight)
+    grad_b = torch.empty_like(bias) if bias is not None else None
+    if batch == 0:
+        zeros_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        grad_b = grad_b.zero_() if grad_b is not None else None
+        return x.new_empty(0, dtype=torch.float32), (zeros_x, grad_w.zero_(), grad_b)
+    part_a = torch.empty(triton.cdiv(geometry.tiles, geometry.per_program), batch, device=x.device)
+    x_t = x.t().contiguous()  # (D, B)
+    precision, upcast = _dot_mode(x)
+    constexprs = {
+        "GROUP": group, "LOSS": code, "GRAD": True, "HAS_BIAS": bias is not None,
+        "NB": triton.next_power_of_2(geometry.b_blocks), "PRECISION": precision, "UPCAST": upcast,
+        **geometry.constexprs(),
+    }  # fmt: skip
+
+    def launch_chunk(tile_start: int, tile_stop: int, buf: torch.Tensor) -> None:
+        args = (
+            x_t, weight, index, bias if bias is not None else weight, part_a, part_a, part_a, buf, grad_w,
+            grad_b if grad_b is not None else grad_w,
+            x_t.stride(0), 0, buf.stride(0),
+            batch, fan_in, tile_start, min(classes, tile_stop * geometry.block_c), row_grad,
+        )  # fmt: skip
+        _launch_tiles(True, triton.cdiv(tile_stop - tile_start, geometry.per_program), args, constexprs)
+
+    grad_x = _tiles_then_columns(x, index, weight, geometry, group, chunk_rows, launch_chunk)
+    return part_a.sum(0), (grad_x, grad_w, grad_b)
+
+
+def _gated_scale(tensor: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor) -> None:
+    flat = tensor.view(-1)
+    grid = (triton.cdiv(flat.numel(), _SCALE_BLOCK),)
+    _gated_scale_kernel[grid](
+        flat, gate, scale, flat.numel(), BLOCK=_SCALE_BLOCK, UPCAST=_dot_mode(tensor)[1]
+    )
+
+
+def fixed_fanin_grad_finish(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    group: int,
+    loss: str,
+    grad: torch.Tensor,
+    row_grad: float,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    tiles_per_program: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dx, dweight, dbias)`` in the inputs' dtypes from the gradients of :func:`fixed_fanin_fwd_grad` at
+    ``row_grad`` and the actual ``grad (B,)``, without a host sync; updates ``grads``' tensors in place.
+
+    ``dx`` is scaled per row by ``grad / row_grad`` (exact: it is linear in each row's ``dL/dz``); the weight
+    and bias gradients are kept when every row got ``row_grad``, scaled by a kernel gated on the device when
+    the rows agree on another value, and recomputed by the gated backward kernel when they differ.
+    """
+    _check(x, weight, index, bias)
+    batch, (classes, fan_in) = x.shape[0], weight.shape
+    grad_x, grad_w, grad_b = grads
+    ratio = grad.float().contiguous() / row_grad  # (B,)
+    grad_x = (grad_x * ratio[:, None]).to(x.dtype)
+    if batch == 0:
+        return grad_x, grad_w.to(weight.dtype), grad_b
+    first = ratio[:1]
+    uniform = (ratio == first).all()
+    rescale = (uniform & (first != 1.0)).to(torch.int32)  # (1,)
+    recompute = (~uniform).to(torch.int32).reshape(1)
+    _gated_scale(grad_w, rescale, first)
+    if grad_b is not None:
+        _gated_scale(grad_b, rescale, first)
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    x_t = x.t().contiguous()  # (D, B)
+    precision, upcast = _dot_mode(x)
+    g_row = grad.float().contiguous()
+    args = (
+        x_t, weight, index, bias if bias is not None else weight, g_row, g_row, g_row, recompute, weight,
+        grad_w, grad_b if grad_b is not None else grad_w,
+        x_t.stride(0), 0, 0,
+        batch, fan_in, 0, classes,
+    )  # fmt: skip
+    constexprs = {
+        "GROUP": group, "LOSS": LOSS_CODES[loss], "HAS_BIAS": bias is not None, "GATED": True,
+        "PRECISION": precision, "UPCAST": upcast, **geometry.constexprs(),
+    }  # fmt: skip
+    _launch_tiles(False, triton.cdiv(geometry.tiles, geometry.per_program), args, constexprs)
+    return grad_x, grad_w.to(weight.dtype), grad_b
 
 
 def fixed_fanin_bwd(
@@ -377,56 +758,41 @@ def fixed_fanin_bwd(
     grad: torch.Tensor,
     lse: torch.Tensor | None = None,
     chunk_rows: int = _CHUNK_ROWS,
+    tiles_per_program: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients ``(dx, dweight, dbias)`` in the inputs' dtypes.
+    """Gradients ``(dx, dweight, dbias)`` in the inputs' dtypes, recomputing each tile's logits.
 
     Args:
         grad: ``dL/dy (B, C)`` for ``loss="none"``, else ``dL/d row value (B,)``.
         lse: ``(B,)`` log-sum-exp from the forward pass, for ``softmax``.
         chunk_rows: rows of the ``(rows, B)`` input-gradient buffer per chunk of labels (its memory bound).
+        tiles_per_program: as in :func:`fixed_fanin_fwd`.
     """
     _check(x, weight, index, bias)
-    batch, dim, (classes, fan_in) = x.shape[0], x.shape[1], weight.shape
-    config = _launch_config(batch, group)
-    dot, block_c = bool(config["DOT"]), int(config["BLOCK_C"])
-    tiles = triton.cdiv(classes, block_c)
-    tiles_per_chunk = max(1, chunk_rows // (fan_in if dot else block_c))
-    # per-label: chunks of labels, rows = labels; grouped: chunks of groups (= tiles), rows = connections
-    order = column_order(
-        index, classes=classes, group=group, dim=dim, per_label=not dot,
-        rows_per_chunk=tiles_per_chunk * (1 if dot else block_c),
-    )  # fmt: skip
+    batch, (classes, fan_in) = x.shape[0], weight.shape
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    grad_w = _grad_w_target(geometry, weight)
+    grad_b = torch.empty_like(bias) if bias is not None else None
+    if batch == 0:
+        grad_b = grad_b.zero_() if grad_b is not None else None
+        return torch.zeros_like(x), grad_w.zero_().to(weight.dtype), grad_b
     code = LOSS_CODES[loss]
     grad = grad.contiguous() if code == 0 else grad.float().contiguous()
     x_t = x.t().contiguous()  # (D, B)
-    buf_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    rows_per_tile = fan_in if dot else block_c
-    buf = torch.empty(min(tiles, tiles_per_chunk) * rows_per_tile, batch, dtype=buf_dtype, device=x.device)
-    grad_x = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
-    grad_w = torch.empty(classes, fan_in, dtype=torch.float32, device=x.device)
-    grad_b = torch.empty(classes, dtype=torch.float32, device=x.device) if bias is not None else None
     precision, upcast = _dot_mode(x)
-    block_b_dx = max(16, min(128, triton.next_power_of_2(batch)))
-    tune = autotune_enabled()
-    bwd_kernel, bwd_launch = (_bwd_tuned, {}) if tune else (_fixed_fanin_bwd_kernel, _TILE_LAUNCH)
-    dx_kernel, dx_launch = (_dx_tuned, {}) if tune else (_fixed_fanin_dx_kernel, _DX_LAUNCH)
-    for chunk in range(order.chunks):
-        first = chunk * tiles_per_chunk
-        count = min(tiles_per_chunk, tiles - first)
-        bwd_kernel[(count,)](
-            x_t, weight, index, bias if bias is not None else weight,
-            grad, lse if lse is not None else grad, grad, buf, grad_w,
-            grad_b if grad_b is not None else grad_w,
+    constexprs = {
+        "GROUP": group, "LOSS": code, "HAS_BIAS": bias is not None, "GATED": False,
+        "PRECISION": precision, "UPCAST": upcast, **geometry.constexprs(),
+    }  # fmt: skip
+
+    def launch_chunk(tile_start: int, tile_stop: int, buf: torch.Tensor) -> None:
+        args = (
+            x_t, weight, index, bias if bias is not None else weight, grad, lse if lse is not None else grad,
+            grad, grad, buf, grad_w, grad_b if grad_b is not None else grad_w,
             x_t.stride(0), grad.stride(0) if code == 0 else 0, buf.stride(0),
-            batch, classes, fan_in, first,
-            GROUP=group, LOSS=code, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast, **config,
-            **bwd_launch,
+            batch, fan_in, tile_start, min(classes, tile_stop * geometry.block_c),
         )  # fmt: skip
-        dx_kernel[(dim, triton.cdiv(batch, block_b_dx))](
-            buf, order.perm, order.colptr[chunk * dim :], weight, grad_x,
-            buf.stride(0), grad_x.stride(0),
-            batch, fan_in, first * rows_per_tile,
-            SCALED=not dot, ACCUMULATE=chunk > 0, BLOCK_B=block_b_dx, **dx_launch,
-        )  # fmt: skip
-    grad_b = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None
+        _launch_tiles(False, triton.cdiv(tile_stop - tile_start, geometry.per_program), args, constexprs)
+
+    grad_x = _tiles_then_columns(x, index, weight, geometry, group, chunk_rows, launch_chunk)
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b

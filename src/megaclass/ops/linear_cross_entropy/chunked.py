@@ -81,6 +81,9 @@ class TorchChunkedBackend:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
 
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
+        return False  # backward recomputes each chunk's logits
+
     def _chunk(self, x: Tensor) -> int:
         return self.chunk_size or chunk_size_for(x.shape[0], x.shape[1], x.element_size())
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -249,10 +249,34 @@ class DenseBackend(Protocol):
         excluded classes."""
         ...
 
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
+        """Whether the forward pass computes the gradients too (then this is a :class:`FusingBackend`)."""
+        ...
+
+
+class FusingBackend(DenseBackend, Protocol):
+    """A backend that computes bce / squared hinge gradients in the forward pass: ``G = coef_b g'(z)`` needs
+    no statistic of the whole row, and ``coef`` (the reduction's row weights) is known before the backward
+    pass; the incoming gradient scales the result afterwards."""
+
+    def reduce_and_grads(
+        self, dense: DenseOperands, coef: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+        """``reduce(dense)`` and ``grads(dense, _, coef)`` in one pass over the classes."""
+        ...
+
+    def scale_grads(self, grads: tuple[Tensor, Tensor, Tensor | None], factor: Tensor) -> None:
+        """Multiply ``grads`` in place by the 1-element ``factor`` without a host sync."""
+        ...
+
 
 class LinearLossFunction(torch.autograd.Function):
     """Fused ``x @ weight.T (+ bias)`` and loss; saves only ``(B,)`` statistics and ``(L,)`` positive logits,
-    and recomputes the logits chunk by chunk in backward through ``backend``."""
+    and recomputes the logits chunk by chunk in backward through ``backend``.
+
+    When the backend fuses the gradient (bce / squared hinge on Triton) and an input needs one, the forward
+    pass keeps the dense part's gradients at the row weights instead, and the backward pass scales them by
+    the incoming gradient on the device; a second backward pass through the same graph recomputes them."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -264,13 +288,18 @@ class LinearLossFunction(torch.autograd.Function):
         indices: Tensor,
         options: LinearLossOptions,
         backend: DenseBackend,
+        grad_enabled: bool,
     ) -> Tensor:
         targets = RaggedLabels(indptr, indices)
         coef = row_coefficients(targets, options)
         z_pos = positive_logits(x, weight, bias, targets, options)
         dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
+        ctx.fused = None
         with torch.autocast(x.device.type, enabled=False):  # compute dtype is x.dtype, chosen by the caller
-            reduced = backend.reduce(dense)
+            if grad_enabled and any(ctx.needs_input_grad[:3]) and backend.fuses_gradient(dense):
+                reduced, ctx.fused = cast(FusingBackend, backend).reduce_and_grads(dense, coef)
+            else:
+                reduced = backend.reduce(dense)
         loss, stat = assemble_loss(reduced, z_pos, targets, coef, options)
         ctx.save_for_backward(x, weight, bias, indptr, indices, coef, stat, z_pos)
         ctx.options, ctx.backend = options, backend
@@ -283,10 +312,14 @@ class LinearLossFunction(torch.autograd.Function):
         targets = RaggedLabels(indptr, indices)
         coef = coef * grad_loss.float()  # device-side scale: no host sync
         dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
-        with torch.autocast(x.device.type, enabled=False):
-            grads = ctx.backend.grads(dense, stat, coef)
+        if ctx.fused is not None:
+            grads, ctx.fused = ctx.fused, None  # scaled in place: a second backward pass recomputes
+            cast(FusingBackend, ctx.backend).scale_grads(grads, grad_loss)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                grads = ctx.backend.grads(dense, stat, coef)
         dz_pos = positive_grad(z_pos, stat, targets, coef, options)
-        return (*input_grads(grads, dense, targets, dz_pos), None, None, None, None)
+        return (*input_grads(grads, dense, targets, dz_pos), None, None, None, None, None)
 
 
 def prepare_inputs(
@@ -316,4 +349,7 @@ def linear_loss_apply(
 ) -> Tensor:
     """Validate, normalise ``x`` for a cosine margin (plain autograd), run :class:`LinearLossFunction`."""
     x, ragged = prepare_inputs(x, weight, targets, bias, options, weight.shape[0])
-    return LinearLossFunction.apply(x, weight, bias, ragged.indptr, ragged.indices, options, backend)
+    grad_enabled = torch.is_grad_enabled()  # inside forward grad mode is off; needs_input_grad ignores it
+    return LinearLossFunction.apply(
+        x, weight, bias, ragged.indptr, ragged.indices, options, backend, grad_enabled
+    )

@@ -5,12 +5,14 @@ Triton itself is imported inside the op bodies, when a kernel first runs. (No po
 ``custom_op`` reads the signature's types at registration.)
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from megaclass.ops.linear_cross_entropy.common import DenseOperands, LinearLossOptions, LossKind
 
-__all__ = ["TritonBackend", "linear_loss_bwd", "linear_loss_fwd"]
+__all__ = ["TritonBackend", "gated_scale_", "linear_loss_bwd", "linear_loss_fwd", "linear_loss_fwd_grads"]
 
 
 @torch.library.custom_op("megaclass::linear_loss_fwd", mutates_args=())
@@ -63,8 +65,81 @@ def _(x, weight, bias, exclude, lse, coef, loss, scale):  # the op's arguments; 
     )
 
 
+@torch.library.custom_op("megaclass::linear_loss_fwd_grads", mutates_args=())
+def linear_loss_fwd_grads(
+    x: Tensor, weight: Tensor, bias: Tensor | None, coef: Tensor, loss: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bce / squared hinge: ``(reduced (B,), dx, dW, dbias or (0,))`` float32 in one pass over ``W``, the
+    gradients at the row weights ``coef``."""
+    from megaclass.ops.linear_cross_entropy import kernels
+
+    reduced, grad_x, grad_weight, grad_bias = kernels.linear_loss_fwd_grads(x, weight, bias, coef, loss=loss)
+    if grad_bias is None:
+        grad_bias = x.new_empty(0, dtype=torch.float32)
+    return reduced, grad_x, grad_weight, grad_bias
+
+
+@linear_loss_fwd_grads.register_fake
+def _(x, weight, bias, coef, loss):  # the op's arguments; their types are the op's
+    classes = weight.shape[0] if bias is not None else 0
+    return (
+        x.new_empty(x.shape[0], dtype=torch.float32),
+        x.new_empty(x.shape, dtype=torch.float32),
+        weight.new_empty(weight.shape, dtype=torch.float32),
+        x.new_empty(classes, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("megaclass::gated_scale_", mutates_args=("values",))
+def gated_scale_(values: Tensor, factor: Tensor) -> None:
+    """``values *= factor`` in place (contiguous float32), skipped on the device when ``factor == 1``."""
+    from megaclass.ops.linear_cross_entropy import kernels
+
+    kernels.gated_scale_(values, factor)
+
+
+@gated_scale_.register_fake
+def _(values, factor):
+    return None
+
+
+@dataclass(frozen=True)
 class TritonBackend:
-    """Dense part over all classes in the Triton kernels of :mod:`.kernels`."""
+    """Dense part over all classes in the Triton kernels of :mod:`.kernels`.
+
+    Args:
+        fuse_gradient: bce / squared hinge compute their gradients in the forward pass (one pass over ``W``
+            for both; fp32 and bf16 features); False recomputes the logits in backward as softmax does (the
+            slower schedule, kept to measure against: ``benchmarks/heads.py``).
+    """
+
+    fuse_gradient: bool = True
+
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
+        # fp16 keeps G at the row weights (1/B) until backward scales it: values that an AMP loss scale
+        # would keep above fp16's smallest subnormal could round to 0 there; bf16 has fp32's exponent range
+        return (
+            self.fuse_gradient
+            and dense.options.loss is not LossKind.SOFTMAX
+            and dense.x.dtype != torch.float16
+        )
+
+    def reduce_and_grads(
+        self, dense: DenseOperands, coef: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+        x, weight, bias, _, options = dense
+        reduced, grad_x, grad_weight, grad_bias = linear_loss_fwd_grads(
+            x, weight, bias, coef.contiguous(), options.loss.value
+        )
+        return reduced, (grad_x, grad_weight, grad_bias if bias is not None else None)
+
+    def scale_grads(self, grads: tuple[Tensor, Tensor, Tensor | None], factor: Tensor) -> None:
+        grad_x, grad_weight, grad_bias = grads
+        factor = factor.float().reshape(1)
+        grad_x.mul_(factor)  # (B, D): small, scaled unconditionally
+        gated_scale_(grad_weight, factor)
+        if grad_bias is not None:
+            gated_scale_(grad_bias, factor)
 
     def reduce(self, dense: DenseOperands) -> Tensor:
         x, weight, bias, exclude, options = dense

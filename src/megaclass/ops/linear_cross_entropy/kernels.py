@@ -16,6 +16,12 @@ forms ``G = coef_b g'(z)`` (``g'`` = ``exp(z - lse_b)``, ``sigmoid(z)`` or ``2 r
 ``dx += G_chunk @ W_chunk`` as a split-K matmul over ``(D blocks, splits)`` whose per-split partials are
 summed in PyTorch: no atomics on ``dx`` (one fused kernel would need ``C / BLOCK_C x B x D`` of them), each
 kernel reads ``W`` once. Offsets are int64: ``C x D`` may pass 2^31 elements.
+
+Gradient in the forward pass (bce, squared hinge: ``G`` needs no row statistic, and the row weights of a
+``mean`` or ``sum`` are known ahead): :func:`linear_loss_fwd_grads` runs the two backward kernels in the
+forward pass, the ``dW`` kernel also reducing its logit tile into the per-row loss; the backward pass then
+only scales the gradients by the incoming one, on the device (:func:`gated_scale_`, a no-op at 1). Forward and
+backward together read ``W`` twice instead of three times.
 """
 
 from __future__ import annotations
@@ -182,22 +188,26 @@ def _linear_loss_bwd_dw_kernel(
     DW_ptr,
     DBIAS_ptr,
     G_ptr,
+    RED_ptr,
     stride_xb,
     stride_xd,
     stride_wc,
     stride_wd,
     stride_dwc,
     stride_gb,
+    stride_rb,
     B,
     D,
     chunk_start,
     chunk_stop,
+    tile_base,
     scale,
     LOSS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COSINE: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
     ATOMIC_DW: tl.constexpr,
+    REDUCE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -208,7 +218,10 @@ def _linear_loss_bwd_dw_kernel(
 
     Rebuilds the logit tile (the only read of ``W`` outside COSINE), forms ``G = coef_b g'(z)``, writes
     ``dW_tile = G^T x`` (and ``dbias``) and stores ``G`` in the input dtype into the ``(B, chunk)`` scratch
-    that :func:`_linear_loss_bwd_dx_kernel` multiplies by ``W``."""
+    that :func:`_linear_loss_bwd_dx_kernel` multiplies by ``W``. REDUCE (bce, squared hinge: the gradient in
+    the forward pass) also writes the tile's per-row loss sum, ``sum softplus(z)`` or ``sum relu(1 + z)^2``,
+    to column ``tile_base + c`` of the ``(B, tiles)`` partials: the forward kernel's reduction, from the same
+    logit tile."""
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -225,6 +238,13 @@ def _linear_loss_bwd_dw_kernel(
     if HAS_EXCLUDE:
         exclude = tl.load(EXCLUDE_ptr + offs_b, mask=mask_b, other=-1).to(tl.int64)
         valid = valid & (offs_c.to(tl.int64)[None, :] != exclude[:, None])
+    if REDUCE:
+        if LOSS == 1:
+            term = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))  # softplus, stable for any z
+        else:
+            term = tl.maximum(1.0 + z, 0.0) * tl.maximum(1.0 + z, 0.0)
+        partial = offs_b.to(tl.int64) * stride_rb + tile_base + pid_c
+        tl.store(RED_ptr + partial, tl.sum(tl.where(valid, term, 0.0), axis=1), mask=mask_b)
     coef = tl.load(COEF_ptr + offs_b, mask=mask_b, other=0.0)
     if LOSS == 0:
         lse = tl.load(LSE_ptr + offs_b, mask=mask_b, other=0.0)
@@ -320,6 +340,16 @@ def _linear_loss_bwd_dx_kernel(
     tl.store(out, acc, mask=mask_b[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _gated_scale_kernel(VALUES_ptr, FACTOR_ptr, N, BLOCK: tl.constexpr):
+    """``values *= factor[0]`` unless ``factor[0] == 1``: then the program returns before touching memory."""
+    factor = tl.load(FACTOR_ptr)
+    if factor != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        tl.store(VALUES_ptr + offs, tl.load(VALUES_ptr + offs, mask=mask) * factor, mask=mask)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and launch options of one kernel launch (``BLOCK_B`` follows the batch size)."""
@@ -350,6 +380,7 @@ DX_CANDIDATES = (
     LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=4),
     LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
 )
+SCALE_BLOCK = 4096  # elements per program of the gated scaling
 SCRATCH_BYTES = 2**26  # G scratch of one super-chunk, (B, chunk) in the input dtype: 64 MiB at most
 MIN_CHUNK, MAX_CHUNK = 2**12, 2**18  # super-chunk classes: enough work per launch, bounded memory
 INTERPRETER_CONFIG = LaunchConfig(block_c=16, block_d=16, num_warps=1, num_stages=1)  # CPU: small and quick
@@ -467,6 +498,50 @@ def linear_loss_bwd(
             already multiplied by the incoming gradient.
         chunk_classes: classes per super-chunk; None picks :func:`chunk_classes_for`.
     """
+    grad_x, grad_weight, grad_bias, _ = _dense_grads(
+        x, weight, bias, exclude, lse, coef, loss=loss, scale=scale, chunk_classes=chunk_classes, reduce=False
+    )
+    return grad_x, grad_weight, grad_bias
+
+
+def linear_loss_fwd_grads(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    coef: Tensor,
+    *,
+    loss: str,
+    chunk_classes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """bce / squared hinge in one pass over ``W``: ``(reduced (B,), dx, dW, dbias or None)``, all float32.
+
+    These losses' ``d loss / d z = coef_b g'(z)`` needs no statistic of the whole row (softmax needs its lse),
+    so the forward pass computes the dense part's gradients at the row weights ``coef`` while it reduces:
+    the kernels of :func:`linear_loss_bwd`, the logit tile of ``dW`` also giving its per-row loss sums. The
+    ``W`` reads of a forward and a backward pass become one (see ``benchmarks/heads.py`` for the floor).
+    """
+    if loss not in ("bce", "squared_hinge"):
+        raise ValueError(f"loss: the gradient in the forward pass needs bce or squared_hinge, got {loss!r}")
+    grad_x, grad_weight, grad_bias, reduced = _dense_grads(
+        x, weight, bias, None, coef, coef, loss=loss, scale=0.0, chunk_classes=chunk_classes, reduce=True
+    )
+    return reduced, grad_x, grad_weight, grad_bias
+
+
+def _dense_grads(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    exclude: Tensor | None,
+    lse: Tensor,
+    coef: Tensor,
+    *,
+    loss: str,
+    scale: float,
+    chunk_classes: int | None,
+    reduce: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`linear_loss_bwd`'s gradients and, with ``reduce``, the ``(B,)`` per-row loss sums."""
     batch, dim = x.shape
     classes = weight.shape[0]
     block_b = _block_b(x)
@@ -476,11 +551,15 @@ def linear_loss_bwd(
     grad_weight = make(classes, dim, dtype=torch.float32, device=x.device)
     grad_bias = None if bias is None else make(classes, dtype=torch.float32, device=x.device)
     grad_x = torch.zeros(batch, dim, dtype=torch.float32, device=x.device)
-    if batch == 0:
-        return grad_x, grad_weight, grad_bias
     chunk = chunk_classes or chunk_classes_for(batch, x.element_size())
     if chunk < 1:
         raise ValueError(f"chunk_classes must be >= 1, got {chunk}")
+    # (B, tiles) per-tile loss sums: a column per class tile of every super-chunk, at the smallest tile
+    min_block_c = min(config.block_c for config in (*DW_CANDIDATES, INTERPRETER_CONFIG))
+    tiles = (classes // chunk) * triton.cdiv(chunk, min_block_c) + triton.cdiv(classes % chunk, min_block_c)
+    partials = torch.zeros(batch, tiles if reduce else 0, device=x.device)
+    if batch == 0:
+        return grad_x, grad_weight, grad_bias, partials.sum(dim=1) if reduce else None
     scratch = torch.empty(batch, min(chunk, classes), dtype=x.dtype, device=x.device)  # (B, chunk) G
     flags = {
         "LOSS": LOSS_IDS[loss],
@@ -488,24 +567,27 @@ def linear_loss_bwd(
         "COSINE": scale > 0,
         "HAS_EXCLUDE": exclude is not None,
         "ATOMIC_DW": atomic_dw,
+        "REDUCE": reduce,
     }
-    dw_key = ("bwd_dw", batch, classes, dim, x.dtype, weight.dtype, loss, scale > 0, bias is not None)
+    dw_key = ("bwd_dw", batch, classes, dim, x.dtype, weight.dtype, loss, scale > 0, bias is not None, reduce)
     dx_key = ("bwd_dx", batch, min(chunk, classes), dim, x.dtype, weight.dtype)
     for start in range(0, classes, chunk):
         stop = min(start + chunk, classes)
 
         def launch_dw(config: LaunchConfig, start: int = start, stop: int = stop) -> None:
+            tile_base = (start // chunk) * triton.cdiv(chunk, config.block_c)  # tiles of the chunks before
             _linear_loss_bwd_dw_kernel[(triton.cdiv(stop - start, config.block_c), row_blocks)](
-                x, weight, bias, exclude, lse, coef, grad_weight, grad_bias, scratch,
+                x, weight, bias, exclude, lse, coef, grad_weight, grad_bias, scratch, partials,
                 x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                grad_weight.stride(0), scratch.stride(0),
-                batch, dim, start, stop, scale,
+                grad_weight.stride(0), scratch.stride(0), partials.stride(0),
+                batch, dim, start, stop, tile_base, scale,
                 **flags, BLOCK_B=block_b, BLOCK_C=config.block_c, BLOCK_D=config.block_d,
                 INPUT_PRECISION=_input_precision(x), UPCAST_DOT=not x.is_cuda,
                 num_warps=config.num_warps, num_stages=config.num_stages,
             )  # fmt: skip
 
         def reset_dw() -> None:
+            partials.zero_()  # a config with larger tiles writes fewer columns
             if atomic_dw:
                 grad_weight.zero_()
                 if grad_bias is not None:
@@ -513,7 +595,17 @@ def linear_loss_bwd(
 
         launch_dw(_choose(dw_key, x, DW_CANDIDATES, launch_dw, reset_dw))
         grad_x += _chunk_grad_x(scratch[:, : stop - start], weight, start, block_b, dx_key)
-    return grad_x, grad_weight, grad_bias
+    return grad_x, grad_weight, grad_bias, partials.sum(dim=1) if reduce else None
+
+
+def gated_scale_(values: Tensor, factor: Tensor) -> None:
+    """``values *= factor`` in place, skipped on the device when ``factor == 1`` (no host sync: the decision
+    is the kernel's, so a CUDA graph captures it). ``values`` contiguous float32, ``factor`` a 1-element
+    float32 tensor."""
+    if values.numel() == 0:
+        return
+    grid = (triton.cdiv(values.numel(), SCALE_BLOCK),)
+    _gated_scale_kernel[grid](values, factor, values.numel(), BLOCK=SCALE_BLOCK)
 
 
 def _chunk_grad_x(g: Tensor, weight: Tensor, start: int, block_b: int, key: tuple) -> Tensor:

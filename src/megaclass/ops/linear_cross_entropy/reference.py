@@ -50,6 +50,9 @@ def _mask_excluded(values: Tensor, exclude: Tensor | None, start: int, fill: flo
 class ReferenceBackend:
     """Dense part over class chunks of ``options.chunk_size`` in plain PyTorch."""
 
+    def fuses_gradient(self, dense: DenseOperands) -> bool:
+        return False  # the plain schedule: every backward pass recomputes the logits
+
     def reduce(self, dense: DenseOperands) -> Tensor:
         x, weight, bias, exclude, options = dense
         classes = weight.shape[0]
