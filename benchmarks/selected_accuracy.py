@@ -126,7 +126,7 @@ def run_config(head: dict, *, args: argparse.Namespace, num_classes: int) -> dic
 
 def heads(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
     active = max(1, math.ceil(args.active * num_classes))
-    # the dense head's optimizer, applied lazily to the active rows
+    # the dense head's optimizer, applied to the active rows (catching up on the skipped steps)
     row_optimizer = {
         "kind": args.head_optimizer,
         "weight_decay": 0.0,

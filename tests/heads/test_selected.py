@@ -119,6 +119,24 @@ def test_after_step_applies_row_sgd_with_the_given_lr(store):
     assert torch.equal(after[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("store", ["gpu", "host"])
+def test_rows_catch_up_on_the_steps_before_their_first_update(store):
+    """Rows first active at global step 7 equal dense AdamW's after six zero-gradient steps and the seventh
+    (decay and bias correction of step 7): the head hands its global step to the row optimizer."""
+    optimizer = {"kind": "adamw", "weight_decay": 0.1, "betas": [0.0, 0.99]}  # no first moment: exact
+    head = _head(store=store, index="exact", optimizer=optimizer)
+    features, targets = torch.randn(5, 12), torch.randint(97, (5,))
+    head(features, targets).backward()
+    ids, rows = head._pending
+    reference = head.store.rows()[ids].clone().requires_grad_(True)
+    dense = torch.optim.AdamW([reference], lr=0.2, betas=(0.0, 0.99), weight_decay=0.1)
+    for step in range(1, 8):
+        reference.grad = rows.grad.clone() if step == 7 else torch.zeros_like(rows.grad)
+        dense.step()
+    head.after_step(7, 0.0, lr=0.2)
+    torch.testing.assert_close(head.store.rows()[ids], reference.detach())
+
+
 @pytest.mark.parametrize("margin", [None, "arcface"])
 @pytest.mark.parametrize("store", ["gpu", "host"])
 def test_topk_scores_all_classes(margin, store):

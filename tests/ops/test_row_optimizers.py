@@ -1,5 +1,8 @@
 """Row-sparse optimizers against torch.optim on the same rows; seeded initial rows against a plain draw."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -40,10 +43,14 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("global_steps", [False, True])
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kind.value}-m{c.momentum}-wd{c.weight_decay}")
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (33, 16)])
-def test_all_rows_touched_equals_torch_optim(config, shape):
-    """Touching every row every step reproduces the dense torch optimizer exactly (changing lr too)."""
+def test_all_rows_touched_equals_torch_optim(config, shape, lazy, global_steps):
+    """Touching every row every step reproduces the dense torch optimizer exactly (changing lr too), under
+    both rules, given the global step or not."""
+    config = dataclasses.replace(config, lazy=lazy)
     weight = torch.randn(shape, dtype=torch.float64)
     reference = weight.clone().requires_grad_(True)
     optimizer = _torch_optimizer(config, reference, lr=0.1)
@@ -56,7 +63,9 @@ def test_all_rows_touched_equals_torch_optim(config, shape):
             group["lr"] = lr
         reference.grad = grads.clone()
         optimizer.step()
-        apply_sparse_update_(weight, state, ids, grads[ids], lr=lr, config=config)
+        apply_sparse_update_(
+            weight, state, ids, grads[ids], lr=lr, config=config, step=step + 1 if global_steps else None
+        )
         torch.testing.assert_close(
             weight, reference.detach(), rtol=1e-9, atol=1e-9, msg=lambda m, step=step: f"step {step}: {m}"
         )
@@ -65,7 +74,7 @@ def test_all_rows_touched_equals_torch_optim(config, shape):
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "adagrad"])
 def test_lazy_untouched_rows_do_not_change(kind):
     """Rows not in ``ids`` keep their values and state; touched rows follow a per-row dense optimizer."""
-    config = RowOptimizerConfig(kind=kind, weight_decay=0.01)
+    config = RowOptimizerConfig(kind=kind, weight_decay=0.01, lazy=True)
     weight = torch.randn(10, 4, dtype=torch.float64)
     state = {k: v.double() for k, v in init_row_state(config, 10, 4).items()}
     references = {r: weight[r].clone().requires_grad_(True) for r in range(10)}
@@ -76,13 +85,112 @@ def test_lazy_untouched_rows_do_not_change(kind):
         for row, grad in zip(ids.tolist(), grads, strict=True):
             references[row].grad = grad.clone()
             optimizers[row].step()
-        apply_sparse_update_(weight, state, ids, grads, lr=0.1, config=config)
+        apply_sparse_update_(weight, state, ids, grads, lr=0.1, config=config, step=step + 1)
     for row, param in references.items():
         torch.testing.assert_close(
             weight[row], param.detach(), rtol=1e-9, atol=1e-9, msg=lambda m, row=row: f"row {row}: {m}"
         )
     if "step" in state:
         assert state["step"].tolist() == [3, 0, 0, 5, 0, 0, 0, 3, 0, 2]
+
+
+def _touched_on(schedule: list[list[int]]) -> list[torch.Tensor]:
+    return [torch.tensor(ids, dtype=torch.int64) for ids in schedule]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_catch_up_decay_equals_dense_decay_over_skipped_steps(kind):
+    """Rows touched now and then carry exactly the decay a dense optimizer applies with zero gradients on the
+    skipped steps (at a constant lr; under a schedule the skipped steps decay at the touching step's lr):
+    AdamW's decoupled decay with its second moment (no first moment: its tail is timed per touch), and SGD's
+    L2 decay without momentum."""
+    config = RowOptimizerConfig(kind=kind, momentum=0.0, betas=(0.0, 0.99), weight_decay=0.3)
+    schedule = [[0, 2], [2], [], [1, 2], [2], [0], [2], [], [0, 1, 2, 3]]  # row 3: first touched at the end
+    weight = torch.randn(4, 3, dtype=torch.float64)
+    reference = weight.clone().requires_grad_(True)
+    optimizer = _torch_optimizer(config, reference, lr=0.1)
+    state = {k: v.double() for k, v in init_row_state(config, 4, 3).items()}
+    lr = 0.1
+    for step, ids in enumerate(_touched_on(schedule)):
+        grads = torch.randn(ids.numel(), 3, dtype=torch.float64)
+        dense_grads = torch.zeros(4, 3, dtype=torch.float64).index_copy(0, ids, grads)
+        reference.grad = dense_grads
+        optimizer.step()
+        if ids.numel():
+            apply_sparse_update_(weight, state, ids, grads, lr=lr, config=config, step=step + 1)
+        # a touched row matches now; an untouched one once it catches up (the last step touches all rows)
+        torch.testing.assert_close(weight[ids], reference.detach()[ids], rtol=1e-9, atol=1e-9)
+    assert not torch.equal(weight, weight.new_zeros(()))
+
+
+def test_catch_up_second_moment_equals_dense_adam():
+    """Adam's second moment of rows touched now and then equals dense Adam's with zero gradients between."""
+    config = RowOptimizerConfig(kind="adam", betas=(0.9, 0.99))
+    schedule = [[0, 1], [1], [], [], [0, 1], [1], [0, 2], [0, 1, 2]]
+    weight = torch.randn(3, 5, dtype=torch.float64)
+    reference = weight.clone().requires_grad_(True)
+    optimizer = _torch_optimizer(config, reference, lr=0.01)
+    state = {k: v.double() for k, v in init_row_state(config, 3, 5).items()}
+    for step, ids in enumerate(_touched_on(schedule)):
+        grads = torch.randn(ids.numel(), 5, dtype=torch.float64)
+        reference.grad = torch.zeros(3, 5, dtype=torch.float64).index_copy(0, ids, grads)
+        optimizer.step()
+        if ids.numel():
+            apply_sparse_update_(weight, state, ids, grads, lr=0.01, config=config, step=step + 1)
+    torch.testing.assert_close(
+        state["exp_avg_sq"], optimizer.state[reference]["exp_avg_sq"], rtol=1e-12, atol=0
+    )
+    assert state["last_step"].tolist() == [8, 8, 8] and state["step"].tolist() == [4, 5, 2]
+
+
+def _distance_moved(config: RowOptimizerConfig, *, every: int, steps: int, dense: bool) -> float:
+    """How far a row with a constant gradient on one step in ``every`` (zero between) moves in ``steps``."""
+    weight = torch.zeros(1, 4, dtype=torch.float64)
+    gradient = torch.tensor([[1.0, -0.5, 0.25, 2.0]], dtype=torch.float64)
+    if dense:
+        param = weight.clone().requires_grad_(True)
+        optimizer = _torch_optimizer(config, param, lr=0.001)
+        for step in range(steps):
+            param.grad = gradient if step % every == 0 else torch.zeros_like(gradient)
+            optimizer.step()
+        return float(param.detach().norm())
+    state = {k: v.double() for k, v in init_row_state(config, 1, 4).items()}
+    for step in range(0, steps, every):
+        apply_sparse_update_(
+            weight, state, torch.tensor([0]), gradient, lr=0.001, config=config, step=step + 1
+        )
+    return float(weight.norm())
+
+
+@pytest.mark.parametrize("every", [5, 20])
+def test_catch_up_adam_moves_a_sparse_row_as_far_as_dense_adam(every):
+    """A row active on one step in ``every``: dense Adam moves it ``sqrt(every)`` times as far as lazy
+    Adam does; the catch-up rule moves it as far as dense Adam (within 15%: the moment's timing differs)."""
+    config = RowOptimizerConfig(kind="adam")
+    dense = _distance_moved(config, every=every, steps=2000, dense=True)
+    caught_up = _distance_moved(config, every=every, steps=2000, dense=False)
+    lazy = _distance_moved(dataclasses.replace(config, lazy=True), every=every, steps=2000, dense=False)
+    assert caught_up == pytest.approx(dense, rel=0.15)
+    assert lazy * math.sqrt(every) == pytest.approx(dense, rel=0.25)
+
+
+def test_catch_up_sgd_momentum_decay_rate():
+    """SGD with momentum and L2 decay: an untouched row shrinks at dense SGD's steady rate."""
+    config = RowOptimizerConfig(kind="sgd", momentum=0.9, weight_decay=0.01)
+    weight = torch.ones(1, 2, dtype=torch.float64)
+    param = weight.clone().requires_grad_(True)
+    optimizer = _torch_optimizer(config, param, lr=0.1)
+    state = {k: v.double() for k, v in init_row_state(config, 1, 2).items()}
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    for _ in range(1000):
+        param.grad = zero
+        optimizer.step()
+    apply_sparse_update_(weight, state, torch.tensor([0]), zero, lr=0.1, config=config, step=1000)
+    dense_log_shrink, caught_up_log_shrink = (
+        math.log(float(param[0, 0].detach())),
+        math.log(float(weight[0, 0])),
+    )
+    assert caught_up_log_shrink == pytest.approx(dense_log_shrink, rel=0.02)  # 1 - lr wd / (1 - mu): 10% off
 
 
 def test_config_errors():

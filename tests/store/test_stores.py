@@ -39,7 +39,7 @@ def test_sgd_momentum_every_row_equals_torch_sgd(spec):
 @pytest.mark.parametrize("spec", ["gpu", "host"])
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 def test_lazy_updates_and_state_round_trip(spec, kind):
-    config = RowOptimizerConfig(kind=kind, weight_decay=0.01)
+    config = RowOptimizerConfig(kind=kind, weight_decay=0.01, lazy=True)
     store = build_store(spec, num_rows=9, dim=4, device="cpu", optimizer=config, seed=1)
     dense = {r: store.rows()[r].clone().requires_grad_(True) for r in range(9)}
     optimizers = {
@@ -134,7 +134,7 @@ def test_bf16_sr_stores_deliver_float32_rows_and_agree(spec):
         dtype="bf16_sr",
     )
     assert store.rows().dtype == torch.bfloat16
-    assert store.held_bytes() == (40 * 8 * 2, 2 * 40 * 8 * 2 + 40 * 4)
+    assert store.held_bytes() == (40 * 8 * 2, 2 * 40 * 8 * 2 + 2 * 40 * 4)  # moments; step, last_step
     for step in range(1, 4):
         ids = torch.randperm(40)[:9]
         pulled = store.pull(ids)

@@ -82,8 +82,25 @@ def test_images_get_the_hfsoftmax_recipe_unless_the_types_are_chosen():
 
 def test_a_sampled_head_keeps_its_section_under_the_xmc_mlp_recipe():
     config, _ = _resolve(["head.sample_num=0.2"], head="partial_fc")
-    assert config.head == head_config({"type": "partial_fc", "sample_num": 0.2})
+    row_optimizer = {"kind": "adamw", "weight_decay": 0.05}  # optim.head's (below)
+    assert config.head == head_config({"type": "partial_fc", "sample_num": 0.2, "optimizer": row_optimizer})
     assert config.optim.encoder.lr == 0.005
+
+
+@pytest.mark.parametrize("head", ["selected", "partial_fc"])
+def test_a_sampled_head_trains_its_rows_with_the_head_optimizer(head):
+    """The rows get optim.head's scheduled lr, so optim.head's optimizer, unless head.optimizer is set."""
+    config, _ = _resolve(head=head, facts=TEXT_ONE_LABEL)
+    optimizer = config.head.optimizer
+    assert (optimizer.kind.value, optimizer.weight_decay, optimizer.betas) == ("adamw", 0.05, (0.9, 0.999))
+    assert not optimizer.lazy
+    overrides = ["optim.head.name=sgd", "optim.head.momentum=0.8", "optim.head.weight_decay=1e-4"]
+    optimizer = _resolve(overrides, head=head, facts=TEXT_ONE_LABEL)[0].head.optimizer
+    assert (optimizer.kind.value, optimizer.momentum, optimizer.weight_decay) == ("sgd", 0.8, 1e-4)
+    optimizer = _resolve(["head.optimizer.momentum=0.5"], head=head)[0].head.optimizer
+    assert (optimizer.kind.value, optimizer.momentum, optimizer.weight_decay) == ("sgd", 0.5, 0.0)
+    optimizer = _resolve(["head.optimizer={kind: adam}"], head=head)[0].head.optimizer
+    assert (optimizer.kind.value, optimizer.weight_decay) == ("adam", 0.0)
 
 
 def test_auto_values_are_written_out_from_the_data():

@@ -6,8 +6,10 @@
 Each step the active set is the batch's true classes, each sample's nearest classes by an index over the
 weight rows (pooled), and random classes up to exactly ``sample_num`` (Zhang et al., "Accelerated Training
 for Massive Classification via Dynamic Class Selection", AAAI 2018). Only those rows are pulled from the row
-store, get a gradient, and are updated (row-sparse SGD with momentum, or lazy Adam) in :meth:`after_step`
-with the scheduled learning rate. The index is rebuilt every ``interval`` steps from the current rows.
+store, get a gradient, and are updated in :meth:`after_step` with the scheduled learning rate and the global
+step, by a row-sparse optimizer that catches a row up on the decay and second moment of the steps it sat out
+(:mod:`megaclass.ops.row_optimizers`; the command line's recipe makes it ``optim.head``'s optimizer). The
+index is rebuilt every ``interval`` steps from the current rows.
 
 Beyond the original, switchable: a GPU index that rebuilds in milliseconds (``index=gpu``); rows in pinned
 host memory (``store=host``); a sampling correction ``log(1/q)`` on the randomly filled logits
@@ -85,6 +87,7 @@ class SelectedHeadConfig:
     store_dtype: Literal["float32", "bf16_sr"] = "float32"  # bf16_sr: rows and row-optimizer state in bf16,
     # updated with stochastic rounding (half the bytes; gpu and host stores)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
+    # (the command line's recipe sets optim.head's: the rows get its lr)
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace over the active set
     warmup_random_steps: int = 0  # steps with random classes only, before the first index build
     logq_correction: bool = False  # add log(1/q) to randomly filled logits (sampled-softmax correction)

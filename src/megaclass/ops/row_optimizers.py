@@ -4,11 +4,24 @@ seeded initial rows every row store draws.
 A store keeps, beside its ``(C, D)`` rows, a state dict of same-leading-dimension tensors (momentum buffers,
 Adam moments, per-row step counts). A step gathers the touched rows and their state, calls
 :func:`apply_row_update_` on the gathered slices, and writes them back; :func:`apply_sparse_update_` does the
-three at once for rows held in one tensor. Untouched rows get no momentum, no decay and no step count, which
-is the lazy behaviour of HF-Softmax's SGD and of ``torch.optim.SparseAdam`` (with per-row bias correction).
+three at once for rows held in one tensor.
 
-When every row is touched every step the updates equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` /
-``Adagrad`` on the dense matrix (tests check it).
+A row sits out the steps it is not active. Two rules for those steps (``RowOptimizerConfig.lazy``):
+
+- ``lazy=False`` (the default): at its next touch a row catches up on what a dense optimizer would have done
+  to it over the skipped steps with a zero gradient, where that has a closed form: decoupled weight decay
+  (AdamW) ``(1 - lr wd)^k``, SGD's L2 decay at the steady rate it has through the momentum buffer, and
+  Adam's second moment ``v b2^k`` with the bias correction of the global step. The first moment / momentum
+  buffer stays a per-touch average (its whole tail is paid on the row's next touches, the total a dense
+  optimizer pays over the skipped steps). Without this, a row active on a share ``p`` of the steps moves
+  ``sqrt(p)`` times as far under Adam as under dense Adam for the same gradients (its ``v`` holds only the
+  touched steps' squares, ``1 / p`` times dense's), and is decayed ``p`` times as much.
+- ``lazy=True``: untouched rows get no momentum, no decay and no step count: HF-Softmax's SGD and
+  ``torch.optim.SparseAdam`` (with per-row bias correction).
+
+When every row is touched every step both rules equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` /
+``Adagrad`` on the dense matrix (tests check it). Adagrad and Adam's coupled L2 decay have no closed form
+over skipped steps (the decay feeds the accumulators): they are lazy under both rules.
 
 :func:`init_rows_` draws a ``(C, D)`` matrix in fixed chunks of rows, each from its own seed, so a store in
 device memory, one in host memory and the parameter-server shards (each drawing only its own rows) start
@@ -58,6 +71,7 @@ class RowOptimizerConfig:
     nesterov: bool = False  # SGD Nesterov momentum
     betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW moment decays
     eps: float = 1e-8  # Adam/AdamW/Adagrad denominator guard
+    lazy: bool = False  # True: skipped steps leave a row's state alone; False: it catches up (module doc)
 
     def __post_init__(self) -> None:
         try:  # modes accept their string names
@@ -81,10 +95,21 @@ class RowOptimizerConfig:
     def state_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         """Per-row shape of each state tensor (``()`` for a scalar per row)."""
         if self.kind is RowOptimizerKind.SGD:
-            return {"momentum_buffer": (dim,)} if self.momentum > 0 else {}
-        if self.kind is RowOptimizerKind.ADAGRAD:
+            shapes = {"momentum_buffer": (dim,)} if self.momentum > 0 else {}
+        elif self.kind is RowOptimizerKind.ADAGRAD:
             return {"sum": (dim,), "step": ()}
-        return {"exp_avg": (dim,), "exp_avg_sq": (dim,), "step": ()}
+        else:
+            shapes = {"exp_avg": (dim,), "exp_avg_sq": (dim,), "step": ()}
+        if self.catches_up:
+            shapes["last_step"] = ()  # the global step of the row's last update (0: never)
+        return shapes
+
+    @property
+    def catches_up(self) -> bool:
+        """Whether a row's state advances over the steps it sat out (needs the global step of each update)."""
+        if self.lazy or self.kind is RowOptimizerKind.ADAGRAD:
+            return False
+        return self.kind is not RowOptimizerKind.SGD or self.weight_decay > 0  # SGD: only its decay
 
 
 def init_row_state(
@@ -104,28 +129,59 @@ def init_row_state(
 
 @torch.no_grad()
 def apply_row_update_(
-    rows: Tensor, state: dict[str, Tensor], grads: Tensor, *, lr: float, config: RowOptimizerConfig
+    rows: Tensor,
+    state: dict[str, Tensor],
+    grads: Tensor,
+    *,
+    lr: float,
+    config: RowOptimizerConfig,
+    step: int | None = None,
 ) -> None:
     """One optimizer step on ``rows (S, D)`` in place, given ``grads (S, D)`` and the rows' ``state``.
 
     ``state`` holds this optimizer's tensors for the same ``S`` rows (see :func:`init_row_state`); they are
-    updated in place, including the per-row ``step`` count used for Adam's bias correction.
+    updated in place, including the per-row ``step`` count used for Adam's first-moment bias correction.
+    ``step`` is the global optimizer step this update is (1-based): rows whose last update was earlier catch
+    up on the steps between (see the module). None: each row's last update counts as the step before (the
+    lazy rule, for callers without a global step).
     """
     if rows.shape != grads.shape:
         raise ValueError(f"grads: expected shape {tuple(rows.shape)} like rows, got {tuple(grads.shape)}")
+    if step is not None and step < 1:
+        raise ValueError(f"step: expected the 1-based global step or None, got {step}")
     grads = grads.to(torch.promote_types(rows.dtype, torch.float32))  # fp32 maths at least
+    skipped = None  # (S,) steps each row sat out since its last update
+    if config.catches_up:
+        last = state["last_step"]
+        current = last + 1 if step is None else torch.full_like(last, float(step))
+        skipped = (current - last - 1).clamp_min_(0)  # (S,); a step repeated after a resume skips none
+        last.copy_(current)
     if config.kind is RowOptimizerKind.SGD:
-        _sgd_(rows, state, grads, lr=lr, config=config)
+        _sgd_(rows, state, grads, lr=lr, config=config, skipped=skipped)
     elif config.kind is RowOptimizerKind.ADAGRAD:
         _adagrad_(rows, state, grads, lr=lr, config=config)
     else:
-        _adam_(rows, state, grads, lr=lr, config=config)
+        _adam_(rows, state, grads, lr=lr, config=config, skipped=skipped)
 
 
 def _sgd_(
-    rows: Tensor, state: dict[str, Tensor], grads: Tensor, *, lr: float, config: RowOptimizerConfig
+    rows: Tensor,
+    state: dict[str, Tensor],
+    grads: Tensor,
+    *,
+    lr: float,
+    config: RowOptimizerConfig,
+    skipped: Tensor | None,
 ) -> None:
     # torch.optim.SGD: d = g + wd * w; buf = mu * buf + d; d = d + mu * buf (Nesterov) or buf; w -= lr * d
+    if skipped is not None:
+        # the skipped steps' gradient is wd * w alone: (w, buf) <- [[1 - a, -lr mu], [wd, mu]] (w, buf) with
+        # a = lr wd, whose dominant eigenvalue (1 + mu - a + sqrt((1 + mu - a)^2 - 4 mu)) / 2 is the rate w
+        # shrinks at once steady (1 - a without momentum; sqrt(mu) in modulus where the roots are complex)
+        trace, mu = 1 + config.momentum - lr * config.weight_decay, config.momentum
+        discriminant = trace * trace - 4 * mu
+        shrink = (trace + math.sqrt(discriminant)) / 2 if discriminant >= 0 else math.sqrt(mu)
+        rows.mul_(torch.pow(shrink, skipped).to(rows.dtype)[:, None])
     step = grads + config.weight_decay * rows if config.weight_decay else grads
     if config.momentum > 0:
         buffer = state["momentum_buffer"]
@@ -146,21 +202,35 @@ def _adagrad_(
 
 
 def _adam_(
-    rows: Tensor, state: dict[str, Tensor], grads: Tensor, *, lr: float, config: RowOptimizerConfig
+    rows: Tensor,
+    state: dict[str, Tensor],
+    grads: Tensor,
+    *,
+    lr: float,
+    config: RowOptimizerConfig,
+    skipped: Tensor | None,
 ) -> None:
-    # torch.optim.Adam / AdamW with a step count per row (t_r counts the steps row r was touched):
-    # m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; w -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+    # torch.optim.Adam / AdamW: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    # w -= lr / (1 - b1^n) * m / (sqrt(v / (1 - b2^t)) + eps), n counting the steps row r was touched, and
+    # t = n (lazy) or the global step, with v decayed by b2^k and w by (1 - lr wd)^k over k skipped steps
     beta1, beta2 = config.betas
     if config.weight_decay and config.kind is RowOptimizerKind.ADAMW:
-        rows.mul_(1 - lr * config.weight_decay)
+        decay = 1 - lr * config.weight_decay
+        if skipped is not None:  # the skipped steps' decay too
+            rows.mul_(torch.pow(decay, skipped).to(rows.dtype)[:, None])
+        rows.mul_(decay)
     elif config.weight_decay:
         grads = grads + config.weight_decay * rows
     count = state["step"].add_(1)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    global_step = count
+    if skipped is not None:
+        exp_avg_sq.mul_(torch.pow(beta2, skipped)[:, None])
+        global_step = state["last_step"]  # the step just recorded for each row
     exp_avg.lerp_(grads, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
     correction1 = 1 - beta1**count  # (S,)
-    correction2 = 1 - beta2**count
+    correction2 = 1 - beta2**global_step
     denominator = (exp_avg_sq / correction2[:, None]).sqrt_().add_(config.eps)
     rows.addcdiv_(exp_avg, denominator * (correction1[:, None] / lr), value=-1.0)
 
@@ -188,8 +258,10 @@ def apply_sparse_update_(
     *,
     lr: float,
     config: RowOptimizerConfig,
+    step: int | None = None,
 ) -> None:
-    """One lazy step on rows ``ids (S,)`` (unique) of ``weight (C, D)`` and its full-size ``state``."""
+    """One step (global ``step``, see :func:`apply_row_update_`) on rows ``ids (S,)`` (unique) of
+    ``weight (C, D)`` and its full-size ``state``."""
     if ids.dim() != 1 or grads.shape != (ids.numel(), weight.shape[1]):
         raise ValueError(
             f"ids/grads: expected (S,) and (S, {weight.shape[1]}), "
@@ -198,7 +270,7 @@ def apply_sparse_update_(
     ids = ids.to(weight.device)
     rows = weight[ids]
     rows_state = gather_state(state, ids)
-    apply_row_update_(rows, rows_state, grads.to(weight.device), lr=lr, config=config)
+    apply_row_update_(rows, rows_state, grads.to(weight.device), lr=lr, config=config, step=step)
     weight[ids] = rows
     scatter_state_(state, ids, rows_state)
 

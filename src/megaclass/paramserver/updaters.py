@@ -58,6 +58,7 @@ class HyperParams:
             nesterov=self.nesterov,
             betas=(self.beta1, self.beta2),
             eps=self.eps,
+            lazy=True,  # a shard applies each push without the trainer's global step
         )
 
 

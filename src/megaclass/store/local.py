@@ -103,10 +103,14 @@ class LocalRows:
         return self.weight.shape[1]
 
     def update_(self, ids: Tensor, grads: Tensor, *, lr: float, step: int = 0) -> None:
-        """One optimizer step on rows ``ids (S,)`` (unique) given ``grads (S, D)``, in place; ``step`` seeds
-        the stochastic rounding of ``bf16_sr`` rows."""
+        """Global optimizer step ``step`` (1-based; 0: none given: the lazy rule) on rows ``ids (S,)``
+        (unique) given ``grads (S, D)``, in place; ``step`` also seeds the stochastic rounding of ``bf16_sr``
+        rows."""
+        global_step = step if step > 0 else None  # rows catch up over the steps they sat out (row_optimizers)
         if self.row_dtype is RowDtype.FLOAT32:
-            apply_sparse_update_(self.weight, self.state, ids, grads, lr=lr, config=self.optimizer)
+            apply_sparse_update_(
+                self.weight, self.state, ids, grads, lr=lr, config=self.optimizer, step=global_step
+            )
             return
         if ids.dim() != 1 or grads.shape != (ids.numel(), self.dim):
             raise ValueError(
@@ -116,7 +120,9 @@ class LocalRows:
         ids = ids.to(self.weight.device)
         rows = self.weight[ids].float()  # (S, D)
         rows_state = {name: tensor[ids].float() for name, tensor in self.state.items()}
-        apply_row_update_(rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer)
+        apply_row_update_(
+            rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer, step=global_step
+        )
         self.weight[ids] = stochastic_round(rows, seed=philox_seed(self.seed, step, 0))
         for stream, (name, tensor) in enumerate(self.state.items(), start=1):
             value = rows_state[name]  # (S, ...)

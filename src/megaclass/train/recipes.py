@@ -27,11 +27,12 @@ from typing import Any, Literal
 
 from megaclass.heads import LabelFeatures, head_class
 from megaclass.heads.dense import DenseHeadConfig
+from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.heads.sparse import SparseHeadConfig
 from megaclass.schema import set_path
 from megaclass.train.config import AUTO_LABEL_FEATURE_DIM, RunConfig, config_from_dict, config_to_dict
 
-__all__ = ["DataFacts", "recipe_settings", "resolve_auto", "resolve_recipe"]
+__all__ = ["DataFacts", "recipe_settings", "resolve_auto", "resolve_recipe", "with_row_optimizer_of"]
 
 _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
 
@@ -130,8 +131,32 @@ def resolve_recipe(
             del settings[section]
     for key in sorted(explicit_keys):
         set_path(settings, key.split("."), copy.deepcopy(_value_at(user, key)))
-    resolved = resolve_auto(config_from_dict(settings), facts)
-    return resolved, f"recipe: {name} ({facts.describe()}); explicit settings win"
+    resolved = config_from_dict(settings)
+    row_optimizer_set = _covered("head.optimizer", explicit_keys) or any(
+        key.startswith("head.optimizer.") for key in explicit_keys
+    )
+    if isinstance(resolved.head, SelectedHeadConfig) and not row_optimizer_set:
+        resolved = dataclasses.replace(resolved, head=with_row_optimizer_of(resolved.head, resolved))
+    return resolve_auto(resolved, facts), f"recipe: {name} ({facts.describe()}); explicit settings win"
+
+
+def with_row_optimizer_of(head: SelectedHeadConfig, config: RunConfig) -> SelectedHeadConfig:
+    """``head`` with the row optimizer that ``optim.head`` names (kind, momentum, betas, weight decay).
+
+    The trainer hands a row-sparse head ``optim.head``'s scheduled lr, so its rows must be trained by that
+    optimizer: a recipe tuned for AdamW at lr 0.005 gives an SGD row optimizer about 100x too small a step.
+    """
+    group = config.optim.head
+    return dataclasses.replace(
+        head,
+        optimizer=dataclasses.replace(
+            head.optimizer,
+            kind=group.name,
+            momentum=group.momentum if group.name == "sgd" else head.optimizer.momentum,
+            betas=group.betas,
+            weight_decay=group.weight_decay,
+        ),
+    )
 
 
 def resolve_auto(config: RunConfig, facts: DataFacts) -> RunConfig:
