@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from megaclass.heads import HeadContext, build_head, head_config
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
+from megaclass.ops.collectives import ClassShard
 from megaclass.ops.margins import MarginConfig, MarginKind, margin_logits
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels
@@ -124,3 +125,31 @@ def test_bias_follows_the_margin_unless_set():
     with pytest.raises(ConfigError, match="bias must be false"):
         head_config({"type": "dense", "margin": "arcface", "bias": True})
     assert head_config({"type": "dense", "margin": "cosface", "bias": False}).margin.kind.value == "cosface"
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("loss_name", ["bce", "softmax", "squared_hinge"])
+def test_padded_multilabel_targets_give_the_unpadded_loss_and_gradients(impl, loss_name, device_for):
+    device = device_for(impl)
+    head = make_head(True, loss=loss_name, impl=impl).to(device)
+    with torch.no_grad():
+        head.bias.normal_()
+    x = torch.randn(5, 6, device=device, requires_grad=True)
+    y = RaggedLabels.from_lists([[1, 5], [], [22], [0, 1, 2], []], device=device)
+    params = [x, *head.parameters()]
+    results = []
+    for targets in (y, y.pad_to(11)):  # pads on a last row without labels
+        loss = head(x, targets)
+        results.append([loss, *torch.autograd.grad(loss, params)])
+    tolerance = 0.0 if device.type == "cpu" else 1e-6
+    for name, got, want in zip(["loss", "x", "weight", "bias"], *results, strict=True):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_multilabel_capture_is_not_refused_but_a_sharded_head_takes_no_padded_targets():
+    head = make_head(True)
+    assert head.capture_blocker(targets_static=False) is None
+    sharded = DenseHead(DenseHeadConfig(), HeadContext(6, 23, True), shard=ClassShard(0, 23, 23))
+    assert "class-sharded" in sharded.capture_blocker(targets_static=False)
+    with pytest.raises(ValueError, match="class-sharded head takes unpadded labels"):
+        sharded(torch.randn(2, 6), RaggedLabels.from_lists([[1], [2]]).pad_to(3))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megaclass.dst import DSTConfig
 from megaclass.heads import HeadContext, head_config, head_types
 from megaclass.heads.sparse import SparseHead, SparseHeadConfig
+from megaclass.ops.collectives import ClassShard
 from megaclass.ops.fixed_fanin import reference_fixed_fanin
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels
@@ -283,3 +284,28 @@ def test_head_without_label_features_reloads_its_auxiliary_part(config):
     torch.testing.assert_close(restored(features, targets), trained(features, targets), rtol=0, atol=0)
     for a, b in zip(restored.topk(features, 7), trained.topk(features, 7), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("last_row_empty", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_padded_targets_give_the_unpadded_loss_and_gradients(name, last_row_empty):
+    head = SparseHead(SparseHeadConfig(**CONFIGS[name]), _context())
+    head.after_step(0, 0.3, lr=0.1)  # the auxiliary loss on: pads must mark no cluster either
+    features = torch.randn(7, DIM, requires_grad=True)
+    lists = _targets(7, True).to_lists()  # rows with 0 to 3 labels
+    targets = RaggedLabels.from_lists([*lists[:-1], [] if last_row_empty else [0, 119]])  # the pads' row
+    params = [features, *head.parameters()]
+    results = []
+    for given in (targets, targets.pad_to(targets.indices.numel() + 6)):
+        loss = head(features, given)
+        results.append([loss, *torch.autograd.grad(loss, params)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert head.capture_blocker(targets_static=False) is None
+
+
+def test_sharded_head_takes_no_padded_targets():
+    shard = ClassShard(0, CLASSES, CLASSES)
+    head = SparseHead(SparseHeadConfig(fan_in=3, aux_clusters=0), _context(), shard=shard)
+    with pytest.raises(ValueError, match="class-sharded head takes unpadded labels"):
+        head(torch.randn(2, DIM), RaggedLabels.from_lists([[1], [2]]).pad_to(3))

@@ -394,3 +394,45 @@ def test_empty_batch(loss, impl):
     )
     assert out.shape == (0,)
     assert all((g == 0).all() for g in grads)
+
+
+# labels of each row and the capacity: pads on a last row without labels, a full capacity, one label, none
+PADDED_LISTS = {
+    "empty_rows": ([[2, 0], [], [5], []], 9),
+    "full_capacity": ([[1, 3], [4, 0, 6], [39]], 6),
+    "one_label": ([[], [6], []], 4),
+    "no_labels": ([[], []], 3),
+}
+
+
+def _padded_lists(name: str, classes: int) -> tuple[list[list[int]], int]:
+    """A named case, or ``random<seed>``: random B, labels per row (0 included) and spare capacity."""
+    if name in PADDED_LISTS:
+        return PADDED_LISTS[name]
+    generator = torch.Generator().manual_seed(int(name.removeprefix("random")))
+    batch = int(torch.randint(1, 10, (), generator=generator))
+    counts = torch.randint(0, 6, (batch,), generator=generator).tolist()
+    lists = [torch.randperm(classes, generator=generator)[:count].tolist() for count in counts]
+    return lists, sum(counts) + int(torch.randint(0, 7, (), generator=generator))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", ["bce", "hinge", "softmax"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("case", [*PADDED_LISTS, "random1", "random2", "random3"])
+def test_padded_targets_give_the_unpadded_loss_and_gradients(case, group, loss, impl):
+    lists, capacity = _padded_lists(case, classes=40)
+    x, weight, index, bias = _problem((len(lists), 30, 40, 5, group), torch.float32)
+    targets = RaggedLabels.from_lists(lists, device=x.device)
+    results = []
+    for given in (targets, targets.pad_to(capacity)):
+        out, grads = _grads(
+            lambda a, w, b, given=given: fixed_fanin_loss(
+                a, w, index, given, b, group=group, loss=loss, impl=impl
+            ),
+            [x, weight, bias],
+        )
+        results.append([out, *grads])
+    tolerance = 0.0 if x.device.type == "cpu" else 1e-6  # the GPU's atomics may add in another order
+    for name, got, want in zip(["loss", "dx", "dweight", "dbias"], *results, strict=True):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)

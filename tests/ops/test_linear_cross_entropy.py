@@ -628,3 +628,58 @@ def test_gradient_in_forward_captures_in_a_cuda_graph(factor):
     torch.cuda.synchronize()
     for name, replayed, expected in zip(["dx", "dW"], [x.grad, weight.grad], eager, strict=True):
         assert_close(replayed, expected, rtol=1e-5, atol=1e-6, name=f"graph {name}")
+
+
+# ------------------------------------------------------------- padded targets: a CUDA graph's static shape
+
+# labels of each row, the capacity, C, D: pads on a last row without labels, a full capacity, one label, none
+PADDED_CASES = {
+    "empty_rows": ([[2, 0], [], [5], []], 9, 7, 5),
+    "full_capacity": ([[1, 3], [4, 0, 6]], 5, 7, 17),
+    "one_label": ([[], [6], []], 4, 7, 3),
+    "no_labels": ([[], []], 3, 1, 4),
+}
+
+
+def padded_case(name: str) -> tuple[list[list[int]], int, int, int]:
+    """A named case, or ``random<seed>``: random B, C, D, labels per row (0 included) and spare capacity."""
+    if name in PADDED_CASES:
+        return PADDED_CASES[name]
+    generator = torch.Generator().manual_seed(int(name.removeprefix("random")))
+    batch, classes, dim = (int(torch.randint(1, high, (), generator=generator)) for high in (10, 40, 20))
+    lists = []
+    for _ in range(batch):
+        count = int(torch.randint(0, min(classes, 5) + 1, (), generator=generator))
+        lists.append(torch.randperm(classes, generator=generator)[:count].tolist())
+    spare = int(torch.randint(0, 7, (), generator=generator))
+    return lists, sum(map(len, lists)) + spare, classes, dim
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", [*PADDED_CASES, "random1", "random2", "random3"])
+def test_padded_targets_give_the_unpadded_loss_and_gradients(device_for, impl, loss, reduction, case):
+    lists, capacity, classes, dim = padded_case(case)
+    device = device_for(impl)
+    with torch.device(device):
+        x = torch.randn(len(lists), dim, requires_grad=True)
+        weight = torch.randn(classes, dim, requires_grad=True)
+        bias = torch.randn(classes, requires_grad=True)
+    targets = RaggedLabels.from_lists(lists, device=device)
+    options = LinearLossOptions(loss=loss, reduction=reduction, chunk_size=16)
+    results = []
+    for given in (targets, targets.pad_to(capacity)):
+        out = linear_loss(x, weight, given, bias=bias, options=options, impl=impl)
+        results.append([out, *grads_of(out, [x, weight, bias])])
+    tolerance = 0.0 if device.type == "cpu" else 1e-6  # the GPU's atomics may add in another order
+    for name, got, want in zip(["loss", "grad x", "grad weight", "grad bias"], *results, strict=True):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_padded_cpu_targets_are_range_checked_on_their_labels_only():
+    x, weight = torch.randn(2, 3), torch.randn(5, 3)
+    padded = RaggedLabels.from_lists([[4], [0]]).pad_to(4)  # PAD_LABEL (-1) is no label
+    torch.testing.assert_close(linear_bce(x, weight, padded), linear_bce(x, weight, padded.unpadded()))
+    with pytest.raises(ValueError, match="label id 5 out of range"):
+        linear_bce(x, weight, RaggedLabels.from_lists([[5], [0]]).pad_to(4))

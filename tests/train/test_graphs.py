@@ -14,8 +14,9 @@ from megaclass.heads import HeadContext, build_head, head_config
 from megaclass.heads.base import Head
 from megaclass.schema import ConfigError
 from megaclass.state_io import read_state
+from megaclass.targets import RaggedLabels
 from megaclass.train import Trainer, load_config
-from megaclass.train.graphs import HeadStepGraph, resolve_cuda_graph
+from megaclass.train.graphs import HeadStepGraph, label_capacity, resolve_cuda_graph
 
 CUDA = torch.device("cuda")  # resolve_cuda_graph reads the device type only: the decisions test on CPU too
 MULTI_CLASS = HeadContext(in_features=8, num_classes=100, multilabel=False)
@@ -84,9 +85,17 @@ def test_auto_leaves_heads_with_host_work_eager(spec, reason):
         _resolve("on", head)
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse", "selected"])
-def test_multi_label_targets_are_not_captured(kind):
-    head = _head({"type": kind}, HeadContext(in_features=64, num_classes=100, multilabel=True))
+MULTI_LABEL = HeadContext(in_features=64, num_classes=100, multilabel=True)
+
+
+@pytest.mark.parametrize("spec", [{"type": "dense"}, {"type": "sparse", "aux_clusters": 0}])
+def test_auto_captures_multi_label_dense_and_sparse_heads(spec):
+    head = _head(spec, MULTI_LABEL)
+    assert _resolve("auto", head, multilabel=True).on and _resolve("on", head, multilabel=True).on
+
+
+def test_multi_label_targets_are_not_captured_by_the_selected_head():
+    head = _head({"type": "selected"}, MULTI_LABEL)
     assert "ragged" in _resolve("auto", head, multilabel=True).reason
     with pytest.raises(ConfigError, match="ragged"):
         _resolve("on", head, multilabel=True)
@@ -111,6 +120,41 @@ def test_full_multi_class_batches_fit():
     assert graph.fits(torch.tensor([1, 2, 3, 4]))
     assert not graph.fits(torch.tensor([1, 2, 3]))  # an epoch's smaller last batch runs eagerly
     assert not graph.fits(torch.zeros(4, 2, dtype=torch.int64))
+
+
+def test_multi_label_batches_fit_within_the_label_capacity():
+    graph = HeadStepGraph(_head({"type": "dense"}, MULTI_LABEL), batch_size=3, autocast_dtype=None)
+    labels = RaggedLabels.from_lists([[1, 2], [], [3, 4, 5]])
+    assert not graph.fits(labels) and graph.overflows == 0  # no capacity: multi-class targets only
+    graph = HeadStepGraph(graph.head, batch_size=3, autocast_dtype=None, label_capacity=5)
+    assert graph.fits(labels) and graph.fits(RaggedLabels.from_lists([[], [], []]))
+    assert not graph.fits(RaggedLabels.from_lists([[1], [2]]))  # a smaller last batch
+    assert not graph.fits(labels.pad_to(5))  # padded already: the graph pads into its own buffers
+    assert graph.overflows == 0
+    assert not graph.fits(RaggedLabels.from_lists([[1, 2], [6], [3, 4, 5]]))  # 6 labels: runs eagerly
+    assert graph.overflows == 1
+
+
+def test_static_labels_are_padded_over_the_previous_step():
+    graph = HeadStepGraph(_head({"type": "dense"}), batch_size=3, autocast_dtype=None, label_capacity=6)
+    steps = [RaggedLabels.from_lists([[1, 2], [], [3, 4, 5]]), RaggedLabels.from_lists([[7], [8], []])]
+    features = torch.randn(3, 8)
+    graph._prepare(("key",), features, steps[0])
+    for labels in steps:
+        graph._copy_targets(labels)
+        static, expected = graph._targets, labels.pad_to(6)
+        assert static.padded and static.to_lists() == labels.to_lists()
+        assert torch.equal(static.indptr, expected.indptr) and torch.equal(static.indices, expected.indices)
+
+
+def test_label_capacity_from_the_fullest_batch():
+    row_labels = np.array([1, 2, 3, 9, 4, 0, 30])
+    batches = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6])]  # 3, 12, 4; 30 alone
+    assert label_capacity(row_labels, batches, batch_size=2) == 39  # 64 (12 * 1.25 rounded): over 30 + 9
+    row_labels = np.array([40, 40, 40, 40] + [100, 0, 0, 0] * 4)  # the 4 fullest rows: 400 labels
+    batches = [np.arange(start, start + 4) for start in range(0, 20, 4)]  # 160, then 100 each
+    assert label_capacity(row_labels, batches, batch_size=4) == 256  # 160 * 1.25 = 200, rounded up
+    assert label_capacity(np.zeros(4, dtype=np.int64), [np.arange(4)], batch_size=4) == 0
 
 
 # -------------------------------------------------------------------------- what a captured step reads
@@ -198,8 +242,10 @@ def _selection_of(ids):
 # --------------------------------------------------------------------------------------- the trainer
 
 
-def _write_task(folder, *, classes: int, train_rows: int, test_rows: int, features: int) -> tuple[str, str]:
-    config = SynthConfig(labels_per_doc=1, cluster_size=8)
+def _write_task(
+    folder, *, classes: int, train_rows: int, test_rows: int, features: int, labels_per_doc: float = 1.0
+) -> tuple[str, str]:
+    config = SynthConfig(labels_per_doc=labels_per_doc, cluster_size=8)
     paths = (str(folder / "train.txt"), str(folder / "test.txt"))
     for stream, (path, rows) in enumerate(zip(paths, (train_rows, test_rows), strict=True)):
         synthesize(path, num_docs=rows, num_labels=classes, num_features=features, seed=0, stream=stream,
@@ -211,6 +257,18 @@ def _write_task(folder, *, classes: int, train_rows: int, test_rows: int, featur
 def small_task(tmp_path_factory):
     return _write_task(
         tmp_path_factory.mktemp("task"), classes=200, train_rows=150, test_rows=40, features=300
+    )
+
+
+@pytest.fixture(scope="module")
+def multi_label_task(tmp_path_factory):
+    return _write_task(
+        tmp_path_factory.mktemp("multi_label_task"),
+        classes=200,
+        train_rows=150,
+        test_rows=40,
+        features=300,
+        labels_per_doc=3.0,
     )
 
 
@@ -242,6 +300,31 @@ def test_trainer_logs_steps_per_second(small_task, tmp_path):
         records = [json.loads(line) for line in file if '"kind": "train"' in line]
     assert len(records) == 3  # 150 rows: windows of 2, 2 and the epoch's last step
     assert all(record["steps_per_s"] > 0 for record in records)
+
+
+def test_trainer_pads_multi_label_targets_to_a_capacity_it_names(
+    multi_label_task, tmp_path, monkeypatch, capsys
+):
+    trainer = _trainer(
+        multi_label_task, tmp_path, "dense", "model.hidden=[16]", "train.batch_size=32",
+        "train.progress=false", "train.device=cpu", "train.valid_fraction=0",
+    )  # fmt: skip
+    trainer.setup()
+    try:
+        assert trainer.train_data.multilabel and trainer.head_graph is None  # auto on CPU: off
+        graph = trainer._head_graph()  # what a GPU run captures with
+        row_labels, batches = trainer.train_data.labels.row_lengths(), trainer.loader.epoch_rows(0)
+        assert graph.label_capacity == label_capacity(row_labels, batches, batch_size=32) > 0
+        full = [rows for rows in batches if len(rows) == 32]
+        assert all(graph.fits(trainer.train_data.batch(rows).targets) for rows in full)
+        assert not graph.fits(trainer.train_data.batch(batches[-1]).targets)  # 150 rows: 22 in the last
+        trainer.head_graph = graph
+        assert trainer._graph_counts() == {"graph_label_overflows": 0}
+        monkeypatch.setattr(trainer, "train_epoch", lambda epoch: False)  # the opening line only
+        trainer.train()
+    finally:
+        trainer.close()
+    assert f"multi-label targets padded to {graph.label_capacity} labels a batch" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- on the GPU: the same run
@@ -376,3 +459,117 @@ def test_head_step_graph_replays_the_eager_step(spec):
             for param in head.parameters():
                 param.grad = None
     assert graph.captures == 1 and graph.replays >= 3  # eager warm-up steps, then replays
+
+
+# multi-label: the targets padded to the run's label capacity (256 here: 64 rows of ~3 labels, the fullest
+# batch of the first epoch 186); bce by default, softmax over each sample's positives
+_GPU_MULTI_LABEL_HEADS = {
+    "dense_bce": ("dense",),
+    "dense_softmax": ("dense", "head.loss=softmax"),
+    "sparse_bce": ("sparse", "head.fan_in=16", "head.aux_clusters=0", "head.dst.interval=4"),
+    "sparse_hinge_aux": (
+        "sparse",
+        "head.fan_in=16",
+        "head.loss=squared_hinge",
+        "head.aux_clusters=auto",
+        "head.aux_cutoff_epoch=1.5",
+        "head.dst.interval=4",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def gpu_multi_label_task(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return _write_task(
+        tmp_path_factory.mktemp("gpu_multi_label_task"),
+        classes=5000,
+        train_rows=64 * 10 + 17,
+        test_rows=256,
+        features=2000,
+        labels_per_doc=3.0,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(_GPU_MULTI_LABEL_HEADS))
+def test_replayed_multi_label_run_computes_the_eager_run(gpu_multi_label_task, tmp_path, name):
+    kind, *head_overrides = _GPU_MULTI_LABEL_HEADS[name]
+    eager = _run(gpu_multi_label_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
+    assert eager.head_graph is None
+    replayed = _run(gpu_multi_label_task, tmp_path / "on", kind, *head_overrides, "train.cuda_graph=auto")
+    graph = replayed.head_graph
+    assert graph is not None and graph.label_capacity == 256 and graph.overflows == 0
+    assert graph.replays >= 8, "most steps replay: 22 steps, 2 smaller last batches, eager warm-up steps"
+    np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
+    _assert_same_model(tmp_path / "on", tmp_path / "off")
+
+
+@pytest.mark.gpu
+def test_multi_label_batches_over_the_capacity_run_eagerly(gpu_multi_label_task, tmp_path, monkeypatch):
+    """A capacity below some batches' label counts: those steps run eagerly, the rest replay, and the run
+    computes the eager run's numbers; the log counts the batches run eagerly."""
+    _run(gpu_multi_label_task, tmp_path / "off", "dense", "train.cuda_graph=off")
+    monkeypatch.setattr("megaclass.train.loop.label_capacity", lambda *args, **kwargs: 175)
+    replayed = _run(gpu_multi_label_task, tmp_path / "on", "dense", "train.cuda_graph=on")
+    graph = replayed.head_graph
+    assert graph.label_capacity == 175 and graph.overflows >= 4 and graph.replays >= 4
+    np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
+    _assert_same_model(tmp_path / "on", tmp_path / "off")
+    with open(tmp_path / "on" / "log.jsonl") as file:
+        counts = [
+            record["graph_label_overflows"] for record in map(json.loads, file) if record["kind"] == "train"
+        ]
+    assert counts[-1] == graph.overflows and counts == sorted(counts)
+
+
+def _random_labels(batch: int, most: int, classes: int, generator: torch.Generator) -> RaggedLabels:
+    """Distinct labels of each of ``batch`` rows, ``0 .. most`` of them."""
+    counts = torch.randint(0, most + 1, (batch,), generator=generator).tolist()
+    return RaggedLabels.from_lists(
+        [torch.randperm(classes, generator=generator)[:n].tolist() for n in counts]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "spec", [{"type": "dense"}, {"type": "dense", "loss": "softmax"}, {"type": "sparse", "aux_clusters": 0}]
+)
+def test_head_step_graph_replays_the_eager_multi_label_step(spec):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    context = HeadContext(in_features=64, num_classes=5000, multilabel=True)
+    heads = [_head({**spec, "fan_in": 16} if spec["type"] == "sparse" else spec, context) for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    heads = [head.to(CUDA) for head in heads]
+    graph = HeadStepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16, label_capacity=256)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 9):
+        features = torch.randn(64, 64, generator=generator).to(CUDA)
+        most = 7 if step == 5 else 5  # step 5: 64 rows of up to 7 labels, over the capacity (eager)
+        targets = _random_labels(64, most, 5000, generator).to(CUDA)
+        eager_features = features.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager_loss = heads[0](eager_features, targets)
+        eager_loss.backward()
+        if graph.fits(targets):
+            loss, features_grad = graph.run(features, targets)
+        else:
+            assert step == 5 and targets.indices.numel() > 256
+            replayed_features = features.clone().requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = heads[1](replayed_features, targets)
+            loss.backward()
+            features_grad = replayed_features.grad
+        torch.testing.assert_close(loss, eager_loss.detach(), rtol=1e-4, atol=1e-5, msg=f"loss at {step}")
+        torch.testing.assert_close(
+            features_grad, eager_features.grad, rtol=1e-4, atol=1e-5, msg=f"features grad at {step}"
+        )
+        for (name, got), expected in zip(heads[1].named_parameters(), heads[0].parameters(), strict=True):
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=f"{name} at {step}")
+        for head in heads:
+            head.after_step(step, 0.0, lr=0.1)
+            for param in head.parameters():
+                param.grad = None
+    assert graph.overflows == 1 and graph.captures >= 1 and graph.replays >= 3

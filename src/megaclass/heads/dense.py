@@ -26,7 +26,7 @@ from megaclass.ops.collectives import ClassShard, merge_topk
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss, resolve_impl
 from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
-from megaclass.targets import Targets
+from megaclass.targets import RaggedLabels, Targets
 
 __all__ = ["DenseHead", "DenseHeadConfig"]
 
@@ -159,7 +159,12 @@ class DenseHead(Head):
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """Scalar loss of ``features (B, D)`` against ``targets`` (``LongTensor (B,)`` or ragged labels);
-        sharded: the whole head's loss on the global batch, held by every rank."""
+        sharded: the whole head's loss on the global batch, held by every rank. Ragged labels may be padded
+        (:meth:`~megaclass.targets.RaggedLabels.pad_to`) on one process: the same loss."""
+        if self.sharded and isinstance(targets, RaggedLabels) and targets.padded:
+            raise ValueError(
+                "targets: a class-sharded head takes unpadded labels (they are gathered over ranks)"
+            )
         x, targets = self.gather_batch(self._compute_input(features), targets)  # (N * B, D) sharded
         return linear_loss(
             x,
@@ -172,12 +177,11 @@ class DenseHead(Head):
         )
 
     def capture_blocker(self, *, targets_static: bool) -> str | None:
-        """Capturable with multi-class targets on one process: the fused op checks label ranges of CPU
-        targets only and sizes everything from ``(B, D, C)``."""
+        """Capturable on one process, with multi-class or padded multi-label targets
+        (:meth:`~megaclass.targets.RaggedLabels.pad_to`): the fused op checks label ranges of CPU targets
+        only and sizes everything from ``(B, D, C)`` and the label capacity."""
         if self.sharded:
             return "a class-sharded head reduces its loss over ranks inside the step"
-        if not targets_static:
-            return "multi-label targets are ragged: their size changes every step"
         return None
 
     @torch.no_grad()

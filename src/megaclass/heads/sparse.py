@@ -343,7 +343,8 @@ class SparseHead(Head):
         ragged = as_ragged(targets)
         if ragged.batch_size != hidden.shape[0]:
             raise ValueError(f"targets: expected {hidden.shape[0]} samples, got {ragged.batch_size}")
-        samples, position = ragged.sample_ids(), self.label_position[ragged.indices.long()]
+        # padded targets: a pad reads label 0's entries, masked out in combine_loss and _aux_loss
+        samples, position = ragged.sample_ids(), self.label_position[ragged.label_ids().long()]
         tail_labels = (position - self.num_dense).clamp_min(0)  # entries of the dense head compute a dummy
         # one autograd node: the positives' gradient goes sparsely into the layer's, no dense (C, K) tensor
         rows, positive = fixed_fanin_rows_positive(
@@ -372,6 +373,10 @@ class SparseHead(Head):
     def _sharded_loss(self, features: Tensor, targets: Targets) -> Tensor:
         """The whole head's loss on the global batch, held by every rank (see the module docstring)."""
         assert self.shard is not None
+        if isinstance(targets, RaggedLabels) and targets.padded:
+            raise ValueError(
+                "targets: a class-sharded head takes unpadded labels (they are gathered over ranks)"
+            )
         group, share = self.shard.group, 1.0 / self.world_size
         x, gathered = self.gather_batch(features, targets)  # (N * B, D)
         hidden = self._hidden(x)  # (N * B, H)
@@ -411,10 +416,12 @@ class SparseHead(Head):
         """BCE of the cluster classifier against the clusters of each sample's labels (summed, batch mean)."""
         assert self.aux is not None
         logits = self.aux(hidden).float()  # (B, clusters): a few thousand columns at most
-        target = torch.zeros_like(logits)
-        clusters = self.label_cluster[targets.indices.long()]  # (L,)
+        count = logits.shape[1]
+        target = logits.new_zeros(logits.shape[0], count + 1)  # the last column takes the pads, cut off
+        clusters = targets.mask_pads(self.label_cluster[targets.label_ids().long()], count)  # (L,)
         target.index_put_((targets.sample_ids(), clusters), target.new_ones(()))  # a device 1: capturable
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / hidden.shape[0]
+        loss = F.binary_cross_entropy_with_logits(logits, target[:, :count], reduction="sum")
+        return loss / hidden.shape[0]
 
     @torch.no_grad()
     def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -458,12 +465,11 @@ class SparseHead(Head):
         self.aux_mix[1].fill_(alpha)
 
     def capture_blocker(self, *, targets_static: bool) -> str | None:
-        """Capturable with multi-class targets on one process through the Triton kernels (the reference
-        backend sizes a tensor from the labels: a host sync)."""
+        """Capturable on one process, with multi-class or padded multi-label targets
+        (:meth:`~megaclass.targets.RaggedLabels.pad_to`), except on the reference backend (it sizes a
+        tensor from the labels: a host sync)."""
         if self.sharded:
             return "a class-sharded head reduces its loss over ranks inside the step"
-        if not targets_static:
-            return "multi-label targets are ragged: their size changes every step"
         if self.config.impl == "reference":
             return "head.impl=reference sizes a tensor from the labels (a host sync)"
         return None

@@ -54,7 +54,7 @@ from megaclass.train.build import (
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
 from megaclass.train.extract import VerificationEvaluator
-from megaclass.train.graphs import HeadStepGraph, resolve_cuda_graph
+from megaclass.train.graphs import HeadStepGraph, label_capacity, resolve_cuda_graph
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
@@ -239,12 +239,7 @@ class Trainer:
             multilabel=self.train_data.multilabel,
             world_size=dist.world_size,
         )
-        autocast_dtype = torch.bfloat16 if config.train.bf16 else None
-        self.head_graph = (
-            HeadStepGraph(self.head, batch_size=self.loader.batch_size, autocast_dtype=autocast_dtype)
-            if graph.on
-            else None
-        )
+        self.head_graph = self._head_graph() if graph.on else None
         resumed = self._restore_newest() if self.resume else None
         if dist.distributed:
             import torch.distributed as collectives
@@ -262,6 +257,21 @@ class Trainer:
         self._graph_choice = graph  # shown in the run's opening line on CUDA
         self._bar: Any = None  # the epoch's progress bar (None: off)
         self._window_started = time.perf_counter()  # when the log window began
+
+    def _head_graph(self) -> HeadStepGraph:
+        """The captured head step; multi-label targets are padded to a label capacity read from the first
+        epoch's batches (:func:`~megaclass.train.graphs.label_capacity`), the same on a resume."""
+        batch_size = self.loader.batch_size
+        capacity = None
+        if self.train_data.multilabel:
+            row_labels = self.train_data.labels.row_lengths()  # (N,)
+            capacity = label_capacity(row_labels, self.loader.epoch_rows(0), batch_size=batch_size)
+        return HeadStepGraph(
+            self.head,
+            batch_size=batch_size,
+            autocast_dtype=torch.bfloat16 if self.config.train.bf16 else None,
+            label_capacity=capacity,
+        )
 
     def _weight_average(self) -> WeightAverage | None:
         """The EMA of the weights that ``train.ema_decay`` asks for (None when off)."""
@@ -468,6 +478,11 @@ class Trainer:
                 if self.device.type == "cuda"
                 else ""
             )
+            + (
+                f"; multi-label targets padded to {self.head_graph.label_capacity} labels a batch"
+                if self.head_graph is not None and self.head_graph.label_capacity is not None
+                else ""
+            )
         )
         stopped = False
         while self.state.epoch < config.epochs and not stopped and not self._patience_spent():
@@ -521,7 +536,8 @@ class Trainer:
         """One optimizer step on ``batch``; returns the (detached, device) loss."""
         batch = batch.to(self.device, non_blocking=True)
         lrs = self._set_learning_rates(self.state.global_step)
-        # full multi-class batches replay the head's captured step; an epoch's smaller last one runs eagerly
+        # full batches replay the head's captured step (multi-label ones padded to the label capacity); an
+        # epoch's smaller last one, or one with more labels than the capacity, runs eagerly
         replayed = self.head_graph is not None and self.head_graph.fits(batch.targets)
         with self._autocast():
             frozen = self.state.global_step < self.config.optim.encoder_frozen_steps  # head-only warm-up
@@ -533,7 +549,7 @@ class Trainer:
         for optimizer in self._optimizers():
             optimizer.zero_grad(set_to_none=True)
         if replayed:
-            loss, x_grad = self.head_graph.run(x, batch.targets)  # the head's forward and backward
+            loss, x_grad = self.head_graph.run(x, batch.targets)  # the head's forward and backward (padded)
             if x.requires_grad:  # on into the encoder, eagerly (not while it is frozen)
                 x.backward(x_grad)
         else:
@@ -551,6 +567,13 @@ class Trainer:
                 self.average.restart(f"head.{name}", mask)
             self.average.update(step=self.state.global_step)
         return loss.detach()
+
+    def _graph_counts(self) -> dict[str, int]:
+        """With multi-label steps captured: the full batches run eagerly so far, over the label capacity."""
+        graph = self.head_graph
+        if graph is None or graph.label_capacity is None:
+            return {}
+        return {"graph_label_overflows": graph.overflows}
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return [optimizer for optimizer in self.optimizers.values() if optimizer is not None]
@@ -618,6 +641,7 @@ class Trainer:
                 "lr_scale": lr,
                 "steps_per_s": round(steps_per_s, 3),
                 **head_metrics,
+                **self._graph_counts(),
             },
         )
         if self._bar is not None:

@@ -7,6 +7,9 @@ sparse correction at the ``L`` positive entries, computed from their ``L`` logit
 * squared hinge: ``max(0, 1 - z)^2 - max(0, 1 + z)^2``;
 * softmax cross-entropy against the uniform distribution over a sample's labels:
   ``lse_b - mean_{c in labels(b)} z[b, c]``.
+
+Padded targets (:meth:`~megaclass.targets.RaggedLabels.pad_to`, a CUDA graph's static shape) compute a
+positive logit at label 0 for each pad and mask it out of the correction: the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -27,13 +30,6 @@ from megaclass.targets import RaggedLabels
 __all__ = ["combine_loss", "fixed_fanin_loss", "fixed_fanin_topk", "positive_logits"]
 
 
-def _sample_ids(targets: RaggedLabels) -> Tensor:
-    """``(L,)`` the sample of each entry, without a host sync (the output size is known)."""
-    batch = targets.batch_size
-    samples = torch.arange(batch, device=targets.indptr.device)
-    return torch.repeat_interleave(samples, targets.lengths(), output_size=targets.indices.numel())
-
-
 def positive_logits(
     x: Tensor,
     weight: Tensor,
@@ -50,9 +46,10 @@ def positive_logits(
 
 
 def combine_loss(rows: Tensor, positive: Tensor, targets: RaggedLabels, loss: FaninLoss | str) -> Tensor:
-    """Mean over samples of the per-sample loss from fused ``rows (B,)`` and ``positive (L,)`` logits."""
+    """Mean over samples of the per-sample loss from fused ``rows (B,)`` and ``positive (L,)`` logits (the
+    entries of pads add nothing and get no gradient)."""
     loss = FaninLoss(loss)
-    samples, batch = _sample_ids(targets), targets.batch_size
+    samples, batch = targets.sample_ids(), targets.batch_size
     positive = positive.float()
     if loss is FaninLoss.BCE:
         correction = -positive
@@ -60,9 +57,10 @@ def combine_loss(rows: Tensor, positive: Tensor, targets: RaggedLabels, loss: Fa
         correction = F.relu(1 - positive).square() - F.relu(1 + positive).square()
     else:
         lengths = targets.lengths()
-        correction = -positive / lengths[samples].to(positive.dtype)
+        # clamped: a pad may sit on a sample without labels, and a masked 1 / 0 would still poison its grad
+        correction = -positive / lengths[samples].clamp_min(1).to(positive.dtype)
         rows = rows * (lengths > 0).to(rows.dtype)  # a sample without labels adds nothing
-    per_sample = rows.index_add(0, samples, correction)  # (B,)
+    per_sample = rows.index_add(0, samples, targets.mask_pads(correction))  # (B,)
     return per_sample.sum() / batch
 
 
@@ -81,6 +79,7 @@ def fixed_fanin_loss(
 
     ``bce`` and ``hinge`` sum the binary loss over all ``C`` labels per sample; ``softmax`` is the
     cross-entropy against the uniform distribution over each sample's labels. Averaged over samples.
+    ``targets`` may be padded (the same loss).
 
     >>> x, w, idx = torch.randn(2, 8), torch.randn(5, 3), torch.randint(0, 8, (5, 3))
     >>> fixed_fanin_loss(x, w, idx, RaggedLabels.from_lists([[1, 4], [0]])).shape
@@ -88,9 +87,9 @@ def fixed_fanin_loss(
     """
     if targets.batch_size != x.shape[0]:
         raise ValueError(f"targets: expected {x.shape[0]} samples, got {targets.batch_size}")
-    labels = targets.indices.long()
+    labels = targets.label_ids().long()  # (L,) pads: label 0
     rows, positive = fixed_fanin_rows_positive(
-        x, weight, index, _sample_ids(targets), labels, bias, group=group, loss=loss, impl=impl
+        x, weight, index, targets.sample_ids(), labels, bias, group=group, loss=loss, impl=impl
     )
     return combine_loss(rows, positive, targets, loss)
 

@@ -9,7 +9,9 @@ positives ``P_b``:
 - squared_hinge: ``loss_b = sum_c relu(1 + z_bc)^2 + sum_{c in P_b} [relu(1 - z_bc)^2 - relu(1 + z_bc)^2]``.
 
 The dense part (a per-row reduction over all classes; in backward ``G = coef_b * g'(z)``) is what a backend
-computes in class chunks; the sparse part touches the ``L`` gathered rows only and is done here.
+computes in class chunks; the sparse part touches the ``L`` gathered rows only and is done here. Padded
+targets (:meth:`~megaclass.targets.RaggedLabels.pad_to`, a CUDA graph's static shape) gather class 0 at their
+pads and mask those entries out of every sum and gradient: the same loss and gradients as without pads.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def prepare_targets(
     """Validate ``targets`` against ``B`` and ``C`` and return them as ragged int64 labels.
 
     Label ranges are checked for CPU targets only: a check on the GPU would need a host sync every step.
+    Padded targets stay padded (a cosine margin needs multi-class targets).
     """
     if isinstance(targets, Tensor):
         if targets.dim() != 1 or targets.numel() != batch:
@@ -100,9 +103,10 @@ def prepare_targets(
     ragged = as_ragged(targets)
     if ragged.batch_size != batch:
         raise ValueError(f"targets hold {ragged.batch_size} samples, x holds B={batch}")
-    ragged = RaggedLabels(ragged.indptr.to(torch.int64), ragged.indices.to(torch.int64))
-    if ragged.indices.device.type == "cpu" and ragged.indices.numel():
-        low, high = int(ragged.indices.min()), int(ragged.indices.max())
+    ragged = RaggedLabels(ragged.indptr.to(torch.int64), ragged.indices.to(torch.int64), padded=ragged.padded)
+    labels = ragged.unpadded().indices if ragged.indices.device.type == "cpu" else None  # CPU: no device sync
+    if labels is not None and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
             raise ValueError(f"targets: label id {bad} out of range [0, {num_classes})")
@@ -131,8 +135,9 @@ def positive_logits(
 ) -> Tensor:
     """``(L,)`` float32 logit of every positive, computed as the dense backends do (inputs in ``x.dtype``,
     fp32 sums; with a margin, ``s * psi(cos)`` over the fp32 norm of the weight row). Differentiable."""
-    bias_rows = None if bias is None else bias.index_select(0, targets.indices)
-    return _rows_logits(x, weight.index_select(0, targets.indices), bias_rows, targets, options)
+    labels = targets.label_ids()  # (L,) pads: class 0, masked out where the logits are used
+    bias_rows = None if bias is None else bias.index_select(0, labels)
+    return _rows_logits(x, weight.index_select(0, labels), bias_rows, targets, options)
 
 
 def _rows_logits(
@@ -148,9 +153,9 @@ def _rows_logits(
 
 
 def segment_sum(values: Tensor, targets: RaggedLabels) -> Tensor:
-    """``(B,)`` sum of ``values (L,)`` over each sample's positives."""
+    """``(B,)`` sum of ``values (L,)`` over each sample's positives (pads add nothing)."""
     out = torch.zeros(targets.batch_size, dtype=values.dtype, device=values.device)
-    return out.index_add(0, targets.sample_ids(), values)
+    return out.index_add(0, targets.sample_ids(), targets.mask_pads(values))
 
 
 def assemble_loss(
@@ -184,17 +189,20 @@ def assemble_loss(
 def positive_grad(
     z_pos: Tensor, lse: Tensor, targets: RaggedLabels, coef: Tensor, options: LinearLossOptions
 ) -> Tensor:
-    """``(L,)`` d loss / d z_pos of the sparse part (``coef`` already holds the incoming gradient)."""
+    """``(L,)`` d loss / d z_pos of the sparse part (``coef`` already holds the incoming gradient); 0 at
+    pads."""
     rows = targets.sample_ids()
     row_coef = coef.index_select(0, rows)
     if options.loss is LossKind.SOFTMAX:
         if options.cosine:
             return row_coef * (torch.exp(z_pos - lse.index_select(0, rows)) - 1)
         lengths = targets.lengths().clamp_min(1).to(torch.float32).index_select(0, rows)
-        return -row_coef / lengths
-    if options.loss is LossKind.BCE:
-        return -row_coef
-    return -2 * row_coef * (F.relu(1 - z_pos) + F.relu(1 + z_pos))
+        grad = -row_coef / lengths
+    elif options.loss is LossKind.BCE:
+        grad = -row_coef
+    else:
+        grad = -2 * row_coef * (F.relu(1 - z_pos) + F.relu(1 + z_pos))
+    return targets.mask_pads(grad)
 
 
 class DenseOperands(NamedTuple):
@@ -211,24 +219,26 @@ def input_grads(
     grads: tuple[Tensor, Tensor, Tensor | None], dense: DenseOperands, targets: RaggedLabels, dz_pos: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Back-propagate ``dz_pos`` through the gathered positive logits into the dense part's fp32 ``grads``
-    (in place) and return ``(dx, dW, dbias)`` in the dtypes of ``x``, ``weight`` and ``bias``."""
+    (in place) and return ``(dx, dW, dbias)`` in the dtypes of ``x``, ``weight`` and ``bias``. Pads (0 in
+    ``dz_pos``) add exact zeros to class 0's row and the last sample's."""
     x, weight, bias, _, options = dense
     grad_x, grad_weight, grad_bias = grads
     if dz_pos.numel():
+        labels = targets.label_ids()  # (L,)
         with torch.enable_grad():
             x_leaf = x.detach().requires_grad_(True)
-            rows_leaf = weight.detach().index_select(0, targets.indices).requires_grad_(True)  # (L, D)
+            rows_leaf = weight.detach().index_select(0, labels).requires_grad_(True)  # (L, D)
             leaves = [x_leaf, rows_leaf]
             bias_leaf = None
             if bias is not None:
-                bias_leaf = bias.detach().index_select(0, targets.indices).requires_grad_(True)  # (L,)
+                bias_leaf = bias.detach().index_select(0, labels).requires_grad_(True)  # (L,)
                 leaves.append(bias_leaf)
             z = _rows_logits(x_leaf, rows_leaf, bias_leaf, targets, options)
             found = torch.autograd.grad(z, leaves, dz_pos)
         grad_x.add_(found[0].float())
-        grad_weight.index_add_(0, targets.indices, found[1].float())
+        grad_weight.index_add_(0, labels, found[1].float())
         if grad_bias is not None:
-            grad_bias.index_add_(0, targets.indices, found[2].float())
+            grad_bias.index_add_(0, labels, found[2].float())
     return (
         grad_x.to(x.dtype),
         grad_weight.to(weight.dtype),
@@ -286,11 +296,12 @@ class LinearLossFunction(torch.autograd.Function):
         bias: Tensor | None,
         indptr: Tensor,
         indices: Tensor,
+        padded: bool,
         options: LinearLossOptions,
         backend: DenseBackend,
         grad_enabled: bool,
     ) -> Tensor:
-        targets = RaggedLabels(indptr, indices)
+        targets = RaggedLabels(indptr, indices, padded=padded)
         coef = row_coefficients(targets, options)
         z_pos = positive_logits(x, weight, bias, targets, options)
         dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
@@ -302,14 +313,14 @@ class LinearLossFunction(torch.autograd.Function):
                 reduced = backend.reduce(dense)
         loss, stat = assemble_loss(reduced, z_pos, targets, coef, options)
         ctx.save_for_backward(x, weight, bias, indptr, indices, coef, stat, z_pos)
-        ctx.options, ctx.backend = options, backend
+        ctx.options, ctx.backend, ctx.padded = options, backend, padded
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, bias, indptr, indices, coef, stat, z_pos = ctx.saved_tensors
         options: LinearLossOptions = ctx.options
-        targets = RaggedLabels(indptr, indices)
+        targets = RaggedLabels(indptr, indices, padded=ctx.padded)
         coef = coef * grad_loss.float()  # device-side scale: no host sync
         dense = DenseOperands(x, weight, bias, indices if options.cosine else None, options)
         if ctx.fused is not None:
@@ -319,7 +330,7 @@ class LinearLossFunction(torch.autograd.Function):
             with torch.autocast(x.device.type, enabled=False):
                 grads = ctx.backend.grads(dense, stat, coef)
         dz_pos = positive_grad(z_pos, stat, targets, coef, options)
-        return (*input_grads(grads, dense, targets, dz_pos), None, None, None, None, None)
+        return (*input_grads(grads, dense, targets, dz_pos), None, None, None, None, None, None)
 
 
 def prepare_inputs(
@@ -351,5 +362,5 @@ def linear_loss_apply(
     x, ragged = prepare_inputs(x, weight, targets, bias, options, weight.shape[0])
     grad_enabled = torch.is_grad_enabled()  # inside forward grad mode is off; needs_input_grad ignores it
     return LinearLossFunction.apply(
-        x, weight, bias, ragged.indptr, ragged.indices, options, backend, grad_enabled
+        x, weight, bias, ragged.indptr, ragged.indices, ragged.padded, options, backend, grad_enabled
     )
