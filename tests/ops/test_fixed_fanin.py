@@ -358,7 +358,8 @@ def test_fused_forward_in_chunks_matches_backward(group, chunk_rows, loss):
         )
         expected = fixed_fanin_bwd(x, weight, index, bias, grad=grad, **options)
         for name, g, e in zip(["dx", "dweight", "dbias"], got, expected, strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            # dx adds with atomics on a GPU, in no fixed order
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         expected_rows = fixed_fanin_rows(x, weight, index, bias, impl="reference", **options)
         torch.testing.assert_close(rows, expected_rows, rtol=1e-5, atol=1e-5)
 

@@ -626,8 +626,9 @@ def test_gradient_in_forward_captures_in_a_cuda_graph(factor):
         step()
     graph.replay()
     torch.cuda.synchronize()
-    for name, replayed, expected in zip(["dx", "dW"], [x.grad, weight.grad], eager, strict=True):
-        assert_close(replayed, expected, rtol=1e-5, atol=1e-6, name=f"graph {name}")
+    # dx sums its class blocks with atomic adds, in no fixed order, then rounds to bf16: one bf16 step apart
+    assert_close(x.grad, eager[0], rtol=2**-7, atol=1e-3, name="graph dx")
+    assert_close(weight.grad, eager[1], rtol=1e-4, atol=1e-5, name="graph dW")
 
 
 # ------------------------------------------------------------- padded targets: a CUDA graph's static shape

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megaclass.paramserver import HyperParams, ParamServerClient, wire
-from megaclass.paramserver.shm import ClientBuffer
+from megaclass.paramserver.shared_memory import ClientBuffer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd on this platform")
 

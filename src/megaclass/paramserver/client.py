@@ -30,7 +30,7 @@ from torch import Tensor
 
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, TOKEN_ENV, resolve_token
-from megaclass.paramserver.shm import ClientBuffer
+from megaclass.paramserver.shared_memory import ClientBuffer
 
 
 class ParamServerError(ValueError):

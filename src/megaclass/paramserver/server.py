@@ -41,7 +41,7 @@ from megaclass.paramserver.config import (
     config_from_arguments,
     shard_range,
 )
-from megaclass.paramserver.shm import AttachedBuffer
+from megaclass.paramserver.shared_memory import AttachedBuffer
 from megaclass.paramserver.state import ShardSpec, ShardState, all_finite
 
 logger = logging.getLogger("megaclass.paramserver")

@@ -135,13 +135,15 @@ def resolve_recipe(
     row_optimizer_set = _covered("head.optimizer", explicit_keys) or any(
         key.startswith("head.optimizer.") for key in explicit_keys
     )
-    if isinstance(resolved.head, SelectedHeadConfig) and not row_optimizer_set:
+    served = isinstance(resolved.head, SelectedHeadConfig) and resolved.head.store.startswith("ps://")
+    if isinstance(resolved.head, SelectedHeadConfig) and not (row_optimizer_set or served):
         resolved = dataclasses.replace(resolved, head=with_row_optimizer_of(resolved.head, resolved))
     return resolve_auto(resolved, facts), f"recipe: {name} ({facts.describe()}); explicit settings win"
 
 
 def with_row_optimizer_of(head: SelectedHeadConfig, config: RunConfig) -> SelectedHeadConfig:
-    """``head`` with the row optimizer that ``optim.head`` names (kind, momentum, betas, weight decay).
+    """``head`` with the row optimizer that ``optim.head`` names (kind, momentum, betas, weight decay); not
+    applied to rows on parameter servers, whose optimizer is the one the servers were started with.
 
     The trainer hands a row-sparse head ``optim.head``'s scheduled lr, so its rows must be trained by that
     optimizer: a recipe tuned for AdamW at lr 0.005 gives an SGD row optimizer about 100x too small a step.
