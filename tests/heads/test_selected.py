@@ -346,3 +346,18 @@ def test_memory_counts_the_rows_in_the_store(store):
     assert held["row_optimizer"] >= 2 * 97 * 12 * 4  # Adam's two moments per row element
     memory = head_memory(head, None, num_classes=97, in_features=12)
     assert memory["head_total_bytes"] >= held["weights"] + held["row_optimizer"]
+
+
+def test_capture_is_refused_where_the_selection_is_not_static():
+    """A CUDA graph replays fixed buffers: host stores, multi-label targets and background index builds (a
+    swap between steps) keep the step eager, each with its reason."""
+    context = HeadContext(in_features=8, num_classes=100, multilabel=False)
+
+    def blocker(config, *, targets_static=True):
+        return build_head(head_config(config), context).capture_blocker(targets_static=targets_static)
+
+    assert blocker({"type": "selected", "store": "gpu"}) is None
+    assert "ragged" in blocker({"type": "selected", "store": "gpu"}, targets_static=False)
+    assert "head.store=host" in blocker({"type": "selected", "store": "host"})
+    background = {"type": "selected", "store": "gpu", "index": {"type": "gpu", "background": True}}
+    assert "background" in blocker(background)

@@ -376,6 +376,8 @@ class SelectedHead(Head):
             return f"head.index={self.config.index.type} is queried on the host"
         if self.config.margin.enabled:
             return "head.margin: the target logits are placed with a data-dependent size (a host sync)"
+        if isinstance(self.config.index, ClusterIndexConfig) and self.config.index.background is True:
+            return "head.index.background=true: a build swapped in between steps replaces the index's buffers"
         return None
 
     def graph_generators(self) -> list[torch.Generator]:
