@@ -201,7 +201,18 @@ def _imported_modules(repo_root: str, path: str) -> set[str]:
 def test_state_io_is_the_bottom_layer(repo_root):
     """``state_io`` imports only torch, numpy, safetensors and ``megaclass.errors`` (and the standard
     library); both checkpoint modules take their I/O from it; the sharded one imports nothing of train/."""
-    stdlib = {"__future__", "collections", "hashlib", "json", "math", "os", "shutil", "tempfile", "typing"}
+    stdlib = {
+        "__future__",
+        "abc",
+        "collections",
+        "hashlib",
+        "json",
+        "math",
+        "os",
+        "shutil",
+        "tempfile",
+        "typing",
+    }
     allowed = {"torch", "numpy", "safetensors", *stdlib}
     outside = {
         module
@@ -300,6 +311,40 @@ def test_a_streamed_copy_is_written_again_block_by_block(tmp_path):
     assert state_io.write_tensors(second, saved, metadata={"k": "v"}, chunk_bytes=8) == (
         state_io.file_fingerprint(first)
     )
+
+
+class _CountingSource(state_io.RowSource):
+    """Rows of ``tensor`` handed out a block at a time, each block's row count recorded."""
+
+    def __init__(self, tensor, *, shape=None):
+        self.tensor, self.blocks = tensor, []
+        self.shape, self.dtype = torch.Size(tensor.shape if shape is None else shape), tensor.dtype
+
+    def read_rows(self, start, stop):
+        self.blocks.append(stop - start)
+        return self.tensor.reshape(-1, *self.tensor.shape[1:])[start:stop].clone()
+
+
+def test_any_row_source_is_written_and_copied_block_by_block(tmp_path):
+    rows, scalar = torch.randn(37, 5), torch.tensor(4.5)
+    source = _CountingSource(rows)
+    assert (source.shape, source.dim(), len(source), source.numel(), source.row_bytes) == (
+        (37, 5),
+        2,
+        37,
+        185,
+        20,
+    )
+    state = {"head": {"store.weight": source, "scalar": _CountingSource(scalar)}, "step": 3}
+    folder = state_io.write_state(str(tmp_path / "s"), state, chunk_bytes=3 * 20)  # blocks of 3 rows
+    assert source.blocks == [3] * 12 + [1]
+    loaded = state_io.read_state(folder)
+    assert torch.equal(loaded["head"]["store.weight"], rows) and torch.equal(loaded["head"]["scalar"], scalar)
+    target, source.blocks = torch.zeros(37, 5, dtype=torch.float64), []
+    state_io.copy_into_(target, source, chunk_bytes=8 * 20)
+    assert torch.equal(target, rows.double()) and source.blocks == [8] * 4 + [5]
+    with pytest.raises(ValueError, match=r"rows \[0, 3\) came as torch.float32 of shape \(3, 5\), expected"):
+        _CountingSource(rows, shape=(37, 4))[0:3]  # a source whose rows are not what it says
 
 
 def test_truncated_tensor_files_are_named(tmp_path):

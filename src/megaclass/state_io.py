@@ -8,8 +8,9 @@ folder from a truncated or altered one (:func:`verify_manifest`). The folder is 
 name and renamed (:func:`replace_folder`), so a kill leaves the old folder or the new one, never half of one.
 
 Tensors are streamed, never copied whole: :func:`write_tensors` writes each one block of rows at a time
-(:data:`STREAM_CHUNK_BYTES`) from wherever it lives (GPU, pinned or plain host memory) into the file, hashing
-the bytes as they go, so saving a row store of 10^8 classes needs one block of host memory, not a copy of
+(:data:`STREAM_CHUNK_BYTES`) from wherever it lives (GPU, pinned or plain host memory, or a
+:class:`RowSource` that reads rows when asked, such as a parameter server's) into the file, hashing the bytes
+as they go, so saving a row store of 10^8 classes needs one block of host memory, not a copy of
 its rows. Reading back, the tensors a caller names come as :class:`SavedTensor`: a handle into the file that
 :func:`copy_into_` streams into existing tensors (a row store's own rows), block by block.
 
@@ -21,6 +22,7 @@ its rows. Reading back, the tensors a caller names come as :class:`SavedTensor`:
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -38,6 +40,7 @@ __all__ = [
     "MANIFEST",
     "STREAM_CHUNK_BYTES",
     "DamagedStateError",
+    "RowSource",
     "SavedTensor",
     "copy_into_",
     "file_fingerprint",
@@ -73,15 +76,15 @@ class DamagedStateError(ValueError):
 # ------------------------------------------------------------------------------------------ nested state
 
 
-def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor | SavedTensor]]:
+def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor | RowSource]]:
     """Split ``state`` into a JSON-able tree and the tensors it references (the state's own, not copies: a
     writer reads them block by block, so write them before the state changes).
 
     Dicts (any hashable keys), lists, tuples, numbers, strings, None, numpy arrays, tensors and
-    :class:`SavedTensor` are allowed. Non-string dict keys and tuples are tagged so that :func:`unflatten`
-    gives back the same Python values.
+    :class:`RowSource` handles are allowed. Non-string dict keys and tuples are tagged so that
+    :func:`unflatten` gives back the same Python values.
     """
-    tensors: dict[str, Tensor | SavedTensor] = {}
+    tensors: dict[str, Tensor | RowSource] = {}
     tree = _flatten(state, prefix, tensors)
     return tree, tensors
 
@@ -91,15 +94,15 @@ def _child(key: str, name: Any, index: int) -> str:
     return f"{key}.{part}" if key else part
 
 
-def _store(tensors: dict[str, Tensor | SavedTensor], key: str, tensor: Tensor | SavedTensor) -> str:
+def _store(tensors: dict[str, Tensor | RowSource], key: str, tensor: Tensor | RowSource) -> str:
     if key in tensors:  # two paths spelled alike ("a.b" inside "x" vs "b" inside "x.a"): keep both
         key = f"{key}~{len(tensors)}"
     tensors[key] = tensor
     return key
 
 
-def _flatten(value: Any, key: str, tensors: dict[str, Tensor | SavedTensor]) -> Any:
-    if isinstance(value, (Tensor, SavedTensor)):
+def _flatten(value: Any, key: str, tensors: dict[str, Tensor | RowSource]) -> Any:
+    if isinstance(value, (Tensor, RowSource)):
         return {"__tensor__": _store(tensors, key, value.detach() if isinstance(value, Tensor) else value)}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": _store(tensors, key, torch.from_numpy(np.ascontiguousarray(value).copy()))}
@@ -122,14 +125,14 @@ def _flatten(value: Any, key: str, tensors: dict[str, Tensor | SavedTensor]) -> 
     raise TypeError(f"checkpoint state at {key!r}: cannot store a {type(value).__name__}")
 
 
-def unflatten(tree: Any, tensors: Mapping[str, Tensor | SavedTensor]) -> Any:
+def unflatten(tree: Any, tensors: Mapping[str, Tensor | RowSource]) -> Any:
     """Inverse of :func:`flatten`."""
     if isinstance(tree, dict):
         if "__tensor__" in tree:
             return tensors[tree["__tensor__"]]
         if "__ndarray__" in tree:
             array = tensors[tree["__ndarray__"]]
-            return (array.read() if isinstance(array, SavedTensor) else array).numpy()
+            return (array.read() if isinstance(array, RowSource) else array).numpy()
         if "__tuple__" in tree:
             return tuple(unflatten(item, tensors) for item in tree["__tuple__"])
         if "__dict__" in tree:
@@ -259,20 +262,27 @@ def _row_blocks(length: int, row_bytes: int, chunk_bytes: int) -> Iterator[tuple
         yield start, min(start + rows, length)
 
 
-class SavedTensor:
-    """A tensor inside a safetensors file, read when asked: ``saved[a:b]`` reads rows ``[a, b)`` as a new CPU
-    tensor, :meth:`read` all of it, and :func:`copy_into_` streams it into an existing tensor.
+class RowSource(abc.ABC):
+    """A tensor read a block of rows at a time from where it lives (a file, a server): ``source[a:b]`` reads
+    rows ``[a, b)`` as a new CPU tensor, :meth:`read` all of it.
 
-    It answers ``shape``, ``dtype``, ``dim()``, ``numel()`` and ``len()`` like a tensor; its file must stay
-    in place while it is used. :func:`read_tensors` and :func:`read_state` hand these out for the keys their
-    ``stream`` argument names; :func:`write_tensors` writes one back block by block.
+    It answers ``shape``, ``dtype``, ``dim()``, ``numel()`` and ``len()`` like a tensor: :func:`flatten` keeps
+    it as a tensor of the state, :func:`write_tensors` writes it block by block and :func:`copy_into_` streams
+    it into an existing tensor. A subclass sets ``shape`` and ``dtype`` and implements :meth:`read_rows`.
     """
 
-    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.path, self.offset = path, offset
-        self.shape, self.dtype = torch.Size(shape), dtype
-        self._length = shape[0] if shape else 1  # a 0-d tensor is one row
-        self._row_bytes = math.prod(shape[1:]) * _element_bytes(dtype)
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @abc.abstractmethod
+    def read_rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` (inside the tensor; a 0-d tensor is one row) as a CPU tensor of
+        :attr:`dtype`."""
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row."""
+        return math.prod(self.shape[1:]) * _element_bytes(self.dtype)
 
     def dim(self) -> int:
         return len(self.shape)
@@ -282,23 +292,45 @@ class SavedTensor:
 
     def __len__(self) -> int:
         if not self.shape:
-            raise TypeError("len() of a 0-d saved tensor")
+            raise TypeError(f"len() of a 0-d {type(self).__name__}")
         return self.shape[0]
 
     def __getitem__(self, rows: slice) -> Tensor:
         if not isinstance(rows, slice) or rows.step not in (None, 1) or not self.shape:
-            raise TypeError(f"{self!r}: only a row range saved[start:stop] is read, got [{rows!r}]")
+            raise TypeError(f"{self!r}: only a row range source[start:stop] is read, got [{rows!r}]")
         start, stop, _ = rows.indices(self.shape[0])
-        return self._block(start, max(start, stop))
+        return self._checked(start, max(start, stop))
+
+    def read(self) -> Tensor:
+        """The whole tensor, in host memory."""
+        return self._checked(0, self.shape[0] if self.shape else 1).reshape(self.shape)
+
+    def _checked(self, start: int, stop: int) -> Tensor:
+        """:meth:`read_rows`, checked to be the rows asked for, contiguous on the CPU."""
+        block = self.read_rows(start, stop)
+        expected = (stop - start, *self.shape[1:])
+        if tuple(block.shape) != expected or block.dtype != self.dtype:
+            raise ValueError(
+                f"{self!r}: rows [{start}, {stop}) came as {block.dtype} of shape {tuple(block.shape)}, "
+                f"expected {self.dtype} of shape {expected}"
+            )
+        return block.to("cpu").contiguous()
+
+
+class SavedTensor(RowSource):
+    """A tensor inside a safetensors file, read when asked (a :class:`RowSource`); its file must stay in place
+    while it is used. :func:`read_tensors` and :func:`read_state` hand these out for the keys their ``stream``
+    argument names; :func:`copy_into_` reads one straight into a contiguous CPU tensor of its dtype.
+    """
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.path, self.offset = path, offset
+        self.shape, self.dtype = torch.Size(shape), dtype
 
     def __repr__(self) -> str:
         return f"SavedTensor({self.path!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
-    def read(self) -> Tensor:
-        """The whole tensor, in host memory."""
-        return self._block(0, self._length).reshape(self.shape)
-
-    def _block(self, start: int, stop: int) -> Tensor:
+    def read_rows(self, start: int, stop: int) -> Tensor:
         block = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)  # (rows, ...)
         self._read_into(start, block)
         return block
@@ -308,7 +340,7 @@ class SavedTensor:
         assert out.is_contiguous() and out.device.type == "cpu" and out.dtype == self.dtype
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with open(self.path, "rb", buffering=0) as file:
-            file.seek(self.offset + start * self._row_bytes)
+            file.seek(self.offset + start * self.row_bytes)
             done = 0
             while done < len(view):
                 count = file.readinto(view[done:])
@@ -317,15 +349,15 @@ class SavedTensor:
                 done += count
 
 
-def _byte_blocks(value: Tensor | SavedTensor, chunk_bytes: int) -> Iterator[np.ndarray]:
+def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.ndarray]:
     """The bytes of ``value`` in row-major order, a block of rows (at most ``chunk_bytes``, or one row) at a
     time, each brought to host memory on its own."""
     shape = tuple(value.shape)
     rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
     for start, stop in _row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):
-        if isinstance(rows, SavedTensor):
-            block = rows._block(start, stop)
+        if isinstance(rows, RowSource):
+            block = rows._checked(start, stop)
         else:
             block = rows[start:stop].detach().to("cpu").contiguous()  # a GPU tensor: this block only
         yield block.reshape(-1).view(torch.uint8).numpy()
@@ -333,13 +365,14 @@ def _byte_blocks(value: Tensor | SavedTensor, chunk_bytes: int) -> Iterator[np.n
 
 def write_tensors(
     path: str,
-    tensors: Mapping[str, Tensor | SavedTensor],
+    tensors: Mapping[str, Tensor | RowSource],
     *,
     metadata: Mapping[str, str] | None = None,
     chunk_bytes: int = STREAM_CHUNK_BYTES,
 ) -> dict[str, Any]:
     """Write ``tensors`` as the safetensors file ``path``, each streamed a block of rows at a time from where
-    it lives (GPU, host memory, or another file), through a temporary file and a rename.
+    it lives (GPU, host memory, another file or any :class:`RowSource`), through a temporary file and a
+    rename.
 
     The host memory taken is one block of ``chunk_bytes``; nothing is copied whole.
 
@@ -422,11 +455,9 @@ def read_tensors(
 
 
 @torch.no_grad()
-def copy_into_(
-    target: Tensor, source: Tensor | SavedTensor, *, chunk_bytes: int = STREAM_CHUNK_BYTES
-) -> None:
-    """``target.copy_(source)``; a :class:`SavedTensor` source is streamed: read straight into ``target``
-    when it is a contiguous CPU tensor of the same dtype, else a block of rows at a time.
+def copy_into_(target: Tensor, source: Tensor | RowSource, *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
+    """``target.copy_(source)``; a :class:`RowSource` is streamed a block of rows at a time (a
+    :class:`SavedTensor` read straight into ``target`` when that is a contiguous CPU tensor of its dtype).
 
     Raises:
         ValueError: the shapes differ.
@@ -439,8 +470,13 @@ def copy_into_(
     if target.dim() == 0:
         target.copy_(source.read())
         return
-    direct = target.device.type == "cpu" and target.is_contiguous() and target.dtype == source.dtype
-    for start, stop in _row_blocks(len(source), source._row_bytes, chunk_bytes):
+    direct = (
+        isinstance(source, SavedTensor)
+        and target.device.type == "cpu"
+        and target.is_contiguous()
+        and target.dtype == source.dtype
+    )
+    for start, stop in _row_blocks(len(source), source.row_bytes, chunk_bytes):
         if direct:
             source._read_into(start, target[start:stop])
         else:

@@ -227,15 +227,26 @@ def test_store_state_dict_round_trip(shards):
     second = shards(3, num_rows=10, dim=3, optimizer="adam", seed=5, init_bound=0.0)
     source = ParamServerStore(_addresses(first), timeout_s=20)
     source.push(torch.tensor([1, 4, 9]), torch.randn(3, 3), step=1, lr=0.1)
-    state = source.state_dict()
+    state = source.state_dict()  # sources read from the servers when asked
     assert sorted(state) == ["optim.exp_avg", "optim.exp_avg_sq", "optim.step", "weight"]
-    assert state["optim.step"].tolist() == [0, 1, 0, 0, 1, 0, 0, 0, 0, 1]
+    assert {key: tuple(value.shape) for key, value in state.items()} == {
+        "weight": (10, 3),
+        "optim.exp_avg": (10, 3),
+        "optim.exp_avg_sq": (10, 3),
+        "optim.step": (10,),
+    }
+    assert state["optim.step"].read().tolist() == [0, 1, 0, 0, 1, 0, 0, 0, 0, 1]
+    assert state["optim.step"][2:2].shape == (0,)
     target = ParamServerStore(_addresses(second), timeout_s=20)
-    target.load_state_dict(state)
+    target.load_state_dict(state)  # read from the first servers block by block
     for key, value in target.state_dict().items():
-        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+        assert torch.equal(value.read(), state[key].read()), key
     with pytest.raises(ValueError, match="keep"):
         target.load_state_dict({"weight": state["weight"]})
+    wrong = {key: value.read() for key, value in state.items()}
+    wrong["optim.step"] = torch.zeros(10, 1)
+    with pytest.raises(ValueError, match=r"'optim.step': shape \(10, 1\), the servers keep \(10,\)"):
+        target.load_state_dict(wrong)
 
 
 def test_hyper_params_change_and_persist(shards, tmp_path):

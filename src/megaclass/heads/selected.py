@@ -568,8 +568,7 @@ class SelectedHead(Head):
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
         servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index, the
-        active rows' gradients, ``B x S`` logits per batch; a checkpoint of a parameter server's rows copies
-        them to host memory."""
+        active rows' gradients, ``B x S`` logits per batch."""
         classes, dim = context.num_classes, context.in_features
         element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
         rows = classes * dim * element
@@ -606,9 +605,9 @@ class SelectedHead(Head):
             "evaluation": PlannedBytes(
                 block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
             ),
-            # local rows and the index stream to the checkpoint's files (the trainer's block); a parameter
-            # server's rows and state are pulled to host memory whole
-            "checkpoint": PlannedBytes(0, 0 if local else rows + state, "head.optimizer.momentum=0"),
+            # rows and their state stream to the checkpoint's files from the device, host memory or the
+            # parameter servers, a block at a time (the trainer's block)
+            "checkpoint": PlannedBytes(0, 0, "head.optimizer.momentum=0"),
         }
 
 

@@ -620,10 +620,25 @@ class ParamServerClient:
         for shard, request, future in issued:
             self._wait(shard, "SetRows", request, future)
 
-    def get_rows(self, start: int, stop: int, *, field: str = "rows", block_bytes: int = 1 << 28) -> Tensor:
+    def get_rows(
+        self,
+        start: int,
+        stop: int,
+        *,
+        field: str = "rows",
+        block_bytes: int = 1 << 28,
+        versions: Sequence[int] | None = None,
+    ) -> Tensor:
         """Rows ``[start, stop)`` of ``field``, fetched in blocks of at most ``block_bytes``.
 
+        Args:
+            versions: each shard's version (``health()[i].version``, in shard order) the rows must be read
+                at: a snapshot read in several calls is checked to be one state of the servers.
+
         Returns a ``(stop - start, D)`` float32 tensor (``(stop - start,)`` for a per-row scalar slot).
+
+        Raises:
+            ParamServerError: with ``versions``, a shard's rows changed since (code ``CHANGED``).
         """
         if not 0 <= start <= stop <= self.num_rows:
             raise ValueError(f"range [{start}, {stop}) is not inside [0, {self.num_rows})")
@@ -638,7 +653,15 @@ class ParamServerClient:
                 request = wire.message("GetRowsRequest", start=a, stop=b, dtype="float32", field=field)
                 issued.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
         for shard, a, request, future in issued:
-            values = wire.decode_array(self._wait(shard, "GetRows", request, future).values, what="values")
+            response = self._wait(shard, "GetRows", request, future)
+            if versions is not None and response.version != versions[shard]:
+                raise ParamServerError(
+                    self._shards[shard].address,
+                    f"its rows changed while being read (version {response.version}, read from version "
+                    f"{versions[shard]} on): an update was applied in the middle of a snapshot",
+                    code="CHANGED",
+                )
+            values = wire.decode_array(response.values, what="values")
             if out is None:
                 out = torch.empty(stop - start, *values.shape[1:])
             out[a - start : a - start + len(values)] = values

@@ -10,21 +10,35 @@ The URL may end in options: ``ps://host:port,host:port?token_file=/run/secrets/p
 (``token_file=`` or the URL's) or the ``MEGACLASS_PS_TOKEN`` environment variable (given by several, they must
 agree); a TLS root certificate from ``tls_ca=`` or ``MEGACLASS_PS_TLS_CA`` (a PEM file path), read when the
 store is built.
+
+A checkpoint streams the servers' rows and optimizer state a block at a time (:class:`ServerRows`), never
+a whole copy in this process's memory. It is one state of the servers: :meth:`ParamServerStore.state_dict`
+waits until this trainer's pushes are applied (sync mode: every trainer's, through the barrier), records each
+shard's version, and every block read is checked against it, raising where an update came in between. The
+trainer writes after its step's push while its other ranks wait at a barrier; with several async-mode
+trainers, every rank's :meth:`~ParamServerStore.flush` must come before rank 0 writes.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind
+from megaclass.state_io import RowSource
 from megaclass.store.base import RowStore
+
+if TYPE_CHECKING:
+    from megaclass.paramserver.client import ParamServerClient
 
 SCHEME = "ps://"
 URL_OPTIONS = ("token_file", "connect_timeout_s", "timeout_s")
+LOAD_BLOCK_BYTES = 1 << 26  # rows written to the servers in one request by load_state_dict: 64 MiB
 
 
 def parse_ps_url(url: str) -> list[str]:
@@ -141,6 +155,7 @@ class ParamServerStore(RowStore):
         self.num_rows, self.dim = self.client.num_rows, self.client.dim
         self.device = torch.device(device)
         self._prefetched: tuple[Tensor, object] | None = None  # (ids, PendingPull)
+        self._field_shapes: dict[str, tuple[int, ...]] = {}  # field -> its shape on the servers
         health = self.client.health()[0]
         self.optimizer_kind, self.slots = health.optimizer, tuple(health.slots)
 
@@ -208,26 +223,80 @@ class ParamServerStore(RowStore):
         rows = 4 * self.num_rows * self.dim
         return rows, rows * len(self.slots)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        self.flush()
-        state = {"weight": self.client.get_rows(0, self.num_rows)}
-        for slot in self.slots:
-            state[f"optim.{slot}"] = self.client.get_rows(0, self.num_rows, field=slot)
-        return state
+    def state_dict(self) -> dict[str, ServerRows]:
+        """Rows (``weight``) and each optimizer slot (``optim.<slot>``) as :class:`ServerRows`: nothing is
+        pulled here; a checkpoint writer reads them a block at a time, each block checked to come from the
+        servers' state as it is now, after every push of this trainer was applied.
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        expected = {"weight", *(f"optim.{slot}" for slot in self.slots)}
-        if set(state) != expected:
-            raise ValueError(f"state dict keys {sorted(state)}: the servers keep {sorted(expected)}")
+        Write them before the servers' rows change: a block read after an update (another trainer's push, a
+        load) raises :class:`~megaclass.paramserver.ParamServerError` rather than mix two states.
+        """
         self.flush()
-        all_ids = torch.arange(self.num_rows)
-        block = max(1, (1 << 26) // (4 * self.dim))  # 64 MiB a request
+        versions = tuple(int(health.version) for health in self.client.health())
+        return {
+            _key(field): ServerRows(self.client, field, self._field_shape(field), versions)
+            for field in ("rows", *self.slots)
+        }
+
+    def load_state_dict(self, state: Mapping[str, Tensor | RowSource]) -> None:
+        """Overwrite the servers' rows and optimizer state with ``state``'s, a block of rows at a time (a
+        :class:`~megaclass.state_io.SavedTensor` is read from its file block by block).
+
+        Raises:
+            ValueError: a key is missing or unknown, or an entry's shape is not the servers'.
+        """
+        expected = {_key(field): field for field in ("rows", *self.slots)}
+        if set(state) != set(expected):
+            raise ValueError(f"state dict keys {sorted(state)}: the servers keep {sorted(expected)}")
+        shapes = {key: self._field_shape(field) for key, field in expected.items()}
         for key, values in state.items():
-            field = "rows" if key == "weight" else key.removeprefix("optim.")
-            for start in range(0, self.num_rows, block):
-                self.client.set_rows(
-                    all_ids[start : start + block], values[start : start + block], field=field
+            if tuple(values.shape) != shapes[key]:
+                raise ValueError(
+                    f"state dict entry {key!r}: shape {tuple(values.shape)}, the servers keep {shapes[key]}"
                 )
+        self.flush()
+        for key, values in state.items():
+            row_bytes = 4 * math.prod(shapes[key][1:])
+            block = max(1, LOAD_BLOCK_BYTES // row_bytes)
+            for start in range(0, self.num_rows, block):
+                stop = min(start + block, self.num_rows)
+                self.client.set_rows(torch.arange(start, stop), values[start:stop], field=expected[key])
+
+    def _field_shape(self, field: str) -> tuple[int, ...]:
+        """``(num_rows, ...)``: the servers' shape of ``field`` (a per-row scalar slot is ``(num_rows,)``)."""
+        if field not in self._field_shapes:
+            first = self.client.get_rows(0, 1, field=field)  # one row tells the row's shape
+            self._field_shapes[field] = (self.num_rows, *first.shape[1:])
+        return self._field_shapes[field]
 
     def close(self) -> None:
         self.client.close()
+
+
+def _key(field: str) -> str:
+    """The state dict key of a server field: ``weight`` for the rows, ``optim.<slot>`` for a slot."""
+    return "weight" if field == "rows" else f"optim.{field}"
+
+
+class ServerRows(RowSource):
+    """One field of the servers' rows (``"rows"`` or an optimizer slot), read when asked: ``source[a:b]``
+    pulls rows ``[a, b)`` as a float32 CPU tensor (:class:`~megaclass.state_io.RowSource`).
+
+    Every read is checked against the shards' ``versions`` (their state when the source was made): rows
+    updated since raise :class:`~megaclass.paramserver.ParamServerError`, so what is read in blocks is one
+    state of the servers.
+    """
+
+    def __init__(
+        self, client: ParamServerClient, field: str, shape: tuple[int, ...], versions: Sequence[int]
+    ) -> None:
+        self.client, self.field, self.versions = client, field, tuple(versions)
+        self.shape, self.dtype = torch.Size(shape), torch.float32
+
+    def __repr__(self) -> str:
+        return f"ServerRows({self.field!r}, shape={tuple(self.shape)}, versions={list(self.versions)})"
+
+    def read_rows(self, start: int, stop: int) -> Tensor:
+        if start == stop:  # no call: an empty range has no rows to tell a slot's shape
+            return torch.empty((0, *self.shape[1:]))
+        return self.client.get_rows(start, stop, field=self.field, versions=self.versions)

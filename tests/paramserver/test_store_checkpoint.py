@@ -1,0 +1,155 @@
+"""Checkpoints of a parameter-server head: rows and optimizer state stream from the servers to the file and
+back a block at a time, are one state of the servers, and restore the head bit for bit."""
+
+import os
+
+import pytest
+import torch
+
+from megaclass import state_io
+from megaclass.heads import HeadContext, build_head, head_config
+from megaclass.paramserver import HyperParams, ParamServerClient, ParamServerError
+from megaclass.store import paramserver as ps_store
+from megaclass.train import checkpoint
+
+NUM_ROWS, DIM = 61, 6
+ROW_BYTES = 4 * DIM
+BLOCK_ROWS = 5  # rows per block of the save and of the load, made small to count them
+OPTIMIZERS = {
+    # name: (server optimizer, its hyper-parameters, the head's optimizer)
+    "sgd-momentum": ("sgd", HyperParams(lr=0.5, momentum=0.9), {"kind": "sgd", "momentum": 0.9}),
+    "adagrad": ("adagrad", HyperParams(lr=0.5), {"kind": "adagrad"}),
+}
+
+
+def _servers(shards, name, *, seed):
+    optimizer, hyper, _ = OPTIMIZERS[name]
+    return shards(3, num_rows=NUM_ROWS, dim=DIM, optimizer=optimizer, hyper=hyper, seed=seed)
+
+
+def _url(servers):
+    return "ps://" + ",".join(f"127.0.0.1:{server.port}" for server in servers)
+
+
+def _head(servers, name):
+    # index none: the shards' exact query may run before the last push is applied (timing, not state)
+    options = {"type": "selected", "sample_num": 12, "index": "none", "interval": 2, "coverage_every": 0}
+    config = head_config({**options, "store": _url(servers), "optimizer": OPTIMIZERS[name][2]})
+    return build_head(config, HeadContext(in_features=DIM, num_classes=NUM_ROWS, multilabel=False))
+
+
+def _train(head, batches, start):
+    losses = []
+    for step, (features, targets) in enumerate(batches, start=start):
+        loss = head(features, targets)
+        loss.backward()
+        head.after_step(step, 0.0, lr=0.5)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _fields(servers, store):
+    """Every field the servers keep, read whole by a client of their own: ``{key: tensor}``."""
+    client = ParamServerClient([f"127.0.0.1:{server.port}" for server in servers], timeout_s=20)
+    fields = {"weight": client.get_rows(0, NUM_ROWS)}
+    fields.update({f"optim.{slot}": client.get_rows(0, NUM_ROWS, field=slot) for slot in store.slots})
+    client.close()
+    return fields
+
+
+def _block_rows(row_shape, block_bytes=BLOCK_ROWS * ROW_BYTES):
+    """Rows of ``row_shape`` float32 values in a block of ``block_bytes``."""
+    return max(1, block_bytes // (4 * torch.Size(row_shape).numel()))
+
+
+def _record(monkeypatch, owner, name, calls, size):
+    """Wrap method ``owner.name`` to append ``size(*args, **kwargs)`` to ``calls`` before each call."""
+    original = getattr(owner, name)
+
+    def recorded(self, *args, **kwargs):
+        calls.append(size(*args, **kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(shards, monkeypatch, tmp_path, name):
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(4, DIM, generator=generator), torch.randint(NUM_ROWS, (4,), generator=generator))
+        for _ in range(6)
+    ]
+    first = _servers(shards, name, seed=1)
+    head = _head(first, name)
+    _train(head, batches[:3], 1)
+
+    pulls = []  # (field, rows) of every read from the servers
+    _record(
+        monkeypatch, ParamServerClient, "get_rows", pulls, lambda a, b, **k: (k.get("field", "rows"), b - a)
+    )
+    state = {"head": head.state_dict(), "step": 3}
+    assert all(rows == 1 for _, rows in pulls)  # state_dict pulls nothing but a row of each field's shape
+    pulls.clear()
+    monkeypatch.setitem(state_io.write_state.__kwdefaults__, "chunk_bytes", BLOCK_ROWS * ROW_BYTES)
+    path = checkpoint.save_checkpoint(str(tmp_path / "ck"), 3, state)
+    monkeypatch.undo()
+    expected = _fields(first, head.store)
+    store_keys = {key for key in head.state_dict() if key.startswith("store.")}
+    assert set(expected) == {key.removeprefix("store.") for key in store_keys}
+    assert (name == "adagrad") == ("optim.step" in expected)  # a per-row scalar slot
+    for key, tensor in expected.items():  # one block of rows at a time, each row read once
+        field = "rows" if key == "weight" else key.removeprefix("optim.")
+        sizes = [rows for pulled, rows in pulls if pulled == field]
+        assert max(sizes) == _block_rows(tensor.shape[1:]) and sum(sizes) == NUM_ROWS, key
+
+    second = _servers(shards, name, seed=2)  # other rows, zero state: all overwritten from the file
+    resumed = _head(second, name)
+    loaded = checkpoint.load_checkpoint(path)
+    assert all(isinstance(loaded["head"][key], state_io.SavedTensor) for key in store_keys)
+    writes, reads = [], []
+    monkeypatch.setattr(ps_store, "LOAD_BLOCK_BYTES", BLOCK_ROWS * ROW_BYTES)
+    _record(
+        monkeypatch, ParamServerClient, "set_rows", writes, lambda ids, values, **k: (k["field"], len(ids))
+    )
+    _record(monkeypatch, state_io.SavedTensor, "read_rows", reads, lambda a, b: b - a)
+    resumed.load_state_dict(loaded["head"])
+    monkeypatch.undo()
+    for key, tensor in expected.items():  # one block of rows at a time from the file to the servers
+        field = "rows" if key == "weight" else key.removeprefix("optim.")
+        sizes = [rows for written, rows in writes if written == field]
+        assert max(sizes) == _block_rows(tensor.shape[1:]) and sum(sizes) == NUM_ROWS, key
+    assert max(reads) == max(_block_rows(tensor.shape[1:]) for tensor in expected.values())
+    for key, tensor in _fields(second, resumed.store).items():
+        assert torch.equal(tensor, expected[key]), key  # bit for bit
+
+    assert _train(resumed, batches[3:], 4) == _train(head, batches[3:], 4)
+    trained = _fields(first, head.store)
+    for key, tensor in _fields(second, resumed.store).items():
+        assert torch.equal(tensor, trained[key]), key
+    head.store.close()
+    resumed.store.close()
+
+
+def test_a_checkpoint_the_servers_change_under_is_refused(shards, monkeypatch, tmp_path):
+    servers = _servers(shards, "sgd-momentum", seed=1)
+    store = ps_store.ParamServerStore(_url(servers), timeout_s=20)
+    state = {"head": {f"store.{key}": value for key, value in store.state_dict().items()}, "step": 1}
+    original = ParamServerClient.get_rows
+
+    def update_after_the_first_block(self, *args, **kwargs):
+        rows = original(self, *args, **kwargs)
+        if not store.client.last_pushed_step:  # another trainer's step lands in the middle of the save
+            store.push(torch.arange(0, NUM_ROWS, 7), torch.ones(9, DIM), step=1, lr=0.5)
+            store.flush()
+        return rows
+
+    monkeypatch.setattr(ParamServerClient, "get_rows", update_after_the_first_block)
+    monkeypatch.setitem(state_io.write_state.__kwdefaults__, "chunk_bytes", BLOCK_ROWS * ROW_BYTES)
+    with pytest.raises(
+        ParamServerError, match=r"rows changed while being read \(version 1, read from version 0"
+    ):
+        checkpoint.save_checkpoint(str(tmp_path / "ck"), 1, state)
+    assert checkpoint.latest_checkpoint(str(tmp_path / "ck")) is None
+    assert not [entry for entry in os.listdir(tmp_path / "ck") if not entry.startswith(".")]
+    store.close()
