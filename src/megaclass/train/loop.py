@@ -862,6 +862,12 @@ class Trainer:
         if self.average is not None:
             state["average"] = self.average.state_dict()
         path = ""
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            # every rank's state_dict flushed its own pushes: a parameter server's rows hold still until
+            # rank 0 has read them
+            dist.barrier()
         if self.dist.is_main:  # a replicated head: every rank holds the same state
             path = checkpoint.save_checkpoint(
                 self._checkpoint_dir(), self.state.global_step, state, keep=self.config.train.keep_checkpoints

@@ -31,6 +31,7 @@ from megaclass.data.xmc import read_label_names
 from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, head_class
 from megaclass.heads.base import PlanRequest
+from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
 from megaclass.state_io import STREAM_CHUNK_BYTES
 from megaclass.train.config import RunConfig, featurizer_config
@@ -431,6 +432,8 @@ def plan_run(
         sum(part.device_bytes for part in parts if part.name in saved_names) if device_type == "cuda" else 0
     )
     saved = min(STREAM_CHUNK_BYTES, on_gpu)
+    if isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://"):
+        saved = max(saved, 2 * STREAM_CHUNK_BYTES)  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
     data = shape.array_bytes() + sum(other.array_bytes() for other in others)
     largest_file = max([shape, *others], key=lambda s: s.text_bytes)
