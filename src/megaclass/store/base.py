@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from megaclass.state_io import SavedTensor
+from megaclass.state_io import RowSource, SavedTensor
 
 
 class RowStore(abc.ABC):
@@ -55,10 +55,11 @@ class RowStore(abc.ABC):
         """``(rows, optimizer state)`` bytes the store holds, wherever they live (GPU, host, servers)."""
 
     @abc.abstractmethod
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self) -> dict[str, Tensor | RowSource]:
         """Rows and optimizer state for a checkpoint, after every pushed update: the store's own tensors
         where it holds them (not copies, which at 10^8 rows would not fit beside them; the checkpoint writer
-        streams them to its file block by block), else CPU tensors."""
+        streams them to its file block by block), else :class:`~megaclass.state_io.RowSource` readers that
+        fetch a block of rows at a time (a parameter server's)."""
 
     @abc.abstractmethod
     def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
