@@ -205,6 +205,7 @@ def test_state_io_is_the_bottom_layer(repo_root):
         "__future__",
         "abc",
         "collections",
+        "contextlib",
         "hashlib",
         "json",
         "math",

@@ -23,6 +23,7 @@ its rows. Reading back, the tensors a caller names come as :class:`SavedTensor`:
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -393,27 +394,17 @@ def write_tensors(
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     digest, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(handle, "wb") as file:
-            for piece in (len(encoded).to_bytes(8, "little"), encoded):
-                file.write(piece)
-                digest.update(piece)
-                size += len(piece)
-            for value in tensors.values():
-                for block in _byte_blocks(value, chunk_bytes):
-                    file.write(block)
-                    digest.update(block)
-                    size += block.nbytes
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with _replacing(path, "wb", suffix=".safetensors") as file:
+        for piece in (len(encoded).to_bytes(8, "little"), encoded):
+            file.write(piece)
+            digest.update(piece)
+            size += len(piece)
+        for value in tensors.values():
+            for block in _byte_blocks(value, chunk_bytes):
+                file.write(block)
+                digest.update(block)
+                size += block.nbytes
     return {"size": size, "sha256": digest.hexdigest()}
 
 
@@ -497,11 +488,20 @@ def fsync_path(path: str) -> None:
 
 def write_json_atomic(path: str, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    with _replacing(path, "w", suffix=".json") as file:
+        json.dump(data, file, indent=1)
+
+
+@contextlib.contextmanager
+def _replacing(path: str, mode: str, *, suffix: str) -> Iterator[IO]:
+    """A file opened in ``mode`` that replaces ``path`` once written and flushed to disk; on an error it is
+    removed and ``path`` is left as it was."""
+    handle, temporary = tempfile.mkstemp(
+        prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path))
+    )
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=1)
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
