@@ -168,3 +168,20 @@ def _write_text_data(folder, *, n_train: int = 64, n_test: int = 24, classes: in
 def write_text_data():
     """``write(folder, *, n_train, n_test, classes, seed)``: a tiny text data set of topic words per label."""
     return _write_text_data
+
+
+@pytest.fixture(scope="session")
+def train_head():
+    """``train(head, batches, start, lr=0.5) -> losses``: forward, backward and ``after_step`` over
+    ``(features, targets)`` batches numbered from ``start``; the losses as floats."""
+
+    def train(head, batches, start, lr=0.5):
+        losses = []
+        for step, (features, targets) in enumerate(batches, start=start):
+            loss = head(features, targets)
+            loss.backward()
+            head.after_step(step, 0.0, lr=lr)
+            losses.append(float(loss.detach()))
+        return losses
+
+    return train

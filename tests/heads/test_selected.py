@@ -183,20 +183,10 @@ def test_warmup_uses_random_classes_then_the_index():
     assert head.metrics()["index_build_ms"] > 0
 
 
-def _train(head, batches, start):
-    losses = []
-    for step, (features, targets) in enumerate(batches, start=start):
-        loss = head(features, targets)
-        loss.backward()
-        head.after_step(step, 0.0, lr=0.5)
-        losses.append(float(loss.detach()))
-    return losses
-
-
 @pytest.mark.parametrize(
     "index,store", [("gpu", "gpu"), ("exact", "host"), ("none", "gpu"), ("annoy", "gpu")]
 )
-def test_state_dict_round_trip_continues_exactly(index, store):
+def test_state_dict_round_trip_continues_exactly(index, store, train_head):
     if index == "annoy":
         pytest.importorskip("annoy")
     index_options = {"gpu": {"leaf_size": 8}, "annoy": {"ntrees": 5}}.get(index, {})
@@ -212,7 +202,7 @@ def test_state_dict_round_trip_continues_exactly(index, store):
         for _ in range(6)
     ]
     head = _head(**options)
-    _train(head, batches[:3], 1)
+    train_head(head, batches[:3], 1)
     if index == "annoy":
         head.selector.wait()  # a running background build would make the continuation timing-dependent
     state = {key: value.clone() for key, value in head.state_dict().items()}
@@ -221,11 +211,11 @@ def test_state_dict_round_trip_continues_exactly(index, store):
     assert torch.equal(resumed.store.rows(), head.store.rows())
     if index == "annoy":  # keep both forests on the same schedule: no background rebuilds from here
         head.selector.background = resumed.selector.background = False
-    assert _train(resumed, batches[3:], 4) == _train(head, batches[3:], 4)
+    assert train_head(resumed, batches[3:], 4) == train_head(head, batches[3:], 4)
     assert torch.equal(resumed.store.rows(), head.store.rows())
 
 
-def test_host_store_head_matches_device_store_head():
+def test_host_store_head_matches_device_store_head(train_head):
     generator = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(6, 12, generator=generator), torch.randint(97, (6,), generator=generator))
@@ -233,7 +223,7 @@ def test_host_store_head_matches_device_store_head():
     ]
     device = _head(index="exact", store="gpu")
     host = _head(index="exact", store="host")
-    assert _train(device, batches, 1) == _train(host, batches, 1)
+    assert train_head(device, batches, 1) == train_head(host, batches, 1)
 
 
 def test_learns_a_planted_task():

@@ -38,16 +38,6 @@ def _head(servers, name):
     return build_head(config, HeadContext(in_features=DIM, num_classes=NUM_ROWS, multilabel=False))
 
 
-def _train(head, batches, start):
-    losses = []
-    for step, (features, targets) in enumerate(batches, start=start):
-        loss = head(features, targets)
-        loss.backward()
-        head.after_step(step, 0.0, lr=0.5)
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def _fields(servers, store):
     """Every field the servers keep, read whole by a client of their own: ``{key: tensor}``."""
     client = ParamServerClient([f"127.0.0.1:{server.port}" for server in servers], timeout_s=20)
@@ -74,7 +64,9 @@ def _record(monkeypatch, owner, name, calls, size):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(shards, monkeypatch, tmp_path, name):
+def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(
+    shards, monkeypatch, tmp_path, name, train_head
+):
     generator = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(4, DIM, generator=generator), torch.randint(NUM_ROWS, (4,), generator=generator))
@@ -82,7 +74,7 @@ def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(shards, monkeypatc
     ]
     first = _servers(shards, name, seed=1)
     head = _head(first, name)
-    _train(head, batches[:3], 1)
+    train_head(head, batches[:3], 1)
 
     pulls = []  # (field, rows) of every read from the servers
     _record(
@@ -123,7 +115,7 @@ def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(shards, monkeypatc
     for key, tensor in _fields(second, resumed.store).items():
         assert torch.equal(tensor, expected[key]), key  # bit for bit
 
-    assert _train(resumed, batches[3:], 4) == _train(head, batches[3:], 4)
+    assert train_head(resumed, batches[3:], 4) == train_head(head, batches[3:], 4)
     trained = _fields(first, head.store)
     for key, tensor in _fields(second, resumed.store).items():
         assert torch.equal(tensor, trained[key]), key

@@ -19,26 +19,16 @@ def _head(store: str, store_dtype: str):
     return build_head(config, HeadContext(in_features=12, num_classes=97, multilabel=False))
 
 
-def _train(head, batches, start):
-    losses = []
-    for step, (features, targets) in enumerate(batches, start=start):
-        loss = head(features, targets)
-        loss.backward()
-        head.after_step(step, 0.0, lr=0.05)
-        losses.append(float(loss.detach()))
-    return losses
-
-
 @pytest.mark.parametrize("store", ["gpu", "host"])
 @pytest.mark.parametrize("store_dtype", ["float32", "bf16_sr"])
-def test_a_row_store_head_resumes_exactly_from_streamed_rows(tmp_path, store, store_dtype):
+def test_a_row_store_head_resumes_exactly_from_streamed_rows(tmp_path, store, store_dtype, train_head):
     generator = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(6, 12, generator=generator), torch.randint(97, (6,), generator=generator))
         for _ in range(6)
     ]
     head = _head(store, store_dtype)
-    _train(head, batches[:3], 1)
+    train_head(head, batches[:3], 1, lr=0.05)
     held = torch.bfloat16 if store_dtype == "bf16_sr" else torch.float32
     assert head.store.rows().dtype == held
     path = checkpoint.save_checkpoint(str(tmp_path), 3, {"head": head.state_dict(), "step": 3})
@@ -52,7 +42,7 @@ def test_a_row_store_head_resumes_exactly_from_streamed_rows(tmp_path, store, st
     for name, tensor in head.store.state_dict().items():
         restored = resumed.store.state_dict()[name]
         assert restored.dtype == tensor.dtype and torch.equal(restored, tensor), name
-    assert _train(resumed, batches[3:], 4) == _train(head, batches[3:], 4)
+    assert train_head(resumed, batches[3:], 4, lr=0.05) == train_head(head, batches[3:], 4, lr=0.05)
     assert torch.equal(resumed.store.rows(), head.store.rows())
 
 
