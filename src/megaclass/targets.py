@@ -100,9 +100,12 @@ class RaggedLabels:
         is then masked out with :meth:`mask_pads`)."""
         return self.mask_pads(self.indices, 0)
 
-    def pad_to(self, capacity: int) -> RaggedLabels:
+    def pad_to(self, capacity: int, *, out: Tensor | None = None) -> RaggedLabels:
         """The padded form with ``indices`` of ``capacity`` entries, the labels first, then
         :data:`PAD_LABEL`. The label count is the shape of ``indices``: no host sync.
+
+        Args:
+            out: a ``(capacity,)`` tensor to write the padded ``indices`` into (a CUDA graph's static input).
 
         Raises:
             ValueError: these are padded already, or hold more than ``capacity`` labels.
@@ -112,8 +115,9 @@ class RaggedLabels:
         count = self.indices.numel()
         if count > capacity:
             raise ValueError(f"pad_to: {count} labels do not fit in a capacity of {capacity}")
-        indices = self.indices.new_full((capacity,), PAD_LABEL)
-        indices[:count] = self.indices
+        indices = self.indices.new_empty((capacity,)) if out is None else out
+        indices[:count].copy_(self.indices)
+        indices[count:].fill_(PAD_LABEL)
         return RaggedLabels(self.indptr, indices, padded=True)
 
     def unpadded(self) -> RaggedLabels:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from megaclass.heads.base import Head
 from megaclass.schema import ConfigError
-from megaclass.targets import PAD_LABEL, RaggedLabels, Targets
+from megaclass.targets import RaggedLabels, Targets
 
 __all__ = ["GraphChoice", "HeadStepGraph", "label_capacity", "resolve_cuda_graph"]
 
@@ -222,16 +222,14 @@ class HeadStepGraph:
             )
 
     def _copy_targets(self, targets: Targets) -> None:
-        """Copy ``targets`` into the static ones; ragged labels are padded on the way (the labels first,
-        then :data:`~megaclass.targets.PAD_LABEL`, as :meth:`~megaclass.targets.RaggedLabels.pad_to`)."""
+        """Copy ``targets`` into the static ones; ragged labels are padded on the way
+        (:meth:`~megaclass.targets.RaggedLabels.pad_to`)."""
         static = self._targets
         if isinstance(static, Tensor):
             static.copy_(targets)
             return
-        count = targets.indices.numel()
         static.indptr.copy_(targets.indptr)
-        static.indices[:count].copy_(targets.indices)
-        static.indices[count:].fill_(PAD_LABEL)
+        targets.pad_to(self.label_capacity, out=static.indices)
 
     def _autocast(self) -> torch.autocast:
         dtype, enabled = self.autocast_dtype or torch.bfloat16, self.autocast_dtype is not None
