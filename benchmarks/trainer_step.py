@@ -2,6 +2,7 @@
 
     python benchmarks/trainer_step.py              # C = 670,091, D 768, B 128, 300 steps a run (a GPU)
     python benchmarks/trainer_step.py --quick      # small sizes, runs on CPU as a smoke test (graph off)
+    python benchmarks/trainer_step.py --heads selected --store host --classes 10000000 --dim 256
 
 For each head (dense, sparse, selected with the GPU index) the script writes a synthetic multi-class task
 (:func:`megaclass.data.synthetic.synthesize`, one label a document), trains ``--steps`` steps through
@@ -55,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fan-in", type=int, default=32, help="sparse head: K")
     parser.add_argument("--group", type=int, default=16, help="sparse head: G")
     parser.add_argument("--sample-num", type=int, default=1000, help="selected head: active classes a step")
+    parser.add_argument(
+        "--store", default="gpu", choices=["gpu", "host"], help="selected head: where its rows live"
+    )
     parser.add_argument("--reps", type=int, default=50, help="timed replays of the head-only graph step")
     return parser.parse_args()
 
@@ -64,7 +68,7 @@ def head_overrides(head: str, args: argparse.Namespace) -> list[str]:
     if head == "sparse":
         return [f"head.fan_in={args.fan_in}", f"head.group={args.group}", "head.aux_clusters=0"]
     if head == "selected":
-        return ["head.index=gpu", f"head.sample_num={args.sample_num}"]
+        return ["head.index=gpu", f"head.sample_num={args.sample_num}", f"head.store={args.store}"]
     return ["head.loss=softmax"]
 
 
@@ -84,8 +88,9 @@ def write_task(folder: str, args: argparse.Namespace) -> tuple[str, str]:
     return paths
 
 
-def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, args) -> float:
-    """Median steps/s of the log windows after the first, over one epoch of ``steps`` steps."""
+def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, args) -> tuple[float, float]:
+    """Median steps/s of the log windows after the first, over one epoch of ``steps`` steps, and the first
+    window's seconds (it holds the first step: an index's cold build, compilation, capture)."""
     overrides = [
         f"model.hidden=[{args.dim}]",
         f"train.batch_size={args.batch}",
@@ -106,7 +111,7 @@ def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, 
         trainer.close()
     with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as file:
         rates = [record["steps_per_s"] for record in map(json.loads, file) if record["kind"] == "train"]
-    return statistics.median(rates[1:] or rates)
+    return statistics.median(rates[1:] or rates), args.log_every / rates[0]
 
 
 def dense_graph_step(args: argparse.Namespace) -> Callable[[], None]:
@@ -137,7 +142,7 @@ def head_graph_ms(head: str, args: argparse.Namespace) -> float:
 
         def make():
             return selected_bench.make_head(
-                "selected", args.classes, args.dim, sample_num=args.sample_num, store="gpu"
+                "selected", args.classes, args.dim, sample_num=args.sample_num, store=args.store
             )
 
         replay = selected_bench.head_step_case({}, make, args.batch, graph=True)()
@@ -151,20 +156,27 @@ def main() -> None:
         args.features, args.fan_in, args.group, args.sample_num = 2_000, 8, 1, 256
     cuda = torch.cuda.is_available()
     graphs = ("off", "on") if cuda else ("off",)
-    rows = []
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(
+        f"C {args.classes}, D {args.dim}, B {args.batch}, {args.steps} steps a run, {args.log_every} a log "
+        f"window, selected head's rows: {args.store} store, {device}\n"
+    )
+    print(
+        "| head | train.cuda_graph | trainer steps/s | trainer ms/step | first log window s "
+        "| head graph step ms |"
+    )
+    print("|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         task = write_task(folder, args)
         for head in args.heads.split(","):
             graph_ms = head_graph_ms(head, args) if cuda else float("nan")
             for graph in graphs:
-                rate = trainer_steps_per_s(task, os.path.join(folder, f"{head}-{graph}"), head, graph, args)
-                rows.append((head, graph, rate, graph_ms))
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"\nC {args.classes}, D {args.dim}, B {args.batch}, {args.steps} steps a run, {device}\n")
-    print("| head | train.cuda_graph | trainer steps/s | trainer ms/step | head graph step ms |")
-    print("|---|---|---|---|---|")
-    for head, graph, rate, graph_ms in rows:
-        print(f"| {head} | {graph} | {rate:.1f} | {1e3 / rate:.2f} | {graph_ms:.2f} |")
+                out = os.path.join(folder, f"{head}-{graph}")
+                rate, first_s = trainer_steps_per_s(task, out, head, graph, args)
+                print(
+                    f"| {head} | {graph} | {rate:.1f} | {1e3 / rate:.2f} | {first_s:.2f} | {graph_ms:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

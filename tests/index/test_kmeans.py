@@ -5,7 +5,7 @@ import torch
 
 from megaclass.index import build_selector
 from megaclass.index.exact import exact_topk
-from megaclass.index.kmeans import auto_leaf_size, cluster_layout
+from megaclass.index.kmeans import ClusterIndex, auto_leaf_size, cluster_layout
 
 from ._clustered import recall, trained_like
 
@@ -212,3 +212,49 @@ def test_two_level_search_reaches_its_calibrated_recall(monkeypatch):
     flat = build_selector("gpu", metric="cosine", leaf_size=16, probes=int(metrics["index_probes"]))
     flat.build(rows)  # the same clusters searched over every group: at least as many found
     assert recall(flat.query(rows[picks], 10), truth) >= recall(index.query(rows[picks], 10), truth)
+
+
+def test_calibrated_search_keeps_its_budget_on_rows_without_structure():
+    # isotropic rows (a fresh initialisation): no search short of a scan reaches the target
+    rows = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
+    index = build_selector("gpu", metric="cosine")
+    index.build(rows)
+    metrics = index.metrics()
+    assert metrics["index_gathered_rows"] <= 4 * 4096**0.5  # the budget: 4 sqrt(C) rows a query
+    assert 0 < metrics["index_calibrated_recall"] < 0.92  # the budget's best, reported
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_warm_build_clusters_again_rows_that_outgrew_their_clusters(background):
+    young = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
+    trained, queries = trained_like(4096, 32, 80, 256, seed=3)
+    index = ClusterIndex(metric="cosine", background=background)
+    index.build(young)
+    index.wait()
+    index.build(trained)  # warm build 1: the search is chosen again, falls short, and the rows clustered again
+    index.wait()
+    fresh = ClusterIndex(metric="cosine", background=False)
+    fresh.build(trained)
+    served = index.state_dict()
+    assert torch.equal(served["assignment"], fresh.state_dict()["assignment"])  # a cold build's clusters
+    assert index.metrics()["index_calibrated_recall"] >= 0.92
+    truth = exact_topk(queries, trained, 10, metric="cosine")[1]
+    assert recall(index.query(queries, 10), truth) >= 0.9
+
+
+def test_warm_builds_choose_the_search_again_at_powers_of_two(monkeypatch):
+    rows, _ = trained_like(2000, 16, 40, 8)
+    index = ClusterIndex(metric="cosine")
+    index.build(rows)
+    calls = []
+    calibrate = index._calibrated_search
+    monkeypatch.setattr(index, "_calibrated_search", lambda state: calls.append(1) or calibrate(state))
+    for build in range(1, 6):
+        index.build(rows, changed=torch.tensor([build]))
+        assert len(calls) == len([n for n in range(1, build + 1) if n & (n - 1) == 0])
+    resumed = ClusterIndex(metric="cosine")  # a resumed run keeps the schedule
+    resumed.load_state_dict(index.state_dict())
+    monkeypatch.setattr(resumed, "_calibrated_search", lambda state: calls.append(1) or calibrate(state))
+    for build in range(6, 10):
+        resumed.build(rows, changed=torch.tensor([build]))
+        assert len(calls) == len([n for n in range(1, build + 1) if n & (n - 1) == 0])

@@ -411,10 +411,11 @@ def _padded_lists(name: str, classes: int) -> tuple[list[list[int]], int]:
     if name in PADDED_LISTS:
         return PADDED_LISTS[name]
     generator = torch.Generator().manual_seed(int(name.removeprefix("random")))
-    batch = int(torch.randint(1, 10, (), generator=generator))
-    counts = torch.randint(0, 6, (batch,), generator=generator).tolist()
-    lists = [torch.randperm(classes, generator=generator)[:count].tolist() for count in counts]
-    return lists, sum(counts) + int(torch.randint(0, 7, (), generator=generator))
+    cpu = {"generator": generator, "device": "cpu"}  # the module's GPU tests set a CUDA default device
+    batch = int(torch.randint(1, 10, (), **cpu))
+    counts = torch.randint(0, 6, (batch,), **cpu).tolist()
+    lists = [torch.randperm(classes, **cpu)[:count].tolist() for count in counts]
+    return lists, sum(counts) + int(torch.randint(0, 7, (), **cpu))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

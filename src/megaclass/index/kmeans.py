@@ -21,11 +21,16 @@ scored against the clusters of its 3 nearest groups (a boundary between groups c
 apart) and seated by capacity (at most ``W = 1.25 C / K`` rows per cluster). It costs ``O(C sqrt(K) D)`` in
 a few batched matmuls and sorts: no pass is ``O(C K D)``. The build then picks the search's counts: over
 sampled rows used as queries, the cheapest pair (``group_probes`` groups, ``probes`` clusters among theirs)
-whose clusters hold ``recall_target`` of the exact top 10. Later builds are warm and touch only the rows
+whose clusters hold ``recall_target`` of the exact top 10, within a budget of ``4 sqrt(C)`` rows gathered per
+query (rows that carry no cluster structure yet, such as a fresh initialisation, would otherwise ask for
+most of the matrix: then the budget's best recall is taken). Later builds are warm and touch only the rows
 updated since the previous build (``changed``, the rows a sparse step touched): their snapshot is
 refreshed, the cluster sums swap their old rows for the new ones, and each moves to its best cluster among
 those near its own where a seat is free (else it stays; ``refine_iters`` rounds). A warm build thus costs
-``O(changed)``, not ``O(C)``; an empty ``changed`` leaves the index as it is.
+``O(changed)``, not ``O(C)``; an empty ``changed`` leaves the index as it is. The search's counts are
+chosen again at warm builds 1, 2, 4, 8, ... (as the rows train, their structure changes); where the budget's
+search then falls short of ``recall_target``, the clusters were fitted to younger rows and a cold build
+fits them again. Both costs are amortised to little over a run.
 
 A cold build may run in a background thread (by default on the CPU from ``2^15`` rows, where it takes
 seconds to minutes): the snapshot is taken in the caller, the clustering runs in the thread (on a CUDA side
@@ -72,6 +77,9 @@ _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
 _SCORE_BLOCK = 1 << 26  # cluster-cluster similarities held at once by the near-cluster graph
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
 _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
+# rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
+# 10^6 for recall 0.92; untrained rows would ask for most of C)
+_GATHER_BUDGET_PER_SQRT_C = 4
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
 _SHARED_ROW_COST = 1 / 16
@@ -230,6 +238,7 @@ class ClusterIndex(ClassSelector):
         self._search = (0, 0)  # the served index's (probes, group_probes), kept on the host
         self._job: _ColdBuild | None = None  # a cold build under way in a thread
         self._build_ms = 0.0
+        self._warm_builds = 0  # since the last cold build: the search is chosen again at 1, 2, 4, 8, ...
 
     @property
     def leaf_size(self) -> int | None:
@@ -363,7 +372,7 @@ class ClusterIndex(ClassSelector):
         self._set_centroids(state, groups)
         self._check_cancel(cancel)
         state["near"] = self._near_clusters(state["centroids"])
-        state["probes"], state["group_probes"] = self._calibrated_search(state)
+        state["probes"], state["group_probes"], state["recall"] = self._calibrated_search(state)
 
     def _split_groups(
         self,
@@ -415,10 +424,11 @@ class ClusterIndex(ClassSelector):
         return assignment
 
     @torch.no_grad()
-    def _calibrated_search(self, state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(probes, group_probes)``, each ``()`` int64: of the searches whose clusters hold
-        ``recall_target`` of the exact top 10 of sampled rows used as queries, the one scoring the fewest
-        rows per query (``probes`` itself, every group searched, when set).
+    def _calibrated_search(self, state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(probes, group_probes, recall)``, ``()`` tensors: of the searches gathering at most ``4 sqrt(C)``
+        rows per query whose clusters hold ``recall_target`` of the exact top 10 of sampled rows used as
+        queries, the one scoring the fewest rows per query; where none reaches it, the one of best recall
+        (``probes`` itself, every group searched, when set; its recall not measured: nan).
 
         For ``g`` groups probed (1, 2, 4, ... and all), the clusters of the query's ``g`` best groups are
         ranked by centroid score; the rank of a true neighbour's cluster among them is the probe count that
@@ -430,8 +440,13 @@ class ClusterIndex(ClassSelector):
         (k, width), groups = state["members"].shape, group_centroids.shape[0]
         device = centroids.device
         if self.probes is not None:
-            return torch.tensor(self.probes, device=device), torch.tensor(groups, device=device)
+            return (
+                torch.tensor(self.probes, device=device),
+                torch.tensor(groups, device=device),
+                torch.tensor(math.nan, device=device),
+            )
         num_classes, per_group = state["rows"].shape[0], k // groups
+        budget = _GATHER_BUDGET_PER_SQRT_C * math.sqrt(num_classes)
         generator = torch.Generator().manual_seed(self.seed + 1)
         picks = torch.randperm(num_classes, generator=generator)[:_CALIBRATION_QUERIES].to(device)
         queries = self._gather(state, picks, torch.float32)  # (q, D) unit rows
@@ -444,19 +459,29 @@ class ClusterIndex(ClassSelector):
             1, group_order, torch.arange(groups, device=device).expand_as(group_order)
         )
         clusters = state["assignment"][truth]  # (q, t) the true neighbours' clusters
-        best: tuple[float, int, int] | None = None  # (cost, probes, group probes)
+        # (-recall up to the target, cost, probes, group probes, recall): the target at least cost, else the
+        # best recall within the budget
+        best: tuple[float, float, int, int, float] | None = None
         for group_probes in sorted({min(groups, 1 << i) for i in range(groups.bit_length() + 1)}):
             probed = group_rank.repeat_interleave(per_group, dim=1) < group_probes  # (q, K) searched clusters
             reached = torch.cumsum(probed.gather(1, order), dim=1)  # (q, K) searched among the j + 1 best
             needed = reached.gather(1, rank.gather(1, clusters))  # (q, t) probes that reach each one
             needed = torch.where(probed.gather(1, clusters), needed, k + 1).flatten().sort().values
             probes = int(needed[math.ceil(self.recall_target * needed.numel()) - 1])  # host sync: a count
+            group_part = search_cost(k, groups, width, 1, group_probes)[1] - width
+            probes = max(1, min(probes, k, math.floor((budget - group_part) / width)))
+            recall = float((needed <= probes).float().mean())  # host sync, once per calibration
             shared, gathered = search_cost(k, groups, width, probes, group_probes)
             cost = _SHARED_ROW_COST * shared + gathered
-            if probes <= k and (best is None or cost < best[0]):
-                best = (cost, probes, group_probes)
-        assert best is not None  # every group searched reaches any target
-        return torch.tensor(best[1], device=device), torch.tensor(best[2], device=device)
+            option = (-min(recall, self.recall_target), cost, probes, group_probes, recall)
+            if best is None or option[:2] < best[:2]:
+                best = option
+        assert best is not None
+        return (
+            torch.tensor(best[2], device=device),
+            torch.tensor(best[3], device=device),
+            torch.tensor(best[4], device=device),
+        )
 
     def _scan(self, state: dict[str, Tensor], queries: Tensor, n: int) -> Tensor:
         """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by the metric."""
@@ -529,8 +554,6 @@ class ClusterIndex(ClassSelector):
         Cluster sums lose the rows' old snapshot and gain the new one; each changed row then moves to the best
         cluster near its own that has a free seat (:meth:`_move`); unchanged rows stay.
         """
-        if changed.numel() == 0:
-            return
         members, assignment, sums = state["members"], state["assignment"], state["sums"]
         k, width = members.shape
         centroids = torch.nn.functional.normalize(sums, dim=1)  # scores use the centroids before the moves
@@ -563,18 +586,33 @@ class ClusterIndex(ClassSelector):
         state = self._state
         if state is None or state["rows"].shape != weight.shape:
             self._state = None  # an index over other rows says nothing about these
-            snapshot = self._snapshot(weight, device)
-            if self._in_background(weight.shape[0], device):
-                self._start(snapshot, begin)
-                return
-            self._cold(snapshot)
-            self._publish(snapshot, begin)
+            self._warm_builds = 0
+            self._cold_build(weight, device, begin)
             return
         if state["stale"].numel():  # rows updated while the served index was built
             changed = torch.unique(torch.cat([state["stale"], changed]))
             state["stale"] = state["stale"][:0]
+        if changed.numel() == 0:  # no row moved: the index stays as it is
+            return
         self._warm(state, weight, changed)
+        self._warm_builds += 1
+        if self.probes is None and self._warm_builds & (self._warm_builds - 1) == 0:  # a power of two
+            state["probes"], state["group_probes"], state["recall"] = self._calibrated_search(state)
+            if float(state["recall"]) < self.recall_target:  # host sync, at builds 1, 2, 4, 8, ...
+                # the clusters no longer fit the rows (they were fitted to younger ones): cluster again,
+                # while this index answers when the build runs in the background
+                self._cold_build(weight, device, begin)
+                return
         self._publish(state, begin)
+
+    def _cold_build(self, weight: Tensor, device: torch.device, begin: float) -> None:
+        """Snapshot ``weight`` and cluster it, in the background where :meth:`_in_background` says."""
+        snapshot = self._snapshot(weight, device)
+        if self._in_background(weight.shape[0], device):
+            self._start(snapshot, begin)
+            return
+        self._cold(snapshot)
+        self._publish(snapshot, begin)
 
     def _in_background(self, num_classes: int, device: torch.device) -> bool:
         if self.background is not None:
@@ -742,6 +780,8 @@ class ClusterIndex(ClassSelector):
                 "index_gathered_rows": float(gathered),  # centroids and member rows gathered per query
             }
         )
+        if "recall" in self._state:  # the search's recall@10 on the calibration's sample of rows
+            metrics["index_calibrated_recall"] = float(self._state["recall"])
         return metrics
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -749,7 +789,8 @@ class ClusterIndex(ClassSelector):
         self._adopt()
         if self._state is None:
             return {}
-        return {key: value.to("cpu", copy=True) for key, value in self._state.items()}
+        state = {key: value.to("cpu", copy=True) for key, value in self._state.items()}
+        return {**state, "warm_builds": torch.tensor(self._warm_builds)}  # a resumed run recalibrates alike
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Serve ``state`` (a build under way is cancelled: its snapshot is of other rows)."""
@@ -761,5 +802,7 @@ class ClusterIndex(ClassSelector):
         if missing:
             raise ValueError(f"ClusterIndex state: missing {missing}")
         device = self.device or torch.device("cpu")
-        loaded = {key: state[key].to(device, copy=True) for key in _STATE_KEYS}  # warm builds write in place
+        # warm builds write in place; the calibration's recall is kept where saved
+        loaded = {key: state[key].to(device, copy=True) for key in (*_STATE_KEYS, "recall") if key in state}
+        self._warm_builds = int(state.get("warm_builds", 0))
         self._serve(loaded, self._build_ms)
