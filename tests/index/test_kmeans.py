@@ -231,7 +231,7 @@ def test_warm_build_clusters_again_rows_that_outgrew_their_clusters(background):
     index = ClusterIndex(metric="cosine", background=background)
     index.build(young)
     index.wait()
-    index.build(trained)  # warm build 1: the search is chosen again, falls short, and the rows clustered again
+    index.build(trained)  # warm build 1: the search, chosen again, falls short: the rows are clustered again
     index.wait()
     fresh = ClusterIndex(metric="cosine", background=False)
     fresh.build(trained)
