@@ -14,10 +14,11 @@ from megaclass.schema import ConfigError
 from megaclass.train.config import RunConfig, from_preset, load_config_and_keys
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 
-BOW = DataFacts(inputs="bow", multilabel=True, num_rows=15_000, num_classes=7_500, num_features=20_000)
+# 40 positives a label: the presets' epochs are enough (epochs_for)
+BOW = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=20_000, num_positives=300_000)
 TEXT_ONE_LABEL = dataclasses.replace(BOW, inputs="text", multilabel=False)
 TOKENS = dataclasses.replace(BOW, inputs="tokens", num_features=30_522)
-IMAGES = DataFacts(inputs="images", multilabel=False, num_rows=5_000, num_classes=100, num_features=0)
+IMAGES = DataFacts("images", False, 5_000, num_classes=100, num_features=0, num_positives=5_000)
 
 
 def _resolve(overrides=(), *, head=None, facts=BOW):
@@ -39,7 +40,8 @@ def test_no_settings_on_bow_is_the_xmc_mlp_preset():
     assert config == resolve_auto(from_preset("xmc-mlp"), BOW)
     assert (config.optim.encoder.lr, config.model.dropout, config.train.epochs) == (0.005, 0.5, 3)
     assert description == (
-        "recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels); explicit settings win"
+        "recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels, 40 positives a label; 3 epochs); "
+        "explicit settings win"
     )
 
 
@@ -138,9 +140,22 @@ def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice
     assert main([*argv, "--resume", "--set", *settings]) == 0  # resolves to the checkpoint's config
     printed = capsys.readouterr().out.splitlines()
     assert [line for line in printed if line.startswith("recipe:")] == [
-        "recipe: spartex (BoW, multi-label, 120 documents, 595 labels); explicit settings win"
+        "recipe: spartex (BoW, multi-label, 120 documents, 595 labels, 0.77 positives a label); "
+        "explicit settings win"
     ] * 2
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["encoder"]["lr"] == 0.001 and saved["optim"]["head"]["lr"] == 0.002
     assert saved["head"]["loss"] == "bce" and saved["data"]["label_feature_dim"] == 256
     assert saved["head"]["group"] == 16 and saved["train"]["epochs"] == 1
+
+
+def test_mlp_recipes_train_until_each_label_saw_about_100_positives():
+    rare = dataclasses.replace(BOW, num_positives=75_000)  # 10 positives a label an epoch
+    config, description = _resolve(facts=rare)
+    assert config.train.epochs == 10 and "10 positives a label; 10 epochs)" in description
+    assert _resolve(head="sparse", facts=rare)[0].train.epochs == 10
+    assert _resolve(head="sparse")[0].train.epochs == 5  # never fewer than the preset's
+    assert _resolve(facts=dataclasses.replace(BOW, num_positives=7_500))[0].train.epochs == 30  # at most 30
+    assert _resolve(["train.epochs=2"], facts=rare)[0].train.epochs == 2  # explicit settings win
+    transformer = _resolve(["model.type=transformer"], facts=rare)[0]
+    assert transformer.train.epochs == from_preset("xmc-transformer").train.epochs  # its own recipe

@@ -95,7 +95,14 @@ class DataShape:
 
     def facts(self) -> DataFacts:
         """The facts a recipe is chosen by (:func:`megaclass.train.recipes.resolve_recipe`)."""
-        return DataFacts(self.inputs, self.multilabel, self.num_rows, self.num_labels, self.num_features)
+        return DataFacts(
+            self.inputs,
+            self.multilabel,
+            self.num_rows,
+            self.num_labels,
+            self.num_features,
+            num_positives=round(self.num_rows * self.labels_per_row),
+        )
 
     def array_bytes(self) -> int:
         """Bytes of the parsed rows in memory: CSR features (int64 offsets, int32 ids, float32 values) and

@@ -7,12 +7,18 @@ values that depend on the data (``head.loss``, ``data.label_feature_dim``). Both
 config, the explicit keys and the data facts, never of the device: the same run resolves to the same config on
 the CPU and a GPU, and a resumed run to the config it was started with.
 
->>> facts = DataFacts(inputs="bow", multilabel=True, num_rows=15_000, num_classes=7_500, num_features=10_000)
+An MLP recipe over sparse rows (``xmc-mlp``, ``spartex``) trains long enough for each label to see about
+100 positive rows: its preset's epochs (tuned on a set with 150 positives a label an epoch) or more where
+labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps the best epoch.
+
+>>> facts = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=10_000, num_positives=75_000)
 >>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)
->>> description
-'recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels); explicit settings win'
->>> config.optim.encoder.lr, config.head.loss
-(0.005, 'softmax')
+>>> description.split("; ")[0]
+'recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels, 10 positives a label'
+>>> description.split("; ")[1:]
+['10 epochs)', 'explicit settings win']
+>>> config.optim.encoder.lr, config.head.loss, config.train.epochs
+(0.005, 'softmax', 10)
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -32,9 +39,19 @@ from megaclass.heads.sparse import SparseHeadConfig
 from megaclass.schema import set_path
 from megaclass.train.config import AUTO_LABEL_FEATURE_DIM, RunConfig, config_from_dict, config_to_dict
 
-__all__ = ["DataFacts", "recipe_settings", "resolve_auto", "resolve_recipe", "with_row_optimizer_of"]
+__all__ = [
+    "DataFacts",
+    "epochs_for",
+    "recipe_settings",
+    "resolve_auto",
+    "resolve_recipe",
+    "with_row_optimizer_of",
+]
 
 _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
+_POSITIVES_PER_LABEL = 100  # positive rows each label sees over an MLP recipe's run (epochs_for)
+_MAX_EPOCHS = 30
+_MLP_RECIPES = ("xmc-mlp", "spartex")
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class DataFacts:
     num_rows: int  # training rows (documents or images)
     num_classes: int
     num_features: int  # columns of sparse rows, the vocabulary of token ids; 0 for images
+    num_positives: int  # label entries of the training rows (num_rows for one-label data)
 
     @classmethod
     def of(cls, dataset: Any) -> DataFacts:
@@ -61,15 +79,36 @@ class DataFacts:
             num_rows=len(dataset),
             num_classes=int(dataset.num_classes),
             num_features=int(dataset.input_spec.num_features),
+            num_positives=int(dataset.label_counts().sum()),
         )
 
+    @property
+    def positives_per_label(self) -> float:
+        """Positive rows a label has in one epoch, on average."""
+        return self.num_positives / max(1, self.num_classes)
+
     def describe(self) -> str:
-        """``BoW, multi-label, 15,000 documents, 7,500 labels``."""
+        """``BoW, multi-label, 15,000 documents, 7,500 labels, 10 positives a label``."""
         rows = "images" if self.inputs == "images" else "documents"
+        per_label = self.positives_per_label
+        positives = f"{per_label:,.0f}" if per_label >= 10 else f"{per_label:.2g}"
         return (
             f"{_INPUT_NAMES[self.inputs]}, {'multi-label' if self.multilabel else 'multi-class'}, "
-            f"{self.num_rows:,} {rows}, {self.num_classes:,} labels"
+            f"{self.num_rows:,} {rows}, {self.num_classes:,} labels, "
+            f"{positives} positives a label"
         )
+
+
+def epochs_for(facts: DataFacts, preset_epochs: int) -> int:
+    """Epochs of an MLP recipe: enough for each label to see about 100 positive rows, at least the preset's
+    and at most 30.
+
+    >>> facts = DataFacts("bow", True, 20_000, num_classes=5_000, num_features=1, num_positives=55_000)
+    >>> epochs_for(facts, 3), epochs_for(dataclasses.replace(facts, num_positives=10**6), 3)
+    (10, 3)
+    """
+    wanted = math.ceil(_POSITIVES_PER_LABEL / max(facts.positives_per_label, 1e-9))
+    return max(preset_epochs, min(_MAX_EPOCHS, wanted))
 
 
 @functools.cache
@@ -124,6 +163,11 @@ def resolve_recipe(
     A recipe's ``model`` or ``head`` section is left out when the user chose another type for it.
     """
     name, settings = recipe_settings(config, facts)
+    why = facts.describe()
+    if name in _MLP_RECIPES and not _covered("train.epochs", explicit_keys):
+        epochs = epochs_for(facts, settings["train"]["epochs"])
+        settings["train"]["epochs"] = epochs
+        why += f"; {epochs} epochs"
     user = config_to_dict(config)
     for section in ("model", "head"):
         recipe_type = settings.get(section, {}).get("type")
@@ -138,7 +182,7 @@ def resolve_recipe(
     served = isinstance(resolved.head, SelectedHeadConfig) and resolved.head.store.startswith("ps://")
     if isinstance(resolved.head, SelectedHeadConfig) and not (row_optimizer_set or served):
         resolved = dataclasses.replace(resolved, head=with_row_optimizer_of(resolved.head, resolved))
-    return resolve_auto(resolved, facts), f"recipe: {name} ({facts.describe()}); explicit settings win"
+    return resolve_auto(resolved, facts), f"recipe: {name} ({why}); explicit settings win"
 
 
 def with_row_optimizer_of(head: SelectedHeadConfig, config: RunConfig) -> SelectedHeadConfig:
