@@ -309,3 +309,20 @@ def test_sharded_head_takes_no_padded_targets():
     head = SparseHead(SparseHeadConfig(fan_in=3, aux_clusters=0), _context(), shard=shard)
     with pytest.raises(ValueError, match="class-sharded head takes unpadded labels"):
         head(torch.randn(2, DIM), RaggedLabels.from_lists([[1], [2]]).pad_to(3))
+
+
+def test_autocast_computes_the_sparse_layer_in_its_dtype(monkeypatch):
+    # as nn.Linear under autocast: fp32 features (a LayerNorm's output, an embedding bag's) enter in bf16
+    import megaclass.heads.sparse as sparse_module
+
+    seen, layer = [], sparse_module.fixed_fanin_rows_positive
+    monkeypatch.setattr(
+        sparse_module, "fixed_fanin_rows_positive", lambda x, *a, **k: seen.append(x.dtype) or layer(x, *a, **k)
+    )
+    head = SparseHead(SparseHeadConfig(fan_in=4, aux_clusters=0), _context(multilabel=False))
+    features, targets = torch.randn(6, DIM), _targets(6, multilabel=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(features, targets)
+    exact = head(features, targets)
+    assert seen == [torch.bfloat16, torch.float32]  # outside autocast, fp32 features stay fp32
+    torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0)

@@ -326,8 +326,15 @@ class SparseHead(Head):
         return self.config.aux_alpha0 * 0.5 * (1.0 + math.cos(math.pi * epoch / cutoff))
 
     def _hidden(self, features: Tensor) -> Tensor:
+        """The sparse layer's input: the intermediate layer's output, in the autocast dtype where autocast is
+        on (as ``nn.Linear`` computes; fp32 features would take the kernels' exact fp32 dot, several times
+        slower)."""
         self._check_features(features)
-        return self.intermediate(features)
+        hidden = self.intermediate(features)
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            return hidden.to(torch.get_autocast_dtype(device_type))
+        return hidden
 
     def forward(self, features: Tensor, targets: Targets) -> Tensor:
         """Scalar loss ``(1 - alpha) * main + alpha * auxiliary`` of ``features (B, D)``; no ``B x C``."""
