@@ -333,3 +333,17 @@ def test_repeated_labels_count_once_in_eval(tiny, full_run, tmp_path, capsys):
     with pytest.warns(UserWarning, match="repeated labels are dropped"):
         assert main(["eval", "--run", str(full_run), "--test", str(doubled)]) == 0
     assert json.loads(capsys.readouterr().out) == plain
+
+
+@pytest.mark.parametrize("index", ["exact", "gpu"])
+def test_an_index_searched_ranking_reports_its_recall(deb_tags_slice, tmp_path, index):
+    train, test = deb_tags_slice(200, 40)
+    out = tmp_path / "run"
+    settings = ["model.hidden=[16]", "train.progress=false", f"head.index={index}", "head.topk_search=index"]
+    settings += ["head.metric=dot"]  # the index ranks by the logits themselves: an exact one finds all
+    assert main(["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1",
+                 "--head", "selected", "--set", "head.sample_num=50", *settings]) == 0  # fmt: skip
+    with open(out / "metrics.json") as file:
+        metrics = json.load(file)
+    recall = metrics["topk_recall@5"]  # the eval's top-5 against an exact scan, on its first batch
+    assert recall == 1.0 if index == "exact" else 0.0 < recall <= 1.0, recall

@@ -162,6 +162,47 @@ def test_topk_scores_all_classes(margin, store):
         head.topk(features, 98)
 
 
+@pytest.mark.parametrize("margin", [None, "arcface"])
+@pytest.mark.parametrize("store", ["gpu", "host"])
+def test_topk_through_an_exact_index_is_the_exact_topk(margin, store):
+    options = {"store": store, "index": "exact", "topk_search": "index"}
+    if margin:
+        options["margin"] = {"kind": margin, "scale": 8.0}
+    head = _head(**options)
+    features = torch.randn(6, 12)
+    assert head.topk_is_approximate()
+    scores, ids = head.topk(features, 4)  # the index's 16 nearest scored by the head's logits
+    expected = head._exact_topk(features, 4)
+    torch.testing.assert_close(scores, expected[0])
+    assert torch.equal(ids, expected[1])
+    assert head.topk_recall(features, 4) == 1.0
+
+
+def test_topk_through_the_cluster_index_and_its_recall():
+    from tests.index._clustered import trained_like
+
+    rows, queries = trained_like(3000, 16, 60, 64, seed=1)
+    head = _head(num_classes=3000, dim=16, metric="dot", topk_search="index")
+    head.materialize().rows().copy_(rows)
+    scores, ids = head.topk(queries, 5)
+    truth = (queries @ rows.T).topk(5, dim=1)
+    found = (ids[:, :, None] == truth.indices[:, None, :]).any(2).float().mean()
+    assert head.topk_recall(queries, 5) == pytest.approx(float(found)) and float(found) >= 0.9
+    hits = ids >= 0
+    torch.testing.assert_close(scores[hits], (queries[:, None, :] * rows[ids.clamp_min(0)]).sum(2)[hits])
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+
+
+def test_topk_search_auto_scans_below_ten_million_classes():
+    head = _head()
+    assert not head.topk_is_approximate() and head.topk_recall(torch.randn(2, 12), 3) is None
+    assert not _head(index="none").topk_is_approximate()
+    with pytest.raises(ConfigError, match="needs an index"):
+        _head(index="none", topk_search="index")
+    with pytest.raises(ConfigError, match="topk_search"):
+        _head(topk_search="fast")
+
+
 def test_coverage_is_the_active_share_of_the_softmax_mass():
     head = _head(coverage_every=1, index="exact")
     features, targets = torch.randn(8, 12), torch.randint(97, (8,))

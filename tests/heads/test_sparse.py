@@ -316,9 +316,12 @@ def test_autocast_computes_the_sparse_layer_in_its_dtype(monkeypatch):
     import megaclass.heads.sparse as sparse_module
 
     seen, layer = [], sparse_module.fixed_fanin_rows_positive
-    monkeypatch.setattr(
-        sparse_module, "fixed_fanin_rows_positive", lambda x, *a, **k: seen.append(x.dtype) or layer(x, *a, **k)
-    )
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return layer(x, *args, **kwargs)
+
+    monkeypatch.setattr(sparse_module, "fixed_fanin_rows_positive", spy)
     head = SparseHead(SparseHeadConfig(fan_in=4, aux_clusters=0), _context(multilabel=False))
     features, targets = torch.randn(6, DIM), _targets(6, multilabel=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -129,6 +129,17 @@ class Head(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ hooks with defaults
+    def topk_is_approximate(self) -> bool:
+        """Whether :meth:`topk` searches an index rather than scoring every class (measured by
+        :meth:`topk_recall`)."""
+        return False
+
+    @torch.no_grad()
+    def topk_recall(self, features: Tensor, k: int) -> float | None:
+        """Share of the exact top-``k`` that :meth:`topk` finds for ``features (B, D)``; None where it is
+        exact."""
+        return None
+
     @classmethod
     def check_config(cls, config: Any, *, in_features: int | None) -> None:
         """Refuse a config that cannot fit features ``in_features`` wide (None: not known before the encoder

@@ -63,6 +63,8 @@ from megaclass.targets import RaggedLabels, Targets, as_ragged
 __all__ = ["SelectedHead", "SelectedHeadConfig"]
 
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
+_INDEX_TOPK_CLASSES = 10**7  # topk_search=auto searches the index from this many classes
+_TOPK_CANDIDATES = 4  # an index topk scores this many times k of the index's classes exactly
 
 
 PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
@@ -93,6 +95,9 @@ class SelectedHeadConfig:
     logq_correction: bool = False  # add log(1/q) to randomly filled logits (sampled-softmax correction)
     coverage_every: int = 1000  # steps between exact coverage measurements (0: never); one full pass each
     chunk_size: int = 8192  # classes scored at once in topk and coverage
+    # prediction and evaluation top-k: exact (every row scored), index (4k of the index's classes scored
+    # exactly); auto: index from 10^7 classes, where a scan of every row per batch dominates evaluation
+    topk_search: Literal["auto", "exact", "index"] = "auto"
     init_bound: float | None = None  # rows start U(-b, b); None: 1 / sqrt(D)
     seed: int = 0  # seeds the rows, the index and the random fill
 
@@ -118,6 +123,10 @@ class SelectedHeadConfig:
                 f"head.index: expected an index config (ClusterIndexConfig(), ExactIndexConfig(), ...), got "
                 f"{self.index!r}; in YAML or --set a name does: index: exact"
             )
+        if self.topk_search not in ("auto", "exact", "index"):
+            raise ConfigError(f"head.topk_search: expected auto, exact or index, got {self.topk_search!r}")
+        if self.topk_search == "index" and isinstance(self.index, NoIndexConfig):
+            raise ConfigError("head.topk_search=index needs an index (head.index: gpu, annoy or exact)")
         if self.type == "partial_fc" and not isinstance(self.index, NoIndexConfig):
             raise ConfigError(
                 f"head.index: partial_fc draws its classes at random (index none), got {self.index.type!r}; "
@@ -470,13 +479,61 @@ class SelectedHead(Head):
                 total = torch.logaddexp(total, torch.logsumexp(chunk, dim=1))
         return float(torch.exp(active - total).mean())  # host sync: a logged number
 
+    def topk_is_approximate(self) -> bool:
+        """Whether :meth:`topk` searches the index (``head.topk_search``; ``auto``: from ``10^7`` classes;
+        with an index, unsharded) rather than scoring every row."""
+        search = self.config.topk_search
+        if search == "exact" or isinstance(self.config.index, NoIndexConfig) or self.shard is not None:
+            return False
+        return search == "index" or self.num_rows >= _INDEX_TOPK_CLASSES
+
     @torch.no_grad()
     def topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, ids)`` each ``(B, k)``: logits (scaled cosines with a margin); sharded: over
-        all ranks' classes, the same on every rank."""
+        all ranks' classes, the same on every rank. Through the index where :meth:`topk_is_approximate`:
+        its ``4k`` nearest classes scored exactly (ids ``-1``, scores ``-inf`` where it found fewer)."""
+        self._check_k(k)
+        if self.topk_is_approximate():
+            return self._index_topk(features, k)
+        return self._exact_topk(features, k)
+
+    @torch.no_grad()
+    def topk_recall(self, features: Tensor, k: int) -> float | None:
+        """Share of the exact top-``k`` that :meth:`topk` finds for ``features``; None where it is exact."""
+        if not self.topk_is_approximate():
+            return None
+        self._check_k(k)
+        truth = self._exact_topk(features, k)[1]  # (B, k)
+        found = self._index_topk(features, k)[1]  # (B, k)
+        return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / max(1, truth.numel())
+
+    def _index_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The index's (or the shards') ``4k`` nearest classes of each sample, scored by the head's logits."""
+        store = self.materialize()
+        if self.selector is not None:
+            if not self.selector.is_built:
+                self.rebuild_index()
+            self.selector.wait()  # a background build under way: its index, not none
+        candidates = self._neighbours(features, min(self.num_rows, _TOPK_CANDIDATES * k)).to(features.device)
+        scores = torch.empty(candidates.shape, dtype=torch.float32, device=features.device)  # (B, n)
+        block = max(1, (1 << 26) // (candidates.shape[1] * self.context.in_features))  # (b, n, D) at once
+        for start in range(0, len(candidates), block):
+            ids = candidates[start : start + block]  # (b, n)
+            rows = store.pull(ids.flatten().clamp_min(0)).view(*ids.shape, -1)  # (b, n, D)
+            part = features[start : start + block].float()
+            if self.config.margin.enabled:
+                normalise = torch.nn.functional.normalize
+                part, rows = normalise(part, dim=1), normalise(rows.float(), dim=2)
+            logits = torch.bmm(rows.float(), part[:, :, None]).squeeze(2)  # (b, n)
+            if self.config.margin.enabled:
+                logits = logits * self.config.margin.scale
+            scores[start : start + block] = logits.masked_fill(ids < 0, float("-inf"))
+        top = scores.topk(k, dim=1)
+        return top.values, candidates.gather(1, top.indices).masked_fill(torch.isinf(top.values), -1)
+
+    def _exact_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
         from megaclass.ops.chunked_topk import chunked_topk
 
-        self._check_k(k)
         margin = self.config.margin
         best_scores = features.new_empty(features.shape[0], 0, dtype=torch.float32)
         best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64, device=features.device)

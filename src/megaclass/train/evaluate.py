@@ -51,7 +51,36 @@ def evaluate_model(
             ids, targets = label_filter.apply(ids, targets, first_row=first_row, k=k)
         metrics.update(ids, targets)
         first_row += ids.shape[0]
-    return {name: float(value) for name, value in metrics.compute().items()}
+    scores = {name: float(value) for name, value in metrics.compute().items()}
+    recall = _topk_recall(encoder, head, dataset, k=min(k, dataset.num_classes), config=config, device=device)
+    if recall is not None:  # the ranking came from an index's search: how much of the exact top-k it holds
+        scores[f"topk_recall@{min(k, dataset.num_classes)}"] = recall
+    return scores
+
+
+@torch.no_grad()
+def _topk_recall(
+    encoder: nn.Module,
+    head: nn.Module,
+    dataset: SparseDataset,
+    *,
+    k: int,
+    config: RunConfig,
+    device: torch.device,
+) -> float | None:
+    """:meth:`~megaclass.heads.base.Head.topk_recall` on the first batch of ``dataset`` (None where the head's
+    top-k is exact, or the set is empty)."""
+    if len(dataset) == 0 or not head.topk_is_approximate():
+        return None
+    encoder.eval()
+    try:
+        batch = next(iter(BatchLoader(dataset, batch_size=config.eval.batch_size, shuffle=False).epoch(0)))
+        enabled = config.train.bf16 and device.type == "cuda"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+            features = head_input(encoder(batch.inputs.to(device)), head)  # (B, D)
+        return head.topk_recall(features, k)
+    finally:
+        encoder.train()
 
 
 @torch.no_grad()
