@@ -238,7 +238,7 @@ class ClusterIndex(ClassSelector):
         self._search = (0, 0)  # the served index's (probes, group_probes), kept on the host
         self._job: _ColdBuild | None = None  # a cold build under way in a thread
         self._build_ms = 0.0
-        self._warm_builds = 0  # since the last cold build: the search is chosen again at 1, 2, 4, 8, ...
+        self._warm_builds = 0  # over rows of this shape: the search is chosen again at 1, 2, 4, 8, ...
 
     @property
     def leaf_size(self) -> int | None:
@@ -601,6 +601,7 @@ class ClusterIndex(ClassSelector):
             if float(state["recall"]) < self.recall_target:  # host sync, at builds 1, 2, 4, 8, ...
                 # the clusters no longer fit the rows (they were fitted to younger ones): cluster again,
                 # while this index answers when the build runs in the background
+                self._publish(state, begin)
                 self._cold_build(weight, device, begin)
                 return
         self._publish(state, begin)
@@ -780,8 +781,9 @@ class ClusterIndex(ClassSelector):
                 "index_gathered_rows": float(gathered),  # centroids and member rows gathered per query
             }
         )
-        if "recall" in self._state:  # the search's recall@10 on the calibration's sample of rows
-            metrics["index_calibrated_recall"] = float(self._state["recall"])
+        recall = float(self._state["recall"]) if "recall" in self._state else math.nan
+        if math.isfinite(recall):  # the search's recall@10 on the calibration's sample (not with set probes)
+            metrics["index_calibrated_recall"] = recall
         return metrics
 
     def state_dict(self) -> dict[str, Tensor]:

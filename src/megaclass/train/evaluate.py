@@ -44,43 +44,27 @@ def evaluate_model(
 
         label_filter = read_filter_labels(config.eval.filter_labels, num_classes=dataset.num_classes)
     spare = label_filter.max_per_doc if label_filter is not None else 0
-    first_row = 0
+    first_row, top, recall = 0, min(k, dataset.num_classes), None
     for _, ids, batch in predict_batches(encoder, head, dataset, k=k + spare, config=config, device=device):
+        if first_row == 0 and head.topk_is_approximate():  # the ranking comes from an index's search
+            recall = _topk_recall(encoder, head, batch.inputs, top, device, config.train.bf16)
         targets = batch.targets
         if label_filter is not None:
             ids, targets = label_filter.apply(ids, targets, first_row=first_row, k=k)
         metrics.update(ids, targets)
         first_row += ids.shape[0]
     scores = {name: float(value) for name, value in metrics.compute().items()}
-    recall = _topk_recall(encoder, head, dataset, k=min(k, dataset.num_classes), config=config, device=device)
-    if recall is not None:  # the ranking came from an index's search: how much of the exact top-k it holds
-        scores[f"topk_recall@{min(k, dataset.num_classes)}"] = recall
+    if recall is not None:  # how much of the exact top-k the search holds, on the first batch
+        scores[f"topk_recall@{top}"] = recall
     return scores
 
 
-@torch.no_grad()
 def _topk_recall(
-    encoder: nn.Module,
-    head: nn.Module,
-    dataset: SparseDataset,
-    *,
-    k: int,
-    config: RunConfig,
-    device: torch.device,
-) -> float | None:
-    """:meth:`~megaclass.heads.base.Head.topk_recall` on the first batch of ``dataset`` (None where the head's
-    top-k is exact, or the set is empty)."""
-    if len(dataset) == 0 or not head.topk_is_approximate():
-        return None
-    encoder.eval()
-    try:
-        batch = next(iter(BatchLoader(dataset, batch_size=config.eval.batch_size, shuffle=False).epoch(0)))
-        enabled = config.train.bf16 and device.type == "cuda"
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
-            features = head_input(encoder(batch.inputs.to(device)), head)  # (B, D)
-        return head.topk_recall(features, k)
-    finally:
-        encoder.train()
+    encoder: nn.Module, head: nn.Module, inputs: Any, k: int, device: torch.device, bf16: bool
+) -> float:
+    """:meth:`~megaclass.heads.base.Head.topk_recall` of the features of ``inputs`` (models in eval mode)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        return head.topk_recall(head_input(encoder(inputs.to(device)), head), k)
 
 
 @torch.no_grad()
