@@ -155,3 +155,35 @@ def test_index_device_is_checked(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             serve(ServerConfig(num_rows=4, dim=2, data_dir=str(tmp_path), index_device="cuda"))
+
+
+def test_a_shard_answers_while_its_first_index_builds_in_the_background(shards, monkeypatch):
+    """A CPU shard's first cold build runs in a thread (from 2^15 rows; here from any): its queries find no
+    rows until the index is in, then the index's."""
+    import threading
+    import time
+
+    from megaclass.index import kmeans
+
+    monkeypatch.setattr(kmeans, "_BACKGROUND_MIN_ROWS", 1)
+    gate, cold = threading.Event(), kmeans.ClusterIndex._cold
+
+    def held(self, state, cancel=None):
+        gate.wait(30)
+        cold(self, state, cancel)
+
+    monkeypatch.setattr(kmeans.ClusterIndex, "_cold", held)
+    servers = shards(1, num_rows=40, dim=7)
+    client = ParamServerClient(_addresses(servers), timeout_s=30)
+    features = torch.randn(5, 7)
+    scores, ids = client.query_nearest(features, 3, metric="cosine", max_index_age=10)
+    assert (ids == -1).all() and torch.isinf(scores).all()
+    gate.set()
+    deadline = time.monotonic() + 30
+    while (ids == -1).any() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        scores, ids = client.query_nearest(features, 3, metric="cosine", max_index_age=10)
+    expected_scores, expected_ids = _truth(features, client.get_rows(0, 40), "cosine", 3)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    client.close()
