@@ -227,6 +227,30 @@ def _label_tile_grads(
 
 
 @triton.jit
+def _add_tile_grads(
+    XT_ptr, W_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, offs_c, mask_c, tile, tile_start, label_stop,
+    offs_b, mask_b, block, stride_xtd, stride_bufr, K,
+    GROUP: tl.constexpr, DOT: tl.constexpr, WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A batch block's ``dz (BLOCK_C, BLOCK_B)`` into the tile's gradients: ``(gw, gbias)`` with it added
+    (a per-label tile stores its gw itself) and (WRITE_BUF) its buffer rows, counted from tile_start."""
+    gbias += tl.sum(dz, axis=1)
+    if DOT:
+        gw = _dot_tile_grads(
+            XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop,
+            (tile - tile_start) * K, offs_b, mask_b, stride_xtd, stride_bufr, K,
+            WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+        )  # fmt: skip
+    else:
+        _label_tile_grads(
+            XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
+            offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, WRITE_BUF, BLOCK_C, UPCAST,
+        )  # fmt: skip
+    return gw, gbias
+
+
+@triton.jit
 def _fixed_fanin_fwd_kernel(
     XT_ptr, W_ptr, I_ptr, Bias_ptr, Y_ptr, PartA_ptr, PartB_ptr, Buf_ptr, GW_ptr, GBias_ptr,
     stride_xtd, stride_yb, stride_bufr,
@@ -272,18 +296,11 @@ def _fixed_fanin_fwd_kernel(
                 part_a = _add_slot(part_a, tl.sum(tl.where(mask, loss, 0.0), axis=0), block, NB)
                 if GRAD:
                     dz = tl.where(mask, grad * row_grad, 0.0)
-                    gbias += tl.sum(dz, axis=1)
-                    if DOT:
-                        gw = _dot_tile_grads(
-                            XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop,
-                            (tile - tile_start) * K, offs_b, mask_b, stride_xtd, stride_bufr, K,
-                            True, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
-                        )  # fmt: skip
-                    else:
-                        _label_tile_grads(
-                            XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
-                            offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, True, BLOCK_C, UPCAST,
-                        )  # fmt: skip
+                    gw, gbias = _add_tile_grads(
+                        XT_ptr, W_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, offs_c, mask_c, tile,
+                        tile_start, label_stop, offs_b, mask_b, block, stride_xtd, stride_bufr, K,
+                        GROUP, DOT, True, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+                    )  # fmt: skip
         if GRAD:
             _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
     if LOSS != 0:
@@ -348,18 +365,11 @@ def _bwd_tiles(
                 else:
                     dz = _negative_loss_grad(z, LOSS)[1] * g_row[None, :]
                 dz = tl.where(mask, dz, 0.0)
-            gbias += tl.sum(dz, axis=1)
-            if DOT:
-                gw = _dot_tile_grads(
-                    XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop,
-                    (tile - tile_start) * K, offs_b, mask_b, stride_xtd, stride_bufr, K,
-                    WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
-                )  # fmt: skip
-            else:
-                _label_tile_grads(
-                    XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, offs_c, mask_c, (tile - tile_start) * BLOCK_C,
-                    offs_b, mask_b, block, stride_xtd, stride_bufr, K, GROUP, WRITE_BUF, BLOCK_C, UPCAST,
-                )  # fmt: skip
+            gw, gbias = _add_tile_grads(
+                XT_ptr, W_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, offs_c, mask_c, tile, tile_start,
+                label_stop, offs_b, mask_b, block, stride_xtd, stride_bufr, K,
+                GROUP, DOT, WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+            )  # fmt: skip
         _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
 
 
