@@ -190,7 +190,9 @@ def megaclass_case(
         held[:] = [weight, bias]
 
         def loss_fn() -> torch.Tensor:  # what fixed_fanin_loss runs, with the variant's kernel options
-            rows, positive = FixedFaninFunction.apply(x, weight, index, bias, samples, labels, options)
+            rows, positive = FixedFaninFunction.apply(
+                x, weight, index, bias, samples, labels, options, torch.is_grad_enabled()
+            )
             return combine_loss(rows, positive, targets, loss)
 
         return _graphed(mode, [weight, bias], loss_fn) if graph else _timed(mode, [weight, bias], loss_fn)

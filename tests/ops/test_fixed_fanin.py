@@ -321,7 +321,7 @@ def test_fused_gradients_for_any_row_gradient(case, row_grad, dtype):
     options = FixedFaninOptions(group=group, loss=FaninLoss(loss), impl=Impl.TRITON, tiles_per_program=3)
 
     def fused(a, w, b):
-        return FixedFaninFunction.apply(a, w, index, b, none, none, options)[0]
+        return FixedFaninFunction.apply(a, w, index, b, none, none, options, True)[0]
 
     def truth_fn(a, w, b):
         return reference_row_values(reference_fixed_fanin(a, w, index, b, group=group), loss)
@@ -438,3 +438,19 @@ def test_padded_targets_give_the_unpadded_loss_and_gradients(case, group, loss, 
     tolerance = 0.0 if x.device.type == "cpu" else 1e-6  # the GPU's atomics may add in another order
     for name, got, want in zip(["loss", "dx", "dweight", "dbias"], *results, strict=True):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_no_gradients_are_computed_in_the_forward_pass_without_grad_mode(monkeypatch):
+    from megaclass.ops.fixed_fanin import kernels
+
+    calls = []
+    fwd_grad = kernels.fixed_fanin_fwd_grad
+    monkeypatch.setattr(kernels, "fixed_fanin_fwd_grad", lambda *a, **k: calls.append(1) or fwd_grad(*a, **k))
+    x, weight, index, bias = _problem((4, 30, 40, 5, 1), torch.float32)
+    weight.requires_grad_()
+    with torch.no_grad():  # an evaluation: the rows alone
+        rows = fixed_fanin_rows(x, weight, index, bias, loss="bce", impl="triton")
+    assert calls == []
+    trained = fixed_fanin_rows(x, weight, index, bias, loss="bce", impl="triton")
+    assert calls == [1]  # with grad mode on, the fused pass
+    torch.testing.assert_close(rows, trained.detach())

@@ -178,8 +178,10 @@ def _layer_backward(
 
 
 class FixedFaninFunction(torch.autograd.Function):
-    """``(x, weight, index, bias, samples, labels) -> (out, positive)``: logits ``(B, C)`` or fused row values
-    ``(B,)``, and the ``(L,)`` fp32 logits at ``(samples, labels)`` (empty ``samples`` give an empty tensor).
+    """``(x, weight, index, bias, samples, labels, options, grad_enabled) -> (out, positive)``: logits
+    ``(B, C)`` or fused row values ``(B,)``, and the ``(L,)`` fp32 logits at ``(samples, labels)`` (empty
+    ``samples`` give an empty tensor); ``grad_enabled``: the caller's grad mode (no gradients are computed in
+    the forward pass without it).
 
     The positive logits ride along so their gradient is added sparsely into the layer's gradients rather
     than as a dense ``(C, K)`` tensor that autograd would sum with them. The launchers run directly in eager
@@ -199,9 +201,11 @@ class FixedFaninFunction(torch.autograd.Function):
         samples: Tensor,
         labels: Tensor,
         options: FixedFaninOptions,
+        grad_enabled: bool,
     ) -> tuple[Tensor, Tensor]:
         ctx.fused = None
-        if _fuses_gradient(options, any(ctx.needs_input_grad[:4])):
+        # inside forward grad mode is off and needs_input_grad ignores it: the caller says whether it was on
+        if _fuses_gradient(options, grad_enabled and any(ctx.needs_input_grad[:4])):
             from megaclass.ops.fixed_fanin.kernels import fixed_fanin_fwd_grad
 
             row_grad = options.row_grad if options.row_grad is not None else 1.0 / max(1, x.shape[0])
@@ -243,7 +247,7 @@ class FixedFaninFunction(torch.autograd.Function):
         if grad_pos is not None and samples.numel() > 0:
             _add_positive_grads(grad_pos, x, weight, index, samples, labels, options.group, grads)
         grad_x, grad_w, grad_b = grads
-        return grad_x, grad_w, None, grad_b if bias is not None else None, None, None, None
+        return grad_x, grad_w, None, grad_b if bias is not None else None, None, None, None, None
 
 
 def _check_inputs(x: Tensor, weight: Tensor, index: Tensor, bias: Tensor | None, group: int) -> None:
@@ -295,7 +299,8 @@ def fixed_fanin(
     _check_inputs(x, weight, index, bias, group)
     options = FixedFaninOptions(group=group, loss=FaninLoss.NONE, impl=resolve_impl(impl, x, weight, index))
     none = torch.empty(0, dtype=torch.long, device=x.device)
-    return FixedFaninFunction.apply(x, weight.contiguous(), index.contiguous(), bias, none, none, options)[0]
+    weight, index, grad_enabled = weight.contiguous(), index.contiguous(), torch.is_grad_enabled()
+    return FixedFaninFunction.apply(x, weight, index, bias, none, none, options, grad_enabled)[0]
 
 
 def fixed_fanin_rows(
@@ -348,5 +353,5 @@ def fixed_fanin_rows_positive(
         )
     options = FixedFaninOptions(group=group, loss=loss, impl=resolve_impl(impl, x, weight, index))
     weight, index = weight.contiguous(), index.contiguous()
-    rows, positive = FixedFaninFunction.apply(x, weight, index, bias, samples.long(), labels.long(), options)
-    return rows, positive
+    grad_enabled = torch.is_grad_enabled()
+    return FixedFaninFunction.apply(x, weight, index, bias, samples.long(), labels.long(), options, grad_enabled)
