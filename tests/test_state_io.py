@@ -418,3 +418,14 @@ def test_saving_and_loading_rows_take_one_block_of_host_memory_not_a_copy(tmp_pa
     saved, loaded, rows_bytes = (int(x) for x in result.stdout.split())
     assert saved < rows_bytes // 4, f"save grew the RSS by {saved} bytes for {rows_bytes} of rows"
     assert loaded < rows_bytes // 4, f"load grew the RSS by {loaded} bytes for {rows_bytes} of rows"
+
+
+def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):
+    from megaclass.state_io import write_tensors
+
+    previous = os.umask(0o022)
+    try:
+        write_tensors(str(tmp_path / "w.safetensors"), {"w": torch.ones(3)})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644  # readable by a serving process

@@ -496,9 +496,10 @@ def write_json_atomic(path: str, data: Any) -> None:
 def _replacing(path: str, mode: str, *, suffix: str) -> Iterator[IO]:
     """A file opened in ``mode`` that replaces ``path`` once written and flushed to disk; on an error it is
     removed and ``path`` is left as it was."""
-    handle, temporary = tempfile.mkstemp(
-        prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path))
-    )
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(folder, f".tmp-{os.urandom(8).hex()}{suffix}")
+    # created as open() creates files (0666 less the umask), not mkstemp's 0600, which the rename would keep
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
             yield file
