@@ -258,3 +258,16 @@ def test_warm_builds_choose_the_search_again_at_powers_of_two(monkeypatch):
     for build in range(6, 10):
         resumed.build(rows, changed=torch.tensor([build]))
         assert len(calls) == len([n for n in range(1, build + 1) if n & (n - 1) == 0])
+
+
+def test_rows_a_cold_build_cannot_serve_better_are_not_clustered_again(monkeypatch):
+    # isotropic rows: no search within the budget reaches the target, but a refit would not do better
+    rows = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
+    index = ClusterIndex(metric="cosine", background=False)
+    colds = []
+    cold = index._cold
+    monkeypatch.setattr(index, "_cold", lambda state, cancel=None: colds.append(1) or cold(state, cancel))
+    index.build(rows)
+    for _ in range(8):
+        index.build(rows, changed=torch.arange(4096))  # warm builds 1 to 8: the search chosen at 1, 2, 4, 8
+    assert index.metrics()["index_calibrated_recall"] < 0.92 and colds == [1]

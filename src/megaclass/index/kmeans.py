@@ -80,6 +80,7 @@ _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
 # 10^6 for recall 0.92; untrained rows would ask for most of C)
 _GATHER_BUDGET_PER_SQRT_C = 4
+_REFIT_MARGIN = 0.05  # a warm search this far below its cold build's recall (and the target) refits
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
 _SHARED_ROW_COST = 1 / 16
@@ -242,9 +243,12 @@ class ClusterIndex(ClassSelector):
 
     @property
     def leaf_size(self) -> int | None:
-        """Mean rows per cluster: of the served index once built, else as configured (None: automatic)."""
+        """Mean rows per cluster: of the served index once built, else as configured or (automatic) as
+        planned for a first build under way; None: automatic and nothing built yet."""
         self._adopt()
         if self._state is None:
+            if self._leaf_size is None and self._job is not None:
+                return auto_leaf_size(self._job.state["rows"].shape[0])
             return self._leaf_size
         members = self._state["members"]
         return math.ceil(self._state["rows"].shape[0] / members.shape[0])
@@ -373,6 +377,7 @@ class ClusterIndex(ClassSelector):
         self._check_cancel(cancel)
         state["near"] = self._near_clusters(state["centroids"])
         state["probes"], state["group_probes"], state["recall"] = self._calibrated_search(state)
+        state["cold_recall"] = state["recall"]  # what clusters fitted to these rows reach: a refit's bar
 
     def _split_groups(
         self,
@@ -578,11 +583,12 @@ class ClusterIndex(ClassSelector):
         begin = time.perf_counter()
         device = self.device or weight.device
         self._adopt()
-        every = torch.arange(weight.shape[0], device=device)
-        changed = every if changed is None else changed.to(device)
-        if self._job is not None:  # the running build's snapshot predates these rows' updates
-            self._job.stale = torch.unique(torch.cat([self._job.stale, changed]))
-            return
+        changed = torch.arange(weight.shape[0], device=device) if changed is None else changed.to(device)
+        if self._job is not None:
+            if self._job.state["rows"].shape == weight.shape:  # its snapshot predates these rows' updates
+                self._job.stale = torch.unique(torch.cat([self._job.stale, changed]))
+                return
+            self._stop()  # a build over rows of another shape is no longer wanted
         state = self._state
         if state is None or state["rows"].shape != weight.shape:
             self._state = None  # an index over other rows says nothing about these
@@ -598,10 +604,14 @@ class ClusterIndex(ClassSelector):
         self._warm_builds += 1
         if self.probes is None and self._warm_builds & (self._warm_builds - 1) == 0:  # a power of two
             state["probes"], state["group_probes"], state["recall"] = self._calibrated_search(state)
-            if float(state["recall"]) < self.recall_target:  # host sync, at builds 1, 2, 4, 8, ...
-                # the clusters no longer fit the rows (they were fitted to younger ones): cluster again,
-                # while this index answers when the build runs in the background
-                self._publish(state, begin)
+            # host syncs, at builds 1, 2, 4, 8, ...: the clusters no longer fit the rows (they were fitted to
+            # younger ones) where the search falls short of the target and of what a cold build reached
+            fitted = float(state["cold_recall"]) - _REFIT_MARGIN if "cold_recall" in state else math.inf
+            if float(state["recall"]) < min(self.recall_target, fitted):
+                if self._in_background(weight.shape[0], device):
+                    self._publish(state, begin)  # this index answers while the rows are clustered again
+                else:
+                    self._state = None  # its snapshot goes before the new one is taken
                 self._cold_build(weight, device, begin)
                 return
         self._publish(state, begin)
@@ -650,12 +660,12 @@ class ClusterIndex(ClassSelector):
             on_stream = torch.cuda.stream(job.stream) if job.stream is not None else contextlib.nullcontext()
             with torch.no_grad(), on_stream:  # grad mode and the current stream are per thread
                 self._cold(job.state, job.cancel)
-                if job.stream is not None:
-                    job.stream.synchronize()  # this thread waits for the GPU, the trainer does not
-            job.elapsed_ms = (time.perf_counter() - job.started) * 1e3
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             job.error = error
         finally:
+            if job.stream is not None:  # this thread waits for the GPU, the trainer does not; a cancelled
+                job.stream.synchronize()  # build too, before its snapshot's memory can be freed
+            job.elapsed_ms = (time.perf_counter() - job.started) * 1e3
             _RUNNING.discard(job)
 
     def _adopt(self) -> None:
@@ -805,6 +815,7 @@ class ClusterIndex(ClassSelector):
             raise ValueError(f"ClusterIndex state: missing {missing}")
         device = self.device or torch.device("cpu")
         # warm builds write in place; the calibration's recall is kept where saved
-        loaded = {key: state[key].to(device, copy=True) for key in (*_STATE_KEYS, "recall") if key in state}
+        optional = ("recall", "cold_recall")
+        loaded = {key: state[key].to(device, copy=True) for key in (*_STATE_KEYS, *optional) if key in state}
         self._warm_builds = int(state.get("warm_builds", 0))
         self._serve(loaded, self._build_ms)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.index.kmeans import DEFAULT_PROBES, auto_leaf_size
+from megaclass.index.kmeans import DEFAULT_PROBES
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import (
     MESSAGE_OVERHEAD_BYTES,
@@ -411,8 +411,7 @@ class ShardService:
             if torch.device(self.config.index_device).type == "cpu":
                 # candidate rows gathered in cache-sized blocks: one (B, probes * leaf, D) block is slower
                 # (hundreds of MB of fresh pages for B 512) than several small ones
-                leaf = index.leaf_size or auto_leaf_size(self.state.spec.size)  # None: first build under way
-                block = max(1, _CPU_QUERY_BYTES // (probes * leaf * features.shape[1] * 4))
+                block = max(1, _CPU_QUERY_BYTES // (probes * index.leaf_size * features.shape[1] * 4))
             size = min(n, self.state.spec.size)
             local = torch.cat(
                 [

@@ -352,6 +352,5 @@ def fixed_fanin_rows_positive(
             f"{tuple(labels.shape)}"
         )
     options = FixedFaninOptions(group=group, loss=loss, impl=resolve_impl(impl, x, weight, index))
-    weight, index = weight.contiguous(), index.contiguous()
-    grad_enabled = torch.is_grad_enabled()
-    return FixedFaninFunction.apply(x, weight, index, bias, samples.long(), labels.long(), options, grad_enabled)
+    weight, index, samples, labels = weight.contiguous(), index.contiguous(), samples.long(), labels.long()
+    return FixedFaninFunction.apply(x, weight, index, bias, samples, labels, options, torch.is_grad_enabled())
