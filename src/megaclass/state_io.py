@@ -51,6 +51,7 @@ __all__ = [
     "read_state",
     "read_tensors",
     "replace_folder",
+    "row_blocks",
     "unflatten",
     "verify_manifest",
     "write_json_atomic",
@@ -255,7 +256,7 @@ def _element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _row_blocks(length: int, row_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+def row_blocks(length: int, row_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """``[start, stop)`` blocks of ``length`` rows of ``row_bytes``, each at most ``chunk_bytes`` (or one
     row)."""
     rows = max(1, chunk_bytes // max(1, row_bytes))
@@ -356,7 +357,7 @@ def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.nda
     shape = tuple(value.shape)
     rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
-    for start, stop in _row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):
+    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):
         if isinstance(rows, RowSource):
             block = rows._checked(start, stop)
         else:
@@ -467,7 +468,7 @@ def copy_into_(target: Tensor, source: Tensor | RowSource, *, chunk_bytes: int =
         and target.is_contiguous()
         and target.dtype == source.dtype
     )
-    for start, stop in _row_blocks(len(source), source.row_bytes, chunk_bytes):
+    for start, stop in row_blocks(len(source), source.row_bytes, chunk_bytes):
         if direct:
             source._read_into(start, target[start:stop])
         else:

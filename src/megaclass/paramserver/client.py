@@ -354,8 +354,9 @@ class ParamServerClient:
             _, future = self._issue(shard, method, request, timeout=max(deadline - time.monotonic(), 0.01))
 
     def _noted(self, shard: int, response: Any) -> Any:
-        """Record what a response tells about the shard (pushes it has applied)."""
-        if hasattr(response, "applied_step") and hasattr(response, "incarnation"):
+        """Record what a response tells about the shard: the pushes it has applied (a push's answer only: a
+        Health answer's applied_step is, in async mode, the furthest of any trainer's, not this one's)."""
+        if isinstance(response, wire.MESSAGES["PushGradientsResponse"]):
             self._shards[shard].forget_applied(response.applied_step)
         return response
 

@@ -12,6 +12,7 @@ from megaclass.ops.row_optimizers import (
     RowOptimizerConfig,
     apply_row_update_,
     apply_sparse_update_,
+    init_row_state,
     init_rows_,
 )
 from megaclass.ops.stochastic_rounding import philox_seed, stochastic_round
@@ -84,15 +85,9 @@ class LocalRows:
         self.weight = torch.empty(num_rows, dim, dtype=held, device=device, pin_memory=pin_memory)
         draw_device = device if draw_device is None else draw_device
         init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=draw_device)
-        self.state = {  # row-shaped state in the rows' dtype; per-row counts in float32
-            name: torch.zeros(
-                (num_rows, *shape),
-                dtype=held if shape else torch.float32,
-                device=device,
-                pin_memory=pin_memory,
-            )
-            for name, shape in self.optimizer.state_shapes(dim).items()
-        }
+        self.state = init_row_state(
+            self.optimizer, num_rows, dim, device=device, pin_memory=pin_memory, dtype=held
+        )
 
     @property
     def num_rows(self) -> int:

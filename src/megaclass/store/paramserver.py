@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind
-from megaclass.state_io import RowSource
+from megaclass.state_io import RowSource, row_blocks
 from megaclass.store.base import RowStore
 
 if TYPE_CHECKING:
@@ -256,10 +256,7 @@ class ParamServerStore(RowStore):
                 )
         self.flush()
         for key, values in state.items():
-            row_bytes = 4 * math.prod(shapes[key][1:])
-            block = max(1, LOAD_BLOCK_BYTES // row_bytes)
-            for start in range(0, self.num_rows, block):
-                stop = min(start + block, self.num_rows)
+            for start, stop in row_blocks(self.num_rows, 4 * math.prod(shapes[key][1:]), LOAD_BLOCK_BYTES):
                 self.client.set_rows(torch.arange(start, stop), values[start:stop], field=expected[key])
 
     def _field_shape(self, field: str) -> tuple[int, ...]:

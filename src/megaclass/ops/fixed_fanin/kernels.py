@@ -580,7 +580,7 @@ def _tiles_then_columns(
     rows = min(geometry.tiles, per_chunk) * geometry.rows_per_tile
     buf = torch.empty(rows, batch, dtype=buf_dtype, device=x.device)
     grad_x = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
-    block_b = max(16, min(_MAX_BLOCK_B, triton.next_power_of_2(batch)))
+    block_b = geometry.block_b
     dx_kernel, dx_launch = (_dx_tuned, {}) if autotune_enabled() else (_fixed_fanin_dx_kernel, _DX_LAUNCH)
     for chunk in range(order.chunks):
         start = chunk * per_chunk
