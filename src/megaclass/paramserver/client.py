@@ -57,8 +57,10 @@ class _Shard:
     max_queries: int = 1 << 62
     max_bytes: int = MAX_MESSAGE_BYTES
     unapplied: list[_Push] = field(default_factory=list)  # pushes not yet applied
-    buffer: ClientBuffer | None = None  # shared memory with the shard (same machine), else None
-    buffer_id: int = 0  # the shard's id of ``buffer``
+    # shared memory with the shard (same machine), else None; kept once made (its ranges are freed by
+    # callbacks, and a push in it is re-sent inline after a restart), used for new transfers while attached
+    buffer: ClientBuffer | None = None
+    buffer_id: int = 0  # the shard's id of ``buffer``; 0: not attached
 
     def forget_applied(self, applied: int) -> None:
         """Drop the pushes of steps up to ``applied``, freeing their buffer ranges."""
@@ -275,7 +277,7 @@ class ParamServerClient:
         except ValueError:  # another machine, an older server, or shared buffers off: inline
             if state.buffer is None:
                 buffer.close()
-            state.buffer, state.buffer_id = None, 0
+            state.buffer_id = 0
             return
         state.buffer, state.buffer_id = buffer, int(response.buffer)
 
@@ -450,7 +452,7 @@ class ParamServerClient:
     def _reserve_rows(self, shard: int, request: Any, count: int) -> None:
         """Have a pull's ``count`` rows written into the shard's buffer where it has one with room."""
         state = self._shards[shard]
-        if state.buffer is None:
+        if not state.buffer_id:
             return
         nbytes = count * self.dim * (4 if self.wire_dtype == "float32" else 2)
         offset = state.buffer.reserve(nbytes)
@@ -560,7 +562,7 @@ class ParamServerClient:
         """``message`` with the gradients of ``positions`` written into the shard's buffer (kept there until
         the step is applied); None where the shard has no buffer or it has no room."""
         state = self._shards[shard]
-        if state.buffer is None:
+        if not state.buffer_id:
             return None
         shape = (_count(positions), self.dim)
         float32 = self.wire_dtype == "float32"
@@ -772,14 +774,15 @@ class ParamServerClient:
     def close(self) -> None:
         self.drain()
         for shard, state in enumerate(self._shards):
-            if state.buffer is not None:
+            if state.buffer_id:
                 request = wire.message("DetachBufferRequest", buffer=state.buffer_id)
                 try:
                     self._wait(shard, "DetachBuffer", *self._issue(shard, "DetachBufferRequest", request))
                 except ValueError:
                     pass  # a shard gone by now dropped the buffer with its process
+                state.buffer_id = 0
+            if state.buffer is not None:
                 state.buffer.close()
-                state.buffer = None
         self._pool.shutdown()
         for channel in self._channels:
             channel.close()

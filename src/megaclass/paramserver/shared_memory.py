@@ -78,11 +78,15 @@ class ClientBuffer:
         return memoryview(self.map)[offset : offset + nbytes]
 
     def close(self) -> None:
+        """Unmap and close (once; ranges may still be released after, as bookkeeping)."""
+        if self.fd < 0:
+            return
         try:
             self.map.close()
         except BufferError:  # a view is still held: the map goes with it
             pass
         os.close(self.fd)
+        self.fd = -1
 
 
 class AttachedBuffer:
