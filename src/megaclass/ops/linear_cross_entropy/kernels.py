@@ -554,8 +554,9 @@ def _dense_grads(
     chunk = chunk_classes or chunk_classes_for(batch, x.element_size())
     if chunk < 1:
         raise ValueError(f"chunk_classes must be >= 1, got {chunk}")
-    # (B, tiles) per-tile loss sums: a column per class tile of every super-chunk, at the smallest tile
-    min_block_c = min(config.block_c for config in (*DW_CANDIDATES, INTERPRETER_CONFIG))
+    # (B, tiles) per-tile loss sums: a column per class tile of every super-chunk, at the smallest tile that
+    # _choose may pick on this device
+    min_block_c = min(config.block_c for config in (DW_CANDIDATES if x.is_cuda else (INTERPRETER_CONFIG,)))
     tiles = (classes // chunk) * triton.cdiv(chunk, min_block_c) + triton.cdiv(classes % chunk, min_block_c)
     partials = torch.zeros(batch, tiles if reduce else 0, device=x.device)
     if batch == 0:
