@@ -158,3 +158,18 @@ def test_bf16_sr_checkpoint_round_trips_exactly_and_training_continues_identical
     rows.update_(ids, grads, lr=0.01, step=4)
     fresh.update_(ids, grads, lr=0.01, step=4)
     assert torch.equal(rows.weight, fresh.weight)
+
+
+def test_a_state_saved_before_rows_caught_up_loads_and_catches_up_from_its_next_update():
+    config = RowOptimizerConfig(kind="adamw", weight_decay=0.1)
+    saved = LocalRows(4, 3, optimizer=config)
+    saved.update_(torch.tensor([0, 1]), torch.ones(2, 3), lr=0.1, step=1)
+    older = {name: value.clone() for name, value in saved.state_dict().items() if name != "optim.last_step"}
+    resumed, reference = LocalRows(4, 3, optimizer=config), LocalRows(4, 3, optimizer=config)
+    resumed.load_state_dict(older)
+    reference.load_state_dict(saved.state_dict())
+    reference.state["last_step"].fill_(8)  # as if every row were last updated at step 8: nothing skipped
+    for rows in (resumed, reference):
+        rows.update_(torch.tensor([0, 2]), torch.ones(2, 3), lr=0.1, step=9)  # steps 2 to 8 are not known
+    torch.testing.assert_close(resumed.weight, reference.weight)  # no catch-up where the last step is unknown
+    assert resumed.state["last_step"][[0, 2]].tolist() == [9.0, 9.0]

@@ -34,6 +34,9 @@ def check_ids(ids: Tensor) -> None:
         raise ValueError(f"ids: expected a (S,) int64 tensor, got {tuple(ids.shape)} {ids.dtype}")
 
 
+_UNKNOWN_STEP = float(torch.finfo(torch.float32).max)  # a row's last update step in an older checkpoint
+
+
 class LocalRows:
     """A ``(C, D)`` matrix and its row-sparse optimizer state, in device or host memory.
 
@@ -139,6 +142,10 @@ class LocalRows:
         """Copy what :meth:`state_dict` returned (tensors, or :class:`~megaclass.state_io.SavedTensor` handles
         streamed from a checkpoint file) into the rows and optimizer state."""
         expected = self.state_dict()
+        if "optim.last_step" in expected and "optim.last_step" not in state:
+            # saved before rows caught up on the steps they sat out: when each row was last updated is not
+            # known, so its next update catches up on none (a last step past any step), later ones do
+            state = {**state, "optim.last_step": torch.full_like(expected["optim.last_step"], _UNKNOWN_STEP)}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
