@@ -353,15 +353,21 @@ class SavedTensor(RowSource):
 
 def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.ndarray]:
     """The bytes of ``value`` in row-major order, a block of rows (at most ``chunk_bytes``, or one row) at a
-    time, each brought to host memory on its own."""
+    time: a contiguous host tensor's own, else copied into one staging block (pinned for a GPU tensor) that
+    each block reuses once the caller has written the previous one."""
     shape = tuple(value.shape)
     rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
+    staging: Tensor | None = None
     for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):
         if isinstance(rows, RowSource):
             block = rows._checked(start, stop)
         else:
-            block = rows[start:stop].detach().to("cpu").contiguous()  # a GPU tensor: this block only
+            block = rows[start:stop].detach()
+            if block.device.type != "cpu" or not block.is_contiguous():
+                if staging is None:  # the first block is the largest
+                    staging = torch.empty(block.numel(), dtype=block.dtype, pin_memory=block.is_cuda)
+                block = staging[: block.numel()].view(block.shape).copy_(block)
         yield block.reshape(-1).view(torch.uint8).numpy()
 
 
