@@ -286,9 +286,8 @@ class ParamServerClient:
         if not request.buffer:
             return response.rows
         rows = response.rows
-        itemsize = 4 if rows.dtype == "float32" else 2
-        nbytes = int(np.prod(rows.shape, dtype=np.int64)) * itemsize
-        if rows.dtype not in wire.DTYPES or nbytes > request.buffer_bytes:
+        nbytes = wire.array_nbytes(rows.dtype, rows.shape) if rows.dtype in wire.DTYPES else -1
+        if nbytes < 0 or nbytes > request.buffer_bytes:
             raise ValueError(f"rows: the server sent {rows.dtype} of shape {list(rows.shape)} for its buffer")
         return wire.ArrayView(
             rows.dtype, rows.shape, self._shards[shard].buffer.view(request.buffer_offset, nbytes)
@@ -391,7 +390,7 @@ class ParamServerClient:
     def _inline_push(self, shard: int, push: _Push) -> None:
         """Move ``push``'s gradients from the buffer into its request (in place: a retry sends the same)."""
         state, request = self._shards[shard], push.request
-        nbytes = int(np.prod(request.grads.shape)) * (4 if request.grads.dtype == "float32" else 2)
+        nbytes = wire.array_nbytes(request.grads.dtype, request.grads.shape)
         request.grads.data = bytes(state.buffer.view(push.offset, nbytes))
         request.ClearField("buffer")
         request.ClearField("buffer_offset")
@@ -454,7 +453,7 @@ class ParamServerClient:
         state = self._shards[shard]
         if not state.buffer_id:
             return
-        nbytes = count * self.dim * (4 if self.wire_dtype == "float32" else 2)
+        nbytes = wire.array_nbytes(self.wire_dtype, (count, self.dim))
         offset = state.buffer.reserve(nbytes)
         if offset is not None:
             request.buffer, request.buffer_offset, request.buffer_bytes = state.buffer_id, offset, nbytes
@@ -566,7 +565,7 @@ class ParamServerClient:
             return None
         shape = (_count(positions), self.dim)
         float32 = self.wire_dtype == "float32"
-        nbytes = shape[0] * shape[1] * (4 if float32 else 2)
+        nbytes = wire.array_nbytes(self.wire_dtype, shape)
         offset = state.buffer.reserve(nbytes)
         if offset is None:
             return None

@@ -228,7 +228,7 @@ class ShardService:
     def _gather_into_buffer(self, request: Any, local: Tensor, dtype: str) -> None:
         """Rows ``local`` of the shard, as ``dtype``, into the buffer range ``request`` names."""
         shape = (len(local), self.state.spec.dim)
-        nbytes = shape[0] * shape[1] * (4 if dtype == "float32" else 2)
+        nbytes = wire.array_nbytes(dtype, shape)
         if nbytes > request.buffer_bytes:
             raise ValueError(
                 f"buffer_bytes {request.buffer_bytes}: {shape[0]} rows of {dtype} need {nbytes} bytes"
@@ -258,7 +258,7 @@ class ShardService:
             raise ValueError("grads: bytes given both inline and in a buffer")
         if grads.dtype not in wire.DTYPES or len(grads.shape) != 2 or min(grads.shape, default=0) < 0:
             return grads  # decoding names the problem
-        nbytes = grads.shape[0] * grads.shape[1] * (4 if grads.dtype == "float32" else 2)
+        nbytes = wire.array_nbytes(grads.dtype, grads.shape)
         data = self._buffer(request.buffer).array(request.buffer_offset, nbytes, what="grads")
         return wire.ArrayView(grads.dtype, tuple(grads.shape), memoryview(data))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,11 @@ def encode_array(tensor: Tensor, dtype: str = "float32") -> Any:
     return message("Array", dtype=dtype, shape=list(tensor.shape), data=data.numpy().tobytes())
 
 
+def array_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of an ``Array`` of ``dtype`` (one of :data:`DTYPES`) and ``shape``."""
+    return int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+
+
 def decode_array(array: Any, *, what: str, ndim: int | None = None) -> Tensor:
     """The tensor an ``Array`` message holds (a private copy), in its own dtype.
 
@@ -187,15 +193,15 @@ def decode_array(array: Any, *, what: str, ndim: int | None = None) -> Tensor:
         raise ValueError(f"{what}: expected {ndim} dimensions, got shape {list(shape)}")
     if any(s < 0 for s in shape):
         raise ValueError(f"{what}: negative size in shape {list(shape)}")
-    itemsize = 4 if array.dtype == "float32" else 2
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = array_nbytes(array.dtype, shape)
     if len(array.data) != expected:
         raise ValueError(
             f"{what}: shape {list(shape)} needs {expected} bytes of {array.dtype}, got {len(array.data)}"
         )
-    raw = np.frombuffer(array.data, dtype="<f4" if itemsize == 4 else "<i2").reshape(shape)
+    float32 = array.dtype == "float32"
+    raw = np.frombuffer(array.data, dtype="<f4" if float32 else "<i2").reshape(shape)
     tensor = torch.from_numpy(raw.copy())
-    return tensor.view(torch.bfloat16) if itemsize == 2 else tensor
+    return tensor if float32 else tensor.view(torch.bfloat16)
 
 
 def encode_ids(ids: np.ndarray | Tensor) -> bytes:
@@ -302,14 +308,11 @@ class ArrayView:
         """The array as a read-only numpy view (``bfloat16`` as its ``int16`` bit pattern)."""
         if self.dtype not in DTYPES:
             raise ValueError(f"{what}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        itemsize = 4 if self.dtype == "float32" else 2
-        if any(s < 0 for s in self.shape) or int(np.prod(self.shape, dtype=np.int64)) * itemsize != len(
-            self.data
-        ):
+        if any(s < 0 for s in self.shape) or array_nbytes(self.dtype, self.shape) != len(self.data):
             raise ValueError(
                 f"{what}: shape {list(self.shape)} does not match {len(self.data)} bytes of {self.dtype}"
             )
-        return np.frombuffer(self.data, dtype="<f4" if itemsize == 4 else "<i2").reshape(self.shape)
+        return np.frombuffer(self.data, dtype="<f4" if self.dtype == "float32" else "<i2").reshape(self.shape)
 
 
 @dataclass
