@@ -308,3 +308,21 @@ def test_sharded_step_saved_twice_keeps_a_whole_checkpoint_through_a_kill(tmp_pa
     assert torch.equal(fresh.weight, first)
     checkpoint.recover(folder)
     assert sorted(os.listdir(folder)) == ["latest.json", "step_000000004"]
+
+
+def test_a_sharded_save_hashes_the_rows_once_while_writing_them(tmp_path, monkeypatch):
+    from megaclass import state_io
+
+    head, optimizer = _sharded_head(0)
+    read_back, fingerprint = [], state_io.file_fingerprint
+
+    def spy(path):
+        read_back.append(path)
+        return fingerprint(path)
+
+    monkeypatch.setattr(state_io, "file_fingerprint", spy)
+    path = _save_sharded(str(tmp_path), 1, head, optimizer)
+    assert not [name for name in read_back if name.endswith("rows_00000.safetensors")]  # not read again
+    with open(os.path.join(path, "manifest.json")) as file:
+        listed = json.load(file)["files"]["rows_00000.safetensors"]
+    assert listed == fingerprint(os.path.join(path, "rows_00000.safetensors"))

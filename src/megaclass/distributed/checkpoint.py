@@ -150,7 +150,9 @@ def save_sharded(
     rows, head_private, replicated = _split_head(head, head_optimizer)
     start, stop, num_rows = head.row_range()
     metadata = {"start": str(start), "stop": str(stop), "group": str(head.row_group)}
-    write_tensors(os.path.join(temporary, f"rows_{rank:05d}.safetensors"), rows, metadata=metadata)
+    fingerprint = write_tensors(os.path.join(temporary, _rows_file(rank)), rows, metadata=metadata)
+    # hashed while written: rank 0's manifest takes it instead of reading every rank's rows again
+    write_json_atomic(os.path.join(temporary, f"{_rows_file(rank)}.fingerprint.json"), fingerprint)
     write_state(os.path.join(temporary, f"rank_{rank:05d}"), {"head": head_private, **private})
     if rank == 0:
         write_state(os.path.join(temporary, "common"), {**common, "head_replicated": replicated})
@@ -164,16 +166,24 @@ def save_sharded(
             "group": head.row_group,
         }
         write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
-        write_manifest(temporary)
+        fingerprints = {}
+        for other in map(_rows_file, range(world_size)):
+            with open(os.path.join(temporary, f"{other}.fingerprint.json"), encoding="utf-8") as file:
+                fingerprints[other] = json.load(file)
+        write_manifest(temporary, fingerprints=fingerprints)
         replace_folder(temporary, final)
     _barrier(world_size)  # the checkpoint is complete for everyone
     return final
 
 
+def _rows_file(rank: int) -> str:
+    return f"rows_{rank:05d}.safetensors"
+
+
 def _range_of(folder: str, rank: int) -> tuple[int, int]:
     from safetensors import safe_open
 
-    with safe_open(os.path.join(folder, f"rows_{rank:05d}.safetensors"), framework="pt") as file:
+    with safe_open(os.path.join(folder, _rows_file(rank)), framework="pt") as file:
         metadata = file.metadata()
     return int(metadata["start"]), int(metadata["stop"])
 
@@ -195,7 +205,7 @@ def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> d
         low, high = max(start, first), min(stop, last)
         if low >= high:
             continue
-        with safe_open(os.path.join(path, f"rows_{rank:05d}.safetensors"), framework="pt") as file:
+        with safe_open(os.path.join(path, _rows_file(rank)), framework="pt") as file:
             for key in file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if key.startswith("groups."):
                     piece = file.get_slice(key)[
