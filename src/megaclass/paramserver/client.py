@@ -16,6 +16,7 @@ loses no update.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -772,14 +773,21 @@ class ParamServerClient:
 
     def close(self) -> None:
         self.drain()
-        for shard, state in enumerate(self._shards):
-            if state.buffer_id:
-                request = wire.message("DetachBufferRequest", buffer=state.buffer_id)
-                try:
-                    self._wait(shard, "DetachBuffer", *self._issue(shard, "DetachBufferRequest", request))
-                except ValueError:
-                    pass  # a shard gone by now dropped the buffer with its process
-                state.buffer_id = 0
+        detaching = [  # every shard at once, each within the first-contact deadline: a dead one cannot stall
+            self._issue(
+                shard,
+                "DetachBufferRequest",
+                wire.message("DetachBufferRequest", buffer=state.buffer_id),
+                timeout=self.connect_timeout_s,
+            )[1]
+            for shard, state in enumerate(self._shards)
+            if state.buffer_id
+        ]
+        for future in detaching:
+            with contextlib.suppress(self._grpc.RpcError):  # a shard gone dropped the buffer with its process
+                future.result()
+        for state in self._shards:
+            state.buffer_id = 0
             if state.buffer is not None:
                 state.buffer.close()
         self._pool.shutdown()
