@@ -50,7 +50,10 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated LEAFxPROBES pairs (PROBES may be auto) or auto (both chosen)",
     )
     parser.add_argument(
-        "--recall-target", type=float, default=0.92, help="recall@10 the auto probe counts are chosen for"
+        "--recall-target",
+        type=float,
+        default=None,
+        help="recall@10 the auto probe counts are chosen for (default: the index's)",
     )
     parser.add_argument("--quick", action="store_true", help="CPU-sized: C 10^4..10^6, D 64, B 256")
     args = parser.parse_args()
@@ -112,11 +115,12 @@ def main() -> None:
         scan_ms, truth = _timed(scan, args.reps)
         print(f"| {classes} | exact | | | | {classes} | | 0 | {scan_ms:.2f} | 1.000 | 1.000 |")
         for leaf_size, probes in _settings(args.settings):
+            target = {} if args.recall_target is None else {"recall_target": args.recall_target}
             index = ClusterIndex(
                 metric=args.metric,
                 leaf_size=leaf_size,
                 probes=probes,
-                recall_target=args.recall_target,
+                **target,
                 row_dtype=args.dtype,
                 compute_dtype=args.dtype,
                 background=False,

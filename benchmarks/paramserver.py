@@ -155,6 +155,9 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
                 counter = [0]  # steps of the shards, over both clients
                 for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
                     client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)
+                    attached = all(shard.buffer_id for shard in client._shards)
+                    if attached != (shared_mib > 0):  # a row labelled shared memory moved through it
+                        raise RuntimeError(f"{provider}: shared memory attached: {attached}")
                     cases = [
                         case
                         for rows in args.rows
