@@ -529,6 +529,27 @@ def _dot_mode(x: torch.Tensor) -> tuple[str, bool]:
     return precision, os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _constexprs(
+    x: torch.Tensor,
+    geometry: _Geometry,
+    group: int,
+    loss: int,
+    bias: torch.Tensor | None,
+    **flags: int | bool,
+) -> dict[str, int | bool | str]:
+    """The tile kernels' compile-time arguments: the layer's, the dot mode of x, the geometry's, flags."""
+    precision, upcast = _dot_mode(x)
+    return {
+        "GROUP": group, "LOSS": loss, "HAS_BIAS": bias is not None, "PRECISION": precision, "UPCAST": upcast,
+        **geometry.constexprs(), **flags,
+    }  # fmt: skip
+
+
+def _row_slots(geometry: _Geometry) -> int:
+    """``NB``: the forward kernels' per-row partial slots, a power of two holding every batch block."""
+    return triton.next_power_of_2(geometry.b_blocks)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None) -> None:
     if x.numel() >= 2**31:  # gathers from xT (D, B) use int32 offsets
         raise ValueError(f"x: expected fewer than 2^31 elements, got shape {tuple(x.shape)}")
@@ -626,17 +647,12 @@ def fixed_fanin_fwd(
         part_a = torch.empty(programs, batch, dtype=torch.float32, device=x.device)
         part_b = torch.empty(programs, batch, dtype=torch.float32, device=x.device) if code == 3 else part_a
         y = part_a
-    precision, upcast = _dot_mode(x)
     args = (
         x_t, weight, index, bias if bias is not None else weight, y, part_a, part_b, weight, weight, weight,
         x_t.stride(0), y.stride(0) if code == 0 else 0, 0,
         batch, fan_in, 0, classes, 1.0,
     )  # fmt: skip
-    constexprs = {
-        "GROUP": group, "LOSS": code, "GRAD": False, "HAS_BIAS": bias is not None,
-        "NB": triton.next_power_of_2(geometry.b_blocks), "PRECISION": precision, "UPCAST": upcast,
-        **geometry.constexprs(),
-    }  # fmt: skip
+    constexprs = _constexprs(x, geometry, group, code, bias, GRAD=False, NB=_row_slots(geometry))
     _launch_tiles(True, programs, args, constexprs)
     if code == 0:
         return y
@@ -677,12 +693,7 @@ def fixed_fanin_fwd_grad(
         return x.new_empty(0, dtype=torch.float32), (zeros_x, grad_w.zero_(), grad_b)
     part_a = torch.empty(triton.cdiv(geometry.tiles, geometry.per_program), batch, device=x.device)
     x_t = x.t().contiguous()  # (D, B)
-    precision, upcast = _dot_mode(x)
-    constexprs = {
-        "GROUP": group, "LOSS": code, "GRAD": True, "HAS_BIAS": bias is not None,
-        "NB": triton.next_power_of_2(geometry.b_blocks), "PRECISION": precision, "UPCAST": upcast,
-        **geometry.constexprs(),
-    }  # fmt: skip
+    constexprs = _constexprs(x, geometry, group, code, bias, GRAD=True, NB=_row_slots(geometry))
 
     def launch_chunk(tile_start: int, tile_stop: int, buf: torch.Tensor) -> None:
         args = (
@@ -741,7 +752,6 @@ def fixed_fanin_grad_finish(
         _gated_scale(grad_b, rescale, first)
     geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
     x_t = x.t().contiguous()  # (D, B)
-    precision, upcast = _dot_mode(x)
     g_row = grad.float().contiguous()
     args = (
         x_t, weight, index, bias if bias is not None else weight, g_row, g_row, g_row, recompute, weight,
@@ -749,10 +759,7 @@ def fixed_fanin_grad_finish(
         x_t.stride(0), 0, 0,
         batch, fan_in, 0, classes,
     )  # fmt: skip
-    constexprs = {
-        "GROUP": group, "LOSS": LOSS_CODES[loss], "HAS_BIAS": bias is not None, "GATED": True,
-        "PRECISION": precision, "UPCAST": upcast, **geometry.constexprs(),
-    }  # fmt: skip
+    constexprs = _constexprs(x, geometry, group, LOSS_CODES[loss], bias, GATED=True)
     _launch_tiles(False, triton.cdiv(geometry.tiles, geometry.per_program), args, constexprs)
     return grad_x, grad_w.to(weight.dtype), grad_b
 
@@ -789,11 +796,7 @@ def fixed_fanin_bwd(
     code = LOSS_CODES[loss]
     grad = grad.contiguous() if code == 0 else grad.float().contiguous()
     x_t = x.t().contiguous()  # (D, B)
-    precision, upcast = _dot_mode(x)
-    constexprs = {
-        "GROUP": group, "LOSS": code, "HAS_BIAS": bias is not None, "GATED": False,
-        "PRECISION": precision, "UPCAST": upcast, **geometry.constexprs(),
-    }  # fmt: skip
+    constexprs = _constexprs(x, geometry, group, code, bias, GATED=False)
 
     def launch_chunk(tile_start: int, tile_stop: int, buf: torch.Tensor) -> None:
         args = (
