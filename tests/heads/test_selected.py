@@ -178,6 +178,15 @@ def test_topk_through_an_exact_index_is_the_exact_topk(margin, store):
     assert head.topk_recall(features, 4) == 1.0
 
 
+def test_topk_recall_measures_the_search_not_the_autocast_rounding():
+    head = _head(num_classes=400, dim=64, metric="dot", index="exact", topk_search="index")
+    rows = head.materialize().rows()
+    rows.copy_(rows[:1] + 1e-3 * torch.randn(rows.shape))  # near-equal scores: bf16 would reorder them
+    features = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head.topk_recall(features, 5) == 1.0  # an exact index finds the exact top-k
+
+
 def test_topk_through_the_cluster_index_and_its_recall():
     from tests.index._clustered import trained_like
 

@@ -499,12 +499,16 @@ class SelectedHead(Head):
 
     @torch.no_grad()
     def topk_recall(self, features: Tensor, k: int) -> float | None:
-        """Share of the exact top-``k`` that :meth:`topk` finds for ``features``; None where it is exact."""
+        """Share of the exact top-``k`` that :meth:`topk` finds for ``features``; None where it is exact.
+
+        Both rankings score in fp32 (no autocast): what is measured is the search, not rounding.
+        """
         if not self.topk_is_approximate():
             return None
         self._check_k(k)
-        truth = self._exact_topk(features, k)[1]  # (B, k)
-        found = self._index_topk(features, k)[1]  # (B, k)
+        with torch.autocast(features.device.type, enabled=False):
+            truth = self._exact_topk(features, k)[1]  # (B, k)
+            found = self._index_topk(features, k)[1]  # (B, k)
         return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / max(1, truth.numel())
 
     def _index_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
