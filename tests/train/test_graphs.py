@@ -16,7 +16,7 @@ from megaclass.schema import ConfigError
 from megaclass.state_io import read_state
 from megaclass.targets import RaggedLabels
 from megaclass.train import Trainer, load_config
-from megaclass.train.graphs import HeadStepGraph, label_capacity, resolve_cuda_graph
+from megaclass.train.graphs import CaptureError, HeadStepGraph, label_capacity, resolve_cuda_graph
 
 CUDA = torch.device("cuda")  # resolve_cuda_graph reads the device type only: the decisions test on CPU too
 MULTI_CLASS = HeadContext(in_features=8, num_classes=100, multilabel=False)
@@ -327,6 +327,41 @@ def test_trainer_pads_multi_label_targets_to_a_capacity_it_names(
     assert f"multi-label targets padded to {graph.label_capacity} labels a batch" in capsys.readouterr().out
 
 
+class _FailingCapture:
+    """A head graph whose capture fails at the first full batch, as a head with a host sync's would."""
+
+    label_capacity = None
+
+    def fits(self, targets) -> bool:
+        return True
+
+    def run(self, features, targets):
+        raise CaptureError("the head's step could not be captured: operation not permitted when capturing")
+
+
+def test_a_failed_capture_leaves_the_run_eager_and_says_so(small_task, tmp_path, capsys):
+    settings = (
+        "model.hidden=[16]", "train.batch_size=32", "train.epochs=1", "train.progress=false",
+        "train.device=cpu", "train.valid_fraction=0",
+    )  # fmt: skip
+    eager = _trainer(small_task, tmp_path / "eager", "dense", *settings)
+    eager.setup()
+    try:
+        eager.train()
+    finally:
+        eager.close()
+    trainer = _trainer(small_task, tmp_path / "fell_back", "dense", *settings)
+    trainer.setup()
+    try:
+        trainer.head_graph = _FailingCapture()
+        trainer.train()
+        assert trainer.head_graph is None
+    finally:
+        trainer.close()
+    assert "cuda graph off from step 1: the head's step could not be captured" in capsys.readouterr().out
+    assert _losses(tmp_path / "fell_back") == _losses(tmp_path / "eager")  # the failed step ran eagerly
+
+
 # ---------------------------------------------------------------------------- on the GPU: the same run
 
 _GPU_RUN = (
@@ -418,6 +453,31 @@ def test_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
         assert graph.captures >= 3
     np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
     _assert_same_model(tmp_path / "on", tmp_path / "off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["auto", "on"])
+def test_a_step_that_cannot_be_captured_runs_eagerly_under_auto(gpu_task, tmp_path, monkeypatch, setting):
+    """A host sync inside the head's step fails its capture: auto goes on eagerly with the eager run's
+    numbers, on stops with a configuration error."""
+    kind, *head_overrides = _GPU_HEADS["sparse_softmax"]
+    _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
+    forward_backward = HeadStepGraph._forward_backward
+
+    def syncing(self):
+        loss = forward_backward(self)
+        loss.item()  # not permitted while the stream is captured
+        return loss
+
+    monkeypatch.setattr(HeadStepGraph, "_forward_backward", syncing)
+    if setting == "on":
+        with pytest.raises(ConfigError, match="train.cuda_graph=on: the head's step could not be captured"):
+            _run(gpu_task, tmp_path / "on", kind, *head_overrides, "train.cuda_graph=on")
+        return
+    fell_back = _run(gpu_task, tmp_path / "auto", kind, *head_overrides, "train.cuda_graph=auto")
+    assert fell_back.head_graph is None
+    np.testing.assert_allclose(_losses(tmp_path / "auto"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
+    _assert_same_model(tmp_path / "auto", tmp_path / "off")
 
 
 @pytest.mark.gpu

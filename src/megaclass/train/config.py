@@ -160,10 +160,10 @@ class TrainConfig:
     valid_max_rows: int = 10_000  # at most this many held-out rows: enough to rank epochs, cheap to score
     patience: int = 0  # stop after this many evaluations without a better validation score (0: never)
     # replay the head's forward and backward from a CUDA graph (the same kernels, without launching them one
-    # by one): auto where the step can be captured (a CUDA device, one process, multi-class targets, a head
-    # whose step has static shapes and no host sync), off elsewhere; on: an error where it cannot be.
-    # off (the default): every step eager
-    cuda_graph: Literal["auto", "on", "off"] = "off"
+    # by one): auto (the default) where the step can be captured (a CUDA device, one process, a head whose
+    # step has static shapes and no host sync), eager elsewhere or where the capture fails; on: an error
+    # where it cannot be; off: every step eager
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every", "valid_max_rows")

@@ -19,8 +19,9 @@ compiled kernels and cached structures) and the next one is captured. Eager and 
 kernels on the same values (padded targets add exact zeros where unpadded ones add nothing), so a run
 computes the same numbers with the graph on or off.
 
-``train.cuda_graph``: ``auto`` captures where :func:`resolve_cuda_graph` finds nothing in the way, ``on``
-raises where something is, ``off`` never captures.
+``train.cuda_graph``: ``auto`` (the default) captures where :func:`resolve_cuda_graph` finds nothing in the
+way and runs eagerly where the capture itself fails (:class:`CaptureError`), ``on`` raises in both cases,
+``off`` never captures.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from megaclass.heads.base import Head
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets
 
-__all__ = ["GraphChoice", "HeadStepGraph", "label_capacity", "resolve_cuda_graph"]
+__all__ = ["CaptureError", "GraphChoice", "HeadStepGraph", "label_capacity", "resolve_cuda_graph"]
 
 _FIRST_EAGER_STEPS = 2  # before the first capture: libraries initialise lazily, kernels compile
 _EAGER_STEPS = 1  # before a recapture: the head's structure changed (rebuilt caches), the shapes did not
@@ -64,6 +65,11 @@ def label_capacity(row_labels: np.ndarray, batches: Sequence[np.ndarray], *, bat
     most = int(np.sort(row_labels)[-batch_size:].sum()) if batch_size else 0
     rounded = -(-math.ceil(fullest * _CAPACITY_HEADROOM) // _CAPACITY_MULTIPLE) * _CAPACITY_MULTIPLE
     return min(rounded, most)
+
+
+class CaptureError(RuntimeError):
+    """The head's step ran eagerly but could not be captured (an op that synchronises with the host, or
+    one a graph cannot hold); the message names the op's error."""
 
 
 class GraphChoice(NamedTuple):
@@ -261,9 +267,17 @@ class HeadStepGraph:
         graph = torch.cuda.CUDAGraph()
         for generator in self.head.graph_generators():
             graph.register_generator_state(generator)
-        # thread_local: loader threads may pin host memory while this thread captures
-        with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-            self._loss = self._forward_backward()
+        caller = torch.cuda.current_stream(self._features.device)
+        try:
+            # thread_local: loader threads may pin host memory while this thread captures
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self._loss = self._forward_backward()
+        except RuntimeError as error:
+            torch.cuda.set_stream(caller)  # a capture that fails to end leaves its stream current
+            self._loss = None
+            for param in [self._features, *params]:
+                param.grad = None
+            raise CaptureError(f"the head's step could not be captured: {error}") from error
         self._graph = graph
         self._grads = [(param, param.grad) for param in params if param.grad is not None]
         self.captures += 1

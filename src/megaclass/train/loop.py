@@ -54,7 +54,13 @@ from megaclass.train.build import (
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
 from megaclass.train.extract import VerificationEvaluator
-from megaclass.train.graphs import HeadStepGraph, label_capacity, resolve_cuda_graph
+from megaclass.train.graphs import (
+    CaptureError,
+    GraphChoice,
+    HeadStepGraph,
+    label_capacity,
+    resolve_cuda_graph,
+)
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
@@ -549,7 +555,14 @@ class Trainer:
         for optimizer in self._optimizers():
             optimizer.zero_grad(set_to_none=True)
         if replayed:
-            loss, x_grad = self.head_graph.run(x, batch.targets)  # the head's forward and backward (padded)
+            try:
+                loss, x_grad = self.head_graph.run(x, batch.targets)  # the head's forward and backward
+            except CaptureError as error:
+                self._run_eagerly(error)
+                replayed = False
+                with self._autocast():
+                    loss = self.parallel.head(x, batch.targets)
+        if replayed:
             if x.requires_grad:  # on into the encoder, eagerly (not while it is frozen)
                 x.backward(x_grad)
         else:
@@ -567,6 +580,15 @@ class Trainer:
                 self.average.restart(f"head.{name}", mask)
             self.average.update(step=self.state.global_step)
         return loss.detach()
+
+    def _run_eagerly(self, error: CaptureError) -> None:
+        """``train.cuda_graph=auto``: the rest of the run steps eagerly after a failed capture (``on``: the
+        error, as a configuration error naming the way out)."""
+        if self.config.train.cuda_graph == "on":
+            raise ConfigError(f"train.cuda_graph=on: {error}; use auto or off") from error
+        self.head_graph = None
+        self._graph_choice = GraphChoice(False, str(error))
+        self.logger.print(f"cuda graph off from step {self.state.global_step + 1}: {error}")
 
     def _graph_counts(self) -> dict[str, int]:
         """With multi-label steps captured: the full batches run eagerly so far, over the label capacity."""
