@@ -59,6 +59,11 @@ def parse_args() -> argparse.Namespace:
         "--parts", default="throughput,step", help="comma-separated subset of throughput,step"
     )
     parser.add_argument(
+        "--index-device",
+        choices=["cpu", "cuda"],
+        help="where the step's shards keep their nearest-class indexes (default: cuda where there is one)",
+    )
+    parser.add_argument(
         "--data-dir",
         help="where shards keep their files (default: a folder on /dev/shm when it has room, else a "
         "temporary folder; a disk-backed map adds page-writeback faults to every row write)",
@@ -254,7 +259,7 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
     context = HeadContext(in_features=args.step_dim, num_classes=args.step_classes, multilabel=False)
     results = []
     # the shards' nearest-class indexes live on the accelerator where there is one (as the other stores' do)
-    index_device = "cuda" if torch.cuda.is_available() else "cpu"
+    index_device = args.index_device or ("cuda" if torch.cuda.is_available() else "cpu")
     with shard_processes(
         4, classes=args.step_classes, dim=args.step_dim, root=root, index_device=index_device
     ) as addresses:

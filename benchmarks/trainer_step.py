@@ -11,7 +11,8 @@ evaluation) and reads ``steps_per_s`` from the run's log: the median over the lo
 (which holds compilation and capture). Beside it, the head's step alone replayed from a CUDA graph, built by
 ``benchmarks/sparse.py``'s and ``benchmarks/selected.py``'s case builders for the same shape (dense: the
 same head captured with the harness's ``cuda_graph``): the rest of a trainer step is the encoder's forward and
-backward, the optimizer steps and the host's work between them.
+backward, the optimizer steps and the host's work between them. With ``on`` the trainer captures the MLP
+encoder's forward and backward with the head's (:class:`~megaclass.train.graphs.StepGraph`).
 """
 
 from __future__ import annotations

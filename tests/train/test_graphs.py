@@ -16,7 +16,13 @@ from megaclass.schema import ConfigError
 from megaclass.state_io import read_state
 from megaclass.targets import RaggedLabels
 from megaclass.train import Trainer, load_config
-from megaclass.train.graphs import CaptureError, HeadStepGraph, label_capacity, resolve_cuda_graph
+from megaclass.train.graphs import (
+    CaptureError,
+    StepGraph,
+    batch_capacity,
+    resolve_cuda_graph,
+    whole_step_blocker,
+)
 
 CUDA = torch.device("cuda")  # resolve_cuda_graph reads the device type only: the decisions test on CPU too
 MULTI_CLASS = HeadContext(in_features=8, num_classes=100, multilabel=False)
@@ -116,17 +122,17 @@ def test_a_head_is_not_capturable_by_default():
 
 
 def test_full_multi_class_batches_fit():
-    graph = HeadStepGraph(_head({"type": "dense"}), batch_size=4, autocast_dtype=None)
+    graph = StepGraph(_head({"type": "dense"}), batch_size=4, autocast_dtype=None)
     assert graph.fits(torch.tensor([1, 2, 3, 4]))
     assert not graph.fits(torch.tensor([1, 2, 3]))  # an epoch's smaller last batch runs eagerly
     assert not graph.fits(torch.zeros(4, 2, dtype=torch.int64))
 
 
-def test_multi_label_batches_fit_within_the_label_capacity():
-    graph = HeadStepGraph(_head({"type": "dense"}, MULTI_LABEL), batch_size=3, autocast_dtype=None)
+def test_multi_label_batches_fit_within_the_batch_capacity():
+    graph = StepGraph(_head({"type": "dense"}, MULTI_LABEL), batch_size=3, autocast_dtype=None)
     labels = RaggedLabels.from_lists([[1, 2], [], [3, 4, 5]])
     assert not graph.fits(labels) and graph.overflows == 0  # no capacity: multi-class targets only
-    graph = HeadStepGraph(graph.head, batch_size=3, autocast_dtype=None, label_capacity=5)
+    graph = StepGraph(graph.head, batch_size=3, autocast_dtype=None, label_capacity=5)
     assert graph.fits(labels) and graph.fits(RaggedLabels.from_lists([[], [], []]))
     assert not graph.fits(RaggedLabels.from_lists([[1], [2]]))  # a smaller last batch
     assert not graph.fits(labels.pad_to(5))  # padded already: the graph pads into its own buffers
@@ -136,7 +142,7 @@ def test_multi_label_batches_fit_within_the_label_capacity():
 
 
 def test_static_labels_are_padded_over_the_previous_step():
-    graph = HeadStepGraph(_head({"type": "dense"}), batch_size=3, autocast_dtype=None, label_capacity=6)
+    graph = StepGraph(_head({"type": "dense"}), batch_size=3, autocast_dtype=None, label_capacity=6)
     steps = [RaggedLabels.from_lists([[1, 2], [], [3, 4, 5]]), RaggedLabels.from_lists([[7], [8], []])]
     features = torch.randn(3, 8)
     graph._prepare(("key",), features, steps[0])
@@ -150,11 +156,11 @@ def test_static_labels_are_padded_over_the_previous_step():
 def test_label_capacity_from_the_fullest_batch():
     row_labels = np.array([1, 2, 3, 9, 4, 0, 30])
     batches = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6])]  # 3, 12, 4; 30 alone
-    assert label_capacity(row_labels, batches, batch_size=2) == 39  # 64 (12 * 1.25 rounded): over 30 + 9
+    assert batch_capacity(row_labels, batches, batch_size=2) == 39  # 64 (12 * 1.25 rounded): over 30 + 9
     row_labels = np.array([40, 40, 40, 40] + [100, 0, 0, 0] * 4)  # the 4 fullest rows: 400 labels
     batches = [np.arange(start, start + 4) for start in range(0, 20, 4)]  # 160, then 100 each
-    assert label_capacity(row_labels, batches, batch_size=4) == 256  # 160 * 1.25 = 200, rounded up
-    assert label_capacity(np.zeros(4, dtype=np.int64), [np.arange(4)], batch_size=4) == 0
+    assert batch_capacity(row_labels, batches, batch_size=4) == 256  # 160 * 1.25 = 200, rounded up
+    assert batch_capacity(np.zeros(4, dtype=np.int64), [np.arange(4)], batch_size=4) == 0
 
 
 # -------------------------------------------------------------------------- what a captured step reads
@@ -292,7 +298,7 @@ def test_trainer_logs_steps_per_second(small_task, tmp_path):
     )  # fmt: skip
     trainer.setup()
     try:
-        assert trainer.head_graph is None  # auto on CPU: off
+        assert trainer.step_graph is None  # auto on CPU: off
         trainer.train()
     finally:
         trainer.close()
@@ -302,7 +308,7 @@ def test_trainer_logs_steps_per_second(small_task, tmp_path):
     assert all(record["steps_per_s"] > 0 for record in records)
 
 
-def test_trainer_pads_multi_label_targets_to_a_capacity_it_names(
+def test_trainer_pads_multi_label_targets_and_inputs_to_capacities_it_names(
     multi_label_task, tmp_path, monkeypatch, capsys
 ):
     trainer = _trainer(
@@ -311,28 +317,75 @@ def test_trainer_pads_multi_label_targets_to_a_capacity_it_names(
     )  # fmt: skip
     trainer.setup()
     try:
-        assert trainer.train_data.multilabel and trainer.head_graph is None  # auto on CPU: off
-        graph = trainer._head_graph()  # what a GPU run captures with
+        assert trainer.train_data.multilabel and trainer.step_graph is None  # auto on CPU: off
+        graph = trainer._step_graph()  # what a GPU run captures with
         row_labels, batches = trainer.train_data.labels.row_lengths(), trainer.loader.epoch_rows(0)
-        assert graph.label_capacity == label_capacity(row_labels, batches, batch_size=32) > 0
-        full = [rows for rows in batches if len(rows) == 32]
-        assert all(graph.fits(trainer.train_data.batch(rows).targets) for rows in full)
-        assert not graph.fits(trainer.train_data.batch(batches[-1]).targets)  # 150 rows: 22 in the last
-        trainer.head_graph = graph
-        assert trainer._graph_counts() == {"graph_label_overflows": 0}
+        assert graph.label_capacity == batch_capacity(row_labels, batches, batch_size=32) > 0
+        assert graph.encoder is trainer.encoder  # an MLP over sparse rows: captured with the head
+        row_nonzeros = trainer.train_data.features.row_lengths()
+        assert graph.input_capacity == batch_capacity(row_nonzeros, batches, batch_size=32) > 0
+        full = [trainer.train_data.batch(rows) for rows in batches if len(rows) == 32]
+        assert all(graph.fits(batch.targets, batch.inputs) for batch in full)
+        last = trainer.train_data.batch(batches[-1])
+        assert not graph.fits(last.targets, last.inputs)  # 150 rows: 22 in the last
+        trainer.step_graph = graph
+        assert trainer._graph_counts() == {"graph_label_overflows": 0, "graph_input_overflows": 0}
         monkeypatch.setattr(trainer, "train_epoch", lambda epoch: False)  # the opening line only
         trainer.train()
     finally:
         trainer.close()
-    assert f"multi-label targets padded to {graph.label_capacity} labels a batch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"multi-label targets padded to {graph.label_capacity} labels a batch" in out
+    assert f"inputs padded to {graph.input_capacity} non-zeros a batch" in out
+
+
+def test_an_encoder_of_other_inputs_leaves_the_head_alone_in_the_graph(small_task, tmp_path):
+    trainer = _trainer(
+        small_task, tmp_path, "dense", "model.hidden=[16]", "train.batch_size=32", "train.progress=false",
+        "train.device=cpu", "train.valid_fraction=0", "optim.encoder_frozen_steps=5",
+    )  # fmt: skip
+    trainer.setup()
+    try:
+        assert trainer._whole_step_blocker() == "optim.encoder_frozen_steps: the encoder starts frozen"
+        graph = trainer._step_graph()
+        assert graph.encoder is None and graph.input_capacity is None
+        assert "the encoder's run eagerly: optim.encoder_frozen_steps" in trainer._graph_reason(graph)
+    finally:
+        trainer.close()
+    assert whole_step_blocker(torch.nn.Linear(2, 2), "sparse", frozen_steps=0) == (
+        "Linear does not declare that padded sparse inputs compute the same"
+    )
+    assert whole_step_blocker(torch.nn.Linear(2, 2), "tokens", frozen_steps=0).startswith("the encoder reads")
+
+
+def test_whole_step_graph_pads_sparse_inputs_with_zero_weights_in_the_last_row():
+    from megaclass.data.batch import InputSpec, SparseInputs
+    from megaclass.models.mlp import MLPConfig, MLPEncoder
+
+    encoder = MLPEncoder(MLPConfig(hidden=(8,)), InputSpec(kind="sparse", num_features=10))
+    graph = StepGraph(_head({"type": "dense"}), batch_size=2, autocast_dtype=None, encoder=encoder,
+                      input_capacity=6)  # fmt: skip
+    rows = SparseInputs.from_lists([[1, 7], [3]], [[0.5, 0.25], [2.0]])
+    assert graph.fits(torch.tensor([0, 1]), rows)
+    assert not graph.fits(
+        torch.tensor([0, 1]), SparseInputs.from_lists([[1] * 4, [2] * 3], [[1.0] * 4, [1.0] * 3])
+    )
+    assert graph.input_overflows == 1
+    graph._prepare(("a key",), rows, torch.tensor([0, 1]))  # the static buffers, as a first run makes
+    graph._copy_inputs(rows)
+    static = graph._inputs
+    assert static.indices.tolist() == [1, 7, 3, 0, 0, 0] and static.indptr.tolist() == [0, 2, 6]
+    assert static.weights.tolist() == [0.5, 0.25, 2.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(encoder(static), encoder(rows), rtol=0, atol=0)  # the pads add exact zeros
 
 
 class _FailingCapture:
     """A head graph whose capture fails at the first full batch, as a head with a host sync's would."""
 
     label_capacity = None
+    encoder = None
 
-    def fits(self, targets) -> bool:
+    def fits(self, targets, inputs=None) -> bool:
         return True
 
     def run(self, features, targets):
@@ -353,9 +406,9 @@ def test_a_failed_capture_leaves_the_run_eager_and_says_so(small_task, tmp_path,
     trainer = _trainer(small_task, tmp_path / "fell_back", "dense", *settings)
     trainer.setup()
     try:
-        trainer.head_graph = _FailingCapture()
+        trainer.step_graph = _FailingCapture()
         trainer.train()
-        assert trainer.head_graph is None
+        assert trainer.step_graph is None
     finally:
         trainer.close()
     assert "cuda graph off from step 1: the head's step could not be captured" in capsys.readouterr().out
@@ -445,9 +498,10 @@ def _assert_same_model(out, reference) -> None:
 def test_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
     kind, *head_overrides = _GPU_HEADS[name]
     eager = _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
-    assert eager.head_graph is None
+    assert eager.step_graph is None
     replayed = _run(gpu_task, tmp_path / "on", kind, *head_overrides, "train.cuda_graph=on")
-    graph = replayed.head_graph
+    graph = replayed.step_graph
+    assert graph.encoder is not None, "the MLP's step is captured with the head's"
     assert graph.replays >= 8, "most steps replay: 22 steps, 2 smaller last batches, eager warm-up steps"
     if kind != "dense":  # rewirings (sparse) and index rebuilds (selected) are captured again
         assert graph.captures >= 3
@@ -462,20 +516,20 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_under_auto(gpu_task, tmp_pa
     numbers, on stops with a configuration error."""
     kind, *head_overrides = _GPU_HEADS["sparse_softmax"]
     _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
-    forward_backward = HeadStepGraph._forward_backward
+    forward_backward = StepGraph._forward_backward
 
     def syncing(self):
         loss = forward_backward(self)
         loss.item()  # not permitted while the stream is captured
         return loss
 
-    monkeypatch.setattr(HeadStepGraph, "_forward_backward", syncing)
+    monkeypatch.setattr(StepGraph, "_forward_backward", syncing)
     if setting == "on":
         with pytest.raises(ConfigError, match="train.cuda_graph=on: the head's step could not be captured"):
             _run(gpu_task, tmp_path / "on", kind, *head_overrides, "train.cuda_graph=on")
         return
     fell_back = _run(gpu_task, tmp_path / "auto", kind, *head_overrides, "train.cuda_graph=auto")
-    assert fell_back.head_graph is None
+    assert fell_back.step_graph is None
     np.testing.assert_allclose(_losses(tmp_path / "auto"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
     _assert_same_model(tmp_path / "auto", tmp_path / "off")
 
@@ -500,7 +554,7 @@ def test_head_step_graph_replays_the_eager_step(spec):
         pytest.skip("needs CUDA")
     context = HeadContext(in_features=64, num_classes=5000, multilabel=False)
     heads = [_head({**spec, "seed": 3}, context).to(CUDA) for _ in range(2)]
-    graph = HeadStepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16)
+    graph = StepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16)
     generator = torch.Generator(device=CUDA).manual_seed(0)
     for step in range(1, 7):
         features = torch.randn(64, 64, device=CUDA, generator=generator)
@@ -557,9 +611,9 @@ def gpu_multi_label_task(tmp_path_factory):
 def test_replayed_multi_label_run_computes_the_eager_run(gpu_multi_label_task, tmp_path, name):
     kind, *head_overrides = _GPU_MULTI_LABEL_HEADS[name]
     eager = _run(gpu_multi_label_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
-    assert eager.head_graph is None
+    assert eager.step_graph is None
     replayed = _run(gpu_multi_label_task, tmp_path / "on", kind, *head_overrides, "train.cuda_graph=auto")
-    graph = replayed.head_graph
+    graph = replayed.step_graph
     assert graph is not None and graph.label_capacity == 256 and graph.overflows == 0
     assert graph.replays >= 8, "most steps replay: 22 steps, 2 smaller last batches, eager warm-up steps"
     if kind == "dense":
@@ -577,9 +631,16 @@ def test_multi_label_batches_over_the_capacity_run_eagerly(gpu_multi_label_task,
     computes the eager run's numbers; the log counts the batches run eagerly."""
     sparse = _GPU_MULTI_LABEL_HEADS["sparse_bce"]
     _run(gpu_multi_label_task, tmp_path / "off", *sparse, "train.cuda_graph=off")
-    monkeypatch.setattr("megaclass.train.loop.label_capacity", lambda *args, **kwargs: 175)
+    step_graph = Trainer._step_graph
+
+    def low_label_capacity(self, **kwargs):
+        graph = step_graph(self, **kwargs)
+        graph.label_capacity = 175
+        return graph
+
+    monkeypatch.setattr(Trainer, "_step_graph", low_label_capacity)
     replayed = _run(gpu_multi_label_task, tmp_path / "on", *sparse, "train.cuda_graph=on")
-    graph = replayed.head_graph
+    graph = replayed.step_graph
     assert graph.label_capacity == 175 and graph.overflows >= 4 and graph.replays >= 4
     np.testing.assert_allclose(_losses(tmp_path / "on"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
     _assert_same_model(tmp_path / "on", tmp_path / "off")
@@ -611,7 +672,7 @@ def test_head_step_graph_replays_the_eager_multi_label_step(spec):
     heads = [_head({**spec, "fan_in": 16} if spec["type"] == "sparse" else spec, context) for _ in range(2)]
     heads[1].load_state_dict(heads[0].state_dict())
     heads = [head.to(CUDA) for head in heads]
-    graph = HeadStepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16, label_capacity=256)
+    graph = StepGraph(heads[1], batch_size=64, autocast_dtype=torch.bfloat16, label_capacity=256)
     generator = torch.Generator().manual_seed(0)
     for step in range(1, 9):
         features = torch.randn(64, 64, generator=generator).to(CUDA)

@@ -62,6 +62,9 @@ class MLPEncoder(nn.Module):
     torch.Size([2, 4])
     """
 
+    # entries of weight 0 add nothing to a row's sum: a CUDA graph may pad the inputs to a fixed size
+    pads_sparse_inputs = True
+
     def __init__(self, config: MLPConfig, input_spec: InputSpec) -> None:
         super().__init__()
         if input_spec.kind != "sparse":

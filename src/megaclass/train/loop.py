@@ -57,9 +57,10 @@ from megaclass.train.extract import VerificationEvaluator
 from megaclass.train.graphs import (
     CaptureError,
     GraphChoice,
-    HeadStepGraph,
-    label_capacity,
+    StepGraph,
+    batch_capacity,
     resolve_cuda_graph,
+    whole_step_blocker,
 )
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory
@@ -245,7 +246,9 @@ class Trainer:
             multilabel=self.train_data.multilabel,
             world_size=dist.world_size,
         )
-        self.head_graph = self._head_graph() if graph.on else None
+        self.step_graph = self._step_graph() if graph.on else None
+        if self.step_graph is not None:
+            graph = GraphChoice(True, self._graph_reason(self.step_graph))
         resumed = self._restore_newest() if self.resume else None
         if dist.distributed:
             import torch.distributed as collectives
@@ -264,20 +267,44 @@ class Trainer:
         self._bar: Any = None  # the epoch's progress bar (None: off)
         self._window_started = time.perf_counter()  # when the log window began
 
-    def _head_graph(self) -> HeadStepGraph:
-        """The captured head step; multi-label targets are padded to a label capacity read from the first
-        epoch's batches (:func:`~megaclass.train.graphs.label_capacity`), the same on a resume."""
-        batch_size = self.loader.batch_size
-        capacity = None
+    def _step_graph(self, *, whole: bool = True) -> StepGraph:
+        """The captured step: the encoder's and the head's where :func:`~megaclass.train.graphs.
+        whole_step_blocker` finds nothing in the way (and ``whole``), else the head's alone. Capacities for
+        multi-label targets and sparse inputs are read from the first epoch's batches
+        (:func:`~megaclass.train.graphs.batch_capacity`), the same on a resume."""
+        batch_size, batches = self.loader.batch_size, self.loader.epoch_rows(0)
+        labels = None
         if self.train_data.multilabel:
-            row_labels = self.train_data.labels.row_lengths()  # (N,)
-            capacity = label_capacity(row_labels, self.loader.epoch_rows(0), batch_size=batch_size)
-        return HeadStepGraph(
+            labels = batch_capacity(self.train_data.labels.row_lengths(), batches, batch_size=batch_size)
+        encoder, inputs = None, None
+        if whole and self._whole_step_blocker() is None:
+            encoder = self.parallel.encoder
+            row_nonzeros = self.train_data.features.row_lengths()  # (N,)
+            inputs = batch_capacity(row_nonzeros, batches, batch_size=batch_size)
+        return StepGraph(
             self.head,
             batch_size=batch_size,
             autocast_dtype=torch.bfloat16 if self.config.train.bf16 else None,
-            label_capacity=capacity,
+            label_capacity=labels,
+            encoder=encoder,
+            input_capacity=inputs,
         )
+
+    def _whole_step_blocker(self) -> str | None:
+        return whole_step_blocker(
+            self.encoder,
+            self.train_data.input_spec.kind,
+            frozen_steps=self.config.optim.encoder_frozen_steps,
+        )
+
+    def _graph_reason(self, graph: StepGraph, why_not_whole: str | None = None) -> str:
+        """What replays, for the run's opening line; ``why_not_whole``: why the encoder runs eagerly (by
+        default :meth:`_whole_step_blocker`'s reason)."""
+        if graph.encoder is not None:
+            return "the encoder's and the head's forward and backward replay from a CUDA graph"
+        why_not_whole = why_not_whole or self._whole_step_blocker()
+        replays = "the head's forward and backward replay from a CUDA graph"
+        return f"{replays}, the encoder's run eagerly: {why_not_whole}"
 
     def _weight_average(self) -> WeightAverage | None:
         """The EMA of the weights that ``train.ema_decay`` asks for (None when off)."""
@@ -485,8 +512,13 @@ class Trainer:
                 else ""
             )
             + (
-                f"; multi-label targets padded to {self.head_graph.label_capacity} labels a batch"
-                if self.head_graph is not None and self.head_graph.label_capacity is not None
+                f"; multi-label targets padded to {self.step_graph.label_capacity} labels a batch"
+                if self.step_graph is not None and self.step_graph.label_capacity is not None
+                else ""
+            )
+            + (
+                f"; inputs padded to {self.step_graph.input_capacity} non-zeros a batch"
+                if self.step_graph is not None and self.step_graph.encoder is not None
                 else ""
             )
         )
@@ -542,30 +574,23 @@ class Trainer:
         """One optimizer step on ``batch``; returns the (detached, device) loss."""
         batch = batch.to(self.device, non_blocking=True)
         lrs = self._set_learning_rates(self.state.global_step)
-        # full batches replay the head's captured step (multi-label ones padded to the label capacity); an
-        # epoch's smaller last one, or one with more labels than the capacity, runs eagerly
-        replayed = self.head_graph is not None and self.head_graph.fits(batch.targets)
-        with self._autocast():
-            frozen = self.state.global_step < self.config.optim.encoder_frozen_steps  # head-only warm-up
-            with torch.no_grad() if frozen else contextlib.nullcontext():
-                features = self.parallel.encoder(batch.inputs)  # (B, D)
-            x = head_input(features, self.head)
-            if not replayed:
-                loss = self.parallel.head(x, batch.targets)
+        frozen = self.state.global_step < self.config.optim.encoder_frozen_steps  # head-only warm-up
         for optimizer in self._optimizers():
             optimizer.zero_grad(set_to_none=True)
-        if replayed:
+        # full batches replay the captured step (multi-label targets and sparse inputs padded to their
+        # capacities); an epoch's smaller last batch, or one over a capacity, runs eagerly
+        graph = self.step_graph
+        loss = None
+        if graph is not None and graph.fits(batch.targets, batch.inputs):
             try:
-                loss, x_grad = self.head_graph.run(x, batch.targets)  # the head's forward and backward
+                loss = self._replay(graph, batch, frozen=frozen)
             except CaptureError as error:
-                self._run_eagerly(error)
-                replayed = False
-                with self._autocast():
-                    loss = self.parallel.head(x, batch.targets)
-        if replayed:
-            if x.requires_grad:  # on into the encoder, eagerly (not while it is frozen)
-                x.backward(x_grad)
-        else:
+                self._capture_failed(graph, error)
+        if loss is None:
+            with self._autocast():
+                with torch.no_grad() if frozen else contextlib.nullcontext():
+                    features = self.parallel.encoder(batch.inputs)  # (B, D)
+                loss = self.parallel.head(head_input(features, self.head), batch.targets)
             loss.backward()
         if self.config.train.grad_clip > 0:
             self.parallel.clip_grad_norm_(self.config.train.grad_clip)
@@ -581,21 +606,45 @@ class Trainer:
             self.average.update(step=self.state.global_step)
         return loss.detach()
 
-    def _run_eagerly(self, error: CaptureError) -> None:
-        """``train.cuda_graph=auto``: the rest of the run steps eagerly after a failed capture (``on``: the
-        error, as a configuration error naming the way out)."""
+    def _replay(self, graph: StepGraph, batch: Any, *, frozen: bool) -> Tensor:
+        """The step's forward and backward through ``graph``: the whole step, or the head's after the
+        encoder's eager forward (its gradient sent back into the encoder, eagerly, unless frozen)."""
+        if graph.encoder is not None:
+            return graph.run(batch.inputs, batch.targets)[0]
+        with self._autocast():
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                features = self.parallel.encoder(batch.inputs)  # (B, D)
+            x = head_input(features, self.head)
+        loss, x_grad = graph.run(x, batch.targets)
+        if x.requires_grad:
+            x.backward(x_grad)
+        return loss
+
+    def _capture_failed(self, graph: StepGraph, error: CaptureError) -> None:
+        """After a failed capture the step runs eagerly and the run goes on with the head's step alone
+        captured (when the whole step was), else eagerly; ``train.cuda_graph=on`` makes the latter an
+        error naming the way out."""
+        step = self.state.global_step + 1
+        if graph.encoder is not None:
+            self.step_graph = self._step_graph(whole=False)
+            self._graph_choice = GraphChoice(True, self._graph_reason(self.step_graph, str(error)))
+            self.logger.print(f"cuda graph: the head's step alone from step {step}: {error}")
+            return
         if self.config.train.cuda_graph == "on":
             raise ConfigError(f"train.cuda_graph=on: {error}; use auto or off") from error
-        self.head_graph = None
+        self.step_graph = None
         self._graph_choice = GraphChoice(False, str(error))
-        self.logger.print(f"cuda graph off from step {self.state.global_step + 1}: {error}")
+        self.logger.print(f"cuda graph off from step {step}: {error}")
 
     def _graph_counts(self) -> dict[str, int]:
-        """With multi-label steps captured: the full batches run eagerly so far, over the label capacity."""
-        graph = self.head_graph
-        if graph is None or graph.label_capacity is None:
-            return {}
-        return {"graph_label_overflows": graph.overflows}
+        """The full batches run eagerly so far because they were over a captured step's label capacity
+        (multi-label targets) or input capacity (sparse inputs)."""
+        graph, counts = self.step_graph, {}
+        if graph is not None and graph.label_capacity is not None:
+            counts["graph_label_overflows"] = graph.overflows
+        if graph is not None and graph.encoder is not None:
+            counts["graph_input_overflows"] = graph.input_overflows
+        return counts
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return [optimizer for optimizer in self.optimizers.values() if optimizer is not None]
