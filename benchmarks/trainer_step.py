@@ -1,8 +1,9 @@
-"""The trainer's step with ``train.cuda_graph`` off and on, beside the head benchmarks' captured head step.
+"""The trainer's step with ``train.cuda_graph`` off and auto (the default), beside the head's captured step.
 
     python benchmarks/trainer_step.py              # C = 670,091, D 768, B 128, 300 steps a run (a GPU)
     python benchmarks/trainer_step.py --quick      # small sizes, runs on CPU as a smoke test (graph off)
     python benchmarks/trainer_step.py --heads selected --store host --classes 10000000 --dim 256
+    python benchmarks/trainer_step.py --heads sparse --steps 160 --profile   # where a step's GPU time goes
 
 For each head (dense, sparse, selected with the GPU index) the script writes a synthetic multi-class task
 (:func:`megaclass.data.synthetic.synthesize`, one label a document), trains ``--steps`` steps through
@@ -11,8 +12,9 @@ evaluation) and reads ``steps_per_s`` from the run's log: the median over the lo
 (which holds compilation and capture). Beside it, the head's step alone replayed from a CUDA graph, built by
 ``benchmarks/sparse.py``'s and ``benchmarks/selected.py``'s case builders for the same shape (dense: the
 same head captured with the harness's ``cuda_graph``): the rest of a trainer step is the encoder's forward and
-backward, the optimizer steps and the host's work between them. With ``on`` the trainer captures the MLP
-encoder's forward and backward with the head's (:class:`~megaclass.train.graphs.StepGraph`).
+backward, the optimizer steps and the host's work between them. With ``auto`` the trainer captures the MLP
+encoder's forward and backward with the head's (:class:`~megaclass.train.graphs.StepGraph`) where the head's
+step can be captured, and runs eagerly where it cannot (the opening line of the run says which).
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def parse_args() -> argparse.Namespace:
         "--store", default="gpu", choices=["gpu", "host"], help="selected head: where its rows live"
     )
     parser.add_argument("--reps", type=int, default=50, help="timed replays of the head-only graph step")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each auto run, a second epoch under torch.profiler: the GPU's busy time a step and the "
+        "kernels that fill it",
+    )
     return parser.parse_args()
 
 
@@ -108,11 +116,32 @@ def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, 
     trainer.setup()
     try:
         trainer.train_epoch(0)  # the steps only: no evaluation, no checkpoint
+        if args.profile and graph == "auto":
+            print(profile_epoch(trainer, args.steps), flush=True)
     finally:
         trainer.close()
     with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as file:
         rates = [record["steps_per_s"] for record in map(json.loads, file) if record["kind"] == "train"]
     return statistics.median(rates[1:] or rates), args.log_every / rates[0]
+
+
+def profile_epoch(trainer: Trainer, steps: int) -> str:
+    """The epoch's steps again under ``torch.profiler`` (steady state: captured, compiled, built): the GPU's
+    busy time a step (its kernels' time summed) and the kernels that take most of it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.state.step_in_epoch = 0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        trainer.train_epoch(0)
+        torch.cuda.synchronize()
+    events = profiler.key_averages()
+    kernels = [  # the GPU's own events: not the host ops that launched them, nor annotated ranges
+        event for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation
+    ]
+    busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / steps
+    table = events.table(sort_by="self_cuda_time_total", row_limit=12)
+    return f"GPU busy {busy_ms:.2f} ms a step (kernels' time summed)\n{table}"
 
 
 def dense_graph_step(args: argparse.Namespace) -> Callable[[], None]:
@@ -146,6 +175,10 @@ def head_graph_ms(head: str, args: argparse.Namespace) -> float:
                 "selected", args.classes, args.dim, sample_num=args.sample_num, store=args.store
             )
 
+        blocker = make().capture_blocker(targets_static=True)
+        if blocker is not None:  # e.g. the host store: its gather runs through host memory
+            print(f"selected head's step not captured: {blocker}", flush=True)
+            return float("nan")
         replay = selected_bench.head_step_case({}, make, args.batch, graph=True)()
     return time_fn(replay, reps=args.reps, warmup=3)[0]
 
@@ -156,7 +189,7 @@ def main() -> None:
         args.classes, args.dim, args.batch, args.steps, args.log_every = 5_003, 64, 32, 40, 10
         args.features, args.fan_in, args.group, args.sample_num = 2_000, 8, 1, 256
     cuda = torch.cuda.is_available()
-    graphs = ("off", "on") if cuda else ("off",)
+    graphs = ("off", "auto") if cuda else ("off",)  # auto: what a run gets by default
     device = torch.cuda.get_device_name() if cuda else "cpu"
     print(
         f"C {args.classes}, D {args.dim}, B {args.batch}, {args.steps} steps a run, {args.log_every} a log "
