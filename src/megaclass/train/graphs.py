@@ -61,7 +61,7 @@ __all__ = [
 _FIRST_EAGER_STEPS = 2  # before the first capture: libraries initialise lazily, kernels compile
 _EAGER_STEPS = 1  # before a recapture: the head's structure changed (rebuilt caches), the shapes did not
 _CAPACITY_HEADROOM = 1.25  # over the fullest batch of one epoch: another epoch's fullest rarely exceeds it
-_CAPACITY_MULTIPLE = 64  # label capacities are rounded up to this
+_CAPACITY_MULTIPLE = 64  # capacities are rounded up to this
 
 
 def batch_capacity(row_counts: np.ndarray, batches: Sequence[np.ndarray], *, batch_size: int) -> int:
@@ -86,12 +86,12 @@ def batch_capacity(row_counts: np.ndarray, batches: Sequence[np.ndarray], *, bat
 
 
 class CaptureError(RuntimeError):
-    """The head's step ran eagerly but could not be captured (an op that synchronises with the host, or
-    one a graph cannot hold); the message names the op's error."""
+    """A step ran eagerly but could not be captured (an op that synchronises with the host, or one a graph
+    cannot hold); the message names the op's error."""
 
 
 class GraphChoice(NamedTuple):
-    """Whether the head's step is captured, and why (a line for the run's output)."""
+    """Whether the step is captured, and why (a line for the run's output)."""
 
     on: bool
     reason: str
@@ -247,9 +247,8 @@ class StepGraph:
             self.encoder is not None and self.encoder.training,
             self.head.graph_key(),
         )
-        device = key[1]
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
+            self._stream = torch.cuda.Stream(key[1])
         if key != self._key:
             self._prepare(key, x, targets)
         with torch.no_grad():
@@ -353,12 +352,9 @@ class StepGraph:
     def _capture(self) -> None:
         """Capture one forward and backward; the gradients it creates are the graph's static outputs."""
         params = self._parameters()
-        if self._features is not None:
-            params_and_features = [self._features, *params]
-        else:
-            params_and_features = params
-        for tensor in params_and_features:
-            tensor.grad = None  # captured from none, a gradient is written, not added, on each replay
+        leaves = params if self._features is None else [self._features, *params]
+        for leaf in leaves:
+            leaf.grad = None  # captured from none, a gradient is written, not added, on each replay
         graph = torch.cuda.CUDAGraph()
         for generator in self.head.graph_generators():
             graph.register_generator_state(generator)
@@ -370,8 +366,8 @@ class StepGraph:
         except RuntimeError as error:
             torch.cuda.set_stream(caller)  # a capture that fails to end leaves its stream current
             self._loss = None
-            for tensor in params_and_features:
-                tensor.grad = None
+            for leaf in leaves:
+                leaf.grad = None
             what = "the head's step" if self.encoder is None else "the encoder's and the head's step"
             raise CaptureError(f"{what} could not be captured: {error}") from error
         self._graph = graph
