@@ -1,0 +1,149 @@
+"""The memory plan (``megaclass train --dry-run``) against what the run then holds, at several scales.
+
+    python benchmarks/plan_accuracy.py                                  # a GPU: 10^5, 10^6, 4x10^6 classes
+    python benchmarks/plan_accuracy.py --classes 100000 1000000 --head dense
+    python benchmarks/plan_accuracy.py --quick                          # small sizes, CPU, a smoke test
+
+For each class count the script writes a synthetic multi-class task
+(:func:`megaclass.data.synthetic.synthesize`) and runs, in a child process of its own, first the plan of
+``megaclass train --head H`` on it (:func:`~megaclass.train.plan.plan_for`, resolved as the command resolves
+it), then the run itself (one epoch: training, evaluation, the checkpoint). The child reports:
+
+- GPU: the plan's peak against the allocator's peak (``torch.cuda.max_memory_allocated``) plus the CUDA
+  context (the device memory in use once CUDA is initialised, before any tensor); the allocator's reserved
+  peak beside it;
+- host: the plan's peak against the process's peak resident set (``VmHWM``) above its resident set once
+  PyTorch and CUDA are loaded (the plan counts what the run holds, not the libraries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from megaclass.data.synthetic import SynthConfig, synthesize
+
+_GIB = 1 << 30
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, runs on CPU as a smoke test")
+    parser.add_argument("--classes", type=int, nargs="+", help="class counts (default 10^5 10^6 4x10^6)")
+    parser.add_argument("--head", default="selected", choices=["dense", "sparse", "selected"])
+    parser.add_argument("--docs", type=int, default=50_000, help="training documents of each task")
+    parser.add_argument("--features", type=int, default=50_000, help="BoW vocabulary of each task")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more train settings")
+    parser.add_argument("--child", nargs=3, metavar=("TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.classes = args.classes or [500, 2_000]
+        args.docs, args.features = 2_000, 2_000
+    args.classes = args.classes or [100_000, 1_000_000, 4_000_000]
+    return args
+
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def child(args: argparse.Namespace) -> None:
+    """Plan, then run, one task; prints one JSON line of planned and measured peaks."""
+    from megaclass.train.config import load_config_and_keys
+    from megaclass.train.loop import train
+    from megaclass.train.plan import plan_for
+    from megaclass.train.recipes import resolve_recipe
+
+    train_path, test_path, out = args.child
+    cuda = torch.cuda.is_available()
+    context = 0
+    if cuda:
+        torch.zeros(1, device="cuda")  # initialises CUDA: the context, cuBLAS is loaded later by the run
+        free, total = torch.cuda.mem_get_info()
+        context = total - free - torch.cuda.memory_reserved()
+    overrides = ["train.epochs=1", "train.progress=false", *args.overrides]
+    config, keys = load_config_and_keys(None, overrides, head=args.head)
+    plan = plan_for(
+        config,
+        train_path,
+        other_paths=(test_path,),
+        resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
+    )
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # the peak resident set from here on
+    base = _status("VmRSS")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    train(config, train_path=train_path, test_path=test_path, out_dir=out, overwrite=True, explicit_keys=keys)
+    row = {
+        "planned_gpu": plan.peak(0)[0] if cuda else 0,
+        "planned_gpu_phase": plan.peak(0)[1] if cuda else "",
+        "planned_host": plan.peak(1)[0],
+        "planned_host_phase": plan.peak(1)[1],
+        "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
+        "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
+        "host": _status("VmHWM") - base,
+    }
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(args)
+        return
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"{args.head} head, {args.docs:,} documents, {args.features:,} features, one epoch, {device}\n")
+    print(
+        "| classes | GPU planned GiB | GPU measured GiB (reserved) | plan / measured "
+        "| host planned GiB | host measured GiB | plan / measured |"
+    )
+    print("|---|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for classes in args.classes:
+            paths = [os.path.join(folder, f"{classes}-{part}.txt") for part in ("train", "test")]
+            for stream, (path, docs) in enumerate(zip(paths, (args.docs, 1_000), strict=True)):
+                synthesize(
+                    path,
+                    num_docs=docs,
+                    num_labels=classes,
+                    num_features=args.features,
+                    stream=stream,
+                    config=SynthConfig(labels_per_doc=1),
+                )
+            command = [sys.executable, __file__, "--head", args.head, "--child", *paths, f"{folder}/run"]
+            command += [item for setting in args.overrides for item in ("--set", setting)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"| {classes:,} | failed: {done.stderr.strip().splitlines()[-1]} |||||", flush=True)
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+
+            def ratio(planned: int, measured: int) -> str:
+                return f"{planned / measured:.2f}" if measured else "-"
+
+            print(
+                f"| {classes:,} | {row['planned_gpu'] / _GIB:.2f} ({row['planned_gpu_phase'] or '-'}) "
+                f"| {row['gpu'] / _GIB:.2f} ({row['gpu_reserved'] / _GIB:.2f}) "
+                f"| {ratio(row['planned_gpu'], row['gpu'])} "
+                f"| {row['planned_host'] / _GIB:.2f} ({row['planned_host_phase']}) "
+                f"| {row['host'] / _GIB:.2f} | {ratio(row['planned_host'], row['host'])} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
