@@ -179,7 +179,8 @@ def test_cluster_index_takes_low_precision_and_non_contiguous_rows(dtype):
 def test_near_clusters_are_the_exact_nearest_in_blocks(monkeypatch, neighbours):
     import megaclass.index.kmeans as kmeans
 
-    monkeypatch.setattr(kmeans, "_SCORE_BLOCK", 7 * 2500)  # blocks of 7 cluster rows, the last one short
+    # blocks of 7 cluster rows, the last one short (the other scratch blocks smaller too)
+    monkeypatch.setitem(kmeans._SCRATCH_ENTRIES, "cpu", 7 * 2500)
     rows, _ = trained_like(20000, 32, 400, 1, seed=3)
     index = build_selector("gpu", leaf_size=8, probes=4, neighbours=neighbours)  # 2500 clusters
     index.build(rows)

@@ -143,6 +143,25 @@ def test_plan_refuses_the_part_that_does_not_fit():
     assert "host memory needs 41.00 GiB" in on_cpu  # a CPU run holds the device parts in host memory
 
 
+def test_a_background_index_build_counts_at_every_phase(synthetic):
+    parts = (
+        PlanPart("head weights", 0, 10 << 30, setting="head.store=ps://..."),
+        PlanPart("head index build", 0, 12 << 30, "background", "head.index.dtype=int8"),
+        PlanPart("checkpoint host copy", 0, 6 << 30, "checkpoint", "a host with more memory"),
+    )
+    plan = MemoryPlan(parts, "cpu", gpu_capacity=None, host_capacity=20 << 30)
+    assert plan.peak(1) == (28 << 30, "checkpoint")  # held at any time: on top of the steady parts too
+    line = plan.refusal()
+    assert "the largest part held while it runs in the background is head index build (12.00 GiB)" in line
+    config = load_config(head="selected", overrides=["model.hidden=[64]"])
+    shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**7)
+    built = plan_run(config, shape, device_type="cuda", gpu_capacity=139 << 30, host_capacity=128 << 30)
+    build = {part.name: part for part in built.parts}["head index build"]
+    candidates = 10**7 * 3 * 8 * 12  # each row's 8 candidate clusters in its 3 groups: scores and ids
+    snapshot = 10**7 * (64 * 2 + 16)  # the new snapshot's bf16 rows, norms, scales, assignments
+    assert build.phase == "background" and build.device_bytes == candidates + snapshot + (1 << 30)
+
+
 def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
     config = load_config(head="selected", overrides=["head.store=host", "model.hidden=[64]"])
     shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**8)

@@ -45,7 +45,7 @@ from megaclass.index.config import (
     NoIndexConfig,
     build_index,
 )
-from megaclass.index.kmeans import DEFAULT_PROBES, cluster_layout
+from megaclass.index.kmeans import DEFAULT_PROBES, cluster_layout, cold_build_scratch_bytes
 from megaclass.index.selection import coprime_multipliers
 from megaclass.ops.collectives import (
     ClassShard,
@@ -662,6 +662,7 @@ class SelectedHead(Head):
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
             "optimizer": placed(state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),
+            "index build": PlannedBytes(index[2], 0, "head.index.dtype=int8"),
             "activations": PlannedBytes(logits + pulled + request.batch * dim * 4, staged, "head.sample_num"),
             "evaluation": PlannedBytes(
                 block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
@@ -672,8 +673,12 @@ class SelectedHead(Head):
         }
 
 
-def _planned_index_bytes(config: IndexConfig, classes: int, dim: int, *, device_type: str) -> tuple[int, int]:
-    """``(device, host)`` bytes of the index over ``classes`` rows of width ``dim``, once built."""
+def _planned_index_bytes(
+    config: IndexConfig, classes: int, dim: int, *, device_type: str
+) -> tuple[int, int, int]:
+    """``(device, host, build)`` bytes of the index over ``classes`` rows of width ``dim``, once built, and
+    what its cold builds hold beside it on the device (:func:`~megaclass.index.kmeans.
+    cold_build_scratch_bytes`)."""
     if isinstance(config, ClusterIndexConfig):
         row_bytes = {"auto": 2 if device_type == "cuda" else 4, "float32": 4, "bfloat16": 2, "int8": 1}[
             config.dtype
@@ -686,8 +691,9 @@ def _planned_index_bytes(config: IndexConfig, classes: int, dim: int, *, device_
         structure = clusters * (
             width * 8 + 2 * dim * 4 + min(16, clusters) * 8
         )  # members, sums, centroids, near
-        return snapshot + structure, 0
+        build = cold_build_scratch_bytes(classes, dim, row_bytes=row_bytes, device_type=device_type)
+        return snapshot + structure, 0, build
     if isinstance(config, AnnoyIndexConfig):  # Annoy's angular nodes: 12 + 4 D bytes, items and splits
         nodes = classes + config.ntrees * 2 * classes // (dim + 2)
-        return 0, nodes * (12 + 4 * dim)
-    return 0, 0  # exact: a scan of the rows; none: no index
+        return 0, nodes * (12 + 4 * dim), 0
+    return 0, 0, 0  # exact: a scan of the rows; none: no index

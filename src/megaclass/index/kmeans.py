@@ -50,9 +50,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import functools
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +64,14 @@ from torch import Tensor
 from megaclass.index.base import ClassSelector, Metric
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 
-__all__ = ["DEFAULT_PROBES", "ClusterIndex", "auto_leaf_size", "cluster_layout", "search_cost"]
+__all__ = [
+    "DEFAULT_PROBES",
+    "ClusterIndex",
+    "auto_leaf_size",
+    "cluster_layout",
+    "cold_build_scratch_bytes",
+    "search_cost",
+]
 
 DEFAULT_PROBES = 8  # clusters a shard searches when a caller names no count (parameter-server queries)
 
@@ -74,7 +84,9 @@ _SLACK = 0.25  # a cluster holds at most (1 + slack) C / K rows: its padded widt
 _SAMPLE_PER_CLUSTER = 32  # rows per centroid in the sample the centroids are fitted on
 _ASSIGN_CANDIDATES = 8  # nearest centroids a row may be seated in when its best are full
 _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
-_SCORE_BLOCK = 1 << 26  # cluster-cluster similarities held at once by the near-cluster graph
+# entries of a cold build's largest scratch tensors (gathered rows, their scores): large blocks feed a GPU's
+# batched matmuls; the CPU gains nothing from them and would hold their hundreds of MB in host memory
+_SCRATCH_ENTRIES = {"cuda": 1 << 27, "cpu": 1 << 24}
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
 _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
@@ -156,6 +168,35 @@ def search_cost(clusters: int, groups: int, width: int, probes: int, group_probe
     if group_probes >= groups:
         return clusters, probes * width
     return groups, group_probes * (clusters // groups) + probes * width
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_host_memory() -> None:
+    """Hand the heap's free pages back to the system after a CPU cold build: glibc keeps its freed scratch
+    (hundreds of MB at 10^5 rows and more) in the process otherwise. Nothing where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _scratch_entries(device: torch.device) -> int:
+    return _SCRATCH_ENTRIES["cuda" if device.type == "cuda" else "cpu"]
+
+
+def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, device_type: str) -> int:
+    """Bytes a cold build holds on top of the index it replaces (which serves until the new one is
+    published): the new snapshot (rows of ``row_bytes`` a value), each row's candidate clusters in every
+    group it is scored in, and two scratch blocks (gathered rows and their scores, float32)."""
+    snapshot = num_classes * (dim * row_bytes + 4 + 4 + 8)  # rows, norms, scales, assignment
+    candidates = num_classes * _GROUP_COPIES * _ASSIGN_CANDIDATES * (4 + 8)  # scores, cluster ids
+    return snapshot + candidates + 2 * 4 * _SCRATCH_ENTRIES["cuda" if device_type == "cuda" else "cpu"]
 
 
 def cluster_layout(num_classes: int, leaf_size: int | None = None) -> tuple[int, int, int]:
@@ -326,13 +367,13 @@ class ClusterIndex(ClassSelector):
 
     def _near_clusters(self, centroids: Tensor) -> Tensor:
         """``(K, m)`` each cluster's ``m = neighbours`` nearest clusters (itself first), exact, in blocks of
-        rows of the ``(K, K)`` similarities (``2^26`` at a time: at ``K = 5 10^4``, D 512, a few ms of
-        tensor-core work on a GPU)."""
+        rows of the ``(K, K)`` similarities (``2^27`` at a time on a GPU: at ``K = 5 10^4``, D 512, a few ms
+        of tensor-core work; ``2^24`` on the CPU)."""
         k = centroids.shape[0]
         m = min(self.neighbours, k)
         low = centroids.to(self._compute_dtype(centroids.device))
         near = torch.empty(k, m, dtype=torch.int64, device=centroids.device)
-        block = max(1, _SCORE_BLOCK // k)  # (block, K) similarities at a time
+        block = max(1, _scratch_entries(centroids.device) // k)  # (block, K) similarities at a time
         for start in range(0, k, block):
             scores = low[start : start + block] @ low.T  # (b, K)
             scores.diagonal(offset=start).fill_(math.inf)  # itself first, even empty or duplicate
@@ -407,7 +448,7 @@ class ClusterIndex(ClassSelector):
         entries = self._members(nearby.flatten(), groups)  # (G, E) entry e = row e // copies, -1 padded
         valid = entries >= 0
         r = min(_ASSIGN_CANDIDATES, per_group)
-        block = max(1, (1 << 27) // (entries.shape[1] * max(dim, per_group)))  # (block, E, D) rows at once
+        block = max(1, _scratch_entries(device) // (entries.shape[1] * max(dim, per_group)))  # (b, E, D) rows
         offsets = torch.arange(groups, device=device)[:, None, None] * per_group  # (G, 1, 1)
         assignment = group * per_group
         for _ in range(self.kmeans_iters):
@@ -519,7 +560,7 @@ class ClusterIndex(ClassSelector):
         compute = self._compute_dtype(ids.device)
         near = state["near"]
         proposals = 1  # the best nearby cluster (itself included)
-        block = max(1, (1 << 27) // (near.shape[1] * centroids.shape[1]))  # (block, m, D) gathered at once
+        block = max(1, _scratch_entries(ids.device) // (near.shape[1] * centroids.shape[1]))  # (b, m, D) rows
         clusters, scores = [], []
         for start in range(0, ids.numel(), block):
             part = ids[start : start + block]
@@ -624,6 +665,8 @@ class ClusterIndex(ClassSelector):
             return
         self._cold(snapshot)
         self._publish(snapshot, begin)
+        if device.type == "cpu":
+            _release_free_host_memory()
 
     def _in_background(self, num_classes: int, device: torch.device) -> bool:
         if self.background is not None:
@@ -665,6 +708,8 @@ class ClusterIndex(ClassSelector):
         finally:
             if job.stream is not None:  # this thread waits for the GPU, the trainer does not; a cancelled
                 job.stream.synchronize()  # build too, before its snapshot's memory can be freed
+            else:
+                _release_free_host_memory()
             job.elapsed_ms = (time.perf_counter() - job.started) * 1e3
             _RUNNING.discard(job)
 

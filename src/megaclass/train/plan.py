@@ -9,9 +9,10 @@ the whole file parsed); the config is resolved from it as ``megaclass train`` re
 adds up each part as a pure function of the two: the head's parts come from the head class
 (:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
 memory) and one forward pass there, whose saved tensors are the activations the backward keeps. A run's peak
-is what it holds all along (``steady``) plus the largest of what a training step, an evaluation, a
-checkpoint save or the data loading hold on top of it. :meth:`MemoryPlan.refusal` names the part that does
-not fit, by how much, and the setting that shrinks it.
+is what it holds all along (``steady``), plus what work in the background may hold at any time (an index's
+cold build), plus the largest of what a training step, an evaluation, a checkpoint save or the data loading
+hold on top of it. :meth:`MemoryPlan.refusal` names the part that does not fit, by how much, and the
+setting that shrinks it.
 
 The plan is one process's (world size 1); a class-sharded run's head parts are divided over the ranks.
 """
@@ -49,7 +50,8 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-Phase = Literal["steady", "step", "evaluation", "checkpoint", "loading"]
+Phase = Literal["steady", "background", "step", "evaluation", "checkpoint", "loading"]
+_HELD: tuple[Phase, ...] = ("steady", "background")  # all along, or at any time (an index's cold build)
 _TRANSIENT: tuple[Phase, ...] = ("step", "evaluation", "checkpoint", "loading")
 _SAMPLE_BYTES = 4 << 20  # decompressed bytes of lines sampled for the per-row counts
 _READ_BYTES = 16 << 20  # bytes read at once when counting a text file's lines
@@ -258,8 +260,9 @@ class MemoryPlan:
         return 0, part.device_bytes + part.host_bytes
 
     def peak(self, side: int) -> tuple[int, Phase]:
-        """Peak bytes of ``side`` (0: GPU, 1: host): the steady parts plus the largest phase on top."""
-        steady = sum(self._where(part)[side] for part in self.parts if part.phase == "steady")
+        """Peak bytes of ``side`` (0: GPU, 1: host): the steady and background parts plus the largest phase
+        on top."""
+        steady = sum(self._where(part)[side] for part in self.parts if part.phase in _HELD)
         phases = {
             phase: sum(self._where(p)[side] for p in self.parts if p.phase == phase) for phase in _TRANSIENT
         }
@@ -276,14 +279,17 @@ class MemoryPlan:
             need, phase = self.peak(side)
             if need <= capacity:
                 continue
-            steady = sum(self._where(p)[side] for p in self.parts if p.phase == "steady")
-            blamed = "steady" if steady > capacity else phase  # what alone goes past the capacity
-            held = [p for p in self.parts if p.phase == blamed and self._where(p)[side] > 0]
+            steady = sum(self._where(p)[side] for p in self.parts if p.phase in _HELD)
+            blamed = _HELD if steady > capacity else (phase,)  # what alone goes past the capacity
+            held = [p for p in self.parts if p.phase in blamed and self._where(p)[side] > 0]
             largest = max(held, key=lambda p: self._where(p)[side])
+            when = {"steady": "held all along", "background": "held while it runs in the background"}.get(
+                largest.phase, f"on top at {largest.phase}"
+            )
             return (
                 f"the run does not fit: {label} needs {format_bytes(need)} of {format_bytes(capacity)} "
                 f"({format_bytes(need - capacity)} over, at its peak: {phase}); the largest part "
-                f"{'held all along' if blamed == 'steady' else 'on top at ' + blamed} is {largest.name} "
+                f"{when} is {largest.name} "
                 f"({format_bytes(self._where(largest)[side])}); to shrink it: {largest.setting}"
             )
         return None
@@ -396,6 +402,7 @@ _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
     "gradients": ("head gradients", "steady"),
     "optimizer": ("head optimizer state", "steady"),
     "index": ("head index", "steady"),
+    "index build": ("head index build", "background"),
     "activations": ("head activations", "step"),
     "evaluation": ("head evaluation", "evaluation"),
     "checkpoint": ("head state dict copies", "checkpoint"),
