@@ -662,7 +662,7 @@ class SelectedHead(Head):
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
             "optimizer": placed(state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),
-            "index build": PlannedBytes(index[2], 0, "head.index.dtype=int8"),
+            "index build": PlannedBytes(index[2], 0, "head.index=none"),
             "activations": PlannedBytes(logits + pulled + request.batch * dim * 4, staged, "head.sample_num"),
             "evaluation": PlannedBytes(
                 block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
