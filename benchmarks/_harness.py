@@ -98,6 +98,21 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd+bwd")
 
 
+def process_memory(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (``VmRSS``, ``VmHWM``, ...); Linux only."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory() -> None:
+    """Start ``VmHWM`` again from the current resident set (``/proc/self/clear_refs``); Linux only."""
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

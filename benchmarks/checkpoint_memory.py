@@ -13,36 +13,31 @@ phase) over its resident set when the phase began. Linux only.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from megaclass.ops.row_optimizers import RowOptimizerConfig
-from megaclass.store import build_store
-from megaclass.train import checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import process_memory, reset_peak_memory  # noqa: E402
+from megaclass.ops.row_optimizers import RowOptimizerConfig  # noqa: E402
+from megaclass.store import build_store  # noqa: E402
+from megaclass.train import checkpoint  # noqa: E402
 
 _MIB = 1 << 20
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes."""
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _measured(phase) -> tuple[float, int]:
     """``(seconds, extra bytes)`` of ``phase()``: the peak resident set's rise over the resident set at its
     start."""
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")  # reset VmHWM to the current resident set
-    start = _status("VmRSS")
+    reset_peak_memory()
+    start = process_memory("VmRSS")
     began = time.perf_counter()
     phase()
-    return time.perf_counter() - began, max(0, _status("VmHWM") - start)
+    return time.perf_counter() - began, max(0, process_memory("VmHWM") - start)
 
 
 def main() -> None:

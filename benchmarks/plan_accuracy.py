@@ -24,10 +24,14 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from megaclass.data.synthetic import SynthConfig, synthesize
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import process_memory, reset_peak_memory  # noqa: E402
+from megaclass.data.synthetic import SynthConfig, synthesize  # noqa: E402
 
 _GIB = 1 << 30
 
@@ -49,15 +53,6 @@ def parse_args() -> argparse.Namespace:
         args.docs, args.features = 2_000, 2_000
     args.classes = args.classes or [100_000, 1_000_000, 4_000_000]
     return args
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes."""
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -82,9 +77,8 @@ def child(args: argparse.Namespace) -> None:
         other_paths=(test_path,),
         resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
     )
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")  # the peak resident set from here on
-    base = _status("VmRSS")
+    reset_peak_memory()  # the peak resident set from here on
+    base = process_memory("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     train(config, train_path=train_path, test_path=test_path, out_dir=out, overwrite=True, explicit_keys=keys)
@@ -95,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
         "planned_host_phase": plan.peak(1)[1],
         "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
-        "host": _status("VmHWM") - base,
+        "host": process_memory("VmHWM") - base,
     }
     print(json.dumps(row), flush=True)
 
