@@ -2,6 +2,8 @@
 
 import gc
 import os
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -147,3 +149,28 @@ def test_requests_naming_a_bad_buffer_range_are_refused_and_change_nothing(shard
         assert error.value.code().name == code and message in error.value.details()
     torch.testing.assert_close(client.get_rows(0, 29), before, rtol=0, atol=0)
     assert client.health()[0].version == 0
+
+
+def test_the_buffer_of_a_client_that_died_is_detached_and_its_place_reused(shards):
+    (server,) = shards(1, max_shared_buffers=1)
+    script = (
+        "import time\n"
+        "from megaclass.paramserver import ParamServerClient\n"
+        f"client = ParamServerClient(['127.0.0.1:{server.port}'], timeout_s=20)\n"
+        "print('attached' if client._shards[0].buffer is not None else 'inline', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "attached"
+        assert server.service.drop_orphaned_buffers() == 0  # its owner runs
+    finally:
+        process.kill()  # no detach: the server's map is all that holds its memory
+        process.wait()
+    assert len(server.service._shared) == 1
+    client = ParamServerClient(_addresses(servers=[server]), timeout_s=20)  # the one place: taken back
+    assert client._shards[0].buffer is not None and len(server.service._shared) == 1
+    client.push(torch.tensor([3]), torch.ones(1, 5), step=1, lr=1.0)
+    assert client.pull(torch.tensor([3])).shape == (1, 5)
+    client.close()
+    assert server.service.drop_orphaned_buffers() == 0 and not server.service._shared

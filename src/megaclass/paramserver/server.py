@@ -49,6 +49,7 @@ logger = logging.getLogger("megaclass.paramserver")
 _QUERY_BLOCK_ROWS = 65536  # rows scored at once by QueryNearest: (B, 65536) float32 scores ...
 _QUERY_SCRATCH_BYTES = 1 << 28  # ... or fewer, so that a block's scores or gathered rows stay under 256 MiB
 SHARED_BUFFER_MAX_BYTES = 1 << 32  # a client's shared buffer is its memory: a bound on the server's map only
+_ORPHAN_CHECK_TICKS = 8  # every 2 s: the shared buffers of clients that exited are detached
 _CPU_QUERY_BYTES = 1 << 24  # a CPU index query's candidate rows (features x probes x leaf x D) at once
 
 
@@ -456,6 +457,7 @@ class ShardService:
         if not self.config.max_shared_buffers:
             raise _Refusal("FAILED_PRECONDITION", "shared buffers are off here (--max-shared-buffers 0)")
         buffer = AttachedBuffer(request.path, request.nonce, max_bytes=SHARED_BUFFER_MAX_BYTES)
+        self.drop_orphaned_buffers()
         with self._shared_lock:
             if len(self._shared) >= self.config.max_shared_buffers:
                 raise _Refusal(
@@ -465,6 +467,17 @@ class ShardService:
             key = secrets.randbits(63) + 1
             self._shared[key] = buffer
         return wire.message("AttachBufferResponse", buffer=key, bytes=buffer.size)
+
+    def drop_orphaned_buffers(self) -> int:
+        """Detach the buffers of clients that died without detaching (their memory goes with the last map);
+        how many."""
+        with self._shared_lock:
+            orphaned = [key for key, buffer in self._shared.items() if not buffer.owner_alive()]
+            for key in orphaned:
+                del self._shared[key]  # unmapped once no request in flight uses it
+        if orphaned:
+            logger.info("detached %d shared buffers of clients that exited", len(orphaned))
+        return len(orphaned)
 
     def detach_buffer(self, request: Any, time_left: float | None) -> Any:
         with self._shared_lock:
@@ -711,10 +724,15 @@ class RunningServer:
         self._ticker.start()
 
     def _tick(self) -> None:
-        """Apply sync steps whose missing trainers timed out (nobody else would trigger it)."""
+        """Apply sync steps whose missing trainers timed out, and detach the buffers of clients that exited
+        (nobody else would trigger either)."""
+        ticks = 0
         while not self._stop.wait(0.25):
             if self.service.config.mode == "sync":
                 self.service.apply_ready_steps()
+            ticks += 1
+            if ticks % _ORPHAN_CHECK_TICKS == 0:
+                self.service.drop_orphaned_buffers()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -10,7 +10,9 @@ cost more than the bytes), so a client on the shard's machine moves row blocks t
   file's size is sealed (no one can shrink it under the server's map), that it is the user's and starts with
   the nonce, maps it and answers an id;
 - a pull names the id and a byte range the client reserved: the server gathers the rows straight into it; a
-  push names the range its gradients were written to: the server copies them out before using them.
+  push names the range its gradients were written to: the server copies them out before using them;
+- a client that dies without detaching leaves its file mapped only by the server: the server drops the buffers
+  whose owner (the process of ``/proc/<pid>``, by its start time: a reused pid is another process) is gone.
 
 A client that cannot attach (another machine or container, no ``memfd``) sends its row blocks inline.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 import secrets
 import stat
 import threading
@@ -29,6 +32,20 @@ import numpy as np
 ALIGN = 64  # offsets and sizes of reserved ranges: cache-line aligned rows
 NONCE_BYTES = 32
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if hasattr(fcntl, "F_SEAL_SHRINK") else 0
+
+
+_PROC_FD = re.compile(r"/proc/(\d+)/fd/\d+")
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat``'s 22nd field); None if it
+    is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return int(fields[19])
 
 
 class ClientBuffer:
@@ -124,6 +141,17 @@ class AttachedBuffer:
         if self.map[: len(nonce)] != nonce:
             raise ValueError(f"path {path!r}: does not start with the nonce")
         self.size = info.st_size
+        owner = _PROC_FD.fullmatch(path)
+        started = _start_time(int(owner.group(1))) if owner else None
+        self._owner = (int(owner.group(1)), started) if owner and started is not None else None
+
+    def owner_alive(self) -> bool:
+        """Whether the process that named its file descriptor still runs (True when the path named no
+        process's descriptor)."""
+        if self._owner is None:
+            return True
+        pid, started = self._owner
+        return _start_time(pid) == started
 
     def array(self, offset: int, nbytes: int, *, what: str) -> np.ndarray:
         """The ``nbytes`` bytes at ``offset`` as a writable ``uint8`` array over the shared memory.
