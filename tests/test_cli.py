@@ -340,7 +340,6 @@ def test_an_index_searched_ranking_reports_its_recall(deb_tags_slice, tmp_path, 
     train, test = deb_tags_slice(200, 40)
     out = tmp_path / "run"
     settings = ["model.hidden=[16]", "train.progress=false", f"head.index={index}", "head.topk_search=index"]
-    settings += ["head.metric=dot"]  # the index ranks by the logits themselves: an exact one finds all
     assert main(["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1",
                  "--head", "selected", "--set", "head.sample_num=50", *settings]) == 0  # fmt: skip
     with open(out / "metrics.json") as file:

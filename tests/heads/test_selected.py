@@ -178,6 +178,17 @@ def test_topk_through_an_exact_index_is_the_exact_topk(margin, store):
     assert head.topk_recall(features, 4) == 1.0
 
 
+@pytest.mark.parametrize("index", ["gpu", "exact"])
+def test_a_cosine_index_ranks_topk_candidates_by_the_dot_logits(index):
+    from tests.index._clustered import trained_like
+
+    rows, queries = trained_like(3000, 16, 60, 64, seed=1)
+    head = _head(num_classes=3000, dim=16, index=index, topk_search="index")  # metric: cosine by default
+    head.materialize().rows().copy_(rows)  # rows of unequal norms: angle and logit rank them apart
+    recall = head.topk_recall(queries, 5)
+    assert recall == 1.0 if index == "exact" else recall >= 0.9, recall
+
+
 def test_topk_recall_measures_the_search_not_the_autocast_rounding():
     head = _head(num_classes=400, dim=64, metric="dot", index="exact", topk_search="index")
     rows = head.materialize().rows()

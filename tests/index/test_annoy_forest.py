@@ -29,3 +29,13 @@ def test_annoy_background_build_swaps_in():
     restored = build_selector("annoy", ntrees=10)
     restored.load_state_dict(state)
     assert torch.equal(restored.query(queries, 10), selector.query(queries, 10))
+
+
+def test_annoy_ranks_by_angle_only():
+    from megaclass.index.annoy_forest import AnnoySelector
+    from megaclass.index.base import Metric
+
+    assert AnnoySelector.ranks_by == (Metric.COSINE,)
+    selector = AnnoySelector(ntrees=2)
+    with pytest.raises(ValueError, match="ranks by angle only"):
+        selector.query(torch.randn(2, 4), 3, metric="dot")  # refused before the forest is needed

@@ -15,7 +15,7 @@ class _FirstRows(ClassSelector):
     def build(self, weight, *, changed=None):
         self.rows = weight.shape[0]
 
-    def query(self, features, n):
+    def query(self, features, n, *, metric=None):
         assert self.rows is not None
         return torch.arange(n).clamp_max(self.rows - 1).expand(features.shape[0], n)
 

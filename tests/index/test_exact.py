@@ -31,3 +31,12 @@ def test_exact_selector_pads_and_sees_live_rows():
     weight[1, 1] = 5.0  # live: the next query sees the changed row
     assert selector.query(torch.tensor([[0.0, 1.0, 0.0]]), 1).tolist() == [[1]]
     assert (selector.query(torch.randn(2, 3), 5)[:, 3:] == -1).all()
+
+
+def test_exact_selector_ranks_by_the_metric_a_query_names():
+    weight, features = torch.randn(50, 6) * torch.rand(50, 1) * 4, torch.randn(7, 6)
+    selector = build_selector("exact", metric="cosine")
+    selector.build(weight)
+    for asked, ranked in (("dot", "dot"), (None, "cosine")):
+        expected = exact_topk(features, weight, 4, metric=ranked)[1]
+        assert torch.equal(selector.query(features, 4, metric=asked), expected)

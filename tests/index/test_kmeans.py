@@ -143,6 +143,16 @@ def test_cluster_index_searching_every_cluster_is_exact(metric, classes, leaf_si
     assert torch.equal(index.query(queries, n), exact_topk(queries, rows, n, metric=metric)[1])
 
 
+@pytest.mark.parametrize("built, asked", [("cosine", "dot"), ("dot", "cosine")])
+def test_cluster_index_ranks_by_the_metric_a_query_names(built, asked):
+    rows, queries = trained_like(997, 24, 49, 32, seed=5)
+    index = build_selector("gpu", metric=built, leaf_size=13, probes=10**6)  # every cluster: exact
+    index.build(rows)
+    found = index.query(queries, 10, metric=asked)
+    assert torch.equal(found, exact_topk(queries, rows, 10, metric=asked)[1])
+    assert not torch.equal(found, index.query(queries, 10))  # unequal norms: the two rankings differ
+
+
 def test_cluster_index_empty_changed_set_keeps_the_index():
     rows, queries = trained_like(300, 16, 10, 8)
     index = build_selector("gpu", leaf_size=16)

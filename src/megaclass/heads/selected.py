@@ -37,6 +37,7 @@ from torch import Tensor
 
 from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind
 from megaclass.index import ClassSelector, Selection, select_active
+from megaclass.index.base import Metric
 from megaclass.index.config import (
     AnnoyIndexConfig,
     ClusterIndexConfig,
@@ -254,11 +255,14 @@ class SelectedHead(Head):
         has_index = self.selector is not None or self._store_query() is not None
         return has_index and self._step >= self.config.warmup_random_steps
 
-    def _neighbours(self, features: Tensor, count: int) -> Tensor:
-        """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards."""
+    def _neighbours(self, features: Tensor, count: int, *, metric: str | None = None) -> Tensor:
+        """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards; a
+        local index ranks them by ``metric`` where it can (None: the index's own)."""
         store_query = self._store_query()
         if store_query is None:
-            return self.selector.query(features, count)
+            if metric is not None and Metric(metric) not in self.selector.ranks_by:
+                metric = None
+            return self.selector.query(features, count, metric=metric)
         index = self.config.index
         # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
         age = 0 if isinstance(index, ExactIndexConfig) else self.config.interval
@@ -512,13 +516,17 @@ class SelectedHead(Head):
         return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / max(1, truth.numel())
 
     def _index_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The index's (or the shards') ``4k`` nearest classes of each sample, scored by the head's logits."""
+        """The index's (or the shards') ``4k`` nearest classes of each sample, scored by the head's logits.
+        A local index ranks its candidates by the logits' metric; the shards by the index's."""
         store = self.materialize()
         if self.selector is not None:
             if not self.selector.is_built:
                 self.rebuild_index()
             self.selector.wait()  # a background build under way: its index, not none
-        candidates = self._neighbours(features, min(self.num_rows, _TOPK_CANDIDATES * k)).to(features.device)
+        # ranked by what the logits are (dot products without a margin), whatever the index trains with
+        logits = "cosine" if self.config.margin.enabled else "dot"
+        count = min(self.num_rows, _TOPK_CANDIDATES * k)
+        candidates = self._neighbours(features, count, metric=logits).to(features.device)
         scores = torch.empty(candidates.shape, dtype=torch.float32, device=features.device)  # (B, n)
         block = max(1, (1 << 26) // (candidates.shape[1] * self.context.in_features))  # (b, n, D) at once
         for start in range(0, len(candidates), block):

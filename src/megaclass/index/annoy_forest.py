@@ -39,6 +39,8 @@ class AnnoySelector(ClassSelector):
         background: build in a thread (the first build always waits).
     """
 
+    ranks_by = (Metric.COSINE,)  # Annoy's angular forest
+
     def __init__(
         self, *, ntrees: int = 50, search_k: int = -1, seed: int = 0, background: bool = True
     ) -> None:
@@ -102,7 +104,9 @@ class AnnoySelector(ClassSelector):
         """Finished builds so far."""
         return self._swaps
 
-    def query(self, features: Tensor, n: int) -> Tensor:
+    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
+        if metric is not None and Metric(metric) not in self.ranks_by:
+            raise ValueError(f"metric {Metric(metric).value!r}: an Annoy forest ranks by angle only")
         self._raise_pending()
         with self._lock:
             forest = self._index

@@ -28,6 +28,7 @@ class ClassSelector(abc.ABC):
     """
 
     metric: Metric  # how features are compared with rows
+    ranks_by: tuple[Metric, ...] = (Metric.COSINE, Metric.DOT)  # what :meth:`query` can rank its answers by
 
     @abc.abstractmethod
     def build(self, weight: Tensor, *, changed: Tensor | None = None) -> None:
@@ -38,8 +39,9 @@ class ClassSelector(abc.ABC):
         """
 
     @abc.abstractmethod
-    def query(self, features: Tensor, n: int) -> Tensor:
-        """``(B, n)`` int64 class ids on ``features``' device, best first, for ``features (B, D)``.
+    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
+        """``(B, n)`` int64 class ids on ``features``' device, best first, for ``features (B, D)``, ranked by
+        ``metric`` (one of :attr:`ranks_by`; None: :attr:`metric`).
 
         An entry is ``-1`` where the index found fewer than ``n`` classes.
         """

@@ -83,11 +83,12 @@ class ExactSelector(ClassSelector):
     def is_built(self) -> bool:
         return self._weight is not None
 
-    def query(self, features: Tensor, n: int) -> Tensor:
+    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
         if self._weight is None:
             raise RuntimeError("ExactSelector.query before build")
         n_found = min(n, self._weight.shape[0])
-        ids = exact_topk(features, self._weight, n_found, metric=self.metric, chunk_size=self.chunk_size)[1]
+        metric = self.metric if metric is None else Metric(metric)
+        ids = exact_topk(features, self._weight, n_found, metric=metric, chunk_size=self.chunk_size)[1]
         if n_found < n:
             ids = torch.nn.functional.pad(ids, (0, n - n_found), value=-1)
         return ids

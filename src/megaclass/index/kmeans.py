@@ -756,8 +756,10 @@ class ClusterIndex(ClassSelector):
         return self._state is not None
 
     @torch.no_grad()
-    def query(self, features: Tensor, n: int) -> Tensor:
-        """``(B, n)`` ids (see :class:`ClassSelector`); all ``-1`` while the first build is running."""
+    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
+        """``(B, n)`` ids (see :class:`ClassSelector`); all ``-1`` while the first build is running. The
+        clusters searched are the nearest by angle whatever ``metric``; their rows are ranked by it."""
+        metric = self.metric if metric is None else Metric(metric)
         self._adopt()
         state = self._state
         if state is None:
@@ -768,7 +770,7 @@ class ClusterIndex(ClassSelector):
         (k, width), groups = members.shape, group_centroids.shape[0]
         num_classes = state["rows"].shape[0]
         if n > num_classes:
-            found = self.query(features, num_classes)
+            found = self.query(features, num_classes, metric=metric)
             return torch.nn.functional.pad(found, (0, n - num_classes), value=-1)
         compute = centroids.dtype
         exact = torch.nn.functional.normalize(features.to(device=members.device, dtype=torch.float32), dim=1)
@@ -789,28 +791,30 @@ class ClusterIndex(ClassSelector):
             scores = torch.bmm(_take(centroids, clusters), queries[:, :, None]).squeeze(2)  # (B, g * K / G)
             best = clusters.gather(1, scores.topk(probes, dim=1).indices)  # (B, P)
         candidates = members[best].flatten(1)  # (B, P * W)
-        scores = self._member_scores(state, candidates, queries)  # (B, P * W)
+        scores = self._member_scores(state, candidates, queries, metric)  # (B, P * W)
         if compute != torch.float32:
             # bf16 scores carry 8 significant bits: near neighbours' scores tie or swap. Keep a shortlist by
             # them, then rank it by float32 scores of the same rows.
             shortlist = scores.topk(min(max(4 * n, n + 16), scores.shape[1]), dim=1)
             candidates = candidates.gather(1, shortlist.indices)
             candidates = candidates.masked_fill(torch.isinf(shortlist.values), -1)
-            scores = self._member_scores(state, candidates, exact)
+            scores = self._member_scores(state, candidates, exact, metric)
         top = scores.topk(min(n, scores.shape[1]), dim=1)
         ids = candidates.gather(1, top.indices).masked_fill(torch.isinf(top.values), -1)
         if ids.shape[1] < n:
             ids = torch.nn.functional.pad(ids, (0, n - ids.shape[1]), value=-1)
         return ids.to(features.device)
 
-    def _member_scores(self, state: dict[str, Tensor], candidates: Tensor, queries: Tensor) -> Tensor:
-        """``(B, M)`` float32 scores of the snapshot rows ``candidates (B, M)`` (-1: none, scored -inf) for
-        the unit ``queries (B, D)``, computed in the queries' dtype."""
+    def _member_scores(
+        self, state: dict[str, Tensor], candidates: Tensor, queries: Tensor, metric: Metric
+    ) -> Tensor:
+        """``(B, M)`` float32 ``metric`` scores of the snapshot rows ``candidates (B, M)`` (-1: none, scored
+        -inf) for the unit ``queries (B, D)``, computed in the queries' dtype."""
         valid = candidates >= 0
         ids = candidates.clamp_min(0)
         gathered = self._gather(state, ids, queries.dtype)  # (B, M, D)
         scores = torch.bmm(gathered, queries[:, :, None]).squeeze(2).float()
-        if self.metric is Metric.DOT:
+        if metric is Metric.DOT:
             scores = scores * state["norms"][ids]
         return scores.masked_fill(~valid, float("-inf"))
 
