@@ -61,7 +61,9 @@ def test_cpu_index_queries_features_in_blocks(shards, monkeypatch):
     monkeypatch.setattr(server, "_CPU_QUERY_BYTES", 1)  # one feature per block
     blocks = []
     query = ClusterIndex.query
-    monkeypatch.setattr(ClusterIndex, "query", lambda self, f, n: blocks.append(len(f)) or query(self, f, n))
+    monkeypatch.setattr(
+        ClusterIndex, "query", lambda self, f, n, **kw: blocks.append(len(f)) or query(self, f, n, **kw)
+    )
     servers = shards(2, num_rows=40, dim=7)
     client = ParamServerClient(_addresses(servers), timeout_s=30)
     rows = client.get_rows(0, 40)
@@ -70,6 +72,24 @@ def test_cpu_index_queries_features_in_blocks(shards, monkeypatch):
     assert blocks == [1] * 18  # 9 features, one at a time, on each of the 2 shards
     expected_scores, expected_ids = _truth(features, rows, "cosine", 3)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, expected_ids)
+    client.close()
+
+
+def test_one_shard_index_answers_both_metrics(shards):
+    """The index a cosine query built answers a dot query too (its rows ranked by the dot product): one
+    index a shard, whichever metrics its clients ask for."""
+    servers = shards(2, num_rows=60, dim=6)
+    client = ParamServerClient(_addresses(servers), timeout_s=30)
+    rows = client.get_rows(0, 60) * torch.linspace(0.2, 3.0, 60)[:, None]  # unequal norms
+    client.set_rows(torch.arange(60), rows)
+    features = torch.randn(5, 6)
+    client.query_nearest(features, 4, metric="cosine", max_index_age=10, probes=10**6)
+    indexes = [server.service._index[0] for server in servers]
+    scores, ids = client.query_nearest(features, 4, metric="dot", max_index_age=10, probes=10**6)
+    assert [server.service._index[0] for server in servers] == indexes  # the same index, not a second one
+    expected_scores, expected_ids = _truth(features, rows, "dot", 4)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, expected_ids)
     client.close()
 
@@ -85,7 +105,7 @@ def test_index_probes_are_split_between_shards(shards):
     rows = client.get_rows(0, 90)
     for probes, per_shard in [(8, 3), (2, 1), (0, DEFAULT_PROBES)]:
         scores, ids = client.query_nearest(features, 2, max_index_age=10, probes=probes)
-        assert [server.service._indexes["dot"][0].probes for server in servers] == [per_shard] * 3
+        assert [server.service._index[0].probes for server in servers] == [per_shard] * 3
         assert bool((ids >= 0).all())
         torch.testing.assert_close(scores, (features[:, None, :] * rows[ids]).sum(2), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="probes -1"):
@@ -144,6 +164,26 @@ def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
         store.flush()
         rows, expected = store.read(0, num_rows), host.store.read(0, num_rows)
         torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
+    store.close()
+
+
+def test_selected_head_on_ps_asks_the_shards_for_the_logits_metric_in_its_topk(shards, monkeypatch):
+    num_rows, dim = 97, 6
+    servers = shards(2, num_rows=num_rows, dim=dim, hyper=HyperParams(lr=0.5, momentum=0.9))
+    context = HeadContext(in_features=dim, num_classes=num_rows, multilabel=False)
+    options = {"type": "selected", "sample_num": 12, "index": "gpu", "topk_search": "index"}
+    options["coverage_every"] = 0
+    head = build_head(head_config({**options, "store": "ps://" + ",".join(_addresses(servers))}), context)
+    store = head.materialize()
+    metrics = []
+    query = store.query_nearest
+    monkeypatch.setattr(store, "query_nearest", lambda *a, **k: metrics.append(k["metric"]) or query(*a, **k))
+    features, targets = torch.randn(4, dim), torch.randint(num_rows, (4,))
+    head(features, targets).backward()  # the selection asks by its metric: cosine by default
+    scores, ids = head.topk(features, 3)
+    assert metrics == ["cosine", "dot"]  # the top-k by what the logits are
+    rows = store.read(0, num_rows)
+    assert torch.equal(ids, (features @ rows.T).topk(3, dim=1).indices)  # shards this small: exact
     store.close()
 
 

@@ -256,8 +256,8 @@ class SelectedHead(Head):
         return has_index and self._step >= self.config.warmup_random_steps
 
     def _neighbours(self, features: Tensor, count: int, *, metric: str | None = None) -> Tensor:
-        """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards; a
-        local index ranks them by ``metric`` where it can (None: the index's own)."""
+        """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards, ranked
+        by ``metric`` where the index can (None: the selection's)."""
         store_query = self._store_query()
         if store_query is None:
             if metric is not None and Metric(metric) not in self.selector.ranks_by:
@@ -272,7 +272,8 @@ class SelectedHead(Head):
             if isinstance(index, ClusterIndexConfig) and index.probes != "auto"
             else DEFAULT_PROBES
         )
-        return store_query(features, count, metric=self._metric(), max_index_age=age, probes=probes)[1]
+        metric = metric or self._metric()
+        return store_query(features, count, metric=metric, max_index_age=age, probes=probes)[1]
 
     # ------------------------------------------------------------------ selection
     def select(self, features: Tensor, targets: Targets) -> Selection:
@@ -516,8 +517,8 @@ class SelectedHead(Head):
         return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / max(1, truth.numel())
 
     def _index_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The index's (or the shards') ``4k`` nearest classes of each sample, scored by the head's logits.
-        A local index ranks its candidates by the logits' metric; the shards by the index's."""
+        """The index's (or the shards') ``4k`` nearest classes of each sample, ranked there by the logits'
+        metric and scored by the head's logits."""
         store = self.materialize()
         if self.selector is not None:
             if not self.selector.is_built:

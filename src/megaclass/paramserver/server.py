@@ -153,7 +153,7 @@ class ShardService:
         self._dropped: set[int] = set()
         self._refused: dict[int, str] = {}  # sync steps not applied, their result not finite -> why
         self._index_lock = threading.Lock()  # one index build or query at a time
-        self._indexes: dict[str, tuple[Any, int]] = {}  # metric -> (cluster index, version it was built at)
+        self._index: tuple[Any, int] | None = None  # the cluster index, the version it was built at
         self._shared: dict[int, AttachedBuffer] = {}  # clients' shared memory buffers by id
         self._shared_lock = threading.Lock()
 
@@ -386,27 +386,28 @@ class ShardService:
         searching ``probes`` of its clusters per feature.
 
         The index is built at the first query and refreshed (a warm build over the rows updated since, see
-        :class:`~megaclass.index.kmeans.ClusterIndex`) when its build is over ``max_age`` versions old.
+        :class:`~megaclass.index.kmeans.ClusterIndex`) when its build is over ``max_age`` versions old. One
+        index answers both metrics: its clusters are the nearest by angle, their rows ranked by the metric.
         Scores are exact, from the current rows; ids are ``-1`` (score ``-inf``) where it found fewer.
         """
         from megaclass.index import build_selector
 
         metric = "cosine" if cosine else "dot"
         with self._index_lock:
-            index, built = self._indexes.get(metric, (None, -1))
+            index, built = self._index or (None, -1)
             if index is None or self.state.version - built > max_age:
-                if index is None:
+                if index is None:  # its own metric: the first query's (its calibration's truth)
                     index = build_selector(
                         "gpu", metric=metric, device=self.config.index_device, seed=self.config.seed
                     )
                 with self.lock.read():  # a build reads a consistent state: no step half-applied
-                    built = self.state.version
                     changed = None
                     if index.is_built:  # (n,) rows updated since the last build
-                        changed = torch.nonzero(self.state.versions > self._indexes[metric][1]).squeeze(1)
+                        changed = torch.nonzero(self.state.versions > built).squeeze(1)
+                    built = self.state.version
                     if changed is None or len(changed):
                         index.build(self.state.rows, changed=changed)
-                self._indexes[metric] = (index, built)
+                self._index = (index, built)
             index.probes = probes  # the query's cost is linear in it: a client splits its probes over shards
             block = len(features)
             if torch.device(self.config.index_device).type == "cpu":
@@ -416,7 +417,7 @@ class ShardService:
             size = min(n, self.state.spec.size)
             local = torch.cat(
                 [
-                    index.query(features[i : i + block], size).cpu()
+                    index.query(features[i : i + block], size, metric=metric).cpu()
                     for i in range(0, max(len(features), 1), block)
                 ]
             )  # (B, n')
