@@ -32,9 +32,7 @@ import numpy as np
 ALIGN = 64  # offsets and sizes of reserved ranges: cache-line aligned rows
 NONCE_BYTES = 32
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if hasattr(fcntl, "F_SEAL_SHRINK") else 0
-
-
-_PROC_FD = re.compile(r"/proc/(\d+)/fd/\d+")
+_PROC_FD = re.compile(r"/proc/(\d+)/fd/\d+")  # a client's buffer path: its process and descriptor
 
 
 def _start_time(pid: int) -> int | None:
