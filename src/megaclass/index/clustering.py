@@ -112,7 +112,7 @@ def capacity_assign(candidates: Tensor, scores: Tensor, k: int, capacity: int | 
         if free.numel() == 0:
             break
         points = torch.cat([members, free])
-        clusters = torch.cat([assigned[members], candidates[free, column]])
+        clusters = torch.cat([assigned[members], candidates[free, column].long()])
         point_scores = torch.cat([held[members], scores[free, column]])
         # sort by cluster, best score first within a cluster (two stable sorts)
         order = torch.argsort(point_scores, descending=True, stable=True)
