@@ -162,6 +162,21 @@ def test_a_background_index_build_counts_at_every_phase(synthetic):
     assert build.phase == "background" and build.device_bytes == candidates + snapshot + (1 << 30)
 
 
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_a_captured_step_holds_its_activations_all_along(synthetic, setting):
+    config = load_config(head="sparse", overrides=["model.hidden=[64]", f"train.cuda_graph={setting}"])
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    for device_type in ("cuda", "cpu"):
+        plan = plan_run(config, shape, device_type=device_type, gpu_capacity=None, host_capacity=64 << 30)
+        phases = {part.name: part.phase for part in plan.parts}
+        captured = device_type == "cuda" and setting == "auto"  # in the graph's memory pool between steps
+        expected = "steady" if captured else "step"
+        assert phases["encoder activations"] == phases["head activations"] == expected
+    host_rows = load_config(head="selected", overrides=["head.store=host", f"train.cuda_graph={setting}"])
+    plan = plan_run(host_rows, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
+    assert {part.name: part.phase for part in plan.parts}["head activations"] == "step"  # never captured
+
+
 def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
     config = load_config(head="selected", overrides=["head.store=host", "model.hidden=[64]"])
     shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**8)

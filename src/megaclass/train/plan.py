@@ -22,7 +22,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -231,8 +231,8 @@ class PlanPart:
         name: what it is (``head weights``, ``encoder activations``, ...).
         device_bytes: on the compute device (a GPU); folded into host memory on a CPU run.
         host_bytes: in host memory.
-        phase: ``steady`` (held all along) or the phase holding it on top: ``step``, ``evaluation``,
-            ``checkpoint`` or ``loading``.
+        phase: ``steady`` (held all along), ``background`` (held at any time: an index's cold build) or the
+            phase holding it on top: ``step``, ``evaluation``, ``checkpoint`` or ``loading``.
         setting: what to change when this part does not fit.
     """
 
@@ -460,6 +460,11 @@ def plan_run(
         PlanPart("checkpoint block", 0, saved, "checkpoint", "a host with more memory"),
     ]
     if device_type == "cuda":
+        # a captured step's activations stay in the graph's memory pool (rows pulled through host memory or
+        # the network are never captured)
+        pulled = isinstance(config.head, SelectedHeadConfig) and config.head.store not in ("gpu", "device")
+        if config.train.cuda_graph != "off" and not pulled:
+            parts = [replace(part, phase="steady") if part.phase == "step" else part for part in parts]
         parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, 0, setting="a larger GPU"))
     summary = (
         f"memory plan: {config.head.type} head, {shape.num_labels:,} classes x D {dim}, {shape.num_rows:,} "
