@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import datetime
 import gc
 import math
@@ -23,15 +24,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "Case",
+    "HeapPeak",
     "Result",
     "add_common_arguments",
     "device_rates",
@@ -111,6 +115,69 @@ def reset_peak_memory() -> None:
     """Start ``VmHWM`` again from the current resident set (``/proc/self/clear_refs``); Linux only."""
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost",
+        )
+    ]  # fmt: skip
+
+
+class HeapPeak(TorchDispatchMode):
+    """The peak of the C heap's bytes in use (glibc ``mallinfo2``: chunks handed out plus mmapped ones) above
+    where it stood on entry: what the process's allocations hold at once, without the freed memory the
+    allocator keeps (which the resident set counts). Read after every torch op of the entering thread (an
+    op's outputs are then held beside its inputs) and every millisecond in a thread of its own (for work in
+    other threads, such as an index build in the background). ``peak`` stays None where the C library has
+    no ``mallinfo2``.
+
+    >>> with HeapPeak() as heap:  # doctest: +SKIP
+    ...     work()
+    >>> heap.peak  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak: int | None = None
+        try:
+            self._mallinfo = ctypes.CDLL(None).mallinfo2
+            self._mallinfo.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo = None
+        self._base = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _note(self) -> None:
+        info = self._mallinfo()
+        self.peak = max(self.peak or 0, info.uordblks + info.hblkhd - self._base)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.001):
+            self._note()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if self._mallinfo is not None:
+            self._note()
+        return out
+
+    def __enter__(self) -> HeapPeak:
+        if self._mallinfo is not None:
+            info = self._mallinfo()
+            self._base, self.peak = info.uordblks + info.hblkhd, 0
+            self._thread.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self._mallinfo is not None:
+            self._done.set()
+            self._thread.join()
 
 
 def _sync() -> None:

@@ -8,6 +8,9 @@ Rows are "trained-like" as in ``benchmarks/selected.py`` (group directions plus 
 features drawn as the training ones are (near their class rows). For every size the exact chunked scan is the
 baseline row (recall 1 by definition); each index setting is built cold (timed to completion), queried for
 the batch (median of ``--reps``), then rebuilt warm over every row, as a training run's later builds are.
+"build peak" is what the cold build allocates at its peak (a GPU's allocator peak; on the CPU the C heap's
+bytes in use, :class:`~_harness.HeapPeak`), beside what the memory plan counts for it
+(:func:`~megaclass.index.kmeans.cold_build_scratch_bytes`).
 ``auto`` is the default index: clusters of ``sqrt(C) / 16`` rows (at least 32) and the search its build
 calibrates for ``--recall-target`` (the index's default). Shared centroids: scored in one matmul for the
 whole batch (``K``, or ``G`` group centroids when groups are probed first); gathered rows: centroids of the
@@ -17,16 +20,19 @@ probed groups and member rows gathered and scored for each query (probes times t
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _harness import HeapPeak  # noqa: E402
 from megaclass.index.exact import exact_topk  # noqa: E402
-from megaclass.index.kmeans import ClusterIndex  # noqa: E402
+from megaclass.index.kmeans import ClusterIndex, cold_build_scratch_bytes  # noqa: E402
 from selected import batch_for, device, plant_rows_  # noqa: E402
 
 QUICK_SIZES = (10**4, 10**5, 10**6)
@@ -79,6 +85,24 @@ def _timed(fn, reps: int) -> tuple[float, object]:
     return sorted(times)[len(times) // 2], result
 
 
+def _build(
+    make_index: Callable[[], ClusterIndex], rows: torch.Tensor
+) -> tuple[ClusterIndex, float, int | None]:
+    """A cold build of ``make_index()`` over ``rows``: the index, its milliseconds and the bytes it allocates
+    at its peak (on the CPU from a second build of its own: reading the heap after every op slows it)."""
+    index = make_index()
+    if rows.is_cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        build_ms, _ = _timed(lambda: index.build(rows), 1)
+        return index, build_ms, torch.cuda.max_memory_allocated() - before
+    build_ms, _ = _timed(lambda: index.build(rows), 1)
+    with HeapPeak() as heap:
+        make_index().build(rows)
+    return index, build_ms, heap.peak
+
+
 def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / truth.numel()
 
@@ -100,9 +124,9 @@ def main() -> None:
     print(f"D {args.dim}, B {args.batch}, metric {args.metric}, on {device()}, dtype {dtype}\n")
     print(
         "| C | index | leaf | clusters | groups / clusters probed | shared centroids | gathered rows "
-        "| build s | query ms | recall@10 | after a warm rebuild |"
+        "| build s | build peak MiB (planned) | query ms | recall@10 | after a warm rebuild |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for classes in (int(float(size)) for size in args.sizes.split(",")):
         torch.manual_seed(0)
         rows = torch.empty(classes, args.dim, device=device())
@@ -113,10 +137,11 @@ def main() -> None:
             return exact_topk(features, rows, 10, metric=args.metric, chunk_size=1 << 16)[1]
 
         scan_ms, truth = _timed(scan, args.reps)
-        print(f"| {classes} | exact | | | | {classes} | | 0 | {scan_ms:.2f} | 1.000 | 1.000 |")
+        print(f"| {classes} | exact | | | | {classes} | | 0 | | {scan_ms:.2f} | 1.000 | 1.000 |")
         for leaf_size, probes in _settings(args.settings):
             target = {} if args.recall_target is None else {"recall_target": args.recall_target}
-            index = ClusterIndex(
+            make_index = functools.partial(
+                ClusterIndex,
                 metric=args.metric,
                 leaf_size=leaf_size,
                 probes=probes,
@@ -125,7 +150,13 @@ def main() -> None:
                 compute_dtype=args.dtype,
                 background=False,
             )
-            build_ms, _ = _timed(lambda index=index, rows=rows: index.build(rows), 1)
+            index, build_ms, build_peak = _build(make_index, rows)
+            row_bytes = {"float32": 4, "bfloat16": 2}[
+                args.dtype or ("bfloat16" if rows.is_cuda else "float32")
+            ]
+            planned = cold_build_scratch_bytes(
+                classes, args.dim, row_bytes=row_bytes, device_type=rows.device.type
+            )
             query_ms, found = _timed(lambda index=index, x=features: index.query(x, 10), args.reps)
             recall = _recall(found, truth)
             stats = index.metrics()
@@ -140,6 +171,7 @@ def main() -> None:
                 int(stats["index_shared_centroids"]),
                 int(stats["index_gathered_rows"]),
                 f"{build_ms / 1e3:.2f}",
+                f"{build_peak / 2**20:.0f} ({planned / 2**20:.0f})" if build_peak is not None else "",
             ]
             cells += [f"{query_ms:.2f}", f"{recall:.3f}", f"{warm:.3f}"]
             print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)

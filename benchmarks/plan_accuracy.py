@@ -13,7 +13,9 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   context (the device memory in use once CUDA is initialised, before any tensor); the allocator's reserved
   peak beside it;
 - host: the plan's peak against the process's peak resident set (``VmHWM``) above its resident set once
-  PyTorch and CUDA are loaded (the plan counts what the run holds, not the libraries).
+  PyTorch and CUDA are loaded (the plan counts what the run holds, not the libraries), and against the peak
+  of the C heap's bytes in use (:class:`~_harness.HeapPeak`): the resident set holds, beside those, the freed
+  memory the C allocator keeps for its next allocations (the more so with a build in a thread of its own).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import process_memory, reset_peak_memory  # noqa: E402
+from _harness import HeapPeak, process_memory, reset_peak_memory  # noqa: E402
 from megaclass.data.synthetic import SynthConfig, synthesize  # noqa: E402
 
 _GIB = 1 << 30
@@ -81,7 +83,15 @@ def child(args: argparse.Namespace) -> None:
     base = process_memory("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    train(config, train_path=train_path, test_path=test_path, out_dir=out, overwrite=True, explicit_keys=keys)
+    with HeapPeak() as heap:
+        train(
+            config,
+            train_path=train_path,
+            test_path=test_path,
+            out_dir=out,
+            overwrite=True,
+            explicit_keys=keys,
+        )
     row = {
         "planned_gpu": plan.peak(0)[0] if cuda else 0,
         "planned_gpu_phase": plan.peak(0)[1] if cuda else "",
@@ -90,6 +100,7 @@ def child(args: argparse.Namespace) -> None:
         "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
         "host": process_memory("VmHWM") - base,
+        "host_allocated": heap.peak,
     }
     print(json.dumps(row), flush=True)
 
@@ -103,9 +114,9 @@ def main() -> None:
     print(f"{args.head} head, {args.docs:,} documents, {args.features:,} features, one epoch, {device}\n")
     print(
         "| classes | GPU planned GiB | GPU measured GiB (reserved) | plan / measured "
-        "| host planned GiB | host measured GiB | plan / measured |"
+        "| host planned GiB | host measured GiB | plan / measured | host allocated GiB | plan / allocated |"
     )
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for classes in args.classes:
             paths = [os.path.join(folder, f"{classes}-{part}.txt") for part in ("train", "test")]
@@ -122,19 +133,22 @@ def main() -> None:
             command += [item for setting in args.overrides for item in ("--set", setting)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"| {classes:,} | failed: {done.stderr.strip().splitlines()[-1]} |||||", flush=True)
+                print(f"| {classes:,} | failed: {done.stderr.strip().splitlines()[-1]} |||||||", flush=True)
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
 
             def ratio(planned: int, measured: int) -> str:
                 return f"{planned / measured:.2f}" if measured else "-"
 
+            allocated = "-" if row["host_allocated"] is None else f"{row['host_allocated'] / _GIB:.2f}"
+
             print(
                 f"| {classes:,} | {row['planned_gpu'] / _GIB:.2f} ({row['planned_gpu_phase'] or '-'}) "
                 f"| {row['gpu'] / _GIB:.2f} ({row['gpu_reserved'] / _GIB:.2f}) "
                 f"| {ratio(row['planned_gpu'], row['gpu'])} "
                 f"| {row['planned_host'] / _GIB:.2f} ({row['planned_host_phase']}) "
-                f"| {row['host'] / _GIB:.2f} | {ratio(row['planned_host'], row['host'])} |",
+                f"| {row['host'] / _GIB:.2f} | {ratio(row['planned_host'], row['host'])} "
+                f"| {allocated} | {ratio(row['planned_host'], row['host_allocated'] or 0)} |",
                 flush=True,
             )
 

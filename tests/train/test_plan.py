@@ -157,9 +157,12 @@ def test_a_background_index_build_counts_at_every_phase(synthetic):
     shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**7)
     built = plan_run(config, shape, device_type="cuda", gpu_capacity=139 << 30, host_capacity=128 << 30)
     build = {part.name: part for part in built.parts}["head index build"]
-    candidates = 10**7 * 3 * 8 * 8  # each row's 8 candidate clusters in its 3 groups: scores and int32 ids
+    # a row's int64 group, assignment, group's rows, 3 nearby groups and 3 sorted places; its 8 best candidate
+    # clusters (fp32 scores, int32 ids)
+    clusters = 10**7 * (8 * 9 + 8 * 8)
+    blocks = 3 * 4 * (1 << 27)  # gathered rows, their scores, the best candidates: the GPU's scratch blocks
     snapshot = 10**7 * (64 * 2 + 16)  # the new snapshot's bf16 rows, norms, scales, assignments
-    assert build.phase == "background" and build.device_bytes == candidates + snapshot + (1 << 30)
+    assert build.phase == "background" and build.device_bytes == snapshot + clusters + blocks
 
 
 @pytest.mark.parametrize("setting", ["auto", "off"])

@@ -673,8 +673,10 @@ class SelectedHead(Head):
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),
             "index build": PlannedBytes(index[2], 0, "head.index=none"),
             "activations": PlannedBytes(logits + pulled + request.batch * dim * 4, staged, "head.sample_num"),
-            "evaluation": PlannedBytes(
-                block + 2 * request.eval_batch * config.chunk_size * 4, 0, "eval.batch_size"
+            "evaluation": PlannedBytes(  # a chunk of (B, chunk) fp32 logits (and their cosines) and its top-k
+                block + (1 + config.margin.enabled) * request.eval_batch * config.chunk_size * 4,
+                0,
+                "eval.batch_size",
             ),
             # rows and their state stream to the checkpoint's files from the device, host memory or the
             # parameter servers, a block at a time (the trainer's block)

@@ -87,6 +87,8 @@ _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
 # entries of a cold build's largest scratch tensors (gathered rows, their scores): large blocks feed a GPU's
 # batched matmuls; the CPU gains nothing from them and would hold their hundreds of MB in host memory
 _SCRATCH_ENTRIES = {"cuda": 1 << 27, "cpu": 1 << 24}
+_SCAN_ENTRIES = 1 << 24  # scores (and rows) of the calibration's exact scan at once
+_SORT_BYTES_PER_ROW = 128  # what capacity_assign holds a row while it sorts (measured: 113 bytes)
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
 _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
@@ -191,12 +193,26 @@ def _scratch_entries(device: torch.device) -> int:
 
 
 def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, device_type: str) -> int:
-    """Bytes a cold build holds on top of the index it replaces (which serves until the new one is
-    published): the new snapshot (rows of ``row_bytes`` a value), each row's candidate clusters in every
-    group it is scored in, and two scratch blocks (gathered rows and their scores, float32)."""
+    """Bytes a cold build holds at its peak on top of the index it replaces (which serves until the new one
+    is published): the new snapshot (rows of ``row_bytes`` a value) and, a row, the larger of its two levels:
+
+    - groups: its nearest groups (float32 scores, int64 ids), then the capacity assignment's sort;
+    - clusters: int64 bookkeeping (its group and assignment, its group's rows, its place in each copy slot's
+      order) and its best candidates (float32 scores, int32 ids), then the sort or, while rows are scored,
+      three scratch blocks (gathered rows, their scores, the best candidates), no larger than the rows;
+
+    or, at the end, the new index's members and the search calibration's exact scan of sampled rows.
+    """
     snapshot = num_classes * (dim * row_bytes + 4 + 4 + 8)  # rows, norms, scales, assignment
-    candidates = num_classes * _GROUP_COPIES * _ASSIGN_CANDIDATES * (4 + 4)  # scores, int32 cluster ids
-    return snapshot + candidates + 2 * 4 * _SCRATCH_ENTRIES["cuda" if device_type == "cuda" else "cpu"]
+    groups = _ASSIGN_CANDIDATES * (4 + 8) + _SORT_BYTES_PER_ROW
+    clusters = 8 * (3 + 2 * _GROUP_COPIES) + _ASSIGN_CANDIDATES * (4 + 4)
+    per_group = cluster_layout(num_classes)[1]
+    scratch = _SCRATCH_ENTRIES["cuda" if device_type == "cuda" else "cpu"]
+    blocks = 3 * 4 * min(scratch, num_classes * max(dim, per_group))
+    on_top = max(num_classes * _SORT_BYTES_PER_ROW, blocks)
+    members = num_classes * 8 * (1 + _SLACK)  # int64, padded
+    scan = 2 * 4 * min(_SCAN_ENTRIES, num_classes * max(_CALIBRATION_QUERIES, dim))  # scores, gathered rows
+    return snapshot + max(num_classes * groups, num_classes * clusters + on_top, round(members) + scan)
 
 
 def cluster_layout(num_classes: int, leaf_size: int | None = None) -> tuple[int, int, int]:
@@ -319,8 +335,9 @@ class ClusterIndex(ClassSelector):
         rows = torch.empty(weight.shape, dtype=storage, device=device)
         norms = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
         scales = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
-        for start in range(0, weight.shape[0], self.chunk_rows):
-            chunk = weight[start : start + self.chunk_rows].to(device, non_blocking=True)
+        step = max(1, min(self.chunk_rows, _scratch_entries(device) // weight.shape[1]))  # a block of rows
+        for start in range(0, weight.shape[0], step):
+            chunk = weight[start : start + step].to(device, non_blocking=True)
             stop = start + chunk.shape[0]
             rows[start:stop], norms[start:stop], scales[start:stop] = self._encode(chunk, storage)
         return {"rows": rows, "norms": norms, "scales": scales}
@@ -405,7 +422,9 @@ class ClusterIndex(ClassSelector):
         )
         even = num_classes // groups + (torch.arange(groups, device=device) < num_classes % groups).long()
         group = capacity_assign(candidates, scores, groups, even)  # (C,) sizes floor or ceil of C / groups
-        nearby = candidates[:, : min(_GROUP_COPIES, groups)]  # (C, copies) the groups each row is scored in
+        # (C, copies) the groups each row is scored in; the candidates' other columns are freed here
+        nearby = candidates[:, : min(_GROUP_COPIES, groups)].clone()
+        del scores, candidates
         assignment = self._split_groups(state, group, nearby, (groups, per_group, width), generator, cancel)
         k = groups * per_group
         state.update(
@@ -443,29 +462,47 @@ class ClusterIndex(ClassSelector):
         starts = torch.randperm(num_classes // groups, generator=generator)[:per_group].to(device)
         centroids = self._gather(state, primary[:, starts], torch.float32)  # (G, per_group, D) random rows
         # a row is scored in its `copies` best groups: a group boundary that cuts a tight set of rows costs
-        # little when those rows may still join the clusters on the other side
-        copies = nearby.shape[1]
-        entries = self._members(nearby.flatten(), groups)  # (G, E) entry e = row e // copies, -1 padded
-        valid = entries >= 0
+        # little when those rows may still join the clusters on the other side. One copy slot at a time, so
+        # that every row is in one group of the slot and its running best candidates merge without conflicts;
+        # a slot's rows are held sorted by group and padded to the widest group a block of groups at a time (a
+        # padded (G, n) table would hold the widest group's count for every group: several times the rows
+        # where second choices crowd a group)
+        slots = []
+        widest = 1
+        for in_group in nearby.unbind(1):  # (C,) each row's group in this slot
+            counts = torch.bincount(in_group, minlength=groups)
+            first = torch.cumsum(counts, 0) - counts  # (G,) each group's first position in by_group
+            by_group = torch.argsort(in_group, stable=True)  # (C,) the rows, group after group
+            slots.append((in_group, by_group, first, [*first.tolist(), num_classes]))  # host sync, once
+            widest = max(widest, int(counts.max()))
         r = min(_ASSIGN_CANDIDATES, per_group)
-        block = max(1, _scratch_entries(device) // (entries.shape[1] * max(dim, per_group)))  # (b, E, D) rows
+        block = max(1, _scratch_entries(device) // (widest * max(dim, per_group)))  # (b, n, D) rows
         offsets = torch.arange(groups, device=device)[:, None, None] * per_group  # (G, 1, 1)
         assignment = group * per_group
         for _ in range(self.kmeans_iters):
             self._check_cancel(cancel)
-            scores = torch.full((num_classes * copies, r), -math.inf, device=device)
-            # int32 cluster ids: a third less of what a build holds a row (10 GB at 10^8 rows)
-            candidates = torch.zeros(num_classes * copies, r, dtype=torch.int32, device=device)
-            for start in range(0, groups, block):
-                ids, seen = entries[start : start + block], valid[start : start + block]
-                x = self._gather(state, ids.clamp_min(0) // copies, compute)  # (b, E, D)
-                low = torch.nn.functional.normalize(centroids[start : start + block], dim=2).to(compute)
-                top = torch.bmm(x, low.transpose(1, 2)).float().topk(r, dim=2)  # (b, E, r)
-                scores[ids[seen]] = top.values[seen]
-                candidates[ids[seen]] = (top.indices + offsets[start : start + block])[seen].to(torch.int32)
-            best = scores.view(num_classes, copies * r).topk(r, dim=1)  # (C, r) over the row's copies
-            candidates = candidates.view(num_classes, copies * r).gather(1, best.indices)
-            assignment = capacity_assign(candidates, best.values, groups * per_group, width)
+            # each row's r best clusters so far (int32 ids: a third less of what a build holds a row); the
+            # spare last row takes what the padding scores, so that no step waits for a count of real rows
+            best = torch.full((num_classes + 1, r), -math.inf, device=device)
+            picked = torch.zeros(num_classes + 1, r, dtype=torch.int32, device=device)
+            for in_group, by_group, first, bounds in slots:
+                for start in range(0, groups, block):
+                    stop = min(groups, start + block)
+                    part = by_group[bounds[start] : bounds[stop]]  # the rows of groups [start, stop)
+                    group_of = in_group[part]
+                    rank = torch.arange(part.numel(), device=device) - (first[group_of] - bounds[start])
+                    ids = torch.full((stop - start, widest), num_classes, dtype=torch.int64, device=device)
+                    ids[group_of - start, rank] = part  # (b, n) each once, padded with the spare row
+                    x = self._gather(state, ids.clamp_max(num_classes - 1), compute)  # (b, n, D)
+                    low = torch.nn.functional.normalize(centroids[start:stop], dim=2).to(compute)
+                    top = torch.bmm(x, low.transpose(1, 2)).float().topk(r, dim=2)  # (b, n, r)
+                    scored = ids.flatten()
+                    merged = torch.cat([best[scored], top.values.flatten(0, 1)], 1).topk(r, dim=1)
+                    found = (top.indices + offsets[start:stop]).flatten(0, 1).to(torch.int32)
+                    best[scored] = merged.values
+                    picked[scored] = torch.cat([picked[scored], found], 1).gather(1, merged.indices)
+            assignment = capacity_assign(picked[:num_classes], best[:num_classes], groups * per_group, width)
+            del picked, best
             sums = self._sums(state, torch.arange(num_classes, device=device), assignment, groups * per_group)
             centroids = sums.view(groups, per_group, dim)
         return assignment
@@ -535,25 +572,28 @@ class ClusterIndex(ClassSelector):
         best_scores = queries.new_empty(queries.shape[0], 0)
         best_ids = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
         num_classes = state["rows"].shape[0]
-        chunk = max(1024, (1 << 24) // queries.shape[0])  # (q, chunk) scores of 2^24 entries at a time
+        chunk = max(1024, _SCAN_ENTRIES // max(queries.shape))  # (q, chunk) scores, (chunk, D) rows
         for start in range(0, num_classes, chunk):
             ids = torch.arange(start, min(num_classes, start + chunk), device=queries.device)
             scores = queries @ self._gather(state, ids, torch.float32).T  # (q, chunk)
             if self.metric is Metric.DOT:
                 scores = scores * state["norms"][ids]
-            top = torch.cat([best_scores, scores], 1).topk(min(n, best_scores.shape[1] + ids.numel()), dim=1)
-            best_scores = top.values
-            best_ids = torch.cat([best_ids, ids.expand(queries.shape[0], -1)], 1).gather(1, top.indices)
+            # the chunk's best, merged with the best so far
+            top = scores.topk(min(n, ids.numel()), dim=1)
+            merged = torch.cat([best_scores, top.values], 1)
+            merged = merged.topk(min(n, merged.shape[1]), dim=1)
+            best_scores = merged.values
+            best_ids = torch.cat([best_ids, top.indices + start], 1).gather(1, merged.indices)
         return best_ids
 
     def _sums(self, state: dict[str, Tensor], ids: Tensor, clusters: Tensor, k: int) -> Tensor:
         """``(K, D)`` float32 sums of the snapshot rows ``ids (n,)`` by their ``clusters (n,)``."""
-        sums = torch.zeros(k, state["rows"].shape[1], dtype=torch.float32, device=ids.device)
-        for start in range(0, ids.numel(), self.chunk_rows):
-            part = ids[start : start + self.chunk_rows]
-            sums.index_add_(
-                0, clusters[start : start + self.chunk_rows], self._gather(state, part, torch.float32)
-            )
+        dim = state["rows"].shape[1]
+        sums = torch.zeros(k, dim, dtype=torch.float32, device=ids.device)
+        step = max(1, min(self.chunk_rows, _scratch_entries(ids.device) // dim))  # a scratch block of rows
+        for start in range(0, ids.numel(), step):
+            part = ids[start : start + step]
+            sums.index_add_(0, clusters[start : start + step], self._gather(state, part, torch.float32))
         return sums
 
     def _proposals(self, state: dict[str, Tensor], ids: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
