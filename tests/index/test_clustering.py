@@ -66,6 +66,50 @@ def test_capacity_assign_respects_capacity_and_preference():
         capacity_assign(torch.zeros(5, 1, dtype=torch.long), torch.rand(5, 1), 2, 2)
 
 
+def _capacity_assign_reference(candidates: list, scores: list, k: int, capacity: list) -> list:
+    """Proposals column by column in plain Python: a cluster keeps its best-scoring proposers, a row already
+    seated before a new one where their scores tie (then the lower id); the rejected propose next."""
+    n = len(candidates)
+    assigned, held = [-1] * n, [0.0] * n
+    for column in range(len(candidates[0])):
+        if all(cluster >= 0 for cluster in assigned):
+            break
+        proposals = [[] for _ in range(k)]
+        for row in range(n):
+            seated = assigned[row] >= 0
+            cluster = assigned[row] if seated else candidates[row][column]
+            score = held[row] if seated else scores[row][column]
+            proposals[cluster].append((-score, not seated, row))
+        for cluster, rows in enumerate(proposals):
+            for place, (score, _, row) in enumerate(sorted(rows)):
+                assigned[row], held[row] = (cluster if place < capacity[cluster] else -1), -score
+    free = [row for row in range(n) if assigned[row] < 0]
+    room = [capacity[c] - assigned.count(c) for c in range(k)]
+    seats = [c for c in range(k) for _ in range(room[c])]
+    for row, cluster in zip(free, seats, strict=False):
+        assigned[row] = cluster
+    return assigned
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_capacity_assign_matches_a_plain_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n, k = (
+        int(torch.randint(1, 60, (1,), generator=generator)),
+        int(torch.randint(1, 9, (1,), generator=generator)),
+    )
+    r = int(torch.randint(1, k + 1, (1,), generator=generator))
+    candidates = torch.stack([torch.randperm(k, generator=generator)[:r] for _ in range(n)])
+    if seed % 2:
+        candidates = candidates.int()  # as a cold build passes them
+    # few distinct scores: ties between a seated row and a new proposer are common
+    scores = torch.randint(0, 3, (n, r), generator=generator).float().sort(dim=1, descending=True).values
+    capacity = torch.randint(0, 2 * (n // k) + 2, (k,), generator=generator)
+    capacity[0] += max(0, n - int(capacity.sum()))
+    expected = _capacity_assign_reference(candidates.tolist(), scores.tolist(), k, capacity.tolist())
+    assert capacity_assign(candidates, scores, k, capacity).tolist() == expected
+
+
 @pytest.mark.parametrize("n,max_leaf", [(1, 1), (7, 1), (100, 100), (101, 100), (1000, 100), (777, 13)])
 def test_hierarchical_leaf_sizes(n, max_leaf):
     leaves = hierarchical_balanced_2means(torch.randn(n, 5), max_leaf=max_leaf, iters=2)

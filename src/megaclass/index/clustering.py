@@ -105,26 +105,27 @@ def capacity_assign(candidates: Tensor, scores: Tensor, k: int, capacity: int | 
         )
     assigned = torch.full((n,), -1, dtype=torch.int64, device=device)
     held = torch.zeros(n, dtype=scores.dtype, device=device)
-    every = torch.arange(n, device=device)
     for column in range(r):
-        members = every[assigned >= 0]
-        free = every[assigned < 0]
-        if free.numel() == 0:
+        proposing = assigned < 0
+        if not bool(proposing.any()):  # host sync: every row is seated
             break
-        points = torch.cat([members, free])
-        clusters = torch.cat([assigned[members], candidates[free, column].long()])
-        point_scores = torch.cat([held[members], scores[free, column]])
+        # the rows holding a seat, then those proposing (ids ascending in each): the order ties keep
+        points = torch.argsort(proposing, stable=True)
+        clusters = torch.where(proposing, candidates[:, column], assigned)[points]
+        point_scores = torch.where(proposing, scores[:, column], held)[points]
         # sort by cluster, best score first within a cluster (two stable sorts)
         order = torch.argsort(point_scores, descending=True, stable=True)
         order = order[torch.argsort(clusters[order], stable=True)]
         sorted_clusters = clusters[order]
+        del clusters
         counts = torch.bincount(sorted_clusters, minlength=k)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(points.numel(), device=device) - starts[sorted_clusters]
-        keep = rank < capacity[sorted_clusters]
-        assigned[points[order]] = torch.where(keep, sorted_clusters, torch.full_like(sorted_clusters, -1))
-        held[points[order]] = point_scores[order]
-    free = every[assigned < 0]
+        rank = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_clusters]
+        rejected = rank >= capacity[sorted_clusters]
+        del rank
+        rows = points[order]
+        assigned[rows] = sorted_clusters.masked_fill_(rejected, -1)
+        held[rows] = point_scores[order]
+    free = (assigned < 0).nonzero().squeeze(1)
     if free.numel():
         room = capacity - torch.bincount(assigned[assigned >= 0], minlength=k)
         slots = torch.repeat_interleave(torch.arange(k, device=device), room)  # one entry per free seat

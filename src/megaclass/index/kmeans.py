@@ -88,7 +88,7 @@ _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
 # batched matmuls; the CPU gains nothing from them and would hold their hundreds of MB in host memory
 _SCRATCH_ENTRIES = {"cuda": 1 << 27, "cpu": 1 << 24}
 _SCAN_ENTRIES = 1 << 24  # scores (and rows) of the calibration's exact scan at once
-_SORT_BYTES_PER_ROW = 128  # what capacity_assign holds a row while it sorts (measured: 113 bytes)
+_SORT_BYTES_PER_ROW = 104  # what capacity_assign holds a row while it sorts (measured: 98 bytes)
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
 _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
