@@ -35,20 +35,30 @@ def test_explicit_keys_are_what_the_user_gave(tmp_path):
     assert "optim.head.lr" in keys and "model.hidden" in keys and "train.valid_fraction" in keys
 
 
-def test_no_settings_on_bow_is_the_xmc_mlp_preset():
+def test_no_settings_on_multilabel_bow_is_the_xmc_mlp_hinge_preset():
     config, description = _resolve()
-    assert config == resolve_auto(from_preset("xmc-mlp"), BOW)
-    assert (config.optim.encoder.lr, config.model.dropout, config.train.epochs) == (0.005, 0.5, 3)
+    assert config == resolve_auto(from_preset("xmc-mlp-hinge"), BOW)
+    assert (config.head.loss, config.train.batch_size, config.train.ema_decay) == ("squared_hinge", 64, 0.0)
+    assert (config.optim.encoder.lr, config.model.dropout, config.train.epochs) == (0.002, 0.65, 5)
     assert description == (
-        "recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels, 40 positives a label; 3 epochs); "
-        "explicit settings win"
+        "recipe: xmc-mlp-hinge (BoW, multi-label, 15,000 documents, 7,500 labels, 40 positives a label; "
+        "5 epochs); explicit settings win"
     )
+
+
+def test_no_settings_on_one_label_data_is_the_xmc_mlp_preset():
+    config, description = _resolve(facts=TEXT_ONE_LABEL)
+    assert config == resolve_auto(from_preset("xmc-mlp"), TEXT_ONE_LABEL)
+    assert (config.head.loss, config.optim.encoder.lr, config.train.epochs) == ("softmax", 0.005, 3)
+    assert description.startswith("recipe: xmc-mlp (text, multi-class")
 
 
 def test_explicit_settings_win_even_when_they_equal_the_defaults():
     config, _ = _resolve(["optim.encoder.lr=0.001", "train.epochs=10", "model.hidden=[64]"])
     assert config.optim.encoder.lr == 0.001 and config.train.epochs == 10 and config.model.hidden == (64,)
-    assert config.optim.head.lr == 0.005 and config.model.dropout == 0.5  # the rest from xmc-mlp
+    assert config.optim.head.lr == 0.002 and config.model.dropout == 0.65  # the rest from xmc-mlp-hinge
+    config, _ = _resolve(["head.loss=softmax"])
+    assert config.head.loss == "softmax" and config.head.init_scale == 0.2
 
 
 def test_a_sparse_head_gets_the_spartex_recipe():

@@ -7,18 +7,19 @@ values that depend on the data (``head.loss``, ``data.label_feature_dim``). Both
 config, the explicit keys and the data facts, never of the device: the same run resolves to the same config on
 the CPU and a GPU, and a resumed run to the config it was started with.
 
-An MLP recipe over sparse rows (``xmc-mlp``, ``spartex``) trains long enough for each label to see about
-100 positive rows: its preset's epochs (tuned on a set with 150 positives a label an epoch) or more where
-labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps the best epoch.
+An MLP recipe over sparse rows (``xmc-mlp``, ``xmc-mlp-hinge``, ``spartex``) trains long enough for each
+label to see about 100 positive rows: its preset's epochs (tuned on a set with 150 positives a label an
+epoch) or more where labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps
+the best epoch.
 
 >>> facts = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=10_000, num_positives=75_000)
 >>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)
 >>> description.split("; ")[0]
-'recipe: xmc-mlp (BoW, multi-label, 15,000 documents, 7,500 labels, 10 positives a label'
+'recipe: xmc-mlp-hinge (BoW, multi-label, 15,000 documents, 7,500 labels, 10 positives a label'
 >>> description.split("; ")[1:]
 ['10 epochs)', 'explicit settings win']
 >>> config.optim.encoder.lr, config.head.loss, config.train.epochs
-(0.005, 'softmax', 10)
+(0.002, 'squared_hinge', 10)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ __all__ = [
 _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
 _POSITIVES_PER_LABEL = 100  # positive rows each label sees over an MLP recipe's run (epochs_for)
 _MAX_EPOCHS = 30
-_MLP_RECIPES = ("xmc-mlp", "spartex")
+_MLP_RECIPES = ("xmc-mlp", "xmc-mlp-hinge", "spartex")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,9 @@ def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str,
 
     Images: ``hfsoftmax``. A transformer encoder: ``xmc-transformer`` (its own encoder lr, warm-up and
     clipping), with the ``spartex`` head section under a sparse head. Sparse rows (BoW, text) under the MLP:
-    ``spartex`` with a sparse head (intermediate layer, auxiliary loss, label groups), else ``xmc-mlp``.
+    ``spartex`` with a sparse head (intermediate layer, auxiliary loss, label groups); ``xmc-mlp-hinge`` for
+    multi-label rows under the dense head (each label scored apart, as one-vs-rest); else ``xmc-mlp`` (a
+    softmax: one-label data, the sampled heads).
     """
     if facts.inputs == "images":
         return "hfsoftmax", copy.deepcopy(_preset("hfsoftmax"))
@@ -137,7 +140,10 @@ def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str,
             settings["head"] = copy.deepcopy(_preset("spartex")["head"])
             return "xmc-transformer with the spartex head", settings
         return "xmc-transformer", settings
-    name = "spartex" if sparse_head else "xmc-mlp"
+    if sparse_head:
+        name = "spartex"
+    else:
+        name = "xmc-mlp-hinge" if facts.multilabel and config.head.type == "dense" else "xmc-mlp"
     return name, copy.deepcopy(_preset(name))
 
 
