@@ -14,13 +14,15 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   peak beside it;
 - host: the plan's peak against the process's peak resident set (``VmHWM``) above its resident set once
   PyTorch and CUDA are loaded (the plan counts what the run holds, not the libraries), and against the peak
-  of the C heap's bytes in use (:class:`~_harness.HeapPeak`): the resident set holds, beside those, the freed
-  memory the C allocator keeps for its next allocations (the more so with a build in a thread of its own).
+  of the C heap's bytes in use (:class:`~_harness.HeapPeak`, CPU runs: on a GPU its reading after every op
+  would stand in the way of the step's CUDA graph): the resident set holds, beside those, the freed memory the
+  C allocator keeps for its next allocations (the more so with a build in a thread of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -83,7 +85,8 @@ def child(args: argparse.Namespace) -> None:
     base = process_memory("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with HeapPeak() as heap:
+    heap = HeapPeak() if not cuda else None
+    with heap if heap is not None else contextlib.nullcontext():
         train(
             config,
             train_path=train_path,
@@ -100,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
         "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
         "host": process_memory("VmHWM") - base,
-        "host_allocated": heap.peak,
+        "host_allocated": heap.peak if heap is not None else None,
     }
     print(json.dumps(row), flush=True)
 
