@@ -282,3 +282,17 @@ def test_rows_a_cold_build_cannot_serve_better_are_not_clustered_again(monkeypat
     for _ in range(8):
         index.build(rows, changed=torch.arange(4096))  # warm builds 1 to 8: the search chosen at 1, 2, 4, 8
     assert index.metrics()["index_calibrated_recall"] < 0.92 and colds == [1]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("row_dtype", [None, "bfloat16"])
+def test_a_query_scores_its_members_a_block_of_features_at_a_time(monkeypatch, metric, row_dtype):
+    import megaclass.index.kmeans as kmeans
+
+    rows, features = trained_like(3000, 16, 60, 37, seed=5)
+    index = ClusterIndex(metric=metric, row_dtype=row_dtype, compute_dtype=row_dtype, background=False)
+    index.build(rows)
+    whole = index.query(features, 10)  # (37, 10), every feature's members in one block
+    for entries in (1, 3 * 16 * 100):  # a feature a block; blocks of a few features, the last one short
+        monkeypatch.setitem(kmeans._SCRATCH_ENTRIES, "cpu", entries)
+        assert torch.equal(index.query(features, 10), whole)

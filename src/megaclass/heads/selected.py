@@ -46,7 +46,12 @@ from megaclass.index.config import (
     NoIndexConfig,
     build_index,
 )
-from megaclass.index.kmeans import DEFAULT_PROBES, cluster_layout, cold_build_scratch_bytes
+from megaclass.index.kmeans import (
+    DEFAULT_PROBES,
+    cluster_layout,
+    cold_build_scratch_bytes,
+    query_scratch_bytes,
+)
 from megaclass.index.selection import coprime_multipliers
 from megaclass.ops.collectives import (
     ClassShard,
@@ -638,7 +643,7 @@ class SelectedHead(Head):
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
         servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index, the
-        active rows' gradients, ``B x S`` logits per batch."""
+        active rows' gradients, ``B x S`` logits and the index's search per batch."""
         classes, dim = context.num_classes, context.in_features
         element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
         rows = classes * dim * element
@@ -662,6 +667,11 @@ class SelectedHead(Head):
         pulled = active * dim * 4 * (2 if config.margin.enabled else 1)  # (S, D) rows (normalised too)
         staged = 2 * active * dim * 4 if config.store == "host" else 0  # pinned rows out, gradients back
         block = 0 if on_device else min(classes, _READ_BLOCK) * dim * 4  # rows read to the device to score
+        query = (  # the index's search for the batch's neighbours: the member rows it gathers and scores
+            query_scratch_bytes(classes, dim, request.batch, device_type=request.device_type)
+            if isinstance(config.index, ClusterIndexConfig)
+            else 0
+        )
         index_setting = (
             "head.index.dtype=int8" if isinstance(config.index, ClusterIndexConfig) else "head.index=none"
         )
@@ -672,7 +682,9 @@ class SelectedHead(Head):
             "optimizer": placed(state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),
             "index build": PlannedBytes(index[2], 0, "head.index=none"),
-            "activations": PlannedBytes(logits + pulled + request.batch * dim * 4, staged, "head.sample_num"),
+            "activations": PlannedBytes(
+                logits + pulled + query + request.batch * dim * 4, staged, "head.sample_num"
+            ),
             "evaluation": PlannedBytes(  # a chunk of (B, chunk) fp32 logits (and their cosines) and its top-k
                 block + (1 + config.margin.enabled) * request.eval_batch * config.chunk_size * 4,
                 0,

@@ -70,6 +70,7 @@ __all__ = [
     "auto_leaf_size",
     "cluster_layout",
     "cold_build_scratch_bytes",
+    "query_scratch_bytes",
     "search_cost",
 ]
 
@@ -213,6 +214,13 @@ def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, devi
     members = num_classes * 8 * (1 + _SLACK)  # int64, padded
     scan = 2 * 4 * min(_SCAN_ENTRIES, num_classes * max(_CALIBRATION_QUERIES, dim))  # scores, gathered rows
     return snapshot + max(num_classes * groups, num_classes * clusters + on_top, round(members) + scan)
+
+
+def query_scratch_bytes(num_classes: int, dim: int, batch: int, *, device_type: str) -> int:
+    """Bytes a query of ``batch`` features holds beside its answer: the member rows it gathers and scores (up
+    to the calibrated budget of ``4 sqrt(C)`` a feature), a scratch block of them at a time, in float32."""
+    rows = batch * math.ceil(_GATHER_BUDGET_PER_SQRT_C * math.sqrt(num_classes)) * dim
+    return 4 * min(_SCRATCH_ENTRIES["cuda" if device_type == "cuda" else "cpu"], rows)
 
 
 def cluster_layout(num_classes: int, leaf_size: int | None = None) -> tuple[int, int, int]:
@@ -853,8 +861,13 @@ class ClusterIndex(ClassSelector):
         -inf) for the unit ``queries (B, D)``, computed in the queries' dtype."""
         valid = candidates >= 0
         ids = candidates.clamp_min(0)
-        gathered = self._gather(state, ids, queries.dtype)  # (B, M, D)
-        scores = torch.bmm(gathered, queries[:, :, None]).squeeze(2).float()
+        (batch, count), dim = ids.shape, queries.shape[1]
+        scores = torch.empty(batch, count, dtype=torch.float32, device=ids.device)
+        block = max(1, _scratch_entries(ids.device) // max(1, count * dim))  # (b, M, D) rows at once
+        for start in range(0, batch, block):
+            gathered = self._gather(state, ids[start : start + block], queries.dtype)  # (b, M, D)
+            part = torch.bmm(gathered, queries[start : start + block, :, None]).squeeze(2)
+            scores[start : start + block] = part
         if metric is Metric.DOT:
             scores = scores * state["norms"][ids]
         return scores.masked_fill(~valid, float("-inf"))
