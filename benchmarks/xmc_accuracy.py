@@ -5,7 +5,8 @@
 
 All models see the same BoW rows and are scored by the same
 :class:`~megaclass.metrics.ranking.RankingMetrics` (propensities from the training labels). megaclass trains
-once per ``--config`` file and ``--preset`` name. PECOS XR-Linear runs with its
+as ``megaclass train`` does: once with no config (the defaults: the recipe the data resolves), and once per
+``--config`` file and ``--preset`` name. PECOS XR-Linear runs with its
 defaults for BoW input: the TF-IDF rows as given, PIFA label embeddings clustered by hierarchical 16-way
 k-means, squared-hinge linear rankers at every level, beam search of width 10. The one-vs-rest baseline is
 scikit-learn's linear SVM (squared hinge, as XR-Linear's leaves) or logistic regression. Prints one markdown
@@ -30,7 +31,7 @@ import numpy as np
 
 from megaclass.data.loaders import SparseDataset, open_dataset
 from megaclass.metrics.ranking import RankingMetrics, propensity
-from megaclass.train.config import load_config
+from megaclass.train.config import load_config_and_keys
 from megaclass.train.loop import train
 
 _COLUMNS = ["model", "P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "train_seconds"]
@@ -120,14 +121,15 @@ def pecos_baseline(
 def megaclass_model(
     args: argparse.Namespace, train_path: str, *, config_path: str | None, preset: str | None, name: str
 ) -> dict[str, float]:
-    """Train through the same entry point as ``megaclass train``; its final metrics."""
+    """Train as ``megaclass train [--config FILE | --preset NAME] --set ...`` does (the recipe the data
+    resolves fills the keys none of them set: without either, the defaults); its final metrics."""
     overrides = ["train.progress=false", *args.set]
     if args.quick:
         overrides.append("train.epochs=1")
-    config = load_config(config_path, overrides, preset=preset)
+    config, keys = load_config_and_keys(config_path, overrides, preset=preset)
     with tempfile.TemporaryDirectory() as out_dir:
         run_dir = os.path.join(args.out, name.replace(" ", "-")) if args.out else out_dir
-        return train(config, train_path=train_path, test_path=args.test, out_dir=run_dir)
+        return train(config, train_path=train_path, test_path=args.test, out_dir=run_dir, explicit_keys=keys)
 
 
 def _quick_slice(path: str, rows: int, folder: str) -> str:
@@ -161,6 +163,9 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=2, help="processes (threads for PECOS) fitting baselines")
     parser.add_argument("--no-pecos", action="store_true", help="leave PECOS XR-Linear out")
+    parser.add_argument(
+        "--no-defaults", action="store_true", help="leave out megaclass with no config (the data's recipe)"
+    )
     parser.add_argument("--out", help="keep megaclass's run folders here (one subfolder a config or preset)")
     parser.add_argument("--csv", default="benchmarks/xmc_accuracy.csv", help="append results here")
     parser.add_argument("--quick", action="store_true", help="2,000 training rows, one epoch: a smoke run")
@@ -180,7 +185,8 @@ def main() -> None:
         if not args.no_pecos:
             metrics = pecos_baseline(train_data, test, rows, threads=args.jobs)
             results.append({"model": "XR-Linear (PECOS)", **metrics})
-        runs = [(path, None, os.path.basename(path)) for path in args.config]
+        runs = [] if args.no_defaults else [(None, None, "defaults")]
+        runs += [(path, None, os.path.basename(path)) for path in args.config]
         runs += [(None, preset, f"preset {preset}") for preset in args.preset]
         for config_path, preset, name in runs:
             metrics = megaclass_model(args, train_path, config_path=config_path, preset=preset, name=name)
