@@ -14,8 +14,8 @@ from megaclass.schema import ConfigError
 from megaclass.train.config import RunConfig, from_preset, load_config_and_keys
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 
-# 40 positives a label: the presets' epochs are enough (epochs_for)
-BOW = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=20_000, num_positives=300_000)
+# 80 positives a label: the presets' epochs are enough (epochs_for)
+BOW = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=20_000, num_positives=600_000)
 TEXT_ONE_LABEL = dataclasses.replace(BOW, inputs="text", multilabel=False)
 TOKENS = dataclasses.replace(BOW, inputs="tokens", num_features=30_522)
 IMAGES = DataFacts("images", False, 5_000, num_classes=100, num_features=0, num_positives=5_000)
@@ -41,7 +41,7 @@ def test_no_settings_on_multilabel_bow_is_the_xmc_mlp_hinge_preset():
     assert (config.head.loss, config.train.batch_size, config.train.ema_decay) == ("squared_hinge", 64, 0.0)
     assert (config.optim.encoder.lr, config.model.dropout, config.train.epochs) == (0.002, 0.65, 5)
     assert description == (
-        "recipe: xmc-mlp-hinge (BoW, multi-label, 15,000 documents, 7,500 labels, 40 positives a label; "
+        "recipe: xmc-mlp-hinge (BoW, multi-label, 15,000 documents, 7,500 labels, 80 positives a label; "
         "5 epochs); explicit settings win"
     )
 
@@ -159,11 +159,11 @@ def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice
     assert saved["head"]["group"] == 16 and saved["train"]["epochs"] == 1
 
 
-def test_mlp_recipes_train_until_each_label_saw_about_100_positives():
+def test_mlp_recipes_train_until_each_label_saw_about_200_positives():
     rare = dataclasses.replace(BOW, num_positives=75_000)  # 10 positives a label an epoch
     config, description = _resolve(facts=rare)
-    assert config.train.epochs == 10 and "10 positives a label; 10 epochs)" in description
-    assert _resolve(head="sparse", facts=rare)[0].train.epochs == 10
+    assert config.train.epochs == 20 and "10 positives a label; 20 epochs)" in description
+    assert _resolve(head="sparse", facts=rare)[0].train.epochs == 20
     assert _resolve(head="sparse")[0].train.epochs == 5  # never fewer than the preset's
     assert _resolve(facts=dataclasses.replace(BOW, num_positives=7_500))[0].train.epochs == 30  # at most 30
     assert _resolve(["train.epochs=2"], facts=rare)[0].train.epochs == 2  # explicit settings win

@@ -129,9 +129,13 @@ def test_the_kept_weights_survive_a_kill_and_resume(data, run, tmp_path):
     assert not (out / "metrics.json").exists() and (out / "best").is_dir()
     assert _train(data, out, "--resume") == 0
     resumed, full = _json(out / "metrics.json"), _json(run / "metrics.json")
-    assert {k: v for k, v in resumed.items() if "@" in k or k == "epoch_kept"} == {
-        k: v for k, v in full.items() if "@" in k or k == "epoch_kept"
-    }
+    (kept_curve,) = [r for r in _records(out, "eval_test_curve") if r["epoch"] == resumed["epoch_kept"]]
+    for key in ("P@1", "P@5", "nDCG@5", "PSP@5"):
+        assert resumed[key] == kept_curve[key], key
+    if not torch.cuda.is_available():  # a GPU's atomic adds make two runs differ in the last bits
+        assert {k: v for k, v in resumed.items() if "@" in k or k == "epoch_kept"} == {
+            k: v for k, v in full.items() if "@" in k or k == "epoch_kept"
+        }
 
 
 def test_patience_stops_after_evaluations_without_improvement(data, tmp_path):

@@ -21,7 +21,8 @@ scored against the clusters of its 3 nearest groups (a boundary between groups c
 apart) and seated by capacity (at most ``W = 1.25 C / K`` rows per cluster). It costs ``O(C sqrt(K) D)`` in
 a few batched matmuls and sorts: no pass is ``O(C K D)``. The build then picks the search's counts: over
 sampled rows used as queries, the cheapest pair (``group_probes`` groups, ``probes`` clusters among theirs)
-whose clusters hold ``recall_target`` of the exact top 10, within a budget of ``4 sqrt(C)`` rows gathered per
+whose clusters hold ``recall_target`` of each one's 10 nearest other rows (itself left out: it is found
+wherever it sits, and a feature is no class row), within a budget of ``4 sqrt(C)`` rows gathered per
 query (rows that carry no cluster structure yet, such as a fresh initialisation, would otherwise ask for
 most of the matrix: then the budget's best recall is taken). Later builds are warm and touch only the rows
 updated since the previous build (``changed``, the rows a sparse step touched): their snapshot is
@@ -247,9 +248,9 @@ class ClusterIndex(ClassSelector):
             a cluster holds at most ``1.25`` times as many (the padded width ``W``).
         probes: clusters searched per query, in every group (raised automatically when ``n`` needs more);
             None: chosen at each cold build with the groups probed first, as the search gathering the fewest
-            rows that finds ``recall_target`` of the exact top 10 of sampled rows.
-        recall_target: recall@10 the chosen search reaches on the build's sample of rows (0.92 measures
-            >= 0.9 on features near trained-like rows).
+            rows that finds ``recall_target`` of the 10 nearest other rows of sampled rows.
+        recall_target: recall@10 the chosen search reaches on the build's sample of rows, each query's
+            own row left out (0.92 measures >= 0.9 on features near trained-like rows).
         neighbours: clusters a row may move to in a warm build.
         refine_iters: re-assignment rounds per warm build (0: only refresh snapshot and centroids).
         kmeans_iters: balanced k-means iterations of each level of a cold build.
@@ -518,9 +519,9 @@ class ClusterIndex(ClassSelector):
     @torch.no_grad()
     def _calibrated_search(self, state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(probes, group_probes, recall)``, ``()`` tensors: of the searches gathering at most ``4 sqrt(C)``
-        rows per query whose clusters hold ``recall_target`` of the exact top 10 of sampled rows used as
-        queries, the one scoring the fewest rows per query; where none reaches it, the one of best recall
-        (``probes`` itself, every group searched, when set; its recall not measured: nan).
+        rows per query whose clusters hold ``recall_target`` of the 10 nearest other rows of sampled rows
+        used as queries, the one scoring the fewest rows per query; where none reaches it, the one of best
+        recall (``probes`` itself, every group searched, when set; its recall not measured: nan).
 
         For ``g`` groups probed (1, 2, 4, ... and all), the clusters of the query's ``g`` best groups are
         ranked by centroid score; the rank of a true neighbour's cluster among them is the probe count that
@@ -542,7 +543,10 @@ class ClusterIndex(ClassSelector):
         generator = torch.Generator().manual_seed(self.seed + 1)
         picks = torch.randperm(num_classes, generator=generator)[:_CALIBRATION_QUERIES].to(device)
         queries = self._gather(state, picks, torch.float32)  # (q, D) unit rows
-        truth = self._scan(state, queries, min(_CALIBRATION_K, num_classes))  # (q, t)
+        truth = self._true_neighbours(state, queries, picks)  # (q, t)
+        if truth.shape[1] == 0:  # one class: every search finds it
+            one = torch.tensor(1, device=device)
+            return one, torch.tensor(groups, device=device), torch.tensor(1.0, device=device)
         low = queries.to(centroids.dtype)
         order = (low @ centroids.T).float().argsort(dim=1, descending=True)  # (q, K) clusters, best first
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=device).expand_as(order))
@@ -574,6 +578,15 @@ class ClusterIndex(ClassSelector):
             torch.tensor(best[3], device=device),
             torch.tensor(best[4], device=device),
         )
+
+    def _true_neighbours(self, state: dict[str, Tensor], queries: Tensor, picks: Tensor) -> Tensor:
+        """``(q, t)`` ids of the exact top ``t = min(10, C - 1)`` rows for the rows ``picks (q,)`` used as
+        ``queries``, each without its own row: a query row is found wherever it sits (and ranks first by
+        cosine), so counting it would overstate the recall that features, which are no class row, get."""
+        found = self._scan(state, queries, min(_CALIBRATION_K + 1, state["rows"].shape[0]))  # (q, t + 1)
+        others = found != picks[:, None]
+        others[:, -1] &= ~others.all(dim=1)  # a row outside its own top t + 1 drops the last instead
+        return found[others].view(found.shape[0], found.shape[1] - 1)
 
     def _scan(self, state: dict[str, Tensor], queries: Tensor, n: int) -> Tensor:
         """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by the metric."""

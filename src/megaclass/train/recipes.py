@@ -8,18 +8,19 @@ config, the explicit keys and the data facts, never of the device: the same run 
 the CPU and a GPU, and a resumed run to the config it was started with.
 
 An MLP recipe over sparse rows (``xmc-mlp``, ``xmc-mlp-hinge``, ``spartex``) trains long enough for each
-label to see about 100 positive rows: its preset's epochs (tuned on a set with 150 positives a label an
+label to see about 200 positive rows: its preset's epochs (tuned on a set with 150 positives a label an
 epoch) or more where labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps
-the best epoch.
+the best epoch. (On a planted set with 11 positives a label an epoch, 18 epochs against 9 gain 1.7 points
+P@1 under the dense head and 2.8 under the sparse one.)
 
 >>> facts = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=10_000, num_positives=75_000)
 >>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)
 >>> description.split("; ")[0]
 'recipe: xmc-mlp-hinge (BoW, multi-label, 15,000 documents, 7,500 labels, 10 positives a label'
 >>> description.split("; ")[1:]
-['10 epochs)', 'explicit settings win']
+['20 epochs)', 'explicit settings win']
 >>> config.optim.encoder.lr, config.head.loss, config.train.epochs
-(0.002, 'squared_hinge', 10)
+(0.002, 'squared_hinge', 20)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
-_POSITIVES_PER_LABEL = 100  # positive rows each label sees over an MLP recipe's run (epochs_for)
+_POSITIVES_PER_LABEL = 200  # positive rows each label sees over an MLP recipe's run (epochs_for)
 _MAX_EPOCHS = 30
 _MLP_RECIPES = ("xmc-mlp", "xmc-mlp-hinge", "spartex")
 
@@ -101,12 +102,12 @@ class DataFacts:
 
 
 def epochs_for(facts: DataFacts, preset_epochs: int) -> int:
-    """Epochs of an MLP recipe: enough for each label to see about 100 positive rows, at least the preset's
+    """Epochs of an MLP recipe: enough for each label to see about 200 positive rows, at least the preset's
     and at most 30.
 
     >>> facts = DataFacts("bow", True, 20_000, num_classes=5_000, num_features=1, num_positives=55_000)
     >>> epochs_for(facts, 3), epochs_for(dataclasses.replace(facts, num_positives=10**6), 3)
-    (10, 3)
+    (19, 3)
     """
     wanted = math.ceil(_POSITIVES_PER_LABEL / max(facts.positives_per_label, 1e-9))
     return max(preset_epochs, min(_MAX_EPOCHS, wanted))
