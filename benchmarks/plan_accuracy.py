@@ -85,8 +85,8 @@ def child(args: argparse.Namespace) -> None:
     base = process_memory("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    heap = HeapPeak() if not cuda else None
-    with heap if heap is not None else contextlib.nullcontext():
+    heap = None if cuda else HeapPeak()
+    with heap or contextlib.nullcontext():
         train(
             config,
             train_path=train_path,

@@ -190,8 +190,10 @@ def _release_free_host_memory() -> None:
         trim(0)
 
 
-def _scratch_entries(device: torch.device) -> int:
-    return _SCRATCH_ENTRIES["cuda" if device.type == "cuda" else "cpu"]
+def _scratch_entries(device: torch.device | str) -> int:
+    """Entries of the largest scratch tensors on ``device`` (a device or its type, as ``"cuda"``)."""
+    kind = device if isinstance(device, str) else device.type
+    return _SCRATCH_ENTRIES["cuda" if kind == "cuda" else "cpu"]
 
 
 def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, device_type: str) -> int:
@@ -209,8 +211,7 @@ def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, devi
     groups = _ASSIGN_CANDIDATES * (4 + 8) + _SORT_BYTES_PER_ROW
     clusters = 8 * (3 + 2 * _GROUP_COPIES) + _ASSIGN_CANDIDATES * (4 + 4)
     per_group = cluster_layout(num_classes)[1]
-    scratch = _SCRATCH_ENTRIES["cuda" if device_type == "cuda" else "cpu"]
-    blocks = 3 * 4 * min(scratch, num_classes * max(dim, per_group))
+    blocks = 3 * 4 * min(_scratch_entries(device_type), num_classes * max(dim, per_group))
     on_top = max(num_classes * _SORT_BYTES_PER_ROW, blocks)
     members = num_classes * 8 * (1 + _SLACK)  # int64, padded
     scan = 2 * 4 * min(_SCAN_ENTRIES, num_classes * max(_CALIBRATION_QUERIES, dim))  # scores, gathered rows
@@ -221,7 +222,7 @@ def query_scratch_bytes(num_classes: int, dim: int, batch: int, *, device_type: 
     """Bytes a query of ``batch`` features holds beside its answer: the member rows it gathers and scores (up
     to the calibrated budget of ``4 sqrt(C)`` a feature), a scratch block of them at a time, in float32."""
     rows = batch * math.ceil(_GATHER_BUDGET_PER_SQRT_C * math.sqrt(num_classes)) * dim
-    return 4 * min(_SCRATCH_ENTRIES["cuda" if device_type == "cuda" else "cpu"], rows)
+    return 4 * min(_scratch_entries(device_type), rows)
 
 
 def cluster_layout(num_classes: int, leaf_size: int | None = None) -> tuple[int, int, int]:

@@ -143,8 +143,10 @@ def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str,
         return "xmc-transformer", settings
     if sparse_head:
         name = "spartex"
+    elif facts.multilabel and config.head.type == "dense":
+        name = "xmc-mlp-hinge"
     else:
-        name = "xmc-mlp-hinge" if facts.multilabel and config.head.type == "dense" else "xmc-mlp"
+        name = "xmc-mlp"
     return name, copy.deepcopy(_preset(name))
 
 
