@@ -7,7 +7,7 @@ import torch
 
 from megaclass.data.batch import InputSpec, SparseInputs
 from megaclass.models import build_model, model_config, model_types
-from megaclass.models.mlp import MLPConfig, MLPEncoder
+from megaclass.models.mlp import SPARSE_GRAD_FEATURES, MLPConfig, MLPEncoder
 from megaclass.schema import ConfigError
 
 _ACTIVATIONS = {
@@ -79,6 +79,50 @@ def test_matches_dense_reference(batch, features, hidden, activation, layer_norm
     for (name, _), g, w, t in zip(encoder.named_parameters(), got, want, truth, strict=True):
         error, reference_error = (g.double() - t).abs().max(), (w.double() - t).abs().max()
         assert error <= max(2 * reference_error, 2e-4 * t.abs().max()), (name, error, reference_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("batch", "features", "hidden"), [(1, 1, (1,)), (7, 13, (5,)), (9, 31, (17, 3))])
+def test_a_sparse_first_layer_gradient_is_the_dense_one(batch, features, hidden, dtype):
+    """model.sparse_grad: the same forward, and a sparse gradient whose rows sum to the dense gradient
+    (repeated columns, an empty row, non-contiguous inputs); the other parameters' gradients unchanged."""
+    dense = MLPEncoder(
+        MLPConfig(hidden=hidden, sparse_grad=False), InputSpec(kind="sparse", num_features=features)
+    )
+    sparse = MLPEncoder(
+        MLPConfig(hidden=hidden, sparse_grad=True), InputSpec(kind="sparse", num_features=features)
+    )
+    dense, sparse = dense.to(dtype), sparse.to(dtype)
+    sparse.load_state_dict(dense.state_dict())
+    rows = _random_rows(batch, features, empty_row=batch > 2, dtype=torch.float32)
+    rows = SparseInputs(rows.indices, rows.indptr, torch.stack([rows.weights, rows.weights], 1)[:, 0])
+    assert not rows.weights.is_contiguous() or rows.weights.numel() <= 1
+    upstream = torch.randn(batch, hidden[-1], dtype=dtype)
+    outputs = [encoder(rows) for encoder in (dense, sparse)]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
+    for out in outputs:
+        out.backward(upstream)
+    assert sparse.embedding.grad.is_sparse and not dense.embedding.grad.is_sparse
+    assert sparse.embedding.grad._nnz() == rows.indices.numel()  # one entry a non-zero, no sort
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(sparse.embedding.grad.to_dense(), dense.embedding.grad, **tolerance)
+    for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        if name != "embedding":
+            torch.testing.assert_close(b.grad, a.grad, atol=0, rtol=0)
+    sparse.eval()
+    with torch.no_grad():  # evaluation runs the plain embedding bag
+        torch.testing.assert_close(sparse(rows), dense.eval()(rows), atol=0, rtol=0)
+
+
+def test_sparse_grad_auto_follows_the_number_of_features():
+    config = MLPConfig(hidden=(4,))
+    assert config.sparse_grad == "auto"
+    small = MLPEncoder(config, InputSpec(kind="sparse", num_features=SPARSE_GRAD_FEATURES - 1))
+    assert not small.sparse_gradient and config.resolved_sparse_grad(SPARSE_GRAD_FEATURES)
+    assert not MLPConfig(sparse_grad=False).resolved_sparse_grad(10**9)
+    assert MLPConfig(sparse_grad=True).resolved_sparse_grad(1)
+    with pytest.raises(ConfigError, match="model.sparse_grad"):
+        model_config({"sparse_grad": 3})
 
 
 def test_dropout_only_in_training():

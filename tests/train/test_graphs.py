@@ -429,6 +429,8 @@ _GPU_RUN = (
 )
 _GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
     "dense_softmax": ("dense", "head.loss=softmax"),
+    # the MLP's first layer with a sparse gradient, its entries captured at the padded inputs' size
+    "dense_sparse_grad": ("dense", "head.loss=softmax", "model.sparse_grad=true", "train.grad_clip=1.0"),
     "sparse_softmax": ("sparse", "head.fan_in=16", "head.aux_clusters=0", "head.dst.interval=4"),
     # the auxiliary loss on (its weight read from the device), then off from the cut-off: captured again
     "sparse_aux": (
@@ -535,7 +537,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_under_auto(gpu_task, tmp_pa
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sparse_softmax", "selected_gpu"])
+@pytest.mark.parametrize("name", ["sparse_softmax", "selected_gpu", "dense_sparse_grad"])
 def test_resumed_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
     kind, *head_overrides = _GPU_HEADS[name]
     _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")
@@ -580,6 +582,8 @@ def test_head_step_graph_replays_the_eager_step(spec):
 _GPU_MULTI_LABEL_HEADS = {
     "dense_bce": ("dense",),
     "dense_softmax": ("dense", "head.loss=softmax"),
+    # the MLP's first layer with a sparse gradient, its entries captured at the padded inputs' size
+    "dense_sparse_grad": ("dense", "head.loss=softmax", "model.sparse_grad=true", "train.grad_clip=1.0"),
     "sparse_bce": ("sparse", "head.fan_in=16", "head.aux_clusters=0", "head.dst.interval=4"),
     "sparse_hinge_aux": (
         "sparse",

@@ -137,6 +137,63 @@ def test_row_sgd_matches_dense_sgd(momentum):
     torch.testing.assert_close(weight[ids], param.detach(), rtol=1e-6, atol=1e-7)
 
 
+def _sparse_grad(rows: list[int], values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.sparse_coo_tensor(
+        torch.tensor([rows]), values, shape, check_invariants=True, is_coalesced=False
+    )
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_sparse_gradients_update_their_rows_lazily(weight_decay):
+    """A sparse gradient moves the rows it holds, summed over repeats; rows it holds as zeros (padding) and
+    rows it lacks keep their weights and moments; bias corrections follow the optimizer's step count."""
+    shape, lr, betas = (6, 3), 0.01, (0.9, 0.999)
+    start = torch.randn(shape)
+    param = nn.Parameter(start.clone())
+    optimizer = BF16AdamW([param], lr=lr, weight_decay=weight_decay)
+    steps = [([1, 4, 1, 0], torch.randn(4, 3)), ([4, 0, 2], torch.randn(3, 3))]
+    steps[0][1][3] = 0.0  # row 0 held as zeros at step 1: a padded entry
+    weight, m, v = (
+        start.double(),
+        torch.zeros(shape, dtype=torch.float64),
+        torch.zeros(shape, dtype=torch.float64),
+    )
+    for step, (rows, values) in enumerate(steps, start=1):
+        param.grad = _sparse_grad(rows, values, shape)
+        optimizer.step()
+        grad = torch.zeros(shape, dtype=torch.float64).index_add_(0, torch.tensor(rows), values.double())
+        for row in grad.abs().sum(1).nonzero().flatten().tolist():  # plain lazy AdamW, row by row
+            m[row] = betas[0] * m[row] + (1 - betas[0]) * grad[row]
+            v[row] = betas[1] * v[row] + (1 - betas[1]) * grad[row] ** 2
+            weight[row] *= 1 - lr * weight_decay
+            denom = (v[row] / (1 - betas[1] ** step)).sqrt() + 1e-8
+            weight[row] -= lr / (1 - betas[0] ** step) * m[row] / denom
+    torch.testing.assert_close(param.detach().double(), weight, rtol=1e-6, atol=1e-7)
+    assert torch.equal(param.detach()[3], start[3]) and torch.all(optimizer.state[param]["exp_avg"][3] == 0)
+    assert torch.equal(param.detach()[5], start[5])
+
+
+def test_a_sparse_gradient_over_every_row_is_dense_adamw_and_sgd():
+    shape = (5, 4)
+    start, grads = torch.randn(shape), [torch.randn(shape) for _ in range(3)]
+    rows = [4, 3, 2, 1, 0]  # every row, out of order
+    for ours, theirs in (
+        (
+            lambda p: BF16AdamW(p, lr=0.01, weight_decay=0.1),
+            lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+        ),
+        (lambda p: BF16SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+    ):
+        sparse, dense = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+        optimizers = ours([sparse]), theirs([dense])
+        for grad in grads:
+            sparse.grad = _sparse_grad(rows, grad[rows], shape)
+            dense.grad = grad.clone()
+            for optimizer in optimizers:
+                optimizer.step()
+        torch.testing.assert_close(sparse.detach(), dense.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_bad_arguments():
     weight = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="grads"):

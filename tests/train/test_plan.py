@@ -220,3 +220,28 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synthetic, tmp_path, capsys)
     assert "memory plan: dense head, 500 classes" in capsys.readouterr().out
     assert not out.exists()
     assert sorted(os.listdir(synthetic)) == before
+
+
+def test_a_sparse_first_layer_plans_a_gradient_row_per_non_zero(synthetic):
+    """model.sparse_grad: the encoder's gradient is the batch's non-zeros x H0 (values and row ids), not the
+    table; weights and Adam's moments stay whole."""
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    settings = ["model.hidden=[64]", "train.batch_size=16"]
+    plans = {
+        sparse: plan_run(
+            load_config(overrides=[*settings, f"model.sparse_grad={sparse}"]),
+            shape,
+            device_type="cpu",
+            gpu_capacity=None,
+            host_capacity=64 << 30,
+        )
+        for sparse in ("true", "false")
+    }
+    parts = {sparse: {p.name: p.device_bytes for p in plan.parts} for sparse, plan in plans.items()}
+    table = shape.num_features * 64 * 4
+    nonzeros = max(1, round(16 * shape.nonzeros_per_row))
+    assert parts["false"]["encoder gradients"] - parts["true"]["encoder gradients"] == table - nonzeros * (
+        64 * 4 + 8
+    )
+    for name in ("encoder weights", "encoder optimizer state"):
+        assert parts["true"][name] == parts["false"][name]

@@ -64,11 +64,13 @@ def test_explicit_settings_win_even_when_they_equal_the_defaults():
 def test_a_sparse_head_gets_the_spartex_recipe():
     config, description = _resolve(head="sparse")
     assert config == resolve_auto(from_preset("spartex"), BOW)
-    assert config.head.intermediate == 1024 and config.head.group == 16 and config.head.aux_enabled
+    assert config.head.intermediate == 1024 and config.head.group == 1 and config.head.aux_enabled
     assert config.data.label_feature_dim == 256 and config.head.loss == "bce"
     assert description.startswith("recipe: spartex (BoW, multi-label")
     config, _ = _resolve(["head.fan_in=8", "head.intermediate=0"], head="sparse")
-    assert (config.head.fan_in, config.head.intermediate, config.head.group) == (8, 0, 16)
+    assert (config.head.fan_in, config.head.intermediate) == (8, 0)
+    assert config.model.dropout == from_preset("spartex").model.dropout
+    assert config.optim == from_preset("spartex").optim
 
 
 def test_a_transformer_gets_its_own_optimizer_recipe():
@@ -156,7 +158,7 @@ def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["encoder"]["lr"] == 0.001 and saved["optim"]["head"]["lr"] == 0.002
     assert saved["head"]["loss"] == "bce" and saved["data"]["label_feature_dim"] == 256
-    assert saved["head"]["group"] == 16 and saved["train"]["epochs"] == 1
+    assert saved["head"]["group"] == 1 and saved["train"]["epochs"] == 1
 
 
 def test_mlp_recipes_train_until_each_label_saw_about_200_positives():

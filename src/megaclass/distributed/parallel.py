@@ -90,6 +90,8 @@ class DataParallel:
             if grad is None:
                 continue
             local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2 shards are DTensors
+            if local.is_sparse:
+                local = local.coalesce().values()  # a row's entries summed before squaring
             square = local.float().square().sum()
             if hasattr(grad, "to_local") or (self.sharded_head and id(grad) in head_grads):
                 sharded += square
@@ -102,8 +104,10 @@ class DataParallel:
         total = torch.sqrt(sharded + replicated)
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
         for grad in grads:
-            if grad is not None:
-                grad.mul_(scale)
+            if grad is None:
+                continue
+            # a sparse tensor's mul_ swaps in new values; a replayed step graph writes into the old ones
+            (grad._values() if grad.is_sparse else grad).mul_(scale)
         return total
 
 

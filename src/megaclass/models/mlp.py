@@ -3,6 +3,12 @@
 The first layer never materialises a dense ``(B, F)`` input: it sums the weight rows of each sample's
 non-zero features, scaled by their values (``torch.nn.functional.embedding_bag`` with per-sample weights),
 which is ``x @ W`` for a sparse ``x`` at the cost of its non-zeros.
+
+Over a large vocabulary (``model.sparse_grad``, by default from :data:`SPARSE_GRAD_FEATURES` features) the
+first layer's gradient is a sparse tensor of the rows the batch touched, ``(N, H0)`` values at the batch's
+``N`` non-zeros, instead of a dense ``(F, H0)`` one: the optimizer then moves those rows only ("lazy" Adam,
+:class:`~megaclass.train.low_precision.BF16AdamW`), and a step no longer reads and writes the whole table
+(4 GiB of weights, and twice that of Adam's moments, for a million n-grams x 1,024).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from torch import Tensor, nn
 from megaclass.data.batch import InputSpec, SparseInputs
 from megaclass.schema import ConfigError
 
-__all__ = ["MLPConfig", "MLPEncoder"]
+__all__ = ["SPARSE_GRAD_FEATURES", "MLPConfig", "MLPEncoder"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+SPARSE_GRAD_FEATURES = 1 << 17  # model.sparse_grad=auto: sparse from this many input features
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,9 @@ class MLPConfig:
     input_dropout: float = 0.0  # drop this fraction of each row's non-zeros (rescaling the rest) in training
     layer_norm: bool = False  # LayerNorm before each activation: steadier with large learning rates
     init_scale: float = 1.0  # multiplies the first layer's default init; TF-IDF rows have unit L2 norm
+    # the first layer's gradient as the rows a batch touched, updated lazily; auto: from 2^17 features, where
+    # a batch touches a small share of the table (one process: under torchrun the update is dense)
+    sparse_grad: bool | Literal["auto"] = "auto"
 
     @property
     def out_features(self) -> int:
@@ -46,6 +56,41 @@ class MLPConfig:
                 raise ConfigError(f"model.{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if self.init_scale <= 0:
             raise ConfigError(f"model.init_scale: expected > 0, got {self.init_scale}")
+        if self.sparse_grad not in (True, False, "auto"):
+            raise ConfigError(f"model.sparse_grad: expected true, false or auto, got {self.sparse_grad!r}")
+
+    def resolved_sparse_grad(self, num_features: int) -> bool:
+        """``sparse_grad`` for ``num_features`` inputs (``auto``: from :data:`SPARSE_GRAD_FEATURES`)."""
+        if self.sparse_grad == "auto":
+            return num_features >= SPARSE_GRAD_FEATURES
+        return bool(self.sparse_grad)
+
+
+class _RowSparseEmbeddingBag(torch.autograd.Function):
+    """``embedding_bag(indices, table, indptr, per_sample_weights=weights)`` in sums, whose gradient for
+    ``table (F, H)`` is a sparse ``(F, H)`` tensor: entry ``n`` adds ``weights[n] * grad[row of n]`` to row
+    ``indices[n]``, left uncoalesced (no sort, no host sync: a CUDA graph may capture it)."""
+
+    @staticmethod
+    def forward(ctx, indices: Tensor, indptr: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, indptr, weights)
+        ctx.table_shape = table.shape
+        return nn.functional.embedding_bag(
+            indices, table, indptr, mode="sum", include_last_offset=True, per_sample_weights=weights
+        )  # (B, H)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None, Tensor]:
+        indices, indptr, weights = ctx.saved_tensors
+        entries = torch.arange(indices.numel(), device=indices.device)
+        rows = torch.searchsorted(indptr[1:], entries, right=True)  # (N,) the sample of each entry
+        values = grad[rows] * weights.unsqueeze(1).to(grad.dtype)  # (N, H)
+        # valid by construction: no check (it would sync); a scope, as torch 2.11 warns despite the argument
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            table_grad = torch.sparse_coo_tensor(
+                indices.unsqueeze(0), values, ctx.table_shape, check_invariants=False, is_coalesced=False
+            )
+        return None, None, None, table_grad
 
 
 class MLPEncoder(nn.Module):
@@ -86,19 +131,24 @@ class MLPEncoder(nn.Module):
         self.activation = _ACTIVATIONS[config.activation]()
         self.dropout = nn.Dropout(config.dropout)
         self.out_features = config.hidden[-1]
+        # the first layer's gradient is sparse (model.sparse_grad): its optimizer must take sparse gradients
+        self.sparse_gradient = config.resolved_sparse_grad(self.num_features)
 
     def forward(self, inputs: SparseInputs) -> Tensor:
         """Features ``(B, D)`` of the sparse rows ``inputs``."""
         weights = inputs.weights.to(self.embedding.dtype)  # (N,)
         weights = nn.functional.dropout(weights, self.config.input_dropout, self.training)
-        hidden = nn.functional.embedding_bag(
-            inputs.indices,
-            self.embedding,
-            inputs.indptr,
-            mode="sum",
-            include_last_offset=True,
-            per_sample_weights=weights,
-        )  # (B, H0)
+        if self.sparse_gradient and torch.is_grad_enabled() and self.embedding.requires_grad:
+            hidden = _RowSparseEmbeddingBag.apply(inputs.indices, inputs.indptr, weights, self.embedding)
+        else:
+            hidden = nn.functional.embedding_bag(
+                inputs.indices,
+                self.embedding,
+                inputs.indptr,
+                mode="sum",
+                include_last_offset=True,
+                per_sample_weights=weights,
+            )  # (B, H0)
         hidden = self.dropout(self.activation(self.norms[0](hidden + self.bias)))
         for linear, norm in zip(self.linears, self.norms[1:], strict=False):
             hidden = self.dropout(self.activation(norm(linear(hidden))))  # (B, H_i)

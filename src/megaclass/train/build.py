@@ -7,6 +7,7 @@ folder.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import shards_head
 from megaclass.heads import ClassShard, Head, HeadContext, LabelFeatures, build_head, head_class
 from megaclass.models import build_model
+from megaclass.models.mlp import MLPConfig
 from megaclass.schema import ConfigError
 from megaclass.train.config import OptimGroupConfig, RunConfig
 
@@ -47,7 +49,8 @@ def build_optimizer(
     """The optimizer of ``module``'s trainable parameters; weight decay on matrices only. None if none.
 
     ``low_precision``: bf16 parameters keep bf16 optimizer state, updated with stochastic rounding seeded by
-    ``seed`` (:mod:`megaclass.train.low_precision`).
+    ``seed`` (:mod:`megaclass.train.low_precision`). A module whose layer gives a sparse gradient (an MLP
+    with ``model.sparse_grad``) gets the same optimizers, which move the rows that gradient touched only.
     """
     params = [param for param in module.parameters() if param.requires_grad]
     if not params:
@@ -57,7 +60,8 @@ def build_optimizer(
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if low_precision:
+    sparse_gradients = any(getattr(layer, "sparse_gradient", False) for layer in module.modules())
+    if low_precision or sparse_gradients:
         from megaclass.train.low_precision import BF16SGD, BF16AdamW
 
         if group.name == "sgd":
@@ -112,7 +116,10 @@ def build_modules(
     from megaclass.models.text import label_name_features
 
     dist = dist or DistInfo()
-    encoder = build_model(config.model, data.input_spec)
+    model = config.model
+    if dist.distributed and isinstance(model, MLPConfig):
+        model = dataclasses.replace(model, sparse_grad=False)  # DDP all-reduces dense gradients only
+    encoder = build_model(model, data.input_spec)
     names = label_name_features(config.model, encoder, data.path, num_classes=data.num_classes, device=device)
     if names is not None and config.model.label_features == "names":
         vectors = names

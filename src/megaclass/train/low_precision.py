@@ -9,7 +9,10 @@ run repeats the same bits.
 
 ``head_state: bf16_sr`` in a run config casts the head's floating parameters to bf16 with
 :func:`to_bf16_state` and trains them with :class:`BF16AdamW` or :class:`BF16SGD`. Row stores (the selected
-head) call :func:`row_adamw_` / :func:`row_sgd_` on the rows a step touched.
+head) call :func:`row_adamw_` / :func:`row_sgd_` on the rows a step touched; so do both optimizers for a
+parameter whose gradient is sparse (an MLP's first layer over a large vocabulary, in any dtype): only the
+rows with a non-zero gradient move ("lazy" Adam: the others' moments and weight decay wait for their rows'
+next gradient; the bias corrections follow the optimizer's step count).
 """
 
 from __future__ import annotations
@@ -55,6 +58,15 @@ def _flat(tensor: Tensor, like: Tensor) -> Tensor:
     if not like.is_contiguous():
         return tensor
     return tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+
+
+def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows (S,), gradients (S, D))`` of a sparse ``(C, D)`` gradient: its entries summed by row, the rows
+    whose gradient is all zeros left out (a padded entry moves nothing, replayed or eager)."""
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()  # (S,), (S, D)
+    moved = values.ne(0).flatten(1).any(1)
+    return rows[moved], values[moved]
 
 
 class HeadState(str, enum.Enum):
@@ -158,22 +170,32 @@ class _SeededOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise ValueError(
-                        f"{type(self).__name__}: sparse gradients are not supported; use a row store"
-                    )
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
                     self._init_state(group, param, state)
                 state["step"] += 1
-                self._update(group, param, state, ids[id(param)])
+                if param.grad.is_sparse:
+                    self._update_rows(group, param, state, ids[id(param)], *_touched_rows(param.grad))
+                else:
+                    self._update(group, param, state, ids[id(param)])
         return loss
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _update(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], tensor_id: int) -> None:
+        raise NotImplementedError
+
+    def _update_rows(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        state: dict[str, Any],
+        tensor_id: int,
+        rows: Tensor,
+        grads: Tensor,
+    ) -> None:
         raise NotImplementedError
 
     def _tensor_ids(self) -> dict[int, int]:
@@ -260,6 +282,29 @@ class BF16AdamW(_SeededOptimizer):
             round_into_(exp_avg, m, seed=self._seed(group, step, tensor_id, _EXP_AVG, index))
             round_into_(exp_avg_sq, v, seed=self._seed(group, step, tensor_id, _EXP_AVG_SQ, index))
 
+    def _update_rows(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        state: dict[str, Any],
+        tensor_id: int,
+        rows: Tensor,
+        grads: Tensor,
+    ) -> None:
+        row_adamw_(
+            param.data,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            rows,
+            grads,
+            step=state["step"],
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            seed=philox_seed(group["seed"], tensor_id),
+        )
+
 
 class BF16SGD(_SeededOptimizer):
     """SGD (optional heavy-ball momentum) whose bf16 parameters and momentum are stochastically rounded.
@@ -313,6 +358,27 @@ class BF16SGD(_SeededOptimizer):
                 round_into_(
                     part_buffer, new_buffer, seed=self._seed(group, step, tensor_id, _MOMENTUM, index)
                 )
+
+    def _update_rows(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        state: dict[str, Any],
+        tensor_id: int,
+        rows: Tensor,
+        grads: Tensor,
+    ) -> None:
+        row_sgd_(
+            param.data,
+            state.get("momentum_buffer"),
+            rows,
+            grads,
+            step=state["step"],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            seed=philox_seed(group["seed"], tensor_id),
+        )
 
 
 def row_adamw_(

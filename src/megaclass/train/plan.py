@@ -369,7 +369,11 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
         )
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
-    grads = sum(p.numel() * p.element_size() for p in trainable)
+    trained = sum(p.numel() * p.element_size() for p in trainable)
+    grads = trained
+    if getattr(encoder, "sparse_gradient", False):  # an MLP's first layer: a gradient row per non-zero
+        table = encoder.embedding  # (F, H0)
+        grads += nonzeros * (table.shape[1] * table.element_size() + 8) - table.numel() * table.element_size()
     parameters = {id(p) for p in encoder.parameters()}
     saved: list[int] = []
 
@@ -388,7 +392,7 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
         PlanPart("encoder gradients", grads, 0, setting="model.hidden (a smaller encoder)"),
         PlanPart(
             "encoder optimizer state",
-            _moments(optimizer.name, optimizer.momentum) * grads,
+            _moments(optimizer.name, optimizer.momentum) * trained,
             0,
             setting="optim.encoder.name=sgd",
         ),

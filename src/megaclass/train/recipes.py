@@ -38,6 +38,7 @@ from megaclass.heads import LabelFeatures, head_class
 from megaclass.heads.dense import DenseHeadConfig
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.heads.sparse import SparseHeadConfig
+from megaclass.models.mlp import MLPConfig
 from megaclass.schema import set_path
 from megaclass.train.config import AUTO_LABEL_FEATURE_DIM, RunConfig, config_from_dict, config_to_dict
 
@@ -128,9 +129,9 @@ def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str,
 
     Images: ``hfsoftmax``. A transformer encoder: ``xmc-transformer`` (its own encoder lr, warm-up and
     clipping), with the ``spartex`` head section under a sparse head. Sparse rows (BoW, text) under the MLP:
-    ``spartex`` with a sparse head (intermediate layer, auxiliary loss, label groups); ``xmc-mlp-hinge`` for
-    multi-label rows under the dense head (each label scored apart, as one-vs-rest); else ``xmc-mlp`` (a
-    softmax: one-label data, the sampled heads).
+    ``spartex`` with a sparse head (intermediate layer, auxiliary loss, each label its own inputs);
+    ``xmc-mlp-hinge`` for multi-label rows under the dense head (each label scored apart, as one-vs-rest);
+    else ``xmc-mlp`` (a softmax: one-label data, the sampled heads).
     """
     if facts.inputs == "images":
         return "hfsoftmax", copy.deepcopy(_preset("hfsoftmax"))
@@ -216,9 +217,9 @@ def with_row_optimizer_of(head: SelectedHeadConfig, config: RunConfig) -> Select
 
 def resolve_auto(config: RunConfig, facts: DataFacts) -> RunConfig:
     """``config`` with the ``auto`` values that the data decides written out: ``head.loss`` (``bce``
-    multi-label, ``softmax`` multi-class) and ``data.label_feature_dim`` (256 when the head uses PIFA label
-    vectors and the inputs can make them, else 0). Device-dependent ``auto`` values (``train.device``, kernel
-    choices) stay as they are."""
+    multi-label, ``softmax`` multi-class), ``data.label_feature_dim`` (256 when the head uses PIFA label
+    vectors and the inputs can make them, else 0) and an MLP's ``model.sparse_grad`` (from its number of
+    input features). Device-dependent ``auto`` values (``train.device``, kernel choices) stay as they are."""
     head = config.head
     if isinstance(head, (DenseHeadConfig, SparseHeadConfig)) and head.loss == "auto":
         head = dataclasses.replace(head, loss="bce" if facts.multilabel else "softmax")
@@ -227,4 +228,7 @@ def resolve_auto(config: RunConfig, facts: DataFacts) -> RunConfig:
         wanted = head_class(head).label_features(head) is not LabelFeatures.UNUSED
         dim = AUTO_LABEL_FEATURE_DIM if wanted and facts.inputs != "images" else 0
         data = dataclasses.replace(data, label_feature_dim=dim)
-    return dataclasses.replace(config, head=head, data=data)
+    model = config.model
+    if isinstance(model, MLPConfig) and model.sparse_grad == "auto":
+        model = dataclasses.replace(model, sparse_grad=model.resolved_sparse_grad(facts.num_features))
+    return dataclasses.replace(config, model=model, head=head, data=data)
