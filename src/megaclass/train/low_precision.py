@@ -42,6 +42,8 @@ __all__ = [
 _WEIGHT, _EXP_AVG, _EXP_AVG_SQ, _MOMENTUM = range(
     4
 )  # stream ids: each stored tensor gets its own random bits
+_Dict = dict[str, Any]  # a parameter group, a parameter's state, keyword arguments
+_Rows = tuple[Tensor, Tensor]  # rows (S,) and their gradients (S, D)
 _CHUNK = 1 << 22  # elements updated at once: the fp32 temporaries stay a few 16 MiB buffers at any C
 
 
@@ -176,7 +178,14 @@ class _SeededOptimizer(torch.optim.Optimizer):
                     self._init_state(group, param, state)
                 state["step"] += 1
                 if param.grad.is_sparse:
-                    self._update_rows(group, param, state, ids[id(param)], *_touched_rows(param.grad))
+                    rows, grads = _touched_rows(param.grad)
+                    common = {
+                        "step": state["step"],
+                        "lr": group["lr"],
+                        "weight_decay": group["weight_decay"],
+                        "seed": philox_seed(group["seed"], ids[id(param)]),
+                    }
+                    self._update_rows(group, param, state, (rows, grads), common)
                 else:
                     self._update(group, param, state, ids[id(param)])
         return loss
@@ -187,15 +196,8 @@ class _SeededOptimizer(torch.optim.Optimizer):
     def _update(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], tensor_id: int) -> None:
         raise NotImplementedError
 
-    def _update_rows(
-        self,
-        group: dict[str, Any],
-        param: Tensor,
-        state: dict[str, Any],
-        tensor_id: int,
-        rows: Tensor,
-        grads: Tensor,
-    ) -> None:
+    def _update_rows(self, group: _Dict, param: Tensor, state: _Dict, touched: _Rows, common: _Dict) -> None:
+        """Update the rows ``touched = (rows (S,), grads (S, D))``; ``common``: step, lr, decay, seed."""
         raise NotImplementedError
 
     def _tensor_ids(self) -> dict[int, int]:
@@ -282,28 +284,9 @@ class BF16AdamW(_SeededOptimizer):
             round_into_(exp_avg, m, seed=self._seed(group, step, tensor_id, _EXP_AVG, index))
             round_into_(exp_avg_sq, v, seed=self._seed(group, step, tensor_id, _EXP_AVG_SQ, index))
 
-    def _update_rows(
-        self,
-        group: dict[str, Any],
-        param: Tensor,
-        state: dict[str, Any],
-        tensor_id: int,
-        rows: Tensor,
-        grads: Tensor,
-    ) -> None:
-        row_adamw_(
-            param.data,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            rows,
-            grads,
-            step=state["step"],
-            lr=group["lr"],
-            betas=group["betas"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            seed=philox_seed(group["seed"], tensor_id),
-        )
+    def _update_rows(self, group: _Dict, param: Tensor, state: _Dict, touched: _Rows, common: _Dict) -> None:
+        moments = state["exp_avg"], state["exp_avg_sq"]
+        row_adamw_(param.data, *moments, *touched, betas=group["betas"], eps=group["eps"], **common)
 
 
 class BF16SGD(_SeededOptimizer):
@@ -359,26 +342,8 @@ class BF16SGD(_SeededOptimizer):
                     part_buffer, new_buffer, seed=self._seed(group, step, tensor_id, _MOMENTUM, index)
                 )
 
-    def _update_rows(
-        self,
-        group: dict[str, Any],
-        param: Tensor,
-        state: dict[str, Any],
-        tensor_id: int,
-        rows: Tensor,
-        grads: Tensor,
-    ) -> None:
-        row_sgd_(
-            param.data,
-            state.get("momentum_buffer"),
-            rows,
-            grads,
-            step=state["step"],
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            seed=philox_seed(group["seed"], tensor_id),
-        )
+    def _update_rows(self, group: _Dict, param: Tensor, state: _Dict, touched: _Rows, common: _Dict) -> None:
+        row_sgd_(param.data, state.get("momentum_buffer"), *touched, momentum=group["momentum"], **common)
 
 
 def row_adamw_(

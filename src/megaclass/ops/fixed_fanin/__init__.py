@@ -1,10 +1,10 @@
 """Fixed fan-in sparse layer: every label reads exactly ``K`` inputs (SPARTEX), optionally shared by groups
 of ``G`` labels (HASTE), with fused losses and chunked top-k.
 
-Five layers: Triton kernels and launchers (``kernels.py``, loaded only when a CUDA tensor runs them, with the
-cached column order of the index that their deterministic input gradient needs, ``columns.py``), chunked
-PyTorch launchers (``chunked.py``), the autograd Function and functionals (``function.py``), fused losses and
-top-k (``losses.py``) and the plain reference (``reference.py``).
+Five layers: Triton kernels and launchers (``kernels.py``, loaded only when a CUDA tensor runs them), chunked
+PyTorch launchers (``chunked.py``: sparse matrix products on the CPU), both with the cached column order of
+the index that their input gradient needs (``columns.py``), the autograd Function and functionals
+(``function.py``), fused losses and top-k (``losses.py``) and the plain reference (``reference.py``).
 """
 
 from megaclass.ops.fixed_fanin.function import (

@@ -4,8 +4,9 @@ The input gradient ``dx[b, d]`` sums the contributions of every connection that 
 Triton backward pass writes each connection's contribution (or the label's ``dz`` row, which a per-label
 connection scales by its weight) into a ``(rows, B)`` buffer, one chunk of labels at a time, and a second
 kernel sums, for each column, the rows listed here: a deterministic segmented reduction instead of
-``B * C * K / G`` atomic adds. The order depends on the index only, so it is built once per topology (a
-rewiring changes the index in place, which bumps its version) and cached.
+``B * C * K / G`` atomic adds. The CPU launchers read each chunk's transposed weights (a CSR matrix) from it.
+The order depends on the index only, so it is built once per topology (a rewiring changes the index in
+place, which bumps its version) and cached.
 """
 
 from __future__ import annotations
