@@ -463,11 +463,13 @@ def test_cpu_launchers_over_several_chunks(case, loss, monkeypatch):
     cached column order per chunk), against the reference in fp64."""
     from megaclass.ops.fixed_fanin import chunked
 
+    torch.set_default_device("cpu")  # on a GPU machine too (the fixture restores the default)
     monkeypatch.setattr(chunked, "_GATHER_BUDGET", 7 * case[0])  # 7 labels a chunk
-    x, weight, index, bias = (t.cpu() for t in _problem(case, torch.float32))
-    group, grad = case[4], torch.randn(case[0], case[2] if loss == "none" else 1).squeeze(1)
+    x, weight, index, bias = _problem(case, torch.float32)
+    group = case[4]
+    grad = torch.randn(case[0], case[2] if loss == "none" else 1).squeeze(1)
     tensors = [t.double().requires_grad_() for t in (x, weight, bias)]
-    logits = reference_fixed_fanin(*tensors[:2], index.cpu(), tensors[2], group=group)  # (B, C)
+    logits = reference_fixed_fanin(*tensors[:2], index, tensors[2], group=group)  # (B, C)
     rows = {
         "none": logits,
         "bce": torch.nn.functional.softplus(logits).sum(1),
