@@ -551,9 +551,13 @@ class SparseHead(Head):
         }
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes held: weights, structure (index, buffers), optimizer state (measured once bound, else AdamW's
-        two fp32 moments), and what a dense ``C x D`` head with AdamW would need."""
+        """Bytes held: weights, structure (index, buffers, the index's cached column order), optimizer state
+        (measured once bound, else AdamW's two fp32 moments), and what a dense ``C x D`` head with AdamW would
+        need."""
+        from megaclass.ops.fixed_fanin.columns import cached_bytes
+
         held = super().state_bytes()
+        held["structure"] += cached_bytes(self.index)
         params = list(self.parameters())
         if self._optimizer is not None and any(p in self._optimizer.state for p in params):
             optimizer = sum(
@@ -573,8 +577,9 @@ class SparseHead(Head):
     ) -> dict[str, PlannedBytes]:
         """``(C, K)`` weights and biases, the intermediate layer, the dense head of frequent labels and the
         auxiliary cluster classifier (the trainer gives it label features) with as many gradients and the
-        optimizer's moments; the index rows and label maps; per batch the hidden features, one chunk of
-        gathered inputs ``(B, chunk, K)`` and the positives' ``B x K`` terms."""
+        optimizer's moments; the index rows, label maps and the index's column order that the backward pass
+        caches (a connection id each, and column pointers per chunk); per batch the hidden features, one chunk
+        of gathered inputs ``(B, chunk, K)`` and the positives' ``B x K`` terms."""
         classes, fan_in = context.num_classes, config.fan_in
         hidden = config.intermediate or context.in_features
         tail = classes - config.dense_frequent
@@ -598,6 +603,14 @@ class SparseHead(Head):
         params = weights * (2 if request.low_precision else 4)
         index_bytes = 4 if config.index_dtype == "int32" else 8
         maps = 2 * classes * 8 + (classes * 8 if clusters else 0)  # label order, position (and cluster)
+        grouped = (
+            request.device_type == "cuda" and config.group >= 16 and config.group & (config.group - 1) == 0
+        )
+        connections = (groups if grouped else tail) * fan_in  # the tensor-core kernels order index rows
+        chunks = (
+            1 if request.device_type == "cuda" else -(-tail // max(1, (1 << 22) // max(1, request.batch)))
+        )
+        order = connections * (4 if connections < 2**31 else 8) + (chunks * hidden + 1) * 8
         gathered = min(
             request.batch * groups * fan_in, 1 << 22
         )  # a chunk of (B, chunk, K) inputs, as the ops bound it
@@ -610,7 +623,7 @@ class SparseHead(Head):
             "weights": PlannedBytes(params, 0, "head.fan_in"),
             "gradients": PlannedBytes(params, 0, smaller),
             "optimizer": PlannedBytes(request.optimizer_moments * params, 0, smaller),
-            "index": PlannedBytes(groups * fan_in * index_bytes + maps, 0, "head.group"),
+            "index": PlannedBytes(groups * fan_in * index_bytes + maps + order, 0, "head.group"),
             "activations": PlannedBytes(activations, 0, "train.batch_size"),
             "evaluation": PlannedBytes(scored, 0, "head.topk_chunk"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters and buffers themselves

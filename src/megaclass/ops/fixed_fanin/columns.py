@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ColumnOrder", "column_order"]
+__all__ = ["ColumnOrder", "cached_bytes", "column_order"]
 
 _CACHE_ENTRIES = 4  # topologies kept at once (a head's index, a test's, ...)
 
@@ -102,3 +102,12 @@ def column_order(
         del _cache[next(iter(_cache))]
     _cache[key] = (weakref.ref(index, forget), index._version, params, order)
     return order
+
+
+def cached_bytes(index: Tensor) -> int:
+    """Bytes of the column order cached for ``index`` (0 while none is)."""
+    entry = _cache.get(id(index))
+    if entry is None or entry[0]() is not index:
+        return 0
+    order = entry[3]
+    return order.perm.numel() * order.perm.element_size() + order.colptr.numel() * order.colptr.element_size()
