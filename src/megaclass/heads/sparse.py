@@ -57,6 +57,7 @@ from megaclass.ops.fixed_fanin import (
     positive_logits,
     reference_row_values,
 )
+from megaclass.ops.fixed_fanin.columns import cached_bytes, grouped_tiles
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
@@ -554,10 +555,8 @@ class SparseHead(Head):
         """Bytes held: weights, structure (index, buffers, the index's cached column order), optimizer state
         (measured once bound, else AdamW's two fp32 moments), and what a dense ``C x D`` head with AdamW would
         need."""
-        from megaclass.ops.fixed_fanin.columns import cached_bytes
-
         held = super().state_bytes()
-        held["structure"] += cached_bytes(self.index)
+        held["structure"] += cached_bytes(self.index)  # the column order its backward pass cached
         params = list(self.parameters())
         if self._optimizer is not None and any(p in self._optimizer.state for p in params):
             optimizer = sum(
@@ -603,9 +602,7 @@ class SparseHead(Head):
         params = weights * (2 if request.low_precision else 4)
         index_bytes = 4 if config.index_dtype == "int32" else 8
         maps = 2 * classes * 8 + (classes * 8 if clusters else 0)  # label order, position (and cluster)
-        grouped = (
-            request.device_type == "cuda" and config.group >= 16 and config.group & (config.group - 1) == 0
-        )
+        grouped = request.device_type == "cuda" and grouped_tiles(config.group, fan_in)
         connections = (groups if grouped else tail) * fan_in  # the tensor-core kernels order index rows
         chunks = (
             1 if request.device_type == "cuda" else -(-tail // max(1, (1 << 22) // max(1, request.batch)))

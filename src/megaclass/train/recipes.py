@@ -11,7 +11,7 @@ An MLP recipe over sparse rows (``xmc-mlp``, ``xmc-mlp-hinge``, ``spartex``) tra
 label to see about 200 positive rows: its preset's epochs (tuned on a set with 150 positives a label an
 epoch) or more where labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps
 the best epoch. (On a planted set with 11 positives a label an epoch, 18 epochs against 9 gain 1.7 points
-P@1 under the dense head and 2.8 under the sparse one.)
+P@1 under the dense head: benchmarks/RESULTS.md.)
 
 >>> facts = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=10_000, num_positives=75_000)
 >>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)

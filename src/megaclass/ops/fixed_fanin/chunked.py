@@ -163,8 +163,8 @@ def chunked_bwd(
     grad_b = torch.empty(classes, dtype=torch.float32, device=x.device) if bias is not None else None
     grad = grad.float()
     on_cpu, dim, size = x.device.type == "cpu", x.shape[1], _chunk_size(x, fan_in, group)
-    x_f = x.float()
     if on_cpu:
+        x_f = x.float()
         x_t = x_f.t().contiguous()  # (H, B)
         order = column_order(
             index, classes=classes, group=group, dim=dim, per_label=True, rows_per_chunk=size

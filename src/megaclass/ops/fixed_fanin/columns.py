@@ -17,9 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ColumnOrder", "cached_bytes", "column_order"]
+__all__ = ["ColumnOrder", "cached_bytes", "column_order", "grouped_tiles"]
 
 _CACHE_ENTRIES = 4  # topologies kept at once (a head's index, a test's, ...)
+_MAX_DOT_K = 256  # the grouped kernels hold a group's whole (G, K) weight tile
+
+
+def grouped_tiles(group: int, fan_in: int) -> bool:
+    """Whether the Triton kernels run a group's labels as one tensor-core tile (power-of-two ``G >= 16``,
+    ``K <= 256``): their column order then lists index-row connections, else each label's."""
+    return group >= 16 and group & (group - 1) == 0 and fan_in <= _MAX_DOT_K
 
 
 @dataclass(frozen=True)

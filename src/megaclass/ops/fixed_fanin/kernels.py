@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from megaclass.ops import autotune_enabled
-from megaclass.ops.fixed_fanin.columns import column_order
+from megaclass.ops.fixed_fanin.columns import column_order, grouped_tiles
 
 __all__ = [
     "LOSS_CODES",
@@ -64,7 +64,6 @@ __all__ = [
 LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
 _BLOCK_C = 32  # labels per tile in the per-label kernels
 _MAX_BLOCK_B = 128  # batch rows per block of a tile
-_MAX_DOT_K = 256  # the grouped kernels hold a group's whole (G, K) weight tile
 _MAX_TILES = 8  # tiles per program, at most
 _MIN_PROGRAMS = 4096  # programs kept when grouping tiles: some 2 waves of 16 programs on 132 SMs
 _BLOCK_J = 32  # connections per step of the input-gradient reduction
@@ -507,7 +506,7 @@ class _Geometry:
 def _geometry(batch: int, classes: int, fan_in: int, group: int, per_program: int) -> _Geometry:
     """Grouped tiles for power-of-two ``G >= 16`` and ``K <= 256`` (one group per tile), else per-label;
     ``per_program`` 0 picks :func:`tiles_per_program`."""
-    dot = group >= 16 and group & (group - 1) == 0 and fan_in <= _MAX_DOT_K
+    dot = grouped_tiles(group, fan_in)
     block_b = max(16, min(_MAX_BLOCK_B, triton.next_power_of_2(max(batch, 1))))
     block_c = group if dot else _BLOCK_C
     tiles = triton.cdiv(classes, block_c)
