@@ -356,6 +356,22 @@ def test_sample_num_is_a_count_or_a_fraction():
         SelectedHeadConfig(sample_num=1.5)
 
 
+def test_the_default_leaves_about_half_the_budget_to_random_classes():
+    """The original's rule asks sample_num // B + 1 neighbours a sample: at 64 samples and 200 active classes
+    the index fills the whole budget; by default it gets about half and the rest is drawn at random."""
+    features, targets = torch.randn(64, 12), torch.randint(1000, (64,))
+    true_classes = targets.unique().numel()
+    random_fill = {}
+    for share in (None, 1.0):
+        options = {} if share is None else {"neighbour_share": share}
+        head = _head(num_classes=1000, index="exact", sample_num=200, **options)
+        head(features, targets).backward()
+        assert head.metrics()["active_classes"] == 200
+        random_fill[share] = 200 - true_classes - head.metrics()["neighbour_classes"]
+    assert _head(index="exact").config.neighbour_share == 0.5
+    assert random_fill[1.0] == 0 and random_fill[None] >= 200 - true_classes - 2 * 64  # 2 a sample
+
+
 @pytest.mark.parametrize("share,per_sample", [(1.0, 11), (0.5, 5), (0.0, 0)])
 def test_neighbour_share_sets_the_index_share(share, per_sample):
     head = _head(index="exact", sample_num=40, neighbour_share=share)

@@ -2,6 +2,7 @@
 newest whole checkpoint past a missing pointer, a kill between two renames, truncated or altered files and
 leftovers."""
 
+import errno
 import json
 import os
 import random
@@ -326,3 +327,45 @@ def test_a_sharded_save_hashes_the_rows_once_while_writing_them(tmp_path, monkey
     with open(os.path.join(path, "manifest.json")) as file:
         listed = json.load(file)["files"]["rows_00000.safetensors"]
     assert listed == fingerprint(os.path.join(path, "rows_00000.safetensors"))
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_newest_whole_one(tmp_path, monkeypatch):
+    folder = str(tmp_path / "checkpoints")
+    first = checkpoint.save_checkpoint(folder, 1, {"w": torch.ones(3)})
+    real_write = checkpoint.write_state
+
+    def full_disk(path, state):
+        real_write(path, state)  # the bytes went somewhere; the device then ran out
+        shutil.rmtree(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_state", full_disk)
+    with pytest.raises(OSError, match="no space left on the device writing checkpoint") as caught:
+        checkpoint.save_checkpoint(folder, 2, {"w": torch.zeros(3)})
+    assert caught.value.errno == errno.ENOSPC
+    assert "step_000000002" in str(caught.value) and first in str(caught.value)
+    assert "--resume" in str(caught.value) and "train.keep_checkpoints, now 2" in str(caught.value)
+    assert checkpoint.latest_checkpoint(folder) == first
+    assert torch.equal(checkpoint.load_checkpoint(first)["w"], torch.ones(3))
+
+
+def test_other_write_errors_pass_through(tmp_path, monkeypatch):
+    def denied(path, state):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "write_state", denied)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        checkpoint.save_checkpoint(str(tmp_path), 1, {"w": torch.ones(3)})
+
+
+def test_short_of_room_when_the_next_checkpoint_will_not_fit(tmp_path, monkeypatch):
+    folder = str(tmp_path / "checkpoints")
+    path = checkpoint.save_checkpoint(folder, 1, {"w": torch.ones(1000)})
+    size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    assert checkpoint.short_of_room(folder, path) is None  # this disk has room for a few KiB
+    usage = shutil.disk_usage(folder)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=size - 1))
+    warning = checkpoint.short_of_room(folder, path)
+    assert warning is not None and "the next one will not fit" in warning and folder in warning
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=size))
+    assert checkpoint.short_of_room(folder, path) is None

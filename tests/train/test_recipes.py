@@ -77,7 +77,13 @@ def test_a_transformer_gets_its_own_optimizer_recipe():
     config, description = _resolve(["model.type=transformer"], facts=TOKENS)
     assert (config.optim.encoder.lr, config.optim.head.lr) == (5e-5, 2e-3)
     assert config.optim.warmup_fraction == 0.1 and config.train.grad_clip == 1.0
-    assert config.head.type == "dense" and description.startswith("recipe: xmc-transformer (tokens,")
+    assert config.head.type == "dense" and config.head.loss == "squared_hinge"
+    assert description.startswith("recipe: xmc-transformer with the squared hinge (tokens, multi-label")
+    one_label = dataclasses.replace(TOKENS, multilabel=False)
+    config, description = _resolve(["model.type=transformer"], facts=one_label)
+    assert config.head.loss == "softmax" and description.startswith("recipe: xmc-transformer (tokens,")
+    config, _ = _resolve(["model.type=transformer", "head.loss=bce"], facts=TOKENS)
+    assert config.head.loss == "bce"
     config, description = _resolve(
         ["model.type=transformer", "optim.encoder.lr=1e-3"], head="sparse", facts=TOKENS
     )

@@ -1,9 +1,10 @@
 """Choosing a step's active classes: the batch's true classes, pooled index neighbours, and a random fill.
 
-HF-Softmax's rule (the default): true classes first; then each sample's ``n_nbr = sample_num // B + 1``
-nearest classes, pooled over the batch (nearest ranks first) and cut to the room left; then uniformly random
-other classes until exactly ``S = max(sample_num, L)`` are active (``L`` label entries, ``S <= C``). Partial
-FC's rule is the same without neighbours.
+HF-Softmax's rule: true classes first; then each sample's ``n_nbr`` nearest classes (the original's
+``sample_num // B + 1``; the selected head's default asks about half the budget), pooled over the batch
+(nearest ranks first) and cut to the room left; then uniformly random other classes until exactly
+``S = max(sample_num, L)`` are active (``L`` label entries, ``S <= C``). Partial FC's rule is the same
+without neighbours.
 
 The selection runs on the device without a host sync and with shapes fixed by ``(B, L, sample_num)``, so a
 step never waits for the GPU and can be captured in a CUDA graph. All candidates are laid out in priority

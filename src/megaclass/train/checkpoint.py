@@ -21,6 +21,7 @@ handles that the store streams into its own rows.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -49,6 +50,7 @@ __all__ = [
     "read_weights",
     "recover",
     "save_checkpoint",
+    "short_of_room",
 ]
 
 _LATEST = "latest.json"
@@ -67,9 +69,42 @@ def save_checkpoint(folder: str, step: int, state: dict[str, Any], *, keep: int 
     Returns:
         The checkpoint's folder.
     """
-    path = write_state(os.path.join(folder, f"step_{step:09d}"), state)
+    target = os.path.join(folder, f"step_{step:09d}")
+    try:
+        path = write_state(target, state)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        newest = latest_checkpoint(folder)
+        kept = f"the newest whole checkpoint ({newest}) is kept" if newest else "no checkpoint is written yet"
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the device writing checkpoint {target} "
+            f"({_format_gib(shutil.disk_usage(folder).free)} free); {kept}: make room (a lower "
+            f"train.keep_checkpoints, now {keep}, keeps fewer) and continue with --resume",
+        ) from error
     commit_checkpoint(folder, path, keep=keep)
     return path
+
+
+def short_of_room(folder: str, path: str) -> str | None:
+    """A line saying that the next checkpoint will not fit beside checkpoint ``path`` in ``folder``'s file
+    system (a new one is written whole before the oldest is removed); None when it fits."""
+    size = sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
+    )
+    free = shutil.disk_usage(folder).free
+    if free >= size:
+        return None
+    return (
+        f"disk: checkpoint {os.path.basename(path)} takes {_format_gib(size)} and {_format_gib(free)} are "
+        f"free in {folder}: the next one will not fit; make room or lower train.keep_checkpoints (a failed "
+        "save loses nothing: --resume continues from the newest whole checkpoint)"
+    )
+
+
+def _format_gib(count: int) -> str:
+    return f"{count / (1 << 30):.2f} GiB"
 
 
 def commit_checkpoint(folder: str, path: str, *, keep: int) -> None:

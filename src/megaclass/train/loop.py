@@ -943,6 +943,7 @@ class Trainer:
             path = checkpoint.save_checkpoint(
                 self._checkpoint_dir(), self.state.global_step, state, keep=self.config.train.keep_checkpoints
             )
+            self._warn_if_short_of_room(path)
         if self.dist.distributed:
             import torch.distributed as dist
 
@@ -977,7 +978,14 @@ class Trainer:
             checkpoint.commit_checkpoint(
                 self._checkpoint_dir(), path, keep=self.config.train.keep_checkpoints
             )
+            self._warn_if_short_of_room(path)
         return path
+
+    def _warn_if_short_of_room(self, path: str) -> None:
+        """Say so, one checkpoint ahead, when the next checkpoint will not fit on the disk (rank 0)."""
+        warning = checkpoint.short_of_room(self._checkpoint_dir(), path)
+        if warning is not None:
+            self.logger.print(warning)
 
     def _log_bytes(self) -> int:
         """The log's length now (rank 0; 0 elsewhere): a resumed run cuts it back to this."""
