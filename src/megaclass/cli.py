@@ -79,7 +79,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the memory plan of this run (GPU and host, by part) and exit without writing anything; "
+        help="print the memory plan of this run (GPU and host, by part, and the disk its --out folder "
+        "takes) and exit without writing anything; "
         f"exit code {_DOES_NOT_FIT} when it does not fit",
     )
     _add_capacity_arguments(parser)
@@ -120,6 +121,7 @@ def _print_plan(
         resolve=resolve,
         gpu_memory=args.gpu_memory,
         host_memory=args.host_memory,
+        out_dir=getattr(args, "out", None),  # train --dry-run: the disk of the run folder is checked too
     )
     print(plan.format())
     refusal = plan.refusal()

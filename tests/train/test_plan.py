@@ -245,3 +245,40 @@ def test_a_sparse_first_layer_plans_a_gradient_row_per_non_zero(synthetic):
     )
     for name in ("encoder weights", "encoder optimizer state"):
         assert parts["true"][name] == parts["false"][name]
+
+
+def _folder_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(top, name)) for top, _, names in os.walk(path) for name in names)
+
+
+@pytest.mark.parametrize("head", ["dense", "selected"])
+def test_planned_disk_matches_the_run_folder(synthetic, tmp_path, capsys, head):
+    """One checkpoint within 5% of a trained run's, and the folder at most what the plan says."""
+    train, test = str(synthetic / "train_bow.txt"), str(synthetic / "test_bow.txt")
+    settings = ["train.device=cpu", "model.hidden=[256]", "train.progress=false", "train.keep_checkpoints=1"]
+    if head == "selected":
+        settings.append("head.sample_num=0.1")
+    argv = ["train", "--train", train, "--test", test, "--out", str(tmp_path / "run"), "--head", head]
+    shape = read_data_shape(train)
+    assert main([*argv, "--epochs", "2", "--set", *settings]) == 0
+    capsys.readouterr()
+    config = load_config(tmp_path / "run" / "config.yaml")
+    plan = plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+    (saved,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    assert plan.checkpoint_bytes() == pytest.approx(_folder_bytes(saved), rel=0.05)
+    assert _folder_bytes(tmp_path / "run") <= plan.disk_bytes()
+
+
+def test_dry_run_refuses_a_run_folder_on_a_disk_too_small(synthetic, tmp_path, capsys, monkeypatch):
+    from megaclass.train import plan
+
+    usage = plan.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
+    argv = ["train", "--train", str(synthetic / "train_bow.txt"), "--test", str(synthetic / "test_bow.txt")]
+    code = main([*argv, "--out", str(tmp_path / "a" / "run"), "--dry-run", "--host-memory", "64"])
+    captured = capsys.readouterr()
+    assert code == 3 and "of 1.00 MiB free" in captured.out
+    (error,) = captured.err.strip().splitlines()
+    assert error.startswith("megaclass train: error: the run does not fit: disk needs")
+    assert "train.keep_checkpoints" in error
+    assert not (tmp_path / "a").exists()

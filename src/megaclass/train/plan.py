@@ -11,8 +11,9 @@ adds up each part as a pure function of the two: the head's parts come from the 
 memory) and one forward pass there, whose saved tensors are the activations the backward keeps. A run's peak
 is what it holds all along (``steady``), plus what work in the background may hold at any time (an index's
 cold build), plus the largest of what a training step, an evaluation, a checkpoint save or the data loading
-hold on top of it. :meth:`MemoryPlan.refusal` names the part that does not fit, by how much, and the
-setting that shrinks it.
+hold on top of it. The run folder's disk is the checkpoints kept, one more while a save runs, and the best
+and final weights (:meth:`MemoryPlan.disk_bytes`). :meth:`MemoryPlan.refusal` names the part that does not
+fit, by how much, and the setting that shrinks it.
 
 The plan is one process's (world size 1); a class-sharded run's head parts are divided over the ranks.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -43,6 +45,7 @@ __all__ = [
     "MemoryPlan",
     "PlanPart",
     "format_bytes",
+    "free_disk",
     "machine_memory",
     "plan_run",
     "plan_device_type",
@@ -56,6 +59,8 @@ _TRANSIENT: tuple[Phase, ...] = ("step", "evaluation", "checkpoint", "loading")
 _SAMPLE_BYTES = 4 << 20  # decompressed bytes of lines sampled for the per-row counts
 _READ_BYTES = 16 << 20  # bytes read at once when counting a text file's lines
 _CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on the GPU
+_WEIGHTS = ("encoder weights", "head weights")
+_CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index")
 
 
 def format_bytes(count: float) -> str:
@@ -252,6 +257,18 @@ class MemoryPlan:
     gpu_capacity: int | None
     host_capacity: int
     summary: str = ""
+    checkpoints_kept: int = 2  # train.keep_checkpoints
+    disk_capacity: int | None = None  # free bytes where the run folder goes (None: not asked)
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes of one checkpoint on disk: the weights, optimizer state and index it saves."""
+        return sum(p.device_bytes + p.host_bytes for p in self.parts if p.name in _CHECKPOINTED)
+
+    def disk_bytes(self) -> int:
+        """Bytes the run folder reaches: ``train.keep_checkpoints`` checkpoints and one more while a save runs
+        (a new one is whole before the oldest goes), and the best epoch's and the final weights."""
+        weights = sum(p.device_bytes + p.host_bytes for p in self.parts if p.name in _WEIGHTS)
+        return (self.checkpoints_kept + 1) * self.checkpoint_bytes() + 2 * weights
 
     def _where(self, part: PlanPart) -> tuple[int, int]:
         """``(gpu, host)`` bytes of ``part`` on this machine (a CPU run holds everything in host memory)."""
@@ -292,6 +309,14 @@ class MemoryPlan:
                 f"{when} is {largest.name} "
                 f"({format_bytes(self._where(largest)[side])}); to shrink it: {largest.setting}"
             )
+        need, free = self.disk_bytes(), self.disk_capacity
+        if free is not None and need > free:
+            return (
+                f"the run does not fit: disk needs {format_bytes(need)} of {format_bytes(free)} "
+                f"free ({format_bytes(need - free)} over): {self.checkpoints_kept + 1} "
+                f"checkpoints of {format_bytes(self.checkpoint_bytes())} while a save runs, and the best "
+                "and final weights; to shrink it: train.keep_checkpoints, or --out on a disk with more room"
+            )
         return None
 
     def format(self) -> str:
@@ -312,6 +337,11 @@ class MemoryPlan:
             need, phase = self.peak(side)
             of = "unknown" if capacity is None else format_bytes(capacity)
             lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
+        free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
+        lines.append(
+            f"disk: {format_bytes(self.disk_bytes())}{free} ({self.checkpoints_kept} checkpoints of "
+            f"{format_bytes(self.checkpoint_bytes())} and one more while a save runs, best and final weights)"
+        )
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
         return "\n".join(lines)
 
@@ -421,11 +451,13 @@ def plan_run(
     gpu_capacity: int | None,
     host_capacity: int,
     others: tuple[DataShape, ...] = (),
+    disk_capacity: int | None = None,
 ) -> MemoryPlan:
     """The memory plan of training ``config`` (resolved) on data of ``shape`` on a ``device_type`` device.
 
     Args:
         others: the shapes of the test (and validation) files, held in memory too.
+        disk_capacity: free bytes where the run folder goes (None: the disk is not checked).
     """
     batch = config.train.batch_size
     parts, dim = _encoder_parts(config, shape, batch)
@@ -441,13 +473,10 @@ def plan_run(
     for key, planned in head.items():
         name, phase = _HEAD_PARTS[key]
         parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting))
-    saved_names = (
-        "head weights", "head optimizer state", "head index", "encoder weights", "encoder optimizer state"
-    )  # fmt: skip
     # state_io streams saved tensors to their files from where they live: GPU tensors through one block of
     # host memory, host tensors without a copy
     on_gpu = (
-        sum(part.device_bytes for part in parts if part.name in saved_names) if device_type == "cuda" else 0
+        sum(part.device_bytes for part in parts if part.name in _CHECKPOINTED) if device_type == "cuda" else 0
     )
     saved = min(STREAM_CHUNK_BYTES, on_gpu)
     if isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://"):
@@ -474,7 +503,15 @@ def plan_run(
         f"memory plan: {config.head.type} head, {shape.num_labels:,} classes x D {dim}, {shape.num_rows:,} "
         f"rows, batch {batch}, on {device_type} (one process)"
     )
-    return MemoryPlan(tuple(parts), device_type, gpu_capacity, host_capacity, summary)
+    return MemoryPlan(
+        tuple(parts),
+        device_type,
+        gpu_capacity,
+        host_capacity,
+        summary,
+        checkpoints_kept=config.train.keep_checkpoints,
+        disk_capacity=disk_capacity,
+    )
 
 
 def plan_for(
@@ -485,10 +522,11 @@ def plan_for(
     resolve: Callable[[RunConfig, DataFacts], RunConfig],
     gpu_memory: float | None = None,
     host_memory: float | None = None,
+    out_dir: str | None = None,
 ) -> MemoryPlan:
     """The plan of ``config`` on the files given: their shapes read, the config resolved from the training
     file's facts by ``resolve`` (as ``megaclass train`` resolves it), the capacities of this machine or those
-    given in GiB."""
+    given in GiB, and the free disk space where ``out_dir`` goes (when given)."""
     options = dict(num_classes=config.data.num_classes, featurizer=config.data.featurizer)
     shape = read_data_shape(train_path, **options)
     resolved = resolve(config, shape.facts())
@@ -498,5 +536,19 @@ def plan_for(
     device_type = plan_device_type(resolved, gpu_memory=gpu_memory)
     gpu, host = machine_memory(device_type, gpu_memory=gpu_memory, host_memory=host_memory)
     return plan_run(
-        resolved, shape, device_type=device_type, gpu_capacity=gpu, host_capacity=host, others=others
+        resolved,
+        shape,
+        device_type=device_type,
+        gpu_capacity=gpu,
+        host_capacity=host,
+        others=others,
+        disk_capacity=None if out_dir is None else free_disk(out_dir),
     )
+
+
+def free_disk(path: str) -> int:
+    """Free bytes on the file system ``path`` is (or, not made yet, would be) on."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
