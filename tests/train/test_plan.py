@@ -251,9 +251,10 @@ def _folder_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(top, name)) for top, _, names in os.walk(path) for name in names)
 
 
-@pytest.mark.parametrize("head", ["dense", "selected"])
+@pytest.mark.parametrize("head", ["dense", "sparse", "selected"])
 def test_planned_disk_matches_the_run_folder(synthetic, tmp_path, capsys, head):
-    """One checkpoint within 5% of a trained run's, and the folder at most what the plan says."""
+    """One checkpoint within 5% of a trained run's (dense, sparse and selected heads), and the folder at most
+    what the plan says."""
     train, test = str(synthetic / "train_bow.txt"), str(synthetic / "test_bow.txt")
     settings = ["train.device=cpu", "model.hidden=[256]", "train.progress=false", "train.keep_checkpoints=1"]
     if head == "selected":
