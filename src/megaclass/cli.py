@@ -23,10 +23,6 @@ from megaclass.schema import ConfigError
 __all__ = ["COMMANDS", "build_parser", "main", "run"]
 
 
-def _format_bytes(count: int) -> str:
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
-
-
 # ---------------------------------------------------------------------------------------------------- train
 
 
@@ -155,6 +151,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from megaclass.distributed.info import DistInfo
+    from megaclass.state_io import format_bytes
     from megaclass.train.config import load_config_and_keys
     from megaclass.train.loop import train
 
@@ -187,7 +184,7 @@ def _run_train(args: argparse.Namespace) -> int:
     print("  ".join(f"P@{k} {metrics[f'P@{k}']:.4f}" for k in ks if f"P@{k}" in metrics))
     print(
         f"train time {metrics['train_seconds']:.1f} s  "
-        f"peak memory {_format_bytes(metrics['peak_memory_bytes'])}  run folder {args.out}"
+        f"peak memory {format_bytes(metrics['peak_memory_bytes'])}  run folder {args.out}"
     )
     return 0
 

@@ -46,6 +46,9 @@ __all__ = [
     "copy_into_",
     "file_fingerprint",
     "flatten",
+    "folder_bytes",
+    "format_bytes",
+    "free_bytes",
     "fsync_path",
     "path_fingerprint",
     "read_state",
@@ -171,6 +174,28 @@ def path_fingerprint(path: str) -> dict[str, Any]:
         digest.update(f"{relative}\t{size}\n".encode())
         total += size
     return {"size": total, "sha256": digest.hexdigest()}
+
+
+def format_bytes(count: float) -> str:
+    """``1.50 GiB``, ``12.0 MiB``, ``512 B``."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{int(count)} B"
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of every file under ``folder``."""
+    names = _files_under(folder, skip_manifest=False)
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in names)
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the file system ``path`` is (or, not made yet, would be) on."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
 
 
 def _files_under(folder: str, *, skip_manifest: bool = True) -> list[str]:

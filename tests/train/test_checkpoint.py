@@ -364,8 +364,8 @@ def test_short_of_room_when_the_next_checkpoint_will_not_fit(tmp_path, monkeypat
     size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
     assert checkpoint.short_of_room(folder, path) is None  # this disk has room for a few KiB
     usage = shutil.disk_usage(folder)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=size - 1))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=size - 1))
     warning = checkpoint.short_of_room(folder, path)
     assert warning is not None and "the next one will not fit" in warning and folder in warning
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=size))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=size))
     assert checkpoint.short_of_room(folder, path) is None

@@ -271,10 +271,10 @@ def test_planned_disk_matches_the_run_folder(synthetic, tmp_path, capsys, head):
 
 
 def test_dry_run_refuses_a_run_folder_on_a_disk_too_small(synthetic, tmp_path, capsys, monkeypatch):
-    from megaclass.train import plan
+    import shutil
 
-    usage = plan.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(plan.shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1 << 20))
     argv = ["train", "--train", str(synthetic / "train_bow.txt"), "--test", str(synthetic / "test_bow.txt")]
     code = main([*argv, "--out", str(tmp_path / "a" / "run"), "--dry-run", "--host-memory", "64"])
     captured = capsys.readouterr()

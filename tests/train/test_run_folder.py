@@ -314,10 +314,8 @@ def test_a_head_that_cannot_fit_is_refused_before_the_data_is_read(tmp_path, mon
 
 
 def test_a_run_says_when_the_next_checkpoint_will_not_fit(data, tmp_path, monkeypatch, capsys):
-    from megaclass.train import checkpoint
-
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=0))
     assert _train(data, tmp_path / "run", "--epochs", "1") == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("disk: ")]
     assert len(lines) == 2  # the checkpoints at steps 2 and 3

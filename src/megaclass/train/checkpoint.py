@@ -33,6 +33,9 @@ from typing import Any
 from megaclass.state_io import (
     MANIFEST,
     DamagedStateError,
+    folder_bytes,
+    format_bytes,
+    free_bytes,
     read_state,
     verify_manifest,
     write_json_atomic,
@@ -80,7 +83,7 @@ def save_checkpoint(folder: str, step: int, state: dict[str, Any], *, keep: int 
         raise OSError(
             errno.ENOSPC,
             f"no space left on the device writing checkpoint {target} "
-            f"({_format_gib(shutil.disk_usage(folder).free)} free); {kept}: make room (a lower "
+            f"({format_bytes(free_bytes(folder))} free); {kept}: make room (a lower "
             f"train.keep_checkpoints, now {keep}, keeps fewer) and continue with --resume",
         ) from error
     commit_checkpoint(folder, path, keep=keep)
@@ -90,21 +93,14 @@ def save_checkpoint(folder: str, step: int, state: dict[str, Any], *, keep: int 
 def short_of_room(folder: str, path: str) -> str | None:
     """A line saying that the next checkpoint will not fit beside checkpoint ``path`` in ``folder``'s file
     system (a new one is written whole before the oldest is removed); None when it fits."""
-    size = sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
-    )
-    free = shutil.disk_usage(folder).free
+    size, free = folder_bytes(path), free_bytes(folder)
     if free >= size:
         return None
     return (
-        f"disk: checkpoint {os.path.basename(path)} takes {_format_gib(size)} and {_format_gib(free)} are "
+        f"disk: checkpoint {os.path.basename(path)} takes {format_bytes(size)} and {format_bytes(free)} are "
         f"free in {folder}: the next one will not fit; make room or lower train.keep_checkpoints (a failed "
         "save loses nothing: --resume continues from the newest whole checkpoint)"
     )
-
-
-def _format_gib(count: int) -> str:
-    return f"{count / (1 << 30):.2f} GiB"
 
 
 def commit_checkpoint(folder: str, path: str, *, keep: int) -> None:

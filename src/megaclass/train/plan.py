@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -36,7 +35,7 @@ from megaclass.heads import HeadContext, head_class
 from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
-from megaclass.state_io import STREAM_CHUNK_BYTES
+from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.config import RunConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
 
@@ -44,8 +43,6 @@ __all__ = [
     "DataShape",
     "MemoryPlan",
     "PlanPart",
-    "format_bytes",
-    "free_disk",
     "machine_memory",
     "plan_run",
     "plan_device_type",
@@ -61,14 +58,6 @@ _READ_BYTES = 16 << 20  # bytes read at once when counting a text file's lines
 _CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on the GPU
 _WEIGHTS = ("encoder weights", "head weights")
 _CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index")
-
-
-def format_bytes(count: float) -> str:
-    """``1.50 GiB``, ``12.0 MiB``, ``512 B``."""
-    for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{int(count)} B"
 
 
 # ------------------------------------------------------------------------------------------- data shape
@@ -542,13 +531,5 @@ def plan_for(
         gpu_capacity=gpu,
         host_capacity=host,
         others=others,
-        disk_capacity=None if out_dir is None else free_disk(out_dir),
+        disk_capacity=None if out_dir is None else free_bytes(out_dir),
     )
-
-
-def free_disk(path: str) -> int:
-    """Free bytes on the file system ``path`` is (or, not made yet, would be) on."""
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    return shutil.disk_usage(folder).free

@@ -138,18 +138,19 @@ def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str,
     if facts.inputs == "images":
         return "hfsoftmax", copy.deepcopy(_preset("hfsoftmax"))
     sparse_head = config.head.type == "sparse"
+    one_vs_rest = facts.multilabel and config.head.type == "dense"  # each label scored apart
     if config.model.type == "transformer":
         settings = copy.deepcopy(_preset("xmc-transformer"))
         if sparse_head:
             settings["head"] = copy.deepcopy(_preset("spartex")["head"])
             return "xmc-transformer with the spartex head", settings
-        if facts.multilabel and config.head.type == "dense":
-            settings["head"]["loss"] = "squared_hinge"
+        if one_vs_rest:
+            settings["head"]["loss"] = _preset("xmc-mlp-hinge")["head"]["loss"]
             return "xmc-transformer with the squared hinge", settings
         return "xmc-transformer", settings
     if sparse_head:
         name = "spartex"
-    elif facts.multilabel and config.head.type == "dense":
+    elif one_vs_rest:
         name = "xmc-mlp-hinge"
     else:
         name = "xmc-mlp"
