@@ -3,12 +3,15 @@
 ``python benchmarks/data.py --data data/deb-tags/train_bow.txt.gz data/deb-tags/train.txt.gz``
 ``python benchmarks/data.py --quick`` (synthetic data in a temporary folder)
 
-Prints a markdown table (wall and CPU seconds, rows a second) and appends CSV rows to ``--results``.
+Prints a markdown table (wall and CPU seconds, rows a second) and appends CSV rows to ``--results``. Text
+files are featurised with the featuriser's defaults (what ``megaclass train`` fits) on each thread count of
+``--threads``, and the rows of every thread count are checked equal to the first's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
@@ -17,6 +20,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+import torch
 
 from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.synthetic import synthesize, write_label_names
@@ -31,7 +37,45 @@ def _timed(step: str, name: str, rows: int, call: Callable[[], Any]) -> tuple[di
     return row, value
 
 
-def _file_rows(path: str, featurize_rows: int | None) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _featurizer_rows(name: str, texts: list[str], threads: list[int]) -> list[dict[str, Any]]:
+    """Fit and transform with the default config on each thread count; the rows must not depend on it."""
+    rows, first = [], None
+    for count in threads:
+        featurizer = TextFeaturizer(FeaturizerConfig())
+        on = f"{count} thread" + ("s" if count > 1 else "")
+        with _torch_threads(count):
+            fit, _ = _timed(
+                f"featurizer fit, {on}",
+                name,
+                len(texts),
+                lambda featurizer=featurizer: featurizer.fit(texts),
+            )
+            transform, features = _timed(
+                f"featurizer transform, {on}",
+                name,
+                len(texts),
+                lambda featurizer=featurizer: featurizer.transform(texts),
+            )
+        arrays = (features.indptr, features.indices, features.data)
+        if first is None:
+            first = arrays
+        elif not all(np.array_equal(a, b) for a, b in zip(first, arrays, strict=True)):
+            raise SystemExit(f"{name}: the rows on {count} threads differ from those on {threads[0]}")
+        rows += [fit, transform]
+    return rows
+
+
+def _file_rows(path: str, featurize_rows: int | None, threads: list[int]) -> list[dict[str, Any]]:
     """Time one file: a parse without cache, a cached load, and for text data the featuriser."""
     name = os.path.basename(path)
     cache_dir = tempfile.mkdtemp(prefix="megaclass-bench-cache-")
@@ -44,11 +88,7 @@ def _file_rows(path: str, featurize_rows: int | None) -> list[dict[str, Any]]:
     rows = [first, cached]
     if data.texts is not None:
         texts = data.texts[:featurize_rows] if featurize_rows else data.texts
-        config = FeaturizerConfig(word_ngrams=None, char_ngrams=(3, 4), min_df=3, max_features=300_000)
-        featurizer = TextFeaturizer(config)
-        fit, _ = _timed("featurizer fit (char 3-4)", name, len(texts), lambda: featurizer.fit(texts))
-        transform, _ = _timed("featurizer transform", name, len(texts), lambda: featurizer.transform(texts))
-        rows += [fit, transform]
+        rows += _featurizer_rows(name, texts, threads)
     return rows
 
 
@@ -97,13 +137,20 @@ def main() -> None:
         "--synth-labels", type=int, default=10_000_000, help="labels for the generator timing"
     )
     parser.add_argument("--featurize-rows", type=int, default=None, help="featurise only the first N texts")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, torch.get_num_threads()}),
+        help="featuriser thread counts to time (default: 1 and torch's)",
+    )
     parser.add_argument("--results", default="benchmarks/data_results.csv", help="CSV file to append rows to")
     args = parser.parse_args()
     docs, labels = (20_000, 100_000) if args.quick else (args.synth_docs, args.synth_labels)
     with tempfile.TemporaryDirectory(prefix="megaclass-bench-") as folder:
         rows, paths = _synth_rows(folder, docs, labels)
         for path in paths + list(args.data):
-            rows += _file_rows(path, args.featurize_rows)
+            rows += _file_rows(path, args.featurize_rows, args.threads)
     _print_and_save(rows, args.results)
 
 

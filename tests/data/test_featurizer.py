@@ -126,9 +126,20 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    """Chunks featurised on one thread, or on three whose results are combined in order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
 @pytest.mark.parametrize("chunk_bytes", [1 << 22, 16])
-def test_matches_python_reference(config: FeaturizerConfig, chunk_bytes: int, monkeypatch) -> None:
+def test_matches_python_reference(
+    config: FeaturizerConfig, chunk_bytes: int, threads: int, monkeypatch
+) -> None:
     monkeypatch.setattr(featurizer_module, "_CHUNK_BYTES", chunk_bytes)  # 16: many chunks, one text each
     monkeypatch.setattr(featurizer_module, "_MERGE_ENTRIES", chunk_bytes // 4)  # and merges of count tables
     train, test = TEXTS, TEXTS[::-1] + ["unseen words only", "hello"]

@@ -138,6 +138,20 @@ def test_the_kept_weights_survive_a_kill_and_resume(data, run, tmp_path):
         }
 
 
+def test_a_best_last_epoch_is_kept_without_reading_it_back(data, tmp_path, monkeypatch):
+    def no_reads(folder):
+        raise AssertionError(f"read {folder}: the modules hold the last epoch's weights")
+
+    monkeypatch.setattr("megaclass.train.loop.checkpoint.read_weights", no_reads)
+    out = tmp_path / "one-epoch"
+    assert _train(data, out, epochs=1) == 0
+    assert _json(out / "metrics.json")["epoch_kept"] == 1
+    kept, model = read_state(str(out / "best" / "epoch-1")), read_state(str(out / "model"))
+    for part in ("encoder", "head"):
+        for name, tensor in kept[part].items():
+            assert torch.equal(tensor, model[part][name]), name
+
+
 def test_patience_stops_after_evaluations_without_improvement(data, tmp_path):
     out = tmp_path / "patience"
     frozen = ["optim.encoder.lr=0", "optim.head.lr=0", "train.patience=2"]

@@ -1,8 +1,10 @@
 """Text featuriser: word and character n-gram TF-IDF, hashed or with a vocabulary fitted on training texts.
 
 Vectorised over a whole chunk of texts with NumPy: the texts become one byte array, n-grams are hashed with a
-prefix polynomial hash (one subtraction and one multiplication per n-gram), counted with one sort. About 1.8M
-short file paths featurise in tens of seconds on one core.
+prefix polynomial hash (one subtraction and one multiplication per n-gram), counted with one sort. Chunks run
+on ``torch.get_num_threads()`` threads (NumPy's sorts and array arithmetic release the GIL), and their results
+are combined in order, so the rows do not depend on the thread count. About 1.8M short file paths featurise in
+about 100 s on one core.
 
 Analysis (on UTF-8 bytes, ASCII lowercased when ``lowercase``):
 
@@ -26,11 +28,15 @@ gives it a column and unseen n-grams are dropped. Values: term count ``tf`` (``1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from megaclass.data.xmc import CSR
 from megaclass.schema import ConfigError, from_dict, to_dict
@@ -155,20 +161,22 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 _POWER_CACHE: list[np.ndarray] = []
+_POWER_LOCK = threading.Lock()
 
 
 def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``P^p`` and ``P^-p`` (mod 2^64) for ``p < size``, computed once and grown on demand."""
-    if not _POWER_CACHE or _POWER_CACHE[0].size < size:
-        grown = max(size, 2 * _POWER_CACHE[0].size if _POWER_CACHE else 1 << 16)
-        with np.errstate(over="ignore"):
-            powers = np.cumprod(np.full(grown, _PRIME, dtype=np.uint64))
-            inverse = np.cumprod(np.full(grown, _PRIME_INVERSE, dtype=np.uint64))
-        one = np.ones(1, dtype=np.uint64)
-        powers = np.concatenate([one, powers[:-1]])
-        inverse = np.concatenate([one, inverse[:-1]])
-        _POWER_CACHE[:] = [powers, inverse]
-    return _POWER_CACHE[0][:size], _POWER_CACHE[1][:size]
+    """``P^p`` and ``P^-p`` (mod 2^64) for ``p < size``, computed once and grown on demand (by one thread at
+    a time)."""
+    with _POWER_LOCK:
+        if not _POWER_CACHE or _POWER_CACHE[0].size < size:
+            grown = max(size, 2 * _POWER_CACHE[0].size if _POWER_CACHE else 1 << 16)
+            with np.errstate(over="ignore"):
+                powers = np.cumprod(np.full(grown, _PRIME, dtype=np.uint64))
+                inverse = np.cumprod(np.full(grown, _PRIME_INVERSE, dtype=np.uint64))
+            one = np.ones(1, dtype=np.uint64)
+            _POWER_CACHE[:] = [np.concatenate([one, powers[:-1]]), np.concatenate([one, inverse[:-1]])]
+        powers, inverse = _POWER_CACHE
+    return powers[:size], inverse[:size]
 
 
 def _substring_hashes(
@@ -282,23 +290,10 @@ class TextFeaturizer:
             raise ValueError("TextFeaturizer.fit: no texts")
         hashed = self.config.n_features is not None
         pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for first, last in _chunks(texts):
-            keys, owners = self._keys(texts[first:last])
-            if hashed:
-                keys = keys % self.config.n_features
-            pairs, tf = np.unique(
-                keys << _TEXT_BITS | owners, return_counts=True
-            )  # sorted by n-gram, then text
-            pair_keys = pairs >> _TEXT_BITS
-            starts = (
-                np.flatnonzero(np.concatenate([[True], pair_keys[1:] != pair_keys[:-1]]))
-                if pairs.size
-                else pairs
-            )
-            df = np.diff(np.append(starts, pairs.size))
-            pieces.append((pair_keys[starts], df, np.add.reduceat(tf, starts) if starts.size else tf))
+        for counts in _in_order(lambda chunk: self._chunk_counts(texts[chunk[0] : chunk[1]]), _chunks(texts)):
+            pieces.append(counts)
             if len(pieces) > 1 and sum(piece[0].size for piece in pieces[1:]) > max(
-                pieces[0][0].size, 1 << 22
+                pieces[0][0].size, _MERGE_ENTRIES
             ):
                 pieces = [_merge_counts(pieces)]  # keeps memory near the number of distinct n-grams
         keys, df, tf = _merge_counts(pieces)
@@ -316,10 +311,25 @@ class TextFeaturizer:
         self.idf_weights = (np.log((1.0 + self.num_documents) / (1.0 + df)) + 1.0).astype(np.float32)
         return self
 
+    def _chunk_counts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(sorted unique n-gram ids or hashed columns, df, tf)`` of a chunk of training texts."""
+        keys, owners = self._keys(texts)
+        if self.config.n_features is not None:
+            keys = keys % self.config.n_features
+        pairs, tf = np.unique(keys << _TEXT_BITS | owners, return_counts=True)  # sorted by n-gram, then text
+        pair_keys = pairs >> _TEXT_BITS
+        starts = (
+            np.flatnonzero(np.concatenate([[True], pair_keys[1:] != pair_keys[:-1]])) if pairs.size else pairs
+        )
+        df = np.diff(np.append(starts, pairs.size))
+        return pair_keys[starts], df, np.add.reduceat(tf, starts) if starts.size else tf
+
     def transform(self, texts: Sequence[str]) -> CSR:
         """``(N, F)`` TF-IDF rows of ``texts`` (float32 values, sorted column ids)."""
         self._require_fit()
-        parts = [self._transform_chunk(texts[first:last]) for first, last in _chunks(texts)]
+        parts = list(
+            _in_order(lambda chunk: self._transform_chunk(texts[chunk[0] : chunk[1]]), _chunks(texts))
+        )
         indptr = np.zeros(len(texts) + 1, dtype=np.int64)
         if parts:
             np.cumsum(np.concatenate([part.row_lengths() for part in parts]), out=indptr[1:])
@@ -399,6 +409,28 @@ def _chunks(texts: Sequence[str]) -> list[tuple[int, int]]:
         bounds.append((first, last))
         first = last
     return bounds
+
+
+_Result = TypeVar("_Result")
+
+
+def _in_order(
+    function: Callable[[tuple[int, int]], _Result], chunks: list[tuple[int, int]]
+) -> Iterator[_Result]:
+    """``function(chunk)`` for each chunk, on ``torch.get_num_threads()`` threads, yielded in the chunks'
+    order; at most two chunks a thread are in flight, so memory stays a few chunks' worth."""
+    threads = max(1, min(torch.get_num_threads(), len(chunks)))
+    if threads == 1:
+        yield from map(function, chunks)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featurizer") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            if len(pending) == 2 * threads:
+                yield pending.popleft().result()
+            pending.append(pool.submit(function, chunk))
+        while pending:
+            yield pending.popleft().result()
 
 
 def _numpy(value: Any) -> np.ndarray:

@@ -787,10 +787,12 @@ class Trainer:
         return patience > 0 and self.state.evals_since_best >= patience
 
     def _restore_best(self) -> None:
-        """Load the best epoch's weights into the modules; they are the final model (an EMA is in them)."""
-        best = checkpoint.read_weights(self._best_dir(self.state.best_epoch))
-        self.encoder.load_state_dict(best["encoder"])
-        self.head.load_state_dict(best["head"])
+        """Put the best epoch's weights in the modules; they are the final model (an EMA is in them). When
+        the last epoch is the best and no average is kept, the modules hold them already: nothing is read."""
+        if self.state.best_epoch != self.state.epoch or self.average is not None:
+            best = checkpoint.read_weights(self._best_dir(self.state.best_epoch))
+            self.encoder.load_state_dict(best["encoder"])
+            self.head.load_state_dict(best["head"])
         self.average = None
         self.logger.print(
             f"kept epoch {self.state.best_epoch}: validation {self._selection_metric()} "
