@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -201,20 +202,7 @@ def _imported_modules(repo_root: str, path: str) -> set[str]:
 def test_state_io_is_the_bottom_layer(repo_root):
     """``state_io`` imports only torch, numpy, safetensors and ``megaclass.errors`` (and the standard
     library); both checkpoint modules take their I/O from it; the sharded one imports nothing of train/."""
-    stdlib = {
-        "__future__",
-        "abc",
-        "collections",
-        "contextlib",
-        "hashlib",
-        "json",
-        "math",
-        "os",
-        "shutil",
-        "tempfile",
-        "typing",
-    }
-    allowed = {"torch", "numpy", "safetensors", *stdlib}
+    allowed = {"torch", "numpy", "safetensors", "__future__", *sys.stdlib_module_names}
     outside = {
         module
         for module in _imported_modules(repo_root, "state_io.py")

@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
@@ -427,15 +428,19 @@ def write_tensors(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     digest, size = hashlib.sha256(), 0
-    with _replacing(path, "wb", suffix=".safetensors") as file:
+    with (
+        _replacing(path, "wb", suffix=".safetensors") as file,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
+    ):
         for piece in (len(encoded).to_bytes(8, "little"), encoded):
             file.write(piece)
             digest.update(piece)
             size += len(piece)
         for value in tensors.values():
             for block in _byte_blocks(value, chunk_bytes):
+                hashed = hasher.submit(digest.update, block)  # hashed while written (both free the GIL)
                 file.write(block)
-                digest.update(block)
+                hashed.result()  # before the block's staging memory is reused
                 size += block.nbytes
     return {"size": size, "sha256": digest.hexdigest()}
 
