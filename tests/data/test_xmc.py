@@ -272,6 +272,30 @@ def test_csr_take_row_lengths_and_counts() -> None:
     assert len(data.labels.take(rows)) == rows.size
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.delete(np.arange(400), [3, 200, 201, 399]),  # a split's kept rows: long runs, copied as slices
+        np.arange(0, 400, 2),  # no runs: gathered entry by entry
+        np.arange(100, 300),  # one run
+        np.concatenate([np.arange(50, 200), np.arange(0, 100)]),  # runs that repeat rows
+    ],
+    ids=["split", "no-runs", "one-run", "overlapping-runs"],
+)
+def test_csr_take_of_runs_of_rows_is_the_gather(rows) -> None:
+    data = _random_data(np.random.default_rng(5), 400, num_labels=7, num_features=17)
+    for matrix in (data.features, data.labels):
+        taken = matrix.take(rows)
+        bounds = matrix.indptr
+        assert taken.to_lists() == [matrix.to_lists()[row] for row in rows]
+        np.testing.assert_array_equal(taken.indptr[1:], np.cumsum(bounds[rows + 1] - bounds[rows]))
+        if matrix.data is not None:
+            expected = np.concatenate([matrix.data[bounds[r] : bounds[r + 1]] for r in rows])
+            np.testing.assert_array_equal(taken.data, expected)
+        else:
+            assert taken.data is None
+
+
 def test_multilabel_flag() -> None:
     one = CSR(np.arange(4, dtype=np.int64), np.array([2, 0, 1], dtype=np.int32), None, 3)
     assert not XMCData("x", one, None, ["a", "b", "c"]).multilabel

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 _CACHE_VERSION = 2
+_RUN_ROWS = 64  # CSR.take copies slices where its rows come in runs of consecutive rows this long on average
 _NEWLINE, _SPACE, _TAB, _COMMA, _COLON, _CR = (ord(c) for c in "\n \t,:\r")
 # Byte classes of the BoW tokenizer: 0 = part of a token, then the separators.
 _TOKEN, _WHITE, _LINE, _COMMA_CLASS, _COLON_CLASS = 0, 1, 2, 3, 4
@@ -106,6 +107,14 @@ class CSR:
         lengths = self.indptr[rows + 1] - starts
         indptr = np.zeros(rows.shape[0] + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
+        if breaks.size < rows.size // _RUN_ROWS:  # long runs (a split's kept rows): copy a slice each
+            begin = self.indptr[rows[np.concatenate([[0], breaks])]]
+            end = self.indptr[rows[np.concatenate([breaks - 1, [rows.size - 1]])] + 1]
+            slices = [slice(a, b) for a, b in zip(begin.tolist(), end.tolist(), strict=True)]
+            indices = np.concatenate([self.indices[part] for part in slices])
+            data = None if self.data is None else np.concatenate([self.data[part] for part in slices])
+            return CSR(indptr, indices, data, self.num_columns)
         # Source position of every gathered entry: its row's start plus its rank inside the row.
         gather = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1], dtype=np.int64)
         data = None if self.data is None else self.data[gather]
