@@ -417,3 +417,26 @@ def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644  # readable by a serving process
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "copies"])
+def test_link_state_is_the_state_under_a_second_name(tmp_path, monkeypatch, links):
+    source = state_io.write_state(str(tmp_path / "best"), {"w": torch.arange(6.0).view(2, 3), "step": 4})
+    if not links:
+
+        def no_links(*args):
+            raise OSError("this file system makes no hard links")
+
+        monkeypatch.setattr(state_io.os, "link", no_links)
+    state_io.write_state(str(tmp_path / "model"), {"stale": torch.zeros(1)})  # replaced whole
+    folder = state_io.link_state(source, str(tmp_path / "model"))
+    state = state_io.read_state(folder)  # its manifest checks out
+    assert (
+        torch.equal(state["w"], torch.arange(6.0).view(2, 3)) and state["step"] == 4 and "stale" not in state
+    )
+    same_file = [
+        os.path.samefile(os.path.join(folder, name), os.path.join(source, name))
+        for name in os.listdir(source)
+    ]
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(source)) and all(same_file) == links
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary left

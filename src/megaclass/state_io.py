@@ -51,6 +51,7 @@ __all__ = [
     "format_bytes",
     "free_bytes",
     "fsync_path",
+    "link_state",
     "path_fingerprint",
     "read_state",
     "read_tensors",
@@ -584,6 +585,31 @@ def write_state(folder: str, state: Any, *, chunk_bytes: int = STREAM_CHUNK_BYTE
         with open(os.path.join(temporary, _STATE), "w", encoding="utf-8") as file:
             json.dump(tree, file)
         write_manifest(temporary, fingerprints={_TENSORS: fingerprint})
+        replace_folder(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return folder
+
+
+def link_state(source: str, folder: str) -> str:
+    """``folder`` holding the files of the state folder ``source`` as hard links (copies where the file
+    system makes none), renamed into place as :func:`write_state` does; returns its absolute path. Linked,
+    the same state under two names takes the disk room and the write time of one."""
+    folder = os.path.abspath(folder)
+    parent, name = os.path.split(folder)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:
+        for relative in _files_under(source, skip_manifest=False):
+            target = os.path.join(temporary, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.link(os.path.join(source, relative), target)
+            except OSError:
+                shutil.copy2(os.path.join(source, relative), target)
+                fsync_path(target)
+            fsync_path(os.path.dirname(target))
         replace_folder(temporary, folder)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

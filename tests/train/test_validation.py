@@ -118,6 +118,8 @@ def test_the_epoch_kept_is_the_best_on_validation_and_the_test_is_scored_with_it
     for part in ("encoder", "head"):
         for name, tensor in kept[part].items():
             assert torch.equal(tensor, model[part][name]), name
+    for file in (run / "model").iterdir():  # the kept weights' files, linked: written once
+        assert file.stat().st_ino == (run / "best" / f"epoch-{best['epoch']}" / file.name).stat().st_ino
     facts = _json(run / "run.json")
     assert (facts["num_train_samples"], facts["num_valid_samples"]) == (180, 20)
     assert "valid P@1" in (run / "report.md").read_text()

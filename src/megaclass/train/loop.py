@@ -7,7 +7,8 @@ runs :func:`train`. One step is: forward (encoder, then head loss), backward, cl
 - ``config.yaml``: the resolved config; ``run.json``: data facts needed to rebuild the model;
 - ``model/``: the final encoder and head weights (safetensors + JSON); ``featurizer/`` for text data;
 - ``checkpoints/``: resumable state (``--resume``); ``log.jsonl``: every logged number;
-- ``best/``: the weights of the epoch that scored best on the validation rows (kept at the end);
+- ``best/``: the weights of the epoch that scored best on the validation rows (kept at the end; ``model/``
+  then holds the same files, hard-linked);
 - ``metrics.json``: the test metrics of the kept weights, ``train_seconds``, ``peak_memory_bytes``;
 - ``report.md`` and ``report.png``: config, metrics per epoch, and the loss and P@k curves.
 
@@ -41,7 +42,7 @@ from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
 from megaclass.schema import ConfigError
-from megaclass.state_io import path_fingerprint, write_json_atomic, write_state
+from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import (
@@ -373,7 +374,9 @@ class Trainer:
         )
         if held_out.size == 0:
             return train_data, None, test_data
-        kept = np.setdiff1d(np.arange(len(train_data)), held_out)  # disjoint from the held-out rows
+        kept = np.ones(len(train_data), dtype=bool)
+        kept[held_out] = False  # the rows trained on: disjoint from the held-out rows, in order
+        kept = np.flatnonzero(kept)
         return take_rows(train_data, kept), take_rows(train_data, held_out), test_data
 
     def _checkpoint_dir(self) -> str:
@@ -831,8 +834,10 @@ class Trainer:
         metrics = self.evaluate(self.test_data)  # collective for a sharded head
         self.logger.log("eval_test", self.state.global_step, {"epoch": kept_epoch, **metrics})
         self.logger.print(f"test (epoch {kept_epoch}): {_precisions(metrics)}")
-        with self._averaged():  # the final model is the evaluated one
-            model_state = self._model_state()  # collective under FSDP2
+        kept_on_disk = self._keeps_best() and self.state.best_epoch  # best/epoch-N is the final model
+        if not kept_on_disk:
+            with self._averaged():  # the final model is the evaluated one
+                model_state = self._model_state()  # collective under FSDP2
         if not self.dist.is_main:
             return {}
         records = read_log(self.logger.path)
@@ -857,7 +862,11 @@ class Trainer:
         metrics.update({f"head/{name}": value for name, value in self.head.metrics().items()})
         metrics.update(memory)
         self.logger.print(format_head_memory(memory, sparsity=metrics.get("head/sparsity")))
-        write_state(os.path.join(self.out_dir, "model"), model_state)
+        model_dir = os.path.join(self.out_dir, "model")
+        if kept_on_disk:
+            link_state(self._best_dir(self.state.best_epoch), model_dir)  # its files, linked: written once
+        else:
+            write_state(model_dir, model_state)
         write_json_atomic(os.path.join(self.out_dir, "metrics.json"), metrics)
         with open(os.path.join(self.out_dir, "config.yaml"), encoding="utf-8") as file:
             config_yaml = file.read()

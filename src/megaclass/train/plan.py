@@ -255,7 +255,8 @@ class MemoryPlan:
 
     def disk_bytes(self) -> int:
         """Bytes the run folder reaches: ``train.keep_checkpoints`` checkpoints and one more while a save runs
-        (a new one is whole before the oldest goes), and the best epoch's and the final weights."""
+        (a new one is whole before the oldest goes), and two copies of the weights: a better epoch's are whole
+        before the previous best's go (the final weights are the best's files, linked, or a copy of them)."""
         weights = sum(p.device_bytes + p.host_bytes for p in self.parts if p.name in _WEIGHTS)
         return (self.checkpoints_kept + 1) * self.checkpoint_bytes() + 2 * weights
 
