@@ -7,6 +7,7 @@ import torch
 
 from megaclass.data.batch import InputSpec, SparseInputs
 from megaclass.models import build_model, model_config, model_types
+from megaclass.models import mlp as mlp_module
 from megaclass.models.mlp import SPARSE_GRAD_FEATURES, MLPConfig, MLPEncoder
 from megaclass.schema import ConfigError
 
@@ -123,6 +124,30 @@ def test_sparse_grad_auto_follows_the_number_of_features():
     assert MLPConfig(sparse_grad=True).resolved_sparse_grad(1)
     with pytest.raises(ConfigError, match="model.sparse_grad"):
         model_config({"sparse_grad": 3})
+
+
+def _first_layer(features: int, threads: int, seed: int) -> torch.Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        return MLPEncoder(MLPConfig(hidden=(8,)), InputSpec(kind="sparse", num_features=features)).embedding
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_large_first_layer_is_drawn_in_seeded_blocks_the_same_on_any_thread_count(monkeypatch):
+    monkeypatch.setattr(mlp_module, "_BLOCK_INIT_WEIGHTS", 64)
+    monkeypatch.setattr(mlp_module, "_INIT_BLOCK", 24)  # blocks of 3 rows of 8
+    one, three = _first_layer(50, threads=1, seed=4), _first_layer(50, threads=3, seed=4)
+    assert torch.equal(one, three)
+    assert not torch.equal(one, _first_layer(50, threads=3, seed=5))
+    bound = 1 / 8**0.5
+    assert one.abs().max() <= bound and one.std() > bound / 3  # U(-b, b): std b / sqrt(3)
+    assert not torch.equal(one[:3], one[3:6])  # each block its own stream
+    torch.manual_seed(4)  # a table within the limit: one draw from the global generator, as before
+    expected = torch.empty(8, 8).uniform_(-bound, bound)
+    assert torch.equal(_first_layer(8, threads=3, seed=4), expected)
 
 
 def test_dropout_only_in_training():
