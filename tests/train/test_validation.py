@@ -13,6 +13,7 @@ from megaclass.data.loaders import open_dataset
 from megaclass.data.tokenized import TokenDataset, TokenIds
 from megaclass.data.xmc import CSR, label_features
 from megaclass.state_io import read_state
+from megaclass.train.loop import Trainer
 from megaclass.train.validation import held_out_rows, label_prior_share, take_rows
 
 
@@ -140,14 +141,24 @@ def test_the_kept_weights_survive_a_kill_and_resume(data, run, tmp_path):
         }
 
 
-def test_a_best_last_epoch_is_kept_without_reading_it_back(data, tmp_path, monkeypatch):
+def test_a_best_last_epoch_is_kept_without_reading_it_back_or_scoring_it_twice(data, tmp_path, monkeypatch):
     def no_reads(folder):
         raise AssertionError(f"read {folder}: the modules hold the last epoch's weights")
 
     monkeypatch.setattr("megaclass.train.loop.checkpoint.read_weights", no_reads)
+    scored, evaluate = [], Trainer.evaluate
+
+    def counted(self, dataset, **options):
+        scored.append(dataset)
+        return evaluate(self, dataset, **options)
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
     out = tmp_path / "one-epoch"
     assert _train(data, out, epochs=1) == 0
-    assert _json(out / "metrics.json")["epoch_kept"] == 1
+    metrics = _json(out / "metrics.json")
+    assert metrics["epoch_kept"] == 1 and len(scored) == 2  # the validation rows and the test file, once each
+    (curve,) = _records(out, "eval_test_curve")
+    assert all(metrics[key] == curve[key] for key in ("P@1", "P@5", "nDCG@5", "PSP@5"))
     kept, model = read_state(str(out / "best" / "epoch-1")), read_state(str(out / "model"))
     for part in ("encoder", "head"):
         for name, tensor in kept[part].items():

@@ -266,6 +266,7 @@ class Trainer:
         self._bind_head_optimizer()
         self._graph_choice = graph  # shown in the run's opening line on CUDA
         self._bar: Any = None  # the epoch's progress bar (None: off)
+        self._test_curve: tuple[int, dict[str, float]] | None = None  # (epoch, its test scores), the last
         self._window_started = time.perf_counter()  # when the log window began
 
     def _step_graph(self, *, whole: bool = True) -> StepGraph:
@@ -736,6 +737,7 @@ class Trainer:
                 self._track_best(epoch + 1, valid)
                 line += f"  valid {_precisions(valid)}"
             test = self.evaluate(self.test_data)
+            self._test_curve = (epoch + 1, test)
             self.logger.log("eval_test_curve", self.state.global_step, {"epoch": epoch + 1, **test})
             line += f"  test (curve) {_precisions(test)}"
         self.logger.print(line)
@@ -825,13 +827,17 @@ class Trainer:
             )
 
     def _finish_run(self) -> dict[str, Any]:
-        """Keep the best epoch's weights, check them, score the test file once with them, and write the
-        final weights, ``metrics.json`` and the report (rank 0; the others return no metrics)."""
+        """Keep the best epoch's weights, check them, score the test file with them (or take the scores their
+        epoch's end gave, where this process computed them), and write the final weights, ``metrics.json`` and
+        the report (rank 0; the others return no metrics)."""
         if self._keeps_best() and self.state.best_epoch:
             self._restore_best()
         self._check_label_prior()
         kept_epoch = self.state.best_epoch if self._keeps_best() else self.state.epoch
-        metrics = self.evaluate(self.test_data)  # collective for a sharded head
+        if self._test_curve is not None and self._test_curve[0] == kept_epoch:
+            metrics = dict(self._test_curve[1])  # the kept weights, scored at their epoch's end
+        else:
+            metrics = self.evaluate(self.test_data)  # collective for a sharded head
         self.logger.log("eval_test", self.state.global_step, {"epoch": kept_epoch, **metrics})
         self.logger.print(f"test (epoch {kept_epoch}): {_precisions(metrics)}")
         kept_on_disk = self._keeps_best() and self.state.best_epoch  # best/epoch-N is the final model
