@@ -1,4 +1,4 @@
-"""Accuracy on XMC BoW data: megaclass against PECOS XR-Linear and a linear one-vs-rest baseline.
+"""Accuracy on XMC BoW or text data: megaclass against PECOS XR-Linear and a linear one-vs-rest baseline.
 
     python benchmarks/xmc_accuracy.py \
         --train data/deb-tags/train_bow.txt.gz --test data/deb-tags/test_bow.txt.gz --preset xmc-mlp
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from megaclass.data.loaders import SparseDataset, open_dataset
+from megaclass.data.loaders import SparseDataset, detect_format, open_dataset
 from megaclass.metrics.ranking import RankingMetrics, propensity
 from megaclass.train.config import load_config_and_keys
 from megaclass.train.loop import train
@@ -133,16 +133,18 @@ def megaclass_model(
 
 
 def _quick_slice(path: str, rows: int, folder: str) -> str:
-    """The first ``rows`` documents of a BoW file, header fixed, as a new file."""
+    """The first ``rows`` documents of a BoW file (its header fixed) or a text file, as a new file."""
     import gzip
 
+    bow = detect_format(path) == "xmc-bow"
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as source:
-        header = source.readline().split()
+        header = source.readline().split() if bow else []
         lines = [line for _, line in zip(range(rows), source, strict=False)]
     target = os.path.join(folder, "train_slice.txt")
     with open(target, "w") as file:
-        file.write(f"{len(lines)} {header[1]} {header[2]}\n")
+        if bow:
+            file.write(f"{len(lines)} {header[1]} {header[2]}\n")
         file.writelines(lines)
     return target
 
