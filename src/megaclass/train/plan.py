@@ -330,7 +330,7 @@ class MemoryPlan:
         free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
         lines.append(
             f"disk: {format_bytes(self.disk_bytes())}{free} ({self.checkpoints_kept} checkpoints of "
-            f"{format_bytes(self.checkpoint_bytes())} and one more while a save runs, best and final weights)"
+            f"{format_bytes(self.checkpoint_bytes())} and one more while a save runs, two copies of the weights)"
         )
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
         return "\n".join(lines)
