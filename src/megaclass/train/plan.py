@@ -329,7 +329,8 @@ class MemoryPlan:
             lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
         free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
         lines.append(
-            f"disk: {format_bytes(self.disk_bytes())}{free} ({self.checkpoints_kept} checkpoints of "
+            f"disk: {format_bytes(self.disk_bytes())}{free} ({self.checkpoints_kept} "
+            f"checkpoint{'s' if self.checkpoints_kept != 1 else ''} of "
             f"{format_bytes(self.checkpoint_bytes())} and one more while a save runs, two copies of the weights)"
         )
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
