@@ -328,10 +328,10 @@ class MemoryPlan:
             of = "unknown" if capacity is None else format_bytes(capacity)
             lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
         free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
+        kept = f"{self.checkpoints_kept} checkpoint{'s' if self.checkpoints_kept != 1 else ''}"
         lines.append(
-            f"disk: {format_bytes(self.disk_bytes())}{free} ({self.checkpoints_kept} "
-            f"checkpoint{'s' if self.checkpoints_kept != 1 else ''} of "
-            f"{format_bytes(self.checkpoint_bytes())} and one more while a save runs, two copies of the weights)"
+            f"disk: {format_bytes(self.disk_bytes())}{free} ({kept} of {format_bytes(self.checkpoint_bytes())} "
+            "and one more while a save runs, two copies of the weights)"
         )
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
         return "\n".join(lines)
