@@ -329,9 +329,10 @@ class MemoryPlan:
             lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
         free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
         kept = f"{self.checkpoints_kept} checkpoint{'s' if self.checkpoints_kept != 1 else ''}"
+        size = format_bytes(self.checkpoint_bytes())
         lines.append(
-            f"disk: {format_bytes(self.disk_bytes())}{free} ({kept} of {format_bytes(self.checkpoint_bytes())} "
-            "and one more while a save runs, two copies of the weights)"
+            f"disk: {format_bytes(self.disk_bytes())}{free} ({kept} of {size} and one more while a save "
+            "runs, two copies of the weights)"
         )
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
         return "\n".join(lines)
