@@ -5,7 +5,8 @@
 
 Prints a markdown table (wall and CPU seconds, rows a second) and appends CSV rows to ``--results``. Text
 files are featurised with the featuriser's defaults (what ``megaclass train`` fits) on each thread count of
-``--threads``, and the rows of every thread count are checked equal to the first's.
+``--threads`` (torch's thread count; the featuriser uses at most 8), and the rows of every thread count are
+checked equal to the first's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer, featurizer_threads
 from megaclass.data.synthetic import synthesize, write_label_names
 from megaclass.data.xmc import load_xmc
 
@@ -52,8 +53,9 @@ def _featurizer_rows(name: str, texts: list[str], threads: list[int]) -> list[di
     rows, first = [], None
     for count in threads:
         featurizer = TextFeaturizer(FeaturizerConfig())
-        on = f"{count} thread" + ("s" if count > 1 else "")
         with _torch_threads(count):
+            used = featurizer_threads()  # torch's count, capped
+            on = f"{used} thread" + ("s" if used > 1 else "")
             fit, _ = _timed(
                 f"featurizer fit, {on}",
                 name,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megaclass.data import featurizer as featurizer_module
-from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer, ngram_hash
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer, featurizer_threads, ngram_hash
 from megaclass.schema import ConfigError
 
 TEXTS = [
@@ -233,3 +233,16 @@ def test_empty_vocabulary_gives_empty_rows() -> None:
     )
     rows = featurizer.transform(["a b", ""])
     assert rows.num_columns == 0 and rows.nnz == 0 and len(rows) == 2
+
+
+def test_featurizer_threads_follow_torch_up_to_the_cap():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert featurizer_threads() == 1
+        torch.set_num_threads(3)
+        assert featurizer_threads() == 3
+        torch.set_num_threads(64)  # a chunk at work holds hundreds of MiB: never 64 at once
+        assert featurizer_threads() == featurizer_module._MAX_THREADS == 8
+    finally:
+        torch.set_num_threads(before)

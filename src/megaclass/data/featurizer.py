@@ -2,9 +2,9 @@
 
 Vectorised over a whole chunk of texts with NumPy: the texts become one byte array, n-grams are hashed with a
 prefix polynomial hash (one subtraction and one multiplication per n-gram), counted with one sort. Chunks run
-on ``torch.get_num_threads()`` threads (NumPy's sorts and array arithmetic release the GIL), and their results
-are combined in order, so the rows do not depend on the thread count. About 1.8M short file paths featurise in
-about 110 s on one core (fit and transform).
+on ``torch.get_num_threads()`` threads, at most 8 (NumPy's sorts and array arithmetic release the GIL; a chunk
+at work holds about 400 MiB), and their results are combined in order, so the rows do not depend on the
+thread count. About 1.8M short file paths featurise in about 110 s on one core (fit and transform).
 
 Analysis (on UTF-8 bytes, ASCII lowercased when ``lowercase``):
 
@@ -41,7 +41,7 @@ import torch
 from megaclass.data.xmc import CSR
 from megaclass.schema import ConfigError, from_dict, to_dict
 
-__all__ = ["FeaturizerConfig", "TextFeaturizer", "ngram_hash"]
+__all__ = ["FeaturizerConfig", "TextFeaturizer", "featurizer_threads", "ngram_hash"]
 
 _PRIME = np.uint64(0x100000001B3)  # odd, so invertible modulo 2^64
 _PRIME_INVERSE = np.uint64(pow(0x100000001B3, -1, 1 << 64))
@@ -51,6 +51,7 @@ _ID_SHIFT = 16  # n-gram ids keep the top 48 bits of the hash
 _TEXT_BITS = 15  # texts a chunk, as a power of two: (id << 15 | text) fits in an int64
 _CHUNK_BYTES = 1 << 22
 _MERGE_ENTRIES = 1 << 22  # fit merges its per-chunk count tables once they hold this many entries
+_MAX_THREADS = 8  # a chunk at work holds about 100 bytes a byte of text (400 MiB): 8 threads, about 3 GiB
 
 _LOWER = np.arange(256, dtype=np.uint8)
 _LOWER[ord("A") : ord("Z") + 1] += 32
@@ -411,15 +412,21 @@ def _chunks(texts: Sequence[str]) -> list[tuple[int, int]]:
     return bounds
 
 
+def featurizer_threads() -> int:
+    """Threads :class:`TextFeaturizer` runs its chunks on: ``torch.get_num_threads()``, at most
+    :data:`_MAX_THREADS`."""
+    return max(1, min(torch.get_num_threads(), _MAX_THREADS))
+
+
 _Result = TypeVar("_Result")
 
 
 def _in_order(
     function: Callable[[tuple[int, int]], _Result], chunks: list[tuple[int, int]]
 ) -> Iterator[_Result]:
-    """``function(chunk)`` for each chunk, on ``torch.get_num_threads()`` threads, yielded in the chunks'
-    order; at most two chunks a thread are in flight, so memory stays a few chunks' worth."""
-    threads = max(1, min(torch.get_num_threads(), len(chunks)))
+    """``function(chunk)`` for each chunk, on :func:`featurizer_threads` threads, yielded in the chunks'
+    order; at most two chunks a thread are in flight, so memory stays a few chunks' worth a thread."""
+    threads = min(featurizer_threads(), len(chunks))
     if threads == 1:
         yield from map(function, chunks)
         return
