@@ -8,7 +8,9 @@ resume, evaluate, predict, export; each phase's wall time and peak host memory, 
 Each phase is a ``python -m megaclass`` child process; its peak resident set is read from ``VmHWM`` while it
 runs. Training uses ``--head selected`` (the ``--set`` overrides are added) with ``train.checkpoint_every``
 steps: the first run is killed (``SIGKILL``) once its first checkpoint is whole, and ``--resume`` finishes it.
-Prints one markdown table a class count and appends its rows to ``--csv``.
+Prints one markdown table a class count and appends its rows to ``--csv``. ``--phases`` runs some of the
+phases (``synthesise plan train resume eval predict export``), each on what the earlier ones left in
+``--out``: a sequence too long for one sitting is split over several invocations.
 """
 
 from __future__ import annotations
@@ -64,7 +66,13 @@ def _run(argv: list[str], *, kill_when: Any = None, timeout_s: float) -> dict[st
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    output, _ = child.communicate(timeout=timeout_s)
+    try:
+        output, _ = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise SystemExit(
+            f"megaclass {' '.join(argv)} took over {timeout_s:.0f} s (--timeout): stopped"
+        ) from None
     watcher.join()
     wall = time.perf_counter() - started
     if child.returncode != 0 and not killed[0]:
@@ -85,10 +93,22 @@ def _log_facts(run: str) -> str:
     return ", ".join(facts)
 
 
+_PHASES = ("synthesise", "plan", "train", "resume", "eval", "predict", "export")
+
+
 def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
+    """The phases of ``args.phases`` at ``classes`` classes, in order; each finds what earlier ones wrote
+    under ``args.out`` (so a long sequence can be split over several invocations)."""
     folder = os.path.join(args.out, f"c{classes}")
     data, run = os.path.join(folder, "data"), os.path.join(folder, "run")
     train, test = os.path.join(data, "train_bow.txt"), os.path.join(data, "test_bow.txt")
+    common = ["--train", train, "--test", test, "--out", run, "--head", "selected"]
+    overrides = [
+        "--set",
+        "train.progress=false",
+        f"train.checkpoint_every={args.checkpoint_every}",
+        *args.set,
+    ]
     rows = []
 
     def phase(name: str, result: dict[str, Any], notes: str = "") -> None:
@@ -103,61 +123,50 @@ def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
         )
         print(f"{classes:,} {name}: {result['wall_s']:.1f} s, host {result['host_peak_gib']:.2f} GiB {notes}")
 
-    synth = ["data", "synth", data, "--num-labels", str(classes), "--num-docs", str(args.docs)]
-    synth += ["--num-features", str(args.features), "--labels-per-doc", "1", "--seed", str(args.seed)]
-    phase("synthesise", _run(synth, timeout_s=args.timeout))
-    common = ["--train", train, "--test", test, "--out", run, "--head", "selected"]
-    overrides = [
-        "--set",
-        "train.progress=false",
-        f"train.checkpoint_every={args.checkpoint_every}",
-        *args.set,
-    ]
-    plan = _run(["train", *common, *overrides, "--dry-run"], timeout_s=args.timeout)
-    phase(
-        "plan (--dry-run)", plan, " / ".join(line for line in plan["output"].splitlines() if "peak" in line)
-    )
+    if "synthesise" in args.phases:
+        synth = ["data", "synth", data, "--num-labels", str(classes), "--num-docs", str(args.docs)]
+        synth += ["--num-features", str(args.features), "--labels-per-doc", "1", "--seed", str(args.seed)]
+        phase("synthesise", _run(synth, timeout_s=args.timeout))
+    if "plan" in args.phases:
+        plan = _run(["train", *common, *overrides, "--dry-run"], timeout_s=args.timeout)
+        lines = [line for line in plan["output"].splitlines() if line.startswith(("peak", "disk"))]
+        phase("plan (--dry-run)", plan, " / ".join(lines))
+    if "train" in args.phases:
 
-    def first_checkpoint_whole() -> bool:
-        return bool(glob.glob(os.path.join(run, "checkpoints", "step_*")))
+        def first_checkpoint_whole() -> bool:
+            return bool(glob.glob(os.path.join(run, "checkpoints", "step_*")))
 
-    killed = _run(
-        ["train", *common, "--overwrite", *overrides],
-        kill_when=first_checkpoint_whole,
-        timeout_s=args.timeout,
-    )
-    if not killed["killed"]:
-        raise SystemExit(
-            f"the run at {classes:,} classes ended before its first checkpoint: lower --checkpoint-every"
+        argv = ["train", *common, "--overwrite", *overrides]
+        killed = _run(argv, kill_when=first_checkpoint_whole, timeout_s=args.timeout)
+        if not killed["killed"]:
+            raise SystemExit(
+                f"the run at {classes:,} classes ended before its first checkpoint: lower --checkpoint-every"
+            )
+        step = os.path.basename(sorted(glob.glob(os.path.join(run, "checkpoints", "step_*")))[-1])
+        phase("train until killed after the first checkpoint", killed, f"killed with {step}")
+    if "resume" in args.phases:
+        resumed = _run(["train", *common, "--resume", *overrides], timeout_s=args.timeout)
+        with open(os.path.join(run, "metrics.json")) as file:
+            metrics = json.load(file)
+        where = "GPU" if str(metrics["device"]).startswith("cuda") else "host"
+        notes = (
+            f"P@1 {metrics['P@1']:.4f}, {where} peak {metrics['peak_memory_bytes'] / _GIB:.2f} GiB, "
+            f"train {metrics['train_seconds']:.1f} s, {_log_facts(run)}"
         )
-    steps = sorted(glob.glob(os.path.join(run, "checkpoints", "step_*")))
-    phase(
-        "train until killed after the first checkpoint", killed, f"killed with {os.path.basename(steps[-1])}"
-    )
-    resumed = _run(["train", *common, "--resume", *overrides], timeout_s=args.timeout)
-    with open(os.path.join(run, "metrics.json")) as file:
-        metrics = json.load(file)
-    where = "GPU" if str(metrics["device"]).startswith("cuda") else "host"
-    notes = (
-        f"P@1 {metrics['P@1']:.4f}, {where} peak {metrics['peak_memory_bytes'] / _GIB:.2f} GiB, "
-        f"train {metrics['train_seconds']:.1f} s, {_log_facts(run)}"
-    )
-    phase("train --resume to the end", resumed, notes)
-    evaluated = _run(["eval", "--run", run, "--test", test], timeout_s=args.timeout)
-    scores = json.loads(evaluated["output"][evaluated["output"].index("{") :])
-    shown = {key: value for key, value in scores.items() if key == "P@1" or "recall" in key}
-    phase("eval", evaluated, ", ".join(f"{key} {value:.4f}" for key, value in shown.items()))
-    predictions = os.path.join(folder, "predictions.txt")
-    phase(
-        "predict",
-        _run(
-            ["predict", "--run", run, "--input", test, "--out", predictions, "--k", "5"],
-            timeout_s=args.timeout,
-        ),
-    )
-    exported = os.path.join(folder, "model.safetensors")
-    result = _run(["export", "--run", run, "--out", exported], timeout_s=args.timeout)
-    phase("export", result, f"{os.path.getsize(exported) / _GIB:.2f} GiB file")
+        phase("train --resume to the end", resumed, notes)
+    if "eval" in args.phases:
+        evaluated = _run(["eval", "--run", run, "--test", test], timeout_s=args.timeout)
+        scores = json.loads(evaluated["output"][evaluated["output"].index("{") :])
+        shown = {key: value for key, value in scores.items() if key == "P@1" or "recall" in key}
+        phase("eval", evaluated, ", ".join(f"{key} {value:.4f}" for key, value in shown.items()))
+    if "predict" in args.phases:
+        predictions = os.path.join(folder, "predictions.txt")
+        argv = ["predict", "--run", run, "--input", test, "--out", predictions, "--k", "5"]
+        phase("predict", _run(argv, timeout_s=args.timeout))
+    if "export" in args.phases:
+        exported = os.path.join(folder, "model.safetensors")
+        result = _run(["export", "--run", run, "--out", exported], timeout_s=args.timeout)
+        phase("export", result, f"{os.path.getsize(exported) / _GIB:.2f} GiB file")
     return rows
 
 
@@ -171,6 +180,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train overrides")
     parser.add_argument("--out", default="runs/end-to-end", help="data, runs and exports go here")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a phase may take")
+    parser.add_argument(
+        "--phases", nargs="+", choices=_PHASES, default=list(_PHASES), help="the phases to run (default: all)"
+    )
     parser.add_argument("--csv", default="benchmarks/end_to_end.csv", help="append rows here")
     parser.add_argument("--quick", action="store_true", help="10^4 classes, 4,000 documents, on the CPU")
     args = parser.parse_args()
