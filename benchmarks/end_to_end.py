@@ -1,8 +1,8 @@
 """A run end to end through the command line at one or more class counts: synthesise, plan, train, kill and
 resume, evaluate, predict, export; each phase's wall time and peak host memory, the run's GPU peak and speed.
 
-    python benchmarks/end_to_end.py --classes 10000000 100000000 --docs 300000 \\
-        --set model.hidden=[64] head.store=gpu                     # a GPU host: the 10^8-class run
+    python benchmarks/end_to_end.py --classes 10000000 100000000 --docs 300000 --out /dev/shm/e2e \\
+        --set model.hidden=[32] head.store=gpu head.store_dtype=bf16_sr train.keep_checkpoints=1
     python benchmarks/end_to_end.py --quick                        # 10^4 classes on the CPU, a smoke run
 
 Each phase is a ``python -m megaclass`` child process; its peak resident set is read from ``VmHWM`` while it
