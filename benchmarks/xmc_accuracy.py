@@ -181,7 +181,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         train_path = _quick_slice(args.train, 2000, folder) if args.quick else args.train
         train_data = open_dataset(train_path)
-        test = open_dataset(args.test, num_classes=train_data.num_classes)
+        test = open_dataset(args.test, num_classes=train_data.num_classes, featurizer=train_data.featurizer)
         rows = np.arange(len(train_data))
         results = []
         if args.baseline != "none":
