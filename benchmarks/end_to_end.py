@@ -45,7 +45,7 @@ def _peak_rss_bytes(pid: int) -> int:
 
 
 def _run(argv: list[str], *, kill_when: Any = None, timeout_s: float) -> dict[str, Any]:
-    """Run ``python -m megaclass argv``; its wall time, peak resident set and output tail. ``kill_when()``,
+    """Run ``python -m megaclass argv``; its wall time, peak resident set and output. ``kill_when()``,
     polled, sends ``SIGKILL`` once true."""
     started = time.perf_counter()
     child = subprocess.Popen(

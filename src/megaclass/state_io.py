@@ -568,6 +568,21 @@ def replace_folder(temporary: str, final: str) -> None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _staged_folder(folder: str) -> Iterator[str]:
+    """A temporary folder beside ``folder`` to fill; renamed to ``folder`` (:func:`replace_folder`) when the
+    block ends, removed if it raises."""
+    parent, name = os.path.split(folder)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:
+        yield temporary
+        replace_folder(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def write_state(folder: str, state: Any, *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> str:
     """Write ``state`` to ``folder`` (tensors, JSON, manifest) under a temporary name, then rename it into
     place; returns the folder's absolute path.
@@ -576,19 +591,12 @@ def write_state(folder: str, state: Any, *, chunk_bytes: int = STREAM_CHUNK_BYTE
     ``chunk_bytes``, not a copy of the state.
     """
     folder = os.path.abspath(folder)
-    parent, name = os.path.split(folder)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
-    try:
+    with _staged_folder(folder) as temporary:
         tree, tensors = flatten(state)
         fingerprint = write_tensors(os.path.join(temporary, _TENSORS), tensors, chunk_bytes=chunk_bytes)
         with open(os.path.join(temporary, _STATE), "w", encoding="utf-8") as file:
             json.dump(tree, file)
         write_manifest(temporary, fingerprints={_TENSORS: fingerprint})
-        replace_folder(temporary, folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return folder
 
 
@@ -597,23 +605,19 @@ def link_state(source: str, folder: str) -> str:
     system makes none), renamed into place as :func:`write_state` does; returns its absolute path. Linked,
     the same state under two names takes the disk room and the write time of one."""
     folder = os.path.abspath(folder)
-    parent, name = os.path.split(folder)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
-    try:
+    with _staged_folder(folder) as temporary:
+        folders = set()
         for relative in _files_under(source, skip_manifest=False):
             target = os.path.join(temporary, relative)
+            folders.add(os.path.dirname(target))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             try:
                 os.link(os.path.join(source, relative), target)
             except OSError:
                 shutil.copy2(os.path.join(source, relative), target)
                 fsync_path(target)
-            fsync_path(os.path.dirname(target))
-        replace_folder(temporary, folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        for path in folders:  # the new entries reach the disk before the rename publishes them
+            fsync_path(path)
     return folder
 
 

@@ -242,7 +242,7 @@ def test_featurizer_threads_follow_torch_up_to_the_cap():
         assert featurizer_threads() == 1
         torch.set_num_threads(3)
         assert featurizer_threads() == 3
-        torch.set_num_threads(64)  # a chunk at work holds hundreds of MiB: never 64 at once
+        torch.set_num_threads(64)  # each chunk at work holds many times its text: never 64 at once
         assert featurizer_threads() == featurizer_module._MAX_THREADS == 8
     finally:
         torch.set_num_threads(before)

@@ -3,8 +3,9 @@
 Vectorised over a whole chunk of texts with NumPy: the texts become one byte array, n-grams are hashed with a
 prefix polynomial hash (one subtraction and one multiplication per n-gram), counted with one sort. Chunks run
 on ``torch.get_num_threads()`` threads, at most 8 (NumPy's sorts and array arithmetic release the GIL; a chunk
-at work holds about 400 MiB), and their results are combined in order, so the rows do not depend on the
-thread count. About 1.8M short file paths featurise in about 110 s on one core (fit and transform).
+at work holds its n-gram keys, their sort and counts: many times its text), and their results are combined
+in order, so the rows do not depend on the thread count. About 1.8M short file paths featurise in about 110 s
+on one core (fit and transform).
 
 Analysis (on UTF-8 bytes, ASCII lowercased when ``lowercase``):
 
@@ -51,7 +52,7 @@ _ID_SHIFT = 16  # n-gram ids keep the top 48 bits of the hash
 _TEXT_BITS = 15  # texts a chunk, as a power of two: (id << 15 | text) fits in an int64
 _CHUNK_BYTES = 1 << 22
 _MERGE_ENTRIES = 1 << 22  # fit merges its per-chunk count tables once they hold this many entries
-_MAX_THREADS = 8  # a chunk at work holds about 100 bytes a byte of text (400 MiB): 8 threads, about 3 GiB
+_MAX_THREADS = 8  # each chunk at work holds many times its text in n-gram keys and their sort
 
 _LOWER = np.arange(256, dtype=np.uint8)
 _LOWER[ord("A") : ord("Z") + 1] += 32

@@ -375,9 +375,9 @@ class Trainer:
         )
         if held_out.size == 0:
             return train_data, None, test_data
-        kept = np.ones(len(train_data), dtype=bool)
-        kept[held_out] = False  # the rows trained on: disjoint from the held-out rows, in order
-        kept = np.flatnonzero(kept)
+        trained_on = np.ones(len(train_data), dtype=bool)
+        trained_on[held_out] = False
+        kept = np.flatnonzero(trained_on)  # disjoint from the held-out rows, in order
         return take_rows(train_data, kept), take_rows(train_data, held_out), test_data
 
     def _checkpoint_dir(self) -> str:
