@@ -9,6 +9,7 @@ from megaclass.data.batch import InputSpec, SparseInputs
 from megaclass.models import build_model, model_config, model_types
 from megaclass.models import mlp as mlp_module
 from megaclass.models.mlp import SPARSE_GRAD_FEATURES, MLPConfig, MLPEncoder
+from megaclass.ops import row_optimizers
 from megaclass.schema import ConfigError
 
 _ACTIVATIONS = {
@@ -138,7 +139,7 @@ def _first_layer(features: int, threads: int, seed: int) -> torch.Tensor:
 
 def test_a_large_first_layer_is_drawn_in_seeded_blocks_the_same_on_any_thread_count(monkeypatch):
     monkeypatch.setattr(mlp_module, "_BLOCK_INIT_WEIGHTS", 64)
-    monkeypatch.setattr(mlp_module, "_INIT_BLOCK", 24)  # blocks of 3 rows of 8
+    monkeypatch.setattr(row_optimizers, "INIT_CHUNK", 3)  # chunks of 3 rows of 8, on several threads
     one, three = _first_layer(50, threads=1, seed=4), _first_layer(50, threads=3, seed=4)
     assert torch.equal(one, three)
     assert not torch.equal(one, _first_layer(50, threads=3, seed=5))

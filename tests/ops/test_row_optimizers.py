@@ -245,6 +245,21 @@ def test_init_rows_of_row_ranges_assemble_the_whole_matrix(bounds):
         assert torch.equal(part, whole[start:stop]), (start, stop)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_init_rows_drawn_on_several_threads_are_the_same_matrix(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weight = torch.empty(3 * INIT_CHUNK + 5, 2)  # four chunks, side by side on three threads
+        init_rows_(weight, seed=7)
+        part = torch.empty(INIT_CHUNK + 4, 2)
+        init_rows_(part, seed=7, row_start=INIT_CHUNK - 2, num_rows=3 * INIT_CHUNK + 5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weight, _plain_draw(3 * INIT_CHUNK + 5, 2, 7, 2**-0.5))
+    assert torch.equal(part, weight[INIT_CHUNK - 2 : 2 * INIT_CHUNK + 2])
+
+
 def test_init_rows_range_errors():
     with pytest.raises(ValueError, match="not inside a matrix of 4 rows"):
         init_rows_(torch.empty(3, 2), seed=0, row_start=2, num_rows=4)

@@ -13,7 +13,6 @@ first layer's gradient is a sparse tensor of the rows the batch touched, ``(N, H
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.data.batch import InputSpec, SparseInputs
+from megaclass.ops.row_optimizers import init_rows_
 from megaclass.schema import ConfigError
 
 __all__ = ["SPARSE_GRAD_FEATURES", "MLPConfig", "MLPEncoder"]
@@ -28,7 +28,6 @@ __all__ = ["SPARSE_GRAD_FEATURES", "MLPConfig", "MLPEncoder"]
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 SPARSE_GRAD_FEATURES = 1 << 17  # model.sparse_grad=auto: sparse from this many input features
 _BLOCK_INIT_WEIGHTS = 1 << 26  # a first layer larger than this draws its initial weights in seeded blocks
-_INIT_BLOCK = 1 << 22  # weights a block draws from its own generator
 
 
 @dataclass(frozen=True)
@@ -71,19 +70,14 @@ class MLPConfig:
 
 def _init_uniform_(table: Tensor, bound: float) -> None:
     """Fill ``table`` from U(-bound, bound). A table of more than 2^26 weights (a million n-grams x 1,024:
-    seconds on one core) is drawn in blocks of 2^22 on torch's threads, block ``i`` from a generator seeded
-    with ``s + i``, ``s`` one draw from the global generator: the same weights on any thread count."""
+    seconds on one core) is drawn by :func:`~megaclass.ops.row_optimizers.init_rows_` (seeded chunks of
+    rows, on several threads), its seed one draw from the global generator: the same on any thread count."""
     if table.numel() <= _BLOCK_INIT_WEIGHTS:
         nn.init.uniform_(table, -bound, bound)
         return
-    seed = int(torch.randint(0, 1 << 62, ()))
-    blocks = table.detach().view(-1).split(_INIT_BLOCK)
-
-    def draw(index: int) -> None:
-        blocks[index].uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed + index))
-
-    with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="init") as pool:
-        list(pool.map(draw, range(len(blocks))))
+    init_rows_(
+        table.detach(), seed=int(torch.randint(0, 1 << 62, ())), bound=bound
+    )  # its storage, no autograd
 
 
 class _RowSparseEmbeddingBag(torch.autograd.Function):
@@ -116,15 +110,16 @@ class _RowSparseEmbeddingBag(torch.autograd.Function):
 class MLPEncoder(nn.Module):
     """Sparse rows ``(B, F)`` given as (indices, offsets, weights) to features ``(B, D)``.
 
-    Args:
-        config: the layer widths, activation, dropout and normalisation.
-        input_spec: must be ``kind="sparse"``; gives ``F = num_features``.
+        Args:
+            config: the layer widths, activation, dropout and normalisation.
+            input_spec: must be ``kind="sparse"``; gives ``F = num_features``.
 
-    >>> from megaclass.data.batch import InputSpec, SparseInputs
-    >>> encoder = MLPEncoder(MLPConfig(hidden=(8, 4)), InputSpec(kind="sparse", num_features=10))
-    >>> rows = SparseInputs.from_lists([[1, 7], [3]], [[0.5, 0.5], [1.0]])
-    >>> encoder(rows).shape
-    torch.Size([2, 4])
+        >>> from megaclass.data.batch import InputSpec, SparseInputs
+    from megaclass.ops.row_optimizers import init_rows_
+        >>> encoder = MLPEncoder(MLPConfig(hidden=(8, 4)), InputSpec(kind="sparse", num_features=10))
+        >>> rows = SparseInputs.from_lists([[1, 7], [3]], [[0.5, 0.5], [1.0]])
+        >>> encoder(rows).shape
+        torch.Size([2, 4])
     """
 
     # entries of weight 0 add nothing to a row's sum: a CUDA graph may pad the inputs to a fixed size

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
 
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
+_INIT_THREADS = 4  # CPU chunks drawn at once (each holds one chunk of rows in fp32)
 
 
 class RowOptimizerKind(str, enum.Enum):
@@ -296,7 +298,7 @@ def init_rows_(
     ``i`` with seed ``seed + i``, so the result depends neither on where the rows live nor on how they are
     split: a device store, a host store with the same compute device, and shards each filling their own
     range on the CPU all hold the same matrix (a host store draws on the GPU, not with the slower CPU
-    generator).
+    generator). On the CPU, up to 4 chunks are drawn at once on torch's threads.
 
     Args:
         weight: the rows to fill, in place.
@@ -318,11 +320,21 @@ def init_rows_(
     dim = weight.shape[1]
     bound = 1.0 / math.sqrt(dim) if bound is None else bound
     draw_device = torch.device("cpu" if draw_device is None else draw_device)
-    for index in range(row_start // INIT_CHUNK, -(-row_stop // INIT_CHUNK)):
+
+    def draw(index: int) -> None:
         start = index * INIT_CHUNK
         generator = torch.Generator(device=draw_device).manual_seed(seed + index)
         # the chunk's full length is drawn: a shorter draw need not be its prefix on every device
         chunk = torch.rand(min(INIT_CHUNK, num_rows - start), dim, generator=generator, device=draw_device)
         low, high = max(start, row_start), min(start + chunk.shape[0], row_stop)
-        values = chunk[low - start : high - start] * (2 * bound) - bound  # (high - low, D)
+        values = chunk[low - start : high - start].mul_(2 * bound).sub_(bound)  # (high - low, D)
         weight[low - row_start : high - row_start] = values.to(weight.device, weight.dtype)
+
+    chunks = range(row_start // INIT_CHUNK, -(-row_stop // INIT_CHUNK))
+    threads = min(torch.get_num_threads(), _INIT_THREADS, len(chunks)) if draw_device.type == "cpu" else 1
+    if threads <= 1:
+        for index in chunks:
+            draw(index)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="init-rows") as pool:
+        list(pool.map(draw, chunks))  # CPU chunks side by side (each its own generator: the same matrix)
