@@ -75,9 +75,8 @@ def _init_uniform_(table: Tensor, bound: float) -> None:
     if table.numel() <= _BLOCK_INIT_WEIGHTS:
         nn.init.uniform_(table, -bound, bound)
         return
-    init_rows_(
-        table.detach(), seed=int(torch.randint(0, 1 << 62, ())), bound=bound
-    )  # its storage, no autograd
+    seed = int(torch.randint(0, 1 << 62, ()))
+    init_rows_(table.detach(), seed=seed, bound=bound)  # the storage: its threads write without autograd
 
 
 class _RowSparseEmbeddingBag(torch.autograd.Function):
