@@ -6,11 +6,11 @@ resume, evaluate, predict, export; each phase's wall time and peak host memory, 
     python benchmarks/end_to_end.py --quick                        # 10^4 classes on the CPU, a smoke run
 
 Each phase is a ``python -m megaclass`` child process; its peak resident set is read from ``VmHWM`` while it
-runs. Training uses ``--head selected`` (the ``--set`` overrides are added) with ``train.checkpoint_every``
-steps: the first run is killed (``SIGKILL``) once its first checkpoint is whole, and ``--resume`` finishes it.
-Prints one markdown table a class count and appends its rows to ``--csv``. ``--phases`` runs some of the
-phases (``synthesise plan train resume eval predict export``), each on what the earlier ones left in
-``--out``: a sequence too long for one sitting is split over several invocations.
+runs. Training uses ``--head selected`` for one epoch (the ``--set`` overrides are added) with
+``train.checkpoint_every`` steps: the first run is killed (``SIGKILL``) once its first checkpoint is whole,
+and ``--resume`` finishes it. Prints one markdown table a class count and appends its rows to ``--csv``.
+``--phases`` runs some of the phases (``synthesise plan train resume eval predict export``), each on what
+the earlier ones left in ``--out``: a sequence too long for one sitting is split over several invocations.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -107,6 +108,7 @@ def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
         "--set",
         "train.progress=false",
         f"train.checkpoint_every={args.checkpoint_every}",
+        "train.epochs=1",  # one epoch unless --set says otherwise
         *args.set,
     ]
     rows = []
@@ -136,7 +138,8 @@ def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
         def first_checkpoint_whole() -> bool:
             return bool(glob.glob(os.path.join(run, "checkpoints", "step_*")))
 
-        argv = ["train", *common, "--overwrite", *overrides]
+        shutil.rmtree(run, ignore_errors=True)  # an earlier run's checkpoints must not end this one at once
+        argv = ["train", *common, *overrides]
         killed = _run(argv, kill_when=first_checkpoint_whole, timeout_s=args.timeout)
         if not killed["killed"]:
             raise SystemExit(
@@ -188,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.classes, args.docs, args.features, args.checkpoint_every = [10_000], 4_000, 2_000, 5
-        args.set = ["model.hidden=[32]", "train.epochs=1", *args.set]
+        args.set = ["model.hidden=[32]", *args.set]
     rows = [row for classes in args.classes for row in _one_count(args, classes)]
     print("| " + " | ".join(_COLUMNS) + " |")
     print("|" + "---|" * len(_COLUMNS))

@@ -11,6 +11,7 @@ import pytest
 
 from megaclass.cli import COMMANDS, main
 from megaclass.dst import DSTConfig, rewire_fraction
+from megaclass.train.inference import load_run
 
 pytestmark = pytest.mark.integration
 
@@ -336,7 +337,7 @@ def test_repeated_labels_count_once_in_eval(tiny, full_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("index", ["exact", "gpu"])
-def test_an_index_searched_ranking_reports_its_recall(deb_tags_slice, tmp_path, index):
+def test_an_index_searched_ranking_reports_its_recall(deb_tags_slice, tmp_path, capsys, index):
     train, test = deb_tags_slice(200, 40)
     out = tmp_path / "run"
     settings = ["model.hidden=[16]", "train.progress=false", f"head.index={index}", "head.topk_search=index"]
@@ -346,3 +347,10 @@ def test_an_index_searched_ranking_reports_its_recall(deb_tags_slice, tmp_path, 
         metrics = json.load(file)
     recall = metrics["topk_recall@5"]  # the eval's top-5 against an exact scan, on its first batch
     assert recall == 1.0 if index == "exact" else 0.0 < recall <= 1.0, recall
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--test", test]) == 0  # the store and index on the run's device
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["P@1"] == pytest.approx(metrics["P@1"], abs=0.03)
+    assert evaluated["topk_recall@5"] == 1.0 if index == "exact" else 0.0 < evaluated["topk_recall@5"] <= 1.0
+    loaded = load_run(str(out))
+    assert loaded.head.materialize().device.type == loaded.device.type

@@ -50,3 +50,19 @@ def test_bf16_inputs_give_float32_scores():
 def test_bad_arguments(k, chunk_size, message):
     with pytest.raises(ValueError, match=message):
         chunked_topk(torch.randn(2, 3), torch.randn(30, 3), k, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("classes", [65536, 65536 + 37, 200_003])
+@pytest.mark.parametrize("k", [1, 7, 1024])
+def test_wide_chunks_through_column_group_maxima(classes, k):
+    """Chunks of 2^16 columns and more take their top-k through the maxima of column groups (a ragged tail
+    included); the scores equal the full top-k's, and every id scores what it is reported with."""
+    generator = torch.Generator().manual_seed(classes + k)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    weight = torch.randn(classes, 4, dtype=torch.float64, generator=generator)
+    weight[1000:1300] = weight[5]  # ties across groups
+    scores, ids = chunked_topk(x, weight, k, chunk_size=1 << 17)
+    full = x @ weight.T
+    torch.testing.assert_close(scores, full.topk(k, dim=1).values.float())
+    torch.testing.assert_close(full.gather(1, ids).float(), scores)
+    assert all(row.unique().numel() == k for row in ids)  # k distinct classes a row

@@ -145,3 +145,28 @@ def test_a_checkpoint_the_servers_change_under_is_refused(shards, monkeypatch, t
     assert checkpoint.latest_checkpoint(str(tmp_path / "ck")) is None
     assert not [entry for entry in os.listdir(tmp_path / "ck") if not entry.startswith(".")]
     store.close()
+
+
+def test_kept_weights_load_the_servers_rows_alone(shards, tmp_path, train_head):
+    """A parameter-server head's weights (``weights_state_dict``: rows, no optimizer slot) written and read
+    back into another head overwrite that head's servers' rows and leave their optimizer state."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(4, DIM, generator=generator), torch.randint(NUM_ROWS, (4,), generator=generator))
+        for _ in range(3)
+    ]
+    first, second = _servers(shards, "sgd-momentum", seed=1), _servers(shards, "sgd-momentum", seed=2)
+    head, other = _head(first, "sgd-momentum"), _head(second, "sgd-momentum")
+    train_head(head, batches, 1)
+    train_head(other, batches[:1], 1)
+    weights = head.weights_state_dict()
+    assert set(weights) == {"store.weight"}
+    state_io.write_state(str(tmp_path / "weights"), weights)
+    slots_before = _fields(second, other.store)
+    other.load_state_dict(checkpoint.read_weights(str(tmp_path / "weights")))
+    after, trained = _fields(second, other.store), _fields(first, head.store)
+    assert torch.equal(after["weight"], trained["weight"])
+    for key, tensor in after.items():
+        assert key == "weight" or torch.equal(tensor, slots_before[key]), key
+    head.store.close()
+    other.store.close()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megaclass.ops.row_optimizers import init_rows_
+from megaclass.state_io import read_state, write_state
 from megaclass.store import RowOptimizerConfig, build_store
 
 
@@ -146,3 +147,20 @@ def test_bf16_sr_stores_deliver_float32_rows_and_agree(spec):
     assert torch.equal(store.read(5, 12), store.rows()[5:12].float())
     for name, tensor in store.state_dict().items():
         assert torch.equal(tensor, other.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("spec", ["gpu", "host"])
+@pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
+def test_load_rows_replaces_the_rows_and_keeps_the_optimizer_state(spec, dtype, tmp_path):
+    config = RowOptimizerConfig(kind="adamw")
+    store = build_store(spec, num_rows=6, dim=3, device="cpu", optimizer=config, seed=2, dtype=dtype)
+    store.push(torch.tensor([1, 4]), torch.randn(2, 3), step=0, lr=0.1)
+    state = {name: value.clone() for name, value in store.state_dict().items() if name != "weight"}
+    rows = torch.randn(6, 3).to(store.rows().dtype)
+    write_state(str(tmp_path / "rows"), {"weight": rows})
+    store.load_rows(read_state(str(tmp_path / "rows"), stream=lambda key: True)["weight"])  # streamed
+    assert torch.equal(store.rows(), rows)
+    for name, value in store.state_dict().items():
+        assert name == "weight" or torch.equal(value, state[name]), name
+    with pytest.raises(ValueError, match=r"store rows: expected shape \(6, 3\), got \(5, 3\)"):
+        store.load_rows(torch.zeros(5, 3))

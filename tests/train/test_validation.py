@@ -203,3 +203,22 @@ def test_a_run_at_the_label_prior_stops_with_one_line(tmp_path, capsys):
     assert len(error.splitlines()) == 1 and "training ended at the label prior" in error
     assert "label 0" in error and "optim.encoder.lr" in error and "warmup_fraction" in error
     assert not (out / "metrics.json").exists()
+
+
+def test_a_selected_heads_kept_weights_are_its_rows_alone(data, tmp_path, capsys):
+    """The kept and final weights of a selected head hold its rows, not their optimizer state, the selection's
+    state or the index (a checkpoint holds those); read back at the end (an average is kept), they score as
+    at their epoch's end, and ``eval`` of the run scores as the run did."""
+    out = tmp_path / "selected"
+    settings = ["--head", "selected", "--set", "head.sample_num=40", "head.index=gpu", "train.ema_decay=0.5"]
+    assert _train(data, out, *settings, epochs=2) == 0
+    metrics = _json(out / "metrics.json")
+    (kept_curve,) = [r for r in _records(out, "eval_test_curve") if r["epoch"] == metrics["epoch_kept"]]
+    assert metrics["P@1"] == kept_curve["P@1"]
+    kept = read_state(str(out / "model"))
+    assert set(kept["head"]) == {"store.weight"}
+    checkpoint = read_state(str(max((out / "checkpoints").glob("step_*"))))
+    assert {"store.weight", "store.optim.exp_avg", "selection.rng"} <= set(checkpoint["head"])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--test", data[1]]) == 0
+    assert json.loads(capsys.readouterr().out)["P@1"] == pytest.approx(metrics["P@1"], abs=1e-6)

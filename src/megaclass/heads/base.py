@@ -191,6 +191,11 @@ class Head(nn.Module):
     row_group: int = 1
     """Rows per entry row of ``groups`` state entries (:data:`StateKind`)."""
 
+    def weights_state_dict(self) -> dict[str, Any]:
+        """What inference needs (kept and final weights, exports): the state dict, less what only training
+        uses where the head keeps it (a store's row optimizer state); :meth:`load_state_dict` takes either."""
+        return self.state_dict()
+
     def state_layout(self) -> dict[str, StateKind]:
         """How each state entry splits across ranks (see :data:`StateKind`); others are replicated."""
         return {}

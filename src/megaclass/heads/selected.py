@@ -75,12 +75,22 @@ from megaclass.targets import RaggedLabels, Targets, as_ragged
 __all__ = ["SelectedHead", "SelectedHeadConfig"]
 
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
+# an exact top-k on a GPU scores at least this many (batch x classes) logits at once: narrow chunks leave it
+# waiting on launches (at 10^8 classes, B 512: 3.5 s a batch at 8,192 classes a chunk, 0.66 s at 131,072)
+_GPU_TOPK_SCORES = 1 << 26
 _INDEX_TOPK_CLASSES = 10**7  # topk_search=auto searches the index from this many classes
 _TOPK_CANDIDATES = 4  # an index topk scores this many times k of the index's classes exactly
 
 
 PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
 """What ``type: partial_fc`` changes in the selected head's defaults: random classes, 10% of them."""
+
+
+def topk_chunk(chunk_size: int, batch: int, device_type: str) -> int:
+    """Classes an exact top-k scores at once: ``chunk_size``, or on a GPU more, up to ``2^26`` logits."""
+    if device_type != "cuda":
+        return chunk_size
+    return max(chunk_size, min(_READ_BLOCK, _GPU_TOPK_SCORES // max(1, batch)))
 
 
 @dataclass(frozen=True)
@@ -568,7 +578,7 @@ class SelectedHead(Head):
                 min(k, block.shape[0]),
                 cosine=margin.enabled,
                 scale=margin.scale,
-                chunk_size=self.config.chunk_size,
+                chunk_size=topk_chunk(self.config.chunk_size, features.shape[0], features.device.type),
             )
             scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids + start], 1)
             best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
@@ -587,6 +597,12 @@ class SelectedHead(Head):
             layout.update({f"index.{name}": "rank" for name in self.selector.state_dict()})
             layout["index.built"] = "rank"
         return layout
+
+    def weights_state_dict(self) -> dict[str, Any]:
+        """The rows alone (with the module's own entries): no row optimizer state, selection state or index,
+        which inference rebuilds where it searches one (a 10^8-row head's kept weights: 6 of 28 GiB)."""
+        training_only = ("store.optim.", "selection.", "index.")
+        return {key: value for key, value in self.state_dict().items() if not key.startswith(training_only)}
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -613,6 +629,12 @@ class SelectedHead(Head):
     ) -> None:
         store = self.materialize()
         ours = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if set(ours) == {"store.weight"}:  # weights alone (weights_state_dict)
+            store.load_rows(ours["store.weight"])
+            self._dirty.fill_(True)  # every row moved: an index built is refreshed, else built at first use
+            if self.selector is not None and self.selector.is_built:
+                self.rebuild_index()
+            return
         for key in ("selection.rng", "selection.step", "selection.dirty"):
             if key not in ours:
                 missing_keys.append(prefix + key)
@@ -692,7 +714,11 @@ class SelectedHead(Head):
                 logits + pulled + query + request.batch * dim * 4, staged, "head.sample_num"
             ),
             "evaluation": PlannedBytes(  # a chunk of (B, chunk) fp32 logits (and their cosines) and its top-k
-                block + (1 + config.margin.enabled) * request.eval_batch * config.chunk_size * 4,
+                block
+                + (1 + config.margin.enabled)
+                * request.eval_batch
+                * topk_chunk(config.chunk_size, request.eval_batch, request.device_type)
+                * 4,
                 0,
                 "eval.batch_size",
             ),

@@ -914,12 +914,16 @@ class ClusterIndex(ClassSelector):
         return metrics
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The served index, whole (empty while the first build runs): never a build under way."""
+        """The served index, whole (empty while the first build runs): never a build under way.
+
+        Its tensors are the served ones, not copies (a checkpoint streams them from where they live; at 10^8
+        rows a copy would be gigabytes of host memory): the next warm build changes them in place.
+        """
         self._adopt()
         if self._state is None:
             return {}
-        state = {key: value.to("cpu", copy=True) for key, value in self._state.items()}
-        return {**state, "warm_builds": torch.tensor(self._warm_builds)}  # a resumed run recalibrates alike
+        # a resumed run recalibrates alike
+        return {**self._state, "warm_builds": torch.tensor(self._warm_builds)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Serve ``state`` (a build under way is cancelled: its snapshot is of other rows)."""

@@ -15,6 +15,9 @@ from megaclass.ops.collectives import ClassShard, merge_topk
 
 __all__ = ["chunked_topk"]
 
+_GROUP = 64  # columns a maximum is taken over before the top-k of a wide chunk
+_GROUP_MIN_COLUMNS = 1 << 16  # narrower chunks take their top-k directly (on a GPU, fewer launches win)
+
 
 @torch.no_grad()
 def chunked_topk(
@@ -77,14 +80,34 @@ def _local_topk(
     best_ids = torch.zeros((x.shape[0], 0), dtype=torch.int64, device=x.device)
     for start in range(0, classes, chunk_size):
         rows = weight[start : start + chunk_size]  # (c, D)
+        if cosine:  # the (c, D) rows scaled, not the (B, c) scores: one pass over the scores fewer
+            rows = rows.float()
+            rows = rows * (scale / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         scores = (x @ rows.to(x.dtype).T).float()  # (B, c)
-        if cosine:
-            scores = scores * (scale / rows.float().norm(dim=-1).clamp_min(1e-12))
-        elif bias is not None:
+        if bias is not None and not cosine:
             scores = scores + bias[start : start + chunk_size].float()
-        top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (B, <=k)
+        top_scores, top_ids = _chunk_topk(scores, min(k, scores.shape[1]))  # (B, <=k)
         merged_scores = torch.cat([best_scores, top_scores], dim=1)  # (B, <=2k)
         merged_ids = torch.cat([best_ids, top_ids + start], dim=1)
         best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)  # (B, <=k)
         best_ids = merged_ids.gather(1, order)
     return best_scores, best_ids
+
+
+def _chunk_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k, dim=1)`` through the maxima of groups of ``_GROUP`` columns: the ``k`` best groups
+    by maximum hold the ``k`` best scores (ties aside), so one reduction and a top-``k`` over ``c / _GROUP``
+    maxima replace a top-``k`` over all ``c`` columns, which is slow for wide chunks."""
+    batch, width = scores.shape
+    groups = width // _GROUP
+    if width < _GROUP_MIN_COLUMNS or groups < k:
+        return scores.topk(k, dim=1)
+    whole = groups * _GROUP
+    maxima = scores[:, :whole].view(batch, groups, _GROUP).amax(dim=2)  # (B, groups)
+    best = maxima.topk(k, dim=1).indices  # (B, k)
+    columns = (best[:, :, None] * _GROUP + torch.arange(_GROUP, device=scores.device)).view(batch, -1)
+    if whole < width:  # the tail that fills no group is a candidate as it is
+        tail = torch.arange(whole, width, device=scores.device).expand(batch, -1)
+        columns = torch.cat([columns, tail], dim=1)
+    top = scores.gather(1, columns).topk(k, dim=1)  # (B, k) of the k groups' and the tail's columns
+    return top.values, columns.gather(1, top.indices)

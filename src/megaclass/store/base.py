@@ -69,3 +69,11 @@ class RowStore(abc.ABC):
         which a local store streams into its own tensors (:func:`~megaclass.state_io.copy_into_`) and any
         store can read a row range of (``saved[a:b]``).
         """
+
+    @abc.abstractmethod
+    def load_rows(self, rows: Tensor | RowSource) -> None:
+        """Overwrite the ``(num_rows, D)`` rows alone (kept weights, an export); optimizer state stays.
+
+        Raises:
+            ValueError: ``rows`` is not ``(num_rows, D)``.
+        """

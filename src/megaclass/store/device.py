@@ -51,3 +51,6 @@ class DeviceStore(RowStore):
 
     def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
         self.local.load_state_dict(state)
+
+    def load_rows(self, rows: Tensor | SavedTensor) -> None:
+        self.local.load_rows(rows)

@@ -122,6 +122,10 @@ class HostStore(RowStore):
         self.flush()
         self.local.load_state_dict(state)
 
+    def load_rows(self, rows: Tensor | SavedTensor) -> None:
+        self.flush()
+        self.local.load_rows(rows)
+
     def close(self) -> None:
         """Apply pending updates and stop the worker thread."""
         self.flush()

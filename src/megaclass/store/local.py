@@ -138,6 +138,13 @@ class LocalRows:
         ``nn.Module.state_dict``): a checkpoint streams them to its file a block at a time."""
         return {"weight": self.weight, **{f"optim.{name}": tensor for name, tensor in self.state.items()}}
 
+    def load_rows(self, rows: Tensor | SavedTensor) -> None:
+        """Copy ``rows`` (a tensor, or a :class:`~megaclass.state_io.SavedTensor` streamed) into the rows."""
+        expected = tuple(self.weight.shape)
+        if tuple(rows.shape) != expected:
+            raise ValueError(f"store rows: expected shape {expected}, got {tuple(rows.shape)}")
+        copy_into_(self.weight, rows)
+
     def load_state_dict(self, state: Mapping[str, Tensor | SavedTensor]) -> None:
         """Copy what :meth:`state_dict` returned (tensors, or :class:`~megaclass.state_io.SavedTensor` handles
         streamed from a checkpoint file) into the rows and optimizer state."""

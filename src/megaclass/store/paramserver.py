@@ -238,6 +238,15 @@ class ParamServerStore(RowStore):
             for field in ("rows", *self.slots)
         }
 
+    def load_rows(self, rows: Tensor | RowSource) -> None:
+        """Overwrite the servers' rows alone, a block of rows at a time; their optimizer state stays."""
+        shape = self._field_shape("rows")
+        if tuple(rows.shape) != shape:
+            raise ValueError(f"store rows: expected shape {shape}, got {tuple(rows.shape)}")
+        self.flush()
+        for start, stop in row_blocks(self.num_rows, 4 * math.prod(shape[1:]), LOAD_BLOCK_BYTES):
+            self.client.set_rows(torch.arange(start, stop), rows[start:stop], field="rows")
+
     def load_state_dict(self, state: Mapping[str, Tensor | RowSource]) -> None:
         """Overwrite the servers' rows and optimizer state with ``state``'s, a block of rows at a time (a
         :class:`~megaclass.state_io.SavedTensor` is read from its file block by block).

@@ -194,7 +194,8 @@ def _build(
         multilabel=multilabel,
         label_counts=label_counts,
     )
-    head = build_head(config.head, context)
+    # on the device before the weights: a selected head's store and index are made where the head is
+    encoder, head = encoder.to(torch_device), build_head(config.head, context).to(torch_device)
     try:
         encoder.load_state_dict(state["encoder"])
         head.load_state_dict(state["head"])
@@ -203,8 +204,8 @@ def _build(
         raise DataFormatError(where, f"weights do not fit the run's config.yaml ({detail})") from None
     return LoadedRun(
         config,
-        encoder.to(torch_device).eval(),
-        head.to(torch_device).eval(),
+        encoder.eval(),
+        head.eval(),
         featurizer,
         facts,
         label_counts,

@@ -772,7 +772,7 @@ class Trainer:
             return
         if self._keeps_best():
             with self._averaged():  # the evaluated weights are kept
-                state = self._model_state()
+                state = self._model_state(weights_only=True)
             if self.dist.is_main:
                 write_state(self._best_dir(epoch), state)
         self.state.best_epoch, self.state.best_score, self.state.evals_since_best = epoch, score, 0
@@ -843,7 +843,7 @@ class Trainer:
         kept_on_disk = self._keeps_best() and self.state.best_epoch  # best/epoch-N is the final model
         if not kept_on_disk:
             with self._averaged():  # the final model is the evaluated one
-                model_state = self._model_state()  # collective under FSDP2
+                model_state = self._model_state(weights_only=True)  # collective under FSDP2
         if not self.dist.is_main:
             return {}
         records = read_log(self.logger.path)
@@ -921,9 +921,12 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- checkpoint
 
-    def _model_state(self) -> dict[str, Any]:
+    def _model_state(self, *, weights_only: bool = False) -> dict[str, Any]:
+        """Encoder and head state; ``weights_only``: what inference needs (kept and final weights), which for
+        a head keeping its rows' optimizer state is a fraction of a checkpoint's."""
         if not self.head.sharded:
-            return {"encoder": self.encoder.state_dict(), "head": self.head.state_dict()}
+            head = self.head.weights_state_dict() if weights_only else self.head.state_dict()
+            return {"encoder": self.encoder.state_dict(), "head": head}
         from megaclass.distributed.checkpoint import export_head_state
         from megaclass.distributed.parallel import encoder_state
 
