@@ -94,6 +94,23 @@ def _log_facts(run: str) -> str:
     return ", ".join(facts)
 
 
+def _run_folder_sizes(run: str) -> str:
+    """GiB on disk of the run folder's checkpoints, kept weights and final weights (a file linked from two
+    of them counted in the first)."""
+    seen: set[int] = set()
+    sizes = []
+    for part in ("checkpoints", "best", "model"):
+        total = 0
+        for folder, _, files in os.walk(os.path.join(run, part)):
+            for name in files:
+                status = os.stat(os.path.join(folder, name))
+                if status.st_ino not in seen:
+                    seen.add(status.st_ino)
+                    total += status.st_size
+        sizes.append(f"{part}/ {total / _GIB:.2f}")
+    return "GiB on disk: " + ", ".join(sizes)
+
+
 _PHASES = ("synthesise", "plan", "train", "resume", "eval", "predict", "export")
 
 
@@ -154,7 +171,7 @@ def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
         where = "GPU" if str(metrics["device"]).startswith("cuda") else "host"
         notes = (
             f"P@1 {metrics['P@1']:.4f}, {where} peak {metrics['peak_memory_bytes'] / _GIB:.2f} GiB, "
-            f"train {metrics['train_seconds']:.1f} s, {_log_facts(run)}"
+            f"train {metrics['train_seconds']:.1f} s, {_log_facts(run)}, {_run_folder_sizes(run)}"
         )
         phase("train --resume to the end", resumed, notes)
     if "eval" in args.phases:

@@ -47,7 +47,7 @@ def test_gpu_config_builds_a_cluster_index_with_its_settings(dtype, row_dtype):
     selector = build_index(config, metric="cosine", device=CPU, seed=5, chunk_size=8)
     assert isinstance(selector, ClusterIndex)
     assert (selector.leaf_size, selector.probes, selector.seed) == (8, 3, 5)
-    assert selector.recall_target == 0.92
+    assert selector.recall_target == 0.92 and selector.scan_when_cheaper
     assert selector.metric.value == "cosine"
     if row_dtype is not None:
         assert selector.row_dtype == row_dtype
@@ -70,6 +70,7 @@ def test_annoy_config_passes_its_settings():
     [
         (ClusterIndexConfig, {"leaf_size": 0}, "leaf_size"),
         (ClusterIndexConfig, {"probes": 0}, "probes"),
+        (ClusterIndexConfig, {"scan_when_cheaper": "no"}, "scan_when_cheaper"),
         (AnnoyIndexConfig, {"ntrees": 0}, "ntrees"),
     ],
 )
@@ -97,6 +98,8 @@ def test_gpu_config_defaults_are_automatic_and_checked():
     assert (selector.leaf_size, selector.probes, selector.recall_target) == (None, None, 0.8)
     config = from_dict(_Holder, {"index": {"type": "gpu", "leaf_size": 40, "probes": "auto"}})
     assert (config.index.leaf_size, config.index.probes) == (40, "auto")
+    searched = from_dict(_Holder, {"index": {"type": "gpu", "scan_when_cheaper": False}}).index
+    assert not build_index(searched, metric="dot", device=CPU, seed=0, chunk_size=8).scan_when_cheaper
     for bad in ({"leaf_size": 0}, {"probes": "many"}, {"recall_target": 1.5}):
         with pytest.raises(ConfigError):
             from_dict(_Holder, {"index": {"type": "gpu", **bad}})

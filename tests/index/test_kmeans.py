@@ -210,7 +210,7 @@ def test_two_level_search_reaches_its_calibrated_recall(monkeypatch):
 
     monkeypatch.setattr(kmeans, "_SHARED_ROW_COST", 1.0)  # shared centroids as dear as gathered ones
     rows, _ = trained_like(20000, 32, 400, 1, seed=4)
-    index = build_selector("gpu", metric="cosine", leaf_size=16, recall_target=0.95)
+    index = build_selector("gpu", metric="cosine", leaf_size=16, recall_target=0.95, scan_when_cheaper=False)
     index.build(rows)
     metrics = index.metrics()
     groups, clusters = index.state_dict()["group_centroids"].shape[0], metrics["index_clusters"]
@@ -223,7 +223,9 @@ def test_two_level_search_reaches_its_calibrated_recall(monkeypatch):
     assert (nearest[:, 0] == picks).all()
     truth = nearest[:, 1:]
     assert recall(index.query(rows[picks], 11)[:, 1:], truth) >= 0.95
-    flat = build_selector("gpu", metric="cosine", leaf_size=16, probes=int(metrics["index_probes"]))
+    flat = build_selector(
+        "gpu", metric="cosine", leaf_size=16, probes=int(metrics["index_probes"]), scan_when_cheaper=False
+    )
     flat.build(rows)  # the same clusters searched over every group: at least as many found
     assert recall(flat.query(rows[picks], 10), truth) >= recall(index.query(rows[picks], 10), truth)
 
@@ -314,3 +316,17 @@ def test_calibration_scores_each_sampled_row_against_its_nearest_other_rows(metr
     for query, found in zip(picks.tolist(), truth.tolist(), strict=True):
         others = [row for row in scores[query].argsort(descending=True).tolist() if row != query]
         assert query not in found and len(found) == 10 and set(found) == set(others[:10])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_a_batch_gathering_more_rows_than_the_index_holds_is_answered_by_a_scan(metric):
+    rows, queries = trained_like(3000, 16, 60, 300)
+    scanned = build_selector("gpu", metric=metric, leaf_size=50, probes=1)  # 300 x ~63 rows > 3,000
+    searched = build_selector("gpu", metric=metric, leaf_size=50, probes=1, scan_when_cheaper=False)
+    for index in (scanned, searched):
+        index.build(rows)
+    truth = exact_topk(queries, rows, 10, metric=metric)[1]
+    assert recall(scanned.query(queries, 10), truth) == 1.0
+    assert recall(searched.query(queries, 10), truth) < 1.0  # one probe misses some
+    few = queries[:4]  # 4 x ~63 rows < 3,000: searched
+    assert torch.equal(scanned.query(few, 10), searched.query(few, 10))

@@ -25,7 +25,7 @@ def test_search_scores_candidates_exactly(metric, kind):
 
 def test_search_of_an_approximate_index_and_its_recall():
     rows, queries = trained_like(5000, 32, 100, 300)
-    index = build_selector("gpu", metric="dot", leaf_size=50, probes=1)
+    index = build_selector("gpu", metric="dot", leaf_size=50, probes=1, scan_when_cheaper=False)
     index.build(rows)
     scores, ids = index.search(queries, 10, weight=rows)
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # ranked
@@ -35,7 +35,7 @@ def test_search_of_an_approximate_index_and_its_recall():
     measured = recall_at_k(index, queries, 10, weight=rows, sample=10**4)
     assert measured == pytest.approx(recall(ids, truth))
     assert 0.3 < measured < 1.0  # one probe misses some
-    more = build_selector("gpu", metric="dot", leaf_size=50, probes=8)
+    more = build_selector("gpu", metric="dot", leaf_size=50, probes=8, scan_when_cheaper=False)
     more.build(rows)
     assert recall_at_k(more, queries, 10, weight=rows, sample=10**4) > measured
     sampled = recall_at_k(index, queries, 10, weight=rows, sample=64, seed=3)

@@ -39,8 +39,14 @@ class ClusterIndexConfig:
     recall_target: float = 0.92
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # row snapshot; auto: bf16 on CUDA
     background: bool | Literal["auto"] = "auto"  # cold builds in a thread; auto: on CPU from 2^15 rows
+    # a batch whose search would gather at least as many rows as there are: answered by an exact scan
+    scan_when_cheaper: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scan_when_cheaper, bool):
+            raise ConfigError(
+                f"head.index.scan_when_cheaper: expected true or false, got {self.scan_when_cheaper!r}"
+            )
         if self.background not in (True, False, "auto"):
             raise ConfigError(f"head.index.background: expected true, false or auto, got {self.background!r}")
         for name in ("leaf_size", "probes"):
@@ -107,4 +113,5 @@ def build_index(
         device=device,
         seed=seed,
         background=None if config.background == "auto" else config.background,
+        scan_when_cheaper=config.scan_when_cheaper,
     )

@@ -266,6 +266,9 @@ class ClusterIndex(ClassSelector):
         background: run cold builds in a thread (on a GPU: on a side stream) while the previous index, or
             none, answers; None: on the CPU from ``2^15`` rows, synchronous on a GPU (a cold build there
             takes seconds at ``10^7`` rows). A finished build equals a synchronous one.
+        scan_when_cheaper: answer a batch whose search would gather at least as many rows as the index
+            holds (``B`` times the rows a query gathers ``>= C``: small ``C``, large batches) by an exact scan
+            of the snapshot, which reads each row once for the whole batch; False: always search.
     """
 
     def __init__(
@@ -284,6 +287,7 @@ class ClusterIndex(ClassSelector):
         chunk_rows: int = 1 << 18,
         seed: int = 0,
         background: bool | None = None,
+        scan_when_cheaper: bool = True,
     ) -> None:
         if (leaf_size is not None and leaf_size < 1) or (probes is not None and probes < 1):
             raise ValueError(f"leaf_size and probes must be >= 1 (or None), got {leaf_size}, {probes}")
@@ -302,6 +306,7 @@ class ClusterIndex(ClassSelector):
         )
         self.device = None if device is None else torch.device(device)
         self.chunk_rows, self.seed, self.background = chunk_rows, seed, background
+        self.scan_when_cheaper = scan_when_cheaper
         self._state: dict[str, Tensor] | None = None  # the served index, touched by the caller's thread only
         self._search = (0, 0)  # the served index's (probes, group_probes), kept on the host
         self._job: _ColdBuild | None = None  # a cold build under way in a thread
@@ -589,8 +594,12 @@ class ClusterIndex(ClassSelector):
         others[:, -1] &= ~others.all(dim=1)  # a row outside its own top t + 1 drops the last instead
         return found[others].view(found.shape[0], found.shape[1] - 1)
 
-    def _scan(self, state: dict[str, Tensor], queries: Tensor, n: int) -> Tensor:
-        """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by the metric."""
+    def _scan(
+        self, state: dict[str, Tensor], queries: Tensor, n: int, metric: Metric | None = None
+    ) -> Tensor:
+        """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by ``metric``
+        (None: the index's)."""
+        metric = self.metric if metric is None else metric
         best_scores = queries.new_empty(queries.shape[0], 0)
         best_ids = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
         num_classes = state["rows"].shape[0]
@@ -598,7 +607,7 @@ class ClusterIndex(ClassSelector):
         for start in range(0, num_classes, chunk):
             ids = torch.arange(start, min(num_classes, start + chunk), device=queries.device)
             scores = queries @ self._gather(state, ids, torch.float32).T  # (q, chunk)
-            if self.metric is Metric.DOT:
+            if metric is Metric.DOT:
                 scores = scores * state["norms"][ids]
             # the chunk's best, merged with the best so far
             top = scores.topk(min(n, ids.numel()), dim=1)
@@ -845,6 +854,10 @@ class ClusterIndex(ClassSelector):
         probes = min(k, max(probes, math.ceil(2 * n / max(1, width)) + 1))
         per_group = k // groups
         group_probes = min(groups, max(group_probes, math.ceil(probes / per_group)))
+        gathered = features.shape[0] * search_cost(k, groups, width, probes, group_probes)[1]
+        if self.scan_when_cheaper and gathered >= num_classes:
+            # the batch would gather more rows than there are: a scan reads each once, for the whole batch
+            return self._scan(state, exact, n, metric).to(features.device)
         if group_probes == groups:
             best = (queries @ centroids.T).topk(probes, dim=1).indices  # (B, P)
         else:
