@@ -177,3 +177,19 @@ def test_mlp_recipes_train_until_each_label_saw_about_200_positives():
     assert _resolve(["train.epochs=2"], facts=rare)[0].train.epochs == 2  # explicit settings win
     transformer = _resolve(["model.type=transformer"], facts=rare)[0]
     assert transformer.train.epochs == from_preset("xmc-transformer").train.epochs  # its own recipe
+
+
+@pytest.mark.parametrize("head", ["selected", "partial_fc"])
+def test_a_sampled_heads_batch_leaves_half_its_active_classes_to_sampled_ones(head):
+    """5% of 5,000 one-label classes active (250): a batch of 256 would fill them with its own positives."""
+    planted = DataFacts("bow", False, 50_000, num_classes=5_000, num_features=20_000, num_positives=50_000)
+    config, description = _resolve(["head.sample_num=0.05"], head=head, facts=planted)
+    assert config.train.batch_size == 128
+    assert "; batch 128, about half the 250 active classes" in description
+    roomy = dataclasses.replace(planted, num_classes=16_760)  # 838 active: 256 rows leave room
+    assert _resolve(["head.sample_num=0.05"], head=head, facts=roomy)[0].train.batch_size == 256
+    explicit = _resolve(["head.sample_num=0.05", "train.batch_size=256"], head=head, facts=planted)[0]
+    assert explicit.train.batch_size == 256  # explicit settings win
+    assert _resolve(facts=planted)[0].train.batch_size == 256  # the dense head samples nothing
+    everything = _resolve(["head.sample_num=5000"], head=head, facts=planted)[0]
+    assert everything.train.batch_size == 256  # every class active: nothing is sampled

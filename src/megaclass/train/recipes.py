@@ -46,6 +46,7 @@ __all__ = [
     "DataFacts",
     "epochs_for",
     "recipe_settings",
+    "sampled_head_batch",
     "resolve_auto",
     "resolve_recipe",
     "with_row_optimizer_of",
@@ -55,6 +56,7 @@ _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "ima
 _POSITIVES_PER_LABEL = 200  # positive rows each label sees over an MLP recipe's run (epochs_for)
 _MAX_EPOCHS = 30
 _MLP_RECIPES = ("xmc-mlp", "xmc-mlp-hinge", "spartex")
+_MIN_SAMPLED_BATCH = 32  # sampled_head_batch lowers a batch no further
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,23 @@ def epochs_for(facts: DataFacts, preset_epochs: int) -> int:
     """
     wanted = math.ceil(_POSITIVES_PER_LABEL / max(facts.positives_per_label, 1e-9))
     return max(preset_epochs, min(_MAX_EPOCHS, wanted))
+
+
+def sampled_head_batch(batch: int, active_classes: int, positives_per_row: float) -> int:
+    """A sampled head's batch: one whose positives take at most about half of its ``active_classes``
+    (rounded to a power of two, at least 32), so that the classes it samples are not all the batch's own.
+
+    With 5% of 5,000 classes active (250) a batch of 256 brings about 250 distinct positives: the softmax is
+    then over the batch's own classes alone; a batch of 128 leaves half the budget to other classes (on a
+    planted 5,000-class set: 0.7 point top-1 more, benchmarks/RESULTS.md).
+
+    >>> [sampled_head_batch(256, active, per_row) for active, per_row in [(250, 1.0), (838, 1.0), (250, 4.0)]]
+    [128, 256, 32]
+    """
+    room = active_classes / (2 * max(1.0, positives_per_row))  # rows whose positives fill half the budget
+    if batch <= room:
+        return batch
+    return min(batch, max(_MIN_SAMPLED_BATCH, 2 ** round(math.log2(max(1.0, room)))))
 
 
 @functools.cache
@@ -198,6 +217,15 @@ def resolve_recipe(
     served = isinstance(resolved.head, SelectedHeadConfig) and resolved.head.store.startswith("ps://")
     if isinstance(resolved.head, SelectedHeadConfig) and not (row_optimizer_set or served):
         resolved = dataclasses.replace(resolved, head=with_row_optimizer_of(resolved.head, resolved))
+    if isinstance(resolved.head, SelectedHeadConfig) and not _covered("train.batch_size", explicit_keys):
+        active = resolved.head.active_classes(facts.num_classes)
+        per_row = facts.num_positives / max(1, facts.num_rows)
+        batch = sampled_head_batch(resolved.train.batch_size, active, per_row)
+        if active < facts.num_classes and batch != resolved.train.batch_size:  # else every class is active
+            resolved = dataclasses.replace(
+                resolved, train=dataclasses.replace(resolved.train, batch_size=batch)
+            )
+            why += f"; batch {batch}, about half the {active:,} active classes"
     return resolve_auto(resolved, facts), f"recipe: {name} ({why}); explicit settings win"
 
 
