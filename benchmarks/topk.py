@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 
-from megaclass.ops.chunked_topk import chunked_topk
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import time_fn  # noqa: E402
+from megaclass.ops.chunked_topk import chunked_topk  # noqa: E402
 
 
 def plain_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +38,6 @@ def plain_topk(x: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> tuple
         best_scores, order = merged.topk(min(k, merged.shape[1]), dim=1)
         best_ids = ids.gather(1, order)
     return best_scores, best_ids
-
-
-def timed_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median wall milliseconds of ``fn()`` over ``reps`` calls after one warm-up, synchronised."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,10 +61,13 @@ def main() -> None:
         rows = torch.randn(size, args.dim, generator=generator, device=where, dtype=torch.bfloat16)
         x = torch.randn(args.batch, args.dim, generator=generator, device=where)
         for chunk in (int(text) for text in args.chunks.split(",")):
-            plain = timed_ms(functools.partial(plain_topk, x, rows, args.k, chunk), args.reps)
-            ours = timed_ms(
-                functools.partial(chunked_topk, x, rows, args.k, cosine=True, chunk_size=chunk), args.reps
-            )
+            baseline = functools.partial(plain_topk, x, rows, args.k, chunk)
+            plain = time_fn(baseline, reps=args.reps, warmup=1)[0]
+            ours = time_fn(
+                functools.partial(chunked_topk, x, rows, args.k, cosine=True, chunk_size=chunk),
+                reps=args.reps,
+                warmup=1,
+            )[0]
             same = torch.allclose(
                 plain_topk(x, rows, args.k, chunk)[0],
                 chunked_topk(x, rows, args.k, cosine=True, chunk_size=chunk)[0],

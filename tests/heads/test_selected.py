@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megaclass.heads import HeadContext, build_head, head_config
-from megaclass.heads.selected import SelectedHead, SelectedHeadConfig, topk_chunk
+from megaclass.heads.selected import SelectedHead, SelectedHeadConfig
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels
 
@@ -428,10 +428,3 @@ def test_capture_is_refused_where_the_selection_is_not_static():
     assert "head.store=host" in blocker({"type": "selected", "store": "host"})
     background = {"type": "selected", "store": "gpu", "index": {"type": "gpu", "background": True}}
     assert "background" in blocker(background)
-
-
-def test_exact_topk_scores_wider_chunks_on_a_gpu():
-    assert topk_chunk(8192, 512, "cpu") == 8192  # the configured chunk
-    assert topk_chunk(8192, 512, "cuda") == 131072  # 2^26 logits at once
-    assert topk_chunk(8192, 1, "cuda") == 1 << 20  # at most a block of rows read from the store
-    assert topk_chunk(1 << 18, 4096, "cuda") == 1 << 18  # never fewer than configured

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaclass.ops.chunked_topk import chunked_topk
+from megaclass.ops.chunked_topk import chunked_topk, scoring_chunk
 
 
 @pytest.mark.parametrize(("batch", "classes", "dim"), [(1, 1, 1), (3, 17, 5), (4, 64, 7), (2, 65, 3)])
@@ -66,3 +66,10 @@ def test_wide_chunks_through_column_group_maxima(classes, k):
     torch.testing.assert_close(scores, full.topk(k, dim=1).values.float())
     torch.testing.assert_close(full.gather(1, ids).float(), scores)
     assert all(row.unique().numel() == k for row in ids)  # k distinct classes a row
+
+
+def test_a_gpu_scores_wider_chunks_within_bounded_memory():
+    assert scoring_chunk(8192, 512, 32, "cpu") == 8192  # the configured chunk
+    assert scoring_chunk(8192, 512, 32, "cuda") == 131072  # 2^26 scores at once
+    assert scoring_chunk(8192, 1, 768, "cuda") == (1 << 26) // 768  # 2^26 float32 row values at once
+    assert scoring_chunk(1 << 18, 4096, 32, "cuda") == 1 << 18  # never fewer than configured

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind, rescaled_rows
-from megaclass.ops.chunked_topk import chunked_topk
+from megaclass.ops.chunked_topk import chunked_topk, scoring_chunk
 from megaclass.ops.collectives import ClassShard, merge_topk
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss, resolve_impl
 from megaclass.ops.margins import MarginConfig
@@ -221,6 +221,7 @@ class DenseHead(Head):
         has_bias = config.bias if config.bias is not None else not config.margin.enabled
         params = (classes * dim + (classes if has_bias else 0)) * (2 if request.low_precision else 4)
         chunk = min(config.chunk_size, classes)
+        scored = min(classes, scoring_chunk(config.chunk_size, request.eval_batch, dim, request.device_type))
         smaller = (
             "optim.head_state=bf16_sr"
             if not request.low_precision
@@ -234,6 +235,6 @@ class DenseHead(Head):
             "activations": PlannedBytes(
                 2 * request.batch * (chunk + dim) * 4, 0, "train.batch_size"
             ),  # (B, chunk)
-            "evaluation": PlannedBytes(request.eval_batch * (chunk + dim) * 4, 0, "eval.batch_size"),
+            "evaluation": PlannedBytes(request.eval_batch * (scored + dim) * 4, 0, "eval.batch_size"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters themselves
         }

@@ -59,6 +59,7 @@ from megaclass.index.kmeans import (
     query_scratch_bytes,
 )
 from megaclass.index.selection import coprime_multipliers
+from megaclass.ops.chunked_topk import chunked_topk, scoring_chunk
 from megaclass.ops.collectives import (
     ClassShard,
     all_reduce_logsumexp,
@@ -75,22 +76,12 @@ from megaclass.targets import RaggedLabels, Targets, as_ragged
 __all__ = ["SelectedHead", "SelectedHeadConfig"]
 
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
-# an exact top-k on a GPU scores at least this many (batch x classes) logits at once: narrow chunks leave it
-# waiting on launches (at 10^8 classes, B 512: 3.5 s a batch at 8,192 classes a chunk, 0.66 s at 131,072)
-_GPU_TOPK_SCORES = 1 << 26
 _INDEX_TOPK_CLASSES = 10**7  # topk_search=auto searches the index from this many classes
 _TOPK_CANDIDATES = 4  # an index topk scores this many times k of the index's classes exactly
 
 
 PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
 """What ``type: partial_fc`` changes in the selected head's defaults: random classes, 10% of them."""
-
-
-def topk_chunk(chunk_size: int, batch: int, device_type: str) -> int:
-    """Classes an exact top-k scores at once: ``chunk_size``, or on a GPU more, up to ``2^26`` logits."""
-    if device_type != "cuda":
-        return chunk_size
-    return max(chunk_size, min(_READ_BLOCK, _GPU_TOPK_SCORES // max(1, batch)))
 
 
 @dataclass(frozen=True)
@@ -566,8 +557,6 @@ class SelectedHead(Head):
         return top.values, candidates.gather(1, top.indices).masked_fill(torch.isinf(top.values), -1)
 
     def _exact_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        from megaclass.ops.chunked_topk import chunked_topk
-
         margin = self.config.margin
         best_scores = features.new_empty(features.shape[0], 0, dtype=torch.float32)
         best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64, device=features.device)
@@ -578,7 +567,7 @@ class SelectedHead(Head):
                 min(k, block.shape[0]),
                 cosine=margin.enabled,
                 scale=margin.scale,
-                chunk_size=topk_chunk(self.config.chunk_size, features.shape[0], features.device.type),
+                chunk_size=self.config.chunk_size,
             )
             scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids + start], 1)
             best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
@@ -717,7 +706,7 @@ class SelectedHead(Head):
                 block
                 + (1 + config.margin.enabled)
                 * request.eval_batch
-                * topk_chunk(config.chunk_size, request.eval_batch, request.device_type)
+                * min(classes, scoring_chunk(config.chunk_size, request.eval_batch, dim, request.device_type))
                 * 4,
                 0,
                 "eval.batch_size",

@@ -109,16 +109,15 @@ class _RowSparseEmbeddingBag(torch.autograd.Function):
 class MLPEncoder(nn.Module):
     """Sparse rows ``(B, F)`` given as (indices, offsets, weights) to features ``(B, D)``.
 
-        Args:
-            config: the layer widths, activation, dropout and normalisation.
-            input_spec: must be ``kind="sparse"``; gives ``F = num_features``.
+    Args:
+        config: the layer widths, activation, dropout and normalisation.
+        input_spec: must be ``kind="sparse"``; gives ``F = num_features``.
 
-        >>> from megaclass.data.batch import InputSpec, SparseInputs
-    from megaclass.ops.row_optimizers import init_rows_
-        >>> encoder = MLPEncoder(MLPConfig(hidden=(8, 4)), InputSpec(kind="sparse", num_features=10))
-        >>> rows = SparseInputs.from_lists([[1, 7], [3]], [[0.5, 0.5], [1.0]])
-        >>> encoder(rows).shape
-        torch.Size([2, 4])
+    >>> from megaclass.data.batch import InputSpec, SparseInputs
+    >>> encoder = MLPEncoder(MLPConfig(hidden=(8, 4)), InputSpec(kind="sparse", num_features=10))
+    >>> rows = SparseInputs.from_lists([[1, 7], [3]], [[0.5, 0.5], [1.0]])
+    >>> encoder(rows).shape
+    torch.Size([2, 4])
     """
 
     # entries of weight 0 add nothing to a row's sum: a CUDA graph may pad the inputs to a fixed size

@@ -13,10 +13,25 @@ from torch import Tensor
 
 from megaclass.ops.collectives import ClassShard, merge_topk
 
-__all__ = ["chunked_topk"]
+__all__ = ["chunked_topk", "scoring_chunk"]
 
 _GROUP = 64  # columns a maximum is taken over before the top-k of a wide chunk
 _GROUP_MIN_COLUMNS = 1 << 16  # narrower chunks take their top-k directly (on a GPU, fewer launches win)
+_GPU_VALUES = 1 << 26  # on a GPU a chunk may hold this many scores, and as many float32 row values
+
+
+def scoring_chunk(chunk_size: int, batch: int, dim: int, device_type: str) -> int:
+    """Classes :func:`chunked_topk` scores at once for ``(batch, dim)`` features: ``chunk_size``, and on a
+    GPU more while the ``(B, chunk)`` scores and the chunk's ``(chunk, D)`` float32 rows hold at most 2^26
+    values each. Narrow chunks leave a GPU waiting on launches: over 10^8 rows of D 32 at B 512, 3.5 s a
+    batch at 8,192 classes a chunk and 0.66 s at 131,072 (benchmarks/RESULTS.md).
+
+    >>> scoring_chunk(8192, 512, 32, "cuda"), scoring_chunk(8192, 512, 32, "cpu")
+    (131072, 8192)
+    """
+    if device_type != "cuda":
+        return chunk_size
+    return max(chunk_size, _GPU_VALUES // max(1, batch, dim))
 
 
 @torch.no_grad()
@@ -39,7 +54,7 @@ def chunked_topk(
             matching ``(C,)`` or None.
         k: how many classes per row, ``1 <= k <= C`` (``C`` over all ranks with a shard).
         cosine: score ``scale * cos(x, w)`` instead (rows of both normalised; no bias).
-        chunk_size: classes scored at once.
+        chunk_size: classes scored at once (on a GPU, :func:`scoring_chunk`'s more where it says so).
         shard: the classes this rank holds; every rank of its group passes the same ``x`` and gets the same
             global top-``k`` (ids in ``[0, C)``). None (or a whole shard): all classes, no collective.
 
@@ -63,6 +78,7 @@ def chunked_topk(
         raise ValueError(f"k must be in [1, C={total}], got {k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = scoring_chunk(chunk_size, x.shape[0], x.shape[1], x.device.type)
     if shard is not None and not shard.is_whole:
         scores, ids = _local_topk(x, weight, min(k, classes), bias, cosine, scale, chunk_size)
         return merge_topk(scores, ids + shard.start, k, group=shard.group)
