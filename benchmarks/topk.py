@@ -5,8 +5,10 @@ index's recall checks run, against a plain PyTorch chunk loop in the same run.
     python benchmarks/topk.py --quick                                             # CPU smoke run
 
 ``torch``: each chunk's ``(B, chunk)`` scores reduced with ``torch.topk`` and merged with the running best;
-``megaclass``: :func:`~megaclass.ops.chunked_topk.chunked_topk` (a wide chunk's top-k taken through the
-maxima of column groups). Both score cosines of bf16 rows in fp32 and must return the same scores.
+``megaclass``: :func:`~megaclass.ops.chunked_topk.chunked_topk` (on a GPU the fused kernel, whose scores
+never reach memory, and ``--chunks`` does not apply; on the CPU the chunk loop, a wide chunk's top-k taken
+through the maxima of column groups). Both score cosines of bf16 rows in fp32 and must return the same
+scores.
 """
 
 from __future__ import annotations

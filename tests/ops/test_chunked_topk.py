@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaclass.ops.chunked_topk import chunked_topk, scoring_chunk
+from megaclass.ops.chunked_topk import chunked_topk, merge_topk_scores_, scoring_chunk
 
 
 @pytest.mark.parametrize(("batch", "classes", "dim"), [(1, 1, 1), (3, 17, 5), (4, 64, 7), (2, 65, 3)])
@@ -73,3 +73,117 @@ def test_a_gpu_scores_wider_chunks_within_bounded_memory():
     assert scoring_chunk(8192, 512, 32, "cuda") == 131072  # 2^26 scores at once
     assert scoring_chunk(8192, 1, 768, "cuda") == (1 << 26) // 768  # 2^26 float32 row values at once
     assert scoring_chunk(1 << 18, 4096, 32, "cuda") == 1 << 18  # never fewer than configured
+
+
+def _check_table(values, ids, truth, finite):
+    """``values (N, k)`` are the top-``k`` of ``truth (N, ids)`` (float64, ``-inf`` where a row has no such
+    id), descending, each id scoring its value, ids distinct; past a row's ``finite`` scores ``-inf``, id -1.
+    """
+    expected = truth.topk(finite, dim=1).values.float()
+    torch.testing.assert_close(values[:, :finite], expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(values[:, finite:] == -torch.inf) and torch.all(ids[:, finite:] == -1)
+    found = ids[:, :finite]
+    assert torch.all(found >= 0), f"first row without an id: {(found < 0).any(1).nonzero()[0]}"
+    torch.testing.assert_close(truth.gather(1, found).float(), values[:, :finite], rtol=1e-5, atol=1e-5)
+    assert all(row.unique().numel() == finite for row in found), "an id is kept twice"
+    assert torch.all(values[:, 1:] <= values[:, :-1]), "not descending"
+
+
+def _id_scores(scores, parts):
+    """``(Bt M, ids)`` float64: the scores ``(Bt, M, P)`` at the ids the merges of the column ``parts``
+    give them (part ``i`` from ``start``, offset by the earlier parts' ids: ``offset + b width + p``), -inf at
+    another batch entry's ids."""
+    batch, rows, _ = scores.shape
+    truth = torch.full((batch, rows, batch * scores.shape[2]), -torch.inf, dtype=torch.float64)
+    offset = 0
+    for start, stop in parts:
+        width = stop - start
+        for b in range(batch):
+            truth[b, :, offset + b * width : offset + (b + 1) * width] = scores[b, :, start:stop]
+        offset += batch * width
+    return truth.view(batch * rows, -1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize(
+    ("batch", "rows", "columns", "dim", "k"),
+    [(1, 1, 1, 1, 1), (2, 65, 130, 20, 8), (3, 17, 5, 33, 8), (1, 64, 64, 16, 3), (2, 9, 70, 80, 1)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("addressed", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_merge_topk_scores_keeps_the_top_k_of_every_merge(
+    impl, batch, rows, columns, dim, k, dtype, addressed, id_dtype, device_for
+):
+    """Two merges (the columns in two parts) leave each row's top-k of all its scores, in a table addressed
+    by ``b M + m`` or by ``rows`` (a permutation into a larger table); non-contiguous features."""
+    device = device_for(impl)
+    x = torch.randn(batch, dim, rows).to(dtype).transpose(1, 2).to(device)  # (Bt, M, D), non-contiguous
+    y = torch.randn(batch, columns, dim).to(dtype).to(device)
+    size = batch * rows + (5 if addressed else 0)
+    where = torch.randperm(size)[: batch * rows].view(batch, rows).to(device) if addressed else None
+    values = torch.full((size, k), -torch.inf, device=device)
+    ids = torch.full((size, k), -1, dtype=id_dtype, device=device)
+    parts = [(0, columns // 2), (columns // 2, columns)]
+    offset = 0
+    for start, stop in parts:
+        merge_topk_scores_(x, y[:, start:stop], values, ids, rows=where, id_offset=offset, impl=impl)
+        offset += batch * (stop - start)
+    table = torch.arange(batch * rows) if where is None else where.flatten().cpu()
+    scores = torch.bmm(x.double(), y.double().transpose(1, 2)).cpu()
+    assert ids.dtype == id_dtype
+    found = ids.cpu()[table].long()
+    _check_table(values.cpu()[table], found, _id_scores(scores, parts), min(k, columns))
+
+
+def test_merge_topk_scores_checks_its_table():
+    x, y = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+    with pytest.raises(ValueError, match="share a dtype"):
+        merge_topk_scores_(x, y.double(), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="Bt M = 3 rows"):
+        merge_topk_scores_(x, y, torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="float32"):
+        merge_topk_scores_(x, y, torch.zeros(3, 2).double(), torch.zeros(3, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(("batch", "classes", "dim"), [(1, 1, 3), (5, 300, 20), (70, 129, 16)])
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("mode", ["dot", "bias", "cosine", "column_scale"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_scan_against_the_chunk_loop(batch, classes, dim, k, mode, dtype, device_for):
+    """``impl="triton"`` (the fused kernel) errs against a float64 truth at most twice what the chunk loop
+    errs in the same dtype, and every id it returns scores its value."""
+    k = min(k, classes)
+    device = device_for("triton")
+    x, weight = torch.randn(batch, dim).to(dtype), torch.randn(classes, dim)
+    bias = torch.randn(classes) if mode == "bias" else None
+    factors = torch.rand(classes) + 0.5 if mode == "column_scale" else None
+    options = {"bias": bias, "cosine": mode == "cosine", "scale": 3.0, "column_scale": factors}
+    looped = chunked_topk(x, weight, k, chunk_size=64, impl="reference", **options)[0]
+    on = {name: value.to(device) if torch.is_tensor(value) else value for name, value in options.items()}
+    scores, ids = (t.cpu() for t in chunked_topk(x.to(device), weight.to(device), k, impl="triton", **on))
+    rows = weight.to(dtype).double()
+    if mode == "cosine":
+        truth = 3.0 * F.normalize(x.double(), dim=1) @ F.normalize(weight.double(), dim=1).T
+    else:
+        truth = x.double() @ rows.T + (0 if bias is None else bias.double())
+        truth = truth if factors is None else truth * factors.double()
+    best = truth.topk(k, dim=1).values
+    allowed = 2 * (looped.double() - best).abs().max() + 1e-4
+    assert (scores.double() - best).abs().max() <= allowed
+    assert (truth.gather(1, ids) - scores.double()).abs().max() <= allowed
+    assert all(row.unique().numel() == k for row in ids)
+
+
+def test_fused_scan_merges_column_splits():
+    """Columns split across programs (each a table entry of its own) merge to the loop's top-k."""
+    from megaclass.ops.chunked_topk.kernels import merge_topk_scores_triton_
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, y = torch.randn(1, 3, 16, device=device), torch.randn(1, 200, 16, device=device)
+    values = torch.full((3 * 4, 2), -torch.inf, device=device)
+    ids = torch.full((3 * 4, 2), -1, dtype=torch.int64, device=device)
+    merge_topk_scores_triton_(x, y, values, ids, None, 0, splits=4)
+    top = values.view(3, 8).topk(2, dim=1)
+    scores = (x[0].double() @ y[0].double().T).cpu()
+    _check_table(top.values.cpu(), ids.view(3, 8).gather(1, top.indices).cpu(), scores, 2)

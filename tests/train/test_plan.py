@@ -199,6 +199,31 @@ def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
     assert parts["head weights"].host_bytes == parts["head optimizer state"].host_bytes == 10**8 * 64 * 2
 
 
+@pytest.mark.parametrize(
+    ("settings", "checkpoints", "copies"),
+    [
+        (["train.epochs=1", "train.keep_checkpoints=1"], 1, 1),  # one save, at the epoch's end
+        (["train.epochs=1", "train.keep_checkpoints=1", "train.checkpoint_every=1"], 2, 1),
+        (["train.epochs=3", "train.keep_checkpoints=1"], 2, 2),
+        (["train.epochs=3", "train.keep_checkpoints=5"], 3, 2),  # no more than the run writes
+    ],
+)
+def test_planned_disk_counts_the_checkpoints_a_run_writes(synthetic, settings, checkpoints, copies):
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    plan = plan_run(
+        load_config(head="dense", overrides=settings),
+        shape,
+        device_type="cpu",
+        gpu_capacity=None,
+        host_capacity=64 << 30,
+    )
+    weights = sum(
+        p.host_bytes + p.device_bytes for p in plan.parts if p.name in ("head weights", "encoder weights")
+    )
+    assert plan.disk_bytes() == checkpoints * plan.checkpoint_bytes() + copies * weights
+    assert f"{checkpoints} checkpoint" in plan.format()
+
+
 def test_cli_plan_refuses_with_one_line_and_its_exit_code(synthetic, capsys):
     train = str(synthetic / "train_bow.txt")
     code = main(["plan", "--train", train, "--head", "dense", "--gpu-memory", "0.01", "--host-memory", "64"])

@@ -64,6 +64,7 @@ from torch import Tensor
 
 from megaclass.index.base import ClassSelector, Metric
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
+from megaclass.ops.chunked_topk import chunked_topk, merge_topk_scores_
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -100,6 +101,7 @@ _REFIT_MARGIN = 0.05  # a warm search this far below its cold build's recall (an
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
 _SHARED_ROW_COST = 1 / 16
+_PERMUTED_ROWS = 1 << 20  # rows samples are drawn from by a permutation; above, by random draws
 _BACKGROUND_MIN_ROWS = 1 << 15  # CPU cold builds from this many rows run in a thread (~1 s at 2^15, D 64)
 
 _STATE_KEYS = (
@@ -151,6 +153,14 @@ class _ColdBuild:
 def _take(table: Tensor, ids: Tensor) -> Tensor:
     """``table[ids]`` as ``(*ids.shape, D)`` through ``index_select`` (a few times faster on the CPU)."""
     return table.index_select(0, ids.flatten()).view(*ids.shape, table.shape[1])
+
+
+def _random_rows(num_rows: int, count: int, generator: torch.Generator) -> Tensor:
+    """Up to ``count`` distinct row ids at random: a permutation's head up to ``2^20`` rows; above, random
+    draws with their rare repeats dropped (a permutation of ``10^8`` ids takes seconds on the host)."""
+    if num_rows <= _PERMUTED_ROWS:
+        return torch.randperm(num_rows, generator=generator)[:count]
+    return torch.randint(num_rows, (count,), generator=generator).unique()
 
 
 def auto_leaf_size(num_classes: int) -> int:
@@ -426,7 +436,7 @@ class ClusterIndex(ClassSelector):
         compute = self._compute_dtype(device)
         groups, per_group, width = cluster_layout(num_classes, self._leaf_size)
         generator = torch.Generator().manual_seed(self.seed)
-        sample = torch.randperm(num_classes, generator=generator)[: _SAMPLE_PER_CLUSTER * groups].to(device)
+        sample = _random_rows(num_classes, _SAMPLE_PER_CLUSTER * groups, generator).to(device)
         # the fits normalise every row, so an int8 snapshot clusters like its dequantised rows
         coarse = balanced_kmeans_fit(
             rows[sample], groups, iters=self.kmeans_iters, seed=self.seed, dtype=compute
@@ -492,14 +502,13 @@ class ClusterIndex(ClassSelector):
             widest = max(widest, int(counts.max()))
         r = min(_ASSIGN_CANDIDATES, per_group)
         block = max(1, _scratch_entries(device) // (widest * max(dim, per_group)))  # (b, n, D) rows
-        offsets = torch.arange(groups, device=device)[:, None, None] * per_group  # (G, 1, 1)
         assignment = group * per_group
         for _ in range(self.kmeans_iters):
             self._check_cancel(cancel)
             # each row's r best clusters so far (int32 ids: a third less of what a build holds a row); the
             # spare last row takes what the padding scores, so that no step waits for a count of real rows
             best = torch.full((num_classes + 1, r), -math.inf, device=device)
-            picked = torch.zeros(num_classes + 1, r, dtype=torch.int32, device=device)
+            picked = torch.full((num_classes + 1, r), -1, dtype=torch.int32, device=device)
             for in_group, by_group, first, bounds in slots:
                 for start in range(0, groups, block):
                     stop = min(groups, start + block)
@@ -510,12 +519,8 @@ class ClusterIndex(ClassSelector):
                     ids[group_of - start, rank] = part  # (b, n) each once, padded with the spare row
                     x = self._gather(state, ids.clamp_max(num_classes - 1), compute)  # (b, n, D)
                     low = torch.nn.functional.normalize(centroids[start:stop], dim=2).to(compute)
-                    top = torch.bmm(x, low.transpose(1, 2)).float().topk(r, dim=2)  # (b, n, r)
-                    scored = ids.flatten()
-                    merged = torch.cat([best[scored], top.values.flatten(0, 1)], 1).topk(r, dim=1)
-                    found = (top.indices + offsets[start:stop]).flatten(0, 1).to(torch.int32)
-                    best[scored] = merged.values
-                    picked[scored] = torch.cat([picked[scored], found], 1).gather(1, merged.indices)
+                    # cluster j of group g is g * per_group + j; on a GPU the scores never reach memory
+                    merge_topk_scores_(x, low, best, picked, rows=ids, id_offset=start * per_group)
             assignment = capacity_assign(picked[:num_classes], best[:num_classes], groups * per_group, width)
             del picked, best
             sums = self._sums(state, torch.arange(num_classes, device=device), assignment, groups * per_group)
@@ -547,7 +552,7 @@ class ClusterIndex(ClassSelector):
         num_classes, per_group = state["rows"].shape[0], k // groups
         budget = _GATHER_BUDGET_PER_SQRT_C * math.sqrt(num_classes)
         generator = torch.Generator().manual_seed(self.seed + 1)
-        picks = torch.randperm(num_classes, generator=generator)[:_CALIBRATION_QUERIES].to(device)
+        picks = _random_rows(num_classes, _CALIBRATION_QUERIES, generator).to(device)
         queries = self._gather(state, picks, torch.float32)  # (q, D) unit rows
         truth = self._true_neighbours(state, queries, picks)  # (q, t)
         if truth.shape[1] == 0:  # one class: every search finds it
@@ -600,22 +605,11 @@ class ClusterIndex(ClassSelector):
         """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by ``metric``
         (None: the index's)."""
         metric = self.metric if metric is None else metric
-        best_scores = queries.new_empty(queries.shape[0], 0)
-        best_ids = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
-        num_classes = state["rows"].shape[0]
+        # the snapshot's rows are unit rows over their int8 scales (ones for float rows): scored as a search
+        # scores its members, times the rows' lengths for dot scores
         chunk = max(1024, _SCAN_ENTRIES // max(queries.shape))  # (q, chunk) scores, (chunk, D) rows
-        for start in range(0, num_classes, chunk):
-            ids = torch.arange(start, min(num_classes, start + chunk), device=queries.device)
-            scores = queries @ self._gather(state, ids, torch.float32).T  # (q, chunk)
-            if metric is Metric.DOT:
-                scores = scores * state["norms"][ids]
-            # the chunk's best, merged with the best so far
-            top = scores.topk(min(n, ids.numel()), dim=1)
-            merged = torch.cat([best_scores, top.values], 1)
-            merged = merged.topk(min(n, merged.shape[1]), dim=1)
-            best_scores = merged.values
-            best_ids = torch.cat([best_ids, top.indices + start], 1).gather(1, merged.indices)
-        return best_ids
+        factors = state["scales"] * state["norms"] if metric is Metric.DOT else state["scales"]
+        return chunked_topk(queries, state["rows"], n, column_scale=factors, chunk_size=chunk)[1]
 
     def _sums(self, state: dict[str, Tensor], ids: Tensor, clusters: Tensor, k: int) -> Tensor:
         """``(K, D)`` float32 sums of the snapshot rows ``ids (n,)`` by their ``clusters (n,)``."""

@@ -11,9 +11,9 @@ adds up each part as a pure function of the two: the head's parts come from the 
 memory) and one forward pass there, whose saved tensors are the activations the backward keeps. A run's peak
 is what it holds all along (``steady``), plus what work in the background may hold at any time (an index's
 cold build), plus the largest of what a training step, an evaluation, a checkpoint save or the data loading
-hold on top of it. The run folder's disk is the checkpoints kept, one more while a save runs, and the best
-and final weights (:meth:`MemoryPlan.disk_bytes`). :meth:`MemoryPlan.refusal` names the part that does not
-fit, by how much, and the setting that shrinks it.
+hold on top of it. The run folder's disk is the checkpoints kept, one more while a save runs (no more than
+the run writes), and the best and final weights (:meth:`MemoryPlan.disk_bytes`). :meth:`MemoryPlan.refusal`
+names the part that does not fit, by how much, and the setting that shrinks it.
 
 The plan is one process's (world size 1); a class-sharded run's head parts are divided over the ranks.
 """
@@ -36,7 +36,7 @@ from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
-from megaclass.train.config import RunConfig, featurizer_config
+from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
 
 __all__ = [
@@ -246,7 +246,10 @@ class MemoryPlan:
     gpu_capacity: int | None
     host_capacity: int
     summary: str = ""
-    checkpoints_kept: int = 2  # train.keep_checkpoints
+    checkpoints_at_once: int = (
+        3  # on disk while a save runs: train.keep_checkpoints + 1, or all the run writes
+    )
+    weight_copies: int = 2  # the best's and a better epoch's while it is written (1: a one-epoch run)
     disk_capacity: int | None = None  # free bytes where the run folder goes (None: not asked)
 
     def checkpoint_bytes(self) -> int:
@@ -255,10 +258,19 @@ class MemoryPlan:
 
     def disk_bytes(self) -> int:
         """Bytes the run folder reaches: ``train.keep_checkpoints`` checkpoints and one more while a save runs
-        (a new one is whole before the oldest goes), and two copies of the weights: a better epoch's are whole
-        before the previous best's go (the final weights are the best's files, linked, or a copy of them)."""
+        (a new one is whole before the oldest goes; fewer where the run writes fewer), and two copies of the
+        weights: a better epoch's are whole before the previous best's go (one where there is one epoch; the
+        final weights are the best's files, linked, or a copy of them)."""
         weights = sum(p.device_bytes + p.host_bytes for p in self.parts if p.name in _WEIGHTS)
-        return (self.checkpoints_kept + 1) * self.checkpoint_bytes() + 2 * weights
+        return self.checkpoints_at_once * self.checkpoint_bytes() + self.weight_copies * weights
+
+    def _disk_parts(self) -> str:
+        """What the run folder holds at its fullest, in words."""
+        count, copies = self.checkpoints_at_once, self.weight_copies
+        return (
+            f"{count} checkpoint{'s' * (count != 1)} of {format_bytes(self.checkpoint_bytes())} at once "
+            f"while a save runs, {copies} cop{'ies' if copies != 1 else 'y'} of the weights"
+        )
 
     def _where(self, part: PlanPart) -> tuple[int, int]:
         """``(gpu, host)`` bytes of ``part`` on this machine (a CPU run holds everything in host memory)."""
@@ -303,9 +315,8 @@ class MemoryPlan:
         if free is not None and need > free:
             return (
                 f"the run does not fit: disk needs {format_bytes(need)} of {format_bytes(free)} "
-                f"free ({format_bytes(need - free)} over): {self.checkpoints_kept + 1} "
-                f"checkpoints of {format_bytes(self.checkpoint_bytes())} while a save runs, and the best "
-                "and final weights; to shrink it: train.keep_checkpoints, or --out on a disk with more room"
+                f"free ({format_bytes(need - free)} over): {self._disk_parts()}; to shrink it: "
+                "train.keep_checkpoints, or --out on a disk with more room"
             )
         return None
 
@@ -328,12 +339,7 @@ class MemoryPlan:
             of = "unknown" if capacity is None else format_bytes(capacity)
             lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
         free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
-        kept = f"{self.checkpoints_kept} checkpoint{'s' if self.checkpoints_kept != 1 else ''}"
-        size = format_bytes(self.checkpoint_bytes())
-        lines.append(
-            f"disk: {format_bytes(self.disk_bytes())}{free} ({kept} of {size} and one more while a save "
-            "runs, two copies of the weights)"
-        )
+        lines.append(f"disk: {format_bytes(self.disk_bytes())}{free} ({self._disk_parts()})")
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
         return "\n".join(lines)
 
@@ -501,9 +507,19 @@ def plan_run(
         gpu_capacity,
         host_capacity,
         summary,
-        checkpoints_kept=config.train.keep_checkpoints,
+        checkpoints_at_once=_checkpoints_at_once(config.train, shape.num_rows),
+        weight_copies=min(2, config.train.epochs),
         disk_capacity=disk_capacity,
     )
+
+
+def _checkpoints_at_once(train: TrainConfig, rows: int) -> int:
+    """Checkpoints on disk at once while a save runs: ``keep_checkpoints + 1``, or every checkpoint the run
+    writes where that is fewer (one at each epoch's end, one every ``checkpoint_every`` steps; the steps
+    counted with every row trained, an upper bound)."""
+    steps = train.epochs * -(-rows // train.batch_size)
+    saves = train.epochs + (steps // train.checkpoint_every if train.checkpoint_every else 0)
+    return min(train.keep_checkpoints + 1, saves)
 
 
 def plan_for(
