@@ -1,4 +1,5 @@
-"""Brute-force class selection: the exact top-k of every class row's score, computed in chunks of classes."""
+"""Brute-force class selection: the exact top-k of every class row's score, through
+:func:`~megaclass.ops.chunked_topk.chunked_topk` (fused on a GPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from megaclass.index.base import ClassSelector, Metric
+from megaclass.ops.chunked_topk import chunked_topk
 
 __all__ = ["ExactSelector", "exact_topk"]
 
@@ -24,8 +26,9 @@ def exact_topk(
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` ``(scores, ids)``, each ``(B, k)``, of ``features (B, D)`` against ``weight (C, D)``.
 
-    Never holds more than ``B x (chunk_size + k)`` scores. Rows may live on another device than the features
-    (pinned host memory): each chunk is moved to the features' device. Ids are offset by ``start``.
+    Scores ``chunk_size`` classes at a time (on a GPU, fused: no scores held). Rows may live on another
+    device than the features (pinned host memory): ``chunk_size`` rows at a time are moved to the features'
+    device. Ids are offset by ``start``.
 
     >>> w = torch.eye(4)
     >>> exact_topk(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), w, 2)[1].tolist()
@@ -40,21 +43,19 @@ def exact_topk(
     num_classes = weight.shape[0]
     if not 1 <= k <= num_classes:
         raise ValueError(f"k: expected 1 <= k <= C={num_classes}, got {k}")
-    queries = features.float()
-    if metric is Metric.COSINE:
-        queries = torch.nn.functional.normalize(queries, dim=1)
+    queries, cosine = features.float(), metric is Metric.COSINE
+    if weight.device == features.device:
+        scores, ids = chunked_topk(queries, weight, k, cosine=cosine, chunk_size=chunk_size)
+        return scores, ids + start
+    # rows in another memory (pinned host): a block at a time moved to the features' device and scanned
     best_scores = torch.empty(features.shape[0], 0, device=features.device)
     best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64, device=features.device)
     for begin in range(0, num_classes, chunk_size):
-        rows = weight[begin : begin + chunk_size].to(features.device, non_blocking=True).float()
-        if metric is Metric.COSINE:
-            rows = torch.nn.functional.normalize(rows, dim=1)
-        scores = queries @ rows.T  # (B, chunk)
-        ids = torch.arange(begin + start, begin + start + rows.shape[0], device=features.device)
-        scores = torch.cat([best_scores, scores], dim=1)
-        ids = torch.cat([best_ids, ids.expand(features.shape[0], -1)], dim=1)
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        best_scores, best_ids = top.values, ids.gather(1, top.indices)
+        rows = weight[begin : begin + chunk_size].to(features.device, non_blocking=True)
+        scores, ids = chunked_topk(queries, rows, min(k, rows.shape[0]), cosine=cosine, chunk_size=chunk_size)
+        top = torch.cat([best_scores, scores], 1).topk(min(k, best_scores.shape[1] + scores.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, ids + begin + start], 1).gather(1, top.indices)
+        best_scores = top.values
     return best_scores, best_ids
 
 
