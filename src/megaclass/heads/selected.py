@@ -604,7 +604,7 @@ class SelectedHead(Head):
                 destination[f"{prefix}index.{name}"] = tensor
         destination[f"{prefix}selection.rng"] = self._generator.get_state()
         destination[f"{prefix}selection.step"] = torch.tensor(self._step)
-        destination[f"{prefix}selection.dirty"] = self._dirty.cpu()
+        destination[f"{prefix}selection.dirty"] = self._dirty  # streamed from where it lives, as the rows
 
     def _load_from_state_dict(
         self,
