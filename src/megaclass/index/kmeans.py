@@ -19,7 +19,8 @@ The first (cold) build is a two-level balanced k-means: ``G ~ sqrt(K)`` groups f
 rows and every row seated in one (equal sizes), then ``K / G`` clusters inside every group at once, each row
 scored against the clusters of its 3 nearest groups (a boundary between groups cuts no tight set of rows
 apart) and seated by capacity (at most ``W = 1.25 C / K`` rows per cluster). It costs ``O(C sqrt(K) D)`` in
-a few batched matmuls and sorts: no pass is ``O(C K D)``. The build then picks the search's counts: over
+a few batched matmuls (on a GPU fused with each row's top-8 clusters: the scores never reach memory) and
+sorts: no pass is ``O(C K D)``. The build then picks the search's counts: over
 sampled rows used as queries, the cheapest pair (``group_probes`` groups, ``probes`` clusters among theirs)
 whose clusters hold ``recall_target`` of each one's 10 nearest other rows (itself left out: it is found
 wherever it sits, and a feature is no class row), within a budget of ``4 sqrt(C)`` rows gathered per

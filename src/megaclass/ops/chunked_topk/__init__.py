@@ -1,7 +1,9 @@
 """Top-``k`` classes of ``x @ weight.T (+ bias)`` over all ``C`` classes, class chunk by class chunk.
 
-Each chunk's ``(B, chunk)`` scores are reduced to their own top-``k`` and merged with the running top-``k``,
-so memory is ``O(B x (chunk + k))``, never ``O(B x C)``. Every head's ``topk`` goes through here. Given a
+On a GPU the scores go through a fused kernel that keeps each row's best ``k`` in registers (``kernels.py``):
+no score reaches memory. Elsewhere each chunk's ``(B, chunk)`` scores are reduced to their own top-``k`` and
+merged with the running top-``k``, so memory is ``O(B x (chunk + k))``, never ``O(B x C)``. Every head's
+``topk`` and every exact scan of the class indexes goes through here. Given a
 :class:`~megaclass.ops.collectives.ClassShard` it is the collective form: each rank's top-``k`` of its own
 classes, merged over the shard's ranks (:func:`~megaclass.ops.collectives.merge_topk`).
 
@@ -27,10 +29,11 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # features the f
 
 
 def scoring_chunk(chunk_size: int, batch: int, dim: int, device_type: str) -> int:
-    """Classes :func:`chunked_topk` scores at once for ``(batch, dim)`` features: ``chunk_size``, and on a
-    GPU more while the ``(B, chunk)`` scores and the chunk's ``(chunk, D)`` float32 rows hold at most 2^26
-    values each. Narrow chunks leave a GPU waiting on launches: over 10^8 rows of D 32 at B 512, 3.5 s a
-    batch at 8,192 classes a chunk and 0.66 s at 131,072 (benchmarks/RESULTS.md).
+    """Classes the chunk loop of :func:`chunked_topk` scores at once for ``(batch, dim)`` features (the
+    fused kernel holds no scores): ``chunk_size``, and on a GPU more while the ``(B, chunk)`` scores and the
+    chunk's ``(chunk, D)`` float32 rows hold at most 2^26 values each. Narrow chunks leave a GPU waiting on
+    launches: over 10^8 rows of D 32 at B 512, 3.5 s a batch at 8,192 classes a chunk and 0.66 s at 131,072
+    (benchmarks/RESULTS.md).
 
     >>> scoring_chunk(8192, 512, 32, "cuda"), scoring_chunk(8192, 512, 32, "cpu")
     (131072, 8192)
