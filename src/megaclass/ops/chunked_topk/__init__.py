@@ -13,6 +13,8 @@ table, fused on a GPU (``kernels.py``: the scores never reach memory), the refer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -99,34 +101,40 @@ def chunked_topk(
     local = min(k, classes)
     if cosine:
         x = torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
+    scoring = _Scoring(None if cosine else bias, cosine, scale, column_scale)
     if x.dtype in _FUSED_DTYPES and resolve_impl(impl, x, weight) is Impl.TRITON:
-        scores, ids = _fused_topk(x, weight, local, bias, cosine, scale, column_scale)
+        scores, ids = _fused_topk(x, weight, local, scoring)
     else:
-        scores, ids = _local_topk(x, weight, local, bias, cosine, scale, column_scale, chunk_size)
+        scores, ids = _local_topk(x, weight, local, scoring, chunk_size)
     if shard is not None and not shard.is_whole:
         return merge_topk(scores, ids + shard.start, k, group=shard.group)
     return scores, ids
 
 
-def _column_scale(rows: Tensor, cosine: bool, scale: float, given: Tensor | None) -> Tensor | None:
-    """``(c,)`` float32 factors of a chunk's scores: ``scale / |w|`` for cosine scores, times the caller's
-    ``given`` ones; None where there are none."""
-    factors = scale / rows.float().norm(dim=-1).clamp_min(1e-12) if cosine else None
-    if given is None:
-        return factors
-    given = given.float()
-    return given.contiguous() if factors is None else factors * given
+@dataclass(frozen=True)
+class _Scoring:
+    """How a class's score is made from ``x . w``: times ``scale / |w|`` (``cosine``), times
+    ``column_scale[c]``, plus ``bias[c]`` (None where cosine)."""
+
+    bias: Tensor | None
+    cosine: bool
+    scale: float
+    column_scale: Tensor | None
+
+    def factors(self, rows: Tensor, start: int) -> Tensor | None:
+        """``(c,)`` float32 factors of the scores of ``rows``, the classes from ``start``; None: none."""
+        factors = self.scale / rows.float().norm(dim=-1).clamp_min(1e-12) if self.cosine else None
+        if self.column_scale is None:
+            return factors
+        given = self.column_scale[start : start + rows.shape[0]].float()
+        return given.contiguous() if factors is None else factors * given
+
+    def offsets(self, start: int, stop: int) -> Tensor | None:
+        """``(c,)`` float32 biases of the classes ``[start, stop)``; None: none."""
+        return None if self.bias is None else self.bias[start:stop].float().contiguous()
 
 
-def _fused_topk(
-    x: Tensor,
-    weight: Tensor,
-    k: int,
-    bias: Tensor | None,
-    cosine: bool,
-    scale: float,
-    column_scale: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+def _fused_topk(x: Tensor, weight: Tensor, k: int, scoring: _Scoring) -> tuple[Tensor, Tensor]:
     """``(B, k)`` scores and ids through the fused kernel: a ``(B * splits, k)`` table, one entry per feature
     and span of columns, filled chunk by chunk (a chunk holds 2^26 row values, cast to ``x``'s dtype where
     the rows' differs) and reduced to each feature's top-``k`` at the end."""
@@ -139,9 +147,6 @@ def _fused_topk(
     ids = torch.full((batch * splits, k), -1, dtype=torch.int64, device=x.device)
     for start in range(0, classes, chunk):
         rows = weight[start : start + chunk]
-        stop = start + rows.shape[0]
-        given = None if column_scale is None else column_scale[start:stop]
-        column_bias = None if bias is None or cosine else bias[start:stop].float().contiguous()
         merge_topk_scores_triton_(
             x[None],
             rows.to(x.dtype)[None],
@@ -149,8 +154,8 @@ def _fused_topk(
             ids,
             None,
             start,
-            scale=_column_scale(rows, cosine, scale, given),
-            bias=column_bias,
+            scale=scoring.factors(rows, start),
+            bias=scoring.offsets(start, start + rows.shape[0]),
             splits=splits,
         )
     top = values.view(batch, splits * k).topk(k, dim=1)
@@ -158,14 +163,7 @@ def _fused_topk(
 
 
 def _local_topk(
-    x: Tensor,
-    weight: Tensor,
-    k: int,
-    bias: Tensor | None,
-    cosine: bool,
-    scale: float,
-    column_scale: Tensor | None,
-    chunk_size: int,
+    x: Tensor, weight: Tensor, k: int, scoring: _Scoring, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """``(B, k)`` scores and ids over the rows of ``weight`` by the chunk loop (checked arguments; cosine:
     ``x`` normalised)."""
@@ -174,13 +172,13 @@ def _local_topk(
     best_ids = torch.zeros((x.shape[0], 0), dtype=torch.int64, device=x.device)
     for start in range(0, classes, chunk_size):
         rows = weight[start : start + chunk_size]  # (c, D)
-        given = None if column_scale is None else column_scale[start : start + chunk_size]
-        factors = _column_scale(rows, cosine, scale, given)
+        factors = scoring.factors(rows, start)
         if factors is not None:  # the (c, D) rows scaled, not the (B, c) scores: one pass over them fewer
             rows = rows.float() * factors[:, None]
         scores = (x @ rows.to(x.dtype).T).float()  # (B, c)
-        if bias is not None and not cosine:
-            scores = scores + bias[start : start + chunk_size].float()
+        offsets = scoring.offsets(start, start + rows.shape[0])
+        if offsets is not None:
+            scores = scores + offsets
         top_scores, top_ids = _chunk_topk(scores, min(k, scores.shape[1]))  # (B, <=k)
         merged_scores = torch.cat([best_scores, top_scores], dim=1)  # (B, <=2k)
         merged_ids = torch.cat([best_ids, top_ids + start], dim=1)
