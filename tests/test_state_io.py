@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -62,7 +63,13 @@ def test_unstorable_value_names_its_key():
         state_io.flatten({"outer": {"bad": object()}})
 
 
-def test_manifest_holds_size_and_sha256_of_every_file(tmp_path):
+def _pieces_checksum(data: bytes, piece: int) -> str:
+    """The SHA-256 of the SHA-256 digests of ``data``'s pieces, computed here apart from the module's."""
+    digests = b"".join(hashlib.sha256(data[i : i + piece]).digest() for i in range(0, len(data), piece))
+    return hashlib.sha256(digests).hexdigest()
+
+
+def test_manifest_holds_size_and_checksum_of_every_file(tmp_path):
     folder = state_io.write_state(str(tmp_path / "state"), {"w": torch.arange(10.0)})
     with open(os.path.join(folder, "manifest.json")) as file:
         files = json.load(file)["files"]
@@ -70,7 +77,49 @@ def test_manifest_holds_size_and_sha256_of_every_file(tmp_path):
     for name, entry in files.items():
         with open(os.path.join(folder, name), "rb") as file:
             data = file.read()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        piece = entry["piece_bytes"]
+        assert entry == {
+            "size": len(data),
+            "sha256_pieces": _pieces_checksum(data, piece),
+            "piece_bytes": piece,
+        }
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 3000, 3999])
+@pytest.mark.parametrize("block", [1, 7, 1000, 2500, 1 << 20])
+def test_piece_checksum_while_written_and_read_back(tmp_path, monkeypatch, size, block):
+    """Pieces of 1,000 bytes: the checksum of bytes written in blocks of any size (a header first, cutting the
+    pieces elsewhere) equals the one read back from the file, and the one computed here apart."""
+    monkeypatch.setattr(state_io, "_READ_BYTES", 300)  # a piece read in several parts
+    data = os.urandom(size)
+    with ThreadPoolExecutor(2) as pool:
+        digest = state_io._PieceDigest(pool, 1000)
+        for start in range(0, size, block):
+            for future in digest.update(np.frombuffer(data[start : start + block], dtype=np.uint8)):
+                future.result()
+        written = digest.fingerprint()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert written == state_io.piece_fingerprint(str(path), piece_bytes=1000)
+    assert written == {"size": size, "sha256_pieces": _pieces_checksum(data, 1000), "piece_bytes": 1000}
+
+
+def test_a_manifest_of_whole_file_digests_still_verifies(tmp_path):
+    """Manifests written before piece checksums (each file's whole SHA-256) are checked as they were."""
+    folder = state_io.write_state(str(tmp_path / "state"), {"w": torch.arange(10.0)})
+    files = {
+        name: state_io.file_fingerprint(os.path.join(folder, name))
+        for name in ("state.json", "tensors.safetensors")
+    }
+    state_io.write_json_atomic(os.path.join(folder, "manifest.json"), {"files": files})
+    state_io.verify_manifest(folder)
+    with open(os.path.join(folder, "tensors.safetensors"), "r+b") as file:
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)
+        file.seek(-1, os.SEEK_END)
+        file.write(bytes([last[0] ^ 1]))
+    with pytest.raises(state_io.DamagedStateError, match="differs from its checksum"):
+        state_io.verify_manifest(folder)
 
 
 def test_manifest_covers_nested_folders(tmp_path):
@@ -109,7 +158,7 @@ def _damage(path: str, how: str) -> None:
     ("how", "expected"),
     [
         ("truncated", r"tensors.safetensors has \d+ bytes, the manifest says \d+"),
-        ("flipped", "tensors.safetensors differs from its SHA-256"),
+        ("flipped", "tensors.safetensors differs from its checksum"),
         ("removed", "tensors.safetensors is missing"),
     ],
 )
@@ -240,7 +289,7 @@ def test_write_tensors_is_a_safetensors_file_hashed_while_written(tmp_path, chun
     path = str(tmp_path / "t.safetensors")
     tensors = _tensors()
     fingerprint = state_io.write_tensors(path, tensors, metadata={"a": "b"}, chunk_bytes=chunk_bytes)
-    assert fingerprint == state_io.file_fingerprint(path)
+    assert fingerprint == state_io.piece_fingerprint(path)
     with safe_open(path, framework="pt") as file:
         assert file.metadata() == {"a": "b"}
         assert sorted(file.keys()) == sorted(tensors)
@@ -298,7 +347,7 @@ def test_a_streamed_copy_is_written_again_block_by_block(tmp_path):
     state_io.write_tensors(first, _tensors(), metadata={"k": "v"})
     saved = state_io.read_tensors(first, stream=lambda name: True)
     assert state_io.write_tensors(second, saved, metadata={"k": "v"}, chunk_bytes=8) == (
-        state_io.file_fingerprint(first)
+        state_io.piece_fingerprint(first)
     )
 
 

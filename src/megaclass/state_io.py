@@ -3,8 +3,10 @@
 A state folder holds ``tensors.safetensors``, ``state.json`` and ``manifest.json``. Any nested state (module
 and optimizer state dicts, RNG states, counters) is split by :func:`flatten` into a JSON tree whose tensors
 are replaced by ``{"__tensor__": key}`` references into the safetensors file. ``manifest.json`` gives the
-size and SHA-256 of every other file under the folder (:func:`write_manifest`), so a reader tells a whole
-folder from a truncated or altered one (:func:`verify_manifest`). The folder is written under a temporary
+size and checksum of every other file under the folder (:func:`write_manifest`), so a reader tells a whole
+folder from a truncated or altered one (:func:`verify_manifest`). The checksum (:func:`piece_fingerprint`) is
+the SHA-256 of the SHA-256 digests of the file's 64 MiB pieces, which threads hash side by side: one SHA-256
+stream runs at some 1.7 GB/s, 32 s for a 55 GB checkpoint. The folder is written under a temporary
 name and renamed (:func:`replace_folder`), so a kill leaves the old folder or the new one, never half of one.
 
 Tensors are streamed, never copied whole: :func:`write_tensors` writes each one block of rows at a time
@@ -31,7 +33,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
@@ -53,6 +55,7 @@ __all__ = [
     "fsync_path",
     "link_state",
     "path_fingerprint",
+    "piece_fingerprint",
     "read_state",
     "read_tensors",
     "replace_folder",
@@ -70,6 +73,8 @@ STREAM_CHUNK_BYTES = 256 << 20  # host memory a tensor is written or read throug
 _TENSORS = "tensors.safetensors"
 _STATE = "state.json"
 _CHUNK_BYTES = 1 << 20
+_PIECE_BYTES = 64 << 20  # a file is checksummed in pieces of this many bytes, hashed side by side
+_READ_BYTES = 4 << 20  # a hashing thread reads its piece this much at a time
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header
 
 
@@ -164,6 +169,82 @@ def file_fingerprint(path: str) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+def _hash_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _sha256(data: Any) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class _PieceDigest:
+    """The checksum of :func:`piece_fingerprint` of bytes given in order: whole pieces go to ``pool`` (hashing
+    frees the GIL), a piece cut by the blocks' edges is hashed in the caller as its parts come."""
+
+    def __init__(self, pool: ThreadPoolExecutor, piece_bytes: int = _PIECE_BYTES) -> None:
+        self._pool, self._piece_bytes = pool, piece_bytes
+        self._digests: list[Future | bytes] = []
+        self._current, self._filled, self.size = hashlib.sha256(), 0, 0
+
+    def update(self, data: Any) -> list[Future]:
+        """Hash ``data`` (bytes or a uint8 array); the futures of its whole pieces, which read ``data``: wait
+        for them before its memory is reused."""
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        started = []
+        while len(view):
+            take = min(self._piece_bytes - self._filled, len(view))
+            if self._filled == 0 and take == self._piece_bytes:
+                started.append(self._pool.submit(_sha256, view[:take]))
+                self._digests.append(started[-1])
+            else:
+                self._current.update(view[:take])
+                self._filled += take
+                if self._filled == self._piece_bytes:
+                    self._close_piece()
+            view = view[take:]
+        return started
+
+    def _close_piece(self) -> None:
+        self._digests.append(self._current.digest())
+        self._current, self._filled = hashlib.sha256(), 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self._filled:
+            self._close_piece()
+        pieces = [d.result() if isinstance(d, Future) else d for d in self._digests]
+        digest = hashlib.sha256(b"".join(pieces)).hexdigest()
+        return {"size": self.size, "sha256_pieces": digest, "piece_bytes": self._piece_bytes}
+
+
+def piece_fingerprint(path: str, *, piece_bytes: int = _PIECE_BYTES) -> dict[str, Any]:
+    """``{"size", "sha256_pieces", "piece_bytes"}`` of the file at ``path``: the SHA-256 of the SHA-256
+    digests of its ``piece_bytes`` pieces in order (of none, for an empty file), the pieces read and hashed
+    by several threads at once, each a few MiB at a time."""
+    size = os.path.getsize(path)
+
+    def piece(start: int) -> bytes:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as file:
+            file.seek(start)
+            left = min(piece_bytes, size - start)
+            while left > 0:
+                chunk = file.read(min(_READ_BYTES, left))
+                if not chunk:
+                    raise DamagedStateError(f"{path}: ends before its {size} bytes")
+                digest.update(chunk)
+                left -= len(chunk)
+        return digest.digest()
+
+    with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="sha256") as pool:
+        pieces = list(pool.map(piece, range(0, size, piece_bytes)))
+    return {
+        "size": size,
+        "sha256_pieces": hashlib.sha256(b"".join(pieces)).hexdigest(),
+        "piece_bytes": piece_bytes,
+    }
+
+
 def path_fingerprint(path: str) -> dict[str, Any]:
     """:func:`file_fingerprint` of a file; of a folder (an image folder may hold millions of files), the total
     size of its files and the SHA-256 of its listing: each file's relative path and size."""
@@ -212,11 +293,11 @@ def _files_under(folder: str, *, skip_manifest: bool = True) -> list[str]:
 
 
 def write_manifest(folder: str, *, fingerprints: Mapping[str, dict[str, Any]] | None = None) -> None:
-    """Write ``folder/manifest.json``: the size and SHA-256 of every file under ``folder``, after syncing each
-    to disk (a manifest never vouches for bytes still in the page cache only).
+    """Write ``folder/manifest.json``: the size and :func:`piece_fingerprint` of every file under ``folder``,
+    after syncing each to disk (a manifest never vouches for bytes still in the page cache only).
 
     Args:
-        fingerprints: relative path -> :func:`file_fingerprint` of files hashed while they were written
+        fingerprints: relative path -> :func:`piece_fingerprint` of files hashed while they were written
             (:func:`write_tensors`); they are synced, not read again.
     """
     fingerprints = fingerprints or {}
@@ -224,12 +305,13 @@ def write_manifest(folder: str, *, fingerprints: Mapping[str, dict[str, Any]] | 
     for relative in _files_under(folder):
         path = os.path.join(folder, relative)
         fsync_path(path)
-        files[relative] = fingerprints.get(relative) or file_fingerprint(path)
+        files[relative] = fingerprints.get(relative) or piece_fingerprint(path)
     write_json_atomic(os.path.join(folder, MANIFEST), {"files": files})
 
 
 def verify_manifest(folder: str) -> None:
-    """Check every file that ``folder/manifest.json`` lists against its size and SHA-256.
+    """Check every file that ``folder/manifest.json`` lists against its size and checksum (its
+    :func:`piece_fingerprint`, or the whole file's SHA-256 in manifests written before those).
 
     Raises:
         DamagedStateError: the manifest is missing or unreadable, or a file is missing, of another size
@@ -253,8 +335,13 @@ def verify_manifest(folder: str) -> None:
             raise DamagedStateError(
                 f"{folder}: {relative} has {size} bytes, the manifest says {expected['size']} (truncated?)"
             )
-        if file_fingerprint(path)["sha256"] != expected["sha256"]:
-            raise DamagedStateError(f"{folder}: {relative} differs from its SHA-256 in the manifest")
+        if "sha256_pieces" in expected:
+            found = piece_fingerprint(path, piece_bytes=int(expected["piece_bytes"]))["sha256_pieces"]
+            same = found == expected["sha256_pieces"]
+        else:
+            same = file_fingerprint(path)["sha256"] == expected["sha256"]
+        if not same:
+            raise DamagedStateError(f"{folder}: {relative} differs from its checksum in the manifest")
 
 
 # ------------------------------------------------------------------------------------ streamed tensors
@@ -412,7 +499,7 @@ def write_tensors(
     The host memory taken is one block of ``chunk_bytes``; nothing is copied whole.
 
     Returns:
-        The file's :func:`file_fingerprint`, hashed while writing.
+        The file's :func:`piece_fingerprint`, hashed while writing.
     """
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -428,22 +515,21 @@ def write_tensors(
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    digest, size = hashlib.sha256(), 0
     with (
         _replacing(path, "wb", suffix=".safetensors") as file,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
+        ThreadPoolExecutor(_hash_threads(), thread_name_prefix="sha256") as pool,
     ):
+        digest = _PieceDigest(pool)
         for piece in (len(encoded).to_bytes(8, "little"), encoded):
             file.write(piece)
             digest.update(piece)
-            size += len(piece)
         for value in tensors.values():
             for block in _byte_blocks(value, chunk_bytes):
-                hashed = hasher.submit(digest.update, block)  # hashed while written (both free the GIL)
+                hashing = digest.update(block)  # whole pieces hashed by the pool while the block is written
                 file.write(block)
-                hashed.result()  # before the block's staging memory is reused
-                size += block.nbytes
-    return {"size": size, "sha256": digest.hexdigest()}
+                for future in hashing:  # before the block's staging memory is reused
+                    future.result()
+        return digest.fingerprint()
 
 
 def read_tensors(

@@ -166,7 +166,7 @@ def test_a_damaged_newest_falls_back_to_the_previous_one(tmp_path, how):
     why = (
         f"has {size} bytes, the manifest says {size + 3}"
         if how == "truncated"
-        else "differs from its SHA-256"
+        else "differs from its checksum"
     )
     with pytest.warns(
         CheckpointWarning, match=re.escape(f"damaged checkpoint: {paths[-1]}: tensors.safetensors ") + why
@@ -315,13 +315,13 @@ def test_a_sharded_save_hashes_the_rows_once_while_writing_them(tmp_path, monkey
     from megaclass import state_io
 
     head, optimizer = _sharded_head(0)
-    read_back, fingerprint = [], state_io.file_fingerprint
+    read_back, fingerprint = [], state_io.piece_fingerprint
 
     def spy(path):
         read_back.append(path)
         return fingerprint(path)
 
-    monkeypatch.setattr(state_io, "file_fingerprint", spy)
+    monkeypatch.setattr(state_io, "piece_fingerprint", spy)
     path = _save_sharded(str(tmp_path), 1, head, optimizer)
     assert not [name for name in read_back if name.endswith("rows_00000.safetensors")]  # not read again
     with open(os.path.join(path, "manifest.json")) as file:

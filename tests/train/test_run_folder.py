@@ -250,7 +250,7 @@ def _damage(out, case):
         return 6, f"{newest}: tensors.safetensors has"
     if case == "newest has a flipped byte":
         _flip_a_byte(newest / "tensors.safetensors")
-        return 6, f"{newest}: tensors.safetensors differs from its SHA-256"
+        return 6, f"{newest}: tensors.safetensors differs from its checksum"
     # leftovers of killed saves: an unfinished folder of a later step, an older one moved aside
     (folder / ".tmp-step_000000008-k1ll").mkdir()
     shutil.copytree(folder / "step_000000004", folder / ".old-step_000000004-k1ll" / "step_000000004")
