@@ -10,7 +10,7 @@ A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
 - ``common/``: the rest, written by rank 0: encoder and its optimizer, the head's replicated entries, loop
   state, the config.
 
-- ``manifest.json``: the size and SHA-256 of every other file (:func:`megaclass.state_io.write_manifest`).
+- ``manifest.json``: the size and checksum of every other file (:func:`megaclass.state_io.write_manifest`).
 
 Ranks write into ``.tmp-step_<N>-shards/``; after a barrier rank 0 writes the layout and the manifest and
 renames the folder into place (:func:`megaclass.state_io.replace_folder`), so a kill never leaves half a
