@@ -147,7 +147,7 @@ def test_merge_topk_scores_checks_its_table():
 
 
 @pytest.mark.parametrize(("batch", "classes", "dim"), [(1, 1, 3), (5, 300, 20), (70, 129, 16)])
-@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("k", [1, 6, 70])  # 70: past the fused kernel's 64, the chunk loop's
 @pytest.mark.parametrize("mode", ["dot", "bias", "cosine", "column_scale"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_scan_against_the_chunk_loop(batch, classes, dim, k, mode, dtype, device_for):

@@ -28,6 +28,7 @@ _GROUP = 64  # columns a maximum is taken over before the top-k of a wide chunk
 _GROUP_MIN_COLUMNS = 1 << 16  # narrower chunks take their top-k directly (on a GPU, fewer launches win)
 _GPU_VALUES = 1 << 26  # on a GPU a chunk may hold this many scores, and as many float32 row values
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # features the fused kernel scores
+_FUSED_MAX_K = 64  # the fused kernel keeps k values a row in registers; a larger k takes the chunk loop
 
 
 def scoring_chunk(chunk_size: int, batch: int, dim: int, device_type: str) -> int:
@@ -72,8 +73,9 @@ def chunked_topk(
         chunk_size: classes scored at once (on a GPU, :func:`scoring_chunk`'s more where it says so).
         shard: the classes this rank holds; every rank of its group passes the same ``x`` and gets the same
             global top-``k`` (ids in ``[0, C)``). None (or a whole shard): all classes, no collective.
-        impl: ``auto`` scores float32, bf16 and fp16 features on a GPU with the fused kernel (the ``(B, C)``
-            scores never reach memory; ties may then rank in another order); ``reference`` is the chunk loop.
+        impl: ``auto`` scores float32, bf16 and fp16 features on a GPU with the fused kernel for ``k`` up to
+            64 (the ``(B, C)`` scores never reach memory; ties may then rank in another order); ``reference``
+            is the chunk loop.
 
     >>> x, w = torch.randn(2, 4), torch.randn(10, 4)
     >>> scores, ids = chunked_topk(x, w, 3, chunk_size=4)
@@ -102,7 +104,8 @@ def chunked_topk(
     if cosine:
         x = torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
     scoring = _Scoring(None if cosine else bias, cosine, scale, column_scale)
-    if x.dtype in _FUSED_DTYPES and resolve_impl(impl, x, weight) is Impl.TRITON:
+    fused = x.dtype in _FUSED_DTYPES and local <= _FUSED_MAX_K
+    if fused and resolve_impl(impl, x, weight) is Impl.TRITON:
         scores, ids = _fused_topk(x, weight, local, scoring)
     else:
         scores, ids = _local_topk(x, weight, local, scoring, chunk_size)
@@ -228,7 +231,7 @@ def merge_topk_scores_(
         values: ``(N, k)`` float32 and ids: ``(N, k)`` int64 or int32, contiguous: the running table.
         rows: ``(Bt, M)`` int64 table rows, distinct (a repeated row's entries are undefined); None:
             ``b M + m`` (then ``N = Bt M``).
-        impl: ``auto`` fuses on a GPU (``triton``), ``reference`` is plain PyTorch.
+        impl: ``auto`` fuses on a GPU (``triton``) for ``k`` up to 64, ``reference`` is plain PyTorch.
 
     >>> values, ids = torch.full((1, 2), -torch.inf), torch.full((1, 2), -1)
     >>> merge_topk_scores_(torch.tensor([[[1.0, 0.0]]]), torch.eye(2)[None] * 2, values, ids)
@@ -236,7 +239,7 @@ def merge_topk_scores_(
     ([[2.0, 0.0]], [[0, 1]])
     """
     _check_table(x, y, values, ids, rows)
-    if resolve_impl(impl, x, y, values) is Impl.TRITON:
+    if values.shape[1] <= _FUSED_MAX_K and resolve_impl(impl, x, y, values) is Impl.TRITON:
         from megaclass.ops.chunked_topk.kernels import merge_topk_scores_triton_
 
         merge_topk_scores_triton_(x, y, values, ids, rows, id_offset)
