@@ -78,6 +78,7 @@ __all__ = ["SelectedHead", "SelectedHeadConfig"]
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
 _INDEX_TOPK_CLASSES = 10**7  # topk_search=auto searches the index from this many classes
 _TOPK_CANDIDATES = 4  # an index topk scores this many times k of the index's classes exactly
+_THOROUGH_PROBES = 16  # the shards' thorough search (an index topk) probes this many times the clusters
 
 
 PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
@@ -267,14 +268,17 @@ class SelectedHead(Head):
         has_index = self.selector is not None or self._store_query() is not None
         return has_index and self._step >= self.config.warmup_random_steps
 
-    def _neighbours(self, features: Tensor, count: int, *, metric: str | None = None) -> Tensor:
+    def _neighbours(
+        self, features: Tensor, count: int, *, metric: str | None = None, thorough: bool = False
+    ) -> Tensor:
         """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards, ranked
-        by ``metric`` where the index can (None: the selection's)."""
+        by ``metric`` where the index can (None: the selection's); ``thorough``: the wider search evaluation
+        makes (the shards search 16 times the clusters)."""
         store_query = self._store_query()
         if store_query is None:
             if metric is not None and Metric(metric) not in self.selector.ranks_by:
                 metric = None
-            return self.selector.query(features, count, metric=metric)
+            return self.selector.query(features, count, metric=metric, thorough=thorough)
         index = self.config.index
         # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
         age = 0 if isinstance(index, ExactIndexConfig) else self.config.interval
@@ -285,6 +289,7 @@ class SelectedHead(Head):
             else DEFAULT_PROBES
         )
         metric = metric or self._metric()
+        probes *= _THOROUGH_PROBES if thorough else 1
         return store_query(features, count, metric=metric, max_index_age=age, probes=probes)[1]
 
     # ------------------------------------------------------------------ selection
@@ -529,8 +534,8 @@ class SelectedHead(Head):
         return float((found[:, :, None] == truth[:, None, :]).any(2).sum()) / max(1, truth.numel())
 
     def _index_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The index's (or the shards') ``4k`` nearest classes of each sample, ranked there by the logits'
-        metric and scored by the head's logits."""
+        """The index's (or the shards') ``4k`` nearest classes of each sample by their thorough search, ranked
+        there by the logits' metric and scored by the head's logits."""
         store = self.materialize()
         if self.selector is not None:
             if not self.selector.is_built:
@@ -539,7 +544,7 @@ class SelectedHead(Head):
         # ranked by what the logits are (dot products without a margin), whatever the index trains with
         logits = "cosine" if self.config.margin.enabled else "dot"
         count = min(self.num_rows, _TOPK_CANDIDATES * k)
-        candidates = self._neighbours(features, count, metric=logits).to(features.device)
+        candidates = self._neighbours(features, count, metric=logits, thorough=True).to(features.device)
         scores = torch.empty(candidates.shape, dtype=torch.float32, device=features.device)  # (B, n)
         block = max(1, (1 << 26) // (candidates.shape[1] * self.context.in_features))  # (b, n, D) at once
         for start in range(0, len(candidates), block):

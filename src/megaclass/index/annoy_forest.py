@@ -20,6 +20,8 @@ from megaclass.index.base import ClassSelector, Metric
 
 __all__ = ["AnnoySelector"]
 
+_THOROUGH_NODES = 16  # a thorough query inspects this many times the nodes (search_k) of a training query
+
 
 def _import_annoy():  # noqa: ANN202 - the module type is annoy's
     try:
@@ -104,7 +106,9 @@ class AnnoySelector(ClassSelector):
         """Finished builds so far."""
         return self._swaps
 
-    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
+    def query(
+        self, features: Tensor, n: int, *, metric: Metric | str | None = None, thorough: bool = False
+    ) -> Tensor:
         if metric is not None and Metric(metric) not in self.ranks_by:
             raise ValueError(f"metric {Metric(metric).value!r}: an Annoy forest ranks by angle only")
         self._raise_pending()
@@ -113,8 +117,10 @@ class AnnoySelector(ClassSelector):
         if forest is None:
             raise RuntimeError("AnnoySelector.query before build")
         out = np.full((features.shape[0], n), -1, dtype=np.int64)
+        search_k = self.search_k if self.search_k > 0 else n * self.ntrees  # Annoy's default
+        search_k *= _THOROUGH_NODES if thorough else 1
         for row, vector in enumerate(features.detach().float().cpu().numpy()):
-            found = forest.get_nns_by_vector(vector, n, search_k=self.search_k)
+            found = forest.get_nns_by_vector(vector, n, search_k=search_k)
             out[row, : len(found)] = found
         return torch.from_numpy(out).to(features.device)
 

@@ -39,9 +39,12 @@ class ClassSelector(abc.ABC):
         """
 
     @abc.abstractmethod
-    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
+    def query(
+        self, features: Tensor, n: int, *, metric: Metric | str | None = None, thorough: bool = False
+    ) -> Tensor:
         """``(B, n)`` int64 class ids on ``features``' device, best first, for ``features (B, D)``, ranked by
-        ``metric`` (one of :attr:`ranks_by`; None: :attr:`metric`).
+        ``metric`` (one of :attr:`ranks_by`; None: :attr:`metric`). ``thorough``: search wider, as
+        evaluation may (a query a batch, not a step's): for a higher recall at a higher cost.
 
         An entry is ``-1`` where the index found fewer than ``n`` classes.
         """
@@ -51,9 +54,9 @@ class ClassSelector(abc.ABC):
         self, queries: Tensor, k: int, *, weight: Tensor, candidates: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """Approximate top-``k`` ``(scores, ids)``, each ``(B, k)`` on ``queries``' device, of
-        ``queries (B, D)`` against ``weight (C, D)``: the index's ``candidates`` (default ``k``) best classes,
-        scored exactly (float32, by :attr:`metric`) from ``weight`` and ranked. Ids ``-1`` (score ``-inf``)
-        where the index found fewer than ``k``.
+        ``queries (B, D)`` against ``weight (C, D)``: the index's ``candidates`` (default ``k``) best classes
+        by a thorough query, scored exactly (float32, by :attr:`metric`) from ``weight`` and ranked. Ids
+        ``-1`` (score ``-inf``) where the index found fewer than ``k``.
 
         ``weight`` is normally the rows the index was built on (it may live on another device); only the
         candidate rows are read, in blocks of queries.
@@ -72,7 +75,7 @@ class ClassSelector(abc.ABC):
         count = k if candidates is None else candidates
         if not 1 <= k <= count:
             raise ValueError(f"k: expected 1 <= k <= candidates={count}, got {k}")
-        ids = self.query(queries, count).to(queries.device)  # (B, n)
+        ids = self.query(queries, count, thorough=True).to(queries.device)  # (B, n)
         unit = self.metric is Metric.COSINE
         features = torch.nn.functional.normalize(queries.float(), dim=1) if unit else queries.float()
         scores = torch.empty(ids.shape, dtype=torch.float32, device=queries.device)

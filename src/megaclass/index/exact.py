@@ -84,7 +84,9 @@ class ExactSelector(ClassSelector):
     def is_built(self) -> bool:
         return self._weight is not None
 
-    def query(self, features: Tensor, n: int, *, metric: Metric | str | None = None) -> Tensor:
+    def query(
+        self, features: Tensor, n: int, *, metric: Metric | str | None = None, thorough: bool = False
+    ) -> Tensor:
         if self._weight is None:
             raise RuntimeError("ExactSelector.query before build")
         n_found = min(n, self._weight.shape[0])
