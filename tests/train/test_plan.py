@@ -11,6 +11,7 @@ from megaclass.data.synthetic import synthesize
 from megaclass.data.xmc import load_xmc
 from megaclass.heads import HeadContext, build_head, head_class, head_config
 from megaclass.heads.base import PlanRequest
+from megaclass.index.kmeans import cluster_layout
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config
@@ -153,16 +154,26 @@ def test_a_background_index_build_counts_at_every_phase(synthetic):
     assert plan.peak(1) == (28 << 30, "checkpoint")  # held at any time: on top of the steady parts too
     line = plan.refusal()
     assert "the largest part held while it runs in the background is head index build (12.00 GiB)" in line
-    config = load_config(head="selected", overrides=["model.hidden=[64]"])
     shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**7)
-    built = plan_run(config, shape, device_type="cuda", gpu_capacity=139 << 30, host_capacity=128 << 30)
-    build = {part.name: part for part in built.parts}["head index build"]
     # a row's int64 group, assignment, group's rows, 3 nearby groups and 3 sorted places; its 8 best candidate
     # clusters (fp32 scores, int32 ids)
     clusters = 10**7 * (8 * 9 + 8 * 8)
     blocks = 3 * 4 * (1 << 27)  # gathered rows, their scores, the best candidates: the GPU's scratch blocks
     snapshot = 10**7 * (64 * 2 + 16)  # the new snapshot's bf16 rows, norms, scales, assignments
-    assert build.phase == "background" and build.device_bytes == snapshot + clusters + blocks
+    groups, per_group, width = cluster_layout(10**7)
+    structure = groups * per_group * (width * 8 + 2 * 64 * 4 + 16 * 8)  # members, sums, centroids, near
+    for background, beside in (
+        ("true", snapshot + clusters + blocks),
+        ("auto", clusters + blocks - structure),
+    ):
+        # in a thread the build holds all its scratch beside the index it replaces; synchronous (a GPU's
+        # default) it drops that index first
+        config = load_config(
+            head="selected", overrides=["model.hidden=[64]", f"head.index.background={background}"]
+        )
+        built = plan_run(config, shape, device_type="cuda", gpu_capacity=139 << 30, host_capacity=128 << 30)
+        build = {part.name: part for part in built.parts}["head index build"]
+        assert build.phase == "background" and build.device_bytes == beside
 
 
 @pytest.mark.parametrize("setting", ["auto", "off"])

@@ -726,8 +726,9 @@ def _planned_index_bytes(
     config: IndexConfig, classes: int, dim: int, *, device_type: str
 ) -> tuple[int, int, int]:
     """``(device, host, build)`` bytes of the index over ``classes`` rows of width ``dim``, once built, and
-    what its cold builds hold beside it on the device (:func:`~megaclass.index.kmeans.
-    cold_build_scratch_bytes`)."""
+    what its cold builds hold beyond it on the device (:func:`~megaclass.index.kmeans.
+    cold_build_scratch_bytes`; less the index itself where builds are synchronous, as on a GPU by
+    default)."""
     if isinstance(config, ClusterIndexConfig):
         row_bytes = {"auto": 2 if device_type == "cuda" else 4, "float32": 4, "bfloat16": 2, "int8": 1}[
             config.dtype
@@ -741,6 +742,9 @@ def _planned_index_bytes(
             width * 8 + 2 * dim * 4 + min(16, clusters) * 8
         )  # members, sums, centroids, near
         build = cold_build_scratch_bytes(classes, dim, row_bytes=row_bytes, device_type=device_type)
+        background = config.background if config.background != "auto" else device_type != "cuda"
+        if not background:  # a synchronous build drops the index it replaces before its snapshot is taken
+            build = max(0, build - snapshot - structure)
         return snapshot + structure, 0, build
     if isinstance(config, AnnoyIndexConfig):  # Annoy's angular nodes: 12 + 4 D bytes, items and splits
         nodes = classes + config.ntrees * 2 * classes // (dim + 2)

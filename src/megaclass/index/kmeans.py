@@ -708,7 +708,7 @@ class ClusterIndex(ClassSelector):
             self._stop()  # a build over rows of another shape is no longer wanted
         state = self._state
         if state is None or state["rows"].shape != weight.shape:
-            self._state = None  # an index over other rows says nothing about these
+            self._state = state = None  # an index over other rows says nothing about these: freed first
             self._warm_builds = 0
             self._cold_build(weight, device, begin)
             return
@@ -728,7 +728,7 @@ class ClusterIndex(ClassSelector):
                 if self._in_background(weight.shape[0], device):
                     self._publish(state, begin)  # this index answers while the rows are clustered again
                 else:
-                    self._state = None  # its snapshot goes before the new one is taken
+                    self._state = state = None  # its tensors are freed before the new snapshot is taken
                 self._cold_build(weight, device, begin)
                 return
         self._publish(state, begin)
