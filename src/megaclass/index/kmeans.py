@@ -871,7 +871,7 @@ class ClusterIndex(ClassSelector):
             self._search_block(state, exact[start : start + block], n, metric, probes, group_probes)
             for start in range(0, features.shape[0], block)
         ]
-        return torch.cat(found).to(features.device)
+        return (found[0] if len(found) == 1 else torch.cat(found)).to(features.device)
 
     def _searched(self, state: dict[str, Tensor], n: int, thorough: bool) -> tuple[int, int]:
         """``(probes, group_probes)`` a query of ``n`` rows searches: the calibrated (or set) counts, raised
