@@ -319,3 +319,13 @@ def test_dry_run_refuses_a_run_folder_on_a_disk_too_small(synthetic, tmp_path, c
     assert error.startswith("megaclass train: error: the run does not fit: disk needs")
     assert "train.keep_checkpoints" in error
     assert not (tmp_path / "a").exists()
+
+
+def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):
+    config = load_config(head="dense", overrides=["model.hidden=[64]"])
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    options = {"gpu_capacity": 139 << 30, "host_capacity": 128 << 30}
+    on_gpu = {p.name: p for p in plan_run(config, shape, device_type="cuda", **options).parts}
+    assert on_gpu["CUDA runtime"].host_bytes == 5 << 29 and on_gpu["CUDA runtime"].phase == "steady"
+    on_cpu = {p.name for p in plan_run(config, shape, device_type="cpu", **options).parts}
+    assert "CUDA runtime" not in on_cpu
