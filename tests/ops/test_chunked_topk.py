@@ -187,3 +187,15 @@ def test_fused_scan_merges_column_splits():
     top = values.view(3, 8).topk(2, dim=1)
     scores = (x[0].double() @ y[0].double().T).cpu()
     _check_table(top.values.cpu(), ids.view(3, 8).gather(1, top.indices).cpu(), scores, 2)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_merge_topk_scores_ids_past_two_to_the_31(impl, device_for):
+    """Ids are int64 end to end: an offset past 2^32 comes back whole."""
+    device = device_for(impl)
+    x, y = torch.randn(1, 3, 16, device=device), torch.randn(1, 40, 16, device=device)
+    values = torch.full((3, 4), -torch.inf, device=device)
+    ids = torch.full((3, 4), -1, dtype=torch.int64, device=device)
+    merge_topk_scores_(x, y, values, ids, id_offset=5 << 32, impl=impl)
+    expected = (x[0].double() @ y[0].double().T).topk(4, dim=1)
+    assert torch.equal(ids.cpu(), expected.indices.cpu() + (5 << 32))
