@@ -9,8 +9,10 @@ Each phase is a ``python -m megaclass`` child process; its peak resident set is 
 runs. Training uses ``--head selected`` for one epoch (the ``--set`` overrides are added) with
 ``train.checkpoint_every`` steps: the first run is killed (``SIGKILL``) once its first checkpoint is whole,
 and ``--resume`` finishes it. Prints one markdown table a class count and appends its rows to ``--csv``.
-``--phases`` runs some of the phases (``synthesise plan train resume eval predict export``), each on what
-the earlier ones left in ``--out``: a sequence too long for one sitting is split over several invocations.
+``--phases`` runs some of the phases (``synthesise plan train resume epoch eval predict export``), each on
+what the earlier ones left in ``--out``: a sequence too long for one sitting is split over several
+invocations. ``epoch`` trains a fresh run to its end without a kill (the largest class counts, where the
+question is whether an epoch trains at all).
 """
 
 from __future__ import annotations
@@ -111,7 +113,19 @@ def _run_folder_sizes(run: str) -> str:
     return "GiB on disk: " + ", ".join(sizes)
 
 
-_PHASES = ("synthesise", "plan", "train", "resume", "eval", "predict", "export")
+def _finished_run(run: str) -> str:
+    """What a finished run's ``metrics.json``, log and folder say: P@1, the device's peak, train time, speed,
+    index builds, the folder's sizes."""
+    with open(os.path.join(run, "metrics.json")) as file:
+        metrics = json.load(file)
+    where = "GPU" if str(metrics["device"]).startswith("cuda") else "host"
+    return (
+        f"P@1 {metrics['P@1']:.4f}, {where} peak {metrics['peak_memory_bytes'] / _GIB:.2f} GiB, "
+        f"train {metrics['train_seconds']:.1f} s, {_log_facts(run)}, {_run_folder_sizes(run)}"
+    )
+
+
+_PHASES = ("synthesise", "plan", "train", "resume", "epoch", "eval", "predict", "export")
 
 
 def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
@@ -166,14 +180,11 @@ def _one_count(args: argparse.Namespace, classes: int) -> list[dict[str, Any]]:
         phase("train until killed after the first checkpoint", killed, f"killed with {step}")
     if "resume" in args.phases:
         resumed = _run(["train", *common, "--resume", *overrides], timeout_s=args.timeout)
-        with open(os.path.join(run, "metrics.json")) as file:
-            metrics = json.load(file)
-        where = "GPU" if str(metrics["device"]).startswith("cuda") else "host"
-        notes = (
-            f"P@1 {metrics['P@1']:.4f}, {where} peak {metrics['peak_memory_bytes'] / _GIB:.2f} GiB, "
-            f"train {metrics['train_seconds']:.1f} s, {_log_facts(run)}, {_run_folder_sizes(run)}"
-        )
-        phase("train --resume to the end", resumed, notes)
+        phase("train --resume to the end", resumed, _finished_run(run))
+    if "epoch" in args.phases:
+        shutil.rmtree(run, ignore_errors=True)
+        whole = _run(["train", *common, *overrides], timeout_s=args.timeout)
+        phase("train, not killed", whole, _finished_run(run))
     if "eval" in args.phases:
         evaluated = _run(["eval", "--run", run, "--test", test], timeout_s=args.timeout)
         scores = json.loads(evaluated["output"][evaluated["output"].index("{") :])
