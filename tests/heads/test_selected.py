@@ -213,6 +213,28 @@ def test_topk_through_the_cluster_index_and_its_recall():
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
 
 
+def test_topk_through_the_index_sees_the_rows_updated_since_its_build():
+    """Training leaves the index up to `interval` steps behind the rows; a ranking through it refreshes the
+    rows updated since (here every row, moved to other directions) before it searches."""
+    from tests.index._clustered import trained_like
+
+    rows, _ = trained_like(3000, 16, 60, 64, seed=1)
+    moved, queries = trained_like(3000, 16, 60, 64, seed=2)
+    head = _head(
+        num_classes=3000,
+        dim=16,
+        metric="dot",
+        topk_search="index",
+        index={"type": "gpu", "background": False},
+    )
+    head.materialize().rows().copy_(rows)
+    head.rebuild_index()
+    head.materialize().rows().copy_(moved)
+    head._dirty.fill_(True)  # as the steps that moved them mark them
+    assert head.topk_recall(queries, 5) >= 0.9
+    assert not head._dirty.any()
+
+
 def test_topk_search_auto_scans_below_ten_million_classes():
     head = _head()
     assert not head.topk_is_approximate() and head.topk_recall(torch.randn(2, 12), 3) is None

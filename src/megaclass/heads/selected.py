@@ -535,10 +535,13 @@ class SelectedHead(Head):
 
     def _index_topk(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The index's (or the shards') ``4k`` nearest classes of each sample by their thorough search, ranked
-        there by the logits' metric and scored by the head's logits."""
+        there by the logits' metric and scored by the head's logits; a local index is refreshed first with
+        the rows updated since its last build."""
         store = self.materialize()
         if self.selector is not None:
-            if not self.selector.is_built:
+            # the rows updated since the last build are refreshed first: an index lags the rows by up to
+            # `interval` steps, which selection allows and a ranking does not (host sync: evaluation)
+            if not self.selector.is_built or bool(self._dirty.any()):
                 self.rebuild_index()
             self.selector.wait()  # a background build under way: its index, not none
         # ranked by what the logits are (dot products without a margin), whatever the index trains with
