@@ -177,11 +177,17 @@ def test_selected_head_on_ps_asks_the_shards_for_the_logits_metric_in_its_topk(s
     store = head.materialize()
     metrics = []
     query = store.query_nearest
-    monkeypatch.setattr(store, "query_nearest", lambda *a, **k: metrics.append(k["metric"]) or query(*a, **k))
+
+    def asked(*args, **options):
+        metrics.append((options["metric"], options["max_index_age"]))
+        return query(*args, **options)
+
+    monkeypatch.setattr(store, "query_nearest", asked)
     features, targets = torch.randn(4, dim), torch.randint(num_rows, (4,))
     head(features, targets).backward()  # the selection asks by its metric: cosine by default
     scores, ids = head.topk(features, 3)
-    assert metrics == ["cosine", "dot"]  # the top-k by what the logits are
+    # the top-k by what the logits are, from indexes refreshed with every update (selection: interval steps)
+    assert metrics == [("cosine", head.config.interval), ("dot", 1)]
     rows = store.read(0, num_rows)
     assert torch.equal(ids, (features @ rows.T).topk(3, dim=1).indices)  # shards this small: exact
     store.close()

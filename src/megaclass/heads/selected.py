@@ -273,15 +273,16 @@ class SelectedHead(Head):
     ) -> Tensor:
         """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards, ranked
         by ``metric`` where the index can (None: the selection's); ``thorough``: the wider search evaluation
-        makes (the shards search 16 times the clusters)."""
+        makes (the shards search 16 times the clusters, their indexes refreshed with every update first)."""
         store_query = self._store_query()
         if store_query is None:
             if metric is not None and Metric(metric) not in self.selector.ranks_by:
                 metric = None
             return self.selector.query(features, count, metric=metric, thorough=thorough)
         index = self.config.index
-        # the shards' cluster indexes lag the rows by at most `interval` steps like a local one; exact: a scan
-        age = 0 if isinstance(index, ExactIndexConfig) else self.config.interval
+        # the shards' cluster indexes lag the rows by at most `interval` steps like a local one (a thorough
+        # search, by none: a ranking wants the rows as they are); exact: a scan
+        age = 0 if isinstance(index, ExactIndexConfig) else 1 if thorough else self.config.interval
         # the shards split the index's probes between them: as many clusters searched as a local index's
         probes = (
             index.probes
