@@ -199,3 +199,18 @@ def test_merge_topk_scores_ids_past_two_to_the_31(impl, device_for):
     merge_topk_scores_(x, y, values, ids, id_offset=5 << 32, impl=impl)
     expected = (x[0].double() @ y[0].double().T).topk(4, dim=1)
     assert torch.equal(ids.cpu(), expected.indices.cpu() + (5 << 32))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("mode", ["dot", "cosine"])
+def test_rows_in_another_memory_are_scanned_a_chunk_at_a_time(impl, mode, device_for):
+    """Features on the device (a GPU's where there is one), rows and biases in host memory: the same top-k
+    as with everything on the features' device."""
+    device = device_for(impl)
+    x, weight, bias = torch.randn(5, 24), torch.randn(300, 24), torch.randn(300)
+    options = {"cosine": mode == "cosine", "bias": None if mode == "cosine" else bias, "chunk_size": 64}
+    here = chunked_topk(x.to(device), weight, 4, impl=impl, **options)
+    moved = {**options, "bias": None if options["bias"] is None else bias.to(device)}
+    there = chunked_topk(x.to(device), weight.to(device), 4, impl=impl, **moved)
+    torch.testing.assert_close(here[0], there[0])
+    assert torch.equal(here[1], there[1])

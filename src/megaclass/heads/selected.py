@@ -43,7 +43,7 @@ from torch import Tensor
 
 from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind
 from megaclass.index import ClassSelector, Selection, select_active
-from megaclass.index.base import Metric
+from megaclass.index.base import THOROUGH_FACTOR, Metric
 from megaclass.index.config import (
     AnnoyIndexConfig,
     ClusterIndexConfig,
@@ -78,7 +78,6 @@ __all__ = ["SelectedHead", "SelectedHeadConfig"]
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
 _INDEX_TOPK_CLASSES = 10**7  # topk_search=auto searches the index from this many classes
 _TOPK_CANDIDATES = 4  # an index topk scores this many times k of the index's classes exactly
-_THOROUGH_PROBES = 16  # the shards' thorough search (an index topk) probes this many times the clusters
 
 
 PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
@@ -273,7 +272,8 @@ class SelectedHead(Head):
     ) -> Tensor:
         """``(B, count)`` nearest class ids (``-1``: none) from the local index or the store's shards, ranked
         by ``metric`` where the index can (None: the selection's); ``thorough``: the wider search evaluation
-        makes (the shards search 16 times the clusters, their indexes refreshed with every update first)."""
+        makes (the shards search ``THOROUGH_FACTOR`` times the clusters, their indexes refreshed with every
+        update first)."""
         store_query = self._store_query()
         if store_query is None:
             if metric is not None and Metric(metric) not in self.selector.ranks_by:
@@ -290,7 +290,7 @@ class SelectedHead(Head):
             else DEFAULT_PROBES
         )
         metric = metric or self._metric()
-        probes *= _THOROUGH_PROBES if thorough else 1
+        probes *= THOROUGH_FACTOR if thorough else 1
         return store_query(features, count, metric=metric, max_index_age=age, probes=probes)[1]
 
     # ------------------------------------------------------------------ selection

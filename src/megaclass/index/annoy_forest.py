@@ -16,11 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.index.base import ClassSelector, Metric
+from megaclass.index.base import THOROUGH_FACTOR, ClassSelector, Metric
 
 __all__ = ["AnnoySelector"]
-
-_THOROUGH_NODES = 16  # a thorough query inspects this many times the nodes (search_k) of a training query
 
 
 def _import_annoy():  # noqa: ANN202 - the module type is annoy's
@@ -118,7 +116,7 @@ class AnnoySelector(ClassSelector):
             raise RuntimeError("AnnoySelector.query before build")
         out = np.full((features.shape[0], n), -1, dtype=np.int64)
         search_k = self.search_k if self.search_k > 0 else n * self.ntrees  # Annoy's default
-        search_k *= _THOROUGH_NODES if thorough else 1
+        search_k *= THOROUGH_FACTOR if thorough else 1
         for row, vector in enumerate(features.detach().float().cpu().numpy()):
             found = forest.get_nns_by_vector(vector, n, search_k=search_k)
             out[row, : len(found)] = found

@@ -8,7 +8,11 @@ import enum
 import torch
 from torch import Tensor
 
-__all__ = ["ClassSelector", "Metric"]
+__all__ = ["THOROUGH_FACTOR", "ClassSelector", "Metric"]
+
+# a thorough query (evaluation: one a batch, not one a step) searches this many times what a training query
+# does: the cluster index's rows gathered, an Annoy forest's nodes, a parameter server's probes
+THOROUGH_FACTOR = 16
 
 
 class Metric(str, enum.Enum):

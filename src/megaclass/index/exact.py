@@ -26,37 +26,17 @@ def exact_topk(
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` ``(scores, ids)``, each ``(B, k)``, of ``features (B, D)`` against ``weight (C, D)``.
 
-    Scores ``chunk_size`` classes at a time (on a GPU, fused: no scores held). Rows may live on another
-    device than the features (pinned host memory): ``chunk_size`` rows at a time are moved to the features'
-    device. Ids are offset by ``start``.
+    :func:`~megaclass.ops.chunked_topk.chunked_topk` in float32: ``chunk_size`` classes scored at a time (on
+    a GPU, fused: no scores held). Rows may live on another device than the features (pinned host memory):
+    they are moved to the features' device a chunk at a time. Ids are offset by ``start``.
 
     >>> w = torch.eye(4)
     >>> exact_topk(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), w, 2)[1].tolist()
     [[1, 2]]
     """
-    metric = Metric(metric)
-    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"features (B, D) and weight (C, D) expected, "
-            f"got {tuple(features.shape)} and {tuple(weight.shape)}"
-        )
-    num_classes = weight.shape[0]
-    if not 1 <= k <= num_classes:
-        raise ValueError(f"k: expected 1 <= k <= C={num_classes}, got {k}")
-    queries, cosine = features.float(), metric is Metric.COSINE
-    if weight.device == features.device:
-        scores, ids = chunked_topk(queries, weight, k, cosine=cosine, chunk_size=chunk_size)
-        return scores, ids + start
-    # rows in another memory (pinned host): a block at a time moved to the features' device and scanned
-    best_scores = torch.empty(features.shape[0], 0, device=features.device)
-    best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64, device=features.device)
-    for begin in range(0, num_classes, chunk_size):
-        rows = weight[begin : begin + chunk_size].to(features.device, non_blocking=True)
-        scores, ids = chunked_topk(queries, rows, min(k, rows.shape[0]), cosine=cosine, chunk_size=chunk_size)
-        top = torch.cat([best_scores, scores], 1).topk(min(k, best_scores.shape[1] + scores.shape[1]), dim=1)
-        best_ids = torch.cat([best_ids, ids + begin + start], 1).gather(1, top.indices)
-        best_scores = top.values
-    return best_scores, best_ids
+    cosine = Metric(metric) is Metric.COSINE  # shapes and k are checked there
+    scores, ids = chunked_topk(features.float(), weight, k, cosine=cosine, chunk_size=chunk_size)
+    return scores, ids + start
 
 
 class ExactSelector(ClassSelector):

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from megaclass.index.base import ClassSelector, Metric
+from megaclass.index.base import THOROUGH_FACTOR, ClassSelector, Metric
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 from megaclass.ops.chunked_topk import chunked_topk, merge_topk_scores_
 
@@ -98,9 +98,9 @@ _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
 # 10^6 for recall 0.92; untrained rows would ask for most of C)
 _GATHER_BUDGET_PER_SQRT_C = 4
-# a thorough query (evaluation: once per batch, not per step) may gather 16 times as many, for this recall@10
-_EVAL_BUDGET_PER_SQRT_C = 64
-_EVAL_RECALL_TARGET = 0.97
+_EVAL_RECALL_TARGET = (
+    0.97  # what a thorough query's search is calibrated for, within THOROUGH_FACTOR the rows
+)
 _REFIT_MARGIN = 0.05  # a warm search this far below its cold build's recall (and the target) refits
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
@@ -539,10 +539,10 @@ class ClusterIndex(ClassSelector):
         """Two searches, as ``()`` tensors: ``probes``, ``group_probes`` and their ``recall`` for training
         queries, ``eval_probes``, ``eval_group_probes`` and ``eval_recall`` for :meth:`query`'s thorough
         form. Each is, of the searches within its budget of rows gathered per query (``4 sqrt(C)``, and
-        ``64 sqrt(C)``) whose clusters hold its target of the 10 nearest other rows of sampled rows used as
-        queries (``recall_target``, and the larger of it and 0.97), the one scoring the fewest rows per
-        query; where none reaches it, the one of best recall. ``probes`` set: it, every group searched, for
-        both (recall not measured: nan).
+        ``THOROUGH_FACTOR`` times that) whose clusters hold its target of the 10 nearest other rows of sampled
+        rows used as queries (``recall_target``, and the larger of it and 0.97), the one scoring the fewest
+        rows per query; where none reaches it, the one of best recall. ``probes`` set: it, every group
+        searched, for both (recall not measured: nan).
 
         For ``g`` groups probed (1, 2, 4, ... and all), the clusters of the query's ``g`` best groups are
         ranked by centroid score; the rank of a true neighbour's cluster among them is the probe count that
@@ -575,9 +575,10 @@ class ClusterIndex(ClassSelector):
             1, group_order, torch.arange(groups, device=device).expand_as(group_order)
         )
         clusters = state["assignment"][truth]  # (q, t) the true neighbours' clusters
+        budget = _GATHER_BUDGET_PER_SQRT_C * math.sqrt(num_classes)
         wanted = [
-            (self.recall_target, _GATHER_BUDGET_PER_SQRT_C * math.sqrt(num_classes)),
-            (max(self.recall_target, _EVAL_RECALL_TARGET), _EVAL_BUDGET_PER_SQRT_C * math.sqrt(num_classes)),
+            (self.recall_target, budget),
+            (max(self.recall_target, _EVAL_RECALL_TARGET), THOROUGH_FACTOR * budget),
         ]
         # per search wanted: (-recall up to the target, cost, probes, group probes, recall), the target at
         # least cost, else the best recall within the budget
@@ -615,10 +616,12 @@ class ClusterIndex(ClassSelector):
         """``(q, n)`` ids of the exact top ``n`` snapshot rows for unit ``queries (q, D)``, by ``metric``
         (None: the index's)."""
         metric = self.metric if metric is None else metric
-        # the snapshot's rows are unit rows over their int8 scales (ones for float rows): scored as a search
-        # scores its members, times the rows' lengths for dot scores
+        # the snapshot's rows are unit rows (int8: over their scales): scored as a search scores its members,
+        # times the rows' lengths for dot scores
         chunk = max(1024, _SCAN_ENTRIES // max(queries.shape))  # (q, chunk) scores, (chunk, D) rows
-        factors = state["scales"] * state["norms"] if metric is Metric.DOT else state["scales"]
+        factors = state["scales"] if state["rows"].dtype == torch.int8 else None
+        if metric is Metric.DOT:
+            factors = state["norms"] if factors is None else factors * state["norms"]
         return chunked_topk(queries, state["rows"], n, column_scale=factors, chunk_size=chunk)[1]
 
     def _sums(self, state: dict[str, Tensor], ids: Tensor, clusters: Tensor, k: int) -> Tensor:
@@ -840,8 +843,9 @@ class ClusterIndex(ClassSelector):
     ) -> Tensor:
         """``(B, n)`` ids (see :class:`ClassSelector`); all ``-1`` while the first build is running. The
         clusters searched are the nearest by angle whatever ``metric``; their rows are ranked by it.
-        ``thorough``: the search calibrated for evaluation (up to 16 times the rows, for recall 0.97), the
-        features a block at a time so that the rows gathered at once stay those of a training query's batch.
+        ``thorough``: the search calibrated for evaluation (``THOROUGH_FACTOR`` times the rows, for recall
+        0.97), the features a block at a time so that the rows gathered at once stay those of a training
+        query's batch.
         """
         metric = self.metric if metric is None else Metric(metric)
         self._adopt()

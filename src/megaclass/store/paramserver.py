@@ -244,8 +244,7 @@ class ParamServerStore(RowStore):
         if tuple(rows.shape) != shape:
             raise ValueError(f"store rows: expected shape {shape}, got {tuple(rows.shape)}")
         self.flush()
-        for start, stop in row_blocks(self.num_rows, 4 * math.prod(shape[1:]), LOAD_BLOCK_BYTES):
-            self.client.set_rows(torch.arange(start, stop), rows[start:stop], field="rows")
+        self._write_field("rows", rows)
 
     def load_state_dict(self, state: Mapping[str, Tensor | RowSource]) -> None:
         """Overwrite the servers' rows and optimizer state with ``state``'s, a block of rows at a time (a
@@ -265,8 +264,13 @@ class ParamServerStore(RowStore):
                 )
         self.flush()
         for key, values in state.items():
-            for start, stop in row_blocks(self.num_rows, 4 * math.prod(shapes[key][1:]), LOAD_BLOCK_BYTES):
-                self.client.set_rows(torch.arange(start, stop), values[start:stop], field=expected[key])
+            self._write_field(expected[key], values)
+
+    def _write_field(self, field: str, values: Tensor | RowSource) -> None:
+        """Overwrite the servers' ``field`` of every row with ``values``, a block of rows at a time."""
+        row_bytes = 4 * math.prod(self._field_shape(field)[1:])
+        for start, stop in row_blocks(self.num_rows, row_bytes, LOAD_BLOCK_BYTES):
+            self.client.set_rows(torch.arange(start, stop), values[start:stop], field=field)
 
     def _field_shape(self, field: str) -> tuple[int, ...]:
         """``(num_rows, ...)``: the servers' shape of ``field`` (a per-row scalar slot is ``(num_rows,)``)."""

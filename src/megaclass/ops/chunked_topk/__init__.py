@@ -64,8 +64,9 @@ def chunked_topk(
 
     Args:
         x: ``(B, D)`` features; the matmul runs in ``x.dtype`` (weight chunks cast to it), scores in float32.
-        weight: ``(C, D)`` class rows (with a ``shard``: this rank's ``(stop - start, D)``). bias: the
-            matching ``(C,)`` or None.
+        weight: ``(C, D)`` class rows (with a ``shard``: this rank's ``(stop - start, D)``), on ``x``'s
+            device or in another memory (pinned host rows: moved a chunk at a time). bias: the matching
+            ``(C,)`` or None.
         k: how many classes per row, ``1 <= k <= C`` (``C`` over all ranks with a shard).
         cosine: score ``scale * cos(x, w)`` instead (rows of both normalised; no bias).
         column_scale: ``(C,)`` factors each class's score is multiplied by (after ``cosine``, before
@@ -105,7 +106,7 @@ def chunked_topk(
         x = torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
     scoring = _Scoring(None if cosine else bias, cosine, scale, column_scale)
     fused = x.dtype in _FUSED_DTYPES and local <= _FUSED_MAX_K
-    if fused and resolve_impl(impl, x, weight) is Impl.TRITON:
+    if fused and resolve_impl(impl, x) is Impl.TRITON:
         scores, ids = _fused_topk(x, weight, local, scoring)
     else:
         scores, ids = _local_topk(x, weight, local, scoring, chunk_size)
@@ -129,12 +130,17 @@ class _Scoring:
         factors = self.scale / rows.float().norm(dim=-1).clamp_min(1e-12) if self.cosine else None
         if self.column_scale is None:
             return factors
-        given = self.column_scale[start : start + rows.shape[0]].float()
+        given = self.column_scale[start : start + rows.shape[0]].to(rows.device).float()
         return given.contiguous() if factors is None else factors * given
 
-    def offsets(self, start: int, stop: int) -> Tensor | None:
-        """``(c,)`` float32 biases of the classes ``[start, stop)``; None: none."""
-        return None if self.bias is None else self.bias[start:stop].float().contiguous()
+    def offsets(self, start: int, stop: int, device: torch.device) -> Tensor | None:
+        """``(c,)`` float32 biases of the classes ``[start, stop)`` on ``device``; None: none."""
+        return None if self.bias is None else self.bias[start:stop].to(device).float().contiguous()
+
+
+def _rows(weight: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
+    """Rows ``[start, stop)`` of ``weight`` on ``device`` (moved there where they live elsewhere)."""
+    return weight[start:stop].to(device, non_blocking=True)
 
 
 def _fused_topk(x: Tensor, weight: Tensor, k: int, scoring: _Scoring) -> tuple[Tensor, Tensor]:
@@ -149,7 +155,7 @@ def _fused_topk(x: Tensor, weight: Tensor, k: int, scoring: _Scoring) -> tuple[T
     values = torch.full((batch * splits, k), -torch.inf, device=x.device)
     ids = torch.full((batch * splits, k), -1, dtype=torch.int64, device=x.device)
     for start in range(0, classes, chunk):
-        rows = weight[start : start + chunk]
+        rows = _rows(weight, start, start + chunk, x.device)
         merge_topk_scores_triton_(
             x[None],
             rows.to(x.dtype)[None],
@@ -158,7 +164,7 @@ def _fused_topk(x: Tensor, weight: Tensor, k: int, scoring: _Scoring) -> tuple[T
             None,
             start,
             scale=scoring.factors(rows, start),
-            bias=scoring.offsets(start, start + rows.shape[0]),
+            bias=scoring.offsets(start, start + rows.shape[0], x.device),
             splits=splits,
         )
     top = values.view(batch, splits * k).topk(k, dim=1)
@@ -174,12 +180,12 @@ def _local_topk(
     best_scores = torch.full((x.shape[0], 0), -torch.inf, dtype=torch.float32, device=x.device)
     best_ids = torch.zeros((x.shape[0], 0), dtype=torch.int64, device=x.device)
     for start in range(0, classes, chunk_size):
-        rows = weight[start : start + chunk_size]  # (c, D)
+        rows = _rows(weight, start, start + chunk_size, x.device)  # (c, D)
         factors = scoring.factors(rows, start)
         if factors is not None:  # the (c, D) rows scaled, not the (B, c) scores: one pass over them fewer
             rows = rows.float() * factors[:, None]
         scores = (x @ rows.to(x.dtype).T).float()  # (B, c)
-        offsets = scoring.offsets(start, start + rows.shape[0])
+        offsets = scoring.offsets(start, start + rows.shape[0], x.device)
         if offsets is not None:
             scores = scores + offsets
         top_scores, top_ids = _chunk_topk(scores, min(k, scores.shape[1]))  # (B, <=k)

@@ -9,8 +9,8 @@ it, and the column is masked. A tile holds at most ``R`` of the row's new best, 
 a tile takes as many rounds as its rows have scores above their smallest kept value (none, mostly, once the
 first tiles have filled the rows).
 At the end the ``k`` kept values are sorted descending by ``k`` rounds of maxima and stored. Reductions over
-``BLOCK_P`` columns in registers replace the slice-per-block ``torch.topk`` (some 40 times the matmul's time
-for a top-8 of 225 columns on an H200) and the scores' round trip through memory.
+``BLOCK_P`` columns in registers replace a ``torch.topk`` of many short slices, which took most of the index's
+cold build on a GPU, and the scores' round trip through memory (benchmarks/RESULTS.md).
 
 Offsets into the table and ``y`` are int64 (``N k`` and ``P D`` may pass 2^31); ids are ``id_offset + b P +
 p``.
