@@ -113,8 +113,8 @@ class ParamServerStore(RowStore):
         ParamServerError: a shard is unreachable or refuses the token (one line naming its address).
 
     >>> store = ParamServerStore("ps://127.0.0.1:50051", device="cuda")  # doctest: +SKIP
-    >>> rows = store.pull(ids)  # (S, D) on cuda
-    >>> store.push(ids, grads, step=1, lr=0.1)
+    >>> rows = store.pull(ids)  # (S, D) on cuda  # doctest: +SKIP
+    >>> store.push(ids, grads, step=1, lr=0.1)  # doctest: +SKIP
     """
 
     def __init__(
