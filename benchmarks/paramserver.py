@@ -11,13 +11,15 @@ shared memory (the client's default with shards on its machine), ``ps-inline`` i
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (pinned host memory) and ``ps`` (4 shard processes on
-this machine; rows pulled and gradients pushed over loopback). ``gpu`` and ``host`` query a GPU cluster index
-built once before timing; with ``ps`` the head never reads the matrix: every step it asks the shards for each
-sample's nearest classes (``QueryNearest``), each answering from a cluster index over its own rows (on the
-GPU where there is one, ``--index-device``), built at the first query. All three start from the same matrix
-(the shards draw the in-process stores' initial rows). The ``ps-part`` rows time the parts of a ``ps`` step
-alone: the shards' query, the pull of the active rows, and the push of their gradients until applied. The
-shards split the head's ``probes`` between them: as many clusters are searched per sample as a local index.
+this machine; rows pulled and gradients pushed over loopback), the last with its index in two places.
+``gpu``, ``host`` and ``ps`` query a GPU cluster index on the trainer built once before timing (``ps``: from
+the servers' rows, read a block at a time; the default, ``head.index_on``). With ``ps, index on shards``
+the head never reads the matrix: every step it asks the shards for each sample's nearest classes
+(``QueryNearest``), each answering from a cluster index over its own rows (on the GPU where there is one,
+``--index-device``), built at the first query; the shards split the head's ``probes`` between them, so as
+many clusters are searched per sample as a local index. All start from the same matrix (the shards draw
+the in-process stores' initial rows). The ``ps-part`` rows time the parts of a ``ps`` step alone: the
+selection (with its query), the pull of the active rows, and the push of their gradients until applied.
 
 Shard files go to ``/dev/shm`` when it has room: a disk-backed memory map is written back by the kernel,
 and each row write after a write-back takes a page fault (several times the write itself).
@@ -181,7 +183,7 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
 
 def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argparse.Namespace) -> Case:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": store.split(":")[0]}
+    params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": store}
 
     def setup() -> Callable[[], None]:
         head = make_head().to(device)
@@ -197,21 +199,23 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
             features.grad = None
             head.after_step(counter[0], 0.0, lr=0.01)
 
-        if head.selector is not None:
-            head.selector.build(head.store.rows())  # once, before timing
-        else:  # store=ps: each shard builds its own index at the first query (no trainer pulls the matrix)
+        if head.selector is not None:  # once, before timing (from the servers: a block at a time)
+            head.selector.build(head.store.rows())
+        else:  # the index on the shards: each builds its own at the first query
             step()
         return step
 
     return Case("selected", "step", params, setup)
 
 
-def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Namespace) -> list[Case]:
-    """The parts of a ``store=ps`` step on their own: the selection (the shards' nearest-class query and the
-    active set around it), the pull of the active rows and the push of their gradients (acknowledged:
-    applied by the shards)."""
+def ps_part_cases(
+    make_head: Callable[[], torch.nn.Module], store: str, args: argparse.Namespace
+) -> list[Case]:
+    """The parts of a ``store=ps`` step on their own: the selection (the nearest-class query and the active
+    set around it), the pull of the active rows and the push of their gradients (acknowledged: applied by
+    the shards)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": "ps"}
+    params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": store}
     shared: dict = {}
 
     def prepared() -> dict:
@@ -221,6 +225,8 @@ def ps_part_cases(make_head: Callable[[], torch.nn.Module], args: argparse.Names
             features = torch.randn(args.batch, args.step_dim, device=device)
             targets = torch.randint(args.step_classes, (args.batch,), device=device)
             step = max(int(health.applied_step) for health in head.store.client.health()) + 1
+            if head.selector is not None:
+                head.selector.build(head.store.rows())
             head(features, targets).backward()  # steps after those the step case pushed: each one applied
             head.after_step(step, 0.0, lr=0.01)
             ids = head.select(features, targets).ids
@@ -263,19 +269,21 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
     with shard_processes(
         4, classes=args.step_classes, dim=args.step_dim, root=root, index_device=index_device
     ) as addresses:
-        for store in ("gpu", "host", "ps://" + ",".join(addresses)):
-            options = {
-                "type": "selected",
-                "index": "gpu",
-                "store": store,
-                "interval": 10**9,
-                "coverage_every": 0,
-            }
+        url = "ps://" + ",".join(addresses)
+        stores = {
+            "gpu": {"store": "gpu"},
+            "host": {"store": "host"},
+            "ps": {"store": url, "index_on": "trainer"},
+            "ps, index on shards": {"store": url, "index_on": "shards"},
+        }
+        for store, placement in stores.items():
+            options = {"type": "selected", "index": "gpu", "interval": 10**9, "coverage_every": 0}
+            options.update(placement)
 
             def make(options=options) -> torch.nn.Module:
                 return build_head(head_config(options), context)
 
-            parts = ps_part_cases(make, args) if store.startswith("ps://") else []
+            parts = ps_part_cases(make, store, args) if store.startswith("ps") else []
             results += run_cases(
                 [step_case(make, store, args), *parts],
                 benchmark="paramserver",
@@ -333,8 +341,8 @@ def main() -> None:
         by_store = {
             r.params["store"]: r.time_ms for r in steps if r.status == "ok" and r.provider == "selected"
         }
-        if "ps" in by_store and "host" in by_store:
-            print(f"\nps step / host step: {by_store['ps'] / by_store['host']:.2f}x (target <= 2x)")
+        for store in (name for name in by_store if name.startswith("ps") and "host" in by_store):
+            print(f"\n{store} step / host step: {by_store[store] / by_store['host']:.2f}x (target <= 2x)")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

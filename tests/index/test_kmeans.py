@@ -319,16 +319,17 @@ def test_calibration_scores_each_sampled_row_against_its_nearest_other_rows(metr
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
-def test_a_batch_gathering_more_rows_than_the_index_holds_is_answered_by_a_scan(metric):
+def test_a_batch_a_scan_answers_for_less_is_answered_by_a_scan(metric):
     rows, queries = trained_like(3000, 16, 60, 300)
-    scanned = build_selector("gpu", metric=metric, leaf_size=50, probes=1)  # 300 x ~63 rows > 3,000
-    searched = build_selector("gpu", metric=metric, leaf_size=50, probes=1, scan_when_cheaper=False)
+    # 300 queries x ~190 rows gathered > 3,000 rows read and scored against 300 queries at 1/32 a row
+    scanned = build_selector("gpu", metric=metric, leaf_size=50, probes=3)
+    searched = build_selector("gpu", metric=metric, leaf_size=50, probes=3, scan_when_cheaper=False)
     for index in (scanned, searched):
         index.build(rows)
     truth = exact_topk(queries, rows, 10, metric=metric)[1]
     assert recall(scanned.query(queries, 10), truth) == 1.0
-    assert recall(searched.query(queries, 10), truth) < 1.0  # one probe misses some
-    few = queries[:4]  # 4 x ~63 rows < 3,000: searched
+    assert recall(searched.query(queries, 10), truth) < 1.0  # three probes miss some
+    few = queries[:4]  # 4 x ~190 rows < 3,000: searched
     assert torch.equal(scanned.query(few, 10), searched.query(few, 10))
 
 

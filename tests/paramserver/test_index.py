@@ -1,4 +1,5 @@
-"""Nearest-class queries answered by the shards' own indexes, and the selected head on ``store=ps``."""
+"""Nearest-class queries answered by the shards' own indexes, and the selected head on ``store=ps`` with its
+index on the shards or on the trainer."""
 
 from __future__ import annotations
 
@@ -137,6 +138,7 @@ def test_selected_head_on_ps_never_pulls_the_matrix(shards, monkeypatch, index):
     url = "ps://" + ",".join(_addresses(servers))
     context = HeadContext(in_features=dim, num_classes=num_rows, multilabel=False)
     options = {"type": "selected", "sample_num": 12, "index": index, "interval": 2, "coverage_every": 0}
+    options["index_on"] = "shards"
     batches = [(torch.randn(4, dim), torch.randint(num_rows, (4,))) for _ in range(5)]
 
     def refuse(*args, **kwargs):
@@ -172,7 +174,7 @@ def test_selected_head_on_ps_asks_the_shards_for_the_logits_metric_in_its_topk(s
     servers = shards(2, num_rows=num_rows, dim=dim, hyper=HyperParams(lr=0.5, momentum=0.9))
     context = HeadContext(in_features=dim, num_classes=num_rows, multilabel=False)
     options = {"type": "selected", "sample_num": 12, "index": "gpu", "topk_search": "index"}
-    options["coverage_every"] = 0
+    options.update(coverage_every=0, index_on="shards")
     head = build_head(head_config({**options, "store": "ps://" + ",".join(_addresses(servers))}), context)
     store = head.materialize()
     metrics = []
@@ -191,6 +193,51 @@ def test_selected_head_on_ps_asks_the_shards_for_the_logits_metric_in_its_topk(s
     rows = store.read(0, num_rows)
     assert torch.equal(ids, (features @ rows.T).topk(3, dim=1).indices)  # shards this small: exact
     store.close()
+
+
+def test_selected_head_on_ps_with_the_index_on_the_trainer_trains_as_on_the_host(shards, monkeypatch):
+    """The trainer's index over the servers' rows (the default at this size) selects what one over the same
+    rows in host memory does: the cold build reads the rows a block at a time, warm builds pull the rows the
+    head pushed, and the shards are never asked for neighbours."""
+    num_rows, dim = 97, 6
+    servers = shards(2, num_rows=num_rows, dim=dim, hyper=HyperParams(lr=0.5, momentum=0.9))
+    context = HeadContext(in_features=dim, num_classes=num_rows, multilabel=False)
+    options = {"type": "selected", "sample_num": 12, "index": "gpu", "interval": 2, "coverage_every": 0}
+    batches = [(torch.randn(4, dim), torch.randint(num_rows, (4,))) for _ in range(7)]
+    head = build_head(head_config({**options, "store": "ps://" + ",".join(_addresses(servers))}), context)
+    store = head.materialize()
+    assert head.selector is not None
+    monkeypatch.setattr(store, "query_nearest", None)  # never asked
+    taken = []
+    source = type(store.rows())
+    take = source.take
+    monkeypatch.setattr(source, "take", lambda self, ids: taken.append(len(ids)) or take(self, ids))
+    losses = _run(head, batches)
+    host = build_head(head_config({**options, "store": "host"}), context)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(_run(host, batches)))
+    assert taken and all(0 < count <= 12 * 2 for count in taken)  # the rows of two steps, pulled by ids
+    assert head.metrics()["neighbour_classes"] > 0
+    store.flush()
+    torch.testing.assert_close(store.read(0, num_rows), host.store.read(0, num_rows), rtol=1e-5, atol=1e-6)
+    scores, ids = head.topk(batches[0][0], 3)
+    torch.testing.assert_close(scores, host.topk(batches[0][0], 3)[0], rtol=1e-5, atol=1e-6)
+    store.close()
+
+
+def test_where_a_parameter_server_run_keeps_its_index():
+    from megaclass.schema import ConfigError
+
+    def config(**options):
+        return head_config({"type": "selected", "store": "ps://127.0.0.1:1", **options})
+
+    assert config().index_on_trainer(10**6, 512)  # 5 x 10^8 values: the trainer
+    assert not config().index_on_trainer(10**8, 64)  # 6.4 x 10^9: the shards
+    assert config(index_on="trainer").index_on_trainer(10**8, 64)
+    assert not config(index_on="shards").index_on_trainer(10, 4)
+    assert not config(index="exact").index_on_trainer(10, 4)  # an exact scan runs on the shards
+    assert head_config({"type": "selected", "index_on": "shards"}).index_on_trainer(10, 4)  # no servers
+    with pytest.raises(ConfigError, match="index_on=trainer"):
+        config(index="exact", index_on="trainer")
 
 
 def test_index_device_is_checked(tmp_path):

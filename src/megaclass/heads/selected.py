@@ -78,6 +78,8 @@ __all__ = ["SelectedHead", "SelectedHeadConfig"]
 _READ_BLOCK = 1 << 20  # rows read from the store at once by topk and coverage
 _INDEX_TOPK_CLASSES = 10**7  # topk_search=auto searches the index from this many classes
 _TOPK_CANDIDATES = 4  # an index topk scores this many times k of the index's classes exactly
+# a parameter-server run's trainer holds the index where its snapshot has at most this many row values
+_TRAINER_INDEX_VALUES = 1 << 32
 
 
 PARTIAL_FC_DEFAULTS = {"sample_num": 0.1, "index": {"type": "none"}}
@@ -98,7 +100,11 @@ class SelectedHeadConfig:
     neighbour_share: float = 0.5  # about this share of sample_num from the index (round(share * sample_num
     # / B) per sample), the rest random; 1: the original's sample_num // B + 1 per sample
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
-    store: str = "gpu"  # where rows live: gpu (the compute device) or host (pinned host memory)
+    store: str = "gpu"  # where rows live: gpu (the compute device), host (pinned host memory) or ps://...
+    # where a parameter-server run's cluster index lives: the trainer (a snapshot on its device, refreshed
+    # from the rows it pushed), the shards (each over its own rows, asked every step); auto: the trainer
+    # where the snapshot holds at most 2^32 row values (8 GiB in bf16)
+    index_on: Literal["auto", "trainer", "shards"] = "auto"
     store_dtype: Literal["float32", "bf16_sr"] = "float32"  # bf16_sr: rows and row-optimizer state in bf16,
     # updated with stochastic rounding (half the bytes; gpu and host stores)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
@@ -140,11 +146,29 @@ class SelectedHeadConfig:
             raise ConfigError(f"head.topk_search: expected auto, exact or index, got {self.topk_search!r}")
         if self.topk_search == "index" and isinstance(self.index, NoIndexConfig):
             raise ConfigError("head.topk_search=index needs an index (head.index: gpu, annoy or exact)")
+        if self.index_on not in ("auto", "trainer", "shards"):
+            raise ConfigError(f"head.index_on: expected auto, trainer or shards, got {self.index_on!r}")
+        ps_trainer = self.index_on == "trainer" and self.store.startswith("ps://")
+        if ps_trainer and not isinstance(self.index, ClusterIndexConfig):
+            raise ConfigError(
+                f"head.index_on=trainer: a parameter-server run's trainer holds a cluster index only "
+                f"(head.index=gpu), got {self.index.type!r}"
+            )
         if self.type == "partial_fc" and not isinstance(self.index, NoIndexConfig):
             raise ConfigError(
                 f"head.index: partial_fc draws its classes at random (index none), got {self.index.type!r}; "
                 "use head.type=selected for an index"
             )
+
+    def index_on_trainer(self, num_classes: int, dim: int) -> bool:
+        """Whether the trainer holds the index over ``num_classes`` rows of width ``dim`` (it always does
+        but with a parameter-server store, whose shards answer where ``index_on`` says so; an exact scan
+        and Annoy stay on the shards)."""
+        if not self.store.startswith("ps://"):
+            return True
+        if self.index_on == "auto":
+            return isinstance(self.index, ClusterIndexConfig) and num_classes * dim <= _TRAINER_INDEX_VALUES
+        return self.index_on == "trainer"
 
     def active_classes(self, num_classes: int) -> int:
         """The active-set size over ``num_classes`` classes: the count, or the fraction's (at least 1)."""
@@ -217,7 +241,7 @@ class SelectedHead(Head):
                 init_bound=config.init_bound,
                 dtype=config.store_dtype,
             )
-            # a store that answers nearest-row queries itself (parameter-server shards) needs no local index
+            # where the parameter-server shards answer nearest-row queries, the trainer holds no index
             self.selector = None
             if self._store_query() is None:
                 self.selector = build_index(
@@ -258,8 +282,12 @@ class SelectedHead(Head):
         self._index_builds += 1
 
     def _store_query(self) -> Any:
-        """The store's own nearest-row query (``store=ps``: each shard answers for its rows), or None."""
-        if isinstance(self.config.index, NoIndexConfig):
+        """The store's own nearest-row query (``store=ps``: each shard answers for its rows, where the
+        trainer holds no index), or None."""
+        config = self.config
+        if isinstance(config.index, NoIndexConfig):
+            return None
+        if config.index_on_trainer(self.num_rows, self.context.in_features):
             return None
         return getattr(self.store, "query_nearest", None)
 
@@ -668,8 +696,9 @@ class SelectedHead(Head):
         cls, config: SelectedHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
-        servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index, the
-        active rows' gradients, ``B x S`` logits and the index's search per batch."""
+        servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index (where
+        the trainer holds it), the active rows' gradients, ``B x S`` logits and the index's search per
+        batch."""
         classes, dim = context.num_classes, context.in_features
         element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
         rows = classes * dim * element
@@ -687,7 +716,12 @@ class SelectedHead(Head):
         active = min(
             classes, max(config.active_classes(classes), request.batch)
         )  # S: at least the batch's labels
-        index = _planned_index_bytes(config.index, classes, dim, device_type=request.device_type)
+        on_trainer = config.index_on_trainer(classes, dim)  # else the parameter servers' shards hold it
+        index = (
+            _planned_index_bytes(config.index, classes, dim, device_type=request.device_type)
+            if on_trainer
+            else (0, 0, 0)
+        )
         selection = classes * (1 + 4) + 64 * 8  # rows updated since the build, selection marks, multipliers
         logits = 3 * request.batch * active * 4  # (B, S) logits, log-probabilities, their gradient
         pulled = active * dim * 4 * (2 if config.margin.enabled else 1)  # (S, D) rows (normalised too)
@@ -695,7 +729,7 @@ class SelectedHead(Head):
         block = 0 if on_device else min(classes, _READ_BLOCK) * dim * 4  # rows read to the device to score
         query = (  # the index's search for the batch's neighbours: the member rows it gathers and scores
             query_scratch_bytes(classes, dim, request.batch, device_type=request.device_type)
-            if isinstance(config.index, ClusterIndexConfig)
+            if isinstance(config.index, ClusterIndexConfig) and on_trainer
             else 0
         )
         index_setting = (

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import abc
 import enum
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["THOROUGH_FACTOR", "ClassSelector", "Metric"]
+__all__ = ["THOROUGH_FACTOR", "ClassSelector", "Metric", "RowReader"]
 
 # a thorough query (evaluation: one a batch, not one a step) searches this many times what a training query
 # does: the cluster index's rows gathered, an Annoy forest's nodes, a parameter server's probes
@@ -20,6 +21,21 @@ class Metric(str, enum.Enum):
 
     COSINE = "cosine"
     DOT = "dot"
+
+
+class RowReader(Protocol):
+    """Rows that live elsewhere (the parameter servers), read when asked: ``shape``, ``dim()``,
+    ``reader[a:b]`` for rows ``[a, b)`` and :meth:`take` for the rows of some ids, as CPU tensors."""
+
+    shape: torch.Size
+
+    def dim(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> Tensor: ...
+
+    def take(self, ids: Tensor) -> Tensor:
+        """Rows ``ids (n,)``, ``(n, D)``."""
+        ...
 
 
 class ClassSelector(abc.ABC):
@@ -36,7 +52,8 @@ class ClassSelector(abc.ABC):
 
     @abc.abstractmethod
     def build(self, weight: Tensor, *, changed: Tensor | None = None) -> None:
-        """(Re)build over ``weight (C, D)``; the rows may live on any device (chunks are moved as needed).
+        """(Re)build over ``weight (C, D)``; the rows may live on any device (chunks are moved as needed),
+        and for :class:`~megaclass.index.kmeans.ClusterIndex` in a :class:`RowReader`.
 
         ``changed``: ids of the rows updated since the previous build (None: any may have), so an index that
         keeps a snapshot refreshes only those.

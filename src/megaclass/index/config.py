@@ -39,7 +39,7 @@ class ClusterIndexConfig:
     recall_target: float = 0.92
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # row snapshot; auto: bf16 on CUDA
     background: bool | Literal["auto"] = "auto"  # cold builds in a thread; auto: on CPU from 2^15 rows
-    # a batch whose search would gather at least as many rows as there are: answered by an exact scan
+    # a batch an exact scan answers for less than the search (ClusterIndex.query): scanned
     scan_when_cheaper: bool = True
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from megaclass.index.base import THOROUGH_FACTOR, ClassSelector, Metric
+from megaclass.index.base import THOROUGH_FACTOR, ClassSelector, Metric, RowReader
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 from megaclass.ops.chunked_topk import chunked_topk, merge_topk_scores_
 
@@ -105,6 +105,9 @@ _REFIT_MARGIN = 0.05  # a warm search this far below its cold build's recall (an
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
 _SHARED_ROW_COST = 1 / 16
+# a row scored for one query in a scan's matmul costs about this share of a row gathered for one query's
+# search: the matmul scores each row it reads against the whole batch (measured against both, RESULTS.md)
+_SCAN_SCORE_COST = 1 / 32
 _PERMUTED_ROWS = 1 << 20  # rows samples are drawn from by a permutation; above, by random draws
 _BACKGROUND_MIN_ROWS = 1 << 15  # CPU cold builds from this many rows run in a thread (~1 s at 2^15, D 64)
 
@@ -161,6 +164,13 @@ def _take(table: Tensor, ids: Tensor) -> Tensor:
     return table.index_select(0, ids.flatten()).view(*ids.shape, table.shape[1])
 
 
+def _rows_at(weight: Tensor | RowReader, ids: Tensor) -> Tensor:
+    """Rows ``ids (n,)`` of ``weight``, on its device (a :class:`RowReader`'s: on the CPU)."""
+    if isinstance(weight, Tensor):
+        return weight[ids.to(weight.device)]
+    return weight.take(ids)
+
+
 def _random_rows(num_rows: int, count: int, generator: torch.Generator) -> Tensor:
     """Up to ``count`` distinct row ids at random: a permutation's head up to ``2^20`` rows; above, random
     draws with their rare repeats dropped (a permutation of ``10^8`` ids takes seconds on the host)."""
@@ -191,6 +201,17 @@ def search_cost(clusters: int, groups: int, width: int, probes: int, group_probe
 
 
 @functools.cache
+def scan_is_cheaper(batch: int, gathered: int, num_classes: int) -> bool:
+    """Whether an exact scan of ``num_classes`` rows answers ``batch`` queries for less than a search that
+    gathers ``gathered`` rows a query: the scan reads each row once and scores it against every query,
+    ``C (1 + B / 32)`` gathered rows' worth, against the search's ``B g``.
+
+    >>> scan_is_cheaper(128, 1000, 5000), scan_is_cheaper(512, 4000, 1_000_000)
+    (True, False)
+    """
+    return num_classes * (1 + batch * _SCAN_SCORE_COST) <= batch * gathered
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc
@@ -282,9 +303,8 @@ class ClusterIndex(ClassSelector):
         background: run cold builds in a thread (on a GPU: on a side stream) while the previous index, or
             none, answers; None: on the CPU from ``2^15`` rows, synchronous on a GPU (a cold build there
             takes seconds at ``10^7`` rows). A finished build equals a synchronous one.
-        scan_when_cheaper: answer a batch whose search would gather at least as many rows as the index
-            holds (``B`` times the rows a query gathers ``>= C``: small ``C``, large batches) by an exact scan
-            of the snapshot, which reads each row once for the whole batch; False: always search.
+        scan_when_cheaper: answer a batch by an exact scan of the snapshot where it costs less than the
+            search (:func:`scan_is_cheaper`: a few thousand classes, large batches); False: always search.
     """
 
     def __init__(
@@ -361,7 +381,7 @@ class ClusterIndex(ClassSelector):
         return unit.to(storage), norms, scales
 
     @torch.no_grad()
-    def _snapshot(self, weight: Tensor, device: torch.device) -> dict[str, Tensor]:
+    def _snapshot(self, weight: Tensor | RowReader, device: torch.device) -> dict[str, Tensor]:
         """``rows`` (normalised, storage dtype), ``norms`` and ``scales`` of all the rows of ``weight``."""
         storage = self.row_dtype or self._compute_dtype(device)
         rows = torch.empty(weight.shape, dtype=storage, device=device)
@@ -375,12 +395,12 @@ class ClusterIndex(ClassSelector):
         return {"rows": rows, "norms": norms, "scales": scales}
 
     @torch.no_grad()
-    def _refresh_rows(self, state: dict[str, Tensor], weight: Tensor, changed: Tensor) -> None:
+    def _refresh_rows(self, state: dict[str, Tensor], weight: Tensor | RowReader, changed: Tensor) -> None:
         """Write rows ``changed (n,)`` of ``weight`` into the snapshot (only they cross the PCIe bus)."""
         storage = state["rows"].dtype
         for start in range(0, changed.numel(), self.chunk_rows):
             ids = changed[start : start + self.chunk_rows]
-            chunk = weight[ids.to(weight.device)].to(ids.device, non_blocking=True)
+            chunk = _rows_at(weight, ids).to(ids.device, non_blocking=True)
             state["rows"][ids], state["norms"][ids], state["scales"][ids] = self._encode(chunk, storage)
 
     @staticmethod
@@ -673,7 +693,7 @@ class ClusterIndex(ClassSelector):
         moved = ids[order[seated]]
         assignment[moved] = sorted_target[seated]
 
-    def _warm(self, state: dict[str, Tensor], weight: Tensor, changed: Tensor) -> None:
+    def _warm(self, state: dict[str, Tensor], weight: Tensor | RowReader, changed: Tensor) -> None:
         """Refresh the ``changed (n,)`` rows and move them among nearby clusters: ``O(n)`` work, not ``O(C)``.
 
         Cluster sums lose the rows' old snapshot and gain the new one; each changed row then moves to the best
@@ -691,7 +711,7 @@ class ClusterIndex(ClassSelector):
         self._set_centroids(state, state["group_centroids"].shape[0])
 
     @torch.no_grad()
-    def build(self, weight: Tensor, *, changed: Tensor | None = None) -> None:
+    def build(self, weight: Tensor | RowReader, *, changed: Tensor | None = None) -> None:
         """Snapshot and cluster the rows (cold), or refresh and move only ``changed`` ones (warm, O(n)).
 
         A warm build needs a previous build over the same ``(C, D)``; ``changed`` None means every row. A
@@ -701,7 +721,7 @@ class ClusterIndex(ClassSelector):
         if weight.dim() != 2 or weight.shape[0] == 0:
             raise ValueError(f"weight: expected a non-empty (C, D) matrix, got {tuple(weight.shape)}")
         begin = time.perf_counter()
-        device = self.device or weight.device
+        device = self.device or (weight.device if isinstance(weight, Tensor) else torch.device("cpu"))
         self._adopt()
         changed = torch.arange(weight.shape[0], device=device) if changed is None else changed.to(device)
         if self._job is not None:
@@ -736,7 +756,7 @@ class ClusterIndex(ClassSelector):
                 return
         self._publish(state, begin)
 
-    def _cold_build(self, weight: Tensor, device: torch.device, begin: float) -> None:
+    def _cold_build(self, weight: Tensor | RowReader, device: torch.device, begin: float) -> None:
         """Snapshot ``weight`` and cluster it, in the background where :meth:`_in_background` says."""
         snapshot = self._snapshot(weight, device)
         if self._in_background(weight.shape[0], device):
@@ -864,8 +884,7 @@ class ClusterIndex(ClassSelector):
         exact = torch.nn.functional.normalize(
             features.to(device=state["members"].device, dtype=torch.float32), dim=1
         )
-        if self.scan_when_cheaper and features.shape[0] * gathered >= num_classes:
-            # the batch would gather more rows than there are: a scan reads each once, for the whole batch
+        if self.scan_when_cheaper and scan_is_cheaper(features.shape[0], gathered, num_classes):
             return self._scan(state, exact, n, metric).to(features.device)
         block = features.shape[0]
         if thorough:  # as many rows gathered at once as a training query's batch gathers (at its budget)

@@ -36,13 +36,12 @@ class RowStore(abc.ABC):
     def read(self, start: int, stop: int) -> Tensor:
         """Rows ``[start, stop)`` as a ``(stop - start, D)`` tensor on :attr:`device` (index builds, eval)."""
 
-    def rows(self) -> Tensor:
-        """All ``(num_rows, D)`` rows wherever they live, without a copy where the store can (index builds).
-
-        The default reads them all to :attr:`device`; stores holding a local tensor return it as is, in the
-        dtype they hold it in (bfloat16 for ``bf16_sr``; :meth:`pull` and :meth:`read` give float32).
+    @abc.abstractmethod
+    def rows(self) -> Tensor | RowSource:
+        """All ``(num_rows, D)`` rows where they live, without a copy (index builds): stores holding a local
+        tensor return it as is, in the dtype they hold it in (bfloat16 for ``bf16_sr``; :meth:`pull` and
+        :meth:`read` give float32); the parameter servers' a source read a block or a set of ids at a time.
         """
-        return self.read(0, self.num_rows)
 
     def prefetch(self, ids: Tensor) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""

@@ -215,6 +215,12 @@ class ParamServerStore(RowStore):
         self.flush()
         return self.client.get_rows(start, stop).to(self.device)
 
+    def rows(self) -> ServerRows:
+        """The servers' rows as they are when read, a block or a set of ids at a time (an index's builds
+        read them so: a copy of them all is never made)."""
+        self.flush()
+        return ServerRows(self.client, "rows", self._field_shape("rows"), None)
+
     def flush(self) -> None:
         self.client.flush()
 
@@ -290,21 +296,31 @@ def _key(field: str) -> str:
 
 class ServerRows(RowSource):
     """One field of the servers' rows (``"rows"`` or an optimizer slot), read when asked: ``source[a:b]``
-    pulls rows ``[a, b)`` as a float32 CPU tensor (:class:`~megaclass.state_io.RowSource`).
+    pulls rows ``[a, b)`` as a float32 CPU tensor (:class:`~megaclass.state_io.RowSource`), and
+    :meth:`take` the rows of some ids.
 
     Every read is checked against the shards' ``versions`` (their state when the source was made): rows
     updated since raise :class:`~megaclass.paramserver.ParamServerError`, so what is read in blocks is one
-    state of the servers.
+    state of the servers. ``versions`` None: the rows as they are at each read.
     """
 
     def __init__(
-        self, client: ParamServerClient, field: str, shape: tuple[int, ...], versions: Sequence[int]
+        self, client: ParamServerClient, field: str, shape: tuple[int, ...], versions: Sequence[int] | None
     ) -> None:
-        self.client, self.field, self.versions = client, field, tuple(versions)
+        self.client, self.field = client, field
+        self.versions = None if versions is None else tuple(versions)
         self.shape, self.dtype = torch.Size(shape), torch.float32
 
     def __repr__(self) -> str:
-        return f"ServerRows({self.field!r}, shape={tuple(self.shape)}, versions={list(self.versions)})"
+        versions = "live" if self.versions is None else list(self.versions)
+        return f"ServerRows({self.field!r}, shape={tuple(self.shape)}, versions={versions})"
+
+    def take(self, ids: Tensor) -> Tensor:
+        """The rows ``ids (n,)`` as they are now, ``(n, D)`` float32 on the CPU (the ``rows`` field of a live
+        source: pulled as a step pulls them)."""
+        if self.field != "rows" or self.versions is not None:
+            raise ValueError(f"{self!r}: only a live source of the rows is read by ids")
+        return self.client.pull(ids.to("cpu", torch.int64))
 
     def read_rows(self, start: int, stop: int) -> Tensor:
         if start == stop:  # no call: an empty range has no rows to tell a slot's shape

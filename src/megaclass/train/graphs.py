@@ -36,6 +36,7 @@ way and runs eagerly where the capture itself fails (:class:`CaptureError`), ``o
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -356,7 +357,8 @@ class StepGraph:
         for leaf in leaves:
             leaf.grad = None  # captured from none, a gradient is written, not added, on each replay
         graph = torch.cuda.CUDAGraph()
-        for generator in self.head.graph_generators():
+        generators = self.head.graph_generators()
+        for generator in generators:
             graph.register_generator_state(generator)
         caller = torch.cuda.current_stream(self._stream.device)
         try:
@@ -365,6 +367,7 @@ class StepGraph:
                 self._loss = self._forward_backward()
         except RuntimeError as error:
             torch.cuda.set_stream(caller)  # a capture that fails to end leaves its stream current
+            _end_generator_captures(generators, self._stream)
             self._loss = None
             for leaf in leaves:
                 leaf.grad = None
@@ -373,6 +376,20 @@ class StepGraph:
         self._graph = graph
         self._grads = [(param, param.grad) for param in params if param.grad is not None]
         self.captures += 1
+
+
+def _end_generator_captures(generators: Sequence[torch.Generator], stream: torch.cuda.Stream) -> None:
+    """End the capture a failed one left its random generators in (the default CUDA generator's, and
+    ``generators``): they stay marked as capturing, and their next draw outside a capture (a dropout of the
+    eager steps that follow) raises "Offset increment outside graph capture". An empty capture with the same
+    generators begins and ends theirs."""
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty": it is meant to be
+        with torch.cuda.graph(graph, stream=stream):
+            pass
 
 
 def _inputs_key(x: Tensor | SparseInputs) -> tuple:
