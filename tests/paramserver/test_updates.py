@@ -306,3 +306,26 @@ def test_late_push_for_a_step_applied_without_the_trainer_is_refused(shards):
     assert alive.health()[0].version == 1
     with pytest.raises(ParamServerError, match="applied step 1 without it"):
         late.push(torch.tensor([2]), torch.ones(1, 2), step=1)
+
+
+def test_a_push_retried_while_its_step_is_applied_is_applied_once(shards, monkeypatch):
+    """A retry that arrives after its step left the barrier and before the step is committed finds it being
+    applied (not pending again, which applied it twice)."""
+    servers = shards(1, num_rows=4, dim=2, hyper=HyperParams(lr=1.0, momentum=0.0))
+    service = servers[0].service
+    client = ParamServerClient(_addresses(servers))
+    ids, grads = torch.tensor([1]), torch.ones(1, 2)
+    before = client.pull(ids)
+    apply = service.state.apply
+
+    def retried_meanwhile(*args, **kwargs):
+        service._add_to_barrier(0, 1, ids, grads, 1.0)  # the trainer's retry, while step 1 is applied
+        return apply(*args, **kwargs)
+
+    monkeypatch.setattr(service.state, "apply", retried_meanwhile)
+    client.push(ids, grads, step=1)
+    client.flush()
+    service.apply_ready_steps()
+    assert client.health()[0].version == 1 and client.health()[0].applied_step == 1
+    torch.testing.assert_close(client.pull(ids), before - 1)
+    client.close()

@@ -98,6 +98,22 @@ def test_store_placement_and_bf16_state_move_the_planned_bytes():
     assert 2 * bf16["optimizer"].device == fp32["optimizer"].device == 2 * 1000 * (DIM + 1) * 4
 
 
+def test_a_parameter_server_runs_index_is_planned_where_it_lives():
+    context = HeadContext(in_features=DIM, num_classes=1000, multilabel=False)
+    request = PlanRequest(batch=BATCH, eval_batch=8)
+    host = head_config({"type": "selected", "store": "host"})
+    planned = {"host": head_class(host).planned_bytes(host, context, request)}
+    for place in ("trainer", "shards"):
+        config = head_config({"type": "selected", "store": "ps://127.0.0.1:1", "index_on": place})
+        planned[place] = head_class(config).planned_bytes(config, context, request)
+    assert planned["trainer"]["weights"].host == 0  # the rows live on the servers either way
+    for part in ("index", "index build", "activations"):  # the host store stages rows in host memory too
+        assert planned["trainer"][part].device == planned["host"][part].device
+    selection = planned["shards"]["index"].device
+    assert 0 < selection < planned["trainer"]["index"].device / 4  # the selection's buffers alone
+    assert planned["shards"]["index build"].device == 0
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synth")

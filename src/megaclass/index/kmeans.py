@@ -200,7 +200,6 @@ def search_cost(clusters: int, groups: int, width: int, probes: int, group_probe
     return groups, group_probes * (clusters // groups) + probes * width
 
 
-@functools.cache
 def scan_is_cheaper(batch: int, gathered: int, num_classes: int) -> bool:
     """Whether an exact scan of ``num_classes`` rows answers ``batch`` queries for less than a search that
     gathers ``gathered`` rows a query: the scan reads each row once and scores it against every query,
@@ -212,6 +211,7 @@ def scan_is_cheaper(batch: int, gathered: int, num_classes: int) -> bool:
     return num_classes * (1 + batch * _SCAN_SCORE_COST) <= batch * gathered
 
 
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc

@@ -147,9 +147,10 @@ class ShardService:
         self.incarnation = secrets.randbits(63) + 1
         self.lock = ReadWriteLock()
         self._applied = threading.Condition()  # notified after every committed step
-        self._barrier = threading.Lock()  # guards _pending and _dropped
+        self._barrier = threading.Lock()  # guards _pending, _applying and _dropped
         self._apply_order = threading.Lock()  # sync steps are popped and applied one at a time, in order
         self._pending: dict[int, _Pending] = {}
+        self._applying: dict[int, set[int]] = {}  # a sync step popped and not yet committed -> its trainers
         self._dropped: set[int] = set()
         self._refused: dict[int, str] = {}  # sync steps not applied, their result not finite -> why
         self._index_lock = threading.Lock()  # one index build or query at a time
@@ -514,6 +515,14 @@ class ShardService:
         with self._barrier:
             if step in self._refused:
                 raise ValueError(f"step {step}: {self._refused[step]}")
+            if step in self._applying:  # popped from the barrier, its update under way
+                if trainer in self._applying[step]:
+                    return  # a retried push of the step being applied with this trainer's gradients
+                raise _Refusal(
+                    "FAILED_PRECONDITION",
+                    f"step {step} of trainer {trainer}: the shard is applying step {step} without it; a "
+                    "trainer dropped from the barrier rejoins at a later step",
+                )
             if step <= self.state.applied_step:
                 if step <= self.state.trainer_steps()[trainer]:
                     return  # a retried push of a step applied with this trainer's gradients
@@ -550,6 +559,9 @@ class ShardService:
                     logger.warning("step %d refused: %s", step, error)
                     with self._barrier:
                         self._refused[step] = str(error)
+                finally:
+                    with self._barrier:
+                        del self._applying[step]
                 self._notify()
 
     def _pop_ready(self) -> tuple[int, _Pending] | None:
@@ -570,6 +582,7 @@ class ShardService:
                     waited,
                 )
                 self._dropped |= missing
+            self._applying[step] = set(pending.parts)  # a retry now finds it here, not in _pending
             return step, self._pending.pop(step)
 
     def _notify(self) -> None:

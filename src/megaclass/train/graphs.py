@@ -367,7 +367,10 @@ class StepGraph:
                 self._loss = self._forward_backward()
         except RuntimeError as error:
             torch.cuda.set_stream(caller)  # a capture that fails to end leaves its stream current
-            _end_generator_captures(generators, self._stream)
+            try:
+                _end_generator_captures(generators, self._stream)
+            except RuntimeError:  # their next draw raises then; the error below names the capture's cause
+                torch.cuda.set_stream(caller)
             self._loss = None
             for leaf in leaves:
                 leaf.grad = None
