@@ -696,9 +696,10 @@ class SelectedHead(Head):
         cls, config: SelectedHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
-        servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the index (where
-        the trainer holds it), the active rows' gradients, ``B x S`` logits and the index's search per
-        batch."""
+        servers; 2 bytes a value with ``store_dtype: bf16_sr``; rows pinned in host memory for a GPU take up
+        to the power of two of bytes torch's pinned allocator rounds them to), the selection buffers and the
+        index (where the trainer holds it), the active rows' gradients, ``B x S`` logits and the index's
+        search per batch."""
         classes, dim = context.num_classes, context.in_features
         element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
         rows = classes * dim * element
@@ -736,8 +737,15 @@ class SelectedHead(Head):
             "head.index.dtype=int8" if isinstance(config.index, ClusterIndexConfig) else "head.index=none"
         )
         optimizer_setting = "head.store=host" if on_device else "head.optimizer.momentum=0"
+        # rows page-locked for a GPU: torch's pinned allocator takes the next power of two of bytes
+        pinned = (
+            (1 << (rows - 1).bit_length()) - rows
+            if config.store == "host" and request.device_type == "cuda"
+            else 0
+        )
         return {
             "weights": placed(rows, "head.store=host" if on_device else "head.store=ps://..."),
+            "pinned rounding": PlannedBytes(0, pinned, "head.store_dtype=bf16_sr"),
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
             "optimizer": placed(state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),

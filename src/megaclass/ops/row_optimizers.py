@@ -120,15 +120,12 @@ def init_row_state(
     dim: int,
     *,
     device: torch.device | str | None = None,
-    pin_memory: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """Zeroed optimizer state for ``num_rows`` rows of width ``dim``: ``{name: (num_rows, ...)}``, row-shaped
     state in ``dtype`` (the rows'), per-row counts in float32."""
     return {
-        name: torch.zeros(
-            (num_rows, *shape), dtype=dtype if shape else torch.float32, device=device, pin_memory=pin_memory
-        )
+        name: torch.zeros((num_rows, *shape), dtype=dtype if shape else torch.float32, device=device)
         for name, shape in config.state_shapes(dim).items()
     }
 

@@ -26,8 +26,8 @@ class HostStore(RowStore):
     """A :class:`RowStore` over rows in host memory, delivered to the compute device ``device``.
 
     Args:
-        rows: the matrix and its optimizer state, on the CPU; pinned (``pin_memory=True``) when ``device``
-            is a CUDA device, so their copies run asynchronously.
+        rows: the matrix and its optimizer state, on the CPU; the matrix pinned (``pin_memory=True``) when
+            ``device`` is a CUDA device, so its copies run asynchronously.
         device: where pulled rows are delivered (the compute device); the optimizer runs on the host.
 
     >>> store = HostStore(LocalRows(5, 3), device="cpu")
