@@ -391,7 +391,7 @@ def _end_generator_captures(generators: Sequence[torch.Generator], stream: torch
         graph.register_generator_state(generator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the CUDA graph is empty": it is meant to be
-        with torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):  # as the step's
             pass
 
 
