@@ -213,8 +213,13 @@ class _PieceDigest:
         if self._filled:
             self._close_piece()
         pieces = [d.result() if isinstance(d, Future) else d for d in self._digests]
-        digest = hashlib.sha256(b"".join(pieces)).hexdigest()
-        return {"size": self.size, "sha256_pieces": digest, "piece_bytes": self._piece_bytes}
+        return _pieces_fingerprint(self.size, pieces, self._piece_bytes)
+
+
+def _pieces_fingerprint(size: int, pieces: list[bytes], piece_bytes: int) -> dict[str, Any]:
+    """:func:`piece_fingerprint`'s record of a file of ``size`` bytes from its pieces' digests, in order."""
+    digest = hashlib.sha256(b"".join(pieces)).hexdigest()
+    return {"size": size, "sha256_pieces": digest, "piece_bytes": piece_bytes}
 
 
 def piece_fingerprint(path: str, *, piece_bytes: int = _PIECE_BYTES) -> dict[str, Any]:
@@ -238,11 +243,7 @@ def piece_fingerprint(path: str, *, piece_bytes: int = _PIECE_BYTES) -> dict[str
 
     with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="sha256") as pool:
         pieces = list(pool.map(piece, range(0, size, piece_bytes)))
-    return {
-        "size": size,
-        "sha256_pieces": hashlib.sha256(b"".join(pieces)).hexdigest(),
-        "piece_bytes": piece_bytes,
-    }
+    return _pieces_fingerprint(size, pieces, piece_bytes)
 
 
 def path_fingerprint(path: str) -> dict[str, Any]:

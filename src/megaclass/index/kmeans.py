@@ -98,9 +98,8 @@ _CALIBRATION_K = 10  # the recall@k the probe count is chosen for
 # rows a calibrated search may gather per query: this many sqrt(C) (trained rows need about 1 sqrt(C) at
 # 10^6 for recall 0.92; untrained rows would ask for most of C)
 _GATHER_BUDGET_PER_SQRT_C = 4
-_EVAL_RECALL_TARGET = (
-    0.97  # what a thorough query's search is calibrated for, within THOROUGH_FACTOR the rows
-)
+# what a thorough query's search is calibrated for, within THOROUGH_FACTOR times the training search's rows
+_EVAL_RECALL_TARGET = 0.97
 _REFIT_MARGIN = 0.05  # a warm search this far below its cold build's recall (and the target) refits
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
@@ -578,8 +577,7 @@ class ClusterIndex(ClassSelector):
             return tuple(torch.tensor(value, device=device) for value in choice)  # type: ignore[return-value]
 
         if self.probes is not None:
-            (probes, group_probes, recall) = found((self.probes, groups, math.nan))
-            return dict(zip(_SEARCH_KEYS, (probes, group_probes, recall) * 2, strict=True))
+            return dict(zip(_SEARCH_KEYS, found((self.probes, groups, math.nan)) * 2, strict=True))
         num_classes, per_group = state["rows"].shape[0], k // groups
         generator = torch.Generator().manual_seed(self.seed + 1)
         picks = _random_rows(num_classes, _CALIBRATION_QUERIES, generator).to(device)

@@ -249,9 +249,8 @@ class MemoryPlan:
     gpu_capacity: int | None
     host_capacity: int
     summary: str = ""
-    checkpoints_at_once: int = (
-        3  # on disk while a save runs: train.keep_checkpoints + 1, or all the run writes
-    )
+    # on disk while a save runs: train.keep_checkpoints + 1, or all the run writes
+    checkpoints_at_once: int = 3
     weight_copies: int = 2  # the best's and a better epoch's while it is written (1: a one-epoch run)
     disk_capacity: int | None = None  # free bytes where the run folder goes (None: not asked)
 
