@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_memory.py --rows 2000000 --dim 64 --optimizer adamw --store host
     python benchmarks/checkpoint_memory.py --rows 100000000 --dim 64 --store gpu    # a GPU host
 
-Builds a row store (``host``: pinned host memory, ``gpu``: the GPU), pushes one update, then saves it with
+Builds a row store (``host``: host memory, ``gpu``: the GPU), pushes one update, then saves it with
 the trainer's :func:`~megaclass.train.checkpoint.save_checkpoint` and loads it back into the store
 (:func:`~megaclass.train.checkpoint.load_checkpoint`, ``load_state_dict``). Each phase's extra host memory is
 the rise of the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` before the

@@ -10,7 +10,7 @@ with momentum before answering) and both in turn (``step``). ``bandwidth_gbs`` c
 shared memory (the client's default with shards on its machine), ``ps-inline`` in the gRPC messages.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
-update) with its rows in each store: ``gpu``, ``host`` (pinned host memory) and ``ps`` (4 shard processes on
+update) with its rows in each store: ``gpu``, ``host`` (host memory) and ``ps`` (4 shard processes on
 this machine; rows pulled and gradients pushed over loopback), the last with its index in two places.
 ``gpu``, ``host`` and ``ps`` query a GPU cluster index on the trainer built once before timing (``ps``: from
 the servers' rows, read a block at a time; the default, ``head.index_on``). With ``ps, index on shards``

@@ -248,7 +248,8 @@ def run_heads(
         if kind == "selected":
             updated = min(classes, args.interval * args.sample_num)
             cases.append(Case(kind, "build", params, build_case(holder, updated)))
-            if args.cuda_graph and torch.cuda.is_available():
+            # a host store's step gathers in host memory: it cannot be captured (its capture_blocker says so)
+            if args.cuda_graph and torch.cuda.is_available() and store != "host":
                 graphed = head_step_case({}, make, args.batch, graph=True)
                 cases.append(Case(f"{kind}-graph", "step", params, graphed))
         measured = run_cases(

@@ -17,8 +17,8 @@ decay and second moment of the steps it sat out (:mod:`megaclass.ops.row_optimiz
 recipe makes it ``optim.head``'s optimizer). The index is rebuilt every ``interval`` steps from the current
 rows.
 
-Beyond the original, switchable: a GPU index that rebuilds in milliseconds (``index=gpu``); rows in pinned
-host memory (``store=host``); a sampling correction ``log(1/q)`` on the randomly filled logits
+Beyond the original, switchable: a GPU index that rebuilds in milliseconds (``index=gpu``); rows in host
+memory (``store=host``); a sampling correction ``log(1/q)`` on the randomly filled logits
 (``logq_correction``); random classes only for the first ``warmup_random_steps`` steps (neighbours of immature
 rows are noise); cosine margins (ArcFace, CosFace); coverage (the share of the full softmax mass the active
 set holds) measured exactly every ``coverage_every`` steps and reported by :meth:`metrics`.
@@ -100,7 +100,7 @@ class SelectedHeadConfig:
     neighbour_share: float = 0.5  # about this share of sample_num from the index (round(share * sample_num
     # / B) per sample), the rest random; 1: the original's sample_num // B + 1 per sample
     metric: Literal["cosine", "dot"] = "cosine"  # index similarity (annoy is always angular)
-    store: str = "gpu"  # where rows live: gpu (the compute device), host (pinned host memory) or ps://...
+    store: str = "gpu"  # where rows live: gpu (the compute device), host (host memory) or ps://...
     # where a parameter-server run's cluster index lives: the trainer (a snapshot on its device, refreshed
     # from the rows it pushed), the shards (each over its own rows, asked every step); auto: the trainer
     # where the snapshot holds at most 2^32 row values (8 GiB in bf16)
@@ -696,8 +696,7 @@ class SelectedHead(Head):
         cls, config: SelectedHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The store's fp32 rows and row-optimizer state where ``head.store`` puts them (``ps://``: on the
-        servers; 2 bytes a value with ``store_dtype: bf16_sr``; rows pinned in host memory for a GPU take up
-        to the power of two of bytes torch's pinned allocator rounds them to), the selection buffers and the
+        servers; 2 bytes a value with ``store_dtype: bf16_sr``), the selection buffers and the
         index (where the trainer holds it), the active rows' gradients, ``B x S`` logits and the index's
         search per batch."""
         classes, dim = context.num_classes, context.in_features
@@ -737,15 +736,8 @@ class SelectedHead(Head):
             "head.index.dtype=int8" if isinstance(config.index, ClusterIndexConfig) else "head.index=none"
         )
         optimizer_setting = "head.store=host" if on_device else "head.optimizer.momentum=0"
-        # rows page-locked for a GPU: torch's pinned allocator takes the next power of two of bytes
-        pinned = (
-            (1 << (rows - 1).bit_length()) - rows
-            if config.store == "host" and request.device_type == "cuda"
-            else 0
-        )
         return {
             "weights": placed(rows, "head.store=host" if on_device else "head.store=ps://..."),
-            "pinned rounding": PlannedBytes(0, pinned, "head.store_dtype=bf16_sr"),
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
             "optimizer": placed(state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),

@@ -27,7 +27,7 @@ def exact_topk(
     """Top-``k`` ``(scores, ids)``, each ``(B, k)``, of ``features (B, D)`` against ``weight (C, D)``.
 
     :func:`~megaclass.ops.chunked_topk.chunked_topk` in float32: ``chunk_size`` classes scored at a time (on
-    a GPU, fused: no scores held). Rows may live on another device than the features (pinned host memory):
+    a GPU, fused: no scores held). Rows may live on another device than the features (host memory):
     they are moved to the features' device a chunk at a time. Ids are offset by ``start``.
 
     >>> w = torch.eye(4)

@@ -66,6 +66,7 @@ from torch import Tensor
 from megaclass.index.base import THOROUGH_FACTOR, ClassSelector, Metric, RowReader
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 from megaclass.ops.chunked_topk import chunked_topk, merge_topk_scores_
+from megaclass.staging import blocks_to_device
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -387,8 +388,8 @@ class ClusterIndex(ClassSelector):
         norms = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
         scales = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
         step = max(1, min(self.chunk_rows, _scratch_entries(device) // weight.shape[1]))  # a block of rows
-        for start in range(0, weight.shape[0], step):
-            chunk = weight[start : start + step].to(device, non_blocking=True)
+        starts = range(0, weight.shape[0], step)
+        for start, chunk in zip(starts, blocks_to_device(weight, device, step), strict=True):
             stop = start + chunk.shape[0]
             rows[start:stop], norms[start:stop], scales[start:stop] = self._encode(chunk, storage)
         return {"rows": rows, "norms": norms, "scales": scales}

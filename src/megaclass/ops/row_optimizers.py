@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from megaclass.schema import ConfigError
+from megaclass.staging import copy_rows_
 
 __all__ = [
     "RowOptimizerConfig",
@@ -325,7 +326,7 @@ def init_rows_(
         chunk = torch.rand(min(INIT_CHUNK, num_rows - start), dim, generator=generator, device=draw_device)
         low, high = max(start, row_start), min(start + chunk.shape[0], row_stop)
         values = chunk[low - start : high - start].mul_(2 * bound).sub_(bound)  # (high - low, D)
-        weight[low - row_start : high - row_start] = values.to(weight.device, weight.dtype)
+        copy_rows_(weight[low - row_start : high - row_start], values)
 
     chunks = range(row_start // INIT_CHUNK, -(-row_stop // INIT_CHUNK))
     threads = min(torch.get_num_threads(), _INIT_THREADS, len(chunks)) if draw_device.type == "cpu" else 1

@@ -1,4 +1,4 @@
-"""Where classifier rows live: on the compute device (``gpu``), in pinned host memory (``host``), or in
+"""Where classifier rows live: on the compute device (``gpu``), in host memory (``host``), or in
 parameter-server shards (``ps://``), each with a row-sparse optimizer (:mod:`megaclass.ops.row_optimizers`).
 :func:`build_store` maps a store spec to a store.
 """
@@ -44,8 +44,7 @@ def build_store(
     if spec == "host":
         from megaclass.store.host import HostStore
 
-        rows = LocalRows(num_rows, dim, device="cpu", pin_memory=device.type == "cuda", **options)
-        return HostStore(rows, device=device)
+        return HostStore(LocalRows(num_rows, dim, device="cpu", **options), device=device)
     if spec.startswith("ps://"):
         from megaclass.store.paramserver import ParamServerStore
 

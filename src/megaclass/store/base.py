@@ -1,6 +1,6 @@
 """Where a head's classifier rows live, and how their updates are applied.
 
-A row store holds a ``(C, D)`` matrix and its optimizer state, on the GPU, in pinned host memory, or in a
+A row store holds a ``(C, D)`` matrix and its optimizer state, on the GPU, in host memory, or in a
 parameter server. A row-sparse head pulls the rows a step needs to the compute device, and after the backward
 pushes those rows' gradients back; the store applies its own (row-sparse) optimizer to them, so only the
 touched rows get momentum and weight decay.

@@ -1,8 +1,9 @@
-"""Rows in (pinned) host memory: the class count is bounded by host memory, not GPU memory.
+"""Rows in host memory: the class count is bounded by host memory, not GPU memory.
 
-Each step the active rows are gathered on the host and copied to the GPU on a side CUDA stream; after the
-backward their gradients are copied back on that stream and a worker thread applies the row-sparse optimizer
-to the host rows, while the GPU goes on with the next step (encoder forward, selection). A pull waits only
+Each step the active rows are gathered on the host into page-locked memory and copied to the GPU on a side
+CUDA stream; after the backward their gradients are copied back on that stream and a worker thread applies
+the row-sparse optimizer to the host rows, while the GPU goes on with the next step (encoder forward,
+selection). A pull waits only
 for the updates pushed before it (FIFO), so every step sees the rows its predecessors wrote. On a CPU device
 everything runs synchronously in the calling thread.
 """
@@ -26,8 +27,9 @@ class HostStore(RowStore):
     """A :class:`RowStore` over rows in host memory, delivered to the compute device ``device``.
 
     Args:
-        rows: the matrix and its optimizer state, on the CPU; the matrix pinned (``pin_memory=True``) when
-            ``device`` is a CUDA device, so its copies run asynchronously.
+        rows: the matrix and its optimizer state, in (pageable) host memory. Only the rows a step gathers
+            are page-locked, in a buffer of their own: locking the whole matrix would take seconds at
+            ``10^7`` rows, and torch's pinned allocator would round it up to a power of two of bytes.
         device: where pulled rows are delivered (the compute device); the optimizer runs on the host.
 
     >>> store = HostStore(LocalRows(5, 3), device="cpu")
@@ -43,8 +45,6 @@ class HostStore(RowStore):
             raise ValueError(
                 f"rows: a host store needs rows in host memory, got them on {rows.weight.device}"
             )
-        if self._asynchronous and not rows.weight.is_pinned():
-            raise ValueError(f"rows: a host store for {self.device} needs pinned rows (pin_memory=True)")
         self.local = rows
         self.num_rows, self.dim = rows.num_rows, rows.dim
         self._stream = torch.cuda.Stream(self.device) if self._asynchronous else None

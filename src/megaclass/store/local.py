@@ -54,9 +54,6 @@ class LocalRows:
         init_bound: initial rows are ``U(-init_bound, init_bound)``; None: ``1 / sqrt(D)``.
         draw_device: where the initial rows are drawn; None: ``device``. The matrix depends on the seed and
             the draw device only, so rows in host memory drawn on the compute device equal rows held there.
-        pin_memory: page-lock the (host) rows, for asynchronous copies to a GPU. Their optimizer state stays
-            pageable: only the host's optimizer reads it, and torch's pinned allocator would round each
-            tensor up to a power of two of bytes (AdamW's two moments of 9.5 GiB each: 32 GiB locked).
         dtype: ``float32`` or ``bf16_sr``.
 
     >>> rows = LocalRows(5, 3, optimizer=RowOptimizerConfig(momentum=0.0), init_bound=0.0)
@@ -75,7 +72,6 @@ class LocalRows:
         seed: int = 0,
         init_bound: float | None = None,
         draw_device: torch.device | str | None = None,
-        pin_memory: bool = False,
         dtype: RowDtype | str = RowDtype.FLOAT32,
     ) -> None:
         if num_rows < 1 or dim < 1:
@@ -87,7 +83,7 @@ class LocalRows:
         self.optimizer = optimizer or RowOptimizerConfig()
         self.seed = seed
         held = torch.bfloat16 if self.row_dtype is RowDtype.BF16_SR else torch.float32
-        self.weight = torch.empty(num_rows, dim, dtype=held, device=device, pin_memory=pin_memory)
+        self.weight = torch.empty(num_rows, dim, dtype=held, device=device)
         draw_device = device if draw_device is None else draw_device
         init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=draw_device)
         self.state = init_row_state(self.optimizer, num_rows, dim, device=device, dtype=held)

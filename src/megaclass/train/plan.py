@@ -433,7 +433,6 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
 
 _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
     "weights": ("head weights", "steady"),
-    "pinned rounding": ("head weights' pinned rounding", "steady"),  # not saved: no disk
     "gradients": ("head gradients", "steady"),
     "optimizer": ("head optimizer state", "steady"),
     "index": ("head index", "steady"),

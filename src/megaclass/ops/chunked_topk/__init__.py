@@ -65,7 +65,7 @@ def chunked_topk(
     Args:
         x: ``(B, D)`` features; the matmul runs in ``x.dtype`` (weight chunks cast to it), scores in float32.
         weight: ``(C, D)`` class rows (with a ``shard``: this rank's ``(stop - start, D)``), on ``x``'s
-            device or in another memory (pinned host rows: moved a chunk at a time). bias: the matching
+            device or in another memory (host rows: moved a chunk at a time). bias: the matching
             ``(C,)`` or None.
         k: how many classes per row, ``1 <= k <= C`` (``C`` over all ranks with a shard).
         cosine: score ``scale * cos(x, w)`` instead (rows of both normalised; no bias).

@@ -1,0 +1,101 @@
+"""A host store's rows made and read on a GPU host: drawn on the GPU into host memory, and read back a block
+at a time (as an index's cold build reads them), each beside the plain copy it replaces.
+
+    python benchmarks/host_rows.py                                  # 10^7 rows of D 256 (10.24 GB), a GPU
+    python benchmarks/host_rows.py --rows 100000 --dim 64 --quick   # a smoke run, CPU or GPU
+
+Rows: :class:`~megaclass.store.local.LocalRows` in host memory drawn on the GPU (copied through a page-locked
+buffer, :func:`megaclass.staging.copy_rows_`); beside it the same draws copied straight into fresh pageable
+memory, and into rows page-locked whole by torch's pinned allocator (what the host store did before).
+Reading: the rows to the GPU in blocks of 2^16 through two page-locked buffers
+(:func:`megaclass.staging.blocks_to_device`), beside each block's plain ``.to(device)``. Every variant's rows
+are checked equal to the first's on a sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from megaclass.ops.row_optimizers import INIT_CHUNK
+from megaclass.staging import blocks_to_device
+from megaclass.store.local import LocalRows
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=10_000_000, help="C")
+    parser.add_argument("--dim", type=int, default=256, help="D")
+    parser.add_argument("--quick", action="store_true", help="skip the slow baselines")
+    return parser.parse_args()
+
+
+def timed(run: Callable[[], object]) -> tuple[object, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    value = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return value, time.perf_counter() - begin
+
+
+def plain_draw(rows: int, dim: int, device: torch.device, pinned: bool) -> torch.Tensor:
+    """The store's draws (:func:`~megaclass.ops.row_optimizers.init_rows_`, chunk ``i`` seeded ``i``, bound
+    ``1/sqrt(D)``), each chunk copied to host memory with a plain copy."""
+    weight = torch.empty(rows, dim, pin_memory=pinned)
+    bound = dim**-0.5
+    for index, start in enumerate(range(0, rows, INIT_CHUNK)):
+        generator = torch.Generator(device=device).manual_seed(index)
+        chunk = torch.rand(min(INIT_CHUNK, rows - start), dim, generator=generator, device=device)
+        weight[start : start + len(chunk)] = chunk.mul_(2 * bound).sub_(bound).cpu()
+    return weight
+
+
+def read(weight: torch.Tensor, device: torch.device, *, staged: bool) -> int:
+    """Every block of ``weight`` on ``device``, summed there (so each copy is waited for)."""
+    blocks = (
+        blocks_to_device(weight, device, INIT_CHUNK)
+        if staged
+        else (weight[start : start + INIT_CHUNK].to(device) for start in range(0, len(weight), INIT_CHUNK))
+    )
+    total = torch.zeros((), device=device)
+    for block in blocks:
+        total += block[:, 0].sum()
+    return int(total.abs() >= 0)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gigabytes = args.rows * args.dim * 4 / 1e9
+    print(f"{args.rows:,} rows of D {args.dim} ({gigabytes:.2f} GB), drawn on {device}\n")
+    print("| what | way | seconds | GB/s |")
+    print("|---|---|---|---|")
+
+    def row(what: str, way: str, seconds: float) -> None:
+        print(f"| {what} | {way} | {seconds:.2f} | {gigabytes / seconds:.1f} |", flush=True)
+
+    store, seconds = timed(lambda: LocalRows(args.rows, args.dim, draw_device=device, seed=0))
+    row("draw into host memory", "through a page-locked buffer (the host store)", seconds)
+    sample = store.weight[:: max(1, args.rows // 1000)].clone()
+    if not args.quick:
+        for pinned, way in ((False, "plain copy into pageable memory"), (True, "rows pinned whole")):
+            if pinned and device.type != "cuda":
+                continue
+            weight, seconds = timed(lambda pinned=pinned: plain_draw(args.rows, args.dim, device, pinned))
+            row("draw into host memory", way, seconds)
+            assert torch.equal(weight[:: max(1, args.rows // 1000)], sample), "the draws differ"
+            del weight
+    for staged, way in ((True, "two page-locked buffers"), (False, "plain copy a block")):
+        _, seconds = timed(lambda staged=staged: read(store.weight, device, staged=staged))
+        row("read to the device", way, seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Copies between a GPU and pageable host memory through page-locked buffers of bounded size.
+
+A plain copy between a GPU and pageable host memory crosses through the driver's own staging, and into
+fresh host memory it also takes one page fault at a time: on an H200 host, 10 GB of rows drawn on the GPU
+took 10.3 s to reach fresh pageable memory that way and 0.84 s through a page-locked buffer (the bus at its
+speed, then torch's multi-threaded host copy); reading them back to the GPU, 1.58 s plain. Page-locking the
+whole matrix instead takes seconds of its own (10 s for 10 GB) and torch's pinned allocator rounds it up to
+a power of two of bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["STAGING_BYTES", "blocks_to_device", "copy_rows_"]
+
+STAGING_BYTES = 64 << 20  # a page-locked buffer: large enough for the bus's speed, small enough to lock fast
+
+
+def _staged(host: Tensor, device: torch.device) -> bool:
+    """Whether copies between pageable ``host`` rows and ``device`` go through a page-locked buffer."""
+    return device.type == "cuda" and host.device.type == "cpu" and not host.is_pinned()
+
+
+def _block_rows(rows: Tensor) -> int:
+    row_bytes = max(1, rows[:1].numel() * rows.element_size())
+    return max(1, STAGING_BYTES // row_bytes)
+
+
+def copy_rows_(destination: Tensor, source: Tensor) -> Tensor:
+    """``destination.copy_(source)`` for rows of the same shape; from a GPU into pageable host memory through
+    a page-locked buffer, a block of rows at a time (converted to ``destination``'s dtype on the GPU first).
+    """
+    if destination.shape != source.shape:
+        raise ValueError(f"shapes differ: {tuple(destination.shape)} and {tuple(source.shape)}")
+    if not _staged(destination, source.device) or destination.dim() == 0:
+        return destination.copy_(source)
+    source = source.to(destination.dtype)
+    step = _block_rows(destination)
+    buffer = torch.empty((min(step, len(source)), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+    for start in range(0, len(source), step):
+        block = source[start : start + step]
+        staged = buffer[: len(block)].copy_(block)  # waits for the copy: the buffer is read next
+        destination[start : start + len(block)].copy_(staged)
+    return destination
+
+
+def blocks_to_device(rows: Any, device: torch.device | str, block_rows: int) -> Iterator[Tensor]:
+    """``rows[start : start + block_rows]`` on ``device`` for each block in order, each block enqueued on
+    the current stream; ``rows``: a tensor, or any sized object whose row slices are tensors. Pageable host
+    rows for a GPU cross through two page-locked buffers: the host fills one while the other's copy runs."""
+    device = torch.device(device)
+    if not isinstance(rows, Tensor) or not _staged(rows, device):
+        for start in range(0, rows.shape[0], block_rows):
+            yield rows[start : start + block_rows].to(device, non_blocking=True)
+        return
+    shape = (min(block_rows, rows.shape[0]), *rows.shape[1:])
+    buffers = [torch.empty(shape, dtype=rows.dtype, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    stream = torch.cuda.current_stream(device)
+    for index, start in enumerate(range(0, rows.shape[0], block_rows)):
+        slot = index % 2
+        if copied[slot] is not None:
+            copied[slot].synchronize()  # the buffer's previous block has crossed
+        block = rows[start : start + block_rows]
+        staged = buffers[slot][: len(block)].copy_(block)
+        moved = staged.to(device, non_blocking=True)
+        copied[slot] = torch.cuda.Event()
+        copied[slot].record(stream)
+        yield moved

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from megaclass import staging
+from megaclass.staging import blocks_to_device, copy_rows_
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_copy_rows_converts_on_the_cpu_and_refuses_other_shapes():
+    source = torch.randn(7, 3)
+    destination = torch.empty(7, 3, dtype=torch.bfloat16)
+    assert torch.equal(copy_rows_(destination, source), source.to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"shapes differ: \(7, 3\) and \(3, 7\)"):
+        copy_rows_(destination, source.T)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 10])
+def test_blocks_to_device_yields_every_block_in_order(block_rows):
+    rows = torch.randn(7, 4)
+    blocks = list(blocks_to_device(rows, "cpu", block_rows))
+    starts = range(0, 7, block_rows)
+    assert [len(block) for block in blocks] == [min(block_rows, 7 - start) for start in starts]
+    assert torch.equal(torch.cat(blocks), rows)
+
+
+def test_blocks_to_device_slices_any_row_source():
+    class Rows:  # a sized object whose slices are tensors, as an index's row reader
+        shape = (5, 2)
+
+        def __getitem__(self, rows: slice) -> torch.Tensor:
+            return torch.arange(10.0).view(5, 2)[rows]
+
+    assert torch.equal(torch.cat(list(blocks_to_device(Rows(), "cpu", 2))), torch.arange(10.0).view(5, 2))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_rows_from_a_gpu_into_pageable_memory_a_block_at_a_time(monkeypatch, dtype):
+    monkeypatch.setattr(staging, "STAGING_BYTES", 3 * 16 * 4)  # blocks of 3 rows (2 bytes a value: 6)
+    source = torch.randn(11, 16, device="cuda")
+    destination = torch.empty(11, 16, dtype=dtype)
+    copy_rows_(destination, source)
+    assert torch.equal(destination, source.cpu().to(dtype))
+    columns = torch.randn(16, 11, device="cuda").T  # not contiguous
+    assert torch.equal(copy_rows_(torch.empty(11, 16), columns), columns.cpu())
+
+
+@pytest.mark.gpu
+@cuda
+def test_blocks_to_device_reuses_a_buffer_only_after_its_copy():
+    rows = torch.randn(50, 8)
+    torch.cuda._sleep(50_000_000)  # the copies wait behind this on the stream while the host fills buffers
+    blocks = list(blocks_to_device(rows, "cuda", 4))
+    assert all(block.is_cuda for block in blocks)
+    assert torch.equal(torch.cat(blocks).cpu(), rows)
