@@ -22,6 +22,20 @@ def test_initial_rows_do_not_depend_on_the_store(spec, num_rows, dim):
 
 
 @pytest.mark.parametrize("spec", ["gpu", "host"])
+@pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
+@pytest.mark.parametrize("block_rows", [1, 4, 10, 64])
+def test_blocks_are_the_rows_read_in_order(spec, dtype, block_rows):
+    store = build_store(
+        spec, num_rows=10, dim=3, device="cpu", optimizer=RowOptimizerConfig(), seed=1, dtype=dtype
+    )
+    store.push(torch.tensor([2, 7]), torch.ones(2, 3), step=1, lr=0.5)  # read after the update
+    blocks = list(store.blocks(block_rows))
+    assert [start for start, _ in blocks] == list(range(0, 10, block_rows))
+    assert all(block.dtype == torch.float32 for _, block in blocks)
+    assert torch.equal(torch.cat([block for _, block in blocks]), store.read(0, 10))
+
+
+@pytest.mark.parametrize("spec", ["gpu", "host"])
 def test_sgd_momentum_every_row_equals_torch_sgd(spec):
     config = RowOptimizerConfig(kind="sgd", momentum=0.9, weight_decay=5e-4)
     store = build_store(spec, num_rows=11, dim=3, device="cpu", optimizer=config)
@@ -120,6 +134,9 @@ def test_host_store_on_cuda_overlaps_and_matches_device_store():
         device.push(ids, grads, step=step, lr=0.1)
     host.flush()
     torch.testing.assert_close(host.rows(), device.rows().cpu())
+    blocks = [block for _, block in host.blocks(64)]  # through page-locked buffers
+    assert all(block.is_cuda for block in blocks)
+    torch.testing.assert_close(torch.cat(blocks), device.rows())
 
 
 @pytest.mark.parametrize("spec", ["gpu", "host"])

@@ -35,6 +35,7 @@ owners.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -514,10 +515,8 @@ class SelectedHead(Head):
         return metrics
 
     # ------------------------------------------------------------------ all classes, chunked
-    def _blocks(self) -> Any:
-        store = self.materialize()
-        for start in range(0, self.num_rows, _READ_BLOCK):
-            yield start, store.read(start, min(start + _READ_BLOCK, self.num_rows))
+    def _blocks(self) -> Iterator[tuple[int, Tensor]]:
+        return self.materialize().blocks(_READ_BLOCK)
 
     @torch.no_grad()
     def _coverage(self, features: Tensor, active_rows: Tensor) -> float:

@@ -9,7 +9,7 @@ touched rows get momentum and weight decay.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -35,6 +35,12 @@ class RowStore(abc.ABC):
     @abc.abstractmethod
     def read(self, start: int, stop: int) -> Tensor:
         """Rows ``[start, stop)`` as a ``(stop - start, D)`` tensor on :attr:`device` (index builds, eval)."""
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
+        """``(start, rows [start, start + block_rows))`` in float32 on :attr:`device`, for every block in
+        order (exact scans: coverage, an exact top-k)."""
+        for start in range(0, self.num_rows, block_rows):
+            yield start, self.read(start, min(start + block_rows, self.num_rows))
 
     @abc.abstractmethod
     def rows(self) -> Tensor | RowSource:

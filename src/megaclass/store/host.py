@@ -10,12 +10,13 @@ everything runs synchronously in the calling thread.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
+from megaclass.staging import blocks_to_device
 from megaclass.state_io import SavedTensor
 from megaclass.store.base import RowStore
 from megaclass.store.local import LocalRows, check_ids
@@ -72,6 +73,15 @@ class HostStore(RowStore):
     def read(self, start: int, stop: int) -> Tensor:
         self.flush()
         return self.local.weight[start:stop].to(self.device, torch.float32)
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, Tensor]]:
+        """As :meth:`RowStore.blocks`; to a GPU through page-locked buffers the host fills in turn, in the
+        dtype the rows are held in (half the bytes for ``bf16_sr``), converted there."""
+        self.flush()
+        starts = range(0, self.num_rows, block_rows)
+        moved = blocks_to_device(self.local.weight, self.device, block_rows)
+        for start, block in zip(starts, moved, strict=True):
+            yield start, block.float()
 
     def rows(self) -> Tensor:
         self.flush()
