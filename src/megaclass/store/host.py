@@ -3,9 +3,8 @@
 Each step the active rows are gathered on the host into page-locked memory and copied to the GPU on a side
 CUDA stream; after the backward their gradients are copied back on that stream and a worker thread applies
 the row-sparse optimizer to the host rows, while the GPU goes on with the next step (encoder forward,
-selection). A pull waits only
-for the updates pushed before it (FIFO), so every step sees the rows its predecessors wrote. On a CPU device
-everything runs synchronously in the calling thread.
+selection). A pull waits only for the updates pushed before it (FIFO), so every step sees the rows its
+predecessors wrote. On a CPU device everything runs synchronously in the calling thread.
 """
 
 from __future__ import annotations
