@@ -49,9 +49,12 @@ def test_copy_rows_from_a_gpu_into_pageable_memory_a_block_at_a_time(monkeypatch
 
 @pytest.mark.gpu
 @cuda
-def test_blocks_to_device_reuses_a_buffer_only_after_its_copy():
+@pytest.mark.parametrize("block_rows", [2, 3, 4, 7, 50])
+def test_blocks_to_device_reuses_a_buffer_only_after_its_copy(monkeypatch, block_rows):
+    monkeypatch.setattr(staging, "STAGING_BYTES", 3 * 8 * 4)  # buffers of 3 rows: blocks cross in pieces
     rows = torch.randn(50, 8)
     torch.cuda._sleep(50_000_000)  # the copies wait behind this on the stream while the host fills buffers
-    blocks = list(blocks_to_device(rows, "cuda", 4))
+    blocks = list(blocks_to_device(rows, "cuda", block_rows))
+    assert [len(block) for block in blocks] == [min(block_rows, 50 - s) for s in range(0, 50, block_rows)]
     assert all(block.is_cuda for block in blocks)
     assert torch.equal(torch.cat(blocks).cpu(), rows)

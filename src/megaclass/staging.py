@@ -52,23 +52,29 @@ def copy_rows_(destination: Tensor, source: Tensor) -> Tensor:
 def blocks_to_device(rows: Any, device: torch.device | str, block_rows: int) -> Iterator[Tensor]:
     """``rows[start : start + block_rows]`` on ``device`` for each block in order, each block enqueued on
     the current stream; ``rows``: a tensor, or any sized object whose row slices are tensors. Pageable host
-    rows for a GPU cross through two page-locked buffers: the host fills one while the other's copy runs."""
+    rows for a GPU cross through two page-locked buffers of at most :data:`STAGING_BYTES` each: the host fills
+    one while the other's copy runs."""
     device = torch.device(device)
     if not isinstance(rows, Tensor) or not _staged(rows, device):
         for start in range(0, rows.shape[0], block_rows):
             yield rows[start : start + block_rows].to(device, non_blocking=True)
         return
-    shape = (min(block_rows, rows.shape[0]), *rows.shape[1:])
-    buffers = [torch.empty(shape, dtype=rows.dtype, pin_memory=True) for _ in range(2)]
+    piece = min(block_rows, rows.shape[0], _block_rows(rows))  # rows a buffer holds
+    buffers = [torch.empty((piece, *rows.shape[1:]), dtype=rows.dtype, pin_memory=True) for _ in range(2)]
     copied: list[torch.cuda.Event | None] = [None, None]
     stream = torch.cuda.current_stream(device)
-    for index, start in enumerate(range(0, rows.shape[0], block_rows)):
-        slot = index % 2
-        if copied[slot] is not None:
-            copied[slot].synchronize()  # the buffer's previous block has crossed
+    pieces = 0
+    for start in range(0, rows.shape[0], block_rows):
         block = rows[start : start + block_rows]
-        staged = buffers[slot][: len(block)].copy_(block)
-        moved = staged.to(device, non_blocking=True)
-        copied[slot] = torch.cuda.Event()
-        copied[slot].record(stream)
+        moved = torch.empty(block.shape, dtype=block.dtype, device=device)
+        for begin in range(0, len(block), piece):
+            slot = pieces % 2
+            pieces += 1
+            if copied[slot] is not None:
+                copied[slot].synchronize()  # the buffer's previous piece has crossed
+            part = block[begin : begin + piece]
+            staged = buffers[slot][: len(part)].copy_(part)
+            moved[begin : begin + len(part)].copy_(staged, non_blocking=True)
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record(stream)
         yield moved

@@ -21,6 +21,7 @@ from torch import Tensor
 from megaclass.ops import Impl, resolve_impl
 from megaclass.ops.chunked_topk.reference import reference_merge_topk_scores_
 from megaclass.ops.collectives import ClassShard, merge_topk
+from megaclass.staging import blocks_to_device
 
 __all__ = ["chunked_topk", "merge_topk_scores_", "reference_merge_topk_scores_", "scoring_chunk"]
 
@@ -138,11 +139,6 @@ class _Scoring:
         return None if self.bias is None else self.bias[start:stop].to(device).float().contiguous()
 
 
-def _rows(weight: Tensor, start: int, stop: int, device: torch.device) -> Tensor:
-    """Rows ``[start, stop)`` of ``weight`` on ``device`` (moved there where they live elsewhere)."""
-    return weight[start:stop].to(device, non_blocking=True)
-
-
 def _fused_topk(x: Tensor, weight: Tensor, k: int, scoring: _Scoring) -> tuple[Tensor, Tensor]:
     """``(B, k)`` scores and ids through the fused kernel: a ``(B * splits, k)`` table, one entry per feature
     and span of columns, filled chunk by chunk (a chunk holds 2^26 row values, cast to ``x``'s dtype where
@@ -154,8 +150,8 @@ def _fused_topk(x: Tensor, weight: Tensor, k: int, scoring: _Scoring) -> tuple[T
     splits = column_splits(1, batch, min(classes, chunk))
     values = torch.full((batch * splits, k), -torch.inf, device=x.device)
     ids = torch.full((batch * splits, k), -1, dtype=torch.int64, device=x.device)
-    for start in range(0, classes, chunk):
-        rows = _rows(weight, start, start + chunk, x.device)
+    blocks = blocks_to_device(weight, x.device, chunk)  # host rows: through page-locked buffers
+    for start, rows in zip(range(0, classes, chunk), blocks, strict=True):
         merge_topk_scores_triton_(
             x[None],
             rows.to(x.dtype)[None],
@@ -179,8 +175,8 @@ def _local_topk(
     classes = weight.shape[0]
     best_scores = torch.full((x.shape[0], 0), -torch.inf, dtype=torch.float32, device=x.device)
     best_ids = torch.zeros((x.shape[0], 0), dtype=torch.int64, device=x.device)
-    for start in range(0, classes, chunk_size):
-        rows = _rows(weight, start, start + chunk_size, x.device)  # (c, D)
+    blocks = blocks_to_device(weight, x.device, chunk_size)  # (c, D) each
+    for start, rows in zip(range(0, classes, chunk_size), blocks, strict=True):
         factors = scoring.factors(rows, start)
         if factors is not None:  # the (c, D) rows scaled, not the (B, c) scores: one pass over them fewer
             rows = rows.float() * factors[:, None]
