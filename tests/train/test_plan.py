@@ -1,6 +1,7 @@
 """The memory plan: the heads' planned parts against what built heads hold after a few training steps, the
 data shape read without parsing, the refusal line and exit code, and a dry run that writes nothing."""
 
+import dataclasses
 import os
 
 import pytest
@@ -93,6 +94,16 @@ def test_store_placement_and_bf16_state_move_the_planned_bytes():
     # host rows for a GPU stay pageable: the same bytes as for a CPU run
     for_gpu = head_class(selected).planned_bytes(selected, context, PlanRequest(BATCH, 8, device_type="cuda"))
     assert for_gpu["weights"] == on_host["weights"] and for_gpu["optimizer"] == on_host["optimizer"]
+    # the setting that shrinks host rows' optimizer state: SGD's momentum, else bf16 moments, else SGD
+    for optimizer, dtype, setting in [
+        ({"kind": "sgd", "momentum": 0.9}, "float32", "head.optimizer.momentum=0"),
+        ({"kind": "adamw"}, "float32", "head.store_dtype=bf16_sr"),
+        ({"kind": "adamw"}, "bf16_sr", "head.optimizer.kind=sgd"),
+    ]:
+        settings = {"type": "selected", "store": "host", "optimizer": optimizer, "store_dtype": dtype}
+        rows = head_config(settings)
+        planned = head_class(rows).planned_bytes(rows, context, PlanRequest(BATCH, 8, device_type="cuda"))
+        assert planned["optimizer"].setting == setting
     dense = head_config({"type": "dense"})
     fp32, bf16 = (
         head_class(dense).planned_bytes(dense, context, PlanRequest(BATCH, 8, low_precision=low))
@@ -208,6 +219,16 @@ def test_a_captured_step_holds_its_activations_all_along(synthetic, setting):
     host_rows = load_config(head="selected", overrides=["head.store=host", f"train.cuda_graph={setting}"])
     plan = plan_run(host_rows, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
     assert {part.name: part.phase for part in plan.parts}["head activations"] == "step"  # never captured
+
+
+def test_plan_of_a_first_layer_drawn_in_blocks(synthetic):
+    # 70,000 features x 1,024: above the size from which the MLP draws its first layer in seeded blocks,
+    # which the plan's model on the meta device must not draw
+    shape = dataclasses.replace(read_data_shape(str(synthetic / "train_bow.txt")), num_features=70_000)
+    config = load_config(overrides=["model.hidden=[1024]"])
+    plan = plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+    parts = {part.name: part for part in plan.parts}
+    assert parts["encoder weights"].device_bytes >= 70_000 * 1024 * 4
 
 
 def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
@@ -337,6 +358,8 @@ def test_dry_run_refuses_a_run_folder_on_a_disk_too_small(synthetic, tmp_path, c
     (error,) = captured.err.strip().splitlines()
     assert error.startswith("megaclass train: error: the run does not fit: disk needs")
     assert "train.keep_checkpoints" in error
+    # the refusal names what fills a checkpoint most and the setting that shrinks it
+    assert "; the largest part of a checkpoint is encoder " in error and "to shrink it: " in error
     assert not (tmp_path / "a").exists()
 
 

@@ -70,6 +70,7 @@ from megaclass.ops.collectives import (
     world_of,
 )
 from megaclass.ops.margins import MarginConfig, margin_logits
+from megaclass.ops.row_optimizers import RowOptimizerKind
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig, RowStore, build_store
 from megaclass.targets import RaggedLabels, Targets, as_ragged
@@ -734,7 +735,14 @@ class SelectedHead(Head):
         index_setting = (
             "head.index.dtype=int8" if isinstance(config.index, ClusterIndexConfig) else "head.index=none"
         )
-        optimizer_setting = "head.store=host" if on_device else "head.optimizer.momentum=0"
+        if on_device:
+            optimizer_setting = "head.store=host"
+        elif RowOptimizerKind(config.optimizer.kind) is RowOptimizerKind.SGD:
+            optimizer_setting = "head.optimizer.momentum=0"
+        elif config.store_dtype != "bf16_sr":
+            optimizer_setting = "head.store_dtype=bf16_sr"
+        else:
+            optimizer_setting = "head.optimizer.kind=sgd"
         return {
             "weights": placed(rows, "head.store=host" if on_device else "head.store=ps://..."),
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),

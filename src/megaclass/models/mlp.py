@@ -72,7 +72,7 @@ def _init_uniform_(table: Tensor, bound: float) -> None:
     """Fill ``table`` from U(-bound, bound). A table of more than 2^26 weights (a million n-grams x 1,024:
     seconds on one core) is drawn by :func:`~megaclass.ops.row_optimizers.init_rows_` (seeded chunks of
     rows, on several threads), its seed one draw from the global generator: the same on any thread count."""
-    if table.numel() <= _BLOCK_INIT_WEIGHTS:
+    if table.numel() <= _BLOCK_INIT_WEIGHTS or table.is_meta:  # meta: a memory plan's model, shapes alone
         nn.init.uniform_(table, -bound, bound)
         return
     seed = int(torch.randint(0, 1 << 62, ()))

@@ -315,10 +315,13 @@ class MemoryPlan:
             )
         need, free = self.disk_bytes(), self.disk_capacity
         if free is not None and need > free:
+            saved = [part for part in self.parts if part.name in _CHECKPOINTED]
+            largest = max(saved, key=lambda part: part.device_bytes + part.host_bytes)
             return (
                 f"the run does not fit: disk needs {format_bytes(need)} of {format_bytes(free)} "
-                f"free ({format_bytes(need - free)} over): {self._disk_parts()}; to shrink it: "
-                "train.keep_checkpoints, or --out on a disk with more room"
+                f"free ({format_bytes(need - free)} over): {self._disk_parts()}; the largest part of a "
+                f"checkpoint is {largest.name} ({format_bytes(largest.device_bytes + largest.host_bytes)}); "
+                f"to shrink it: {largest.setting}, train.keep_checkpoints, or --out on a disk with more room"
             )
         return None
 
