@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from megaclass.cli import main
+from megaclass.data.batch import InputSpec
 from megaclass.data.synthetic import synthesize
 from megaclass.data.xmc import load_xmc
 from megaclass.heads import HeadContext, build_head, head_class, head_config
 from megaclass.heads.base import PlanRequest
 from megaclass.index.kmeans import cluster_layout
+from megaclass.models import build_model
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config
@@ -371,3 +373,25 @@ def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):
     assert on_gpu["CUDA runtime"].host_bytes == 5 << 29 and on_gpu["CUDA runtime"].phase == "steady"
     on_cpu = {p.name for p in plan_run(config, shape, device_type="cpu", **options).parts}
     assert "CUDA runtime" not in on_cpu
+
+
+def test_plan_of_a_transformer_on_text(write_text_data, tiny_model_options, tmp_path, capsys):
+    write_text_data(tmp_path)
+    model = [f"model.{key}={value!r}" for key, value in tiny_model_options.items()]
+    shape = read_data_shape(str(tmp_path / "train.txt"))
+    plans = {}
+    for batch in (8, 16):
+        config = load_config(overrides=[*model, f"train.batch_size={batch}"])
+        plan = plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+        plans[batch] = {part.name: part.device_bytes + part.host_bytes for part in plan.parts}
+    weights = sum(p.numel() * 4 for p in build_model(config.model, InputSpec(kind="tokens")).parameters())
+    assert plans[8]["encoder weights"] == plans[16]["encoder weights"] == weights
+    # the activations of one document of model.max_length tokens, as many times as the batch has rows
+    assert 0 < plans[8]["encoder activations"] and plans[16]["encoder activations"] == pytest.approx(
+        2 * plans[8]["encoder activations"], rel=0.01
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--train", str(tmp_path / "train.txt"), "--test", str(tmp_path / "test.txt")]
+    code = main([*argv, "--out", str(out), "--dry-run", "--set", *model])
+    assert code == 0 and "the run fits" in capsys.readouterr().out
+    assert not out.exists()

@@ -8,7 +8,9 @@ The data's shape is read cheaply (:func:`read_data_shape`: the BoW header and a 
 the whole file parsed); the config is resolved from it as ``megaclass train`` resolves it; :func:`plan_run`
 adds up each part as a pure function of the two: the head's parts come from the head class
 (:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
-memory) and one forward pass there, whose saved tensors are the activations the backward keeps. A run's peak
+memory) and one forward pass there, whose saved tensors are the activations the backward keeps (a
+transformer on text: built on the CPU and run on one document of ``model.max_length`` tokens, in float32: an
+upper bound of a batch of shorter documents or of a GPU's bf16 step). A run's peak
 is what it holds all along (``steady``), plus what work in the background may hold at any time (an index's
 cold build), plus the largest of what a training step, an evaluation, a checkpoint save or the data loading
 hold on top of it. The run folder's disk is the checkpoints kept, one more while a save runs (no more than
@@ -103,11 +105,15 @@ class DataShape:
             num_positives=round(self.num_rows * self.labels_per_row),
         )
 
-    def array_bytes(self) -> int:
-        """Bytes of the parsed rows in memory: CSR features (int64 offsets, int32 ids, float32 values) and
-        labels (int64 offsets, int32 ids)."""
+    def array_bytes(self, tokens_per_row: int | None = None) -> int:
+        """Bytes of the parsed rows in memory: CSR features (int64 offsets, int32 ids, float32 values), or
+        with ``tokens_per_row`` token ids (int64 offsets, at most that many int32 ids a row), and labels
+        (int64 offsets, int32 ids)."""
         rows = self.num_rows
-        features = (rows + 1) * 8 + round(rows * self.nonzeros_per_row) * 8
+        if tokens_per_row is None:
+            features = (rows + 1) * 8 + round(rows * self.nonzeros_per_row) * 8
+        else:
+            features = (rows + 1) * 8 + rows * tokens_per_row * 4
         labels = (rows + 1) * 8 + round(rows * self.labels_per_row) * 4
         return features + labels
 
@@ -388,18 +394,36 @@ def _moments(name: str, momentum: float) -> int:
 
 
 def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[list[PlanPart], int]:
-    """The encoder's parts and its output width ``D``: built on the ``meta`` device (no memory), then one
-    forward pass of a ``batch``-row input there, whose tensors saved for the backward are its activations."""
+    """The encoder's parts and its output width ``D``, from one forward pass of a ``batch``-row input whose
+    tensors saved for the backward are its activations: an MLP over sparse rows built on the ``meta``
+    device (no memory); a transformer over token ids (text data) built on the CPU and run on one document
+    of ``model.max_length`` tokens, its activations counted that many times over."""
     from megaclass.data.batch import InputSpec, SparseInputs
 
-    with torch.device("meta"):
-        encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
+    if _takes_tokens(config, shape):
+        from megaclass.data.tokenized import TokenInputs
+
+        encoder = build_model(config.model, InputSpec(kind="tokens")).train()  # dropout's masks saved too
+        length = config.model.max_length
+        ids = torch.zeros(1, length, dtype=torch.int64)
+        inputs, copies = TokenInputs(ids, torch.ones_like(ids)), batch
+        input_bytes = batch * length * 8 * 2  # ids and mask, (B, T) int64
+        setting = "model.max_length, train.batch_size or model.gradient_checkpointing=true"
+        smaller = "model.pretrained (a smaller encoder)"
+    else:
+        with torch.device("meta"):
+            encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
         nonzeros = max(1, round(batch * shape.nonzeros_per_row))
-        inputs = SparseInputs(
-            torch.zeros(nonzeros, dtype=torch.int64),
-            torch.zeros(batch + 1, dtype=torch.int64),
-            torch.zeros(nonzeros, dtype=torch.float32),
+        inputs, copies = (
+            SparseInputs(
+                torch.zeros(nonzeros, dtype=torch.int64, device="meta"),
+                torch.zeros(batch + 1, dtype=torch.int64, device="meta"),
+                torch.zeros(nonzeros, dtype=torch.float32, device="meta"),
+            ),
+            1,
         )
+        input_bytes = nonzeros * (8 + 4) + (batch + 1) * 8
+        setting, smaller = "train.batch_size", "model.hidden (a smaller encoder)"
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
     trained = sum(p.numel() * p.element_size() for p in trainable)
@@ -416,22 +440,26 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        features = encoder(inputs)  # (B, D)
-    input_bytes = nonzeros * (8 + 4) + (batch + 1) * 8
-    activations = sum(saved) + 2 * features.numel() * features.element_size() + input_bytes
+        features = encoder(inputs)  # (B, D), or (1, D) of one document
+    activations = copies * (sum(saved) + 2 * features.numel() * features.element_size()) + input_bytes
     optimizer = config.optim.encoder
     parts = [
-        PlanPart("encoder weights", weights, 0, setting="model.hidden (a smaller encoder)"),
-        PlanPart("encoder gradients", grads, 0, setting="model.hidden (a smaller encoder)"),
+        PlanPart("encoder weights", weights, 0, setting=smaller),
+        PlanPart("encoder gradients", grads, 0, setting=smaller),
         PlanPart(
             "encoder optimizer state",
             _moments(optimizer.name, optimizer.momentum) * trained,
             0,
             setting="optim.encoder.name=sgd",
         ),
-        PlanPart("encoder activations", activations, 0, "step", "train.batch_size"),
+        PlanPart("encoder activations", activations, 0, "step", setting),
     ]
     return parts, int(encoder.out_features)
+
+
+def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
+    """Whether the encoder reads token ids: a text encoder (``model.max_length``) on text data."""
+    return shape.inputs == "text" and hasattr(config.model, "max_length")
 
 
 _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
@@ -485,7 +513,8 @@ def plan_run(
     if isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://"):
         saved = max(saved, 2 * STREAM_CHUNK_BYTES)  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
-    data = shape.array_bytes() + sum(other.array_bytes() for other in others)
+    tokens = config.model.max_length if _takes_tokens(config, shape) else None
+    data = sum(each.array_bytes(tokens) for each in (shape, *others))
     largest_file = max([shape, *others], key=lambda s: s.text_bytes)
     metrics = 3 * shape.num_labels * 8  # label counts, propensities, per-label sums
     parts += [
