@@ -207,3 +207,24 @@ def test_bad_label_file_names_its_line(tmp_path) -> None:
     path = _write_records(tmp_path / "trn.json", _RECORDS)
     with pytest.raises(DataFormatError, match=r"lbl.json:2: expected a JSON object with a string 'title'"):
         read_lf_json(path)
+
+
+def test_memory_plan_reads_the_shape_of_lf_json(tmp_path, capsys) -> None:
+    from megaclass.train.plan import read_data_shape
+
+    train = _write_records(tmp_path / "trn.json.gz", _RECORDS)
+    test = _write_records(tmp_path / "tst.json.gz", _RECORDS[:2])
+    _write_label_file(tmp_path, ["python", "ruby", "http", "fonts", "unused"])
+    shape = read_data_shape(train)
+    assert (shape.inputs, shape.num_rows, shape.num_labels) == ("text", 4, 5)
+    assert shape.labels_per_row == pytest.approx(4 / 4) and shape.multilabel
+    code = main(["train", "--train", train, "--test", test, "--out", str(tmp_path / "run"), "--dry-run"])
+    assert code == 0 and "the run fits" in capsys.readouterr().out
+
+
+def test_memory_plan_names_the_line_of_a_bad_lf_json_record(tmp_path) -> None:
+    from megaclass.train.plan import read_data_shape
+
+    path = _write_lines(tmp_path / "trn.json", [json.dumps(_RECORDS[0]), '{"title": "x", "target_ind": "3"}'])
+    with pytest.raises(DataFormatError, match=r"trn\.json:2: 'target_ind' must be a list"):
+        read_data_shape(path)

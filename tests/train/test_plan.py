@@ -155,6 +155,10 @@ def test_data_shape_from_the_header_and_a_sample_matches_the_parsed_file(synthet
     text.write_text("3,7\tred fox\n1\tjumps over it\n\n2\tdog\n", encoding="utf-8")
     shape = read_data_shape(str(text))
     assert (shape.inputs, shape.num_rows, shape.num_labels, shape.labels_per_row) == ("text", 4, 8, 4 / 3)
+    # a vocabulary holds no more n-grams than occur min_df (2) times: the rows' n-grams, halved
+    assert shape.num_features == round(shape.num_rows * shape.nonzeros_per_row) // 2
+    hashed = read_data_shape(str(text), featurizer={"n_features": 1 << 18})
+    assert hashed.num_features == 1 << 18  # hashed columns: that many, whatever the corpus
     assert not os.path.exists(str(synthetic / "train_bow.txt") + ".megaclass.npz")  # nothing parsed
 
 

@@ -38,7 +38,7 @@ from megaclass.data.xmc import (
 )
 from megaclass.errors import DataFormatError
 
-__all__ = ["is_lf_json_line", "read_lf_json"]
+__all__ = ["is_lf_json_line", "parse_lf_json_lines", "read_lf_json"]
 
 _MAX_LABEL_ID = (1 << 31) - 2  # label ids are stored as int32 and the label space (largest id + 1) must fit
 _SPLIT_NAMES = {"trn.json": "tst.json", "tst.json": "trn.json"}
@@ -96,6 +96,17 @@ def _parse(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         lines.pop()
     if not lines:
         raise DataFormatError(path, "empty file: expected one JSON object with 'target_ind' a line")
+    return parse_lf_json_lines(path, lines)
+
+
+def parse_lf_json_lines(path: str, lines: list[bytes]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Texts, label ``indptr (N + 1,)`` and label ids ``(L,)`` int64 of ``lines``, the file's first lines
+    (errors name the file ``path`` and the line).
+
+    >>> texts, indptr, ids = parse_lf_json_lines("trn.json", [b'{"title": "a", "target_ind": [4, 2]}'])
+    >>> texts, indptr.tolist(), ids.tolist()
+    (['a'], [0, 2], [4, 2])
+    """
     texts, counts, flat = [], np.zeros(len(lines), dtype=np.int64), []
     for number, line in enumerate(lines, 1):
         try:

@@ -30,6 +30,8 @@ from typing import Literal
 
 import torch
 
+from megaclass.data.featurizer import FeaturizerConfig
+from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
 from megaclass.data.xmc import read_label_names
 from megaclass.errors import DataFormatError
@@ -153,15 +155,16 @@ def _labels_of(field: bytes) -> list[int]:
 def read_data_shape(
     path: str | os.PathLike, *, num_classes: int = 0, featurizer: dict | None = None
 ) -> DataShape:
-    """The shape of the XMC BoW or text file ``path``: a BoW header gives documents, features and labels;
-    the first lines give the nonzeros and labels per row; a text file's lines are counted (not parsed).
+    """The shape of the XMC BoW, text or LF JSON file ``path``: a BoW header gives documents, features and
+    labels; the first lines give the nonzeros and labels per row; a text or JSON file's lines are counted
+    (not parsed).
 
     Args:
         num_classes: ``data.num_classes`` (0: the file's).
         featurizer: ``data.featurizer`` options (text data: the feature bound).
 
     Raises:
-        DataFormatError: the file is not XMC BoW or text.
+        DataFormatError: the file is not XMC BoW, text or LF JSON.
     """
     path = os.fspath(path)
     data_format = detect_format(path)
@@ -181,34 +184,35 @@ def read_data_shape(
             sampled + len(header) if whole else round(len(header) + num_rows * sampled / max(len(lines), 1))
         )
         inputs = "bow"
-    elif data_format == "xmc-text":
+    elif data_format in ("xmc-text", "lf-json"):
         lines, _ = _sample_lines(path, skip_header=False)
         num_rows, text_bytes = _count_lines(path)
-        labels = [_labels_of(line.split(b"\t", 1)[0]) for line in lines]
-        config = featurizer_config(featurizer or {})
-        words = [len(line.split(b"\t", 1)[-1].split()) for line in lines]
-        chars = [len(line.split(b"\t", 1)[-1]) for line in lines]
-        word_n = (
-            0
-            if config is None or config.word_ngrams is None
-            else config.word_ngrams[1] - config.word_ngrams[0] + 1
-        )
-        char_n = (
-            0
-            if config is None or config.char_ngrams is None
-            else config.char_ngrams[1] - config.char_ngrams[0] + 1
-        )
-        if config is None:
-            word_n, char_n = 2, 2  # the featuriser's defaults: word 1-2-grams, char 3-4-grams
+        if data_format == "xmc-text":
+            labels = [_labels_of(line.split(b"\t", 1)[0]) for line in lines]
+            texts = [line.split(b"\t", 1)[-1] for line in lines]
+        else:
+            sampled, indptr, ids = parse_lf_json_lines(path, lines)
+            labels = [ids[start:stop].tolist() for start, stop in zip(indptr[:-1], indptr[1:], strict=True)]
+            texts = [text.encode() for text in sampled]
+        config = featurizer_config(featurizer or {}) or FeaturizerConfig()
+        words = [len(text.split()) for text in texts]
+        chars = [len(text) for text in texts]
+        word_n = 0 if config.word_ngrams is None else config.word_ngrams[1] - config.word_ngrams[0] + 1
+        char_n = 0 if config.char_ngrams is None else config.char_ngrams[1] - config.char_ngrams[0] + 1
         nonzeros = [word_n * w + char_n * c for w, c in zip(words, chars, strict=True)]
         names = read_label_names(path)
         seen = max((max(row) for row in labels if row), default=0) + 1
         num_labels = len(names) if names else seen
-        bound = None if config is None else (config.n_features or config.max_features)
-        num_features = bound if bound else (1_000_000 if config is None else round(sum(nonzeros)))
+        if config.n_features:  # hashed: that many columns, whatever the corpus
+            num_features = config.n_features
+        else:  # a vocabulary: at most max_features, and no more n-grams than occur min_df times
+            occurring = num_rows * sum(nonzeros) // max(len(nonzeros), 1) // max(config.min_df, 1)
+            num_features = max(1, min(config.max_features or occurring, occurring))
         inputs = "text"
     else:
-        raise DataFormatError(path, f"a memory plan reads XMC BoW or text files; this one is {data_format}")
+        raise DataFormatError(
+            path, f"a memory plan reads XMC BoW, text or LF JSON files; this one is {data_format}"
+        )
     count = max(len(labels), 1)
     return DataShape(
         path=path,
