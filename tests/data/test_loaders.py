@@ -8,6 +8,7 @@ import torch
 
 from megaclass.data.batch import InputSpec
 from megaclass.data.loaders import BatchLoader, SparseDataset, detect_format, open_dataset
+from megaclass.data.verification_bin import save_verification_bin
 from megaclass.errors import DataFormatError
 from megaclass.targets import RaggedLabels
 
@@ -44,6 +45,10 @@ def test_formats_are_detected(tmp_path, bow):
         detect_format(str(tmp_path / "odd.txt"))
     with pytest.raises(DataFormatError, match="no such file"):
         detect_format(str(tmp_path / "missing.txt"))
+    pairs = str(tmp_path / "lfw.bin")  # a verification set given where data goes: told where it belongs
+    save_verification_bin(pairs, [b"a", b"b"], [True])
+    with pytest.raises(DataFormatError, match=r"lfw\.bin: a pickled face verification set .*verification"):
+        detect_format(pairs)
     with pytest.raises(ValueError, match="data format 'csv'"):
         open_dataset(bow, data_format="csv")
 

@@ -129,6 +129,12 @@ def detect_format(path: str | os.PathLike) -> str:
         return "xmc-bow"
     if b"\t" in line:
         return "xmc-text"
+    if line.startswith(b"\x80"):  # a pickle (protocol 2 and up): InsightFace's verification pairs
+        raise DataFormatError(
+            path,
+            "a pickled face verification set (as lfw.bin), not a data file: score it during training with "
+            "--set eval.verification=[PATH], or give it to megaclass extract or verify",
+        )
     raise DataFormatError(
         path,
         f"unknown format: first line {line[:80]!r} is neither a BoW header "
