@@ -18,7 +18,7 @@ from megaclass.models import build_model
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config
-from megaclass.train.plan import MemoryPlan, PlanPart, plan_run, read_data_shape
+from megaclass.train.plan import MemoryPlan, PlanPart, plan_for, plan_run, read_data_shape
 
 DIM, BATCH, STEPS = 64, 16, 3
 
@@ -394,8 +394,28 @@ def test_plan_of_a_transformer_on_text(write_text_data, tiny_model_options, tmp_
     assert 0 < plans[8]["encoder activations"] and plans[16]["encoder activations"] == pytest.approx(
         2 * plans[8]["encoder activations"], rel=0.01
     )
+    seen = []  # the facts a recipe is chosen by: text read as token ids, as the run reads it
+    plan_for(config, str(tmp_path / "train.txt"), resolve=lambda config, facts: seen.append(facts) or config)
+    assert seen[0].inputs == "tokens"
     out = tmp_path / "run"
     argv = ["train", "--train", str(tmp_path / "train.txt"), "--test", str(tmp_path / "test.txt")]
     code = main([*argv, "--out", str(out), "--dry-run", "--set", *model])
     assert code == 0 and "the run fits" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_plan_of_face_images(fixture_rec):
+    shape = read_data_shape(fixture_rec)
+    assert (shape.inputs, shape.num_rows, shape.num_labels, shape.num_features) == ("images", 320, 40, 112)
+    assert shape.facts().inputs == "images" and shape.facts().num_features == 0
+    model = ["model.type=mobilefacenet"]
+    config = load_config(head="selected", overrides=[*model, "train.batch_size=16"])
+    plan = plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+    parts = {part.name: part.device_bytes + part.host_bytes for part in plan.parts}
+    encoder = build_model(config.model, InputSpec(kind="image"))
+    assert parts["encoder weights"] == sum(p.numel() * 4 for p in encoder.parameters())
+    assert parts["encoder activations"] > 16 * 3 * 112 * 112 * 4  # more than the float32 batch alone
+    # no batch holds more rows than the data: a batch of 512 is planned as one of the 320 images
+    whole = load_config(head="selected", overrides=[*model, "train.batch_size=512"])
+    plan = plan_run(whole, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+    assert "320 rows, batch 320" in plan.summary

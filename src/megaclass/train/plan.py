@@ -31,10 +31,10 @@ from typing import Literal
 import torch
 
 from megaclass.data.featurizer import FeaturizerConfig
+from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
 from megaclass.data.xmc import read_label_names
-from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, head_class
 from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
@@ -76,9 +76,10 @@ class DataShape:
 
     Args:
         path: the file.
-        inputs: ``bow`` (XMC BoW rows) or ``text`` (``labels<TAB>text``, featurised).
-        num_rows: documents.
-        num_features: columns of the feature rows (text: the featuriser's bound).
+        inputs: ``bow`` (XMC BoW rows), ``text`` (``labels<TAB>text`` or LF JSON, featurised or tokenised) or
+            ``images`` (face images: a ``.rec``, an image folder or list).
+        num_rows: documents or images.
+        num_features: columns of the feature rows (text: the featuriser's bound; images: their side).
         num_labels: ``C``.
         nonzeros_per_row: mean stored features a row (text: an upper bound, n-grams counted with repeats).
         labels_per_row: mean labels a row.
@@ -87,7 +88,7 @@ class DataShape:
     """
 
     path: str
-    inputs: Literal["bow", "text"]
+    inputs: Literal["bow", "text", "images"]
     num_rows: int
     num_features: int
     num_labels: int
@@ -96,14 +97,15 @@ class DataShape:
     multilabel: bool
     text_bytes: int
 
-    def facts(self) -> DataFacts:
-        """The facts a recipe is chosen by (:func:`megaclass.train.recipes.resolve_recipe`)."""
+    def facts(self, *, tokens: bool = False) -> DataFacts:
+        """The facts a recipe is chosen by (:func:`megaclass.train.recipes.resolve_recipe`); ``tokens``: text
+        read as token ids (a transformer encoder)."""
         return DataFacts(
-            self.inputs,
+            "tokens" if tokens and self.inputs == "text" else self.inputs,
             self.multilabel,
             self.num_rows,
             self.num_labels,
-            self.num_features,
+            0 if self.inputs == "images" else self.num_features,
             num_positives=round(self.num_rows * self.labels_per_row),
         )
 
@@ -112,6 +114,8 @@ class DataShape:
         with ``tokens_per_row`` token ids (int64 offsets, at most that many int32 ids a row), and labels
         (int64 offsets, int32 ids)."""
         rows = self.num_rows
+        if self.inputs == "images":  # decoded a batch at a time: the record keys and labels stay
+            return rows * (8 + 8)
         if tokens_per_row is None:
             features = (rows + 1) * 8 + round(rows * self.nonzeros_per_row) * 8
         else:
@@ -209,9 +213,18 @@ def read_data_shape(
             occurring = num_rows * sum(nonzeros) // max(len(nonzeros), 1) // max(config.min_df, 1)
             num_features = max(1, min(config.max_features or occurring, occurring))
         inputs = "text"
-    else:
-        raise DataFormatError(
-            path, f"a memory plan reads XMC BoW, text or LF JSON files; this one is {data_format}"
+    else:  # face images: the record index read (one read an identity), no image decoded but the first
+        dataset = open_face_dataset(path)
+        return DataShape(
+            path=path,
+            inputs="images",
+            num_rows=len(dataset),
+            num_features=int(dataset.image_size or 0),
+            num_labels=num_classes or dataset.num_classes,
+            nonzeros_per_row=0.0,
+            labels_per_row=1.0,
+            multilabel=False,
+            text_bytes=0,
         )
     count = max(len(labels), 1)
     return DataShape(
@@ -404,7 +417,14 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
     of ``model.max_length`` tokens, its activations counted that many times over."""
     from megaclass.data.batch import InputSpec, SparseInputs
 
-    if _takes_tokens(config, shape):
+    if shape.inputs == "images":
+        with torch.device("meta"):
+            encoder = build_model(config.model, InputSpec(kind="image"))
+        side = shape.num_features
+        inputs, copies = torch.zeros(batch, 3, side, side, device="meta"), 1
+        input_bytes = batch * 3 * side * side * (1 + 4)  # the decoded uint8 batch and its float32 form
+        setting, smaller = "train.batch_size", "model.type (a smaller encoder)"
+    elif _takes_tokens(config, shape):
         from megaclass.data.tokenized import TokenInputs
 
         encoder = build_model(config.model, InputSpec(kind="tokens")).train()  # dropout's masks saved too
@@ -494,7 +514,7 @@ def plan_run(
         others: the shapes of the test (and validation) files, held in memory too.
         disk_capacity: free bytes where the run folder goes (None: the disk is not checked).
     """
-    batch = config.train.batch_size
+    batch = min(config.train.batch_size, max(1, shape.num_rows))  # no batch holds more than the data
     parts, dim = _encoder_parts(config, shape, batch)
     context = HeadContext(in_features=dim, num_classes=shape.num_labels, multilabel=shape.multilabel)
     request = PlanRequest(
@@ -576,7 +596,7 @@ def plan_for(
     given in GiB, and the free disk space where ``out_dir`` goes (when given)."""
     options = dict(num_classes=config.data.num_classes, featurizer=config.data.featurizer)
     shape = read_data_shape(train_path, **options)
-    resolved = resolve(config, shape.facts())
+    resolved = resolve(config, shape.facts(tokens=_takes_tokens(config, shape)))
     others = tuple(
         read_data_shape(path, **{**options, "num_classes": shape.num_labels}) for path in other_paths
     )
