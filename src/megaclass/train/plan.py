@@ -159,16 +159,16 @@ def _labels_of(field: bytes) -> list[int]:
 def read_data_shape(
     path: str | os.PathLike, *, num_classes: int = 0, featurizer: dict | None = None
 ) -> DataShape:
-    """The shape of the XMC BoW, text or LF JSON file ``path``: a BoW header gives documents, features and
-    labels; the first lines give the nonzeros and labels per row; a text or JSON file's lines are counted
-    (not parsed).
+    """The shape of the XMC BoW, text or LF JSON file or the face images ``path``: a BoW header gives
+    documents, features and labels; the first lines give the nonzeros and labels per row; a text or JSON
+    file's lines are counted (not parsed); face images give their record index (or list) and first image.
 
     Args:
         num_classes: ``data.num_classes`` (0: the file's).
         featurizer: ``data.featurizer`` options (text data: the feature bound).
 
     Raises:
-        DataFormatError: the file is not XMC BoW, text or LF JSON.
+        DataFormatError: the format is not one of these, or the sample is malformed.
     """
     path = os.fspath(path)
     data_format = detect_format(path)
@@ -412,9 +412,9 @@ def _moments(name: str, momentum: float) -> int:
 
 def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[list[PlanPart], int]:
     """The encoder's parts and its output width ``D``, from one forward pass of a ``batch``-row input whose
-    tensors saved for the backward are its activations: an MLP over sparse rows built on the ``meta``
-    device (no memory); a transformer over token ids (text data) built on the CPU and run on one document
-    of ``model.max_length`` tokens, its activations counted that many times over."""
+    tensors saved for the backward are its activations: an MLP over sparse rows or a face encoder built on
+    the ``meta`` device (no memory); a transformer over token ids (text data) built on the CPU and run on
+    one document of ``model.max_length`` tokens, its activations counted ``batch`` times over."""
     from megaclass.data.batch import InputSpec, SparseInputs
 
     if shape.inputs == "images":
