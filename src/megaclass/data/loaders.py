@@ -123,18 +123,18 @@ def detect_format(path: str | os.PathLike) -> str:
         raise DataFormatError(path, "empty file: cannot tell its format", line=1)
     if is_lf_json_line(line):
         return "lf-json"
-    if is_image_list(path):
-        return "face-images"  # 'relpath label' lines
-    if _BOW_HEADER.match(line):
-        return "xmc-bow"
-    if b"\t" in line:
-        return "xmc-text"
     if line.startswith(b"\x80"):  # a pickle (protocol 2 and up): InsightFace's verification pairs
         raise DataFormatError(
             path,
             "a pickled face verification set (as lfw.bin), not a data file: score it during training with "
             "--set eval.verification=[PATH], or give it to megaclass extract or verify",
         )
+    if is_image_list(path):
+        return "face-images"  # 'relpath label' lines
+    if _BOW_HEADER.match(line):
+        return "xmc-bow"
+    if b"\t" in line:
+        return "xmc-text"
     raise DataFormatError(
         path,
         f"unknown format: first line {line[:80]!r} is neither a BoW header "
