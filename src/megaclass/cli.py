@@ -102,8 +102,13 @@ def _print_plan(
 ) -> int:
     """Print the memory plan of the run ``args`` describe; 0 when it fits, else one line on stderr naming
     the part that does not fit and :data:`_DOES_NOT_FIT`."""
+    from megaclass.distributed.info import DistInfo
     from megaclass.train.plan import plan_for
     from megaclass.train.recipes import resolve_auto, resolve_recipe
+
+    world_size = DistInfo.from_env().world_size if args.nproc_per_node is None else args.nproc_per_node
+    if world_size < 1:
+        raise ValueError(f"--nproc-per-node: expected >= 1, got {world_size}")
 
     def resolve(config: Any, facts: Any) -> Any:
         if explicit_keys is None:
@@ -118,6 +123,7 @@ def _print_plan(
         gpu_memory=args.gpu_memory,
         host_memory=args.host_memory,
         out_dir=getattr(args, "out", None),  # train --dry-run: the disk of the run folder is checked too
+        world_size=world_size,
     )
     print(plan.format())
     refusal = plan.refusal()
@@ -155,7 +161,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from megaclass.train.config import load_config_and_keys
     from megaclass.train.loop import train
 
-    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ and not args.dry_run:
         return _forward_to_torchrun(args.nproc_per_node, _without_nproc(args.argv))
 
     overrides = list(args.overrides)
@@ -204,6 +210,9 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
         help="config overrides, as for train",
     )  # fmt: skip
+    parser.add_argument(
+        "--nproc-per-node", type=int, metavar="N", help="plan rank 0 of a run on N processes, as for train"
+    )
     _add_capacity_arguments(parser)
 
 

@@ -419,3 +419,27 @@ def test_plan_of_face_images(fixture_rec):
     whole = load_config(head="selected", overrides=[*model, "train.batch_size=512"])
     plan = plan_run(whole, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
     assert "320 rows, batch 320" in plan.summary
+
+
+def test_plan_of_rank_0_of_several_processes(synthetic, tmp_path, capsys, monkeypatch):
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    config = load_config(head="dense", overrides=["model.hidden=[64]", "train.batch_size=64"])
+
+    def head_weights(plan):
+        return {part.name: part.device_bytes + part.host_bytes for part in plan.parts}["head weights"]
+
+    alone = plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+    four = plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30, world_size=4)
+    assert "batch 64" in alone.summary and "(one process)" in alone.summary
+    assert "batch 16" in four.summary and "(rank 0 of 4 processes, 125 classes)" in four.summary
+    assert head_weights(four) == head_weights(alone) * 125 // 500  # the classes split over the ranks
+    whole = load_config(head="dense", overrides=["model.hidden=[64]", "distributed.shard_head=never"])
+    kept = plan_run(whole, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30, world_size=4)
+    assert head_weights(kept) == head_weights(alone)
+    # train --dry-run with --nproc-per-node plans rank 0 here, without starting the processes
+    import megaclass.cli
+
+    monkeypatch.setattr(megaclass.cli, "_forward_to_torchrun", lambda *_: pytest.fail("processes started"))
+    argv = ["train", "--train", str(synthetic / "train_bow.txt"), "--test", str(synthetic / "test_bow.txt")]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--nproc-per-node", "2", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("rank 0 of 2 processes") == 1

@@ -17,7 +17,8 @@ hold on top of it. The run folder's disk is the checkpoints kept, one more while
 the run writes), and the best and final weights (:meth:`MemoryPlan.disk_bytes`). :meth:`MemoryPlan.refusal`
 names the part that does not fit, by how much, and the setting that shrinks it.
 
-The plan is one process's (world size 1); a class-sharded run's head parts are divided over the ranks.
+The plan is one process's: a run of ``N`` processes is planned as its rank 0, with its share of the global
+batch and, where the head is split by class over the ranks, its share of the classes.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
 from megaclass.data.xmc import read_label_names
+from megaclass.distributed.info import DistInfo
+from megaclass.distributed.parallel import rank_batch_size, shards_head
 from megaclass.heads import HeadContext, head_class
 from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
+from megaclass.models.mlp import MLPConfig
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
@@ -507,16 +511,26 @@ def plan_run(
     host_capacity: int,
     others: tuple[DataShape, ...] = (),
     disk_capacity: int | None = None,
+    world_size: int = 1,
 ) -> MemoryPlan:
     """The memory plan of training ``config`` (resolved) on data of ``shape`` on a ``device_type`` device.
 
     Args:
         others: the shapes of the test (and validation) files, held in memory too.
         disk_capacity: free bytes where the run folder goes (None: the disk is not checked).
+        world_size: processes of the run: the plan is rank 0's, with its share of each global batch and,
+            where ``distributed.shard_head`` splits the head by class, its share of the classes.
     """
-    batch = min(config.train.batch_size, max(1, shape.num_rows))  # no batch holds more than the data
+    dist = DistInfo(world_size=world_size)
+    if dist.distributed and isinstance(config.model, MLPConfig):  # as the trainer builds it under DDP
+        config = replace(config, model=replace(config.model, sparse_grad=False))
+    rows = max(1, shape.num_rows)  # no batch holds more than the data
+    batch = min(rank_batch_size(config, dist), -(-rows // world_size))
     parts, dim = _encoder_parts(config, shape, batch)
-    context = HeadContext(in_features=dim, num_classes=shape.num_labels, multilabel=shape.multilabel)
+    classes = shape.num_labels
+    if shards_head(config, dist):
+        classes = -(-classes // world_size)  # rank 0's range: the first ranks take the remainder
+    context = HeadContext(in_features=dim, num_classes=classes, multilabel=shape.multilabel)
     request = PlanRequest(
         batch=batch,
         eval_batch=config.eval.batch_size,
@@ -556,9 +570,10 @@ def plan_run(
             parts = [replace(part, phase="steady") if part.phase == "step" else part for part in parts]
         parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, 0, setting="a larger GPU"))
         parts.append(PlanPart("CUDA runtime", 0, _CUDA_HOST, setting="a host with more memory"))
+    process = "one process" if world_size == 1 else f"rank 0 of {world_size} processes, {classes:,} classes"
     summary = (
         f"memory plan: {config.head.type} head, {shape.num_labels:,} classes x D {dim}, {shape.num_rows:,} "
-        f"rows, batch {batch}, on {device_type} (one process)"
+        f"rows, batch {batch}, on {device_type} ({process})"
     )
     return MemoryPlan(
         tuple(parts),
@@ -590,6 +605,7 @@ def plan_for(
     gpu_memory: float | None = None,
     host_memory: float | None = None,
     out_dir: str | None = None,
+    world_size: int = 1,
 ) -> MemoryPlan:
     """The plan of ``config`` on the files given: their shapes read, the config resolved from the training
     file's facts by ``resolve`` (as ``megaclass train`` resolves it), the capacities of this machine or those
@@ -610,4 +626,5 @@ def plan_for(
         host_capacity=host,
         others=others,
         disk_capacity=None if out_dir is None else free_bytes(out_dir),
+        world_size=world_size,
     )
