@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 
@@ -321,3 +322,13 @@ def test_a_run_says_when_the_next_checkpoint_will_not_fit(data, tmp_path, monkey
     assert len(lines) == 2  # the checkpoints at steps 2 and 3
     assert "step_000000002" in lines[0] and "the next one will not fit" in lines[0]
     assert "train.keep_checkpoints" in lines[0]
+
+
+def test_a_run_that_did_not_finish_is_read_from_its_newest_checkpoint_and_says_so(data, stopped, finished):
+    from megaclass.train.inference import load_run
+
+    with pytest.warns(CheckpointWarning, match=r"no final weights .* checkpoint, checkpoints/step_0+7"):
+        load_run(str(stopped), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finished run's final weights: nothing to say
+        load_run(str(finished), device="cpu")

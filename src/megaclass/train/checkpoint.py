@@ -52,6 +52,7 @@ __all__ = [
     "load_newest",
     "read_weights",
     "recover",
+    "run_weights_folder",
     "save_checkpoint",
     "short_of_room",
 ]
@@ -145,6 +146,28 @@ def latest_checkpoint(folder: str) -> str | None:
     return next(
         (path for path in checkpoint_folders(folder) if os.path.exists(os.path.join(path, MANIFEST))), None
     )
+
+
+def run_weights_folder(run_dir: str) -> str:
+    """The folder of the final weights of the run in ``run_dir`` (``model/``), else of its newest checkpoint,
+    with a :class:`CheckpointWarning` saying which (the run did not finish).
+
+    Raises:
+        FileNotFoundError: the run has neither.
+    """
+    final = os.path.join(run_dir, "model")
+    if os.path.isdir(final):
+        return final
+    latest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
+    warnings.warn(
+        f"{run_dir} has no final weights (model/: the run did not finish); using its newest checkpoint, "
+        f"{os.path.relpath(latest, run_dir)}",
+        CheckpointWarning,
+        stacklevel=3,
+    )
+    return latest
 
 
 def is_row_store_entry(key: str) -> bool:

@@ -42,13 +42,7 @@ def _read_state(folder: str, *, stream: bool = False) -> Any:
 def _run_weights(run_dir: str) -> dict[str, Any]:
     """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint (their tensors
     left in the files, but a sharded checkpoint's head, which is stacked in memory)."""
-    final = os.path.join(run_dir, "model")
-    if os.path.isdir(final):
-        state = _read_state(final, stream=True)
-        return {"encoder": state["encoder"], "head": state["head"]}
-    latest = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
+    latest = checkpoint.run_weights_folder(run_dir)
     if not is_sharded_checkpoint(latest):
         state = _read_state(latest, stream=True)
         return {"encoder": state["encoder"], "head": state["head"]}

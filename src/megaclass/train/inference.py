@@ -229,11 +229,7 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     facts = _read_run_file(facts_path, _read_json)
     counts_path = os.path.join(run_dir, str(facts.get("label_counts_file", "label_counts.npy")))
     label_counts = _read_run_file(counts_path, lambda path: np.load(path, allow_pickle=False))
-    weights_dir = os.path.join(run_dir, "model")
-    if not os.path.isdir(weights_dir):
-        weights_dir = checkpoint.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-        if weights_dir is None:
-            raise FileNotFoundError(f"--run: {run_dir} has neither final weights (model/) nor a checkpoint")
+    weights_dir = checkpoint.run_weights_folder(run_dir)
     state = _read_run_file(weights_dir, checkpoint.read_weights)  # store rows stream from the file
     featurizer = None
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
