@@ -325,8 +325,9 @@ def test_learns_a_planted_task():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="sample_num"):
-        SelectedHeadConfig(sample_num=0)
+    for bad in (0, -5, 1.5, 0.0):  # one message for every bad budget: a count or a fraction
+        with pytest.raises(ConfigError, match=r"sample_num: expected a count >= 1 or a fraction in \(0, 1\)"):
+            SelectedHeadConfig(sample_num=bad)
     with pytest.raises(ConfigError, match="index"):
         head_config({"type": "selected", "index": "faiss"})
     with pytest.raises(ConfigError, match="multi-label"):

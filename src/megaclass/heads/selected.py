@@ -123,12 +123,11 @@ class SelectedHeadConfig:
     seed: int = 0  # seeds the rows, the index and the random fill
 
     def __post_init__(self) -> None:
-        if isinstance(self.sample_num, float) and not 0 < self.sample_num < 1:
+        fraction = isinstance(self.sample_num, float)
+        if (fraction and not 0 < self.sample_num < 1) or (not fraction and self.sample_num < 1):
             raise ConfigError(
                 f"head.sample_num: expected a count >= 1 or a fraction in (0, 1), got {self.sample_num}"
             )
-        if isinstance(self.sample_num, int) and self.sample_num < 1:
-            raise ConfigError(f"head.sample_num must be >= 1, got {self.sample_num}")
         for name in ("interval", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"head.{name} must be >= 1, got {getattr(self, name)}")
