@@ -130,7 +130,7 @@ def test_user_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("3 10 5\n1 2:0.5\n9 1:0.2\n0 1:1\n")
     cases = [
-        (["--set", "train.epoch=3"], "unknown key(s) 'epoch'"),
+        (["--set", "train.epoch=3"], "unknown key(s) 'epoch' (did you mean 'epochs'?)"),
         (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
     ]
     for extra, message in cases:

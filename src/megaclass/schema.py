@@ -10,6 +10,7 @@ first field is a selector named ``type`` or ``kind`` (``head.margin=arcface`` se
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import types
@@ -39,8 +40,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        guesses = [close for key in unknown for close in difflib.get_close_matches(str(key), fields, n=1)]
+        meant = f" (did you mean {', '.join(map(repr, guesses))}?)" if guesses else ""
         raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"{where or cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}{meant}; "
             f"known: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
