@@ -726,6 +726,26 @@ def _argument_cases() -> list[Case]:
             predict(c)[:3] + ["--input", c.text_test, "--out", c.tmp + "/p.txt"],
             [c.text_test],
         ),
+        "text eval on BoW run": lambda c: (
+            ["eval", "--run", c.bow_run, "--test", c.text_test],
+            [c.text_test, "holds text", "trained on BoW rows"],
+        ),
+        "BoW eval on text run": lambda c: (
+            ["eval", "--run", c.text_run, "--test", c.bow_test],
+            [c.bow_test, "holds BoW rows", "trained on text"],
+        ),
+        "BoW eval of other features": lambda c: (
+            ["eval", "--run", c.bow_run, "--test", c.write("narrow.txt", "1 100 595\n3 1:0.5\n")],
+            ["narrow.txt", "sparse rows of 100 features", "feature ids"],
+        ),
+        "train text test for BoW": lambda c: (
+            ["train", "--train", c.bow_test, "--test", c.text_test, "--out", c.tmp + "/r", *_TINY],
+            ["--test", c.text_test, "holds text", "holds BoW rows"],
+        ),
+        "train verification set as test": lambda c: (
+            ["train", "--train", c.bow_test, "--test", f"{c.fixtures}/verify.bin", "--out", c.tmp, *_TINY],
+            ["verify.bin", "eval.verification"],
+        ),
     }
     return [Case(f"arg-{name}", spec) for name, spec in specs.items()]
 

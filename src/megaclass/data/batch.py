@@ -28,6 +28,24 @@ class InputSpec:
     kind: Literal["sparse", "tokens", "image"]
     num_features: int = 0  # F: columns of sparse rows, or vocabulary size of token ids
 
+    def describe(self) -> str:
+        """In words, for messages.
+
+        >>> InputSpec("sparse", 7472).describe(), InputSpec("image").describe()
+        ('sparse rows of 7,472 features', 'images')
+        """
+        if self.kind == "sparse":
+            return f"sparse rows of {self.num_features:,} features"
+        if self.kind == "tokens":
+            return f"token ids of {self.num_features:,} tokens" if self.num_features else "token ids"
+        return "images"
+
+    def mismatch(self, expected: InputSpec) -> str:
+        """What differs from ``expected``, the training data's inputs, in words."""
+        sparse = self.kind == expected.kind == "sparse"
+        hint = " (a BoW file's feature ids must be the training file's)" if sparse else ""
+        return f"{self.describe()}, where the training data has {expected.describe()}{hint}"
+
 
 @dataclass(frozen=True)
 class SparseInputs:

@@ -106,6 +106,15 @@ def _first_line(path: str) -> bytes:
         raise DataFormatError(path, f"cannot read: {error}") from None
 
 
+_KINDS = {"xmc-bow": "BoW rows", "xmc-text": "text", "lf-json": "text", "face-images": "images"}
+
+
+def data_kind(path: str | os.PathLike) -> str:
+    """What the data file ``path`` holds, in words: ``BoW rows``, ``text`` (``labels<TAB>text`` and LF JSON
+    alike) or ``images``; the files of one run must hold the same."""
+    return _KINDS[detect_format(path)]
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """The format of the data file ``path``.
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from megaclass.data.batch import InputSpec
-from megaclass.data.loaders import SparseDataset, open_dataset
+from megaclass.data.loaders import SparseDataset, data_kind, open_dataset
 from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
@@ -64,6 +64,11 @@ class LoadedRun:
         """Open a labelled data file the way the run's training data was opened (same featuriser, classes)."""
         from megaclass.models.text import token_source
 
+        expected = InputSpec(**self.facts["input_spec"])
+        trained_on = {"image": "images", "tokens": "text"}.get(expected.kind)
+        trained_on = trained_on or ("BoW rows" if self.featurizer is None else "text")
+        if self.config.data.format == "auto" and data_kind(path) != trained_on:
+            raise ValueError(f"{path} holds {data_kind(path)}, but the run was trained on {trained_on}")
         try:
             dataset = open_dataset(
                 path,
@@ -74,9 +79,8 @@ class LoadedRun:
             )
         except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # sniffing the format reads through gzip
             raise DataFormatError(path, f"corrupt gzip data ({error})") from None
-        expected = InputSpec(**self.facts["input_spec"])
         if dataset.input_spec != expected:
-            raise ValueError(f"{path}: inputs {dataset.input_spec} differ from the run's {expected}")
+            raise ValueError(f"{path}: {dataset.input_spec.mismatch(expected)}")
         return dataset
 
     def open_rows(self, path: str) -> Any:

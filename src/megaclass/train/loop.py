@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset
+from megaclass.data.loaders import BatchLoader, SparseDataset, data_kind, open_dataset
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
@@ -353,6 +353,13 @@ class Trainer:
         check_fits(self.config)  # before the test and validation files are read
 
         def open_more(path: str, flag: str) -> Any:
+            if data_config.format == "auto":
+                kind, train_kind = data_kind(path), data_kind(self.train_path)
+                if kind != train_kind:
+                    raise ConfigError(
+                        f"{flag} {path} holds {kind}, but --train {self.train_path} holds {train_kind}: give "
+                        "every file of a run in one format"
+                    )
             data = open_dataset(
                 path,
                 data_format=data_config.format,
@@ -361,9 +368,7 @@ class Trainer:
                 **tokens,
             )
             if data.input_spec != train_data.input_spec:
-                raise ConfigError(
-                    f"{flag} {path}: inputs {data.input_spec} differ from --train's {train_data.input_spec}"
-                )
+                raise ConfigError(f"{flag} {path}: {data.input_spec.mismatch(train_data.input_spec)}")
             return data
 
         test_data = open_more(self.test_path, "--test")
