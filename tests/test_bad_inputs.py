@@ -212,6 +212,8 @@ def _header_case(command: str, corruption: str) -> Case:
         line = {"fewer documents": 41, "more documents": 41}.get(corruption, 1)
         if command == "eval":
             argv = ["eval", "--run", c.bow_run, "--test", path]
+        elif command == "train":  # a damaged test file: named before training starts
+            argv = ["train", "--train", c.bow_test, "--test", path, "--out", os.path.join(c.tmp, "r"), *_TINY]
         else:
             argv = ["train", "--train", path, "--test", c.bow_test, "--out", os.path.join(c.tmp, "o"), *_TINY]
         return argv, [f"{path}:{line}:", seen]
@@ -275,6 +277,8 @@ def _gzip_case(command: str, how: str) -> Case:
             packed = packed[: len(packed) // 2]
         elif how == "flipped":
             packed = packed[:12] + bytes(b ^ 0xFF for b in packed[12:40]) + packed[40:]
+        elif how == "one byte":  # the deflate stream damaged inside its first block
+            packed = packed[:30] + bytes([packed[30] ^ 0xFF]) + packed[31:]
         else:  # crc
             packed = packed[:-8] + b"\0\0\0\0" + packed[-4:]
         path = c.write("bad.txt.gz", packed)
@@ -768,7 +772,11 @@ CASES: list[Case] = [
     ),
     *(_text_bytes_case(command, line) for command in ("eval", "predict") for line in (1, _LAST)),
     *(_no_tab_case(line) for line in (1, 13, _LAST)),
-    *(_gzip_case(command, how) for command in ("eval", "predict") for how in ("truncated", "flipped", "crc")),
+    *(
+        _gzip_case(command, how)
+        for command in ("eval", "predict", "train")
+        for how in ("truncated", "flipped", "one byte", "crc")
+    ),
     *(_set_case(text) for text in SETS),
     *(_config_case(kind) for kind in CONFIG_FILES),
     *(_run_case(command, how) for command in ("eval", "predict", "export") for how in RUN_DAMAGE),

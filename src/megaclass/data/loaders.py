@@ -16,6 +16,7 @@ import functools
 import gzip
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -97,11 +98,16 @@ class SparseDataset:
 _BOW_HEADER = re.compile(rb"^\s*\d+\s+\d+\s+\d+\s*$")
 
 
+_CORRUPT_GZIP = (EOFError, zlib.error, gzip.BadGzipFile)  # what reading through damaged gzip data raises
+
+
 def _first_line(path: str) -> bytes:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
             return handle.readline(1 << 20)
+    except _CORRUPT_GZIP as error:
+        raise DataFormatError(path, f"corrupt gzip data ({error})") from None
     except OSError as error:
         raise DataFormatError(path, f"cannot read: {error}") from None
 
@@ -224,12 +230,17 @@ def open_dataset(
         data_format = detect_format(path)
     if data_format not in formats:
         raise ValueError(f"data format {data_format!r} of {path}: expected auto or one of {sorted(formats)}")
-    if tokenizer is not None:
-        read = read_lf_json if data_format == "lf-json" else load_xmc
-        return open_token_dataset(path, tokenizer, max_length=max_length, num_classes=num_classes, read=read)
-    return formats[data_format](
-        path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config
-    )
+    try:
+        if tokenizer is not None:
+            read = read_lf_json if data_format == "lf-json" else load_xmc
+            return open_token_dataset(
+                path, tokenizer, max_length=max_length, num_classes=num_classes, read=read
+            )
+        return formats[data_format](
+            path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config
+        )
+    except _CORRUPT_GZIP as error:
+        raise DataFormatError(path, f"corrupt gzip data ({error})") from None
 
 
 def _identity(batch: Batch) -> Batch:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import json
 import os
 import re
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,18 +65,16 @@ class LoadedRun:
         expected = InputSpec(**self.facts["input_spec"])
         trained_on = {"image": "images", "tokens": "text"}.get(expected.kind)
         trained_on = trained_on or ("BoW rows" if self.featurizer is None else "text")
-        if self.config.data.format == "auto" and data_kind(path) != trained_on:
-            raise ValueError(f"{path} holds {data_kind(path)}, but the run was trained on {trained_on}")
-        try:
-            dataset = open_dataset(
-                path,
-                data_format=self.config.data.format,
-                num_classes=self.facts["num_classes"],
-                featurizer=self.featurizer,
-                **token_source(self.config.model),
-            )
-        except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # sniffing the format reads through gzip
-            raise DataFormatError(path, f"corrupt gzip data ({error})") from None
+        kind = data_kind(path) if self.config.data.format == "auto" else trained_on
+        if kind != trained_on:
+            raise ValueError(f"{path} holds {kind}, but the run was trained on {trained_on}")
+        dataset = open_dataset(
+            path,
+            data_format=self.config.data.format,
+            num_classes=self.facts["num_classes"],
+            featurizer=self.featurizer,
+            **token_source(self.config.model),
+        )
         if dataset.input_spec != expected:
             raise ValueError(f"{path}: {dataset.input_spec.mismatch(expected)}")
         return dataset
