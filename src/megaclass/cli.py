@@ -76,7 +76,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--dry-run",
         action="store_true",
         help="print the memory plan of this run (GPU and host, by part, and the disk its --out folder "
-        "takes) and exit without writing anything; "
+        "takes; with --nproc-per-node, of its rank 0, no process started) and exit without writing anything; "
         f"exit code {_DOES_NOT_FIT} when it does not fit",
     )
     _add_capacity_arguments(parser)
@@ -199,7 +199,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", required=True, metavar="PATH", help="training data (XMC BoW or text)")
+    parser.add_argument(
+        "--train", required=True, metavar="PATH", help="training data (BoW, text, LF JSON or face images)"
+    )
     parser.add_argument("--test", metavar="PATH", help="test data, held in memory too")
     parser.add_argument("--valid", metavar="PATH", help="validation data, held in memory too")
     parser.add_argument("--config", metavar="FILE.yaml", help="run config, as for train")
