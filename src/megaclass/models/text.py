@@ -32,6 +32,7 @@ __all__ = [
     "init_head_rows",
     "label_name_features",
     "load_tokenizer",
+    "reads_tokens",
     "resolve_pretrained",
     "token_source",
 ]
@@ -270,9 +271,14 @@ class TransformerEncoder(nn.Module):
         return out
 
 
+def reads_tokens(model_config: Any) -> bool:
+    """Whether the encoder of ``model_config`` reads text as token ids (a transformer), not featurised."""
+    return isinstance(model_config, TransformerConfig)
+
+
 def token_source(model_config: Any) -> dict[str, Any]:
     """``open_dataset`` options that read text as token ids for ``model_config``; empty for other encoders."""
-    if not isinstance(model_config, TransformerConfig):
+    if not reads_tokens(model_config):
         return {}
     return {"tokenizer": load_tokenizer(model_config), "max_length": model_config.max_length}
 

@@ -43,6 +43,7 @@ from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
 from megaclass.models.mlp import MLPConfig
+from megaclass.models.text import reads_tokens
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
@@ -486,8 +487,8 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
 
 
 def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
-    """Whether the encoder reads token ids: a text encoder (``model.max_length``) on text data."""
-    return shape.inputs == "text" and hasattr(config.model, "max_length")
+    """Whether the encoder reads token ids: a text encoder on text data, as the run reads it."""
+    return shape.inputs == "text" and reads_tokens(config.model)
 
 
 _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
