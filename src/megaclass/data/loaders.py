@@ -121,6 +121,14 @@ def data_kind(path: str | os.PathLike) -> str:
     return _KINDS[detect_format(path)]
 
 
+def inputs_kind(spec: InputSpec, *, featurized: bool) -> str:
+    """What data opened as ``spec`` was read from, in :func:`data_kind`'s words (``featurized``: its sparse
+    rows came from a text featuriser)."""
+    if spec.kind == "sparse":
+        return "text" if featurized else "BoW rows"
+    return "text" if spec.kind == "tokens" else "images"
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """The format of the data file ``path``.
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from megaclass.data.batch import InputSpec
-from megaclass.data.loaders import SparseDataset, data_kind, open_dataset
+from megaclass.data.loaders import SparseDataset, data_kind, inputs_kind, open_dataset
 from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
@@ -63,8 +63,7 @@ class LoadedRun:
         from megaclass.models.text import token_source
 
         expected = InputSpec(**self.facts["input_spec"])
-        trained_on = {"image": "images", "tokens": "text"}.get(expected.kind)
-        trained_on = trained_on or ("BoW rows" if self.featurizer is None else "text")
+        trained_on = inputs_kind(expected, featurized=self.featurizer is not None)
         kind = data_kind(path) if self.config.data.format == "auto" else trained_on
         if kind != trained_on:
             raise ValueError(f"{path} holds {kind}, but the run was trained on {trained_on}")
