@@ -161,12 +161,13 @@ def _spec(**changes):
     )
 
 
+@pytest.mark.parametrize("durable", [False, True])
 @pytest.mark.parametrize("first", [[0, 5], [0, 1, 3, 4, 5, 6, 7]])  # shorter / longer record
-def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first):
+def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first, durable):
     """A process dying between journal and commit leaves the pre-step state after restart (also when the
     journal still holds the tail of a longer earlier record)."""
     hyper = HyperParams(lr=1.0, momentum=0.9)
-    state = ShardState(tmp_path, _spec(), hyper)
+    state = ShardState(tmp_path, _spec(), hyper, durable=durable)
     state.apply(torch.tensor(first), torch.ones(len(first), 3), lr=1.0, step=1)
     rows, momentum, version = state.rows.clone(), state.state["momentum_buffer"].clone(), state.version
 

@@ -44,6 +44,32 @@ def test_updates_of_varying_sizes_equal_a_plain_update_bitwise(tmp_path, optimiz
     assert (state.version, state.applied_step) == (len(SIZES), len(SIZES))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_a_large_update_written_back_by_several_threads_equals_a_plain_update(tmp_path, optimizer):
+    spec = ShardSpec(num_rows=5000, dim=3, row_start=0, row_stop=5000, optimizer=optimizer, trainers=1)
+    state = ShardState(tmp_path, spec, HyperParams(lr=0.1, momentum=0.5, eps=1e-6), seed=1)
+    rows = state.rows.clone()
+    slots = {name: tensor.clone() for name, tensor in state.state.items()}
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three pieces of at least 512 rows: three threads write the rows back
+    try:
+        for step, size in enumerate([3001, 1700, 4999], start=1):
+            ids = torch.randperm(spec.size, generator=generator)[:size]
+            grads = torch.randn(size, spec.dim, generator=generator)
+            state.apply(ids, grads, lr=0.1, step=step)
+            if optimizer == "sgd":
+                _plain_sgd(rows, slots["momentum_buffer"], ids, grads, lr=0.1, mu=0.5)
+            else:
+                _plain_adagrad(rows, slots["sum"], slots["step"], ids, grads, lr=0.1, eps=1e-6)
+            torch.testing.assert_close(state.rows, rows, rtol=0, atol=0)
+            for name, tensor in slots.items():
+                torch.testing.assert_close(state.state[name], tensor, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+        state.close()
+
+
 @pytest.mark.parametrize("where", [0, 7, 4094, 4095])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_all_finite_finds_one_bad_value_anywhere(where, bad):

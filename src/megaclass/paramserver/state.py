@@ -12,12 +12,13 @@ Files under the data folder::
     checksums.json     CRC-32 of every state file, written at a clean close and into snapshots; checked and
                        removed at the next start (the state changes from then on)
 
-Every update is applied as: (1) write the touched rows' old values (rows, slots, versions, the header) to
-``journal.bin``; (2) set the header's journal marker to the new version; (3) update the memory maps in
-place; (4) write the header's applied step and trainer steps, then its committed version last. A process
-killed at any point leaves the page cache holding either a committed state or a marker newer than
-the committed version; on restart the latter is undone from the journal, so no half-applied step survives.
-With ``durable=True`` the journal is fsync'd before (2) and the maps flushed after (4), which extends the
+Every update is applied as: (1) gather the touched rows' old values (rows, slots, versions, the header)
+straight into ``journal.bin``, memory-mapped and grown to the largest record; (2) set the header's journal
+marker to the new version; (3) update the memory maps in place; (4) write the header's applied step and
+trainer steps, then its committed version last. A process killed at any point leaves the page cache holding
+either a committed state or a marker newer than the committed version; on restart the latter is undone from
+the journal, so no half-applied step survives.
+With ``durable=True`` the journal is synced before (2) and the maps flushed after (4), which extends the
 guarantee to power loss. :meth:`ShardState.snapshot` copies a committed state to its own fsync'd folder.
 
 At start every state file must have the size the shard's shape needs, and match its checksum when the last
@@ -26,12 +27,15 @@ close left one: a truncated or damaged state is refused rather than served as ze
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 import shutil
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,6 +48,7 @@ from megaclass.state_io import fsync_path
 
 FORMAT = 1
 MAGIC = 0x4D43505331  # "MCPS1"
+_SCATTER_PIECE_ROWS = 512  # the fewest rows a scatter gives each thread
 # header.i64 layout
 _MAGIC, _COMMITTED, _STEP, _JOURNAL, _TRAINERS0 = 0, 1, 2, 3, 8
 
@@ -81,7 +86,7 @@ class ShardState:
         self.spec = spec
         self.durable = durable
         self._arrays: dict[str, np.memmap] = {}
-        self._buffers: dict[str, Tensor] = {}  # gathered rows and state of the update in progress
+        self._buffers: dict[str, Tensor] = {}  # rows and state of the update in progress
         os.makedirs(self.dir, exist_ok=True)
         meta_path = os.path.join(self.dir, "meta.json")
         fresh = not os.path.exists(meta_path)
@@ -100,6 +105,8 @@ class ShardState:
         self.versions = self._map("versions.i64", (spec.size,), np.int64, fresh)
         self.header = self._map("header.i64", (_TRAINERS0 + spec.trainers,), np.int64, fresh)
         self._journal_fd = os.open(os.path.join(self.dir, "journal.bin"), os.O_RDWR | os.O_CREAT, 0o644)
+        self._journal_map: mmap.mmap | None = None  # mapped at the first record
+        self._scatter_pool: ThreadPoolExecutor | None = None  # made at the first scatter split over threads
         if fresh:
             self._initialise(init_bound, seed)
             self._write_json("hyper.json", asdict(self.hyper))
@@ -136,19 +143,20 @@ class ShardState:
         """Apply one optimizer step to local rows ``local (S,)`` (unique) given ``grads (S, D)`` float32.
 
         Records ``step`` as the applied step and as the last step of each of ``trainers`` (who pushed it);
-        returns the new version. The touched rows are gathered into buffers kept between steps (fresh
-        pages every step cost more than the update), updated there and written back.
+        returns the new version. The touched rows' old values are gathered straight into the journal, copied
+        into buffers kept between steps (fresh pages every step cost more than the update), updated there and
+        written back.
         """
         new_version = self.version + 1
-        rows = self._gather("rows", self.rows, local)  # (S, D)
-        state = {slot: self._gather(slot, tensor, local) for slot, tensor in self.state.items()}
-        self._journal(local, new_version, rows, state)  # the gathered rows are the old values
+        old_rows, old_state = self._journal(local, new_version)
+        rows = self._work("rows", old_rows)  # (S, D)
+        state = {slot: self._work(slot, values) for slot, values in old_state.items()}
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
         where = local.numpy()
-        self._mapped("rows.f32")[where] = rows.numpy()  # numpy's row scatter: about twice index_copy_'s speed
+        self._scatter("rows.f32", where, rows)
         for slot, values in state.items():
-            self._mapped(f"{slot}.f32")[where] = values.numpy()
+            self._scatter(f"{slot}.f32", where, values)
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
         return new_version
@@ -196,8 +204,15 @@ class ShardState:
             array.flush()
         if self._journal_fd >= 0:
             self._write_checksums(self.dir)
+            if self._journal_map is not None:
+                with contextlib.suppress(BufferError):  # a record's view still held: the map goes with it
+                    self._journal_map.close()
+                self._journal_map = None
             os.close(self._journal_fd)
             self._journal_fd = -1
+        if self._scatter_pool is not None:
+            self._scatter_pool.shutdown()
+            self._scatter_pool = None
 
     # -- integrity -------------------------------------------------------------------------------------
     def _state_files(self) -> dict[str, int]:
@@ -277,16 +292,38 @@ class ShardState:
     def _mapped(self, name: str) -> np.memmap:
         return self._arrays[name]
 
-    def _gather(self, name: str, source: Tensor, local: Tensor) -> Tensor:
-        """Rows ``local`` of ``source`` in this state's buffer ``name``, kept and grown between calls (the
-        write lock serialises the callers, and nothing holds a buffer past the update)."""
+    def _work(self, name: str, values: Tensor) -> Tensor:
+        """A copy of ``values`` in this state's buffer ``name``, kept and grown between calls (the write lock
+        serialises the callers, and nothing holds a buffer past the update)."""
         buffer = self._buffers.get(name)
-        if buffer is None or len(buffer) < len(local):
+        if buffer is None or len(buffer) < len(values):
             buffer = torch.empty(
-                max(len(local), 2 * len(buffer) if buffer is not None else 0), *source.shape[1:]
+                max(len(values), 2 * len(buffer) if buffer is not None else 0), *values.shape[1:]
             )
             self._buffers[name] = buffer
-        return torch.index_select(source, 0, local, out=buffer[: len(local)])
+        return buffer[: len(values)].copy_(values)
+
+    def _scatter(self, name: str, where: np.ndarray, values: Tensor) -> None:
+        """``map[where] = values`` (``where`` unique) for the map ``name``: numpy's scatter of whole rows
+        (each row one item: faster than its element-wise scatter and than ``index_copy_``), split over
+        torch's threads (numpy lets go of the GIL, and the rows' random places are a wait on memory)."""
+        mapped = self._mapped(name)
+        row = np.dtype((np.void, mapped.strides[0]))
+        target, source = mapped.view(row).reshape(-1), values.numpy().view(row).reshape(-1)
+        pieces = min(torch.get_num_threads(), len(where) // _SCATTER_PIECE_ROWS)
+        if pieces < 2:
+            np.put(target, where, source)
+            return
+        if self._scatter_pool is None:
+            self._scatter_pool = ThreadPoolExecutor(torch.get_num_threads() - 1, thread_name_prefix="scatter")
+        bounds = np.linspace(0, len(where), pieces + 1).astype(np.int64)
+        parts = zip(bounds[:-1], bounds[1:], strict=True)
+        done = [
+            self._scatter_pool.submit(np.put, target, where[a:b], source[a:b]) for a, b in list(parts)[1:]
+        ]
+        np.put(target, where[: bounds[1]], source[: bounds[1]])
+        for future in done:
+            future.result()
 
     def _initialise(self, bound: float | None, seed: int) -> None:
         """This shard's rows of the matrix that :func:`~megaclass.ops.row_optimizers.init_rows_` draws."""
@@ -324,36 +361,52 @@ class ShardState:
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
-    def _journal(
-        self,
-        local: Tensor,
-        new_version: int,
-        rows: Tensor | None = None,
-        state: dict[str, Tensor] | None = None,
-    ) -> None:
-        """Write the undo record of rows ``local`` (steps 1-2 of the update protocol).
+    def _journal(self, local: Tensor, new_version: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Write the undo record of rows ``local`` (steps 1-2 of the update protocol); returns the record's
+        views of those rows' old values and optimizer state.
 
-        ``rows`` and ``state`` are those rows' current values when the caller has gathered them already.
+        The record is laid out as ``count, version, header, ids, rows, <slots>, versions`` from the file's
+        start, over the previous record without truncation: a stale tail past it is never read (its count
+        rules). The old values are gathered straight into the mapped file, the record's one copy.
         """
-        rows = self.rows.index_select(0, local) if rows is None else rows
-        state = {slot: t.index_select(0, local) for slot, t in self.state.items()} if state is None else state
-        parts = [
-            np.asarray([len(local), new_version], dtype=np.int64),
-            self.header.numpy(),
-            local.numpy().astype(np.int64, copy=False),
-            rows.numpy(),
-            *(state[slot].numpy() for slot in self.state),
-            self.versions.index_select(0, local).numpy(),
-        ]
-        # one positional write over the previous record, no truncation: freeing a record's page-cache pages
-        # every step cost more than the write; a stale tail past this record is never read (its count rules)
-        buffers = [memoryview(np.ascontiguousarray(part)).cast("B") for part in parts if part.size]
-        written = os.pwritev(self._journal_fd, buffers, 0)
-        if written != sum(len(buffer) for buffer in buffers):
-            raise OSError(f"{self.dir}/journal.bin: short write ({written} bytes)")
+        count = len(local)
+        parts = {"head": (np.int64, (2 + len(self.header),)), "ids": (np.int64, (count,))}
+        parts["rows"] = (np.float32, (count, self.spec.dim))
+        for slot, tensor in self.state.items():
+            parts[slot] = (np.float32, (count, *tensor.shape[1:]))
+        parts["versions"] = (np.int64, (count,))
+        nbytes = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in parts.values())
+        journal = self._journal_of(nbytes)
+        views, offset = {}, 0
+        for name, (dtype, shape) in parts.items():
+            views[name] = np.frombuffer(journal, dtype, math.prod(shape), offset).reshape(shape)
+            offset += views[name].nbytes
+        head = views["head"]
+        head[:2] = count, new_version
+        head[2:] = self.header.numpy()
+        views["ids"][:] = local.numpy()
+        old = {name: torch.from_numpy(views[name]) for name in ("rows", *self.state)}
+        torch.index_select(self.rows, 0, local, out=old["rows"])
+        for slot, tensor in self.state.items():
+            torch.index_select(tensor, 0, local, out=old[slot])
+        np.take(self.versions.numpy(), local.numpy(), out=views["versions"])
         if self.durable:
-            os.fsync(self._journal_fd)
+            journal.flush()
         self.header[_JOURNAL] = new_version
+        old_rows = old.pop("rows")
+        return old_rows, old
+
+    def _journal_of(self, nbytes: int) -> mmap.mmap:
+        """The journal file mapped over at least ``nbytes`` (grown by doubling; never shrunk)."""
+        journal = self._journal_map
+        if journal is None or len(journal) < nbytes:
+            size = max(nbytes, os.fstat(self._journal_fd).st_size, 2 * len(journal) if journal else 0)
+            if os.fstat(self._journal_fd).st_size < size:
+                os.ftruncate(self._journal_fd, size)
+                if self.durable:
+                    os.fsync(self._journal_fd)
+            journal = self._journal_map = mmap.mmap(self._journal_fd, size)
+        return journal
 
     def _commit(
         self, new_version: int, *, step: int, trainers: Sequence[int] = (), trainer_step: int = 0
