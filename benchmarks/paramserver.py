@@ -4,9 +4,10 @@
     python benchmarks/paramserver.py --quick    # small sizes, runs on CPU as a smoke test
 
 Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD with momentum) on this machine
-and times one client pulling ``R`` rows (``pull``), pushing their gradients (``push``: the shards apply SGD
-with momentum before answering) and both in turn (``step``). ``bandwidth_gbs`` counts row bytes moved:
-``R * D * 4`` for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through
+and times one client pulling ``R`` random rows (``pull``), pushing their gradients (``push``: the shards
+apply SGD with momentum before answering) and both in turn (``step``), each call on the next of 8 sets of
+rows (rows the previous call moved would still be in the CPU's cache). ``bandwidth_gbs`` counts row bytes
+moved: ``R * D * 4`` for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through
 shared memory (the client's default with shards on its machine), ``ps-inline`` in the gRPC messages.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -133,20 +135,26 @@ def memory_folder(args: argparse.Namespace) -> str | None:
 def transfer_cases(client, provider: str, count: int, dim: int, rows: int, counter: list[int]) -> list[Case]:
     """``pull``, ``push`` and ``step`` of ``rows`` random rows (sorted ids, as a selection gives them)."""
     params = {"shards": count, "D": dim, "rows": rows}
-    ids = torch.randperm(client.num_rows)[:rows].sort().values
+    # a few sets of random rows (sorted ids, as a selection gives them) taken in turn: one set over and over
+    # would find its rows in the CPU's cache, where a training step's rows are cold
+    id_sets = itertools.cycle([torch.randperm(client.num_rows)[:rows].sort().values for _ in range(8)])
     grads = torch.randn(rows, dim) * 1e-3
     row_bytes = rows * dim * 4
 
-    def push() -> None:
+    def pull() -> None:
+        client.pull(next(id_sets))
+
+    def push(ids: torch.Tensor | None = None) -> None:
         counter[0] += 1
-        client.push(ids, grads, step=counter[0], lr=0.01)
+        client.push(next(id_sets) if ids is None else ids, grads, step=counter[0], lr=0.01)
 
     def step() -> None:
+        ids = next(id_sets)
         client.pull(ids)
-        push()
+        push(ids)
 
     return [
-        Case(provider, "pull", params, lambda: lambda: client.pull(ids), bytes_moved=row_bytes),
+        Case(provider, "pull", params, lambda: pull, bytes_moved=row_bytes),
         Case(provider, "push", params, lambda: push, bytes_moved=row_bytes),
         Case(provider, "step", params, lambda: step, bytes_moved=2 * row_bytes),
     ]

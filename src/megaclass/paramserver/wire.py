@@ -200,7 +200,8 @@ def decode_array(array: Any, *, what: str, ndim: int | None = None) -> Tensor:
         )
     float32 = array.dtype == "float32"
     raw = np.frombuffer(array.data, dtype="<f4" if float32 else "<i2").reshape(shape)
-    tensor = torch.from_numpy(raw.copy())
+    # memory shared with a client is writable and copied by torch's threads; received bytes are read-only
+    tensor = torch.from_numpy(raw).clone() if raw.flags.writeable else torch.from_numpy(raw.copy())
     return tensor if float32 else tensor.view(torch.bfloat16)
 
 
