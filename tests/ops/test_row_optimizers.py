@@ -12,6 +12,8 @@ from megaclass.ops.row_optimizers import (
     apply_sparse_update_,
     init_row_state,
     init_rows_,
+    put_rows_,
+    take_rows,
 )
 from megaclass.schema import ConfigError
 
@@ -263,3 +265,40 @@ def test_init_rows_drawn_on_several_threads_are_the_same_matrix(threads):
 def test_init_rows_range_errors():
     with pytest.raises(ValueError, match="not inside a matrix of 4 rows"):
         init_rows_(torch.empty(3, 2), seed=0, row_start=2, num_rows=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape", [(1200,), (1200, 1), (1200, 5), (1200, 3, 2)])
+@pytest.mark.parametrize("count", [0, 1, 9, 1100])
+def test_put_rows_and_take_rows_equal_indexing(dtype, shape, count):
+    generator = torch.Generator().manual_seed(count)
+    tensor = (torch.randn(shape, generator=generator) * 100).to(dtype)
+    ids = torch.randperm(shape[0], generator=generator)[:count]  # unique, unsorted
+    values = (torch.randn(count, *shape[1:], generator=generator) * 100).to(dtype)
+    expected = tensor.clone()
+    expected[ids] = values
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 1,100 rows: two pieces of at least 512, one on a pool thread
+    try:
+        torch.testing.assert_close(take_rows(tensor, ids), tensor[ids], rtol=0, atol=0)
+        put_rows_(tensor, ids, values)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(tensor, expected)
+
+
+def test_put_rows_takes_values_of_another_dtype_and_layout():
+    tensor = torch.zeros(3000, 4)
+    ids = torch.randperm(3000)[:2500]
+    values = torch.randn(4, 2500, dtype=torch.float64).T  # not contiguous, float64
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # four pieces, on three pool threads and the caller
+    try:
+        put_rows_(tensor, ids, values)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(tensor[ids], values.float(), rtol=0, atol=0)
+    assert not tensor[torch.ones(3000, dtype=torch.bool).index_fill_(0, ids, False)].any()
+    column = torch.zeros(4, 3000).T  # a target that is not contiguous: indexing writes it
+    put_rows_(column, ids[:3], values[:3])
+    torch.testing.assert_close(column[ids[:3]], values[:3].float(), rtol=0, atol=0)

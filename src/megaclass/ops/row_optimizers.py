@@ -4,7 +4,8 @@ seeded initial rows every row store draws.
 A store keeps, beside its ``(C, D)`` rows, a state dict of same-leading-dimension tensors (momentum buffers,
 Adam moments, per-row step counts). A step gathers the touched rows and their state, calls
 :func:`apply_row_update_` on the gathered slices, and writes them back; :func:`apply_sparse_update_` does the
-three at once for rows held in one tensor.
+three at once for rows held in one tensor. :func:`take_rows` and :func:`put_rows_` are that gather and that
+write-back, fast for rows at random places in host memory.
 
 A row sits out the steps it is not active. Two rules for those steps (``RowOptimizerConfig.lazy``):
 
@@ -32,9 +33,11 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,12 +52,16 @@ __all__ = [
     "gather_state",
     "init_row_state",
     "init_rows_",
+    "put_rows_",
     "scatter_state_",
+    "take_rows",
 ]
 
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
 _INIT_THREADS = 4  # CPU chunks drawn at once (each holds one chunk of rows in fp32)
+_PUT_PIECE_ROWS = 512  # the fewest rows one thread of :func:`put_rows_` writes
+_put_pool: ThreadPoolExecutor | None = None  # made at the first write-back split over threads
 
 
 class RowOptimizerKind(str, enum.Enum):
@@ -239,18 +246,57 @@ def _adam_(
     rows.addcdiv_(exp_avg, denominator * (correction1[:, None] / lr), value=-1.0)
 
 
+def take_rows(tensor: Tensor, ids: Tensor) -> Tensor:
+    """``tensor[ids]`` as a new tensor on ``tensor``'s device (``index_select``: a row copied whole)."""
+    return torch.index_select(tensor, 0, ids.to(tensor.device))
+
+
+def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
+    """``tensor[ids] = values`` for unique row ids ``ids (S,)``, in place.
+
+    In host memory each row is copied as one item (numpy's ``put`` over a row-sized void dtype, which lets go
+    of the GIL), split over torch's threads: rows at random places are a wait on memory, and torch's
+    element-wise ``index_put_`` / ``index_copy_`` take several times longer. Elsewhere: ``index_put_``.
+    """
+    global _put_pool
+    ids = ids.to(tensor.device)
+    values = values.to(tensor.device, tensor.dtype)
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.numel() or not len(ids):
+        tensor[ids] = values
+        return
+    target, source = _row_items(tensor), _row_items(values.contiguous())
+    where = ids.numpy()
+    pieces = min(torch.get_num_threads(), len(where) // _PUT_PIECE_ROWS)
+    if pieces < 2:
+        np.put(target, where, source)
+        return
+    if _put_pool is None:
+        _put_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="put-rows")
+    bounds = np.linspace(0, len(where), pieces + 1).astype(np.int64)
+    parts = [
+        _put_pool.submit(np.put, target, where[a:b], source[a:b])
+        for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
+    ]
+    np.put(target, where[: bounds[1]], source[: bounds[1]])
+    for part in parts:
+        part.result()
+
+
+def _row_items(tensor: Tensor) -> np.ndarray:
+    """A contiguous host tensor's rows as a ``(n,)`` numpy array of row-sized void items (its bytes)."""
+    rows = tensor.reshape(len(tensor), -1).view(torch.uint8).numpy()  # any dtype: its bytes
+    return rows.view(np.dtype((np.void, rows.shape[1]))).reshape(-1)
+
+
 def gather_state(state: dict[str, Tensor], ids: Tensor) -> dict[str, Tensor]:
     """The state of rows ``ids (S,)``, as new tensors on ``ids``' device."""
-    return {
-        name: tensor[ids.to(tensor.device)].to(ids.device, non_blocking=True)
-        for name, tensor in state.items()
-    }
+    return {name: take_rows(tensor, ids).to(ids.device, non_blocking=True) for name, tensor in state.items()}
 
 
 def scatter_state_(state: dict[str, Tensor], ids: Tensor, rows_state: dict[str, Tensor]) -> None:
     """Write ``rows_state`` (from :func:`gather_state`) back into ``state`` at rows ``ids``."""
     for name, tensor in state.items():
-        tensor[ids.to(tensor.device)] = rows_state[name].to(tensor.device)
+        put_rows_(tensor, ids, rows_state[name])
 
 
 @torch.no_grad()
@@ -272,10 +318,10 @@ def apply_sparse_update_(
             f"got {tuple(ids.shape)} and {tuple(grads.shape)}"
         )
     ids = ids.to(weight.device)
-    rows = weight[ids]
+    rows = take_rows(weight, ids)
     rows_state = gather_state(state, ids)
     apply_row_update_(rows, rows_state, grads.to(weight.device), lr=lr, config=config, step=step)
-    weight[ids] = rows
+    put_rows_(weight, ids, rows)
     scatter_state_(state, ids, rows_state)
 
 

@@ -35,20 +35,18 @@ import os
 import shutil
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.ops.row_optimizers import init_rows_  # every store draws the same initial matrix
+from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
 from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
 from megaclass.state_io import fsync_path
 
 FORMAT = 1
 MAGIC = 0x4D43505331  # "MCPS1"
-_SCATTER_PIECE_ROWS = 512  # the fewest rows a scatter gives each thread
 # header.i64 layout
 _MAGIC, _COMMITTED, _STEP, _JOURNAL, _TRAINERS0 = 0, 1, 2, 3, 8
 
@@ -106,7 +104,6 @@ class ShardState:
         self.header = self._map("header.i64", (_TRAINERS0 + spec.trainers,), np.int64, fresh)
         self._journal_fd = os.open(os.path.join(self.dir, "journal.bin"), os.O_RDWR | os.O_CREAT, 0o644)
         self._journal_map: mmap.mmap | None = None  # mapped at the first record
-        self._scatter_pool: ThreadPoolExecutor | None = None  # made at the first scatter split over threads
         if fresh:
             self._initialise(init_bound, seed)
             self._write_json("hyper.json", asdict(self.hyper))
@@ -153,10 +150,9 @@ class ShardState:
         state = {slot: self._work(slot, values) for slot, values in old_state.items()}
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
-        where = local.numpy()
-        self._scatter("rows.f32", where, rows)
+        put_rows_(self.rows, local, rows)
         for slot, values in state.items():
-            self._scatter(f"{slot}.f32", where, values)
+            put_rows_(self.state[slot], local, values)
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
         return new_version
@@ -166,7 +162,7 @@ class ShardState:
         target = self.field(name)
         new_version = self.version + 1
         self._journal(local, new_version)
-        target.index_copy_(0, local, values.to(torch.float32))
+        put_rows_(target, local, values)
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=self.applied_step)
         return new_version
@@ -210,9 +206,6 @@ class ShardState:
                 self._journal_map = None
             os.close(self._journal_fd)
             self._journal_fd = -1
-        if self._scatter_pool is not None:
-            self._scatter_pool.shutdown()
-            self._scatter_pool = None
 
     # -- integrity -------------------------------------------------------------------------------------
     def _state_files(self) -> dict[str, int]:
@@ -302,28 +295,6 @@ class ShardState:
             )
             self._buffers[name] = buffer
         return buffer[: len(values)].copy_(values)
-
-    def _scatter(self, name: str, where: np.ndarray, values: Tensor) -> None:
-        """``map[where] = values`` (``where`` unique) for the map ``name``: numpy's scatter of whole rows
-        (each row one item: faster than its element-wise scatter and than ``index_copy_``), split over
-        torch's threads (numpy lets go of the GIL, and the rows' random places are a wait on memory)."""
-        mapped = self._mapped(name)
-        row = np.dtype((np.void, mapped.strides[0]))
-        target, source = mapped.view(row).reshape(-1), values.numpy().view(row).reshape(-1)
-        pieces = min(torch.get_num_threads(), len(where) // _SCATTER_PIECE_ROWS)
-        if pieces < 2:
-            np.put(target, where, source)
-            return
-        if self._scatter_pool is None:
-            self._scatter_pool = ThreadPoolExecutor(torch.get_num_threads() - 1, thread_name_prefix="scatter")
-        bounds = np.linspace(0, len(where), pieces + 1).astype(np.int64)
-        parts = zip(bounds[:-1], bounds[1:], strict=True)
-        done = [
-            self._scatter_pool.submit(np.put, target, where[a:b], source[a:b]) for a, b in list(parts)[1:]
-        ]
-        np.put(target, where[: bounds[1]], source[: bounds[1]])
-        for future in done:
-            future.result()
 
     def _initialise(self, bound: float | None, seed: int) -> None:
         """This shard's rows of the matrix that :func:`~megaclass.ops.row_optimizers.init_rows_` draws."""

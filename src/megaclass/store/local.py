@@ -14,6 +14,8 @@ from megaclass.ops.row_optimizers import (
     apply_sparse_update_,
     init_row_state,
     init_rows_,
+    put_rows_,
+    take_rows,
 )
 from megaclass.ops.stochastic_rounding import philox_seed, stochastic_round
 from megaclass.state_io import SavedTensor, copy_into_
@@ -112,17 +114,17 @@ class LocalRows:
                 f"got {tuple(ids.shape)} and {tuple(grads.shape)}"
             )
         ids = ids.to(self.weight.device)
-        rows = self.weight[ids].float()  # (S, D)
-        rows_state = {name: tensor[ids].float() for name, tensor in self.state.items()}
+        rows = take_rows(self.weight, ids).float()  # (S, D)
+        rows_state = {name: take_rows(tensor, ids).float() for name, tensor in self.state.items()}
         apply_row_update_(
             rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer, step=global_step
         )
-        self.weight[ids] = stochastic_round(rows, seed=philox_seed(self.seed, step, 0))
+        put_rows_(self.weight, ids, stochastic_round(rows, seed=philox_seed(self.seed, step, 0)))
         for stream, (name, tensor) in enumerate(self.state.items(), start=1):
             value = rows_state[name]  # (S, ...)
             if tensor.dtype == torch.bfloat16:
                 value = stochastic_round(value, seed=philox_seed(self.seed, step, stream))
-            tensor[ids] = value
+            put_rows_(tensor, ids, value)
 
     def held_bytes(self) -> tuple[int, int]:
         """``(rows, optimizer state)`` bytes."""
