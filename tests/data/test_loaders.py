@@ -68,6 +68,7 @@ def test_batch_matches_the_file(bow, rows):
     assert isinstance(batch.targets, RaggedLabels)
     assert batch.targets.to_lists() == [file_labels[r] for r in rows]
     np.testing.assert_array_equal(dataset.label_counts(), [1, 2, 2, 2])
+    assert dataset.label_counts() is dataset.label_counts()  # counted once: one (C,) array a run holds
 
 
 def test_one_label_data_gives_class_ids(tmp_path):

@@ -379,6 +379,39 @@ def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):
     assert "CUDA runtime" not in on_cpu
 
 
+def test_label_sized_host_arrays_stay_within_their_planned_parts(synthetic):
+    """What a run holds per label in host memory (the training label counts, all along) and what its
+    evaluation adds (propensities and their inverses): at 2 x 10^8 labels each 8 bytes a label is 1.5 GiB."""
+    import tracemalloc
+
+    import numpy as np
+
+    from megaclass.data.batch import count_labels
+    from megaclass.metrics.ranking import RankingMetrics, propensity
+
+    classes = 200_000
+    shape = dataclasses.replace(read_data_shape(str(synthetic / "train_bow.txt")), num_labels=classes)
+    config = load_config(head="dense", overrides=["model.hidden=[64]"])
+    parts = {
+        p.name: p
+        for p in plan_run(config, shape, device_type="cpu", gpu_capacity=None, host_capacity=128 << 30).parts
+    }
+    labels = np.random.default_rng(0).integers(0, classes, size=50_000)
+    tracemalloc.start()
+    try:
+        counts = count_labels(type("Labels", (), {"indices": labels}), classes)
+        held, counting = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        metrics = RankingMetrics(classes, propensities=propensity(counts, len(labels)))
+        _, evaluating = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert metrics.inverse_propensity.shape == (classes,)
+    assert parts["label counts"].phase == "steady" and parts["evaluation metrics"].phase == "evaluation"
+    assert max(held, counting) <= parts["label counts"].host_bytes * 1.01
+    assert evaluating <= (parts["label counts"].host_bytes + parts["evaluation metrics"].host_bytes) * 1.01
+
+
 def test_plan_of_a_transformer_on_text(write_text_data, tiny_model_options, tmp_path, capsys):
     write_text_data(tmp_path)
     model = [f"model.{key}={value!r}" for key, value in tiny_model_options.items()]

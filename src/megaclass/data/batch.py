@@ -109,4 +109,4 @@ def batch_targets(labels: Any, rows: np.ndarray, *, multilabel: bool) -> Targets
 
 def count_labels(labels: Any, num_classes: int) -> np.ndarray:
     """``(C,)`` int64 number of rows of ``labels`` (a CSR of label ids per row) carrying each label."""
-    return np.bincount(labels.indices, minlength=num_classes).astype(np.int64)
+    return np.bincount(labels.indices, minlength=num_classes).astype(np.int64, copy=False)

@@ -243,13 +243,17 @@ class FaceImageDataset:
         self.flip = flip
         self.seed = seed
         self.input_spec = InputSpec(kind="image")
+        self._label_counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
     def label_counts(self) -> np.ndarray:
-        """``(C,)`` int64 images per class."""
-        return np.bincount(self.source.labels, minlength=self.num_classes).astype(np.int64)
+        """``(C,)`` int64 images per class; counted once and shared (do not change it)."""
+        if self._label_counts is None:
+            counts = np.bincount(self.source.labels, minlength=self.num_classes)
+            self._label_counts = counts.astype(np.int64, copy=False)
+        return self._label_counts
 
     def images(self, rows: np.ndarray) -> Tensor:
         """uint8 ``(B, 3, S, S)`` of rows ``rows``, flipped as training wants when ``flip`` is on."""

@@ -62,6 +62,7 @@ class SparseDataset:
     path: str = ""
     featurizer: Any = None
     input_spec: InputSpec = field(init=False)
+    _label_counts: np.ndarray | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.input_spec = InputSpec(kind="sparse", num_features=int(self.features.num_columns))
@@ -76,8 +77,10 @@ class SparseDataset:
         return len(self.labels.indptr) - 1
 
     def label_counts(self) -> np.ndarray:
-        """``(C,)`` int64 number of rows carrying each label."""
-        return count_labels(self.labels, self.num_classes)
+        """``(C,)`` int64 number of rows carrying each label; counted once and shared (do not change it)."""
+        if self._label_counts is None:
+            self._label_counts = count_labels(self.labels, self.num_classes)
+        return self._label_counts
 
     def label_features(self, *, dim: int = 256, seed: int = 0) -> np.ndarray:
         """``(C, E)`` float32 PIFA vectors: each label's normalised sum of its rows' features."""

@@ -267,6 +267,7 @@ class TokenDataset:
     featurizer: None = field(default=None, init=False)  # text featurisers make sparse data, not tokens
     input_spec: InputSpec = field(init=False)
     lengths: np.ndarray = field(init=False)  # (N,) tokens per document
+    _label_counts: np.ndarray | None = field(default=None, init=False)
 
     def __post_init__(self, vocab_size: int) -> None:
         if len(self.tokens) != len(self.labels):
@@ -280,8 +281,10 @@ class TokenDataset:
         return len(self.tokens)
 
     def label_counts(self) -> np.ndarray:
-        """``(C,)`` int64 number of documents carrying each label."""
-        return count_labels(self.labels, self.num_classes)
+        """``(C,)`` int64 documents carrying each label; counted once and shared (do not change it)."""
+        if self._label_counts is None:
+            self._label_counts = count_labels(self.labels, self.num_classes)
+        return self._label_counts
 
     def label_features(self, *, dim: int = 256, seed: int = 0) -> np.ndarray:
         """``(C, E)`` float32 PIFA vectors over bag-of-token-id documents (no encoder needed)."""

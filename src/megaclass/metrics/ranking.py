@@ -44,9 +44,15 @@ def propensity(label_counts: np.ndarray, num_samples: int, *, a: float = 0.55, b
     """
     if num_samples < 1:
         raise ValueError(f"propensity: num_samples must be positive, got {num_samples}")
-    counts = np.asarray(label_counts, dtype=np.float64)
     c = (np.log(num_samples) - 1.0) * (b + 1.0) ** a
-    return 1.0 / (1.0 + c * np.exp(-a * np.log(counts + b)))
+    p = np.array(label_counts, dtype=np.float64)  # worked in place: one (C,) array at 10^8 labels, no more
+    p += b
+    np.log(p, out=p)
+    p *= -a
+    np.exp(p, out=p)
+    p *= c
+    p += 1.0
+    return np.reciprocal(p, out=p)
 
 
 def _targets_as_csr(targets: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,13 +94,13 @@ class RankingMetrics:
             raise ValueError(f"ks must be positive cut-offs, got {ks}")
         if propensities is not None:
             propensities = np.asarray(propensities, dtype=np.float64)
-            if propensities.shape != (num_labels,) or not np.all(propensities > 0):
+            if propensities.shape != (num_labels,) or not propensities.min(initial=1.0) > 0:  # NaN: refused
                 raise ValueError(
                     f"propensities must be ({num_labels},) and positive, got shape {propensities.shape}"
                 )
         self.num_labels = num_labels
         self.ks = ks
-        self.inverse_propensity = None if propensities is None else 1.0 / propensities
+        self.inverse_propensity = None if propensities is None else np.reciprocal(propensities)
         self._discount = 1.0 / np.log2(np.arange(ks[-1], dtype=np.float64) + 2.0)  # (k,)
         self.reset()
 

@@ -37,6 +37,7 @@ def evaluate_model(
         label_counts, num_train_samples, a=config.eval.propensity_a, b=config.eval.propensity_b
     )
     metrics = RankingMetrics(dataset.num_classes, ks=config.eval.ks, propensities=propensities)
+    del propensities  # the metrics keep their inverses: one (C,) array held, not two
     k = max(config.eval.ks)
     label_filter = None
     if config.eval.filter_labels:  # XMC repository filter pairs leave predictions and targets alike

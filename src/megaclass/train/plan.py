@@ -555,9 +555,10 @@ def plan_run(
     tokens = config.model.max_length if _takes_tokens(config, shape) else None
     data = sum(each.array_bytes(tokens) for each in (shape, *others))
     largest_file = max([shape, *others], key=lambda s: s.text_bytes)
-    metrics = 3 * shape.num_labels * 8  # label counts, propensities, per-label sums
+    metrics = 2 * shape.num_labels * 8  # the propensities and their inverses, while the metrics are made
     parts += [
         PlanPart("data sets in memory", 0, data, setting="a host with more memory (data is held in memory)"),
+        PlanPart("label counts", 0, shape.num_labels * 8, setting="a host with more memory"),
         PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
         PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
         PlanPart("evaluation metrics", 0, metrics, "evaluation", "eval.batch_size"),
