@@ -299,6 +299,10 @@ def test_put_rows_takes_values_of_another_dtype_and_layout():
         torch.set_num_threads(threads)
     torch.testing.assert_close(tensor[ids], values.float(), rtol=0, atol=0)
     assert not tensor[torch.ones(3000, dtype=torch.bool).index_fill_(0, ids, False)].any()
+    weight = torch.nn.Parameter(torch.zeros(600, 2))  # a parameter's rows, written under no_grad
+    with torch.no_grad():
+        put_rows_(weight, torch.tensor([5, 1]), torch.ones(2, 2))
+    assert weight[[5, 1]].eq(1).all() and weight.sum() == 4
     column = torch.zeros(4, 3000).T  # a target that is not contiguous: indexing writes it
     put_rows_(column, ids[:3], values[:3])
     torch.testing.assert_close(column[ids[:3]], values[:3].float(), rtol=0, atol=0)

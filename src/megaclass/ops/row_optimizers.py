@@ -284,7 +284,7 @@ def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
 
 def _row_items(tensor: Tensor) -> np.ndarray:
     """A contiguous host tensor's rows as a ``(n,)`` numpy array of row-sized void items (its bytes)."""
-    rows = tensor.reshape(len(tensor), -1).view(torch.uint8).numpy()  # any dtype: its bytes
+    rows = tensor.detach().reshape(len(tensor), -1).view(torch.uint8).numpy()  # any dtype: its bytes
     return rows.view(np.dtype((np.void, rows.shape[1]))).reshape(-1)
 
 
