@@ -1,5 +1,6 @@
-"""A host store's rows made and read on a GPU host: drawn on the GPU into host memory, and read back a block
-at a time (as an index's cold build reads them), each beside the plain copy it replaces.
+"""A host store's rows made, read and updated on a GPU host: drawn on the GPU into host memory, read back a
+block at a time (as an index's cold build reads them), and a step's rows gathered and written back at random
+places (as its update does), each beside the plain way it replaces.
 
     python benchmarks/host_rows.py                                  # 10^7 rows of D 256 (10.24 GB), a GPU
     python benchmarks/host_rows.py --rows 100000 --dim 64 --quick   # a smoke run, CPU or GPU
@@ -9,18 +10,23 @@ buffer, :func:`megaclass.staging.copy_rows_`); beside it the same draws copied s
 memory, and into rows page-locked whole by torch's pinned allocator (what the host store did before).
 Reading: the rows to the GPU in blocks of 2^16 through two page-locked buffers
 (:func:`megaclass.staging.blocks_to_device`), beside each block's plain ``.to(device)``. Every variant's rows
-are checked equal to the first's on a sample.
+are checked equal to the first's on a sample. Updating: ``--step-rows`` random rows a step (a new set each
+time, so no step finds its rows in the CPU's cache), gathered by ``index_select``
+(:func:`~megaclass.ops.row_optimizers.take_rows`) beside plain indexing, and written back a whole row an item
+over torch's threads (:func:`~megaclass.ops.row_optimizers.put_rows_`) beside ``index_put_`` and
+``index_copy_``; median of ``--reps`` steps, written values checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from megaclass.ops.row_optimizers import INIT_CHUNK
+from megaclass.ops.row_optimizers import INIT_CHUNK, put_rows_, take_rows
 from megaclass.staging import blocks_to_device
 from megaclass.store.local import LocalRows
 
@@ -31,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--rows", type=int, default=10_000_000, help="C")
     parser.add_argument("--dim", type=int, default=256, help="D")
+    parser.add_argument("--step-rows", type=int, nargs="+", default=[5_000, 50_000], help="rows a step")
+    parser.add_argument("--reps", type=int, default=20, help="steps timed for each way")
     parser.add_argument("--quick", action="store_true", help="skip the slow baselines")
     return parser.parse_args()
 
@@ -95,6 +103,40 @@ def main() -> None:
     for staged, way in ((True, "two page-locked buffers"), (False, "plain copy a block")):
         _, seconds = timed(lambda staged=staged: read(store.weight, device, staged=staged))
         row("read to the device", way, seconds)
+    row_moves(store.weight, args.step_rows, args.reps)
+
+
+def row_moves(weight: torch.Tensor, counts: list[int], reps: int) -> None:
+    """A step's rows gathered and written back at random places of ``weight``, each way beside the plain."""
+    print(f"\n{torch.get_num_threads()} torch threads\n")
+    print("| rows a step | what | way | ms | GB/s |")
+    print("|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    ways: dict[tuple[str, str], Callable[[torch.Tensor, torch.Tensor], object]] = {
+        ("gather", "`index_select` (take_rows)"): lambda ids, values: take_rows(weight, ids),
+        ("gather", "plain indexing"): lambda ids, values: weight[ids],
+        ("write back", "a row an item over threads (put_rows_)"): lambda ids, values: put_rows_(
+            weight, ids, values
+        ),
+        ("write back", "`index_put_` (indexing)"): lambda ids, values: weight.index_put_((ids,), values),
+        ("write back", "`index_copy_`"): lambda ids, values: weight.index_copy_(0, ids, values),
+    }
+    for count in counts:
+        sets = [torch.randperm(len(weight), generator=generator)[:count] for _ in range(reps + 1)]
+        values = torch.randn(count, weight.shape[1], generator=generator)
+        gigabytes = values.numel() * values.element_size() / 1e9
+        for (what, way), move in ways.items():
+            move(sets[0], values)  # warm-up
+            times = []
+            for ids in sets[1:]:
+                begin = time.perf_counter()
+                move(ids, values)
+                times.append(time.perf_counter() - begin)
+            if what == "write back":
+                assert torch.equal(weight[sets[-1]], values), way
+            seconds = statistics.median(times)
+            rate = gigabytes / seconds
+            print(f"| {count:,} | {what} | {way} | {1e3 * seconds:.2f} | {rate:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
