@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megaclass.ops import row_optimizers
 from megaclass.paramserver.state import ShardSpec, ShardState, all_finite
 from megaclass.paramserver.updaters import HyperParams
 
@@ -45,14 +46,17 @@ def test_updates_of_varying_sizes_equal_a_plain_update_bitwise(tmp_path, optimiz
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
-def test_a_large_update_written_back_by_several_threads_equals_a_plain_update(tmp_path, optimizer):
+def test_a_large_update_written_back_by_several_threads_equals_a_plain_update(
+    tmp_path, monkeypatch, optimizer
+):
+    monkeypatch.setattr(row_optimizers, "_PUT_SPLIT_BYTES", 4096)  # pieces of 342 rows of D 3 or more
     spec = ShardSpec(num_rows=5000, dim=3, row_start=0, row_stop=5000, optimizer=optimizer, trainers=1)
     state = ShardState(tmp_path, spec, HyperParams(lr=0.1, momentum=0.5, eps=1e-6), seed=1)
     rows = state.rows.clone()
     slots = {name: tensor.clone() for name, tensor in state.state.items()}
     generator = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # three pieces of at least 512 rows: three threads write the rows back
+    torch.set_num_threads(3)  # three threads write the rows back
     try:
         for step, size in enumerate([3001, 1700, 4999], start=1):
             ids = torch.randperm(spec.size, generator=generator)[:size]

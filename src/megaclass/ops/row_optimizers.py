@@ -60,7 +60,7 @@ __all__ = [
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
 _INIT_THREADS = 4  # CPU chunks drawn at once (each holds one chunk of rows in fp32)
-_PUT_PIECE_ROWS = 512  # the fewest rows one thread of :func:`put_rows_` writes
+_PUT_SPLIT_BYTES = 2 << 20  # the least a host write of put_rows_ gives one thread (below: index_put_)
 _put_pool: ThreadPoolExecutor | None = None  # made at the first write-back split over threads
 
 
@@ -254,21 +254,22 @@ def take_rows(tensor: Tensor, ids: Tensor) -> Tensor:
 def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     """``tensor[ids] = values`` for unique row ids ``ids (S,)``, in place.
 
-    In host memory each row is copied as one item (numpy's ``put`` over a row-sized void dtype, which lets go
-    of the GIL), split over torch's threads from 1,024 rows: rows at random places are a wait on memory, which
-    threads overlap (1.3 to 1.7 times the speed of ``index_put_`` on 2 CPU cores at 5,000 to 50,000 rows of
-    D 256, ``benchmarks/host_rows.py``). Elsewhere: ``index_put_``.
+    In host memory, a write of at least :data:`_PUT_SPLIT_BYTES` copies each row as one item (numpy's ``put``
+    over a row-sized void dtype, which lets go of the GIL), in pieces of at least that many bytes over torch's
+    threads: rows at random places are a wait on memory, which the threads overlap (1.5 to 1.6 times the speed
+    of ``index_put_`` on 2 CPU cores at 5,000 to 50,000 rows of D 256, ``benchmarks/host_rows.py``). Smaller
+    writes, where starting threads costs more than it saves, and other devices: ``index_put_``.
     """
     global _put_pool
     ids = ids.to(tensor.device)
     values = values.to(tensor.device, tensor.dtype)
-    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.numel() or not len(ids):
+    row_bytes = tensor[:1].numel() * tensor.element_size()
+    pieces = min(torch.get_num_threads(), len(ids) * row_bytes // _PUT_SPLIT_BYTES)
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not row_bytes or pieces < 1:
         tensor[ids] = values
         return
-    target, source = _row_items(tensor), _row_items(values.contiguous())
-    where = ids.numpy()
-    pieces = min(torch.get_num_threads(), len(where) // _PUT_PIECE_ROWS)
-    if pieces < 2:
+    target, source, where = _row_items(tensor), _row_items(values.contiguous()), ids.numpy()
+    if pieces == 1:
         np.put(target, where, source)
         return
     if _put_pool is None:
