@@ -60,7 +60,7 @@ __all__ = [
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
 _INIT_THREADS = 4  # CPU chunks drawn at once (each holds one chunk of rows in fp32)
-_PUT_SPLIT_BYTES = 2 << 20  # the least a host write of put_rows_ gives one thread (below: index_put_)
+_PUT_SPLIT_BYTES = 1 << 20  # the least a host write of put_rows_ gives one thread (below: index_put_)
 _put_pool: ThreadPoolExecutor | None = None  # made at the first write-back split over threads
 
 
@@ -255,10 +255,10 @@ def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     """``tensor[ids] = values`` for unique row ids ``ids (S,)``, in place.
 
     In host memory, a write of at least :data:`_PUT_SPLIT_BYTES` copies each row as one item (numpy's ``put``
-    over a row-sized void dtype, which lets go of the GIL), in pieces of at least that many bytes over torch's
-    threads: rows at random places are a wait on memory, which the threads overlap (1.5 to 1.6 times the speed
-    of ``index_put_`` on 2 CPU cores at 5,000 to 50,000 rows of D 256, ``benchmarks/host_rows.py``). Smaller
-    writes, where starting threads costs more than it saves, and other devices: ``index_put_``.
+    over a row-sized void dtype, which lets go of the GIL: twice ``index_put_``'s speed on one thread), in
+    pieces of at least that many bytes over torch's threads: rows at random places are a wait on memory, which
+    the threads overlap (1.5 to 1.8 times the speed of ``index_put_`` on 2 CPU cores at 5,000 to 50,000 rows
+    of D 256, ``benchmarks/host_rows.py``). Smaller writes, and other devices: ``index_put_``.
     """
     global _put_pool
     ids = ids.to(tensor.device)
