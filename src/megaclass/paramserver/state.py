@@ -17,9 +17,9 @@ straight into ``journal.bin``, memory-mapped and grown to the largest record; (2
 marker to the new version; (3) update the memory maps in place; (4) write the header's applied step and
 trainer steps, then its committed version last. A process killed at any point leaves the page cache holding
 either a committed state or a marker newer than the committed version; on restart the latter is undone from
-the journal, so no half-applied step survives.
-With ``durable=True`` the journal is synced before (2) and the maps flushed after (4), which extends the
-guarantee to power loss. :meth:`ShardState.snapshot` copies a committed state to its own fsync'd folder.
+the journal, so no half-applied step survives. With ``durable=True`` the journal is synced before (2) and
+the maps flushed after (4), which extends the guarantee to power loss. :meth:`ShardState.snapshot` copies a
+committed state to its own fsync'd folder.
 
 At start every state file must have the size the shard's shape needs, and match its checksum when the last
 close left one: a truncated or damaged state is refused rather than served as zeros.
