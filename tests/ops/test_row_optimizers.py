@@ -268,11 +268,12 @@ def test_init_rows_range_errors():
         init_rows_(torch.empty(3, 2), seed=0, row_start=2, num_rows=4)
 
 
-@pytest.mark.parametrize("split_bytes", [64, 2 << 20])  # threads share the write / indexing writes it
+@pytest.mark.parametrize("threads", [1, 3])  # numpy on this thread / over a pool's threads too
+@pytest.mark.parametrize("split_bytes", [64, 2 << 20])  # numpy writes / indexing writes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 @pytest.mark.parametrize("shape", [(1200,), (1200, 1), (1200, 5), (1200, 3, 2)])
 @pytest.mark.parametrize("count", [0, 1, 9, 1100])
-def test_put_rows_and_take_rows_equal_indexing(monkeypatch, split_bytes, dtype, shape, count):
+def test_put_rows_and_take_rows_equal_indexing(monkeypatch, threads, split_bytes, dtype, shape, count):
     monkeypatch.setattr(row_optimizers, "_PUT_SPLIT_BYTES", split_bytes)
     generator = torch.Generator().manual_seed(count)
     tensor = (torch.randn(shape, generator=generator) * 100).to(dtype)
@@ -280,13 +281,13 @@ def test_put_rows_and_take_rows_equal_indexing(monkeypatch, split_bytes, dtype, 
     values = (torch.randn(count, *shape[1:], generator=generator) * 100).to(dtype)
     expected = tensor.clone()
     expected[ids] = values
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # up to three pieces: two on pool threads
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         torch.testing.assert_close(take_rows(tensor, ids), tensor[ids], rtol=0, atol=0)
         put_rows_(tensor, ids, values)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(default)
     assert torch.equal(tensor, expected)
 
 

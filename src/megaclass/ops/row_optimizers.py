@@ -254,18 +254,21 @@ def take_rows(tensor: Tensor, ids: Tensor) -> Tensor:
 def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     """``tensor[ids] = values`` for unique row ids ``ids (S,)``, in place.
 
-    In host memory, a write of at least :data:`_PUT_SPLIT_BYTES` copies each row as one item (numpy's ``put``
-    over a row-sized void dtype, which lets go of the GIL: twice ``index_put_``'s speed on one thread), in
-    pieces of at least that many bytes over torch's threads: rows at random places are a wait on memory, which
-    the threads overlap (1.5 to 1.8 times the speed of ``index_put_`` on 2 CPU cores at 5,000 to 50,000 rows
-    of D 256, ``benchmarks/host_rows.py``). Smaller writes, and other devices: ``index_put_``.
+    In host memory a large write copies each row as one item (numpy's ``put`` over a row-sized void dtype,
+    which lets go of the GIL: twice ``index_put_``'s speed on one thread), in pieces of at least
+    :data:`_PUT_SPLIT_BYTES` over torch's threads, two pieces at least where there are several: rows at random
+    places are a wait on memory, which the threads overlap (1.5 to 1.8 times the speed of ``index_put_`` on 2
+    CPU cores at 5,000 to 50,000 rows of D 256, ``benchmarks/host_rows.py``). Smaller writes, and other
+    devices: ``index_put_``.
     """
     global _put_pool
     ids = ids.to(tensor.device)
     values = values.to(tensor.device, tensor.dtype)
     row_bytes = tensor[:1].numel() * tensor.element_size()
-    pieces = min(torch.get_num_threads(), len(ids) * row_bytes // _PUT_SPLIT_BYTES)
-    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not row_bytes or pieces < 1:
+    threads = torch.get_num_threads()
+    pieces = min(threads, len(ids) * row_bytes // _PUT_SPLIT_BYTES)
+    # with several threads, a write numpy would do on one thread is left to index_put_ and torch's threads
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not row_bytes or pieces < min(2, threads):
         tensor[ids] = values
         return
     target, source, where = _row_items(tensor), _row_items(values.contiguous()), ids.numpy()
