@@ -6,7 +6,8 @@
 Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD with momentum) on this machine
 and times one client pulling ``R`` random rows (``pull``), pushing their gradients (``push``: the shards
 apply SGD with momentum before answering) and both in turn (``step``), each call on the next of 8 sets of
-rows (rows the previous call moved would still be in the CPU's cache). ``bandwidth_gbs`` counts row bytes
+rows (rows the previous call moved would still be in the CPU's cache); pulled rows land in page-locked
+memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes
 moved: ``R * D * 4`` for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through
 shared memory (the client's default with shards on its machine), ``ps-inline`` in the gRPC messages.
 
@@ -140,9 +141,12 @@ def transfer_cases(client, provider: str, count: int, dim: int, rows: int, count
     id_sets = itertools.cycle([torch.randperm(client.num_rows)[:rows].sort().values for _ in range(8)])
     grads = torch.randn(rows, dim) * 1e-3
     row_bytes = rows * dim * 4
+    # into page-locked memory on a GPU host, as a trainer's pulls land (a fresh pageable tensor of more than
+    # glibc's 32 MiB mmap threshold takes its pages one fault at a time, every call)
+    pin = torch.cuda.is_available()
 
     def pull() -> None:
-        client.pull(next(id_sets))
+        client.pull(next(id_sets), pin_memory=pin)
 
     def push(ids: torch.Tensor | None = None) -> None:
         counter[0] += 1
@@ -150,7 +154,7 @@ def transfer_cases(client, provider: str, count: int, dim: int, rows: int, count
 
     def step() -> None:
         ids = next(id_sets)
-        client.pull(ids)
+        client.pull(ids, pin_memory=pin)
         push(ids)
 
     return [

@@ -193,8 +193,8 @@ class ShardService:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(wire.DTYPES)}")
         return dtype or "float32"
 
-    def _decode_block(self, array: Any, what: str, shape: tuple[int, ...]) -> Tensor:
-        values = wire.decode_array(array, what=what)
+    def _decode_block(self, array: Any, what: str, shape: tuple[int, ...], *, copy: bool = True) -> Tensor:
+        values = wire.decode_array(array, what=what, copy=copy)
         if tuple(values.shape) != shape:
             raise ValueError(f"{what}: shape {list(values.shape)} but expected {list(shape)}")
         return _finite(values.to(torch.float32), what)
@@ -280,7 +280,11 @@ class ShardService:
         self._check_rows(len(request.ids) // 8, "ids")
         local = self._local(request.ids, "ids", unique=True)
         array = self._grads_in_buffer(request) if request.buffer else request.grads
-        grads = self._decode_block(array, "grads", (len(local), self.state.spec.dim))  # a copy: ours alone
+        # gradients in shared memory are read where they are when their step is applied before the answer
+        # (async, or one sync trainer); a barrier keeps them past it, and the client may reuse the range
+        applied_here = async_mode or self.config.trainers == 1
+        shape = (len(local), self.state.spec.dim)
+        grads = self._decode_block(array, "grads", shape, copy=not (request.buffer and applied_here))
         lr = self.state.hyper.lr if request.lr is None else request.lr
         if not (lr >= 0 and np.isfinite(lr)):
             raise ValueError(f"lr {lr}: expected a finite number >= 0")

@@ -10,7 +10,8 @@ cost more than the bytes), so a client on the shard's machine moves row blocks t
   file's size is sealed (no one can shrink it under the server's map), that it is the user's and starts with
   the nonce, maps it and answers an id;
 - a pull names the id and a byte range the client reserved: the server gathers the rows straight into it; a
-  push names the range its gradients were written to: the server copies them out before using them;
+  push names the range its gradients were written to: the server reads them there when it applies their step
+  before answering (async mode, or one sync trainer), else copies them out first;
 - a client that dies without detaching leaves its file mapped only by the server: the server drops the buffers
   whose owner (the process of ``/proc/<pid>``, by its start time: a reused pid is another process) is gone.
 

@@ -180,8 +180,9 @@ def array_nbytes(dtype: str, shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
 
 
-def decode_array(array: Any, *, what: str, ndim: int | None = None) -> Tensor:
-    """The tensor an ``Array`` message holds (a private copy), in its own dtype.
+def decode_array(array: Any, *, what: str, ndim: int | None = None, copy: bool = True) -> Tensor:
+    """The tensor an ``Array`` message holds (a private copy), in its own dtype; with ``copy=False``, where
+    its bytes are writable (memory shared with a client), the tensor is a view of them.
 
     Raises:
         ValueError: naming ``what`` when the dtype, shape or byte count is wrong.
@@ -200,8 +201,7 @@ def decode_array(array: Any, *, what: str, ndim: int | None = None) -> Tensor:
         )
     float32 = array.dtype == "float32"
     raw = np.frombuffer(array.data, dtype="<f4" if float32 else "<i2").reshape(shape)
-    # memory shared with a client is writable and copied by torch's threads; received bytes are read-only
-    tensor = torch.from_numpy(raw).clone() if raw.flags.writeable else torch.from_numpy(raw.copy())
+    tensor = torch.from_numpy(raw if not copy and raw.flags.writeable else raw.copy())
     return tensor if float32 else tensor.view(torch.bfloat16)
 
 
