@@ -7,9 +7,9 @@ Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD w
 and times one client pulling ``R`` random rows (``pull``), pushing their gradients (``push``: the shards
 apply SGD with momentum before answering) and both in turn (``step``), each call on the next of 8 sets of
 rows (rows the previous call moved would still be in the CPU's cache); pulled rows land in page-locked
-memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes
-moved: ``R * D * 4`` for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through
-shared memory (the client's default with shards on its machine), ``ps-inline`` in the gRPC messages.
+memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes moved: ``R * D * 4`` for a pull
+or a push, twice that for a step. Provider ``ps`` moves the row blocks through shared memory (the client's
+default with shards on its machine), ``ps-inline`` in the gRPC messages.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (host memory) and ``ps`` (4 shard processes on
