@@ -408,8 +408,9 @@ def test_label_sized_host_arrays_stay_within_their_planned_parts(synthetic):
         tracemalloc.stop()
     assert metrics.inverse_propensity.shape == (classes,)
     assert parts["label counts"].phase == "steady" and parts["evaluation metrics"].phase == "evaluation"
-    assert max(held, counting) <= parts["label counts"].host_bytes * 1.01
-    assert evaluating <= (parts["label counts"].host_bytes + parts["evaluation metrics"].host_bytes) * 1.01
+    slack = 64 << 10  # the interpreter's own small allocations on the way
+    assert max(held, counting) <= parts["label counts"].host_bytes + slack
+    assert evaluating <= parts["label counts"].host_bytes + parts["evaluation metrics"].host_bytes + slack
 
 
 def test_plan_of_a_transformer_on_text(write_text_data, tiny_model_options, tmp_path, capsys):
