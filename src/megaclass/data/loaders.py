@@ -38,6 +38,7 @@ __all__ = [
     "dataset_formats",
     "detect_format",
     "open_dataset",
+    "other_kind",
 ]
 
 
@@ -118,18 +119,21 @@ def _first_line(path: str) -> bytes:
 _KINDS = {"xmc-bow": "BoW rows", "xmc-text": "text", "lf-json": "text", "face-images": "images"}
 
 
-def data_kind(path: str | os.PathLike) -> str:
-    """What the data file ``path`` holds, in words: ``BoW rows``, ``text`` (``labels<TAB>text`` and LF JSON
-    alike) or ``images``; the files of one run must hold the same."""
-    return _KINDS[detect_format(path)]
-
-
-def inputs_kind(spec: InputSpec, *, featurized: bool) -> str:
-    """What data opened as ``spec`` was read from, in :func:`data_kind`'s words (``featurized``: its sparse
-    rows came from a text featuriser)."""
-    if spec.kind == "sparse":
-        return "text" if featurized else "BoW rows"
-    return "text" if spec.kind == "tokens" else "images"
+def other_kind(
+    path: str | os.PathLike, expected: InputSpec, *, featurized: bool, data_format: str = "auto"
+) -> tuple[str, str] | None:
+    """``(what path holds, what data opened as expected holds)`` in words (``BoW rows``, ``text`` for
+    ``labels<TAB>text`` and LF JSON alike, or ``images``) where the two differ, else None: the files of one
+    run must hold the same. ``featurized``: ``expected``'s sparse rows came from a text featuriser. A named
+    ``data_format`` reads every file one way: nothing is sniffed then."""
+    if data_format != "auto":
+        return None
+    if expected.kind == "sparse":
+        wanted = "text" if featurized else "BoW rows"
+    else:
+        wanted = "text" if expected.kind == "tokens" else "images"
+    found = _KINDS[detect_format(path)]
+    return None if found == wanted else (found, wanted)
 
 
 def detect_format(path: str | os.PathLike) -> str:

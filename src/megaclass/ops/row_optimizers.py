@@ -255,9 +255,9 @@ def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     """``tensor[ids] = values`` for unique row ids ``ids (S,)``, in place.
 
     In host memory a large write copies each row as one item (numpy's ``put`` over a row-sized void dtype,
-    which lets go of the GIL: twice ``index_put_``'s speed on one thread), in pieces of at least
+    which lets go of the GIL: about twice ``index_put_``'s speed on one thread), in pieces of at least
     :data:`_PUT_SPLIT_BYTES` over torch's threads, two pieces at least where there are several: rows at random
-    places are a wait on memory, which the threads overlap (1.5 to 1.8 times the speed of ``index_put_`` on 2
+    places are a wait on memory, which the threads overlap (1.5 to 1.6 times the speed of ``index_put_`` on 2
     CPU cores at 5,000 to 50,000 rows of D 256, ``benchmarks/host_rows.py``). Smaller writes, and other
     devices: ``index_put_``.
     """

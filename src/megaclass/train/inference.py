@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from megaclass.data.batch import InputSpec
-from megaclass.data.loaders import SparseDataset, data_kind, inputs_kind, open_dataset
+from megaclass.data.loaders import SparseDataset, open_dataset, other_kind
 from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
@@ -63,10 +63,10 @@ class LoadedRun:
         from megaclass.models.text import token_source
 
         expected = InputSpec(**self.facts["input_spec"])
-        trained_on = inputs_kind(expected, featurized=self.featurizer is not None)
-        kind = data_kind(path) if self.config.data.format == "auto" else trained_on
-        if kind != trained_on:
-            raise ValueError(f"{path} holds {kind}, but the run was trained on {trained_on}")
+        featurized = self.featurizer is not None
+        kinds = other_kind(path, expected, featurized=featurized, data_format=self.config.data.format)
+        if kinds is not None:
+            raise ValueError(f"{path} holds {kinds[0]}, but the run was trained on {kinds[1]}")
         dataset = open_dataset(
             path,
             data_format=self.config.data.format,

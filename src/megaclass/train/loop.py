@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.data.loaders import BatchLoader, SparseDataset, data_kind, inputs_kind, open_dataset
+from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset, other_kind
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
@@ -352,17 +352,14 @@ class Trainer:
             self.config, self.recipe = resolve_recipe(self.config, self.explicit_keys, facts)
         check_fits(self.config)  # before the test and validation files are read
 
-        featurized = train_data.input_spec.kind == "sparse" and train_data.featurizer is not None
-        train_kind = inputs_kind(train_data.input_spec, featurized=featurized)
-
         def open_more(path: str, flag: str) -> Any:
-            if data_config.format == "auto":
-                kind = data_kind(path)
-                if kind != train_kind:
-                    raise ConfigError(
-                        f"{flag} {path} holds {kind}, but --train {self.train_path} holds {train_kind}: give "
-                        "every file of a run in one format"
-                    )
+            spec, featurized = train_data.input_spec, train_data.featurizer is not None
+            kinds = other_kind(path, spec, featurized=featurized, data_format=data_config.format)
+            if kinds is not None:
+                raise ConfigError(
+                    f"{flag} {path} holds {kinds[0]}, but --train {self.train_path} holds {kinds[1]}: give "
+                    "every file of a run in one format"
+                )
             data = open_dataset(
                 path,
                 data_format=data_config.format,

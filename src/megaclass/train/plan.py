@@ -561,7 +561,7 @@ def plan_run(
         PlanPart("label counts", 0, shape.num_labels * 8, setting="a host with more memory"),
         PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
         PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
-        PlanPart("evaluation metrics", 0, metrics, "evaluation", "eval.batch_size"),
+        PlanPart("evaluation metrics", 0, metrics, "evaluation", "a host with more memory"),
         PlanPart("checkpoint block", 0, saved, "checkpoint", "a host with more memory"),
     ]
     if device_type == "cuda":
