@@ -23,6 +23,10 @@ many clusters are searched per sample as a local index. All start from the same 
 the in-process stores' initial rows). The ``ps-part`` rows time the parts of a ``ps`` step alone: the
 selection (with its query), the pull of the active rows, and the push of their gradients until applied.
 
+Without a GPU the client keeps the host blocks it frees for reuse, as a CPU trainer's process does
+(:mod:`megaclass.host_allocator`; ``MEGACLASS_HOST_MALLOC=system`` leaves the allocator as it is, here and
+in the shards).
+
 Shard files go to ``/dev/shm`` when it has room: a disk-backed memory map is written back by the kernel,
 and each row write after a write-back takes a page fault (several times the write itself).
 """
@@ -336,6 +340,10 @@ def summary(results: list[Result]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if not torch.cuda.is_available():
+        from megaclass.host_allocator import reuse_freed_blocks
+
+        reuse_freed_blocks()  # as a CPU trainer does (pulls on a GPU host land in page-locked buffers)
     parts = set(args.parts.split(","))
     root = tempfile.mkdtemp(prefix="megaclass-ps-bench-", dir=args.data_dir or memory_folder(args))
     print(f"shard data under {root}")

@@ -174,3 +174,24 @@ def test_the_buffer_of_a_client_that_died_is_detached_and_its_place_reused(shard
     assert client.pull(torch.tensor([3])).shape == (1, 5)
     client.close()
     assert server.service.drop_orphaned_buffers() == 0 and not server.service._shared
+
+
+def test_a_client_dropped_without_close_leaves_no_memory_behind(shards):
+    (server,) = shards(1)
+    client = ParamServerClient(_addresses(servers=[server]), timeout_s=20)
+    path = client._shards[0].buffer.path
+    assert os.path.exists(path) and len(server.service._shared) == 1
+    assert server.service.drop_orphaned_buffers() == 0  # its descriptor names the file
+    del client
+    gc.collect()
+    assert not os.path.exists(path)  # the client's descriptor is closed: only the server's map is left
+    assert server.service.drop_orphaned_buffers() == 1 and not server.service._shared
+
+
+def test_a_stopped_shard_maps_no_clients_memory(shards):
+    (server,) = shards(1)
+    client = ParamServerClient(_addresses(servers=[server]), timeout_s=20)
+    assert len(server.service._shared) == 1
+    server.stop(0)
+    assert not server.service._shared
+    assert os.path.exists(client._shards[0].buffer.path)  # the client's own, until it closes or drops it

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.index.kmeans import DEFAULT_PROBES
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import (
@@ -475,15 +476,22 @@ class ShardService:
         return wire.message("AttachBufferResponse", buffer=key, bytes=buffer.size)
 
     def drop_orphaned_buffers(self) -> int:
-        """Detach the buffers of clients that died without detaching (their memory goes with the last map);
-        how many."""
+        """Detach the buffers of clients that exited or dropped them without detaching (their memory goes
+        with the last map); how many."""
         with self._shared_lock:
-            orphaned = [key for key, buffer in self._shared.items() if not buffer.owner_alive()]
+            orphaned = [key for key, buffer in self._shared.items() if not buffer.owner_holds_it()]
             for key in orphaned:
                 del self._shared[key]  # unmapped once no request in flight uses it
         if orphaned:
-            logger.info("detached %d shared buffers of clients that exited", len(orphaned))
+            logger.info("detached %d shared buffers of clients that exited or dropped them", len(orphaned))
         return len(orphaned)
+
+    def close(self) -> None:
+        """Close the state and detach every client's buffer: a stopped shard maps no client's memory."""
+        with self.lock.write():
+            self.state.close()
+        with self._shared_lock:
+            self._shared.clear()
 
     def detach_buffer(self, request: Any, time_left: float | None) -> Any:
         with self._shared_lock:
@@ -758,8 +766,7 @@ class RunningServer:
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
         self.server.stop(grace).wait()
-        with self.service.lock.write():
-            self.service.state.close()
+        self.service.close()
 
 
 def serve(config: ServerConfig) -> RunningServer:
@@ -824,6 +831,7 @@ def run_serve(args: Any) -> int:
     # shards often share a machine with each other and a trainer: half its cores split between the shards
     # (a row update is memory-bound; threads beyond the cores spin against the trainer's and each other's)
     torch.set_num_threads(args.torch_threads or max(1, _usable_cores() // (2 * config.shards)))
+    reuse_freed_blocks()  # answers and inline gradients: blocks of each call's size, made every call
     running = serve(config)
     print(f"megaclass paramserver: listening on {config.host}:{running.port}", flush=True)
     done = threading.Event()

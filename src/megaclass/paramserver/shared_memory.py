@@ -12,8 +12,9 @@ cost more than the bytes), so a client on the shard's machine moves row blocks t
 - a pull names the id and a byte range the client reserved: the server gathers the rows straight into it; a
   push names the range its gradients were written to: the server reads them there when it applies their step
   before answering (async mode, or one sync trainer), else copies them out first;
-- a client that dies without detaching leaves its file mapped only by the server: the server drops the buffers
-  whose owner (the process of ``/proc/<pid>``, by its start time: a reused pid is another process) is gone.
+- a client that dies or drops its buffer without detaching leaves its file mapped only by the server: the
+  server drops the buffers whose owner is gone (the process of ``/proc/<pid>``, by its start time: a reused
+  pid is another process) or whose descriptor no longer names the file (closed, or reused for another file).
 
 A client that cannot attach (another machine or container, no ``memfd``) sends its row blocks inline.
 """
@@ -27,6 +28,7 @@ import re
 import secrets
 import stat
 import threading
+import weakref
 
 import numpy as np
 
@@ -67,6 +69,8 @@ class ClientBuffer:
         except OSError:
             os.close(self.fd)
             raise
+        # a buffer dropped without close() gives its memory back all the same (the descriptor is a plain int)
+        self._close = weakref.finalize(self, _unmap_and_close, self.map, self.fd)
         self.map[:NONCE_BYTES] = self.nonce
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
         self._used: dict[int, int] = {}  # offset -> bytes
@@ -95,14 +99,16 @@ class ClientBuffer:
 
     def close(self) -> None:
         """Unmap and close (once; ranges may still be released after, as bookkeeping)."""
-        if self.fd < 0:
-            return
-        try:
-            self.map.close()
-        except BufferError:  # a view is still held: the map goes with it
-            pass
-        os.close(self.fd)
+        self._close()
         self.fd = -1
+
+
+def _unmap_and_close(map: mmap.mmap, fd: int) -> None:
+    try:
+        map.close()
+    except BufferError:  # a view is still held: the map goes with it
+        pass
+    os.close(fd)
 
 
 class AttachedBuffer:
@@ -137,6 +143,7 @@ class AttachedBuffer:
             self.map = mmap.mmap(fd, info.st_size)
         finally:
             os.close(fd)  # the map keeps the memory
+        self._path, self._file = path, (info.st_dev, info.st_ino)
         if self.map[: len(nonce)] != nonce:
             raise ValueError(f"path {path!r}: does not start with the nonce")
         self.size = info.st_size
@@ -144,13 +151,17 @@ class AttachedBuffer:
         started = _start_time(int(owner.group(1))) if owner else None
         self._owner = (int(owner.group(1)), started) if owner and started is not None else None
 
-    def owner_alive(self) -> bool:
-        """Whether the process that named its file descriptor still runs (True when the path named no
-        process's descriptor)."""
+    def owner_holds_it(self) -> bool:
+        """Whether the process that named its file descriptor still runs and the descriptor still names this
+        file (always True when the path named no process's descriptor)."""
         if self._owner is None:
             return True
         pid, started = self._owner
-        return _start_time(pid) == started
+        try:
+            info = os.stat(self._path)
+        except OSError:
+            return False  # the descriptor was closed, or the process is gone
+        return (info.st_dev, info.st_ino) == self._file and _start_time(pid) == started
 
     def array(self, offset: int, nbytes: int, *, what: str) -> np.ndarray:
         """The ``nbytes`` bytes at ``offset`` as a writable ``uint8`` array over the shared memory.

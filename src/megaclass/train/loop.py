@@ -41,6 +41,7 @@ from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset, oth
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, rank_batch_size
 from megaclass.errors import TrainingDiverged
+from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.schema import ConfigError
 from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
@@ -231,6 +232,8 @@ class Trainer:
             ),
         }
         self.average = self._weight_average()
+        if self.device.type == "cpu":  # the step's host tensors, made anew each step: their pages kept
+            reuse_freed_blocks()
         self.loader = BatchLoader(  # rank r's rows of each step: the r-th slice of the global batch
             self.train_data,
             batch_size=rank_batch_size(config, dist),

@@ -1,0 +1,68 @@
+"""The host allocator keeps large freed blocks: a block made anew each step takes no fresh pages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megaclass.cli import main
+
+_FAULTS = """
+import resource, sys, torch
+from megaclass.host_allocator import reuse_freed_blocks
+
+def faults_per_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for value in range(4):
+        block = torch.empty(1 << 24)  # 64 MiB: above glibc's largest mmap threshold
+        block.fill_(value)
+        assert float(block[-1]) == value
+        del block
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+faults_per_block()
+plain = faults_per_block()
+reusing = reuse_freed_blocks()
+faults_per_block()  # the first block after the switch takes its pages once
+print(reusing, plain, faults_per_block())
+"""
+
+
+def _faults(env: dict[str, str]) -> tuple[bool, float, float]:
+    result = subprocess.run(
+        [sys.executable, "-c", _FAULTS], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
+    reusing, plain, reused = result.stdout.split()
+    return reusing == "True", float(plain), float(reused)
+
+
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="mallopt's settings are glibc's",
+)
+
+
+@glibc_only
+def test_a_block_freed_and_made_again_reuses_its_pages():
+    reusing, plain, reused = _faults({})
+    assert reusing
+    assert plain > 10_000  # 16,384 pages of 4 KiB (fewer with huge pages): each fresh block faults them in
+    assert reused < plain / 100
+
+
+@glibc_only
+def test_the_environment_leaves_the_allocator_as_it_is():
+    reusing, plain, reused = _faults({"MEGACLASS_HOST_MALLOC": "system"})
+    assert not reusing
+    assert reused > plain / 2
+
+
+def test_a_cpu_run_reuses_freed_blocks(deb_tags_slice, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("megaclass.train.loop.reuse_freed_blocks", lambda: calls.append(True))
+    train, test = deb_tags_slice(64, 16)
+    argv = ["train", "--train", train, "--test", test, "--out", str(tmp_path / "run"), "--epochs", "1"]
+    settings = ["train.device=cpu", "model.hidden=[8]", "train.progress=false", "train.stop_after_steps=1"]
+    assert main([*argv, "--set", *settings]) == 0
+    assert calls == [True]
