@@ -14,7 +14,9 @@ are checked equal to the first's on a sample. Updating: ``--step-rows`` random r
 time, so no step finds its rows in the CPU's cache), gathered by ``index_select``
 (:func:`~megaclass.ops.row_optimizers.take_rows`) beside plain indexing, and written back a whole row an item
 over torch's threads (:func:`~megaclass.ops.row_optimizers.put_rows_`) beside ``index_put_`` and
-``index_copy_``; median of ``--reps`` steps, written values checked.
+``index_copy_``, and (rows held as ``bf16_sr``) the updated values rounded to bfloat16 stochastically on the
+CPU (:func:`~megaclass.ops.stochastic_rounding.stochastic_round`: numpy, in pieces over torch's threads)
+beside the plain-torch reference it matches bit for bit; median of ``--reps`` steps, results checked.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from megaclass.ops.row_optimizers import INIT_CHUNK, put_rows_, take_rows
+from megaclass.ops.stochastic_rounding import reference_stochastic_round, stochastic_round
 from megaclass.staging import blocks_to_device
 from megaclass.store.local import LocalRows
 
@@ -120,13 +123,22 @@ def row_moves(weight: torch.Tensor, counts: list[int], reps: int) -> None:
         ),
         ("write back", "`index_put_` (indexing)"): lambda ids, values: weight.index_put_((ids,), values),
         ("write back", "`index_copy_`"): lambda ids, values: weight.index_copy_(0, ids, values),
+        ("round to bf16", "numpy over threads (stochastic_round)"): lambda ids, values: stochastic_round(
+            values.cpu(), seed=7
+        ),
+        ("round to bf16", "plain-torch reference"): lambda ids, values: reference_stochastic_round(
+            values.cpu(), seed=7
+        ),
     }
     for count in counts:
         sets = [torch.randperm(len(weight), generator=generator)[:count] for _ in range(reps + 1)]
         values = torch.randn(count, weight.shape[1], generator=generator)
         gigabytes = values.numel() * values.element_size() / 1e9
+        rounded = reference_stochastic_round(values.cpu(), seed=7)
         for (what, way), move in ways.items():
-            move(sets[0], values)  # warm-up
+            result = move(sets[0], values)  # warm-up
+            if what == "round to bf16":
+                assert torch.equal(result.view(torch.int16), rounded.view(torch.int16)), way
             times = []
             for ids in sets[1:]:
                 begin = time.perf_counter()

@@ -9,7 +9,8 @@ apply SGD with momentum before answering) and both in turn (``step``), each call
 rows (rows the previous call moved would still be in the CPU's cache); pulled rows land in page-locked
 memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes moved: ``R * D * 4`` for a pull
 or a push, twice that for a step. Provider ``ps`` moves the row blocks through shared memory (the client's
-default with shards on its machine), ``ps-inline`` in the gRPC messages.
+default with shards on its machine), ``ps-inline`` in the gRPC messages. ``--row-dtypes float32 bf16_sr``
+runs it for shards holding rows and momentum as float32 and as bfloat16 (``--dtype``; the wire stays float32).
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (host memory) and ``ps`` (4 shard processes on
@@ -61,6 +62,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dims", type=int, nargs="+", help="row widths D (default 256 512)")
     parser.add_argument("--rows", type=int, nargs="+", help="rows per request (default 1000 5000 20000)")
     parser.add_argument("--classes", type=int, help="C of the throughput servers (default 10^6)")
+    parser.add_argument(
+        "--row-dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bf16_sr"],
+        help="how the throughput servers hold rows and state (their --dtype; default float32)",
+    )
     parser.add_argument("--step-classes", type=int, help="C of the SelectedHead step (default 10^6)")
     parser.add_argument("--batch", type=int, help="B of the SelectedHead step (default 512)")
     parser.add_argument("--step-dim", type=int, help="D of the SelectedHead step (default 512)")
@@ -93,7 +101,7 @@ def parse_args() -> argparse.Namespace:
 
 @contextlib.contextmanager
 def shard_processes(
-    count: int, *, classes: int, dim: int, root: str, index_device: str = "cpu"
+    count: int, *, classes: int, dim: int, root: str, index_device: str = "cpu", dtype: str = "float32"
 ) -> Iterator[list[str]]:
     """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
     processes: list[subprocess.Popen] = []
@@ -104,7 +112,7 @@ def shard_processes(
             command = [
                 sys.executable, "-m", "megaclass", "paramserver", "serve", "--rows", str(classes),
                 "--dim", str(dim), "--shard", f"{shard}/{count}", "--data-dir", f"{folder}/shard{shard}",
-                "--port", "0", "--momentum", "0.9", "--index-device", index_device,
+                "--port", "0", "--momentum", "0.9", "--index-device", index_device, "--dtype", dtype,
             ]  # fmt: skip
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             processes.append(process)
@@ -137,9 +145,12 @@ def memory_folder(args: argparse.Namespace) -> str | None:
     return "/dev/shm" if free > 2 * largest and os.access("/dev/shm", os.W_OK) else None
 
 
-def transfer_cases(client, provider: str, count: int, dim: int, rows: int, counter: list[int]) -> list[Case]:
-    """``pull``, ``push`` and ``step`` of ``rows`` random rows (sorted ids, as a selection gives them)."""
-    params = {"shards": count, "D": dim, "rows": rows}
+def transfer_cases(
+    client, provider: str, count: int, dim: int, rows: int, counter: list[int], held: str
+) -> list[Case]:
+    """``pull``, ``push`` and ``step`` of ``rows`` random rows (sorted ids, as a selection gives them), from
+    shards holding their rows as ``held``."""
+    params = {"shards": count, "D": dim, "rows": rows, "held": held}
     # a few sets of random rows (sorted ids, as a selection gives them) taken in turn: one set over and over
     # would find its rows in the CPU's cache, where a training step's rows are cold
     id_sets = itertools.cycle([torch.randperm(client.num_rows)[:rows].sort().values for _ in range(8)])
@@ -172,28 +183,27 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
     from megaclass.paramserver import ParamServerClient
 
     results = []
-    for dim in args.dims:
-        for count in args.shards:
-            with shard_processes(count, classes=args.classes, dim=dim, root=root) as addresses:
-                counter = [0]  # steps of the shards, over both clients
-                for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
-                    client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)
-                    attached = all(shard.buffer_id for shard in client._shards)
-                    if attached != (shared_mib > 0):  # a row labelled shared memory moved through it
-                        raise RuntimeError(f"{provider}: shared memory attached: {attached}")
-                    cases = [
-                        case
-                        for rows in args.rows
-                        for case in transfer_cases(client, provider, count, dim, rows, counter)
-                    ]
-                    results += run_cases(
-                        cases,
-                        benchmark="paramserver",
-                        results_path=args.results,
-                        reps=args.reps,
-                        warmup=args.warmup,
-                    )
-                    client.close()
+    for held, dim, count in itertools.product(args.row_dtypes, args.dims, args.shards):
+        with shard_processes(count, classes=args.classes, dim=dim, root=root, dtype=held) as addresses:
+            counter = [0]  # steps of the shards, over both clients
+            for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
+                client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)
+                attached = all(shard.buffer_id for shard in client._shards)
+                if attached != (shared_mib > 0):  # a row labelled shared memory moved through it
+                    raise RuntimeError(f"{provider}: shared memory attached: {attached}")
+                cases = [
+                    case
+                    for rows in args.rows
+                    for case in transfer_cases(client, provider, count, dim, rows, counter, held)
+                ]
+                results += run_cases(
+                    cases,
+                    benchmark="paramserver",
+                    results_path=args.results,
+                    reps=args.reps,
+                    warmup=args.warmup,
+                )
+                client.close()
     return results
 
 
@@ -313,8 +323,9 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
 def summary(results: list[Result]) -> str:
     """Rows per second and GB/s of the transfer cases, one line per (shards, D, rows)."""
     lines = [
-        "| transport | shards | D | rows/request | pull rows/s | push rows/s | step GB/s (pulled + pushed) |",
-        "|---|---|---|---|---|---|---|",
+        "| transport | held | shards | D | rows/request | pull rows/s | push rows/s "
+        "| step GB/s (pulled + pushed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     keyed = {
         (r.provider, r.mode, tuple(r.params.values())): r
@@ -332,7 +343,7 @@ def summary(results: list[Result]) -> str:
 
         transport = "shared memory" if provider == "ps" else "inline"
         lines.append(
-            f"| {transport} | {key[0]} | {key[1]} | {rows} | {rate(pull)} | {rate(push)} | "
+            f"| {transport} | {key[3]} | {key[0]} | {key[1]} | {rows} | {rate(pull)} | {rate(push)} | "
             f"{result.bandwidth_gbs:.2f} |"
         )
     return "\n".join(lines)

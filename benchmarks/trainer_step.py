@@ -62,6 +62,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--store", default="gpu", choices=["gpu", "host"], help="selected head: where its rows live"
     )
+    parser.add_argument(
+        "--store-dtype",
+        default="float32",
+        choices=["float32", "bf16_sr"],
+        help="selected head: its rows and row-optimizer state in float32 or bf16 (head.store_dtype)",
+    )
     parser.add_argument("--reps", type=int, default=50, help="timed replays of the head-only graph step")
     parser.add_argument(
         "--profile",
@@ -77,7 +83,12 @@ def head_overrides(head: str, args: argparse.Namespace) -> list[str]:
     if head == "sparse":
         return [f"head.fan_in={args.fan_in}", f"head.group={args.group}", "head.aux_clusters=0"]
     if head == "selected":
-        return ["head.index=gpu", f"head.sample_num={args.sample_num}", f"head.store={args.store}"]
+        return [
+            "head.index=gpu",
+            f"head.sample_num={args.sample_num}",
+            f"head.store={args.store}",
+            f"head.store_dtype={args.store_dtype}",
+        ]
     return ["head.loss=softmax"]
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from megaclass.ops import stochastic_rounding
 from megaclass.ops.stochastic_rounding import (
     philox_seed,
     reference_stochastic_round,
@@ -152,6 +153,19 @@ def test_fused_adamw_matches_reference(device_for, shape, weight_decay, grad_dty
             assert diff.numel() == 0, f"{name}: first mismatch at {diff[0].tolist()}"
 
 
+def test_the_cpu_adamw_step_matches_the_reference_bitwise():
+    from megaclass.ops.stochastic_rounding import AdamWStep, reference_sr_adamw_, sr_adamw_
+
+    weight, exp_avg = torch.randn(5, 77).to(torch.bfloat16), (torch.randn(5, 77) * 0.1).to(torch.bfloat16)
+    exp_avg_sq, grad = torch.rand(5, 77).mul(0.01).to(torch.bfloat16), torch.randn(5, 77)
+    options = AdamWStep(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, seeds=(1, 2, 3))
+    want = [t.clone() for t in (weight, exp_avg, exp_avg_sq)]
+    reference_sr_adamw_(want[0], grad, want[1], want[2], options)
+    sr_adamw_(weight, grad, exp_avg, exp_avg_sq, options)
+    for got, expected in zip((weight, exp_avg, exp_avg_sq), want, strict=True):
+        assert torch.equal(_bits(got), _bits(expected))
+
+
 def test_fused_adamw_rejects_fp32_state():
     from megaclass.ops.stochastic_rounding import AdamWStep, sr_adamw_
 
@@ -167,3 +181,46 @@ def test_fused_adamw_rejects_fp32_state():
             weight.clone(),
             AdamWStep(**{**options.__dict__, "step": 0}),
         )
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2**32 + 1, 2**63 + 12345])
+def test_the_cpu_path_matches_the_reference_bitwise(monkeypatch, threads, seed):
+    monkeypatch.setattr(stochastic_rounding, "_CPU_PIECE_GROUPS", 16)  # pieces of 128 elements, some partial
+    special = [
+        float("nan"),
+        -float("nan"),
+        float("inf"),
+        -float("inf"),
+        0.0,
+        -0.0,
+        3.4e38,
+        -3.4e38,
+        -1e-40,
+        1e-45,
+    ]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(0,), (1,), (7,), (9,), (1023,), (3, 129), (2, 5, 170)]:
+            x = torch.randn(shape) * torch.logspace(-20, 20, math.prod(shape)).reshape(shape)
+            x.view(-1)[: len(special)] = torch.tensor(special)[: x.numel()]
+            want = reference_stochastic_round(x, seed=seed)
+            assert torch.equal(_bits(stochastic_round(x, seed=seed)), _bits(want)), shape
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            assert stochastic_round(x, seed=seed, out=out, impl="reference") is out
+            assert torch.equal(_bits(out), _bits(want)), shape
+        view = torch.randn(60, 10)[:, ::3]  # non-contiguous
+        assert torch.equal(
+            _bits(stochastic_round(view, seed=3)), _bits(reference_stochastic_round(view, seed=3))
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_cpu_philox_takes_counters_past_32_bits():
+    first = 2**32 - 3  # counters whose high word is 0 and 1
+    counters = torch.arange(first, first + 6, dtype=torch.int64)
+    want = torch.stack(stochastic_rounding._philox_reference(counters, 2**40 + 9), dim=1)
+    got = stochastic_rounding._philox_words(first, 6, 2**40 + 9)
+    assert torch.equal(torch.from_numpy(got.astype("int64")), want)

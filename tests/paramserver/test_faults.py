@@ -1,5 +1,6 @@
 """What goes wrong: wrong secrets, garbage input, dead or restarted shards, a kill in the middle of a step."""
 
+import json
 import shutil
 import subprocess
 import time
@@ -161,13 +162,14 @@ def _spec(**changes):
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
 @pytest.mark.parametrize("durable", [False, True])
 @pytest.mark.parametrize("first", [[0, 5], [0, 1, 3, 4, 5, 6, 7]])  # shorter / longer record
-def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first, durable):
+def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first, durable, dtype):
     """A process dying between journal and commit leaves the pre-step state after restart (also when the
-    journal still holds the tail of a longer earlier record)."""
+    journal still holds the tail of a longer earlier record), bit for bit in either row dtype."""
     hyper = HyperParams(lr=1.0, momentum=0.9)
-    state = ShardState(tmp_path, _spec(), hyper, durable=durable)
+    state = ShardState(tmp_path, _spec(dtype=dtype), hyper, durable=durable)
     state.apply(torch.tensor(first), torch.ones(len(first), 3), lr=1.0, step=1)
     rows, momentum, version = state.rows.clone(), state.state["momentum_buffer"].clone(), state.version
 
@@ -179,7 +181,7 @@ def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first
         state.apply(torch.tensor([5, 2, 7]), torch.full((3, 3), 4.0), lr=1.0, step=2)
     assert not torch.equal(state.rows, rows)  # half applied in the memory maps
     monkeypatch.undo()
-    reopened = ShardState(tmp_path, _spec(), hyper)
+    reopened = ShardState(tmp_path, _spec(dtype=dtype), hyper)
     torch.testing.assert_close(reopened.rows, rows, rtol=0, atol=0)
     torch.testing.assert_close(reopened.state["momentum_buffer"], momentum, rtol=0, atol=0)
     assert (reopened.version, reopened.applied_step) == (version, 1)
@@ -201,6 +203,16 @@ def test_state_survives_restart_and_rejects_other_settings(tmp_path):
     torch.testing.assert_close(restored.rows, rows, rtol=0, atol=0)
     with pytest.raises(ValueError, match="dim is 3 but the server was started with 4"):
         ShardState(tmp_path, _spec(dim=4), HyperParams())
+    with pytest.raises(ValueError, match="dtype is 'float32' but the server was started with 'bf16_sr'"):
+        ShardState(tmp_path, _spec(dtype="bf16_sr"), HyperParams())
+
+
+def test_a_shard_written_before_row_dtypes_opens_as_float32(tmp_path):
+    ShardState(tmp_path, _spec(), HyperParams(lr=0.1)).close()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["dtype"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert ShardState(tmp_path, _spec(), HyperParams()).rows.dtype == torch.float32
 
 
 def test_tls(shards, tmp_path):

@@ -82,3 +82,57 @@ def test_all_finite_finds_one_bad_value_anywhere(where, bad):
     values[where] = bad
     assert not all_finite(values)
     assert not all_finite(values.view(64, 64))
+
+
+def _bf16_neighbours(values):
+    """The bfloat16 values just below and above each float32 value (equal where it is one)."""
+    down, up = (torch.tensor(bound, dtype=torch.bfloat16) for bound in (-float("inf"), float("inf")))
+    nearest = values.to(torch.bfloat16)  # one of the two
+    below = torch.where(nearest.float() > values, torch.nextafter(nearest, down), nearest)
+    above = torch.where(below.float() < values, torch.nextafter(below, up), below)
+    return below.float(), above.float()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adagrad"])
+def test_bf16_rows_are_the_float32_update_rounded_stochastically(tmp_path, optimizer):
+    spec = ShardSpec(11, 6, 2, 10, optimizer, 1, dtype="bf16_sr")
+    hyper = HyperParams(lr=0.3, momentum=0.9, eps=1e-6)
+    state = ShardState(tmp_path, spec, hyper, seed=4)
+    reference = ShardState(tmp_path / "float32", ShardSpec(11, 6, 2, 10, optimizer, 1), hyper, seed=4)
+    sizes = {"rows.bf16": 2 * 8 * 6, "versions.i64": 8 * 8}
+    for slot, shape in state.slots.items():
+        sizes[f"{slot}.bf16" if shape else f"{slot}.f32"] = (2 * 6 if shape else 4) * 8
+    assert {name: (tmp_path / name).stat().st_size for name in sizes} == sizes
+    torch.testing.assert_close(state.rows.float(), reference.rows, rtol=0, atol=2**-8)  # drawn alike
+    generator = torch.Generator().manual_seed(0)
+    for step, size in enumerate(SIZES, start=1):
+        ids = torch.randperm(spec.size, generator=generator)[:size]
+        grads = torch.randn(size, spec.dim, generator=generator)
+        # the float32 update from the shard's current bfloat16 values, in a float32 shard
+        put = {"rows": state.rows.float(), **{name: t.float() for name, t in state.state.items()}}
+        for name, values in put.items():
+            reference.field(name).copy_(values)
+        before = {name: tensor.clone() for name, tensor in [("rows", state.rows), *state.state.items()]}
+        state.apply(ids, grads, lr=0.3 / step, step=step)
+        reference.apply(ids, grads, lr=0.3 / step, step=step)
+        untouched = torch.ones(spec.size, dtype=torch.bool).index_fill_(0, ids, False)
+        for name, tensor in [("rows", state.rows), *state.state.items()]:
+            expected = reference.field(name)
+            if tensor.dtype == torch.float32:  # per-row counts
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=0)
+                continue
+            below, above = _bf16_neighbours(expected[ids])
+            stored = tensor[ids].float()
+            assert bool(((stored == below) | (stored == above)).all()), name
+            assert torch.equal(tensor[untouched], before[name][untouched])
+
+
+def test_bf16_rounding_is_unbiased(tmp_path):
+    spec = ShardSpec(4096, 16, 0, 4096, "sgd", 1, dtype="bf16_sr")
+    state = ShardState(tmp_path, spec, HyperParams(lr=1.0, momentum=0.0), init_bound=0.0)
+    ids = torch.arange(4096)
+    state.apply(ids, torch.full((4096, 16), -1.0 / 3), lr=1.0, step=1)  # each row 1/3, between two bf16
+    below, above = _bf16_neighbours(torch.tensor([1.0 / 3]))
+    stored = state.rows.float()
+    assert bool(((stored == below) | (stored == above)).all())
+    assert abs(float(stored.mean()) - 1.0 / 3) < 0.02 * float(above - below)  # 65,536 draws

@@ -31,9 +31,16 @@ def _url(servers):
     return "ps://" + ",".join(f"127.0.0.1:{server.port}" for server in servers)
 
 
-def _head(servers, name):
+def _head(servers, name, **options):
     # index none: the shards' exact query may run before the last push is applied (timing, not state)
-    options = {"type": "selected", "sample_num": 12, "index": "none", "interval": 2, "coverage_every": 0}
+    options = {
+        "type": "selected",
+        "sample_num": 12,
+        "index": "none",
+        "interval": 2,
+        "coverage_every": 0,
+        **options,
+    }
     config = head_config({**options, "store": _url(servers), "optimizer": OPTIMIZERS[name][2]})
     return build_head(config, HeadContext(in_features=DIM, num_classes=NUM_ROWS, multilabel=False))
 
@@ -52,6 +59,26 @@ def _block_rows(row_shape, block_bytes=BLOCK_ROWS * ROW_BYTES):
     return max(1, block_bytes // (4 * torch.Size(row_shape).numel()))
 
 
+def _batches():
+    """Six batches of 4 samples: features and one label each."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(4, DIM, generator=generator), torch.randint(NUM_ROWS, (4,), generator=generator))
+        for _ in range(6)
+    ]
+
+
+def _assert_both_train_on_alike(train_head, batches, original, resumed):
+    """``(head, servers)`` pairs trained on from step 4: the same losses, the same state on the servers."""
+    (head, first), (again, second) = original, resumed
+    assert train_head(again, batches, 4) == train_head(head, batches, 4)
+    trained = _fields(first, head.store)
+    for key, tensor in _fields(second, again.store).items():
+        assert torch.equal(tensor, trained[key]), key
+    head.store.close()
+    again.store.close()
+
+
 def _record(monkeypatch, owner, name, calls, size):
     """Wrap method ``owner.name`` to append ``size(*args, **kwargs)`` to ``calls`` before each call."""
     original = getattr(owner, name)
@@ -67,11 +94,7 @@ def _record(monkeypatch, owner, name, calls, size):
 def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(
     shards, monkeypatch, tmp_path, name, train_head
 ):
-    generator = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(4, DIM, generator=generator), torch.randint(NUM_ROWS, (4,), generator=generator))
-        for _ in range(6)
-    ]
+    batches = _batches()
     first = _servers(shards, name, seed=1)
     head = _head(first, name)
     train_head(head, batches[:3], 1)
@@ -115,12 +138,7 @@ def test_a_ps_head_checkpoint_streams_and_resumes_bit_for_bit(
     for key, tensor in _fields(second, resumed.store).items():
         assert torch.equal(tensor, expected[key]), key  # bit for bit
 
-    assert train_head(resumed, batches[3:], 4) == train_head(head, batches[3:], 4)
-    trained = _fields(first, head.store)
-    for key, tensor in _fields(second, resumed.store).items():
-        assert torch.equal(tensor, trained[key]), key
-    head.store.close()
-    resumed.store.close()
+    _assert_both_train_on_alike(train_head, batches[3:], (head, first), (resumed, second))
 
 
 def test_a_checkpoint_the_servers_change_under_is_refused(shards, monkeypatch, tmp_path):
@@ -170,3 +188,26 @@ def test_kept_weights_load_the_servers_rows_alone(shards, tmp_path, train_head):
         assert key == "weight" or torch.equal(tensor, slots_before[key]), key
     head.store.close()
     other.store.close()
+
+
+def test_bf16_shards_restored_from_a_checkpoint_train_on_bit_for_bit(shards, tmp_path, train_head):
+    batches = _batches()
+    optimizer, hyper, _ = OPTIMIZERS["sgd-momentum"]
+
+    def servers():  # the same seed: the same stochastic rounding of the same step
+        return shards(
+            3, num_rows=NUM_ROWS, dim=DIM, optimizer=optimizer, hyper=hyper, seed=1, dtype="bf16_sr"
+        )
+
+    first = servers()
+    head = _head(first, "sgd-momentum", store_dtype="bf16_sr")
+    train_head(head, batches[:3], 1)
+    path = checkpoint.save_checkpoint(str(tmp_path / "ck"), 3, {"head": head.state_dict(), "step": 3})
+    expected = _fields(first, head.store)
+    second = servers()
+    resumed = _head(second, "sgd-momentum", store_dtype="bf16_sr")
+    train_head(resumed, batches[5:], 1)  # other rows and momentum, all overwritten from the file
+    resumed.load_state_dict(checkpoint.load_checkpoint(path)["head"])
+    for key, tensor in _fields(second, resumed.store).items():
+        assert torch.equal(tensor, expected[key]), key
+    _assert_both_train_on_alike(train_head, batches[3:], (head, first), (resumed, second))

@@ -5,7 +5,9 @@ import threading
 import pytest
 import torch
 
+from megaclass.ops.row_optimizers import RowOptimizerConfig
 from megaclass.paramserver import HyperParams, ParamServerClient
+from megaclass.store import build_store
 
 OPTIMIZERS = {
     # name: (server optimizer, HyperParams options, torch optimizer class, its options)
@@ -329,3 +331,49 @@ def test_a_push_retried_while_its_step_is_applied_is_applied_once(shards, monkey
     assert client.health()[0].version == 1 and client.health()[0].applied_step == 1
     torch.testing.assert_close(client.pull(ids), before - 1)
     client.close()
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shared_memory_mib", [0, 1])
+def test_bf16_shards_serve_the_rows_they_hold(shards, wire_dtype, shared_memory_mib):
+    servers = shards(2, num_rows=23, dim=7, optimizer="adam", dtype="bf16_sr", hyper=HyperParams(lr=0.1))
+    client = ParamServerClient(
+        _addresses(servers), timeout_s=20, wire_dtype=wire_dtype, shared_memory_mib=shared_memory_mib
+    )
+    assert client.row_dtype == "bf16_sr"
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        client.push(
+            torch.randperm(23, generator=generator)[:9], torch.randn(9, 7, generator=generator), step=step
+        )
+    held = {  # the shards' bfloat16 values, exactly
+        field: torch.cat([server.service.state.field(field) for server in servers]).float()
+        for field in ("rows", "exp_avg", "step")
+    }
+    torch.testing.assert_close(client.pull(torch.arange(23), min_step=3), held["rows"], rtol=0, atol=0)
+    for field, values in held.items():
+        torch.testing.assert_close(client.get_rows(0, 23, field=field), values, rtol=0, atol=0)
+    features = torch.randn(4, 7, generator=generator)
+    exact_scores, exact_ids = (features @ held["rows"].T).topk(5, dim=1)
+    scores, ids = client.query_nearest(features, 5)
+    assert torch.equal(ids, exact_ids)
+    torch.testing.assert_close(scores, exact_scores)
+    scores, ids = client.query_nearest(features, 5, max_index_age=1)  # through each shard's index
+    found = ids >= 0
+    assert bool(found[:, 0].all())
+    rescored = (features.unsqueeze(1) * held["rows"][ids.clamp_min(0)]).sum(-1)  # (4, 5) from the held rows
+    torch.testing.assert_close(scores[found], rescored[found])
+    client.close()
+
+
+def test_a_store_asks_the_row_dtype_its_shards_hold(shards):
+    servers = shards(1, num_rows=23, dim=7, optimizer="adam", dtype="bf16_sr")
+    spec = "ps://" + ",".join(_addresses(servers))
+    options = dict(num_rows=23, dim=7, device="cpu", optimizer=RowOptimizerConfig(kind="adam"))
+    with pytest.raises(
+        ValueError, match="the servers hold bf16_sr rows but float32 rows were asked for; start them"
+    ):
+        build_store(spec, **options)
+    store = build_store(spec, **options, dtype="bf16_sr")
+    assert store.held_bytes() == (2 * 23 * 7, 2 * (2 * 23 * 7) + 4 * 23)  # exp_avg, exp_avg_sq; step
+    store.close()

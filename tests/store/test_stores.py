@@ -109,15 +109,6 @@ def test_errors():
         store.load_state_dict({})
     with pytest.raises(ValueError, match="unknown store 'disk'"):
         build_store("disk", num_rows=4, dim=2, device="cpu", optimizer=RowOptimizerConfig())
-    with pytest.raises(ValueError, match="dtype bf16_sr needs a gpu or host store"):
-        build_store(
-            "ps://127.0.0.1:1",
-            num_rows=4,
-            dim=2,
-            device="cpu",
-            optimizer=RowOptimizerConfig(),
-            dtype="bf16_sr",
-        )
 
 
 @pytest.mark.gpu

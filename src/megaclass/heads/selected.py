@@ -108,7 +108,7 @@ class SelectedHeadConfig:
     # where the snapshot holds at most 2^32 row values (8 GiB in bf16)
     index_on: Literal["auto", "trainer", "shards"] = "auto"
     store_dtype: Literal["float32", "bf16_sr"] = "float32"  # bf16_sr: rows and row-optimizer state in bf16,
-    # updated with stochastic rounding (half the bytes; gpu and host stores)
+    # updated with stochastic rounding (half the bytes; ps://: the shards' --dtype, which must match)
     optimizer: RowOptimizerConfig = field(default_factory=RowOptimizerConfig)  # row-sparse, on the store
     # (the command line's recipe sets optim.head's: the rows get its lr)
     margin: MarginConfig = field(default_factory=MarginConfig)  # ArcFace / CosFace over the active set

@@ -14,12 +14,18 @@ Random bits come from Philox-4x32-10 (Salmon et al. 2011, "Parallel random numbe
 keyed by a 64-bit ``seed``; element ``e`` uses 16 bits of the block of counter ``e // 8``, so the result
 depends
 only on ``(seed, e, x[e])``: the Triton kernel and :func:`reference_stochastic_round` agree bit for bit.
+On the CPU :func:`stochastic_round` computes the same bits with numpy's unsigned 32- and 64-bit integers, in
+cache-sized pieces over torch's threads (4 to 20 times the plain reference's speed: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +49,8 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _LANES = 8  # elements served by one Philox call: 4 words x 2 halves of 16 bits
+_CPU_PIECE_GROUPS = 1 << 14  # Philox calls of one piece of the CPU path (128K elements: in cache)
+_cpu_pool: ThreadPoolExecutor | None = None  # made at the first CPU rounding split over threads
 
 
 def philox_seed(*parts: int) -> int:
@@ -280,6 +288,79 @@ def reference_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = Non
     return y
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The CPU path: the reference's bits with numpy's unsigned integers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _philox_words(first: int, count: int, seed: int) -> np.ndarray:
+    """``(count, 4)`` uint32 words of Philox-4x32-10 at counters ``first .. first + count - 1``, as
+    :func:`_philox_reference` gives them (a 32 x 32 -> 64-bit product holds both halves in uint64)."""
+    counter = np.arange(first, first + count, dtype=np.uint64)
+    c0, c1 = counter & np.uint64(_MASK32), counter >> np.uint64(32)
+    c2, c3 = np.zeros_like(counter), np.zeros_like(counter)
+    product_a, product_b = np.empty_like(counter), np.empty_like(counter)
+    k0, k1 = seed & _MASK32, seed >> 32
+    for _ in range(_PHILOX_ROUNDS):
+        np.multiply(c0, np.uint64(_PHILOX_ROUND_A), out=product_a)
+        np.multiply(c2, np.uint64(_PHILOX_ROUND_B), out=product_b)
+        np.right_shift(product_b, np.uint64(32), out=c0)  # c0 <- hi(B c2) ^ c1 ^ k0
+        c0 ^= c1
+        c0 ^= np.uint64(k0)
+        np.right_shift(product_a, np.uint64(32), out=c2)  # c2 <- hi(A c0) ^ c3 ^ k1
+        c2 ^= c3
+        c2 ^= np.uint64(k1)
+        np.bitwise_and(product_b, np.uint64(_MASK32), out=c1)  # c1 <- lo(B c2)
+        np.bitwise_and(product_a, np.uint64(_MASK32), out=c3)  # c3 <- lo(A c0)
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def _round_piece(bits: np.ndarray, out: np.ndarray, first_group: int, seed: int) -> None:
+    """bf16 bits of the uint32 float bits ``bits``, whose first element is element ``8 * first_group``,
+    into uint16 ``out``."""
+    groups = -(-len(bits) // _LANES)
+    # lane j of a call takes half j % 2 (low first) of word j // 2: the words' little-endian uint16 halves
+    noise = _philox_words(first_group, groups, seed).view(np.uint16).reshape(-1)[: len(bits)]
+    rounded = bits + noise  # uint32; wraps only for NaN bit patterns, replaced below
+    rounded >>= np.uint32(16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        rounded[nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x0040)
+    out[:] = rounded
+
+
+def _cpu_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None) -> Tensor:
+    """:func:`reference_stochastic_round`'s bits for a CPU ``x``, computed with numpy over torch's threads."""
+    global _cpu_pool
+    _check(x, seed, out)
+    seed = int(seed)
+    bits = x.detach().contiguous().reshape(-1).numpy().view(np.uint32)  # (N,)
+    y = torch.empty(x.shape, dtype=torch.bfloat16) if out is None else out
+    target = y.view(torch.int16).reshape(-1).numpy().view(np.uint16)
+    piece = _CPU_PIECE_GROUPS * _LANES
+    starts = range(0, len(bits), piece)
+
+    def round_pieces(first: int, last: int) -> None:
+        for start in starts[first:last]:
+            stop = min(start + piece, len(bits))
+            _round_piece(bits[start:stop], target[start:stop], start // _LANES, seed)
+
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        round_pieces(0, len(starts))
+        return y
+    if _cpu_pool is None:
+        _cpu_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="round")
+    share = math.ceil(len(starts) / threads)
+    parts = [_cpu_pool.submit(round_pieces, a, a + share) for a in range(share, len(starts), share)]
+    round_pieces(0, share)
+    for part in parts:
+        part.result()
+    return y
+
+
 def stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None, impl: Impl | str = "auto") -> Tensor:
     """Round float32 ``x`` to bfloat16 stochastically: up with probability equal to the dropped fraction.
 
@@ -287,7 +368,8 @@ def stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None, impl: I
         x: float32 tensor of any shape.
         seed: 64-bit seed; the same ``(seed, x)`` always gives the same result on every implementation.
         out: optional contiguous bfloat16 tensor of ``x``'s shape to write into.
-        impl: ``auto`` (Triton on CUDA, the reference elsewhere), ``triton`` or ``reference``.
+        impl: ``auto`` (Triton on CUDA, the reference elsewhere: on the CPU its numpy form), ``triton`` or
+            ``reference``.
 
     Returns:
         bfloat16 tensor of ``x``'s shape; ``E[result] == x`` over seeds.
@@ -298,6 +380,8 @@ def stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None, impl: I
     """
     if resolve_impl(impl, x) is Impl.TRITON:
         return stochastic_round_fwd(x, seed=seed, out=out)
+    if x.device.type == "cpu":
+        return _cpu_stochastic_round(x, seed=seed, out=out)
     return reference_stochastic_round(x, seed=seed, out=out)
 
 
@@ -374,6 +458,15 @@ def reference_sr_adamw_(
 ) -> None:
     """Plain-PyTorch AdamW step in fp32 with stochastic rounding back to bf16, the fused kernel's spec."""
     _check_adamw(weight, grad, exp_avg, exp_avg_sq, options)
+    values = _adamw_fp32(weight, grad, exp_avg, exp_avg_sq, options)
+    for target, value, seed in zip((weight, exp_avg, exp_avg_sq), values, options.seeds, strict=True):
+        reference_stochastic_round(value, seed=seed, out=target)
+
+
+def _adamw_fp32(
+    weight: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, options: AdamWStep
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The new weight and moments of an AdamW step, in fp32."""
     w, g = weight.float(), grad.float()
     m = exp_avg.float() * options.beta1 + (1 - options.beta1) * g
     v = exp_avg_sq.float() * options.beta2 + ((1 - options.beta2) * g) * g
@@ -381,8 +474,7 @@ def reference_sr_adamw_(
         w = w * (1 - options.lr * options.weight_decay)
     denom = torch.sqrt(v / (1 - options.beta2**options.step)) + options.eps
     w = w + (-options.lr / (1 - options.beta1**options.step)) * (m / denom)
-    for target, value, seed in zip((weight, exp_avg, exp_avg_sq), (w, m, v), options.seeds, strict=True):
-        reference_stochastic_round(value, seed=seed, out=target)
+    return w, m, v
 
 
 def sr_adamw_(
@@ -409,5 +501,8 @@ def sr_adamw_(
     """
     if resolve_impl(impl, weight, grad) is Impl.TRITON:
         sr_adamw_fwd(weight, grad, exp_avg, exp_avg_sq, options)
-    else:
-        reference_sr_adamw_(weight, grad, exp_avg, exp_avg_sq, options)
+        return
+    _check_adamw(weight, grad, exp_avg, exp_avg_sq, options)
+    values = _adamw_fp32(weight, grad, exp_avg, exp_avg_sq, options)
+    for target, value, seed in zip((weight, exp_avg, exp_avg_sq), values, options.seeds, strict=True):
+        stochastic_round(value, seed=seed, out=target, impl="reference")  # on the CPU: its numpy form

@@ -240,12 +240,15 @@ class ParamServerClient:
         healths = [healths[i] for i in order]
         first = healths[0]
         self.num_rows, self.dim, self.mode = int(first.num_rows), int(first.dim), first.mode
+        self.row_dtype = first.row_dtype or "float32"  # how the shards hold rows: float32 or bf16_sr
         expected_start = 0
         for shard, health in zip(self._shards, healths, strict=True):
-            if (health.num_rows, health.dim, health.mode) != (first.num_rows, first.dim, first.mode):
+            held = (health.num_rows, health.dim, health.mode, health.row_dtype or "float32")
+            if held != (first.num_rows, first.dim, first.mode, self.row_dtype):
                 raise ValueError(
-                    f"{shard.address} serves {health.num_rows} x {health.dim} ({health.mode}) but "
-                    f"{self._shards[0].address} serves {first.num_rows} x {first.dim} ({first.mode})"
+                    f"{shard.address} serves {held[0]} x {held[1]} ({held[2]}, {held[3]}) but "
+                    f"{self._shards[0].address} serves {first.num_rows} x {first.dim} ({first.mode}, "
+                    f"{self.row_dtype})"
                 )
             if health.row_start != expected_start:
                 raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 from megaclass.paramserver.updaters import OPTIMIZERS, HyperParams
 
 TOKEN_ENV = "MEGACLASS_PS_TOKEN"
+ROW_DTYPES = ("float32", "bf16_sr")  # how a shard holds its rows and row-shaped optimizer state
 MAX_MESSAGE_BYTES = 2**31 - 1  # protobuf's own limit on one message
 MESSAGE_OVERHEAD_BYTES = 4096  # a message's fields besides its ids and arrays, with room to spare
 DEFAULT_MESSAGE_BYTES = 256 * 2**20  # a 64k x 1024 float32 row block: few calls, bounded server memory
@@ -83,6 +84,8 @@ class ServerConfig:
         mode: ``"sync"`` (barrier over ``trainers``) or ``"async"``.
         trainers: trainers in the sync barrier; in async mode, the number of trainer ranks accepted.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"adagrad"``.
+        dtype: ``"float32"``, or ``"bf16_sr"``: rows and their row-shaped optimizer state in bfloat16 (half
+            the memory and half the bytes an update moves), updated in float32 and stochastically rounded.
         hyper: initial hyper-parameters (a restarted server keeps the ones it had).
         threads: request threads; None: ``8 + 4 * trainers`` (waiting pulls hold a thread each).
         init_bound: rows of a new shard start as ``U(-init_bound, init_bound)``, the matrix an in-process
@@ -116,6 +119,7 @@ class ServerConfig:
     mode: str = "sync"
     trainers: int = 1
     optimizer: str = "sgd"
+    dtype: str = "float32"
     hyper: HyperParams = field(default_factory=HyperParams)
     threads: int | None = None
     init_bound: float | None = None
@@ -136,6 +140,8 @@ class ServerConfig:
             raise ValueError(f"--mode {self.mode!r}: expected 'sync' or 'async'")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer!r}: expected one of {list(OPTIMIZERS)}")
+        if self.dtype not in ROW_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {list(ROW_DTYPES)}")
         if self.trainers < 1:
             raise ValueError(f"--trainers {self.trainers}: expected >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -224,6 +230,12 @@ def add_serve_arguments(parser: Any) -> None:
         "--trainers", type=int, default=1, help="trainers in the sync barrier / ranks accepted"
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    parser.add_argument(
+        "--dtype",
+        choices=ROW_DTYPES,
+        default="float32",
+        help="rows and row-shaped optimizer state: float32, or bf16_sr (bfloat16, stochastic rounding)",
+    )
     parser.add_argument("--lr", type=float, default=0.01, help="lr when a push carries none")
     parser.add_argument("--momentum", type=float, default=0.9, help="sgd momentum; 0 keeps no momentum state")
     parser.add_argument("--nesterov", action="store_true")
@@ -309,6 +321,7 @@ def config_from_arguments(args: Any) -> ServerConfig:
         mode=args.mode,
         trainers=args.trainers,
         optimizer=args.optimizer,
+        dtype=args.dtype,
         hyper=hyper,
         threads=args.threads,
         init_bound=args.init_bound,

@@ -135,7 +135,9 @@ class ShardService:
             raise ValueError(f"--index-device {config.index_device!r}: this machine has no CUDA device")
         self.config = config
         start, stop = shard_range(config.num_rows, config.shard, config.shards)
-        spec = ShardSpec(config.num_rows, config.dim, start, stop, config.optimizer, config.trainers)
+        spec = ShardSpec(
+            config.num_rows, config.dim, start, stop, config.optimizer, config.trainers, config.dtype
+        )
         self.state = ShardState(
             config.data_dir,
             spec,
@@ -239,9 +241,11 @@ class ShardService:
         target = self._buffer(request.buffer).array(request.buffer_offset, nbytes, what="rows")
         if dtype == "float32":
             out = torch.from_numpy(target.view(np.float32).reshape(shape))
-            torch.index_select(self.state.rows, 0, local, out=out)
         else:
             out = torch.from_numpy(target.view(np.int16).reshape(shape)).view(torch.bfloat16)
+        if out.dtype == self.state.rows.dtype:
+            torch.index_select(self.state.rows, 0, local, out=out)
+        else:
             out.copy_(self.state.rows.index_select(0, local))
 
     def _buffer(self, buffer: int) -> AttachedBuffer:
@@ -431,7 +435,7 @@ class ShardService:
         block = max(1, _QUERY_SCRATCH_BYTES // (4 * features.shape[1] * max(local.shape[1], 1)))
         with self.lock.read():
             for i in range(0, len(local), block):
-                rows = self.state.rows[local[i : i + block].clamp_min(0)]  # (b, n', D)
+                rows = self.state.rows[local[i : i + block].clamp_min(0)].float()  # (b, n', D)
                 scores[i : i + block] = torch.einsum("bnd,bd->bn", rows, features[i : i + block])
                 if cosine:
                     scores[i : i + block] /= rows.norm(dim=2).clamp_min(1e-12)
@@ -520,6 +524,7 @@ class ShardService:
             max_rows_per_request=self.limits.rows,
             max_queries_per_request=self.limits.queries,
             max_message_bytes=self.limits.send_bytes,
+            row_dtype=spec.dtype,
         )
 
     # -- sync barrier ----------------------------------------------------------------------------------
@@ -657,7 +662,7 @@ def _top_rows(features: Tensor, rows: Tensor, n: int, *, cosine: bool) -> tuple[
     best_ids = torch.empty(features.shape[0], 0, dtype=torch.int64)
     size = max(1024, min(_QUERY_BLOCK_ROWS, _QUERY_SCRATCH_BYTES // (4 * max(features.shape[0], 1))))
     for start in range(0, rows.shape[0], size):
-        block = rows[start : start + size]
+        block = rows[start : start + size].float()
         if cosine:
             block = torch.nn.functional.normalize(block, dim=1)
         scores = features @ block.T  # (B, block)

@@ -2,10 +2,11 @@
 
 Files under the data folder::
 
-    meta.json          shape, range, optimizer, slots (checked on restart)
+    meta.json          shape, range, optimizer, row dtype, slots (checked on restart)
     hyper.json         current hyper-parameters (written to a temporary file, then renamed)
-    rows.f32           (n, D) float32 rows, n = row_stop - row_start
-    <slot>.f32         (n, D) or (n,) float32 optimizer state per slot (momentum_buffer, exp_avg, step, ...)
+    rows.f32           (n, D) float32 rows, n = row_stop - row_start (rows.bf16 with dtype bf16_sr)
+    <slot>.f32         (n, D) or (n,) float32 optimizer state per slot (momentum_buffer, exp_avg, step, ...);
+                       with dtype bf16_sr the (n, D) slots are <slot>.bf16, per-row counts stay float32
     versions.i64       (n,) state version of each row's last update (clients revalidate prefetched rows)
     header.i64         committed version, last applied step, journal marker, per-trainer steps
     journal.bin        undo record of the update in progress
@@ -20,6 +21,11 @@ either a committed state or a marker newer than the committed version; on restar
 the journal, so no half-applied step survives. With ``durable=True`` the journal is synced before (2) and
 the maps flushed after (4), which extends the guarantee to power loss. :meth:`ShardState.snapshot` copies a
 committed state to its own fsync'd folder.
+
+With ``dtype="bf16_sr"`` the rows and their row-shaped optimizer state are bfloat16 (half the memory, and
+half the bytes a push's update moves): an update works in float32 and writes back stochastically rounded
+(``E[stored] == float32 result``), seeded by ``(seed, shard, step, trainers, tensor)``, so shards restored
+from a checkpoint repeat the same bits; the journal keeps the old bfloat16 bits, so an undo is exact.
 
 At start every state file must have the size the shard's shape needs, and match its checksum when the last
 close left one: a truncated or damaged state is refused rather than served as zeros.
@@ -42,6 +48,8 @@ import torch
 from torch import Tensor
 
 from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
+from megaclass.ops.stochastic_rounding import philox_seed, stochastic_round
+from megaclass.paramserver.config import ROW_DTYPES
 from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
 from megaclass.state_io import fsync_path
 
@@ -49,6 +57,12 @@ FORMAT = 1
 MAGIC = 0x4D43505331  # "MCPS1"
 # header.i64 layout
 _MAGIC, _COMMITTED, _STEP, _JOURNAL, _TRAINERS0 = 0, 1, 2, 3, 8
+# a held dtype's file suffix and numpy storage (bfloat16 as its int16 bit pattern, viewed by torch)
+_STORAGE = {
+    torch.float32: ("f32", np.float32),
+    torch.bfloat16: ("bf16", np.int16),
+    torch.int64: ("i64", np.int64),
+}
 
 
 @dataclass(frozen=True)
@@ -61,10 +75,16 @@ class ShardSpec:
     row_stop: int
     optimizer: str
     trainers: int
+    dtype: str = "float32"  # one of ROW_DTYPES
 
     @property
     def size(self) -> int:
         return self.row_stop - self.row_start
+
+    @property
+    def held(self) -> torch.dtype:
+        """The dtype of the rows and the row-shaped optimizer state."""
+        return torch.bfloat16 if self.dtype == "bf16_sr" else torch.float32
 
 
 class ShardState:
@@ -80,9 +100,12 @@ class ShardState:
         seed: int = 0,
         durable: bool = False,
     ) -> None:
+        if spec.dtype not in ROW_DTYPES:
+            raise ValueError(f"--dtype {spec.dtype!r}: expected one of {list(ROW_DTYPES)}")
         self.dir = os.fspath(data_dir)
         self.spec = spec
         self.durable = durable
+        self.seed = seed
         self._arrays: dict[str, np.memmap] = {}
         self._buffers: dict[str, Tensor] = {}  # rows and state of the update in progress
         os.makedirs(self.dir, exist_ok=True)
@@ -95,13 +118,13 @@ class ShardState:
             self.slots = self._check_meta(meta_path)
             self.hyper = self._load_hyper(hyper)
             self._check_file_sizes()
-        self.rows = self._map("rows.f32", (spec.size, spec.dim), np.float32, fresh)
+        self.rows = self._map("rows", (spec.size, spec.dim), spec.held, fresh)
         self.state = {
-            slot: self._map(f"{slot}.f32", (spec.size, *shape), np.float32, fresh)
+            slot: self._map(slot, (spec.size, *shape), self._slot_dtype(shape), fresh)
             for slot, shape in self.slots.items()
         }
-        self.versions = self._map("versions.i64", (spec.size,), np.int64, fresh)
-        self.header = self._map("header.i64", (_TRAINERS0 + spec.trainers,), np.int64, fresh)
+        self.versions = self._map("versions", (spec.size,), torch.int64, fresh)
+        self.header = self._map("header", (_TRAINERS0 + spec.trainers,), torch.int64, fresh)
         self._journal_fd = os.open(os.path.join(self.dir, "journal.bin"), os.O_RDWR | os.O_CREAT, 0o644)
         self._journal_map: mmap.mmap | None = None  # mapped at the first record
         if fresh:
@@ -146,13 +169,16 @@ class ShardState:
         """
         new_version = self.version + 1
         old_rows, old_state = self._journal(local, new_version)
-        rows = self._work("rows", old_rows)  # (S, D)
+        rows = self._work("rows", old_rows)  # (S, D) float32
         state = {slot: self._work(slot, values) for slot, values in old_state.items()}
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
-        put_rows_(self.rows, local, rows)
-        for slot, values in state.items():
-            put_rows_(self.state[slot], local, values)
+        written = {"rows": (self.rows, rows), **{slot: (self.state[slot], state[slot]) for slot in state}}
+        for stream, (target, values) in enumerate(written.values()):
+            if target.dtype == torch.bfloat16:
+                seed = philox_seed(self.seed, self.spec.row_start, step, *trainers, stream)
+                values = stochastic_round(values, seed=seed)
+            put_rows_(target, local, values)
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
         return new_version
@@ -162,7 +188,7 @@ class ShardState:
         target = self.field(name)
         new_version = self.version + 1
         self._journal(local, new_version)
-        put_rows_(target, local, values)
+        put_rows_(target, local, values.to(target.dtype))  # a write, not an update: rounded to nearest
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=self.applied_step)
         return new_version
@@ -185,7 +211,7 @@ class ShardState:
         partial = final + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-        for name in ["rows.f32", *(f"{s}.f32" for s in self.slots), "versions.i64", "header.i64"]:
+        for name in self._state_files():
             self._mapped(name).flush()
             _copy_synced(os.path.join(self.dir, name), os.path.join(partial, name))
         for name in ("meta.json", "hyper.json"):
@@ -211,12 +237,18 @@ class ShardState:
     def _state_files(self) -> dict[str, int]:
         """Each state file's name and the bytes the shard's shape needs in it."""
         n, d = self.spec.size, self.spec.dim
-        sizes = {"rows.f32": 4 * n * d}
+        held = self.spec.held
+        sizes = {_file_name("rows", held): held.itemsize * n * d}
         for slot, shape in self.slots.items():
-            sizes[f"{slot}.f32"] = 4 * n * math.prod(shape)
+            dtype = self._slot_dtype(shape)
+            sizes[_file_name(slot, dtype)] = dtype.itemsize * n * math.prod(shape)
         sizes["versions.i64"] = 8 * n
         sizes["header.i64"] = 8 * (_TRAINERS0 + self.spec.trainers)
         return sizes
+
+    def _slot_dtype(self, shape: tuple[int, ...]) -> torch.dtype:
+        """Row-shaped slots are held as the rows are; per-row counts (``step``) stay float32."""
+        return self.spec.held if shape else torch.float32
 
     def _check_file_sizes(self) -> None:
         """Refuse a restart on a missing, truncated or extended state file (it would be served as zeros)."""
@@ -275,12 +307,15 @@ class ShardState:
             )
 
     # -- internals -------------------------------------------------------------------------------------
-    def _map(self, name: str, shape: tuple[int, ...], dtype: type, fresh: bool) -> Tensor:
-        path = os.path.join(self.dir, name)
+    def _map(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, fresh: bool) -> Tensor:
+        """The file of ``name`` (its suffix from ``dtype``) mapped as a ``dtype`` tensor of ``shape``."""
+        file = _file_name(name, dtype)
+        path = os.path.join(self.dir, file)
         mode = "w+" if fresh or not os.path.exists(path) else "r+"
-        mapped = np.memmap(path, dtype=dtype, mode=mode, shape=shape)  # raw little-endian, no header
-        self._arrays[name] = mapped
-        return torch.from_numpy(mapped)
+        storage = _STORAGE[dtype][1]
+        mapped = np.memmap(path, dtype=storage, mode=mode, shape=shape)  # raw little-endian, no header
+        self._arrays[file] = mapped
+        return torch.from_numpy(mapped).view(dtype)
 
     def _mapped(self, name: str) -> np.memmap:
         return self._arrays[name]
@@ -309,6 +344,7 @@ class ShardState:
         with open(path) as f:
             meta = json.load(f)
         expected = {"format": FORMAT, **asdict(self.spec)}
+        meta.setdefault("dtype", "float32")  # a shard written before rows could be held in bfloat16
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise ValueError(
@@ -341,26 +377,26 @@ class ShardState:
         rules). The old values are gathered straight into the mapped file, the record's one copy.
         """
         count = len(local)
-        parts = {"head": (np.int64, (2 + len(self.header),)), "ids": (np.int64, (count,))}
-        parts["rows"] = (np.float32, (count, self.spec.dim))
+        parts = {"head": (torch.int64, (2 + len(self.header),)), "ids": (torch.int64, (count,))}
+        parts["rows"] = (self.rows.dtype, (count, self.spec.dim))
         for slot, tensor in self.state.items():
-            parts[slot] = (np.float32, (count, *tensor.shape[1:]))
-        parts["versions"] = (np.int64, (count,))
-        nbytes = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in parts.values())
+            parts[slot] = (tensor.dtype, (count, *tensor.shape[1:]))
+        parts["versions"] = (torch.int64, (count,))
+        nbytes = sum(dtype.itemsize * math.prod(shape) for dtype, shape in parts.values())
         journal = self._journal_of(nbytes)
         views, offset = {}, 0
         for name, (dtype, shape) in parts.items():
-            views[name] = np.frombuffer(journal, dtype, math.prod(shape), offset).reshape(shape)
+            views[name] = _view(journal, dtype, shape, offset)
             offset += views[name].nbytes
         head = views["head"]
-        head[:2] = count, new_version
-        head[2:] = self.header.numpy()
-        views["ids"][:] = local.numpy()
-        old = {name: torch.from_numpy(views[name]) for name in ("rows", *self.state)}
+        head[:2] = torch.tensor([count, new_version])
+        head[2:] = self.header
+        views["ids"].copy_(local)
+        old = {name: views[name] for name in ("rows", *self.state)}
         torch.index_select(self.rows, 0, local, out=old["rows"])
         for slot, tensor in self.state.items():
             torch.index_select(tensor, 0, local, out=old[slot])
-        np.take(self.versions.numpy(), local.numpy(), out=views["versions"])
+        torch.index_select(self.versions, 0, local, out=views["versions"])
         if self.durable:
             journal.flush()
         self.header[_JOURNAL] = new_version
@@ -403,18 +439,28 @@ class ShardState:
             local = torch.from_numpy(np.frombuffer(f.read(8 * count), dtype=np.int64).copy())
             assert bool(((local >= 0) & (local < n)).all()), "journal row ids outside the shard"
 
-            def block(dtype: type, shape: tuple[int, ...]) -> Tensor:
-                size = np.dtype(dtype).itemsize * int(np.prod(shape))
-                return torch.from_numpy(np.frombuffer(f.read(size), dtype=dtype).reshape(shape).copy())
+            def block(dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+                return _view(bytearray(f.read(dtype.itemsize * math.prod(shape))), dtype, shape, 0)
 
-            self.rows.index_copy_(0, local, block(np.float32, (count, d)))
+            self.rows.index_copy_(0, local, block(self.rows.dtype, (count, d)))
             for tensor in self.state.values():
-                tensor.index_copy_(0, local, block(np.float32, (count, *tensor.shape[1:])))
-            self.versions.index_copy_(0, local, block(np.int64, (count,)))
+                tensor.index_copy_(0, local, block(tensor.dtype, (count, *tensor.shape[1:])))
+            self.versions.index_copy_(0, local, block(torch.int64, (count,)))
         self.header[:] = torch.from_numpy(header.copy())
         self.header[_JOURNAL] = self.header[_COMMITTED]
         for array in self._arrays.values():
             array.flush()
+
+
+def _file_name(name: str, dtype: torch.dtype) -> str:
+    """``rows.f32``, ``exp_avg.bf16``, ``versions.i64``: a state file's name, its suffix from its dtype."""
+    return f"{name}.{_STORAGE[dtype][0]}"
+
+
+def _view(buffer: mmap.mmap | bytearray, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> Tensor:
+    """A ``dtype`` tensor of ``shape`` over ``buffer``'s bytes from ``offset`` (no copy)."""
+    array = np.frombuffer(buffer, _STORAGE[dtype][1], math.prod(shape), offset).reshape(shape)
+    return torch.from_numpy(array).view(dtype)
 
 
 def all_finite(values: Tensor) -> bool:

@@ -29,8 +29,9 @@ def build_store(
     ``ps://host:port[,host:port...]`` (parameter-server shards, which hold their own initial rows: start them
     with ``--seed`` for the matrix the other stores draw; ``optimizer`` settings are sent to them).
 
-    ``dtype``: ``float32``, or ``bf16_sr`` (``gpu`` and ``host``): rows and their row-shaped optimizer state
-    in bfloat16, updated with stochastic rounding (:class:`~megaclass.store.local.LocalRows`).
+    ``dtype``: ``float32``, or ``bf16_sr``: rows and their row-shaped optimizer state in bfloat16, updated
+    with stochastic rounding (:class:`~megaclass.store.local.LocalRows`; ``ps://``: the dtype the shards were
+    started with, ``--dtype``, which must match).
 
     >>> build_store("host", num_rows=4, dim=2, device="cpu", optimizer=RowOptimizerConfig()).num_rows
     4
@@ -48,13 +49,17 @@ def build_store(
     if spec.startswith("ps://"):
         from megaclass.store.paramserver import ParamServerStore
 
-        if RowDtype(dtype) is not RowDtype.FLOAT32:
-            raise ValueError(f"store {spec!r}: dtype {RowDtype(dtype).value} needs a gpu or host store")
         store = ParamServerStore(spec, device=device)
         if (store.num_rows, store.dim) != (num_rows, dim):
             raise ValueError(
                 f"store {spec!r}: the servers hold {store.num_rows} x {store.dim} rows, "
                 f"need {num_rows} x {dim}"
+            )
+        held = store.client.row_dtype
+        if held != RowDtype(dtype).value:
+            raise ValueError(
+                f"store {spec!r}: the servers hold {held} rows but {RowDtype(dtype).value} rows were asked "
+                f"for; start them with --dtype {RowDtype(dtype).value} or ask for {held} (head.store_dtype)"
             )
         store.configure(optimizer)
         return store

@@ -225,9 +225,14 @@ class ParamServerStore(RowStore):
         self.client.flush()
 
     def held_bytes(self) -> tuple[int, int]:
-        """On the servers: fp32 rows and one row-shaped fp32 slot per optimizer state entry."""
-        rows = 4 * self.num_rows * self.dim
-        return rows, rows * len(self.slots)
+        """On the servers: the rows and their optimizer slots (row-shaped ones as the rows are held: 4 or,
+        with ``bf16_sr`` shards, 2 bytes a value; per-row counts 4 bytes a row)."""
+        element = 2 if self.client.row_dtype == "bf16_sr" else 4
+        state = sum(
+            self.num_rows * (element * self.dim if len(self._field_shape(slot)) > 1 else 4)
+            for slot in self.slots
+        )
+        return element * self.num_rows * self.dim, state
 
     def state_dict(self) -> dict[str, ServerRows]:
         """Rows (``weight``) and each optimizer slot (``optim.<slot>``) as :class:`ServerRows`: nothing is
