@@ -811,13 +811,14 @@ def serve(config: ServerConfig) -> RunningServer:
     server.start()
     spec = service.state.spec
     logger.info(
-        "shard %d/%d rows [%d, %d) of %d x %d, %s %s, step %d, listening on %s:%d",
+        "shard %d/%d rows [%d, %d) of %d x %d (%s), %s %s, step %d, listening on %s:%d",
         config.shard,
         config.shards,
         spec.row_start,
         spec.row_stop,
         spec.num_rows,
         spec.dim,
+        spec.dtype,
         config.mode,
         config.optimizer,
         service.state.applied_step,

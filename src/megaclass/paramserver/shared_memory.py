@@ -103,9 +103,9 @@ class ClientBuffer:
         self.fd = -1
 
 
-def _unmap_and_close(map: mmap.mmap, fd: int) -> None:
+def _unmap_and_close(mapped: mmap.mmap, fd: int) -> None:
     try:
-        map.close()
+        mapped.close()
     except BufferError:  # a view is still held: the map goes with it
         pass
     os.close(fd)
