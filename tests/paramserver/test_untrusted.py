@@ -269,7 +269,10 @@ def test_eval_of_a_parameter_server_run_prints_one_line(shards, tmp_path, deb_ta
     """``megaclass eval --run`` of a ``store=ps://`` run: servers down or a wrong token, one line, exit 2."""
     train, test = deb_tags_slice(40, 10)
     header = open(train).readline().split()
-    (server,) = shards(1, num_rows=int(header[2]), dim=16, token="abc", hyper=HyperParams())
+    # the recipe's row optimizer is optim.head's, AdamW: the servers run it
+    (server,) = shards(
+        1, num_rows=int(header[2]), dim=16, token="abc", optimizer="adamw", hyper=HyperParams()
+    )
     secret = tmp_path / "secret"
     secret.write_text("abc")
     run = tmp_path / "run"

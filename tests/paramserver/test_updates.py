@@ -366,7 +366,7 @@ def test_bf16_shards_serve_the_rows_they_hold(shards, wire_dtype, shared_memory_
     client.close()
 
 
-def test_a_store_asks_the_row_dtype_its_shards_hold(shards):
+def test_a_store_asks_the_row_dtype_and_optimizer_its_shards_hold(shards):
     servers = shards(1, num_rows=23, dim=7, optimizer="adam", dtype="bf16_sr")
     spec = "ps://" + ",".join(_addresses(servers))
     options = dict(num_rows=23, dim=7, device="cpu", optimizer=RowOptimizerConfig(kind="adam"))
@@ -374,6 +374,8 @@ def test_a_store_asks_the_row_dtype_its_shards_hold(shards):
         ValueError, match="the servers hold bf16_sr rows but float32 rows were asked for; start them"
     ):
         build_store(spec, **options)
+    with pytest.raises(ValueError, match="the parameter servers run 'adam'; start them with --optimizer sgd"):
+        build_store(spec, **{**options, "optimizer": RowOptimizerConfig(kind="sgd")}, dtype="bf16_sr")
     store = build_store(spec, **options, dtype="bf16_sr")
     assert store.held_bytes() == (2 * 23 * 7, 2 * (2 * 23 * 7) + 4 * 23)  # exp_avg, exp_avg_sq; step
     store.close()

@@ -121,6 +121,8 @@ def test_a_sampled_head_trains_its_rows_with_the_head_optimizer(head):
     assert (optimizer.kind.value, optimizer.momentum, optimizer.weight_decay) == ("sgd", 0.5, 0.0)
     optimizer = _resolve(["head.optimizer={kind: adam}"], head=head)[0].head.optimizer
     assert (optimizer.kind.value, optimizer.weight_decay) == ("adam", 0.0)
+    optimizer = _resolve(["head.store=ps://127.0.0.1:1"], head=head)[0].head.optimizer  # rows on servers too
+    assert (optimizer.kind.value, optimizer.weight_decay) == ("adamw", 0.05)
 
 
 def test_auto_values_are_written_out_from_the_data():

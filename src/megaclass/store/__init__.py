@@ -5,11 +5,16 @@ parameter-server shards (``ps://``), each with a row-sparse optimizer (:mod:`meg
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megaclass.ops.row_optimizers import RowOptimizerConfig
 from megaclass.store.base import RowStore
 from megaclass.store.local import LocalRows, RowDtype
+
+if TYPE_CHECKING:
+    from megaclass.store.paramserver import ParamServerStore
 
 __all__ = ["RowDtype", "RowOptimizerConfig", "RowStore", "build_store"]
 
@@ -50,17 +55,25 @@ def build_store(
         from megaclass.store.paramserver import ParamServerStore
 
         store = ParamServerStore(spec, device=device)
-        if (store.num_rows, store.dim) != (num_rows, dim):
-            raise ValueError(
-                f"store {spec!r}: the servers hold {store.num_rows} x {store.dim} rows, "
-                f"need {num_rows} x {dim}"
-            )
-        held = store.client.row_dtype
-        if held != RowDtype(dtype).value:
-            raise ValueError(
-                f"store {spec!r}: the servers hold {held} rows but {RowDtype(dtype).value} rows were asked "
-                f"for; start them with --dtype {RowDtype(dtype).value} or ask for {held} (head.store_dtype)"
-            )
-        store.configure(optimizer)
+        try:
+            _check_servers(store, spec, num_rows, dim, RowDtype(dtype))
+            store.configure(optimizer)
+        except ValueError:
+            store.close()  # its shared buffers detached now, not when it is collected
+            raise
         return store
     raise ValueError(f"store: unknown store {spec!r}; expected 'gpu', 'host' or 'ps://host:port,...'")
+
+
+def _check_servers(store: ParamServerStore, spec: str, num_rows: int, dim: int, dtype: RowDtype) -> None:
+    """Raise ``ValueError`` unless the servers behind ``store`` hold ``num_rows x dim`` rows as ``dtype``."""
+    if (store.num_rows, store.dim) != (num_rows, dim):
+        raise ValueError(
+            f"store {spec!r}: the servers hold {store.num_rows} x {store.dim} rows, need {num_rows} x {dim}"
+        )
+    held = store.client.row_dtype
+    if held != dtype.value:
+        raise ValueError(
+            f"store {spec!r}: the servers hold {held} rows but {dtype.value} rows were asked for; start "
+            f"them with --dtype {dtype.value} or ask for {held} (head.store_dtype)"
+        )

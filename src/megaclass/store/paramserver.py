@@ -168,8 +168,9 @@ class ParamServerStore(RowStore):
         kind = RowOptimizerKind(optimizer.kind).value
         if kind != self.optimizer_kind:
             raise ValueError(
-                f"optimizer.kind {kind!r}: the parameter servers run {self.optimizer_kind!r} "
-                "(start them with --optimizer to match)"
+                f"head.optimizer.kind {kind!r} (optim.head's, unless set): the parameter servers run "
+                f"{self.optimizer_kind!r}; start them with --optimizer {kind}, or train the head with theirs "
+                f"(optim.head.name={self.optimizer_kind} with a learning rate for it)"
             )
         self.client.set_hyper_params(
             momentum=optimizer.momentum,

@@ -214,8 +214,7 @@ def resolve_recipe(
     row_optimizer_set = _covered("head.optimizer", explicit_keys) or any(
         key.startswith("head.optimizer.") for key in explicit_keys
     )
-    served = isinstance(resolved.head, SelectedHeadConfig) and resolved.head.store.startswith("ps://")
-    if isinstance(resolved.head, SelectedHeadConfig) and not (row_optimizer_set or served):
+    if isinstance(resolved.head, SelectedHeadConfig) and not row_optimizer_set:
         resolved = dataclasses.replace(resolved, head=with_row_optimizer_of(resolved.head, resolved))
     if isinstance(resolved.head, SelectedHeadConfig) and not _covered("train.batch_size", explicit_keys):
         active = resolved.head.active_classes(facts.num_classes)
@@ -230,11 +229,13 @@ def resolve_recipe(
 
 
 def with_row_optimizer_of(head: SelectedHeadConfig, config: RunConfig) -> SelectedHeadConfig:
-    """``head`` with the row optimizer that ``optim.head`` names (kind, momentum, betas, weight decay); not
-    applied to rows on parameter servers, whose optimizer is the one the servers were started with.
+    """``head`` with the row optimizer that ``optim.head`` names (kind, momentum, betas, weight decay),
+    wherever its rows live: parameter servers must run that optimizer (``serve --optimizer``), and a store
+    on servers running another refuses to start.
 
     The trainer hands a row-sparse head ``optim.head``'s scheduled lr, so its rows must be trained by that
-    optimizer: a recipe tuned for AdamW at lr 0.005 gives an SGD row optimizer about 100x too small a step.
+    optimizer: a recipe tuned for AdamW at lr 0.005 gives an SGD row optimizer about 100x too small a step
+    (on deb-tags, SGD shards under the default recipe: P@1 0.7910 against 0.8066 with AdamW shards).
     """
     group = config.optim.head
     return dataclasses.replace(
