@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -42,3 +44,18 @@ def resolve_impl_on(impl: Impl | str, device_type: str) -> Impl:
 def autotune_enabled() -> bool:
     """Whether kernels autotune launch configs (``MEGACLASS_AUTOTUNE=1``); off by default and in tests."""
     return os.environ.get("MEGACLASS_AUTOTUNE", "0") == "1"
+
+
+_host_pool: ThreadPoolExecutor | None = None  # made at the first host work split over threads
+
+
+def run_split(work: Callable[[int, int], object], bounds: Sequence[int]) -> None:
+    """``work(bounds[i], bounds[i + 1])`` for every piece: the first on this thread, the others at once on a
+    process-wide pool (numpy work that lets go of the GIL runs side by side); returns when all are done."""
+    global _host_pool
+    if len(bounds) > 2 and _host_pool is None:
+        _host_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="host")
+    parts = [_host_pool.submit(work, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
+    work(bounds[0], bounds[1])
+    for part in parts:
+        part.result()

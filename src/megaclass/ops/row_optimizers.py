@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.ops import run_split
 from megaclass.schema import ConfigError
 from megaclass.staging import copy_rows_
 
@@ -61,7 +61,6 @@ __all__ = [
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
 _INIT_THREADS = 4  # CPU chunks drawn at once (each holds one chunk of rows in fp32)
 _PUT_SPLIT_BYTES = 1 << 20  # the least a host write of put_rows_ gives one thread (below: index_put_)
-_put_pool: ThreadPoolExecutor | None = None  # made at the first write-back split over threads
 
 
 class RowOptimizerKind(str, enum.Enum):
@@ -261,7 +260,6 @@ def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     CPU cores at 5,000 to 50,000 rows of D 256, ``benchmarks/host_rows.py``). Smaller writes, and other
     devices: ``index_put_``.
     """
-    global _put_pool
     ids = ids.to(tensor.device)
     values = values.to(tensor.device, tensor.dtype)
     row_bytes = tensor[:1].numel() * tensor.element_size()
@@ -272,19 +270,8 @@ def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
         tensor[ids] = values
         return
     target, source, where = _row_items(tensor), _row_items(values.contiguous()), ids.numpy()
-    if pieces == 1:
-        np.put(target, where, source)
-        return
-    if _put_pool is None:
-        _put_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="put-rows")
-    bounds = np.linspace(0, len(where), pieces + 1).astype(np.int64)
-    parts = [
-        _put_pool.submit(np.put, target, where[a:b], source[a:b])
-        for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
-    ]
-    np.put(target, where[: bounds[1]], source[: bounds[1]])
-    for part in parts:
-        part.result()
+    bounds = np.linspace(0, len(where), pieces + 1).astype(np.int64).tolist()
+    run_split(lambda a, b: np.put(target, where[a:b], source[a:b]), bounds)
 
 
 def _row_items(tensor: Tensor) -> np.ndarray:

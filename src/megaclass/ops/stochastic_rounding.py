@@ -15,21 +15,19 @@ keyed by a 64-bit ``seed``; element ``e`` uses 16 bits of the block of counter `
 depends
 only on ``(seed, e, x[e])``: the Triton kernel and :func:`reference_stochastic_round` agree bit for bit.
 On the CPU :func:`stochastic_round` computes the same bits with numpy's unsigned 32- and 64-bit integers, in
-cache-sized pieces over torch's threads (4 to 20 times the plain reference's speed: benchmarks/RESULTS.md).
+cache-sized pieces over torch's threads (3.6 to 19 times the plain reference's speed: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.ops import Impl, resolve_impl
+from megaclass.ops import Impl, resolve_impl, run_split
 
 __all__ = [
     "AdamWStep",
@@ -50,7 +48,6 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _LANES = 8  # elements served by one Philox call: 4 words x 2 halves of 16 bits
 _CPU_PIECE_GROUPS = 1 << 14  # Philox calls of one piece of the CPU path (128K elements: in cache)
-_cpu_pool: ThreadPoolExecutor | None = None  # made at the first CPU rounding split over threads
 
 
 def philox_seed(*parts: int) -> int:
@@ -333,7 +330,6 @@ def _round_piece(bits: np.ndarray, out: np.ndarray, first_group: int, seed: int)
 
 def _cpu_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None) -> Tensor:
     """:func:`reference_stochastic_round`'s bits for a CPU ``x``, computed with numpy over torch's threads."""
-    global _cpu_pool
     _check(x, seed, out)
     seed = int(seed)
     bits = x.detach().contiguous().reshape(-1).numpy().view(np.uint32)  # (N,)
@@ -347,17 +343,9 @@ def _cpu_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None) ->
             stop = min(start + piece, len(bits))
             _round_piece(bits[start:stop], target[start:stop], start // _LANES, seed)
 
-    threads = min(torch.get_num_threads(), len(starts))
-    if threads <= 1:
-        round_pieces(0, len(starts))
-        return y
-    if _cpu_pool is None:
-        _cpu_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="round")
-    share = math.ceil(len(starts) / threads)
-    parts = [_cpu_pool.submit(round_pieces, a, a + share) for a in range(share, len(starts), share)]
-    round_pieces(0, share)
-    for part in parts:
-        part.result()
+    if len(starts):  # each of torch's threads a run of pieces
+        share = math.ceil(len(starts) / min(torch.get_num_threads(), len(starts)))
+        run_split(round_pieces, [*range(0, len(starts), share), len(starts)])
     return y
 
 
