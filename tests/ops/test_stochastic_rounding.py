@@ -7,8 +7,8 @@ import torch
 
 from megaclass.ops import stochastic_rounding
 from megaclass.ops.stochastic_rounding import (
-    philox_seed,
     reference_stochastic_round,
+    rounding_seed,
     stochastic_round,
     stochastic_round_fwd,
 )
@@ -101,11 +101,11 @@ def test_unbiased_over_draws(value):
 
 def test_seeds_give_independent_streams():
     x = torch.full((10_000,), 1.0 + 2**-8)  # halfway between bf16 neighbours
-    a = reference_stochastic_round(x, seed=philox_seed(0, 1))
-    b = reference_stochastic_round(x, seed=philox_seed(0, 2))
+    a = reference_stochastic_round(x, seed=rounding_seed(0, 1))
+    b = reference_stochastic_round(x, seed=rounding_seed(0, 2))
     agree = (a == b).double().mean().item()
     assert 0.4 < agree < 0.6  # p = 1/2 each, independent: agreement 1/2
-    assert torch.equal(a, reference_stochastic_round(x, seed=philox_seed(0, 1)))
+    assert torch.equal(a, reference_stochastic_round(x, seed=rounding_seed(0, 1)))
 
 
 def test_bad_arguments():
@@ -117,10 +117,10 @@ def test_bad_arguments():
         stochastic_round(torch.ones(3), seed=0, out=torch.empty(4, dtype=torch.bfloat16))
 
 
-def test_philox_seed_is_stable():
-    assert philox_seed(1, 2, 3) == philox_seed(1, 2, 3)
-    assert philox_seed(1, 2, 3) != philox_seed(1, 3, 2)
-    assert 0 <= philox_seed(2**70, -1) < 2**64
+def test_rounding_seed_is_stable():
+    assert rounding_seed(1, 2, 3) == rounding_seed(1, 2, 3)
+    assert rounding_seed(1, 2, 3) != rounding_seed(1, 3, 2)
+    assert 0 <= rounding_seed(2**70, -1) < 2**64
 
 
 @pytest.mark.parametrize("shape", [(1,), (13,), (8, 9), (3, 5, 7)])
@@ -186,7 +186,7 @@ def test_fused_adamw_rejects_fp32_state():
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("seed", [0, 1, 2**32 + 1, 2**63 + 12345])
 def test_the_cpu_path_matches_the_reference_bitwise(monkeypatch, threads, seed):
-    monkeypatch.setattr(stochastic_rounding, "_CPU_PIECE_GROUPS", 16)  # pieces of 128 elements, some partial
+    monkeypatch.setattr(stochastic_rounding, "_CPU_PIECE", 128)  # pieces of 128 elements, some partial
     special = [
         float("nan"),
         -float("nan"),
@@ -218,9 +218,35 @@ def test_the_cpu_path_matches_the_reference_bitwise(monkeypatch, threads, seed):
         torch.set_num_threads(previous)
 
 
-def test_the_cpu_philox_takes_counters_past_32_bits():
-    first = 2**32 - 3  # counters whose high word is 0 and 1
-    counters = torch.arange(first, first + 6, dtype=torch.int64)
-    want = torch.stack(stochastic_rounding._philox_reference(counters, 2**40 + 9), dim=1)
-    got = stochastic_rounding._philox_words(first, 6, 2**40 + 9)
-    assert torch.equal(torch.from_numpy(got.astype("int64")), want)
+def _splitmix64_word(word: int, seed: int) -> int:
+    """Noise word ``word`` of stream ``seed``: SplitMix64's published constants on Python's integers."""
+    mask = 2**64 - 1
+    z = (seed + (word + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**63 + 12345, 2**64 - 1])
+def test_noise_words_are_splitmix64_past_32_bits(seed):
+    import numpy as np
+
+    first = 2**32 - 3  # word indices whose high half is 0 and 1, and one near the top of int64 elements
+    words = [first + i for i in range(6)] + [0, 2**61]
+    want = [_splitmix64_word(word, seed) for word in words]
+    hi, lo = stochastic_rounding._noise_words_reference(torch.tensor(words), seed)
+    assert [(int(h) << 32) | int(low) for h, low in zip(hi, lo, strict=True)] == want
+    out, scratch = np.empty(6, dtype=np.uint64), np.empty(6, dtype=np.uint64)
+    stochastic_rounding._noise_words(
+        first, seed, ramp=np.arange(1, 7, dtype=np.uint64), out=out, scratch=scratch
+    )
+    assert [int(value) for value in out] == want[:6]
+
+
+def test_the_cpu_path_after_pieces_of_another_size(monkeypatch):
+    x = torch.randn(1000)
+    monkeypatch.setattr(stochastic_rounding, "_CPU_PIECE", 128)
+    small = stochastic_round(x, seed=4)
+    monkeypatch.setattr(stochastic_rounding, "_CPU_PIECE", 256)  # this thread's buffers were made for 128
+    assert torch.equal(_bits(stochastic_round(x, seed=4)), _bits(small))
+    assert torch.equal(_bits(small), _bits(reference_stochastic_round(x, seed=4)))

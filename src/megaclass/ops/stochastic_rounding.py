@@ -10,18 +10,21 @@ Bit recipe: with ``u = bits(x)`` (uint32) and ``r`` uniform in ``[0, 2^16)``,
 Adding ``r`` carries into bit 16 with probability ``(u & 0xFFFF) / 2^16``; fp32's sign-magnitude layout makes
 this the same in magnitude for negative numbers, and infinities stay infinite. NaN stays a (quiet) NaN.
 
-Random bits come from Philox-4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"),
-keyed by a 64-bit ``seed``; element ``e`` uses 16 bits of the block of counter ``e // 8``, so the result
-depends
-only on ``(seed, e, x[e])``: the Triton kernel and :func:`reference_stochastic_round` agree bit for bit.
-On the CPU :func:`stochastic_round` computes the same bits with numpy's unsigned 32- and 64-bit integers, in
-cache-sized pieces over torch's threads (3.6 to 19 times the plain reference's speed: benchmarks/RESULTS.md).
+Random bits come from SplitMix64 (Steele, Lea and Flood 2014, "Fast splittable pseudorandom number
+generators") keyed by a 64-bit ``seed``: word ``w`` is the SplitMix64 finaliser of ``seed + (w + 1) * gamma``
+(mod 2^64), and element ``e`` takes the 16 bits ``e % 4`` (low first) of word ``e // 4``. The result depends
+only on ``(seed, e, x[e])``: the Triton kernel, :func:`reference_stochastic_round` and the CPU path agree bit
+for bit. Two 64-bit products and three shifts serve four elements (Philox-4x32-10 spends twenty 32-bit
+products on eight), so on the CPU, where :func:`stochastic_round` computes the bits with numpy's unsigned
+integers in pieces over torch's threads, the noise costs about what the rounding does.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,9 +34,9 @@ from megaclass.ops import Impl, resolve_impl, run_split
 
 __all__ = [
     "AdamWStep",
-    "philox_seed",
     "reference_sr_adamw_",
     "reference_stochastic_round",
+    "rounding_seed",
     "sr_adamw_",
     "sr_adamw_fwd",
     "stochastic_round",
@@ -41,25 +44,32 @@ __all__ = [
 ]
 
 _MASK32 = 0xFFFFFFFF
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_PHILOX_ROUNDS = 10
-_LANES = 8  # elements served by one Philox call: 4 words x 2 halves of 16 bits
-_CPU_PIECE_GROUPS = 1 << 14  # Philox calls of one piece of the CPU path (128K elements: in cache)
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2^64 / golden ratio, odd
+_MIX_A = 0xBF58476D1CE4E5B9  # the finaliser's multipliers and shifts (Stafford's Mix13)
+_MIX_B = 0x94D049BB133111EB
+_SHIFTS = (30, 27, 31)
+_LANES = 4  # elements served by one 64-bit word: 4 x 16 bits
+_BLOCK_W = 256  # words a Triton program rounds (1,024 elements)
+# elements of one piece of the CPU path: big enough that numpy's work, not taking back the GIL between calls,
+# fills each thread (pieces of 2^16 did not run faster on two threads than on one)
+_CPU_PIECE = 1 << 18
 
 
-def philox_seed(*parts: int) -> int:
-    """Mix integers (a base seed, a step, a tensor id, ...) into one 64-bit seed (splitmix64 chain)."""
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser of a 64-bit integer."""
+    z = ((z ^ (z >> _SHIFTS[0])) * _MIX_A) & _MASK64
+    z = ((z ^ (z >> _SHIFTS[1])) * _MIX_B) & _MASK64
+    return z ^ (z >> _SHIFTS[2])
+
+
+def rounding_seed(*parts: int) -> int:
+    """Mix integers (a base seed, a step, a tensor id, ...) into one 64-bit rounding seed (a SplitMix64
+    chain): each stream of rounding noise gets a seed of its own."""
     state = 0x243F6A8885A308D3
     for part in parts:
-        state = (state ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        state = z ^ (z >> 31)
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = _mix64((state + _GAMMA) & _MASK64)
     return state
 
 
@@ -72,44 +82,23 @@ _KERNELS: dict[str, object] = {}
 
 def _kernels() -> dict[str, object]:
     """Compile-on-first-use kernels; triton is imported here, never at ``import megaclass``."""
-    global _philox_noise, _round_bits, _group_tile  # jit helpers: resolved by name from module globals
+    global _noise, _round_bits, _word_tile  # jit helpers: resolved by name from module globals
     if _KERNELS:
         return _KERNELS
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _philox_noise(groups, seed_lo, seed_hi):
-        # (BLOCK_G, 8) uint32 values in [0, 2^16): lane j of group g takes half j % 2 (low first) of word
-        # j // 2
-        # of Philox-4x32-10 at counter (g lo, g hi, 0, 0) and key (seed lo, seed hi). Each round:
-        # (c0, c1, c2, c3) <- (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)), then the key is
-        # bumped by the Weyl constants; all arithmetic mod 2^32.
-        zero = (groups * 0).to(tl.uint32)
-        c0 = (groups & 0xFFFFFFFF).to(tl.uint32)
-        c1 = (groups >> 32).to(tl.uint32)
-        k0 = zero + seed_lo.to(tl.uint32)
-        k1 = zero + seed_hi.to(tl.uint32)
-        c2 = zero
-        c3 = zero
-        for _ in tl.static_range(10):
-            a0 = c0
-            a2 = c2
-            c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-            c1 = a2 * 0xCD9E8D57
-            c3 = a0 * 0xD2511F53
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        lanes = tl.arange(0, 8)[None, :]  # (1, 8)
-        word_id = lanes // 2
-        word = tl.where(
-            word_id == 0,
-            c0[:, None],
-            tl.where(word_id == 1, c1[:, None], tl.where(word_id == 2, c2[:, None], c3[:, None])),
-        )  # (BLOCK_G, 8)
-        shift = ((lanes % 2) * 16).to(tl.uint32)
-        return (word >> shift) & 0xFFFF
+    def _noise(words, seed_lo, seed_hi):
+        # (BLOCK_W, 4) uint32 values in [0, 2^16): lane j of word w is bits 16 j .. 16 j + 15 of
+        # mix64(seed + (w + 1) * gamma), all arithmetic mod 2^64
+        seed = (seed_hi.to(tl.uint64) << 32) | seed_lo.to(tl.uint64)
+        z = (words + 1).to(tl.uint64) * 0x9E3779B97F4A7C15 + seed
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        z = z ^ (z >> 31)
+        shift = (tl.arange(0, 4) * 16).to(tl.uint64)[None, :]  # (1, 4)
+        return ((z[:, None] >> shift) & 0xFFFF).to(tl.uint32)
 
     @triton.jit
     def _round_bits(x, noise):
@@ -122,15 +111,15 @@ def _kernels() -> dict[str, object]:
         return y.to(tl.uint16).to(tl.int16, bitcast=True)
 
     @triton.jit
-    def _group_tile(n_elements, BLOCK_G: tl.constexpr):
-        # This program's BLOCK_G * 8 elements as a (BLOCK_G, 8) tile: row g of the tile shares one Philox call
-        # whose four 32-bit words give 8 x 16 random bits. int64 offsets: > 2^31 elements happen.
+    def _word_tile(n_elements, BLOCK_W: tl.constexpr):
+        # This program's BLOCK_W * 4 elements as a (BLOCK_W, 4) tile: row w of the tile shares one noise word.
+        # int64 offsets: > 2^31 elements happen.
         pid = tl.program_id(0).to(tl.int64)
-        groups = pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # (BLOCK_G,)
-        offsets = groups[:, None] * 8 + tl.arange(0, 8)[None, :]  # (BLOCK_G, 8)
-        return groups, offsets, offsets < n_elements
+        words = pid * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)  # (BLOCK_W,)
+        offsets = words[:, None] * 4 + tl.arange(0, 4)[None, :]  # (BLOCK_W, 4)
+        return words, offsets, offsets < n_elements
 
-    # Triton specialises an integer argument equal to 1 into a constexpr, on which ``.to(tl.uint32)`` fails to
+    # Triton specialises an integer argument equal to 1 into a constexpr, on which ``.to(tl.uint64)`` fails to
     # compile: the seed words (any value in [0, 2^32)) are never specialised.
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _stochastic_round_fwd_kernel(
@@ -139,11 +128,11 @@ def _kernels() -> dict[str, object]:
         seed_lo,
         seed_hi,
         n_elements,
-        BLOCK_G: tl.constexpr,
+        BLOCK_W: tl.constexpr,
     ):
-        groups, offsets, mask = _group_tile(n_elements, BLOCK_G)  # (BLOCK_G,), (BLOCK_G, 8), (BLOCK_G, 8)
+        words, offsets, mask = _word_tile(n_elements, BLOCK_W)  # (BLOCK_W,), (BLOCK_W, 4), (BLOCK_W, 4)
         x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        y = _round_bits(x, _philox_noise(groups, seed_lo, seed_hi))
+        y = _round_bits(x, _noise(words, seed_lo, seed_hi))
         tl.store(Y_ptr + offsets, y, mask=mask)
 
     @triton.jit(
@@ -173,14 +162,14 @@ def _kernels() -> dict[str, object]:
         seed_v_lo,
         seed_v_hi,
         HAS_DECAY: tl.constexpr,
-        BLOCK_G: tl.constexpr,
+        BLOCK_W: tl.constexpr,
     ):
         # One AdamW step on bf16 weights W and moments M, V in place (Loshchilov & Hutter 2019), fp32 in
         # registers, each result stochastically rounded back with its own stream; G is the gradient (any
         # float dtype). The operation order is that of adamw_math in megaclass.train.low_precision:
         #   m = m * b1 + (1 - b1) g;  v = v * b2 + ((1 - b2) g) g;  w = w * (1 - lr wd)
         #   w = w + step_size * (m / (sqrt(v / bc2) + eps)),  step_size = -lr / bc1
-        groups, offsets, mask = _group_tile(n_elements, BLOCK_G)  # (BLOCK_G,), (BLOCK_G, 8), (BLOCK_G, 8)
+        words, offsets, mask = _word_tile(n_elements, BLOCK_W)  # (BLOCK_W,), (BLOCK_W, 4), (BLOCK_W, 4)
         w = tl.load(W_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(M_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -192,9 +181,9 @@ def _kernels() -> dict[str, object]:
         denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps
         w = w + step_size * tl.div_rn(m, denom)
         # the *_bits pointers are int16 views of W, M, V: the rounded bf16 bits are stored without conversion
-        tl.store(W_bits_ptr + offsets, _round_bits(w, _philox_noise(groups, seed_w_lo, seed_w_hi)), mask=mask)
-        tl.store(M_bits_ptr + offsets, _round_bits(m, _philox_noise(groups, seed_m_lo, seed_m_hi)), mask=mask)
-        tl.store(V_bits_ptr + offsets, _round_bits(v, _philox_noise(groups, seed_v_lo, seed_v_hi)), mask=mask)
+        tl.store(W_bits_ptr + offsets, _round_bits(w, _noise(words, seed_w_lo, seed_w_hi)), mask=mask)
+        tl.store(M_bits_ptr + offsets, _round_bits(m, _noise(words, seed_m_lo, seed_m_hi)), mask=mask)
+        tl.store(V_bits_ptr + offsets, _round_bits(v, _noise(words, seed_v_lo, seed_v_hi)), mask=mask)
 
     _KERNELS["fwd"] = _stochastic_round_fwd_kernel
     _KERNELS["adamw"] = _sr_adamw_kernel
@@ -216,7 +205,7 @@ def _check(x: Tensor, seed: int, out: Tensor | None) -> None:
             raise ValueError("stochastic_round: out must be contiguous")
 
 
-def stochastic_round_fwd(x: Tensor, *, seed: int, out: Tensor | None = None, block_g: int = 128) -> Tensor:
+def stochastic_round_fwd(x: Tensor, *, seed: int, out: Tensor | None = None) -> Tensor:
     """Launch the Triton kernel: float32 ``x`` (any shape) -> bfloat16, stochastically rounded."""
     _check(x, seed, out)
     import triton
@@ -228,13 +217,13 @@ def stochastic_round_fwd(x: Tensor, *, seed: int, out: Tensor | None = None, blo
     if n == 0:
         return y
     seed = int(seed)
-    grid = (triton.cdiv(n, block_g * _LANES),)
-    kernel[grid](x_flat, y.view(torch.int16).reshape(-1), seed & _MASK32, seed >> 32, n, BLOCK_G=block_g)
+    grid = (triton.cdiv(n, _BLOCK_W * _LANES),)
+    kernel[grid](x_flat, y.view(torch.int16).reshape(-1), seed & _MASK32, seed >> 32, n, BLOCK_W=_BLOCK_W)
     return y
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Plain-PyTorch reference (the executable spec; int64 arithmetic emulates uint32)
+# Plain-PyTorch reference (the executable spec): a uint64 is two uint32 halves, each held in int64
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -247,20 +236,31 @@ def _mul32(a: Tensor, constant: int) -> tuple[Tensor, Tensor]:
     return hi & _MASK32, lo
 
 
-def _philox_reference(counter: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox-4x32-10 of counters ``(counter lo, counter hi, 0, 0)`` with key ``seed``; four uint32 words."""
-    c0 = counter & _MASK32
-    c1 = counter >> 32
-    c2 = torch.zeros_like(counter)
-    c3 = torch.zeros_like(counter)
-    k0, k1 = seed & _MASK32, seed >> 32
-    for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul32(c2, _PHILOX_ROUND_B)
-        hi_a, lo_a = _mul32(c0, _PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
+def _mul64(hi: Tensor, lo: Tensor, constant: int) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` of ``(hi * 2^32 + lo) * constant mod 2^64``."""
+    carry, low = _mul32(lo, constant & _MASK32)
+    high = carry + _mul32(hi, constant & _MASK32)[1] + _mul32(lo, constant >> 32)[1]
+    return high & _MASK32, low
+
+
+def _xorshift64(hi: Tensor, lo: Tensor, shift: int) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` of ``z ^ (z >> shift)`` for ``z = hi * 2^32 + lo``, ``0 < shift < 32``."""
+    shifted_lo = (lo >> shift) | ((hi << (32 - shift)) & _MASK32)
+    return hi ^ (hi >> shift), lo ^ shifted_lo
+
+
+def _noise_words_reference(words: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` halves of the noise words ``mix64(seed + (w + 1) * gamma)`` for word indices ``words``."""
+    w = words + 1  # < 2^62: a word index times 4 is an element index
+    hi, lo = _mul64(w >> 32, w & _MASK32, _GAMMA)
+    lo = lo + (seed & _MASK32)
+    hi = (hi + (seed >> 32) + (lo >> 32)) & _MASK32
+    lo = lo & _MASK32
+    for shift, multiplier in zip(_SHIFTS, (_MIX_A, _MIX_B, None), strict=True):
+        hi, lo = _xorshift64(hi, lo, shift)
+        if multiplier is not None:
+            hi, lo = _mul64(hi, lo, multiplier)
+    return hi, lo
 
 
 def reference_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None) -> Tensor:
@@ -269,11 +269,10 @@ def reference_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = Non
     seed = int(seed)
     flat = x.contiguous().reshape(-1)  # (N,)
     n = flat.numel()
-    groups = torch.arange((n + _LANES - 1) // _LANES, dtype=torch.int64, device=x.device)  # (G,)
-    words = torch.stack(_philox_reference(groups, seed), dim=1)  # (G, 4)
-    halves = torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)[
-        :n
-    ]  # (N,) lane j: word j//2, half j%2
+    words = torch.arange((n + _LANES - 1) // _LANES, dtype=torch.int64, device=x.device)  # (W,)
+    hi, lo = _noise_words_reference(words, seed)
+    # lane j of a word: its bits 16 j .. 16 j + 15 (the low half of lo first)
+    halves = torch.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], dim=1).reshape(-1)[:n]  # (N,)
     bits = flat.view(torch.int32).to(torch.int64) & _MASK32  # (N,) uint32 in int64
     rounded = ((bits + halves) >> 16) & 0xFFFF
     quiet_nan = (bits >> 16) | 0x0040
@@ -290,42 +289,37 @@ def reference_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = Non
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _philox_words(first: int, count: int, seed: int) -> np.ndarray:
-    """``(count, 4)`` uint32 words of Philox-4x32-10 at counters ``first .. first + count - 1``, as
-    :func:`_philox_reference` gives them (a 32 x 32 -> 64-bit product holds both halves in uint64)."""
-    counter = np.arange(first, first + count, dtype=np.uint64)
-    c0, c1 = counter & np.uint64(_MASK32), counter >> np.uint64(32)
-    c2, c3 = np.zeros_like(counter), np.zeros_like(counter)
-    product_a, product_b = np.empty_like(counter), np.empty_like(counter)
-    k0, k1 = seed & _MASK32, seed >> 32
-    for _ in range(_PHILOX_ROUNDS):
-        np.multiply(c0, np.uint64(_PHILOX_ROUND_A), out=product_a)
-        np.multiply(c2, np.uint64(_PHILOX_ROUND_B), out=product_b)
-        np.right_shift(product_b, np.uint64(32), out=c0)  # c0 <- hi(B c2) ^ c1 ^ k0
-        c0 ^= c1
-        c0 ^= np.uint64(k0)
-        np.right_shift(product_a, np.uint64(32), out=c2)  # c2 <- hi(A c0) ^ c3 ^ k1
-        c2 ^= c3
-        c2 ^= np.uint64(k1)
-        np.bitwise_and(product_b, np.uint64(_MASK32), out=c1)  # c1 <- lo(B c2)
-        np.bitwise_and(product_a, np.uint64(_MASK32), out=c3)  # c3 <- lo(A c0)
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+def _noise_words(first: int, seed: int, *, ramp: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Noise words ``first .. first + len(out) - 1`` into uint64 ``out``, given ``ramp = 1, 2, 3, ...`` and
+    a ``scratch`` array of ``out``'s length (numpy's uint64 arithmetic wraps mod 2^64)."""
+    np.add(ramp, np.uint64(first), out=out)
+    out *= np.uint64(_GAMMA)
+    out += np.uint64(seed)
+    for shift, multiplier in zip(_SHIFTS, (_MIX_A, _MIX_B, None), strict=True):
+        np.right_shift(out, np.uint64(shift), out=scratch)
+        out ^= scratch
+        if multiplier is not None:
+            out *= np.uint64(multiplier)
 
 
-def _round_piece(bits: np.ndarray, out: np.ndarray, first_group: int, seed: int) -> None:
-    """bf16 bits of the uint32 float bits ``bits``, whose first element is element ``8 * first_group``,
-    into uint16 ``out``."""
-    groups = -(-len(bits) // _LANES)
-    # lane j of a call takes half j % 2 (low first) of word j // 2: the words' little-endian uint16 halves
-    noise = _philox_words(first_group, groups, seed).view(np.uint16).reshape(-1)[: len(bits)]
-    rounded = bits + noise  # uint32; wraps only for NaN bit patterns, replaced below
-    rounded >>= np.uint32(16)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan.any():
-        rounded[nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x0040)
-    out[:] = rounded
+_thread_buffers = threading.local()
+
+
+def _piece_buffers(piece: int) -> SimpleNamespace:
+    """This thread's buffers for a piece of ``piece`` elements (3.3 MB for the CPU path's), kept from call
+    to call: fresh ones would fault in their pages every time."""
+    buffers = getattr(_thread_buffers, "piece", None)
+    if buffers is None or len(buffers.rounded) != piece:
+        words = -(-piece // _LANES)
+        buffers = SimpleNamespace(
+            ramp=np.arange(1, words + 1, dtype=np.uint64),
+            words=np.empty(words, dtype=np.uint64),
+            scratch=np.empty(words, dtype=np.uint64),
+            rounded=np.empty(piece, dtype=np.uint32),
+            nan=np.empty(piece, dtype=np.bool_),
+        )
+        _thread_buffers.piece = buffers
+    return buffers
 
 
 def _cpu_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None) -> Tensor:
@@ -335,13 +329,25 @@ def _cpu_stochastic_round(x: Tensor, *, seed: int, out: Tensor | None = None) ->
     bits = x.detach().contiguous().reshape(-1).numpy().view(np.uint32)  # (N,)
     y = torch.empty(x.shape, dtype=torch.bfloat16) if out is None else out
     target = y.view(torch.int16).reshape(-1).numpy().view(np.uint16)
-    piece = _CPU_PIECE_GROUPS * _LANES
-    starts = range(0, len(bits), piece)
+    size = _CPU_PIECE
+    starts = range(0, len(bits), size)
 
     def round_pieces(first: int, last: int) -> None:
+        buffers = _piece_buffers(size)
         for start in starts[first:last]:
-            stop = min(start + piece, len(bits))
-            _round_piece(bits[start:stop], target[start:stop], start // _LANES, seed)
+            stop = min(start + size, len(bits))
+            n, piece = stop - start, bits[start:stop]
+            count = -(-n // _LANES)
+            words, rounded, nan = buffers.words[:count], buffers.rounded[:n], buffers.nan[:n]
+            _noise_words(
+                start // _LANES, seed, ramp=buffers.ramp[:count], out=words, scratch=buffers.scratch[:count]
+            )
+            # lane j of a word: its little-endian uint16 j. Adding wraps only for NaN bits, fixed below
+            np.add(piece, words.view(np.uint16)[:n], out=rounded)
+            rounded >>= np.uint32(16)
+            if np.isnan(piece.view(np.float32), out=nan).any():
+                rounded[nan] = (piece[nan] >> np.uint32(16)) | np.uint32(0x0040)
+            target[start:stop] = rounded
 
     if len(starts):  # each of torch's threads a run of pieces
         share = math.ceil(len(starts) / min(torch.get_num_threads(), len(starts)))
@@ -415,10 +421,9 @@ def sr_adamw_fwd(
     n = weight.numel()
     if n == 0:
         return
-    block_g = 128
     grad = grad.contiguous()
     seeds = [int(seed) for seed in options.seeds]
-    _kernels()["adamw"][(triton.cdiv(n, block_g * _LANES),)](
+    _kernels()["adamw"][(triton.cdiv(n, _BLOCK_W * _LANES),)](
         weight,
         grad,
         exp_avg,
@@ -437,7 +442,7 @@ def sr_adamw_fwd(
         -options.lr / (1 - options.beta1**options.step),
         *[part for seed in seeds for part in (seed & _MASK32, seed >> 32)],
         HAS_DECAY=options.weight_decay != 0,
-        BLOCK_G=block_g,
+        BLOCK_W=_BLOCK_W,
     )
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
-from megaclass.ops.stochastic_rounding import philox_seed, stochastic_round
+from megaclass.ops.stochastic_rounding import rounding_seed, stochastic_round
 from megaclass.paramserver.config import ROW_DTYPES
 from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
 from megaclass.state_io import fsync_path
@@ -176,7 +176,7 @@ class ShardState:
         written = {"rows": (self.rows, rows), **{slot: (self.state[slot], state[slot]) for slot in state}}
         for stream, (target, values) in enumerate(written.values()):
             if target.dtype == torch.bfloat16:
-                seed = philox_seed(self.seed, self.spec.row_start, step, *trainers, stream)
+                seed = rounding_seed(self.seed, self.spec.row_start, step, *trainers, stream)
                 values = stochastic_round(values, seed=seed)
             put_rows_(target, local, values)
         self.versions.index_fill_(0, local, new_version)

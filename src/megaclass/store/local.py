@@ -17,7 +17,7 @@ from megaclass.ops.row_optimizers import (
     put_rows_,
     take_rows,
 )
-from megaclass.ops.stochastic_rounding import philox_seed, stochastic_round
+from megaclass.ops.stochastic_rounding import rounding_seed, stochastic_round
 from megaclass.state_io import SavedTensor, copy_into_
 
 __all__ = ["LocalRows", "RowDtype", "check_ids"]
@@ -119,11 +119,11 @@ class LocalRows:
         apply_row_update_(
             rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer, step=global_step
         )
-        put_rows_(self.weight, ids, stochastic_round(rows, seed=philox_seed(self.seed, step, 0)))
+        put_rows_(self.weight, ids, stochastic_round(rows, seed=rounding_seed(self.seed, step, 0)))
         for stream, (name, tensor) in enumerate(self.state.items(), start=1):
             value = rows_state[name]  # (S, ...)
             if tensor.dtype == torch.bfloat16:
-                value = stochastic_round(value, seed=philox_seed(self.seed, step, stream))
+                value = stochastic_round(value, seed=rounding_seed(self.seed, step, stream))
             put_rows_(tensor, ids, value)
 
     def held_bytes(self) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from megaclass.ops.stochastic_rounding import AdamWStep, philox_seed, sr_adamw_, stochastic_round
+from megaclass.ops.stochastic_rounding import AdamWStep, rounding_seed, sr_adamw_, stochastic_round
 
 __all__ = [
     "BF16AdamW",
@@ -183,7 +183,7 @@ class _SeededOptimizer(torch.optim.Optimizer):
                         "step": state["step"],
                         "lr": group["lr"],
                         "weight_decay": group["weight_decay"],
-                        "seed": philox_seed(group["seed"], ids[id(param)]),
+                        "seed": rounding_seed(group["seed"], ids[id(param)]),
                     }
                     self._update_rows(group, param, state, (rows, grads), common)
                 else:
@@ -208,7 +208,7 @@ class _SeededOptimizer(torch.optim.Optimizer):
         return ids
 
     def _seed(self, group: dict[str, Any], step: int, tensor_id: int, stream: int, chunk: int) -> int:
-        return philox_seed(group["seed"], step, tensor_id, stream, chunk)
+        return rounding_seed(group["seed"], step, tensor_id, stream, chunk)
 
 
 class BF16AdamW(_SeededOptimizer):
@@ -390,9 +390,9 @@ def row_adamw_(
         eps=eps,
         weight_decay=weight_decay,
     )  # each (S, D) fp32
-    weight[ids] = _rounded(w, weight.dtype, philox_seed(seed, step, _WEIGHT))
-    exp_avg[ids] = _rounded(m, exp_avg.dtype, philox_seed(seed, step, _EXP_AVG))
-    exp_avg_sq[ids] = _rounded(v, exp_avg_sq.dtype, philox_seed(seed, step, _EXP_AVG_SQ))
+    weight[ids] = _rounded(w, weight.dtype, rounding_seed(seed, step, _WEIGHT))
+    exp_avg[ids] = _rounded(m, exp_avg.dtype, rounding_seed(seed, step, _EXP_AVG))
+    exp_avg_sq[ids] = _rounded(v, exp_avg_sq.dtype, rounding_seed(seed, step, _EXP_AVG_SQ))
 
 
 def row_sgd_(
@@ -419,9 +419,10 @@ def row_sgd_(
     w, new_buffer = sgd_math(
         weight[ids], grads.to(weight.device), buffer, lr=lr, momentum=momentum, weight_decay=weight_decay
     )  # (S, D) fp32
-    weight[ids] = _rounded(w, weight.dtype, philox_seed(seed, step, _WEIGHT))
+    weight[ids] = _rounded(w, weight.dtype, rounding_seed(seed, step, _WEIGHT))
     if momentum_buffer is not None:
-        momentum_buffer[ids] = _rounded(new_buffer, momentum_buffer.dtype, philox_seed(seed, step, _MOMENTUM))
+        seed_m = rounding_seed(seed, step, _MOMENTUM)
+        momentum_buffer[ids] = _rounded(new_buffer, momentum_buffer.dtype, seed_m)
 
 
 def _rounded(value: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
