@@ -103,6 +103,39 @@ def launch(scenario: str, out_dir: str, *args: str, world_size: int = 2, timeout
     return world
 
 
+def launch_all(scenario: str, launches: list[tuple[str, list[str], int]], *, timeout_s: float) -> None:
+    """Run worlds ``(out_dir, args, world size)`` of one scenario side by side; each must exit cleanly (a
+    world whose port was taken meanwhile runs again on its own)."""
+    running = [
+        start(scenario, out, *args, world_size=world, timeout_s=timeout_s) for out, args, world in launches
+    ]
+    for (out, args, world), process in zip(launches, running, strict=True):
+        result = wait(process)
+        if port_taken(result):
+            result = launch(scenario, out, *args, world_size=world, timeout_s=timeout_s)
+        assert not any(result.codes), "\n".join(result.stderr)
+
+
+def write_bow_task(folder: str, seed: int) -> tuple[str, str]:
+    """A small multi-label BoW task in the XMC repository format (29 labels, 40 features, 150 training and
+    40 test rows) under ``folder``: (train path, test path)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, rows in (("train.txt", 150), ("test.txt", 40)):
+        lines = [f"{rows} 40 29"]
+        for _ in range(rows):
+            labels = ",".join(str(x) for x in sorted(rng.choice(29, rng.integers(1, 4), replace=False)))
+            columns = sorted(rng.choice(40, 5, replace=False))
+            lines.append(labels + " " + " ".join(f"{c}:{rng.random():.4f}" for c in columns))
+        path = os.path.join(folder, name)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 @pytest.fixture(scope="session")
 def head_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """One world of 2 ranks that checks every sharded head against the plain head, and saves a checkpoint of

@@ -105,3 +105,55 @@ def test_a_head_state_of_other_rows_is_refused() -> None:
     sharded, _ = _head("dense", ClassShard.for_rank(C, 1, 2))
     with pytest.raises(ValueError, match=r"head entry weight has shape \(22, 6\), expected 23 rows"):
         load_whole_head(sharded, None, state=state, optimizer_state=None)
+
+
+@pytest.mark.parametrize("kind", ["dense", "selected", "sparse"])
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2), (2, 3)])
+def test_kept_weights_load_on_any_rank_as_the_whole_heads_weights(tmp_path, kind, rank, world) -> None:
+    """Kept weights (weights alone, no optimizer state) written in the sharded layout load into any rank's
+    head as the whole head's weights do, and export as them."""
+    from megaclass.distributed.checkpoint import export_head_state, save_sharded_weights
+
+    whole, _ = _trained_whole_head(kind)
+    weights = whole.weights_state_dict()
+    folder = save_sharded_weights(
+        str(tmp_path / "epoch-2"), head=whole, encoder={"w": torch.ones(2)}, rank=0, world_size=1
+    )
+    exported = export_head_state(folder)
+    assert set(exported) == set(weights) and all(torch.equal(exported[k], weights[k]) for k in weights)
+    shard = ClassShard.for_rank(C, rank, world)
+    from_whole, _ = _head(kind, shard)
+    load_whole_head(from_whole, None, state=weights, optimizer_state=None, weights_only=True)
+    from_sharded, _ = _head(kind, shard)
+    common, _ = load_sharded(folder, head=from_sharded, head_optimizer=None, rank=rank, world_size=world)
+    assert torch.equal(common["encoder"]["w"], torch.ones(2))
+    _assert_same_state(from_whole.weights_state_dict(), from_sharded.weights_state_dict(), "head")
+    start, stop, _ = from_whole.row_range()
+    rows = "store.weight" if kind == "selected" else "weight"
+    assert torch.equal(from_sharded.weights_state_dict()[rows], weights[rows][start:stop])
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2), (2, 3)])
+def test_a_head_average_goes_with_the_rows_and_exports_in_their_place(tmp_path, kind, rank, world) -> None:
+    from megaclass.distributed.checkpoint import export_head_state, shard_head_entries
+
+    whole, optimizer = _trained_whole_head(kind)
+    average = {name: param.detach() * 2 + 1 for name, param in whole.named_parameters()}
+    folder = save_sharded(
+        str(tmp_path), 2, head=whole, head_optimizer=optimizer, common={}, private={}, rank=0, world_size=1,
+        head_average=average,
+    )  # fmt: skip
+    sharded, sharded_optimizer = _head(kind, ClassShard.for_rank(C, rank, world))
+    common, _ = load_sharded(
+        folder, head=sharded, head_optimizer=sharded_optimizer, rank=rank, world_size=world
+    )
+    expected = shard_head_entries(sharded, average)
+    _assert_same_state(common["head_average"], expected, "average")
+    start, stop, _ = sharded.row_range()
+    assert torch.equal(expected["weight"], average["weight"][start:stop])
+    assert torch.equal(sharded.weight, whole.weight[start:stop])  # the weights, not their average
+    trained, averaged = export_head_state(folder), export_head_state(folder, averaged=True)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(trained[name], value), name
+        assert torch.equal(averaged[name], average.get(name, value)), name

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import launch, port_taken, start, wait
+from conftest import launch_all, start, write_bow_task
 
 BATCH = 30  # the global batch: 1, 2 and 3 ranks divide it, and the 150 training rows (5 steps an epoch)
 STEPS = 10  # 2 epochs
@@ -31,27 +31,13 @@ COMMON = [
     "train.device=cpu",
     "optim.head.lr=0.05",
     "train.grad_clip=0.5",
-    "train.valid_fraction=0",  # every row trains; sharded heads keep the last epoch, whole ones the best
+    "train.valid_fraction=0",  # every row trains (no validation rows): the last epoch is kept
 ]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A small multi-label BoW task in the XMC repository format: (train path, test path)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for name, rows in (("train.txt", 150), ("test.txt", 40)):
-        lines = [f"{rows} 40 29"]
-        for _ in range(rows):
-            labels = ",".join(str(x) for x in sorted(rng.choice(29, rng.integers(1, 4), replace=False)))
-            columns = sorted(rng.choice(40, 5, replace=False))
-            lines.append(labels + " " + " ".join(f"{c}:{rng.random():.4f}" for c in columns))
-        path = tmp_path_factory.mktemp("data") / name
-        path.write_text("\n".join(lines) + "\n")
-        paths.append(str(path))
-    return paths[0], paths[1]
+    return write_bow_task(str(tmp_path_factory.mktemp("data")), seed=0)
 
 
 def _losses(run_dir: str) -> dict[int, float]:
@@ -76,12 +62,7 @@ def _train(
         out = os.path.join(tmp, f"{name}-{world}-{'resume' if resume else 'start'}")
         os.makedirs(out, exist_ok=True)
         launches.append((out, [*args, *(["--resume"] if resume else [])], world))
-    running = [start(scenario, out, *args, world_size=world, timeout_s=300) for out, args, world in launches]
-    for (out, args, world), process in zip(launches, running, strict=True):
-        result = wait(process)
-        if port_taken(result):
-            result = launch(scenario, out, *args, world_size=world, timeout_s=300)
-        assert not any(result.codes), "\n".join(result.stderr)
+    launch_all(scenario, launches, timeout_s=300)
 
 
 def _cli_train(tmp, data, name: str, nproc: int, overrides: list[str]) -> subprocess.Popen:

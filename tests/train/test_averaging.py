@@ -50,3 +50,27 @@ def test_restart_and_errors():
         WeightAverage({"m": model}, decay=1.0)
     with pytest.raises(ValueError, match="missing"):
         average.load_state_dict({})
+
+
+def test_one_part_swaps_saves_and_loads_alone():
+    encoder, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    average = WeightAverage({"encoder": encoder, "head": head}, decay=0.5)
+    with torch.no_grad():
+        for p in (*encoder.parameters(), *head.parameters()):
+            p.add_(1.0)
+    average.update(step=1)
+    trained = {name: p.detach().clone() for name, p in average.params.items()}
+    assert set(average.state_dict("head")) == {"weight", "bias"}
+    averaged = average.state_dict("encoder")["weight"].clone()
+    assert not torch.equal(averaged, trained["encoder.weight"])
+    with average.swapped("encoder"):
+        assert torch.equal(encoder.weight, averaged)
+        assert torch.equal(head.weight, trained["head.weight"])
+        with torch.no_grad():
+            encoder.weight.fill_(7.0)  # written inside: the average from now on
+    assert torch.equal(encoder.weight, trained["encoder.weight"])
+    assert torch.equal(average.state_dict("encoder")["weight"], torch.full((4, 3), 7.0))
+    average.load_state_dict({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, part="head")
+    assert torch.equal(average.average["head.weight"], torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="missing"):
+        average.load_state_dict({"weight": torch.zeros(2, 4)}, part="head")

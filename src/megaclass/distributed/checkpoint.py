@@ -12,6 +12,11 @@ A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
 
 - ``manifest.json``: the size and checksum of every other file (:func:`megaclass.state_io.write_manifest`).
 
+A weight average (``train.ema_decay``) of the head's ``rows`` parameters goes with the rows
+(``average.<param>``), that of its other parameters into ``common/``. :func:`save_sharded_weights` writes the
+same layout holding weights alone (no optimizer state): the kept epoch's weights of a sharded run
+(``best/epoch-N``).
+
 Ranks write into ``.tmp-step_<N>-shards/``; after a barrier rank 0 writes the layout and the manifest and
 renames the folder into place (:func:`megaclass.state_io.replace_folder`), so a kill never leaves half a
 checkpoint and a step saved twice keeps a whole one at every moment. Pointing ``latest.json`` at it and
@@ -56,9 +61,12 @@ __all__ = [
     "load_whole_head",
     "read_sharded_head_state",
     "save_sharded",
+    "save_sharded_weights",
+    "shard_head_entries",
 ]
 
 _LAYOUT = "layout.json"
+_AVERAGE = "average."  # row entries of the head's weight average
 
 
 def _barrier(world_size: int) -> None:
@@ -82,15 +90,22 @@ def _param_names(head: Head, optimizer: torch.optim.Optimizer | None) -> list[st
 
 
 def _split_head(
-    head: Head, optimizer: torch.optim.Optimizer | None
+    head: Head,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    average: Mapping[str, Tensor] | None = None,
+    weights_only: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """``(rows, rank_private, replicated)`` of the head's state and its optimizer's by ``head.state_layout()``
-    (row entries of kind ``groups`` are named ``groups.<key>``)."""
+    """``(rows, rank_private, replicated)`` of the head's state (``weights_only``: its
+    :meth:`~megaclass.heads.Head.weights_state_dict`), its optimizer's and the weight ``average`` of its
+    parameters (by name), by ``head.state_layout()`` (row entries of kind ``groups`` are named
+    ``groups.<key>``)."""
     layout = head.state_layout()
     rows: dict[str, Tensor] = {}
     private: dict[str, Any] = {}
     replicated: dict[str, Any] = {"head": {}, "optimizer": None}
-    for key, value in head.state_dict().items():
+    state = head.weights_state_dict() if weights_only else head.state_dict()
+    for key, value in state.items():
         kind = layout.get(key)
         if kind == "groups":
             rows[f"groups.{key}"] = value.detach()
@@ -100,6 +115,13 @@ def _split_head(
             private[key] = value
         else:
             replicated["head"][key] = value
+    if average is not None:
+        replicated["average"] = {}
+        for name, value in average.items():
+            if layout.get(name) == "rows":
+                rows[f"{_AVERAGE}{name}"] = value.detach()
+            else:
+                replicated["average"][name] = value.detach()
     if optimizer is not None:
         state = optimizer.state_dict()
         names = _param_names(head, optimizer)
@@ -118,6 +140,11 @@ def _split_head(
     return rows, private, replicated
 
 
+def _head_entries(rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The head's own entries of ``rows`` (not its optimizer's or its weight average's)."""
+    return {key: value for key, value in rows.items() if not key.startswith(("optim.", _AVERAGE))}
+
+
 def save_sharded(
     folder: str,
     step: int,
@@ -128,6 +155,7 @@ def save_sharded(
     private: dict[str, Any],
     rank: int,
     world_size: int,
+    head_average: Mapping[str, Tensor] | None = None,
 ) -> str:
     """Write this rank's part of checkpoint ``folder/step_<step>``; collective over all ranks.
 
@@ -136,18 +164,69 @@ def save_sharded(
         head_optimizer: the optimizer of the head's parameters, or None.
         common: replicated state (encoder, its optimizer, loop state, config); written by rank 0 only.
         private: this rank's own state (RNG states).
+        head_average: the weight average of the head's parameters, by parameter name (this rank's rows), or
+            None; :func:`load_sharded` gives it back as ``common["head_average"]``.
 
     Returns:
         The checkpoint's folder.
     """
-    name = f"step_{step:09d}"
-    final = os.path.join(folder, name)
-    temporary = os.path.join(folder, f".tmp-{name}-shards")  # one name that every rank knows
+    return _save_shards(
+        os.path.join(folder, f"step_{step:09d}"),
+        head=head,
+        head_optimizer=head_optimizer,
+        common=common,
+        private=private,
+        rank=rank,
+        world_size=world_size,
+        head_average=head_average,
+    )
+
+
+def save_sharded_weights(
+    path: str, *, head: Head, encoder: dict[str, Any], rank: int, world_size: int
+) -> str:
+    """Write this rank's part of the head's weights (:meth:`~megaclass.heads.Head.weights_state_dict`: no
+    optimizer state) and, from rank 0, the ``encoder`` state as the folder ``path``, in the layout of a
+    checkpoint; collective over all ranks. :func:`load_sharded` (as ``common["encoder"]``) and
+    :func:`export_head_state` read it, on any number of ranks.
+
+    Returns:
+        The folder.
+    """
+    return _save_shards(
+        path,
+        head=head,
+        head_optimizer=None,
+        common={"encoder": encoder},
+        private={},
+        rank=rank,
+        world_size=world_size,
+        weights_only=True,
+    )
+
+
+def _save_shards(
+    final: str,
+    *,
+    head: Head,
+    head_optimizer: torch.optim.Optimizer | None,
+    common: dict[str, Any],
+    private: dict[str, Any],
+    rank: int,
+    world_size: int,
+    head_average: Mapping[str, Tensor] | None = None,
+    weights_only: bool = False,
+) -> str:
+    """:func:`save_sharded` into the folder ``final``, staged beside it as ``.tmp-<name>-shards``."""
+    parent, name = os.path.split(final)
+    temporary = os.path.join(parent, f".tmp-{name}-shards")  # one name that every rank knows
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     _barrier(world_size)
-    rows, head_private, replicated = _split_head(head, head_optimizer)
+    rows, head_private, replicated = _split_head(
+        head, head_optimizer, average=head_average, weights_only=weights_only
+    )
     start, stop, num_rows = head.row_range()
     metadata = {"start": str(start), "stop": str(stop), "group": str(head.row_group)}
     fingerprint = write_tensors(os.path.join(temporary, _rows_file(rank)), rows, metadata=metadata)
@@ -164,6 +243,7 @@ def save_sharded(
             "num_rows": num_rows,
             "ranges": ranges,
             "group": head.row_group,
+            "weights_only": weights_only,
         }
         write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
         fingerprints = {}
@@ -172,7 +252,7 @@ def save_sharded(
                 fingerprints[other] = json.load(file)
         write_manifest(temporary, fingerprints=fingerprints)
         replace_folder(temporary, final)
-    _barrier(world_size)  # the checkpoint is complete for everyone
+    _barrier(world_size)  # the folder is complete for everyone
     return final
 
 
@@ -236,7 +316,8 @@ def load_sharded(
 
     Returns:
         ``(common, private)``: the replicated state, and this rank's private state (None when the world size
-        or this rank's rows changed: RNG states and indexes then start afresh).
+        or this rank's rows changed: RNG states and indexes then start afresh). A checkpoint holding a
+        weight average gives it as ``common["head_average"]``: by parameter name, this rank's rows.
 
     Raises:
         DamagedStateError: a file of the checkpoint differs from its manifest (checked before any change).
@@ -253,8 +334,8 @@ def load_sharded(
     same_range = layout["world_size"] == world_size and layout["ranges"][rank] == [start, stop]
     private = read_state(os.path.join(path, f"rank_{rank:05d}"), verify=False) if same_range else None
     replicated = common.pop("head_replicated")
-    fresh = head.state_dict()
-    state = {**replicated["head"], **{k: v for k, v in rows.items() if not k.startswith("optim.")}}
+    fresh = head.weights_state_dict() if layout.get("weights_only") else head.state_dict()
+    state = {**replicated["head"], **_head_entries(rows)}
     if private is not None:  # the same rows on the same rank: its own index, RNG states
         state.update(private["head"])
     else:
@@ -271,6 +352,9 @@ def load_sharded(
                 name, entry = key[len("optim.") :].rsplit(".", 1)
                 optim_state.setdefault(names.index(name), {})[entry] = value
         head_optimizer.load_state_dict({"state": optim_state, "param_groups": saved["param_groups"]})
+    if "average" in replicated:
+        average = {key[len(_AVERAGE) :]: value for key, value in rows.items() if key.startswith(_AVERAGE)}
+        common["head_average"] = {**replicated["average"], **average}
     return common, private
 
 
@@ -293,10 +377,12 @@ def load_whole_head(
     *,
     state: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None,
+    weights_only: bool = False,
 ) -> None:
     """Load an unsharded head's ``state`` (and its optimizer's ``optimizer_state``, as
     ``optimizer.state_dict()`` gives it) into ``head``, sharded or not: a single-process checkpoint resumed on
-    any number of ranks.
+    any number of ranks. ``weights_only``: ``state`` is a :meth:`~megaclass.heads.Head.weights_state_dict`
+    (kept weights).
 
     Each ``rows`` / ``groups`` entry of ``head.state_layout()`` and each per-row state of the optimizer of a
     ``rows`` parameter is cut to the head's :meth:`~megaclass.heads.Head.row_range`; replicated entries load
@@ -312,7 +398,8 @@ def load_whole_head(
     loaded = dict(state)
     if not whole:  # the entries of the head as built: rank-private ones as they are, the others from state
         loaded = {}
-        for key, value in head.state_dict().items():
+        own = head.weights_state_dict() if weights_only else head.state_dict()
+        for key, value in own.items():
             kind = layout.get(key)
             if kind != "rank" and key not in state:
                 raise ValueError(f"--resume: the checkpoint's head has no entry {key}")
@@ -343,16 +430,37 @@ def _per_row(value: Any, num_rows: int) -> bool:
     return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == num_rows
 
 
-def export_head_state(path: str) -> dict[str, Tensor]:
+def export_head_state(path: str, *, averaged: bool = False) -> dict[str, Tensor]:
     """The whole head's state from sharded checkpoint ``path``, as the unsharded head stores it.
 
     Row entries are stacked over all classes; optimizer and rank-private entries (index, RNG) are left out,
-    except the first rank's, which the unsharded head needs to load.
+    except the first rank's, which the unsharded head needs to load. ``averaged``: the checkpoint's weight
+    average takes its parameters' places.
     """
     layout = _verified_layout(path)
     rows = _read_rows(path, layout, 0, layout["num_rows"])
-    replicated = read_state(os.path.join(path, "common"), verify=False)["head_replicated"]["head"]
+    replicated = read_state(os.path.join(path, "common"), verify=False)["head_replicated"]
     first = read_state(os.path.join(path, "rank_00000"), verify=False)["head"]
-    state = {**replicated, **{key: value for key, value in first.items() if ".index." not in f".{key}"}}
-    state.update({key: value for key, value in rows.items() if not key.startswith("optim.")})
+    state = {**replicated["head"]}
+    state.update({key: value for key, value in first.items() if ".index." not in f".{key}"})
+    state.update(_head_entries(rows))
+    if averaged:
+        if "average" not in replicated:
+            raise ValueError(f"{path}: the checkpoint holds no weight average")
+        state.update(replicated["average"])
+        state.update({key[len(_AVERAGE) :]: value for key, value in rows.items() if key.startswith(_AVERAGE)})
     return state
+
+
+def shard_head_entries(head: Head, entries: Mapping[str, Any]) -> dict[str, Any]:
+    """``entries`` of the whole head by state-dict name (a weight average's), with those of ``rows`` and
+    ``groups`` kind cut to the head's :meth:`~megaclass.heads.Head.row_range`; the others as they are.
+
+    Raises:
+        ValueError: a row entry's length is not the head's number of rows.
+    """
+    layout = head.state_layout()
+    return {
+        key: _rows_slice(head, key, value, layout[key]) if layout.get(key) in ("rows", "groups") else value
+        for key, value in entries.items()
+    }

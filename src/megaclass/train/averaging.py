@@ -6,12 +6,15 @@
 average is what is evaluated and saved as the run's final model; it lives in every checkpoint, so a resumed
 run averages exactly as an uninterrupted one. Connections a sparse head rewires restart their average from
 the new weight (zero), as their optimizer state does.
+
+Each process averages the values it holds: a class-sharded head's rows of its range, an FSDP2 encoder's
+shards (their values are swapped in place, where FSDP2 gathers them from).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +47,7 @@ class WeightAverage:
             if param.is_floating_point()
         }
         self.average: dict[str, Tensor] = {
-            name: param.detach().clone() for name, param in self.params.items()
+            name: _values(param).detach().clone() for name, param in self.params.items()
         }
 
     @torch.no_grad()
@@ -53,39 +56,69 @@ class WeightAverage:
         decay = min(self.decay, (1.0 + step) / (10.0 + step))
         names = list(self.params)
         torch._foreach_lerp_(
-            [self.average[name] for name in names], [self.params[name].detach() for name in names], 1 - decay
+            [self.average[name] for name in names], [_values(self.params[name]) for name in names], 1 - decay
         )
 
     @torch.no_grad()
     def restart(self, name: str, mask: Tensor) -> None:
         """Set the average of parameter ``name`` to its current value where ``mask`` (rewired connections)."""
-        average, param = self.average[name], self.params[name]
-        average.copy_(torch.where(mask, param.detach(), average))
+        average, values = self.average[name], _values(self.params[name])
+        average.copy_(torch.where(mask, values, average))
 
     @contextlib.contextmanager
-    def swapped(self) -> Iterator[None]:
-        """Inside: the modules hold the averaged weights; on exit, the trained weights again."""
-        with torch.no_grad():
-            for name, param in self.params.items():
-                self.average[name], param.data = param.data, self.average[name]
+    def swapped(self, part: str | None = None) -> Iterator[None]:
+        """Inside: the modules (``part``: that module's key alone) hold the averaged weights, and what they
+        hold on exit is the average; on exit, the trained weights again."""
+        names = self._names(part)
+        self._swap(names)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, param in self.params.items():
-                    self.average[name], param.data = param.data, self.average[name]
+            self._swap(names)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The averages, by prefixed parameter name."""
-        return dict(self.average)
+    @torch.no_grad()
+    def _swap(self, names: list[str]) -> None:
+        for name in names:
+            param = self.params[name]
+            if _is_distributed(param):  # FSDP2 gathers from its own storage: the values are copied in
+                values = _values(param)
+                held = values.clone()
+                values.copy_(self.average[name])
+                self.average[name] = held
+            else:
+                self.average[name], param.data = param.data, self.average[name]
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore averages saved by :meth:`state_dict`; names and shapes must match."""
-        if set(state) != set(self.average):
-            missing, unexpected = set(self.average) - set(state), set(state) - set(self.average)
+    def _names(self, part: str | None) -> list[str]:
+        return [name for name in self.params if part is None or name.startswith(f"{part}.")]
+
+    def state_dict(self, part: str | None = None) -> dict[str, Tensor]:
+        """The averages, by prefixed parameter name; ``part``: that module's alone, by its own parameter
+        names. A distributed parameter's is this process's shard."""
+        if part is None:
+            return dict(self.average)
+        return {name[len(part) + 1 :]: self.average[name] for name in self._names(part)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], part: str | None = None) -> None:
+        """Restore averages saved by :meth:`state_dict` (with the same ``part``); names and shapes must
+        match."""
+        prefix = "" if part is None else f"{part}."
+        names = self._names(part)
+        given = {f"{prefix}{name}" for name in state}
+        if given != set(names):
+            missing, unexpected = set(names) - given, given - set(names)
             raise ValueError(
                 f"weight average: the checkpoint's parameters differ (missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)})"
             )
         for name, value in state.items():
-            self.average[name].copy_(value)
+            self.average[f"{prefix}{name}"].copy_(value)
+
+
+def _is_distributed(param: Tensor) -> bool:
+    """Whether ``param`` is a DTensor (an FSDP2 shard)."""
+    return hasattr(param, "to_local")
+
+
+def _values(param: Tensor) -> Tensor:
+    """The tensor holding ``param``'s values in this process: a DTensor's local shard, else ``param``."""
+    return param.to_local().detach() if _is_distributed(param) else param.detach()

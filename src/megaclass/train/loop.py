@@ -8,7 +8,8 @@ runs :func:`train`. One step is: forward (encoder, then head loss), backward, cl
 - ``model/``: the final encoder and head weights (safetensors + JSON); ``featurizer/`` for text data;
 - ``checkpoints/``: resumable state (``--resume``); ``log.jsonl``: every logged number;
 - ``best/``: the weights of the epoch that scored best on the validation rows (kept at the end; ``model/``
-  then holds the same files, hard-linked);
+  then holds the same files, hard-linked; a class-sharded run keeps each rank's rows in the layout of its
+  checkpoints, and ``model/`` holds them whole);
 - ``metrics.json``: the test metrics of the kept weights, ``train_seconds``, ``peak_memory_bytes``;
 - ``report.md`` and ``report.png``: config, metrics per epoch, and the loss and P@k curves.
 
@@ -38,12 +39,21 @@ import torch
 from torch import Tensor
 
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset, other_kind
+from megaclass.distributed.checkpoint import (
+    export_head_state,
+    is_sharded_checkpoint,
+    load_sharded,
+    load_whole_head,
+    save_sharded,
+    save_sharded_weights,
+    shard_head_entries,
+)
 from megaclass.distributed.info import DistInfo, init_distributed
-from megaclass.distributed.parallel import data_parallel, rank_batch_size
+from megaclass.distributed.parallel import data_parallel, encoder_state, load_encoder_state, rank_batch_size
 from megaclass.errors import TrainingDiverged
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.schema import ConfigError
-from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
+from megaclass.state_io import link_state, path_fingerprint, read_state, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import (
@@ -316,11 +326,6 @@ class Trainer:
         decay = self.config.train.ema_decay
         if not decay:
             return None
-        if self.head.sharded or (self.dist.distributed and self.config.distributed.encoder == "fsdp2"):
-            raise ConfigError(
-                "train.ema_decay: weight averaging needs whole (not sharded) encoder and head parameters; "
-                "set train.ema_decay=0 with distributed.shard_head or distributed.encoder=fsdp2"
-            )
         self.head.take_rewired()  # a rewiring head starts tracking the connections it rewires
         return WeightAverage({"encoder": self.encoder, "head": self.head}, decay=decay)
 
@@ -763,10 +768,8 @@ class Trainer:
         return f"P@{self.config.eval.ks[0]}"
 
     def _keeps_best(self) -> bool:
-        """Whether the best epoch's weights are kept: validation rows exist and the weights are whole (not a
-        sharded head or an FSDP2 encoder, whose final weights are the last epoch's)."""
-        sharded = self.head.sharded or (self.dist.distributed and self.config.distributed.encoder == "fsdp2")
-        return self.valid_data is not None and not sharded
+        """Whether the best epoch's weights are kept: validation rows exist."""
+        return self.valid_data is not None
 
     def _best_dir(self, epoch: int) -> str:
         return os.path.join(self.out_dir, "best", f"epoch-{epoch}")
@@ -779,11 +782,26 @@ class Trainer:
             self.state.evals_since_best += 1
             return
         if self._keeps_best():
-            with self._averaged():  # the evaluated weights are kept
-                state = self._model_state(weights_only=True)
-            if self.dist.is_main:
-                write_state(self._best_dir(epoch), state)
+            self._save_best(epoch)
         self.state.best_epoch, self.state.best_score, self.state.evals_since_best = epoch, score, 0
+
+    def _save_best(self, epoch: int) -> None:
+        """Write the weights just evaluated to ``best/epoch-N``: whole from rank 0, or, for a sharded head,
+        each rank's rows in the layout of a sharded checkpoint (collective)."""
+        with self._averaged():  # the evaluated weights are kept
+            if self.head.sharded:
+                encoder, _ = encoder_state(self.parallel, None)  # collective under FSDP2; rank 0's is written
+                save_sharded_weights(
+                    self._best_dir(epoch),
+                    head=self.head,
+                    encoder=encoder,
+                    rank=self.dist.rank,
+                    world_size=self.dist.world_size,
+                )
+                return
+            state = self._model_state(weights_only=True)
+        if self.dist.is_main:
+            write_state(self._best_dir(epoch), state)
 
     def _tidy_best(self) -> None:
         """Remove the kept weights of epochs the checkpoint no longer calls best (rank 0)."""
@@ -799,13 +817,24 @@ class Trainer:
         patience = self.config.train.patience
         return patience > 0 and self.state.evals_since_best >= patience
 
+    def _best_on_disk(self) -> bool:
+        """Whether the best epoch's weights are kept and in ``best/``; says so when the checkpoint names a
+        best epoch whose weights were not written (the run then ends with the last epoch's)."""
+        if not (self._keeps_best() and self.state.best_epoch):
+            return False
+        if os.path.isdir(self._best_dir(self.state.best_epoch)):
+            return True
+        self.logger.print(
+            f"{self._best_dir(self.state.best_epoch)} is missing: the last epoch's weights are kept"
+        )
+        return False
+
     def _restore_best(self) -> None:
-        """Put the best epoch's weights in the modules; they are the final model (an EMA is in them). When
-        the last epoch is the best and no average is kept, the modules hold them already: nothing is read."""
+        """Put the best epoch's weights in the modules on every rank; they are the final model (an EMA is in
+        them). When the last epoch is the best and no average is kept, the modules hold them already:
+        nothing is read."""
         if self.state.best_epoch != self.state.epoch or self.average is not None:
-            best = checkpoint.read_weights(self._best_dir(self.state.best_epoch))
-            self.encoder.load_state_dict(best["encoder"])
-            self.head.load_state_dict(best["head"])
+            self._load_weights(self._best_dir(self.state.best_epoch))
         self.average = None
         self.logger.print(
             f"kept epoch {self.state.best_epoch}: validation {self._selection_metric()} "
@@ -834,26 +863,52 @@ class Trainer:
                 f"(now {self.config.train.epochs})"
             )
 
+    def _load_weights(self, path: str) -> None:
+        """Load the kept weights in folder ``path`` into the encoder and head, whichever layout holds them
+        (a sharded run's or a whole one's) and however this run shards the head."""
+
+        if is_sharded_checkpoint(path):  # each rank reads its rows
+            dist = self.dist
+            common, _ = load_sharded(
+                path, head=self.head, head_optimizer=None, rank=dist.rank, world_size=dist.world_size
+            )
+            load_encoder_state(self.parallel, None, common["encoder"], None)
+            return
+        kept = checkpoint.read_weights(path)
+        load_encoder_state(self.parallel, None, kept["encoder"], None)
+        load_whole_head(self.head, None, state=kept["head"], optimizer_state=None, weights_only=True)
+
+    def _exported_best(self) -> dict[str, Any]:
+        """The kept weights of a sharded run, whole, as ``model/`` holds them (rank 0)."""
+
+        path = self._best_dir(self.state.best_epoch)
+        head = export_head_state(path)  # checks the folder against its manifest
+        return {"encoder": read_state(os.path.join(path, "common"), verify=False)["encoder"], "head": head}
+
     def _finish_run(self) -> dict[str, Any]:
         """Keep the best epoch's weights, check them, score the test file with them (or take the scores their
         epoch's end gave, where this process computed them), and write the final weights, ``metrics.json`` and
         the report (rank 0; the others return no metrics)."""
-        if self._keeps_best() and self.state.best_epoch:
+
+        kept_on_disk = self._best_on_disk()  # best/epoch-N is the final model
+        if kept_on_disk:
             self._restore_best()
         self._check_label_prior()
-        kept_epoch = self.state.best_epoch if self._keeps_best() else self.state.epoch
+        kept_epoch = self.state.best_epoch if kept_on_disk else self.state.epoch
         if self._test_curve is not None and self._test_curve[0] == kept_epoch:
             metrics = dict(self._test_curve[1])  # the kept weights, scored at their epoch's end
         else:
             metrics = self.evaluate(self.test_data)  # collective for a sharded head
         self.logger.log("eval_test", self.state.global_step, {"epoch": kept_epoch, **metrics})
         self.logger.print(f"test (epoch {kept_epoch}): {_precisions(metrics)}")
-        kept_on_disk = self._keeps_best() and self.state.best_epoch  # best/epoch-N is the final model
+        linked = kept_on_disk and not is_sharded_checkpoint(self._best_dir(self.state.best_epoch))
         if not kept_on_disk:
             with self._averaged():  # the final model is the evaluated one
                 model_state = self._model_state(weights_only=True)  # collective under FSDP2
         if not self.dist.is_main:
             return {}
+        if kept_on_disk and not linked:
+            model_state = self._exported_best()
         records = read_log(self.logger.path)
         if self.state.best_epoch:
             metrics[f"valid_{self._selection_metric()}"] = self.state.best_score
@@ -877,7 +932,7 @@ class Trainer:
         metrics.update(memory)
         self.logger.print(format_head_memory(memory, sparsity=metrics.get("head/sparsity")))
         model_dir = os.path.join(self.out_dir, "model")
-        if kept_on_disk:
+        if linked:
             link_state(self._best_dir(self.state.best_epoch), model_dir)  # its files, linked: written once
         else:
             write_state(model_dir, model_state)
@@ -935,14 +990,13 @@ class Trainer:
         if not self.head.sharded:
             head = self.head.weights_state_dict() if weights_only else self.head.state_dict()
             return {"encoder": self.encoder.state_dict(), "head": head}
-        from megaclass.distributed.checkpoint import export_head_state
-        from megaclass.distributed.parallel import encoder_state
 
         latest = checkpoint.latest_checkpoint(self._checkpoint_dir())  # the final checkpoint, just written
         encoder_weights, _ = encoder_state(self.parallel, None)
         if not self.dist.is_main:
             return {}
-        return {"encoder": encoder_weights, "head": export_head_state(latest)}
+        head = export_head_state(latest, averaged=self.average is not None)  # the evaluated weights
+        return {"encoder": encoder_weights, "head": head}
 
     def save_checkpoint(self) -> str:
         """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
@@ -980,8 +1034,6 @@ class Trainer:
 
     def _save_distributed_checkpoint(self) -> str:
         """A checkpoint any world size resumes (:mod:`megaclass.distributed.checkpoint`); collective."""
-        from megaclass.distributed.checkpoint import save_sharded
-        from megaclass.distributed.parallel import encoder_state
 
         encoder_weights, encoder_optimizer = encoder_state(self.parallel, self.optimizers["encoder"])
         common = {
@@ -992,6 +1044,11 @@ class Trainer:
             "global_batch": self.config.train.batch_size,
             "log_bytes": self._log_bytes(),
         }
+        head_average = None
+        if self.average is not None:  # the encoder's whole, as its weights; the head's rows by rank
+            with self.average.swapped("encoder"):
+                common["average"], _ = encoder_state(self.parallel, None)  # collective under FSDP2
+            head_average = self.average.state_dict("head")
         path = save_sharded(
             self._checkpoint_dir(),
             self.state.global_step,
@@ -1001,6 +1058,7 @@ class Trainer:
             private={"rng": rng_state()},
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            head_average=head_average,
         )
         if self.dist.is_main:
             checkpoint.commit_checkpoint(
@@ -1022,7 +1080,6 @@ class Trainer:
     def _load_checkpoint(self, path: str) -> dict[str, Any]:
         """Read checkpoint ``path`` by its own format, whatever this run's world size and head sharding: a
         sharded one (loaded here) or a single-process one (loaded by :meth:`_restore`)."""
-        from megaclass.distributed.checkpoint import is_sharded_checkpoint
 
         if is_sharded_checkpoint(path):
             return self._restore_distributed(path)
@@ -1031,8 +1088,6 @@ class Trainer:
     def _restore_distributed(self, path: str) -> dict[str, Any]:
         """Load a sharded checkpoint written by any world size into this run's head, sharded or not; returns
         its common state (config, loop state)."""
-        from megaclass.distributed.checkpoint import load_sharded
-        from megaclass.distributed.parallel import load_encoder_state
 
         common, private = load_sharded(
             path,
@@ -1044,6 +1099,8 @@ class Trainer:
         load_encoder_state(
             self.parallel, self.optimizers["encoder"], common["encoder"], common["optimizers"].get("encoder")
         )
+        if self.average is not None:
+            self._load_average(encoder=common["average"], head=common["head_average"])
         if private is not None:
             common["rng"] = private["rng"]
         if common["global_batch"] != self.config.train.batch_size:
@@ -1088,8 +1145,6 @@ class Trainer:
     def _restore_whole(self, state: dict[str, Any]) -> None:
         """Load a single-process checkpoint's weights and optimizers, on any number of ranks (a sharded head
         takes its rows)."""
-        from megaclass.distributed.checkpoint import load_whole_head
-        from megaclass.distributed.parallel import load_encoder_state
 
         optimizers = state["optimizers"]
         load_encoder_state(
@@ -1103,7 +1158,24 @@ class Trainer:
             self.head, self.optimizers["head"], state=state["head"], optimizer_state=optimizers.get("head")
         )
         if self.average is not None:
-            self.average.load_state_dict(state["average"])
+            average = state["average"]
+            part = {name: {} for name in ("encoder", "head")}
+            for key, value in average.items():
+                name, _, rest = key.partition(".")
+                part[name][rest] = value
+            self._load_average(
+                encoder={**state["encoder"], **part["encoder"]},  # its buffers: the checkpoint's
+                head=shard_head_entries(self.head, part["head"]),
+            )
+
+    def _load_average(self, *, encoder: dict[str, Any], head: dict[str, Any]) -> None:
+        """Restore the weight average: ``encoder`` a whole encoder state holding the averaged weights (loaded
+        as the encoder's weights are, under any wrapper), ``head`` the averages of this rank's head
+        parameters by name."""
+
+        with self.average.swapped("encoder"):
+            load_encoder_state(self.parallel, None, encoder, None)
+        self.average.load_state_dict(head, part="head")
 
     def _restore_log(self, path: str) -> None:
         """Cut the log back to what it held when the checkpoint at ``path`` was saved: the resumed run writes
