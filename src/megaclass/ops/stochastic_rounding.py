@@ -14,9 +14,9 @@ Random bits come from SplitMix64 (Steele, Lea and Flood 2014, "Fast splittable p
 generators") keyed by a 64-bit ``seed``: word ``w`` is the SplitMix64 finaliser of ``seed + (w + 1) * gamma``
 (mod 2^64), and element ``e`` takes the 16 bits ``e % 4`` (low first) of word ``e // 4``. The result depends
 only on ``(seed, e, x[e])``: the Triton kernel, :func:`reference_stochastic_round` and the CPU path agree bit
-for bit. Two 64-bit products and three shifts serve four elements (Philox-4x32-10 spends twenty 32-bit
-products on eight), so on the CPU, where :func:`stochastic_round` computes the bits with numpy's unsigned
-integers in pieces over torch's threads, the noise costs about what the rounding does.
+for bit. Three 64-bit products and three shifts serve four elements (Philox-4x32-10 spends twenty
+32 x 32-bit products on eight), so on the CPU, where :func:`stochastic_round` computes the bits with numpy's
+unsigned integers in pieces over torch's threads, the noise costs about what the rounding does.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ _thread_buffers = threading.local()
 
 
 def _piece_buffers(piece: int) -> SimpleNamespace:
-    """This thread's buffers for a piece of ``piece`` elements (3.3 MB for the CPU path's), kept from call
+    """This thread's buffers for a piece of ``piece`` elements (2.8 MB for the CPU path's), kept from call
     to call: fresh ones would fault in their pages every time."""
     buffers = getattr(_thread_buffers, "piece", None)
     if buffers is None or len(buffers.rounded) != piece:
