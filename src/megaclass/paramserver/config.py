@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from megaclass.ops.held_rows import RowDtype
 from megaclass.paramserver.updaters import OPTIMIZERS, HyperParams
 
 TOKEN_ENV = "MEGACLASS_PS_TOKEN"
-ROW_DTYPES = ("float32", "bf16_sr")  # how a shard holds its rows and row-shaped optimizer state
+ROW_DTYPES = tuple(dtype.value for dtype in RowDtype)  # how a shard holds its rows and row-shaped state
 MAX_MESSAGE_BYTES = 2**31 - 1  # protobuf's own limit on one message
 MESSAGE_OVERHEAD_BYTES = 4096  # a message's fields besides its ids and arrays, with room to spare
 DEFAULT_MESSAGE_BYTES = 256 * 2**20  # a 64k x 1024 float32 row block: few calls, bounded server memory

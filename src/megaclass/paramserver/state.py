@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.ops.held_rows import RowDtype, put_held_rows_
 from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
-from megaclass.ops.stochastic_rounding import rounding_seed, stochastic_round
+from megaclass.ops.stochastic_rounding import rounding_seed
 from megaclass.paramserver.config import ROW_DTYPES
 from megaclass.paramserver.updaters import HyperParams, apply_update, state_shapes
 from megaclass.state_io import fsync_path
@@ -84,7 +85,7 @@ class ShardSpec:
     @property
     def held(self) -> torch.dtype:
         """The dtype of the rows and the row-shaped optimizer state."""
-        return torch.bfloat16 if self.dtype == "bf16_sr" else torch.float32
+        return RowDtype(self.dtype).held
 
 
 class ShardState:
@@ -173,12 +174,8 @@ class ShardState:
         state = {slot: self._work(slot, values) for slot, values in old_state.items()}
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
-        written = {"rows": (self.rows, rows), **{slot: (self.state[slot], state[slot]) for slot in state}}
-        for stream, (target, values) in enumerate(written.values()):
-            if target.dtype == torch.bfloat16:
-                seed = rounding_seed(self.seed, self.spec.row_start, step, *trainers, stream)
-                values = stochastic_round(values, seed=seed)
-            put_rows_(target, local, values)
+        written = [(self.rows, rows), *((self.state[slot], values) for slot, values in state.items())]
+        put_held_rows_(written, local, seed=rounding_seed(self.seed, self.spec.row_start, step, *trainers))
         self.versions.index_fill_(0, local, new_version)
         self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
         return new_version

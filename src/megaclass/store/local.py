@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from megaclass.ops.held_rows import RowDtype, put_held_rows_
 from megaclass.ops.row_optimizers import (
     RowOptimizerConfig,
     apply_row_update_,
     apply_sparse_update_,
     init_row_state,
     init_rows_,
-    put_rows_,
     take_rows,
 )
-from megaclass.ops.stochastic_rounding import rounding_seed, stochastic_round
+from megaclass.ops.stochastic_rounding import rounding_seed
 from megaclass.state_io import SavedTensor, copy_into_
 
 __all__ = ["LocalRows", "RowDtype", "check_ids"]
-
-
-class RowDtype(str, enum.Enum):
-    """How a store holds its rows and their row-shaped optimizer state."""
-
-    FLOAT32 = "float32"
-    BF16_SR = "bf16_sr"  # bfloat16, updated in fp32 and written back with stochastic rounding: half the bytes
 
 
 def check_ids(ids: Tensor) -> None:
@@ -84,7 +76,7 @@ class LocalRows:
             raise ValueError(f"dtype: {dtype!r} is not one of {[d.value for d in RowDtype]}") from None
         self.optimizer = optimizer or RowOptimizerConfig()
         self.seed = seed
-        held = torch.bfloat16 if self.row_dtype is RowDtype.BF16_SR else torch.float32
+        held = self.row_dtype.held
         self.weight = torch.empty(num_rows, dim, dtype=held, device=device)
         draw_device = device if draw_device is None else draw_device
         init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=draw_device)
@@ -119,12 +111,8 @@ class LocalRows:
         apply_row_update_(
             rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer, step=global_step
         )
-        put_rows_(self.weight, ids, stochastic_round(rows, seed=rounding_seed(self.seed, step, 0)))
-        for stream, (name, tensor) in enumerate(self.state.items(), start=1):
-            value = rows_state[name]  # (S, ...)
-            if tensor.dtype == torch.bfloat16:
-                value = stochastic_round(value, seed=rounding_seed(self.seed, step, stream))
-            put_rows_(tensor, ids, value)
+        written = [(self.weight, rows), *((tensor, rows_state[name]) for name, tensor in self.state.items())]
+        put_held_rows_(written, ids, seed=rounding_seed(self.seed, step))
 
     def held_bytes(self) -> tuple[int, int]:
         """``(rows, optimizer state)`` bytes."""
