@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from megaclass.ops.held_rows import RowDtype
 from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind
 from megaclass.state_io import RowSource, row_blocks
 from megaclass.store.base import RowStore
@@ -228,7 +229,7 @@ class ParamServerStore(RowStore):
     def held_bytes(self) -> tuple[int, int]:
         """On the servers: the rows and their optimizer slots (row-shaped ones as the rows are held: 4 or,
         with ``bf16_sr`` shards, 2 bytes a value; per-row counts 4 bytes a row)."""
-        element = 2 if self.client.row_dtype == "bf16_sr" else 4
+        element = RowDtype(self.client.row_dtype).held.itemsize
         state = sum(
             self.num_rows * (element * self.dim if len(self._field_shape(slot)) > 1 else 4)
             for slot in self.slots
