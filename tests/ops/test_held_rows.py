@@ -1,0 +1,33 @@
+"""Rows held in float32 or bf16: the write-back of updated rows rounds bf16 targets with a stream each."""
+
+import pytest
+import torch
+
+from megaclass.ops.held_rows import RowDtype, put_held_rows_
+from megaclass.ops.stochastic_rounding import reference_stochastic_round, rounding_seed
+
+
+def test_row_dtypes_name_their_tensors_dtype():
+    assert RowDtype("float32").held == torch.float32
+    assert RowDtype("bf16_sr").held == torch.bfloat16
+    with pytest.raises(ValueError):
+        RowDtype("fp16")
+
+
+def test_bf16_targets_are_rounded_with_a_stream_each_and_float32_ones_written_as_they_are():
+    rows, moments = torch.zeros(10, 6, dtype=torch.bfloat16), torch.zeros(10, 6, dtype=torch.bfloat16)
+    counts = torch.zeros(10)
+    ids = torch.tensor([7, 2, 5])
+    new_rows, new_moments, new_counts = torch.randn(3, 6), torch.randn(3, 6), torch.tensor([1.5, 2.5, 3.5])
+    put_held_rows_([(rows, new_rows), (moments, new_moments), (counts, new_counts)], ids, seed=11)
+    for stream, (target, values) in enumerate(((rows, new_rows), (moments, new_moments))):
+        want = reference_stochastic_round(values, seed=rounding_seed(11, stream))
+        assert torch.equal(target[ids].view(torch.int16), want.view(torch.int16))
+    assert torch.equal(counts[ids], new_counts)
+    untouched = torch.tensor([0, 1, 3, 4, 6, 8, 9])
+    assert not rows[untouched].any() and not moments[untouched].any() and not counts[untouched].any()
+    # the two streams differ: the same values give other roundings in another stream
+    same = torch.full((3, 6), 1.0 + 2**-9)
+    a, b = torch.zeros(3, 6, dtype=torch.bfloat16), torch.zeros(3, 6, dtype=torch.bfloat16)
+    put_held_rows_([(a, same), (b, same)], torch.arange(3), seed=11)
+    assert not torch.equal(a, b)
