@@ -385,6 +385,34 @@ def test_any_row_source_is_written_and_copied_block_by_block(tmp_path):
         _CountingSource(rows, shape=(37, 4))[0:3]  # a source whose rows are not what it says
 
 
+def test_stacked_rows_read_each_part_only_where_asked(tmp_path):
+    """Row ranges of tensors and files stacked: any block reads the parts it spans and nothing else, and
+    the whole is written block by block as the tensors concatenated would be."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, 3, 2, generator=generator) for n in (7, 1, 12, 5)]
+    path = str(tmp_path / "part.safetensors")
+    state_io.write_tensors(path, {"rows": tensors[2]})
+    saved = state_io.read_tensors(path, stream=lambda name: True)["rows"]
+    counting = _CountingSource(tensors[3])
+    ranges = [(tensors[0], 2, 7), (tensors[1], 0, 1), (saved, 3, 12), (saved, 5, 5), (counting, 0, 4)]
+    stacked = state_io.StackedRows(ranges)
+    expected = torch.cat([tensors[0][2:7], tensors[1], tensors[2][3:12], tensors[3][:4]])
+    assert (tuple(stacked.shape), stacked.dtype, len(stacked)) == ((19, 3, 2), torch.float32, 19)
+    for start, stop in [(0, 19), (0, 5), (4, 7), (5, 6), (6, 15), (15, 19), (18, 19), (9, 9)]:
+        assert torch.equal(stacked[start:stop], expected[start:stop]), (start, stop)
+    assert counting.blocks == [4, 4, 1]  # read only for the blocks reaching past row 15
+    counting.blocks = []
+    folder = state_io.write_state(str(tmp_path / "s"), {"rows": stacked}, chunk_bytes=4 * 24)  # blocks of 4
+    assert torch.equal(state_io.read_state(folder)["rows"], expected) and counting.blocks == [1, 3]
+    assert torch.equal(stacked.read(), expected)
+    with pytest.raises(ValueError, match="does not stack"):
+        state_io.StackedRows([(tensors[0], 0, 7), (torch.zeros(3, 2, 2), 0, 3)])
+    with pytest.raises(ValueError, match="does not stack"):
+        state_io.StackedRows([(tensors[0], 0, 7), (tensors[1].double(), 0, 1)])
+    with pytest.raises(ValueError, match=r"rows \[2, 9\) outside a part of 7"):
+        state_io.StackedRows([(tensors[0], 2, 9)])
+
+
 def test_truncated_tensor_files_are_named(tmp_path):
     path = str(tmp_path / "t.safetensors")
     state_io.write_tensors(path, {"rows": torch.randn(64, 4)})
@@ -432,14 +460,21 @@ loaded = peak_growth(
         rows, state_io.read_state(folder, stream=stream)["head"]["store.weight"], chunk_bytes=8 << 20
     )
 )
-print(saved, loaded, rows.numel() * 4)
+streamed = state_io.read_state(folder, stream=stream)["head"]["store.weight"]
+half = len(rows) // 2
+stacked = state_io.StackedRows([(streamed, half, len(rows)), (streamed, 0, half)])
+restacked = peak_growth(
+    lambda: state_io.write_state(folder + "-stacked", {"rows": stacked}, chunk_bytes=8 << 20)
+)
+print(saved, loaded, restacked, rows.numel() * 4)
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_saving_and_loading_rows_take_one_block_of_host_memory_not_a_copy(tmp_path):
-    """The peak RSS growth of writing and reading back 256 MiB of rows stays under 64 MiB (8 MiB blocks and
-    the interpreter's own); any whole copy of the rows would show 256 MiB or more."""
+    """The peak RSS growth of writing and reading back 256 MiB of rows, and of writing them again as stacked
+    ranges of the file, stays under 64 MiB (8 MiB blocks and the interpreter's own); any whole copy of the
+    rows would show 256 MiB or more."""
     import subprocess
     import sys
 
@@ -452,9 +487,10 @@ def test_saving_and_loading_rows_take_one_block_of_host_memory_not_a_copy(tmp_pa
         check=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
-    saved, loaded, rows_bytes = (int(x) for x in result.stdout.split())
+    saved, loaded, restacked, rows_bytes = (int(x) for x in result.stdout.split())
     assert saved < rows_bytes // 4, f"save grew the RSS by {saved} bytes for {rows_bytes} of rows"
     assert loaded < rows_bytes // 4, f"load grew the RSS by {loaded} bytes for {rows_bytes} of rows"
+    assert restacked < rows_bytes // 4, f"stacked rows grew the RSS by {restacked} bytes for {rows_bytes}"
 
 
 def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):

@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "DamagedStateError",
     "RowSource",
     "SavedTensor",
+    "StackedRows",
     "copy_into_",
     "file_fingerprint",
     "flatten",
@@ -464,6 +465,49 @@ class SavedTensor(RowSource):
                 if not count:
                     raise DamagedStateError(f"{self.path}: the file ends inside tensor data (truncated?)")
                 done += count
+
+
+class StackedRows(RowSource):
+    """Row ranges of several tensors stacked along their first dimension, read when asked (a
+    :class:`RowSource`): one tensor of a state split over files, written whole without a copy of it.
+
+    Args:
+        parts: ``(source, start, stop)``: rows ``[start, stop)`` of ``source`` (a tensor or a RowSource of
+            at least one dimension), in order; all of one dtype and one shape past their first dimension.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Tensor | RowSource, int, int]]) -> None:
+        if not parts:
+            raise ValueError("StackedRows: no parts")
+        first = parts[0][0]
+        self.dtype, trailing = first.dtype, tuple(first.shape[1:])
+        self.parts: list[tuple[Tensor | RowSource, int, int, int]] = []  # (source, start, stop, global start)
+        length = 0
+        for source, start, stop in parts:
+            if not source.shape or source.dtype != self.dtype or tuple(source.shape[1:]) != trailing:
+                raise ValueError(
+                    f"StackedRows: a part of {source.dtype} {tuple(source.shape)} does not stack on "
+                    f"{self.dtype} rows of shape {trailing}"
+                )
+            if not 0 <= start <= stop <= source.shape[0]:
+                raise ValueError(f"StackedRows: rows [{start}, {stop}) outside a part of {source.shape[0]}")
+            self.parts.append((source, start, stop, length))
+            length += stop - start
+        self.shape = torch.Size((length, *trailing))
+
+    def __repr__(self) -> str:
+        return f"StackedRows({len(self.parts)} parts, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+    def read_rows(self, start: int, stop: int) -> Tensor:
+        pieces = []
+        for source, first, last, offset in self.parts:
+            low, high = max(start, offset), min(stop, offset + last - first)
+            if low < high:
+                piece = source[first + low - offset : first + high - offset]
+                pieces.append(piece.detach().to("cpu") if isinstance(piece, Tensor) else piece)
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if pieces else torch.empty((0, *self.shape[1:]), dtype=self.dtype)
 
 
 def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.ndarray]:

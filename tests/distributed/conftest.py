@@ -146,3 +146,12 @@ def head_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     assert world.codes == [0, 0], "\n".join(world.stderr)
     world.out_dir = out_dir
     return world
+
+
+def exported_head(path: str, *, averaged: bool = False) -> dict:
+    """:func:`~megaclass.distributed.checkpoint.export_head_state` of ``path``, read into tensors."""
+    from megaclass.distributed.checkpoint import export_head_state
+    from megaclass.state_io import RowSource
+
+    state = export_head_state(path, averaged=averaged)
+    return {key: value.read() if isinstance(value, RowSource) else value for key, value in state.items()}

@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import launch_all, write_bow_task
+from conftest import exported_head, launch_all, write_bow_task
 
 BATCH = 24  # the global batch: 120 training rows (30 held out for validation), 5 steps an epoch
 BEST = 2  # the epoch the scenario makes best, of 3
@@ -115,7 +115,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data) -> str:
 
 @pytest.mark.slow
 def test_a_sharded_run_ends_with_the_best_epochs_weights_on_every_rank(runs, data) -> None:
-    from megaclass.distributed.checkpoint import export_head_state
     from megaclass.state_io import read_state
     from megaclass.train.inference import evaluate_run
 
@@ -132,11 +131,11 @@ def test_a_sharded_run_ends_with_the_best_epochs_weights_on_every_rank(runs, dat
     model = _model(run_dir)
     for epoch in (BEST, 3):  # the best epoch's end, and the last's (other weights)
         saved = read_state(os.path.join(_checkpoint(run_dir, epoch), "common"))["encoder"]
-        head = export_head_state(_checkpoint(run_dir, epoch))
+        head = exported_head(_checkpoint(run_dir, epoch))
         same = epoch == BEST
         assert torch.equal(model["head"]["weight"], head["weight"]) is same, epoch
         assert all(torch.equal(model["encoder"][key], saved[key]) for key in saved) is same, epoch
-    _assert_close(model["head"], export_head_state(best), "best/", exact=True)
+    _assert_close(model["head"], exported_head(best), "best/", exact=True)
     for rank, (first, last) in enumerate(layout["ranges"]):  # what each rank ends with: its rows of them
         kept = read_state(os.path.join(runs, "two-2-start", f"kept-rank{rank}"))
         assert kept["range"] == [first, last, 29]
@@ -187,15 +186,14 @@ def test_each_rank_averages_its_own_rows_and_the_average_is_kept(averaged_runs) 
     """The kept weights are the best epoch's average (saved in that epoch's checkpoint beside the trained
     rows), the same on 2 ranks, on 1 process, resumed under FSDP2 (which averages, swaps in, saves and
     restores its encoder shards) and resumed on 2 ranks from a single-process checkpoint."""
-    from megaclass.distributed.checkpoint import export_head_state
     from megaclass.state_io import read_state
 
     two = os.path.join(averaged_runs, "two")
     model = _model(two)
     checkpoint = _checkpoint(two, BEST)
-    averaged = export_head_state(checkpoint, averaged=True)
+    averaged = exported_head(checkpoint, averaged=True)
     _assert_close(model["head"], averaged, "head", exact=True)
-    assert not torch.equal(averaged["weight"], export_head_state(checkpoint)["weight"])  # not the trained
+    assert not torch.equal(averaged["weight"], exported_head(checkpoint)["weight"])  # not the trained
     saved = read_state(os.path.join(checkpoint, "common"))
     _assert_close(model["encoder"], saved["average"], "encoder", exact=True)
     assert not torch.equal(saved["average"]["embedding"], saved["encoder"]["embedding"])
@@ -215,15 +213,14 @@ def test_each_rank_averages_its_own_rows_and_the_average_is_kept(averaged_runs) 
 
 @pytest.mark.slow
 def test_without_validation_rows_a_sharded_run_ends_with_the_last_epochs_average(averaged_runs) -> None:
-    from megaclass.distributed.checkpoint import export_head_state
     from megaclass.state_io import read_state
     from megaclass.train.checkpoint import latest_checkpoint
 
     run_dir = os.path.join(averaged_runs, "last")
     assert _metrics(run_dir)["epoch_kept"] == 3 and not os.path.exists(os.path.join(run_dir, "best"))
     model, latest = _model(run_dir), latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    _assert_close(model["head"], export_head_state(latest, averaged=True), "head", exact=True)
-    assert not torch.equal(model["head"]["weight"], export_head_state(latest)["weight"])  # not the trained
+    _assert_close(model["head"], exported_head(latest, averaged=True), "head", exact=True)
+    assert not torch.equal(model["head"]["weight"], exported_head(latest)["weight"])  # not the trained
     _assert_close(
         model["encoder"], read_state(os.path.join(latest, "common"))["average"], "encoder", exact=True
     )

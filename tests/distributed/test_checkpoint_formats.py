@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import exported_head
 from megaclass.distributed.checkpoint import load_sharded, load_whole_head, save_sharded
 from megaclass.heads.base import ClassShard, HeadContext
 from megaclass.targets import RaggedLabels
@@ -113,14 +114,18 @@ def test_kept_weights_load_on_any_rank_as_the_whole_heads_weights(tmp_path, kind
     """Kept weights (weights alone, no optimizer state) written in the sharded layout load into any rank's
     head as the whole head's weights do, and export as them."""
     from megaclass.distributed.checkpoint import export_head_state, save_sharded_weights
+    from megaclass.state_io import SavedTensor, StackedRows
 
     whole, _ = _trained_whole_head(kind)
     weights = whole.weights_state_dict()
     folder = save_sharded_weights(
         str(tmp_path / "epoch-2"), head=whole, encoder={"w": torch.ones(2)}, rank=0, world_size=1
     )
-    exported = export_head_state(folder)
+    exported = exported_head(folder)
     assert set(exported) == set(weights) and all(torch.equal(exported[k], weights[k]) for k in weights)
+    rows = "store.weight" if kind == "selected" else "weight"
+    streamed = export_head_state(folder)[rows]  # left in the file until written out
+    assert isinstance(streamed, StackedRows) and all(isinstance(p[0], SavedTensor) for p in streamed.parts)
     shard = ClassShard.for_rank(C, rank, world)
     from_whole, _ = _head(kind, shard)
     load_whole_head(from_whole, None, state=weights, optimizer_state=None, weights_only=True)
@@ -129,14 +134,13 @@ def test_kept_weights_load_on_any_rank_as_the_whole_heads_weights(tmp_path, kind
     assert torch.equal(common["encoder"]["w"], torch.ones(2))
     _assert_same_state(from_whole.weights_state_dict(), from_sharded.weights_state_dict(), "head")
     start, stop, _ = from_whole.row_range()
-    rows = "store.weight" if kind == "selected" else "weight"
     assert torch.equal(from_sharded.weights_state_dict()[rows], weights[rows][start:stop])
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 @pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2), (2, 3)])
 def test_a_head_average_goes_with_the_rows_and_exports_in_their_place(tmp_path, kind, rank, world) -> None:
-    from megaclass.distributed.checkpoint import export_head_state, shard_head_entries
+    from megaclass.distributed.checkpoint import shard_head_entries
 
     whole, optimizer = _trained_whole_head(kind)
     average = {name: param.detach() * 2 + 1 for name, param in whole.named_parameters()}
@@ -153,7 +157,7 @@ def test_a_head_average_goes_with_the_rows_and_exports_in_their_place(tmp_path, 
     start, stop, _ = sharded.row_range()
     assert torch.equal(expected["weight"], average["weight"][start:stop])
     assert torch.equal(sharded.weight, whole.weight[start:stop])  # the weights, not their average
-    trained, averaged = export_head_state(folder), export_head_state(folder, averaged=True)
+    trained, averaged = exported_head(folder), exported_head(folder, averaged=True)
     for name, value in whole.state_dict().items():
         assert torch.equal(trained[name], value), name
         assert torch.equal(averaged[name], average.get(name, value)), name

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import launch_all, start, write_bow_task
+from conftest import exported_head, launch_all, start, write_bow_task
 
 BATCH = 30  # the global batch: 1, 2 and 3 ranks divide it, and the 150 training rows (5 steps an epoch)
 STEPS = 10  # 2 epochs
@@ -195,7 +195,6 @@ def test_selected_heads_keep_each_row_on_one_rank_and_resume_on_one_process(tmp_
     """On 2 ranks every rank's rows at the end are the saved model's rows of its range, and its encoder and
     replicated head state the saved ones; a run stopped on 2 ranks resumes on 1 process from exactly its
     checkpoint's rows and finishes."""
-    from megaclass.distributed.checkpoint import export_head_state
     from megaclass.state_io import read_state
     from megaclass.train.checkpoint import latest_checkpoint
 
@@ -226,7 +225,7 @@ def test_selected_heads_keep_each_row_on_one_rank_and_resume_on_one_process(tmp_
                 assert torch.equal(value, model["head"][key]), f"rank {rank}: head {key}"
     assert ranges == [(0, 15), (15, 29)]
     cut_dir = os.path.join(tmp, "cut")
-    saved = export_head_state(latest_checkpoint(os.path.join(cut_dir, "checkpoints")))
+    saved = exported_head(latest_checkpoint(os.path.join(cut_dir, "checkpoints")))
     _train(tmp, data, [("cut", 1, options)], resume=True, scenario="views")
     resumed = read_state(os.path.join(tmp, "cut-1-resume", "setup-rank0"))
     assert resumed["range"] == [0, 29, 29]

@@ -45,7 +45,10 @@ from torch import Tensor
 
 from megaclass.heads import Head
 from megaclass.state_io import (
+    SavedTensor,
+    StackedRows,
     read_state,
+    read_tensors,
     replace_folder,
     verify_manifest,
     write_json_atomic,
@@ -140,7 +143,7 @@ def _split_head(
     return rows, private, replicated
 
 
-def _head_entries(rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _head_entries(rows: Mapping[str, Any]) -> dict[str, Any]:
     """The head's own entries of ``rows`` (not its optimizer's or its weight average's)."""
     return {key: value for key, value in rows.items() if not key.startswith(("optim.", _AVERAGE))}
 
@@ -275,26 +278,28 @@ def _verified_layout(path: str) -> dict[str, Any]:
         return json.load(file)
 
 
-def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, Tensor]:
-    """Every row entry of checkpoint ``path`` for the global rows ``[start, stop)``, read slice by slice."""
-    from safetensors import safe_open
-
-    parts: dict[str, list[Tensor]] = {}
+def _row_sources(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, StackedRows]:
+    """Every row entry of checkpoint ``path`` for the global rows ``[start, stop)``, as the slices of the
+    ranks' files that hold them, read when asked (a ``groups.`` entry by label group)."""
+    parts: dict[str, list[tuple[SavedTensor, int, int]]] = {}
     size = layout["group"]  # range bounds are multiples of it, but for the last
     for rank, (first, last) in enumerate(layout["ranges"]):
         low, high = max(start, first), min(stop, last)
         if low >= high:
             continue
-        with safe_open(os.path.join(path, _rows_file(rank)), framework="pt") as file:
-            for key in file.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if key.startswith("groups."):
-                    piece = file.get_slice(key)[
-                        low // size - first // size : -(-high // size) - first // size
-                    ]
-                    parts.setdefault(key[len("groups.") :], []).append(piece)
-                else:
-                    parts.setdefault(key, []).append(file.get_slice(key)[low - first : high - first])
-    return {key: torch.cat(values, 0) for key, values in parts.items()}
+        saved = read_tensors(os.path.join(path, _rows_file(rank)), stream=lambda key: True)
+        for key, tensor in saved.items():
+            if key.startswith("groups."):
+                piece = (tensor, low // size - first // size, -(-high // size) - first // size)
+                parts.setdefault(key[len("groups.") :], []).append(piece)
+            else:
+                parts.setdefault(key, []).append((tensor, low - first, high - first))
+    return {key: StackedRows(pieces) for key, pieces in parts.items()}
+
+
+def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, Tensor]:
+    """:func:`_row_sources`, read into memory."""
+    return {key: rows.read() for key, rows in _row_sources(path, layout, start, stop).items()}
 
 
 def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -430,17 +435,20 @@ def _per_row(value: Any, num_rows: int) -> bool:
     return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == num_rows
 
 
-def export_head_state(path: str, *, averaged: bool = False) -> dict[str, Tensor]:
+def export_head_state(path: str, *, averaged: bool = False) -> dict[str, Tensor | StackedRows]:
     """The whole head's state from sharded checkpoint ``path``, as the unsharded head stores it.
 
-    Row entries are stacked over all classes; optimizer and rank-private entries (index, RNG) are left out,
-    except the first rank's, which the unsharded head needs to load. ``averaged``: the checkpoint's weight
-    average takes its parameters' places.
+    Row entries are :class:`~megaclass.state_io.StackedRows` over all classes, left in the ranks' files:
+    :func:`~megaclass.state_io.write_state` or :func:`~megaclass.state_io.write_tensors` copy them a block
+    at a time, so a head of any size is written whole in the host memory of one block (``.read()`` gives a
+    tensor). Optimizer and rank-private entries (index, RNG) are left out, except the first rank's, which the
+    unsharded head needs to load. ``averaged``: the checkpoint's weight average takes its parameters' places.
     """
     layout = _verified_layout(path)
-    rows = _read_rows(path, layout, 0, layout["num_rows"])
-    replicated = read_state(os.path.join(path, "common"), verify=False)["head_replicated"]
-    first = read_state(os.path.join(path, "rank_00000"), verify=False)["head"]
+    rows = _row_sources(path, layout, 0, layout["num_rows"])
+    common = read_state(os.path.join(path, "common"), verify=False, stream=lambda key: True)
+    replicated = common["head_replicated"]  # its tensors, like the rest, left in the file until written
+    first = read_state(os.path.join(path, "rank_00000"), verify=False, stream=lambda key: True)["head"]
     state = {**replicated["head"]}
     state.update({key: value for key, value in first.items() if ".index." not in f".{key}"})
     state.update(_head_entries(rows))

@@ -4,9 +4,9 @@ The file is safetensors: the encoder's tensors under ``encoder.<name>``, the who
 ``head.<name>``, the training label counts as ``run.label_counts``, a text run's fitted featuriser's arrays
 under ``featurizer.<name>`` (its JSON tree as the ``featurizer.json`` metadata), and the run's
 ``config.yaml`` and ``run.json`` as metadata, so the file alone scores raw text. The final weights
-(``model/``) are used when the run finished, else its newest checkpoint (sharded checkpoints are stacked row
-range by row range). Tensors are copied from the run's files into the export a block at a time
-(:func:`megaclass.state_io.write_tensors`), so a head of 10^8 rows exports in bounded host memory.
+(``model/``) are used when the run finished, else its newest checkpoint (a sharded checkpoint's rows are
+read from its ranks' files range by range). Tensors are copied from the run's files into the export a block
+at a time (:func:`megaclass.state_io.write_tensors`), so a head of 10^8 rows exports in bounded host memory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint
 from megaclass.errors import DataFormatError
-from megaclass.state_io import SavedTensor, flatten, read_state, write_tensors
+from megaclass.state_io import RowSource, flatten, read_state, write_tensors
 from megaclass.train import checkpoint
 
 __all__ = ["export_run", "read_export"]
@@ -40,8 +40,8 @@ def _read_state(folder: str, *, stream: bool = False) -> Any:
 
 
 def _run_weights(run_dir: str) -> dict[str, Any]:
-    """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint (their tensors
-    left in the files, but a sharded checkpoint's head, which is stacked in memory)."""
+    """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint, their tensors
+    left in the files (a sharded checkpoint's head rows stacked over its ranks' files)."""
     latest = checkpoint.run_weights_folder(run_dir)
     if not is_sharded_checkpoint(latest):
         state = _read_state(latest, stream=True)
@@ -58,10 +58,10 @@ def export_run(run_dir: str, out_path: str) -> str:
                 f"--run: {run_dir} has no {name}; is it the --out folder of a training run?"
             )
     weights = _run_weights(run_dir)
-    flat: dict[str, Tensor | SavedTensor] = {}
+    flat: dict[str, Tensor | RowSource] = {}
     for part in ("encoder", "head"):
         for name, value in weights[part].items():
-            if not isinstance(value, (Tensor, SavedTensor)):
+            if not isinstance(value, (Tensor, RowSource)):
                 raise ValueError(
                     f"--run: {part} state entry {name!r} is a {type(value).__name__}, not a tensor"
                 )

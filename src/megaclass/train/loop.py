@@ -883,7 +883,8 @@ class Trainer:
 
         path = self._best_dir(self.state.best_epoch)
         head = export_head_state(path)  # checks the folder against its manifest
-        return {"encoder": read_state(os.path.join(path, "common"), verify=False)["encoder"], "head": head}
+        common = read_state(os.path.join(path, "common"), verify=False, stream=lambda key: True)
+        return {"encoder": common["encoder"], "head": head}  # tensors left in the files until written
 
     def _finish_run(self) -> dict[str, Any]:
         """Keep the best epoch's weights, check them, score the test file with them (or take the scores their
