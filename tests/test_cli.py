@@ -241,6 +241,10 @@ def test_sparse_auxiliary_loss_without_label_features_is_a_config_error(tiny, tm
 def test_weight_average_is_evaluated_saved_and_resumed_exactly(tiny, full_run, tmp_path, capsys):
     averaged, resumed = tmp_path / "averaged", tmp_path / "resumed"
     assert _train(tiny, averaged, "train.ema_decay=0.9") == 0
+    assert (
+        "weight average (train.ema_decay=0.9): the encoder and the head are evaluated and kept averaged"
+        in (capsys.readouterr().out)
+    )
     assert _losses(averaged) == _losses(full_run), "averaging does not change training"
     assert _train(tiny, resumed, *_SPARSE, "train.ema_decay=0.9", "train.stop_after_steps=14") == 0
     assert _train(tiny, resumed, "--resume", *_SPARSE, "train.ema_decay=0.9") == 0

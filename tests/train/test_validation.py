@@ -212,6 +212,10 @@ def test_a_selected_heads_kept_weights_are_its_rows_alone(data, tmp_path, capsys
     out = tmp_path / "selected"
     settings = ["--head", "selected", "--set", "head.sample_num=40", "head.index=gpu", "train.ema_decay=0.5"]
     assert _train(data, out, *settings, epochs=2) == 0
+    assert (
+        "the rows of its store (store.weight), updated a few at a time, are evaluated and kept as trained"
+        in (capsys.readouterr().out)
+    )
     metrics = _json(out / "metrics.json")
     (kept_curve,) = [r for r in _records(out, "eval_test_curve") if r["epoch"] == metrics["epoch_kept"]]
     assert metrics["P@1"] == kept_curve["P@1"]

@@ -329,6 +329,26 @@ class Trainer:
         self.head.take_rewired()  # a rewiring head starts tracking the connections it rewires
         return WeightAverage({"encoder": self.encoder, "head": self.head}, decay=decay)
 
+    def _average_text(self) -> str:
+        """What the weight average covers, naming the head's row-store weights it leaves as trained."""
+        averaged = {name for name, _ in self.head.named_parameters()}
+        weights = self.head.weights_state_dict()
+        left = [
+            name
+            for name, kind in self.head.state_layout().items()
+            if kind == "rows"
+            and name in weights
+            and name not in averaged
+            and weights[name].dtype.is_floating_point
+        ]
+        text = f"weight average (train.ema_decay={self.config.train.ema_decay:g}): the encoder and the head"
+        if not left:
+            return f"{text} are evaluated and kept averaged"
+        return (
+            f"{text}'s parameters are evaluated and kept averaged; the rows of its store ({', '.join(left)}), "
+            "updated a few at a time, are evaluated and kept as trained"
+        )
+
     def _averaged(self) -> contextlib.AbstractContextManager:
         """Inside: the modules hold the averaged weights (when ``train.ema_decay`` is on)."""
         return self.average.swapped() if self.average is not None else contextlib.nullcontext()
@@ -539,6 +559,8 @@ class Trainer:
                 else ""
             )
         )
+        if self.average is not None:
+            self.logger.print(self._average_text())
         stopped = False
         while self.state.epoch < config.epochs and not stopped and not self._patience_spent():
             epoch = self.state.epoch
