@@ -2,8 +2,9 @@
 
 A sharded checkpoint is a folder ``checkpoints/step_<N>/``:
 
-- ``layout.json``: the world size that wrote it, the head's rows over all ranks and each rank's global row
-  range ``[start, stop)`` (classes; the sparse head's tail positions, whose index rows go by label group);
+- ``layout.json``: the world size that wrote it, the head's rows over all ranks, each rank's global row
+  range ``[start, stop)`` (classes; the sparse head's tail positions, whose index rows go by label group)
+  and the names of the head's weights (what an export keeps);
 - ``rows_<r>.safetensors``: rank ``r``'s class rows (head weights, row optimizer state, store rows) under
   their state-dict names, ``optim.<param>.<state>`` for the head optimizer's per-row state;
 - ``rank_<r>/``: what is private to rank ``r`` (its RNG states, its index over its rows);
@@ -247,6 +248,7 @@ def _save_shards(
             "ranges": ranges,
             "group": head.row_group,
             "weights_only": weights_only,
+            "weights": sorted(head.weights_state_dict()),  # what inference needs: export_head_state's keys
         }
         write_json_atomic(os.path.join(temporary, _LAYOUT), layout)
         fingerprints = {}
@@ -438,11 +440,11 @@ def _per_row(value: Any, num_rows: int) -> bool:
 def export_head_state(path: str, *, averaged: bool = False) -> dict[str, Tensor | StackedRows]:
     """The whole head's state from sharded checkpoint ``path``, as the unsharded head stores it.
 
-    Row entries are :class:`~megaclass.state_io.StackedRows` over all classes, left in the ranks' files:
-    :func:`~megaclass.state_io.write_state` or :func:`~megaclass.state_io.write_tensors` copy them a block
-    at a time, so a head of any size is written whole in the host memory of one block (``.read()`` gives a
-    tensor). Optimizer and rank-private entries (index, RNG) are left out, except the first rank's, which the
-    unsharded head needs to load. ``averaged``: the checkpoint's weight average takes its parameters' places.
+    The head's weights alone (:meth:`~megaclass.heads.Head.weights_state_dict`'s entries: no optimizer state,
+    index or RNG). Row entries are :class:`~megaclass.state_io.StackedRows` over all classes, left in the
+    ranks' files: :func:`~megaclass.state_io.write_state` or :func:`~megaclass.state_io.write_tensors` copy
+    them a block at a time, so a head of any size is written whole in the host memory of one block
+    (``.read()`` gives a tensor). ``averaged``: the checkpoint's weight average takes its parameters' places.
     """
     layout = _verified_layout(path)
     rows = _row_sources(path, layout, 0, layout["num_rows"])
@@ -457,6 +459,8 @@ def export_head_state(path: str, *, averaged: bool = False) -> dict[str, Tensor 
             raise ValueError(f"{path}: the checkpoint holds no weight average")
         state.update(replicated["average"])
         state.update({key[len(_AVERAGE) :]: value for key, value in rows.items() if key.startswith(_AVERAGE)})
+    if "weights" in layout:  # a checkpoint written before the layout named them exports all it holds
+        state = {key: value for key, value in state.items() if key in layout["weights"]}
     return state
 
 

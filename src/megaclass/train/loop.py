@@ -345,8 +345,8 @@ class Trainer:
         if not left:
             return f"{text} are evaluated and kept averaged"
         return (
-            f"{text}'s parameters are evaluated and kept averaged; the rows of its store ({', '.join(left)}), "
-            "updated a few at a time, are evaluated and kept as trained"
+            f"{text}'s parameters are evaluated and kept averaged; the rows of its store "
+            f"({', '.join(left)}), updated a few at a time, are evaluated and kept as trained"
         )
 
     def _averaged(self) -> contextlib.AbstractContextManager:
