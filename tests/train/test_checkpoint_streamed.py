@@ -83,3 +83,32 @@ def test_export_streams_a_row_store_head_into_one_file(tmp_path):
     for name, tensor in head.state_dict().items():
         assert parts["head"][name].dtype == tensor.dtype and torch.equal(parts["head"][name], tensor), name
     assert torch.equal(parts["run"]["label_counts"], torch.arange(97))
+
+
+def test_export_of_an_unfinished_run_holds_its_heads_weights_alone(tmp_path):
+    """A run without ``model/`` exports its newest checkpoint: the weights the checkpoint names, not its rows'
+    optimizer state, the selection's state or the index."""
+    import shutil
+
+    import numpy as np
+
+    from megaclass.train.export import export_run
+
+    head = _head("host", "float32")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("head: {type: selected}\n")
+    (run / "run.json").write_text("{}")
+    np.save(run / "label_counts.npy", np.arange(97))
+    state = {"encoder": {"w": torch.randn(2)}, "head": head.state_dict(), "step": 5}
+    checkpoint.save_checkpoint(str(run / "checkpoints"), 5, {**state, "head_weights": ["store.weight"]})
+    with pytest.warns(checkpoint.CheckpointWarning, match="no final weights"):
+        parts, _ = read_export(export_run(str(run), str(tmp_path / "a.safetensors")))
+    assert set(parts["head"]) == {"store.weight"} and torch.equal(
+        parts["head"]["store.weight"], head.store.rows()
+    )
+    shutil.rmtree(run / "checkpoints")  # a checkpoint that names no weights exports its whole head
+    checkpoint.save_checkpoint(str(run / "checkpoints"), 5, state)
+    with pytest.warns(checkpoint.CheckpointWarning):
+        parts, _ = read_export(export_run(str(run), str(tmp_path / "b.safetensors")))
+    assert set(parts["head"]) == set(head.state_dict())

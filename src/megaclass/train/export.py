@@ -45,7 +45,10 @@ def _run_weights(run_dir: str) -> dict[str, Any]:
     latest = checkpoint.run_weights_folder(run_dir)
     if not is_sharded_checkpoint(latest):
         state = _read_state(latest, stream=True)
-        return {"encoder": state["encoder"], "head": state["head"]}
+        head = state["head"]
+        if "head_weights" in state:  # a checkpoint: its head's weights, not its rows' optimizer state
+            head = {key: value for key, value in head.items() if key in state["head_weights"]}
+        return {"encoder": state["encoder"], "head": head}
     common = _read_state(os.path.join(latest, "common"), stream=True)
     return {"encoder": common["encoder"], "head": export_head_state(latest)}
 

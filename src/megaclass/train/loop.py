@@ -1034,6 +1034,7 @@ class Trainer:
             "rng": rng_state(),
             "config": config_to_dict(self.config),
             "log_bytes": self._log_bytes(),
+            "head_weights": sorted(self.head.weights_state_dict()),  # what an export of it keeps
         }
         if self.average is not None:
             state["average"] = self.average.state_dict()
