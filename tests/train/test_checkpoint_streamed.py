@@ -62,18 +62,24 @@ def test_weights_folders_stream_row_store_entries_only(tmp_path):
     assert not checkpoint.is_row_store_entry("encoder.store.weight")
 
 
-def test_export_streams_a_row_store_head_into_one_file(tmp_path):
+def _run_folder(tmp_path):
+    """A run folder as training leaves it, but for its weights: config, run facts and label counts."""
     import numpy as np
 
-    from megaclass.state_io import write_state
-    from megaclass.train.export import export_run
-
-    head = _head("host", "bf16_sr")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("head: {type: selected}\n")
     (run / "run.json").write_text("{}")
     np.save(run / "label_counts.npy", np.arange(97))
+    return run
+
+
+def test_export_streams_a_row_store_head_into_one_file(tmp_path):
+    from megaclass.state_io import write_state
+    from megaclass.train.export import export_run
+
+    head = _head("host", "bf16_sr")
+    run = _run_folder(tmp_path)
     encoder = {"layer.weight": torch.randn(12, 5)}
     write_state(str(run / "model"), {"encoder": encoder, "head": head.state_dict()})
     out = export_run(str(run), str(tmp_path / "out" / "model.safetensors"))
@@ -90,16 +96,10 @@ def test_export_of_an_unfinished_run_holds_its_heads_weights_alone(tmp_path):
     optimizer state, the selection's state or the index."""
     import shutil
 
-    import numpy as np
-
     from megaclass.train.export import export_run
 
     head = _head("host", "float32")
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text("head: {type: selected}\n")
-    (run / "run.json").write_text("{}")
-    np.save(run / "label_counts.npy", np.arange(97))
+    run = _run_folder(tmp_path)
     state = {"encoder": {"w": torch.randn(2)}, "head": head.state_dict(), "step": 5}
     checkpoint.save_checkpoint(str(run / "checkpoints"), 5, {**state, "head_weights": ["store.weight"]})
     with pytest.warns(checkpoint.CheckpointWarning, match="no final weights"):
