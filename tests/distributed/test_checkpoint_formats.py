@@ -161,3 +161,28 @@ def test_a_head_average_goes_with_the_rows_and_exports_in_their_place(tmp_path, 
     for name, value in whole.state_dict().items():
         assert torch.equal(trained[name], value), name
         assert torch.equal(averaged[name], average.get(name, value)), name
+
+
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2)])
+def test_a_row_store_loads_its_rows_from_the_files_a_block_at_a_time(
+    tmp_path, monkeypatch, rank, world
+) -> None:
+    """The store of a selected head is handed its rows and their optimizer state as ranges of the
+    checkpoint's files (never read whole into memory first), and ends with its range of the saved ones."""
+    from megaclass.state_io import StackedRows
+
+    whole, optimizer = _trained_whole_head("selected")
+    folder = save_sharded(
+        str(tmp_path), 2, head=whole, head_optimizer=optimizer, common={}, private={}, rank=0, world_size=1
+    )
+    sharded, sharded_optimizer = _head("selected", ClassShard.for_rank(C, rank, world))
+    store = sharded.materialize()
+    given = {}
+    load = store.load_state_dict
+    monkeypatch.setattr(store, "load_state_dict", lambda state: (given.update(state), load(state))[1])
+    load_sharded(folder, head=sharded, head_optimizer=sharded_optimizer, rank=rank, world_size=world)
+    assert set(given) == set(store.state_dict()) and "weight" in given
+    assert all(isinstance(value, StackedRows) for value in given.values())
+    start, stop, _ = sharded.row_range()
+    for name, tensor in store.state_dict().items():
+        assert torch.equal(tensor, whole.state_dict()[f"store.{name}"][start:stop]), name

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megaclass.heads import Head
+from megaclass.heads import Head, is_streamed_entry
 from megaclass.state_io import (
     SavedTensor,
     StackedRows,
@@ -336,7 +336,10 @@ def load_sharded(
             f"--resume: checkpoint {path} has {layout['num_rows']} head rows in groups of {layout['group']}, "
             f"the run's head {num_rows} in groups of {head.row_group}"
         )
-    rows = _read_rows(path, layout, start, stop)
+    rows = {  # a row store's entries stream into it: no second copy of this rank's rows in memory
+        key: value if is_streamed_entry(key) else value.read()
+        for key, value in _row_sources(path, layout, start, stop).items()
+    }
     common = read_state(os.path.join(path, "common"), verify=False)
     same_range = layout["world_size"] == world_size and layout["ranges"][rank] == [start, stop]
     private = read_state(os.path.join(path, f"rank_{rank:05d}"), verify=False) if same_range else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megaclass.heads.base import ClassShard, Head, HeadContext, LabelFeatures
+from megaclass.heads.base import ClassShard, Head, HeadContext, LabelFeatures, is_streamed_entry
 from megaclass.heads.dense import DenseHead, DenseHeadConfig
 from megaclass.heads.selected import PARTIAL_FC_DEFAULTS, SelectedHead, SelectedHeadConfig
 from megaclass.heads.sparse import SparseHead, SparseHeadConfig
@@ -20,6 +20,7 @@ __all__ = [
     "head_class",
     "head_config",
     "head_types",
+    "is_streamed_entry",
 ]
 
 HeadConfig = DenseHeadConfig | SparseHeadConfig | SelectedHeadConfig

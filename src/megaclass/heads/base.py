@@ -34,12 +34,20 @@ __all__ = [
     "RaggedLabels",
     "StateKind",
     "Targets",
+    "is_streamed_entry",
 ]
 
 StateKind = Literal["rows", "groups", "rank"]
 """How a state entry splits across ranks: ``rows`` (leading dimension: the head's rows ``[start, stop)`` of
 :meth:`Head.row_range`), ``groups`` (leading dimension: groups of :attr:`Head.row_group` rows), ``rank``
 (private to the rank: rebuilt when the world size changes). Entries not named are replicated."""
+
+
+def is_streamed_entry(name: str) -> bool:
+    """Whether the head state entry ``name`` is a row store's (``store.weight``, ``store.optim.<name>``),
+    which a head loads from a :class:`~megaclass.state_io.RowSource` a block of rows at a time: loaders
+    leave those in their files rather than read them whole."""
+    return name.startswith("store.")
 
 
 class LabelFeatures(str, enum.Enum):

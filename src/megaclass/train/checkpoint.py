@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from megaclass.heads import is_streamed_entry
 from megaclass.state_io import (
     MANIFEST,
     DamagedStateError,
@@ -172,9 +173,10 @@ def run_weights_folder(run_dir: str) -> str:
 
 def is_row_store_entry(key: str) -> bool:
     """Whether the saved tensor ``key`` is a head's row-store entry (``head.store.weight``,
-    ``head.store.optim.<name>``): a :class:`~megaclass.store.RowStore` loads those from the file block by
-    block, so they are read as :class:`~megaclass.state_io.SavedTensor` handles."""
-    return key.startswith("head.store.")
+    ``head.store.optim.<name>``: :func:`~megaclass.heads.is_streamed_entry`): a
+    :class:`~megaclass.store.RowStore` loads those from the file block by block, so they are read as
+    :class:`~megaclass.state_io.SavedTensor` handles."""
+    return key.startswith("head.") and is_streamed_entry(key[len("head.") :])
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
