@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -572,6 +573,20 @@ def run() -> None:
     raise SystemExit(code)
 
 
+def _warning_format(command: str, default: Callable[..., str]) -> Callable[..., str]:
+    """Format a warning of megaclass's own as one line, ``megaclass <command>: warning: <message>`` (no source
+    line); others as ``default`` does."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+        if not os.path.abspath(filename).startswith(package + os.sep):
+            return default(message, category, filename, lineno, line)
+        text = one_line(message) if isinstance(message, BaseException) else str(message)
+        return f"megaclass {command}: warning: {text}\n"
+
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -581,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():  # restores the warning format on the way out
+            warnings.formatwarning = _warning_format(args.command, warnings.formatwarning)
+            return args.handler(args)
     except (ConfigError, DataFormatError, OSError, TrainingDiverged, ValueError, zlib.error) as error:
         print(f"megaclass {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2

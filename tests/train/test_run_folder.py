@@ -6,7 +6,10 @@ whole checkpoint to the uninterrupted run's numbers without deleting any whole c
 import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -332,3 +335,26 @@ def test_a_run_that_did_not_finish_is_read_from_its_newest_checkpoint_and_says_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a finished run's final weights: nothing to say
         load_run(str(finished), device="cpu")
+
+
+def test_a_stopped_sharded_run_is_evaluated_predicted_and_exported(data, tmp_path, capsys):
+    """The newest checkpoint of a class-sharded run (one process, ``distributed.shard_head=always``) serves
+    ``eval``, ``predict`` and ``export`` as a single-process one does, and the command says so in one line."""
+    out = tmp_path / "sharded"
+    assert _train(data, out, "distributed.shard_head=always", "train.stop_after_steps=5") == 0
+    assert not (out / "model").exists()
+    command = [sys.executable, "-m", "megaclass", "eval", "--run", str(out), "--test", data[1]]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    evaluated = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    scores = json.loads(evaluated.stdout)
+    (line,) = evaluated.stderr.splitlines()  # one line, not Python's warning with its source line
+    assert re.fullmatch(r"megaclass eval: warning: .* has no final weights .*checkpoints/step_0+5", line)
+    capsys.readouterr()
+    exported = tmp_path / "model.safetensors"
+    assert main(["export", "--run", str(out), "--out", str(exported)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {exported}"
+    assert main(["eval", "--run", str(exported), "--test", data[1]]) == 0
+    assert json.loads(capsys.readouterr().out)["P@1"] == pytest.approx(scores["P@1"], abs=1e-6)
+    predictions = tmp_path / "predictions.txt"
+    assert main(["predict", "--run", str(out), "--input", data[1], "--out", str(predictions)]) == 0
+    assert len(predictions.read_text().splitlines()) == 40

@@ -24,7 +24,7 @@ from megaclass.errors import DataFormatError
 from megaclass.state_io import RowSource, flatten, read_state, write_tensors
 from megaclass.train import checkpoint
 
-__all__ = ["export_run", "read_export"]
+__all__ = ["export_run", "read_export", "read_run_weights"]
 
 
 def _read_state(folder: str, *, stream: bool = False) -> Any:
@@ -39,18 +39,19 @@ def _read_state(folder: str, *, stream: bool = False) -> Any:
         raise DataFormatError(folder, f"cannot read the saved state ({detail}); is the run intact?") from None
 
 
-def _run_weights(run_dir: str) -> dict[str, Any]:
-    """``{"encoder": state, "head": state}`` of the run's final weights or newest checkpoint, their tensors
-    left in the files (a sharded checkpoint's head rows stacked over its ranks' files)."""
-    latest = checkpoint.run_weights_folder(run_dir)
-    if not is_sharded_checkpoint(latest):
-        state = _read_state(latest, stream=True)
+def read_run_weights(folder: str) -> dict[str, Any]:
+    """``{"encoder": state, "head": state}`` of a run's weights folder (``model/``, or a checkpoint,
+    single-process or sharded: of a checkpoint, the head's weights alone), every tensor left in the files as
+    a :class:`~megaclass.state_io.RowSource` (a sharded checkpoint's head rows stacked over its ranks'
+    files)."""
+    if not is_sharded_checkpoint(folder):
+        state = _read_state(folder, stream=True)
         head = state["head"]
         if "head_weights" in state:  # a checkpoint: its head's weights, not its rows' optimizer state
             head = {key: value for key, value in head.items() if key in state["head_weights"]}
         return {"encoder": state["encoder"], "head": head}
-    common = _read_state(os.path.join(latest, "common"), stream=True)
-    return {"encoder": common["encoder"], "head": export_head_state(latest)}
+    common = _read_state(os.path.join(folder, "common"), stream=True)
+    return {"encoder": common["encoder"], "head": export_head_state(folder)}
 
 
 def export_run(run_dir: str, out_path: str) -> str:
@@ -60,7 +61,7 @@ def export_run(run_dir: str, out_path: str) -> str:
             raise FileNotFoundError(
                 f"--run: {run_dir} has no {name}; is it the --out folder of a training run?"
             )
-    weights = _run_weights(run_dir)
+    weights = read_run_weights(checkpoint.run_weights_folder(run_dir))
     flat: dict[str, Tensor | RowSource] = {}
     for part in ("encoder", "head"):
         for name, value in weights[part].items():
