@@ -68,3 +68,19 @@ def test_a_cpu_run_reuses_freed_blocks(deb_tags_slice, tmp_path, monkeypatch):
     settings = ["train.device=cpu", "model.hidden=[8]", "train.progress=false", "train.stop_after_steps=1"]
     assert main([*argv, "--set", *settings]) == 0
     assert calls == [True]
+
+
+def test_an_image_run_keeps_the_systems_allocator(fixture_dir, tmp_path, monkeypatch):
+    """An image encoder's activation blocks would fragment a heap that keeps them (a larger resident peak
+    than the memory plan counts): a CPU run over images does not ask for it."""
+    calls = []
+    monkeypatch.setattr("megaclass.train.loop.reuse_freed_blocks", lambda: calls.append(True))
+    rec = os.path.join(fixture_dir, "train.rec")
+    argv = ["train", "--train", rec, "--test", rec, "--out", str(tmp_path / "run"), "--epochs", "1"]
+    settings = [
+        "train.device=cpu", "train.progress=false", "train.stop_after_steps=1", "train.batch_size=8",
+        "model.type=iresnet18", "model.layers=[1,1,1,1]", "model.widths=[8,8,8,8]", "model.embedding_size=8",
+        "model.input_size=56",
+    ]  # fmt: skip
+    assert main([*argv, "--set", *settings]) == 0
+    assert calls == []
