@@ -270,14 +270,13 @@ def _linear_loss_bwd_dw_kernel(
     x_rows = X_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
     w_rows = W_ptr + offs_c.to(tl.int64)[:, None] * stride_wc
     dw_rows = DW_ptr + offs_c.to(tl.int64)[:, None] * stride_dwc
-    g_columns = tl.trans(g_low)  # (BLOCK_C, BLOCK_B): laid out for the products once, not per D slice
     for d_start in range(0, D, BLOCK_D):
         offs_d = d_start + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         w_mask = mask_c[:, None] & mask_d[None, :]
         x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         grad_w = _dot(
-            g_columns, x, tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
+            tl.trans(g_low), x, tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
         )  # (BLOCK_C, BLOCK_D) G^T x
         if COSINE:
             w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=w_mask, other=0.0)
