@@ -299,11 +299,6 @@ def _row_sources(path: str, layout: Mapping[str, Any], start: int, stop: int) ->
     return {key: StackedRows(pieces) for key, pieces in parts.items()}
 
 
-def _read_rows(path: str, layout: Mapping[str, Any], start: int, stop: int) -> dict[str, Tensor]:
-    """:func:`_row_sources`, read into memory."""
-    return {key: rows.read() for key, rows in _row_sources(path, layout, start, stop).items()}
-
-
 def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(rows, common)``: the row entries for classes ``[start, stop)`` and the common state of ``path``."""
     layout = _verified_layout(path)
@@ -311,7 +306,8 @@ def read_sharded_head_state(path: str, start: int, stop: int) -> tuple[dict[str,
         raise ValueError(
             f"{path}: row range [{start}, {stop}) outside the checkpoint's {layout['num_rows']} rows"
         )
-    return _read_rows(path, layout, start, stop), read_state(os.path.join(path, "common"), verify=False)
+    rows = {key: value.read() for key, value in _row_sources(path, layout, start, stop).items()}
+    return rows, read_state(os.path.join(path, "common"), verify=False)
 
 
 def load_sharded(

@@ -53,7 +53,7 @@ from megaclass.distributed.parallel import data_parallel, encoder_state, load_en
 from megaclass.errors import TrainingDiverged
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.schema import ConfigError
-from megaclass.state_io import link_state, path_fingerprint, read_state, write_json_atomic, write_state
+from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import (
@@ -65,6 +65,7 @@ from megaclass.train.build import (
 )
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
+from megaclass.train.export import read_run_weights
 from megaclass.train.extract import VerificationEvaluator
 from megaclass.train.graphs import (
     CaptureError,
@@ -903,14 +904,6 @@ class Trainer:
         load_encoder_state(self.parallel, None, kept["encoder"], None)
         load_whole_head(self.head, None, state=kept["head"], optimizer_state=None, weights_only=True)
 
-    def _exported_best(self) -> dict[str, Any]:
-        """The kept weights of a sharded run, whole, as ``model/`` holds them (rank 0)."""
-
-        path = self._best_dir(self.state.best_epoch)
-        head = export_head_state(path)  # checks the folder against its manifest
-        common = read_state(os.path.join(path, "common"), verify=False, stream=lambda key: True)
-        return {"encoder": common["encoder"], "head": head}  # tensors left in the files until written
-
     def _finish_run(self) -> dict[str, Any]:
         """Keep the best epoch's weights, check them, score the test file with them (or take the scores their
         epoch's end gave, where this process computed them), and write the final weights, ``metrics.json`` and
@@ -933,8 +926,8 @@ class Trainer:
                 model_state = self._model_state(weights_only=True)  # collective under FSDP2
         if not self.dist.is_main:
             return {}
-        if kept_on_disk and not linked:
-            model_state = self._exported_best()
+        if kept_on_disk and not linked:  # a sharded run's kept rows, whole, left in their files until written
+            model_state = read_run_weights(self._best_dir(self.state.best_epoch))
         records = read_log(self.logger.path)
         if self.state.best_epoch:
             metrics[f"valid_{self._selection_metric()}"] = self.state.best_score
