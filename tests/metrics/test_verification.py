@@ -97,3 +97,17 @@ def test_text_and_json_output():
     assert text.startswith("lfw: accuracy ") and "4-fold, 20 pairs" in text and "TAR@FAR=1e-03" in text
     data = json.loads(result.to_json())
     assert data["accuracy"] == result.accuracy and len(data["fold_accuracies"]) == 4
+
+
+def test_the_line_says_when_the_pairs_cannot_measure_the_far_asked():
+    rng = np.random.default_rng(2)
+    issame = np.arange(20) % 2 == 0  # 10 impostor pairs, 2.5 a fold of 4
+    embeddings = rng.normal(size=(40, 4))
+    few = evaluate_verification(embeddings, issame, folds=4, far_target=1e-3)
+    assert few.impostors_per_fold == 2.5
+    coarse = "a fold's 2.5 impostor pairs measure FAR in steps of 40%, too coarse for the FAR asked"
+    assert coarse in few.format()
+    assert (f"FAR reached {100 * few.far:.3f}%, above the 0.100% asked" in few.format()) == (few.far > 1e-3)
+    enough = evaluate_verification(embeddings, issame, folds=4, far_target=0.5)
+    assert "too coarse" not in enough.format()
+    assert ("above the 50.000% asked" in enough.format()) == (enough.far > 0.5)

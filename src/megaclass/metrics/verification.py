@@ -37,6 +37,8 @@ class VerificationResult:
             pairs); ``tar_std`` over the same folds.
         far: mean test-fold false accept rate actually reached at those thresholds.
         fold_accuracies: the accuracy of each fold.
+        impostors_per_fold: mean impostor pairs a test fold holds; a fold measures FAR in steps of one over
+            it, so a ``far_target`` below that step cannot be met or checked on these pairs.
     """
 
     num_pairs: int
@@ -49,6 +51,7 @@ class VerificationResult:
     tar_std: float
     far: float
     fold_accuracies: tuple[float, ...]
+    impostors_per_fold: float
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -59,13 +62,24 @@ class VerificationResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def format(self, name: str = "") -> str:
-        """One line: ``name: accuracy 99.50% +- 0.30%, threshold 1.420, TAR@FAR=1e-03 97.10% +- ...``."""
+        """One line: ``name: accuracy 99.50% +- 0.30%, threshold 1.420, TAR@FAR=1e-03 97.10% +- ...``.
+
+        Where the FAR reached is above the one asked, the line says so, and says when the pairs are too few
+        to measure the asked FAR at all.
+        """
         prefix = f"{name}: " if name else ""
+        reached = f"FAR reached {100 * self.far:.3f}%"
+        if self.far > self.far_target:
+            reached += f", above the {100 * self.far_target:.3f}% asked"
+        if self.far_target * self.impostors_per_fold < 1:
+            reached += (
+                f"; a fold's {self.impostors_per_fold:.3g} impostor pairs measure FAR in steps of "
+                f"{100 / max(self.impostors_per_fold, 1):.3g}%, too coarse for the FAR asked"
+            )
         return (
             f"{prefix}accuracy {100 * self.accuracy:.2f}% +- {100 * self.accuracy_std:.2f}% "
             f"({self.folds}-fold, {self.num_pairs} pairs), threshold {self.threshold:.3f}, "
-            f"TAR@FAR={self.far_target:.0e} {100 * self.tar:.2f}% +- {100 * self.tar_std:.2f}% "
-            f"(FAR reached {100 * self.far:.3f}%)"
+            f"TAR@FAR={self.far_target:.0e} {100 * self.tar:.2f}% +- {100 * self.tar_std:.2f}% ({reached})"
         )
 
 
@@ -116,7 +130,8 @@ def evaluate_verification(
     # correct[t, p]: whether threshold t classifies pair p right
     correct = (distances[None, :] < grid[:, None]) == issame[None, :]  # (T, P)
     accuracies, best, tars, fars = [], [], [], []
-    for test in fold_slices(issame.size, folds):
+    test_folds = fold_slices(issame.size, folds)
+    for test in test_folds:
         train = np.ones(issame.size, dtype=bool)
         train[test] = False
         chosen = grid[int(np.argmax(correct[:, train].mean(axis=1)))]
@@ -137,6 +152,7 @@ def evaluate_verification(
         tar_std=float(np.nanstd(tars)) if not np.all(np.isnan(tars)) else 0.0,
         far=float(np.mean(fars)),
         fold_accuracies=tuple(accuracies),
+        impostors_per_fold=float(np.mean([(~issame[test]).sum() for test in test_folds])),
     )
 
 
