@@ -37,6 +37,7 @@ COMMON = [
     "train.keep_checkpoints=3",  # every epoch's end stays, to compare with
 ]
 SCORES = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
+SELECTED = ["head.type=selected", "head.sample_num=8", "head.index=gpu", "optim.head.lr=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,8 @@ def averaged_runs(tmp_path_factory: pytest.TempPathFactory, data) -> str:
     """Runs with a weight average: on 2 ranks (``two``), on 1 process with the plain head (``one``), on 2
     ranks stopped after step 8, in epoch ``BEST``, then resumed with an FSDP2 encoder (``fsdp``), and on 1
     process stopped after step 3 and resumed on 2 ranks (``on2``: the average cut to each rank's rows); on 2
-    ranks without validation rows (``last``)."""
+    ranks without validation rows (``last``), and so with a selected head (``selected``: each rank averages
+    its store's rows)."""
     tmp = str(tmp_path_factory.mktemp("averaged"))
     ema = ["train.ema_decay=0.5"]
     runs = [
@@ -175,6 +177,7 @@ def averaged_runs(tmp_path_factory: pytest.TempPathFactory, data) -> str:
         ("fsdp", 2, [*ema, "train.stop_after_steps=8"]),
         ("on2", 1, [*ema, "train.stop_after_steps=3"]),
         ("last", 2, [*ema, "train.valid_fraction=0"]),
+        ("selected", 2, [*ema, "train.valid_fraction=0", *SELECTED]),
     ]
     _train(tmp, data, runs)
     _train(tmp, data, [("fsdp", 2, [*ema, "distributed.encoder=fsdp2"]), ("on2", 2, ema)], resume=True)
@@ -224,3 +227,17 @@ def test_without_validation_rows_a_sharded_run_ends_with_the_last_epochs_average
     _assert_close(
         model["encoder"], read_state(os.path.join(latest, "common"))["average"], "encoder", exact=True
     )
+
+
+@pytest.mark.slow
+def test_a_sharded_selected_heads_final_rows_are_the_average_of_its_ranks_rows(averaged_runs) -> None:
+    """Each rank's store averages its rows; the final model's rows are the last checkpoint's average of
+    them, stacked over the ranks (the trained rows are another matrix)."""
+    from megaclass.train.checkpoint import latest_checkpoint
+
+    run_dir = os.path.join(averaged_runs, "selected")
+    model, latest = _model(run_dir), latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    averaged, trained = exported_head(latest, averaged=True), exported_head(latest)
+    assert set(model["head"]) == set(averaged) == {"store.weight"}
+    assert torch.equal(model["head"]["store.weight"], averaged["store.weight"])
+    assert not torch.equal(averaged["store.weight"], trained["store.weight"])

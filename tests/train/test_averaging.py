@@ -74,3 +74,37 @@ def test_one_part_swaps_saves_and_loads_alone():
     assert torch.equal(average.average["head.weight"], torch.zeros(2, 4))
     with pytest.raises(ValueError, match="missing"):
         average.load_state_dict({"weight": torch.zeros(2, 4)}, part="head")
+
+
+def test_rows_kept_outside_the_parameters_are_swapped_saved_and_loaded_with_them():
+    from megaclass.store.device import DeviceStore
+    from megaclass.store.local import LocalRows
+
+    encoder = nn.Linear(3, 4)
+    store = DeviceStore(LocalRows(6, 4, seed=1))
+    rows = {"head.store.weight": store.start_average(0.5)}
+    average = WeightAverage({"encoder": encoder}, decay=0.5, rows=rows)
+    start = store.local.weight.clone()
+    store.push(torch.tensor([2]), torch.ones(1, 4), step=1, lr=0.5)
+    average.update(step=1)
+    trained = store.local.weight.clone()
+    expected = start.clone()
+    expected[2] = ema_rate(1) * start[2] + (1 - ema_rate(1)) * trained[2]
+    saved = average.state_dict("head")
+    assert set(saved) == {"store.weight"} and set(average.state_dict()) >= {"head.store.weight"}
+    torch.testing.assert_close(saved["store.weight"], expected)
+    with average.swapped():
+        torch.testing.assert_close(store.read(0, 6), expected)
+    assert torch.equal(store.local.weight, trained)
+    copied = {"store.weight": saved["store.weight"].clone()}
+    store.push(torch.tensor([0]), torch.ones(1, 4), step=2, lr=0.5)
+    average.load_state_dict(copied, part="head", step=1)  # as it was after step 1
+    assert torch.equal(average.state_dict("head")["store.weight"], expected)
+    average.load_state_dict({}, part="head", step=7)  # a checkpoint without it: started from the rows
+    assert torch.equal(average.state_dict("head")["store.weight"], store.local.weight)
+    with pytest.raises(ValueError, match="unexpected"):
+        average.load_state_dict({"other": torch.zeros(1)}, part="head")
+
+
+def ema_rate(step: int, decay: float = 0.5) -> float:
+    return min(decay, (1 + step) / (10 + step))

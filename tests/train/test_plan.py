@@ -369,6 +369,35 @@ def test_dry_run_refuses_a_run_folder_on_a_disk_too_small(synthetic, tmp_path, c
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize(
+    ("head", "store", "rows_on"),
+    [
+        ("dense", "gpu", None),
+        ("selected", "gpu", "device"),
+        ("selected", "host", "host"),
+        ("selected", "ps", ""),
+    ],
+)
+def test_a_weight_average_is_planned_where_the_averaged_weights_live(synthetic, head, store, rows_on):
+    overrides = ["model.hidden=[64]", "train.ema_decay=0.99"]
+    if head == "selected":
+        url = "ps://127.0.0.1:1" if store == "ps" else store
+        overrides += [f"head.store={url}", "head.store_dtype=bf16_sr"]
+    config = load_config(head=head, overrides=overrides)
+    shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**6)
+    options = {"device_type": "cuda", "gpu_capacity": 139 << 30, "host_capacity": 128 << 30}
+    parts = {part.name: part for part in plan_run(config, shape, **options).parts}
+    average, encoder = parts["weight average"], parts["encoder weights"].device_bytes
+    if rows_on is None:  # the head's parameters, as they are held
+        assert average.device_bytes == encoder + parts["head weights"].device_bytes
+    else:  # a store's rows: float32 and a step count a row, even for bf16 rows (none on the servers)
+        rows = 10**6 * (64 * 4 + 8)
+        assert average.device_bytes == encoder + (rows if rows_on == "device" else 0)
+        assert average.host_bytes == (rows if rows_on == "host" else 0)
+    without = load_config(head=head, overrides=[o for o in overrides if "ema_decay" not in o])
+    assert "weight average" not in {part.name for part in plan_run(without, shape, **options).parts}
+
+
 def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):
     config = load_config(head="dense", overrides=["model.hidden=[64]"])
     shape = read_data_shape(str(synthetic / "train_bow.txt"))

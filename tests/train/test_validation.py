@@ -205,24 +205,39 @@ def test_a_run_at_the_label_prior_stops_with_one_line(tmp_path, capsys):
     assert not (out / "metrics.json").exists()
 
 
+def test_a_selected_heads_row_average_resumes_exactly(data, tmp_path):
+    """A run with a weight average stopped inside its first epoch and resumed keeps and scores the same
+    averaged rows as the run that was not stopped, to float32 rounding (the rows' average is brought up to
+    the checkpoint's step to be saved, which the other run did later, in one product)."""
+    settings = ["--head", "selected", "--set", "head.sample_num=40", "head.index=gpu", "train.ema_decay=0.9"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _train(data, whole, *settings, epochs=2) == 0
+    assert _train(data, resumed, *settings, "train.stop_after_steps=4", epochs=2) == 0
+    assert _train(data, resumed, "--resume", *settings, epochs=2) == 0
+    kept = [read_state(str(run / "model"))["head"]["store.weight"] for run in (whole, resumed)]
+    torch.testing.assert_close(*kept, rtol=0, atol=1e-6)
+    assert _json(whole / "metrics.json")["P@1"] == _json(resumed / "metrics.json")["P@1"]
+
+
 def test_a_selected_heads_kept_weights_are_its_rows_alone(data, tmp_path, capsys):
     """The kept and final weights of a selected head hold its rows, not their optimizer state, the selection's
-    state or the index (a checkpoint holds those); read back at the end (an average is kept), they score as
-    at their epoch's end, and ``eval`` of the run scores as the run did."""
+    state or the index (a checkpoint holds those); with a weight average, the rows' average (a checkpoint
+    holds both); read back at the end, they score as at their epoch's end, and ``eval`` of the run scores as
+    the run did."""
     out = tmp_path / "selected"
     settings = ["--head", "selected", "--set", "head.sample_num=40", "head.index=gpu", "train.ema_decay=0.5"]
     assert _train(data, out, *settings, epochs=2) == 0
-    assert (
-        "the rows of its store (store.weight), updated a few at a time, are evaluated and kept as trained"
-        in (capsys.readouterr().out)
-    )
+    assert "the encoder and the head are evaluated and kept averaged" in capsys.readouterr().out
     metrics = _json(out / "metrics.json")
     (kept_curve,) = [r for r in _records(out, "eval_test_curve") if r["epoch"] == metrics["epoch_kept"]]
     assert metrics["P@1"] == kept_curve["P@1"]
     kept = read_state(str(out / "model"))
     assert set(kept["head"]) == {"store.weight"}
-    checkpoint = read_state(str(max((out / "checkpoints").glob("step_*"))))
-    assert {"store.weight", "store.optim.exp_avg", "selection.rng"} <= set(checkpoint["head"])
+    checkpoints = [read_state(str(path)) for path in sorted((out / "checkpoints").glob("step_*"))]
+    (at_kept,) = [c for c in checkpoints if c["loop"]["epoch"] == metrics["epoch_kept"]]
+    assert {"store.weight", "store.optim.exp_avg", "selection.rng"} <= set(at_kept["head"])
+    assert torch.equal(kept["head"]["store.weight"], at_kept["average"]["head.store.weight"])
+    assert not torch.equal(kept["head"]["store.weight"], at_kept["head"]["store.weight"])
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--test", data[1]]) == 0
     assert json.loads(capsys.readouterr().out)["P@1"] == pytest.approx(metrics["P@1"], abs=1e-6)

@@ -332,8 +332,8 @@ def load_sharded(
             f"--resume: checkpoint {path} has {layout['num_rows']} head rows in groups of {layout['group']}, "
             f"the run's head {num_rows} in groups of {head.row_group}"
         )
-    rows = {  # a row store's entries stream into it: no second copy of this rank's rows in memory
-        key: value if is_streamed_entry(key) else value.read()
+    rows = {  # a row store's entries (and their average) stream into it: no second copy of this rank's rows
+        key: value if is_streamed_entry(key.removeprefix(_AVERAGE)) else value.read()
         for key, value in _row_sources(path, layout, start, stop).items()
     }
     common = read_state(os.path.join(path, "common"), verify=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from megaclass.ops.collectives import ClassShard, gather_rows, gather_targets, world_of
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets
+
+if TYPE_CHECKING:
+    from megaclass.store.average import RowAverage
 
 __all__ = [
     "ClassShard",
@@ -178,6 +181,12 @@ class Head(nn.Module):
     def take_rewired(self) -> dict[str, Tensor]:
         """Masks, by parameter name, of the weights whose meaning changed since the last call (rewired
         connections): state kept per weight elsewhere (a weight average) restarts there. None by default."""
+        return {}
+
+    def average_rows(self, decay: float) -> dict[str, RowAverage]:
+        """Start averaging the weights the head holds outside its parameters (a row store's rows), each kept
+        by a :class:`~megaclass.store.average.RowAverage`, by state-dict name; a weight average
+        (``train.ema_decay``) averages the parameters itself. Nothing by default."""
         return {}
 
     def init_rows(self, rows: Tensor) -> None:

@@ -73,6 +73,7 @@ from megaclass.ops.margins import MarginConfig, margin_logits
 from megaclass.ops.row_optimizers import RowOptimizerKind
 from megaclass.schema import ConfigError
 from megaclass.store import RowOptimizerConfig, RowStore, build_store
+from megaclass.store.average import RowAverage
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
 __all__ = ["SelectedHead", "SelectedHeadConfig"]
@@ -496,6 +497,12 @@ class SelectedHead(Head):
         self._step = step
         if self.selector is not None and self._uses_index() and step % self.config.interval == 0:
             self.rebuild_index()
+
+    def average_rows(self, decay: float) -> dict[str, RowAverage]:
+        """The store's rows (``store.weight``), averaged by the store where it holds them (``gpu``, ``host``);
+        rows on parameter servers are not averaged (their updates are applied there)."""
+        average = self.materialize().start_average(decay)
+        return {} if average is None else {"store.weight": average}
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held: the store's rows (``weights``), their row optimizer state (``row_optimizer``), and the

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from megaclass.state_io import RowSource, SavedTensor
+from megaclass.store.average import RowAverage
 
 
 class RowStore(abc.ABC):
@@ -51,6 +52,11 @@ class RowStore(abc.ABC):
 
     def prefetch(self, ids: Tensor) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""
+
+    def start_average(self, decay: float) -> RowAverage | None:
+        """Keep the rows' weight average from now on, where the store applies its updates in this process
+        (:class:`~megaclass.store.average.RowAverage`); None where it cannot (the default)."""
+        return None
 
     def flush(self) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Wait until every pushed update has been applied (before a checkpoint or an evaluation)."""

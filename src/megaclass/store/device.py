@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from megaclass.state_io import SavedTensor
+from megaclass.store.average import RowAverage
 from megaclass.store.base import RowStore
 from megaclass.store.local import LocalRows, check_ids
 
@@ -42,6 +43,9 @@ class DeviceStore(RowStore):
 
     def rows(self) -> Tensor:
         return self.local.weight
+
+    def start_average(self, decay: float) -> RowAverage:
+        return self.local.start_average(decay)
 
     def held_bytes(self) -> tuple[int, int]:
         return self.local.held_bytes()

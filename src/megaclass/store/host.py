@@ -17,6 +17,7 @@ from torch import Tensor
 
 from megaclass.staging import blocks_to_device
 from megaclass.state_io import SavedTensor
+from megaclass.store.average import RowAverage
 from megaclass.store.base import RowStore
 from megaclass.store.local import LocalRows, check_ids
 
@@ -118,6 +119,11 @@ class HostStore(RowStore):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def start_average(self, decay: float) -> RowAverage:
+        """The rows' average, folded by the thread that applies the updates; read once they are applied."""
+        self.flush()
+        return self.local.start_average(decay, flush=self.flush)
 
     # ------------------------------------------------------------------ checkpoint
     def held_bytes(self) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from megaclass.ops.row_optimizers import (
 )
 from megaclass.ops.stochastic_rounding import rounding_seed
 from megaclass.state_io import SavedTensor, copy_into_
+from megaclass.store.average import RowAverage
 
 __all__ = ["LocalRows", "RowDtype", "check_ids"]
 
@@ -81,6 +82,13 @@ class LocalRows:
         draw_device = device if draw_device is None else draw_device
         init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=draw_device)
         self.state = init_row_state(self.optimizer, num_rows, dim, device=device, dtype=held)
+        self.average: RowAverage | None = None  # train.ema_decay's, once started
+
+    def start_average(self, decay: float, *, flush: Callable[[], None] = lambda: None) -> RowAverage:
+        """Keep the rows' weight average from now on (:class:`~megaclass.store.average.RowAverage`: each row
+        brought up to date as an update changes it); returns it."""
+        self.average = RowAverage(self, decay=decay, flush=flush)
+        return self.average
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +104,8 @@ class LocalRows:
         rows."""
         global_step = step if step > 0 else None  # rows catch up over the steps they sat out (row_optimizers)
         if self.row_dtype is RowDtype.FLOAT32:
+            if self.average is not None:
+                self.average.fold_(ids, take_rows(self.weight, ids), step=step)
             apply_sparse_update_(
                 self.weight, self.state, ids, grads, lr=lr, config=self.optimizer, step=global_step
             )
@@ -108,6 +118,8 @@ class LocalRows:
         ids = ids.to(self.weight.device)
         rows = take_rows(self.weight, ids).float()  # (S, D)
         rows_state = {name: take_rows(tensor, ids).float() for name, tensor in self.state.items()}
+        if self.average is not None:
+            self.average.fold_(ids, rows, step=step)
         apply_row_update_(
             rows, rows_state, grads.to(rows.device), lr=lr, config=self.optimizer, step=global_step
         )

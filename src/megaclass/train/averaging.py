@@ -2,10 +2,13 @@
 
 ``megaclass train ... --set train.ema_decay=0.999`` keeps, beside the trained weights, their average
 ``avg <- decay_t * avg + (1 - decay_t) * weight`` after every optimizer step, with the warm-up
-``decay_t = min(decay, (1 + t) / (10 + t))`` so that early averages do not remember the random init. The
-average is what is evaluated and saved as the run's final model; it lives in every checkpoint, so a resumed
-run averages exactly as an uninterrupted one. Connections a sparse head rewires restart their average from
-the new weight (zero), as their optimizer state does.
+``decay_t = min(decay, (1 + t) / (10 + t))`` (:func:`~megaclass.store.average.ema_decay_at`) so that early
+averages do not remember the random init. The average is what is evaluated and saved as the run's final
+model; it lives in every checkpoint, so a resumed run averages exactly as an uninterrupted one. Connections a
+sparse head rewires restart their average from the new weight (zero), as their optimizer state does. The rows
+of a sampled head's store, a few updated a step, are averaged by the store, each row brought up to date when
+it changes (:class:`~megaclass.store.average.RowAverage`): the same numbers, without a pass over every row a
+step.
 
 Each process averages the values it holds: a class-sharded head's rows of its range, an FSDP2 encoder's
 shards (their values are swapped in place, where FSDP2 gathers them from).
@@ -19,6 +22,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from megaclass.store.average import RowAverage, ema_decay_at
+
 __all__ = ["WeightAverage"]
 
 
@@ -28,6 +33,8 @@ class WeightAverage:
     Args:
         modules: ``{"encoder": encoder, "head": head}``; the state's names are prefixed by the keys.
         decay: the long-run decay in ``(0, 1)``.
+        rows: weights outside the parameters that keep their own average, by prefixed state-dict name
+            (``{"head.store.weight": ...}``: :meth:`~megaclass.heads.Head.average_rows`, the same ``decay``).
 
     >>> model = nn.Linear(2, 2)
     >>> average = WeightAverage({"model": model}, decay=0.9)
@@ -36,10 +43,14 @@ class WeightAverage:
     ...     pass
     """
 
-    def __init__(self, modules: dict[str, nn.Module], *, decay: float) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], *, decay: float, rows: Mapping[str, RowAverage] | None = None
+    ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay: expected a value in (0, 1), got {decay}")
         self.decay = decay
+        self.rows = dict(rows or {})
+        self.step = 0  # the last optimizer step folded in
         self.params: dict[str, nn.Parameter] = {
             f"{prefix}.{name}": param
             for prefix, module in modules.items()
@@ -52,12 +63,14 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, *, step: int) -> None:
-        """Fold the current weights in after optimizer step ``step`` (1-based)."""
-        decay = min(self.decay, (1.0 + step) / (10.0 + step))
+        """Fold the current weights in after optimizer step ``step`` (1-based); :attr:`rows` fold their own
+        as they change."""
+        decay = ema_decay_at(self.decay, step)
         names = list(self.params)
         torch._foreach_lerp_(
             [self.average[name] for name in names], [_values(self.params[name]) for name in names], 1 - decay
         )
+        self.step = step
 
     @torch.no_grad()
     def restart(self, name: str, mask: Tensor) -> None:
@@ -69,12 +82,16 @@ class WeightAverage:
     def swapped(self, part: str | None = None) -> Iterator[None]:
         """Inside: the modules (``part``: that module's key alone) hold the averaged weights, and what they
         hold on exit is the average; on exit, the trained weights again."""
-        names = self._names(part)
+        names, rows = self._names(part), self._row_names(part)
         self._swap(names)
+        for name in rows:
+            self.rows[name].swap_(step=self.step)
         try:
             yield
         finally:
             self._swap(names)
+            for name in rows:
+                self.rows[name].swap_(step=self.step)
 
     @torch.no_grad()
     def _swap(self, names: list[str]) -> None:
@@ -91,27 +108,43 @@ class WeightAverage:
     def _names(self, part: str | None) -> list[str]:
         return [name for name in self.params if part is None or name.startswith(f"{part}.")]
 
-    def state_dict(self, part: str | None = None) -> dict[str, Tensor]:
-        """The averages, by prefixed parameter name; ``part``: that module's alone, by its own parameter
-        names. A distributed parameter's is this process's shard."""
-        if part is None:
-            return dict(self.average)
-        return {name[len(part) + 1 :]: self.average[name] for name in self._names(part)}
+    def _row_names(self, part: str | None) -> list[str]:
+        return [name for name in self.rows if part is None or name.startswith(f"{part}.")]
 
-    def load_state_dict(self, state: Mapping[str, Tensor], part: str | None = None) -> None:
-        """Restore averages saved by :meth:`state_dict` (with the same ``part``); names and shapes must
-        match."""
+    def state_dict(self, part: str | None = None) -> dict[str, Tensor]:
+        """The averages, by prefixed parameter (or :attr:`rows`) name; ``part``: that module's alone, by its
+        own names. A distributed parameter's is this process's shard; rows are brought up to date first and
+        given as they are held (not copies)."""
+        state = {name: self.average[name] for name in self._names(part)}
+        state.update({name: self.rows[name].exact(step=self.step) for name in self._row_names(part)})
+        if part is None:
+            return state
+        return {name[len(part) + 1 :]: value for name, value in state.items()}
+
+    def load_state_dict(
+        self, state: Mapping[str, Tensor], part: str | None = None, *, step: int | None = None
+    ) -> None:
+        """Restore averages saved by :meth:`state_dict` (with the same ``part``) after optimizer step
+        ``step`` (None: :attr:`step`); names and shapes must match. Rows whose average was not saved (a
+        checkpoint from before they were averaged) start it from their values now."""
+        step = self.step if step is None else step
         prefix = "" if part is None else f"{part}."
-        names = self._names(part)
+        names, rows = self._names(part), self._row_names(part)
         given = {f"{prefix}{name}" for name in state}
-        if given != set(names):
-            missing, unexpected = set(names) - given, given - set(names)
+        if not set(names) <= given or not given <= set(names) | set(rows):
+            missing, unexpected = set(names) - given, given - set(names) - set(rows)
             raise ValueError(
                 f"weight average: the checkpoint's parameters differ (missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)})"
             )
         for name, value in state.items():
-            self.average[f"{prefix}{name}"].copy_(value)
+            if f"{prefix}{name}" in self.average:
+                self.average[f"{prefix}{name}"].copy_(value)
+        for name in rows:
+            average = self.rows[name]
+            saved = state.get(name[len(prefix) :])
+            average.load_(average.rows.weight if saved is None else saved, step=step)
+        self.step = step
 
 
 def _is_distributed(param: Tensor) -> bool:

@@ -173,9 +173,11 @@ def run_weights_folder(run_dir: str) -> str:
 
 def is_row_store_entry(key: str) -> bool:
     """Whether the saved tensor ``key`` is a head's row-store entry (``head.store.weight``,
-    ``head.store.optim.<name>``: :func:`~megaclass.heads.is_streamed_entry`): a
-    :class:`~megaclass.store.RowStore` loads those from the file block by block, so they are read as
+    ``head.store.optim.<name>``: :func:`~megaclass.heads.is_streamed_entry`) or the weight average of one
+    (``average.head.store.weight``): a :class:`~megaclass.store.RowStore` and its
+    :class:`~megaclass.store.average.RowAverage` load those from the file block by block, so they are read as
     :class:`~megaclass.state_io.SavedTensor` handles."""
+    key = key.removeprefix("average.")
     return key.startswith("head.") and is_streamed_entry(key[len("head.") :])
 
 

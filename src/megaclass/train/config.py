@@ -154,7 +154,8 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
     cpu_threads: int = 0  # torch intra-op threads on CPU (0: torch's default, one per core)
     # > 0: evaluate and save an EMA of the weights (e.g. 0.999); steadier on small data. It covers the
-    # encoder and the head's parameters, not the rows of a selected or partial_fc head's store
+    # encoder and the head, a selected or partial_fc head's store rows too (each row caught up as it changes,
+    # in float32 beside them), except rows on parameter servers
     ema_decay: float = 0.0
     valid_fraction: float = 0.05  # training rows held out to pick the epoch and stop early (0: none)
     valid_max_rows: int = 10_000  # at most this many held-out rows: enough to rank epochs, cheap to score

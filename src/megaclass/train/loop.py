@@ -331,11 +331,13 @@ class Trainer:
         if not decay:
             return None
         self.head.take_rewired()  # a rewiring head starts tracking the connections it rewires
-        return WeightAverage({"encoder": self.encoder, "head": self.head}, decay=decay)
+        rows = {f"head.{name}": average for name, average in self.head.average_rows(decay).items()}
+        return WeightAverage({"encoder": self.encoder, "head": self.head}, decay=decay, rows=rows)
 
     def _average_text(self) -> str:
         """What the weight average covers, naming the head's row-store weights it leaves as trained."""
         averaged = {name for name, _ in self.head.named_parameters()}
+        averaged |= {name[len("head.") :] for name in self.average.rows}
         weights = self.head.weights_state_dict()
         left = [
             name
@@ -349,8 +351,8 @@ class Trainer:
         if not left:
             return f"{text} are evaluated and kept averaged"
         return (
-            f"{text}'s parameters are evaluated and kept averaged; the rows of its store "
-            f"({', '.join(left)}), updated a few at a time, are evaluated and kept as trained"
+            f"{text}'s parameters are evaluated and kept averaged; the rows its store updates elsewhere "
+            f"({', '.join(left)}: on parameter servers) are evaluated and kept as trained"
         )
 
     def _averaged(self) -> contextlib.AbstractContextManager:
@@ -1120,7 +1122,9 @@ class Trainer:
             self.parallel, self.optimizers["encoder"], common["encoder"], common["optimizers"].get("encoder")
         )
         if self.average is not None:
-            self._load_average(encoder=common["average"], head=common["head_average"])
+            self._load_average(
+                encoder=common["average"], head=common["head_average"], step=common["loop"]["global_step"]
+            )
         if private is not None:
             common["rng"] = private["rng"]
         if common["global_batch"] != self.config.train.batch_size:
@@ -1186,16 +1190,17 @@ class Trainer:
             self._load_average(
                 encoder={**state["encoder"], **part["encoder"]},  # its buffers: the checkpoint's
                 head=shard_head_entries(self.head, part["head"]),
+                step=state["loop"]["global_step"],
             )
 
-    def _load_average(self, *, encoder: dict[str, Any], head: dict[str, Any]) -> None:
-        """Restore the weight average: ``encoder`` a whole encoder state holding the averaged weights (loaded
-        as the encoder's weights are, under any wrapper), ``head`` the averages of this rank's head
-        parameters by name."""
+    def _load_average(self, *, encoder: dict[str, Any], head: dict[str, Any], step: int) -> None:
+        """Restore the weight average saved after optimizer step ``step``: ``encoder`` a whole encoder state
+        holding the averaged weights (loaded as the encoder's weights are, under any wrapper), ``head`` the
+        averages of this rank's head parameters and rows by name."""
 
         with self.average.swapped("encoder"):
             load_encoder_state(self.parallel, None, encoder, None)
-        self.average.load_state_dict(head, part="head")
+        self.average.load_state_dict(head, part="head", step=step)
 
     def _restore_log(self, path: str) -> None:
         """Cut the log back to what it held when the checkpoint at ``path`` was saved: the resumed run writes

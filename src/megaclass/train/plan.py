@@ -38,7 +38,7 @@ from megaclass.data.loaders import detect_format
 from megaclass.data.xmc import read_label_names
 from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import rank_batch_size, shards_head
-from megaclass.heads import HeadContext, head_class
+from megaclass.heads import HeadConfig, HeadContext, head_class
 from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
@@ -69,7 +69,7 @@ _CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on
 # to 2.8 GiB above its planned host parts at 10^7 classes on an H200 (benchmarks/RESULTS.md)
 _CUDA_HOST = 5 << 29
 _WEIGHTS = ("encoder weights", "head weights")
-_CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index")
+_CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index", "weight average")
 
 
 # ------------------------------------------------------------------------------------------- data shape
@@ -543,6 +543,8 @@ def plan_run(
     for key, planned in head.items():
         name, phase = _HEAD_PARTS[key]
         parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting))
+    if config.train.ema_decay:
+        parts.append(_average_part(config.head, parts, classes, dim))
     # state_io streams saved tensors to their files from where they live: GPU tensors through one block of
     # host memory, host tensors without a copy
     on_gpu = (
@@ -587,6 +589,23 @@ def plan_run(
         weight_copies=min(2, config.train.epochs),
         disk_capacity=disk_capacity,
     )
+
+
+def _average_part(head: HeadConfig, parts: list[PlanPart], classes: int, dim: int) -> PlanPart:
+    """The weight average (``train.ema_decay``): a copy of the encoder's and the head's weights where they
+    live; of a selected head's store rows, float32 and a step count a row beside them (none on parameter
+    servers, whose rows are not averaged)."""
+    held = {part.name: part for part in parts}
+    device = held["encoder weights"].device_bytes + held["head weights"].device_bytes
+    host = held["encoder weights"].host_bytes + held["head weights"].host_bytes
+    if isinstance(head, SelectedHeadConfig):
+        device, host = held["encoder weights"].device_bytes, held["encoder weights"].host_bytes
+        rows = classes * (dim * 4 + 8)
+        if head.store == "host":
+            host += rows
+        elif not head.store.startswith("ps://"):
+            device += rows
+    return PlanPart("weight average", device, host, setting="train.ema_decay=0")
 
 
 def _checkpoints_at_once(train: TrainConfig, rows: int) -> int:
