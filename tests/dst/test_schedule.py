@@ -30,3 +30,9 @@ def test_stop_step_is_a_fraction_of_the_run_or_an_explicit_step():
     assert stop_step(DSTConfig(stop=0.5), 100) == 50
     assert stop_step(DSTConfig(stop=0.5), None) == math.inf
     assert stop_step(DSTConfig(stop_step=30), 1000) == 30
+
+
+def test_by_default_the_topology_freezes_after_two_thirds_of_the_run():
+    config = DSTConfig(interval=10)
+    assert rewire_fraction(config, 660, 1000) > 0.0
+    assert rewire_fraction(config, 670, 1000) == rewire_fraction(config, 990, 1000) == 0.0

@@ -160,7 +160,7 @@ def _train(head, optimizer, steps, start=1):
         head.after_step(step, step / 10, lr=0.01)
 
 
-DST = dict(interval=2, fraction=0.5, mode="fraction", seed=3)
+DST = dict(interval=2, fraction=0.5, mode="fraction", seed=3, stop=1.0)  # rewired to the last step
 
 
 @pytest.mark.parametrize("reset", [True, False])

@@ -211,3 +211,11 @@ def test_bf16_shards_restored_from_a_checkpoint_train_on_bit_for_bit(shards, tmp
     for key, tensor in _fields(second, resumed.store).items():
         assert torch.equal(tensor, expected[key]), key
     _assert_both_train_on_alike(train_head, batches[3:], (head, first), (resumed, second))
+
+
+def test_rows_on_the_servers_are_left_out_of_a_weight_average(shards):
+    """The servers apply the rows' updates, so a trainer cannot bring their average up to date: the head
+    averages no rows there (the trainer then says they are kept as trained)."""
+    head = _head(_servers(shards, "adagrad", seed=0), "adagrad")
+    assert head.average_rows(0.9) == {} and head.store.start_average(0.9) is None
+    head.store.close()

@@ -3,8 +3,8 @@
 ``train.ema_decay`` averages every weight after every optimizer step,
 ``avg_t = d_t avg_{t-1} + (1 - d_t) w_t``, with the warm-up ``d_t = min(decay, (1 + t) / (10 + t))``
 (:func:`ema_decay_at`). A row-sparse head changes a few of its ``C`` rows a step; folding every row in every
-step would cost a pass over ``C x D`` values a step.
-A row that keeps the value ``w`` over steps ``s + 1 .. t`` has
+step would cost a pass over ``C x D`` values a step. But a row that keeps the value ``w`` over steps
+``s + 1 .. t`` has
 
     avg_t = F(s, t) avg_s + (1 - F(s, t)) w,    F(s, t) = prod_{u = s + 1}^{t} d_u = exp(L(t) - L(s)),
 
