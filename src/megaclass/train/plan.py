@@ -596,15 +596,15 @@ def _average_part(head: HeadConfig, parts: list[PlanPart], classes: int, dim: in
     live; of a selected head's store rows, float32 and a step count a row beside them (none on parameter
     servers, whose rows are not averaged)."""
     held = {part.name: part for part in parts}
-    device = held["encoder weights"].device_bytes + held["head weights"].device_bytes
-    host = held["encoder weights"].host_bytes + held["head weights"].host_bytes
-    if isinstance(head, SelectedHeadConfig):
-        device, host = held["encoder weights"].device_bytes, held["encoder weights"].host_bytes
-        rows = classes * (dim * 4 + 8)
-        if head.store == "host":
-            host += rows
-        elif not head.store.startswith("ps://"):
-            device += rows
+    encoder, head_weights = held["encoder weights"], held["head weights"]
+    device, host = encoder.device_bytes, encoder.host_bytes
+    rows = classes * (dim * 4 + 8)
+    if not isinstance(head, SelectedHeadConfig):  # the head's parameters, as they are held
+        device, host = device + head_weights.device_bytes, host + head_weights.host_bytes
+    elif head.store == "host":
+        host += rows
+    elif not head.store.startswith("ps://"):
+        device += rows
     return PlanPart("weight average", device, host, setting="train.ema_decay=0")
 
 
