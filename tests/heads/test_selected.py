@@ -235,6 +235,32 @@ def test_topk_through_the_index_sees_the_rows_updated_since_its_build():
     assert not head._dirty.any()
 
 
+def test_the_index_an_averaged_evaluation_searches_is_refreshed_from_the_trained_rows():
+    """Before the rows' average takes their place, the index the evaluation searches is brought up to the
+    trained rows: nothing is refreshed from the average while it is in place."""
+    from tests.index._clustered import trained_like
+
+    rows, queries = trained_like(3000, 16, 60, 64, seed=1)
+    moved, _ = trained_like(3000, 16, 60, 64, seed=2)
+    index = {"type": "gpu", "background": False}
+    head = _head(num_classes=3000, dim=16, metric="dot", topk_search="index", index=index)
+    store = head.materialize()
+    store.rows().copy_(rows)
+    head.rebuild_index()
+    (average,) = head.average_rows(0.9).values()  # from `rows`, at step 0
+    store.rows().copy_(moved)
+    head._dirty.fill_(True)  # as the steps that moved them mark them
+    average.swap_(step=5)
+    assert not head._dirty.any()
+    norms = head.selector.state_dict()["norms"].clone()
+    torch.testing.assert_close(norms.float(), moved.norm(dim=1), rtol=1e-2, atol=1e-3)
+    scores, ids = head.topk(queries, 5)  # scored by the average, searched in the trained rows' index
+    assert torch.equal(head.selector.state_dict()["norms"], norms)
+    torch.testing.assert_close(scores, (queries[:, None, :] * store.rows()[ids]).sum(2))
+    average.swap_(step=5)
+    assert torch.equal(store.rows(), moved)
+
+
 def test_topk_search_auto_scans_below_ten_million_classes():
     head = _head()
     assert not head.topk_is_approximate() and head.topk_recall(torch.randn(2, 12), 3) is None

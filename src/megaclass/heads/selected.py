@@ -500,9 +500,24 @@ class SelectedHead(Head):
 
     def average_rows(self, decay: float) -> dict[str, RowAverage]:
         """The store's rows (``store.weight``), averaged by the store where it holds them (``gpu``, ``host``);
-        rows on parameter servers are not averaged (their updates are applied there)."""
-        average = self.materialize().start_average(decay)
+        rows on parameter servers are not averaged (their updates are applied there). Before the average
+        takes the rows' place, the index is brought up to the trained rows: an evaluation through it then
+        refreshes nothing from the average."""
+        average = self.materialize().start_average(decay, before_swap=self._before_average)
         return {} if average is None else {"store.weight": average}
+
+    def _before_average(self) -> None:
+        """Before the average takes the rows' place for an evaluation: the index that evaluation searches is
+        brought up to the trained rows, as the evaluation would bring it (so training goes on as without
+        an average)."""
+        if self.selector is not None and self.topk_is_approximate():
+            self._index_up_to_date()
+
+    def _index_up_to_date(self) -> None:
+        """Build the index, or refresh it with the rows updated since its last build (host sync: their
+        count)."""
+        if not self.selector.is_built or bool(self._dirty.any()):
+            self.rebuild_index()
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held: the store's rows (``weights``), their row optimizer state (``row_optimizer``), and the
@@ -576,8 +591,7 @@ class SelectedHead(Head):
         if self.selector is not None:
             # the rows updated since the last build are refreshed first: an index lags the rows by up to
             # `interval` steps, which selection allows and a ranking does not (host sync: evaluation)
-            if not self.selector.is_built or bool(self._dirty.any()):
-                self.rebuild_index()
+            self._index_up_to_date()
             self.selector.wait()  # a background build under way: its index, not none
         # ranked by what the logits are (dot products without a margin), whatever the index trains with
         logits = "cosine" if self.config.margin.enabled else "dot"

@@ -31,6 +31,10 @@ __all__ = ["RowAverage", "ema_decay_at", "log_decay_total"]
 _BLOCK_VALUES = 1 << 24  # rows caught up at once: a block of 64 MiB of float32 values
 
 
+def _nothing() -> None:
+    pass
+
+
 def ema_decay_at(decay: float, step: int) -> float:
     """The decay folded in after optimizer step ``step`` (1-based): ``min(decay, (1 + step) / (10 + step))``,
     so that early averages do not remember the random initial weights.
@@ -77,6 +81,8 @@ class RowAverage:
             average starts equal to it, at step 0.
         decay: the long-run decay in ``(0, 1)``.
         flush: called before all rows are read (a store applying updates in a thread waits for them).
+        before_swap: called before the average takes the rows' place (a head brings its index up to the
+            trained rows, so that nothing built while the average is in place is built from it).
 
     >>> class Rows: weight = torch.zeros(4, 2)
     >>> rows = Rows(); average = RowAverage(rows, decay=0.9)
@@ -86,10 +92,17 @@ class RowAverage:
     [0.8181818127632141, 0.8181818127632141]
     """
 
-    def __init__(self, rows: Any, *, decay: float, flush: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        rows: Any,
+        *,
+        decay: float,
+        flush: Callable[[], None] = _nothing,
+        before_swap: Callable[[], None] = _nothing,
+    ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay: expected a value in (0, 1), got {decay}")
-        self.rows, self.decay, self.flush = rows, decay, flush
+        self.rows, self.decay, self.flush, self.before_swap = rows, decay, flush, before_swap
         weight = rows.weight
         self.value = weight.detach().float().clone()  # (C, D) the average as of each row's `last` step
         self.last = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)  # (C,)
@@ -136,6 +149,7 @@ class RowAverage:
         """Put the average at ``step`` in the rows' place (their ``weight``, float32 while it is there), or,
         when it is there, the trained rows back."""
         if not self.swapped:
+            self.before_swap()
             self.exact(step=step)
         self.flush()
         self.rows.weight, self.value = self.value, self.rows.weight

@@ -9,7 +9,7 @@ touched rows get momentum and weight decay.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -53,9 +53,12 @@ class RowStore(abc.ABC):
     def prefetch(self, ids: Tensor) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""
 
-    def start_average(self, decay: float) -> RowAverage | None:
+    def start_average(
+        self, decay: float, *, before_swap: Callable[[], None] = lambda: None
+    ) -> RowAverage | None:
         """Keep the rows' weight average from now on, where the store applies its updates in this process
-        (:class:`~megaclass.store.average.RowAverage`); None where it cannot (the default)."""
+        (:class:`~megaclass.store.average.RowAverage`, calling ``before_swap`` before it takes the rows'
+        place); None where it cannot (the default)."""
         return None
 
     def flush(self) -> None:  # noqa: B027 (an optional hook: no-op by default)

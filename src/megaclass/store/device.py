@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
@@ -44,8 +44,8 @@ class DeviceStore(RowStore):
     def rows(self) -> Tensor:
         return self.local.weight
 
-    def start_average(self, decay: float) -> RowAverage:
-        return self.local.start_average(decay)
+    def start_average(self, decay: float, *, before_swap: Callable[[], None] = lambda: None) -> RowAverage:
+        return self.local.start_average(decay, before_swap=before_swap)
 
     def held_bytes(self) -> tuple[int, int]:
         return self.local.held_bytes()

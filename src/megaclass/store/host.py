@@ -9,7 +9,7 @@ predecessors wrote. On a CPU device everything runs synchronously in the calling
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -120,10 +120,10 @@ class HostStore(RowStore):
             pending, self._pending = self._pending, None
             pending.result()
 
-    def start_average(self, decay: float) -> RowAverage:
+    def start_average(self, decay: float, *, before_swap: Callable[[], None] = lambda: None) -> RowAverage:
         """The rows' average, folded by the thread that applies the updates; read once they are applied."""
         self.flush()
-        return self.local.start_average(decay, flush=self.flush)
+        return self.local.start_average(decay, flush=self.flush, before_swap=before_swap)
 
     # ------------------------------------------------------------------ checkpoint
     def held_bytes(self) -> tuple[int, int]:

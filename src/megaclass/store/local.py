@@ -84,10 +84,11 @@ class LocalRows:
         self.state = init_row_state(self.optimizer, num_rows, dim, device=device, dtype=held)
         self.average: RowAverage | None = None  # train.ema_decay's, once started
 
-    def start_average(self, decay: float, *, flush: Callable[[], None] = lambda: None) -> RowAverage:
-        """Keep the rows' weight average from now on (:class:`~megaclass.store.average.RowAverage`: each row
-        brought up to date as an update changes it); returns it."""
-        self.average = RowAverage(self, decay=decay, flush=flush)
+    def start_average(self, decay: float, **hooks: Callable[[], None]) -> RowAverage:
+        """Keep the rows' weight average from now on (:class:`~megaclass.store.average.RowAverage`, given
+        ``hooks``: ``flush``, ``before_swap``: each row brought up to date as an update changes it); returns
+        it."""
+        self.average = RowAverage(self, decay=decay, **hooks)
         return self.average
 
     @property
