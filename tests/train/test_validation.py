@@ -208,10 +208,15 @@ def test_a_run_at_the_label_prior_stops_with_one_line(tmp_path, capsys):
 def test_a_selected_heads_row_average_resumes_exactly(data, tmp_path):
     """A run with a weight average stopped inside its first epoch and resumed keeps and scores the same
     averaged rows as the run that was not stopped, to float32 rounding (the rows' average is brought up to
-    the checkpoint's step to be saved, which the other run did later, in one product)."""
-    settings = ["--head", "selected", "--set", "head.sample_num=40", "head.index=gpu", "train.ema_decay=0.9"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    the checkpoint's step to be saved, which the other run did later, in one product); the average does not
+    change training (its index searched for evaluation included)."""
+    plain = ["--head", "selected", "--set", "head.sample_num=40", "head.index=gpu", "head.topk_search=index"]
+    settings = [*plain, "train.ema_decay=0.9"]
+    whole, resumed, unaveraged = tmp_path / "whole", tmp_path / "resumed", tmp_path / "unaveraged"
     assert _train(data, whole, *settings, epochs=2) == 0
+    assert _train(data, unaveraged, *plain, epochs=2) == 0
+    losses = [[r["losses"] for r in _records(run, "train")] for run in (whole, unaveraged)]
+    assert losses[0] == losses[1]
     assert _train(data, resumed, *settings, "train.stop_after_steps=4", epochs=2) == 0
     assert _train(data, resumed, "--resume", *settings, epochs=2) == 0
     kept = [read_state(str(run / "model"))["head"]["store.weight"] for run in (whole, resumed)]
