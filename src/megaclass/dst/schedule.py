@@ -32,7 +32,7 @@ class DSTConfig:
     fraction: float = 0.3  # share of a row's K connections rewired at the first rewiring
     threshold: float = 1e-3  # threshold mode: connection magnitude below which a connection may be pruned
     # share of training after which the topology is frozen, as SPARTEX froze it at 2/3: connections grown late
-    # start at zero under a decayed lr and rarely earn their place (+0.3 point P@1 on two sets, RESULTS.md)
+    # start at zero under a decayed lr and rarely earn their place (+0.2 to +0.3 P@1 on two sets, RESULTS.md)
     stop: float = 0.67
     stop_step: int = 0  # absolute stop step; 0: `stop` times the total steps the trainer binds (else never)
     reset_optimizer_state: bool = True  # false reproduces SPARTEX: a new connection inherits the old state
