@@ -16,7 +16,10 @@ time, so no step finds its rows in the CPU's cache), gathered by ``index_select`
 over torch's threads (:func:`~megaclass.ops.row_optimizers.put_rows_`) beside ``index_put_`` and
 ``index_copy_``, and (rows held as ``bf16_sr``) the updated values rounded to bfloat16 stochastically on the
 CPU (:func:`~megaclass.ops.stochastic_rounding.stochastic_round`: numpy, in pieces over torch's threads)
-beside the plain-torch reference it matches bit for bit; median of ``--reps`` steps, results checked.
+beside the plain-torch reference it matches bit for bit; median of ``--reps`` steps, results checked. A
+whole update: :meth:`~megaclass.store.local.LocalRows.update_` with AdamW of ``--step-rows`` random rows, rows
+held in float32 and as ``bf16_sr``, with and without a weight average of the rows
+(:class:`~megaclass.store.average.RowAverage`, ``train.ema_decay``), median of ``--reps`` steps.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from megaclass.ops.row_optimizers import INIT_CHUNK, put_rows_, take_rows
+from megaclass.ops.row_optimizers import INIT_CHUNK, RowOptimizerConfig, put_rows_, take_rows
 from megaclass.ops.stochastic_rounding import reference_stochastic_round, stochastic_round
 from megaclass.staging import blocks_to_device
 from megaclass.store.local import LocalRows
@@ -83,6 +86,12 @@ def read(weight: torch.Tensor, device: torch.device, *, staged: bool) -> int:
 
 def main() -> None:
     args = parse_args()
+    rows_made_read_and_moved(args)  # its rows freed before the updates' own
+    row_updates(args.rows, args.dim, args.step_rows, args.reps)
+
+
+def rows_made_read_and_moved(args: argparse.Namespace) -> None:
+    """The rows drawn into host memory and read to the device each way, then a step's rows moved each way."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gigabytes = args.rows * args.dim * 4 / 1e9
     print(f"{args.rows:,} rows of D {args.dim} ({gigabytes:.2f} GB), drawn on {device}\n")
@@ -149,6 +158,33 @@ def row_moves(weight: torch.Tensor, counts: list[int], reps: int) -> None:
             seconds = statistics.median(times)
             rate = gigabytes / seconds
             print(f"| {count:,} | {what} | {way} | {1e3 * seconds:.2f} | {rate:.1f} |", flush=True)
+
+
+def row_updates(num_rows: int, dim: int, counts: list[int], reps: int) -> None:
+    """A step's whole update of host rows (gather, AdamW, write back), by how the rows are held and whether
+    their weight average is kept."""
+    print("\n| rows a step | rows held | row average | ms a step |")
+    print("|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for held in ("float32", "bf16_sr"):
+        for averaged in (False, True):
+            rows = LocalRows(num_rows, dim, optimizer=RowOptimizerConfig(kind="adamw"), dtype=held)
+            if averaged:
+                rows.start_average(0.999)
+            step = 0
+            for count in counts:
+                grads = torch.randn(count, dim, generator=generator)
+                times = []
+                for rep in range(reps + 1):
+                    ids = torch.randperm(num_rows, generator=generator)[:count].sort().values
+                    step += 1
+                    begin = time.perf_counter()
+                    rows.update_(ids, grads, lr=1e-3, step=step)
+                    if rep:  # the first is a warm-up
+                        times.append(time.perf_counter() - begin)
+                median = 1e3 * statistics.median(times)
+                print(f"| {count:,} | {held} | {'yes' if averaged else 'no'} | {median:.2f} |", flush=True)
+            del rows
 
 
 if __name__ == "__main__":

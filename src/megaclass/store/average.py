@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megaclass.ops.row_optimizers import put_rows_, take_rows
 from megaclass.state_io import copy_into_
 
 __all__ = ["RowAverage", "ema_decay_at", "log_decay_total"]
@@ -125,7 +126,9 @@ class RowAverage:
             raise RuntimeError("rows updated while they hold their average (an evaluation's swap)")
         ids = ids.to(self.value.device)
         carried = self._carried(ids, step - 1)  # (S, 1)
-        self.value[ids] = torch.lerp(old.to(self.value.device, torch.float32), self.value[ids], carried)
+        folded = take_rows(self.value, ids)  # (S, D) a copy, folded in place
+        folded.lerp_(old.to(self.value.device, torch.float32), 1 - carried)
+        put_rows_(self.value, ids, folded)
         self.last[ids] = step - 1
 
     @torch.no_grad()
@@ -140,18 +143,16 @@ class RowAverage:
         for start in range(0, self.value.shape[0], block):
             part = slice(start, start + block)
             carried = self._carried(part, step)  # (b, 1)
-            current = weight[part].to(self.value.device, torch.float32)
-            self.value[part] = torch.lerp(current, self.value[part], carried)
+            self.value[part].lerp_(weight[part].to(self.value.device, torch.float32), 1 - carried)
         self.last.fill_(step)
         return self.value
 
     def swap_(self, *, step: int) -> None:
         """Put the average at ``step`` in the rows' place (their ``weight``, float32 while it is there), or,
         when it is there, the trained rows back."""
-        if not self.swapped:
+        if not self.swapped:  # (no update can come while the average is in place: fold_ refuses it)
             self.before_swap()
-            self.exact(step=step)
-        self.flush()
+            self.exact(step=step)  # waits for the updates under way
         self.rows.weight, self.value = self.value, self.rows.weight
         self.swapped = not self.swapped
 

@@ -131,8 +131,8 @@ class WeightAverage:
         prefix = "" if part is None else f"{part}."
         names, rows = self._names(part), self._row_names(part)
         given = {f"{prefix}{name}" for name in state}
-        if not set(names) <= given or not given <= set(names) | set(rows):
-            missing, unexpected = set(names) - given, given - set(names) - set(rows)
+        missing, unexpected = set(names) - given, given - set(names) - set(rows)
+        if missing or unexpected:
             raise ValueError(
                 f"weight average: the checkpoint's parameters differ (missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)})"

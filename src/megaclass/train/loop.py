@@ -352,7 +352,7 @@ class Trainer:
             return f"{text} are evaluated and kept averaged"
         return (
             f"{text}'s parameters are evaluated and kept averaged; the rows its store updates elsewhere "
-            f"({', '.join(left)}: on parameter servers) are evaluated and kept as trained"
+            f"({', '.join(left)}) are evaluated and kept as trained"
         )
 
     def _averaged(self) -> contextlib.AbstractContextManager:
