@@ -165,13 +165,19 @@ def _spec(**changes):
 @pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
 @pytest.mark.parametrize("durable", [False, True])
 @pytest.mark.parametrize("first", [[0, 5], [0, 1, 3, 4, 5, 6, 7]])  # shorter / longer record
-def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first, durable, dtype):
+@pytest.mark.parametrize("average_decay", [0.0, 0.9])
+def test_an_interrupted_update_is_undone_on_restart(
+    tmp_path, monkeypatch, first, durable, dtype, average_decay
+):
     """A process dying between journal and commit leaves the pre-step state after restart (also when the
-    journal still holds the tail of a longer earlier record), bit for bit in either row dtype."""
+    journal still holds the tail of a longer earlier record), bit for bit in either row dtype, the weight
+    average too."""
     hyper = HyperParams(lr=1.0, momentum=0.9)
-    state = ShardState(tmp_path, _spec(dtype=dtype), hyper, durable=durable)
+    spec = _spec(dtype=dtype, average_decay=average_decay)
+    state = ShardState(tmp_path, spec, hyper, durable=durable)
     state.apply(torch.tensor(first), torch.ones(len(first), 3), lr=1.0, step=1)
-    rows, momentum, version = state.rows.clone(), state.state["momentum_buffer"].clone(), state.version
+    rows, version = state.rows.clone(), state.version
+    slots = {name: tensor.clone() for name, tensor in state.state.items()}
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed before the commit")
@@ -181,9 +187,11 @@ def test_an_interrupted_update_is_undone_on_restart(tmp_path, monkeypatch, first
         state.apply(torch.tensor([5, 2, 7]), torch.full((3, 3), 4.0), lr=1.0, step=2)
     assert not torch.equal(state.rows, rows)  # half applied in the memory maps
     monkeypatch.undo()
-    reopened = ShardState(tmp_path, _spec(dtype=dtype), hyper)
+    reopened = ShardState(tmp_path, spec, hyper)
     torch.testing.assert_close(reopened.rows, rows, rtol=0, atol=0)
-    torch.testing.assert_close(reopened.state["momentum_buffer"], momentum, rtol=0, atol=0)
+    assert set(reopened.state) == set(slots)
+    for name, tensor in slots.items():
+        torch.testing.assert_close(reopened.state[name], tensor, rtol=0, atol=0)
     assert (reopened.version, reopened.applied_step) == (version, 1)
     reopened.apply(torch.tensor([5]), torch.ones(1, 3), lr=1.0, step=2)
     assert reopened.version == version + 1
@@ -205,6 +213,16 @@ def test_state_survives_restart_and_rejects_other_settings(tmp_path):
         ShardState(tmp_path, _spec(dim=4), HyperParams())
     with pytest.raises(ValueError, match="dtype is 'float32' but the server was started with 'bf16_sr'"):
         ShardState(tmp_path, _spec(dtype="bf16_sr"), HyperParams())
+
+
+def test_a_shard_reopened_with_another_average_decay_is_refused(tmp_path):
+    ShardState(tmp_path, _spec(average_decay=0.9), HyperParams()).close()
+    with pytest.raises(ValueError, match="average_decay is 0.9 but the server was started with 0.99"):
+        ShardState(tmp_path, _spec(average_decay=0.99), HyperParams())
+    with pytest.raises(ValueError, match="average_decay is 0.9 but the server was started with 0.0"):
+        ShardState(tmp_path, _spec(), HyperParams())
+    with pytest.raises(ValueError, match="--average-decay"):
+        ShardState(tmp_path / "none", _spec(), HyperParams()).average_at(slice(0, 2), 1)
 
 
 def test_a_shard_written_before_row_dtypes_opens_as_float32(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megaclass.ops import row_optimizers
+from megaclass.ops.row_average import ema_decay_at
 from megaclass.paramserver.state import ShardSpec, ShardState, all_finite
 from megaclass.paramserver.updaters import HyperParams
 
@@ -136,3 +137,45 @@ def test_bf16_rounding_is_unbiased(tmp_path):
     stored = state.rows.float()
     assert bool(((stored == below) | (stored == above)).all())
     assert abs(float(stored.mean()) - 1.0 / 3) < 0.02 * float(above - below)  # 65,536 draws
+
+
+def _plain_ema(snapshots: list[torch.Tensor], decay: float) -> torch.Tensor:
+    """``snapshots[0]`` (the start) averaged with ``snapshots[t]`` after each step ``t``, in float64."""
+    average = snapshots[0].double().clone()
+    for step, rows in enumerate(snapshots[1:], start=1):
+        rate = ema_decay_at(decay, step)
+        average = rate * average + (1 - rate) * rows.double()
+    return average
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
+def test_a_shard_keeps_its_rows_average_as_a_plain_ema_of_every_row(tmp_path, dtype):
+    spec = ShardSpec(
+        num_rows=20,
+        dim=4,
+        row_start=3,
+        row_stop=17,
+        optimizer="sgd",
+        trainers=1,
+        dtype=dtype,
+        average_decay=0.8,
+    )
+    state = ShardState(tmp_path, spec, HyperParams(lr=0.2, momentum=0.5), seed=2)
+    assert state.state["average"].dtype == torch.float32  # held as the rows are: not the average
+    assert torch.equal(state.state["average"], state.rows.float()) and not state.state["average_step"].any()
+    snapshots = [state.rows.float().clone()]
+    updated = torch.zeros(spec.size)  # (n,) the step of each row's last update
+    generator = torch.Generator().manual_seed(1)
+    for step, size in enumerate([3, 0, 14, 1, 5, 2, 9, 4], start=1):
+        ids = torch.randperm(spec.size, generator=generator)[:size]
+        state.apply(ids, torch.randn(size, spec.dim, generator=generator), lr=0.2, step=step)
+        updated[ids] = step
+        snapshots.append(state.rows.float().clone())
+        expected = _plain_ema(snapshots, 0.8)
+        torch.testing.assert_close(state.average_at(slice(0, spec.size), step).double(), expected)
+        some = torch.tensor([spec.size - 1, 0, 4])  # by ids, unsorted
+        torch.testing.assert_close(state.average_at(some, step).double(), expected[some])
+    # kept as of the step before each row's last update (reads write nothing)
+    assert torch.equal(state.state["average_step"], (updated - 1).clamp(min=0))
+    kept = state.state["average"][:1]  # a row kept as of a later step than asked: as kept
+    assert torch.equal(state.average_at(slice(0, 1), 0), kept)

@@ -1,20 +1,25 @@
 """Checkpoints of a parameter-server head: rows and optimizer state stream from the servers to the file and
 back a block at a time, are one state of the servers, and restore the head bit for bit."""
 
+import json
 import os
 
 import pytest
 import torch
 
 from megaclass import state_io
+from megaclass.cli import main
 from megaclass.heads import HeadContext, build_head, head_config
+from megaclass.ops.row_average import ema_decay_at
 from megaclass.paramserver import HyperParams, ParamServerClient, ParamServerError
 from megaclass.store import paramserver as ps_store
 from megaclass.train import checkpoint
+from megaclass.train.averaging import WeightAverage
 
 NUM_ROWS, DIM = 61, 6
 ROW_BYTES = 4 * DIM
 BLOCK_ROWS = 5  # rows per block of the save and of the load, made small to count them
+DECAY = 0.8  # of the shards' weight average
 OPTIMIZERS = {
     # name: (server optimizer, its hyper-parameters, the head's optimizer)
     "sgd-momentum": ("sgd", HyperParams(lr=0.5, momentum=0.9), {"kind": "sgd", "momentum": 0.9}),
@@ -43,6 +48,11 @@ def _head(servers, name, **options):
     }
     config = head_config({**options, "store": _url(servers), "optimizer": OPTIMIZERS[name][2]})
     return build_head(config, HeadContext(in_features=DIM, num_classes=NUM_ROWS, multilabel=False))
+
+
+def head_rows(head):
+    """The head's row averages, by the names a trainer's weight average gives them."""
+    return {f"head.{name}": average for name, average in head.average_rows(DECAY).items()}
 
 
 def _fields(servers, store):
@@ -213,9 +223,134 @@ def test_bf16_shards_restored_from_a_checkpoint_train_on_bit_for_bit(shards, tmp
     _assert_both_train_on_alike(train_head, batches[3:], (head, first), (resumed, second))
 
 
-def test_rows_on_the_servers_are_left_out_of_a_weight_average(shards):
-    """The servers apply the rows' updates, so a trainer cannot bring their average up to date: the head
-    averages no rows there (the trainer then says they are kept as trained)."""
+def test_rows_on_servers_that_keep_no_average_are_left_out_of_a_weight_average(shards):
+    """Shards started without ``--average-decay`` keep no average of their rows: the head averages none
+    there (the trainer then says they are kept as trained)."""
     head = _head(_servers(shards, "adagrad", seed=0), "adagrad")
     assert head.average_rows(0.9) == {} and head.store.start_average(0.9) is None
     head.store.close()
+
+
+def _averaged_servers(shards, *, seed, decay=DECAY):
+    optimizer, hyper, _ = OPTIMIZERS["sgd-momentum"]
+    return shards(
+        3, num_rows=NUM_ROWS, dim=DIM, optimizer=optimizer, hyper=hyper, seed=seed, average_decay=decay
+    )
+
+
+def _plain_ema(snapshots, decay=DECAY):
+    """``snapshots[0]`` (the start) averaged with ``snapshots[t]`` after each step ``t``, in float64."""
+    average = snapshots[0].double()
+    for step, rows in enumerate(snapshots[1:], start=1):
+        rate = ema_decay_at(decay, step)
+        average = rate * average + (1 - rate) * rows.double()
+    return average
+
+
+def test_the_servers_average_of_the_rows_is_evaluated_saved_and_resumed(shards, tmp_path, train_head):
+    """Shards started with ``--average-decay`` keep the rows' average: swapped in, every read of the store
+    gives it (a plain EMA of every row after every step), no update is taken; it is saved a block at a time
+    with the checkpoint, and a resumed run averages on as the uninterrupted one."""
+    batches = _batches()
+    first = _averaged_servers(shards, seed=1)
+    head = _head(first, "sgd-momentum")
+    average = WeightAverage({"head": head}, decay=DECAY, rows=head_rows(head))
+    snapshots = [_fields(first, head.store)["weight"]]
+    for step, batch in enumerate(batches[:4], start=1):
+        train_head(head, [batch], step)
+        average.update(step=step)
+        snapshots.append(_fields(first, head.store)["weight"])
+    expected = _plain_ema(snapshots)
+    with average.swapped():
+        torch.testing.assert_close(head.store.read(0, NUM_ROWS).double(), expected)
+        ids = torch.tensor([60, 0, 17, 33])
+        torch.testing.assert_close(head.store.pull(ids).double(), expected[ids])
+        torch.testing.assert_close(head.store.rows()[0:NUM_ROWS].double(), expected)
+        assert torch.equal(head.store.state_dict()["weight"].read(), head.store.read(0, NUM_ROWS))
+        with pytest.raises(RuntimeError, match="swap"):
+            head.store.push(ids, torch.ones(4, DIM), step=5, lr=0.1)
+    assert torch.equal(head.store.read(0, NUM_ROWS), snapshots[-1])  # the trained rows back
+
+    state = {"head": head.state_dict(), "average": average.state_dict(), "step": 4}
+    assert isinstance(state["average"]["head.store.weight"], ps_store.ServerRows)
+    path = checkpoint.save_checkpoint(str(tmp_path / "ck"), 4, state)
+    second = _averaged_servers(shards, seed=2)  # other rows: all overwritten from the file
+    resumed = _head(second, "sgd-momentum")
+    again = WeightAverage({"head": resumed}, decay=DECAY, rows=head_rows(resumed))
+    loaded = checkpoint.load_checkpoint(path)
+    resumed.load_state_dict(loaded["head"])
+    again.load_state_dict(loaded["average"], step=4)
+    for run, weights in ((head, average), (resumed, again)):
+        train_head(run, batches[4:], 5)
+        weights.update(step=6)
+    saved = [weights.state_dict()["head.store.weight"].read() for weights in (average, again)]
+    torch.testing.assert_close(saved[1], saved[0])
+    head.store.close()
+    resumed.store.close()
+
+
+def test_an_average_the_servers_kept_before_this_run_starts_over_from_its_rows(shards, train_head):
+    batches = _batches()
+    servers = _averaged_servers(shards, seed=1)
+    earlier = _head(servers, "sgd-momentum")
+    train_head(earlier, batches[:3], 1)  # another run's steps
+    earlier.store.close()
+    head = _head(servers, "sgd-momentum")
+    average = WeightAverage({"head": head}, decay=DECAY, rows=head_rows(head))
+    start = _fields(servers, head.store)["weight"]
+    train_head(head, batches[3:4], 1)  # this run's first step
+    average.update(step=1)
+    now = _fields(servers, head.store)["weight"]
+    torch.testing.assert_close(
+        average.state_dict()["head.store.weight"].read().double(), _plain_ema([start, now])
+    )
+    head.store.close()
+
+
+def test_an_average_of_another_decay_than_the_servers_is_refused(shards):
+    head = _head(_averaged_servers(shards, seed=0), "sgd-momentum")
+    with pytest.raises(
+        ValueError, match=r"decay 0.8 \(--average-decay\); start them with --average-decay 0.9"
+    ):
+        head.average_rows(0.9)
+    head.store.close()
+
+
+def test_a_run_on_servers_that_keep_the_average_evaluates_and_keeps_it(
+    shards, deb_tags_slice, tmp_path, capsys
+):
+    """Through the trainer: the run says the head's rows are averaged, evaluates and keeps their average
+    (the kept weights are the checkpoint's average, not its rows), and ``eval`` of the run scores as it
+    did."""
+    train, test = deb_tags_slice(200, 50)
+    with open(train) as file:
+        num_labels = int(file.readline().split()[2])
+    servers = shards(
+        2, num_rows=num_labels, dim=32, optimizer="adamw", hyper=HyperParams(lr=0.01), average_decay=0.5
+    )
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--train",
+        train,
+        "--test",
+        test,
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--head",
+        "selected",
+    ]
+    settings = ["model.hidden=[32]", "train.batch_size=32", "train.progress=false", "head.sample_num=40"]
+    settings += [f"head.store={_url(servers)}", "head.index=gpu", "train.ema_decay=0.5"]
+    assert main([*argv, "--set", *settings]) == 0
+    assert "the encoder and the head are evaluated and kept averaged" in capsys.readouterr().out
+    kept = state_io.read_state(str(out / "model"))["head"]["store.weight"]
+    newest = state_io.read_state(checkpoint.latest_checkpoint(str(out / "checkpoints")))
+    assert torch.equal(kept, newest["average"]["head.store.weight"])
+    assert not torch.equal(kept, newest["head"]["store.weight"])
+    with open(out / "metrics.json") as file:
+        metrics = json.load(file)
+    assert main(["eval", "--run", str(out), "--test", test]) == 0
+    assert json.loads(capsys.readouterr().out)["P@1"] == pytest.approx(metrics["P@1"], abs=1e-6)

@@ -499,10 +499,10 @@ class SelectedHead(Head):
             self.rebuild_index()
 
     def average_rows(self, decay: float) -> dict[str, RowAverage]:
-        """The store's rows (``store.weight``), averaged by the store where it holds them (``gpu``, ``host``);
-        rows on parameter servers are not averaged (their updates are applied there). Before the average
-        takes the rows' place, the index is brought up to the trained rows: an evaluation through it then
-        refreshes nothing from the average."""
+        """The store's rows (``store.weight``), averaged by the store: ``gpu``, ``host``, and parameter
+        servers started with ``--average-decay`` (none on those without). Before the average takes the rows'
+        place, the index is brought up to the trained rows: an evaluation through it then refreshes nothing
+        from the average."""
         average = self.materialize().start_average(decay, before_swap=self._before_average)
         return {} if average is None else {"store.weight": average}
 

@@ -434,8 +434,11 @@ class ParamServerClient:
         return pieces
 
     # -- rows ------------------------------------------------------------------------------------------
-    def pull_async(self, ids: Tensor | np.ndarray, *, min_step: int | None = None) -> PendingPull:
-        """Start pulling rows ``ids (S,)``; sync mode waits for step ``min_step`` (default: last pushed)."""
+    def pull_async(
+        self, ids: Tensor | np.ndarray, *, min_step: int | None = None, average_step: int | None = None
+    ) -> PendingPull:
+        """Start pulling rows ``ids (S,)``; sync mode waits for step ``min_step`` (default: last pushed).
+        ``average_step``: the rows' weight average at that optimizer step instead (shards that keep one)."""
         ids = _as_ids(ids)
         min_step = self.last_pushed_step if min_step is None and self.mode == "sync" else (min_step or 0)
         parts = []
@@ -447,6 +450,8 @@ class ParamServerClient:
                 min_step=min_step,
                 incarnation=self._shards[shard].incarnation,
             )
+            if average_step is not None:
+                request.field, request.average_step = "average", average_step
             self._reserve_rows(shard, request, _count(positions))
             parts.append((shard, positions, *self._issue(shard, "PullRowsRequest", request)))
         self.drain()  # after issuing: the pull travels while the last push is acknowledged
@@ -463,10 +468,17 @@ class ParamServerClient:
             request.buffer, request.buffer_offset, request.buffer_bytes = state.buffer_id, offset, nbytes
 
     def pull(
-        self, ids: Tensor | np.ndarray, *, min_step: int | None = None, pin_memory: bool = False
+        self,
+        ids: Tensor | np.ndarray,
+        *,
+        min_step: int | None = None,
+        pin_memory: bool = False,
+        average_step: int | None = None,
     ) -> Tensor:
-        """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor (page-locked with ``pin_memory``)."""
-        return self.pull_async(ids, min_step=min_step).result(pin_memory=pin_memory)
+        """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor (page-locked with ``pin_memory``); with
+        ``average_step``, their weight average at that step (:meth:`pull_async`)."""
+        pending = self.pull_async(ids, min_step=min_step, average_step=average_step)
+        return pending.result(pin_memory=pin_memory)
 
     def refresh(self, pending: PendingPull, rows: Tensor, *, min_step: int | None = None) -> Tensor:
         """Bring rows pulled early (``pending.result()``) up to date: re-pull only rows changed since."""
@@ -634,12 +646,15 @@ class ParamServerClient:
         field: str = "rows",
         block_bytes: int = 1 << 28,
         versions: Sequence[int] | None = None,
+        average_step: int = 0,
     ) -> Tensor:
         """Rows ``[start, stop)`` of ``field``, fetched in blocks of at most ``block_bytes``.
 
         Args:
             versions: each shard's version (``health()[i].version``, in shard order) the rows must be read
                 at: a snapshot read in several calls is checked to be one state of the servers.
+            average_step: with ``field="average"``, the weight average brought up to that optimizer step
+                (0: as kept, each row's as of its last update).
 
         Returns a ``(stop - start, D)`` float32 tensor (``(stop - start,)`` for a per-row scalar slot).
 
@@ -656,7 +671,14 @@ class ParamServerClient:
             step = max(1, min(block_bytes // (4 * self.dim), state.max_rows))
             for a in range(lo, hi, step):
                 b = min(a + step, hi)
-                request = wire.message("GetRowsRequest", start=a, stop=b, dtype="float32", field=field)
+                request = wire.message(
+                    "GetRowsRequest",
+                    start=a,
+                    stop=b,
+                    dtype="float32",
+                    field=field,
+                    average_step=average_step,
+                )
                 issued.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
         for shard, a, request, future in issued:
             response = self._wait(shard, "GetRows", request, future)

@@ -88,6 +88,8 @@ class ServerConfig:
         dtype: ``"float32"``, or ``"bf16_sr"``: rows and their row-shaped optimizer state in bfloat16 (half
             the memory and half the bytes an update moves), updated in float32 and stochastically rounded.
         hyper: initial hyper-parameters (a restarted server keeps the ones it had).
+        average_decay: keep each row's weight average (``train.ema_decay`` of a trainer, the same value)
+            beside it, brought up to date as the row changes: float32, and a step count a row; 0: none.
         threads: request threads; None: ``8 + 4 * trainers`` (waiting pulls hold a thread each).
         init_bound: rows of a new shard start as ``U(-init_bound, init_bound)``, the matrix an in-process
             store with the same seed starts from; None: ``1 / sqrt(D)``; 0: zeros.
@@ -122,6 +124,7 @@ class ServerConfig:
     optimizer: str = "sgd"
     dtype: str = "float32"
     hyper: HyperParams = field(default_factory=HyperParams)
+    average_decay: float = 0.0
     threads: int | None = None
     init_bound: float | None = None
     seed: int = 0
@@ -145,6 +148,8 @@ class ServerConfig:
             raise ValueError(f"--dtype {self.dtype!r}: expected one of {list(ROW_DTYPES)}")
         if self.trainers < 1:
             raise ValueError(f"--trainers {self.trainers}: expected >= 1")
+        if not 0.0 <= self.average_decay < 1.0:
+            raise ValueError(f"--average-decay {self.average_decay}: expected 0 (none) or a value in (0, 1)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.index_device.split(":")[0] not in ("cpu", "cuda"):
@@ -237,6 +242,12 @@ def add_serve_arguments(parser: Any) -> None:
         default="float32",
         help="rows and row-shaped optimizer state: float32, or bf16_sr (bfloat16, stochastic rounding)",
     )
+    parser.add_argument(
+        "--average-decay",
+        type=float,
+        default=0.0,
+        help="keep the rows' weight average with this decay (a trainer's train.ema_decay); 0: none",
+    )
     parser.add_argument("--lr", type=float, default=0.01, help="lr when a push carries none")
     parser.add_argument("--momentum", type=float, default=0.9, help="sgd momentum; 0 keeps no momentum state")
     parser.add_argument("--nesterov", action="store_true")
@@ -324,6 +335,7 @@ def config_from_arguments(args: Any) -> ServerConfig:
         optimizer=args.optimizer,
         dtype=args.dtype,
         hyper=hyper,
+        average_decay=args.average_decay,
         threads=args.threads,
         init_bound=args.init_bound,
         seed=args.seed,

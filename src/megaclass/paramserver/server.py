@@ -136,7 +136,14 @@ class ShardService:
         self.config = config
         start, stop = shard_range(config.num_rows, config.shard, config.shards)
         spec = ShardSpec(
-            config.num_rows, config.dim, start, stop, config.optimizer, config.trainers, config.dtype
+            config.num_rows,
+            config.dim,
+            start,
+            stop,
+            config.optimizer,
+            config.trainers,
+            config.dtype,
+            config.average_decay,
         )
         self.state = ShardState(
             config.data_dir,
@@ -214,9 +221,12 @@ class ShardService:
             version = self.state.version
             if request.only_changed and len(local):
                 local = local[self.state.versions.index_select(0, local) > request.changed_after]
-            if request.buffer:  # gathered straight into the client's shared memory
-                self._gather_into_buffer(request, local, dtype)
-            else:
+            rows = None  # gathered straight into the client's shared memory, or here
+            if request.field not in ("", "rows"):  # the weight average: a pull reads no optimizer slot
+                rows = self._average(request.field, request.average_step, local)  # (S, D)
+            if request.buffer:
+                self._gather_into_buffer(request, local, dtype, rows)
+            elif rows is None:
                 rows = self.state.rows.index_select(0, local)  # (S, D)
         response = wire.message(
             "PullRowsResponse",
@@ -230,8 +240,17 @@ class ShardService:
             return response
         return wire.Prepared(response, 1, rows, dtype)  # rows appended at serialization
 
-    def _gather_into_buffer(self, request: Any, local: Tensor, dtype: str) -> None:
-        """Rows ``local`` of the shard, as ``dtype``, into the buffer range ``request`` names."""
+    def _average(self, field: str, step: int, local: Tensor | slice) -> Tensor:
+        """Rows ``local`` of the weight average at optimizer step ``step`` (PullRows, GetRows)."""
+        if field != "average":
+            raise ValueError(f"field {field!r} with average_step {step}: expected field 'average'")
+        if step < 0:
+            raise ValueError(f"average_step {step}: expected >= 0")
+        return self.state.average_at(local, step)
+
+    def _gather_into_buffer(self, request: Any, local: Tensor, dtype: str, rows: Tensor | None) -> None:
+        """Rows ``local`` of the shard (``rows``: those values instead), as ``dtype``, into the buffer range
+        ``request`` names."""
         shape = (len(local), self.state.spec.dim)
         nbytes = wire.array_nbytes(dtype, shape)
         if nbytes > request.buffer_bytes:
@@ -243,7 +262,9 @@ class ShardService:
             out = torch.from_numpy(target.view(np.float32).reshape(shape))
         else:
             out = torch.from_numpy(target.view(np.int16).reshape(shape)).view(torch.bfloat16)
-        if out.dtype == self.state.rows.dtype:
+        if rows is not None:
+            out.copy_(rows)
+        elif out.dtype == self.state.rows.dtype:
             torch.index_select(self.state.rows, 0, local, out=out)
         else:
             out.copy_(self.state.rows.index_select(0, local))
@@ -333,11 +354,12 @@ class ShardService:
             )
         self._check_rows(request.stop - request.start, "rows")
         dtype = self._dtype(request.dtype)
+        local = slice(request.start - spec.row_start, request.stop - spec.row_start)
         with self.lock.read():
-            values = self.state.field(request.field)[
-                request.start - spec.row_start : request.stop - spec.row_start
-            ]
-            values = values.to(wire.DTYPES[dtype], copy=True)  # a copy: the rows may change after the lock
+            if request.average_step:
+                values = self._average(request.field, request.average_step, local).to(wire.DTYPES[dtype])
+            else:  # a copy: the rows may change after the lock
+                values = self.state.field(request.field)[local].to(wire.DTYPES[dtype], copy=True)
             version = self.state.version
         return wire.Prepared(wire.message("GetRowsResponse", version=version), 1, values, dtype)
 
@@ -525,6 +547,7 @@ class ShardService:
             max_queries_per_request=self.limits.queries,
             max_message_bytes=self.limits.send_bytes,
             row_dtype=spec.dtype,
+            average_decay=spec.average_decay,
         )
 
     # -- sync barrier ----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Files under the data folder::
     rows.f32           (n, D) float32 rows, n = row_stop - row_start (rows.bf16 with dtype bf16_sr)
     <slot>.f32         (n, D) or (n,) float32 optimizer state per slot (momentum_buffer, exp_avg, step, ...);
                        with dtype bf16_sr the (n, D) slots are <slot>.bf16, per-row counts stay float32
+    average.f32        with an average decay: (n, D) float32 weight average of each row as of its step in
+    average_step.f32   (n,) (the step it was last brought up to; :mod:`megaclass.ops.row_average`)
     versions.i64       (n,) state version of each row's last update (clients revalidate prefetched rows)
     header.i64         committed version, last applied step, journal marker, per-trainer steps
     journal.bin        undo record of the update in progress
@@ -21,6 +23,11 @@ either a committed state or a marker newer than the committed version; on restar
 the journal, so no half-applied step survives. With ``durable=True`` the journal is synced before (2) and
 the maps flushed after (4), which extends the guarantee to power loss. :meth:`ShardState.snapshot` copies a
 committed state to its own fsync'd folder.
+
+With an average decay the shard keeps each row's weight average (a trainer's ``train.ema_decay``) lazily:
+an update first brings the touched rows' averages up to the step before it from their old values (in the same
+journalled update), and a read of the average (:meth:`ShardState.average_at`) brings the rows it reads up to
+the step asked, without writing: the same numbers as averaging every row after every step.
 
 With ``dtype="bf16_sr"`` the rows and their row-shaped optimizer state are bfloat16 (half the memory, and
 half the bytes a push's update moves): an update works in float32 and writes back stochastically rounded
@@ -48,6 +55,7 @@ import torch
 from torch import Tensor
 
 from megaclass.ops.held_rows import RowDtype, put_held_rows_
+from megaclass.ops.row_average import fold_rows_
 from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
 from megaclass.ops.stochastic_rounding import rounding_seed
 from megaclass.paramserver.config import ROW_DTYPES
@@ -77,6 +85,7 @@ class ShardSpec:
     optimizer: str
     trainers: int
     dtype: str = "float32"  # one of ROW_DTYPES
+    average_decay: float = 0.0  # the rows' weight average is kept with this decay; 0: none
 
     @property
     def size(self) -> int:
@@ -110,6 +119,8 @@ class ShardState:
         self._arrays: dict[str, np.memmap] = {}
         self._buffers: dict[str, Tensor] = {}  # rows and state of the update in progress
         os.makedirs(self.dir, exist_ok=True)
+        # the weight average's slots: journalled and saved as the optimizer's are, never given to it
+        self.average_slots = {"average": (spec.dim,), "average_step": ()} if spec.average_decay else {}
         meta_path = os.path.join(self.dir, "meta.json")
         fresh = not os.path.exists(meta_path)
         if fresh:
@@ -121,8 +132,8 @@ class ShardState:
             self._check_file_sizes()
         self.rows = self._map("rows", (spec.size, spec.dim), spec.held, fresh)
         self.state = {
-            slot: self._map(slot, (spec.size, *shape), self._slot_dtype(shape), fresh)
-            for slot, shape in self.slots.items()
+            slot: self._map(slot, (spec.size, *shape), self._slot_dtype(slot, shape), fresh)
+            for slot, shape in {**self.slots, **self.average_slots}.items()
         }
         self.versions = self._map("versions", (spec.size,), torch.int64, fresh)
         self.header = self._map("header", (_TRAINERS0 + spec.trainers,), torch.int64, fresh)
@@ -150,12 +161,26 @@ class ShardState:
         return [int(s) for s in self.header[_TRAINERS0:]]
 
     def field(self, name: str) -> Tensor:
-        """The ``(n, D)`` (or ``(n,)``) tensor view of ``"rows"`` or an optimizer slot."""
+        """The ``(n, D)`` (or ``(n,)``) tensor view of ``"rows"``, an optimizer slot or an average slot (the
+        average as kept, each row as of its step)."""
         if name in ("", "rows"):
             return self.rows
         if name not in self.state:
-            raise ValueError(f"field {name!r} is not one of {['rows', *self.slots]}")
+            raise ValueError(f"field {name!r} is not one of {['rows', *self.state]}")
         return self.state[name]
+
+    def average_at(self, local: Tensor | slice, step: int) -> Tensor:
+        """The weight average of rows ``local`` (ids ``(S,)`` or a range) at optimizer step ``step``, float32
+        ``(S, D)``: each brought up to ``step`` from the rows as they are (a row averaged as of a later step
+        stays as kept); nothing is written."""
+        if not self.average_slots:
+            raise ValueError("this shard keeps no weight average (start it with --average-decay)")
+        if isinstance(local, slice):
+            local = torch.arange(*local.indices(self.spec.size))
+        average, last = (self.state[slot].index_select(0, local) for slot in ("average", "average_step"))
+        rows = self.rows.index_select(0, local)
+        fold_rows_(average, last, rows, decay=self.spec.average_decay, step=step)
+        return average
 
     # -- writing ---------------------------------------------------------------------------------------
     def apply(
@@ -172,8 +197,13 @@ class ShardState:
         old_rows, old_state = self._journal(local, new_version)
         rows = self._work("rows", old_rows)  # (S, D) float32
         state = {slot: self._work(slot, values) for slot, values in old_state.items()}
+        average = {slot: state.pop(slot) for slot in self.average_slots}
+        if average:  # brought up to the step before this one, from the rows this update changes
+            decay = self.spec.average_decay
+            fold_rows_(average["average"], average["average_step"], rows, decay=decay, step=step - 1)
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
+        state |= average
         written = [(self.rows, rows), *((self.state[slot], values) for slot, values in state.items())]
         put_held_rows_(written, local, seed=rounding_seed(self.seed, self.spec.row_start, step, *trainers))
         self.versions.index_fill_(0, local, new_version)
@@ -236,16 +266,17 @@ class ShardState:
         n, d = self.spec.size, self.spec.dim
         held = self.spec.held
         sizes = {_file_name("rows", held): held.itemsize * n * d}
-        for slot, shape in self.slots.items():
-            dtype = self._slot_dtype(shape)
+        for slot, shape in {**self.slots, **self.average_slots}.items():
+            dtype = self._slot_dtype(slot, shape)
             sizes[_file_name(slot, dtype)] = dtype.itemsize * n * math.prod(shape)
         sizes["versions.i64"] = 8 * n
         sizes["header.i64"] = 8 * (_TRAINERS0 + self.spec.trainers)
         return sizes
 
-    def _slot_dtype(self, shape: tuple[int, ...]) -> torch.dtype:
-        """Row-shaped slots are held as the rows are; per-row counts (``step``) stay float32."""
-        return self.spec.held if shape else torch.float32
+    def _slot_dtype(self, slot: str, shape: tuple[int, ...]) -> torch.dtype:
+        """Row-shaped optimizer slots are held as the rows are; per-row counts (``step``) and the weight
+        average (whose steps are small moves) stay float32."""
+        return self.spec.held if shape and slot not in self.average_slots else torch.float32
 
     def _check_file_sizes(self) -> None:
         """Refuse a restart on a missing, truncated or extended state file (it would be served as zeros)."""
@@ -333,6 +364,8 @@ class ShardState:
         if bound is None or bound > 0:  # fresh maps hold zeros already
             spec = self.spec
             init_rows_(self.rows, seed=seed, bound=bound, row_start=spec.row_start, num_rows=spec.num_rows)
+        if self.average_slots:  # the average starts from the initial rows, at step 0
+            self.state["average"].copy_(self.rows)
         self.header[_MAGIC] = MAGIC
         for array in self._arrays.values():
             array.flush()
@@ -342,6 +375,7 @@ class ShardState:
             meta = json.load(f)
         expected = {"format": FORMAT, **asdict(self.spec)}
         meta.setdefault("dtype", "float32")  # a shard written before rows could be held in bfloat16
+        meta.setdefault("average_decay", 0.0)  # or before shards kept a weight average
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise ValueError(

@@ -18,7 +18,7 @@ from megaclass.ops.row_optimizers import (
 )
 from megaclass.ops.stochastic_rounding import rounding_seed
 from megaclass.state_io import SavedTensor, copy_into_
-from megaclass.store.average import RowAverage
+from megaclass.store.average import HeldRowAverage
 
 __all__ = ["LocalRows", "RowDtype", "check_ids"]
 
@@ -82,13 +82,13 @@ class LocalRows:
         draw_device = device if draw_device is None else draw_device
         init_rows_(self.weight, seed=seed, bound=init_bound, draw_device=draw_device)
         self.state = init_row_state(self.optimizer, num_rows, dim, device=device, dtype=held)
-        self.average: RowAverage | None = None  # train.ema_decay's, once started
+        self.average: HeldRowAverage | None = None  # train.ema_decay's, once started
 
-    def start_average(self, decay: float, **hooks: Callable[[], None]) -> RowAverage:
-        """Keep the rows' weight average from now on (:class:`~megaclass.store.average.RowAverage`, given
+    def start_average(self, decay: float, **hooks: Callable[[], None]) -> HeldRowAverage:
+        """Keep the rows' weight average from now on (:class:`~megaclass.store.average.HeldRowAverage`, given
         ``hooks``: ``flush``, ``before_swap``: each row brought up to date as an update changes it); returns
         it."""
-        self.average = RowAverage(self, decay=decay, **hooks)
+        self.average = HeldRowAverage(self, decay=decay, **hooks)
         return self.average
 
     @property

@@ -11,6 +11,10 @@ The URL may end in options: ``ps://host:port,host:port?token_file=/run/secrets/p
 agree); a TLS root certificate from ``tls_ca=`` or ``MEGACLASS_PS_TLS_CA`` (a PEM file path), read when the
 store is built.
 
+Shards started with ``--average-decay`` keep the rows' weight average (``train.ema_decay``, the same decay)
+beside them, each row's brought up to date as an update changes it: :meth:`ParamServerStore.start_average`
+gives it (:class:`ServerRowAverage`); while it is swapped in for an evaluation every read gives the average.
+
 A checkpoint streams the servers' rows and optimizer state a block at a time (:class:`ServerRows`), never
 a whole copy in this process's memory. It is one state of the servers: :meth:`ParamServerStore.state_dict`
 waits until this trainer's pushes are applied (sync mode: every trainer's, through the barrier), records each
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +36,7 @@ from torch import Tensor
 from megaclass.ops.held_rows import RowDtype
 from megaclass.ops.row_optimizers import RowOptimizerConfig, RowOptimizerKind
 from megaclass.state_io import RowSource, row_blocks
+from megaclass.store.average import RowAverage
 from megaclass.store.base import RowStore
 
 if TYPE_CHECKING:
@@ -157,8 +162,16 @@ class ParamServerStore(RowStore):
         self.device = torch.device(device)
         self._prefetched: tuple[Tensor, object] | None = None  # (ids, PendingPull)
         self._field_shapes: dict[str, tuple[int, ...]] = {}  # field -> its shape on the servers
-        health = self.client.health()[0]
-        self.optimizer_kind, self.slots = health.optimizer, tuple(health.slots)
+        healths = self.client.health()
+        self.optimizer_kind, self.slots = healths[0].optimizer, tuple(healths[0].slots)
+        decays = {float(health.average_decay) for health in healths}
+        if len(decays) > 1:
+            raise ValueError(
+                f"the parameter servers keep weight averages of decays {sorted(decays)}: one is needed"
+            )
+        self.average_decay = decays.pop()  # 0: the shards keep no weight average
+        self.average: ServerRowAverage | None = None  # once started
+        self.average_step: int | None = None  # while the average is swapped in: the step every read gives
 
     def configure(self, optimizer: RowOptimizerConfig) -> None:
         """Make the servers' optimizer settings those of ``optimizer`` (its kind must be the servers').
@@ -199,7 +212,9 @@ class ParamServerStore(RowStore):
         ids_cpu = ids.detach().to("cpu", torch.int64)
         prefetched, self._prefetched = self._prefetched, None
         pin = self.device.type == "cuda"  # rows land in page-locked memory: the copy below is asynchronous
-        if prefetched is not None and torch.equal(prefetched[0], ids_cpu):
+        if self.average_step is not None:
+            rows = self.client.pull(ids_cpu, pin_memory=pin, average_step=self.average_step)
+        elif prefetched is not None and torch.equal(prefetched[0], ids_cpu):
             pending = prefetched[1]
             rows = self.client.refresh(pending, pending.result(pin_memory=pin))  # re-pull only changed rows
         else:
@@ -211,17 +226,48 @@ class ParamServerStore(RowStore):
         self._prefetched = (ids_cpu, self.client.pull_async(ids_cpu))
 
     def push(self, ids: Tensor, grads: Tensor, *, step: int, lr: float) -> None:
+        if self.average is not None:
+            self.average.check_update(step)
         self.client.push(ids.detach().to("cpu", torch.int64), grads, step=step, lr=lr, wait=False)
 
     def read(self, start: int, stop: int) -> Tensor:
         self.flush()
-        return self.client.get_rows(start, stop).to(self.device)
+        return self._rows_source(None)[start:stop].to(self.device)
 
     def rows(self) -> ServerRows:
         """The servers' rows as they are when read, a block or a set of ids at a time (an index's builds
         read them so: a copy of them all is never made)."""
         self.flush()
-        return ServerRows(self.client, "rows", self._field_shape("rows"), None)
+        return self._rows_source(None)
+
+    def _rows_source(self, versions: Sequence[int] | None) -> ServerRows:
+        """The rows, or while the average is swapped in, the average at its step."""
+        if self.average_step is None:
+            return ServerRows(self.client, "rows", self._field_shape("rows"), versions)
+        return ServerRows(
+            self.client, "average", self._field_shape("rows"), versions, average_step=self.average_step
+        )
+
+    def start_average(
+        self, decay: float, *, before_swap: Callable[[], None] = lambda: None
+    ) -> ServerRowAverage | None:
+        """The servers' weight average of the rows, where they keep one (``--average-decay``); None where
+        they keep none.
+
+        Raises:
+            ValueError: they keep one of another decay.
+        """
+        if not self.average_decay:
+            return None
+        if not math.isclose(decay, self.average_decay, rel_tol=1e-9):
+            raise ValueError(
+                f"train.ema_decay={decay:g}: the parameter servers average the rows with decay "
+                f"{self.average_decay:g} (--average-decay); start them with --average-decay {decay:g}, or "
+                f"set train.ema_decay={self.average_decay:g}"
+            )
+        applied = max(int(health.applied_step) for health in self.client.health())
+        self.average = ServerRowAverage(self, before_swap=before_swap, stale=applied > 0)
+        return self.average
 
     def flush(self) -> None:
         self.client.flush()
@@ -244,18 +290,24 @@ class ParamServerStore(RowStore):
         Write them before the servers' rows change: a block read after an update (another trainer's push, a
         load) raises :class:`~megaclass.paramserver.ParamServerError` rather than mix two states.
         """
-        self.flush()
-        versions = tuple(int(health.version) for health in self.client.health())
-        return {
+        versions = self.versions()
+        state = {
             _key(field): ServerRows(self.client, field, self._field_shape(field), versions)
-            for field in ("rows", *self.slots)
+            for field in self.slots
         }
+        return {"weight": self._rows_source(versions), **state}
+
+    def versions(self) -> tuple[int, ...]:
+        """Each shard's state version once every push of this trainer is applied."""
+        self.flush()
+        return tuple(int(health.version) for health in self.client.health())
 
     def load_rows(self, rows: Tensor | RowSource) -> None:
         """Overwrite the servers' rows alone, a block of rows at a time; their optimizer state stays."""
         shape = self._field_shape("rows")
         if tuple(rows.shape) != shape:
             raise ValueError(f"store rows: expected shape {shape}, got {tuple(rows.shape)}")
+        self._check_not_swapped()
         self.flush()
         self._write_field("rows", rows)
 
@@ -275,15 +327,25 @@ class ParamServerStore(RowStore):
                 raise ValueError(
                     f"state dict entry {key!r}: shape {tuple(values.shape)}, the servers keep {shapes[key]}"
                 )
+        self._check_not_swapped()
         self.flush()
         for key, values in state.items():
             self._write_field(expected[key], values)
 
-    def _write_field(self, field: str, values: Tensor | RowSource) -> None:
-        """Overwrite the servers' ``field`` of every row with ``values``, a block of rows at a time."""
-        row_bytes = 4 * math.prod(self._field_shape(field)[1:])
-        for start, stop in row_blocks(self.num_rows, row_bytes, LOAD_BLOCK_BYTES):
-            self.client.set_rows(torch.arange(start, stop), values[start:stop], field=field)
+    def _check_not_swapped(self) -> None:
+        if self.average_step is not None:
+            raise RuntimeError("the servers' rows are written while their average is swapped in")
+
+    def _write_field(self, field: str, values: Tensor | RowSource | float) -> None:
+        """Overwrite the servers' ``field`` of every row with ``values`` (a number: that value everywhere), a
+        block of rows at a time."""
+        shape = self._field_shape(field)
+        for start, stop in row_blocks(self.num_rows, 4 * math.prod(shape[1:]), LOAD_BLOCK_BYTES):
+            if isinstance(values, (int, float)):
+                block = torch.full((stop - start, *shape[1:]), float(values))
+            else:
+                block = values[start:stop]
+            self.client.set_rows(torch.arange(start, stop), block, field=field)
 
     def _field_shape(self, field: str) -> tuple[int, ...]:
         """``(num_rows, ...)``: the servers' shape of ``field`` (a per-row scalar slot is ``(num_rows,)``)."""
@@ -302,9 +364,9 @@ def _key(field: str) -> str:
 
 
 class ServerRows(RowSource):
-    """One field of the servers' rows (``"rows"`` or an optimizer slot), read when asked: ``source[a:b]``
-    pulls rows ``[a, b)`` as a float32 CPU tensor (:class:`~megaclass.state_io.RowSource`), and
-    :meth:`take` the rows of some ids.
+    """One field of the servers' rows (``"rows"``, an optimizer slot, or the weight average ``"average"`` at
+    optimizer step ``average_step``), read when asked: ``source[a:b]`` pulls rows ``[a, b)`` as a float32 CPU
+    tensor (:class:`~megaclass.state_io.RowSource`), and :meth:`take` the rows of some ids.
 
     Every read is checked against the shards' ``versions`` (their state when the source was made): rows
     updated since raise :class:`~megaclass.paramserver.ParamServerError`, so what is read in blocks is one
@@ -312,24 +374,92 @@ class ServerRows(RowSource):
     """
 
     def __init__(
-        self, client: ParamServerClient, field: str, shape: tuple[int, ...], versions: Sequence[int] | None
+        self,
+        client: ParamServerClient,
+        field: str,
+        shape: tuple[int, ...],
+        versions: Sequence[int] | None,
+        *,
+        average_step: int | None = None,
     ) -> None:
-        self.client, self.field = client, field
+        self.client, self.field, self.average_step = client, field, average_step
         self.versions = None if versions is None else tuple(versions)
         self.shape, self.dtype = torch.Size(shape), torch.float32
 
     def __repr__(self) -> str:
         versions = "live" if self.versions is None else list(self.versions)
-        return f"ServerRows({self.field!r}, shape={tuple(self.shape)}, versions={versions})"
+        step = "" if self.average_step is None else f", average_step={self.average_step}"
+        return f"ServerRows({self.field!r}, shape={tuple(self.shape)}, versions={versions}{step})"
 
     def take(self, ids: Tensor) -> Tensor:
-        """The rows ``ids (n,)`` as they are now, ``(n, D)`` float32 on the CPU (the ``rows`` field of a live
-        source: pulled as a step pulls them)."""
-        if self.field != "rows" or self.versions is not None:
-            raise ValueError(f"{self!r}: only a live source of the rows is read by ids")
-        return self.client.pull(ids.to("cpu", torch.int64))
+        """The rows ``ids (n,)`` as they are now, ``(n, D)`` float32 on the CPU (the rows, or their average,
+        of a live source: pulled as a step pulls them)."""
+        if self.field not in ("rows", "average") or self.versions is not None:
+            raise ValueError(f"{self!r}: only a live source of the rows or their average is read by ids")
+        return self.client.pull(ids.to("cpu", torch.int64), average_step=self.average_step)
 
     def read_rows(self, start: int, stop: int) -> Tensor:
         if start == stop:  # no call: an empty range has no rows to tell a slot's shape
             return torch.empty((0, *self.shape[1:]))
-        return self.client.get_rows(start, stop, field=self.field, versions=self.versions)
+        return self.client.get_rows(
+            start, stop, field=self.field, versions=self.versions, average_step=self.average_step or 0
+        )
+
+
+class ServerRowAverage(RowAverage):
+    """The weight average the parameter servers keep of their rows (shards started with ``--average-decay``),
+    as :class:`~megaclass.store.average.RowAverage` asks: read, swapped in and loaded through ``store``.
+
+    An average the servers kept before this run (they had applied steps: another run's, or this one's before
+    a checkpoint that is loaded next) is ``stale``: unless loaded, it starts over from the rows before the
+    first update, read or swap.
+    """
+
+    def __init__(self, store: ParamServerStore, *, before_swap: Callable[[], None], stale: bool) -> None:
+        self.store, self.before_swap, self.stale = store, before_swap, stale
+        self.decay = store.average_decay
+
+    def _current(self, step: int) -> None:
+        if self.stale:
+            self.restart_(step=step)
+
+    def check_update(self, step: int) -> None:
+        """Before the rows' update of optimizer step ``step``: none while the average is swapped in."""
+        if self.store.average_step is not None:
+            raise RuntimeError("rows updated while they hold their average (an evaluation's swap)")
+        self._current(step - 1)
+
+    def exact(self, *, step: int) -> ServerRows:
+        self._current(step)
+        store = self.store
+        if store.average_step is not None:
+            raise RuntimeError("the row average is swapped in: read the rows")
+        return ServerRows(
+            store.client, "average", store._field_shape("rows"), store.versions(), average_step=step
+        )
+
+    def swap_(self, *, step: int) -> None:
+        store = self.store
+        if store.average_step is None:
+            self.before_swap()
+            self._current(step)
+            store.flush()
+            store.average_step = step
+        else:
+            store.average_step = None
+
+    def load_(self, value: Tensor | RowSource, *, step: int) -> None:
+        store = self.store
+        store._check_not_swapped()
+        if tuple(value.shape) != store._field_shape("rows"):
+            raise ValueError(
+                f"row average: expected shape {store._field_shape('rows')}, got {tuple(value.shape)}"
+            )
+        store.flush()
+        store._write_field("average", value)
+        store._write_field("average_step", step)
+        self.stale = False
+
+    def restart_(self, *, step: int) -> None:
+        self.stale = False
+        self.load_(ServerRows(self.store.client, "rows", self.store._field_shape("rows"), None), step=step)

@@ -2,7 +2,7 @@
 
 ``megaclass train ... --set train.ema_decay=0.999`` keeps, beside the trained weights, their average
 ``avg <- decay_t * avg + (1 - decay_t) * weight`` after every optimizer step, with the warm-up
-``decay_t = min(decay, (1 + t) / (10 + t))`` (:func:`~megaclass.store.average.ema_decay_at`) so that early
+``decay_t = min(decay, (1 + t) / (10 + t))`` (:func:`~megaclass.ops.row_average.ema_decay_at`) so that early
 averages do not remember the random init. The average is what is evaluated and saved as the run's final
 model; it lives in every checkpoint, so a resumed run averages exactly as an uninterrupted one. Connections a
 sparse head rewires restart their average from the new weight (zero), as their optimizer state does. The rows
@@ -22,7 +22,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from megaclass.store.average import RowAverage, ema_decay_at
+from megaclass.ops.row_average import ema_decay_at
+from megaclass.store.average import RowAverage
 
 __all__ = ["WeightAverage"]
 
@@ -67,9 +68,12 @@ class WeightAverage:
         as they change."""
         decay = ema_decay_at(self.decay, step)
         names = list(self.params)
-        torch._foreach_lerp_(
-            [self.average[name] for name in names], [_values(self.params[name]) for name in names], 1 - decay
-        )
+        if names:
+            torch._foreach_lerp_(
+                [self.average[name] for name in names],
+                [_values(self.params[name]) for name in names],
+                1 - decay,
+            )
         self.step = step
 
     @torch.no_grad()
@@ -143,7 +147,10 @@ class WeightAverage:
         for name in rows:
             average = self.rows[name]
             saved = state.get(name[len(prefix) :])
-            average.load_(average.rows.weight if saved is None else saved, step=step)
+            if saved is None:
+                average.restart_(step=step)
+            else:
+                average.load_(saved, step=step)
         self.step = step
 
 

@@ -347,12 +347,14 @@ class Trainer:
             and name not in averaged
             and weights[name].dtype.is_floating_point
         ]
-        text = f"weight average (train.ema_decay={self.config.train.ema_decay:g}): the encoder and the head"
+        decay = self.config.train.ema_decay
+        text = f"weight average (train.ema_decay={decay:g}): the encoder and the head"
         if not left:
             return f"{text} are evaluated and kept averaged"
         return (
             f"{text}'s parameters are evaluated and kept averaged; the rows its store updates elsewhere "
-            f"({', '.join(left)}) are evaluated and kept as trained"
+            f"({', '.join(left)}) are evaluated and kept as trained (parameter servers average them when "
+            f"started with --average-decay {decay:g})"
         )
 
     def _averaged(self) -> contextlib.AbstractContextManager:

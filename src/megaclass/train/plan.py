@@ -593,8 +593,8 @@ def plan_run(
 
 def _average_part(head: HeadConfig, parts: list[PlanPart], classes: int, dim: int) -> PlanPart:
     """The weight average (``train.ema_decay``): a copy of the encoder's and the head's weights where they
-    live; of a selected head's store rows, float32 and a step count a row beside them (none on parameter
-    servers, whose rows are not averaged)."""
+    live; of a selected head's store rows, float32 and a step count a row beside them (on parameter servers,
+    by the shards: none here)."""
     held = {part.name: part for part in parts}
     encoder, head_weights = held["encoder weights"], held["head weights"]
     device, host = encoder.device_bytes, encoder.host_bytes
