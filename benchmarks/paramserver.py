@@ -11,6 +11,8 @@ memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes move
 or a push, twice that for a step. Provider ``ps`` moves the row blocks through shared memory (the client's
 default with shards on its machine), ``ps-inline`` in the gRPC messages. ``--row-dtypes float32 bf16_sr``
 runs it for shards holding rows and momentum as float32 and as bfloat16 (``--dtype``; the wire stays float32).
+``--average-decays 0 0.999`` runs it for shards without and with the rows' weight average
+(``--average-decay``; held ``+ average``), which every push brings up to date for the rows it changes.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (host memory) and ``ps`` (4 shard processes on
@@ -69,6 +71,13 @@ def parse_args() -> argparse.Namespace:
         choices=["float32", "bf16_sr"],
         help="how the throughput servers hold rows and state (their --dtype; default float32)",
     )
+    parser.add_argument(
+        "--average-decays",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="the throughput servers' --average-decay (0: no weight average kept; default 0)",
+    )
     parser.add_argument("--step-classes", type=int, help="C of the SelectedHead step (default 10^6)")
     parser.add_argument("--batch", type=int, help="B of the SelectedHead step (default 512)")
     parser.add_argument("--step-dim", type=int, help="D of the SelectedHead step (default 512)")
@@ -101,7 +110,14 @@ def parse_args() -> argparse.Namespace:
 
 @contextlib.contextmanager
 def shard_processes(
-    count: int, *, classes: int, dim: int, root: str, index_device: str = "cpu", dtype: str = "float32"
+    count: int,
+    *,
+    classes: int,
+    dim: int,
+    root: str,
+    index_device: str = "cpu",
+    dtype: str = "float32",
+    average_decay: float = 0.0,
 ) -> Iterator[list[str]]:
     """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
     processes: list[subprocess.Popen] = []
@@ -113,6 +129,7 @@ def shard_processes(
                 sys.executable, "-m", "megaclass", "paramserver", "serve", "--rows", str(classes),
                 "--dim", str(dim), "--shard", f"{shard}/{count}", "--data-dir", f"{folder}/shard{shard}",
                 "--port", "0", "--momentum", "0.9", "--index-device", index_device, "--dtype", dtype,
+                "--average-decay", str(average_decay),
             ]  # fmt: skip
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             processes.append(process)
@@ -183,8 +200,13 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
     from megaclass.paramserver import ParamServerClient
 
     results = []
-    for held, dim, count in itertools.product(args.row_dtypes, args.dims, args.shards):
-        with shard_processes(count, classes=args.classes, dim=dim, root=root, dtype=held) as addresses:
+    for dtype, decay, dim, count in itertools.product(
+        args.row_dtypes, args.average_decays, args.dims, args.shards
+    ):
+        held = f"{dtype} + average" if decay else dtype
+        with shard_processes(
+            count, classes=args.classes, dim=dim, root=root, dtype=dtype, average_decay=decay
+        ) as addresses:
             counter = [0]  # steps of the shards, over both clients
             for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
                 client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)

@@ -8,7 +8,7 @@ from megaclass.distributed.checkpoint import load_whole_head
 from megaclass.heads import HeadContext, build_head, head_config
 from megaclass.state_io import SavedTensor
 from megaclass.train import checkpoint
-from megaclass.train.export import read_export
+from megaclass.train.export import load_run_weights, read_export
 
 
 def _head(store: str, store_dtype: str):
@@ -54,7 +54,7 @@ def test_weights_folders_stream_row_store_entries_only(tmp_path):
     from megaclass.state_io import write_state
 
     write_state(folder, state)
-    weights = checkpoint.read_weights(folder)
+    weights = load_run_weights(folder)
     assert isinstance(weights["encoder"]["w"], torch.Tensor)
     assert isinstance(weights["head"]["store.optim.exp_avg"], SavedTensor)
     assert isinstance(weights["head"]["selection.dirty"], torch.Tensor)

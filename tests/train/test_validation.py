@@ -145,7 +145,7 @@ def test_a_best_last_epoch_is_kept_without_reading_it_back_or_scoring_it_twice(d
     def no_reads(folder):
         raise AssertionError(f"read {folder}: the modules hold the last epoch's weights")
 
-    monkeypatch.setattr("megaclass.train.loop.checkpoint.read_weights", no_reads)
+    monkeypatch.setattr("megaclass.train.loop.load_run_weights", no_reads)
     scored, evaluate = [], Trainer.evaluate
 
     def counted(self, dataset, **options):

@@ -15,8 +15,9 @@ puts it back and removes the leftovers. Pruning only removes whole checkpoints o
 
 Saving and loading take one block of host memory, not a copy of the rows: tensors are written straight from
 where they live (:func:`megaclass.state_io.write_tensors`), and a head's row-store entries (``head.store.*``)
-come back from :func:`load_checkpoint` and :func:`read_weights` as :class:`~megaclass.state_io.SavedTensor`
-handles that the store streams into its own rows.
+come back from :func:`load_checkpoint` (and a weights folder's from
+:func:`~megaclass.train.export.load_run_weights`) as :class:`~megaclass.state_io.SavedTensor` handles that the
+store streams into its own rows.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_newest",
-    "read_weights",
     "recover",
     "run_weights_folder",
     "save_checkpoint",
@@ -190,12 +190,6 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     """
     verify_manifest(path)
     return read_state(path, verify=False, stream=is_row_store_entry)
-
-
-def read_weights(folder: str) -> dict[str, Any]:
-    """The ``{"encoder": ..., "head": ...}`` weights of a state folder (``model/``, ``best/epoch-N``), checked
-    against its manifest; row-store entries stay in the file (:func:`is_row_store_entry`)."""
-    return read_state(folder, stream=is_row_store_entry)
 
 
 def load_newest(folder: str, *, load: Callable[[str], Any] = load_checkpoint) -> tuple[str, Any] | None:

@@ -21,10 +21,11 @@ from torch import Tensor
 
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint
 from megaclass.errors import DataFormatError
+from megaclass.heads import is_streamed_entry
 from megaclass.state_io import RowSource, flatten, read_state, write_tensors
 from megaclass.train import checkpoint
 
-__all__ = ["export_run", "read_export", "read_run_weights"]
+__all__ = ["export_run", "load_run_weights", "read_export", "read_run_weights"]
 
 
 def _read_state(folder: str, *, stream: bool = False) -> Any:
@@ -52,6 +53,22 @@ def read_run_weights(folder: str) -> dict[str, Any]:
         return {"encoder": state["encoder"], "head": head}
     common = _read_state(os.path.join(folder, "common"), stream=True)
     return {"encoder": common["encoder"], "head": export_head_state(folder)}
+
+
+def load_run_weights(folder: str) -> dict[str, Any]:
+    """:func:`read_run_weights` read into memory, but for the head's row-store entries, which stream into
+    its store from their files (the kept weights a trainer or an inference run loads)."""
+    return {
+        part: {
+            key: value if part == "head" and is_streamed_entry(key) else _in_memory(value)
+            for key, value in state.items()
+        }
+        for part, state in read_run_weights(folder).items()
+    }
+
+
+def _in_memory(value: Any) -> Any:
+    return value.read() if isinstance(value, RowSource) else value
 
 
 def export_run(run_dir: str, out_path: str) -> str:

@@ -26,13 +26,14 @@ from torch import nn
 from megaclass.data.batch import InputSpec
 from megaclass.data.loaders import SparseDataset, open_dataset, other_kind
 from megaclass.errors import DataFormatError
-from megaclass.heads import HeadContext, build_head, is_streamed_entry
+from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
-from megaclass.state_io import RowSource, read_state, unflatten
+from megaclass.state_io import read_state, unflatten
 from megaclass.train import checkpoint
 from megaclass.train.build import resolve_device
 from megaclass.train.config import RunConfig, config_from_dict
 from megaclass.train.evaluate import evaluate_model, predict_batches
+from megaclass.train.export import load_run_weights, read_export
 
 __all__ = ["LoadedRun", "check_device", "evaluate_run", "load_run", "open_output", "predict_run"]
 
@@ -229,7 +230,7 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     counts_path = os.path.join(run_dir, str(facts.get("label_counts_file", "label_counts.npy")))
     label_counts = _read_run_file(counts_path, lambda path: np.load(path, allow_pickle=False))
     weights_dir = checkpoint.run_weights_folder(run_dir)
-    state = _read_run_file(weights_dir, _read_weights)
+    state = _read_run_file(weights_dir, load_run_weights)
     featurizer = None
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
         from megaclass.data.featurizer import TextFeaturizer
@@ -239,29 +240,9 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     return _build(config, facts, label_counts, state, featurizer, device, weights_dir)
 
 
-def _read_weights(folder: str) -> dict[str, Any]:
-    """:func:`~megaclass.train.export.read_run_weights` read into memory, but for the head's row-store
-    entries, which stream into its store from their files."""
-    from megaclass.train.export import read_run_weights
-
-    return {
-        part: {
-            key: value if part == "head" and is_streamed_entry(key) else _in_memory(value)
-            for key, value in state.items()
-        }
-        for part, state in read_run_weights(folder).items()
-    }
-
-
-def _in_memory(value: Any) -> Any:
-    return value.read() if isinstance(value, RowSource) else value
-
-
 def _load_export(path: str, device: str | None) -> LoadedRun:
     """A :class:`LoadedRun` from one file written by ``megaclass export``."""
     import yaml
-
-    from megaclass.train.export import read_export
 
     def read(file: str) -> tuple[Any, ...]:
         parts, metadata = read_export(file)

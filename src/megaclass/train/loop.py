@@ -65,7 +65,7 @@ from megaclass.train.build import (
 )
 from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
-from megaclass.train.export import read_run_weights
+from megaclass.train.export import load_run_weights, read_run_weights
 from megaclass.train.extract import VerificationEvaluator
 from megaclass.train.graphs import (
     CaptureError,
@@ -904,7 +904,7 @@ class Trainer:
             )
             load_encoder_state(self.parallel, None, common["encoder"], None)
             return
-        kept = checkpoint.read_weights(path)
+        kept = load_run_weights(path)
         load_encoder_state(self.parallel, None, kept["encoder"], None)
         load_whole_head(self.head, None, state=kept["head"], optimizer_state=None, weights_only=True)
 
