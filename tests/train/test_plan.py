@@ -394,8 +394,28 @@ def test_a_weight_average_is_planned_where_the_averaged_weights_live(synthetic, 
         rows = 10**6 * (64 * 4 + 8)
         assert average.device_bytes == encoder + (rows if rows_on == "device" else 0)
         assert average.host_bytes == (rows if rows_on == "host" else 0)
+        assert average.elsewhere_bytes == (10**6 * 64 * 4 if rows_on == "" else 0)  # in checkpoints
     without = load_config(head=head, overrides=[o for o in overrides if "ema_decay" not in o])
     assert "weight average" not in {part.name for part in plan_run(without, shape, **options).parts}
+
+
+def test_rows_on_parameter_servers_are_planned_in_the_checkpoints_they_reach(synthetic):
+    """Rows and row-optimizer state on parameter servers take no memory here, yet a checkpoint and the kept
+    weights hold them (float32, whatever the shards hold them in): the disk plan counts them."""
+    overrides = ["model.hidden=[64]", "head.store=ps://127.0.0.1:1", "head.store_dtype=bf16_sr"]
+    shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**6)
+    options = {"device_type": "cuda", "gpu_capacity": 139 << 30, "host_capacity": 128 << 30}
+    plan = plan_run(load_config(head="selected", overrides=overrides), shape, **options)
+    parts = {part.name: part for part in plan.parts}
+    weights, state = parts["head weights"], parts["head optimizer state"]
+    assert (weights.device_bytes, weights.host_bytes, state.device_bytes, state.host_bytes) == (0, 0, 0, 0)
+    assert weights.elsewhere_bytes == 10**6 * 64 * 4
+    assert state.elsewhere_bytes == 10**6 * 64 * 4  # SGD with momentum (the head's default): a buffer a row
+    assert plan.checkpoint_bytes() >= weights.elsewhere_bytes + state.elsewhere_bytes
+    encoder = parts["encoder weights"].saved_bytes
+    assert plan.disk_bytes() == plan.checkpoints_at_once * plan.checkpoint_bytes() + plan.weight_copies * (
+        encoder + weights.elsewhere_bytes
+    )
 
 
 def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):

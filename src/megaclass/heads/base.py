@@ -289,9 +289,11 @@ class PlanRequest:
 
 
 class PlannedBytes(NamedTuple):
-    """Bytes one part of a run would hold on the compute device and in host memory, and the setting that
-    shrinks it (for a plan's refusal line)."""
+    """Bytes one part of a run would hold on the compute device and in host memory, the setting that
+    shrinks it (for a plan's refusal line), and what a checkpoint writes of it from outside this process
+    (``elsewhere``: rows on parameter servers)."""
 
     device: int
     host: int
     setting: str = ""
+    elsewhere: int = 0

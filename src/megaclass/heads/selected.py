@@ -721,16 +721,19 @@ class SelectedHead(Head):
         search per batch."""
         classes, dim = context.num_classes, context.in_features
         element = 2 if config.store_dtype == "bf16_sr" else 4  # per-row step counts stay fp32
+        shapes = config.optimizer.state_shapes(dim).values()
         rows = classes * dim * element
-        state = sum(
-            classes * math.prod(shape) * (element if shape else 4)
-            for shape in config.optimizer.state_shapes(dim).values()
-        )
+        state = sum(classes * math.prod(shape) * (element if shape else 4) for shape in shapes)
+        # the parameter servers' rows and state reach a checkpoint as float32
+        saved_rows, saved_state = classes * dim * 4, sum(classes * math.prod(shape) * 4 for shape in shapes)
         on_device = config.store in ("gpu", "device")
         local = config.store in ("gpu", "device", "host")
 
-        def placed(count: int, setting: str) -> PlannedBytes:
-            count = count if local else 0
+        def placed(count: int, saved: int, setting: str) -> PlannedBytes:
+            """``count`` bytes where the store holds them; on parameter servers, ``saved`` (float32) bytes
+            written to checkpoints from there."""
+            if not local:
+                return PlannedBytes(0, 0, setting, saved)
             return PlannedBytes(count, 0, setting) if on_device else PlannedBytes(0, count, setting)
 
         active = min(
@@ -764,9 +767,9 @@ class SelectedHead(Head):
         else:
             optimizer_setting = "head.optimizer.kind=sgd"
         return {
-            "weights": placed(rows, "head.store=host" if on_device else "head.store=ps://..."),
+            "weights": placed(rows, saved_rows, "head.store=host" if on_device else "head.store=ps://..."),
             "gradients": PlannedBytes(active * dim * 4, 0, "head.sample_num"),
-            "optimizer": placed(state, optimizer_setting),
+            "optimizer": placed(state, saved_state, optimizer_setting),
             "index": PlannedBytes(index[0] + selection, index[1], index_setting),
             "index build": PlannedBytes(index[2], 0, "head.index=none"),
             "activations": PlannedBytes(

@@ -104,9 +104,7 @@ class LocalRows:
         (unique) given ``grads (S, D)``, in place; ``step`` also seeds the stochastic rounding of ``bf16_sr``
         rows."""
         global_step = step if step > 0 else None  # rows catch up over the steps they sat out (row_optimizers)
-        if self.row_dtype is RowDtype.FLOAT32:
-            if self.average is not None:
-                self.average.fold_(ids, take_rows(self.weight, ids), step=step)
+        if self.row_dtype is RowDtype.FLOAT32 and self.average is None:
             apply_sparse_update_(
                 self.weight, self.state, ids, grads, lr=lr, config=self.optimizer, step=global_step
             )

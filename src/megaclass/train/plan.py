@@ -259,6 +259,7 @@ class PlanPart:
         phase: ``steady`` (held all along), ``background`` (held at any time: an index's cold build) or the
             phase holding it on top: ``step``, ``evaluation``, ``checkpoint`` or ``loading``.
         setting: what to change when this part does not fit.
+        elsewhere_bytes: held outside this process (on parameter servers), as a checkpoint writes them.
     """
 
     name: str
@@ -266,6 +267,12 @@ class PlanPart:
     host_bytes: int
     phase: Phase = "steady"
     setting: str = ""
+    elsewhere_bytes: int = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of it in a checkpoint (or a weights folder): wherever it lives."""
+        return self.device_bytes + self.host_bytes + self.elsewhere_bytes
 
 
 @dataclass(frozen=True)
@@ -284,14 +291,14 @@ class MemoryPlan:
 
     def checkpoint_bytes(self) -> int:
         """Bytes of one checkpoint on disk: the weights, optimizer state and index it saves."""
-        return sum(p.device_bytes + p.host_bytes for p in self.parts if p.name in _CHECKPOINTED)
+        return sum(p.saved_bytes for p in self.parts if p.name in _CHECKPOINTED)
 
     def disk_bytes(self) -> int:
         """Bytes the run folder reaches: ``train.keep_checkpoints`` checkpoints and one more while a save runs
         (a new one is whole before the oldest goes; fewer where the run writes fewer), and two copies of the
         weights: a better epoch's are whole before the previous best's go (one where there is one epoch; the
         final weights are the best's files, linked, or a copy of them)."""
-        weights = sum(p.device_bytes + p.host_bytes for p in self.parts if p.name in _WEIGHTS)
+        weights = sum(p.saved_bytes for p in self.parts if p.name in _WEIGHTS)
         return self.checkpoints_at_once * self.checkpoint_bytes() + self.weight_copies * weights
 
     def _disk_parts(self) -> str:
@@ -344,11 +351,11 @@ class MemoryPlan:
         need, free = self.disk_bytes(), self.disk_capacity
         if free is not None and need > free:
             saved = [part for part in self.parts if part.name in _CHECKPOINTED]
-            largest = max(saved, key=lambda part: part.device_bytes + part.host_bytes)
+            largest = max(saved, key=lambda part: part.saved_bytes)
             return (
                 f"the run does not fit: disk needs {format_bytes(need)} of {format_bytes(free)} "
                 f"free ({format_bytes(need - free)} over): {self._disk_parts()}; the largest part of a "
-                f"checkpoint is {largest.name} ({format_bytes(largest.device_bytes + largest.host_bytes)}); "
+                f"checkpoint is {largest.name} ({format_bytes(largest.saved_bytes)}); "
                 f"to shrink it: {largest.setting}, train.keep_checkpoints, or --out on a disk with more room"
             )
         return None
@@ -542,7 +549,7 @@ def plan_run(
     head = head_class(config.head).planned_bytes(config.head, context, request)
     for key, planned in head.items():
         name, phase = _HEAD_PARTS[key]
-        parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting))
+        parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting, planned.elsewhere))
     if config.train.ema_decay:
         parts.append(_average_part(config.head, parts, classes, dim))
     # state_io streams saved tensors to their files from where they live: GPU tensors through one block of
@@ -594,18 +601,20 @@ def plan_run(
 def _average_part(head: HeadConfig, parts: list[PlanPart], classes: int, dim: int) -> PlanPart:
     """The weight average (``train.ema_decay``): a copy of the encoder's and the head's weights where they
     live; of a selected head's store rows, float32 and a step count a row beside them (on parameter servers,
-    by the shards: none here)."""
+    by the shards: none here, its rows in checkpoints)."""
     held = {part.name: part for part in parts}
     encoder, head_weights = held["encoder weights"], held["head weights"]
     device, host = encoder.device_bytes, encoder.host_bytes
-    rows = classes * (dim * 4 + 8)
+    rows, elsewhere = classes * (dim * 4 + 8), 0
     if not isinstance(head, SelectedHeadConfig):  # the head's parameters, as they are held
         device, host = device + head_weights.device_bytes, host + head_weights.host_bytes
     elif head.store == "host":
         host += rows
     elif not head.store.startswith("ps://"):
         device += rows
-    return PlanPart("weight average", device, host, setting="train.ema_decay=0")
+    else:  # kept by the shards, read into checkpoints as float32
+        elsewhere = classes * dim * 4
+    return PlanPart("weight average", device, host, setting="train.ema_decay=0", elsewhere_bytes=elsewhere)
 
 
 def _checkpoints_at_once(train: TrainConfig, rows: int) -> int:
