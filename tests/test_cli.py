@@ -97,10 +97,12 @@ def test_a_rerun_into_a_finished_run_is_refused_until_overwrite(tiny, full_run, 
     assert _losses(copy) == _losses(full_run)
 
 
-def test_resume_refuses_a_changed_config(tiny, tmp_path):
+def test_resume_refuses_a_changed_config(tiny, tmp_path, capsys):
     out = tmp_path / "changed"
     assert _train(tiny, out, "train.stop_after_steps=3") == 0
-    assert _train(tiny, out, "--resume", "--set", "optim.head.lr=0.5") == 2
+    capsys.readouterr()
+    assert _train(tiny, out, "--resume", "--set", "model.hidden=[8]") == 2
+    assert "--resume: the config differs from the checkpoint's in model.hidden;" in capsys.readouterr().err
 
 
 def test_eval_and_predict_from_the_run_folder(tiny, full_run, tmp_path, capsys):
@@ -358,3 +360,18 @@ def test_an_index_searched_ranking_reports_its_recall(deb_tags_slice, tmp_path, 
     assert evaluated["topk_recall@5"] == 1.0 if index == "exact" else 0.0 < evaluated["topk_recall@5"] <= 1.0
     loaded = load_run(str(out))
     assert loaded.head.materialize().device.type == loaded.device.type
+
+
+def test_predict_says_how_many_labels_a_row_it_wrote_and_eval_out_dash_is_stdout(
+    tiny, full_run, tmp_path, capsys, monkeypatch
+):
+    _, test = tiny
+    classes = json.loads((full_run / "run.json").read_text())["num_classes"]
+    predictions = tmp_path / "all.txt"
+    argv = ["predict", "--run", str(full_run), "--input", test, "--out", str(predictions)]
+    assert main([*argv, "--k", str(classes + 50)]) == 0
+    assert f"wrote top-{classes} labels (all the run's {classes} classes) of" in capsys.readouterr().out
+    assert {len(line.split()) for line in predictions.read_text().splitlines()} <= {classes}
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--run", str(full_run), "--test", test, "--out", "-"]) == 0
+    assert "P@1" in json.loads(capsys.readouterr().out) and not (tmp_path / "-").exists()

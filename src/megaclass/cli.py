@@ -60,7 +60,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="config overrides, applied last, e.g. --set optim.head.lr=0.01 model.hidden=[512]",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest whole checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest whole checkpoint (with other learning rates or "
+        "schedule, train.grad_clip, train.epochs, train.patience, eval.* settings or --test if given)",
     )
     parser.add_argument(
         "--overwrite",
@@ -237,7 +240,11 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="a folder written by `megaclass train`")
     parser.add_argument("--test", required=True, metavar="PATH", help="data to evaluate on")
     parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
-    parser.add_argument("--out", metavar="FILE.json", help="also write the metrics here")
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="also write the metrics here (they go to stdout anyway: - adds nothing)",
+    )
     parser.add_argument(
         "--filter",
         metavar="FILE",
@@ -251,7 +258,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run, args.test, device=args.device, filter_labels=args.filter)
     text = json.dumps(metrics, indent=1)
-    if args.out:
+    if args.out and args.out != "-":  # (stdout gets them anyway)
         with open_output(args.out) as file:
             file.write(text + "\n")
     print(text)
@@ -285,9 +292,10 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from megaclass.train.inference import predict_run
 
-    rows = predict_run(args.run_dir, args.input, args.out, k=args.k, device=args.device)
+    rows, k = predict_run(args.run_dir, args.input, args.out, k=args.k, device=args.device)
     stream = sys.stderr if args.out == "-" else sys.stdout  # stdout may carry the predictions themselves
-    print(f"wrote top-{args.k} labels of {rows} rows to {args.out}", file=stream)
+    every = f" (all the run's {k} classes)" if k < args.k else ""
+    print(f"wrote top-{k} labels{every} of {rows} rows to {args.out}", file=stream)
     return 0
 
 
@@ -295,20 +303,25 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 class _ProgressBar:
-    """A tqdm bar fed by ``progress(count, total)`` callbacks (the total is known only once work starts)."""
+    """A tqdm bar fed by ``progress(count, total)`` callbacks, shown from the first (the total is known only
+    once work starts; a command refused before then prints its error alone)."""
 
     def __init__(self, unit: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(unit=unit, dynamic_ncols=True, leave=False)
+        self.unit = unit
+        self.bar: Any = None
 
     def __enter__(self) -> _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
     def __call__(self, count: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, dynamic_ncols=True, leave=False, disable=None)
         if self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()
@@ -587,6 +600,15 @@ def _warning_format(command: str, default: Callable[..., str]) -> Callable[..., 
     return format_warning
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at the null device, so that Python's flush of it at exit finds no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test's capture): nothing to redirect
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -599,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():  # restores the warning format on the way out
             warnings.formatwarning = _warning_format(args.command, warnings.formatwarning)
             return args.handler(args)
+    except BrokenPipeError:  # the reader of stdout stopped (`megaclass eval ... | head`): nothing to say
+        _stdout_to_devnull()
+        return 0
     except (ConfigError, DataFormatError, OSError, TrainingDiverged, ValueError, zlib.error) as error:
         print(f"megaclass {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2

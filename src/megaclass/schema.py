@@ -22,7 +22,12 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or out of range."""
+    """A configuration value is unknown, of the wrong type, or out of range; ``key``: the dotted key of an
+    unknown one, where known."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
@@ -43,8 +48,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         guesses = [close for key in unknown for close in difflib.get_close_matches(str(key), fields, n=1)]
         meant = f" (did you mean {', '.join(map(repr, guesses))}?)" if guesses else ""
         raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}{meant}; "
-            f"known: {', '.join(sorted(fields))}"
+            f"{where or 'config'}: unknown key(s) {', '.join(map(repr, unknown))}{meant}; "
+            f"known: {', '.join(sorted(fields))}",
+            key=f"{where}.{unknown[0]}" if where else str(unknown[0]),
         )
     hints = typing.get_type_hints(cls)
     kwargs = {

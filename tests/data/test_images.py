@@ -155,3 +155,26 @@ def test_bad_list_files(tmp_path, text, message):
 def test_label_beyond_num_classes(fixture_rec):
     with pytest.raises(DataFormatError, match="label 39 out of range for num_classes=10"):
         open_face_dataset(fixture_rec, num_classes=10)
+
+
+def test_a_list_naming_a_missing_image_names_the_list_line_and_path(decoded, tmp_path):
+    folder, _ = decoded
+    first = (folder / "val_list.txt").read_text().splitlines()[0]
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{folder.name}/{first}\n\nmissing/1.jpg 3\n")
+    (tmp_path / folder.name).symlink_to(folder)  # the first line's image is there, relative to the list
+    with pytest.raises(DataFormatError) as error:
+        open_dataset(str(listed))
+    assert error.value.path == str(listed) and error.value.line == 3
+    assert f"image missing/1.jpg ({tmp_path / 'missing' / '1.jpg'}) does not exist" in str(error.value)
+    listed.write_text(f"{folder.name}/{first}\n{folder.name}/0 3\n")  # a folder, not an image file
+    with pytest.raises(DataFormatError, match=r":2: image .* is not a file"):
+        read_image_list(listed)
+    listed.write_text(f"{folder.name}/{first}\n")
+    assert read_image_list(listed)[0] == [f"{folder.name}/{first.split()[0]}"]
+
+
+def test_a_list_label_past_int32_is_refused(tmp_path):
+    (tmp_path / "list.txt").write_text("a.jpg 99999999999999999999999\n")
+    with pytest.raises(DataFormatError, match=r"list.txt:1: label 99999999999999999999999 too large"):
+        read_image_list(tmp_path / "list.txt")

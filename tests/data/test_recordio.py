@@ -1,6 +1,7 @@
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -233,3 +234,16 @@ def test_decode_rec_refuses_a_non_image_payload_and_leaves_nothing(tmp_path, fix
     with pytest.raises(DataFormatError):
         decode_rec(folder, existing)
     assert sorted(os.listdir(existing)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"), [(float("nan"), "nan"), (float("inf"), "inf"), (3e9, "3e+09"), (2.5, "2.5")]
+)
+def test_image_labels_that_are_no_class_id_are_refused(tmp_path, label, shown):
+    with RecordWriter(tmp_path / "x.rec") as writer:
+        writer.write(5, pack(IRHeader(0, 1.0, 0, 0), b"img"))
+        writer.write(6, pack(IRHeader(0, label, 1, 0), b"img"))
+    with pytest.raises(
+        DataFormatError, match=re.escape(f"x.rec: image record 6 has label {shown}: expected")
+    ):
+        read_face_index(RecordReader(tmp_path / "x.rec"))

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from megaclass.data.images import decode_image
-from megaclass.data.verification_bin import load_verification_bin, restricted_loads, save_verification_bin
+from megaclass.data.verification_bin import (
+    check_verification_bin,
+    load_verification_bin,
+    restricted_loads,
+    save_verification_bin,
+)
 from megaclass.errors import DataFormatError
 
 
@@ -108,3 +113,38 @@ def test_save_load_round_trip(tmp_path, fixture_bin):
     assert copy.images == data.images[:10] and copy.issame.tolist() == data.issame[:5].tolist()
     with pytest.raises(ValueError, match="3 given for 5 pairs"):
         save_verification_bin(io.BytesIO(), data.images[:3], data.issame[:5])
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
+def test_header_check_passes_pickled_pairs(tmp_path, fixture_bin, protocol):
+    check_verification_bin(fixture_bin)
+    path = tmp_path / "pair.bin"
+    path.write_bytes(pickle.dumps(([b"a" * 100_000, b"b"], [True]), protocol=protocol))
+    check_verification_bin(path)
+
+
+def _npy_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones(3))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda path: None, "cannot read (No such file or directory)"),
+        (lambda path: path.mkdir(), "is a folder"),
+        (lambda path: path.write_bytes(b""), "empty file: expected a pickle of (encoded images"),
+        (lambda path: path.write_text("hello world\n"), "not a pickle of (encoded images"),
+        (lambda path: path.write_bytes(_npy_bytes()), "not a pickle of (encoded images"),
+        (lambda path: path.write_bytes(pickle.dumps({"a": 1}, protocol=2)), "not a pickle of"),
+        (lambda path: path.write_bytes(b"\x80"), "not a pickle of"),
+    ],
+    ids=["missing", "folder", "empty", "text", "npy", "dict", "cut-short"],
+)
+def test_header_check_names_the_file_and_problem(tmp_path, make, problem):
+    path = tmp_path / "set.bin"
+    make(path)
+    with pytest.raises(DataFormatError) as error:
+        check_verification_bin(path)
+    assert str(error.value).startswith(f"{path}: {problem}")

@@ -132,6 +132,8 @@ BAD_BOW = [
     ("2 5 4\n0 1:1\n1 9223372036854775808:1\n", 3, "feature id 9223372036854775808 too large"),
     ("2 5 4\n0 1:1e400\n1 1:1\n", 2, "'1e400' is not finite"),
     ("2 5 4\n0 1:1\n1 1:-1e309\n", 3, "'-1e309' is not finite"),
+    ("2 5 4\n0 1:1e40\n1 1:1\n", 2, "feature value '1e40' is not finite as float32"),
+    ("2 5 4\n0 1:1\n1 0:2 1:-3.5e38\n", 3, "'-3.5e38' is not finite as float32"),
     ("inf 5 4\n0 1:1\n", 1, "num_docs 'inf'"),
     ("2 inf 4\n0 1:1\n", 1, "num_features 'inf'"),
     ("2 5 100000000000\n0 1:1\n", 1, "num_labels 100000000000 out of range"),
@@ -233,6 +235,21 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch) -> None:
     path.write_text("2 4 3\n2 1:0.5\n0 3:1\n")  # same size, new content and mtime
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
     assert read_bow(path).labels.to_lists() == [[2], [0]]
+
+
+def test_a_cached_file_changed_to_overflow_float32_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MEGACLASS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "data.txt"
+    path.write_text("2 4 3\n0 1:0.5\n1,2 3:1\n")
+    assert read_bow(path).features.data.tolist() == [0.5, 1.0]
+    assert (tmp_path / "data.txt.megaclass.npz").is_file()
+    path.write_text("2 4 3\n0 1:1e40\n1,2 3:1\n")
+    with pytest.raises(DataFormatError) as caught:
+        read_bow(path)
+    assert str(caught.value) == (
+        f"{path}:2: feature value '1e40' is not finite as float32: expected a number of magnitude at most "
+        "3.403e+38"
+    )
 
 
 def test_cache_falls_back_when_folder_is_read_only(tmp_path, monkeypatch) -> None:
@@ -401,6 +418,7 @@ def test_read_rows_takes_unlabelled_bow_and_text() -> None:
         (b"3:0.5\n7 1:1\n", 5, "<stdin>:2: label id 7 out of range [0, 3)"),
         (b"2 6 3\n3:0.5\n1 0:1\n", 5, "<stdin>:1: header says 6 features, expected the run's 5"),
         (b"ok\n9\ttext\n", None, "<stdin>:2: label id 9 out of range [0, 3)"),
+        (b"3:0.5\n1 0:1 2:1e39\n", 5, "<stdin>:2: feature value '1e39' is not finite as float32"),
         (b"\n\n", None, "<stdin>: no rows"),
         (b"\x1f\x8bnot gzip", None, "<stdin>: corrupt gzip data"),
     ],

@@ -122,3 +122,21 @@ def test_resume_is_bit_exact(tmp_path, fixture_dir, capsys):
         assert whole[part].keys() == parts[part].keys()
         for name, tensor in whole[part].items():
             assert torch.equal(tensor, parts[part][name]), f"{part}.{name}"
+
+
+def test_extract_and_verify_refuse_a_run_that_reads_no_images(tmp_path, fixture_bin, deb_tags_slice, capsys):
+    train, test = deb_tags_slice(100, 20)
+    out = tmp_path / "bow"
+    settings = ["model.hidden=[16]", "train.progress=false"]
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1", "--set", *settings]
+    assert main(argv) == 0
+    capsys.readouterr()
+    for argv in (
+        ["extract", "--run", str(out), "--data", fixture_bin, "--out", str(tmp_path / "x.npy")],
+        ["verify", "--run", str(out), "--data", fixture_bin],
+    ):
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1, error
+        assert f"--run {out}: its model reads sparse inputs, not face images" in error
+    assert not (tmp_path / "x.npy").exists()

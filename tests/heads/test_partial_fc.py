@@ -69,3 +69,13 @@ def test_partial_fc_is_the_selected_head_with_random_classes():
         head_config({"type": "partial_fc", "sample_num": 0})
     with pytest.raises(ConfigError, match="partial_fc draws its classes at random"):
         head_config({"type": "partial_fc", "index": "gpu"})
+
+
+def test_a_setting_of_another_head_names_the_heads_it_belongs_to():
+    message = r"head.sample_num: a setting of the partial_fc and selected heads, not of the dense head"
+    with pytest.raises(ConfigError, match=message + r" \(--head partial_fc or --head selected\)"):
+        head_config({"sample_num": 0.05})
+    with pytest.raises(ConfigError, match="head.fan_in: a setting of the sparse head, not of the partial_fc"):
+        head_config({"type": "partial_fc", "fan_in": 8})
+    with pytest.raises(ConfigError, match="head: unknown key.*'bogus'"):
+        head_config({"type": "sparse", "bogus": 1})

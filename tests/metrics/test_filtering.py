@@ -63,3 +63,26 @@ def test_bad_filter_file(tmp_path, text, problem):
     with pytest.raises(DataFormatError, match=problem) as error:
         read_filter_labels(path, num_classes=5)
     assert ":2:" in str(error.value)
+
+
+def test_doc_ids_past_the_test_rows_are_refused(tmp_path):
+    path = tmp_path / "filter.txt"
+    path.write_text("0 1\n3 2\n")  # the last row's id is in range
+    label_filter = read_filter_labels(path, num_classes=5, num_documents=4, documents="--test t.txt")
+    assert label_filter.keys.tolist() == [1, 17]
+    path.write_text("0 1\n9999 3\n")
+    with pytest.raises(DataFormatError) as error:
+        read_filter_labels(path, num_classes=5, num_documents=600, documents="--test t.txt")
+    assert str(error.value) == (
+        f"{path}:2: doc id 9999 out of range: --test t.txt has 600 rows (doc ids 0 to 599)"
+    )
+
+
+def test_unreadable_filter_files_name_the_file_in_plain_words(tmp_path):
+    with pytest.raises(DataFormatError) as error:
+        read_filter_labels(tmp_path / "none.txt", num_classes=5)
+    assert str(error.value) == f"{tmp_path / 'none.txt'}: cannot read (No such file or directory)"
+    (tmp_path / "bytes.txt").write_bytes(b"0 1\n\xff\xfe 2\n")
+    with pytest.raises(DataFormatError, match=r"bytes.txt:2: expected 'doc_id label_id'") as error:
+        read_filter_labels(tmp_path / "bytes.txt", num_classes=5)
+    assert "b'" not in str(error.value)

@@ -354,3 +354,18 @@ def test_a_run_on_servers_that_keep_the_average_evaluates_and_keeps_it(
         metrics = json.load(file)
     assert main(["eval", "--run", str(out), "--test", test]) == 0
     assert json.loads(capsys.readouterr().out)["P@1"] == pytest.approx(metrics["P@1"], abs=1e-6)
+
+
+def test_servers_that_do_not_fit_the_run_refuse_it_before_its_folder_changes(
+    shards, deb_tags_slice, tmp_path, capsys
+):
+    train, test = deb_tags_slice(100, 20)
+    with open(train) as file:
+        num_labels = int(file.readline().split()[2])
+    servers = shards(1, num_rows=num_labels, dim=64, optimizer="adamw", hyper=HyperParams(lr=0.01))
+    out = tmp_path / "run"
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--head", "selected"]
+    settings = ["model.hidden=[32]", "train.progress=false", f"head.store={_url(servers)}"]
+    assert main([*argv, "--set", *settings]) == 2
+    assert f"the servers hold {num_labels} x 64 rows, need {num_labels} x 32" in capsys.readouterr().err
+    assert not out.exists()

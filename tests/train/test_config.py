@@ -50,6 +50,25 @@ def test_preset_then_file_then_head(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("preset", "overrides", "section", "kind"),
+    [
+        ("hfsoftmax", ["model.type=mobilefacenet"], "model", "mobilefacenet"),
+        ("xmc-mlp", ["model.max_length=64", "model.type=transformer"], "model", "transformer"),
+        ("spartex", ["head.type=dense"], "head", "dense"),
+    ],
+)
+def test_a_type_set_over_a_preset_replaces_the_section_of_the_old_type(preset, overrides, section, kind):
+    """The preset's options of the old type go (as with a YAML file's or --head's change of type); the
+    options set beside the new type stay, whatever their order."""
+    config = load_config(None, overrides, preset=preset)
+    assert getattr(config, section).type == kind
+    if kind == "transformer":
+        assert config.model.max_length == 64
+    kept = load_config(None, ["model.hidden=[64]", "model.type=mlp"], preset="xmc-mlp").model
+    assert kept.hidden == (64,) and kept.dropout == from_preset("xmc-mlp").model.dropout  # the same type
+
+
+@pytest.mark.parametrize(
     ("text", "overrides", "match"),
     [
         ("trian: {epochs: 1}\n", [], "unknown key.*'trian'"),
@@ -111,3 +130,25 @@ def test_lr_schedule(decay, total, warmup_steps, warmup_fraction, floor):
         assert lrs[-1] == pytest.approx(0.5 * floor)
     if warmup:
         assert lrs[warmup - 1] == pytest.approx(0.5)
+
+
+def test_the_warm_up_fraction_is_taken_of_warmup_total_steps():
+    """A run lengthened on a resume keeps its warm-up's length in steps: a fraction of the first total."""
+    optim = OptimConfig(warmup_fraction=0.5)
+    kept = [lr_at(step, peak=1.0, total_steps=12, optim=optim, warmup_total_steps=4) for step in range(12)]
+    assert kept[:2] == [0.5, 1.0]  # 2 warm-up steps (0.5 of 4), not 6 (0.5 of 12)
+    want = [_reference_lr(step, 1.0, 12, 2, "cosine", 0.0) for step in range(2, 12)]
+    assert kept[2:] == pytest.approx(want)
+    assert lr_at(3, peak=1.0, total_steps=12, optim=optim) == pytest.approx(4 / 6)  # the fraction of 12
+
+
+def test_an_unknown_key_from_a_config_file_names_the_file(tmp_path):
+    path = _write(tmp_path, "train: {batchsize: 3}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: train: unknown key\(s\) 'batchsize' \(did you mean"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^train: unknown key\(s\) 'epoch'"):  # from --set: no file named
+        load_config(_write(tmp_path, "train: {epochs: 2}\n"), ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"^config: unknown key\(s\) 'trian' \(did you mean 'train'\?\)"):
+        load_config(None, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match=r"none.yaml: cannot read the config file: No such file"):
+        load_config(str(tmp_path / "none.yaml"))

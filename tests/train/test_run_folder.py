@@ -18,7 +18,7 @@ from megaclass.cli import main
 from megaclass.schema import ConfigError
 from megaclass.state_io import verify_manifest
 from megaclass.train.checkpoint import CheckpointWarning, checkpoint_folders
-from megaclass.train.config import load_config
+from megaclass.train.config import OptimConfig, load_config, lr_at
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +49,10 @@ def data(deb_tags_slice):
     return deb_tags_slice(96, 40)
 
 
-def _train(data, out, *extra, train=None):
+def _train(data, out, *extra, train=None, test=None):
     train_path, test_path = data
-    argv = ["train", "--train", train or train_path, "--test", test_path, "--out", str(out), *_ARGS, *extra]
-    return main(argv)
+    argv = ["train", "--train", train or train_path, "--test", test or test_path, "--out", str(out), *_ARGS]
+    return main([*argv, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,92 @@ def test_bad_inputs_leave_a_finished_run_byte_identical(data, finished, tmp_path
     if not flag and bad != "unknown config key":
         assert "holds a run" in error, "a used folder is refused first"
     assert _snapshot(finished) == before
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        (
+            "eval.filter_labels={tmp}/none.txt",
+            "eval.filter_labels: {tmp}/none.txt: cannot read (No such file",
+        ),
+        (
+            "eval.filter_labels={tmp}/filter.txt",
+            "eval.filter_labels: {tmp}/filter.txt:2: doc id 40 out of range: --test {test} has 40 rows "
+            "(doc ids 0 to 39)",
+        ),
+        (
+            "eval.filter_labels={tmp}/labels.txt",
+            "eval.filter_labels: {tmp}/labels.txt:1: label id 595 out of",
+        ),
+        (
+            "eval.verification=[{tmp}/none.bin]",
+            "eval.verification: {tmp}/none.bin: cannot read (No such file",
+        ),
+        ("eval.verification=[{tmp}/filter.txt]", "eval.verification: {tmp}/filter.txt: not a pickle of"),
+    ],
+    ids=["filter missing", "filter doc id", "filter label id", "bin missing", "bin not a pickle"],
+)
+def test_evaluation_files_are_checked_before_the_folder_changes(data, tmp_path, capsys, setting, problem):
+    (tmp_path / "filter.txt").write_text("0 1\n40 2\n")  # the test file has rows 0 to 39
+    (tmp_path / "labels.txt").write_text("0 595\n")  # deb-tags has labels 0 to 594
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _train(data, out, setting.format(tmp=tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"megaclass train: error: {problem.format(tmp=tmp_path, test=data[1])}"), error
+    assert error.count("\n") == 1
+    assert _snapshot(out) == before
+
+
+def test_the_filter_leaves_out_test_pairs_only(data, tmp_path):
+    """The filter's doc ids are rows of --test: validation rows (of --train) are scored unfiltered."""
+    with open(data[1]) as file:
+        rows = file.read().splitlines()[1:]
+    pairs = [f"{doc} {label}" for doc, row in enumerate(rows) for label in row.split()[0].split(",")]
+    (tmp_path / "filter.txt").write_text("\n".join(pairs) + "\n")  # every test pair
+    one_epoch = ["train.epochs=1", "train.valid_fraction=0.2"]
+    assert _train(data, tmp_path / "plain", *one_epoch) == 0
+    assert (
+        _train(data, tmp_path / "filtered", *one_epoch, f"eval.filter_labels={tmp_path / 'filter.txt'}") == 0
+    )
+    valid = [[r for r in _records(tmp_path / run) if r[0] == "eval_valid"] for run in ("plain", "filtered")]
+    assert len(valid[0]) == 1 and valid[0] == valid[1]
+    assert _test_metrics(tmp_path / "plain")["P@1"] > 0
+    assert _test_metrics(tmp_path / "filtered")["P@1"] == 0
+
+
+def test_eval_refuses_a_filter_naming_rows_past_the_test_file(data, finished, tmp_path, capsys):
+    filter_file = tmp_path / "filter.txt"
+    filter_file.write_text("0 1\n9999 3\n")
+    command = ["eval", "--run", str(finished), "--test", data[1], "--filter", str(filter_file)]
+    capsys.readouterr()
+    assert main(command) == 2
+    assert capsys.readouterr().err == (
+        f"megaclass eval: error: {filter_file}:2: doc id 9999 out of range: --test {data[1]} has 40 "
+        "rows (doc ids 0 to 39)\n"
+    )
+    filter_file.write_text("0 1\n39 3\n")  # the last row
+    assert main(command) == 0
+
+
+def test_an_image_list_naming_a_missing_image_is_refused_before_the_run_starts(fixture_rec, tmp_path, capsys):
+    listed = tmp_path / "test_list.txt"
+    listed.write_text("missing/1.jpg 3\n")
+    out = tmp_path / "run"
+    argv = ["train", "--train", fixture_rec, "--test", str(listed), "--out", str(out), "--set"]
+    argv += ["train.device=cpu", "model.type=iresnet18", "train.progress=false"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    missing = tmp_path / "missing" / "1.jpg"
+    assert capsys.readouterr().err == (
+        f"megaclass train: error: {listed}:1: image missing/1.jpg ({missing}) does not exist: paths are "
+        "relative to the list's folder\n"
+    )
+    assert not out.exists()
 
 
 def test_an_unwritable_out_is_refused_before_anything(data, tmp_path, capsys):
@@ -360,3 +446,191 @@ def test_a_stopped_sharded_run_is_evaluated_predicted_and_exported(data, tmp_pat
     with pytest.warns(CheckpointWarning, match="no final weights"):
         assert main(["predict", "--run", str(out), "--input", data[1], "--out", str(predictions)]) == 0
     assert len(predictions.read_text().splitlines()) == 40
+
+
+# ------------------------------------------------------------------------------------- resuming with changes
+
+
+def _losses(out) -> dict[int, float]:
+    return {step: values["loss"] for kind, step, values in _records(out) if kind == "train"}
+
+
+def _lr_scales(out) -> dict[int, float]:
+    return {step: values["lr_scale"] for kind, step, values in _records(out) if kind == "train"}
+
+
+def _resume_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("--resume: ")]
+
+
+def test_a_finished_run_goes_on_with_more_epochs_and_other_learning_rates(data, finished, tmp_path, capsys):
+    """What the divergence error and the README advise: other learning rates, train.grad_clip and more
+    epochs, from the run's last checkpoint, the schedule recomputed over the new total from step 9 on."""
+    out = _copy(finished, tmp_path)
+    capsys.readouterr()
+    assert _train(data, out, "optim.head.lr=0.005", "train.grad_clip=1", "--epochs", "4", "--resume") == 0
+    printed = capsys.readouterr().out
+    assert "step_000000009 at epoch 4, step 9" in printed
+    assert _resume_lines(printed) == [
+        "--resume: optim.head.lr 0.01 -> 0.005, train.epochs 3 -> 4, train.grad_clip 0 -> 1: "
+        "from step 9 on the run does not repeat the interrupted one"
+    ]
+    (logged,) = [values for kind, _, values in _records(out) if kind == "resume"]
+    assert logged == {
+        "changes": {"optim.head.lr": [0.01, 0.005], "train.epochs": [3, 4], "train.grad_clip": [0.0, 1]}
+    }
+    losses, before = _losses(out), _losses(finished)
+    assert sorted(losses) == list(range(1, 13))
+    assert {step: losses[step] for step in before} == before, "steps 1 to 9 are the finished run's"
+    schedule = OptimConfig(warmup_steps=2)
+    scales = _lr_scales(out)
+    assert scales[9] == 0.0, "the finished run's last step, at the end of its schedule"
+    for step in (10, 11, 12):  # lr_scale is the step's (0-based step - 1) over 12 steps, no new warm-up
+        assert scales[step] == pytest.approx(lr_at(step - 1, peak=1.0, total_steps=12, optim=schedule))
+    assert scales[10] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["steps"]) == (4, 12)
+    assert 12 in _whole_steps(out) and (out / "model").is_dir()
+
+    capsys.readouterr()  # resumed again with the same settings: nothing changes, the run ends as finished
+    assert _train(data, out, "optim.head.lr=0.005", "train.grad_clip=1", "--epochs", "4", "--resume") == 0
+    assert _resume_lines(capsys.readouterr().out) == []
+    assert _losses(out) == losses
+
+
+def test_a_lengthened_run_keeps_its_warm_up_and_resumes_it_exactly(data, tmp_path, capsys):
+    """optim.warmup_fraction is a fraction of the run's length: lengthened from 3 steps to 12 on a resume,
+    the warm-up keeps its 1 step (0.5 of 3, not 6 steps of 12), also across a later resume."""
+    warm = ("optim.warmup_steps=0", "optim.warmup_fraction=0.5")
+    short = tmp_path / "short"
+    assert _train(data, short, *warm, "--epochs", "1") == 0
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    shutil.copytree(short, whole)
+    shutil.copytree(short, cut)
+    assert _train(data, whole, *warm, "--epochs", "4", "--resume") == 0
+    scales = _lr_scales(whole)
+    schedule = OptimConfig(warmup_fraction=0.5)
+    for step in range(4, 13):
+        want = lr_at(step - 1, peak=1.0, total_steps=12, optim=schedule, warmup_total_steps=3)
+        assert scales[step] == pytest.approx(want), step
+    assert scales[4] != pytest.approx(4 / 6), "step 4 back in a 6-step warm-up"
+    assert _train(data, cut, *warm, "train.stop_after_steps=7", "--epochs", "4", "--resume") == 0
+    assert _train(data, cut, *warm, "--epochs", "4", "--resume") == 0
+    assert _losses(cut) == _losses(whole)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--head", "sparse"], "in head.type dense -> sparse"),
+        (["model.hidden=[8]"], "in model.hidden;"),
+        (["train.batch_size=16"], "in train.batch_size;"),
+    ],
+)
+def test_a_resume_that_changes_what_the_state_means_is_refused(data, finished, capsys, change, named):
+    before = _snapshot(finished)
+    capsys.readouterr()
+    assert _train(data, finished, *change, "--resume") == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--resume: the config differs from the checkpoint's " + named in error, error
+    assert "the run computed with" not in error, "the config is named before the kernels"
+    assert _snapshot(finished) == before
+
+
+def test_a_resume_with_fewer_epochs_ends_there_or_is_refused_past_it(data, stopped, tmp_path, capsys):
+    before = _snapshot(stopped)
+    capsys.readouterr()
+    assert _train(data, stopped, "--epochs", "2", "--resume") == 2  # its checkpoint: step 7, in epoch 3
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
+        "--resume: train.epochs=2 ends at step 6, before the checkpoint's step 7; pass train.epochs >= 3"
+    )
+    assert _snapshot(stopped) == before
+
+    out = _copy(stopped, tmp_path)  # its newest checkpoint at the end of epoch 2: the new end, reached
+    shutil.rmtree(out / "checkpoints" / "step_000000007")
+    (out / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step_000000006", "step": 6}))
+    assert _train(data, out, "--epochs", "2", "--resume") == 0
+    assert "train.epochs 3 -> 2" in _resume_lines(capsys.readouterr().out)[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["steps"]) == (2, 6) and metrics["epoch_kept"] in (1, 2)
+    assert max(_losses(out)) == 6 and (out / "model").is_dir()
+    assert any(kind == "eval_test" for kind, _, _ in _records(out))
+
+
+def test_a_resume_may_not_change_the_metric_that_picked_the_epoch(data, finished, capsys):
+    before = _snapshot(finished)
+    capsys.readouterr()
+    assert _train(data, finished, "eval.ks=[3,5]", "--resume") == 2
+    error = capsys.readouterr().err
+    assert "eval.ks [1,3,5] -> [3,5] changes the metric that picks the epoch (P@1 -> P@3)" in error
+    assert _snapshot(finished) == before
+
+
+def test_evaluation_settings_and_another_test_file_do_not_block_a_resume(
+    data, finished, stopped, tmp_path, deb_tags_slice, capsys
+):
+    _, other_test = deb_tags_slice(96, 30)
+    out = _copy(stopped, tmp_path)
+    settings = ("eval.batch_size=16", "eval.ks=[1,5]", "eval.propensity_a=0.6")
+    capsys.readouterr()
+    assert _train(data, out, *settings, "--resume", test=other_test) == 0
+    assert _resume_lines(capsys.readouterr().out) == [
+        f"--resume: eval.batch_size 64 -> 16, eval.ks [1,3,5] -> [1,5], eval.propensity_a 0.55 -> 0.6, "
+        f"--test {data[1]} -> {other_test}: from step 7 on the run does not repeat the interrupted one"
+    ]
+    assert _losses(out) == _losses(finished), "training reads none of them"
+    with open(other_test, "rb") as file:
+        content = file.read()
+    recorded = json.loads((out / "run.json").read_text())["test_file"]
+    assert recorded == {
+        "path": other_test,
+        "size": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+    }
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "P@5" in metrics and "P@3" not in metrics
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--test", other_test]) == 0
+    assert json.loads(capsys.readouterr().out)["P@1"] == pytest.approx(metrics["P@1"], abs=1e-12)
+    assert _train(data, out, *settings, "--resume", test=other_test) == 0  # recorded: nothing changes now
+    assert _resume_lines(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("case", ["no such folder", "an empty folder", "a finished run without checkpoints"])
+def test_resume_refuses_a_folder_without_a_run_to_resume(data, finished, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    if case == "an empty folder":
+        out.mkdir()
+    elif case == "a finished run without checkpoints":
+        out = _copy(finished, tmp_path)
+        shutil.rmtree(out / "checkpoints")
+    expected = {
+        "no such folder": f"--resume: {out} holds no run to resume (no such folder)",
+        "an empty folder": f"--resume: {out} holds no run to resume (no run.json, no checkpoint)",
+        "a finished run without checkpoints": f"--resume: {out} holds a finished run without a checkpoint",
+    }[case]
+    before = _snapshot(out) if out.exists() else None
+    capsys.readouterr()
+    assert _train(data, out, "--resume") == 2
+    assert expected in capsys.readouterr().err
+    assert (_snapshot(out) if out.exists() else None) == before
+    from megaclass.train import loop
+
+    with pytest.raises(ValueError, match=re.escape(expected)):  # the Python API alike
+        loop.train(load_config(), train_path=data[0], test_path=data[1], out_dir=str(out), resume=True)
+    assert (_snapshot(out) if out.exists() else None) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    for name in ("checkpoints", "model", "best", "metrics.json", "report.md", "report.png"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    capsys.readouterr()
+    assert _train(data, out, "--resume") == 0
+    assert (
+        f"--resume: {out} holds no checkpoint yet (the run stopped before its first): starting from step 0"
+        in (capsys.readouterr().out)
+    )
+    assert _records(out) == _records(finished)

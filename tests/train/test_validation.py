@@ -202,7 +202,12 @@ def test_a_run_at_the_label_prior_stops_with_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "training ended at the label prior" in error
     assert "label 0" in error and "optim.encoder.lr" in error and "warmup_fraction" in error
+    assert "transformer" not in error  # advice for the run's own encoder
     assert not (out / "metrics.json").exists()
+    # a run warmed up longer is not told to warm up shorter
+    assert main([*argv, "--overwrite", "--set", *_TINY, "optim.warmup_fraction=0.3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "warmup_fraction" not in error and "train.epochs (now 3)" in error
 
 
 def test_a_selected_heads_row_average_resumes_exactly(data, tmp_path):

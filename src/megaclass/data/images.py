@@ -47,6 +47,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _LIST_LINE = re.compile(r"^\s*(\S.*?)\s+(-?\d+)\s*$")
+_MAX_LABEL = (1 << 31) - 2  # the label space (largest label + 1) must fit int32, as other formats' does
 
 
 def normalize_images(images: Tensor) -> Tensor:
@@ -166,8 +167,13 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, l
 
 
 def read_image_list(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """``(relpaths, labels)`` of a list file of ``relpath label`` lines (paths relative to the file)."""
+    """``(relpaths, labels)`` of a list file of ``relpath label`` lines (paths relative to the file).
+
+    Every image it names must exist (one ``stat`` a line), so a missing one is found when the list is read,
+    not when a batch first asks for it.
+    """
     path = os.fspath(path)
+    root = os.path.dirname(os.path.abspath(path))
     relpaths, labels = [], []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -179,6 +185,18 @@ def read_image_list(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             label = int(match.group(2))
             if label < 0:
                 raise DataFormatError(path, f"label {label} is negative, expected >= 0", line=number)
+            if label > _MAX_LABEL:
+                raise DataFormatError(
+                    path, f"label {label} too large: expected at most {_MAX_LABEL}", line=number
+                )
+            image = os.path.join(root, match.group(1))
+            if not os.path.isfile(image):
+                problem = "is not a file" if os.path.exists(image) else "does not exist"
+                raise DataFormatError(
+                    path,
+                    f"image {match.group(1)} ({image}) {problem}: paths are relative to the list's folder",
+                    line=number,
+                )
             relpaths.append(match.group(1))
             labels.append(label)
     if not relpaths:

@@ -22,6 +22,7 @@ identity record ``a + c`` has label ``[first, end)``, the image records of class
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _FRAME = struct.Struct("<II")  # magic, lrec
 _LENGTH_MASK = (1 << 29) - 1
 _IR_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2: 24 bytes
+_MAX_LABEL = (1 << 31) - 2  # the label space (largest label + 1) must fit int32, as other formats' does
 
 
 class IRHeader(NamedTuple):
@@ -376,7 +378,12 @@ def _labels_from_images(reader: RecordReader, keys: np.ndarray) -> FaceRecordInd
     labels = np.empty(keys.size, dtype=np.int64)
     for position, key in enumerate(keys.tolist()):
         header, _ = unpack(reader.read(key), where=f"{reader.path} key {key}")
-        label = header.label if np.ndim(header.label) == 0 else header.label[0]
+        label = float(header.label if np.ndim(header.label) == 0 else header.label[0])
+        if not (math.isfinite(label) and label == round(label) and label <= _MAX_LABEL):
+            raise DataFormatError(
+                reader.path,
+                f"image record {key} has label {label:g}: expected an integer class id at most {_MAX_LABEL}",
+            )
         labels[position] = int(label)
     if labels.size and labels.min() < 0:
         raise DataFormatError(reader.path, f"negative label {labels.min()} in image records")

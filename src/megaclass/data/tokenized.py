@@ -127,7 +127,10 @@ def tokenize_texts(
     dtype = np.uint16 if len(tokenizer) <= 65536 else np.int32
     lengths = np.zeros(len(texts), dtype=np.int64)
     pieces: list[np.ndarray] = []
-    with tqdm(total=len(texts), desc="tokenising", unit="doc", disable=not progress, leave=False) as bar:
+    # on a terminal only (disable=None): redirected output keeps the logged lines alone
+    with tqdm(
+        total=len(texts), desc="tokenising", unit="doc", disable=not progress or None, leave=False
+    ) as bar:
         for start in range(0, len(texts), chunk):
             encoded = tokenizer(
                 list(texts[start : start + chunk]),

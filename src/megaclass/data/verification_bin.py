@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,18 @@ import numpy as np
 
 from megaclass.errors import DataFormatError
 
-__all__ = ["VerificationSet", "load_verification_bin", "restricted_loads", "save_verification_bin"]
+__all__ = [
+    "VerificationSet",
+    "check_verification_bin",
+    "load_verification_bin",
+    "restricted_loads",
+    "save_verification_bin",
+]
+
+_HEAD_BYTES = 64  # PROTO (2 bytes), FRAME (9) and the pair's first opcode fit
+# A pickled (list, list) starts with one of these after PROTO / FRAME: a list (protocol 1+) or a MARK
+# (protocol 0's lists and protocol 0 / 1 tuples)
+_PAIR_OPENINGS = ("EMPTY_LIST", "MARK")
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,37 @@ def load_verification_bin(path: str | os.PathLike) -> VerificationSet:
         )
     name = os.path.splitext(os.path.basename(path))[0]
     return VerificationSet(name, images, np.asarray(issame, dtype=bool))
+
+
+def check_verification_bin(path: str | os.PathLike) -> None:
+    """Check cheaply that ``path`` is a readable file that opens as a pickled pair: its first opcodes only.
+
+    For the checks made before a run starts; :func:`load_verification_bin` reads and checks the whole file.
+
+    Raises:
+        DataFormatError: the file is missing, unreadable, empty, or does not start as a pickled pair.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataFormatError(path, "is a folder: expected a .bin file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    except OSError as error:
+        raise DataFormatError(path, f"cannot read ({error.strerror or error})") from None
+    pair = "a pickle of (encoded images, issame booleans), as InsightFace's .bin sets are"
+    if not head:
+        raise DataFormatError(path, f"empty file: expected {pair}")
+    first = None
+    try:
+        for opcode, _, _ in pickletools.genops(io.BytesIO(head)):
+            if opcode.name not in ("PROTO", "FRAME"):
+                first = opcode.name
+                break
+    except (ValueError, OverflowError, EOFError):  # an unknown opcode, or an argument cut short
+        pass
+    if first not in _PAIR_OPENINGS:
+        raise DataFormatError(path, f"not {pair}")
 
 
 def save_verification_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> None:

@@ -45,7 +45,7 @@ __all__ = [
     "write_text",
 ]
 
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: feature values past float32's range are refused (caches of 2 may hold inf)
 _RUN_ROWS = 64  # CSR.take copies slices where its rows come in runs of consecutive rows this long on average
 _NEWLINE, _SPACE, _TAB, _COMMA, _COLON, _CR = (ord(c) for c in "\n \t,:\r")
 # Byte classes of the BoW tokenizer: 0 = part of a token, then the separators.
@@ -403,11 +403,16 @@ def _parse_bow_body(path: str, buf: np.ndarray, starts: np.ndarray, line_base: i
         problem = f"cannot parse number {_token_text(buf, bad, end)!r}"
         raise _fail_at(path, bad, line_base, starts, problem)
     _check_id_size(path, buf, numbers, (token_start, token_end), is_label, is_id, starts, line_base)
-    infinite = is_value & ~np.isfinite(numbers)  # "1e400" parses as inf
+    with np.errstate(over="ignore"):  # a value past float32's range becomes inf here, refused below
+        values = numbers[is_value].astype(np.float32)
+    infinite = ~np.isfinite(values)  # "1e400" parses as inf, "1e40" overflows float32
     if infinite.any():
-        token = int(np.argmax(infinite))
+        token = int(np.flatnonzero(is_value)[np.argmax(infinite)])
         bad, end = int(token_start[token]), int(token_end[token])
-        problem = f"feature value {_token_text(buf, bad, end)!r} is not finite: expected a finite number"
+        problem = (
+            f"feature value {_token_text(buf, bad, end)!r} is not finite as float32: expected a number of "
+            f"magnitude at most {float(np.finfo(np.float32).max):.4g}"
+        )
         raise _fail_at(path, bad, line_base, starts, problem)
     token_line = _line_of(token_start, starts)
     label_rows = np.bincount(token_line[is_label], minlength=num_lines)
@@ -417,7 +422,7 @@ def _parse_bow_body(path: str, buf: np.ndarray, starts: np.ndarray, line_base: i
         "label_indices": numbers[is_label].astype(np.int64),
         "feature_indptr": np.concatenate([[0], np.cumsum(feature_rows)]).astype(np.int64),
         "feature_indices": numbers[is_id].astype(np.int64),
-        "feature_values": numbers[is_value].astype(np.float32),
+        "feature_values": values,
     }
 
 

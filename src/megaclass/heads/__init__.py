@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from megaclass.heads.base import ClassShard, Head, HeadContext, LabelFeatures, is_streamed_entry
@@ -53,7 +54,21 @@ def head_config(data: dict[str, Any]) -> HeadConfig:
     types = head_types()
     if data["type"] not in types:
         raise ConfigError(f"head.type: unknown head {data['type']!r}; known: {', '.join(sorted(types))}")
-    return from_dict(types[data["type"]][0], {**_DEFAULTS.get(data["type"], {}), **data}, where="head")
+    config_class = types[data["type"]][0]
+    known = _field_names(config_class)
+    for key in data:
+        owners = sorted(name for name, (other, _) in types.items() if key in _field_names(other))
+        if key not in known and owners:
+            raise ConfigError(
+                f"head.{key}: a setting of the {' and '.join(owners)} head{'s' * (len(owners) > 1)}, not "
+                f"of the {data['type']} head (--head {' or --head '.join(owners)})",
+                key=f"head.{key}",
+            )
+    return from_dict(config_class, {**_DEFAULTS.get(data["type"], {}), **data}, where="head")
+
+
+def _field_names(config_class: type) -> set[str]:
+    return {field.name for field in dataclasses.fields(config_class)}
 
 
 def head_class(config: HeadConfig) -> type[Head]:

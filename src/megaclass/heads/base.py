@@ -175,6 +175,11 @@ class Head(nn.Module):
         and a resume that would run other arithmetic is refused. None by default."""
         return {}
 
+    def materialize(self) -> object:
+        """Build now what the head would build at first use (a row store: connecting to parameter servers
+        checks them), so that a run fails before its folder changes. Nothing by default."""
+        return None
+
     def after_step(self, step: int, epoch: float, *, lr: float) -> None:
         """Called after each optimizer step with the global step, the fractional epoch and the head's lr."""
 

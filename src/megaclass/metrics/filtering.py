@@ -70,30 +70,47 @@ class LabelFilter:
         return torch.from_numpy(kept), RaggedLabels(torch.from_numpy(indptr), torch.from_numpy(labels[keep]))
 
 
-def read_filter_labels(path: str | os.PathLike, *, num_classes: int) -> LabelFilter:
+def read_filter_labels(
+    path: str | os.PathLike,
+    *,
+    num_classes: int,
+    num_documents: int | None = None,
+    documents: str = "the test file",
+) -> LabelFilter:
     """Read a ``filter_labels`` file: ``doc_id label_id`` a line (0-based, whitespace-separated).
 
+    Args:
+        num_documents: the rows of the file the doc ids point into; None: not checked.
+        documents: that file, as messages name it (``--test test_bow.txt``).
+
     Raises:
-        DataFormatError: naming the file and line of a malformed pair or a label outside ``[0, C)``.
+        DataFormatError: naming the file and line of a malformed pair, a label outside ``[0, C)`` or a doc id
+            past the last row.
     """
     path = os.fspath(path)
     pairs = []
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, "rb") as handle:  # bytes: a line that is not text is named like any other bad line
             for number, line in enumerate(handle, 1):
                 parts = line.split()
                 if not parts:
                     continue
-                if len(parts) != 2 or not all(part.isdigit() for part in parts):
-                    raise DataFormatError(
-                        path, f"expected 'doc_id label_id', found {line.strip()[:80]!r}", line=number
-                    )
+                if len(parts) != 2 or not all(part.isdigit() for part in parts):  # ASCII digits only
+                    seen = line.strip()[:80].decode("utf-8", errors="replace")
+                    raise DataFormatError(path, f"expected 'doc_id label_id', found {seen!r}", line=number)
                 doc, label = int(parts[0]), int(parts[1])
                 if label >= num_classes:
                     raise DataFormatError(
                         path, f"label id {label} out of range [0, {num_classes})", line=number
                     )
+                if num_documents is not None and doc >= num_documents:
+                    raise DataFormatError(
+                        path,
+                        f"doc id {doc} out of range: {documents} has {num_documents} rows (doc ids 0 to "
+                        f"{num_documents - 1})",
+                        line=number,
+                    )
                 pairs.append((doc, label))
     except OSError as error:
-        raise DataFormatError(path, f"cannot read: {error}") from None
+        raise DataFormatError(path, f"cannot read ({error.strerror or error})") from None
     return LabelFilter.from_pairs(np.array(pairs, dtype=np.int64).reshape(-1, 2), num_classes=num_classes)

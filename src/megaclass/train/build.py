@@ -33,13 +33,13 @@ __all__ = [
 ]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
+def resolve_device(name: str, *, setting: str = "train.device") -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; ``setting``: what the name was given as (errors)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+        raise ConfigError(f"{setting}: {name!r} requested but CUDA is not available on this machine")
     return device
 
 

@@ -110,18 +110,28 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
 
 
-def lr_at(step: int, *, peak: float, total_steps: int, optim: OptimConfig) -> float:
+def lr_at(
+    step: int,
+    *,
+    peak: float,
+    total_steps: int,
+    optim: OptimConfig,
+    warmup_total_steps: int | None = None,
+) -> float:
     """Learning rate of optimizer step ``step`` (0-based), a pure function of its arguments.
 
-    Linear warm-up to ``peak`` over ``max(warmup_steps, warmup_fraction * total_steps)`` steps, then
-    cosine or linear decay to ``min_lr_ratio * peak`` at step ``total_steps - 1``.
+    Linear warm-up to ``peak`` over ``max(warmup_steps, warmup_fraction * warmup_total_steps)`` steps, then
+    cosine or linear decay to ``min_lr_ratio * peak`` at step ``total_steps - 1``. ``warmup_total_steps``
+    (default ``total_steps``) is the run length the warm-up fraction was taken of: a resume that changes
+    ``train.epochs`` keeps the warm-up's length in steps.
 
     >>> lr_at(0, peak=1.0, total_steps=10, optim=OptimConfig(warmup_steps=2))
     0.5
     >>> lr_at(9, peak=1.0, total_steps=10, optim=OptimConfig(warmup_steps=2))
     0.0
     """
-    warmup = max(optim.warmup_steps, int(optim.warmup_fraction * total_steps))
+    warmup_total = total_steps if warmup_total_steps is None else warmup_total_steps
+    warmup = max(optim.warmup_steps, int(optim.warmup_fraction * warmup_total))
     if step < warmup:
         return peak * (step + 1) / warmup
     if optim.decay == "constant":
@@ -151,7 +161,7 @@ class TrainConfig:
     stop_after_steps: int = (
         0  # end the run (with a checkpoint) after this many steps, schedule unchanged (0: off)
     )
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # tqdm progress bars, on a terminal (output sent to a file or a pipe gets none)
     cpu_threads: int = 0  # torch intra-op threads on CPU (0: torch's default, one per core)
     # > 0: evaluate and save an EMA of the weights (e.g. 0.999); steadier on small data. It covers the
     # encoder and the head, a selected or partial_fc head's store rows too (each row caught up as it changes,
@@ -319,26 +329,54 @@ def load_config_and_keys(
     ['head.type', 'optim.head.lr']
     """
     data: dict[str, Any] = config_to_dict(from_preset(preset)) if preset else {}
+    from_file: list[str] = []
     if path is not None:
-        _merge(data, _read_yaml(path))
+        loaded = _read_yaml(path)
+        from_file = _leaf_keys(loaded)
+        _merge(data, loaded)
     if head is not None:
         section = data.get("head") if isinstance(data.get("head"), dict) else {}
         same = section.get("type", "dense") == head
         data["head"] = {**section, "type": head} if same else {"type": head}  # head.type is the user's
-    for text in overrides:
-        keys, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    # a changed registry type first (the others then set options of the new type): it replaces its section,
+    # whose options were the old type's, as a YAML file's or --head's does
+    for keys, value in sorted(parsed, key=lambda override: override[0][-1] != "type"):
+        if keys[-1] == "type":
+            _replace_section_of_another_type(data, keys[:-1], value)
         set_path(data, keys, value)
-    return config_from_dict(data), frozenset(_leaf_keys(data))
+    try:
+        config = config_from_dict(data)
+    except ConfigError as error:  # an unknown key the file gave: name the file
+        given = error.key is not None and any(
+            key == error.key or key.startswith(f"{error.key}.") for key in from_file
+        )
+        if not given:
+            raise
+        raise ConfigError(f"{os.fspath(path)}: {error}", key=error.key) from None
+    return config, frozenset(_leaf_keys(data))
+
+
+def _replace_section_of_another_type(data: dict[str, Any], path: list[str], kind: Any) -> None:
+    """Empty the section at ``path`` when it names a ``type`` other than ``kind``."""
+    node: Any = data
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and node.get("type", kind) != kind:
+        node.clear()
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
-    with open(path, encoding="utf-8") as handle:
-        try:
+    try:
+        with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{os.fspath(path)}: invalid YAML: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{os.fspath(path)}: invalid YAML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"{os.fspath(path)}: cannot read the config file: {detail}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{os.fspath(path)}: expected a mapping of sections, got {type(loaded).__name__}")
     return loaded or {}

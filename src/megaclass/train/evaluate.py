@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.data.loaders import BatchLoader, SparseDataset
+from megaclass.metrics.filtering import LabelFilter
 from megaclass.train.config import RunConfig
 from megaclass.train.low_precision import head_input
 
@@ -29,8 +30,13 @@ def evaluate_model(
     label_counts: np.ndarray,
     num_train_samples: int,
     device: torch.device,
+    label_filter: LabelFilter | None = None,
 ) -> dict[str, float]:
-    """Ranking metrics of ``encoder`` + ``head`` on ``dataset``; propensities from the training labels."""
+    """Ranking metrics of ``encoder`` + ``head`` on ``dataset``; propensities from the training labels.
+
+    ``label_filter``: ``(doc_id, label_id)`` pairs of ``dataset``'s rows left out of predictions and targets
+    alike (XMC repository filter files, :func:`~megaclass.metrics.filtering.read_filter_labels`).
+    """
     from megaclass.metrics.ranking import RankingMetrics, propensity
 
     propensities = propensity(
@@ -39,11 +45,6 @@ def evaluate_model(
     metrics = RankingMetrics(dataset.num_classes, ks=config.eval.ks, propensities=propensities)
     del propensities  # the metrics keep their inverses: one (C,) array held, not two
     k = max(config.eval.ks)
-    label_filter = None
-    if config.eval.filter_labels:  # XMC repository filter pairs leave predictions and targets alike
-        from megaclass.metrics.filtering import read_filter_labels
-
-        label_filter = read_filter_labels(config.eval.filter_labels, num_classes=dataset.num_classes)
     spare = label_filter.max_per_doc if label_filter is not None else 0
     first_row, top, recall = 0, min(k, dataset.num_classes), None
     for _, ids, batch in predict_batches(encoder, head, dataset, k=k + spare, config=config, device=device):

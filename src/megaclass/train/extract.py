@@ -141,7 +141,14 @@ def load_run_encoder(run_dir: str | os.PathLike, *, device: torch.device | str =
     """The encoder of training run ``run_dir`` (final weights, else its newest checkpoint), in eval mode."""
     from megaclass.train.inference import load_run
 
-    return load_run(os.fspath(run_dir), device=str(device)).encoder.eval()
+    run = load_run(os.fspath(run_dir), device=str(device))
+    kind = run.facts.get("input_spec", {}).get("kind")
+    if kind != "image":
+        raise ValueError(
+            f"--run {os.fspath(run_dir)}: its model reads {kind} inputs, not face images; extract and verify "
+            "take a run trained on face images (a .rec, an image folder or an image list)"
+        )
+    return run.encoder.eval()
 
 
 def _image_chunks(path: str, chunk: int) -> tuple[int, Iterator[Tensor]]:
@@ -210,13 +217,7 @@ def verify(
         raise ValueError("verify: give exactly one of --features FILE and --run DIR")
     data = load_verification_bin(data_path)
     if features is not None:
-        embeddings = np.load(os.fspath(features), allow_pickle=False)
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(data.images):
-            raise ValueError(
-                f"--features {os.fspath(features)}: shape {embeddings.shape}, "
-                f"expected ({len(data.images)}, D) "
-                f"for the images of {os.fspath(data_path)}"
-            )
+        embeddings = _load_features(os.fspath(features), os.fspath(data_path), len(data.images))
     else:
         target = _device(device)
         encoder = load_run_encoder(run_dir, device=target)
@@ -225,8 +226,40 @@ def verify(
     return evaluate_verification(embeddings, data.issame, folds=folds, far_target=far_target)
 
 
+def _load_features(path: str, data_path: str, count: int) -> np.ndarray:
+    """The ``(count, D)`` float features of ``.npy`` file ``path``, one row per image of ``data_path``."""
+    expected = (
+        f"expected a .npy of float features, shape ({count}, D): one row per image of {data_path}, as "
+        "megaclass extract writes"
+    )
+    if os.path.isdir(path):
+        raise ValueError(f"--features {path}: is a folder: {expected}")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+            handle.seek(0)
+            embeddings = np.load(handle, allow_pickle=False) if magic == b"\x93NUMPY" else None
+    except FileNotFoundError:
+        raise ValueError(f"--features {path}: no such file: {expected}") from None
+    except OSError as error:
+        raise ValueError(f"--features {path}: cannot read ({error.strerror or error}): {expected}") from None
+    except (ValueError, EOFError):  # a damaged header, cut-short data, or object (pickled) values
+        raise ValueError(f"--features {path}: cut short, damaged or holding objects: {expected}") from None
+    if embeddings is None:
+        what = "an empty file" if not magic else "not a .npy file"
+        raise ValueError(f"--features {path}: {what}: {expected}")
+    if embeddings.dtype.kind != "f":
+        raise ValueError(f"--features {path}: values of type {embeddings.dtype}: {expected}")
+    if embeddings.ndim != 2 or embeddings.shape[0] != count:
+        raise ValueError(
+            f"--features {path}: shape {embeddings.shape}, expected ({count}, D) for the images of "
+            f"{data_path}"
+        )
+    return embeddings
+
+
 def _device(name: str) -> torch.device:
     from megaclass.train.build import resolve_device
     from megaclass.train.inference import check_device
 
-    return resolve_device(check_device(name))
+    return resolve_device(check_device(name), setting="--device")

@@ -11,7 +11,6 @@ need no labels (see :func:`megaclass.data.xmc.read_rows`). A damaged run folder 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -179,7 +178,8 @@ def _build(
     where: str,
 ) -> LoadedRun:
     """The :class:`LoadedRun` of a config, facts and weights; weights that do not fit name ``where``."""
-    torch_device = resolve_device(device or config.train.device)
+    setting = "--device" if device else "the run's train.device (--device to choose another)"
+    torch_device = resolve_device(device or config.train.device, setting=setting)
     try:
         spec = InputSpec(**facts["input_spec"])
         num_classes, multilabel = int(facts["num_classes"]), bool(facts["multilabel"])
@@ -269,15 +269,23 @@ def evaluate_run(
     ``filter_labels``: a filter file of ``doc_id label_id`` pairs of ``test_path`` left out of scoring (see
     :mod:`megaclass.metrics.filtering`), in place of the run's ``eval.filter_labels``.
     """
+    from megaclass.metrics.filtering import read_filter_labels
+
     run = load_run(run_dir, device=device)
-    if filter_labels is not None:
-        run.config = dataclasses.replace(
-            run.config, eval=dataclasses.replace(run.config.eval, filter_labels=filter_labels)
-        )
+    if filter_labels is None:
+        filter_labels = run.config.eval.filter_labels
     dataset = run.open(test_path)
     if not dataset.label_counts().any():
         raise DataFormatError(
             test_path, "no row has labels: evaluation needs labelled rows (predict takes bare ones)"
+        )
+    label_filter = None
+    if filter_labels:  # read whole before any scoring: a bad pair fails at once
+        label_filter = read_filter_labels(
+            filter_labels,
+            num_classes=dataset.num_classes,
+            num_documents=len(dataset),
+            documents=f"--test {test_path}",
         )
     return evaluate_model(
         run.encoder,
@@ -287,20 +295,23 @@ def evaluate_run(
         label_counts=run.label_counts,
         num_train_samples=run.facts["num_train_samples"],
         device=run.device,
+        label_filter=label_filter,
     )
 
 
 def predict_run(
     run_dir: str, input_path: str, out_path: str, *, k: int = 10, device: str | None = None
-) -> int:
-    """Write the top-``k`` ``id:score`` pairs of each row of ``input_path`` to ``out_path``.
+) -> tuple[int, int]:
+    """Write the top-``k`` ``id:score`` pairs of each row of ``input_path`` to ``out_path`` (all the run's
+    classes where it has fewer than ``k``).
 
     Returns:
-        The number of rows written.
+        The number of rows written, and of labels a row.
     """
     if k <= 0:
         raise ValueError(f"--k: expected a positive number of labels, got {k}")
     run = load_run(run_dir, device=device)
+    k = min(k, int(run.facts["num_classes"]))
     dataset = run.open_rows(input_path)
     rows = 0
     with contextlib.nullcontext(sys.stdout) if out_path == "-" else open_output(out_path) as file:
@@ -311,7 +322,7 @@ def predict_run(
                 pairs = [f"{i}:{s:.6g}" for i, s in zip(row_ids, row_scores, strict=False) if i >= 0]
                 file.write(" ".join(pairs) + "\n")
             rows += ids.shape[0]
-    return rows
+    return rows, k
 
 
 def open_output(path: str, mode: str = "w") -> Any:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset, other_kind
+from megaclass.data.verification_bin import check_verification_bin
 from megaclass.distributed.checkpoint import (
     export_head_state,
     is_sharded_checkpoint,
@@ -50,8 +51,10 @@ from megaclass.distributed.checkpoint import (
 )
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, encoder_state, load_encoder_state, rank_batch_size
-from megaclass.errors import TrainingDiverged
+from megaclass.errors import DataFormatError, TrainingDiverged
 from megaclass.host_allocator import reuse_freed_blocks
+from megaclass.metrics.filtering import LabelFilter, read_filter_labels
+from megaclass.models import TransformerConfig
 from megaclass.schema import ConfigError
 from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
@@ -102,6 +105,24 @@ _RESUMABLE_CHANGES = {
     "distributed.shard_head",  # sharded or not, a head computes the same loss; checkpoints load either way
 }
 
+# Settings a resumed run may change on purpose, each named when it resumes: they leave what the saved state
+# means as it is, and the run computes otherwise from the resumed step on. The learning-rate schedule is a
+# pure function of the step over the run's total (recomputed for new train.epochs); train.patience is a
+# stopping rule; evaluation reads no training state (a key ending in "." covers its section).
+_RESUME_ADJUSTMENTS = (
+    "optim.encoder.lr",
+    "optim.head.lr",
+    "optim.warmup_steps",
+    "optim.warmup_fraction",
+    "optim.decay",
+    "optim.min_lr_ratio",
+    "train.grad_clip",
+    "train.epochs",
+    "train.patience",
+    "eval.",
+)
+_WARMUP_KEYS = ("optim.warmup_steps", "optim.warmup_fraction")
+
 # What a run writes into its folder: a folder holding any of these holds a run.
 _RUN_ENTRIES = (
     "config.yaml",
@@ -132,6 +153,9 @@ class LoopState:
     best_epoch: int = 0  # the epoch (1-based) that scored best on the validation rows so far (0: none yet)
     best_score: float = 0.0  # its score: the first metric, P@k at the first eval.ks
     evals_since_best: int = 0  # validation evaluations since then (train.patience stops at this many)
+    # the run length optim.warmup_fraction is taken of once a resume changed train.epochs (0: the run's
+    # total): the warm-up keeps its length in steps, so a run past it does not warm up again
+    warmup_total_steps: int = 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -162,6 +186,50 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
     return changes
 
 
+def _config_value(config: dict[str, Any], path: str) -> Any:
+    """The value at dotted ``path`` of a config's plain form (None where it has none)."""
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value or "''"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _resume_adjustments(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The changes from config ``old`` (a checkpoint's) to ``new`` that a resume makes on purpose, as
+    ``{path: (old value, new value)}``.
+
+    Raises:
+        ConfigError: another change alters what the saved state means, or what the run computes.
+    """
+    changes = [c for c in _config_changes(old, new) if c not in _RESUMABLE_CHANGES]
+    refused = [
+        c
+        for c in changes
+        if not any(c == key or (key.endswith(".") and c.startswith(key)) for key in _RESUME_ADJUSTMENTS)
+    ]
+    if refused:
+        # a section of another type (head.type, model.type) is named with its values, first, and alone
+        retyped = [c[: -len("type")] for c in refused if c.endswith(".type")]
+        named = [
+            f"{c} {_format_value(_config_value(old, c))} -> {_format_value(_config_value(new, c))}"
+            for c in refused
+            if c.endswith(".type")
+        ]
+        named += [c for c in refused if not c.startswith(tuple(retyped))]
+        raise ConfigError(
+            f"--resume: the config differs from the checkpoint's in {', '.join(named)}; "
+            "a resumed run must compute what the interrupted one would have"
+        )
+    return {c: (_config_value(old, c), _config_value(new, c)) for c in changes}
+
+
 class Trainer:
     """Trains an encoder and a head on one data set and evaluates on another; see the module docstring.
 
@@ -171,7 +239,10 @@ class Trainer:
         test_path: the test data file (scored at the end with the kept weights; every ``train.eval_every``
             epochs for the curves).
         out_dir: the run folder. One that holds a run is refused unless ``resume`` or ``overwrite``.
-        resume: continue from the newest whole checkpoint in ``out_dir`` (a fresh start when there is none).
+        resume: continue from the newest whole checkpoint in ``out_dir`` (from step 0 when the run stopped
+            before its first; refused where ``out_dir`` holds no run). The learning rates and their
+            schedule, ``train.grad_clip``, ``train.epochs``, ``train.patience``, ``eval.*`` and ``test_path``
+            may change.
         overwrite: replace the run that ``out_dir`` holds (its files are removed once every input checks out).
         valid_path: validation data; None holds out ``train.valid_fraction`` of the training rows.
         explicit_keys: the dotted config keys the user set
@@ -207,6 +278,7 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.dist = DistInfo.from_env()  # rank facts, read once
         self.history: list[dict[str, Any]] = []
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}  # what a resume changes on purpose
         self._verifier: VerificationEvaluator | None = None  # built at the first verification
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -229,8 +301,11 @@ class Trainer:
             check_fits(config)
         self.train_data, self.valid_data, self.test_data = self._open_data()  # resolves self.config
         config = self.config
+        self.label_filter = self._read_eval_inputs()
         self._check_data_files()
+        self._check_resumed_config()  # before the modules: a changed head type is named as such
         self.encoder, self.head = build_modules(config, self.train_data, device=self.device, dist=dist)
+        self.head.materialize()  # a store on parameter servers connects, and is checked, now
         self.kernels = self._resolve_kernels()
         self.parallel = data_parallel(self.encoder, self.head, config=config, dist=dist, device=self.device)
         self.optimizers = {
@@ -280,6 +355,11 @@ class Trainer:
         self.logger = RunLogger(self.out_dir, enabled=dist.is_main)  # logs and reports: rank 0 only
         if resumed is not None:
             self._restore_log(resumed)
+        elif self.resume:
+            self.logger.print(
+                f"--resume: {self.out_dir} holds no checkpoint yet (the run stopped before its first): "
+                "starting from step 0"
+            )
         self._bind_head_optimizer()
         self._graph_choice = graph  # shown in the run's opening line on CUDA
         self._bar: Any = None  # the epoch's progress bar (None: off)
@@ -421,6 +501,28 @@ class Trainer:
         kept = np.flatnonzero(trained_on)  # disjoint from the held-out rows, in order
         return take_rows(train_data, kept), take_rows(train_data, held_out), test_data
 
+    def _read_eval_inputs(self) -> LabelFilter | None:
+        """Check the files the evaluations read before the run starts (they are read after an epoch): the
+        ``eval.verification`` sets open as pickled pairs (their first bytes), and ``eval.filter_labels`` is
+        read whole, its pairs checked against the test file. Returns that filter (None without one)."""
+        evaluation = self.config.eval
+        for path in evaluation.verification:
+            try:
+                check_verification_bin(path)
+            except DataFormatError as error:
+                raise ConfigError(f"eval.verification: {error}") from None
+        if not evaluation.filter_labels:
+            return None
+        try:
+            return read_filter_labels(
+                evaluation.filter_labels,
+                num_classes=self.test_data.num_classes,
+                num_documents=len(self.test_data),
+                documents=f"--test {self.test_path}",
+            )
+        except DataFormatError as error:
+            raise ConfigError(f"eval.filter_labels: {error}") from None
+
     def _checkpoint_dir(self) -> str:
         return os.path.join(self.out_dir, "checkpoints")
 
@@ -433,6 +535,8 @@ class Trainer:
                 f"--out {self.out_dir} holds a run ({', '.join(held)}): pass --resume to continue it or "
                 "--overwrite to replace it"
             )
+        if self.resume:
+            self._check_resumable()
         existing = os.path.abspath(self.out_dir)
         while not os.path.exists(existing):  # the folder is made later: its nearest existing parent decides
             existing = os.path.dirname(existing)
@@ -443,6 +547,41 @@ class Trainer:
                 pass
         except OSError as error:
             raise ValueError(f"--out {self.out_dir}: cannot write in {existing} ({error.strerror})") from None
+
+    def _check_resumable(self) -> None:
+        """Refuse ``resume`` where ``out_dir`` holds nothing to continue: no folder, no run, or a finished
+        run whose checkpoints are gone. A run stopped before its first checkpoint starts from step 0."""
+        out = self.out_dir
+        if not os.path.lexists(out):
+            raise ValueError(f"--resume: {out} holds no run to resume (no such folder)")
+        if not os.path.isdir(out):
+            raise ValueError(f"--resume: {out} holds no run to resume (a file, not a folder)")
+        if self._has_checkpoints():
+            return
+        if os.path.isdir(os.path.join(out, "model")):
+            raise ValueError(
+                f"--resume: {out} holds a finished run without a checkpoint (checkpoints/ holds none): it "
+                "cannot be continued or extended; pass --overwrite to start it anew"
+            )
+        if not os.path.exists(os.path.join(out, "run.json")):
+            raise ValueError(f"--resume: {out} holds no run to resume (no run.json, no checkpoint)")
+
+    def _has_checkpoints(self) -> bool:
+        return bool(checkpoint.checkpoint_folders(self._checkpoint_dir()))
+
+    def _check_resumed_config(self) -> None:
+        """Refuse a resume whose config differs from the run's ``config.yaml`` in more than
+        :func:`_resume_adjustments` allows, before anything is built from it (the checkpoint's config is
+        checked again when it is read). Reads only."""
+        path = os.path.join(self.out_dir, "config.yaml")
+        if not (self.resume and self._has_checkpoints() and os.path.exists(path)):
+            return
+        import yaml
+
+        with open(path, encoding="utf-8") as file:
+            recorded = yaml.safe_load(file)
+        if isinstance(recorded, dict):
+            _resume_adjustments(recorded, config_to_dict(self.config))
 
     @functools.cached_property
     def _recorded_facts(self) -> dict[str, Any]:
@@ -495,7 +634,14 @@ class Trainer:
                 )
             if recorded is None:  # a run folder from before data fingerprints
                 continue
-            if (recorded["size"], recorded["sha256"]) != (current["size"], current["sha256"]):
+            same = (recorded["size"], recorded["sha256"]) == (current["size"], current["sha256"])
+            if key == "test_file" and not same:  # training never reads it: run.json records the new one
+                before, after = recorded["path"], current["path"]
+                if before == after:
+                    before, after = (f"{before} (sha256 {f['sha256'][:12]})" for f in (recorded, current))
+                self._resume_changes[flag] = (before, after)
+                continue
+            if not same:
                 raise ValueError(
                     f"--resume: {flag} {current['path']} ({current['size']} bytes, sha256 "
                     f"{current['sha256'][:12]}) is not the run's {recorded['path']} "
@@ -569,6 +715,12 @@ class Trainer:
         )
         if self.average is not None:
             self.logger.print(self._average_text())
+        if self._patience_spent() and self.state.epoch < config.epochs:  # resumed after an early stop
+            self.logger.print(
+                f"early stop: no better validation {self._selection_metric()} in "
+                f"{self.state.evals_since_best} evaluations (train.patience={config.patience}); a higher "
+                "train.patience trains on"
+            )
         stopped = False
         while self.state.epoch < config.epochs and not stopped and not self._patience_spent():
             epoch = self.state.epoch
@@ -702,7 +854,11 @@ class Trainer:
         for name, optimizer in self.optimizers.items():
             group_config = getattr(self.config.optim, name)
             lrs[name] = lr_at(
-                step, peak=group_config.lr, total_steps=self.total_steps, optim=self.config.optim
+                step,
+                peak=group_config.lr,
+                total_steps=self.total_steps,
+                optim=self.config.optim,
+                warmup_total_steps=self.state.warmup_total_steps or None,
             )
             for group in optimizer.param_groups if optimizer is not None else []:
                 group["lr"] = lrs[name]
@@ -726,6 +882,7 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
             leave=False,
+            disable=None,  # on a terminal only: redirected output keeps the logged lines alone
         )
         return self._bar
 
@@ -746,7 +903,11 @@ class Trainer:
             )
         self.state.epoch_loss_sum += sum(losses)
         lr = lr_at(
-            self.state.global_step - 1, peak=1.0, total_steps=self.total_steps, optim=self.config.optim
+            self.state.global_step - 1,
+            peak=1.0,
+            total_steps=self.total_steps,
+            optim=self.config.optim,
+            warmup_total_steps=self.state.warmup_total_steps or None,
         )
         head_metrics = {f"head/{name}": value for name, value in self.head.metrics().items()}  # syncs: a log
         self.logger.log(
@@ -884,14 +1045,26 @@ class Trainer:
         counts = self.train_data.label_counts()
         share = label_prior_share(top, counts, len(self.train_data))
         if share >= _LABEL_PRIOR_SHARE:
-            optim = self.config.optim
             raise EndedAtLabelPrior(
                 f"training ended at the label prior: the model ranks label {int(np.argmax(counts))}, the "
-                f"most frequent training label, first for {100 * share:.0f}% of the validation rows; lower "
-                f"optim.encoder.lr (now {optim.encoder.lr:g}; 5e-5 suits a pretrained transformer), set a "
-                f"warm-up (optim.warmup_fraction=0.1, now {optim.warmup_fraction:g}) or raise train.epochs "
-                f"(now {self.config.train.epochs})"
+                f"most frequent training label, first for {100 * share:.0f}% of the validation rows; "
+                f"{self._label_prior_advice()}"
             )
+
+    def _label_prior_advice(self) -> str:
+        """What to change after a run ended at the label prior, from the run's own settings."""
+        optim, train = self.config.optim, self.config.train
+        pretrained = isinstance(self.config.model, TransformerConfig) and bool(self.config.model.pretrained)
+        rates = f"optim.encoder.lr now {optim.encoder.lr:g}"
+        if pretrained:
+            rates += "; 5e-5 suits a pretrained transformer"
+        else:
+            rates += f", optim.head.lr {optim.head.lr:g}"
+        advice = [f"lower the learning rates ({rates})"]
+        if optim.warmup_fraction < 0.1:
+            advice.append(f"lengthen the warm-up (optim.warmup_fraction=0.1, now {optim.warmup_fraction:g})")
+        advice.append(f"raise train.epochs (now {train.epochs})")
+        return f"{', '.join(advice[:-1])} or {advice[-1]}"
 
     def _load_weights(self, path: str) -> None:
         """Load the kept weights in folder ``path`` into the encoder and head, whichever layout holds them
@@ -976,7 +1149,8 @@ class Trainer:
 
     def evaluate(self, dataset: SparseDataset, *, verification: bool = True) -> dict[str, float]:
         """Ranking metrics of the current model on ``dataset`` (P@k, nDCG@k, PSP@k, ...), and the face
-        verification sets of ``eval.verification`` when ``verification``."""
+        verification sets of ``eval.verification`` when ``verification``. The pairs of ``eval.filter_labels``
+        name test rows: they are left out on the test set only."""
         started = time.perf_counter()
         label_counts = self.train_data.label_counts()
         with self._averaged():
@@ -988,6 +1162,7 @@ class Trainer:
                 label_counts=label_counts,
                 num_train_samples=len(self.train_data),
                 device=self.device,
+                label_filter=self.label_filter if dataset is self.test_data else None,
             )
         if verification and self.config.eval.verification:
             metrics.update(self._verification())
@@ -1149,24 +1324,43 @@ class Trainer:
         return path
 
     def _restore(self, state: dict[str, Any]) -> None:
-        """Continue from the checkpoint ``state``: refuse config changes that alter the numbers, then load
-        weights, optimizers, loop position and RNG states."""
-        changes = [
-            c
-            for c in _config_changes(state["config"], config_to_dict(self.config))
-            if c not in _RESUMABLE_CHANGES
-        ]
-        if changes:
-            raise ConfigError(
-                f"--resume: the config differs from the checkpoint's in {', '.join(changes)}; "
-                "a resumed run must compute what the interrupted one would have"
-            )
+        """Continue from the checkpoint ``state``: refuse config changes that alter what it means, then load
+        weights, optimizers, loop position and RNG states; the changes a resume makes on purpose
+        (:data:`_RESUME_ADJUSTMENTS`) are named when the run resumes."""
+        loop = LoopState(**state["loop"])
+        changes = _resume_adjustments(state["config"], config_to_dict(self.config))
+        self._check_resumed_position(loop, changes)
         if "head" in state:  # a single-process checkpoint
             self._restore_whole(state)
-        self.state = LoopState(**state["loop"])
+        self.state = loop
+        changed = set(changes)
+        if changed & set(_WARMUP_KEYS):  # a new warm-up is taken of the run's (new) total
+            self.state.warmup_total_steps = 0
+        elif "train.epochs" in changed and not self.state.warmup_total_steps:
+            self.state.warmup_total_steps = changes["train.epochs"][0] * self.loader.steps_per_epoch()
+        self._resume_changes = {**changes, **self._resume_changes}  # the config's, then --test's
         if "rng" in state:  # absent when the world size changed: each rank keeps its fresh seeded state
             set_rng_state(state["rng"])
         self._resumed_log_bytes = state.get("log_bytes")
+
+    def _check_resumed_position(self, loop: LoopState, changes: dict[str, tuple[Any, Any]]) -> None:
+        """Refuse a resume whose changes contradict the checkpoint's position: an end before its step (the
+        weights are past it), or another metric to pick the epoch by once one was kept."""
+        steps = self.loader.steps_per_epoch()
+        if loop.global_step > self.total_steps:
+            raise ConfigError(
+                f"--resume: train.epochs={self.config.train.epochs} ends at step {self.total_steps}, before "
+                f"the checkpoint's step {loop.global_step}; pass train.epochs >= "
+                f"{-(-loop.global_step // steps)}"
+            )
+        if "eval.ks" in changes and loop.best_epoch:
+            old, new = changes["eval.ks"]
+            if old[0] != new[0]:
+                raise ConfigError(
+                    f"--resume: eval.ks {_format_value(old)} -> {_format_value(new)} changes the metric "
+                    f"that picks the epoch (P@{old[0]} -> P@{new[0]}), by which the run kept epoch "
+                    f"{loop.best_epoch}; keep {old[0]} first in eval.ks"
+                )
 
     def _restore_whole(self, state: dict[str, Any]) -> None:
         """Load a single-process checkpoint's weights and optimizers, on any number of ranks (a sharded head
@@ -1214,9 +1408,18 @@ class Trainer:
             else:
                 _truncate_log(self.logger.path, self.state.global_step)
         where = os.path.join(self._checkpoint_dir(), os.path.basename(path))  # put back in place if moved
-        self.logger.print(
-            f"resumed from {where} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
-        )
+        step = self.state.global_step
+        self.logger.print(f"resumed from {where} at epoch {self.state.epoch + 1}, step {step}")
+        if self._resume_changes:
+            named = ", ".join(
+                f"{name} {_format_value(old)} -> {_format_value(new)}"
+                for name, (old, new) in self._resume_changes.items()
+            )
+            self.logger.print(
+                f"--resume: {named}: from step {step} on the run does not repeat the interrupted one"
+            )
+            changes = {name: list(values) for name, values in self._resume_changes.items()}
+            self.logger.log("resume", step, {"changes": changes})
 
     def close(self) -> None:
         """Flush and close the logs."""
