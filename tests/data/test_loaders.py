@@ -41,7 +41,7 @@ def test_formats_are_detected(tmp_path, bow):
     with pytest.raises(DataFormatError, match="empty.txt:1: empty file"):
         detect_format(str(tmp_path / "empty.txt"))
     (tmp_path / "odd.txt").write_text("hello world\n")
-    with pytest.raises(DataFormatError, match="odd.txt:1: unknown format"):
+    with pytest.raises(DataFormatError, match="odd.txt:1: unknown format: first line 'hello world' is"):
         detect_format(str(tmp_path / "odd.txt"))
     with pytest.raises(DataFormatError, match="no such file"):
         detect_format(str(tmp_path / "missing.txt"))

@@ -155,6 +155,7 @@ def test_bad_bow_names_file_and_line(tmp_path, content: str, line: int, words: s
 
 BAD_TEXT = [
     ("0,1\thello\nabc\n", 2, "no tab"),
+    ("0,1\thello\n\n1\tagain\n", 2, "an empty line"),
     ("0,1\thello\n1,a\tabc\n", 2, "'1,a'"),
     ("0,1\thello\n1,\tabc\n", 2, "stray comma"),
     ("0\thello\n,1\tabc\n", 2, "stray comma"),

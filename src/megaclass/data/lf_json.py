@@ -115,7 +115,7 @@ def parse_lf_json_lines(path: str, lines: list[bytes]) -> tuple[list[str], np.nd
             raise DataFormatError(path, f"invalid UTF-8 ({error.reason})", line=number) from None
         except json.JSONDecodeError as error:
             seen = line[:60].decode("utf-8", errors="replace").strip()
-            problem = f"invalid JSON ({error.msg} at column {error.colno}) in {seen!r}"
+            problem = f"invalid JSON ({error.msg}, column {error.colno}) in {seen!r}"
             raise DataFormatError(path, problem, line=number) from None
         if not isinstance(record, dict):
             problem = f"expected a JSON object with 'target_ind', got {type(record).__name__}"

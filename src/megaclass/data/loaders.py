@@ -167,8 +167,9 @@ def detect_format(path: str | os.PathLike) -> str:
         return "xmc-text"
     raise DataFormatError(
         path,
-        f"unknown format: first line {line[:80]!r} is neither a BoW header "
-        "'num_docs num_features num_labels', 'labels<TAB>text' nor a JSON object with 'target_ind'",
+        f"unknown format: first line {line[:80].decode('utf-8', errors='replace').rstrip()!r} is neither a "
+        "BoW header 'num_docs num_features num_labels', 'labels<TAB>text' nor a JSON object with "
+        "'target_ind'",
         line=1,
     )
 

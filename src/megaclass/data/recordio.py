@@ -169,7 +169,8 @@ class RecordReader:
                 if offset + _FRAME.size > self.size:
                     raise DataFormatError(
                         self.idx_path,
-                        f"key {key}: offset {offset} points past the end of {self.path} ({self.size} bytes)",
+                        f"key {key}: offset {offset} points past the end of {self.path} ({self.size} bytes): "
+                        "the .rec is truncated, or the .idx belongs to another file",
                     )
             self._index = index
         return self._index

@@ -616,7 +616,8 @@ def _parse_text(path: str, raw: bytes) -> dict[str, np.ndarray]:
     if missing.any():
         line = int(np.argmax(missing))
         seen = _token_text(buf, int(starts[line]), int(min(line_ends[line], buf.size)))[:80]
-        raise DataFormatError(path, f"expected 'l1,l2,...<TAB>text', found no tab in {seen!r}", line=line + 1)
+        problem = f"found no tab in {seen!r}" if seen.strip() else "an empty line"
+        raise DataFormatError(path, f"expected 'l1,l2,...<TAB>text', {problem}", line=line + 1)
     arrays = _text_label_part(path, buf, starts, tabs)
     arrays["text_bytes"] = _text_part(path, buf, starts, tabs)
     return arrays
