@@ -12,23 +12,26 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
 - GPU: the plan's peak against the allocator's peak (``torch.cuda.max_memory_allocated``) plus the CUDA
   context (the device memory in use once CUDA is initialised, before any tensor); the allocator's reserved
   peak beside it;
-- host: the plan's peak against the process's peak resident set (``VmHWM``) above its resident set once
-  PyTorch and CUDA are loaded (the plan counts what the run holds, not the libraries), and against the peak
-  of the C heap's bytes in use (:class:`~_harness.HeapPeak`, CPU runs: on a GPU its reading after every op
-  would stand in the way of the step's CUDA graph): the resident set holds, beside those, the freed memory the
-  C allocator keeps for its next allocations (the more so with a build in a thread of its own).
+- host: the plan's peak, less its part for the interpreter and PyTorch, against the process's peak resident
+  set (``VmHWM``) above its resident set once PyTorch and CUDA are loaded, and the plan's peak less the
+  process's libraries (and the CUDA runtime) against the peak of the C heap's bytes in use
+  (:class:`~_harness.HeapPeak`, CPU runs: on a GPU its reading after every op would stand in the way of the
+  step's CUDA graph): the resident set holds, beside those, the freed memory the C allocator keeps for its
+  next allocations (the more so with a build in a thread of its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,6 +84,8 @@ def child(args: argparse.Namespace) -> None:
         other_paths=(test_path,),
         resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
     )
+    loaded = plan_without(plan, "interpreter and PyTorch")  # what the measurement's base holds
+    allocations = plan_without(loaded, "libraries a run loads", "CUDA runtime")
     reset_peak_memory()  # the peak resident set from here on
     base = process_memory("VmRSS")
     if cuda:
@@ -98,14 +103,20 @@ def child(args: argparse.Namespace) -> None:
     row = {
         "planned_gpu": plan.peak(0)[0] if cuda else 0,
         "planned_gpu_phase": plan.peak(0)[1] if cuda else "",
-        "planned_host": plan.peak(1)[0],
-        "planned_host_phase": plan.peak(1)[1],
+        "planned_host": loaded.peak(1)[0],
+        "planned_host_phase": loaded.peak(1)[1],
+        "planned_host_allocated": allocations.peak(1)[0],
         "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
         "host": process_memory("VmHWM") - base,
         "host_allocated": heap.peak if heap is not None else None,
     }
     print(json.dumps(row), flush=True)
+
+
+def plan_without(plan: Any, *names: str) -> Any:
+    """``plan`` without the parts ``names`` (its peaks computed again)."""
+    return dataclasses.replace(plan, parts=tuple(part for part in plan.parts if part.name not in names))
 
 
 def main() -> None:
@@ -151,7 +162,7 @@ def main() -> None:
                 f"| {ratio(row['planned_gpu'], row['gpu'])} "
                 f"| {row['planned_host'] / _GIB:.2f} ({row['planned_host_phase']}) "
                 f"| {row['host'] / _GIB:.2f} | {ratio(row['planned_host'], row['host'])} "
-                f"| {allocated} | {ratio(row['planned_host'], row['host_allocated'] or 0)} |",
+                f"| {allocated} | {ratio(row['planned_host_allocated'], row['host_allocated'] or 0)} |",
                 flush=True,
             )
 

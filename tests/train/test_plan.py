@@ -9,15 +9,17 @@ import torch
 
 from megaclass.cli import main
 from megaclass.data.batch import InputSpec
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.synthetic import synthesize
 from megaclass.data.xmc import load_xmc
 from megaclass.heads import HeadContext, build_head, head_class, head_config
 from megaclass.heads.base import PlanRequest
 from megaclass.index.kmeans import cluster_layout
 from megaclass.models import build_model
+from megaclass.schema import from_dict
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
-from megaclass.train.config import OptimGroupConfig, load_config
+from megaclass.train.config import OptimGroupConfig, load_config, load_config_and_keys
 from megaclass.train.plan import MemoryPlan, PlanPart, plan_for, plan_run, read_data_shape
 
 DIM, BATCH, STEPS = 64, 16, 3
@@ -155,10 +157,14 @@ def test_data_shape_from_the_header_and_a_sample_matches_the_parsed_file(synthet
     text.write_text("3,7\tred fox\n1\tjumps over it\n\n2\tdog\n", encoding="utf-8")
     shape = read_data_shape(str(text))
     assert (shape.inputs, shape.num_rows, shape.num_labels, shape.labels_per_row) == ("text", 4, 8, 4 / 3)
-    # a vocabulary holds no more n-grams than occur min_df (2) times: the rows' n-grams, halved
-    assert shape.num_features == round(shape.num_rows * shape.nonzeros_per_row) // 2
+    # a file smaller than the sample is counted as the featuriser counts: no n-gram is in two texts
+    texts = ["red fox", "jumps over it", "dog"]
+    assert TextFeaturizer().fit(texts).num_features == 0
+    assert (shape.num_features, shape.nonzeros_per_row) == (1, 0.0)  # at least one column
     hashed = read_data_shape(str(text), featurizer={"n_features": 1 << 18})
     assert hashed.num_features == 1 << 18  # hashed columns: that many, whatever the corpus
+    distinct = TextFeaturizer(FeaturizerConfig(n_features=1 << 18)).fit_transform(texts).indices.size
+    assert hashed.nonzeros_per_row == distinct / 3
     assert not os.path.exists(str(synthetic / "train_bow.txt") + ".megaclass.npz")  # nothing parsed
 
 
@@ -418,14 +424,26 @@ def test_rows_on_parameter_servers_are_planned_in_the_checkpoints_they_reach(syn
     )
 
 
+PROCESS_PARTS = ("interpreter and PyTorch", "libraries a run loads")
+
+
 def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):
-    config = load_config(head="dense", overrides=["model.hidden=[64]"])
+    """The process's own memory is in the plan on any device, once; a GPU run's measured 2.5 GiB above its
+    other host parts are that and the CUDA runtime's, not counted twice."""
+    config = load_config(head="sparse", overrides=["model.hidden=[64]"])  # no modules' build on top
     shape = read_data_shape(str(synthetic / "train_bow.txt"))
     options = {"gpu_capacity": 139 << 30, "host_capacity": 128 << 30}
-    on_gpu = {p.name: p for p in plan_run(config, shape, device_type="cuda", **options).parts}
-    assert on_gpu["CUDA runtime"].host_bytes == 5 << 29 and on_gpu["CUDA runtime"].phase == "steady"
-    on_cpu = {p.name for p in plan_run(config, shape, device_type="cpu", **options).parts}
-    assert "CUDA runtime" not in on_cpu
+    plans = {device: plan_run(config, shape, device_type=device, **options) for device in ("cuda", "cpu")}
+    on_gpu = {p.name: p for p in plans["cuda"].parts}
+    process = sum(on_gpu[name].host_bytes for name in PROCESS_PARTS)
+    assert on_gpu["CUDA runtime"].host_bytes + process == 5 << 29
+    assert {on_gpu[name].phase for name in (*PROCESS_PARTS, "CUDA runtime")} == {"steady"}
+    names = [p.name for p in plans["cpu"].parts]
+    assert "CUDA runtime" not in names and all(names.count(name) == 1 for name in PROCESS_PARTS)
+    for plan in plans.values():
+        without = dataclasses.replace(plan, parts=tuple(p for p in plan.parts if p.name not in PROCESS_PARTS))
+        assert plan.peak(1)[1] == without.peak(1)[1]
+        assert plan.peak(1)[0] - without.peak(1)[0] == process  # in the peak, once
 
 
 def test_label_sized_host_arrays_stay_within_their_planned_parts(synthetic):
@@ -526,3 +544,127 @@ def test_plan_of_rank_0_of_several_processes(synthetic, tmp_path, capsys, monkey
     argv = ["train", "--train", str(synthetic / "train_bow.txt"), "--test", str(synthetic / "test_bow.txt")]
     assert main([*argv, "--out", str(tmp_path / "run"), "--nproc-per-node", "2", "--dry-run"]) == 0
     assert capsys.readouterr().out.count("rank 0 of 2 processes") == 1
+
+
+_MEASURE = """
+import megaclass.train.loop
+from megaclass.heads import HeadContext, build_head, head_config
+def resident(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+imported = resident("VmRSS")
+context = HeadContext(in_features=256, num_classes=10, multilabel=False)
+head = build_head(head_config({"type": "dense"}), context)
+print(imported, resident("VmHWM") - imported)
+"""
+
+
+def test_the_process_and_a_dense_heads_first_rows_are_planned(repo_root):
+    """What a fresh process holds once the trainer is imported is within the plan's part for the process
+    (which counts what a run loads later, too); what building a dense head holds on top (a block of
+    initial rows drawn and scaled, whatever its classes) is within its planned initialisation."""
+    import subprocess
+    import sys
+
+    from megaclass.train.plan import _CUDA_HOST, _PROCESS_HOST
+
+    done = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, check=True)
+    imported, building = (int(word) for word in done.stdout.split())
+    # a CUDA build of PyTorch maps its GPU libraries at import: counted in the plan's CUDA runtime there
+    assert imported <= (_CUDA_HOST if torch.cuda.is_available() else _PROCESS_HOST)
+    config = head_config({"type": "dense"})
+    context = HeadContext(in_features=256, num_classes=10, multilabel=False)
+    planned = head_class(config).planned_bytes(config, context, PlanRequest(BATCH, 8, device_type="cpu"))
+    assert 0.8 * planned["initialisation"].host <= building <= planned["initialisation"].host + (8 << 20)
+    # deb-tags' BoW rows under the default MLP (D 1,024): the first rows' block is the largest phase, on top
+    # of what is held while the modules are built: not yet the gradients, optimizer state or later libraries
+    shape = read_data_shape(os.path.join(repo_root, "data", "deb-tags", "test_bow.txt.gz"))
+    options = {"device_type": "cpu", "gpu_capacity": None, "host_capacity": 64 << 30}
+    plan = plan_run(load_config(head="dense"), shape, **options)
+    parts = {part.name: part for part in plan.parts}
+    assert parts["head initialisation"].host_bytes == 2 * 65_536 * 1024 * 4
+    assert parts["head initialisation"].phase == "setup" and plan.peak(1)[1] == "setup"
+    later = ("encoder gradients", "encoder optimizer state", "encoder gradient kept", "libraries a run loads")
+    steady = [p for p in plan.parts if p.phase == "steady" and p.name not in later]
+    held = sum(p.device_bytes + p.host_bytes for p in steady)  # on a CPU run all in host memory
+    assert plan.peak(1)[0] == held + parts["head initialisation"].host_bytes
+
+
+def test_a_dense_first_layer_gradient_kept_for_reuse_on_a_cpu(synthetic):
+    """A CPU run over sparse rows keeps the pages of a freed dense first-layer gradient for the next step:
+    a second table's worth; not a sparse gradient's, nor on a GPU."""
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    options = {"gpu_capacity": 139 << 30, "host_capacity": 64 << 30}
+    kept = {}
+    for device in ("cpu", "cuda"):
+        for sparse in ("true", "false"):
+            config = load_config(overrides=["model.hidden=[64]", f"model.sparse_grad={sparse}"])
+            parts = {p.name: p for p in plan_run(config, shape, device_type=device, **options).parts}
+            kept[device, sparse] = parts["encoder gradient kept"]
+    assert kept["cpu", "false"].device_bytes == shape.num_features * 64 * 4
+    assert kept["cpu", "false"].phase == "steady"
+    assert kept["cpu", "true"].device_bytes == kept["cuda", "false"].device_bytes == 0
+
+
+@pytest.fixture(scope="module")
+def deb_tags_texts(repo_root):
+    """The embedded deb-tags training texts and their featuriser's exact count under a few configs."""
+    import gzip
+
+    path = os.path.join(repo_root, "data", "deb-tags", "train.txt.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        texts = [line.rstrip("\n").split("\t", 1)[-1] for line in file if line.strip()]
+    return path, texts
+
+
+VOCABULARIES = {
+    "default": {},
+    "min_df 5": {"min_df": 5},
+    "words": {"word_ngrams": [1, 3], "char_ngrams": None, "min_df": 3},
+    "characters": {"word_ngrams": None, "char_ngrams": [3, 5]},
+}
+
+
+@pytest.mark.parametrize("sample_bytes", [None, 300_000])
+@pytest.mark.parametrize("name", list(VOCABULARIES))
+def test_the_vocabulary_is_the_featurisers_count(deb_tags_texts, monkeypatch, name, sample_bytes):
+    """A file within the sample is counted exactly (columns and stored features a row); from a sample
+    (a sixth of the texts here) the count is extrapolated, never far under and not far over."""
+    import megaclass.train.plan as plan
+
+    path, texts = deb_tags_texts
+    options = VOCABULARIES[name]
+    featurizer = TextFeaturizer(from_dict(FeaturizerConfig, options, where="test"))
+    exact = featurizer.fit_transform(texts)
+    if sample_bytes is not None:
+        monkeypatch.setattr(plan, "_SAMPLE_BYTES", sample_bytes)
+    shape = read_data_shape(path, featurizer=options)
+    if sample_bytes is None:
+        assert shape.num_features == exact.num_columns
+        assert shape.nonzeros_per_row == pytest.approx(exact.indices.size / len(texts))
+    else:
+        assert 0.97 * exact.num_columns <= shape.num_features <= 1.4 * exact.num_columns
+        assert exact.indices.size / len(texts) <= shape.nonzeros_per_row  # every distinct n-gram a row
+
+
+def test_a_text_plan_resolves_the_first_layer_as_the_run_does(deb_tags_texts):
+    """On deb-tags' texts the run's featuriser has 85,804 columns: its first layer has a dense gradient
+    (model.sparse_grad=auto) and the plan counts the weights, gradient and checkpoint of that table."""
+    from megaclass.models.mlp import MLPConfig
+    from megaclass.train.recipes import resolve_recipe
+
+    path, texts = deb_tags_texts
+    columns = TextFeaturizer().fit(texts).num_features
+    config, keys = load_config_and_keys(None, ["train.epochs=1"], head="dense")
+    plan = plan_for(
+        config,
+        path,
+        resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
+        host_memory=8,
+    )
+    parts = {part.name: part for part in plan.parts}
+    table = columns * 1024 * 4
+    assert not MLPConfig().resolved_sparse_grad(columns)
+    assert parts["encoder weights"].device_bytes >= table
+    assert parts["encoder gradients"].device_bytes == parts["encoder weights"].device_bytes  # dense
+    assert plan.checkpoint_bytes() < 1.1 * 3 * table and plan.refusal() is None  # fits in 8 GiB

@@ -291,14 +291,7 @@ class TextFeaturizer:
         if len(texts) == 0:
             raise ValueError("TextFeaturizer.fit: no texts")
         hashed = self.config.n_features is not None
-        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for counts in _in_order(lambda chunk: self._chunk_counts(texts[chunk[0] : chunk[1]]), _chunks(texts)):
-            pieces.append(counts)
-            if len(pieces) > 1 and sum(piece[0].size for piece in pieces[1:]) > max(
-                pieces[0][0].size, _MERGE_ENTRIES
-            ):
-                pieces = [_merge_counts(pieces)]  # keeps memory near the number of distinct n-grams
-        keys, df, tf = _merge_counts(pieces)
+        keys, df, tf = self.document_frequencies(texts)
         self.num_documents = len(texts)
         if hashed:
             full_df = np.zeros(self.config.n_features, dtype=np.int64)
@@ -312,6 +305,25 @@ class TextFeaturizer:
             self.vocabulary, df = keys[keep], df[keep]
         self.idf_weights = (np.log((1.0 + self.num_documents) / (1.0 + df)) + 1.0).astype(np.float32)
         return self
+
+    def document_frequencies(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(keys, df, tf)`` of ``texts``, what :meth:`fit` learns from: the sorted distinct n-gram ids
+        (hashed columns when hashed), the texts holding each and its occurrences. Needs no fit.
+
+        >>> keys, df, tf = TextFeaturizer(FeaturizerConfig(char_ngrams=None)).document_frequencies(["a b a"])
+        >>> sorted(zip(df.tolist(), tf.tolist()))  # "a", "b", "a b", "b a"
+        [(1, 1), (1, 1), (1, 1), (1, 2)]
+        """
+        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for counts in _in_order(lambda chunk: self._chunk_counts(texts[chunk[0] : chunk[1]]), _chunks(texts)):
+            pieces.append(counts)
+            if len(pieces) > 1 and sum(piece[0].size for piece in pieces[1:]) > max(
+                pieces[0][0].size, _MERGE_ENTRIES
+            ):
+                pieces = [_merge_counts(pieces)]  # keeps memory near the number of distinct n-grams
+        if not pieces:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return _merge_counts(pieces)
 
     def _chunk_counts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(sorted unique n-gram ids or hashed columns, df, tf)`` of a chunk of training texts."""

@@ -263,8 +263,9 @@ class Head(nn.Module):
         plan of :mod:`megaclass.train.plan`) for the run ``request`` describes: ``weights``, ``gradients``,
         ``optimizer`` (a torch optimizer keeping ``request.optimizer_moments`` weight-sized tensors, or the
         row store's own state), ``index`` (topology, class index, label maps), ``activations`` (one training
-        batch), ``evaluation`` (one scoring batch) and ``checkpoint`` (host copies its state dict makes
-        beyond what it holds).
+        batch), ``evaluation`` (one scoring batch), ``checkpoint`` (host copies its state dict makes
+        beyond what it holds) and, where it has any, ``initialisation`` (what building it holds beyond its
+        weights, while the modules are built).
 
         Raises:
             ConfigError: the head cannot plan its memory.

@@ -216,7 +216,7 @@ class DenseHead(Head):
         cls, config: DenseHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The ``(C, D)`` weight and bias on the device, as many gradients, the optimizer's moments of them,
-        and a chunk of ``B x chunk_size`` fp32 logits and their gradient per batch."""
+        a chunk of ``B x chunk_size`` fp32 logits and their gradient per batch, and the initial rows' draw."""
         classes, dim = context.num_classes, context.in_features
         has_bias = config.bias if config.bias is not None else not config.margin.enabled
         params = (classes * dim + (classes if has_bias else 0)) * (2 if request.low_precision else 4)
@@ -237,4 +237,6 @@ class DenseHead(Head):
             ),  # (B, chunk)
             "evaluation": PlannedBytes(request.eval_batch * (scored + dim) * 4, 0, "eval.batch_size"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters themselves
+            # a block of rows drawn on the host and scaled (two copies), whatever the number of classes
+            "initialisation": PlannedBytes(0, 2 * _INIT_BLOCK * dim * 4, "a host with more memory"),
         }

@@ -4,18 +4,20 @@
         --gpu-memory 139 --host-memory 128
     megaclass train --train train_bow.txt --test test_bow.txt --out runs/x --dry-run
 
-The data's shape is read cheaply (:func:`read_data_shape`: the BoW header and a sample of lines, never
-the whole file parsed); the config is resolved from it as ``megaclass train`` resolves it; :func:`plan_run`
-adds up each part as a pure function of the two: the head's parts come from the head class
+The data's shape is read cheaply (:func:`read_data_shape`: the BoW header and a sample of lines, never the
+whole file parsed; a text file's vocabulary counted by the featuriser on a sample and extrapolated by Heaps'
+law); the config is resolved from it as ``megaclass train`` resolves it; :func:`plan_run` adds up each part as
+a pure function of the two: the head's parts come from the head class
 (:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
-memory) and one forward pass there, whose saved tensors are the activations the backward keeps (a
-transformer on text: built on the CPU and run on one document of ``model.max_length`` tokens, in float32: an
-upper bound of a batch of shorter documents or of a GPU's bf16 step). A run's peak
-is what it holds all along (``steady``), plus what work in the background may hold at any time (an index's
-cold build), plus the largest of what a training step, an evaluation, a checkpoint save or the data loading
-hold on top of it. The run folder's disk is the checkpoints kept, one more while a save runs (no more than
-the run writes), and the best and final weights (:meth:`MemoryPlan.disk_bytes`). :meth:`MemoryPlan.refusal`
-names the part that does not fit, by how much, and the setting that shrinks it.
+memory) and one forward pass there, whose saved tensors are the activations the backward keeps (a transformer
+on text: built on the CPU and run on one document of ``model.max_length`` tokens, in float32: an upper bound
+of a batch of shorter documents or of a GPU's bf16 step). A run's peak is what it holds all along
+(``steady``), plus what work in the background may hold at any time (an index's cold build), plus the largest
+of what a training step, an evaluation, a checkpoint save, the data loading or building the modules (beside
+the held parts made by then) hold on top of it; the process's own memory (the interpreter and its libraries)
+is one of the held parts. The run folder's disk is the checkpoints kept, one more while a save runs (no more
+than the run writes), and the best and final weights (:meth:`MemoryPlan.disk_bytes`).
+:meth:`MemoryPlan.refusal` names the part that does not fit, by how much, and the setting that shrinks it.
 
 The plan is one process's: a run of ``N`` processes is planned as its rank 0, with its share of the global
 batch and, where the head is split by class over the ranks, its share of the classes.
@@ -24,20 +26,23 @@ batch and, where the head is split by class over the ranks, its share of the cla
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
-from megaclass.data.featurizer import FeaturizerConfig
+from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
 from megaclass.data.xmc import read_label_names
 from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import rank_batch_size, shards_head
+from megaclass.errors import DataFormatError
 from megaclass.heads import HeadConfig, HeadContext, head_class
 from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
@@ -59,14 +64,22 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-Phase = Literal["steady", "background", "step", "evaluation", "checkpoint", "loading"]
+Phase = Literal["steady", "background", "step", "evaluation", "checkpoint", "loading", "setup"]
 _HELD: tuple[Phase, ...] = ("steady", "background")  # all along, or at any time (an index's cold build)
-_TRANSIENT: tuple[Phase, ...] = ("step", "evaluation", "checkpoint", "loading")
-_SAMPLE_BYTES = 4 << 20  # decompressed bytes of lines sampled for the per-row counts
+_TRANSIENT: tuple[Phase, ...] = ("step", "evaluation", "checkpoint", "loading", "setup")
+_SAMPLE_BYTES = 4 << 20  # decompressed bytes of lines sampled for the per-row counts and a vocabulary
 _READ_BYTES = 16 << 20  # bytes read at once when counting a text file's lines
 _CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on the GPU
+# the process's own host memory, measured on a CPU run of 500 documents, 100 labels and D 32 (torch 2.13, CPU
+# build; its planned parts: 1 MiB): 225 MiB once `megaclass train` has imported what it needs, before its
+# data (the interpreter and PyTorch; 240 planned, room for another build of the same), and 420 MiB at its
+# end: the libraries the run loads after building its modules (Triton and SymPy through PyTorch, the
+# report's Matplotlib) the rest
+_PROCESS_HOST = 240 << 20
+_LIBRARIES_HOST = 180 << 20
 # the CUDA runtime, its libraries and compiled kernels in host memory: a training run's resident set was 2.5
-# to 2.8 GiB above its planned host parts at 10^7 classes on an H200 (benchmarks/RESULTS.md)
+# to 2.8 GiB above its planned host parts at 10^7 classes on an H200 (benchmarks/RESULTS.md), the process's
+# own parts (_PROCESS_HOST, _LIBRARIES_HOST) included
 _CUDA_HOST = 5 << 29
 _WEIGHTS = ("encoder weights", "head weights")
 _CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index", "weight average")
@@ -86,7 +99,8 @@ class DataShape:
         num_rows: documents or images.
         num_features: columns of the feature rows (text: the featuriser's bound; images: their side).
         num_labels: ``C``.
-        nonzeros_per_row: mean stored features a row (text: an upper bound, n-grams counted with repeats).
+        nonzeros_per_row: mean stored features a row (text: the sample's distinct n-grams a row, an upper
+            bound where the file is larger than the sample).
         labels_per_row: mean labels a row.
         multilabel: whether a sampled row holds other than one label.
         text_bytes: the decompressed file's size (estimated from the sample when gzipped BoW).
@@ -145,16 +159,53 @@ def _sample_lines(path: str, *, skip_header: bool) -> tuple[list[bytes], bool]:
     return [line for line in lines if line.strip()], whole
 
 
-def _count_lines(path: str) -> tuple[int, int]:
-    """``(lines, decompressed bytes)`` of ``path``, streamed in pieces (no line is parsed)."""
+def _count_and_sample_lines(path: str) -> tuple[int, int, list[bytes], np.ndarray, bool]:
+    """``(lines, decompressed bytes, sample, its line numbers, whole)`` of ``path``, streamed in pieces (no
+    line is parsed): the sample is a uniform one of its non-blank lines (seeded, in a random order), about
+    :data:`_SAMPLE_BYTES` of them; ``whole``: it holds all of them. Each line draws a priority and the
+    sample keeps the lowest, as many as fit in the bytes."""
+    rng = np.random.default_rng(0)
+    kept: list[bytes] = []
+    priorities, sizes, numbers = np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)  # numbers: 1-based
+    cutoff = 1.0  # a line drawing this or more cannot enter the sample any more
     lines = size = 0
-    last = b"\n"
+    rest, last = b"", b"\n"
     with _open(path) as handle:
-        while piece := handle.read(_READ_BYTES):
+        while True:
+            piece = handle.read(_READ_BYTES)
+            first = lines + 1  # the number of the block's first line
             lines += piece.count(b"\n")
             size += len(piece)
-            last = piece[-1:]
-    return lines + (last != b"\n"), size
+            last = piece[-1:] or last
+            block = rest + piece
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))  # (lines of the block,)
+            if not piece and block:  # the last line, without a newline
+                ends = np.append(ends, len(block))
+            starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+            rest = block[ends[-1] + 1 :] if ends.size else block
+            drawn = rng.random(ends.size)
+            entering = np.flatnonzero((drawn < cutoff) & (ends > starts))
+            if entering.size:
+                held = len(kept)
+                priorities = np.concatenate([priorities, drawn[entering]])
+                sizes = np.concatenate([sizes, ends[entering] - starts[entering] + 1])
+                numbers = np.concatenate([numbers, first + entering])
+                order = np.argsort(priorities, kind="stable")
+                count = max(1, int(np.searchsorted(np.cumsum(sizes[order]), _SAMPLE_BYTES, side="right")))
+                if count < order.size:
+                    cutoff = float(priorities[order[count]])
+                order = order[:count]
+                kept = [
+                    kept[i] if i < held else block[starts[entering[i - held]] : ends[entering[i - held]]]
+                    for i in order.tolist()
+                ]
+                priorities, sizes, numbers = priorities[order], sizes[order], numbers[order]
+            if not piece:
+                break
+    blank = [i for i, line in enumerate(kept) if not line.strip()]
+    if blank:  # whitespace only
+        kept, numbers = [line for line in kept if line.strip()], np.delete(numbers, blank)
+    return lines + (last != b"\n"), size, kept, numbers, cutoff == 1.0
 
 
 def _labels_of(field: bytes) -> list[int]:
@@ -188,35 +239,29 @@ def read_data_shape(
             has_labels = bool(tokens) and b":" not in tokens[0] and not line[:1].isspace()
             labels.append(_labels_of(tokens[0]) if has_labels else [])
             nonzeros.append(len(tokens) - has_labels)
+        per_row = sum(nonzeros) / max(len(lines), 1)
         sampled = sum(len(line) for line in lines)
         text_bytes = (
             sampled + len(header) if whole else round(len(header) + num_rows * sampled / max(len(lines), 1))
         )
         inputs = "bow"
     elif data_format in ("xmc-text", "lf-json"):
-        lines, _ = _sample_lines(path, skip_header=False)
-        num_rows, text_bytes = _count_lines(path)
+        num_rows, text_bytes, lines, numbers, whole = _count_and_sample_lines(path)
         if data_format == "xmc-text":
             labels = [_labels_of(line.split(b"\t", 1)[0]) for line in lines]
-            texts = [line.split(b"\t", 1)[-1] for line in lines]
+            texts = [line.split(b"\t", 1)[-1].rstrip(b"\r").decode("utf-8", "replace") for line in lines]
         else:
-            sampled, indptr, ids = parse_lf_json_lines(path, lines)
+            try:
+                texts, indptr, ids = parse_lf_json_lines(path, lines)
+            except DataFormatError as error:  # numbered in the sample: name the file's line
+                line = None if error.line is None else int(numbers[error.line - 1])
+                raise DataFormatError(path, error.problem, line=line) from None
             labels = [ids[start:stop].tolist() for start, stop in zip(indptr[:-1], indptr[1:], strict=True)]
-            texts = [text.encode() for text in sampled]
         config = featurizer_config(featurizer or {}) or FeaturizerConfig()
-        words = [len(text.split()) for text in texts]
-        chars = [len(text) for text in texts]
-        word_n = 0 if config.word_ngrams is None else config.word_ngrams[1] - config.word_ngrams[0] + 1
-        char_n = 0 if config.char_ngrams is None else config.char_ngrams[1] - config.char_ngrams[0] + 1
-        nonzeros = [word_n * w + char_n * c for w, c in zip(words, chars, strict=True)]
+        num_features, per_row = _featurized_size(texts, num_rows, config, whole=whole)
         names = read_label_names(path)
         seen = max((max(row) for row in labels if row), default=0) + 1
         num_labels = len(names) if names else seen
-        if config.n_features:  # hashed: that many columns, whatever the corpus
-            num_features = config.n_features
-        else:  # a vocabulary: at most max_features, and no more n-grams than occur min_df times
-            occurring = num_rows * sum(nonzeros) // max(len(nonzeros), 1) // max(config.min_df, 1)
-            num_features = max(1, min(config.max_features or occurring, occurring))
         inputs = "text"
     else:  # face images: the record index read (one read an identity), no image decoded but the first
         dataset = open_face_dataset(path)
@@ -238,11 +283,63 @@ def read_data_shape(
         num_rows=num_rows,
         num_features=int(num_features),
         num_labels=num_classes or num_labels,
-        nonzeros_per_row=sum(nonzeros) / count,
+        nonzeros_per_row=per_row,
         labels_per_row=sum(len(row) for row in labels) / count,
         multilabel=any(len(row) != 1 for row in labels),
         text_bytes=int(text_bytes),
     )
+
+
+def _featurized_size(
+    texts: list[str], num_rows: int, config: FeaturizerConfig, *, whole: bool
+) -> tuple[int, float]:
+    """``(columns, stored features a row)`` of ``num_rows`` texts featurised by ``config``, from ``texts``:
+    all of them (``whole``: counted exactly, as the featuriser counts) or a uniform sample of them.
+
+    Hashed: ``n_features`` columns. A vocabulary: the n-grams of ``min_df`` or more texts, at most
+    ``max_features``. Their number grows with the texts as a power law (Heaps' law, ``V(n) = K n^b``): it is
+    counted on the first quarter, half and whole of the sample and extrapolated from the whole by the
+    steeper of the two slopes between them (the slope flattens as ``n`` grows), and at most the sample's
+    distinct n-grams scaled linearly (a corpus repeats more of its n-grams the larger it is). From a sixth
+    of deb-tags' texts, or 3% of deb-files' paths, it came from 1% below to 56% above the featuriser's
+    count (word, character and both n-grams, ``min_df`` 1 to 5). A row's stored features: its distinct
+    n-grams (those in the vocabulary, when counted exactly)."""
+    if not texts:
+        return config.n_features or 1, 0.0
+    featurizer = TextFeaturizer(config)
+    sampled = len(texts)
+    bounds = [0, sampled] if whole else sorted({0, sampled // 4, sampled // 2, sampled})
+    parts = [featurizer.document_frequencies(texts[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    counts = []  # n-grams of min_df or more texts among the first bounds[1:] texts
+    for end in range(1, len(parts) + 1):
+        keys, df = _merged_frequencies(parts[:end])
+        counts.append(int(np.count_nonzero(df >= config.min_df)))
+    if config.n_features:
+        return config.n_features, float(df.sum()) / sampled
+    if whole:
+        columns = min(counts[-1], config.max_features or counts[-1])
+        return max(1, columns), float(df[df >= config.min_df].sum()) / sampled
+    sizes = bounds[-len(counts) :]
+    slopes = [
+        math.log(max(after, 1) / max(before, 1)) / math.log(stop / start)
+        for before, after, start, stop in zip(counts, counts[1:], sizes, sizes[1:], strict=False)
+    ]
+    growth = num_rows / sampled
+    estimate = min(max(counts[-1], 1) * growth ** max(slopes, default=1.0), keys.size * growth)
+    columns = min(round(estimate), config.max_features or round(estimate))
+    return max(1, columns), float(df.sum()) / sampled
+
+
+def _merged_frequencies(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys, df)`` of several :meth:`~megaclass.data.featurizer.TextFeaturizer.document_frequencies`
+    results, as of their texts together."""
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1]
+    keys, inverse = np.unique(np.concatenate([part[0] for part in parts]), return_inverse=True)
+    df = np.bincount(inverse, weights=np.concatenate([part[1] for part in parts]), minlength=keys.size)
+    return keys, df.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -257,9 +354,12 @@ class PlanPart:
         device_bytes: on the compute device (a GPU); folded into host memory on a CPU run.
         host_bytes: in host memory.
         phase: ``steady`` (held all along), ``background`` (held at any time: an index's cold build) or the
-            phase holding it on top: ``step``, ``evaluation``, ``checkpoint`` or ``loading``.
+            phase holding it on top: ``step``, ``evaluation``, ``checkpoint``, ``loading`` or ``setup``
+            (building the modules).
         setting: what to change when this part does not fit.
         elsewhere_bytes: held outside this process (on parameter servers), as a checkpoint writes them.
+        after_setup: a held part made after the modules are built (by the first step, or libraries loaded
+            then): not held while they are built (``setup``).
     """
 
     name: str
@@ -268,6 +368,7 @@ class PlanPart:
     phase: Phase = "steady"
     setting: str = ""
     elsewhere_bytes: int = 0
+    after_setup: bool = False
 
     @property
     def saved_bytes(self) -> int:
@@ -317,11 +418,13 @@ class MemoryPlan:
 
     def peak(self, side: int) -> tuple[int, Phase]:
         """Peak bytes of ``side`` (0: GPU, 1: host): the steady and background parts plus the largest phase
-        on top."""
+        on top (building the modules: on top of the held parts made before it)."""
         steady = sum(self._where(part)[side] for part in self.parts if part.phase in _HELD)
         phases = {
             phase: sum(self._where(p)[side] for p in self.parts if p.phase == phase) for phase in _TRANSIENT
         }
+        later = sum(self._where(p)[side] for p in self.parts if p.phase in _HELD and p.after_setup)
+        phases["setup"] = max(0, phases["setup"] - later)
         worst = max(_TRANSIENT, key=lambda phase: phases[phase])
         return steady + phases[worst], worst
 
@@ -422,11 +525,15 @@ def _moments(name: str, momentum: float) -> int:
     return 2
 
 
-def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[list[PlanPart], int]:
+def _encoder_parts(
+    config: RunConfig, shape: DataShape, batch: int, *, device_type: str
+) -> tuple[list[PlanPart], int]:
     """The encoder's parts and its output width ``D``, from one forward pass of a ``batch``-row input whose
     tensors saved for the backward are its activations: an MLP over sparse rows or a face encoder built on
     the ``meta`` device (no memory); a transformer over token ids (text data) built on the CPU and run on
-    one document of ``model.max_length`` tokens, its activations counted ``batch`` times over."""
+    one document of ``model.max_length`` tokens, its activations counted ``batch`` times over. A CPU run
+    over sparse rows keeps its freed blocks for reuse (:func:`megaclass.host_allocator.reuse_freed_blocks`):
+    a dense first-layer gradient, made anew each step, then holds the pages of two."""
     from megaclass.data.batch import InputSpec, SparseInputs
 
     if shape.inputs == "images":
@@ -463,10 +570,12 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
     trained = sum(p.numel() * p.element_size() for p in trainable)
-    grads = trained
+    grads, kept = trained, 0
     if getattr(encoder, "sparse_gradient", False):  # an MLP's first layer: a gradient row per non-zero
         table = encoder.embedding  # (F, H0)
         grads += nonzeros * (table.shape[1] * table.element_size() + 8) - table.numel() * table.element_size()
+    elif device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
+        kept = encoder.embedding.numel() * encoder.embedding.element_size()  # the last step's, freed
     parameters = {id(p) for p in encoder.parameters()}
     saved: list[int] = []
 
@@ -479,16 +588,18 @@ def _encoder_parts(config: RunConfig, shape: DataShape, batch: int) -> tuple[lis
         features = encoder(inputs)  # (B, D), or (1, D) of one document
     activations = copies * (sum(saved) + 2 * features.numel() * features.element_size()) + input_bytes
     optimizer = config.optim.encoder
-    parts = [
+    parts = [  # a torch optimizer makes its state at its first step
         PlanPart("encoder weights", weights, 0, setting=smaller),
-        PlanPart("encoder gradients", grads, 0, setting=smaller),
+        PlanPart("encoder gradients", grads, 0, setting=smaller, after_setup=True),
         PlanPart(
             "encoder optimizer state",
             _moments(optimizer.name, optimizer.momentum) * trained,
             0,
             setting="optim.encoder.name=sgd",
+            after_setup=True,
         ),
         PlanPart("encoder activations", activations, 0, "step", setting),
+        PlanPart("encoder gradient kept", kept, 0, setting="model.sparse_grad=true", after_setup=True),
     ]
     return parts, int(encoder.out_features)
 
@@ -507,6 +618,7 @@ _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
     "activations": ("head activations", "step"),
     "evaluation": ("head evaluation", "evaluation"),
     "checkpoint": ("head state dict copies", "checkpoint"),
+    "initialisation": ("head initialisation", "setup"),
 }
 
 
@@ -534,7 +646,7 @@ def plan_run(
         config = replace(config, model=replace(config.model, sparse_grad=False))
     rows = max(1, shape.num_rows)  # no batch holds more than the data
     batch = min(rank_batch_size(config, dist), -(-rows // world_size))
-    parts, dim = _encoder_parts(config, shape, batch)
+    parts, dim = _encoder_parts(config, shape, batch, device_type=device_type)
     classes = shape.num_labels
     if shards_head(config, dist):
         classes = -(-classes // world_size)  # rank 0's range: the first ranks take the remainder
@@ -580,7 +692,14 @@ def plan_run(
         if config.train.cuda_graph != "off" and not pulled:
             parts = [replace(part, phase="steady") if part.phase == "step" else part for part in parts]
         parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, 0, setting="a larger GPU"))
-        parts.append(PlanPart("CUDA runtime", 0, _CUDA_HOST, setting="a host with more memory"))
+        runtime = _CUDA_HOST - _PROCESS_HOST - _LIBRARIES_HOST  # the measured whole, less what any run holds
+        parts.append(PlanPart("CUDA runtime", 0, runtime, setting="a host with more memory"))
+    parts += [
+        PlanPart("interpreter and PyTorch", 0, _PROCESS_HOST, setting="a host with more memory"),
+        PlanPart(
+            "libraries a run loads", 0, _LIBRARIES_HOST, setting="a host with more memory", after_setup=True
+        ),
+    ]
     process = "one process" if world_size == 1 else f"rank 0 of {world_size} processes, {classes:,} classes"
     summary = (
         f"memory plan: {config.head.type} head, {shape.num_labels:,} classes x D {dim}, {shape.num_rows:,} "
