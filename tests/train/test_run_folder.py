@@ -494,7 +494,12 @@ def test_a_finished_run_goes_on_with_more_epochs_and_other_learning_rates(data, 
 
     capsys.readouterr()  # resumed again with the same settings: nothing changes, the run ends as finished
     assert _train(data, out, "optim.head.lr=0.005", "train.grad_clip=1", "--epochs", "4", "--resume") == 0
-    assert _resume_lines(capsys.readouterr().out) == []
+    printed = capsys.readouterr().out
+    assert _resume_lines(printed) == []
+    assert (
+        "step 12: the run has trained all 4 epochs; it is scored and its final weights written again"
+        in printed
+    )
     assert _losses(out) == losses
 
 

@@ -1408,8 +1408,15 @@ class Trainer:
             else:
                 _truncate_log(self.logger.path, self.state.global_step)
         where = os.path.join(self._checkpoint_dir(), os.path.basename(path))  # put back in place if moved
-        step = self.state.global_step
-        self.logger.print(f"resumed from {where} at epoch {self.state.epoch + 1}, step {step}")
+        step, epochs = self.state.global_step, self.config.train.epochs
+        if self.state.epoch >= epochs:  # trained to its end: its end is made again
+            self.logger.print(
+                f"resumed from {where}, step {step}: the run has trained all {epochs} "
+                f"epoch{'s' * (epochs != 1)}; it is scored and its final weights written again (a higher "
+                "train.epochs trains it on)"
+            )
+        else:
+            self.logger.print(f"resumed from {where} at epoch {self.state.epoch + 1}, step {step}")
         if self._resume_changes:
             named = ", ".join(
                 f"{name} {_format_value(old)} -> {_format_value(new)}"
