@@ -179,7 +179,10 @@ _OK = '{"title": "ok", "target_ind": [0]}'
         ('{"title": "x", "target_ind": [4294967296]}', "label id 4294967296 too large"),
         ('{"title": 5, "target_ind": [1]}', "'title' must be a string, got int"),
         ('{"title": "x", "content": ["y"], "target_ind": [1]}', "'content' must be a string"),
-        ('{"title": "x", "target_ind": [3]}', r"label id 3 out of range \[0, 3\)"),
+        (
+            '{"title": "x", "target_ind": [3]}',
+            r"label id 3 out of range \[0, 3\): the label names beside it \(labels.txt or lbl.json\) hold 3",
+        ),
         ("", r"invalid JSON"),
     ],
 )

@@ -176,6 +176,12 @@ def read_lf_json(path: str | os.PathLike, *, num_labels: int | None = None) -> X
         raise FileNotFoundError(f"{path}: no such data file")
     texts, indptr, ids = _parse(path)
     label_space = _checked_num_labels(num_labels) if num_labels is not None else _label_space(path, ids)
-    _check_range(path, "label", ids, indptr, label_space, 1)
+    try:
+        _check_range(path, "label", ids, indptr, label_space, 1)
+    except DataFormatError as error:
+        if num_labels is not None or read_label_names(path) is None:
+            raise
+        names = "the label names beside it (labels.txt or lbl.json)"
+        raise DataFormatError(path, f"{error.problem}: {names} hold {label_space}", line=error.line) from None
     indptr, ids = _dedupe_rows(path, indptr, ids, 1)
     return XMCData(path, CSR(indptr, ids.astype(np.int32), None, label_space), None, texts)
