@@ -9,6 +9,7 @@ naming the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -339,12 +340,13 @@ def load_config_and_keys(
         same = section.get("type", "dense") == head
         data["head"] = {**section, "type": head} if same else {"type": head}  # head.type is the user's
     parsed = [parse_override(text) for text in overrides]
-    # a changed registry type first (the others then set options of the new type): it replaces its section,
-    # whose options were the old type's, as a YAML file's or --head's does
+    # a type first (the others then set options of the new type): merged as a YAML file's, a changed one
+    # replaces its section, whose options were the old type's
     for keys, value in sorted(parsed, key=lambda override: override[0][-1] != "type"):
         if keys[-1] == "type":
-            _replace_section_of_another_type(data, keys[:-1], value)
-        set_path(data, keys, value)
+            _merge(data, functools.reduce(lambda inner, key: {key: inner}, reversed(keys), value))
+        else:
+            set_path(data, keys, value)
     try:
         config = config_from_dict(data)
     except ConfigError as error:  # an unknown key the file gave: name the file
@@ -355,15 +357,6 @@ def load_config_and_keys(
             raise
         raise ConfigError(f"{os.fspath(path)}: {error}", key=error.key) from None
     return config, frozenset(_leaf_keys(data))
-
-
-def _replace_section_of_another_type(data: dict[str, Any], path: list[str], kind: Any) -> None:
-    """Empty the section at ``path`` when it names a ``type`` other than ``kind``."""
-    node: Any = data
-    for key in path:
-        node = node.get(key) if isinstance(node, dict) else None
-    if isinstance(node, dict) and node.get("type", kind) != kind:
-        node.clear()
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -174,23 +174,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted path: (old value, new value)}`` of the values that differ between two configs' plain forms
+    (None where one has none), in the paths' order."""
+    changes = {}
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _config_changes(a, b, f"{path}.")
+            changes.update(_config_changes(a, b, f"{path}."))
         elif a != b:
-            changes.append(path)
+            changes[path] = (a, b)
     return changes
-
-
-def _config_value(config: dict[str, Any], path: str) -> Any:
-    """The value at dotted ``path`` of a config's plain form (None where it has none)."""
-    for key in path.split("."):
-        config = config.get(key) if isinstance(config, dict) else None
-    return config
 
 
 def _format_value(value: Any) -> str:
@@ -208,7 +203,7 @@ def _resume_adjustments(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
     Raises:
         ConfigError: another change alters what the saved state means, or what the run computes.
     """
-    changes = [c for c in _config_changes(old, new) if c not in _RESUMABLE_CHANGES]
+    changes = {c: values for c, values in _config_changes(old, new).items() if c not in _RESUMABLE_CHANGES}
     refused = [
         c
         for c in changes
@@ -218,7 +213,7 @@ def _resume_adjustments(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
         # a section of another type (head.type, model.type) is named with its values, first, and alone
         retyped = [c[: -len("type")] for c in refused if c.endswith(".type")]
         named = [
-            f"{c} {_format_value(_config_value(old, c))} -> {_format_value(_config_value(new, c))}"
+            f"{c} {_format_value(changes[c][0])} -> {_format_value(changes[c][1])}"
             for c in refused
             if c.endswith(".type")
         ]
@@ -227,7 +222,7 @@ def _resume_adjustments(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
             f"--resume: the config differs from the checkpoint's in {', '.join(named)}; "
             "a resumed run must compute what the interrupted one would have"
         )
-    return {c: (_config_value(old, c), _config_value(new, c)) for c in changes}
+    return changes
 
 
 class Trainer:
