@@ -12,9 +12,10 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
 - GPU: the plan's peak against the allocator's peak (``torch.cuda.max_memory_allocated``) plus the CUDA
   context (the device memory in use once CUDA is initialised, before any tensor); the allocator's reserved
   peak beside it;
-- host: the plan's peak, less its part for the interpreter and PyTorch, against the process's peak resident
-  set (``VmHWM``) above its resident set once PyTorch and CUDA are loaded, and the plan's peak less the
-  process's libraries (and the CUDA runtime) against the peak of the C heap's bytes in use
+- host: the plan's peak, every part, against the process's peak resident set (``VmHWM``), with the resident
+  set once PyTorch (and CUDA) are loaded beside it (the measured start of what the plan counts as the
+  interpreter, PyTorch and the CUDA runtime); and the plan's peak less the process's libraries (and the CUDA
+  runtime) against the peak of the C heap's bytes in use
   (:class:`~_harness.HeapPeak`, CPU runs: on a GPU its reading after every op would stand in the way of the
   step's CUDA graph): the resident set holds, beside those, the freed memory the C allocator keeps for its
   next allocations (the more so with a build in a thread of its own).
@@ -84,10 +85,9 @@ def child(args: argparse.Namespace) -> None:
         other_paths=(test_path,),
         resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
     )
-    loaded = plan_without(plan, "interpreter and PyTorch")  # what the measurement's base holds
-    allocations = plan_without(loaded, "libraries a run loads", "CUDA runtime")
+    allocations = plan_without(plan, "interpreter and PyTorch", "libraries a run loads", "CUDA runtime")
     reset_peak_memory()  # the peak resident set from here on
-    base = process_memory("VmRSS")
+    start = process_memory("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     heap = None if cuda else HeapPeak()
@@ -103,12 +103,13 @@ def child(args: argparse.Namespace) -> None:
     row = {
         "planned_gpu": plan.peak(0)[0] if cuda else 0,
         "planned_gpu_phase": plan.peak(0)[1] if cuda else "",
-        "planned_host": loaded.peak(1)[0],
-        "planned_host_phase": loaded.peak(1)[1],
+        "planned_host": plan.peak(1)[0],
+        "planned_host_phase": plan.peak(1)[1],
         "planned_host_allocated": allocations.peak(1)[0],
         "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
-        "host": process_memory("VmHWM") - base,
+        "host": process_memory("VmHWM"),
+        "host_start": start,
         "host_allocated": heap.peak if heap is not None else None,
     }
     print(json.dumps(row), flush=True)
@@ -128,7 +129,8 @@ def main() -> None:
     print(f"{args.head} head, {args.docs:,} documents, {args.features:,} features, one epoch, {device}\n")
     print(
         "| classes | GPU planned GiB | GPU measured GiB (reserved) | plan / measured "
-        "| host planned GiB | host measured GiB | plan / measured | host allocated GiB | plan / allocated |"
+        "| host planned GiB | host measured GiB (at start) | plan / measured | host allocated GiB "
+        "| plan / allocated |"
     )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -161,7 +163,8 @@ def main() -> None:
                 f"| {row['gpu'] / _GIB:.2f} ({row['gpu_reserved'] / _GIB:.2f}) "
                 f"| {ratio(row['planned_gpu'], row['gpu'])} "
                 f"| {row['planned_host'] / _GIB:.2f} ({row['planned_host_phase']}) "
-                f"| {row['host'] / _GIB:.2f} | {ratio(row['planned_host'], row['host'])} "
+                f"| {row['host'] / _GIB:.2f} ({row['host_start'] / _GIB:.2f}) "
+                f"| {ratio(row['planned_host'], row['host'])} "
                 f"| {allocated} | {ratio(row['planned_host_allocated'], row['host_allocated'] or 0)} |",
                 flush=True,
             )

@@ -153,3 +153,22 @@ def test_multilabel_capture_is_not_refused_but_a_sharded_head_takes_no_padded_ta
     assert "class-sharded" in sharded.capture_blocker(targets_static=False)
     with pytest.raises(ValueError, match="class-sharded head takes unpadded labels"):
         sharded(torch.randn(2, 6), RaggedLabels.from_lists([[1], [2]]).pad_to(3))
+
+
+def test_initial_rows_are_the_same_whatever_range_a_process_draws():
+    """The rows of any class range equal those of the whole matrix (blocks of 4,096 rows at D 1,024, the last
+    cut at C), and are N(0, std^2)."""
+    from megaclass.heads.dense import _init_block_rows, _init_normal_rows_
+
+    classes, dim, std = 10_000, 1024, 0.03
+    assert _init_block_rows(dim) == 4096 and _init_block_rows(64) == 65_536 and _init_block_rows(1 << 23) == 1
+    whole = torch.empty(classes, dim)
+    _init_normal_rows_(whole, 0, num_classes=classes, std=std, seed=3)
+    for start, stop in ((0, 3000), (3000, 9000), (9000, 10_000), (4095, 4097)):
+        piece = torch.empty(stop - start, dim)
+        _init_normal_rows_(piece, start, num_classes=classes, std=std, seed=3)
+        assert torch.equal(piece, whole[start:stop])
+    assert abs(whole.std().item() - std) < 0.01 * std and abs(whole.mean().item()) < 0.01 * std
+    other = torch.empty(classes, dim)
+    _init_normal_rows_(other, 0, num_classes=classes, std=std, seed=4)
+    assert not torch.equal(other, whole)

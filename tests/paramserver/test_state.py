@@ -175,6 +175,7 @@ def test_a_shard_keeps_its_rows_average_as_a_plain_ema_of_every_row(tmp_path, dt
         torch.testing.assert_close(state.average_at(slice(0, spec.size), step).double(), expected)
         some = torch.tensor([spec.size - 1, 0, 4])  # by ids, unsorted
         torch.testing.assert_close(state.average_at(some, step).double(), expected[some])
+        torch.testing.assert_close(state.average_at(slice(2, 9), step).double(), expected[2:9])
     # kept as of the step before each row's last update (reads write nothing)
     assert torch.equal(state.state["average_step"], (updated - 1).clamp(min=0))
     kept = state.state["average"][:1]  # a row kept as of a later step than asked: as kept

@@ -20,6 +20,10 @@ def _write(path, kind: str) -> None:
     elif kind == "cut short":
         np.save(path, np.ones((120, 4), dtype=np.float32))
         path.write_bytes(path.read_bytes()[:300])
+    elif kind == "nan":
+        values = np.ones((120, 4), dtype=np.float32)
+        values[[7, 9], 2] = [np.nan, np.inf]
+        np.save(path, values)
     elif kind == "folder":
         path.mkdir()
 
@@ -32,6 +36,7 @@ def _write(path, kind: str) -> None:
         ("objects", "cut short, damaged or holding objects"),
         ("cut short", "cut short, damaged or holding objects"),
         ("integers", "values of type int64"),
+        ("nan", "row 7 (image 8 of {data}) holds NaN or infinite values, and 2 rows in all"),
         ("folder", "is a folder"),
         ("missing", "no such file"),
     ],
@@ -46,6 +51,7 @@ def test_features_that_are_no_float_npy_are_refused_in_one_line(tmp_path, fixtur
         f"expected a .npy of float features, shape (120, D): one row per image of {fixture_bin}, as "
         "megaclass extract writes"
     )
+    problem = problem.format(data=fixture_bin)
     assert error == f"megaclass verify: error: --features {features}: {problem}: {expected}\n"
     assert "allow_pickle" not in error
 

@@ -47,10 +47,36 @@ def test_no_settings_on_multilabel_bow_is_the_xmc_mlp_hinge_preset():
 
 
 def test_no_settings_on_one_label_data_is_the_xmc_mlp_preset():
-    config, description = _resolve(facts=TEXT_ONE_LABEL)
+    config, description = _resolve(facts=dataclasses.replace(TEXT_ONE_LABEL, inputs="bow"))
     assert config == resolve_auto(from_preset("xmc-mlp"), TEXT_ONE_LABEL)
     assert (config.head.loss, config.optim.encoder.lr, config.train.epochs) == ("softmax", 0.005, 3)
-    assert description.startswith("recipe: xmc-mlp (text, multi-class")
+    assert description.startswith("recipe: xmc-mlp (BoW, multi-class")
+
+
+@pytest.mark.parametrize(
+    ("facts", "head", "preset"),
+    [
+        (TEXT_ONE_LABEL, None, "xmc-mlp"),
+        (dataclasses.replace(TEXT_ONE_LABEL, multilabel=True), None, "xmc-mlp-hinge"),
+        (TEXT_ONE_LABEL, "selected", None),
+        (dataclasses.replace(TEXT_ONE_LABEL, multilabel=True), "sparse", "spartex"),
+    ],
+)
+def test_an_mlp_over_featurised_text_drops_some_of_each_rows_ngrams(facts, head, preset):
+    """Text rows (word and character n-grams) drop 30% of their non-zeros in training; BoW rows none; an
+    explicit value wins."""
+    config, description = _resolve(head=head, facts=facts)
+    assert config.model.input_dropout == 0.3
+    assert "epochs; input dropout 0.3" in description
+    if preset is not None:
+        wanted = from_preset(preset)
+        wanted = dataclasses.replace(wanted, model=dataclasses.replace(wanted.model, input_dropout=0.3))
+        assert config == resolve_auto(wanted, facts)
+    assert _resolve(head=head, facts=dataclasses.replace(facts, inputs="bow"))[0].model.input_dropout == 0.0
+    config, description = _resolve(["model.input_dropout=0"], head=head, facts=facts)
+    assert config.model.input_dropout == 0.0 and "input dropout" not in description
+    config, description = _resolve(["model.type=transformer"], head=head, facts=facts)
+    assert not hasattr(config.model, "input_dropout") and "input dropout" not in description
 
 
 def test_explicit_settings_win_even_when_they_equal_the_defaults():

@@ -60,20 +60,29 @@ class DenseHeadConfig:
             raise ConfigError(f"head.margin needs head.loss softmax, got {self.loss!r}")
 
 
-_INIT_BLOCK = 1 << 16  # rows drawn per seeded generator
+_INIT_BLOCK_BYTES = 1 << 24  # at most one block of rows drawn at a time: 16 MiB in float32
 
 
-def _init_normal_rows_(weight: Tensor, start: int, *, std: float, seed: int) -> None:
-    """Fill the rows of global classes ``[start, start + len(weight))`` with ``N(0, std^2)``, drawn in blocks
-    of ``_INIT_BLOCK`` global rows seeded ``(seed, block)``: every world size starts from the same matrix."""
-    stop, device = start + weight.shape[0], weight.device
-    for block in range(start // _INIT_BLOCK, -(-stop // _INIT_BLOCK)):
+def _init_block_rows(dim: int) -> int:
+    """Rows drawn per seeded generator: the most, a power of two up to 65,536, that fit 16 MiB at width D."""
+    rows = 1 << 16
+    while rows > 1 and rows * dim * 4 > _INIT_BLOCK_BYTES:
+        rows //= 2
+    return rows
+
+
+def _init_normal_rows_(weight: Tensor, start: int, *, num_classes: int, std: float, seed: int) -> None:
+    """Fill the rows of global classes ``[start, start + len(weight))`` (of ``num_classes``) with
+    ``N(0, std^2)``, drawn in blocks of :func:`_init_block_rows` global rows seeded ``(seed, block)`` (the
+    last block only up to class ``num_classes``): every world size starts from the same matrix."""
+    stop, device, dim = start + weight.shape[0], weight.device, weight.shape[1]
+    block_rows = _init_block_rows(dim)
+    for block in range(start // block_rows, -(-stop // block_rows)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
-        first = block * _INIT_BLOCK
-        rows = (
-            torch.randn(_INIT_BLOCK, weight.shape[1], generator=generator, device=device) * std
-        )  # (block, D)
-        lo, hi = max(start, first), min(stop, first + _INIT_BLOCK)
+        first = block * block_rows
+        drawn = min(block_rows, num_classes - first)
+        rows = torch.randn(drawn, dim, generator=generator, device=device).mul_(std)  # (drawn, D)
+        lo, hi = max(start, first), min(stop, first + drawn)
         weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.dtype)
 
 
@@ -122,7 +131,9 @@ class DenseHead(Head):
         std = self.config.init_scale / math.sqrt(self.context.in_features)
         start, _, _ = self.row_range()
         with torch.no_grad():
-            _init_normal_rows_(self.weight, start, std=std, seed=self.config.seed)
+            _init_normal_rows_(
+                self.weight, start, num_classes=self.context.num_classes, std=std, seed=self.config.seed
+            )
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -237,6 +248,8 @@ class DenseHead(Head):
             ),  # (B, chunk)
             "evaluation": PlannedBytes(request.eval_batch * (scored + dim) * 4, 0, "eval.batch_size"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters themselves
-            # a block of rows drawn on the host and scaled (two copies), whatever the number of classes
-            "initialisation": PlannedBytes(0, 2 * _INIT_BLOCK * dim * 4, "a host with more memory"),
+            # one block of rows drawn on the host at a time (at most 16 MiB)
+            "initialisation": PlannedBytes(
+                0, min(_init_block_rows(dim), classes) * dim * 4, "a host with more memory"
+            ),
         }

@@ -175,10 +175,12 @@ class ShardState:
         stays as kept); nothing is written."""
         if not self.average_slots:
             raise ValueError("this shard keeps no weight average (start it with --average-decay)")
-        if isinstance(local, slice):
-            local = torch.arange(*local.indices(self.spec.size))
-        average, last = (self.state[slot].index_select(0, local) for slot in ("average", "average_step"))
-        rows = self.rows.index_select(0, local)
+        if isinstance(local, slice):  # copies of the range's averages, the rows read where they are
+            average, last = (self.state[slot][local].clone() for slot in ("average", "average_step"))
+            rows = self.rows[local]
+        else:
+            average, last = (self.state[slot].index_select(0, local) for slot in ("average", "average_step"))
+            rows = self.rows.index_select(0, local)
         fold_rows_(average, last, rows, decay=self.spec.average_decay, step=step)
         return average
 

@@ -255,6 +255,13 @@ def _load_features(path: str, data_path: str, count: int) -> np.ndarray:
             f"--features {path}: shape {embeddings.shape}, expected ({count}, D) for the images of "
             f"{data_path}"
         )
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"--features {path}: row {row} (image {row + 1} of {data_path}) holds NaN or infinite values, "
+            f"and {int((~finite).sum())} rows in all: {expected}"
+        )
     return embeddings
 
 

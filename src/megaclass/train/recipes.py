@@ -11,7 +11,8 @@ An MLP recipe over sparse rows (``xmc-mlp``, ``xmc-mlp-hinge``, ``spartex``) tra
 label to see about 200 positive rows: its preset's epochs (tuned on a set with 150 positives a label an
 epoch) or more where labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps
 the best epoch. (On a planted set with 11 positives a label an epoch, 18 epochs against 9 gain 1.7 points
-P@1 under the dense head: benchmarks/RESULTS.md.)
+P@1 under the dense head: benchmarks/RESULTS.md.) Over featurised text it drops 30% of each row's n-grams in
+training (``model.input_dropout``).
 
 >>> facts = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=10_000, num_positives=75_000)
 >>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)
@@ -57,6 +58,10 @@ _POSITIVES_PER_LABEL = 200  # positive rows each label sees over an MLP recipe's
 _MAX_EPOCHS = 30
 _MLP_RECIPES = ("xmc-mlp", "xmc-mlp-hinge", "spartex")
 _MIN_SAMPLED_BATCH = 32  # sampled_head_batch lowers a batch no further
+# an MLP recipe over featurised text drops this share of each row's n-grams in training: word and character
+# n-grams give many columns to a word, so a row stays legible without some of them (+0.3 point P@1 on two text
+# sets; on BoW rows, a column a word, it loses 2.7: benchmarks/RESULTS.md)
+_TEXT_INPUT_DROPOUT = 0.3
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,10 @@ def resolve_recipe(
         recipe_type = settings.get(section, {}).get("type")
         if _covered(f"{section}.type", explicit_keys) and recipe_type != user[section]["type"]:
             del settings[section]
+    text_mlp = name in _MLP_RECIPES and facts.inputs == "text" and "model" in settings
+    if text_mlp and not _covered("model.input_dropout", explicit_keys):
+        settings["model"]["input_dropout"] = _TEXT_INPUT_DROPOUT
+        why += f"; input dropout {_TEXT_INPUT_DROPOUT}"
     for key in sorted(explicit_keys):
         set_path(settings, key.split("."), copy.deepcopy(_value_at(user, key)))
     resolved = config_from_dict(settings)

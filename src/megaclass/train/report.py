@@ -60,9 +60,11 @@ def _plot(path: str, history: list[dict[str, Any]], ks: tuple[int, ...]) -> str 
             name = f"{split} P@{k}"
             points = [(row["epoch"], row[name]) for row in history if name in row]
             if points:
-                metric_axes.plot(*zip(*points, strict=False), style, marker="o", label=name)
+                label = f"{name} (curve)" if split == "test" else name
+                metric_axes.plot(*zip(*points, strict=False), style, marker="o", label=label)
     metric_axes.set(xlabel="epoch", ylabel="precision", title="P@k (test: curve only)")
-    metric_axes.legend()
+    if metric_axes.lines:  # no evaluation ran (eval.every_epochs 0): no legend to draw
+        metric_axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
