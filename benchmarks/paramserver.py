@@ -78,6 +78,12 @@ def parse_args() -> argparse.Namespace:
         default=[0.0],
         help="the throughput servers' --average-decay (0: no weight average kept; default 0)",
     )
+    parser.add_argument(
+        "--shard-threads",
+        type=int,
+        default=0,
+        help="each shard's torch threads (its --torch-threads; default 0: the server's own rule)",
+    )
     parser.add_argument("--step-classes", type=int, help="C of the SelectedHead step (default 10^6)")
     parser.add_argument("--batch", type=int, help="B of the SelectedHead step (default 512)")
     parser.add_argument("--step-dim", type=int, help="D of the SelectedHead step (default 512)")
@@ -118,6 +124,7 @@ def shard_processes(
     index_device: str = "cpu",
     dtype: str = "float32",
     average_decay: float = 0.0,
+    threads: int = 0,
 ) -> Iterator[list[str]]:
     """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
     processes: list[subprocess.Popen] = []
@@ -131,6 +138,7 @@ def shard_processes(
                 "--port", "0", "--momentum", "0.9", "--index-device", index_device, "--dtype", dtype,
                 "--average-decay", str(average_decay),
             ]  # fmt: skip
+            command += ["--torch-threads", str(threads)] if threads else []
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             processes.append(process)
         for process in processes:
@@ -205,7 +213,13 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
     ):
         held = f"{dtype} + average" if decay else dtype
         with shard_processes(
-            count, classes=args.classes, dim=dim, root=root, dtype=dtype, average_decay=decay
+            count,
+            classes=args.classes,
+            dim=dim,
+            root=root,
+            dtype=dtype,
+            average_decay=decay,
+            threads=args.shard_threads,
         ) as addresses:
             counter = [0]  # steps of the shards, over both clients
             for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
@@ -315,7 +329,12 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
     # the shards' nearest-class indexes live on the accelerator where there is one (as the other stores' do)
     index_device = args.index_device or ("cuda" if torch.cuda.is_available() else "cpu")
     with shard_processes(
-        4, classes=args.step_classes, dim=args.step_dim, root=root, index_device=index_device
+        4,
+        classes=args.step_classes,
+        dim=args.step_dim,
+        root=root,
+        index_device=index_device,
+        threads=args.shard_threads,
     ) as addresses:
         url = "ps://" + ",".join(addresses)
         stores = {
@@ -379,7 +398,8 @@ def main() -> None:
         reuse_freed_blocks()  # as a CPU trainer does (pulls on a GPU host land in page-locked buffers)
     parts = set(args.parts.split(","))
     root = tempfile.mkdtemp(prefix="megaclass-ps-bench-", dir=args.data_dir or memory_folder(args))
-    print(f"shard data under {root}")
+    threads = args.shard_threads or "cores / 2N of N shards"
+    print(f"shard data under {root}; each shard's torch threads: {threads}")
     started = time.perf_counter()
     try:
         transfer = throughput(args, root) if "throughput" in parts else []

@@ -12,6 +12,7 @@ import pytest
 from megaclass.cli import COMMANDS, main
 from megaclass.dst import DSTConfig, rewire_fraction
 from megaclass.train.inference import load_run
+from megaclass.train.memory import format_head_memory
 
 pytestmark = pytest.mark.integration
 
@@ -218,6 +219,11 @@ def test_sparse_run_logs_rewiring_and_reports_head_memory(sparse_run):
     assert metrics["dense_head_total_bytes"] == 4 * 595 * (48 + 1) * 4
     assert metrics["head/sparsity"] == pytest.approx(0.875)
     assert "## Head memory" in (sparse_run / "report.md").read_text()
+    memory = {key: value for key, value in metrics.items() if key.endswith("_bytes") and "head" in key}
+    line = format_head_memory(memory, sparsity=0.875, ranks=2)
+    total = f"{memory['head_total_bytes'] / 2**20:.2f}"
+    assert line.startswith(f"head sparsity 87.5%, head + optimizer state {total} MiB")
+    assert " MiB over 2 ranks (weights " in line and " over " not in format_head_memory(memory)
 
 
 def test_sparse_run_with_auxiliary_head_reloads_for_eval_and_predict(tiny, sparse_run, tmp_path, capsys):

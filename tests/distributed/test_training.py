@@ -163,6 +163,11 @@ def test_two_ranks_take_the_steps_of_one_process(dense_runs) -> None:
     assert abs(p1_one - p1_two) < 0.005, (p1_one, p1_two)
     # the same config with the defaults (shard_head auto: an unsharded head on one process) starts alike too
     _assert_same_losses(two, _losses(os.path.join(tmp, "plain")), "1 process, unsharded")
+    # the head's memory is the whole head's, summed over the ranks' parts (the second rank's AdamW keeps its
+    # own step count of the weight and of the bias: 4 bytes each)
+    whole, summed = _metrics(os.path.join(tmp, "plain")), _metrics(os.path.join(tmp, "two"))
+    for part, more in (("weights", 0), ("grad", 0), ("optimizer", 8), ("total", 8)):
+        assert summed[f"head_{part}_bytes"] == whole[f"head_{part}_bytes"] + more, part
 
 
 @pytest.mark.slow

@@ -79,7 +79,7 @@ from megaclass.train.graphs import (
     whole_step_blocker,
 )
 from megaclass.train.low_precision import head_input
-from megaclass.train.memory import format_head_memory, head_memory
+from megaclass.train.memory import format_head_memory, head_memory, summed_over_ranks
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 from megaclass.train.report import epoch_history, write_report
@@ -1096,6 +1096,15 @@ class Trainer:
         if not kept_on_disk:
             with self._averaged():  # the final model is the evaluated one
                 model_state = self._model_state(weights_only=True)  # collective under FSDP2
+        memory = head_memory(
+            self.head,
+            self.optimizers["head"],
+            num_classes=self.train_data.num_classes,
+            in_features=self.encoder.out_features,
+        )
+        ranks = self.dist.world_size if self.head.sharded else 1
+        if ranks > 1:  # each rank holds its classes' part: the run reports the whole head
+            memory = summed_over_ranks(memory, self.device)
         if not self.dist.is_main:
             return {}
         if kept_on_disk and not linked:  # a sharded run's kept rows, whole, left in their files until written
@@ -1113,15 +1122,9 @@ class Trainer:
             num_classes=self.train_data.num_classes,
             device=str(self.device),
         )
-        memory = head_memory(
-            self.head,
-            self.optimizers["head"],
-            num_classes=self.train_data.num_classes,
-            in_features=self.encoder.out_features,
-        )
         metrics.update({f"head/{name}": value for name, value in self.head.metrics().items()})
         metrics.update(memory)
-        self.logger.print(format_head_memory(memory, sparsity=metrics.get("head/sparsity")))
+        self.logger.print(format_head_memory(memory, sparsity=metrics.get("head/sparsity"), ranks=ranks))
         model_dir = os.path.join(self.out_dir, "model")
         if linked:
             link_state(self._best_dir(self.state.best_epoch), model_dir)  # its files, linked: written once

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["format_head_memory", "head_memory"]
+__all__ = ["format_head_memory", "head_memory", "summed_over_ranks"]
 
 
 def head_memory(
@@ -41,15 +41,26 @@ def head_memory(
     }
 
 
-def format_head_memory(memory: dict[str, int], *, sparsity: float | None = None) -> str:
-    """One line: the head's total (weights, structure, gradients, optimizer state) beside the dense head's."""
+def summed_over_ranks(memory: dict[str, int], device: torch.device) -> dict[str, int]:
+    """A sharded head's :func:`head_memory` over all ranks, each holding its classes' part (a collective);
+    the dense head's figure is the whole task's already."""
+    keys = [key for key in memory if key != "dense_head_total_bytes"]
+    values = torch.tensor([memory[key] for key in keys], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(values)
+    return {**memory, **dict(zip(keys, values.tolist(), strict=True))}
+
+
+def format_head_memory(memory: dict[str, int], *, sparsity: float | None = None, ranks: int = 1) -> str:
+    """One line: the head's total (weights, structure, gradients, optimizer state) beside the dense head's;
+    ``ranks``: the head is sharded over that many ranks, and the figures are their sums."""
     mib = 1 << 20
     parts = ", ".join(
         f"{part} {memory[f'head_{key}_bytes'] / mib:.2f}"
         for part, key in (("weights", "weights"), ("structure", "structure"), ("gradients", "grad"))
     )
     line = (
-        f"head + optimizer state {memory['head_total_bytes'] / mib:.2f} MiB ({parts}, "
+        f"head + optimizer state {memory['head_total_bytes'] / mib:.2f} MiB"
+        f"{f' over {ranks} ranks' if ranks > 1 else ''} ({parts}, "
         f"optimizer {memory['head_optimizer_bytes'] / mib:.2f}); "
         f"a dense head would need {memory['dense_head_total_bytes'] / mib:.2f} MiB"
     )
