@@ -126,11 +126,39 @@ def test_images_get_the_hfsoftmax_recipe_unless_the_types_are_chosen():
     assert config.optim.encoder.name == "sgd" and config.data.label_feature_dim == 0
 
 
-def test_a_sampled_head_keeps_its_section_under_the_xmc_mlp_recipe():
-    config, _ = _resolve(["head.sample_num=0.2"], head="partial_fc")
-    row_optimizer = {"kind": "adamw", "weight_decay": 0.05}  # optim.head's (below)
+def test_a_sampled_head_keeps_its_section_under_the_xmc_mlp_recipe_with_sgd_rows():
+    config, description = _resolve(["head.sample_num=0.2"], head="partial_fc")
+    row_optimizer = {"kind": "sgd", "momentum": 0.9, "weight_decay": 5e-4}  # optim.head's (below)
     assert config.head == head_config({"type": "partial_fc", "sample_num": 0.2, "optimizer": row_optimizer})
-    assert config.optim.encoder.lr == 0.005
+    assert (config.optim.head.name, config.optim.head.lr, config.optim.head.weight_decay) == (
+        "sgd",
+        0.1,
+        5e-4,
+    )
+    assert config.optim.encoder == from_preset("xmc-mlp").optim.encoder
+    assert description.startswith("recipe: xmc-mlp with SGD rows (BoW, multi-label")
+
+
+@pytest.mark.parametrize("head", [None, "selected"])
+def test_another_head_optimizer_takes_its_own_learning_rate_and_decay(head):
+    """An optimizer named for the head group with no lr or decay gets the MLP recipes' settings of that
+    optimizer, never the settings of the one it replaced; the encoder's stay."""
+    config, description = _resolve(["optim.head.name=adamw"], head=head, facts=TEXT_ONE_LABEL)
+    assert config.optim.head == from_preset("xmc-mlp").optim.head
+    assert description.startswith("recipe: xmc-mlp (text")
+    config, _ = _resolve(["optim.head.name=sgd"], head=head, facts=TEXT_ONE_LABEL)
+    assert (config.optim.head.name, config.optim.head.lr, config.optim.head.weight_decay) == (
+        "sgd",
+        0.1,
+        5e-4,
+    )
+    config, _ = _resolve(["optim.head.name=adam", "optim.head.lr=0.01"], head=head, facts=TEXT_ONE_LABEL)
+    assert (config.optim.head.name, config.optim.head.lr, config.optim.head.weight_decay) == (
+        "adam",
+        0.01,
+        0.0,
+    )
+    assert config.optim.encoder == from_preset("xmc-mlp").optim.encoder
 
 
 @pytest.mark.parametrize("head", ["selected", "partial_fc"])
@@ -138,7 +166,7 @@ def test_a_sampled_head_trains_its_rows_with_the_head_optimizer(head):
     """The rows get optim.head's scheduled lr, so optim.head's optimizer, unless head.optimizer is set."""
     config, _ = _resolve(head=head, facts=TEXT_ONE_LABEL)
     optimizer = config.head.optimizer
-    assert (optimizer.kind.value, optimizer.weight_decay, optimizer.betas) == ("adamw", 0.05, (0.9, 0.999))
+    assert (optimizer.kind.value, optimizer.momentum, optimizer.weight_decay) == ("sgd", 0.9, 5e-4)
     assert not optimizer.lazy
     overrides = ["optim.head.name=sgd", "optim.head.momentum=0.8", "optim.head.weight_decay=1e-4"]
     optimizer = _resolve(overrides, head=head, facts=TEXT_ONE_LABEL)[0].head.optimizer
@@ -148,7 +176,7 @@ def test_a_sampled_head_trains_its_rows_with_the_head_optimizer(head):
     optimizer = _resolve(["head.optimizer={kind: adam}"], head=head)[0].head.optimizer
     assert (optimizer.kind.value, optimizer.weight_decay) == ("adam", 0.0)
     optimizer = _resolve(["head.store=ps://127.0.0.1:1"], head=head)[0].head.optimizer  # rows on servers too
-    assert (optimizer.kind.value, optimizer.weight_decay) == ("adamw", 0.05)
+    assert (optimizer.kind.value, optimizer.weight_decay) == ("sgd", 5e-4)
 
 
 def test_auto_values_are_written_out_from_the_data():
