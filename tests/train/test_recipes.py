@@ -17,6 +17,7 @@ from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 # 80 positives a label: the presets' epochs are enough (epochs_for)
 BOW = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=20_000, num_positives=600_000)
 TEXT_ONE_LABEL = dataclasses.replace(BOW, inputs="text", multilabel=False)
+BOW_ONE_LABEL = dataclasses.replace(BOW, multilabel=False)
 TOKENS = dataclasses.replace(BOW, inputs="tokens", num_features=30_522)
 IMAGES = DataFacts("images", False, 5_000, num_classes=100, num_features=0, num_positives=5_000)
 
@@ -47,8 +48,8 @@ def test_no_settings_on_multilabel_bow_is_the_xmc_mlp_hinge_preset():
 
 
 def test_no_settings_on_one_label_data_is_the_xmc_mlp_preset():
-    config, description = _resolve(facts=dataclasses.replace(TEXT_ONE_LABEL, inputs="bow"))
-    assert config == resolve_auto(from_preset("xmc-mlp"), TEXT_ONE_LABEL)
+    config, description = _resolve(facts=BOW_ONE_LABEL)
+    assert config == resolve_auto(from_preset("xmc-mlp"), BOW_ONE_LABEL)
     assert (config.head.loss, config.optim.encoder.lr, config.train.epochs) == ("softmax", 0.005, 3)
     assert description.startswith("recipe: xmc-mlp (BoW, multi-class")
 
