@@ -153,8 +153,9 @@ def _preset(name: str) -> dict[str, Any]:
         return yaml.safe_load(file)
 
 
-def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str, Any]]:
-    """The recipe for ``facts`` under ``config``'s encoder and head types: its name and its settings.
+def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, str, dict[str, Any]]:
+    """The recipe for ``facts`` under ``config``'s encoder and head types: the shipped preset it starts from,
+    what it changes of it (``""``: nothing; the recipe's name is ``<preset> with <change>``) and its settings.
 
     Images: ``hfsoftmax``. A transformer encoder: ``xmc-transformer`` (its own encoder lr, warm-up and
     clipping), with the ``spartex`` head section under a sparse head and the squared hinge for multi-label
@@ -165,29 +166,29 @@ def recipe_settings(config: RunConfig, facts: DataFacts) -> tuple[str, dict[str,
     else ``xmc-mlp`` (a softmax: one-label data, the sampled heads, whose rows train by SGD with momentum).
     """
     if facts.inputs == "images":
-        return "hfsoftmax", copy.deepcopy(_preset("hfsoftmax"))
+        return "hfsoftmax", "", copy.deepcopy(_preset("hfsoftmax"))
     sparse_head = config.head.type == "sparse"
     one_vs_rest = facts.multilabel and config.head.type == "dense"  # each label scored apart
     if config.model.type == "transformer":
         settings = copy.deepcopy(_preset("xmc-transformer"))
         if sparse_head:
             settings["head"] = copy.deepcopy(_preset("spartex")["head"])
-            return "xmc-transformer with the spartex head", settings
+            return "xmc-transformer", "the spartex head", settings
         if one_vs_rest:
             settings["head"]["loss"] = _preset("xmc-mlp-hinge")["head"]["loss"]
-            return "xmc-transformer with the squared hinge", settings
-        return "xmc-transformer", settings
+            return "xmc-transformer", "the squared hinge", settings
+        return "xmc-transformer", "", settings
     if sparse_head:
-        name = "spartex"
+        preset = "spartex"
     elif one_vs_rest:
-        name = "xmc-mlp-hinge"
+        preset = "xmc-mlp-hinge"
     else:
-        name = "xmc-mlp"
-    settings = copy.deepcopy(_preset(name))
+        preset = "xmc-mlp"
+    settings = copy.deepcopy(_preset(preset))
     if isinstance(config.head, SelectedHeadConfig):
         settings["optim"]["head"] = dict(_SGD_ROWS)
-        return f"{name} with SGD rows", settings
-    return name, settings
+        return preset, "SGD rows", settings
+    return preset, "", settings
 
 
 def _mlp_head_group(kind: str) -> dict[str, Any]:
@@ -218,11 +219,13 @@ def resolve_recipe(
     :func:`~megaclass.train.config.load_config_and_keys` gives them) taken from the recipe for ``facts``, and
     its ``auto`` values resolved (:func:`resolve_auto`); returns it and the one-line description to print.
 
-    A recipe's ``model`` or ``head`` section is left out when the user chose another type for it.
+    A recipe's ``model`` or ``head`` section is left out when the user chose another type for it; an MLP
+    recipe's ``optim.head`` group, when the user named another optimizer for it, is that optimizer's
+    (:func:`_mlp_head_group`), never the settings of the one it replaced.
     """
-    name, settings = recipe_settings(config, facts)
+    preset, change, settings = recipe_settings(config, facts)
     why = facts.describe()
-    mlp_recipe = name.split(" with ")[0] in _MLP_RECIPES  # "xmc-mlp with SGD rows": xmc-mlp's changed
+    mlp_recipe = preset in _MLP_RECIPES
     if mlp_recipe and not _covered("train.epochs", explicit_keys):
         epochs = epochs_for(facts, settings["train"]["epochs"])
         settings["train"]["epochs"] = epochs
@@ -239,7 +242,7 @@ def resolve_recipe(
         and settings["optim"]["head"]["name"] != head_kind
     ):
         settings["optim"]["head"] = _mlp_head_group(head_kind)  # not the other optimizer's lr and decay
-        name = name.split(" with ")[0]  # the user's optimizer, not the recipe's SGD rows
+        change = ""  # the only change of an MLP recipe is its SGD rows: the user's optimizer replaces them
     text_mlp = mlp_recipe and facts.inputs == "text" and "model" in settings
     if text_mlp and not _covered("model.input_dropout", explicit_keys):
         settings["model"]["input_dropout"] = _TEXT_INPUT_DROPOUT
@@ -261,6 +264,7 @@ def resolve_recipe(
                 resolved, train=dataclasses.replace(resolved.train, batch_size=batch)
             )
             why += f"; batch {batch}, about half the {active:,} active classes"
+    name = f"{preset} with {change}" if change else preset
     return resolve_auto(resolved, facts), f"recipe: {name} ({why}); explicit settings win"
 
 
