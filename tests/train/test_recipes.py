@@ -11,6 +11,7 @@ from megaclass.dst import DSTConfig
 from megaclass.heads import head_config
 from megaclass.heads.sparse import SparseHeadConfig
 from megaclass.schema import ConfigError
+from megaclass.train import recipes
 from megaclass.train.config import RunConfig, from_preset, load_config_and_keys
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 
@@ -222,6 +223,39 @@ def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice
     assert saved["optim"]["encoder"]["lr"] == 0.001 and saved["optim"]["head"]["lr"] == 0.002
     assert saved["head"]["loss"] == "bce" and saved["data"]["label_feature_dim"] == 256
     assert saved["head"]["group"] == 1 and saved["train"]["epochs"] == 1
+
+
+def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
+    deb_tags_slice, tmp_path, capsys, monkeypatch
+):
+    train, test = deb_tags_slice(120, 30)
+    out = tmp_path / "run"
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1"]
+    settings = ["model.hidden=[16]", "train.progress=false"]
+    assert main([*argv, "--set", *settings, "train.stop_after_steps=1"]) == 0
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    resolve = recipes.recipe_settings
+
+    def another_version(config, facts):  # a later version's recipe: another dropout and head learning rate
+        preset, change, settings = resolve(config, facts)
+        settings["model"]["dropout"], settings["optim"]["head"]["lr"] = 0.25, 0.125
+        return preset, change, settings
+
+    monkeypatch.setattr(recipes, "recipe_settings", another_version)
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--set", *settings]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe:"))
+    assert line.endswith(
+        f"; resumed with the run's own model.dropout={recorded['model']['dropout']:g} (now 0.25), "
+        f"optim.head.lr={recorded['optim']['head']['lr']:g} (now 0.125)"
+    )
+    resumed = yaml.safe_load((out / "config.yaml").read_text())
+    assert resumed["train"].pop("stop_after_steps") == 0 and recorded["train"].pop("stop_after_steps") == 1
+    assert resumed == recorded
+    assert (out / "metrics.json").exists()
+    # a value the user sets now is theirs: a change the saved state cannot take is refused, as before
+    assert main([*argv, "--resume", "--set", *settings, "model.dropout=0.25"]) == 2
+    assert "differs from the checkpoint's in model.dropout" in capsys.readouterr().err
 
 
 def test_mlp_recipes_train_until_each_label_saw_about_200_positives():

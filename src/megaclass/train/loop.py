@@ -55,7 +55,7 @@ from megaclass.errors import DataFormatError, TrainingDiverged
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
-from megaclass.schema import ConfigError
+from megaclass.schema import ConfigError, set_path
 from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
@@ -66,7 +66,7 @@ from megaclass.train.build import (
     resolve_device,
     seed_everything,
 )
-from megaclass.train.config import RunConfig, config_to_dict, featurizer_config, lr_at
+from megaclass.train.config import RunConfig, config_from_dict, config_to_dict, featurizer_config, lr_at
 from megaclass.train.evaluate import evaluate_model, predict_batches
 from megaclass.train.export import load_run_weights, read_run_weights
 from megaclass.train.extract import VerificationEvaluator
@@ -237,7 +237,7 @@ class Trainer:
         resume: continue from the newest whole checkpoint in ``out_dir`` (from step 0 when the run stopped
             before its first; refused where ``out_dir`` holds no run). The learning rates and their
             schedule, ``train.grad_clip``, ``train.epochs``, ``train.patience``, ``eval.*`` and ``test_path``
-            may change.
+            may change; keys outside ``explicit_keys`` keep the values the run recorded.
         overwrite: replace the run that ``out_dir`` holds (its files are removed once every input checks out).
         valid_path: validation data; None holds out ``train.valid_fraction`` of the training rows.
         explicit_keys: the dotted config keys the user set
@@ -461,6 +461,7 @@ class Trainer:
             self.config = resolve_auto(self.config, facts)
         else:
             self.config, self.recipe = resolve_recipe(self.config, self.explicit_keys, facts)
+            self._keep_recorded_values()
         check_fits(self.config)  # before the test and validation files are read
 
         def open_more(path: str, flag: str) -> Any:
@@ -564,19 +565,52 @@ class Trainer:
     def _has_checkpoints(self) -> bool:
         return bool(checkpoint.checkpoint_folders(self._checkpoint_dir()))
 
-    def _check_resumed_config(self) -> None:
-        """Refuse a resume whose config differs from the run's ``config.yaml`` in more than
-        :func:`_resume_adjustments` allows, before anything is built from it (the checkpoint's config is
-        checked again when it is read). Reads only."""
+    @functools.cached_property
+    def _recorded_config(self) -> dict[str, Any] | None:
+        """The plain form of the ``config.yaml`` of the run a resume continues (None when not resuming a
+        run with a checkpoint), read once."""
         path = os.path.join(self.out_dir, "config.yaml")
         if not (self.resume and self._has_checkpoints() and os.path.exists(path)):
-            return
+            return None
         import yaml
 
         with open(path, encoding="utf-8") as file:
             recorded = yaml.safe_load(file)
-        if isinstance(recorded, dict):
-            _resume_adjustments(recorded, config_to_dict(self.config))
+        return recorded if isinstance(recorded, dict) else None
+
+    def _keep_recorded_values(self) -> None:
+        """On resume, give the keys the user did not set now the values the run recorded where this version's
+        recipe resolves them otherwise (a run started under another version's defaults continues as it
+        began), and say which in the recipe line. A key the user sets, or one in a section whose type the
+        user changes, is compared as given (:func:`_resume_adjustments`)."""
+        recorded = self._recorded_config
+        if recorded is None or self.explicit_keys is None:
+            return
+        retyped = tuple(key[: -len("type")] for key in self.explicit_keys if key.endswith(".type"))
+        resolved = config_to_dict(self.config)
+        kept = {
+            path: values
+            for path, values in _config_changes(recorded, resolved).items()
+            if not any(path == key or path.startswith(f"{key}.") for key in self.explicit_keys)
+            and not path.startswith(retyped)
+            and path not in _RESUMABLE_CHANGES
+            and None not in values  # a key one version lacks is compared as it is
+        }
+        if not kept:
+            return
+        for path, (old, _) in kept.items():
+            set_path(resolved, path.split("."), old)
+        self.config = config_from_dict(resolved)
+        self.recipe += "; resumed with the run's own " + ", ".join(
+            f"{path}={_format_value(old)} (now {_format_value(new)})" for path, (old, new) in kept.items()
+        )
+
+    def _check_resumed_config(self) -> None:
+        """Refuse a resume whose config differs from the run's ``config.yaml`` in more than
+        :func:`_resume_adjustments` allows, before anything is built from it (the checkpoint's config is
+        checked again when it is read). Reads only."""
+        if self._recorded_config is not None:
+            _resume_adjustments(self._recorded_config, config_to_dict(self.config))
 
     @functools.cached_property
     def _recorded_facts(self) -> dict[str, Any]:
