@@ -43,6 +43,7 @@ __all__ = [
     "read_csv_results",
     "run_cases",
     "run_in_child",
+    "synchronize",
     "time_fn",
 ]
 
@@ -180,7 +181,8 @@ class HeapPeak(TorchDispatchMode):
             self._thread.join()
 
 
-def _sync() -> None:
+def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing on the CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -199,7 +201,7 @@ def time_fn(
     for _ in range(warmup):
         _reset_grads(grad_to_none)
         fn()
-    _sync()
+    synchronize()
     times: list[float] = []
     cuda = torch.cuda.is_available()
     for _ in range(reps):
@@ -276,7 +278,7 @@ def _measure(case: Case, *, reps: int, warmup: int) -> Result:
     baseline = torch.cuda.memory_allocated() if cuda else 0
     fn = case.setup()
     grads = tuple(case.grad_to_none())
-    _sync()
+    synchronize()
     if cuda:
         # Peak of one call over the memory in use before the inputs: inputs, parameters, grads, work space.
         after_inputs = torch.cuda.memory_allocated()

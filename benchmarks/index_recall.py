@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import HeapPeak  # noqa: E402
+from _harness import HeapPeak, synchronize  # noqa: E402
 from megaclass.index.exact import exact_topk  # noqa: E402
 from megaclass.index.kmeans import ClusterIndex, cold_build_scratch_bytes  # noqa: E402
 from selected import batch_for, device, plant_rows_  # noqa: E402
@@ -72,19 +72,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _timed(fn, reps: int) -> tuple[float, object]:
     """Median milliseconds of ``reps`` calls of ``fn`` and its last result."""
     times, result = [], None
     for _ in range(reps):
-        _sync()
+        synchronize()
         started = time.perf_counter()
         result = fn()
-        _sync()
+        synchronize()
         times.append((time.perf_counter() - started) * 1e3)
     return sorted(times)[len(times) // 2], result
 

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import selected as selected_bench  # noqa: E402
 import sparse as sparse_bench  # noqa: E402
-from _harness import cuda_graph, time_fn  # noqa: E402
+from _harness import cuda_graph, synchronize, time_fn  # noqa: E402
 from megaclass.data.synthetic import SynthConfig, synthesize  # noqa: E402
 from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
 from megaclass.train import Trainer, load_config  # noqa: E402
@@ -108,9 +109,12 @@ def write_task(folder: str, args: argparse.Namespace) -> tuple[str, str]:
     return paths
 
 
-def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, args) -> tuple[float, float]:
-    """Median steps/s of the log windows after the first, over one epoch of ``steps`` steps, and the first
-    window's seconds (it holds the first step: an index's cold build, compilation, capture)."""
+def trainer_steps_per_s(
+    task: tuple[str, str], out: str, head: str, graph: str, args
+) -> tuple[float, float, float, float]:
+    """Median steps/s of the log windows after the first, over one epoch of ``steps`` steps, the first
+    window's seconds (it holds the first step: an index's cold build, compilation, capture), and after the
+    epoch the ms a step of :func:`same_work_ms`'s two loops."""
     overrides = [
         f"model.hidden=[{args.dim}]",
         f"train.batch_size={args.batch}",
@@ -127,13 +131,43 @@ def trainer_steps_per_s(task: tuple[str, str], out: str, head: str, graph: str, 
     trainer.setup()
     try:
         trainer.train_epoch(0)  # the steps only: no evaluation, no checkpoint
+        with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as file:
+            rates = [record["steps_per_s"] for record in map(json.loads, file) if record["kind"] == "train"]
+        step_ms, replay_ms = same_work_ms(trainer, args.steps)
         if args.profile and graph == "auto":
             print(profile_epoch(trainer, args.steps), flush=True)
     finally:
         trainer.close()
-    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as file:
-        rates = [record["steps_per_s"] for record in map(json.loads, file) if record["kind"] == "train"]
-    return statistics.median(rates[1:] or rates), args.log_every / rates[0]
+    return statistics.median(rates[1:] or rates), args.log_every / rates[0], step_ms, replay_ms
+
+
+def same_work_ms(trainer: Trainer, steps: int) -> tuple[float, float]:
+    """Ms a step, over ``steps`` back-to-back calls on one batch already on the device, of the trainer's
+    ``train_step`` (the step without the loader and the log) and of its captured whole step replayed with
+    its optimizers' steps alone (NaN where the whole step was not captured): the same GPU work as a trainer
+    step, with less and then almost none of the host's work between the steps."""
+    batch = next(iter(trainer.loader.epoch(0))).to(trainer.device)
+    graph, optimizers = trainer.step_graph, [opt for opt in trainer.optimizers.values() if opt is not None]
+
+    def replay() -> None:
+        graph.run(batch.inputs, batch.targets)
+        for optimizer in optimizers:
+            optimizer.step()
+
+    loops = [lambda: trainer.train_step(batch)]
+    if graph is not None and graph.encoder is not None and graph.replays:
+        loops.append(replay)
+    times = []
+    for loop in loops:
+        for _ in range(3):
+            loop()
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loop()
+        synchronize()
+        times.append((time.perf_counter() - start) * 1e3 / steps)
+    return times[0], times[1] if len(times) > 1 else float("nan")
 
 
 def profile_epoch(trainer: Trainer, steps: int) -> str:
@@ -208,18 +242,19 @@ def main() -> None:
     )
     print(
         "| head | train.cuda_graph | trainer steps/s | trainer ms/step | first log window s "
-        "| head graph step ms |"
+        "| train_step on one batch ms | captured step + optimizers ms | head graph step ms |"
     )
-    print("|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         task = write_task(folder, args)
         for head in args.heads.split(","):
             graph_ms = head_graph_ms(head, args) if cuda else float("nan")
             for graph in graphs:
                 out = os.path.join(folder, f"{head}-{graph}")
-                rate, first_s = trainer_steps_per_s(task, out, head, graph, args)
+                rate, first_s, step_ms, replay_ms = trainer_steps_per_s(task, out, head, graph, args)
                 print(
-                    f"| {head} | {graph} | {rate:.1f} | {1e3 / rate:.2f} | {first_s:.2f} | {graph_ms:.2f} |",
+                    f"| {head} | {graph} | {rate:.1f} | {1e3 / rate:.2f} | {first_s:.2f} | {step_ms:.2f} "
+                    f"| {replay_ms:.2f} | {graph_ms:.2f} |",
                     flush=True,
                 )
 
