@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megaclass.cli import COMMANDS, main
+from megaclass.data.featurizer import TextFeaturizer
 from megaclass.dst import DSTConfig, rewire_fraction
 from megaclass.train.inference import load_run
 from megaclass.train.memory import format_head_memory
@@ -309,6 +310,25 @@ def text_run(repo_root, tmp_path_factory):
     args = ["train", "--train", str(paths[0]), "--test", str(paths[1]), "--out", str(out), "--epochs", "1"]
     assert main([*args, *_TINY, "data.num_classes=595"]) == 0
     return out, str(paths[1])
+
+
+def test_a_resumed_text_run_reads_its_texts_through_the_featurizer_it_fitted(text_run, tmp_path, monkeypatch):
+    run, test = text_run
+    train = os.path.join(os.path.dirname(test), "train.txt")
+    out = tmp_path / "resumed"
+    args = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1", *_TINY]
+    assert main([*args, "data.num_classes=595", "train.stop_after_steps=2"]) == 0
+
+    def refit(self, texts):
+        raise AssertionError("a resumed run fitted its featuriser again")
+
+    monkeypatch.setattr(TextFeaturizer, "fit", refit)
+    assert main([*args, "data.num_classes=595", "--resume"]) == 0
+    with open(out / "metrics.json") as a, open(run / "metrics.json") as b:
+        resumed, uninterrupted = json.load(a), json.load(b)
+    assert {k: v for k, v in resumed.items() if "@" in k} == {
+        k: v for k, v in uninterrupted.items() if "@" in k
+    }
 
 
 def test_text_run_predicts_bare_lines_from_stdin_and_from_its_exported_file(text_run, tmp_path, monkeypatch):

@@ -231,13 +231,21 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     label_counts = _read_run_file(counts_path, lambda path: np.load(path, allow_pickle=False))
     weights_dir = checkpoint.run_weights_folder(run_dir)
     state = _read_run_file(weights_dir, load_run_weights)
-    featurizer = None
-    if os.path.isdir(os.path.join(run_dir, "featurizer")):
-        from megaclass.data.featurizer import TextFeaturizer
+    return _build(config, facts, label_counts, state, read_run_featurizer(run_dir), device, weights_dir)
 
-        featurizer_dir = os.path.join(run_dir, "featurizer")
-        featurizer = _read_run_file(featurizer_dir, lambda path: TextFeaturizer.from_state(read_state(path)))
-    return _build(config, facts, label_counts, state, featurizer, device, weights_dir)
+
+def read_run_featurizer(run_dir: str) -> Any:
+    """The text featuriser a run fitted (its folder's ``featurizer/``), or None for a run without one.
+
+    Raises:
+        DataFormatError: the folder is damaged.
+    """
+    folder = os.path.join(run_dir, "featurizer")
+    if not os.path.isdir(folder):
+        return None
+    from megaclass.data.featurizer import TextFeaturizer
+
+    return _read_run_file(folder, lambda path: TextFeaturizer.from_state(read_state(path)))
 
 
 def _load_export(path: str, device: str | None) -> LoadedRun:

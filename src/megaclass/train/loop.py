@@ -78,6 +78,7 @@ from megaclass.train.graphs import (
     resolve_cuda_graph,
     whole_step_blocker,
 )
+from megaclass.train.inference import read_run_featurizer
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory, summed_over_ranks
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
@@ -453,6 +454,8 @@ class Trainer:
             self.train_path,
             data_format=data_config.format,
             num_classes=data_config.num_classes or None,
+            # a resumed run reads its texts through the featuriser it fitted, never one fitted again
+            featurizer=read_run_featurizer(self.out_dir) if self._recorded_config is not None else None,
             featurizer_config=featurizer_config(data_config.featurizer),
             **tokens,
         )
