@@ -14,12 +14,15 @@ evaluation) and reads ``steps_per_s`` from the run's log: the median over the lo
 same head captured with the harness's ``cuda_graph``): the rest of a trainer step is the encoder's forward and
 backward, the optimizer steps and the host's work between them. With ``auto`` the trainer captures the MLP
 encoder's forward and backward with the head's (:class:`~megaclass.train.graphs.StepGraph`) where the head's
-step can be captured, and runs eagerly where it cannot (the opening line of the run says which).
+step can be captured, and runs eagerly where it cannot (the opening line of the run says which). After the
+epoch, the same steps without the trainer's loader and log, and the captured step replayed with only the GPU
+work a step adds to it (:func:`same_work_ms`): what the trainer's own host work costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -142,29 +145,36 @@ def trainer_steps_per_s(
 
 
 def same_work_ms(trainer: Trainer, steps: int) -> tuple[float, float]:
-    """Ms a step, over ``steps`` back-to-back calls on one batch already on the device, of the trainer's
-    ``train_step`` (the step without the loader and the log) and of its captured whole step replayed with
-    its optimizers' steps alone (NaN where the whole step was not captured): the same GPU work as a trainer
-    step, with less and then almost none of the host's work between the steps."""
-    batch = next(iter(trainer.loader.epoch(0))).to(trainer.device)
+    """Ms a step over ``steps`` steps on the epoch's first batches, already on the device and taken in
+    turn: of the trainer's ``train_step`` (a step without the loader and the log), and of its captured whole
+    step replayed with what else a step runs on the GPU (the optimizers' steps, the head's ``after_step``: a
+    sampled head's row updates and index rebuilds, a sparse head's rewiring) and almost no host work between
+    the steps (NaN where the whole step was not captured)."""
+    batches = [batch.to(trainer.device) for batch in itertools.islice(trainer.loader.epoch(0), 50)]
     graph, optimizers = trainer.step_graph, [opt for opt in trainer.optimizers.values() if opt is not None]
+    head_optimizer = trainer.optimizers["head"]
+    head_lr = head_optimizer.param_groups[0]["lr"] if head_optimizer else trainer.config.optim.head.lr
+    step = trainer.state.global_step
 
-    def replay() -> None:
+    def replay(batch) -> None:
+        nonlocal step
         graph.run(batch.inputs, batch.targets)
         for optimizer in optimizers:
             optimizer.step()
+        step += 1
+        trainer.head.after_step(step, 1.0, lr=head_lr)
 
-    loops = [lambda: trainer.train_step(batch)]
+    loops = [(trainer.train_step, batches)]
     if graph is not None and graph.encoder is not None and graph.replays:
-        loops.append(replay)
+        loops.append((replay, [batch for batch in batches if graph.fits(batch.targets, batch.inputs)]))
     times = []
-    for loop in loops:
-        for _ in range(3):
-            loop()
+    for run, taken in loops:
+        for batch in taken[:3]:
+            run(batch)
         synchronize()
         start = time.perf_counter()
-        for _ in range(steps):
-            loop()
+        for i in range(steps):
+            run(taken[i % len(taken)])
         synchronize()
         times.append((time.perf_counter() - start) * 1e3 / steps)
     return times[0], times[1] if len(times) > 1 else float("nan")
@@ -242,7 +252,7 @@ def main() -> None:
     )
     print(
         "| head | train.cuda_graph | trainer steps/s | trainer ms/step | first log window s "
-        "| train_step on one batch ms | captured step + optimizers ms | head graph step ms |"
+        "| train_step on device batches ms | captured step replayed ms | head graph step ms |"
     )
     print("|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
