@@ -192,12 +192,24 @@ def _sgd_(
         discriminant = trace * trace - 4 * mu
         shrink = (trace + math.sqrt(discriminant)) / 2 if discriminant >= 0 else math.sqrt(mu)
         rows.mul_(torch.pow(shrink, skipped).to(rows.dtype)[:, None])
-    step = grads + config.weight_decay * rows if config.weight_decay else grads
-    if config.momentum > 0:
+    # the decay is added where it is used, not into a copy of the gradients: no (S, D) temporary but Nesterov
+    weight_decay, momentum = config.weight_decay, config.momentum
+    if momentum > 0:
         buffer = state["momentum_buffer"]
-        buffer.mul_(config.momentum).add_(step)
-        step = step + config.momentum * buffer if config.nesterov else buffer
-    rows.add_(step.to(rows.dtype), alpha=-lr)
+        buffer.mul_(momentum).add_(grads)
+        if weight_decay:
+            buffer.add_(rows, alpha=weight_decay)
+        if config.nesterov:  # d + mu buf, with d = g + wd w
+            step = torch.add(grads, buffer, alpha=momentum)
+            if weight_decay:
+                step.add_(rows, alpha=weight_decay)
+            rows.add_(step.to(rows.dtype), alpha=-lr)
+        else:
+            rows.add_(buffer.to(rows.dtype), alpha=-lr)
+    elif weight_decay:
+        rows.add_(torch.add(grads, rows, alpha=weight_decay).to(rows.dtype), alpha=-lr)
+    else:
+        rows.add_(grads.to(rows.dtype), alpha=-lr)
 
 
 def _adagrad_(
@@ -241,8 +253,8 @@ def _adam_(
     exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
     correction1 = 1 - beta1**count  # (S,)
     correction2 = 1 - beta2**global_step
-    denominator = (exp_avg_sq / correction2[:, None]).sqrt_().add_(config.eps)
-    rows.addcdiv_(exp_avg, denominator * (correction1[:, None] / lr), value=-1.0)
+    denominator = (exp_avg_sq / correction2[:, None]).sqrt_().add_(config.eps).mul_(correction1[:, None] / lr)
+    rows.addcdiv_(exp_avg, denominator, value=-1.0)
 
 
 def take_rows(tensor: Tensor, ids: Tensor) -> Tensor:
