@@ -225,20 +225,22 @@ def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice
     assert saved["head"]["group"] == 1 and saved["train"]["epochs"] == 1
 
 
+@pytest.mark.parametrize("head", [[], ["--head", "dense"]], ids=["no-head", "the-same-head-named"])
 def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
-    deb_tags_slice, tmp_path, capsys, monkeypatch
+    deb_tags_slice, tmp_path, capsys, monkeypatch, head
 ):
     train, test = deb_tags_slice(120, 30)
     out = tmp_path / "run"
-    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1"]
+    argv = ["train", "--train", train, "--test", test, "--out", str(out), "--epochs", "1", *head]
     settings = ["model.hidden=[16]", "train.progress=false"]
     assert main([*argv, "--set", *settings, "train.stop_after_steps=1"]) == 0
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     resolve = recipes.recipe_settings
 
-    def another_version(config, facts):  # a later version's recipe: another dropout and head learning rate
+    def another_version(config, facts):  # a later version's recipe: another loss, dropout and head lr
         preset, change, settings = resolve(config, facts)
         settings["model"]["dropout"], settings["optim"]["head"]["lr"] = 0.25, 0.125
+        settings["head"]["loss"] = "bce"
         return preset, change, settings
 
     monkeypatch.setattr(recipes, "recipe_settings", another_version)
@@ -246,7 +248,8 @@ def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
     assert main([*argv, "--resume", "--set", *settings]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe:"))
     assert line.endswith(
-        f"; resumed with the run's own model.dropout={recorded['model']['dropout']:g} (now 0.25), "
+        f"; resumed with the run's own head.loss={recorded['head']['loss']} (now bce), "
+        f"model.dropout={recorded['model']['dropout']:g} (now 0.25), "
         f"optim.head.lr={recorded['optim']['head']['lr']:g} (now 0.125)"
     )
     resumed = yaml.safe_load((out / "config.yaml").read_text())

@@ -589,12 +589,16 @@ class Trainer:
         recorded = self._recorded_config
         if recorded is None or self.explicit_keys is None:
             return
-        retyped = tuple(key[: -len("type")] for key in self.explicit_keys if key.endswith(".type"))
-        resolved = config_to_dict(self.config)
+        explicit, resolved = self.explicit_keys, config_to_dict(self.config)
+        changes = _config_changes(recorded, resolved)
+        # a section whose type the user changes is compared as given, whole
+        retyped = tuple(
+            path[: -len("type")] for path in changes if path.endswith(".type") and path in explicit
+        )
         kept = {
             path: values
-            for path, values in _config_changes(recorded, resolved).items()
-            if not any(path == key or path.startswith(f"{key}.") for key in self.explicit_keys)
+            for path, values in changes.items()
+            if not any(path == key or path.startswith(f"{key}.") for key in explicit)
             and not path.startswith(retyped)
             and path not in _RESUMABLE_CHANGES
             and None not in values  # a key one version lacks is compared as it is
