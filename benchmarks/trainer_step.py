@@ -148,8 +148,8 @@ def same_work_ms(trainer: Trainer, steps: int) -> tuple[float, float]:
     """Ms a step over ``steps`` steps on the epoch's first batches, already on the device and taken in
     turn: of the trainer's ``train_step`` (a step without the loader and the log), and of its captured whole
     step replayed with what else a step runs on the GPU (the optimizers' steps, the head's ``after_step``: a
-    sampled head's row updates and index rebuilds, a sparse head's rewiring) and almost no host work between
-    the steps (NaN where the whole step was not captured)."""
+    sampled head's row updates and index rebuilds) and almost no host work between the steps (NaN where the
+    whole step was not captured). Both run past the run's last step, where a sparse head no longer rewires."""
     batches = [batch.to(trainer.device) for batch in itertools.islice(trainer.loader.epoch(0), 50)]
     graph, optimizers = trainer.step_graph, [opt for opt in trainer.optimizers.values() if opt is not None]
     head_optimizer = trainer.optimizers["head"]
