@@ -84,6 +84,49 @@ def test_resume_continues_bit_exactly(tiny, full_run, tmp_path):
     assert {k: v for k, v in resumed.items() if "@" in k} == {k: v for k, v in full.items() if "@" in k}
 
 
+def test_a_resume_naming_only_its_folder_continues_on_what_the_run_recorded(tiny, full_run, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    assert _train(tiny, out, "train.stop_after_steps=14") == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--set", "train.progress=false"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--resume: --train {tiny[0]}, --test {tiny[1]} (as {out / 'run.json'} records them)" in printed
+    assert "resumed with the run's own" in printed and "model.hidden=[48] (now [1024])" in printed
+    # the recorded settings, not the recipe's (the log's windows are this resume's: train.log_every)
+    assert [loss for _, loss in _losses(out)] == [loss for _, loss in _losses(full_run)]
+
+
+def test_a_resume_without_data_files_names_what_is_missing(tiny, tmp_path, capsys):
+    out = tmp_path / "moved"
+    assert main(["train", "--out", str(out), "--test", tiny[1]]) == 2
+    assert "--train required (a --resume takes the files its run recorded)" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    assert f"{out} holds no run.json to take --train and --test from" in capsys.readouterr().err
+    train = tmp_path / "train.txt"
+    shutil.copy(tiny[0], train)
+    assert (
+        main(
+            [
+                "train",
+                "--train",
+                str(train),
+                "--test",
+                tiny[1],
+                "--out",
+                str(out),
+                *_TINY,
+                "train.stop_after_steps=2",
+            ]
+        )
+        == 0
+    )
+    train.unlink()
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    assert (
+        f"--train {train}, as {out / 'run.json'} records it, does not exist here" in capsys.readouterr().err
+    )
+
+
 def test_a_rerun_into_a_finished_run_is_refused_until_overwrite(tiny, full_run, tmp_path, capsys):
     files = sorted(str(path.relative_to(full_run)) for path in full_run.rglob("*"))
     stamps = {name: os.stat(full_run / name).st_mtime_ns for name in files}

@@ -28,9 +28,13 @@ __all__ = ["COMMANDS", "build_parser", "main", "run"]
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", required=True, metavar="PATH", help="training data (format detected)")
     parser.add_argument(
-        "--test", required=True, metavar="PATH", help="test data, scored at the end with the kept weights"
+        "--train", metavar="PATH", help="training data (format detected); with --resume, default: the run's"
+    )
+    parser.add_argument(
+        "--test",
+        metavar="PATH",
+        help="test data, scored at the end with the kept weights; with --resume, default: the run's",
     )
     parser.add_argument(
         "--valid",
@@ -62,8 +66,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its newest whole checkpoint (with other learning rates or "
-        "schedule, train.grad_clip, train.epochs, train.patience, eval.* settings or --test if given)",
+        help="continue the run in --out from its newest whole checkpoint, on the data files and settings it "
+        "recorded where none are given (with other learning rates or schedule, train.grad_clip, "
+        "train.epochs, train.patience, eval.* settings or --test if given)",
     )
     parser.add_argument(
         "--overwrite",
@@ -159,6 +164,56 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _recorded_data_files(args: argparse.Namespace) -> None:
+    """Give a ``--resume`` that names no data the files its run recorded in ``run.json``: ``--train`` and
+    ``--test``, and ``--valid`` where the run had one; without ``--resume`` both are required."""
+    if args.train is not None and args.test is not None:
+        return
+    missing = " and ".join(
+        flag for flag, value in (("--train", args.train), ("--test", args.test)) if not value
+    )
+    if not args.resume:
+        raise ValueError(f"{missing} required (a --resume takes the files its run recorded)")
+    path = os.path.join(args.out, "run.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            facts = json.load(file)
+    except FileNotFoundError:
+        raise ValueError(
+            f"--resume: {args.out} holds no run.json to take {missing} from; pass them"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise DataFormatError(
+            path, f"cannot read this run file ({one_line(error)}); pass {missing}"
+        ) from None
+    recorded = {
+        flag: facts[key]["path"]
+        for flag, key in (("train", "train_file"), ("test", "test_file"), ("valid", "valid_file"))
+        if isinstance(facts, dict) and isinstance(facts.get(key), dict) and "path" in facts[key]
+    }
+    flags = ["train", "test", *(["valid"] if args.train is None and args.valid is None else [])]
+    taken = []
+    for flag in flags:
+        if getattr(args, flag) is not None or flag not in recorded:
+            continue
+        if not os.path.exists(recorded[flag]):
+            raise ValueError(
+                f"--resume: --{flag} {recorded[flag]}, as {path} records it, does not exist here (the run "
+                f"was started from another folder?); pass --{flag}"
+            )
+        setattr(args, flag, recorded[flag])
+        taken.append(f"--{flag} {recorded[flag]}")
+    still = " and ".join(
+        flag for flag, value in (("--train", args.train), ("--test", args.test)) if not value
+    )
+    if still:
+        raise ValueError(f"--resume: {path} records no {still}; pass it")
+    from megaclass.distributed.info import DistInfo
+
+    if DistInfo.from_env().is_main:
+        print(f"--resume: {', '.join(taken)} (as {path} records them)")
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from megaclass.distributed.info import DistInfo
     from megaclass.state_io import format_bytes
@@ -167,6 +222,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ and not args.dry_run:
         return _forward_to_torchrun(args.nproc_per_node, _without_nproc(args.argv))
+    _recorded_data_files(args)
 
     overrides = list(args.overrides)
     if args.epochs is not None:
@@ -188,7 +244,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if not DistInfo.from_env().is_main:
         return 0
     if not metrics:
-        print(f"run stopped early; continue with --resume --out {args.out}")
+        print(f"run stopped early; continue it with: megaclass train --resume --out {args.out}")
         return 0
     ks = config.eval.ks
     print("  ".join(f"P@{k} {metrics[f'P@{k}']:.4f}" for k in ks if f"P@{k}" in metrics))

@@ -21,6 +21,7 @@ curves only, and it is scored once at the end (``eval_test``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -448,6 +449,7 @@ class Trainer:
         config from the training file's facts on the way (:mod:`megaclass.train.recipes`)."""
         from megaclass.models.text import token_source
 
+        self._keep_recorded_values()  # a resumed run reads its data as it was read
         data_config = self.config.data
         tokens = token_source(self.config.model)  # transformer encoders read text as cached token ids
         train_data = open_dataset(
@@ -464,7 +466,12 @@ class Trainer:
             self.config = resolve_auto(self.config, facts)
         else:
             self.config, self.recipe = resolve_recipe(self.config, self.explicit_keys, facts)
-            self._keep_recorded_values()
+            kept = self._keep_recorded_values()  # where this version's recipe resolves them otherwise
+            if kept:
+                self.recipe += "; resumed with the run's own " + ", ".join(
+                    f"{path}={_format_value(old)} (now {_format_value(new)})"
+                    for path, (old, new) in kept.items()
+                )
         check_fits(self.config)  # before the test and validation files are read
 
         def open_more(path: str, flag: str) -> Any:
@@ -581,36 +588,44 @@ class Trainer:
             recorded = yaml.safe_load(file)
         return recorded if isinstance(recorded, dict) else None
 
-    def _keep_recorded_values(self) -> None:
-        """On resume, give the keys the user did not set now the values the run recorded where this version's
-        recipe resolves them otherwise (a run started under another version's defaults continues as it
-        began), and say which in the recipe line. A key the user sets, or one in a section whose type the
-        user changes, is compared as given (:func:`_resume_adjustments`)."""
+    def _keep_recorded_values(self) -> dict[str, tuple[Any, Any]]:
+        """On resume, give the keys the user did not set now the values the run recorded in ``config.yaml``
+        (a run started under another version's defaults, or with settings not given again, continues as it
+        began); returns ``{key: (recorded value, value replaced)}``. A section of another type than the
+        record's takes the record's whole, unless the user set a key in it; a key the user sets, or one in a
+        section whose type the user changes, is compared as given (:func:`_resume_adjustments`)."""
         recorded = self._recorded_config
         if recorded is None or self.explicit_keys is None:
-            return
+            return {}
         explicit, resolved = self.explicit_keys, config_to_dict(self.config)
-        changes = _config_changes(recorded, resolved)
-        # a section whose type the user changes is compared as given, whole
-        retyped = tuple(
-            path[: -len("type")] for path in changes if path.endswith(".type") and path in explicit
-        )
-        kept = {
+
+        def given(path: str) -> bool:  # the user set it, a section holding it, or a key inside it
+            return any(f"{path}.".startswith(f"{key}.") or key.startswith(f"{path}.") for key in explicit)
+
+        changes = {
             path: values
-            for path, values in changes.items()
-            if not any(path == key or path.startswith(f"{key}.") for key in explicit)
-            and not path.startswith(retyped)
-            and path not in _RESUMABLE_CHANGES
-            and None not in values  # a key one version lacks is compared as it is
+            for path, values in _config_changes(recorded, resolved).items()
+            if path not in _RESUMABLE_CHANGES and None not in values  # a key one version lacks: as it is
         }
-        if not kept:
-            return
-        for path, (old, _) in kept.items():
-            set_path(resolved, path.split("."), old)
-        self.config = config_from_dict(resolved)
-        self.recipe += "; resumed with the run's own " + ", ".join(
-            f"{path}={_format_value(old)} (now {_format_value(new)})" for path, (old, new) in kept.items()
-        )
+        sections = [path[: -len(".type")] for path in changes if path.endswith(".type")]
+        retyped = tuple(f"{section}." for section in sections if given(f"{section}.type"))
+        kept = {}
+        for section in sections:  # a section of the record's type: the record's, whole
+            if not f"{section}.".startswith(retyped) and not given(section):
+                set_path(
+                    resolved,
+                    section.split("."),
+                    copy.deepcopy(functools.reduce(dict.get, section.split("."), recorded)),
+                )
+                kept[f"{section}.type"] = changes[f"{section}.type"]
+                retyped += (f"{section}.",)
+        for path, values in changes.items():
+            if not given(path) and not path.startswith(retyped):
+                set_path(resolved, path.split("."), values[0])
+                kept[path] = values
+        if kept:
+            self.config = config_from_dict(resolved)
+        return kept
 
     def _check_resumed_config(self) -> None:
         """Refuse a resume whose config differs from the run's ``config.yaml`` in more than
