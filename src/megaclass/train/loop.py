@@ -287,9 +287,12 @@ class Trainer:
         ``overwrite``; writable), the data (opens and parses; when resuming, the run's own files), the config
         (fits the data; when resuming, the checkpoint's).
         """
-        config, dist = self.config, self.dist
-        self.device = init_distributed(dist, device=self.device, timeout_s=config.distributed.timeout_s)
+        dist = self.dist
         self._check_run_folder()
+        if self._keep_recorded_values():  # a resumed run is set up as it recorded, on its device too
+            self.device = resolve_device(self.config.train.device)
+        config = self.config
+        self.device = init_distributed(dist, device=self.device, timeout_s=config.distributed.timeout_s)
         reset_peak_memory(self.device)
         if config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
@@ -449,7 +452,6 @@ class Trainer:
         config from the training file's facts on the way (:mod:`megaclass.train.recipes`)."""
         from megaclass.models.text import token_source
 
-        self._keep_recorded_values()  # a resumed run reads its data as it was read
         data_config = self.config.data
         tokens = token_source(self.config.model)  # transformer encoders read text as cached token ids
         train_data = open_dataset(
