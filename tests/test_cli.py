@@ -96,6 +96,21 @@ def test_a_resume_naming_only_its_folder_continues_on_what_the_run_recorded(tiny
     assert [loss for _, loss in _losses(out)] == [loss for _, loss in _losses(full_run)]
 
 
+def test_the_plan_of_a_resume_is_that_of_the_settings_its_run_recorded(tiny, tmp_path, capsys):
+    out = tmp_path / "planned"
+    assert _train(tiny, out, "train.stop_after_steps=2") == 0
+    capsys.readouterr()
+    assert _train(tiny, tmp_path / "other", "--dry-run") == 0
+    planned = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(("memory plan", "encoder"))
+    ]
+    assert main(["train", "--resume", "--out", str(out), "--dry-run"]) == 0
+    resumed = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(("memory plan", "encoder"))
+    ]
+    assert resumed == planned and "D 48" in planned[0]  # model.hidden=[48], not the recipe's [1024]
+
+
 def test_a_resume_without_data_files_names_what_is_missing(tiny, tmp_path, capsys):
     out = tmp_path / "moved"
     assert main(["train", "--out", str(out), "--test", tiny[1]]) == 2

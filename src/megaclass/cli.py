@@ -107,11 +107,17 @@ def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_plan(
-    args: argparse.Namespace, config: Any, explicit_keys: frozenset[str] | None, other_paths: tuple[str, ...]
+    args: argparse.Namespace,
+    config: Any,
+    explicit_keys: frozenset[str] | None,
+    other_paths: tuple[str, ...],
+    recorded: dict[str, Any] | None = None,
 ) -> int:
-    """Print the memory plan of the run ``args`` describe; 0 when it fits, else one line on stderr naming
-    the part that does not fit and :data:`_DOES_NOT_FIT`."""
+    """Print the memory plan of the run ``args`` describe (a resumed run's with the settings its
+    ``recorded`` config keeps); 0 when it fits, else one line on stderr naming the part that does not fit
+    and :data:`_DOES_NOT_FIT`."""
     from megaclass.distributed.info import DistInfo
+    from megaclass.train.loop import keep_recorded_values
     from megaclass.train.plan import plan_for
     from megaclass.train.recipes import resolve_auto, resolve_recipe
 
@@ -119,10 +125,17 @@ def _print_plan(
     if world_size < 1:
         raise ValueError(f"--nproc-per-node: expected >= 1, got {world_size}")
 
+    def keep(config: Any) -> Any:
+        if recorded is None or explicit_keys is None:
+            return config
+        return keep_recorded_values(recorded, config, explicit_keys)[0]
+
     def resolve(config: Any, facts: Any) -> Any:
         if explicit_keys is None:
             return resolve_auto(config, facts)
-        return resolve_recipe(config, explicit_keys, facts)[0]
+        return keep(resolve_recipe(config, explicit_keys, facts)[0])
+
+    config = keep(config)
 
     plan = plan_for(
         config,
@@ -218,7 +231,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from megaclass.distributed.info import DistInfo
     from megaclass.state_io import format_bytes
     from megaclass.train.config import load_config_and_keys
-    from megaclass.train.loop import train
+    from megaclass.train.loop import read_recorded_config, train
 
     if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ and not args.dry_run:
         return _forward_to_torchrun(args.nproc_per_node, _without_nproc(args.argv))
@@ -230,7 +243,8 @@ def _run_train(args: argparse.Namespace) -> int:
     config, explicit_keys = load_config_and_keys(args.config, overrides, preset=args.preset, head=args.head)
     if args.dry_run:
         others = (args.test,) if args.valid is None else (args.test, args.valid)
-        return _print_plan(args, config, None if args.preset else explicit_keys, others)
+        recorded = read_recorded_config(args.out) if args.resume else None
+        return _print_plan(args, config, None if args.preset else explicit_keys, others, recorded)
     metrics = train(
         config,
         train_path=args.train,

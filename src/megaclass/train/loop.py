@@ -87,7 +87,7 @@ from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 from megaclass.train.report import epoch_history, write_report
 from megaclass.train.validation import EndedAtLabelPrior, held_out_rows, label_prior_share, take_rows
 
-__all__ = ["LoopState", "Trainer", "train"]
+__all__ = ["LoopState", "Trainer", "keep_recorded_values", "read_recorded_config", "train"]
 
 _LABEL_PRIOR_SHARE = 0.95  # a model ranking the most frequent label first this often learned only the prior
 _LABEL_PRIOR_MIN_ROWS = 50  # fewer validation rows tell too little to stop a run
@@ -225,6 +225,53 @@ def _resume_adjustments(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
             "a resumed run must compute what the interrupted one would have"
         )
     return changes
+
+
+def keep_recorded_values(
+    recorded: dict[str, Any], config: RunConfig, explicit_keys: Collection[str]
+) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
+    """``config`` with the keys outside ``explicit_keys`` given the values of ``recorded`` (a resumed run's
+    ``config.yaml``: a run started under another version's defaults, or with settings not given again,
+    continues as it began), and ``{key: (recorded value, value replaced)}``. A section of another type than
+    the record's takes the record's whole, unless a key in it is explicit; an explicit key, one in a section
+    whose type is explicitly changed, and a key one side lacks are left as they are (a resume compares them:
+    :func:`_resume_adjustments`)."""
+    resolved = config_to_dict(config)
+
+    def given(path: str) -> bool:  # explicit, a section holding it, or a key inside it
+        return any(f"{path}.".startswith(f"{key}.") or key.startswith(f"{path}.") for key in explicit_keys)
+
+    changes = {
+        path: values
+        for path, values in _config_changes(recorded, resolved).items()
+        if path not in _RESUMABLE_CHANGES and None not in values
+    }
+    sections = [path[: -len(".type")] for path in changes if path.endswith(".type")]
+    retyped = tuple(f"{section}." for section in sections if given(f"{section}.type"))
+    kept = {}
+    for section in sections:  # a section of the record's type: the record's, whole
+        if not f"{section}.".startswith(retyped) and not given(section):
+            whole = functools.reduce(dict.get, section.split("."), recorded)
+            set_path(resolved, section.split("."), copy.deepcopy(whole))
+            kept[f"{section}.type"] = changes[f"{section}.type"]
+            retyped += (f"{section}.",)
+    for path, values in changes.items():
+        if not given(path) and not path.startswith(retyped):
+            set_path(resolved, path.split("."), values[0])
+            kept[path] = values
+    return (config_from_dict(resolved) if kept else config), kept
+
+
+def read_recorded_config(out_dir: str) -> dict[str, Any] | None:
+    """The plain form of the ``config.yaml`` of the run in ``out_dir`` (None without one)."""
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    import yaml
+
+    with open(path, encoding="utf-8") as file:
+        recorded = yaml.safe_load(file)
+    return recorded if isinstance(recorded, dict) else None
 
 
 class Trainer:
@@ -581,52 +628,14 @@ class Trainer:
     def _recorded_config(self) -> dict[str, Any] | None:
         """The plain form of the ``config.yaml`` of the run a resume continues (None when not resuming a
         run with a checkpoint), read once."""
-        path = os.path.join(self.out_dir, "config.yaml")
-        if not (self.resume and self._has_checkpoints() and os.path.exists(path)):
-            return None
-        import yaml
-
-        with open(path, encoding="utf-8") as file:
-            recorded = yaml.safe_load(file)
-        return recorded if isinstance(recorded, dict) else None
+        return read_recorded_config(self.out_dir) if self.resume and self._has_checkpoints() else None
 
     def _keep_recorded_values(self) -> dict[str, tuple[Any, Any]]:
-        """On resume, give the keys the user did not set now the values the run recorded in ``config.yaml``
-        (a run started under another version's defaults, or with settings not given again, continues as it
-        began); returns ``{key: (recorded value, value replaced)}``. A section of another type than the
-        record's takes the record's whole, unless the user set a key in it; a key the user sets, or one in a
-        section whose type the user changes, is compared as given (:func:`_resume_adjustments`)."""
-        recorded = self._recorded_config
-        if recorded is None or self.explicit_keys is None:
+        """On resume, :func:`keep_recorded_values` of the run's ``config.yaml`` into the config; returns what
+        it kept."""
+        if self._recorded_config is None or self.explicit_keys is None:
             return {}
-        explicit, resolved = self.explicit_keys, config_to_dict(self.config)
-
-        def given(path: str) -> bool:  # the user set it, a section holding it, or a key inside it
-            return any(f"{path}.".startswith(f"{key}.") or key.startswith(f"{path}.") for key in explicit)
-
-        changes = {
-            path: values
-            for path, values in _config_changes(recorded, resolved).items()
-            if path not in _RESUMABLE_CHANGES and None not in values  # a key one version lacks: as it is
-        }
-        sections = [path[: -len(".type")] for path in changes if path.endswith(".type")]
-        retyped = tuple(f"{section}." for section in sections if given(f"{section}.type"))
-        kept = {}
-        for section in sections:  # a section of the record's type: the record's, whole
-            if not f"{section}.".startswith(retyped) and not given(section):
-                set_path(
-                    resolved,
-                    section.split("."),
-                    copy.deepcopy(functools.reduce(dict.get, section.split("."), recorded)),
-                )
-                kept[f"{section}.type"] = changes[f"{section}.type"]
-                retyped += (f"{section}.",)
-        for path, values in changes.items():
-            if not given(path) and not path.startswith(retyped):
-                set_path(resolved, path.split("."), values[0])
-                kept[path] = values
-        if kept:
-            self.config = config_from_dict(resolved)
+        self.config, kept = keep_recorded_values(self._recorded_config, self.config, self.explicit_keys)
         return kept
 
     def _check_resumed_config(self) -> None:
