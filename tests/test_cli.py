@@ -94,6 +94,11 @@ def test_a_resume_naming_only_its_folder_continues_on_what_the_run_recorded(tiny
     assert "resumed with the run's own" in printed and "model.hidden=[48] (now [1024])" in printed
     # the recorded settings, not the recipe's (the log's windows are this resume's: train.log_every)
     assert [loss for _, loss in _losses(out)] == [loss for _, loss in _losses(full_run)]
+    shutil.rmtree(out / "checkpoints")  # as a run killed before its first checkpoint: from step 0, as recorded
+    os.remove(out / "metrics.json")
+    shutil.rmtree(out / "model")
+    assert main(["train", "--resume", "--out", str(out), "--set", "train.progress=false"]) == 0
+    assert [loss for _, loss in _losses(out)] == [loss for _, loss in _losses(full_run)]
 
 
 def test_the_plan_of_a_resume_is_that_of_the_settings_its_run_recorded(tiny, tmp_path, capsys):

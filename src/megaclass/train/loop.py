@@ -506,7 +506,7 @@ class Trainer:
             data_format=data_config.format,
             num_classes=data_config.num_classes or None,
             # a resumed run reads its texts through the featuriser it fitted, never one fitted again
-            featurizer=read_run_featurizer(self.out_dir) if self._recorded_config is not None else None,
+            featurizer=read_run_featurizer(self.out_dir) if self.resume and self._has_checkpoints() else None,
             featurizer_config=featurizer_config(data_config.featurizer),
             **tokens,
         )
@@ -626,9 +626,9 @@ class Trainer:
 
     @functools.cached_property
     def _recorded_config(self) -> dict[str, Any] | None:
-        """The plain form of the ``config.yaml`` of the run a resume continues (None when not resuming a
-        run with a checkpoint), read once."""
-        return read_recorded_config(self.out_dir) if self.resume and self._has_checkpoints() else None
+        """The plain form of the ``config.yaml`` of the run a resume continues (None when not resuming),
+        read once."""
+        return read_recorded_config(self.out_dir) if self.resume else None
 
     def _keep_recorded_values(self) -> dict[str, tuple[Any, Any]]:
         """On resume, :func:`keep_recorded_values` of the run's ``config.yaml`` into the config; returns what
@@ -642,7 +642,7 @@ class Trainer:
         """Refuse a resume whose config differs from the run's ``config.yaml`` in more than
         :func:`_resume_adjustments` allows, before anything is built from it (the checkpoint's config is
         checked again when it is read). Reads only."""
-        if self._recorded_config is not None:
+        if self._recorded_config is not None and self._has_checkpoints():  # else it starts from step 0
             _resume_adjustments(self._recorded_config, config_to_dict(self.config))
 
     @functools.cached_property
