@@ -94,7 +94,7 @@ def test_a_resume_naming_only_its_folder_continues_on_what_the_run_recorded(tiny
     assert "resumed with the run's own" in printed and "model.hidden=[48] (now [1024])" in printed
     # the recorded settings, not the recipe's (the log's windows are this resume's: train.log_every)
     assert [loss for _, loss in _losses(out)] == [loss for _, loss in _losses(full_run)]
-    shutil.rmtree(out / "checkpoints")  # as a run killed before its first checkpoint: from step 0, as recorded
+    shutil.rmtree(out / "checkpoints")  # as a run killed before its first checkpoint: step 0, as recorded
     os.remove(out / "metrics.json")
     shutil.rmtree(out / "model")
     assert main(["train", "--resume", "--out", str(out), "--set", "train.progress=false"]) == 0

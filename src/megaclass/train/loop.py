@@ -677,12 +677,14 @@ class Trainer:
     def _check_data_files(self) -> None:
         """Fingerprint the data (size and SHA-256, for ``run.json``; an image folder's of its listing); when
         resuming, refuse files other than those that ``run.json`` recorded."""
+        # absolute paths: a resume that names no data takes them from any folder
         self.data_files = {
-            "train_file": {"path": self.train_path, **path_fingerprint(self.train_path)},
-            "test_file": {"path": self.test_path, **path_fingerprint(self.test_path)},
+            "train_file": {"path": os.path.abspath(self.train_path), **path_fingerprint(self.train_path)},
+            "test_file": {"path": os.path.abspath(self.test_path), **path_fingerprint(self.test_path)},
         }
         if self.valid_path is not None:
-            self.data_files["valid_file"] = {"path": self.valid_path, **path_fingerprint(self.valid_path)}
+            valid = {"path": os.path.abspath(self.valid_path), **path_fingerprint(self.valid_path)}
+            self.data_files["valid_file"] = valid
         facts = self._recorded_facts
         if not self.resume or not facts:
             return
