@@ -12,7 +12,8 @@ from megaclass.heads import head_config
 from megaclass.heads.sparse import SparseHeadConfig
 from megaclass.schema import ConfigError
 from megaclass.train import recipes
-from megaclass.train.config import RunConfig, from_preset, load_config_and_keys
+from megaclass.train.config import RunConfig, config_to_dict, from_preset, load_config, load_config_and_keys
+from megaclass.train.loop import keep_recorded_values
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 
 # 80 positives a label: the presets' epochs are enough (epochs_for)
@@ -259,6 +260,18 @@ def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
     # a value the user sets now is theirs: a change the saved state cannot take is refused, as before
     assert main([*argv, "--resume", "--set", *settings, "model.dropout=0.25"]) == 2
     assert "differs from the checkpoint's in model.dropout" in capsys.readouterr().err
+
+
+def test_a_section_of_the_records_type_is_taken_whole_unless_the_user_set_a_key_in_it():
+    transformer = config_to_dict(load_config(overrides=["model.type=transformer", "model.max_length=64"]))
+    config = load_config()  # this version's defaults: an MLP
+    kept_config, kept = keep_recorded_values(transformer, config, explicit_keys=())
+    assert kept_config.model == load_config(overrides=["model.type=transformer", "model.max_length=64"]).model
+    assert kept == {"model.type": ("transformer", "mlp")}
+    dropout = load_config(overrides=["model.dropout=0.25"])  # a key set in the section: compared as given
+    assert keep_recorded_values(transformer, dropout, explicit_keys=("model.dropout",)) == (dropout, {})
+    sparse = load_config(head="sparse")  # a head type the user names: compared as given
+    assert keep_recorded_values(config_to_dict(config), sparse, explicit_keys=("head.type",)) == (sparse, {})
 
 
 def test_mlp_recipes_train_until_each_label_saw_about_200_positives():

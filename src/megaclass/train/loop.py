@@ -233,9 +233,9 @@ def keep_recorded_values(
     """``config`` with the keys outside ``explicit_keys`` given the values of ``recorded`` (a resumed run's
     ``config.yaml``: a run started under another version's defaults, or with settings not given again,
     continues as it began), and ``{key: (recorded value, value replaced)}``. A section of another type than
-    the record's takes the record's whole, unless a key in it is explicit; an explicit key, one in a section
-    whose type is explicitly changed, and a key one side lacks are left as they are (a resume compares them:
-    :func:`_resume_adjustments`)."""
+    the record's takes the record's whole, unless a key in it is explicit; an explicit key, a section of
+    another type with an explicit key, and a key one side lacks are left as they are (a resume compares
+    them: :func:`_resume_adjustments`)."""
     resolved = config_to_dict(config)
 
     def given(path: str) -> bool:  # explicit, a section holding it, or a key inside it
@@ -246,15 +246,17 @@ def keep_recorded_values(
         for path, values in _config_changes(recorded, resolved).items()
         if path not in _RESUMABLE_CHANGES and None not in values
     }
-    sections = [path[: -len(".type")] for path in changes if path.endswith(".type")]
-    retyped = tuple(f"{section}." for section in sections if given(f"{section}.type"))
+    retyped: tuple[str, ...] = ()  # sections of another type than the record's: taken whole, or left whole
     kept = {}
-    for section in sections:  # a section of the record's type: the record's, whole
-        if not f"{section}.".startswith(retyped) and not given(section):
+    for path in changes:
+        section = path[: -len(".type")]
+        if not path.endswith(".type") or f"{section}.".startswith(retyped):
+            continue
+        if not given(section):
             whole = functools.reduce(dict.get, section.split("."), recorded)
             set_path(resolved, section.split("."), copy.deepcopy(whole))
-            kept[f"{section}.type"] = changes[f"{section}.type"]
-            retyped += (f"{section}.",)
+            kept[path] = changes[path]
+        retyped += (f"{section}.",)
     for path, values in changes.items():
         if not given(path) and not path.startswith(retyped):
             set_path(resolved, path.split("."), values[0])
