@@ -18,7 +18,9 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   runtime) against the peak of the C heap's bytes in use
   (:class:`~_harness.HeapPeak`, CPU runs: on a GPU its reading after every op would stand in the way of the
   step's CUDA graph): the resident set holds, beside those, the freed memory the C allocator keeps for its
-  next allocations (the more so with a build in a thread of its own).
+  next allocations (the more so with a build in a thread of its own);
+- the host peak within each of the trainer's phases (setup, the epoch's steps, evaluation, checkpoint, the
+  best weights, the run's end), to find where a peak comes from.
 """
 
 from __future__ import annotations
@@ -63,10 +65,49 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+# the trainer's methods whose resident peaks are told apart (nested ones count in their callers too)
+_PHASES = ("setup", "train_epoch", "evaluate", "save_checkpoint", "_save_best", "_finish_run")
+
+
+class PhasePeaks:
+    """The process's peak resident set within each of the trainer's :data:`_PHASES` and over the whole run:
+    ``VmHWM`` read and started again at every edge of a phase, each reading given to the phases open since
+    the last edge."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, int] = {}
+        self.overall = 0
+        self._open: list[str] = []
+
+    def watch(self, cls: type) -> None:
+        """Wrap ``cls``'s methods of :data:`_PHASES`."""
+        for name in _PHASES:
+            setattr(cls, name, self._wrapped(name, getattr(cls, name)))
+
+    def edge(self) -> None:
+        peak = process_memory("VmHWM")
+        self.overall = max(self.overall, peak)
+        for name in self._open:
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+        reset_peak_memory()
+
+    def _wrapped(self, name: str, method: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self.edge()
+            self._open.append(name)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.edge()
+                self._open.pop()
+
+        return wrapped
+
+
 def child(args: argparse.Namespace) -> None:
     """Plan, then run, one task; prints one JSON line of planned and measured peaks."""
     from megaclass.train.config import load_config_and_keys
-    from megaclass.train.loop import train
+    from megaclass.train.loop import Trainer, train
     from megaclass.train.plan import plan_for
     from megaclass.train.recipes import resolve_recipe
 
@@ -86,6 +127,8 @@ def child(args: argparse.Namespace) -> None:
         resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
     )
     allocations = plan_without(plan, "interpreter and PyTorch", "libraries a run loads", "CUDA runtime")
+    phases = PhasePeaks()
+    phases.watch(Trainer)
     reset_peak_memory()  # the peak resident set from here on
     start = process_memory("VmRSS")
     if cuda:
@@ -100,6 +143,7 @@ def child(args: argparse.Namespace) -> None:
             overwrite=True,
             explicit_keys=keys,
         )
+    phases.edge()
     row = {
         "planned_gpu": plan.peak(0)[0] if cuda else 0,
         "planned_gpu_phase": plan.peak(0)[1] if cuda else "",
@@ -108,7 +152,8 @@ def child(args: argparse.Namespace) -> None:
         "planned_host_allocated": allocations.peak(1)[0],
         "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
-        "host": process_memory("VmHWM"),
+        "host": phases.overall,
+        "host_phases": phases.peaks,
         "host_start": start,
         "host_allocated": heap.peak if heap is not None else None,
     }
@@ -133,6 +178,7 @@ def main() -> None:
         "| plan / allocated |"
     )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    by_phase = []
     with tempfile.TemporaryDirectory() as folder:
         for classes in args.classes:
             paths = [os.path.join(folder, f"{classes}-{part}.txt") for part in ("train", "test")]
@@ -168,6 +214,12 @@ def main() -> None:
                 f"| {allocated} | {ratio(row['planned_host_allocated'], row['host_allocated'] or 0)} |",
                 flush=True,
             )
+            by_phase.append(
+                f"{classes:,} classes: "
+                + ", ".join(f"{name} {peak / _GIB:.2f}" for name, peak in row["host_phases"].items())
+            )
+    print("\nmeasured host peak GiB by the trainer's phase (a phase's callees in it too):")
+    print("\n".join(by_phase))
 
 
 if __name__ == "__main__":
