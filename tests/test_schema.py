@@ -6,7 +6,16 @@ from typing import Literal
 
 import pytest
 
-from megaclass.schema import ConfigError, convert, from_dict, parse_override, set_path, to_dict
+from megaclass.schema import (
+    ConfigError,
+    convert,
+    covered,
+    from_dict,
+    get_path,
+    parse_override,
+    set_path,
+    to_dict,
+)
 
 
 class Colour(str, enum.Enum):
@@ -101,3 +110,11 @@ def test_overrides_parse_as_yaml_and_set_nested_keys():
     assert data == {"head": {"type": "dense", "fan_in": 32}, "lr": 1, "train": {"steps": 5}}
     with pytest.raises(ConfigError, match="'lr' is not a section"):
         set_path(data, ["lr", "x"], 1)
+
+
+def test_a_dotted_key_is_covered_by_itself_its_sections_and_with_inside_the_keys_within():
+    keys = {"head.optimizer", "train.epochs"}
+    assert covered("head.optimizer.lr", keys) and covered("train.epochs", keys)
+    assert not covered("head", keys) and covered("head", keys, inside=True)
+    assert not covered("train.batch_size", keys, inside=True)
+    assert get_path({"head": {"optimizer": {"lr": 0.1}}}, ["head", "optimizer", "lr"]) == 0.1

@@ -180,47 +180,41 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _recorded_data_files(args: argparse.Namespace) -> None:
     """Give a ``--resume`` that names no data the files its run recorded in ``run.json``: ``--train`` and
     ``--test``, and ``--valid`` where the run had one; without ``--resume`` both are required."""
-    if args.train is not None and args.test is not None:
+
+    def missing() -> str:
+        return " and ".join(f"--{flag}" for flag in ("train", "test") if getattr(args, flag) is None)
+
+    if not missing():
         return
-    missing = " and ".join(
-        flag for flag, value in (("--train", args.train), ("--test", args.test)) if not value
-    )
     if not args.resume:
-        raise ValueError(f"{missing} required (a --resume takes the files its run recorded)")
+        raise ValueError(f"{missing()} required (a --resume takes the files its run recorded)")
     path = os.path.join(args.out, "run.json")
     try:
         with open(path, encoding="utf-8") as file:
             facts = json.load(file)
     except FileNotFoundError:
         raise ValueError(
-            f"--resume: {args.out} holds no run.json to take {missing} from; pass them"
+            f"--resume: {args.out} holds no run.json to take {missing()} from; pass them"
         ) from None
     except (OSError, ValueError) as error:
         raise DataFormatError(
-            path, f"cannot read this run file ({one_line(error)}); pass {missing}"
+            path, f"cannot read this run file ({one_line(error)}); pass {missing()}"
         ) from None
-    recorded = {
-        flag: facts[key]["path"]
-        for flag, key in (("train", "train_file"), ("test", "test_file"), ("valid", "valid_file"))
-        if isinstance(facts, dict) and isinstance(facts.get(key), dict) and "path" in facts[key]
-    }
     flags = ["train", "test", *(["valid"] if args.train is None and args.valid is None else [])]
     taken = []
     for flag in flags:
-        if getattr(args, flag) is not None or flag not in recorded:
+        recorded = facts.get(f"{flag}_file") if isinstance(facts, dict) else None
+        if getattr(args, flag) is not None or not isinstance(recorded, dict) or "path" not in recorded:
             continue
-        if not os.path.exists(recorded[flag]):
+        if not os.path.exists(recorded["path"]):
             raise ValueError(
-                f"--resume: --{flag} {recorded[flag]}, as {path} records it, does not exist here (the run "
+                f"--resume: --{flag} {recorded['path']}, as {path} records it, does not exist here (the run "
                 f"was started from another folder?); pass --{flag}"
             )
-        setattr(args, flag, recorded[flag])
-        taken.append(f"--{flag} {recorded[flag]}")
-    still = " and ".join(
-        flag for flag, value in (("--train", args.train), ("--test", args.test)) if not value
-    )
-    if still:
-        raise ValueError(f"--resume: {path} records no {still}; pass it")
+        setattr(args, flag, recorded["path"])
+        taken.append(f"--{flag} {recorded['path']}")
+    if missing():
+        raise ValueError(f"--resume: {path} records no {missing()}; pass it")
     from megaclass.distributed.info import DistInfo
 
     if DistInfo.from_env().is_main:

@@ -15,7 +15,7 @@ import enum
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -243,6 +243,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
+
+
+def get_path(data: dict[str, Any], path: list[str]) -> Any:
+    """``data[path[0]][path[1]]...``."""
+    for key in path:
+        data = data[key]
+    return data
+
+
+def covered(key: str, keys: Collection[str], *, inside: bool = False) -> bool:
+    """Whether the dotted ``keys`` hold ``key`` or a section holding it (``inside``: or a key within it)."""
+    parts = key.split(".")
+    if any(".".join(parts[:end]) in keys for end in range(1, len(parts) + 1)):
+        return True
+    return inside and any(other.startswith(f"{key}.") for other in keys)
 
 
 def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:

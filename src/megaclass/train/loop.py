@@ -56,7 +56,7 @@ from megaclass.errors import DataFormatError, TrainingDiverged
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
-from megaclass.schema import ConfigError, set_path
+from megaclass.schema import ConfigError, covered, get_path, set_path
 from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
@@ -237,10 +237,7 @@ def keep_recorded_values(
     another type with an explicit key, and a key one side lacks are left as they are (a resume compares
     them: :func:`_resume_adjustments`)."""
     resolved = config_to_dict(config)
-
-    def given(path: str) -> bool:  # explicit, a section holding it, or a key inside it
-        return any(f"{path}.".startswith(f"{key}.") or key.startswith(f"{path}.") for key in explicit_keys)
-
+    given = functools.partial(covered, keys=explicit_keys, inside=True)  # a key, its section or one within
     changes = {
         path: values
         for path, values in _config_changes(recorded, resolved).items()
@@ -253,7 +250,7 @@ def keep_recorded_values(
         if not path.endswith(".type") or f"{section}.".startswith(retyped):
             continue
         if not given(section):
-            whole = functools.reduce(dict.get, section.split("."), recorded)
+            whole = get_path(recorded, section.split("."))
             set_path(resolved, section.split("."), copy.deepcopy(whole))
             kept[path] = changes[path]
         retyped += (f"{section}.",)

@@ -40,7 +40,7 @@ from megaclass.heads.dense import DenseHeadConfig
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.heads.sparse import SparseHeadConfig
 from megaclass.models.mlp import MLPConfig
-from megaclass.schema import set_path
+from megaclass.schema import covered, get_path, set_path
 from megaclass.train.config import AUTO_LABEL_FEATURE_DIM, RunConfig, config_from_dict, config_to_dict
 
 __all__ = [
@@ -200,18 +200,6 @@ def _mlp_head_group(kind: str) -> dict[str, Any]:
     return dict(adamw) if adamw["name"] == kind else {"name": kind}
 
 
-def _value_at(data: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
-
-
-def _covered(key: str, explicit: Collection[str]) -> bool:
-    """Whether the user set ``key`` or a section holding it."""
-    parts = key.split(".")
-    return any(".".join(parts[:end]) in explicit for end in range(1, len(parts) + 1))
-
-
 def resolve_recipe(
     config: RunConfig, explicit_keys: Collection[str], facts: DataFacts
 ) -> tuple[RunConfig, str]:
@@ -226,36 +214,34 @@ def resolve_recipe(
     preset, change, settings = recipe_settings(config, facts)
     why = facts.describe()
     mlp_recipe = preset in _MLP_RECIPES
-    if mlp_recipe and not _covered("train.epochs", explicit_keys):
+    if mlp_recipe and not covered("train.epochs", explicit_keys):
         epochs = epochs_for(facts, settings["train"]["epochs"])
         settings["train"]["epochs"] = epochs
         why += f"; {epochs} epochs"
     user = config_to_dict(config)
     for section in ("model", "head"):
         recipe_type = settings.get(section, {}).get("type")
-        if _covered(f"{section}.type", explicit_keys) and recipe_type != user[section]["type"]:
+        if covered(f"{section}.type", explicit_keys) and recipe_type != user[section]["type"]:
             del settings[section]
     head_kind = user["optim"]["head"]["name"]
     if (
         mlp_recipe
-        and _covered("optim.head.name", explicit_keys)
+        and covered("optim.head.name", explicit_keys)
         and settings["optim"]["head"]["name"] != head_kind
     ):
         settings["optim"]["head"] = _mlp_head_group(head_kind)  # not the other optimizer's lr and decay
         change = ""  # the only change of an MLP recipe is its SGD rows: the user's optimizer replaces them
     text_mlp = mlp_recipe and facts.inputs == "text" and "model" in settings
-    if text_mlp and not _covered("model.input_dropout", explicit_keys):
+    if text_mlp and not covered("model.input_dropout", explicit_keys):
         settings["model"]["input_dropout"] = _TEXT_INPUT_DROPOUT
         why += f"; input dropout {_TEXT_INPUT_DROPOUT}"
     for key in sorted(explicit_keys):
-        set_path(settings, key.split("."), copy.deepcopy(_value_at(user, key)))
+        set_path(settings, key.split("."), copy.deepcopy(get_path(user, key.split("."))))
     resolved = config_from_dict(settings)
-    row_optimizer_set = _covered("head.optimizer", explicit_keys) or any(
-        key.startswith("head.optimizer.") for key in explicit_keys
-    )
+    row_optimizer_set = covered("head.optimizer", explicit_keys, inside=True)
     if isinstance(resolved.head, SelectedHeadConfig) and not row_optimizer_set:
         resolved = dataclasses.replace(resolved, head=with_row_optimizer_of(resolved.head, resolved))
-    if isinstance(resolved.head, SelectedHeadConfig) and not _covered("train.batch_size", explicit_keys):
+    if isinstance(resolved.head, SelectedHeadConfig) and not covered("train.batch_size", explicit_keys):
         active = resolved.head.active_classes(facts.num_classes)
         per_row = facts.num_positives / max(1, facts.num_rows)
         batch = sampled_head_batch(resolved.train.batch_size, active, per_row)
