@@ -20,7 +20,8 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   step's CUDA graph): the resident set holds, beside those, the freed memory the C allocator keeps for its
   next allocations (the more so with a build in a thread of its own);
 - the host peak within each of the trainer's phases (setup, the epoch's steps, evaluation, checkpoint, the
-  best weights, the run's end), to find where a peak comes from.
+  best weights, the run's end), to find where a peak comes from, and on a GPU the page-locked memory held
+  at the phases' edges.
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ _PHASES = ("setup", "train_epoch", "evaluate", "save_checkpoint", "_save_best", 
 class PhasePeaks:
     """The process's peak resident set within each of the trainer's :data:`_PHASES` and over the whole run:
     ``VmHWM`` read and started again at every edge of a phase, each reading given to the phases open since
-    the last edge."""
+    the last edge; on a GPU also the page-locked host memory torch holds (its pinned-memory cache included)
+    at the phases' edges."""
 
     def __init__(self) -> None:
         self.peaks: dict[str, int] = {}
+        self.pinned: dict[str, int] = {}
         self.overall = 0
         self._open: list[str] = []
 
@@ -86,9 +89,12 @@ class PhasePeaks:
 
     def edge(self) -> None:
         peak = process_memory("VmHWM")
+        pinned = _pinned_bytes()
         self.overall = max(self.overall, peak)
         for name in self._open:
             self.peaks[name] = max(self.peaks.get(name, 0), peak)
+            if pinned is not None:
+                self.pinned[name] = max(self.pinned.get(name, 0), pinned)
         reset_peak_memory()
 
     def _wrapped(self, name: str, method: Any) -> Any:
@@ -102,6 +108,13 @@ class PhasePeaks:
                 self._open.pop()
 
         return wrapped
+
+
+def _pinned_bytes() -> int | None:
+    """Page-locked host bytes torch's allocator holds, in use or cached; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.memory.host_memory_stats().get("allocated_bytes.current")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -154,6 +167,7 @@ def child(args: argparse.Namespace) -> None:
         "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
         "host": phases.overall,
         "host_phases": phases.peaks,
+        "pinned_phases": phases.pinned,
         "host_start": start,
         "host_allocated": heap.peak if heap is not None else None,
     }
@@ -218,6 +232,11 @@ def main() -> None:
                 f"{classes:,} classes: "
                 + ", ".join(f"{name} {peak / _GIB:.2f}" for name, peak in row["host_phases"].items())
             )
+            if row["pinned_phases"]:
+                by_phase.append(
+                    "  of it page-locked at the phase's edges: "
+                    + ", ".join(f"{name} {size / _GIB:.2f}" for name, size in row["pinned_phases"].items())
+                )
     print("\nmeasured host peak GiB by the trainer's phase (a phase's callees in it too):")
     print("\n".join(by_phase))
 

@@ -15,6 +15,28 @@ def test_copy_rows_converts_on_the_cpu_and_refuses_other_shapes():
         copy_rows_(destination, source.T)
 
 
+@pytest.mark.parametrize(
+    ("rows", "row_shape", "dtype"),
+    [(3, (5,), torch.float32), (1, (), torch.int64), (4, (2, 3), torch.bfloat16), (50, (10,), torch.float64)],
+)
+def test_page_locked_buffers_are_cut_from_blocks_of_one_size(monkeypatch, rows, row_shape, dtype):
+    blocks = []
+
+    def page_locked_bytes(size):  # the CPU build has no page-locked memory: the block as it is asked for
+        blocks.append(torch.zeros(size, dtype=torch.uint8))
+        return blocks[-1]
+
+    monkeypatch.setattr(staging, "_page_locked_bytes", page_locked_bytes)
+    monkeypatch.setattr(staging, "STAGING_BYTES", 256)
+    buffer = staging.page_locked(rows, row_shape, dtype)
+    assert buffer.shape == (rows, *row_shape) and buffer.dtype == dtype and buffer.is_contiguous()
+    size = buffer.numel() * buffer.element_size()
+    assert [len(block) for block in blocks] == [max(size, 256)]  # one size, unless a buffer needs more
+    buffer.fill_(1)
+    assert buffer.untyped_storage().data_ptr() == blocks[0].data_ptr()
+    assert torch.equal(blocks[0][:size].view(dtype), torch.ones(buffer.numel(), dtype=dtype))
+
+
 @pytest.mark.parametrize("block_rows", [1, 3, 7, 10])
 def test_blocks_to_device_yields_every_block_in_order(block_rows):
     rows = torch.randn(7, 4)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaclass import state_io
+from megaclass import staging, state_io
 from megaclass.state_io import DamagedStateError
 
 
@@ -243,19 +243,22 @@ def _imported_modules(repo_root: str, path: str) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "megaclass":  # from megaclass import staging
+            modules |= {f"megaclass.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             modules.add(node.module)
     return modules
 
 
-def test_state_io_is_the_bottom_layer(repo_root):
-    """``state_io`` imports only torch, numpy, safetensors and ``megaclass.errors`` (and the standard
-    library); both checkpoint modules take their I/O from it; the sharded one imports nothing of train/."""
+def test_state_io_sits_on_the_bottom_layer(repo_root):
+    """``state_io`` imports only torch, numpy, safetensors, ``megaclass.errors`` and ``megaclass.staging``
+    (and the standard library); both checkpoint modules take their I/O from it; the sharded one imports
+    nothing of train/."""
     allowed = {"torch", "numpy", "safetensors", "__future__", *sys.stdlib_module_names}
     outside = {
         module
         for module in _imported_modules(repo_root, "state_io.py")
-        if module.split(".")[0] not in allowed and module != "megaclass.errors"
+        if module.split(".")[0] not in allowed and module not in ("megaclass.errors", "megaclass.staging")
     }
     assert not outside, f"state_io imports {sorted(outside)}"
     for path in ("train/checkpoint.py", "distributed/checkpoint.py"):
@@ -307,6 +310,26 @@ def test_read_tensors_reads_files_safetensors_wrote(tmp_path):
     save_file(tensors, path)
     loaded = state_io.read_tensors(path)
     _assert_equal(tensors, {name: loaded[name] for name in tensors})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tensors_are_written_through_page_locked_blocks_of_one_size(tmp_path, monkeypatch):
+    stats = torch.cuda.memory.host_memory_stats
+    if "allocated_bytes.current" not in stats():
+        pytest.skip("this torch's pinned-memory statistics name no allocated_bytes.current")
+    monkeypatch.setattr(staging, "STAGING_BYTES", 1 << 20)
+    path = str(tmp_path / "t.safetensors")
+    tensors = {name: tensor.cuda() for name, tensor in _tensors().items()}
+    tensors |= {  # blocks of 24, 96 and 512 KiB and a 4 MiB tensor cut into 1 MiB blocks
+        f"rows{n}": torch.randn(n, 1024, device="cuda") for n in (6, 24, 128, 1024)
+    }
+    before = stats()["allocated_bytes.current"]
+    state_io.write_tensors(path, tensors, chunk_bytes=256 << 20)
+    # torch keeps a freed page-locked block by its size: blocks of one size leave one behind at most
+    assert stats()["allocated_bytes.current"] - before <= 1 << 20
+    for name, tensor in state_io.read_tensors(path).items():
+        _assert_equal(tensors[name].cpu(), tensor, name)
 
 
 def test_streamed_tensors_are_read_by_row_range_and_copied_into_place(tmp_path):
@@ -440,7 +463,7 @@ def test_read_state_streams_the_keys_it_is_told_to(tmp_path):
 
 _BOUNDED_SAVE = """
 import re, sys, torch
-from megaclass import state_io
+from megaclass import staging, state_io
 
 def peak_growth(action):
     def kib(field):

@@ -6,19 +6,38 @@ took 10.3 s to reach fresh pageable memory that way and 0.84 s through a page-lo
 speed, then torch's multi-threaded host copy); reading them back to the GPU, 1.58 s plain. Page-locking the
 whole matrix instead takes seconds of its own (10 s for 10 GB) and torch's pinned allocator rounds it up to
 a power of two of bytes.
+
+Torch keeps a freed page-locked block for reuse by requests of its own power-of-two size, for the rest of
+the process: buffers of many sizes (a checkpoint's tensors, each staged on its way to a file) would each
+leave one behind, host memory growing with the sizes of the tensors staged. Every buffer here is cut from a
+block of :data:`STAGING_BYTES` (:func:`page_locked`), so the same few blocks serve them all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["STAGING_BYTES", "blocks_to_device", "copy_rows_"]
+__all__ = ["STAGING_BYTES", "blocks_to_device", "copy_rows_", "page_locked"]
 
 STAGING_BYTES = 64 << 20  # a page-locked buffer: large enough for the bus's speed, small enough to lock fast
+
+
+def page_locked(rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A page-locked ``(rows, *row_shape)`` buffer of ``dtype``, the start of a block of
+    :data:`STAGING_BYTES` bytes (of its own size where it needs more): one size of block, whatever the
+    buffers' shapes, for torch's pinned-memory cache to reuse."""
+    size = rows * math.prod(row_shape) * dtype.itemsize
+    block = _page_locked_bytes(max(size, STAGING_BYTES))
+    return block[:size].view(dtype).view(rows, *row_shape)
+
+
+def _page_locked_bytes(size: int) -> Tensor:
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
 
 def _staged(host: Tensor, device: torch.device) -> bool:
@@ -41,7 +60,7 @@ def copy_rows_(destination: Tensor, source: Tensor) -> Tensor:
         return destination.copy_(source)
     source = source.to(destination.dtype)
     step = _block_rows(destination)
-    buffer = torch.empty((min(step, len(source)), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+    buffer = page_locked(min(step, len(source)), tuple(source.shape[1:]), source.dtype)
     for start in range(0, len(source), step):
         block = source[start : start + step]
         staged = buffer[: len(block)].copy_(block)  # waits for the copy: the buffer is read next
@@ -60,7 +79,7 @@ def blocks_to_device(rows: Any, device: torch.device | str, block_rows: int) -> 
             yield rows[start : start + block_rows].to(device, non_blocking=True)
         return
     piece = min(block_rows, rows.shape[0], _block_rows(rows))  # rows a buffer holds
-    buffers = [torch.empty((piece, *rows.shape[1:]), dtype=rows.dtype, pin_memory=True) for _ in range(2)]
+    buffers = [page_locked(piece, tuple(rows.shape[1:]), rows.dtype) for _ in range(2)]
     copied: list[torch.cuda.Event | None] = [None, None]
     stream = torch.cuda.current_stream(device)
     pieces = 0

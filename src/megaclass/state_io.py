@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass import staging
+
 __all__ = [
     "MANIFEST",
     "STREAM_CHUNK_BYTES",
@@ -512,21 +514,28 @@ class StackedRows(RowSource):
 
 def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.ndarray]:
     """The bytes of ``value`` in row-major order, a block of rows (at most ``chunk_bytes``, or one row) at a
-    time: a contiguous host tensor's own, else copied into one staging block (pinned for a GPU tensor) that
-    each block reuses once the caller has written the previous one."""
+    time: a contiguous host tensor's own, else copied into one staging block that each block reuses once the
+    caller has written the previous one (a GPU tensor's: :func:`~megaclass.staging.page_locked`, in blocks
+    of at most :data:`~megaclass.staging.STAGING_BYTES`)."""
     shape = tuple(value.shape)
     rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
-    staging: Tensor | None = None
-    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):
+    on_gpu = isinstance(value, Tensor) and value.device.type != "cpu"
+    block_bytes = min(chunk_bytes, staging.STAGING_BYTES) if on_gpu else chunk_bytes
+    buffer: Tensor | None = None
+    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, block_bytes):
         if isinstance(rows, RowSource):
             block = rows._checked(start, stop)
         else:
             block = rows[start:stop].detach()
-            if block.device.type != "cpu" or not block.is_contiguous():
-                if staging is None:  # the first block is the largest
-                    staging = torch.empty(block.numel(), dtype=block.dtype, pin_memory=block.is_cuda)
-                block = staging[: block.numel()].view(block.shape).copy_(block)
+            if on_gpu or not block.is_contiguous():
+                if buffer is None:  # the first block is the largest
+                    buffer = (
+                        staging.page_locked(len(block), tuple(block.shape[1:]), block.dtype)
+                        if on_gpu
+                        else torch.empty(block.shape, dtype=block.dtype)
+                    )
+                block = buffer[: len(block)].copy_(block)
         yield block.reshape(-1).view(torch.uint8).numpy()
 
 

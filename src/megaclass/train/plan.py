@@ -49,6 +49,7 @@ from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
 from megaclass.models.mlp import MLPConfig
 from megaclass.models.text import reads_tokens
+from megaclass.staging import STAGING_BYTES
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
@@ -77,10 +78,12 @@ _CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on
 # report's Matplotlib) the rest
 _PROCESS_HOST = 240 << 20
 _LIBRARIES_HOST = 180 << 20
-# the CUDA runtime, its libraries and compiled kernels in host memory: a training run's resident set was 2.5
-# to 2.8 GiB above its planned host parts at 10^7 classes on an H200 (benchmarks/RESULTS.md), the process's
-# own parts (_PROCESS_HOST, _LIBRARIES_HOST) included
-_CUDA_HOST = 5 << 29
+# the CUDA runtime, its libraries and compiled kernels in host memory, the process's own parts
+# (_PROCESS_HOST, _LIBRARIES_HOST) included: a selected-head run of 10^5 classes on an H100 held 1.61 GiB
+# through its steps and 1.82 GiB through its first evaluation, about 20 MiB of it planned parts
+# (benchmarks/RESULTS.md, "the plan at 10^7 classes, and the host peak by phase"); an earlier 2.5 GiB on an
+# H200 held page-locked blocks of every size its checkpoints had staged, now one
+_CUDA_HOST = 15 << 27
 _WEIGHTS = ("encoder weights", "head weights")
 _CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index", "weight average")
 
@@ -664,14 +667,15 @@ def plan_run(
         parts.append(PlanPart(name, planned.device, planned.host, phase, planned.setting, planned.elsewhere))
     if config.train.ema_decay:
         parts.append(_average_part(config.head, parts, classes, dim))
-    # state_io streams saved tensors to their files from where they live: GPU tensors through one block of
-    # host memory, host tensors without a copy
-    on_gpu = (
-        sum(part.device_bytes for part in parts if part.name in _CHECKPOINTED) if device_type == "cuda" else 0
-    )
-    saved = min(STREAM_CHUNK_BYTES, on_gpu)
-    if isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://"):
-        saved = max(saved, 2 * STREAM_CHUNK_BYTES)  # a block pulled from the servers, and its messages
+    # state_io streams saved tensors to their files from where they live: GPU tensors through one
+    # page-locked block, which torch's pinned-memory cache keeps from the first save on; host tensors
+    # without a copy
+    on_gpu = device_type == "cuda" and any(part.device_bytes for part in parts if part.name in _CHECKPOINTED)
+    from_servers = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
+    if on_gpu:
+        more = "a host with more memory"
+        parts.append(PlanPart("checkpoint staging block", 0, STAGING_BYTES, setting=more, after_setup=True))
+    saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
     tokens = config.model.max_length if _takes_tokens(config, shape) else None
     data = sum(each.array_bytes(tokens) for each in (shape, *others))
