@@ -106,14 +106,14 @@ def test_the_plan_of_a_resume_is_that_of_the_settings_its_run_recorded(tiny, tmp
     assert _train(tiny, out, "train.stop_after_steps=2") == 0
     capsys.readouterr()
     assert _train(tiny, tmp_path / "other", "--dry-run") == 0
-    planned = [
-        line for line in capsys.readouterr().out.splitlines() if line.startswith(("memory plan", "encoder"))
-    ]
+    printed = capsys.readouterr().out.splitlines()
+    planned = [line for line in printed if line.startswith(("memory plan", "encoder"))]
+    assert printed[0].startswith("recipe: xmc-mlp") and "resumed" not in printed[0]  # the run's recipe line
     assert main(["train", "--resume", "--out", str(out), "--dry-run"]) == 0
-    resumed = [
-        line for line in capsys.readouterr().out.splitlines() if line.startswith(("memory plan", "encoder"))
-    ]
+    printed = capsys.readouterr().out.splitlines()
+    resumed = [line for line in printed if line.startswith(("memory plan", "encoder"))]
     assert resumed == planned and "D 48" in planned[0]  # model.hidden=[48], not the recipe's [1024]
+    assert "resumed with the run's own" in printed[1] and "model.hidden=[48] (now [1024])" in printed[1]
 
 
 def test_a_resume_without_data_files_names_what_is_missing(tiny, tmp_path, capsys):

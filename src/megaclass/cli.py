@@ -113,13 +113,13 @@ def _print_plan(
     other_paths: tuple[str, ...],
     recorded: dict[str, Any] | None = None,
 ) -> int:
-    """Print the memory plan of the run ``args`` describe (a resumed run's with the settings its
-    ``recorded`` config keeps); 0 when it fits, else one line on stderr naming the part that does not fit
-    and :data:`_DOES_NOT_FIT`."""
+    """Print the recipe line and the memory plan of the run ``args`` describe (a resumed run's with the
+    settings its ``recorded`` config keeps); 0 when it fits, else one line on stderr naming the part that
+    does not fit and :data:`_DOES_NOT_FIT`."""
     from megaclass.distributed.info import DistInfo
-    from megaclass.train.loop import keep_recorded_values
+    from megaclass.train.loop import keep_recorded_values, resolve_run_recipe
     from megaclass.train.plan import plan_for
-    from megaclass.train.recipes import resolve_auto, resolve_recipe
+    from megaclass.train.recipes import resolve_auto
 
     world_size = DistInfo.from_env().world_size if args.nproc_per_node is None else args.nproc_per_node
     if world_size < 1:
@@ -130,10 +130,13 @@ def _print_plan(
             return config
         return keep_recorded_values(recorded, config, explicit_keys)[0]
 
+    recipe = ["recipe: none (the config is used as given)"]  # as the run prints it
+
     def resolve(config: Any, facts: Any) -> Any:
         if explicit_keys is None:
             return resolve_auto(config, facts)
-        return keep(resolve_recipe(config, explicit_keys, facts)[0])
+        config, recipe[0] = resolve_run_recipe(config, explicit_keys, facts, recorded)
+        return config
 
     config = keep(config)
 
@@ -147,6 +150,7 @@ def _print_plan(
         out_dir=getattr(args, "out", None),  # train --dry-run: the disk of the run folder is checked too
         world_size=world_size,
     )
+    print(recipe[0])
     print(plan.format())
     refusal = plan.refusal()
     if refusal is None:
@@ -188,31 +192,27 @@ def _recorded_data_files(args: argparse.Namespace) -> None:
         return
     if not args.resume:
         raise ValueError(f"{missing()} required (a --resume takes the files its run recorded)")
+    from megaclass.train.loop import recorded_data_files
+
     path = os.path.join(args.out, "run.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--resume: {args.out} holds no run.json to take {missing()} from; pass them")
     try:
-        with open(path, encoding="utf-8") as file:
-            facts = json.load(file)
-    except FileNotFoundError:
-        raise ValueError(
-            f"--resume: {args.out} holds no run.json to take {missing()} from; pass them"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise DataFormatError(
-            path, f"cannot read this run file ({one_line(error)}); pass {missing()}"
-        ) from None
+        recorded = recorded_data_files(args.out)
+    except DataFormatError as error:
+        raise DataFormatError(path, f"{error.problem}; pass {missing()}") from None
     flags = ["train", "test", *(["valid"] if args.train is None and args.valid is None else [])]
     taken = []
     for flag in flags:
-        recorded = facts.get(f"{flag}_file") if isinstance(facts, dict) else None
-        if getattr(args, flag) is not None or not isinstance(recorded, dict) or "path" not in recorded:
+        if getattr(args, flag) is not None or flag not in recorded:
             continue
-        if not os.path.exists(recorded["path"]):
+        if not os.path.exists(recorded[flag]):
             raise ValueError(
-                f"--resume: --{flag} {recorded['path']}, as {path} records it, does not exist here (the run "
+                f"--resume: --{flag} {recorded[flag]}, as {path} records it, does not exist here (the run "
                 f"was started from another folder?); pass --{flag}"
             )
-        setattr(args, flag, recorded["path"])
-        taken.append(f"--{flag} {recorded['path']}")
+        setattr(args, flag, recorded[flag])
+        taken.append(f"--{flag} {recorded[flag]}")
     if missing():
         raise ValueError(f"--resume: {path} records no {missing()}; pass it")
     from megaclass.distributed.info import DistInfo

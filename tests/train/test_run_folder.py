@@ -15,6 +15,7 @@ import warnings
 import pytest
 
 from megaclass.cli import main
+from megaclass.errors import DataFormatError
 from megaclass.schema import ConfigError
 from megaclass.state_io import verify_manifest
 from megaclass.train.checkpoint import CheckpointWarning, checkpoint_folders
@@ -639,3 +640,28 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(data, fin
         in (capsys.readouterr().out)
     )
     assert _records(out) == _records(finished)
+
+
+def test_the_python_api_resumes_on_the_files_and_settings_its_run_recorded(data, finished, tmp_path):
+    from megaclass.train import loop
+    from megaclass.train.config import config_from_dict
+
+    out = _copy(finished, tmp_path)
+    assert loop.recorded_data_files(str(out)) == {
+        "train": os.path.abspath(data[0]),
+        "test": os.path.abspath(data[1]),
+    }
+    for name in ("checkpoints", "model", "best", "metrics.json", "report.md", "report.png"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    config = config_from_dict(loop.read_recorded_config(str(out)))
+    with pytest.raises(ValueError, match="train_path and test_path are required"):
+        loop.train(config, out_dir=str(out))
+    assert (
+        loop.train(config, out_dir=str(out), resume=True)["P@1"]
+        == json.loads((finished / "metrics.json").read_text())["P@1"]
+    )
+    assert _records(out) == _records(finished)
+    (out / "run.json").write_text("{")
+    with pytest.raises(DataFormatError, match=re.escape(f"{out / 'run.json'}: cannot read this run file")):
+        loop.recorded_data_files(str(out))

@@ -52,7 +52,7 @@ from megaclass.distributed.checkpoint import (
 )
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, encoder_state, load_encoder_state, rank_batch_size
-from megaclass.errors import DataFormatError, TrainingDiverged
+from megaclass.errors import DataFormatError, TrainingDiverged, one_line
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
@@ -87,7 +87,15 @@ from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 from megaclass.train.report import epoch_history, write_report
 from megaclass.train.validation import EndedAtLabelPrior, held_out_rows, label_prior_share, take_rows
 
-__all__ = ["LoopState", "Trainer", "keep_recorded_values", "read_recorded_config", "train"]
+__all__ = [
+    "LoopState",
+    "Trainer",
+    "keep_recorded_values",
+    "read_recorded_config",
+    "recorded_data_files",
+    "resolve_run_recipe",
+    "train",
+]
 
 _LABEL_PRIOR_SHARE = 0.95  # a model ranking the most frequent label first this often learned only the prior
 _LABEL_PRIOR_MIN_ROWS = 50  # fewer validation rows tell too little to stop a run
@@ -259,6 +267,46 @@ def keep_recorded_values(
             set_path(resolved, path.split("."), values[0])
             kept[path] = values
     return (config_from_dict(resolved) if kept else config), kept
+
+
+def resolve_run_recipe(
+    config: RunConfig,
+    explicit_keys: Collection[str],
+    facts: DataFacts,
+    recorded: dict[str, Any] | None = None,
+) -> tuple[RunConfig, str]:
+    """:func:`~megaclass.train.recipes.resolve_recipe`, then, for a resume (``recorded``: the run's
+    ``config.yaml``), :func:`keep_recorded_values`; returns the config and the recipe line to print, which
+    names each value the run keeps."""
+    config, recipe = resolve_recipe(config, explicit_keys, facts)
+    if recorded is None:
+        return config, recipe
+    config, kept = keep_recorded_values(recorded, config, explicit_keys)
+    if kept:
+        recipe += "; resumed with the run's own " + ", ".join(
+            f"{path}={_format_value(old)} (now {_format_value(new)})" for path, (old, new) in kept.items()
+        )
+    return config, recipe
+
+
+def recorded_data_files(out_dir: str) -> dict[str, str]:
+    """The data files the run in ``out_dir`` records in its ``run.json`` (``train``, ``test`` and, where the
+    run had one, ``valid``, each to its path): those a resume that names none continues on. Empty without a
+    ``run.json``; a ``run.json`` that cannot be read raises :class:`DataFormatError`."""
+    path = os.path.join(out_dir, "run.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            facts = json.load(file)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise DataFormatError(path, f"cannot read this run file ({one_line(error)})") from None
+    files = {}
+    for kind in ("train", "test", "valid"):
+        entry = facts.get(f"{kind}_file") if isinstance(facts, dict) else None
+        if isinstance(entry, dict) and "path" in entry:
+            files[kind] = entry["path"]
+    return files
 
 
 def read_recorded_config(out_dir: str) -> dict[str, Any] | None:
@@ -513,13 +561,10 @@ class Trainer:
         if self.explicit_keys is None:
             self.config = resolve_auto(self.config, facts)
         else:
-            self.config, self.recipe = resolve_recipe(self.config, self.explicit_keys, facts)
-            kept = self._keep_recorded_values()  # where this version's recipe resolves them otherwise
-            if kept:
-                self.recipe += "; resumed with the run's own " + ", ".join(
-                    f"{path}={_format_value(old)} (now {_format_value(new)})"
-                    for path, (old, new) in kept.items()
-                )
+            # a resume keeps its recorded values where this version's recipe resolves them otherwise
+            self.config, self.recipe = resolve_run_recipe(
+                self.config, self.explicit_keys, facts, self._recorded_config
+            )
         check_fits(self.config)  # before the test and validation files are read
 
         def open_more(path: str, flag: str) -> Any:
@@ -1513,8 +1558,8 @@ def _truncate_log(path: str, step: int) -> None:
 def train(
     config: RunConfig,
     *,
-    train_path: str,
-    test_path: str,
+    train_path: str | None = None,
+    test_path: str | None = None,
     out_dir: str,
     resume: bool = False,
     overwrite: bool = False,
@@ -1523,12 +1568,26 @@ def train(
 ) -> dict[str, Any]:
     """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
     ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
+    ``train_path`` and ``test_path`` are required, except that a ``resume`` takes those its run recorded
+    (:func:`recorded_data_files`; its validation file too, where neither ``train_path`` nor ``valid_path``
+    is given).
 
     >>> from megaclass.train import from_preset
     >>> metrics = train(from_preset("xmc-mlp"), train_path="data/deb-tags/train_bow.txt.gz",
     ...                 test_path="data/deb-tags/test_bow.txt.gz", out_dir="runs/demo")  # doctest: +SKIP
+    >>> metrics = train(from_preset("xmc-mlp"), out_dir="runs/demo", resume=True)  # doctest: +SKIP
     """
     from megaclass.distributed.info import shutdown_distributed
+
+    if train_path is None or test_path is None:
+        if not resume:
+            raise ValueError("train: train_path and test_path are required (a resume takes its run's files)")
+        recorded = recorded_data_files(out_dir)
+        if train_path is None and valid_path is None:
+            valid_path = recorded.get("valid")
+        train_path, test_path = train_path or recorded.get("train"), test_path or recorded.get("test")
+        if train_path is None or test_path is None:
+            raise ValueError(f"train: resume: {out_dir} records no train and test files; pass them")
 
     trainer = Trainer(
         config,
