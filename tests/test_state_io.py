@@ -316,6 +316,7 @@ def test_read_tensors_reads_files_safetensors_wrote(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_tensors_are_written_through_page_locked_blocks_of_one_size(tmp_path, monkeypatch):
     stats = torch.cuda.memory.host_memory_stats
+    torch.empty(1, pin_memory=True)  # the statistics are empty until the allocator's first block
     if "allocated_bytes.current" not in stats():
         pytest.skip("this torch's pinned-memory statistics name no allocated_bytes.current")
     monkeypatch.setattr(staging, "STAGING_BYTES", 1 << 20)
