@@ -520,7 +520,8 @@ def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.nda
     shape = tuple(value.shape)
     rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
-    on_gpu = isinstance(value, Tensor) and value.device.type != "cpu"
+    on_device = isinstance(value, Tensor) and value.device.type != "cpu"
+    on_gpu = on_device and value.is_cuda
     block_bytes = min(chunk_bytes, staging.STAGING_BYTES) if on_gpu else chunk_bytes
     buffer: Tensor | None = None
     for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, block_bytes):
@@ -528,7 +529,7 @@ def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.nda
             block = rows._checked(start, stop)
         else:
             block = rows[start:stop].detach()
-            if on_gpu or not block.is_contiguous():
+            if on_device or not block.is_contiguous():
                 if buffer is None:  # the first block is the largest
                     buffer = (
                         staging.page_locked(len(block), tuple(block.shape[1:]), block.dtype)
