@@ -104,6 +104,32 @@ def test_piece_checksum_while_written_and_read_back(tmp_path, monkeypatch, size,
     assert written == {"size": size, "sha256_pieces": _pieces_checksum(data, 1000), "piece_bytes": 1000}
 
 
+@pytest.mark.parametrize("offset", [0, 1, 999, 1000, 2345])
+@pytest.mark.parametrize("chunk", [7, 1000, 2500, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_a_contiguous_tensor_is_cut_where_the_files_pieces_begin(offset, chunk, dtype):
+    """A tensor at file offset ``offset`` goes to the checksum in blocks of at most ``chunk`` bytes; where a
+    chunk holds a whole piece (1,000 bytes), every block after the first starts at a piece's start, so that
+    the whole pieces are hashed by the pool and the checksum is the file's."""
+    tensor = (torch.randn(37, 83) > 0).to(dtype) if dtype == torch.bool else torch.randn(37, 83).to(dtype)
+    head = os.urandom(offset)
+    blocks = list(state_io._byte_blocks(tensor, chunk, offset=offset, piece_bytes=1000))
+    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert b"".join(block.tobytes() for block in blocks) == data
+    starts = np.cumsum([offset] + [len(block) for block in blocks])[:-1]
+    assert all(len(block) <= chunk for block in blocks)
+    if chunk >= 1000:
+        assert all(start % 1000 == 0 for start in starts[1:])
+    with ThreadPoolExecutor(2) as pool:
+        digest = state_io._PieceDigest(pool, 1000)
+        digest.update(np.frombuffer(head, dtype=np.uint8))
+        submitted = [future for block in blocks for future in digest.update(block)]
+        written = digest.fingerprint()
+    whole = len(range(-(-offset // 1000) * 1000, offset + len(data) - 999, 1000))  # pieces inside the tensor
+    assert len(submitted) == (whole if chunk >= 1000 else 0)  # hashed by the pool, not here
+    assert written["sha256_pieces"] == _pieces_checksum(head + data, 1000)
+
+
 def test_a_manifest_of_whole_file_digests_still_verifies(tmp_path):
     """Manifests written before piece checksums (each file's whole SHA-256) are checked as they were."""
     folder = state_io.write_state(str(tmp_path / "state"), {"w": torch.arange(10.0)})

@@ -9,12 +9,14 @@ the SHA-256 of the SHA-256 digests of the file's 64 MiB pieces, which threads ha
 stream runs at some 1.7 GB/s, 32 s for a 55 GB checkpoint. The folder is written under a temporary
 name and renamed (:func:`replace_folder`), so a kill leaves the old folder or the new one, never half of one.
 
-Tensors are streamed, never copied whole: :func:`write_tensors` writes each one block of rows at a time
-(:data:`STREAM_CHUNK_BYTES`) from wherever it lives (GPU, pinned or plain host memory, or a
+Tensors are streamed, never copied whole: :func:`write_tensors` writes each one block at a time
+(:data:`STREAM_CHUNK_BYTES` at most) from wherever it lives (GPU, pinned or plain host memory, or a
 :class:`RowSource` that reads rows when asked, such as a parameter server's) into the file, hashing the bytes
 as they go, so saving a row store of 10^8 classes needs one block of host memory, not a copy of
-its rows. Reading back, the tensors a caller names come as :class:`SavedTensor`: a handle into the file that
-:func:`copy_into_` streams into existing tensors (a row store's own rows), block by block.
+its rows. A contiguous tensor's blocks end where the checksum's pieces do, so that its whole pieces are
+hashed side by side while the file is written. Reading back, the tensors a caller names come as
+:class:`SavedTensor`: a handle into the file that :func:`copy_into_` streams into existing tensors (a row
+store's own rows), block by block.
 
 >>> import tempfile, torch
 >>> folder = write_state(tempfile.mkdtemp() + "/model", {"w": torch.ones(2), "step": 3})
@@ -512,32 +514,70 @@ class StackedRows(RowSource):
         return torch.cat(pieces) if pieces else torch.empty((0, *self.shape[1:]), dtype=self.dtype)
 
 
-def _byte_blocks(value: Tensor | RowSource, chunk_bytes: int) -> Iterator[np.ndarray]:
-    """The bytes of ``value`` in row-major order, a block of rows (at most ``chunk_bytes``, or one row) at a
-    time: a contiguous host tensor's own, else copied into one staging block that each block reuses once the
-    caller has written the previous one (a GPU tensor's: :func:`~megaclass.staging.page_locked`, in blocks
-    of at most :data:`~megaclass.staging.STAGING_BYTES`)."""
+def _byte_blocks(
+    value: Tensor | RowSource, chunk_bytes: int, *, offset: int = 0, piece_bytes: int = _PIECE_BYTES
+) -> Iterator[np.ndarray]:
+    """The bytes of ``value`` in row-major order, a block at a time: a contiguous host tensor's own, else
+    copied into one staging block that each block reuses once the caller has written the previous one (a
+    GPU tensor's: :func:`~megaclass.staging.page_locked`, blocks of at most
+    :data:`~megaclass.staging.STAGING_BYTES`).
+
+    A contiguous tensor is cut where the file's checksum pieces begin (``offset``: the file offset of its
+    first byte; ``piece_bytes``: :func:`piece_fingerprint`'s), so that its whole pieces are hashed side by
+    side (:class:`_PieceDigest`); others, a block of rows (at most ``chunk_bytes``, or one row) at a time.
+    """
+    if isinstance(value, Tensor) and value.is_contiguous():
+        yield from _aligned_blocks(
+            value.detach().reshape(-1).view(torch.uint8), chunk_bytes, offset, piece_bytes
+        )
+        return
     shape = tuple(value.shape)
-    rows = value.reshape(1) if isinstance(value, Tensor) and not shape else value  # a 0-d tensor: one row
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
-    on_device = isinstance(value, Tensor) and value.device.type != "cpu"
-    on_gpu = on_device and value.is_cuda
+    on_gpu = isinstance(value, Tensor) and value.is_cuda
     block_bytes = min(chunk_bytes, staging.STAGING_BYTES) if on_gpu else chunk_bytes
     buffer: Tensor | None = None
-    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, block_bytes):
-        if isinstance(rows, RowSource):
-            block = rows._checked(start, stop)
+    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, block_bytes):  # a source's 0-d: a row
+        if isinstance(value, RowSource):
+            block = value._checked(start, stop)
         else:
-            block = rows[start:stop].detach()
-            if on_device or not block.is_contiguous():
-                if buffer is None:  # the first block is the largest
-                    buffer = (
-                        staging.page_locked(len(block), tuple(block.shape[1:]), block.dtype)
-                        if on_gpu
-                        else torch.empty(block.shape, dtype=block.dtype)
-                    )
-                block = buffer[: len(block)].copy_(block)
+            block = value[start:stop]
+            if buffer is None:  # the first block is the largest
+                buffer = (
+                    staging.page_locked(len(block), shape[1:], block.dtype)
+                    if on_gpu
+                    else torch.empty(block.shape, dtype=block.dtype)
+                )
+            block = buffer[: len(block)].copy_(block)
         yield block.reshape(-1).view(torch.uint8).numpy()
+
+
+def _aligned_blocks(data: Tensor, chunk_bytes: int, offset: int, piece_bytes: int) -> Iterator[np.ndarray]:
+    """The bytes ``data (n,)`` (uint8, at file offset ``offset``) a block at a time; where a block holds whole
+    pieces of ``piece_bytes``, the blocks end where pieces do. A device's bytes cross through one staging
+    block (page-locked for a GPU's)."""
+    if not len(data):
+        return
+    on_host = data.device.type == "cpu"
+    limit = chunk_bytes if on_host else min(chunk_bytes, staging.STAGING_BYTES)
+    block_bytes, first = limit, limit
+    if limit >= piece_bytes:  # whole pieces a block, after one up to the first piece's end
+        block_bytes = limit // piece_bytes * piece_bytes
+        first = (-offset) % piece_bytes or block_bytes
+    cuts = [0, *range(min(first, len(data)), len(data), block_bytes), len(data)]
+    buffer: Tensor | None = None
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        block = data[start:stop]
+        if not on_host:
+            if buffer is None:  # no block is larger than the second (or a lone first)
+                size = min(len(data), block_bytes)
+                pinned = data.is_cuda
+                buffer = (
+                    staging.page_locked(size, (), torch.uint8)
+                    if pinned
+                    else torch.empty(size, dtype=torch.uint8)
+                )
+            block = buffer[: len(block)].copy_(block)
+        yield block.numpy()
 
 
 def write_tensors(
@@ -547,8 +587,8 @@ def write_tensors(
     metadata: Mapping[str, str] | None = None,
     chunk_bytes: int = STREAM_CHUNK_BYTES,
 ) -> dict[str, Any]:
-    """Write ``tensors`` as the safetensors file ``path``, each streamed a block of rows at a time from where
-    it lives (GPU, host memory, another file or any :class:`RowSource`), through a temporary file and a
+    """Write ``tensors`` as the safetensors file ``path``, each streamed a block at a time from where it
+    lives (GPU, host memory, another file or any :class:`RowSource`), through a temporary file and a
     rename.
 
     The host memory taken is one block of ``chunk_bytes``; nothing is copied whole.
@@ -578,8 +618,9 @@ def write_tensors(
         for piece in (len(encoded).to_bytes(8, "little"), encoded):
             file.write(piece)
             digest.update(piece)
-        for value in tensors.values():
-            for block in _byte_blocks(value, chunk_bytes):
+        start = file.tell()
+        for name, value in tensors.items():
+            for block in _byte_blocks(value, chunk_bytes, offset=start + header[name]["data_offsets"][0]):
                 hashing = digest.update(block)  # whole pieces hashed by the pool while the block is written
                 file.write(block)
                 for future in hashing:  # before the block's staging memory is reused
