@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaclass import staging, state_io
+from megaclass import state_io
 from megaclass.state_io import DamagedStateError
 
 
@@ -340,19 +340,19 @@ def test_read_tensors_reads_files_safetensors_wrote(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_tensors_are_written_through_page_locked_blocks_of_one_size(tmp_path, monkeypatch):
+def test_gpu_tensors_are_written_through_page_locked_blocks_of_one_size(tmp_path):
     stats = torch.cuda.memory.host_memory_stats
     torch.empty(1, pin_memory=True)  # the statistics are empty until the allocator's first block
     if "allocated_bytes.current" not in stats():
         pytest.skip("this torch's pinned-memory statistics name no allocated_bytes.current")
-    monkeypatch.setattr(staging, "STAGING_BYTES", 1 << 20)
     path = str(tmp_path / "t.safetensors")
     tensors = {name: tensor.cuda() for name, tensor in _tensors().items()}
-    tensors |= {  # blocks of 24, 96 and 512 KiB and a 4 MiB tensor cut into 1 MiB blocks
+    tensors |= {  # tensors of 24, 96 and 512 KiB, and one of 4 MiB written in blocks of 1 MiB
         f"rows{n}": torch.randn(n, 1024, device="cuda") for n in (6, 24, 128, 1024)
     }
+    tensors["columns"] = torch.randn(1024, 300, device="cuda").T  # not contiguous: blocks of rows
     before = stats()["allocated_bytes.current"]
-    state_io.write_tensors(path, tensors, chunk_bytes=256 << 20)
+    state_io.write_tensors(path, tensors, chunk_bytes=1 << 20)
     # torch keeps a freed page-locked block by its size: blocks of one size leave one behind at most
     assert stats()["allocated_bytes.current"] - before <= 1 << 20
     for name, tensor in state_io.read_tensors(path).items():
@@ -490,7 +490,7 @@ def test_read_state_streams_the_keys_it_is_told_to(tmp_path):
 
 _BOUNDED_SAVE = """
 import re, sys, torch
-from megaclass import staging, state_io
+from megaclass import state_io
 
 def peak_growth(action):
     def kib(field):

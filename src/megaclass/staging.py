@@ -10,7 +10,8 @@ a power of two of bytes.
 Torch keeps a freed page-locked block for reuse by requests of its own power-of-two size, for the rest of
 the process: buffers of many sizes (a checkpoint's tensors, each staged on its way to a file) would each
 leave one behind, host memory growing with the sizes of the tensors staged. Every buffer here is cut from a
-block of :data:`STAGING_BYTES` (:func:`page_locked`), so the same few blocks serve them all.
+block of :data:`STAGING_BYTES` (:func:`page_locked`; a checkpoint's, of its block size), so the same few
+blocks serve them all.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ __all__ = ["STAGING_BYTES", "blocks_to_device", "copy_rows_", "page_locked"]
 STAGING_BYTES = 64 << 20  # a page-locked buffer: large enough for the bus's speed, small enough to lock fast
 
 
-def page_locked(rows: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A page-locked ``(rows, *row_shape)`` buffer of ``dtype``, the start of a block of
-    :data:`STAGING_BYTES` bytes (of its own size where it needs more): one size of block, whatever the
+def page_locked(
+    rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, *, block_bytes: int | None = None
+) -> Tensor:
+    """A page-locked ``(rows, *row_shape)`` buffer of ``dtype``, the start of a block of ``block_bytes``
+    (:data:`STAGING_BYTES` when None; of its own size where it needs more): one size of block, whatever the
     buffers' shapes, for torch's pinned-memory cache to reuse."""
     size = rows * math.prod(row_shape) * dtype.itemsize
-    block = _page_locked_bytes(max(size, STAGING_BYTES))
+    block = _page_locked_bytes(max(size, STAGING_BYTES if block_bytes is None else block_bytes))
     return block[:size].view(dtype).view(rows, *row_shape)
 
 

@@ -517,10 +517,10 @@ class StackedRows(RowSource):
 def _byte_blocks(
     value: Tensor | RowSource, chunk_bytes: int, *, offset: int = 0, piece_bytes: int = _PIECE_BYTES
 ) -> Iterator[np.ndarray]:
-    """The bytes of ``value`` in row-major order, a block at a time: a contiguous host tensor's own, else
-    copied into one staging block that each block reuses once the caller has written the previous one (a
-    GPU tensor's: :func:`~megaclass.staging.page_locked`, blocks of at most
-    :data:`~megaclass.staging.STAGING_BYTES`).
+    """The bytes of ``value`` in row-major order, a block of at most ``chunk_bytes`` at a time: a contiguous
+    host tensor's own, else copied into one staging block that each block reuses once the caller has written
+    the previous one (a GPU tensor's page-locked, :func:`~megaclass.staging.page_locked`, always of
+    ``chunk_bytes``: one size for torch's pinned-memory cache, whatever the tensors).
 
     A contiguous tensor is cut where the file's checksum pieces begin (``offset``: the file offset of its
     first byte; ``piece_bytes``: :func:`piece_fingerprint`'s), so that its whole pieces are hashed side by
@@ -534,16 +534,15 @@ def _byte_blocks(
     shape = tuple(value.shape)
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
     on_gpu = isinstance(value, Tensor) and value.is_cuda
-    block_bytes = min(chunk_bytes, staging.STAGING_BYTES) if on_gpu else chunk_bytes
     buffer: Tensor | None = None
-    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, block_bytes):  # a source's 0-d: a row
+    for start, stop in row_blocks(shape[0] if shape else 1, row_bytes, chunk_bytes):  # a source's 0-d: a row
         if isinstance(value, RowSource):
             block = value._checked(start, stop)
         else:
             block = value[start:stop]
             if buffer is None:  # the first block is the largest
                 buffer = (
-                    staging.page_locked(len(block), shape[1:], block.dtype)
+                    staging.page_locked(len(block), shape[1:], block.dtype, block_bytes=chunk_bytes)
                     if on_gpu
                     else torch.empty(block.shape, dtype=block.dtype)
                 )
@@ -558,10 +557,9 @@ def _aligned_blocks(data: Tensor, chunk_bytes: int, offset: int, piece_bytes: in
     if not len(data):
         return
     on_host = data.device.type == "cpu"
-    limit = chunk_bytes if on_host else min(chunk_bytes, staging.STAGING_BYTES)
-    block_bytes, first = limit, limit
-    if limit >= piece_bytes:  # whole pieces a block, after one up to the first piece's end
-        block_bytes = limit // piece_bytes * piece_bytes
+    block_bytes, first = chunk_bytes, chunk_bytes
+    if chunk_bytes >= piece_bytes:  # whole pieces a block, after one up to the first piece's end
+        block_bytes = chunk_bytes // piece_bytes * piece_bytes
         first = (-offset) % piece_bytes or block_bytes
     cuts = [0, *range(min(first, len(data)), len(data), block_bytes), len(data)]
     buffer: Tensor | None = None
@@ -572,7 +570,7 @@ def _aligned_blocks(data: Tensor, chunk_bytes: int, offset: int, piece_bytes: in
                 size = min(len(data), block_bytes)
                 pinned = data.is_cuda
                 buffer = (
-                    staging.page_locked(size, (), torch.uint8)
+                    staging.page_locked(size, (), torch.uint8, block_bytes=chunk_bytes)
                     if pinned
                     else torch.empty(size, dtype=torch.uint8)
                 )

@@ -17,7 +17,7 @@ from megaclass.heads.base import PlanRequest
 from megaclass.index.kmeans import cluster_layout
 from megaclass.models import build_model
 from megaclass.schema import from_dict
-from megaclass.staging import STAGING_BYTES
+from megaclass.state_io import STREAM_CHUNK_BYTES
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config, load_config_and_keys
@@ -253,7 +253,7 @@ def test_plan_of_a_large_selected_head_on_host_rows(synthetic):
     assert parts["head optimizer state"].host_bytes == 10**8 * 64 * 4  # SGD momentum: one buffer a row
     assert parts["head state dict copies"].host_bytes == 0  # a save streams the rows from where they live
     # the index on the GPU is saved through one page-locked block, kept from the first save on
-    assert parts["checkpoint staging block"].host_bytes == STAGING_BYTES
+    assert parts["checkpoint staging block"].host_bytes == STREAM_CHUNK_BYTES
     assert parts["checkpoint staging block"].phase == "steady"
     assert plan.refusal() is None and plan.peak(0)[0] < 139 << 30
     assert plan.peak(1)[0] < 64 << 30  # rows and momentum: 51.2 GB, and a save adds no copy

@@ -49,7 +49,6 @@ from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
 from megaclass.models.mlp import MLPConfig
 from megaclass.models.text import reads_tokens
-from megaclass.staging import STAGING_BYTES
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.recipes import DataFacts
@@ -668,13 +667,15 @@ def plan_run(
     if config.train.ema_decay:
         parts.append(_average_part(config.head, parts, classes, dim))
     # state_io streams saved tensors to their files from where they live: GPU tensors through one
-    # page-locked block, which torch's pinned-memory cache keeps from the first save on; host tensors
-    # without a copy
+    # page-locked block of STREAM_CHUNK_BYTES, which torch's pinned-memory cache keeps from the first save
+    # on; host tensors without a copy
     on_gpu = device_type == "cuda" and any(part.device_bytes for part in parts if part.name in _CHECKPOINTED)
     from_servers = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
     if on_gpu:
         more = "a host with more memory"
-        parts.append(PlanPart("checkpoint staging block", 0, STAGING_BYTES, setting=more, after_setup=True))
+        parts.append(
+            PlanPart("checkpoint staging block", 0, STREAM_CHUNK_BYTES, setting=more, after_setup=True)
+        )
     saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
     tokens = config.model.max_length if _takes_tokens(config, shape) else None
