@@ -307,6 +307,7 @@ def _tensors():
         "scalar": torch.tensor(7, dtype=torch.int64),
         "empty": torch.zeros(0, 3),
         "view": torch.arange(40.0).reshape(5, 8)[:, 1::2],  # not contiguous
+        "parameter": torch.nn.Parameter(torch.randn(6, 4)).T,  # not contiguous, and needs its gradient
         "flags": torch.tensor([True, False, True]),
     }
 

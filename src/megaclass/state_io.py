@@ -539,7 +539,7 @@ def _byte_blocks(
         if isinstance(value, RowSource):
             block = value._checked(start, stop)
         else:
-            block = value[start:stop]
+            block = value[start:stop].detach()
             if buffer is None:  # the first block is the largest
                 buffer = (
                     staging.page_locked(len(block), shape[1:], block.dtype, block_bytes=chunk_bytes)
