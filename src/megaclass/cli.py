@@ -192,27 +192,26 @@ def _recorded_data_files(args: argparse.Namespace) -> None:
         return
     if not args.resume:
         raise ValueError(f"{missing()} required (a --resume takes the files its run recorded)")
-    from megaclass.train.loop import recorded_data_files
+    from megaclass.train.loop import resume_data_files
 
     path = os.path.join(args.out, "run.json")
     if not os.path.exists(path):
         raise ValueError(f"--resume: {args.out} holds no run.json to take {missing()} from; pass them")
     try:
-        recorded = recorded_data_files(args.out)
+        files = resume_data_files(args.out, args.train, args.test, args.valid)
     except DataFormatError as error:
         raise DataFormatError(path, f"{error.problem}; pass {missing()}") from None
-    flags = ["train", "test", *(["valid"] if args.train is None and args.valid is None else [])]
     taken = []
-    for flag in flags:
-        if getattr(args, flag) is not None or flag not in recorded:
+    for flag, recorded in files.items():
+        if getattr(args, flag) is not None or recorded is None:
             continue
-        if not os.path.exists(recorded[flag]):
+        if not os.path.exists(recorded):
             raise ValueError(
-                f"--resume: --{flag} {recorded[flag]}, as {path} records it, does not exist here (the run "
-                f"was started from another folder?); pass --{flag}"
+                f"--resume: --{flag} {recorded}, as {path} records it, does not exist here (the run was "
+                f"started from another folder?); pass --{flag}"
             )
-        setattr(args, flag, recorded[flag])
-        taken.append(f"--{flag} {recorded[flag]}")
+        setattr(args, flag, recorded)
+        taken.append(f"--{flag} {recorded}")
     if missing():
         raise ValueError(f"--resume: {path} records no {missing()}; pass it")
     from megaclass.distributed.info import DistInfo

@@ -647,10 +647,9 @@ def test_the_python_api_resumes_on_the_files_and_settings_its_run_recorded(data,
     from megaclass.train.config import config_from_dict
 
     out = _copy(finished, tmp_path)
-    assert loop.recorded_data_files(str(out)) == {
-        "train": os.path.abspath(data[0]),
-        "test": os.path.abspath(data[1]),
-    }
+    recorded = {"train": os.path.abspath(data[0]), "test": os.path.abspath(data[1]), "valid": None}
+    assert loop.resume_data_files(str(out), None, None, None) == recorded
+    assert loop.resume_data_files(str(out), None, None, "v.txt")["valid"] == "v.txt"
     for name in ("checkpoints", "model", "best", "metrics.json", "report.md", "report.png"):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -662,6 +661,8 @@ def test_the_python_api_resumes_on_the_files_and_settings_its_run_recorded(data,
         == json.loads((finished / "metrics.json").read_text())["P@1"]
     )
     assert _records(out) == _records(finished)
-    (out / "run.json").write_text("{")
-    with pytest.raises(DataFormatError, match=re.escape(f"{out / 'run.json'}: cannot read this run file")):
-        loop.recorded_data_files(str(out))
+    damaged_file = re.escape(f"{out / 'run.json'}: cannot read this run file")
+    for damaged in ("{", "[]"):
+        (out / "run.json").write_text(damaged)
+        with pytest.raises(DataFormatError, match=damaged_file):
+            loop.resume_data_files(str(out), None, None, None)

@@ -92,8 +92,9 @@ __all__ = [
     "Trainer",
     "keep_recorded_values",
     "read_recorded_config",
-    "recorded_data_files",
+    "read_run_facts",
     "resolve_run_recipe",
+    "resume_data_files",
     "train",
 ]
 
@@ -289,10 +290,9 @@ def resolve_run_recipe(
     return config, recipe
 
 
-def recorded_data_files(out_dir: str) -> dict[str, str]:
-    """The data files the run in ``out_dir`` records in its ``run.json`` (``train``, ``test`` and, where the
-    run had one, ``valid``, each to its path): those a resume that names none continues on. Empty without a
-    ``run.json``; a ``run.json`` that cannot be read raises :class:`DataFormatError`."""
+def read_run_facts(out_dir: str) -> dict[str, Any]:
+    """The ``run.json`` of the run in ``out_dir`` (empty without one); one that cannot be read raises
+    :class:`DataFormatError`."""
     path = os.path.join(out_dir, "run.json")
     try:
         with open(path, encoding="utf-8") as file:
@@ -301,12 +301,27 @@ def recorded_data_files(out_dir: str) -> dict[str, str]:
         return {}
     except (OSError, ValueError) as error:
         raise DataFormatError(path, f"cannot read this run file ({one_line(error)})") from None
-    files = {}
-    for kind in ("train", "test", "valid"):
-        entry = facts.get(f"{kind}_file") if isinstance(facts, dict) else None
-        if isinstance(entry, dict) and "path" in entry:
-            files[kind] = entry["path"]
-    return files
+    if not isinstance(facts, dict):
+        raise DataFormatError(path, f"cannot read this run file (a {type(facts).__name__}, not a mapping)")
+    return facts
+
+
+def resume_data_files(
+    out_dir: str, train_path: str | None, test_path: str | None, valid_path: str | None
+) -> dict[str, str | None]:
+    """``{"train", "test", "valid"}`` paths of a resume: those given, else those the run's ``run.json``
+    records (its validation file only where neither ``train_path`` nor ``valid_path`` is given; None where
+    it records none)."""
+    given = {"train": train_path, "test": test_path, "valid": valid_path}
+    if train_path is not None and test_path is not None:
+        return given
+    facts = read_run_facts(out_dir)
+    taken = ("train", "test", "valid") if train_path is None and valid_path is None else ("train", "test")
+    for kind in taken:
+        entry = facts.get(f"{kind}_file")
+        if given[kind] is None and isinstance(entry, dict) and "path" in entry:
+            given[kind] = entry["path"]
+    return given
 
 
 def read_recorded_config(out_dir: str) -> dict[str, Any] | None:
@@ -692,11 +707,7 @@ class Trainer:
     @functools.cached_property
     def _recorded_facts(self) -> dict[str, Any]:
         """The ``run.json`` of the run in ``out_dir`` (empty when there is none), read once."""
-        path = os.path.join(self.out_dir, "run.json")
-        if not os.path.exists(path):
-            return {}
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
+        return read_run_facts(self.out_dir)
 
     def _resolve_kernels(self) -> dict[str, str]:
         """The head's ops' implementations for this run's batches (``impl=auto`` resolved by the ops' fixed
@@ -1569,8 +1580,7 @@ def train(
     """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
     ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
     ``train_path`` and ``test_path`` are required, except that a ``resume`` takes those its run recorded
-    (:func:`recorded_data_files`; its validation file too, where neither ``train_path`` nor ``valid_path``
-    is given).
+    (:func:`resume_data_files`).
 
     >>> from megaclass.train import from_preset
     >>> metrics = train(from_preset("xmc-mlp"), train_path="data/deb-tags/train_bow.txt.gz",
@@ -1582,10 +1592,8 @@ def train(
     if train_path is None or test_path is None:
         if not resume:
             raise ValueError("train: train_path and test_path are required (a resume takes its run's files)")
-        recorded = recorded_data_files(out_dir)
-        if train_path is None and valid_path is None:
-            valid_path = recorded.get("valid")
-        train_path, test_path = train_path or recorded.get("train"), test_path or recorded.get("test")
+        files = resume_data_files(out_dir, train_path, test_path, valid_path)
+        train_path, test_path, valid_path = files["train"], files["test"], files["valid"]
         if train_path is None or test_path is None:
             raise ValueError(f"train: resume: {out_dir} records no train and test files; pass them")
 
