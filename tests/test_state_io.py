@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -339,11 +340,31 @@ def test_read_tensors_reads_files_safetensors_wrote(tmp_path):
     _assert_equal(tensors, {name: loaded[name] for name in tensors})
 
 
+def test_a_written_tensors_last_block_is_let_go_before_the_next_tensors_first(tmp_path):
+    # a staging block still referenced when the next tensor's is made would be a second block beside it
+    alive = []
+
+    def blocks(count):
+        for _ in range(count):
+            block = np.arange(2500, dtype=np.uint8)
+            alive.append(weakref.ref(block))
+            yield block
+
+    with open(tmp_path / "f", "wb") as file, ThreadPoolExecutor(2) as pool:
+        digest = state_io._PieceDigest(pool, 1000)
+        state_io._write_blocks(file, digest, blocks(3))
+        assert [ref() for ref in alive] == [None] * 3
+        state_io._write_blocks(file, digest, blocks(1))
+        assert digest.size == 4 * 2500
+    assert os.path.getsize(tmp_path / "f") == 4 * 2500
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_tensors_are_written_through_page_locked_blocks_of_one_size(tmp_path):
     stats = torch.cuda.memory.host_memory_stats
-    torch.empty(1, pin_memory=True)  # the statistics are empty until the allocator's first block
+    torch.zeros(1, device="cuda")  # the context first: the statistics are empty until the allocator's
+    first = torch.empty(1, pin_memory=True)  # first block, and this one is held to the end
     if "allocated_bytes.current" not in stats():
         pytest.skip("this torch's pinned-memory statistics name no allocated_bytes.current")
     path = str(tmp_path / "t.safetensors")
@@ -356,6 +377,7 @@ def test_gpu_tensors_are_written_through_page_locked_blocks_of_one_size(tmp_path
     state_io.write_tensors(path, tensors, chunk_bytes=1 << 20)
     # torch keeps a freed page-locked block by its size: blocks of one size leave one behind at most
     assert stats()["allocated_bytes.current"] - before <= 1 << 20
+    assert first.is_pinned()
     for name, tensor in state_io.read_tensors(path).items():
         _assert_equal(tensors[name].cpu(), tensor, name)
 

@@ -618,12 +618,20 @@ def write_tensors(
             digest.update(piece)
         start = file.tell()
         for name, value in tensors.items():
-            for block in _byte_blocks(value, chunk_bytes, offset=start + header[name]["data_offsets"][0]):
-                hashing = digest.update(block)  # whole pieces hashed by the pool while the block is written
-                file.write(block)
-                for future in hashing:  # before the block's staging memory is reused
-                    future.result()
+            _write_blocks(
+                file, digest, _byte_blocks(value, chunk_bytes, offset=start + header[name]["data_offsets"][0])
+            )
         return digest.fingerprint()
+
+
+def _write_blocks(file: Any, digest: _PieceDigest, blocks: Iterator[np.ndarray]) -> None:
+    """Write and hash ``blocks`` in order; no reference to the last is left once written, so that the next
+    tensor's staging block is the same one, not a second beside it."""
+    for block in blocks:
+        hashing = digest.update(block)  # whole pieces hashed by the pool while the block is written
+        file.write(block)
+        for future in hashing:  # before the block's staging memory is reused
+            future.result()
 
 
 def read_tensors(

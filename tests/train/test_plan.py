@@ -427,6 +427,22 @@ def test_rows_on_parameter_servers_are_planned_in_the_checkpoints_they_reach(syn
     )
 
 
+def test_reading_the_data_and_building_the_modules_come_before_the_parts_made_later():
+    g = 1 << 30
+    parts = [
+        PlanPart("data sets in memory", 0, 10 * g),
+        PlanPart("libraries a run loads", 0, 6 * g, after_setup=True),
+        PlanPart("evaluation metrics", 0, 1 * g, "evaluation"),
+        PlanPart("head initialisation", 0, 4 * g, "setup"),
+    ]
+    parsing = [PlanPart("data file being parsed", 0, 8 * g, "loading")]
+    plan = MemoryPlan((*parts, *parsing), "cpu", gpu_capacity=None, host_capacity=64 * g)
+    assert plan.peak(1) == (18 * g, "loading")  # 10 held then, and 8 on top
+    smaller = [PlanPart("data file being parsed", 0, 5 * g, "loading")]
+    plan = MemoryPlan((*parts, *smaller), "cpu", gpu_capacity=None, host_capacity=64 * g)
+    assert plan.peak(1) == (17 * g, "evaluation")  # all 16 held by then, and 1 on top
+
+
 PROCESS_PARTS = ("interpreter and PyTorch", "libraries a run loads")
 
 
@@ -439,7 +455,8 @@ def test_a_gpu_run_plans_host_memory_for_the_cuda_runtime(synthetic):
     plans = {device: plan_run(config, shape, device_type=device, **options) for device in ("cuda", "cpu")}
     on_gpu = {p.name: p for p in plans["cuda"].parts}
     process = sum(on_gpu[name].host_bytes for name in PROCESS_PARTS)
-    assert on_gpu["CUDA runtime"].host_bytes + process == _CUDA_HOST
+    assert on_gpu["CUDA runtime"].host_bytes + on_gpu["CUDA context"].host_bytes + process == _CUDA_HOST
+    assert on_gpu["CUDA runtime"].after_setup and not on_gpu["CUDA context"].after_setup
     assert {on_gpu[name].phase for name in (*PROCESS_PARTS, "CUDA runtime")} == {"steady"}
     names = [p.name for p in plans["cpu"].parts]
     assert "CUDA runtime" not in names and all(names.count(name) == 1 for name in PROCESS_PARTS)
