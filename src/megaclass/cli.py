@@ -117,13 +117,22 @@ def _print_plan(
     settings its ``recorded`` config keeps); 0 when it fits, else one line on stderr naming the part that
     does not fit and :data:`_DOES_NOT_FIT`."""
     from megaclass.distributed.info import DistInfo
-    from megaclass.train.loop import keep_recorded_values, resolve_run_recipe
+    from megaclass.train.loop import (
+        keep_recorded_values,
+        read_run_facts,
+        resolve_run_recipe,
+        settings_given_again,
+    )
     from megaclass.train.plan import plan_for
     from megaclass.train.recipes import resolve_auto
 
     world_size = DistInfo.from_env().world_size if args.nproc_per_node is None else args.nproc_per_node
     if world_size < 1:
         raise ValueError(f"--nproc-per-node: expected >= 1, got {world_size}")
+
+    if recorded is not None and explicit_keys is not None:  # as the trainer resumes it
+        started_with = read_run_facts(args.out).get("explicit_keys") or ()
+        config, explicit_keys = settings_given_again(recorded, started_with, config, explicit_keys)
 
     def keep(config: Any) -> Any:
         if recorded is None or explicit_keys is None:

@@ -13,7 +13,7 @@ from megaclass.heads.sparse import SparseHeadConfig
 from megaclass.schema import ConfigError
 from megaclass.train import recipes
 from megaclass.train.config import RunConfig, config_to_dict, from_preset, load_config, load_config_and_keys
-from megaclass.train.loop import keep_recorded_values
+from megaclass.train.loop import keep_recorded_values, settings_given_again
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 
 # 80 positives a label: the presets' epochs are enough (epochs_for)
@@ -226,9 +226,13 @@ def test_the_cli_prints_the_recipe_and_writes_the_resolved_config(deb_tags_slice
     assert saved["head"]["group"] == 1 and saved["train"]["epochs"] == 1
 
 
-@pytest.mark.parametrize("head", [[], ["--head", "dense"]], ids=["no-head", "the-same-head-named"])
+@pytest.mark.parametrize(
+    "head, bare",
+    [([], False), (["--head", "dense"], False), (["--head", "sparse"], True)],
+    ids=["no-head", "the-same-head-named", "settings-not-given-again"],
+)
 def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
-    deb_tags_slice, tmp_path, capsys, monkeypatch, head
+    deb_tags_slice, tmp_path, capsys, monkeypatch, head, bare
 ):
     train, test = deb_tags_slice(120, 30)
     out = tmp_path / "run"
@@ -246,20 +250,44 @@ def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
 
     monkeypatch.setattr(recipes, "recipe_settings", another_version)
     capsys.readouterr()
-    assert main([*argv, "--resume", "--set", *settings]) == 0
+    # without the settings: those the run was given are given again (the head's type, its hidden width)
+    again = ["train", "--resume", "--out", str(out)] if bare else [*argv, "--resume", "--set", *settings]
+    assert main(again) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe:"))
+    loss = recorded["head"]["loss"]  # the sparse head's recipe has BCE already: not a change
     assert line.endswith(
-        f"; resumed with the run's own head.loss={recorded['head']['loss']} (now bce), "
-        f"model.dropout={recorded['model']['dropout']:g} (now 0.25), "
+        "; resumed with the run's own "
+        + (f"head.loss={loss} (now bce), " if loss != "bce" else "")
+        + f"model.dropout={recorded['model']['dropout']:g} (now 0.25), "
         f"optim.head.lr={recorded['optim']['head']['lr']:g} (now 0.125)"
     )
+    assert line.startswith("recipe: spartex" if bare else "recipe: xmc-mlp")
     resumed = yaml.safe_load((out / "config.yaml").read_text())
     assert resumed["train"].pop("stop_after_steps") == 0 and recorded["train"].pop("stop_after_steps") == 1
+    assert resumed["train"].pop("progress") == bare and not recorded["train"].pop(
+        "progress"
+    )  # this command's
     assert resumed == recorded
     assert (out / "metrics.json").exists()
     # a value the user sets now is theirs: a change the saved state cannot take is refused, as before
     assert main([*argv, "--resume", "--set", *settings, "model.dropout=0.25"]) == 2
     assert "differs from the checkpoint's in model.dropout" in capsys.readouterr().err
+
+
+def test_a_resume_is_given_again_the_settings_its_run_was_given_but_for_those_it_sets_now():
+    start = ["head.sample_num=0.2", "model.hidden=[16]", "train.stop_after_steps=5"]
+    recorded = config_to_dict(load_config(head="selected", overrides=start))
+    started_with = ["head.type", "head.sample_num", "model.hidden", "train.stop_after_steps", "data.gone"]
+    config, keys = settings_given_again(recorded, started_with, load_config(), explicit_keys=())
+    assert config.head == load_config(head="selected", overrides=start).head  # the type's section whole
+    assert config.model.hidden == (16,) and config.train.stop_after_steps == 0  # this command's own: not
+    assert keys == {"head.type", "head.sample_num", "model.hidden"}  # not a key the record lacks
+    now = load_config(head="sparse", overrides=["model.hidden=[32]"])  # set now: theirs
+    config, keys = settings_given_again(
+        recorded, started_with, now, explicit_keys=("head.type", "model.hidden")
+    )
+    assert config == now and "head.sample_num" not in keys  # a key of a head whose type is set now
+    assert settings_given_again(recorded, (), now, explicit_keys=()) == (now, frozenset())
 
 
 def test_a_section_of_the_records_type_is_taken_whole_unless_the_user_set_a_key_in_it():

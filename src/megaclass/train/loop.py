@@ -95,6 +95,7 @@ __all__ = [
     "read_run_facts",
     "resolve_run_recipe",
     "resume_data_files",
+    "settings_given_again",
     "train",
 ]
 
@@ -268,6 +269,31 @@ def keep_recorded_values(
             set_path(resolved, path.split("."), values[0])
             kept[path] = values
     return (config_from_dict(resolved) if kept else config), kept
+
+
+def settings_given_again(
+    recorded: dict[str, Any], started_with: Collection[str], config: RunConfig, explicit_keys: Collection[str]
+) -> tuple[RunConfig, frozenset[str]]:
+    """A resume's config and explicit keys with the settings the run was given (``started_with``: the keys
+    its ``run.json`` records, their values in ``recorded``, its ``config.yaml``) given again where this
+    command sets none of them (but those of this command alone: ``train.stop_after_steps``, ...): the recipe
+    resolves as it did for the run, and a resume names only what this version resolves otherwise. A
+    section's type is given again with its whole section."""
+
+    def set_now(key: str) -> bool:  # the key, a section or key within it, or the type of a section above
+        parts = key.split(".")
+        sections = (".".join(parts[:end]) for end in range(1, len(parts)))
+        return covered(key, explicit_keys, inside=True) or any(f"{s}.type" in explicit_keys for s in sections)
+
+    again = [key for key in started_with if not set_now(key) and key not in _RESUMABLE_CHANGES]
+    again.sort(key=lambda key: not key.endswith(".type"))
+    resolved, given = config_to_dict(config), set(explicit_keys)
+    for key in again:  # the types' sections first, then the keys within them
+        path = key.split(".")[: -1 if key.endswith(".type") else None]
+        with contextlib.suppress(KeyError, TypeError):  # a key the record lacks: left to the recipe
+            set_path(resolved, path, copy.deepcopy(get_path(recorded, path)))
+            given.add(key)
+    return (config_from_dict(resolved) if len(given) > len(explicit_keys) else config), frozenset(given)
 
 
 def resolve_run_recipe(
@@ -690,10 +716,14 @@ class Trainer:
         return read_recorded_config(self.out_dir) if self.resume else None
 
     def _keep_recorded_values(self) -> dict[str, tuple[Any, Any]]:
-        """On resume, :func:`keep_recorded_values` of the run's ``config.yaml`` into the config; returns what
-        it kept."""
+        """On resume, the run's own settings given again (:func:`settings_given_again`) and
+        :func:`keep_recorded_values` of its ``config.yaml`` into the config; returns what it kept."""
         if self._recorded_config is None or self.explicit_keys is None:
             return {}
+        started_with = self._recorded_facts.get("explicit_keys") or ()
+        self.config, self.explicit_keys = settings_given_again(
+            self._recorded_config, started_with, self.config, self.explicit_keys
+        )
         self.config, kept = keep_recorded_values(self._recorded_config, self.config, self.explicit_keys)
         return kept
 
@@ -796,6 +826,8 @@ class Trainer:
             "num_valid_samples": 0 if self.valid_data is None else len(self.valid_data),
             "label_counts_file": "label_counts.npy",
             "kernels": self.kernels,
+            # the settings given (a resume's too): given again to a resume that sets none of them
+            "explicit_keys": None if self.explicit_keys is None else sorted(self.explicit_keys),
             **self.data_files,
         }
         write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
