@@ -264,9 +264,8 @@ def test_a_resume_keeps_the_values_the_run_recorded_where_the_recipe_changed(
     assert line.startswith("recipe: spartex" if bare else "recipe: xmc-mlp")
     resumed = yaml.safe_load((out / "config.yaml").read_text())
     assert resumed["train"].pop("stop_after_steps") == 0 and recorded["train"].pop("stop_after_steps") == 1
-    assert resumed["train"].pop("progress") == bare and not recorded["train"].pop(
-        "progress"
-    )  # this command's
+    # train.progress: this command's own
+    assert resumed["train"].pop("progress") == bare and not recorded["train"].pop("progress")
     assert resumed == recorded
     assert (out / "metrics.json").exists()
     # a value the user sets now is theirs: a change the saved state cannot take is refused, as before
