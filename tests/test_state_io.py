@@ -340,6 +340,19 @@ def test_read_tensors_reads_files_safetensors_wrote(tmp_path):
     _assert_equal(tensors, {name: loaded[name] for name in tensors})
 
 
+def test_one_element_seen_through_a_stride_of_zero_is_written_as_its_value(tmp_path):
+    # contiguous by torch's rule (a dimension of one has any stride), but no byte view of it exists
+    tensors = {
+        "scalar": torch.tensor(7.0).expand(1, 1),
+        "ids": torch.tensor(3).expand(1),
+        "none": torch.zeros(0),
+    }
+    assert tensors["scalar"].is_contiguous() and tensors["scalar"].stride() == (0, 0)
+    path = str(tmp_path / "t.safetensors")
+    state_io.write_tensors(path, tensors)
+    _assert_equal({name: value.clone() for name, value in tensors.items()}, state_io.read_tensors(path))
+
+
 def test_a_written_tensors_last_block_is_let_go_before_the_next_tensors_first(tmp_path):
     # a staging block still referenced when the next tensor's is made would be a second block beside it
     alive = []

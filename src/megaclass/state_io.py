@@ -527,9 +527,10 @@ def _byte_blocks(
     side (:class:`_PieceDigest`); others, a block of rows (at most ``chunk_bytes``, or one row) at a time.
     """
     if isinstance(value, Tensor) and value.is_contiguous():
-        yield from _aligned_blocks(
-            value.detach().reshape(-1).view(torch.uint8), chunk_bytes, offset, piece_bytes
-        )
+        flat = value.detach().reshape(-1)
+        if flat.stride(0) != 1:  # one element through a stride of 0 (an expanded scalar) is contiguous too
+            flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+        yield from _aligned_blocks(flat.view(torch.uint8), chunk_bytes, offset, piece_bytes)
         return
     shape = tuple(value.shape)
     row_bytes = math.prod(shape[1:]) * _element_bytes(value.dtype)
