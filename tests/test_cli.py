@@ -12,6 +12,7 @@ import pytest
 from megaclass.cli import COMMANDS, main
 from megaclass.data.featurizer import TextFeaturizer
 from megaclass.dst import DSTConfig, rewire_fraction
+from megaclass.train.config import load_config
 from megaclass.train.inference import load_run
 from megaclass.train.memory import format_head_memory
 
@@ -117,6 +118,32 @@ def test_the_plan_of_a_resume_is_that_of_the_settings_its_run_recorded(tiny, tmp
     resumed = [line for line in printed if line.startswith(("memory plan", "encoder"))]
     assert resumed == planned and "D 48" in planned[0]  # model.hidden=[48], not the recipe's [1024]
     assert printed[1] == recipe  # the settings the run was given, given again
+
+
+def test_a_run_whose_memory_plan_does_not_fit_is_refused_before_it_starts(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    from megaclass import cli
+    from megaclass.errors import RunDoesNotFit
+    from megaclass.train import loop, plan
+
+    checked, out = tmp_path / "checked", tmp_path / "small"
+    assert _train(tiny, checked, "train.stop_after_steps=2") == 0  # fits this machine
+    monkeypatch.setattr(plan, "machine_memory", lambda *args, **kwargs: (None, 1 << 20))  # a host of 1 MiB
+    capsys.readouterr()
+    assert _train(tiny, out) == 3
+    error = capsys.readouterr().err
+    assert error.startswith("megaclass train: error: the run does not fit: host memory needs")
+    assert error.count("\n") == 1
+    assert "to shrink it:" in error and "--no-fit-check starts the run anyway" in error
+    assert not out.exists()  # nothing written
+    monkeypatch.setattr(cli, "_forward_to_torchrun", lambda *args: pytest.fail("ranks started"))
+    assert _train(tiny, out, "--nproc-per-node", "2") == 3  # checked before the ranks start
+    with pytest.raises(RunDoesNotFit, match="host memory needs"):  # the Python API alike
+        loop.train(load_config(overrides=_TINY[1:]), train_path=tiny[0], test_path=tiny[1], out_dir=str(out))
+    assert _train(tiny, out, "train.stop_after_steps=2", "--no-fit-check") == 0  # started anyway
+    assert _losses(out) == _losses(checked)  # the check leaves the run as it is (its seed: after the plan)
+    assert _train(tiny, out, "train.stop_after_steps=4", "--resume") == 0  # a resume is not checked
 
 
 def test_a_resume_without_data_files_names_what_is_missing(tiny, tmp_path, capsys):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from megaclass import __version__
-from megaclass.errors import DataFormatError, TrainingDiverged, one_line
+from megaclass.errors import DataFormatError, RunDoesNotFit, TrainingDiverged, one_line
 from megaclass.schema import ConfigError
 
 __all__ = ["COMMANDS", "build_parser", "main", "run"]
@@ -88,6 +88,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "takes; with --nproc-per-node, of its rank 0, no process started) and exit without writing anything; "
         f"exit code {_DOES_NOT_FIT} when it does not fit",
     )
+    parser.add_argument(
+        "--no-fit-check",
+        action="store_true",
+        help=f"start the run where its memory plan does not fit (else refused: exit code {_DOES_NOT_FIT}; a "
+        "resume is not checked)",
+    )
     _add_capacity_arguments(parser)
 
 
@@ -116,6 +122,27 @@ def _print_plan(
     """Print the recipe line and the memory plan of the run ``args`` describe (a resumed run's with the
     settings its ``recorded`` config keeps); 0 when it fits, else one line on stderr naming the part that
     does not fit and :data:`_DOES_NOT_FIT`."""
+    recipe, plan = _plan(args, config, explicit_keys, other_paths, recorded)
+    print(recipe)
+    print(plan.format())
+    refusal = plan.refusal()
+    if refusal is None:
+        return 0
+    print(f"megaclass {args.command}: error: {refusal}", file=sys.stderr)
+    return _DOES_NOT_FIT
+
+
+def _plan(
+    args: argparse.Namespace,
+    config: Any,
+    explicit_keys: frozenset[str] | None,
+    other_paths: tuple[str, ...],
+    recorded: dict[str, Any] | None = None,
+    *,
+    disk: bool = True,
+) -> tuple[str, Any]:
+    """The recipe line and the :class:`~megaclass.train.plan.MemoryPlan` of the run ``args`` describe (with
+    ``disk``, the free disk where ``train --out`` goes too)."""
     from megaclass.distributed.info import DistInfo
     from megaclass.train.loop import (
         keep_recorded_values,
@@ -156,16 +183,10 @@ def _print_plan(
         resolve=resolve,
         gpu_memory=args.gpu_memory,
         host_memory=args.host_memory,
-        out_dir=getattr(args, "out", None),  # train --dry-run: the disk of the run folder is checked too
+        out_dir=getattr(args, "out", None) if disk else None,  # train: the disk of the run folder too
         world_size=world_size,
     )
-    print(recipe[0])
-    print(plan.format())
-    refusal = plan.refusal()
-    if refusal is None:
-        return 0
-    print(f"megaclass {args.command}: error: {refusal}", file=sys.stderr)
-    return _DOES_NOT_FIT
+    return recipe[0], plan
 
 
 def _forward_to_torchrun(nproc: int, argv: list[str]) -> int:
@@ -235,18 +256,26 @@ def _run_train(args: argparse.Namespace) -> int:
     from megaclass.train.config import load_config_and_keys
     from megaclass.train.loop import read_recorded_config, train
 
-    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ and not args.dry_run:
-        return _forward_to_torchrun(args.nproc_per_node, _without_nproc(args.argv))
     _recorded_data_files(args)
-
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.insert(0, f"train.epochs={args.epochs}")
     config, explicit_keys = load_config_and_keys(args.config, overrides, preset=args.preset, head=args.head)
+    plan_args = (
+        config,
+        None if args.preset else explicit_keys,
+        (args.test,) if args.valid is None else (args.test, args.valid),
+        read_recorded_config(args.out) if args.resume else None,
+    )
     if args.dry_run:
-        others = (args.test,) if args.valid is None else (args.test, args.valid)
-        recorded = read_recorded_config(args.out) if args.resume else None
-        return _print_plan(args, config, None if args.preset else explicit_keys, others, recorded)
+        return _print_plan(args, *plan_args)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        # the ranks do not check the plan (they could disagree on the host's free memory): checked here
+        if not (args.resume or args.no_fit_check):
+            refusal = _plan(args, *plan_args, disk=False)[1].refusal()  # the disk: as the trainer's check
+            if refusal is not None:
+                raise RunDoesNotFit(refusal)
+        return _forward_to_torchrun(args.nproc_per_node, _without_nproc(args.argv))
     metrics = train(
         config,
         train_path=args.train,
@@ -256,6 +285,7 @@ def _run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         explicit_keys=None if args.preset else explicit_keys,  # a preset is a whole recipe
+        check_fit=not args.no_fit_check,
     )
     if not DistInfo.from_env().is_main:
         return 0
@@ -696,6 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout stopped (`megaclass eval ... | head`): nothing to say
         _stdout_to_devnull()
         return 0
+    except RunDoesNotFit as error:
+        more = "--dry-run prints the plan by part; --no-fit-check starts the run anyway"
+        print(f"megaclass {args.command}: error: {one_line(error)} ({more})", file=sys.stderr)
+        return _DOES_NOT_FIT
     except (ConfigError, DataFormatError, OSError, TrainingDiverged, ValueError, zlib.error) as error:
         print(f"megaclass {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2

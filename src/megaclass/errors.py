@@ -22,6 +22,11 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class RunDoesNotFit(ValueError):
+    """A run's memory plan does not fit this machine; the message names the part, by how much, and the setting
+    to change."""
+
+
 class TrainingDiverged(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and what to change."""
 

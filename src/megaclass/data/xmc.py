@@ -37,6 +37,7 @@ __all__ = [
     "XMCData",
     "label_features",
     "load_xmc",
+    "parse_bow_header",
     "read_bow",
     "read_label_names",
     "read_rows",
@@ -304,8 +305,9 @@ _MAX_DOCS = 1 << 40  # far more documents than any file holds; a larger count is
 _MAX_COLUMNS = (1 << 31) - 1  # feature and label ids are stored as int32
 
 
-def _parse_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
-    """The header's three counts, each checked to be an integer in its range before anything is allocated."""
+def parse_bow_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
+    """A BoW file's header (``raw``: its first bytes): its three counts, each checked to be an integer in its
+    range before anything is allocated, and the offset of the line after it."""
     end = raw.find(b"\n")
     end = len(raw) if end < 0 else end
     fields = raw[:end].split()
@@ -377,7 +379,7 @@ def _parse_bow(path: str, raw: bytes) -> dict[str, np.ndarray]:
     """Parse a whole BoW file into CSR arrays, validating its structure (not the id ranges)."""
     if not raw.strip():
         raise DataFormatError(path, "empty file: expected a header 'num_docs num_features num_labels'")
-    (num_docs, num_features, num_labels), body_start = _parse_header(path, raw)
+    (num_docs, num_features, num_labels), body_start = parse_bow_header(path, raw)
     buf = np.frombuffer(raw, dtype=np.uint8)[body_start:]
     starts = _line_starts(buf)
     num_lines = starts.size - 1

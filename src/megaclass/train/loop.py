@@ -52,7 +52,7 @@ from megaclass.distributed.checkpoint import (
 )
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, encoder_state, load_encoder_state, rank_batch_size
-from megaclass.errors import DataFormatError, TrainingDiverged, one_line
+from megaclass.errors import DataFormatError, RunDoesNotFit, TrainingDiverged, one_line
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
@@ -82,6 +82,7 @@ from megaclass.train.graphs import (
 from megaclass.train.inference import read_run_featurizer
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory, summed_over_ranks
+from megaclass.train.plan import plan_for
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 from megaclass.train.report import epoch_history, write_report
@@ -394,6 +395,7 @@ class Trainer:
         overwrite: bool = False,
         valid_path: str | None = None,
         explicit_keys: Collection[str] | None = None,
+        check_fit: bool = True,
     ):
         if resume and overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
@@ -402,6 +404,7 @@ class Trainer:
         self.test_path = os.fspath(test_path)
         self.valid_path = None if valid_path is None else os.fspath(valid_path)
         self.explicit_keys = None if explicit_keys is None else frozenset(explicit_keys)
+        self.check_fit = check_fit
         self.recipe = "recipe: none (the config is used as given)"
         self.out_dir = os.fspath(out_dir)
         self.resume = resume
@@ -427,13 +430,15 @@ class Trainer:
         if self._keep_recorded_values():  # a resumed run is set up as it recorded, on its device too
             self.device = resolve_device(self.config.train.device)
         config = self.config
+        if self.explicit_keys is None:  # the config as given: a recipe fills nothing that sets widths
+            check_fits(config)
+        if self.check_fit and not self.resume and not dist.distributed:
+            self._check_memory_plan()  # before the seed and the peak's start (it may build an encoder)
         self.device = init_distributed(dist, device=self.device, timeout_s=config.distributed.timeout_s)
         reset_peak_memory(self.device)
         if config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         seed_everything(config.train.seed)
-        if self.explicit_keys is None:  # the config as given: a recipe fills nothing that sets widths
-            check_fits(config)
         self.train_data, self.valid_data, self.test_data = self._open_data()  # resolves self.config
         config = self.config
         self.label_filter = self._read_eval_inputs()
@@ -687,6 +692,24 @@ class Trainer:
                 pass
         except OSError as error:
             raise ValueError(f"--out {self.out_dir}: cannot write in {existing} ({error.strerror})") from None
+
+    def _check_memory_plan(self) -> None:
+        """Refuse a run whose memory plan (:func:`~megaclass.train.plan.plan_for`: the data's shape from a
+        sample of it) does not fit this machine's GPU or host memory, before the data is read whole. Not
+        checked: a resume (its run was checked, or started anyway), the ranks of a distributed run (they could
+        disagree on the host's free memory: the command that starts them checks), the disk (a run says when
+        its next checkpoint will not fit)."""
+
+        def resolve(config: RunConfig, facts: DataFacts) -> RunConfig:
+            if self.explicit_keys is None:
+                return resolve_auto(config, facts)
+            return resolve_run_recipe(config, self.explicit_keys, facts)[0]
+
+        others = (self.test_path,) if self.valid_path is None else (self.test_path, self.valid_path)
+        plan = plan_for(self.config, self.train_path, other_paths=others, resolve=resolve)
+        refusal = plan.refusal()
+        if refusal is not None:
+            raise RunDoesNotFit(refusal)
 
     def _check_resumable(self) -> None:
         """Refuse ``resume`` where ``out_dir`` holds nothing to continue: no folder, no run, or a finished
@@ -1608,11 +1631,13 @@ def train(
     overwrite: bool = False,
     valid_path: str | None = None,
     explicit_keys: Collection[str] | None = None,
+    check_fit: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
     ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
     ``train_path`` and ``test_path`` are required, except that a ``resume`` takes those its run recorded
-    (:func:`resume_data_files`).
+    (:func:`resume_data_files`). A run whose memory plan does not fit this machine is refused before it
+    starts (:class:`~megaclass.errors.RunDoesNotFit`), unless ``check_fit`` is False.
 
     >>> from megaclass.train import from_preset
     >>> metrics = train(from_preset("xmc-mlp"), train_path="data/deb-tags/train_bow.txt.gz",
@@ -1638,6 +1663,7 @@ def train(
         overwrite=overwrite,
         valid_path=valid_path,
         explicit_keys=explicit_keys,
+        check_fit=check_fit,
     )
     finished = False
     try:

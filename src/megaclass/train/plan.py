@@ -39,7 +39,7 @@ from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
-from megaclass.data.xmc import read_label_names
+from megaclass.data.xmc import parse_bow_header, read_label_names
 from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import rank_batch_size, shards_head
 from megaclass.errors import DataFormatError
@@ -237,7 +237,7 @@ def read_data_shape(
     if data_format == "xmc-bow":
         with _open(path) as handle:
             header = handle.readline()
-        num_rows, num_features, num_labels = (int(field) for field in header.split())
+        (num_rows, num_features, num_labels), _ = parse_bow_header(path, header)  # checked as the reader does
         lines, whole = _sample_lines(path, skip_header=True)
         labels, nonzeros = [], []
         for line in lines:
