@@ -91,6 +91,16 @@ def test_text_data_goes_through_a_featurizer(tmp_path):
     assert test.batch(np.array([0])).inputs.indices.numel() > 0
 
 
+def test_texts_with_no_n_gram_in_min_df_of_them_are_refused_by_name(tmp_path):
+    path = tmp_path / "few.txt"
+    path.write_text("0\tqx\n1\tzv\n")  # no word or character n-gram in two texts
+    with pytest.raises(DataFormatError, match=r"few.txt: no word or character n-gram is in 2 of its 2 texts"):
+        open_dataset(str(path), featurizer_config=None)
+    from megaclass.data.featurizer import FeaturizerConfig
+
+    assert open_dataset(str(path), featurizer_config=FeaturizerConfig(min_df=1)).input_spec.num_features > 0
+
+
 @pytest.mark.parametrize("count", [1, 7, 64])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 @pytest.mark.parametrize("drop_last", [False, True])

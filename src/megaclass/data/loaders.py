@@ -187,6 +187,12 @@ def _open_xmc(
         if featurizer is None:
             featurizer = TextFeaturizer(featurizer_config or FeaturizerConfig())
             featurizer.fit(data.texts)
+            if featurizer.vocabulary is not None and not len(featurizer.vocabulary):
+                raise DataFormatError(
+                    path,
+                    f"no word or character n-gram is in {featurizer.config.min_df} of its {len(data.texts)} "
+                    "texts or more: nothing to learn from (lower data.featurizer.min_df, or give more texts)",
+                )
         features = featurizer.transform(data.texts)
     return SparseDataset(
         features,
