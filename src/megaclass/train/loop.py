@@ -381,7 +381,10 @@ class Trainer:
         explicit_keys: the dotted config keys the user set
             (:func:`~megaclass.train.config.load_config_and_keys`); the recipe resolved from the data fills
             the others (:mod:`megaclass.train.recipes`). None: ``config`` is used as given (its ``auto``
-            values are still resolved).
+            values are still resolved). A resume gives again the keys its run recorded where none of these
+            sets them (:func:`settings_given_again`).
+        check_fit: refuse a run whose memory plan does not fit this machine before its data is read whole
+            (:class:`~megaclass.errors.RunDoesNotFit`; not a resume, nor a rank of a distributed run).
     """
 
     def __init__(
