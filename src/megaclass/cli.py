@@ -112,23 +112,15 @@ def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_plan(
-    args: argparse.Namespace,
-    config: Any,
-    explicit_keys: frozenset[str] | None,
-    other_paths: tuple[str, ...],
-    recorded: dict[str, Any] | None = None,
-) -> int:
-    """Print the recipe line and the memory plan of the run ``args`` describe (a resumed run's with the
-    settings its ``recorded`` config keeps); 0 when it fits, else one line on stderr naming the part that
-    does not fit and :data:`_DOES_NOT_FIT`."""
-    recipe, plan = _plan(args, config, explicit_keys, other_paths, recorded)
+def _print_plan(command: str, recipe: str, plan: Any) -> int:
+    """Print a run's recipe line and memory plan (:func:`_plan`); 0 when it fits, else one line on stderr
+    naming the part that does not fit and :data:`_DOES_NOT_FIT`."""
     print(recipe)
     print(plan.format())
     refusal = plan.refusal()
     if refusal is None:
         return 0
-    print(f"megaclass {args.command}: error: {refusal}", file=sys.stderr)
+    print(f"megaclass {command}: error: {refusal}", file=sys.stderr)
     return _DOES_NOT_FIT
 
 
@@ -141,8 +133,9 @@ def _plan(
     *,
     disk: bool = True,
 ) -> tuple[str, Any]:
-    """The recipe line and the :class:`~megaclass.train.plan.MemoryPlan` of the run ``args`` describe (with
-    ``disk``, the free disk where ``train --out`` goes too)."""
+    """The recipe line and the :class:`~megaclass.train.plan.MemoryPlan` of the run ``args`` describe (a
+    resumed run's with the settings its ``recorded`` config keeps; with ``disk``, the free disk where
+    ``train --out`` goes too)."""
     from megaclass.distributed.info import DistInfo
     from megaclass.train.loop import (
         keep_recorded_values,
@@ -268,7 +261,7 @@ def _run_train(args: argparse.Namespace) -> int:
         read_recorded_config(args.out) if args.resume else None,
     )
     if args.dry_run:
-        return _print_plan(args, *plan_args)
+        return _print_plan(args.command, *_plan(args, *plan_args))
     if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
         # the ranks do not check the plan (they could disagree on the host's free memory): checked here
         if not (args.resume or args.no_fit_check):
@@ -332,7 +325,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         overrides.insert(0, f"train.epochs={args.epochs}")
     config, explicit_keys = load_config_and_keys(args.config, overrides, preset=args.preset, head=args.head)
     others = tuple(path for path in (args.test, args.valid) if path is not None)
-    return _print_plan(args, config, None if args.preset else explicit_keys, others)
+    return _print_plan(args.command, *_plan(args, config, None if args.preset else explicit_keys, others))
 
 
 # ----------------------------------------------------------------------------------------------------- eval
