@@ -21,7 +21,15 @@ from megaclass.state_io import STREAM_CHUNK_BYTES
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config, load_config_and_keys
-from megaclass.train.plan import _CUDA_HOST, MemoryPlan, PlanPart, plan_for, plan_run, read_data_shape
+from megaclass.train.plan import (
+    _CUDA_HOST,
+    MemoryPlan,
+    PlanPart,
+    _fitting_batch,
+    plan_for,
+    plan_run,
+    read_data_shape,
+)
 
 DIM, BATCH, STEPS = 64, 16, 3
 
@@ -441,6 +449,33 @@ def test_reading_the_data_and_building_the_modules_come_before_the_parts_made_la
     smaller = [PlanPart("data file being parsed", 0, 5 * g, "loading")]
     plan = MemoryPlan((*parts, *smaller), "cpu", gpu_capacity=None, host_capacity=64 * g)
     assert plan.peak(1) == (17 * g, "evaluation")  # all 16 held by then, and 1 on top
+
+
+def test_a_refusal_for_a_batch_too_large_names_the_batch_that_fits(synthetic):
+    path = str(synthetic / "train_bow.txt")  # 600 rows
+
+    def plan(batch, host_gib=1024.0):
+        config = load_config(
+            overrides=["model.hidden=[8192]", f"train.batch_size={batch}", "train.device=cpu"]
+        )
+        return plan_for(config, path, resolve=lambda config, facts: config, host_memory=host_gib)
+
+    peaks = {batch: plan(batch).peak(1)[0] for batch in (512, 256, 128)}
+    assert peaks[512] > peaks[256] > peaks[128]
+    between = (peaks[256] + peaks[128]) / 2 / (1 << 30)  # 256 does not fit, 128 does
+    refused = plan(4096, between)  # a batch of 4,096 takes the 600 rows: 300 is the first halving tried
+    assert refused.blamed_part().setting == "train.batch_size"
+    assert refused.refusal().endswith("to shrink it: train.batch_size (train.batch_size=150 fits)")
+    assert plan(512).fits_with == "" and plan(512).refusal() is None
+    never = MemoryPlan((PlanPart("encoder activations", 0, 8, "step", "train.batch_size"),), "cpu", None, 4)
+    tried = []
+
+    def too_large(config):
+        tried.append(config.train.batch_size)
+        return never
+
+    assert _fitting_batch(load_config(), "train.batch_size", too_large, 20) == "no train.batch_size fits"
+    assert tried == [10, 5, 2, 1]  # halvings of the 20 rows a batch takes at most
 
 
 PROCESS_PARTS = ("interpreter and PyTorch", "libraries a run loads")

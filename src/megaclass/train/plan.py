@@ -25,6 +25,7 @@ batch and, where the head is split by class over the ranks, its share of the cla
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
@@ -395,6 +396,7 @@ class MemoryPlan:
     checkpoints_at_once: int = 3
     weight_copies: int = 2  # the best's and a better epoch's while it is written (1: a one-epoch run)
     disk_capacity: int | None = None  # free bytes where the run folder goes (None: not asked)
+    fits_with: str = ""  # where the memory does not fit: a smaller batch with which it does (plan_for)
 
     def checkpoint_bytes(self) -> int:
         """Bytes of one checkpoint on disk: the weights, optimizer state and index it saves."""
@@ -435,9 +437,15 @@ class MemoryPlan:
         worst = max(_TRANSIENT, key=lambda phase: phases[phase])
         return steady + phases[worst], worst
 
-    def refusal(self) -> str | None:
-        """One line naming the part that does not fit, by how much, and the setting to change; None if it
-        fits."""
+    def blamed_part(self) -> PlanPart | None:
+        """The largest part of what goes past the first memory (GPU, then host) the run does not fit: what
+        :meth:`refusal` names; None where the memory fits."""
+        shortfall = self._shortfall()
+        return None if shortfall is None else shortfall[-1]
+
+    def _shortfall(self) -> tuple[int, str, int, int, Phase, PlanPart] | None:
+        """``(side, its name, capacity, need, phase of the peak, largest part)`` of the first memory the run
+        does not fit; None where both fit."""
         sides = [(0, "GPU memory", self.gpu_capacity)] if self.device_type == "cuda" else []
         for side, label, capacity in [*sides, (1, "host memory", self.host_capacity)]:
             if capacity is None:
@@ -448,7 +456,15 @@ class MemoryPlan:
             steady = sum(self._where(p)[side] for p in self.parts if p.phase in _HELD)
             blamed = _HELD if steady > capacity else (phase,)  # what alone goes past the capacity
             held = [p for p in self.parts if p.phase in blamed and self._where(p)[side] > 0]
-            largest = max(held, key=lambda p: self._where(p)[side])
+            return side, label, capacity, need, phase, max(held, key=lambda p: self._where(p)[side])
+        return None
+
+    def refusal(self) -> str | None:
+        """One line naming the part that does not fit, by how much, and the setting to change (with the
+        value that fits, where :func:`plan_for` found one); None if it fits."""
+        shortfall = self._shortfall()
+        if shortfall is not None:
+            side, label, capacity, need, phase, largest = shortfall
             when = {"steady": "held all along", "background": "held while it runs in the background"}.get(
                 largest.phase, f"on top at {largest.phase}"
             )
@@ -457,6 +473,7 @@ class MemoryPlan:
                 f"({format_bytes(need - capacity)} over, at its peak: {phase}); the largest part "
                 f"{when} is {largest.name} "
                 f"({format_bytes(self._where(largest)[side])}); to shrink it: {largest.setting}"
+                + (f" ({self.fits_with})" if self.fits_with else "")
             )
         need, free = self.disk_bytes(), self.disk_capacity
         if free is not None and need > free:
@@ -779,9 +796,9 @@ def plan_for(
     )
     device_type = plan_device_type(resolved, gpu_memory=gpu_memory)
     gpu, host = machine_memory(device_type, gpu_memory=gpu_memory, host_memory=host_memory)
-    return plan_run(
-        resolved,
-        shape,
+    plan_of = functools.partial(
+        plan_run,
+        shape=shape,
         device_type=device_type,
         gpu_capacity=gpu,
         host_capacity=host,
@@ -789,3 +806,27 @@ def plan_for(
         disk_capacity=None if out_dir is None else free_bytes(out_dir),
         world_size=world_size,
     )
+    plan = plan_of(resolved)
+    blamed = plan.blamed_part()
+    if blamed is not None and blamed.setting in _BATCH_SETTINGS:
+        plan = replace(plan, fits_with=_fitting_batch(resolved, blamed.setting, plan_of, shape.num_rows))
+    return plan
+
+
+_BATCH_SETTINGS = ("train.batch_size", "eval.batch_size")
+
+
+def _fitting_batch(
+    config: RunConfig, setting: str, plan_of: Callable[[RunConfig], MemoryPlan], rows: int
+) -> str:
+    """The largest of ``setting``'s halvings (a batch size; a training batch from the ``rows`` it takes at
+    most) with which ``config``'s memory fits, in words."""
+    section, key = setting.split(".")
+    batch = getattr(getattr(config, section), key)
+    batch = (min(batch, rows) if setting == "train.batch_size" else batch) // 2
+    while batch >= 1:
+        smaller = replace(config, **{section: replace(getattr(config, section), **{key: batch})})
+        if plan_of(smaller).blamed_part() is None:
+            return f"{setting}={batch} fits"
+        batch //= 2
+    return f"no {setting} fits"
