@@ -149,6 +149,8 @@ def _plan(
     world_size = DistInfo.from_env().world_size if args.nproc_per_node is None else args.nproc_per_node
     if world_size < 1:
         raise ValueError(f"--nproc-per-node: expected >= 1, got {world_size}")
+    # the processes on this host: all of --nproc-per-node's, torchrun's local ones
+    on_host = args.nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
     if recorded is not None and explicit_keys is not None:  # as the trainer resumes it
         started_with = read_run_facts(args.out).get("explicit_keys") or ()
@@ -178,6 +180,7 @@ def _plan(
         host_memory=args.host_memory,
         out_dir=getattr(args, "out", None) if disk else None,  # train: the disk of the run folder too
         world_size=world_size,
+        host_processes=on_host,
     )
     return recipe[0], plan
 

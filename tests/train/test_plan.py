@@ -17,7 +17,7 @@ from megaclass.heads.base import PlanRequest
 from megaclass.index.kmeans import cluster_layout
 from megaclass.models import build_model
 from megaclass.schema import from_dict
-from megaclass.state_io import STREAM_CHUNK_BYTES
+from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes
 from megaclass.targets import RaggedLabels
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config, load_config_and_keys
@@ -476,6 +476,20 @@ def test_a_refusal_for_a_batch_too_large_names_the_batch_that_fits(synthetic):
 
     assert _fitting_batch(load_config(), "train.batch_size", too_large, 20) == "no train.batch_size fits"
     assert tried == [10, 5, 2, 1]  # halvings of the 20 rows a batch takes at most
+
+
+def test_the_host_side_of_a_run_of_several_processes_on_this_host_is_theirs_together(synthetic):
+    config = load_config(overrides=["model.hidden=[64]"])
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    options = {"device_type": "cpu", "gpu_capacity": None, "world_size": 4}
+    one = plan_run(config, shape, host_capacity=64 << 30, **options)
+    each = one.peak(1)[0]
+    four = plan_run(config, shape, host_capacity=64 << 30, host_processes=4, **options)
+    assert four.peak(1) == (4 * each, one.peak(1)[1])
+    assert f"(at {one.peak(1)[1]}; 4 processes of {format_bytes(each)})" in four.format()
+    tight = plan_run(config, shape, host_capacity=2 * each, host_processes=4, **options)
+    assert plan_run(config, shape, host_capacity=2 * each, **options).refusal() is None
+    assert f"host memory needs {format_bytes(4 * each)} of {format_bytes(2 * each)}" in tight.refusal()
 
 
 PROCESS_PARTS = ("interpreter and PyTorch", "libraries a run loads")

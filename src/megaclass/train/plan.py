@@ -397,6 +397,7 @@ class MemoryPlan:
     weight_copies: int = 2  # the best's and a better epoch's while it is written (1: a one-epoch run)
     disk_capacity: int | None = None  # free bytes where the run folder goes (None: not asked)
     fits_with: str = ""  # where the memory does not fit: a smaller batch with which it does (plan_for)
+    host_processes: int = 1  # the run's processes on this host, each holding the host parts planned here
 
     def checkpoint_bytes(self) -> int:
         """Bytes of one checkpoint on disk: the weights, optimizer state and index it saves."""
@@ -425,8 +426,14 @@ class MemoryPlan:
         return 0, part.device_bytes + part.host_bytes
 
     def peak(self, side: int) -> tuple[int, Phase]:
-        """Peak bytes of ``side`` (0: GPU, 1: host): the steady and background parts plus the largest phase
-        on top (reading the data and building the modules: on top of the held parts made before them)."""
+        """Peak bytes of ``side`` (0: GPU, 1: host, for all of :attr:`host_processes`): the steady and
+        background parts plus the largest phase on top (reading the data and building the modules: on top of
+        the held parts made before them)."""
+        need, phase = self._process_peak(side)
+        return need * (self.host_processes if side == 1 else 1), phase
+
+    def _process_peak(self, side: int) -> tuple[int, Phase]:
+        """:meth:`peak` of one process."""
         steady = sum(self._where(part)[side] for part in self.parts if part.phase in _HELD)
         phases = {
             phase: sum(self._where(p)[side] for p in self.parts if p.phase == phase) for phase in _TRANSIENT
@@ -454,6 +461,7 @@ class MemoryPlan:
             if need <= capacity:
                 continue
             steady = sum(self._where(p)[side] for p in self.parts if p.phase in _HELD)
+            steady *= self.host_processes if side == 1 else 1
             blamed = _HELD if steady > capacity else (phase,)  # what alone goes past the capacity
             held = [p for p in self.parts if p.phase in blamed and self._where(p)[side] > 0]
             return side, label, capacity, need, phase, max(held, key=lambda p: self._where(p)[side])
@@ -504,7 +512,9 @@ class MemoryPlan:
         ]:
             need, phase = self.peak(side)
             of = "unknown" if capacity is None else format_bytes(capacity)
-            lines.append(f"peak {label}: {format_bytes(need)} (at {phase}) of {of}")
+            each = self.host_processes if side == 1 and self.host_processes > 1 else 0
+            apiece = f"; {each} processes of {format_bytes(need // each)}" if each else ""
+            lines.append(f"peak {label}: {format_bytes(need)} (at {phase}{apiece}) of {of}")
         free = "" if self.disk_capacity is None else f" of {format_bytes(self.disk_capacity)} free"
         lines.append(f"disk: {format_bytes(self.disk_bytes())}{free} ({self._disk_parts()})")
         lines.append("the run fits" if self.refusal() is None else "the run does not fit")
@@ -656,6 +666,7 @@ def plan_run(
     others: tuple[DataShape, ...] = (),
     disk_capacity: int | None = None,
     world_size: int = 1,
+    host_processes: int = 1,
 ) -> MemoryPlan:
     """The memory plan of training ``config`` (resolved) on data of ``shape`` on a ``device_type`` device.
 
@@ -664,6 +675,7 @@ def plan_run(
         disk_capacity: free bytes where the run folder goes (None: the disk is not checked).
         world_size: processes of the run: the plan is rank 0's, with its share of each global batch and,
             where ``distributed.shard_head`` splits the head by class, its share of the classes.
+        host_processes: those of them on this host: the host's peak is theirs together, each as rank 0.
     """
     dist = DistInfo(world_size=world_size)
     if dist.distributed and isinstance(config.model, MLPConfig):  # as the trainer builds it under DDP
@@ -743,6 +755,7 @@ def plan_run(
         checkpoints_at_once=_checkpoints_at_once(config.train, shape.num_rows),
         weight_copies=min(2, config.train.epochs),
         disk_capacity=disk_capacity,
+        host_processes=host_processes,
     )
 
 
@@ -784,10 +797,12 @@ def plan_for(
     host_memory: float | None = None,
     out_dir: str | None = None,
     world_size: int = 1,
+    host_processes: int = 1,
 ) -> MemoryPlan:
     """The plan of ``config`` on the files given: their shapes read, the config resolved from the training
     file's facts by ``resolve`` (as ``megaclass train`` resolves it), the capacities of this machine or those
-    given in GiB, and the free disk space where ``out_dir`` goes (when given)."""
+    given in GiB, and the free disk space where ``out_dir`` goes (when given); ``world_size`` and
+    ``host_processes`` as :func:`plan_run` takes them."""
     options = dict(num_classes=config.data.num_classes, featurizer=config.data.featurizer)
     shape = read_data_shape(train_path, **options)
     resolved = resolve(config, shape.facts(tokens=_takes_tokens(config, shape)))
@@ -805,6 +820,7 @@ def plan_for(
         others=others,
         disk_capacity=None if out_dir is None else free_bytes(out_dir),
         world_size=world_size,
+        host_processes=host_processes,
     )
     plan = plan_of(resolved)
     blamed = plan.blamed_part()
