@@ -129,47 +129,29 @@ def _plan(
     config: Any,
     explicit_keys: frozenset[str] | None,
     other_paths: tuple[str, ...],
-    recorded: dict[str, Any] | None = None,
     *,
     disk: bool = True,
 ) -> tuple[str, Any]:
-    """The recipe line and the :class:`~megaclass.train.plan.MemoryPlan` of the run ``args`` describe (a
-    resumed run's with the settings its ``recorded`` config keeps; with ``disk``, the free disk where
-    ``train --out`` goes too)."""
+    """The recipe line and the :class:`~megaclass.train.plan.MemoryPlan` of the run ``args`` describe (with
+    ``--resume``, the run's with the settings it recorded; with ``disk``, the free disk where ``train --out``
+    goes too)."""
     from megaclass.distributed.info import DistInfo
-    from megaclass.train.loop import (
-        keep_recorded_values,
-        read_run_facts,
-        resolve_run_recipe,
-        settings_given_again,
-    )
+    from megaclass.train.loop import read_recorded_config, read_run_facts, resolve_run_recipe, resume_settings
     from megaclass.train.plan import plan_for
-    from megaclass.train.recipes import resolve_auto
 
     world_size = DistInfo.from_env().world_size if args.nproc_per_node is None else args.nproc_per_node
     if world_size < 1:
         raise ValueError(f"--nproc-per-node: expected >= 1, got {world_size}")
     # the processes on this host: all of --nproc-per-node's, torchrun's local ones
     on_host = args.nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
+    recorded = read_recorded_config(args.out) if getattr(args, "resume", False) else None
     if recorded is not None and explicit_keys is not None:  # as the trainer resumes it
-        started_with = read_run_facts(args.out).get("explicit_keys") or ()
-        config, explicit_keys = settings_given_again(recorded, started_with, config, explicit_keys)
-
-    def keep(config: Any) -> Any:
-        if recorded is None or explicit_keys is None:
-            return config
-        return keep_recorded_values(recorded, config, explicit_keys)[0]
-
-    recipe = ["recipe: none (the config is used as given)"]  # as the run prints it
+        config, explicit_keys, _ = resume_settings(recorded, read_run_facts(args.out), config, explicit_keys)
+    recipe = [""]
 
     def resolve(config: Any, facts: Any) -> Any:
-        if explicit_keys is None:
-            return resolve_auto(config, facts)
         config, recipe[0] = resolve_run_recipe(config, explicit_keys, facts, recorded)
         return config
-
-    config = keep(config)
 
     plan = plan_for(
         config,
@@ -250,7 +232,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from megaclass.distributed.info import DistInfo
     from megaclass.state_io import format_bytes
     from megaclass.train.config import load_config_and_keys
-    from megaclass.train.loop import read_recorded_config, train
+    from megaclass.train.loop import train
 
     _recorded_data_files(args)
     overrides = list(args.overrides)
@@ -261,7 +243,6 @@ def _run_train(args: argparse.Namespace) -> int:
         config,
         None if args.preset else explicit_keys,
         (args.test,) if args.valid is None else (args.test, args.valid),
-        read_recorded_config(args.out) if args.resume else None,
     )
     if args.dry_run:
         return _print_plan(args.command, *_plan(args, *plan_args))

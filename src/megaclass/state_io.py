@@ -542,10 +542,8 @@ def _byte_blocks(
         else:
             block = value[start:stop].detach()
             if buffer is None:  # the first block is the largest
-                buffer = (
-                    staging.page_locked(len(block), shape[1:], block.dtype, block_bytes=chunk_bytes)
-                    if on_gpu
-                    else torch.empty(block.shape, dtype=block.dtype)
+                buffer = _staging_block(
+                    len(block), shape[1:], block.dtype, cuda=on_gpu, chunk_bytes=chunk_bytes
                 )
             block = buffer[: len(block)].copy_(block)
         yield block.reshape(-1).view(torch.uint8).numpy()
@@ -569,14 +567,19 @@ def _aligned_blocks(data: Tensor, chunk_bytes: int, offset: int, piece_bytes: in
         if not on_host:
             if buffer is None:  # no block is larger than the second (or a lone first)
                 size = min(len(data), block_bytes)
-                pinned = data.is_cuda
-                buffer = (
-                    staging.page_locked(size, (), torch.uint8, block_bytes=chunk_bytes)
-                    if pinned
-                    else torch.empty(size, dtype=torch.uint8)
-                )
+                buffer = _staging_block(size, (), torch.uint8, cuda=data.is_cuda, chunk_bytes=chunk_bytes)
             block = buffer[: len(block)].copy_(block)
         yield block.numpy()
+
+
+def _staging_block(
+    rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, *, cuda: bool, chunk_bytes: int
+) -> Tensor:
+    """The host buffer a device tensor's blocks cross: page-locked for a GPU's, of one block size whatever the
+    tensor (:func:`~megaclass.staging.page_locked`), plain for another device's."""
+    if cuda:
+        return staging.page_locked(rows, row_shape, dtype, block_bytes=chunk_bytes)
+    return torch.empty((rows, *row_shape), dtype=dtype)
 
 
 def write_tensors(

@@ -96,6 +96,7 @@ __all__ = [
     "read_run_facts",
     "resolve_run_recipe",
     "resume_data_files",
+    "resume_settings",
     "settings_given_again",
     "train",
 ]
@@ -297,15 +298,33 @@ def settings_given_again(
     return (config_from_dict(resolved) if len(given) > len(explicit_keys) else config), frozenset(given)
 
 
+def resume_settings(
+    recorded: dict[str, Any], run_facts: dict[str, Any], config: RunConfig, explicit_keys: Collection[str]
+) -> tuple[RunConfig, frozenset[str], dict[str, tuple[Any, Any]]]:
+    """A resume's config and explicit keys: the settings its run was given given again
+    (:func:`settings_given_again`, the keys its ``run.json``, ``run_facts``, records) and the values of its
+    ``config.yaml`` (``recorded``) kept (:func:`keep_recorded_values`); with what was kept."""
+    started_with = run_facts.get("explicit_keys") or ()
+    config, keys = settings_given_again(recorded, started_with, config, explicit_keys)
+    config, kept = keep_recorded_values(recorded, config, keys)
+    return config, keys, kept
+
+
+_NO_RECIPE = "recipe: none (the config is used as given)"
+
+
 def resolve_run_recipe(
     config: RunConfig,
-    explicit_keys: Collection[str],
+    explicit_keys: Collection[str] | None,
     facts: DataFacts,
     recorded: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, str]:
     """:func:`~megaclass.train.recipes.resolve_recipe`, then, for a resume (``recorded``: the run's
     ``config.yaml``), :func:`keep_recorded_values`; returns the config and the recipe line to print, which
-    names each value the run keeps."""
+    names each value the run keeps. ``explicit_keys`` None: the config as given, its ``auto`` values
+    resolved (:func:`~megaclass.train.recipes.resolve_auto`)."""
+    if explicit_keys is None:
+        return resolve_auto(config, facts), _NO_RECIPE
     config, recipe = resolve_recipe(config, explicit_keys, facts)
     if recorded is None:
         return config, recipe
@@ -408,7 +427,7 @@ class Trainer:
         self.valid_path = None if valid_path is None else os.fspath(valid_path)
         self.explicit_keys = None if explicit_keys is None else frozenset(explicit_keys)
         self.check_fit = check_fit
-        self.recipe = "recipe: none (the config is used as given)"
+        self.recipe = _NO_RECIPE
         self.out_dir = os.fspath(out_dir)
         self.resume = resume
         self.overwrite = overwrite
@@ -607,13 +626,10 @@ class Trainer:
             **tokens,
         )
         facts = DataFacts.of(train_data)
-        if self.explicit_keys is None:
-            self.config = resolve_auto(self.config, facts)
-        else:
-            # a resume keeps its recorded values where this version's recipe resolves them otherwise
-            self.config, self.recipe = resolve_run_recipe(
-                self.config, self.explicit_keys, facts, self._recorded_config
-            )
+        # a resume keeps its recorded values where this version's recipe resolves them otherwise
+        self.config, self.recipe = resolve_run_recipe(
+            self.config, self.explicit_keys, facts, self._recorded_config
+        )
         check_fits(self.config)  # before the test and validation files are read
 
         def open_more(path: str, flag: str) -> Any:
@@ -704,8 +720,6 @@ class Trainer:
         its next checkpoint will not fit)."""
 
         def resolve(config: RunConfig, facts: DataFacts) -> RunConfig:
-            if self.explicit_keys is None:
-                return resolve_auto(config, facts)
             return resolve_run_recipe(config, self.explicit_keys, facts)[0]
 
         others = (self.test_path,) if self.valid_path is None else (self.test_path, self.valid_path)
@@ -742,15 +756,12 @@ class Trainer:
         return read_recorded_config(self.out_dir) if self.resume else None
 
     def _keep_recorded_values(self) -> dict[str, tuple[Any, Any]]:
-        """On resume, the run's own settings given again (:func:`settings_given_again`) and
-        :func:`keep_recorded_values` of its ``config.yaml`` into the config; returns what it kept."""
+        """On resume, :func:`resume_settings` into the config and explicit keys; returns what it kept."""
         if self._recorded_config is None or self.explicit_keys is None:
             return {}
-        started_with = self._recorded_facts.get("explicit_keys") or ()
-        self.config, self.explicit_keys = settings_given_again(
-            self._recorded_config, started_with, self.config, self.explicit_keys
+        self.config, self.explicit_keys, kept = resume_settings(
+            self._recorded_config, self._recorded_facts, self.config, self.explicit_keys
         )
-        self.config, kept = keep_recorded_values(self._recorded_config, self.config, self.explicit_keys)
         return kept
 
     def _check_resumed_config(self) -> None:

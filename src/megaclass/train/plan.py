@@ -88,6 +88,7 @@ _CUDA_HOST = 15 << 27
 # GiB after a process's first CUDA call, the interpreter and PyTorch included; the rest comes with the
 # first steps (cuBLAS, compiled kernels)
 _CUDA_CONTEXT_HOST = 1 << 29
+_MORE_HOST = "a host with more memory"  # the setting of a part only more host memory holds
 _WEIGHTS = ("encoder weights", "head weights")
 _CHECKPOINTED = (*_WEIGHTS, "encoder optimizer state", "head optimizer state", "head index", "weight average")
 
@@ -706,9 +707,8 @@ def plan_run(
     on_gpu = device_type == "cuda" and any(part.device_bytes for part in parts if part.name in _CHECKPOINTED)
     from_servers = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
     if on_gpu:
-        more = "a host with more memory"
         parts.append(
-            PlanPart("checkpoint staging block", 0, STREAM_CHUNK_BYTES, setting=more, after_setup=True)
+            PlanPart("checkpoint staging block", 0, STREAM_CHUNK_BYTES, setting=_MORE_HOST, after_setup=True)
         )
     saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
@@ -718,11 +718,11 @@ def plan_run(
     metrics = 2 * shape.num_labels * 8  # the propensities and their inverses, while the metrics are made
     parts += [
         PlanPart("data sets in memory", 0, data, setting="a host with more memory (data is held in memory)"),
-        PlanPart("label counts", 0, shape.num_labels * 8, setting="a host with more memory"),
+        PlanPart("label counts", 0, shape.num_labels * 8, setting=_MORE_HOST),
         PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
         PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
-        PlanPart("evaluation metrics", 0, metrics, "evaluation", "a host with more memory"),
-        PlanPart("checkpoint block", 0, saved, "checkpoint", "a host with more memory"),
+        PlanPart("evaluation metrics", 0, metrics, "evaluation", _MORE_HOST),
+        PlanPart("checkpoint block", 0, saved, "checkpoint", _MORE_HOST),
     ]
     if device_type == "cuda":
         # a captured step's activations stay in the graph's memory pool (rows pulled through host memory or
@@ -733,13 +733,10 @@ def plan_run(
         parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, _CUDA_CONTEXT_HOST, setting="a larger GPU"))
         # the measured whole, less what any run holds
         runtime = _CUDA_HOST - _CUDA_CONTEXT_HOST - _PROCESS_HOST - _LIBRARIES_HOST
-        more = "a host with more memory"
-        parts.append(PlanPart("CUDA runtime", 0, runtime, setting=more, after_setup=True))
+        parts.append(PlanPart("CUDA runtime", 0, runtime, setting=_MORE_HOST, after_setup=True))
     parts += [
-        PlanPart("interpreter and PyTorch", 0, _PROCESS_HOST, setting="a host with more memory"),
-        PlanPart(
-            "libraries a run loads", 0, _LIBRARIES_HOST, setting="a host with more memory", after_setup=True
-        ),
+        PlanPart("interpreter and PyTorch", 0, _PROCESS_HOST, setting=_MORE_HOST),
+        PlanPart("libraries a run loads", 0, _LIBRARIES_HOST, setting=_MORE_HOST, after_setup=True),
     ]
     process = "one process" if world_size == 1 else f"rank 0 of {world_size} processes, {classes:,} classes"
     summary = (
