@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,10 @@ def test_a_resume_naming_only_its_folder_continues_on_what_the_run_recorded(tiny
     assert "resumed" not in recipe and "model.hidden" not in recipe
     # the recorded settings, not the recipe's (the log's windows are this resume's: train.log_every)
     assert [loss for _, loss in _losses(out)] == [loss for _, loss in _losses(full_run)]
+    # the test scores once, on the trainer's line; the command's last line says time, memory and folder
+    scores = [line for line in printed.splitlines() if line.startswith(("test (epoch", "P@1"))]
+    assert len(scores) == 1 and re.match(r"test \(epoch \d\): P@1 0\.\d{4}  P@3 ", scores[0])
+    assert printed.splitlines()[-1].startswith("train time ") and str(out) in printed.splitlines()[-1]
     shutil.rmtree(out / "checkpoints")  # as a run killed before its first checkpoint: step 0, as recorded
     os.remove(out / "metrics.json")
     shutil.rmtree(out / "model")

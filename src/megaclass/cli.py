@@ -269,9 +269,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if not metrics:
         print(f"run stopped early; continue it with: megaclass train --resume --out {args.out}")
         return 0
-    ks = config.eval.ks
-    print("  ".join(f"P@{k} {metrics[f'P@{k}']:.4f}" for k in ks if f"P@{k}" in metrics))
-    print(
+    print(  # the scores are on the trainer's "test (epoch N)" line above
         f"train time {metrics['train_seconds']:.1f} s  "
         f"peak memory {format_bytes(metrics['peak_memory_bytes'])}  run folder {args.out}"
     )
