@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megaclass.data.batch import InputSpec
+from megaclass.data.featurizer import FeaturizerConfig
 from megaclass.data.loaders import BatchLoader, SparseDataset, detect_format, open_dataset
 from megaclass.data.verification_bin import save_verification_bin
 from megaclass.errors import DataFormatError
@@ -96,8 +97,6 @@ def test_texts_with_no_n_gram_in_min_df_of_them_are_refused_by_name(tmp_path):
     path.write_text("0\tqx\n1\tzv\n")  # no word or character n-gram in two texts
     with pytest.raises(DataFormatError, match=r"few.txt: no word or character n-gram is in 2 of its 2 texts"):
         open_dataset(str(path), featurizer_config=None)
-    from megaclass.data.featurizer import FeaturizerConfig
-
     assert open_dataset(str(path), featurizer_config=FeaturizerConfig(min_df=1)).input_spec.num_features > 0
 
 
