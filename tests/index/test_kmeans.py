@@ -5,7 +5,7 @@ import torch
 
 from megaclass.index import build_selector
 from megaclass.index.exact import exact_topk
-from megaclass.index.kmeans import ClusterIndex, auto_leaf_size, cluster_layout
+from megaclass.index.kmeans import ClusterIndex, auto_leaf_size, cluster_layout, cold_build_scratch_bytes
 
 from ._clustered import recall, trained_like
 
@@ -287,6 +287,32 @@ def test_rows_a_cold_build_cannot_serve_better_are_not_clustered_again(monkeypat
     for _ in range(8):
         index.build(rows, changed=torch.arange(4096))  # warm builds 1 to 8: the search chosen at 1, 2, 4, 8
     assert index.metrics()["index_calibrated_recall"] < 0.92 and colds == [1]
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+@pytest.mark.parametrize("classes", [10**6, 10**7])
+@pytest.mark.parametrize("dim", [256, 512])
+def test_a_cold_build_holds_less_beside_its_snapshot_than_the_rows_themselves(device_type, classes, dim):
+    # a re-clustering build holds this beside the whole run's state: its blocks shrink with the rows (below
+    # 10^6 classes the calibration's fixed 128 MiB scan is what it holds at most)
+    snapshot = classes * (dim * 2 + 16)  # bfloat16 unit rows, norms, scales, assignment
+    scratch = cold_build_scratch_bytes(classes, dim, row_bytes=2, device_type=device_type) - snapshot
+    assert 0 < scratch < classes * dim * 4
+
+
+def test_a_cold_build_in_blocks_of_a_few_groups_clusters_as_in_one(monkeypatch):
+    import megaclass.index.kmeans as kmeans
+
+    rows, features = trained_like(6000, 16, 100, 50, seed=2)
+    whole = build_selector("gpu", leaf_size=20, background=False)
+    whole.build(rows)
+    monkeypatch.setattr(kmeans, "_MIN_BUILD_ENTRIES", 1)
+    monkeypatch.setattr(kmeans, "_BUILD_SHARE", 6000 * 16 // 3000)  # 3,000 entries: a few groups a block
+    blocks = build_selector("gpu", leaf_size=20, background=False)
+    blocks.build(rows)
+    for key in ("assignment", "members", "centroids"):
+        assert torch.equal(blocks.state_dict()[key], whole.state_dict()[key]), key
+    assert torch.equal(blocks.query(features, 10), whole.query(features, 10))
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot"])

@@ -209,7 +209,9 @@ def test_a_background_index_build_counts_at_every_phase(synthetic):
     # a row's int64 group, assignment, group's rows, 3 nearby groups and 3 sorted places; its 8 best candidate
     # clusters (fp32 scores, int32 ids)
     clusters = 10**7 * (8 * 9 + 8 * 8)
-    blocks = 3 * 4 * (1 << 27)  # gathered rows, their scores, the best candidates: the GPU's scratch blocks
+    # then the capacity assignment's sort (104 bytes a row) or, larger where rows are wide, the scratch blocks
+    # (gathered rows, their scores, the best candidates: an eighth of the rows' entries each, under 2^27)
+    blocks = max(10**7 * 104, 3 * 4 * (10**7 * 64 // 8))
     snapshot = 10**7 * (64 * 2 + 16)  # the new snapshot's bf16 rows, norms, scales, assignments
     groups, per_group, width = cluster_layout(10**7)
     structure = groups * per_group * (width * 8 + 2 * 64 * 4 + 16 * 8)  # members, sums, centroids, near

@@ -92,6 +92,10 @@ _GROUP_COPIES = 3  # groups a row is scored in at a cold build's second level
 # entries of a cold build's largest scratch tensors (gathered rows, their scores): large blocks feed a GPU's
 # batched matmuls; the CPU gains nothing from them and would hold their hundreds of MB in host memory
 _SCRATCH_ENTRIES = {"cuda": 1 << 27, "cpu": 1 << 24}
+# a build's blocks hold at most this share of the rows' entries (and at least _MIN_BUILD_ENTRIES): a
+# re-clustering build holds them beside the whole run's state, which at 10^6 classes they would outweigh
+_BUILD_SHARE = 8
+_MIN_BUILD_ENTRIES = 1 << 20
 _SCAN_ENTRIES = 1 << 24  # scores (and rows) of the calibration's exact scan at once
 _SORT_BYTES_PER_ROW = 104  # what capacity_assign holds a row while it sorts (measured: 98 bytes)
 _CALIBRATION_QUERIES = 256  # rows used as queries to pick the probe count
@@ -233,6 +237,13 @@ def _scratch_entries(device: torch.device | str) -> int:
     return _SCRATCH_ENTRIES["cuda" if kind == "cuda" else "cpu"]
 
 
+def _build_entries(device: torch.device | str, num_classes: int, dim: int) -> int:
+    """Entries of a build's scratch blocks over ``num_classes`` rows of ``dim``: :func:`_scratch_entries`,
+    or less where that is more than ``1 / _BUILD_SHARE`` of the rows."""
+    share = max(_MIN_BUILD_ENTRIES, num_classes * dim // _BUILD_SHARE)
+    return min(_scratch_entries(device), share)
+
+
 def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, device_type: str) -> int:
     """Bytes a cold build holds at its peak on top of the index it replaces (which serves until the new one
     is published): the new snapshot (rows of ``row_bytes`` a value) and, a row, the larger of its two levels:
@@ -248,7 +259,7 @@ def cold_build_scratch_bytes(num_classes: int, dim: int, *, row_bytes: int, devi
     groups = _ASSIGN_CANDIDATES * (4 + 8) + _SORT_BYTES_PER_ROW
     clusters = 8 * (3 + 2 * _GROUP_COPIES) + _ASSIGN_CANDIDATES * (4 + 4)
     per_group = cluster_layout(num_classes)[1]
-    blocks = 3 * 4 * min(_scratch_entries(device_type), num_classes * max(dim, per_group))
+    blocks = 3 * 4 * min(_build_entries(device_type, num_classes, dim), num_classes * max(dim, per_group))
     on_top = max(num_classes * _SORT_BYTES_PER_ROW, blocks)
     members = num_classes * 8 * (1 + _SLACK)  # int64, padded
     scan = 2 * 4 * min(_SCAN_ENTRIES, num_classes * max(_CALIBRATION_QUERIES, dim))  # scores, gathered rows
@@ -387,7 +398,8 @@ class ClusterIndex(ClassSelector):
         rows = torch.empty(weight.shape, dtype=storage, device=device)
         norms = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
         scales = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
-        step = max(1, min(self.chunk_rows, _scratch_entries(device) // weight.shape[1]))  # a block of rows
+        entries = _build_entries(device, *weight.shape)
+        step = max(1, min(self.chunk_rows, entries // weight.shape[1]))  # a block of rows
         starts = range(0, weight.shape[0], step)
         for start, chunk in zip(starts, blocks_to_device(weight, device, step), strict=True):
             stop = start + chunk.shape[0]
@@ -528,7 +540,8 @@ class ClusterIndex(ClassSelector):
             slots.append((in_group, by_group, first, [*first.tolist(), num_classes]))  # host sync, once
             widest = max(widest, int(counts.max()))
         r = min(_ASSIGN_CANDIDATES, per_group)
-        block = max(1, _scratch_entries(device) // (widest * max(dim, per_group)))  # (b, n, D) rows
+        entries = _build_entries(device, num_classes, dim)
+        block = max(1, entries // (widest * max(dim, per_group)))  # (b, n, D) rows
         assignment = group * per_group
         for _ in range(self.kmeans_iters):
             self._check_cancel(cancel)
@@ -647,7 +660,8 @@ class ClusterIndex(ClassSelector):
         """``(K, D)`` float32 sums of the snapshot rows ``ids (n,)`` by their ``clusters (n,)``."""
         dim = state["rows"].shape[1]
         sums = torch.zeros(k, dim, dtype=torch.float32, device=ids.device)
-        step = max(1, min(self.chunk_rows, _scratch_entries(ids.device) // dim))  # a scratch block of rows
+        entries = _build_entries(ids.device, *state["rows"].shape)
+        step = max(1, min(self.chunk_rows, entries // dim))  # a scratch block of rows
         for start in range(0, ids.numel(), step):
             part = ids[start : start + step]
             sums.index_add_(0, clusters[start : start + step], self._gather(state, part, torch.float32))
@@ -658,7 +672,8 @@ class ClusterIndex(ClassSelector):
         compute = self._compute_dtype(ids.device)
         near = state["near"]
         proposals = 1  # the best nearby cluster (itself included)
-        block = max(1, _scratch_entries(ids.device) // (near.shape[1] * centroids.shape[1]))  # (b, m, D) rows
+        entries = _build_entries(ids.device, *state["rows"].shape)
+        block = max(1, entries // (near.shape[1] * centroids.shape[1]))  # (b, m, D) rows
         clusters, scores = [], []
         for start in range(0, ids.numel(), block):
             part = ids[start : start + block]
