@@ -307,7 +307,7 @@ def test_a_cold_build_in_blocks_of_a_few_groups_clusters_as_in_one(monkeypatch):
     whole = build_selector("gpu", leaf_size=20, background=False)
     whole.build(rows)
     monkeypatch.setattr(kmeans, "_MIN_BUILD_ENTRIES", 1)
-    monkeypatch.setattr(kmeans, "_BUILD_SHARE", 6000 * 16 // 3000)  # 3,000 entries: a few groups a block
+    monkeypatch.setattr(kmeans, "_BUILD_SHARE", 6000 * 16 // 3000)  # 3,000 entries: a group, 187 rows a block
     blocks = build_selector("gpu", leaf_size=20, background=False)
     blocks.build(rows)
     for key in ("assignment", "members", "centroids"):
