@@ -3,6 +3,8 @@ epoch kept and early stopping decided on them; the kept weights survive a resume
 at the end; a run that ends at the label prior stops with a one-line error."""
 
 import json
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from megaclass.data.loaders import open_dataset
 from megaclass.data.tokenized import TokenDataset, TokenIds
 from megaclass.data.xmc import CSR, label_features
 from megaclass.state_io import read_state
-from megaclass.train.loop import Trainer
+from megaclass.train.loop import LoopState, Trainer
 from megaclass.train.validation import held_out_rows, label_prior_share, take_rows
 
 
@@ -103,11 +105,75 @@ def run(data, tmp_path_factory):
     return out
 
 
-def test_the_epoch_kept_is_the_best_on_validation_and_the_test_is_scored_with_it(run):
+def _kept_by_the_rule(valid, rows, within=1.0):
+    """The epoch kept: the latest whose P@1 is within ``within`` standard errors of the top P@1 so far."""
+    kept, top = None, -1.0
+    for record in valid:
+        top = max(top, record["P@1"])
+        if record["P@1"] >= top - within * math.sqrt(top * (1 - top) / rows):
+            kept = record
+    return kept
+
+
+def _tracker(rows, within=1.0, state=None):
+    """A trainer reduced to what picks the epoch: ``rows`` validation rows, ``train.keep_within_se``, and
+    the epochs whose weights it would write."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.config = SimpleNamespace(
+        train=SimpleNamespace(keep_within_se=within), eval=SimpleNamespace(ks=(1,))
+    )
+    trainer.valid_data, trainer.state, trainer.saved = [None] * rows, state or LoopState(), []
+    trainer._save_best = trainer.saved.append
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("scores", "rows", "within", "saved", "kept", "top", "since"),
+    [
+        ([0.5, 0.8, 0.75, 0.6], 20, 1.0, [1, 2, 3], 3, 2, 2),  # 0.75 within 0.089 of 0.8; 0.6 is not
+        ([0.5, 0.8, 0.75, 0.6], 20, 0.0, [1, 2], 2, 2, 2),  # the best epoch itself
+        ([0.5, 0.8, 0.75, 0.6], 20, 3.0, [1, 2, 3, 4], 4, 2, 2),  # 0.6 within 0.268 of 0.8
+        ([0.80, 0.79], 10_000, 1.0, [1], 1, 1, 1),  # 10,000 rows tell 0.01 apart (0.004)
+        ([0.7, 0.7, 0.7], 20, 0.0, [1, 2, 3], 3, 1, 2),  # equal scores: the later
+        ([0.6, 0.7, 0.9], 20, 1.0, [1, 2, 3], 3, 3, 0),
+    ],
+)
+def test_the_epoch_kept_is_the_latest_within_the_noise_of_the_best(
+    scores, rows, within, saved, kept, top, since
+):
+    trainer = _tracker(rows, within)
+    for epoch, score in enumerate(scores, 1):
+        trainer._track_best(epoch, {"P@1": score})
+    state = trainer.state
+    assert trainer.saved == saved and (state.best_epoch, state.best_score) == (kept, scores[kept - 1])
+    assert (state.top_epoch, state.top_score, state.evals_since_best) == (top, scores[top - 1], since)
+
+
+def test_the_run_says_which_epoch_it_kept_and_the_best_one_it_passed_over():
+    trainer = _tracker(20)
+    for epoch, score in enumerate([0.5, 0.8, 0.75], 1):
+        trainer._track_best(epoch, {"P@1": score})
+    assert trainer._kept_line() == (
+        "kept epoch 3: validation P@1 0.7500, within 1 standard error (0.0894) of epoch 2's 0.8000 "
+        "(train.keep_within_se)"
+    )
+    trainer._track_best(4, {"P@1": 0.9})
+    assert trainer._kept_line() == "kept epoch 4: validation P@1 0.9000"
+
+
+def test_a_checkpoint_without_a_top_score_counts_its_kept_epoch_as_the_top():
+    trainer = _tracker(20, state=LoopState(best_epoch=2, best_score=0.8, evals_since_best=0))
+    trainer._track_best(3, {"P@1": 0.75})
+    state = trainer.state
+    assert trainer.saved == [3] and (state.best_epoch, state.top_epoch, state.top_score) == (3, 2, 0.8)
+    assert state.evals_since_best == 1
+
+
+def test_the_epoch_kept_is_by_the_rule_on_validation_and_the_test_is_scored_with_it(run):
     valid, curve = _records(run, "eval_valid"), _records(run, "eval_test_curve")
     assert [r["epoch"] for r in valid] == [r["epoch"] for r in curve] == [1, 2, 3, 4]
     assert not _records(run, "eval")
-    best = max(valid, key=lambda r: r["P@1"])  # the first of equal scores
+    best = _kept_by_the_rule(valid, rows=20)
     metrics = _json(run / "metrics.json")
     assert metrics["epoch_kept"] == best["epoch"] and metrics["valid_P@1"] == best["P@1"]
     (final,) = _records(run, "eval_test")
@@ -165,12 +231,14 @@ def test_a_best_last_epoch_is_kept_without_reading_it_back_or_scoring_it_twice(d
             assert torch.equal(tensor, model[part][name]), name
 
 
-def test_patience_stops_after_evaluations_without_improvement(data, tmp_path):
+def test_patience_stops_after_evaluations_without_improvement(data, tmp_path, capsys):
     out = tmp_path / "patience"
     frozen = ["optim.encoder.lr=0", "optim.head.lr=0", "train.patience=2"]
     assert _train(data, out, "--set", *frozen, epochs=6) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kept epoch")]
+    assert line.startswith("kept epoch 3: validation P@1 ") and "standard error" not in line
     metrics = _json(out / "metrics.json")
-    assert metrics["epochs"] == 3 and metrics["epoch_kept"] == 1  # epochs 2 and 3 score no better
+    assert metrics["epochs"] == 3 and metrics["epoch_kept"] == 3  # epochs 2 and 3 score the same: the later
     assert len(_records(out, "eval_valid")) == 3
 
 

@@ -171,6 +171,10 @@ class TrainConfig:
     valid_fraction: float = 0.05  # training rows held out to pick the epoch and stop early (0: none)
     valid_max_rows: int = 10_000  # at most this many held-out rows: enough to rank epochs, cheap to score
     patience: int = 0  # stop after this many evaluations without a better validation score (0: never)
+    # the epoch kept: the latest whose validation score is within this many standard errors of the best one
+    # (sqrt(p (1 - p) / rows) at the best score p): of epochs the held-out rows cannot tell apart, the one
+    # trained longer; 0 keeps the best epoch itself (the later of equals)
+    keep_within_se: float = 1.0
     # replay the head's forward and backward from a CUDA graph (the same kernels, without launching them one
     # by one): auto (the default) where the step can be captured (a CUDA device, one process, a head whose
     # step has static shapes and no host sync), eager elsewhere or where the capture fails; on: an error
@@ -194,6 +198,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"train.valid_fraction: expected a value in [0, 1), got {self.valid_fraction}")
+        if not (math.isfinite(self.keep_within_se) and self.keep_within_se >= 0):
+            raise ConfigError(f"train.keep_within_se: expected a number >= 0, got {self.keep_within_se}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {self.ema_decay}")
         if self.cuda_graph not in ("auto", "on", "off"):

@@ -133,6 +133,7 @@ _RESUME_ADJUSTMENTS = (
     "train.grad_clip",
     "train.epochs",
     "train.patience",
+    "train.keep_within_se",
     "eval.",
 )
 _WARMUP_KEYS = ("optim.warmup_steps", "optim.warmup_fraction")
@@ -164,9 +165,14 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # sum of the losses of this epoch's steps so far
     train_seconds: float = 0.0  # time spent in training steps, across resumptions
     eval_seconds: float = 0.0
-    best_epoch: int = 0  # the epoch (1-based) that scored best on the validation rows so far (0: none yet)
-    best_score: float = 0.0  # its score: the first metric, P@k at the first eval.ks
-    evals_since_best: int = 0  # validation evaluations since then (train.patience stops at this many)
+    # the epoch (1-based) kept, in best/epoch-N: the latest whose validation score is within the noise of the
+    # top score so far (train.keep_within_se; 0: none yet), and its score: P@k at the first eval.ks
+    best_epoch: int = 0
+    best_score: float = 0.0
+    top_epoch: int = 0  # the epoch of the highest validation score so far, and that score
+    top_score: float = 0.0
+    # validation evaluations since the top score (train.patience stops at this many)
+    evals_since_best: int = 0
     # the run length optim.warmup_fraction is taken of once a resume changed train.epochs (0: the run's
     # total): the warm-up keeps its length in steps, so a run past it does not warm up again
     warmup_total_steps: int = 0
@@ -1154,15 +1160,31 @@ class Trainer:
         return os.path.join(self.out_dir, "best", f"epoch-{epoch}")
 
     def _track_best(self, epoch: int, valid: dict[str, float]) -> None:
-        """Count ``epoch``'s validation score against the best so far; a better one's weights go to
-        ``best/epoch-N`` (written whole or not at all) before the checkpoint that records it."""
+        """Count ``epoch``'s validation score against the top score so far, and keep the epoch when its score
+        is within the noise of the top (:meth:`_noise`): its weights go to ``best/epoch-N`` (written whole or
+        not at all) before the checkpoint that records it."""
         score = valid[self._selection_metric()]
-        if self.state.best_epoch and score <= self.state.best_score:
-            self.state.evals_since_best += 1
+        state = self.state
+        top_epoch, top = state.top_epoch, state.top_score
+        if not top_epoch:  # none yet, or a checkpoint written before the top was recorded apart
+            top_epoch, top = state.best_epoch, state.best_score
+        if top_epoch and score <= top:
+            state.evals_since_best += 1
+        else:
+            top_epoch, top, state.evals_since_best = epoch, score, 0
+        state.top_epoch, state.top_score = top_epoch, top
+        if state.best_epoch and score < top - self._noise(top):
             return
         if self._keeps_best():
             self._save_best(epoch)
-        self.state.best_epoch, self.state.best_score, self.state.evals_since_best = epoch, score, 0
+        state.best_epoch, state.best_score = epoch, score
+
+    def _noise(self, score: float) -> float:
+        """``train.keep_within_se`` standard errors of a validation score ``score``: ``sqrt(p (1 - p) / n)``
+        over the ``n`` held-out rows, the spread of a P@1 over that many rows (a P@k of larger k spreads
+        less)."""
+        spread = math.sqrt(max(score * (1.0 - score), 0.0) / len(self.valid_data))
+        return self.config.train.keep_within_se * spread
 
     def _save_best(self, epoch: int) -> None:
         """Write the weights just evaluated to ``best/epoch-N``: whole from rank 0, or, for a sharded head,
@@ -1209,16 +1231,26 @@ class Trainer:
         return False
 
     def _restore_best(self) -> None:
-        """Put the best epoch's weights in the modules on every rank; they are the final model (an EMA is in
-        them). When the last epoch is the best and no average is kept, the modules hold them already:
-        nothing is read."""
+        """Put the kept epoch's weights in the modules on every rank; they are the final model (an EMA is in
+        them). When the last epoch is kept and no average is kept, the modules hold them already: nothing is
+        read."""
         if self.state.best_epoch != self.state.epoch or self.average is not None:
             self._load_weights(self._best_dir(self.state.best_epoch))
         self.average = None
-        self.logger.print(
-            f"kept epoch {self.state.best_epoch}: validation {self._selection_metric()} "
-            f"{self.state.best_score:.4f}"
-        )
+        self.logger.print(self._kept_line())
+
+    def _kept_line(self) -> str:
+        """``kept epoch N: validation P@k X``, and the best epoch's score where the kept one is lower."""
+        state = self.state
+        line = f"kept epoch {state.best_epoch}: validation {self._selection_metric()} {state.best_score:.4f}"
+        if state.top_epoch and state.best_score < state.top_score:
+            within = self.config.train.keep_within_se
+            line += (
+                f", within {within:g} standard error{'' if within == 1 else 's'} "
+                f"({self._noise(state.top_score):.4f}) of epoch {state.top_epoch}'s {state.top_score:.4f} "
+                "(train.keep_within_se)"
+            )
+        return line
 
     def _check_label_prior(self) -> None:
         """Stop a run whose model ranks the most frequent training label first on (almost) every validation
