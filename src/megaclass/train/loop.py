@@ -1183,7 +1183,7 @@ class Trainer:
         """``train.keep_within_se`` standard errors of a validation score ``score``: ``sqrt(p (1 - p) / n)``
         over the ``n`` held-out rows, the spread of a P@1 over that many rows (a P@k of larger k spreads
         less)."""
-        spread = math.sqrt(max(score * (1.0 - score), 0.0) / len(self.valid_data))
+        spread = math.sqrt(score * (1.0 - score) / len(self.valid_data))  # P@k lies in [0, 1]
         return self.config.train.keep_within_se * spread
 
     def _save_best(self, epoch: int) -> None:
