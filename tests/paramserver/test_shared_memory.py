@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megaclass.paramserver import HyperParams, ParamServerClient, wire
+from megaclass.paramserver import client as client_module
 from megaclass.paramserver.shared_memory import ClientBuffer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd on this platform")
@@ -27,7 +28,13 @@ def _plain_sgd(rows, momentum, ids, grads, *, lr, mu):
 
 @pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_pushes_and_pulls_through_shared_memory_equal_inline_and_a_plain_update(shards, wire_dtype, mode):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "copied-in-pieces-on-threads"])
+def test_pushes_and_pulls_through_shared_memory_equal_inline_and_a_plain_update(
+    shards, wire_dtype, mode, split, monkeypatch
+):
+    if split:  # every block copy cut into pieces of a row or two, on 4 threads
+        monkeypatch.setattr(client_module, "_COPY_PIECE_BYTES", 40)
+        monkeypatch.setattr(client_module.os, "cpu_count", lambda: 4)
     hyper = HyperParams(lr=0.1, momentum=0.9)
     groups = [shards(3, num_rows=41, dim=6, mode=mode, hyper=hyper) for _ in range(2)]
     shared = ParamServerClient(_addresses(groups[0]), timeout_s=20, wire_dtype=wire_dtype)

@@ -186,8 +186,14 @@ def test_async_mode_applies_each_push_once(shards):
     assert list(clients[0].health()[1].trainer_steps) == [1, 7]
 
 
-def test_prefetch_never_returns_stale_rows(shards):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "copied-in-pieces-on-threads"])
+def test_prefetch_never_returns_stale_rows(shards, split, monkeypatch):
+    from megaclass.paramserver import client as client_module
     from megaclass.store.paramserver import ParamServerStore
+
+    if split:  # every block copy cut into pieces of a row or two, on 4 threads
+        monkeypatch.setattr(client_module, "_COPY_PIECE_BYTES", 20)
+        monkeypatch.setattr(client_module.os, "cpu_count", lambda: 4)
 
     servers = shards(3, num_rows=31, dim=4, hyper=HyperParams(lr=0.5, momentum=0.9))
     store = ParamServerStore(",".join(_addresses(servers)).join(["ps://", ""]), timeout_s=20)

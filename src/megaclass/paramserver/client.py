@@ -20,7 +20,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.ops import run_split
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, TOKEN_ENV, resolve_token
 from megaclass.paramserver.shared_memory import ClientBuffer
@@ -104,12 +105,14 @@ class PendingPull:
             return self._rows
         out = torch.empty(len(self.ids), self.client.dim, pin_memory=pin_memory)
         try:
+            copies = []
             for shard, positions, request, future in self.parts:
                 response = self.client._wait(shard, "PullRows", request, future)
                 rows = self.client._received_rows(shard, request, response)
-                _copy_rows(out, positions, rows, count=_count(positions))
+                copies.append(_rows_copy(out, positions, rows, count=_count(positions)))
                 # pieces of one shard's rows may be read at different versions: the oldest bounds them all
                 self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
+            _copy_blocks(copies)
         finally:
             self._release()
         self._rows = out
@@ -124,17 +127,49 @@ def _release_parts(client: ParamServerClient, parts: list[tuple[int, Any, Any, A
             future.add_done_callback(lambda _, buffer=buffer, offset=offset: buffer.release(offset))
 
 
-def _copy_rows(out: Tensor, positions: np.ndarray | slice, rows: wire.ArrayView, *, count: int) -> None:
-    """``out[positions] = rows``, straight from the received bytes (one copy)."""
+_COPY_PIECE_BYTES = 1 << 20  # a block copy is split over threads in pieces of at least this
+
+
+def _rows_copy(
+    out: Tensor, positions: np.ndarray | slice, rows: wire.ArrayView, *, count: int
+) -> tuple[Callable[[int, int], None], int, int]:
+    """The copy ``out[positions] = rows`` straight from the received bytes (one copy), for
+    :func:`_copy_blocks`; the shape the server sent is checked here, before anything is copied."""
     view = rows.numpy(what="rows")
     if view.shape != (count, out.shape[1]):
         raise ValueError(
             f"rows: the server sent shape {list(view.shape)}, expected [{count}, {out.shape[1]}]"
         )
-    if rows.dtype == "bfloat16":
-        out[_index(positions)] = torch.from_numpy(view.copy()).view(torch.bfloat16).float()
-    else:
-        out.numpy()[positions] = view
+    target = out.numpy()
+
+    def copy(a: int, b: int) -> None:
+        where = _part(positions, a, b)
+        if rows.dtype == "bfloat16":
+            out[_index(where)] = torch.from_numpy(view[a:b].copy()).view(torch.bfloat16).float()
+        else:
+            target[where] = view[a:b]
+
+    return copy, count, out.shape[1] * view.itemsize
+
+
+def _copy_blocks(copies: Sequence[tuple[Callable[[int, int], None], int, int]]) -> None:
+    """Run each ``(copy, count, row_bytes)``'s ``copy(a, b)`` over its rows ``[0, count)``, cut into pieces of
+    at least :data:`_COPY_PIECE_BYTES` that run side by side on the host's threads.
+
+    One thread copies a few GB/s: a step's row blocks (pulled rows out of the shards' shared memory, gradients
+    into it) copied one after another took as long as the shards' answers on a 16-core GPU host."""
+    threads = os.cpu_count() or 1
+    pieces = []
+    for copy, count, row_bytes in copies:
+        cuts = max(1, min(threads, count * row_bytes // _COPY_PIECE_BYTES))
+        bounds = [count * i // cuts for i in range(cuts + 1)]
+        pieces += [(copy, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    groups = min(len(pieces), threads)
+    if groups:
+        run_split(
+            lambda i, j: [copy(a, b) for copy, a, b in pieces[i:j]],
+            [len(pieces) * g // groups for g in range(groups + 1)],
+        )
 
 
 def _rows_of(array: Any, what: str) -> Tensor:
@@ -419,18 +454,8 @@ class ParamServerClient:
         pieces = []
         for shard, positions in self._split(ids):
             limit = self._shards[shard].max_rows
-            for start in range(0, _count(positions), limit):
-                if isinstance(positions, slice):
-                    pieces.append(
-                        (
-                            shard,
-                            slice(
-                                positions.start + start, min(positions.start + start + limit, positions.stop)
-                            ),
-                        )
-                    )
-                else:
-                    pieces.append((shard, positions[start : start + limit]))
+            count = _count(positions)
+            pieces += [(shard, _part(positions, a, min(a + limit, count))) for a in range(0, count, limit)]
         return pieces
 
     # -- rows ------------------------------------------------------------------------------------------
@@ -498,6 +523,7 @@ class ParamServerClient:
             parts.append((shard, positions, *self._issue(shard, "PullRowsRequest", request)))
         self.drain()
         try:
+            copies = []
             for shard, positions, request, future in parts:
                 response = self._wait(shard, "PullRows", request, future)
                 changed = wire.decode_ids(response.ids, what="ids")
@@ -510,7 +536,8 @@ class ParamServerClient:
                     )
                     target = np.arange(len(pending.ids))[positions][where]
                     received = self._received_rows(shard, request, response)
-                    _copy_rows(rows, target, received, count=len(target))
+                    copies.append(_rows_copy(rows, target, received, count=len(target)))
+            _copy_blocks(copies)
         finally:
             _release_parts(self, parts)
         return rows
@@ -546,36 +573,51 @@ class ParamServerClient:
                     f"{self._shards[shard].max_rows} in one call (its --max-rows-per-request or "
                     "--max-message-mib); a step's push is applied whole, so it is not split"
                 )
-        issued = []
-        for shard, positions in parts:
-            if _count(positions) == 0 and self.mode == "async":
-                continue
-            incarnation = self._shards[shard].incarnation
-            message = wire.message(
-                "PushGradientsRequest",
-                ids=wire.encode_ids(ids[positions]),
-                step=step,
-                trainer=self.trainer,
-                incarnation=incarnation,
-            )
-            if lr is not None:
-                message.lr.value = lr
-            push = self._in_buffer(shard, message, grads, positions, step)
-            if push is None:  # inline: kept until applied, owning its bytes
-                data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
-                push = _Push(step, wire.Encoded(data, 6, incarnation))
+        pushes, copies = [], []
+        try:
+            for shard, positions in parts:
+                if _count(positions) == 0 and self.mode == "async":
+                    continue
+                incarnation = self._shards[shard].incarnation
+                message = wire.message(
+                    "PushGradientsRequest",
+                    ids=wire.encode_ids(ids[positions]),
+                    step=step,
+                    trainer=self.trainer,
+                    incarnation=incarnation,
+                )
+                if lr is not None:
+                    message.lr.value = lr
+                push = self._in_buffer(shard, message, grads, positions, step, copies)
+                if push is None:  # inline: kept until applied, owning its bytes
+                    data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
+                    push = _Push(step, wire.Encoded(data, 6, incarnation))
+                pushes.append((shard, push))
+            _copy_blocks(copies)  # every shard's gradients at once, before any is sent
+        except BaseException:
+            for shard, push in pushes:
+                if push.offset is not None:
+                    self._shards[shard].buffer.release(push.offset)
+            raise
+        for shard, push in pushes:
             self._shards[shard].unapplied.append(push)
-            issued.append((shard, *self._issue(shard, "PushGradientsRequest", push.request)))
+            self._inflight.append((shard, *self._issue(shard, "PushGradientsRequest", push.request)))
         self.last_pushed_step = max(self.last_pushed_step, step)
-        self._inflight += issued
         if wait:
             self.drain()
 
     def _in_buffer(
-        self, shard: int, message: Any, grads: Tensor, positions: np.ndarray | slice, step: int
+        self,
+        shard: int,
+        message: Any,
+        grads: Tensor,
+        positions: np.ndarray | slice,
+        step: int,
+        copies: list[tuple[Callable[[int, int], None], int, int]],
     ) -> _Push | None:
-        """``message`` with the gradients of ``positions`` written into the shard's buffer (kept there until
-        the step is applied); None where the shard has no buffer or it has no room."""
+        """``message`` pointing at a range of the shard's buffer (kept until the step is applied) for the
+        gradients of ``positions``, whose copy there is added to ``copies``; None where the shard has no
+        buffer or it has no room."""
         state = self._shards[shard]
         if not state.buffer_id:
             return None
@@ -587,13 +629,18 @@ class ParamServerClient:
             return None
         target = np.frombuffer(state.buffer.view(offset, nbytes), dtype=np.float32 if float32 else np.int16)
         target = target.reshape(shape)
-        # numpy copies on this thread: torch's pool wakes threads for a small copy, which then wait for cores
-        if float32 and isinstance(positions, slice):
-            np.copyto(target, grads.numpy()[positions])
-        elif float32:
-            np.take(grads.numpy(), positions, axis=0, out=target)
-        else:
-            torch.from_numpy(target).view(torch.bfloat16).copy_(grads[_index(positions)])
+        source = grads.numpy()
+
+        def copy(a: int, b: int) -> None:
+            where = _part(positions, a, b)
+            if float32 and isinstance(where, slice):
+                np.copyto(target[a:b], source[where])
+            elif float32:
+                np.take(source, where, axis=0, out=target[a:b])
+            else:
+                torch.from_numpy(target[a:b]).view(torch.bfloat16).copy_(grads[_index(where)])
+
+        copies.append((copy, shape[0], nbytes // max(1, shape[0])))
         message.buffer, message.buffer_offset = state.buffer_id, offset
         message.grads.dtype = self.wire_dtype
         message.grads.shape[:] = shape
@@ -837,6 +884,13 @@ def _as_ids(ids: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
 
 def _index(positions: np.ndarray | slice) -> slice | Tensor:
     return positions if isinstance(positions, slice) else torch.from_numpy(positions)
+
+
+def _part(positions: np.ndarray | slice, start: int, stop: int) -> np.ndarray | slice:
+    """Entries ``[start, stop)`` of ``positions``."""
+    if isinstance(positions, slice):
+        return slice(positions.start + start, positions.start + stop)
+    return positions[start:stop]
 
 
 def _count(positions: np.ndarray | slice) -> int:
