@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from megaclass.data import xmc
 from megaclass.data.xmc import (
@@ -344,6 +346,21 @@ def test_label_features_exact_when_small(rows: int) -> None:
     np.testing.assert_allclose(got, _pifa_reference(data.features, data.labels), atol=1e-6)
     unused = np.setdiff1d(np.arange(6), data.labels.indices)
     assert np.all(got[unused] == 0)
+
+
+@pytest.mark.parametrize("dim", [None, 256])
+def test_label_features_warn_of_nothing(dim) -> None:
+    """The sparse products behind PIFA opt out of torch's invariant checks explicitly: torch versions that
+    warn when the choice is left implicit (once a process, made "always" here) print nothing in a run."""
+    data = _random_data(np.random.default_rng(4), 40, num_labels=6, num_features=500)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            label_features(data.features, data.labels, dim=dim)
+    finally:
+        torch.set_warn_always(warn_always)
 
 
 def test_label_features_projection_preserves_geometry() -> None:

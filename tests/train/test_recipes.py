@@ -71,6 +71,9 @@ def test_an_mlp_over_featurised_text_drops_some_of_each_rows_ngrams(facts, head,
     config, description = _resolve(head=head, facts=facts)
     assert config.model.input_dropout == 0.3
     assert "epochs; input dropout 0.3" in description
+    assert description.endswith(
+        "; natural-language text: --set model.type=transformer fine-tunes MiniLM (higher P@1, slower)"
+    )
     if preset is not None:
         wanted = from_preset(preset)
         wanted = dataclasses.replace(wanted, model=dataclasses.replace(wanted.model, input_dropout=0.3))
@@ -80,6 +83,8 @@ def test_an_mlp_over_featurised_text_drops_some_of_each_rows_ngrams(facts, head,
     assert config.model.input_dropout == 0.0 and "input dropout" not in description
     config, description = _resolve(["model.type=transformer"], head=head, facts=facts)
     assert not hasattr(config.model, "input_dropout") and "input dropout" not in description
+    assert "--set model.type=transformer" not in description
+    assert "transformer" not in _resolve(head=head, facts=dataclasses.replace(facts, inputs="bow"))[1]
 
 
 def test_explicit_settings_win_even_when_they_equal_the_defaults():

@@ -975,7 +975,7 @@ def _project_rows(rows: CSR, signs: np.ndarray | None, dense, width: int):
     scale = torch.from_numpy((values / np.maximum(norms, 1e-30)[row_of_entry]).astype(np.float32))
     columns = torch.from_numpy(rows.indices.astype(np.int64))
     if signs is None or dense is not None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants(enable=False):
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             matrix = torch.sparse_csr_tensor(
                 torch.from_numpy(rows.indptr),

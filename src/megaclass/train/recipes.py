@@ -67,6 +67,13 @@ _TEXT_INPUT_DROPOUT = 0.3
 # where the dense softmax would barely move it (5% active: 2.2 to 2.3 points top-1 under dense with AdamW
 # rows, 0.8 to 1.9 above with these, on a planted set and a deb-files slice; benchmarks/RESULTS.md)
 _SGD_ROWS = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+# what the recipe line of a TF-IDF run over text points to: the pretrained encoder fine-tuned, 1.0 and 3.4
+# points P@1 above the TF-IDF MLP on two natural-language sets (deb-tags' texts, deb-depends;
+# benchmarks/RESULTS.md). Not the default: it is several times slower on a CPU, and a recipe is the same on
+# every device.
+_TRANSFORMER_HINT = (
+    "natural-language text: --set model.type=transformer fine-tunes MiniLM (higher P@1, slower)"
+)
 
 
 @dataclass(frozen=True)
@@ -251,7 +258,10 @@ def resolve_recipe(
             )
             why += f"; batch {batch}, about half the {active:,} active classes"
     name = f"{preset} with {change}" if change else preset
-    return resolve_auto(resolved, facts), f"recipe: {name} ({why}); explicit settings win"
+    description = f"recipe: {name} ({why}); explicit settings win"
+    if text_mlp and not covered("model.type", explicit_keys):
+        description += f"; {_TRANSFORMER_HINT}"
+    return resolve_auto(resolved, facts), description
 
 
 def with_row_optimizer_of(head: SelectedHeadConfig, config: RunConfig) -> SelectedHeadConfig:
