@@ -6,10 +6,10 @@ where ``P`` is ``apt-cache dumpavail``'s output and ``T`` a ``Translation-en`` f
 (``/usr/lib/apt/apt-helper cat-file /var/lib/apt/lists/*_main_i18n_Translation-en.lz4``).
 
 A document is a package's name, short and long description; its labels are the packages it names in
-``Depends`` and ``Recommends`` (the first of each group of alternatives, without versions or architecture),
-those named by at least ``--min-count`` packages. Packages without such a label are left out. Written as
-deb-tags' texts are (``l1,l2,...<TAB>text`` a line, label ids the rows of ``labels.txt.gz``), split by a
-seeded shuffle into ``--test-fraction`` test documents and the rest for training.
+``Depends``, ``Pre-Depends`` and ``Recommends`` (the first of each group of alternatives, without versions or
+architecture), those named by at least ``--min-count`` packages. Packages without such a label are left out.
+Written as deb-tags' texts are (``l1,l2,...<TAB>text`` a line, label ids the rows of ``labels.txt.gz``),
+split by a seeded shuffle into ``--test-fraction`` test documents and the rest for training.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _stanzas(path: str) -> list[dict[str, str]]:
 
 
 def _depends(fields: dict[str, str]) -> list[str]:
-    """The packages named in Depends and Recommends: each group's first alternative, bare names."""
+    """The packages named in Depends, Pre-Depends and Recommends: each group's first alternative, bare
+    names."""
     names = []
     for key in ("Depends", "Pre-Depends", "Recommends"):
         for group in fields.get(key, "").split(","):

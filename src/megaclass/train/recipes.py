@@ -69,8 +69,8 @@ _TEXT_INPUT_DROPOUT = 0.3
 _SGD_ROWS = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 # what the recipe line of a TF-IDF run over text points to: the pretrained encoder fine-tuned, 1.0 and 3.4
 # points P@1 above the TF-IDF MLP on two natural-language sets (deb-tags' texts, deb-depends;
-# benchmarks/RESULTS.md). Not the default: it is several times slower on a CPU, and a recipe is the same on
-# every device.
+# benchmarks/RESULTS.md). Not the default: its run is about 13 times as long on 2 CPU cores, and a recipe is
+# the same on every device.
 _TRANSFORMER_HINT = (
     "natural-language text: --set model.type=transformer fine-tunes MiniLM (higher P@1, slower)"
 )
