@@ -138,9 +138,8 @@ def test_row_sgd_matches_dense_sgd(momentum):
 
 
 def _sparse_grad(rows: list[int], values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    return torch.sparse_coo_tensor(
-        torch.tensor([rows]), values, shape, check_invariants=True, is_coalesced=False
-    )
+    with torch.sparse.check_sparse_tensor_invariants(enable=True):  # explicit: torch 2.11 warns otherwise
+        return torch.sparse_coo_tensor(torch.tensor([rows]), values, shape, is_coalesced=False)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -97,30 +97,50 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_logits(
-    XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
-    stride_xtd, K,
-    GROUP: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+def _dot_mask_k(tile, label_stop, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A grouped tile's fan-in slots in use: ``k < K``, none for a tile past the launch."""
+    offs_k = tl.arange(0, BLOCK_K)
+    return (offs_k < K) & (tile * BLOCK_C + offs_k * 0 < label_stop)
+
+
+@triton.jit
+def _tile_operands(
+    XT_ptr, W_ptr, I_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b, stride_xtd, K,
+    DOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """zT (BLOCK_C, BLOCK_B) fp32 = sum_k w[c, k] xT[idx[c // G, k], b] (+ bias[c])."""
-    w_rows = offs_c * K  # weight (C, K) contiguous; offs_c is int64
-    if DOT:  # the tile is one group, index row `tile`, its whole fan-in in one slice (BLOCK_K >= K)
+    """A grouped tile's gathered inputs ``xg (BLOCK_K, BLOCK_B)`` and weights ``wt (G, BLOCK_K)`` in the
+    inputs' dtype, loaded once for its logits and its gradients (the group's whole fan-in in one slice:
+    ``BLOCK_K >= K``); per-label tiles load theirs one ``k`` at a time (two placeholders)."""
+    if DOT:
         offs_k = tl.arange(0, BLOCK_K)
-        mask_k = (offs_k < K) & (tile * BLOCK_C + offs_k * 0 < label_stop)  # a tile past the launch: none
+        mask_k = _dot_mask_k(tile, label_stop, K, BLOCK_C, BLOCK_K)
         cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
         xg = tl.load(
             XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :],
             mask=mask_k[:, None] & mask_b[None, :],
             other=0.0,
-        )  # (BLOCK_K, BLOCK_B)
+        )
         wt = tl.load(
-            W_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0
-        )  # (G, BLOCK_K)
-        acc = _dot(wt.to(xg.dtype), xg, tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32), PRECISION, UPCAST)
+            W_ptr + offs_c[:, None] * K + offs_k[None, :], mask=mask_c[:, None] & mask_k[None, :], other=0.0
+        )  # weight (C, K) contiguous; offs_c is int64
+        return xg, wt.to(xg.dtype)
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _tile_logits(
+    XT_ptr, W_ptr, I_ptr, Bias_ptr, xg, wt, offs_c, mask_c, offs_b, mask_b, stride_xtd, K,
+    GROUP: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """zT (BLOCK_C, BLOCK_B) fp32 = sum_k w[c, k] xT[idx[c // G, k], b] (+ bias[c]); grouped tiles from their
+    operands (:func:`_tile_operands`)."""
+    if DOT:
+        acc = _dot(wt, xg, tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32), PRECISION, UPCAST)
     else:
         acc = tl.zeros((BLOCK_C, BLOCK_B), dtype=tl.float32)
+        w_rows = offs_c * K  # weight (C, K) contiguous; offs_c is int64
         i_rows = (offs_c // GROUP) * K
         mask = mask_c[:, None] & mask_b[None, :]
         for k in range(0, K):
@@ -174,25 +194,19 @@ def _merge_lse(run_max, run_sum, z, mask, slot, NB: tl.constexpr):
 
 @triton.jit
 def _dot_tile_grads(
-    XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop, buf_row0, offs_b, mask_b,
-    stride_xtd, stride_bufr, K,
+    Buf_ptr, dz, gw, xg, wt, tile, label_stop, buf_row0, offs_b, mask_b, stride_bufr, K,
     WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grouped tile: gw (G, BLOCK_K) + dz @ xg^T, and (WRITE_BUF) the buffer rows gxT = w^T dz of its K
     connections, at rows buf_row0 + k."""
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = (offs_k < K) & (tile * BLOCK_C + offs_k * 0 < label_stop)  # a tile past the launch: none
-    cols = tl.load(I_ptr + tile * K + offs_k, mask=mask_k, other=0)
-    mask_kb = mask_k[:, None] & mask_b[None, :]
-    xg = tl.load(XT_ptr + cols[:, None] * stride_xtd + offs_b[None, :], mask=mask_kb, other=0.0)
     dz_c = _cast(dz, xg.dtype, UPCAST)
     gw = _dot(dz_c, tl.trans(xg), gw, PRECISION, UPCAST)
     if WRITE_BUF:
-        w_ptrs = W_ptr + offs_c[:, None] * K + offs_k[None, :]
-        wt = tl.load(w_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)  # (G, BLOCK_K)
         zero = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-        gx = _dot(tl.trans(wt.to(xg.dtype)), dz_c, zero, PRECISION, UPCAST)  # (BLOCK_K, BLOCK_B)
+        gx = _dot(tl.trans(wt), dz_c, zero, PRECISION, UPCAST)  # (BLOCK_K, BLOCK_B)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_kb = _dot_mask_k(tile, label_stop, K, BLOCK_C, BLOCK_K)[:, None] & mask_b[None, :]
         buf_ptrs = Buf_ptr + (buf_row0 + offs_k)[:, None] * stride_bufr + offs_b[None, :]
         tl.store(buf_ptrs, _cast(gx, Buf_ptr.dtype.element_ty, UPCAST), mask=mask_kb)
     return gw
@@ -227,7 +241,7 @@ def _label_tile_grads(
 
 @triton.jit
 def _add_tile_grads(
-    XT_ptr, W_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, offs_c, mask_c, tile, tile_start, label_stop,
+    XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, xg, wt, offs_c, mask_c, tile, tile_start, label_stop,
     offs_b, mask_b, block, stride_xtd, stride_bufr, K,
     GROUP: tl.constexpr, DOT: tl.constexpr, WRITE_BUF: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -237,9 +251,8 @@ def _add_tile_grads(
     gbias += tl.sum(dz, axis=1)
     if DOT:
         gw = _dot_tile_grads(
-            XT_ptr, W_ptr, I_ptr, Buf_ptr, dz, gw, offs_c, mask_c, tile, label_stop,
-            (tile - tile_start) * K, offs_b, mask_b, stride_xtd, stride_bufr, K,
-            WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+            Buf_ptr, dz, gw, xg, wt, tile, label_stop, (tile - tile_start) * K, offs_b, mask_b, stride_bufr,
+            K, WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
         )  # fmt: skip
     else:
         _label_tile_grads(
@@ -280,9 +293,13 @@ def _fixed_fanin_fwd_kernel(
         for block in range(0, B_BLOCKS):
             offs_b = block * BLOCK_B + offs_bb
             mask_b = offs_b < B
+            xg, wt = _tile_operands(
+                XT_ptr, W_ptr, I_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b, stride_xtd, K,
+                DOT, BLOCK_C, BLOCK_K,
+            )  # fmt: skip
             z = _tile_logits(
-                XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
-                stride_xtd, K, GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+                XT_ptr, W_ptr, I_ptr, Bias_ptr, xg, wt, offs_c, mask_c, offs_b, mask_b, stride_xtd, K,
+                GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, PRECISION, UPCAST,
             )  # fmt: skip
             mask = mask_c[:, None] & mask_b[None, :]
             if LOSS == 0:
@@ -296,7 +313,7 @@ def _fixed_fanin_fwd_kernel(
                 if GRAD:
                     dz = tl.where(mask, grad * row_grad, 0.0)
                     gw, gbias = _add_tile_grads(
-                        XT_ptr, W_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, offs_c, mask_c, tile,
+                        XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, xg, wt, offs_c, mask_c, tile,
                         tile_start, label_stop, offs_b, mask_b, block, stride_xtd, stride_bufr, K,
                         GROUP, DOT, True, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
                     )  # fmt: skip
@@ -349,13 +366,17 @@ def _bwd_tiles(
             offs_b = block * BLOCK_B + tl.arange(0, BLOCK_B)
             mask_b = offs_b < B
             mask = mask_c[:, None] & mask_b[None, :]
+            xg, wt = _tile_operands(
+                XT_ptr, W_ptr, I_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b, stride_xtd, K,
+                DOT, BLOCK_C, BLOCK_K,
+            )  # fmt: skip
             if LOSS == 0:
                 dy_ptrs = DY_ptr + offs_b.to(tl.int64)[None, :] * stride_dyb + offs_c[:, None]
                 dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
             else:
                 z = _tile_logits(
-                    XT_ptr, W_ptr, I_ptr, Bias_ptr, offs_c, mask_c, tile, label_stop, offs_b, mask_b,
-                    stride_xtd, K, GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
+                    XT_ptr, W_ptr, I_ptr, Bias_ptr, xg, wt, offs_c, mask_c, offs_b, mask_b, stride_xtd, K,
+                    GROUP, DOT, HAS_BIAS, BLOCK_C, BLOCK_B, PRECISION, UPCAST,
                 )  # fmt: skip
                 g_row = tl.load(GRow_ptr + offs_b, mask=mask_b, other=0.0)
                 if LOSS == 3:
@@ -365,7 +386,7 @@ def _bwd_tiles(
                     dz = _negative_loss_grad(z, LOSS)[1] * g_row[None, :]
                 dz = tl.where(mask, dz, 0.0)
             gw, gbias = _add_tile_grads(
-                XT_ptr, W_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, offs_c, mask_c, tile, tile_start,
+                XT_ptr, I_ptr, Buf_ptr, GW_ptr, dz, gw, gbias, xg, wt, offs_c, mask_c, tile, tile_start,
                 label_stop, offs_b, mask_b, block, stride_xtd, stride_bufr, K,
                 GROUP, DOT, WRITE_BUF, BLOCK_C, BLOCK_B, BLOCK_K, PRECISION, UPCAST,
             )  # fmt: skip
