@@ -16,8 +16,9 @@ Providers, all with fp32 master weights and bf16 features (as under autocast):
   int32 ``(ceil(C / G), K)`` and a bias; Triton kernels, the loss fused (no ``B x C`` logits kept; BCE by
   default, ``--losses bce,softmax`` adds the softmax cross-entropy, recomputed per label tile in backward).
   ``--variants`` runs kernel schedules side by side: ``fused`` (the defaults: BCE / hinge gradients computed
-  in the forward pass, several label tiles per program by ``kernels.tiles_per_program``) and ``unfused``
-  (the backward pass recomputes the logits, one tile per program: the schedule before fusion).
+  in the forward pass; one label tile per program in the passes that write gradients, several in a forward
+  pass without them, by ``kernels.tiles_per_program``) and ``unfused`` (the backward pass recomputes the
+  logits, one tile per program in every pass: the schedule before fusion).
   ``--weight-dtypes fp32,bf16`` adds bf16 weights and bias (``optim.head_state=bf16_sr``; ``step`` then
   runs :class:`megaclass.train.low_precision.BF16AdamW`, stochastic rounding).
 - ``torch-dense``: ``x @ W.T`` (``W (C, D)``) under bf16 autocast, then ``F.binary_cross_entropy_with_logits``

@@ -379,9 +379,13 @@ def test_forward_tiles_per_program(group, loss):
 
 
 def test_tiles_per_program_rule():
-    from megaclass.ops.fixed_fanin.kernels import tiles_per_program
+    """Forward passes without gradients by size; passes that write gradients one tile a program."""
+    from megaclass.ops.fixed_fanin.kernels import _geometry, tiles_per_program
 
     assert [tiles_per_program(t) for t in (1, 8191, 8192, 20941, 87884, 10**7)] == [1, 1, 2, 4, 8, 8]
+    assert _geometry(128, 670091, 32, 32, 0).per_program == 4
+    assert _geometry(128, 670091, 32, 32, 0, gradients=True).per_program == 1
+    assert _geometry(128, 670091, 32, 32, 2, gradients=True).per_program == 2
 
 
 @pytest.mark.parametrize("impl", IMPLS)

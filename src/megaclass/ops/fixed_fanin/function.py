@@ -51,7 +51,8 @@ class FixedFaninOptions:
     # the gradient each row value is expected to get, a speed hint of the fused pass (any row gradient is
     # exact; the expected one costs nothing more); None: 1 / B, the mean over samples
     row_grad: float | None = None
-    tiles_per_program: int = 0  # Triton: label tiles per program; 0 picks by size (kernels.tiles_per_program)
+    # Triton: label tiles per program; 0: one in the passes that write gradients, by size in the others
+    tiles_per_program: int = 0
 
 
 def _launchers(impl: Impl, tiles_per_program: int = 0) -> tuple[Any, Any]:

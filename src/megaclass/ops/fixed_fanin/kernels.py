@@ -10,9 +10,11 @@ The kernels work on ``xT (D, B)``, the inputs transposed once per call, so every
   ``tl.dot`` on tensor cores in the inputs' precision (bf16 features under autocast meet fp32 master weights
   cast to bf16; fp32 accumulation; HASTE's grouping). fp32 features keep an exact fp32 dot.
 
-A program serves ``TILES`` consecutive tiles (``tiles_per_program``: more work per program and a tile loop
-the compiler pipelines, the next tile's gathers in flight while this one computes) and keeps its per-row
-partials in registers across them: one ``(B,)`` row per program, not per tile.
+A program of a forward pass without gradients serves ``TILES`` consecutive tiles (``tiles_per_program``:
+more work per program and a tile loop the compiler pipelines, the next tile's gathers in flight while this
+one computes) and keeps its per-row partials in registers across them: one ``(B,)`` row per program, not per
+tile. Passes that write gradients (the fused BCE / hinge pass, the backward passes) serve one tile a program:
+on an H100 their grouped tiles ran 23 to 37% faster so (``K`` 32, ``G`` 16 and 32, ``B`` 128).
 
 Where the bytes go (fp32 weights, bf16 features, ``B`` 128, ``K = G`` 32): per label the weights are ``4K``
 bytes, the index ``4K / G``, the gathered inputs ``2KB / G`` from L2 (``xT`` is ``2DB`` bytes, L2-resident),
@@ -65,6 +67,7 @@ LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
 _BLOCK_C = 32  # labels per tile in the per-label kernels
 _MAX_BLOCK_B = 128  # batch rows per block of a tile
 _MAX_TILES = 8  # tiles per program, at most
+_GRADIENT_TILES = 1  # tiles per program of the passes that write gradients
 _MIN_PROGRAMS = 4096  # programs kept when grouping tiles: some 2 waves of 16 programs on 132 SMs
 _BLOCK_J = 32  # connections per step of the input-gradient reduction
 _SCALE_BLOCK = 4096  # elements per program of the gated scaling
@@ -486,8 +489,9 @@ _dx_tuned = triton.autotune(
 
 
 def tiles_per_program(tiles: int) -> int:
-    """Tiles one program serves: the largest power of two up to 8 that still leaves 4096 programs (a few
-    waves of resident programs on a large GPU), so small layers keep one tile per program."""
+    """Tiles one program of a forward pass without gradients serves: the largest power of two up to 8 that
+    still leaves 4096 programs (a few waves of resident programs on a large GPU), so small layers keep one
+    tile per program."""
     per_program = 1
     while per_program < _MAX_TILES and tiles >= 2 * per_program * _MIN_PROGRAMS:
         per_program *= 2
@@ -524,9 +528,11 @@ class _Geometry:
         return max(self.per_program, tiles // self.per_program * self.per_program)
 
 
-def _geometry(batch: int, classes: int, fan_in: int, group: int, per_program: int) -> _Geometry:
+def _geometry(
+    batch: int, classes: int, fan_in: int, group: int, per_program: int, gradients: bool = False
+) -> _Geometry:
     """Grouped tiles for power-of-two ``G >= 16`` and ``K <= 256`` (one group per tile), else per-label;
-    ``per_program`` 0 picks :func:`tiles_per_program`."""
+    ``per_program`` 0 picks one tile for passes that write ``gradients``, else :func:`tiles_per_program`."""
     dot = grouped_tiles(group, fan_in)
     block_b = max(16, min(_MAX_BLOCK_B, triton.next_power_of_2(max(batch, 1))))
     block_c = group if dot else _BLOCK_C
@@ -538,7 +544,7 @@ def _geometry(batch: int, classes: int, fan_in: int, group: int, per_program: in
         block_c=block_c,
         block_k=max(16, triton.next_power_of_2(fan_in)) if dot else 16,
         tiles=tiles,
-        per_program=per_program or tiles_per_program(tiles),
+        per_program=per_program or (_GRADIENT_TILES if gradients else tiles_per_program(tiles)),
         rows_per_tile=fan_in if dot else block_c,
     )
 
@@ -704,7 +710,7 @@ def fixed_fanin_fwd_grad(
     if code not in (1, 2):
         raise ValueError(f"loss: expected 'bce' or 'hinge' for gradients in the forward pass, got {loss!r}")
     batch, (classes, fan_in) = x.shape[0], weight.shape
-    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program, gradients=True)
     grad_w = _grad_w_target(geometry, weight)
     grad_b = torch.empty_like(bias) if bias is not None else None
     if batch == 0:
@@ -770,7 +776,7 @@ def fixed_fanin_grad_finish(
     _gated_scale(grad_w, rescale, first)
     if grad_b is not None:
         _gated_scale(grad_b, rescale, first)
-    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program, gradients=True)
     x_t = x.t().contiguous()  # (D, B)
     g_row = grad.float().contiguous()
     args = (
@@ -803,11 +809,11 @@ def fixed_fanin_bwd(
         grad: ``dL/dy (B, C)`` for ``loss="none"``, else ``dL/d row value (B,)``.
         lse: ``(B,)`` log-sum-exp from the forward pass, for ``softmax``.
         chunk_rows: rows of the ``(rows, B)`` input-gradient buffer per chunk of labels (its memory bound).
-        tiles_per_program: as in :func:`fixed_fanin_fwd`.
+        tiles_per_program: tiles per program; 0 gives one, as in every pass that writes gradients.
     """
     _check(x, weight, index, bias)
     batch, (classes, fan_in) = x.shape[0], weight.shape
-    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program)
+    geometry = _geometry(batch, classes, fan_in, group, tiles_per_program, gradients=True)
     grad_w = _grad_w_target(geometry, weight)
     grad_b = torch.empty_like(bias) if bias is not None else None
     if batch == 0:
