@@ -2,6 +2,7 @@
 
     python benchmarks/paramserver.py            # 1/2/4 shards, D 256/512, 1k-20k rows; step at C = 10^6
     python benchmarks/paramserver.py --quick    # small sizes, runs on CPU as a smoke test
+    python benchmarks/paramserver.py --parts update --shards 1 --dims 256 --rows 5000  # one shard's update
 
 Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD with momentum) on this machine
 and times one client pulling ``R`` random rows (``pull``), pushing their gradients (``push``: the shards
@@ -25,6 +26,12 @@ the head never reads the matrix: every step it asks the shards for each sample's
 many clusters are searched per sample as a local index. All start from the same matrix (the shards draw
 the in-process stores' initial rows). The ``ps-part`` rows time the parts of a ``ps`` step alone: the
 selection (with its query), the pull of the active rows, and the push of their gradients until applied.
+
+Part 3 (``--parts update``, not run by default) times a shard's update alone, in this process: one
+:meth:`~megaclass.paramserver.state.ShardState.apply` of ``R`` random rows' gradients (the record gathered,
+updated in place, written into the maps and committed), with SGD with momentum and with Adam, for each of
+``--row-dtypes``; the shard holds ``--classes / N`` rows of the smallest ``--shards`` count ``N`` (one
+shard's share). ``bandwidth_gbs`` counts the gradients' bytes, ``R * D * 4``, as a push's does.
 
 Without a GPU the client keeps the host blocks it frees for reuse, as a CPU trainer's process does
 (:mod:`megaclass.host_allocator`; ``MEGACLASS_HOST_MALLOC=system`` leaves the allocator as it is, here and
@@ -88,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="B of the SelectedHead step (default 512)")
     parser.add_argument("--step-dim", type=int, help="D of the SelectedHead step (default 512)")
     parser.add_argument(
-        "--parts", default="throughput,step", help="comma-separated subset of throughput,step"
+        "--parts", default="throughput,step", help="comma-separated subset of throughput,step,update"
     )
     parser.add_argument(
         "--index-device",
@@ -361,6 +368,40 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
     return results
 
 
+def shard_updates(args: argparse.Namespace, root: str) -> list[Result]:
+    """One shard's ``ShardState.apply`` of ``R`` random rows, in this process (part 3)."""
+    from megaclass.paramserver import HyperParams
+    from megaclass.paramserver.state import ShardSpec, ShardState
+
+    size = args.classes // min(args.shards)
+    cases, states = [], []
+    for dtype, optimizer, dim in itertools.product(args.row_dtypes, ("sgd", "adam"), args.dims):
+        spec = ShardSpec(size, dim, 0, size, optimizer, trainers=1, dtype=dtype)
+        state = ShardState(tempfile.mkdtemp(dir=root), spec, HyperParams(lr=0.01, momentum=0.9))
+        states.append(state)
+        for tensor in state.state.values():  # resident, as a shard's state is after its first steps
+            tensor.zero_()
+        for rows in args.rows:
+            id_sets = itertools.cycle([torch.randperm(size)[:rows].sort().values for _ in range(8)])
+            grads = torch.randn(rows, dim) * 1e-3
+            steps = itertools.count(1)
+
+            def update(state=state, id_sets=id_sets, grads=grads, steps=steps) -> None:
+                state.apply(next(id_sets), grads, lr=0.01, step=next(steps))
+
+            params = {"optimizer": optimizer, "D": dim, "rows": rows, "held": dtype}
+            cases.append(
+                Case("shard", "update", params, lambda update=update: update, bytes_moved=rows * dim * 4)
+            )
+    try:
+        return run_cases(
+            cases, benchmark="paramserver", results_path=args.results, reps=args.reps, warmup=args.warmup
+        )
+    finally:
+        for state in states:
+            state.close()
+
+
 def summary(results: list[Result]) -> str:
     """Rows per second and GB/s of the transfer cases, one line per (shards, D, rows)."""
     lines = [
@@ -404,6 +445,7 @@ def main() -> None:
     try:
         transfer = throughput(args, root) if "throughput" in parts else []
         steps = head_steps(args, root) if "step" in parts else []
+        updates = shard_updates(args, root) if "update" in parts else []
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if transfer:
@@ -416,6 +458,12 @@ def main() -> None:
         }
         for store in (name for name in by_store if name.startswith("ps") and "host" in by_store):
             print(f"\n{store} step / host step: {by_store[store] / by_store['host']:.2f}x (target <= 2x)")
+    if updates:
+        print("\n" + markdown_table(updates, columns=["time_ms", "q20_ms", "q80_ms", "bandwidth_gbs"]))
+        for r in updates:
+            if r.status == "ok":
+                rows_per_s = r.params["rows"] / (r.time_ms * 1e-3)
+                print(f"{r.params}: {rows_per_s:,.0f} rows a second")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

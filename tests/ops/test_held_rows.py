@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megaclass.ops.held_rows import RowDtype, put_held_rows_
+from megaclass.ops.held_rows import RowDtype, hold_, put_held_rows_
 from megaclass.ops.stochastic_rounding import reference_stochastic_round, rounding_seed
 
 
@@ -31,3 +31,21 @@ def test_bf16_targets_are_rounded_with_a_stream_each_and_float32_ones_written_as
     a, b = torch.zeros(3, 6, dtype=torch.bfloat16), torch.zeros(3, 6, dtype=torch.bfloat16)
     put_held_rows_([(a, same), (b, same)], torch.arange(3), seed=11)
     assert not torch.equal(a, b)
+
+
+def test_hold_writes_whole_targets_with_the_bits_of_the_row_write():
+    """hold_ rounds into whole bf16 targets as put_held_rows_ does into rows, copies into float32 ones and
+    leaves a target updated in place as it is."""
+
+    def bits(tensor):
+        return tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+
+    values = [torch.randn(4, 6), torch.randn(4, 6), torch.randn(4)]
+    rows = [torch.zeros(9, 6, dtype=torch.bfloat16), torch.zeros(9, 6), torch.zeros(9)]
+    ids = torch.tensor([8, 0, 3, 4])
+    put_held_rows_(list(zip(rows, values, strict=True)), ids, seed=5)
+    held = [torch.empty(4, 6, dtype=torch.bfloat16), torch.empty(4, 6), values[2]]
+    hold_(list(zip(held, values, strict=True)), seed=5)
+    for target, row in zip(held, rows, strict=True):
+        assert torch.equal(bits(target), bits(row[ids]))
+    assert held[2] is values[2]

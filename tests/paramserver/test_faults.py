@@ -162,39 +162,133 @@ def _spec(**changes):
     )
 
 
+def _crash_after(calls, message):
+    """A stand-in that lets ``calls - 1`` calls of the function it wraps through, then raises (a kill)."""
+
+    def wrap(function):
+        seen = [0]
+
+        def crashing(*args, **kwargs):
+            seen[0] += 1
+            if seen[0] >= calls:
+                raise KeyboardInterrupt(message)
+            return function(*args, **kwargs)
+
+        return crashing
+
+    return wrap
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
 @pytest.mark.parametrize("durable", [False, True])
 @pytest.mark.parametrize("first", [[0, 5], [0, 1, 3, 4, 5, 6, 7]])  # shorter / longer record
 @pytest.mark.parametrize("average_decay", [0.0, 0.9])
-def test_an_interrupted_update_is_undone_on_restart(
-    tmp_path, monkeypatch, first, durable, dtype, average_decay
+@pytest.mark.parametrize("killed", ["updating", "writing", "committing"])
+def test_an_interrupted_update_is_all_or_nothing_after_restart(
+    tmp_path, monkeypatch, first, durable, dtype, average_decay, killed
 ):
-    """A process dying between journal and commit leaves the pre-step state after restart (also when the
-    journal still holds the tail of a longer earlier record), bit for bit in either row dtype, the weight
-    average too."""
+    """A process dying while it updates the record leaves the pre-step state after restart; dying once the
+    record is complete (while it is written into the maps, or at the commit) leaves the state of the
+    uninterrupted update: bit for bit in either row dtype, the weight average too, also when the journal
+    still holds the tail of a longer earlier record."""
+    import megaclass.paramserver.state as state_module
+
     hyper = HyperParams(lr=1.0, momentum=0.9)
     spec = _spec(dtype=dtype, average_decay=average_decay)
-    state = ShardState(tmp_path, spec, hyper, durable=durable)
-    state.apply(torch.tensor(first), torch.ones(len(first), 3), lr=1.0, step=1)
-    rows, version = state.rows.clone(), state.version
-    slots = {name: tensor.clone() for name, tensor in state.state.items()}
-
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt("killed before the commit")
-
-    monkeypatch.setattr(ShardState, "_commit", crash)
+    runs = {}
+    for name in ("plain", "killed"):
+        runs[name] = ShardState(tmp_path / name, spec, hyper, durable=durable)
+        runs[name].apply(torch.tensor(first), torch.ones(len(first), 3), lr=1.0, step=1, trainers=[0])
+    before = runs["killed"]
+    rows, versions = before.rows.clone(), before.versions.clone()
+    slots = {name: tensor.clone() for name, tensor in before.state.items()}
+    second = (torch.tensor([5, 2, 7]), torch.full((3, 3), 4.0))
+    runs["plain"].apply(*second, lr=1.0, step=2, trainers=[0])
+    target, calls = {
+        "updating": ("hold_", 1),  # the record updated, not yet complete: the maps untouched
+        "writing": ("put_rows_", 2),  # the rows written into the maps, their state not yet
+        "committing": ("put_rows_", 2 + len(slots)),  # the rows and their state written, not their versions
+    }[killed]
+    monkeypatch.setattr(state_module, target, _crash_after(calls, killed)(getattr(state_module, target)))
     with pytest.raises(KeyboardInterrupt):
-        state.apply(torch.tensor([5, 2, 7]), torch.full((3, 3), 4.0), lr=1.0, step=2)
-    assert not torch.equal(state.rows, rows)  # half applied in the memory maps
+        before.apply(*second, lr=1.0, step=2, trainers=[0])
+    if killed == "writing":
+        assert not torch.equal(before.rows, rows)  # half written in the memory maps
     monkeypatch.undo()
+    reopened = ShardState(tmp_path / "killed", spec, hyper)
+    plain = runs["plain"]
+    after = (plain.rows, plain.state, plain.versions, 2)
+    expected, expected_slots, expected_versions, expected_step = (
+        (rows, slots, versions, 1) if killed == "updating" else after
+    )
+    expected_version = int(expected_versions.max())
+    torch.testing.assert_close(reopened.rows, expected, rtol=0, atol=0)
+    assert set(reopened.state) == set(expected_slots)
+    for name, tensor in expected_slots.items():
+        torch.testing.assert_close(reopened.state[name], tensor, rtol=0, atol=0)
+    assert (reopened.version, reopened.applied_step) == (expected_version, expected_step)
+    assert reopened.trainer_steps() == [expected_step]
+    assert torch.equal(reopened.versions, expected_versions)
+    reopened.apply(torch.tensor([5]), torch.ones(1, 3), lr=1.0, step=3)
+    assert reopened.version == expected_version + 1
+
+
+def test_a_refused_update_leaves_no_record_to_replay(tmp_path):
+    """An update whose result is not finite writes nothing, and a restart finds nothing to write again."""
+    spec, hyper = _spec(), HyperParams(lr=1.0, momentum=0.9)
+    state = ShardState(tmp_path, spec, hyper)
+    state.apply(torch.tensor([0, 5]), torch.ones(2, 3), lr=1.0, step=1)
+    rows, version = state.rows.clone(), state.version
+    with pytest.raises(ValueError, match="non-finite"):
+        state.apply(
+            torch.tensor([1, 5]), torch.tensor([[1.0, 2.0, 3.0], [float("inf"), 0.0, 0.0]]), lr=1.0, step=2
+        )
+    assert torch.equal(state.rows, rows) and state.version == version
+    del state  # killed: no clean close
     reopened = ShardState(tmp_path, spec, hyper)
     torch.testing.assert_close(reopened.rows, rows, rtol=0, atol=0)
-    assert set(reopened.state) == set(slots)
-    for name, tensor in slots.items():
-        torch.testing.assert_close(reopened.state[name], tensor, rtol=0, atol=0)
     assert (reopened.version, reopened.applied_step) == (version, 1)
-    reopened.apply(torch.tensor([5]), torch.ones(1, 3), lr=1.0, step=2)
-    assert reopened.version == version + 1
+
+
+def test_a_record_of_old_values_restores_them(tmp_path):
+    """A journal holding the touched rows' old values and the old header (an earlier release's record) is
+    written back on restart: the state before its interrupted update."""
+    from megaclass.paramserver.state import _JOURNAL
+
+    spec, hyper = _spec(), HyperParams(lr=1.0, momentum=0.9)
+    state = ShardState(tmp_path, spec, hyper)
+    state.apply(torch.tensor([0, 5]), torch.ones(2, 3), lr=1.0, step=1)
+    rows, slots, versions = state.rows.clone(), state.state["momentum_buffer"].clone(), state.versions.clone()
+    touched = torch.tensor([5, 2, 7])
+    record = state._record(touched, state.version + 1, step=1)  # the rows' current values
+    record["head"][2:] = state.header
+    record["versions"].copy_(versions[touched])
+    state.header[_JOURNAL] = state.version + 1  # the marker set, then the maps half updated, then killed
+    state.rows[touched] += 1.0
+    reopened = ShardState(tmp_path, spec, hyper)
+    torch.testing.assert_close(reopened.rows, rows, rtol=0, atol=0)
+    torch.testing.assert_close(reopened.state["momentum_buffer"], slots, rtol=0, atol=0)
+    assert torch.equal(reopened.versions, versions) and (reopened.version, reopened.applied_step) == (1, 1)
+
+
+def test_set_field_is_recorded_and_replayed(tmp_path, monkeypatch):
+    """An overwrite of one field killed while it is written is completed by the restart."""
+    import megaclass.paramserver.state as state_module
+
+    spec, hyper = _spec(), HyperParams(lr=1.0, momentum=0.9)
+    state = ShardState(tmp_path, spec, hyper)
+    state.apply(torch.tensor([0, 5]), torch.ones(2, 3), lr=1.0, step=1)
+    values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    monkeypatch.setattr(state_module, "put_rows_", _crash_after(2, "killed")(state_module.put_rows_))
+    with pytest.raises(KeyboardInterrupt):
+        state.set_field("momentum_buffer", torch.tensor([2, 6]), values)
+    monkeypatch.undo()
+    reopened = ShardState(tmp_path, spec, hyper)
+    torch.testing.assert_close(
+        reopened.state["momentum_buffer"][torch.tensor([2, 6])], values, rtol=0, atol=0
+    )
+    assert reopened.version == 2 and reopened.applied_step == 1
+    assert reopened.versions[torch.tensor([2, 6])].tolist() == [2, 2]
 
 
 def test_state_survives_restart_and_rejects_other_settings(tmp_path):

@@ -85,6 +85,14 @@ def test_all_finite_finds_one_bad_value_anywhere(where, bad):
     assert not all_finite(values.view(64, 64))
 
 
+def test_all_finite_when_finite_values_overflow_their_sum():
+    values = torch.full((64,), 3e38)
+    assert not bool(torch.isfinite(values.sum()))
+    assert all_finite(values) and all_finite(-values)
+    values[5] = float("inf")
+    assert not all_finite(values)
+
+
 def _bf16_neighbours(values):
     """The bfloat16 values just below and above each float32 value (equal where it is one)."""
     down, up = (torch.tensor(bound, dtype=torch.bfloat16) for bound in (-float("inf"), float("inf")))

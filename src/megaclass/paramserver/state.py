@@ -11,18 +11,23 @@ Files under the data folder::
     average_step.f32   (n,) (the step it was last brought up to; :mod:`megaclass.ops.row_average`)
     versions.i64       (n,) state version of each row's last update (clients revalidate prefetched rows)
     header.i64         committed version, last applied step, journal marker, per-trainer steps
-    journal.bin        undo record of the update in progress
+    journal.bin        the record of the update in progress: the touched rows as the update leaves them
     checksums.json     CRC-32 of every state file, written at a clean close and into snapshots; checked and
                        removed at the next start (the state changes from then on)
 
-Every update is applied as: (1) gather the touched rows' old values (rows, slots, versions, the header)
-straight into ``journal.bin``, memory-mapped and grown to the largest record; (2) set the header's journal
-marker to the new version; (3) update the memory maps in place; (4) write the header's applied step and
-trainer steps, then its committed version last. A process killed at any point leaves the page cache holding
-either a committed state or a marker newer than the committed version; on restart the latter is undone from
-the journal, so no half-applied step survives. With ``durable=True`` the journal is synced before (2) and
-the maps flushed after (4), which extends the guarantee to power loss. :meth:`ShardState.snapshot` copies a
-committed state to its own fsync'd folder.
+Every update is applied as: (1) gather the touched rows and their state straight into a record in
+``journal.bin`` (memory-mapped, grown to the largest record) and update them there, in place (bfloat16 ones
+in float32 buffers, rounded back into the record), beside their new version and the header as the update
+leaves it; (2) set the header's journal marker to the new version: the record is complete; (3) write the
+record into the memory maps; (4) write the header's applied step and trainer steps, then its committed
+version last. A process killed before (2) leaves the maps as they were (a partial record is never read);
+killed after it, the restart writes the record again (writing it twice gives what writing it once does), so
+no half-applied step survives and no completed one is lost. The gathered rows are updated where they lie,
+with no copy between the record and the maps. A journal left by a shard of an earlier release holds the
+touched rows' old values and the old header in the same layout: written the same way, it restores the state
+before that update. With ``durable=True`` the record is synced before (2) and the header after it, and the
+maps flushed after (4), which extends the guarantee to power loss.
+:meth:`ShardState.snapshot` copies a committed state to its own fsync'd folder.
 
 With an average decay the shard keeps each row's weight average (a trainer's ``train.ema_decay``) lazily:
 an update first brings the touched rows' averages up to the step before it from their old values (in the same
@@ -32,7 +37,7 @@ the step asked, without writing: the same numbers as averaging every row after e
 With ``dtype="bf16_sr"`` the rows and their row-shaped optimizer state are bfloat16 (half the memory, and
 half the bytes a push's update moves): an update works in float32 and writes back stochastically rounded
 (``E[stored] == float32 result``), seeded by ``(seed, shard, step, trainers, tensor)``, so shards restored
-from a checkpoint repeat the same bits; the journal keeps the old bfloat16 bits, so an undo is exact.
+from a checkpoint repeat the same bits; the record keeps the rounded bits, so writing it again is exact.
 
 At start every state file must have the size the shard's shape needs, and match its checksum when the last
 close left one: a truncated or damaged state is refused rather than served as zeros.
@@ -54,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.ops.held_rows import RowDtype, put_held_rows_
+from megaclass.ops.held_rows import RowDtype, hold_
 from megaclass.ops.row_average import fold_rows_
 from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
 from megaclass.ops.stochastic_rounding import rounding_seed
@@ -146,7 +151,7 @@ class ShardState:
         else:
             self._check_checksums()
             if self.header[_JOURNAL] > self.header[_COMMITTED]:
-                self._undo()
+                self._replay()
 
     # -- reading ---------------------------------------------------------------------------------------
     @property
@@ -191,35 +196,37 @@ class ShardState:
         """Apply one optimizer step to local rows ``local (S,)`` (unique) given ``grads (S, D)`` float32.
 
         Records ``step`` as the applied step and as the last step of each of ``trainers`` (who pushed it);
-        returns the new version. The touched rows' old values are gathered straight into the journal, copied
-        into buffers kept between steps (fresh pages every step cost more than the update), updated there and
-        written back.
+        returns the new version. The touched rows and their state are gathered straight into the journal's
+        record and updated there: float32 ones in place, bfloat16 ones in float32 buffers kept between steps
+        (fresh pages every step cost more than the update) and rounded back into the record, which is then
+        written into the maps.
         """
         new_version = self.version + 1
-        old_rows, old_state = self._journal(local, new_version)
-        rows = self._work("rows", old_rows)  # (S, D) float32
-        state = {slot: self._work(slot, values) for slot, values in old_state.items()}
-        average = {slot: state.pop(slot) for slot in self.average_slots}
-        if average:  # brought up to the step before this one, from the rows this update changes
+        record = self._record(
+            local, new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step
+        )
+        names = ["rows", *self.state]
+        held = {name: record[name] for name in names}
+        work = {name: v if v.dtype == torch.float32 else self._work(name, v) for name, v in held.items()}
+        rows, state = work["rows"], {slot: work[slot] for slot in self.slots}
+        if self.average_slots:  # brought up to the step before this one, from the rows this update changes
             decay = self.spec.average_decay
-            fold_rows_(average["average"], average["average_step"], rows, decay=decay, step=step - 1)
+            fold_rows_(work["average"], work["average_step"], rows, decay=decay, step=step - 1)
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
-        state |= average
-        written = [(self.rows, rows), *((self.state[slot], values) for slot, values in state.items())]
-        put_held_rows_(written, local, seed=rounding_seed(self.seed, self.spec.row_start, step, *trainers))
-        self.versions.index_fill_(0, local, new_version)
-        self._commit(new_version, step=max(step, self.applied_step), trainers=trainers, trainer_step=step)
+        seed = rounding_seed(self.seed, self.spec.row_start, step, *trainers)
+        hold_([(held[name], work[name]) for name in names], seed=seed)
+        self._write(record, names)
         return new_version
 
     def set_field(self, name: str, local: Tensor, values: Tensor) -> int:
         """Overwrite rows ``local`` of field ``name`` by ``values`` (``(S, D)`` or ``(S,)``); new version."""
+        name = "rows" if name in ("", "rows") else name
         target = self.field(name)
         new_version = self.version + 1
-        self._journal(local, new_version)
-        put_rows_(target, local, values.to(target.dtype))  # a write, not an update: rounded to nearest
-        self.versions.index_fill_(0, local, new_version)
-        self._commit(new_version, step=self.applied_step)
+        record = self._record(local, new_version, step=self.applied_step)
+        record[name].copy_(values.to(target.dtype))  # a write, not an update: rounded to nearest
+        self._write(record, [name])
         return new_version
 
     def set_hyper(self, hyper: HyperParams) -> None:
@@ -322,11 +329,11 @@ class ShardState:
         os.remove(path)
 
     def _refuse_non_finite(self, local: Tensor, rows: Tensor, state: dict[str, Tensor]) -> None:
-        """Refuse an update whose rows or state came out NaN or infinite; nothing of it is written."""
+        """Refuse an update whose rows or state came out NaN or infinite; nothing of it is written (its
+        record is incomplete: the journal marker was not moved)."""
         for name, values in (("rows", rows), *state.items()):
             if all_finite(values):
                 continue
-            self.header[_JOURNAL] = self.header[_COMMITTED]  # the maps are untouched: nothing to undo
             flat = values.reshape(len(local), -1)  # (S, D) or (S, 1)
             bad = ~torch.isfinite(flat)
             where = int(torch.nonzero(bad.any(dim=1))[0])
@@ -401,40 +408,53 @@ class ShardState:
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
 
-    def _journal(self, local: Tensor, new_version: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Write the undo record of rows ``local`` (steps 1-2 of the update protocol); returns the record's
-        views of those rows' old values and optimizer state.
-
-        The record is laid out as ``count, version, header, ids, rows, <slots>, versions`` from the file's
-        start, over the previous record without truncation: a stale tail past it is never read (its count
-        rules). The old values are gathered straight into the mapped file, the record's one copy.
-        """
-        count = len(local)
+    def _layout(self, count: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """A record of ``count`` rows, from the file's start: ``head`` (count, version, the header),
+        ``ids``, ``rows``, each state slot, ``versions``; a stale tail past it is never read (its count
+        rules)."""
         parts = {"head": (torch.int64, (2 + len(self.header),)), "ids": (torch.int64, (count,))}
         parts["rows"] = (self.rows.dtype, (count, self.spec.dim))
         for slot, tensor in self.state.items():
             parts[slot] = (tensor.dtype, (count, *tensor.shape[1:]))
         parts["versions"] = (torch.int64, (count,))
-        nbytes = sum(dtype.itemsize * math.prod(shape) for dtype, shape in parts.values())
-        journal = self._journal_of(nbytes)
+        return parts
+
+    def _record_views(self, count: int) -> dict[str, Tensor]:
+        """Views of the journal's mapped bytes laid out as a record of ``count`` rows (:meth:`_layout`)."""
+        parts = self._layout(count)
+        journal = self._journal_of(sum(dtype.itemsize * math.prod(shape) for dtype, shape in parts.values()))
         views, offset = {}, 0
         for name, (dtype, shape) in parts.items():
             views[name] = _view(journal, dtype, shape, offset)
             offset += views[name].nbytes
-        head = views["head"]
-        head[:2] = torch.tensor([count, new_version])
-        head[2:] = self.header
+        return views
+
+    def _record(
+        self,
+        local: Tensor,
+        new_version: int,
+        *,
+        step: int,
+        trainers: Sequence[int] = (),
+        trainer_step: int = 0,
+    ) -> dict[str, Tensor]:
+        """Step 1 of the update protocol, begun: the record of rows ``local`` at ``new_version``, holding the
+        header as the commit will leave it and the rows' and their state's current values, gathered straight
+        into the mapped file (the record's one copy), for the caller to update there."""
+        views = self._record_views(len(local))
+        header = self.header.clone()
+        header[_STEP] = step
+        for trainer in trainers:
+            header[_TRAINERS0 + trainer] = max(trainer_step, int(header[_TRAINERS0 + trainer]))
+        header[_COMMITTED] = header[_JOURNAL] = new_version
+        views["head"][:2] = torch.tensor([len(local), new_version])
+        views["head"][2:] = header
         views["ids"].copy_(local)
-        old = {name: views[name] for name in ("rows", *self.state)}
-        torch.index_select(self.rows, 0, local, out=old["rows"])
+        torch.index_select(self.rows, 0, local, out=views["rows"])
         for slot, tensor in self.state.items():
-            torch.index_select(tensor, 0, local, out=old[slot])
-        torch.index_select(self.versions, 0, local, out=views["versions"])
-        if self.durable:
-            journal.flush()
-        self.header[_JOURNAL] = new_version
-        old_rows = old.pop("rows")
-        return old_rows, old
+            torch.index_select(tensor, 0, local, out=views[slot])
+        views["versions"].fill_(new_version)
+        return views
 
     def _journal_of(self, nbytes: int) -> mmap.mmap:
         """The journal file mapped over at least ``nbytes`` (grown by doubling; never shrunk)."""
@@ -448,39 +468,37 @@ class ShardState:
             journal = self._journal_map = mmap.mmap(self._journal_fd, size)
         return journal
 
-    def _commit(
-        self, new_version: int, *, step: int, trainers: Sequence[int] = (), trainer_step: int = 0
-    ) -> None:
-        self.header[_STEP] = step
-        for trainer in trainers:
-            self.header[_TRAINERS0 + trainer] = max(trainer_step, int(self.header[_TRAINERS0 + trainer]))
-        self.header[_COMMITTED] = new_version  # the commit point
+    def _write(self, record: dict[str, Tensor], names: Sequence[str]) -> None:
+        """Steps 2-4 of the update protocol: mark the record complete, write its fields ``names``, the
+        rows' versions and its header into the maps, the committed version last."""
+        if self.durable:
+            self._journal_map.flush()
+        self.header[_JOURNAL] = record["head"][1]
+        if self.durable:
+            self._mapped(_file_name("header", torch.int64)).flush()
+        local = record["ids"]
+        for name in names:
+            put_rows_(self.field(name), local, record[name])
+        put_rows_(self.versions, local, record["versions"])
+        header = record["head"][2:]
+        self.header[_STEP:] = header[_STEP:]  # the applied step, the journal marker, the trainers' steps
+        self.header[_COMMITTED] = header[_COMMITTED]  # the commit point
+        self.header[_JOURNAL] = self.header[_COMMITTED]
         if self.durable:
             for array in self._arrays.values():
                 array.flush()
 
-    def _undo(self) -> None:
-        """Restore the rows an interrupted update had touched, from the journal."""
-        n, d = self.spec.size, self.spec.dim
-        with open(os.path.join(self.dir, "journal.bin"), "rb") as f:
-            count, version = np.frombuffer(f.read(16), dtype=np.int64)
-            if version != self.header[_JOURNAL]:
-                raise RuntimeError(
-                    f"{self.dir}/journal.bin: holds version {version}, header expects {self.header[_JOURNAL]}"
-                )
-            header = np.frombuffer(f.read(8 * len(self.header)), dtype=np.int64)
-            local = torch.from_numpy(np.frombuffer(f.read(8 * count), dtype=np.int64).copy())
-            assert bool(((local >= 0) & (local < n)).all()), "journal row ids outside the shard"
-
-            def block(dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-                return _view(bytearray(f.read(dtype.itemsize * math.prod(shape))), dtype, shape, 0)
-
-            self.rows.index_copy_(0, local, block(self.rows.dtype, (count, d)))
-            for tensor in self.state.values():
-                tensor.index_copy_(0, local, block(tensor.dtype, (count, *tensor.shape[1:])))
-            self.versions.index_copy_(0, local, block(torch.int64, (count,)))
-        self.header[:] = torch.from_numpy(header.copy())
-        self.header[_JOURNAL] = self.header[_COMMITTED]
+    def _replay(self) -> None:
+        """Write the journal's complete record into the maps again: the update it holds, completed."""
+        count, version = (int(v) for v in np.fromfile(os.path.join(self.dir, "journal.bin"), np.int64, 2))
+        if version != self.header[_JOURNAL]:
+            raise RuntimeError(
+                f"{self.dir}/journal.bin: holds version {version}, header expects {self.header[_JOURNAL]}"
+            )
+        record = self._record_views(count)
+        local = record["ids"]
+        assert bool(((local >= 0) & (local < self.spec.size)).all()), "journal row ids outside the shard"
+        self._write(record, ["rows", *self.state])
         for array in self._arrays.values():
             array.flush()
 
@@ -497,9 +515,12 @@ def _view(buffer: mmap.mmap | bytearray, dtype: torch.dtype, shape: tuple[int, .
 
 
 def all_finite(values: Tensor) -> bool:
-    """Whether ``values`` hold no NaN or infinity: one pass of ``aminmax`` (which propagates NaN), several
-    times faster than ``isfinite(...).all()`` and its temporaries."""
-    return not values.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
+    """Whether ``values`` hold no NaN or infinity: one pass of ``sum`` (a NaN or an infinity makes it
+    non-finite; twice as fast as ``aminmax``, many times ``isfinite(...).all()`` and its temporaries), and
+    where the sum is not finite (finite values may overflow it) one pass of ``aminmax``, which decides."""
+    if not values.numel() or bool(torch.isfinite(values.sum())):
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
 
 
 def _crc32(array: np.memmap) -> int:
