@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megaclass.ops.held_rows import RowDtype, hold_, put_held_rows_
+from megaclass.ops.held_rows import RowDtype, put_held_, put_held_rows_
 from megaclass.ops.stochastic_rounding import reference_stochastic_round, rounding_seed
 
 
@@ -33,8 +33,8 @@ def test_bf16_targets_are_rounded_with_a_stream_each_and_float32_ones_written_as
     assert not torch.equal(a, b)
 
 
-def test_hold_writes_whole_targets_with_the_bits_of_the_row_write():
-    """hold_ rounds into whole bf16 targets as put_held_rows_ does into rows, copies into float32 ones and
+def test_put_held_writes_whole_targets_with_the_bits_of_the_row_write():
+    """put_held_ rounds into whole bf16 targets as put_held_rows_ does into rows, copies into float32 ones and
     leaves a target updated in place as it is."""
 
     def bits(tensor):
@@ -45,7 +45,7 @@ def test_hold_writes_whole_targets_with_the_bits_of_the_row_write():
     ids = torch.tensor([8, 0, 3, 4])
     put_held_rows_(list(zip(rows, values, strict=True)), ids, seed=5)
     held = [torch.empty(4, 6, dtype=torch.bfloat16), torch.empty(4, 6), values[2]]
-    hold_(list(zip(held, values, strict=True)), seed=5)
+    put_held_(list(zip(held, values, strict=True)), seed=5)
     for target, row in zip(held, rows, strict=True):
         assert torch.equal(bits(target), bits(row[ids]))
     assert held[2] is values[2]

@@ -205,7 +205,7 @@ def test_an_interrupted_update_is_all_or_nothing_after_restart(
     second = (torch.tensor([5, 2, 7]), torch.full((3, 3), 4.0))
     runs["plain"].apply(*second, lr=1.0, step=2, trainers=[0])
     target, calls = {
-        "updating": ("hold_", 1),  # the record updated, not yet complete: the maps untouched
+        "updating": ("put_held_", 1),  # the record updated, not yet complete: the maps untouched
         "writing": ("put_rows_", 2),  # the rows written into the maps, their state not yet
         "committing": ("put_rows_", 2 + len(slots)),  # the rows and their state written, not their versions
     }[killed]

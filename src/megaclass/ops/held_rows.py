@@ -12,7 +12,7 @@ from torch import Tensor
 from megaclass.ops.row_optimizers import put_rows_
 from megaclass.ops.stochastic_rounding import rounding_seed, stochastic_round
 
-__all__ = ["RowDtype", "hold_", "put_held_rows_"]
+__all__ = ["RowDtype", "put_held_", "put_held_rows_"]
 
 
 class RowDtype(str, enum.Enum):
@@ -37,7 +37,7 @@ def put_held_rows_(written: Sequence[tuple[Tensor, Tensor]], ids: Tensor, *, see
         put_rows_(target, ids, values)
 
 
-def hold_(written: Sequence[tuple[Tensor, Tensor]], *, seed: int) -> None:
+def put_held_(written: Sequence[tuple[Tensor, Tensor]], *, seed: int) -> None:
     """Write each ``(target, values)`` pair's updated float32 ``values`` into the whole of ``target`` (same
     shape), as :func:`put_held_rows_` writes rows: into a bfloat16 target stochastically rounded with pair
     ``i``'s noise seeded by ``rounding_seed(seed, i)`` (the same bits); another copied, unless ``values`` is

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaclass.ops.held_rows import RowDtype, hold_
+from megaclass.ops.held_rows import RowDtype, put_held_
 from megaclass.ops.row_average import fold_rows_
 from megaclass.ops.row_optimizers import init_rows_, put_rows_  # the same initial matrix as every store
 from megaclass.ops.stochastic_rounding import rounding_seed
@@ -215,7 +215,7 @@ class ShardState:
         apply_update(self.spec.optimizer, rows, state, grads, self.hyper, lr=lr)
         self._refuse_non_finite(local, rows, state)
         seed = rounding_seed(self.seed, self.spec.row_start, step, *trainers)
-        hold_([(held[name], work[name]) for name in names], seed=seed)
+        put_held_([(held[name], work[name]) for name in names], seed=seed)
         self._write(record, names)
         return new_version
 
