@@ -1,6 +1,7 @@
 """What goes wrong: wrong secrets, garbage input, dead or restarted shards, a kill in the middle of a step."""
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -269,6 +270,21 @@ def test_a_record_of_old_values_restores_them(tmp_path):
     torch.testing.assert_close(reopened.rows, rows, rtol=0, atol=0)
     torch.testing.assert_close(reopened.state["momentum_buffer"], slots, rtol=0, atol=0)
     assert torch.equal(reopened.versions, versions) and (reopened.version, reopened.applied_step) == (1, 1)
+
+
+def test_a_truncated_journal_is_refused(tmp_path, monkeypatch):
+    """A complete record whose file was cut short is refused at restart, not written back with zeros."""
+    import megaclass.paramserver.state as state_module
+
+    spec, hyper = _spec(), HyperParams(lr=1.0, momentum=0.9)
+    state = ShardState(tmp_path, spec, hyper)
+    monkeypatch.setattr(state_module, "put_rows_", _crash_after(1, "killed")(state_module.put_rows_))
+    with pytest.raises(KeyboardInterrupt):
+        state.apply(torch.tensor([0, 5, 6]), torch.ones(3, 3), lr=1.0, step=1)
+    monkeypatch.undo()
+    os.truncate(tmp_path / "journal.bin", 100)
+    with pytest.raises(RuntimeError, match="journal.bin: 100 bytes, but its record of 3 rows needs"):
+        ShardState(tmp_path, spec, hyper)
 
 
 def test_set_field_is_recorded_and_replayed(tmp_path, monkeypatch):

@@ -422,7 +422,7 @@ class ShardState:
     def _record_views(self, count: int) -> dict[str, Tensor]:
         """Views of the journal's mapped bytes laid out as a record of ``count`` rows (:meth:`_layout`)."""
         parts = self._layout(count)
-        journal = self._journal_of(sum(dtype.itemsize * math.prod(shape) for dtype, shape in parts.values()))
+        journal = self._journal_of(_nbytes(parts))
         views, offset = {}, 0
         for name, (dtype, shape) in parts.items():
             views[name] = _view(journal, dtype, shape, offset)
@@ -490,10 +490,15 @@ class ShardState:
 
     def _replay(self) -> None:
         """Write the journal's complete record into the maps again: the update it holds, completed."""
-        count, version = (int(v) for v in np.fromfile(os.path.join(self.dir, "journal.bin"), np.int64, 2))
+        path = os.path.join(self.dir, "journal.bin")
+        count, version = (int(v) for v in np.fromfile(path, np.int64, 2))
         if version != self.header[_JOURNAL]:
+            raise RuntimeError(f"{path}: holds version {version}, header expects {self.header[_JOURNAL]}")
+        needed = _nbytes(self._layout(count))
+        if os.path.getsize(path) < needed:
             raise RuntimeError(
-                f"{self.dir}/journal.bin: holds version {version}, header expects {self.header[_JOURNAL]}"
+                f"{path}: {os.path.getsize(path)} bytes, but its record of {count} rows needs {needed}; the "
+                "journal was truncated (restore the shard from a snapshot)"
             )
         record = self._record_views(count)
         local = record["ids"]
@@ -501,6 +506,11 @@ class ShardState:
         self._write(record, ["rows", *self.state])
         for array in self._arrays.values():
             array.flush()
+
+
+def _nbytes(parts: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """The bytes of a record laid out as ``parts`` (:meth:`ShardState._layout`)."""
+    return sum(dtype.itemsize * math.prod(shape) for dtype, shape in parts.values())
 
 
 def _file_name(name: str, dtype: torch.dtype) -> str:
