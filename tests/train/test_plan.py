@@ -125,6 +125,26 @@ def test_store_placement_and_bf16_state_move_the_planned_bytes():
     assert 2 * bf16["optimizer"].device == fp32["optimizer"].device == 2 * 1000 * (DIM + 1) * 4
 
 
+@pytest.mark.parametrize(("group", "tiles", "rows_a_tile"), [(1, 20941, 32), (32, 20941, 32)])
+def test_a_sparse_head_on_a_gpu_plans_its_kernels_buffer_and_partials(group, tiles, rows_a_tile):
+    """On a GPU the sparse head's step holds the kernels' input-gradient buffer (a chunk of labels, in the
+    features' dtype) and the fused pass's partials (a float32 row of the batch a label tile) beside what a
+    CPU step holds."""
+    from megaclass.ops.fixed_fanin.columns import CHUNK_ROWS
+
+    config = head_config({"type": "sparse", "fan_in": 32, "group": group, "aux_clusters": 0})
+    context = HeadContext(in_features=DIM, num_classes=670_091, multilabel=True)
+
+    def activations(device_type, feature_bytes):
+        request = PlanRequest(batch=128, eval_batch=8, device_type=device_type, feature_bytes=feature_bytes)
+        return head_class(config).planned_bytes(config, context, request)["activations"].device
+
+    buffer_rows = min(tiles * rows_a_tile, CHUNK_ROWS)
+    for feature_bytes in (2, 4):
+        extra = activations("cuda", feature_bytes) - activations("cpu", feature_bytes)
+        assert extra == 128 * (buffer_rows * feature_bytes + tiles * 4)
+
+
 def test_a_parameter_server_runs_index_is_planned_where_it_lives():
     context = HeadContext(in_features=DIM, num_classes=1000, multilabel=False)
     request = PlanRequest(batch=BATCH, eval_batch=8)

@@ -292,6 +292,7 @@ class PlanRequest:
     device_type: str = "cuda"  # the compute device's type
     optimizer_moments: int = 2  # weight-sized tensors the head's torch optimizer keeps (AdamW: 2)
     low_precision: bool = False  # bf16 head weights and optimizer state
+    feature_bytes: int = 4  # bytes of a feature the head reads in a training step (2 under bf16 autocast)
 
 
 class PlannedBytes(NamedTuple):

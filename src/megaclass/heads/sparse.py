@@ -57,7 +57,7 @@ from megaclass.ops.fixed_fanin import (
     positive_logits,
     reference_row_values,
 )
-from megaclass.ops.fixed_fanin.columns import cached_bytes, grouped_tiles
+from megaclass.ops.fixed_fanin.columns import CHUNK_ROWS, LABEL_TILE, cached_bytes, grouped_tiles
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets, as_ragged
 
@@ -578,7 +578,8 @@ class SparseHead(Head):
         auxiliary cluster classifier (the trainer gives it label features) with as many gradients and the
         optimizer's moments; the index rows, label maps and the index's column order that the backward pass
         caches (a connection id each, and column pointers per chunk); per batch the hidden features, one chunk
-        of gathered inputs ``(B, chunk, K)`` and the positives' ``B x K`` terms."""
+        of gathered inputs ``(B, chunk, K)`` and the positives' ``B x K`` terms, and on a GPU the kernels'
+        input-gradient buffer (a chunk of labels) and the fused pass's per-row partials (a row a tile)."""
         classes, fan_in = context.num_classes, config.fan_in
         hidden = config.intermediate or context.in_features
         tail = classes - config.dense_frequent
@@ -614,6 +615,11 @@ class SparseHead(Head):
         activations = (
             3 * request.batch * (hidden + clusters) + 3 * gathered + 2 * request.batch * fan_in
         ) * 4
+        if request.device_type == "cuda":  # the kernels' input-gradient buffer, a chunk of it, in the
+            # features' dtype, and the fused pass's per-row partials, a (B,) float32 row a tile
+            tiles, rows_a_tile = (groups, fan_in) if grouped else (-(-tail // LABEL_TILE), LABEL_TILE)
+            buffer_rows = min(tiles, max(1, CHUNK_ROWS // rows_a_tile)) * rows_a_tile
+            activations += request.batch * (buffer_rows * request.feature_bytes + tiles * 4)
         scored = request.eval_batch * (hidden + 2 * min(config.topk_chunk, tail)) * 4
         smaller = "optim.head_state=bf16_sr" if not request.low_precision else "head.fan_in"
         return {

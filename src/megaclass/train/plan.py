@@ -694,6 +694,7 @@ def plan_run(
         device_type=device_type,
         optimizer_moments=_moments(config.optim.head.name, config.optim.head.momentum),
         low_precision=config.optim.head_state == "bf16_sr",
+        feature_bytes=2 if device_type == "cuda" and config.train.bf16 else 4,
     )
     head = head_class(config.head).planned_bytes(config.head, context, request)
     for key, planned in head.items():

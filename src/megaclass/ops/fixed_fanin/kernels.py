@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from megaclass.ops import autotune_enabled
-from megaclass.ops.fixed_fanin.columns import column_order, grouped_tiles
+from megaclass.ops.fixed_fanin.columns import CHUNK_ROWS, LABEL_TILE, column_order, grouped_tiles
 
 __all__ = [
     "LOSS_CODES",
@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
-_BLOCK_C = 32  # labels per tile in the per-label kernels
+_BLOCK_C = LABEL_TILE  # labels per tile in the per-label kernels
 _MAX_BLOCK_B = 128  # batch rows per block of a tile
 _MAX_TILES = 8  # tiles per program, at most
 _GRADIENT_TILES = 1  # tiles per program of the passes that write gradients
@@ -76,7 +76,7 @@ _SCALE_BLOCK = 4096  # elements per program of the gated scaling
 # what MEGACLASS_AUTOTUNE=1 picked on an H100 for the column reduction (8 warps)
 _TILE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 _DX_LAUNCH = {"BLOCK_J": _BLOCK_J, "num_warps": 8, "num_stages": 3}
-_CHUNK_ROWS = 1 << 19  # buffer rows per chunk of labels: (rows, B), 128 MiB at B = 128 in bf16
+_CHUNK_ROWS = CHUNK_ROWS  # buffer rows per chunk of labels: (rows, B), 128 MiB at B = 128 in bf16
 
 
 @triton.jit
