@@ -127,9 +127,9 @@ def test_store_placement_and_bf16_state_move_the_planned_bytes():
 
 @pytest.mark.parametrize(("group", "tiles", "rows_a_tile"), [(1, 20941, 32), (32, 20941, 32)])
 def test_a_sparse_head_on_a_gpu_plans_its_kernels_buffer_and_partials(group, tiles, rows_a_tile):
-    """On a GPU the sparse head's step holds the kernels' input-gradient buffer (a chunk of labels, in the
-    features' dtype) and the fused pass's partials (a float32 row of the batch a label tile) beside what a
-    CPU step holds."""
+    """On a GPU the sparse head's step holds the kernels' input-gradient buffer and the fused pass's partials
+    for a chunk of labels (the buffer in the features' dtype, a float32 row of the batch a label tile) beside
+    what a CPU step holds."""
     from megaclass.ops.fixed_fanin.columns import CHUNK_ROWS
 
     config = head_config({"type": "sparse", "fan_in": 32, "group": group, "aux_clusters": 0})
@@ -139,10 +139,10 @@ def test_a_sparse_head_on_a_gpu_plans_its_kernels_buffer_and_partials(group, til
         request = PlanRequest(batch=128, eval_batch=8, device_type=device_type, feature_bytes=feature_bytes)
         return head_class(config).planned_bytes(config, context, request)["activations"].device
 
-    buffer_rows = min(tiles * rows_a_tile, CHUNK_ROWS)
+    chunk_tiles = min(tiles, CHUNK_ROWS // rows_a_tile)
     for feature_bytes in (2, 4):
         extra = activations("cuda", feature_bytes) - activations("cpu", feature_bytes)
-        assert extra == 128 * (buffer_rows * feature_bytes + tiles * 4)
+        assert extra == 128 * chunk_tiles * (rows_a_tile * feature_bytes + 4)
 
 
 def test_a_parameter_server_runs_index_is_planned_where_it_lives():

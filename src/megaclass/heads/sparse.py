@@ -615,11 +615,11 @@ class SparseHead(Head):
         activations = (
             3 * request.batch * (hidden + clusters) + 3 * gathered + 2 * request.batch * fan_in
         ) * 4
-        if request.device_type == "cuda":  # the kernels' input-gradient buffer, a chunk of it, in the
-            # features' dtype, and the fused pass's per-row partials, a (B,) float32 row a tile
+        if request.device_type == "cuda":  # a chunk of labels' input-gradient buffer in the kernels, in the
+            # features' dtype, and the fused pass's per-row partials, a (B,) float32 row a tile of the chunk
             tiles, rows_a_tile = (groups, fan_in) if grouped else (-(-tail // LABEL_TILE), LABEL_TILE)
-            buffer_rows = min(tiles, max(1, CHUNK_ROWS // rows_a_tile)) * rows_a_tile
-            activations += request.batch * (buffer_rows * request.feature_bytes + tiles * 4)
+            chunk_tiles = min(tiles, max(1, CHUNK_ROWS // rows_a_tile))
+            activations += request.batch * chunk_tiles * (rows_a_tile * request.feature_bytes + 4)
         scored = request.eval_batch * (hidden + 2 * min(config.topk_chunk, tail)) * 4
         smaller = "optim.head_state=bf16_sr" if not request.low_precision else "head.fan_in"
         return {

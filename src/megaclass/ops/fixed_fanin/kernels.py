@@ -15,7 +15,8 @@ more work per program and a tile loop the compiler pipelines, the next tile's ga
 one computes) and keeps its per-row partials in registers across them: one ``(B,)`` row per program, not per
 tile. Passes that write gradients (the fused BCE / hinge pass, the backward passes) serve one tile a program:
 on an H100 their grouped tiles ran 23 to 37% faster so (``K`` 32, ``G`` 16 and 32, ``B`` 128). The fused
-pass's partials are then a ``(B,)`` row a tile: ``4B`` bytes a tile, 160 MB at 10^7 labels and ``B`` 128.
+pass's partials are then a ``(B,)`` row a tile, summed chunk by chunk of labels (at most ``4B`` bytes a tile
+of a chunk: 8 MB at ``B`` 128 and ``K`` 32).
 
 Where the bytes go (fp32 weights, bf16 features, ``B`` 128, ``K = G`` 32): per label the weights are ``4K``
 bytes, the index ``4K / G``, the gathered inputs ``2KB / G`` from L2 (``xT`` is ``2DB`` bytes, L2-resident),
@@ -276,7 +277,7 @@ def _fixed_fanin_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Tiles tile_start + pid * TILES + t, t < TILES, labels below label_stop. LOSS 0: store y (B, C).
-    Else per-row partials of the program, at row pid + tile_start / TILES of (programs, B): BCE/hinge sums
+    Else per-row partials of the program, at row pid of (programs, B), a call's or a chunk's: BCE/hinge sums
     of l(z, 0) into PartA; softmax the running max into PartA and sum of exp(z - max) into PartB. GRAD
     (BCE/hinge): also dz = row_grad * l'(z, 0), the tiles' weight and bias gradients and their
     input-gradient buffer rows, counted from tile_start."""
@@ -324,11 +325,10 @@ def _fixed_fanin_fwd_kernel(
         if GRAD:
             _store_tile_grads(GW_ptr, GBias_ptr, gw, gbias, offs_c, mask_c, K, DOT, HAS_BIAS, BLOCK_K, UPCAST)
     if LOSS != 0:
-        part_row = program + tile_start // TILES
         offs = tl.arange(0, NB)[:, None] * BLOCK_B + offs_bb[None, :]  # (NB, BLOCK_B) batch rows
-        tl.store(PartA_ptr + part_row * B + offs, part_a, mask=offs < B)
+        tl.store(PartA_ptr + program * B + offs, part_a, mask=offs < B)
         if LOSS == 3:
-            tl.store(PartB_ptr + part_row * B + offs, part_b, mask=offs < B)
+            tl.store(PartB_ptr + program * B + offs, part_b, mask=offs < B)
 
 
 @triton.jit
@@ -718,21 +718,26 @@ def fixed_fanin_fwd_grad(
         zeros_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         grad_b = grad_b.zero_() if grad_b is not None else None
         return x.new_empty(0, dtype=torch.float32), (zeros_x, grad_w.zero_(), grad_b)
-    part_a = torch.empty(triton.cdiv(geometry.tiles, geometry.per_program), batch, device=x.device)
+    # a chunk's per-program partials, summed into the row values chunk by chunk: bounded as the buffer is
+    chunk_tiles = min(geometry.tiles, geometry.tiles_per_chunk(chunk_rows))
+    part_a = torch.empty(triton.cdiv(chunk_tiles, geometry.per_program), batch, device=x.device)
+    row_values = torch.zeros(batch, device=x.device)
     x_t = x.t().contiguous()  # (D, B)
     constexprs = _constexprs(x, geometry, group, code, bias, GRAD=True, NB=_row_slots(geometry))
 
     def launch_chunk(tile_start: int, tile_stop: int, buf: torch.Tensor) -> None:
+        programs = triton.cdiv(tile_stop - tile_start, geometry.per_program)
         args = (
             x_t, weight, index, bias if bias is not None else weight, part_a, part_a, part_a, buf, grad_w,
             grad_b if grad_b is not None else grad_w,
             x_t.stride(0), 0, buf.stride(0),
             batch, fan_in, tile_start, min(classes, tile_stop * geometry.block_c), row_grad,
         )  # fmt: skip
-        _launch_tiles(True, triton.cdiv(tile_stop - tile_start, geometry.per_program), args, constexprs)
+        _launch_tiles(True, programs, args, constexprs)
+        row_values.add_(part_a[:programs].sum(0))
 
     grad_x = _tiles_then_columns(x, index, weight, geometry, group, chunk_rows, launch_chunk)
-    return part_a.sum(0), (grad_x, grad_w, grad_b)
+    return row_values, (grad_x, grad_w, grad_b)
 
 
 def _gated_scale(tensor: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor) -> None:
