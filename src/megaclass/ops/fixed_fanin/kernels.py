@@ -38,7 +38,7 @@ Input gradient, without atomics: a tile writes one buffer row per connection, th
 sum_j w[gG + j, k] dz[b, gG + j]`` (grouped) or the label's ``dz[b, c]`` (per-label); a second kernel reduces
 the buffer by input column over the connections sorted by column (``columns.py``, cached per topology):
 ``dx[b, d] = sum_{(r, k) -> d} scale * buf[r, b]``, a deterministic segmented sum. Labels go through the
-buffer in chunks of at most ``_CHUNK_ROWS`` rows, which bounds its memory. Offsets into the weights, the
+buffer in chunks of at most ``CHUNK_ROWS`` rows, which bounds its memory. Offsets into the weights, the
 index and the buffer are int64: nothing assumes ``C * K < 2^31``; gathers from ``xT`` use int32 (the launchers
 require ``B * D < 2^31``). Weight and bias gradients are written once per tile in the parameters' dtype
 (bf16 weights get bf16 gradients without an fp32 copy), from fp32 accumulators.
@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 LOSS_CODES = {"none": 0, "bce": 1, "hinge": 2, "softmax": 3}
-_BLOCK_C = LABEL_TILE  # labels per tile in the per-label kernels
 _MAX_BLOCK_B = 128  # batch rows per block of a tile
 _MAX_TILES = 8  # tiles per program, at most
 _GRADIENT_TILES = 1  # tiles per program of the passes that write gradients
@@ -77,7 +76,6 @@ _SCALE_BLOCK = 4096  # elements per program of the gated scaling
 # what MEGACLASS_AUTOTUNE=1 picked on an H100 for the column reduction (8 warps)
 _TILE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 _DX_LAUNCH = {"BLOCK_J": _BLOCK_J, "num_warps": 8, "num_stages": 3}
-_CHUNK_ROWS = CHUNK_ROWS  # buffer rows per chunk of labels: (rows, B), 128 MiB at B = 128 in bf16
 
 
 @triton.jit
@@ -536,7 +534,7 @@ def _geometry(
     ``per_program`` 0 picks one tile for passes that write ``gradients``, else :func:`tiles_per_program`."""
     dot = grouped_tiles(group, fan_in)
     block_b = max(16, min(_MAX_BLOCK_B, triton.next_power_of_2(max(batch, 1))))
-    block_c = group if dot else _BLOCK_C
+    block_c = group if dot else LABEL_TILE
     tiles = triton.cdiv(classes, block_c)
     return _Geometry(
         dot=dot,
@@ -699,7 +697,7 @@ def fixed_fanin_fwd_grad(
     loss: str,
     row_grad: float,
     tiles_per_program: int = 0,
-    chunk_rows: int = _CHUNK_ROWS,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """BCE or squared-hinge row values ``(B,)`` fp32 and, in the same pass, the gradients they would get if
     every row's gradient were ``row_grad``: ``(dx (B, D) fp32, dweight, dbias)``, to be finished by
@@ -806,7 +804,7 @@ def fixed_fanin_bwd(
     loss: str,
     grad: torch.Tensor,
     lse: torch.Tensor | None = None,
-    chunk_rows: int = _CHUNK_ROWS,
+    chunk_rows: int = CHUNK_ROWS,
     tiles_per_program: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dx, dweight, dbias)`` in the inputs' dtypes, recomputing each tile's logits.
