@@ -719,7 +719,7 @@ def fixed_fanin_fwd_grad(
     # a chunk's per-program partials, summed into the row values chunk by chunk: bounded as the buffer is
     chunk_tiles = min(geometry.tiles, geometry.tiles_per_chunk(chunk_rows))
     part_a = torch.empty(triton.cdiv(chunk_tiles, geometry.per_program), batch, device=x.device)
-    row_values = torch.zeros(batch, device=x.device)
+    chunk_sums: list[torch.Tensor] = []
     x_t = x.t().contiguous()  # (D, B)
     constexprs = _constexprs(x, geometry, group, code, bias, GRAD=True, NB=_row_slots(geometry))
 
@@ -732,9 +732,10 @@ def fixed_fanin_fwd_grad(
             batch, fan_in, tile_start, min(classes, tile_stop * geometry.block_c), row_grad,
         )  # fmt: skip
         _launch_tiles(True, programs, args, constexprs)
-        row_values.add_(part_a[:programs].sum(0))
+        chunk_sums.append(part_a[:programs].sum(0))
 
     grad_x = _tiles_then_columns(x, index, weight, geometry, group, chunk_rows, launch_chunk)
+    row_values = chunk_sums[0] if len(chunk_sums) == 1 else torch.stack(chunk_sums).sum(0)
     return row_values, (grad_x, grad_w, grad_b)
 
 
