@@ -177,15 +177,19 @@ def memory_folder(args: argparse.Namespace) -> str | None:
     return "/dev/shm" if free > 2 * largest and os.access("/dev/shm", os.W_OK) else None
 
 
+def row_sets(num_rows: int, rows: int) -> Iterator[torch.Tensor]:
+    """8 sets of ``rows`` random row ids (sorted, as a selection gives them), taken in turn: one set over and
+    over would find its rows in the CPU's cache, where a training step's rows are cold."""
+    return itertools.cycle([torch.randperm(num_rows)[:rows].sort().values for _ in range(8)])
+
+
 def transfer_cases(
     client, provider: str, count: int, dim: int, rows: int, counter: list[int], held: str
 ) -> list[Case]:
     """``pull``, ``push`` and ``step`` of ``rows`` random rows (sorted ids, as a selection gives them), from
     shards holding their rows as ``held``."""
     params = {"shards": count, "D": dim, "rows": rows, "held": held}
-    # a few sets of random rows (sorted ids, as a selection gives them) taken in turn: one set over and over
-    # would find its rows in the CPU's cache, where a training step's rows are cold
-    id_sets = itertools.cycle([torch.randperm(client.num_rows)[:rows].sort().values for _ in range(8)])
+    id_sets = row_sets(client.num_rows, rows)
     grads = torch.randn(rows, dim) * 1e-3
     row_bytes = rows * dim * 4
     # into page-locked memory on a GPU host, as a trainer's pulls land (a fresh pageable tensor of more than
@@ -382,7 +386,7 @@ def shard_updates(args: argparse.Namespace, root: str) -> list[Result]:
         for tensor in state.state.values():  # resident, as a shard's state is after its first steps
             tensor.zero_()
         for rows in args.rows:
-            id_sets = itertools.cycle([torch.randperm(size)[:rows].sort().values for _ in range(8)])
+            id_sets = row_sets(size, rows)
             grads = torch.randn(rows, dim) * 1e-3
             steps = itertools.count(1)
 
