@@ -74,11 +74,14 @@ class PhasePeaks:
     """The process's peak resident set within each of the trainer's :data:`_PHASES` and over the whole run:
     ``VmHWM`` read and started again at every edge of a phase, each reading given to the phases open since
     the last edge; on a GPU also the page-locked host memory torch holds (its pinned-memory cache included)
-    at the phases' edges."""
+    at the phases' edges, and the allocator's peak within each phase (plus ``context``, the CUDA context)."""
 
-    def __init__(self) -> None:
+    def __init__(self, context: int = 0) -> None:
         self.peaks: dict[str, int] = {}
         self.pinned: dict[str, int] = {}
+        self.gpu: dict[str, int] = {}
+        self.gpu_overall = self.gpu_reserved = 0
+        self._context = context
         self.overall = 0
         self._open: list[str] = []
 
@@ -90,12 +93,19 @@ class PhasePeaks:
     def edge(self) -> None:
         peak = process_memory("VmHWM")
         pinned = _pinned_bytes()
+        gpu = self._context + torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         self.overall = max(self.overall, peak)
         for name in self._open:
             self.peaks[name] = max(self.peaks.get(name, 0), peak)
             if pinned is not None:
                 self.pinned[name] = max(self.pinned.get(name, 0), pinned)
+            if gpu is not None:
+                self.gpu[name] = max(self.gpu.get(name, 0), gpu)
         reset_peak_memory()
+        if gpu is not None:
+            self.gpu_overall = max(self.gpu_overall, gpu)
+            self.gpu_reserved = max(self.gpu_reserved, self._context + torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
 
     def _wrapped(self, name: str, method: Any) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -140,12 +150,10 @@ def child(args: argparse.Namespace) -> None:
         resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
     )
     allocations = plan_without(plan, "interpreter and PyTorch", "libraries a run loads", "CUDA runtime")
-    phases = PhasePeaks()
+    phases = PhasePeaks(context)
     phases.watch(Trainer)
     reset_peak_memory()  # the peak resident set from here on
     start = process_memory("VmRSS")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     heap = None if cuda else HeapPeak()
     with heap or contextlib.nullcontext():
         train(
@@ -163,11 +171,13 @@ def child(args: argparse.Namespace) -> None:
         "planned_host": plan.peak(1)[0],
         "planned_host_phase": plan.peak(1)[1],
         "planned_host_allocated": allocations.peak(1)[0],
-        "gpu": context + torch.cuda.max_memory_allocated() if cuda else 0,
-        "gpu_reserved": context + torch.cuda.max_memory_reserved() if cuda else 0,
+        "gpu": phases.gpu_overall,
+        "gpu_reserved": phases.gpu_reserved,
         "host": phases.overall,
         "host_phases": phases.peaks,
         "pinned_phases": phases.pinned,
+        "gpu_phases": phases.gpu,
+        "gpu_plan_parts": {f"{p.name} ({p.phase})": p.device_bytes for p in plan.parts if cuda},
         "host_start": start,
         "host_allocated": heap.peak if heap is not None else None,
     }
@@ -232,6 +242,15 @@ def main() -> None:
                 f"{classes:,} classes: "
                 + ", ".join(f"{name} {peak / _GIB:.2f}" for name, peak in row["host_phases"].items())
             )
+            if row["gpu_phases"]:
+                by_phase.append(
+                    "  GPU peak by phase: "
+                    + ", ".join(f"{name} {size / _GIB:.2f}" for name, size in row["gpu_phases"].items())
+                )
+                by_phase.append(
+                    "  GPU plan by part: "
+                    + ", ".join(f"{name} {size / _GIB:.3f}" for name, size in row["gpu_plan_parts"].items())
+                )
             if row["pinned_phases"]:
                 by_phase.append(
                     "  of it page-locked at the phase's edges: "

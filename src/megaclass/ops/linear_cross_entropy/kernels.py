@@ -367,9 +367,13 @@ FWD_CANDIDATES = (
     LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
     LaunchConfig(block_c=256, block_d=64, num_warps=8, num_stages=2),
 )
+# Weight gradient: 64-class tiles on 4 warps where one row block covers the batch (B <= 128, the batches
+# impl=auto gives Triton); several row blocks add into each tile atomically and take 128-class tiles (H100,
+# C 670,091, D 768: 64 over 128 is 14% faster for BCE at B 128 and 28% slower for the softmax at B 512).
+DW_MANY_ROW_BLOCKS = LaunchConfig(block_c=128, block_d=64, num_warps=8, num_stages=2)
 DW_CANDIDATES = (
-    LaunchConfig(block_c=128, block_d=64, num_warps=8, num_stages=2),
     LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=3),
+    DW_MANY_ROW_BLOCKS,
     LaunchConfig(block_c=128, block_d=128, num_warps=8, num_stages=2),
     LaunchConfig(block_c=64, block_d=128, num_warps=4, num_stages=2),
 )
@@ -401,12 +405,14 @@ def _choose(
     candidates: tuple[LaunchConfig, ...],
     launch: Callable[[LaunchConfig], None],
     reset: Callable[[], None],
+    default: LaunchConfig | None = None,
 ) -> LaunchConfig:
-    """The launch config: the interpreter's on CPU, the default, or (autotune on) the fastest candidate."""
+    """The launch config: the interpreter's on CPU, the default (``default``, else the first candidate), or
+    (autotune on) the fastest candidate."""
     if not x.is_cuda:
         return INTERPRETER_CONFIG
     if not autotune_enabled():
-        return candidates[0]
+        return default or candidates[0]
     if key not in _TUNED:
         timings = {}
         for config in candidates:
@@ -594,7 +600,8 @@ def _dense_grads(
                 if grad_bias is not None:
                     grad_bias.zero_()
 
-        launch_dw(_choose(dw_key, x, DW_CANDIDATES, launch_dw, reset_dw))
+        default = DW_MANY_ROW_BLOCKS if atomic_dw else None
+        launch_dw(_choose(dw_key, x, DW_CANDIDATES, launch_dw, reset_dw, default))
         grad_x += _chunk_grad_x(scratch[:, : stop - start], weight, start, block_b, dx_key)
     return grad_x, grad_weight, grad_bias, partials.sum(dim=1) if reduce else None
 
