@@ -3,6 +3,7 @@
     python benchmarks/plan_accuracy.py                                  # a GPU: 10^5, 10^6, 4x10^6 classes
     python benchmarks/plan_accuracy.py --classes 100000 1000000 --head dense
     python benchmarks/plan_accuracy.py --quick                          # small sizes, CPU, a smoke test
+    python benchmarks/plan_accuracy.py --rewiring --classes 1000000     # a sparse head's rewiring alone
 
 For each class count the script writes a synthetic multi-class task
 (:func:`megaclass.data.synthetic.synthesize`) and runs, in a child process of its own, first the plan of
@@ -57,6 +58,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--docs", type=int, default=50_000, help="training documents of each task")
     parser.add_argument("--features", type=int, default=50_000, help="BoW vocabulary of each task")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more train settings")
+    parser.add_argument(
+        "--rewiring",
+        action="store_true",
+        help="instead: a sparse head's rewiring alone, its scratch against the plan's part, at K 8 to 64 and "
+        "G 1 and 16 (the first class count)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -189,10 +196,53 @@ def plan_without(plan: Any, *names: str) -> Any:
     return dataclasses.replace(plan, parts=tuple(part for part in plan.parts if part.name not in names))
 
 
+def rewiring(classes: int) -> None:
+    """A sparse head's rewiring (the first one's count of connections a row, and one), its peak beside the
+    head and its optimizer state (the allocator's on a GPU, the C heap's on a CPU) against the plan's
+    ``head rewiring`` part."""
+    from megaclass.dst import rewiring_scratch_bytes
+    from megaclass.heads import HeadContext, build_head, head_config
+
+    cuda = torch.cuda.is_available()
+    print(f"sparse head's rewiring, {classes:,} labels, {torch.cuda.get_device_name() if cuda else 'cpu'}\n")
+    print("| K | G | connections a row | planned MiB | measured MiB | plan / measured |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for fan_in, group in ((8, 1), (8, 16), (32, 1), (32, 16), (64, 1), (64, 16)):
+        config = head_config(
+            {"type": "sparse", "fan_in": fan_in, "group": group, "intermediate": 1024, "aux_clusters": 0}
+        )
+        head = build_head(config, HeadContext(1024, classes, multilabel=True)).to("cuda" if cuda else "cpu")
+        optimizer = torch.optim.AdamW(head.parameters())
+        head.bind_optimizer(optimizer, total_steps=10_000)
+        for parameter in head.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()  # the moments the rewiring resets
+        for count in (round(config.dst.fraction * fan_in), 1):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                head.rewire(count)
+                torch.cuda.synchronize()
+                measured = torch.cuda.max_memory_allocated() - before
+            else:
+                with HeapPeak() as heap:
+                    head.rewire(count)
+                measured = heap.peak or 0
+            planned = rewiring_scratch_bytes(classes, fan_in, group, count)
+            ratio = f"{planned / measured:.2f}" if measured else "-"
+            sizes = f"{planned / 2**20:.1f} | {measured / 2**20:.1f}"
+            print(f"| {fan_in} | {group} | {count} | {sizes} | {ratio} |", flush=True)
+        del head, optimizer
+
+
 def main() -> None:
     args = parse_args()
     if args.child:
         child(args)
+        return
+    if args.rewiring:
+        rewiring(args.classes[0])
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"{args.head} head, {args.docs:,} documents, {args.features:,} features, one epoch, {device}\n")

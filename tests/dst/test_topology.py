@@ -5,9 +5,12 @@ import torch
 
 from megaclass.dst import (
     connection_magnitude,
+    expand_to_labels,
     prune_regrow,
     random_fanin_index,
+    rewiring_scratch_bytes,
     sample_new_columns,
+    topology,
 )
 
 
@@ -45,9 +48,12 @@ def test_sample_new_columns_avoids_excluded(excluded_width):
     assert not (new[:, :, None] == excluded[:, None, :]).any()
 
 
+@pytest.mark.parametrize("chunk", [None, 4])  # 4: index rows in several chunks, the last one partial
 @pytest.mark.parametrize("group", [1, 3, 16])
 @pytest.mark.parametrize("dim", [20, 22, 500])  # 20 - 16 < 6: just-pruned columns may come back
-def test_prune_regrow_keeps_fan_in_and_prunes_weakest(group, dim):
+def test_prune_regrow_keeps_fan_in_and_prunes_weakest(group, dim, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(topology, "_ROW_CHUNK", chunk)
     generator = torch.Generator().manual_seed(0)
     classes, fan_in, count = 50, 16, 6
     groups = -(-classes // group)
@@ -90,3 +96,22 @@ def test_threshold_prunes_only_small_weights():
 def test_magnitude_is_l2_over_group():
     weight = torch.tensor([[3.0, 0.0], [4.0, 1.0], [1.0, 1.0]])
     torch.testing.assert_close(connection_magnitude(weight, 2), torch.tensor([[5.0, 1.0], [1.0, 1.0]]))
+
+
+def test_labels_mask_is_the_rows_mask_itself_without_groups():
+    mask = torch.tensor([[True, False], [False, True], [True, True]])
+    assert expand_to_labels(mask, 1, 3).data_ptr() == mask.data_ptr()  # no copy of a (C, K) mask
+    grouped = expand_to_labels(mask, 2, 5)
+    assert torch.equal(grouped, mask[torch.tensor([0, 0, 1, 1, 2])])
+
+
+def test_rewiring_scratch_counts_its_masks_and_one_chunk_of_rows(monkeypatch):
+    """The masks a rewiring keeps whole (a byte a connection; a label's too with groups) and one chunk of
+    index rows of scratch, whatever the row count past a chunk."""
+    assert rewiring_scratch_bytes(1000, 32, 1, 0) == 0  # no rewiring
+    monkeypatch.setattr(topology, "_ROW_CHUNK", 100)
+    one_chunk = rewiring_scratch_bytes(100, 32, 1, 10) - 100 * 32
+    assert rewiring_scratch_bytes(10_000, 32, 1, 10) == one_chunk + 10_000 * 32
+    grouped = rewiring_scratch_bytes(1600, 32, 16, 10)  # 100 index rows of 16 labels
+    assert grouped == 100 * 32 * (32 + 3 * 16 // 2) + 100 * 32 + 1600 * 32
+    assert rewiring_scratch_bytes(100, 32, 1, 10) > rewiring_scratch_bytes(100, 32, 1, 3)

@@ -145,6 +145,27 @@ def test_a_sparse_head_on_a_gpu_plans_its_kernels_buffer_and_partials(group, til
         assert extra == 128 * chunk_tiles * (rows_a_tile * feature_bytes + 4)
 
 
+def test_a_sparse_head_plans_its_rewiring_on_top_of_what_it_holds(synthetic):
+    """A rewiring runs after a step, outside a captured one: its scratch is a phase of its own on top of the
+    held parts (the captured step's activations among them), sized by the first rewiring's count."""
+    from megaclass.dst import rewiring_scratch_bytes
+
+    context = HeadContext(in_features=DIM, num_classes=670_091, multilabel=True)
+    request = PlanRequest(batch=128, eval_batch=8, device_type="cuda")
+    for dst, count in (({}, round(0.3 * 32)), ({"fraction": 0.1}, 3), ({"enabled": False}, 0)):
+        config = head_config({"type": "sparse", "fan_in": 32, "group": 16, "aux_clusters": 0, "dst": dst})
+        planned = head_class(config).planned_bytes(config, context, request)["rewiring"]
+        assert planned.device == rewiring_scratch_bytes(670_091, 32, 16, count)
+    config = load_config(head="sparse", overrides=["model.hidden=[64]"])
+    shape = dataclasses.replace(read_data_shape(str(synthetic / "train_bow.txt")), num_labels=4_000_000)
+    plan = plan_run(config, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
+    parts = {part.name: part for part in plan.parts}
+    assert parts["head activations"].phase == "steady"  # in the captured step's memory pool
+    assert parts["head rewiring"].phase == "rewiring"  # outside it, after the step
+    held = sum(part.device_bytes for part in plan.parts if part.phase in ("steady", "background"))
+    assert plan.peak(0) == (held + parts["head rewiring"].device_bytes, "rewiring")
+
+
 def test_a_parameter_server_runs_index_is_planned_where_it_lives():
     context = HeadContext(in_features=DIM, num_classes=1000, multilabel=False)
     request = PlanRequest(batch=BATCH, eval_batch=8)

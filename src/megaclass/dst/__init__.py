@@ -6,6 +6,7 @@ from megaclass.dst.topology import (
     expand_to_labels,
     prune_regrow,
     random_fanin_index,
+    rewiring_scratch_bytes,
     sample_new_columns,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "prune_regrow",
     "random_fanin_index",
     "rewire_fraction",
+    "rewiring_scratch_bytes",
     "sample_new_columns",
     "stop_step",
 ]

@@ -37,6 +37,7 @@ from megaclass.dst import (
     prune_regrow,
     random_fanin_index,
     rewire_fraction,
+    rewiring_scratch_bytes,
 )
 from megaclass.heads.base import Head, HeadContext, LabelFeatures, PlannedBytes, PlanRequest, StateKind
 from megaclass.ops import resolve_impl_on
@@ -508,7 +509,7 @@ class SparseHead(Head):
         )  # fmt: skip
         self.dst_rng_state = generator.get_state().to(self.dst_rng_state.device)
         self.dst_rewirings += 1
-        self.dst_last_fraction.fill_(rewired.float().mean())
+        self.dst_last_fraction.fill_(torch.count_nonzero(rewired) / rewired.numel())  # no float copy of it
         mask = expand_to_labels(rewired, self.config.group, self.weight.shape[0])  # (C_sparse, K)
         if self._track_rewired:
             self._rewired = mask if self._rewired is None else self._rewired | mask
@@ -579,7 +580,8 @@ class SparseHead(Head):
         optimizer's moments; the index rows, label maps and the index's column order that the backward pass
         caches (a connection id each, and column pointers per chunk); per batch the hidden features, one chunk
         of gathered inputs ``(B, chunk, K)`` and the positives' ``B x K`` terms, and on a GPU the kernels'
-        input-gradient buffer (a chunk of labels) and the fused pass's per-row partials (a row a tile)."""
+        input-gradient buffer (a chunk of labels) and the fused pass's per-row partials (a row a tile); after
+        a step, a rewiring's masks and scratch."""
         classes, fan_in = context.num_classes, config.fan_in
         hidden = config.intermediate or context.in_features
         tail = classes - config.dense_frequent
@@ -621,6 +623,7 @@ class SparseHead(Head):
             chunk_tiles = min(tiles, max(1, CHUNK_ROWS // rows_a_tile))
             activations += request.batch * chunk_tiles * (rows_a_tile * request.feature_bytes + 4)
         scored = request.eval_batch * (hidden + 2 * min(config.topk_chunk, tail)) * 4
+        count = round(config.dst.fraction * fan_in) if config.dst.enabled else 0  # the first rewiring's
         smaller = "optim.head_state=bf16_sr" if not request.low_precision else "head.fan_in"
         return {
             "weights": PlannedBytes(params, 0, "head.fan_in"),
@@ -628,6 +631,9 @@ class SparseHead(Head):
             "optimizer": PlannedBytes(request.optimizer_moments * params, 0, smaller),
             "index": PlannedBytes(groups * fan_in * index_bytes + maps + order, 0, "head.group"),
             "activations": PlannedBytes(activations, 0, "train.batch_size"),
+            "rewiring": PlannedBytes(
+                rewiring_scratch_bytes(tail, fan_in, config.group, count), 0, "head.dst.fraction"
+            ),
             "evaluation": PlannedBytes(scored, 0, "head.topk_chunk"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters and buffers themselves
         }

@@ -65,9 +65,9 @@ __all__ = [
 ]
 
 GIB = 1 << 30
-Phase = Literal["steady", "background", "step", "evaluation", "checkpoint", "loading", "setup"]
+Phase = Literal["steady", "background", "step", "rewiring", "evaluation", "checkpoint", "loading", "setup"]
 _HELD: tuple[Phase, ...] = ("steady", "background")  # all along, or at any time (an index's cold build)
-_TRANSIENT: tuple[Phase, ...] = ("step", "evaluation", "checkpoint", "loading", "setup")
+_TRANSIENT: tuple[Phase, ...] = ("step", "rewiring", "evaluation", "checkpoint", "loading", "setup")
 _SAMPLE_BYTES = 4 << 20  # decompressed bytes of lines sampled for the per-row counts and a vocabulary
 _READ_BYTES = 16 << 20  # bytes read at once when counting a text file's lines
 _CUDA_CONTEXT = 1 << 29  # the CUDA context and the caching allocator's slack on the GPU
@@ -362,8 +362,8 @@ class PlanPart:
         device_bytes: on the compute device (a GPU); folded into host memory on a CPU run.
         host_bytes: in host memory.
         phase: ``steady`` (held all along), ``background`` (held at any time: an index's cold build) or the
-            phase holding it on top: ``step``, ``evaluation``, ``checkpoint``, ``loading`` or ``setup``
-            (building the modules).
+            phase holding it on top: ``step``, ``rewiring`` (a sparse layer's, after a step), ``evaluation``,
+            ``checkpoint``, ``loading`` or ``setup`` (building the modules).
         setting: what to change when this part does not fit.
         elsewhere_bytes: held outside this process (on parameter servers), as a checkpoint writes them.
         after_setup: a held part made after the modules are built (by the first step, or libraries loaded
@@ -651,6 +651,7 @@ _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
     "index": ("head index", "steady"),
     "index build": ("head index build", "background"),
     "activations": ("head activations", "step"),
+    "rewiring": ("head rewiring", "rewiring"),
     "evaluation": ("head evaluation", "evaluation"),
     "checkpoint": ("head state dict copies", "checkpoint"),
     "initialisation": ("head initialisation", "setup"),
