@@ -369,7 +369,7 @@ FWD_CANDIDATES = (
 )
 # Weight gradient: 64-class tiles on 4 warps where one row block covers the batch (B <= 128, the batches
 # impl=auto gives Triton); several row blocks add into each tile atomically and take 128-class tiles (H100,
-# C 670,091, D 768: 64 over 128 is 14% faster for BCE at B 128 and 28% slower for the softmax at B 512).
+# C 670,091, D 768: 64 over 128 is 13-20% faster for BCE at B 128 and 28% slower for the softmax at B 512).
 DW_MANY_ROW_BLOCKS = LaunchConfig(block_c=128, block_d=64, num_warps=8, num_stages=2)
 DW_CANDIDATES = (
     LaunchConfig(block_c=64, block_d=64, num_warps=4, num_stages=3),
