@@ -22,8 +22,8 @@ __all__ = ["CHUNK_ROWS", "LABEL_TILE", "ColumnOrder", "cached_bytes", "column_or
 _CACHE_ENTRIES = 4  # topologies kept at once (a head's index, a test's, ...)
 _MAX_DOT_K = 256  # the grouped kernels hold a group's whole (G, K) weight tile
 LABEL_TILE = 32  # labels a tile of the per-label kernels (a grouped tile is one group)
-CHUNK_ROWS = 1 << 19  # the kernels' input-gradient buffer rows a chunk of labels: (rows, B), 128 MiB at B 128
-# in bf16
+# the kernels' input-gradient buffer rows a chunk of labels: (rows, B), 128 MiB at B 128 in bf16
+CHUNK_ROWS = 1 << 19
 
 
 def grouped_tiles(group: int, fan_in: int) -> bool:
