@@ -35,17 +35,20 @@ _MIN_PROGRAMS = 1024  # programs a launch keeps busy at least, by splitting the 
 _MIN_SPAN = 4096  # columns a split scans at least: its running best is loaded and stored once
 
 
-@triton.jit
+# the sizes and offsets that change from call to call (a chunk's rows, a block's clusters and its widest,
+# a search's column splits) are not specialised on: each value's divisibility by 16 would be a compilation
+# of its own, some seconds of a run's first steps on a GPU
+@triton.jit(do_not_specialize=["stride_rb", "M", "P", "span", "id_offset", "splits"])
 def _merge_topk_scores_kernel(
     X_ptr, Y_ptr, V_ptr, I_ptr, Rows_ptr, Scale_ptr, Bias_ptr,
     stride_xb, stride_xm, stride_xd, stride_yb, stride_yp, stride_yd, stride_rb, stride_rm,
-    M, P, D, K, span, id_offset,
-    SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, P, D, K, span, id_offset, splits,
+    HAS_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Table row ``rows[b, m] * SPLITS + split`` := the best ``K`` of itself and ``x[b, m] . y[b, p] (*
+    """Table row ``rows[b, m] * splits + split`` := the best ``K`` of itself and ``x[b, m] . y[b, p] (*
     scale[p]) (+ bias[p])`` over the split's columns ``p``, descending (ids ``-1`` where fewer than ``K``
     are finite)."""
     m_block = tl.program_id(0)
@@ -57,7 +60,7 @@ def _merge_topk_scores_kernel(
         rows = tl.load(Rows_ptr + batch * stride_rb + offs_m * stride_rm, mask=mask_m, other=0)
     else:
         rows = batch * M + offs_m
-    state = rows.to(tl.int64) * SPLITS + split  # (BLOCK_M,) table rows, (N * SPLITS, K) contiguous
+    state = rows.to(tl.int64) * splits + split  # (BLOCK_M,) table rows, (N * splits, K) contiguous
     slots = tl.arange(0, R)
     live = slots < K
     at_state = state[:, None] * K + slots[None, :]
@@ -153,8 +156,8 @@ def merge_topk_scores_triton_(
         x, y, values, ids, *(t if t is not None else values for t in (rows, scale, bias)),
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
         *(rows.stride() if rows is not None else (0, 0)),
-        m, p, dim, k, span, id_offset,
-        SPLITS=splits, HAS_ROWS=rows is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        m, p, dim, k, span, id_offset, splits,
+        HAS_ROWS=rows is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         R=triton.next_power_of_2(k),
         BLOCK_M=_BLOCK_M, BLOCK_P=_BLOCK_P, BLOCK_D=min(64, max(16, triton.next_power_of_2(dim))),
         PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET", "0") == "1",
