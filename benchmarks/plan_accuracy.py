@@ -4,6 +4,7 @@
     python benchmarks/plan_accuracy.py --classes 100000 1000000 --head dense
     python benchmarks/plan_accuracy.py --quick                          # small sizes, CPU, a smoke test
     python benchmarks/plan_accuracy.py --rewiring --classes 1000000     # a sparse head's rewiring alone
+    python benchmarks/plan_accuracy.py --head sparse --classes 100000 --holders   # who holds the GPU peak
 
 For each class count the script writes a synthetic multi-class task
 (:func:`megaclass.data.synthetic.synthesize`) and runs, in a child process of its own, first the plan of
@@ -22,7 +23,12 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   next allocations (the more so with a build in a thread of its own);
 - the host peak within each of the trainer's phases (setup, the epoch's steps, evaluation, checkpoint, the
   best weights, the run's end), to find where a peak comes from, and on a GPU the page-locked memory held
-  at the phases' edges.
+  at the phases' edges;
+- with ``--holders`` (a GPU), the blocks live at the allocator's peak before the first evaluation and over
+  the whole run, summed by the line of this project's code that allocated them (the allocator's trace,
+  ``torch.cuda.memory._record_memory_history``, replayed).
+
+Each class count's details go to stderr as soon as its run ends, and all of them under the table at the end.
 """
 
 from __future__ import annotations
@@ -64,8 +70,15 @@ def parse_args() -> argparse.Namespace:
         help="instead: a sparse head's rewiring alone, its scratch against the plan's part, at K 8 to 64 and "
         "G 1 and 16 (the first class count)",
     )
+    parser.add_argument(
+        "--holders",
+        action="store_true",
+        help="on a GPU: the blocks live at the peaks by the line that allocated them (slower runs)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("TRAIN", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.holders and not torch.cuda.is_available():
+        parser.error("--holders reads the GPU allocator's trace: it needs a GPU")
     if args.quick:
         args.classes = args.classes or [500, 2_000]
         args.docs, args.features = 2_000, 2_000
@@ -162,6 +175,8 @@ def child(args: argparse.Namespace) -> None:
     reset_peak_memory()  # the peak resident set from here on
     start = process_memory("VmRSS")
     heap = None if cuda else HeapPeak()
+    if cuda and args.holders:
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=_TRACE_ENTRIES)
     with heap or contextlib.nullcontext():
         train(
             config,
@@ -172,6 +187,10 @@ def child(args: argparse.Namespace) -> None:
             explicit_keys=keys,
         )
     phases.edge()
+    holders = {}
+    if cuda and args.holders:
+        holders = peak_holders(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
+        torch.cuda.memory._record_memory_history(enabled=None)
     row = {
         "planned_gpu": plan.peak(0)[0] if cuda else 0,
         "planned_gpu_phase": plan.peak(0)[1] if cuda else "",
@@ -187,8 +206,54 @@ def child(args: argparse.Namespace) -> None:
         "gpu_plan_parts": {f"{p.name} ({p.phase})": p.device_bytes for p in plan.parts if cuda},
         "host_start": start,
         "host_allocated": heap.peak if heap is not None else None,
+        "holders": holders,
     }
     print(json.dumps(row), flush=True)
+
+
+_TRACE_ENTRIES = 4_000_000  # allocator events kept (an epoch of a captured step makes some tens of thousands)
+_HOLDERS_SHOWN = 25
+
+
+def peak_holders(events: list[dict]) -> dict[str, list[str]]:
+    """The blocks live at the largest sum of traced allocations before the first one made within the
+    trainer's ``evaluate`` (``training``) and over all ``events`` (``overall``): a line each of the most
+    bytes, by the innermost frame in this project's code (and its two callers there)."""
+    live: dict[int, tuple[int, str]] = {}
+    current, peaks, training = 0, {"training": (0, {}), "overall": (0, {})}, True
+    for event in events:
+        if event["action"] == "alloc":
+            frames = event.get("frames", [])
+            training = training and not any(frame["name"] == "evaluate" for frame in frames)
+            live[event["addr"]] = (event["size"], _allocated_at(frames))
+            current += event["size"]
+            for name in ("training", "overall") if training else ("overall",):
+                if current > peaks[name][0]:
+                    peaks[name] = (current, dict(live))
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])[0]
+    shown = {}
+    for name, (peak, blocks) in peaks.items():
+        sizes: dict[str, list[int]] = {}
+        for size, where in blocks.values():
+            sizes.setdefault(where, []).append(size)
+        ranked = sorted(sizes.items(), key=lambda item: -sum(item[1]))[:_HOLDERS_SHOWN]
+        shown[name] = [f"{peak / _GIB:.3f} GiB traced at the peak"] + [
+            f"{sum(found) / (1 << 20):10.1f} MiB in {len(found):5d} blocks: {where}"
+            for where, found in ranked
+        ]
+    return shown
+
+
+def _allocated_at(frames: list[dict]) -> str:
+    """The innermost frame of this project's code, and its two callers there, as one line."""
+    own = [frame for frame in frames if f"{os.sep}megaclass{os.sep}" in frame["filename"]]
+    if not own:
+        return f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "(no frames)"
+    where = own[0]
+    place = where["filename"].rsplit(f"{os.sep}megaclass{os.sep}", 1)[-1]
+    callers = " < ".join(frame["name"] for frame in own[1:3])
+    return f"{place}:{where['line']} {where['name']}" + (f" < {callers}" if callers else "")
 
 
 def plan_without(plan: Any, *names: str) -> Any:
@@ -266,6 +331,7 @@ def main() -> None:
                     config=SynthConfig(labels_per_doc=1),
                 )
             command = [sys.executable, __file__, "--head", args.head, "--child", *paths, f"{folder}/run"]
+            command += ["--holders"] if args.holders else []
             command += [item for setting in args.overrides for item in ("--set", setting)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
@@ -288,24 +354,32 @@ def main() -> None:
                 f"| {allocated} | {ratio(row['planned_host_allocated'], row['host_allocated'] or 0)} |",
                 flush=True,
             )
-            by_phase.append(
+            details = []
+            details.append(
                 f"{classes:,} classes: "
                 + ", ".join(f"{name} {peak / _GIB:.2f}" for name, peak in row["host_phases"].items())
             )
             if row["gpu_phases"]:
-                by_phase.append(
+                details.append(
                     "  GPU peak by phase: "
                     + ", ".join(f"{name} {size / _GIB:.2f}" for name, size in row["gpu_phases"].items())
                 )
-                by_phase.append(
+                details.append(
                     "  GPU plan by part: "
                     + ", ".join(f"{name} {size / _GIB:.3f}" for name, size in row["gpu_plan_parts"].items())
                 )
             if row["pinned_phases"]:
-                by_phase.append(
+                details.append(
                     "  of it page-locked at the phase's edges: "
                     + ", ".join(f"{name} {size / _GIB:.2f}" for name, size in row["pinned_phases"].items())
                 )
+            for name, lines in row["holders"].items():
+                details.append(
+                    f"  GPU blocks live at the {name} peak by where they were allocated: {lines[0]}"
+                )
+                details += [f"    {line}" for line in lines[1:]]
+            print("\n".join(details), file=sys.stderr, flush=True)  # kept if a later class count is cut off
+            by_phase += details
     print("\nmeasured host peak GiB by the trainer's phase (a phase's callees in it too):")
     print("\n".join(by_phase))
 
