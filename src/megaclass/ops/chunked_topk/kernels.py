@@ -113,11 +113,12 @@ def _merge_topk_scores_kernel(
             best_ids = tl.where(replace, top_id[:, None], best_ids)
             scores = tl.where(cols[None, :] == top_at[:, None], -float("inf"), scores)
 
-    # sorted descending, K rounds of maxima; a slot that holds no finite value gets id -1
+    # sorted descending, K rounds of maxima; a slot that holds no finite value gets id -1 (a loop, not R
+    # unrolled copies: it runs once a program, and unrolled it grows the compilation with R)
     rest = tl.where(live[None, :], best, -float("inf"))
     out = tl.full((BLOCK_M, R), -float("inf"), tl.float32)
     out_ids = tl.full((BLOCK_M, R), -1, tl.int64)
-    for slot in tl.static_range(R):
+    for slot in range(R):
         top = tl.max(rest, axis=1)
         top_at = tl.argmax(rest, axis=1)
         chosen = slots[None, :] == top_at[:, None]
