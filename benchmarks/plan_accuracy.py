@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -176,7 +177,8 @@ def child(args: argparse.Namespace) -> None:
     start = process_memory("VmRSS")
     heap = None if cuda else HeapPeak()
     if cuda and args.holders:
-        torch.cuda.memory._record_memory_history(stacks="python", max_entries=_TRACE_ENTRIES)
+        # C++ frames too: autograd's backward allocates on a thread without Python frames
+        torch.cuda.memory._record_memory_history(stacks="all", max_entries=_TRACE_ENTRIES)
     with heap or contextlib.nullcontext():
         train(
             config,
@@ -246,10 +248,17 @@ def peak_holders(events: list[dict]) -> dict[str, list[str]]:
 
 
 def _allocated_at(frames: list[dict]) -> str:
-    """The innermost frame of this project's code, and its two callers there, as one line."""
+    """The innermost frame of this project's code, and its two callers there, as one line; without one,
+    the autograd node that allocated (the backward's thread has no Python frames) or the innermost Python
+    frame."""
     own = [frame for frame in frames if f"{os.sep}megaclass{os.sep}" in frame["filename"]]
     if not own:
-        return f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "(no frames)"
+        for frame in frames:
+            node = re.search(r"\w+Backward\w*", frame["name"])
+            if node:
+                return f"backward: {node.group(0)}"
+        python = [frame for frame in frames if frame["filename"].endswith(".py")]
+        return f"{python[0]['filename']}:{python[0]['line']}" if python else "(no Python frame)"
     where = own[0]
     place = where["filename"].rsplit(f"{os.sep}megaclass{os.sep}", 1)[-1]
     callers = " < ".join(frame["name"] for frame in own[1:3])
