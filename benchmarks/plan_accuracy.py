@@ -25,8 +25,8 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   best weights, the run's end), to find where a peak comes from, and on a GPU the page-locked memory held
   at the phases' edges;
 - with ``--holders`` (a GPU), the blocks live at the allocator's peak before the first evaluation and over
-  the whole run, summed by the line of this project's code that allocated them (the allocator's trace,
-  ``torch.cuda.memory._record_memory_history``, replayed).
+  the whole run, summed by the line of this project's code that allocated them, or the autograd node for
+  the backward's (the allocator's trace, ``torch.cuda.memory._record_memory_history``, replayed).
 
 Each class count's details go to stderr as soon as its run ends, and all of them under the table at the end.
 """
