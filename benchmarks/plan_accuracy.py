@@ -363,11 +363,10 @@ def main() -> None:
                 f"| {allocated} | {ratio(row['planned_host_allocated'], row['host_allocated'] or 0)} |",
                 flush=True,
             )
-            details = []
-            details.append(
+            details = [
                 f"{classes:,} classes: "
                 + ", ".join(f"{name} {peak / _GIB:.2f}" for name, peak in row["host_phases"].items())
-            )
+            ]
             if row["gpu_phases"]:
                 details.append(
                     "  GPU peak by phase: "
