@@ -1,8 +1,9 @@
 """The trainer drives the sparse head's rewiring: the optimizer is bound, regrown weights start from a clean
 AdamW state and weight average, the rewired fraction anneals with the run's length, and a resumed run stays
-bound."""
+bound; a step leaves no gradient held."""
 
 import pytest
+import torch
 
 from megaclass.dst import DSTConfig, rewire_fraction
 from megaclass.train import Trainer, load_config
@@ -28,6 +29,23 @@ def _trainer(tiny, out, *extra: str) -> Trainer:
     ]
     config = load_config(head="sparse", overrides=overrides)
     return Trainer(config, train_path=tiny[0], test_path=tiny[1], out_dir=str(out))
+
+
+def test_a_step_drops_the_gradients_it_applied(tiny, tmp_path):
+    """An evaluation or a save between steps holds no gradients (beside a captured step on a GPU, an eager
+    step's own set would have stayed until the next step)."""
+    trainer = _trainer(tiny, tmp_path)
+    trainer.setup()
+    try:
+        batches = iter(trainer.loader.epoch(0))
+        weights = trainer.head.weight.detach().clone()
+        for _ in range(2):
+            trainer.train_step(next(batches))
+            parameters = [*trainer.encoder.parameters(), *trainer.head.parameters()]
+            assert all(parameter.grad is None for parameter in parameters)
+        assert not torch.equal(trainer.head.weight, weights)  # applied, then dropped
+    finally:
+        trainer.close()
 
 
 @pytest.mark.parametrize("group", [1, 3])

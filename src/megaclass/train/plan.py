@@ -52,6 +52,7 @@ from megaclass.models.mlp import MLPConfig
 from megaclass.models.text import reads_tokens
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
+from megaclass.train.graphs import whole_step_blocker
 from megaclass.train.recipes import DataFacts
 
 __all__ = [
@@ -562,8 +563,9 @@ def _moments(name: str, momentum: float) -> int:
 
 def _encoder_parts(
     config: RunConfig, shape: DataShape, batch: int, *, device_type: str
-) -> tuple[list[PlanPart], int]:
-    """The encoder's parts and its output width ``D``, from one forward pass of a ``batch``-row input whose
+) -> tuple[list[PlanPart], int, bool]:
+    """The encoder's parts, its output width ``D`` and whether a captured step holds it with the head
+    (:func:`~megaclass.train.graphs.whole_step_blocker`), from one forward pass of a ``batch``-row input whose
     tensors saved for the backward are its activations: an MLP over sparse rows or a face encoder built on
     the ``meta`` device (no memory); a transformer over token ids (text data) built on the CPU and run on
     one document of ``model.max_length`` tokens, its activations counted ``batch`` times over. A CPU run
@@ -574,6 +576,7 @@ def _encoder_parts(
     if shape.inputs == "images":
         with torch.device("meta"):
             encoder = build_model(config.model, InputSpec(kind="image"))
+        kind = "image"
         side = shape.num_features
         inputs, copies = torch.zeros(batch, 3, side, side, device="meta"), 1
         input_bytes = batch * 3 * side * side * (1 + 4)  # the decoded uint8 batch and its float32 form
@@ -582,6 +585,7 @@ def _encoder_parts(
         from megaclass.data.tokenized import TokenInputs
 
         encoder = build_model(config.model, InputSpec(kind="tokens")).train()  # dropout's masks saved too
+        kind = "tokens"
         length = config.model.max_length
         ids = torch.zeros(1, length, dtype=torch.int64)
         inputs, copies = TokenInputs(ids, torch.ones_like(ids)), batch
@@ -591,6 +595,7 @@ def _encoder_parts(
     else:
         with torch.device("meta"):
             encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
+        kind = "sparse"
         nonzeros = max(1, round(batch * shape.nonzeros_per_row))
         inputs, copies = (
             SparseInputs(
@@ -636,7 +641,12 @@ def _encoder_parts(
         PlanPart("encoder activations", activations, 0, "step", setting),
         PlanPart("encoder gradient kept", kept, 0, setting="model.sparse_grad=true", after_setup=True),
     ]
-    return parts, int(encoder.out_features)
+    frozen_steps = config.optim.encoder_frozen_steps
+    return (
+        parts,
+        int(encoder.out_features),
+        whole_step_blocker(encoder, kind, frozen_steps=frozen_steps) is None,
+    )
 
 
 def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
@@ -684,7 +694,7 @@ def plan_run(
         config = replace(config, model=replace(config.model, sparse_grad=False))
     rows = max(1, shape.num_rows)  # no batch holds more than the data
     batch = min(rank_batch_size(config, dist), -(-rows // world_size))
-    parts, dim = _encoder_parts(config, shape, batch, device_type=device_type)
+    parts, dim, whole_step = _encoder_parts(config, shape, batch, device_type=device_type)
     classes = shape.num_labels
     if shards_head(config, dist):
         classes = -(-classes // world_size)  # rank 0's range: the first ranks take the remainder
@@ -732,6 +742,15 @@ def plan_run(
         pulled = isinstance(config.head, SelectedHeadConfig) and config.head.store not in ("gpu", "device")
         if config.train.cuda_graph != "off" and not pulled:
             parts = [replace(part, phase="steady") if part.phase == "step" else part for part in parts]
+            # the graph's gradients are its outputs, held between steps too; a step run eagerly beside it (an
+            # epoch's smaller last batch, a batch over the capture's capacities) makes its own of those and
+            # of the captured activations, from the allocator's other memory
+            captured = {"head gradients", "head activations"}
+            captured |= {"encoder gradients", "encoder activations"} if whole_step else set()
+            eager = sum(part.device_bytes for part in parts if part.name in captured)
+            parts.append(
+                PlanPart("eager step beside the captured one", eager, 0, "step", "train.cuda_graph=off")
+            )
         parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, _CUDA_CONTEXT_HOST, setting="a larger GPU"))
         # the measured whole, less what any run holds
         runtime = _CUDA_HOST - _CUDA_CONTEXT_HOST - _PROCESS_HOST - _LIBRARIES_HOST
