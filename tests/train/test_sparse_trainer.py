@@ -1,6 +1,6 @@
 """The trainer drives the sparse head's rewiring: the optimizer is bound, regrown weights start from a clean
 AdamW state and weight average, the rewired fraction anneals with the run's length, and a resumed run stays
-bound; a step leaves no gradient held."""
+bound; an eager step beside a captured one leaves no gradient held."""
 
 import pytest
 import torch
@@ -31,18 +31,28 @@ def _trainer(tiny, out, *extra: str) -> Trainer:
     return Trainer(config, train_path=tiny[0], test_path=tiny[1], out_dir=str(out))
 
 
-def test_a_step_drops_the_gradients_it_applied(tiny, tmp_path):
-    """An evaluation or a save between steps holds no gradients (beside a captured step on a GPU, an eager
-    step's own set would have stayed until the next step)."""
+class _GraphOfAnotherBatchSize:
+    """A captured step that no batch fits: every step runs eagerly beside it, as an epoch's smaller last
+    batch does on a GPU."""
+
+    def fits(self, targets, inputs) -> bool:
+        return False
+
+
+def test_an_eager_step_beside_a_captured_one_drops_its_gradients(tiny, tmp_path):
+    """Its gradients are its own, beside the graph's: an evaluation or a save after it holds none; without a
+    graph a step's stay until the next (their blocks serve its gradients again)."""
     trainer = _trainer(tiny, tmp_path)
     trainer.setup()
     try:
         batches = iter(trainer.loader.epoch(0))
+        parameters = [*trainer.encoder.parameters(), *trainer.head.parameters()]
+        trainer.train_step(next(batches))
+        assert all(parameter.grad is not None for parameter in parameters)
+        trainer.step_graph = _GraphOfAnotherBatchSize()
         weights = trainer.head.weight.detach().clone()
-        for _ in range(2):
-            trainer.train_step(next(batches))
-            parameters = [*trainer.encoder.parameters(), *trainer.head.parameters()]
-            assert all(parameter.grad is None for parameter in parameters)
+        trainer.train_step(next(batches))
+        assert all(parameter.grad is None for parameter in parameters)
         assert not torch.equal(trainer.head.weight, weights)  # applied, then dropped
     finally:
         trainer.close()

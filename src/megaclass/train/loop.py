@@ -968,6 +968,8 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         lrs = self._set_learning_rates(self.state.global_step)
         frozen = self.state.global_step < self.config.optim.encoder_frozen_steps  # head-only warm-up
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
         # full batches replay the captured step (multi-label targets and sparse inputs padded to their
         # capacities); an epoch's smaller last batch, or one over a capacity, runs eagerly
         graph = self.step_graph
@@ -977,6 +979,7 @@ class Trainer:
                 loss = self._replay(graph, batch, frozen=frozen)
             except CaptureError as error:
                 self._capture_failed(graph, error)
+        beside_graph = loss is None and graph is not None  # its own gradients, beside the graph's
         if loss is None:
             with self._autocast():
                 with torch.no_grad() if frozen else contextlib.nullcontext():
@@ -987,9 +990,8 @@ class Trainer:
             self.parallel.clip_grad_norm_(self.config.train.grad_clip)
         for optimizer in self._optimizers():
             optimizer.step()
-            # applied, the gradients go: an evaluation or a save between steps holds none (beside a captured
-            # step, an eager step's own set would stay until the next step)
-            optimizer.zero_grad(set_to_none=True)
+            if beside_graph:  # not held through an evaluation or a save until the next step: the graph's stay
+                optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         self.state.step_in_epoch += 1
         fraction = self.state.epoch + self.state.step_in_epoch / self.loader.steps_per_epoch()
