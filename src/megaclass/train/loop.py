@@ -990,7 +990,7 @@ class Trainer:
             self.parallel.clip_grad_norm_(self.config.train.grad_clip)
         for optimizer in self._optimizers():
             optimizer.step()
-            if beside_graph:  # not held through an evaluation or a save until the next step: the graph's stay
+            if beside_graph:  # dropped once applied: an evaluation or a save after it holds two sets
                 optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         self.state.step_in_epoch += 1

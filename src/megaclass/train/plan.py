@@ -574,9 +574,9 @@ def _encoder_parts(
     from megaclass.data.batch import InputSpec, SparseInputs
 
     if shape.inputs == "images":
+        spec = InputSpec(kind="image")
         with torch.device("meta"):
-            encoder = build_model(config.model, InputSpec(kind="image"))
-        kind = "image"
+            encoder = build_model(config.model, spec)
         side = shape.num_features
         inputs, copies = torch.zeros(batch, 3, side, side, device="meta"), 1
         input_bytes = batch * 3 * side * side * (1 + 4)  # the decoded uint8 batch and its float32 form
@@ -584,8 +584,8 @@ def _encoder_parts(
     elif _takes_tokens(config, shape):
         from megaclass.data.tokenized import TokenInputs
 
-        encoder = build_model(config.model, InputSpec(kind="tokens")).train()  # dropout's masks saved too
-        kind = "tokens"
+        spec = InputSpec(kind="tokens")
+        encoder = build_model(config.model, spec).train()  # dropout's masks saved too
         length = config.model.max_length
         ids = torch.zeros(1, length, dtype=torch.int64)
         inputs, copies = TokenInputs(ids, torch.ones_like(ids)), batch
@@ -593,9 +593,9 @@ def _encoder_parts(
         setting = "model.max_length, train.batch_size or model.gradient_checkpointing=true"
         smaller = "model.pretrained (a smaller encoder)"
     else:
+        spec = InputSpec(kind="sparse", num_features=shape.num_features)
         with torch.device("meta"):
-            encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
-        kind = "sparse"
+            encoder = build_model(config.model, spec)
         nonzeros = max(1, round(batch * shape.nonzeros_per_row))
         inputs, copies = (
             SparseInputs(
@@ -641,12 +641,8 @@ def _encoder_parts(
         PlanPart("encoder activations", activations, 0, "step", setting),
         PlanPart("encoder gradient kept", kept, 0, setting="model.sparse_grad=true", after_setup=True),
     ]
-    frozen_steps = config.optim.encoder_frozen_steps
-    return (
-        parts,
-        int(encoder.out_features),
-        whole_step_blocker(encoder, kind, frozen_steps=frozen_steps) is None,
-    )
+    blocker = whole_step_blocker(encoder, spec.kind, frozen_steps=config.optim.encoder_frozen_steps)
+    return parts, int(encoder.out_features), blocker is None
 
 
 def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
