@@ -1,4 +1,5 @@
-"""The host allocator keeps large freed blocks: a block made anew each step takes no fresh pages."""
+"""The host allocator keeps large freed blocks: a block made anew each step takes no fresh pages; the heap's
+free pages go back to the system when asked."""
 
 import os
 import subprocess
@@ -84,3 +85,33 @@ def test_an_image_run_keeps_the_systems_allocator(fixture_dir, tmp_path, monkeyp
     ]  # fmt: skip
     assert main([*argv, "--set", *settings]) == 0
     assert calls == []
+
+
+_RELEASE = """
+import ctypes
+from megaclass.host_allocator import release_free_memory
+
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 << 10) for _ in range(4096)]  # 256 MiB in blocks under the mmap threshold
+for block in blocks:
+    ctypes.memset(block, 1, 64 << 10)
+last = libc.malloc(64 << 10)  # in use at the heap's top: freeing the others leaves free pages below it
+for block in blocks:
+    libc.free(block)
+before = resident()
+release_free_memory()
+print(before, resident())
+"""
+
+
+@glibc_only
+def test_the_heaps_free_pages_go_back_to_the_system():
+    result = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True)
+    before, after = (int(value) for value in result.stdout.split())
+    assert before - after > 200 << 20  # most of the 256 MiB freed below the block in use

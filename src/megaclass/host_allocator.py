@@ -9,6 +9,10 @@ of deb-tags' texts spent more time in the kernel than in torch (benchmarks/RESUL
 :func:`reuse_freed_blocks` tells glibc to serve every block from its heap and to keep what is freed there:
 the next step's tensor of the same size takes the same pages, already mapped. The resident set then stays at
 its peak instead of falling between steps. ``MEGACLASS_HOST_MALLOC=system`` leaves the allocator as it is.
+
+:func:`release_free_memory` hands the heap's free pages back to the system once, after work whose scratch is
+not made again (a text file's featuriser fit, an index's cold build on the CPU): kept, the next allocations
+too large for its free pieces would take fresh pages beside them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["reuse_freed_blocks"]
+__all__ = ["release_free_memory", "reuse_freed_blocks"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
@@ -44,3 +48,13 @@ def reuse_freed_blocks() -> bool:
     # the trim threshold first: with mapping off, a large freed block at the heap's top is not given back
     _state["reusing"] = bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_MMAP_MAX, 0))
     return _state["reusing"]
+
+
+def release_free_memory() -> None:
+    """Hand the free pages of glibc's heap back to the system (``malloc_trim``); nothing on another C
+    library. Blocks in use stay where they are."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

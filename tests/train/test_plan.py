@@ -410,6 +410,17 @@ def test_a_sparse_first_layer_plans_a_gradient_row_per_non_zero(synthetic):
     )
     for name in ("encoder weights", "encoder optimizer state"):
         assert parts["true"][name] == parts["false"][name]
+    # the optimizer's step on the touched rows, float32: summed and moving gradient rows, weights, Adam's two
+    # moments and its denominator; none where the whole table's gradient is dense
+    touched = min(nonzeros, shape.num_features)
+    assert parts["true"]["encoder row update"] == 6 * touched * 64 * 4
+    assert parts["false"]["encoder row update"] == 0
+    assert {p.name: p.phase for p in plans["true"].parts}["encoder row update"] == "step"
+    sgd = load_config(overrides=[*settings, "model.sparse_grad=true", "optim.encoder.name=sgd"])
+    plan = plan_run(sgd, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
+    momentum = sgd.optim.encoder.momentum > 0
+    row_update = {p.name: p.device_bytes for p in plan.parts}["encoder row update"]
+    assert row_update == (4 + momentum) * touched * 64 * 4
 
 
 def _folder_bytes(path) -> int:

@@ -52,17 +52,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import functools
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from megaclass.host_allocator import release_free_memory
 from megaclass.index.base import THOROUGH_FACTOR, ClassSelector, Metric, RowReader
 from megaclass.index.clustering import balanced_kmeans_fit, capacity_assign, nearest_centroids
 from megaclass.ops.chunked_topk import chunked_topk, merge_topk_scores_
@@ -213,22 +211,6 @@ def scan_is_cheaper(batch: int, gathered: int, num_classes: int) -> bool:
     (True, False)
     """
     return num_classes * (1 + batch * _SCAN_SCORE_COST) <= batch * gathered
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
-def _release_free_host_memory() -> None:
-    """Hand the heap's free pages back to the system after a CPU cold build: glibc keeps its freed scratch
-    (hundreds of MB at 10^5 rows and more) in the process otherwise. Nothing where there is no glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _scratch_entries(device: torch.device | str) -> int:
@@ -779,7 +761,7 @@ class ClusterIndex(ClassSelector):
         self._cold(snapshot)
         self._publish(snapshot, begin)
         if device.type == "cpu":
-            _release_free_host_memory()
+            release_free_memory()  # the build's scratch: hundreds of MB at 10^5 rows and more
 
     def _in_background(self, num_classes: int, device: torch.device) -> bool:
         if self.background is not None:
@@ -825,7 +807,7 @@ class ClusterIndex(ClassSelector):
             if job.stream is not None:  # this thread waits for the GPU, the trainer does not; a cancelled
                 job.stream.synchronize()  # build too, before its snapshot's memory can be freed
             else:
-                _release_free_host_memory()
+                release_free_memory()  # the build's scratch
             job.elapsed_ms = (time.perf_counter() - job.started) * 1e3
             _RUNNING.discard(job)
 

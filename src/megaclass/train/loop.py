@@ -53,7 +53,7 @@ from megaclass.distributed.checkpoint import (
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, encoder_state, load_encoder_state, rank_batch_size
 from megaclass.errors import DataFormatError, RunDoesNotFit, TrainingDiverged, one_line
-from megaclass.host_allocator import reuse_freed_blocks
+from megaclass.host_allocator import release_free_memory, reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
 from megaclass.schema import ConfigError, covered, get_path, set_path
@@ -472,6 +472,7 @@ class Trainer:
         self.label_filter = self._read_eval_inputs()
         self._check_data_files()
         self._check_resumed_config()  # before the modules: a changed head type is named as such
+        release_free_memory()  # what the parse and a featuriser fit freed: not kept beside the modules
         self.encoder, self.head = build_modules(config, self.train_data, device=self.device, dist=dist)
         self.head.materialize()  # a store on parameter servers connects, and is checked, now
         self.kernels = self._resolve_kernels()

@@ -610,10 +610,15 @@ def _encoder_parts(
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
     trained = sum(p.numel() * p.element_size() for p in trainable)
-    grads, kept = trained, 0
+    grads, kept, row_update = trained, 0, 0
     if getattr(encoder, "sparse_gradient", False):  # an MLP's first layer: a gradient row per non-zero
         table = encoder.embedding  # (F, H0)
         grads += nonzeros * (table.shape[1] * table.element_size() + 8) - table.numel() * table.element_size()
+        # its optimizer's step on the rows a batch touched (at most its non-zeros), in float32: the gradient
+        # summed by row and the rows that move, the weights, the moments and Adam's denominator (SGD's
+        # decayed gradient), beside the gradient itself
+        moments = _moments(config.optim.encoder.name, config.optim.encoder.momentum)
+        row_update = (4 + moments) * min(nonzeros, table.shape[0]) * table.shape[1] * 4
     elif device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
         kept = encoder.embedding.numel() * encoder.embedding.element_size()  # the last step's, freed
     parameters = {id(p) for p in encoder.parameters()}
@@ -639,6 +644,7 @@ def _encoder_parts(
             after_setup=True,
         ),
         PlanPart("encoder activations", activations, 0, "step", setting),
+        PlanPart("encoder row update", row_update, 0, "step", "train.batch_size"),
         PlanPart("encoder gradient kept", kept, 0, setting="model.sparse_grad=true", after_setup=True),
     ]
     blocker = whole_step_blocker(encoder, spec.kind, frozen_steps=config.optim.encoder_frozen_steps)
