@@ -12,11 +12,12 @@ Reading: the rows to the GPU in blocks of 2^16 through two page-locked buffers
 (:func:`megaclass.staging.blocks_to_device`), beside each block's plain ``.to(device)``. Every variant's rows
 are checked equal to the first's on a sample. Updating: ``--step-rows`` random rows a step (a new set each
 time, so no step finds its rows in the CPU's cache), gathered by ``index_select``
-(:func:`~megaclass.ops.row_optimizers.take_rows`) beside plain indexing, and written back a whole row an item
-over torch's threads (:func:`~megaclass.ops.row_optimizers.put_rows_`) beside ``index_put_`` and
-``index_copy_``, and (rows held as ``bf16_sr``) the updated values rounded to bfloat16 stochastically on the
-CPU (:func:`~megaclass.ops.stochastic_rounding.stochastic_round`: numpy, in pieces over torch's threads)
-beside the plain-torch reference it matches bit for bit; median of ``--reps`` steps, results checked. A
+(:func:`~megaclass.ops.row_optimizers.take_rows`) beside plain indexing, and written back by
+:func:`~megaclass.ops.row_optimizers.put_rows_` (a whole row an item over torch's threads where each writes
+2 MiB or more, else ``index_put_``) beside ``index_put_`` and ``index_copy_``, and (rows held as
+``bf16_sr``) the updated values rounded to bfloat16 stochastically on the CPU
+(:func:`~megaclass.ops.stochastic_rounding.stochastic_round`: numpy, in pieces over torch's threads) beside
+the plain-torch reference it matches bit for bit; median of ``--reps`` steps, results checked. A
 whole update: :meth:`~megaclass.store.local.LocalRows.update_` with AdamW of ``--step-rows`` random rows, rows
 held in float32 and as ``bf16_sr``, with and without a weight average of the rows
 (:class:`~megaclass.store.average.RowAverage`, ``train.ema_decay``), median of ``--reps`` steps.
@@ -127,9 +128,7 @@ def row_moves(weight: torch.Tensor, counts: list[int], reps: int) -> None:
     ways: dict[tuple[str, str], Callable[[torch.Tensor, torch.Tensor], object]] = {
         ("gather", "`index_select` (take_rows)"): lambda ids, values: take_rows(weight, ids),
         ("gather", "plain indexing"): lambda ids, values: weight[ids],
-        ("write back", "a row an item over threads (put_rows_)"): lambda ids, values: put_rows_(
-            weight, ids, values
-        ),
+        ("write back", "put_rows_"): lambda ids, values: put_rows_(weight, ids, values),
         ("write back", "`index_put_` (indexing)"): lambda ids, values: weight.index_put_((ids,), values),
         ("write back", "`index_copy_`"): lambda ids, values: weight.index_copy_(0, ids, values),
         ("round to bf16", "numpy over threads (stochastic_round)"): lambda ids, values: stochastic_round(

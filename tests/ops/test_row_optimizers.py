@@ -269,12 +269,12 @@ def test_init_rows_range_errors():
 
 
 @pytest.mark.parametrize("threads", [1, 3])  # numpy on this thread / over a pool's threads too
-@pytest.mark.parametrize("split_bytes", [64, 2 << 20])  # numpy writes / indexing writes
+@pytest.mark.parametrize("thread_bytes", [64, 2 << 20])  # numpy writes / indexing writes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 @pytest.mark.parametrize("shape", [(1200,), (1200, 1), (1200, 5), (1200, 3, 2)])
 @pytest.mark.parametrize("count", [0, 1, 9, 1100])
-def test_put_rows_and_take_rows_equal_indexing(monkeypatch, threads, split_bytes, dtype, shape, count):
-    monkeypatch.setattr(row_optimizers, "_PUT_SPLIT_BYTES", split_bytes)
+def test_put_rows_and_take_rows_equal_indexing(monkeypatch, threads, thread_bytes, dtype, shape, count):
+    monkeypatch.setattr(row_optimizers, "_PUT_THREAD_BYTES", thread_bytes)
     generator = torch.Generator().manual_seed(count)
     tensor = (torch.randn(shape, generator=generator) * 100).to(dtype)
     ids = torch.randperm(shape[0], generator=generator)[:count]  # unique, unsorted
@@ -291,8 +291,32 @@ def test_put_rows_and_take_rows_equal_indexing(monkeypatch, threads, split_bytes
     assert torch.equal(tensor, expected)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_put_rows_gives_numpy_a_write_of_its_bytes_a_thread_or_more(monkeypatch, threads):
+    """Below ``_PUT_THREAD_BYTES`` for each of torch's threads a write is left to ``index_put_``; from there
+    it goes to numpy in one piece a thread."""
+    monkeypatch.setattr(row_optimizers, "_PUT_THREAD_BYTES", 4096)
+    pieces = []
+    real_split = row_optimizers.run_split
+    monkeypatch.setattr(
+        row_optimizers,
+        "run_split",
+        lambda work, bounds: pieces.append(len(bounds) - 1) or real_split(work, bounds),
+    )
+    tensor = torch.zeros(10_000, 4)  # rows of 16 bytes: 256 rows fill 4096
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for count in (256 * threads - 1, 256 * threads):
+            put_rows_(tensor, torch.arange(count), torch.ones(count, 4))
+    finally:
+        torch.set_num_threads(default)
+    assert pieces == [threads]
+    assert tensor[: 256 * threads].eq(1).all() and not tensor[256 * threads :].any()
+
+
 def test_put_rows_takes_values_of_another_dtype_and_layout(monkeypatch):
-    monkeypatch.setattr(row_optimizers, "_PUT_SPLIT_BYTES", 1024)
+    monkeypatch.setattr(row_optimizers, "_PUT_THREAD_BYTES", 1024)
     tensor = torch.zeros(3000, 4)
     ids = torch.randperm(3000)[:2500]
     values = torch.randn(4, 2500, dtype=torch.float64).T  # not contiguous, float64

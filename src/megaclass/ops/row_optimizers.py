@@ -60,7 +60,7 @@ __all__ = [
 
 INIT_CHUNK = 1 << 16  # rows drawn per generator seed: the unit every store draws its initial rows in
 _INIT_THREADS = 4  # CPU chunks drawn at once (each holds one chunk of rows in fp32)
-_PUT_SPLIT_BYTES = 1 << 20  # the least a host write of put_rows_ gives one thread (below: index_put_)
+_PUT_THREAD_BYTES = 2 << 20  # put_rows_: the least a host write gives each of torch's threads for numpy's put
 
 
 class RowOptimizerKind(str, enum.Enum):
@@ -265,24 +265,24 @@ def take_rows(tensor: Tensor, ids: Tensor) -> Tensor:
 def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     """``tensor[ids] = values`` for unique row ids ``ids (S,)``, in place.
 
-    In host memory a large write copies each row as one item (numpy's ``put`` over a row-sized void dtype,
-    which lets go of the GIL: about twice ``index_put_``'s speed on one thread), in pieces of at least
-    :data:`_PUT_SPLIT_BYTES` over torch's threads, two pieces at least where there are several: rows at random
-    places are a wait on memory, which the threads overlap (1.5 to 1.6 times the speed of ``index_put_`` on 2
-    CPU cores at 5,000 to 50,000 rows of D 256, ``benchmarks/host_rows.py``). Smaller writes, and other
-    devices: ``index_put_``.
+    In host memory a write of at least :data:`_PUT_THREAD_BYTES` for each of torch's threads copies each row
+    as one item (numpy's ``put`` over a row-sized void dtype, which lets go of the GIL), one piece a thread:
+    rows at random places are a wait on memory, which the threads overlap, and numpy's put waits less a row
+    than ``index_put_`` (1.3 to 2 times its speed on 1 to 4 threads writing 2 MiB or more each, at 5,000 and
+    50,000 rows of D 256). Smaller writes, and other devices: ``index_put_``, which spreads a write over more
+    threads at less cost (1.2 to 2.6 times numpy's speed on 4 to 16 threads at 5,000 rows of D 256;
+    ``benchmarks/RESULTS.md``).
     """
     ids = ids.to(tensor.device)
     values = values.to(tensor.device, tensor.dtype)
     row_bytes = tensor[:1].numel() * tensor.element_size()
     threads = torch.get_num_threads()
-    pieces = min(threads, len(ids) * row_bytes // _PUT_SPLIT_BYTES)
-    # with several threads, a write numpy would do on one thread is left to index_put_ and torch's threads
-    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not row_bytes or pieces < min(2, threads):
+    small = len(ids) * row_bytes < threads * _PUT_THREAD_BYTES
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not row_bytes or small:
         tensor[ids] = values
         return
     target, source, where = _row_items(tensor), _row_items(values.contiguous()), ids.numpy()
-    bounds = np.linspace(0, len(where), pieces + 1).astype(np.int64).tolist()
+    bounds = np.linspace(0, len(where), threads + 1).astype(np.int64).tolist()
     run_split(lambda a, b: np.put(target, where[a:b], source[a:b]), bounds)
 
 
