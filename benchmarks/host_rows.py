@@ -4,6 +4,7 @@ places (as its update does), each beside the plain way it replaces.
 
     python benchmarks/host_rows.py                                  # 10^7 rows of D 256 (10.24 GB), a GPU
     python benchmarks/host_rows.py --rows 100000 --dim 64 --quick   # a smoke run, CPU or GPU
+    python benchmarks/host_rows.py --quick --threads 2 4 8 16       # a step's rows moved at each thread count
 
 Rows: :class:`~megaclass.store.local.LocalRows` in host memory drawn on the GPU (copied through a page-locked
 buffer, :func:`megaclass.staging.copy_rows_`); beside it the same draws copied straight into fresh pageable
@@ -47,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-rows", type=int, nargs="+", default=[5_000, 50_000], help="rows a step")
     parser.add_argument("--reps", type=int, default=20, help="steps timed for each way")
     parser.add_argument("--quick", action="store_true", help="skip the slow baselines")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[],
+        help="torch threads for the rows moved (default: as set)",
+    )
     return parser.parse_args()
 
 
@@ -116,7 +124,11 @@ def rows_made_read_and_moved(args: argparse.Namespace) -> None:
     for staged, way in ((True, "two page-locked buffers"), (False, "plain copy a block")):
         _, seconds = timed(lambda staged=staged: read(store.weight, device, staged=staged))
         row("read to the device", way, seconds)
-    row_moves(store.weight, args.step_rows, args.reps)
+    default = torch.get_num_threads()
+    for threads in args.threads or [default]:
+        torch.set_num_threads(threads)
+        row_moves(store.weight, args.step_rows, args.reps)
+    torch.set_num_threads(default)
 
 
 def row_moves(weight: torch.Tensor, counts: list[int], reps: int) -> None:
