@@ -50,7 +50,7 @@ def test_updates_of_varying_sizes_equal_a_plain_update_bitwise(tmp_path, optimiz
 def test_a_large_update_written_back_by_several_threads_equals_a_plain_update(
     tmp_path, monkeypatch, optimizer
 ):
-    monkeypatch.setattr(row_optimizers, "_PUT_THREAD_BYTES", 4096)  # numpy's put from 1,024 rows of D 3
+    monkeypatch.setattr(row_optimizers, "_PUT_THREAD_BYTES", 4096)  # numpy from 1,024 rows of D 3, 3 threads
     spec = ShardSpec(num_rows=5000, dim=3, row_start=0, row_stop=5000, optimizer=optimizer, trainers=1)
     state = ShardState(tmp_path, spec, HyperParams(lr=0.1, momentum=0.5, eps=1e-6), seed=1)
     rows = state.rows.clone()
