@@ -49,6 +49,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -446,8 +447,15 @@ def summary(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_terminate(signum: int, frame: object) -> None:
+    """SIGTERM (as ``timeout`` sends) unwinds like an exception, so the shard processes are stopped and
+    their files removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     if not torch.cuda.is_available():
         from megaclass.host_allocator import reuse_freed_blocks
 
