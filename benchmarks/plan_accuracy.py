@@ -28,7 +28,9 @@ it), then the run itself (one epoch: training, evaluation, the checkpoint). The 
   the whole run, summed by the line of this project's code that allocated them, or the autograd node for
   the backward's (the allocator's trace, ``torch.cuda.memory._record_memory_history``, replayed).
 
-Each class count's details go to stderr as soon as its run ends, and all of them under the table at the end.
+Each run's log goes to stderr as it comes, each line stamped with its class count and the seconds since the
+run started; each class count's details go to stderr as soon as its run ends, and all of them under the table
+at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +151,22 @@ def _pinned_bytes() -> int | None:
     return torch.cuda.memory.host_memory_stats().get("allocated_bytes.current")
 
 
+def run_child(command: list[str], name: str) -> tuple[int, str, str]:
+    """Run a child, its stderr (the run's log) passed to ours as it comes, each line stamped with ``name`` and
+    the seconds since the start (a run cut off by a time limit still says where it was); returns its exit
+    code, its last stderr line and its stdout."""
+    started = time.perf_counter()
+    last = ""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None and process.stdout is not None
+        for line in process.stderr:  # the child's stdout is one JSON line: its pipe never fills meanwhile
+            if line.strip():
+                last = line.strip()
+                print(f"[{name}, {time.perf_counter() - started:.0f} s] {last}", file=sys.stderr, flush=True)
+        output = process.stdout.read()
+    return process.returncode, last, output
+
+
 def child(args: argparse.Namespace) -> None:
     """Plan, then run, one task; prints one JSON line of planned and measured peaks."""
     from megaclass.train.config import load_config_and_keys
@@ -171,6 +190,8 @@ def child(args: argparse.Namespace) -> None:
         resolve=lambda config, facts: resolve_recipe(config, keys, facts)[0],
     )
     allocations = plan_without(plan, "interpreter and PyTorch", "libraries a run loads", "CUDA runtime")
+    gpu_line = f"GPU {plan.peak(0)[0] / _GIB:.2f} GiB, " if cuda else ""
+    print(f"planned: {gpu_line}host {plan.peak(1)[0] / _GIB:.2f} GiB; the run starts", file=sys.stderr)
     phases = PhasePeaks(context)
     phases.watch(Trainer)
     reset_peak_memory()  # the peak resident set from here on
@@ -179,7 +200,7 @@ def child(args: argparse.Namespace) -> None:
     if cuda and args.holders:
         # C++ frames too: autograd's backward allocates on a thread without Python frames
         torch.cuda.memory._record_memory_history(stacks="all", max_entries=_TRACE_ENTRIES)
-    with heap or contextlib.nullcontext():
+    with heap or contextlib.nullcontext(), contextlib.redirect_stdout(sys.stderr):  # stdout: the row alone
         train(
             config,
             train_path=train_path,
@@ -342,11 +363,11 @@ def main() -> None:
             command = [sys.executable, __file__, "--head", args.head, "--child", *paths, f"{folder}/run"]
             command += ["--holders"] if args.holders else []
             command += [item for setting in args.overrides for item in ("--set", setting)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"| {classes:,} | failed: {done.stderr.strip().splitlines()[-1]} |||||||", flush=True)
+            returncode, last_line, output = run_child(command, f"{classes:,} classes")
+            if returncode != 0:
+                print(f"| {classes:,} | failed: {last_line} |||||||", flush=True)
                 continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = json.loads(output.strip().splitlines()[-1])
 
             def ratio(planned: int, measured: int) -> str:
                 return f"{planned / measured:.2f}" if measured else "-"
