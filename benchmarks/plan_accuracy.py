@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -159,12 +160,22 @@ def run_child(command: list[str], name: str) -> tuple[int, str, str]:
     last = ""
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         assert process.stderr is not None and process.stdout is not None
-        for line in process.stderr:  # the child's stdout is one JSON line: its pipe never fills meanwhile
-            if line.strip():
-                last = line.strip()
-                print(f"[{name}, {time.perf_counter() - started:.0f} s] {last}", file=sys.stderr, flush=True)
-        output = process.stdout.read()
+        try:
+            for line in process.stderr:  # the child's stdout is one JSON line: its pipe never fills meanwhile
+                if line.strip():
+                    last = line.strip()
+                    stamp = f"[{name}, {time.perf_counter() - started:.0f} s]"
+                    print(f"{stamp} {last}", file=sys.stderr, flush=True)
+            output = process.stdout.read()
+        except BaseException:  # interrupted or terminated: the run stops with us, not holding the GPU on
+            process.kill()
+            raise
     return process.returncode, last, output
+
+
+def _exit_on_terminate(signum: int, frame: object) -> None:
+    """SIGTERM (as ``timeout`` sends) unwinds like an exception: the child run is stopped on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -336,6 +347,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     if args.rewiring:
         rewiring(args.classes[0])
         return
