@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd+bwd")
+
+
+def unwind_on_terminate() -> None:
+    """Make SIGTERM (as ``timeout`` sends) raise ``SystemExit`` in this process: its ``finally`` blocks and
+    context managers then stop the processes it started and remove their files on the way out."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
 
 
 def process_memory(field: str) -> int:

@@ -49,7 +49,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Case, Result, add_common_arguments, markdown_table, run_cases  # noqa: E402
+from _harness import (  # noqa: E402
+    Case,
+    Result,
+    add_common_arguments,
+    markdown_table,
+    run_cases,
+    unwind_on_terminate,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -447,15 +453,9 @@ def summary(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def _exit_on_terminate(signum: int, frame: object) -> None:
-    """SIGTERM (as ``timeout`` sends) unwinds like an exception, so the shard processes are stopped and
-    their files removed on the way out."""
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
     args = parse_args()
-    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    unwind_on_terminate()  # a killed run stops its shards and removes their files
     if not torch.cuda.is_available():
         from megaclass.host_allocator import reuse_freed_blocks
 

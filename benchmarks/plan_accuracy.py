@@ -41,7 +41,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import HeapPeak, process_memory, reset_peak_memory  # noqa: E402
+from _harness import HeapPeak, process_memory, reset_peak_memory, unwind_on_terminate  # noqa: E402
 from megaclass.data.synthetic import SynthConfig, synthesize  # noqa: E402
 
 _GIB = 1 << 30
@@ -171,11 +170,6 @@ def run_child(command: list[str], name: str) -> tuple[int, str, str]:
             process.kill()
             raise
     return process.returncode, last, output
-
-
-def _exit_on_terminate(signum: int, frame: object) -> None:
-    """SIGTERM (as ``timeout`` sends) unwinds like an exception: the child run is stopped on the way out."""
-    raise SystemExit(128 + signum)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -347,7 +341,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    unwind_on_terminate()  # a killed run stops its child run and removes its task files
     if args.rewiring:
         rewiring(args.classes[0])
         return

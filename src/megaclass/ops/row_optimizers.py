@@ -268,10 +268,10 @@ def put_rows_(tensor: Tensor, ids: Tensor, values: Tensor) -> None:
     In host memory a write of at least :data:`_PUT_THREAD_BYTES` for each of torch's threads copies each row
     as one item (numpy's ``put`` over a row-sized void dtype, which lets go of the GIL), one piece a thread:
     rows at random places are a wait on memory, which the threads overlap, and numpy's put waits less a row
-    than ``index_put_`` (1.3 to 2 times its speed on 1 to 4 threads writing 2 MiB or more each, at 5,000 and
-    50,000 rows of D 256). Smaller writes, and other devices: ``index_put_``, which spreads a write over more
-    threads at less cost (1.2 to 2.6 times numpy's speed on 4 to 16 threads at 5,000 rows of D 256;
-    ``benchmarks/RESULTS.md``).
+    than ``index_put_`` (where the rule takes it on a GPU host's 10^7 rows of D 256: 1.2 to 1.5 times its
+    speed on 2 to 8 threads, 0.8 on 16 threads at 50,000 rows). Smaller writes, and other devices:
+    ``index_put_``, which spreads a write over more threads at less cost (1.2 to 2.6 times numpy's speed on 4
+    to 16 threads at 5,000 rows of D 256; ``benchmarks/RESULTS.md``).
     """
     ids = ids.to(tensor.device)
     values = values.to(tensor.device, tensor.dtype)
