@@ -80,3 +80,43 @@ def test_blocks_to_device_reuses_a_buffer_only_after_its_copy(monkeypatch, block
     assert [len(block) for block in blocks] == [min(block_rows, 50 - s) for s in range(0, 50, block_rows)]
     assert all(block.is_cuda for block in blocks)
     assert torch.equal(torch.cat(blocks).cpu(), rows)
+
+
+def test_map_to_device_refuses_what_it_cannot_map():
+    with pytest.raises(ValueError, match="a contiguous host tensor and a CUDA device, got a contiguous cpu"):
+        staging.map_to_device(torch.zeros(3, 2), "cpu")
+    with pytest.raises(ValueError, match="got a non-contiguous cpu tensor"):
+        staging.map_to_device(torch.zeros(3, 2).T, "cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape", [(0, 4), (1, 1), (1000, 3), (7, 5, 2)])
+def test_map_to_device_is_the_host_memory_seen_from_the_gpu(dtype, shape):
+    host = torch.arange(torch.Size(shape).numel()).to(dtype).view(shape)
+    mapped = staging.map_to_device(host, "cuda")
+    assert mapped.is_cuda and mapped.dtype == dtype and mapped.shape == host.shape
+    assert torch.equal(mapped.cpu(), host)  # read by the GPU
+    if host.numel():
+        assert mapped.data_ptr() == host.data_ptr()  # the same memory, not a copy
+        mapped[0] = 3  # written by the GPU ...
+        torch.cuda.synchronize()
+        assert bool((host[0] == 3).all())  # ... and seen by the host
+        host[-1] = 5  # written by the host ...
+        assert bool((mapped[-1] == 5).all())  # ... and seen by the GPU
+    del mapped  # unlocked: locking it again succeeds
+    if host.numel():
+        again = staging.map_to_device(host, "cuda")
+        assert again is not None and torch.equal(again.cpu(), host)
+
+
+@pytest.mark.gpu
+@cuda
+def test_map_to_device_warns_and_gives_none_where_cuda_will_not_lock():
+    host = torch.zeros(1000)
+    mapped = staging.map_to_device(host, "cuda")
+    with pytest.warns(RuntimeWarning, match="could not page-lock 0.00 GiB of host memory"):
+        assert staging.map_to_device(host, "cuda") is None  # locked already
+    assert float((torch.ones(3, device="cuda") * 2).sum()) == 6.0  # the refusal leaves later CUDA work be
+    assert mapped.is_cuda

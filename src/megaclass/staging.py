@@ -12,18 +12,24 @@ the process: buffers of many sizes (a checkpoint's tensors, each staged on its w
 leave one behind, host memory growing with the sizes of the tensors staged. Every buffer here is cut from a
 block of :data:`STAGING_BYTES` (:func:`page_locked`; a checkpoint's, of its block size), so the same few
 blocks serve them all.
+
+Rows a GPU reads and writes a few at a time, every step, need no copies at all: :func:`map_to_device`
+page-locks them where they are and hands back a device tensor over the same memory, which the GPU's kernels
+read and write across the bus (CUDA's mapped host memory through unified addressing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["STAGING_BYTES", "blocks_to_device", "copy_rows_", "page_locked"]
+__all__ = ["STAGING_BYTES", "blocks_to_device", "copy_rows_", "map_to_device", "page_locked"]
 
 STAGING_BYTES = 64 << 20  # a page-locked buffer: large enough for the bus's speed, small enough to lock fast
 
@@ -100,3 +106,64 @@ def blocks_to_device(rows: Any, device: torch.device | str, block_rows: int) -> 
             copied[slot] = torch.cuda.Event()
             copied[slot].record(stream)
         yield moved
+
+
+_REGISTER_PORTABLE_MAPPED = 3  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+class _LockedHost:
+    """``host``'s memory as a CUDA array (``__cuda_array_interface__``, bytes): the device tensor made from it
+    holds this object for as long as its storage lives, and when it goes the memory is unlocked (after the
+    device's work, which may still read it)."""
+
+    def __init__(self, host: Tensor, device: torch.device) -> None:
+        self.host, self.device = host, device
+        size = host.numel() * host.element_size()
+        self.__cuda_array_interface__ = {
+            "shape": (size,),
+            "typestr": "|u1",
+            "data": (host.data_ptr(), False),  # with unified addressing the host address is the device's
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone: nothing left to unlock
+            torch.cuda.synchronize(self.device)
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+
+
+def map_to_device(host: Tensor, device: torch.device | str) -> Tensor | None:
+    """A tensor on the CUDA ``device`` over ``host``'s memory: ``host`` (contiguous, in host memory) is
+    page-locked in place (no copy, no rounding of its size) and the GPU's kernels read and write it across
+    the bus, so a step that touches a few of its rows needs neither copies nor the host (and can be captured
+    in a CUDA graph). The memory stays locked while the returned tensor lives; ``host``'s own values change
+    as the GPU writes them (read them after the device's work is done). None, with a warning, where CUDA
+    refuses to lock it (more than the system lets a process lock).
+
+    Raises:
+        ValueError: ``host`` is not a contiguous host tensor, or ``device`` is not a CUDA device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or host.device.type != "cpu" or not host.is_contiguous():
+        raise ValueError(
+            f"map_to_device: expected a contiguous host tensor and a CUDA device, got a "
+            f"{'contiguous' if host.is_contiguous() else 'non-contiguous'} {host.device} tensor and {device}"
+        )
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    size = host.numel() * host.element_size()
+    if size == 0:
+        return torch.empty(host.shape, dtype=host.dtype, device=device)
+    cudart = torch.cuda.cudart()
+    error = int(cudart.cudaHostRegister(host.data_ptr(), size, _REGISTER_PORTABLE_MAPPED))
+    if error != 0:
+        why = cudart.cudaGetErrorString(cudart.cudaError(error))
+        warnings.warn(
+            f"CUDA could not page-lock {size / 2**30:.2f} GiB of host memory ({why}): a step's rows are "
+            "copied instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    mapped = torch.as_tensor(_LockedHost(host, device), device=device)  # (bytes,) over host's memory
+    return mapped.view(host.dtype).view(host.shape)

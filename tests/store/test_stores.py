@@ -6,6 +6,8 @@ import torch
 from megaclass.ops.row_optimizers import init_rows_
 from megaclass.state_io import read_state, write_state
 from megaclass.store import RowOptimizerConfig, build_store
+from megaclass.store.host import HostStore
+from megaclass.store.local import LocalRows
 
 
 @pytest.mark.parametrize("spec", ["gpu", "host"])
@@ -111,23 +113,84 @@ def test_errors():
         build_store("disk", num_rows=4, dim=2, device="cpu", optimizer=RowOptimizerConfig())
 
 
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _host_store(num_rows, dim, config, *, mapped, dtype="float32"):
+    rows = LocalRows(num_rows, dim, optimizer=config, draw_device="cuda", dtype=dtype)
+    return HostStore(rows, device="cuda", mapped=mapped)
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_host_store_on_cuda_overlaps_and_matches_device_store():
-    config = RowOptimizerConfig(kind="sgd", momentum=0.9)
-    host = build_store("host", num_rows=1000, dim=16, device="cuda", optimizer=config)
-    device = build_store("gpu", num_rows=1000, dim=16, device="cuda", optimizer=config)
-    for step in range(10):
+@on_cuda
+@pytest.mark.parametrize("mapped", [True, False])  # read and updated by the GPU in place, or on the host
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
+def test_host_store_on_cuda_matches_device_store(mapped, kind, dtype):
+    config = RowOptimizerConfig(kind=kind, momentum=0.9, weight_decay=0.01)
+    host = _host_store(1000, 16, config, mapped=mapped, dtype=dtype)
+    device = build_store("gpu", num_rows=1000, dim=16, device="cuda", optimizer=config, dtype=dtype)
+    assert host.mapped == mapped and host.capturable == mapped and device.capturable
+    for step in range(1, 11):
         ids = torch.randperm(1000, device="cuda")[:100]
         grads = torch.randn(100, 16, device="cuda")
-        torch.testing.assert_close(host.pull(ids), device.pull(ids))
+        torch.testing.assert_close(host.pull(ids), device.pull(ids), rtol=0, atol=0)
         host.push(ids, grads, step=step, lr=0.1)
         device.push(ids, grads, step=step, lr=0.1)
     host.flush()
-    torch.testing.assert_close(host.rows(), device.rows().cpu())
-    blocks = [block for _, block in host.blocks(64)]  # through page-locked buffers
+    torch.testing.assert_close(host.rows(), device.rows().cpu(), rtol=0, atol=0)
+    for name, tensor in host.state_dict().items():  # the host's own tensors, the GPU's updates in them
+        assert tensor.device.type == "cpu"
+        torch.testing.assert_close(tensor, device.state_dict()[name].cpu(), rtol=0, atol=0)
+    blocks = [block for _, block in host.blocks(64)]
     assert all(block.is_cuda for block in blocks)
-    torch.testing.assert_close(torch.cat(blocks), device.rows())
+    torch.testing.assert_close(torch.cat(blocks), device.rows().float(), rtol=0, atol=0)
+    host.close()
+
+
+@pytest.mark.gpu
+@on_cuda
+def test_mapped_host_rows_are_pulled_and_updated_inside_a_cuda_graph():
+    config = RowOptimizerConfig(kind="sgd", momentum=0.9)
+    host = _host_store(500, 8, config, mapped=True)
+    device = build_store("gpu", num_rows=500, dim=8, device="cuda", optimizer=config)
+    ids = torch.zeros(64, dtype=torch.int64, device="cuda")
+    grads = torch.zeros(64, 8, device="cuda")
+    pulled = {}
+
+    def step(store, name):
+        pulled[name] = store.pull(ids)
+        store.push(ids, grads * pulled[name], step=1, lr=0.1)  # a gradient that depends on the pull
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as before a capture
+        step(host, "warm")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(host, "host")
+    step(device, "warm")  # the device store takes the warm-up's update too
+    for _ in range(5):
+        ids.copy_(torch.randperm(500, device="cuda")[:64])
+        grads.copy_(torch.randn(64, 8, device="cuda"))
+        graph.replay()
+        step(device, "device")
+        torch.testing.assert_close(pulled["host"], pulled["device"], rtol=0, atol=0)
+    host.flush()
+    torch.testing.assert_close(host.rows(), device.rows().cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@on_cuda
+def test_a_weight_average_keeps_host_rows_on_the_host():
+    host = _host_store(50, 4, RowOptimizerConfig(), mapped=True)
+    assert host.capturable
+    host.start_average(0.9)  # swaps the rows' tensor at evaluations: no mapping may hold the old one
+    assert not host.mapped and not host.capturable
+    host.push(torch.tensor([3], device="cuda"), torch.ones(1, 4, device="cuda"), step=1, lr=0.1)
+    host.flush()
+    assert host.rows()[3].tolist() != LocalRows(50, 4, draw_device="cuda").weight[3].tolist()
 
 
 @pytest.mark.parametrize("spec", ["gpu", "host"])

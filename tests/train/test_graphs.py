@@ -454,6 +454,14 @@ _GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
         "head.interval=5",
         "head.coverage_every=3",
     ),
+    # rows in host memory, mapped for the GPU: pulled and updated by its kernels inside the graph
+    "selected_host": (
+        "selected",
+        "head.index=gpu",
+        "head.sample_num=512",
+        "head.interval=5",
+        "head.store=host",
+    ),
 }
 
 
@@ -540,7 +548,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_under_auto(gpu_task, tmp_pa
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sparse_softmax", "selected_gpu", "dense_sparse_grad"])
+@pytest.mark.parametrize("name", ["sparse_softmax", "selected_gpu", "selected_host", "dense_sparse_grad"])
 def test_resumed_replayed_run_computes_the_eager_run(gpu_task, tmp_path, name):
     kind, *head_overrides = _GPU_HEADS[name]
     _run(gpu_task, tmp_path / "off", kind, *head_overrides, "train.cuda_graph=off")

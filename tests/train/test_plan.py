@@ -301,11 +301,20 @@ def test_a_captured_step_holds_its_activations_all_along_and_an_eager_one_its_ow
             parts = {part.name: part for part in plan.parts}  # the encoder runs eagerly every step
             head_only = parts["head gradients"].device_bytes + parts["head activations"].device_bytes
             assert parts["eager step beside the captured one"].device_bytes == head_only
-    host_rows = load_config(head="selected", overrides=["head.store=host", f"train.cuda_graph={setting}"])
-    plan = plan_run(host_rows, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
-    parts = {part.name: part for part in plan.parts}
-    assert parts["head activations"].phase == "step"  # never captured
-    assert "eager step beside the captured one" not in parts
+    # host rows are mapped for the GPU and captured, unless a weight average keeps them on the host; a
+    # parameter server's rows never
+    auto = setting == "auto"
+    for store, more, captured in (
+        ("host", [], auto),
+        ("host", ["train.ema_decay=0.999"], False),
+        ("ps://localhost:1", [], False),
+    ):
+        overrides = [f"head.store={store}", f"train.cuda_graph={setting}", *more]
+        config = load_config(head="selected", overrides=overrides)
+        plan = plan_run(config, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
+        parts = {part.name: part for part in plan.parts}
+        assert parts["head activations"].phase == ("steady" if captured else "step")
+        assert ("eager step beside the captured one" in parts) == captured
 
 
 def test_plan_of_a_first_layer_drawn_in_blocks(synthetic):

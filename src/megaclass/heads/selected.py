@@ -426,14 +426,17 @@ class SelectedHead(Head):
 
     # ------------------------------------------------------------------ CUDA graph capture
     def capture_blocker(self, *, targets_static: bool) -> str | None:
-        """Capturable with multi-class targets, rows in the device store and an index queried on the device
-        (``none``, ``exact``, ``gpu``): the selection has fixed shapes and never syncs."""
+        """Capturable with multi-class targets, rows the GPU reads in place (the device store, or host rows
+        mapped for it) and an index queried on the device (``none``, ``exact``, ``gpu``): the selection has
+        fixed shapes and never syncs."""
         if self.sharded:
             return "a class-sharded head reduces its loss over ranks inside the step"
         if not targets_static:
             return "multi-label targets are ragged: their size changes every step"
-        if self.config.store not in ("gpu", "device"):
-            return f"head.store={self.config.store}: rows are pulled through host memory or the network"
+        if not self.materialize().capturable:
+            if self.config.store == "host":  # rows CUDA would not lock, or a weight average (HostStore)
+                return "head.store=host: each step's rows are gathered on the host, not mapped for the GPU"
+            return f"head.store={self.config.store}: rows are pulled over the network"
         if not isinstance(self.config.index, (NoIndexConfig, ExactIndexConfig, ClusterIndexConfig)):
             return f"head.index={self.config.index.type} is queried on the host"
         if self.config.margin.enabled:

@@ -50,6 +50,12 @@ class RowStore(abc.ABC):
         :meth:`read` give float32); the parameter servers' a source read a block or a set of ids at a time.
         """
 
+    @property
+    def capturable(self) -> bool:
+        """Whether :meth:`pull` and :meth:`push` run on the compute device alone, never waiting for the host,
+        so a CUDA graph can hold them (a step's pull, and the update it pushes)."""
+        return False
+
     def prefetch(self, ids: Tensor) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Hint that rows ``ids`` will be pulled next, so a store may start moving them now."""
 

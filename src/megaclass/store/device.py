@@ -30,6 +30,10 @@ class DeviceStore(RowStore):
         self.local = rows
         self.num_rows, self.dim, self.device = rows.num_rows, rows.dim, rows.weight.device
 
+    @property
+    def capturable(self) -> bool:
+        return True
+
     def pull(self, ids: Tensor) -> Tensor:
         check_ids(ids)
         return self.local.weight[ids.to(self.device)].float()

@@ -1,7 +1,14 @@
 """Rows in host memory: the class count is bounded by host memory, not GPU memory.
 
-Each step the active rows are gathered on the host into page-locked memory and copied to the GPU on a side
-CUDA stream; after the backward their gradients are copied back on that stream and a worker thread applies
+With a GPU the rows and their optimizer state are page-locked where they are and mapped into the GPU's
+address space (:func:`~megaclass.staging.map_to_device`): a pull gathers the active rows and an update
+rewrites them with the GPU's own kernels, across the bus, as a device store does in GPU memory. A step then
+never waits for the host, and can be captured in a CUDA graph; it moves only the rows it touches (a few
+thousand rows of a kilobyte: microseconds on the bus).
+
+Where CUDA refuses to lock the rows, and while a weight average is kept (which swaps the rows' tensor), each
+step's active rows are gathered on the host into page-locked memory and copied to the GPU on a side CUDA
+stream instead; after the backward their gradients are copied back on that stream and a worker thread applies
 the row-sparse optimizer to the host rows, while the GPU goes on with the next step (encoder forward,
 selection). A pull waits only for the updates pushed before it (FIFO), so every step sees the rows its
 predecessors wrote. On a CPU device everything runs synchronously in the calling thread.
@@ -9,13 +16,14 @@ predecessors wrote. On a CPU device everything runs synchronously in the calling
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-from megaclass.staging import blocks_to_device
+from megaclass.staging import blocks_to_device, map_to_device
 from megaclass.state_io import SavedTensor
 from megaclass.store.average import RowAverage
 from megaclass.store.base import RowStore
@@ -28,10 +36,11 @@ class HostStore(RowStore):
     """A :class:`RowStore` over rows in host memory, delivered to the compute device ``device``.
 
     Args:
-        rows: the matrix and its optimizer state, in (pageable) host memory. Only the rows a step gathers
-            are page-locked, in a buffer of their own: locking the whole matrix would take seconds at
-            ``10^7`` rows, and torch's pinned allocator would round it up to a power of two of bytes.
-        device: where pulled rows are delivered (the compute device); the optimizer runs on the host.
+        rows: the matrix and its optimizer state, in (pageable) host memory.
+        device: where pulled rows are delivered (the compute device).
+        mapped: with a CUDA ``device``, whether to map the rows into its address space (see the module;
+            the optimizer then runs on the GPU), else gather each step's rows on the host and run the
+            optimizer there.
 
     >>> store = HostStore(LocalRows(5, 3), device="cpu")
     >>> store.push(torch.tensor([1]), torch.ones(1, 3), step=0, lr=0.1)
@@ -39,7 +48,7 @@ class HostStore(RowStore):
     torch.Size([1, 3])
     """
 
-    def __init__(self, rows: LocalRows, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, rows: LocalRows, *, device: torch.device | str = "cpu", mapped: bool = True) -> None:
         self.device = torch.device(device)
         self._asynchronous = self.device.type == "cuda"
         if rows.weight.device.type != "cpu":
@@ -53,10 +62,36 @@ class HostStore(RowStore):
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-store") if self._asynchronous else None
         )
         self._pending: Future | None = None
+        self._mapped = self._map(rows) if self._asynchronous and mapped else None
+
+    def _map(self, rows: LocalRows) -> LocalRows | None:
+        """``rows`` seen from the GPU: the same object over device tensors that are the host tensors' memory
+        (:func:`~megaclass.staging.map_to_device`); None where CUDA refuses to lock one of them."""
+        tensors = {"weight": rows.weight, **rows.state}
+        mapped = {}
+        for name, tensor in tensors.items():
+            mapped[name] = map_to_device(tensor, self.device)
+            if mapped[name] is None:
+                return None  # (those locked so far are unlocked as their tensors go)
+        seen = copy.copy(rows)
+        seen.weight = mapped.pop("weight")
+        seen.state = mapped
+        return seen
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the GPU reads and updates the rows in place (see the module)."""
+        return self._mapped is not None
+
+    @property
+    def capturable(self) -> bool:
+        return self.mapped
 
     # ------------------------------------------------------------------ pull
     def pull(self, ids: Tensor) -> Tensor:
         check_ids(ids)
+        if self._mapped is not None:
+            return self._mapped.weight[ids.to(self.device)].float()  # across the bus, by the GPU
         if not self._asynchronous:
             return self.local.weight[ids.cpu()].to(self.device, torch.float32)
         self.flush()
@@ -92,6 +127,9 @@ class HostStore(RowStore):
         check_ids(ids)
         if grads.shape != (ids.numel(), self.dim):
             raise ValueError(f"grads: expected shape {(ids.numel(), self.dim)}, got {tuple(grads.shape)}")
+        if self._mapped is not None:
+            self._mapped.update_(ids, grads, lr=lr, step=step)  # the GPU's kernels, in place across the bus
+            return
         if not self._asynchronous:
             self.local.update_(ids.cpu(), grads.cpu(), lr=lr, step=step)
             return
@@ -116,13 +154,17 @@ class HostStore(RowStore):
         self._pending = self._worker.submit(apply)
 
     def flush(self) -> None:
+        if self._mapped is not None:
+            torch.cuda.synchronize(self.device)  # host sync: the host reads what the GPU's updates wrote
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
 
     def start_average(self, decay: float, *, before_swap: Callable[[], None] = lambda: None) -> RowAverage:
-        """The rows' average, folded by the thread that applies the updates; read once they are applied."""
+        """The rows' average, folded by the thread that applies the updates; read once they are applied.
+        Mapped rows are unmapped first: the average swaps the rows' tensor, which a mapping would not see."""
         self.flush()
+        self._mapped = None  # unlocked as its tensors go (nothing else holds them: pulls are copies)
         return self.local.start_average(decay, flush=self.flush, before_swap=before_swap)
 
     # ------------------------------------------------------------------ checkpoint
@@ -142,7 +184,8 @@ class HostStore(RowStore):
         self.local.load_rows(rows)
 
     def close(self) -> None:
-        """Apply pending updates and stop the worker thread."""
+        """Apply pending updates, unlock mapped rows and stop the worker thread."""
         self.flush()
+        self._mapped = None
         if self._worker is not None:
             self._worker.shutdown()

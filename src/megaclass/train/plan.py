@@ -739,9 +739,10 @@ def plan_run(
         PlanPart("checkpoint block", 0, saved, "checkpoint", _MORE_HOST),
     ]
     if device_type == "cuda":
-        # a captured step's activations stay in the graph's memory pool (rows pulled through host memory or
-        # the network are never captured)
-        pulled = isinstance(config.head, SelectedHeadConfig) and config.head.store not in ("gpu", "device")
+        # a captured step's activations stay in the graph's memory pool (rows pulled over the network, or
+        # gathered on the host beside a weight average, are never captured)
+        store = config.head.store if isinstance(config.head, SelectedHeadConfig) else "gpu"
+        pulled = store.startswith("ps://") or (store == "host" and config.train.ema_decay > 0)
         if config.train.cuda_graph != "off" and not pulled:
             parts = [replace(part, phase="steady") if part.phase == "step" else part for part in parts]
             # the graph's gradients are its outputs, held between steps too; a step run eagerly beside it (an
