@@ -17,8 +17,9 @@ float32). ``--average-decays 0 0.999`` runs it for shards without and with the r
 (``--average-decay``; held ``+ average``), which every push brings up to date for the rows it changes.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
-update) with its rows in each store: ``gpu``, ``host`` (host memory) and ``ps`` (4 shard processes on
-this machine; rows pulled and gradients pushed over loopback), the last with its index in two places.
+update) with its rows in each store: ``gpu``, ``host`` (host memory: on a GPU mapped for it, and ``host,
+rows gathered on the host`` as where CUDA will not lock them) and ``ps`` (4 shard processes on this
+machine; rows pulled and gradients pushed over loopback), the last with its index in two places.
 ``gpu``, ``host`` and ``ps`` query a GPU cluster index on the trainer built once before timing (``ps``: from
 the servers' rows, read a block at a time; the default, ``head.index_on``). With ``ps, index on shards``
 the head never reads the matrix: every step it asks the shards for each sample's nearest classes
@@ -272,6 +273,9 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
     return results
 
 
+_GATHERED = "host, rows gathered on the host"  # the host store's way where CUDA will not lock its rows
+
+
 def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argparse.Namespace) -> Case:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params = {"C": args.step_classes, "D": args.step_dim, "B": args.batch, "store": store}
@@ -279,6 +283,12 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
     def setup() -> Callable[[], None]:
         head = make_head().to(device)
         head.materialize()
+        if store == _GATHERED and head.store.mapped:
+            from megaclass.store.host import HostStore
+
+            mapped = head.store
+            mapped.close()  # its rows unlocked, then gathered on the host each step
+            head.store = HostStore(mapped.local, device=mapped.device, mapped=False)
         features = torch.randn(args.batch, args.step_dim, device=device, requires_grad=True)
         targets = torch.randint(args.step_classes, (args.batch,), device=device)
         counter = [0]
@@ -369,6 +379,7 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
         stores = {
             "gpu": {"store": "gpu"},
             "host": {"store": "host"},
+            _GATHERED: {"store": "host"},
             "ps": {"store": url, "index_on": "trainer"},
             "ps, index on shards": {"store": url, "index_on": "shards"},
         }
@@ -479,8 +490,9 @@ def main() -> None:
         by_store = {
             r.params["store"]: r.time_ms for r in steps if r.status == "ok" and r.provider == "selected"
         }
-        for store in (name for name in by_store if name.startswith("ps") and "host" in by_store):
-            print(f"\n{store} step / host step: {by_store[store] / by_store['host']:.2f}x (target <= 2x)")
+        for store, host in itertools.product(by_store, ("host", _GATHERED)):
+            if store.startswith("ps") and host in by_store:
+                print(f"\n{store} step / {host} step: {by_store[store] / by_store[host]:.2f}x (target <= 2x)")
     if updates:
         print("\n" + markdown_table(updates, columns=["time_ms", "q20_ms", "q80_ms", "bandwidth_gbs"]))
         for r in updates:
