@@ -131,20 +131,25 @@ def test_host_store_on_cuda_matches_device_store(mapped, kind, dtype):
     host = _host_store(1000, 16, config, mapped=mapped, dtype=dtype)
     device = build_store("gpu", num_rows=1000, dim=16, device="cuda", optimizer=config, dtype=dtype)
     assert host.mapped == mapped and host.capturable == mapped and device.capturable
+    # mapped: the same kernels on the same values; on the host the optimizer's float32 maths may round apart
+    # from the GPU's in the last bit, and bf16 rows then by one rounding step
+    tolerance = {"rtol": 0, "atol": 0} if mapped else {}
+    if not mapped and dtype == "bf16_sr":
+        tolerance = {"rtol": 2**-7, "atol": 1e-5}
     for step in range(1, 11):
         ids = torch.randperm(1000, device="cuda")[:100]
         grads = torch.randn(100, 16, device="cuda")
-        torch.testing.assert_close(host.pull(ids), device.pull(ids), rtol=0, atol=0)
+        torch.testing.assert_close(host.pull(ids), device.pull(ids), **tolerance)
         host.push(ids, grads, step=step, lr=0.1)
         device.push(ids, grads, step=step, lr=0.1)
     host.flush()
-    torch.testing.assert_close(host.rows(), device.rows().cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(host.rows(), device.rows().cpu(), **tolerance)
     for name, tensor in host.state_dict().items():  # the host's own tensors, the GPU's updates in them
         assert tensor.device.type == "cpu"
-        torch.testing.assert_close(tensor, device.state_dict()[name].cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(tensor, device.state_dict()[name].cpu(), **tolerance)
     blocks = [block for _, block in host.blocks(64)]
     assert all(block.is_cuda for block in blocks)
-    torch.testing.assert_close(torch.cat(blocks), device.rows().float(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(blocks), device.rows().float(), **tolerance)
     host.close()
 
 
@@ -154,13 +159,13 @@ def test_mapped_host_rows_are_pulled_and_updated_inside_a_cuda_graph():
     config = RowOptimizerConfig(kind="sgd", momentum=0.9)
     host = _host_store(500, 8, config, mapped=True)
     device = build_store("gpu", num_rows=500, dim=8, device="cuda", optimizer=config)
-    ids = torch.zeros(64, dtype=torch.int64, device="cuda")
+    ids = torch.randperm(500, device="cuda")[:64]
     grads = torch.zeros(64, 8, device="cuda")
     pulled = {}
 
-    def step(store, name):
+    def step(store, name):  # step 0: no global step (a replay repeats the captured one's)
         pulled[name] = store.pull(ids)
-        store.push(ids, grads * pulled[name], step=1, lr=0.1)  # a gradient that depends on the pull
+        store.push(ids, grads * pulled[name], step=0, lr=0.1)  # a gradient that depends on the pull
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
