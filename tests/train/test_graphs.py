@@ -454,12 +454,13 @@ _GPU_HEADS = {  # C ~ 5,000, D 64, B 64: 11 steps an epoch, the last of 17 rows
         "head.interval=5",
         "head.coverage_every=3",
     ),
-    # rows in host memory, mapped for the GPU: pulled and updated by its kernels inside the graph
+    # rows in host memory mapped for the GPU: pulled by its kernels inside the graph, updated by them after it
     "selected_host": (
         "selected",
         "head.index=gpu",
         "head.sample_num=512",
         "head.interval=5",
+        "head.coverage_every=3",
         "head.store=host",
     ),
 }
@@ -545,6 +546,18 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_under_auto(gpu_task, tmp_pa
     assert torch.nn.functional.dropout(torch.ones(64, device=CUDA), 0.5).count_nonzero() > 0
     np.testing.assert_allclose(_losses(tmp_path / "auto"), _losses(tmp_path / "off"), rtol=1e-4, atol=1e-5)
     _assert_same_model(tmp_path / "auto", tmp_path / "off")
+
+
+@pytest.mark.gpu
+def test_mapped_host_rows_train_as_rows_on_the_gpu(gpu_task, tmp_path):
+    """The same rows drawn, selected, pulled and updated by the same kernels: a run on host rows mapped for
+    the GPU computes the run on the GPU's own rows."""
+    kind, *on_gpu = _GPU_HEADS["selected_gpu"]
+    _run(gpu_task, tmp_path / "gpu", kind, *on_gpu, "train.cuda_graph=on")
+    host = _run(gpu_task, tmp_path / "host", *_GPU_HEADS["selected_host"], "train.cuda_graph=on")
+    assert host.head.store.mapped and host.step_graph.replays >= 8
+    np.testing.assert_allclose(_losses(tmp_path / "host"), _losses(tmp_path / "gpu"), rtol=1e-4, atol=1e-5)
+    _assert_same_model(tmp_path / "host", tmp_path / "gpu")
 
 
 @pytest.mark.gpu
