@@ -751,7 +751,9 @@ class SelectedHead(Head):
         selection = classes * (1 + 4) + 64 * 8  # rows updated since the build, selection marks, multipliers
         logits = 3 * request.batch * active * 4  # (B, S) logits, log-probabilities, their gradient
         pulled = active * dim * 4 * (2 if config.margin.enabled else 1)  # (S, D) rows (normalised too)
-        staged = 2 * active * dim * 4 if config.store == "host" else 0  # pinned rows out, gradients back
+        # pinned rows out, gradients back, where host rows are gathered on the host (not mapped for the GPU:
+        # a weight average, or a lock CUDA refused); counted for every host store
+        staged = 2 * active * dim * 4 if config.store == "host" else 0
         block = 0 if on_device else min(classes, _READ_BLOCK) * dim * 4  # rows read to the device to score
         query = (  # the index's search for the batch's neighbours: the member rows it gathers and scores
             query_scratch_bytes(classes, dim, request.batch, device_type=request.device_type)

@@ -3,8 +3,7 @@
 With a GPU the rows and their optimizer state are page-locked where they are and mapped into the GPU's
 address space (:func:`~megaclass.staging.map_to_device`): a pull gathers the active rows and an update
 rewrites them with the GPU's own kernels, across the bus, as a device store does in GPU memory. A step then
-never waits for the host, and can be captured in a CUDA graph; it moves only the rows it touches (a few
-thousand rows of a kilobyte: microseconds on the bus).
+never waits for the host, and can be captured in a CUDA graph; only the rows it touches cross the bus.
 
 Where CUDA refuses to lock the rows, and while a weight average is kept (which swaps the rows' tensor), each
 step's active rows are gathered on the host into page-locked memory and copied to the GPU on a side CUDA
