@@ -238,6 +238,7 @@ def cuda_graph(
 
     The replay is the step's GPU time without the host launching its ops one by one (what
     ``torch.compile(mode="reduce-overhead")`` gives); ``generators`` are the CUDA generators it draws from.
+    The replay keeps ``step`` (and all it holds) alive: the graph reads that memory but does not own it.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -250,7 +251,12 @@ def cuda_graph(
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         step()
-    return graph.replay
+
+    def replay() -> None:
+        graph.replay()
+
+    replay.step = step  # holds what the graph reads (a head's rows, mapped host memory) while it replays
+    return replay
 
 
 def cce_available() -> bool:

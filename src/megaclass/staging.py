@@ -158,6 +158,7 @@ def map_to_device(host: Tensor, device: torch.device | str) -> Tensor | None:
     error = int(cudart.cudaHostRegister(host.data_ptr(), size, _REGISTER_PORTABLE_MAPPED))
     if error != 0:
         why = cudart.cudaGetErrorString(cudart.cudaError(error))
+        _take_last_error(device)
         warnings.warn(
             f"CUDA could not page-lock {size / 2**30:.2f} GiB of host memory ({why}): a step's rows are "
             "copied instead",
@@ -167,3 +168,10 @@ def map_to_device(host: Tensor, device: torch.device | str) -> Tensor | None:
         return None
     mapped = torch.as_tensor(_LockedHost(host, device), device=device)  # (bytes,) over host's memory
     return mapped.view(host.dtype).view(host.shape)
+
+
+def _take_last_error(device: torch.device) -> None:
+    """A refused ``cudaHostRegister`` stays the CUDA runtime's last error until something reads it, and
+    torch's next kernel launch would read it and raise it as its own. One small launch reads it here."""
+    with contextlib.suppress(RuntimeError):  # torch.AcceleratorError: the refusal, reported
+        torch.ones(1, device=device)
