@@ -224,17 +224,14 @@ def head_graph_ms(head: str, args: argparse.Namespace) -> float:
         )
         replay = setup()
     else:
-
-        def make():
-            return selected_bench.make_head(
-                "selected", args.classes, args.dim, sample_num=args.sample_num, store=args.store
-            )
-
-        blocker = make().capture_blocker(targets_static=True)
-        if blocker is not None:  # e.g. the host store: its gather runs through host memory
+        built = selected_bench.make_head(
+            "selected", args.classes, args.dim, sample_num=args.sample_num, store=args.store
+        )
+        blocker = built.capture_blocker(targets_static=True)
+        if blocker is not None:  # e.g. host rows CUDA would not lock: they are gathered on the host
             print(f"selected head's step not captured: {blocker}", flush=True)
             return float("nan")
-        replay = selected_bench.head_step_case({}, make, args.batch, graph=True)()
+        replay = selected_bench.head_step_case({}, lambda: built, args.batch, graph=True)()
     return time_fn(replay, reps=args.reps, warmup=3)[0]
 
 
