@@ -81,10 +81,11 @@ _PROCESS_HOST = 240 << 20
 _LIBRARIES_HOST = 180 << 20
 # the CUDA runtime, its libraries and compiled kernels in host memory, the process's own parts
 # (_PROCESS_HOST, _LIBRARIES_HOST) included: a selected-head run of 10^5 classes on an H100 held 1.61 GiB
-# through its steps and 1.82 GiB through its first evaluation, about 20 MiB of it planned parts
-# (benchmarks/RESULTS.md, "the plan at 10^7 classes, and the host peak by phase"); an earlier 2.5 GiB on an
-# H200 held page-locked blocks of every size its checkpoints had staged, now one
-_CUDA_HOST = 15 << 27
+# through its steps and 1.82 GiB through its first evaluation, about 20 MiB of it planned parts and 0.13 GiB
+# page-locked staging blocks, which the plan counts apart (`checkpoint staging block`); a sparse-head run
+# held 0.2 GiB less (benchmarks/RESULTS.md, "the plan at 10^7 classes, and the host peak by phase", and
+# "Host rows mapped for the GPU, second run")
+_CUDA_HOST = 14 << 27
 # of it, the context's host part, made before the data is read (the plan asks the GPU's memory first): 0.74
 # GiB after a process's first CUDA call, the interpreter and PyTorch included; the rest comes with the
 # first steps (cuBLAS, compiled kernels)
