@@ -140,6 +140,16 @@ def test_unreachable_server_fails_within_the_deadline(shards):
         ParamServerClient(["127.0.0.1:9"], timeout_s=0.5)
 
 
+def test_close_after_an_error_does_not_wait_for_a_lost_shard(shards):
+    servers = shards(2)
+    client = ParamServerClient(_addresses(servers), timeout_s=30, connect_timeout_s=0.5)
+    servers[1].stop(0)
+    client.push(torch.tensor([1, 27]), torch.ones(2, 5), step=1, wait=False)  # never acknowledged by shard 1
+    start = time.monotonic()
+    client.close(wait=False)
+    assert time.monotonic() - start < 5, "the push's acknowledgement was waited for"
+
+
 def test_ranges_must_tile_the_rows(shards):
     first = shards(2, num_rows=10, dim=2)
     with pytest.raises(ValueError, match="held by no shard"):

@@ -255,6 +255,10 @@ class Head(nn.Module):
         """Called after each replay of a captured step, before the optimizer step: the host-side part of
         :meth:`forward` (bookkeeping a replay skips, as it runs device work only). Nothing by default."""
 
+    def close(self, *, wait: bool = True) -> None:  # noqa: B027 (an optional hook: no-op by default)
+        """Release what the head holds beyond its tensors (a row store's page-locked memory, threads and
+        connections: :meth:`~megaclass.store.RowStore.close`). Nothing by default."""
+
     @classmethod
     def planned_bytes(
         cls, config: Any, context: HeadContext, request: PlanRequest

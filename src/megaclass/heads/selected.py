@@ -460,6 +460,11 @@ class SelectedHead(Head):
         self._pending = (selection.ids, rows)
         self._record(features, selection, rows.detach())
 
+    def close(self, *, wait: bool = True) -> None:
+        """Close the row store, if made (its updates applied first, unless not ``wait``)."""
+        if self.store is not None:
+            self.store.close(wait=wait)
+
     def _sharded_loss(self, features: Tensor, targets: Targets) -> Tensor:
         """The loss of the global batch over the union of every rank's active set (see the module)."""
         assert self.shard is not None

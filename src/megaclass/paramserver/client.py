@@ -843,8 +843,12 @@ class ParamServerClient:
                 )
             time.sleep(0.01)
 
-    def close(self) -> None:
-        self.drain()
+    def close(self, *, wait: bool = True) -> None:
+        """Wait for the pushes in flight to be acknowledged (unless not ``wait``: after an error, the shards
+        apply them or not), detach the shared buffers and close the channels."""
+        if wait:
+            self.drain()
+        self._inflight = []
         detaching = [  # every shard at once, each within the first-contact deadline: a dead one cannot stall
             self._issue(
                 shard,

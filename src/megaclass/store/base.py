@@ -70,6 +70,10 @@ class RowStore(abc.ABC):
     def flush(self) -> None:  # noqa: B027 (an optional hook: no-op by default)
         """Wait until every pushed update has been applied (before a checkpoint or an evaluation)."""
 
+    def close(self, *, wait: bool = True) -> None:  # noqa: B027 (an optional hook: no-op by default)
+        """Release what the store holds beyond its tensors (page-locked memory, threads, connections), after
+        every pushed update is applied; ``wait=False`` (after an error) does not wait for those in flight."""
+
     @abc.abstractmethod
     def held_bytes(self) -> tuple[int, int]:
         """``(rows, optimizer state)`` bytes the store holds, wherever they live (GPU, host, servers)."""

@@ -182,9 +182,10 @@ class HostStore(RowStore):
         self.flush()
         self.local.load_rows(rows)
 
-    def close(self) -> None:
-        """Apply pending updates, unlock mapped rows and stop the worker thread."""
-        self.flush()
-        self._mapped = None
+    def close(self, *, wait: bool = True) -> None:
+        """Apply pending updates (unless not ``wait``), unlock mapped rows and stop the worker thread."""
+        if wait:
+            self.flush()
+        self._mapped = None  # unlocked after the device's work, which may still read it
         if self._worker is not None:
-            self._worker.shutdown()
+            self._worker.shutdown(cancel_futures=not wait)

@@ -354,8 +354,8 @@ class ParamServerStore(RowStore):
             self._field_shapes[field] = (self.num_rows, *first.shape[1:])
         return self._field_shapes[field]
 
-    def close(self) -> None:
-        self.client.close()
+    def close(self, *, wait: bool = True) -> None:
+        self.client.close(wait=wait)
 
 
 def _key(field: str) -> str:

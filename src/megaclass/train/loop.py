@@ -1655,9 +1655,19 @@ class Trainer:
             changes = {name: list(values) for name, values in self._resume_changes.items()}
             self.logger.log("resume", step, {"changes": changes})
 
-    def close(self) -> None:
-        """Flush and close the logs."""
-        self.logger.close()
+    def close(self, *, failed: bool = False) -> None:
+        """Release the head's row store (page-locked rows, threads, connections) and close the logs. After an
+        error (``failed``) the store's updates in flight are not waited for, and its errors are not raised
+        over the first: the run resumes from its last checkpoint."""
+        try:
+            if hasattr(self, "head"):
+                if failed:
+                    with contextlib.suppress(Exception):
+                        self.head.close(wait=False)
+                else:
+                    self.head.close()
+        finally:
+            self.logger.close()
 
 
 def _precisions(metrics: dict[str, float]) -> str:
@@ -1732,5 +1742,5 @@ def train(
         ) from error
     finally:
         if hasattr(trainer, "logger"):
-            trainer.close()
+            trainer.close(failed=not finished)
         shutdown_distributed(synchronize=finished)
