@@ -32,7 +32,14 @@ from torch import Tensor
 from megaclass.ops import run_split
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, TOKEN_ENV, resolve_token
+from megaclass.paramserver.local_socket import LocalCallError, LocalChannel
 from megaclass.paramserver.shared_memory import ClientBuffer
+
+# a response's bytes to its message, by method (a pull's rows stay a view into the received bytes)
+_RESPONSE_PARSERS = {
+    m.name: wire.parse_pull_response if m.name == "PullRows" else wire.MESSAGES[m.response].FromString
+    for m in wire.METHODS
+}
 
 
 class ParamServerError(ValueError):
@@ -63,6 +70,7 @@ class _Shard:
     # callbacks, and a push in it is re-sent inline after a restart), used for new transfers while attached
     buffer: ClientBuffer | None = None
     buffer_id: int = 0  # the shard's id of ``buffer``; 0: not attached
+    local: LocalChannel | None = None  # the shard's Unix socket once a buffer is attached; None: gRPC alone
 
     def forget_applied(self, applied: int) -> None:
         """Drop the pushes of steps up to ``applied``, freeing their buffer ranges."""
@@ -225,6 +233,7 @@ class ParamServerClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.wire_dtype = wire_dtype
+        self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         if isinstance(tls_ca, str):
             with open(tls_ca, "rb") as f:
@@ -247,11 +256,7 @@ class ParamServerClient:
                 m.name: channel.unary_unary(
                     wire.method_path(m.name),
                     request_serializer=wire.serialize,
-                    response_deserializer=(
-                        wire.parse_pull_response
-                        if m.name == "PullRows"
-                        else wire.MESSAGES[m.response].FromString
-                    ),
+                    response_deserializer=_RESPONSE_PARSERS[m.name],
                 )
                 for m in wire.METHODS
             }
@@ -319,6 +324,13 @@ class ParamServerClient:
             state.buffer_id = 0
             return
         state.buffer, state.buffer_id = buffer, int(response.buffer)
+        if state.local is not None:
+            state.local.close()
+        state.local = (
+            LocalChannel(response.local_socket, self._token, connect_timeout_s=self.connect_timeout_s)
+            if response.local_socket
+            else None
+        )
 
     def _received_rows(self, shard: int, request: Any, response: Any) -> wire.ArrayView:
         """A pull's rows: in the answer, or in the shard's buffer where the request had them put."""
@@ -346,10 +358,19 @@ class ParamServerClient:
 
     # -- calls -----------------------------------------------------------------------------------------
     def _issue(self, shard: int, kind: str, request: Any, *, timeout: float | None = None) -> tuple[Any, Any]:
-        """Start a call on a worker thread (blocking calls on persistent threads: no thread per call)."""
-        stub = self._shards[shard].stubs[kind.removesuffix("Request")]
+        """Start a call: over the shard's Unix socket where it has one (sent now, answered when waited
+        for), else over gRPC on a worker thread (blocking calls on persistent threads: no thread per call)."""
+        state, method = self._shards[shard], kind.removesuffix("Request")
         timeout = self.timeout_s if timeout is None else timeout
-        return request, self._pool.submit(stub, request, timeout=timeout, metadata=self._metadata)
+        if state.local is not None:
+            call = state.local.call(
+                method, wire.serialize(request), timeout=timeout, parse=_RESPONSE_PARSERS[method]
+            )
+            if call is not None:
+                return request, call
+        return request, self._pool.submit(
+            state.stubs[method], request, timeout=timeout, metadata=self._metadata
+        )
 
     def _wait(
         self, shard: int, method: str, request: Any, future: Any, *, timeout: float | None = None
@@ -363,7 +384,7 @@ class ParamServerClient:
         while True:
             try:
                 return self._noted(shard, future.result())
-            except grpc.RpcError as error:
+            except (grpc.RpcError, LocalCallError) as error:
                 code, details = error.code(), error.details()
             restarted = code == grpc.StatusCode.FAILED_PRECONDITION and "restarted" in (details or "")
             address = self._shards[shard].address
@@ -860,12 +881,17 @@ class ParamServerClient:
             if state.buffer_id
         ]
         for future in detaching:
-            with contextlib.suppress(self._grpc.RpcError):  # a shard gone dropped the buffer with its process
+            with contextlib.suppress(
+                self._grpc.RpcError, LocalCallError
+            ):  # a shard gone dropped it with its process
                 future.result()
         for state in self._shards:
             state.buffer_id = 0
             if state.buffer is not None:
                 state.buffer.close()
+            if state.local is not None:
+                state.local.close()
+                state.local = None
         self._pool.shutdown()
         for channel in self._channels:
             channel.close()

@@ -2,10 +2,12 @@
 
     megaclass paramserver serve --rows 1000000 --dim 512 --shard 0/4 --data-dir ps0 --port 50051
 
-Requests are served by a thread pool. Reads (pull, get, query) share a read-write lock; updates (a step, set
-rows, a snapshot) hold it alone, so a reader never sees half a step. In sync mode a step is applied once every
-trainer in the barrier has pushed for it; the applied gradient is the mean over the trainers that pushed (the
-same average DistributedDataParallel takes over the backbone's gradients, so one learning rate serves both).
+Requests are served by a thread pool, and those of clients on the shard's machine by a thread per connection
+to its Unix socket (:mod:`~megaclass.paramserver.local_socket`). Reads (pull, get, query) share a read-write
+lock; updates (a step, set rows, a snapshot) hold it alone, so a reader never sees half a step. In sync mode a
+step is applied once every trainer in the barrier has pushed for it; the applied gradient is the mean over the
+trainers that pushed (the same average DistributedDataParallel takes over the backbone's gradients, so one
+learning rate serves both).
 A trainer missing for ``barrier_timeout_s`` after the first push of a step is dropped from the barrier with a
 warning and rejoins when it pushes again. In async mode each push is applied as it arrives.
 
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from megaclass.host_allocator import reuse_freed_blocks
 from megaclass.index.kmeans import DEFAULT_PROBES
-from megaclass.paramserver import wire
+from megaclass.paramserver import local_socket, wire
 from megaclass.paramserver.config import (
     MESSAGE_OVERHEAD_BYTES,
     ServerConfig,
@@ -166,6 +168,7 @@ class ShardService:
         self._index_lock = threading.Lock()  # one index build or query at a time
         self._index: tuple[Any, int] | None = None  # the cluster index, the version it was built at
         self._shared: dict[int, AttachedBuffer] = {}  # clients' shared memory buffers by id
+        self.local_socket = ""  # the name of the shard's Unix socket, told to clients that attach a buffer
         self._shared_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -499,7 +502,9 @@ class ShardService:
                 )
             key = secrets.randbits(63) + 1
             self._shared[key] = buffer
-        return wire.message("AttachBufferResponse", buffer=key, bytes=buffer.size)
+        return wire.message(
+            "AttachBufferResponse", buffer=key, bytes=buffer.size, local_socket=self.local_socket
+        )
 
     def drop_orphaned_buffers(self) -> int:
         """Detach the buffers of clients that exited or dropped them without detaching (their memory goes
@@ -727,29 +732,32 @@ def _token_check(token: str) -> Any:
     return TokenCheck()
 
 
-def _handler(service: ShardService, method: wire.Method) -> Any:
-    """A gRPC unary handler running ``method`` with input validation and error mapping."""
-    import grpc
-
+def _runner(
+    service: ShardService, method: wire.Method
+) -> Callable[[Any, float | None], tuple[Any, str, str]]:
+    """``run(request, time_left)``: ``method`` of ``service`` with input validation and error mapping, for
+    either transport; ``(response, "OK", "")`` or ``(None, status code name, message)``."""
     name = "".join("_" + c.lower() if c.isupper() else c for c in method.name).lstrip("_")
-    run = getattr(service, name)
+    handler = getattr(service, name)
 
-    def handle(request: Any, context: Any) -> Any:
+    def run(request: Any, time_left: float | None) -> tuple[Any, str, str]:
         if isinstance(request, _Garbage):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{method.request}: not a valid message: {request.error}"
-            )
+            return None, "INVALID_ARGUMENT", f"{method.request}: not a valid message: {request.error}"
         try:
-            return run(request, context.time_remaining())
+            return handler(request, time_left), "OK", ""
         except ValueError as error:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, f"{method.name}: {error}"
+            return None, "INVALID_ARGUMENT", f"{method.name}: {error}"
         except _Refusal as refusal:
-            code, message = getattr(grpc.StatusCode, refusal.code), f"{method.name}: {refusal}"
+            return None, refusal.code, f"{method.name}: {refusal}"
         except Exception as error:  # a bug must not take the shard down: log it, answer INTERNAL
             logger.exception("%s failed", method.name)
-            code, message = grpc.StatusCode.INTERNAL, f"{method.name}: {type(error).__name__}: {error}"
-        context.abort(code, message)
+            return None, "INTERNAL", f"{method.name}: {type(error).__name__}: {error}"
 
+    return run
+
+
+def _parser(method: wire.Method) -> Callable[[bytes], Any]:
+    """A request's bytes to its message, or a :class:`_Garbage` naming why they are not one."""
     # pushes carry most of the bytes: read them without copying the gradients (same encoding, same checks)
     read = (
         wire.parse_push_request
@@ -763,16 +771,44 @@ def _handler(service: ShardService, method: wire.Method) -> Any:
         except Exception as error:  # protobuf's DecodeError, our ValueError: an answer, never a crash
             return _Garbage(error)
 
+    return parse
+
+
+def _handler(service: ShardService, method: wire.Method) -> Any:
+    """A gRPC unary handler running ``method`` (:func:`_runner`)."""
+    import grpc
+
+    run = _runner(service, method)
+
+    def handle(request: Any, context: Any) -> Any:
+        response, code, message = run(request, context.time_remaining())
+        if code != "OK":
+            context.abort(getattr(grpc.StatusCode, code), message)
+        return response
+
     return grpc.unary_unary_rpc_method_handler(
-        handle, request_deserializer=parse, response_serializer=wire.serialize
+        handle, request_deserializer=_parser(method), response_serializer=wire.serialize
     )
+
+
+def _local_handler(service: ShardService, method: wire.Method) -> local_socket.Handler:
+    """A :class:`~megaclass.paramserver.local_socket.LocalListener` handler running ``method``."""
+    run, parse = _runner(service, method), _parser(method)
+
+    def handle(data: bytes, time_left: float | None) -> tuple[str, bytes]:
+        response, code, message = run(parse(data), time_left)
+        return code, wire.serialize(response) if code == "OK" else message.encode()
+
+    return handle
 
 
 class RunningServer:
     """A started shard: its bound port, and :meth:`stop`."""
 
-    def __init__(self, server: Any, service: ShardService, port: int) -> None:
-        self.server, self.service, self.port = server, service, port
+    def __init__(
+        self, server: Any, service: ShardService, port: int, local: local_socket.LocalListener | None
+    ) -> None:
+        self.server, self.service, self.port, self.local = server, service, port, local
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="barrier-timeout", daemon=True)
         self._ticker.start()
@@ -793,6 +829,8 @@ class RunningServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        if self.local is not None:
+            self.local.close()
         self.server.stop(grace).wait()
         self.service.close()
 
@@ -832,6 +870,15 @@ def serve(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"--port: could not bind {address}: the port is in use or the address is not here")
     server.start()
+    local = None
+    if config.max_shared_buffers and local_socket.available():  # clients that attach a buffer are local
+        local = local_socket.LocalListener(
+            {method.name: _local_handler(service, method) for method in wire.METHODS},
+            token=config.token,
+            max_bytes=limits.receive_bytes,
+            max_connections=threads,
+        )
+        service.local_socket = local.name
     spec = service.state.spec
     logger.info(
         "shard %d/%d rows [%d, %d) of %d x %d (%s), %s %s, step %d, listening on %s:%d",
@@ -848,7 +895,7 @@ def serve(config: ServerConfig) -> RunningServer:
         config.host,
         port,
     )
-    return RunningServer(server, service, port)
+    return RunningServer(server, service, port, local)
 
 
 def run_serve(args: Any) -> int:
