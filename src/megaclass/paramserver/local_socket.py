@@ -56,6 +56,7 @@ _CODE_NAMES = {number: name for name, number in STATUS_CODES.items()}
 _LENGTH = struct.Struct("<I")
 _REQUEST = struct.Struct("<IB")  # deadline in ms, the method name's length
 _MAX_DEADLINE_MS = 2**32 - 1
+_MAX_FRAME_BYTES = 2**32 - 1
 _HELLO_BYTES = 4096  # a token longer than this is refused unread
 
 # a request's handler: (body, seconds left) -> (status code name, response bytes or UTF-8 details)
@@ -86,7 +87,8 @@ class LocalCallError(Exception):
 
 def _send(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
     """One frame of ``parts`` (no copy of a large part)."""
-    views = [memoryview(_LENGTH.pack(sum(len(part) for part in parts))), *map(memoryview, parts)]
+    views = [memoryview(part).cast("B") for part in parts]
+    views.insert(0, memoryview(_LENGTH.pack(sum(view.nbytes for view in views))))
     while views:
         sent = sock.sendmsg(views)
         while views and sent >= len(views[0]):
@@ -273,8 +275,10 @@ class LocalChannel:
     ) -> LocalCall | None:
         """Send ``request`` to ``method``; the call, whose :meth:`LocalCall.result` waits for the answer.
         None where no connection could be made (the shard is gone, or full): the caller uses gRPC."""
-        deadline = time.monotonic() + timeout
         name = method.encode("ascii")
+        if len(request) + _REQUEST.size + len(name) > _MAX_FRAME_BYTES:
+            return None  # no frame holds it (gRPC names the shard's limit)
+        deadline = time.monotonic() + timeout
         header = _REQUEST.pack(min(int(timeout * 1000), _MAX_DEADLINE_MS), len(name))
         for _ in range(2):  # an idle connection may have lost its shard (restarted): then one new one
             sock, fresh = self._connection()
