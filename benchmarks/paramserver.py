@@ -10,8 +10,9 @@ SGD with momentum before answering) and both in turn (``step``), each call on th
 the previous call moved would still be in the CPU's cache), each set pushed once before any is timed (a
 shard's first write of a page faults it in, which a run pays once, in its first steps); pulled rows land in
 page-locked memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes moved: ``R * D * 4``
-for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through shared memory (the
-client's default with shards on its machine), ``ps-inline`` in the gRPC messages. ``--row-dtypes float32
+for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through shared memory and
+makes its calls over the shards' Unix sockets (the client's default with shards on its machine), ``ps-inline``
+makes them over gRPC, the rows in the messages. ``--row-dtypes float32
 bf16_sr`` runs it for shards holding rows and momentum as float32 and as bfloat16 (``--dtype``; the wire stays
 float32). ``--average-decays 0 0.999`` runs it for shards without and with the rows' weight average
 (``--average-decay``; held ``+ average``), which every push brings up to date for the rows it changes.
@@ -19,7 +20,8 @@ float32). ``--average-decays 0 0.999`` runs it for shards without and with the r
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (host memory: on a GPU mapped for it, and ``host,
 rows gathered on the host`` as where CUDA will not lock them) and ``ps`` (4 shard processes on this
-machine; rows pulled and gradients pushed over loopback), the last with its index in two places.
+machine; rows pulled and gradients pushed through shared memory, the calls over the shards' Unix sockets),
+the last with its index in two places.
 ``gpu``, ``host`` and ``ps`` query a GPU cluster index on the trainer built once before timing (``ps``: from
 the servers' rows, read a block at a time; the default, ``head.index_on``). With ``ps, index on shards``
 the head never reads the matrix: every step it asks the shards for each sample's nearest classes
@@ -254,9 +256,9 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
             counter = [0]  # steps of the shards, over both clients
             for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
                 client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)
-                attached = all(shard.buffer_id for shard in client._shards)
+                attached = all(shard.buffer_id and shard.local for shard in client._shards)
                 if attached != (shared_mib > 0):  # a row labelled shared memory moved through it
-                    raise RuntimeError(f"{provider}: shared memory attached: {attached}")
+                    raise RuntimeError(f"{provider}: shared memory and local sockets attached: {attached}")
                 cases = [
                     case
                     for rows in args.rows
@@ -456,7 +458,7 @@ def summary(results: list[Result]) -> str:
         def rate(r: Result | None, rows: int = rows) -> str:
             return f"{rows / (r.time_ms * 1e-3):,.0f}" if r else "-"
 
-        transport = "shared memory" if provider == "ps" else "inline"
+        transport = "local socket, shared memory" if provider == "ps" else "gRPC, inline"
         lines.append(
             f"| {transport} | {key[3]} | {key[0]} | {key[1]} | {rows} | {rate(pull)} | {rate(push)} | "
             f"{result.bandwidth_gbs:.2f} |"
