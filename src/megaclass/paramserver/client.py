@@ -880,10 +880,8 @@ class ParamServerClient:
             for shard, state in enumerate(self._shards)
             if state.buffer_id
         ]
-        for future in detaching:
-            with contextlib.suppress(
-                self._grpc.RpcError, LocalCallError
-            ):  # a shard gone dropped it with its process
+        for future in detaching:  # a shard gone dropped the buffer with its process
+            with contextlib.suppress(self._grpc.RpcError, LocalCallError):
                 future.result()
         for state in self._shards:
             state.buffer_id = 0
