@@ -8,20 +8,22 @@ Part 1 starts ``N`` shard processes (``megaclass paramserver serve``, sync SGD w
 and times one client pulling ``R`` random rows (``pull``), pushing their gradients (``push``: the shards apply
 SGD with momentum before answering) and both in turn (``step``), each call on the next of 8 sets of rows (rows
 the previous call moved would still be in the CPU's cache), each set pushed once before any is timed (a
-shard's first write of a page faults it in, which a run pays once, in its first steps); pulled rows land in
-page-locked memory on a GPU host, as a trainer's do. ``bandwidth_gbs`` counts row bytes moved: ``R * D * 4``
-for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through shared memory and
-makes its calls over the shards' Unix sockets (the client's default with shards on its machine), ``ps-inline``
-makes them over gRPC, the rows in the messages. ``--row-dtypes float32
-bf16_sr`` runs it for shards holding rows and momentum as float32 and as bfloat16 (``--dtype``; the wire stays
-float32). ``--average-decays 0 0.999`` runs it for shards without and with the rows' weight average
-(``--average-decay``; held ``+ average``), which every push brings up to date for the rows it changes.
+shard's first write of a page faults it in, which a run pays once, in its first steps); on a GPU host rows
+are pulled to the GPU and gradients pushed from it, as a trainer's are. ``bandwidth_gbs`` counts row bytes
+moved: ``R * D * 4`` for a pull or a push, twice that for a step. Provider ``ps`` moves the row blocks through
+shared memory (on a GPU host mapped for the GPU, whose own copies cross the bus) and makes its calls over the
+shards' Unix sockets (the client's default with shards on its machine), ``ps-inline`` makes them over gRPC,
+the rows in the messages. ``--row-dtypes float32 bf16_sr`` runs it for shards holding rows and momentum as
+float32 and as bfloat16 (``--dtype``; the wire stays float32). ``--average-decays 0 0.999`` runs it for
+shards without and with the rows' weight average (``--average-decay``; held ``+ average``), which every push
+brings up to date for the rows it changes.
 
 Part 2 times one training step of :class:`~megaclass.heads.selected.SelectedHead` (forward, backward, row
 update) with its rows in each store: ``gpu``, ``host`` (host memory: on a GPU mapped for it, and ``host,
 rows gathered on the host`` as where CUDA will not lock them) and ``ps`` (4 shard processes on this
 machine; rows pulled and gradients pushed through shared memory, the calls over the shards' Unix sockets),
-the last with its index in two places.
+the last with its index in two places, and with the shared memory not mapped for the GPU (``ps, rows through
+the host``: copied through page-locked host memory).
 ``gpu``, ``host`` and ``ps`` query a GPU cluster index on the trainer built once before timing (``ps``: from
 the servers' rows, read a block at a time; the default, ``head.index_on``). With ``ps, index on shards``
 the head never reads the matrix: every step it asks the shards for each sample's nearest classes
@@ -204,14 +206,13 @@ def transfer_cases(
     shards holding their rows as ``held``."""
     params = {"shards": count, "D": dim, "rows": rows, "held": held}
     id_sets = row_sets(client.num_rows, rows)
-    grads = torch.randn(rows, dim) * 1e-3
+    # rows pulled to the GPU and gradients pushed from it on a GPU host, as a trainer's
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grads = torch.randn(rows, dim, device=device) * 1e-3
     row_bytes = rows * dim * 4
-    # into page-locked memory on a GPU host, as a trainer's pulls land (a fresh pageable tensor of more than
-    # glibc's 32 MiB mmap threshold takes its pages one fault at a time, every call)
-    pin = torch.cuda.is_available()
 
     def pull() -> None:
-        client.pull(next(id_sets), pin_memory=pin)
+        client.pull(next(id_sets), device=device)
 
     def push(ids: torch.Tensor | None = None) -> None:
         counter[0] += 1
@@ -219,7 +220,7 @@ def transfer_cases(
 
     def step() -> None:
         ids = next(id_sets)
-        client.pull(ids, pin_memory=pin)
+        client.pull(ids, device=device)
         push(ids)
 
     def warmed() -> Callable[[], None]:
@@ -256,6 +257,8 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
             counter = [0]  # steps of the shards, over both clients
             for provider, shared_mib in (("ps", 128), ("ps-inline", 0)):
                 client = ParamServerClient(addresses, timeout_s=120, shared_memory_mib=shared_mib)
+                if torch.cuda.is_available():
+                    client.map_buffers("cuda")  # as a trainer's store does (no buffers: nothing to map)
                 attached = all(shard.buffer_id and shard.local for shard in client._shards)
                 if attached != (shared_mib > 0):  # a row labelled shared memory moved through it
                     raise RuntimeError(f"{provider}: shared memory and local sockets attached: {attached}")
@@ -276,6 +279,7 @@ def throughput(args: argparse.Namespace, root: str) -> list[Result]:
 
 
 _GATHERED = "host, rows gathered on the host"  # the host store's way where CUDA will not lock its rows
+_PS_THROUGH_HOST = "ps, rows through the host"  # the shards' buffers not mapped for the GPU
 
 
 def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argparse.Namespace) -> Case:
@@ -285,6 +289,11 @@ def step_case(make_head: Callable[[], torch.nn.Module], store: str, args: argpar
     def setup() -> Callable[[], None]:
         head = make_head().to(device)
         head.materialize()
+        if store == _PS_THROUGH_HOST and device.type == "cuda":
+            from megaclass.store.paramserver import ParamServerStore
+
+            head.store.close()
+            head.store = ParamServerStore(head.config.store, device=device, mapped=False)
         if store == _GATHERED and head.store.mapped:
             from megaclass.store.host import HostStore
 
@@ -383,6 +392,7 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
             "host": {"store": "host"},
             _GATHERED: {"store": "host"},
             "ps": {"store": url, "index_on": "trainer"},
+            _PS_THROUGH_HOST: {"store": url, "index_on": "trainer"},
             "ps, index on shards": {"store": url, "index_on": "shards"},
         }
         for store, placement in stores.items():
@@ -392,7 +402,7 @@ def head_steps(args: argparse.Namespace, root: str) -> list[Result]:
             def make(options=options) -> torch.nn.Module:
                 return build_head(head_config(options), context)
 
-            parts = ps_part_cases(make, store, args) if store.startswith("ps") else []
+            parts = ps_part_cases(make, store, args) if store in ("ps", "ps, index on shards") else []
             results += run_cases(
                 [step_case(make, store, args), *parts],
                 benchmark="paramserver",

@@ -63,6 +63,40 @@ def test_pushes_and_pulls_through_shared_memory_equal_inline_and_a_plain_update(
     shared.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
+def test_buffers_mapped_for_the_gpu_move_the_same_rows_as_the_host(shards, wire_dtype):
+    hyper = HyperParams(lr=0.1, momentum=0.9)
+    groups = [shards(3, num_rows=41, dim=6, hyper=hyper) for _ in range(2)]
+    mapped = ParamServerClient(_addresses(groups[0]), timeout_s=20, wire_dtype=wire_dtype)
+    host = ParamServerClient(_addresses(groups[1]), timeout_s=20, wire_dtype=wire_dtype)
+    assert mapped.map_buffers("cuda") and mapped.buffers_mapped_for(torch.device("cuda"))
+    assert not host.buffers_mapped_for(torch.device("cuda"))
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        ids = torch.randperm(41, generator=generator)[: 9 * step]  # unsorted: rows put in places
+        if step % 2:
+            ids = ids.sort().values  # sorted: a slice a shard
+        grads = torch.randn(len(ids), 6, generator=generator)
+        on_gpu = mapped.pull(ids, device="cuda")
+        assert on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), host.pull(ids), rtol=0, atol=0)
+        mapped.push(ids, grads.cuda(), step=step, lr=0.3)  # the GPU writes the gradients into the buffers
+        host.push(ids, grads, step=step, lr=0.3)
+    mapped.flush()
+    host.flush()
+    torch.testing.assert_close(mapped.get_rows(0, 41), host.get_rows(0, 41), rtol=0, atol=0)
+    pending = mapped.pull_async(torch.arange(41))
+    rows = pending.result(device="cuda")
+    mapped.push(torch.tensor([4, 30]), torch.ones(2, 6, device="cuda"), step=5, lr=1.0)
+    refreshed = mapped.refresh(pending, rows)  # the changed rows again, into the GPU's rows
+    torch.testing.assert_close(refreshed.cpu(), mapped.pull(torch.arange(41)), rtol=0, atol=0)
+    assert all(not s.buffer._used for s in mapped._shards)
+    mapped.close()
+    host.close()
+
+
 def test_a_block_without_room_travels_inline_and_dropped_prefetches_free_their_ranges(shards):
     servers = shards(1, num_rows=300, dim=8)
     client = ParamServerClient(_addresses(servers), timeout_s=20, shared_memory_mib=4096 / 2**20)

@@ -71,6 +71,7 @@ class _Shard:
     buffer: ClientBuffer | None = None
     buffer_id: int = 0  # the shard's id of ``buffer``; 0: not attached
     local: LocalChannel | None = None  # the shard's Unix socket once a buffer is attached; None: gRPC alone
+    mapped: Tensor | None = None  # ``buffer``'s bytes page-locked and mapped for a CUDA device, else None
 
     def forget_applied(self, applied: int) -> None:
         """Drop the pushes of steps up to ``applied``, freeing their buffer ranges."""
@@ -106,25 +107,35 @@ class PendingPull:
         # buffer ranges of parts never read (a prefetch dropped) are freed once their calls are done
         self._release = weakref.finalize(self, _release_parts, self.client, list(self.parts))
 
-    def result(self, *, pin_memory: bool = False) -> Tensor:
-        """The ``(S, D)`` float32 rows, in the order of the ids (in page-locked memory with ``pin_memory``,
-        so a copy to the GPU can run asynchronously); read once, the same tensor on later calls."""
+    def result(self, *, device: torch.device | str = "cpu") -> Tensor:
+        """The ``(S, D)`` float32 rows, in the order of the ids, on ``device``: on a CUDA device straight from
+        the shards' buffers where they are mapped for it (:meth:`ParamServerClient.map_buffers`), else
+        through page-locked memory (the copy to the device runs asynchronously); read once, the same tensor
+        on later calls."""
         if self._rows is not None:
             return self._rows
-        out = torch.empty(len(self.ids), self.client.dim, pin_memory=pin_memory)
+        device = torch.device(device)
+        mapped = self.client.buffers_mapped_for(device)
+        rows_device = device if mapped else torch.device("cpu")
+        pin = device.type == "cuda" and not mapped
+        out = torch.empty(len(self.ids), self.client.dim, device=rows_device, pin_memory=pin)
         try:
             copies = []
             for shard, positions, request, future in self.parts:
                 response = self.client._wait(shard, "PullRows", request, future)
                 rows = self.client._received_rows(shard, request, response)
-                copies.append(_rows_copy(out, positions, rows, count=_count(positions)))
+                copies.append(
+                    self.client._rows_copy(out, positions, shard, request, rows, count=_count(positions))
+                )
                 # pieces of one shard's rows may be read at different versions: the oldest bounds them all
                 self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
             _copy_blocks(copies)
         finally:
+            if out.is_cuda:  # the GPU's copies out of the buffers are done before their ranges are reused
+                torch.cuda.synchronize(out.device)
             self._release()
-        self._rows = out
-        return out
+        self._rows = out if out.device == device else out.to(device, non_blocking=True)
+        return self._rows
 
 
 def _release_parts(client: ParamServerClient, parts: list[tuple[int, Any, Any, Any]]) -> None:
@@ -139,15 +150,31 @@ _COPY_PIECE_BYTES = 1 << 20  # a block copy is split over threads in pieces of a
 
 
 def _rows_copy(
-    out: Tensor, positions: np.ndarray | slice, rows: wire.ArrayView, *, count: int
+    out: Tensor,
+    positions: np.ndarray | slice,
+    rows: wire.ArrayView,
+    *,
+    count: int,
+    mapped: Tensor | None = None,
 ) -> tuple[Callable[[int, int], None], int, int]:
     """The copy ``out[positions] = rows`` straight from the received bytes (one copy), for
-    :func:`_copy_blocks`; the shape the server sent is checked here, before anything is copied."""
+    :func:`_copy_blocks`; the shape the server sent is checked here, before anything is copied. ``out`` on
+    a CUDA device: from ``mapped``, the same bytes mapped for it, where given (the GPU's own copy across
+    the bus), else from the host bytes."""
     view = rows.numpy(what="rows")
     if view.shape != (count, out.shape[1]):
         raise ValueError(
             f"rows: the server sent shape {list(view.shape)}, expected [{count}, {out.shape[1]}]"
         )
+    if out.is_cuda:
+        source = torch.from_numpy(view) if mapped is None else mapped.view(view.shape)
+        if rows.dtype == "bfloat16":
+            source = source.view(torch.bfloat16)
+
+        def to_device(a: int, b: int) -> None:
+            out[_index(_part(positions, a, b), out.device)] = source[a:b].to(out.device, torch.float32)
+
+        return to_device, count, 0  # one piece: a copy the GPU runs
     target = out.numpy()
 
     def copy(a: int, b: int) -> None:
@@ -162,13 +189,17 @@ def _rows_copy(
 
 def _copy_blocks(copies: Sequence[tuple[Callable[[int, int], None], int, int]]) -> None:
     """Run each ``(copy, count, row_bytes)``'s ``copy(a, b)`` over its rows ``[0, count)``, cut into pieces of
-    at least :data:`_COPY_PIECE_BYTES` that run side by side on the host's threads.
+    at least :data:`_COPY_PIECE_BYTES` that run side by side on the host's threads (``row_bytes`` 0: a copy
+    the GPU runs, launched whole from this thread).
 
     One thread copies a few GB/s: a step's row blocks (pulled rows out of the shards' shared memory, gradients
     into it) copied one after another took as long as the shards' answers on a 16-core GPU host."""
     threads = os.cpu_count() or 1
     pieces = []
     for copy, count, row_bytes in copies:
+        if not row_bytes:
+            copy(0, count)
+            continue
         cuts = max(1, min(threads, count * row_bytes // _COPY_PIECE_BYTES))
         bounds = [count * i // cuts for i in range(cuts + 1)]
         pieces += [(copy, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
@@ -344,6 +375,54 @@ class ParamServerClient:
             rows.dtype, rows.shape, self._shards[shard].buffer.view(request.buffer_offset, nbytes)
         )
 
+    def map_buffers(self, device: torch.device | str) -> bool:
+        """Page-lock each shard's shared buffer in place and map it for the CUDA ``device``: rows pulled to it
+        and gradients pushed from it then cross the bus by the GPU's own copies, without the host's. Whether
+        every shard's buffer is mapped (else rows go through the host, as without)."""
+        from megaclass.staging import map_to_device
+
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        for state in self._shards:
+            if state.buffer_id and (state.mapped is None or state.mapped.device != device):
+                state.mapped = map_to_device(torch.frombuffer(state.buffer.map, dtype=torch.uint8), device)
+        return self.buffers_mapped_for(device)
+
+    def buffers_mapped_for(self, device: torch.device) -> bool:
+        """Whether every shard's buffer is attached and mapped for ``device`` (:meth:`map_buffers`)."""
+        if device.type != "cuda":
+            return False
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return all(
+            state.buffer_id and state.mapped is not None and state.mapped.device == device
+            for state in self._shards
+        )
+
+    def _rows_copy(
+        self,
+        out: Tensor,
+        positions: np.ndarray | slice,
+        shard: int,
+        request: Any,
+        rows: wire.ArrayView,
+        *,
+        count: int,
+    ) -> tuple[Callable[[int, int], None], int, int]:
+        """:func:`_rows_copy` of a pull's ``rows`` into ``out[positions]``; on a CUDA ``out`` from the
+        shard's mapped buffer where the rows are in it."""
+        mapped = self._shards[shard].mapped
+        if out.is_cuda and request.buffer and mapped is not None and mapped.device == out.device:
+            element = torch.float32 if rows.dtype == "float32" else torch.int16
+            nbytes = wire.array_nbytes(rows.dtype, rows.shape)
+            mapped = mapped[request.buffer_offset : request.buffer_offset + nbytes].view(element)
+        else:
+            mapped = None
+        return _rows_copy(out, positions, rows, count=count, mapped=mapped)
+
     def health(self, *, timeout_s: float | None = None) -> list[Any]:
         """Each shard's ``HealthResponse`` (range, step, version, trainers, limits, ...), in shard order,
         within ``timeout_s`` (default: the client's)."""
@@ -518,13 +597,13 @@ class ParamServerClient:
         ids: Tensor | np.ndarray,
         *,
         min_step: int | None = None,
-        pin_memory: bool = False,
+        device: torch.device | str = "cpu",
         average_step: int | None = None,
     ) -> Tensor:
-        """Rows ``ids (S,)`` as a ``(S, D)`` float32 CPU tensor (page-locked with ``pin_memory``); with
+        """Rows ``ids (S,)`` as a ``(S, D)`` float32 tensor on ``device`` (:meth:`PendingPull.result`); with
         ``average_step``, their weight average at that step (:meth:`pull_async`)."""
         pending = self.pull_async(ids, min_step=min_step, average_step=average_step)
-        return pending.result(pin_memory=pin_memory)
+        return pending.result(device=device)
 
     def refresh(self, pending: PendingPull, rows: Tensor, *, min_step: int | None = None) -> Tensor:
         """Bring rows pulled early (``pending.result()``) up to date: re-pull only rows changed since."""
@@ -557,9 +636,11 @@ class ParamServerClient:
                     )
                     target = np.arange(len(pending.ids))[positions][where]
                     received = self._received_rows(shard, request, response)
-                    copies.append(_rows_copy(rows, target, received, count=len(target)))
+                    copies.append(self._rows_copy(rows, target, shard, request, received, count=len(target)))
             _copy_blocks(copies)
         finally:
+            if rows.is_cuda:  # the GPU's copies out of the buffers are done before their ranges are reused
+                torch.cuda.synchronize(rows.device)
             _release_parts(self, parts)
         return rows
 
@@ -585,7 +666,9 @@ class ParamServerClient:
             raise ValueError(f"grads: shape {list(grads.shape)} but expected [{len(ids)}, {self.dim}]")
         if step <= 0:
             raise ValueError(f"step {step}: expected >= 1")
-        grads = grads.detach().to("cpu", torch.float32)
+        if not (grads.is_cuda and self.buffers_mapped_for(grads.device)):  # else the GPU writes the buffers
+            grads = grads.detach().to("cpu", torch.float32)
+        grads = grads.detach().float()
         parts = self._split(ids)
         for shard, positions in parts:
             if _count(positions) > self._shards[shard].max_rows:  # checked before any shard gets a part
@@ -611,10 +694,13 @@ class ParamServerClient:
                     message.lr.value = lr
                 push = self._in_buffer(shard, message, grads, positions, step, copies)
                 if push is None:  # inline: kept until applied, owning its bytes
-                    data = wire.serialize_with_array(message, 2, grads[_index(positions)], self.wire_dtype)
+                    block = grads[_index(positions, grads.device)].cpu()
+                    data = wire.serialize_with_array(message, 2, block, self.wire_dtype)
                     push = _Push(step, wire.Encoded(data, 6, incarnation))
                 pushes.append((shard, push))
             _copy_blocks(copies)  # every shard's gradients at once, before any is sent
+            if grads.is_cuda:
+                torch.cuda.synchronize(grads.device)  # the GPU's writes into the buffers are done
         except BaseException:
             for shard, push in pushes:
                 if push.offset is not None:
@@ -648,6 +734,18 @@ class ParamServerClient:
         offset = state.buffer.reserve(nbytes)
         if offset is None:
             return None
+        message.buffer, message.buffer_offset = state.buffer_id, offset
+        message.grads.dtype = self.wire_dtype
+        message.grads.shape[:] = shape
+        if grads.is_cuda:  # the buffer mapped for the GPU (map_buffers): its own copy across the bus
+            mapped = state.mapped[offset : offset + nbytes].view(torch.float32 if float32 else torch.bfloat16)
+            mapped = mapped.view(shape)
+
+            def to_buffer(a: int, b: int) -> None:
+                mapped[a:b].copy_(grads[_index(_part(positions, a, b), grads.device)])
+
+            copies.append((to_buffer, shape[0], 0))
+            return _Push(step, message, offset)
         target = np.frombuffer(state.buffer.view(offset, nbytes), dtype=np.float32 if float32 else np.int16)
         target = target.reshape(shape)
         source = grads.numpy()
@@ -662,9 +760,6 @@ class ParamServerClient:
                 torch.from_numpy(target[a:b]).view(torch.bfloat16).copy_(grads[_index(where)])
 
         copies.append((copy, shape[0], nbytes // max(1, shape[0])))
-        message.buffer, message.buffer_offset = state.buffer_id, offset
-        message.grads.dtype = self.wire_dtype
-        message.grads.shape[:] = shape
         return _Push(step, message, offset)
 
     def drain(self) -> None:
@@ -885,6 +980,7 @@ class ParamServerClient:
                 future.result()
         for state in self._shards:
             state.buffer_id = 0
+            state.mapped = None  # unlocked once the device's work is done (before the buffer is unmapped)
             if state.buffer is not None:
                 state.buffer.close()
             if state.local is not None:
@@ -910,8 +1006,10 @@ def _as_ids(ids: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def _index(positions: np.ndarray | slice) -> slice | Tensor:
-    return positions if isinstance(positions, slice) else torch.from_numpy(positions)
+def _index(positions: np.ndarray | slice, device: torch.device | None = None) -> slice | Tensor:
+    if isinstance(positions, slice):
+        return positions
+    return torch.from_numpy(positions) if device is None else torch.from_numpy(positions).to(device)
 
 
 def _part(positions: np.ndarray | slice, start: int, stop: int) -> np.ndarray | slice:

@@ -114,6 +114,9 @@ class ParamServerStore(RowStore):
         timeout_s: deadline of every call (retries included); None: the URL's, else 120.
         connect_timeout_s: deadline of the first contact with each shard; None: the URL's, else 5.
         wire_dtype: ``"float32"`` or ``"bfloat16"`` on the wire.
+        mapped: with a CUDA ``device`` and shards on this machine, whether to map the shared buffers rows
+            move through for the device (:meth:`~megaclass.paramserver.ParamServerClient.map_buffers`: the
+            GPU's own copies across the bus), else move rows through page-locked host memory.
 
     Raises:
         ParamServerError: a shard is unreachable or refuses the token (one line naming its address).
@@ -135,6 +138,7 @@ class ParamServerStore(RowStore):
         timeout_s: float | None = None,
         connect_timeout_s: float | None = None,
         wire_dtype: str = "float32",
+        mapped: bool = True,
     ) -> None:
         from megaclass.paramserver.client import ParamServerClient
 
@@ -160,6 +164,8 @@ class ParamServerStore(RowStore):
         )
         self.num_rows, self.dim = self.client.num_rows, self.client.dim
         self.device = torch.device(device)
+        if mapped:
+            self.client.map_buffers(self.device)
         self._prefetched: tuple[Tensor, object] | None = None  # (ids, PendingPull)
         self._field_shapes: dict[str, tuple[int, ...]] = {}  # field -> its shape on the servers
         healths = self.client.health()
@@ -211,15 +217,12 @@ class ParamServerStore(RowStore):
     def pull(self, ids: Tensor) -> Tensor:
         ids_cpu = ids.detach().to("cpu", torch.int64)
         prefetched, self._prefetched = self._prefetched, None
-        pin = self.device.type == "cuda"  # rows land in page-locked memory: the copy below is asynchronous
         if self.average_step is not None:
-            rows = self.client.pull(ids_cpu, pin_memory=pin, average_step=self.average_step)
-        elif prefetched is not None and torch.equal(prefetched[0], ids_cpu):
+            return self.client.pull(ids_cpu, device=self.device, average_step=self.average_step)
+        if prefetched is not None and torch.equal(prefetched[0], ids_cpu):
             pending = prefetched[1]
-            rows = self.client.refresh(pending, pending.result(pin_memory=pin))  # re-pull only changed rows
-        else:
-            rows = self.client.pull(ids_cpu, pin_memory=pin)
-        return rows.to(self.device, non_blocking=True) if self.device.type != "cpu" else rows
+            return self.client.refresh(pending, pending.result(device=self.device))  # only changed rows again
+        return self.client.pull(ids_cpu, device=self.device)
 
     def prefetch(self, ids: Tensor) -> None:
         ids_cpu = ids.detach().to("cpu", torch.int64).clone()
