@@ -12,6 +12,7 @@ counts the inputs, the parameters and their gradients as well as the op's own wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -20,6 +21,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "read_csv_results",
     "run_cases",
     "run_in_child",
+    "shard_processes",
     "synchronize",
     "time_fn",
 ]
@@ -533,3 +536,49 @@ def device_rates(*, copy_gib: float = 1.0, matmul_size: int = 8192) -> DeviceRat
     matmul_ms, _, _ = time_fn(lambda: left @ right, reps=20, warmup=3)
     tflops = 2 * matmul_size**3 / (matmul_ms * 1e-3) / 1e12
     return DeviceRates(torch.cuda.get_device_name(), bandwidth, tflops)
+
+
+@contextlib.contextmanager
+def shard_processes(
+    count: int,
+    *,
+    classes: int,
+    dim: int,
+    root: str,
+    index_device: str = "cpu",
+    dtype: str = "float32",
+    average_decay: float = 0.0,
+    threads: int = 0,
+) -> Iterator[list[str]]:
+    """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
+    processes: list[subprocess.Popen] = []
+    addresses = []
+    folder = tempfile.mkdtemp(prefix=f"ps-{count}x{dim}-", dir=root)
+    try:
+        for shard in range(count):
+            command = [
+                sys.executable, "-m", "megaclass", "paramserver", "serve", "--rows", str(classes),
+                "--dim", str(dim), "--shard", f"{shard}/{count}", "--data-dir", f"{folder}/shard{shard}",
+                "--port", "0", "--momentum", "0.9", "--index-device", index_device, "--dtype", dtype,
+                "--average-decay", str(average_decay),
+            ]  # fmt: skip
+            command += ["--torch-threads", str(threads)] if threads else []
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            processes.append(process)
+        for process in processes:
+            for line in process.stdout:
+                if "listening on" in line:
+                    addresses.append(line.strip().rsplit(" ", 1)[1])
+                    break
+            else:
+                raise RuntimeError(f"a shard process exited with {process.wait()}")
+        yield addresses
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(folder, ignore_errors=True)

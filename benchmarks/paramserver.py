@@ -50,11 +50,9 @@ and each row write after a write-back takes a page fault (several times the writ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +69,7 @@ from _harness import (  # noqa: E402
     add_common_arguments,
     markdown_table,
     run_cases,
+    shard_processes,
     unwind_on_terminate,
 )
 
@@ -132,52 +131,6 @@ def parse_args() -> argparse.Namespace:
     if quick:
         args.reps = min(args.reps, 5)
     return args
-
-
-@contextlib.contextmanager
-def shard_processes(
-    count: int,
-    *,
-    classes: int,
-    dim: int,
-    root: str,
-    index_device: str = "cpu",
-    dtype: str = "float32",
-    average_decay: float = 0.0,
-    threads: int = 0,
-) -> Iterator[list[str]]:
-    """``count`` shard processes of a ``(classes, dim)`` matrix; yields their addresses, kills them after."""
-    processes: list[subprocess.Popen] = []
-    addresses = []
-    folder = tempfile.mkdtemp(prefix=f"ps-{count}x{dim}-", dir=root)
-    try:
-        for shard in range(count):
-            command = [
-                sys.executable, "-m", "megaclass", "paramserver", "serve", "--rows", str(classes),
-                "--dim", str(dim), "--shard", f"{shard}/{count}", "--data-dir", f"{folder}/shard{shard}",
-                "--port", "0", "--momentum", "0.9", "--index-device", index_device, "--dtype", dtype,
-                "--average-decay", str(average_decay),
-            ]  # fmt: skip
-            command += ["--torch-threads", str(threads)] if threads else []
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            processes.append(process)
-        for process in processes:
-            for line in process.stdout:
-                if "listening on" in line:
-                    addresses.append(line.strip().rsplit(" ", 1)[1])
-                    break
-            else:
-                raise RuntimeError(f"a shard process exited with {process.wait()}")
-        yield addresses
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def memory_folder(args: argparse.Namespace) -> str | None:

@@ -3,6 +3,7 @@
     python benchmarks/trainer_step.py              # C = 670,091, D 768, B 128, 300 steps a run (a GPU)
     python benchmarks/trainer_step.py --quick      # small sizes, runs on CPU as a smoke test (graph off)
     python benchmarks/trainer_step.py --heads selected --store host --classes 10000000 --dim 256
+    python benchmarks/trainer_step.py --heads selected --store ps --classes 1000000 --dim 512 --batch 512
     python benchmarks/trainer_step.py --heads sparse --steps 160 --profile   # where a step's GPU time goes
 
 For each head (dense, sparse, selected with the GPU index) the script writes a synthetic multi-class task
@@ -16,7 +17,9 @@ backward, the optimizer steps and the host's work between them. With ``auto`` th
 encoder's forward and backward with the head's (:class:`~megaclass.train.graphs.StepGraph`) where the head's
 step can be captured, and runs eagerly where it cannot (the opening line of the run says which). After the
 epoch, the same steps without the trainer's loader and log, and the captured step replayed with only the GPU
-work a step adds to it (:func:`same_work_ms`): what the trainer's own host work costs.
+work a step adds to it (:func:`same_work_ms`): what the trainer's own host work costs. ``--store ps`` keeps
+the selected head's rows in 4 parameter-server shard processes on this machine, started afresh for each run
+(the index stays on the trainer, the default): its step is not captured, so it has no head graph step.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import selected as selected_bench  # noqa: E402
 import sparse as sparse_bench  # noqa: E402
-from _harness import cuda_graph, synchronize, time_fn  # noqa: E402
+from _harness import cuda_graph, shard_processes, synchronize, time_fn  # noqa: E402
 from megaclass.data.synthetic import SynthConfig, synthesize  # noqa: E402
 from megaclass.heads import HeadContext, build_head, head_config  # noqa: E402
 from megaclass.train import Trainer, load_config  # noqa: E402
@@ -64,7 +67,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group", type=int, default=16, help="sparse head: G")
     parser.add_argument("--sample-num", type=int, default=1000, help="selected head: active classes a step")
     parser.add_argument(
-        "--store", default="gpu", choices=["gpu", "host"], help="selected head: where its rows live"
+        "--store",
+        default="gpu",
+        choices=["gpu", "host", "ps"],
+        help="selected head: where its rows live (ps: 4 local shard processes)",
     )
     parser.add_argument(
         "--store-dtype",
@@ -82,15 +88,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def head_overrides(head: str, args: argparse.Namespace) -> list[str]:
-    """The trainer's head settings, the shapes the head benchmarks use."""
+def head_overrides(head: str, args: argparse.Namespace, store: str) -> list[str]:
+    """The trainer's head settings, the shapes the head benchmarks use; ``store`` the selected head's."""
     if head == "sparse":
         return [f"head.fan_in={args.fan_in}", f"head.group={args.group}", "head.aux_clusters=0"]
     if head == "selected":
         return [
             "head.index=gpu",
             f"head.sample_num={args.sample_num}",
-            f"head.store={args.store}",
+            f"head.store={store}",
             f"head.store_dtype={args.store_dtype}",
         ]
     return ["head.loss=softmax"]
@@ -117,7 +123,17 @@ def trainer_steps_per_s(
 ) -> tuple[float, float, float, float]:
     """Median steps/s of the log windows after the first, over one epoch of ``steps`` steps, the first
     window's seconds (it holds the first step: an index's cold build, compilation, capture), and after the
-    epoch the ms a step of :func:`same_work_ms`'s two loops."""
+    epoch the ms a step of :func:`same_work_ms`'s two loops (with ``--store ps``, against fresh shards)."""
+    if head != "selected" or args.store != "ps":
+        return trainer_run(task, out, head, graph, args, args.store)
+    with shard_processes(4, classes=args.classes, dim=args.dim, root=os.path.dirname(out)) as addresses:
+        return trainer_run(task, out, head, graph, args, "ps://" + ",".join(addresses))
+
+
+def trainer_run(
+    task: tuple[str, str], out: str, head: str, graph: str, args, store: str
+) -> tuple[float, float, float, float]:
+    """:func:`trainer_steps_per_s` of one run, the selected head's rows in ``store``."""
     overrides = [
         f"model.hidden=[{args.dim}]",
         f"train.batch_size={args.batch}",
@@ -127,7 +143,7 @@ def trainer_steps_per_s(
         "train.valid_fraction=0",
         "train.progress=false",
         "data.label_feature_dim=0",
-        *head_overrides(head, args),
+        *head_overrides(head, args, store),
     ]
     config = load_config(head=head, overrides=overrides)
     trainer = Trainer(config, train_path=task[0], test_path=task[1], out_dir=out, overwrite=True)
@@ -223,6 +239,9 @@ def head_graph_ms(head: str, args: argparse.Namespace) -> float:
             "step", args.batch, args.classes, args.dim, args.fan_in, args.group, 1, "softmax", graph=True
         )
         replay = setup()
+    elif args.store == "ps":
+        print("selected head's step not captured: its rows are pulled from parameter servers", flush=True)
+        return float("nan")
     else:
         built = selected_bench.make_head(
             "selected", args.classes, args.dim, sample_num=args.sample_num, store=args.store
