@@ -97,6 +97,29 @@ def test_buffers_mapped_for_the_gpu_move_the_same_rows_as_the_host(shards, wire_
     host.close()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bf16_sr"])
+def test_reads_through_shared_memory_equal_inline_ones_in_blocks_of_any_size(shards, dtype):
+    hyper = HyperParams(lr=0.1)
+    groups = [shards(3, num_rows=50, dim=6, optimizer="adam", dtype=dtype, hyper=hyper) for _ in range(2)]
+    # 1,000 bytes: blocks of (1000 // 2 - 128) // 24 = 15 rows, two a shard in flight
+    shared = ParamServerClient(_addresses(groups[0]), timeout_s=20, shared_memory_mib=1000 / 2**20)
+    inline = ParamServerClient(_addresses(groups[1]), timeout_s=20, shared_memory_mib=0)
+    generator = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        ids, grads = torch.randperm(50, generator=generator)[:20], torch.randn(20, 6, generator=generator)
+        for client in (shared, inline):
+            client.push(ids, grads, step=step, lr=0.1)
+    slots = [field for field in shared.health()[0].slots]
+    assert "step" in slots  # a per-row scalar slot: (S,), read the same way
+    for field in ["rows", *slots]:
+        for start, stop in ((0, 50), (7, 44), (16, 17), (9, 9)):
+            read = shared.get_rows(start, stop, field=field)
+            torch.testing.assert_close(read, inline.get_rows(start, stop, field=field), rtol=0, atol=0)
+    assert all(not s.buffer._used for s in shared._shards)  # every block's range freed once read
+    shared.close()
+    inline.close()
+
+
 def test_a_block_without_room_travels_inline_and_dropped_prefetches_free_their_ranges(shards):
     servers = shards(1, num_rows=300, dim=8)
     client = ParamServerClient(_addresses(servers), timeout_s=20, shared_memory_mib=4096 / 2**20)

@@ -16,6 +16,7 @@ loses no update.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
@@ -33,7 +34,7 @@ from megaclass.ops import run_split
 from megaclass.paramserver import wire
 from megaclass.paramserver.config import MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, TOKEN_ENV, resolve_token
 from megaclass.paramserver.local_socket import LocalCallError, LocalChannel
-from megaclass.paramserver.shared_memory import ClientBuffer
+from megaclass.paramserver.shared_memory import ALIGN, ClientBuffer
 
 # a response's bytes to its message, by method (a pull's rows stay a view into the received bytes)
 _RESPONSE_PARSERS = {
@@ -123,7 +124,7 @@ class PendingPull:
             copies = []
             for shard, positions, request, future in self.parts:
                 response = self.client._wait(shard, "PullRows", request, future)
-                rows = self.client._received_rows(shard, request, response)
+                rows = self.client._received(shard, request, response.rows, what="rows")
                 copies.append(
                     self.client._rows_copy(out, positions, shard, request, rows, count=_count(positions))
                 )
@@ -185,6 +186,16 @@ def _rows_copy(
             target[where] = view[a:b]
 
     return copy, count, out.shape[1] * view.itemsize
+
+
+def _block_copy(out: Tensor, values: Tensor) -> tuple[Callable[[int, int], None], int, int]:
+    """The copy ``out[:] = values`` (rows of the same shape, ``values`` in float32 or bfloat16), for
+    :func:`_copy_blocks`."""
+
+    def copy(a: int, b: int) -> None:
+        out[a:b] = values[a:b]
+
+    return copy, len(values), max(1, values[:1].numel() * values.element_size())
 
 
 def _copy_blocks(copies: Sequence[tuple[Callable[[int, int], None], int, int]]) -> None:
@@ -363,17 +374,18 @@ class ParamServerClient:
             else None
         )
 
-    def _received_rows(self, shard: int, request: Any, response: Any) -> wire.ArrayView:
-        """A pull's rows: in the answer, or in the shard's buffer where the request had them put."""
+    def _received(self, shard: int, request: Any, array: Any, *, what: str) -> wire.ArrayView:
+        """An answer's ``array`` (a pull's rows, a read's values): as sent, or in the shard's buffer where the
+        request had it put."""
         if not request.buffer:
-            return response.rows
-        rows = response.rows
-        nbytes = wire.array_nbytes(rows.dtype, rows.shape) if rows.dtype in wire.DTYPES else -1
+            return array
+        nbytes = wire.array_nbytes(array.dtype, array.shape) if array.dtype in wire.DTYPES else -1
         if nbytes < 0 or nbytes > request.buffer_bytes:
-            raise ValueError(f"rows: the server sent {rows.dtype} of shape {list(rows.shape)} for its buffer")
-        return wire.ArrayView(
-            rows.dtype, rows.shape, self._shards[shard].buffer.view(request.buffer_offset, nbytes)
-        )
+            raise ValueError(
+                f"{what}: the server sent {array.dtype} of shape {list(array.shape)} for its buffer"
+            )
+        view = self._shards[shard].buffer.view(request.buffer_offset, nbytes)
+        return wire.ArrayView(array.dtype, tuple(array.shape), view)
 
     def map_buffers(self, device: torch.device | str) -> bool:
         """Page-lock each shard's shared buffer in place and map it for the CUDA ``device``: rows pulled to it
@@ -582,12 +594,13 @@ class ParamServerClient:
         self.drain()  # after issuing: the pull travels while the last push is acknowledged
         return PendingPull(self, ids, parts)
 
-    def _reserve_rows(self, shard: int, request: Any, count: int) -> None:
-        """Have a pull's ``count`` rows written into the shard's buffer where it has one with room."""
+    def _reserve_rows(self, shard: int, request: Any, count: int, *, dtype: str | None = None) -> None:
+        """Have a pull's or a read's ``count`` rows (of ``dtype``, default the wire's) written into the
+        shard's buffer where it has one with room."""
         state = self._shards[shard]
         if not state.buffer_id:
             return
-        nbytes = wire.array_nbytes(self.wire_dtype, (count, self.dim))
+        nbytes = wire.array_nbytes(dtype or self.wire_dtype, (count, self.dim))
         offset = state.buffer.reserve(nbytes)
         if offset is not None:
             request.buffer, request.buffer_offset, request.buffer_bytes = state.buffer_id, offset, nbytes
@@ -635,7 +648,7 @@ class ParamServerClient:
                         else _positions(shard_ids, changed)
                     )
                     target = np.arange(len(pending.ids))[positions][where]
-                    received = self._received_rows(shard, request, response)
+                    received = self._received(shard, request, response.rows, what="rows")
                     copies.append(self._rows_copy(rows, target, shard, request, received, count=len(target)))
             _copy_blocks(copies)
         finally:
@@ -827,13 +840,19 @@ class ParamServerClient:
         if not 0 <= start <= stop <= self.num_rows:
             raise ValueError(f"range [{start}, {stop}) is not inside [0, {self.num_rows})")
         self.drain()
-        out: Tensor | None = None
-        issued = []
+        blocks = []  # (order, shard, a, b): each shard's k-th block beside the others', so all read at once
         for shard, state in enumerate(self._shards):
             lo, hi = max(start, state.row_start), min(stop, state.row_stop)
             step = max(1, min(block_bytes // (4 * self.dim), state.max_rows))
-            for a in range(lo, hi, step):
-                b = min(a + step, hi)
+            if state.buffer_id:  # two blocks a shard in flight through its buffer
+                step = max(1, min(step, (state.buffer.size // 2 - 2 * ALIGN) // (4 * self.dim)))
+            blocks += [(k, shard, a, min(a + step, hi)) for k, a in enumerate(range(lo, hi, step))]
+        queue = collections.deque(sorted(blocks))
+        in_flight: collections.deque = collections.deque()
+        out: Tensor | None = None
+        while queue or in_flight:
+            while queue and len(in_flight) < 2 * len(self._shards):
+                _, shard, a, b = queue.popleft()
                 request = wire.message(
                     "GetRowsRequest",
                     start=a,
@@ -842,20 +861,25 @@ class ParamServerClient:
                     field=field,
                     average_step=average_step,
                 )
-                issued.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
-        for shard, a, request, future in issued:
-            response = self._wait(shard, "GetRows", request, future)
-            if versions is not None and response.version != versions[shard]:
-                raise ParamServerError(
-                    self._shards[shard].address,
-                    f"its rows changed while being read (version {response.version}, read from version "
-                    f"{versions[shard]} on): an update was applied in the middle of a snapshot",
-                    code="CHANGED",
-                )
-            values = wire.decode_array(response.values, what="values")
-            if out is None:
-                out = torch.empty(stop - start, *values.shape[1:])
-            out[a - start : a - start + len(values)] = values
+                self._reserve_rows(shard, request, b - a, dtype="float32")
+                in_flight.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
+            shard, a, request, future = in_flight.popleft()
+            try:
+                response = self._wait(shard, "GetRows", request, future)
+                if versions is not None and response.version != versions[shard]:
+                    raise ParamServerError(
+                        self._shards[shard].address,
+                        f"its rows changed while being read (version {response.version}, read from version "
+                        f"{versions[shard]} on): an update was applied in the middle of a snapshot",
+                        code="CHANGED",
+                    )
+                received = self._received(shard, request, response.values, what="values")
+                values = wire.decode_array(received, what="values", copy=False)  # shared memory: a view
+                if out is None:
+                    out = torch.empty(stop - start, *values.shape[1:])
+                _copy_blocks([_block_copy(out[a - start : a - start + len(values)], values)])
+            finally:
+                _release_parts(self, [(shard, None, request, future)])
         return torch.empty(0, self.dim) if out is None else out
 
     def query_nearest(

@@ -60,7 +60,7 @@ _MAX_FRAME_BYTES = 2**32 - 1
 _HELLO_BYTES = 4096  # a token longer than this is refused unread
 
 # a request's handler: (body, seconds left) -> (status code name, response bytes or UTF-8 details)
-Handler = Callable[[bytes, float | None], tuple[str, bytes]]
+Handler = Callable[[memoryview, float | None], tuple[str, bytes]]
 
 
 def available() -> bool:
@@ -255,7 +255,7 @@ class LocalListener:
             code, payload = "UNIMPLEMENTED", f"no method {method!r}".encode()
         else:
             time_left = deadline_ms / 1000 - (time.monotonic() - received)
-            code, payload = handler(bytes(body[start:]), time_left)
+            code, payload = handler(memoryview(body)[start:], time_left)
         _send(sock, [bytes([STATUS_CODES[code]]), payload])
         return True
 
@@ -271,7 +271,7 @@ class LocalChannel:
         self._lock = threading.Lock()
 
     def call(
-        self, method: str, request: bytes, *, timeout: float, parse: Callable[[bytes], Any]
+        self, method: str, request: bytes, *, timeout: float, parse: Callable[[memoryview], Any]
     ) -> LocalCall | None:
         """Send ``request`` to ``method``; the call, whose :meth:`LocalCall.result` waits for the answer.
         None where no connection could be made (the shard is gone, or full): the caller uses gRPC."""
@@ -331,7 +331,7 @@ class LocalCall:
     :meth:`add_done_callback`)."""
 
     def __init__(
-        self, channel: LocalChannel, sock: socket.socket, deadline: float, parse: Callable[[bytes], Any]
+        self, channel: LocalChannel, sock: socket.socket, deadline: float, parse: Callable[[memoryview], Any]
     ) -> None:
         self._channel, self._sock, self._deadline, self._parse = channel, sock, deadline, parse
         self._answer: Any = None
@@ -377,4 +377,4 @@ class LocalCall:
         if code != "OK":
             self._error = LocalCallError(code, bytes(body[1:]).decode("utf-8", "replace"))
             return
-        self._answer = self._parse(bytes(body[1:]))
+        self._answer = self._parse(memoryview(body)[1:])  # no copy: a view into the received bytes

@@ -251,10 +251,8 @@ class ShardService:
             raise ValueError(f"average_step {step}: expected >= 0")
         return self.state.average_at(local, step)
 
-    def _gather_into_buffer(self, request: Any, local: Tensor, dtype: str, rows: Tensor | None) -> None:
-        """Rows ``local`` of the shard (``rows``: those values instead), as ``dtype``, into the buffer range
-        ``request`` names."""
-        shape = (len(local), self.state.spec.dim)
+    def _buffer_range(self, request: Any, shape: tuple[int, ...], dtype: str) -> Tensor:
+        """The range of the client's buffer ``request`` names, as a ``dtype`` tensor of ``shape``."""
         nbytes = wire.array_nbytes(dtype, shape)
         if nbytes > request.buffer_bytes:
             raise ValueError(
@@ -262,9 +260,13 @@ class ShardService:
             )
         target = self._buffer(request.buffer).array(request.buffer_offset, nbytes, what="rows")
         if dtype == "float32":
-            out = torch.from_numpy(target.view(np.float32).reshape(shape))
-        else:
-            out = torch.from_numpy(target.view(np.int16).reshape(shape)).view(torch.bfloat16)
+            return torch.from_numpy(target.view(np.float32).reshape(shape))
+        return torch.from_numpy(target.view(np.int16).reshape(shape)).view(torch.bfloat16)
+
+    def _gather_into_buffer(self, request: Any, local: Tensor, dtype: str, rows: Tensor | None) -> None:
+        """Rows ``local`` of the shard (``rows``: those values instead), as ``dtype``, into the buffer range
+        ``request`` names."""
+        out = self._buffer_range(request, (len(local), self.state.spec.dim), dtype)
         if rows is not None:
             out.copy_(rows)
         elif out.dtype == self.state.rows.dtype:
@@ -361,10 +363,19 @@ class ShardService:
         with self.lock.read():
             if request.average_step:
                 values = self._average(request.field, request.average_step, local).to(wire.DTYPES[dtype])
+            elif request.buffer:  # copied into the client's shared memory below, under the lock
+                values = self.state.field(request.field)[local]
             else:  # a copy: the rows may change after the lock
                 values = self.state.field(request.field)[local].to(wire.DTYPES[dtype], copy=True)
+            if request.buffer:
+                self._buffer_range(request, tuple(values.shape), dtype).copy_(values)
             version = self.state.version
-        return wire.Prepared(wire.message("GetRowsResponse", version=version), 1, values, dtype)
+        response = wire.message("GetRowsResponse", version=version)
+        if not request.buffer:
+            return wire.Prepared(response, 1, values, dtype)
+        response.values.dtype = dtype
+        response.values.shape[:] = list(values.shape)
+        return response
 
     def query_nearest(self, request: Any, time_left: float | None) -> Any:
         queries = request.features.shape[0] if len(request.features.shape) else 0
@@ -756,7 +767,7 @@ def _runner(
     return run
 
 
-def _parser(method: wire.Method) -> Callable[[bytes], Any]:
+def _parser(method: wire.Method) -> Callable[[bytes | memoryview], Any]:
     """A request's bytes to its message, or a :class:`_Garbage` naming why they are not one."""
     # pushes carry most of the bytes: read them without copying the gradients (same encoding, same checks)
     read = (
