@@ -168,7 +168,7 @@ def _rows_copy(
             f"rows: the server sent shape {list(view.shape)}, expected [{count}, {out.shape[1]}]"
         )
     if out.is_cuda:
-        source = torch.from_numpy(view) if mapped is None else mapped.view(view.shape)
+        source = torch.from_numpy(view.copy()) if mapped is None else mapped.view(view.shape)
         if rows.dtype == "bfloat16":
             source = source.view(torch.bfloat16)
 
@@ -848,39 +848,46 @@ class ParamServerClient:
                 step = max(1, min(step, (state.buffer.size // 2 - 2 * ALIGN) // (4 * self.dim)))
             blocks += [(k, shard, a, min(a + step, hi)) for k, a in enumerate(range(lo, hi, step))]
         queue = collections.deque(sorted(blocks))
-        in_flight: collections.deque = collections.deque()
+        in_flight: collections.deque = collections.deque()  # (shard, a, request, future)
         out: Tensor | None = None
-        while queue or in_flight:
-            while queue and len(in_flight) < 2 * len(self._shards):
-                _, shard, a, b = queue.popleft()
-                request = wire.message(
-                    "GetRowsRequest",
-                    start=a,
-                    stop=b,
-                    dtype="float32",
-                    field=field,
-                    average_step=average_step,
-                )
-                self._reserve_rows(shard, request, b - a, dtype="float32")
-                in_flight.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
-            shard, a, request, future = in_flight.popleft()
-            try:
-                response = self._wait(shard, "GetRows", request, future)
-                if versions is not None and response.version != versions[shard]:
-                    raise ParamServerError(
-                        self._shards[shard].address,
-                        f"its rows changed while being read (version {response.version}, read from version "
-                        f"{versions[shard]} on): an update was applied in the middle of a snapshot",
-                        code="CHANGED",
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < 2 * len(self._shards):
+                    _, shard, a, b = queue.popleft()
+                    request = wire.message(
+                        "GetRowsRequest",
+                        start=a,
+                        stop=b,
+                        dtype="float32",
+                        field=field,
+                        average_step=average_step,
                     )
-                received = self._received(shard, request, response.values, what="values")
-                values = wire.decode_array(received, what="values", copy=False)  # shared memory: a view
+                    self._reserve_rows(shard, request, b - a, dtype="float32")
+                    in_flight.append((shard, a, *self._issue(shard, "GetRowsRequest", request)))
+                shard, a, request, future = in_flight[0]
+                values = self._read_values(shard, request, future, versions)
                 if out is None:
                     out = torch.empty(stop - start, *values.shape[1:])
                 _copy_blocks([_block_copy(out[a - start : a - start + len(values)], values)])
-            finally:
                 _release_parts(self, [(shard, None, request, future)])
+                in_flight.popleft()
+        finally:  # after an error: the blocks' buffer ranges, freed once their calls are done
+            _release_parts(self, [(shard, None, request, future) for shard, _, request, future in in_flight])
         return torch.empty(0, self.dim) if out is None else out
+
+    def _read_values(self, shard: int, request: Any, future: Any, versions: Sequence[int] | None) -> Tensor:
+        """A ``GetRows`` call's values (in the shard's buffer: a view of it), checked to be read at the
+        shard's version in ``versions`` where given."""
+        response = self._wait(shard, "GetRows", request, future)
+        if versions is not None and response.version != versions[shard]:
+            raise ParamServerError(
+                self._shards[shard].address,
+                f"its rows changed while being read (version {response.version}, read from version "
+                f"{versions[shard]} on): an update was applied in the middle of a snapshot",
+                code="CHANGED",
+            )
+        received = self._received(shard, request, response.values, what="values")
+        return wire.decode_array(received, what="values", copy=False)
 
     def query_nearest(
         self, features: Tensor, n: int, *, metric: str = "dot", max_index_age: int = 0, probes: int = 0
