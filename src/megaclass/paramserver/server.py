@@ -776,7 +776,7 @@ def _parser(method: wire.Method) -> Callable[[bytes | memoryview], Any]:
         else wire.MESSAGES[method.request].FromString
     )
 
-    def parse(data: bytes) -> Any:
+    def parse(data: bytes | memoryview) -> Any:
         try:
             return read(data)
         except Exception as error:  # protobuf's DecodeError, our ValueError: an answer, never a crash
@@ -806,7 +806,7 @@ def _local_handler(service: ShardService, method: wire.Method) -> local_socket.H
     """A :class:`~megaclass.paramserver.local_socket.LocalListener` handler running ``method``."""
     run, parse = _runner(service, method), _parser(method)
 
-    def handle(data: bytes, time_left: float | None) -> tuple[str, bytes]:
+    def handle(data: memoryview, time_left: float | None) -> tuple[str, bytes]:
         response, code, message = run(parse(data), time_left)
         return code, wire.serialize(response) if code == "OK" else message.encode()
 
