@@ -116,18 +116,18 @@ class PendingPull:
         if self._rows is not None:
             return self._rows
         device = torch.device(device)
-        mapped = self.client.buffers_mapped_for(device)
-        rows_device = device if mapped else torch.device("cpu")
-        pin = device.type == "cuda" and not mapped
-        out = torch.empty(len(self.ids), self.client.dim, device=rows_device, pin_memory=pin)
+        on_device = self.client.buffers_mapped_for(device)  # else gathered on the host, then copied over
+        pin = device.type == "cuda" and not on_device
+        out = torch.empty(
+            len(self.ids), self.client.dim, device=device if on_device else "cpu", pin_memory=pin
+        )
         try:
             copies = []
             for shard, positions, request, future in self.parts:
                 response = self.client._wait(shard, "PullRows", request, future)
                 rows = self.client._received(shard, request, response.rows, what="rows")
-                copies.append(
-                    self.client._rows_copy(out, positions, shard, request, rows, count=_count(positions))
-                )
+                mapped = self.client._mapped_rows(shard, request, rows, out.device)
+                copies.append(_rows_copy(out, positions, rows, count=_count(positions), mapped=mapped))
                 # pieces of one shard's rows may be read at different versions: the oldest bounds them all
                 self.versions[shard] = min(self.versions.get(shard, response.version), response.version)
             _copy_blocks(copies)
@@ -135,7 +135,7 @@ class PendingPull:
             if out.is_cuda:  # the GPU's copies out of the buffers are done before their ranges are reused
                 torch.cuda.synchronize(out.device)
             self._release()
-        self._rows = out if out.device == device else out.to(device, non_blocking=True)
+        self._rows = out.to(device, non_blocking=True)  # where the rows already are: the same tensor
         return self._rows
 
 
@@ -393,11 +393,9 @@ class ParamServerClient:
         every shard's buffer is mapped (else rows go through the host, as without)."""
         from megaclass.staging import map_to_device
 
-        device = torch.device(device)
+        device = _indexed(torch.device(device))
         if device.type != "cuda":
             return False
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         for state in self._shards:
             if state.buffer_id and (state.mapped is None or state.mapped.device != device):
                 state.mapped = map_to_device(torch.frombuffer(state.buffer.map, dtype=torch.uint8), device)
@@ -405,35 +403,23 @@ class ParamServerClient:
 
     def buffers_mapped_for(self, device: torch.device) -> bool:
         """Whether every shard's buffer is attached and mapped for ``device`` (:meth:`map_buffers`)."""
-        if device.type != "cuda":
-            return False
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        return all(
+        device = _indexed(device)
+        return device.type == "cuda" and all(
             state.buffer_id and state.mapped is not None and state.mapped.device == device
             for state in self._shards
         )
 
-    def _rows_copy(
-        self,
-        out: Tensor,
-        positions: np.ndarray | slice,
-        shard: int,
-        request: Any,
-        rows: wire.ArrayView,
-        *,
-        count: int,
-    ) -> tuple[Callable[[int, int], None], int, int]:
-        """:func:`_rows_copy` of a pull's ``rows`` into ``out[positions]``; on a CUDA ``out`` from the
-        shard's mapped buffer where the rows are in it."""
+    def _mapped_rows(
+        self, shard: int, request: Any, rows: wire.ArrayView, device: torch.device
+    ) -> Tensor | None:
+        """A pull's ``rows`` where the shard's buffer mapped for the CUDA ``device`` holds them (their
+        element type: float32, or int16 for bfloat16); None where they are not in such a buffer."""
         mapped = self._shards[shard].mapped
-        if out.is_cuda and request.buffer and mapped is not None and mapped.device == out.device:
-            element = torch.float32 if rows.dtype == "float32" else torch.int16
-            nbytes = wire.array_nbytes(rows.dtype, rows.shape)
-            mapped = mapped[request.buffer_offset : request.buffer_offset + nbytes].view(element)
-        else:
-            mapped = None
-        return _rows_copy(out, positions, rows, count=count, mapped=mapped)
+        if device.type != "cuda" or not request.buffer or mapped is None or mapped.device != device:
+            return None
+        nbytes = wire.array_nbytes(rows.dtype, rows.shape)
+        element = torch.float32 if rows.dtype == "float32" else torch.int16
+        return mapped[request.buffer_offset : request.buffer_offset + nbytes].view(element)
 
     def health(self, *, timeout_s: float | None = None) -> list[Any]:
         """Each shard's ``HealthResponse`` (range, step, version, trainers, limits, ...), in shard order,
@@ -649,7 +635,8 @@ class ParamServerClient:
                     )
                     target = np.arange(len(pending.ids))[positions][where]
                     received = self._received(shard, request, response.rows, what="rows")
-                    copies.append(self._rows_copy(rows, target, shard, request, received, count=len(target)))
+                    mapped = self._mapped_rows(shard, request, received, rows.device)
+                    copies.append(_rows_copy(rows, target, received, count=len(target), mapped=mapped))
             _copy_blocks(copies)
         finally:
             if rows.is_cuda:  # the GPU's copies out of the buffers are done before their ranges are reused
@@ -679,9 +666,9 @@ class ParamServerClient:
             raise ValueError(f"grads: shape {list(grads.shape)} but expected [{len(ids)}, {self.dim}]")
         if step <= 0:
             raise ValueError(f"step {step}: expected >= 1")
-        if not (grads.is_cuda and self.buffers_mapped_for(grads.device)):  # else the GPU writes the buffers
-            grads = grads.detach().to("cpu", torch.float32)
         grads = grads.detach().float()
+        if not (grads.is_cuda and self.buffers_mapped_for(grads.device)):  # else the GPU writes the buffers
+            grads = grads.cpu()
         parts = self._split(ids)
         for shard, positions in parts:
             if _count(positions) > self._shards[shard].max_rows:  # checked before any shard gets a part
@@ -1035,6 +1022,13 @@ def _as_ids(ids: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"ids: expected a 1-d integer array, got shape {ids.shape} of {ids.dtype}")
     return ids.astype(np.int64, copy=False)
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device``, a CUDA one with its index (the current device where it names none)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _index(positions: np.ndarray | slice, device: torch.device | None = None) -> slice | Tensor:

@@ -98,6 +98,11 @@ def _send(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
             views[0] = views[0][sent:]
 
 
+def _answer(sock: socket.socket, code: str, payload: bytes) -> None:
+    """An answer's frame: status ``code`` (a gRPC code's name), then ``payload``."""
+    _send(sock, [bytes([STATUS_CODES[code]]), payload])
+
+
 def _receive_exactly(sock: socket.socket, count: int) -> bytearray:
     data = bytearray(count)
     view, got = memoryview(data), 0
@@ -199,7 +204,7 @@ class LocalListener:
     def _refuse(self, sock: socket.socket, code: str, details: str) -> None:
         try:
             sock.settimeout(1.0)
-            _send(sock, [bytes([STATUS_CODES[code]]), details.encode()])
+            _answer(sock, code, details.encode())
         except OSError:
             pass
         sock.close()
@@ -228,9 +233,9 @@ class LocalListener:
             hello = None
         sock.settimeout(None)
         if hello is None or not hmac.compare_digest(bytes(hello), self._token):
-            _send(sock, [bytes([STATUS_CODES["UNAUTHENTICATED"]]), b"missing or wrong token"])
+            _answer(sock, "UNAUTHENTICATED", b"missing or wrong token")
             return False
-        _send(sock, [bytes([STATUS_CODES["OK"]])])
+        _answer(sock, "OK", b"")
         return True
 
     def _call(self, sock: socket.socket) -> bool:
@@ -240,7 +245,7 @@ class LocalListener:
         except _TooLarge as error:  # read past in pieces, never held: the connection stays in step
             _skip(sock, error.args[0])
             details = f"a request of {error.args[0]} bytes, over the {self._max_bytes} this shard reads"
-            _send(sock, [bytes([STATUS_CODES["RESOURCE_EXHAUSTED"]]), details.encode()])
+            _answer(sock, "RESOURCE_EXHAUSTED", details.encode())
             return True
         if body is None:
             return False
@@ -256,7 +261,7 @@ class LocalListener:
         else:
             time_left = deadline_ms / 1000 - (time.monotonic() - received)
             code, payload = handler(memoryview(body)[start:], time_left)
-        _send(sock, [bytes([STATUS_CODES[code]]), payload])
+        _answer(sock, code, payload)
         return True
 
 
