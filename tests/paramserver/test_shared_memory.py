@@ -1,5 +1,6 @@
 """Row blocks through shared memory with shards on this machine: rows as inline ones, misuse refused."""
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -66,7 +67,14 @@ def test_pushes_and_pulls_through_shared_memory_equal_inline_and_a_plain_update(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
-def test_buffers_mapped_for_the_gpu_move_the_same_rows_as_the_host(shards, wire_dtype):
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_buffers_mapped_for_the_gpu_move_the_same_rows_as_the_host(shards, wire_dtype, side_stream):
+    # on a side stream the copies run there: the client waits on the caller's current stream, not the default
+    with torch.cuda.stream(torch.cuda.Stream()) if side_stream else contextlib.nullcontext():
+        _mapped_against_host(shards, wire_dtype)
+
+
+def _mapped_against_host(shards, wire_dtype):
     hyper = HyperParams(lr=0.1, momentum=0.9)
     groups = [shards(3, num_rows=41, dim=6, hyper=hyper) for _ in range(2)]
     mapped = ParamServerClient(_addresses(groups[0]), timeout_s=20, wire_dtype=wire_dtype)
@@ -80,9 +88,10 @@ def test_buffers_mapped_for_the_gpu_move_the_same_rows_as_the_host(shards, wire_
             ids = ids.sort().values  # sorted: a slice a shard
         grads = torch.randn(len(ids), 6, generator=generator)
         on_gpu = mapped.pull(ids, device="cuda")
+        torch.cuda._sleep(1_000_000)  # a busy stream: the push below must wait for its gradients
         assert on_gpu.is_cuda
         torch.testing.assert_close(on_gpu.cpu(), host.pull(ids), rtol=0, atol=0)
-        mapped.push(ids, grads.cuda(), step=step, lr=0.3)  # the GPU writes the gradients into the buffers
+        mapped.push(ids, grads.cuda() * 1, step=step, lr=0.3)  # the GPU writes the gradients into the buffers
         host.push(ids, grads, step=step, lr=0.3)
     mapped.flush()
     host.flush()

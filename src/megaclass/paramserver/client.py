@@ -133,7 +133,7 @@ class PendingPull:
             _copy_blocks(copies)
         finally:
             if out.is_cuda:  # the GPU's copies out of the buffers are done before their ranges are reused
-                torch.cuda.synchronize(out.device)
+                torch.cuda.current_stream(out.device).synchronize()
             self._release()
         self._rows = out.to(device, non_blocking=True)  # where the rows already are: the same tensor
         return self._rows
@@ -201,7 +201,7 @@ def _block_copy(out: Tensor, values: Tensor) -> tuple[Callable[[int, int], None]
 def _copy_blocks(copies: Sequence[tuple[Callable[[int, int], None], int, int]]) -> None:
     """Run each ``(copy, count, row_bytes)``'s ``copy(a, b)`` over its rows ``[0, count)``, cut into pieces of
     at least :data:`_COPY_PIECE_BYTES` that run side by side on the host's threads (``row_bytes`` 0: a copy
-    the GPU runs, launched whole from this thread).
+    the GPU runs, launched whole on this thread's current stream, which the caller synchronises).
 
     One thread copies a few GB/s: a step's row blocks (pulled rows out of the shards' shared memory, gradients
     into it) copied one after another took as long as the shards' answers on a 16-core GPU host."""
@@ -640,7 +640,7 @@ class ParamServerClient:
             _copy_blocks(copies)
         finally:
             if rows.is_cuda:  # the GPU's copies out of the buffers are done before their ranges are reused
-                torch.cuda.synchronize(rows.device)
+                torch.cuda.current_stream(rows.device).synchronize()
             _release_parts(self, parts)
         return rows
 
@@ -700,7 +700,7 @@ class ParamServerClient:
                 pushes.append((shard, push))
             _copy_blocks(copies)  # every shard's gradients at once, before any is sent
             if grads.is_cuda:
-                torch.cuda.synchronize(grads.device)  # the GPU's writes into the buffers are done
+                torch.cuda.current_stream(grads.device).synchronize()  # its writes into the buffers are done
         except BaseException:
             for shard, push in pushes:
                 if push.offset is not None:
