@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw", "adagrad"])
     parser.add_argument("--store", default="host", choices=["host", "gpu"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bf16_sr"])
-    parser.add_argument("--folder", default=None, help="where the checkpoint goes (default: a temporary one)")
+    parser.add_argument(
+        "--folder", default=None, help="the checkpoint goes into a temporary folder in it, made if missing"
+    )
     args = parser.parse_args()
     device = "cuda" if args.store == "gpu" else "cpu"
     store = build_store(
@@ -64,6 +66,8 @@ def main() -> None:
     store.push(ids, torch.randn(len(ids), args.dim, device=device), step=1, lr=0.1)
     store.flush()
     rows_bytes, state_bytes = store.held_bytes()
+    if args.folder is not None:
+        Path(args.folder).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         path = ""
 
