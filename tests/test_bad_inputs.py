@@ -183,6 +183,9 @@ def _bow_case(command: str, corruption: str, line: int) -> Case:
         path = c.write("bad_bow.txt", content)
         if command == "eval":
             return ["eval", "--run", c.bow_run, "--test", path], [f"{path}:{number}:", problem]
+        if command == "train":  # the memory plan reads the file before its reader does
+            argv = ["train", "--train", path, "--test", c.bow_test, "--out", os.path.join(c.tmp, "r"), *_TINY]
+            return argv, [f"{path}:{number}:", problem]
         out = os.path.join(c.tmp, "predictions.txt")
         return ["predict", "--run", c.bow_run, "--input", path, "--out", out], [f"{path}:{number}:", problem]
 
@@ -240,6 +243,9 @@ def _text_case(command: str, corruption: str, line: int) -> Case:
         path = c.write("bad_text.txt", content)
         if command == "eval":
             return ["eval", "--run", c.text_run, "--test", path], [f"{path}:{number}:", problem]
+        if command == "train":  # the memory plan reads the file before its reader does
+            argv = ["train", "--train", path, "--test", c.text_test, "--out", os.path.join(c.tmp, "r")]
+            return [*argv, *_TINY], [f"{path}:{number}:", problem]
         out = os.path.join(c.tmp, "predictions.txt")
         return ["predict", "--run", c.text_run, "--input", path, "--out", out], [f"{path}:{number}:", problem]
 
@@ -763,11 +769,18 @@ CASES: list[Case] = [
         for corruption in BOW_ROWS
         for line in (2, 17, _LAST)
     ),
+    *(_bow_case("train", corruption, line) for corruption in BOW_ROWS for line in (2, _LAST)),
     *(_header_case(command, corruption) for command in ("eval", "train") for corruption in HEADERS),
     *(
         _text_case(command, corruption, line)
         for command in ("eval", "predict")
         for corruption in TEXT_ROWS
+        for line in (1, 20, _LAST)
+    ),
+    *(  # a training file's label space is its own: an id past the others' is one more label, not an error
+        _text_case("train", corruption, line)
+        for corruption in TEXT_ROWS
+        if corruption != "label out of range"
         for line in (1, 20, _LAST)
     ),
     *(_text_bytes_case(command, line) for command in ("eval", "predict") for line in (1, _LAST)),

@@ -34,6 +34,7 @@ from megaclass.errors import DataFormatError
 
 __all__ = [
     "CSR",
+    "MAX_ID",
     "XMCData",
     "label_features",
     "load_xmc",
@@ -302,7 +303,7 @@ def _token_text(buf: np.ndarray, start: int, end: int) -> str:
 
 
 _MAX_DOCS = 1 << 40  # far more documents than any file holds; a larger count is a corrupt header
-_MAX_COLUMNS = (1 << 31) - 1  # feature and label ids are stored as int32
+MAX_ID = (1 << 31) - 1  # feature and label ids are stored as int32
 
 
 def parse_bow_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
@@ -317,7 +318,7 @@ def parse_bow_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
             path, f"expected a header 'num_docs num_features num_labels', got {seen!r}", line=1
         )
     counts = []
-    ranges = (("num_docs", 0, _MAX_DOCS), ("num_features", 1, _MAX_COLUMNS), ("num_labels", 1, _MAX_COLUMNS))
+    ranges = (("num_docs", 0, _MAX_DOCS), ("num_features", 1, MAX_ID), ("num_labels", 1, MAX_ID))
     for (name, low, high), field in zip(ranges, fields, strict=True):
         text = field.decode("utf-8", errors="replace")[:40]
         if not field.isdigit():
@@ -431,12 +432,12 @@ def _parse_bow_body(path: str, buf: np.ndarray, starts: np.ndarray, line_base: i
 def _check_id_size(path, buf, numbers, tokens, is_label, is_id, starts, line_base: int) -> None:
     """Ids must fit the int32 id arrays; a larger one (even past 2^63) is an error, never a wrapped id."""
     token_start, token_end = tokens
-    too_large = (is_label | is_id) & (numbers > _MAX_COLUMNS)
+    too_large = (is_label | is_id) & (numbers > MAX_ID)
     if too_large.any():
         token = int(np.argmax(too_large))
         start, end = int(token_start[token]), int(token_end[token])
         kind = "label" if is_label[token] else "feature"
-        problem = f"{kind} id {_token_text(buf, start, end)} too large: expected at most {_MAX_COLUMNS}"
+        problem = f"{kind} id {_token_text(buf, start, end)} too large: expected at most {MAX_ID}"
         raise _fail_at(path, start, line_base, starts, problem)
 
 
@@ -561,11 +562,11 @@ def _text_label_part(
     values, failed = _parse_numbers(np.where(is_digit, part, np.uint8(_SPACE)), token_start)
     assert failed is None, "digit-only tokens always parse"
     token_source = offsets[token_start]  # offsets in the file, for the line of a too large id
-    too_large = values > _MAX_COLUMNS
+    too_large = values > MAX_ID
     if too_large.any():
         token = int(np.argmax(too_large))
         digits = part[token_start[token] :][: np.argmax(~is_digit[token_start[token] :])].tobytes().decode()
-        problem = f"label id {digits} too large: expected at most {_MAX_COLUMNS}"
+        problem = f"label id {digits} too large: expected at most {MAX_ID}"
         raise _fail_at(path, int(token_source[token]), 1, starts, problem)
     line_of_token = np.searchsorted(np.flatnonzero(part == _TAB), token_start, side="left")
     counts = np.bincount(line_of_token, minlength=num_lines)

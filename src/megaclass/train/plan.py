@@ -29,7 +29,7 @@ import functools
 import gzip
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -40,7 +40,7 @@ from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
-from megaclass.data.xmc import parse_bow_header, read_label_names
+from megaclass.data.xmc import MAX_ID, parse_bow_header, read_label_names
 from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import rank_batch_size, shards_head
 from megaclass.errors import DataFormatError
@@ -159,14 +159,17 @@ def _open(path: str):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _sample_lines(path: str, *, skip_header: bool) -> tuple[list[bytes], bool]:
-    """The first lines of ``path`` (about :data:`_SAMPLE_BYTES` of them) and whether they are all of it."""
+def _sample_lines(path: str, *, skip_header: bool) -> tuple[list[bytes], list[int], bool]:
+    """The first non-blank lines of ``path`` (about :data:`_SAMPLE_BYTES` of them), their 1-based line
+    numbers and whether they are all of it."""
     with _open(path) as handle:
         if skip_header:
             handle.readline()
         lines = handle.readlines(_SAMPLE_BYTES)
         whole = not handle.read(1)
-    return [line for line in lines if line.strip()], whole
+    first = 1 + skip_header
+    kept = [(line, first + i) for i, line in enumerate(lines) if line.strip()]
+    return [line for line, _ in kept], [number for _, number in kept], whole
 
 
 def _count_and_sample_lines(path: str) -> tuple[int, int, list[bytes], np.ndarray, bool]:
@@ -218,8 +221,25 @@ def _count_and_sample_lines(path: str) -> tuple[int, int, list[bytes], np.ndarra
     return lines + (last != b"\n"), size, kept, numbers, cutoff == 1.0
 
 
-def _labels_of(field: bytes) -> list[int]:
-    return [int(label) for label in field.split(b",") if label.strip()]
+def _labels_of(fields: list[bytes], numbers: Sequence[int], path: str, expected: str) -> list[list[int]]:
+    """The ids of each sampled line's ``l1,l2,...`` field (``numbers``: the lines' numbers in the file). The
+    plan reads a file before its reader does: a field of other text (``expected`` words it as the file's
+    reader does) or an id past :data:`~megaclass.data.xmc.MAX_ID` raises DataFormatError naming the first
+    such line of the sample."""
+    labels, bad = [], []
+    for field, number in zip(fields, numbers, strict=True):
+        try:
+            ids = [int(label) for label in field.split(b",") if label.strip()]
+        except ValueError:
+            ids = []
+            bad.append((int(number), f"{expected}, got {field[:80].decode('utf-8', 'replace')!r}"))
+        if ids and max(ids) > MAX_ID:
+            bad.append((int(number), f"label id {max(ids)} too large: expected at most {MAX_ID}"))
+        labels.append(ids)
+    if bad:
+        number, problem = min(bad)
+        raise DataFormatError(path, problem, line=number)
+    return labels
 
 
 def read_data_shape(
@@ -242,13 +262,14 @@ def read_data_shape(
         with _open(path) as handle:
             header = handle.readline()
         (num_rows, num_features, num_labels), _ = parse_bow_header(path, header)  # checked as the reader does
-        lines, whole = _sample_lines(path, skip_header=True)
-        labels, nonzeros = [], []
+        lines, numbers, whole = _sample_lines(path, skip_header=True)
+        fields, nonzeros = [], []
         for line in lines:
             tokens = line.split()
             has_labels = bool(tokens) and b":" not in tokens[0] and not line[:1].isspace()
-            labels.append(_labels_of(tokens[0]) if has_labels else [])
+            fields.append(tokens[0] if has_labels else b"")
             nonzeros.append(len(tokens) - has_labels)
+        labels = _labels_of(fields, numbers, path, "expected an id (a non-negative integer)")
         per_row = sum(nonzeros) / max(len(lines), 1)
         sampled = sum(len(line) for line in lines)
         text_bytes = (
@@ -258,7 +279,8 @@ def read_data_shape(
     elif data_format in ("xmc-text", "lf-json"):
         num_rows, text_bytes, lines, numbers, whole = _count_and_sample_lines(path)
         if data_format == "xmc-text":
-            labels = [_labels_of(line.split(b"\t", 1)[0]) for line in lines]
+            fields = [line.split(b"\t", 1)[0] for line in lines]
+            labels = _labels_of(fields, numbers, path, "expected label ids 'l1,l2,...' before the tab")
             texts = [line.split(b"\t", 1)[-1].rstrip(b"\r").decode("utf-8", "replace") for line in lines]
         else:
             try:
