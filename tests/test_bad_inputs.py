@@ -252,6 +252,19 @@ def _text_case(command: str, corruption: str, line: int) -> Case:
     return Case(f"text-{command}-{corruption}-line{line}", build)
 
 
+def _unseen_label_case(flag: str) -> Case:
+    """A ``--test`` or ``--valid`` file with a label the training file lacks: the way to make room named."""
+
+    def build(c: Context) -> tuple[list[str], list[str]]:
+        content, number = _replace_line(c.text_lines, 20, "5000\tsome text")
+        path = c.write("unseen_label.txt", content)
+        files = ["--test", c.text_test, "--valid", path] if flag == "--valid" else ["--test", path]
+        argv = ["train", "--train", c.text_test, *files, "--out", os.path.join(c.tmp, "r"), *_TINY]
+        return argv, [f"{path}:{number}:", "label id 5000 out of range", "data.num_classes=N"]
+
+    return Case(f"text-train-unseen-label-in{flag[1:]}", build)
+
+
 def _text_bytes_case(command: str, line: int) -> Case:
     def build(c: Context) -> tuple[list[str], list[str]]:
         lines = [text.encode("utf-8") for text in c.text_lines]
@@ -783,6 +796,7 @@ CASES: list[Case] = [
         if corruption != "label out of range"
         for line in (1, 20, _LAST)
     ),
+    *(_unseen_label_case(flag) for flag in ("--test", "--valid")),
     *(_text_bytes_case(command, line) for command in ("eval", "predict") for line in (1, _LAST)),
     *(_no_tab_case(line) for line in (1, 13, _LAST)),
     *(

@@ -647,13 +647,22 @@ class Trainer:
                     f"{flag} {path} holds {kinds[0]}, but --train {self.train_path} holds {kinds[1]}: give "
                     "every file of a run in one format"
                 )
-            data = open_dataset(
-                path,
-                data_format=data_config.format,
-                num_classes=train_data.num_classes,
-                featurizer=train_data.featurizer,
-                **tokens,
-            )
+            try:
+                data = open_dataset(
+                    path,
+                    data_format=data_config.format,
+                    num_classes=train_data.num_classes,
+                    featurizer=train_data.featurizer,
+                    **tokens,
+                )
+            except DataFormatError as error:  # a label the training file lacks: say how to make room for it
+                if not (error.problem.startswith("label id ") and " out of range " in error.problem):
+                    raise
+                problem = (
+                    f"{error.problem}: the run has --train's {train_data.num_classes} labels; --set "
+                    "data.num_classes=N makes room for ids below N"
+                )
+                raise DataFormatError(error.path, problem, line=error.line) from None
             if data.input_spec != train_data.input_spec:
                 raise ConfigError(f"{flag} {path}: {data.input_spec.mismatch(train_data.input_spec)}")
             return data
