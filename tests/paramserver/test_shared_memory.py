@@ -88,10 +88,12 @@ def _mapped_against_host(shards, wire_dtype):
             ids = ids.sort().values  # sorted: a slice a shard
         grads = torch.randn(len(ids), 6, generator=generator)
         on_gpu = mapped.pull(ids, device="cuda")
-        torch.cuda._sleep(1_000_000)  # a busy stream: the push below must wait for its gradients
         assert on_gpu.is_cuda
         torch.testing.assert_close(on_gpu.cpu(), host.pull(ids), rtol=0, atol=0)
-        mapped.push(ids, grads.cuda() * 1, step=step, lr=0.3)  # the GPU writes the gradients into the buffers
+        on_device = grads.cuda()
+        torch.cuda._sleep(10_000_000)  # a busy stream: the gradients below come after it
+        # the GPU writes the gradients into the buffers once made: the push waits for both on this stream
+        mapped.push(ids, on_device * 1, step=step, lr=0.3)
         host.push(ids, grads, step=step, lr=0.3)
     mapped.flush()
     host.flush()
