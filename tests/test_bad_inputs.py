@@ -226,6 +226,7 @@ def _header_case(command: str, corruption: str) -> Case:
 
 TEXT_ROWS = {
     "letter label": ("x\tsome text", "expected label ids"),
+    "label names": ("python,devel\tsome text", "label names go in a labels.txt beside the file"),
     "double comma": ("1,,2\tsome text", "stray comma"),
     "leading comma": (",1\tsome text", "stray comma"),
     "label past int32": ("99999999999\tsome text", "too large"),

@@ -35,6 +35,7 @@ from megaclass.errors import DataFormatError
 __all__ = [
     "CSR",
     "MAX_ID",
+    "TEXT_LABEL_IDS",
     "XMCData",
     "label_features",
     "load_xmc",
@@ -304,6 +305,11 @@ def _token_text(buf: np.ndarray, start: int, end: int) -> str:
 
 _MAX_DOCS = 1 << 40  # far more documents than any file holds; a larger count is a corrupt header
 MAX_ID = (1 << 31) - 1  # feature and label ids are stored as int32
+# what a text line's label field holds, as errors word it
+TEXT_LABEL_IDS = (
+    "label ids 'l1,l2,...' before the tab (label names go in a labels.txt beside the file, one a line; an id "
+    "is a name's 0-based line)"
+)
 
 
 def parse_bow_header(path: str, raw: bytes) -> tuple[tuple[int, int, int], int]:
@@ -547,9 +553,7 @@ def _text_label_part(
         offset = int(offsets[odd[0]])
         line = int(_line_of(np.array([offset]), starts)[0])
         seen = _token_text(buf, int(starts[line]), int(tabs[line]))[:80]
-        raise DataFormatError(
-            path, f"expected label ids 'l1,l2,...' before the tab, got {seen!r}", line=line + 1
-        )
+        raise DataFormatError(path, f"expected {TEXT_LABEL_IDS}, got {seen!r}", line=line + 1)
     padded = np.concatenate([np.array([_TAB], np.uint8), part, np.array([_TAB], np.uint8)])  # uint8
     commas = np.flatnonzero(is_comma)
     loose = commas[~_IS_DIGIT[padded[commas]] | ~_IS_DIGIT[padded[commas + 2]]]

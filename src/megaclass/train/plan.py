@@ -40,7 +40,7 @@ from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
-from megaclass.data.xmc import MAX_ID, parse_bow_header, read_label_names
+from megaclass.data.xmc import MAX_ID, TEXT_LABEL_IDS, parse_bow_header, read_label_names
 from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import rank_batch_size, shards_head
 from megaclass.errors import DataFormatError
@@ -280,7 +280,7 @@ def read_data_shape(
         num_rows, text_bytes, lines, numbers, whole = _count_and_sample_lines(path)
         if data_format == "xmc-text":
             fields = [line.split(b"\t", 1)[0] for line in lines]
-            labels = _labels_of(fields, numbers, path, "expected label ids 'l1,l2,...' before the tab")
+            labels = _labels_of(fields, numbers, path, f"expected {TEXT_LABEL_IDS}")
             texts = [line.split(b"\t", 1)[-1].rstrip(b"\r").decode("utf-8", "replace") for line in lines]
         else:
             try:
