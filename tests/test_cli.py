@@ -499,3 +499,51 @@ def test_predict_says_how_many_labels_a_row_it_wrote_and_eval_out_dash_is_stdout
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--run", str(full_run), "--test", test, "--out", "-"]) == 0
     assert "P@1" in json.loads(capsys.readouterr().out) and not (tmp_path / "-").exists()
+
+
+def test_predict_writes_label_names_from_a_named_file_or_beside_the_training_file(
+    text_run, repo_root, tmp_path, capsys
+):
+    run, test = text_run
+    ids = _predict(run, test, tmp_path / "ids.txt")
+    names = [f"label {i}: with spaces" for i in range(595)]  # spaces and colons: pairs split on tabs
+    label_file = tmp_path / "names.txt"
+    label_file.write_text("".join(f"{name}\n" for name in names))
+    named = _predict(run, test, tmp_path / "named.txt", "--names", str(label_file))
+    for id_line, name_line in zip(ids, named, strict=True):
+        expected = [(names[int(i)], score) for i, score in (pair.split(":") for pair in id_line.split())]
+        assert [tuple(pair.rsplit(":", 1)) for pair in name_line.split("\t")] == expected
+    out = str(tmp_path / "refused.txt")
+    short = tmp_path / "short.txt"
+    short.write_text("a\nb\n")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--input", test, "--out", out, "--names", str(short)]) == 2
+    assert "short.txt has 2 names, the run has 595 classes" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run), "--input", test, "--out", out, "--names"]) == 2
+    assert "no labels.txt or lbl.json beside the run's training file" in capsys.readouterr().err
+    # a run whose training file has its label names beside it, as training reads them
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(os.path.join(repo_root, "data", "deb-tags", "labels.txt.gz"), folder)
+    shutil.copy(os.path.join(os.path.dirname(test), "train.txt"), folder)
+    beside = tmp_path / "beside"
+    args = [
+        "train",
+        "--train",
+        str(folder / "train.txt"),
+        "--test",
+        test,
+        "--out",
+        str(beside),
+        "--epochs",
+        "1",
+    ]
+    assert main([*args, *_TINY]) == 0
+    with gzip.open(folder / "labels.txt.gz", "rt") as file:
+        deb_tags = file.read().splitlines()
+    ids = _predict(beside, test, tmp_path / "beside-ids.txt")
+    named = _predict(beside, test, tmp_path / "beside-named.txt", "--names")
+    for id_line, name_line in zip(ids, named, strict=True):
+        assert [pair.rsplit(":", 1)[0] for pair in name_line.split("\t")] == [
+            deb_tags[int(pair.split(":")[0])] for pair in id_line.split()
+        ]

@@ -364,12 +364,21 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--k", type=int, default=10, help="labels per row (default 10)")
     parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
+    parser.add_argument(
+        "--names",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="FILE",
+        help="write label names, name:score pairs separated by tabs: from FILE (one name a line, or the "
+        "repository's lbl.json), else from the labels.txt or lbl.json beside the run's training file",
+    )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from megaclass.train.inference import predict_run
 
-    rows, k = predict_run(args.run_dir, args.input, args.out, k=args.k, device=args.device)
+    rows, k = predict_run(args.run_dir, args.input, args.out, k=args.k, device=args.device, names=args.names)
     stream = sys.stderr if args.out == "-" else sys.stdout  # stdout may carry the predictions themselves
     every = f" (all the run's {k} classes)" if k < args.k else ""
     print(f"wrote top-{k} labels{every} of {rows} rows to {args.out}", file=stream)

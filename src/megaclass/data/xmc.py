@@ -41,6 +41,7 @@ __all__ = [
     "load_xmc",
     "parse_bow_header",
     "read_bow",
+    "read_label_file",
     "read_label_names",
     "read_rows",
     "read_text",
@@ -637,19 +638,24 @@ def read_label_names(path: str | os.PathLike) -> list[str] | None:
     the ``title`` of one JSON object a line.
     """
     folder = Path(os.fspath(path)).parent
-    for name in ("labels.txt", "labels.txt.gz"):
+    for name in ("labels.txt", "labels.txt.gz", "lbl.json", "lbl.json.gz"):
         candidate = folder / name
         if candidate.is_file():
-            text = _read_bytes(str(candidate)).decode("utf-8", errors="replace")
-            names = text.split("\n")
-            if names and names[-1] == "":
-                names.pop()
-            return [name.rstrip("\r") for name in names]
-    for name in ("lbl.json", "lbl.json.gz"):
-        candidate = folder / name
-        if candidate.is_file():
-            return _json_label_titles(str(candidate))
+            return read_label_file(candidate)
     return None
+
+
+def read_label_file(path: str | os.PathLike) -> list[str]:
+    """The label names of the file ``path``, the name of label ``i`` at ``[i]``: the ``title`` of each JSON
+    object of a JSON lines file (``.json``, ``.json.gz``: the repository's ``lbl.json``), else one name a
+    line (``labels.txt``)."""
+    path = os.fspath(path)
+    if path.endswith((".json", ".json.gz")):
+        return _json_label_titles(path)
+    names = _read_bytes(path).decode("utf-8", errors="replace").split("\n")
+    if names and names[-1] == "":
+        names.pop()
+    return [name.rstrip("\r") for name in names]
 
 
 def _json_label_titles(path: str) -> list[str]:

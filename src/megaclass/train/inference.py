@@ -2,7 +2,8 @@
 
 ``megaclass eval --run runs/demo --test data/deb-tags/test_bow.txt.gz`` runs :func:`evaluate_run`;
 ``megaclass predict --run runs/demo --input data/deb-tags/test_bow.txt.gz --out predictions.txt --k 10`` runs
-:func:`predict_run`, which writes one line per input row: ``id:score id:score ...``, best first. ``--run``
+:func:`predict_run`, which writes one line per input row: ``id:score id:score ...``, best first (``--names``:
+``name:score`` pairs separated by tabs). ``--run``
 is a run folder or a file written by ``megaclass export``; ``--input -`` reads standard input, and input rows
 need no labels (see :func:`megaclass.data.xmc.read_rows`). A damaged run folder is a
 :class:`~megaclass.errors.DataFormatError` naming the file, never a traceback; nothing in it is written.
@@ -24,6 +25,7 @@ from torch import nn
 
 from megaclass.data.batch import InputSpec
 from megaclass.data.loaders import SparseDataset, open_dataset, other_kind
+from megaclass.data.xmc import read_label_file, read_label_names
 from megaclass.errors import DataFormatError
 from megaclass.heads import HeadContext, build_head
 from megaclass.models import build_model
@@ -308,10 +310,21 @@ def evaluate_run(
 
 
 def predict_run(
-    run_dir: str, input_path: str, out_path: str, *, k: int = 10, device: str | None = None
+    run_dir: str,
+    input_path: str,
+    out_path: str,
+    *,
+    k: int = 10,
+    device: str | None = None,
+    names: bool | str = False,
 ) -> tuple[int, int]:
     """Write the top-``k`` ``id:score`` pairs of each row of ``input_path`` to ``out_path`` (all the run's
-    classes where it has fewer than ``k``).
+    classes where it has fewer than ``k``), space-separated; with ``names``, ``name:score`` pairs separated by
+    tabs (a name may hold spaces and colons: its score follows the last colon).
+
+    Args:
+        names: False: label ids; True: the names beside the run's training file (``labels.txt`` or
+            ``lbl.json``, as training reads them); a path: that file's names.
 
     Returns:
         The number of rows written, and of labels a row.
@@ -319,7 +332,9 @@ def predict_run(
     if k <= 0:
         raise ValueError(f"--k: expected a positive number of labels, got {k}")
     run = load_run(run_dir, device=device)
-    k = min(k, int(run.facts["num_classes"]))
+    num_classes = int(run.facts["num_classes"])
+    label_names = _label_names(run, names, num_classes) if names is not False else None
+    k = min(k, num_classes)
     dataset = run.open_rows(input_path)
     rows = 0
     with contextlib.nullcontext(sys.stdout) if out_path == "-" else open_output(out_path) as file:
@@ -327,10 +342,37 @@ def predict_run(
             run.encoder, run.head, dataset, k=k, config=run.config, device=run.device
         ):
             for row_scores, row_ids in zip(scores.tolist(), ids.tolist(), strict=False):
-                pairs = [f"{i}:{s:.6g}" for i, s in zip(row_ids, row_scores, strict=False) if i >= 0]
-                file.write(" ".join(pairs) + "\n")
+                kept = [(i, s) for i, s in zip(row_ids, row_scores, strict=False) if i >= 0]
+                if label_names is None:
+                    file.write(" ".join(f"{i}:{s:.6g}" for i, s in kept) + "\n")
+                else:
+                    file.write("\t".join(f"{label_names[i]}:{s:.6g}" for i, s in kept) + "\n")
             rows += ids.shape[0]
     return rows, k
+
+
+def _label_names(run: LoadedRun, names: bool | str, num_classes: int) -> list[str]:
+    """The run's label names for :func:`predict_run`: from the file ``names``, or (``True``) beside the run's
+    training file; at least one a class."""
+    if names is True:
+        train_path = str(run.facts.get("train_path", ""))
+        found = read_label_names(train_path) if train_path else None
+        if found is None:
+            raise ValueError(
+                f"--names: no labels.txt or lbl.json beside the run's training file {train_path or '(none)'}"
+                ": name the label file (--names FILE)"
+            )
+        where, label_names = f"the label file beside {train_path}", found
+    else:
+        if not os.path.isfile(names):
+            raise ValueError(f"--names: {names}: no such label file")
+        where, label_names = str(names), read_label_file(names)
+    if len(label_names) < num_classes:
+        raise ValueError(
+            f"--names: {where} has {len(label_names):,} names, the run has {num_classes:,} classes: expected "
+            "one name a class, the name of class i on line i + 1"
+        )
+    return label_names
 
 
 def open_output(path: str, mode: str = "w") -> Any:
