@@ -3,10 +3,10 @@
 ``megaclass eval --run runs/demo --test data/deb-tags/test_bow.txt.gz`` runs :func:`evaluate_run`;
 ``megaclass predict --run runs/demo --input data/deb-tags/test_bow.txt.gz --out predictions.txt --k 10`` runs
 :func:`predict_run`, which writes one line per input row: ``id:score id:score ...``, best first (``--names``:
-``name:score`` pairs separated by tabs). ``--run``
-is a run folder or a file written by ``megaclass export``; ``--input -`` reads standard input, and input rows
-need no labels (see :func:`megaclass.data.xmc.read_rows`). A damaged run folder is a
-:class:`~megaclass.errors.DataFormatError` naming the file, never a traceback; nothing in it is written.
+``name:score`` pairs separated by tabs). ``--run`` is a run folder or a file written by ``megaclass export``;
+``--input -`` reads standard input, and input rows need no labels (see :func:`megaclass.data.xmc.read_rows`).
+A damaged run folder is a :class:`~megaclass.errors.DataFormatError` naming the file, never a traceback;
+nothing in it is written.
 """
 
 from __future__ import annotations
