@@ -22,6 +22,14 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class LabelOutOfRange(DataFormatError):
+    """A label id past the label space a data file was read with (``bound``: that space's size)."""
+
+    def __init__(self, path: str | os.PathLike, label: int, bound: int, *, line: int | None = None) -> None:
+        super().__init__(path, f"label id {label} out of range [0, {bound})", line=line)
+        self.label, self.bound = label, bound
+
+
 class RunDoesNotFit(ValueError):
     """A run's memory plan does not fit this machine; the message names the part, by how much, and the setting
     to change."""

@@ -24,7 +24,7 @@ from megaclass.data.xmc import (
     write_bow,
     write_text,
 )
-from megaclass.errors import DataFormatError
+from megaclass.errors import DataFormatError, LabelOutOfRange
 
 
 def _python_bow(text: str) -> tuple[list[list[int]], list[dict[int, float]], tuple[int, int, int]]:
@@ -153,6 +153,8 @@ def test_bad_bow_names_file_and_line(tmp_path, content: str, line: int, words: s
         load_xmc(path, cache=False)
     assert caught.value.line == line and caught.value.path == str(path)
     assert words in caught.value.problem
+    # a label past the space is its own kind, which the trainer words for --test files
+    assert isinstance(caught.value, LabelOutOfRange) == ("label id" in words and "out of range" in words)
 
 
 BAD_TEXT = [

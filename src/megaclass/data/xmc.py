@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from megaclass.data.cache import cache_dir, read_cache, write_cache
-from megaclass.errors import DataFormatError
+from megaclass.errors import DataFormatError, LabelOutOfRange
 
 __all__ = [
     "CSR",
@@ -484,9 +484,10 @@ def _check_range(
     if not over.any():
         return
     position = int(np.argmax(over))
-    row = int(np.searchsorted(indptr, position, side="right")) - 1
-    problem = f"{what} id {int(ids[position])} out of range [0, {bound})"
-    raise DataFormatError(path, problem, line=row + line_base)
+    line = int(np.searchsorted(indptr, position, side="right")) - 1 + line_base
+    if what == "label":
+        raise LabelOutOfRange(path, int(ids[position]), bound, line=line)
+    raise DataFormatError(path, f"{what} id {int(ids[position])} out of range [0, {bound})", line=line)
 
 
 def read_bow(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:

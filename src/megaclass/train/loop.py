@@ -52,7 +52,7 @@ from megaclass.distributed.checkpoint import (
 )
 from megaclass.distributed.info import DistInfo, init_distributed
 from megaclass.distributed.parallel import data_parallel, encoder_state, load_encoder_state, rank_batch_size
-from megaclass.errors import DataFormatError, RunDoesNotFit, TrainingDiverged, one_line
+from megaclass.errors import DataFormatError, LabelOutOfRange, RunDoesNotFit, TrainingDiverged, one_line
 from megaclass.host_allocator import release_free_memory, reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
@@ -655,9 +655,7 @@ class Trainer:
                     featurizer=train_data.featurizer,
                     **tokens,
                 )
-            except DataFormatError as error:  # a label the training file lacks: say how to make room for it
-                if not (error.problem.startswith("label id ") and " out of range " in error.problem):
-                    raise
+            except LabelOutOfRange as error:  # a label the training file lacks: say how to make room for it
                 problem = (
                     f"{error.problem}: the run has --train's {train_data.num_classes} labels; --set "
                     "data.num_classes=N makes room for ids below N"
