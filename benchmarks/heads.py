@@ -4,6 +4,8 @@
     python benchmarks/heads.py --quick              # small sizes, runs on CPU as a smoke test
     python benchmarks/heads.py --classes 670091 2812281 --dim 768 --batch 128 --losses ce,bce \
         --modes fwd+bwd --providers torch,megaclass-triton,megaclass-triton-recompute  # fused vs recompute
+    python benchmarks/heads.py --classes 670091 --providers torch,megaclass-triton --modes fwd+bwd \
+        --cuda-graph --skip-check  # and the megaclass rows captured in a CUDA graph, as the trainer runs
 
 Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
 
@@ -20,6 +22,9 @@ Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
   passes through one graph, the recompute: compare bce on ``fwd+bwd``.)
 - ``megaclass-torch``: the same op on cuBLAS bf16 matmuls over class chunks (``impl="torch"``).
 - ``reference``: the same op on the fp32-accumulating plain-PyTorch spec (off by default).
+- ``<provider>-graph`` (``--cuda-graph``, a GPU, ``fwd+bwd``): each ``megaclass`` provider's forward and
+  backward captured in one CUDA graph and replayed: what the trainer runs (it captures its whole step), the
+  GPU's time without the host launching the ops one by one.
 - ``cce``: ``cut_cross_entropy.linear_cross_entropy`` on bf16 ``x`` and ``W.to(bfloat16)`` (CE only: Cut
   Cross-Entropy has no binary cross-entropy).
 
@@ -72,6 +77,7 @@ from _harness import (  # noqa: E402
     Result,
     add_common_arguments,
     cce_available,
+    cuda_graph,
     device_rates,
     markdown_table,
     run_cases,
@@ -106,6 +112,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--isolate", default="", help="providers to run in child processes at every size")
     parser.add_argument("--skip-check", action="store_true", help="time without the correctness check")
     parser.add_argument("--autotune", action="store_true", help="let the Triton kernels tune their tiles")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="add <provider>-graph rows: megaclass providers' fwd+bwd captured in a CUDA graph (GPU only)",
+    )
     parser.add_argument("--in-child", action="store_true", help=argparse.SUPPRESS)  # one case, no check
     return parser.parse_args()
 
@@ -262,12 +273,21 @@ def self_check(providers: list[str], losses: list[str], *, quick: bool, labels_p
     return passed
 
 
-def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int) -> Case:
+def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int, *, graph: bool = False) -> Case:
+    """One timed case; ``graph``: ``fwd+bwd`` captured in a CUDA graph (gradients reset inside the step)."""
     batch, classes, dim, loss = params["B"], params["C"], params["D"], params["loss"]
     state: dict = {}
 
     def setup():
         x, weight, targets = make_inputs(batch, classes, dim, loss, lps)
+        if graph:
+            state["tensors"] = ()
+
+            def train_step() -> None:
+                x.grad = weight.grad = None
+                fn(x, weight, targets, loss).backward()
+
+            return cuda_graph(train_step)
         state["tensors"] = (x, weight)
         if mode == "fwd":
             return lambda: fn(x, weight, targets, loss)
@@ -277,7 +297,7 @@ def make_case(provider: str, mode: str, fn: Callable, params: dict, lps: int) ->
         return lambda: fn(x, weight, targets, loss).backward()
 
     return Case(
-        provider,
+        f"{provider}-graph" if graph else provider,
         mode,
         params,
         setup,
@@ -311,6 +331,12 @@ def build_cases(args: argparse.Namespace, providers: list[str]) -> list[Case]:
                     cases.append(
                         make_case(provider, mode, PROVIDERS[provider], params, args.labels_per_sample)
                     )
+                    graphable = mode == "fwd+bwd" and provider.startswith("megaclass")
+                    if args.cuda_graph and graphable and torch.cuda.is_available():
+                        graphed = make_case(
+                            provider, mode, PROVIDERS[provider], params, args.labels_per_sample, graph=True
+                        )
+                        cases.append(graphed)
     return cases
 
 

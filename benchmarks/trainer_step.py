@@ -11,15 +11,16 @@ For each head (dense, sparse, selected with the GPU index) the script writes a s
 :class:`~megaclass.train.Trainer` (an MLP encoder over the BoW features, the head, AdamW, one epoch with no
 evaluation) and reads ``steps_per_s`` from the run's log: the median over the log windows after the first
 (which holds compilation and capture). Beside it, the head's step alone replayed from a CUDA graph, built by
-``benchmarks/sparse.py``'s and ``benchmarks/selected.py``'s case builders for the same shape (dense: the
-same head captured with the harness's ``cuda_graph``): the rest of a trainer step is the encoder's forward and
-backward, the optimizer steps and the host's work between them. With ``auto`` the trainer captures the MLP
-encoder's forward and backward with the head's (:class:`~megaclass.train.graphs.StepGraph`) where the head's
-step can be captured, and runs eagerly where it cannot (the opening line of the run says which). After the
-epoch, the same steps without the trainer's loader and log, and the captured step replayed with only the GPU
-work a step adds to it (:func:`same_work_ms`): what the trainer's own host work costs. ``--store ps`` keeps
-the selected head's rows in 4 parameter-server shard processes on this machine, started afresh for each run
-(the index stays on the trainer, the default): its step is not captured, so it has no head graph step.
+``benchmarks/sparse.py``'s and ``benchmarks/selected.py``'s case builders for the same shape (dense: the same
+head and a fused AdamW step captured with the harness's ``cuda_graph``): the rest of a trainer step is the
+encoder's forward and backward, its optimizer's step and the host's work between them. With ``auto`` the
+trainer captures the MLP encoder's forward and backward with the head's
+(:class:`~megaclass.train.graphs.StepGraph`) where the head's step can be captured, and runs eagerly where it
+cannot (the opening line of the run says which). After the epoch, the same steps without the trainer's loader
+and log, and the captured step replayed with only the GPU work a step adds to it (:func:`same_work_ms`): what
+the trainer's own host work costs. ``--store ps`` keeps the selected head's rows in 4 parameter-server shard
+processes on this machine, started afresh for each run (the index stays on the trainer, the default): its step
+is not captured, so it has no head graph step.
 """
 
 from __future__ import annotations
@@ -216,16 +217,21 @@ def profile_epoch(trainer: Trainer, steps: int) -> str:
 
 
 def dense_graph_step(args: argparse.Namespace) -> Callable[[], None]:
-    """The dense head's forward and backward on one batch, captured with the harness's ``cuda_graph``."""
+    """The dense head's step on one batch (forward, backward and a fused AdamW step, what the trainer runs for
+    it), captured with the harness's ``cuda_graph``."""
     config = head_config({"type": "dense", "loss": "softmax"})
     head = build_head(config, HeadContext(args.dim, args.classes, multilabel=False)).to("cuda")
     features = torch.randn(args.batch, args.dim, device="cuda", requires_grad=True)
     targets = torch.randint(args.classes, (args.batch,), device="cuda")
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, fused=True, capturable=True)
 
     def step() -> None:
+        features.grad = None
+        optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             loss = head(features, targets)
         loss.backward()
+        optimizer.step()
 
     return cuda_graph(step)
 

@@ -684,3 +684,20 @@ def test_padded_cpu_targets_are_range_checked_on_their_labels_only():
     torch.testing.assert_close(linear_bce(x, weight, padded), linear_bce(x, weight, padded.unpadded()))
     with pytest.raises(ValueError, match="label id 5 out of range"):
         linear_bce(x, weight, RaggedLabels.from_lists([[5], [0]]).pad_to(4))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_custom_ops_pass_opcheck(device_for, with_bias):
+    """The dense ops registered for torch.compile (eager mode calls their bodies directly): their fake
+    implementations, schemas and the gated scale's mutation agree with the real ones."""
+    from megaclass.ops.linear_cross_entropy import function
+
+    with torch.device(device_for("triton")):
+        x, weight = torch.randn(5, 17), torch.randn(23, 17)
+        bias = torch.randn(23) if with_bias else None
+        lse, coef, exclude = torch.randn(5).abs() + 3, torch.full((5,), 0.2), torch.tensor([0, 3, 22, 1, 5])
+        torch.library.opcheck(function.linear_loss_fwd, (x, weight, bias, None, "softmax", 0.0))
+        torch.library.opcheck(function.linear_loss_fwd, (x, weight, bias, exclude, "bce", 0.0))
+        torch.library.opcheck(function.linear_loss_bwd, (x, weight, bias, exclude, lse, coef, "softmax", 0.0))
+        torch.library.opcheck(function.linear_loss_fwd_grads, (x, weight, bias, coef, "squared_hinge"))
+        torch.library.opcheck(function.gated_scale_, (torch.randn(40), torch.tensor([0.5])))
