@@ -75,6 +75,33 @@ def test_train_writes_the_run_folder(full_run):
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), "the training loss must fall"
 
 
+def test_a_run_without_a_test_file_is_scored_on_its_validation_rows(tiny, full_run, tmp_path, capsys):
+    out = tmp_path / "untested"
+    train, test = tiny
+    assert main(["train", "--train", train, "--out", str(out), "--epochs", "3", *_TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "test (curve)" not in printed and "validation (epoch 3; no --test): P@1 " in printed
+    assert _losses(out) == _losses(full_run)  # the test file takes no part in training
+    metrics = json.loads((out / "metrics.json").read_text())
+    tested = json.loads((full_run / "metrics.json").read_text())
+    assert "P@1" not in metrics and metrics["valid_P@1"] == tested["valid_P@1"]
+    assert metrics["valid_P@5"] <= metrics["valid_P@1"] and metrics["epoch_kept"] == tested["epoch_kept"]
+    assert "test_file" not in json.loads((out / "run.json").read_text())
+    assert "| valid_P@1 |" in (out / "report.md").read_text()
+    assert "| epoch | train_loss | valid P@1 |" in (out / "report.md").read_text()
+    # a resume takes the run's files (no test file) and may add one: the extended run is scored on it
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "4", *_TINY]) == 0
+    assert "validation (epoch 4; no --test)" in capsys.readouterr().out
+    assert main(["train", "--resume", "--out", str(out), "--test", test, "--epochs", "5", *_TINY]) == 0
+    assert "test (epoch 5): P@1 " in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["test_file"]["path"] == os.path.abspath(test)
+    assert "P@1" in json.loads((out / "metrics.json").read_text())
+    bare = tmp_path / "bare"  # no test file and no validation rows: trained, and said to be unscored
+    assert main(["train", "--train", train, "--out", str(bare), *_TINY, "train.valid_fraction=0"]) == 0
+    assert "the run is not scored" in capsys.readouterr().out
+    assert (bare / "model").is_dir()
+
+
 def test_resume_continues_bit_exactly(tiny, full_run, tmp_path):
     out = tmp_path / "resumed"
     assert _train(tiny, out, "train.stop_after_steps=14") == 0  # mid-epoch 2
@@ -156,7 +183,7 @@ def test_a_resume_without_data_files_names_what_is_missing(tiny, tmp_path, capsy
     assert main(["train", "--out", str(out), "--test", tiny[1]]) == 2
     assert "--train required (a --resume takes the files its run recorded)" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(out)]) == 2
-    assert f"{out} holds no run.json to take --train and --test from" in capsys.readouterr().err
+    assert f"{out} holds no run.json to take --train from; pass it" in capsys.readouterr().err
     train = tmp_path / "train.txt"
     shutil.copy(tiny[0], train)
     assert (

@@ -34,7 +34,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--test",
         metavar="PATH",
-        help="test data, scored at the end with the kept weights; with --resume, default: the run's",
+        help="test data, scored at the end with the kept weights (without it the validation rows score the "
+        "run); with --resume, default: the run's",
     )
     parser.add_argument(
         "--valid",
@@ -190,25 +191,26 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _recorded_data_files(args: argparse.Namespace) -> None:
-    """Give a ``--resume`` that names no data the files its run recorded in ``run.json``: ``--train`` and
-    ``--test``, and ``--valid`` where the run had one; without ``--resume`` both are required."""
-
-    def missing() -> str:
-        return " and ".join(f"--{flag}" for flag in ("train", "test") if getattr(args, flag) is None)
-
-    if not missing():
-        return
+    """Give a ``--resume`` the files its run recorded in ``run.json`` where it names none: ``--train``, and
+    ``--test`` and ``--valid`` where the run had them; without ``--resume`` only ``--train`` is required."""
     if not args.resume:
-        raise ValueError(f"{missing()} required (a --resume takes the files its run recorded)")
+        if args.train is None:
+            raise ValueError("--train required (a --resume takes the files its run recorded)")
+        return
+    if args.train is not None and args.test is not None:
+        return
     from megaclass.train.loop import resume_data_files
 
+    wanted = " and ".join(f"--{flag}" for flag in ("train", "test") if getattr(args, flag) is None)
     path = os.path.join(args.out, "run.json")
     if not os.path.exists(path):
-        raise ValueError(f"--resume: {args.out} holds no run.json to take {missing()} from; pass them")
+        if args.train is None:
+            raise ValueError(f"--resume: {args.out} holds no run.json to take --train from; pass it")
+        return  # nothing recorded: the resume runs on the files given
     try:
         files = resume_data_files(args.out, args.train, args.test, args.valid)
     except DataFormatError as error:
-        raise DataFormatError(path, f"{error.problem}; pass {missing()}") from None
+        raise DataFormatError(path, f"{error.problem}; pass {wanted}") from None
     taken = []
     for flag, recorded in files.items():
         if getattr(args, flag) is not None or recorded is None:
@@ -220,11 +222,11 @@ def _recorded_data_files(args: argparse.Namespace) -> None:
             )
         setattr(args, flag, recorded)
         taken.append(f"--{flag} {recorded}")
-    if missing():
-        raise ValueError(f"--resume: {path} records no {missing()}; pass it")
+    if args.train is None:
+        raise ValueError(f"--resume: {path} records no --train; pass it")
     from megaclass.distributed.info import DistInfo
 
-    if DistInfo.from_env().is_main:
+    if taken and DistInfo.from_env().is_main:
         print(f"--resume: {', '.join(taken)} (as {path} records them)")
 
 
@@ -242,7 +244,7 @@ def _run_train(args: argparse.Namespace) -> int:
     plan_args = (
         config,
         None if args.preset else explicit_keys,
-        (args.test,) if args.valid is None else (args.test, args.valid),
+        tuple(path for path in (args.test, args.valid) if path is not None),
     )
     if args.dry_run:
         return _print_plan(args.command, *_plan(args, *plan_args))

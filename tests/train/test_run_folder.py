@@ -654,7 +654,7 @@ def test_the_python_api_resumes_on_the_files_and_settings_its_run_recorded(data,
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     config = config_from_dict(loop.read_recorded_config(str(out)))
-    with pytest.raises(ValueError, match="train_path and test_path are required"):
+    with pytest.raises(ValueError, match="train_path is required"):
         loop.train(config, out_dir=str(out))
     assert (
         loop.train(config, out_dir=str(out), resume=True)["P@1"]

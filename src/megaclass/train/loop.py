@@ -10,12 +10,14 @@ runs :func:`train`. One step is: forward (encoder, then head loss), backward, cl
 - ``best/``: the weights of the epoch that scored best on the validation rows (kept at the end; ``model/``
   then holds the same files, hard-linked; a class-sharded run keeps each rank's rows in the layout of its
   checkpoints, and ``model/`` holds them whole);
-- ``metrics.json``: the test metrics of the kept weights, ``train_seconds``, ``peak_memory_bytes``;
+- ``metrics.json``: the test (or, without one, validation) metrics of the kept weights, ``train_seconds``,
+  ``peak_memory_bytes``;
 - ``report.md`` and ``report.png``: config, metrics per epoch, and the loss and P@k curves.
 
 The epoch kept and early stopping are decided on validation rows (``--valid`` or ``train.valid_fraction`` of
 the training rows), never on the test file: its per-epoch scores are logged as ``eval_test_curve``, for the
-curves only, and it is scored once at the end (``eval_test``).
+curves only, and it is scored once at the end (``eval_test``). Without a test file the validation rows score
+the kept weights at the end (``eval_valid_final``; ``valid_``-named in ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -395,7 +397,7 @@ class Trainer:
         config: the run's config.
         train_path: the training data file.
         test_path: the test data file (scored at the end with the kept weights; every ``train.eval_every``
-            epochs for the curves).
+            epochs for the curves); None: the validation rows score the run at the end.
         out_dir: the run folder. One that holds a run is refused unless ``resume`` or ``overwrite``.
         resume: continue from the newest whole checkpoint in ``out_dir`` (from step 0 when the run stopped
             before its first; refused where ``out_dir`` holds no run). The learning rates and their
@@ -417,7 +419,7 @@ class Trainer:
         config: RunConfig,
         *,
         train_path: str,
-        test_path: str,
+        test_path: str | None = None,
         out_dir: str,
         resume: bool = False,
         overwrite: bool = False,
@@ -429,7 +431,7 @@ class Trainer:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
         self.config = config
         self.train_path = os.fspath(train_path)
-        self.test_path = os.fspath(test_path)
+        self.test_path = None if test_path is None else os.fspath(test_path)
         self.valid_path = None if valid_path is None else os.fspath(valid_path)
         self.explicit_keys = None if explicit_keys is None else frozenset(explicit_keys)
         self.check_fit = check_fit
@@ -665,7 +667,7 @@ class Trainer:
                 raise ConfigError(f"{flag} {path}: {data.input_spec.mismatch(train_data.input_spec)}")
             return data
 
-        test_data = open_more(self.test_path, "--test")
+        test_data = None if self.test_path is None else open_more(self.test_path, "--test")
         if self.valid_path is not None:
             return train_data, open_more(self.valid_path, "--valid"), test_data
         loop = self.config.train
@@ -691,6 +693,8 @@ class Trainer:
                 raise ConfigError(f"eval.verification: {error}") from None
         if not evaluation.filter_labels:
             return None
+        if self.test_data is None:
+            raise ConfigError("eval.filter_labels: its pairs name rows of the test file; pass --test")
         try:
             return read_filter_labels(
                 evaluation.filter_labels,
@@ -736,7 +740,7 @@ class Trainer:
         def resolve(config: RunConfig, facts: DataFacts) -> RunConfig:
             return resolve_run_recipe(config, self.explicit_keys, facts)[0]
 
-        others = (self.test_path,) if self.valid_path is None else (self.test_path, self.valid_path)
+        others = tuple(path for path in (self.test_path, self.valid_path) if path is not None)
         plan = plan_for(self.config, self.train_path, other_paths=others, resolve=resolve)
         refusal = plan.refusal()
         if refusal is not None:
@@ -816,8 +820,10 @@ class Trainer:
         # absolute paths: a resume that names no data takes them from any folder
         self.data_files = {
             "train_file": {"path": os.path.abspath(self.train_path), **path_fingerprint(self.train_path)},
-            "test_file": {"path": os.path.abspath(self.test_path), **path_fingerprint(self.test_path)},
         }
+        if self.test_path is not None:
+            test = {"path": os.path.abspath(self.test_path), **path_fingerprint(self.test_path)}
+            self.data_files["test_file"] = test
         if self.valid_path is not None:
             valid = {"path": os.path.abspath(self.valid_path), **path_fingerprint(self.valid_path)}
             self.data_files["valid_file"] = valid
@@ -832,7 +838,10 @@ class Trainer:
                     + ("with --valid" if recorded is not None else "without --valid")
                     + "; pass the same validation data, or --overwrite to start anew"
                 )
-            if recorded is None:  # a run folder from before data fingerprints
+            if recorded is None:  # a run folder from before data fingerprints, or a run without --test
+                continue
+            if key == "test_file" and current is None:  # training never reads it: the resume goes without
+                self._resume_changes[flag] = (recorded["path"], "none")
                 continue
             same = (recorded["size"], recorded["sha256"]) == (current["size"], current["sha256"])
             if key == "test_file" and not same:  # training never reads it: run.json records the new one
@@ -1145,10 +1154,11 @@ class Trainer:
                 self.logger.log("eval_valid", self.state.global_step, {"epoch": epoch + 1, **valid})
                 self._track_best(epoch + 1, valid)
                 line += f"  valid {_precisions(valid)}"
-            test = self.evaluate(self.test_data)
-            self._test_curve = (epoch + 1, test)
-            self.logger.log("eval_test_curve", self.state.global_step, {"epoch": epoch + 1, **test})
-            line += f"  test (curve) {_precisions(test)}"
+            if self.test_data is not None:
+                test = self.evaluate(self.test_data)
+                self._test_curve = (epoch + 1, test)
+                self.logger.log("eval_test_curve", self.state.global_step, {"epoch": epoch + 1, **test})
+                line += f"  test (curve) {_precisions(test)}"
         self.logger.print(line)
         self.state = dataclasses.replace(self.state, epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
         self.save_checkpoint()
@@ -1322,12 +1332,7 @@ class Trainer:
             self._restore_best()
         self._check_label_prior()
         kept_epoch = self.state.best_epoch if kept_on_disk else self.state.epoch
-        if self._test_curve is not None and self._test_curve[0] == kept_epoch:
-            metrics = dict(self._test_curve[1])  # the kept weights, scored at their epoch's end
-        else:
-            metrics = self.evaluate(self.test_data)  # collective for a sharded head
-        self.logger.log("eval_test", self.state.global_step, {"epoch": kept_epoch, **metrics})
-        self.logger.print(f"test (epoch {kept_epoch}): {_precisions(metrics)}")
+        metrics = self._final_scores(kept_epoch)
         linked = kept_on_disk and not is_sharded_checkpoint(self._best_dir(self.state.best_epoch))
         if not kept_on_disk:
             with self._averaged():  # the final model is the evaluated one
@@ -1378,6 +1383,28 @@ class Trainer:
             head_memory=memory,
         )
         return metrics
+
+    def _final_scores(self, kept_epoch: int) -> dict[str, float]:
+        """The kept weights' scores, logged and printed: on the test file (those their epoch's end gave,
+        where this process computed them), else as ``valid_``-named scores on the validation rows (none
+        without either)."""
+        if self.test_data is None:
+            if self.valid_data is None:
+                self.logger.print(
+                    "no --test and no validation rows (train.valid_fraction 0): the run is not scored"
+                )
+                return {}
+            scores = self.evaluate(self.valid_data)  # collective for a sharded head
+            self.logger.log("eval_valid_final", self.state.global_step, {"epoch": kept_epoch, **scores})
+            self.logger.print(f"validation (epoch {kept_epoch}; no --test): {_precisions(scores)}")
+            return {f"valid_{name}": value for name, value in scores.items()}
+        if self._test_curve is not None and self._test_curve[0] == kept_epoch:
+            scores = dict(self._test_curve[1])  # the kept weights, scored at their epoch's end
+        else:
+            scores = self.evaluate(self.test_data)  # collective for a sharded head
+        self.logger.log("eval_test", self.state.global_step, {"epoch": kept_epoch, **scores})
+        self.logger.print(f"test (epoch {kept_epoch}): {_precisions(scores)}")
+        return scores
 
     # --------------------------------------------------------------------------------------------- evaluate
 
@@ -1702,9 +1729,10 @@ def train(
 ) -> dict[str, Any]:
     """Train and evaluate as :class:`Trainer` does; returns the final metrics (empty if stopped early, and on
     ranks other than 0). Under ``torchrun`` a rank whose peers stop raises instead of waiting for ever.
-    ``train_path`` and ``test_path`` are required, except that a ``resume`` takes those its run recorded
-    (:func:`resume_data_files`). A run whose memory plan does not fit this machine is refused before it
-    starts (:class:`~megaclass.errors.RunDoesNotFit`), unless ``check_fit`` is False.
+    ``train_path`` is required, except that a ``resume`` takes the files its run recorded where none are given
+    (:func:`resume_data_files`); without ``test_path`` the validation rows score the run. A run whose memory
+    plan does not fit this machine is refused before it starts (:class:`~megaclass.errors.RunDoesNotFit`),
+    unless ``check_fit`` is False.
 
     >>> from megaclass.train import from_preset
     >>> metrics = train(from_preset("xmc-mlp"), train_path="data/deb-tags/train_bow.txt.gz",
@@ -1713,13 +1741,13 @@ def train(
     """
     from megaclass.distributed.info import shutdown_distributed
 
-    if train_path is None or test_path is None:
-        if not resume:
-            raise ValueError("train: train_path and test_path are required (a resume takes its run's files)")
+    if train_path is None and not resume:
+        raise ValueError("train: train_path is required (a resume takes its run's files)")
+    if resume and (train_path is None or test_path is None):
         files = resume_data_files(out_dir, train_path, test_path, valid_path)
         train_path, test_path, valid_path = files["train"], files["test"], files["valid"]
-        if train_path is None or test_path is None:
-            raise ValueError(f"train: resume: {out_dir} records no train and test files; pass them")
+    if train_path is None:
+        raise ValueError(f"train: resume: {out_dir} records no training file; pass train_path")
 
     trainer = Trainer(
         config,

@@ -106,7 +106,8 @@ def write_report(
     """
     note = _plot(os.path.join(out_dir, "report.png"), history, ks)
     final = [{"metric": name, "value": value} for name, value in metrics.items()]
-    ranking = [name for name in metrics if name.startswith(("P@", "nDCG@", "PSP@"))]
+    names = [name.removeprefix("valid_") for name in metrics]  # a run without a test file: valid_ ones
+    ranking = list(dict.fromkeys(name for name in names if name.startswith(("P@", "nDCG@", "PSP@"))))
     columns = ["epoch", "train_loss"] + [f"{split} {name}" for split in ("valid", "test") for name in ranking]
     columns = [column for column in columns if any(column in row for row in history)]
     sections = [
