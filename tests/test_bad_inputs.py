@@ -226,7 +226,7 @@ def _header_case(command: str, corruption: str) -> Case:
 
 TEXT_ROWS = {
     "letter label": ("x\tsome text", "expected label ids"),
-    "label names": ("python,devel\tsome text", "label names go in a labels.txt beside the file"),
+    "label names": ("python,devel\tsome text", "before the tab, as on the file's first labelled line"),
     "double comma": ("1,,2\tsome text", "stray comma"),
     "leading comma": (",1\tsome text", "stray comma"),
     "label past int32": ("99999999999\tsome text", "too large"),
@@ -236,12 +236,23 @@ TEXT_ROWS = {
 }
 
 
+# rows whose labels read as names: on a file's first line they make it a file of names
+NAMED_ROWS = ("letter label", "label names", "negative label")
+
+
 def _text_case(command: str, corruption: str, line: int) -> Case:
     text, problem = TEXT_ROWS[corruption]
 
     def build(c: Context) -> tuple[list[str], list[str]]:
         content, number = _replace_line(c.text_lines, line, text)
         path = c.write("bad_text.txt", content)
+        if number == 1 and corruption in NAMED_ROWS:
+            if command == "train":  # a training file of names; its test file gives ids
+                argv = ["train", "--train", path, "--test", c.text_test, "--out", os.path.join(c.tmp, "r")]
+                return [*argv, *_TINY], [f"{c.text_test}:1:", "labels are ids, but the run's are names"]
+            run = ["eval", "--run", c.text_run, "--test", path] if command == "eval" else None
+            run = run or ["predict", "--run", c.text_run, "--input", path, "--out", os.path.join(c.tmp, "p")]
+            return run, [f"{path}:1:", "labels are names, but the run's are ids: give ids"]
         if command == "eval":
             return ["eval", "--run", c.text_run, "--test", path], [f"{path}:{number}:", problem]
         if command == "train":  # the memory plan reads the file before its reader does

@@ -528,6 +528,64 @@ def test_predict_says_how_many_labels_a_row_it_wrote_and_eval_out_dash_is_stdout
     assert "P@1" in json.loads(capsys.readouterr().out) and not (tmp_path / "-").exists()
 
 
+def _named_copy(source: str, target, names: list[str], kept: set[str] | None = None) -> set[str]:
+    """``source``'s text lines with each label id replaced by its name (only the lines whose names are all in
+    ``kept``, when given) written to ``target``; returns the names written."""
+    lines, written = [], set()
+    for line in open(source).read().splitlines():
+        ids, text = line.split("\t", 1)
+        row = [names[int(i)] for i in ids.split(",")]
+        if kept is None or set(row) <= kept:
+            lines.append(",".join(row) + f"\t{text}\n")
+            written.update(row)
+    target.write_text("".join(lines))
+    return written
+
+
+def test_a_run_whose_text_lines_name_their_labels(text_run, repo_root, tmp_path, capsys):
+    """``python,devel<TAB>text`` lines: the run's names are its training file's, sorted, in its
+    ``labels.txt``; its test files, eval, predict (``--names`` too) and export read and write them."""
+    run, test = text_run
+    with gzip.open(os.path.join(repo_root, "data", "deb-tags", "labels.txt.gz"), "rt") as file:
+        deb_tags = file.read().splitlines()
+    train, named_test = tmp_path / "train.txt", tmp_path / "test.txt"
+    trained = _named_copy(os.path.join(os.path.dirname(test), "train.txt"), train, deb_tags)
+    _named_copy(test, named_test, deb_tags, kept=trained)  # a name training lacks is refused: below
+    out = tmp_path / "named"
+    args = ["train", "--train", str(train), "--test", str(named_test), "--out", str(out), *_TINY]
+    assert main([*args, "train.epochs=1"]) == 0
+    names = (out / "labels.txt").read_text().splitlines()
+    assert names == sorted(trained) and json.loads((out / "run.json").read_text())["num_classes"] == len(
+        names
+    )
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--test", str(named_test), "--out", "-"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["P@1"] <= 1
+    ids = _predict(out, str(named_test), tmp_path / "ids.txt")
+    with_names = _predict(out, str(named_test), tmp_path / "names.txt", "--names")
+    for id_line, name_line in zip(ids, with_names, strict=True):
+        assert [pair.rsplit(":", 1)[0] for pair in name_line.split("\t")] == [
+            names[int(pair.split(":")[0])] for pair in id_line.split()
+        ]
+    exported = tmp_path / "named.safetensors"
+    assert main(["export", "--run", str(out), "--out", str(exported)]) == 0
+    assert _predict(exported, str(named_test), tmp_path / "exported.txt", "--names") == with_names
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--test", test]) == 2  # ids where the run's labels are names
+    assert f"{test}:1: labels are ids, but the run's are names" in capsys.readouterr().err
+    unseen = tmp_path / "unseen.txt"
+    unseen.write_text(f"{names[0]}\tok\nno-such-tag\tnew\n")
+    assert (
+        main(["train", "--train", str(train), "--test", str(unseen), "--out", str(tmp_path / "r"), *_TINY])
+        == 2
+    )
+    error = capsys.readouterr().err
+    assert f"{unseen}:2: label 'no-such-tag' is not one of the {len(names)} label names of the run" in error
+    (tmp_path / "labels.txt").write_text("".join(f"{name}\n" for name in ["aaa", *names]))  # other ids since
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", *_TINY]) == 2
+    assert f"the run's labels are {len(names)} names" in capsys.readouterr().err
+
+
 def test_predict_writes_label_names_from_a_named_file_or_beside_the_training_file(
     text_run, repo_root, tmp_path, capsys
 ):

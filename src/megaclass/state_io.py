@@ -722,6 +722,12 @@ def write_json_atomic(path: str, data: Any) -> None:
         json.dump(data, file, indent=1)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename."""
+    with _replacing(path, "w", suffix=".txt") as file:
+        file.write(text)
+
+
 @contextlib.contextmanager
 def _replacing(path: str, mode: str, *, suffix: str) -> Iterator[IO]:
     """A file opened in ``mode`` that replaces ``path`` once written and flushed to disk; on an error it is

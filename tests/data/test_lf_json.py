@@ -54,6 +54,13 @@ def test_reads_texts_labels_and_label_space_from_lbl_json(tmp_path) -> None:
     assert read_lf_json(path, num_labels=7).num_labels == 7
 
 
+def test_a_run_of_label_names_refuses_lf_json_ids(tmp_path) -> None:
+    """LF JSON labels are ids: a file of a run whose training file named its labels is refused."""
+    path = _write_records(tmp_path / "tst.json", _RECORDS)
+    with pytest.raises(DataFormatError, match="its labels are ids .'target_ind'., the run's are names"):
+        read_lf_json(path, num_labels=4, label_names=["a", "b", "c", "d"])
+
+
 def test_label_space_without_lbl_json_spans_both_splits(tmp_path) -> None:
     train = _write_records(tmp_path / "trn.json", _RECORDS)
     assert read_lf_json(train).num_labels == 4  # largest id + 1 of the file alone

@@ -447,3 +447,64 @@ def test_read_rows_errors_name_the_line(raw: bytes, features, message: str) -> N
     with pytest.raises(DataFormatError) as caught:
         read_rows(raw, "<stdin>", num_labels=3, num_features=features)
     assert str(caught.value).startswith(message)
+
+
+def test_text_labels_given_by_name(tmp_path) -> None:
+    """A file whose first labelled line names its labels is read by names: sorted into ids, spaces around a
+    name dropped; its test files are read by its names."""
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("python,devel\ta library\n\tno labels\nweb\ta server\n python , web\tdjango\n")
+    data = read_text(train, cache=False)
+    assert data.label_names == ["devel", "python", "web"] and data.num_labels == 3
+    assert data.labels.to_lists() == [[1, 0], [], [2], [1, 2]]
+    test.write_text("web\tnginx\n2019\tdigits are a name here\n")
+    with pytest.raises(DataFormatError) as caught:
+        read_text(test, num_labels=3, label_names=data.label_names, cache=False)
+    assert caught.value.line == 2
+    assert "'2019' is not one of the 3 label names of the run" in caught.value.problem
+    test.write_text("web\tnginx\npython,web\tflask\n")
+    read = read_text(test, num_labels=3, label_names=data.label_names, cache=False)
+    assert read.labels.to_lists() == [[2], [1, 2]] and read.label_names == data.label_names
+    (tmp_path / "labels.txt").write_text("web\npython\ndevel\nperl\n")  # names beside the file: their ids
+    beside = read_text(train, cache=False)
+    assert beside.labels.to_lists() == [[1, 2], [], [0], [1, 0]] and beside.num_labels == 4
+    for cached in range(2):  # parsed, then read back from the cache
+        assert read_text(train).labels.to_lists() == beside.labels.to_lists(), cached
+
+
+@pytest.mark.parametrize(
+    ("content", "names", "line", "words"),
+    [
+        ("a,,b\tx\n", None, 1, "an empty label name in 'a,,b'"),
+        ("a\tx\nb,\ty\n", None, 2, "an empty label name in 'b,'"),
+        ("a\tx\nb \xff\ty\n", None, 2, "invalid UTF-8 in the label names"),
+        ("a\tx\n", ["b"], 1, "'a' is not one of the 1 label names of the run"),
+        ("0,1\tx\n", ["a", "b"], 1, "labels are ids, but the run's are names"),
+    ],
+)
+def test_bad_label_names_name_file_and_line(tmp_path, content, names, line, words) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataFormatError) as caught:
+        read_text(path, num_labels=None if names is None else len(names), label_names=names, cache=False)
+    assert caught.value.line == line and words in caught.value.problem
+
+
+def test_label_names_and_ids_do_not_mix(tmp_path) -> None:
+    """An ids file with a name on a later line names it; a file of names in a run of ids is refused, and
+    rows to predict on follow the run's labelling."""
+    path = tmp_path / "ids.txt"
+    path.write_text("0\tx\nweb\ty\n")
+    with pytest.raises(DataFormatError, match="as on the file's first labelled line") as caught:
+        read_text(path, cache=False)
+    assert caught.value.line == 2
+    path.write_text("\tbare\nweb\ty\n")
+    with pytest.raises(DataFormatError, match="labels are names, but the run's are ids") as caught:
+        read_text(path, num_labels=3, cache=False)  # a test file of a run trained on ids
+    assert caught.value.line == 2
+    rows = read_rows(b"web\tx\nbare\n", "<stdin>", num_labels=2, label_names=["python", "web"])
+    assert rows.labels.to_lists() == [[1], []]
+    with pytest.raises(DataFormatError, match="<stdin>:1: labels are names, but the run's are ids"):
+        read_rows(b"web\tx\n", "<stdin>", num_labels=2)
+    with pytest.raises(DataFormatError, match="<stdin>:2: labels are ids, but the run's are names"):
+        read_rows(b"bare\n1\tx\n", "<stdin>", num_labels=2, label_names=["python", "web"])

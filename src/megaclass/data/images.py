@@ -238,6 +238,7 @@ class FaceImageDataset:
 
     multilabel = False
     featurizer = None  # images need no text featuriser
+    label_names = None  # identities are ids
 
     def __init__(
         self,

@@ -157,12 +157,16 @@ def _label_space(path: str, ids: np.ndarray) -> int:
     return largest + 1
 
 
-def read_lf_json(path: str | os.PathLike, *, num_labels: int | None = None) -> XMCData:
+def read_lf_json(
+    path: str | os.PathLike, *, num_labels: int | None = None, label_names: list[str] | None = None
+) -> XMCData:
     """Read a JSON lines file of the repository's LF data sets (plain or ``.gz``; see the module docstring).
 
     Args:
         path: the file: one ``{"title": ..., "content": ..., "target_ind": [...]}`` object a line.
         num_labels: the label space size; None takes it from the label names beside the file (``lbl.json``).
+        label_names: the run's label names, where its training file named its labels: refused (these
+            labels are ids).
 
     Returns:
         :class:`~megaclass.data.xmc.XMCData` with ``labels`` and ``texts``; ``features`` is None.
@@ -174,6 +178,11 @@ def read_lf_json(path: str | os.PathLike, *, num_labels: int | None = None) -> X
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
+    if label_names is not None:
+        raise DataFormatError(
+            path,
+            "its labels are ids ('target_ind'), the run's are names (as its training file's lines give them)",
+        )
     texts, indptr, ids = _parse(path)
     label_space = _checked_num_labels(num_labels) if num_labels is not None else _label_space(path, ids)
     try:

@@ -53,6 +53,7 @@ class SparseDataset:
         multilabel: whether targets are ragged label sets rather than one class per row.
         path: the file it came from, for messages.
         featurizer: the fitted text featuriser that made ``features``, or None for BoW data.
+        label_names: the name of each class, where the text file named its labels (else None).
     """
 
     features: Any
@@ -62,6 +63,7 @@ class SparseDataset:
     multilabel: bool
     path: str = ""
     featurizer: Any = None
+    label_names: list[str] | None = None
     input_spec: InputSpec = field(init=False)
     _label_counts: np.ndarray | None = field(default=None, init=False)
 
@@ -175,11 +177,17 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _open_xmc(
-    path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any, read: Callable = load_xmc
+    path: str,
+    *,
+    num_classes: int | None,
+    featurizer: Any,
+    featurizer_config: Any,
+    label_names: list[str] | None,
+    read: Callable = load_xmc,
 ) -> SparseDataset:
     """Open an XMC BoW file as is, or XMC text (``read`` by the format's reader) through a (fitted, or fitted
     here) featuriser."""
-    data = read(path, num_labels=num_classes)
+    data = read(path, num_labels=num_classes, label_names=label_names)
     if data.features is not None:
         features = data.features
         featurizer = None
@@ -201,11 +209,13 @@ def _open_xmc(
         multilabel=bool(data.multilabel),
         path=path,
         featurizer=featurizer,
+        label_names=data.label_names,
     )
 
 
 def dataset_formats() -> dict[str, Callable[..., SparseDataset]]:
-    """Registered formats and their openers ``(path, *, num_classes, featurizer, featurizer_config)``."""
+    """Registered formats and their openers ``(path, *, num_classes, featurizer, featurizer_config,
+    label_names)``."""
     return {
         "xmc-bow": _open_xmc,
         "xmc-text": _open_xmc,
@@ -214,8 +224,13 @@ def dataset_formats() -> dict[str, Callable[..., SparseDataset]]:
     }
 
 
-def _open_face_images(path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any) -> Any:
-    """Open a face ``.rec``, image folder or ``relpath label`` list (see :mod:`megaclass.data.images`)."""
+def _open_face_images(
+    path: str, *, num_classes: int | None, featurizer: Any, featurizer_config: Any, label_names: Any
+) -> Any:
+    """Open a face ``.rec``, image folder or ``relpath label`` list (see :mod:`megaclass.data.images`); their
+    labels are identity ids (``label_names`` must be None)."""
+    if label_names is not None:
+        raise DataFormatError(path, "its labels are identity ids, the run's are names (its training file's)")
     return open_face_dataset(path, num_classes=num_classes)
 
 
@@ -228,6 +243,7 @@ def open_dataset(
     featurizer_config: Any = None,
     tokenizer: Any = None,
     max_length: int = 128,
+    label_names: list[str] | None = None,
 ) -> SparseDataset:
     """Open the data file ``path`` as a dataset.
 
@@ -241,6 +257,8 @@ def open_dataset(
         tokenizer: a Hugging Face fast tokenizer: read text data as token ids (cached, see
             :mod:`megaclass.data.tokenized`) for a transformer encoder instead of featurising it.
         max_length: tokens per document when ``tokenizer`` is given.
+        label_names: the run's label names, where its training file named its labels (a test file's names
+            are read by them).
 
     >>> train = open_dataset("data/deb-tags/train_bow.txt.gz")  # doctest: +SKIP
     >>> train.num_classes, train.multilabel
@@ -256,10 +274,19 @@ def open_dataset(
         if tokenizer is not None:
             read = read_lf_json if data_format == "lf-json" else load_xmc
             return open_token_dataset(
-                path, tokenizer, max_length=max_length, num_classes=num_classes, read=read
+                path,
+                tokenizer,
+                max_length=max_length,
+                num_classes=num_classes,
+                read=read,
+                label_names=label_names,
             )
         return formats[data_format](
-            path, num_classes=num_classes, featurizer=featurizer, featurizer_config=featurizer_config
+            path,
+            num_classes=num_classes,
+            featurizer=featurizer,
+            featurizer_config=featurizer_config,
+            label_names=label_names,
         )
     except _CORRUPT_GZIP as error:
         raise DataFormatError(path, f"corrupt gzip data ({error})") from None

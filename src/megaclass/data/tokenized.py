@@ -256,6 +256,7 @@ class TokenDataset:
         path: the file it came from, for messages.
         texts: the raw documents (kept for prediction output and label-feature fallbacks), or None.
         bucket: group rows of similar length into batches (see :meth:`arrange`).
+        label_names: the name of each class, where the text file named its labels (else None).
     """
 
     tokens: TokenIds
@@ -267,6 +268,7 @@ class TokenDataset:
     path: str = ""
     texts: Sequence[str] | None = None
     bucket: bool = True
+    label_names: list[str] | None = None
     featurizer: None = field(default=None, init=False)  # text featurisers make sparse data, not tokens
     input_spec: InputSpec = field(init=False)
     lengths: np.ndarray = field(init=False)  # (N,) tokens per document
@@ -319,6 +321,7 @@ def open_token_dataset(
     progress: bool = True,
     bucket: bool = True,
     read: Callable[..., XMCData] = load_xmc,
+    label_names: list[str] | None = None,
 ) -> TokenDataset:
     """Read an XMC text file (``labels<TAB>text``; another text format through its reader ``read``, e.g.
     :func:`megaclass.data.lf_json.read_lf_json`) and tokenise it once (cached).
@@ -328,7 +331,7 @@ def open_token_dataset(
     (595, 'tokens')
     """
     path = os.fspath(path)
-    data = read(path, num_labels=num_classes)
+    data = read(path, num_labels=num_classes, label_names=label_names)
     if data.texts is None:
         raise DataFormatError(path, "a transformer encoder needs 'labels<TAB>text' lines; this is a BoW file")
     tokens = load_token_ids(
@@ -343,4 +346,5 @@ def open_token_dataset(
         path=path,
         texts=data.texts,
         bucket=bucket,
+        label_names=data.label_names,
     )

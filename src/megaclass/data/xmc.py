@@ -38,6 +38,7 @@ __all__ = [
     "TEXT_LABEL_IDS",
     "XMCData",
     "label_features",
+    "label_field_holds_names",
     "load_xmc",
     "parse_bow_header",
     "read_bow",
@@ -140,12 +141,14 @@ class XMCData:
         labels: ``(N, num_labels)`` label matrix, ``data=None``.
         features: ``(N, num_features)`` feature values (BoW format), else None.
         texts: one string a document (text format), else None.
+        label_names: the name of each label id, where the file's lines name their labels (text format).
     """
 
     path: str
     labels: CSR
     features: CSR | None
     texts: list[str] | None
+    label_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -308,8 +311,8 @@ _MAX_DOCS = 1 << 40  # far more documents than any file holds; a larger count is
 MAX_ID = (1 << 31) - 1  # feature and label ids are stored as int32
 # what a text line's label field holds, as errors word it
 TEXT_LABEL_IDS = (
-    "label ids 'l1,l2,...' before the tab (label names go in a labels.txt beside the file, one a line; an id "
-    "is a name's 0-based line)"
+    "label ids 'l1,l2,...' before the tab, as on the file's first labelled line (a file whose first labels "
+    "are names holds names: 'python,devel<TAB>text')"
 )
 
 
@@ -547,6 +550,9 @@ def _text_label_part(
     keep = in_label.copy()
     keep[tabs] = True  # one separator per line
     part = buf[keep]  # labels of every line, each line's ended by its tab
+    labelled = np.flatnonzero(tabs > starts[:-1])
+    if labelled.size and label_field_holds_names(buf[starts[labelled[0]] : tabs[labelled[0]]].tobytes()):
+        return {"label_field": part}  # names: mapped to ids by read_text, with its vocabulary
     offsets = np.flatnonzero(keep)  # source offset of each kept byte, for error lines
     is_digit = _IS_DIGIT[part]
     is_comma = part == _COMMA
@@ -580,6 +586,50 @@ def _text_label_part(
         "label_indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         "label_indices": values.astype(np.int64),
     }
+
+
+def label_field_holds_names(field: bytes) -> bool:
+    """Whether a text line's label field ``field`` (the bytes before its tab) names labels rather than
+    listing ids: anything but digits, commas and spaces. A file's first labelled line decides for it."""
+    return bool(field.strip()) and bool(field.translate(None, b"0123456789, \r").strip())
+
+
+def _named_labels(
+    where: str, field: np.ndarray, line_base: int, vocabulary: list[str] | None, source: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``(label arrays, names)`` of label fields that name labels (``field``: each line's ended by a tab).
+
+    Names are split at commas and stripped of spaces; ``vocabulary`` gives each name's id (a name outside it
+    is an error naming ``source``, where it comes from), None takes the sorted names of these lines."""
+    try:
+        text = field.tobytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = int(np.count_nonzero(field[: error.start] == _TAB)) + line_base
+        raise DataFormatError(
+            where, f"invalid UTF-8 in the label names ({error.reason})", line=line
+        ) from None
+    rows = [
+        [name.strip() for name in line.split(",")] if line.strip() else [] for line in text.split("\t")[:-1]
+    ]
+    for number, row in enumerate(rows):
+        if "" in row:
+            raise DataFormatError(
+                where,
+                f"an empty label name in {','.join(row)!r}: expected 'name,name,...'",
+                line=number + line_base,
+            )
+    names = [name for row in rows for name in row]
+    vocabulary = sorted(set(names)) if vocabulary is None else vocabulary
+    ids = {name: index for index, name in enumerate(vocabulary)}
+    indices = np.fromiter((ids.get(name, -1) for name in names), dtype=np.int64, count=len(names))
+    counts = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    unknown = np.flatnonzero(indices < 0)
+    if unknown.size:
+        line = int(np.searchsorted(indptr, unknown[0], side="right")) - 1 + line_base
+        problem = f"label {names[unknown[0]]!r} is not one of the {len(vocabulary)} label names of {source}"
+        raise DataFormatError(where, problem, line=line)
+    return {"label_indptr": indptr, "label_indices": indices}, vocabulary
 
 
 def _text_part(path: str, buf: np.ndarray, starts: np.ndarray, tabs: np.ndarray) -> np.ndarray:
@@ -677,13 +727,24 @@ def _json_label_titles(path: str) -> list[str]:
     return titles
 
 
-def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:
+def read_text(
+    path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    cache: bool = True,
+) -> XMCData:
     """Read a text-format file, ``l1,l2,...<TAB>text`` one document a line (plain or ``.gz``).
+
+    The labels are ids, or names (``python,devel<TAB>text``) where the file's first labelled line names its
+    own: a name's id is its place in ``label_names``, else in the ``labels.txt`` beside the file, else in the
+    sorted names of the file (:attr:`XMCData.label_names`).
 
     Args:
         path: the file.
         num_labels: the label space size; else the line count of ``labels.txt(.gz)`` beside the file, else the
-            largest label id + 1.
+            largest label id + 1 (names: the number of names).
+        label_names: the names of the run's labels (a test file's, read by its training file's names).
         cache: read and write the parsed arrays cache (see the module docstring).
 
     Returns:
@@ -695,17 +756,28 @@ def read_text(path: str | os.PathLike, *, num_labels: int | None = None, cache: 
     path = os.fspath(path)
     arrays = _cached_arrays(path, "text", _parse_text, cache)
     texts = _split_texts(path, arrays["text_bytes"], 1)
+    beside = read_label_names(path) if label_names is None else None
+    arrays, names = _labels_as_ids(path, arrays, label_names, reads_names=num_labels is None, beside=beside)
     indices = arrays["label_indices"]
     if num_labels is not None:
         label_space = _checked_num_labels(num_labels)
+    elif names is not None:
+        label_space = max(len(names), 1)
     else:
-        names = read_label_names(path)
-        label_space = len(names) if names else (int(indices.max()) + 1 if indices.size else 1)
-    return XMCData(path, _label_rows(path, arrays, label_space, 1), None, texts)
+        label_space = len(beside) if beside else (int(indices.max()) + 1 if indices.size else 1)
+    return XMCData(path, _label_rows(path, arrays, label_space, 1), None, texts, names)
 
 
-def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | None = None) -> XMCData:
-    """Rows to predict on, their labels optional: BoW lines when ``num_features`` is given, else text lines.
+def read_rows(
+    raw: bytes,
+    where: str,
+    *,
+    num_labels: int,
+    num_features: int | None = None,
+    label_names: list[str] | None = None,
+) -> XMCData:
+    """Rows to predict on, their labels optional: BoW lines when ``num_features`` is given, else text lines
+    (whose labels may be names of ``label_names``, the run's).
 
     BoW input may start with its header (whose feature count must be ``num_features``) or not; a line is
     ``l1,l2 f:v ...`` or, without labels, `` f:v ...`` or ``f:v ...``. A text line is ``l1,l2<TAB>text`` or,
@@ -723,7 +795,7 @@ def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | No
     if not raw.strip():
         raise DataFormatError(where, "no rows: expected one document a line")
     if num_features is None:
-        return _text_rows(raw, where, num_labels)
+        return _text_rows(raw, where, num_labels, label_names)
     first = raw.split(b"\n", 1)[0]
     if len(first.split()) == 3 and all(field.isdigit() for field in first.split()):
         arrays = _parse_bow(where, raw)
@@ -739,19 +811,64 @@ def read_rows(raw: bytes, where: str, *, num_labels: int, num_features: int | No
     return XMCData(where, labels, _feature_rows(where, arrays, num_features, line_base), None)
 
 
-def _text_rows(raw: bytes, where: str, num_labels: int) -> XMCData:
-    """Text lines, a line without a tab being an unlabelled document (it gets an empty label list)."""
+def _text_rows(raw: bytes, where: str, num_labels: int, label_names: list[str] | None) -> XMCData:
+    """Text lines, a line without a tab being an unlabelled document (it gets an empty label list); labels
+    that are names are read by ``label_names`` (the run's: none is an error)."""
     lines = raw.split(b"\n")
     labelled = b"\n".join(line if b"\t" in line else b"\t" + line for line in lines)
     if raw.endswith(b"\n"):
         labelled = labelled[:-1]  # the piece after the final newline is no line
     arrays = _parse_text(where, labelled)
     texts = _split_texts(where, arrays["text_bytes"], 1)
-    return XMCData(where, _label_rows(where, arrays, num_labels, 1), None, texts)
+    arrays, _ = _labels_as_ids(where, arrays, label_names, reads_names=False, beside=None)
+    return XMCData(where, _label_rows(where, arrays, num_labels, 1), None, texts, label_names)
 
 
-def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: bool = True) -> XMCData:
-    """Read a BoW or text file, telling them apart by the first line (a 3-number header or a tab).
+def _labels_as_ids(
+    where: str,
+    arrays: dict[str, np.ndarray],
+    label_names: list[str] | None,
+    *,
+    reads_names: bool,
+    beside: list[str] | None,
+) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """A text file's parsed label arrays with ids, and the names they index (None for a file of ids).
+
+    A file of a run whose labels are names (``label_names``, its training file's) must name its labels; one
+    of a run of ids must give ids, unless it is a training file that sets its own label space
+    (``reads_names``), whose names are those of ``beside`` (the ``labels.txt`` beside it) or its own."""
+    named = "label_field" in arrays
+    if label_names is not None and not named and arrays["label_indices"].size:
+        line = int(np.argmax(np.diff(arrays["label_indptr"]) > 0)) + 1
+        problem = (
+            "labels are ids, but the run's are names (its training file's first labelled line names them)"
+        )
+        raise DataFormatError(where, f"{problem}: give names", line=line)
+    if not named:
+        return arrays, None
+    if label_names is None and not reads_names:
+        fields = arrays["label_field"].tobytes().split(b"\t")
+        line = next(number for number, field in enumerate(fields, 1) if field.strip())
+        problem = (
+            "labels are names, but the run's are ids: give ids (a training file whose first labelled line "
+            "names its labels takes its label space from them: leave data.num_classes unset)"
+        )
+        raise DataFormatError(where, problem, line=line)
+    if label_names is not None:
+        source = "the run (its training file's; a labels.txt beside that file, a name a line, makes room)"
+        return _named_labels(where, arrays["label_field"], 1, label_names, source)
+    return _named_labels(where, arrays["label_field"], 1, beside, "the labels.txt beside the file")
+
+
+def load_xmc(
+    path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    cache: bool = True,
+) -> XMCData:
+    """Read a BoW or text file, telling them apart by the first line (a 3-number header or a tab); a text
+    file's label names are read as :func:`read_text` reads them (``label_names``: the run's).
 
     >>> data = load_xmc("data/deb-tags/train.txt.gz")  # doctest: +SKIP
     >>> data.format, data.num_labels  # doctest: +SKIP
@@ -768,7 +885,7 @@ def load_xmc(path: str | os.PathLike, *, num_labels: int | None = None, cache: b
     if not first.strip():
         raise DataFormatError(path, "empty first line: expected a BoW header or 'l1,l2,...<TAB>text'", line=1)
     if b"\t" in first:
-        return read_text(path, num_labels=num_labels, cache=cache)
+        return read_text(path, num_labels=num_labels, label_names=label_names, cache=cache)
     seen = first[:80].decode("utf-8", errors="replace").rstrip("\n")
     problem = (
         f"unknown format: expected a BoW header 'num_docs num_features num_labels' or a tab, got {seen!r}"

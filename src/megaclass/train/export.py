@@ -102,6 +102,10 @@ def export_run(run_dir: str, out_path: str) -> str:
         flat["run.label_counts"] = torch.from_numpy(np.load(counts_path, allow_pickle=False))
     except (OSError, ValueError) as error:
         raise DataFormatError(counts_path, f"cannot read the label counts ({error})") from None
+    names_file = json.loads(metadata["run.json"]).get("label_names_file")
+    if names_file is not None:  # the names a training file's lines gave its labels
+        with open(os.path.join(run_dir, str(names_file)), encoding="utf-8") as file:
+            metadata["labels.txt"] = file.read()
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
         tree, tensors = flatten(_read_state(os.path.join(run_dir, "featurizer")))
         flat.update({f"featurizer.{name}": value for name, value in tensors.items()})

@@ -59,6 +59,7 @@ class LoadedRun:
     facts: dict[str, Any]  # run.json: number of classes, input spec, ...
     label_counts: np.ndarray  # (C,) training label frequencies, for propensity-scored metrics
     device: torch.device
+    label_names: list[str] | None = None  # the name of each class, where the training file named its labels
 
     def open(self, path: str) -> SparseDataset:
         """Open a labelled data file the way the run's training data was opened (same featuriser, classes)."""
@@ -74,6 +75,7 @@ class LoadedRun:
             data_format=self.config.data.format,
             num_classes=self.facts["num_classes"],
             featurizer=self.featurizer,
+            label_names=self.label_names,
             **token_source(self.config.model),
         )
         if dataset.input_spec != expected:
@@ -99,7 +101,7 @@ class LoadedRun:
             return SparseDataset(
                 data.features, data.labels, num_classes=num_classes, multilabel=True, path=where
             )
-        data = read_rows(raw, where, num_labels=num_classes)
+        data = read_rows(raw, where, num_labels=num_classes, label_names=self.label_names)
         if spec.kind == "sparse":
             features = self.featurizer.transform(data.texts)
             return SparseDataset(features, data.labels, num_classes=num_classes, multilabel=True, path=where)
@@ -176,6 +178,7 @@ def _build(
     label_counts: np.ndarray,
     state: dict[str, Any],
     featurizer: Any,
+    label_names: list[str] | None,
     device: str | None,
     where: str,
 ) -> LoadedRun:
@@ -212,6 +215,7 @@ def _build(
         facts,
         label_counts,
         torch_device,
+        label_names,
     )
 
 
@@ -233,7 +237,14 @@ def load_run(run_dir: str, *, device: str | None = None) -> LoadedRun:
     label_counts = _read_run_file(counts_path, lambda path: np.load(path, allow_pickle=False))
     weights_dir = checkpoint.run_weights_folder(run_dir)
     state = _read_run_file(weights_dir, load_run_weights)
-    return _build(config, facts, label_counts, state, read_run_featurizer(run_dir), device, weights_dir)
+    names_file = facts.get("label_names_file")
+    label_names = (
+        None
+        if names_file is None
+        else _read_run_file(os.path.join(run_dir, str(names_file)), read_label_file)
+    )
+    featurizer = read_run_featurizer(run_dir)
+    return _build(config, facts, label_counts, state, featurizer, label_names, device, weights_dir)
 
 
 def read_run_featurizer(run_dir: str) -> Any:
@@ -265,10 +276,12 @@ def _load_export(path: str, device: str | None) -> LoadedRun:
 
             tree = json.loads(metadata["featurizer.json"])
             featurizer = TextFeaturizer.from_state(unflatten(tree, parts.get("featurizer", {})))
-        return config, facts, label_counts, parts, featurizer
+        names = metadata.get("labels.txt")
+        label_names = None if names is None else names.split("\n")[:-1]
+        return config, facts, label_counts, parts, featurizer, label_names
 
-    config, facts, label_counts, parts, featurizer = _read_run_file(path, read)
-    return _build(config, facts, label_counts, parts, featurizer, device, path)
+    config, facts, label_counts, parts, featurizer, label_names = _read_run_file(path, read)
+    return _build(config, facts, label_counts, parts, featurizer, label_names, device, path)
 
 
 def evaluate_run(
@@ -323,8 +336,8 @@ def predict_run(
     tabs (a name may hold spaces and colons: its score follows the last colon).
 
     Args:
-        names: False: label ids; True: the names beside the run's training file (``labels.txt`` or
-            ``lbl.json``, as training reads them); a path: that file's names.
+        names: False: label ids; True: the run's names (those its training file's lines gave, else the
+            ``labels.txt`` or ``lbl.json`` beside that file, as training reads them); a path: that file's.
 
     Returns:
         The number of rows written, and of labels a row.
@@ -352,9 +365,11 @@ def predict_run(
 
 
 def _label_names(run: LoadedRun, names: bool | str, num_classes: int) -> list[str]:
-    """The run's label names for :func:`predict_run`: from the file ``names``, or (``True``) beside the run's
-    training file; at least one a class."""
-    if names is True:
+    """The run's label names for :func:`predict_run`: from the file ``names``, or (``True``) the run's own or
+    those beside its training file; at least one a class."""
+    if names is True and run.label_names is not None:
+        where, label_names = "the run's labels.txt", run.label_names
+    elif names is True:
         train_path = str(run.facts.get("train_path", ""))
         found = read_label_names(train_path) if train_path else None
         if found is None:

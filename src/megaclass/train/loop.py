@@ -43,6 +43,7 @@ from torch import Tensor
 
 from megaclass.data.loaders import BatchLoader, SparseDataset, open_dataset, other_kind
 from megaclass.data.verification_bin import check_verification_bin
+from megaclass.data.xmc import read_label_file
 from megaclass.distributed.checkpoint import (
     export_head_state,
     is_sharded_checkpoint,
@@ -59,7 +60,7 @@ from megaclass.host_allocator import release_free_memory, reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
 from megaclass.schema import ConfigError, covered, get_path, set_path
-from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state
+from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state, write_text_atomic
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import (
@@ -145,6 +146,7 @@ _RUN_ENTRIES = (
     "config.yaml",
     "run.json",
     "label_counts.npy",
+    "labels.txt",
     "featurizer",
     "checkpoints",
     "log.jsonl",
@@ -634,6 +636,7 @@ class Trainer:
             featurizer_config=featurizer_config(data_config.featurizer),
             **tokens,
         )
+        self.label_names = train_data.label_names  # the test and validation files' names are read by them
         facts = DataFacts.of(train_data)
         # a resume keeps its recorded values where this version's recipe resolves them otherwise
         self.config, self.recipe = resolve_run_recipe(
@@ -655,6 +658,7 @@ class Trainer:
                     data_format=data_config.format,
                     num_classes=train_data.num_classes,
                     featurizer=train_data.featurizer,
+                    label_names=self.label_names,
                     **tokens,
                 )
             except LabelOutOfRange as error:  # a label the training file lacks: say how to make room for it
@@ -767,6 +771,23 @@ class Trainer:
     def _has_checkpoints(self) -> bool:
         return bool(checkpoint.checkpoint_folders(self._checkpoint_dir()))
 
+    def _check_label_names(self, facts: dict[str, Any]) -> None:
+        """Refuse a resume whose training file names its labels otherwise than the run's ``labels.txt`` (a
+        ``labels.txt`` put beside the file since gives the names other ids)."""
+        names_file = facts.get("label_names_file")
+        recorded = None
+        if names_file is not None:
+            recorded = read_label_file(os.path.join(self.out_dir, str(names_file)))
+        if recorded != self.label_names:
+            counts = [
+                f"{len(names)} names" if names is not None else "ids"
+                for names in (recorded, self.label_names)
+            ]
+            raise ValueError(
+                f"--resume: the run's labels are {counts[0]} ({os.path.join(self.out_dir, 'labels.txt')}), "
+                f"--train {self.train_path} now gives {counts[1]}; give the run's labelling, or --overwrite"
+            )
+
     @functools.cached_property
     def _recorded_config(self) -> dict[str, Any] | None:
         """The plain form of the ``config.yaml`` of the run a resume continues (None when not resuming),
@@ -830,6 +851,7 @@ class Trainer:
         facts = self._recorded_facts
         if not self.resume or not facts:
             return
+        self._check_label_names(facts)
         for key, flag in (("train_file", "--train"), ("test_file", "--test"), ("valid_file", "--valid")):
             recorded, current = facts.get(key), self.data_files.get(key)
             if key == "valid_file" and (recorded is None) != (current is None):
@@ -885,6 +907,7 @@ class Trainer:
             "num_train_samples": len(data),
             "num_valid_samples": 0 if self.valid_data is None else len(self.valid_data),
             "label_counts_file": "label_counts.npy",
+            **({"label_names_file": "labels.txt"} if self.label_names is not None else {}),
             "kernels": self.kernels,
             # the settings given (a resume's too): given again to a resume that sets none of them
             "explicit_keys": None if self.explicit_keys is None else sorted(self.explicit_keys),
@@ -892,6 +915,10 @@ class Trainer:
         }
         write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
         np.save(os.path.join(self.out_dir, "label_counts.npy"), data.label_counts())
+        if self.label_names is not None:  # the id of each name: inference reads named labels by them
+            write_text_atomic(
+                os.path.join(self.out_dir, "labels.txt"), "".join(f"{n}\n" for n in self.label_names)
+            )
         if data.featurizer is not None:
             write_state(os.path.join(self.out_dir, "featurizer"), data.featurizer.state_dict())
 

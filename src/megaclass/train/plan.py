@@ -40,7 +40,13 @@ from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
-from megaclass.data.xmc import MAX_ID, TEXT_LABEL_IDS, parse_bow_header, read_label_names
+from megaclass.data.xmc import (
+    MAX_ID,
+    TEXT_LABEL_IDS,
+    label_field_holds_names,
+    parse_bow_header,
+    read_label_names,
+)
 from megaclass.distributed.info import DistInfo
 from megaclass.distributed.parallel import rank_batch_size, shards_head
 from megaclass.errors import DataFormatError
@@ -242,6 +248,17 @@ def _labels_of(fields: list[bytes], numbers: Sequence[int], path: str, expected:
     return labels
 
 
+def _labels_are_names(path: str) -> bool:
+    """Whether the text file ``path`` names its labels, as its reader decides: by its first labelled line
+    (among its first :data:`_SAMPLE_BYTES`)."""
+    with _open(path) as handle:
+        for line in handle.readlines(_SAMPLE_BYTES):
+            field = line.split(b"\t", 1)[0] if b"\t" in line else b""
+            if field.strip():
+                return label_field_holds_names(field)
+    return False
+
+
 def read_data_shape(
     path: str | os.PathLike, *, num_classes: int = 0, featurizer: dict | None = None
 ) -> DataShape:
@@ -278,9 +295,16 @@ def read_data_shape(
         inputs = "bow"
     elif data_format in ("xmc-text", "lf-json"):
         num_rows, text_bytes, lines, numbers, whole = _count_and_sample_lines(path)
+        named = data_format == "xmc-text" and _labels_are_names(path)
         if data_format == "xmc-text":
             fields = [line.split(b"\t", 1)[0] for line in lines]
-            labels = _labels_of(fields, numbers, path, f"expected {TEXT_LABEL_IDS}")
+            if named:  # names: how many the sample holds
+                labels = [
+                    sorted({name.strip() for name in field.split(b",")}) if field.strip() else []
+                    for field in fields
+                ]
+            else:
+                labels = _labels_of(fields, numbers, path, f"expected {TEXT_LABEL_IDS}")
             texts = [line.split(b"\t", 1)[-1].rstrip(b"\r").decode("utf-8", "replace") for line in lines]
         else:
             try:
@@ -292,7 +316,10 @@ def read_data_shape(
         config = featurizer_config(featurizer or {}) or FeaturizerConfig()
         num_features, per_row = _featurized_size(texts, num_rows, config, whole=whole)
         names = read_label_names(path)
-        seen = max((max(row) for row in labels if row), default=0) + 1
+        if named:
+            seen = len({name for row in labels for name in row})
+        else:
+            seen = max((max(row) for row in labels if row), default=0) + 1
         num_labels = len(names) if names else seen
         inputs = "text"
     else:  # face images: the record index read (one read an identity), no image decoded but the first

@@ -52,6 +52,7 @@ def take_rows(dataset: Any, rows: np.ndarray) -> Any:
             multilabel=dataset.multilabel,
             path=dataset.path,
             featurizer=dataset.featurizer,
+            label_names=dataset.label_names,
         )
     if isinstance(dataset, TokenDataset):
         tokens = dataset.tokens
@@ -66,6 +67,7 @@ def take_rows(dataset: Any, rows: np.ndarray) -> Any:
             path=dataset.path,
             texts=texts,
             bucket=dataset.bucket,
+            label_names=dataset.label_names,
         )
     if isinstance(dataset, FaceImageDataset):
         return FaceImageDataset(
