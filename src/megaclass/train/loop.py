@@ -779,13 +779,15 @@ class Trainer:
         if names_file is not None:
             recorded = read_label_file(os.path.join(self.out_dir, str(names_file)))
         if recorded != self.label_names:
-            counts = [
+            run, now = (
                 f"{len(names)} names" if names is not None else "ids"
                 for names in (recorded, self.label_names)
-            ]
+            )
+            if recorded is not None:
+                run += f" ({os.path.join(self.out_dir, str(names_file))})"
             raise ValueError(
-                f"--resume: the run's labels are {counts[0]} ({os.path.join(self.out_dir, 'labels.txt')}), "
-                f"--train {self.train_path} now gives {counts[1]}; give the run's labelling, or --overwrite"
+                f"--resume: the run's labels are {run}, --train {self.train_path} now gives {now}; give the "
+                "run's labelling, or --overwrite"
             )
 
     @functools.cached_property
