@@ -149,3 +149,20 @@ def test_bow_file_is_refused(tmp_path, tokenizer):
     path.write_text("2 3 2\n0 1:0.5\n1 2:1.0\n")
     with pytest.raises(DataFormatError, match="labels<TAB>text"):
         open_token_dataset(path, tokenizer, max_length=8)
+
+
+def test_token_ids_of_a_file_that_names_its_labels(tmp_path, tokenizer):
+    """A text file whose lines name their labels reads as token ids with the names' ids, and its test file
+    by the training file's names, as the featurised path reads them."""
+    (tmp_path / "train.txt").write_text("python,devel\ta python library\nweb\ta web server\n")
+    (tmp_path / "test.txt").write_text("web\ta server\n")
+    train = open_dataset(str(tmp_path / "train.txt"), tokenizer=tokenizer, max_length=8)
+    assert train.label_names == ["devel", "python", "web"] and train.labels.to_lists() == [[1, 0], [2]]
+    test = open_dataset(
+        str(tmp_path / "test.txt"),
+        tokenizer=tokenizer,
+        max_length=8,
+        num_classes=3,
+        label_names=train.label_names,
+    )
+    assert test.labels.to_lists() == [[2]] and test.input_spec == train.input_spec
