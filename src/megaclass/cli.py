@@ -373,7 +373,8 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         metavar="FILE",
         help="write label names, name:score pairs separated by tabs: from FILE (one name a line, or the "
-        "repository's lbl.json), else from the labels.txt or lbl.json beside the run's training file",
+        "repository's lbl.json), else the run's own (its training file's lines named them), else from the "
+        "labels.txt or lbl.json beside the run's training file",
     )
 
 
