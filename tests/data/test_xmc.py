@@ -508,3 +508,21 @@ def test_label_names_and_ids_do_not_mix(tmp_path) -> None:
         read_rows(b"web\tx\n", "<stdin>", num_labels=2)
     with pytest.raises(DataFormatError, match="<stdin>:2: labels are ids, but the run's are names"):
         read_rows(b"bare\n1\tx\n", "<stdin>", num_labels=2, label_names=["python", "web"])
+
+
+def test_a_file_of_names_reads_as_its_file_of_ids(repo_root, tmp_path) -> None:
+    """deb-tags' test texts with each id written as its name (its label file is sorted): the same rows."""
+    folder = os.path.join(repo_root, "data", "deb-tags")
+    with gzip.open(os.path.join(folder, "labels.txt.gz"), "rt") as file:
+        names = file.read().splitlines()
+    with gzip.open(os.path.join(folder, "test.txt.gz"), "rt") as file:
+        lines = [line.split("\t", 1) for line in file]
+    named = tmp_path / "test.txt"
+    named.write_text(
+        "".join(",".join(names[int(i)] for i in ids.split(",")) + "\t" + text for ids, text in lines)
+    )
+    by_ids = read_text(os.path.join(folder, "test.txt.gz"), cache=False)
+    by_names = read_text(named, num_labels=len(names), label_names=names, cache=False)
+    assert by_names.labels.to_lists() == by_ids.labels.to_lists() and by_names.texts == by_ids.texts
+    used = sorted({names[int(i)] for ids, _ in lines for i in ids.split(",")})
+    assert read_text(named, cache=False).label_names == used  # without the run's names: the file's own

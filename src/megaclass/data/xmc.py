@@ -608,27 +608,39 @@ def _named_labels(
         raise DataFormatError(
             where, f"invalid UTF-8 in the label names ({error.reason})", line=line
         ) from None
-    rows = [
-        [name.strip() for name in line.split(",")] if line.strip() else [] for line in text.split("\t")[:-1]
-    ]
-    for number, row in enumerate(rows):
-        if "" in row:
-            raise DataFormatError(
-                where,
-                f"an empty label name in {','.join(row)!r}: expected 'name,name,...'",
-                line=number + line_base,
-            )
-    names = [name for row in rows for name in row]
-    vocabulary = sorted(set(names)) if vocabulary is None else vocabulary
+    fields = text.split("\t")[:-1]
+    distinct: dict[str, int] = {}  # a label field's code: each distinct field is split and mapped once
+    codes = np.fromiter(
+        (distinct.setdefault(f, len(distinct)) for f in fields), dtype=np.int64, count=len(fields)
+    )
+    rows = [[name.strip() for name in field.split(",")] if field.strip() else [] for field in distinct]
+
+    def first_line(bad: list[bool]) -> int:  # the first line, in the file's order, whose field is bad
+        return int(np.flatnonzero(np.asarray(bad, dtype=bool)[codes])[0])
+
+    empty = ["" in row for row in rows]
+    if any(empty):
+        line = first_line(empty)
+        row = rows[codes[line]]
+        problem = f"an empty label name in {','.join(row)!r}: expected 'name,name,...'"
+        raise DataFormatError(where, problem, line=line + line_base)
+    vocabulary = sorted({name for row in rows for name in row}) if vocabulary is None else vocabulary
     ids = {name: index for index, name in enumerate(vocabulary)}
-    indices = np.fromiter((ids.get(name, -1) for name in names), dtype=np.int64, count=len(names))
-    counts = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    row_ids = [[ids.get(name, -1) for name in row] for row in rows]
+    unknown = [-1 in row for row in row_ids]
+    if any(unknown):
+        line = first_line(unknown)
+        code = int(codes[line])
+        name = rows[code][row_ids[code].index(-1)]
+        problem = f"label {name!r} is not one of the {len(vocabulary)} label names of {source}"
+        raise DataFormatError(where, problem, line=line + line_base)
+    lengths = np.fromiter((len(row) for row in row_ids), dtype=np.int64, count=len(row_ids))
+    flat = np.fromiter((i for row in row_ids for i in row), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # each distinct field's ids in flat
+    counts = lengths[codes]
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    unknown = np.flatnonzero(indices < 0)
-    if unknown.size:
-        line = int(np.searchsorted(indptr, unknown[0], side="right")) - 1 + line_base
-        problem = f"label {names[unknown[0]]!r} is not one of the {len(vocabulary)} label names of {source}"
-        raise DataFormatError(where, problem, line=line)
+    within = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], counts)
+    indices = flat[np.repeat(starts[codes], counts) + within]
     return {"label_indptr": indptr, "label_indices": indices}, vocabulary
 
 
