@@ -768,8 +768,9 @@ def read_text(
     path = os.fspath(path)
     arrays = _cached_arrays(path, "text", _parse_text, cache)
     texts = _split_texts(path, arrays["text_bytes"], 1)
-    beside = read_label_names(path) if label_names is None else None
-    arrays, names = _labels_as_ids(path, arrays, label_names, reads_names=num_labels is None, beside=beside)
+    reads_names = num_labels is None  # the file sets its own label space (a training file)
+    beside = read_label_names(path) if reads_names and label_names is None else None
+    arrays, names = _labels_as_ids(path, arrays, label_names, reads_names=reads_names, beside=beside)
     indices = arrays["label_indices"]
     if num_labels is not None:
         label_space = _checked_num_labels(num_labels)

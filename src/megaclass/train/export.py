@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaclass.data.xmc import read_label_file
 from megaclass.distributed.checkpoint import export_head_state, is_sharded_checkpoint
 from megaclass.errors import DataFormatError
 from megaclass.heads import is_streamed_entry
@@ -104,8 +105,7 @@ def export_run(run_dir: str, out_path: str) -> str:
         raise DataFormatError(counts_path, f"cannot read the label counts ({error})") from None
     names_file = json.loads(metadata["run.json"]).get("label_names_file")
     if names_file is not None:  # the names a training file's lines gave its labels
-        with open(os.path.join(run_dir, str(names_file)), encoding="utf-8") as file:
-            metadata["labels.txt"] = file.read()
+        metadata["label_names.json"] = json.dumps(read_label_file(os.path.join(run_dir, str(names_file))))
     if os.path.isdir(os.path.join(run_dir, "featurizer")):
         tree, tensors = flatten(_read_state(os.path.join(run_dir, "featurizer")))
         flat.update({f"featurizer.{name}": value for name, value in tensors.items()})

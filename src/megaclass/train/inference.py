@@ -276,8 +276,8 @@ def _load_export(path: str, device: str | None) -> LoadedRun:
 
             tree = json.loads(metadata["featurizer.json"])
             featurizer = TextFeaturizer.from_state(unflatten(tree, parts.get("featurizer", {})))
-        names = metadata.get("labels.txt")
-        label_names = None if names is None else names.split("\n")[:-1]
+        names = metadata.get("label_names.json")
+        label_names = None if names is None else json.loads(names)
         return config, facts, label_counts, parts, featurizer, label_names
 
     config, facts, label_counts, parts, featurizer, label_names = _read_run_file(path, read)

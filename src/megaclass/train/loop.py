@@ -636,7 +636,6 @@ class Trainer:
             featurizer_config=featurizer_config(data_config.featurizer),
             **tokens,
         )
-        self.label_names = train_data.label_names  # the test and validation files' names are read by them
         facts = DataFacts.of(train_data)
         # a resume keeps its recorded values where this version's recipe resolves them otherwise
         self.config, self.recipe = resolve_run_recipe(
@@ -658,7 +657,7 @@ class Trainer:
                     data_format=data_config.format,
                     num_classes=train_data.num_classes,
                     featurizer=train_data.featurizer,
-                    label_names=self.label_names,
+                    label_names=train_data.label_names,  # a test file's names read by --train's
                     **tokens,
                 )
             except LabelOutOfRange as error:  # a label the training file lacks: say how to make room for it
@@ -778,10 +777,10 @@ class Trainer:
         recorded = None
         if names_file is not None:
             recorded = read_label_file(os.path.join(self.out_dir, str(names_file)))
-        if recorded != self.label_names:
+        if recorded != self.train_data.label_names:
             run, now = (
                 f"{len(names)} names" if names is not None else "ids"
-                for names in (recorded, self.label_names)
+                for names in (recorded, self.train_data.label_names)
             )
             if recorded is not None:
                 run += f" ({os.path.join(self.out_dir, str(names_file))})"
@@ -909,7 +908,7 @@ class Trainer:
             "num_train_samples": len(data),
             "num_valid_samples": 0 if self.valid_data is None else len(self.valid_data),
             "label_counts_file": "label_counts.npy",
-            **({"label_names_file": "labels.txt"} if self.label_names is not None else {}),
+            **({"label_names_file": "labels.txt"} if data.label_names is not None else {}),
             "kernels": self.kernels,
             # the settings given (a resume's too): given again to a resume that sets none of them
             "explicit_keys": None if self.explicit_keys is None else sorted(self.explicit_keys),
@@ -917,9 +916,9 @@ class Trainer:
         }
         write_json_atomic(os.path.join(self.out_dir, "run.json"), facts)
         np.save(os.path.join(self.out_dir, "label_counts.npy"), data.label_counts())
-        if self.label_names is not None:  # the id of each name: inference reads named labels by them
+        if data.label_names is not None:  # the id of each name: inference reads named labels by them
             write_text_atomic(
-                os.path.join(self.out_dir, "labels.txt"), "".join(f"{n}\n" for n in self.label_names)
+                os.path.join(self.out_dir, "labels.txt"), "".join(f"{n}\n" for n in data.label_names)
             )
         if data.featurizer is not None:
             write_state(os.path.join(self.out_dir, "featurizer"), data.featurizer.state_dict())
