@@ -8,14 +8,17 @@ import os
 import random
 import re
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from megaclass.state_io import DamagedStateError
+from megaclass.state_io import DamagedStateError, SavedTensor
 from megaclass.train import checkpoint
 from megaclass.train.checkpoint import CheckpointWarning
+from megaclass.train.config import TrainConfig
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -369,3 +372,62 @@ def test_short_of_room_when_the_next_checkpoint_will_not_fit(tmp_path, monkeypat
     assert warning is not None and "the next one will not fit" in warning and folder in warning
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=size))
     assert checkpoint.short_of_room(folder, path) is None
+
+
+def test_saves_go_behind_the_steps_for_one_process_whose_state_an_eighth_of_the_host_holds():
+    train = TrainConfig()
+    assert checkpoint.saves_in_background(train, 100, 800, processes=1, sharded=False)
+    assert not checkpoint.saves_in_background(train, 101, 800, processes=1, sharded=False)
+    assert not checkpoint.saves_in_background(train, 100, 800, processes=2, sharded=False)
+    assert not checkpoint.saves_in_background(train, 100, 800, processes=1, sharded=True)
+    assert not checkpoint.saves_in_background(train, None, 800, processes=1, sharded=False)  # rows streamed
+    off = TrainConfig(background_saves=False)
+    assert not checkpoint.saves_in_background(off, 100, 800, processes=1, sharded=False)
+
+
+def test_a_host_copy_keeps_the_values_of_when_it_was_taken():
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"model": {"w": weight[:, 1:]}, "step": 3, "rows": [torch.ones(2, dtype=torch.bfloat16)]}
+    copy = checkpoint.to_host(state)
+    weight.add_(10.0)
+    state["rows"][0].zero_()
+    assert torch.equal(copy["model"]["w"], torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+    assert torch.equal(copy["rows"][0], torch.ones(2, dtype=torch.bfloat16)) and copy["step"] == 3
+    assert checkpoint.tensor_bytes(state) == 2 * 2 * 4 + 2 * 2
+    saved = SavedTensor("unused", 0, (2, 2), torch.float32)
+    assert checkpoint.tensor_bytes({"model": {"w": saved}}) is None
+
+
+def test_background_saves_run_in_order_and_raise_a_failure_at_the_next_call():
+    saves = checkpoint.BackgroundSaves()
+    written, release = [], threading.Event()
+
+    def slow():
+        release.wait(10)
+        written.append("first")
+
+    saves.submit(slow)
+    saves.check()  # in flight: no wait, nothing to raise
+    assert written == []
+    release.set()
+    saves.submit(lambda: written.append("second"))  # waits for the first
+    saves.wait()
+    assert written == ["first", "second"]
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    saves.submit(full_disk)
+    for _ in range(1000):
+        try:
+            saves.check()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("a failed save was not raised by check()")
+    saves.check()  # raised once
+    saves.submit(full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        saves.close()

@@ -5,17 +5,21 @@ The kill point is set by a ``sitecustomize`` hook that only this test puts on th
 ``os.replace`` and kills the process at the n-th rename matching a pattern, before it happens.
 """
 
+import errno
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
+import torch
 
 from megaclass.cli import main
-from megaclass.state_io import DamagedStateError, verify_manifest
+from megaclass.state_io import DamagedStateError, flatten, read_state, verify_manifest
+from megaclass.train import checkpoint
 from megaclass.train.checkpoint import CheckpointWarning, checkpoint_folders
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -163,3 +167,48 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(
     assert {k: v for k, v in resumed.items() if "@" in k} == {k: v for k, v in full.items() if "@" in k}
     assert _whole_steps(out) == {2, 3, 4, 6, 8, 9} >= whole_at_kill, "no whole checkpoint lost"
     assert not [name for name in os.listdir(out / "checkpoints") if name.startswith((".tmp-", ".old-"))]
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    _, tensors = flatten(read_state(str(folder)))
+    return tensors
+
+
+def test_saves_behind_the_steps_write_what_the_steps_waiting_for_them_write(data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(data, out, "train.background_saves=false")) == 0  # extends the --set list
+    assert _records(out) == _records(uninterrupted)
+    steps = sorted(os.listdir(out / "checkpoints"))
+    assert steps == sorted(os.listdir(uninterrupted / "checkpoints"))
+    for name in [*(os.path.join("checkpoints", step) for step in steps if step.startswith("step_")), "best"]:
+        if name == "best":
+            (kept,) = os.listdir(out / "best")
+            assert os.listdir(uninterrupted / "best") == [kept]
+            name = os.path.join("best", kept)
+        ours, theirs = _tensors(out / name), _tensors(uninterrupted / name)
+        assert ours.keys() == theirs.keys()
+        different = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+        assert not different, f"{name}: {different[:3]}"
+
+
+def test_a_save_behind_the_steps_that_fails_stops_the_run_and_loses_no_whole_checkpoint(
+    data, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    real_save, calls = checkpoint.save_checkpoint, []
+
+    def full_disk_at_the_third(folder, step, state, *, keep):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:  # step 4's, while the steps after it run
+            raise OSError(errno.ENOSPC, f"no space left on the device writing checkpoint step {step}")
+        return real_save(folder, step, state, keep=keep)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_the_third)
+    assert main(_argv(data, out)) == 2
+    assert "no space left on the device writing checkpoint step 4" in capsys.readouterr().err
+    assert _whole_steps(out) == {2, 3}
+    assert all(name.startswith("checkpoint") for name in calls), calls  # the saves' thread wrote them
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert main(_argv(data, out, "--resume")) == 0
+    assert _records(out) == _records(uninterrupted)
+    assert _whole_steps(out) == {2, 3, 4, 6, 8, 9}

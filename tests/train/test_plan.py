@@ -521,6 +521,34 @@ def test_rows_on_parameter_servers_are_planned_in_the_checkpoints_they_reach(syn
     )
 
 
+@pytest.mark.parametrize("store", ["gpu", "host", "ps"])
+def test_a_save_behind_the_steps_plans_its_copy_of_the_state_where_it_makes_one(synthetic, store):
+    """A checkpoint and the kept weights copied into host memory, held from the first save on; none where the
+    copy would take more than an eighth of the host, where rows live on parameter servers, or when off."""
+    url = "ps://127.0.0.1:1" if store == "ps" else store
+    overrides = ["model.hidden=[64]", f"head.store={url}"]
+    shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**6)
+    name = "checkpoint copy written behind the steps"
+
+    def plan(host_capacity, *extra):
+        config = load_config(head="selected", overrides=[*overrides, *extra])
+        options = {"device_type": "cuda", "gpu_capacity": 139 << 30, "host_capacity": host_capacity}
+        return plan_run(config, shape, **options)
+
+    roomy = plan(128 << 30)
+    parts = {part.name: part for part in roomy.parts}
+    if store == "ps":
+        assert name not in parts
+        return
+    weights = parts["encoder weights"].saved_bytes + parts["head weights"].saved_bytes
+    copy = parts[name]
+    assert (copy.device_bytes, copy.phase) == (0, "steady")
+    assert copy.host_bytes == roomy.checkpoint_bytes() + weights
+    assert name not in {part.name for part in plan(8 * copy.host_bytes - 1).parts}  # over an eighth
+    assert name in {part.name for part in plan(8 * copy.host_bytes).parts}
+    assert name not in {part.name for part in plan(128 << 30, "train.background_saves=false").parts}
+
+
 def test_reading_the_data_and_building_the_modules_come_before_the_parts_made_later():
     g = 1 << 30
     parts = [
@@ -542,7 +570,12 @@ def test_a_refusal_for_a_batch_too_large_names_the_batch_that_fits(synthetic):
 
     def plan(batch, host_gib=1024.0):
         config = load_config(
-            overrides=["model.hidden=[8192]", f"train.batch_size={batch}", "train.device=cpu"]
+            overrides=[
+                "model.hidden=[8192]",
+                f"train.batch_size={batch}",
+                "train.device=cpu",
+                "train.background_saves=false",  # its copy, held by a host with room for it, plans apart
+            ]
         )
         return plan_for(config, path, resolve=lambda config, facts: config, host_memory=host_gib)
 

@@ -13,9 +13,14 @@ A kill in the middle of a save leaves ``.tmp-*`` leftovers (never read) or, when
 ``.old-step_<N>-*/step_<N>``: that one is a whole checkpoint and is read where it lies; :func:`recover`
 puts it back and removes the leftovers. Pruning only removes whole checkpoints older than the ``keep`` newest.
 
-Saving and loading take one block of host memory, not a copy of the rows: tensors are written straight from
-where they live (:func:`megaclass.state_io.write_tensors`), and a head's row-store entries (``head.store.*``)
-come back from :func:`load_checkpoint` (and a weights folder's from
+A run of one process whose state is all in tensors writes its saves behind its steps
+(:func:`saves_in_background`, :class:`BackgroundSaves`): each from a copy of its tensors in host memory taken
+when the save is due, in a thread, while training goes on; the next save, the run's end and the run's close
+wait for it. A kill while it writes loses that save alone (the newest whole checkpoint is the one before).
+
+Otherwise saving and loading take one block of host memory, not a copy of the rows: tensors are written
+straight from where they live (:func:`megaclass.state_io.write_tensors`), and a head's row-store entries
+(``head.store.*``) come back from :func:`load_checkpoint` (and a weights folder's from
 :func:`~megaclass.train.export.load_run_weights`) as :class:`~megaclass.state_io.SavedTensor` handles that the
 store streams into its own rows.
 """
@@ -29,22 +34,29 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from megaclass.heads import is_streamed_entry
 from megaclass.state_io import (
     MANIFEST,
     DamagedStateError,
+    flatten,
     folder_bytes,
     format_bytes,
     free_bytes,
     read_state,
+    unflatten,
     verify_manifest,
     write_json_atomic,
     write_state,
 )
+from megaclass.train.config import TrainConfig
 
 __all__ = [
+    "BackgroundSaves",
     "CheckpointWarning",
     "checkpoint_folders",
     "commit_checkpoint",
@@ -55,7 +67,10 @@ __all__ = [
     "recover",
     "run_weights_folder",
     "save_checkpoint",
+    "saves_in_background",
     "short_of_room",
+    "tensor_bytes",
+    "to_host",
 ]
 
 _LATEST = "latest.json"
@@ -64,8 +79,73 @@ _MOVED_ASIDE = ".old-"
 _LEFTOVERS = (".tmp-", _MOVED_ASIDE)
 
 
+# a save behind the steps holds a copy of at most 1 / _HOST_SHARE of the available host memory: larger
+# states (rows of 10^8 classes) stream from where they live, never copied whole
+_HOST_SHARE = 8
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (damaged) or ``latest.json`` was missing or wrong; the run goes on."""
+
+
+def tensor_bytes(state: Any) -> int | None:
+    """Bytes of ``state``'s tensors; None where a part of it is no tensor (a row store's
+    :class:`~megaclass.state_io.RowSource`, streamed from where its rows live)."""
+    _, tensors = flatten(state)
+    if not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        return None
+    return sum(value.numel() * value.element_size() for value in tensors.values())
+
+
+def to_host(state: Any) -> Any:
+    """``state`` with each tensor copied into host memory (a GPU's copied out, a host one cloned): what the
+    steps after it change, the copy keeps as it was. Every part of it must be a tensor
+    (:func:`tensor_bytes`)."""
+    tree, tensors = flatten(state)
+    return unflatten(tree, {key: value.detach().to("cpu", copy=True) for key, value in tensors.items()})
+
+
+def saves_in_background(
+    train: TrainConfig, copy_bytes: int | None, host_available: int, *, processes: int, sharded: bool
+) -> bool:
+    """Whether a run writes its saves behind its steps: ``train.background_saves``, one process, a head that
+    is not sharded, and a state all in tensors (``copy_bytes``, the host copy of a checkpoint and the kept
+    weights, not None) that takes at most an eighth of the ``host_available`` bytes."""
+    if not train.background_saves or processes != 1 or sharded or copy_bytes is None:
+        return False
+    return copy_bytes * _HOST_SHARE <= host_available
+
+
+class BackgroundSaves:
+    """Saves run one at a time by a thread while training goes on. A save's error is raised by the next call
+    (:meth:`check` at each log window, :meth:`submit` at the next save, :meth:`wait` at the run's end)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def submit(self, save: Callable[[], object]) -> None:
+        """Run ``save`` in the thread once the save before it has ended (its error raised here)."""
+        self.wait()
+        self._pending = self._pool.submit(save)
+
+    def check(self) -> None:
+        """Raise the error of a save that ended in one; never waits."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the save in flight and stop the thread; raise the save's error."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def save_checkpoint(folder: str, step: int, state: dict[str, Any], *, keep: int = 2) -> str:

@@ -180,6 +180,10 @@ class TrainConfig:
     # step has static shapes and no host sync), eager elsewhere or where the capture fails; on: an error
     # where it cannot be; off: every step eager
     cuda_graph: Literal["auto", "on", "off"] = "auto"
+    # write checkpoints and kept weights in a thread while the next steps run, from a copy in host memory,
+    # where the run is one process whose state is all in tensors and the copy takes at most an eighth of the
+    # available host memory; false: the steps wait for each save
+    background_saves: bool = True
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "keep_checkpoints", "eval_every", "log_every", "valid_max_rows")

@@ -85,7 +85,7 @@ from megaclass.train.graphs import (
 from megaclass.train.inference import read_run_featurizer
 from megaclass.train.low_precision import head_input
 from megaclass.train.memory import format_head_memory, head_memory, summed_over_ranks
-from megaclass.train.plan import plan_for
+from megaclass.train.plan import machine_memory, plan_for
 from megaclass.train.progress import RunLogger, peak_memory_bytes, read_log, reset_peak_memory
 from megaclass.train.recipes import DataFacts, resolve_auto, resolve_recipe
 from megaclass.train.report import epoch_history, write_report
@@ -117,6 +117,7 @@ _RESUMABLE_CHANGES = {
     "train.keep_checkpoints",
     "train.log_every",
     "train.cuda_graph",  # the same kernels run on the same values, replayed or launched one by one
+    "train.background_saves",
     "distributed.timeout_s",
     "distributed.encoder",
     "distributed.shard_head",  # sharded or not, a head computes the same loss; checkpoints load either way
@@ -447,6 +448,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # what a resume changes on purpose
         self._verifier: VerificationEvaluator | None = None  # built at the first verification
+        self._saves = checkpoint.BackgroundSaves()
+        self._background: bool | None = None  # saves behind the steps: decided at the first save
+        self._best_to_write: tuple[str, dict[str, Any]] | None = None  # a save behind the steps writes it
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -1129,6 +1133,7 @@ class Trainer:
         return self._bar
 
     def _log_losses(self, window: list[Tensor], epoch: int) -> None:
+        self._saves.check()  # a save behind the steps that failed stops the run now, not at the next save
         losses = torch.stack(window).float().cpu().tolist()  # deliberate host sync, once per log window
         # timed after that sync: the window's steps have run on the device, not only been launched (a
         # checkpoint written between windows counts in the next one)
@@ -1189,8 +1194,7 @@ class Trainer:
                 line += f"  test (curve) {_precisions(test)}"
         self.logger.print(line)
         self.state = dataclasses.replace(self.state, epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0)
-        self.save_checkpoint()
-        self._tidy_best()
+        self.save_checkpoint(tidy_best=True)
         if self._patience_spent() and epoch + 1 < self.config.train.epochs:
             self.logger.print(
                 f"early stop: no better validation {self._selection_metric()} in "
@@ -1237,7 +1241,9 @@ class Trainer:
 
     def _save_best(self, epoch: int) -> None:
         """Write the weights just evaluated to ``best/epoch-N``: whole from rank 0, or, for a sharded head,
-        each rank's rows in the layout of a sharded checkpoint (collective)."""
+        each rank's rows in the layout of a sharded checkpoint (collective). A run that saves behind its
+        steps copies them now and writes them before the checkpoint that records them."""
+        behind = self._saves_in_background()
         with self._averaged():  # the evaluated weights are kept
             if self.head.sharded:
                 encoder, _ = encoder_state(self.parallel, None)  # collective under FSDP2; rank 0's is written
@@ -1250,16 +1256,20 @@ class Trainer:
                 )
                 return
             state = self._model_state(weights_only=True)
+            if behind:
+                self._best_to_write = (self._best_dir(epoch), checkpoint.to_host(state))
+                return
         if self.dist.is_main:
             write_state(self._best_dir(epoch), state)
 
-    def _tidy_best(self) -> None:
-        """Remove the kept weights of epochs the checkpoint no longer calls best (rank 0)."""
+    def _tidy_best(self, best_epoch: int) -> None:
+        """Remove the kept weights of epochs other than ``best_epoch``, the one the checkpoint just written
+        calls best (rank 0)."""
         folder = os.path.join(self.out_dir, "best")
         if not self.dist.is_main or not os.path.isdir(folder):
             return
         for name in os.listdir(folder):
-            if name != f"epoch-{self.state.best_epoch}":
+            if name != f"epoch-{best_epoch}":
                 path = os.path.join(folder, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -1355,6 +1365,7 @@ class Trainer:
         epoch's end gave, where this process computed them), and write the final weights, ``metrics.json`` and
         the report (rank 0; the others return no metrics)."""
 
+        self._saves.wait()  # the last save's checkpoint and kept weights are on disk
         kept_on_disk = self._best_on_disk()  # best/epoch-N is the final model
         if kept_on_disk:
             self._restore_best()
@@ -1485,10 +1496,25 @@ class Trainer:
         head = export_head_state(latest, averaged=self.average is not None)  # the evaluated weights
         return {"encoder": encoder_weights, "head": head}
 
-    def save_checkpoint(self) -> str:
-        """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config."""
+    def save_checkpoint(self, *, tidy_best: bool = False) -> str:
+        """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config; then
+        (``tidy_best``) remove the kept weights the checkpoint no longer calls best. Behind the steps where
+        :meth:`_saves_in_background`: the folder it will be is returned at once."""
+        best_epoch = self.state.best_epoch
         if self.head.sharded:
-            return self._save_distributed_checkpoint()
+            path = self._save_distributed_checkpoint()
+        elif self._saves_in_background():
+            return self._save_behind(tidy_best=tidy_best)
+        else:
+            path = self._save_single_checkpoint()
+        if tidy_best:
+            self._tidy_best(best_epoch)
+        return path
+
+    def _checkpoint_state(self, *, average: bool = True) -> dict[str, Any]:
+        """What a single-process checkpoint holds (its tensors where they live); without the weight average's
+        state (``average`` false), which its :meth:`~megaclass.train.averaging.WeightAverage.state_dict`
+        brings up to date first."""
         state = {
             **self._model_state(),
             "optimizers": {
@@ -1500,8 +1526,48 @@ class Trainer:
             "log_bytes": self._log_bytes(),
             "head_weights": sorted(self.head.weights_state_dict()),  # what an export of it keeps
         }
-        if self.average is not None:
+        if self.average is not None and average:
             state["average"] = self.average.state_dict()
+        return state
+
+    def _saves_in_background(self) -> bool:
+        """Whether saves are written behind the steps (:func:`checkpoint.saves_in_background`), decided at the
+        run's first save: the state's size is the same at every save of a run."""
+        if self._background is None:
+            copy = None
+            if self.dist.world_size == 1 and not self.head.sharded and self.config.train.background_saves:
+                copy = checkpoint.tensor_bytes(self._checkpoint_state(average=False))
+                weights = checkpoint.tensor_bytes(self._model_state(weights_only=True)) or 0
+                copies = (self.average is not None) + self._keeps_best()  # the average: a copy of the weights
+                copy = None if copy is None else copy + copies * weights
+            _, host = machine_memory("cpu")
+            self._background = checkpoint.saves_in_background(
+                self.config.train, copy, host, processes=self.dist.world_size, sharded=self.head.sharded
+            )
+        return self._background
+
+    def _save_behind(self, *, tidy_best: bool) -> str:
+        """Copy the checkpoint's state (and the kept weights not yet written) into host memory and write them
+        in the saves' thread, in the order a synchronous save does; returns the checkpoint's folder."""
+        state, best = checkpoint.to_host(self._checkpoint_state()), self._best_to_write
+        self._best_to_write = None
+        folder, step = self._checkpoint_dir(), self.state.global_step
+        keep, best_epoch = self.config.train.keep_checkpoints, self.state.best_epoch
+
+        def save() -> None:
+            if best is not None:
+                write_state(*best)
+            path = checkpoint.save_checkpoint(folder, step, state, keep=keep)
+            self._warn_if_short_of_room(path)
+            if tidy_best:
+                self._tidy_best(best_epoch)
+
+        self._saves.submit(save)
+        return os.path.join(os.path.abspath(folder), f"step_{step:09d}")
+
+    def _save_single_checkpoint(self) -> str:
+        """A checkpoint of a replicated head, written by rank 0 while the others wait."""
+        state = self._checkpoint_state()
         path = ""
         if self.dist.distributed:
             import torch.distributed as dist
@@ -1720,16 +1786,21 @@ class Trainer:
     def close(self, *, failed: bool = False) -> None:
         """Release the head's row store (page-locked rows, threads, connections) and close the logs. After an
         error (``failed``) the store's updates in flight are not waited for, and its errors are not raised
-        over the first: the run resumes from its last checkpoint."""
+        over the first: the run resumes from its last checkpoint. A save still being written is finished
+        first (after an error too: its state is from before it)."""
         try:
-            if hasattr(self, "head"):
-                if failed:
-                    with contextlib.suppress(Exception):
-                        self.head.close(wait=False)
-                else:
-                    self.head.close()
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                self._saves.close()
         finally:
-            self.logger.close()
+            try:
+                if hasattr(self, "head"):
+                    if failed:
+                        with contextlib.suppress(Exception):
+                            self.head.close(wait=False)
+                    else:
+                        self.head.close()
+            finally:
+                self.logger.close()
 
 
 def _precisions(metrics: dict[str, float]) -> str:

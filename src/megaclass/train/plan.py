@@ -57,6 +57,7 @@ from megaclass.models import build_model
 from megaclass.models.mlp import MLPConfig
 from megaclass.models.text import reads_tokens
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
+from megaclass.train.checkpoint import saves_in_background
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.graphs import whole_step_blocker
 from megaclass.train.recipes import DataFacts
@@ -812,6 +813,9 @@ def plan_run(
         PlanPart("interpreter and PyTorch", 0, _PROCESS_HOST, setting=_MORE_HOST),
         PlanPart("libraries a run loads", 0, _LIBRARIES_HOST, setting=_MORE_HOST, after_setup=True),
     ]
+    parts += _background_save_part(
+        config, parts, host_capacity, processes=world_size, sharded=shards_head(config, dist)
+    )
     process = "one process" if world_size == 1 else f"rank 0 of {world_size} processes, {classes:,} classes"
     summary = (
         f"memory plan: {config.head.type} head, {shape.num_labels:,} classes x D {dim}, {shape.num_rows:,} "
@@ -847,6 +851,24 @@ def _average_part(head: HeadConfig, parts: list[PlanPart], classes: int, dim: in
     else:  # kept by the shards, read into checkpoints as float32
         elsewhere = classes * dim * 4
     return PlanPart("weight average", device, host, setting="train.ema_decay=0", elsewhere_bytes=elsewhere)
+
+
+def _background_save_part(
+    config: RunConfig, parts: list[PlanPart], host_capacity: int, *, processes: int, sharded: bool
+) -> list[PlanPart]:
+    """The host copy a save behind the steps holds from the first save on (a checkpoint and the kept
+    weights, :func:`~megaclass.train.checkpoint.saves_in_background`); none where saves are synchronous
+    (rows on parameter servers are read into a checkpoint, not copied)."""
+    streamed = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
+    copy = sum(part.saved_bytes for part in parts if part.name in _CHECKPOINTED)
+    if config.train.valid_fraction > 0:  # kept weights
+        copy += sum(part.saved_bytes for part in parts if part.name in _WEIGHTS)
+    if not saves_in_background(
+        config.train, None if streamed else copy, host_capacity, processes=processes, sharded=sharded
+    ):
+        return []
+    setting = "train.background_saves=false"
+    return [PlanPart("checkpoint copy written behind the steps", 0, copy, setting=setting, after_setup=True)]
 
 
 def _checkpoints_at_once(train: TrainConfig, rows: int) -> int:
