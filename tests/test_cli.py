@@ -526,6 +526,15 @@ def test_predict_says_how_many_labels_a_row_it_wrote_and_eval_out_dash_is_stdout
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--run", str(full_run), "--test", test, "--out", "-"]) == 0
     assert "P@1" in json.loads(capsys.readouterr().out) and not (tmp_path / "-").exists()
+    assert main(["predict", "--run", str(full_run), "--input", test, "--k", "3"]) == 0  # no --out: stdout
+    printed = capsys.readouterr()
+    rows = printed.out.splitlines()
+    assert rows == _predictions_top(predictions, 3) and "rows to stdout" in printed.err
+
+
+def _predictions_top(path, k: int) -> list[str]:
+    """Each line of the predictions file ``path`` cut to its first ``k`` labels."""
+    return [" ".join(line.split()[:k]) for line in path.read_text().splitlines()]
 
 
 def _named_copy(source: str, target, names: list[str], kept: set[str] | None = None) -> set[str]:

@@ -360,9 +360,9 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        required=True,
+        default="-",
         metavar="FILE",
-        help="one line per row: id:score ..., best first (- for stdout)",
+        help="one line per row: id:score ..., best first (default -: stdout)",
     )
     parser.add_argument("--k", type=int, default=10, help="labels per row (default 10)")
     parser.add_argument("--device", metavar="NAME", help="cpu, cuda or cuda:N (default: the run's)")
@@ -384,7 +384,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     rows, k = predict_run(args.run_dir, args.input, args.out, k=args.k, device=args.device, names=args.names)
     stream = sys.stderr if args.out == "-" else sys.stdout  # stdout may carry the predictions themselves
     every = f" (all the run's {k} classes)" if k < args.k else ""
-    print(f"wrote top-{k} labels{every} of {rows} rows to {args.out}", file=stream)
+    where = "stdout" if args.out == "-" else args.out
+    print(f"wrote top-{k} labels{every} of {rows} rows to {where}", file=stream)
     return 0
 
 
