@@ -528,7 +528,7 @@ def test_a_save_behind_the_steps_plans_its_copy_of_the_state_where_it_makes_one(
     url = "ps://127.0.0.1:1" if store == "ps" else store
     overrides = ["model.hidden=[64]", f"head.store={url}"]
     shape = read_data_shape(str(synthetic / "train_bow.txt"), num_classes=10**6)
-    name = "checkpoint copy written behind the steps"
+    name = "background save copy"
 
     def plan(host_capacity, *extra):
         config = load_config(head="selected", overrides=[*overrides, *extra])

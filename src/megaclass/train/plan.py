@@ -868,7 +868,7 @@ def _background_save_part(
     ):
         return []
     setting = "train.background_saves=false"
-    return [PlanPart("checkpoint copy written behind the steps", 0, copy, setting=setting, after_setup=True)]
+    return [PlanPart("background save copy", 0, copy, setting=setting, after_setup=True)]
 
 
 def _checkpoints_at_once(train: TrainConfig, rows: int) -> int:
