@@ -1244,6 +1244,8 @@ class Trainer:
         each rank's rows in the layout of a sharded checkpoint (collective). A run that saves behind its
         steps copies them now and writes them before the checkpoint that records them."""
         behind = self._saves_in_background()
+        if behind:
+            self._saves.wait()  # one copy at a time: the save before this one has ended
         with self._averaged():  # the evaluated weights are kept
             if self.head.sharded:
                 encoder, _ = encoder_state(self.parallel, None)  # collective under FSDP2; rank 0's is written
@@ -1549,6 +1551,7 @@ class Trainer:
     def _save_behind(self, *, tidy_best: bool) -> str:
         """Copy the checkpoint's state (and the kept weights not yet written) into host memory and write them
         in the saves' thread, in the order a synchronous save does; returns the checkpoint's folder."""
+        self._saves.wait()  # one copy at a time: the save before this one has ended
         state, best = checkpoint.to_host(self._checkpoint_state()), self._best_to_write
         self._best_to_write = None
         folder, step = self._checkpoint_dir(), self.state.global_step
