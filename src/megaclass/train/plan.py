@@ -860,9 +860,10 @@ def _background_save_part(
     weights, :func:`~megaclass.train.checkpoint.saves_in_background`); none where saves are synchronous
     (rows on parameter servers are read into a checkpoint, not copied)."""
     streamed = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
+    # a checkpoint and the kept weights, counted whether or not validation rows keep an epoch's (as the
+    # disk's plan counts the weights)
     copy = sum(part.saved_bytes for part in parts if part.name in _CHECKPOINTED)
-    if config.train.valid_fraction > 0:  # kept weights
-        copy += sum(part.saved_bytes for part in parts if part.name in _WEIGHTS)
+    copy += sum(part.saved_bytes for part in parts if part.name in _WEIGHTS)
     if not saves_in_background(
         config.train, None if streamed else copy, host_capacity, processes=processes, sharded=sharded
     ):
