@@ -1,5 +1,7 @@
-"""``python -m megaclass train`` killed with SIGKILL at chosen renames, then ``--resume``: the resumed run
-logs the uninterrupted run's numbers exactly and no whole checkpoint is lost.
+"""``python -m megaclass train`` killed with SIGKILL at chosen renames (in the thread that writes the saves
+behind the steps), then ``--resume``: the resumed run logs the uninterrupted run's numbers exactly and no
+whole checkpoint is lost. Saves behind the steps write what synchronous ones write, and one that fails
+stops the run with every earlier checkpoint whole.
 
 The kill point is set by a ``sitecustomize`` hook that only this test puts on the child's path: it wraps
 ``os.replace`` and kills the process at the n-th rename matching a pattern, before it happens.
