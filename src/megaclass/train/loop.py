@@ -1498,20 +1498,20 @@ class Trainer:
         head = export_head_state(latest, averaged=self.average is not None)  # the evaluated weights
         return {"encoder": encoder_weights, "head": head}
 
-    def save_checkpoint(self, *, tidy_best: bool = False) -> str:
+    def save_checkpoint(self, *, tidy_best: bool = False) -> None:
         """Write all needed to continue exactly: weights, optimizers, loop state, RNG states, config; then
         (``tidy_best``) remove the kept weights the checkpoint no longer calls best. Behind the steps where
-        :meth:`_saves_in_background`: the folder it will be is returned at once."""
+        :meth:`_saves_in_background`."""
         best_epoch = self.state.best_epoch
         if self.head.sharded:
-            path = self._save_distributed_checkpoint()
+            self._save_distributed_checkpoint()
         elif self._saves_in_background():
-            return self._save_behind(tidy_best=tidy_best)
+            self._save_behind(tidy_best=tidy_best)
+            return
         else:
-            path = self._save_single_checkpoint()
+            self._save_single_checkpoint()
         if tidy_best:
             self._tidy_best(best_epoch)
-        return path
 
     def _checkpoint_state(self, *, average: bool = True) -> dict[str, Any]:
         """What a single-process checkpoint holds (its tensors where they live); without the weight average's
@@ -1548,9 +1548,9 @@ class Trainer:
             )
         return self._background
 
-    def _save_behind(self, *, tidy_best: bool) -> str:
+    def _save_behind(self, *, tidy_best: bool) -> None:
         """Copy the checkpoint's state (and the kept weights not yet written) into host memory and write them
-        in the saves' thread, in the order a synchronous save does; returns the checkpoint's folder."""
+        in the saves' thread, in the order a synchronous save does."""
         self._saves.wait()  # one copy at a time: the save before this one has ended
         state, best = checkpoint.to_host(self._checkpoint_state()), self._best_to_write
         self._best_to_write = None
@@ -1566,12 +1566,10 @@ class Trainer:
                 self._tidy_best(best_epoch)
 
         self._saves.submit(save)
-        return os.path.join(os.path.abspath(folder), f"step_{step:09d}")
 
-    def _save_single_checkpoint(self) -> str:
+    def _save_single_checkpoint(self) -> None:
         """A checkpoint of a replicated head, written by rank 0 while the others wait."""
         state = self._checkpoint_state()
-        path = ""
         if self.dist.distributed:
             import torch.distributed as dist
 
@@ -1587,9 +1585,8 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()  # the others wait for rank 0's checkpoint
-        return path
 
-    def _save_distributed_checkpoint(self) -> str:
+    def _save_distributed_checkpoint(self) -> None:
         """A checkpoint any world size resumes (:mod:`megaclass.distributed.checkpoint`); collective."""
 
         encoder_weights, encoder_optimizer = encoder_state(self.parallel, self.optimizers["encoder"])
@@ -1622,7 +1619,6 @@ class Trainer:
                 self._checkpoint_dir(), path, keep=self.config.train.keep_checkpoints
             )
             self._warn_if_short_of_room(path)
-        return path
 
     def _warn_if_short_of_room(self, path: str) -> None:
         """Say so, one checkpoint ahead, when the next checkpoint will not fit on the disk (rank 0)."""
