@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megaclass.cli import main
 from megaclass.data.batch import InputSpec
@@ -25,10 +26,12 @@ from megaclass.train.plan import (
     _CUDA_HOST,
     MemoryPlan,
     PlanPart,
+    _AutocastLike,
     _fitting_batch,
     plan_for,
     plan_run,
     read_data_shape,
+    saved_tensor_bytes,
 )
 
 DIM, BATCH, STEPS = 64, 16, 3
@@ -708,6 +711,91 @@ def test_plan_of_face_images(fixture_rec):
     whole = load_config(head="selected", overrides=[*model, "train.batch_size=512"])
     plan = plan_run(whole, shape, device_type="cpu", gpu_capacity=None, host_capacity=64 << 30)
     assert "320 rows, batch 320" in plan.summary
+
+
+def test_autocast_like_casts_as_cuda_autocast_does():
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+    conv, prelu = torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(4)
+    x, image = torch.randn(2, 8), torch.randn(2, 3, 6, 6)
+    with _AutocastLike() as mode:
+        hidden = linear(x)
+        normed = norm(hidden)  # float32 ops cast their bf16 inputs back
+        again = linear(normed)  # a weight is cast once a pass, as autocast caches its casts
+        mapped = prelu(conv(image))
+        plain = torch.relu(hidden)  # other ops keep their inputs' dtype
+    assert (hidden.dtype, normed.dtype, again.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    assert (mapped.dtype, plain.dtype) == (torch.bfloat16, torch.bfloat16)
+    casts = mode.weight_casts
+    assert len(casts) == 5 and all(c.dtype == torch.bfloat16 for c in casts.values())  # not the norm's
+    assert torch.equal(casts[id(linear.weight)], linear.weight.detach().to(torch.bfloat16))
+    expected = F.linear(x.bfloat16(), linear.weight.bfloat16(), linear.bias.bfloat16())
+    assert torch.equal(hidden, expected)
+
+
+def test_saved_tensor_bytes_under_autocast_count_the_weight_casts_once():
+    encoder = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    inputs = torch.randn(5, 16, requires_grad=True)
+    batch, casts = saved_tensor_bytes(encoder, inputs, autocast=False)
+    # each op's saved tensors (the ReLU's output twice: its own and the second linear's input), the
+    # features and their gradient, in float32
+    assert (batch, casts) == (4 * (5 * 16 + 5 * 32 + 5 * 32 + 2 * 5 * 4), 0)
+    batch, casts = saved_tensor_bytes(encoder, inputs, autocast=True)
+    assert batch == 2 * (5 * 16 + 5 * 32 + 5 * 32 + 2 * 5 * 4)  # the same in bf16: the first input cast
+    assert casts == 2 * (16 * 32 + 32 * 4)  # the weights' bf16 copies the backward keeps, not the biases'
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_saved_tensor_bytes_match_cuda_autocast(tiny_model_options):
+    """The plan's emulation (meta or CPU tensors) against the real thing on the GPU: the bytes saved for
+    the backward under bf16 autocast, weight casts included."""
+    from megaclass.data.tokenized import TokenInputs
+
+    images = torch.zeros(4, 3, 112, 112)
+    ids = torch.randint(5, 30, (4, 24))
+    bert = load_config(overrides=[f"model.{k}={v!r}" for k, v in tiny_model_options.items()]).model
+    cases = [
+        (
+            build_model(load_config(overrides=["model.type=mobilefacenet"]).model, InputSpec(kind="image")),
+            images,
+        ),
+        (build_model(bert, InputSpec(kind="tokens")), TokenInputs(ids, torch.ones_like(ids))),
+    ]
+    for encoder, inputs in cases:
+        encoder.train()
+        planned = sum(saved_tensor_bytes(encoder, inputs, autocast=True))
+        on_gpu = encoder.cuda()
+        gpu_inputs = (
+            inputs.cuda() if isinstance(inputs, torch.Tensor) else TokenInputs(ids.cuda(), ids.cuda())
+        )
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            measured = sum(saved_tensor_bytes(on_gpu, gpu_inputs, autocast=False))
+        assert planned == pytest.approx(measured, rel=0.1)
+
+
+def test_plan_of_a_gpu_step_under_bf16_autocast(fixture_rec, write_text_data, tiny_model_options, tmp_path):
+    def activations(config, shape):
+        plan = plan_run(config, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
+        return {part.name: part.device_bytes for part in plan.parts}["encoder activations"]
+
+    faces = read_data_shape(fixture_rec)
+    face = {
+        bf16: load_config(head="selected", overrides=["model.type=mobilefacenet", f"train.bf16={bf16}"])
+        for bf16 in ("true", "false")
+    }
+    ratio = activations(face["true"], faces) / activations(face["false"], faces)
+    assert 0.48 < ratio < 0.55  # bf16 where float32, but for the float32 batch read from the data
+    write_text_data(tmp_path)
+    text = read_data_shape(str(tmp_path / "train.txt"))
+    model = [f"model.{key}={value!r}" for key, value in tiny_model_options.items()]
+    planned = {
+        b: activations(load_config(overrides=[*model, f"train.batch_size={b}"]), text) for b in (8, 16)
+    }
+    # one document's activations `batch` times over, the weights' bf16 copies once
+    encoder = build_model(load_config(overrides=model).model, InputSpec(kind="tokens"))
+    casts = 2 * sum(m.weight.numel() for m in encoder.modules() if isinstance(m, torch.nn.Linear))
+    assert 2 * planned[8] - planned[16] == pytest.approx(casts, rel=0.05)
 
 
 def test_plan_of_rank_0_of_several_processes(synthetic, tmp_path, capsys, monkeypatch):

@@ -9,9 +9,10 @@ whole file parsed; a text file's vocabulary counted by the featuriser on a sampl
 law); the config is resolved from it as ``megaclass train`` resolves it; :func:`plan_run` adds up each part as
 a pure function of the two: the head's parts come from the head class
 (:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
-memory) and one forward pass there, whose saved tensors are the activations the backward keeps (a transformer
-on text: built on the CPU and run on one document of ``model.max_length`` tokens, in float32: an upper bound
-of a batch of shorter documents or of a GPU's bf16 step). A run's peak is what it holds all along
+memory) and one forward pass there, whose saved tensors are the activations the backward keeps, in the
+step's dtypes: float32, or on a GPU under ``train.bf16`` those CUDA's autocast gives them (a transformer on
+text: built on the CPU and run on one document of ``model.max_length`` tokens, an upper bound of a batch of
+shorter documents). A run's peak is what it holds all along
 (``steady``), plus what work in the background may hold at any time (an index's cold build), plus the largest
 of what a training step, an evaluation, a checkpoint save, the data loading or building the modules (beside
 the held parts made by then) hold on top of it; the process's own memory (the interpreter and its libraries)
@@ -25,6 +26,7 @@ batch and, where the head is split by class over the ranks, its share of the cla
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import math
@@ -35,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
@@ -612,6 +615,77 @@ def _moments(name: str, momentum: float) -> int:
     return 2
 
 
+# What CUDA's bf16 autocast runs in bf16 and what in float32 (torch.amp's op lists), by the name of the
+# function an encoder calls: the ops its encoders reach; any other keeps its inputs' dtype.
+_AUTOCAST_LOW = frozenset(
+    {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+     "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "addmv", "mv", "prelu",
+     "scaled_dot_product_attention"}
+)  # fmt: skip
+_AUTOCAST_FLOAT32 = frozenset(
+    {"layer_norm", "group_norm", "softmax", "log_softmax", "normalize", "norm", "pow", "exp", "log",
+     "rsqrt", "softplus", "cumsum", "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
+     "mse_loss", "cosine_similarity"}
+)  # fmt: skip
+
+
+class _AutocastLike(TorchFunctionMode):
+    """CUDA's bf16 autocast on any device (the plan's ``meta`` and CPU passes): the inputs of the ops it
+    runs in bf16 cast to bf16, of those it runs in float32 to float32, above autograd as autocast casts, so
+    the tensors saved for the backward have the GPU step's dtypes. A parameter is cast once a pass, as
+    autocast caches its casts: ``weight_casts`` holds them (the backward keeps them, once for the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_casts: dict[int, torch.Tensor] = {}
+
+    def _cast(self, value: object, dtype: torch.dtype) -> object:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dtype:
+            return value
+        if isinstance(value, torch.nn.Parameter):
+            cast = self.weight_casts.get(id(value))
+            if cast is None:
+                cast = self.weight_casts[id(value)] = value.to(dtype)
+            return cast
+        return value.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol; untyped there
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _AUTOCAST_LOW:
+            dtype = torch.bfloat16
+        elif name in _AUTOCAST_FLOAT32:
+            dtype = torch.float32
+        else:
+            return func(*args, **kwargs)
+        args = tuple(self._cast(value, dtype) for value in args)
+        return func(*args, **{key: self._cast(value, dtype) for key, value in kwargs.items()})
+
+
+def saved_tensor_bytes(encoder: torch.nn.Module, inputs: object, *, autocast: bool) -> tuple[int, int]:
+    """``(batch, weight_casts)``: the bytes of the tensors one forward pass of ``encoder`` over ``inputs``
+    saves for its backward, its output counted twice (it and its gradient), its parameters not; with
+    ``autocast``, as under CUDA's bf16 autocast (:class:`_AutocastLike`), the bf16 copies of the weights apart
+    (``weight_casts``: made once a step, whatever the batch)."""
+    parameters = {id(p) for p in encoder.parameters()}
+    mode = _AutocastLike() if autocast else None
+    saved: list[int] = []
+    casts: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor if tensor._base is None else tensor._base
+        if mode is not None and any(base is cast for cast in mode.weight_casts.values()):
+            casts[id(base)] = base.numel() * base.element_size()
+        elif id(base) not in parameters:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    with hooks, mode if mode is not None else contextlib.nullcontext():
+        features = encoder(inputs)
+    return sum(saved) + 2 * features.numel() * features.element_size(), sum(casts.values())
+
+
 def _encoder_parts(
     config: RunConfig, shape: DataShape, batch: int, *, device_type: str
 ) -> tuple[list[PlanPart], int, bool]:
@@ -619,7 +693,8 @@ def _encoder_parts(
     (:func:`~megaclass.train.graphs.whole_step_blocker`), from one forward pass of a ``batch``-row input whose
     tensors saved for the backward are its activations: an MLP over sparse rows or a face encoder built on
     the ``meta`` device (no memory); a transformer over token ids (text data) built on the CPU and run on
-    one document of ``model.max_length`` tokens, its activations counted ``batch`` times over. A CPU run
+    one document of ``model.max_length`` tokens, its activations counted ``batch`` times over (the bf16
+    copies of its weights under autocast once: :func:`saved_tensor_bytes`). A CPU run
     over sparse rows keeps its freed blocks for reuse (:func:`megaclass.host_allocator.reuse_freed_blocks`):
     a dense first-layer gradient, made anew each step, then holds the pages of two."""
     from megaclass.data.batch import InputSpec, SparseInputs
@@ -672,17 +747,9 @@ def _encoder_parts(
         row_update = (4 + moments) * min(nonzeros, table.shape[0]) * table.shape[1] * 4
     elif device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
         kept = encoder.embedding.numel() * encoder.embedding.element_size()  # the last step's, freed
-    parameters = {id(p) for p in encoder.parameters()}
-    saved: list[int] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in parameters and id(tensor._base) not in parameters:
-            saved.append(tensor.numel() * tensor.element_size())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        features = encoder(inputs)  # (B, D), or (1, D) of one document
-    activations = copies * (sum(saved) + 2 * features.numel() * features.element_size()) + input_bytes
+    autocast = device_type == "cuda" and config.train.bf16
+    per_batch, weight_casts = saved_tensor_bytes(encoder, inputs, autocast=autocast)
+    activations = copies * per_batch + weight_casts + input_bytes
     optimizer = config.optim.encoder
     parts = [  # a torch optimizer makes its state at its first step
         PlanPart("encoder weights", weights, 0, setting=smaller),
