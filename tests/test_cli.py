@@ -116,7 +116,11 @@ def test_resume_continues_bit_exactly(tiny, full_run, tmp_path):
 def test_a_resume_naming_only_its_folder_continues_on_what_the_run_recorded(tiny, full_run, tmp_path, capsys):
     out = tmp_path / "resumed"
     assert _train(tiny, out, "train.stop_after_steps=14") == 0
-    capsys.readouterr()
+    stopped = capsys.readouterr().out  # a stopped run reports its peak memory too, and how to go on
+    assert re.search(
+        r"stopped after step 14 \(train.stop_after_steps\); peak memory [0-9.]+ [KMG]i?B", stopped
+    )
+    assert f"continue it with: megaclass train --resume --out {out}" in stopped
     assert main(["train", "--resume", "--out", str(out), "--set", "train.progress=false"]) == 0
     printed = capsys.readouterr().out
     assert f"--resume: --train {tiny[0]}, --test {tiny[1]} (as {out / 'run.json'} records them)" in printed

@@ -60,7 +60,14 @@ from megaclass.host_allocator import release_free_memory, reuse_freed_blocks
 from megaclass.metrics.filtering import LabelFilter, read_filter_labels
 from megaclass.models import TransformerConfig
 from megaclass.schema import ConfigError, covered, get_path, set_path
-from megaclass.state_io import link_state, path_fingerprint, write_json_atomic, write_state, write_text_atomic
+from megaclass.state_io import (
+    format_bytes,
+    link_state,
+    path_fingerprint,
+    write_json_atomic,
+    write_state,
+    write_text_atomic,
+)
 from megaclass.train import checkpoint
 from megaclass.train.averaging import WeightAverage
 from megaclass.train.build import (
@@ -972,7 +979,10 @@ class Trainer:
                 break
             self._finish_epoch(epoch)
         if stopped:
-            self.logger.print(f"stopped after step {self.state.global_step} (train.stop_after_steps)")
+            peak = format_bytes(peak_memory_bytes(self.device))
+            self.logger.print(
+                f"stopped after step {self.state.global_step} (train.stop_after_steps); peak memory {peak}"
+            )
             return {}
         return self._finish_run()
 
