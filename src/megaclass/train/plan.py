@@ -73,6 +73,7 @@ __all__ = [
     "plan_run",
     "plan_device_type",
     "read_data_shape",
+    "saved_tensor_bytes",
 ]
 
 GIB = 1 << 30
