@@ -18,7 +18,6 @@ import torch
 from megaclass.state_io import DamagedStateError, SavedTensor
 from megaclass.train import checkpoint
 from megaclass.train.checkpoint import CheckpointWarning
-from megaclass.train.config import TrainConfig
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -375,14 +374,18 @@ def test_short_of_room_when_the_next_checkpoint_will_not_fit(tmp_path, monkeypat
 
 
 def test_saves_go_behind_the_steps_for_one_process_whose_state_an_eighth_of_the_host_holds():
-    train = TrainConfig()
-    assert checkpoint.saves_in_background(train, 100, 800, processes=1, sharded=False)
-    assert not checkpoint.saves_in_background(train, 101, 800, processes=1, sharded=False)
-    assert not checkpoint.saves_in_background(train, 100, 800, processes=2, sharded=False)
-    assert not checkpoint.saves_in_background(train, 100, 800, processes=1, sharded=True)
-    assert not checkpoint.saves_in_background(train, None, 800, processes=1, sharded=False)  # rows streamed
-    off = TrainConfig(background_saves=False)
-    assert not checkpoint.saves_in_background(off, 100, 800, processes=1, sharded=False)
+    rule = checkpoint.saves_in_background
+    assert rule(True, lambda: 100, 800, processes=1, sharded=False)
+    assert not rule(True, lambda: 101, 800, processes=1, sharded=False)
+    assert not rule(True, lambda: 100, 800, processes=2, sharded=False)
+    assert not rule(True, lambda: 100, 800, processes=1, sharded=True)
+    assert not rule(True, lambda: None, 800, processes=1, sharded=False)  # rows streamed
+    assert not rule(False, lambda: 100, 800, processes=1, sharded=False)  # train.background_saves=false
+
+    def unasked() -> int:
+        raise AssertionError("the state is sized only for a run the rest of the rule allows")
+
+    assert not rule(True, unasked, 800, processes=2, sharded=False)
 
 
 def test_a_host_copy_keeps_the_values_of_when_it_was_taken():

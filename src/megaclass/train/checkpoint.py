@@ -53,7 +53,6 @@ from megaclass.state_io import (
     write_json_atomic,
     write_state,
 )
-from megaclass.train.config import TrainConfig
 
 __all__ = [
     "BackgroundSaves",
@@ -106,14 +105,21 @@ def to_host(state: Any) -> Any:
 
 
 def saves_in_background(
-    train: TrainConfig, copy_bytes: int | None, host_available: int, *, processes: int, sharded: bool
+    enabled: bool,
+    copy_bytes: Callable[[], int | None],
+    host_available: int,
+    *,
+    processes: int,
+    sharded: bool,
 ) -> bool:
-    """Whether a run writes its saves behind its steps: ``train.background_saves``, one process, a head that
-    is not sharded, and a state all in tensors (``copy_bytes``, the host copy of a checkpoint and the kept
-    weights, not None) that takes at most an eighth of the ``host_available`` bytes."""
-    if not train.background_saves or processes != 1 or sharded or copy_bytes is None:
+    """Whether a run writes its saves behind its steps: ``train.background_saves`` (``enabled``), one
+    process, a head that is not sharded, and a state all in tensors whose host copy (``copy_bytes()``, a
+    checkpoint and the kept weights; None where a part is no tensor) takes at most an eighth of the
+    ``host_available`` bytes. ``copy_bytes`` is called only for a run the rest allows."""
+    if not enabled or processes != 1 or sharded:
         return False
-    return copy_bytes * _HOST_SHARE <= host_available
+    copy = copy_bytes()
+    return copy is not None and copy * _HOST_SHARE <= host_available
 
 
 class BackgroundSaves:

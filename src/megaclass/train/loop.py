@@ -1546,15 +1546,19 @@ class Trainer:
         """Whether saves are written behind the steps (:func:`checkpoint.saves_in_background`), decided at the
         run's first save: the state's size is the same at every save of a run."""
         if self._background is None:
-            copy = None
-            if self.dist.world_size == 1 and not self.head.sharded and self.config.train.background_saves:
-                copy = checkpoint.tensor_bytes(self._checkpoint_state(average=False))
+
+            def copy_bytes() -> int | None:  # a checkpoint and the kept weights (the average: a copy more)
+                state = checkpoint.tensor_bytes(self._checkpoint_state(average=False))
                 weights = checkpoint.tensor_bytes(self._model_state(weights_only=True)) or 0
-                copies = (self.average is not None) + self._keeps_best()  # the average: a copy of the weights
-                copy = None if copy is None else copy + copies * weights
-            _, host = machine_memory("cpu")
+                copies = (self.average is not None) + self._keeps_best()
+                return None if state is None else state + copies * weights
+
             self._background = checkpoint.saves_in_background(
-                self.config.train, copy, host, processes=self.dist.world_size, sharded=self.head.sharded
+                self.config.train.background_saves,
+                copy_bytes,
+                machine_memory("cpu")[1],
+                processes=self.dist.world_size,
+                sharded=self.head.sharded,
             )
         return self._background
 
@@ -1797,19 +1801,19 @@ class Trainer:
         error (``failed``) the store's updates in flight are not waited for, and its errors are not raised
         over the first: the run resumes from its last checkpoint. A save still being written is finished
         first (after an error too: its state is from before it)."""
-        try:
+        with contextlib.ExitStack() as closing:  # the saves, then the head, then the logs, whatever raises
+            closing.callback(self.logger.close)
+            if hasattr(self, "head"):
+                closing.callback(self._close_head, failed)
             with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
                 self._saves.close()
-        finally:
-            try:
-                if hasattr(self, "head"):
-                    if failed:
-                        with contextlib.suppress(Exception):
-                            self.head.close(wait=False)
-                    else:
-                        self.head.close()
-            finally:
-                self.logger.close()
+
+    def _close_head(self, failed: bool) -> None:
+        if failed:
+            with contextlib.suppress(Exception):
+                self.head.close(wait=False)
+        else:
+            self.head.close()
 
 
 def _precisions(metrics: dict[str, float]) -> str:

@@ -638,7 +638,11 @@ class _AutocastLike(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight_casts: dict[int, torch.Tensor] = {}
+        self.weight_casts: dict[int, torch.Tensor] = {}  # by the parameter's id
+        self._cast_ids: set[int] = set()  # the casts' own ids (each held in weight_casts)
+
+    def is_weight_cast(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self._cast_ids
 
     def _cast(self, value: object, dtype: torch.dtype) -> object:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dtype:
@@ -647,6 +651,7 @@ class _AutocastLike(TorchFunctionMode):
             cast = self.weight_casts.get(id(value))
             if cast is None:
                 cast = self.weight_casts[id(value)] = value.to(dtype)
+                self._cast_ids.add(id(cast))
             return cast
         return value.to(dtype)
 
@@ -675,7 +680,7 @@ def saved_tensor_bytes(encoder: torch.nn.Module, inputs: object, *, autocast: bo
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor if tensor._base is None else tensor._base
-        if mode is not None and any(base is cast for cast in mode.weight_casts.values()):
+        if mode is not None and mode.is_weight_cast(base):
             casts[id(base)] = base.numel() * base.element_size()
         elif id(base) not in parameters:
             saved.append(tensor.numel() * tensor.element_size())
@@ -932,9 +937,9 @@ def _background_save_part(
     # disk's plan counts the weights)
     copy = sum(part.saved_bytes for part in parts if part.name in _CHECKPOINTED)
     copy += sum(part.saved_bytes for part in parts if part.name in _WEIGHTS)
-    if not saves_in_background(
-        config.train, None if streamed else copy, host_capacity, processes=processes, sharded=sharded
-    ):
+    copy_bytes = (lambda: None) if streamed else (lambda: copy)
+    enabled = config.train.background_saves
+    if not saves_in_background(enabled, copy_bytes, host_capacity, processes=processes, sharded=sharded):
         return []
     setting = "train.background_saves=false"
     return [PlanPart("background save copy", 0, copy, setting=setting, after_setup=True)]
