@@ -119,7 +119,8 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     vocab_file = os.path.join(folder, "vocab.txt")
     with open(vocab_file, "w", encoding="utf-8") as file:
         file.write("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    # read from the folder: transformers 5 ignores a vocab_file given to the constructor (every word [UNK])
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
     tokenizer.save_pretrained(str(folder))
     return str(folder)
 
