@@ -17,17 +17,20 @@ from megaclass.heads import HeadContext, build_head, head_class, head_config
 from megaclass.heads.base import PlanRequest
 from megaclass.index.kmeans import cluster_layout
 from megaclass.models import build_model
+from megaclass.models.text import load_tokenizer
 from megaclass.schema import from_dict
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes
 from megaclass.targets import RaggedLabels
+from megaclass.train import plan as plan_module
 from megaclass.train.build import build_optimizer
 from megaclass.train.config import OptimGroupConfig, load_config, load_config_and_keys
 from megaclass.train.plan import (
     _CUDA_HOST,
     MemoryPlan,
     PlanPart,
-    _AutocastLike,
     _fitting_batch,
+    _GpuLike,
+    _token_width,
     plan_for,
     plan_run,
     read_data_shape,
@@ -718,7 +721,7 @@ def test_autocast_like_casts_as_cuda_autocast_does():
     linear, norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
     conv, prelu = torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(4)
     x, image = torch.randn(2, 8), torch.randn(2, 3, 6, 6)
-    with _AutocastLike() as mode:
+    with _GpuLike(autocast=True, fused_attention=False) as mode:
         hidden = linear(x)
         normed = norm(hidden)  # float32 ops cast their bf16 inputs back
         again = linear(normed)  # a weight is cast once a pass, as autocast caches its casts
@@ -745,6 +748,78 @@ def test_saved_tensor_bytes_under_autocast_count_the_weight_casts_once():
     assert casts == 2 * (16 * 32 + 32 * 4)  # the weights' bf16 copies the backward keeps, not the biases'
 
 
+def test_the_longest_line_read_across_pieces(tmp_path, monkeypatch):
+    lines = ["0\tshort", "1\t" + "x" * 40, "2\tmid dle words", "3\tlast line, no newline at its end"]
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(lines))
+    monkeypatch.setattr(plan_module, "_READ_BYTES", 7)  # lines spanning several pieces
+    shape = read_data_shape(str(path))
+    assert shape.longest_line_bytes == max(len(line) for line in lines) == 42
+    assert sorted(shape.texts) == sorted(line.split("\t", 1)[1] for line in lines)  # the whole file
+
+
+def test_the_token_width_is_the_widest_batch(tiny_model_options, tmp_path, monkeypatch):
+    """A batch is padded to its longest row: the plan's document is the data's longest, tokenised, where its
+    sample holds the whole file; else as long as its longest line's bytes allow (a byte or more a token)."""
+    texts = ["ruby", "python library for web mail", "the kernel"]  # a token a word of the vocabulary
+    path = tmp_path / "train.txt"
+    path.write_text("".join(f"{i}\t{text}\n" for i, text in enumerate(texts)))
+    config = load_config(overrides=[f"model.{key}={value!r}" for key, value in tiny_model_options.items()])
+    tokenizer = load_tokenizer(config.model)
+    assert [len(tokenizer(text)["input_ids"]) for text in texts] == [3, 7, 4]  # [CLS] and [SEP] too
+    assert _token_width(config, read_data_shape(str(path))) == 7
+    short = dataclasses.replace(config, model=dataclasses.replace(config.model, max_length=5))
+    assert _token_width(short, read_data_shape(str(path))) == 5  # truncated as the run truncates
+    monkeypatch.setattr(plan_module, "_SAMPLE_BYTES", 8)  # a sample of part of the file
+    shape = read_data_shape(str(path))
+    assert not shape.texts and shape.longest_line_bytes == len("1\tpython library for web mail")
+    assert _token_width(config, shape) == config.model.max_length == 24  # 31 bytes: up to 33 tokens
+    shape = dataclasses.replace(shape, longest_line_bytes=len("2\tthe kernel"))
+    assert _token_width(config, shape) == len("2\tthe kernel") + 2
+
+
+def test_fused_attention_saves_what_the_gpu_kernels_keep():
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with _GpuLike(autocast=False, fused_attention=True):
+            out = F.scaled_dot_product_attention(query, key, value, None, 0.0, scale=0.5)
+    assert torch.allclose(out, F.scaled_dot_product_attention(query, key, value, scale=0.5))
+    # the inputs and the output, a float32 log-sum-exp a query row: no (T, T) probabilities
+    assert sorted(saved) == sorted([((2, 3, 5, 8), torch.float32)] * 4 + [((2, 3, 5), torch.float32)])
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with _GpuLike(autocast=True, fused_attention=True):
+            F.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
+    assert ((2, 3, 5, 5), torch.float32) not in saved and ((2, 3, 5, 8), torch.bfloat16) in saved
+
+
+def test_a_gpu_plan_counts_no_attention_matrices(tiny_model_options):
+    """With dropout on the attention, a CPU runs the math kernel, which keeps the (T, T) probabilities and
+    their dropout mask; the GPU's fused kernels keep what the CPU's own fused kernel keeps without dropout."""
+    from megaclass.data.tokenized import TokenInputs
+
+    def encoder(attention_dropout):
+        options = {**tiny_model_options["config"], "attention_probs_dropout_prob": attention_dropout}
+        model = [f"model.{key}={value!r}" for key, value in {**tiny_model_options, "config": options}.items()]
+        return build_model(load_config(overrides=model).model, InputSpec(kind="tokens")).train()
+
+    ids = torch.full((1, 20), 7, dtype=torch.int64)
+    inputs = TokenInputs(ids, torch.ones_like(ids))
+    with_dropout = encoder(0.1)
+    math, _ = saved_tensor_bytes(with_dropout, inputs, autocast=False)
+    fused, _ = saved_tensor_bytes(with_dropout, inputs, autocast=False, fused_attention=True)
+    without, _ = saved_tensor_bytes(encoder(0.0), inputs, autocast=False)
+    heads, layers, width = 2, 2, 20
+    assert fused == without and math - fused >= layers * heads * width * width * 4  # the probabilities
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_saved_tensor_bytes_match_cuda_autocast():
@@ -758,6 +833,33 @@ def test_saved_tensor_bytes_match_cuda_autocast():
     encoder = build_model(load_config(overrides=["model.type=mobilefacenet"]).model, InputSpec(kind="image"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         measured = sum(saved_tensor_bytes(encoder.cuda().train(), images.cuda(), autocast=False))
+    assert planned == pytest.approx(measured, rel=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_saved_tensor_bytes_of_a_transformer_match_cuda(tiny_model_options):
+    """The plan's emulation on the CPU against the GPU: a small BERT with dropout on its attention, a padded
+    batch, under bf16 autocast (the GPU's fused attention, not the CPU's math kernel)."""
+    from megaclass.data.tokenized import TokenInputs
+
+    options = {**tiny_model_options["config"], "attention_probs_dropout_prob": 0.1}
+    model = [f"model.{key}={value!r}" for key, value in {**tiny_model_options, "config": options}.items()]
+    config = load_config(overrides=[*model, "model.dropout=0.1"]).model
+    ids = torch.randint(5, 60, (4, 20))
+    mask = torch.ones_like(ids)
+    mask[1:, 12:] = 0  # three rows padded
+    planned = sum(
+        saved_tensor_bytes(
+            build_model(config, InputSpec(kind="tokens")).train(),
+            TokenInputs(ids, mask),
+            autocast=True,
+            fused_attention=True,
+        )
+    )
+    encoder = build_model(config, InputSpec(kind="tokens")).cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        measured = sum(saved_tensor_bytes(encoder, TokenInputs(ids.cuda(), mask.cuda()), autocast=False))
     assert planned == pytest.approx(measured, rel=0.1)
 
 

@@ -10,9 +10,9 @@ law); the config is resolved from it as ``megaclass train`` resolves it; :func:`
 a pure function of the two: the head's parts come from the head class
 (:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
 memory) and one forward pass there, whose saved tensors are the activations the backward keeps, in the
-step's dtypes: float32, or on a GPU under ``train.bf16`` those CUDA's autocast gives them (a transformer on
-text: built on the CPU and run on one document of ``model.max_length`` tokens, an upper bound of a batch of
-shorter documents). A run's peak is what it holds all along
+step's dtypes: float32, or on a GPU under ``train.bf16`` those CUDA's autocast gives them, its attention as
+the GPU's fused kernels keep it (a transformer on text: built on the CPU and run on one document as long as
+the data's longest, the widest batch a run pads to). A run's peak is what it holds all along
 (``steady``), plus what work in the background may hold at any time (an index's cold build), plus the largest
 of what a training step, an evaluation, a checkpoint save, the data loading or building the modules (beside
 the held parts made by then) hold on top of it; the process's own memory (the interpreter and its libraries)
@@ -32,7 +32,7 @@ import gzip
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -43,6 +43,7 @@ from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
 from megaclass.data.lf_json import parse_lf_json_lines
 from megaclass.data.loaders import detect_format
+from megaclass.data.tokenized import tokenize_texts
 from megaclass.data.xmc import (
     MAX_ID,
     TEXT_LABEL_IDS,
@@ -58,7 +59,7 @@ from megaclass.heads.base import PlanRequest
 from megaclass.heads.selected import SelectedHeadConfig
 from megaclass.models import build_model
 from megaclass.models.mlp import MLPConfig
-from megaclass.models.text import reads_tokens
+from megaclass.models.text import load_tokenizer, reads_tokens
 from megaclass.state_io import STREAM_CHUNK_BYTES, format_bytes, free_bytes
 from megaclass.train.checkpoint import saves_in_background
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
@@ -125,6 +126,9 @@ class DataShape:
         labels_per_row: mean labels a row.
         multilabel: whether a sampled row holds other than one label.
         text_bytes: the decompressed file's size (estimated from the sample when gzipped BoW).
+        longest_line_bytes: text: the file's longest line, in bytes (0: not read).
+        texts: text: every document's text (in the sample's order) where the sample holds the whole file,
+            else none.
     """
 
     path: str
@@ -136,6 +140,8 @@ class DataShape:
     labels_per_row: float
     multilabel: bool
     text_bytes: int
+    longest_line_bytes: int = 0
+    texts: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def facts(self, *, tokens: bool = False) -> DataFacts:
         """The facts a recipe is chosen by (:func:`megaclass.train.recipes.resolve_recipe`); ``tokens``: text
@@ -183,16 +189,16 @@ def _sample_lines(path: str, *, skip_header: bool) -> tuple[list[bytes], list[in
     return [line for line, _ in kept], [number for _, number in kept], whole
 
 
-def _count_and_sample_lines(path: str) -> tuple[int, int, list[bytes], np.ndarray, bool]:
-    """``(lines, decompressed bytes, sample, its line numbers, whole)`` of ``path``, streamed in pieces (no
-    line is parsed): the sample is a uniform one of its non-blank lines (seeded, in a random order), about
-    :data:`_SAMPLE_BYTES` of them; ``whole``: it holds all of them. Each line draws a priority and the
-    sample keeps the lowest, as many as fit in the bytes."""
+def _count_and_sample_lines(path: str) -> tuple[int, int, int, list[bytes], np.ndarray, bool]:
+    """``(lines, decompressed bytes, the longest line's bytes, sample, its line numbers, whole)`` of
+    ``path``, streamed in pieces (no line is parsed): the sample is a uniform one of its non-blank lines
+    (seeded, in a random order), about :data:`_SAMPLE_BYTES` of them; ``whole``: it holds all of them. Each
+    line draws a priority and the sample keeps the lowest, as many as fit in the bytes."""
     rng = np.random.default_rng(0)
     kept: list[bytes] = []
     priorities, sizes, numbers = np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)  # numbers: 1-based
     cutoff = 1.0  # a line drawing this or more cannot enter the sample any more
-    lines = size = 0
+    lines = size = longest = 0
     rest, last = b"", b"\n"
     with _open(path) as handle:
         while True:
@@ -207,6 +213,7 @@ def _count_and_sample_lines(path: str) -> tuple[int, int, list[bytes], np.ndarra
                 ends = np.append(ends, len(block))
             starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
             rest = block[ends[-1] + 1 :] if ends.size else block
+            longest = max(longest, int((ends - starts).max(initial=0)))
             drawn = rng.random(ends.size)
             entering = np.flatnonzero((drawn < cutoff) & (ends > starts))
             if entering.size:
@@ -229,7 +236,7 @@ def _count_and_sample_lines(path: str) -> tuple[int, int, list[bytes], np.ndarra
     blank = [i for i, line in enumerate(kept) if not line.strip()]
     if blank:  # whitespace only
         kept, numbers = [line for line in kept if line.strip()], np.delete(numbers, blank)
-    return lines + (last != b"\n"), size, kept, numbers, cutoff == 1.0
+    return lines + (last != b"\n"), size, longest, kept, numbers, cutoff == 1.0
 
 
 def _labels_of(fields: list[bytes], numbers: Sequence[int], path: str, expected: str) -> list[list[int]]:
@@ -238,12 +245,12 @@ def _labels_of(fields: list[bytes], numbers: Sequence[int], path: str, expected:
     reader does) or an id past :data:`~megaclass.data.xmc.MAX_ID` raises DataFormatError naming the first
     such line of the sample."""
     labels, bad = [], []
-    for field, number in zip(fields, numbers, strict=True):
+    for ids_field, number in zip(fields, numbers, strict=True):
         try:
-            ids = [int(label) for label in field.split(b",") if label.strip()]
+            ids = [int(label) for label in ids_field.split(b",") if label.strip()]
         except ValueError:
             ids = []
-            bad.append((int(number), f"{expected}, got {field[:80].decode('utf-8', 'replace')!r}"))
+            bad.append((int(number), f"{expected}, got {ids_field[:80].decode('utf-8', 'replace')!r}"))
         if ids and max(ids) > MAX_ID:
             bad.append((int(number), f"label id {max(ids)} too large: expected at most {MAX_ID}"))
         labels.append(ids)
@@ -258,9 +265,9 @@ def _labels_are_names(path: str) -> bool:
     (among its first :data:`_SAMPLE_BYTES`)."""
     with _open(path) as handle:
         for line in handle.readlines(_SAMPLE_BYTES):
-            field = line.split(b"\t", 1)[0] if b"\t" in line else b""
-            if field.strip():
-                return label_field_holds_names(field)
+            labels_field = line.split(b"\t", 1)[0] if b"\t" in line else b""
+            if labels_field.strip():
+                return label_field_holds_names(labels_field)
     return False
 
 
@@ -297,9 +304,9 @@ def read_data_shape(
         text_bytes = (
             sampled + len(header) if whole else round(len(header) + num_rows * sampled / max(len(lines), 1))
         )
-        inputs = "bow"
+        inputs, longest, texts = "bow", 0, []
     elif data_format in ("xmc-text", "lf-json"):
-        num_rows, text_bytes, lines, numbers, whole = _count_and_sample_lines(path)
+        num_rows, text_bytes, longest, lines, numbers, whole = _count_and_sample_lines(path)
         named = data_format == "xmc-text" and _labels_are_names(path)
         if data_format == "xmc-text":
             fields = [line.split(b"\t", 1)[0] for line in lines]
@@ -351,6 +358,8 @@ def read_data_shape(
         labels_per_row=sum(len(row) for row in labels) / count,
         multilabel=any(len(row) != 1 for row in labels),
         text_bytes=int(text_bytes),
+        longest_line_bytes=longest,
+        texts=tuple(texts) if inputs == "text" and whole else (),
     )
 
 
@@ -630,14 +639,35 @@ _AUTOCAST_FLOAT32 = frozenset(
 )  # fmt: skip
 
 
-class _AutocastLike(TorchFunctionMode):
-    """CUDA's bf16 autocast on any device (the plan's ``meta`` and CPU passes): the inputs of the ops it
-    runs in bf16 cast to bf16, of those it runs in float32 to float32, above autograd as autocast casts, so
-    the tensors saved for the backward have the GPU step's dtypes. A parameter is cast once a pass, as
-    autocast caches its casts: ``weight_casts`` holds them (the backward keeps them, once for the batch)."""
+class _FusedAttention(torch.autograd.Function):
+    """Scaled dot-product attention that saves for its backward what a GPU's fused kernels (flash,
+    memory-efficient) keep: the query, key, value, mask and output, and a float32 log-sum-exp a query row;
+    never the ``(T, T)`` probabilities nor their dropout mask, which the math kernel of a CPU run keeps."""
 
-    def __init__(self) -> None:
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, options):  # autograd's protocol; untyped there
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, **options
+        )
+        log_sum_exp = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+        ctx.save_for_backward(query, key, value, attn_mask, out, log_sum_exp)
+        return out
+
+
+_ATTENTION_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+class _GpuLike(TorchFunctionMode):
+    """A GPU step's saved tensors on any device (the plan's ``meta`` and CPU passes). ``autocast``: CUDA's
+    bf16 autocast: the inputs of the ops it runs in bf16 cast to bf16, of those it runs in float32 to
+    float32, above autograd as autocast casts, so the tensors saved for the backward have the GPU step's
+    dtypes; a parameter is cast once a pass, as autocast caches its casts: ``weight_casts`` holds them (the
+    backward keeps them, once for the batch). ``fused_attention``: attention saves what the GPU's fused
+    kernels save (:class:`_FusedAttention`)."""
+
+    def __init__(self, *, autocast: bool, fused_attention: bool) -> None:
         super().__init__()
+        self.autocast, self.fused_attention = autocast, fused_attention
         self.weight_casts: dict[int, torch.Tensor] = {}  # by the parameter's id
         self._cast_ids: set[int] = set()  # the casts' own ids (each held in weight_casts)
 
@@ -658,23 +688,34 @@ class _AutocastLike(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol; untyped there
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _AUTOCAST_LOW:
+        if self.autocast and name in _AUTOCAST_LOW:
             dtype = torch.bfloat16
-        elif name in _AUTOCAST_FLOAT32:
+        elif self.autocast and name in _AUTOCAST_FLOAT32:
             dtype = torch.float32
         else:
-            return func(*args, **kwargs)
-        args = tuple(self._cast(value, dtype) for value in args)
-        return func(*args, **{key: self._cast(value, dtype) for key, value in kwargs.items()})
+            dtype = None
+        if dtype is not None:
+            args = tuple(self._cast(value, dtype) for value in args)
+            kwargs = {key: self._cast(value, dtype) for key, value in kwargs.items()}
+        if self.fused_attention and name == "scaled_dot_product_attention":
+            options = {**dict(zip(_ATTENTION_ARGS, args, strict=False)), **kwargs}
+            tensors = [options.pop(key, None) for key in _ATTENTION_ARGS[:4]]
+            return _FusedAttention.apply(*tensors, options)
+        return func(*args, **kwargs)
 
 
-def saved_tensor_bytes(encoder: torch.nn.Module, inputs: object, *, autocast: bool) -> tuple[int, int]:
+def saved_tensor_bytes(
+    encoder: torch.nn.Module, inputs: object, *, autocast: bool, fused_attention: bool = False
+) -> tuple[int, int]:
     """``(batch, weight_casts)``: the bytes of the tensors one forward pass of ``encoder`` over ``inputs``
     saves for its backward, its output counted twice (it and its gradient), its parameters not; with
-    ``autocast``, as under CUDA's bf16 autocast (:class:`_AutocastLike`), the bf16 copies of the weights apart
-    (``weight_casts``: made once a step, whatever the batch)."""
+    ``autocast``, as under CUDA's bf16 autocast, the bf16 copies of the weights apart (``weight_casts``: made
+    once a step, whatever the batch); with ``fused_attention``, attention as a GPU's fused kernels save it
+    (both: :class:`_GpuLike`)."""
     parameters = {id(p) for p in encoder.parameters()}
-    mode = _AutocastLike() if autocast else None
+    mode = (
+        _GpuLike(autocast=autocast, fused_attention=fused_attention) if autocast or fused_attention else None
+    )
     saved: list[int] = []
     casts: dict[int, int] = {}
 
@@ -693,14 +734,15 @@ def saved_tensor_bytes(encoder: torch.nn.Module, inputs: object, *, autocast: bo
 
 
 def _encoder_parts(
-    config: RunConfig, shape: DataShape, batch: int, *, device_type: str
+    config: RunConfig, shape: DataShape, batch: int, token_width: int | None, *, device_type: str
 ) -> tuple[list[PlanPart], int, bool]:
     """The encoder's parts, its output width ``D`` and whether a captured step holds it with the head
     (:func:`~megaclass.train.graphs.whole_step_blocker`), from one forward pass of a ``batch``-row input whose
     tensors saved for the backward are its activations: an MLP over sparse rows or a face encoder built on
-    the ``meta`` device (no memory); a transformer over token ids (text data) built on the CPU and run on
-    one document of ``model.max_length`` tokens, its activations counted ``batch`` times over (the bf16
-    copies of its weights under autocast once: :func:`saved_tensor_bytes`). A CPU run
+    the ``meta`` device (no memory); a transformer over token ids (``token_width``: the widest batch,
+    :func:`_token_width`) built on the CPU and run on one document of that many tokens, its activations
+    counted ``batch`` times over (the bf16 copies of its weights under autocast once, the attention as a
+    GPU's fused kernels keep it: :func:`saved_tensor_bytes`). A CPU run
     over sparse rows keeps its freed blocks for reuse (:func:`megaclass.host_allocator.reuse_freed_blocks`):
     a dense first-layer gradient, made anew each step, then holds the pages of two."""
     from megaclass.data.batch import InputSpec, SparseInputs
@@ -713,12 +755,12 @@ def _encoder_parts(
         inputs, copies = torch.zeros(batch, 3, side, side, device="meta"), 1
         input_bytes = batch * 3 * side * side * (1 + 4)  # the decoded uint8 batch and its float32 form
         setting, smaller = "train.batch_size", "model.type (a smaller encoder)"
-    elif _takes_tokens(config, shape):
+    elif token_width is not None:
         from megaclass.data.tokenized import TokenInputs
 
         spec = InputSpec(kind="tokens")
         encoder = build_model(config.model, spec).train()  # dropout's masks saved too
-        length = config.model.max_length
+        length = token_width
         ids = torch.zeros(1, length, dtype=torch.int64)
         inputs, copies = TokenInputs(ids, torch.ones_like(ids)), batch
         input_bytes = batch * length * 8 * 2  # ids and mask, (B, T) int64
@@ -753,8 +795,10 @@ def _encoder_parts(
         row_update = (4 + moments) * min(nonzeros, table.shape[0]) * table.shape[1] * 4
     elif device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
         kept = encoder.embedding.numel() * encoder.embedding.element_size()  # the last step's, freed
-    autocast = device_type == "cuda" and config.train.bf16
-    per_batch, weight_casts = saved_tensor_bytes(encoder, inputs, autocast=autocast)
+    gpu = device_type == "cuda"
+    per_batch, weight_casts = saved_tensor_bytes(
+        encoder, inputs, autocast=gpu and config.train.bf16, fused_attention=gpu
+    )
     activations = copies * per_batch + weight_casts + input_bytes
     optimizer = config.optim.encoder
     parts = [  # a torch optimizer makes its state at its first step
@@ -778,6 +822,19 @@ def _encoder_parts(
 def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
     """Whether the encoder reads token ids: a text encoder on text data, as the run reads it."""
     return shape.inputs == "text" and reads_tokens(config.model)
+
+
+def _token_width(config: RunConfig, shape: DataShape) -> int:
+    """The widest batch of token ids a run over ``shape`` makes (a batch is padded to its longest row): its
+    longest document tokenised, where the sample holds the whole file; else ``model.max_length``, or fewer
+    where the file's longest line is shorter (a token holds a byte or more of its text, beside the special
+    tokens)."""
+    max_length = config.model.max_length
+    tokenizer = load_tokenizer(config.model)
+    if shape.texts:
+        tokens = tokenize_texts(shape.texts, tokenizer, max_length=max_length, progress=False)
+        return max(1, int(np.diff(tokens.indptr).max()))
+    return min(max_length, shape.longest_line_bytes + tokenizer.num_special_tokens_to_add())
 
 
 _HEAD_PARTS: dict[str, tuple[str, Phase]] = {
@@ -820,7 +877,8 @@ def plan_run(
         config = replace(config, model=replace(config.model, sparse_grad=False))
     rows = max(1, shape.num_rows)  # no batch holds more than the data
     batch = min(rank_batch_size(config, dist), -(-rows // world_size))
-    parts, dim, whole_step = _encoder_parts(config, shape, batch, device_type=device_type)
+    width = _token_width(config, shape) if _takes_tokens(config, shape) else None
+    parts, dim, whole_step = _encoder_parts(config, shape, batch, width, device_type=device_type)
     classes = shape.num_labels
     if shards_head(config, dist):
         classes = -(-classes // world_size)  # rank 0's range: the first ranks take the remainder
@@ -850,8 +908,7 @@ def plan_run(
         )
     saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
-    tokens = config.model.max_length if _takes_tokens(config, shape) else None
-    data = sum(each.array_bytes(tokens) for each in (shape, *others))
+    data = sum(each.array_bytes(width) for each in (shape, *others))
     largest_file = max([shape, *others], key=lambda s: s.text_bytes)
     metrics = 2 * shape.num_labels * 8  # the propensities and their inverses, while the metrics are made
     parts += [
