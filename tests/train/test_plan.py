@@ -31,6 +31,7 @@ from megaclass.train.plan import (
     _fitting_batch,
     _GpuLike,
     _token_width,
+    inference_bytes,
     plan_for,
     plan_run,
     read_data_shape,
@@ -861,6 +862,94 @@ def test_saved_tensor_bytes_of_a_transformer_match_cuda(tiny_model_options):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         measured = sum(saved_tensor_bytes(encoder, TokenInputs(ids.cuda(), mask.cuda()), autocast=False))
     assert planned == pytest.approx(measured, rel=0.1)
+
+
+def test_inference_bytes_count_what_is_live_at_once():
+    encoder = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    inputs = torch.randn(5, 16)
+    # the ReLU's output beside its input, freed once the ReLU returns: the most at once, in float32
+    assert inference_bytes(encoder, inputs, autocast=False) == 2 * 5 * 32 * 4
+    # in bf16 under autocast, beside the first layer's bf16 weights (cast once a pass and kept)
+    assert inference_bytes(encoder, inputs, autocast=True) == 2 * 5 * 32 * 2 + 2 * (16 * 32 + 32)
+
+
+def test_the_plan_of_an_evaluation(tiny_model_options, write_text_data, synthetic, tmp_path):
+    """The encoder's forward pass without gradients over an evaluation batch: at most ``eval.batch_size``
+    rows, no more than the largest file evaluated or the held-out rows hold."""
+    shape = read_data_shape(str(synthetic / "train_bow.txt"))
+    test = read_data_shape(str(synthetic / "test_bow.txt"))
+
+    def parts(config, *others):
+        plan = plan_run(
+            config, shape, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30, others=others
+        )
+        return {part.name: part for part in plan.parts}
+
+    config = load_config(head="dense", overrides=["model.hidden=[64]"])
+    evaluation = parts(config, test)["encoder evaluation"]
+    assert evaluation.phase == "evaluation" and evaluation.setting == "eval.batch_size"
+    encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
+    rows = min(config.eval.batch_size, test.num_rows)
+    assert (
+        evaluation.device_bytes
+        > inference_bytes(encoder.eval(), _sparse_rows(shape, rows), autocast=True)
+        > 0
+    )
+    fewer = load_config(head="dense", overrides=["model.hidden=[64]", "eval.batch_size=8"])
+    assert parts(fewer, test)["encoder evaluation"].device_bytes < evaluation.device_bytes
+    # no test file: the held-out rows alone
+    held_out = round(config.train.valid_fraction * shape.num_rows)
+    alone = parts(config)["encoder evaluation"].device_bytes
+    assert alone == pytest.approx(evaluation.device_bytes * held_out / rows, rel=0.2)
+    # an encoder the captured step does not hold runs eagerly: its activations are the step's alone
+    assert parts(config, test)["encoder activations"].phase == "steady"  # captured with the head
+    write_text_data(tmp_path)
+    text = read_data_shape(str(tmp_path / "train.txt"))
+    model = load_config(overrides=[f"model.{key}={value!r}" for key, value in tiny_model_options.items()])
+    plan = plan_run(model, text, device_type="cuda", gpu_capacity=None, host_capacity=64 << 30)
+    assert {part.name: part.phase for part in plan.parts}["encoder activations"] == "step"
+
+
+def _sparse_rows(shape, rows):
+    from megaclass.data.batch import SparseInputs
+
+    stored = round(rows * shape.nonzeros_per_row)
+    return SparseInputs(
+        torch.zeros(stored, dtype=torch.int64), torch.zeros(rows + 1, dtype=torch.int64), torch.zeros(stored)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inference_bytes_match_cuda():
+    """The plan's evaluation pass on the CPU against the allocator's peak on the GPU: a BERT's forward
+    without gradients over a batch under bf16 autocast."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024
+    )
+    config._attn_implementation = "sdpa"
+    model = BertModel(config, add_pooling_layer=False).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids).last_hidden_state[:, 0]
+
+    ids = torch.randint(5, 1000, (64, 96))
+    planned = inference_bytes(Encoder(), ids, autocast=True, fused_attention=True)
+    encoder, ids = Encoder().cuda(), ids.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        encoder(ids)
+    torch.cuda.synchronize()
+    assert planned == pytest.approx(torch.cuda.max_memory_allocated() - before, rel=0.15)
 
 
 def test_plan_of_a_gpu_step_under_bf16_autocast(fixture_rec, write_text_data, tiny_model_options, tmp_path):

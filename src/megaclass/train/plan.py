@@ -9,7 +9,8 @@ whole file parsed; a text file's vocabulary counted by the featuriser on a sampl
 law); the config is resolved from it as ``megaclass train`` resolves it; :func:`plan_run` adds up each part as
 a pure function of the two: the head's parts come from the head class
 (:meth:`~megaclass.heads.base.Head.planned_bytes`), the encoder's from a build on the ``meta`` device (no
-memory) and one forward pass there, whose saved tensors are the activations the backward keeps, in the
+memory) and one forward pass there, whose saved tensors are the activations the backward keeps (and one
+without gradients over an evaluation batch, whose tensors live at once are an evaluation's), in the
 step's dtypes: float32, or on a GPU under ``train.bf16`` those CUDA's autocast gives them, its attention as
 the GPU's fused kernels keep it (a transformer on text: built on the CPU and run on one document as long as
 the data's longest, the widest batch a run pads to). A run's peak is what it holds all along
@@ -31,6 +32,7 @@ import functools
 import gzip
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -38,6 +40,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from megaclass.data.featurizer import FeaturizerConfig, TextFeaturizer
 from megaclass.data.images import open_face_dataset
@@ -65,6 +69,7 @@ from megaclass.train.checkpoint import saves_in_background
 from megaclass.train.config import RunConfig, TrainConfig, featurizer_config
 from megaclass.train.graphs import whole_step_blocker
 from megaclass.train.recipes import DataFacts
+from megaclass.train.validation import held_out_count
 
 __all__ = [
     "DataShape",
@@ -74,6 +79,7 @@ __all__ = [
     "plan_run",
     "plan_device_type",
     "read_data_shape",
+    "inference_bytes",
     "saved_tensor_bytes",
 ]
 
@@ -733,54 +739,114 @@ def saved_tensor_bytes(
     return sum(saved) + 2 * features.numel() * features.element_size(), sum(casts.values())
 
 
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes the tensors made under it hold at once (a storage counted once, until the last of its
+    tensors is freed), ``ignored`` storages (a module's parameters and buffers) aside."""
+
+    def __init__(self, ignored: set[int]) -> None:
+        super().__init__()
+        self.ignored = ignored
+        self.live = self.peak = 0
+        self._tensors: dict[int, int] = {}  # live tensors a storage, by its storage's handle
+        self._bytes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self._tensors[key] -= 1
+        if not self._tensors[key]:
+            del self._tensors[key]
+            self.live -= self._bytes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # torch's protocol; untyped there
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self.ignored:
+                continue
+            if key not in self._tensors:
+                self._tensors[key], self._bytes[key] = 0, storage.nbytes()
+                self.live += self._bytes[key]
+                self.peak = max(self.peak, self.live)
+            self._tensors[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def inference_bytes(
+    encoder: torch.nn.Module, inputs: object, *, autocast: bool, fused_attention: bool = False
+) -> int:
+    """The most bytes a forward pass of ``encoder`` over ``inputs`` without gradients (an evaluation's)
+    holds at once beside its weights, its output included; ``autocast`` and ``fused_attention`` as
+    :func:`saved_tensor_bytes` takes them."""
+    held = {t.untyped_storage()._cdata for t in (*encoder.parameters(), *encoder.buffers())}
+    emulated = autocast or fused_attention
+    mode = _GpuLike(autocast=autocast, fused_attention=fused_attention) if emulated else None
+    with torch.no_grad(), mode if mode is not None else contextlib.nullcontext(), _LiveBytes(held) as live:
+        encoder(inputs)
+    return live.peak
+
+
 def _encoder_parts(
-    config: RunConfig, shape: DataShape, batch: int, token_width: int | None, *, device_type: str
+    config: RunConfig,
+    shape: DataShape,
+    batch: int,
+    token_widths: tuple[int, int] | None,
+    *,
+    eval_batch: int,
+    device_type: str,
 ) -> tuple[list[PlanPart], int, bool]:
     """The encoder's parts, its output width ``D`` and whether a captured step holds it with the head
     (:func:`~megaclass.train.graphs.whole_step_blocker`), from one forward pass of a ``batch``-row input whose
-    tensors saved for the backward are its activations: an MLP over sparse rows or a face encoder built on
-    the ``meta`` device (no memory); a transformer over token ids (``token_width``: the widest batch,
+    tensors saved for the backward are its activations, and one without gradients of an ``eval_batch``-row
+    input (:func:`inference_bytes`): an MLP over sparse rows or a face encoder built on the ``meta`` device
+    (no memory); a transformer over token ids (``token_widths``: the widest training and evaluation batches,
     :func:`_token_width`) built on the CPU and run on one document of that many tokens, its activations
     counted ``batch`` times over (the bf16 copies of its weights under autocast once, the attention as a
-    GPU's fused kernels keep it: :func:`saved_tensor_bytes`). A CPU run
-    over sparse rows keeps its freed blocks for reuse (:func:`megaclass.host_allocator.reuse_freed_blocks`):
-    a dense first-layer gradient, made anew each step, then holds the pages of two."""
+    GPU's fused kernels keep it: :func:`saved_tensor_bytes`), its evaluation's from one and two documents.
+    A CPU run over sparse rows keeps its freed blocks for reuse
+    (:func:`megaclass.host_allocator.reuse_freed_blocks`): a dense first-layer gradient, made anew each
+    step, then holds the pages of two."""
     from megaclass.data.batch import InputSpec, SparseInputs
+    from megaclass.data.tokenized import TokenInputs
+
+    def inputs_of(rows: int, width: int = 0) -> tuple[object, int]:
+        """An input of ``rows`` rows (tokens: documents of ``width``) and the bytes of its batch."""
+        if shape.inputs == "images":
+            side = shape.num_features
+            # the decoded uint8 batch and its float32 form
+            return torch.zeros(rows, 3, side, side, device="meta"), rows * 3 * side * side * (1 + 4)
+        if token_widths is not None:
+            ids = torch.zeros(rows, width, dtype=torch.int64)
+            return TokenInputs(ids, torch.ones_like(ids)), rows * width * 8 * 2  # ids and mask, int64
+        stored = max(1, round(rows * shape.nonzeros_per_row))
+        indices, offsets = (torch.zeros(n, dtype=torch.int64, device="meta") for n in (stored, rows + 1))
+        values = torch.zeros(stored, dtype=torch.float32, device="meta")
+        return SparseInputs(indices, offsets, values), stored * (8 + 4) + (rows + 1) * 8
 
     if shape.inputs == "images":
         spec = InputSpec(kind="image")
         with torch.device("meta"):
             encoder = build_model(config.model, spec)
-        side = shape.num_features
-        inputs, copies = torch.zeros(batch, 3, side, side, device="meta"), 1
-        input_bytes = batch * 3 * side * side * (1 + 4)  # the decoded uint8 batch and its float32 form
+        copies = 1
         setting, smaller = "train.batch_size", "model.type (a smaller encoder)"
-    elif token_width is not None:
-        from megaclass.data.tokenized import TokenInputs
-
+    elif token_widths is not None:
         spec = InputSpec(kind="tokens")
         encoder = build_model(config.model, spec).train()  # dropout's masks saved too
-        length = token_width
-        ids = torch.zeros(1, length, dtype=torch.int64)
-        inputs, copies = TokenInputs(ids, torch.ones_like(ids)), batch
-        input_bytes = batch * length * 8 * 2  # ids and mask, (B, T) int64
+        copies = batch
         setting = "model.max_length, train.batch_size or model.gradient_checkpointing=true"
         smaller = "model.pretrained (a smaller encoder)"
     else:
         spec = InputSpec(kind="sparse", num_features=shape.num_features)
         with torch.device("meta"):
             encoder = build_model(config.model, spec)
-        nonzeros = max(1, round(batch * shape.nonzeros_per_row))
-        inputs, copies = (
-            SparseInputs(
-                torch.zeros(nonzeros, dtype=torch.int64, device="meta"),
-                torch.zeros(batch + 1, dtype=torch.int64, device="meta"),
-                torch.zeros(nonzeros, dtype=torch.float32, device="meta"),
-            ),
-            1,
-        )
-        input_bytes = nonzeros * (8 + 4) + (batch + 1) * 8
+        copies = 1
         setting, smaller = "train.batch_size", "model.hidden (a smaller encoder)"
+    train_width, eval_width = token_widths if token_widths is not None else (0, 0)
+    inputs, input_bytes = inputs_of(1 if token_widths is not None else batch, train_width)
+    input_bytes *= copies
+    nonzeros = max(1, round(batch * shape.nonzeros_per_row))
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
     trained = sum(p.numel() * p.element_size() for p in trainable)
@@ -796,10 +862,16 @@ def _encoder_parts(
     elif device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
         kept = encoder.embedding.numel() * encoder.embedding.element_size()  # the last step's, freed
     gpu = device_type == "cuda"
-    per_batch, weight_casts = saved_tensor_bytes(
-        encoder, inputs, autocast=gpu and config.train.bf16, fused_attention=gpu
-    )
+    like_gpu = {"autocast": gpu and config.train.bf16, "fused_attention": gpu}
+    per_batch, weight_casts = saved_tensor_bytes(encoder, inputs, **like_gpu)
     activations = copies * per_batch + weight_casts + input_bytes
+    encoder.eval()
+    if token_widths is not None:  # from one and two documents: the weights' casts once, the rest a document
+        one, two = (inference_bytes(encoder, inputs_of(n, eval_width)[0], **like_gpu) for n in (1, 2))
+        evaluation = one + (eval_batch - 1) * (two - one)
+    else:
+        evaluation = inference_bytes(encoder, inputs_of(eval_batch)[0], **like_gpu)
+    evaluation += inputs_of(eval_batch, eval_width)[1]
     optimizer = config.optim.encoder
     parts = [  # a torch optimizer makes its state at its first step
         PlanPart("encoder weights", weights, 0, setting=smaller),
@@ -812,6 +884,7 @@ def _encoder_parts(
             after_setup=True,
         ),
         PlanPart("encoder activations", activations, 0, "step", setting),
+        PlanPart("encoder evaluation", evaluation, 0, "evaluation", "eval.batch_size"),
         PlanPart("encoder row update", row_update, 0, "step", "train.batch_size"),
         PlanPart("encoder gradient kept", kept, 0, setting="model.sparse_grad=true", after_setup=True),
     ]
@@ -877,8 +950,17 @@ def plan_run(
         config = replace(config, model=replace(config.model, sparse_grad=False))
     rows = max(1, shape.num_rows)  # no batch holds more than the data
     batch = min(rank_batch_size(config, dist), -(-rows // world_size))
-    width = _token_width(config, shape) if _takes_tokens(config, shape) else None
-    parts, dim, whole_step = _encoder_parts(config, shape, batch, width, device_type=device_type)
+    widths = None
+    if _takes_tokens(config, shape):  # the widest training batch, and the widest of the evaluated files
+        train_width = _token_width(config, shape)
+        widths = (train_width, max([train_width, *(_token_width(config, other) for other in others)]))
+    # an evaluation scores the held-out rows and each other file, a batch of at most eval.batch_size
+    loop = config.train
+    held_out = held_out_count(rows, fraction=loop.valid_fraction, max_rows=loop.valid_max_rows)
+    eval_batch = max(1, min(config.eval.batch_size, max([held_out, *(other.num_rows for other in others)])))
+    parts, dim, whole_step = _encoder_parts(
+        config, shape, batch, widths, eval_batch=eval_batch, device_type=device_type
+    )
     classes = shape.num_labels
     if shards_head(config, dist):
         classes = -(-classes // world_size)  # rank 0's range: the first ranks take the remainder
@@ -908,7 +990,7 @@ def plan_run(
         )
     saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
     width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
-    data = sum(each.array_bytes(width) for each in (shape, *others))
+    data = sum(each.array_bytes(None if widths is None else widths[1]) for each in (shape, *others))
     largest_file = max([shape, *others], key=lambda s: s.text_bytes)
     metrics = 2 * shape.num_labels * 8  # the propensities and their inverses, while the metrics are made
     parts += [
@@ -925,7 +1007,11 @@ def plan_run(
         store = config.head.store if isinstance(config.head, SelectedHeadConfig) else "gpu"
         pulled = store.startswith("ps://") or (store == "host" and config.train.ema_decay > 0)
         if config.train.cuda_graph != "off" and not pulled:
-            parts = [replace(part, phase="steady") if part.phase == "step" else part for part in parts]
+            # the head's step always; the encoder's where the whole step is captured (else it runs eagerly,
+            # its activations freed after each step)
+            uncaptured = set() if whole_step else {"encoder activations", "encoder row update"}
+            held = [part.phase == "step" and part.name not in uncaptured for part in parts]
+            parts = [replace(p, phase="steady") if h else p for p, h in zip(parts, held, strict=True)]
             # the graph's gradients are its outputs, held between steps too; a step run eagerly beside it (an
             # epoch's smaller last batch, a batch over the capture's capacities) makes its own of those and
             # of the captured activations, from the allocator's other memory

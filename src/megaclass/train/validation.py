@@ -17,13 +17,18 @@ from megaclass.data.loaders import SparseDataset
 from megaclass.data.tokenized import TokenDataset, TokenIds
 from megaclass.data.xmc import CSR
 
-__all__ = ["EndedAtLabelPrior", "held_out_rows", "label_prior_share", "take_rows"]
+__all__ = ["EndedAtLabelPrior", "held_out_count", "held_out_rows", "label_prior_share", "take_rows"]
 
 _SPLIT_STREAM = 0x5EED  # keeps the split's draws apart from the shuffling and initialisation streams
 
 
 class EndedAtLabelPrior(ValueError):
     """Training ended with a model ranking the most frequent training label first for (almost) every row."""
+
+
+def held_out_count(num_rows: int, *, fraction: float, max_rows: int) -> int:
+    """How many of ``num_rows`` rows :func:`held_out_rows` holds out."""
+    return max(0, min(round(fraction * num_rows), max_rows, num_rows - 1))
 
 
 def held_out_rows(num_rows: int, *, fraction: float, max_rows: int, seed: int) -> np.ndarray:
@@ -33,7 +38,7 @@ def held_out_rows(num_rows: int, *, fraction: float, max_rows: int, seed: int) -
     >>> held_out_rows(100, fraction=0.05, max_rows=10_000, seed=0).shape
     (5,)
     """
-    count = min(round(fraction * num_rows), max_rows, max(num_rows - 1, 0))
+    count = held_out_count(num_rows, fraction=fraction, max_rows=max_rows)
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng([seed, _SPLIT_STREAM])
