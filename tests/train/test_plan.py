@@ -774,7 +774,7 @@ def test_the_token_width_is_the_widest_batch(tiny_model_options, tmp_path, monke
     monkeypatch.setattr(plan_module, "_SAMPLE_BYTES", 8)  # a sample of part of the file
     shape = read_data_shape(str(path))
     assert not shape.texts and shape.longest_line_bytes == len("1\tpython library for web mail")
-    assert _token_width(config, shape) == config.model.max_length == 24  # 31 bytes: up to 33 tokens
+    assert _token_width(config, shape) == config.model.max_length == 24  # 29 bytes: up to 31 tokens
     shape = dataclasses.replace(shape, longest_line_bytes=len("2\tthe kernel"))
     assert _token_width(config, shape) == len("2\tthe kernel") + 2
 

@@ -27,7 +27,6 @@ batch and, where the head is split by class over the ranks, its share of the cla
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import math
@@ -75,11 +74,11 @@ __all__ = [
     "DataShape",
     "MemoryPlan",
     "PlanPart",
+    "inference_bytes",
     "machine_memory",
     "plan_run",
     "plan_device_type",
     "read_data_shape",
-    "inference_bytes",
     "saved_tensor_bytes",
 ]
 
@@ -719,22 +718,20 @@ def saved_tensor_bytes(
     once a step, whatever the batch); with ``fused_attention``, attention as a GPU's fused kernels save it
     (both: :class:`_GpuLike`)."""
     parameters = {id(p) for p in encoder.parameters()}
-    mode = (
-        _GpuLike(autocast=autocast, fused_attention=fused_attention) if autocast or fused_attention else None
-    )
+    mode = _GpuLike(autocast=autocast, fused_attention=fused_attention)  # neither: a pass as it runs
     saved: list[int] = []
     casts: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor if tensor._base is None else tensor._base
-        if mode is not None and mode.is_weight_cast(base):
+        if mode.is_weight_cast(base):
             casts[id(base)] = base.numel() * base.element_size()
         elif id(base) not in parameters:
             saved.append(tensor.numel() * tensor.element_size())
         return tensor
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-    with hooks, mode if mode is not None else contextlib.nullcontext():
+    with hooks, mode:
         features = encoder(inputs)
     return sum(saved) + 2 * features.numel() * features.element_size(), sum(casts.values())
 
@@ -781,9 +778,8 @@ def inference_bytes(
     holds at once beside its weights, its output included; ``autocast`` and ``fused_attention`` as
     :func:`saved_tensor_bytes` takes them."""
     held = {t.untyped_storage()._cdata for t in (*encoder.parameters(), *encoder.buffers())}
-    emulated = autocast or fused_attention
-    mode = _GpuLike(autocast=autocast, fused_attention=fused_attention) if emulated else None
-    with torch.no_grad(), mode if mode is not None else contextlib.nullcontext(), _LiveBytes(held) as live:
+    mode = _GpuLike(autocast=autocast, fused_attention=fused_attention)
+    with torch.no_grad(), mode, _LiveBytes(held) as live:
         encoder(inputs)
     return live.peak
 
