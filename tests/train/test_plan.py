@@ -768,15 +768,16 @@ def test_the_token_width_is_the_widest_batch(tiny_model_options, tmp_path, monke
     config = load_config(overrides=[f"model.{key}={value!r}" for key, value in tiny_model_options.items()])
     tokenizer = load_tokenizer(config.model)
     assert [len(tokenizer(text)["input_ids"]) for text in texts] == [3, 7, 4]  # [CLS] and [SEP] too
-    assert _token_width(config, read_data_shape(str(path))) == 7
+    assert _token_width(config, read_data_shape(str(path)), tokenizer) == 7
     short = dataclasses.replace(config, model=dataclasses.replace(config.model, max_length=5))
-    assert _token_width(short, read_data_shape(str(path))) == 5  # truncated as the run truncates
+    assert _token_width(short, read_data_shape(str(path)), tokenizer) == 5  # truncated as the run truncates
     monkeypatch.setattr(plan_module, "_SAMPLE_BYTES", 8)  # a sample of part of the file
     shape = read_data_shape(str(path))
     assert not shape.texts and shape.longest_line_bytes == len("1\tpython library for web mail")
-    assert _token_width(config, shape) == config.model.max_length == 24  # 29 bytes: up to 31 tokens
+    # 29 bytes: up to 31 tokens, past model.max_length
+    assert _token_width(config, shape, tokenizer) == config.model.max_length == 24
     shape = dataclasses.replace(shape, longest_line_bytes=len("2\tthe kernel"))
-    assert _token_width(config, shape) == len("2\tthe kernel") + 2
+    assert _token_width(config, shape, tokenizer) == len("2\tthe kernel") + 2
 
 
 def test_fused_attention_saves_what_the_gpu_kernels_keep():

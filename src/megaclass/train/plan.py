@@ -34,7 +34,7 @@ import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -842,13 +842,12 @@ def _encoder_parts(
     train_width, eval_width = token_widths if token_widths is not None else (0, 0)
     inputs, input_bytes = inputs_of(1 if token_widths is not None else batch, train_width)
     input_bytes *= copies
-    nonzeros = max(1, round(batch * shape.nonzeros_per_row))
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
     trained = sum(p.numel() * p.element_size() for p in trainable)
     grads, kept, row_update = trained, 0, 0
     if getattr(encoder, "sparse_gradient", False):  # an MLP's first layer: a gradient row per non-zero
-        table = encoder.embedding  # (F, H0)
+        table, nonzeros = encoder.embedding, inputs.indices.numel()  # (F, H0), the batch's non-zeros
         grads += nonzeros * (table.shape[1] * table.element_size() + 8) - table.numel() * table.element_size()
         # its optimizer's step on the rows a batch touched (at most its non-zeros), in float32: the gradient
         # summed by row and the rows that move, the weights, the moments and Adam's denominator (SGD's
@@ -893,13 +892,20 @@ def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
     return shape.inputs == "text" and reads_tokens(config.model)
 
 
-def _token_width(config: RunConfig, shape: DataShape) -> int:
+def _token_widths(config: RunConfig, shape: DataShape, others: Sequence[DataShape]) -> tuple[int, int]:
+    """The widest training batch of token ids and the widest of the files evaluated (the held-out rows
+    among them): :func:`_token_width` of each, with one tokenizer."""
+    tokenizer = load_tokenizer(config.model)
+    train = _token_width(config, shape, tokenizer)
+    return train, max([train, *(_token_width(config, other, tokenizer) for other in others)])
+
+
+def _token_width(config: RunConfig, shape: DataShape, tokenizer: Any) -> int:
     """The widest batch of token ids a run over ``shape`` makes (a batch is padded to its longest row): its
     longest document tokenised, where the sample holds the whole file; else ``model.max_length``, or fewer
     where the file's longest line is shorter (a token holds a byte or more of its text, beside the special
     tokens)."""
     max_length = config.model.max_length
-    tokenizer = load_tokenizer(config.model)
     if shape.texts:
         tokens = tokenize_texts(shape.texts, tokenizer, max_length=max_length, progress=False)
         return max(1, int(np.diff(tokens.indptr).max()))
@@ -946,10 +952,7 @@ def plan_run(
         config = replace(config, model=replace(config.model, sparse_grad=False))
     rows = max(1, shape.num_rows)  # no batch holds more than the data
     batch = min(rank_batch_size(config, dist), -(-rows // world_size))
-    widths = None
-    if _takes_tokens(config, shape):  # the widest training batch, and the widest of the evaluated files
-        train_width = _token_width(config, shape)
-        widths = (train_width, max([train_width, *(_token_width(config, other) for other in others)]))
+    widths = _token_widths(config, shape, others) if _takes_tokens(config, shape) else None
     # an evaluation scores the held-out rows and each other file, a batch of at most eval.batch_size
     loop = config.train
     held_out = held_out_count(rows, fraction=loop.valid_fraction, max_rows=loop.valid_max_rows)
