@@ -290,6 +290,23 @@ def test_python_m_megaclass_and_dispatch_table():
         assert name in out.stdout
 
 
+@pytest.mark.parametrize("chosen", [None, "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"])
+def test_the_gpu_allocator_grows_its_segments_unless_the_user_chose_its_settings(chosen, monkeypatch, capsys):
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    if chosen:
+        monkeypatch.setenv(chosen, "max_split_size_mb:64")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    capsys.readouterr()
+    if chosen:
+        assert os.environ[chosen] == "max_split_size_mb:64"
+        assert [name for name in names if name in os.environ] == [chosen]
+    else:
+        assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+
+
 def test_text_data_trains_and_predicts_through_the_saved_featurizer(repo_root, tmp_path, capsys):
     data = os.path.join(repo_root, "data", "deb-tags")
     paths = []

@@ -99,6 +99,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _DOES_NOT_FIT = 3  # the exit code of a plan that does not fit
+_ALLOCATOR_SETTINGS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the names PyTorch reads them from
 
 
 def _add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
@@ -699,12 +700,22 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+def _grow_gpu_segments() -> None:
+    """Let PyTorch's CUDA allocator grow its segments in place (``expandable_segments``) unless the user chose
+    the allocator's settings: a run planned within a few GiB of the card's memory then is not stopped by
+    fragmentation (at 3.2 x 10^8 classes on a 139.8 GiB card, 5.8 GiB stood reserved and free when a 4.8 GiB
+    request failed). Read by PyTorch when the process first touches the GPU; torchrun's ranks inherit it."""
+    if not any(name in os.environ for name in _ALLOCATOR_SETTINGS):
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
     User errors (bad config, bad data, missing or unwritable files) print one line and return 2.
     """
     argv = sys.argv[1:] if argv is None else argv
+    _grow_gpu_segments()
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # after the command name: what --nproc-per-node forwards to torchrun
     try:
