@@ -306,11 +306,14 @@ def test_a_section_of_the_records_type_is_taken_whole_unless_the_user_set_a_key_
     assert keep_recorded_values(config_to_dict(config), sparse, explicit_keys=("head.type",)) == (sparse, {})
 
 
-def test_mlp_recipes_train_until_each_label_saw_about_200_positives():
+def test_mlp_recipes_train_until_each_label_saw_about_200_positives_300_under_the_sparse_head():
     rare = dataclasses.replace(BOW, num_positives=75_000)  # 10 positives a label an epoch
     config, description = _resolve(facts=rare)
     assert config.train.epochs == 20 and "10 positives a label; 20 epochs)" in description
-    assert _resolve(head="sparse", facts=rare)[0].train.epochs == 20
+    assert _resolve(head="sparse", facts=rare)[0].train.epochs == 30
+    twenty = dataclasses.replace(BOW, num_positives=150_000)  # 20 positives a label an epoch
+    assert _resolve(head="sparse", facts=twenty)[0].train.epochs == 15
+    assert _resolve(head="selected", facts=rare)[0].train.epochs == 20  # xmc-mlp: 200
     assert _resolve(head="sparse")[0].train.epochs == 5  # never fewer than the preset's
     assert _resolve(facts=dataclasses.replace(BOW, num_positives=7_500))[0].train.epochs == 30  # at most 30
     assert _resolve(["train.epochs=2"], facts=rare)[0].train.epochs == 2  # explicit settings win

@@ -8,11 +8,12 @@ config, the explicit keys and the data facts, never of the device: the same run 
 the CPU and a GPU, and a resumed run to the config it was started with.
 
 An MLP recipe over sparse rows (``xmc-mlp``, ``xmc-mlp-hinge``, ``spartex``) trains long enough for each
-label to see about 200 positive rows: its preset's epochs (tuned on a set with 150 positives a label an
-epoch) or more where labels have fewer positives, up to 30 (:func:`epochs_for`). The validation split keeps
-the best epoch. (On a planted set with 11 positives a label an epoch, 18 epochs against 9 gain 1.7 points
-P@1 under the dense head: benchmarks/RESULTS.md.) Over featurised text it drops 30% of each row's n-grams in
-training (``model.input_dropout``).
+label to see about 200 positive rows, 300 under the sparse head: its preset's epochs (tuned on a set with 150
+positives a label an epoch) or more where labels have fewer positives, up to 30 (:func:`epochs_for`). The
+validation split keeps the best epoch. (On a planted set with 11 positives a label an epoch, 18 epochs
+against 9 gain 1.7 points P@1 under the dense head; 27 against 18 gain the sparse head 0.3 and 0.5 point P@1
+on the set's BoW and text versions and lose the dense head 3.7 points P@5: benchmarks/RESULTS.md.) Over
+featurised text it drops 30% of each row's n-grams in training (``model.input_dropout``).
 
 >>> facts = DataFacts("bow", True, 15_000, num_classes=7_500, num_features=10_000, num_positives=75_000)
 >>> config, description = resolve_recipe(RunConfig(), frozenset(), facts)
@@ -54,9 +55,11 @@ __all__ = [
 ]
 
 _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
-_POSITIVES_PER_LABEL = 200  # positive rows each label sees over an MLP recipe's run (epochs_for)
+# positive rows each label sees over an MLP recipe's run (epochs_for): a sparse head's label trains its few
+# weights, rewired over the first two thirds of the run, and goes on gaining where a dense head overfits
+_POSITIVES_PER_LABEL = {"xmc-mlp": 200, "xmc-mlp-hinge": 200, "spartex": 300}
 _MAX_EPOCHS = 30
-_MLP_RECIPES = ("xmc-mlp", "xmc-mlp-hinge", "spartex")
+_MLP_RECIPES = tuple(_POSITIVES_PER_LABEL)
 _MIN_SAMPLED_BATCH = 32  # sampled_head_batch lowers a batch no further
 # an MLP recipe over featurised text drops this share of each row's n-grams in training: word and character
 # n-grams give many columns to a word, so a row stays legible without some of them (+0.3 point P@1 on two text
@@ -121,15 +124,17 @@ class DataFacts:
         )
 
 
-def epochs_for(facts: DataFacts, preset_epochs: int) -> int:
-    """Epochs of an MLP recipe: enough for each label to see about 200 positive rows, at least the preset's
-    and at most 30.
+def epochs_for(facts: DataFacts, preset_epochs: int, positives_per_label: int = 200) -> int:
+    """Epochs of an MLP recipe: enough for each label to see about ``positives_per_label`` positive rows, at
+    least the preset's and at most 30.
 
     >>> facts = DataFacts("bow", True, 20_000, num_classes=5_000, num_features=1, num_positives=55_000)
-    >>> epochs_for(facts, 3), epochs_for(dataclasses.replace(facts, num_positives=10**6), 3)
-    (19, 3)
+    >>> epochs_for(facts, 3), epochs_for(facts, 3, 300)
+    (19, 28)
+    >>> epochs_for(dataclasses.replace(facts, num_positives=10**6), 3)
+    3
     """
-    wanted = math.ceil(_POSITIVES_PER_LABEL / max(facts.positives_per_label, 1e-9))
+    wanted = math.ceil(positives_per_label / max(facts.positives_per_label, 1e-9))
     return max(preset_epochs, min(_MAX_EPOCHS, wanted))
 
 
@@ -222,7 +227,7 @@ def resolve_recipe(
     why = facts.describe()
     mlp_recipe = preset in _MLP_RECIPES
     if mlp_recipe and not covered("train.epochs", explicit_keys):
-        epochs = epochs_for(facts, settings["train"]["epochs"])
+        epochs = epochs_for(facts, settings["train"]["epochs"], _POSITIVES_PER_LABEL[preset])
         settings["train"]["epochs"] = epochs
         why += f"; {epochs} epochs"
     user = config_to_dict(config)
