@@ -861,12 +861,13 @@ def _encoder_parts(
     per_batch, weight_casts = saved_tensor_bytes(encoder, inputs, **like_gpu)
     activations = copies * per_batch + weight_casts + input_bytes
     encoder.eval()
+    eval_inputs, eval_input_bytes = inputs_of(eval_batch, eval_width)
     if token_widths is not None:  # from one and two documents: the weights' casts once, the rest a document
         one, two = (inference_bytes(encoder, inputs_of(n, eval_width)[0], **like_gpu) for n in (1, 2))
         evaluation = one + (eval_batch - 1) * (two - one)
     else:
-        evaluation = inference_bytes(encoder, inputs_of(eval_batch)[0], **like_gpu)
-    evaluation += inputs_of(eval_batch, eval_width)[1]
+        evaluation = inference_bytes(encoder, eval_inputs, **like_gpu)
+    evaluation += eval_input_bytes
     optimizer = config.optim.encoder
     parts = [  # a torch optimizer makes its state at its first step
         PlanPart("encoder weights", weights, 0, setting=smaller),

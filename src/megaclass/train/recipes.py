@@ -55,11 +55,11 @@ __all__ = [
 ]
 
 _INPUT_NAMES = {"bow": "BoW", "text": "text", "tokens": "tokens", "images": "images"}
-# positive rows each label sees over an MLP recipe's run (epochs_for): a sparse head's label trains its few
-# weights, rewired over the first two thirds of the run, and goes on gaining where a dense head overfits
+# the MLP recipes, and the positive rows each label sees over their runs (epochs_for): a sparse head's label
+# trains its few weights, rewired over the first two thirds of the run, and goes on gaining where a dense head
+# overfits
 _POSITIVES_PER_LABEL = {"xmc-mlp": 200, "xmc-mlp-hinge": 200, "spartex": 300}
 _MAX_EPOCHS = 30
-_MLP_RECIPES = tuple(_POSITIVES_PER_LABEL)
 _MIN_SAMPLED_BATCH = 32  # sampled_head_batch lowers a batch no further
 # an MLP recipe over featurised text drops this share of each row's n-grams in training: word and character
 # n-grams give many columns to a word, so a row stays legible without some of them (+0.3 point P@1 on two text
@@ -124,14 +124,14 @@ class DataFacts:
         )
 
 
-def epochs_for(facts: DataFacts, preset_epochs: int, positives_per_label: int = 200) -> int:
+def epochs_for(facts: DataFacts, preset_epochs: int, positives_per_label: int) -> int:
     """Epochs of an MLP recipe: enough for each label to see about ``positives_per_label`` positive rows, at
     least the preset's and at most 30.
 
     >>> facts = DataFacts("bow", True, 20_000, num_classes=5_000, num_features=1, num_positives=55_000)
-    >>> epochs_for(facts, 3), epochs_for(facts, 3, 300)
+    >>> epochs_for(facts, 3, 200), epochs_for(facts, 3, 300)
     (19, 28)
-    >>> epochs_for(dataclasses.replace(facts, num_positives=10**6), 3)
+    >>> epochs_for(dataclasses.replace(facts, num_positives=10**6), 3, 200)
     3
     """
     wanted = math.ceil(positives_per_label / max(facts.positives_per_label, 1e-9))
@@ -225,7 +225,7 @@ def resolve_recipe(
     """
     preset, change, settings = recipe_settings(config, facts)
     why = facts.describe()
-    mlp_recipe = preset in _MLP_RECIPES
+    mlp_recipe = preset in _POSITIVES_PER_LABEL
     if mlp_recipe and not covered("train.epochs", explicit_keys):
         epochs = epochs_for(facts, settings["train"]["epochs"], _POSITIVES_PER_LABEL[preset])
         settings["train"]["epochs"] = epochs
