@@ -492,15 +492,7 @@ class Trainer:
         self.head.materialize()  # a store on parameter servers connects, and is checked, now
         self.kernels = self._resolve_kernels()
         self.parallel = data_parallel(self.encoder, self.head, config=config, dist=dist, device=self.device)
-        self.optimizers = {
-            "encoder": build_optimizer(self.encoder, config.optim.encoder),
-            "head": build_optimizer(
-                self.head,
-                config.optim.head,
-                low_precision=config.optim.head_state == "bf16_sr",
-                seed=config.train.seed,
-            ),
-        }
+        self.optimizers = self._build_optimizers()
         self.average = self._weight_average()
         if self.device.type == "cpu" and self.train_data.input_spec.kind == "sparse":
             # an MLP's first-layer gradient, made anew each step: its pages kept (3.4x on deb-tags' texts,
@@ -549,6 +541,19 @@ class Trainer:
         self._bar: Any = None  # the epoch's progress bar (None: off)
         self._test_curve: tuple[int, dict[str, float]] | None = None  # (epoch, its test scores), the last
         self._window_started = time.perf_counter()  # when the log window began
+
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer | None]:
+        """The encoder's optimizer and the head's (None for a module without trainable parameters)."""
+        optim = self.config.optim
+        return {
+            "encoder": build_optimizer(self.encoder, optim.encoder),
+            "head": build_optimizer(
+                self.head,
+                optim.head,
+                low_precision=optim.head_state == "bf16_sr",
+                seed=self.config.train.seed,
+            ),
+        }
 
     def _step_graph(self, *, whole: bool = True) -> StepGraph:
         """The captured step: the encoder's and the head's where :func:`~megaclass.train.graphs.

@@ -983,48 +983,13 @@ def plan_run(
     # page-locked block of STREAM_CHUNK_BYTES, which torch's pinned-memory cache keeps from the first save
     # on; host tensors without a copy
     on_gpu = device_type == "cuda" and any(part.device_bytes for part in parts if part.name in _CHECKPOINTED)
-    from_servers = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
     if on_gpu:
         parts.append(
             PlanPart("checkpoint staging block", 0, STREAM_CHUNK_BYTES, setting=_MORE_HOST, after_setup=True)
         )
-    saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
-    width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
-    data = sum(each.array_bytes(None if widths is None else widths[1]) for each in (shape, *others))
-    largest_file = max([shape, *others], key=lambda s: s.text_bytes)
-    metrics = 2 * shape.num_labels * 8  # the propensities and their inverses, while the metrics are made
-    parts += [
-        PlanPart("data sets in memory", 0, data, setting="a host with more memory (data is held in memory)"),
-        PlanPart("label counts", 0, shape.num_labels * 8, setting=_MORE_HOST),
-        PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
-        PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
-        PlanPart("evaluation metrics", 0, metrics, "evaluation", _MORE_HOST),
-        PlanPart("checkpoint block", 0, saved, "checkpoint", _MORE_HOST),
-    ]
+    parts += _data_parts(config, shape, others, widths)
     if device_type == "cuda":
-        # a captured step's activations stay in the graph's memory pool (rows pulled over the network, or
-        # gathered on the host beside a weight average, are never captured)
-        store = config.head.store if isinstance(config.head, SelectedHeadConfig) else "gpu"
-        pulled = store.startswith("ps://") or (store == "host" and config.train.ema_decay > 0)
-        if config.train.cuda_graph != "off" and not pulled:
-            # the head's step always; the encoder's where the whole step is captured (else it runs eagerly,
-            # its activations freed after each step)
-            uncaptured = set() if whole_step else {"encoder activations", "encoder row update"}
-            held = [part.phase == "step" and part.name not in uncaptured for part in parts]
-            parts = [replace(p, phase="steady") if h else p for p, h in zip(parts, held, strict=True)]
-            # the graph's gradients are its outputs, held between steps too; a step run eagerly beside it (an
-            # epoch's smaller last batch, a batch over the capture's capacities) makes its own of those and
-            # of the captured activations, from the allocator's other memory
-            captured = {"head gradients", "head activations"}
-            captured |= {"encoder gradients", "encoder activations"} if whole_step else set()
-            eager = sum(part.device_bytes for part in parts if part.name in captured)
-            parts.append(
-                PlanPart("eager step beside the captured one", eager, 0, "step", "train.cuda_graph=off")
-            )
-        parts.append(PlanPart("CUDA context", _CUDA_CONTEXT, _CUDA_CONTEXT_HOST, setting="a larger GPU"))
-        # the measured whole, less what any run holds
-        runtime = _CUDA_HOST - _CUDA_CONTEXT_HOST - _PROCESS_HOST - _LIBRARIES_HOST
-        parts.append(PlanPart("CUDA runtime", 0, runtime, setting=_MORE_HOST, after_setup=True))
+        parts = _cuda_parts(config, parts, whole_step=whole_step)
     parts += [
         PlanPart("interpreter and PyTorch", 0, _PROCESS_HOST, setting=_MORE_HOST),
         PlanPart("libraries a run loads", 0, _LIBRARIES_HOST, setting=_MORE_HOST, after_setup=True),
@@ -1048,6 +1013,61 @@ def plan_run(
         disk_capacity=disk_capacity,
         host_processes=host_processes,
     )
+
+
+def _data_parts(
+    config: RunConfig,
+    shape: DataShape,
+    others: tuple[DataShape, ...],
+    widths: tuple[int, int] | None,
+) -> list[PlanPart]:
+    """The host memory of the data sets, their labels and metrics, and a checkpoint's block from servers."""
+    from_servers = isinstance(config.head, SelectedHeadConfig) and config.head.store.startswith("ps://")
+    saved = 2 * STREAM_CHUNK_BYTES if from_servers else 0  # a block pulled from the servers, and its messages
+    width = int(config.data.label_feature_dim) if config.data.label_feature_dim != "auto" else 0
+    data = sum(each.array_bytes(None if widths is None else widths[1]) for each in (shape, *others))
+    largest_file = max([shape, *others], key=lambda s: s.text_bytes)
+    metrics = 2 * shape.num_labels * 8  # the propensities and their inverses, while the metrics are made
+    return [
+        PlanPart("data sets in memory", 0, data, setting="a host with more memory (data is held in memory)"),
+        PlanPart("label counts", 0, shape.num_labels * 8, setting=_MORE_HOST),
+        PlanPart("label features (PIFA)", 0, shape.num_labels * width * 4, setting="data.label_feature_dim"),
+        PlanPart("data file being parsed", 0, 2 * largest_file.text_bytes, "loading", "a smaller data file"),
+        PlanPart("evaluation metrics", 0, metrics, "evaluation", _MORE_HOST),
+        PlanPart("checkpoint block", 0, saved, "checkpoint", _MORE_HOST),
+    ]
+
+
+def _cuda_parts(config: RunConfig, parts: list[PlanPart], *, whole_step: bool) -> list[PlanPart]:
+    """``parts`` as a GPU run holds them: a captured step's parts held between steps, an eager step beside
+    it, the CUDA context and runtime."""
+    # a captured step's activations stay in the graph's memory pool (rows pulled over the network, or
+    # gathered on the host beside a weight average, are never captured)
+    store = config.head.store if isinstance(config.head, SelectedHeadConfig) else "gpu"
+    pulled = store.startswith("ps://") or (store == "host" and config.train.ema_decay > 0)
+    if config.train.cuda_graph != "off" and not pulled:
+        # the head's step always; the encoder's where the whole step is captured (else it runs eagerly,
+        # its activations freed after each step)
+        uncaptured = set() if whole_step else {"encoder activations", "encoder row update"}
+        held = [part.phase == "step" and part.name not in uncaptured for part in parts]
+        parts = [replace(p, phase="steady") if h else p for p, h in zip(parts, held, strict=True)]
+        # the graph's gradients are its outputs, held between steps too; a step run eagerly beside it (an
+        # epoch's smaller last batch, a batch over the capture's capacities) makes its own of those and
+        # of the captured activations, from the allocator's other memory
+        captured = {"head gradients", "head activations"}
+        captured |= {"encoder gradients", "encoder activations"} if whole_step else set()
+        eager = sum(part.device_bytes for part in parts if part.name in captured)
+        parts = [
+            *parts,
+            PlanPart("eager step beside the captured one", eager, 0, "step", "train.cuda_graph=off"),
+        ]
+    # the measured whole, less what any run holds
+    runtime = _CUDA_HOST - _CUDA_CONTEXT_HOST - _PROCESS_HOST - _LIBRARIES_HOST
+    return [
+        *parts,
+        PlanPart("CUDA context", _CUDA_CONTEXT, _CUDA_CONTEXT_HOST, setting="a larger GPU"),
+        PlanPart("CUDA runtime", 0, runtime, setting=_MORE_HOST, after_setup=True),
+    ]
 
 
 def _average_part(head: HeadConfig, parts: list[PlanPart], classes: int, dim: int) -> PlanPart:
