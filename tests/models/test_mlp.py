@@ -83,29 +83,42 @@ def test_matches_dense_reference(batch, features, hidden, activation, layer_norm
         assert error <= max(2 * reference_error, 2e-4 * t.abs().max()), (name, error, reference_error)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("batch", "features", "hidden"), [(1, 1, (1,)), (7, 13, (5,)), (9, 31, (17, 3))])
-def test_a_sparse_first_layer_gradient_is_the_dense_one(batch, features, hidden, dtype):
+def test_a_sparse_first_layer_gradient_is_the_dense_one(batch, features, hidden, dtype, device):
     """model.sparse_grad: the same forward, and a sparse gradient whose rows sum to the dense gradient
-    (repeated columns, an empty row, non-contiguous inputs); the other parameters' gradients unchanged."""
+    (repeated columns, an empty row, non-contiguous inputs); the other parameters' gradients unchanged. On
+    an accelerator one entry a non-zero, unsorted; on the CPU a row per column whose gradient is not zero."""
     dense = MLPEncoder(
         MLPConfig(hidden=hidden, sparse_grad=False), InputSpec(kind="sparse", num_features=features)
     )
     sparse = MLPEncoder(
         MLPConfig(hidden=hidden, sparse_grad=True), InputSpec(kind="sparse", num_features=features)
     )
-    dense, sparse = dense.to(dtype), sparse.to(dtype)
+    dense, sparse = dense.to(device, dtype), sparse.to(device, dtype)
     sparse.load_state_dict(dense.state_dict())
-    rows = _random_rows(batch, features, empty_row=batch > 2, dtype=torch.float32)
+    rows = _random_rows(batch, features, empty_row=batch > 2, dtype=torch.float32).to(device)
     rows = SparseInputs(rows.indices, rows.indptr, torch.stack([rows.weights, rows.weights], 1)[:, 0])
     assert not rows.weights.is_contiguous() or rows.weights.numel() <= 1
-    upstream = torch.randn(batch, hidden[-1], dtype=dtype)
+    upstream = torch.randn(batch, hidden[-1], dtype=dtype, device=device)
     outputs = [encoder(rows) for encoder in (dense, sparse)]
     torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
     for out in outputs:
         out.backward(upstream)
-    assert sparse.embedding.grad.is_sparse and not dense.embedding.grad.is_sparse
-    assert sparse.embedding.grad._nnz() == rows.indices.numel()  # one entry a non-zero, no sort
+    grad = sparse.embedding.grad
+    assert grad.is_sparse and not dense.embedding.grad.is_sparse
+    if device == "cpu":
+        moved = dense.embedding.grad.ne(0).any(1).nonzero().flatten()  # (width 1: layer norm's gradient is 0)
+        assert torch.equal(grad._indices()[0], moved)  # in order: coalesced, though autograd drops the flag
+    else:
+        assert grad._nnz() == rows.indices.numel()  # one entry a non-zero, no sort
     tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
     torch.testing.assert_close(sparse.embedding.grad.to_dense(), dense.embedding.grad, **tolerance)
     for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
@@ -114,6 +127,19 @@ def test_a_sparse_first_layer_gradient_is_the_dense_one(batch, features, hidden,
     sparse.eval()
     with torch.no_grad():  # evaluation runs the plain embedding bag
         torch.testing.assert_close(sparse(rows), dense.eval()(rows), atol=0, rtol=0)
+
+
+def test_a_sparse_first_layer_moves_no_column_of_zero_weights_or_of_samples_without_gradient():
+    """On the CPU the first layer's gradient lists no column whose entries all weigh 0 (input dropout, a
+    captured step's padding) or belong to samples whose gradient is zero: those rows stay as they are."""
+    config = MLPConfig(hidden=(4,), sparse_grad=True, activation="tanh", dropout=0.0)
+    encoder = MLPEncoder(config, InputSpec(kind="sparse", num_features=6))
+    rows = SparseInputs.from_lists([[0, 1], [1, 2], [3, 4]], [[1.0, 0.0], [0.5, 0.5], [1.0, 1.0]])
+    upstream = torch.ones(3, 4)
+    upstream[2] = 0.0  # the third sample's gradient is zero
+    encoder(rows).backward(upstream)
+    grad = encoder.embedding.grad
+    assert grad._indices()[0].tolist() == [0, 1, 2] and bool(grad._values().ne(0).any(1).all())
 
 
 def test_sparse_grad_auto_follows_the_number_of_features():

@@ -107,17 +107,18 @@ def test_row_adamw_touches_only_rows(dtype):
     weight = torch.randn(rows, dim).to(dtype)
     exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
     ids = torch.tensor([11, 0, 4])
-    grads = torch.randn(3, dim)
     before = weight.clone()
-    row_adamw_(weight, exp_avg, exp_avg_sq, ids, grads, step=1, lr=0.01, weight_decay=0.1, seed=2)
+    # reference: torch AdamW on just those rows, three steps (the bias corrections move)
+    param = nn.Parameter(before[ids].float())
+    reference = torch.optim.AdamW([param], lr=0.01, weight_decay=0.1)
+    for step in range(1, 4):
+        grads = torch.randn(3, dim)
+        row_adamw_(weight, exp_avg, exp_avg_sq, ids, grads, step=step, lr=0.01, weight_decay=0.1, seed=2)
+        param.grad = grads
+        reference.step()
     untouched = torch.ones(rows, dtype=torch.bool)
     untouched[ids] = False
     assert torch.equal(weight[untouched], before[untouched]) and torch.all(exp_avg[untouched] == 0)
-    # reference: torch AdamW on just those rows
-    param = nn.Parameter(before[ids].float())
-    reference = torch.optim.AdamW([param], lr=0.01, weight_decay=0.1)
-    param.grad = grads
-    reference.step()
     tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
     torch.testing.assert_close(weight[ids].float(), param.detach(), **tolerance)
 

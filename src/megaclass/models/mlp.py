@@ -82,7 +82,8 @@ def _init_uniform_(table: Tensor, bound: float) -> None:
 class _RowSparseEmbeddingBag(torch.autograd.Function):
     """``embedding_bag(indices, table, indptr, per_sample_weights=weights)`` in sums, whose gradient for
     ``table (F, H)`` is a sparse ``(F, H)`` tensor: entry ``n`` adds ``weights[n] * grad[row of n]`` to row
-    ``indices[n]``, left uncoalesced (no sort, no host sync: a CUDA graph may capture it)."""
+    ``indices[n]``. On an accelerator it is left uncoalesced (no sort, no host sync: a CUDA graph may capture
+    it); on the CPU it comes coalesced, a row per distinct index (:func:`_summed_rows`)."""
 
     @staticmethod
     def forward(ctx, indices: Tensor, indptr: Tensor, weights: Tensor, table: Tensor) -> Tensor:
@@ -97,6 +98,8 @@ class _RowSparseEmbeddingBag(torch.autograd.Function):
         indices, indptr, weights = ctx.saved_tensors
         entries = torch.arange(indices.numel(), device=indices.device)
         rows = torch.searchsorted(indptr[1:], entries, right=True)  # (N,) the sample of each entry
+        if grad.device.type == "cpu":
+            return None, None, None, _summed_rows(indices, rows, weights, grad, ctx.table_shape)
         values = grad[rows] * weights.unsqueeze(1).to(grad.dtype)  # (N, H)
         # valid by construction: no check (it would sync); a scope, as torch 2.11 warns despite the argument
         with torch.sparse.check_sparse_tensor_invariants(enable=False):
@@ -104,6 +107,30 @@ class _RowSparseEmbeddingBag(torch.autograd.Function):
                 indices.unsqueeze(0), values, ctx.table_shape, check_invariants=False, is_coalesced=False
             )
         return None, None, None, table_grad
+
+
+def _summed_rows(indices: Tensor, rows: Tensor, weights: Tensor, grad: Tensor, shape: torch.Size) -> Tensor:
+    """The table's gradient as a coalesced sparse ``(F, H)`` tensor: for each distinct index ``f``, the sum of
+    ``weights[n] * grad[rows[n]]`` over its entries ``n`` that move it (a non-zero weight, a sample whose
+    gradient is not all zeros). The sums are an ``embedding_bag`` over the batch's gradient, a bag a distinct
+    index: the ``(N, H)`` products are never made, nor sorted."""
+    live = (weights != 0) & grad.ne(0).any(1)[rows]  # (N,) entries that move their row
+    indices, rows, weights = indices[live], rows[live], weights[live]
+    distinct, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)  # (U,), (N,)
+    order = torch.argsort(inverse, stable=True)  # the entries bag by bag
+    ends = torch.cumsum(counts, 0)
+    values = nn.functional.embedding_bag(
+        rows[order],
+        grad,
+        torch.cat([ends.new_zeros(1), ends]),
+        mode="sum",
+        include_last_offset=True,
+        per_sample_weights=weights[order].to(grad.dtype),
+    )  # (U, H)
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        return torch.sparse_coo_tensor(
+            distinct.unsqueeze(0), values, shape, check_invariants=False, is_coalesced=True
+        )
 
 
 class MLPEncoder(nn.Module):

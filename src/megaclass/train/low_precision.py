@@ -64,9 +64,14 @@ def _flat(tensor: Tensor, like: Tensor) -> Tensor:
 
 def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """``(rows (S,), gradients (S, D))`` of a sparse ``(C, D)`` gradient: its entries summed by row, the rows
-    whose gradient is all zeros left out (a padded entry moves nothing, replayed or eager)."""
-    grad = grad.coalesce()
-    rows, values = grad.indices()[0], grad.values()  # (S,), (S, D)
+    whose gradient is all zeros left out (a padded entry moves nothing, replayed or eager). Entries already
+    a row each, in order (a CPU layer's gradient; autograd drops the flag that says so), are taken as they
+    are: summing them would copy every row."""
+    rows = grad._indices()[0]  # (N,)
+    if not bool((rows[1:] > rows[:-1]).all()):  # host sync: the check of the entries' rows
+        grad = grad.coalesce()
+        rows = grad._indices()[0]
+    values = grad._values()  # (S, D)
     moved = values.ne(0).flatten(1).any(1)
     return rows[moved], values[moved]
 
@@ -379,6 +384,10 @@ def row_adamw_(
     """
     _check_rows(weight, ids, grads, exp_avg, exp_avg_sq)
     ids = ids.to(weight.device)
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        _fused_row_adamw_(weight, exp_avg, exp_avg_sq, ids, grads.float(), step=step, lr=lr, betas=betas,
+                          eps=eps, weight_decay=weight_decay)  # fmt: skip
+        return
     w, m, v = adamw_math(
         weight[ids],
         grads.to(weight.device),
@@ -393,6 +402,32 @@ def row_adamw_(
     weight[ids] = _rounded(w, weight.dtype, rounding_seed(seed, step, _WEIGHT))
     exp_avg[ids] = _rounded(m, exp_avg.dtype, rounding_seed(seed, step, _EXP_AVG))
     exp_avg_sq[ids] = _rounded(v, exp_avg_sq.dtype, rounding_seed(seed, step, _EXP_AVG_SQ))
+
+
+def _fused_row_adamw_(
+    weight: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    ids: Tensor,
+    grads: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`row_adamw_` of float32 rows on the CPU: the rows gathered, updated by PyTorch's fused AdamW
+    kernel (one pass over the rows, their moments and gradients, where :func:`adamw_math` makes five) and
+    written back."""
+    rows, first, second = (tensor.index_select(0, ids) for tensor in (weight, exp_avg, exp_avg_sq))  # (S, D)
+    torch._fused_adamw_(
+        [rows], [grads], [first], [second], [], [torch.tensor(float(step))],
+        lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+        maximize=False,
+    )  # fmt: skip
+    for tensor, updated in ((weight, rows), (exp_avg, first), (exp_avg_sq, second)):
+        tensor.index_copy_(0, ids, updated)
 
 
 def row_sgd_(
