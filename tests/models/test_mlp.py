@@ -115,7 +115,7 @@ def test_a_sparse_first_layer_gradient_is_the_dense_one(batch, features, hidden,
     grad = sparse.embedding.grad
     assert grad.is_sparse and not dense.embedding.grad.is_sparse
     if device == "cpu":
-        moved = dense.embedding.grad.ne(0).any(1).nonzero().flatten()  # (width 1: layer norm's gradient is 0)
+        moved = dense.embedding.grad.ne(0).any(1).nonzero().flatten()  # not those a ReLU or dropout cut off
         assert torch.equal(grad._indices()[0], moved)  # in order: coalesced, though autograd drops the flag
     else:
         assert grad._nnz() == rows.indices.numel()  # one entry a non-zero, no sort
