@@ -385,8 +385,17 @@ def row_adamw_(
     _check_rows(weight, ids, grads, exp_avg, exp_avg_sq)
     ids = ids.to(weight.device)
     if weight.device.type == "cpu" and weight.dtype == torch.float32:
-        _fused_row_adamw_(weight, exp_avg, exp_avg_sq, ids, grads.float(), step=step, lr=lr, betas=betas,
-                          eps=eps, weight_decay=weight_decay)  # fmt: skip
+        # float32 rows on the CPU: gathered, updated by PyTorch's fused AdamW kernel (one pass over the rows,
+        # their moments and gradients, where adamw_math makes five), written back
+        held = (weight, exp_avg, exp_avg_sq)
+        rows, first, second = (tensor.index_select(0, ids) for tensor in held)  # (S, D) each
+        torch._fused_adamw_(
+            [rows], [grads.float()], [first], [second], [], [torch.tensor(float(step))],
+            lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+            maximize=False,
+        )  # fmt: skip
+        for tensor, updated in zip(held, (rows, first, second), strict=True):
+            tensor.index_copy_(0, ids, updated)
         return
     w, m, v = adamw_math(
         weight[ids],
@@ -402,32 +411,6 @@ def row_adamw_(
     weight[ids] = _rounded(w, weight.dtype, rounding_seed(seed, step, _WEIGHT))
     exp_avg[ids] = _rounded(m, exp_avg.dtype, rounding_seed(seed, step, _EXP_AVG))
     exp_avg_sq[ids] = _rounded(v, exp_avg_sq.dtype, rounding_seed(seed, step, _EXP_AVG_SQ))
-
-
-def _fused_row_adamw_(
-    weight: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    ids: Tensor,
-    grads: Tensor,
-    *,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """:func:`row_adamw_` of float32 rows on the CPU: the rows gathered, updated by PyTorch's fused AdamW
-    kernel (one pass over the rows, their moments and gradients, where :func:`adamw_math` makes five) and
-    written back."""
-    rows, first, second = (tensor.index_select(0, ids) for tensor in (weight, exp_avg, exp_avg_sq))  # (S, D)
-    torch._fused_adamw_(
-        [rows], [grads], [first], [second], [], [torch.tensor(float(step))],
-        lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
-        maximize=False,
-    )  # fmt: skip
-    for tensor, updated in ((weight, rows), (exp_avg, first), (exp_avg_sq, second)):
-        tensor.index_copy_(0, ids, updated)
 
 
 def row_sgd_(
