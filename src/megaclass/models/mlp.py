@@ -116,8 +116,8 @@ def _summed_rows(indices: Tensor, rows: Tensor, weights: Tensor, grad: Tensor, s
     index: the ``(N, H)`` products are never made, nor sorted."""
     live = (weights != 0) & grad.ne(0).any(1)[rows]  # (N,) entries that move their row
     indices, rows, weights = indices[live], rows[live], weights[live]
-    distinct, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)  # (U,), (N,)
-    order = torch.argsort(inverse, stable=True)  # the entries bag by bag
+    columns, order = torch.sort(indices, stable=True)  # (N,) the entries bag by bag
+    distinct, counts = torch.unique_consecutive(columns, return_counts=True)  # (U,)
     ends = torch.cumsum(counts, 0)
     values = nn.functional.embedding_bag(
         rows[order],

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megaclass.ops.row_optimizers import put_rows_, take_rows
 from megaclass.ops.stochastic_rounding import AdamWStep, rounding_seed, sr_adamw_, stochastic_round
 
 __all__ = [
@@ -388,14 +389,14 @@ def row_adamw_(
         # float32 rows on the CPU: gathered, updated by PyTorch's fused AdamW kernel (one pass over the rows,
         # their moments and gradients, where adamw_math makes five), written back
         held = (weight, exp_avg, exp_avg_sq)
-        rows, first, second = (tensor.index_select(0, ids) for tensor in held)  # (S, D) each
+        rows, first, second = (take_rows(tensor, ids) for tensor in held)  # (S, D) each
         torch._fused_adamw_(
             [rows], [grads.float()], [first], [second], [], [torch.tensor(float(step))],
             lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
             maximize=False,
         )  # fmt: skip
         for tensor, updated in zip(held, (rows, first, second), strict=True):
-            tensor.index_copy_(0, ids, updated)
+            put_rows_(tensor, ids, updated)
         return
     w, m, v = adamw_math(
         weight[ids],
