@@ -21,7 +21,8 @@ Providers, all with fp32 master weights ``W (C, D)`` and bf16 compute:
   input needs one, so its ``fwd`` row includes that work and its ``bwd`` row, timed by repeated backward
   passes through one graph, the recompute: compare bce on ``fwd+bwd``.)
 - ``megaclass-torch``: the same op on cuBLAS bf16 matmuls over class chunks (``impl="torch"``).
-- ``reference``: the same op on the fp32-accumulating plain-PyTorch spec (off by default).
+- ``reference``: the same op on the fp32-accumulating plain-PyTorch spec (off by default; the CPU's path),
+  and ``reference-recompute`` with bce's gradient recomputed in backward (the CPU's schedule it replaced).
 - ``<provider>-graph`` (``--cuda-graph``, a GPU, ``fwd+bwd``): each ``megaclass`` provider's forward and
   backward captured in one CUDA graph and replayed: what the trainer runs (it captures its whole step), the
   GPU's time without the host launching the ops one by one.
@@ -85,6 +86,7 @@ from _harness import (  # noqa: E402
 )
 from megaclass.ops.linear_cross_entropy import LinearLossOptions, linear_loss, resolve_impl  # noqa: E402
 from megaclass.ops.linear_cross_entropy.common import linear_loss_apply  # noqa: E402
+from megaclass.ops.linear_cross_entropy.reference import ReferenceBackend  # noqa: E402
 from megaclass.targets import RaggedLabels  # noqa: E402
 
 FULL_CLASSES = (670_091, 2_812_281)
@@ -168,14 +170,20 @@ def head_loss(impl: str) -> Callable:
     return run
 
 
-def triton_recompute_loss(x, weight, targets, loss: str) -> torch.Tensor:
-    """``megaclass-triton`` with every loss's gradient recomputed in the backward pass."""
-    from megaclass.ops.linear_cross_entropy.function import TritonBackend
+def recompute_loss(impl: str) -> Callable:
+    """``impl``'s backend with every loss's gradient recomputed in the backward pass."""
 
-    with autocast():
-        features = x.to(torch.bfloat16) if x.is_cuda else x
-        backend = TritonBackend(fuse_gradient=False)
-        return linear_loss_apply(features, weight, targets, None, _options(loss), backend)
+    def run(x, weight, targets, loss: str) -> torch.Tensor:
+        if impl == "triton":
+            from megaclass.ops.linear_cross_entropy.function import TritonBackend as backend_class
+        else:
+            backend_class = ReferenceBackend
+        with autocast():
+            features = x.to(torch.bfloat16) if x.is_cuda else x
+            backend = backend_class(fuse_gradient=False)
+            return linear_loss_apply(features, weight, targets, None, _options(loss), backend)
+
+    return run
 
 
 def cce_loss(x, weight, targets, loss: str) -> torch.Tensor:
@@ -194,9 +202,10 @@ PROVIDERS: dict[str, Callable] = {
     "cce": cce_loss,
     "megaclass": head_loss("auto"),
     "megaclass-triton": head_loss("triton"),
-    "megaclass-triton-recompute": triton_recompute_loss,
+    "megaclass-triton-recompute": recompute_loss("triton"),
     "megaclass-torch": head_loss("torch"),
     "reference": head_loss("reference"),
+    "reference-recompute": recompute_loss("reference"),
 }
 
 

@@ -410,18 +410,24 @@ def test_shard_must_match_the_weight_rows():
         linear_loss(x, weight, torch.tensor([0, 12]), shard=ClassShard(3, 8, 12))
 
 
-def _triton_backend(fuse_gradient):
+FUSING_IMPLS = ["triton", "reference"]  # the backends that compute bce / squared hinge gradients in forward
+
+
+def _backend_class(impl):
+    if impl == "reference":
+        return ReferenceBackend
     from megaclass.ops.linear_cross_entropy.function import TritonBackend
 
-    return TritonBackend(fuse_gradient=fuse_gradient)
+    return TritonBackend
 
 
-def _fused_run(x, weight, bias, targets, loss, *, fuse_gradient, factor, reduction="mean"):
-    """Loss and gradients of ``factor * loss`` through the Triton backend, fused or recomputing."""
+def _fused_run(x, weight, bias, targets, loss, *, impl, fuse_gradient, factor, reduction="mean"):
+    """Loss and gradients of ``factor * loss`` through ``impl``'s backend, fused or recomputing."""
     from megaclass.ops.linear_cross_entropy.common import linear_loss_apply
 
-    options = LinearLossOptions(loss=loss, reduction=reduction)
-    out = linear_loss_apply(x, weight, targets, bias, options, _triton_backend(fuse_gradient))
+    options = LinearLossOptions(loss=loss, reduction=reduction, chunk_size=7)  # several reference chunks
+    backend = _backend_class(impl)(fuse_gradient=fuse_gradient)
+    out = linear_loss_apply(x, weight, targets, bias, options, backend)
     leaves = [t for t in (x, weight, bias) if t is not None]
     return [out, *torch.autograd.grad(out * factor, leaves)]
 
@@ -430,11 +436,12 @@ def _fused_run(x, weight, bias, targets, loss, *, fuse_gradient, factor, reducti
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 31, 19), (6, 16, 17), (17, 33, 8), (3, 49, 24)])
 @pytest.mark.parametrize("factor", [1.0, -2.5, 0.0], ids=["one", "negative", "zero"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradient_in_forward_matches_dense(device_for, loss, shape, factor, with_bias):
+@pytest.mark.parametrize("impl", FUSING_IMPLS)
+def test_gradient_in_forward_matches_dense(device_for, impl, loss, shape, factor, with_bias):
     """bce / squared hinge with the gradient computed in the forward pass: the loss and every gradient of
     ``factor * loss`` (an upstream gradient other than the expected 1) against the fp64 dense truth, with
     rows without labels, a non-contiguous ``x`` and ``reduction=sum`` on odd shapes."""
-    with torch.device(device_for("triton")):
+    with torch.device(device_for(impl)):
         batch, classes, dim = shape
         base = torch.randn(dim, batch, requires_grad=True)
         x = base.T  # (B, D) non-contiguous
@@ -443,8 +450,9 @@ def test_gradient_in_forward_matches_dense(device_for, loss, shape, factor, with
         targets = make_targets("multilabel", batch, classes)
         for reduction in ("mean", "sum"):
             got = _fused_run(
-                x, weight, bias, targets, loss, fuse_gradient=True, factor=factor, reduction=reduction
-            )
+                x, weight, bias, targets, loss,
+                impl=impl, fuse_gradient=True, factor=factor, reduction=reduction,
+            )  # fmt: skip
             truth_loss = dense_loss(
                 x.double(), weight.double(), None if bias is None else bias.double(), targets, loss,
                 reduction=reduction,
@@ -457,16 +465,17 @@ def test_gradient_in_forward_matches_dense(device_for, loss, shape, factor, with
 
 @pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
 @pytest.mark.parametrize("factor", [1.0, 3.0])
-def test_gradient_in_forward_bf16_within_twice_reference_error(device_for, loss, factor):
+@pytest.mark.parametrize("impl", FUSING_IMPLS)
+def test_gradient_in_forward_bf16_within_twice_reference_error(device_for, impl, loss, factor):
     """bf16 features, fp32 weights, an upstream gradient of 1 or 3: the fused schedule's error against the
     fp64 truth is at most twice the recomputing schedule's (the one it replaces) and plain bf16 PyTorch's."""
-    with torch.device(device_for("triton")):
+    with torch.device(device_for(impl)):
         batch, classes, dim = 9, 45, 40
         x = torch.randn(batch, dim).bfloat16().requires_grad_(True)
         weight = (torch.randn(classes, dim) / dim**0.5).requires_grad_(True)
         targets = make_targets("multilabel", batch, classes)
-        fused = _fused_run(x, weight, None, targets, loss, fuse_gradient=True, factor=factor)
-        recomputed = _fused_run(x, weight, None, targets, loss, fuse_gradient=False, factor=factor)
+        fused = _fused_run(x, weight, None, targets, loss, impl=impl, fuse_gradient=True, factor=factor)
+        recomputed = _fused_run(x, weight, None, targets, loss, impl=impl, fuse_gradient=False, factor=factor)
         truth_loss = dense_loss(x.double(), weight.double(), None, targets, loss)
         truth = [truth_loss, *torch.autograd.grad(truth_loss * factor, [x, weight])]
         for name, ours, theirs, exact in zip(["loss", "dx", "dW"], fused, recomputed, truth, strict=True):
@@ -475,21 +484,21 @@ def test_gradient_in_forward_bf16_within_twice_reference_error(device_for, loss,
             assert our_error <= 2 * their_error, f"{name}: error {our_error:.3g} vs {their_error:.3g}"
 
 
-def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_for, monkeypatch):
+@pytest.mark.parametrize("impl", FUSING_IMPLS)
+def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_for, impl, monkeypatch):
     """The first backward pass only scales the forward pass's gradients (no logit recompute); a second one
     through the same graph recomputes, so gradients accumulate to twice the first."""
-    from megaclass.ops.linear_cross_entropy.function import TritonBackend
-
+    backend = _backend_class(impl)
     recomputes = []
-    plain_grads = TritonBackend.grads
+    plain_grads = backend.grads
     monkeypatch.setattr(
-        TritonBackend, "grads", lambda self, *args: recomputes.append(1) or plain_grads(self, *args)
+        backend, "grads", lambda self, *args: recomputes.append(1) or plain_grads(self, *args)
     )
-    with torch.device(device_for("triton")):
+    with torch.device(device_for(impl)):
         x = torch.randn(5, 12, requires_grad=True)
         weight = torch.randn(37, 12, requires_grad=True)
         targets = make_targets("multilabel", 5, 37)
-        out = linear_bce(x, weight, targets, impl="triton")
+        out = linear_bce(x, weight, targets, impl=impl)
         out.backward(retain_graph=True)
         assert recomputes == []
         first = [x.grad.clone(), weight.grad.clone()]
@@ -499,36 +508,38 @@ def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_
             assert_close(twice, 2 * once, rtol=1e-5, atol=1e-6, name="second backward")
 
 
-def test_gradient_in_forward_only_when_a_gradient_is_wanted(device_for, monkeypatch):
+@pytest.mark.parametrize("impl", FUSING_IMPLS)
+def test_gradient_in_forward_only_when_a_gradient_is_wanted(device_for, impl, monkeypatch):
     """No input needs a gradient (inference, no_grad): the forward pass reduces only."""
-    from megaclass.ops.linear_cross_entropy import kernels
-
     fused_calls = []
-    plain = kernels.linear_loss_fwd_grads
-    monkeypatch.setattr(
-        kernels, "linear_loss_fwd_grads", lambda *a, **k: fused_calls.append(1) or plain(*a, **k)
-    )
-    with torch.device(device_for("triton")):
+    if impl == "triton":
+        from megaclass.ops.linear_cross_entropy import kernels as owner
+
+        name = "linear_loss_fwd_grads"
+    else:
+        owner, name = ReferenceBackend, "reduce_and_grads"
+    plain = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: fused_calls.append(1) or plain(*a, **k))
+    with torch.device(device_for(impl)):
         x, weight = torch.randn(4, 8), torch.randn(21, 8)
         targets = torch.randint(0, 21, (4,))
         expected = dense_loss(x.double(), weight.double(), None, targets, "bce")
-        assert_close(
-            linear_bce(x, weight, targets, impl="triton"), expected, rtol=1e-5, atol=1e-5, name="loss"
-        )
+        assert_close(linear_bce(x, weight, targets, impl=impl), expected, rtol=1e-5, atol=1e-5, name="loss")
         with torch.no_grad():
-            linear_bce(x, weight.requires_grad_(True), targets, impl="triton")
+            linear_bce(x, weight.requires_grad_(True), targets, impl=impl)
         assert fused_calls == []
-        linear_bce(x, weight, targets, impl="triton")
+        linear_bce(x, weight, targets, impl=impl)
         assert fused_calls == [1]
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradient_in_forward_empty_batch(device_for, with_bias):
-    with torch.device(device_for("triton")):
+@pytest.mark.parametrize("impl", FUSING_IMPLS)
+def test_gradient_in_forward_empty_batch(device_for, impl, with_bias):
+    with torch.device(device_for(impl)):
         x = torch.randn(0, 6, requires_grad=True)
         weight = torch.randn(9, 6, requires_grad=True)
         bias = torch.randn(9, requires_grad=True) if with_bias else None
-        out = linear_bce(x, weight, RaggedLabels.from_lists([]), bias=bias, impl="triton")
+        out = linear_bce(x, weight, RaggedLabels.from_lists([]), bias=bias, impl=impl)
         assert out.item() == 0.0
         out.backward()
         assert x.grad.shape == (0, 6)
@@ -592,9 +603,9 @@ def test_gated_scale(device_for, numel, factor):
 def test_which_problems_fuse_the_gradient(loss, dtype, fused):
     options = LinearLossOptions(loss=loss)
     dense = DenseOperands(torch.randn(2, 3, dtype=dtype), torch.randn(4, 3), None, None, options)
-    assert _triton_backend(True).fuses_gradient(dense) is fused
-    assert _triton_backend(False).fuses_gradient(dense) is False
-    assert ReferenceBackend().fuses_gradient(dense) is False
+    for impl in FUSING_IMPLS:
+        assert _backend_class(impl)().fuses_gradient(dense) is fused
+        assert _backend_class(impl)(fuse_gradient=False).fuses_gradient(dense) is False
     assert TorchChunkedBackend().fuses_gradient(dense) is False
 
 

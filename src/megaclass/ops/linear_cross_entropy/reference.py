@@ -1,13 +1,15 @@
 """Plain-PyTorch chunked backend: the executable spec, the CPU path and the benchmark baseline.
 
-Memory is ``O(B x chunk_size)``: each class chunk's logits are built, reduced and dropped; backward rebuilds
-them.
-Inputs are rounded to ``x.dtype`` (each weight chunk is cast to it) and multiplied with float32
-accumulation and
-output, as the kernels do; every reduction is float32.
+Memory is ``O(B x chunk_size)``: each class chunk's logits are built, reduced and dropped; softmax's backward
+rebuilds them, while bce and squared hinge write their gradients from the forward pass's logits (as the Triton
+backend does) when an input needs one.
+Inputs are rounded to ``x.dtype`` (each weight chunk is cast to it) and multiplied with float32 accumulation
+and output, as the kernels do; every reduction is float32.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +49,25 @@ def _mask_excluded(values: Tensor, exclude: Tensor | None, start: int, fill: flo
     return values.masked_fill(columns[None, :] == exclude[:, None], fill)
 
 
+@dataclass(frozen=True)
 class ReferenceBackend:
-    """Dense part over class chunks of ``options.chunk_size`` in plain PyTorch."""
+    """Dense part over class chunks of ``options.chunk_size`` in plain PyTorch.
+
+    Args:
+        fuse_gradient: bce / squared hinge compute their gradients in the forward pass from the logits it
+            builds anyway (three matmuls a chunk, not four; fp32 and bf16 features, as the Triton backend);
+            False recomputes the logits in backward as softmax does.
+    """
+
+    fuse_gradient: bool = True
 
     def fuses_gradient(self, dense: DenseOperands) -> bool:
-        return False  # the plain schedule: every backward pass recomputes the logits
+        # fp16 keeps G at the row weights (1/B) until backward scales it: see TritonBackend.fuses_gradient
+        return (
+            self.fuse_gradient
+            and dense.options.loss is not LossKind.SOFTMAX
+            and dense.x.dtype != torch.float16
+        )
 
     def reduce(self, dense: DenseOperands) -> Tensor:
         x, weight, bias, exclude, options = dense
@@ -66,42 +82,91 @@ class ReferenceBackend:
             if options.loss is LossKind.SOFTMAX:
                 logits = _mask_excluded(logits, exclude, start, -torch.inf)
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-            elif options.loss is LossKind.BCE:
-                total += F.softplus(logits).sum(1)
             else:
-                total += F.relu(1 + logits).square().sum(1)
+                total += _per_logit_loss(logits, options.loss).sum(1)
         return lse if options.loss is LossKind.SOFTMAX else total
 
     def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        x, weight, bias, exclude, options = dense
-        classes = weight.shape[0]
-        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
-        grad_bias = None if bias is None else torch.empty(classes, dtype=torch.float32, device=x.device)
-        for start in range(0, classes, options.chunk_size):
-            stop = min(start + options.chunk_size, classes)
+        x, weight, bias, _, options = dense
+        grads = _empty_grads(x, weight, bias)
+        for start in range(0, weight.shape[0], options.chunk_size):
+            stop = min(start + options.chunk_size, weight.shape[0])
             logits, norms = _chunk_logits(x, weight, bias, start, stop, options)
-            if options.loss is LossKind.SOFTMAX:
-                slope = torch.exp(logits - lse[:, None])
-            elif options.loss is LossKind.BCE:
-                slope = torch.sigmoid(logits)
-            else:
-                slope = 2 * F.relu(1 + logits)
-            g = _mask_excluded(slope * coef[:, None], exclude, start, 0.0)  # (B, c) d loss / d z
-            rows = weight[start:stop]
-            if grad_bias is not None:
-                grad_bias[start:stop] = g.sum(0)
-            if norms is not None:
-                # z = s * u / n with u = x . w: dz/du = s / n, dz/dw = (s / n) (x - (u / n^2) w)
-                g = g * (options.margin.scale / norms)
-                cosine = logits / options.margin.scale
-                radial = (g * cosine).sum(0) / norms  # (c,)
-            g_low = g.to(x.dtype).float()  # rounded like the kernels' tl.dot operands
-            grad_weight[start:stop] = g_low.T @ x.float()
-            if norms is not None:
-                grad_weight[start:stop] -= radial[:, None] * rows.float()
-            grad_x += g_low @ rows.to(x.dtype).float()
-        return grad_x, grad_weight, grad_bias
+            _add_chunk_grads(dense, start, stop, logits, norms, lse, coef, grads)
+        return grads
+
+    def reduce_and_grads(
+        self, dense: DenseOperands, coef: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+        x, weight, bias, _, options = dense
+        total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        grads = _empty_grads(x, weight, bias)
+        for start in range(0, weight.shape[0], options.chunk_size):
+            stop = min(start + options.chunk_size, weight.shape[0])
+            logits, norms = _chunk_logits(x, weight, bias, start, stop, options)
+            total += _per_logit_loss(logits, options.loss).sum(1)
+            _add_chunk_grads(dense, start, stop, logits, norms, None, coef, grads)
+        return total, grads
+
+    def scale_grads(self, grads: tuple[Tensor, Tensor, Tensor | None], factor: Tensor) -> None:
+        factor = factor.float().reshape(())
+        if factor.device.type == "cpu" and factor.item() == 1.0:
+            return  # the usual upstream gradient: no pass over the (C, D) buffer (a GPU would sync to know)
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(factor)
+
+
+def _per_logit_loss(logits: Tensor, loss: LossKind) -> Tensor:
+    """softplus(z) (bce) or relu(1 + z)^2 (squared hinge): each logit's loss were its class a negative (the
+    positives are corrected apart)."""
+    return F.softplus(logits) if loss is LossKind.BCE else F.relu(1 + logits).square()
+
+
+def _empty_grads(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """fp32 ``(dx, dW, dbias)``: ``dx`` zeroed (summed over chunks), the others written chunk by chunk."""
+    return (
+        torch.zeros(x.shape, dtype=torch.float32, device=x.device),
+        torch.empty(weight.shape, dtype=torch.float32, device=x.device),
+        None if bias is None else torch.empty(weight.shape[0], dtype=torch.float32, device=x.device),
+    )
+
+
+def _add_chunk_grads(
+    dense: DenseOperands,
+    start: int,
+    stop: int,
+    logits: Tensor,
+    norms: Tensor | None,
+    lse: Tensor | None,
+    coef: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor | None],
+) -> None:
+    """Write classes ``[start, stop)``'s ``dW`` and ``dbias`` rows and add their part of ``dx``, from the
+    chunk's ``logits (B, c)`` (softmax reads each row's ``lse``; bce and squared hinge need none)."""
+    x, weight, _, exclude, options = dense
+    grad_x, grad_weight, grad_bias = grads
+    if options.loss is LossKind.SOFTMAX:
+        assert lse is not None
+        slope = torch.exp(logits - lse[:, None])
+    elif options.loss is LossKind.BCE:
+        slope = torch.sigmoid(logits)
+    else:
+        slope = 2 * F.relu(1 + logits)
+    g = _mask_excluded(slope * coef[:, None], exclude, start, 0.0)  # (B, c) d loss / d z
+    rows = weight[start:stop]
+    if grad_bias is not None:
+        grad_bias[start:stop] = g.sum(0)
+    if norms is not None:
+        # z = s * u / n with u = x . w: dz/du = s / n, dz/dw = (s / n) (x - (u / n^2) w)
+        g = g * (options.margin.scale / norms)
+        cosine = logits / options.margin.scale
+        radial = (g * cosine).sum(0) / norms  # (c,)
+    g_low = g.to(x.dtype).float()  # rounded like the kernels' tl.dot operands
+    torch.mm(g_low.T, x.float(), out=grad_weight[start:stop])  # written in place: no (c, D) temporary
+    if norms is not None:
+        grad_weight[start:stop] -= radial[:, None] * rows.float()
+    grad_x += g_low @ rows.to(x.dtype).float()
 
 
 def reference_linear_loss(
