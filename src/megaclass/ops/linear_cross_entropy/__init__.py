@@ -4,8 +4,9 @@
 margin), binary cross-entropy and squared hinge, with multi-class ``LongTensor[B]`` or multi-label
 :class:`~megaclass.targets.RaggedLabels` targets. Forward keeps only per-row statistics; backward
 recomputes the logits class chunk by class chunk and writes the weight gradient straight into one fp32 buffer.
-On the Triton backend bce and squared hinge (whose ``d loss / d z`` needs no row statistic) compute their
-gradients in the forward pass instead, when an input needs one, and the backward pass only scales them.
+On the Triton and reference backends bce and squared hinge (whose ``d loss / d z`` needs no row statistic)
+compute their gradients in the forward pass instead, when an input needs one, and the backward pass only
+scales them.
 Given a :class:`~megaclass.ops.collectives.ClassShard` the op is its collective form: this rank holds the
 classes ``[start, stop)`` and the per-row statistics are reduced over the shard's ranks.
 
