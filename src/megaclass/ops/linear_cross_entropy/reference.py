@@ -9,6 +9,7 @@ and output, as the kernels do; every reduction is float32.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,15 +71,12 @@ class ReferenceBackend:
         )
 
     def reduce(self, dense: DenseOperands) -> Tensor:
-        x, weight, bias, exclude, options = dense
-        classes = weight.shape[0]
+        x, _, _, exclude, options = dense
         if options.loss is LossKind.SOFTMAX:
             lse = torch.full((x.shape[0],), -torch.inf, dtype=torch.float32, device=x.device)
         else:
             total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        for start in range(0, classes, options.chunk_size):
-            stop = min(start + options.chunk_size, classes)
-            logits, _ = _chunk_logits(x, weight, bias, start, stop, options)
+        for start, _, logits, _ in _chunks(dense):
             if options.loss is LossKind.SOFTMAX:
                 logits = _mask_excluded(logits, exclude, start, -torch.inf)
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
@@ -87,24 +85,18 @@ class ReferenceBackend:
         return lse if options.loss is LossKind.SOFTMAX else total
 
     def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        x, weight, bias, _, options = dense
-        grads = _empty_grads(x, weight, bias)
-        for start in range(0, weight.shape[0], options.chunk_size):
-            stop = min(start + options.chunk_size, weight.shape[0])
-            logits, norms = _chunk_logits(x, weight, bias, start, stop, options)
+        grads = _empty_grads(dense)
+        for start, stop, logits, norms in _chunks(dense):
             _add_chunk_grads(dense, start, stop, logits, norms, lse, coef, grads)
         return grads
 
     def reduce_and_grads(
         self, dense: DenseOperands, coef: Tensor
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
-        x, weight, bias, _, options = dense
-        total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        grads = _empty_grads(x, weight, bias)
-        for start in range(0, weight.shape[0], options.chunk_size):
-            stop = min(start + options.chunk_size, weight.shape[0])
-            logits, norms = _chunk_logits(x, weight, bias, start, stop, options)
-            total += _per_logit_loss(logits, options.loss).sum(1)
+        total = torch.zeros(dense.x.shape[0], dtype=torch.float32, device=dense.x.device)
+        grads = _empty_grads(dense)
+        for start, stop, logits, norms in _chunks(dense):
+            total += _per_logit_loss(logits, dense.options.loss).sum(1)
             _add_chunk_grads(dense, start, stop, logits, norms, None, coef, grads)
         return total, grads
 
@@ -123,8 +115,17 @@ def _per_logit_loss(logits: Tensor, loss: LossKind) -> Tensor:
     return F.softplus(logits) if loss is LossKind.BCE else F.relu(1 + logits).square()
 
 
-def _empty_grads(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _chunks(dense: DenseOperands) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
+    """``(start, stop, logits (B, stop - start), row norms or None)`` of each class chunk in turn."""
+    x, weight, bias, _, options = dense
+    for start in range(0, weight.shape[0], options.chunk_size):
+        stop = min(start + options.chunk_size, weight.shape[0])
+        yield start, stop, *_chunk_logits(x, weight, bias, start, stop, options)
+
+
+def _empty_grads(dense: DenseOperands) -> tuple[Tensor, Tensor, Tensor | None]:
     """fp32 ``(dx, dW, dbias)``: ``dx`` zeroed (summed over chunks), the others written chunk by chunk."""
+    x, weight, bias, _, _ = dense
     return (
         torch.zeros(x.shape, dtype=torch.float32, device=x.device),
         torch.empty(weight.shape, dtype=torch.float32, device=x.device),
