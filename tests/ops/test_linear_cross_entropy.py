@@ -411,6 +411,8 @@ def test_shard_must_match_the_weight_rows():
 
 
 FUSING_IMPLS = ["triton", "reference"]  # the backends that compute bce / squared hinge gradients in forward
+FUSED_LOSSES = {"triton": ["bce", "squared_hinge"], "reference": ["softmax", "bce", "squared_hinge"]}
+FUSED_CASES = [(impl, loss) for impl in FUSING_IMPLS for loss in FUSED_LOSSES[impl]]
 
 
 def _backend_class(impl):
@@ -432,15 +434,14 @@ def _fused_run(x, weight, bias, targets, loss, *, impl, fuse_gradient, factor, r
     return [out, *torch.autograd.grad(out * factor, leaves)]
 
 
-@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 31, 19), (6, 16, 17), (17, 33, 8), (3, 49, 24)])
 @pytest.mark.parametrize("factor", [1.0, -2.5, 0.0], ids=["one", "negative", "zero"])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("impl", FUSING_IMPLS)
+@pytest.mark.parametrize(("impl", "loss"), FUSED_CASES)
 def test_gradient_in_forward_matches_dense(device_for, impl, loss, shape, factor, with_bias):
-    """bce / squared hinge with the gradient computed in the forward pass: the loss and every gradient of
-    ``factor * loss`` (an upstream gradient other than the expected 1) against the fp64 dense truth, with
-    rows without labels, a non-contiguous ``x`` and ``reduction=sum`` on odd shapes."""
+    """The gradient computed in the forward pass: the loss and every gradient of ``factor * loss`` (an
+    upstream gradient other than the expected 1) against the fp64 dense truth, with rows without labels, a
+    non-contiguous ``x`` and ``reduction=sum`` on odd shapes."""
     with torch.device(device_for(impl)):
         batch, classes, dim = shape
         base = torch.randn(dim, batch, requires_grad=True)
@@ -463,9 +464,8 @@ def test_gradient_in_forward_matches_dense(device_for, impl, loss, shape, factor
                 assert_close(ours, exact, rtol=1e-4, atol=1e-5, name=f"{reduction} {name}")
 
 
-@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
 @pytest.mark.parametrize("factor", [1.0, 3.0])
-@pytest.mark.parametrize("impl", FUSING_IMPLS)
+@pytest.mark.parametrize(("impl", "loss"), FUSED_CASES)
 def test_gradient_in_forward_bf16_within_twice_reference_error(device_for, impl, loss, factor):
     """bf16 features, fp32 weights, an upstream gradient of 1 or 3: the fused schedule's error against the
     fp64 truth is at most twice the recomputing schedule's (the one it replaces) and plain bf16 PyTorch's."""
@@ -484,8 +484,8 @@ def test_gradient_in_forward_bf16_within_twice_reference_error(device_for, impl,
             assert our_error <= 2 * their_error, f"{name}: error {our_error:.3g} vs {their_error:.3g}"
 
 
-@pytest.mark.parametrize("impl", FUSING_IMPLS)
-def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_for, impl, monkeypatch):
+@pytest.mark.parametrize(("impl", "loss"), FUSED_CASES)
+def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_for, impl, loss, monkeypatch):
     """The first backward pass only scales the forward pass's gradients (no logit recompute); a second one
     through the same graph recomputes, so gradients accumulate to twice the first."""
     backend = _backend_class(impl)
@@ -498,7 +498,7 @@ def test_gradient_in_forward_skips_the_recompute_until_a_second_backward(device_
         x = torch.randn(5, 12, requires_grad=True)
         weight = torch.randn(37, 12, requires_grad=True)
         targets = make_targets("multilabel", 5, 37)
-        out = linear_bce(x, weight, targets, impl=impl)
+        out = linear_loss(x, weight, targets, options=LinearLossOptions(loss=loss, chunk_size=8), impl=impl)
         out.backward(retain_graph=True)
         assert recomputes == []
         first = [x.grad.clone(), weight.grad.clone()]
@@ -597,16 +597,39 @@ def test_gated_scale(device_for, numel, factor):
         ("bce", torch.bfloat16, True),
         ("squared_hinge", torch.bfloat16, True),
         ("bce", torch.float16, False),  # G at 1/B could fall below fp16's subnormals before an AMP scale
-        ("softmax", torch.bfloat16, False),  # G needs the row's lse: recomputed in backward
+        ("softmax", torch.bfloat16, False),  # G needs the row's lse: the kernels recompute in backward
     ],
 )
 def test_which_problems_fuse_the_gradient(loss, dtype, fused):
     options = LinearLossOptions(loss=loss)
     dense = DenseOperands(torch.randn(2, 3, dtype=dtype), torch.randn(4, 3), None, None, options)
+    from megaclass.ops.linear_cross_entropy.function import TritonBackend
+
+    assert TritonBackend().fuses_gradient(dense) is fused
+    assert ReferenceBackend().fuses_gradient(dense) is (fused or loss == "softmax")
     for impl in FUSING_IMPLS:
-        assert _backend_class(impl)().fuses_gradient(dense) is fused
         assert _backend_class(impl)(fuse_gradient=False).fuses_gradient(dense) is False
     assert TorchChunkedBackend().fuses_gradient(dense) is False
+
+
+def test_reference_softmax_holds_its_logits_up_to_the_bound(monkeypatch):
+    """The reference softmax fuses while the ``(B, C)`` float32 logits fit :data:`HELD_LOGITS_BYTES`, never
+    with a cosine margin (its lse takes the target's logit) nor with fp16 features."""
+    from megaclass.ops.linear_cross_entropy import reference
+
+    monkeypatch.setattr(reference, "HELD_LOGITS_BYTES", 4 * 6 * 10)  # a batch of 6 against 10 classes
+
+    def fuses(batch, classes, *, dtype=torch.float32, margin=None):
+        options = LinearLossOptions(margin=margin or MarginConfig())
+        x = torch.randn(batch, 3, dtype=dtype)
+        return ReferenceBackend().fuses_gradient(
+            DenseOperands(x, torch.randn(classes, 3), None, None, options)
+        )
+
+    assert fuses(6, 10) and fuses(5, 12) and fuses(1, 1)
+    assert not fuses(6, 11) and not fuses(7, 10)
+    assert not fuses(6, 10, margin=ARCFACE) and not fuses(6, 10, dtype=torch.float16)
+    assert reference.holds_softmax_logits(6, 10) and not reference.holds_softmax_logits(61, 1)
 
 
 @pytest.mark.gpu

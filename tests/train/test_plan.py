@@ -152,6 +152,26 @@ def test_a_sparse_head_on_a_gpu_plans_its_kernels_buffer_and_partials(group, til
         assert extra == 128 * chunk_tiles * (rows_a_tile * feature_bytes + 4)
 
 
+@pytest.mark.parametrize(
+    ("settings", "multilabel", "classes", "held"),
+    [
+        ({}, False, 16_760, True),  # softmax on the CPU's reference backend: the batch's logits held
+        ({}, True, 16_760, False),  # bce: its gradient comes from each chunk's logits in turn
+        ({"margin": {"kind": "arcface"}}, False, 16_760, False),  # a margin's lse needs the target's logit
+        ({}, False, 10**6, False),  # (B, C) above the 256 MiB the reference backend holds
+    ],
+)
+def test_a_dense_head_on_the_cpu_plans_the_softmax_logits_it_holds(settings, multilabel, classes, held):
+    config = head_config({"type": "dense", **settings})
+    context = HeadContext(in_features=DIM, num_classes=classes, multilabel=multilabel)
+
+    def activations(device_type):
+        request = PlanRequest(batch=256, eval_batch=8, device_type=device_type)
+        return head_class(config).planned_bytes(config, context, request)["activations"].device
+
+    assert activations("cpu") - activations("cuda") == (256 * classes * 4 if held else 0)
+
+
 def test_a_sparse_head_plans_its_rewiring_on_top_of_what_it_holds(synthetic):
     """A rewiring runs after a step, outside a captured one: its scratch is a phase of its own on top of the
     held parts (the captured step's activations among them), sized by the first rewiring's count."""

@@ -21,9 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from megaclass.heads.base import Head, HeadContext, PlannedBytes, PlanRequest, StateKind, rescaled_rows
+from megaclass.ops import Impl
 from megaclass.ops.chunked_topk import chunked_topk, scoring_chunk
 from megaclass.ops.collectives import ClassShard, merge_topk
-from megaclass.ops.linear_cross_entropy import LinearLossOptions, LossKind, linear_loss, resolve_impl
+from megaclass.ops.linear_cross_entropy import (
+    LinearLossOptions,
+    LossKind,
+    holds_softmax_logits,
+    linear_loss,
+    resolve_impl,
+)
 from megaclass.ops.margins import MarginConfig
 from megaclass.schema import ConfigError
 from megaclass.targets import RaggedLabels, Targets
@@ -227,11 +234,24 @@ class DenseHead(Head):
         cls, config: DenseHeadConfig, context: HeadContext, request: PlanRequest
     ) -> dict[str, PlannedBytes]:
         """The ``(C, D)`` weight and bias on the device, as many gradients, the optimizer's moments of them,
-        a chunk of ``B x chunk_size`` fp32 logits and their gradient per batch, and the initial rows' draw."""
+        a chunk of ``B x chunk_size`` fp32 logits and their gradient per batch (and the batch's whole logits
+        where the reference backend's softmax holds them), and the initial rows' draw."""
         classes, dim = context.num_classes, context.in_features
         has_bias = config.bias if config.bias is not None else not config.margin.enabled
         params = (classes * dim + (classes if has_bias else 0)) * (2 if request.low_precision else 4)
         chunk = min(config.chunk_size, classes)
+        impl = resolve_impl(
+            config.impl,
+            device_type=request.device_type,
+            batch=request.batch,
+            num_classes=classes,
+            dim=dim,
+            dtype=torch.bfloat16 if request.feature_bytes == 2 else torch.float32,
+        )
+        softmax = config.loss == "softmax" or (config.loss == "auto" and not context.multilabel)
+        held = impl is Impl.REFERENCE and softmax and not config.margin.enabled
+        held = held and holds_softmax_logits(request.batch, classes)
+        held_logits = request.batch * classes * 4 if held else 0  # (B, C): the reference softmax's
         scored = min(classes, scoring_chunk(config.chunk_size, request.eval_batch, dim, request.device_type))
         smaller = (
             "optim.head_state=bf16_sr"
@@ -244,7 +264,7 @@ class DenseHead(Head):
             "optimizer": PlannedBytes(request.optimizer_moments * params, 0, smaller),
             "index": PlannedBytes(0, 0),
             "activations": PlannedBytes(
-                2 * request.batch * (chunk + dim) * 4, 0, "train.batch_size"
+                2 * request.batch * (chunk + dim) * 4 + held_logits, 0, "train.batch_size"
             ),  # (B, chunk)
             "evaluation": PlannedBytes(request.eval_batch * (scored + dim) * 4, 0, "eval.batch_size"),
             "checkpoint": PlannedBytes(0, 0),  # its state dict holds the parameters themselves

@@ -1,4 +1,4 @@
-"""Fused linear layer + loss over ``C`` classes that never holds the ``B x C`` logits.
+"""Fused linear layer + loss over ``C`` classes that never holds the ``B x C`` logits (bar small ones: below).
 
 ``loss(x @ weight.T + bias, targets)`` for softmax cross-entropy (optionally with an ArcFace / CosFace cosine
 margin), binary cross-entropy and squared hinge, with multi-class ``LongTensor[B]`` or multi-label
@@ -6,7 +6,8 @@ margin), binary cross-entropy and squared hinge, with multi-class ``LongTensor[B
 recomputes the logits class chunk by class chunk and writes the weight gradient straight into one fp32 buffer.
 On the Triton and reference backends bce and squared hinge (whose ``d loss / d z`` needs no row statistic)
 compute their gradients in the forward pass instead, when an input needs one, and the backward pass only
-scales them.
+scales them; the reference backend's softmax does so too where the ``(B, C)`` float32 logits fit 256 MiB
+(:func:`~.reference.holds_softmax_logits`: it holds them until the rows' lse is known).
 Given a :class:`~megaclass.ops.collectives.ClassShard` the op is its collective form: this rank holds the
 classes ``[start, stop)`` and the per-row statistics are reduced over the shard's ranks.
 
@@ -34,7 +35,7 @@ from megaclass.ops.linear_cross_entropy.common import (
     check_inputs,
     linear_loss_apply,
 )
-from megaclass.ops.linear_cross_entropy.reference import reference_linear_loss
+from megaclass.ops.linear_cross_entropy.reference import holds_softmax_logits, reference_linear_loss
 from megaclass.ops.linear_cross_entropy.select import dense_backend, resolve_impl
 from megaclass.ops.linear_cross_entropy.sharded import ShardedLinearLossFunction, sharded_linear_loss_apply
 from megaclass.ops.margins import MarginConfig
@@ -47,6 +48,7 @@ __all__ = [
     "Reduction",
     "ShardedLinearLossFunction",
     "dense_backend",
+    "holds_softmax_logits",
     "linear_bce",
     "linear_cross_entropy",
     "linear_loss",

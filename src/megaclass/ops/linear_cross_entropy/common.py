@@ -284,10 +284,10 @@ class LinearLossFunction(torch.autograd.Function):
     """Fused ``x @ weight.T (+ bias)`` and loss; saves only ``(B,)`` statistics and ``(L,)`` positive logits,
     and recomputes the logits chunk by chunk in backward through ``backend``.
 
-    When the backend fuses the gradient (bce / squared hinge on the Triton and reference backends) and an
-    input needs one, the forward pass keeps the dense part's gradients at the row weights instead, and the
-    backward pass scales them by the incoming gradient on the device; a second backward pass through the same
-    graph recomputes them."""
+    When the backend fuses the gradient (bce / squared hinge on the Triton and reference backends, softmax
+    on the reference backend where its logits are small) and an input needs one, the forward pass keeps the
+    dense part's gradients at the row weights instead, and the backward pass scales them by the incoming
+    gradient on the device; a second backward pass through the same graph recomputes them."""
 
     @staticmethod
     def forward(  # type: ignore[override]

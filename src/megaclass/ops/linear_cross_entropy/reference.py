@@ -2,7 +2,9 @@
 
 Memory is ``O(B x chunk_size)``: each class chunk's logits are built, reduced and dropped; softmax's backward
 rebuilds them, while bce and squared hinge write their gradients from the forward pass's logits (as the Triton
-backend does) when an input needs one.
+backend does) when an input needs one. Softmax does so too where the batch's whole ``(B, C)`` float32 logits
+fit :data:`HELD_LOGITS_BYTES` (:func:`holds_softmax_logits`): it holds them until the rows' lse is known,
+three matmuls a chunk instead of four.
 Inputs are rounded to ``x.dtype`` (each weight chunk is cast to it) and multiplied with float32 accumulation
 and output, as the kernels do; every reduction is float32.
 """
@@ -25,7 +27,16 @@ from megaclass.ops.linear_cross_entropy.common import (
 )
 from megaclass.targets import Targets
 
-__all__ = ["ReferenceBackend", "reference_linear_loss"]
+__all__ = ["HELD_LOGITS_BYTES", "ReferenceBackend", "holds_softmax_logits", "reference_linear_loss"]
+
+HELD_LOGITS_BYTES = 1 << 28  # softmax's forward pass holds a batch's float32 logits up to 256 MiB
+
+
+def holds_softmax_logits(batch: int, classes: int) -> bool:
+    """Whether the reference backend's softmax holds the ``(batch, classes)`` float32 logits of a forward
+    pass to write its gradients there (a gradient wanted, no cosine margin), rather than rebuild them in
+    backward: where they fit :data:`HELD_LOGITS_BYTES`."""
+    return batch * classes * 4 <= HELD_LOGITS_BYTES
 
 
 def _chunk_logits(
@@ -56,19 +67,21 @@ class ReferenceBackend:
 
     Args:
         fuse_gradient: bce / squared hinge compute their gradients in the forward pass from the logits it
-            builds anyway (three matmuls a chunk, not four; fp32 and bf16 features, as the Triton backend);
-            False recomputes the logits in backward as softmax does.
+            builds anyway (three matmuls a chunk, not four; fp32 and bf16 features, as the Triton backend),
+            and so does softmax without a margin where :func:`holds_softmax_logits`; False recomputes the
+            logits in backward.
     """
 
     fuse_gradient: bool = True
 
     def fuses_gradient(self, dense: DenseOperands) -> bool:
         # fp16 keeps G at the row weights (1/B) until backward scales it: see TritonBackend.fuses_gradient
-        return (
-            self.fuse_gradient
-            and dense.options.loss is not LossKind.SOFTMAX
-            and dense.x.dtype != torch.float16
-        )
+        if not self.fuse_gradient or dense.x.dtype == torch.float16:
+            return False
+        if dense.options.loss is not LossKind.SOFTMAX:
+            return True
+        # a margin's lse takes the target's logit, which the sparse part computes: not here
+        return not dense.options.cosine and holds_softmax_logits(dense.x.shape[0], dense.weight.shape[0])
 
     def reduce(self, dense: DenseOperands) -> Tensor:
         x, _, _, exclude, options = dense
@@ -78,8 +91,7 @@ class ReferenceBackend:
             total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         for start, _, logits, _ in _chunks(dense):
             if options.loss is LossKind.SOFTMAX:
-                logits = _mask_excluded(logits, exclude, start, -torch.inf)
-                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+                lse = _add_to_lse(lse, _mask_excluded(logits, exclude, start, -torch.inf))
             else:
                 total += _per_logit_loss(logits, options.loss).sum(1)
         return lse if options.loss is LossKind.SOFTMAX else total
@@ -95,6 +107,14 @@ class ReferenceBackend:
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
         total = torch.zeros(dense.x.shape[0], dtype=torch.float32, device=dense.x.device)
         grads = _empty_grads(dense)
+        if dense.options.loss is LossKind.SOFTMAX:  # every chunk's logits held until the rows' lse is known
+            held = list(_chunks(dense))
+            lse = torch.full_like(total, -torch.inf)
+            for _, _, logits, _ in held:
+                lse = _add_to_lse(lse, logits)
+            for start, stop, logits, norms in held:
+                _add_chunk_grads(dense, start, stop, logits, norms, lse, coef, grads)
+            return lse, grads
         for start, stop, logits, norms in _chunks(dense):
             total += _per_logit_loss(logits, dense.options.loss).sum(1)
             _add_chunk_grads(dense, start, stop, logits, norms, None, coef, grads)
@@ -107,6 +127,11 @@ class ReferenceBackend:
         for grad in grads:
             if grad is not None:
                 grad.mul_(factor)
+
+
+def _add_to_lse(lse: Tensor, logits: Tensor) -> Tensor:
+    """``(B,)`` logsumexp of the rows over the classes of ``lse`` and those of ``logits (B, c)``."""
+    return torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
 
 
 def _per_logit_loss(logits: Tensor, loss: LossKind) -> Tensor:
