@@ -629,7 +629,11 @@ def test_reference_softmax_holds_its_logits_up_to_the_bound(monkeypatch):
     assert fuses(6, 10) and fuses(5, 12) and fuses(1, 1)
     assert not fuses(6, 11) and not fuses(7, 10)
     assert not fuses(6, 10, margin=ARCFACE) and not fuses(6, 10, dtype=torch.float16)
-    assert reference.holds_softmax_logits(6, 10) and not reference.holds_softmax_logits(61, 1)
+    softmax, bce = LinearLossOptions(), LinearLossOptions(loss="bce")
+    assert reference.holds_softmax_logits(softmax, 6, 10) and not reference.holds_softmax_logits(
+        softmax, 61, 1
+    )
+    assert not reference.holds_softmax_logits(bce, 6, 10)  # bce's gradient needs no row's whole logits
 
 
 @pytest.mark.gpu

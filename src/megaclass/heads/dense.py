@@ -93,6 +93,17 @@ def _init_normal_rows_(weight: Tensor, start: int, *, num_classes: int, std: flo
         weight[lo - start : hi - start] = rows[lo - first : hi - first].to(weight.dtype)
 
 
+def _loss_options(config: DenseHeadConfig, context: HeadContext) -> LinearLossOptions:
+    """The fused op's options for ``config`` on ``context``'s data (``auto``: softmax multi-class, bce
+    multi-label)."""
+    loss = config.loss
+    if loss == "auto":
+        loss = "bce" if context.multilabel else "softmax"
+    return LinearLossOptions(
+        loss=LossKind(loss), reduction=config.reduction, margin=config.margin, chunk_size=config.chunk_size
+    )
+
+
 class DenseHead(Head):
     """Exact linear head over all ``C`` classes with a fused, class-chunked loss.
 
@@ -112,20 +123,12 @@ class DenseHead(Head):
         self, config: DenseHeadConfig, context: HeadContext, shard: ClassShard | None = None
     ) -> None:
         super().__init__(context, shard)
-        loss = config.loss
-        if loss == "auto":
-            loss = "bce" if context.multilabel else "softmax"
         if config.margin.enabled and context.multilabel:
             raise ConfigError(
                 "head.margin needs multi-class data (one label per sample), the data is multi-label"
             )
         self.config = config
-        self.options = LinearLossOptions(
-            loss=LossKind(loss),
-            reduction=config.reduction,
-            margin=config.margin,
-            chunk_size=config.chunk_size,
-        )
+        self.options = _loss_options(config, context)
         start, stop, _ = self.row_range()
         has_bias = config.bias if config.bias is not None else not config.margin.enabled
         self.weight = nn.Parameter(torch.empty(stop - start, context.in_features))  # (C_r, D)
@@ -248,10 +251,10 @@ class DenseHead(Head):
             dim=dim,
             dtype=torch.bfloat16 if request.feature_bytes == 2 else torch.float32,
         )
-        softmax = config.loss == "softmax" or (config.loss == "auto" and not context.multilabel)
-        held = impl is Impl.REFERENCE and softmax and not config.margin.enabled
-        held = held and holds_softmax_logits(request.batch, classes)
-        held_logits = request.batch * classes * 4 if held else 0  # (B, C): the reference softmax's
+        held = impl is Impl.REFERENCE and holds_softmax_logits(
+            _loss_options(config, context), request.batch, classes
+        )
+        held_logits = request.batch * classes * 4 if held else 0  # (B, C)
         scored = min(classes, scoring_chunk(config.chunk_size, request.eval_batch, dim, request.device_type))
         smaller = (
             "optim.head_state=bf16_sr"

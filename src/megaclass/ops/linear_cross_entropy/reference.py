@@ -32,11 +32,12 @@ __all__ = ["HELD_LOGITS_BYTES", "ReferenceBackend", "holds_softmax_logits", "ref
 HELD_LOGITS_BYTES = 1 << 28  # softmax's forward pass holds a batch's float32 logits up to 256 MiB
 
 
-def holds_softmax_logits(batch: int, classes: int) -> bool:
-    """Whether the reference backend's softmax holds the ``(batch, classes)`` float32 logits of a forward
-    pass to write its gradients there (a gradient wanted, no cosine margin), rather than rebuild them in
-    backward: where they fit :data:`HELD_LOGITS_BYTES`."""
-    return batch * classes * 4 <= HELD_LOGITS_BYTES
+def holds_softmax_logits(options: LinearLossOptions, batch: int, classes: int) -> bool:
+    """Whether the reference backend's forward pass holds the ``(batch, classes)`` float32 logits to write
+    the gradients there (when one is wanted) rather than rebuild them in backward: softmax without a cosine
+    margin (whose lse takes the target's logit, computed apart), where they fit :data:`HELD_LOGITS_BYTES`."""
+    softmax = options.loss is LossKind.SOFTMAX and not options.cosine
+    return softmax and batch * classes * 4 <= HELD_LOGITS_BYTES
 
 
 def _chunk_logits(
@@ -68,8 +69,8 @@ class ReferenceBackend:
     Args:
         fuse_gradient: bce / squared hinge compute their gradients in the forward pass from the logits it
             builds anyway (three matmuls a chunk, not four; fp32 and bf16 features, as the Triton backend),
-            and so does softmax without a margin where :func:`holds_softmax_logits`; False recomputes the
-            logits in backward.
+            and so does softmax where :func:`holds_softmax_logits`; False recomputes the logits in
+            backward.
     """
 
     fuse_gradient: bool = True
@@ -78,10 +79,10 @@ class ReferenceBackend:
         # fp16 keeps G at the row weights (1/B) until backward scales it: see TritonBackend.fuses_gradient
         if not self.fuse_gradient or dense.x.dtype == torch.float16:
             return False
-        if dense.options.loss is not LossKind.SOFTMAX:
-            return True
-        # a margin's lse takes the target's logit, which the sparse part computes: not here
-        return not dense.options.cosine and holds_softmax_logits(dense.x.shape[0], dense.weight.shape[0])
+        batch, classes = dense.x.shape[0], dense.weight.shape[0]
+        return dense.options.loss is not LossKind.SOFTMAX or holds_softmax_logits(
+            dense.options, batch, classes
+        )
 
     def reduce(self, dense: DenseOperands) -> Tensor:
         x, _, _, exclude, options = dense
