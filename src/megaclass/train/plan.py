@@ -800,70 +800,27 @@ def _encoder_parts(
     (no memory); a transformer over token ids (``token_widths``: the widest training and evaluation batches,
     :func:`_token_width`) built on the CPU and run on one document of that many tokens, its activations
     counted ``batch`` times over (the bf16 copies of its weights under autocast once, the attention as a
-    GPU's fused kernels keep it: :func:`saved_tensor_bytes`), its evaluation's from one and two documents.
-    A CPU run over sparse rows keeps its freed blocks for reuse
-    (:func:`megaclass.host_allocator.reuse_freed_blocks`): a dense first-layer gradient, made anew each
-    step, then holds the pages of two."""
-    from megaclass.data.batch import InputSpec, SparseInputs
-    from megaclass.data.tokenized import TokenInputs
-
-    def inputs_of(rows: int, width: int = 0) -> tuple[object, int]:
-        """An input of ``rows`` rows (tokens: documents of ``width``) and the bytes of its batch."""
-        if shape.inputs == "images":
-            side = shape.num_features
-            # the decoded uint8 batch and its float32 form
-            return torch.zeros(rows, 3, side, side, device="meta"), rows * 3 * side * side * (1 + 4)
-        if token_widths is not None:
-            ids = torch.zeros(rows, width, dtype=torch.int64)
-            return TokenInputs(ids, torch.ones_like(ids)), rows * width * 8 * 2  # ids and mask, int64
-        stored = max(1, round(rows * shape.nonzeros_per_row))
-        indices, offsets = (torch.zeros(n, dtype=torch.int64, device="meta") for n in (stored, rows + 1))
-        values = torch.zeros(stored, dtype=torch.float32, device="meta")
-        return SparseInputs(indices, offsets, values), stored * (8 + 4) + (rows + 1) * 8
-
-    if shape.inputs == "images":
-        spec = InputSpec(kind="image")
-        with torch.device("meta"):
-            encoder = build_model(config.model, spec)
-        copies = 1
-        setting, smaller = "train.batch_size", "model.type (a smaller encoder)"
-    elif token_widths is not None:
-        spec = InputSpec(kind="tokens")
-        encoder = build_model(config.model, spec).train()  # dropout's masks saved too
-        copies = batch
-        setting = "model.max_length, train.batch_size or model.gradient_checkpointing=true"
-        smaller = "model.pretrained (a smaller encoder)"
-    else:
-        spec = InputSpec(kind="sparse", num_features=shape.num_features)
-        with torch.device("meta"):
-            encoder = build_model(config.model, spec)
-        copies = 1
-        setting, smaller = "train.batch_size", "model.hidden (a smaller encoder)"
+    GPU's fused kernels keep it: :func:`saved_tensor_bytes`), its evaluation's from one and two documents."""
+    encoder, kind, (setting, smaller) = _planned_encoder(config, shape, tokens=token_widths is not None)
+    copies = batch if token_widths is not None else 1  # a transformer's pass runs on one document
     train_width, eval_width = token_widths if token_widths is not None else (0, 0)
-    inputs, input_bytes = inputs_of(1 if token_widths is not None else batch, train_width)
-    input_bytes *= copies
+    rows = 1 if token_widths is not None else batch
+    inputs, input_bytes = _encoder_inputs(shape, token_widths, rows, train_width)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
     trained = sum(p.numel() * p.element_size() for p in trainable)
-    grads, kept, row_update = trained, 0, 0
-    if getattr(encoder, "sparse_gradient", False):  # an MLP's first layer: a gradient row per non-zero
-        table, nonzeros = encoder.embedding, inputs.indices.numel()  # (F, H0), the batch's non-zeros
-        grads += nonzeros * (table.shape[1] * table.element_size() + 8) - table.numel() * table.element_size()
-        # its optimizer's step on the rows a batch touched (at most its non-zeros), in float32: the gradient
-        # summed by row and the rows that move, the weights, the moments and Adam's denominator (SGD's
-        # decayed gradient), beside the gradient itself
-        moments = _moments(config.optim.encoder.name, config.optim.encoder.momentum)
-        row_update = (4 + moments) * min(nonzeros, table.shape[0]) * table.shape[1] * 4
-    elif device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
-        kept = encoder.embedding.numel() * encoder.embedding.element_size()  # the last step's, freed
+    grads, kept, row_update = _gradient_bytes(encoder, inputs, config, trained, device_type=device_type)
     gpu = device_type == "cuda"
     like_gpu = {"autocast": gpu and config.train.bf16, "fused_attention": gpu}
     per_batch, weight_casts = saved_tensor_bytes(encoder, inputs, **like_gpu)
-    activations = copies * per_batch + weight_casts + input_bytes
+    activations = copies * (per_batch + input_bytes) + weight_casts
     encoder.eval()
-    eval_inputs, eval_input_bytes = inputs_of(eval_batch, eval_width)
+    eval_inputs, eval_input_bytes = _encoder_inputs(shape, token_widths, eval_batch, eval_width)
     if token_widths is not None:  # from one and two documents: the weights' casts once, the rest a document
-        one, two = (inference_bytes(encoder, inputs_of(n, eval_width)[0], **like_gpu) for n in (1, 2))
+        one, two = (
+            inference_bytes(encoder, _encoder_inputs(shape, token_widths, n, eval_width)[0], **like_gpu)
+            for n in (1, 2)
+        )
         evaluation = one + (eval_batch - 1) * (two - one)
     else:
         evaluation = inference_bytes(encoder, eval_inputs, **like_gpu)
@@ -884,8 +841,72 @@ def _encoder_parts(
         PlanPart("encoder row update", row_update, 0, "step", "train.batch_size"),
         PlanPart("encoder gradient kept", kept, 0, setting="model.sparse_grad=true", after_setup=True),
     ]
-    blocker = whole_step_blocker(encoder, spec.kind, frozen_steps=config.optim.encoder_frozen_steps)
+    blocker = whole_step_blocker(encoder, kind, frozen_steps=config.optim.encoder_frozen_steps)
     return parts, int(encoder.out_features), blocker is None
+
+
+def _planned_encoder(
+    config: RunConfig, shape: DataShape, *, tokens: bool
+) -> tuple[torch.nn.Module, str, tuple[str, str]]:
+    """The run's encoder, its input kind and the settings that shrink its activations and its weights: on
+    the ``meta`` device, but a transformer (built on the CPU in training mode, so dropout's masks count)."""
+    from megaclass.data.batch import InputSpec
+
+    if shape.inputs == "images":
+        with torch.device("meta"):
+            encoder = build_model(config.model, InputSpec(kind="image"))
+        return encoder, "image", ("train.batch_size", "model.type (a smaller encoder)")
+    if tokens:
+        encoder = build_model(config.model, InputSpec(kind="tokens")).train()
+        setting = "model.max_length, train.batch_size or model.gradient_checkpointing=true"
+        return encoder, "tokens", (setting, "model.pretrained (a smaller encoder)")
+    with torch.device("meta"):
+        encoder = build_model(config.model, InputSpec(kind="sparse", num_features=shape.num_features))
+    return encoder, "sparse", ("train.batch_size", "model.hidden (a smaller encoder)")
+
+
+def _encoder_inputs(
+    shape: DataShape, token_widths: tuple[int, int] | None, rows: int, width: int = 0
+) -> tuple[object, int]:
+    """An encoder input of ``rows`` rows (tokens: documents of ``width``) and the bytes of its batch."""
+    from megaclass.data.batch import SparseInputs
+    from megaclass.data.tokenized import TokenInputs
+
+    if shape.inputs == "images":
+        side = shape.num_features
+        # the decoded uint8 batch and its float32 form
+        return torch.zeros(rows, 3, side, side, device="meta"), rows * 3 * side * side * (1 + 4)
+    if token_widths is not None:
+        ids = torch.zeros(rows, width, dtype=torch.int64)
+        return TokenInputs(ids, torch.ones_like(ids)), rows * width * 8 * 2  # ids and mask, int64
+    stored = max(1, round(rows * shape.nonzeros_per_row))
+    indices, offsets = (torch.zeros(n, dtype=torch.int64, device="meta") for n in (stored, rows + 1))
+    values = torch.zeros(stored, dtype=torch.float32, device="meta")
+    return SparseInputs(indices, offsets, values), stored * (8 + 4) + (rows + 1) * 8
+
+
+def _gradient_bytes(
+    encoder: torch.nn.Module, inputs: object, config: RunConfig, trained: int, *, device_type: str
+) -> tuple[int, int, int]:
+    """``(gradients, gradient kept, row update)`` bytes of an encoder whose ``trained`` parameters take
+    ``trained`` bytes. An MLP's first layer updated by rows has a gradient row per non-zero of the batch and
+    an optimizer step over the rows it touched; a CPU run over sparse rows with a dense first-layer gradient
+    keeps the last step's freed blocks for reuse (:func:`megaclass.host_allocator.reuse_freed_blocks`), so
+    that gradient, made anew each step, holds the pages of two."""
+    from megaclass.data.batch import SparseInputs
+
+    if getattr(encoder, "sparse_gradient", False):
+        table, nonzeros = encoder.embedding, inputs.indices.numel()  # (F, H0), the batch's non-zeros
+        grads = trained + nonzeros * (table.shape[1] * table.element_size() + 8)
+        grads -= table.numel() * table.element_size()
+        # its optimizer's step on the rows a batch touched (at most its non-zeros), in float32: the gradient
+        # summed by row and the rows that move, the weights, the moments and Adam's denominator (SGD's
+        # decayed gradient), beside the gradient itself
+        moments = _moments(config.optim.encoder.name, config.optim.encoder.momentum)
+        return grads, 0, (4 + moments) * min(nonzeros, table.shape[0]) * table.shape[1] * 4
+    if device_type == "cpu" and isinstance(inputs, SparseInputs) and encoder.embedding.requires_grad:
+        return trained, encoder.embedding.numel() * encoder.embedding.element_size(), 0  # the last step's
+    return trained, 0, 0
 
 
 def _takes_tokens(config: RunConfig, shape: DataShape) -> bool:
