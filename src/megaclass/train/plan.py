@@ -293,52 +293,9 @@ def read_data_shape(
     path = os.fspath(path)
     data_format = detect_format(path)
     if data_format == "xmc-bow":
-        with _open(path) as handle:
-            header = handle.readline()
-        (num_rows, num_features, num_labels), _ = parse_bow_header(path, header)  # checked as the reader does
-        lines, numbers, whole = _sample_lines(path, skip_header=True)
-        fields, nonzeros = [], []
-        for line in lines:
-            tokens = line.split()
-            has_labels = bool(tokens) and b":" not in tokens[0] and not line[:1].isspace()
-            fields.append(tokens[0] if has_labels else b"")
-            nonzeros.append(len(tokens) - has_labels)
-        labels = _labels_of(fields, numbers, path, "expected an id (a non-negative integer)")
-        per_row = sum(nonzeros) / max(len(lines), 1)
-        sampled = sum(len(line) for line in lines)
-        text_bytes = (
-            sampled + len(header) if whole else round(len(header) + num_rows * sampled / max(len(lines), 1))
-        )
-        inputs, longest, texts = "bow", 0, []
+        sample = _bow_sample(path)
     elif data_format in ("xmc-text", "lf-json"):
-        num_rows, text_bytes, longest, lines, numbers, whole = _count_and_sample_lines(path)
-        named = data_format == "xmc-text" and _labels_are_names(path)
-        if data_format == "xmc-text":
-            fields = [line.split(b"\t", 1)[0] for line in lines]
-            if named:  # names: how many the sample holds
-                labels = [
-                    sorted({name.strip() for name in field.split(b",")}) if field.strip() else []
-                    for field in fields
-                ]
-            else:
-                labels = _labels_of(fields, numbers, path, f"expected {TEXT_LABEL_IDS}")
-            texts = [line.split(b"\t", 1)[-1].rstrip(b"\r").decode("utf-8", "replace") for line in lines]
-        else:
-            try:
-                texts, indptr, ids = parse_lf_json_lines(path, lines)
-            except DataFormatError as error:  # numbered in the sample: name the file's line
-                line = None if error.line is None else int(numbers[error.line - 1])
-                raise DataFormatError(path, error.problem, line=line) from None
-            labels = [ids[start:stop].tolist() for start, stop in zip(indptr[:-1], indptr[1:], strict=True)]
-        config = featurizer_config(featurizer or {}) or FeaturizerConfig()
-        num_features, per_row = _featurized_size(texts, num_rows, config, whole=whole)
-        names = read_label_names(path)
-        if named:
-            seen = len({name for row in labels for name in row})
-        else:
-            seen = max((max(row) for row in labels if row), default=0) + 1
-        num_labels = len(names) if names else seen
-        inputs = "text"
+        sample = _text_sample(path, data_format, featurizer)
     else:  # face images: the record index read (one read an identity), no image decoded but the first
         dataset = open_face_dataset(path)
         return DataShape(
@@ -352,19 +309,92 @@ def read_data_shape(
             multilabel=False,
             text_bytes=0,
         )
-    count = max(len(labels), 1)
+    labels = sample.labels
     return DataShape(
         path=path,
-        inputs=inputs,
-        num_rows=num_rows,
-        num_features=int(num_features),
-        num_labels=num_classes or num_labels,
-        nonzeros_per_row=per_row,
-        labels_per_row=sum(len(row) for row in labels) / count,
+        inputs=sample.inputs,
+        num_rows=sample.num_rows,
+        num_features=int(sample.num_features),
+        num_labels=num_classes or sample.num_labels,
+        nonzeros_per_row=sample.nonzeros_per_row,
+        labels_per_row=sum(len(row) for row in labels) / max(len(labels), 1),
         multilabel=any(len(row) != 1 for row in labels),
-        text_bytes=int(text_bytes),
-        longest_line_bytes=longest,
-        texts=tuple(texts) if inputs == "text" and whole else (),
+        text_bytes=int(sample.text_bytes),
+        longest_line_bytes=sample.longest_line_bytes,
+        texts=tuple(sample.texts) if sample.whole else (),
+    )
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """What :func:`read_data_shape` reads of a BoW or text file: its counts and its sampled lines' labels."""
+
+    inputs: Literal["bow", "text"]
+    num_rows: int
+    num_features: int
+    num_labels: int
+    nonzeros_per_row: float
+    labels: list[list]  # the sampled rows' label ids (or names)
+    text_bytes: int
+    longest_line_bytes: int = 0
+    texts: list[str] = field(default_factory=list)  # a text file's sampled documents
+    whole: bool = False  # whether the sample is the whole file (then ``texts`` are all its documents)
+
+
+def _bow_sample(path: str) -> _Sample:
+    """A BoW file's header and a sample of its lines: nonzeros and label ids per row."""
+    with _open(path) as handle:
+        header = handle.readline()
+    (num_rows, num_features, num_labels), _ = parse_bow_header(path, header)  # checked as the reader does
+    lines, numbers, whole = _sample_lines(path, skip_header=True)
+    fields, nonzeros = [], []
+    for line in lines:
+        tokens = line.split()
+        has_labels = bool(tokens) and b":" not in tokens[0] and not line[:1].isspace()
+        fields.append(tokens[0] if has_labels else b"")
+        nonzeros.append(len(tokens) - has_labels)
+    labels = _labels_of(fields, numbers, path, "expected an id (a non-negative integer)")
+    sampled = sum(len(line) for line in lines)
+    text_bytes = (
+        sampled + len(header) if whole else round(len(header) + num_rows * sampled / max(len(lines), 1))
+    )
+    per_row = sum(nonzeros) / max(len(lines), 1)
+    return _Sample("bow", num_rows, num_features, num_labels, per_row, labels, text_bytes)
+
+
+def _text_sample(path: str, data_format: str, featurizer: dict | None) -> _Sample:
+    """A text or LF JSON file's lines counted and a sample parsed: labels (ids or names) per row, and the
+    features the featuriser would make of it (``featurizer``: ``data.featurizer``'s options)."""
+    num_rows, text_bytes, longest, lines, numbers, whole = _count_and_sample_lines(path)
+    named = data_format == "xmc-text" and _labels_are_names(path)
+    if data_format == "xmc-text":
+        fields = [line.split(b"\t", 1)[0] for line in lines]
+        if named:  # names: how many the sample holds
+            labels = [
+                sorted({name.strip() for name in field.split(b",")}) if field.strip() else []
+                for field in fields
+            ]
+        else:
+            labels = _labels_of(fields, numbers, path, f"expected {TEXT_LABEL_IDS}")
+        texts = [line.split(b"\t", 1)[-1].rstrip(b"\r").decode("utf-8", "replace") for line in lines]
+    else:
+        try:
+            texts, indptr, ids = parse_lf_json_lines(path, lines)
+        except DataFormatError as error:  # numbered in the sample: name the file's line
+            line = None if error.line is None else int(numbers[error.line - 1])
+            raise DataFormatError(path, error.problem, line=line) from None
+        labels = [ids[start:stop].tolist() for start, stop in zip(indptr[:-1], indptr[1:], strict=True)]
+    config = featurizer_config(featurizer or {}) or FeaturizerConfig()
+    num_features, per_row = _featurized_size(texts, num_rows, config, whole=whole)
+    names = read_label_names(path)
+    if names:
+        num_labels = len(names)
+    elif named:
+        num_labels = len({name for row in labels for name in row})
+    else:
+        num_labels = max((max(row) for row in labels if row), default=0) + 1
+    return _Sample(
+        "text", num_rows, num_features, num_labels, per_row, labels, text_bytes, longest, texts, whole
     )
 
 
