@@ -11,6 +11,7 @@ from megaclass.train.low_precision import (
     BF16SGD,
     BF16AdamW,
     HeadState,
+    _touched_rows,
     row_adamw_,
     row_sgd_,
     to_bf16_state,
@@ -141,6 +142,22 @@ def test_row_sgd_matches_dense_sgd(momentum):
 def _sparse_grad(rows: list[int], values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     with torch.sparse.check_sparse_tensor_invariants(enable=True):  # explicit: torch 2.11 warns otherwise
         return torch.sparse_coo_tensor(torch.tensor([rows]), values, shape, is_coalesced=False)
+
+
+def test_touched_rows_of_a_gradient_a_row_each_are_its_entries():
+    """Entries already a row each, in order, are the rows that move as they are (no copy where every one
+    moves); a row held as zeros is left out; unordered entries are summed by row first."""
+    grad = _sparse_grad([0, 2, 5], torch.randn(3, 4), (6, 4))
+    rows, values = _touched_rows(grad)
+    assert rows.tolist() == [0, 2, 5] and values.data_ptr() == grad._values().data_ptr()
+    held = torch.randn(3, 4)
+    held[1] = 0.0
+    rows, values = _touched_rows(_sparse_grad([0, 2, 5], held, (6, 4)))
+    assert rows.tolist() == [0, 5] and torch.equal(values, held[[0, 2]])
+    unordered = torch.randn(3, 4)
+    rows, values = _touched_rows(_sparse_grad([5, 0, 5], unordered, (6, 4)))
+    assert rows.tolist() == [0, 5]
+    torch.testing.assert_close(values, torch.stack([unordered[1], unordered[0] + unordered[2]]))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

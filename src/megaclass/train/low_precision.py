@@ -74,6 +74,8 @@ def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
         rows = grad._indices()[0]
     values = grad._values()  # (S, D)
     moved = values.ne(0).flatten(1).any(1)
+    if bool(moved.all()):  # host sync (as the mask's indexing below): no copy of the rows where all move
+        return rows, values
     return rows[moved], values[moved]
 
 
