@@ -251,8 +251,10 @@ class DenseHead(Head):
             dim=dim,
             dtype=torch.bfloat16 if request.feature_bytes == 2 else torch.float32,
         )
-        held = impl is Impl.REFERENCE and holds_softmax_logits(
-            _loss_options(config, context), request.batch, classes
+        held = (  # a margin never holds them (and needs multi-class data, which the head checks)
+            impl is Impl.REFERENCE
+            and not config.margin.enabled
+            and holds_softmax_logits(_loss_options(config, context), request.batch, classes)
         )
         held_logits = request.batch * classes * 4 if held else 0  # (B, C)
         scored = min(classes, scoring_chunk(config.chunk_size, request.eval_batch, dim, request.device_type))
