@@ -347,7 +347,8 @@ def test_calibration_scores_each_sampled_row_against_its_nearest_other_rows(metr
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_a_batch_a_scan_answers_for_less_is_answered_by_a_scan(metric):
     rows, queries = trained_like(3000, 16, 60, 300)
-    # 300 queries x ~190 rows gathered > 3,000 rows read and scored against 300 queries at 1/32 a row
+    # 300 queries x ~190 rows gathered > 3,000 rows read (1/4 a gathered row on a CPU) and scored against 300
+    # queries (1/100 a row each): scan_is_cheaper
     scanned = build_selector("gpu", metric=metric, leaf_size=50, probes=3)
     searched = build_selector("gpu", metric=metric, leaf_size=50, probes=3, scan_when_cheaper=False)
     for index in (scanned, searched):
@@ -355,7 +356,7 @@ def test_a_batch_a_scan_answers_for_less_is_answered_by_a_scan(metric):
     truth = exact_topk(queries, rows, 10, metric=metric)[1]
     assert recall(scanned.query(queries, 10), truth) == 1.0
     assert recall(searched.query(queries, 10), truth) < 1.0  # three probes miss some
-    few = queries[:4]  # 4 x ~190 rows < 3,000: searched
+    few = queries[:4]  # 4 x ~190 rows < 3,000 x (1/4 + 4/100): searched
     assert torch.equal(scanned.query(few, 10), searched.query(few, 10))
 
 
@@ -371,11 +372,11 @@ def test_a_thorough_query_searches_wider_for_a_higher_recall():
     assert metrics["index_eval_gathered_rows"] > metrics["index_gathered_rows"]
     assert metrics["index_eval_calibrated_recall"] > metrics["index_calibrated_recall"] + 0.2
     truth = exact_topk(queries, rows, 10, metric="cosine")[1]
-    # two features a call: the batch gathers fewer rows than the index holds (no scan instead)
-    plain = torch.cat([index.query(queries[i : i + 2], 10) for i in range(0, 32, 2)])
+    index.scan_when_cheaper = False  # searches, never a scan instead
+    plain = torch.cat([index.query(queries[i : i + 2], 10) for i in range(0, 32, 2)])  # two features a call
     wide = torch.cat([index.query(queries[i : i + 2], 10, thorough=True) for i in range(0, 32, 2)])
     assert recall(wide, truth) > recall(plain, truth) + 0.2
-    index.scan_when_cheaper = False  # the whole batch searched, a block of features at a time
+    # the whole batch searched, a block of features at a time
     assert torch.equal(index.query(queries, 10, thorough=True), wide)
 
 

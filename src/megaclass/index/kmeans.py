@@ -107,9 +107,10 @@ _REFIT_MARGIN = 0.05  # a warm search this far below its cold build's recall (an
 # a centroid scored in the matmul the batch shares costs this share of a row gathered for one query (the
 # CPU measures ~1/20, a GPU's tensor cores less): the calibration's exchange rate between the two searches
 _SHARED_ROW_COST = 1 / 16
-# a row scored for one query in a scan's matmul costs about this share of a row gathered for one query's
-# search: the matmul scores each row it reads against the whole batch (measured against both, RESULTS.md)
-_SCAN_SCORE_COST = 1 / 32
+# a scan reads each row once and scores it against the whole batch in a matmul: (a row read, a row scored for
+# one query) each cost about these shares of a row gathered for one query's search, by device (measured
+# against both, RESULTS.md: a CPU's matmul is cheaper still beside its gathers than a GPU's)
+_SCAN_COSTS = {"cuda": (1.0, 1 / 32), "cpu": (1 / 4, 1 / 100)}
 _PERMUTED_ROWS = 1 << 20  # rows samples are drawn from by a permutation; above, by random draws
 _BACKGROUND_MIN_ROWS = 1 << 15  # CPU cold builds from this many rows run in a thread (~1 s at 2^15, D 64)
 
@@ -202,15 +203,19 @@ def search_cost(clusters: int, groups: int, width: int, probes: int, group_probe
     return groups, group_probes * (clusters // groups) + probes * width
 
 
-def scan_is_cheaper(batch: int, gathered: int, num_classes: int) -> bool:
+def scan_is_cheaper(batch: int, gathered: int, num_classes: int, device_type: str = "cuda") -> bool:
     """Whether an exact scan of ``num_classes`` rows answers ``batch`` queries for less than a search that
-    gathers ``gathered`` rows a query: the scan reads each row once and scores it against every query,
-    ``C (1 + B / 32)`` gathered rows' worth, against the search's ``B g``.
+    gathers ``gathered`` rows a query, on a device of ``device_type``: the scan reads each row once and
+    scores it against every query, ``C (1 + B / 32)`` gathered rows' worth on a GPU and ``C (1/4 + B / 100)``
+    on a CPU, against the search's ``B g``.
 
     >>> scan_is_cheaper(128, 1000, 5000), scan_is_cheaper(512, 4000, 1_000_000)
     (True, False)
+    >>> scan_is_cheaper(256, 480, 16760), scan_is_cheaper(256, 480, 16760, "cpu")
+    (False, True)
     """
-    return num_classes * (1 + batch * _SCAN_SCORE_COST) <= batch * gathered
+    read, score = _SCAN_COSTS["cuda" if device_type == "cuda" else "cpu"]
+    return num_classes * (read + batch * score) <= batch * gathered
 
 
 def _scratch_entries(device: torch.device | str) -> int:
@@ -880,7 +885,8 @@ class ClusterIndex(ClassSelector):
         exact = torch.nn.functional.normalize(
             features.to(device=state["members"].device, dtype=torch.float32), dim=1
         )
-        if self.scan_when_cheaper and scan_is_cheaper(features.shape[0], gathered, num_classes):
+        device_type = state["members"].device.type
+        if self.scan_when_cheaper and scan_is_cheaper(features.shape[0], gathered, num_classes, device_type):
             return self._scan(state, exact, n, metric).to(features.device)
         block = features.shape[0]
         if thorough:  # as many rows gathered at once as a training query's batch gathers (at its budget)
