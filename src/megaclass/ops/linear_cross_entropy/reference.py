@@ -11,7 +11,7 @@ and output, as the kernels do; every reduction is float32.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,17 +85,12 @@ class ReferenceBackend:
         )
 
     def reduce(self, dense: DenseOperands) -> Tensor:
-        x, _, _, exclude, options = dense
-        if options.loss is LossKind.SOFTMAX:
-            lse = torch.full((x.shape[0],), -torch.inf, dtype=torch.float32, device=x.device)
-        else:
-            total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        for start, _, logits, _ in _chunks(dense):
-            if options.loss is LossKind.SOFTMAX:
-                lse = _add_to_lse(lse, _mask_excluded(logits, exclude, start, -torch.inf))
-            else:
-                total += _per_logit_loss(logits, options.loss).sum(1)
-        return lse if options.loss is LossKind.SOFTMAX else total
+        if dense.options.loss is LossKind.SOFTMAX:
+            return _rows_lse(dense, _chunks(dense))
+        total = torch.zeros(dense.x.shape[0], dtype=torch.float32, device=dense.x.device)
+        for _, _, logits, _ in _chunks(dense):
+            total += _per_logit_loss(logits, dense.options.loss).sum(1)
+        return total
 
     def grads(self, dense: DenseOperands, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         grads = _empty_grads(dense)
@@ -106,16 +101,14 @@ class ReferenceBackend:
     def reduce_and_grads(
         self, dense: DenseOperands, coef: Tensor
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
-        total = torch.zeros(dense.x.shape[0], dtype=torch.float32, device=dense.x.device)
         grads = _empty_grads(dense)
         if dense.options.loss is LossKind.SOFTMAX:  # every chunk's logits held until the rows' lse is known
             held = list(_chunks(dense))
-            lse = torch.full_like(total, -torch.inf)
-            for _, _, logits, _ in held:
-                lse = _add_to_lse(lse, logits)
+            lse = _rows_lse(dense, held)
             for start, stop, logits, norms in held:
                 _add_chunk_grads(dense, start, stop, logits, norms, lse, coef, grads)
             return lse, grads
+        total = torch.zeros(dense.x.shape[0], dtype=torch.float32, device=dense.x.device)
         for start, stop, logits, norms in _chunks(dense):
             total += _per_logit_loss(logits, dense.options.loss).sum(1)
             _add_chunk_grads(dense, start, stop, logits, norms, None, coef, grads)
@@ -130,9 +123,14 @@ class ReferenceBackend:
                 grad.mul_(factor)
 
 
-def _add_to_lse(lse: Tensor, logits: Tensor) -> Tensor:
-    """``(B,)`` logsumexp of the rows over the classes of ``lse`` and those of ``logits (B, c)``."""
-    return torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+def _rows_lse(dense: DenseOperands, chunks: Iterable[tuple[int, int, Tensor, Tensor | None]]) -> Tensor:
+    """``(B,)`` float32 logsumexp of each row over the classes of ``chunks`` (:func:`_chunks`), each row's
+    excluded class (a margin's target) left out."""
+    lse = torch.full((dense.x.shape[0],), -torch.inf, dtype=torch.float32, device=dense.x.device)
+    for start, _, logits, _ in chunks:
+        logits = _mask_excluded(logits, dense.exclude, start, -torch.inf)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+    return lse
 
 
 def _per_logit_loss(logits: Tensor, loss: LossKind) -> Tensor:
